@@ -166,15 +166,26 @@ fn nbdsh_corner_cases() {
     let _srv = xnbd(
         &[
             "serve",
-            "--export", &format!("disk={}", img.display()),
-            "--export", &format!("ro={}:ro", ro.display()),
-            "--unix", sock.to_str().unwrap(),
+            "--export",
+            &format!("disk={}", img.display()),
+            "--export",
+            &format!("ro={}:ro", ro.display()),
+            "--unix",
+            sock.to_str().unwrap(),
         ],
         &d.path().join("serve.log"),
         &sock,
     );
     let _aligned = xnbd(
-        &["serve", "--export", &format!("disk={}", img.display()), "--unix", asock.to_str().unwrap(), "--min-block", "512"],
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--unix",
+            asock.to_str().unwrap(),
+            "--min-block",
+            "512",
+        ],
         &d.path().join("aligned.log"),
         &asock,
     );
@@ -183,15 +194,25 @@ fn nbdsh_corner_cases() {
     let out = std::process::Command::new("timeout")
         .args(["120", "/usr/bin/nbdsh", "-c"])
         .arg(format!("exec(open('{}').read())", script.display()))
-        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
         .env("XNBD_URI", unix_uri(&sock, "disk"))
         .env("XNBD_RO_URI", unix_uri(&sock, "ro"))
         .env("XNBD_BASE_URI", unix_uri(&sock, ""))
         .env("XNBD_ALIGNED_URI", unix_uri(&asock, "disk"))
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("nbdsh checks passed"), "{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("nbdsh checks passed"),
+        "{text}"
+    );
 }
 
 struct Raw(UnixStream);
@@ -287,7 +308,13 @@ fn raw_handshake_and_requests() {
     common::make_image(&img, 4 * MIB, MIB, 7);
     let sock = d.path().join("nbd.sock");
     let _srv = xnbd(
-        &["serve", "--export", &format!("disk={}", img.display()), "--unix", sock.to_str().unwrap()],
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
         &d.path().join("serve.log"),
         &sock,
     );
@@ -358,10 +385,22 @@ fn raw_handshake_and_requests() {
     c.request(cmd::READ, 0, 4, 4 * MIB - 1, 2);
     let (h, ch) = c.chunk();
     assert_eq!(h.cookie, 4);
-    assert!(matches!(ch, proto::Chunk::Error { error: err::EINVAL, .. }));
+    assert!(matches!(
+        ch,
+        proto::Chunk::Error {
+            error: err::EINVAL,
+            ..
+        }
+    ));
     // Block status with a zero length: EINVAL as an error chunk.
     c.request(cmd::BLOCK_STATUS, 0, 5, 0, 0);
-    assert!(matches!(c.chunk().1, proto::Chunk::Error { error: err::EINVAL, .. }));
+    assert!(matches!(
+        c.chunk().1,
+        proto::Chunk::Error {
+            error: err::EINVAL,
+            ..
+        }
+    ));
     // Block status of the whole export.
     c.request(cmd::BLOCK_STATUS, 0, 6, 0, 4 * MIB as u32);
     match c.chunk().1 {
@@ -369,7 +408,10 @@ fn raw_handshake_and_requests() {
             assert_eq!(context, 1);
             assert_eq!(extents.iter().map(|e| u64::from(e.0)).sum::<u64>(), 4 * MIB);
             assert_eq!(extents[0].1, 0);
-            assert_eq!(extents.last().unwrap().1, proto::STATE_HOLE | proto::STATE_ZERO);
+            assert_eq!(
+                extents.last().unwrap().1,
+                proto::STATE_HOLE | proto::STATE_ZERO
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -53,8 +53,19 @@ fn qemu_tools_and_nbdinfo() {
         let o = run(30, "nbdinfo", &["--can", c, &uri]);
         assert!(o.status.success(), "can {c}");
     }
-    assert!(run(30, "nbdinfo", &["--can", "write", &unix_uri(&sock, "ro")]).status.code() == Some(2));
-    assert!(run(30, "nbdinfo", &["--is", "read-only", &unix_uri(&sock, "ro")]).status.success());
+    assert!(
+        run(30, "nbdinfo", &["--can", "write", &unix_uri(&sock, "ro")])
+            .status
+            .code()
+            == Some(2)
+    );
+    assert!(run(
+        30,
+        "nbdinfo",
+        &["--is", "read-only", &unix_uri(&sock, "ro")]
+    )
+    .status
+    .success());
 
     // --map shows data then a hole.
     let map = ok(30, "nbdinfo", &["--map", &tcp]);
@@ -66,20 +77,50 @@ fn qemu_tools_and_nbdinfo() {
     let info = ok(30, "qemu-img", &["info", &tcp]);
     assert!(info.contains("67108864"), "{info}");
     let copy = d.path().join("copy.qcow2");
-    ok(60, "qemu-img", &["convert", "-f", "raw", "-O", "qcow2", &uri, copy.to_str().unwrap()]);
-    ok(60, "qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &tcp, copy.to_str().unwrap()]);
+    ok(
+        60,
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &uri,
+            copy.to_str().unwrap(),
+        ],
+    );
+    ok(
+        60,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &tcp,
+            copy.to_str().unwrap(),
+        ],
+    );
 
     // qemu-io writes and reads patterns, including unaligned ranges, zeroes and discard.
     ok(
         30,
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0x5a 1M 1M",
-            "-c", "write -P 0x33 12345 777",
-            "-c", "write -z 40M 2M",
-            "-c", "discard 50M 1M",
-            "-c", "flush",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 1M",
+            "-c",
+            "write -P 0x33 12345 777",
+            "-c",
+            "write -z 40M 2M",
+            "-c",
+            "discard 50M 1M",
+            "-c",
+            "flush",
             &uri,
         ],
     );
@@ -87,24 +128,42 @@ fn qemu_tools_and_nbdinfo() {
         30,
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "read -P 0x5a 1M 1M",
-            "-c", "read -P 0x33 12345 777",
-            "-c", "read -P 0 40M 2M",
-            "-c", "read -P 0 50M 1M",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 1M 1M",
+            "-c",
+            "read -P 0x33 12345 777",
+            "-c",
+            "read -P 0 40M 2M",
+            "-c",
+            "read -P 0 50M 1M",
             &tcp,
         ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // The writes are in the file itself.
     let bytes = std::fs::read(&img).unwrap();
-    assert!(bytes[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0x5a));
+    assert!(bytes[MIB as usize..2 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0x5a));
     assert!(bytes[12345..12345 + 777].iter().all(|&b| b == 0x33));
 
     // The read-only export refuses writes.
-    let o = run(30, "qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &unix_uri(&sock, "ro")]);
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!o.status.success() || text.contains("failed") || text.contains("read-only"), "{text}");
+    let o = run(
+        30,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 4k", &unix_uri(&sock, "ro")],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() || text.contains("failed") || text.contains("read-only"),
+        "{text}"
+    );
     assert!(std::fs::read(&other).unwrap().iter().all(|&b| b == 0));
 }
 
@@ -119,12 +178,27 @@ fn nbdcopy_both_ways() {
     common::make_image(&dst, 48 * MIB, 0, 0);
     let sock = d.path().join("nbd.sock");
     let _srv = xnbd(
-        &["serve", "--export", &format!("d={}", dst.display()), "--unix", sock.to_str().unwrap()],
+        &[
+            "serve",
+            "--export",
+            &format!("d={}", dst.display()),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
         &d.path().join("serve.log"),
         &sock,
     );
     let uri = unix_uri(&sock, "d");
-    ok(60, "nbdcopy", &["--connections=4", "--requests=16", src.to_str().unwrap(), &uri]);
+    ok(
+        60,
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=16",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    );
     ok(60, "nbdcopy", &[&uri, back.to_str().unwrap()]);
     assert!(common::same_bytes(&src, &dst));
     assert!(common::same_bytes(&src, &back));
@@ -143,7 +217,13 @@ fn fio_random_rw_verify_multi_conn() {
     common::make_image(&img, 64 * MIB, 0, 0);
     let sock = d.path().join("nbd.sock");
     let _srv = xnbd(
-        &["serve", "--export", img.to_str().unwrap(), "--unix", sock.to_str().unwrap()],
+        &[
+            "serve",
+            "--export",
+            img.to_str().unwrap(),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
         &d.path().join("serve.log"),
         &sock,
     );
@@ -203,7 +283,13 @@ fn nbdfuse_read_write() {
     let orig = std::fs::read(&img).unwrap();
     let sock = d.path().join("nbd.sock");
     let _srv = xnbd(
-        &["serve", "--export", img.to_str().unwrap(), "--unix", sock.to_str().unwrap()],
+        &[
+            "serve",
+            "--export",
+            img.to_str().unwrap(),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
         &d.path().join("serve.log"),
         &sock,
     );
@@ -241,39 +327,13 @@ fn nbdfuse_read_write() {
     assert_eq!(now[15000..], orig[15000..]);
 }
 
-/// Make a CA and a server certificate for localhost with openssl.
-pub fn make_certs(dir: &Path) -> bool {
-    if !common::have("openssl") {
-        return false;
-    }
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    let steps: Vec<Vec<String>> = vec![
-        vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &p("ca-key.pem"), "-out", &p("ca-cert.pem"), "-days", "2", "-subj", "/CN=xnbd test ca"]
-            .into_iter().map(String::from).collect(),
-        vec!["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &p("server-key.pem"), "-out", &p("server.csr"), "-subj", "/CN=localhost"]
-            .into_iter().map(String::from).collect(),
-    ];
-    for s in steps {
-        let a: Vec<&str> = s.iter().map(|x| x.as_str()).collect();
-        if !run(60, "openssl", &a).status.success() {
-            return false;
-        }
-    }
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    let a = [
-        "x509", "-req", "-in", &p("server.csr"), "-CA", &p("ca-cert.pem"), "-CAkey", &p("ca-key.pem"),
-        "-CAcreateserial", "-out", &p("server-cert.pem"), "-days", "2", "-extfile", &p("ext.cnf"),
-    ];
-    run(60, "openssl", &a).status.success()
-}
-
 #[test]
 fn tls_required_and_working() {
     require!("nbdinfo", "qemu-io", "openssl");
     let d = tempfile::tempdir().unwrap();
     let certs = d.path().join("pki");
     std::fs::create_dir(&certs).unwrap();
-    assert!(make_certs(&certs), "openssl failed");
+    assert!(common::make_certs(&certs), "openssl failed");
     let img = d.path().join("t.img");
     common::make_image(&img, 4 * MIB, MIB, 5);
     let port = common::free_port();
@@ -281,11 +341,16 @@ fn tls_required_and_working() {
     let _srv = xnbd(
         &[
             "serve",
-            "--export", &format!("t={}", img.display()),
-            "--listen", &format!("127.0.0.1:{port}"),
-            "--unix", sock.to_str().unwrap(),
-            "--tls-cert", certs.join("server-cert.pem").to_str().unwrap(),
-            "--tls-key", certs.join("server-key.pem").to_str().unwrap(),
+            "--export",
+            &format!("t={}", img.display()),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--unix",
+            sock.to_str().unwrap(),
+            "--tls-cert",
+            certs.join("server-cert.pem").to_str().unwrap(),
+            "--tls-key",
+            certs.join("server-key.pem").to_str().unwrap(),
         ],
         &d.path().join("serve.log"),
         &sock,
@@ -295,7 +360,10 @@ fn tls_required_and_working() {
     let o = run(30, "nbdinfo", &[&format!("nbd://127.0.0.1:{port}/t")]);
     assert!(!o.status.success(), "plain-text client got through");
     // TLS with the CA works, and data moves.
-    let uri = format!("nbds://localhost:{port}/t?tls-certificates={}", certs.display());
+    let uri = format!(
+        "nbds://localhost:{port}/t?tls-certificates={}",
+        certs.display()
+    );
     let out = ok(30, "nbdinfo", &[&uri]);
     assert!(out.contains("with TLS"), "{out}");
     let out = ok(30, "nbdinfo", &["--map", &uri]);

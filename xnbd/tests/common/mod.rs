@@ -122,7 +122,10 @@ pub fn run(secs: u32, prog: &str, args: &[&str]) -> Output {
         .arg(secs.to_string())
         .arg(prog)
         .args(args)
-        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running {prog}: {e}"));
@@ -194,19 +197,30 @@ pub fn wait_tcp(port: u16, timeout: Duration) -> bool {
 
 /// `xnbd ctl --socket S --json query` as JSON.
 pub fn query(ctl: &Path) -> serde_json::Value {
-    let out = ok(20, XNBD, &["ctl", "--socket", ctl.to_str().unwrap(), "--json", "query"]);
+    let out = ok(
+        20,
+        XNBD,
+        &["ctl", "--socket", ctl.to_str().unwrap(), "--json", "query"],
+    );
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad json {out}: {e}"))
 }
 
 /// Poll `ctl query` until `pred` holds, bounded.
-pub fn wait_status(ctl: &Path, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub fn wait_status(
+    ctl: &Path,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let end = Instant::now() + timeout;
     loop {
         let q = query(ctl);
         if pred(&q) {
             return q;
         }
-        assert!(Instant::now() < end, "condition not reached in time; last status {q}");
+        assert!(
+            Instant::now() < end,
+            "condition not reached in time; last status {q}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -236,4 +250,76 @@ pub fn fetch_counts(reads: &[(u64, u64)], block: u64) -> std::collections::HashM
         }
     }
     m
+}
+
+/// Make a CA and a server certificate for localhost with openssl.
+pub fn make_certs(dir: &Path) -> bool {
+    if !have("openssl") {
+        return false;
+    }
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let steps: Vec<Vec<String>> = vec![
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &p("ca-key.pem"),
+            "-out",
+            &p("ca-cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=xnbd test ca",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &p("server-key.pem"),
+            "-out",
+            &p("server.csr"),
+            "-subj",
+            "/CN=localhost",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    for s in steps {
+        let a: Vec<&str> = s.iter().map(|x| x.as_str()).collect();
+        if !run(60, "openssl", &a).status.success() {
+            return false;
+        }
+    }
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let a = [
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca-cert.pem"),
+        "-CAkey",
+        &p("ca-key.pem"),
+        "-CAcreateserial",
+        "-out",
+        &p("server-cert.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext.cnf"),
+    ];
+    run(60, "openssl", &a).status.success()
 }
