@@ -593,7 +593,15 @@ impl Proxy {
                     self.fetch_claimed(c, true, deadline).await?;
                 }
                 drop(claim);
-                wait_all(waiters).await;
+                match deadline {
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if tokio::time::timeout(left, wait_all(waiters)).await.is_err() {
+                            return Err(OpError::new(err::EIO, "source unavailable"));
+                        }
+                    }
+                    None => wait_all(waiters).await,
+                }
             }
         }
         .await;
@@ -830,6 +838,15 @@ impl Proxy {
                     }
                 },
             };
+            // Wait for the source without holding claims, so that clients needing these
+            // blocks are not stuck behind an outage of the background copy.
+            if self
+                .client(false, Some(Instant::now() + Duration::from_secs(1)))
+                .await
+                .is_err()
+            {
+                continue;
+            }
             let (claim, _) = self.claim_free(start, self.bitmap.nblocks(), chunk_blocks);
             let Some(claim) = claim else {
                 // Everything from here on is being fetched by someone else.
@@ -852,7 +869,7 @@ impl Proxy {
                 next_slot =
                     next_slot.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
             }
-            match self.fetch_claimed(&claim, false, None).await {
+            match self.fetch_claimed(&claim, false, self.deadline()).await {
                 Ok(()) => cursor = claim.blocks.last().map_or(0, |l| l + 1),
                 Err(e) => {
                     if !self.is_target() {

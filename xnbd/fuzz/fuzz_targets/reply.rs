@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
         if !matches!(c, Chunk::Unknown(_)) {
             let enc = c.encode(0, 1);
             let h = ChunkHeader::parse(&enc[..CHUNK_HEADER_LEN]).expect("own header");
-            assert_eq!(Chunk::parse(h.typ, &enc[CHUNK_HEADER_LEN..]).expect("own encoding"), c);
+            assert_eq!(
+                Chunk::parse(h.typ, &enc[CHUNK_HEADER_LEN..]).expect("own encoding"),
+                c
+            );
         }
     }
 });
