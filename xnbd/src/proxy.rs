@@ -784,12 +784,6 @@ impl Proxy {
                 }
                 pos = stop;
             }
-            if pos < end {
-                if let Some(last) = out.last_mut() {
-                    last.0 += end - pos;
-                    last.1 = 0;
-                }
-            }
             out.truncate(max);
             Ok(out)
         })

@@ -81,7 +81,7 @@ assert sum(e[0::2]) == size, e
 assert e[1] == 3 and e[3] == 0, e
 one = []
 h.block_status(size, 0, lambda meta, off, e, err: one.append(list(e)), nbd.CMD_FLAG_REQ_ONE)
-assert len(one[0]) == 2, one
+assert len(one[0]) == 2 and one[0][0] == e[0] and one[0][1] == e[1], (one, e)
 expect(errno.EINVAL, h.block_status, 4096, size, lambda *a: 0)
 
 # Many requests in flight on one connection.
