@@ -233,6 +233,13 @@ impl Proxy {
                 "block size must be a power of two >= 512".into(),
             ));
         }
+        if cfg.bitmap.exists() && !cfg.cache.exists() {
+            return Err(ProxyError::Config(format!(
+                "bitmap {} exists but cache {} does not; remove the bitmap to start over",
+                cfg.bitmap.display(),
+                cfg.cache.display()
+            )));
+        }
         let mut first: Option<Client> = None;
         let size = if cfg.bitmap.exists() && cfg.cache.exists() {
             Storage::open(&cfg.cache, false)?.size()
