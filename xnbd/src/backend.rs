@@ -84,6 +84,11 @@ impl Backend {
     ) -> Result<Vec<u8>, OpError> {
         match self {
             Backend::File(s) => {
+                // Page-cache hits are served on the spot; only reads that would block go
+                // to the blocking pool.
+                if s.read_cached(&mut buf[start..], offset)? {
+                    return Ok(buf);
+                }
                 let s = s.clone();
                 blocking(move || {
                     s.read_at(&mut buf[start..], offset)?;
