@@ -2,5 +2,7 @@
 //!
 //! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait.
 //! - [`model`]: records shared by store, agent protocol and commands.
+pub mod auth;
+pub mod channel;
 pub mod model;
 pub mod store;
