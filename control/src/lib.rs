@@ -4,5 +4,7 @@
 //! - [`model`]: records shared by store, agent protocol and commands.
 pub mod auth;
 pub mod channel;
+pub mod driver;
 pub mod model;
+pub mod proto;
 pub mod store;
