@@ -2,8 +2,10 @@
 //!
 //! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait.
 //! - [`model`]: records shared by store, agent protocol and commands.
+pub mod agent;
 pub mod auth;
 pub mod channel;
+pub mod client;
 pub mod driver;
 pub mod model;
 pub mod proto;
