@@ -41,6 +41,9 @@ fn build() -> Result<(), String> {
     // directory; dataplane-ebpf is its own workspace (the host workspace
     // excludes it), so run it from there.
     env::set_current_dir(&ebpf_dir).map_err(|e| format!("cd {root_dir}: {e}"))?;
+    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?).join("mvc-xdp");
+    // A stale object from an earlier run must not pass for this one.
+    let _ = std::fs::remove_file(&out);
     let package = aya_build::Package {
         name: "dataplane-ebpf",
         root_dir: &root_dir,
@@ -48,7 +51,6 @@ fn build() -> Result<(), String> {
     };
     aya_build::build_ebpf([package], aya_build::Toolchain::default())
         .map_err(|e| format!("eBPF build failed (needs nightly rust-src and bpf-linker): {e:#}"))?;
-    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?).join("mvc-xdp");
     if !out.exists() {
         return Err("eBPF build skipped (AYA_BUILD_SKIP)".into());
     }
