@@ -14,9 +14,11 @@ use crate::crypto::Cipher;
 use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
+use crate::io::uring::{self, Offloads};
 use crate::io::{sys, tap, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
+use std::os::fd::AsRawFd;
 
 /// Errors of the command line front end.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,9 @@ struct EdgeArgs {
     /// Datapath: auto (best available), tap, or xdp [default: auto].
     #[arg(long, value_enum)]
     datapath: Option<Datapath>,
+    /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
+    #[arg(long, value_name = "N")]
+    underlay_mtu: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -164,6 +169,7 @@ struct EdgeFile {
     status_socket: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     datapath: Option<Datapath>,
+    underlay_mtu: Option<u32>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -401,7 +407,35 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     } else {
         vec![bound]
     };
-    let tap = tap::Tap::open(&tap_name, create_tap, mtu, false)?;
+    let underlay_mtu = a.underlay_mtu.or(f.underlay_mtu).unwrap_or(1500);
+    if !(576..=65_000).contains(&underlay_mtu) {
+        return Err(CliError::Usage(format!(
+            "--underlay-mtu {underlay_mtu} is outside 576..=65000"
+        )));
+    }
+    let uring_ok = io_uring::IoUring::new(8).is_ok();
+    if !uring_ok {
+        tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
+    }
+    let tap = tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?;
+    let off = Offloads {
+        gso: uring_ok && udp::probe_gso(sock.as_raw_fd()),
+        gro: uring_ok && udp::enable_gro(sock.as_raw_fd()),
+        vnet: tap.vnet_hdr,
+    };
+    if uring_ok {
+        if !off.gso {
+            tracing::warn!("UDP GSO not available; datagrams are sent one by one");
+        }
+        if !off.gro {
+            tracing::warn!("UDP GRO not available; datagrams are received one by one");
+        }
+        if !tap.vnet_hdr {
+            tracing::warn!("TAP virtio headers not available; no TSO from the TAP device");
+        } else if !tap.offload {
+            tracing::warn!("TAP TSO/checksum offload refused; frames arrive segmented");
+        }
+    }
     let core = EdgeCore::new(
         EdgeConfig {
             name: name.clone(),
@@ -430,7 +464,11 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         tracing::info!(%at, "metrics on /metrics");
     }
     let stop = stop_flag()?;
-    let io = "poll".to_string();
+    let io = if uring_ok {
+        off.describe()
+    } else {
+        "poll(2); no offloads".to_string()
+    };
     tracing::info!(
         %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,
         cipher = %cipher, listen = %bound, supernodes = ?supernodes, io = %io,
@@ -444,7 +482,20 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         mtu,
         listen: bound.to_string(),
     };
-    driver::run_edge(core, sock, tap, info, snap, stop)?;
+    if uring_ok {
+        uring::run_edge(
+            core,
+            sock,
+            tap,
+            off,
+            underlay_mtu as usize,
+            info,
+            snap,
+            stop,
+        )?;
+    } else {
+        driver::run_edge(core, sock, tap, info, snap, stop)?;
+    }
     tracing::info!("edge stopped");
     Ok(())
 }

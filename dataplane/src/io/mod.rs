@@ -7,6 +7,7 @@ pub mod driver;
 pub mod sys;
 pub mod tap;
 pub mod udp;
+pub mod uring;
 
 /// Errors of the I/O layer.
 #[derive(Debug, thiserror::Error)]

@@ -39,3 +39,62 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, IoError> {
     }
     Ok(s)
 }
+
+/// Turns on UDP generic receive offload (coalesced datagrams of one sender); false when
+/// the kernel lacks it.
+pub fn enable_gro(fd: std::os::fd::RawFd) -> bool {
+    setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok()
+}
+
+/// Whether UDP generic segmentation offload is available (probed like quinn-udp: the
+/// socket option must be accepted).
+pub fn probe_gso(fd: std::os::fd::RawFd) -> bool {
+    let ok = setsockopt_int(fd, libc::SOL_UDP, libc::UDP_SEGMENT, 1200).is_ok();
+    // Back to per-message segment sizes (given in a control message when used).
+    let _ = setsockopt_int(fd, libc::SOL_UDP, libc::UDP_SEGMENT, 0);
+    ok
+}
+
+/// Room for the control messages we use (UDP_GRO / UDP_SEGMENT).
+pub const CMSG_SPACE: usize = 64;
+
+/// Fills a control buffer with one UDP_SEGMENT message; returns its length.
+pub fn write_segment_cmsg(ctrl: &mut [u64; CMSG_SPACE / 8], seg: u16) -> usize {
+    let hdr_len = std::mem::size_of::<libc::cmsghdr>();
+    // SAFETY: CMSG_LEN/CMSG_SPACE are pure arithmetic.
+    let (len, space) = unsafe { (libc::CMSG_LEN(2) as usize, libc::CMSG_SPACE(2) as usize) };
+    let bytes = ctrl.as_mut_ptr() as *mut u8;
+    let c = libc::cmsghdr {
+        cmsg_len: len as _,
+        cmsg_level: libc::SOL_UDP,
+        cmsg_type: libc::UDP_SEGMENT,
+    };
+    // SAFETY: ctrl is 8-aligned and 64 bytes, larger than a cmsghdr plus a u16.
+    unsafe {
+        std::ptr::write(bytes as *mut libc::cmsghdr, c);
+        std::ptr::write_unaligned(bytes.add(hdr_len) as *mut u16, seg);
+    }
+    space
+}
+
+/// Reads the UDP_GRO segment size from a control buffer filled by recvmsg.
+pub fn read_gro_cmsg(ctrl: &[u64; CMSG_SPACE / 8], ctrl_len: usize) -> Option<usize> {
+    let hdr_len = std::mem::size_of::<libc::cmsghdr>();
+    let bytes = ctrl.as_ptr() as *const u8;
+    let mut off = 0usize;
+    while off + hdr_len <= ctrl_len.min(CMSG_SPACE) {
+        // SAFETY: off + hdr_len is within the buffer; read_unaligned tolerates alignment.
+        let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(bytes.add(off) as *const _) };
+        let len = c.cmsg_len as usize;
+        if len < hdr_len || off + len > CMSG_SPACE {
+            return None;
+        }
+        if c.cmsg_level == libc::SOL_UDP && c.cmsg_type == libc::UDP_GRO && len >= hdr_len + 4 {
+            // SAFETY: the message holds an int after its header, inside the buffer.
+            let v = unsafe { std::ptr::read_unaligned(bytes.add(off + hdr_len) as *const i32) };
+            return usize::try_from(v).ok().filter(|v| *v > 0);
+        }
+        off += (len + 7) & !7;
+    }
+    None
+}
