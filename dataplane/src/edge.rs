@@ -11,14 +11,15 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::crypto::{AeadKey, Cipher, CommunityKeys, EdgeAad, InitState};
 use crate::eth::{self, Mac};
+use crate::offload::{self, VnetHdr};
 use crate::outbox::Outbox;
 use crate::replay::ReplayWindow;
 use crate::status::{hex, EdgeStatus, MacStatus, PeerStatus, SupernodeLink};
 use crate::supernode::edge_id_of;
 use crate::wire::{
     self, EdgeId, HandshakeInit, HandshakeResp, MsgType, PeerInfo, Register, RegisterAck, RelayHdr,
-    TransportHdr, MAX_BCAST_DSTS, PROBE_BODY_LEN, PROBE_REPLY, RELAY_HDR_LEN, SIG_LEN,
-    TRANSPORT_HDR_LEN,
+    TransportHdr, DATA_CSUM_PARTIAL, MAX_BCAST_DSTS, PROBE_BODY_LEN, PROBE_REPLY, RELAY_HDR_LEN,
+    SIG_LEN, TRANSPORT_HDR_LEN,
 };
 
 /// Timers and limits of an edge. Defaults suit a WAN; tests shrink them.
@@ -254,6 +255,7 @@ pub struct EdgeCore {
     udp_rx: u64,
     udp_tx: u64,
     scratch_dsts: Vec<EdgeId>,
+    seg_scratch: Vec<u8>,
 }
 
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
@@ -326,6 +328,7 @@ impl EdgeCore {
             udp_rx: 0,
             udp_tx: 0,
             scratch_dsts: Vec::new(),
+            seg_scratch: vec![0u8; 65_536],
         })
     }
 
@@ -424,6 +427,169 @@ impl EdgeCore {
         self.flood(now, frame, out);
     }
 
+    /// Handles a TSO super-frame read from the TAP device: sent to the owning peer as one
+    /// GSO batch of re-segmented, sealed datagrams when possible (each at most
+    /// `max_frame` bytes of frame), else segmented and switched frame by frame.
+    pub fn handle_tap_tso(
+        &mut self,
+        now: Instant,
+        hdr: &VnetHdr,
+        frame: &[u8],
+        max_frame: usize,
+        out: &mut Outbox,
+    ) {
+        let Some((dst, src)) = eth::macs(frame) else {
+            return self.drop("runt_frame");
+        };
+        if !src.is_group() {
+            self.macs.remove(&src);
+        }
+        if !dst.is_group() && out.gso {
+            if let Some((pid, _)) = self.macs.get(&dst).copied() {
+                match self.send_tso_batch(now, &pid, hdr, frame, max_frame, out) {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(r) => return self.drop(r),
+                }
+            }
+        }
+        let mut scratch = std::mem::take(&mut self.seg_scratch);
+        let r = offload::segment_tcp(hdr, frame, max_frame, &mut scratch, |s| {
+            self.handle_tap(now, s, out)
+        });
+        self.seg_scratch = scratch;
+        if r.is_err() {
+            self.drop("bad_tso_frame");
+        }
+    }
+
+    /// The GSO fast path; `Ok(false)` when it does not apply.
+    fn send_tso_batch(
+        &mut self,
+        now: Instant,
+        pid: &EdgeId,
+        hdr: &VnetHdr,
+        frame: &[u8],
+        max_frame: usize,
+        out: &mut Outbox,
+    ) -> Result<bool, &'static str> {
+        let f = offload::parse_tcp(frame).ok_or("bad_tso_frame")?;
+        if (hdr.gso_type & !offload::GSO_ECN == offload::GSO_TCPV4) != f.v4 {
+            return Err("bad_tso_frame");
+        }
+        let mss = usize::from(hdr.gso_size).min(max_frame.saturating_sub(f.hdr_len));
+        if mss == 0 {
+            return Err("bad_tso_frame");
+        }
+        let payload_len = frame.len() - f.hdr_len;
+        let n = payload_len.div_ceil(mss).max(1);
+        let reject = self.cfg.timers.reject_after_time;
+        let (direct, listed) = match self.peers.get(pid) {
+            Some(p) => match &p.cur {
+                Some(s)
+                    if now.saturating_duration_since(s.created) < reject
+                        && s.send_ctr < u64::MAX - n as u64 =>
+                {
+                    (p.direct, p.listed_by)
+                }
+                _ => return Ok(false),
+            },
+            None => return Ok(false),
+        };
+        let prefix = if direct.is_some() { 0 } else { RELAY_HDR_LEN };
+        let stride = prefix + TRANSPORT_HDR_LEN + f.hdr_len + mss + self.cfg.cipher.overhead();
+        if stride > out.gso_max_segment {
+            return Ok(false);
+        }
+        let dst = match direct {
+            Some(d) => d,
+            None => self.relay_sn(listed, now),
+        };
+        let per_batch = (60_000 / stride).clamp(1, 64);
+        let community = self.keys.id;
+        let me = self.id;
+        let relay = RelayHdr {
+            community,
+            src: me,
+            dst: *pid,
+        };
+        let p = self.peers.get_mut(pid).ok_or("unknown_peer")?;
+        let s = p.cur.as_mut().ok_or("no_session")?;
+        let hl = f.hdr_len;
+        let seq0 = u32::from_be_bytes([
+            frame[f.tcp + 4],
+            frame[f.tcp + 5],
+            frame[f.tcp + 6],
+            frame[f.tcp + 7],
+        ]);
+        let id0 = u16::from_be_bytes([frame[f.ip + 4], frame[f.ip + 5]]);
+        let flags0 = frame[f.tcp + 13];
+        let payload = &frame[hl..];
+        let mut buf: Option<Vec<u8>> = None;
+        let mut off = 0;
+        let mut count = 0;
+        let mut sent = 0u64;
+        for i in 0..n {
+            let b = buf.get_or_insert_with(|| out.take_big());
+            let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+            if prefix > 0 {
+                let _ = relay.write(&mut b[off..]);
+            }
+            let t = off + prefix;
+            let body = t + TRANSPORT_HDR_LEN;
+            let seg_len = hl + chunk.len();
+            {
+                let seg = &mut b[body..body + seg_len];
+                seg[..hl].copy_from_slice(&frame[..hl]);
+                seg[hl..].copy_from_slice(chunk);
+                let seq = seq0.wrapping_add((i * mss) as u32);
+                seg[f.tcp + 4..f.tcp + 8].copy_from_slice(&seq.to_be_bytes());
+                let mut fl = flags0;
+                if i + 1 < n {
+                    fl &= !(0x01 | 0x08);
+                }
+                if i > 0 {
+                    fl &= !0x80;
+                }
+                seg[f.tcp + 13] = fl;
+                if f.v4 {
+                    let id = id0.wrapping_add(i as u16);
+                    seg[f.ip + 4..f.ip + 6].copy_from_slice(&id.to_be_bytes());
+                }
+                offload::fix_headers(seg, &f, false);
+            }
+            let ctr = s.send_ctr;
+            s.send_ctr += 1;
+            let th = TransportHdr {
+                kind: MsgType::Data,
+                flags: DATA_CSUM_PARTIAL,
+                receiver_index: s.remote_index,
+                counter: ctr,
+            };
+            let _ = th.write(&mut b[t..]);
+            let aad = EdgeAad::new(&community, &me, pid, &b[t..body]);
+            let sealed = s
+                .send
+                .seal(ctr, aad.as_bytes(), &mut b[body..], seg_len)
+                .map_err(|e| e.reason())?;
+            off += prefix + TRANSPORT_HDR_LEN + sealed;
+            count += 1;
+            sent += seg_len as u64;
+            if count == per_batch || i + 1 == n {
+                if let Some(b) = buf.take() {
+                    out.push_udp_batch(dst, b, off, stride);
+                }
+                self.udp_tx += count as u64;
+                off = 0;
+                count = 0;
+            }
+        }
+        p.stats.tx_packets += n as u64;
+        p.stats.tx_bytes += sent;
+        self.tap_rx += n as u64;
+        Ok(true)
+    }
+
     fn flood(&mut self, now: Instant, frame: &[u8], out: &mut Outbox) {
         self.flooded += 1;
         let mut via_sn = std::mem::take(&mut self.scratch_dsts);
@@ -452,18 +618,18 @@ impl EdgeCore {
         let ctr = self.bcast_ctr;
         self.bcast_ctr += 1;
         let Ok(hl) = wire::write_bcast_header(&mut b, &self.keys.id, &self.id, ctr, dsts) else {
-            out.give(b);
+            out.give(b, false);
             return self.drop("no_room");
         };
         b[2] = self.cfg.cipher as u8;
         if b.len() < hl + frame.len() + wire::TAG_LEN {
-            out.give(b);
+            out.give(b, false);
             return self.drop("frame_too_big");
         }
         b[hl..hl + frame.len()].copy_from_slice(frame);
         let (head, body) = b.split_at_mut(hl);
         let Ok(n) = self.bcast_tx.seal(ctr, head, body, frame.len()) else {
-            out.give(b);
+            out.give(b, false);
             return self.drop("no_room");
         };
         let listed = dsts
@@ -509,7 +675,7 @@ impl EdgeCore {
         let start = HEADROOM;
         let body = start + TRANSPORT_HDR_LEN;
         if b.len() < body + payload.len() + wire::TAG_LEN {
-            out.give(b);
+            out.give(b, false);
             self.drop("frame_too_big");
             return true;
         }
@@ -528,7 +694,7 @@ impl EdgeCore {
             .send
             .seal(ctr, aad.as_bytes(), &mut b[body..], payload.len())
         else {
-            out.give(b);
+            out.give(b, false);
             self.drop("no_room");
             return true;
         };
@@ -699,10 +865,11 @@ impl EdgeCore {
             Err(e) => return self.drop(e.reason()),
         };
         replay.update(counter);
-        self.deliver(now, &src, hl, n, pkt, out);
+        self.deliver(now, &src, hl, n, pkt, false, out);
     }
 
     /// Learns the source MAC and writes the frame `pkt[off..off + len]` to the TAP device.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         now: Instant,
@@ -710,6 +877,7 @@ impl EdgeCore {
         off: usize,
         len: usize,
         pkt: &[u8],
+        partial_csum: bool,
         out: &mut Outbox,
     ) {
         let frame = &pkt[off..off + len];
@@ -731,7 +899,7 @@ impl EdgeCore {
                 None => self.drop("mac_table_full"),
             }
         }
-        out.push_tap_copy(frame);
+        out.push_tap(frame, partial_csum);
         self.tap_tx += 1;
     }
 
@@ -934,7 +1102,10 @@ impl EdgeCore {
             }
         }
         match hdr.kind {
-            MsgType::Data => self.deliver(now, &pid, TRANSPORT_HDR_LEN, n, pkt, out),
+            MsgType::Data => {
+                let partial = hdr.flags & DATA_CSUM_PARTIAL != 0;
+                self.deliver(now, &pid, TRANSPORT_HDR_LEN, n, pkt, partial, out)
+            }
             _ => {
                 if n != PROBE_BODY_LEN {
                     return self.drop("malformed");
@@ -1070,7 +1241,7 @@ impl EdgeCore {
                     self.udp_tx += 1;
                 }
                 Err(_) => {
-                    out.give(b);
+                    out.give(b, false);
                     self.drop("no_room");
                 }
             }

@@ -189,7 +189,7 @@ fn pseudo_sum(frame: &[u8], f: &TcpFrame, tcp_len: usize) -> u64 {
 /// Fixes lengths (and the IPv4 header checksum) of a TCP frame of `len` bytes; with
 /// `full`, computes the TCP checksum, else stores the pseudo-header sum for the receiver's
 /// checksum offload.
-fn fix_headers(seg: &mut [u8], f: &TcpFrame, full: bool) {
+pub fn fix_headers(seg: &mut [u8], f: &TcpFrame, full: bool) {
     let len = seg.len();
     let tcp_len = len - f.tcp;
     if f.v4 {
@@ -269,10 +269,10 @@ pub fn segment_tcp(
 
 /// Coalesces consecutive in-order TCP segments of one flow into a super-frame written to
 /// the TAP device with a GSO `virtio_net_hdr` (the kernel then treats it as one packet).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Coalescer {
     buf: Vec<u8>,
-    /// Bytes in `buf` (vnet header included) — 0 when empty.
+    /// Frame bytes in `buf` after the header room (0 when empty).
     len: usize,
     f: Option<TcpFrame>,
     seg_payload: usize,
@@ -284,33 +284,19 @@ pub struct Coalescer {
 /// Largest super-frame built.
 pub const MAX_COALESCED: usize = 62 * 1024;
 
-impl Default for Coalescer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Coalescer {
     /// Empty.
     pub fn new() -> Self {
-        Self {
-            buf: vec![0u8; VNET_HDR_LEN + MAX_COALESCED + 2048],
-            len: 0,
-            f: None,
-            seg_payload: 0,
-            next_seq: 0,
-            segs: 0,
-            last_short: false,
-        }
+        Self::default()
     }
 
     /// Whether a frame is held.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.f.is_none()
     }
 
-    /// Tries to append `frame`; false when it cannot join (the caller flushes, then
-    /// calls [`Coalescer::start`] or writes the frame alone).
+    /// Tries to append `frame`; false when it cannot join (the caller finishes the held
+    /// super-frame, then starts a new one or sends the frame alone).
     pub fn push(&mut self, frame: &[u8]) -> bool {
         let Some(f) = self.f else {
             return false;
@@ -322,11 +308,11 @@ impl Coalescer {
             return false;
         }
         let pl = frame.len() - g.hdr_len;
-        if pl == 0 || pl > self.seg_payload || self.len + pl > VNET_HDR_LEN + MAX_COALESCED {
+        if pl == 0 || pl > self.seg_payload || self.len + pl > MAX_COALESCED {
             return false;
         }
-        let held = &self.buf[VNET_HDR_LEN..self.len];
-        // Same addresses, ports and TCP options; only sequence, flags PSH, ids differ.
+        let held = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + self.len];
+        // Same addresses, ports, ack, window and TCP options; sequence must follow.
         let tcp = f.tcp;
         if frame[..f.ip] != held[..f.ip]
             || (f.v4 && frame[f.ip + 12..f.ip + 20] != held[f.ip + 12..f.ip + 20])
@@ -345,11 +331,12 @@ impl Coalescer {
             frame[tcp + 7],
         ]);
         let fl = frame[tcp + 13];
-        // Only plain ACK (+PSH) segments join.
+        // Only plain ACK (+PSH) segments join, and nothing after a PSH.
         if seq != self.next_seq || fl & !0x08 != 0x10 || held[tcp + 13] & 0x08 != 0 {
             return false;
         }
-        self.buf[self.len..self.len + pl].copy_from_slice(&frame[g.hdr_len..]);
+        let at = VNET_HDR_LEN + self.len;
+        self.buf[at..at + pl].copy_from_slice(&frame[g.hdr_len..]);
         self.len += pl;
         self.next_seq = seq.wrapping_add(pl as u32);
         self.segs += 1;
@@ -362,19 +349,23 @@ impl Coalescer {
         true
     }
 
-    /// Starts a new super-frame with `frame` if it is a TCP data segment; false otherwise.
-    pub fn start(&mut self, frame: &[u8]) -> bool {
-        debug_assert!(self.is_empty());
+    /// Starts a new super-frame in `buf` (at least `VNET_HDR_LEN + MAX_COALESCED` bytes)
+    /// with `frame` if it is a TCP data segment; gives `buf` back otherwise.
+    pub fn start(&mut self, frame: &[u8], mut buf: Vec<u8>) -> Result<(), Vec<u8>> {
+        if !self.is_empty() || buf.len() < VNET_HDR_LEN + MAX_COALESCED {
+            return Err(buf);
+        }
         let Some(f) = parse_tcp(frame) else {
-            return false;
+            return Err(buf);
         };
         let pl = frame.len() - f.hdr_len;
         let fl = frame[f.tcp + 13];
         if pl == 0 || fl & !0x08 != 0x10 || frame.len() > MAX_COALESCED {
-            return false;
+            return Err(buf);
         }
-        self.buf[VNET_HDR_LEN..VNET_HDR_LEN + frame.len()].copy_from_slice(frame);
-        self.len = VNET_HDR_LEN + frame.len();
+        buf[VNET_HDR_LEN..VNET_HDR_LEN + frame.len()].copy_from_slice(frame);
+        self.buf = buf;
+        self.len = frame.len();
         self.f = Some(f);
         self.seg_payload = pl;
         let seq = u32::from_be_bytes([
@@ -386,37 +377,38 @@ impl Coalescer {
         self.next_seq = seq.wrapping_add(pl as u32);
         self.segs = 1;
         self.last_short = false;
-        true
+        Ok(())
     }
 
-    /// Finishes the held super-frame: returns vnet header + frame bytes, ready to write.
-    /// The coalescer is empty afterwards.
-    pub fn finish(&mut self) -> Option<&[u8]> {
+    /// Finishes the held super-frame: returns its buffer (frame at `VNET_HDR_LEN`), the
+    /// frame length and the virtio header to write with it. Empty afterwards.
+    pub fn finish(&mut self) -> Option<(Vec<u8>, usize, VnetHdr)> {
         let f = self.f.take()?;
-        if self.len == 0 {
-            return None;
-        }
         let len = self.len;
         self.len = 0;
-        let frame = &mut self.buf[VNET_HDR_LEN..len];
-        let hdr = if self.segs > 1 {
-            fix_headers(frame, &f, false);
-            VnetHdr {
-                flags: F_NEEDS_CSUM,
-                gso_type: if f.v4 { GSO_TCPV4 } else { GSO_TCPV6 },
-                hdr_len: f.hdr_len as u16,
-                gso_size: self.seg_payload as u16,
-                csum_start: f.tcp as u16,
-                csum_offset: 16,
-            }
-        } else {
-            VnetHdr {
-                flags: F_DATA_VALID,
-                ..VnetHdr::default()
-            }
+        let mut buf = std::mem::take(&mut self.buf);
+        let frame = &mut buf[VNET_HDR_LEN..VNET_HDR_LEN + len];
+        // The TCP checksum is left to the kernel (pseudo-header sum + NEEDS_CSUM).
+        fix_headers(frame, &f, false);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if self.segs == 1 {
+                GSO_NONE
+            } else if f.v4 {
+                GSO_TCPV4
+            } else {
+                GSO_TCPV6
+            },
+            hdr_len: f.hdr_len as u16,
+            gso_size: if self.segs == 1 {
+                0
+            } else {
+                self.seg_payload as u16
+            },
+            csum_start: f.tcp as u16,
+            csum_offset: 16,
         };
-        hdr.write(&mut self.buf[..VNET_HDR_LEN]);
-        Some(&self.buf[..len])
+        Some((buf, len, hdr))
     }
 }
 
@@ -487,18 +479,19 @@ mod tests {
             assert_eq!(psh, i == 7);
         }
         let mut c = Coalescer::new();
-        assert!(c.start(&segs[0]));
+        let buf = vec![0u8; VNET_HDR_LEN + MAX_COALESCED];
+        c.start(&segs[0], buf).unwrap();
         for s in &segs[1..] {
             assert!(c.push(s));
         }
-        let out = c.finish().unwrap().to_vec();
-        let h = VnetHdr::parse(&out).unwrap();
+        let (out, len, h) = c.finish().unwrap();
         assert_eq!(h.gso_type, GSO_TCPV4);
         assert_eq!(h.gso_size, 1300);
-        assert_eq!(&out[VNET_HDR_LEN + 54..], &big[54..]);
+        assert_eq!(len, big.len());
+        assert_eq!(&out[VNET_HDR_LEN + 54..VNET_HDR_LEN + len], &big[54..]);
         assert!(c.is_empty());
         // An out-of-order segment does not join.
-        assert!(c.start(&segs[0]));
+        c.start(&segs[0], out).unwrap();
         assert!(!c.push(&segs[2]));
     }
 

@@ -1,9 +1,15 @@
 //! Buffers the pure cores write their output into; the I/O driver sends them and gives
-//! the buffers back. No allocation per packet once the pool is warm.
+//! the buffers back. No allocation per packet once the pools are warm.
+//!
+//! Frames for the TAP device can be coalesced here (consecutive TCP segments of one flow
+//! become one super-frame with a GSO `virtio_net_hdr`), and datagrams can be queued as a
+//! GSO batch (equal-size segments in one buffer).
 
 use std::net::SocketAddr;
 
-/// A datagram to send: `buf[start..start + len]` to `dst`.
+use crate::offload::{self, Coalescer, VnetHdr, VNET_HDR_LEN};
+
+/// A datagram (or a GSO batch) to send: `buf[start..start + len]` to `dst`.
 #[derive(Debug)]
 pub struct UdpOut {
     /// Destination.
@@ -12,8 +18,12 @@ pub struct UdpOut {
     pub buf: Vec<u8>,
     /// Offset of the datagram in `buf`.
     pub start: usize,
-    /// Length of the datagram.
+    /// Length of the datagram (of all segments for a batch).
     pub len: usize,
+    /// Segment size of a GSO batch (every segment but the last has this size).
+    pub segment: Option<usize>,
+    /// The buffer is from the large pool.
+    pub big: bool,
 }
 
 impl UdpOut {
@@ -23,8 +33,8 @@ impl UdpOut {
     }
 }
 
-/// A frame to write to the TAP device: `buf[start..start + len]`. `start` is at least the
-/// outbox's `tap_headroom`, so the driver may put a device header in front of the frame.
+/// A frame to write to the TAP device: `buf[start..start + len]`, with `start >=
+/// VNET_HDR_LEN` so the driver can put `hdr` in front when the device takes virtio headers.
 #[derive(Debug)]
 pub struct TapOut {
     /// Owning buffer.
@@ -33,61 +43,101 @@ pub struct TapOut {
     pub start: usize,
     /// Length of the frame.
     pub len: usize,
+    /// Offload header (checksum to complete, GSO).
+    pub hdr: VnetHdr,
+    /// The buffer is from the large pool.
+    pub big: bool,
 }
 
-/// Output queues and a pool of buffers.
+/// Size of large buffers (GSO batches, coalesced super-frames).
+pub const BIG_BUF: usize = VNET_HDR_LEN + offload::MAX_COALESCED + 4096;
+
+/// Output queues and pools of buffers.
 #[derive(Debug)]
 pub struct Outbox {
     /// Datagrams to send, in order.
     pub udp: Vec<UdpOut>,
     /// Frames to write, in order.
     pub tap: Vec<TapOut>,
-    /// Bytes reserved in front of TAP frames for the device header.
-    pub tap_headroom: usize,
+    /// The driver can send GSO batches.
+    pub gso: bool,
+    /// Segment size limit of GSO batches (the underlay's UDP payload size).
+    pub gso_max_segment: usize,
     buf_size: usize,
     pool: Vec<Vec<u8>>,
+    big_pool: Vec<Vec<u8>>,
+    coalescer: Option<Coalescer>,
 }
 
 impl Outbox {
-    /// An outbox whose buffers hold `buf_size` bytes.
-    pub fn new(buf_size: usize, tap_headroom: usize) -> Self {
+    /// An outbox whose small buffers hold `buf_size` bytes (plus the TAP headroom).
+    pub fn new(buf_size: usize) -> Self {
         Self {
             udp: Vec::with_capacity(256),
             tap: Vec::with_capacity(256),
-            tap_headroom,
-            buf_size,
+            gso: false,
+            gso_max_segment: 1472,
+            buf_size: buf_size + VNET_HDR_LEN,
             pool: Vec::new(),
+            big_pool: Vec::new(),
+            coalescer: None,
         }
     }
 
-    /// Size of each buffer.
+    /// Turns on coalescing of TCP segments for the TAP device.
+    pub fn enable_coalescing(&mut self) {
+        self.coalescer = Some(Coalescer::new());
+    }
+
+    /// Size of each small buffer.
     pub fn buf_size(&self) -> usize {
         self.buf_size
     }
 
-    /// Takes a buffer of `buf_size` bytes from the pool.
+    /// Takes a small buffer.
     pub fn take(&mut self) -> Vec<u8> {
-        match self.pool.pop() {
-            Some(b) => b,
-            None => vec![0u8; self.buf_size],
-        }
+        self.pool.pop().unwrap_or_else(|| vec![0u8; self.buf_size])
     }
 
-    /// Returns a buffer to the pool.
-    pub fn give(&mut self, mut b: Vec<u8>) {
-        if self.pool.len() < 4096 {
+    /// Takes a large buffer.
+    pub fn take_big(&mut self) -> Vec<u8> {
+        self.big_pool.pop().unwrap_or_else(|| vec![0u8; BIG_BUF])
+    }
+
+    /// Returns a buffer to its pool.
+    pub fn give(&mut self, mut b: Vec<u8>, big: bool) {
+        if big {
+            if self.big_pool.len() < 256 {
+                b.resize(BIG_BUF, 0);
+                self.big_pool.push(b);
+            }
+        } else if self.pool.len() < 4096 {
             b.resize(self.buf_size, 0);
             self.pool.push(b);
         }
     }
 
-    /// Queues a datagram.
+    /// Queues a datagram in a small buffer.
     pub fn push_udp(&mut self, dst: SocketAddr, buf: Vec<u8>, start: usize, len: usize) {
         self.udp.push(UdpOut {
             dst,
             buf,
             start,
             len,
+            segment: None,
+            big: false,
+        });
+    }
+
+    /// Queues a GSO batch in a large buffer.
+    pub fn push_udp_batch(&mut self, dst: SocketAddr, buf: Vec<u8>, len: usize, segment: usize) {
+        self.udp.push(UdpOut {
+            dst,
+            buf,
+            start: 0,
+            len,
+            segment: Some(segment),
+            big: true,
         });
     }
 
@@ -101,10 +151,34 @@ impl Outbox {
         self.push_udp(dst, b, 0, bytes.len());
     }
 
-    /// Queues a frame copied from `frame`.
-    pub fn push_tap_copy(&mut self, frame: &[u8]) {
+    /// Queues a frame for the TAP device (copied). `partial_csum`: its TCP checksum holds
+    /// only the pseudo-header sum and must be completed (by the kernel or the driver).
+    pub fn push_tap(&mut self, frame: &[u8], partial_csum: bool) {
+        if let Some(c) = self.coalescer.as_mut() {
+            if c.push(frame) {
+                return;
+            }
+            self.flush_tap();
+            let fresh = self.take_big();
+            let c = self.coalescer.as_mut().expect("coalescing on");
+            match c.start(frame, fresh) {
+                Ok(()) => return,
+                Err(b) => self.give(b, true),
+            }
+        }
+        let mut hdr = VnetHdr::default();
+        if partial_csum {
+            match offload::parse_tcp(frame) {
+                Some(f) => {
+                    hdr.flags = offload::F_NEEDS_CSUM;
+                    hdr.csum_start = f.tcp as u16;
+                    hdr.csum_offset = 16;
+                }
+                None => return,
+            }
+        }
         let mut b = self.take();
-        let h = self.tap_headroom;
+        let h = VNET_HDR_LEN;
         if h + frame.len() > b.len() {
             b.resize(h + frame.len(), 0);
         }
@@ -113,19 +187,36 @@ impl Outbox {
             buf: b,
             start: h,
             len: frame.len(),
+            hdr,
+            big: false,
         });
+    }
+
+    /// Ends the super-frame being built, if any (call before handing `tap` to the device).
+    pub fn flush_tap(&mut self) {
+        if let Some(c) = self.coalescer.as_mut() {
+            if let Some((buf, len, hdr)) = c.finish() {
+                self.tap.push(TapOut {
+                    buf,
+                    start: VNET_HDR_LEN,
+                    len,
+                    hdr,
+                    big: true,
+                });
+            }
+        }
     }
 
     /// Gives every queued buffer back (after sending).
     pub fn recycle_sent(&mut self) {
         let mut udp = std::mem::take(&mut self.udp);
         for u in udp.drain(..) {
-            self.give(u.buf);
+            self.give(u.buf, u.big);
         }
         self.udp = udp;
         let mut tap = std::mem::take(&mut self.tap);
         for t in tap.drain(..) {
-            self.give(t.buf);
+            self.give(t.buf, t.big);
         }
         self.tap = tap;
     }

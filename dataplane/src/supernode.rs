@@ -170,7 +170,7 @@ impl SupernodeCore {
         if let Ok(n) = ack.encode(&mut b) {
             out.push_udp(src, b, 0, n);
         } else {
-            out.give(b);
+            out.give(b, false);
         }
         let comm = &self.communities[&m.community];
         // The complete list of the others to the registering edge.
@@ -209,6 +209,36 @@ impl SupernodeCore {
             Err(r) => {
                 self.drop(r);
                 false
+            }
+        }
+    }
+
+    /// Checks a relay packet and returns where to forward it unchanged (counted as
+    /// relayed); `None` when it is dropped (counted) or is not a relay packet.
+    pub fn relay_target(&mut self, src: SocketAddr, pkt: &[u8]) -> Option<SocketAddr> {
+        let (h, _) = match RelayHdr::decode(pkt) {
+            Ok(v) => v,
+            Err(e) => {
+                self.drop(e.reason());
+                return None;
+            }
+        };
+        if !self.check_src(src, &h.community, &h.src) {
+            return None;
+        }
+        let dst = self.communities[&h.community]
+            .edges
+            .get(&h.dst)
+            .map(|e| e.observed);
+        match dst {
+            Some(d) if h.dst != h.src => {
+                self.relayed_packets += 1;
+                self.relayed_bytes += pkt.len() as u64;
+                Some(d)
+            }
+            _ => {
+                self.drop("relay_unknown_dst");
+                None
             }
         }
     }
@@ -344,6 +374,6 @@ fn send_info(
     let mut b = out.take();
     match info.encode(&mut b) {
         Ok(n) => out.push_udp(dst, b, 0, n),
-        Err(_) => out.give(b),
+        Err(_) => out.give(b, false),
     }
 }

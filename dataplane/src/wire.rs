@@ -736,6 +736,9 @@ impl HandshakeResp {
 pub const TRANSPORT_HDR_LEN: usize = 16;
 /// Flag of a probe message: this is a reply.
 pub const PROBE_REPLY: u8 = 1;
+/// Flag of a data message: the frame's TCP checksum holds only the pseudo-header sum
+/// (checksum offload); the receiver completes it or lets its kernel do so.
+pub const DATA_CSUM_PARTIAL: u8 = 2;
 /// Plaintext length of a probe body (probe id).
 pub const PROBE_BODY_LEN: usize = 8;
 

@@ -98,3 +98,75 @@ pub fn read_gro_cmsg(ctrl: &[u64; CMSG_SPACE / 8], ctrl_len: usize) -> Option<us
     }
     None
 }
+
+/// Receives one datagram (or a GRO batch) without blocking; returns the length, the
+/// source and the GRO segment size. `Ok(None)` when nothing is ready.
+pub fn recv_msg(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> std::io::Result<Option<(usize, std::net::SocketAddr, Option<usize>)>> {
+    // SAFETY: plain old data; zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut ctrl = [0u64; CMSG_SPACE / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: plain old data; zero is valid.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+    hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
+    hdr.msg_controllen = CMSG_SPACE;
+    // SAFETY: every pointer in hdr refers to a live local or to buf, valid for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut hdr, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    let Some(src) = super::sys::from_sockaddr(&addr) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        n as usize,
+        src,
+        read_gro_cmsg(&ctrl, hdr.msg_controllen),
+    )))
+}
+
+/// Sends one datagram, or a GSO batch of `segment`-byte datagrams.
+pub fn send_msg(
+    fd: std::os::fd::RawFd,
+    buf: &[u8],
+    dst: std::net::SocketAddr,
+    segment: Option<u16>,
+) -> std::io::Result<()> {
+    let (mut addr, alen) = super::sys::to_sockaddr(&dst);
+    let mut ctrl = [0u64; CMSG_SPACE / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: plain old data; zero is valid.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+    hdr.msg_namelen = alen;
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(s) = segment {
+        let n = write_segment_cmsg(&mut ctrl, s);
+        hdr.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
+        hdr.msg_controllen = n;
+    }
+    // SAFETY: every pointer in hdr refers to a live local or to buf; the kernel only reads.
+    let n = unsafe { libc::sendmsg(fd, &hdr, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

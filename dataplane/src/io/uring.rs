@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::edge::EdgeCore;
-use crate::offload::{self, Coalescer, VnetHdr, VNET_HDR_LEN};
+use crate::offload::{self, VnetHdr, VNET_HDR_LEN};
 use crate::outbox::Outbox;
 use crate::status::EdgeStatus;
 
@@ -134,8 +134,6 @@ struct Loop {
     tap_bufs: Vec<Vec<u8>>,
     flights: Vec<Option<InFlight>>,
     free: Vec<usize>,
-    big_pool: Vec<Vec<u8>>,
-    coalescer: Coalescer,
     underlay_payload: usize,
     gso_warned: bool,
 }
@@ -178,12 +176,6 @@ impl Loop {
         }
         self.flights.push(Some(f));
         Some(self.flights.len() - 1)
-    }
-
-    fn take_big(&mut self) -> Vec<u8> {
-        self.big_pool
-            .pop()
-            .unwrap_or_else(|| vec![0u8; VNET_HDR_LEN + offload::MAX_COALESCED + 2048])
     }
 
     /// Queues a TAP write of `buf[..len]` (vnet header included when enabled).
@@ -258,19 +250,41 @@ impl Loop {
         self.push(&e)
     }
 
-    /// Submits everything the core queued: datagrams (GSO-grouped) and TAP frames
-    /// (coalesced into super-frames when the TAP takes virtio headers).
+    /// Submits everything the core queued: datagrams (consecutive equal-size datagrams to
+    /// one address grouped into GSO sends) and TAP frames.
     fn flush(&mut self, core: &mut EdgeCore, out: &mut Outbox) -> Result<(), IoError> {
+        out.flush_tap();
         let mut udp = std::mem::take(&mut out.udp);
         let mut i = 0;
         while i < udp.len() {
-            let first_len = udp[i].len;
             let dst = udp[i].dst;
+            if let Some(seg) = udp[i].segment {
+                let u = &mut udp[i];
+                let b = std::mem::take(&mut u.buf);
+                if self.off.gso {
+                    self.send_udp(b, 0, u.len, dst, Some(seg as u16), true, core)?;
+                } else {
+                    // No GSO: one datagram per segment, each copied to a small buffer.
+                    let mut o = 0;
+                    while o < u.len {
+                        let e = (o + seg).min(u.len);
+                        let mut sb = out.take();
+                        sb[..e - o].copy_from_slice(&b[o..e]);
+                        self.send_udp(sb, 0, e - o, dst, None, false, core)?;
+                        o = e;
+                    }
+                    out.give(b, true);
+                }
+                i += 1;
+                continue;
+            }
+            let first_len = udp[i].len;
             let mut j = i + 1;
             if self.off.gso && first_len <= self.underlay_payload {
                 let mut total = first_len;
                 while j < udp.len()
                     && j - i < MAX_GSO_SEGS
+                    && udp[j].segment.is_none()
                     && udp[j].dst == dst
                     && udp[j].len <= first_len
                     && total + udp[j].len <= MAX_GSO_BYTES
@@ -283,19 +297,20 @@ impl Loop {
                 }
             }
             if j - i == 1 {
-                let u = udp.swap_remove_placeholder(i);
-                self.send_udp(u.0, u.1, u.2, dst, None, false, core)?;
+                let u = &mut udp[i];
+                let b = std::mem::take(&mut u.buf);
+                self.send_udp(b, u.start, u.len, dst, None, false, core)?;
             } else {
-                let mut big = self.take_big();
+                let mut big = out.take_big();
                 let mut off = 0;
-                for k in i..j {
-                    let b = udp[k].bytes();
+                for u in &udp[i..j] {
+                    let b = u.bytes();
                     big[off..off + b.len()].copy_from_slice(b);
                     off += b.len();
                 }
-                for k in i..j {
-                    let b = std::mem::take(&mut udp[k].buf);
-                    out.give(b);
+                for u in &mut udp[i..j] {
+                    let b = std::mem::take(&mut u.buf);
+                    out.give(b, false);
                 }
                 self.send_udp(big, 0, off, dst, Some(first_len as u16), true, core)?;
             }
@@ -305,56 +320,30 @@ impl Loop {
         out.udp = udp;
 
         let mut tap = std::mem::take(&mut out.tap);
-        for t in tap.drain(..) {
-            if !self.off.vnet {
-                self.write_tap(t.buf, t.start, t.len, false, core)?;
-                continue;
+        for mut t in tap.drain(..) {
+            if self.off.vnet {
+                let s = t.start - VNET_HDR_LEN;
+                t.hdr.write(&mut t.buf[s..t.start]);
+                self.write_tap(t.buf, s, t.len + VNET_HDR_LEN, t.big, core)?;
+            } else {
+                let frame = &mut t.buf[t.start..t.start + t.len];
+                if t.hdr.flags & offload::F_NEEDS_CSUM != 0
+                    && offload::complete_csum(
+                        frame,
+                        usize::from(t.hdr.csum_start),
+                        usize::from(t.hdr.csum_offset),
+                    )
+                    .is_err()
+                {
+                    core.count_drop("bad_csum_offload");
+                    out.give(t.buf, t.big);
+                    continue;
+                }
+                self.write_tap(t.buf, t.start, t.len, t.big, core)?;
             }
-            let frame = &t.buf[t.start..t.start + t.len];
-            if self.coalescer.push(frame) {
-                out.give(t.buf);
-                continue;
-            }
-            self.flush_coalescer(core)?;
-            if self.coalescer.start(frame) {
-                out.give(t.buf);
-                continue;
-            }
-            // Alone: a zero virtio header in the headroom.
-            let mut b = t.buf;
-            let s = t.start - VNET_HDR_LEN;
-            VnetHdr::default().write(&mut b[s..s + VNET_HDR_LEN]);
-            self.write_tap(b, s, t.len + VNET_HDR_LEN, false, core)?;
         }
-        self.flush_coalescer(core)?;
         out.tap = tap;
         Ok(())
-    }
-
-    fn flush_coalescer(&mut self, core: &mut EdgeCore) -> Result<(), IoError> {
-        if self.coalescer.is_empty() {
-            return Ok(());
-        }
-        let mut big = self.take_big();
-        let n = match self.coalescer.finish() {
-            Some(b) => {
-                big[..b.len()].copy_from_slice(b);
-                b.len()
-            }
-            None => return Ok(()),
-        };
-        self.write_tap(big, 0, n, true, core)
-    }
-}
-
-trait TakeAt {
-    fn swap_remove_placeholder(&mut self, i: usize) -> (Vec<u8>, usize, usize);
-}
-
-impl TakeAt for Vec<crate::outbox::UdpOut> {
-    fn swap_remove_placeholder(&mut self, i: usize) -> (Vec<u8>, usize, usize) {
-        let u = &mut self[i];
-        (std::mem::take(&mut u.buf), u.start, u.len)
     }
 }
 
@@ -392,7 +381,12 @@ pub fn run_edge(
     set_blocking(sock.as_raw_fd());
     set_blocking(tap.as_raw_fd());
     let buf_size = info.mtu as usize + 18 + 1024;
-    let mut out = Outbox::new(buf_size, VNET_HDR_LEN);
+    let mut out = Outbox::new(buf_size);
+    out.gso = off.gso;
+    out.gso_max_segment = underlay_mtu.saturating_sub(28);
+    if off.vnet {
+        out.enable_coalescing();
+    }
     let mut lp = Loop {
         ring,
         udp_fd: sock.as_raw_fd(),
@@ -402,14 +396,11 @@ pub fn run_edge(
         tap_bufs: (0..TAP_SLOTS).map(|_| vec![0u8; RX_BUF]).collect(),
         flights: Vec::new(),
         free: Vec::new(),
-        big_pool: Vec::new(),
-        coalescer: Coalescer::new(),
         underlay_payload: underlay_mtu.saturating_sub(28),
         gso_warned: false,
     };
     // Largest frame after re-segmentation: fits the underlay with relay header and AEAD.
     let max_seg_frame = underlay_mtu.saturating_sub(28 + crate::edge::HEADROOM + 16 + 16);
-    let mut scratch = vec![0u8; 65_536];
     for i in 0..UDP_SLOTS {
         lp.arm_udp(i)?;
     }
@@ -477,17 +468,7 @@ pub fn run_edge(
                             match VnetHdr::parse(&b[..n]) {
                                 Some(h) if h.gso_type != offload::GSO_NONE => {
                                     let frame = &b[VNET_HDR_LEN..n];
-                                    if offload::segment_tcp(
-                                        &h,
-                                        frame,
-                                        max_seg_frame,
-                                        &mut scratch,
-                                        |s| core.handle_tap(now, s, &mut out),
-                                    )
-                                    .is_err()
-                                    {
-                                        core.count_drop("bad_tso_frame");
-                                    }
+                                    core.handle_tap_tso(now, &h, frame, max_seg_frame, &mut out);
                                 }
                                 Some(h) => {
                                     let frame = &mut b[VNET_HDR_LEN..n];
@@ -529,11 +510,7 @@ pub fn run_edge(
                                 core.count_drop("send_error");
                             }
                         }
-                        if f.big {
-                            lp.big_pool.push(f.buf);
-                        } else {
-                            out.give(f.buf);
-                        }
+                        out.give(f.buf, f.big);
                     }
                 }
                 _ => core.count_drop("unknown_completion"),
