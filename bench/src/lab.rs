@@ -972,6 +972,54 @@ fn parse_ping(s: &str) -> Option<Ping> {
     })
 }
 
+/// Per-packet RTTs (ms) of `ping -c count -i interval` from a namespace (lost packets are
+/// simply missing).
+pub fn ping_samples(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    count: u32,
+    interval: f64,
+) -> Result<Vec<f64>> {
+    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{interval}"),
+            "-W",
+            "1",
+            &dst.to_string(),
+        ],
+        limit,
+    )?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches("ms").trim().parse().ok())
+        .collect())
+}
+
+/// Median of a list (None when empty).
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
 /// Pings until one reply comes back or `limit` passes.
 pub fn wait_ping(lab: &Lab, ns: &str, dst: Ipv4Addr, limit: Duration) -> Result<()> {
     let start = Instant::now();
@@ -1156,6 +1204,13 @@ mod tests {
         let p = parse_ping(s).unwrap();
         assert_eq!((p.sent, p.received, p.avg_ms), (3, 0, None));
         assert!(parse_ping("garbage").is_none());
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]
