@@ -399,7 +399,10 @@ impl Lab {
         Ok(())
     }
 
-    /// Turns a namespace into a masquerading NAT router out of `wan_if`.
+    /// Turns a namespace into a home-style NAT router out of `wan_if`: masquerading, and a
+    /// stateful firewall that drops unsolicited (NEW) inbound packets. Dropping them also
+    /// means they leave no conntrack entry behind, as on common routers; an entry left by
+    /// an early hole-punching packet would otherwise make MASQUERADE pick another port.
     pub fn nat(&self, ns: &str, wan_if: &str) -> Result<()> {
         self.sysctl(ns, "net.ipv4.ip_forward", "1")?;
         self.iptables(
@@ -414,7 +417,23 @@ impl Lab {
                 "-j",
                 "MASQUERADE",
             ],
-        )
+        )?;
+        for chain in ["INPUT", "FORWARD"] {
+            let rule = [
+                "-A",
+                chain,
+                "-i",
+                wan_if,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,INVALID",
+            ];
+            let mut args = rule.to_vec();
+            args.extend(["-j", "DROP"]);
+            self.iptables(ns, &args)?;
+        }
+        Ok(())
     }
 
     /// Runs `iptables ARGS` inside a namespace.
