@@ -730,6 +730,8 @@ pub struct Site {
     pub bridge: String,
     /// The site's VMs.
     pub vms: Vec<Vm>,
+    /// The WAN-emulator namespace on the site's uplink, if any (interfaces `w0`, `w1`).
+    pub wan: Option<String>,
 }
 
 /// A "VM": a namespace attached by veth to its site's bridge.
@@ -781,15 +783,35 @@ impl Topology {
     /// Adds a site: frontend with bridge `br0` and TAP `tap0`, `vms` VM namespaces on the
     /// bridge, optionally a NAT router in front. Site numbers follow creation order.
     pub fn add_site(&mut self, lab: &Lab, name: &str, natted: bool, vms: u8) -> Result<&Site> {
+        self.add_site_wan(lab, name, natted, vms, false)
+    }
+
+    /// [`Topology::add_site`], with (`wan`) a WAN-emulator namespace `<name>wan` cut into the
+    /// site's uplink: its interfaces `w0` (internet side) and `w1` (site side) are joined
+    /// only by a userspace forwarder (see [`crate::wanem`]), which the caller starts.
+    pub fn add_site_wan(
+        &mut self,
+        lab: &Lab,
+        name: &str,
+        natted: bool,
+        vms: u8,
+        wan: bool,
+    ) -> Result<&Site> {
         let idx = u8::try_from(self.sites.len() + 1)
             .unwrap_or(u8::MAX)
             .min(60);
         let fe = lab.add_ns(&format!("{name}fe"))?;
         lab.sysctl(&fe, "net.ipv4.ip_forward", "1")?;
-        let wan = format!("s{idx}");
+        let wan_name = format!("s{idx}");
+        let wan_ns = if wan {
+            Some(lab.add_ns(&format!("{name}wan"))?)
+        } else {
+            None
+        };
+        let wan = wan_name;
         let (router, frontend_ip) = if natted {
             let r = lab.add_ns(&format!("{name}nat"))?;
-            lab.veth(&self.inet, &wan, &r, "wan")?;
+            self.uplink(lab, &wan, &r, "wan", wan_ns.as_deref())?;
             lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
             lab.addr(&r, "wan", addr::public(idx), 24)?;
             lab.route(&r, "default", addr::inet_side(idx))?;
@@ -806,7 +828,7 @@ impl Topology {
             lab.nat(&r, "wan")?;
             (Some(r), addr::frontend_private(idx))
         } else {
-            lab.veth(&self.inet, &wan, &fe, "eth0")?;
+            self.uplink(lab, &wan, &fe, "eth0", wan_ns.as_deref())?;
             lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
             lab.addr(&fe, "eth0", addr::public(idx), 24)?;
             lab.route(&fe, "default", addr::inet_side(idx))?;
@@ -832,6 +854,7 @@ impl Topology {
             tap: "tap0".into(),
             bridge: "br0".into(),
             vms: Vec::new(),
+            wan: wan_ns,
         };
         for i in 1..=vms {
             let ns = lab.add_ns(&format!("{name}vm{i}"))?;
@@ -856,6 +879,24 @@ impl Topology {
         }
         self.sites.push(site);
         Ok(self.sites.last().unwrap_or_else(|| unreachable!()))
+    }
+
+    fn uplink(
+        &self,
+        lab: &Lab,
+        inet_if: &str,
+        ns: &str,
+        ifname: &str,
+        wan: Option<&str>,
+    ) -> Result<()> {
+        match wan {
+            None => lab.veth(&self.inet, inet_if, ns, ifname),
+            Some(w) => {
+                lab.veth(&self.inet, inet_if, w, "w0")?;
+                lab.veth(w, "w1", ns, ifname)?;
+                Ok(())
+            }
+        }
     }
 
     /// The site called `name`.

@@ -20,6 +20,9 @@ enum Command {
     Overlay(cmd::overlay::Args),
     /// Three sites joined by mvc: pings, iperf3 and status tables, then teardown.
     Demo(cmd::demo::Args),
+    /// The userspace WAN emulator: run a link, or check it against its settings.
+    #[command(subcommand)]
+    Wanem(cmd::wanem::Cmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +30,7 @@ fn main() -> anyhow::Result<()> {
     match Command::parse() {
         Command::Overlay(a) => cmd::overlay::run(&a),
         Command::Demo(a) => cmd::demo::run(&a),
+        Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
+        Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),
     }
 }

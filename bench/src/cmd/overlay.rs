@@ -176,6 +176,18 @@ fn run_all(
     }
     let relay_block = || topo.block_udp(lab, b, a, Some(EDGE_PORT));
     if let Some(mvc) = mvc {
+        // A build without `--datapath` has only the TAP path: measure it without the flag.
+        let help = lab::run(&[&mvc.bin.to_string_lossy(), "edge", "--help"])?.stdout;
+        let datapath_flag = help.contains("--datapath");
+        if !datapath_flag {
+            if args.datapath.iter().any(|d| d != "tap") {
+                bail!("{} has no --datapath option", mvc.bin.display());
+            }
+            eprintln!(
+                "note: {} has no --datapath option; measuring its TAP path",
+                mvc.bin.display()
+            );
+        }
         for dp in &args.datapath {
             for cipher in &args.ciphers {
                 for path in &args.paths {
@@ -186,7 +198,7 @@ fn run_all(
                     };
                     let c = MvcCluster::start(lab, topo, mvc, |o| {
                         o.cipher = Some(cipher.clone());
-                        o.datapath = Some(dp.clone());
+                        o.datapath = datapath_flag.then(|| dp.clone());
                     })?;
                     let res = (|| -> anyhow::Result<Row> {
                         lab::wait_ping(lab, ctx.client(), va.ip, Duration::from_secs(30))?;
@@ -312,18 +324,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.delay.clone()
     };
     let use_wan = !args.delay.is_empty();
-    let topo = if use_wan {
-        wanem::three_sites_with_wan(&lab, 1)?
+    let (topo, mut wan) = if use_wan {
+        let (t, w) = wanem::three_sites_with_wan(&lab, 1)?;
+        (t, Some(w))
     } else {
-        Topology::three_sites(&lab, 1)?
+        (Topology::three_sites(&lab, 1)?, None)
     };
     for s in &topo.sites {
         lab::iperf_server(&lab, &s.vms[0].ns, &format!("iperf-{}", s.name))?;
     }
     let mut rows = Vec::new();
     for d in delays {
-        if use_wan {
-            wanem::set_delay(&lab, &topo, d)?;
+        if let Some(w) = wan.as_mut() {
+            w.set(&lab, &wanem::LinkArgs::delay(f64::from(d)))?;
             eprintln!("delay {d} ms each way on site B's uplink");
         }
         rows.extend(run_all(&lab, &topo, args, mvc.as_ref(), d)?);
