@@ -10,3 +10,4 @@ pub mod driver;
 pub mod model;
 pub mod proto;
 pub mod store;
+pub mod controller;
