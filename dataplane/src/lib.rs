@@ -1,1 +1,3 @@
 //! Placeholder; see README.
+
+pub mod xdp;

@@ -1,0 +1,347 @@
+//! XDP/AF_XDP datapath: the edge's frame source and sink on the VM bridge
+//! without a TAP device.
+//!
+//! [`XdpPort::open`] creates a veth pair (one end enslaved to the VM bridge),
+//! loads the XDP program built from `dataplane-ebpf` and attaches it to the
+//! other end (native mode where the driver has it, generic SKB mode
+//! otherwise), creates an AF_XDP socket for rx queue 0 and registers it in the
+//! program's XSKMAP. Frames the bridge sends to the port then land in the
+//! socket's UMEM; [`XdpPort::recv_batch`] reads them in batches and
+//! [`XdpPort::send_batch`] sends frames into the bridge through the TX ring.
+//! [`XdpPort`] is pollable (`AsFd`, readable when frames are waiting), so the
+//! edge's io_uring loop can `POLL_ADD` it next to the UDP socket.
+//!
+//! Cleanup: dropping the port detaches the program (a bpf_link owned by the
+//! process: the kernel also detaches it when the process dies, kill -9
+//! included), frees the maps and socket and deletes the veth pair. A veth left
+//! by a killed edge is recognised by its alias and removed on the next start.
+//! Nothing is pinned in bpffs.
+//!
+//! See docs/XDP.md for the design and measurements.
+
+mod port;
+mod xsk;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use aya::{
+    maps::{MapData, PerCpuArray, XskMap},
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
+use thiserror::Error;
+
+pub use port::{link_info, remove_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
+pub use xsk::{BindMode, SysError, XskConfig, XskCounters};
+
+/// The XDP object file built by build.rs, if the BPF toolchain was there.
+#[cfg(mvc_xdp_built)]
+static PROGRAM: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/mvc-xdp"
+)));
+#[cfg(not(mvc_xdp_built))]
+static PROGRAM: Option<&[u8]> = None;
+
+/// Why the XDP datapath cannot be used on this host, or `Ok` if it may be
+/// tried (attaching can still fail; [`XdpPort::open`] says why).
+pub fn availability() -> Result<(), Error> {
+    if PROGRAM.is_none() {
+        #[cfg(not(mvc_xdp_built))]
+        let reason = option_env!("MVC_XDP_UNAVAILABLE").unwrap_or("eBPF program not built");
+        #[cfg(mvc_xdp_built)]
+        let reason = "";
+        return Err(Error::NotBuilt(reason.to_owned()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    Ok(())
+}
+
+/// Errors of the XDP datapath.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// This build has no XDP program.
+    #[error("XDP program not built into this binary: {0}")]
+    NotBuilt(String),
+    /// Loading programs and creating AF_XDP sockets needs root (or
+    /// CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW).
+    #[error("XDP needs root (CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW)")]
+    NotRoot,
+    /// Creating or removing the veth port.
+    #[error("XDP port: {0}")]
+    Port(#[from] PortError),
+    /// Loading the object or a map in it.
+    #[error("loading XDP program: {0}")]
+    Load(String),
+    /// Attaching to the interface in any mode.
+    #[error("attaching XDP program to {iface}: {msg}")]
+    Attach {
+        /// Interface.
+        iface: String,
+        /// Errors of each mode tried.
+        msg: String,
+    },
+    /// The AF_XDP socket.
+    #[error("AF_XDP socket: {0}")]
+    Socket(#[from] SysError),
+}
+
+/// Which attach mode to ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModeRequest {
+    /// Native first, generic (SKB) if the driver refuses.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (SKB) mode only.
+    Generic,
+}
+
+/// The mode the program ended up attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`).
+    Native,
+    /// In the generic receive path (`XDP_FLAGS_SKB_MODE`).
+    Generic,
+}
+
+impl AttachMode {
+    /// `native` or `generic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// Options of [`XdpPort::open`].
+#[derive(Clone, Debug)]
+pub struct XdpPortConfig {
+    /// The VM bridge.
+    pub bridge: String,
+    /// Bridge-side name of the port (at most 13 characters).
+    pub port: String,
+    /// MTU of both veth ends.
+    pub mtu: u32,
+    /// Attach mode wanted.
+    pub mode: ModeRequest,
+    /// UMEM size.
+    pub xsk: XskConfig,
+}
+
+impl XdpPortConfig {
+    /// Defaults: MTU 1500, auto mode, 4096 chunks of 4 KiB.
+    pub fn new(bridge: &str, port: &str) -> Self {
+        Self {
+            bridge: bridge.to_owned(),
+            port: port.to_owned(),
+            mtu: 1500,
+            mode: ModeRequest::Auto,
+            xsk: XskConfig::default(),
+        }
+    }
+}
+
+/// Counters of the XDP port: the program's (summed over CPUs), the
+/// socket's, and the kernel's socket statistics.
+#[derive(Clone, Debug, Default)]
+pub struct XdpStats {
+    /// (name, value) for each program counter (see `dataplane_ebpf_common::Counter`).
+    pub program: Vec<(&'static str, u64)>,
+    /// Our socket counters.
+    pub socket: XskCounters,
+    /// Frames the kernel dropped because the RX ring was full or the frame
+    /// did not fit (`rx_dropped` + `rx_ring_full` of XDP_STATISTICS).
+    pub kernel_rx_dropped: u64,
+    /// Invalid TX descriptors the kernel saw (never expected).
+    pub kernel_tx_invalid: u64,
+}
+
+/// The edge's port on the VM bridge, served by XDP + AF_XDP.
+///
+/// Field order is drop order: socket out of the map and closed, program
+/// detached and freed, then the veth pair deleted.
+pub struct XdpPort {
+    xsk: xsk::Xsk,
+    ebpf: Ebpf,
+    mode: AttachMode,
+    prog_id: u32,
+    map_ids: Vec<u32>,
+    veth: VethPort,
+}
+
+impl XdpPort {
+    /// Creates the port, attaches the program and binds the socket.
+    pub fn open(cfg: &XdpPortConfig) -> Result<Self, Error> {
+        availability()?;
+        let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
+        let veth = VethPort::create(&cfg.bridge, &cfg.port, cfg.mtu)?;
+        let iface = veth.edge_name().to_owned();
+
+        let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| Error::Load(format!("no program {PROGRAM_NAME}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+        prog.load().map_err(|e| Error::Load(e.to_string()))?;
+        let info = prog.info().map_err(|e| Error::Load(e.to_string()))?;
+        let prog_id = info.id();
+        let map_ids = info.map_ids().ok().flatten().unwrap_or_default();
+
+        let tries: &[(AttachMode, XdpMode)] = match cfg.mode {
+            ModeRequest::Auto => &[
+                (AttachMode::Native, XdpMode::Driver),
+                (AttachMode::Generic, XdpMode::Skb),
+            ],
+            ModeRequest::Native => &[(AttachMode::Native, XdpMode::Driver)],
+            ModeRequest::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
+        };
+        let mut errors = Vec::new();
+        let mut mode = None;
+        for &(m, flags) in tries {
+            match prog.attach(&iface, flags) {
+                Ok(_) => {
+                    mode = Some(m);
+                    break;
+                }
+                Err(e) => errors.push(format!("{}: {e}", m.as_str())),
+            }
+        }
+        let mode = mode.ok_or_else(|| Error::Attach {
+            iface: iface.clone(),
+            msg: errors.join("; "),
+        })?;
+        if !errors.is_empty() {
+            tracing::info!(%iface, fallback = %errors.join("; "), "XDP attached in generic mode");
+        }
+
+        let ifindex = if_index(&iface)?;
+        let bind = match mode {
+            AttachMode::Native => BindMode::Auto,
+            AttachMode::Generic => BindMode::Copy,
+        };
+        let xsk = xsk::Xsk::new(ifindex, 0, cfg.xsk, bind)?;
+        let mut xsks: XskMap<&mut MapData> = ebpf
+            .map_mut(XSKS_MAP)
+            .ok_or_else(|| Error::Load(format!("no map {XSKS_MAP}")))?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
+        xsks.set(0, xsk.as_raw_fd(), 0)
+            .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
+        tracing::info!(port = %cfg.port, bridge = %cfg.bridge, mode = mode.as_str(), prog_id,
+            "XDP port up");
+        Ok(Self {
+            xsk,
+            ebpf,
+            mode,
+            prog_id,
+            map_ids,
+            veth,
+        })
+    }
+
+    /// Mode the program is attached in.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// Kernel id of the loaded program (as `bpftool prog show` lists it).
+    pub fn prog_id(&self) -> u32 {
+        self.prog_id
+    }
+
+    /// Kernel ids of the program's maps.
+    pub fn map_ids(&self) -> &[u32] {
+        &self.map_ids
+    }
+
+    /// Bridge-side and edge-side interface names.
+    pub fn names(&self) -> (&str, &str) {
+        (self.veth.name(), self.veth.edge_name())
+    }
+
+    /// Largest frame [`XdpPort::send_batch`] accepts.
+    pub fn max_frame(&self) -> usize {
+        self.xsk.max_frame()
+    }
+
+    /// Receives up to `max` frames that the bridge sent to the port, calling
+    /// `f` with each (the slice is valid only during the call). Returns the
+    /// number received; 0 means poll the fd and come back.
+    pub fn recv_batch(&mut self, max: u32, f: impl FnMut(&[u8])) -> u32 {
+        self.xsk.recv_batch(max, f)
+    }
+
+    /// Sends frames into the bridge. Frames that cannot be queued (larger
+    /// than [`XdpPort::max_frame`], TX ring full) are counted in
+    /// [`XdpStats::socket`] and dropped. Returns the number queued.
+    pub fn send_batch<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> u32 {
+        self.xsk.send_batch(frames)
+    }
+
+    /// Kicks pending transmits and reaps completions; returns the number of
+    /// frames still in flight.
+    pub fn flush_tx(&mut self) -> u32 {
+        self.xsk.flush_tx();
+        self.xsk.tx_in_flight()
+    }
+
+    /// All counters.
+    pub fn stats(&self) -> XdpStats {
+        let mut st = XdpStats {
+            socket: self.xsk.counters(),
+            ..XdpStats::default()
+        };
+        if let Some(Ok(arr)) = self
+            .ebpf
+            .map(STATS_MAP)
+            .map(PerCpuArray::<&MapData, u64>::try_from)
+        {
+            for c in Counter::ALL {
+                let v = arr
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                st.program.push((c.name(), v));
+            }
+        }
+        if let Ok(k) = self.xsk.kernel_stats() {
+            st.kernel_rx_dropped = k.rx_dropped + k.rx_ring_full;
+            st.kernel_tx_invalid = k.tx_invalid_descs;
+        }
+        st
+    }
+}
+
+impl AsFd for XdpPort {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.xsk.as_fd()
+    }
+}
+
+impl AsRawFd for XdpPort {
+    fn as_raw_fd(&self) -> RawFd {
+        self.xsk.as_raw_fd()
+    }
+}
+
+fn if_index(name: &str) -> Result<u32, Error> {
+    let c = std::ffi::CString::new(name).map_err(|_| PortError::BadName(name.to_owned()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(Error::Socket(SysError {
+            call: "if_nametoindex",
+            source: std::io::Error::last_os_error(),
+        }));
+    }
+    Ok(idx)
+}
