@@ -707,6 +707,7 @@ impl AgentCore {
                         supernode,
                         "-M",
                         "1500",
+                        "-r",
                     ],
                     &[("N2N_KEY", secret)],
                     &log,
@@ -949,7 +950,7 @@ pub fn serve(
                 let key = key.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = serve_conn(&core, &key, s) {
-                        tracing::info!(%peer, error = %e, "connection ended");
+                        tracing::debug!(%peer, error = %e, "connection ended");
                     }
                 });
             }

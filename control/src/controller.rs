@@ -229,7 +229,9 @@ impl Controller<'_> {
         uniq.sort();
         uniq.dedup();
         if uniq.len() != args.sites.len() {
-            return Err(ControlError::Usage("a site is named twice in --sites".into()));
+            return Err(ControlError::Usage(
+                "a site is named twice in --sites".into(),
+            ));
         }
         if self.store.cluster(&args.name).is_ok() {
             return Err(StoreError::Exists {
@@ -267,7 +269,11 @@ impl Controller<'_> {
             let hosts = free.get_mut(site).expect("asked above");
             let mut want: Vec<(String, Role, u64)> = Vec::new();
             if i == 0 {
-                want.push((format!("{}-fe", args.name), Role::Frontend, args.frontend_memory_mb));
+                want.push((
+                    format!("{}-fe", args.name),
+                    Role::Frontend,
+                    args.frontend_memory_mb,
+                ));
             }
             for _ in 0..args.computes[i] {
                 k += 1;
@@ -282,12 +288,21 @@ impl Controller<'_> {
                 let Some(h) = best else {
                     let have: Vec<String> = free[site]
                         .iter()
-                        .map(|h| format!("{} {} VM slots / {} MiB free", h.name, h.free_vms, h.free_memory_mb))
+                        .map(|h| {
+                            format!(
+                                "{} {} VM slots / {} MiB free",
+                                h.name, h.free_vms, h.free_memory_mb
+                            )
+                        })
                         .collect();
                     return Err(ControlError::Capacity(format!(
                         "site {site} lacks capacity: asked {} VMs / {total_mem} MiB, hosts: {}",
                         want.len(),
-                        if have.is_empty() { "none".into() } else { have.join(", ") }
+                        if have.is_empty() {
+                            "none".into()
+                        } else {
+                            have.join(", ")
+                        }
                     )));
                 };
                 h.free_vms -= 1;
@@ -305,7 +320,8 @@ impl Controller<'_> {
         let secret = random_hex(32)?;
         let community = format!("mvc{}", random_hex(4)?);
         let secret_path = self.secrets_dir.join(format!("{}.secret", args.name));
-        crate::agent::write_private(&secret_path, &secret).map_err(|e| ControlError::Local(e.to_string()))?;
+        crate::agent::write_private(&secret_path, &secret)
+            .map_err(|e| ControlError::Local(e.to_string()))?;
         let origin_ip = sites[0]
             .agent_addr
             .rsplit_once(':')
@@ -329,7 +345,11 @@ impl Controller<'_> {
             }
         };
         // 4. Reserve at every site; any refusal undoes all.
-        (self.progress)(&format!("reserving {} VMs at {} site(s)", cluster.vms.len(), sites.len()));
+        (self.progress)(&format!(
+            "reserving {} VMs at {} site(s)",
+            cluster.vms.len(),
+            sites.len()
+        ));
         let c2 = cluster.clone();
         let res = self.each_site(&sites, |cl, site| {
             let slots = c2
@@ -347,7 +367,10 @@ impl Controller<'_> {
                 slots,
             })
         });
-        let errs: Vec<String> = res.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+        let errs: Vec<String> = res
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
         if !errs.is_empty() {
             self.undo(&cluster, &sites);
             return Err(ControlError::Capacity(errs.join("; ")));
@@ -385,7 +408,12 @@ impl Controller<'_> {
             .overlay
             .secret_ref
             .strip_prefix("file:")
-            .ok_or_else(|| ControlError::Local(format!("unknown secret reference {}", cluster.overlay.secret_ref)))?;
+            .ok_or_else(|| {
+                ControlError::Local(format!(
+                    "unknown secret reference {}",
+                    cluster.overlay.secret_ref
+                ))
+            })?;
         std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
             .map_err(|e| ControlError::Local(format!("secret {p}: {e}")))
@@ -412,7 +440,10 @@ impl Controller<'_> {
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .ok_or_else(|| ControlError::Local("bad supernode address".into()))?;
-        (self.progress)(&format!("starting supernode at {} ({})", cluster.origin, cluster.overlay.supernode));
+        (self.progress)(&format!(
+            "starting supernode at {} ({})",
+            cluster.origin, cluster.overlay.supernode
+        ));
         // The origin first: its supernode must be up before edges elsewhere register.
         let mut order = vec![sites[0].clone()];
         order.extend(sites[1..].iter().cloned());
@@ -435,7 +466,10 @@ impl Controller<'_> {
                 Ok(())
             });
             first = false;
-            let errs: Vec<String> = res.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+            let errs: Vec<String> = res
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| e.to_string()))
+                .collect();
             if !errs.is_empty() {
                 return Err(ControlError::Sites(errs));
             }
@@ -514,7 +548,10 @@ impl Controller<'_> {
             .ok_or_else(|| ControlError::Local("cluster has no frontend".into()))?
             .clone();
         let origin = self.store.site(&cluster.origin)?;
-        (self.progress)(&format!("starting frontend {} at site {}", fe.name, fe.site));
+        (self.progress)(&format!(
+            "starting frontend {} at site {}",
+            fe.name, fe.site
+        ));
         AgentClient::connect(&origin, self.key)?.call_value(&Request::StartVm {
             spec: Self::spec(&cluster, &fe),
         })?;
@@ -524,12 +561,19 @@ impl Controller<'_> {
         let done = std::sync::atomic::AtomicUsize::new(0);
         let res = self.each_site(&sites, |cl, site| {
             let mut started = Vec::new();
-            for v in cluster.vms.iter().filter(|v| v.site == site.name && v.role == Role::Compute) {
+            for v in cluster
+                .vms
+                .iter()
+                .filter(|v| v.site == site.name && v.role == Role::Compute)
+            {
                 cl.call_value(&Request::StartVm {
                     spec: Self::spec(&cluster, v),
                 })?;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                (self.progress)(&format!("[{n}/{total}] {} started at site {} (host {})", v.name, v.site, v.host));
+                (self.progress)(&format!(
+                    "[{n}/{total}] {} started at site {} (host {})",
+                    v.name, v.site, v.host
+                ));
                 started.push(v.name.clone());
             }
             Ok(started)
@@ -579,7 +623,10 @@ impl Controller<'_> {
             }
             Ok(())
         });
-        let errs: Vec<String> = res.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        let errs: Vec<String> = res
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
         if !errs.is_empty() {
             return Err(ControlError::Sites(errs));
         }
@@ -625,7 +672,9 @@ impl Controller<'_> {
                     live: if !up {
                         "unknown (site down)".into()
                     } else {
-                        live.get(&v.name).cloned().unwrap_or_else(|| "missing at agent".into())
+                        live.get(&v.name)
+                            .cloned()
+                            .unwrap_or_else(|| "missing at agent".into())
                     },
                 }
             })
@@ -651,7 +700,10 @@ impl Controller<'_> {
                 cluster: name.into(),
             })
         });
-        let errs: Vec<String> = res.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        let errs: Vec<String> = res
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
         if !errs.is_empty() && !force {
             return Err(ControlError::Sites(
                 errs.into_iter()
@@ -749,13 +801,20 @@ impl Controller<'_> {
         // One representative VM per site pings one VM of every other site.
         let rep: BTreeMap<String, &Vm> = sites
             .iter()
-            .filter_map(|s| cluster.vms.iter().find(|v| v.site == s.name).map(|v| (s.name.clone(), v)))
+            .filter_map(|s| {
+                cluster
+                    .vms
+                    .iter()
+                    .find(|v| v.site == s.name)
+                    .map(|v| (s.name.clone(), v))
+            })
             .collect();
         let res = self.each_site(&sites, |c, site| {
             let Some(from) = rep.get(&site.name) else {
                 return Ok(Vec::new());
             };
-            let others: Vec<(&String, &&Vm)> = rep.iter().filter(|(s, _)| **s != site.name).collect();
+            let others: Vec<(&String, &&Vm)> =
+                rep.iter().filter(|(s, _)| **s != site.name).collect();
             let rtts: Vec<Option<f64>> = c.call(&Request::Ping {
                 cluster: cluster.name.clone(),
                 vm: from.name.clone(),
@@ -800,7 +859,10 @@ pub fn slurm_topology(t: &Topology) -> String {
     for n in &t.nodes {
         by_site.entry(&n.site).or_default().push(&n.name);
     }
-    let mut out = format!("# topology.conf for cluster {} (TopologyPlugin=topology/tree)\n", t.cluster);
+    let mut out = format!(
+        "# topology.conf for cluster {} (TopologyPlugin=topology/tree)\n",
+        t.cluster
+    );
     for r in &t.rtt_ms {
         match r.ms {
             Some(ms) => out.push_str(&format!("# rtt {} -> {}: {ms:.3} ms\n", r.from, r.to)),
@@ -808,7 +870,10 @@ pub fn slurm_topology(t: &Topology) -> String {
         }
     }
     for (site, nodes) in &by_site {
-        out.push_str(&format!("SwitchName=site-{site} Nodes={}\n", nodes.join(",")));
+        out.push_str(&format!(
+            "SwitchName=site-{site} Nodes={}\n",
+            nodes.join(",")
+        ));
     }
     let sw: Vec<String> = by_site.keys().map(|s| format!("site-{s}")).collect();
     out.push_str(&format!("SwitchName=wan Switches={}\n", sw.join(",")));
@@ -830,7 +895,10 @@ pub fn netns_launcher(cluster: &Cluster, handles: &BTreeMap<String, String>) -> 
         let ns = h
             .strip_prefix("netns:")
             .ok_or_else(|| ControlError::Usage(format!("VM {} is not a netns VM ({h})", v.name)))?;
-        s.push_str(&format!("  {}|{}) ns={ns}; name={} ;;\n", v.ip, v.name, v.name));
+        s.push_str(&format!(
+            "  {}|{}) ns={ns}; name={} ;;\n",
+            v.ip, v.name, v.name
+        ));
     }
     s.push_str(
         "  *) echo \"unknown host $host\" >&2; exit 255 ;;\nesac\n\
