@@ -479,6 +479,29 @@ impl Drop for SiteLab {
     }
 }
 
+/// The overlay to use for `auto`: this project's `mvc edge` when the binary has it,
+/// otherwise Debian's n2n 1.3 (said loudly).
+pub fn pick_overlay(mvc: &Path, wanted: &str) -> String {
+    if wanted != "auto" {
+        return wanted.into();
+    }
+    let ok = Command::new(mvc)
+        .args(["edge", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        "mvc".into()
+    } else {
+        eprintln!(
+            "NOTE: this mvc binary has no `mvc edge`; the cluster overlay runs on n2n 1.3 instead"
+        );
+        "n2n".into()
+    }
+}
+
 /// What `mvc demo` runs.
 pub struct DemoConfig {
     /// Computes at A, B, C.
@@ -517,7 +540,9 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
     let total: u32 = cfg.computes.iter().sum();
     let step = |s: &str| eprintln!("\n==> {s}");
     step("building three sites in network namespaces (A public; B, C behind NAT), one agent each");
-    let sl = SiteLab::new(&cfg.mvc, &cfg.overlay, total + 1, total + 1)?;
+    let overlay = pick_overlay(&cfg.mvc, &cfg.overlay);
+    eprintln!("overlay: {overlay}");
+    let sl = SiteLab::new(&cfg.mvc, &overlay, total + 1, total + 1)?;
     let res = (|| -> Result<()> {
         step("mvc site add A|B|C (pins each agent key; the user key is authorised at each site)");
         sl.add_sites()?;

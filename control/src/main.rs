@@ -303,8 +303,9 @@ struct DemoArgs {
     /// Computes per site A:B:C.
     #[arg(long, default_value = "3:2:2")]
     computes: String,
-    /// Overlay implementation for the cluster (mvc, or n2n for the paper's baseline).
-    #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
+    /// Overlay implementation for the cluster: mvc, n2n (the paper's baseline), or auto
+    /// (mvc when this binary has `mvc edge`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "mvc", "n2n"])]
     overlay: String,
 }
 
