@@ -485,7 +485,11 @@ pub fn pick_overlay(mvc: &Path, wanted: &str) -> String {
     if wanted != "auto" {
         return wanted.into();
     }
-    let ok = Command::new(mvc)
+    // Agents take their overlay binary from MVC_OVERLAY_BIN when it is set.
+    let bin = std::env::var_os("MVC_OVERLAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| mvc.into());
+    let ok = Command::new(&bin)
         .args(["edge", "--help"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -181,6 +181,9 @@ struct AgentRun {
     /// n2n 1.3 (the 2012 paper's overlay, for comparison).
     #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
     overlay: String,
+    /// The binary providing `edge` and `supernode` for `--overlay mvc` [default: this one].
+    #[arg(long, env = "MVC_OVERLAY_BIN")]
+    overlay_bin: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -490,7 +493,8 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             if !agent::revoke(&state, user_key.trim())? {
                 bail!("key {user_key} was not authorised");
             }
-            Ok(())
+            let v = serde_json::json!({"revoked": user_key.trim()});
+            print(json, &v, |_| format!("revoked {}\n", user_key.trim()))
         }
         AgentCmd::Run(r) => {
             let run_dir = r.state.join("run");
@@ -507,7 +511,10 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             };
             let overlay = match r.overlay.as_str() {
                 "n2n" => OverlayImpl::N2n,
-                _ => OverlayImpl::Mvc(std::env::current_exe()?),
+                _ => OverlayImpl::Mvc(match r.overlay_bin {
+                    Some(p) => p,
+                    None => std::env::current_exe()?,
+                }),
             };
             let hosts = if r.hosts.is_empty() {
                 vec![default_host()]

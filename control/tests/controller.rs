@@ -72,6 +72,20 @@ impl TestAgent {
         }
     }
 
+    fn authorize(&self, user: &SigningKey, max_vms: u32) {
+        agent::authorize(
+            self._dir.path(),
+            Authorization {
+                key: user.public_hex(),
+                comment: "second user".into(),
+                may_create_clusters: true,
+                max_vms,
+                hosts: vec!["*".into()],
+            },
+        )
+        .unwrap();
+    }
+
     fn site(&self) -> Site {
         Site {
             id: 0,
@@ -223,6 +237,36 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
     })
     .unwrap();
     assert_eq!(a.info(&user).hosts[0].free_vms, 6);
+
+    // A second authorised user (picked up without restarting the agent) can neither
+    // see nor touch the first user's cluster.
+    let other = SigningKey::generate().unwrap();
+    a.authorize(&other, 4);
+    let mut c3 = AgentClient::connect(&a.site(), &other).unwrap();
+    let i: InfoData = c3.call(&Request::Info).unwrap();
+    assert!(i.vms.is_empty());
+    assert_eq!(i.hosts[0].free_vms, 6);
+    for req in [
+        Request::Release {
+            cluster: "k".into(),
+        },
+        Request::StopVm {
+            cluster: "k".into(),
+            vm: "k-c0".into(),
+        },
+    ] {
+        let e = c3.call_value(&req).unwrap_err().to_string();
+        assert!(e.contains("belongs to another key"), "{e}");
+    }
+    assert_eq!(a.info(&user).hosts[0].free_vms, 6);
+    // Revoked: refused from the next connection on.
+    assert!(agent::revoke(a._dir.path(), &other.public_hex()).unwrap());
+    let e = AgentClient::connect(&a.site(), &other)
+        .unwrap()
+        .call_value(&Request::Info)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not authorised"), "{e}");
 }
 
 #[test]
