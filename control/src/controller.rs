@@ -102,6 +102,37 @@ pub struct SiteStatus {
     pub error: Option<String>,
     /// Whether the cluster's edge (and supernode) processes run there.
     pub overlay_up: Option<bool>,
+    /// The edge's peers there as `mvc edge status` reports them.
+    pub peers: Vec<PeerView>,
+}
+
+/// One overlay peer seen from a site's edge.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerView {
+    /// Peer edge name.
+    pub name: String,
+    /// `direct` or `relayed`.
+    pub path: String,
+    /// Why that path.
+    pub path_reason: Option<String>,
+    /// Measured RTT in ms.
+    pub rtt_ms: Option<f64>,
+}
+
+fn peers_of(status: &serde_json::Value) -> Vec<PeerView> {
+    status["peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| PeerView {
+                    name: p["name"].as_str().unwrap_or("?").to_string(),
+                    path: p["path"].as_str().unwrap_or("?").to_string(),
+                    path_reason: p["path_reason"].as_str().map(str::to_string),
+                    rtt_ms: p["rtt_ms"].as_f64(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `cluster status`.
@@ -652,6 +683,12 @@ impl Controller<'_> {
                         reachable: true,
                         error: None,
                         overlay_up: i.overlays.iter().find(|o| o.0 == cluster.name).map(|o| o.1),
+                        peers: i
+                            .edges
+                            .iter()
+                            .filter(|e| e.0 == cluster.name)
+                            .flat_map(|e| peers_of(&e.1))
+                            .collect(),
                     });
                 }
                 Err(e) => site_status.push(SiteStatus {
@@ -659,6 +696,7 @@ impl Controller<'_> {
                     reachable: false,
                     error: Some(e.to_string()),
                     overlay_up: None,
+                    peers: Vec::new(),
                 }),
             }
         }

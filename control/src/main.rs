@@ -635,6 +635,16 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
                             }
                         ),
                     };
+                    for p in &x.peers {
+                        s += &format!(
+                            "    peer {:<14} {:<8} rtt {}\n",
+                            p.name,
+                            p.path,
+                            p.rtt_ms
+                                .map(|r| format!("{r:.3} ms"))
+                                .unwrap_or_else(|| "-".into())
+                        );
+                    }
                 }
                 s += &format!(
                     "{:<12} {:<9} {:<6} {:<18} {:<15} {:<9} {}\n",

@@ -109,6 +109,25 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         }
     }
 
+    // Status: every site up with its overlay running; with mvc's edges, each site's
+    // edge reports the other two sites' edges as peers.
+    let st = sl.ctl_json(&["cluster", "status", "t"]).expect("status");
+    for s in st["sites"].as_array().unwrap() {
+        assert_eq!(s["reachable"], true, "{s}");
+        assert_eq!(s["overlay_up"], true, "{s}");
+        if overlay == "mvc" {
+            assert_eq!(s["peers"].as_array().unwrap().len(), 2, "{s}");
+        }
+    }
+    assert!(
+        st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["live"] == "running"),
+        "{st}"
+    );
+
     // Topology: every site pair measured.
     let topo = sl
         .ctl_json(&["cluster", "topology", "t"])
