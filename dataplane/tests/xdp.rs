@@ -68,6 +68,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with_mtu(1500)
+    }
+
+    fn with_mtu(mtu: u32) -> Self {
         // SAFETY: unshare with CLONE_NEWNET only affects the calling thread,
         // which the test owns.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -85,8 +89,11 @@ impl Lab {
         run(&[
             "ip", "link", "add", "vm0", "type", "veth", "peer", "name", "eth0", "netns", &lab.vm,
         ]);
-        run(&["ip", "link", "set", "vm0", "master", "br0", "up"]);
-        lab.vm_run(&["ip", "link", "set", "eth0", "up"]);
+        let mtu = mtu.to_string();
+        run(&[
+            "ip", "link", "set", "vm0", "mtu", &mtu, "master", "br0", "up",
+        ]);
+        lab.vm_run(&["ip", "link", "set", "eth0", "mtu", &mtu, "up"]);
         lab.vm_run(&["ip", "addr", "add", &format!("{VM_IP}/24"), "dev", "eth0"]);
         let peer = PEER_IP.map(|b| b.to_string()).join(".");
         let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
@@ -195,10 +202,11 @@ fn ping_received(out: &str) -> u32 {
         .unwrap_or(0)
 }
 
-fn ping_through_port(mode: ModeRequest) {
-    let lab = Lab::new();
+fn ping_through_port(mode: ModeRequest, mtu: u32, sizes: &[&str]) {
+    let lab = Lab::with_mtu(mtu);
     let mut cfg = XdpPortConfig::new("br0", "mvp0");
     cfg.mode = mode;
+    cfg.mtu = mtu;
     let mut port = XdpPort::open(&cfg).expect("open XDP port");
     let expected = match mode {
         ModeRequest::Generic => xdp::AttachMode::Generic,
@@ -208,7 +216,7 @@ fn ping_through_port(mode: ModeRequest) {
     let info = link_info("mvp0.x").unwrap().expect("edge side exists");
     assert_eq!(info.xdp_prog_id, Some(u64::from(port.prog_id())));
 
-    for size in ["56", "1400"] {
+    for &size in sizes {
         let mut child = lab
             .vm_cmd(&[
                 "ping",
@@ -235,27 +243,47 @@ fn ping_through_port(mode: ModeRequest) {
         );
     }
     let st = port.stats();
+    if mtu > 4000 {
+        assert!(port.multi_buffer());
+        assert!(st.socket.rx_multi_buffer >= 38, "{st:?}");
+        assert!(st.socket.tx_multi_buffer >= 38, "{st:?}");
+    }
     let redirected = st
         .program
         .iter()
         .find(|(n, _)| *n == "redirected")
         .map(|&(_, v)| v);
-    assert!(redirected >= Some(80), "{st:?}");
-    assert!(st.socket.rx_frames >= 80, "{st:?}");
-    assert!(st.socket.tx_frames >= 76, "{st:?}");
+    let n = 40 * sizes.len() as u64;
+    assert!(redirected >= Some(n), "{st:?}");
+    assert!(st.socket.rx_frames >= n, "{st:?}");
+    assert!(st.socket.tx_frames >= n - 2 * sizes.len() as u64, "{st:?}");
     assert_eq!(st.kernel_tx_invalid, 0);
 }
 
 #[test]
 fn ping_through_native_xdp() {
     require_root!("ping_through_native_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Auto));
+    in_thread(|| ping_through_port(ModeRequest::Auto, 1500, &["56", "1400"]));
 }
 
 #[test]
 fn ping_through_generic_xdp() {
     require_root!("ping_through_generic_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Generic));
+    in_thread(|| ping_through_port(ModeRequest::Generic, 1500, &["56", "1400"]));
+}
+
+/// Jumbo frames (8 KiB ICMP, three 4 KiB chunks) in both directions:
+/// AF_XDP multi-buffer on RX and TX.
+#[test]
+fn jumbo_frames_native_multi_buffer() {
+    require_root!("jumbo_frames_native_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Auto, 9000, &["8000"]));
+}
+
+#[test]
+fn jumbo_frames_generic_multi_buffer() {
+    require_root!("jumbo_frames_generic_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Generic, 9000, &["8000"]));
 }
 
 /// Frames of every size up to the MTU sent through AF_XDP TX arrive in the

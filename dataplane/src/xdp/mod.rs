@@ -33,7 +33,7 @@ use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
 pub use port::{link_info, remove_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
-pub use xsk::{BindMode, SysError, XskConfig, XskCounters};
+pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.
 #[cfg(mvc_xdp_built)]
@@ -237,7 +237,7 @@ impl XdpPort {
         xsks.set(0, xsk.as_raw_fd(), 0)
             .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
         tracing::info!(port = %cfg.port, bridge = %cfg.bridge, mode = mode.as_str(), prog_id,
-            "XDP port up");
+            multi_buffer = xsk.multi_buffer(), "XDP port up");
         Ok(Self {
             xsk,
             ebpf,
@@ -266,6 +266,11 @@ impl XdpPort {
     /// Bridge-side and edge-side interface names.
     pub fn names(&self) -> (&str, &str) {
         (self.veth.name(), self.veth.edge_name())
+    }
+
+    /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
+    pub fn multi_buffer(&self) -> bool {
+        self.xsk.multi_buffer()
     }
 
     /// Largest frame [`XdpPort::send_batch`] accepts.
