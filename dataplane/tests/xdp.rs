@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::xdp::{self, link_info, ModeRequest, XdpPort, XdpPortConfig};
+use dataplane::xdp::{self, link_info, DatapathRequest, ModeRequest, XdpPort, XdpPortConfig};
 
 const VM_IP: &str = "198.18.77.1";
 const PEER_IP: [u8; 4] = [198, 18, 77, 2];
@@ -464,4 +464,32 @@ fn xdp_port_holder() {
     ids.extend(port.map_ids().iter().map(u32::to_string));
     println!("READY {}", ids.join(" "));
     std::thread::sleep(Duration::from_secs(30));
+}
+
+/// `--datapath auto` where XDP cannot attach (here: the "bridge" is not a
+/// bridge) falls back to TAP and says why; `--datapath xdp` fails instead;
+/// where it can attach, auto takes XDP.
+#[test]
+fn auto_falls_back_to_tap_with_reason() {
+    require_root!("auto_falls_back_to_tap_with_reason");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let bad = XdpPortConfig::new("vm0", "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&bad)).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("not a bridge"), "{}", c.reason);
+        let c = xdp::choose(DatapathRequest::Auto, None).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("--bridge"), "{}", c.reason);
+        assert!(xdp::choose(DatapathRequest::Xdp, Some(&bad)).is_err());
+        assert!(
+            link_info("mvp0").unwrap().is_none(),
+            "failed open left a port"
+        );
+
+        let good = XdpPortConfig::new("br0", "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&good)).expect("auto");
+        assert_eq!(c.datapath.name(), "xdp");
+        assert!(c.reason.contains("native"), "{}", c.reason);
+    });
 }

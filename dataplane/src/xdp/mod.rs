@@ -88,6 +88,115 @@ pub enum Error {
     /// The AF_XDP socket.
     #[error("AF_XDP socket: {0}")]
     Socket(#[from] SysError),
+    /// `--datapath xdp` without a VM bridge to put the port on.
+    #[error("the XDP datapath needs the VM bridge (--bridge) to put its port on")]
+    NoBridge,
+    /// Not one of auto, tap, xdp.
+    #[error("unknown datapath {0:?} (expected auto, tap or xdp)")]
+    UnknownDatapath(String),
+}
+
+/// What `--datapath` asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DatapathRequest {
+    /// XDP if it attaches, TAP otherwise (with the reason logged and shown
+    /// in status).
+    #[default]
+    Auto,
+    /// The TAP device only.
+    Tap,
+    /// XDP only: failing to attach is an error.
+    Xdp,
+}
+
+impl std::str::FromStr for DatapathRequest {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tap" => Ok(Self::Tap),
+            "xdp" => Ok(Self::Xdp),
+            other => Err(Error::UnknownDatapath(other.to_owned())),
+        }
+    }
+}
+
+/// The frame source/sink the edge ended up with.
+pub enum Datapath {
+    /// The XDP port on the VM bridge.
+    Xdp(XdpPort),
+    /// The TAP device (opened by the caller).
+    Tap,
+}
+
+impl Datapath {
+    /// `"xdp"` or `"tap"`, as status shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Datapath::Xdp(_) => "xdp",
+            Datapath::Tap => "tap",
+        }
+    }
+}
+
+/// A datapath and why it was chosen (status' `datapath_reason`).
+pub struct Choice {
+    /// What to use.
+    pub datapath: Datapath,
+    /// Why, in words for the operator.
+    pub reason: String,
+}
+
+/// Applies `--datapath`: `xdp` opens the port or fails; `auto` opens it if it
+/// can and otherwise returns [`Datapath::Tap`] with the reason (also logged
+/// once as a warning); `tap` returns [`Datapath::Tap`]. `xdp` is `None` when
+/// the edge was given no VM bridge.
+pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
+    let opened = |port: XdpPort, why: &str| {
+        let reason = format!(
+            "{why}: XDP {} mode on {}/{}{}",
+            port.mode().as_str(),
+            port.names().0,
+            port.names().1,
+            if port.multi_buffer() {
+                ", multi-buffer"
+            } else {
+                ""
+            }
+        );
+        Choice {
+            datapath: Datapath::Xdp(port),
+            reason,
+        }
+    };
+    match request {
+        DatapathRequest::Tap => Ok(Choice {
+            datapath: Datapath::Tap,
+            reason: "requested (--datapath tap)".into(),
+        }),
+        DatapathRequest::Xdp => {
+            let cfg = xdp.ok_or(Error::NoBridge)?;
+            Ok(opened(XdpPort::open(cfg)?, "requested (--datapath xdp)"))
+        }
+        DatapathRequest::Auto => {
+            let result = match xdp {
+                None => Err(Error::NoBridge),
+                Some(cfg) => XdpPort::open(cfg),
+            };
+            match result {
+                Ok(port) => Ok(opened(port, "auto")),
+                Err(e) => {
+                    let reason = format!("auto: XDP not available ({e}); using the TAP device");
+                    tracing::warn!("{reason}");
+                    Ok(Choice {
+                        datapath: Datapath::Tap,
+                        reason,
+                    })
+                }
+            }
+        }
+    }
 }
 
 /// Which attach mode to ask for.
@@ -349,4 +458,56 @@ fn if_index(name: &str) -> Result<u32, Error> {
         }));
     }
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_names_parse() {
+        assert_eq!(
+            "auto".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Auto
+        );
+        assert_eq!(
+            "tap".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Tap
+        );
+        assert_eq!(
+            "xdp".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Xdp
+        );
+        assert!("dpdk".parse::<DatapathRequest>().is_err());
+    }
+
+    #[test]
+    fn tap_is_taken_as_asked() {
+        let c = choose(DatapathRequest::Tap, None).unwrap();
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("requested"));
+    }
+
+    #[test]
+    fn xdp_without_bridge_is_an_error() {
+        assert!(matches!(
+            choose(DatapathRequest::Xdp, None),
+            Err(Error::NoBridge)
+        ));
+    }
+
+    /// The program's pass-to-kernel rule for 802.1D link-local frames
+    /// (shared code, so this is what runs in the kernel too).
+    #[test]
+    fn link_local_frames_stay_local() {
+        use dataplane_ebpf_common::is_link_local;
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0])); // STP
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x0e])); // LLDP
+        assert!(!is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x10]));
+        assert!(!is_link_local(&[0xff; 6]));
+        assert!(!is_link_local(&[0x33, 0x33, 0, 0, 0, 1]));
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
 }
