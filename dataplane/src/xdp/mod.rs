@@ -124,8 +124,8 @@ impl std::str::FromStr for DatapathRequest {
 
 /// The frame source/sink the edge ended up with.
 pub enum Datapath {
-    /// The XDP port on the VM bridge.
-    Xdp(XdpPort),
+    /// The XDP port on the VM bridge (boxed: it is large and moves once).
+    Xdp(Box<XdpPort>),
     /// The TAP device (opened by the caller).
     Tap,
 }
@@ -166,7 +166,7 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             }
         );
         Choice {
-            datapath: Datapath::Xdp(port),
+            datapath: Datapath::Xdp(Box::new(port)),
             reason,
         }
     };
