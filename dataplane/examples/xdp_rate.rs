@@ -261,7 +261,7 @@ fn measure(path: Path, tx: bool, size: usize, secs: u64) -> Sample {
     let br_mac = mac_of("br0");
     // The path under test, set up before the clock starts.
     let mut xdp = matches!(path, Path::Xdp | Path::XdpGeneric).then(|| {
-        let mut cfg = XdpPortConfig::new("br0", "mvrate");
+        let mut cfg = XdpPortConfig::new(Some("br0"), "mvrate");
         if path == Path::XdpGeneric {
             cfg.mode = ModeRequest::Generic;
         }

@@ -88,9 +88,9 @@ pub enum Error {
     /// The AF_XDP socket.
     #[error("AF_XDP socket: {0}")]
     Socket(#[from] SysError),
-    /// `--datapath xdp` without a VM bridge to put the port on.
-    #[error("the XDP datapath needs the VM bridge (--bridge) to put its port on")]
-    NoBridge,
+    /// `--datapath xdp` without an XDP port configuration.
+    #[error("no XDP port configured")]
+    NotConfigured,
     /// Not one of auto, tap, xdp.
     #[error("unknown datapath {0:?} (expected auto, tap or xdp)")]
     UnknownDatapath(String),
@@ -151,7 +151,7 @@ pub struct Choice {
 /// Applies `--datapath`: `xdp` opens the port or fails; `auto` opens it if it
 /// can and otherwise returns [`Datapath::Tap`] with the reason (also logged
 /// once as a warning); `tap` returns [`Datapath::Tap`]. `xdp` is `None` when
-/// the edge was given no VM bridge.
+/// there is nothing to configure the port from.
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
@@ -176,12 +176,12 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             reason: "requested (--datapath tap)".into(),
         }),
         DatapathRequest::Xdp => {
-            let cfg = xdp.ok_or(Error::NoBridge)?;
+            let cfg = xdp.ok_or(Error::NotConfigured)?;
             Ok(opened(XdpPort::open(cfg)?, "requested (--datapath xdp)"))
         }
         DatapathRequest::Auto => {
             let result = match xdp {
-                None => Err(Error::NoBridge),
+                None => Err(Error::NotConfigured),
                 Some(cfg) => XdpPort::open(cfg),
             };
             match result {
@@ -233,9 +233,11 @@ impl AttachMode {
 /// Options of [`XdpPort::open`].
 #[derive(Clone, Debug)]
 pub struct XdpPortConfig {
-    /// The VM bridge.
-    pub bridge: String,
-    /// Bridge-side name of the port (at most 13 characters).
+    /// The VM bridge to enslave the port to; `None` leaves that to the
+    /// operator (as with a TAP).
+    pub bridge: Option<String>,
+    /// Bridge-side name of the port (at most 13 characters; the edge's
+    /// `--tap` name).
     pub port: String,
     /// MTU of both veth ends.
     pub mtu: u32,
@@ -247,9 +249,9 @@ pub struct XdpPortConfig {
 
 impl XdpPortConfig {
     /// Defaults: MTU 1500, auto mode, 4096 chunks of 4 KiB.
-    pub fn new(bridge: &str, port: &str) -> Self {
+    pub fn new(bridge: Option<&str>, port: &str) -> Self {
         Self {
-            bridge: bridge.to_owned(),
+            bridge: bridge.map(str::to_owned),
             port: port.to_owned(),
             mtu: 1500,
             mode: ModeRequest::Auto,
@@ -291,7 +293,7 @@ impl XdpPort {
     pub fn open(cfg: &XdpPortConfig) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
-        let veth = VethPort::create(&cfg.bridge, &cfg.port, cfg.mtu)?;
+        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu)?;
         let iface = veth.edge_name().to_owned();
 
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
@@ -345,7 +347,7 @@ impl XdpPort {
             .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
         xsks.set(0, xsk.as_raw_fd(), 0)
             .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
-        tracing::info!(port = %cfg.port, bridge = %cfg.bridge, mode = mode.as_str(), prog_id,
+        tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
             multi_buffer = xsk.multi_buffer(), "XDP port up");
         Ok(Self {
             xsk,
@@ -492,7 +494,7 @@ mod tests {
     fn xdp_without_bridge_is_an_error() {
         assert!(matches!(
             choose(DatapathRequest::Xdp, None),
-            Err(Error::NoBridge)
+            Err(Error::NotConfigured)
         ));
     }
 
