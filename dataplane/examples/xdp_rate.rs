@@ -214,6 +214,8 @@ fn send_mmsg_loop(
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
+    /// No port: the bridge floods to nowhere; the generator's own cost.
+    Baseline,
     Xdp,
     XdpGeneric,
     Tap,
@@ -227,6 +229,7 @@ impl Path {
             Path::XdpGeneric => "xdp-skb",
             Path::Tap => "tap",
             Path::Udp => "udp",
+            Path::Baseline => "none",
         }
     }
 }
@@ -269,6 +272,8 @@ fn measure(path: Path, tx: bool, size: usize, secs: u64) -> Sample {
     });
     let tap = (path == Path::Tap).then(|| {
         let t = tap_open("mvtap");
+        // SAFETY: fcntl on our own fd.
+        unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         sh(&["ip", "link", "set", "mvtap", "master", "br0", "up"]);
         t
     });
@@ -324,34 +329,50 @@ fn measure(path: Path, tx: bool, size: usize, secs: u64) -> Sample {
         let start = Instant::now();
         let mut n = 0u64;
         let mut buf = vec![0u8; 65536];
+        // Drain what is there, then nap: the same batching chance for
+        // every path, and no wake-up per frame.
         while start.elapsed() < run {
-            match path {
+            let got = match path {
                 Path::Xdp | Path::XdpGeneric => {
                     let port = xdp.as_mut().expect("xdp");
-                    let got = port.recv_batch(64, |_| {});
-                    if got == 0 {
-                        poll_in(port.as_raw_fd(), 10);
+                    let mut got = 0;
+                    loop {
+                        let k = port.recv_batch(64, |_| {});
+                        if k == 0 {
+                            break;
+                        }
+                        got += u64::from(k);
                     }
-                    n += u64::from(got);
+                    got
                 }
                 Path::Tap => {
                     let t = tap.as_ref().expect("tap");
-                    if poll_in(t.as_raw_fd(), 10) {
-                        // SAFETY: reading into our own buffer.
-                        let r = unsafe {
-                            libc::read(t.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                        };
-                        if r > 0 {
-                            n += 1;
-                        }
+                    let mut got = 0;
+                    // SAFETY: reading into our own buffer (non-blocking fd).
+                    while unsafe { libc::read(t.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+                        > 0
+                    {
+                        got += 1;
                     }
+                    got
                 }
                 Path::Udp => {
                     let s = udp.as_ref().expect("udp");
-                    if poll_in(s.as_raw_fd(), 10) {
-                        n += recv_mmsg(s, &mut buf);
+                    let mut got = 0;
+                    loop {
+                        let k = recv_mmsg(s, &mut buf);
+                        if k == 0 {
+                            break;
+                        }
+                        got += k;
                     }
+                    got
                 }
+                Path::Baseline => 0,
+            };
+            n += got;
+            if got == 0 {
+                std::thread::sleep(Duration::from_micros(100));
             }
         }
         let elapsed = start.elapsed();
@@ -387,6 +408,7 @@ fn measure(path: Path, tx: bool, size: usize, secs: u64) -> Sample {
                     }
                 }
             }
+            Path::Baseline => {}
             Path::Udp => {
                 let s = udp.as_ref().expect("udp");
                 // SAFETY: all-zero sockaddr_in is valid.
@@ -427,16 +449,6 @@ fn sample(n: u64, elapsed: Duration, thread: Duration, process: Duration) -> Sam
     }
 }
 
-fn poll_in(fd: libc::c_int, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
 fn recv_mmsg(s: &OwnedFd, buf: &mut [u8]) -> u64 {
     let chunk = 2048;
     let count = (buf.len() / chunk).min(32);
@@ -474,15 +486,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let mut secs: u64 = 2;
+    let mut only: Option<String> = None;
     let mut reps: u64 = 3;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let v: Option<u64> = args.next().and_then(|v| v.parse().ok());
+        let raw = args.next();
+        let v: Option<u64> = raw.as_deref().and_then(|v| v.parse().ok());
         match (a.as_str(), v) {
+            ("--only", _) if raw.is_some() => only = raw,
             ("--secs", Some(v)) => secs = v.clamp(1, 10),
             ("--reps", Some(v)) => reps = v.clamp(1, 9),
             _ => {
-                eprintln!("usage: xdp_rate [--secs N (1-10)] [--reps N (1-9)]");
+                eprintln!(
+                    "usage: xdp_rate [--secs N (1-10)] [--reps N (1-9)] [--only none|tap|xdp|xdp-skb|udp]"
+                );
                 std::process::exit(2);
             }
         }
@@ -500,7 +517,11 @@ fn main() {
     // fresh network namespace that disappears when it exits.
     check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare");
     sh(&["ip", "link", "set", "lo", "up"]);
-    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    // A fixed address: a bridge otherwise takes its ports' lowest MAC,
+    // which changes as ports come and go between runs.
+    sh(&[
+        "ip", "link", "add", "br0", "address", "02:00:00:00:90:01", "type", "bridge",
+    ]);
     sh(&["ip", "addr", "add", "198.18.90.1/24", "dev", "br0"]);
     sh(&["ip", "link", "set", "br0", "up"]);
     sh(&[
@@ -530,7 +551,19 @@ fn main() {
     );
     for tx in [false, true] {
         for size in [64usize, 512] {
-            for path in [Path::Tap, Path::Xdp, Path::XdpGeneric, Path::Udp] {
+            for path in [
+                Path::Baseline,
+                Path::Tap,
+                Path::Xdp,
+                Path::XdpGeneric,
+                Path::Udp,
+            ] {
+                if tx && path == Path::Baseline {
+                    continue;
+                }
+                if only.as_deref().is_some_and(|o| o != path.name()) {
+                    continue;
+                }
                 let mut f = Vec::new();
                 let mut t = Vec::new();
                 let mut p = Vec::new();
