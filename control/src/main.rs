@@ -2,7 +2,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "mvc", version, about = "Multi-site virtual clusters over an encrypted L2 overlay")]
+#[command(
+    name = "mvc",
+    version,
+    about = "Multi-site virtual clusters over an encrypted L2 overlay"
+)]
 enum Command {}
 
 fn main() -> anyhow::Result<()> {
