@@ -130,6 +130,8 @@ struct Loop {
     udp_fd: RawFd,
     tap_fd: RawFd,
     off: Offloads,
+    // Boxed so a slot's address never changes while the kernel holds pointers into it.
+    #[allow(clippy::vec_box)]
     udp_slots: Vec<Box<RecvSlot>>,
     tap_bufs: Vec<Vec<u8>>,
     flights: Vec<Option<InFlight>>,
@@ -203,6 +205,7 @@ impl Loop {
         self.push(&e)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_udp(
         &mut self,
         buf: Vec<u8>,
