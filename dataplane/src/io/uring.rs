@@ -429,7 +429,10 @@ pub fn run_edge(
             let until = Instant::now() + spin;
             let _ = lp.ring.submit();
             while lp.ring.completion().is_empty() && Instant::now() < until {
-                let _ = lp.ring.submitter().submit_with_args(0, &types::SubmitArgs::new());
+                let _ = lp
+                    .ring
+                    .submitter()
+                    .submit_with_args(0, &types::SubmitArgs::new());
                 std::hint::spin_loop();
             }
         }
