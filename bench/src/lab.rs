@@ -907,6 +907,14 @@ impl Topology {
             .unwrap_or_else(|| panic!("no site {name}"))
     }
 
+    /// Replaces a site's TAP device by a fresh one on the bridge, so that offload settings
+    /// an earlier overlay left on it (TSO, checksum offload) do not reach the next one.
+    pub fn reset_tap(&self, lab: &Lab, site: &Site) -> Result<()> {
+        let _ = lab.ip(&site.frontend, &["link", "del", &site.tap]);
+        lab.tap(&site.frontend, &site.tap)?;
+        lab.enslave(&site.frontend, &site.tap, &site.bridge)
+    }
+
     /// Sets the MTU of a site's VM interfaces, bridge ports, bridge and TAP.
     pub fn set_site_mtu(&self, lab: &Lab, site: &Site, mtu: u32) -> Result<()> {
         for vm in &site.vms {
