@@ -841,6 +841,19 @@ impl Topology {
             (None, addr::public(idx))
         };
         lab.bridge(&fe, "br0")?;
+        // A fixed address: a bridge otherwise takes its lowest port's MAC and changes it when
+        // ports come and go (a TAP re-created between runs), leaving the VMs' ARP entries for
+        // their gateway stale.
+        lab.ip(
+            &fe,
+            &[
+                "link",
+                "set",
+                "br0",
+                "address",
+                &format!("02:4d:56:fe:{idx:02x}:01"),
+            ],
+        )?;
         lab.addr(&fe, "br0", addr::vm_gateway(idx), 24)?;
         lab.tap(&fe, "tap0")?;
         lab.enslave(&fe, "tap0", "br0")?;
