@@ -410,6 +410,7 @@ impl AgentCore {
             Request::Info => {
                 let mut vms = Vec::new();
                 let mut overlays = Vec::new();
+                let mut edges = Vec::new();
                 for (name, c) in &self.state.clusters {
                     if c.owner != authz.key {
                         continue;
@@ -427,6 +428,12 @@ impl AgentCore {
                         !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
                     });
                     overlays.push((name.clone(), up));
+                    if let (true, OverlayImpl::Mvc(bin)) = (up, &self.cfg.overlay) {
+                        let sock = self.run_dir().join(format!("edge-{name}.sock"));
+                        if let Some(v) = edge_status(bin, &sock) {
+                            edges.push((name.clone(), v));
+                        }
+                    }
                 }
                 json(&InfoData {
                     site: self.cfg.site.clone(),
@@ -434,6 +441,7 @@ impl AgentCore {
                     hosts: self.hosts(),
                     vms,
                     overlays,
+                    edges,
                 })
             }
             Request::Reserve { cluster, slots } => self.reserve(authz, &cluster, slots),
@@ -707,6 +715,7 @@ impl AgentCore {
                         supernode,
                         "-M",
                         "1500",
+                        "-r",
                     ],
                     &[("N2N_KEY", secret)],
                     &log,
@@ -850,6 +859,33 @@ impl AgentCore {
     }
 }
 
+/// `mvc edge status --json` of one edge, given up after 2 s.
+fn edge_status(bin: &Path, sock: &Path) -> Option<serde_json::Value> {
+    let mut child = std::process::Command::new(bin)
+        .args(["edge", "status", "--json", "--status-socket"])
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => break,
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) if Instant::now() > deadline => {
+                stop_child(&mut child);
+                return None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
+    serde_json::from_str(&out).ok()
+}
+
 /// Kill overlay processes left by an agent that died without shutting down, when the
 /// pid still runs a process naming our TAP.
 fn kill_stale(o: &OverlayHere) {
@@ -933,6 +969,9 @@ fn ch_loop(
     }
 }
 
+/// Most connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Accept connections until `stop` is set, then shut the core down.
 pub fn serve(
     core: Arc<Mutex<AgentCore>>,
@@ -941,22 +980,38 @@ pub fn serve(
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut refused: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((s, peer)) => {
-                s.set_nonblocking(false)?;
+                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    refused += 1;
+                    tracing::warn!(%peer, refused, "too many open connections; refused");
+                    continue;
+                }
+                if s.set_nonblocking(false).is_err() {
+                    continue;
+                }
                 let core = core.clone();
                 let key = key.clone();
+                let open = open.clone();
+                open.fetch_add(1, Ordering::Relaxed);
                 std::thread::spawn(move || {
                     if let Err(e) = serve_conn(&core, &key, s) {
-                        tracing::info!(%peer, error = %e, "connection ended");
+                        tracing::debug!(%peer, error = %e, "connection ended");
                     }
+                    open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // EMFILE, ECONNABORTED...: keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
     core.lock().unwrap_or_else(|p| p.into_inner()).shutdown();

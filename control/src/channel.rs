@@ -256,12 +256,12 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
 
-    fn pair(
-        pin_wrong: bool,
-    ) -> (
+    type Pair = (
         Result<Channel<TcpStream>, ChannelError>,
         std::thread::JoinHandle<Option<Channel<TcpStream>>>,
-    ) {
+    );
+
+    fn pair(pin_wrong: bool) -> Pair {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let host = SigningKey::generate().unwrap();

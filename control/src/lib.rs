@@ -6,6 +6,8 @@ pub mod agent;
 pub mod auth;
 pub mod channel;
 pub mod client;
+pub mod controller;
+pub mod demo;
 pub mod driver;
 pub mod model;
 pub mod proto;

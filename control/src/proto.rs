@@ -174,6 +174,9 @@ pub struct InfoData {
     pub vms: Vec<AgentVm>,
     /// Overlay processes of the caller's clusters: cluster -> running.
     pub overlays: Vec<(String, bool)>,
+    /// `mvc edge status --json` of the caller's clusters' edges here (cluster, status).
+    #[serde(default)]
+    pub edges: Vec<(String, serde_json::Value)>,
 }
 
 #[cfg(test)]
