@@ -114,7 +114,7 @@ impl SiteLab {
                 "authorize",
                 "--state",
                 &st,
-                "--user-key",
+                "--key",
                 &user_pub,
                 "--max-vms",
                 &max_vms.to_string(),

@@ -64,8 +64,9 @@ enum Cmd {
     },
     /// The per-site agent (run by each site's admin on its frontend).
     Agent {
-        #[command(flatten)]
-        common: Common,
+        /// Print results as JSON.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         cmd: AgentCmd,
     },
@@ -125,7 +126,7 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex, from `mvc key show`).
-        #[arg(long = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key")]
         user_key: String,
         /// Most VMs this key may hold here at once.
         #[arg(long)]
@@ -146,7 +147,7 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex).
-        #[arg(long = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key")]
         user_key: String,
     },
     /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
@@ -367,7 +368,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let (common, cmd) = match cli.cmd {
         Cmd::Key { common, cmd } => return key_cmd(cmd, &common.key, common.json),
-        Cmd::Agent { common, cmd } => return agent_cmd(cmd, common.json),
+        Cmd::Agent { json, cmd } => return agent_cmd(cmd, json),
         Cmd::Demo(d) => {
             return control::demo::run(&control::demo::DemoConfig {
                 computes: parse_list(&d.computes, "--computes")?,
