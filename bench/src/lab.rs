@@ -399,7 +399,10 @@ impl Lab {
         Ok(())
     }
 
-    /// Turns a namespace into a masquerading NAT router out of `wan_if`.
+    /// Turns a namespace into a home-style NAT router out of `wan_if`: masquerading, and a
+    /// stateful firewall that drops unsolicited (NEW) inbound packets. Dropping them also
+    /// means they leave no conntrack entry behind, as on common routers; an entry left by
+    /// an early hole-punching packet would otherwise make MASQUERADE pick another port.
     pub fn nat(&self, ns: &str, wan_if: &str) -> Result<()> {
         self.sysctl(ns, "net.ipv4.ip_forward", "1")?;
         self.iptables(
@@ -414,7 +417,23 @@ impl Lab {
                 "-j",
                 "MASQUERADE",
             ],
-        )
+        )?;
+        for chain in ["INPUT", "FORWARD"] {
+            let rule = [
+                "-A",
+                chain,
+                "-i",
+                wan_if,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,INVALID",
+            ];
+            let mut args = rule.to_vec();
+            args.extend(["-j", "DROP"]);
+            self.iptables(ns, &args)?;
+        }
+        Ok(())
     }
 
     /// Runs `iptables ARGS` inside a namespace.
@@ -711,6 +730,8 @@ pub struct Site {
     pub bridge: String,
     /// The site's VMs.
     pub vms: Vec<Vm>,
+    /// The WAN-emulator namespace on the site's uplink, if any (interfaces `w0`, `w1`).
+    pub wan: Option<String>,
 }
 
 /// A "VM": a namespace attached by veth to its site's bridge.
@@ -762,15 +783,35 @@ impl Topology {
     /// Adds a site: frontend with bridge `br0` and TAP `tap0`, `vms` VM namespaces on the
     /// bridge, optionally a NAT router in front. Site numbers follow creation order.
     pub fn add_site(&mut self, lab: &Lab, name: &str, natted: bool, vms: u8) -> Result<&Site> {
+        self.add_site_wan(lab, name, natted, vms, false)
+    }
+
+    /// [`Topology::add_site`], with (`wan`) a WAN-emulator namespace `<name>wan` cut into the
+    /// site's uplink: its interfaces `w0` (internet side) and `w1` (site side) are joined
+    /// only by a userspace forwarder (see [`crate::wanem`]), which the caller starts.
+    pub fn add_site_wan(
+        &mut self,
+        lab: &Lab,
+        name: &str,
+        natted: bool,
+        vms: u8,
+        wan: bool,
+    ) -> Result<&Site> {
         let idx = u8::try_from(self.sites.len() + 1)
             .unwrap_or(u8::MAX)
             .min(60);
         let fe = lab.add_ns(&format!("{name}fe"))?;
         lab.sysctl(&fe, "net.ipv4.ip_forward", "1")?;
-        let wan = format!("s{idx}");
+        let wan_name = format!("s{idx}");
+        let wan_ns = if wan {
+            Some(lab.add_ns(&format!("{name}wan"))?)
+        } else {
+            None
+        };
+        let wan = wan_name;
         let (router, frontend_ip) = if natted {
             let r = lab.add_ns(&format!("{name}nat"))?;
-            lab.veth(&self.inet, &wan, &r, "wan")?;
+            self.uplink(lab, &wan, &r, "wan", wan_ns.as_deref())?;
             lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
             lab.addr(&r, "wan", addr::public(idx), 24)?;
             lab.route(&r, "default", addr::inet_side(idx))?;
@@ -787,7 +828,7 @@ impl Topology {
             lab.nat(&r, "wan")?;
             (Some(r), addr::frontend_private(idx))
         } else {
-            lab.veth(&self.inet, &wan, &fe, "eth0")?;
+            self.uplink(lab, &wan, &fe, "eth0", wan_ns.as_deref())?;
             lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
             lab.addr(&fe, "eth0", addr::public(idx), 24)?;
             lab.route(&fe, "default", addr::inet_side(idx))?;
@@ -813,6 +854,7 @@ impl Topology {
             tap: "tap0".into(),
             bridge: "br0".into(),
             vms: Vec::new(),
+            wan: wan_ns,
         };
         for i in 1..=vms {
             let ns = lab.add_ns(&format!("{name}vm{i}"))?;
@@ -837,6 +879,24 @@ impl Topology {
         }
         self.sites.push(site);
         Ok(self.sites.last().unwrap_or_else(|| unreachable!()))
+    }
+
+    fn uplink(
+        &self,
+        lab: &Lab,
+        inet_if: &str,
+        ns: &str,
+        ifname: &str,
+        wan: Option<&str>,
+    ) -> Result<()> {
+        match wan {
+            None => lab.veth(&self.inet, inet_if, ns, ifname),
+            Some(w) => {
+                lab.veth(&self.inet, inet_if, w, "w0")?;
+                lab.veth(w, "w1", ns, ifname)?;
+                Ok(())
+            }
+        }
     }
 
     /// The site called `name`.
@@ -969,6 +1029,54 @@ fn parse_ping(s: &str) -> Option<Ping> {
         received,
         avg_ms,
         min_ms,
+    })
+}
+
+/// Per-packet RTTs (ms) of `ping -c count -i interval` from a namespace (lost packets are
+/// simply missing).
+pub fn ping_samples(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    count: u32,
+    interval: f64,
+) -> Result<Vec<f64>> {
+    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{interval}"),
+            "-W",
+            "1",
+            &dst.to_string(),
+        ],
+        limit,
+    )?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches("ms").trim().parse().ok())
+        .collect())
+}
+
+/// Median of a list (None when empty).
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
 }
 
@@ -1156,6 +1264,13 @@ mod tests {
         let p = parse_ping(s).unwrap();
         assert_eq!((p.sent, p.received, p.avg_ms), (3, 0, None));
         assert!(parse_ping("garbage").is_none());
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]

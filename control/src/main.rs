@@ -55,6 +55,10 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Joins this host to a community's private L2 network through a TAP device.
+    Edge(dataplane::cli::EdgeCommand),
+    /// Runs a rendezvous and relay point for edges (needs no secret).
+    Supernode(dataplane::cli::SupernodeCommand),
     /// Your signing key.
     Key {
         #[command(flatten)]
@@ -358,6 +362,13 @@ fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The overlay commands set up their own logging (their config may choose the level).
+    let cmd = match cli.cmd {
+        Cmd::Edge(c) => return c.run().map_err(Into::into),
+        Cmd::Supernode(c) => return c.run().map_err(Into::into),
+        cmd => cmd,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -365,8 +376,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let (common, cmd) = match cli.cmd {
+    let (common, cmd) = match cmd {
+        Cmd::Edge(_) | Cmd::Supernode(_) => unreachable!("handled above"),
         Cmd::Key { common, cmd } => return key_cmd(cmd, &common.key, common.json),
         Cmd::Agent { json, cmd } => return agent_cmd(cmd, json),
         Cmd::Demo(d) => {

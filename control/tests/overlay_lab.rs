@@ -26,9 +26,10 @@ fn setup(test: &str) -> Option<(Lab, Mvc)> {
         return None;
     }
     let lab = Lab::new("ov").expect("lab");
-    let mvc = Mvc {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_mvc")),
-    };
+    // MVC_TEST_BIN runs the suite against another build of mvc.
+    let bin = std::env::var_os("MVC_TEST_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mvc")), PathBuf::from);
+    let mvc = Mvc { bin };
     Some((lab, mvc))
 }
 

@@ -28,7 +28,9 @@ static MVC_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map(name = "MVC_STATS")]
 static MVC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
-#[xdp]
+// `frags`: the program accepts multi-buffer frames (BPF_F_XDP_HAS_FRAGS), so
+// the port works with MTUs above a page; only the linear head is read.
+#[xdp(frags)]
 pub fn mvc_xdp(ctx: XdpContext) -> u32 {
     match try_mvc_xdp(&ctx) {
         Ok(action) => action,

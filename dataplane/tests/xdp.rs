@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::xdp::{self, link_info, ModeRequest, XdpPort, XdpPortConfig};
+use dataplane::xdp::{self, link_info, DatapathRequest, ModeRequest, XdpPort, XdpPortConfig};
 
 const VM_IP: &str = "198.18.77.1";
 const PEER_IP: [u8; 4] = [198, 18, 77, 2];
@@ -64,10 +64,16 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// the private one dies with the thread.
 struct Lab {
     vm: String,
+    /// More VM namespaces (deleted on drop too).
+    extra: Vec<String>,
 }
 
 impl Lab {
     fn new() -> Self {
+        Self::with_mtu(1500)
+    }
+
+    fn with_mtu(mtu: u32) -> Self {
         // SAFETY: unshare with CLONE_NEWNET only affects the calling thread,
         // which the test owns.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -77,7 +83,10 @@ impl Lab {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let lab = Self { vm };
+        let lab = Self {
+            vm,
+            extra: Vec::new(),
+        };
         run(&["ip", "netns", "add", &lab.vm]);
         run(&["ip", "link", "set", "lo", "up"]);
         run(&["ip", "link", "add", "br0", "type", "bridge"]);
@@ -85,8 +94,11 @@ impl Lab {
         run(&[
             "ip", "link", "add", "vm0", "type", "veth", "peer", "name", "eth0", "netns", &lab.vm,
         ]);
-        run(&["ip", "link", "set", "vm0", "master", "br0", "up"]);
-        lab.vm_run(&["ip", "link", "set", "eth0", "up"]);
+        let mtu = mtu.to_string();
+        run(&[
+            "ip", "link", "set", "vm0", "mtu", &mtu, "master", "br0", "up",
+        ]);
+        lab.vm_run(&["ip", "link", "set", "eth0", "mtu", &mtu, "up"]);
         lab.vm_run(&["ip", "addr", "add", &format!("{VM_IP}/24"), "dev", "eth0"]);
         let peer = PEER_IP.map(|b| b.to_string()).join(".");
         let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
@@ -103,6 +115,34 @@ impl Lab {
             "permanent",
         ]);
         lab
+    }
+
+    /// A second VM namespace on the bridge with address `ip`/24; returns
+    /// its name for `ip netns exec`.
+    fn add_vm(&mut self, ip: &str) -> String {
+        let ns = format!("{}b", self.vm);
+        run(&["ip", "netns", "add", &ns]);
+        self.extra.push(ns.clone());
+        run(&[
+            "ip", "link", "add", "vm1", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        run(&["ip", "link", "set", "vm1", "master", "br0", "up"]);
+        run(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
+        ]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ns
     }
 
     fn vm_cmd(&self, cmd: &[&str]) -> Command {
@@ -195,10 +235,11 @@ fn ping_received(out: &str) -> u32 {
         .unwrap_or(0)
 }
 
-fn ping_through_port(mode: ModeRequest) {
-    let lab = Lab::new();
-    let mut cfg = XdpPortConfig::new("br0", "mvp0");
+fn ping_through_port(mode: ModeRequest, mtu: u32, sizes: &[&str]) {
+    let lab = Lab::with_mtu(mtu);
+    let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
     cfg.mode = mode;
+    cfg.mtu = mtu;
     let mut port = XdpPort::open(&cfg).expect("open XDP port");
     let expected = match mode {
         ModeRequest::Generic => xdp::AttachMode::Generic,
@@ -208,7 +249,7 @@ fn ping_through_port(mode: ModeRequest) {
     let info = link_info("mvp0.x").unwrap().expect("edge side exists");
     assert_eq!(info.xdp_prog_id, Some(u64::from(port.prog_id())));
 
-    for size in ["56", "1400"] {
+    for &size in sizes {
         let mut child = lab
             .vm_cmd(&[
                 "ping",
@@ -235,27 +276,47 @@ fn ping_through_port(mode: ModeRequest) {
         );
     }
     let st = port.stats();
+    if mtu > 4000 {
+        assert!(port.multi_buffer());
+        assert!(st.socket.rx_multi_buffer >= 38, "{st:?}");
+        assert!(st.socket.tx_multi_buffer >= 38, "{st:?}");
+    }
     let redirected = st
         .program
         .iter()
         .find(|(n, _)| *n == "redirected")
         .map(|&(_, v)| v);
-    assert!(redirected >= Some(80), "{st:?}");
-    assert!(st.socket.rx_frames >= 80, "{st:?}");
-    assert!(st.socket.tx_frames >= 76, "{st:?}");
+    let n = 40 * sizes.len() as u64;
+    assert!(redirected >= Some(n), "{st:?}");
+    assert!(st.socket.rx_frames >= n, "{st:?}");
+    assert!(st.socket.tx_frames >= n - 2 * sizes.len() as u64, "{st:?}");
     assert_eq!(st.kernel_tx_invalid, 0);
 }
 
 #[test]
 fn ping_through_native_xdp() {
     require_root!("ping_through_native_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Auto));
+    in_thread(|| ping_through_port(ModeRequest::Auto, 1500, &["56", "1400"]));
 }
 
 #[test]
 fn ping_through_generic_xdp() {
     require_root!("ping_through_generic_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Generic));
+    in_thread(|| ping_through_port(ModeRequest::Generic, 1500, &["56", "1400"]));
+}
+
+/// Jumbo frames (8 KiB ICMP, three 4 KiB chunks) in both directions:
+/// AF_XDP multi-buffer on RX and TX.
+#[test]
+fn jumbo_frames_native_multi_buffer() {
+    require_root!("jumbo_frames_native_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Auto, 9000, &["8000"]));
+}
+
+#[test]
+fn jumbo_frames_generic_multi_buffer() {
+    require_root!("jumbo_frames_generic_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Generic, 9000, &["8000"]));
 }
 
 /// Frames of every size up to the MTU sent through AF_XDP TX arrive in the
@@ -265,7 +326,7 @@ fn tx_sizes_arrive_in_vm() {
     require_root!("tx_sizes_arrive_in_vm");
     in_thread(|| {
         let lab = Lab::new();
-        let mut port = XdpPort::open(&XdpPortConfig::new("br0", "mvp0")).expect("open");
+        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
         let rx_before = vm_rx_packets(&lab);
         let mut frames = Vec::new();
         for len in (60..=1514).step_by(29) {
@@ -329,7 +390,7 @@ fn drop_leaves_nothing_behind() {
     require_root!("drop_leaves_nothing_behind");
     in_thread(|| {
         let _lab = Lab::new();
-        let port = XdpPort::open(&XdpPortConfig::new("br0", "mvp0")).expect("open");
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
         let prog = port.prog_id();
         let maps = port.map_ids().to_vec();
         assert!(bpftool_has("prog", prog));
@@ -353,16 +414,16 @@ fn refuses_foreign_interfaces() {
     in_thread(|| {
         let _lab = Lab::new();
         // vm0 exists (the VM's veth) and is not an XDP port.
-        let e = XdpPort::open(&XdpPortConfig::new("br0", "vm0"))
+        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "vm0"))
             .err()
             .expect("must refuse");
         assert!(e.to_string().contains("not an mvc XDP port"), "{e}");
         assert!(link_info("vm0").unwrap().is_some());
-        let e = XdpPort::open(&XdpPortConfig::new("vm0", "mvp0"))
+        let e = XdpPort::open(&XdpPortConfig::new(Some("vm0"), "mvp0"))
             .err()
             .expect("must refuse");
         assert!(e.to_string().contains("not a bridge"), "{e}");
-        let e = XdpPort::open(&XdpPortConfig::new("br0", "a-much-too-long"))
+        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "a-much-too-long"))
             .err()
             .expect("must refuse");
         assert!(e.to_string().contains("13 characters"), "{e}");
@@ -397,7 +458,7 @@ fn kill9_then_restart_cleans_up() {
             .collect();
         let (prog, maps) = ids.split_first().expect("prog id");
         assert!(bpftool_has("prog", *prog));
-        let busy = XdpPort::open(&XdpPortConfig::new("br0", "mvp0"))
+        let busy = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0"))
             .err()
             .expect("a live holder's port must be refused");
         assert!(busy.to_string().contains("in use by pid"), "{busy}");
@@ -413,7 +474,7 @@ fn kill9_then_restart_cleans_up() {
         assert!(stale.xdp_prog_id.is_none());
         assert!(stale.alias.unwrap().starts_with(xdp::ALIAS_PREFIX));
 
-        let port = XdpPort::open(&XdpPortConfig::new("br0", "mvp0")).expect("restart");
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("restart");
         assert_ne!(port.prog_id(), *prog);
         drop(port);
         assert!(link_info("mvp0").unwrap().is_none());
@@ -431,9 +492,114 @@ fn xdp_port_holder() {
         return;
     };
     let (bridge, name) = spec.split_once(':').expect("bridge:port");
-    let port = XdpPort::open(&XdpPortConfig::new(bridge, name)).expect("holder open");
+    let port = XdpPort::open(&XdpPortConfig::new(Some(bridge), name)).expect("holder open");
     let mut ids = vec![port.prog_id().to_string()];
     ids.extend(port.map_ids().iter().map(u32::to_string));
     println!("READY {}", ids.join(" "));
     std::thread::sleep(Duration::from_secs(30));
+}
+
+/// `--datapath auto` where XDP cannot attach (here: the "bridge" is not a
+/// bridge) falls back to TAP and says why; `--datapath xdp` fails instead;
+/// where it can attach, auto takes XDP.
+#[test]
+fn auto_falls_back_to_tap_with_reason() {
+    require_root!("auto_falls_back_to_tap_with_reason");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let bad = XdpPortConfig::new(Some("vm0"), "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&bad)).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("not a bridge"), "{}", c.reason);
+        let c = xdp::choose(DatapathRequest::Auto, None).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("no XDP port configured"), "{}", c.reason);
+        assert!(xdp::choose(DatapathRequest::Xdp, Some(&bad)).is_err());
+        assert!(
+            link_info("mvp0").unwrap().is_none(),
+            "failed open left a port"
+        );
+
+        let good = XdpPortConfig::new(Some("br0"), "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&good)).expect("auto");
+        assert_eq!(c.datapath.name(), "xdp");
+        assert!(c.reason.contains("native"), "{}", c.reason);
+    });
+}
+
+/// TCP between two VMs on a hub-mode bridge (every frame flooded to every
+/// port, ours included): the VMs' GSO super-packets are segmented before the
+/// port, so AF_XDP only ever sees frames of at most one MTU.
+#[test]
+fn gso_traffic_reaches_the_port_as_mtu_frames() {
+    require_root!("gso_traffic_reaches_the_port_as_mtu_frames");
+    in_thread(|| gso_traffic(ModeRequest::Auto));
+    in_thread(|| gso_traffic(ModeRequest::Generic));
+}
+
+fn gso_traffic(mode: ModeRequest) {
+    {
+        let mut lab = Lab::new();
+        let vm2 = lab.add_vm("198.18.77.3");
+        run(&[
+            "ip",
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "0",
+        ]);
+        let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+        cfg.mode = mode;
+        let mut port = XdpPort::open(&cfg).expect("open");
+        let mut server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &vm2,
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                "198.18.77.3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut client = lab
+            .vm_cmd(&["iperf3", "-c", "198.18.77.3", "-n", "20M"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3 -c");
+        let (mut frames, mut max_len) = (0u64, 0usize);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && client.try_wait().expect("wait").is_none() {
+            if port.recv_batch(64, |f| {
+                frames += 1;
+                max_len = max_len.max(f.len());
+            }) == 0
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        if client.try_wait().expect("wait").is_none() {
+            let _ = client.kill();
+        }
+        let ok = client.wait().expect("iperf3 client").success();
+        let _ = server.kill();
+        let _ = server.wait();
+        assert!(ok, "iperf3 between the VMs failed");
+        assert!(
+            frames > 1000,
+            "{mode:?}: only {frames} frames reached the port"
+        );
+        assert!(
+            max_len <= 1514,
+            "{mode:?}: a {max_len}-byte frame reached the port"
+        );
+    }
 }

@@ -25,7 +25,7 @@ enum Cmd {
     /// Export files or block devices (target mode).
     Serve(ServeArgs),
     /// Serve an image whose data is still at a source NBD server, relocating it.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Control a running proxy.
     Ctl(CtlArgs),
 }
@@ -429,8 +429,10 @@ async fn ctl_main(a: CtlArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XNBD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -442,7 +444,7 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
-            Cmd::Proxy(a) => proxy(a).await,
+            Cmd::Proxy(a) => proxy(*a).await,
             Cmd::Ctl(a) => ctl_main(a).await,
         }
     })

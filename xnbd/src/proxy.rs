@@ -40,6 +40,8 @@ use crate::client::{Addr, Client, ClientError, ClientTls};
 use crate::proto::err;
 use crate::storage::Storage;
 
+/// Longest wait for a source connection and handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest single request sent to the source.
 const MAX_FETCH: u64 = 4 << 20;
 
@@ -197,8 +199,7 @@ pub struct Proxy {
     bs: u64,
     inflight: Mutex<HashMap<u64, Waiter>>,
     source: Mutex<Addr>,
-    demand_link: Link,
-    bulk_link: Link,
+    link: Link,
     target: AtomicBool,
     background: AtomicBool,
     rate_limit: AtomicU64,
@@ -232,11 +233,23 @@ impl Proxy {
                 "block size must be a power of two >= 512".into(),
             ));
         }
+        if cfg.bitmap.exists() && !cfg.cache.exists() {
+            return Err(ProxyError::Config(format!(
+                "bitmap {} exists but cache {} does not; remove the bitmap to start over",
+                cfg.bitmap.display(),
+                cfg.cache.display()
+            )));
+        }
         let mut first: Option<Client> = None;
         let size = if cfg.bitmap.exists() && cfg.cache.exists() {
             Storage::open(&cfg.cache, false)?.size()
         } else {
-            let c = Client::connect(&cfg.source, &cfg.export_name, cfg.tls.as_ref()).await?;
+            let c = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Client::connect(&cfg.source, &cfg.export_name, cfg.tls.as_ref()),
+            )
+            .await
+            .map_err(|_| ClientError::Protocol("handshake timed out".into()))??;
             let s = c.size();
             first = Some(c);
             s
@@ -266,8 +279,7 @@ impl Proxy {
             bs: u64::from(cfg.block_size),
             inflight: Mutex::new(HashMap::new()),
             source: Mutex::new(cfg.source.clone()),
-            demand_link: Link::new(),
-            bulk_link: Link::new(),
+            link: Link::new(),
             target: AtomicBool::new(complete),
             background: AtomicBool::new(cfg.background),
             rate_limit: AtomicU64::new(cfg.rate),
@@ -296,10 +308,9 @@ impl Proxy {
             p.bitmap.nblocks()
         );
         if let Some(c) = first {
-            p.demand_link.client.send_replace(Some(Arc::new(c)));
+            p.link.client.send_replace(Some(Arc::new(c)));
         }
-        tokio::spawn(p.clone().reconnector(true));
-        tokio::spawn(p.clone().reconnector(false));
+        tokio::spawn(p.clone().reconnector());
         tokio::spawn(p.clone().background_copy());
         tokio::spawn(p.clone().sampler());
         Ok(p)
@@ -310,12 +321,11 @@ impl Proxy {
         self.size
     }
 
-    fn link(&self, demand: bool) -> &Link {
-        if demand {
-            &self.demand_link
-        } else {
-            &self.bulk_link
-        }
+    /// The source connection. One connection carries on-demand and background reads
+    /// (many in flight), so sources that accept a single client (qemu-nbd's default) work;
+    /// on-demand reads go first because the background copy pauses while any is active.
+    fn link(&self, _demand: bool) -> &Link {
+        &self.link
     }
 
     fn is_target(&self) -> bool {
@@ -323,8 +333,8 @@ impl Proxy {
     }
 
     /// Keep one source connection up while in proxy mode.
-    async fn reconnector(self: Arc<Self>, demand: bool) {
-        let link = self.link(demand);
+    async fn reconnector(self: Arc<Self>) {
+        let link = &self.link;
         let mut failures = 0u32;
         while !self.is_target() {
             let have = link.client.borrow().as_ref().is_some_and(|c| !c.is_dead());
@@ -342,7 +352,13 @@ impl Proxy {
                 Ok(a) => a.clone(),
                 Err(_) => return,
             };
-            match Client::connect(&addr, &self.cfg.export_name, self.cfg.tls.as_ref()).await {
+            let conn = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Client::connect(&addr, &self.cfg.export_name, self.cfg.tls.as_ref()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Protocol("handshake timed out".into())));
+            match conn {
                 Ok(c) if c.size() == self.size => {
                     if failures > 0 {
                         info!("source {addr} reconnected");
@@ -584,7 +600,15 @@ impl Proxy {
                     self.fetch_claimed(c, true, deadline).await?;
                 }
                 drop(claim);
-                wait_all(waiters).await;
+                match deadline {
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if tokio::time::timeout(left, wait_all(waiters)).await.is_err() {
+                            return Err(OpError::new(err::EIO, "source unavailable"));
+                        }
+                    }
+                    None => wait_all(waiters).await,
+                }
             }
         }
         .await;
@@ -767,12 +791,6 @@ impl Proxy {
                 }
                 pos = stop;
             }
-            if pos < end {
-                if let Some(last) = out.last_mut() {
-                    last.0 += end - pos;
-                    last.1 = 0;
-                }
-            }
             out.truncate(max);
             Ok(out)
         })
@@ -790,8 +808,7 @@ impl Proxy {
     }
 
     fn drop_source(&self) {
-        self.demand_link.kick.notify_one();
-        self.bulk_link.kick.notify_one();
+        self.link.kick.notify_one();
         self.wake.notify_waiters();
     }
 
@@ -822,6 +839,15 @@ impl Proxy {
                     }
                 },
             };
+            // Wait for the source without holding claims, so that clients needing these
+            // blocks are not stuck behind an outage of the background copy.
+            if self
+                .client(false, Some(Instant::now() + Duration::from_secs(1)))
+                .await
+                .is_err()
+            {
+                continue;
+            }
             let (claim, _) = self.claim_free(start, self.bitmap.nblocks(), chunk_blocks);
             let Some(claim) = claim else {
                 // Everything from here on is being fetched by someone else.
@@ -844,7 +870,7 @@ impl Proxy {
                 next_slot =
                     next_slot.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
             }
-            match self.fetch_claimed(&claim, false, None).await {
+            match self.fetch_claimed(&claim, false, self.deadline()).await {
                 Ok(()) => cursor = claim.blocks.last().map_or(0, |l| l + 1),
                 Err(e) => {
                     if !self.is_target() {
@@ -895,9 +921,12 @@ impl Proxy {
         } else {
             None
         };
-        let connected = [&self.demand_link, &self.bulk_link]
-            .iter()
-            .any(|l| l.client.borrow().as_ref().is_some_and(|c| !c.is_dead()));
+        let connected = self
+            .link
+            .client
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_dead());
         Status {
             mode: if self.is_target() {
                 Mode::Target
@@ -945,12 +974,10 @@ impl Proxy {
                 *s = a;
             }
         }
-        for l in [&self.demand_link, &self.bulk_link] {
-            if let Some(c) = l.client.send_replace(None) {
-                tokio::spawn(async move { c.disconnect().await });
-            }
-            l.kick.notify_one();
+        if let Some(c) = self.link.client.send_replace(None) {
+            tokio::spawn(async move { c.disconnect().await });
         }
+        self.link.kick.notify_one();
     }
 
     /// Drop the source and serve only local data. Refused while blocks are missing unless

@@ -23,6 +23,8 @@ use crate::proto::{
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
+/// Payload bytes one connection may hold in flight (reads and writes).
+const MAX_BUFFERED: u32 = 128 << 20;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size).
@@ -489,6 +491,7 @@ impl Server {
             Ok::<(), io::Error>(())
         });
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let budget = Arc::new(Semaphore::new((MAX_BUFFERED >> 12) as usize));
         let result: Result<(), ServerError> = async {
             loop {
                 let mut h = [0u8; proto::REQUEST_LEN];
@@ -502,6 +505,17 @@ impl Server {
                 if req.typ == cmd::DISC {
                     return Ok(());
                 }
+                // Bound the memory of one connection: payload bytes in flight, in 4 KiB units.
+                let units = if matches!(req.typ, cmd::READ | cmd::WRITE) {
+                    (req.length.min(MAX_PAYLOAD) >> 12).max(1)
+                } else {
+                    1
+                };
+                let bytes_permit = budget
+                    .clone()
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| ServerError::Protocol("closed".into()))?;
                 let mut payload = Vec::new();
                 let mut early: Option<OpError> = None;
                 if req.typ == cmd::WRITE {
@@ -538,6 +552,7 @@ impl Server {
                     }
                     let _ = tx.send(reply.bytes).await;
                     drop(permit);
+                    drop(bytes_permit);
                 });
             }
         }

@@ -33,7 +33,7 @@ use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
 pub use port::{link_info, remove_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
-pub use xsk::{BindMode, SysError, XskConfig, XskCounters};
+pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.
 #[cfg(mvc_xdp_built)]
@@ -88,6 +88,115 @@ pub enum Error {
     /// The AF_XDP socket.
     #[error("AF_XDP socket: {0}")]
     Socket(#[from] SysError),
+    /// `--datapath xdp` without an XDP port configuration.
+    #[error("no XDP port configured")]
+    NotConfigured,
+    /// Not one of auto, tap, xdp.
+    #[error("unknown datapath {0:?} (expected auto, tap or xdp)")]
+    UnknownDatapath(String),
+}
+
+/// What `--datapath` asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DatapathRequest {
+    /// XDP if it attaches, TAP otherwise (with the reason logged and shown
+    /// in status).
+    #[default]
+    Auto,
+    /// The TAP device only.
+    Tap,
+    /// XDP only: failing to attach is an error.
+    Xdp,
+}
+
+impl std::str::FromStr for DatapathRequest {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tap" => Ok(Self::Tap),
+            "xdp" => Ok(Self::Xdp),
+            other => Err(Error::UnknownDatapath(other.to_owned())),
+        }
+    }
+}
+
+/// The frame source/sink the edge ended up with.
+pub enum Datapath {
+    /// The XDP port on the VM bridge (boxed: it is large and moves once).
+    Xdp(Box<XdpPort>),
+    /// The TAP device (opened by the caller).
+    Tap,
+}
+
+impl Datapath {
+    /// `"xdp"` or `"tap"`, as status shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Datapath::Xdp(_) => "xdp",
+            Datapath::Tap => "tap",
+        }
+    }
+}
+
+/// A datapath and why it was chosen (status' `datapath_reason`).
+pub struct Choice {
+    /// What to use.
+    pub datapath: Datapath,
+    /// Why, in words for the operator.
+    pub reason: String,
+}
+
+/// Applies `--datapath`: `xdp` opens the port or fails; `auto` opens it if it
+/// can and otherwise returns [`Datapath::Tap`] with the reason (also logged
+/// once as a warning); `tap` returns [`Datapath::Tap`]. `xdp` is `None` when
+/// there is nothing to configure the port from.
+pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
+    let opened = |port: XdpPort, why: &str| {
+        let reason = format!(
+            "{why}: XDP {} mode on {}/{}{}",
+            port.mode().as_str(),
+            port.names().0,
+            port.names().1,
+            if port.multi_buffer() {
+                ", multi-buffer"
+            } else {
+                ""
+            }
+        );
+        Choice {
+            datapath: Datapath::Xdp(Box::new(port)),
+            reason,
+        }
+    };
+    match request {
+        DatapathRequest::Tap => Ok(Choice {
+            datapath: Datapath::Tap,
+            reason: "requested (--datapath tap)".into(),
+        }),
+        DatapathRequest::Xdp => {
+            let cfg = xdp.ok_or(Error::NotConfigured)?;
+            Ok(opened(XdpPort::open(cfg)?, "requested (--datapath xdp)"))
+        }
+        DatapathRequest::Auto => {
+            let result = match xdp {
+                None => Err(Error::NotConfigured),
+                Some(cfg) => XdpPort::open(cfg),
+            };
+            match result {
+                Ok(port) => Ok(opened(port, "auto")),
+                Err(e) => {
+                    let reason = format!("auto: XDP not available ({e}); using the TAP device");
+                    tracing::warn!("{reason}");
+                    Ok(Choice {
+                        datapath: Datapath::Tap,
+                        reason,
+                    })
+                }
+            }
+        }
+    }
 }
 
 /// Which attach mode to ask for.
@@ -124,9 +233,11 @@ impl AttachMode {
 /// Options of [`XdpPort::open`].
 #[derive(Clone, Debug)]
 pub struct XdpPortConfig {
-    /// The VM bridge.
-    pub bridge: String,
-    /// Bridge-side name of the port (at most 13 characters).
+    /// The VM bridge to enslave the port to; `None` leaves that to the
+    /// operator (as with a TAP).
+    pub bridge: Option<String>,
+    /// Bridge-side name of the port (at most 13 characters; the edge's
+    /// `--tap` name).
     pub port: String,
     /// MTU of both veth ends.
     pub mtu: u32,
@@ -138,9 +249,9 @@ pub struct XdpPortConfig {
 
 impl XdpPortConfig {
     /// Defaults: MTU 1500, auto mode, 4096 chunks of 4 KiB.
-    pub fn new(bridge: &str, port: &str) -> Self {
+    pub fn new(bridge: Option<&str>, port: &str) -> Self {
         Self {
-            bridge: bridge.to_owned(),
+            bridge: bridge.map(str::to_owned),
             port: port.to_owned(),
             mtu: 1500,
             mode: ModeRequest::Auto,
@@ -182,7 +293,7 @@ impl XdpPort {
     pub fn open(cfg: &XdpPortConfig) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
-        let veth = VethPort::create(&cfg.bridge, &cfg.port, cfg.mtu)?;
+        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu)?;
         let iface = veth.edge_name().to_owned();
 
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
@@ -236,8 +347,8 @@ impl XdpPort {
             .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
         xsks.set(0, xsk.as_raw_fd(), 0)
             .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
-        tracing::info!(port = %cfg.port, bridge = %cfg.bridge, mode = mode.as_str(), prog_id,
-            "XDP port up");
+        tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
+            multi_buffer = xsk.multi_buffer(), "XDP port up");
         Ok(Self {
             xsk,
             ebpf,
@@ -266,6 +377,11 @@ impl XdpPort {
     /// Bridge-side and edge-side interface names.
     pub fn names(&self) -> (&str, &str) {
         (self.veth.name(), self.veth.edge_name())
+    }
+
+    /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
+    pub fn multi_buffer(&self) -> bool {
+        self.xsk.multi_buffer()
     }
 
     /// Largest frame [`XdpPort::send_batch`] accepts.
@@ -344,4 +460,56 @@ fn if_index(name: &str) -> Result<u32, Error> {
         }));
     }
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_names_parse() {
+        assert_eq!(
+            "auto".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Auto
+        );
+        assert_eq!(
+            "tap".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Tap
+        );
+        assert_eq!(
+            "xdp".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Xdp
+        );
+        assert!("dpdk".parse::<DatapathRequest>().is_err());
+    }
+
+    #[test]
+    fn tap_is_taken_as_asked() {
+        let c = choose(DatapathRequest::Tap, None).unwrap();
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("requested"));
+    }
+
+    #[test]
+    fn xdp_without_bridge_is_an_error() {
+        assert!(matches!(
+            choose(DatapathRequest::Xdp, None),
+            Err(Error::NotConfigured)
+        ));
+    }
+
+    /// The program's pass-to-kernel rule for 802.1D link-local frames
+    /// (shared code, so this is what runs in the kernel too).
+    #[test]
+    fn link_local_frames_stay_local() {
+        use dataplane_ebpf_common::is_link_local;
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0])); // STP
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x0e])); // LLDP
+        assert!(!is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x10]));
+        assert!(!is_link_local(&[0xff; 6]));
+        assert!(!is_link_local(&[0x33, 0x33, 0, 0, 0, 1]));
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
 }

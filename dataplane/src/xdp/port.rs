@@ -3,7 +3,14 @@
 //!
 //! Names: the bridge side is the port name the operator gave (what `bridge
 //! link` shows, like the TAP of the TAP path); the edge side, where the XDP
-//! program runs, is that name with `.x` appended. Both ends carry the alias
+//! program runs, is that name with `.x` appended. Without a bridge name the
+//! bridge side is left for the operator to enslave, exactly like a TAP made
+//! with `--create-tap`.
+//!
+//! GSO: the bridge side is created with `gso_max_segs 1`, so the kernel
+//! segments TCP/UDP super-packets of the VMs *before* they enter the veth and
+//! every frame the XDP program sees is at most one MTU (AF_XDP carries no
+//! segmentation metadata; a 64 KiB GSO frame could not be sent on as is). Both ends carry the alias
 //! `mvc-xdp pid=<pid>` so that a later start can tell a port left behind by a
 //! killed edge (owner gone: removed) from one in use (refused).
 //!
@@ -158,22 +165,38 @@ pub struct VethPort {
 }
 
 impl VethPort {
-    /// Creates the pair, enslaves `name` to `bridge`, brings both ends up.
+    /// Creates the pair, enslaves `name` to `bridge` (if given), brings both
+    /// ends up.
     /// IPv6 is disabled on the edge side so the kernel sends nothing of its
     /// own (router solicitations, DAD) into the bridge from there.
-    pub fn create(bridge: &str, name: &str, mtu: u32) -> Result<Self, PortError> {
+    pub fn create(bridge: Option<&str>, name: &str, mtu: u32) -> Result<Self, PortError> {
         check_name(name)?;
-        match link_info(bridge)? {
-            Some(LinkInfo { kind: Some(k), .. }) if k == "bridge" => {}
-            _ => return Err(PortError::NotABridge(bridge.to_owned())),
+        if let Some(bridge) = bridge {
+            match link_info(bridge)? {
+                Some(LinkInfo { kind: Some(k), .. }) if k == "bridge" => {}
+                _ => return Err(PortError::NotABridge(bridge.to_owned())),
+            }
         }
         remove_stale(name)?;
         let edge = edge_side(name);
         let alias = format!("{ALIAS_PREFIX}{}", std::process::id());
         let mtu = mtu.to_string();
         ip(&[
-            "link", "add", "dev", &edge, "mtu", &mtu, "type", "veth", "peer", "name", name, "mtu",
+            "link",
+            "add",
+            "dev",
+            &edge,
+            "mtu",
             &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "mtu",
+            &mtu,
+            "gso_max_segs",
+            "1",
         ])?;
         // From here on, drop removes the pair.
         let port = Self {
@@ -187,7 +210,10 @@ impl VethPort {
             format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", port.edge),
             "1",
         );
-        ip(&["link", "set", "dev", &port.name, "master", bridge, "up"])?;
+        match bridge {
+            Some(bridge) => ip(&["link", "set", "dev", &port.name, "master", bridge, "up"])?,
+            None => ip(&["link", "set", "dev", &port.name, "up"])?,
+        };
         ip(&["link", "set", "dev", &port.edge, "up"])?;
         Ok(port)
     }

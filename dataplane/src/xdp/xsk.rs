@@ -93,6 +93,21 @@ impl Umem {
     }
 }
 
+impl Umem {
+    /// The bytes of a received descriptor, or `None` if it points outside.
+    fn slice(&self, addr: u64, len: u32) -> Option<&[u8]> {
+        let start = usize::try_from(addr).ok()?;
+        let end = start.checked_add(len as usize)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: [start, end) lies inside the mapping (checked above); the
+        // chunk belongs to us until it goes back to the fill ring, which
+        // happens only after the borrow ends.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len as usize) })
+    }
+}
+
 impl Drop for Umem {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; the
@@ -267,7 +282,17 @@ pub struct XskCounters {
     pub tx_too_big: u64,
     /// Received descriptors that pointed outside the UMEM (never expected).
     pub rx_bad_desc: u64,
+    /// Multi-buffer frames received (more than one chunk).
+    pub rx_multi_buffer: u64,
+    /// Received frames dropped for being larger than [`MAX_FRAME`].
+    pub rx_too_big: u64,
+    /// Multi-buffer frames sent.
+    pub tx_multi_buffer: u64,
 }
+
+/// Largest frame handled in multi-buffer mode (a 64 KiB IP packet plus its
+/// Ethernet header; at most 17 chunks, the kernel's limit for one frame).
+pub const MAX_FRAME: usize = 65535 + 14;
 
 /// An AF_XDP socket bound to one queue of one interface, with its own UMEM.
 pub struct Xsk {
@@ -283,6 +308,12 @@ pub struct Xsk {
     tx_free: Vec<u64>,
     /// Transmit chunks handed to the kernel and not completed yet.
     tx_in_flight: u32,
+    /// Bound with `XDP_USE_SG`: frames may span several chunks.
+    multi_buffer: bool,
+    /// Reassembly of a multi-buffer frame (may span `recv_batch` calls).
+    partial: Vec<u8>,
+    /// The frame being reassembled is too big and is being skipped.
+    partial_overflow: bool,
     counters: XskCounters,
 }
 
@@ -315,6 +346,28 @@ fn setsockopt<T>(
     };
     if r != 0 {
         return Err(last(call));
+    }
+    Ok(())
+}
+
+fn bind(fd: BorrowedFd<'_>, flags: u16, ifindex: u32, queue: u32) -> Result<(), SysError> {
+    let sa = libc::sockaddr_xdp {
+        sxdp_family: libc::AF_XDP as u16,
+        sxdp_flags: flags,
+        sxdp_ifindex: ifindex,
+        sxdp_queue_id: queue,
+        sxdp_shared_umem_fd: 0,
+    };
+    // SAFETY: `sa` is a valid sockaddr_xdp and the length is its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_xdp).cast(),
+            std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(last("bind(AF_XDP)"));
     }
     Ok(())
 }
@@ -425,24 +478,15 @@ impl Xsk {
                 BindMode::Copy => libc::XDP_COPY,
                 BindMode::Auto => 0,
             };
-        let sa = libc::sockaddr_xdp {
-            sxdp_family: libc::AF_XDP as u16,
-            sxdp_flags: flags,
-            sxdp_ifindex: ifindex,
-            sxdp_queue_id: queue,
-            sxdp_shared_umem_fd: 0,
+        // Multi-buffer first (Linux >= 6.6 in copy mode); without it frames
+        // larger than a chunk are dropped by the kernel (counted there).
+        let multi_buffer = match bind(fd.as_fd(), flags | libc::XDP_USE_SG, ifindex, queue) {
+            Ok(()) => true,
+            Err(sg) => {
+                bind(fd.as_fd(), flags, ifindex, queue).map_err(|_| sg)?;
+                false
+            }
         };
-        // SAFETY: `sa` is a valid sockaddr_xdp and the length is its size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_xdp).cast(),
-                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(last("bind(AF_XDP)"));
-        }
         Ok(Self {
             rx,
             tx,
@@ -453,8 +497,16 @@ impl Xsk {
             frame_size: cfg.frame_size,
             tx_free,
             tx_in_flight: 0,
+            multi_buffer,
+            partial: Vec::new(),
+            partial_overflow: false,
             counters: XskCounters::default(),
         })
+    }
+
+    /// Whether frames larger than a chunk are received and sent (`XDP_USE_SG`).
+    pub fn multi_buffer(&self) -> bool {
+        self.multi_buffer
     }
 
     /// The socket's counters.
@@ -464,7 +516,11 @@ impl Xsk {
 
     /// Largest frame `send_batch` accepts.
     pub fn max_frame(&self) -> usize {
-        self.frame_size as usize
+        if self.multi_buffer {
+            MAX_FRAME
+        } else {
+            self.frame_size as usize
+        }
     }
 
     /// Kernel-side statistics (`XDP_STATISTICS`).
@@ -488,21 +544,10 @@ impl Xsk {
         Ok(st)
     }
 
-    /// The UMEM bytes of a descriptor, or `None` if it points outside.
-    fn frame(&self, addr: u64, len: u32) -> Option<&[u8]> {
-        let start = usize::try_from(addr).ok()?;
-        let end = start.checked_add(len as usize)?;
-        if end > self.umem.len {
-            return None;
-        }
-        // SAFETY: [start, end) lies inside the UMEM mapping (checked above);
-        // the chunk belongs to us until it goes back to the fill ring, which
-        // happens only after the borrow ends.
-        Some(unsafe { std::slice::from_raw_parts(self.umem.ptr.as_ptr().add(start), len as usize) })
-    }
-
-    /// Receives up to `max` frames, calling `f` with each, and gives their
-    /// chunks back to the fill ring. Returns how many frames were received.
+    /// Receives up to `max` descriptors, calling `f` with each complete frame
+    /// (a multi-buffer frame is reassembled first, possibly across calls),
+    /// and gives the chunks back to the fill ring. Returns how many frames
+    /// were handed to `f`.
     pub fn recv_batch(&mut self, max: u32, mut f: impl FnMut(&[u8])) -> u32 {
         let n = self.rx.available(max.min(self.rx.size));
         if n == 0 {
@@ -512,10 +557,36 @@ impl Xsk {
         // The fill ring has room for every receive chunk, so this never
         // comes up short; check anyway rather than lose chunks.
         let room = self.fill.free(n);
+        let mut frames = 0;
         for i in 0..n {
             let d = self.rx.peek(i);
-            match self.frame(d.addr, d.len) {
-                Some(frame) => f(frame),
+            let more = d.options & libc::XDP_PKT_CONTD != 0;
+            match self.umem.slice(d.addr, d.len) {
+                // The common case: a whole frame in one chunk, no copy.
+                Some(frame) if !more && self.partial.is_empty() && !self.partial_overflow => {
+                    f(frame);
+                    frames += 1;
+                }
+                Some(frame) => {
+                    if self.partial.len() + frame.len() > MAX_FRAME {
+                        self.partial_overflow = true;
+                        self.partial.clear();
+                    }
+                    if !self.partial_overflow {
+                        self.partial.extend_from_slice(frame);
+                    }
+                    if !more {
+                        if self.partial_overflow {
+                            self.counters.rx_too_big += 1;
+                        } else {
+                            f(&self.partial);
+                            frames += 1;
+                            self.counters.rx_multi_buffer += 1;
+                        }
+                        self.partial.clear();
+                        self.partial_overflow = false;
+                    }
+                }
                 None => self.counters.rx_bad_desc += 1,
             }
             if i < room {
@@ -526,8 +597,8 @@ impl Xsk {
         self.rx.release(n);
         self.fill.submit();
         self.wake_fill();
-        self.counters.rx_frames += u64::from(n);
-        n
+        self.counters.rx_frames += u64::from(frames);
+        frames
     }
 
     fn wake_fill(&self) {
@@ -568,39 +639,46 @@ impl Xsk {
     pub fn send_batch<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> u32 {
         self.reap_completions();
         let mut sent = 0;
+        let mut descs = 0;
+        let chunk = self.frame_size as usize;
         for frame in frames {
-            if frame.len() > self.frame_size as usize {
+            if frame.is_empty() || frame.len() > self.max_frame() {
                 self.counters.tx_too_big += 1;
                 continue;
             }
-            if self.tx.free(1) == 0 {
+            let parts = frame.len().div_ceil(chunk) as u32;
+            if self.tx.free(parts) < parts || self.tx_free.len() < parts as usize {
                 self.counters.tx_ring_full += 1;
                 continue;
             }
-            let Some(addr) = self.tx_free.pop() else {
-                self.counters.tx_ring_full += 1;
-                continue;
-            };
-            // SAFETY: `addr` is the start of a transmit chunk of the UMEM
-            // (frame_size bytes, inside the mapping) that no one else uses
-            // while it is on the free list; the frame fits (checked above).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    frame.as_ptr(),
-                    self.umem.ptr.as_ptr().add(addr as usize),
-                    frame.len(),
-                );
+            for (j, piece) in frame.chunks(chunk).enumerate() {
+                let addr = self.tx_free.pop().expect("checked above");
+                // SAFETY: `addr` is the start of a transmit chunk of the UMEM
+                // (frame_size bytes, inside the mapping) that no one else uses
+                // while it is on the free list; `piece` is at most one chunk.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        piece.as_ptr(),
+                        self.umem.ptr.as_ptr().add(addr as usize),
+                        piece.len(),
+                    );
+                }
+                let last = j as u32 + 1 == parts;
+                self.tx.push(libc::xdp_desc {
+                    addr,
+                    len: piece.len() as u32,
+                    options: if last { 0 } else { libc::XDP_PKT_CONTD },
+                });
             }
-            self.tx.push(libc::xdp_desc {
-                addr,
-                len: frame.len() as u32,
-                options: 0,
-            });
+            if parts > 1 {
+                self.counters.tx_multi_buffer += 1;
+            }
+            descs += parts;
             sent += 1;
         }
         if sent > 0 {
             self.tx.submit();
-            self.tx_in_flight += sent;
+            self.tx_in_flight += descs;
             self.counters.tx_frames += u64::from(sent);
         }
         if self.tx_in_flight > 0 {
