@@ -144,6 +144,30 @@ impl SiteLab {
                         &to,
                     ],
                 )?;
+                // ...and lets those new inbound connections through its firewall.
+                let fe_ip = site.frontend_ip.to_string();
+                me.lab.iptables(
+                    r,
+                    &[
+                        "-I",
+                        "FORWARD",
+                        "1",
+                        "-i",
+                        "wan",
+                        "-p",
+                        "tcp",
+                        "-d",
+                        &fe_ip,
+                        "--dport",
+                        &port,
+                        "-m",
+                        "conntrack",
+                        "--ctstate",
+                        "NEW",
+                        "-j",
+                        "ACCEPT",
+                    ],
+                )?;
             }
             let args = vec![
                 "agent".to_string(),
