@@ -1,0 +1,616 @@
+//! `mvc edge` and `mvc supernode`: flags, config file, logging, signals, and the wiring of
+//! cores to the I/O drivers.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::crypto::Cipher;
+use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
+use crate::io::ctl::{self, Snapshot};
+use crate::io::driver::{self, EdgeInfo};
+use crate::io::uring::{self, Offloads};
+use crate::io::{sys, tap, udp, IoError};
+use crate::status::{EdgeStatus, SupernodeStatus};
+use crate::supernode::{SupernodeConfig, SupernodeCore};
+use std::os::fd::AsRawFd;
+
+/// Errors of the command line front end.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Missing or inconsistent options.
+    #[error("{0}")]
+    Usage(String),
+    /// I/O set-up or loop failure.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// Edge configuration.
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+}
+
+/// Which datapath carries frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// The best available one (today: tap).
+    #[default]
+    Auto,
+    /// TAP device with io_uring.
+    Tap,
+    /// XDP/AF_XDP fast path.
+    Xdp,
+}
+
+const EDGE_AFTER_HELP: &str = "\
+An edge joins this host to one community (one private layer-2 network). Frames written
+to the TAP device by local VMs (enslave it to the VMs' bridge) reach the VMs behind the
+other edges of the community, encrypted, directly when the NATs allow it and through a
+supernode otherwise. The supernode never sees the secret or the frames.
+
+Example (site B, behind NAT; site A runs the supernode on 198.18.0.1):
+  echo 'long random string' > /etc/mvc/secret; chmod 600 /etc/mvc/secret
+  mvc edge --name site-b --community lab --secret-file /etc/mvc/secret \\
+      --supernode 198.18.0.1:7654 --tap mvc0 --create-tap
+  ip link set mvc0 master br-vms
+  mvc edge status            # peers, direct/relayed, RTT, counters, drops
+A config file (--config edge.toml) takes the same keys as the long flags, with
+underscores (secret_file, create_tap, status_socket) and `supernodes = [..]`;
+flags override it. Logs go to stderr (RUST_LOG=debug for more).
+MTU: the TAP MTU defaults to 1500 so VMs keep 1500. TCP is re-segmented so that its
+overlay packets fit --underlay-mtu (default 1500); other oversized frames are fragmented
+by IP (docs/ARCHITECTURE.md).";
+
+const SN_AFTER_HELP: &str = "\
+A supernode introduces the edges of each community to each other (observed and local
+addresses), relays packets between edges that have no direct path, fans broadcast
+frames out and forgets edges that stay silent. Run it on a host with a public address
+(or several, and give every edge all of them). It needs no secret.
+
+Example:  mvc supernode --listen 0.0.0.0:7654
+          mvc supernode status --json";
+
+/// `mvc edge`: joins a community with a TAP device.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, after_help = EDGE_AFTER_HELP)]
+pub struct EdgeCommand {
+    #[command(subcommand)]
+    sub: Option<EdgeSub>,
+    #[command(flatten)]
+    args: EdgeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum EdgeSub {
+    /// Shows a running edge's peers, paths, RTT, counters and drops.
+    Status(EdgeStatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct EdgeStatusArgs {
+    /// Status socket of the edge [default: /run/mvc/edge-<tap>.sock, or the only one there].
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// TAP device of the edge (picks its default status socket).
+    #[arg(long, value_name = "IFNAME")]
+    tap: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Default)]
+struct EdgeArgs {
+    /// Name of this edge as the peers and supernodes show it (<= 32 bytes).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Community (virtual network) to join.
+    #[arg(long, value_name = "NAME")]
+    community: Option<String>,
+    /// File holding the community secret (trailing newline ignored).
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+    /// Community secret (prefer --secret-file or MVC_SECRET: arguments are visible in ps).
+    #[arg(long, value_name = "STR", env = "MVC_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Supernode address; repeat for fail-over (all are used, the first up one relays).
+    #[arg(long = "supernode", value_name = "ADDR:PORT")]
+    supernodes: Vec<SocketAddr>,
+    /// TAP device to attach to.
+    #[arg(long, value_name = "IFNAME")]
+    tap: Option<String>,
+    /// Create the TAP device if it does not exist (it goes away when the edge exits).
+    #[arg(long)]
+    create_tap: bool,
+    /// MTU of the TAP device [default: 1500].
+    #[arg(long, value_name = "N")]
+    mtu: Option<u32>,
+    /// Data cipher; all edges of a community must use the same [default: aes-256-gcm].
+    #[arg(long, value_name = "aes-256-gcm|chacha20-poly1305|none")]
+    cipher: Option<Cipher>,
+    /// UDP address to listen on [default: 0.0.0.0:0].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Unix socket for `mvc edge status` [default: /run/mvc/edge-<tap>.sock].
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// TOML file with the same settings (flags override it).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Datapath: auto (best available), tap, or xdp [default: auto].
+    #[arg(long, value_enum)]
+    datapath: Option<Datapath>,
+    /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
+    #[arg(long, value_name = "N")]
+    underlay_mtu: Option<u32>,
+    /// After traffic, poll for this many microseconds before sleeping: lower latency on
+    /// hosts with idle cores, wasted CPU on busy ones [default: 0].
+    #[arg(long, value_name = "MICROS")]
+    busy_poll_us: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct EdgeFile {
+    name: Option<String>,
+    community: Option<String>,
+    secret_file: Option<PathBuf>,
+    secret: Option<String>,
+    #[serde(alias = "supernode")]
+    supernodes: Option<Vec<SocketAddr>>,
+    tap: Option<String>,
+    create_tap: Option<bool>,
+    mtu: Option<u32>,
+    cipher: Option<Cipher>,
+    listen: Option<SocketAddr>,
+    status_socket: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+    datapath: Option<Datapath>,
+    underlay_mtu: Option<u32>,
+    busy_poll_us: Option<u64>,
+}
+
+/// `mvc supernode`: rendezvous and relay.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, after_help = SN_AFTER_HELP)]
+pub struct SupernodeCommand {
+    #[command(subcommand)]
+    sub: Option<SnSub>,
+    #[command(flatten)]
+    args: SnArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnSub {
+    /// Shows a running supernode's communities, edges, relay counters and drops.
+    Status(SnStatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct SnStatusArgs {
+    /// Status socket of the supernode [default: /run/mvc/supernode.sock].
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Default)]
+struct SnArgs {
+    /// UDP address to listen on [default: 0.0.0.0:7654].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Unix socket for `mvc supernode status` [default: /run/mvc/supernode.sock].
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// TOML file with the same settings (flags override it).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Forget an edge after this many seconds without a registration [default: 30].
+    #[arg(long, value_name = "SECS")]
+    edge_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct SnFile {
+    listen: Option<SocketAddr>,
+    status_socket: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+    edge_timeout: Option<u64>,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned + Default>(p: Option<&Path>) -> Result<T, CliError> {
+    let Some(p) = p else {
+        return Ok(T::default());
+    };
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| CliError::Usage(format!("cannot read config {}: {e}", p.display())))?;
+    toml::from_str(&s).map_err(|e| CliError::Usage(format!("config {}: {e}", p.display())))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>, CliError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| IoError::Sys {
+            call: "sigaction".into(),
+            source: e,
+        })?;
+    }
+    Ok(stop)
+}
+
+fn print_status<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    json: bool,
+    table: impl Fn(&T) -> String,
+) -> Result<(), CliError> {
+    let s = ctl::query_status(path)?;
+    if json {
+        print!("{s}");
+        return Ok(());
+    }
+    let v: T = serde_json::from_str(&s).map_err(|e| {
+        CliError::Usage(format!(
+            "unexpected status from {} ({e}); the process may still be starting",
+            path.display()
+        ))
+    })?;
+    print!("{}", table(&v));
+    Ok(())
+}
+
+fn edge_socket_default(tap: &str) -> PathBuf {
+    PathBuf::from(format!("/run/mvc/edge-{tap}.sock"))
+}
+
+impl EdgeCommand {
+    /// Runs the command (the edge in the foreground, or a status query).
+    pub fn run(self) -> Result<(), CliError> {
+        match self.sub {
+            Some(EdgeSub::Status(a)) => {
+                let path = match (a.status_socket, a.tap) {
+                    (Some(p), _) => p,
+                    (None, Some(t)) => edge_socket_default(&t),
+                    (None, None) => only_edge_socket()?,
+                };
+                print_status::<EdgeStatus>(&path, a.json, EdgeStatus::table)
+            }
+            None => {
+                init_logging();
+                run_edge(self.args)
+            }
+        }
+    }
+}
+
+fn only_edge_socket() -> Result<PathBuf, CliError> {
+    let mut found = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/run/mvc") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("edge-") && n.ends_with(".sock") {
+                found.push(e.path());
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(CliError::Usage(
+            "no edge status socket in /run/mvc; pass --status-socket or --tap".into(),
+        )),
+        _ => Err(CliError::Usage(format!(
+            "several edges run here ({}); pass --tap or --status-socket",
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
+    let f: EdgeFile = read_toml(a.config.as_deref())?;
+    let need = |v: Option<String>, flag: &str| {
+        v.ok_or_else(|| CliError::Usage(format!("--{flag} is required (or `{flag}` in --config)")))
+    };
+    let name = need(a.name.or(f.name), "name")?;
+    let community = need(a.community.or(f.community), "community")?;
+    let tap_name = need(a.tap.or(f.tap), "tap")?;
+    let secret = if let Some(p) = a.secret_file.or(f.secret_file) {
+        let s = std::fs::read(&p).map_err(|e| {
+            CliError::Usage(format!("cannot read secret file {}: {e}", p.display()))
+        })?;
+        let mut s = s;
+        while s.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+            s.pop();
+        }
+        s
+    } else if let Some(s) = a.secret.or(f.secret) {
+        s.into_bytes()
+    } else {
+        return Err(CliError::Usage(
+            "a community secret is required: --secret-file PATH, --secret STR or env MVC_SECRET"
+                .into(),
+        ));
+    };
+    if secret.is_empty() {
+        return Err(CliError::Usage("the community secret is empty".into()));
+    }
+    let supernodes = if a.supernodes.is_empty() {
+        f.supernodes.unwrap_or_default()
+    } else {
+        a.supernodes
+    };
+    if supernodes.is_empty() {
+        return Err(CliError::Usage(
+            "at least one --supernode ADDR:PORT is required".into(),
+        ));
+    }
+    let mtu = a.mtu.or(f.mtu).unwrap_or(1500);
+    if !(576..=9000).contains(&mtu) {
+        return Err(CliError::Usage(format!(
+            "--mtu {mtu} is outside 576..=9000"
+        )));
+    }
+    let cipher = a.cipher.or(f.cipher).unwrap_or_default();
+    let listen = a
+        .listen
+        .or(f.listen)
+        .unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid literal"));
+    let status_socket = a
+        .status_socket
+        .or(f.status_socket)
+        .unwrap_or_else(|| edge_socket_default(&tap_name));
+    let metrics = a.metrics.or(f.metrics);
+    let create_tap = a.create_tap || f.create_tap.unwrap_or(false);
+    let (datapath, datapath_reason) =
+        match a.datapath.or(f.datapath).unwrap_or_default() {
+            Datapath::Xdp => return Err(CliError::Usage(
+                "the XDP datapath is not built yet in this version; use --datapath tap (or auto)"
+                    .into(),
+            )),
+            Datapath::Tap => ("tap", "selected with --datapath tap".to_string()),
+            Datapath::Auto => (
+                "tap",
+                "auto: the XDP datapath is not built yet, so TAP is used".to_string(),
+            ),
+        };
+
+    let sock = udp::bind(listen)?;
+    let bound = sock.local_addr().map_err(|e| IoError::Sys {
+        call: "getsockname".into(),
+        source: e,
+    })?;
+    let local_addrs: Vec<SocketAddr> = if bound.ip().is_unspecified() {
+        sys::local_ipv4_addrs()
+            .into_iter()
+            .map(|ip| SocketAddr::new(IpAddr::V4(ip), bound.port()))
+            .collect()
+    } else {
+        vec![bound]
+    };
+    let underlay_mtu = a.underlay_mtu.or(f.underlay_mtu).unwrap_or(1500);
+    if !(576..=65_000).contains(&underlay_mtu) {
+        return Err(CliError::Usage(format!(
+            "--underlay-mtu {underlay_mtu} is outside 576..=65000"
+        )));
+    }
+    let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(0);
+    let uring_ok = io_uring::IoUring::new(8).is_ok();
+    if !uring_ok {
+        tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
+    }
+    let tap = tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?;
+    let off = Offloads {
+        gso: uring_ok && udp::probe_gso(sock.as_raw_fd()),
+        gro: uring_ok && udp::enable_gro(sock.as_raw_fd()),
+        vnet: tap.vnet_hdr,
+    };
+    if uring_ok {
+        if !off.gso {
+            tracing::warn!("UDP GSO not available; datagrams are sent one by one");
+        }
+        if !off.gro {
+            tracing::warn!("UDP GRO not available; datagrams are received one by one");
+        }
+        if !tap.vnet_hdr {
+            tracing::warn!("TAP virtio headers not available; no TSO from the TAP device");
+        } else if !tap.offload {
+            tracing::warn!("TAP TSO/checksum offload refused; frames arrive segmented");
+        }
+    }
+    let core = EdgeCore::new(
+        EdgeConfig {
+            name: name.clone(),
+            community: community.clone(),
+            secret,
+            cipher,
+            supernodes: supernodes.clone(),
+            local_addrs,
+            timers: Timers::default(),
+            max_peers: 4096,
+            max_macs: 65_536,
+        },
+        Instant::now(),
+    )?;
+    let snap: Snapshot<EdgeStatus> = Arc::new(Mutex::new(None));
+    let _sock_file = ctl::serve_status(&status_socket, Arc::clone(&snap))?;
+    if let Some(m) = metrics {
+        let s2 = Arc::clone(&snap);
+        let at = ctl::serve_metrics(m, move || {
+            s2.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|s| s.prometheus())
+                .unwrap_or_default()
+        })?;
+        tracing::info!(%at, "metrics on /metrics");
+    }
+    let stop = stop_flag()?;
+    let io = if uring_ok {
+        off.describe()
+    } else {
+        "poll(2); no offloads".to_string()
+    };
+    tracing::info!(
+        %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,
+        cipher = %cipher, listen = %bound, supernodes = ?supernodes, io = %io,
+        "edge running"
+    );
+    let info = EdgeInfo {
+        datapath: datapath.into(),
+        datapath_reason,
+        io,
+        tap: tap_name,
+        mtu,
+        listen: bound.to_string(),
+    };
+    if uring_ok {
+        let spin = Duration::from_micros(busy_poll_us.min(10_000));
+        uring::run_edge(
+            core,
+            sock,
+            tap,
+            off,
+            underlay_mtu as usize,
+            spin,
+            info,
+            snap,
+            stop,
+        )?;
+    } else {
+        driver::run_edge(core, sock, tap, info, snap, stop)?;
+    }
+    tracing::info!("edge stopped");
+    Ok(())
+}
+
+impl SupernodeCommand {
+    /// Runs the command (the supernode in the foreground, or a status query).
+    pub fn run(self) -> Result<(), CliError> {
+        match self.sub {
+            Some(SnSub::Status(a)) => {
+                let path = a
+                    .status_socket
+                    .unwrap_or_else(|| PathBuf::from("/run/mvc/supernode.sock"));
+                print_status::<SupernodeStatus>(&path, a.json, SupernodeStatus::table)
+            }
+            None => {
+                init_logging();
+                run_supernode(self.args)
+            }
+        }
+    }
+}
+
+fn run_supernode(a: SnArgs) -> Result<(), CliError> {
+    let f: SnFile = read_toml(a.config.as_deref())?;
+    let listen = a
+        .listen
+        .or(f.listen)
+        .unwrap_or_else(|| "0.0.0.0:7654".parse().expect("valid literal"));
+    let status_socket = a
+        .status_socket
+        .or(f.status_socket)
+        .unwrap_or_else(|| PathBuf::from("/run/mvc/supernode.sock"));
+    let edge_timeout = a.edge_timeout.or(f.edge_timeout).unwrap_or(30);
+    if edge_timeout == 0 {
+        return Err(CliError::Usage("--edge-timeout must be at least 1".into()));
+    }
+    let sock = udp::bind(listen)?;
+    let bound = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let core = SupernodeCore::new(
+        SupernodeConfig {
+            edge_timeout: Duration::from_secs(edge_timeout),
+            ..SupernodeConfig::default()
+        },
+        Instant::now(),
+    );
+    let snap: Snapshot<SupernodeStatus> = Arc::new(Mutex::new(None));
+    let _sock_file = ctl::serve_status(&status_socket, Arc::clone(&snap))?;
+    if let Some(m) = a.metrics.or(f.metrics) {
+        let s2 = Arc::clone(&snap);
+        let at = ctl::serve_metrics(m, move || {
+            s2.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|s| s.prometheus())
+                .unwrap_or_default()
+        })?;
+        tracing::info!(%at, "metrics on /metrics");
+    }
+    let stop = stop_flag()?;
+    tracing::info!(listen = %bound, edge_timeout, "supernode running");
+    driver::run_supernode(core, sock, bound, snap, stop)?;
+    tracing::info!("supernode stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_config_file_parses_and_rejects_unknown_keys() {
+        let f: EdgeFile = toml::from_str(
+            r#"
+            name = "site-b"
+            community = "lab"
+            secret_file = "/etc/mvc/secret"
+            supernodes = ["198.18.0.1:7654", "198.18.0.5:7654"]
+            tap = "mvc0"
+            create_tap = true
+            mtu = 1500
+            cipher = "chacha20-poly1305"
+            datapath = "auto"
+            underlay_mtu = 1400
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.supernodes.unwrap().len(), 2);
+        assert_eq!(f.cipher, Some(Cipher::Chacha20Poly1305));
+        assert_eq!(f.datapath, Some(Datapath::Auto));
+        assert!(toml::from_str::<EdgeFile>("nmae = \"x\"").is_err());
+        let s: SnFile = toml::from_str("listen = \"0.0.0.0:7654\"\nedge_timeout = 10").unwrap();
+        assert_eq!(s.edge_timeout, Some(10));
+    }
+
+    #[test]
+    fn xdp_is_refused_with_a_clear_message() {
+        let a = EdgeArgs {
+            name: Some("a".into()),
+            community: Some("c".into()),
+            secret: Some("s".into()),
+            supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+            tap: Some("mvcx0".into()),
+            datapath: Some(Datapath::Xdp),
+            ..EdgeArgs::default()
+        };
+        let e = run_edge(a).unwrap_err().to_string();
+        assert!(e.contains("XDP datapath is not built yet"), "{e}");
+    }
+}

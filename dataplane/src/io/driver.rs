@@ -1,0 +1,297 @@
+//! Event loops: readiness with poll(2), non-blocking reads in batches, output flushed
+//! after each batch.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::edge::EdgeCore;
+use crate::offload;
+use crate::outbox::Outbox;
+use crate::status::{EdgeStatus, SupernodeStatus};
+use crate::supernode::SupernodeCore;
+
+use super::ctl::Snapshot;
+use super::tap::{self, Tap};
+use super::IoError;
+
+const BATCH: usize = 64;
+const TICK: Duration = Duration::from_millis(20);
+const PUBLISH: Duration = Duration::from_millis(200);
+
+/// Fields of the edge status the driver knows.
+#[derive(Clone, Debug)]
+pub struct EdgeInfo {
+    /// "tap" or "xdp".
+    pub datapath: String,
+    /// Why.
+    pub datapath_reason: String,
+    /// I/O engine and offloads.
+    pub io: String,
+    /// TAP name.
+    pub tap: String,
+    /// TAP MTU.
+    pub mtu: u32,
+    /// Listen address.
+    pub listen: String,
+}
+
+fn poll2(fds: &mut [libc::pollfd], timeout: Duration) -> Result<(), IoError> {
+    // SAFETY: fds is a valid slice of pollfd for its length.
+    let r = unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(IoError::Sys {
+                call: "poll".into(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn flush_udp(sock: &UdpSocket, out: &mut Outbox, mut drop: impl FnMut(&'static str)) {
+    for u in &out.udp {
+        if let Err(e) = sock.send_to(u.bytes(), u.dst) {
+            drop(if e.kind() == std::io::ErrorKind::WouldBlock {
+                "udp_send_full"
+            } else {
+                "udp_send_error"
+            });
+        }
+    }
+}
+
+/// Runs an edge until `stop` is set.
+pub fn run_edge(
+    mut core: EdgeCore,
+    sock: UdpSocket,
+    tap: Tap,
+    info: EdgeInfo,
+    snap: Snapshot<EdgeStatus>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), IoError> {
+    let buf_size = info.mtu as usize + 14 + 4 + 1024;
+    let mut out = Outbox::new(buf_size);
+    let mut rx = vec![0u8; 65_536];
+    let mut last_tick = Instant::now() - TICK;
+    let mut last_pub = Instant::now() - PUBLISH;
+    let tfd = tap.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [
+            libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: tfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        poll2(&mut fds, TICK)?;
+        let now = Instant::now();
+        if fds[0].revents != 0 {
+            for _ in 0..BATCH {
+                match sock.recv_from(&mut rx) {
+                    Ok((n, src)) => core.handle_udp(now, src, &mut rx[..n], &mut out),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        core.count_drop("udp_recv_error");
+                        break;
+                    }
+                }
+            }
+        }
+        if fds[1].revents != 0 {
+            for _ in 0..BATCH {
+                match tap::read(tfd, &mut rx) {
+                    Ok(Some(n)) => core.handle_tap(now, &rx[..n], &mut out),
+                    Ok(None) => break,
+                    Err(_) => {
+                        core.count_drop("tap_read_error");
+                        break;
+                    }
+                }
+            }
+        }
+        if now.saturating_duration_since(last_tick) >= TICK {
+            last_tick = now;
+            core.poll(now, &mut out);
+        }
+        flush_udp(&sock, &mut out, |r| core.count_drop(r));
+        for t in &mut out.tap {
+            let frame = &mut t.buf[t.start..t.start + t.len];
+            if t.hdr.flags & offload::F_NEEDS_CSUM != 0
+                && offload::complete_csum(
+                    frame,
+                    usize::from(t.hdr.csum_start),
+                    usize::from(t.hdr.csum_offset),
+                )
+                .is_err()
+            {
+                core.count_drop("bad_csum_offload");
+                continue;
+            }
+            if tap::write(tfd, frame).is_err() {
+                core.count_drop("tap_write_error");
+            }
+        }
+        out.recycle_sent();
+        if now.saturating_duration_since(last_pub) >= PUBLISH {
+            last_pub = now;
+            let mut s = core.status(now);
+            s.datapath = info.datapath.clone();
+            s.datapath_reason = info.datapath_reason.clone();
+            s.io = info.io.clone();
+            s.tap = info.tap.clone();
+            s.mtu = info.mtu;
+            s.listen = info.listen.clone();
+            *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        }
+    }
+    Ok(())
+}
+
+/// Counts a send failure of the supernode.
+fn sn_send(
+    fd: std::os::fd::RawFd,
+    b: &[u8],
+    dst: std::net::SocketAddr,
+    seg: Option<u16>,
+    fails: &mut u64,
+) {
+    if super::udp::send_msg(fd, b, dst, seg).is_err() {
+        *fails += 1;
+    }
+}
+
+/// Runs a supernode until `stop` is set. Relay traffic arrives in GRO batches and leaves
+/// in GSO batches when the kernel has them: a batch whose datagrams all go to one edge is
+/// forwarded with one send and no copy.
+pub fn run_supernode(
+    mut core: SupernodeCore,
+    sock: UdpSocket,
+    listen: String,
+    snap: Snapshot<SupernodeStatus>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), IoError> {
+    let fd = sock.as_raw_fd();
+    let gro = super::udp::enable_gro(fd);
+    let mut gso = super::udp::probe_gso(fd);
+    if !gro || !gso {
+        tracing::warn!(
+            gro,
+            gso,
+            "UDP offloads missing; relaying datagram by datagram"
+        );
+    }
+    let mut out = Outbox::new(2048);
+    let mut rx = vec![0u8; 65_536];
+    let mut last_tick = Instant::now() - TICK;
+    let mut last_pub = Instant::now() - PUBLISH;
+    let mut send_fails = 0u64;
+    let mut targets: Vec<Option<std::net::SocketAddr>> = Vec::with_capacity(64);
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        poll2(&mut fds, TICK)?;
+        let now = Instant::now();
+        if fds[0].revents != 0 {
+            for _ in 0..BATCH {
+                let (n, src, seg) = match super::udp::recv_msg(fd, &mut rx) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => break,
+                    Err(_) => break,
+                };
+                let seg = seg.unwrap_or(n).max(1);
+                // Relay datagrams: find each target, then forward runs to one target.
+                targets.clear();
+                let mut o = 0;
+                while o < n {
+                    let e = (o + seg).min(n);
+                    let p = &rx[o..e];
+                    if matches!(crate::wire::peek_type(p), Ok(crate::wire::MsgType::Relay)) {
+                        targets.push(core.relay_target(src, p));
+                    } else {
+                        core.handle(now, src, p, &mut out);
+                        targets.push(None);
+                    }
+                    o = e;
+                }
+                let mut k = 0;
+                while k < targets.len() {
+                    let Some(dst) = targets[k] else {
+                        k += 1;
+                        continue;
+                    };
+                    let mut j = k + 1;
+                    while j < targets.len() && targets[j] == Some(dst) {
+                        j += 1;
+                    }
+                    let start = k * seg;
+                    let end = (j * seg).min(n);
+                    if j - k > 1 && gso {
+                        if super::udp::send_msg(fd, &rx[start..end], dst, Some(seg as u16)).is_err()
+                        {
+                            gso = false;
+                            tracing::warn!(
+                                "UDP GSO send failed; relaying datagram by datagram from now on"
+                            );
+                            for q in k..j {
+                                sn_send(
+                                    fd,
+                                    &rx[q * seg..((q + 1) * seg).min(n)],
+                                    dst,
+                                    None,
+                                    &mut send_fails,
+                                );
+                            }
+                        }
+                    } else {
+                        for q in k..j {
+                            sn_send(
+                                fd,
+                                &rx[q * seg..((q + 1) * seg).min(n)],
+                                dst,
+                                None,
+                                &mut send_fails,
+                            );
+                        }
+                    }
+                    k = j;
+                }
+            }
+        }
+        if now.saturating_duration_since(last_tick) >= Duration::from_millis(500) {
+            last_tick = now;
+            core.poll(now);
+        }
+        for u in &out.udp {
+            sn_send(fd, u.bytes(), u.dst, None, &mut send_fails);
+        }
+        out.recycle_sent();
+        if now.saturating_duration_since(last_pub) >= PUBLISH {
+            last_pub = now;
+            let mut s = core.status(now, &listen);
+            if send_fails > 0 {
+                s.drops.insert("udp_send_error".into(), send_fails);
+            }
+            *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! Status documents of edges and supernodes: built by the cores, served as JSON on the
+//! status socket, rendered as tables and as Prometheus text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// One supernode as an edge sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SupernodeLink {
+    /// Address.
+    pub addr: String,
+    /// "up" or "down".
+    pub state: String,
+    /// Our address as the supernode observes it.
+    pub observed: Option<String>,
+    /// Milliseconds since the last acknowledgement.
+    pub last_ack_ms: Option<u64>,
+}
+
+/// One peer of an edge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    /// Name (as announced to the supernode; "?" until it is known).
+    pub name: String,
+    /// Edge id (hex).
+    pub id: String,
+    /// Where its packets go: the direct address, or the supernode relaying them.
+    pub endpoint: String,
+    /// "direct" or "relayed".
+    pub path: String,
+    /// Why.
+    pub path_reason: String,
+    /// Round-trip time of the last path probe.
+    pub rtt_ms: Option<f64>,
+    /// Session established.
+    pub session: bool,
+    /// Session age.
+    pub session_age_s: Option<u64>,
+    /// Counters.
+    pub tx_bytes: u64,
+    /// Counters.
+    pub rx_bytes: u64,
+    /// Counters.
+    pub tx_packets: u64,
+    /// Counters.
+    pub rx_packets: u64,
+    /// Handshakes completed with this peer.
+    pub handshakes: u64,
+}
+
+/// A learned MAC address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MacStatus {
+    /// aa:bb:cc:dd:ee:ff
+    pub mac: String,
+    /// Owning peer's name.
+    pub peer: String,
+}
+
+/// `mvc edge status --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EdgeStatus {
+    /// Edge name.
+    pub name: String,
+    /// Community name.
+    pub community: String,
+    /// This edge's id (hex).
+    pub id: String,
+    /// Data cipher.
+    pub cipher: String,
+    /// "tap" or "xdp".
+    pub datapath: String,
+    /// Why this datapath.
+    pub datapath_reason: String,
+    /// I/O engine and offloads in use.
+    pub io: String,
+    /// TAP device.
+    pub tap: String,
+    /// TAP MTU.
+    pub mtu: u32,
+    /// UDP listen address.
+    pub listen: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Supernodes.
+    pub supernodes: Vec<SupernodeLink>,
+    /// Peers.
+    pub peers: Vec<PeerStatus>,
+    /// Learned MACs.
+    pub macs: Vec<MacStatus>,
+    /// Frames read from the TAP device.
+    pub tap_rx_frames: u64,
+    /// Frames written to the TAP device.
+    pub tap_tx_frames: u64,
+    /// Frames flooded (broadcast, multicast, unknown unicast).
+    pub flooded_frames: u64,
+    /// Datagrams received.
+    pub udp_rx_packets: u64,
+    /// Datagrams sent.
+    pub udp_tx_packets: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One edge as a supernode knows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RegisteredEdge {
+    /// Name.
+    pub name: String,
+    /// Edge id (hex).
+    pub id: String,
+    /// Source address of its registrations.
+    pub observed: String,
+    /// Addresses it announced.
+    pub local_addrs: Vec<String>,
+    /// Milliseconds since its last registration.
+    pub last_seen_ms: u64,
+}
+
+/// One community at a supernode.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CommunityStatus {
+    /// Community id (hex; the supernode never learns the name).
+    pub id: String,
+    /// Edges.
+    pub edges: Vec<RegisteredEdge>,
+}
+
+/// `mvc supernode status --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SupernodeStatus {
+    /// Listen address.
+    pub listen: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Communities.
+    pub communities: Vec<CommunityStatus>,
+    /// Registrations accepted.
+    pub registrations: u64,
+    /// Packets relayed (each copy of a fan-out counts).
+    pub relayed_packets: u64,
+    /// Bytes relayed.
+    pub relayed_bytes: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl EdgeStatus {
+    /// Human-readable table.
+    pub fn table(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "edge {} (id {}) community {}  cipher {}  datapath {} ({})",
+            self.name, self.id, self.community, self.cipher, self.datapath, self.datapath_reason
+        );
+        let _ = writeln!(
+            o,
+            "tap {} mtu {}  listen {}  io {}  up {}s",
+            self.tap, self.mtu, self.listen, self.io, self.uptime_s
+        );
+        let _ = writeln!(o, "\nSUPERNODE              STATE  OBSERVED-AS");
+        for s in &self.supernodes {
+            let _ = writeln!(
+                o,
+                "{:<22} {:<6} {}",
+                s.addr,
+                s.state,
+                s.observed.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\n{:<16} {:<22} {:<8} {:>8} {:>12} {:>12} {:>10} {:>10}  WHY",
+            "PEER", "ENDPOINT", "PATH", "RTT-MS", "TX-BYTES", "RX-BYTES", "TX-PKTS", "RX-PKTS"
+        );
+        for p in &self.peers {
+            let rtt = p.rtt_ms.map(|r| format!("{r:.2}")).unwrap_or("-".into());
+            let _ = writeln!(
+                o,
+                "{:<16} {:<22} {:<8} {:>8} {:>12} {:>12} {:>10} {:>10}  {}",
+                p.name,
+                p.endpoint,
+                p.path,
+                rtt,
+                p.tx_bytes,
+                p.rx_bytes,
+                p.tx_packets,
+                p.rx_packets,
+                p.path_reason
+            );
+        }
+        let _ = writeln!(o, "\nMAC                PEER");
+        for m in &self.macs {
+            let _ = writeln!(o, "{}  {}", m.mac, m.peer);
+        }
+        let _ = writeln!(
+            o,
+            "\nframes: tap-rx {} tap-tx {} flooded {}  datagrams: rx {} tx {}",
+            self.tap_rx_frames,
+            self.tap_tx_frames,
+            self.flooded_frames,
+            self.udp_rx_packets,
+            self.udp_tx_packets
+        );
+        let _ = write!(o, "drops:");
+        if self.drops.is_empty() {
+            let _ = write!(o, " none");
+        }
+        for (k, v) in &self.drops {
+            let _ = write!(o, " {k}={v}");
+        }
+        o.push('\n');
+        o
+    }
+
+    /// Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let mut o = String::new();
+        let e = esc(&self.name);
+        let _ = writeln!(o, "# TYPE mvc_edge_uptime_seconds gauge");
+        let _ = writeln!(
+            o,
+            "mvc_edge_uptime_seconds{{edge=\"{e}\"}} {}",
+            self.uptime_s
+        );
+        let _ = writeln!(o, "# TYPE mvc_edge_supernode_up gauge");
+        for s in &self.supernodes {
+            let _ = writeln!(
+                o,
+                "mvc_edge_supernode_up{{edge=\"{e}\",supernode=\"{}\"}} {}",
+                esc(&s.addr),
+                u8::from(s.state == "up")
+            );
+        }
+        for (metric, kind) in [
+            ("tx_bytes", "counter"),
+            ("rx_bytes", "counter"),
+            ("tx_packets", "counter"),
+            ("rx_packets", "counter"),
+            ("direct", "gauge"),
+            ("rtt_seconds", "gauge"),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_edge_peer_{metric} {kind}");
+            for p in &self.peers {
+                let v = match metric {
+                    "tx_bytes" => p.tx_bytes as f64,
+                    "rx_bytes" => p.rx_bytes as f64,
+                    "tx_packets" => p.tx_packets as f64,
+                    "rx_packets" => p.rx_packets as f64,
+                    "direct" => f64::from(u8::from(p.path == "direct")),
+                    _ => match p.rtt_ms {
+                        Some(r) => r / 1000.0,
+                        None => continue,
+                    },
+                };
+                let _ = writeln!(
+                    o,
+                    "mvc_edge_peer_{metric}{{edge=\"{e}\",peer=\"{}\"}} {v}",
+                    esc(&p.name)
+                );
+            }
+        }
+        for (metric, v) in [
+            ("tap_rx_frames_total", self.tap_rx_frames),
+            ("tap_tx_frames_total", self.tap_tx_frames),
+            ("flooded_frames_total", self.flooded_frames),
+            ("udp_rx_packets_total", self.udp_rx_packets),
+            ("udp_tx_packets_total", self.udp_tx_packets),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
+            let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
+        }
+        let _ = writeln!(o, "# TYPE mvc_edge_drops_total counter");
+        for (k, v) in &self.drops {
+            let _ = writeln!(
+                o,
+                "mvc_edge_drops_total{{edge=\"{e}\",reason=\"{}\"}} {v}",
+                esc(k)
+            );
+        }
+        o
+    }
+}
+
+impl SupernodeStatus {
+    /// Human-readable table.
+    pub fn table(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "supernode {}  up {}s  registrations {}  relayed {} packets / {} bytes",
+            self.listen,
+            self.uptime_s,
+            self.registrations,
+            self.relayed_packets,
+            self.relayed_bytes
+        );
+        for c in &self.communities {
+            let _ = writeln!(o, "\ncommunity {}", c.id);
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<18} {:<22} {:>9}  LOCAL-ADDRS",
+                "EDGE", "ID", "OBSERVED", "SEEN-MS"
+            );
+            for e in &c.edges {
+                let _ = writeln!(
+                    o,
+                    "  {:<16} {:<18} {:<22} {:>9}  {}",
+                    e.name,
+                    e.id,
+                    e.observed,
+                    e.last_seen_ms,
+                    e.local_addrs.join(",")
+                );
+            }
+        }
+        let _ = write!(o, "\ndrops:");
+        if self.drops.is_empty() {
+            let _ = write!(o, " none");
+        }
+        for (k, v) in &self.drops {
+            let _ = write!(o, " {k}={v}");
+        }
+        o.push('\n');
+        o
+    }
+
+    /// Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# TYPE mvc_supernode_uptime_seconds gauge");
+        let _ = writeln!(o, "mvc_supernode_uptime_seconds {}", self.uptime_s);
+        let _ = writeln!(o, "# TYPE mvc_supernode_edges gauge");
+        for c in &self.communities {
+            let _ = writeln!(
+                o,
+                "mvc_supernode_edges{{community=\"{}\"}} {}",
+                c.id,
+                c.edges.len()
+            );
+        }
+        for (m, v) in [
+            ("registrations_total", self.registrations),
+            ("relayed_packets_total", self.relayed_packets),
+            ("relayed_bytes_total", self.relayed_bytes),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_supernode_{m} counter");
+            let _ = writeln!(o, "mvc_supernode_{m} {v}");
+        }
+        let _ = writeln!(o, "# TYPE mvc_supernode_drops_total counter");
+        for (k, v) in &self.drops {
+            let _ = writeln!(o, "mvc_supernode_drops_total{{reason=\"{}\"}} {v}", esc(k));
+        }
+        o
+    }
+}

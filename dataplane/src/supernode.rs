@@ -1,0 +1,379 @@
+//! Supernode core: registrations per community, peer introduction, relay and fan-out,
+//! expiry of silent edges. Pure: takes `now` and writes datagrams into an [`Outbox`].
+//!
+//! The supernode never holds a community secret: it sees community ids, edge ids and
+//! addresses, and forwards encrypted packets unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ring::signature::{UnparsedPublicKey, ED25519};
+
+use crate::outbox::Outbox;
+use crate::status::{hex, CommunityStatus, RegisteredEdge, SupernodeStatus};
+use crate::wire::{
+    self, CommunityId, EdgeId, MsgType, PeerEntry, PeerInfo, Register, RegisterAck, RelayHdr,
+    MAX_PEERS_PER_INFO,
+};
+
+/// Edge id of a registration key: the first 8 bytes of its SHA-256.
+pub fn edge_id_of(key: &[u8; 32]) -> EdgeId {
+    let d = ring::digest::digest(&ring::digest::SHA256, key);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d.as_ref()[..8]);
+    id
+}
+
+#[derive(Debug)]
+struct Edge {
+    key: [u8; 32],
+    name: String,
+    observed: SocketAddr,
+    local_addrs: Vec<SocketAddr>,
+    last_seen: Instant,
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Community {
+    edges: HashMap<EdgeId, Edge>,
+}
+
+/// Supernode settings.
+#[derive(Clone, Debug)]
+pub struct SupernodeConfig {
+    /// Silent edges are forgotten after this long.
+    pub edge_timeout: Duration,
+    /// Most edges over all communities.
+    pub max_edges: usize,
+}
+
+impl Default for SupernodeConfig {
+    fn default() -> Self {
+        Self {
+            edge_timeout: Duration::from_secs(30),
+            max_edges: 10_000,
+        }
+    }
+}
+
+/// The supernode state machine.
+#[derive(Debug)]
+pub struct SupernodeCore {
+    cfg: SupernodeConfig,
+    communities: HashMap<CommunityId, Community>,
+    n_edges: usize,
+    started: Instant,
+    registrations: u64,
+    relayed_packets: u64,
+    relayed_bytes: u64,
+    drops: BTreeMap<&'static str, u64>,
+}
+
+impl SupernodeCore {
+    /// A supernode with no registrations.
+    pub fn new(cfg: SupernodeConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            communities: HashMap::new(),
+            n_edges: 0,
+            started: now,
+            registrations: 0,
+            relayed_packets: 0,
+            relayed_bytes: 0,
+            drops: BTreeMap::new(),
+        }
+    }
+
+    fn drop(&mut self, reason: &'static str) {
+        *self.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Handles one datagram from `src`.
+    pub fn handle(&mut self, now: Instant, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+        let t = match wire::peek_type(pkt) {
+            Ok(t) => t,
+            Err(e) => return self.drop(e.reason()),
+        };
+        match t {
+            MsgType::Register => self.on_register(now, src, pkt, out),
+            MsgType::Relay => self.on_relay(src, pkt, out),
+            MsgType::Bcast => self.on_bcast(src, pkt, out),
+            _ => self.drop("unexpected_type"),
+        }
+    }
+
+    fn on_register(&mut self, now: Instant, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+        let v = match Register::decode(pkt) {
+            Ok(v) => v,
+            Err(e) => return self.drop(e.reason()),
+        };
+        if UnparsedPublicKey::new(&ED25519, &v.msg.edge_key)
+            .verify(v.signed, v.sig)
+            .is_err()
+        {
+            return self.drop("bad_signature");
+        }
+        let m = v.msg;
+        let id = edge_id_of(&m.edge_key);
+        let is_new = !self
+            .communities
+            .get(&m.community)
+            .is_some_and(|c| c.edges.contains_key(&id));
+        if is_new && self.n_edges >= self.cfg.max_edges {
+            return self.drop("table_full");
+        }
+        let comm = self.communities.entry(m.community).or_default();
+        let changed;
+        match comm.edges.get_mut(&id) {
+            Some(e) => {
+                if e.key != m.edge_key {
+                    return self.drop("id_conflict");
+                }
+                if m.seq <= e.seq {
+                    return self.drop("stale_register");
+                }
+                changed = e.observed != src || e.local_addrs != m.local_addrs || e.name != m.name;
+                e.observed = src;
+                e.local_addrs = m.local_addrs;
+                e.name = m.name;
+                e.last_seen = now;
+                e.seq = m.seq;
+            }
+            None => {
+                changed = true;
+                comm.edges.insert(
+                    id,
+                    Edge {
+                        key: m.edge_key,
+                        name: m.name,
+                        observed: src,
+                        local_addrs: m.local_addrs,
+                        last_seen: now,
+                        seq: m.seq,
+                    },
+                );
+                self.n_edges += 1;
+            }
+        }
+        self.registrations += 1;
+        let lifetime = self.cfg.edge_timeout.as_secs().min(u16::MAX as u64) as u16;
+        let ack = RegisterAck {
+            community: m.community,
+            edge: id,
+            seq: m.seq,
+            observed: src,
+            lifetime_secs: lifetime,
+        };
+        let mut b = out.take();
+        if let Ok(n) = ack.encode(&mut b) {
+            out.push_udp(src, b, 0, n);
+        } else {
+            out.give(b, false);
+        }
+        let comm = &self.communities[&m.community];
+        // The complete list of the others to the registering edge.
+        let others: Vec<PeerEntry> = comm
+            .edges
+            .iter()
+            .filter(|(k, _)| **k != id)
+            .map(|(k, e)| entry(k, e))
+            .collect();
+        for chunk in others.chunks(MAX_PEERS_PER_INFO) {
+            send_info(out, src, &m.community, true, chunk.to_vec());
+        }
+        // The news about this edge to the others.
+        if changed {
+            let me = entry(&id, &comm.edges[&id]);
+            for (k, e) in &comm.edges {
+                if *k != id {
+                    send_info(out, e.observed, &m.community, false, vec![me.clone()]);
+                }
+            }
+        }
+    }
+
+    /// Source edge of a relayed packet, checked against the address it registered from.
+    fn check_src(&mut self, src: SocketAddr, community: &CommunityId, id: &EdgeId) -> bool {
+        let ok = match self.communities.get(community) {
+            None => Err("unknown_community"),
+            Some(c) => match c.edges.get(id) {
+                Some(e) if e.observed == src => Ok(()),
+                Some(_) => Err("relay_src_mismatch"),
+                None => Err("relay_unknown_src"),
+            },
+        };
+        match ok {
+            Ok(()) => true,
+            Err(r) => {
+                self.drop(r);
+                false
+            }
+        }
+    }
+
+    /// Checks a relay packet and returns where to forward it unchanged (counted as
+    /// relayed); `None` when it is dropped (counted) or is not a relay packet.
+    pub fn relay_target(&mut self, src: SocketAddr, pkt: &[u8]) -> Option<SocketAddr> {
+        let (h, _) = match RelayHdr::decode(pkt) {
+            Ok(v) => v,
+            Err(e) => {
+                self.drop(e.reason());
+                return None;
+            }
+        };
+        if !self.check_src(src, &h.community, &h.src) {
+            return None;
+        }
+        let dst = self.communities[&h.community]
+            .edges
+            .get(&h.dst)
+            .map(|e| e.observed);
+        match dst {
+            Some(d) if h.dst != h.src => {
+                self.relayed_packets += 1;
+                self.relayed_bytes += pkt.len() as u64;
+                Some(d)
+            }
+            _ => {
+                self.drop("relay_unknown_dst");
+                None
+            }
+        }
+    }
+
+    fn on_relay(&mut self, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+        let (h, _) = match RelayHdr::decode(pkt) {
+            Ok(v) => v,
+            Err(e) => return self.drop(e.reason()),
+        };
+        if !self.check_src(src, &h.community, &h.src) {
+            return;
+        }
+        let dst = self.communities[&h.community]
+            .edges
+            .get(&h.dst)
+            .map(|e| e.observed);
+        match dst {
+            Some(d) if h.dst != h.src => {
+                out.push_udp_copy(d, pkt);
+                self.relayed_packets += 1;
+                self.relayed_bytes += pkt.len() as u64;
+            }
+            _ => self.drop("relay_unknown_dst"),
+        }
+    }
+
+    fn on_bcast(&mut self, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+        let v = match wire::decode_bcast(pkt) {
+            Ok(v) => v,
+            Err(e) => return self.drop(e.reason()),
+        };
+        if !self.check_src(src, &v.community, &v.src) {
+            return;
+        }
+        let c = &self.communities[&v.community];
+        let mut n = 0u64;
+        if v.dsts.is_empty() {
+            for (k, e) in &c.edges {
+                if *k != v.src {
+                    out.push_udp_copy(e.observed, pkt);
+                    n += 1;
+                }
+            }
+        } else {
+            for d in &v.dsts {
+                if *d == v.src {
+                    continue;
+                }
+                if let Some(e) = c.edges.get(d) {
+                    out.push_udp_copy(e.observed, pkt);
+                    n += 1;
+                }
+            }
+        }
+        self.relayed_packets += n;
+        self.relayed_bytes += n * pkt.len() as u64;
+    }
+
+    /// Expires silent edges.
+    pub fn poll(&mut self, now: Instant) {
+        let timeout = self.cfg.edge_timeout;
+        let mut removed = 0;
+        for c in self.communities.values_mut() {
+            let before = c.edges.len();
+            c.edges
+                .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
+            removed += before - c.edges.len();
+        }
+        self.communities.retain(|_, c| !c.edges.is_empty());
+        self.n_edges -= removed;
+    }
+
+    /// Status document.
+    pub fn status(&self, now: Instant, listen: &str) -> SupernodeStatus {
+        let mut communities: Vec<CommunityStatus> = self
+            .communities
+            .iter()
+            .map(|(id, c)| {
+                let mut edges: Vec<RegisteredEdge> = c
+                    .edges
+                    .iter()
+                    .map(|(k, e)| RegisteredEdge {
+                        name: e.name.clone(),
+                        id: hex(k),
+                        observed: e.observed.to_string(),
+                        local_addrs: e.local_addrs.iter().map(|a| a.to_string()).collect(),
+                        last_seen_ms: now.saturating_duration_since(e.last_seen).as_millis() as u64,
+                    })
+                    .collect();
+                edges.sort_by(|a, b| a.name.cmp(&b.name));
+                CommunityStatus { id: hex(id), edges }
+            })
+            .collect();
+        communities.sort_by(|a, b| a.id.cmp(&b.id));
+        SupernodeStatus {
+            listen: listen.to_owned(),
+            uptime_s: now.saturating_duration_since(self.started).as_secs(),
+            communities,
+            registrations: self.registrations,
+            relayed_packets: self.relayed_packets,
+            relayed_bytes: self.relayed_bytes,
+            drops: self
+                .drops
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+        }
+    }
+}
+
+fn entry(id: &EdgeId, e: &Edge) -> PeerEntry {
+    PeerEntry {
+        id: *id,
+        name: e.name.clone(),
+        observed: e.observed,
+        local_addrs: e.local_addrs.clone(),
+    }
+}
+
+fn send_info(
+    out: &mut Outbox,
+    dst: SocketAddr,
+    community: &CommunityId,
+    full: bool,
+    peers: Vec<PeerEntry>,
+) {
+    let info = PeerInfo {
+        community: *community,
+        full,
+        peers,
+    };
+    let mut b = out.take();
+    match info.encode(&mut b) {
+        Ok(n) => out.push_udp(dst, b, 0, n),
+        Err(_) => out.give(b, false),
+    }
+}
