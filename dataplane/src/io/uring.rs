@@ -420,6 +420,7 @@ pub fn run_edge(
         let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
         let mut last_activity: Option<Instant> = None;
         let mut tap_errors = 0u64;
+        let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
         let mut fatal: Option<IoError> = None;
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -569,6 +570,11 @@ pub fn run_edge(
             }
             if now.saturating_duration_since(last_tick) >= TICK {
                 last_tick = now;
+                if now.saturating_duration_since(last_host) >= super::driver::HOST_REFRESH {
+                    last_host = now;
+                    let (l, o) = super::driver::host_addrs(&info.tap, info.listen_addr);
+                    core.set_host_addrs(l, o);
+                }
                 core.poll(now, &mut out);
             }
             if let Err(e) = lp.flush(&mut core, &mut out) {
