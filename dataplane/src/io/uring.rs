@@ -25,8 +25,8 @@ use super::tap::Tap;
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
 
-const UDP_SLOTS: usize = 16;
-const TAP_SLOTS: usize = 16;
+const UDP_SLOTS: usize = 4;
+const TAP_SLOTS: usize = 4;
 const RX_BUF: usize = 65_536 + VNET_HDR_LEN;
 const MAX_IN_FLIGHT: usize = 2048;
 const TICK: Duration = Duration::from_millis(20);
