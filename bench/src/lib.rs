@@ -1,1 +1,15 @@
-//! Placeholder; see README.
+//! `bench`: the project's network lab and its end-to-end measurements.
+//!
+//! - [`lab`]: network namespaces, veth, bridges, NAT routers and "VM" namespaces, with
+//!   background processes and teardown on drop, panic and signals. The overlay's lab tests
+//!   (`control/tests/overlay_lab.rs`) and the `bench` binary build on it.
+//! - [`overlay`]: starting `mvc supernode`/`mvc edge` and Debian's n2n 1.3.1 in a lab, and
+//!   reading their status.
+//! - [`wanem`]: the userspace WAN emulator (delay, jitter, loss, rate per direction).
+//! - [`dhcp`]: a minimal DHCP client, to check that leases cross the overlay.
+
+pub mod dhcp;
+pub mod lab;
+pub mod overlay;
+mod sys;
+pub mod wanem;

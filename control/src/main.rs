@@ -1,23 +1,814 @@
 //! `mvc`: the one operator binary of a site frontend.
-use clap::Parser;
+//!
+//! Overlay: `mvc edge`, `mvc supernode` (implemented in `dataplane::cli`).
+//! Controller: `mvc key`, `mvc site`, `mvc cluster`, `mvc vm`; per-site appliance:
+//! `mvc agent`; the whole thing on one machine: `mvc demo`.
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
+use control::auth::{Authorization, SigningKey};
+use control::controller::{self, Controller, CreateArgs};
+use control::driver::{NetnsDriver, QemuDriver, VmDriver};
+use control::store::SqliteStore;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
     name = "mvc",
     version,
-    about = "Multi-site virtual clusters over an encrypted L2 overlay"
+    about = "Multi-site virtual clusters over an encrypted L2 overlay",
+    long_about = "Multi-site virtual clusters over an encrypted L2 overlay.\n\n\
+        Quick start (controller on the origin frontend):\n  \
+        mvc key gen                                   # your Ed25519 key\n  \
+        # at each site, the admin: mvc agent init / mvc agent authorize / mvc agent run\n  \
+        mvc site add A --agent 198.18.1.2:7000 --agent-key <hex>\n  \
+        mvc cluster create vc1 --sites A:B:C --computes 3:2:2 --start\n  \
+        mvc cluster hostfile vc1\n\n\
+        Or everything on one machine: mvc demo"
 )]
-enum Command {
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options of every controller command (not of `mvc edge` / `mvc supernode`).
+#[derive(Args, Clone)]
+struct Common {
+    /// Controller database.
+    #[arg(
+        long,
+        global = true,
+        env = "MVC_DB",
+        default_value = "/var/lib/mvc/controller.db"
+    )]
+    db: PathBuf,
+    /// Your Ed25519 key (PKCS#8 hex), made by `mvc key gen` [default: ~/.config/mvc/user.key].
+    #[arg(long, global = true, env = "MVC_KEY")]
+    key: Option<PathBuf>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
     /// Joins this host to a community's private L2 network through a TAP device.
     Edge(dataplane::cli::EdgeCommand),
     /// Runs a rendezvous and relay point for edges (needs no secret).
     Supernode(dataplane::cli::SupernodeCommand),
+    /// Your signing key.
+    Key {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// The per-site agent (run by each site's admin on its frontend).
+    Agent {
+        /// Print results as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+    /// Sites the controller knows.
+    Site {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        cmd: SiteCmd,
+    },
+    /// Multi-site virtual clusters.
+    Cluster {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Single VMs of a cluster.
+    Vm {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// On this machine: three sites (two behind NAT) in network namespaces, a cluster
+    /// across them made with one command, an OpenMPI job on it, then teardown.
+    Demo(DemoArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Command::parse() {
-        Command::Edge(c) => c.run()?,
-        Command::Supernode(c) => c.run()?,
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Make a new key (refuses to overwrite unless --force) and print its public half.
+    Gen {
+        /// Where to write it (default: --key, or ~/.config/mvc/user.key).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of --key.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Create the state directory and the agent key; prints the agent public key that
+    /// controllers pin with `mvc site add --agent-key`.
+    Init {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/mvc/agent")]
+        state: PathBuf,
+    },
+    /// Let a user key use this site.
+    Authorize {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/mvc/agent")]
+        state: PathBuf,
+        /// The user's public key (hex, from `mvc key show`).
+        #[arg(long = "key", visible_alias = "user-key")]
+        user_key: String,
+        /// Most VMs this key may hold here at once.
+        #[arg(long)]
+        max_vms: u32,
+        /// Hosts it may use, comma separated, or `*`.
+        #[arg(long, default_value = "*")]
+        hosts: String,
+        /// Do not let it create clusters here.
+        #[arg(long)]
+        no_create_clusters: bool,
+        /// Who this is.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Withdraw a user key's authorisation.
+    Revoke {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/mvc/agent")]
+        state: PathBuf,
+        /// The user's public key (hex).
+        #[arg(long = "key", visible_alias = "user-key")]
+        user_key: String,
+    },
+    /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
+    /// it started and exit).
+    Run(AgentRun),
+}
+
+#[derive(Args)]
+struct AgentRun {
+    /// State directory (made by `mvc agent init`).
+    #[arg(long, default_value = "/var/lib/mvc/agent")]
+    state: PathBuf,
+    /// This site's name (as controllers register it).
+    #[arg(long)]
+    site: String,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    listen: String,
+    /// A VM host: NAME:VCPUS:MEMORY_MB:MAX_VMS (repeatable; default: this machine).
+    #[arg(long = "host")]
+    hosts: Vec<HostSpec>,
+    /// VM driver.
+    #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+    driver: String,
+    /// Prefix of the netns VMs' namespace names.
+    #[arg(long, default_value = "mvc-")]
+    ns_prefix: String,
+    /// Base image for the qemu driver.
+    #[arg(long)]
+    qemu_image: Option<PathBuf>,
+    /// Overlay implementation: this project's `mvc edge`/`mvc supernode`, or Debian's
+    /// n2n 1.3 (the 2012 paper's overlay, for comparison).
+    #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
+    overlay: String,
+    /// The binary providing `edge` and `supernode` for `--overlay mvc` [default: this one].
+    #[arg(long, env = "MVC_OVERLAY_BIN")]
+    overlay_bin: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// Register a site by its agent (pins the agent key; your key must be authorised).
+    Add {
+        /// Site name.
+        name: String,
+        /// Agent address ip:port.
+        #[arg(long)]
+        agent: String,
+        /// Agent public key (hex), printed by `mvc agent init` at that site.
+        #[arg(long)]
+        agent_key: String,
+    },
+    /// Registered sites with their hosts and capacity.
+    List,
+    /// Forget a site (refused while a cluster uses it).
+    Remove {
+        /// Site name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Allocate VMs at every site (all or nothing), MACs and addresses, and bring up
+    /// the overlay (community, secret, supernode on the origin, one edge per VM host).
+    Create {
+        /// Cluster name.
+        name: String,
+        /// Sites, colon separated; the first is the origin (frontend VM, supernode).
+        #[arg(long)]
+        sites: String,
+        /// Computes per site, colon separated.
+        #[arg(long)]
+        computes: String,
+        /// Memory per compute VM (MiB).
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        /// Memory of the frontend VM (MiB).
+        #[arg(long, default_value_t = 1024)]
+        frontend_memory: u64,
+        /// Also start it (as `mvc cluster start`).
+        #[arg(long)]
+        start: bool,
+        /// Seconds to wait for every compute's DHCP lease when starting.
+        #[arg(long, default_value_t = 60)]
+        lease_timeout: u64,
+    },
+    /// Start the frontend VM, then all computes in parallel; wait for their leases.
+    Start {
+        /// Cluster name.
+        name: String,
+        /// Seconds to wait for every compute's DHCP lease.
+        #[arg(long, default_value_t = 60)]
+        lease_timeout: u64,
+    },
+    /// Stored state and what each site reports now.
+    Status {
+        /// Cluster name.
+        name: String,
+    },
+    /// All clusters.
+    List,
+    /// Stop and release everything at every site and forget the cluster.
+    Destroy {
+        /// Cluster name.
+        name: String,
+        /// Forget it even if some site cannot be reached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// MPI hostfile of the cluster.
+    Hostfile {
+        /// Cluster name.
+        name: String,
+        /// Slots per node.
+        #[arg(long, default_value_t = 1)]
+        slots: u32,
+        /// Leave the frontend out.
+        #[arg(long)]
+        computes_only: bool,
+        /// Also write an OpenMPI `plm_rsh_agent` launcher for netns VMs here.
+        #[arg(long)]
+        launcher: Option<PathBuf>,
+    },
+    /// Each node's site and the RTT between sites measured over the overlay.
+    Topology {
+        /// Cluster name.
+        name: String,
+        /// Print a Slurm topology.conf instead.
+        #[arg(long)]
+        slurm: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Start one VM.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop one VM (its slot stays reserved).
+    Stop {
+        /// VM name.
+        name: String,
+    },
+    /// VMs of a cluster, or of all clusters.
+    List {
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Computes per site A:B:C.
+    #[arg(long, default_value = "3:2:2")]
+    computes: String,
+    /// Overlay implementation for the cluster: mvc, n2n (the paper's baseline), or auto
+    /// (mvc when this binary has `mvc edge`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "mvc", "n2n"])]
+    overlay: String,
+}
+
+fn default_key_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".config/mvc/user.key")
+}
+
+fn load_user_key(p: &Option<PathBuf>) -> Result<SigningKey> {
+    let path = p.clone().unwrap_or_else(default_key_path);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading your key {} (make one with `mvc key gen`)",
+            path.display()
+        )
+    })?;
+    SigningKey::from_file_text(&text).with_context(|| format!("key {}", path.display()))
+}
+
+fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", human(v));
     }
     Ok(())
+}
+
+fn open_store(db: &Path) -> Result<SqliteStore> {
+    if let Some(d) = db.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(':')
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: bad element {x:?} in {s:?}"))
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The overlay commands set up their own logging (their config may choose the level).
+    let cmd = match cli.cmd {
+        Cmd::Edge(c) => return c.run().map_err(Into::into),
+        Cmd::Supernode(c) => return c.run().map_err(Into::into),
+        cmd => cmd,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (common, cmd) = match cmd {
+        Cmd::Edge(_) | Cmd::Supernode(_) => unreachable!("handled above"),
+        Cmd::Key { common, cmd } => return key_cmd(cmd, &common.key, common.json),
+        Cmd::Agent { json, cmd } => return agent_cmd(cmd, json),
+        Cmd::Demo(d) => {
+            return control::demo::run(&control::demo::DemoConfig {
+                computes: parse_list(&d.computes, "--computes")?,
+                overlay: d.overlay,
+                mvc: std::env::current_exe()?,
+            })
+            .map_err(Into::into)
+        }
+        Cmd::Site { common, cmd } => (common, Ctl::Site(cmd)),
+        Cmd::Cluster { common, cmd } => (common, Ctl::Cluster(cmd)),
+        Cmd::Vm { common, cmd } => (common, Ctl::Vm(cmd)),
+    };
+    let key = load_user_key(&common.key)?;
+    let mut store = open_store(&common.db)?;
+    let secrets_dir = common
+        .db
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("secrets");
+    let progress = |m: &str| eprintln!("mvc: {m}");
+    let mut c = Controller {
+        store: &mut store,
+        key: &key,
+        secrets_dir,
+        progress: &progress,
+    };
+    controller_cmd(&mut c, cmd, common.json)
+}
+
+/// The commands that need the controller's store and key.
+enum Ctl {
+    Site(SiteCmd),
+    Cluster(ClusterCmd),
+    Vm(VmCmd),
+}
+
+fn key_cmd(k: KeyCmd, key: &Option<PathBuf>, json: bool) -> Result<()> {
+    match k {
+        KeyCmd::Gen { out, force } => {
+            let path = out.or_else(|| key.clone()).unwrap_or_else(default_key_path);
+            if path.exists() && !force {
+                bail!("{} exists; pass --force to replace it", path.display());
+            }
+            let k = SigningKey::generate()?;
+            agent::write_private(&path, &k.to_file_text())?;
+            let v = serde_json::json!({"key_file": path, "public_key": k.public_hex()});
+            print(json, &v, |_| format!("{}\n", k.public_hex()))
+        }
+        KeyCmd::Show => {
+            let k = load_user_key(key)?;
+            let v = serde_json::json!({"public_key": k.public_hex()});
+            print(json, &v, |_| format!("{}\n", k.public_hex()))
+        }
+    }
+}
+
+fn default_host() -> HostSpec {
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<u64>().ok())
+                })
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096);
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    HostSpec {
+        name,
+        vcpus,
+        memory_mb: mem,
+        max_vms: 16,
+    }
+}
+
+fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
+    match a {
+        AgentCmd::Init { state } => {
+            let pk = agent::init(&state)?;
+            let v = serde_json::json!({"state": state, "agent_key": pk});
+            print(json, &v, |_| format!("{pk}\n"))
+        }
+        AgentCmd::Authorize {
+            state,
+            user_key,
+            max_vms,
+            hosts,
+            no_create_clusters,
+            comment,
+        } => {
+            let a = Authorization {
+                key: user_key.trim().to_string(),
+                comment,
+                may_create_clusters: !no_create_clusters,
+                max_vms,
+                hosts: hosts
+                    .split(',')
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+            };
+            agent::authorize(&state, a.clone())?;
+            print(json, &a, |a| {
+                format!(
+                    "authorised {}: create clusters {}, at most {} VMs, hosts {}\n",
+                    a.key,
+                    if a.may_create_clusters { "yes" } else { "no" },
+                    a.max_vms,
+                    a.hosts.join(",")
+                )
+            })
+        }
+        AgentCmd::Revoke { state, user_key } => {
+            if !agent::revoke(&state, user_key.trim())? {
+                bail!("key {user_key} was not authorised");
+            }
+            let v = serde_json::json!({"revoked": user_key.trim()});
+            print(json, &v, |_| format!("revoked {}\n", user_key.trim()))
+        }
+        AgentCmd::Run(r) => {
+            let run_dir = r.state.join("run");
+            std::fs::create_dir_all(&run_dir)?;
+            let driver: Box<dyn VmDriver> = match r.driver.as_str() {
+                "qemu" => {
+                    let img = r
+                        .qemu_image
+                        .clone()
+                        .context("--driver qemu needs --qemu-image")?;
+                    Box::new(QemuDriver::new(&img, &run_dir))
+                }
+                _ => Box::new(NetnsDriver::new(&r.ns_prefix, &run_dir)),
+            };
+            let overlay = match r.overlay.as_str() {
+                "n2n" => OverlayImpl::N2n,
+                _ => OverlayImpl::Mvc(match r.overlay_bin {
+                    Some(p) => p,
+                    None => std::env::current_exe()?,
+                }),
+            };
+            let hosts = if r.hosts.is_empty() {
+                vec![default_host()]
+            } else {
+                r.hosts
+            };
+            let cfg = AgentConfig {
+                site: r.site.clone(),
+                state_dir: r.state.clone(),
+                hosts,
+                overlay,
+            };
+            let key = Arc::new(agent::load_key(&r.state)?);
+            let core = AgentCore::open(cfg, driver)?;
+            let listener = std::net::TcpListener::bind(&r.listen)
+                .with_context(|| format!("listening on {}", r.listen))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+            tracing::info!(site = %r.site, listen = %r.listen, agent_key = %key.public_hex(), driver = %r.driver, "agent serving");
+            agent::serve(Arc::new(Mutex::new(core)), key, listener, stop)?;
+            tracing::info!("agent stopped; VMs and overlay processes it started are stopped");
+            Ok(())
+        }
+    }
+}
+
+fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
+    match cmd {
+        Ctl::Site(SiteCmd::Add {
+            name,
+            agent,
+            agent_key,
+        }) => {
+            let v = c.site_add(&name, &agent, &agent_key)?;
+            print(json, &v, |v| {
+                format!(
+                    "site {} added: agent {}, {} host(s), {} free VM slots\n",
+                    v.site.name,
+                    v.site.agent_addr,
+                    v.hosts.len(),
+                    v.hosts.iter().map(|h| h.free_vms).sum::<u32>()
+                )
+            })
+        }
+        Ctl::Site(SiteCmd::List) => {
+            let v = c.site_list()?;
+            print(json, &v, |v| {
+                let mut s = format!(
+                    "{:<12} {:<22} {:<8} {:>6} {:>10}\n",
+                    "SITE", "AGENT", "HOSTS", "FREE", "FREE_MiB"
+                );
+                for x in v {
+                    s += &format!(
+                        "{:<12} {:<22} {:<8} {:>6} {:>10}\n",
+                        x.site.name,
+                        x.site.agent_addr,
+                        x.hosts.len(),
+                        x.hosts.iter().map(|h| h.free_vms).sum::<u32>(),
+                        x.hosts.iter().map(|h| h.free_memory_mb).sum::<u64>()
+                    );
+                }
+                s
+            })
+        }
+        Ctl::Site(SiteCmd::Remove { name }) => {
+            c.site_remove(&name)?;
+            print(json, &serde_json::json!({"removed": name}), |_| {
+                format!("site {name} removed\n")
+            })
+        }
+        Ctl::Cluster(ClusterCmd::Create {
+            name,
+            sites,
+            computes,
+            memory,
+            frontend_memory,
+            start,
+            lease_timeout,
+        }) => {
+            let args = CreateArgs {
+                name: name.clone(),
+                sites: sites.split(':').map(str::to_string).collect(),
+                computes: parse_list(&computes, "--computes")?,
+                memory_mb: memory,
+                frontend_memory_mb: frontend_memory,
+            };
+            let mut cl = c.cluster_create(&args)?;
+            if start {
+                cl = c.cluster_start(&name, Duration::from_secs(lease_timeout))?;
+            }
+            print(json, &cl, cluster_table)
+        }
+        Ctl::Cluster(ClusterCmd::Start {
+            name,
+            lease_timeout,
+        }) => {
+            let cl = c.cluster_start(&name, Duration::from_secs(lease_timeout))?;
+            print(json, &cl, cluster_table)
+        }
+        Ctl::Cluster(ClusterCmd::Status { name }) => {
+            let st = c.cluster_status(&name)?;
+            print(json, &st, |st| {
+                let mut s = format!(
+                    "cluster {} ({}), origin {}, community {}, supernode {}\n",
+                    st.name, st.state, st.origin, st.overlay.community, st.overlay.supernode
+                );
+                for x in &st.sites {
+                    s += &match (&x.error, x.overlay_up) {
+                        (Some(e), _) => format!("  site {:<8} DOWN: {e}\n", x.site),
+                        (None, up) => format!(
+                            "  site {:<8} up, overlay {}\n",
+                            x.site,
+                            match up {
+                                Some(true) => "running",
+                                Some(false) => "stopped",
+                                None => "not here",
+                            }
+                        ),
+                    };
+                    for p in &x.peers {
+                        s += &format!(
+                            "    peer {:<14} {:<8} rtt {}\n",
+                            p.name,
+                            p.path,
+                            p.rtt_ms
+                                .map(|r| format!("{r:.3} ms"))
+                                .unwrap_or_else(|| "-".into())
+                        );
+                    }
+                }
+                s += &format!(
+                    "{:<12} {:<9} {:<6} {:<18} {:<15} {:<9} {}\n",
+                    "VM", "ROLE", "SITE", "MAC", "IP", "STATE", "LIVE"
+                );
+                for v in &st.vms {
+                    s += &format!(
+                        "{:<12} {:<9} {:<6} {:<18} {:<15} {:<9} {}\n",
+                        v.vm.name,
+                        v.vm.role.as_str(),
+                        v.vm.site,
+                        v.vm.mac.to_string(),
+                        v.vm.ip.to_string(),
+                        v.vm.state,
+                        v.live
+                    );
+                }
+                s
+            })
+        }
+        Ctl::Cluster(ClusterCmd::List) => {
+            let v = c.store.clusters()?;
+            print(json, &v, |v| {
+                let mut s = format!(
+                    "{:<14} {:<9} {:<8} {:<5} {}\n",
+                    "CLUSTER", "STATE", "ORIGIN", "VMS", "SUBNET"
+                );
+                for x in v {
+                    s += &format!(
+                        "{:<14} {:<9} {:<8} {:<5} 198.19.{}.0/24\n",
+                        x.name,
+                        x.state,
+                        x.origin,
+                        x.vms.len(),
+                        x.subnet
+                    );
+                }
+                s
+            })
+        }
+        Ctl::Cluster(ClusterCmd::Destroy { name, force }) => {
+            let skipped = c.cluster_destroy(&name, force)?;
+            print(
+                json,
+                &serde_json::json!({"destroyed": name, "unreachable_sites": skipped}),
+                |_| {
+                    let mut s = format!("cluster {name} destroyed\n");
+                    for e in &skipped {
+                        s += &format!("  warning: {e}\n");
+                    }
+                    s
+                },
+            )
+        }
+        Ctl::Cluster(ClusterCmd::Hostfile {
+            name,
+            slots,
+            computes_only,
+            launcher,
+        }) => {
+            let cl = c.store.cluster(&name)?;
+            let hf = controller::hostfile(&cl, slots, computes_only);
+            if let Some(p) = &launcher {
+                let script = controller::netns_launcher(&cl, &c.vm_handles(&name)?)?;
+                std::fs::write(p, script)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+            }
+            let v = serde_json::json!({"hostfile": hf, "launcher": launcher});
+            print(json, &v, |_| hf.clone())
+        }
+        Ctl::Cluster(ClusterCmd::Topology { name, slurm }) => {
+            let t = c.topology(&name)?;
+            if slurm && !json {
+                print!("{}", controller::slurm_topology(&t));
+                return Ok(());
+            }
+            print(json, &t, |t| {
+                let mut s = format!("{:<12} {:<8} {:<15} {}\n", "NODE", "SITE", "IP", "ROLE");
+                for n in &t.nodes {
+                    s += &format!(
+                        "{:<12} {:<8} {:<15} {}\n",
+                        n.name,
+                        n.site,
+                        n.ip,
+                        n.role.as_str()
+                    );
+                }
+                s += "RTT between sites (VM to VM over the overlay):\n";
+                for r in &t.rtt_ms {
+                    s += &match r.ms {
+                        Some(ms) => format!("  {} -> {}: {ms:.3} ms\n", r.from, r.to),
+                        None => format!("  {} -> {}: unreachable\n", r.from, r.to),
+                    };
+                }
+                s
+            })
+        }
+        Ctl::Vm(VmCmd::Start { name }) => {
+            let v = c.vm_start(&name)?;
+            print(json, &v, |v| format!("{} {}\n", v.name, v.state))
+        }
+        Ctl::Vm(VmCmd::Stop { name }) => {
+            let v = c.vm_stop(&name)?;
+            print(json, &v, |v| format!("{} {}\n", v.name, v.state))
+        }
+        Ctl::Vm(VmCmd::List { cluster }) => {
+            let v = c.vm_list(cluster.as_deref())?;
+            print(json, &v, |v| {
+                let mut s = format!(
+                    "{:<12} {:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
+                    "CLUSTER", "VM", "ROLE", "SITE", "HOST", "MAC", "IP", "STATE"
+                );
+                for (c, x) in v {
+                    s += &format!(
+                        "{:<12} {:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
+                        c,
+                        x.name,
+                        x.role.as_str(),
+                        x.site,
+                        x.host,
+                        x.mac.to_string(),
+                        x.ip.to_string(),
+                        x.state
+                    );
+                }
+                s
+            })
+        }
+    }
+}
+
+fn cluster_table(cl: &control::model::Cluster) -> String {
+    let mut s = format!(
+        "cluster {} ({}), origin {}, overlay 198.19.{}.0/24, community {}, supernode {}\n",
+        cl.name, cl.state, cl.origin, cl.subnet, cl.overlay.community, cl.overlay.supernode
+    );
+    s += &format!(
+        "{:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
+        "VM", "ROLE", "SITE", "HOST", "MAC", "IP", "STATE"
+    );
+    for v in &cl.vms {
+        s += &format!(
+            "{:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
+            v.name,
+            v.role.as_str(),
+            v.site,
+            v.host,
+            v.mac.to_string(),
+            v.ip.to_string(),
+            v.state
+        );
+    }
+    s
 }

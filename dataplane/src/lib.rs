@@ -16,3 +16,4 @@ pub mod replay;
 pub mod status;
 pub mod supernode;
 pub mod wire;
+pub mod xdp;

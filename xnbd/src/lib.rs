@@ -1,1 +1,22 @@
-//! Placeholder; see README.
+//! xnbd: an NBD server (target mode) and a live-migration proxy that relocates a disk while
+//! clients keep using it.
+//!
+//! - [`proto`]: the NBD wire format (pure codec, fuzzed).
+//! - [`server`]: fixed newstyle negotiation, STARTTLS, concurrent transmission phase.
+//! - [`storage`] and [`sys`]: positional file I/O, hole punching, `SEEK_DATA`/`SEEK_HOLE`.
+//! - [`client`]: the NBD client the proxy fetches with.
+//! - [`bitmap`] and [`proxy`]: crash-safe cached-block bitmap, on-demand fetch, background
+//!   copy, switch to target mode.
+//! - [`ctl`]: the proxy's control socket.
+//!
+//! See `docs/XNBD.md` for usage and design.
+
+pub mod backend;
+pub mod bitmap;
+pub mod client;
+pub mod ctl;
+pub mod proto;
+pub mod proxy;
+pub mod server;
+pub mod storage;
+pub mod sys;

@@ -1,0 +1,1329 @@
+//! Network-namespace lab: namespaces, veth, bridges, NAT routers and "VM" namespaces,
+//! background processes tracked by PID, and teardown on drop, panic and (for binaries that
+//! call [`install_signal_teardown`]) SIGINT/SIGTERM.
+//!
+//! Every namespace of a lab is named `<prefix>-<name>`, with a prefix unique to the process
+//! and the lab, so parallel runs never clash. Interfaces are created directly inside their
+//! namespaces, so their names (<= 15 characters) only have to be unique within one namespace.
+//!
+//! Addresses stay inside 198.18.0.0/15: the underlay uses 198.18.x.x and overlay (VM)
+//! addresses are 198.19.x.x, see [`addr`].
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Errors of the lab builder.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command could not be started at all (missing binary, ...).
+    #[error("could not start `{cmd}`: {source}")]
+    Spawn {
+        /// The command line.
+        cmd: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A command ran and failed.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its exit status.
+        status: String,
+        /// Its standard error (trimmed).
+        stderr: String,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {secs:.1}s: {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: f64,
+    },
+    /// A tool's output could not be understood.
+    #[error("could not parse output of {what}: {detail}")]
+    Parse {
+        /// Which tool.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A system call failed.
+    #[error("{call}: {source}")]
+    Sys {
+        /// Which call.
+        call: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Any other I/O error (log files, temp dirs).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Result type of the lab.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// True when the process runs as root (the lab needs it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Address plan of the labs (all inside 198.18.0.0/15).
+pub mod addr {
+    use std::net::Ipv4Addr;
+
+    /// Link between the internet router and site `s`'s public side: 198.18.s.0/24, the
+    /// router is .1, the site's public address is .2.
+    pub fn inet_side(s: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, s, 1)
+    }
+    /// The public address of site `s` (its frontend, or its NAT router).
+    pub fn public(s: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, s, 2)
+    }
+    /// NAT router's inside address on site `s`'s private LAN 198.18.(10+s).0/24.
+    pub fn nat_inside(s: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 10 + s, 1)
+    }
+    /// Frontend address of a NATed site `s` on its private LAN.
+    pub fn frontend_private(s: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 10 + s, 2)
+    }
+    /// The frontend's bridge address on site `s`'s VM LAN 198.18.(100+s).0/24 (the VMs'
+    /// gateway for raw underlay traffic).
+    pub fn vm_gateway(s: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 100 + s, 1)
+    }
+    /// Underlay (routed, no overlay) address of VM `i` at site `s`.
+    pub fn vm_underlay(s: u8, i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 100 + s, 10 + i)
+    }
+    /// Overlay address of VM `i` at site `s`, in the cluster's 198.19.0.0/16 L2 network.
+    pub fn vm_overlay(s: u8, i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, s, 10 + i)
+    }
+    /// Prefix length of the overlay network.
+    pub const OVERLAY_PREFIX: u8 = 16;
+    /// A locally administered MAC for VM `i` at site `s`.
+    pub fn vm_mac(s: u8, i: u8) -> String {
+        format!("02:4d:56:00:{s:02x}:{:02x}", 10 + i)
+    }
+}
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// What teardown needs: shared with the signal handler through [`registry`].
+#[derive(Default)]
+struct State {
+    namespaces: Vec<String>,
+    procs: Vec<(u32, String, Child)>,
+    down: bool,
+}
+
+fn registry() -> &'static Mutex<Vec<Arc<Mutex<State>>>> {
+    static REG: OnceLock<Mutex<Vec<Arc<Mutex<State>>>>> = OnceLock::new();
+    REG.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tears every live lab of this process down when SIGINT or SIGTERM arrives, then exits
+/// with status 130. Call once, early, from a binary.
+pub fn install_signal_teardown() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Sys {
+            call: "signal handler",
+            source: e,
+        })?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("signal {sig}: tearing the lab down");
+            let labs: Vec<_> = lock(registry()).clone();
+            for st in labs {
+                teardown(&mut lock(&st));
+            }
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+fn signal_pid(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is one of our own children
+    // (or a process inside one of our own namespaces) and is positive.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    signal_pid(child.id(), libc::SIGTERM);
+    let end = Instant::now() + grace;
+    while Instant::now() < end {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn teardown(st: &mut State) {
+    if st.down {
+        return;
+    }
+    st.down = true;
+    for (_, _, child) in st.procs.iter_mut() {
+        if matches!(child.try_wait(), Ok(None)) {
+            signal_pid(child.id(), libc::SIGTERM);
+        }
+    }
+    for (_, _, child) in st.procs.iter_mut() {
+        stop_child(child, Duration::from_secs(2));
+    }
+    st.procs.clear();
+    // Anything still living in our namespaces was started by this lab (children of our
+    // children): end it by PID so the namespaces can go.
+    for ns in st.namespaces.iter().rev() {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<u32>() {
+                    signal_pid(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    for ns in st.namespaces.iter().rev() {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    st.namespaces.clear();
+}
+
+/// A background process started by a lab.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    /// Its PID.
+    pub pid: u32,
+    /// A short label (also the log file's name).
+    pub name: String,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+/// Output of a command run to completion.
+#[derive(Debug)]
+pub struct Out {
+    /// Exit status was success.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// One lab: a set of network namespaces and the processes running in them.
+pub struct Lab {
+    prefix: String,
+    state: Arc<Mutex<State>>,
+    dir: tempfile::TempDir,
+}
+
+fn cmd_line(args: &[&str]) -> String {
+    args.join(" ")
+}
+
+fn check(cmd: String, out: Output) -> Result<Out> {
+    let o = Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    if o.ok {
+        Ok(o)
+    } else {
+        Err(Error::Command {
+            cmd,
+            status: out.status.to_string(),
+            stderr: o.stderr.trim().to_string(),
+        })
+    }
+}
+
+impl Lab {
+    /// A new, empty lab. `tag` (at most 4 characters are used) starts the namespace prefix.
+    pub fn new(tag: &str) -> Result<Lab> {
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tag: String = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(4)
+            .collect();
+        let prefix = format!("{tag}{}x{seq}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mvc-lab-{prefix}-"))
+            .tempdir()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        lock(registry()).push(state.clone());
+        Ok(Lab { prefix, state, dir })
+    }
+
+    /// The per-run prefix of this lab's namespaces.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A private directory for this lab's files (logs, sockets, leases); removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates namespace `<prefix>-<name>` with loopback up and IPv6 off (so interface
+    /// counters only see what the tests send), and returns its full name.
+    pub fn add_ns(&self, name: &str) -> Result<String> {
+        let full = format!("{}-{name}", self.prefix);
+        run(&["ip", "netns", "add", &full])?;
+        lock(&self.state).namespaces.push(full.clone());
+        self.ip(&full, &["link", "set", "lo", "up"])?;
+        self.sysctl(&full, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        self.sysctl(&full, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        Ok(full)
+    }
+
+    /// Sets a sysctl inside a namespace.
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {
+        self.exec(ns, &["sysctl", "-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// `ip -n NS args...`.
+    pub fn ip(&self, ns: &str, args: &[&str]) -> Result<Out> {
+        let mut v = vec!["ip", "-n", ns];
+        v.extend_from_slice(args);
+        run(&v)
+    }
+
+    /// A veth pair: `a_if` in namespace `a`, `b_if` in namespace `b`, both up.
+    pub fn veth(&self, a: &str, a_if: &str, b: &str, b_if: &str) -> Result<()> {
+        self.ip(
+            a,
+            &[
+                "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+            ],
+        )?;
+        self.ip(a, &["link", "set", a_if, "up"])?;
+        self.ip(b, &["link", "set", b_if, "up"])?;
+        Ok(())
+    }
+
+    /// Adds `ip/prefix` to an interface.
+    pub fn addr(&self, ns: &str, ifname: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+        self.ip(
+            ns,
+            &["addr", "add", &format!("{ip}/{prefix}"), "dev", ifname],
+        )?;
+        Ok(())
+    }
+
+    /// Adds a route (`dest` like "default" or "198.18.2.0/24") via a gateway.
+    pub fn route(&self, ns: &str, dest: &str, via: Ipv4Addr) -> Result<()> {
+        self.ip(ns, &["route", "add", dest, "via", &via.to_string()])?;
+        Ok(())
+    }
+
+    /// A Linux bridge, up.
+    pub fn bridge(&self, ns: &str, name: &str) -> Result<()> {
+        self.ip(ns, &["link", "add", name, "type", "bridge"])?;
+        // No STP and no forwarding delay: ports forward as soon as they are up.
+        self.ip(
+            ns,
+            &[
+                "link",
+                "set",
+                name,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
+        )?;
+        self.ip(ns, &["link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// Enslaves `ifname` to `bridge`, and sets it up.
+    pub fn enslave(&self, ns: &str, ifname: &str, bridge: &str) -> Result<()> {
+        self.ip(ns, &["link", "set", ifname, "master", bridge, "up"])?;
+        Ok(())
+    }
+
+    /// A persistent TAP device (for an edge to attach to), up.
+    pub fn tap(&self, ns: &str, name: &str) -> Result<()> {
+        self.ip(ns, &["tuntap", "add", "dev", name, "mode", "tap"])?;
+        self.ip(ns, &["link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// Sets an interface's MTU.
+    pub fn mtu(&self, ns: &str, ifname: &str, mtu: u32) -> Result<()> {
+        self.ip(ns, &["link", "set", ifname, "mtu", &mtu.to_string()])?;
+        Ok(())
+    }
+
+    /// Turns a namespace into a home-style NAT router out of `wan_if`: masquerading, and a
+    /// stateful firewall that drops unsolicited (NEW) inbound packets. Dropping them also
+    /// means they leave no conntrack entry behind, as on common routers; an entry left by
+    /// an early hole-punching packet would otherwise make MASQUERADE pick another port.
+    pub fn nat(&self, ns: &str, wan_if: &str) -> Result<()> {
+        self.sysctl(ns, "net.ipv4.ip_forward", "1")?;
+        self.iptables(
+            ns,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                wan_if,
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        for chain in ["INPUT", "FORWARD"] {
+            let rule = [
+                "-A",
+                chain,
+                "-i",
+                wan_if,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,INVALID",
+            ];
+            let mut args = rule.to_vec();
+            args.extend(["-j", "DROP"]);
+            self.iptables(ns, &args)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `iptables ARGS` inside a namespace.
+    pub fn iptables(&self, ns: &str, args: &[&str]) -> Result<()> {
+        let mut v = vec!["iptables", "-w"];
+        v.extend_from_slice(args);
+        self.exec(ns, &v)?;
+        Ok(())
+    }
+
+    /// Runs a command inside a namespace to completion; fails on a non-zero exit.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<Out> {
+        let out = self.exec_timeout(ns, args, Duration::from_secs(60))?;
+        if out.ok {
+            Ok(out)
+        } else {
+            Err(Error::Command {
+                cmd: cmd_line(args),
+                status: "non-zero exit".into(),
+                stderr: format!("{}{}", out.stderr.trim(), out.stdout.trim()),
+            })
+        }
+    }
+
+    /// Runs a command inside a namespace, killing it after `limit`; returns its output
+    /// whatever its exit status (a killed command counts as failed).
+    pub fn exec_timeout(&self, ns: &str, args: &[&str], limit: Duration) -> Result<Out> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(args);
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                cmd: cmd_line(args),
+                source: e,
+            })?;
+        // Read both pipes on threads so a chatty command cannot block on a full pipe.
+        let mut so = child.stdout.take();
+        let mut se = child.stderr.take();
+        let t_out = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(p) = so.as_mut() {
+                let _ = io::Read::read_to_end(p, &mut s);
+            }
+            s
+        });
+        let t_err = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(p) = se.as_mut() {
+                let _ = io::Read::read_to_end(p, &mut s);
+            }
+            s
+        });
+        let end = Instant::now() + limit;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if Instant::now() >= end {
+                timed_out = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+        let mut stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
+        if timed_out {
+            let _ = write!(stderr, "\n(killed after {:.1}s)", limit.as_secs_f64());
+        }
+        Ok(Out {
+            ok: status.is_some_and(|s| s.success()),
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Starts a background process inside a namespace, logging to `<dir>/<name>.log`.
+    /// It is tracked by PID and stopped (SIGTERM, then SIGKILL) on teardown.
+    pub fn spawn(&self, ns: &str, name: &str, args: &[&str]) -> Result<Proc> {
+        self.spawn_env(ns, name, args, &[])
+    }
+
+    /// [`Lab::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        &self,
+        ns: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
+        let log = self.dir().join(format!("{name}.log"));
+        let f = File::options().create(true).append(true).open(&log)?;
+        let f2 = f.try_clone()?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                cmd: cmd_line(args),
+                source: e,
+            })?;
+        let pid = child.id();
+        lock(&self.state).procs.push((pid, name.to_string(), child));
+        Ok(Proc {
+            pid,
+            name: name.to_string(),
+            log,
+        })
+    }
+
+    /// Whether a process of this lab is still running.
+    pub fn running(&self, p: &Proc) -> bool {
+        let mut st = lock(&self.state);
+        st.procs
+            .iter_mut()
+            .find(|(pid, _, _)| *pid == p.pid)
+            .is_some_and(|(_, _, c)| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Exit status of a process of this lab, if it has exited.
+    pub fn exit_status(&self, p: &Proc) -> Option<std::process::ExitStatus> {
+        let mut st = lock(&self.state);
+        st.procs
+            .iter_mut()
+            .find(|(pid, _, _)| *pid == p.pid)
+            .and_then(|(_, _, c)| c.try_wait().ok().flatten())
+    }
+
+    /// Stops a process (SIGTERM, SIGKILL after 3 s) and forgets it.
+    pub fn stop(&self, p: &Proc) {
+        let child = {
+            let mut st = lock(&self.state);
+            let idx = st.procs.iter().position(|(pid, _, _)| *pid == p.pid);
+            idx.map(|i| st.procs.remove(i))
+        };
+        if let Some((_, _, mut c)) = child {
+            stop_child(&mut c, Duration::from_secs(3));
+        }
+    }
+
+    /// Kills a process at once (SIGKILL), as a crash would, and forgets it.
+    pub fn kill(&self, p: &Proc) {
+        let child = {
+            let mut st = lock(&self.state);
+            let idx = st.procs.iter().position(|(pid, _, _)| *pid == p.pid);
+            idx.map(|i| st.procs.remove(i))
+        };
+        if let Some((_, _, mut c)) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log of a process so far.
+    pub fn log(&self, p: &Proc) -> String {
+        std::fs::read_to_string(&p.log).unwrap_or_default()
+    }
+
+    /// Runs `f` on a thread that has entered namespace `ns` (sockets it opens live there).
+    pub fn in_ns<R: Send, F: FnOnce() -> R + Send>(&self, ns: &str, f: F) -> Result<R> {
+        let path = format!("/run/netns/{ns}");
+        let file = File::open(&path)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::sys::setns_net(file.as_raw_fd())?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// Polls `cond` every 100 ms until it holds or `limit` passes.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if cond() {
+                return Ok(());
+            }
+            if start.elapsed() >= limit {
+                return Err(Error::Timeout {
+                    what: what.to_string(),
+                    secs: limit.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Reads a counter of an interface (`rx_packets`, `tx_bytes`, ...) inside a namespace.
+    pub fn if_counter(&self, ns: &str, ifname: &str, counter: &str) -> Result<u64> {
+        let out = self.exec(
+            ns,
+            &[
+                "cat",
+                &format!("/sys/class/net/{ifname}/statistics/{counter}"),
+            ],
+        )?;
+        out.stdout.trim().parse().map_err(|_| Error::Parse {
+            what: format!("{ifname} {counter}"),
+            detail: out.stdout,
+        })
+    }
+
+    /// Prints the tail of every process log to stderr (used when a test fails).
+    pub fn dump_logs(&self) {
+        let Ok(rd) = std::fs::read_dir(self.dir()) else {
+            return;
+        };
+        let mut logs: Vec<_> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("---- {} (last {} lines)", p.display(), tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    /// Stops every process and deletes every namespace now (also done on drop).
+    pub fn teardown(&self) {
+        teardown(&mut lock(&self.state));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("MVC_LAB_LOGS").is_some() {
+            self.dump_logs();
+        }
+        self.teardown();
+        lock(registry()).retain(|s| !Arc::ptr_eq(s, &self.state));
+    }
+}
+
+/// Runs a command in the current namespace; fails on a non-zero exit.
+pub fn run(args: &[&str]) -> Result<Out> {
+    let (prog, rest) = args.split_first().ok_or_else(|| Error::Parse {
+        what: "command".into(),
+        detail: "empty".into(),
+    })?;
+    let out = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Spawn {
+            cmd: cmd_line(args),
+            source: e,
+        })?;
+    check(cmd_line(args), out)
+}
+
+/// One site of a [`Topology`].
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Site number (1 = A, 2 = B, ...); it picks the addresses in [`addr`].
+    pub idx: u8,
+    /// Short name ("a", "b", ...).
+    pub name: String,
+    /// The frontend namespace (runs the edge; holds the site bridge `br0`).
+    pub frontend: String,
+    /// The NAT router namespace, when the site is behind NAT.
+    pub router: Option<String>,
+    /// The frontend's underlay address (public, or private behind the NAT).
+    pub frontend_ip: Ipv4Addr,
+    /// The site's public address (frontend or NAT router).
+    pub public_ip: Ipv4Addr,
+    /// The TAP device in the frontend, enslaved to `br0` (the edge attaches to it).
+    pub tap: String,
+    /// The site bridge in the frontend.
+    pub bridge: String,
+    /// The site's VMs.
+    pub vms: Vec<Vm>,
+    /// The WAN-emulator namespace on the site's uplink, if any (interfaces `w0`, `w1`).
+    pub wan: Option<String>,
+}
+
+/// A "VM": a namespace attached by veth to its site's bridge.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    /// Namespace.
+    pub ns: String,
+    /// Its interface (`eth0`).
+    pub ifname: String,
+    /// The frontend-side veth end (enslaved to the bridge).
+    pub port: String,
+    /// Overlay address (198.19.s.(10+i)/16).
+    pub ip: Ipv4Addr,
+    /// Routed underlay address (198.18.(100+s).(10+i)/24).
+    pub underlay_ip: Ipv4Addr,
+    /// MAC address of `eth0`.
+    pub mac: String,
+}
+
+/// Sites around an "internet" router namespace.
+pub struct Topology {
+    /// The internet router namespace.
+    pub inet: String,
+    /// The sites, by creation order.
+    pub sites: Vec<Site>,
+}
+
+impl Topology {
+    /// Only the internet router.
+    pub fn new(lab: &Lab) -> Result<Topology> {
+        let inet = lab.add_ns("inet")?;
+        lab.sysctl(&inet, "net.ipv4.ip_forward", "1")?;
+        Ok(Topology {
+            inet,
+            sites: Vec::new(),
+        })
+    }
+
+    /// Issue 2's three sites: A public (frontend runs supernode and edge), B and C each
+    /// behind its own NAT router; `vms` VMs per site.
+    pub fn three_sites(lab: &Lab, vms: u8) -> Result<Topology> {
+        let mut t = Topology::new(lab)?;
+        t.add_site(lab, "a", false, vms)?;
+        t.add_site(lab, "b", true, vms)?;
+        t.add_site(lab, "c", true, vms)?;
+        Ok(t)
+    }
+
+    /// Adds a site: frontend with bridge `br0` and TAP `tap0`, `vms` VM namespaces on the
+    /// bridge, optionally a NAT router in front. Site numbers follow creation order.
+    pub fn add_site(&mut self, lab: &Lab, name: &str, natted: bool, vms: u8) -> Result<&Site> {
+        self.add_site_wan(lab, name, natted, vms, false)
+    }
+
+    /// [`Topology::add_site`], with (`wan`) a WAN-emulator namespace `<name>wan` cut into the
+    /// site's uplink: its interfaces `w0` (internet side) and `w1` (site side) are joined
+    /// only by a userspace forwarder (see [`crate::wanem`]), which the caller starts.
+    pub fn add_site_wan(
+        &mut self,
+        lab: &Lab,
+        name: &str,
+        natted: bool,
+        vms: u8,
+        wan: bool,
+    ) -> Result<&Site> {
+        let idx = u8::try_from(self.sites.len() + 1)
+            .unwrap_or(u8::MAX)
+            .min(60);
+        let fe = lab.add_ns(&format!("{name}fe"))?;
+        lab.sysctl(&fe, "net.ipv4.ip_forward", "1")?;
+        let wan_name = format!("s{idx}");
+        let wan_ns = if wan {
+            Some(lab.add_ns(&format!("{name}wan"))?)
+        } else {
+            None
+        };
+        let wan = wan_name;
+        let (router, frontend_ip) = if natted {
+            let r = lab.add_ns(&format!("{name}nat"))?;
+            self.uplink(lab, &wan, &r, "wan", wan_ns.as_deref())?;
+            lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
+            lab.addr(&r, "wan", addr::public(idx), 24)?;
+            lab.route(&r, "default", addr::inet_side(idx))?;
+            lab.veth(&r, "lan", &fe, "eth0")?;
+            lab.addr(&r, "lan", addr::nat_inside(idx), 24)?;
+            lab.addr(&fe, "eth0", addr::frontend_private(idx), 24)?;
+            lab.route(&fe, "default", addr::nat_inside(idx))?;
+            // The VM LAN stays private: only the NAT router knows where it is.
+            lab.route(
+                &r,
+                &format!("198.18.{}.0/24", 100 + idx),
+                addr::frontend_private(idx),
+            )?;
+            lab.nat(&r, "wan")?;
+            (Some(r), addr::frontend_private(idx))
+        } else {
+            self.uplink(lab, &wan, &fe, "eth0", wan_ns.as_deref())?;
+            lab.addr(&self.inet, &wan, addr::inet_side(idx), 24)?;
+            lab.addr(&fe, "eth0", addr::public(idx), 24)?;
+            lab.route(&fe, "default", addr::inet_side(idx))?;
+            // A public site's VM LAN is routed (the raw underlay reference path).
+            lab.route(
+                &self.inet,
+                &format!("198.18.{}.0/24", 100 + idx),
+                addr::public(idx),
+            )?;
+            (None, addr::public(idx))
+        };
+        lab.bridge(&fe, "br0")?;
+        // A fixed address: a bridge otherwise takes its lowest port's MAC and changes it when
+        // ports come and go (a TAP re-created between runs), leaving the VMs' ARP entries for
+        // their gateway stale.
+        lab.ip(
+            &fe,
+            &[
+                "link",
+                "set",
+                "br0",
+                "address",
+                &format!("02:4d:56:fe:{idx:02x}:01"),
+            ],
+        )?;
+        lab.addr(&fe, "br0", addr::vm_gateway(idx), 24)?;
+        lab.tap(&fe, "tap0")?;
+        lab.enslave(&fe, "tap0", "br0")?;
+        let mut site = Site {
+            idx,
+            name: name.to_string(),
+            frontend: fe.clone(),
+            router,
+            frontend_ip,
+            public_ip: addr::public(idx),
+            tap: "tap0".into(),
+            bridge: "br0".into(),
+            vms: Vec::new(),
+            wan: wan_ns,
+        };
+        for i in 1..=vms {
+            let ns = lab.add_ns(&format!("{name}vm{i}"))?;
+            let port = format!("vm{i}");
+            lab.veth(&fe, &port, &ns, "eth0")?;
+            lab.enslave(&fe, &port, "br0")?;
+            let mac = addr::vm_mac(idx, i);
+            lab.ip(&ns, &["link", "set", "eth0", "address", &mac])?;
+            let ip = addr::vm_overlay(idx, i);
+            let underlay_ip = addr::vm_underlay(idx, i);
+            lab.addr(&ns, "eth0", ip, addr::OVERLAY_PREFIX)?;
+            lab.addr(&ns, "eth0", underlay_ip, 24)?;
+            lab.route(&ns, "default", addr::vm_gateway(idx))?;
+            site.vms.push(Vm {
+                ns,
+                ifname: "eth0".into(),
+                port,
+                ip,
+                underlay_ip,
+                mac,
+            });
+        }
+        self.sites.push(site);
+        Ok(self.sites.last().unwrap_or_else(|| unreachable!()))
+    }
+
+    fn uplink(
+        &self,
+        lab: &Lab,
+        inet_if: &str,
+        ns: &str,
+        ifname: &str,
+        wan: Option<&str>,
+    ) -> Result<()> {
+        match wan {
+            None => lab.veth(&self.inet, inet_if, ns, ifname),
+            Some(w) => {
+                lab.veth(&self.inet, inet_if, w, "w0")?;
+                lab.veth(w, "w1", ns, ifname)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The site called `name`.
+    pub fn site(&self, name: &str) -> &Site {
+        self.sites
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no site {name}"))
+    }
+
+    /// Replaces a site's TAP device by a fresh one on the bridge, so that offload settings
+    /// an earlier overlay left on it (TSO, checksum offload) do not reach the next one.
+    pub fn reset_tap(&self, lab: &Lab, site: &Site) -> Result<()> {
+        let _ = lab.ip(&site.frontend, &["link", "del", &site.tap]);
+        lab.tap(&site.frontend, &site.tap)?;
+        lab.enslave(&site.frontend, &site.tap, &site.bridge)
+    }
+
+    /// Sets the MTU of a site's VM interfaces, bridge ports, bridge and TAP.
+    pub fn set_site_mtu(&self, lab: &Lab, site: &Site, mtu: u32) -> Result<()> {
+        for vm in &site.vms {
+            lab.mtu(&vm.ns, &vm.ifname, mtu)?;
+            lab.mtu(&site.frontend, &vm.port, mtu)?;
+        }
+        lab.mtu(&site.frontend, &site.tap, mtu)?;
+        lab.mtu(&site.frontend, &site.bridge, mtu)?;
+        Ok(())
+    }
+
+    /// Drops UDP between two sites' public addresses at the internet router (both ways),
+    /// optionally only to/from one port at `b`. Returns the rules, for [`Topology::unblock`].
+    pub fn block_udp(
+        &self,
+        lab: &Lab,
+        a: &Site,
+        b: &Site,
+        b_port: Option<u16>,
+    ) -> Result<Vec<Vec<String>>> {
+        let (pa, pb) = (a.public_ip.to_string(), b.public_ip.to_string());
+        let mut rules = vec![
+            vec!["-s", &pa, "-d", &pb, "-p", "udp"],
+            vec!["-s", &pb, "-d", &pa, "-p", "udp"],
+        ];
+        let port = b_port.map(|p| p.to_string());
+        if let Some(p) = &port {
+            rules[0].extend(["--dport", p.as_str()]);
+            rules[1].extend(["--sport", p.as_str()]);
+        }
+        let rules: Vec<Vec<String>> = rules
+            .into_iter()
+            .map(|r| r.into_iter().map(String::from).collect())
+            .collect();
+        for r in &rules {
+            let mut args = vec!["-I", "FORWARD"];
+            args.extend(r.iter().map(String::as_str));
+            args.extend(["-j", "DROP"]);
+            lab.iptables(&self.inet, &args)?;
+        }
+        Ok(rules)
+    }
+
+    /// Removes rules added by [`Topology::block_udp`].
+    pub fn unblock(&self, lab: &Lab, rules: &[Vec<String>]) -> Result<()> {
+        for r in rules {
+            let mut args = vec!["-D", "FORWARD"];
+            args.extend(r.iter().map(String::as_str));
+            args.extend(["-j", "DROP"]);
+            lab.iptables(&self.inet, &args)?;
+        }
+        Ok(())
+    }
+}
+
+/// Result of a ping run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Ping {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// Average RTT in ms (None when nothing came back).
+    pub avg_ms: Option<f64>,
+    /// Minimum RTT in ms.
+    pub min_ms: Option<f64>,
+}
+
+/// `ping -c count -i interval` from a namespace, bounded in time.
+pub fn ping(lab: &Lab, ns: &str, dst: Ipv4Addr, count: u32, interval: f64) -> Result<Ping> {
+    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{interval}"),
+            "-W",
+            "1",
+            &dst.to_string(),
+        ],
+        limit,
+    )?;
+    parse_ping(&out.stdout).ok_or_else(|| Error::Parse {
+        what: "ping".into(),
+        detail: format!("{}{}", out.stdout, out.stderr),
+    })
+}
+
+fn parse_ping(s: &str) -> Option<Ping> {
+    let line = s.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut nums = line.split(',').map(|p| {
+        p.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+    });
+    let sent = nums.next()??;
+    let received = nums.next()??;
+    let rtt = s
+        .lines()
+        .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"));
+    let (min_ms, avg_ms) = match rtt.and_then(|l| l.split('=').nth(1)) {
+        Some(v) => {
+            let f: Vec<f64> = v
+                .trim()
+                .trim_end_matches("ms")
+                .split('/')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect();
+            (f.first().copied(), f.get(1).copied())
+        }
+        None => (None, None),
+    };
+    Some(Ping {
+        sent,
+        received,
+        avg_ms,
+        min_ms,
+    })
+}
+
+/// Per-packet RTTs (ms) of `ping -c count -i interval` from a namespace (lost packets are
+/// simply missing).
+pub fn ping_samples(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    count: u32,
+    interval: f64,
+) -> Result<Vec<f64>> {
+    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{interval}"),
+            "-W",
+            "1",
+            &dst.to_string(),
+        ],
+        limit,
+    )?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches("ms").trim().parse().ok())
+        .collect())
+}
+
+/// Median of a list (None when empty).
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Pings until one reply comes back or `limit` passes.
+pub fn wait_ping(lab: &Lab, ns: &str, dst: Ipv4Addr, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let p = ping(lab, ns, dst, 1, 0.2)?;
+        if p.received > 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            return Err(Error::Timeout {
+                what: format!("ping {dst} from {ns}"),
+                secs: limit.as_secs_f64(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An iperf3 server running in a namespace.
+pub fn iperf_server(lab: &Lab, ns: &str, name: &str) -> Result<Proc> {
+    let p = lab.spawn(ns, name, &["iperf3", "-s", "-i", "0"])?;
+    // Wait until it listens.
+    lab.wait_until("iperf3 server listening", Duration::from_secs(5), || {
+        lab.exec(ns, &["ss", "-Hltn", "sport = :5201"])
+            .is_ok_and(|o| !o.stdout.trim().is_empty())
+    })?;
+    Ok(p)
+}
+
+/// One iperf3 TCP single-stream run of `secs` seconds; returns received bits per second.
+pub fn iperf(lab: &Lab, ns: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "iperf3",
+            "-c",
+            &dst.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+        Duration::from_secs(u64::from(secs) + 15),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| Error::Parse {
+        what: "iperf3".into(),
+        detail: format!("{e}: {}{}", out.stdout, out.stderr),
+    })?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(Error::Command {
+            cmd: format!("iperf3 -c {dst}"),
+            status: "error".into(),
+            stderr: err.to_string(),
+        });
+    }
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or_else(|| Error::Parse {
+            what: "iperf3".into(),
+            detail: out.stdout.chars().take(400).collect(),
+        })
+}
+
+/// Captured frames: a tcpdump writing a pcap file, stopped by [`Capture::frames`].
+pub struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts `tcpdump -i ifname -w FILE FILTER` in a namespace.
+    pub fn start(lab: &Lab, ns: &str, ifname: &str, name: &str, filter: &str) -> Result<Capture> {
+        let file = lab.dir().join(format!("{name}.pcap"));
+        let f = file.to_string_lossy().into_owned();
+        let mut args = vec!["tcpdump", "-n", "-U", "-i", ifname, "-w", &f];
+        args.extend(filter.split_whitespace());
+        let proc = lab.spawn(ns, name, &args)?;
+        lab.wait_until("tcpdump started", Duration::from_secs(5), || {
+            lab.log(&proc).contains("listening on")
+        })?;
+        Ok(Capture { proc, file })
+    }
+
+    /// Stops the capture and returns the captured frames (link-layer bytes).
+    pub fn frames(self, lab: &Lab) -> Result<Vec<Vec<u8>>> {
+        std::thread::sleep(Duration::from_millis(300));
+        lab.stop(&self.proc);
+        let data = std::fs::read(&self.file)?;
+        parse_pcap(&data).ok_or_else(|| Error::Parse {
+            what: "pcap".into(),
+            detail: format!("{} bytes", data.len()),
+        })
+    }
+}
+
+/// Parses a classic pcap file into its records (no link-type interpretation).
+pub fn parse_pcap(data: &[u8]) -> Option<Vec<Vec<u8>>> {
+    if data.len() < 24 {
+        return if data.is_empty() {
+            Some(Vec::new())
+        } else {
+            None
+        };
+    }
+    let magic = u32::from_le_bytes(data[0..4].try_into().ok()?);
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        _ => return None,
+    };
+    let rd = |b: &[u8]| -> Option<u32> {
+        let a: [u8; 4] = b.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        })
+    };
+    let mut off = 24;
+    let mut out = Vec::new();
+    while off + 16 <= data.len() {
+        let incl = usize::try_from(rd(&data[off + 8..off + 12])?).ok()?;
+        let start = off + 16;
+        let end = start.checked_add(incl)?;
+        if end > data.len() || incl > 262_144 {
+            break;
+        }
+        out.push(data[start..end].to_vec());
+        off = end;
+    }
+    Some(out)
+}
+
+/// The UDP payloads of Ethernet/IPv4 frames (as captured on an Ethernet interface).
+pub fn udp_payloads(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    for f in frames {
+        if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &f[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl + 8 || ip[9] != 17 {
+            continue;
+        }
+        // Skip non-first fragments.
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+            continue;
+        }
+        v.push(ip[ihl + 8..].to_vec());
+    }
+    v
+}
+
+/// Source MAC addresses of Ethernet frames, as lowercase "aa:bb:..." strings, with counts.
+pub fn src_macs(frames: &[Vec<u8>]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for f in frames.iter().filter(|f| f.len() >= 14) {
+        let s = f[6..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        *m.entry(s).or_insert(0) += 1;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_summary() {
+        let s = "PING 198.19.1.11 (198.19.1.11) 56(84) bytes of data.\n\n--- 198.19.1.11 ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 804ms\nrtt min/avg/max/mdev = 0.041/0.052/0.071/0.011 ms\n";
+        let p = parse_ping(s).unwrap();
+        assert_eq!((p.sent, p.received), (5, 4));
+        assert_eq!(p.avg_ms, Some(0.052));
+        assert_eq!(p.min_ms, Some(0.041));
+        let s = "3 packets transmitted, 0 received, 100% packet loss, time 2030ms\n";
+        let p = parse_ping(s).unwrap();
+        assert_eq!((p.sent, p.received, p.avg_ms), (3, 0, None));
+        assert!(parse_ping("garbage").is_none());
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn pcap_rejects_garbage_and_truncation() {
+        assert!(parse_pcap(b"short").is_none());
+        let mut f = vec![0xd4, 0xc3, 0xb2, 0xa1];
+        f.extend([0u8; 20]);
+        assert_eq!(parse_pcap(&f).unwrap().len(), 0);
+        // one record of 3 bytes, then a truncated record header
+        f.extend([0u8; 8]);
+        f.extend(3u32.to_le_bytes());
+        f.extend(3u32.to_le_bytes());
+        f.extend([1, 2, 3]);
+        f.extend([9u8; 10]);
+        assert_eq!(parse_pcap(&f).unwrap(), vec![vec![1, 2, 3]]);
+    }
+
+    #[test]
+    fn addresses_stay_in_the_lab_range() {
+        for s in 1..=9 {
+            for ip in [
+                addr::public(s),
+                addr::inet_side(s),
+                addr::nat_inside(s),
+                addr::frontend_private(s),
+                addr::vm_gateway(s),
+                addr::vm_underlay(s, 1),
+                addr::vm_overlay(s, 1),
+            ] {
+                let o = ip.octets();
+                assert!(o[0] == 198 && (o[1] == 18 || o[1] == 19), "{ip}");
+            }
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `bench`: builds the network-namespace lab and runs the project's measurements.
+//!
+//! - `bench overlay`: iperf3 and ping VM -> VM over the raw underlay, this overlay and n2n.
+//! - `bench demo`: the three-site overlay demo (the README's main job).
+//! - `bench wanem`: the userspace WAN emulator's self-check.
+
+mod cmd;
+mod plot;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "Lab builder and end-to-end measurements of mvc"
+)]
+enum Command {
+    /// Throughput and RTT VM -> VM: raw underlay, mvc (ciphers, direct/relayed), n2n 1.3.1.
+    Overlay(cmd::overlay::Args),
+    /// Three sites joined by mvc: pings, iperf3 and status tables, then teardown.
+    Demo(cmd::demo::Args),
+    /// The userspace WAN emulator: run a link, or check it against its settings.
+    #[command(subcommand)]
+    Wanem(cmd::wanem::Cmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    bench::lab::install_signal_teardown()?;
+    match Command::parse() {
+        Command::Overlay(a) => cmd::overlay::run(&a),
+        Command::Demo(a) => cmd::demo::run(&a),
+        Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
+        Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),
+    }
+}

@@ -1,0 +1,201 @@
+//! The few system calls of the bench that libstd does not wrap.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::lab::Error;
+
+/// Moves the calling thread into the network namespace open at `fd`.
+pub fn setns_net(fd: RawFd) -> Result<(), Error> {
+    // SAFETY: setns only reads its integer arguments; `fd` is an open namespace file owned
+    // by the caller for the duration of the call. It changes the calling thread only.
+    let r = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::Sys {
+            call: "setns",
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Binds a socket to a device (`SO_BINDTODEVICE`).
+pub fn bind_to_device(fd: RawFd, ifname: &str) -> Result<(), Error> {
+    let name = ifname.as_bytes();
+    let len = libc::socklen_t::try_from(name.len()).map_err(|_| Error::Sys {
+        call: "SO_BINDTODEVICE",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: the pointer and length describe `name`, which lives across the call; the
+    // kernel copies at most `len` bytes from it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::Sys {
+            call: "SO_BINDTODEVICE",
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// An `AF_PACKET` raw socket bound to one interface, carrying a `virtio_net_hdr` before
+/// each frame (so GSO and checksum-offload state crosses userspace intact).
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+/// Size of `struct virtio_net_hdr`, which precedes every frame with `PACKET_VNET_HDR`.
+pub const VNET_HDR_LEN: usize = 10;
+
+const PACKET_VNET_HDR: libc::c_int = 15;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+fn sys_err(call: &'static str) -> Error {
+    Error::Sys {
+        call,
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+    call: &'static str,
+) -> Result<(), Error> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: `v` lives across the call and `len` is its size.
+    let r = unsafe { libc::setsockopt(fd, level, opt, std::ptr::from_ref(&v).cast(), len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(sys_err(call))
+    }
+}
+
+impl PacketSocket {
+    /// Opens a socket on `ifname` of the current network namespace. With `receive`, it
+    /// receives every frame arriving on the interface (not the ones sent from this host);
+    /// without, it only sends.
+    pub fn open(ifname: &str, receive: bool) -> Result<PacketSocket, Error> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let cname = std::ffi::CString::new(ifname).map_err(|_| Error::Sys {
+            call: "if_nametoindex",
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: cname is a valid NUL-terminated string for the duration of the call.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(sys_err("if_nametoindex"));
+        }
+        let proto: u16 = if receive {
+            (libc::ETH_P_ALL as u16).to_be()
+        } else {
+            0
+        };
+        // SAFETY: plain socket(2) call with constant arguments.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::c_int::from(proto),
+            )
+        };
+        if raw < 0 {
+            return Err(sys_err("socket(AF_PACKET)"));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            1,
+            "PACKET_VNET_HDR",
+        )?;
+        if receive {
+            setsockopt_int(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_IGNORE_OUTGOING,
+                1,
+                "PACKET_IGNORE_OUTGOING",
+            )?;
+        }
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = libc::c_int::try_from(ifindex).map_err(|_| sys_err("ifindex"))?;
+        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(20);
+        // SAFETY: `sll` is a valid sockaddr_ll and `len` its size.
+        let r = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&sll).cast(), len) };
+        if r != 0 {
+            return Err(sys_err("bind(AF_PACKET)"));
+        }
+        Ok(PacketSocket { fd })
+    }
+
+    /// Receives one frame (virtio_net_hdr first) into `buf`; returns its length.
+    pub fn recv(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(usize::try_from(n).unwrap_or(0));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::Sys {
+                    call: "recv(AF_PACKET)",
+                    source: e,
+                });
+            }
+        }
+    }
+
+    /// Sends one frame (virtio_net_hdr first) out of the bound interface.
+    pub fn send(&self, frame: &[u8]) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `frame` is valid for reads of `frame.len()` bytes for the whole call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            Err(sys_err("send(AF_PACKET)"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Asks for real-time scheduling (SCHED_FIFO) and the finest timer slack for the calling
+/// thread and the threads it spawns afterwards, so that timed sends are not late when the
+/// machine is busy.
+pub fn realtime(priority: i32) -> Result<(), Error> {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param living across the call; pid 0 is this thread.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(sys_err("sched_setscheduler"))
+    }
+}

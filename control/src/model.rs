@@ -1,0 +1,281 @@
+//! Records shared by the controller store, the agent protocol and the commands.
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// A 48-bit Ethernet address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// The MAC of allocation `counter` under controller prefix `controller_id`:
+    /// `02:<id>:<counter as 32 bits>`. The `02` first octet marks it locally
+    /// administered and unicast, so it never collides with a vendor-assigned address.
+    pub fn from_counter(controller_id: u8, counter: u32) -> Mac {
+        let c = counter.to_be_bytes();
+        Mac([0x02, controller_id, c[0], c[1], c[2], c[3]])
+    }
+
+    /// The 48 bits as an integer (what the store's UNIQUE column holds).
+    pub fn as_u64(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+    }
+
+    /// Inverse of [`Mac::as_u64`]; the top 16 bits are ignored.
+    pub fn from_u64(v: u64) -> Mac {
+        let b = v.to_be_bytes();
+        Mac([b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+
+    /// Locally administered unicast (bit 1 set, bit 0 clear in the first octet).
+    pub fn is_local_unicast(&self) -> bool {
+        self.0[0] & 0x03 == 0x02
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// A string that is not `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, thiserror::Error)]
+#[error("not a MAC address (want aa:bb:cc:dd:ee:ff): {0:?}")]
+pub struct BadMac(pub String);
+
+impl FromStr for Mac {
+    type Err = BadMac;
+    fn from_str(s: &str) -> Result<Mac, BadMac> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in out.iter_mut() {
+            let p = parts.next().ok_or_else(|| BadMac(s.into()))?;
+            if p.len() != 2 {
+                return Err(BadMac(s.into()));
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| BadMac(s.into()))?;
+        }
+        if parts.next().is_some() {
+            return Err(BadMac(s.into()));
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl TryFrom<String> for Mac {
+    type Error = BadMac;
+    fn try_from(s: String) -> Result<Mac, BadMac> {
+        s.parse()
+    }
+}
+
+impl From<Mac> for String {
+    fn from(m: Mac) -> String {
+        m.to_string()
+    }
+}
+
+/// What a VM is in its cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The cluster's frontend: DHCP server of the overlay, MPI launch node.
+    Frontend,
+    /// A compute node: takes its address from the frontend by DHCP.
+    Compute,
+}
+
+impl Role {
+    /// Lower-case name as stored.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Frontend => "frontend",
+            Role::Compute => "compute",
+        }
+    }
+    /// Parse the stored name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "frontend" => Some(Role::Frontend),
+            "compute" => Some(Role::Compute),
+            _ => None,
+        }
+    }
+}
+
+/// A registered site: its frontend runs `mvc agent`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    /// Store id.
+    pub id: i64,
+    /// Unique short name (`A`, `tokyo`, ...).
+    pub name: String,
+    /// Where the agent listens (`ip:port`).
+    pub agent_addr: String,
+    /// The agent's Ed25519 public key (hex), pinned at `site add`.
+    pub agent_key: String,
+}
+
+/// A VM host of a site with its capacity as last reported by the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name, unique within its site.
+    pub name: String,
+    /// CPU count.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Most VMs the site admin lets run there.
+    pub max_vms: u32,
+    /// VM slots still free.
+    pub free_vms: u32,
+    /// Memory still free in MiB.
+    pub free_memory_mb: u64,
+}
+
+/// One VM of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    /// Globally unique VM name (`<cluster>-fe`, `<cluster>-c3`).
+    pub name: String,
+    /// Frontend or compute.
+    pub role: Role,
+    /// Site name.
+    pub site: String,
+    /// Host name within the site.
+    pub host: String,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Allocated MAC (unique across sites and clusters).
+    pub mac: Mac,
+    /// Overlay address the frontend's DHCP server hands out for this MAC.
+    pub ip: Ipv4Addr,
+    /// `defined`, `running`, `stopped`, `unreachable`.
+    pub state: String,
+}
+
+/// The overlay of a cluster: one community, one secret, a supernode on the origin
+/// frontend, one edge per VM host in use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlay {
+    /// Community name (unique per cluster).
+    pub community: String,
+    /// Where the secret lives (`file:/path`), never the secret itself.
+    pub secret_ref: String,
+    /// Supernode address edges register with (`ip:port`).
+    pub supernode: String,
+}
+
+/// One edge attaching a VM host's bridge to the overlay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Site name.
+    pub site: String,
+    /// Host name within the site.
+    pub host: String,
+    /// TAP device of the edge on that host.
+    pub tap: String,
+    /// Bridge the TAP and the VMs are enslaved to.
+    pub bridge: String,
+    /// Edge name in the community.
+    pub edge_name: String,
+}
+
+/// A cluster with everything that belongs to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Store id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Site holding the frontend VM and the supernode.
+    pub origin: String,
+    /// Third octet of the overlay /24: 198.19.`subnet`.0/24.
+    pub subnet: u8,
+    /// `defined`, `running`, `stopped`.
+    pub state: String,
+    /// Overlay parameters.
+    pub overlay: Overlay,
+    /// Frontend first, then computes in creation order.
+    pub vms: Vec<Vm>,
+    /// Edges, one per VM host in use.
+    pub attachments: Vec<Attachment>,
+}
+
+impl Cluster {
+    /// The frontend VM.
+    pub fn frontend(&self) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.role == Role::Frontend)
+    }
+    /// Overlay address of the frontend.
+    pub fn frontend_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.subnet, 1)
+    }
+}
+
+/// Overlay address of VM number `index` (0 = frontend) in cluster subnet `subnet`.
+pub fn vm_ip(subnet: u8, index: usize) -> Option<Ipv4Addr> {
+    if index == 0 {
+        return Some(Ipv4Addr::new(198, 19, subnet, 1));
+    }
+    let host = 9usize.checked_add(index)?;
+    (host <= 250).then(|| Ipv4Addr::new(198, 19, subnet, host as u8))
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Bytes of a hex string, `None` when it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let m = Mac::from_counter(0x5a, 0x0102_0304);
+        assert_eq!(m.to_string(), "02:5a:01:02:03:04");
+        assert_eq!(m.to_string().parse::<Mac>().unwrap(), m);
+        assert_eq!(Mac::from_u64(m.as_u64()), m);
+        assert!(m.is_local_unicast());
+        assert!("02:5a:01:02:03".parse::<Mac>().is_err());
+        assert!("02:5a:01:02:03:04:05".parse::<Mac>().is_err());
+        assert!("zz:5a:01:02:03:04".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(unhex(&hex(&[0, 1, 0xfe])).unwrap(), vec![0, 1, 0xfe]);
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+
+    #[test]
+    fn vm_ips() {
+        assert_eq!(vm_ip(3, 0).unwrap().to_string(), "198.19.3.1");
+        assert_eq!(vm_ip(3, 1).unwrap().to_string(), "198.19.3.10");
+        assert!(vm_ip(3, 242).is_none());
+    }
+}

@@ -1,0 +1,420 @@
+//! Controller -> agent requests and the agent's replies (JSON inside the signed
+//! [`crate::auth::Envelope`], inside the encrypted [`crate::channel`]).
+//!
+//! Version: [`PROTO_VERSION`] travels in every envelope body; an agent refuses a
+//! version it does not know. Unknown `op`s fail to parse and are refused with the
+//! parse error.
+use crate::model::{HostInfo, Mac, Role};
+use serde::{Deserialize, Serialize};
+
+/// Version of the request set.
+pub const PROTO_VERSION: u32 = 1;
+
+/// The body of a signed request.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Body {
+    /// [`PROTO_VERSION`].
+    pub proto: u32,
+    /// What to do.
+    pub req: Request,
+}
+
+/// One VM slot to reserve.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotReq {
+    /// VM name.
+    pub name: String,
+    /// Host it goes on.
+    pub host: String,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+}
+
+/// DHCP service the frontend VM runs on the overlay.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DhcpService {
+    /// The frontend's own address (`198.19.N.1`).
+    pub address: String,
+    /// Prefix length (24).
+    pub prefix: u8,
+    /// First and last address of the dynamic range.
+    pub range: (String, String),
+    /// Fixed leases: MAC, address, host name.
+    pub hosts: Vec<(Mac, String, String)>,
+}
+
+/// Everything a driver needs to start a VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Cluster name.
+    pub cluster: String,
+    /// VM name (also its host name).
+    pub name: String,
+    /// Frontend or compute.
+    pub role: Role,
+    /// Host within the site.
+    pub host: String,
+    /// The VM's MAC.
+    pub mac: Mac,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Bridge the VM's NIC joins.
+    pub bridge: String,
+    /// For the frontend: the DHCP service to run.
+    pub dhcp: Option<DhcpService>,
+}
+
+/// Requests an agent serves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Site name, hosts with free capacity, driver, VMs here.
+    Info,
+    /// Reserve VM slots for a cluster, all or none.
+    Reserve {
+        /// Cluster name.
+        cluster: String,
+        /// The slots.
+        slots: Vec<SlotReq>,
+    },
+    /// Stop everything of a cluster here and free its slots.
+    Release {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// Start (idempotently) the cluster's bridge and edge here, and its supernode when
+    /// `supernode_port` is set.
+    StartOverlay {
+        /// Cluster name.
+        cluster: String,
+        /// Community name.
+        community: String,
+        /// Community secret (hex); written to a 0600 file, passed by path.
+        secret: String,
+        /// Supernode the edge registers with.
+        supernode: String,
+        /// Run the supernode here, listening on this UDP port.
+        supernode_port: Option<u16>,
+        /// TAP device name of the edge.
+        tap: String,
+        /// Bridge name.
+        bridge: String,
+        /// Edge name in the community.
+        edge_name: String,
+    },
+    /// Start a reserved VM.
+    StartVm {
+        /// What to start.
+        spec: VmSpec,
+    },
+    /// Stop a VM (its slot stays reserved).
+    StopVm {
+        /// Cluster name.
+        cluster: String,
+        /// VM name.
+        vm: String,
+    },
+    /// The IPv4 address a VM holds on its overlay NIC (from DHCP for computes).
+    VmAddress {
+        /// Cluster name.
+        cluster: String,
+        /// VM name.
+        vm: String,
+    },
+    /// Ping addresses from inside a VM over the overlay; median RTT in ms.
+    Ping {
+        /// Cluster name.
+        cluster: String,
+        /// VM to ping from.
+        vm: String,
+        /// Overlay addresses.
+        targets: Vec<String>,
+    },
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// Whether the request was done.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Result data.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// A VM as the agent sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentVm {
+    /// Cluster.
+    pub cluster: String,
+    /// VM name.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// `reserved`, `running`, `stopped`.
+    pub state: String,
+    /// How to reach it on this machine (`netns:<name>` or `qemu:<pid>`).
+    #[serde(default)]
+    pub handle: Option<String>,
+}
+
+/// Reply data of [`Request::Info`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InfoData {
+    /// Site name the agent serves.
+    pub site: String,
+    /// VM driver in use.
+    pub driver: String,
+    /// Hosts with free capacity.
+    pub hosts: Vec<HostInfo>,
+    /// VMs of all clusters here (only the caller's are listed in full).
+    pub vms: Vec<AgentVm>,
+    /// Overlay processes of the caller's clusters: cluster -> running.
+    pub overlays: Vec<(String, bool)>,
+    /// `mvc edge status --json` of the caller's clusters' edges here (cluster, status).
+    #[serde(default)]
+    pub edges: Vec<(String, serde_json::Value)>,
+}
+
+/// A name the agent may put into file names, namespace names and `ip` arguments:
+/// ASCII letters, digits and `-`, not starting with `-`, at most `max` bytes.
+pub fn safe_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if safe_name(s, max) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {s:?} is not a valid name (letters, digits, '-', at most {max})"
+        ))
+    }
+}
+
+fn check_host(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("host {s:?} is not a valid host name"))
+    }
+}
+
+fn check_ip(what: &str, s: &str) -> Result<(), String> {
+    s.parse::<std::net::Ipv4Addr>()
+        .map(|_| ())
+        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+}
+
+/// Most memory one VM may ask for (MiB).
+pub const MAX_VM_MEMORY_MB: u64 = 1 << 20;
+/// Most slots or DHCP hosts in one request.
+pub const MAX_ITEMS: usize = 256;
+
+impl Request {
+    /// Check every field an agent will use in a command line, file or namespace name.
+    /// The agent refuses a request that fails, before doing anything.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::Info => Ok(()),
+            Request::Reserve { cluster, slots } => {
+                check_name("cluster", cluster, 24)?;
+                if slots.is_empty() || slots.len() > MAX_ITEMS {
+                    return Err(format!("1 to {MAX_ITEMS} slots per reservation"));
+                }
+                for s in slots {
+                    check_name("VM", &s.name, 40)?;
+                    check_host(&s.host)?;
+                    if s.memory_mb == 0 || s.memory_mb > MAX_VM_MEMORY_MB {
+                        return Err(format!("VM {} asks for {} MiB", s.name, s.memory_mb));
+                    }
+                }
+                Ok(())
+            }
+            Request::Release { cluster } => check_name("cluster", cluster, 24),
+            Request::StartOverlay {
+                cluster,
+                community,
+                secret,
+                supernode,
+                supernode_port,
+                tap,
+                bridge,
+                edge_name,
+            } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("community", community, 32)?;
+                check_name("tap", tap, 15)?;
+                check_name("bridge", bridge, 15)?;
+                check_name("edge name", edge_name, 63)?;
+                if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("the community secret must be at least 32 hex digits".into());
+                }
+                supernode
+                    .parse::<std::net::SocketAddrV4>()
+                    .map_err(|_| format!("supernode {supernode:?} is not ip:port"))?;
+                if *supernode_port == Some(0) {
+                    return Err("supernode port 0".into());
+                }
+                Ok(())
+            }
+            Request::StartVm { spec } => {
+                check_name("cluster", &spec.cluster, 24)?;
+                check_name("VM", &spec.name, 40)?;
+                check_host(&spec.host)?;
+                check_name("bridge", &spec.bridge, 15)?;
+                if spec.memory_mb == 0 || spec.memory_mb > MAX_VM_MEMORY_MB {
+                    return Err(format!("VM {} asks for {} MiB", spec.name, spec.memory_mb));
+                }
+                if let Some(d) = &spec.dhcp {
+                    check_ip("DHCP address", &d.address)?;
+                    check_ip("DHCP range start", &d.range.0)?;
+                    check_ip("DHCP range end", &d.range.1)?;
+                    if !(8..=30).contains(&d.prefix) {
+                        return Err(format!("DHCP prefix /{}", d.prefix));
+                    }
+                    if d.hosts.len() > MAX_ITEMS {
+                        return Err(format!("at most {MAX_ITEMS} DHCP hosts"));
+                    }
+                    for (_, ip, name) in &d.hosts {
+                        check_ip("DHCP host address", ip)?;
+                        check_name("DHCP host name", name, 40)?;
+                    }
+                }
+                Ok(())
+            }
+            Request::StopVm { cluster, vm } | Request::VmAddress { cluster, vm } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)
+            }
+            Request::Ping {
+                cluster,
+                vm,
+                targets,
+            } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)?;
+                if targets.len() > 64 {
+                    return Err("at most 64 ping targets".into());
+                }
+                targets.iter().try_for_each(|t| check_ip("ping target", t))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        let bad = [
+            Request::Release {
+                cluster: "../../etc".into(),
+            },
+            Request::Release {
+                cluster: "-force".into(),
+            },
+            Request::StopVm {
+                cluster: "k".into(),
+                vm: "a b".into(),
+            },
+            Request::StartOverlay {
+                cluster: "k".into(),
+                community: "c".into(),
+                secret: "short".into(),
+                supernode: "198.18.1.2:7701".into(),
+                supernode_port: None,
+                tap: "mvt1".into(),
+                bridge: "mvb1".into(),
+                edge_name: "e".into(),
+            },
+            Request::StartOverlay {
+                cluster: "k".into(),
+                community: "c".into(),
+                secret: "0".repeat(64),
+                supernode: "198.18.1.2:7701".into(),
+                supernode_port: None,
+                tap: "a-very-long-tap-name".into(),
+                bridge: "mvb1".into(),
+                edge_name: "e".into(),
+            },
+            Request::Ping {
+                cluster: "k".into(),
+                vm: "v".into(),
+                targets: vec!["198.19.1.1; reboot".into()],
+            },
+            Request::Reserve {
+                cluster: "k".into(),
+                slots: vec![],
+            },
+        ];
+        for r in bad {
+            assert!(r.validate().is_err(), "{r:?}");
+        }
+        let good = Request::StartOverlay {
+            cluster: "k".into(),
+            community: "mvc0011aabb".into(),
+            secret: "0a".repeat(32),
+            supernode: "198.18.1.2:7701".into(),
+            supernode_port: Some(7701),
+            tap: "mvt1".into(),
+            bridge: "mvb1".into(),
+            edge_name: "A-a-h0-0".into(),
+        };
+        assert!(good.validate().is_ok());
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = vec![
+            Request::Info,
+            Request::Reserve {
+                cluster: "k".into(),
+                slots: vec![SlotReq {
+                    name: "k-c1".into(),
+                    host: "h0".into(),
+                    memory_mb: 256,
+                }],
+            },
+            Request::StartVm {
+                spec: VmSpec {
+                    cluster: "k".into(),
+                    name: "k-fe".into(),
+                    role: Role::Frontend,
+                    host: "h0".into(),
+                    mac: Mac([2, 0, 0, 0, 0, 1]),
+                    memory_mb: 512,
+                    bridge: "mvb1".into(),
+                    dhcp: Some(DhcpService {
+                        address: "198.19.1.1".into(),
+                        prefix: 24,
+                        range: ("198.19.1.10".into(), "198.19.1.250".into()),
+                        hosts: vec![(Mac([2, 0, 0, 0, 0, 2]), "198.19.1.10".into(), "k-c1".into())],
+                    }),
+                },
+            },
+        ];
+        for r in reqs {
+            let b = Body {
+                proto: PROTO_VERSION,
+                req: r,
+            };
+            let s = serde_json::to_string(&b).unwrap();
+            assert_eq!(serde_json::from_str::<Body>(&s).unwrap(), b);
+        }
+        assert!(serde_json::from_str::<Body>(r#"{"proto":1,"req":{"op":"format_disk"}}"#).is_err());
+    }
+}

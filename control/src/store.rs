@@ -1,0 +1,802 @@
+//! The controller's state: sites, VM hosts and capacity, clusters, VMs, overlays and
+//! attachments.
+//!
+//! [`Store`] is the interface the commands use; [`SqliteStore`] implements it on one
+//! SQLite file (WAL journal, foreign keys on, schema migrations numbered by
+//! `PRAGMA user_version`). A larger deployment can implement [`Store`] on a server
+//! database without touching the commands.
+//!
+//! MAC addresses are unique by construction: `02:<controller id>:<32-bit counter>`,
+//! where the counter lives in the store and only moves forward inside the same
+//! transaction that records the VMs, and `vms.mac` carries a UNIQUE constraint that
+//! SQLite checks on every insert.
+use crate::model::{vm_ip, Attachment, Cluster, HostInfo, Mac, Overlay, Role, Site, Vm};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::Path;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A name that must be unique is taken.
+    #[error("{kind} {name:?} already exists")]
+    Exists {
+        /// `site`, `cluster`, ...
+        kind: &'static str,
+        /// The clashing name.
+        name: String,
+    },
+    /// No such record.
+    #[error("no {kind} named {name:?}")]
+    NotFound {
+        /// `site`, `cluster`, `vm`, `host`.
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// The record is still used by something else.
+    #[error("{0}")]
+    InUse(String),
+    /// Every overlay subnet 198.19.1-254.0/24 is taken.
+    #[error("no free overlay subnet left in 198.19.0.0/16")]
+    NoSubnet,
+    /// More VMs in one cluster than its /24 can address.
+    #[error("a cluster holds at most 242 VMs")]
+    TooManyVms,
+    /// The MAC counter ran out of its 32 bits.
+    #[error("MAC counter exhausted for this controller")]
+    MacsExhausted,
+    /// The database is from a newer version of mvc.
+    #[error("database schema version {0} is newer than this mvc understands ({1})")]
+    TooNew(i64, i64),
+    /// A stored value does not parse.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Result of store operations.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A VM the controller wants recorded; MAC and address are allocated by the store.
+#[derive(Clone, Debug)]
+pub struct PlannedVm {
+    /// VM name.
+    pub name: String,
+    /// Frontend or compute.
+    pub role: Role,
+    /// Site name.
+    pub site: String,
+    /// Host name within the site.
+    pub host: String,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+}
+
+/// Everything `cluster create` records in one transaction.
+#[derive(Clone, Debug)]
+pub struct ClusterPlan {
+    /// Cluster name.
+    pub name: String,
+    /// Origin site (frontend VM and supernode).
+    pub origin: String,
+    /// Community, secret reference; the supernode address may name the port
+    /// `{port}`, replaced by the store with 7700 + subnet.
+    pub overlay: Overlay,
+    /// Frontend first.
+    pub vms: Vec<PlannedVm>,
+}
+
+/// The controller's persistent state.
+pub trait Store {
+    /// Record a site; its name must be new.
+    fn add_site(&mut self, name: &str, agent_addr: &str, agent_key: &str) -> Result<Site>;
+    /// All sites, by name.
+    fn sites(&self) -> Result<Vec<Site>>;
+    /// One site.
+    fn site(&self, name: &str) -> Result<Site>;
+    /// Forget a site; refused while a cluster has VMs there.
+    fn remove_site(&mut self, name: &str) -> Result<()>;
+    /// Replace the capacity snapshot of a site's hosts with what its agent reported.
+    fn set_hosts(&mut self, site: &str, hosts: &[HostInfo]) -> Result<()>;
+    /// Hosts of a site as last reported.
+    fn hosts(&self, site: &str) -> Result<Vec<HostInfo>>;
+    /// Record a cluster with its overlay, VMs (MACs and addresses allocated here) and
+    /// one attachment per VM host in use, all or nothing.
+    fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster>;
+    /// One cluster with everything in it.
+    fn cluster(&self, name: &str) -> Result<Cluster>;
+    /// All clusters.
+    fn clusters(&self) -> Result<Vec<Cluster>>;
+    /// Set the cluster's state.
+    fn set_cluster_state(&mut self, name: &str, state: &str) -> Result<()>;
+    /// Set one VM's state.
+    fn set_vm_state(&mut self, vm: &str, state: &str) -> Result<()>;
+    /// Delete a cluster and everything in it.
+    fn delete_cluster(&mut self, name: &str) -> Result<()>;
+    /// Every MAC ever recorded for a live VM (for checks).
+    fn all_macs(&self) -> Result<Vec<Mac>>;
+}
+
+/// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "CREATE TABLE meta(id INTEGER PRIMARY KEY CHECK (id = 1),
+                       controller_id INTEGER NOT NULL,
+                       next_mac INTEGER NOT NULL);
+     CREATE TABLE sites(id INTEGER PRIMARY KEY,
+                        name TEXT NOT NULL UNIQUE,
+                        agent_addr TEXT NOT NULL,
+                        agent_key TEXT NOT NULL);
+     CREATE TABLE hosts(id INTEGER PRIMARY KEY,
+                        site_id INTEGER NOT NULL REFERENCES sites(id) ON DELETE CASCADE,
+                        name TEXT NOT NULL,
+                        vcpus INTEGER NOT NULL,
+                        memory_mb INTEGER NOT NULL,
+                        max_vms INTEGER NOT NULL,
+                        free_vms INTEGER NOT NULL,
+                        free_memory_mb INTEGER NOT NULL,
+                        UNIQUE(site_id, name));
+     CREATE TABLE clusters(id INTEGER PRIMARY KEY,
+                           name TEXT NOT NULL UNIQUE,
+                           origin_site_id INTEGER NOT NULL REFERENCES sites(id),
+                           subnet INTEGER NOT NULL UNIQUE CHECK (subnet BETWEEN 1 AND 254),
+                           state TEXT NOT NULL);
+     CREATE TABLE overlays(cluster_id INTEGER PRIMARY KEY
+                               REFERENCES clusters(id) ON DELETE CASCADE,
+                           community TEXT NOT NULL UNIQUE,
+                           secret_ref TEXT NOT NULL,
+                           supernode TEXT NOT NULL);
+     CREATE TABLE vms(id INTEGER PRIMARY KEY,
+                      cluster_id INTEGER NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+                      name TEXT NOT NULL UNIQUE,
+                      role TEXT NOT NULL CHECK (role IN ('frontend', 'compute')),
+                      site_id INTEGER NOT NULL REFERENCES sites(id),
+                      host TEXT NOT NULL,
+                      memory_mb INTEGER NOT NULL,
+                      mac INTEGER NOT NULL UNIQUE,
+                      ip TEXT NOT NULL,
+                      state TEXT NOT NULL,
+                      UNIQUE(cluster_id, ip));
+     CREATE TABLE attachments(id INTEGER PRIMARY KEY,
+                              cluster_id INTEGER NOT NULL
+                                  REFERENCES clusters(id) ON DELETE CASCADE,
+                              site_id INTEGER NOT NULL REFERENCES sites(id),
+                              host TEXT NOT NULL,
+                              tap TEXT NOT NULL,
+                              bridge TEXT NOT NULL,
+                              edge_name TEXT NOT NULL,
+                              UNIQUE(cluster_id, site_id, host));",
+];
+
+/// [`Store`] on one SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating as needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        Self::init(Connection::open(path)?)
+    }
+
+    /// A private in-memory database (tests).
+    pub fn open_in_memory() -> Result<SqliteStore> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<SqliteStore> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let latest = MIGRATIONS.len() as i64;
+        if version > latest {
+            return Err(StoreError::TooNew(version, latest));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            tx.execute_batch(m)?;
+            if i == 0 {
+                let mut id = [0u8; 1];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .map_err(|_| StoreError::Corrupt("no system randomness".into()))?;
+                tx.execute(
+                    "INSERT INTO meta(id, controller_id, next_mac) VALUES (1, ?1, 1)",
+                    params![i64::from(id[0])],
+                )?;
+            }
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn site_id(&self, name: &str) -> Result<i64> {
+        self.conn
+            .query_row("SELECT id FROM sites WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "site",
+                name: name.into(),
+            })
+    }
+
+    fn load_cluster(
+        &self,
+        id: i64,
+        name: String,
+        origin: String,
+        subnet: i64,
+        state: String,
+    ) -> Result<Cluster> {
+        let overlay = self.conn.query_row(
+            "SELECT community, secret_ref, supernode FROM overlays WHERE cluster_id = ?1",
+            [id],
+            |r| {
+                Ok(Overlay {
+                    community: r.get(0)?,
+                    secret_ref: r.get(1)?,
+                    supernode: r.get(2)?,
+                })
+            },
+        )?;
+        let mut st = self.conn.prepare(
+            "SELECT v.name, v.role, s.name, v.host, v.memory_mb, v.mac, v.ip, v.state
+             FROM vms v JOIN sites s ON s.id = v.site_id
+             WHERE v.cluster_id = ?1 ORDER BY v.id",
+        )?;
+        let rows = st.query_map([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut vms = Vec::new();
+        for row in rows {
+            let (name, role, site, host, mem, mac, ip, state) = row?;
+            vms.push(Vm {
+                role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(role.clone()))?,
+                ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.clone()))?,
+                name,
+                site,
+                host,
+                memory_mb: mem as u64,
+                mac: Mac::from_u64(mac as u64),
+                state,
+            });
+        }
+        let mut st = self.conn.prepare(
+            "SELECT s.name, a.host, a.tap, a.bridge, a.edge_name
+             FROM attachments a JOIN sites s ON s.id = a.site_id
+             WHERE a.cluster_id = ?1 ORDER BY a.id",
+        )?;
+        let attachments = st
+            .query_map([id], |r| {
+                Ok(Attachment {
+                    site: r.get(0)?,
+                    host: r.get(1)?,
+                    tap: r.get(2)?,
+                    bridge: r.get(3)?,
+                    edge_name: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Cluster {
+            id,
+            name,
+            origin,
+            subnet: u8::try_from(subnet).map_err(|_| StoreError::Corrupt("subnet".into()))?,
+            state,
+            overlay,
+            vms,
+            attachments,
+        })
+    }
+}
+
+fn unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl Store for SqliteStore {
+    fn add_site(&mut self, name: &str, agent_addr: &str, agent_key: &str) -> Result<Site> {
+        match self.conn.execute(
+            "INSERT INTO sites(name, agent_addr, agent_key) VALUES (?1, ?2, ?3)",
+            params![name, agent_addr, agent_key],
+        ) {
+            Ok(_) => {}
+            Err(e) if unique_violation(&e) => {
+                return Err(StoreError::Exists {
+                    kind: "site",
+                    name: name.into(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.site(name)
+    }
+
+    fn sites(&self) -> Result<Vec<Site>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, agent_addr, agent_key FROM sites ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(Site {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                agent_addr: r.get(2)?,
+                agent_key: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn site(&self, name: &str) -> Result<Site> {
+        self.conn
+            .query_row(
+                "SELECT id, name, agent_addr, agent_key FROM sites WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(Site {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        agent_addr: r.get(2)?,
+                        agent_key: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "site",
+                name: name.into(),
+            })
+    }
+
+    fn remove_site(&mut self, name: &str) -> Result<()> {
+        let id = self.site_id(name)?;
+        let users: Vec<String> = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT c.name FROM clusters c
+                 LEFT JOIN vms v ON v.cluster_id = c.id
+                 WHERE c.origin_site_id = ?1 OR v.site_id = ?1 ORDER BY c.name",
+            )?
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !users.is_empty() {
+            return Err(StoreError::InUse(format!(
+                "site {name:?} is used by cluster(s) {}; destroy them first",
+                users.join(", ")
+            )));
+        }
+        self.conn.execute("DELETE FROM sites WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn set_hosts(&mut self, site: &str, hosts: &[HostInfo]) -> Result<()> {
+        let id = self.site_id(site)?;
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM hosts WHERE site_id = ?1", [id])?;
+        for h in hosts {
+            tx.execute(
+                "INSERT INTO hosts(site_id, name, vcpus, memory_mb, max_vms, free_vms,
+                                   free_memory_mb) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    h.name,
+                    h.vcpus,
+                    h.memory_mb as i64,
+                    h.max_vms,
+                    h.free_vms,
+                    h.free_memory_mb as i64
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn hosts(&self, site: &str) -> Result<Vec<HostInfo>> {
+        let id = self.site_id(site)?;
+        let mut st = self.conn.prepare(
+            "SELECT name, vcpus, memory_mb, max_vms, free_vms, free_memory_mb
+             FROM hosts WHERE site_id = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map([id], |r| {
+            Ok(HostInfo {
+                name: r.get(0)?,
+                vcpus: r.get(1)?,
+                memory_mb: r.get::<_, i64>(2)? as u64,
+                max_vms: r.get(3)?,
+                free_vms: r.get(4)?,
+                free_memory_mb: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster> {
+        if plan.vms.len() > 242 {
+            return Err(StoreError::TooManyVms);
+        }
+        let origin_id = self.site_id(&plan.origin)?;
+        let mut site_ids = std::collections::HashMap::new();
+        for v in &plan.vms {
+            if !site_ids.contains_key(&v.site) {
+                site_ids.insert(v.site.clone(), self.site_id(&v.site)?);
+            }
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: Vec<i64> = tx
+            .prepare("SELECT subnet FROM clusters ORDER BY subnet")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let subnet = (1..=254i64)
+            .find(|s| !taken.contains(s))
+            .ok_or(StoreError::NoSubnet)?;
+        match tx.execute(
+            "INSERT INTO clusters(name, origin_site_id, subnet, state)
+             VALUES (?1, ?2, ?3, 'defined')",
+            params![plan.name, origin_id, subnet],
+        ) {
+            Ok(_) => {}
+            Err(e) if unique_violation(&e) => {
+                return Err(StoreError::Exists {
+                    kind: "cluster",
+                    name: plan.name.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let cid = tx.last_insert_rowid();
+        let supernode = plan
+            .overlay
+            .supernode
+            .replace("{port}", &(7700 + subnet).to_string());
+        tx.execute(
+            "INSERT INTO overlays(cluster_id, community, secret_ref, supernode)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                cid,
+                plan.overlay.community,
+                plan.overlay.secret_ref,
+                supernode
+            ],
+        )?;
+        let (controller_id, next_mac): (i64, i64) = tx.query_row(
+            "SELECT controller_id, next_mac FROM meta WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let end = next_mac + plan.vms.len() as i64;
+        if end > i64::from(u32::MAX) {
+            return Err(StoreError::MacsExhausted);
+        }
+        tx.execute("UPDATE meta SET next_mac = ?1 WHERE id = 1", [end])?;
+        let mut hosts_seen: Vec<(String, String)> = Vec::new();
+        for (i, v) in plan.vms.iter().enumerate() {
+            let mac = Mac::from_counter(controller_id as u8, (next_mac + i as i64) as u32);
+            let ip = vm_ip(subnet as u8, i).ok_or(StoreError::TooManyVms)?;
+            match tx.execute(
+                "INSERT INTO vms(cluster_id, name, role, site_id, host, memory_mb, mac, ip,
+                                 state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'defined')",
+                params![
+                    cid,
+                    v.name,
+                    v.role.as_str(),
+                    site_ids[&v.site],
+                    v.host,
+                    v.memory_mb as i64,
+                    mac.as_u64() as i64,
+                    ip.to_string()
+                ],
+            ) {
+                Ok(_) => {}
+                Err(e) if unique_violation(&e) => {
+                    return Err(StoreError::Exists {
+                        kind: "vm (name or MAC)",
+                        name: format!("{} / {mac}", v.name),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let key = (v.site.clone(), v.host.clone());
+            if !hosts_seen.contains(&key) {
+                let n = hosts_seen.len();
+                hosts_seen.push(key);
+                tx.execute(
+                    "INSERT INTO attachments(cluster_id, site_id, host, tap, bridge, edge_name)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        cid,
+                        site_ids[&v.site],
+                        v.host,
+                        format!("mvt{subnet}"),
+                        format!("mvb{subnet}"),
+                        format!("{}-{}-{n}", v.site, v.host)
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
+        self.cluster(&plan.name)
+    }
+
+    fn cluster(&self, name: &str) -> Result<Cluster> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT c.id, c.name, s.name, c.subnet, c.state FROM clusters c
+                 JOIN sites s ON s.id = c.origin_site_id WHERE c.name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "cluster",
+                name: name.into(),
+            })?;
+        self.load_cluster(row.0, row.1, row.2, row.3, row.4)
+    }
+
+    fn clusters(&self) -> Result<Vec<Cluster>> {
+        let names: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM clusters ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        names.iter().map(|n| self.cluster(n)).collect()
+    }
+
+    fn set_cluster_state(&mut self, name: &str, state: &str) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE clusters SET state = ?2 WHERE name = ?1",
+            params![name, state],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                kind: "cluster",
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_vm_state(&mut self, vm: &str, state: &str) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE vms SET state = ?2 WHERE name = ?1",
+            params![vm, state],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                kind: "vm",
+                name: vm.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn delete_cluster(&mut self, name: &str) -> Result<()> {
+        let n = self
+            .conn
+            .execute("DELETE FROM clusters WHERE name = ?1", [name])?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                kind: "cluster",
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn all_macs(&self) -> Result<Vec<Mac>> {
+        let macs: Vec<i64> = self
+            .conn
+            .prepare("SELECT mac FROM vms ORDER BY mac")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(macs.into_iter().map(|m| Mac::from_u64(m as u64)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn plan(name: &str, sites: &[(&str, usize)]) -> ClusterPlan {
+        let mut vms = vec![PlannedVm {
+            name: format!("{name}-fe"),
+            role: Role::Frontend,
+            site: sites[0].0.into(),
+            host: "h0".into(),
+            memory_mb: 512,
+        }];
+        let mut k = 0;
+        for (site, n) in sites {
+            for _ in 0..*n {
+                k += 1;
+                vms.push(PlannedVm {
+                    name: format!("{name}-c{k}"),
+                    role: Role::Compute,
+                    site: (*site).into(),
+                    host: "h0".into(),
+                    memory_mb: 256,
+                });
+            }
+        }
+        ClusterPlan {
+            name: name.into(),
+            origin: sites[0].0.into(),
+            overlay: Overlay {
+                community: format!("mvc-{name}"),
+                secret_ref: format!("file:/tmp/{name}"),
+                supernode: "198.18.0.1:{port}".into(),
+            },
+            vms,
+        }
+    }
+
+    fn three_sites() -> SqliteStore {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        for n in ["A", "B", "C"] {
+            s.add_site(n, "198.18.0.1:7000", "00").unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn sites_add_list_remove() {
+        let mut s = three_sites();
+        assert!(matches!(
+            s.add_site("A", "x", "y"),
+            Err(StoreError::Exists { .. })
+        ));
+        assert_eq!(s.sites().unwrap().len(), 3);
+        s.create_cluster(&plan("k", &[("A", 1), ("B", 1)])).unwrap();
+        let e = s.remove_site("B").unwrap_err();
+        assert!(e.to_string().contains("cluster(s) k"), "{e}");
+        s.remove_site("C").unwrap();
+        assert!(matches!(s.site("C"), Err(StoreError::NotFound { .. })));
+    }
+
+    #[test]
+    fn cluster_records_everything() {
+        let mut s = three_sites();
+        let c = s
+            .create_cluster(&plan("k", &[("A", 3), ("B", 2), ("C", 2)]))
+            .unwrap();
+        assert_eq!(c.vms.len(), 8);
+        assert_eq!(c.attachments.len(), 3);
+        assert_eq!(
+            c.overlay.supernode,
+            format!("198.18.0.1:{}", 7700 + c.subnet as u32)
+        );
+        assert_eq!(c.frontend().unwrap().ip, c.frontend_ip());
+        assert!(matches!(
+            s.create_cluster(&plan("k", &[("A", 1)])),
+            Err(StoreError::Exists { .. })
+        ));
+        let c2 = s.create_cluster(&plan("j", &[("B", 1)])).unwrap();
+        assert_ne!(c.subnet, c2.subnet);
+        s.delete_cluster("k").unwrap();
+        assert_eq!(s.clusters().unwrap().len(), 1);
+        // the subnet is reused, MACs are not
+        let c3 = s.create_cluster(&plan("m", &[("B", 1)])).unwrap();
+        assert_eq!(c3.subnet, c.subnet);
+        for v in &c3.vms {
+            assert!(c.vms.iter().all(|o| o.mac != v.mac));
+        }
+    }
+
+    #[test]
+    fn failed_create_leaves_nothing() {
+        let mut s = three_sites();
+        let mut p = plan("k", &[("A", 2)]);
+        p.vms[1].name = p.vms[0].name.clone(); // duplicate VM name: the insert fails
+        assert!(s.create_cluster(&p).is_err());
+        assert!(s.clusters().unwrap().is_empty());
+        assert!(s.all_macs().unwrap().is_empty());
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM overlays", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn duplicate_mac_is_refused_by_the_schema() {
+        let mut s = three_sites();
+        let c = s.create_cluster(&plan("k", &[("A", 1)])).unwrap();
+        let mac = c.vms[0].mac.as_u64() as i64;
+        let e = s.conn.execute(
+            "INSERT INTO vms(cluster_id, name, role, site_id, host, memory_mb, mac, ip, state)
+             VALUES (?1, 'x', 'compute', 1, 'h0', 1, ?2, '198.19.9.9', 'defined')",
+            params![c.id, mac],
+        );
+        assert!(unique_violation(&e.unwrap_err()));
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let before = {
+            let mut s = SqliteStore::open(&path).unwrap();
+            s.add_site("A", "198.18.0.1:7000", "ab").unwrap();
+            s.set_hosts(
+                "A",
+                &[HostInfo {
+                    name: "h0".into(),
+                    vcpus: 2,
+                    memory_mb: 4096,
+                    max_vms: 8,
+                    free_vms: 8,
+                    free_memory_mb: 4096,
+                }],
+            )
+            .unwrap();
+            s.create_cluster(&plan("k", &[("A", 2)])).unwrap();
+            s.set_vm_state("k-c1", "running").unwrap();
+            s.cluster("k").unwrap()
+        };
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(s.cluster("k").unwrap(), before);
+        assert_eq!(s.hosts("A").unwrap().len(), 1);
+        // the MAC counter persisted too
+        let c = s.create_cluster(&plan("j", &[("A", 1)])).unwrap();
+        for v in &c.vms {
+            assert!(before.vms.iter().all(|o| o.mac != v.mac));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Whatever sequence of creates and destroys, across sites and clusters, every
+        /// live MAC is distinct, locally administered unicast, and never reissued.
+        #[test]
+        fn macs_unique_across_sites_and_clusters(
+            ops in prop::collection::vec((0usize..4, 0usize..6, 0usize..6, any::<bool>()), 1..24)
+        ) {
+            let mut s = three_sites();
+            let mut ever = std::collections::HashSet::new();
+            let mut live: Vec<String> = Vec::new();
+            for (i, (a, b, c, destroy)) in ops.into_iter().enumerate() {
+                if destroy && !live.is_empty() {
+                    let name = live.remove(i % live.len());
+                    s.delete_cluster(&name).unwrap();
+                    continue;
+                }
+                let name = format!("k{i}");
+                let cl = s.create_cluster(&plan(&name, &[("A", a), ("B", b), ("C", c)])).unwrap();
+                live.push(name);
+                for v in &cl.vms {
+                    prop_assert!(v.mac.is_local_unicast());
+                    prop_assert!(ever.insert(v.mac), "MAC {} issued twice", v.mac);
+                }
+            }
+            let macs = s.all_macs().unwrap();
+            let set: std::collections::HashSet<_> = macs.iter().collect();
+            prop_assert_eq!(set.len(), macs.len());
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! The overlay in a three-site network-namespace lab (issue 2's tests): site A's frontend has
+//! a public address and runs the supernode and an edge; sites B and C sit behind their own
+//! NAT routers; every site has a bridge with VM namespaces and the edge's TAP on it.
+//!
+//! Each test builds its own lab (namespaces named with a per-run prefix) and tears it down,
+//! also on failure. They need root; otherwise they print that they were skipped.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bench::dhcp;
+use bench::lab::{self, Capture, Lab, Topology};
+use bench::overlay::{
+    self as ov, EdgeOpts, Mvc, MvcCluster, COMMUNITY, EDGE_PORT, SECRET, SUPERNODE_PORT,
+};
+use rand::Rng;
+
+const UP: Duration = Duration::from_secs(20);
+const PATH_WAIT: Duration = Duration::from_secs(30);
+
+fn setup(test: &str) -> Option<(Lab, Mvc)> {
+    if !lab::is_root() {
+        eprintln!("SKIPPED {test}: needs root for network namespaces");
+        return None;
+    }
+    let lab = Lab::new("ov").expect("lab");
+    // MVC_TEST_BIN runs the suite against another build of mvc.
+    let bin = std::env::var_os("MVC_TEST_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mvc")), PathBuf::from);
+    let mvc = Mvc { bin };
+    Some((lab, mvc))
+}
+
+/// Pings `dst` from `ns` until it answers, then requires `count` pings to lose at most one.
+fn ping_ok(lab: &Lab, ns: &str, dst: Ipv4Addr, count: u32) {
+    lab::wait_ping(lab, ns, dst, UP).unwrap_or_else(|e| panic!("{ns} -> {dst}: {e}"));
+    let p = lab::ping(lab, ns, dst, count, 0.1).expect("ping");
+    assert!(p.received + 1 >= p.sent, "{ns} -> {dst}: {p:?}");
+}
+
+fn ping_fails(lab: &Lab, ns: &str, dst: Ipv4Addr) {
+    let p = lab::ping(lab, ns, dst, 5, 0.1).expect("ping");
+    assert_eq!(p.received, 0, "{ns} -> {dst} must not get through: {p:?}");
+}
+
+fn all_running(lab: &Lab, c: &MvcCluster) {
+    assert!(
+        lab.running(&c.supernode.proc),
+        "supernode died: {}",
+        lab.log(&c.supernode.proc)
+    );
+    for e in c.edges.values() {
+        assert!(
+            lab.running(&e.proc),
+            "edge {} died: {}",
+            e.name,
+            lab.log(&e.proc)
+        );
+    }
+}
+
+fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> u64 {
+    let st = mvc.supernode_status(lab, sn).expect("supernode status");
+    st["relayed_packets"].as_u64().expect("relayed_packets")
+}
+
+#[test]
+fn every_pair_of_sites_pings_and_streams_and_b_c_go_direct() {
+    let Some((lab, mvc)) = setup("every_pair_of_sites_pings_and_streams_and_b_c_go_direct") else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    for s in &t.sites {
+        lab::iperf_server(&lab, &s.vms[0].ns, &format!("iperf-{}", s.name)).unwrap();
+    }
+    for (x, y) in [("a", "b"), ("a", "c"), ("b", "c")] {
+        let (vx, vy) = (&t.site(x).vms[0], &t.site(y).vms[0]);
+        ping_ok(&lab, &vx.ns, vy.ip, 5);
+        ping_ok(&lab, &vy.ns, vx.ip, 5);
+        for (from, to) in [(vx, vy), (vy, vx)] {
+            let bps = lab::iperf(&lab, &from.ns, to.ip, 2)
+                .unwrap_or_else(|e| panic!("iperf3 {x}<->{y}: {e}"));
+            assert!(bps > 1e6, "iperf3 {} -> {}: {bps} b/s", from.ns, to.ip);
+        }
+    }
+    // Both behind NAT, B and C still talk directly, and their traffic is counted there.
+    c.wait_path(&lab, "b", "c", "direct", PATH_WAIT).unwrap();
+    c.wait_path(&lab, "c", "b", "direct", PATH_WAIT).unwrap();
+    let st = mvc.edge_status(&lab, c.edge("b")).unwrap();
+    let peer = ov::peer_entry(&st, "c").expect("b knows c");
+    assert!(peer["rx_packets"].as_u64().unwrap() > 0, "{peer}");
+    assert!(peer["tx_bytes"].as_u64().unwrap() > 1_000_000, "{peer}");
+    all_running(&lab, &c);
+}
+
+#[test]
+fn blocked_direct_path_goes_through_the_relay_and_recovers() {
+    let Some((lab, mvc)) = setup("blocked_direct_path_goes_through_the_relay_and_recovers") else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (b, cs) = (t.site("b"), t.site("c"));
+    let rules = t.block_udp(&lab, b, cs, None).unwrap();
+    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let (vb, vc) = (&b.vms[0], &cs.vms[0]);
+    ping_ok(&lab, &vb.ns, vc.ip, 5);
+    ping_ok(&lab, &vc.ns, vb.ip, 5);
+    lab::iperf_server(&lab, &vc.ns, "iperf-c").unwrap();
+    let before = relayed_packets(&mvc, &lab, &c.supernode);
+    let bps = lab::iperf(&lab, &vb.ns, vc.ip, 2).unwrap();
+    assert!(bps > 1e6, "relayed iperf3: {bps} b/s");
+    let after = relayed_packets(&mvc, &lab, &c.supernode);
+    assert!(
+        after > before + 100,
+        "supernode relayed {before} -> {after}"
+    );
+    assert_eq!(
+        mvc.path_to(&lab, c.edge("b"), "c").as_deref(),
+        Some("relayed")
+    );
+    assert_eq!(
+        mvc.path_to(&lab, c.edge("c"), "b").as_deref(),
+        Some("relayed")
+    );
+    // The edges keep trying: once the firewall lets UDP through, they go direct.
+    t.unblock(&lab, &rules).unwrap();
+    c.wait_path(&lab, "b", "c", "direct", Duration::from_secs(60))
+        .unwrap();
+    ping_ok(&lab, &vb.ns, vc.ip, 5);
+    all_running(&lab, &c);
+}
+
+#[test]
+fn dhcp_server_at_site_a_leases_to_a_vm_at_site_c() {
+    let Some((lab, mvc)) = setup("dhcp_server_at_site_a_leases_to_a_vm_at_site_c") else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let (va, vc) = (&t.site("a").vms[0], &t.site("c").vms[0]);
+    ping_ok(&lab, &vc.ns, va.ip, 3);
+    let leases = lab.dir().join("dnsmasq.leases");
+    let pid = lab.dir().join("dnsmasq.pid");
+    let dnsmasq = lab
+        .spawn(
+            &va.ns,
+            "dnsmasq",
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--user=root",
+                "--interface=eth0",
+                "--except-interface=lo",
+                "--bind-interfaces",
+                "--dhcp-range=198.19.200.10,198.19.200.50,255.255.0.0,10m",
+                &format!("--dhcp-leasefile={}", leases.display()),
+                &format!("--pid-file={}", pid.display()),
+                "--log-dhcp",
+                "--log-facility=-",
+            ],
+        )
+        .unwrap();
+    lab.wait_until("dnsmasq listening", Duration::from_secs(5), || {
+        lab.exec(&va.ns, &["ss", "-Hlun", "sport = :67"])
+            .is_ok_and(|o| !o.stdout.trim().is_empty())
+    })
+    .unwrap();
+    let lease = lab
+        .in_ns(&vc.ns, || {
+            dhcp::obtain_lease("eth0", &vc.mac, Duration::from_secs(20))
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log(&dnsmasq)));
+    let o = lease.addr.octets();
+    assert!(
+        o[..3] == [198, 19, 200] && (10..=50).contains(&o[3]),
+        "{lease:?}"
+    );
+    assert_eq!(lease.server, va.ip);
+    lab.wait_until("lease recorded", Duration::from_secs(5), || {
+        std::fs::read_to_string(&leases).is_ok_and(|s| s.contains(&vc.mac))
+    })
+    .unwrap();
+    // The leased address works across the overlay.
+    lab.addr(&vc.ns, "eth0", lease.addr, 16).unwrap();
+    let out = lab
+        .exec(
+            &vc.ns,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                &lease.addr.to_string(),
+                &va.ip.to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(out.stdout.contains(" 3 received"), "{}", out.stdout);
+    assert!(lab.running(&dnsmasq));
+    all_running(&lab, &c);
+}
+
+#[test]
+fn edges_with_a_wrong_secret_or_community_get_nothing() {
+    let Some((lab, mvc)) = setup("edges_with_a_wrong_secret_or_community_get_nothing") else {
+        return;
+    };
+    let mut t = Topology::three_sites(&lab, 1).unwrap();
+    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let sn = c.supernode.addr;
+    t.add_site(&lab, "x", false, 1).unwrap();
+    t.add_site(&lab, "y", false, 1).unwrap();
+    let cluster = ["a", "b", "c"];
+    for (x, y) in [("a", "b"), ("b", "c"), ("a", "c")] {
+        ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 3);
+    }
+    // x: the cluster's community with a wrong secret; y: another community, right secret.
+    let mut ox = EdgeOpts::new(t.site("x"), COMMUNITY, "not-the-secret", &[sn]);
+    ox.name = "x".into();
+    let ex = mvc.edge(&lab, t.site("x"), &ox).unwrap();
+    let oy = EdgeOpts::new(t.site("y"), "another", SECRET, &[sn]);
+    let ey = mvc.edge(&lab, t.site("y"), &oy).unwrap();
+    // Let them register and try to find peers.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut allowed = HashSet::new();
+    let mut caps = Vec::new();
+    for n in cluster {
+        let s = t.site(n);
+        for v in &s.vms {
+            allowed.insert(v.mac.clone());
+        }
+        for ifname in [&s.bridge, &s.tap] {
+            let out = lab
+                .exec(
+                    &s.frontend,
+                    &["cat", &format!("/sys/class/net/{ifname}/address")],
+                )
+                .unwrap();
+            allowed.insert(out.stdout.trim().to_string());
+        }
+        // Frames the cluster edge writes into its TAP.
+        caps.push(Capture::start(&lab, &s.frontend, &s.tap, &format!("cap-{n}"), "-Q in").unwrap());
+    }
+    let rogue_rx: Vec<u64> = ["x", "y"]
+        .iter()
+        .map(|n| {
+            lab.if_counter(&t.site(n).frontend, "tap0", "rx_packets")
+                .unwrap()
+        })
+        .collect();
+
+    for r in ["x", "y"] {
+        let rv = &t.site(r).vms[0];
+        for n in cluster {
+            let v = &t.site(n).vms[0];
+            ping_fails(&lab, &rv.ns, v.ip);
+            ping_fails(&lab, &v.ns, rv.ip);
+        }
+        // Broadcasts from both sides, too.
+        let _ = lab.exec_timeout(
+            &rv.ns,
+            &["ping", "-b", "-c", "5", "-i", "0.1", "198.19.255.255"],
+            Duration::from_secs(5),
+        );
+    }
+    let _ = lab.exec_timeout(
+        &t.site("a").vms[0].ns,
+        &["ping", "-b", "-c", "5", "-i", "0.1", "198.19.255.255"],
+        Duration::from_secs(5),
+    );
+    // The cluster keeps working meanwhile.
+    for (x, y) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 5);
+    }
+
+    for (cap, n) in caps.into_iter().zip(cluster) {
+        let frames = cap.frames(&lab).unwrap();
+        assert!(
+            !frames.is_empty(),
+            "capture at {n} saw no cluster traffic either"
+        );
+        let foreign: Vec<_> = lab::src_macs(&frames)
+            .into_iter()
+            .filter(|(m, _)| !allowed.contains(m))
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "edge {n} delivered foreign frames: {foreign:?}"
+        );
+    }
+    for (i, n) in ["x", "y"].iter().enumerate() {
+        let now = lab
+            .if_counter(&t.site(n).frontend, "tap0", "rx_packets")
+            .unwrap();
+        assert_eq!(
+            now, rogue_rx[i],
+            "edge {n} delivered cluster frames into its TAP"
+        );
+    }
+    assert!(lab.running(&ex.proc) && lab.running(&ey.proc));
+    all_running(&lab, &c);
+}
+
+#[test]
+fn supernode_loss_failover_and_rejoin() {
+    let Some((lab, mvc)) = setup("supernode_loss_failover_and_rejoin") else {
+        return;
+    };
+    let mut t = Topology::three_sites(&lab, 1).unwrap();
+    t.add_site(&lab, "s", false, 0).unwrap();
+    let (a, s2) = (t.site("a"), t.site("s"));
+    let sn1_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let sn2_addr = SocketAddrV4::new(s2.public_ip, SUPERNODE_PORT);
+    let sns = [sn1_addr, sn2_addr];
+    let sn1 = mvc
+        .supernode(&lab, &a.frontend, sn1_addr, "supernode1")
+        .unwrap();
+    // Edges A and B know both supernodes; only the first is up for now.
+    let ea = mvc
+        .edge(&lab, a, &EdgeOpts::new(a, COMMUNITY, SECRET, &sns))
+        .unwrap();
+    let b = t.site("b");
+    let eb = mvc
+        .edge(&lab, b, &EdgeOpts::new(b, COMMUNITY, SECRET, &sns))
+        .unwrap();
+    let (va, vb, vc) = (&a.vms[0], &b.vms[0], &t.site("c").vms[0]);
+    ping_ok(&lab, &vb.ns, va.ip, 3);
+    lab.wait_until("b -> a direct", PATH_WAIT, || {
+        mvc.path_to(&lab, &eb, "a").as_deref() == Some("direct")
+    })
+    .unwrap();
+
+    // Kill the only running supernode: direct traffic goes on.
+    lab.kill(&sn1.proc);
+    let p = lab::ping(&lab, &vb.ns, va.ip, 30, 0.2).unwrap();
+    assert!(
+        p.received >= 28,
+        "direct traffic after the supernode died: {p:?}"
+    );
+    assert_eq!(mvc.path_to(&lab, &eb, "a").as_deref(), Some("direct"));
+
+    // With the second supernode up, a new edge finds the others through it.
+    let sn2 = mvc
+        .supernode(&lab, &s2.frontend, sn2_addr, "supernode2")
+        .unwrap();
+    let cs = t.site("c");
+    let ec = mvc
+        .edge(&lab, cs, &EdgeOpts::new(cs, COMMUNITY, SECRET, &sns))
+        .unwrap();
+    lab::wait_ping(&lab, &vc.ns, va.ip, Duration::from_secs(60)).unwrap();
+    ping_ok(&lab, &vc.ns, va.ip, 5);
+    ping_ok(&lab, &vc.ns, vb.ip, 5);
+    ping_ok(&lab, &va.ns, vc.ip, 5);
+
+    // A restarted supernode is re-joined by every edge on its own.
+    let sn1 = mvc
+        .supernode(&lab, &a.frontend, sn1_addr, "supernode1")
+        .unwrap();
+    lab.wait_until(
+        "edges re-register with the restarted supernode",
+        Duration::from_secs(60),
+        || {
+            mvc.supernode_status(&lab, &sn1)
+                .is_ok_and(|st| ov::supernode_edges(&st) == ["a", "b", "c"])
+        },
+    )
+    .unwrap();
+    lab.wait_until(
+        "edge a sees supernode 1 up",
+        Duration::from_secs(30),
+        || {
+            mvc.edge_status(&lab, &ea).is_ok_and(|st| {
+                st["supernodes"].as_array().into_iter().flatten().any(|s| {
+                    s["addr"].as_str() == Some(&sn1_addr.to_string())
+                        && s["state"].as_str() == Some("up")
+                })
+            })
+        },
+    )
+    .unwrap();
+    ping_ok(&lab, &vb.ns, vc.ip, 5);
+    for p in [&sn1.proc, &sn2.proc, &ea.proc, &eb.proc, &ec.proc] {
+        assert!(lab.running(p), "{} died: {}", p.name, lab.log(p));
+    }
+}
+
+/// Sends `datagrams` from namespace `ns` to `dst`, paced so socket buffers do not overflow.
+fn throw(lab: &Lab, ns: &str, dst: SocketAddrV4, datagrams: &[Vec<u8>]) {
+    lab.in_ns(ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for (i, d) in datagrams.iter().enumerate() {
+            s.send_to(d, dst).unwrap();
+            if i % 5 == 4 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn random_and_truncated_datagrams_are_counted_drops() {
+    let Some((lab, mvc)) = setup("random_and_truncated_datagrams_are_counted_drops") else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let b = t.site("b");
+    // Capture real overlay datagrams (registrations, handshakes, data) at B's frontend.
+    let cap = Capture::start(&lab, &b.frontend, "eth0", "cap-b", "udp").unwrap();
+    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    for (x, y) in [("b", "a"), ("b", "c"), ("c", "a")] {
+        ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 3);
+    }
+    let real = lab::udp_payloads(&cap.frames(&lab).unwrap());
+    assert!(
+        real.len() >= 10,
+        "captured only {} overlay datagrams",
+        real.len()
+    );
+
+    let mut rng = rand::thread_rng();
+    let mut junk: Vec<Vec<u8>> = (0..400)
+        .map(|_| {
+            let n = rng.gen_range(1..=1472);
+            (0..n).map(|_| rng.gen()).collect()
+        })
+        .collect();
+    for d in real.iter().take(60) {
+        let mut cuts: Vec<usize> = vec![
+            1,
+            2,
+            3,
+            4,
+            8,
+            12,
+            16,
+            24,
+            32,
+            d.len() / 2,
+            d.len().saturating_sub(1),
+        ];
+        cuts.retain(|&n| n > 0 && n < d.len());
+        cuts.dedup();
+        for n in cuts {
+            junk.push(d[..n].to_vec());
+        }
+    }
+    let sent = junk.len() as u64;
+
+    let a = t.site("a");
+    let targets: Vec<(String, &str, SocketAddrV4, bool)> = vec![
+        (
+            "supernode".into(),
+            t.inet.as_str(),
+            SocketAddrV4::new(a.public_ip, SUPERNODE_PORT),
+            true,
+        ),
+        (
+            "a".into(),
+            t.inet.as_str(),
+            SocketAddrV4::new(a.public_ip, EDGE_PORT),
+            false,
+        ),
+        (
+            "b".into(),
+            b.router.as_deref().unwrap(),
+            SocketAddrV4::new(b.frontend_ip, EDGE_PORT),
+            false,
+        ),
+        (
+            "c".into(),
+            t.site("c").router.as_deref().unwrap(),
+            SocketAddrV4::new(t.site("c").frontend_ip, EDGE_PORT),
+            false,
+        ),
+    ];
+    for (name, from, dst, is_sn) in targets {
+        let drops = |lab: &Lab| {
+            let st = if is_sn {
+                mvc.supernode_status(lab, &c.supernode)
+            } else {
+                mvc.edge_status(lab, c.edge(&name))
+            };
+            ov::drops_total(&st.unwrap_or_else(|e| panic!("{name} status: {e}")))
+        };
+        let before = drops(&lab);
+        throw(&lab, from, dst, &junk);
+        let mut after = before;
+        let _ = lab.wait_until(
+            &format!("{name} counts the drops"),
+            Duration::from_secs(5),
+            || {
+                after = drops(&lab);
+                after >= before + sent
+            },
+        );
+        assert!(
+            (after - before) * 10 >= sent * 9,
+            "{name}: {sent} bad datagrams, drop counters went {before} -> {after}"
+        );
+    }
+    all_running(&lab, &c);
+    for (x, y) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 5);
+    }
+}

@@ -1,0 +1,515 @@
+//! XDP/AF_XDP datapath: the edge's frame source and sink on the VM bridge
+//! without a TAP device.
+//!
+//! [`XdpPort::open`] creates a veth pair (one end enslaved to the VM bridge),
+//! loads the XDP program built from `dataplane-ebpf` and attaches it to the
+//! other end (native mode where the driver has it, generic SKB mode
+//! otherwise), creates an AF_XDP socket for rx queue 0 and registers it in the
+//! program's XSKMAP. Frames the bridge sends to the port then land in the
+//! socket's UMEM; [`XdpPort::recv_batch`] reads them in batches and
+//! [`XdpPort::send_batch`] sends frames into the bridge through the TX ring.
+//! [`XdpPort`] is pollable (`AsFd`, readable when frames are waiting), so the
+//! edge's io_uring loop can `POLL_ADD` it next to the UDP socket.
+//!
+//! Cleanup: dropping the port detaches the program (a bpf_link owned by the
+//! process: the kernel also detaches it when the process dies, kill -9
+//! included), frees the maps and socket and deletes the veth pair. A veth left
+//! by a killed edge is recognised by its alias and removed on the next start.
+//! Nothing is pinned in bpffs.
+//!
+//! See docs/XDP.md for the design and measurements.
+
+mod port;
+mod xsk;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use aya::{
+    maps::{MapData, PerCpuArray, XskMap},
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
+use thiserror::Error;
+
+pub use port::{link_info, remove_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
+pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
+
+/// The XDP object file built by build.rs, if the BPF toolchain was there.
+#[cfg(mvc_xdp_built)]
+static PROGRAM: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/mvc-xdp"
+)));
+#[cfg(not(mvc_xdp_built))]
+static PROGRAM: Option<&[u8]> = None;
+
+/// Why the XDP datapath cannot be used on this host, or `Ok` if it may be
+/// tried (attaching can still fail; [`XdpPort::open`] says why).
+pub fn availability() -> Result<(), Error> {
+    if PROGRAM.is_none() {
+        #[cfg(not(mvc_xdp_built))]
+        let reason = option_env!("MVC_XDP_UNAVAILABLE").unwrap_or("eBPF program not built");
+        #[cfg(mvc_xdp_built)]
+        let reason = "";
+        return Err(Error::NotBuilt(reason.to_owned()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    Ok(())
+}
+
+/// Errors of the XDP datapath.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// This build has no XDP program.
+    #[error("XDP program not built into this binary: {0}")]
+    NotBuilt(String),
+    /// Loading programs and creating AF_XDP sockets needs root (or
+    /// CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW).
+    #[error("XDP needs root (CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW)")]
+    NotRoot,
+    /// Creating or removing the veth port.
+    #[error("XDP port: {0}")]
+    Port(#[from] PortError),
+    /// Loading the object or a map in it.
+    #[error("loading XDP program: {0}")]
+    Load(String),
+    /// Attaching to the interface in any mode.
+    #[error("attaching XDP program to {iface}: {msg}")]
+    Attach {
+        /// Interface.
+        iface: String,
+        /// Errors of each mode tried.
+        msg: String,
+    },
+    /// The AF_XDP socket.
+    #[error("AF_XDP socket: {0}")]
+    Socket(#[from] SysError),
+    /// `--datapath xdp` without an XDP port configuration.
+    #[error("no XDP port configured")]
+    NotConfigured,
+    /// Not one of auto, tap, xdp.
+    #[error("unknown datapath {0:?} (expected auto, tap or xdp)")]
+    UnknownDatapath(String),
+}
+
+/// What `--datapath` asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DatapathRequest {
+    /// XDP if it attaches, TAP otherwise (with the reason logged and shown
+    /// in status).
+    #[default]
+    Auto,
+    /// The TAP device only.
+    Tap,
+    /// XDP only: failing to attach is an error.
+    Xdp,
+}
+
+impl std::str::FromStr for DatapathRequest {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tap" => Ok(Self::Tap),
+            "xdp" => Ok(Self::Xdp),
+            other => Err(Error::UnknownDatapath(other.to_owned())),
+        }
+    }
+}
+
+/// The frame source/sink the edge ended up with.
+pub enum Datapath {
+    /// The XDP port on the VM bridge (boxed: it is large and moves once).
+    Xdp(Box<XdpPort>),
+    /// The TAP device (opened by the caller).
+    Tap,
+}
+
+impl Datapath {
+    /// `"xdp"` or `"tap"`, as status shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Datapath::Xdp(_) => "xdp",
+            Datapath::Tap => "tap",
+        }
+    }
+}
+
+/// A datapath and why it was chosen (status' `datapath_reason`).
+pub struct Choice {
+    /// What to use.
+    pub datapath: Datapath,
+    /// Why, in words for the operator.
+    pub reason: String,
+}
+
+/// Applies `--datapath`: `xdp` opens the port or fails; `auto` opens it if it
+/// can and otherwise returns [`Datapath::Tap`] with the reason (also logged
+/// once as a warning); `tap` returns [`Datapath::Tap`]. `xdp` is `None` when
+/// there is nothing to configure the port from.
+pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
+    let opened = |port: XdpPort, why: &str| {
+        let reason = format!(
+            "{why}: XDP {} mode on {}/{}{}",
+            port.mode().as_str(),
+            port.names().0,
+            port.names().1,
+            if port.multi_buffer() {
+                ", multi-buffer"
+            } else {
+                ""
+            }
+        );
+        Choice {
+            datapath: Datapath::Xdp(Box::new(port)),
+            reason,
+        }
+    };
+    match request {
+        DatapathRequest::Tap => Ok(Choice {
+            datapath: Datapath::Tap,
+            reason: "requested (--datapath tap)".into(),
+        }),
+        DatapathRequest::Xdp => {
+            let cfg = xdp.ok_or(Error::NotConfigured)?;
+            Ok(opened(XdpPort::open(cfg)?, "requested (--datapath xdp)"))
+        }
+        DatapathRequest::Auto => {
+            let result = match xdp {
+                None => Err(Error::NotConfigured),
+                Some(cfg) => XdpPort::open(cfg),
+            };
+            match result {
+                Ok(port) => Ok(opened(port, "auto")),
+                Err(e) => {
+                    let reason = format!("auto: XDP not available ({e}); using the TAP device");
+                    tracing::warn!("{reason}");
+                    Ok(Choice {
+                        datapath: Datapath::Tap,
+                        reason,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Which attach mode to ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModeRequest {
+    /// Native first, generic (SKB) if the driver refuses.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (SKB) mode only.
+    Generic,
+}
+
+/// The mode the program ended up attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`).
+    Native,
+    /// In the generic receive path (`XDP_FLAGS_SKB_MODE`).
+    Generic,
+}
+
+impl AttachMode {
+    /// `native` or `generic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// Options of [`XdpPort::open`].
+#[derive(Clone, Debug)]
+pub struct XdpPortConfig {
+    /// The VM bridge to enslave the port to; `None` leaves that to the
+    /// operator (as with a TAP).
+    pub bridge: Option<String>,
+    /// Bridge-side name of the port (at most 13 characters; the edge's
+    /// `--tap` name).
+    pub port: String,
+    /// MTU of both veth ends.
+    pub mtu: u32,
+    /// Attach mode wanted.
+    pub mode: ModeRequest,
+    /// UMEM size.
+    pub xsk: XskConfig,
+}
+
+impl XdpPortConfig {
+    /// Defaults: MTU 1500, auto mode, 4096 chunks of 4 KiB.
+    pub fn new(bridge: Option<&str>, port: &str) -> Self {
+        Self {
+            bridge: bridge.map(str::to_owned),
+            port: port.to_owned(),
+            mtu: 1500,
+            mode: ModeRequest::Auto,
+            xsk: XskConfig::default(),
+        }
+    }
+}
+
+/// Counters of the XDP port: the program's (summed over CPUs), the
+/// socket's, and the kernel's socket statistics.
+#[derive(Clone, Debug, Default)]
+pub struct XdpStats {
+    /// (name, value) for each program counter (see `dataplane_ebpf_common::Counter`).
+    pub program: Vec<(&'static str, u64)>,
+    /// Our socket counters.
+    pub socket: XskCounters,
+    /// Frames the kernel dropped because the RX ring was full or the frame
+    /// did not fit (`rx_dropped` + `rx_ring_full` of XDP_STATISTICS).
+    pub kernel_rx_dropped: u64,
+    /// Invalid TX descriptors the kernel saw (never expected).
+    pub kernel_tx_invalid: u64,
+}
+
+/// The edge's port on the VM bridge, served by XDP + AF_XDP.
+///
+/// Field order is drop order: socket out of the map and closed, program
+/// detached and freed, then the veth pair deleted.
+pub struct XdpPort {
+    xsk: xsk::Xsk,
+    ebpf: Ebpf,
+    mode: AttachMode,
+    prog_id: u32,
+    map_ids: Vec<u32>,
+    veth: VethPort,
+}
+
+impl XdpPort {
+    /// Creates the port, attaches the program and binds the socket.
+    pub fn open(cfg: &XdpPortConfig) -> Result<Self, Error> {
+        availability()?;
+        let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
+        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu)?;
+        let iface = veth.edge_name().to_owned();
+
+        let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| Error::Load(format!("no program {PROGRAM_NAME}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+        prog.load().map_err(|e| Error::Load(e.to_string()))?;
+        let info = prog.info().map_err(|e| Error::Load(e.to_string()))?;
+        let prog_id = info.id();
+        let map_ids = info.map_ids().ok().flatten().unwrap_or_default();
+
+        let tries: &[(AttachMode, XdpMode)] = match cfg.mode {
+            ModeRequest::Auto => &[
+                (AttachMode::Native, XdpMode::Driver),
+                (AttachMode::Generic, XdpMode::Skb),
+            ],
+            ModeRequest::Native => &[(AttachMode::Native, XdpMode::Driver)],
+            ModeRequest::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
+        };
+        let mut errors = Vec::new();
+        let mut mode = None;
+        for &(m, flags) in tries {
+            match prog.attach(&iface, flags) {
+                Ok(_) => {
+                    mode = Some(m);
+                    break;
+                }
+                Err(e) => errors.push(format!("{}: {e}", m.as_str())),
+            }
+        }
+        let mode = mode.ok_or_else(|| Error::Attach {
+            iface: iface.clone(),
+            msg: errors.join("; "),
+        })?;
+        if !errors.is_empty() {
+            tracing::info!(%iface, fallback = %errors.join("; "), "XDP attached in generic mode");
+        }
+
+        let ifindex = if_index(&iface)?;
+        let bind = match mode {
+            AttachMode::Native => BindMode::Auto,
+            AttachMode::Generic => BindMode::Copy,
+        };
+        let xsk = xsk::Xsk::new(ifindex, 0, cfg.xsk, bind)?;
+        let mut xsks: XskMap<&mut MapData> = ebpf
+            .map_mut(XSKS_MAP)
+            .ok_or_else(|| Error::Load(format!("no map {XSKS_MAP}")))?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
+        xsks.set(0, xsk.as_raw_fd(), 0)
+            .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
+        tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
+            multi_buffer = xsk.multi_buffer(), "XDP port up");
+        Ok(Self {
+            xsk,
+            ebpf,
+            mode,
+            prog_id,
+            map_ids,
+            veth,
+        })
+    }
+
+    /// Mode the program is attached in.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// Kernel id of the loaded program (as `bpftool prog show` lists it).
+    pub fn prog_id(&self) -> u32 {
+        self.prog_id
+    }
+
+    /// Kernel ids of the program's maps.
+    pub fn map_ids(&self) -> &[u32] {
+        &self.map_ids
+    }
+
+    /// Bridge-side and edge-side interface names.
+    pub fn names(&self) -> (&str, &str) {
+        (self.veth.name(), self.veth.edge_name())
+    }
+
+    /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
+    pub fn multi_buffer(&self) -> bool {
+        self.xsk.multi_buffer()
+    }
+
+    /// Largest frame [`XdpPort::send_batch`] accepts.
+    pub fn max_frame(&self) -> usize {
+        self.xsk.max_frame()
+    }
+
+    /// Receives up to `max` frames that the bridge sent to the port, calling
+    /// `f` with each (the slice is valid only during the call). Returns the
+    /// number received; 0 means poll the fd and come back.
+    pub fn recv_batch(&mut self, max: u32, f: impl FnMut(&[u8])) -> u32 {
+        self.xsk.recv_batch(max, f)
+    }
+
+    /// Sends frames into the bridge. Frames that cannot be queued (larger
+    /// than [`XdpPort::max_frame`], TX ring full) are counted in
+    /// [`XdpStats::socket`] and dropped. Returns the number queued.
+    pub fn send_batch<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> u32 {
+        self.xsk.send_batch(frames)
+    }
+
+    /// Kicks pending transmits and reaps completions; returns the number of
+    /// frames still in flight.
+    pub fn flush_tx(&mut self) -> u32 {
+        self.xsk.flush_tx();
+        self.xsk.tx_in_flight()
+    }
+
+    /// All counters.
+    pub fn stats(&self) -> XdpStats {
+        let mut st = XdpStats {
+            socket: self.xsk.counters(),
+            ..XdpStats::default()
+        };
+        if let Some(Ok(arr)) = self
+            .ebpf
+            .map(STATS_MAP)
+            .map(PerCpuArray::<&MapData, u64>::try_from)
+        {
+            for c in Counter::ALL {
+                let v = arr
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                st.program.push((c.name(), v));
+            }
+        }
+        if let Ok(k) = self.xsk.kernel_stats() {
+            st.kernel_rx_dropped = k.rx_dropped + k.rx_ring_full;
+            st.kernel_tx_invalid = k.tx_invalid_descs;
+        }
+        st
+    }
+}
+
+impl AsFd for XdpPort {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.xsk.as_fd()
+    }
+}
+
+impl AsRawFd for XdpPort {
+    fn as_raw_fd(&self) -> RawFd {
+        self.xsk.as_raw_fd()
+    }
+}
+
+fn if_index(name: &str) -> Result<u32, Error> {
+    let c = std::ffi::CString::new(name).map_err(|_| PortError::BadName(name.to_owned()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(Error::Socket(SysError {
+            call: "if_nametoindex",
+            source: std::io::Error::last_os_error(),
+        }));
+    }
+    Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_names_parse() {
+        assert_eq!(
+            "auto".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Auto
+        );
+        assert_eq!(
+            "tap".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Tap
+        );
+        assert_eq!(
+            "xdp".parse::<DatapathRequest>().unwrap(),
+            DatapathRequest::Xdp
+        );
+        assert!("dpdk".parse::<DatapathRequest>().is_err());
+    }
+
+    #[test]
+    fn tap_is_taken_as_asked() {
+        let c = choose(DatapathRequest::Tap, None).unwrap();
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("requested"));
+    }
+
+    #[test]
+    fn xdp_without_bridge_is_an_error() {
+        assert!(matches!(
+            choose(DatapathRequest::Xdp, None),
+            Err(Error::NotConfigured)
+        ));
+    }
+
+    /// The program's pass-to-kernel rule for 802.1D link-local frames
+    /// (shared code, so this is what runs in the kernel too).
+    #[test]
+    fn link_local_frames_stay_local() {
+        use dataplane_ebpf_common::is_link_local;
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0])); // STP
+        assert!(is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x0e])); // LLDP
+        assert!(!is_link_local(&[0x01, 0x80, 0xc2, 0, 0, 0x10]));
+        assert!(!is_link_local(&[0xff; 6]));
+        assert!(!is_link_local(&[0x33, 0x33, 0, 0, 0, 1]));
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -1,0 +1,605 @@
+//! XDP port tests in throwaway network namespaces.
+//!
+//! Each test runs on its own thread inside a private network namespace
+//! (`unshare(CLONE_NEWNET)` on that thread: everything created in it goes away
+//! with the thread) holding a bridge and a "VM" namespace attached by veth.
+//! Needs root; skips with a message otherwise. The XDP program must have been
+//! built (bpf-linker and nightly rust-src present): as root, a missing program
+//! fails the tests unless `MVC_XDP_OPTIONAL=1`.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use dataplane::xdp::{self, link_info, DatapathRequest, ModeRequest, XdpPort, XdpPortConfig};
+
+const VM_IP: &str = "198.18.77.1";
+const PEER_IP: [u8; 4] = [198, 18, 77, 2];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x77, 0x02];
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    if let Err(e @ xdp::Error::NotBuilt(_)) = xdp::availability() {
+        if std::env::var("MVC_XDP_OPTIONAL").is_ok_and(|v| v == "1") {
+            return Some(e.to_string());
+        }
+        panic!("{e} (set MVC_XDP_OPTIONAL=1 to skip)");
+    }
+    None
+}
+
+macro_rules! require_root {
+    ($name:literal) => {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIPPED {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+fn run(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A bridge `br0` in the current thread's (private) namespace and a VM
+/// namespace whose `eth0` is enslaved to it. Drop deletes the VM namespace;
+/// the private one dies with the thread.
+struct Lab {
+    vm: String,
+    /// More VM namespaces (deleted on drop too).
+    extra: Vec<String>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        Self::with_mtu(1500)
+    }
+
+    fn with_mtu(mtu: u32) -> Self {
+        // SAFETY: unshare with CLONE_NEWNET only affects the calling thread,
+        // which the test owns.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        let vm = format!(
+            "mvcx{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = Self {
+            vm,
+            extra: Vec::new(),
+        };
+        run(&["ip", "netns", "add", &lab.vm]);
+        run(&["ip", "link", "set", "lo", "up"]);
+        run(&["ip", "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "link", "set", "br0", "up"]);
+        run(&[
+            "ip", "link", "add", "vm0", "type", "veth", "peer", "name", "eth0", "netns", &lab.vm,
+        ]);
+        let mtu = mtu.to_string();
+        run(&[
+            "ip", "link", "set", "vm0", "mtu", &mtu, "master", "br0", "up",
+        ]);
+        lab.vm_run(&["ip", "link", "set", "eth0", "mtu", &mtu, "up"]);
+        lab.vm_run(&["ip", "addr", "add", &format!("{VM_IP}/24"), "dev", "eth0"]);
+        let peer = PEER_IP.map(|b| b.to_string()).join(".");
+        let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
+        lab.vm_run(&[
+            "ip",
+            "neigh",
+            "replace",
+            &peer,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        lab
+    }
+
+    /// A second VM namespace on the bridge with address `ip`/24; returns
+    /// its name for `ip netns exec`.
+    fn add_vm(&mut self, ip: &str) -> String {
+        let ns = format!("{}b", self.vm);
+        run(&["ip", "netns", "add", &ns]);
+        self.extra.push(ns.clone());
+        run(&[
+            "ip", "link", "add", "vm1", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        run(&["ip", "link", "set", "vm1", "master", "br0", "up"]);
+        run(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
+        ]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ns
+    }
+
+    fn vm_cmd(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.vm]).args(cmd);
+        c
+    }
+
+    fn vm_run(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.vm];
+        full.extend_from_slice(cmd);
+        run(&full)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.vm]).status();
+    }
+}
+
+/// Runs `f` on a fresh thread (own network namespace) and propagates panics.
+fn in_thread(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::spawn(f).join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Turns an ICMP echo request to PEER_IP into the echo reply, in place.
+/// Returns false for anything else.
+fn echo_reply(frame: &mut [u8]) -> bool {
+    if frame.len() < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    if frame[14 + 9] != 1 || frame[30..34] != PEER_IP || frame.len() < 14 + ihl + 8 {
+        return false;
+    }
+    let icmp = 14 + ihl;
+    if frame[icmp] != 8 {
+        return false;
+    }
+    let (dst, src) = frame[..12].split_at_mut(6);
+    dst.swap_with_slice(src);
+    let (a, b) = frame[26..34].split_at_mut(4);
+    a.swap_with_slice(b);
+    frame[icmp] = 0;
+    // RFC 1624: the type field went from 8 to 0 (16-bit word 0x0800 less).
+    let sum = u16::from_be_bytes([frame[icmp + 2], frame[icmp + 3]]);
+    let mut s = u32::from(sum) + 0x0800;
+    s = (s & 0xffff) + (s >> 16);
+    frame[icmp + 2..icmp + 4].copy_from_slice(&(s as u16).to_be_bytes());
+    true
+}
+
+/// Answers pings to PEER_IP through the port until `child` exits (10 s max).
+/// Returns the number of requests answered.
+fn serve_pings(port: &mut XdpPort, child: &mut std::process::Child) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait ping").is_some() {
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: port.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, 50 ms timeout.
+        unsafe { libc::poll(&mut pfd, 1, 50) };
+        port.recv_batch(64, |f| {
+            let mut f = f.to_vec();
+            if echo_reply(&mut f) {
+                replies.push(f);
+            }
+        });
+        answered += port.send_batch(replies.iter().map(Vec::as_slice));
+        replies.clear();
+        port.flush_tx();
+    }
+    answered
+}
+
+fn ping_received(out: &str) -> u32 {
+    out.split(',')
+        .find_map(|p| p.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn ping_through_port(mode: ModeRequest, mtu: u32, sizes: &[&str]) {
+    let lab = Lab::with_mtu(mtu);
+    let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+    cfg.mode = mode;
+    cfg.mtu = mtu;
+    let mut port = XdpPort::open(&cfg).expect("open XDP port");
+    let expected = match mode {
+        ModeRequest::Generic => xdp::AttachMode::Generic,
+        _ => xdp::AttachMode::Native, // veth has native XDP
+    };
+    assert_eq!(port.mode(), expected);
+    let info = link_info("mvp0.x").unwrap().expect("edge side exists");
+    assert_eq!(info.xdp_prog_id, Some(u64::from(port.prog_id())));
+
+    for &size in sizes {
+        let mut child = lab
+            .vm_cmd(&[
+                "ping",
+                "-c",
+                "40",
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-s",
+                size,
+                &PEER_IP.map(|b| b.to_string()).join("."),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ping");
+        let answered = serve_pings(&mut port, &mut child);
+        let out = child.wait_with_output().expect("ping output");
+        let out = String::from_utf8_lossy(&out.stdout);
+        let received = ping_received(&out);
+        assert!(
+            received >= 38,
+            "size {size}: {received}/40 replies, {answered} answered\n{out}"
+        );
+    }
+    let st = port.stats();
+    if mtu > 4000 {
+        assert!(port.multi_buffer());
+        assert!(st.socket.rx_multi_buffer >= 38, "{st:?}");
+        assert!(st.socket.tx_multi_buffer >= 38, "{st:?}");
+    }
+    let redirected = st
+        .program
+        .iter()
+        .find(|(n, _)| *n == "redirected")
+        .map(|&(_, v)| v);
+    let n = 40 * sizes.len() as u64;
+    assert!(redirected >= Some(n), "{st:?}");
+    assert!(st.socket.rx_frames >= n, "{st:?}");
+    assert!(st.socket.tx_frames >= n - 2 * sizes.len() as u64, "{st:?}");
+    assert_eq!(st.kernel_tx_invalid, 0);
+}
+
+#[test]
+fn ping_through_native_xdp() {
+    require_root!("ping_through_native_xdp");
+    in_thread(|| ping_through_port(ModeRequest::Auto, 1500, &["56", "1400"]));
+}
+
+#[test]
+fn ping_through_generic_xdp() {
+    require_root!("ping_through_generic_xdp");
+    in_thread(|| ping_through_port(ModeRequest::Generic, 1500, &["56", "1400"]));
+}
+
+/// Jumbo frames (8 KiB ICMP, three 4 KiB chunks) in both directions:
+/// AF_XDP multi-buffer on RX and TX.
+#[test]
+fn jumbo_frames_native_multi_buffer() {
+    require_root!("jumbo_frames_native_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Auto, 9000, &["8000"]));
+}
+
+#[test]
+fn jumbo_frames_generic_multi_buffer() {
+    require_root!("jumbo_frames_generic_multi_buffer");
+    in_thread(|| ping_through_port(ModeRequest::Generic, 9000, &["8000"]));
+}
+
+/// Frames of every size up to the MTU sent through AF_XDP TX arrive in the
+/// VM; a frame larger than a UMEM chunk is refused and counted.
+#[test]
+fn tx_sizes_arrive_in_vm() {
+    require_root!("tx_sizes_arrive_in_vm");
+    in_thread(|| {
+        let lab = Lab::new();
+        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let rx_before = vm_rx_packets(&lab);
+        let mut frames = Vec::new();
+        for len in (60..=1514).step_by(29) {
+            let mut f = vec![0u8; len];
+            f[..6].copy_from_slice(&[0xff; 6]);
+            f[6..12].copy_from_slice(&PEER_MAC);
+            f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+            frames.push(f);
+        }
+        let queued = port.send_batch(frames.iter().map(Vec::as_slice));
+        assert_eq!(queued as usize, frames.len());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while port.flush_tx() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = vm_rx_packets(&lab) - rx_before;
+        assert!(
+            got >= frames.len() as u64,
+            "{got} of {} arrived",
+            frames.len()
+        );
+        let big = vec![0u8; port.max_frame() + 1];
+        assert_eq!(port.send_batch([big.as_slice()]), 0);
+        assert_eq!(port.stats().socket.tx_too_big, 1);
+    });
+}
+
+fn vm_rx_packets(lab: &Lab) -> u64 {
+    let out = lab.vm_run(&["ip", "-j", "-s", "link", "show", "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .expect("rx packets")
+}
+
+fn bpftool_has(kind: &str, id: u32) -> bool {
+    Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("bpftool")
+        .success()
+}
+
+/// The kernel frees programs and maps after an RCU grace period: wait a
+/// little for them to disappear.
+fn gone(kind: &str, id: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if !bpftool_has(kind, id) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn drop_leaves_nothing_behind() {
+    require_root!("drop_leaves_nothing_behind");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let prog = port.prog_id();
+        let maps = port.map_ids().to_vec();
+        assert!(bpftool_has("prog", prog));
+        assert!(maps.len() >= 2, "{maps:?}");
+        assert!(link_info("mvp0").unwrap().is_some());
+        drop(port);
+        assert!(gone("prog", prog), "program {prog} still loaded");
+        for m in maps {
+            assert!(gone("map", m), "map {m} still there");
+        }
+        assert!(link_info("mvp0").unwrap().is_none());
+        assert!(link_info("mvp0.x").unwrap().is_none());
+    });
+}
+
+/// Refuses a name that is not ours, or too long, and a bridge that is not
+/// a bridge, with an error rather than touching the interface.
+#[test]
+fn refuses_foreign_interfaces() {
+    require_root!("refuses_foreign_interfaces");
+    in_thread(|| {
+        let _lab = Lab::new();
+        // vm0 exists (the VM's veth) and is not an XDP port.
+        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "vm0"))
+            .err()
+            .expect("must refuse");
+        assert!(e.to_string().contains("not an mvc XDP port"), "{e}");
+        assert!(link_info("vm0").unwrap().is_some());
+        let e = XdpPort::open(&XdpPortConfig::new(Some("vm0"), "mvp0"))
+            .err()
+            .expect("must refuse");
+        assert!(e.to_string().contains("not a bridge"), "{e}");
+        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "a-much-too-long"))
+            .err()
+            .expect("must refuse");
+        assert!(e.to_string().contains("13 characters"), "{e}");
+    });
+}
+
+/// A process holding a port is killed with SIGKILL: the kernel frees the
+/// program and maps (bpf_link owned by the process, nothing pinned), the veth
+/// stays, and the next open removes it and starts clean.
+#[test]
+fn kill9_then_restart_cleans_up() {
+    require_root!("kill9_then_restart_cleans_up");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "xdp_port_holder", "--ignored", "--nocapture"])
+            .env("MVC_XDP_HOLDER", "br0:mvp0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn holder");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines
+            .find_map(|l| {
+                l.ok()
+                    .and_then(|l| l.strip_prefix("READY ").map(str::to_owned))
+            })
+            .expect("holder did not get ready");
+        let ids: Vec<u32> = ready
+            .split_whitespace()
+            .map(|s| s.parse().expect("id"))
+            .collect();
+        let (prog, maps) = ids.split_first().expect("prog id");
+        assert!(bpftool_has("prog", *prog));
+        let busy = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0"))
+            .err()
+            .expect("a live holder's port must be refused");
+        assert!(busy.to_string().contains("in use by pid"), "{busy}");
+
+        // SAFETY: plain kill(2) of our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().expect("reap holder");
+        assert!(gone("prog", *prog), "program {prog} survived kill -9");
+        for m in maps {
+            assert!(gone("map", *m), "map {m} survived kill -9");
+        }
+        let stale = link_info("mvp0").unwrap().expect("veth left behind");
+        assert!(stale.xdp_prog_id.is_none());
+        assert!(stale.alias.unwrap().starts_with(xdp::ALIAS_PREFIX));
+
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("restart");
+        assert_ne!(port.prog_id(), *prog);
+        drop(port);
+        assert!(link_info("mvp0").unwrap().is_none());
+        assert!(link_info("mvp0.x").unwrap().is_none());
+    });
+}
+
+/// Not a test on its own: the process `kill9_then_restart_cleans_up` kills.
+/// Opens the port named in MVC_XDP_HOLDER, prints its ids, waits (30 s max).
+#[test]
+#[ignore = "helper process of kill9_then_restart_cleans_up"]
+fn xdp_port_holder() {
+    let Ok(spec) = std::env::var("MVC_XDP_HOLDER") else {
+        eprintln!("xdp_port_holder: only runs as a child of kill9_then_restart_cleans_up");
+        return;
+    };
+    let (bridge, name) = spec.split_once(':').expect("bridge:port");
+    let port = XdpPort::open(&XdpPortConfig::new(Some(bridge), name)).expect("holder open");
+    let mut ids = vec![port.prog_id().to_string()];
+    ids.extend(port.map_ids().iter().map(u32::to_string));
+    println!("READY {}", ids.join(" "));
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+/// `--datapath auto` where XDP cannot attach (here: the "bridge" is not a
+/// bridge) falls back to TAP and says why; `--datapath xdp` fails instead;
+/// where it can attach, auto takes XDP.
+#[test]
+fn auto_falls_back_to_tap_with_reason() {
+    require_root!("auto_falls_back_to_tap_with_reason");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let bad = XdpPortConfig::new(Some("vm0"), "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&bad)).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("not a bridge"), "{}", c.reason);
+        let c = xdp::choose(DatapathRequest::Auto, None).expect("auto never fails");
+        assert_eq!(c.datapath.name(), "tap");
+        assert!(c.reason.contains("no XDP port configured"), "{}", c.reason);
+        assert!(xdp::choose(DatapathRequest::Xdp, Some(&bad)).is_err());
+        assert!(
+            link_info("mvp0").unwrap().is_none(),
+            "failed open left a port"
+        );
+
+        let good = XdpPortConfig::new(Some("br0"), "mvp0");
+        let c = xdp::choose(DatapathRequest::Auto, Some(&good)).expect("auto");
+        assert_eq!(c.datapath.name(), "xdp");
+        assert!(c.reason.contains("native"), "{}", c.reason);
+    });
+}
+
+/// TCP between two VMs on a hub-mode bridge (every frame flooded to every
+/// port, ours included): the VMs' GSO super-packets are segmented before the
+/// port, so AF_XDP only ever sees frames of at most one MTU.
+#[test]
+fn gso_traffic_reaches_the_port_as_mtu_frames() {
+    require_root!("gso_traffic_reaches_the_port_as_mtu_frames");
+    in_thread(|| gso_traffic(ModeRequest::Auto));
+    in_thread(|| gso_traffic(ModeRequest::Generic));
+}
+
+fn gso_traffic(mode: ModeRequest) {
+    {
+        let mut lab = Lab::new();
+        let vm2 = lab.add_vm("198.18.77.3");
+        run(&[
+            "ip",
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "0",
+        ]);
+        let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+        cfg.mode = mode;
+        let mut port = XdpPort::open(&cfg).expect("open");
+        let mut server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &vm2,
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                "198.18.77.3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut client = lab
+            .vm_cmd(&["iperf3", "-c", "198.18.77.3", "-n", "20M"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3 -c");
+        let (mut frames, mut max_len) = (0u64, 0usize);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && client.try_wait().expect("wait").is_none() {
+            if port.recv_batch(64, |f| {
+                frames += 1;
+                max_len = max_len.max(f.len());
+            }) == 0
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        if client.try_wait().expect("wait").is_none() {
+            let _ = client.kill();
+        }
+        let ok = client.wait().expect("iperf3 client").success();
+        let _ = server.kill();
+        let _ = server.wait();
+        assert!(ok, "iperf3 between the VMs failed");
+        assert!(
+            frames > 1000,
+            "{mode:?}: only {frames} frames reached the port"
+        );
+        assert!(
+            max_len <= 1514,
+            "{mode:?}: a {max_len}-byte frame reached the port"
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! `xnbd`: serve images over NBD, relocate them with the proxy, control the proxy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use xnbd::backend::Backend;
+use xnbd::client::{load_client_tls, Addr};
+use xnbd::ctl;
+use xnbd::proxy::{Proxy, ProxyConfig};
+use xnbd::server::{self, Export, Listen, Server, Tls};
+use xnbd::storage::Storage;
+
+#[derive(Parser)]
+#[command(name = "xnbd", version, about = "NBD server and live-migration proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Export files or block devices (target mode).
+    Serve(ServeArgs),
+    /// Serve an image whose data is still at a source NBD server, relocating it.
+    Proxy(Box<ProxyArgs>),
+    /// Control a running proxy.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// TCP address to listen on (repeatable). Default 0.0.0.0:10809 when no --unix is given.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Unix socket to listen on (repeatable).
+    #[arg(long)]
+    unix: Vec<PathBuf>,
+    /// Server certificate (PEM) for STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow clients that do not upgrade to TLS (default: TLS required when configured).
+    #[arg(long)]
+    tls_optional: bool,
+    /// Advertised minimum block size; misaligned requests then get EINVAL.
+    #[arg(long, default_value_t = 1)]
+    min_block: u32,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Export as [NAME=]PATH[:ro] (repeatable). The first export also answers the empty name.
+    #[arg(long, required = true)]
+    export: Vec<String>,
+    /// Make every export read-only.
+    #[arg(long)]
+    read_only: bool,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Source server: HOST:PORT or unix:PATH.
+    #[arg(long)]
+    source: Addr,
+    /// Export name at the source.
+    #[arg(long, default_value = "")]
+    source_export: String,
+    /// CA certificate (PEM): use STARTTLS towards the source and verify it with this CA.
+    #[arg(long)]
+    source_tls_ca: Option<PathBuf>,
+    /// Name expected in the source's certificate (default: the source host).
+    #[arg(long)]
+    source_tls_name: Option<String>,
+    /// Local image (created sparse if missing).
+    #[arg(long)]
+    cache: PathBuf,
+    /// Bitmap file (default: CACHE.bitmap).
+    #[arg(long)]
+    bitmap: Option<PathBuf>,
+    /// Block size of the bitmap and of fetches (power of two, >= 512).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    block_size: u64,
+    /// Background copy rate limit, bytes/s with optional K/M/G suffix (0: unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    rate: u64,
+    /// Do not copy in the background until `xnbd ctl cache-all`.
+    #[arg(long)]
+    no_background: bool,
+    /// Bytes per background request.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    background_chunk: u64,
+    /// Background requests in flight at once (fills long links).
+    #[arg(long, default_value_t = 4)]
+    background_depth: usize,
+    /// Seconds a client request touching missing blocks waits for an absent source before
+    /// failing with EIO.
+    #[arg(long, default_value_t = 30.0)]
+    source_timeout: f64,
+    /// Bytes fetched ahead of sequential readers (0: off).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    readahead: u64,
+    /// Export name offered to clients.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Control socket.
+    #[arg(long)]
+    ctl: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Control socket of the proxy.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Print JSON (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Cached/total blocks, rate, ETA.
+    Query,
+    /// Copy every missing block now and wait for it (progress bar unless --json).
+    CacheAll {
+        /// Return at once instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Drop the source and serve only local data (refused while blocks are missing).
+    Switch {
+        /// Switch even with blocks missing (they then read as the local file holds them).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reconnect to the source, optionally at another address.
+    Reconnect {
+        /// New source address.
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Set the background copy rate (bytes/s, K/M/G suffixes, 0: unlimited).
+    SetRate {
+        /// Rate.
+        #[arg(value_parser = parse_size)]
+        rate: u64,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map_err(|e| format!("{s}: {e}"))?
+        .checked_mul(mul)
+        .ok_or_else(|| format!("{s}: too large"))
+}
+
+fn parse_export(spec: &str, all_ro: bool) -> Result<Export> {
+    let (name, rest) = match spec.split_once('=') {
+        Some((n, r)) => (n.to_owned(), r),
+        None => (String::new(), spec),
+    };
+    let (path, ro) = match rest.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (rest, false),
+    };
+    let read_only = ro || all_ro;
+    let storage =
+        Storage::open(path.as_ref(), read_only).with_context(|| format!("opening {path}"))?;
+    let name = if name.is_empty() && !spec.contains('=') {
+        std::path::Path::new(path)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        name
+    };
+    Ok(Export {
+        name,
+        description: path.to_owned(),
+        backend: Backend::File(Arc::new(storage)),
+        read_only,
+    })
+}
+
+fn listeners(a: &ListenArgs) -> Vec<Listen> {
+    let mut v: Vec<Listen> = a.listen.iter().cloned().map(Listen::Tcp).collect();
+    v.extend(a.unix.iter().cloned().map(Listen::Unix));
+    if v.is_empty() {
+        v.push(Listen::Tcp("0.0.0.0:10809".into()));
+    }
+    v
+}
+
+fn tls(a: &ListenArgs) -> Result<Option<Tls>> {
+    match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Ok(Some(Tls {
+            acceptor: server::load_tls(c, k)?,
+            required: !a.tls_optional,
+        })),
+        _ => Ok(None),
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let exports = a
+        .export
+        .iter()
+        .map(|e| parse_export(e, a.read_only).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    let srv = Arc::new(Server {
+        exports,
+        tls: tls(&a.listen)?,
+        min_block: a.listen.min_block,
+        stats: Default::default(),
+    });
+    let tasks = server::start(srv, &listeners(&a.listen)).await?;
+    wait_for_signal().await?;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn proxy(a: ProxyArgs) -> Result<()> {
+    let block_size = u32::try_from(a.block_size).context("block size too large")?;
+    let source_tls = match &a.source_tls_ca {
+        Some(ca) => {
+            let name = match (&a.source_tls_name, &a.source) {
+                (Some(n), _) => n.clone(),
+                (None, Addr::Tcp(hp)) => hp
+                    .rsplit_once(':')
+                    .map(|x| x.0)
+                    .unwrap_or(hp)
+                    .trim_matches(['[', ']'])
+                    .to_owned(),
+                (None, Addr::Unix(_)) => "localhost".to_owned(),
+            };
+            Some(load_client_tls(ca, name)?)
+        }
+        None => None,
+    };
+    let bitmap = a.bitmap.clone().unwrap_or_else(|| {
+        let mut p = a.cache.clone().into_os_string();
+        p.push(".bitmap");
+        p.into()
+    });
+    let p = Proxy::start(ProxyConfig {
+        source: a.source.clone(),
+        export_name: a.source_export.clone(),
+        tls: source_tls,
+        cache: a.cache.clone(),
+        bitmap,
+        block_size,
+        rate: a.rate,
+        background: !a.no_background,
+        background_chunk: a.background_chunk,
+        background_depth: a.background_depth,
+        source_timeout: Duration::from_secs_f64(a.source_timeout.max(0.0)),
+        readahead: a.readahead,
+    })
+    .await?;
+    let srv = Arc::new(Server {
+        exports: vec![Arc::new(Export {
+            name: a.name.clone(),
+            description: format!("relocating from {}", a.source),
+            backend: Backend::Proxy(p.clone()),
+            read_only: false,
+        })],
+        tls: tls(&a.listen)?,
+        min_block: a.listen.min_block,
+        stats: Default::default(),
+    });
+    let mut tasks = server::start(srv, &listeners(&a.listen)).await?;
+    if let Some(c) = &a.ctl {
+        let c = c.clone();
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = ctl::serve(&c, p).await {
+                tracing::error!("control socket: {e}");
+            }
+        }));
+    }
+    wait_for_signal().await?;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
+    let st = r.status.clone().unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string(&st)?);
+        return Ok(());
+    }
+    let g = |k: &str| st.get(k).cloned().unwrap_or_default();
+    let cached = g("cached_blocks").as_u64().unwrap_or(0);
+    let total = g("total_blocks").as_u64().unwrap_or(0);
+    let pct = if total > 0 {
+        100.0 * cached as f64 / total as f64
+    } else {
+        100.0
+    };
+    println!("mode:      {}", g("mode").as_str().unwrap_or("?"));
+    println!(
+        "source:    {} ({})",
+        g("source").as_str().unwrap_or("?"),
+        if g("source_connected").as_bool().unwrap_or(false) {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    println!(
+        "blocks:    {cached}/{total} local ({pct:.1}%), block size {}",
+        g("block_size")
+    );
+    println!(
+        "fetched:   {} blocks, {} bytes ({} on demand, {} background)",
+        g("fetched_blocks"),
+        g("fetched_bytes"),
+        g("demand_blocks"),
+        g("background_blocks")
+    );
+    println!(
+        "rate:      {:.0} B/s (limit {})",
+        g("rate_bytes_per_sec").as_f64().unwrap_or(0.0),
+        g("rate_limit")
+    );
+    match g("eta_secs").as_f64() {
+        Some(e) => println!("eta:       {e:.1} s"),
+        None => println!("eta:       unknown"),
+    }
+    Ok(())
+}
+
+async fn ctl_main(a: CtlArgs) -> Result<()> {
+    use ctl::Request as R;
+    let sock = &a.socket;
+    match a.cmd {
+        CtlCmd::Query => print_status(a.json, &ctl::call(sock, &R::Query).await?),
+        CtlCmd::Switch { force } => {
+            let r = ctl::call(sock, &R::Switch { force }).await?;
+            print_status(a.json, &r)
+        }
+        CtlCmd::Reconnect { source } => {
+            let r = ctl::call(sock, &R::Reconnect { source }).await?;
+            print_status(a.json, &r)
+        }
+        CtlCmd::SetRate { rate } => {
+            let r = ctl::call(sock, &R::SetRate { rate }).await?;
+            print_status(a.json, &r)
+        }
+        CtlCmd::CacheAll { no_wait, timeout } => {
+            let r = ctl::call(sock, &R::CacheAll).await?;
+            if no_wait {
+                return print_status(a.json, &r);
+            }
+            let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t));
+            let total = r
+                .status
+                .as_ref()
+                .and_then(|s| s.get("total_blocks"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            let bar = if a.json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                let b = indicatif::ProgressBar::new(total);
+                b.set_style(indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} blocks {percent}% {msg}",
+                )?);
+                b
+            };
+            loop {
+                let r = ctl::call(sock, &R::Query).await?;
+                let st = r.status.clone().unwrap_or_default();
+                let cached = st
+                    .get("cached_blocks")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                bar.set_position(cached);
+                if let Some(rate) = st.get("rate_bytes_per_sec").and_then(|v| v.as_f64()) {
+                    bar.set_message(format!("{:.1} MiB/s", rate / (1u64 << 20) as f64));
+                }
+                if cached >= total {
+                    bar.finish();
+                    return print_status(a.json, &r);
+                }
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    bar.abandon();
+                    print_status(a.json, &r)?;
+                    bail!("timed out with {cached}/{total} blocks local");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XNBD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await,
+            Cmd::Proxy(a) => proxy(*a).await,
+            Cmd::Ctl(a) => ctl_main(a).await,
+        }
+    })
+}

@@ -1,0 +1,1113 @@
+//! The migration proxy (destination side of a disk relocation).
+//!
+//! Clients see an ordinary NBD export. Behind it, a local cache file holds the blocks that
+//! have arrived and a [`Bitmap`] says which ones those are. A read of a missing block
+//! fetches it from the source (any NBD server) on demand; a write stays local (a partially
+//! written missing block is fetched first); a background task copies the remaining blocks,
+//! rate-limited and yielding to on-demand fetches; sequential reads trigger readahead.
+//! Once every block is local the proxy drops the source and keeps serving as a plain
+//! target, without interrupting clients.
+//!
+//! Concurrency: a block being fetched or written-while-missing is *claimed* in the
+//! in-flight table; anyone else needing it waits for the claim to go away and then looks
+//! at the bitmap again. Fetches claim only blocks nobody holds (and never wait while holding
+//! claims); writers claim all missing blocks of their range or nothing, so claims cannot
+//! deadlock.
+//!
+//! Crash safety: data written and `fdatasync`ed, then the bitmap bit set and persisted
+//! (see [`crate::bitmap`]). A restart resumes from the bitmap and fetches only clear blocks.
+//!
+//! Source outage: fetches wait for the source to come back (the reconnector retries every
+//! second, at the same address or a new one given with `reconnect`), for at most
+//! `source_timeout`; a client request touching a missing block then fails with `EIO`.
+//! Requests touching only local blocks are unaffected. The background copy pauses and
+//! resumes by itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use crate::backend::{blocking, OpError};
+use crate::bitmap::{Bitmap, BitmapError};
+use crate::client::{Addr, Client, ClientError, ClientTls};
+use crate::proto::err;
+use crate::storage::Storage;
+
+/// Longest wait for a source connection and handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest single request sent to the source.
+const MAX_FETCH: u64 = 4 << 20;
+
+/// Proxy errors at setup.
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    /// Local file I/O.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Bitmap problem.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// Source unreachable or unusable.
+    #[error("source: {0}")]
+    Source(#[from] ClientError),
+    /// Inconsistent files or arguments.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Source server.
+    pub source: Addr,
+    /// Export name at the source.
+    pub export_name: String,
+    /// TLS towards the source.
+    pub tls: Option<ClientTls>,
+    /// Local image (created sparse if missing).
+    pub cache: PathBuf,
+    /// Bitmap file (created if missing).
+    pub bitmap: PathBuf,
+    /// Block size (unit of fetch and of the bitmap).
+    pub block_size: u32,
+    /// Background copy rate in bytes per second (0: unlimited).
+    pub rate: u64,
+    /// Run the background copy from the start (otherwise only after `cache-all`).
+    pub background: bool,
+    /// Bytes per background request.
+    pub background_chunk: u64,
+    /// Background requests in flight at once.
+    pub background_depth: usize,
+    /// How long client requests touching missing blocks wait for an absent source.
+    pub source_timeout: Duration,
+    /// Bytes fetched ahead of a sequential reader.
+    pub readahead: u64,
+}
+
+/// Mode of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Data still partly at the source.
+    Proxy,
+    /// Every block local (or forced): the source is no longer used.
+    Target,
+}
+
+/// Status reported by `xnbd ctl query`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Proxy or target.
+    pub mode: Mode,
+    /// Current source address.
+    pub source: String,
+    /// Whether a source connection is up.
+    pub source_connected: bool,
+    /// Export size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub total_blocks: u64,
+    /// Blocks local.
+    pub cached_blocks: u64,
+    /// Blocks fetched from the source by this process.
+    pub fetched_blocks: u64,
+    /// Bytes fetched from the source by this process.
+    pub fetched_bytes: u64,
+    /// Blocks fetched on demand (client reads, partial writes, readahead, CACHE).
+    pub demand_blocks: u64,
+    /// Blocks fetched by the background copy.
+    pub background_blocks: u64,
+    /// Client writes that made a missing block local without fetching it.
+    pub written_blocks: u64,
+    /// Fetch rate over the last seconds, bytes per second.
+    pub rate_bytes_per_sec: f64,
+    /// Background rate limit (0: none).
+    pub rate_limit: u64,
+    /// Background copy running.
+    pub background: bool,
+    /// Estimated seconds to completion (null when unknown).
+    pub eta_secs: Option<f64>,
+    /// Source failures seen.
+    pub source_errors: u64,
+}
+
+type Waiter = watch::Receiver<()>;
+
+/// Blocks held by one fetch or write; released (and waiters woken) on drop.
+struct Claim {
+    table: Arc<Mutex<HashMap<u64, Waiter>>>,
+    blocks: Vec<u64>,
+    _tx: watch::Sender<()>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.table.lock() {
+            for b in &self.blocks {
+                m.remove(b);
+            }
+        }
+    }
+}
+
+async fn wait_all(ws: Vec<Waiter>) {
+    for mut w in ws {
+        // Returns once the claim's sender is dropped.
+        while w.changed().await.is_ok() {}
+    }
+}
+
+/// One connection slot to the source, reconnected by a background task.
+struct Link {
+    client: watch::Sender<Option<Arc<Client>>>,
+    kick: Notify,
+}
+
+impl Link {
+    fn new() -> Self {
+        Self {
+            client: watch::channel(None).0,
+            kick: Notify::new(),
+        }
+    }
+    fn drop_client(&self, c: &Arc<Client>) {
+        self.client.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+                *cur = None;
+                true
+            } else {
+                false
+            }
+        });
+        self.kick.notify_one();
+    }
+}
+
+/// The proxy.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    storage: Arc<Storage>,
+    bitmap: Arc<Bitmap>,
+    size: u64,
+    bs: u64,
+    inflight: Arc<Mutex<HashMap<u64, Waiter>>>,
+    source: Mutex<Addr>,
+    link: Link,
+    target: AtomicBool,
+    background: AtomicBool,
+    rate_limit: AtomicU64,
+    demand_active: AtomicUsize,
+    last_read_end: AtomicU64,
+    wake: Notify,
+    fetched_blocks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    demand_blocks: AtomicU64,
+    background_blocks: AtomicU64,
+    written_blocks: AtomicU64,
+    source_errors: AtomicU64,
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("size", &self.size)
+            .field("block_size", &self.bs)
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// Open (or create) the cache and bitmap and start the background tasks. Resumes from
+    /// an existing bitmap; contacts the source first only when there is none.
+    pub async fn start(cfg: ProxyConfig) -> Result<Arc<Self>, ProxyError> {
+        if cfg.block_size < 512 || !cfg.block_size.is_power_of_two() {
+            return Err(ProxyError::Config(
+                "block size must be a power of two >= 512".into(),
+            ));
+        }
+        if cfg.bitmap.exists() && !cfg.cache.exists() {
+            return Err(ProxyError::Config(format!(
+                "bitmap {} exists but cache {} does not; remove the bitmap to start over",
+                cfg.bitmap.display(),
+                cfg.cache.display()
+            )));
+        }
+        let mut first: Option<Client> = None;
+        let size = if cfg.bitmap.exists() && cfg.cache.exists() {
+            Storage::open(&cfg.cache, false)?.size()
+        } else {
+            let c = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Client::connect(&cfg.source, &cfg.export_name, cfg.tls.as_ref()),
+            )
+            .await
+            .map_err(|_| ClientError::Protocol("handshake timed out".into()))??;
+            let s = c.size();
+            first = Some(c);
+            s
+        };
+        if !cfg.cache.exists() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&cfg.cache)?;
+            f.set_len(size)?;
+            f.sync_all()?;
+        }
+        let storage = Storage::open(&cfg.cache, false)?;
+        if storage.size() != size {
+            return Err(ProxyError::Config(format!(
+                "cache {} has size {}, source has {size}",
+                cfg.cache.display(),
+                storage.size()
+            )));
+        }
+        let bitmap = Bitmap::open(&cfg.bitmap, size, cfg.block_size)?;
+        let complete = bitmap.complete();
+        let p = Arc::new(Self {
+            storage: Arc::new(storage),
+            bitmap: Arc::new(bitmap),
+            size,
+            bs: u64::from(cfg.block_size),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+            source: Mutex::new(cfg.source.clone()),
+            link: Link::new(),
+            target: AtomicBool::new(complete),
+            background: AtomicBool::new(cfg.background),
+            rate_limit: AtomicU64::new(cfg.rate),
+            demand_active: AtomicUsize::new(0),
+            last_read_end: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+            fetched_blocks: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            demand_blocks: AtomicU64::new(0),
+            background_blocks: AtomicU64::new(0),
+            written_blocks: AtomicU64::new(0),
+            source_errors: AtomicU64::new(0),
+            samples: Mutex::new(VecDeque::new()),
+            cfg,
+        });
+        if complete {
+            info!(
+                "all {} blocks are local: serving as a plain target",
+                p.bitmap.nblocks()
+            );
+            return Ok(p);
+        }
+        info!(
+            "resuming: {}/{} blocks local",
+            p.bitmap.cached(),
+            p.bitmap.nblocks()
+        );
+        if let Some(c) = first {
+            p.link.client.send_replace(Some(Arc::new(c)));
+        }
+        tokio::spawn(p.clone().reconnector());
+        tokio::spawn(p.clone().background_copy());
+        tokio::spawn(p.clone().sampler());
+        Ok(p)
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The source connection. One connection carries on-demand and background reads
+    /// (many in flight), so sources that accept a single client (qemu-nbd's default) work;
+    /// on-demand reads go first because the background copy pauses while any is active.
+    fn link(&self, _demand: bool) -> &Link {
+        &self.link
+    }
+
+    fn is_target(&self) -> bool {
+        self.target.load(Ordering::Acquire)
+    }
+
+    /// Keep one source connection up while in proxy mode.
+    async fn reconnector(self: Arc<Self>) {
+        let link = &self.link;
+        let mut failures = 0u32;
+        while !self.is_target() {
+            let have = link.client.borrow().as_ref().is_some_and(|c| !c.is_dead());
+            if have {
+                tokio::select! {
+                    _ = link.kick.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            if link.client.borrow().is_some() {
+                link.client.send_replace(None);
+            }
+            let addr = match self.source.lock() {
+                Ok(a) => a.clone(),
+                Err(_) => return,
+            };
+            let conn = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Client::connect(&addr, &self.cfg.export_name, self.cfg.tls.as_ref()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Protocol("handshake timed out".into())));
+            match conn {
+                Ok(c) if c.size() == self.size => {
+                    if failures > 0 {
+                        info!("source {addr} reconnected");
+                    }
+                    failures = 0;
+                    link.client.send_replace(Some(Arc::new(c)));
+                    self.wake.notify_waiters();
+                }
+                Ok(c) => {
+                    warn!(
+                        "source {addr} has size {}, expected {}",
+                        c.size(),
+                        self.size
+                    );
+                    failures += 1;
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        warn!("source {addr} unavailable: {e}");
+                    }
+                    failures += 1;
+                }
+            }
+            if failures > 0 {
+                tokio::select! {
+                    _ = link.kick.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        if let Some(c) = link.client.send_replace(None) {
+            c.disconnect().await;
+        }
+    }
+
+    /// A live source connection, waiting until `deadline` (None: forever) for one.
+    async fn client(
+        &self,
+        demand: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Client>, OpError> {
+        let link = self.link(demand);
+        let mut rx = link.client.subscribe();
+        loop {
+            if self.is_target() {
+                return Err(OpError::new(err::EIO, "source detached"));
+            }
+            let cur = rx.borrow_and_update().clone();
+            if let Some(c) = cur {
+                if !c.is_dead() {
+                    return Ok(c);
+                }
+                link.drop_client(&c);
+            }
+            link.kick.notify_one();
+            let wait = rx.changed();
+            match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(OpError::new(err::EIO, "source unavailable"));
+                    }
+                    if tokio::time::timeout(d - now, wait).await.is_err() {
+                        return Err(OpError::new(err::EIO, "source unavailable"));
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read `[off, off+len)` from the source, retrying over reconnections until `deadline`.
+    async fn source_read(
+        &self,
+        demand: bool,
+        off: u64,
+        len: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, OpError> {
+        loop {
+            let c = self.client(demand, deadline).await?;
+            let per_try = self.cfg.source_timeout.max(Duration::from_secs(1));
+            match tokio::time::timeout(per_try, c.read(off, len)).await {
+                Ok(Ok(d)) => return Ok(d),
+                Ok(Err(ClientError::Request(e))) => {
+                    self.source_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(OpError::new(e, "source refused the read"));
+                }
+                Ok(Err(e)) => {
+                    self.source_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!("source read failed: {e}");
+                    self.link(demand).drop_client(&c);
+                }
+                Err(_) => {
+                    self.source_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!("source read timed out");
+                    self.link(demand).drop_client(&c);
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(OpError::new(err::EIO, "source unavailable"));
+            }
+        }
+    }
+
+    fn block_range(&self, off: u64, len: u64) -> (u64, u64) {
+        (off / self.bs, (off + len).div_ceil(self.bs))
+    }
+
+    /// Claim missing blocks of `[a, b)` nobody holds; also return waiters for those held.
+    fn claim_free(&self, a: u64, b: u64) -> (Option<Claim>, Vec<Waiter>) {
+        let Ok(mut m) = self.inflight.lock() else {
+            return (None, Vec::new());
+        };
+        let (tx, rx) = watch::channel(());
+        let mut blocks = Vec::new();
+        let mut waiters = Vec::new();
+        for i in a..b {
+            if self.bitmap.is_set(i) {
+                continue;
+            }
+            if let Some(w) = m.get(&i) {
+                waiters.push(w.clone());
+            } else {
+                m.insert(i, rx.clone());
+                blocks.push(i);
+            }
+        }
+        let claim = (!blocks.is_empty()).then(|| Claim {
+            table: self.inflight.clone(),
+            blocks,
+            _tx: tx,
+        });
+        (claim, waiters)
+    }
+
+    /// Claim every missing block of `[a, b)`, or none (returning one to wait for).
+    fn claim_all(&self, a: u64, b: u64) -> Result<Claim, Waiter> {
+        let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for i in a..b {
+            if !self.bitmap.is_set(i) {
+                if let Some(w) = m.get(&i) {
+                    return Err(w.clone());
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(());
+        let mut blocks = Vec::new();
+        for i in a..b {
+            if !self.bitmap.is_set(i) {
+                m.insert(i, rx.clone());
+                blocks.push(i);
+            }
+        }
+        Ok(Claim {
+            table: self.inflight.clone(),
+            blocks,
+            _tx: tx,
+        })
+    }
+
+    /// Fetch the claimed blocks, store them durably, then mark them.
+    async fn fetch_claimed(
+        &self,
+        claim: &Claim,
+        demand: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(), OpError> {
+        let runs = runs_of(&claim.blocks);
+        let mut datas = Vec::new();
+        for &(a, b) in &runs {
+            let start = a * self.bs;
+            let end = (b * self.bs).min(self.size);
+            let mut off = start;
+            while off < end {
+                let n = (end - off).min(MAX_FETCH);
+                let d = self.source_read(demand, off, n as u32, deadline).await?;
+                datas.push((off, d));
+                off += n;
+            }
+        }
+        let bytes: u64 = datas.iter().map(|d| d.1.len() as u64).sum();
+        let nblocks = claim.blocks.len() as u64;
+        // Counted before the bits are set, so a status showing a block local always shows
+        // its fetch too (taken back if storing fails).
+        let kind = if demand {
+            &self.demand_blocks
+        } else {
+            &self.background_blocks
+        };
+        self.fetched_blocks.fetch_add(nblocks, Ordering::Relaxed);
+        self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        kind.fetch_add(nblocks, Ordering::Relaxed);
+        if let Err(e) = self.store_and_mark(datas, runs).await {
+            self.fetched_blocks.fetch_sub(nblocks, Ordering::Relaxed);
+            self.fetched_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            kind.fetch_sub(nblocks, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.check_complete();
+        Ok(())
+    }
+
+    /// Write fetched data, `fdatasync`, then set and persist the bits (this order is the
+    /// crash-safety argument of the bitmap).
+    async fn store_and_mark(
+        &self,
+        datas: Vec<(u64, Vec<u8>)>,
+        runs: Vec<(u64, u64)>,
+    ) -> Result<(), OpError> {
+        let st = self.storage.clone();
+        let bm = self.bitmap.clone();
+        blocking(move || {
+            for (off, d) in &datas {
+                st.write_at(d, *off)?;
+            }
+            st.sync()?;
+            bm.set_durable(&runs)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Make `[off, off+len)` local, fetching what is missing (on demand).
+    async fn ensure(&self, off: u64, len: u64, deadline: Option<Instant>) -> Result<(), OpError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (a, b) = self.block_range(off, len);
+        self.demand_active.fetch_add(1, Ordering::AcqRel);
+        let r = async {
+            loop {
+                if self.is_target() {
+                    return Ok(());
+                }
+                let (claim, waiters) = self.claim_free(a, b);
+                if claim.is_none() && waiters.is_empty() {
+                    return Ok(());
+                }
+                if let Some(c) = &claim {
+                    self.fetch_claimed(c, true, deadline).await?;
+                }
+                drop(claim);
+                match deadline {
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if tokio::time::timeout(left, wait_all(waiters)).await.is_err() {
+                            return Err(OpError::new(err::EIO, "source unavailable"));
+                        }
+                    }
+                    None => wait_all(waiters).await,
+                }
+            }
+        }
+        .await;
+        self.demand_active.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.cfg.source_timeout)
+    }
+
+    /// Serve a read.
+    pub async fn read(
+        self: &Arc<Self>,
+        off: u64,
+        mut buf: Vec<u8>,
+        start: usize,
+    ) -> Result<Vec<u8>, OpError> {
+        let len = (buf.len() - start) as u64;
+        if !self.is_target() {
+            self.ensure(off, len, self.deadline()).await?;
+            let prev = self.last_read_end.swap(off + len, Ordering::AcqRel);
+            if prev == off && self.cfg.readahead > 0 && off + len < self.size {
+                let p = self.clone();
+                let ra_off = off + len;
+                let ra_len = self.cfg.readahead.min(self.size - ra_off);
+                tokio::spawn(async move {
+                    let _ = p.ensure(ra_off, ra_len, p.deadline()).await;
+                });
+            }
+        }
+        let s = self.clone();
+        blocking(move || {
+            s.storage.read_at(&mut buf[start..], off)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Apply a local modification of `[off, off+len)`: partial missing head/tail blocks are
+    /// fetched first, fully covered missing blocks are claimed, modified, synced and marked.
+    async fn modify(
+        self: &Arc<Self>,
+        off: u64,
+        len: u64,
+        fua: bool,
+        op: impl FnOnce(&Storage) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), OpError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.is_target() {
+            let deadline = self.deadline();
+            let (a, b) = self.block_range(off, len);
+            let end = off + len;
+            if off % self.bs != 0 && !self.bitmap.is_set(a) {
+                self.ensure(a * self.bs, 1, deadline).await?;
+            }
+            let tail_partial = end % self.bs != 0 && end < self.size;
+            if tail_partial && !self.bitmap.is_set(b - 1) {
+                self.ensure((b - 1) * self.bs, 1, deadline).await?;
+            }
+            loop {
+                match self.claim_all(a, b) {
+                    Ok(claim) => {
+                        let runs = runs_of(&claim.blocks);
+                        let n = claim.blocks.len() as u64;
+                        let s = self.clone();
+                        self.written_blocks.fetch_add(n, Ordering::Relaxed);
+                        let r = blocking(move || {
+                            op(&s.storage)?;
+                            if !runs.is_empty() || fua {
+                                s.storage.sync()?;
+                            }
+                            s.bitmap.set_durable(&runs)?;
+                            Ok(())
+                        })
+                        .await;
+                        if r.is_err() {
+                            self.written_blocks.fetch_sub(n, Ordering::Relaxed);
+                        }
+                        r?;
+                        drop(claim);
+                        self.check_complete();
+                        return Ok(());
+                    }
+                    Err(w) => wait_all(vec![w]).await,
+                }
+            }
+        }
+        let s = self.clone();
+        blocking(move || {
+            op(&s.storage)?;
+            if fua {
+                s.storage.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Serve a write.
+    pub async fn write(
+        self: &Arc<Self>,
+        off: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), OpError> {
+        let len = data.len() as u64;
+        self.modify(off, len, fua, move |s| s.write_at(&data, off))
+            .await
+    }
+
+    /// Serve a write-zeroes.
+    pub async fn write_zeroes(
+        self: &Arc<Self>,
+        off: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), OpError> {
+        self.modify(off, len, fua, move |s| s.write_zeroes(off, len, may_trim))
+            .await
+    }
+
+    /// Serve a trim: advisory, so a no-op while blocks may still be at the source (a trimmed
+    /// missing block would otherwise have to be fetched or marked); a hole punch in target mode.
+    pub async fn trim(self: &Arc<Self>, off: u64, len: u64, fua: bool) -> Result<(), OpError> {
+        if !self.is_target() {
+            return Ok(());
+        }
+        let s = self.clone();
+        blocking(move || {
+            s.storage.trim(off, len)?;
+            if fua {
+                s.storage.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Serve a flush (the bitmap is always durable already).
+    pub async fn flush(self: &Arc<Self>) -> Result<(), OpError> {
+        let s = self.clone();
+        blocking(move || Ok(s.storage.sync()?)).await
+    }
+
+    /// Serve a cache request: fetch the range now.
+    pub async fn cache(self: &Arc<Self>, off: u64, len: u64) -> Result<(), OpError> {
+        self.ensure(off, len, self.deadline()).await
+    }
+
+    /// `base:allocation`: missing blocks are reported as data; local ones as the cache file's
+    /// allocation says.
+    pub async fn block_status(
+        self: &Arc<Self>,
+        off: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, u32)>, OpError> {
+        let s = self.clone();
+        blocking(move || {
+            if s.is_target() {
+                return Ok(s.storage.extents(off, len, max)?);
+            }
+            let end = off + len;
+            let mut out: Vec<(u64, u32)> = Vec::new();
+            let mut pos = off;
+            while pos < end && out.len() < max {
+                let blk = pos / s.bs;
+                let local = s.bitmap.is_set(blk);
+                let mut stop = ((blk + 1) * s.bs).min(end);
+                while stop < end && s.bitmap.is_set(stop / s.bs) == local {
+                    stop = ((stop / s.bs + 1) * s.bs).min(end);
+                }
+                if local {
+                    let room = max - out.len();
+                    for e in s.storage.extents(pos, stop - pos, room)? {
+                        push_extent(&mut out, e);
+                    }
+                } else {
+                    push_extent(&mut out, (stop - pos, 0));
+                }
+                pos = stop;
+            }
+            out.truncate(max);
+            Ok(out)
+        })
+        .await
+    }
+
+    fn check_complete(&self) {
+        if self.bitmap.complete() && !self.target.swap(true, Ordering::AcqRel) {
+            info!(
+                "all {} blocks local: source dropped, serving as a plain target",
+                self.bitmap.nblocks()
+            );
+            self.drop_source();
+        }
+    }
+
+    fn drop_source(&self) {
+        self.link.kick.notify_one();
+        self.wake.notify_waiters();
+    }
+
+    /// Claim a contiguous run of at most `limit` missing blocks nobody holds, starting at
+    /// the first such block at or after `from`.
+    fn claim_run(&self, from: u64, limit: usize) -> Option<Claim> {
+        let mut m = self.inflight.lock().ok()?;
+        let mut i = from;
+        loop {
+            let s = self.bitmap.next_missing(i)?;
+            if !m.contains_key(&s) {
+                i = s;
+                break;
+            }
+            i = s + 1;
+        }
+        let (tx, rx) = watch::channel(());
+        let mut blocks = Vec::new();
+        while blocks.len() < limit
+            && i < self.bitmap.nblocks()
+            && !self.bitmap.is_set(i)
+            && !m.contains_key(&i)
+        {
+            m.insert(i, rx.clone());
+            blocks.push(i);
+            i += 1;
+        }
+        Some(Claim {
+            table: self.inflight.clone(),
+            blocks,
+            _tx: tx,
+        })
+    }
+
+    /// Copy missing blocks in the background: runs of `background_chunk` bytes, up to
+    /// `background_depth` requests in flight (to fill long links), rate-limited, and paused
+    /// whenever an on-demand fetch is active.
+    async fn background_copy(self: Arc<Self>) {
+        let chunk_blocks = (self.cfg.background_chunk / self.bs).max(1) as usize;
+        let depth = self.cfg.background_depth.max(1);
+        let mut cursor = 0u64;
+        let mut next_slot = Instant::now();
+        let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
+        let mut failures = 0u64;
+        while !self.is_target() {
+            while let Some(r) = tasks.try_join_next() {
+                self.note_background(r, &mut failures);
+            }
+            if tasks.len() >= depth {
+                if let Some(r) = tasks.join_next().await {
+                    self.note_background(r, &mut failures);
+                }
+                continue;
+            }
+            if !self.background.load(Ordering::Acquire) {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
+            if self.demand_active.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            // Wait for the source without holding claims, so that clients needing these
+            // blocks are not stuck behind an outage of the background copy.
+            if self
+                .client(false, Some(Instant::now() + Duration::from_secs(1)))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let claim = match self.claim_run(cursor, chunk_blocks) {
+                Some(c) => c,
+                None => match self.claim_run(0, chunk_blocks) {
+                    Some(c) => c,
+                    None => {
+                        if self.bitmap.complete() {
+                            self.check_complete();
+                            break;
+                        }
+                        // The rest is in flight: wait for some of it.
+                        match tasks.join_next().await {
+                            Some(r) => self.note_background(r, &mut failures),
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        }
+                        continue;
+                    }
+                },
+            };
+            let (Some(&first), Some(&last)) = (claim.blocks.first(), claim.blocks.last()) else {
+                continue;
+            };
+            cursor = last + 1;
+            let bytes = ((last + 1) * self.bs).min(self.size) - first * self.bs;
+            let rate = self.rate_limit.load(Ordering::Acquire);
+            if rate > 0 {
+                let now = Instant::now();
+                if next_slot > now {
+                    tokio::time::sleep(next_slot - now).await;
+                }
+                next_slot =
+                    next_slot.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            }
+            let p = self.clone();
+            tasks.spawn(async move { p.fetch_claimed(&claim, false, p.deadline()).await });
+        }
+        tasks.abort_all();
+    }
+
+    /// Log background failures (the first of a series, then every hundredth).
+    fn note_background(
+        &self,
+        r: Result<Result<(), OpError>, tokio::task::JoinError>,
+        failures: &mut u64,
+    ) {
+        match r {
+            Ok(Ok(())) => *failures = 0,
+            Ok(Err(e)) => {
+                if *failures % 100 == 0 && !self.is_target() {
+                    warn!("background copy: {e}");
+                }
+                *failures += 1;
+            }
+            Err(_) => {}
+        }
+    }
+
+    async fn sampler(self: Arc<Self>) {
+        while !self.is_target() {
+            self.sample();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn sample(&self) -> f64 {
+        let now = Instant::now();
+        let bytes = self.fetched_bytes.load(Ordering::Relaxed);
+        let Ok(mut s) = self.samples.lock() else {
+            return 0.0;
+        };
+        s.push_back((now, bytes));
+        while s.len() > 2 && now.duration_since(s[0].0) > Duration::from_secs(5) {
+            s.pop_front();
+        }
+        let (t0, b0) = s[0];
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt < 0.2 {
+            0.0
+        } else {
+            (bytes - b0) as f64 / dt
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        let cached = self.bitmap.cached();
+        let total = self.bitmap.nblocks();
+        let rate = if self.is_target() { 0.0 } else { self.sample() };
+        let missing_bytes = (total - cached) * self.bs;
+        let eta = if cached == total {
+            Some(0.0)
+        } else if rate > 0.0 {
+            Some(missing_bytes as f64 / rate)
+        } else {
+            None
+        };
+        let connected = self
+            .link
+            .client
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_dead());
+        Status {
+            mode: if self.is_target() {
+                Mode::Target
+            } else {
+                Mode::Proxy
+            },
+            source: self
+                .source
+                .lock()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source_connected: connected,
+            size: self.size,
+            block_size: self.cfg.block_size,
+            total_blocks: total,
+            cached_blocks: cached,
+            fetched_blocks: self.fetched_blocks.load(Ordering::Relaxed),
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            demand_blocks: self.demand_blocks.load(Ordering::Relaxed),
+            background_blocks: self.background_blocks.load(Ordering::Relaxed),
+            written_blocks: self.written_blocks.load(Ordering::Relaxed),
+            rate_bytes_per_sec: rate,
+            rate_limit: self.rate_limit.load(Ordering::Relaxed),
+            background: self.background.load(Ordering::Relaxed),
+            eta_secs: eta,
+            source_errors: self.source_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Start (or keep) the background copy.
+    pub fn cache_all(&self) {
+        self.background.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Change the background rate limit (bytes per second, 0: none).
+    pub fn set_rate(&self, rate: u64) {
+        self.rate_limit.store(rate, Ordering::Release);
+    }
+
+    /// Reconnect to the source, optionally at a new address.
+    pub fn reconnect(&self, addr: Option<Addr>) {
+        if let Some(a) = addr {
+            if let Ok(mut s) = self.source.lock() {
+                *s = a;
+            }
+        }
+        if let Some(c) = self.link.client.send_replace(None) {
+            tokio::spawn(async move { c.disconnect().await });
+        }
+        self.link.kick.notify_one();
+    }
+
+    /// Drop the source and serve only local data. Refused while blocks are missing unless
+    /// `force` (then missing blocks read as whatever the cache file holds: zeroes in a fresh
+    /// sparse cache).
+    pub fn switch(&self, force: bool) -> Result<(), String> {
+        let missing = self.bitmap.nblocks() - self.bitmap.cached();
+        if missing > 0 && !force {
+            return Err(format!(
+                "{missing} blocks are still at the source (use --force)"
+            ));
+        }
+        if !self.target.swap(true, Ordering::AcqRel) {
+            if missing > 0 {
+                warn!("forced switch with {missing} blocks missing");
+            }
+            self.drop_source();
+        }
+        Ok(())
+    }
+}
+
+fn push_extent(out: &mut Vec<(u64, u32)>, e: (u64, u32)) {
+    if e.0 == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.1 == e.1 {
+            last.0 += e.0;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+/// Contiguous runs `[a, b)` of a sorted block list.
+fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match runs.last_mut() {
+            Some(r) if r.1 == b => r.1 = b + 1,
+            _ => runs.push((b, b + 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_contiguous_blocks() {
+        assert_eq!(runs_of(&[1, 2, 3, 7, 9, 10]), vec![(1, 4), (7, 8), (9, 11)]);
+        assert!(runs_of(&[]).is_empty());
+        let mut v = Vec::new();
+        push_extent(&mut v, (10, 0));
+        push_extent(&mut v, (5, 0));
+        push_extent(&mut v, (5, 3));
+        push_extent(&mut v, (0, 0));
+        assert_eq!(v, vec![(15, 0), (5, 3)]);
+    }
+}

@@ -1,0 +1,855 @@
+//! The NBD server: fixed newstyle negotiation (with optional STARTTLS) and the transmission
+//! phase, where every request runs on its own task and replies go out through one writer
+//! task in completion order.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::backend::{Backend, OpError};
+use crate::proto::{
+    self, cflag, chunk, cmd, err, info as infot, opt, rep, tflag, Chunk, ClientOption, InfoItem,
+    OptionReply, Request, SimpleReply,
+};
+
+/// Requests of one connection allowed in flight at once (more are read only when one ends).
+const MAX_IN_FLIGHT: usize = 64;
+/// Payload bytes one connection may hold in flight (reads and writes).
+const MAX_BUFFERED: u32 = 128 << 20;
+/// Read buffer of a connection.
+const READ_BUFFER: usize = 256 << 10;
+/// Replies smaller than this are gathered into one write.
+const WRITE_BATCH: usize = 256 << 10;
+/// Preferred block size advertised.
+const PREFERRED_BLOCK: u32 = 4096;
+/// Largest read or write payload accepted (and advertised as the maximum block size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Context id of `base:allocation` after `NBD_OPT_SET_META_CONTEXT`.
+const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Server errors (connection-level; request errors are [`OpError`]s sent to the client).
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Socket I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol badly enough to drop it.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// TLS setup failed.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// Any stream the server can speak NBD over (TCP, Unix, TLS over either).
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// One export.
+#[derive(Debug)]
+pub struct Export {
+    /// Name clients ask for.
+    pub name: String,
+    /// Free-form description (for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`).
+    pub description: String,
+    /// Where the data lives.
+    pub backend: Backend,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+impl Export {
+    fn flags(&self) -> u16 {
+        let mut f = tflag::HAS_FLAGS
+            | tflag::SEND_FLUSH
+            | tflag::SEND_FUA
+            | tflag::SEND_TRIM
+            | tflag::SEND_WRITE_ZEROES
+            | tflag::SEND_CACHE
+            | tflag::CAN_MULTI_CONN;
+        if self.read_only {
+            f |= tflag::READ_ONLY;
+        }
+        f
+    }
+}
+
+/// TLS policy.
+#[derive(Clone)]
+pub struct Tls {
+    /// Acceptor built from the certificate and key.
+    pub acceptor: TlsAcceptor,
+    /// Refuse everything but STARTTLS and ABORT before TLS is up.
+    pub required: bool,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("required", &self.required)
+            .finish()
+    }
+}
+
+/// Build a TLS acceptor from PEM files (ring provider).
+pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerError> {
+    let certs = {
+        let mut r = io::BufReader::new(std::fs::File::open(cert)?);
+        rustls_pemfile::certs(&mut r).collect::<Result<Vec<_>, _>>()?
+    };
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
+    }
+    let key = {
+        let mut r = io::BufReader::new(std::fs::File::open(key)?);
+        rustls_pemfile::private_key(&mut r)?
+            .ok_or_else(|| ServerError::Tls(format!("no private key in {}", key.display())))?
+    };
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Counters for operators.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Requests served (all commands).
+    pub requests: AtomicU64,
+    /// Requests answered with an error.
+    pub request_errors: AtomicU64,
+    /// Connections dropped for protocol violations.
+    pub protocol_drops: AtomicU64,
+}
+
+/// Server configuration shared by all connections.
+#[derive(Debug)]
+pub struct Server {
+    /// Exports; the first one also answers the empty name.
+    pub exports: Vec<Arc<Export>>,
+    /// Optional TLS.
+    pub tls: Option<Tls>,
+    /// Advertised minimum block size (1 = no alignment constraint). When larger, clients
+    /// must ask for `NBD_INFO_BLOCK_SIZE` and misaligned requests get `EINVAL`.
+    pub min_block: u32,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Server {
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .iter()
+            .find(|e| e.name == name)
+            .or_else(|| {
+                if name.is_empty() {
+                    self.exports.first()
+                } else {
+                    None
+                }
+            })
+            .cloned()
+    }
+
+    /// Accept TCP connections forever.
+    pub async fn run_tcp(self: Arc<Self>, l: TcpListener) -> io::Result<()> {
+        loop {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            let srv = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = srv.serve(Box::new(s)).await {
+                    debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Accept Unix-socket connections forever.
+    pub async fn run_unix(self: Arc<Self>, l: UnixListener) -> io::Result<()> {
+        loop {
+            let (s, _) = l.accept().await?;
+            let srv = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = srv.serve(Box::new(s)).await {
+                    debug!("unix connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Serve one connection to its end.
+    pub async fn serve(self: Arc<Self>, conn: Box<dyn Conn>) -> Result<(), ServerError> {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let r = match self.negotiate(conn).await? {
+            Some((conn, session)) => self.clone().transmission(conn, session).await,
+            None => Ok(()),
+        };
+        if let Err(ServerError::Protocol(_)) = &r {
+            self.stats.protocol_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn negotiate(
+        &self,
+        conn: Box<dyn Conn>,
+    ) -> Result<Option<(Box<dyn Conn>, Session)>, ServerError> {
+        let mut conn = conn;
+        conn.write_all(&proto::encode_greeting(
+            proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+        ))
+        .await?;
+        conn.flush().await?;
+        let cflags = conn.read_u32().await?;
+        if cflags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+            return Err(ServerError::Protocol(format!(
+                "unknown client flags {cflags:#x}"
+            )));
+        }
+        let fixed = cflags & proto::FLAG_C_FIXED_NEWSTYLE != 0;
+        let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+        let mut tls_up = false;
+        let mut structured = false;
+        let mut meta: Option<String> = None; // export name base:allocation was set for
+        loop {
+            let mut h = [0u8; proto::OPTION_HEADER_LEN];
+            conn.read_exact(&mut h).await?;
+            let (code, len) =
+                proto::parse_option_header(&h).map_err(|e| ServerError::Protocol(e.to_string()))?;
+            if len > proto::MAX_OPTION_LEN {
+                discard(&mut conn, u64::from(len)).await?;
+                if code == opt::EXPORT_NAME || !fixed {
+                    return Ok(None);
+                }
+                send(
+                    &mut conn,
+                    OptionReply::error(code, rep::ERR_TOO_BIG, "option too long"),
+                )
+                .await?;
+                continue;
+            }
+            let mut data = vec![0u8; len as usize];
+            conn.read_exact(&mut data).await?;
+            let tls_required = self.tls.as_ref().is_some_and(|t| t.required) && !tls_up;
+            if tls_required && code != opt::STARTTLS && code != opt::ABORT {
+                if code == opt::EXPORT_NAME {
+                    return Ok(None);
+                }
+                send(
+                    &mut conn,
+                    OptionReply::error(code, rep::ERR_TLS_REQD, "TLS required"),
+                )
+                .await?;
+                continue;
+            }
+            let o = match ClientOption::parse(code, &data) {
+                Ok(o) => o,
+                Err(e) => {
+                    if code == opt::EXPORT_NAME {
+                        return Ok(None);
+                    }
+                    send(
+                        &mut conn,
+                        OptionReply::error(code, rep::ERR_INVALID, &e.to_string()),
+                    )
+                    .await?;
+                    continue;
+                }
+            };
+            match o {
+                ClientOption::ExportName(name) => {
+                    let Some(export) = self.find(&name) else {
+                        return Ok(None);
+                    };
+                    conn.write_all(&proto::encode_export_name_reply(
+                        export.backend.size(),
+                        export.flags(),
+                        no_zeroes,
+                    ))
+                    .await?;
+                    conn.flush().await?;
+                    let base_alloc = meta.as_deref() == Some(export.name.as_str()) && structured;
+                    return Ok(Some((
+                        conn,
+                        Session {
+                            export,
+                            structured,
+                            base_alloc,
+                            min_block: 1,
+                        },
+                    )));
+                }
+                ClientOption::Abort => {
+                    let _ = send(&mut conn, OptionReply::ack(code)).await;
+                    return Ok(None);
+                }
+                ClientOption::List => {
+                    for e in &self.exports {
+                        send(&mut conn, OptionReply::server(&e.name, &e.description)).await?;
+                    }
+                    send(&mut conn, OptionReply::ack(code)).await?;
+                }
+                ClientOption::StartTls => {
+                    let Some(tls) = &self.tls else {
+                        send(
+                            &mut conn,
+                            OptionReply::error(code, rep::ERR_UNSUP, "TLS not configured"),
+                        )
+                        .await?;
+                        continue;
+                    };
+                    if tls_up {
+                        send(
+                            &mut conn,
+                            OptionReply::error(code, rep::ERR_INVALID, "TLS already active"),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    send(&mut conn, OptionReply::ack(code)).await?;
+                    let s = tls
+                        .acceptor
+                        .accept(conn)
+                        .await
+                        .map_err(|e| ServerError::Tls(e.to_string()))?;
+                    conn = Box::new(s);
+                    tls_up = true;
+                    // Everything negotiated in clear text is forgotten.
+                    structured = false;
+                    meta = None;
+                }
+                ClientOption::StructuredReply => {
+                    structured = true;
+                    send(&mut conn, OptionReply::ack(code)).await?;
+                }
+                ClientOption::Info(req) | ClientOption::Go(req) => {
+                    let Some(export) = self.find(&req.name) else {
+                        send(
+                            &mut conn,
+                            OptionReply::error(code, rep::ERR_UNKNOWN, "no such export"),
+                        )
+                        .await?;
+                        continue;
+                    };
+                    let asked_bs = req.infos.contains(&infot::BLOCK_SIZE);
+                    if self.min_block > 1 && !asked_bs {
+                        send(
+                            &mut conn,
+                            OptionReply::error(
+                                code,
+                                rep::ERR_BLOCK_SIZE_REQD,
+                                "block size constraints apply",
+                            ),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    send(
+                        &mut conn,
+                        OptionReply::info(
+                            code,
+                            &InfoItem::Export {
+                                size: export.backend.size(),
+                                flags: export.flags(),
+                            },
+                        ),
+                    )
+                    .await?;
+                    if req.infos.contains(&infot::NAME) {
+                        send(
+                            &mut conn,
+                            OptionReply::info(code, &InfoItem::Name(export.name.clone())),
+                        )
+                        .await?;
+                    }
+                    if req.infos.contains(&infot::DESCRIPTION) {
+                        send(
+                            &mut conn,
+                            OptionReply::info(
+                                code,
+                                &InfoItem::Description(export.description.clone()),
+                            ),
+                        )
+                        .await?;
+                    }
+                    send(
+                        &mut conn,
+                        OptionReply::info(
+                            code,
+                            &InfoItem::BlockSize {
+                                min: self.min_block,
+                                preferred: PREFERRED_BLOCK.max(self.min_block),
+                                max: MAX_PAYLOAD,
+                            },
+                        ),
+                    )
+                    .await?;
+                    send(&mut conn, OptionReply::ack(code)).await?;
+                    if code == opt::GO {
+                        let base_alloc = structured
+                            && meta.as_deref().is_some_and(|m| {
+                                self.find(m).is_some_and(|e| Arc::ptr_eq(&e, &export))
+                            });
+                        return Ok(Some((
+                            conn,
+                            Session {
+                                export,
+                                structured,
+                                base_alloc,
+                                min_block: if asked_bs { self.min_block } else { 1 },
+                            },
+                        )));
+                    }
+                }
+                ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
+                    let set = code == opt::SET_META_CONTEXT;
+                    if !structured {
+                        send(
+                            &mut conn,
+                            OptionReply::error(
+                                code,
+                                rep::ERR_INVALID,
+                                "structured replies not negotiated",
+                            ),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    if self.find(&q.export).is_none() {
+                        send(
+                            &mut conn,
+                            OptionReply::error(code, rep::ERR_UNKNOWN, "no such export"),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    let matched = if set {
+                        q.queries.iter().any(|s| s == proto::BASE_ALLOCATION)
+                    } else {
+                        q.queries.is_empty()
+                            || q.queries
+                                .iter()
+                                .any(|s| s == "base:" || s == proto::BASE_ALLOCATION)
+                    };
+                    if matched {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        send(
+                            &mut conn,
+                            OptionReply::meta_context(code, id, proto::BASE_ALLOCATION),
+                        )
+                        .await?;
+                    }
+                    if set {
+                        meta = matched.then(|| q.export.clone());
+                    }
+                    send(&mut conn, OptionReply::ack(code)).await?;
+                }
+                ClientOption::Unknown(_) => {
+                    send(
+                        &mut conn,
+                        OptionReply::error(code, rep::ERR_UNSUP, "option not supported"),
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+
+    async fn transmission(
+        self: Arc<Self>,
+        conn: Box<dyn Conn>,
+        s: Session,
+    ) -> Result<(), ServerError> {
+        let session = Arc::new(s);
+        let (rd, mut wr) = tokio::io::split(conn);
+        // Buffered: one read system call brings in many small request headers.
+        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+        let writer = tokio::spawn(async move {
+            let mut batch: Vec<u8> = Vec::new();
+            while let Some(b) = rx.recv().await {
+                // Replies that are ready together go out in one write.
+                if b.len() >= WRITE_BATCH {
+                    wr.write_all(&b).await?;
+                } else {
+                    batch.clear();
+                    batch.extend_from_slice(&b);
+                    while batch.len() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(more) if batch.len() + more.len() <= WRITE_BATCH => {
+                                batch.extend_from_slice(&more)
+                            }
+                            Ok(more) => {
+                                wr.write_all(&batch).await?;
+                                batch.clear();
+                                wr.write_all(&more).await?;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if !batch.is_empty() {
+                        wr.write_all(&batch).await?;
+                    }
+                }
+                if rx.is_empty() {
+                    wr.flush().await?;
+                }
+            }
+            wr.flush().await?;
+            let _ = wr.shutdown().await;
+            Ok::<(), io::Error>(())
+        });
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let budget = Arc::new(Semaphore::new((MAX_BUFFERED >> 12) as usize));
+        let result: Result<(), ServerError> = async {
+            loop {
+                let mut h = [0u8; proto::REQUEST_LEN];
+                match rd.read_exact(&mut h).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+                let req = Request::parse(&h).map_err(|e| ServerError::Protocol(e.to_string()))?;
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                if req.typ == cmd::DISC {
+                    return Ok(());
+                }
+                // Bound the memory of one connection: payload bytes in flight, in 4 KiB units.
+                let units = if matches!(req.typ, cmd::READ | cmd::WRITE) {
+                    (req.length.min(MAX_PAYLOAD) >> 12).max(1)
+                } else {
+                    1
+                };
+                let bytes_permit = budget
+                    .clone()
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| ServerError::Protocol("closed".into()))?;
+                let mut payload = Vec::new();
+                let mut early: Option<OpError> = None;
+                if req.typ == cmd::WRITE {
+                    if req.length > MAX_PAYLOAD {
+                        discard(&mut rd, u64::from(req.length)).await?;
+                        early = Some(OpError::new(
+                            if session.structured {
+                                err::EOVERFLOW
+                            } else {
+                                err::EINVAL
+                            },
+                            "write larger than the maximum block size",
+                        ));
+                    } else {
+                        payload = vec![0u8; req.length as usize];
+                        rd.read_exact(&mut payload).await?;
+                    }
+                }
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ServerError::Protocol("closed".into()))?;
+                let tx = tx.clone();
+                let session = session.clone();
+                let srv = self.clone();
+                tokio::spawn(async move {
+                    let reply = match early {
+                        Some(e) => error_reply(&session, &req, e),
+                        None => handle(&session, &req, payload).await,
+                    };
+                    if reply.failed {
+                        srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = tx.send(reply.bytes).await;
+                    drop(permit);
+                    drop(bytes_permit);
+                });
+            }
+        }
+        .await;
+        drop(tx);
+        // Outstanding requests finish and their replies are written before the socket closes.
+        match writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("writer: {e}"),
+            Err(e) => warn!("writer task: {e}"),
+        }
+        result
+    }
+}
+
+/// Per-connection state after negotiation.
+#[derive(Debug)]
+struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    base_alloc: bool,
+    min_block: u32,
+}
+
+struct Reply {
+    bytes: Vec<u8>,
+    failed: bool,
+}
+
+fn error_reply(s: &Session, req: &Request, e: OpError) -> Reply {
+    let bytes = if s.structured && (req.typ == cmd::READ || req.typ == cmd::BLOCK_STATUS) {
+        Chunk::Error {
+            error: e.errno,
+            message: e.msg,
+        }
+        .encode(chunk::FLAG_DONE, req.cookie)
+    } else {
+        SimpleReply {
+            error: e.errno,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec()
+    };
+    Reply {
+        bytes,
+        failed: true,
+    }
+}
+
+fn ok_reply(req: &Request) -> Reply {
+    Reply {
+        bytes: SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec(),
+        failed: false,
+    }
+}
+
+/// Check a request against the export and the negotiated session.
+fn validate(s: &Session, req: &Request) -> Result<(), OpError> {
+    let known = cflag::FUA | cflag::NO_HOLE | cflag::DF | cflag::REQ_ONE | cflag::FAST_ZERO;
+    if req.flags & !known != 0 {
+        return Err(OpError::new(err::EINVAL, "unknown command flags"));
+    }
+    let ranged = matches!(
+        req.typ,
+        cmd::READ | cmd::WRITE | cmd::TRIM | cmd::CACHE | cmd::WRITE_ZEROES | cmd::BLOCK_STATUS
+    );
+    if !ranged && req.typ != cmd::FLUSH {
+        return Err(OpError::new(err::EINVAL, "unknown command"));
+    }
+    let writes = matches!(req.typ, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && s.export.read_only {
+        return Err(OpError::new(err::EPERM, "export is read-only"));
+    }
+    if req.flags & cflag::FAST_ZERO != 0 {
+        return Err(OpError::new(err::EINVAL, "fast zero not negotiated"));
+    }
+    if req.flags & cflag::DF != 0 && !(s.structured && req.typ == cmd::READ) {
+        return Err(OpError::new(
+            err::EINVAL,
+            "DF only applies to structured reads",
+        ));
+    }
+    if !ranged {
+        return Ok(());
+    }
+    let size = s.export.backend.size();
+    let end = req.offset.checked_add(u64::from(req.length));
+    if end.is_none_or(|e| e > size) {
+        let e = if matches!(req.typ, cmd::WRITE | cmd::WRITE_ZEROES) {
+            err::ENOSPC
+        } else {
+            err::EINVAL
+        };
+        return Err(OpError::new(e, "request beyond the end of the export"));
+    }
+    if s.min_block > 1 {
+        let m = u64::from(s.min_block);
+        if req.offset % m != 0 || u64::from(req.length) % m != 0 {
+            return Err(OpError::new(
+                err::EINVAL,
+                "request not aligned to the minimum block size",
+            ));
+        }
+    }
+    if req.typ == cmd::READ && req.length > MAX_PAYLOAD {
+        let e = if s.structured {
+            err::EOVERFLOW
+        } else {
+            err::EINVAL
+        };
+        return Err(OpError::new(e, "read larger than the maximum block size"));
+    }
+    if req.typ == cmd::BLOCK_STATUS {
+        if !s.structured || !s.base_alloc {
+            return Err(OpError::new(err::EINVAL, "no metadata context negotiated"));
+        }
+        if req.length == 0 {
+            return Err(OpError::new(err::EINVAL, "empty block status request"));
+        }
+    }
+    Ok(())
+}
+
+async fn handle(s: &Session, req: &Request, payload: Vec<u8>) -> Reply {
+    match run(s, req, payload).await {
+        Ok(r) => r,
+        Err(e) => error_reply(s, req, e),
+    }
+}
+
+async fn run(s: &Session, req: &Request, payload: Vec<u8>) -> Result<Reply, OpError> {
+    validate(s, req)?;
+    let b = &s.export.backend;
+    let fua = req.flags & cflag::FUA != 0;
+    let off = req.offset;
+    let len = u64::from(req.length);
+    match req.typ {
+        cmd::READ => {
+            let (hdr, bytes) = if s.structured {
+                let h =
+                    proto::encode_offset_data_header(chunk::FLAG_DONE, req.cookie, off, req.length);
+                (h.len(), h)
+            } else {
+                let h = SimpleReply {
+                    error: 0,
+                    cookie: req.cookie,
+                }
+                .encode()
+                .to_vec();
+                (h.len(), h)
+            };
+            let mut buf = vec![0u8; hdr + req.length as usize];
+            buf[..hdr].copy_from_slice(&bytes);
+            let buf = b.read(off, buf, hdr).await?;
+            Ok(Reply {
+                bytes: buf,
+                failed: false,
+            })
+        }
+        cmd::WRITE => {
+            b.write(off, payload, fua).await?;
+            Ok(ok_reply(req))
+        }
+        cmd::FLUSH => {
+            b.flush().await?;
+            Ok(ok_reply(req))
+        }
+        cmd::TRIM => {
+            b.trim(off, len, fua).await?;
+            Ok(ok_reply(req))
+        }
+        cmd::WRITE_ZEROES => {
+            b.write_zeroes(off, len, req.flags & cflag::NO_HOLE == 0, fua)
+                .await?;
+            Ok(ok_reply(req))
+        }
+        cmd::CACHE => {
+            b.cache(off, len).await?;
+            Ok(ok_reply(req))
+        }
+        cmd::BLOCK_STATUS => {
+            let max = if req.flags & cflag::REQ_ONE != 0 {
+                1
+            } else {
+                (MAX_PAYLOAD as usize - 4) / 8
+            };
+            let ext = b.block_status(off, len, max.min(1 << 16)).await?;
+            let extents: Vec<(u32, u32)> = ext
+                .into_iter()
+                .filter(|e| e.0 > 0)
+                .map(|(l, f)| (l as u32, f))
+                .collect();
+            if extents.is_empty() {
+                return Err(OpError::new(err::EIO, "no extents"));
+            }
+            Ok(Reply {
+                bytes: Chunk::BlockStatus {
+                    context: BASE_ALLOCATION_ID,
+                    extents,
+                }
+                .encode(chunk::FLAG_DONE, req.cookie),
+                failed: false,
+            })
+        }
+        _ => Err(OpError::new(err::EINVAL, "unknown command")),
+    }
+}
+
+async fn send(conn: &mut Box<dyn Conn>, r: OptionReply) -> io::Result<()> {
+    conn.write_all(&r.encode()).await?;
+    conn.flush().await
+}
+
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        r.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// TCP address.
+    Tcp(String),
+    /// Unix socket path (replaced if it exists).
+    Unix(PathBuf),
+}
+
+/// Bind every listener and serve until the returned tasks are aborted.
+pub async fn start(
+    srv: Arc<Server>,
+    listen: &[Listen],
+) -> io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for l in listen {
+        match l {
+            Listen::Tcp(a) => {
+                let tl = TcpListener::bind(a).await?;
+                info!("listening on tcp {}", tl.local_addr()?);
+                let s = srv.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = s.run_tcp(tl).await {
+                        warn!("tcp listener: {e}");
+                    }
+                }));
+            }
+            Listen::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let ul = UnixListener::bind(p)?;
+                info!("listening on unix {}", p.display());
+                let s = srv.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = s.run_unix(ul).await {
+                        warn!("unix listener: {e}");
+                    }
+                }));
+            }
+        }
+    }
+    Ok(tasks)
+}

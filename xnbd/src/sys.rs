@@ -1,0 +1,110 @@
+//! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
+//! read-ahead hints and data-only sync. Every `unsafe` block of the crate lives here.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `f`, which
+        // outlives the call.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, l) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Deallocate `[offset, offset+len)`; reads of the range return zeroes afterwards.
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Zero `[offset, offset+len)` keeping it allocated.
+pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        f,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`; `Ok(None)` on `ENXIO` (no more
+/// data after `offset`).
+fn seek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek takes integers only. It moves the shared file position, which this crate
+    // never uses: all data I/O is positional (pread/pwrite).
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// Next offset >= `offset` holding data, or `None` if only a hole follows.
+pub fn seek_data(f: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(f, offset, libc::SEEK_DATA)
+}
+
+/// Next offset >= `offset` starting a hole (the end of file counts as a hole).
+pub fn seek_hole(f: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(f, offset, libc::SEEK_HOLE)
+}
+
+/// Ask the kernel to read `[offset, offset+len)` into the page cache.
+pub fn willneed(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: posix_fadvise takes integers only and does not touch our memory.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+/// Read into `buf` at `offset` only if the data is already in the page cache
+/// (`preadv2(RWF_NOWAIT)`): `Ok(Some(n))` bytes read without blocking, `Ok(None)` when the
+/// read would block (or the kernel or file system cannot tell), errors otherwise.
+pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which is valid for writes of `buf.len()` bytes and
+    // exclusively borrowed for the duration of the call; the kernel writes at most that many
+    // bytes. The fd is owned by `f`.
+    let r = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r >= 0 {
+        return Ok(Some(r as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+        _ => Err(e),
+    }
+}

@@ -1,0 +1,453 @@
+//! Handshake corner cases and bad requests: nbdsh (libnbd) scripts with strict mode off,
+//! plus raw-socket checks for what libnbd cannot send (unknown options and commands, bad
+//! magic, oversized options).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{unix_uri, xnbd};
+use xnbd::proto::{self, cmd, err, opt, rep, ClientOption, InfoRequest, MetaQuery, Request};
+
+const MIB: u64 = 1 << 20;
+
+const SCRIPT: &str = r#"
+import errno, os, nbd
+
+uri = os.environ["XNBD_URI"]
+ro_uri = os.environ["XNBD_RO_URI"]
+base = os.environ["XNBD_BASE_URI"]
+aligned_uri = os.environ["XNBD_ALIGNED_URI"]
+
+def expect(code, f, *a):
+    try:
+        f(*a)
+    except nbd.Error as e:
+        assert e.errnum == code, "%s%r: errno %s (%s), wanted %s" % (f.__name__, a[1:], e.errnum, e, code)
+        return
+    raise AssertionError("no error from %s" % f.__name__)
+
+# Negotiation in option mode: LIST, INFO for a missing and an existing export, meta contexts.
+o = nbd.NBD()
+o.set_opt_mode(True)
+o.connect_uri(base)
+names = []
+o.opt_list(lambda n, d: names.append(n))
+assert sorted(names) == ["disk", "ro"], names
+o.set_export_name("nope")
+try:
+    o.opt_info()
+    raise AssertionError("info on a missing export succeeded")
+except nbd.Error:
+    pass
+o.set_export_name("disk")
+o.opt_info()
+assert o.get_size() == 64 << 20
+ctx = []
+o.opt_list_meta_context(lambda c: ctx.append(c))
+assert "base:allocation" in ctx, ctx
+o.opt_go()
+assert o.pread(16, 0) == bytes(16)
+o.shutdown()
+
+# Transmission with strict client-side checks off, so bad requests reach the server.
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(uri)
+size = h.get_size()
+expect(errno.EINVAL, h.pread, 4096, size - 100)
+expect(errno.ENOSPC, h.pwrite, b"x" * 4096, size - 100)
+expect(errno.EINVAL, h.trim, 8192, size - 4096)
+expect(errno.ENOSPC, h.zero, 8192, size - 4096)
+expect(errno.EINVAL, h.cache, 8192, size - 4096)
+expect(errno.EINVAL, h.pread, 1, 1 << 63)
+expect(errno.EOVERFLOW, h.pread, 33 << 20, 0)
+expect(errno.EOVERFLOW, h.pwrite, b"z" * (33 << 20), 0)
+# The connection survived all of that.
+h.pwrite(b"a" * 4096, 8192, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 8192) == b"a" * 4096
+h.flush()
+
+# Block status: data where written, a hole elsewhere; REQ_ONE gives one extent.
+ext = []
+h.block_status(size, 0, lambda meta, off, e, err: ext.append((meta, list(e))))
+meta, e = ext[0]
+assert meta == "base:allocation"
+assert sum(e[0::2]) == size, e
+assert e[1] == 3 and e[3] == 0, e
+one = []
+h.block_status(size, 0, lambda meta, off, e, err: one.append(list(e)), nbd.CMD_FLAG_REQ_ONE)
+assert len(one[0]) == 2 and one[0][0] == e[0] and one[0][1] == e[1], (one, e)
+expect(errno.EINVAL, h.block_status, 4096, size, lambda *a: 0)
+
+# Many requests in flight on one connection.
+bufs = []
+for i in range(64):
+    b = nbd.Buffer.from_bytearray(bytearray([i + 1]) * 65536)
+    bufs.append((h.aio_pwrite(b, (i + 1) * 65536), b))
+n = 0
+while h.aio_in_flight() > 0 and n < 10000:
+    h.poll(1000)
+    n += 1
+for c, _ in bufs:
+    assert h.aio_command_completed(c)
+rb = [nbd.Buffer(65536) for i in range(64)]
+cookies = [h.aio_pread(rb[i], (i + 1) * 65536) for i in range(64)]
+n = 0
+while h.aio_in_flight() > 0 and n < 10000:
+    h.poll(1000)
+    n += 1
+for i in range(64):
+    assert h.aio_command_completed(cookies[i])
+    assert rb[i].to_bytearray() == bytearray([i + 1]) * 65536, i
+
+# Trim and write zeroes read back as zeroes.
+h.trim(65536, 65536)
+h.zero(65536, 2 * 65536, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(65536, 2 * 65536) == bytes(65536)
+h.shutdown()
+
+# A second connection sees the first one's flushed data (multi-conn).
+m = nbd.NBD()
+m.connect_uri(uri)
+assert m.can_multi_conn()
+assert m.pread(4096, 8192) == b"a" * 4096
+m.shutdown()
+
+# Read-only export.
+r = nbd.NBD()
+r.set_strict_mode(0)
+r.connect_uri(ro_uri)
+assert r.is_read_only()
+expect(errno.EPERM, r.pwrite, b"w" * 512, 0)
+expect(errno.EPERM, r.trim, 512, 0)
+expect(errno.EPERM, r.zero, 512, 0)
+assert r.pread(512, 0) == bytes(512)
+r.shutdown()
+
+# Alignment constraints advertised: misaligned requests are refused, aligned ones work.
+a = nbd.NBD()
+a.set_strict_mode(0)
+a.connect_uri(aligned_uri)
+assert a.get_block_size(nbd.SIZE_MINIMUM) == 512
+expect(errno.EINVAL, a.pread, 100, 0)
+expect(errno.EINVAL, a.pwrite, b"q" * 512, 3)
+a.pwrite(b"q" * 512, 512)
+assert a.pread(512, 512) == b"q" * 512
+a.shutdown()
+
+# Simple replies only (no structured replies negotiated).
+s = nbd.NBD()
+s.set_request_structured_replies(False)
+s.set_strict_mode(0)
+s.connect_uri(uri)
+assert not s.get_structured_replies_negotiated()
+expect(errno.EINVAL, s.pread, 4096, size - 100)
+expect(errno.EINVAL, s.pread, 33 << 20, 0)
+assert s.pread(4096, 8192) == b"a" * 4096
+s.shutdown()
+print("nbdsh checks passed")
+"#;
+
+#[test]
+fn nbdsh_corner_cases() {
+    require!("/usr/bin/nbdsh");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let ro = d.path().join("ro.img");
+    common::make_image(&img, 64 * MIB, 0, 0);
+    common::make_image(&ro, MIB, 0, 0);
+    let sock = d.path().join("nbd.sock");
+    let asock = d.path().join("aligned.sock");
+    let _srv = xnbd(
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--export",
+            &format!("ro={}:ro", ro.display()),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
+        &d.path().join("serve.log"),
+        &sock,
+    );
+    let _aligned = xnbd(
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--unix",
+            asock.to_str().unwrap(),
+            "--min-block",
+            "512",
+        ],
+        &d.path().join("aligned.log"),
+        &asock,
+    );
+    let script = d.path().join("checks.py");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let out = std::process::Command::new("timeout")
+        .args(["120", "/usr/bin/nbdsh", "-c"])
+        .arg(format!("exec(open('{}').read())", script.display()))
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .env("XNBD_URI", unix_uri(&sock, "disk"))
+        .env("XNBD_RO_URI", unix_uri(&sock, "ro"))
+        .env("XNBD_BASE_URI", unix_uri(&sock, ""))
+        .env("XNBD_ALIGNED_URI", unix_uri(&asock, "disk"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("nbdsh checks passed"),
+        "{text}"
+    );
+}
+
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(p: &Path) -> Self {
+        let s = UnixStream::connect(p).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = Raw(s);
+        let mut g = [0u8; proto::GREETING_LEN];
+        r.0.read_exact(&mut g).unwrap();
+        let flags = proto::parse_greeting(&g).unwrap();
+        assert_eq!(flags, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+        r.0.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        r
+    }
+    fn send(&mut self, b: &[u8]) {
+        self.0.write_all(b).unwrap();
+    }
+    fn raw_option(&mut self, code: u32, data: &[u8]) {
+        let mut b = proto::IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&code.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.send(&b);
+    }
+    fn reply(&mut self) -> proto::OptionReply {
+        let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        self.0.read_exact(&mut h).unwrap();
+        let (o, t, l) = proto::OptionReply::parse_header(&h).unwrap();
+        let mut data = vec![0u8; l as usize];
+        self.0.read_exact(&mut data).unwrap();
+        proto::OptionReply {
+            option: o,
+            reply_type: t,
+            data,
+        }
+    }
+    /// Read option replies up to and including the final one.
+    fn replies(&mut self) -> Vec<proto::OptionReply> {
+        let mut v = Vec::new();
+        loop {
+            let r = self.reply();
+            let last = r.reply_type == rep::ACK || r.reply_type & rep::FLAG_ERROR != 0;
+            v.push(r);
+            if last {
+                return v;
+            }
+        }
+    }
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+    fn request(&mut self, typ: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
+        let r = Request {
+            flags,
+            typ,
+            cookie,
+            offset,
+            length,
+        };
+        self.send(&r.encode());
+    }
+    fn simple(&mut self) -> proto::SimpleReply {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        self.0.read_exact(&mut h).unwrap();
+        proto::SimpleReply::parse(&h).unwrap()
+    }
+    fn chunk(&mut self) -> (proto::ChunkHeader, proto::Chunk) {
+        let mut h = [0u8; proto::CHUNK_HEADER_LEN];
+        self.0.read_exact(&mut h).unwrap();
+        let h = proto::ChunkHeader::parse(&h).unwrap();
+        let mut p = vec![0u8; h.length as usize];
+        self.0.read_exact(&mut p).unwrap();
+        (h, proto::Chunk::parse(h.typ, &p).unwrap())
+    }
+}
+
+fn go(name: &str) -> Vec<u8> {
+    ClientOption::Go(InfoRequest {
+        name: name.into(),
+        infos: vec![],
+    })
+    .encode()
+}
+
+#[test]
+fn raw_handshake_and_requests() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 4 * MIB, MIB, 7);
+    let sock = d.path().join("nbd.sock");
+    let _srv = xnbd(
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--unix",
+            sock.to_str().unwrap(),
+        ],
+        &d.path().join("serve.log"),
+        &sock,
+    );
+
+    let mut c = Raw::connect(&sock);
+    // Unknown option: ERR_UNSUP, negotiation goes on.
+    c.raw_option(0xdead, b"junk");
+    let r = c.replies();
+    assert_eq!(r[0].reply_type, rep::ERR_UNSUP);
+    assert_eq!(r[0].option, 0xdead);
+    // Withdrawn PEEK_EXPORT and unsupported EXTENDED_HEADERS: ERR_UNSUP too.
+    c.raw_option(opt::PEEK_EXPORT, &[]);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_UNSUP);
+    c.raw_option(opt::EXTENDED_HEADERS, &[]);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_UNSUP);
+    // Malformed GO: ERR_INVALID.
+    c.raw_option(opt::GO, &[0, 0, 0, 50, b'a']);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_INVALID);
+    // LIST with a payload: ERR_INVALID (and the connection stays).
+    c.raw_option(opt::LIST, &[1]);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_INVALID);
+    // Oversized option: payload discarded, ERR_TOO_BIG.
+    c.raw_option(opt::INFO, &vec![0u8; 1 << 20]);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_TOO_BIG);
+    // STARTTLS without TLS configured.
+    c.raw_option(opt::STARTTLS, &[]);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_UNSUP);
+    // Meta contexts need structured replies first.
+    let set = ClientOption::SetMetaContext(MetaQuery {
+        export: "disk".into(),
+        queries: vec![proto::BASE_ALLOCATION.into()],
+    })
+    .encode();
+    c.send(&set);
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_INVALID);
+    // LIST still works.
+    c.send(&ClientOption::List.encode());
+    let r = c.replies();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].reply_type, rep::SERVER);
+    // GO on a missing export: ERR_UNKNOWN; then a real GO with structured replies.
+    c.send(&go("missing"));
+    assert_eq!(c.replies()[0].reply_type, rep::ERR_UNKNOWN);
+    c.send(&ClientOption::StructuredReply.encode());
+    assert_eq!(c.replies()[0].reply_type, rep::ACK);
+    c.send(&set);
+    let r = c.replies();
+    assert_eq!(r[0].reply_type, rep::META_CONTEXT);
+    assert_eq!(&r[0].data[..4], &1u32.to_be_bytes());
+    c.send(&go("disk"));
+    let r = c.replies();
+    assert!(r.iter().any(|x| x.reply_type == rep::INFO
+        && matches!(proto::InfoItem::parse(&x.data), Ok(proto::InfoItem::Export { size, .. }) if size == 4 * MIB)));
+    assert_eq!(r.last().unwrap().reply_type, rep::ACK);
+
+    // Unknown command and unknown flags: EINVAL, connection survives.
+    c.request(42, 0, 1, 0, 0);
+    let s = c.simple();
+    assert_eq!((s.cookie, s.error), (1, err::EINVAL));
+    c.request(cmd::FLUSH, 1 << 12, 2, 0, 0);
+    assert_eq!(c.simple().error, err::EINVAL);
+    // A read gets one OFFSET_DATA chunk with DONE; out of range gets an ERROR chunk.
+    c.request(cmd::READ, 0, 3, 4096, 16);
+    let (h, ch) = c.chunk();
+    assert_eq!(h.cookie, 3);
+    assert_eq!(h.flags, proto::chunk::FLAG_DONE);
+    assert!(matches!(ch, proto::Chunk::OffsetData { offset: 4096, ref data } if data.len() == 16));
+    c.request(cmd::READ, 0, 4, 4 * MIB - 1, 2);
+    let (h, ch) = c.chunk();
+    assert_eq!(h.cookie, 4);
+    assert!(matches!(
+        ch,
+        proto::Chunk::Error {
+            error: err::EINVAL,
+            ..
+        }
+    ));
+    // Block status with a zero length: EINVAL as an error chunk.
+    c.request(cmd::BLOCK_STATUS, 0, 5, 0, 0);
+    assert!(matches!(
+        c.chunk().1,
+        proto::Chunk::Error {
+            error: err::EINVAL,
+            ..
+        }
+    ));
+    // Block status of the whole export.
+    c.request(cmd::BLOCK_STATUS, 0, 6, 0, 4 * MIB as u32);
+    match c.chunk().1 {
+        proto::Chunk::BlockStatus { context, extents } => {
+            assert_eq!(context, 1);
+            assert_eq!(extents.iter().map(|e| u64::from(e.0)).sum::<u64>(), 4 * MIB);
+            assert_eq!(extents[0].1, 0);
+            assert_eq!(
+                extents.last().unwrap().1,
+                proto::STATE_HOLE | proto::STATE_ZERO
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Disconnect: the server closes.
+    c.request(cmd::DISC, 0, 7, 0, 0);
+    assert!(c.closed());
+
+    // A bad request magic ends the connection.
+    let mut c = Raw::connect(&sock);
+    c.send(&go(""));
+    c.replies();
+    c.send(&[0u8; proto::REQUEST_LEN]);
+    assert!(c.closed());
+
+    // EXPORT_NAME: unknown name closes; known name gets size+flags without the zeroes.
+    let mut c = Raw::connect(&sock);
+    c.send(&ClientOption::ExportName("missing".into()).encode());
+    assert!(c.closed());
+    let mut c = Raw::connect(&sock);
+    c.send(&ClientOption::ExportName("disk".into()).encode());
+    let mut b = [0u8; 10];
+    c.0.read_exact(&mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), 4 * MIB);
+    let flags = u16::from_be_bytes([b[8], b[9]]);
+    assert!(flags & proto::tflag::CAN_MULTI_CONN != 0);
+    // Simple replies: a read returns header + data.
+    c.request(cmd::READ, 0, 9, 0, 8);
+    let s = c.simple();
+    assert_eq!((s.cookie, s.error), (9, 0));
+    let mut data = [0u8; 8];
+    c.0.read_exact(&mut data).unwrap();
+    assert_eq!(&data[..], &std::fs::read(&img).unwrap()[..8]);
+
+    // ABORT gets an ACK and the connection closes.
+    let mut c = Raw::connect(&sock);
+    c.send(&ClientOption::Abort.encode());
+    assert_eq!(c.reply().reply_type, rep::ACK);
+    assert!(c.closed());
+}

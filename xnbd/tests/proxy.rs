@@ -1,0 +1,508 @@
+//! The migration proxy against real sources (nbdkit with log/delay/rate filters standing in
+//! for a WAN, qemu-nbd, xnbd over TLS) and real clients.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{nbdkit, ok, query, run, unix_uri, wait_status, xnbd, Proc, XNBD};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 * 1024;
+
+struct ProxyRun {
+    dir: PathBuf,
+    sock: PathBuf,
+    ctl: PathBuf,
+    cache: PathBuf,
+}
+
+impl ProxyRun {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            sock: dir.join("proxy.sock"),
+            ctl: dir.join("ctl.sock"),
+            cache: dir.join("cache.img"),
+        }
+    }
+    fn start(&self, source: &str, extra: &[&str], log: &str) -> Proc {
+        let _ = std::fs::remove_file(&self.sock);
+        let mut a = vec![
+            "proxy",
+            "--source",
+            source,
+            "--cache",
+            self.cache.to_str().unwrap(),
+            "--unix",
+            self.sock.to_str().unwrap(),
+            "--ctl",
+            self.ctl.to_str().unwrap(),
+            "--block-size",
+            "64K",
+        ];
+        a.extend_from_slice(extra);
+        let p = xnbd(&a, &self.dir.join(log), &self.sock);
+        assert!(common::wait_path(&self.ctl, Duration::from_secs(10)));
+        p
+    }
+    fn uri(&self) -> String {
+        unix_uri(&self.sock, "")
+    }
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["ctl", "--socket", self.ctl.to_str().unwrap()];
+        a.extend_from_slice(args);
+        run(120, XNBD, &a)
+    }
+    fn cache_all(&self) -> serde_json::Value {
+        let o = self.ctl(&["--json", "cache-all", "--timeout", "90"]);
+        if !o.status.success() {
+            let mut logs = String::new();
+            for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    logs += &format!("--- {}\n{}\n", p.display(), text);
+                }
+            }
+            panic!("cache-all: {}\n{logs}", String::from_utf8_lossy(&o.stderr));
+        }
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+}
+
+fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn src_uri(sock: &Path) -> String {
+    format!("unix:{}", sock.display())
+}
+
+#[test]
+fn on_demand_writes_readahead_cache_all_switch() {
+    require!("nbdkit", "qemu-io", "qemu-img", "nbdcopy");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    let expected = d.path().join("expected.img");
+    common::make_image(&src, 32 * MIB, 24 * MIB, 11);
+    std::fs::copy(&src, &expected).unwrap();
+    let ssock = d.path().join("src.sock");
+    let slog = d.path().join("nbdkit-reads.log");
+    let mut source = nbdkit(
+        &ssock,
+        &[
+            "--filter=log",
+            "--filter=delay",
+            "file",
+            src.to_str().unwrap(),
+            &format!("logfile={}", slog.display()),
+            "delay-read=5ms",
+        ],
+        &d.path().join("nbdkit.log"),
+    );
+    let p = ProxyRun::new(d.path());
+    let _proxy = p.start(&src_uri(&ssock), &["--no-background"], "proxy.log");
+    let q = query(&p.ctl);
+    assert_eq!(q["mode"], "proxy");
+    assert_eq!(u(&q, "total_blocks"), 512);
+    assert_eq!(u(&q, "cached_blocks"), 0);
+
+    // On-demand read of 4 MiB: exactly those blocks arrive, with the source's bytes.
+    ok(60, "qemu-io", &["-f", "raw", "-c", "read 2M 4M", &p.uri()]);
+    let q = query(&p.ctl);
+    assert_eq!(u(&q, "cached_blocks"), 64, "{q}");
+    assert_eq!(u(&q, "demand_blocks"), 64, "{q}");
+    let cache = std::fs::read(&p.cache).unwrap();
+    let want = std::fs::read(&src).unwrap();
+    assert_eq!(cache[2 << 20..6 << 20], want[2 << 20..6 << 20]);
+
+    // Sequential reads trigger readahead (1 MiB by default).
+    ok(
+        60,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read 8M 64k",
+            "-c",
+            "read 8256k 64k",
+            &p.uri(),
+        ],
+    );
+    wait_status(&p.ctl, Duration::from_secs(20), |q| {
+        u(q, "cached_blocks") >= 64 + 2 + 16
+    });
+
+    // Writes stay local: a partial block is fetched first, full blocks are not fetched.
+    let writes = [
+        "write -P 0x77 100000 5000",
+        "write -P 0x66 16M 1M",
+        "write -z 20M 128k",
+    ];
+    let mut args = vec!["-f", "raw"];
+    for w in &writes {
+        args.extend_from_slice(&["-c", w]);
+    }
+    let mut local = args.clone();
+    let puri = p.uri();
+    args.push(&puri);
+    ok(60, "qemu-io", &args);
+    local.push(expected.to_str().unwrap());
+    ok(60, "qemu-io", &local);
+    let q = query(&p.ctl);
+    assert!(u(&q, "written_blocks") >= 16 + 2, "{q}");
+
+    // Switch is refused while blocks are missing.
+    let o = p.ctl(&["switch"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("still at the source"));
+
+    // Copy everything, concurrently with a client reading the whole export.
+    let reader = {
+        let uri = p.uri();
+        let out = d.path().join("during.img");
+        std::thread::spawn(move || {
+            let o = run(120, "nbdcopy", &[&uri, out.to_str().unwrap()]);
+            (o, out)
+        })
+    };
+    let q = p.cache_all();
+    assert_eq!(u(&q, "cached_blocks"), 512, "{q}");
+    let (o, during) = reader.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        common::same_bytes(&during, &expected),
+        "client read wrong data during the copy"
+    );
+    let q = wait_status(&p.ctl, Duration::from_secs(10), |q| q["mode"] == "target");
+    assert_eq!(q["source_connected"], false);
+    assert!(p.ctl(&["switch"]).status.success());
+
+    // The local image is byte-identical to the source plus the client's writes.
+    assert!(common::same_bytes(&p.cache, &expected));
+    // No block was fetched twice, and the fully written blocks were never fetched.
+    let counts = common::fetch_counts(&common::nbdkit_reads(&slog), BLOCK);
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "a block was fetched twice: {counts:?}"
+    );
+    for b in (16 * MIB / BLOCK)..(17 * MIB / BLOCK) {
+        assert!(
+            !counts.contains_key(&b),
+            "block {b} was fetched although fully written"
+        );
+    }
+
+    // The source is gone for good: clients carry on against the local copy.
+    source.kill9();
+    ok(
+        60,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            expected.to_str().unwrap(),
+            &p.uri(),
+        ],
+    );
+    ok(
+        30,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 64k",
+            "-c",
+            "read -P 0x11 0 64k",
+            &p.uri(),
+        ],
+    );
+}
+
+#[test]
+fn crash_and_resume_fetches_no_block_twice() {
+    require!("nbdkit");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    common::make_image(&src, 32 * MIB, 32 * MIB, 12);
+    let ssock = d.path().join("src.sock");
+    let slog = d.path().join("nbdkit-reads.log");
+    // The rate filter stands in for a slow link (the copy takes a few seconds).
+    let start_source = |log: &Path, out: &str| {
+        nbdkit(
+            &ssock,
+            &[
+                "--filter=log",
+                "--filter=rate",
+                "file",
+                src.to_str().unwrap(),
+                &format!("logfile={}", log.display()),
+                "rate=64M",
+            ],
+            &d.path().join(out),
+        )
+    };
+    let mut source = start_source(&slog, "nbdkit.log");
+    let p = ProxyRun::new(d.path());
+    let mut proxy = p.start(&src_uri(&ssock), &[], "proxy1.log");
+    let before = wait_status(&p.ctl, Duration::from_secs(30), |q| {
+        u(q, "cached_blocks") >= 128
+    });
+    proxy.kill9();
+    // nbdkit 1.32 can abort when a client vanishes with reads in flight (an assertion in
+    // its socket code); the source then restarts, logging to a second file.
+    let slog2 = d.path().join("nbdkit-reads2.log");
+    std::thread::sleep(Duration::from_millis(200));
+    if source.child.try_wait().unwrap().is_some() {
+        eprintln!("nbdkit died with the proxy's connection; restarting it");
+        source = start_source(&slog2, "nbdkit2.log");
+    }
+    assert!(
+        u(&before, "cached_blocks") < 512,
+        "copy finished before the crash: {before}"
+    );
+
+    // Restart without the background copy so the resume point can be read exactly.
+    let _proxy = p.start(&src_uri(&ssock), &["--no-background"], "proxy2.log");
+    let after = query(&p.ctl);
+    assert_eq!(u(&after, "fetched_blocks"), 0);
+    assert!(
+        u(&after, "cached_blocks") >= u(&before, "cached_blocks"),
+        "lost cached blocks: before {before} after {after}"
+    );
+    let resumed_with = u(&after, "cached_blocks");
+    let q = p.cache_all();
+    assert_eq!(u(&q, "cached_blocks"), 512);
+    assert!(common::same_bytes(&p.cache, &src));
+    // This process fetched only what was missing at its start.
+    let q = query(&p.ctl);
+    assert_eq!(u(&q, "fetched_blocks"), 512 - resumed_with, "{q}");
+    // At the source: every block read, and only blocks in flight at the crash read twice
+    // (at most 4 background requests of 1 MiB = 64 blocks; no client read here).
+    let mut reads = common::nbdkit_reads(&slog);
+    reads.extend(common::nbdkit_reads(&slog2));
+    drop(source);
+    let counts = common::fetch_counts(&reads, BLOCK);
+    assert_eq!(counts.len(), 512);
+    let twice: Vec<_> = counts.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(
+        twice.len() <= 64,
+        "{} blocks fetched twice: {twice:?}",
+        twice.len()
+    );
+    assert!(counts.values().all(|&c| c <= 2));
+}
+
+#[test]
+fn source_outage_wait_eio_and_reconnect() {
+    require!("nbdkit", "qemu-io");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    common::make_image(&src, 16 * MIB, 16 * MIB, 13);
+    let sock_a = d.path().join("a.sock");
+    let sock_b = d.path().join("b.sock");
+    let start_source = |s: &Path, log: &str| {
+        nbdkit(
+            s,
+            &[
+                "--filter=delay",
+                "file",
+                src.to_str().unwrap(),
+                "delay-read=2ms",
+            ],
+            &d.path().join(log),
+        )
+    };
+    let mut a = start_source(&sock_a, "a1.log");
+    let p = ProxyRun::new(d.path());
+    let _proxy = p.start(
+        &src_uri(&sock_a),
+        &["--rate", "2M", "--source-timeout", "4", "--readahead", "0"],
+        "proxy.log",
+    );
+    let q = wait_status(&p.ctl, Duration::from_secs(30), |q| {
+        u(q, "cached_blocks") >= 16
+    });
+    assert!(u(&q, "cached_blocks") < 256);
+
+    // The source dies in the middle of the copy.
+    a.kill9();
+    // Local blocks stay readable at once (the copy runs from block 0 upwards).
+    ok(20, "qemu-io", &["-f", "raw", "-c", "read 0 64k", &p.uri()]);
+    // A missing block: the client waits up to --source-timeout, then gets EIO.
+    let t = Instant::now();
+    let o = run(
+        60,
+        "qemu-io",
+        &["-f", "raw", "-c", "read 15M 64k", &p.uri()],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("Input/output error"), "{text}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "failed before the timeout"
+    );
+    let q = query(&p.ctl);
+    assert_eq!(q["source_connected"], false, "{q}");
+
+    // A client touching a missing block while the source comes back gets its data.
+    let uri = p.uri();
+    let waiting =
+        std::thread::spawn(move || run(60, "qemu-io", &["-f", "raw", "-c", "read 14M 64k", &uri]));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut a = start_source(&sock_a, "a2.log");
+    let o = waiting.join().unwrap();
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("error"),
+        "{o:?}"
+    );
+
+    // It goes away again; the proxy is pointed at another address and finishes the job.
+    a.kill9();
+    let _b = start_source(&sock_b, "b.log");
+    assert!(p
+        .ctl(&["reconnect", "--source", &src_uri(&sock_b)])
+        .status
+        .success());
+    assert!(p.ctl(&["set-rate", "0"]).status.success());
+    let q = p.cache_all();
+    assert_eq!(u(&q, "cached_blocks"), 256);
+    assert!(common::same_bytes(&p.cache, &src));
+    let q = query(&p.ctl);
+    assert!(q["source"].as_str().unwrap().contains("b.sock"), "{q}");
+}
+
+#[test]
+fn sources_qemu_nbd_and_xnbd_over_tls() {
+    require!("qemu-nbd", "openssl");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    common::make_image(&src, 8 * MIB, 6 * MIB, 14);
+
+    // qemu-nbd as the source.
+    let qsock = d.path().join("q.sock");
+    let _q = {
+        let mut pr = common::spawn(
+            "qemu-nbd",
+            &[
+                "-f",
+                "raw",
+                "-r",
+                "-t",
+                "-k",
+                qsock.to_str().unwrap(),
+                src.to_str().unwrap(),
+            ],
+            &d.path().join("qemu-nbd.log"),
+        );
+        assert!(
+            common::wait_path(&qsock, Duration::from_secs(10)),
+            "{}",
+            pr.log_text()
+        );
+        let _ = &mut pr;
+        pr
+    };
+    let pdir = d.path().join("p1");
+    std::fs::create_dir(&pdir).unwrap();
+    let p = ProxyRun::new(&pdir);
+    let _proxy = p.start(&src_uri(&qsock), &[], "proxy.log");
+    p.cache_all();
+    assert!(common::same_bytes(&p.cache, &src));
+
+    // xnbd serve with TLS required as the source, the proxy verifying it with the CA.
+    let certs = d.path().join("pki");
+    std::fs::create_dir(&certs).unwrap();
+    assert!(common::make_certs(&certs));
+    let port = common::free_port();
+    let tsock = d.path().join("tls.sock");
+    let _srv = xnbd(
+        &[
+            "serve",
+            "--export",
+            &format!("vm={}:ro", src.display()),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--unix",
+            tsock.to_str().unwrap(),
+            "--tls-cert",
+            certs.join("server-cert.pem").to_str().unwrap(),
+            "--tls-key",
+            certs.join("server-key.pem").to_str().unwrap(),
+        ],
+        &d.path().join("tls-serve.log"),
+        &tsock,
+    );
+    assert!(common::wait_tcp(port, Duration::from_secs(10)));
+    let pdir = d.path().join("p2");
+    std::fs::create_dir(&pdir).unwrap();
+    let p = ProxyRun::new(&pdir);
+    let ca = certs.join("ca-cert.pem");
+    let source = format!("127.0.0.1:{port}");
+    let _proxy = p.start(
+        &source,
+        &[
+            "--source-export",
+            "vm",
+            "--source-tls-ca",
+            ca.to_str().unwrap(),
+            "--source-tls-name",
+            "localhost",
+        ],
+        "proxy.log",
+    );
+    p.cache_all();
+    assert!(common::same_bytes(&p.cache, &src));
+}
+
+#[test]
+fn forced_switch_drops_the_source_with_blocks_missing() {
+    require!("nbdkit", "qemu-io");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    common::make_image(&src, 4 * MIB, 4 * MIB, 15);
+    let ssock = d.path().join("src.sock");
+    let _source = nbdkit(
+        &ssock,
+        &["file", src.to_str().unwrap()],
+        &d.path().join("nbdkit.log"),
+    );
+    let p = ProxyRun::new(d.path());
+    let _proxy = p.start(
+        &src_uri(&ssock),
+        &["--no-background", "--readahead", "0"],
+        "proxy.log",
+    );
+    ok(30, "qemu-io", &["-f", "raw", "-c", "read 0 64k", &p.uri()]);
+    let o = p.ctl(&["switch"]);
+    assert!(!o.status.success());
+    let o = p.ctl(&["--json", "switch", "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(q["mode"], "target");
+    assert_eq!(u(&q, "cached_blocks"), 1);
+    // The fetched block keeps the source's bytes; missing ones read as the sparse cache
+    // holds them (zeroes), as documented; nothing more is fetched.
+    let out = ok(
+        30,
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0 1M 64k", &p.uri()],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let cache = std::fs::read(&p.cache).unwrap();
+    assert_eq!(cache[..65536], std::fs::read(&src).unwrap()[..65536]);
+    let q = query(&p.ctl);
+    assert_eq!(u(&q, "fetched_blocks"), 1, "{q}");
+}
