@@ -1,7 +1,7 @@
 //! `mvc edge` and `mvc supernode`: flags, config file, logging, signals, and the wiring of
 //! cores to the I/O drivers.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::uring::{self, Offloads};
-use crate::io::{sys, tap, udp, IoError};
+use crate::io::{tap, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
 use std::os::fd::AsRawFd;
@@ -405,14 +405,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         call: "getsockname".into(),
         source: e,
     })?;
-    let local_addrs: Vec<SocketAddr> = if bound.ip().is_unspecified() {
-        sys::local_ipv4_addrs()
-            .into_iter()
-            .map(|ip| SocketAddr::new(IpAddr::V4(ip), bound.port()))
-            .collect()
-    } else {
-        vec![bound]
-    };
+    let (local_addrs, _) = driver::host_addrs(&tap_name, bound);
     let underlay_mtu = a.underlay_mtu.or(f.underlay_mtu).unwrap_or(1500);
     if !(576..=65_000).contains(&underlay_mtu) {
         return Err(CliError::Usage(format!(
@@ -488,6 +481,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         tap: tap_name,
         mtu,
         listen: bound.to_string(),
+        listen_addr: bound,
     };
     if uring_ok {
         let spin = Duration::from_micros(busy_poll_us.min(10_000));

@@ -3,7 +3,7 @@
 //! Pure: every entry point takes `now` and writes into an [`Outbox`]; no sockets, no clock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -187,7 +187,8 @@ impl Peer {
         }
     }
 
-    fn candidates(&self) -> Vec<SocketAddr> {
+    /// Addresses worth probing, minus those inside the overlay itself.
+    fn candidates(&self, overlay: &[(IpAddr, u8)]) -> Vec<SocketAddr> {
         let mut v = Vec::with_capacity(4);
         for a in self
             .observed
@@ -195,7 +196,7 @@ impl Peer {
             .chain(self.reflexive.iter())
             .chain(self.locals.iter())
         {
-            if !v.contains(a) {
+            if !v.contains(a) && !in_nets(a, overlay) {
                 v.push(*a);
             }
         }
@@ -221,6 +222,29 @@ struct SnState {
     last_ack: Option<Instant>,
     last_sent: Option<Instant>,
     observed: Option<SocketAddr>,
+}
+
+/// Whether `a` lies in one of the networks (address, prefix length).
+pub fn in_nets(a: &SocketAddr, nets: &[(IpAddr, u8)]) -> bool {
+    nets.iter().any(|(net, len)| match (a.ip(), net) {
+        (IpAddr::V4(x), IpAddr::V4(n)) => {
+            let m = if *len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from((*len).min(32)))
+            };
+            u32::from(x) & m == u32::from(*n) & m
+        }
+        (IpAddr::V6(x), IpAddr::V6(n)) => {
+            let m = if *len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from((*len).min(128)))
+            };
+            u128::from(x) & m == u128::from(*n) & m
+        }
+        _ => false,
+    })
 }
 
 /// How an edge-to-edge packet arrived.
@@ -256,6 +280,7 @@ pub struct EdgeCore {
     udp_tx: u64,
     scratch_dsts: Vec<EdgeId>,
     seg_scratch: Vec<u8>,
+    overlay_nets: Vec<(IpAddr, u8)>,
 }
 
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
@@ -329,7 +354,32 @@ impl EdgeCore {
             udp_tx: 0,
             scratch_dsts: Vec::new(),
             seg_scratch: vec![0u8; 65_536],
+            overlay_nets: Vec::new(),
         })
+    }
+
+    /// Updates this host's addresses: `locals` are announced to peers (a registration
+    /// goes out at once when they change); `overlay` are the networks reached through the
+    /// overlay itself (addresses of the TAP device and its bridge), never used as a path:
+    /// a path inside the overlay would carry the overlay's own packets in a loop.
+    pub fn set_host_addrs(&mut self, mut locals: Vec<SocketAddr>, overlay: Vec<(IpAddr, u8)>) {
+        locals.retain(|a| !in_nets(a, &overlay));
+        locals.truncate(wire::MAX_LOCAL_ADDRS);
+        if locals != self.cfg.local_addrs {
+            self.cfg.local_addrs = locals;
+            for s in &mut self.sns {
+                s.last_sent = None;
+            }
+        }
+        for p in self.peers.values_mut() {
+            if p.direct.is_some_and(|d| in_nets(&d, &overlay)) {
+                p.direct = None;
+            }
+            if p.reflexive.is_some_and(|d| in_nets(&d, &overlay)) {
+                p.reflexive = None;
+            }
+        }
+        self.overlay_nets = overlay;
     }
 
     /// This edge's id.
@@ -785,7 +835,13 @@ impl EdgeCore {
             (
                 MsgType::HandshakeInit | MsgType::HandshakeResp | MsgType::Data | MsgType::Probe,
                 _,
-            ) => self.on_edge_packet(now, Via::Direct(src), pkt, out),
+            ) => {
+                if in_nets(&src, &self.overlay_nets) {
+                    // Came through our own overlay: never a path.
+                    return self.drop("path_inside_overlay");
+                }
+                self.on_edge_packet(now, Via::Direct(src), pkt, out)
+            }
             _ => self.drop("unexpected_type"),
         }
     }
@@ -1348,7 +1404,7 @@ impl EdgeCore {
         match p.direct {
             Some(d) => self.send_probe(now, id, Some(d), out),
             None => {
-                for a in p.candidates() {
+                for a in p.candidates(&self.overlay_nets) {
                     self.send_probe(now, id, Some(a), out);
                 }
                 // One through the relay, for the relayed path's RTT.
@@ -1396,7 +1452,7 @@ impl EdgeCore {
         });
         p.last_init_sent = Some(now);
         let direct = p.direct;
-        let cands = p.candidates();
+        let cands = p.candidates(&self.overlay_nets);
         let listed = p.listed_by;
         self.index.insert(index, *id);
         // Through a supernode (always works while one is up) and straight to the peer
@@ -1442,7 +1498,7 @@ impl EdgeCore {
                         } else {
                             format!(
                                 "no direct path yet; probing {} candidate address(es)",
-                                p.candidates().len()
+                                p.candidates(&self.overlay_nets).len()
                             )
                         };
                         ("relayed", sn.to_string(), why)
@@ -1520,5 +1576,51 @@ impl EdgeCore {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_networks_are_never_paths() {
+        let nets = vec![("198.19.0.0".parse().unwrap(), 16u8)];
+        assert!(in_nets(&"198.19.3.4:1".parse().unwrap(), &nets));
+        assert!(!in_nets(&"198.18.3.4:1".parse().unwrap(), &nets));
+        assert!(!in_nets(&"[::1]:1".parse().unwrap(), &nets));
+        assert!(in_nets(
+            &"10.0.0.1:1".parse().unwrap(),
+            &[("0.0.0.0".parse().unwrap(), 0)]
+        ));
+        let now = Instant::now();
+        let mut e = EdgeCore::new(
+            EdgeConfig {
+                name: "e".into(),
+                community: "c".into(),
+                secret: b"s".to_vec(),
+                cipher: Cipher::Aes256Gcm,
+                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+                local_addrs: vec![],
+                timers: Timers::default(),
+                max_peers: 4,
+                max_macs: 4,
+            },
+            now,
+        )
+        .unwrap();
+        e.set_host_addrs(
+            vec![
+                "198.18.0.2:5".parse().unwrap(),
+                "198.19.0.2:5".parse().unwrap(),
+            ],
+            nets,
+        );
+        assert_eq!(e.cfg.local_addrs, vec!["198.18.0.2:5".parse().unwrap()]);
+        // A datagram from inside the overlay is refused as a path.
+        let mut out = Outbox::new(2048);
+        let mut pkt = [1u8, 0x13, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
+        assert_eq!(e.drops.get("path_inside_overlay"), Some(&1));
     }
 }

@@ -36,6 +36,29 @@ pub struct EdgeInfo {
     pub mtu: u32,
     /// Listen address.
     pub listen: String,
+    /// Bound socket address.
+    pub listen_addr: std::net::SocketAddr,
+}
+
+/// How often the host's addresses are read again (interfaces come and go; the TAP
+/// device gets enslaved to a bridge after the edge starts).
+pub const HOST_REFRESH: Duration = Duration::from_secs(2);
+
+/// Addresses announced to peers and networks inside the overlay (see
+/// [`EdgeCore::set_host_addrs`]).
+pub fn host_addrs(
+    tap: &str,
+    bound: std::net::SocketAddr,
+) -> (Vec<std::net::SocketAddr>, Vec<(std::net::IpAddr, u8)>) {
+    let (all, overlay) = super::sys::host_addrs(tap, bound.port());
+    let locals = if bound.ip().is_unspecified() {
+        all.into_iter()
+            .filter(|a| a.is_ipv4() == bound.is_ipv4())
+            .collect()
+    } else {
+        vec![bound]
+    };
+    (locals, overlay)
 }
 
 fn poll2(fds: &mut [libc::pollfd], timeout: Duration) -> Result<(), IoError> {
@@ -86,6 +109,7 @@ pub fn run_edge(
     let mut last_tick = Instant::now() - TICK;
     let mut last_pub = Instant::now() - PUBLISH;
     let tfd = tap.as_raw_fd();
+    let mut last_host = Instant::now() - HOST_REFRESH;
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [
             libc::pollfd {
@@ -127,6 +151,11 @@ pub fn run_edge(
         }
         if now.saturating_duration_since(last_tick) >= TICK {
             last_tick = now;
+            if now.saturating_duration_since(last_host) >= HOST_REFRESH {
+                last_host = now;
+                let (l, o) = host_addrs(&info.tap, info.listen_addr);
+                core.set_host_addrs(l, o);
+            }
             core.poll(now, &mut out);
         }
         flush_udp(&sock, &mut out, |r| core.count_drop(r));

@@ -86,8 +86,8 @@ pub fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> Result<(), Io
     Ok(())
 }
 
-/// The host's IPv4 addresses that are up and not loopback.
-pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
+/// The host's IP addresses with prefix lengths, by interface name (up, not loopback).
+pub fn iface_addrs() -> Vec<(String, IpAddr, u8)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
@@ -102,19 +102,58 @@ pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
         if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
             continue;
         }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: ifa_addr is non-null and points to a sockaddr of at least its family.
         let fam = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        if fam != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: the family is AF_INET, so this is a sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-        if !ip.is_loopback() && !out.contains(&ip) {
-            out.push(ip);
+        let (ip, prefix) = match fam {
+            libc::AF_INET => {
+                // SAFETY: the family is AF_INET, so this is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+                let prefix = if ifa.ifa_netmask.is_null() {
+                    32
+                } else {
+                    // SAFETY: the netmask of an AF_INET address is a sockaddr_in.
+                    let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+                    u32::from_be(m.sin_addr.s_addr).count_ones() as u8
+                };
+                (IpAddr::V4(ip), prefix)
+            }
+            _ => continue,
+        };
+        if !ip.is_loopback() {
+            out.push((name, ip, prefix));
         }
     }
     // SAFETY: ifap came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(ifap) };
     out
+}
+
+/// The bridge (or other master) a device is enslaved to.
+pub fn master_of(dev: &str) -> Option<String> {
+    let l = std::fs::read_link(format!("/sys/class/net/{dev}/master")).ok()?;
+    Some(l.file_name()?.to_string_lossy().into_owned())
+}
+
+/// This host's addresses for peers (`port` at every address not on `tap` or its
+/// bridge) and the networks inside the overlay (those on `tap` or its bridge).
+pub fn host_addrs(tap: &str, port: u16) -> (Vec<SocketAddr>, Vec<(IpAddr, u8)>) {
+    let master = master_of(tap);
+    let mut locals = Vec::new();
+    let mut overlay = Vec::new();
+    for (name, ip, prefix) in iface_addrs() {
+        if name == tap || Some(&name) == master.as_ref() {
+            overlay.push((ip, prefix));
+        } else {
+            let a = SocketAddr::new(ip, port);
+            if !locals.contains(&a) {
+                locals.push(a);
+            }
+        }
+    }
+    (locals, overlay)
 }

@@ -25,8 +25,8 @@ use super::tap::Tap;
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
 
-const UDP_SLOTS: usize = 16;
-const TAP_SLOTS: usize = 16;
+const UDP_SLOTS: usize = 4;
+const TAP_SLOTS: usize = 4;
 const RX_BUF: usize = 65_536 + VNET_HDR_LEN;
 const MAX_IN_FLIGHT: usize = 2048;
 const TICK: Duration = Duration::from_millis(20);
@@ -405,159 +405,194 @@ pub fn run_edge(
     };
     // Largest frame after re-segmentation: fits the underlay with relay header and AEAD.
     let max_seg_frame = underlay_mtu.saturating_sub(28 + crate::edge::HEADROOM + 16 + 16);
-    for i in 0..UDP_SLOTS {
-        lp.arm_udp(i)?;
-    }
-    for i in 0..TAP_SLOTS {
-        lp.arm_tap(i)?;
-    }
-    let mut last_tick = Instant::now() - TICK;
-    let mut last_pub = Instant::now() - PUBLISH;
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
-    let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
-    let mut last_activity: Option<Instant> = None;
-    let result = loop {
-        if stop.load(Ordering::Relaxed) {
-            break Ok(());
+    // Everything that can fail while the kernel holds slot memory runs in here, so that
+    // every exit path goes through the teardown below.
+    let result = (|| -> Result<(), IoError> {
+        for i in 0..UDP_SLOTS {
+            lp.arm_udp(i)?;
         }
-        // Right after traffic, poll the completion queue for a short while before
-        // sleeping: a wake-up costs more than the spin and dominates the overlay's RTT.
-        // Idle edges do not spin.
-        if spin > Duration::ZERO
-            && last_activity.is_some_and(|t: Instant| t.elapsed() < Duration::from_millis(2))
-        {
-            let until = Instant::now() + spin;
-            let _ = lp.ring.submit();
-            while lp.ring.completion().is_empty() && Instant::now() < until {
-                let _ = lp
-                    .ring
-                    .submitter()
-                    .submit_with_args(0, &types::SubmitArgs::new());
-                std::hint::spin_loop();
+        for i in 0..TAP_SLOTS {
+            lp.arm_tap(i)?;
+        }
+        let mut last_tick = Instant::now() - TICK;
+        let mut last_pub = Instant::now() - PUBLISH;
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
+        let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
+        let mut last_activity: Option<Instant> = None;
+        let mut tap_errors = 0u64;
+        let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
+        let mut fatal: Option<IoError> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break Ok(());
             }
-        }
-        let args = types::SubmitArgs::new().timespec(&ts);
-        let want = usize::from(lp.ring.completion().is_empty());
-        match lp.ring.submitter().submit_with_args(want, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) => {}
-            Err(e) => {
-                break Err(IoError::Sys {
-                    call: "io_uring_enter".into(),
-                    source: e,
-                })
+            // Right after traffic, poll the completion queue for a short while before
+            // sleeping: a wake-up costs more than the spin and dominates the overlay's RTT.
+            // Idle edges do not spin.
+            if spin > Duration::ZERO
+                && last_activity.is_some_and(|t: Instant| t.elapsed() < Duration::from_millis(2))
+            {
+                let until = Instant::now() + spin;
+                let _ = lp.ring.submit();
+                while lp.ring.completion().is_empty() && Instant::now() < until {
+                    let _ = lp
+                        .ring
+                        .submitter()
+                        .submit_with_args(0, &types::SubmitArgs::new());
+                    std::hint::spin_loop();
+                }
             }
-        }
-        cqes.clear();
-        cqes.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
-        let now = Instant::now();
-        if cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
-            last_activity = Some(now);
-        }
-        for &(ud, res) in &cqes {
-            let idx = (ud & !K_MASK) as usize;
-            match ud & K_MASK {
-                K_UDP => {
-                    if res > 0 {
-                        let slot = &mut lp.udp_slots[idx];
-                        let n = res as usize;
-                        let src = from_sockaddr(&slot.addr);
-                        let seg = if lp.off.gro {
-                            read_gro_cmsg(&slot.ctrl, slot.hdr.msg_controllen)
-                        } else {
-                            None
-                        };
-                        if let Some(src) = src {
-                            let seg = seg.unwrap_or(n).max(1);
-                            let mut o = 0;
-                            while o < n {
-                                let e = (o + seg).min(n);
-                                core.handle_udp(now, src, &mut slot.buf[o..e], &mut out);
-                                o = e;
-                            }
-                        }
-                    } else if res < 0 {
-                        core.count_drop("udp_recv_error");
-                    }
-                    lp.arm_udp(idx)?;
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let want = usize::from(lp.ring.completion().is_empty());
+            match lp.ring.submitter().submit_with_args(want, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    break Err(IoError::Sys {
+                        call: "io_uring_enter".into(),
+                        source: e,
+                    })
                 }
-                K_TAP => {
-                    if res > 0 {
-                        let n = res as usize;
-                        let b = &mut lp.tap_bufs[idx];
-                        if lp.off.vnet {
-                            match VnetHdr::parse(&b[..n]) {
-                                Some(h) if h.gso_type != offload::GSO_NONE => {
-                                    let frame = &b[VNET_HDR_LEN..n];
-                                    core.handle_tap_tso(now, &h, frame, max_seg_frame, &mut out);
-                                }
-                                Some(h) => {
-                                    let frame = &mut b[VNET_HDR_LEN..n];
-                                    if h.flags & offload::F_NEEDS_CSUM != 0
-                                        && offload::complete_csum(
-                                            frame,
-                                            usize::from(h.csum_start),
-                                            usize::from(h.csum_offset),
-                                        )
-                                        .is_err()
-                                    {
-                                        core.count_drop("bad_csum_offload");
-                                    } else {
-                                        core.handle_tap(now, frame, &mut out);
-                                    }
-                                }
-                                None => core.count_drop("runt_frame"),
-                            }
-                        } else {
-                            core.handle_tap(now, &b[..n], &mut out);
-                        }
-                    } else if res < 0 {
-                        core.count_drop("tap_read_error");
-                    }
-                    lp.arm_tap(idx)?;
-                }
-                K_OUT => {
-                    if let Some(f) = lp.flights.get_mut(idx).and_then(Option::take) {
-                        lp.free.push(idx);
-                        if res < 0 {
-                            if f.gso && (res == -libc::EIO || res == -libc::EINVAL) {
-                                lp.off.gso = false;
-                                if !lp.gso_warned {
-                                    lp.gso_warned = true;
-                                    tracing::warn!(errno = -res, "UDP GSO send failed; sending datagrams one by one from now on");
-                                }
-                                core.count_drop("gso_send_failed");
+            }
+            cqes.clear();
+            cqes.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
+            let now = Instant::now();
+            if cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
+                last_activity = Some(now);
+            }
+            for &(ud, res) in &cqes {
+                let idx = (ud & !K_MASK) as usize;
+                match ud & K_MASK {
+                    K_UDP => {
+                        if res > 0 {
+                            let slot = &mut lp.udp_slots[idx];
+                            let n = res as usize;
+                            let src = from_sockaddr(&slot.addr);
+                            let seg = if lp.off.gro {
+                                read_gro_cmsg(&slot.ctrl, slot.hdr.msg_controllen)
                             } else {
-                                core.count_drop("send_error");
+                                None
+                            };
+                            if let Some(src) = src {
+                                let seg = seg.unwrap_or(n).max(1);
+                                let mut o = 0;
+                                while o < n {
+                                    let e = (o + seg).min(n);
+                                    core.handle_udp(now, src, &mut slot.buf[o..e], &mut out);
+                                    o = e;
+                                }
+                            }
+                        } else if res < 0 {
+                            core.count_drop("udp_recv_error");
+                        }
+                        lp.arm_udp(idx)?;
+                    }
+                    K_TAP => {
+                        if res > 0 {
+                            let n = res as usize;
+                            let b = &mut lp.tap_bufs[idx];
+                            if lp.off.vnet {
+                                match VnetHdr::parse(&b[..n]) {
+                                    Some(h) if h.gso_type != offload::GSO_NONE => {
+                                        let frame = &b[VNET_HDR_LEN..n];
+                                        core.handle_tap_tso(
+                                            now,
+                                            &h,
+                                            frame,
+                                            max_seg_frame,
+                                            &mut out,
+                                        );
+                                    }
+                                    Some(h) => {
+                                        let frame = &mut b[VNET_HDR_LEN..n];
+                                        if h.flags & offload::F_NEEDS_CSUM != 0
+                                            && offload::complete_csum(
+                                                frame,
+                                                usize::from(h.csum_start),
+                                                usize::from(h.csum_offset),
+                                            )
+                                            .is_err()
+                                        {
+                                            core.count_drop("bad_csum_offload");
+                                        } else {
+                                            core.handle_tap(now, frame, &mut out);
+                                        }
+                                    }
+                                    None => core.count_drop("runt_frame"),
+                                }
+                            } else {
+                                core.handle_tap(now, &b[..n], &mut out);
+                            }
+                        } else if res < 0 {
+                            core.count_drop("tap_read_error");
+                            tap_errors += 1;
+                            // A device that went away fails every read at once: give up
+                            // instead of spinning.
+                            if tap_errors > 10_000 && fatal.is_none() {
+                                fatal = Some(IoError::Sys {
+                                    call: format!("read from TAP {}", info.tap),
+                                    source: std::io::Error::from_raw_os_error(-res),
+                                });
                             }
                         }
-                        out.give(f.buf, f.big);
+                        if res > 0 {
+                            tap_errors = 0;
+                        }
+                        lp.arm_tap(idx)?;
                     }
+                    K_OUT => {
+                        if let Some(f) = lp.flights.get_mut(idx).and_then(Option::take) {
+                            lp.free.push(idx);
+                            if res < 0 {
+                                if f.gso && (res == -libc::EIO || res == -libc::EINVAL) {
+                                    lp.off.gso = false;
+                                    if !lp.gso_warned {
+                                        lp.gso_warned = true;
+                                        tracing::warn!(errno = -res, "UDP GSO send failed; sending datagrams one by one from now on");
+                                    }
+                                    core.count_drop("gso_send_failed");
+                                } else {
+                                    core.count_drop("send_error");
+                                }
+                            }
+                            out.give(f.buf, f.big);
+                        }
+                    }
+                    _ => core.count_drop("unknown_completion"),
                 }
-                _ => core.count_drop("unknown_completion"),
+            }
+            if let Some(e) = fatal.take() {
+                break Err(e);
+            }
+            if now.saturating_duration_since(last_tick) >= TICK {
+                last_tick = now;
+                if now.saturating_duration_since(last_host) >= super::driver::HOST_REFRESH {
+                    last_host = now;
+                    let (l, o) = super::driver::host_addrs(&info.tap, info.listen_addr);
+                    core.set_host_addrs(l, o);
+                }
+                core.poll(now, &mut out);
+            }
+            if let Err(e) = lp.flush(&mut core, &mut out) {
+                break Err(e);
+            }
+            if now.saturating_duration_since(last_pub) >= PUBLISH {
+                last_pub = now;
+                let mut s = core.status(now);
+                s.datapath = info.datapath.clone();
+                s.datapath_reason = info.datapath_reason.clone();
+                s.io = lp.off.describe();
+                s.tap = info.tap.clone();
+                s.mtu = info.mtu;
+                s.listen = info.listen.clone();
+                *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
             }
         }
-        if now.saturating_duration_since(last_tick) >= TICK {
-            last_tick = now;
-            core.poll(now, &mut out);
-        }
-        lp.flush(&mut core, &mut out)?;
-        if now.saturating_duration_since(last_pub) >= PUBLISH {
-            last_pub = now;
-            let mut s = core.status(now);
-            s.datapath = info.datapath.clone();
-            s.datapath_reason = info.datapath_reason.clone();
-            s.io = lp.off.describe();
-            s.tap = info.tap.clone();
-            s.mtu = info.mtu;
-            s.listen = info.listen.clone();
-            *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
-        }
-    };
+    })();
     // Receives and reads are still armed and the kernel cancels them asynchronously
     // after the ring closes: their memory is leaked on purpose (the process is exiting)
     // so that the kernel can never write into freed buffers.
