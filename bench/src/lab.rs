@@ -1131,7 +1131,22 @@ pub fn iperf_server(lab: &Lab, ns: &str, name: &str) -> Result<Proc> {
 }
 
 /// One iperf3 TCP single-stream run of `secs` seconds; returns received bits per second.
+/// A server still closing the previous test (slow over long delays) is waited for, up to
+/// 10 tries a second apart.
 pub fn iperf(lab: &Lab, ns: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
+    let mut tries = 0;
+    loop {
+        match iperf_once(lab, ns, dst, secs) {
+            Err(Error::Command { stderr, .. }) if stderr.contains("busy") && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn iperf_once(lab: &Lab, ns: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
     let out = lab.exec_timeout(
         ns,
         &[
