@@ -1119,25 +1119,40 @@ pub fn wait_ping(lab: &Lab, ns: &str, dst: Ipv4Addr, limit: Duration) -> Result<
     }
 }
 
-/// An iperf3 server running in a namespace.
-pub fn iperf_server(lab: &Lab, ns: &str, name: &str) -> Result<Proc> {
-    let p = lab.spawn(ns, name, &["iperf3", "-s", "-i", "0"])?;
-    // Wait until it listens.
-    lab.wait_until("iperf3 server listening", Duration::from_secs(5), || {
-        lab.exec(ns, &["ss", "-Hltn", "sport = :5201"])
+static IPERF_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// One iperf3 TCP single-stream run of `secs` seconds from namespace `client` to `dst` (an
+/// address of namespace `server`); returns received bits per second. Every run has its own
+/// one-off server on its own port, so a run that ended badly cannot leave a busy server
+/// behind for the next one.
+pub fn iperf(lab: &Lab, client: &str, server: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
+    let n = IPERF_PORT.fetch_add(1, Ordering::Relaxed);
+    let port = u16::try_from(5201 + (std::process::id() + n) % 4000).unwrap_or(5201);
+    let p = port.to_string();
+    let srv = lab.spawn(
+        server,
+        &format!("iperf3-server-{port}"),
+        &["iperf3", "-s", "-1", "-p", &p, "-i", "0"],
+    )?;
+    let filter = format!("sport = :{port}");
+    let listening = lab.wait_until("iperf3 server listening", Duration::from_secs(5), || {
+        lab.exec(server, &["ss", "-Hltn", &filter])
             .is_ok_and(|o| !o.stdout.trim().is_empty())
-    })?;
-    Ok(p)
+    });
+    let r = listening.and_then(|()| iperf_once(lab, client, dst, port, secs));
+    lab.stop(&srv);
+    r
 }
 
-/// One iperf3 TCP single-stream run of `secs` seconds; returns received bits per second.
-pub fn iperf(lab: &Lab, ns: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
+fn iperf_once(lab: &Lab, ns: &str, dst: Ipv4Addr, port: u16, secs: u32) -> Result<f64> {
     let out = lab.exec_timeout(
         ns,
         &[
             "iperf3",
             "-c",
             &dst.to_string(),
+            "-p",
+            &port.to_string(),
             "-t",
             &secs.to_string(),
             "-J",

@@ -32,8 +32,7 @@ fn raw_underlay_routes_and_nat() {
     // Without an overlay the sites share no L2 network.
     let p = lab::ping(&l, &b.vms[0].ns, a.vms[0].ip, 2, 0.2).unwrap();
     assert_eq!(p.received, 0, "{p:?}");
-    let _srv = lab::iperf_server(&l, &a.vms[0].ns, "iperf-a").unwrap();
-    let bps = lab::iperf(&l, &b.vms[0].ns, a.vms[0].underlay_ip, 1).unwrap();
+    let bps = lab::iperf(&l, &b.vms[0].ns, &a.vms[0].ns, a.vms[0].underlay_ip, 1).unwrap();
     assert!(bps > 1e6, "{bps}");
     let prefix = l.prefix().to_string();
     drop(l);
@@ -57,8 +56,7 @@ fn n2n_joins_the_three_sites() {
         assert!(p.received >= 2, "{y} -> {x}: {p:?}");
     }
     let a = t.site("a");
-    let _srv = lab::iperf_server(&l, &a.vms[0].ns, "iperf-a").unwrap();
-    let bps = lab::iperf(&l, &t.site("c").vms[0].ns, a.vms[0].ip, 1).unwrap();
+    let bps = lab::iperf(&l, &t.site("c").vms[0].ns, &a.vms[0].ns, a.vms[0].ip, 1).unwrap();
     assert!(bps > 1e5, "{bps}");
     n.stop(&l, &t).unwrap();
 }

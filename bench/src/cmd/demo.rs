@@ -60,9 +60,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     println!("== starting mvc supernode on site A and an edge on every site");
     let c = MvcCluster::start(&lab, &t, &mvc, |_| {})?;
-    for s in &t.sites {
-        lab::iperf_server(&lab, &s.vms[0].ns, &format!("iperf-{}", s.name))?;
-    }
     println!("\n| from | to | ping loss | RTT ms (avg) | iperf3 TCP Gb/s |");
     println!("|---|---|---:|---:|---:|");
     let mut failures = 0;
@@ -78,7 +75,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let up = lab::wait_ping(&lab, &from.ns, to.ip, Duration::from_secs(30));
         let p = lab::ping(&lab, &from.ns, to.ip, 10, 0.1)?;
         let bps = if up.is_ok() {
-            lab::iperf(&lab, &from.ns, to.ip, args.secs).ok()
+            lab::iperf(&lab, &from.ns, &to.ns, to.ip, args.secs).ok()
         } else {
             None
         };

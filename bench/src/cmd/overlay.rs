@@ -113,6 +113,10 @@ impl Ctx<'_> {
         &self.topo.site("b").vms[0].ns
     }
 
+    fn server(&self) -> &str {
+        &self.topo.site("a").vms[0].ns
+    }
+
     fn measure(
         &self,
         system: &str,
@@ -140,11 +144,11 @@ impl Ctx<'_> {
         let mut raw_gbps_runs = Vec::new();
         for i in 0..a.runs {
             if paired {
-                let bps = lab::iperf(lab, self.client(), raw_dst, a.secs)
+                let bps = lab::iperf(lab, self.client(), self.server(), raw_dst, a.secs)
                     .with_context(|| format!("raw reference run {}", i + 1))?;
                 raw_gbps_runs.push(bps / 1e9);
             }
-            let bps = lab::iperf(lab, self.client(), dst, a.secs)
+            let bps = lab::iperf(lab, self.client(), self.server(), dst, a.secs)
                 .with_context(|| format!("{system} {cipher} {path}: iperf3 run {}", i + 1))?;
             gbps_runs.push(bps / 1e9);
         }
@@ -356,9 +360,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         (Topology::three_sites(&lab, 1)?, None)
     };
-    for s in &topo.sites {
-        lab::iperf_server(&lab, &s.vms[0].ns, &format!("iperf-{}", s.name))?;
-    }
     let mut rows = Vec::new();
     for d in delays {
         if let Some(w) = wan.as_mut() {
