@@ -580,22 +580,27 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
         step(&format!(
             "mvc cluster create demo --sites A:B:C --computes {counts} --start"
         ));
-        print!(
-            "{}",
-            sl.ctl(&[
-                "cluster",
-                "create",
-                "demo",
-                "--sites",
-                "A:B:C",
-                "--computes",
-                &counts,
-                "--memory",
-                "256",
-                "--frontend-memory",
-                "256",
-                "--start"
-            ])?
+        let t0 = Instant::now();
+        let created = sl.ctl(&[
+            "cluster",
+            "create",
+            "demo",
+            "--sites",
+            "A:B:C",
+            "--computes",
+            &counts,
+            "--memory",
+            "256",
+            "--frontend-memory",
+            "256",
+            "--start",
+        ])?;
+        let built = t0.elapsed();
+        print!("{created}");
+        println!(
+            "cluster of {} VMs at 3 sites created, started and leased in {:.1} s",
+            total + 1,
+            built.as_secs_f64()
         );
         step("mvc cluster status demo");
         print!("{}", sl.ctl(&["cluster", "status", "demo"])?);
