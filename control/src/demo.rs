@@ -258,6 +258,17 @@ impl SiteLab {
         }
     }
 
+    /// Kill one site's agent with SIGKILL: it leaves its VMs and overlay processes
+    /// behind, as after a crash.
+    pub fn kill_agent(&mut self, site: &str) {
+        if let Some(a) = self.agents.get_mut(site) {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     /// Start a stopped agent again.
     pub fn restart_agent(&mut self, site: &str) -> Result<()> {
         let mut a = self
