@@ -123,6 +123,8 @@ struct OverlayHere {
     tap: String,
     bridge: String,
     pids: Vec<u32>,
+    #[serde(default)]
+    supernode_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -755,6 +757,7 @@ impl AgentCore {
                 tap: tap.into(),
                 bridge: bridge.into(),
                 pids: procs.iter().map(|c| c.id()).collect(),
+                supernode_port,
             });
         }
         self.overlay_procs.insert(cluster.into(), procs);
@@ -894,7 +897,10 @@ fn kill_stale(o: &OverlayHere) {
     for pid in &o.pids {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&o.tap) || cmdline.contains("supernode") {
+        let ours = cmdline.contains(&o.tap)
+            || o.supernode_port
+                .is_some_and(|p| cmdline.contains("supernode") && cmdline.contains(&p.to_string()));
+        if ours {
             if let Ok(p) = i32::try_from(*pid) {
                 // SAFETY: kill(2) has no memory-safety preconditions; the pid was one of
                 // ours and its command line still names our TAP or supernode.

@@ -1,7 +1,16 @@
-//! The multi-site virtual cluster controller and its per-site agent.
+//! The multi-site virtual cluster controller and its per-site agent (docs/CONTROLLER.md).
 //!
-//! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait.
+//! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait, and
+//!   the MAC allocator.
 //! - [`model`]: records shared by store, agent protocol and commands.
+//! - [`auth`]: user and agent keys, signed requests, replay window, site authorisations.
+//! - [`channel`]: the encrypted channel to an agent, pinned to its key.
+//! - [`proto`]: the requests an agent serves.
+//! - [`agent`]: `mvc agent`, reservations and VM/overlay lifecycle at a site.
+//! - [`client`]: the controller's side of the agent protocol.
+//! - [`driver`]: VM drivers (`netns`, `qemu`).
+//! - [`controller`]: the operations behind `mvc site|cluster|vm`.
+//! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
 pub mod agent;
 pub mod auth;
 pub mod channel;

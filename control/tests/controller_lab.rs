@@ -237,6 +237,29 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     )
     .expect("frontend -> t-c6 after restart");
 
+    // Site B's agent crashes (SIGKILL), leaving its VMs and edge behind; restarted, it
+    // removes the leftovers, and `cluster start` brings the site back.
+    sl.kill_agent("B");
+    assert!(sl
+        .leftover_vm_namespaces()
+        .iter()
+        .any(|n| n.ends_with("t-c5")));
+    sl.restart_agent("B").expect("agent B restart");
+    assert!(!sl
+        .leftover_vm_namespaces()
+        .iter()
+        .any(|n| n.ends_with("t-c4") || n.ends_with("t-c5")));
+    sl.ctl(&["cluster", "start", "t"])
+        .expect("start after crash");
+    let c5_ip = &nodes.iter().find(|n| n.0 == "t-c5").unwrap().3;
+    lab::wait_ping(
+        &sl.lab,
+        &ns,
+        c5_ip.parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .expect("frontend -> t-c5 after agent crash");
+
     // Destroy: nothing left at any site.
     sl.ctl(&["cluster", "destroy", "t"]).expect("destroy");
     assert!(

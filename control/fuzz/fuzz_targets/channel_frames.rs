@@ -32,8 +32,17 @@ fn key() -> &'static SigningKey {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // Odd first byte: raw bytes (exercises the magic/version check); even: a valid
+    // header so the rest reaches key agreement and the frame reader.
+    let mut input = Vec::with_capacity(data.len() + 4);
+    if data.first().is_some_and(|b| b & 1 == 0) {
+        input.extend_from_slice(b"MVC\x01");
+        input.extend_from_slice(&data[1..]);
+    } else {
+        input.extend_from_slice(data);
+    }
     let wire = Wire {
-        input: Cursor::new(data.to_vec()),
+        input: Cursor::new(input),
     };
     if let Ok(mut ch) = channel::server(wire, key()) {
         for _ in 0..16 {
