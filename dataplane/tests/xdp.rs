@@ -474,11 +474,14 @@ fn kill9_then_restart_cleans_up() {
         assert!(stale.xdp_prog_id.is_none());
         assert!(stale.alias.unwrap().starts_with(xdp::ALIAS_PREFIX));
 
-        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("restart");
+        // Restarted under another port name: the old port is swept anyway.
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp1")).expect("restart");
         assert_ne!(port.prog_id(), *prog);
-        drop(port);
-        assert!(link_info("mvp0").unwrap().is_none());
+        assert!(link_info("mvp0").unwrap().is_none(), "stale port not swept");
         assert!(link_info("mvp0.x").unwrap().is_none());
+        drop(port);
+        assert!(link_info("mvp1").unwrap().is_none());
+        assert!(link_info("mvp1.x").unwrap().is_none());
     });
 }
 

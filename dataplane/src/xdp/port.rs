@@ -157,6 +157,40 @@ pub fn remove_stale(name: &str) -> Result<bool, PortError> {
     Ok(removed)
 }
 
+/// Removes every port in this network namespace whose owner is gone
+/// (whatever its name: an edge killed with -9 and restarted under another
+/// port name leaves nothing behind either). Returns the names removed.
+pub fn sweep_stale() -> Result<Vec<String>, PortError> {
+    let out = ip(&["-j", "link", "show"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| PortError::Ip {
+        args: "-j link show".into(),
+        msg: format!("unparsable output: {e}"),
+    })?;
+    let mut removed = Vec::new();
+    for link in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let (Some(name), Some(alias)) = (
+            link.get("ifname").and_then(|v| v.as_str()),
+            link.get("ifalias").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let Some(pid) = owner_pid(alias) else {
+            continue;
+        };
+        // The edge side's name is the port's plus ".x": one of the pair is
+        // enough (deleting one end deletes both).
+        if pid == std::process::id() || pid_alive(pid) || name.ends_with(".x") {
+            continue;
+        }
+        match ip(&["link", "del", "dev", name]) {
+            Ok(_) => removed.push(name.to_owned()),
+            Err(PortError::Ip { msg, .. }) if msg.contains("does not exist") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// A veth port on a bridge; deleted on drop.
 #[derive(Debug)]
 pub struct VethPort {
@@ -176,6 +210,9 @@ impl VethPort {
                 Some(LinkInfo { kind: Some(k), .. }) if k == "bridge" => {}
                 _ => return Err(PortError::NotABridge(bridge.to_owned())),
             }
+        }
+        for gone in sweep_stale()? {
+            tracing::info!(port = %gone, "removed XDP port left by an edge that is gone");
         }
         remove_stale(name)?;
         let edge = edge_side(name);
