@@ -841,6 +841,19 @@ impl Topology {
             (None, addr::public(idx))
         };
         lab.bridge(&fe, "br0")?;
+        // A fixed address: a bridge otherwise takes its lowest port's MAC and changes it when
+        // ports come and go (a TAP re-created between runs), leaving the VMs' ARP entries for
+        // their gateway stale.
+        lab.ip(
+            &fe,
+            &[
+                "link",
+                "set",
+                "br0",
+                "address",
+                &format!("02:4d:56:fe:{idx:02x}:01"),
+            ],
+        )?;
         lab.addr(&fe, "br0", addr::vm_gateway(idx), 24)?;
         lab.tap(&fe, "tap0")?;
         lab.enslave(&fe, "tap0", "br0")?;
@@ -905,6 +918,14 @@ impl Topology {
             .iter()
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("no site {name}"))
+    }
+
+    /// Replaces a site's TAP device by a fresh one on the bridge, so that offload settings
+    /// an earlier overlay left on it (TSO, checksum offload) do not reach the next one.
+    pub fn reset_tap(&self, lab: &Lab, site: &Site) -> Result<()> {
+        let _ = lab.ip(&site.frontend, &["link", "del", &site.tap]);
+        lab.tap(&site.frontend, &site.tap)?;
+        lab.enslave(&site.frontend, &site.tap, &site.bridge)
     }
 
     /// Sets the MTU of a site's VM interfaces, bridge ports, bridge and TAP.

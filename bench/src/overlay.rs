@@ -295,6 +295,7 @@ impl MvcCluster {
         let supernode = mvc.supernode(lab, &a.frontend, sn_addr, "supernode")?;
         let mut edges = BTreeMap::new();
         for s in &topo.sites {
+            topo.reset_tap(lab, s)?;
             let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
             tweak(&mut o);
             edges.insert(s.name.clone(), mvc.edge(lab, s, &o)?);
@@ -359,6 +360,7 @@ impl N2n {
         let sn = format!("{}:{SUPERNODE_PORT}", a.public_ip);
         let mut edges = Vec::new();
         for s in &topo.sites {
+            topo.reset_tap(lab, s)?;
             // The TAP's own address (n2n requires one): 198.19.s.1/16.
             let ip = format!("198.19.{}.1", s.idx);
             let mac = format!("02:4e:32:00:{:02x}:01", s.idx);

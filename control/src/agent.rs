@@ -337,8 +337,10 @@ impl AgentCore {
                     "site {}: protocol version {} not supported (agent speaks {PROTO_VERSION})",
                     self.cfg.site, b.proto
                 )),
-                Ok(b) => self
-                    .dispatch(&authz, b.req)
+                Ok(b) => b
+                    .req
+                    .validate()
+                    .and_then(|()| self.dispatch(&authz, b.req))
                     .map_err(|e| format!("site {}: {e}", self.cfg.site)),
             },
         };

@@ -114,7 +114,7 @@ impl SiteLab {
                 "authorize",
                 "--state",
                 &st,
-                "--user-key",
+                "--key",
                 &user_pub,
                 "--max-vms",
                 &max_vms.to_string(),
@@ -142,6 +142,30 @@ impl SiteLab {
                         "DNAT",
                         "--to-destination",
                         &to,
+                    ],
+                )?;
+                // ...and lets those new inbound connections through its firewall.
+                let fe_ip = site.frontend_ip.to_string();
+                me.lab.iptables(
+                    r,
+                    &[
+                        "-I",
+                        "FORWARD",
+                        "1",
+                        "-i",
+                        "wan",
+                        "-p",
+                        "tcp",
+                        "-d",
+                        &fe_ip,
+                        "--dport",
+                        &port,
+                        "-m",
+                        "conntrack",
+                        "--ctstate",
+                        "NEW",
+                        "-j",
+                        "ACCEPT",
                     ],
                 )?;
             }

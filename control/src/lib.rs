@@ -7,6 +7,7 @@ pub mod auth;
 pub mod channel;
 pub mod client;
 pub mod controller;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod driver;
 pub mod model;

@@ -68,8 +68,9 @@ enum Cmd {
     },
     /// The per-site agent (run by each site's admin on its frontend).
     Agent {
-        #[command(flatten)]
-        common: Common,
+        /// Print results as JSON.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         cmd: AgentCmd,
     },
@@ -129,7 +130,7 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex, from `mvc key show`).
-        #[arg(long = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key")]
         user_key: String,
         /// Most VMs this key may hold here at once.
         #[arg(long)]
@@ -150,7 +151,7 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex).
-        #[arg(long = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key")]
         user_key: String,
     },
     /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
@@ -378,7 +379,7 @@ fn main() -> Result<()> {
     let (common, cmd) = match cmd {
         Cmd::Edge(_) | Cmd::Supernode(_) => unreachable!("handled above"),
         Cmd::Key { common, cmd } => return key_cmd(cmd, &common.key, common.json),
-        Cmd::Agent { common, cmd } => return agent_cmd(cmd, common.json),
+        Cmd::Agent { json, cmd } => return agent_cmd(cmd, json),
         Cmd::Demo(d) => {
             return control::demo::run(&control::demo::DemoConfig {
                 computes: parse_list(&d.computes, "--computes")?,

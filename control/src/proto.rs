@@ -179,9 +179,203 @@ pub struct InfoData {
     pub edges: Vec<(String, serde_json::Value)>,
 }
 
+/// A name the agent may put into file names, namespace names and `ip` arguments:
+/// ASCII letters, digits and `-`, not starting with `-`, at most `max` bytes.
+pub fn safe_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if safe_name(s, max) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {s:?} is not a valid name (letters, digits, '-', at most {max})"
+        ))
+    }
+}
+
+fn check_host(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("host {s:?} is not a valid host name"))
+    }
+}
+
+fn check_ip(what: &str, s: &str) -> Result<(), String> {
+    s.parse::<std::net::Ipv4Addr>()
+        .map(|_| ())
+        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+}
+
+/// Most memory one VM may ask for (MiB).
+pub const MAX_VM_MEMORY_MB: u64 = 1 << 20;
+/// Most slots or DHCP hosts in one request.
+pub const MAX_ITEMS: usize = 256;
+
+impl Request {
+    /// Check every field an agent will use in a command line, file or namespace name.
+    /// The agent refuses a request that fails, before doing anything.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::Info => Ok(()),
+            Request::Reserve { cluster, slots } => {
+                check_name("cluster", cluster, 24)?;
+                if slots.is_empty() || slots.len() > MAX_ITEMS {
+                    return Err(format!("1 to {MAX_ITEMS} slots per reservation"));
+                }
+                for s in slots {
+                    check_name("VM", &s.name, 40)?;
+                    check_host(&s.host)?;
+                    if s.memory_mb == 0 || s.memory_mb > MAX_VM_MEMORY_MB {
+                        return Err(format!("VM {} asks for {} MiB", s.name, s.memory_mb));
+                    }
+                }
+                Ok(())
+            }
+            Request::Release { cluster } => check_name("cluster", cluster, 24),
+            Request::StartOverlay {
+                cluster,
+                community,
+                secret,
+                supernode,
+                supernode_port,
+                tap,
+                bridge,
+                edge_name,
+            } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("community", community, 32)?;
+                check_name("tap", tap, 15)?;
+                check_name("bridge", bridge, 15)?;
+                check_name("edge name", edge_name, 63)?;
+                if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("the community secret must be at least 32 hex digits".into());
+                }
+                supernode
+                    .parse::<std::net::SocketAddrV4>()
+                    .map_err(|_| format!("supernode {supernode:?} is not ip:port"))?;
+                if *supernode_port == Some(0) {
+                    return Err("supernode port 0".into());
+                }
+                Ok(())
+            }
+            Request::StartVm { spec } => {
+                check_name("cluster", &spec.cluster, 24)?;
+                check_name("VM", &spec.name, 40)?;
+                check_host(&spec.host)?;
+                check_name("bridge", &spec.bridge, 15)?;
+                if spec.memory_mb == 0 || spec.memory_mb > MAX_VM_MEMORY_MB {
+                    return Err(format!("VM {} asks for {} MiB", spec.name, spec.memory_mb));
+                }
+                if let Some(d) = &spec.dhcp {
+                    check_ip("DHCP address", &d.address)?;
+                    check_ip("DHCP range start", &d.range.0)?;
+                    check_ip("DHCP range end", &d.range.1)?;
+                    if !(8..=30).contains(&d.prefix) {
+                        return Err(format!("DHCP prefix /{}", d.prefix));
+                    }
+                    if d.hosts.len() > MAX_ITEMS {
+                        return Err(format!("at most {MAX_ITEMS} DHCP hosts"));
+                    }
+                    for (_, ip, name) in &d.hosts {
+                        check_ip("DHCP host address", ip)?;
+                        check_name("DHCP host name", name, 40)?;
+                    }
+                }
+                Ok(())
+            }
+            Request::StopVm { cluster, vm } | Request::VmAddress { cluster, vm } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)
+            }
+            Request::Ping {
+                cluster,
+                vm,
+                targets,
+            } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)?;
+                if targets.len() > 64 {
+                    return Err("at most 64 ping targets".into());
+                }
+                targets.iter().try_for_each(|t| check_ip("ping target", t))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        let bad = [
+            Request::Release {
+                cluster: "../../etc".into(),
+            },
+            Request::Release {
+                cluster: "-force".into(),
+            },
+            Request::StopVm {
+                cluster: "k".into(),
+                vm: "a b".into(),
+            },
+            Request::StartOverlay {
+                cluster: "k".into(),
+                community: "c".into(),
+                secret: "short".into(),
+                supernode: "198.18.1.2:7701".into(),
+                supernode_port: None,
+                tap: "mvt1".into(),
+                bridge: "mvb1".into(),
+                edge_name: "e".into(),
+            },
+            Request::StartOverlay {
+                cluster: "k".into(),
+                community: "c".into(),
+                secret: "0".repeat(64),
+                supernode: "198.18.1.2:7701".into(),
+                supernode_port: None,
+                tap: "a-very-long-tap-name".into(),
+                bridge: "mvb1".into(),
+                edge_name: "e".into(),
+            },
+            Request::Ping {
+                cluster: "k".into(),
+                vm: "v".into(),
+                targets: vec!["198.19.1.1; reboot".into()],
+            },
+            Request::Reserve {
+                cluster: "k".into(),
+                slots: vec![],
+            },
+        ];
+        for r in bad {
+            assert!(r.validate().is_err(), "{r:?}");
+        }
+        let good = Request::StartOverlay {
+            cluster: "k".into(),
+            community: "mvc0011aabb".into(),
+            secret: "0a".repeat(32),
+            supernode: "198.18.1.2:7701".into(),
+            supernode_port: Some(7701),
+            tap: "mvt1".into(),
+            bridge: "mvb1".into(),
+            edge_name: "A-a-h0-0".into(),
+        };
+        assert!(good.validate().is_ok());
+    }
 
     #[test]
     fn requests_round_trip() {

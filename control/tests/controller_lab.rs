@@ -170,6 +170,25 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         }
     }
 
+    // One VM stopped and started again keeps its MAC and address.
+    let c4 = sl.ctl_json(&["vm", "stop", "t-c4"]).expect("vm stop");
+    assert_eq!(c4["state"], "stopped");
+    assert!(!sl
+        .leftover_vm_namespaces()
+        .iter()
+        .any(|n| n.ends_with("t-c4")));
+    let c4 = sl.ctl_json(&["vm", "start", "t-c4"]).expect("vm start");
+    assert_eq!(c4["state"], "running");
+    let c4_ip = c4["ip"].as_str().unwrap().to_string();
+    let fe_ns = format!("{}t-fe", sl.vm_prefix);
+    lab::wait_ping(
+        &sl.lab,
+        &fe_ns,
+        c4_ip.parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .expect("frontend -> t-c4 after vm start");
+
     // Site C's agent goes down: status says so, operations there fail clearly.
     sl.stop_agent("C");
     let st = sl

@@ -62,8 +62,9 @@ Example (site B, behind NAT; site A runs the supernode on 198.18.0.1):
 A config file (--config edge.toml) takes the same keys as the long flags, with
 underscores (secret_file, create_tap, status_socket) and `supernodes = [..]`;
 flags override it. Logs go to stderr (RUST_LOG=debug for more).
-MTU: the TAP MTU defaults to 1500 so VMs keep 1500; overlay packets larger than the
-underlay MTU are fragmented by IP and TCP MSS is clamped to avoid it (docs/ARCHITECTURE.md).";
+MTU: the TAP MTU defaults to 1500 so VMs keep 1500. TCP is re-segmented so that its
+overlay packets fit --underlay-mtu (default 1500); other oversized frames are fragmented
+by IP (docs/ARCHITECTURE.md).";
 
 const SN_AFTER_HELP: &str = "\
 A supernode introduces the edges of each community to each other (observed and local
@@ -150,6 +151,10 @@ struct EdgeArgs {
     /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
     #[arg(long, value_name = "N")]
     underlay_mtu: Option<u32>,
+    /// After traffic, poll for this many microseconds before sleeping: lower latency on
+    /// hosts with idle cores, wasted CPU on busy ones [default: 0].
+    #[arg(long, value_name = "MICROS")]
+    busy_poll_us: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -170,6 +175,7 @@ struct EdgeFile {
     metrics: Option<SocketAddr>,
     datapath: Option<Datapath>,
     underlay_mtu: Option<u32>,
+    busy_poll_us: Option<u64>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -413,6 +419,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             "--underlay-mtu {underlay_mtu} is outside 576..=65000"
         )));
     }
+    let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(0);
     let uring_ok = io_uring::IoUring::new(8).is_ok();
     if !uring_ok {
         tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
@@ -483,12 +490,14 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         listen: bound.to_string(),
     };
     if uring_ok {
+        let spin = Duration::from_micros(busy_poll_us.min(10_000));
         uring::run_edge(
             core,
             sock,
             tap,
             off,
             underlay_mtu as usize,
+            spin,
             info,
             snap,
             stop,
@@ -559,4 +568,49 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
     driver::run_supernode(core, sock, bound, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_config_file_parses_and_rejects_unknown_keys() {
+        let f: EdgeFile = toml::from_str(
+            r#"
+            name = "site-b"
+            community = "lab"
+            secret_file = "/etc/mvc/secret"
+            supernodes = ["198.18.0.1:7654", "198.18.0.5:7654"]
+            tap = "mvc0"
+            create_tap = true
+            mtu = 1500
+            cipher = "chacha20-poly1305"
+            datapath = "auto"
+            underlay_mtu = 1400
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.supernodes.unwrap().len(), 2);
+        assert_eq!(f.cipher, Some(Cipher::Chacha20Poly1305));
+        assert_eq!(f.datapath, Some(Datapath::Auto));
+        assert!(toml::from_str::<EdgeFile>("nmae = \"x\"").is_err());
+        let s: SnFile = toml::from_str("listen = \"0.0.0.0:7654\"\nedge_timeout = 10").unwrap();
+        assert_eq!(s.edge_timeout, Some(10));
+    }
+
+    #[test]
+    fn xdp_is_refused_with_a_clear_message() {
+        let a = EdgeArgs {
+            name: Some("a".into()),
+            community: Some("c".into()),
+            secret: Some("s".into()),
+            supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+            tap: Some("mvcx0".into()),
+            datapath: Some(Datapath::Xdp),
+            ..EdgeArgs::default()
+        };
+        let e = run_edge(a).unwrap_err().to_string();
+        assert!(e.contains("XDP datapath is not built yet"), "{e}");
+    }
 }

@@ -940,7 +940,13 @@ impl EdgeCore {
             return;
         };
         if init.ts <= p.last_init_ts {
-            return self.drop("replay");
+            // The same init arrives once relayed and once direct: only the first counts.
+            let reason = if init.ts == p.last_init_ts {
+                "duplicate_handshake"
+            } else {
+                "replay"
+            };
+            return self.drop(reason);
         }
         p.last_init_ts = init.ts;
         let (resp, keys) = match self

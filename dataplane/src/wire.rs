@@ -252,6 +252,15 @@ fn check_head(buf: &[u8], t: MsgType) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Reserved header bytes must be zero (a later version may give them a meaning).
+fn check_zero(buf: &[u8], at: std::ops::Range<usize>) -> Result<(), WireError> {
+    match buf.get(at) {
+        None => Err(WireError::Truncated),
+        Some(b) if b.iter().all(|x| *x == 0) => Ok(()),
+        Some(_) => Err(WireError::Malformed),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Register (edge -> supernode)
 
@@ -311,6 +320,7 @@ impl Register {
         if buf.len() < 4 + SIG_LEN {
             return Err(WireError::Truncated);
         }
+        check_zero(buf, 2..4)?;
         let (signed, sig) = buf.split_at(buf.len() - SIG_LEN);
         let mut r = Reader::new(signed, 4);
         let community = r.array()?;
@@ -373,6 +383,7 @@ impl RegisterAck {
     /// Parses.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         check_head(buf, MsgType::RegisterAck)?;
+        check_zero(buf, 2..4)?;
         let mut r = Reader::new(buf, 4);
         let m = Self {
             community: r.array()?,
@@ -521,6 +532,7 @@ impl RelayHdr {
         if buf.len() < RELAY_HDR_LEN + 2 {
             return Err(WireError::Truncated);
         }
+        check_zero(buf, 2..4)?;
         let mut r = Reader::new(buf, 4);
         let h = Self {
             community: r.array()?,
@@ -655,6 +667,7 @@ impl HandshakeInit {
                 WireError::Trailing
             });
         }
+        check_zero(buf, 3..4)?;
         let mut r = Reader::new(buf, 2);
         let cipher = r.u8()?;
         r.u8()?;
@@ -714,6 +727,7 @@ impl HandshakeResp {
                 WireError::Trailing
             });
         }
+        check_zero(buf, 3..4)?;
         let mut r = Reader::new(buf, 2);
         let cipher = r.u8()?;
         r.u8()?;
@@ -773,6 +787,7 @@ impl TransportHdr {
         if buf.len() < TRANSPORT_HDR_LEN {
             return Err(WireError::Truncated);
         }
+        check_zero(buf, 3..4)?;
         let mut idx = [0u8; 4];
         idx.copy_from_slice(&buf[4..8]);
         let mut ctr = [0u8; 8];

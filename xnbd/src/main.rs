@@ -96,6 +96,9 @@ struct ProxyArgs {
     /// Bytes per background request.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     background_chunk: u64,
+    /// Background requests in flight at once (fills long links).
+    #[arg(long, default_value_t = 4)]
+    background_depth: usize,
     /// Seconds a client request touching missing blocks waits for an absent source before
     /// failing with EIO.
     #[arg(long, default_value_t = 30.0)]
@@ -284,6 +287,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         rate: a.rate,
         background: !a.no_background,
         background_chunk: a.background_chunk,
+        background_depth: a.background_depth,
         source_timeout: Duration::from_secs_f64(a.source_timeout.max(0.0)),
         readahead: a.readahead,
     })

@@ -83,6 +83,8 @@ pub struct ProxyConfig {
     pub background: bool,
     /// Bytes per background request.
     pub background_chunk: u64,
+    /// Background requests in flight at once.
+    pub background_depth: usize,
     /// How long client requests touching missing blocks wait for an absent source.
     pub source_timeout: Duration,
     /// Bytes fetched ahead of a sequential reader.
@@ -141,15 +143,15 @@ pub struct Status {
 type Waiter = watch::Receiver<()>;
 
 /// Blocks held by one fetch or write; released (and waiters woken) on drop.
-struct Claim<'a> {
-    proxy: &'a Proxy,
+struct Claim {
+    table: Arc<Mutex<HashMap<u64, Waiter>>>,
     blocks: Vec<u64>,
     _tx: watch::Sender<()>,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.proxy.inflight.lock() {
+        if let Ok(mut m) = self.table.lock() {
             for b in &self.blocks {
                 m.remove(b);
             }
@@ -197,7 +199,7 @@ pub struct Proxy {
     bitmap: Arc<Bitmap>,
     size: u64,
     bs: u64,
-    inflight: Mutex<HashMap<u64, Waiter>>,
+    inflight: Arc<Mutex<HashMap<u64, Waiter>>>,
     source: Mutex<Addr>,
     link: Link,
     target: AtomicBool,
@@ -277,7 +279,7 @@ impl Proxy {
             bitmap: Arc::new(bitmap),
             size,
             bs: u64::from(cfg.block_size),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
             source: Mutex::new(cfg.source.clone()),
             link: Link::new(),
             target: AtomicBool::new(complete),
@@ -474,7 +476,7 @@ impl Proxy {
     }
 
     /// Claim missing blocks of `[a, b)` nobody holds; also return waiters for those held.
-    fn claim_free(&self, a: u64, b: u64, limit: usize) -> (Option<Claim<'_>>, Vec<Waiter>) {
+    fn claim_free(&self, a: u64, b: u64) -> (Option<Claim>, Vec<Waiter>) {
         let Ok(mut m) = self.inflight.lock() else {
             return (None, Vec::new());
         };
@@ -487,13 +489,13 @@ impl Proxy {
             }
             if let Some(w) = m.get(&i) {
                 waiters.push(w.clone());
-            } else if blocks.len() < limit {
+            } else {
                 m.insert(i, rx.clone());
                 blocks.push(i);
             }
         }
         let claim = (!blocks.is_empty()).then(|| Claim {
-            proxy: self,
+            table: self.inflight.clone(),
             blocks,
             _tx: tx,
         });
@@ -501,7 +503,7 @@ impl Proxy {
     }
 
     /// Claim every missing block of `[a, b)`, or none (returning one to wait for).
-    fn claim_all(&self, a: u64, b: u64) -> Result<Claim<'_>, Waiter> {
+    fn claim_all(&self, a: u64, b: u64) -> Result<Claim, Waiter> {
         let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         for i in a..b {
             if !self.bitmap.is_set(i) {
@@ -519,7 +521,7 @@ impl Proxy {
             }
         }
         Ok(Claim {
-            proxy: self,
+            table: self.inflight.clone(),
             blocks,
             _tx: tx,
         })
@@ -528,7 +530,7 @@ impl Proxy {
     /// Fetch the claimed blocks, store them durably, then mark them.
     async fn fetch_claimed(
         &self,
-        claim: &Claim<'_>,
+        claim: &Claim,
         demand: bool,
         deadline: Option<Instant>,
     ) -> Result<(), OpError> {
@@ -547,14 +549,23 @@ impl Proxy {
         }
         let bytes: u64 = datas.iter().map(|d| d.1.len() as u64).sum();
         let nblocks = claim.blocks.len() as u64;
-        self.store_and_mark(datas, runs).await?;
+        // Counted before the bits are set, so a status showing a block local always shows
+        // its fetch too (taken back if storing fails).
+        let kind = if demand {
+            &self.demand_blocks
+        } else {
+            &self.background_blocks
+        };
         self.fetched_blocks.fetch_add(nblocks, Ordering::Relaxed);
         self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if demand {
-            self.demand_blocks.fetch_add(nblocks, Ordering::Relaxed);
-        } else {
-            self.background_blocks.fetch_add(nblocks, Ordering::Relaxed);
+        kind.fetch_add(nblocks, Ordering::Relaxed);
+        if let Err(e) = self.store_and_mark(datas, runs).await {
+            self.fetched_blocks.fetch_sub(nblocks, Ordering::Relaxed);
+            self.fetched_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            kind.fetch_sub(nblocks, Ordering::Relaxed);
+            return Err(e);
         }
+        self.check_complete();
         Ok(())
     }
 
@@ -575,9 +586,7 @@ impl Proxy {
             bm.set_durable(&runs)?;
             Ok(())
         })
-        .await?;
-        self.check_complete();
-        Ok(())
+        .await
     }
 
     /// Make `[off, off+len)` local, fetching what is missing (on demand).
@@ -592,7 +601,7 @@ impl Proxy {
                 if self.is_target() {
                     return Ok(());
                 }
-                let (claim, waiters) = self.claim_free(a, b, usize::MAX);
+                let (claim, waiters) = self.claim_free(a, b);
                 if claim.is_none() && waiters.is_empty() {
                     return Ok(());
                 }
@@ -677,7 +686,8 @@ impl Proxy {
                         let runs = runs_of(&claim.blocks);
                         let n = claim.blocks.len() as u64;
                         let s = self.clone();
-                        blocking(move || {
+                        self.written_blocks.fetch_add(n, Ordering::Relaxed);
+                        let r = blocking(move || {
                             op(&s.storage)?;
                             if !runs.is_empty() || fua {
                                 s.storage.sync()?;
@@ -685,8 +695,11 @@ impl Proxy {
                             s.bitmap.set_durable(&runs)?;
                             Ok(())
                         })
-                        .await?;
-                        self.written_blocks.fetch_add(n, Ordering::Relaxed);
+                        .await;
+                        if r.is_err() {
+                            self.written_blocks.fetch_sub(n, Ordering::Relaxed);
+                        }
+                        r?;
                         drop(claim);
                         self.check_complete();
                         return Ok(());
@@ -812,12 +825,57 @@ impl Proxy {
         self.wake.notify_waiters();
     }
 
-    /// Copy missing blocks in the background, rate-limited, after on-demand fetches.
+    /// Claim a contiguous run of at most `limit` missing blocks nobody holds, starting at
+    /// the first such block at or after `from`.
+    fn claim_run(&self, from: u64, limit: usize) -> Option<Claim> {
+        let mut m = self.inflight.lock().ok()?;
+        let mut i = from;
+        loop {
+            let s = self.bitmap.next_missing(i)?;
+            if !m.contains_key(&s) {
+                i = s;
+                break;
+            }
+            i = s + 1;
+        }
+        let (tx, rx) = watch::channel(());
+        let mut blocks = Vec::new();
+        while blocks.len() < limit
+            && i < self.bitmap.nblocks()
+            && !self.bitmap.is_set(i)
+            && !m.contains_key(&i)
+        {
+            m.insert(i, rx.clone());
+            blocks.push(i);
+            i += 1;
+        }
+        Some(Claim {
+            table: self.inflight.clone(),
+            blocks,
+            _tx: tx,
+        })
+    }
+
+    /// Copy missing blocks in the background: runs of `background_chunk` bytes, up to
+    /// `background_depth` requests in flight (to fill long links), rate-limited, and paused
+    /// whenever an on-demand fetch is active.
     async fn background_copy(self: Arc<Self>) {
         let chunk_blocks = (self.cfg.background_chunk / self.bs).max(1) as usize;
+        let depth = self.cfg.background_depth.max(1);
         let mut cursor = 0u64;
         let mut next_slot = Instant::now();
+        let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
+        let mut failures = 0u64;
         while !self.is_target() {
+            while let Some(r) = tasks.try_join_next() {
+                self.note_background(r, &mut failures);
+            }
+            if tasks.len() >= depth {
+                if let Some(r) = tasks.join_next().await {
+                    self.note_background(r, &mut failures);
+                }
+                continue;
+            }
             if !self.background.load(Ordering::Acquire) {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -829,16 +887,6 @@ impl Proxy {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue;
             }
-            let start = match self.bitmap.next_missing(cursor) {
-                Some(s) => s,
-                None => match self.bitmap.next_missing(0) {
-                    Some(s) => s,
-                    None => {
-                        self.check_complete();
-                        break;
-                    }
-                },
-            };
             // Wait for the source without holding claims, so that clients needing these
             // blocks are not stuck behind an outage of the background copy.
             if self
@@ -848,19 +896,29 @@ impl Proxy {
             {
                 continue;
             }
-            let (claim, _) = self.claim_free(start, self.bitmap.nblocks(), chunk_blocks);
-            let Some(claim) = claim else {
-                // Everything from here on is being fetched by someone else.
-                cursor = 0;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            let claim = match self.claim_run(cursor, chunk_blocks) {
+                Some(c) => c,
+                None => match self.claim_run(0, chunk_blocks) {
+                    Some(c) => c,
+                    None => {
+                        if self.bitmap.complete() {
+                            self.check_complete();
+                            break;
+                        }
+                        // The rest is in flight: wait for some of it.
+                        match tasks.join_next().await {
+                            Some(r) => self.note_background(r, &mut failures),
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        }
+                        continue;
+                    }
+                },
+            };
+            let (Some(&first), Some(&last)) = (claim.blocks.first(), claim.blocks.last()) else {
                 continue;
             };
-            // Only the first contiguous run of the claim; release the rest.
-            let first_run = runs_of(&claim.blocks)[0];
-            drop(claim);
-            let (claim, _) = self.claim_free(first_run.0, first_run.1, chunk_blocks);
-            let Some(claim) = claim else { continue };
-            let bytes = ((first_run.1 * self.bs).min(self.size)) - first_run.0 * self.bs;
+            cursor = last + 1;
+            let bytes = ((last + 1) * self.bs).min(self.size) - first * self.bs;
             let rate = self.rate_limit.load(Ordering::Acquire);
             if rate > 0 {
                 let now = Instant::now();
@@ -870,15 +928,27 @@ impl Proxy {
                 next_slot =
                     next_slot.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
             }
-            match self.fetch_claimed(&claim, false, self.deadline()).await {
-                Ok(()) => cursor = claim.blocks.last().map_or(0, |l| l + 1),
-                Err(e) => {
-                    if !self.is_target() {
-                        warn!("background copy: {e}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+            let p = self.clone();
+            tasks.spawn(async move { p.fetch_claimed(&claim, false, p.deadline()).await });
+        }
+        tasks.abort_all();
+    }
+
+    /// Log background failures (the first of a series, then every hundredth).
+    fn note_background(
+        &self,
+        r: Result<Result<(), OpError>, tokio::task::JoinError>,
+        failures: &mut u64,
+    ) {
+        match r {
+            Ok(Ok(())) => *failures = 0,
+            Ok(Err(e)) => {
+                if *failures % 100 == 0 && !self.is_target() {
+                    warn!("background copy: {e}");
                 }
+                *failures += 1;
             }
+            Err(_) => {}
         }
     }
 

@@ -57,11 +57,17 @@ impl ProxyRun {
     }
     fn cache_all(&self) -> serde_json::Value {
         let o = self.ctl(&["--json", "cache-all", "--timeout", "90"]);
-        assert!(
-            o.status.success(),
-            "cache-all: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        if !o.status.success() {
+            let mut logs = String::new();
+            for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    logs += &format!("--- {}\n{}\n", p.display(), text);
+                }
+            }
+            panic!("cache-all: {}\n{logs}", String::from_utf8_lossy(&o.stderr));
+        }
         serde_json::from_slice(&o.stdout).unwrap()
     }
 }
@@ -229,25 +235,36 @@ fn crash_and_resume_fetches_no_block_twice() {
     common::make_image(&src, 32 * MIB, 32 * MIB, 12);
     let ssock = d.path().join("src.sock");
     let slog = d.path().join("nbdkit-reads.log");
-    // 64 Mbit/s: the whole image takes about 4 s.
-    let _source = nbdkit(
-        &ssock,
-        &[
-            "--filter=log",
-            "--filter=rate",
-            "file",
-            src.to_str().unwrap(),
-            &format!("logfile={}", slog.display()),
-            "rate=64M",
-        ],
-        &d.path().join("nbdkit.log"),
-    );
+    // The rate filter stands in for a slow link (the copy takes a few seconds).
+    let start_source = |log: &Path, out: &str| {
+        nbdkit(
+            &ssock,
+            &[
+                "--filter=log",
+                "--filter=rate",
+                "file",
+                src.to_str().unwrap(),
+                &format!("logfile={}", log.display()),
+                "rate=64M",
+            ],
+            &d.path().join(out),
+        )
+    };
+    let mut source = start_source(&slog, "nbdkit.log");
     let p = ProxyRun::new(d.path());
     let mut proxy = p.start(&src_uri(&ssock), &[], "proxy1.log");
     let before = wait_status(&p.ctl, Duration::from_secs(30), |q| {
         u(q, "cached_blocks") >= 128
     });
     proxy.kill9();
+    // nbdkit 1.32 can abort when a client vanishes with reads in flight (an assertion in
+    // its socket code); the source then restarts, logging to a second file.
+    let slog2 = d.path().join("nbdkit-reads2.log");
+    std::thread::sleep(Duration::from_millis(200));
+    if source.child.try_wait().unwrap().is_some() {
+        eprintln!("nbdkit died with the proxy's connection; restarting it");
+        source = start_source(&slog2, "nbdkit2.log");
+    }
     assert!(
         u(&before, "cached_blocks") < 512,
         "copy finished before the crash: {before}"
@@ -269,12 +286,15 @@ fn crash_and_resume_fetches_no_block_twice() {
     let q = query(&p.ctl);
     assert_eq!(u(&q, "fetched_blocks"), 512 - resumed_with, "{q}");
     // At the source: every block read, and only blocks in flight at the crash read twice
-    // (at most one background request of 1 MiB = 16 blocks, plus one readahead window).
-    let counts = common::fetch_counts(&common::nbdkit_reads(&slog), BLOCK);
+    // (at most 4 background requests of 1 MiB = 64 blocks; no client read here).
+    let mut reads = common::nbdkit_reads(&slog);
+    reads.extend(common::nbdkit_reads(&slog2));
+    drop(source);
+    let counts = common::fetch_counts(&reads, BLOCK);
     assert_eq!(counts.len(), 512);
     let twice: Vec<_> = counts.iter().filter(|(_, &c)| c > 1).collect();
     assert!(
-        twice.len() <= 32,
+        twice.len() <= 64,
         "{} blocks fetched twice: {twice:?}",
         twice.len()
     );

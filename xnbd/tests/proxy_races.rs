@@ -56,6 +56,7 @@ async fn concurrent_clients_race_background_copy() {
         rate: 16 << 20,
         background: true,
         background_chunk: 64 << 10,
+        background_depth: 4,
         source_timeout: Duration::from_secs(10),
         readahead: 32 << 10,
     })

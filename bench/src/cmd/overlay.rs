@@ -76,9 +76,15 @@ pub struct Row {
     pub rtt_samples: Vec<f64>,
     /// Median RTT, ms.
     pub rtt_ms: Option<f64>,
-    /// Throughput relative to raw in the same run.
+    /// The raw underlay's Gb/s, measured alternately with this row's runs.
+    pub raw_gbps_runs: Vec<f64>,
+    /// Median of `raw_gbps_runs`.
+    pub raw_gbps: f64,
+    /// The raw underlay's median RTT, measured right after this row's pings.
+    pub raw_rtt_ms: Option<f64>,
+    /// Throughput relative to the paired raw runs.
     pub tput_vs_raw: Option<f64>,
-    /// RTT relative to raw in the same run.
+    /// RTT relative to the paired raw pings.
     pub rtt_vs_raw: Option<f64>,
 }
 
@@ -120,25 +126,53 @@ impl Ctx<'_> {
             .with_context(|| format!("{system} {cipher} {path}: no connectivity"))?;
         // Warm up (ARP, sessions, path selection) before measuring.
         let _ = lab::ping(lab, self.client(), dst, 5, 0.1);
+        // The raw underlay between the same VMs is measured alternately with each system
+        // (the machine's load drifts; a reference taken minutes earlier would not do).
+        let raw_dst = self.topo.site("a").vms[0].underlay_ip;
+        let paired = dst != raw_dst;
         let rtt_samples = lab::ping_samples(lab, self.client(), dst, a.pings, 0.1)?;
+        let raw_rtt = if paired {
+            lab::ping_samples(lab, self.client(), raw_dst, a.pings, 0.1)?
+        } else {
+            rtt_samples.clone()
+        };
         let mut gbps_runs = Vec::new();
+        let mut raw_gbps_runs = Vec::new();
         for i in 0..a.runs {
+            if paired {
+                let bps = lab::iperf(lab, self.client(), raw_dst, a.secs)
+                    .with_context(|| format!("raw reference run {}", i + 1))?;
+                raw_gbps_runs.push(bps / 1e9);
+            }
             let bps = lab::iperf(lab, self.client(), dst, a.secs)
                 .with_context(|| format!("{system} {cipher} {path}: iperf3 run {}", i + 1))?;
             gbps_runs.push(bps / 1e9);
         }
+        if !paired {
+            raw_gbps_runs.clone_from(&gbps_runs);
+        }
+        let gbps = lab::median(&gbps_runs).unwrap_or(0.0);
+        let rtt_ms = lab::median(&rtt_samples);
+        let raw_gbps = lab::median(&raw_gbps_runs).unwrap_or(0.0);
+        let raw_rtt_ms = lab::median(&raw_rtt);
         let row = Row {
             system: system.into(),
             cipher: cipher.into(),
             path: path.into(),
             datapath: datapath.into(),
             delay_ms: self.delay,
-            gbps: lab::median(&gbps_runs).unwrap_or(0.0),
+            gbps,
             gbps_runs,
-            rtt_ms: lab::median(&rtt_samples),
+            rtt_ms,
             rtt_samples,
-            tput_vs_raw: None,
-            rtt_vs_raw: None,
+            raw_gbps,
+            raw_gbps_runs,
+            raw_rtt_ms,
+            tput_vs_raw: (raw_gbps > 0.0).then(|| gbps / raw_gbps),
+            rtt_vs_raw: match (rtt_ms, raw_rtt_ms) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            },
         };
         eprintln!(
             "  {:<10} {:<12} {:<8} {:<5} {:>7.3} Gb/s  rtt {} ms",
@@ -236,19 +270,6 @@ fn run_all(
             rows.push(res?);
         }
     }
-    let raw = rows
-        .iter()
-        .find(|r| r.system == "raw")
-        .map(|r| (r.gbps, r.rtt_ms));
-    if let Some((g, rtt)) = raw {
-        for r in &mut rows {
-            r.tput_vs_raw = (g > 0.0).then(|| r.gbps / g);
-            r.rtt_vs_raw = match (r.rtt_ms, rtt) {
-                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
-                _ => None,
-            };
-        }
-    }
     Ok(rows)
 }
 
@@ -258,25 +279,30 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
     let dcol = if with_delay { " delay ms |" } else { "" };
     let dsep = if with_delay { "---:|" } else { "" };
     s.push_str(&format!(
-        "|{dcol} system | cipher | path | datapath | TCP Gb/s (median of {runs}) | of raw | ping RTT ms (median) | x raw |\n"
+        "|{dcol} system | cipher | path | datapath | TCP Gb/s (median of {runs}) | raw Gb/s (paired) | of raw | ping RTT ms (median) | raw RTT ms | x raw |\n"
     ));
-    s.push_str(&format!("|{dsep}---|---|---|---|---:|---:|---:|---:|\n"));
+    s.push_str(&format!(
+        "|{dsep}---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    ));
     for r in rows {
         let d = if with_delay {
             format!(" {} |", r.delay_ms)
         } else {
             String::new()
         };
+        let ms = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
         s.push_str(&format!(
-            "|{d} {} | {} | {} | {} | {:.3} | {} | {} | {} |\n",
+            "|{d} {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             r.system,
             r.cipher,
             r.path,
             r.datapath,
             r.gbps,
+            r.raw_gbps,
             r.tput_vs_raw
                 .map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
-            r.rtt_ms.map_or("-".into(), |x| format!("{x:.3}")),
+            ms(r.rtt_ms),
+            ms(r.raw_rtt_ms),
             r.rtt_vs_raw.map_or("-".into(), |x| format!("{x:.2}")),
         ));
     }

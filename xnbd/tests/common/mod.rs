@@ -66,7 +66,10 @@ pub fn spawn(prog: &str, args: &[&str], log: &Path) -> Proc {
     let f = File::create(log).expect("log file");
     let child = Command::new(prog)
         .args(args)
-        .env("XNBD_LOG", "info")
+        .env(
+            "XNBD_LOG",
+            std::env::var("XNBD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(f.try_clone().expect("log file"))
         .stderr(f)
