@@ -19,6 +19,7 @@
 //!
 //! See docs/XDP.md for the design and measurements.
 
+pub mod edge;
 mod port;
 mod xsk;
 
