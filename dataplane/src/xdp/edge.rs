@@ -56,14 +56,23 @@ pub fn complete_csum(frame: &mut [u8], start: usize, offset: usize) -> bool {
     true
 }
 
+/// What the UDP side may use (probed by the caller).
+#[derive(Clone, Copy, Debug)]
+pub struct UdpOffloads {
+    /// UDP GSO for batches to one peer.
+    pub gso: bool,
+    /// UDP GRO is on for the socket (datagrams arrive coalesced).
+    pub gro: bool,
+    /// Underlay MTU (bounds GSO segments).
+    pub underlay_mtu: usize,
+}
+
 /// Runs an edge on an XDP port until `stop` is set.
 pub fn run_edge(
     mut core: EdgeCore,
     sock: UdpSocket,
     mut port: XdpPort,
-    gso: bool,
-    gro: bool,
-    underlay_mtu: usize,
+    off: UdpOffloads,
     info: EdgeInfo,
     snap: Snapshot<EdgeStatus>,
     stop: Arc<AtomicBool>,
@@ -71,8 +80,9 @@ pub fn run_edge(
     let fd = sock.as_raw_fd();
     let buf_size = info.mtu as usize + 14 + 4 + 1024;
     let mut out = Outbox::new(buf_size);
-    out.gso = gso;
-    out.gso_max_segment = underlay_mtu.saturating_sub(28);
+    out.gso = off.gso;
+    out.gso_max_segment = off.underlay_mtu.saturating_sub(28);
+    let gro = off.gro;
     let mut rx = vec![0u8; 65_536];
     let mut last_tick = Instant::now() - TICK;
     let mut last_pub = Instant::now() - PUBLISH;
