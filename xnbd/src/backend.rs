@@ -11,6 +11,9 @@ use crate::proto::err;
 use crate::proxy::Proxy;
 use crate::storage::Storage;
 
+/// Largest read tried inline on the async threads.
+const INLINE_READ: usize = 64 << 10;
+
 /// A failed operation, with the NBD error value to send.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{msg} (nbd error {errno})")]
@@ -84,6 +87,11 @@ impl Backend {
     ) -> Result<Vec<u8>, OpError> {
         match self {
             Backend::File(s) => {
+                // Small page-cache hits are served on the spot (the hand-off to the blocking
+                // pool would cost more than the copy); large or uncached reads go to the pool.
+                if buf.len() - start <= INLINE_READ && s.read_cached(&mut buf[start..], offset)? {
+                    return Ok(buf);
+                }
                 let s = s.clone();
                 blocking(move || {
                     s.read_at(&mut buf[start..], offset)?;

@@ -25,6 +25,10 @@ use crate::proto::{
 const MAX_IN_FLIGHT: usize = 64;
 /// Payload bytes one connection may hold in flight (reads and writes).
 const MAX_BUFFERED: u32 = 128 << 20;
+/// Read buffer of a connection.
+const READ_BUFFER: usize = 256 << 10;
+/// Replies smaller than this are gathered into one write.
+const WRITE_BATCH: usize = 256 << 10;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size).
@@ -477,11 +481,36 @@ impl Server {
         s: Session,
     ) -> Result<(), ServerError> {
         let session = Arc::new(s);
-        let (mut rd, mut wr) = tokio::io::split(conn);
+        let (rd, mut wr) = tokio::io::split(conn);
+        // Buffered: one read system call brings in many small request headers.
+        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
         let writer = tokio::spawn(async move {
+            let mut batch: Vec<u8> = Vec::new();
             while let Some(b) = rx.recv().await {
-                wr.write_all(&b).await?;
+                // Replies that are ready together go out in one write.
+                if b.len() >= WRITE_BATCH {
+                    wr.write_all(&b).await?;
+                } else {
+                    batch.clear();
+                    batch.extend_from_slice(&b);
+                    while batch.len() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(more) if batch.len() + more.len() <= WRITE_BATCH => {
+                                batch.extend_from_slice(&more)
+                            }
+                            Ok(more) => {
+                                wr.write_all(&batch).await?;
+                                batch.clear();
+                                wr.write_all(&more).await?;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if !batch.is_empty() {
+                        wr.write_all(&batch).await?;
+                    }
+                }
                 if rx.is_empty() {
                     wr.flush().await?;
                 }

@@ -71,6 +71,19 @@ impl Storage {
         Ok(())
     }
 
+    /// Read `buf` at `offset` if it can be done without blocking (all of it in the page
+    /// cache); `Ok(false)` means the caller must use [`Storage::read_at`] off the async
+    /// threads.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        match sys::pread_nowait(&self.file, buf, offset)? {
+            Some(n) if n == buf.len() => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
     /// Write all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)

@@ -84,3 +84,27 @@ pub fn willneed(f: &File, offset: u64, len: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(r))
     }
 }
+
+/// Read into `buf` at `offset` only if the data is already in the page cache
+/// (`preadv2(RWF_NOWAIT)`): `Ok(Some(n))` bytes read without blocking, `Ok(None)` when the
+/// read would block (or the kernel or file system cannot tell), errors otherwise.
+pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which is valid for writes of `buf.len()` bytes and
+    // exclusively borrowed for the duration of the call; the kernel writes at most that many
+    // bytes. The fd is owned by `f`.
+    let r = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r >= 0 {
+        return Ok(Some(r as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+        _ => Err(e),
+    }
+}

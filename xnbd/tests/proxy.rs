@@ -466,3 +466,43 @@ fn sources_qemu_nbd_and_xnbd_over_tls() {
     p.cache_all();
     assert!(common::same_bytes(&p.cache, &src));
 }
+
+#[test]
+fn forced_switch_drops_the_source_with_blocks_missing() {
+    require!("nbdkit", "qemu-io");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    common::make_image(&src, 4 * MIB, 4 * MIB, 15);
+    let ssock = d.path().join("src.sock");
+    let _source = nbdkit(
+        &ssock,
+        &["file", src.to_str().unwrap()],
+        &d.path().join("nbdkit.log"),
+    );
+    let p = ProxyRun::new(d.path());
+    let _proxy = p.start(
+        &src_uri(&ssock),
+        &["--no-background", "--readahead", "0"],
+        "proxy.log",
+    );
+    ok(30, "qemu-io", &["-f", "raw", "-c", "read 0 64k", &p.uri()]);
+    let o = p.ctl(&["switch"]);
+    assert!(!o.status.success());
+    let o = p.ctl(&["--json", "switch", "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(q["mode"], "target");
+    assert_eq!(u(&q, "cached_blocks"), 1);
+    // The fetched block keeps the source's bytes; missing ones read as the sparse cache
+    // holds them (zeroes), as documented; nothing more is fetched.
+    let out = ok(
+        30,
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0 1M 64k", &p.uri()],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let cache = std::fs::read(&p.cache).unwrap();
+    assert_eq!(cache[..65536], std::fs::read(&src).unwrap()[..65536]);
+    let q = query(&p.ctl);
+    assert_eq!(u(&q, "fetched_blocks"), 1, "{q}");
+}

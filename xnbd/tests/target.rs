@@ -244,6 +244,7 @@ fn fio_random_rw_verify_multi_conn() {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--group_reporting",
         ],
