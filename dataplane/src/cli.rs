@@ -18,6 +18,7 @@ use crate::io::uring::{self, Offloads};
 use crate::io::{tap, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
+use crate::xdp;
 use std::os::fd::AsRawFd;
 
 /// Errors of the command line front end.
@@ -145,9 +146,14 @@ struct EdgeArgs {
     /// TOML file with the same settings (flags override it).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
-    /// Datapath: auto (best available), tap, or xdp [default: auto].
+    /// Datapath: auto (best available), tap, or xdp [default: auto]. xdp makes the
+    /// --tap name a veth port served by XDP/AF_XDP (enslaved to --bridge, or by the
+    /// operator like a TAP); auto uses it when --bridge is given and it attaches.
     #[arg(long, value_enum)]
     datapath: Option<Datapath>,
+    /// The VM bridge: the XDP datapath puts its port (named by --tap) on it.
+    #[arg(long, value_name = "BRIDGE")]
+    bridge: Option<String>,
     /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
     #[arg(long, value_name = "N")]
     underlay_mtu: Option<u32>,
@@ -174,6 +180,7 @@ struct EdgeFile {
     status_socket: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     datapath: Option<Datapath>,
+    bridge: Option<String>,
     underlay_mtu: Option<u32>,
     busy_poll_us: Option<u64>,
 }
@@ -387,18 +394,34 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         .unwrap_or_else(|| edge_socket_default(&tap_name));
     let metrics = a.metrics.or(f.metrics);
     let create_tap = a.create_tap || f.create_tap.unwrap_or(false);
-    let (datapath, datapath_reason) =
-        match a.datapath.or(f.datapath).unwrap_or_default() {
-            Datapath::Xdp => return Err(CliError::Usage(
-                "the XDP datapath is not built yet in this version; use --datapath tap (or auto)"
-                    .into(),
-            )),
-            Datapath::Tap => ("tap", "selected with --datapath tap".to_string()),
-            Datapath::Auto => (
-                "tap",
-                "auto: the XDP datapath is not built yet, so TAP is used".to_string(),
-            ),
-        };
+    let bridge = a.bridge.or(f.bridge);
+    let request = match a.datapath.or(f.datapath).unwrap_or_default() {
+        Datapath::Auto => xdp::DatapathRequest::Auto,
+        Datapath::Tap => xdp::DatapathRequest::Tap,
+        Datapath::Xdp => xdp::DatapathRequest::Xdp,
+    };
+    // auto takes XDP only when the edge owns the port end to end (--bridge);
+    // otherwise the operator expects a TAP to enslave.
+    let xdp_cfg = {
+        let mut c = xdp::XdpPortConfig::new(bridge.as_deref(), &tap_name);
+        c.mtu = mtu;
+        c
+    };
+    let choice = if request == xdp::DatapathRequest::Auto && bridge.is_none() {
+        xdp::Choice {
+            datapath: xdp::Datapath::Tap,
+            reason: "auto: no --bridge given (XDP puts its own port on the VM bridge); using the TAP device".into(),
+        }
+    } else {
+        xdp::choose(request, Some(&xdp_cfg))
+            .map_err(|e| CliError::Usage(format!("--datapath xdp: {e}")))?
+    };
+    let datapath = choice.datapath.name();
+    let datapath_reason = choice.reason;
+    let xdp_port = match choice.datapath {
+        xdp::Datapath::Xdp(p) => Some(p),
+        xdp::Datapath::Tap => None,
+    };
 
     let sock = udp::bind(listen)?;
     let bound = sock.local_addr().map_err(|e| IoError::Sys {
@@ -417,13 +440,16 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     if !uring_ok {
         tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
     }
-    let tap = tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?;
-    let off = Offloads {
-        gso: uring_ok && udp::probe_gso(sock.as_raw_fd()),
-        gro: uring_ok && udp::enable_gro(sock.as_raw_fd()),
-        vnet: tap.vnet_hdr,
+    let tap = match xdp_port {
+        Some(_) => None,
+        None => Some(tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?),
     };
-    if uring_ok {
+    let off = Offloads {
+        gso: (uring_ok || xdp_port.is_some()) && udp::probe_gso(sock.as_raw_fd()),
+        gro: (uring_ok || xdp_port.is_some()) && udp::enable_gro(sock.as_raw_fd()),
+        vnet: tap.as_ref().is_some_and(|t| t.vnet_hdr),
+    };
+    if let Some(tap) = tap.as_ref().filter(|_| uring_ok) {
         if !off.gso {
             tracing::warn!("UDP GSO not available; datagrams are sent one by one");
         }
@@ -464,7 +490,19 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         tracing::info!(%at, "metrics on /metrics");
     }
     let stop = stop_flag()?;
-    let io = if uring_ok {
+    let io = if let Some(port) = &xdp_port {
+        format!(
+            "poll(2); AF_XDP {} mode{}; udp-gso {}; udp-gro {}",
+            port.mode().as_str(),
+            if port.multi_buffer() {
+                ", multi-buffer"
+            } else {
+                ""
+            },
+            if off.gso { "on" } else { "off" },
+            if off.gro { "on" } else { "off" }
+        )
+    } else if uring_ok {
         off.describe()
     } else {
         "poll(2); no offloads".to_string()
@@ -483,21 +521,37 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         listen: bound.to_string(),
         listen_addr: bound,
     };
-    if uring_ok {
-        let spin = Duration::from_micros(busy_poll_us.min(10_000));
-        uring::run_edge(
+    if let Some(port) = xdp_port {
+        xdp::edge::run_edge(
             core,
             sock,
-            tap,
-            off,
-            underlay_mtu as usize,
-            spin,
+            *port,
+            xdp::edge::UdpOffloads {
+                gso: off.gso,
+                gro: off.gro,
+                underlay_mtu: underlay_mtu as usize,
+            },
             info,
             snap,
             stop,
         )?;
-    } else {
-        driver::run_edge(core, sock, tap, info, snap, stop)?;
+    } else if let Some(tap) = tap {
+        if uring_ok {
+            let spin = Duration::from_micros(busy_poll_us.min(10_000));
+            uring::run_edge(
+                core,
+                sock,
+                tap,
+                off,
+                underlay_mtu as usize,
+                spin,
+                info,
+                snap,
+                stop,
+            )?;
+        } else {
+            driver::run_edge(core, sock, tap, info, snap, stop)?;
+        }
     }
     tracing::info!("edge stopped");
     Ok(())
@@ -604,7 +658,12 @@ mod tests {
             datapath: Some(Datapath::Xdp),
             ..EdgeArgs::default()
         };
+        // Not a bridge: refused with the reason, nothing created.
+        let a = EdgeArgs {
+            bridge: Some("mvc-no-such-br".into()),
+            ..a
+        };
         let e = run_edge(a).unwrap_err().to_string();
-        assert!(e.contains("XDP datapath is not built yet"), "{e}");
+        assert!(e.contains("--datapath xdp"), "{e}");
     }
 }

@@ -474,11 +474,14 @@ fn kill9_then_restart_cleans_up() {
         assert!(stale.xdp_prog_id.is_none());
         assert!(stale.alias.unwrap().starts_with(xdp::ALIAS_PREFIX));
 
-        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("restart");
+        // Restarted under another port name: the old port is swept anyway.
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp1")).expect("restart");
         assert_ne!(port.prog_id(), *prog);
-        drop(port);
-        assert!(link_info("mvp0").unwrap().is_none());
+        assert!(link_info("mvp0").unwrap().is_none(), "stale port not swept");
         assert!(link_info("mvp0.x").unwrap().is_none());
+        drop(port);
+        assert!(link_info("mvp1").unwrap().is_none());
+        assert!(link_info("mvp1.x").unwrap().is_none());
     });
 }
 
@@ -527,9 +530,43 @@ fn auto_falls_back_to_tap_with_reason() {
     });
 }
 
+fn redirected(port: &XdpPort) -> u64 {
+    port.stats()
+        .program
+        .iter()
+        .find(|(n, _)| *n == "redirected")
+        .map_or(0, |&(_, v)| v)
+}
+
+/// For an IPv4/TCP frame: whether its TCP checksum is complete and right.
+fn tcp_checksum_ok(f: &[u8]) -> Option<bool> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
+        return None;
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    if total < ihl + 20 || 14 + total > f.len() {
+        return None;
+    }
+    let seg = &f[14 + ihl..14 + total];
+    let mut sum: u32 = 0;
+    for c in f[26..34].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    sum += 6 + seg.len() as u32;
+    for c in seg.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    Some(sum == 0xffff)
+}
+
 /// TCP between two VMs on a hub-mode bridge (every frame flooded to every
-/// port, ours included): the VMs' GSO super-packets are segmented before the
-/// port, so AF_XDP only ever sees frames of at most one MTU.
+/// port, ours included): the VMs' GSO super-packets are segmented and their
+/// checksums completed before the port, so AF_XDP only ever sees frames of
+/// at most one MTU with valid TCP checksums.
 #[test]
 fn gso_traffic_reaches_the_port_as_mtu_frames() {
     require_root!("gso_traffic_reaches_the_port_as_mtu_frames");
@@ -575,12 +612,17 @@ fn gso_traffic(mode: ModeRequest) {
             .stdout(Stdio::null())
             .spawn()
             .expect("iperf3 -c");
-        let (mut frames, mut max_len) = (0u64, 0usize);
+        let (mut frames, mut max_len, mut tcp, mut bad_csum) = (0u64, 0usize, 0u64, 0u64);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline && client.try_wait().expect("wait").is_none() {
             if port.recv_batch(64, |f| {
                 frames += 1;
                 max_len = max_len.max(f.len());
+                match tcp_checksum_ok(f) {
+                    Some(true) => tcp += 1,
+                    Some(false) => bad_csum += 1,
+                    None => {}
+                }
             }) == 0
             {
                 std::thread::sleep(Duration::from_micros(200));
@@ -594,12 +636,18 @@ fn gso_traffic(mode: ModeRequest) {
         let _ = server.wait();
         assert!(ok, "iperf3 between the VMs failed");
         assert!(
-            frames > 1000,
-            "{mode:?}: only {frames} frames reached the port"
+            redirected(&port) > 1000 && frames > 100,
+            "{mode:?}: only {frames} frames read from the port: {:?}",
+            port.stats()
         );
         assert!(
             max_len <= 1514,
             "{mode:?}: a {max_len}-byte frame reached the port"
         );
+        // The test's (debug-build) checksum loop cannot keep up with iperf3:
+        // the kernel drops what does not fit the ring; what is read is a
+        // sample of hundreds of frames.
+        assert!(tcp > 100, "{mode:?}: only {tcp} TCP frames checked");
+        assert_eq!(bad_csum, 0, "{mode:?}: TCP frames with a partial checksum");
     }
 }

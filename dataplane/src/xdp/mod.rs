@@ -19,6 +19,7 @@
 //!
 //! See docs/XDP.md for the design and measurements.
 
+pub mod edge;
 mod port;
 mod xsk;
 
@@ -32,7 +33,7 @@ use aya::{
 use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
-pub use port::{link_info, remove_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
+pub use port::{link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
 pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.

@@ -157,6 +157,89 @@ pub fn remove_stale(name: &str) -> Result<bool, PortError> {
     Ok(removed)
 }
 
+/// Turns off transmit checksum offload of `dev` (`ethtool -K dev tx off`,
+/// through the SIOCETHTOOL ioctl so that no ethtool binary is needed).
+fn tx_checksum_off(dev: &str) -> Result<(), PortError> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let err = |msg: String| PortError::Ip {
+        args: format!("(ethtool) {dev} tx off"),
+        msg,
+    };
+    if dev.len() >= libc::IFNAMSIZ {
+        return Err(err("name too long".into()));
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    req.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: SIOCETHTOOL reads an ifreq whose data points at a live
+    // ethtool_value; both outlive the call.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req as *mut IfReq) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if r != 0 {
+        return Err(err(e.to_string()));
+    }
+    Ok(())
+}
+
+/// Removes every port in this network namespace whose owner is gone
+/// (whatever its name: an edge killed with -9 and restarted under another
+/// port name leaves nothing behind either). Returns the names removed.
+pub fn sweep_stale() -> Result<Vec<String>, PortError> {
+    let out = ip(&["-j", "link", "show"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| PortError::Ip {
+        args: "-j link show".into(),
+        msg: format!("unparsable output: {e}"),
+    })?;
+    let mut removed = Vec::new();
+    for link in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let (Some(name), Some(alias)) = (
+            link.get("ifname").and_then(|v| v.as_str()),
+            link.get("ifalias").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let Some(pid) = owner_pid(alias) else {
+            continue;
+        };
+        // The edge side's name is the port's plus ".x": one of the pair is
+        // enough (deleting one end deletes both).
+        if pid == std::process::id() || pid_alive(pid) || name.ends_with(".x") {
+            continue;
+        }
+        match ip(&["link", "del", "dev", name]) {
+            Ok(_) => removed.push(name.to_owned()),
+            Err(PortError::Ip { msg, .. }) if msg.contains("does not exist") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// A veth port on a bridge; deleted on drop.
 #[derive(Debug)]
 pub struct VethPort {
@@ -176,6 +259,14 @@ impl VethPort {
                 Some(LinkInfo { kind: Some(k), .. }) if k == "bridge" => {}
                 _ => return Err(PortError::NotABridge(bridge.to_owned())),
             }
+        }
+        // Checksums: with tx checksum offload on the bridge side, the VMs'
+        // TCP/UDP frames cross the veth with only the pseudo-header sum in
+        // the checksum field (CHECKSUM_PARTIAL) and AF_XDP would hand them on
+        // like that. Off, the kernel completes the checksum before the veth
+        // (and, TSO depending on it, segments in software).
+        for gone in sweep_stale()? {
+            tracing::info!(port = %gone, "removed XDP port left by an edge that is gone");
         }
         remove_stale(name)?;
         let edge = edge_side(name);
@@ -204,6 +295,7 @@ impl VethPort {
             edge,
         };
         ip(&["link", "set", "dev", &port.edge, "alias", &alias])?;
+        tx_checksum_off(&port.name)?;
         ip(&["link", "set", "dev", &port.name, "alias", &alias])?;
         // Best effort: a kernel without IPv6 has no such file.
         let _ = std::fs::write(
