@@ -567,7 +567,7 @@ fn ctl_json(
     Ok(v)
 }
 
-/// Times 64 KiB reads at `offsets` with libnbd (nbdsh), one connection; ms per read.
+/// Times 64 KiB reads at `offsets` with libnbd (python3-libnbd), one connection; ms per read.
 fn timed_reads(sock: &Path, offsets: &[u64]) -> anyhow::Result<Vec<f64>> {
     let list = offsets
         .iter()
@@ -575,10 +575,12 @@ fn timed_reads(sock: &Path, offsets: &[u64]) -> anyhow::Result<Vec<f64>> {
         .collect::<Vec<_>>()
         .join(",");
     let script = format!(
-        "import time\nfor off in [{list}]:\n    t = time.perf_counter()\n    h.pread(65536, off)\n    print((time.perf_counter() - t) * 1000)\n"
+        "import nbd, time\nh = nbd.NBD()\nh.connect_uri({:?})\nfor off in [{list}]:\n    t = time.perf_counter()\n    h.pread(65536, off)\n    print((time.perf_counter() - t) * 1000)\nh.shutdown()\n",
+        uri(sock)
     );
+    // The system python (python3-libnbd), whatever python3 comes first in PATH.
     let out = run_cmd(
-        &s(&["/usr/bin/nbdsh", "-u", &uri(sock), "-c", &script]),
+        &s(&["/usr/bin/python3", "-c", &script]),
         Duration::from_secs(120),
     )?;
     out.lines()
@@ -729,6 +731,10 @@ pub struct Sample {
     pub t: f64,
     /// cached_blocks / total_blocks.
     pub cached: f64,
+    /// Blocks local.
+    pub cached_blocks: u64,
+    /// Blocks in the disk.
+    pub total_blocks: u64,
     /// Blocks fetched on demand so far.
     pub demand_blocks: u64,
     /// Blocks fetched by the background copy so far.
@@ -809,6 +815,8 @@ fn figure(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Figure> {
         samples.push(Sample {
             t,
             cached: cached as f64 / total as f64,
+            cached_blocks: cached,
+            total_blocks: total,
             demand_blocks: st["demand_blocks"].as_u64().unwrap_or(0),
             background_blocks: st["background_blocks"].as_u64().unwrap_or(0),
             written_blocks: st["written_blocks"].as_u64().unwrap_or(0),
@@ -855,6 +863,9 @@ fn figure(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Figure> {
     })
 }
 
+/// Picks one count out of a sample.
+type PartOf = fn(&Sample) -> u64;
+
 fn plot_figure(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::Result<()> {
     let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
     let tmax = f.samples.last().map_or(1.0, |s| s.t).max(f.ideal_secs) * 1.05;
@@ -879,39 +890,15 @@ fn plot_figure(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::
         .y_desc("% of blocks")
         .draw()
         .map_err(|x| e(&x))?;
-    let total = f.samples.last().map_or(1.0, |s| {
-        // Fraction of blocks per count: derive from the last sample (all local there).
-        let n = s.demand_blocks + s.background_blocks + s.written_blocks;
-        if n == 0 {
-            1.0
-        } else {
-            n as f64 / s.cached.max(1e-9)
-        }
-    });
-    let series: [(&str, RGBColor, Box<dyn Fn(&Sample) -> f64>); 4] = [
-        (
-            "cached (local)",
-            BLUE,
-            Box::new(|s: &Sample| s.cached * 100.0),
-        ),
-        (
-            "fetched by background copy",
-            GREEN,
-            Box::new(move |s: &Sample| s.background_blocks as f64 / total * 100.0),
-        ),
-        (
-            "fetched on demand",
-            RED,
-            Box::new(move |s: &Sample| s.demand_blocks as f64 / total * 100.0),
-        ),
-        (
-            "made local by writes",
-            MAGENTA,
-            Box::new(move |s: &Sample| s.written_blocks as f64 / total * 100.0),
-        ),
+    let pct = |n: u64, s: &Sample| n as f64 / s.total_blocks.max(1) as f64 * 100.0;
+    let series: [(&str, RGBColor, PartOf); 4] = [
+        ("cached (local)", BLUE, |s| s.cached_blocks),
+        ("fetched by background copy", GREEN, |s| s.background_blocks),
+        ("fetched on demand", RED, |s| s.demand_blocks),
+        ("made local by writes", MAGENTA, |s| s.written_blocks),
     ];
     for (name, color, get) in series {
-        let data: Vec<(f64, f64)> = f.samples.iter().map(|s| (s.t, get(s))).collect();
+        let data: Vec<(f64, f64)> = f.samples.iter().map(|s| (s.t, pct(get(s), s))).collect();
         chart
             .draw_series(LineSeries::new(data, color.stroke_width(2)))
             .map_err(|x| e(&x))?
@@ -1069,8 +1056,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for t in ["nbdkit", "qemu-nbd", "fio", "nbdcopy"] {
         need_tool(t)?;
     }
-    if !Path::new("/usr/bin/nbdsh").is_file() {
-        bail!("/usr/bin/nbdsh not found (apt-get install libnbd-bin python3-libnbd)");
+    let libnbd = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !libnbd {
+        bail!("/usr/bin/python3 cannot import nbd (apt-get install python3-libnbd)");
     }
     let (date, stamp) = utc_now();
     let machine = Machine::probe();
