@@ -991,16 +991,17 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
         let _ = writeln!(
             md,
-            "| source delay | source direct | proxy cold | cold / direct | proxy warm |"
+            "| source delay | source direct | proxy cold | cold - direct | cold / direct | proxy warm |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
         for l in &r.latency {
             let _ = writeln!(
                 md,
-                "| {} ms | {:.1} | {:.1} | {:.2} | {:.2} |",
+                "| {} ms | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
                 l.delay_ms,
                 l.source_median_ms,
                 l.cold_median_ms,
+                l.cold_median_ms - l.source_median_ms,
                 l.cold_over_source,
                 l.warm_median_ms
             );
