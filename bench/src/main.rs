@@ -23,6 +23,8 @@ enum Command {
     /// The userspace WAN emulator: run a link, or check it against its settings.
     #[command(subcommand)]
     Wanem(cmd::wanem::Cmd),
+    /// xnbd: target mode against nbdkit and qemu-nbd; proxy latency, relocation, figure 7.
+    Nbd(cmd::nbd::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
         Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),
+        Command::Nbd(a) => cmd::nbd::run(&a),
     }
 }

@@ -1,6 +1,7 @@
 //! Subcommands of the `bench` binary.
 
 pub mod demo;
+pub mod nbd;
 pub mod overlay;
 pub mod wanem;
 
