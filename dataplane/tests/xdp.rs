@@ -160,7 +160,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.vm]).status();
+        for ns in self.extra.iter().chain([&self.vm]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
