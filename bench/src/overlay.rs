@@ -1,5 +1,5 @@
 //! Running overlays in a [`Lab`]: this project's `mvc supernode` / `mvc edge` (through the
-//! CLI contract of the team brief) and Debian's n2n 1.3.1, the baseline.
+//! command-line contract documented in docs/BENCH.md) and Debian's n2n 1.3.1, the baseline.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
