@@ -437,6 +437,7 @@ pub struct QemuDriver {
     /// Configuration.
     pub cfg: QemuConfig,
     counter: u32,
+    accel: Option<&'static str>,
 }
 
 /// Files of one qemu VM.
@@ -457,22 +458,66 @@ const MAX_SOCK_PATH: usize = 107;
 impl QemuDriver {
     /// A driver with `cfg`.
     pub fn new(cfg: QemuConfig) -> QemuDriver {
-        QemuDriver { cfg, counter: 0 }
+        QemuDriver {
+            cfg,
+            counter: 0,
+            accel: None,
+        }
     }
 
-    /// The accelerator: KVM when /dev/kvm can be opened, TCG otherwise.
-    pub fn accel() -> &'static str {
+    /// The accelerator: KVM when /dev/kvm opens and a paused KVM guest of `qemu` comes
+    /// up (some hosts expose /dev/kvm but cannot run a guest with it), TCG otherwise.
+    pub fn probe_accel(qemu: &str) -> &'static str {
         if std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/kvm")
-            .is_ok()
+            .is_err()
         {
-            // kvm:tcg: qemu falls back to TCG when KVM cannot create a VM.
-            "kvm:tcg"
-        } else {
-            "tcg"
+            return "tcg";
         }
+        let probe = Command::new(qemu)
+            .args([
+                "-machine",
+                "q35,accel=kvm",
+                "-cpu",
+                "max",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "none",
+                "-S",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = probe else {
+            return "tcg";
+        };
+        // A guest that cannot run aborts at once; one that can waits paused (-S).
+        for _ in 0..20 {
+            if let Ok(Some(_)) = child.try_wait() {
+                tracing::warn!("/dev/kvm is there but qemu cannot start a KVM guest: using TCG");
+                return "tcg";
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        stop_child(&mut child);
+        "kvm"
+    }
+
+    fn accel(&mut self) -> &'static str {
+        let qemu = self.cfg.qemu.clone();
+        *self.accel.get_or_insert_with(|| {
+            let a = Self::probe_accel(&qemu);
+            tracing::info!(accel = a, "qemu accelerator");
+            a
+        })
     }
 
     fn files(&self, vm: &str) -> QemuFiles {
@@ -565,7 +610,8 @@ impl QemuDriver {
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={}", spec.mac),
+            // romfile=: no iPXE option ROM (the guest boots from -kernel).
+            format!("virtio-net-pci,netdev=n0,mac={},romfile=", spec.mac),
             "-blockdev".into(),
             format!(
                 "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={}",
@@ -624,7 +670,12 @@ impl QemuDriver {
     }
 
     /// Wait until `sock` exists (the server listens), failing when `child` exits.
-    fn wait_socket(sock: &Path, child: &mut Child, what: &str, log: &Path) -> Result<(), DriverError> {
+    fn wait_socket(
+        sock: &Path,
+        child: &mut Child,
+        what: &str,
+        log: &Path,
+    ) -> Result<(), DriverError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !sock.exists() {
             if let Ok(Some(st)) = child.try_wait() {
@@ -677,6 +728,7 @@ impl QemuDriver {
         waited?;
         run("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
         run("ip", &["link", "set", tap, "master", &spec.bridge, "up"])?;
+        let accel = self.accel();
         let args = Self::args(
             spec,
             tap,
@@ -685,7 +737,7 @@ impl QemuDriver {
             &f.console,
             &f.console_log,
             &f.qemu_pid,
-            Self::accel(),
+            accel,
             self.cfg.vcpus,
             &self.cfg.append,
         );
@@ -701,7 +753,12 @@ impl QemuDriver {
     }
 
     /// Run `cmd` in the guest's console shell; its output up to an end marker.
-    fn console_run(&self, vm: &str, cmd: &str, timeout: std::time::Duration) -> Result<String, DriverError> {
+    fn console_run(
+        &self,
+        vm: &str,
+        cmd: &str,
+        timeout: std::time::Duration,
+    ) -> Result<String, DriverError> {
         use std::io::{Read, Write};
         let f = self.files(vm);
         let err = |e: std::io::Error| DriverError::Command {
@@ -746,7 +803,6 @@ impl QemuDriver {
             msg: format!("no answer within {} s", timeout.as_secs()),
         })
     }
-
 }
 
 /// The address of the last `MVC-LEASE <ip>` line on a guest console (`none` after the
@@ -806,7 +862,10 @@ impl VmDriver for QemuDriver {
             });
         }
         if spec.name.contains('/') || spec.name.contains(':') || spec.name.contains(',') {
-            return Err(DriverError::Config(format!("VM name {:?} not usable in file names", spec.name)));
+            return Err(DriverError::Config(format!(
+                "VM name {:?} not usable in file names",
+                spec.name
+            )));
         }
         let f = self.files(&spec.name);
         let handle_vm = spec.name.clone();

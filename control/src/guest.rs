@@ -421,7 +421,15 @@ pub fn initramfs(cache: &Path, k: &Kernel) -> Result<PathBuf, DriverError> {
     let mods = module_closure(&k.modules, MODULES)?;
     let mut c = Cpio::default();
     for d in [
-        "bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp", "root",
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
     ] {
         c.dir(d);
     }
@@ -475,7 +483,10 @@ mod tests {
     #[test]
     fn module_names_and_depends() {
         assert_eq!(module_name("virtio_net.ko").as_deref(), Some("virtio_net"));
-        assert_eq!(module_name("virtio-blk.ko.xz").as_deref(), Some("virtio_blk"));
+        assert_eq!(
+            module_name("virtio-blk.ko.xz").as_deref(),
+            Some("virtio_blk")
+        );
         assert_eq!(module_name("modules.order"), None);
         let ko = b"\x7fELF....\0license=GPL\0depends=virtio,virtio_ring\0intree=Y\0";
         assert_eq!(modinfo_depends(ko), vec!["virtio", "virtio_ring"]);
@@ -503,7 +514,9 @@ mod tests {
             names(module_closure(d.path(), &["loop1"]).unwrap()),
             ["loop2", "loop1"]
         );
-        let e = module_closure(d.path(), &["missing"]).unwrap_err().to_string();
+        let e = module_closure(d.path(), &["missing"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
     }
 
