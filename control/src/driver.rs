@@ -512,12 +512,13 @@ impl QemuDriver {
     }
 
     fn accel(&mut self) -> &'static str {
-        let qemu = self.cfg.qemu.clone();
-        *self.accel.get_or_insert_with(|| {
-            let a = Self::probe_accel(&qemu);
-            tracing::info!(accel = a, "qemu accelerator");
-            a
-        })
+        if let Some(a) = self.accel {
+            return a;
+        }
+        let a = Self::probe_accel(&self.cfg.qemu);
+        tracing::info!(accel = a, "qemu accelerator");
+        self.accel = Some(a);
+        a
     }
 
     fn files(&self, vm: &str) -> QemuFiles {
@@ -810,8 +811,8 @@ impl QemuDriver {
 pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
     let last = console
         .lines()
-        .filter_map(|l| l.split("MVC-LEASE ").nth(1))
-        .last()?;
+        .rev()
+        .find_map(|l| l.split("MVC-LEASE ").nth(1))?;
     last.split_whitespace().next()?.parse().ok()
 }
 

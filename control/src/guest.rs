@@ -153,12 +153,24 @@ pub fn kernel(cache: &Path, fetch: bool) -> Result<Kernel, DriverError> {
     let dl = dir.join(format!("{pkg}.download"));
     let _ = std::fs::remove_dir_all(&dl);
     std::fs::create_dir_all(&dl).map_err(|e| cfg_err(format!("{}: {e}", dl.display())))?;
-    let out = std::process::Command::new("apt-get")
-        .args(["download", "-q", &pkg])
-        .current_dir(&dl)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| cfg_err(format!("apt-get download {pkg}: {e}")))?;
+    let download = || {
+        std::process::Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(&dl)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| cfg_err(format!("apt-get download {pkg}: {e}")))
+    };
+    let mut out = download()?;
+    if !out.status.success() {
+        // Stale package lists name a version the archive no longer has: refresh once.
+        tracing::warn!(
+            pkg,
+            "apt-get download failed; running apt-get update and retrying"
+        );
+        let _ = run("apt-get", &["update", "-q"]);
+        out = download()?;
+    }
     if !out.status.success() {
         return Err(DriverError::Command {
             cmd: format!("apt-get download {pkg}"),

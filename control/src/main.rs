@@ -221,7 +221,7 @@ struct AgentRun {
     #[arg(long, default_value = "mvc-")]
     ns_prefix: String,
     #[command(flatten)]
-    qemu: QemuArgs,
+    qemu: Box<QemuArgs>,
     /// Overlay implementation: this project's `mvc edge`/`mvc supernode`, or Debian's
     /// n2n 1.3 (the 2012 paper's overlay, for comparison).
     #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
@@ -567,7 +567,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             std::fs::create_dir_all(&run_dir)?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
                 "qemu" => {
-                    let q = r.qemu;
+                    let q = *r.qemu;
                     let mut cfg = QemuConfig::new(&r.state);
                     cfg.image = q.qemu_image;
                     cfg.disk_mb = q.qemu_disk_mb;
