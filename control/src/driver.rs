@@ -4,8 +4,9 @@
 //!   allocated MAC) is enslaved to the cluster bridge. Processes of the "VM" run with
 //!   `ip netns exec`. The default for demos and tests: it starts in milliseconds.
 //! - [`QemuDriver`]: a real VM with `qemu-system-x86_64`, a TAP on the bridge,
-//!   virtio-net with the allocated MAC, KVM when `/dev/kvm` exists and TCG otherwise,
-//!   booting a copy-on-write overlay of a base image.
+//!   virtio-net with the allocated MAC, KVM when it works and TCG otherwise, direct
+//!   kernel boot of the guest [`crate::guest`] builds, its disk served by `xnbd serve`
+//!   over NBD on a Unix socket.
 //!
 //! A libvirt (KVM/Xen) driver plugs in the same way: `start` defines a domain whose
 //! `<interface type='bridge'>` names the cluster bridge and the MAC, and starts it;
@@ -265,15 +266,16 @@ impl VmDriver for NetnsDriver {
                     ))
                 }
                 (Role::Compute, _) => {
+                    // Written aside and renamed: a DHCP client of another VM may be
+                    // running the script right now and must never read it half written.
                     let script = self.run_dir.join("udhcpc.script");
-                    std::fs::write(&script, UDHCPC_SCRIPT)
+                    let tmp = self.run_dir.join(format!("udhcpc.script.{}", spec.name));
+                    std::fs::write(&tmp, UDHCPC_SCRIPT)
                         .and_then(|_| {
                             use std::os::unix::fs::PermissionsExt;
-                            std::fs::set_permissions(
-                                &script,
-                                std::fs::Permissions::from_mode(0o755),
-                            )
+                            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
                         })
+                        .and_then(|_| std::fs::rename(&tmp, &script))
                         .map_err(|e| DriverError::Config(format!("udhcpc script: {e}")))?;
                     let script = script.display().to_string();
                     let host = format!("hostname:{}", spec.name);
