@@ -4,8 +4,9 @@
 //! disk served by `xnbd serve` over NBD. The VM must get its DHCP lease from the
 //! frontend VM at site A over the overlay, answer ping from site B's VM, ping the other
 //! sites itself (`cluster topology`), and write its boot marker through xnbd into its
-//! disk image; stopped and started again it boots from the same disk. Everything (qemu,
-//! xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
+//! disk image; stopped and started again it boots from the same disk, as it does after
+//! its agent crashed and came back (the restarted agent ends the orphaned qemu and xnbd
+//! by pid). Everything (qemu, xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
 //! that it was skipped.
 use bench::lab;
 use control::demo::{pick_overlay, SiteLab};
@@ -48,6 +49,16 @@ fn alive_pid(pidfile: &Path, dir: &Path) -> Option<i32> {
     String::from_utf8_lossy(&cmd)
         .contains(&dir.display().to_string())
         .then_some(pid)
+}
+
+/// The process has exited (an orphan may stay a zombie until init reaps it).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+    }
 }
 
 fn disk_marker(img: &Path) -> String {
@@ -127,7 +138,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
             "64".into(),
         ],
     );
-    let sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
     let c_state = sl.agents["C"].state.clone();
     let c_ns = sl.agents["C"].ns.clone();
     let _procs = VmProcs(c_state.join("run"));
@@ -246,12 +257,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     let st = sl.ctl_json(&["vm", "stop", &qname]).expect("vm stop");
     assert_eq!(st["state"], "stopped");
     for pid in [qpid, xpid] {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z ")),
-            "pid {pid} still runs after vm stop"
-        );
+        assert!(gone(pid), "pid {pid} still runs after vm stop");
     }
     assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
     assert!(img.exists());
@@ -265,6 +271,25 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 2"));
+
+    // C's agent crashes (SIGKILL): qemu and xnbd outlive it; restarted, the agent ends
+    // them by their pid files and `cluster start` boots the VM again from its disk.
+    let run_c = c_state.join("run");
+    let qpid = alive_pid(&run_c.join(format!("{qname}.qemu.pid")), &c_state).expect("qemu");
+    sl.kill_agent("C");
+    assert!(alive_pid(&run_c.join(format!("{qname}.qemu.pid")), &c_state) == Some(qpid));
+    sl.restart_agent("C").expect("agent C restart");
+    assert!(gone(qpid), "qemu {qpid} left after the agent's restart");
+    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    sl.ctl(&["cluster", "start", "q", "--lease-timeout", "150"])
+        .expect("cluster start after agent crash");
+    lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip} after agent crash: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_marker(&img) != format!("MVC-DISK {qname} boot 3") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 3"));
 
     // Destroy: no qemu, no xnbd, no TAP, no disk left at C.
     sl.ctl(&["cluster", "destroy", "q"]).expect("destroy");
