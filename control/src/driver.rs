@@ -864,9 +864,13 @@ impl VmDriver for QemuDriver {
                 what: "the frontend VM (it runs dnsmasq; run the origin site's agent with --driver netns)",
             });
         }
-        if spec.name.contains('/') || spec.name.contains(':') || spec.name.contains(',') {
+        if spec.name.is_empty()
+            || spec
+                .name
+                .contains(|c: char| matches!(c, '/' | ':' | ',' | '=') || c.is_whitespace())
+        {
             return Err(DriverError::Config(format!(
-                "VM name {:?} not usable in file names",
+                "VM name {:?} is not usable in file names and qemu options",
                 spec.name
             )));
         }
@@ -996,6 +1000,31 @@ mod tests {
             append,
             "console=ttyS0 panic=-1 loglevel=4 mvc.name=k-c1 quiet"
         );
+    }
+
+    #[test]
+    fn qemu_refuses_frontends_and_unusable_names_before_touching_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let mut drv = QemuDriver::new(QemuConfig::new(d.path()));
+        let mut spec = VmSpec {
+            cluster: "k".into(),
+            name: "k-fe".into(),
+            role: Role::Frontend,
+            host: "h0".into(),
+            mac: Mac([2, 1, 0, 0, 0, 1]),
+            memory_mb: 256,
+            bridge: "mvb1".into(),
+            dhcp: None,
+        };
+        let e = drv.start(&spec).err().unwrap().to_string();
+        assert!(e.contains("frontend"), "{e}");
+        spec.role = Role::Compute;
+        for bad in ["", "a/b", "a=b", "a,b", "a b", "a:b"] {
+            spec.name = bad.into();
+            let e = drv.start(&spec).err().unwrap().to_string();
+            assert!(e.contains("not usable"), "{bad:?}: {e}");
+        }
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none());
     }
 
     #[test]
