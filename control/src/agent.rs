@@ -839,6 +839,7 @@ impl AgentCore {
             .unwrap_or_default();
         for n in names {
             self.stop_vm(cluster, &n);
+            self.driver.discard(&n);
         }
         self.stop_overlay(cluster);
         self.state.clusters.remove(cluster);

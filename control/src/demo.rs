@@ -87,6 +87,18 @@ impl SiteLab {
     /// Build the sites, start one agent per site (overlay `mvc` or `n2n`), make a user
     /// key and authorise it everywhere with `max_vms` VMs and `host_max` VMs per host.
     pub fn new(mvc: &Path, overlay: &str, max_vms: u32, host_max: u32) -> Result<SiteLab> {
+        SiteLab::with_agent_args(mvc, overlay, max_vms, host_max, &BTreeMap::new())
+    }
+
+    /// As [`SiteLab::new`], with extra `mvc agent run` arguments per site (e.g.
+    /// `--driver qemu` for one site).
+    pub fn with_agent_args(
+        mvc: &Path,
+        overlay: &str,
+        max_vms: u32,
+        host_max: u32,
+        extra: &BTreeMap<String, Vec<String>>,
+    ) -> Result<SiteLab> {
         let lab = Lab::new("mvcc")?;
         let topo = Topology::three_sites(&lab, 0)?;
         let vm_prefix = format!("{}-v", lab.prefix());
@@ -185,6 +197,7 @@ impl SiteLab {
                 "--overlay".into(),
                 overlay.into(),
             ];
+            let args = [args, extra.get(&name).cloned().unwrap_or_default()].concat();
             let mut a = AgentProc {
                 site: name.clone(),
                 ns: site.frontend.clone(),

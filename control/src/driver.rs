@@ -4,8 +4,9 @@
 //!   allocated MAC) is enslaved to the cluster bridge. Processes of the "VM" run with
 //!   `ip netns exec`. The default for demos and tests: it starts in milliseconds.
 //! - [`QemuDriver`]: a real VM with `qemu-system-x86_64`, a TAP on the bridge,
-//!   virtio-net with the allocated MAC, KVM when `/dev/kvm` exists and TCG otherwise,
-//!   booting a copy-on-write overlay of a base image.
+//!   virtio-net with the allocated MAC, KVM when it works and TCG otherwise, direct
+//!   kernel boot of the guest [`crate::guest`] builds, its disk served by `xnbd serve`
+//!   over NBD on a Unix socket.
 //!
 //! A libvirt (KVM/Xen) driver plugs in the same way: `start` defines a domain whose
 //! `<interface type='bridge'>` names the cluster bridge and the MAC, and starts it;
@@ -117,9 +118,9 @@ pub fn stop_child(child: &mut Child) {
 
 /// A VM the driver started: its handle and the helper processes it owns.
 pub struct RunningVm {
-    /// `netns:<name>` or `qemu:<tap>`.
+    /// `netns:<name>` or `qemu:<tap>:<vm>`.
     pub handle: String,
-    /// Helper processes (dnsmasq, DHCP client, qemu).
+    /// Helper processes (dnsmasq, DHCP client; qemu and its xnbd disk server).
     pub children: Vec<Child>,
 }
 
@@ -133,6 +134,8 @@ pub trait VmDriver: Send {
     fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError>;
     /// Remove leftovers of a VM from a previous agent run, by handle.
     fn cleanup(&mut self, handle: &str);
+    /// Delete what a VM keeps between starts (its disk), when its cluster is released.
+    fn discard(&mut self, _vm: &str) {}
     /// The IPv4 address on the VM's overlay NIC, if it has one yet.
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError>;
     /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.
@@ -263,15 +266,16 @@ impl VmDriver for NetnsDriver {
                     ))
                 }
                 (Role::Compute, _) => {
+                    // Written aside and renamed: a DHCP client of another VM may be
+                    // running the script right now and must never read it half written.
                     let script = self.run_dir.join("udhcpc.script");
-                    std::fs::write(&script, UDHCPC_SCRIPT)
+                    let tmp = self.run_dir.join(format!("udhcpc.script.{}", spec.name));
+                    std::fs::write(&tmp, UDHCPC_SCRIPT)
                         .and_then(|_| {
                             use std::os::unix::fs::PermissionsExt;
-                            std::fs::set_permissions(
-                                &script,
-                                std::fs::Permissions::from_mode(0o755),
-                            )
+                            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
                         })
+                        .and_then(|_| std::fs::rename(&tmp, &script))
                         .map_err(|e| DriverError::Config(format!("udhcpc script: {e}")))?;
                     let script = script.display().to_string();
                     let host = format!("hostname:{}", spec.name);
@@ -378,65 +382,474 @@ fn prefix_mask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
-/// Real VMs with qemu-system-x86_64.
-pub struct QemuDriver {
-    /// Base disk image (qcow2 or raw) each VM boots a copy-on-write overlay of.
-    pub image: PathBuf,
-    /// Where overlays and logs go.
+/// Configuration of the [`QemuDriver`].
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    /// Where logs, sockets and pid files go.
     pub run_dir: PathBuf,
+    /// Where VM disks live (`<vm>.img`, raw, kept across stop/start).
+    pub disk_dir: PathBuf,
+    /// Cache of guest kernels and initramfs images.
+    pub cache_dir: PathBuf,
+    /// The `xnbd` binary that serves the disks.
+    pub xnbd: PathBuf,
     /// QEMU binary.
     pub qemu: String,
-    counter: u32,
+    /// Image each new VM disk starts as a raw copy of (any format `qemu-img` reads);
+    /// `None`: an empty sparse disk of `disk_mb`.
+    pub image: Option<PathBuf>,
+    /// Size of an empty disk in MiB.
+    pub disk_mb: u64,
+    /// Kernel and initramfs to boot instead of the built ones.
+    pub boot: Option<crate::guest::BootFiles>,
+    /// Extra kernel command line.
+    pub append: String,
+    /// vCPUs per VM.
+    pub vcpus: u32,
 }
 
-impl QemuDriver {
-    /// A driver booting overlays of `image`.
-    pub fn new(image: &Path, run_dir: &Path) -> QemuDriver {
-        QemuDriver {
-            image: image.into(),
-            run_dir: run_dir.into(),
+impl QemuConfig {
+    /// Defaults for an agent state directory: disks in `<state>/disks`, logs in
+    /// `<state>/run`, cache `/var/cache/mvc`, xnbd next to the running binary.
+    pub fn new(state_dir: &Path) -> QemuConfig {
+        let xnbd = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("xnbd")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("xnbd"));
+        QemuConfig {
+            run_dir: state_dir.join("run"),
+            disk_dir: state_dir.join("disks"),
+            cache_dir: PathBuf::from("/var/cache/mvc"),
+            xnbd,
             qemu: "qemu-system-x86_64".into(),
+            image: None,
+            disk_mb: 1024,
+            boot: None,
+            append: String::new(),
+            vcpus: 1,
+        }
+    }
+}
+
+/// Real VMs with qemu-system-x86_64: direct kernel boot of the guest built by
+/// [`crate::guest`], a TAP on the cluster bridge, and a disk served by `xnbd serve` on a
+/// Unix socket that qemu attaches over NBD (virtio-blk).
+pub struct QemuDriver {
+    /// Configuration.
+    pub cfg: QemuConfig,
+    counter: u32,
+    accel: Option<&'static str>,
+}
+
+/// Files of one qemu VM.
+struct QemuFiles {
+    nbd: PathBuf,
+    console: PathBuf,
+    console_log: PathBuf,
+    qemu_pid: PathBuf,
+    xnbd_pid: PathBuf,
+    log: PathBuf,
+    xnbd_log: PathBuf,
+    disk: PathBuf,
+}
+
+/// Longest Unix socket path (sun_path less its NUL).
+const MAX_SOCK_PATH: usize = 107;
+
+impl QemuDriver {
+    /// A driver with `cfg`.
+    pub fn new(cfg: QemuConfig) -> QemuDriver {
+        QemuDriver {
+            cfg,
             counter: 0,
+            accel: None,
         }
     }
 
-    /// The accelerator: KVM when /dev/kvm can be opened, TCG otherwise.
-    pub fn accel() -> &'static str {
+    /// The accelerator: KVM when /dev/kvm opens and a paused KVM guest of `qemu` comes
+    /// up (some hosts expose /dev/kvm but cannot run a guest with it), TCG otherwise.
+    pub fn probe_accel(qemu: &str) -> &'static str {
         if std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/kvm")
-            .is_ok()
+            .is_err()
         {
-            "kvm"
-        } else {
-            "tcg"
+            return "tcg";
+        }
+        let probe = Command::new(qemu)
+            .args([
+                "-machine",
+                "q35,accel=kvm",
+                "-cpu",
+                "max",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "none",
+                "-S",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = probe else {
+            return "tcg";
+        };
+        // A guest that cannot run aborts at once; one that can waits paused (-S).
+        for _ in 0..20 {
+            if let Ok(Some(_)) = child.try_wait() {
+                tracing::warn!("/dev/kvm is there but qemu cannot start a KVM guest: using TCG");
+                return "tcg";
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        stop_child(&mut child);
+        "kvm"
+    }
+
+    fn accel(&mut self) -> &'static str {
+        if let Some(a) = self.accel {
+            return a;
+        }
+        let a = Self::probe_accel(&self.cfg.qemu);
+        tracing::info!(accel = a, "qemu accelerator");
+        self.accel = Some(a);
+        a
+    }
+
+    fn files(&self, vm: &str) -> QemuFiles {
+        let r = |ext: &str| self.cfg.run_dir.join(format!("{vm}.{ext}"));
+        QemuFiles {
+            nbd: r("nbd"),
+            console: r("console"),
+            console_log: r("console.log"),
+            qemu_pid: r("qemu.pid"),
+            xnbd_pid: r("xnbd.pid"),
+            log: r("log"),
+            xnbd_log: r("xnbd.log"),
+            disk: self.cfg.disk_dir.join(format!("{vm}.img")),
         }
     }
 
-    /// The qemu command line for `spec` on `tap` with disk `disk`.
-    pub fn args(spec: &VmSpec, tap: &str, disk: &Path, accel: &str) -> Vec<String> {
+    fn free_tap(&mut self) -> String {
+        loop {
+            self.counter += 1;
+            let name = format!("mvq{}", self.counter);
+            if !Path::new("/sys/class/net").join(&name).exists()
+                && run("ip", &["link", "show", &name]).is_err()
+            {
+                return name;
+            }
+        }
+    }
+
+    /// `(tap, vm)` of a handle `qemu:<tap>:<vm>`.
+    fn parse_handle(handle: &str) -> Result<(&str, &str), DriverError> {
+        handle
+            .strip_prefix("qemu:")
+            .and_then(|h| h.split_once(':'))
+            .filter(|(t, v)| !t.is_empty() && !v.is_empty() && !v.contains('/'))
+            .ok_or_else(|| DriverError::Config(format!("not a qemu handle: {handle}")))
+    }
+
+    /// The qemu command line for `spec` on `tap`, booting `boot`, disk on NBD socket
+    /// `nbd` (export named after the VM), serial console on the Unix socket `console`
+    /// logged to `console_log`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn args(
+        spec: &VmSpec,
+        tap: &str,
+        boot: &crate::guest::BootFiles,
+        nbd: &Path,
+        console: &Path,
+        console_log: &Path,
+        pidfile: &Path,
+        accel: &str,
+        vcpus: u32,
+        append: &str,
+    ) -> Vec<String> {
+        let mut cmdline = format!("console=ttyS0 panic=-1 loglevel=4 mvc.name={}", spec.name);
+        if !append.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(append);
+        }
         vec![
             "-name".into(),
             spec.name.clone(),
             "-machine".into(),
             format!("q35,accel={accel}"),
+            "-cpu".into(),
+            "max".into(),
             "-m".into(),
             spec.memory_mb.to_string(),
             "-smp".into(),
-            "1".into(),
-            "-display".into(),
-            "none".into(),
+            vcpus.max(1).to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            boot.kernel.display().to_string(),
+            "-initrd".into(),
+            boot.initrd.display().to_string(),
+            "-append".into(),
+            cmdline,
+            "-chardev".into(),
+            format!(
+                "socket,id=con,path={},server=on,wait=off,logfile={}",
+                console.display(),
+                console_log.display()
+            ),
             "-serial".into(),
-            "null".into(),
+            "chardev:con".into(),
+            "-monitor".into(),
+            "none".into(),
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={}", spec.mac),
-            "-drive".into(),
-            format!("file={},if=virtio,format=qcow2", disk.display()),
+            // romfile=: no iPXE option ROM (the guest boots from -kernel).
+            format!("virtio-net-pci,netdev=n0,mac={},romfile=", spec.mac),
+            "-blockdev".into(),
+            format!(
+                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={}",
+                nbd.display(),
+                spec.name
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0".into(),
+            "-pidfile".into(),
+            pidfile.display().to_string(),
         ]
     }
+
+    /// The VM's disk: made on first start (a raw copy of the image, or empty and
+    /// sparse), kept afterwards.
+    fn ensure_disk(&self, disk: &Path) -> Result<(), DriverError> {
+        if disk.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.cfg.disk_dir)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
+        let tmp = disk.with_extension("img.tmp");
+        match &self.cfg.image {
+            Some(img) => {
+                run(
+                    "qemu-img",
+                    &[
+                        "convert",
+                        "-q",
+                        "-O",
+                        "raw",
+                        &img.display().to_string(),
+                        &tmp.display().to_string(),
+                    ],
+                )?;
+            }
+            None => {
+                let f = std::fs::File::create(&tmp)
+                    .map_err(|e| DriverError::Config(format!("{}: {e}", tmp.display())))?;
+                f.set_len(self.cfg.disk_mb.saturating_mul(1 << 20))
+                    .map_err(|e| DriverError::Config(format!("{}: {e}", tmp.display())))?;
+            }
+        }
+        std::fs::rename(&tmp, disk)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", disk.display())))
+    }
+
+    /// Kernel and initramfs: the configured ones, or built (cached) ones.
+    fn boot_files(&mut self) -> Result<crate::guest::BootFiles, DriverError> {
+        if let Some(b) = &self.cfg.boot {
+            return Ok(b.clone());
+        }
+        let b = crate::guest::prepare(&self.cfg.cache_dir, true)?;
+        self.cfg.boot = Some(b.clone());
+        Ok(b)
+    }
+
+    /// Wait until `sock` exists (the server listens), failing when `child` exits.
+    fn wait_socket(
+        sock: &Path,
+        child: &mut Child,
+        what: &str,
+        log: &Path,
+    ) -> Result<(), DriverError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sock.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(DriverError::Command {
+                    cmd: what.into(),
+                    msg: format!("exited with {st}; see {}", log.display()),
+                });
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(DriverError::Config(format!(
+                    "{what} did not create {} within 10 s; see {}",
+                    sock.display(),
+                    log.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn start_inner(
+        &mut self,
+        spec: &VmSpec,
+        tap: &str,
+        f: &QemuFiles,
+        children: &mut Vec<Child>,
+    ) -> Result<(), DriverError> {
+        for s in [&f.nbd, &f.console] {
+            if s.as_os_str().len() > MAX_SOCK_PATH {
+                return Err(DriverError::Config(format!(
+                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
+                    s.display()
+                )));
+            }
+            let _ = std::fs::remove_file(s);
+        }
+        let boot = self.boot_files()?;
+        self.ensure_disk(&f.disk)?;
+        let export = format!("{}={}", spec.name, f.disk.display());
+        let nbd = f.nbd.display().to_string();
+        let mut xnbd = spawn(
+            &self.cfg.xnbd.display().to_string(),
+            &["serve", "--export", &export, "--unix", &nbd],
+            &[],
+            &f.xnbd_log,
+        )?;
+        let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
+        let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd serve", &f.xnbd_log);
+        children.push(xnbd);
+        waited?;
+        run("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        run("ip", &["link", "set", tap, "master", &spec.bridge, "up"])?;
+        let accel = self.accel();
+        let args = Self::args(
+            spec,
+            tap,
+            &boot,
+            &f.nbd,
+            &f.console,
+            &f.console_log,
+            &f.qemu_pid,
+            accel,
+            self.cfg.vcpus,
+            &self.cfg.append,
+        );
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        // Fresh logs for this boot: the console log is what `address` reads.
+        let _ = std::fs::remove_file(&f.log);
+        let _ = std::fs::remove_file(&f.console_log);
+        let mut qemu = spawn(&self.cfg.qemu, &a, &[], &f.log)?;
+        let waited = Self::wait_socket(&f.console, &mut qemu, "qemu", &f.log);
+        // qemu first: it is stopped before the disk server.
+        children.insert(0, qemu);
+        waited
+    }
+
+    /// Run `cmd` in the guest's console shell; its output up to an end marker.
+    fn console_run(
+        &self,
+        vm: &str,
+        cmd: &str,
+        timeout: std::time::Duration,
+    ) -> Result<String, DriverError> {
+        use std::io::{Read, Write};
+        let f = self.files(vm);
+        let err = |e: std::io::Error| DriverError::Command {
+            cmd: format!("console of {vm}: {cmd}"),
+            msg: e.to_string(),
+        };
+        let mut s = std::os::unix::net::UnixStream::connect(&f.console).map_err(err)?;
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .map_err(err)?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // The quotes keep the echoed command line from matching the marker.
+        let marker = format!("MVC-END-{nonce}");
+        s.write_all(format!("\n{cmd}; echo MVC\"\"-END-{nonce}\n").as_bytes())
+            .map_err(err)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(err(e)),
+            }
+            let text = String::from_utf8_lossy(&out);
+            if let Some(i) = text.find(&marker) {
+                return Ok(text[..i].to_string());
+            }
+            if std::time::Instant::now() > deadline || out.len() > 1 << 20 {
+                break;
+            }
+        }
+        Err(DriverError::Command {
+            cmd: format!("console of {vm}: {cmd}"),
+            msg: format!("no answer within {} s", timeout.as_secs()),
+        })
+    }
+}
+
+/// The address of the last `MVC-LEASE <ip>` line on a guest console (`none` after the
+/// lease was dropped).
+pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
+    let last = console
+        .lines()
+        .rev()
+        .find_map(|l| l.split("MVC-LEASE ").nth(1))?;
+    last.split_whitespace().next()?.parse().ok()
+}
+
+/// End a process we started from its pid file, when its command line still names
+/// `mark` (so a reused pid is left alone): SIGTERM, up to 3 s, then SIGKILL.
+fn kill_pidfile(pidfile: &Path, mark: &str) {
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let ours = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(mark))
+            .unwrap_or(false)
+    };
+    for (i, sig) in std::iter::repeat_n(libc::SIGTERM, 30)
+        .chain(std::iter::once(libc::SIGKILL))
+        .enumerate()
+    {
+        if !ours(pid) {
+            break;
+        }
+        if i == 0 || sig == libc::SIGKILL {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid came from the
+            // pid file of a process this driver started and its command line still
+            // names this VM's files.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(pidfile);
 }
 
 impl VmDriver for QemuDriver {
@@ -445,35 +858,38 @@ impl VmDriver for QemuDriver {
     }
 
     fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError> {
-        self.counter += 1;
-        let tap = format!("mvq{}", self.counter);
-        let disk = self.run_dir.join(format!("{}.qcow2", spec.name));
-        let base = self.image.display().to_string();
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &base,
-                &disk.display().to_string(),
-            ],
-        )?;
-        run("ip", &["tuntap", "add", "dev", &tap, "mode", "tap"])?;
-        run("ip", &["link", "set", &tap, "master", &spec.bridge, "up"])?;
-        let args = Self::args(spec, &tap, &disk, Self::accel());
-        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let log = self.run_dir.join(format!("{}.log", spec.name));
-        match spawn(&self.qemu, &a, &[], &log) {
-            Ok(child) => Ok(RunningVm {
-                handle: format!("qemu:{tap}"),
-                children: vec![child],
+        if spec.role == Role::Frontend {
+            return Err(DriverError::Unsupported {
+                driver: "qemu",
+                what: "the frontend VM (it runs dnsmasq; run the origin site's agent with --driver netns)",
+            });
+        }
+        if spec.name.is_empty()
+            || spec
+                .name
+                .contains(|c: char| matches!(c, '/' | ':' | ',' | '=') || c.is_whitespace())
+        {
+            return Err(DriverError::Config(format!(
+                "VM name {:?} is not usable in file names and qemu options",
+                spec.name
+            )));
+        }
+        let f = self.files(&spec.name);
+        let handle_vm = spec.name.clone();
+        // Leftovers of an earlier run of this VM.
+        kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
+        kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
+        let tap = self.free_tap();
+        let mut children = Vec::new();
+        match self.start_inner(spec, &tap, &f, &mut children) {
+            Ok(()) => Ok(RunningVm {
+                handle: format!("qemu:{tap}:{handle_vm}"),
+                children,
             }),
             Err(e) => {
+                for c in &mut children {
+                    stop_child(c);
+                }
                 let _ = run("ip", &["link", "del", &tap]);
                 Err(e)
             }
@@ -490,23 +906,37 @@ impl VmDriver for QemuDriver {
     }
 
     fn cleanup(&mut self, handle: &str) {
-        if let Some(tap) = handle.strip_prefix("qemu:") {
-            let _ = run("ip", &["link", "del", tap]);
+        let Ok((tap, vm)) = Self::parse_handle(handle) else {
+            return;
+        };
+        let f = self.files(vm);
+        kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
+        kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
+        let _ = std::fs::remove_file(&f.nbd);
+        let _ = std::fs::remove_file(&f.console);
+        let _ = run("ip", &["link", "del", tap]);
+    }
+
+    fn discard(&mut self, vm: &str) {
+        if !vm.contains('/') {
+            let _ = std::fs::remove_file(self.files(vm).disk);
         }
     }
 
-    fn address(&self, _handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
-        Err(DriverError::Unsupported {
-            driver: "qemu",
-            what: "reading the guest address (read the frontend's DHCP leases instead)",
-        })
+    fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
+        let (_, vm) = Self::parse_handle(handle)?;
+        let log = std::fs::read(self.files(vm).console_log).unwrap_or_default();
+        Ok(parse_lease(&String::from_utf8_lossy(&log)))
     }
 
-    fn ping(&self, _handle: &str, _target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
-        Err(DriverError::Unsupported {
-            driver: "qemu",
-            what: "running ping inside the guest",
-        })
+    fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
+        let (_, vm) = Self::parse_handle(handle)?;
+        let out = self.console_run(
+            vm,
+            &format!("ping -q -c 3 -W 2 {target}"),
+            std::time::Duration::from_secs(10),
+        )?;
+        Ok(parse_ping_avg(&out))
     }
 }
 
@@ -540,10 +970,79 @@ mod tests {
             bridge: "mvb1".into(),
             dhcp: None,
         };
-        let a = QemuDriver::args(&spec, "mvq1", Path::new("/tmp/k-c1.qcow2"), "tcg").join(" ");
-        assert!(a.contains("accel=tcg"));
-        assert!(a.contains("-m 768"));
-        assert!(a.contains("ifname=mvq1"));
-        assert!(a.contains("mac=02:01:00:00:00:09"));
+        let boot = crate::guest::BootFiles {
+            kernel: "/c/vmlinuz".into(),
+            initrd: "/c/initramfs.cpio".into(),
+        };
+        let a = QemuDriver::args(
+            &spec,
+            "mvq1",
+            &boot,
+            Path::new("/r/k-c1.nbd"),
+            Path::new("/r/k-c1.console"),
+            Path::new("/r/k-c1.console.log"),
+            Path::new("/r/k-c1.qemu.pid"),
+            "tcg",
+            2,
+            "quiet",
+        );
+        let s = a.join(" ");
+        assert!(s.contains("accel=tcg"));
+        assert!(s.contains("-m 768"));
+        assert!(s.contains("-smp 2"));
+        assert!(s.contains("ifname=mvq1"));
+        assert!(s.contains("mac=02:01:00:00:00:09"));
+        assert!(s.contains("-kernel /c/vmlinuz -initrd /c/initramfs.cpio"));
+        assert!(s.contains("server.type=unix,server.path=/r/k-c1.nbd,export=k-c1"));
+        assert!(s.contains("virtio-blk-pci,drive=disk0"));
+        let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
+        assert_eq!(
+            append,
+            "console=ttyS0 panic=-1 loglevel=4 mvc.name=k-c1 quiet"
+        );
+    }
+
+    #[test]
+    fn qemu_refuses_frontends_and_unusable_names_before_touching_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let mut drv = QemuDriver::new(QemuConfig::new(d.path()));
+        let mut spec = VmSpec {
+            cluster: "k".into(),
+            name: "k-fe".into(),
+            role: Role::Frontend,
+            host: "h0".into(),
+            mac: Mac([2, 1, 0, 0, 0, 1]),
+            memory_mb: 256,
+            bridge: "mvb1".into(),
+            dhcp: None,
+        };
+        let e = drv.start(&spec).err().unwrap().to_string();
+        assert!(e.contains("frontend"), "{e}");
+        spec.role = Role::Compute;
+        for bad in ["", "a/b", "a=b", "a,b", "a b", "a:b"] {
+            spec.name = bad.into();
+            let e = drv.start(&spec).err().unwrap().to_string();
+            assert!(e.contains("not usable"), "{bad:?}: {e}");
+        }
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn qemu_handles_and_leases() {
+        assert_eq!(
+            QemuDriver::parse_handle("qemu:mvq3:t-c3").unwrap(),
+            ("mvq3", "t-c3")
+        );
+        assert!(QemuDriver::parse_handle("qemu:mvq3").is_err());
+        assert!(QemuDriver::parse_handle("qemu:mvq3:../x").is_err());
+        assert!(QemuDriver::parse_handle("netns:x").is_err());
+        let log = "[    1.2] virtio_net\r\nMVC-DISK written boot 1\r\n\
+                   MVC-LEASE 198.19.1.12\r\n~ # \r\nMVC-LEASE 198.19.1.13\r\n";
+        assert_eq!(parse_lease(log), Some(Ipv4Addr::new(198, 19, 1, 13)));
+        assert_eq!(parse_lease("MVC-LEASE 198.19.1.13\nMVC-LEASE none\n"), None);
+        assert_eq!(parse_lease(""), None);
+        let busybox = "3 packets transmitted, 3 packets received, 0% packet loss\n\
+                       round-trip min/avg/max = 0.812/1.204/1.532 ms\n";
+        assert_eq!(parse_ping_avg(busybox), Some(1.204));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`agent`]: `mvc agent`, reservations and VM/overlay lifecycle at a site.
 //! - [`client`]: the controller's side of the agent protocol.
 //! - [`driver`]: VM drivers (`netns`, `qemu`).
+//! - [`guest`]: kernel and initramfs of the qemu driver's guest.
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
 //! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod driver;
+pub mod guest;
 pub mod model;
 pub mod proto;
 pub mod store;

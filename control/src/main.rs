@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
 use control::auth::{Authorization, SigningKey};
 use control::controller::{self, Controller, CreateArgs};
-use control::driver::{NetnsDriver, QemuDriver, VmDriver};
+use control::driver::{NetnsDriver, QemuConfig, QemuDriver, VmDriver};
+use control::guest::{self, BootFiles};
 use control::store::SqliteStore;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -157,6 +158,46 @@ enum AgentCmd {
     /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
     /// it started and exit).
     Run(AgentRun),
+    /// Fetch the guest kernel (when the host has none in /boot) and build the guest
+    /// initramfs of the qemu driver into the cache; prints their paths.
+    QemuPrepare {
+        /// Cache directory.
+        #[arg(long, default_value = "/var/cache/mvc")]
+        cache: PathBuf,
+    },
+}
+
+/// Options of the qemu driver (`mvc agent run --driver qemu`).
+#[derive(Args)]
+struct QemuArgs {
+    /// Image each new VM disk starts as a raw copy of (raw, qcow2, ...: what qemu-img
+    /// reads) [default: an empty sparse disk of --qemu-disk-mb].
+    #[arg(long)]
+    qemu_image: Option<PathBuf>,
+    /// Size of an empty VM disk (MiB).
+    #[arg(long, default_value_t = 1024)]
+    qemu_disk_mb: u64,
+    /// Cache of guest kernels and initramfs images.
+    #[arg(long, default_value = "/var/cache/mvc")]
+    qemu_cache: PathBuf,
+    /// Kernel to boot instead of the built guest (needs --qemu-initrd).
+    #[arg(long, requires = "qemu_initrd")]
+    qemu_kernel: Option<PathBuf>,
+    /// Initramfs to boot with --qemu-kernel.
+    #[arg(long, requires = "qemu_kernel")]
+    qemu_initrd: Option<PathBuf>,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    qemu_append: String,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    qemu_vcpus: u32,
+    /// The xnbd binary serving VM disks [default: next to this binary, else PATH].
+    #[arg(long, env = "MVC_XNBD")]
+    xnbd: Option<PathBuf>,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_bin: String,
 }
 
 #[derive(Args)]
@@ -179,9 +220,8 @@ struct AgentRun {
     /// Prefix of the netns VMs' namespace names.
     #[arg(long, default_value = "mvc-")]
     ns_prefix: String,
-    /// Base image for the qemu driver.
-    #[arg(long)]
-    qemu_image: Option<PathBuf>,
+    #[command(flatten)]
+    qemu: Box<QemuArgs>,
     /// Overlay implementation: this project's `mvc edge`/`mvc supernode`, or Debian's
     /// n2n 1.3 (the 2012 paper's overlay, for comparison).
     #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
@@ -508,16 +548,40 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             let v = serde_json::json!({"revoked": user_key.trim()});
             print(json, &v, |_| format!("revoked {}\n", user_key.trim()))
         }
+        AgentCmd::QemuPrepare { cache } => {
+            let b = guest::prepare(&cache, true)?;
+            let v = serde_json::json!({
+                "kernel": b.kernel.display().to_string(),
+                "initrd": b.initrd.display().to_string(),
+            });
+            print(json, &v, |_| {
+                format!(
+                    "kernel  {}\ninitrd  {}\n",
+                    b.kernel.display(),
+                    b.initrd.display()
+                )
+            })
+        }
         AgentCmd::Run(r) => {
             let run_dir = r.state.join("run");
             std::fs::create_dir_all(&run_dir)?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
                 "qemu" => {
-                    let img = r
-                        .qemu_image
-                        .clone()
-                        .context("--driver qemu needs --qemu-image")?;
-                    Box::new(QemuDriver::new(&img, &run_dir))
+                    let q = *r.qemu;
+                    let mut cfg = QemuConfig::new(&r.state);
+                    cfg.image = q.qemu_image;
+                    cfg.disk_mb = q.qemu_disk_mb;
+                    cfg.cache_dir = q.qemu_cache;
+                    cfg.append = q.qemu_append;
+                    cfg.vcpus = q.qemu_vcpus;
+                    cfg.qemu = q.qemu_bin;
+                    if let Some(x) = q.xnbd {
+                        cfg.xnbd = x;
+                    }
+                    if let (Some(kernel), Some(initrd)) = (q.qemu_kernel, q.qemu_initrd) {
+                        cfg.boot = Some(BootFiles { kernel, initrd });
+                    }
+                    Box::new(QemuDriver::new(cfg))
                 }
                 _ => Box::new(NetnsDriver::new(&r.ns_prefix, &run_dir)),
             };

@@ -1,0 +1,574 @@
+//! The boot files of the qemu driver's guest: a Linux kernel and an initramfs built at
+//! run time, so a VM boots in seconds even under TCG and needs no disk image.
+//!
+//! - Kernel: the host's (`/boot/vmlinuz-$(uname -r)` with its `/lib/modules`) when there
+//!   is one, otherwise Debian's cloud kernel, fetched once with `apt-get download` and
+//!   unpacked with `dpkg-deb -x` (never installed) into the cache directory.
+//! - Initramfs (cpio, newc): busybox-static, the virtio modules (`virtio_pci`,
+//!   `virtio_net`, `virtio_blk` and what they depend on, unless built in) and a small
+//!   `/init` that loads them, writes a boot marker to the first sector of `/dev/vda`
+//!   (the disk xnbd serves), gets its address with `udhcpc` from the cluster frontend
+//!   and then keeps a shell on the serial console. Lines starting with `MVC-` on the
+//!   console report its state (`MVC-LEASE <ip>`, `MVC-DISK ...`); the driver reads them
+//!   from the console log and runs `ping` through the console.
+//!
+//! Built files are cached under the cache directory, keyed by kernel release and the
+//! content of `/init`, so repeated starts only reuse them.
+use crate::driver::{run, DriverError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What a guest boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootFiles {
+    /// Kernel image (`-kernel`).
+    pub kernel: PathBuf,
+    /// Initramfs (`-initrd`).
+    pub initrd: PathBuf,
+}
+
+/// The guest's `/init` (busybox sh).
+pub const INIT: &str = r#"#!/bin/sh
+# /init of an mvc qemu guest (built by mvc agent; see control/src/guest.rs).
+export PATH=/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/modules); do
+  insmod "/lib/modules/$m.ko" || echo "MVC-ERROR insmod $m"
+done
+name=$(sed -n 's/.*mvc\.name=\([^ ]*\).*/\1/p' /proc/cmdline)
+hostname "${name:-guest}"
+ip link set lo up
+n=0
+while ! ip link show eth0 >/dev/null 2>&1 && [ $n -lt 20 ]; do sleep 1; n=$((n+1)); done
+ip link set eth0 up || echo "MVC-ERROR no eth0"
+if [ -b /dev/vda ]; then
+  prev=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000' | head -n 1)
+  boot=$(echo "$prev" | sed -n 's/^MVC-DISK .* boot \([0-9][0-9]*\)$/\1/p')
+  boot=$(( ${boot:-0} + 1 ))
+  printf 'MVC-DISK %s boot %s\n' "$name" "$boot" | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null
+  sync
+  echo "MVC-DISK written boot $boot"
+else
+  echo "MVC-DISK none"
+fi
+udhcpc -f -i eth0 -s /etc/udhcpc.script -t 5 -T 2 -A 1 -x "hostname:$name" >/dev/null 2>&1 &
+echo "MVC-READY"
+exec /bin/sh
+"#;
+
+/// The guest's DHCP client script: applies the lease and reports it on the console.
+pub const UDHCPC: &str = r#"#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up; echo "MVC-LEASE none" > /dev/console ;;
+  bound|renew) ip -4 addr flush dev "$interface"; ip addr add "$ip/${mask:-24}" dev "$interface"; echo "MVC-LEASE $ip" > /dev/console ;;
+esac
+exit 0
+"#;
+
+/// Modules the guest needs (with their dependencies, unless built in).
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtio_blk"];
+
+/// The Debian package whose dependency names the current cloud kernel.
+pub const KERNEL_META: &str = "linux-image-cloud-amd64";
+
+/// Kernel image and module tree of one release.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// `vmlinuz`.
+    pub image: PathBuf,
+    /// `/lib/modules/<release>`.
+    pub modules: PathBuf,
+    /// Release string.
+    pub release: String,
+}
+
+fn cfg_err(msg: String) -> DriverError {
+    DriverError::Config(msg)
+}
+
+/// The host's kernel when it is in /boot with its modules.
+fn host_kernel() -> Option<Kernel> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let image = PathBuf::from(format!("/boot/vmlinuz-{release}"));
+    let modules = PathBuf::from(format!("/lib/modules/{release}"));
+    // vmlinuz is 0600 on Debian: being able to read it is part of "usable".
+    (std::fs::File::open(&image).is_ok() && modules.join("kernel").is_dir()).then_some(Kernel {
+        image,
+        modules,
+        release,
+    })
+}
+
+/// A kernel already unpacked under `dir` (`<pkg>/boot/vmlinuz-*`).
+fn cached_kernel(dir: &Path) -> Option<Kernel> {
+    let mut found: Vec<Kernel> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let root = e.path();
+            let boot = std::fs::read_dir(root.join("boot")).ok()?;
+            boot.flatten().find_map(|b| {
+                let n = b.file_name().to_string_lossy().into_owned();
+                let release = n.strip_prefix("vmlinuz-")?.to_string();
+                let modules = root.join("lib/modules").join(&release);
+                modules.is_dir().then(|| Kernel {
+                    image: b.path(),
+                    modules,
+                    release,
+                })
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a.release.cmp(&b.release));
+    found.pop()
+}
+
+/// Find a kernel: the host's, one cached under `cache/kernel`, or Debian's cloud kernel
+/// fetched into the cache (`fetch` allows the download).
+pub fn kernel(cache: &Path, fetch: bool) -> Result<Kernel, DriverError> {
+    if let Some(k) = host_kernel() {
+        return Ok(k);
+    }
+    let dir = cache.join("kernel");
+    if let Some(k) = cached_kernel(&dir) {
+        return Ok(k);
+    }
+    if !fetch {
+        return Err(cfg_err(format!(
+            "no guest kernel: none in /boot for this host and none cached in {} (run `mvc agent qemu-prepare --cache {}` where Debian's archive is reachable, or pass --qemu-kernel)",
+            dir.display(),
+            cache.display()
+        )));
+    }
+    let deps = run("apt-cache", &["depends", KERNEL_META])?;
+    let pkg = parse_kernel_dep(&deps).ok_or_else(|| {
+        cfg_err(format!(
+            "`apt-cache depends {KERNEL_META}` names no kernel package (run apt-get update)"
+        ))
+    })?;
+    let dl = dir.join(format!("{pkg}.download"));
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl).map_err(|e| cfg_err(format!("{}: {e}", dl.display())))?;
+    let download = || {
+        std::process::Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(&dl)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| cfg_err(format!("apt-get download {pkg}: {e}")))
+    };
+    let mut out = download()?;
+    if !out.status.success() {
+        // Stale package lists name a version the archive no longer has: refresh once.
+        tracing::warn!(
+            pkg,
+            "apt-get download failed; running apt-get update and retrying"
+        );
+        let _ = run("apt-get", &["update", "-q"]);
+        out = download()?;
+    }
+    if !out.status.success() {
+        return Err(DriverError::Command {
+            cmd: format!("apt-get download {pkg}"),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let deb = std::fs::read_dir(&dl)
+        .map_err(|e| cfg_err(format!("{}: {e}", dl.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| cfg_err(format!("apt-get download {pkg} left no .deb")))?;
+    let tmp = dir.join(format!("{pkg}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(
+        "dpkg-deb",
+        &["-x", &deb.display().to_string(), &tmp.display().to_string()],
+    )?;
+    let fin = dir.join(&pkg);
+    std::fs::rename(&tmp, &fin).map_err(|e| cfg_err(format!("{}: {e}", fin.display())))?;
+    let _ = std::fs::remove_dir_all(&dl);
+    cached_kernel(&dir).ok_or_else(|| cfg_err(format!("{pkg} holds no vmlinuz")))
+}
+
+/// The kernel package named by `apt-cache depends` output.
+pub fn parse_kernel_dep(out: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        let p = l.trim().strip_prefix("Depends:")?.trim();
+        (p.starts_with("linux-image-") && !p.contains(' ')).then(|| p.to_string())
+    })
+}
+
+/// The `depends=` list from a module's `.modinfo` section.
+pub fn modinfo_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(i) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[i + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Module name of a file (`virtio-net.ko.xz` -> `virtio_net`).
+fn module_name(file: &str) -> Option<String> {
+    let stem = file.split(".ko").next()?;
+    (file.contains(".ko")).then(|| stem.replace('-', "_"))
+}
+
+fn index_modules(dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            index_modules(&p, out);
+        } else if let Some(n) = module_name(&e.file_name().to_string_lossy()) {
+            out.entry(n).or_insert(p);
+        }
+    }
+}
+
+/// Uncompressed bytes of a module file (`.ko`, `.ko.xz`, `.ko.zst`).
+fn read_module(p: &Path) -> Result<Vec<u8>, DriverError> {
+    let s = p.display().to_string();
+    let tool = match p.extension().and_then(|x| x.to_str()) {
+        Some("xz") => Some("xz"),
+        Some("zst") => Some("zstd"),
+        Some("gz") => Some("gzip"),
+        _ => None,
+    };
+    match tool {
+        None => std::fs::read(p).map_err(|e| cfg_err(format!("{s}: {e}"))),
+        Some(t) => {
+            let out = std::process::Command::new(t)
+                .args(["-dc", &s])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| cfg_err(format!("{t} -dc {s}: {e}")))?;
+            if !out.status.success() {
+                return Err(cfg_err(format!("{t} -dc {s} failed")));
+            }
+            Ok(out.stdout)
+        }
+    }
+}
+
+/// The modules to load for `wanted`, dependencies first, as (name, bytes). Built-in
+/// modules (listed in `modules.builtin`) are left out.
+pub fn module_closure(
+    modules_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<(String, Vec<u8>)>, DriverError> {
+    let builtin: Vec<String> = std::fs::read_to_string(modules_dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit('/').next().and_then(module_name))
+        .collect();
+    let mut index = BTreeMap::new();
+    index_modules(&modules_dir.join("kernel"), &mut index);
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    // Depth-first, dependencies before dependants; `visiting` breaks cycles.
+    fn visit(
+        name: &str,
+        index: &BTreeMap<String, PathBuf>,
+        builtin: &[String],
+        visiting: &mut Vec<String>,
+        order: &mut Vec<(String, Vec<u8>)>,
+    ) -> Result<(), DriverError> {
+        if builtin.iter().any(|b| b == name)
+            || order.iter().any(|(n, _)| n == name)
+            || visiting.iter().any(|v| v == name)
+        {
+            return Ok(());
+        }
+        let path = index.get(name).ok_or_else(|| {
+            cfg_err(format!(
+                "kernel module {name} is neither built in nor in the module tree"
+            ))
+        })?;
+        let bytes = read_module(path)?;
+        visiting.push(name.to_string());
+        for d in modinfo_depends(&bytes) {
+            visit(&d, index, builtin, visiting, order)?;
+        }
+        visiting.pop();
+        order.push((name.to_string(), bytes));
+        Ok(())
+    }
+    let mut visiting = Vec::new();
+    for w in wanted {
+        visit(w, &index, &builtin, &mut visiting, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// A cpio archive in the `newc` format (what the kernel unpacks as initramfs).
+#[derive(Default)]
+pub struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn header(&mut self, name: &str, mode: u32, size: usize, rdev: (u32, u32)) {
+        self.ino += 1;
+        let namesize = name.len() + 1;
+        let h = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino, mode, 0, 0, 1, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0
+        );
+        self.buf.extend_from_slice(h.as_bytes());
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+    }
+
+    /// A directory.
+    pub fn dir(&mut self, name: &str) {
+        self.header(name, 0o040_755, 0, (0, 0));
+    }
+
+    /// A character device node (the kernel opens `/dev/console` for init before any
+    /// devtmpfs is mounted).
+    pub fn chardev(&mut self, name: &str, major: u32, minor: u32) {
+        self.header(name, 0o020_600, 0, (major, minor));
+    }
+
+    /// A regular file with `mode` permission bits.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.header(name, 0o100_000 | (mode & 0o7777), data.len(), (0, 0));
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    /// The archive with its trailer.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.header("TRAILER!!!", 0, 0, (0, 0));
+        while self.buf.len() % 512 != 0 {
+            self.buf.push(0);
+        }
+        self.buf
+    }
+}
+
+/// True when the ELF file has no program interpreter (statically linked).
+pub fn is_static_elf(b: &[u8]) -> bool {
+    // ELF64 little endian: e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38.
+    if b.len() < 0x40 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let mut o8 = [0u8; 8];
+    o8.copy_from_slice(&b[0x20..0x28]);
+    let Ok(phoff) = usize::try_from(u64::from_le_bytes(o8)) else {
+        return false;
+    };
+    let (entsize, num) = (u16_at(0x36), u16_at(0x38));
+    (0..num).all(|i| {
+        let o = phoff.saturating_add(i.saturating_mul(entsize));
+        match b.get(o..o + 4) {
+            Some(t) => u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != 3, // PT_INTERP
+            None => false,
+        }
+    })
+}
+
+/// A statically linked busybox (Debian's busybox-static puts it at /bin/busybox).
+pub fn static_busybox() -> Result<Vec<u8>, DriverError> {
+    for p in ["/bin/busybox", "/usr/bin/busybox"] {
+        if let Ok(b) = std::fs::read(p) {
+            if is_static_elf(&b) {
+                return Ok(b);
+            }
+        }
+    }
+    Err(cfg_err(
+        "no statically linked busybox (install the Debian package busybox-static)".into(),
+    ))
+}
+
+/// FNV-1a, for cache keys.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Build (or reuse from the cache) the initramfs for kernel `k`.
+pub fn initramfs(cache: &Path, k: &Kernel) -> Result<PathBuf, DriverError> {
+    let busybox = static_busybox()?;
+    let key = fnv(&[
+        k.release.as_bytes(),
+        INIT.as_bytes(),
+        UDHCPC.as_bytes(),
+        &busybox,
+    ]);
+    let out = cache.join(format!("initramfs-{}-{key:016x}.cpio", k.release));
+    if out.exists() {
+        return Ok(out);
+    }
+    let mods = module_closure(&k.modules, MODULES)?;
+    let mut c = Cpio::default();
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+    ] {
+        c.dir(d);
+    }
+    c.chardev("dev/console", 5, 1);
+    c.file("bin/busybox", 0o755, &busybox);
+    c.file("bin/sh", 0o755, &busybox);
+    c.file("init", 0o755, INIT.as_bytes());
+    c.file("etc/udhcpc.script", 0o755, UDHCPC.as_bytes());
+    let mut list = String::new();
+    for (name, bytes) in &mods {
+        c.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
+        list.push_str(name);
+        list.push('\n');
+    }
+    c.file("etc/modules", 0o644, list.as_bytes());
+    std::fs::create_dir_all(cache).map_err(|e| cfg_err(format!("{}: {e}", cache.display())))?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, c.finish())
+        .and_then(|_| std::fs::rename(&tmp, &out))
+        .map_err(|e| cfg_err(format!("{}: {e}", out.display())))?;
+    tracing::info!(initramfs = %out.display(), modules = ?mods.iter().map(|m| &m.0).collect::<Vec<_>>(), "guest initramfs built");
+    Ok(out)
+}
+
+/// Kernel and initramfs for guests, from the cache when present (`fetch`: allow the
+/// kernel download).
+pub fn prepare(cache: &Path, fetch: bool) -> Result<BootFiles, DriverError> {
+    let k = kernel(cache, fetch)?;
+    let initrd = initramfs(cache, &k)?;
+    Ok(BootFiles {
+        kernel: k.image,
+        initrd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_dep_parsed() {
+        let o = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-57-cloud-amd64\n";
+        assert_eq!(
+            parse_kernel_dep(o).as_deref(),
+            Some("linux-image-6.1.0-57-cloud-amd64")
+        );
+        assert_eq!(parse_kernel_dep("  Depends: <foo>\n"), None);
+        assert_eq!(parse_kernel_dep(""), None);
+    }
+
+    #[test]
+    fn module_names_and_depends() {
+        assert_eq!(module_name("virtio_net.ko").as_deref(), Some("virtio_net"));
+        assert_eq!(
+            module_name("virtio-blk.ko.xz").as_deref(),
+            Some("virtio_blk")
+        );
+        assert_eq!(module_name("modules.order"), None);
+        let ko = b"\x7fELF....\0license=GPL\0depends=virtio,virtio_ring\0intree=Y\0";
+        assert_eq!(modinfo_depends(ko), vec!["virtio", "virtio_ring"]);
+        assert!(modinfo_depends(b"\0depends=\0").is_empty());
+        assert!(modinfo_depends(b"nothing").is_empty());
+    }
+
+    #[test]
+    fn closure_orders_dependencies_first() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("kernel/drivers");
+        std::fs::create_dir_all(&k).unwrap();
+        std::fs::write(k.join("a.ko"), b"\0depends=b,c\0").unwrap();
+        std::fs::write(k.join("b.ko"), b"\0depends=c\0").unwrap();
+        std::fs::write(k.join("c.ko"), b"\0depends=\0").unwrap();
+        std::fs::write(k.join("loop1.ko"), b"\0depends=loop2\0").unwrap();
+        std::fs::write(k.join("loop2.ko"), b"\0depends=loop1\0").unwrap();
+        std::fs::write(d.path().join("modules.builtin"), "kernel/x/d.ko\n").unwrap();
+        let names = |v: Vec<(String, Vec<u8>)>| v.into_iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(
+            names(module_closure(d.path(), &["a", "d"]).unwrap()),
+            ["c", "b", "a"]
+        );
+        assert_eq!(
+            names(module_closure(d.path(), &["loop1"]).unwrap()),
+            ["loop2", "loop1"]
+        );
+        let e = module_closure(d.path(), &["missing"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn cpio_newc_layout() {
+        let mut c = Cpio::default();
+        c.dir("bin");
+        c.file("init", 0o755, b"#!/bin/sh\n");
+        let a = c.finish();
+        assert_eq!(a.len() % 512, 0);
+        assert!(a.starts_with(b"070701"));
+        // Second header: after the first (110 bytes + "bin\0", padded to 4).
+        let second = 112 + 4;
+        assert_eq!(&a[second..second + 6], b"070701");
+        let mode = std::str::from_utf8(&a[second + 14..second + 22]).unwrap();
+        assert_eq!(u32::from_str_radix(mode, 16).unwrap(), 0o100_755);
+        let size = std::str::from_utf8(&a[second + 54..second + 62]).unwrap();
+        assert_eq!(usize::from_str_radix(size, 16).unwrap(), 10);
+        assert!(a.windows(10).any(|w| w == b"TRAILER!!!"));
+        // When cpio(1) is there, it lists what we wrote.
+        if let Ok(mut ch) = std::process::Command::new("cpio")
+            .args(["-t", "--quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(&a).unwrap();
+            let out = ch.wait_with_output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\ninit\n");
+        }
+    }
+
+    #[test]
+    fn static_elf_detected() {
+        assert!(!is_static_elf(b"not an elf"));
+        assert!(!is_static_elf(&[]));
+        if let Ok(sh) = std::fs::read("/bin/sh") {
+            // Debian's dash is dynamically linked.
+            assert!(!is_static_elf(&sh));
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The qemu VM driver in the three-site lab: site C (behind NAT) runs its agent with
+//! `--driver qemu`, so its compute is a real qemu-system-x86_64 VM (KVM when usable,
+//! TCG otherwise) booting the built guest, its NIC a TAP on the cluster bridge and its
+//! disk served by `xnbd serve` over NBD. The VM must get its DHCP lease from the
+//! frontend VM at site A over the overlay, answer ping from site B's VM, ping the other
+//! sites itself (`cluster topology`), and write its boot marker through xnbd into its
+//! disk image; stopped and started again it boots from the same disk, as it does after
+//! its agent crashed and came back (the restarted agent ends the orphaned qemu and xnbd
+//! by pid). Everything (qemu, xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
+//! that it was skipped.
+use bench::lab;
+use control::demo::{pick_overlay, SiteLab};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Ends the qemu and xnbd processes of site C's agent should the agent not have
+/// (a failed test), from the pid files the driver writes, by pid, when the process
+/// still names this run's files.
+struct VmProcs(PathBuf);
+
+impl Drop for VmProcs {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let n = p.display().to_string();
+            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
+                continue;
+            }
+            if let Some(pid) = alive_pid(&p, &self.0) {
+                // SAFETY: kill(2) has no memory-safety preconditions; the pid is a
+                // process of this test's agent whose command line names this run's
+                // directory.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The pid in `pidfile` when that process runs and its command line names `dir`.
+fn alive_pid(pidfile: &Path, dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains(&dir.display().to_string())
+        .then_some(pid)
+}
+
+/// The process has exited (an orphan may stay a zombie until init reaps it).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+    }
+}
+
+fn disk_marker(img: &Path) -> String {
+    let b = std::fs::read(img).unwrap_or_default();
+    let first = &b[..b.len().min(512)];
+    String::from_utf8_lossy(first)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string()
+}
+
+fn taps(ns: &str) -> Vec<String> {
+    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
+        .map(|o| {
+            o.stdout
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                .filter(|n| n.starts_with("mvq"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
+    if !lab::is_root() {
+        eprintln!("SKIPPED qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd: needs root for network namespaces and TAPs");
+        return;
+    }
+    assert!(
+        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
+        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
+    );
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let xnbd = mvc.with_file_name("xnbd");
+    assert!(
+        xnbd.exists(),
+        "{} missing: build it (`cargo build -p xnbd`; `cargo test --workspace` does)",
+        xnbd.display()
+    );
+    // Kernel (fetched once from Debian's archive when the host has none in /boot) and
+    // initramfs, in the root namespace; the agent then finds them in the cache.
+    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
+    let t0 = Instant::now();
+    let prep = std::process::Command::new(&mvc)
+        .args(["agent", "qemu-prepare", "--cache", &cache])
+        .output()
+        .expect("mvc agent qemu-prepare");
+    assert!(
+        prep.status.success(),
+        "qemu-prepare: {}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    eprintln!(
+        "guest prepared in {:.1} s:\n{}",
+        t0.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&prep.stdout)
+    );
+
+    let overlay = pick_overlay(
+        &mvc,
+        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
+    );
+    eprintln!("overlay under test: {overlay}");
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        "C".to_string(),
+        vec![
+            "--driver".into(),
+            "qemu".into(),
+            "--qemu-cache".into(),
+            cache.clone(),
+            "--xnbd".into(),
+            xnbd.display().to_string(),
+            "--qemu-disk-mb".into(),
+            "64".into(),
+        ],
+    );
+    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let c_state = sl.agents["C"].state.clone();
+    let c_ns = sl.agents["C"].ns.clone();
+    let _procs = VmProcs(c_state.join("run"));
+    sl.add_sites().expect("site add");
+
+    let t0 = Instant::now();
+    let cl = sl
+        .ctl_json(&[
+            "cluster",
+            "create",
+            "q",
+            "--sites",
+            "A:B:C",
+            "--computes",
+            "1:1:1",
+            "--memory",
+            "256",
+            "--frontend-memory",
+            "256",
+            "--start",
+            "--lease-timeout",
+            "150",
+        ])
+        .expect("cluster create");
+    eprintln!(
+        "cluster with a qemu VM at C started and leased in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(cl["state"], "running");
+    let vm_at = |site: &str| {
+        cl["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["site"] == site && v["role"] == "compute")
+            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
+            .clone()
+    };
+    let (qvm, bvm) = (vm_at("C"), vm_at("B"));
+    let qname = qvm["name"].as_str().unwrap().to_string();
+    let qip: std::net::Ipv4Addr = qvm["ip"].as_str().unwrap().parse().unwrap();
+    let qmac = qvm["mac"].as_str().unwrap().to_string();
+    let fe = cl["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["role"] == "frontend")
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The lease came from the frontend's dnsmasq at A, over the overlay, through C's NAT.
+    let leases = std::fs::read_to_string(
+        sl.agents["A"]
+            .state
+            .join("run")
+            .join(format!("{fe}.leases")),
+    )
+    .expect("frontend lease file");
+    assert!(
+        leases.contains(&qmac) && leases.contains(&qip.to_string()),
+        "{qname} ({qmac}) not in frontend leases:\n{leases}"
+    );
+    let console = std::fs::read_to_string(c_state.join("run").join(format!("{qname}.console.log")))
+        .unwrap_or_default();
+    assert!(console.contains(&format!("MVC-LEASE {qip}")), "{console}");
+
+    // A real VM: qemu runs, with the MAC the controller allocated, its TAP on the bridge.
+    let qpid = alive_pid(
+        &c_state.join("run").join(format!("{qname}.qemu.pid")),
+        &c_state,
+    )
+    .expect("qemu running");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{qpid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(cmdline.contains(&format!("mac={qmac}")), "{cmdline}");
+    assert!(cmdline.contains("driver=nbd,"), "{cmdline}");
+    let tap_list = taps(&c_ns);
+    assert_eq!(tap_list.len(), 1, "{tap_list:?}");
+    let master = lab::run(&["ip", "-n", &c_ns, "-o", "link", "show", &tap_list[0]]).unwrap();
+    assert!(master.stdout.contains("master mvb"), "{}", master.stdout);
+
+    // Site B's VM reaches it over the overlay.
+    let b_ns = format!("{}{}", sl.vm_prefix, bvm["name"].as_str().unwrap());
+    lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip}: {e}"));
+
+    // Its disk is served by xnbd: the boot marker the guest wrote is in the image.
+    let xpid = alive_pid(
+        &c_state.join("run").join(format!("{qname}.xnbd.pid")),
+        &c_state,
+    )
+    .expect("xnbd serving the disk");
+    let img = c_state.join("disks").join(format!("{qname}.img"));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_marker(&img) != format!("MVC-DISK {qname} boot 1") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 1"));
+
+    // Topology: the qemu VM pings the other sites from inside (through its console).
+    let topo = sl
+        .ctl_json(&["cluster", "topology", "q"])
+        .expect("topology");
+    let rtts = topo["rtt_ms"].as_array().unwrap();
+    assert_eq!(rtts.len(), 6, "{topo}");
+    assert!(
+        rtts.iter()
+            .all(|r| r["ms"].as_f64().is_some_and(|ms| ms > 0.0)),
+        "{rtts:?}"
+    );
+
+    // Stop: qemu, xnbd and the TAP are gone; the disk stays.
+    let st = sl.ctl_json(&["vm", "stop", &qname]).expect("vm stop");
+    assert_eq!(st["state"], "stopped");
+    for pid in [qpid, xpid] {
+        assert!(gone(pid), "pid {pid} still runs after vm stop");
+    }
+    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    assert!(img.exists());
+
+    // Start again: same MAC and lease, and it booted from the same disk.
+    sl.ctl_json(&["vm", "start", &qname]).expect("vm start");
+    lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip} after restart: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_marker(&img) != format!("MVC-DISK {qname} boot 2") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 2"));
+
+    // C's agent crashes (SIGKILL): qemu and xnbd outlive it; restarted, the agent ends
+    // them by their pid files and `cluster start` boots the VM again from its disk.
+    let run_c = c_state.join("run");
+    let qpid = alive_pid(&run_c.join(format!("{qname}.qemu.pid")), &c_state).expect("qemu");
+    sl.kill_agent("C");
+    assert!(alive_pid(&run_c.join(format!("{qname}.qemu.pid")), &c_state) == Some(qpid));
+    sl.restart_agent("C").expect("agent C restart");
+    assert!(gone(qpid), "qemu {qpid} left after the agent's restart");
+    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    sl.ctl(&["cluster", "start", "q", "--lease-timeout", "150"])
+        .expect("cluster start after agent crash");
+    lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip} after agent crash: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_marker(&img) != format!("MVC-DISK {qname} boot 3") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 3"));
+
+    // Destroy: no qemu, no xnbd, no TAP, no disk left at C.
+    sl.ctl(&["cluster", "destroy", "q"]).expect("destroy");
+    let run = c_state.join("run");
+    for e in std::fs::read_dir(&run).unwrap().flatten() {
+        let p = e.path();
+        let n = p.display().to_string();
+        if n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid") {
+            assert!(alive_pid(&p, &c_state).is_none(), "{n} still runs");
+        }
+    }
+    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    assert!(!img.exists(), "disk {} left", img.display());
+}
