@@ -377,6 +377,12 @@ fn start_vxlan(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
         )?;
         r.then_undo(fe, &["ip", "link", "del", "vx0"]);
         lab.mtu(fe, "vx0", Peer::Vxlan.vm_mtu())?;
+        if topo.sites.iter().any(|t| t.wan.is_some()) {
+            // The WAN emulator forwards through AF_PACKET with a virtio-net header, which
+            // has no UDP-tunnel GSO type: such super-frames would be dropped there. With
+            // the emulator in the lab, segment TCP before encapsulation instead.
+            lab.ip(fe, &["link", "set", "vx0", "gso_max_segs", "1"])?;
+        }
         // Head-end replication of broadcasts to every other site; unicast is learned.
         for t in topo.sites.iter().filter(|t| t.idx != s.idx) {
             let dst = t.public_ip.to_string();
