@@ -21,6 +21,8 @@ enum Command {
     /// underlay, mvc (ciphers, direct/relayed, TAP/XDP), n2n 1.3.1, VXLAN, nebula, tinc,
     /// OpenVPN, boringtun.
     Overlay(cmd::overlay::Args),
+    /// One throughput/RTT-against-delay figure from several `bench overlay --delay` results.
+    Plot(cmd::overlay::PlotArgs),
     /// Three sites joined by mvc: pings, iperf3 and status tables, then teardown.
     Demo(cmd::demo::Args),
     /// The userspace WAN emulator: run a link, or check it against its settings.
@@ -34,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     bench::lab::install_signal_teardown()?;
     match Command::parse() {
         Command::Overlay(a) => cmd::overlay::run(&a),
+        Command::Plot(a) => cmd::overlay::plot(&a),
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
         Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),

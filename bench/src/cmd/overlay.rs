@@ -75,7 +75,7 @@ pub struct Args {
 }
 
 /// One measured configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     /// raw, mvc, n2n-1.3.1.
     pub system: String,
@@ -646,6 +646,51 @@ pub fn small_table(rows: &[SmallRow], runs: u32) -> String {
         ));
     }
     s
+}
+
+/// Options of `bench plot`.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// The SVG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `bench overlay --delay` results: `FILE.json`, or `FILE.json:SYS,SYS` to keep only the
+    /// systems whose names start with one of SYS. Raw rows of the second and later files
+    /// are labelled with their run, as their own lines.
+    #[arg(required = true)]
+    pub inputs: Vec<String>,
+}
+
+/// `bench plot`: one throughput/RTT-against-delay figure from several delay sweeps.
+pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for (i, input) in args.inputs.iter().enumerate() {
+        let (file, keep) = match input.rsplit_once(':') {
+            Some((f, k)) if f.ends_with(".json") => (f, Some(k)),
+            _ => (input.as_str(), None),
+        };
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {file}"))?;
+        let file_rows: Vec<Row> = serde_json::from_value(v["rows"].clone())
+            .with_context(|| format!("{file}: no overlay rows"))?;
+        for mut r in file_rows {
+            let kept = keep.is_none_or(|k| k.split(',').any(|s| r.system.starts_with(s)));
+            if !kept {
+                continue;
+            }
+            if r.system == "raw" && i > 0 {
+                r.system = format!("raw underlay (run {})", i + 1);
+            }
+            rows.push(r);
+        }
+    }
+    if rows.is_empty() {
+        bail!("no rows to plot");
+    }
+    crate::plot::overlay_vs_delay(&rows, &args.out)?;
+    eprintln!("figure: {}", args.out.display());
+    Ok(())
 }
 
 /// `bench overlay`.
