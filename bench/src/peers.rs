@@ -317,6 +317,18 @@ fn first_version(s: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// An empty directory `name` in the lab's directory (a peer started again in the same lab,
+/// at the next delay of a sweep, must not find the keys of its last start: nebula-cert
+/// refuses to overwrite them, tincd -K appends).
+fn fresh_dir(lab: &Lab, name: &str) -> Result<PathBuf> {
+    let dir = lab.dir().join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)?;
     Ok(())
@@ -409,7 +421,7 @@ fn start_tinc(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
     let hub = &topo.sites[0];
     let mut hosts = Vec::new();
     for s in &topo.sites {
-        let dir = lab.dir().join(format!("tinc-{}", s.name));
+        let dir = fresh_dir(lab, &format!("tinc-{}", s.name))?;
         std::fs::create_dir_all(dir.join("hosts"))?;
         let mut conf = format!(
             "Name = {}\nMode = switch\nInterface = {}\nDeviceType = tap\nAddressFamily = ipv4\n\
@@ -454,7 +466,6 @@ fn start_tinc(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
 
 /// A throwaway PKI for OpenVPN: CA, server and client certificates (P-256).
 fn openvpn_pki(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
     let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
     let ec = [
         "-newkey",
@@ -523,7 +534,7 @@ fn openvpn_pki(dir: &Path) -> Result<()> {
 }
 
 fn start_openvpn(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
-    let dir = lab.dir().join("openvpn");
+    let dir = fresh_dir(lab, "openvpn")?;
     openvpn_pki(&dir)?;
     let d = dir.to_string_lossy().into_owned();
     let hub = &topo.sites[0];
@@ -607,8 +618,7 @@ fn l3_frontends(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
 }
 
 fn start_nebula(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
-    let dir = lab.dir().join("nebula");
-    std::fs::create_dir_all(&dir)?;
+    let dir = fresh_dir(lab, "nebula")?;
     let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
     let (ca_crt, ca_key) = (f("ca.crt"), f("ca.key"));
     lab::run(&[
@@ -703,8 +713,7 @@ fn start_boringtun(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
         status: "missing".into(),
         stderr: "not installed (bench installs it with cargo install boringtun-cli)".into(),
     })?;
-    let dir = lab.dir().join("wg");
-    std::fs::create_dir_all(&dir)?;
+    let dir = fresh_dir(lab, "wg")?;
     // The userspace API socket (/var/run/wireguard/<if>.sock) is global: the interface
     // name carries the lab's unique prefix.
     let p = lab.prefix();

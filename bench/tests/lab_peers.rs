@@ -1,6 +1,7 @@
 //! The benchmark's peer drivers carry traffic between sites of the lab: kernel VXLAN (L2,
 //! no package needed) and nebula (L3, routed by the frontends; in `.ci/setup-deps`). After
-//! `stop`, nothing of the peer is left: the sites no longer reach each other's VMs.
+//! `stop`, nothing of the peer is left: the sites no longer reach each other's VMs. One lab
+//! serves every start, and nebula starts twice in it, as in a delay sweep.
 
 use std::time::Duration;
 
@@ -16,11 +17,11 @@ fn vxlan_and_nebula_carry_ping_and_iperf3_between_sites() {
         );
         return;
     }
-    for peer in [Peer::Vxlan, Peer::Nebula] {
+    let l = Lab::new("lp").unwrap();
+    let t = Topology::three_sites(&l, 1).unwrap();
+    let (a, b) = (t.site("a"), t.site("b"));
+    for peer in [Peer::Vxlan, Peer::Nebula, Peer::Nebula] {
         peer.ensure_installed().expect("install");
-        let l = Lab::new("lp").unwrap();
-        let t = Topology::three_sites(&l, 1).unwrap();
-        let (a, b) = (t.site("a"), t.site("b"));
         let r = peer.start(&l, &t).unwrap();
         for (x, y) in [(b, a), (a, b)] {
             lab::wait_ping(&l, &x.vms[0].ns, y.vms[0].ip, Duration::from_secs(30))
