@@ -1126,6 +1126,90 @@ static IPERF_PORT: AtomicU32 = AtomicU32::new(0);
 /// one-off server on its own port, so a run that ended badly cannot leave a busy server
 /// behind for the next one.
 pub fn iperf(lab: &Lab, client: &str, server: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
+    let v = iperf_json(lab, client, server, dst, secs, &[])?;
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or_else(|| Error::Parse {
+            what: "iperf3".into(),
+            detail: v.to_string().chars().take(400).collect(),
+        })
+}
+
+/// Result of one iperf3 UDP run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct UdpRun {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams the server counted as lost.
+    pub lost: u64,
+    /// Payload bytes the server received.
+    pub bytes: u64,
+    /// Length of the sending interval, s.
+    pub secs: f64,
+}
+
+impl UdpRun {
+    /// Datagrams delivered per second.
+    pub fn pps(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.sent.saturating_sub(self.lost) as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Fraction of the datagrams lost.
+    pub fn loss(&self) -> f64 {
+        if self.sent > 0 {
+            self.lost as f64 / self.sent as f64
+        } else {
+            1.0
+        }
+    }
+}
+
+/// One iperf3 UDP run: `len`-byte datagrams offered at `bps` bits/s of payload for `secs`
+/// seconds from `client` to `dst` (an address of `server`).
+pub fn iperf_udp(
+    lab: &Lab,
+    client: &str,
+    server: &str,
+    dst: Ipv4Addr,
+    secs: u32,
+    len: u32,
+    bps: u64,
+) -> Result<UdpRun> {
+    let (l, b) = (len.to_string(), bps.to_string());
+    let v = iperf_json(lab, client, server, dst, secs, &["-u", "-l", &l, "-b", &b])?;
+    let num = |p: &str| v.pointer(p).and_then(serde_json::Value::as_f64);
+    match (
+        num("/end/sum_sent/packets"),
+        num("/end/sum_received/lost_packets"),
+        num("/end/sum_received/bytes"),
+        num("/end/sum_sent/seconds"),
+    ) {
+        (Some(sent), Some(lost), Some(bytes), Some(secs)) => Ok(UdpRun {
+            sent: sent as u64,
+            lost: lost.max(0.0) as u64,
+            bytes: bytes as u64,
+            secs,
+        }),
+        _ => Err(Error::Parse {
+            what: "iperf3 -u".into(),
+            detail: v.to_string().chars().take(400).collect(),
+        }),
+    }
+}
+
+/// Runs iperf3 once against a one-off server and returns its JSON report.
+fn iperf_json(
+    lab: &Lab,
+    client: &str,
+    server: &str,
+    dst: Ipv4Addr,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let n = IPERF_PORT.fetch_add(1, Ordering::Relaxed);
     let port = u16::try_from(5201 + (std::process::id() + n) % 4000).unwrap_or(5201);
     let p = port.to_string();
@@ -1139,28 +1223,34 @@ pub fn iperf(lab: &Lab, client: &str, server: &str, dst: Ipv4Addr, secs: u32) ->
         lab.exec(server, &["ss", "-Hltn", &filter])
             .is_ok_and(|o| !o.stdout.trim().is_empty())
     });
-    let r = listening.and_then(|()| iperf_once(lab, client, dst, port, secs));
+    let r = listening.and_then(|()| iperf_once(lab, client, dst, port, secs, extra));
     lab.stop(&srv);
     r
 }
 
-fn iperf_once(lab: &Lab, ns: &str, dst: Ipv4Addr, port: u16, secs: u32) -> Result<f64> {
-    let out = lab.exec_timeout(
-        ns,
-        &[
-            "iperf3",
-            "-c",
-            &dst.to_string(),
-            "-p",
-            &port.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-        Duration::from_secs(u64::from(secs) + 15),
-    )?;
+fn iperf_once(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let (d, p, t) = (dst.to_string(), port.to_string(), secs.to_string());
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        &d,
+        "-p",
+        &p,
+        "-t",
+        &t,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    args.extend_from_slice(extra);
+    let out = lab.exec_timeout(ns, &args, Duration::from_secs(u64::from(secs) + 15))?;
     let v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| Error::Parse {
         what: "iperf3".into(),
         detail: format!("{e}: {}{}", out.stdout, out.stderr),
@@ -1172,12 +1262,7 @@ fn iperf_once(lab: &Lab, ns: &str, dst: Ipv4Addr, port: u16, secs: u32) -> Resul
             stderr: err.to_string(),
         });
     }
-    v.pointer("/end/sum_received/bits_per_second")
-        .and_then(serde_json::Value::as_f64)
-        .ok_or_else(|| Error::Parse {
-            what: "iperf3".into(),
-            detail: out.stdout.chars().take(400).collect(),
-        })
+    Ok(v)
 }
 
 /// Captured frames: a tcpdump writing a pcap file, stopped by [`Capture::frames`].

@@ -7,9 +7,13 @@
 //!   reading their status.
 //! - [`wanem`]: the userspace WAN emulator (delay, jitter, loss, rate per direction).
 //! - [`dhcp`]: a minimal DHCP client, to check that leases cross the overlay.
+//! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun) in a lab.
+//! - [`cpu`]: CPU time of processes and of the kernel over a measured interval.
 
+pub mod cpu;
 pub mod dhcp;
 pub mod lab;
 pub mod overlay;
+pub mod peers;
 mod sys;
 pub mod wanem;

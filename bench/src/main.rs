@@ -1,6 +1,7 @@
 //! `bench`: builds the network-namespace lab and runs the project's measurements.
 //!
-//! - `bench overlay`: iperf3 and ping VM -> VM over the raw underlay, this overlay and n2n.
+//! - `bench overlay`: iperf3 and ping VM -> VM over the raw underlay, this overlay, n2n and
+//!   the peers (VXLAN, nebula, tinc, OpenVPN, boringtun); `--small` for small frames.
 //! - `bench demo`: the three-site overlay demo (the README's main job).
 //! - `bench wanem`: the userspace WAN emulator's self-check.
 
@@ -16,8 +17,12 @@ use clap::Parser;
     about = "Lab builder and end-to-end measurements of mvc"
 )]
 enum Command {
-    /// Throughput and RTT VM -> VM: raw underlay, mvc (ciphers, direct/relayed), n2n 1.3.1.
+    /// Throughput and RTT (or with --small: small-frame rate and CPU cost) VM -> VM: raw
+    /// underlay, mvc (ciphers, direct/relayed, TAP/XDP), n2n 1.3.1, VXLAN, nebula, tinc,
+    /// OpenVPN, boringtun.
     Overlay(cmd::overlay::Args),
+    /// One throughput/RTT-against-delay figure from several `bench overlay --delay` results.
+    Plot(cmd::overlay::PlotArgs),
     /// Three sites joined by mvc: pings, iperf3 and status tables, then teardown.
     Demo(cmd::demo::Args),
     /// The userspace WAN emulator: run a link, or check it against its settings.
@@ -31,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     bench::lab::install_signal_teardown()?;
     match Command::parse() {
         Command::Overlay(a) => cmd::overlay::run(&a),
+        Command::Plot(a) => cmd::overlay::plot(&a),
         Command::Demo(a) => cmd::demo::run(&a),
         Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
         Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),

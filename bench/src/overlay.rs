@@ -65,6 +65,10 @@ pub struct EdgeOpts {
     pub datapath: Option<String>,
     /// UDP port to listen on (`--listen 0.0.0.0:PORT`).
     pub port: Option<u16>,
+    /// `--tap` name instead of the site's TAP (the XDP datapath's veth port is named by it).
+    pub tap: Option<String>,
+    /// `--bridge`: the VM bridge the XDP datapath puts its port on.
+    pub bridge: Option<String>,
 }
 
 impl EdgeOpts {
@@ -79,6 +83,8 @@ impl EdgeOpts {
             cipher: None,
             datapath: None,
             port: Some(EDGE_PORT),
+            tap: None,
+            bridge: None,
         }
     }
 }
@@ -130,7 +136,7 @@ impl Mvc {
             "--secret-file".into(),
             secret_file.to_string_lossy().into_owned(),
             "--tap".into(),
-            site.tap.clone(),
+            o.tap.clone().unwrap_or_else(|| site.tap.clone()),
             "--status-socket".into(),
             sock.to_string_lossy().into_owned(),
         ];
@@ -142,6 +148,9 @@ impl Mvc {
         }
         if let Some(d) = &o.datapath {
             args.extend(["--datapath".into(), d.clone()]);
+        }
+        if let Some(b) = &o.bridge {
+            args.extend(["--bridge".into(), b.clone()]);
         }
         if let Some(p) = o.port {
             args.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
@@ -327,6 +336,13 @@ impl MvcCluster {
         })
     }
 
+    /// PIDs of the cluster's processes (supernode and edges).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.edges.values().map(|e| e.proc.pid).collect();
+        v.push(self.supernode.proc.pid);
+        v
+    }
+
     /// Stops every process of the cluster.
     pub fn stop(&self, lab: &Lab) {
         for e in self.edges.values() {
@@ -395,6 +411,13 @@ impl N2n {
             topo.set_site_mtu(lab, s, N2N_MTU)?;
         }
         Ok(N2n { supernode, edges })
+    }
+
+    /// PIDs of n2n's processes.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.edges.iter().map(|p| p.pid).collect();
+        v.push(self.supernode.pid);
+        v
     }
 
     /// Stops n2n and puts the sites' MTUs back to 1500.

@@ -199,3 +199,14 @@ pub fn realtime(priority: i32) -> Result<(), Error> {
         Err(sys_err("sched_setscheduler"))
     }
 }
+
+/// Clock ticks per second of /proc's CPU times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+pub fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads its integer argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}

@@ -1,6 +1,8 @@
 //! `bench overlay`: iperf3 TCP single-stream and ping RTT VM -> VM, in one lab and one run,
-//! over the raw routed underlay, this overlay (ciphers x direct/relayed x datapaths) and
-//! Debian's n2n 1.3.1, with ratios to the raw underlay of the same run.
+//! over the raw routed underlay, this overlay (ciphers x direct/relayed x datapaths),
+//! Debian's n2n 1.3.1 and the peers of [`bench::peers`] (kernel VXLAN, nebula, tinc,
+//! OpenVPN, boringtun), with ratios to the raw underlay of the same run. `--small` measures
+//! instead the small-frame rate (64/512-byte UDP) and the CPU cost per GB and per packet.
 //!
 //! The measured pair is VM b1 (site B, behind NAT) -> VM a1 (site A, public). The raw
 //! reference routes the same two namespaces over the same links (B's NAT, the internet
@@ -12,8 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use bench::cpu;
 use bench::lab::{self, Lab, Topology};
-use bench::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT};
+use bench::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
+use bench::peers::Peer;
 use serde::Serialize;
 
 use super::{find_mvc, utc_now, write_json, Machine};
@@ -25,14 +29,19 @@ pub struct Args {
     /// The mvc binary (default: next to this one).
     #[arg(long)]
     pub mvc: Option<PathBuf>,
-    /// Systems to measure, comma-separated: raw, mvc, n2n.
-    #[arg(long, value_delimiter = ',', default_value = "raw,mvc,n2n")]
+    /// Systems to measure, comma-separated: raw, mvc, n2n, vxlan, nebula, tinc, openvpn,
+    /// boringtun. Missing peers are installed (apt-get, cargo install boringtun-cli).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw,mvc,n2n,vxlan,nebula,tinc,openvpn,boringtun"
+    )]
     pub systems: Vec<String>,
     /// Ciphers of the overlay to measure.
     #[arg(long, value_delimiter = ',', default_value = "aes-256-gcm,none")]
     pub ciphers: Vec<String>,
-    /// Overlay datapaths to measure (tap now; xdp once it exists).
-    #[arg(long, value_delimiter = ',', default_value = "tap")]
+    /// Overlay datapaths to measure: tap, xdp (`--bridge br0`, the edge's own veth port).
+    #[arg(long, value_delimiter = ',', default_value = "tap,xdp")]
     pub datapath: Vec<String>,
     /// Paths to measure: direct, relayed.
     #[arg(long, value_delimiter = ',', default_value = "direct,relayed")]
@@ -50,13 +59,23 @@ pub struct Args {
     /// Without it the sites are joined by plain veth links.
     #[arg(long, value_delimiter = ',')]
     pub delay: Vec<u32>,
+    /// Small-frame run instead of TCP/ping: UDP datagrams of `--sizes` bytes at `--pps`,
+    /// delivered packets/s, loss and CPU cost.
+    #[arg(long)]
+    pub small: bool,
+    /// UDP payload sizes of the small-frame run.
+    #[arg(long, value_delimiter = ',', default_value = "64,512")]
+    pub sizes: Vec<u32>,
+    /// Offered rate of the small-frame run, datagrams per second.
+    #[arg(long, default_value_t = 100_000)]
+    pub pps: u32,
     /// Where to write the JSON result and figures.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
 }
 
 /// One measured configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     /// raw, mvc, n2n-1.3.1.
     pub system: String,
@@ -66,6 +85,10 @@ pub struct Row {
     pub path: String,
     /// Datapath the edges reported (`-` when not applicable).
     pub datapath: String,
+    /// L2 (frames on the VM bridge) or L3 (routed by the frontends; `-` for raw).
+    pub layer: String,
+    /// The VMs' MTU during the measurement.
+    pub mtu: u32,
     /// Added one-way delay on B's uplink, ms.
     pub delay_ms: u32,
     /// iperf3 results, Gb/s.
@@ -88,6 +111,113 @@ pub struct Row {
     pub rtt_vs_raw: Option<f64>,
 }
 
+/// One run of the small-frame measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmallRun {
+    /// What iperf3 reported.
+    pub udp: lab::UdpRun,
+    /// User CPU seconds of the system's processes over the run.
+    pub proc_user_s: f64,
+    /// System CPU seconds of the system's processes (part of `kernel_s`).
+    pub proc_sys_s: f64,
+    /// Kernel CPU seconds of the whole machine (system + irq + softirq).
+    pub kernel_s: f64,
+    /// Machine cycles over the run (`perf stat -a`), where available.
+    pub cycles: Option<u64>,
+}
+
+impl SmallRun {
+    fn cpu_s(&self) -> f64 {
+        self.proc_user_s + self.kernel_s
+    }
+    fn cpu_s_per_gb(&self) -> Option<f64> {
+        (self.udp.bytes > 0).then(|| self.cpu_s() / (self.udp.bytes as f64 / 1e9))
+    }
+    fn delivered(&self) -> u64 {
+        self.udp.sent.saturating_sub(self.udp.lost)
+    }
+    fn cpu_us_per_pkt(&self) -> Option<f64> {
+        let n = self.delivered();
+        (n > 0).then(|| self.cpu_s() * 1e6 / n as f64)
+    }
+    fn cycles_per_pkt(&self) -> Option<f64> {
+        let n = self.delivered();
+        self.cycles.filter(|_| n > 0).map(|c| c as f64 / n as f64)
+    }
+}
+
+/// Medians of one side (system or raw) of a small-frame row.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmallStats {
+    /// Every run.
+    pub runs: Vec<SmallRun>,
+    /// Median delivered datagrams/s.
+    pub pps: f64,
+    /// Median loss fraction.
+    pub loss: f64,
+    /// Median CPU seconds per GB of payload delivered.
+    pub cpu_s_per_gb: Option<f64>,
+    /// Median CPU microseconds per delivered datagram.
+    pub cpu_us_per_pkt: Option<f64>,
+    /// Median machine cycles per delivered datagram.
+    pub cycles_per_pkt: Option<f64>,
+}
+
+impl SmallStats {
+    fn of(runs: Vec<SmallRun>) -> SmallStats {
+        let med = |f: &dyn Fn(&SmallRun) -> Option<f64>| {
+            lab::median(&runs.iter().filter_map(f).collect::<Vec<_>>())
+        };
+        SmallStats {
+            pps: med(&|r| Some(r.udp.pps())).unwrap_or(0.0),
+            loss: med(&|r| Some(r.udp.loss())).unwrap_or(1.0),
+            cpu_s_per_gb: med(&SmallRun::cpu_s_per_gb),
+            cpu_us_per_pkt: med(&SmallRun::cpu_us_per_pkt),
+            cycles_per_pkt: med(&SmallRun::cycles_per_pkt),
+            runs,
+        }
+    }
+}
+
+/// One small-frame configuration: a system at one datagram size, with its paired raw runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmallRow {
+    /// As in [`Row`].
+    pub system: String,
+    /// As in [`Row`].
+    pub cipher: String,
+    /// As in [`Row`].
+    pub path: String,
+    /// As in [`Row`].
+    pub datapath: String,
+    /// As in [`Row`].
+    pub layer: String,
+    /// UDP payload bytes per datagram.
+    pub size: u32,
+    /// Offered datagrams per second.
+    pub offered_pps: u32,
+    /// The system.
+    pub sys: SmallStats,
+    /// The raw underlay, measured alternately with it.
+    pub raw: SmallStats,
+}
+
+/// What a configuration is, for the tables.
+struct Desc<'a> {
+    system: &'a str,
+    cipher: &'a str,
+    path: &'a str,
+    datapath: &'a str,
+    layer: &'a str,
+    mtu: u32,
+}
+
+#[derive(Default)]
+struct Results {
+    rows: Vec<Row>,
+    small: Vec<SmallRow>,
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     bench: &'static str,
@@ -98,7 +228,9 @@ struct Report<'a> {
     secs: u32,
     pings: u32,
     mvc: Option<String>,
+    perf_cycles: bool,
     rows: &'a [Row],
+    small: &'a [SmallRow],
 }
 
 struct Ctx<'a> {
@@ -106,6 +238,7 @@ struct Ctx<'a> {
     topo: &'a Topology,
     args: &'a Args,
     delay: u32,
+    perf: bool,
 }
 
 impl Ctx<'_> {
@@ -117,14 +250,111 @@ impl Ctx<'_> {
         &self.topo.site("a").vms[0].ns
     }
 
+    /// Measures one configuration (TCP/ping, or small frames with `--small`) into `out`;
+    /// `pids` are the system's processes, for the CPU cost.
     fn measure(
         &self,
-        system: &str,
-        cipher: &str,
-        path: &str,
-        datapath: &str,
+        d: &Desc,
         dst: Ipv4Addr,
-    ) -> anyhow::Result<Row> {
+        pids: &[u32],
+        out: &mut Results,
+    ) -> anyhow::Result<()> {
+        if self.args.small {
+            out.small.extend(self.measure_small(d, dst, pids)?);
+        } else {
+            out.rows.push(self.measure_tcp(d, dst)?);
+        }
+        Ok(())
+    }
+
+    fn small_run(&self, dst: Ipv4Addr, size: u32, pids: &[u32]) -> anyhow::Result<SmallRun> {
+        let a = self.args;
+        let bps = u64::from(a.pps) * u64::from(size) * 8;
+        let perf = if self.perf {
+            cpu::PerfCycles::start(a.secs)
+        } else {
+            None
+        };
+        let before = cpu::sample(pids);
+        let udp = lab::iperf_udp(
+            self.lab,
+            self.client(),
+            self.server(),
+            dst,
+            a.secs,
+            size,
+            bps,
+        )?;
+        let after = cpu::sample(pids);
+        let (proc_user_s, kernel_s, proc_sys_s) = cpu::seconds(&before, &after);
+        Ok(SmallRun {
+            udp,
+            proc_user_s,
+            proc_sys_s,
+            kernel_s,
+            cycles: perf.and_then(cpu::PerfCycles::finish),
+        })
+    }
+
+    fn measure_small(
+        &self,
+        d: &Desc,
+        dst: Ipv4Addr,
+        pids: &[u32],
+    ) -> anyhow::Result<Vec<SmallRow>> {
+        let (lab, a) = (self.lab, self.args);
+        lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))
+            .with_context(|| format!("{} {}: no connectivity", d.system, d.path))?;
+        let _ = lab::ping(lab, self.client(), dst, 5, 0.1);
+        let raw_dst = self.topo.site("a").vms[0].underlay_ip;
+        let paired = dst != raw_dst;
+        let mut rows = Vec::new();
+        for &size in &a.sizes {
+            let (mut sys, mut raw) = (Vec::new(), Vec::new());
+            for i in 0..a.runs {
+                if paired {
+                    raw.push(
+                        self.small_run(raw_dst, size, &[])
+                            .with_context(|| format!("raw reference run {}", i + 1))?,
+                    );
+                }
+                sys.push(
+                    self.small_run(dst, size, pids)
+                        .with_context(|| format!("{} {size} B: run {}", d.system, i + 1))?,
+                );
+            }
+            if !paired {
+                raw.clone_from(&sys);
+            }
+            let row = SmallRow {
+                system: d.system.into(),
+                cipher: d.cipher.into(),
+                path: d.path.into(),
+                datapath: d.datapath.into(),
+                layer: d.layer.into(),
+                size,
+                offered_pps: a.pps,
+                sys: SmallStats::of(sys),
+                raw: SmallStats::of(raw),
+            };
+            eprintln!(
+                "  {:<16} {:<5} {:>4} B {:>9.0} pkt/s loss {:>5.1}%  cpu {} s/GB",
+                row.system,
+                row.datapath,
+                size,
+                row.sys.pps,
+                row.sys.loss * 100.0,
+                row.sys
+                    .cpu_s_per_gb
+                    .map_or("-".into(), |x| format!("{x:.1}"))
+            );
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    fn measure_tcp(&self, d: &Desc, dst: Ipv4Addr) -> anyhow::Result<Row> {
+        let (system, cipher, path) = (d.system, d.cipher, d.path);
         let (lab, a) = (self.lab, self.args);
         lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))
             .with_context(|| format!("{system} {cipher} {path}: no connectivity"))?;
@@ -163,7 +393,9 @@ impl Ctx<'_> {
             system: system.into(),
             cipher: cipher.into(),
             path: path.into(),
-            datapath: datapath.into(),
+            datapath: d.datapath.into(),
+            layer: d.layer.into(),
+            mtu: d.mtu,
             delay_ms: self.delay,
             gbps,
             gbps_runs,
@@ -198,19 +430,29 @@ fn run_all(
     args: &Args,
     mvc: Option<&Mvc>,
     delay: u32,
-) -> anyhow::Result<Vec<Row>> {
+    perf: bool,
+    out: &mut Results,
+) -> anyhow::Result<()> {
     let ctx = Ctx {
         lab,
         topo,
         args,
         delay,
+        perf,
     };
     let (a, b) = (topo.site("a"), topo.site("b"));
     let va = &a.vms[0];
-    let mut rows = Vec::new();
     let has = |s: &str| args.systems.iter().any(|x| x == s);
     if has("raw") {
-        rows.push(ctx.measure("raw", "-", "routed", "-", va.underlay_ip)?);
+        let d = Desc {
+            system: "raw",
+            cipher: "-",
+            path: "routed",
+            datapath: "-",
+            layer: "-",
+            mtu: 1500,
+        };
+        ctx.measure(&d, va.underlay_ip, &[], out)?;
     }
     let relay_block = || topo.block_udp(lab, b, a, Some(EDGE_PORT));
     if let Some(mvc) = mvc {
@@ -237,23 +479,45 @@ fn run_all(
                     let c = MvcCluster::start(lab, topo, mvc, |o| {
                         o.cipher = Some(cipher.clone());
                         o.datapath = datapath_flag.then(|| dp.clone());
-                    })?;
-                    let res = (|| -> anyhow::Result<Row> {
+                        if dp == "xdp" {
+                            // The XDP datapath makes its own veth port on the bridge.
+                            o.tap = Some("xp0".into());
+                            o.bridge = Some(a.bridge.clone());
+                        }
+                    });
+                    let c = match c {
+                        Ok(c) => c,
+                        Err(e) => {
+                            if let Some(r) = rules {
+                                topo.unblock(lab, &r)?;
+                            }
+                            return Err(e.into());
+                        }
+                    };
+                    let res = (|| -> anyhow::Result<()> {
                         lab::wait_ping(lab, ctx.client(), va.ip, Duration::from_secs(30))?;
                         c.wait_path(lab, "b", "a", path, Duration::from_secs(30))?;
                         let st = mvc.edge_status(lab, c.edge("b"))?;
                         let actual = st["datapath"].as_str().unwrap_or("?").to_string();
-                        let row = ctx.measure("mvc", cipher, path, &actual, va.ip)?;
+                        let d = Desc {
+                            system: "mvc",
+                            cipher,
+                            path,
+                            datapath: &actual,
+                            layer: "L2",
+                            mtu: 1500,
+                        };
+                        ctx.measure(&d, va.ip, &c.pids(), out)?;
                         if mvc.path_to(lab, c.edge("b"), "a").as_deref() != Some(path.as_str()) {
                             bail!("path b -> a changed during the {path} measurement");
                         }
-                        Ok(row)
+                        Ok(())
                     })();
                     c.stop(lab);
                     if let Some(r) = rules {
                         topo.unblock(lab, &r)?;
                     }
-                    rows.push(res?);
+                    res?;
                 }
             }
         }
@@ -266,15 +530,46 @@ fn run_all(
                 None
             };
             let n = N2n::start(lab, topo)?;
-            let res = ctx.measure("n2n-1.3.1", "twofish", path, "-", va.ip);
+            let d = Desc {
+                system: "n2n-1.3.1",
+                cipher: "twofish",
+                path,
+                datapath: "-",
+                layer: "L2",
+                mtu: N2N_MTU,
+            };
+            let res = ctx.measure(&d, va.ip, &n.pids(), out);
             n.stop(lab, topo)?;
             if let Some(r) = rules {
                 topo.unblock(lab, &r)?;
             }
-            rows.push(res?);
+            res?;
         }
     }
-    Ok(rows)
+    for peer in Peer::ALL.into_iter().filter(|p| has(p.name())) {
+        // B reaches A straight in every peer's set-up (A is public and the hub).
+        let label = peer.label();
+        let running = peer
+            .start(lab, topo)
+            .with_context(|| format!("starting {label}"))?;
+        let d = Desc {
+            system: &label,
+            cipher: peer.cipher(),
+            path: "direct",
+            datapath: "-",
+            layer: peer.layer(),
+            mtu: peer.vm_mtu(),
+        };
+        let res = ctx.measure(&d, va.ip, &running.pids(), out);
+        if res.is_err() {
+            for p in running.procs() {
+                eprintln!("---- {} log:\n{}", p.name, lab.log(p));
+            }
+        }
+        running.stop(lab, topo)?;
+        res?;
+    }
+    Ok(())
 }
 
 /// The markdown table of a run.
@@ -283,10 +578,10 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
     let dcol = if with_delay { " delay ms |" } else { "" };
     let dsep = if with_delay { "---:|" } else { "" };
     s.push_str(&format!(
-        "|{dcol} system | cipher | path | datapath | TCP Gb/s (median of {runs}) | raw Gb/s (paired) | of raw | ping RTT ms (median) | raw RTT ms | x raw |\n"
+        "|{dcol} system | cipher | path | datapath | layer | VM MTU | TCP Gb/s (median of {runs}) | raw Gb/s (paired) | of raw | ping RTT ms (median) | raw RTT ms | x raw |\n"
     ));
     s.push_str(&format!(
-        "|{dsep}---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "|{dsep}---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     ));
     for r in rows {
         let d = if with_delay {
@@ -296,11 +591,13 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
         };
         let ms = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
         s.push_str(&format!(
-            "|{d} {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            "|{d} {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             r.system,
             r.cipher,
             r.path,
             r.datapath,
+            r.layer,
+            r.mtu,
             r.gbps,
             r.raw_gbps,
             r.tput_vs_raw
@@ -313,12 +610,107 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
     s
 }
 
+/// The markdown table of a small-frame run.
+pub fn small_table(rows: &[SmallRow], runs: u32) -> String {
+    let mut s = format!(
+        "| system | cipher | path | datapath | layer | bytes | offered pkt/s | delivered pkt/s (median of {runs}) | loss | raw pkt/s (paired) | raw loss | of raw | CPU s/GB | raw CPU s/GB | CPU us/pkt | raw CPU us/pkt | cycles/pkt |\n\
+         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let f1 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+    let f2 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+    let f0 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} |\n",
+            r.system,
+            r.cipher,
+            r.path,
+            r.datapath,
+            r.layer,
+            r.size,
+            r.offered_pps,
+            r.sys.pps,
+            r.sys.loss * 100.0,
+            r.raw.pps,
+            r.raw.loss * 100.0,
+            if r.raw.pps > 0.0 {
+                format!("{:.1}%", r.sys.pps / r.raw.pps * 100.0)
+            } else {
+                "-".into()
+            },
+            f1(r.sys.cpu_s_per_gb),
+            f1(r.raw.cpu_s_per_gb),
+            f2(r.sys.cpu_us_per_pkt),
+            f2(r.raw.cpu_us_per_pkt),
+            f0(r.sys.cycles_per_pkt),
+        ));
+    }
+    s
+}
+
+/// Options of `bench plot`.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// The SVG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `bench overlay --delay` results: `FILE.json`, or `FILE.json:SYS,SYS` to keep only the
+    /// systems whose names start with one of SYS. Raw rows of the second and later files
+    /// are labelled with their run, as their own lines.
+    #[arg(required = true)]
+    pub inputs: Vec<String>,
+}
+
+/// `bench plot`: one throughput/RTT-against-delay figure from several delay sweeps.
+pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for (i, input) in args.inputs.iter().enumerate() {
+        let (file, keep) = match input.rsplit_once(':') {
+            Some((f, k)) if f.ends_with(".json") => (f, Some(k)),
+            _ => (input.as_str(), None),
+        };
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {file}"))?;
+        let file_rows: Vec<Row> = serde_json::from_value(v["rows"].clone())
+            .with_context(|| format!("{file}: no overlay rows"))?;
+        for mut r in file_rows {
+            let kept = keep.is_none_or(|k| k.split(',').any(|s| r.system.starts_with(s)));
+            if !kept {
+                continue;
+            }
+            if r.system == "raw" && i > 0 {
+                r.system = format!("raw underlay (run {})", i + 1);
+            }
+            rows.push(r);
+        }
+    }
+    if rows.is_empty() {
+        bail!("no rows to plot");
+    }
+    crate::plot::overlay_vs_delay(&rows, &args.out)?;
+    eprintln!("figure: {}", args.out.display());
+    Ok(())
+}
+
 /// `bench overlay`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     for s in &args.systems {
-        if !["raw", "mvc", "n2n"].contains(&s.as_str()) {
-            bail!("unknown system {s:?} (raw, mvc, n2n)");
+        if !["raw", "mvc", "n2n"].contains(&s.as_str()) && Peer::parse(s).is_none() {
+            bail!("unknown system {s:?} (raw, mvc, n2n, vxlan, nebula, tinc, openvpn, boringtun)");
         }
+    }
+    for d in &args.datapath {
+        if !["tap", "xdp", "auto"].contains(&d.as_str()) {
+            bail!("unknown datapath {d:?} (tap, xdp, auto)");
+        }
+    }
+    if args.small
+        && (args.sizes.is_empty()
+            || args.sizes.iter().any(|&s| !(16..=1400).contains(&s))
+            || !(1..=2_000_000).contains(&args.pps))
+    {
+        bail!("--sizes must be 16..=1400 bytes and --pps 1..=2000000");
     }
     for p in &args.paths {
         if !["direct", "relayed"].contains(&p.as_str()) {
@@ -344,6 +736,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    for p in Peer::ALL
+        .into_iter()
+        .filter(|p| args.systems.iter().any(|s| s == p.name()))
+    {
+        p.ensure_installed()
+            .with_context(|| format!("installing {}", p.name()))?;
+    }
+    let perf = args.small && cpu::perf_cycles_available();
+    if args.small && !perf {
+        eprintln!("note: `perf stat -e cycles` counts nothing here (no PMU): no cycles/packet");
+    }
     let (date, stamp) = utc_now();
     let machine = Machine::probe();
     eprintln!("bench overlay: {date}, {}", machine.line());
@@ -360,16 +763,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         (Topology::three_sites(&lab, 1)?, None)
     };
-    let mut rows = Vec::new();
+    let mut res = Results::default();
     for d in delays {
         if let Some(w) = wan.as_mut() {
             w.set(&lab, &wanem::LinkArgs::delay(f64::from(d)))?;
             eprintln!("delay {d} ms each way on site B's uplink");
         }
-        rows.extend(run_all(&lab, &topo, args, mvc.as_ref(), d)?);
+        run_all(&lab, &topo, args, mvc.as_ref(), d, perf, &mut res)?;
     }
     lab.teardown();
-    let md = table(&rows, args.runs, use_wan);
+    let Results { rows, small } = res;
+    let md = if args.small {
+        small_table(&small, args.runs)
+    } else {
+        table(&rows, args.runs, use_wan)
+    };
     println!(
         "\nVM b1 (site B, behind NAT) -> VM a1 (site A), {date}, {}\n",
         machine.line()
@@ -384,11 +792,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         secs: args.secs,
         pings: args.pings,
         mvc: mvc.map(|m| m.bin.display().to_string()),
+        perf_cycles: perf,
         rows: &rows,
+        small: &small,
     };
-    let p = write_json(&args.results, &format!("overlay-{stamp}.json"), &report)?;
-    std::fs::write(args.results.join(format!("overlay-{stamp}.md")), &md)?;
-    if use_wan {
+    let kind = if args.small {
+        "overlay-small"
+    } else {
+        "overlay"
+    };
+    let p = write_json(&args.results, &format!("{kind}-{stamp}.json"), &report)?;
+    std::fs::write(args.results.join(format!("{kind}-{stamp}.md")), &md)?;
+    if use_wan && !args.small {
         let svg = args.results.join(format!("overlay-{stamp}.svg"));
         crate::plot::overlay_vs_delay(&rows, &svg)?;
         eprintln!("figure: {}", svg.display());
