@@ -6,7 +6,7 @@
 //! The lab is the controller demo's (`mvc demo`, control/src/demo.rs): site A public, B
 //! and C behind NAT with the agent's TCP port forwarded, an `mvc agent` on every site
 //! frontend, the controller run on site A's frontend. The reference measured in the same
-//! run is the underlay RTT from A's frontend to B's public address.
+//! run is the underlay RTT from B's frontend to A's.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -272,7 +272,7 @@ pub struct Row {
     pub destroy_s_runs: Vec<f64>,
     /// Median.
     pub destroy_s: f64,
-    /// Underlay RTT A frontend -> B public address (median of 5 pings), ms.
+    /// Underlay RTT B frontend -> A frontend (median of 5 pings), ms.
     pub rtt_ab_ms: Option<f64>,
 }
 
@@ -293,7 +293,7 @@ struct Report<'a> {
 pub fn table(rows: &[Row]) -> String {
     let base = rows.first().map_or(f64::NAN, |r| r.build_s);
     let mut s = String::from(
-        "| delay ms (B, C uplinks) | underlay RTT A-B ms | build + start s | x first delay | destroy s |\n\
+        "| delay ms (B, C uplinks) | underlay RTT B-A ms | build + start s | x first delay | destroy s |\n\
          |---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
@@ -367,7 +367,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for w in &mut wans {
             w.set(&lab, &LinkArgs::delay(f64::from(d)))?;
         }
-        let pings = lab::ping_samples(&lab, &t.sites[0].frontend, t.sites[1].public_ip, 5, 0.2)?;
+        let pings = lab::ping_samples(&lab, &t.sites[1].frontend, t.sites[0].public_ip, 5, 0.2)?;
         let mut row = Row {
             delay_ms: d,
             build_s_runs: Vec::new(),
