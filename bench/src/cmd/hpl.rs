@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 80)]
     pub nb: u32,
     /// Seconds one hpcc run may take before it is killed.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 900)]
     pub timeout: u64,
     /// Where to write the JSON result, the table and the figure.
     #[arg(long, default_value = "results")]
