@@ -282,3 +282,13 @@ pub fn use_only(lab: &bench::lab::Lab, t: &Topology, net: Net) -> anyhow::Result
     }
     Ok(())
 }
+
+/// Prints a line above the progress bar, or plainly when the bar is hidden (stderr is not
+/// a terminal), so logs of unattended runs keep the per-step results.
+pub fn note(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}

@@ -272,6 +272,8 @@ pub struct Row {
     pub destroy_s_runs: Vec<f64>,
     /// Median.
     pub destroy_s: f64,
+    /// Errors of builds that failed (not in the medians).
+    pub failed: Vec<String>,
     /// Underlay RTT B frontend -> A frontend (median of 5 pings), ms.
     pub rtt_ab_ms: Option<f64>,
 }
@@ -293,17 +295,19 @@ struct Report<'a> {
 pub fn table(rows: &[Row]) -> String {
     let base = rows.first().map_or(f64::NAN, |r| r.build_s);
     let mut s = String::from(
-        "| delay ms (B, C uplinks) | underlay RTT B-A ms | build + start s | x first delay | destroy s |\n\
-         |---:|---:|---:|---:|---:|\n",
+        "| delay ms (B, C uplinks) | underlay RTT B-A ms | build + start s | x first delay | destroy s | builds failed |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.2} | {:.1} | {} of {} |\n",
             r.delay_ms,
             r.rtt_ab_ms.map_or("-".into(), |x| format!("{x:.1}")),
             r.build_s,
             r.build_s / base,
             r.destroy_s,
+            r.failed.len(),
+            r.failed.len() + r.build_s_runs.len(),
         ));
     }
     s
@@ -374,6 +378,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             build_s: f64::NAN,
             destroy_s_runs: Vec::new(),
             destroy_s: f64::NAN,
+            failed: Vec::new(),
             rtt_ab_ms: lab::median(&pings),
         };
         for i in 0..args.runs {
@@ -381,7 +386,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let name = format!("bt{seq}");
             pb.set_message(format!("delay {d} ms, build {}", i + 1));
             let t0 = Instant::now();
-            ctl.run(
+            let made = ctl.run(
                 &[
                     "cluster",
                     "create",
@@ -397,19 +402,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     "--start",
                 ],
                 300,
-            )?;
-            row.build_s_runs.push(t0.elapsed().as_secs_f64());
+            );
+            let built = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
-            ctl.run(&["cluster", "destroy", &name], 300)?;
+            let destroyed = ctl.run(&["cluster", "destroy", &name], 300);
+            match made {
+                Ok(_) => row.build_s_runs.push(built),
+                Err(e) => {
+                    // A failed build is counted and shown, not timed.
+                    apps::note(&pb, format!("delay {d} ms: build {name} failed: {e:#}"));
+                    row.failed.push(format!("{e:#}"));
+                }
+            }
+            destroyed?;
             row.destroy_s_runs.push(t1.elapsed().as_secs_f64());
             pb.inc(1);
         }
         row.build_s = lab::median(&row.build_s_runs).unwrap_or(f64::NAN);
         row.destroy_s = lab::median(&row.destroy_s_runs).unwrap_or(f64::NAN);
-        pb.println(format!(
-            "delay {d} ms: build {:.1} s, destroy {:.1} s",
-            row.build_s, row.destroy_s
-        ));
+        apps::note(
+            &pb,
+            format!(
+                "delay {d} ms: build {:.1} s, destroy {:.1} s",
+                row.build_s, row.destroy_s
+            ),
+        );
         rows.push(row);
     }
     pb.finish_and_clear();

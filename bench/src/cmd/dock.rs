@@ -591,10 +591,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         row.mvc.secs = lab::median(&row.mvc.secs_runs).unwrap_or(f64::NAN);
         row.raw.job_secs = lab::median(&job_secs[0]).unwrap_or(f64::NAN);
         row.mvc.job_secs = lab::median(&job_secs[1]).unwrap_or(f64::NAN);
-        pb.println(format!(
-            "delay {d} ms: mvc {:.1} s, raw {:.1} s",
-            row.mvc.secs, row.raw.secs
-        ));
+        apps::note(
+            &pb,
+            format!(
+                "delay {d} ms: mvc {:.1} s, raw {:.1} s",
+                row.mvc.secs, row.raw.secs
+            ),
+        );
         rows.push(row);
     }
     pb.finish_and_clear();

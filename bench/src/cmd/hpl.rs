@@ -319,10 +319,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         row.mvc.finish();
         row.raw.finish();
-        pb.println(format!(
-            "{n} nodes: mvc {:.3} Gflop/s, raw {:.3} Gflop/s",
-            row.mvc.gflops, row.raw.gflops
-        ));
+        apps::note(
+            &pb,
+            format!(
+                "{n} nodes: mvc {:.3} Gflop/s, raw {:.3} Gflop/s",
+                row.mvc.gflops, row.raw.gflops
+            ),
+        );
         rows.push(row);
     }
     pb.finish_and_clear();
