@@ -124,6 +124,7 @@ impl Ctl<'_> {
             .args(args)
             .env("MVC_DB", &self.db)
             .env("MVC_KEY", &self.key)
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .output()
             .context("running the controller")?;
