@@ -4,6 +4,10 @@
 //!   the peers (VXLAN, nebula, tinc, OpenVPN, boringtun); `--small` for small frames.
 //! - `bench demo`: the three-site overlay demo (the README's main job).
 //! - `bench wanem`: the userspace WAN emulator's self-check.
+//! - `bench dock`: a DOCK-like autodock-vina parameter study across three sites against delay.
+//! - `bench build-time`: three-site cluster build time through the controller against delay.
+//! - `bench report`: the latest result of every run on one dated page.
+//! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
 
 mod cmd;
 mod plot;
@@ -30,6 +34,17 @@ enum Command {
     Wanem(cmd::wanem::Cmd),
     /// xnbd: target mode against nbdkit and qemu-nbd; proxy latency, relocation, figure 7.
     Nbd(cmd::nbd::Args),
+    /// HPL (hpcc with OpenMPI) on 1..N nodes over the overlay and the raw underlay (figure 13).
+    Hpl(cmd::hpl::Args),
+    /// DOCK-like autodock-vina parameter study over three sites against WAN delay (figure 12).
+    Dock(cmd::dock::Args),
+    /// Three-site cluster build time through the controller against WAN delay (figure 9).
+    BuildTime(cmd::buildtime::Args),
+    /// The latest result of every run in results/ on one dated page (markdown and HTML).
+    Report(cmd::report::Args),
+    /// One worker of `bench dock` (started by it inside a VM namespace).
+    #[command(hide = true)]
+    DockWorker(cmd::dock::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +56,10 @@ fn main() -> anyhow::Result<()> {
         Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
         Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),
         Command::Nbd(a) => cmd::nbd::run(&a),
+        Command::Hpl(a) => cmd::hpl::run(&a),
+        Command::Dock(a) => cmd::dock::run(&a),
+        Command::Report(a) => cmd::report::run(&a),
+        Command::BuildTime(a) => cmd::buildtime::run(&a),
+        Command::DockWorker(a) => cmd::dock::worker(&a),
     }
 }

@@ -1,8 +1,14 @@
 //! Subcommands of the `bench` binary.
 
+pub mod apps;
+pub mod buildtime;
 pub mod demo;
+pub mod dock;
+pub mod figure;
+pub mod hpl;
 pub mod nbd;
 pub mod overlay;
+pub mod report;
 pub mod wanem;
 
 use std::path::PathBuf;
