@@ -489,7 +489,8 @@ impl Server {
         // Buffered: one read system call brings in many small request headers.
         let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
         let out = Arc::new(Outbox::default());
-        let writer = tokio::spawn(write_replies(wr, out.clone()));
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let writer = tokio::spawn(write_replies(wr.clone(), out.clone()));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let budget = Arc::new(Semaphore::new((MAX_BUFFERED >> 12) as usize));
         // Replies of requests served inline, handed to the writer together whenever the
@@ -497,8 +498,17 @@ impl Server {
         let mut ready: Vec<Vec<u8>> = Vec::new();
         let result: Result<(), ServerError> = async {
             loop {
-                if rd.buffer().len() < proto::REQUEST_LEN {
-                    out.push_all(&mut ready);
+                if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
+                    // Written here when the writer is idle: no hand-off to another task.
+                    match wr.try_lock() {
+                        Ok(mut w) => {
+                            let mut segs = VecDeque::from(std::mem::take(&mut ready));
+                            write_segments(&mut *w, &mut segs).await?;
+                            w.flush().await?;
+                            ready = Vec::from(segs);
+                        }
+                        Err(_) => out.push_all(&mut ready),
+                    }
                 }
                 out.wait_room().await?;
                 let mut h = [0u8; proto::REQUEST_LEN];
@@ -651,9 +661,13 @@ impl Outbox {
     }
 }
 
-/// The writer of a connection: takes every queued reply at once and writes them with one
-/// gathered write (more if the socket takes less).
-async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, out: Arc<Outbox>) -> io::Result<()> {
+/// The writer of a connection, for replies completed on other tasks (the reader writes its
+/// inline replies itself when the socket is free): takes every queued reply at once and
+/// writes them with one gathered write (more if the socket takes less).
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: Arc<tokio::sync::Mutex<W>>,
+    out: Arc<Outbox>,
+) -> io::Result<()> {
     let r = async {
         let mut segs: VecDeque<Vec<u8>> = VecDeque::new();
         loop {
@@ -668,19 +682,24 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, out: Arc<Outbox>) -> io
                 if closed {
                     break;
                 }
-                wr.flush().await?;
                 more.await;
                 continue;
             }
-            let n = write_segments(&mut wr, &mut segs).await?;
+            let n = {
+                let mut w = wr.lock().await;
+                let n = write_segments(&mut *w, &mut segs).await?;
+                w.flush().await?;
+                n
+            };
             let mut q = out.lock();
             q.bytes -= n;
             if q.bytes <= MAX_BUFFERED as usize {
                 out.room.notify_waiters();
             }
         }
-        wr.flush().await?;
-        let _ = wr.shutdown().await;
+        let mut w = wr.lock().await;
+        w.flush().await?;
+        let _ = w.shutdown().await;
         Ok(())
     }
     .await;
