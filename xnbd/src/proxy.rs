@@ -4,7 +4,8 @@
 //! have arrived and a [`Bitmap`] says which ones those are. A read of a missing block
 //! fetches it from the source (any NBD server) on demand; a write stays local (a partially
 //! written missing block is fetched first); a background task copies the remaining blocks,
-//! rate-limited and yielding to on-demand fetches; sequential reads trigger readahead.
+//! keeping the link full, with the rate budget shared with on-demand fetches (which go
+//! first); sequential reads trigger readahead.
 //! Once every block is local the proxy drops the source and keeps serving as a plain
 //! target, without interrupting clients.
 //!
@@ -326,7 +327,8 @@ impl Proxy {
 
     /// The source connection. One connection carries on-demand and background reads
     /// (many in flight), so sources that accept a single client (qemu-nbd's default) work;
-    /// on-demand reads go first because the background copy pauses while any is active.
+    /// on-demand reads go first because the background copy waits for what they leave of
+    /// the rate budget.
     fn link(&self, _demand: bool) -> &Link {
         &self.link
     }
@@ -863,8 +865,8 @@ impl Proxy {
     }
 
     /// Copy missing blocks in the background: runs of `background_chunk` bytes, up to
-    /// `background_depth` requests in flight (to fill long links), rate-limited, and paused
-    /// whenever an on-demand fetch is active.
+    /// `background_depth` requests in flight (to fill long links, also while on-demand
+    /// fetches run), within what on-demand fetches leave of the rate budget.
     async fn background_copy(self: Arc<Self>) {
         let chunk_blocks = (self.cfg.background_chunk / self.bs).max(1) as usize;
         let depth = self.cfg.background_depth.max(1);
@@ -901,7 +903,14 @@ impl Proxy {
             // background copy holds while it waits for its turn.
             let want = chunk_blocks as u64 * self.bs;
             if let Some(start) = self.reserve(want) {
-                tokio::time::sleep_until(start.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(start.into()) => {}
+                    // A new rate, a reconnection or the end: book again.
+                    _ = self.wake.notified() => {
+                        self.unreserve(want);
+                        continue;
+                    }
+                }
             }
             let claim = match self.claim_run(cursor, chunk_blocks) {
                 Some(c) => c,
@@ -1063,6 +1072,9 @@ impl Proxy {
     /// Change the background rate limit (bytes per second, 0: none).
     pub fn set_rate(&self, rate: u64) {
         self.rate_limit.store(rate, Ordering::Release);
+        // Bookings made at the old rate no longer apply.
+        *self.pace.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.wake.notify_waiters();
     }
 
     /// Reconnect to the source, optionally at a new address.
