@@ -33,6 +33,9 @@ const READ_BUFFER: usize = 256 << 10;
 const INLINE_READ: usize = 256 << 10;
 /// Largest write without FUA written inline to a local file (a copy into the page cache).
 const INLINE_WRITE: usize = 256 << 10;
+/// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
+/// writeback, and many small writes queued behind one that waits would wait with it.
+const SMALL_WRITE: usize = 64 << 10;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size).
@@ -566,6 +569,33 @@ impl Server {
                 let out = out.clone();
                 let session = session.clone();
                 let srv = self.clone();
+                if let (cmd::WRITE, Backend::File(st), None) =
+                    (req.typ, &session.export.backend, &early)
+                {
+                    // Straight to the blocking pool, which queues the reply itself.
+                    let st = st.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = (|| -> Result<(), OpError> {
+                            validate(&session, &req)?;
+                            st.write_at(&payload, req.offset)?;
+                            if req.flags & cflag::FUA != 0 {
+                                st.sync()?;
+                            }
+                            Ok(())
+                        })();
+                        let reply = match r {
+                            Ok(()) => ok_reply(&req),
+                            Err(e) => error_reply(&session, &req, e),
+                        };
+                        if reply.failed {
+                            srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        out.push_all(&mut vec![reply.bytes]);
+                        drop(permit);
+                        drop(bytes_permit);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let reply = match early {
                         Some(e) => error_reply(&session, &req, e),
@@ -774,7 +804,10 @@ async fn serve_inline<R: AsyncRead + Unpin>(
                 Err(e) => Ok(Some(error_reply(s, req, e.into()))),
             }
         }
-        cmd::WRITE if req.length as usize <= INLINE_WRITE && req.flags & cflag::FUA == 0 => {
+        cmd::WRITE
+            if (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
+                && req.flags & cflag::FUA == 0 =>
+        {
             let len = req.length as usize;
             let v = validate(s, req);
             // The payload straight from the read buffer when it is all there.
