@@ -87,7 +87,8 @@ struct ProxyArgs {
     /// Block size of the bitmap and of fetches (power of two, >= 512).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     block_size: u64,
-    /// Background copy rate limit, bytes/s with optional K/M/G suffix (0: unlimited).
+    /// Link budget, bytes/s with optional K/M/G suffix (0: unlimited): on-demand fetches
+    /// count against it, the background copy gets the rest.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     rate: u64,
     /// Do not copy in the background until `xnbd ctl cache-all`.

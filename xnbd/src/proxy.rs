@@ -4,7 +4,8 @@
 //! have arrived and a [`Bitmap`] says which ones those are. A read of a missing block
 //! fetches it from the source (any NBD server) on demand; a write stays local (a partially
 //! written missing block is fetched first); a background task copies the remaining blocks,
-//! rate-limited and yielding to on-demand fetches; sequential reads trigger readahead.
+//! keeping the link full, with the rate budget shared with on-demand fetches (which go
+//! first); sequential reads trigger readahead.
 //! Once every block is local the proxy drops the source and keeps serving as a plain
 //! target, without interrupting clients.
 //!
@@ -25,7 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,7 +206,8 @@ pub struct Proxy {
     target: AtomicBool,
     background: AtomicBool,
     rate_limit: AtomicU64,
-    demand_active: AtomicUsize,
+    /// When the shared link budget (`rate_limit`) is next free.
+    pace: Mutex<Instant>,
     last_read_end: AtomicU64,
     wake: Notify,
     fetched_blocks: AtomicU64,
@@ -285,7 +287,7 @@ impl Proxy {
             target: AtomicBool::new(complete),
             background: AtomicBool::new(cfg.background),
             rate_limit: AtomicU64::new(cfg.rate),
-            demand_active: AtomicUsize::new(0),
+            pace: Mutex::new(Instant::now()),
             last_read_end: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
             fetched_blocks: AtomicU64::new(0),
@@ -325,7 +327,8 @@ impl Proxy {
 
     /// The source connection. One connection carries on-demand and background reads
     /// (many in flight), so sources that accept a single client (qemu-nbd's default) work;
-    /// on-demand reads go first because the background copy pauses while any is active.
+    /// on-demand reads go first because the background copy waits for what they leave of
+    /// the rate budget.
     fn link(&self, _demand: bool) -> &Link {
         &self.link
     }
@@ -535,6 +538,13 @@ impl Proxy {
         deadline: Option<Instant>,
     ) -> Result<(), OpError> {
         let runs = runs_of(&claim.blocks);
+        if demand {
+            let bytes: u64 = runs
+                .iter()
+                .map(|&(a, b)| (b * self.bs).min(self.size) - a * self.bs)
+                .sum();
+            let _ = self.reserve(bytes);
+        }
         let mut datas = Vec::new();
         for &(a, b) in &runs {
             let start = a * self.bs;
@@ -595,7 +605,6 @@ impl Proxy {
             return Ok(());
         }
         let (a, b) = self.block_range(off, len);
-        self.demand_active.fetch_add(1, Ordering::AcqRel);
         let r = async {
             loop {
                 if self.is_target() {
@@ -621,7 +630,6 @@ impl Proxy {
             }
         }
         .await;
-        self.demand_active.fetch_sub(1, Ordering::AcqRel);
         r
     }
 
@@ -857,13 +865,12 @@ impl Proxy {
     }
 
     /// Copy missing blocks in the background: runs of `background_chunk` bytes, up to
-    /// `background_depth` requests in flight (to fill long links), rate-limited, and paused
-    /// whenever an on-demand fetch is active.
+    /// `background_depth` requests in flight (to fill long links, also while on-demand
+    /// fetches run), within what on-demand fetches leave of the rate budget.
     async fn background_copy(self: Arc<Self>) {
         let chunk_blocks = (self.cfg.background_chunk / self.bs).max(1) as usize;
         let depth = self.cfg.background_depth.max(1);
         let mut cursor = 0u64;
-        let mut next_slot = Instant::now();
         let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
         let mut failures = 0u64;
         while !self.is_target() {
@@ -883,10 +890,6 @@ impl Proxy {
                 }
                 continue;
             }
-            if self.demand_active.load(Ordering::Acquire) > 0 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
             // Wait for the source without holding claims, so that clients needing these
             // blocks are not stuck behind an outage of the background copy.
             if self
@@ -895,6 +898,19 @@ impl Proxy {
                 .is_err()
             {
                 continue;
+            }
+            // Book the link before claiming, so that clients never wait for blocks the
+            // background copy holds while it waits for its turn.
+            let want = chunk_blocks as u64 * self.bs;
+            if let Some(start) = self.reserve(want) {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(start.into()) => {}
+                    // A new rate, a reconnection or the end: book again.
+                    _ = self.wake.notified() => {
+                        self.unreserve(want);
+                        continue;
+                    }
+                }
             }
             let claim = match self.claim_run(cursor, chunk_blocks) {
                 Some(c) => c,
@@ -905,6 +921,7 @@ impl Proxy {
                             self.check_complete();
                             break;
                         }
+                        self.unreserve(want);
                         // The rest is in flight: wait for some of it.
                         match tasks.join_next().await {
                             Some(r) => self.note_background(r, &mut failures),
@@ -915,23 +932,43 @@ impl Proxy {
                 },
             };
             let (Some(&first), Some(&last)) = (claim.blocks.first(), claim.blocks.last()) else {
+                self.unreserve(want);
                 continue;
             };
             cursor = last + 1;
             let bytes = ((last + 1) * self.bs).min(self.size) - first * self.bs;
-            let rate = self.rate_limit.load(Ordering::Acquire);
-            if rate > 0 {
-                let now = Instant::now();
-                if next_slot > now {
-                    tokio::time::sleep(next_slot - now).await;
-                }
-                next_slot =
-                    next_slot.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
-            }
+            self.unreserve(want.saturating_sub(bytes));
             let p = self.clone();
             tasks.spawn(async move { p.fetch_claimed(&claim, false, p.deadline()).await });
         }
         tasks.abort_all();
+    }
+
+    /// Book `bytes` on the link budget shared by on-demand and background fetches (the
+    /// rate limit); returns when they may be requested, `None` without a limit. On-demand
+    /// fetches book without waiting, so the background copy, which waits for its slot, gets
+    /// only what they leave of the link.
+    fn reserve(&self, bytes: u64) -> Option<Instant> {
+        let rate = self.rate_limit.load(Ordering::Acquire);
+        if rate == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut next = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        Some(start)
+    }
+
+    /// Give back booked bytes that were not fetched.
+    fn unreserve(&self, bytes: u64) {
+        let rate = self.rate_limit.load(Ordering::Acquire);
+        if rate == 0 || bytes == 0 {
+            return;
+        }
+        let mut next = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        let d = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        *next = next.checked_sub(d).unwrap_or(*next);
     }
 
     /// Log background failures (the first of a series, then every hundredth).
@@ -1035,6 +1072,9 @@ impl Proxy {
     /// Change the background rate limit (bytes per second, 0: none).
     pub fn set_rate(&self, rate: u64) {
         self.rate_limit.store(rate, Ordering::Release);
+        // Bookings made at the old rate no longer apply.
+        *self.pace.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.wake.notify_waiters();
     }
 
     /// Reconnect to the source, optionally at a new address.

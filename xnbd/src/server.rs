@@ -2,15 +2,16 @@
 //! phase, where every request runs on its own task and replies go out through one writer
 //! task in completion order.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -27,8 +28,14 @@ const MAX_IN_FLIGHT: usize = 64;
 const MAX_BUFFERED: u32 = 128 << 20;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
-/// Replies smaller than this are gathered into one write.
-const WRITE_BATCH: usize = 256 << 10;
+/// Largest read served inline when the page cache holds it (larger ones, and reads that
+/// would wait for the disk, run on the blocking pool).
+const INLINE_READ: usize = 256 << 10;
+/// Largest write without FUA written inline to a local file (a copy into the page cache).
+const INLINE_WRITE: usize = 256 << 10;
+/// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
+/// writeback, and many small writes queued behind one that waits would wait with it.
+const SMALL_WRITE: usize = 64 << 10;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size).
@@ -481,48 +488,32 @@ impl Server {
         s: Session,
     ) -> Result<(), ServerError> {
         let session = Arc::new(s);
-        let (rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
         // Buffered: one read system call brings in many small request headers.
-        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
-        let writer = tokio::spawn(async move {
-            let mut batch: Vec<u8> = Vec::new();
-            while let Some(b) = rx.recv().await {
-                // Replies that are ready together go out in one write.
-                if b.len() >= WRITE_BATCH {
-                    wr.write_all(&b).await?;
-                } else {
-                    batch.clear();
-                    batch.extend_from_slice(&b);
-                    while batch.len() < WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(more) if batch.len() + more.len() <= WRITE_BATCH => {
-                                batch.extend_from_slice(&more)
-                            }
-                            Ok(more) => {
-                                wr.write_all(&batch).await?;
-                                batch.clear();
-                                wr.write_all(&more).await?;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    if !batch.is_empty() {
-                        wr.write_all(&batch).await?;
-                    }
-                }
-                if rx.is_empty() {
-                    wr.flush().await?;
-                }
-            }
-            wr.flush().await?;
-            let _ = wr.shutdown().await;
-            Ok::<(), io::Error>(())
-        });
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let out = Arc::new(Outbox::default());
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let writer = tokio::spawn(write_replies(wr.clone(), out.clone()));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let budget = Arc::new(Semaphore::new((MAX_BUFFERED >> 12) as usize));
+        // Replies of requests served inline, handed to the writer together whenever the
+        // next request is not buffered yet (one wake-up and one write for the lot).
+        let mut ready: Vec<Vec<u8>> = Vec::new();
         let result: Result<(), ServerError> = async {
             loop {
+                if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
+                    // Written here when the writer is idle: no hand-off to another task.
+                    match wr.try_lock() {
+                        Ok(mut w) => {
+                            let mut segs = VecDeque::from(std::mem::take(&mut ready));
+                            write_segments(&mut *w, &mut segs).await?;
+                            w.flush().await?;
+                            ready = Vec::from(segs);
+                        }
+                        Err(_) => out.push_all(&mut ready),
+                    }
+                }
+                out.wait_room().await?;
                 let mut h = [0u8; proto::REQUEST_LEN];
                 match rd.read_exact(&mut h).await {
                     Ok(_) => {}
@@ -533,6 +524,13 @@ impl Server {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 if req.typ == cmd::DISC {
                     return Ok(());
+                }
+                if let Some(reply) = serve_inline(&session, &req, &mut rd).await? {
+                    if reply.failed {
+                        self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ready.push(reply.bytes);
+                    continue;
                 }
                 // Bound the memory of one connection: payload bytes in flight, in 4 KiB units.
                 let units = if matches!(req.typ, cmd::READ | cmd::WRITE) {
@@ -568,9 +566,36 @@ impl Server {
                     .acquire_owned()
                     .await
                     .map_err(|_| ServerError::Protocol("closed".into()))?;
-                let tx = tx.clone();
+                let out = out.clone();
                 let session = session.clone();
                 let srv = self.clone();
+                if let (cmd::WRITE, Backend::File(st), None) =
+                    (req.typ, &session.export.backend, &early)
+                {
+                    // Straight to the blocking pool, which queues the reply itself.
+                    let st = st.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = (|| -> Result<(), OpError> {
+                            validate(&session, &req)?;
+                            st.write_at(&payload, req.offset)?;
+                            if req.flags & cflag::FUA != 0 {
+                                st.sync()?;
+                            }
+                            Ok(())
+                        })();
+                        let reply = match r {
+                            Ok(()) => ok_reply(&req),
+                            Err(e) => error_reply(&session, &req, e),
+                        };
+                        if reply.failed {
+                            srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        out.push_all(&mut vec![reply.bytes]);
+                        drop(permit);
+                        drop(bytes_permit);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let reply = match early {
                         Some(e) => error_reply(&session, &req, e),
@@ -579,21 +604,249 @@ impl Server {
                     if reply.failed {
                         srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = tx.send(reply.bytes).await;
+                    out.push_all(&mut vec![reply.bytes]);
                     drop(permit);
                     drop(bytes_permit);
                 });
             }
         }
         .await;
-        drop(tx);
         // Outstanding requests finish and their replies are written before the socket closes.
+        out.push_all(&mut ready);
+        let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+        out.close();
         match writer.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!("writer: {e}"),
             Err(e) => warn!("writer task: {e}"),
         }
         result
+    }
+}
+
+/// Replies waiting to be written, in the order they completed.
+#[derive(Default)]
+struct Outbox {
+    q: std::sync::Mutex<OutQueue>,
+    /// Wakes the writer (a stored permit covers a push between its check and its wait).
+    more: Notify,
+    /// Wakes a reader waiting for the queue to shrink.
+    room: Notify,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    segs: VecDeque<Vec<u8>>,
+    bytes: usize,
+    writer_idle: bool,
+    closed: bool,
+    failed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutQueue> {
+        // A poisoned lock only means a panic elsewhere; the queue itself stays consistent.
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue replies (taken out of `v`), waking the writer if it is waiting.
+    fn push_all(&self, v: &mut Vec<Vec<u8>>) {
+        if v.is_empty() {
+            return;
+        }
+        let wake = {
+            let mut q = self.lock();
+            for b in v.drain(..) {
+                q.bytes += b.len();
+                q.segs.push_back(b);
+            }
+            std::mem::take(&mut q.writer_idle)
+        };
+        if wake {
+            self.more.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.more.notify_one();
+    }
+
+    /// Wait while more than `MAX_BUFFERED` bytes of replies are queued (a client that does
+    /// not read its replies stops being read); an error once the writer has failed.
+    async fn wait_room(&self) -> Result<(), ServerError> {
+        loop {
+            let room = self.room.notified();
+            {
+                let q = self.lock();
+                if q.failed {
+                    return Err(ServerError::Io(io::ErrorKind::BrokenPipe.into()));
+                }
+                if q.bytes <= MAX_BUFFERED as usize {
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+}
+
+/// The writer of a connection, for replies completed on other tasks (the reader writes its
+/// inline replies itself when the socket is free): takes every queued reply at once and
+/// writes them with one gathered write (more if the socket takes less).
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: Arc<tokio::sync::Mutex<W>>,
+    out: Arc<Outbox>,
+) -> io::Result<()> {
+    let r = async {
+        let mut segs: VecDeque<Vec<u8>> = VecDeque::new();
+        loop {
+            let more = out.more.notified();
+            let closed = {
+                let mut q = out.lock();
+                std::mem::swap(&mut segs, &mut q.segs);
+                q.writer_idle = segs.is_empty();
+                q.closed
+            };
+            if segs.is_empty() {
+                if closed {
+                    break;
+                }
+                more.await;
+                continue;
+            }
+            let n = {
+                let mut w = wr.lock().await;
+                let n = write_segments(&mut *w, &mut segs).await?;
+                w.flush().await?;
+                n
+            };
+            let mut q = out.lock();
+            q.bytes -= n;
+            if q.bytes <= MAX_BUFFERED as usize {
+                out.room.notify_waiters();
+            }
+        }
+        let mut w = wr.lock().await;
+        w.flush().await?;
+        let _ = w.shutdown().await;
+        Ok(())
+    }
+    .await;
+    if r.is_err() {
+        out.lock().failed = true;
+        out.room.notify_waiters();
+    }
+    r
+}
+
+/// Write every segment (emptying `segs`); returns the bytes written.
+async fn write_segments<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    segs: &mut VecDeque<Vec<u8>>,
+) -> io::Result<usize> {
+    const MAX_IOV: usize = 512;
+    let total: usize = segs.iter().map(Vec::len).sum();
+    let mut skip = 0; // bytes of the front segment already written
+    while let Some(front) = segs.front() {
+        if skip >= front.len() {
+            skip -= front.len();
+            segs.pop_front();
+            continue;
+        }
+        let n = if wr.is_write_vectored() {
+            let mut iov: Vec<io::IoSlice<'_>> = Vec::with_capacity(segs.len().min(MAX_IOV));
+            iov.push(io::IoSlice::new(&front[skip..]));
+            iov.extend(
+                segs.iter()
+                    .skip(1)
+                    .take(MAX_IOV - 1)
+                    .map(|s| io::IoSlice::new(s)),
+            );
+            wr.write_vectored(&iov).await?
+        } else {
+            wr.write(&front[skip..]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        skip += n;
+    }
+    Ok(total)
+}
+
+/// Serve a request on the spot when that cannot block for long: small reads the page cache
+/// holds and small writes without FUA to a local file (a page-cache copy), plus requests
+/// that fail validation. `None`: the request must run on its own task (its payload, if any,
+/// is still unread).
+async fn serve_inline<R: AsyncRead + Unpin>(
+    s: &Session,
+    req: &Request,
+    rd: &mut BufReader<R>,
+) -> Result<Option<Reply>, ServerError> {
+    let Backend::File(st) = &s.export.backend else {
+        return Ok(None);
+    };
+    match req.typ {
+        cmd::READ if req.length as usize <= INLINE_READ => {
+            if let Err(e) = validate(s, req) {
+                return Ok(Some(error_reply(s, req, e)));
+            }
+            let mut buf = read_reply_header(s, req);
+            let hdr = buf.len();
+            buf.resize(hdr + req.length as usize, 0);
+            match st.read_cached(&mut buf[hdr..], req.offset) {
+                Ok(true) => Ok(Some(Reply {
+                    bytes: buf,
+                    failed: false,
+                })),
+                Ok(false) => Ok(None),
+                Err(e) => Ok(Some(error_reply(s, req, e.into()))),
+            }
+        }
+        cmd::WRITE
+            if (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
+                && req.flags & cflag::FUA == 0 =>
+        {
+            let len = req.length as usize;
+            let v = validate(s, req);
+            // The payload straight from the read buffer when it is all there.
+            let r = if rd.buffer().len() >= len {
+                let r = match &v {
+                    Ok(()) => st.write_at(&rd.buffer()[..len], req.offset),
+                    Err(_) => Ok(()),
+                };
+                rd.consume(len);
+                r
+            } else {
+                let mut payload = vec![0u8; len];
+                rd.read_exact(&mut payload).await?;
+                match &v {
+                    Ok(()) => st.write_at(&payload, req.offset),
+                    Err(_) => Ok(()),
+                }
+            };
+            Ok(Some(match (v, r) {
+                (Err(e), _) => error_reply(s, req, e),
+                (Ok(()), Err(e)) => error_reply(s, req, e.into()),
+                (Ok(()), Ok(())) => ok_reply(req),
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The header of a successful read reply.
+fn read_reply_header(s: &Session, req: &Request) -> Vec<u8> {
+    if s.structured {
+        proto::encode_offset_data_header(chunk::FLAG_DONE, req.cookie, req.offset, req.length)
+    } else {
+        SimpleReply {
+            error: 0,
+            cookie: req.cookie,
+        }
+        .encode()
+        .to_vec()
     }
 }
 
