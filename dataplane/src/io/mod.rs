@@ -4,6 +4,7 @@
 
 pub mod ctl;
 pub mod driver;
+pub mod frames;
 pub mod sys;
 pub mod tap;
 pub mod udp;
