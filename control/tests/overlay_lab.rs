@@ -4,8 +4,11 @@
 //!
 //! Each test builds its own lab (namespaces named with a per-run prefix) and tears it down,
 //! also on failure. They need root; otherwise they print that they were skipped.
+//!
+//! The `xdp_` tests run the same scenarios with `--datapath xdp`: each edge puts its own
+//! XDP port on the site bridge instead of using the TAP device.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +64,74 @@ fn all_running(lab: &Lab, c: &MvcCluster) {
     }
 }
 
+/// Starts the supernode at site A and one edge per site. With `xdp`, each edge runs with
+/// `--datapath xdp --bridge br0` and its port named like the site's TAP (which is removed
+/// first); its status must say so.
+fn start_cluster(lab: &Lab, t: &Topology, mvc: &Mvc, xdp: bool) -> MvcCluster {
+    if !xdp {
+        return MvcCluster::start(lab, t, mvc, |_| {}).unwrap();
+    }
+    let a = &t.sites[0];
+    let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let supernode = mvc.supernode(lab, &a.frontend, sn, "supernode").unwrap();
+    let mut edges = BTreeMap::new();
+    for s in &t.sites {
+        let _ = lab.ip(&s.frontend, &["link", "del", &s.tap]);
+        let label = format!("edge-{}", s.name);
+        let sock = lab.dir().join(format!("{label}.sock"));
+        let secret = lab.dir().join(format!("{label}.secret"));
+        std::fs::write(&secret, SECRET).unwrap();
+        let (bin, secret, sockp) = (
+            mvc.bin.to_string_lossy().into_owned(),
+            secret.to_string_lossy().into_owned(),
+            sock.to_string_lossy().into_owned(),
+        );
+        let (sn, listen) = (sn.to_string(), format!("0.0.0.0:{EDGE_PORT}"));
+        let argv = [
+            bin.as_str(),
+            "edge",
+            "--name",
+            &s.name,
+            "--community",
+            COMMUNITY,
+            "--secret-file",
+            &secret,
+            "--tap",
+            &s.tap,
+            "--bridge",
+            &s.bridge,
+            "--datapath",
+            "xdp",
+            "--status-socket",
+            &sockp,
+            "--supernode",
+            &sn,
+            "--listen",
+            &listen,
+        ];
+        let proc = lab.spawn(&s.frontend, &label, &argv).unwrap();
+        let e = ov::Edge {
+            proc,
+            name: s.name.clone(),
+            ns: s.frontend.clone(),
+            sock,
+        };
+        let _ = lab.wait_until(&format!("{label} status"), Duration::from_secs(10), || {
+            mvc.edge_status(lab, &e).is_ok() || !lab.running(&e.proc)
+        });
+        let st = mvc
+            .edge_status(lab, &e)
+            .unwrap_or_else(|err| panic!("{label}: {err}\n{}", lab.log(&e.proc)));
+        assert_eq!(st["datapath"].as_str(), Some("xdp"), "{st}");
+        edges.insert(s.name.clone(), e);
+    }
+    MvcCluster {
+        mvc: mvc.clone(),
+        supernode,
+        edges,
+    }
+}
+
 fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> u64 {
     let st = mvc.supernode_status(lab, sn).expect("supernode status");
     st["relayed_packets"].as_u64().expect("relayed_packets")
@@ -68,11 +139,20 @@ fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> u64 {
 
 #[test]
 fn every_pair_of_sites_pings_and_streams_and_b_c_go_direct() {
+    every_pair(false);
+}
+
+#[test]
+fn xdp_every_pair_of_sites_pings_and_streams_and_b_c_go_direct() {
+    every_pair(true);
+}
+
+fn every_pair(xdp: bool) {
     let Some((lab, mvc)) = setup("every_pair_of_sites_pings_and_streams_and_b_c_go_direct") else {
         return;
     };
     let t = Topology::three_sites(&lab, 1).unwrap();
-    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let c = start_cluster(&lab, &t, &mvc, xdp);
     for (x, y) in [("a", "b"), ("a", "c"), ("b", "c")] {
         let (vx, vy) = (&t.site(x).vms[0], &t.site(y).vms[0]);
         ping_ok(&lab, &vx.ns, vy.ip, 5);
@@ -95,13 +175,22 @@ fn every_pair_of_sites_pings_and_streams_and_b_c_go_direct() {
 
 #[test]
 fn blocked_direct_path_goes_through_the_relay_and_recovers() {
+    relay_then_direct(false);
+}
+
+#[test]
+fn xdp_blocked_direct_path_goes_through_the_relay_and_recovers() {
+    relay_then_direct(true);
+}
+
+fn relay_then_direct(xdp: bool) {
     let Some((lab, mvc)) = setup("blocked_direct_path_goes_through_the_relay_and_recovers") else {
         return;
     };
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (b, cs) = (t.site("b"), t.site("c"));
     let rules = t.block_udp(&lab, b, cs, None).unwrap();
-    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let c = start_cluster(&lab, &t, &mvc, xdp);
     let (vb, vc) = (&b.vms[0], &cs.vms[0]);
     ping_ok(&lab, &vb.ns, vc.ip, 5);
     ping_ok(&lab, &vc.ns, vb.ip, 5);
@@ -131,11 +220,20 @@ fn blocked_direct_path_goes_through_the_relay_and_recovers() {
 
 #[test]
 fn dhcp_server_at_site_a_leases_to_a_vm_at_site_c() {
+    dhcp_across_sites(false);
+}
+
+#[test]
+fn xdp_dhcp_server_at_site_a_leases_to_a_vm_at_site_c() {
+    dhcp_across_sites(true);
+}
+
+fn dhcp_across_sites(xdp: bool) {
     let Some((lab, mvc)) = setup("dhcp_server_at_site_a_leases_to_a_vm_at_site_c") else {
         return;
     };
     let t = Topology::three_sites(&lab, 1).unwrap();
-    let c = MvcCluster::start(&lab, &t, &mvc, |_| {}).unwrap();
+    let c = start_cluster(&lab, &t, &mvc, xdp);
     let (va, vc) = (&t.site("a").vms[0], &t.site("c").vms[0]);
     ping_ok(&lab, &vc.ns, va.ip, 3);
     let leases = lab.dir().join("dnsmasq.leases");

@@ -14,6 +14,7 @@ use crate::crypto::Cipher;
 use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
+use crate::io::frames::FramePort;
 use crate::io::uring::{self, Offloads};
 use crate::io::{tap, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
@@ -445,8 +446,8 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         None => Some(tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?),
     };
     let off = Offloads {
-        gso: (uring_ok || xdp_port.is_some()) && udp::probe_gso(sock.as_raw_fd()),
-        gro: (uring_ok || xdp_port.is_some()) && udp::enable_gro(sock.as_raw_fd()),
+        gso: uring_ok && udp::probe_gso(sock.as_raw_fd()),
+        gro: uring_ok && udp::enable_gro(sock.as_raw_fd()),
         vnet: tap.as_ref().is_some_and(|t| t.vnet_hdr),
     };
     if let Some(tap) = tap.as_ref().filter(|_| uring_ok) {
@@ -490,22 +491,20 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         tracing::info!(%at, "metrics on /metrics");
     }
     let stop = stop_flag()?;
-    let io = if let Some(port) = &xdp_port {
-        format!(
-            "poll(2); AF_XDP {} mode{}; udp-gso {}; udp-gro {}",
-            port.mode().as_str(),
-            if port.multi_buffer() {
-                ", multi-buffer"
-            } else {
-                ""
-            },
+    let port = match (xdp_port, tap) {
+        (Some(p), _) => FramePort::Xdp(p),
+        (None, Some(t)) => FramePort::Tap(t),
+        (None, None) => return Err(CliError::Usage("no frame port".into())),
+    };
+    let io = match (&port, uring_ok) {
+        (FramePort::Tap(_), true) => off.describe(),
+        (FramePort::Xdp(_), true) => format!(
+            "io_uring; udp-gso {}; udp-gro {}; {}",
             if off.gso { "on" } else { "off" },
-            if off.gro { "on" } else { "off" }
-        )
-    } else if uring_ok {
-        off.describe()
-    } else {
-        "poll(2); no offloads".to_string()
+            if off.gro { "on" } else { "off" },
+            port.describe()
+        ),
+        (_, false) => format!("poll(2); no offloads; {}", port.describe()),
     };
     tracing::info!(
         %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,
@@ -521,37 +520,21 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         listen: bound.to_string(),
         listen_addr: bound,
     };
-    if let Some(port) = xdp_port {
-        xdp::edge::run_edge(
+    if uring_ok {
+        let spin = Duration::from_micros(busy_poll_us.min(10_000));
+        uring::run_edge(
             core,
             sock,
-            *port,
-            xdp::edge::UdpOffloads {
-                gso: off.gso,
-                gro: off.gro,
-                underlay_mtu: underlay_mtu as usize,
-            },
+            port,
+            off,
+            underlay_mtu as usize,
+            spin,
             info,
             snap,
             stop,
         )?;
-    } else if let Some(tap) = tap {
-        if uring_ok {
-            let spin = Duration::from_micros(busy_poll_us.min(10_000));
-            uring::run_edge(
-                core,
-                sock,
-                tap,
-                off,
-                underlay_mtu as usize,
-                spin,
-                info,
-                snap,
-                stop,
-            )?;
-        } else {
-            driver::run_edge(core, sock, tap, info, snap, stop)?;
-        }
+    } else {
+        driver::run_edge(core, sock, port, info, snap, stop)?;
     }
     tracing::info!("edge stopped");
     Ok(())

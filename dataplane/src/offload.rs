@@ -313,8 +313,13 @@ impl Coalescer {
         }
         let held = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + self.len];
         // Same addresses, ports, ack, window and TCP options; sequence must follow.
+        // Same TOS/traffic class and TTL too: a CE mark must not be merged away.
         let tcp = f.tcp;
         if frame[..f.ip] != held[..f.ip]
+            || (f.v4 && (frame[f.ip + 1] != held[f.ip + 1] || frame[f.ip + 8] != held[f.ip + 8]))
+            || (!f.v4
+                && (frame[f.ip..f.ip + 4] != held[f.ip..f.ip + 4]
+                    || frame[f.ip + 7] != held[f.ip + 7]))
             || (f.v4 && frame[f.ip + 12..f.ip + 20] != held[f.ip + 12..f.ip + 20])
             || (!f.v4 && frame[f.ip + 8..f.ip + 40] != held[f.ip + 8..f.ip + 40])
             || frame[tcp..tcp + 4] != held[tcp..tcp + 4]
@@ -412,6 +417,61 @@ impl Coalescer {
     }
 }
 
+/// Receive-side coalescing for a frame source without TSO (AF_XDP): consecutive
+/// in-order TCP data segments of one flow in a receive batch become one super-frame,
+/// handed on with a GSO header as if a TAP device had delivered it with TSO, so that
+/// the edge seals and sends it as one UDP GSO batch. Every other frame, and a segment
+/// that does not join, is handed on alone and in order (the held super-frame first),
+/// so no flow is reordered.
+#[derive(Debug, Default)]
+pub struct RxGro {
+    co: Coalescer,
+    spare: Option<Vec<u8>>,
+}
+
+impl RxGro {
+    /// Empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Offers one received frame; `emit` gets `(None, frame)` for a frame passed on
+    /// alone and `(Some(hdr), super_frame)` for a finished super-frame.
+    pub fn push(&mut self, frame: &[u8], emit: &mut impl FnMut(Option<&VnetHdr>, &[u8])) {
+        if self.co.push(frame) {
+            return;
+        }
+        self.flush(emit);
+        let buf = self
+            .spare
+            .take()
+            .unwrap_or_else(|| vec![0u8; VNET_HDR_LEN + MAX_COALESCED]);
+        if let Err(b) = self.co.start(frame, buf) {
+            self.spare = Some(b);
+            emit(None, frame);
+        }
+    }
+
+    /// Hands on the held super-frame, if any (call at the end of each batch).
+    pub fn flush(&mut self, emit: &mut impl FnMut(Option<&VnetHdr>, &[u8])) {
+        let Some((buf, len, mut hdr)) = self.co.finish() else {
+            return;
+        };
+        let frame = &buf[VNET_HDR_LEN..VNET_HDR_LEN + len];
+        if hdr.gso_type == GSO_NONE {
+            // A lone segment: its checksum now holds only the pseudo-header sum, so it
+            // goes the super-frame way too (one segment of its own size).
+            hdr.gso_type = match parse_tcp(frame) {
+                Some(f) if f.v4 => GSO_TCPV4,
+                _ => GSO_TCPV6,
+            };
+            hdr.gso_size = (len - usize::from(hdr.hdr_len)) as u16;
+        }
+        emit(Some(&hdr), frame);
+        self.spare = Some(buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +553,72 @@ mod tests {
         // An out-of-order segment does not join.
         c.start(&segs[0], out).unwrap();
         assert!(!c.push(&segs[2]));
+    }
+
+    /// Segments of one flow coalesce; an ACK, another flow and a gap end the
+    /// super-frame and are passed on in their original order.
+    #[test]
+    fn rx_gro_keeps_order_and_coalesces() {
+        let big = tcp_frame(1448 * 6, 5000, 0x10);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut scratch = vec![0u8; 2000];
+        let mut segs = Vec::new();
+        segment_tcp(&hdr, &big, 1514, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+        assert_eq!(segs.len(), 6);
+        let ack = tcp_frame(0, 77, 0x10);
+        let mut other = segs[3].clone();
+        other[34..36].copy_from_slice(&5001u16.to_be_bytes());
+        let mut ce = segs[5].clone();
+        ce[15] |= 0x03;
+        // s0 s1 s2 | ack | other | s3 s4 | ce(s5)
+        let input = [
+            &segs[0], &segs[1], &segs[2], &ack, &other, &segs[3], &segs[4], &ce,
+        ];
+        let mut got: Vec<(Option<VnetHdr>, Vec<u8>)> = Vec::new();
+        let mut g = RxGro::new();
+        let mut emit = |h: Option<&VnetHdr>, f: &[u8]| got.push((h.copied(), f.to_vec()));
+        for f in input {
+            g.push(f, &mut emit);
+        }
+        g.flush(&mut emit);
+        let shape: Vec<(bool, usize)> = got
+            .iter()
+            .map(|(h, f)| (h.is_some(), f.len() - 54))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (true, 3 * 1448),
+                (false, 0),
+                (true, 1448),
+                (true, 2 * 1448),
+                (true, 1448)
+            ]
+        );
+        let (h, f) = &got[0];
+        let h = h.unwrap();
+        assert_eq!((h.gso_type, h.gso_size), (GSO_TCPV4, 1448));
+        assert_eq!(&f[54..], &big[54..54 + 3 * 1448]);
+        // Every super-frame re-segments into the original segments, checksums valid.
+        let mut out = Vec::new();
+        for (h, f) in &got {
+            if let Some(h) = h {
+                segment_tcp(h, f, 1514, &mut scratch, |s| out.push(s.to_vec())).unwrap();
+            }
+        }
+        let want = [0, 1, 2, 3, 3, 4, 5];
+        assert_eq!(out.len(), want.len());
+        for (s, &i) in out.iter().zip(&want) {
+            verify(s);
+            assert_eq!(&s[54..], &segs[i][54..]);
+        }
     }
 
     #[test]

@@ -416,18 +416,13 @@ fn refuses_foreign_interfaces() {
     in_thread(|| {
         let _lab = Lab::new();
         // vm0 exists (the VM's veth) and is not an XDP port.
-        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "vm0"))
-            .err()
-            .expect("must refuse");
+        let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "vm0")).expect_err("must refuse");
         assert!(e.to_string().contains("not an mvc XDP port"), "{e}");
         assert!(link_info("vm0").unwrap().is_some());
-        let e = XdpPort::open(&XdpPortConfig::new(Some("vm0"), "mvp0"))
-            .err()
-            .expect("must refuse");
+        let e = XdpPort::open(&XdpPortConfig::new(Some("vm0"), "mvp0")).expect_err("must refuse");
         assert!(e.to_string().contains("not a bridge"), "{e}");
         let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "a-much-too-long"))
-            .err()
-            .expect("must refuse");
+            .expect_err("must refuse");
         assert!(e.to_string().contains("13 characters"), "{e}");
     });
 }
@@ -461,8 +456,7 @@ fn kill9_then_restart_cleans_up() {
         let (prog, maps) = ids.split_first().expect("prog id");
         assert!(bpftool_has("prog", *prog));
         let busy = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0"))
-            .err()
-            .expect("a live holder's port must be refused");
+            .expect_err("a live holder's port must be refused");
         assert!(busy.to_string().contains("in use by pid"), "{busy}");
 
         // SAFETY: plain kill(2) of our own child by pid.

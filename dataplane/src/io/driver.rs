@@ -1,5 +1,7 @@
 //! Event loops: readiness with poll(2), non-blocking reads in batches, output flushed
-//! after each batch.
+//! after each batch. The edge's loop here is the fallback for kernels without io_uring
+//! (`uring` is the fast one); it serves a TAP device or an XDP port alike, without
+//! offloads.
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -14,7 +16,8 @@ use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::SupernodeCore;
 
 use super::ctl::Snapshot;
-use super::tap::{self, Tap};
+use super::frames::{self, FramePort};
+use super::tap;
 use super::IoError;
 
 const BATCH: usize = 64;
@@ -98,7 +101,7 @@ fn flush_udp(sock: &UdpSocket, out: &mut Outbox, mut drop: impl FnMut(&'static s
 pub fn run_edge(
     mut core: EdgeCore,
     sock: UdpSocket,
-    tap: Tap,
+    mut port: FramePort,
     info: EdgeInfo,
     snap: Snapshot<EdgeStatus>,
     stop: Arc<AtomicBool>,
@@ -108,7 +111,7 @@ pub fn run_edge(
     let mut rx = vec![0u8; 65_536];
     let mut last_tick = Instant::now() - TICK;
     let mut last_pub = Instant::now() - PUBLISH;
-    let tfd = tap.as_raw_fd();
+    let tfd = port.fd();
     let mut last_host = Instant::now() - HOST_REFRESH;
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [
@@ -123,7 +126,15 @@ pub fn run_edge(
                 revents: 0,
             },
         ];
-        poll2(&mut fds, TICK)?;
+        let tx_pending = port.xdp().is_some_and(|p| p.flush_tx() > 0);
+        poll2(
+            &mut fds,
+            if tx_pending {
+                Duration::from_millis(1)
+            } else {
+                TICK
+            },
+        )?;
         let now = Instant::now();
         if fds[0].revents != 0 {
             for _ in 0..BATCH {
@@ -137,7 +148,9 @@ pub fn run_edge(
                 }
             }
         }
-        if fds[1].revents != 0 {
+        if let (true, Some(p)) = (fds[1].revents != 0, port.xdp()) {
+            p.recv_batch(BATCH as u32, |f| core.handle_tap(now, f, &mut out));
+        } else if fds[1].revents != 0 {
             for _ in 0..BATCH {
                 match tap::read(tfd, &mut rx) {
                     Ok(Some(n)) => core.handle_tap(now, &rx[..n], &mut out),
@@ -159,6 +172,9 @@ pub fn run_edge(
             core.poll(now, &mut out);
         }
         flush_udp(&sock, &mut out, |r| core.count_drop(r));
+        if let Some(p) = port.xdp() {
+            frames::send_xdp(p, &mut core, &mut out);
+        }
         for t in &mut out.tap {
             let frame = &mut t.buf[t.start..t.start + t.len];
             if t.hdr.flags & offload::F_NEEDS_CSUM != 0

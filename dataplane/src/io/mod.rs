@@ -4,6 +4,7 @@
 
 pub mod ctl;
 pub mod driver;
+pub mod frames;
 pub mod spin;
 pub mod sys;
 pub mod tap;

@@ -2,6 +2,12 @@
 //! output is submitted as a batch after each round of completions. UDP GSO/GRO and the
 //! TAP's virtio header (TSO, checksum offload) are used when the kernel has them.
 //!
+//! With an XDP port instead of a TAP device, a `POLL_ADD` on the AF_XDP socket stands in
+//! for the TAP reads: when it fires, frames are taken off the RX ring in batches, TCP
+//! segments of one flow coalesced into super-frames ([`RxGro`]) that take the TSO path
+//! (one UDP GSO send per super-frame), and frames for the VMs leave through the TX ring
+//! in one batch per round.
+//!
 //! Buffers handed to the kernel are owned by slots that live (boxed, never moved) until
 //! their completion arrives; the ring is dropped before the file descriptors.
 
@@ -14,14 +20,14 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::edge::EdgeCore;
-use crate::offload::{self, VnetHdr, VNET_HDR_LEN};
+use crate::offload::{self, RxGro, VnetHdr, VNET_HDR_LEN};
 use crate::outbox::Outbox;
 use crate::status::EdgeStatus;
 
 use super::ctl::Snapshot;
 use super::driver::EdgeInfo;
+use super::frames::{self, FramePort};
 use super::sys::{from_sockaddr, to_sockaddr};
-use super::tap::Tap;
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
 
@@ -33,6 +39,9 @@ const TICK: Duration = Duration::from_millis(20);
 const PUBLISH: Duration = Duration::from_millis(200);
 const MAX_GSO_SEGS: usize = 64;
 const MAX_GSO_BYTES: usize = 65_000;
+/// Frames taken off the AF_XDP RX ring per call, and calls per wake-up at most.
+const XDP_BATCH: u32 = 64;
+const XDP_ROUNDS: usize = 4;
 
 const K_UDP: u64 = 1 << 32;
 const K_TAP: u64 = 2 << 32;
@@ -129,6 +138,7 @@ struct Loop {
     ring: IoUring,
     udp_fd: RawFd,
     tap_fd: RawFd,
+    port: FramePort,
     off: Offloads,
     // Boxed so a slot's address never changes while the kernel holds pointers into it.
     #[allow(clippy::vec_box)]
@@ -161,6 +171,12 @@ impl Loop {
     }
 
     fn arm_tap(&mut self, i: usize) -> Result<(), IoError> {
+        if matches!(self.port, FramePort::Xdp(_)) {
+            let e = opcode::PollAdd::new(types::Fd(self.tap_fd), libc::POLLIN as u32)
+                .build()
+                .user_data(K_TAP | i as u64);
+            return self.push(&e);
+        }
         let b = &mut self.tap_bufs[i];
         let e = opcode::Read::new(types::Fd(self.tap_fd), b.as_mut_ptr(), b.len() as u32)
             .build()
@@ -322,6 +338,10 @@ impl Loop {
         udp.clear();
         out.udp = udp;
 
+        if let Some(p) = self.port.xdp() {
+            frames::send_xdp(p, core, out);
+            return Ok(());
+        }
         let mut tap = std::mem::take(&mut out.tap);
         for mut t in tap.drain(..) {
             if self.off.vnet {
@@ -348,6 +368,19 @@ impl Loop {
         out.tap = tap;
         Ok(())
     }
+
+    /// I/O engine and offloads, for status.
+    fn describe(&self) -> String {
+        match &self.port {
+            FramePort::Tap(_) => self.off.describe(),
+            FramePort::Xdp(_) => format!(
+                "io_uring; udp-gso {}; udp-gro {}; {}",
+                on(self.off.gso),
+                on(self.off.gro),
+                self.port.describe()
+            ),
+        }
+    }
 }
 
 /// Sets a descriptor blocking (io_uring waits for readiness itself).
@@ -366,7 +399,7 @@ fn set_blocking(fd: RawFd) {
 pub fn run_edge(
     mut core: EdgeCore,
     sock: UdpSocket,
-    tap: Tap,
+    port: FramePort,
     off: Offloads,
     underlay_mtu: usize,
     spin: Duration,
@@ -383,7 +416,10 @@ pub fn run_edge(
             source: e,
         })?;
     set_blocking(sock.as_raw_fd());
-    set_blocking(tap.as_raw_fd());
+    let is_xdp = matches!(port, FramePort::Xdp(_));
+    if !is_xdp {
+        set_blocking(port.fd());
+    }
     let buf_size = info.mtu as usize + 18 + 1024;
     let mut out = Outbox::new(buf_size);
     out.gso = off.gso;
@@ -394,10 +430,15 @@ pub fn run_edge(
     let mut lp = Loop {
         ring,
         udp_fd: sock.as_raw_fd(),
-        tap_fd: tap.as_raw_fd(),
+        tap_fd: port.fd(),
+        port,
         off,
         udp_slots: (0..UDP_SLOTS).map(|_| RecvSlot::new()).collect(),
-        tap_bufs: (0..TAP_SLOTS).map(|_| vec![0u8; RX_BUF]).collect(),
+        tap_bufs: if is_xdp {
+            Vec::new()
+        } else {
+            (0..TAP_SLOTS).map(|_| vec![0u8; RX_BUF]).collect()
+        },
         flights: Vec::new(),
         free: Vec::new(),
         underlay_payload: underlay_mtu.saturating_sub(28),
@@ -411,13 +452,17 @@ pub fn run_edge(
         for i in 0..UDP_SLOTS {
             lp.arm_udp(i)?;
         }
-        for i in 0..TAP_SLOTS {
+        // One poll on an XDP port (it reads whole batches); several reads on a TAP.
+        for i in 0..if is_xdp { 1 } else { TAP_SLOTS } {
             lp.arm_tap(i)?;
         }
+        let mut gro = RxGro::new();
         let mut last_tick = Instant::now() - TICK;
         let mut last_pub = Instant::now() - PUBLISH;
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
         let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
+        // While AF_XDP transmits are in flight, wake up soon to reap their completions.
+        let ts_tx = types::Timespec::new().nsec(1_000_000);
         let mut last_activity: Option<Instant> = None;
         let mut tap_errors = 0u64;
         let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
@@ -442,7 +487,8 @@ pub fn run_edge(
                     std::hint::spin_loop();
                 }
             }
-            let args = types::SubmitArgs::new().timespec(&ts);
+            let tx_pending = lp.port.xdp().is_some_and(|p| p.flush_tx() > 0);
+            let args = types::SubmitArgs::new().timespec(if tx_pending { &ts_tx } else { &ts });
             let want = usize::from(lp.ring.completion().is_empty());
             match lp.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
@@ -490,6 +536,25 @@ pub fn run_edge(
                             core.count_drop("udp_recv_error");
                         }
                         lp.arm_udp(idx)?;
+                    }
+                    K_TAP if is_xdp => {
+                        if res < 0 {
+                            core.count_drop("xdp_poll_error");
+                        }
+                        if let FramePort::Xdp(p) = &mut lp.port {
+                            let mut emit = |h: Option<&VnetHdr>, f: &[u8]| match h {
+                                Some(h) => core.handle_tap_tso(now, h, f, max_seg_frame, &mut out),
+                                None => core.handle_tap(now, f, &mut out),
+                            };
+                            for _ in 0..XDP_ROUNDS {
+                                let n = p.recv_batch(XDP_BATCH, |f| gro.push(f, &mut emit));
+                                if n < XDP_BATCH {
+                                    break;
+                                }
+                            }
+                            gro.flush(&mut emit);
+                        }
+                        lp.arm_tap(idx)?;
                     }
                     K_TAP => {
                         if res > 0 {
@@ -585,7 +650,7 @@ pub fn run_edge(
                 let mut s = core.status(now);
                 s.datapath = info.datapath.clone();
                 s.datapath_reason = info.datapath_reason.clone();
-                s.io = lp.off.describe();
+                s.io = lp.describe();
                 s.tap = info.tap.clone();
                 s.mtu = info.mtu;
                 s.listen = info.listen.clone();

@@ -19,7 +19,6 @@
 //!
 //! See docs/XDP.md for the design and measurements.
 
-pub mod edge;
 mod port;
 mod xsk;
 
@@ -411,7 +410,13 @@ impl XdpPort {
         self.xsk.tx_in_flight()
     }
 
-    /// All counters.
+    /// The socket's own counters (no system call; for the datapath's per-batch use).
+    pub fn socket_counters(&self) -> XskCounters {
+        self.xsk.counters()
+    }
+
+    /// All counters (reads the program's per-CPU map and the kernel's socket
+    /// statistics: system calls, not for every batch).
     pub fn stats(&self) -> XdpStats {
         let mut st = XdpStats {
             socket: self.xsk.counters(),
@@ -441,6 +446,16 @@ impl XdpPort {
 impl AsFd for XdpPort {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.xsk.as_fd()
+    }
+}
+
+impl std::fmt::Debug for XdpPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpPort")
+            .field("names", &self.names())
+            .field("mode", &self.mode)
+            .field("prog_id", &self.prog_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -687,23 +687,34 @@ impl Xsk {
         sent
     }
 
-    fn kick_tx(&self) {
-        if !self.tx.needs_wakeup() {
-            return;
+    fn kick_tx(&mut self) {
+        // In copy mode the kernel sends at most 32 frames per call and answers
+        // EAGAIN while more are queued (or while the completion ring is full):
+        // kick again, reaping completions in between, until it has taken them
+        // all. Bounded by what can be in flight.
+        let rounds = self.tx_in_flight / 32 + 2;
+        for _ in 0..rounds {
+            if !self.tx.needs_wakeup() {
+                return;
+            }
+            // SAFETY: zero-length sendto with no buffer asks the kernel to
+            // process the TX ring. EAGAIN/EBUSY/ENOBUFS mean "try again later";
+            // the frames stay queued and the next call kicks again.
+            let r = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                return;
+            }
+            self.reap_completions();
         }
-        // SAFETY: zero-length sendto with no buffer asks the kernel to
-        // process the TX ring. EAGAIN/EBUSY/ENOBUFS mean "try again later";
-        // the frames stay queued and the next call kicks again.
-        unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
     }
 
     /// Transmit chunks handed to the kernel and not completed yet.
