@@ -158,8 +158,9 @@ struct EdgeArgs {
     /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
     #[arg(long, value_name = "N")]
     underlay_mtu: Option<u32>,
-    /// After traffic, poll for this many microseconds before sleeping: lower latency on
-    /// hosts with idle cores, wasted CPU on busy ones [default: 0].
+    /// Longest poll of the I/O loop before it sleeps, in microseconds; the window adapts to
+    /// how soon events follow each other and is off while the host has no idle core.
+    /// 0 never polls [default: 200].
     #[arg(long, value_name = "MICROS")]
     busy_poll_us: Option<u64>,
 }
@@ -436,7 +437,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             "--underlay-mtu {underlay_mtu} is outside 576..=65000"
         )));
     }
-    let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(0);
+    let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(200);
     let uring_ok = io_uring::IoUring::new(8).is_ok();
     if !uring_ok {
         tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");

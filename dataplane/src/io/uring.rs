@@ -27,6 +27,7 @@ use crate::status::EdgeStatus;
 use super::ctl::Snapshot;
 use super::driver::EdgeInfo;
 use super::frames::{self, FramePort};
+use super::spin::{host_busy, AdaptiveSpin};
 use super::sys::{from_sockaddr, to_sockaddr};
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
@@ -36,6 +37,8 @@ const TAP_SLOTS: usize = 4;
 const RX_BUF: usize = 65_536 + VNET_HDR_LEN;
 const MAX_IN_FLIGHT: usize = 2048;
 const TICK: Duration = Duration::from_millis(20);
+/// How often the host's load is checked to decide whether polling may run.
+const LOAD_CHECK: Duration = Duration::from_secs(1);
 const PUBLISH: Duration = Duration::from_millis(200);
 const MAX_GSO_SEGS: usize = 64;
 const MAX_GSO_BYTES: usize = 65_000;
@@ -463,7 +466,9 @@ pub fn run_edge(
         let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
         // While AF_XDP transmits are in flight, wake up soon to reap their completions.
         let ts_tx = types::Timespec::new().nsec(1_000_000);
-        let mut last_activity: Option<Instant> = None;
+        let mut spinner = AdaptiveSpin::new(spin);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut last_load = Instant::now() - LOAD_CHECK;
         let mut tap_errors = 0u64;
         let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
         let mut fatal: Option<IoError> = None;
@@ -471,13 +476,12 @@ pub fn run_edge(
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
             }
-            // Right after traffic, poll the completion queue for a short while before
-            // sleeping: a wake-up costs more than the spin and dominates the overlay's RTT.
-            // Idle edges do not spin.
-            if spin > Duration::ZERO
-                && last_activity.is_some_and(|t: Instant| t.elapsed() < Duration::from_millis(2))
-            {
-                let until = Instant::now() + spin;
+            // Before sleeping, poll the completion queue for the adaptive window: a wake-up
+            // costs more than a short poll and dominates the overlay's RTT.
+            let idle_from = lp.ring.completion().is_empty().then(Instant::now);
+            let window = spinner.window();
+            if idle_from.is_some() && !window.is_zero() {
+                let until = Instant::now() + window;
                 let _ = lp.ring.submit();
                 while lp.ring.completion().is_empty() && Instant::now() < until {
                     let _ = lp
@@ -507,8 +511,12 @@ pub fn run_edge(
             cqes.clear();
             cqes.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
             let now = Instant::now();
-            if cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
-                last_activity = Some(now);
+            // Only traffic or a timeout tells how far away the next event was; completions
+            // of our own sends arrive at once and say nothing about it.
+            if let Some(t0) = idle_from {
+                if cqes.is_empty() || cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
+                    spinner.waited(now.saturating_duration_since(t0));
+                }
             }
             for &(ud, res) in &cqes {
                 let idx = (ud & !K_MASK) as usize;
@@ -632,6 +640,10 @@ pub fn run_edge(
             }
             if let Some(e) = fatal.take() {
                 break Err(e);
+            }
+            if now.saturating_duration_since(last_load) >= LOAD_CHECK {
+                last_load = now;
+                spinner.set_host_busy(!spin.is_zero() && host_busy(cores));
             }
             if now.saturating_duration_since(last_tick) >= TICK {
                 last_tick = now;
