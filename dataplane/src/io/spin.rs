@@ -6,7 +6,8 @@
 //! when the next event is close, and wastes CPU when it is not. The window adapts in the
 //! manner of Linux's guest halt-polling: it grows fast when a wait ended soon after the
 //! window ran out (a longer poll would have caught it), shrinks slowly when waits run far
-//! past the maximum, and is off altogether while the host has no idle core, where polling
+//! past the maximum, and is off altogether while the host has no idle core (sampled from
+//! `/proc/stat` every second), where polling
 //! only takes time from the threads that would produce the next event.
 
 use std::time::Duration;
@@ -57,23 +58,70 @@ impl AdaptiveSpin {
         }
     }
 
-    /// Tells whether every core of the host is busy (see [`host_busy`]).
+    /// Tells whether the host has no idle core (see [`host_busy`]).
     pub fn set_host_busy(&mut self, busy: bool) {
         self.host_busy = busy;
     }
 }
 
-/// True when the host's one-minute load average leaves no idle core. Unknown counts as
-/// not busy.
-pub fn host_busy(cores: usize) -> bool {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| parse_load1(&s))
-        .is_some_and(|load| load >= cores as f64)
+/// Watches the host's idle CPU time (`/proc/stat`) between two samples.
+#[derive(Debug, Default)]
+pub struct IdleCores {
+    last: Option<CpuTimes>,
 }
 
-fn parse_load1(s: &str) -> Option<f64> {
-    s.split_whitespace().next()?.parse().ok()
+/// Idle and total jiffies of all CPUs together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTimes {
+    idle: u64,
+    total: u64,
+}
+
+impl IdleCores {
+    /// How many cores were idle on average since the previous call (`None` on the first
+    /// call or when `/proc/stat` cannot be read).
+    pub fn sample(&mut self, cores: usize) -> Option<f64> {
+        let now = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_cpu_times(&s))?;
+        let prev = self.last.replace(now)?;
+        idle_cores(prev, now, cores)
+    }
+}
+
+/// True when less than half a core was idle: polling would only take CPU time from the
+/// threads that produce the next event.
+pub fn host_busy(idle_cores: Option<f64>) -> bool {
+    idle_cores.is_some_and(|c| c < 0.5)
+}
+
+fn idle_cores(prev: CpuTimes, now: CpuTimes, cores: usize) -> Option<f64> {
+    let total = now.total.checked_sub(prev.total)?;
+    let idle = now.idle.checked_sub(prev.idle)?;
+    if total == 0 {
+        return None;
+    }
+    Some(idle as f64 / total as f64 * cores as f64)
+}
+
+/// Parses the aggregate `cpu` line of `/proc/stat`: idle is idle + iowait.
+fn parse_cpu_times(stat: &str) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if v.len() < 5 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    // already counted in user.
+    let total = v.iter().take(8).sum();
+    Some(CpuTimes {
+        idle: v[3] + v[4],
+        total,
+    })
 }
 
 #[cfg(test)]
@@ -147,9 +195,20 @@ mod tests {
     }
 
     #[test]
-    fn parses_loadavg() {
-        assert_eq!(parse_load1("0.52 1.17 0.66 2/300 1234\n"), Some(0.52));
-        assert_eq!(parse_load1(""), None);
-        assert_eq!(parse_load1("x y"), None);
+    fn idle_cores_from_proc_stat() {
+        let a = parse_cpu_times("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\n")
+            .unwrap();
+        let b = parse_cpu_times("cpu  200 0 200 900 0 0 0 0 0 0\n").unwrap();
+        // 100 idle of 300 jiffies on 2 cores: two thirds of a core idle.
+        let c = idle_cores(a, b, 2).unwrap();
+        assert!((c - 2.0 / 3.0).abs() < 1e-9, "{c}");
+        assert!(!host_busy(Some(c)));
+        assert!(host_busy(Some(0.2)));
+        assert!(!host_busy(None));
+        assert_eq!(idle_cores(b, a, 2), None);
+        assert_eq!(idle_cores(a, a, 2), None);
+        assert_eq!(parse_cpu_times(""), None);
+        assert_eq!(parse_cpu_times("cpu  1 2 x 4 5\n"), None);
+        assert_eq!(parse_cpu_times("cpu  1 2\n"), None);
     }
 }

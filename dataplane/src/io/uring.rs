@@ -27,7 +27,7 @@ use crate::status::EdgeStatus;
 use super::ctl::Snapshot;
 use super::driver::EdgeInfo;
 use super::frames::{self, FramePort};
-use super::spin::{host_busy, AdaptiveSpin};
+use super::spin::{host_busy, AdaptiveSpin, IdleCores};
 use super::sys::{from_sockaddr, to_sockaddr};
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
@@ -469,6 +469,7 @@ pub fn run_edge(
         let mut spinner = AdaptiveSpin::new(spin);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut last_load = Instant::now() - LOAD_CHECK;
+        let mut idle = IdleCores::default();
         let mut tap_errors = 0u64;
         let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
         let mut fatal: Option<IoError> = None;
@@ -643,7 +644,9 @@ pub fn run_edge(
             }
             if now.saturating_duration_since(last_load) >= LOAD_CHECK {
                 last_load = now;
-                spinner.set_host_busy(!spin.is_zero() && host_busy(cores));
+                if !spin.is_zero() {
+                    spinner.set_host_busy(host_busy(idle.sample(cores)));
+                }
             }
             if now.saturating_duration_since(last_tick) >= TICK {
                 last_tick = now;
