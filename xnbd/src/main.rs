@@ -357,6 +357,16 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
         g("background_blocks")
     );
     println!(
+        "bytes in:  {} on demand, {} background (from the source)",
+        g("demand_bytes"),
+        g("background_bytes")
+    );
+    println!(
+        "clients:   {} bytes read, {} bytes written (client link)",
+        g("client_read_bytes"),
+        g("client_write_bytes")
+    );
+    println!(
         "rate:      {:.0} B/s (limit {})",
         g("rate_bytes_per_sec").as_f64().unwrap_or(0.0),
         g("rate_limit")

@@ -127,6 +127,14 @@ pub struct Status {
     pub demand_blocks: u64,
     /// Blocks fetched by the background copy.
     pub background_blocks: u64,
+    /// Bytes of `fetched_bytes` fetched on demand (source -> proxy link).
+    pub demand_bytes: u64,
+    /// Bytes of `fetched_bytes` fetched by the background copy (source -> proxy link).
+    pub background_bytes: u64,
+    /// Bytes sent to clients as read replies (proxy -> client link).
+    pub client_read_bytes: u64,
+    /// Bytes received from clients as write payloads (client -> proxy link).
+    pub client_write_bytes: u64,
     /// Client writes that made a missing block local without fetching it.
     pub written_blocks: u64,
     /// Fetch rate over the last seconds, bytes per second.
@@ -214,6 +222,10 @@ pub struct Proxy {
     fetched_bytes: AtomicU64,
     demand_blocks: AtomicU64,
     background_blocks: AtomicU64,
+    demand_bytes: AtomicU64,
+    background_bytes: AtomicU64,
+    client_read_bytes: AtomicU64,
+    client_write_bytes: AtomicU64,
     written_blocks: AtomicU64,
     source_errors: AtomicU64,
     samples: Mutex<VecDeque<(Instant, u64)>>,
@@ -294,6 +306,10 @@ impl Proxy {
             fetched_bytes: AtomicU64::new(0),
             demand_blocks: AtomicU64::new(0),
             background_blocks: AtomicU64::new(0),
+            demand_bytes: AtomicU64::new(0),
+            background_bytes: AtomicU64::new(0),
+            client_read_bytes: AtomicU64::new(0),
+            client_write_bytes: AtomicU64::new(0),
             written_blocks: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             samples: Mutex::new(VecDeque::new()),
@@ -561,18 +577,20 @@ impl Proxy {
         let nblocks = claim.blocks.len() as u64;
         // Counted before the bits are set, so a status showing a block local always shows
         // its fetch too (taken back if storing fails).
-        let kind = if demand {
-            &self.demand_blocks
+        let (kind, kind_bytes) = if demand {
+            (&self.demand_blocks, &self.demand_bytes)
         } else {
-            &self.background_blocks
+            (&self.background_blocks, &self.background_bytes)
         };
         self.fetched_blocks.fetch_add(nblocks, Ordering::Relaxed);
         self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
         kind.fetch_add(nblocks, Ordering::Relaxed);
+        kind_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Err(e) = self.store_and_mark(datas, runs).await {
             self.fetched_blocks.fetch_sub(nblocks, Ordering::Relaxed);
             self.fetched_bytes.fetch_sub(bytes, Ordering::Relaxed);
             kind.fetch_sub(nblocks, Ordering::Relaxed);
+            kind_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(e);
         }
         self.check_complete();
@@ -658,11 +676,13 @@ impl Proxy {
             }
         }
         let s = self.clone();
-        blocking(move || {
+        let buf = blocking(move || {
             s.storage.read_at(&mut buf[start..], off)?;
             Ok(buf)
         })
-        .await
+        .await?;
+        self.client_read_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(buf)
     }
 
     /// Apply a local modification of `[off, off+len)`: partial missing head/tail blocks are
@@ -735,6 +755,8 @@ impl Proxy {
         fua: bool,
     ) -> Result<(), OpError> {
         let len = data.len() as u64;
+        // Counted on arrival: the payload crossed the client link even if the write fails.
+        self.client_write_bytes.fetch_add(len, Ordering::Relaxed);
         self.modify(off, len, fua, move |s| s.write_at(&data, off))
             .await
     }
@@ -1054,6 +1076,10 @@ impl Proxy {
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             demand_blocks: self.demand_blocks.load(Ordering::Relaxed),
             background_blocks: self.background_blocks.load(Ordering::Relaxed),
+            demand_bytes: self.demand_bytes.load(Ordering::Relaxed),
+            background_bytes: self.background_bytes.load(Ordering::Relaxed),
+            client_read_bytes: self.client_read_bytes.load(Ordering::Relaxed),
+            client_write_bytes: self.client_write_bytes.load(Ordering::Relaxed),
             written_blocks: self.written_blocks.load(Ordering::Relaxed),
             rate_bytes_per_sec: rate,
             rate_limit: self.rate_limit.load(Ordering::Relaxed),

@@ -115,6 +115,11 @@ fn on_demand_writes_readahead_cache_all_switch() {
     let q = query(&p.ctl);
     assert_eq!(u(&q, "cached_blocks"), 64, "{q}");
     assert_eq!(u(&q, "demand_blocks"), 64, "{q}");
+    // Link counters: 4 MiB went to the client, exactly those bytes came from the source.
+    assert!(u(&q, "client_read_bytes") >= 4 * MIB, "{q}");
+    assert_eq!(u(&q, "demand_bytes"), 4 * MIB, "{q}");
+    assert_eq!(u(&q, "background_bytes"), 0, "{q}");
+    assert_eq!(u(&q, "client_write_bytes"), 0, "{q}");
     let cache = std::fs::read(&p.cache).unwrap();
     let want = std::fs::read(&src).unwrap();
     assert_eq!(cache[2 << 20..6 << 20], want[2 << 20..6 << 20]);
@@ -155,6 +160,10 @@ fn on_demand_writes_readahead_cache_all_switch() {
     ok(60, "qemu-io", &local);
     let q = query(&p.ctl);
     assert!(u(&q, "written_blocks") >= 16 + 2, "{q}");
+    // Only WRITE carries a payload: 5000 bytes (the client may widen it to its alignment)
+    // + 1 MiB, not the 128 KiB write-zeroes range.
+    let w = u(&q, "client_write_bytes");
+    assert!((5000 + MIB..5000 + MIB + 4096).contains(&w), "{q}");
 
     // Switch is refused while blocks are missing.
     let o = p.ctl(&["switch"]);

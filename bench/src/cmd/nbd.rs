@@ -741,6 +741,48 @@ pub struct Sample {
     pub background_blocks: u64,
     /// Blocks made local by client writes so far.
     pub written_blocks: u64,
+    /// Bytes fetched from the source on demand so far.
+    pub demand_bytes: u64,
+    /// Bytes fetched from the source by the background copy so far.
+    pub background_bytes: u64,
+    /// Bytes sent to the client as read replies so far.
+    pub client_read_bytes: u64,
+    /// Bytes received from the client as writes so far.
+    pub client_write_bytes: u64,
+}
+
+/// Traffic on each link between two polls (the xNBD paper's figures 4-6), MiB/s.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkRate {
+    /// End of the interval, seconds since the proxy started.
+    pub t: f64,
+    /// Source -> proxy, fetched on demand.
+    pub source_demand: f64,
+    /// Source -> proxy, fetched by the background copy.
+    pub source_background: f64,
+    /// Proxy -> client (read replies).
+    pub client_read: f64,
+    /// Client -> proxy (writes).
+    pub client_write: f64,
+}
+
+/// MiB/s on each link per poll interval, from the cumulative counters of the polls.
+fn link_rates(samples: &[Sample]) -> Vec<LinkRate> {
+    let mib = |a: u64, b: u64, dt: f64| b.saturating_sub(a) as f64 / dt / (1 << 20) as f64;
+    samples
+        .windows(2)
+        .filter_map(|w| {
+            let (a, b) = (&w[0], &w[1]);
+            let dt = b.t - a.t;
+            (dt > 0.0).then(|| LinkRate {
+                t: b.t,
+                source_demand: mib(a.demand_bytes, b.demand_bytes, dt),
+                source_background: mib(a.background_bytes, b.background_bytes, dt),
+                client_read: mib(a.client_read_bytes, b.client_read_bytes, dt),
+                client_write: mib(a.client_write_bytes, b.client_write_bytes, dt),
+            })
+        })
+        .collect()
 }
 
 /// The figure-7 run: relocation with a client workload.
@@ -760,6 +802,8 @@ pub struct Figure {
     pub blocks_read_twice: u64,
     /// The polls.
     pub samples: Vec<Sample>,
+    /// Traffic on each link per poll interval.
+    pub links: Vec<LinkRate>,
     /// The workload's read and write IOPS (fio).
     pub fio_read_iops: f64,
     /// Write IOPS.
@@ -820,6 +864,10 @@ fn figure(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Figure> {
             demand_blocks: st["demand_blocks"].as_u64().unwrap_or(0),
             background_blocks: st["background_blocks"].as_u64().unwrap_or(0),
             written_blocks: st["written_blocks"].as_u64().unwrap_or(0),
+            demand_bytes: st["demand_bytes"].as_u64().unwrap_or(0),
+            background_bytes: st["background_bytes"].as_u64().unwrap_or(0),
+            client_read_bytes: st["client_read_bytes"].as_u64().unwrap_or(0),
+            client_write_bytes: st["client_write_bytes"].as_u64().unwrap_or(0),
         });
         if cached == total && done.is_none() {
             done = Some(t);
@@ -857,6 +905,7 @@ fn figure(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Figure> {
         ideal_secs: ideal,
         source_bytes,
         blocks_read_twice: twice,
+        links: link_rates(&samples),
         samples,
         fio_read_iops: r,
         fio_write_iops: w,
@@ -918,6 +967,78 @@ fn plot_figure(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+/// Picks one link out of an interval.
+type LinkOf = fn(&LinkRate) -> f64;
+
+/// Traffic on each link over time (the xNBD paper's figures 4-6), same run as the cached plot.
+fn plot_links(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::Result<()> {
+    let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
+    let tmax = f.samples.last().map_or(1.0, |s| s.t).max(f.ideal_secs) * 1.05;
+    let series: [(&str, RGBColor, LinkOf); 5] = [
+        ("source -> proxy, total", BLUE, |l| {
+            l.source_demand + l.source_background
+        }),
+        ("source -> proxy, background copy", GREEN, |l| {
+            l.source_background
+        }),
+        ("source -> proxy, on demand", RED, |l| l.source_demand),
+        ("proxy -> client (reads)", CYAN, |l| l.client_read),
+        ("client -> proxy (writes)", MAGENTA, |l| l.client_write),
+    ];
+    let ymax = f
+        .links
+        .iter()
+        .flat_map(|l| series.iter().map(move |s| (s.2)(l)))
+        .fold(link_mib as f64, f64::max)
+        * 1.15;
+    let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "xnbd proxy links: {size_mib} MiB disk, {link_mib} MiB/s link, {} ms source delay, fio {} IOPS 4k randrw",
+                f.delay_ms, f.workload_iops
+            ),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..tmax, 0.0..ymax)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the proxy started (s)")
+        .y_desc("MiB/s per poll interval")
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (name, color, get) in series {
+        let data: Vec<(f64, f64)> = f.links.iter().map(|l| (l.t, get(l))).collect();
+        chart
+            .draw_series(LineSeries::new(data, color.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    let cap = vec![(0.0, link_mib as f64), (tmax, link_mib as f64)];
+    chart
+        .draw_series(LineSeries::new(cap, BLACK.mix(0.4).stroke_width(1)))
+        .map_err(|x| e(&x))?
+        .label("source link rate limit")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
@@ -1047,6 +1168,19 @@ fn markdown(r: &Report, args: &Args) -> String {
             f.fio_read_iops,
             f.fio_write_iops,
         );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let _ = writeln!(
+            md,
+            "Link traffic: source -> proxy {:.1} MiB on demand + {:.1} MiB background; proxy -> client {:.1} MiB read, client -> proxy {:.1} MiB written; peak source link {:.1} MiB/s per 0.5 s poll.\n",
+            mib(last.map_or(0, |s| s.demand_bytes)),
+            mib(last.map_or(0, |s| s.background_bytes)),
+            mib(last.map_or(0, |s| s.client_read_bytes)),
+            mib(last.map_or(0, |s| s.client_write_bytes)),
+            f.links
+                .iter()
+                .map(|l| l.source_demand + l.source_background)
+                .fold(0.0, f64::max),
+        );
     }
     md
 }
@@ -1130,6 +1264,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let svg = args.results.join(format!("nbd-{stamp}-cached.svg"));
         plot_figure(f, args.disk_mib, args.link_mib, &svg)?;
         eprintln!("figure: {}", svg.display());
+        let svg = args.results.join(format!("nbd-{stamp}-links.svg"));
+        plot_links(f, args.disk_mib, args.link_mib, &svg)?;
+        eprintln!("figure: {}", svg.display());
     }
     eprintln!("results: {}", p.display());
     Ok(())
@@ -1153,5 +1290,50 @@ mod tests {
         assert_eq!(count_reads(log, 0x10000), (0x10000 + 0x20000 + 0x1000, 1));
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn link_rates_are_per_interval_mib_per_sec() {
+        let at = |t: f64, demand: u64, bg: u64, rd: u64, wr: u64| Sample {
+            t,
+            cached: 0.0,
+            cached_blocks: 0,
+            total_blocks: 1,
+            demand_blocks: 0,
+            background_blocks: 0,
+            written_blocks: 0,
+            demand_bytes: demand,
+            background_bytes: bg,
+            client_read_bytes: rd,
+            client_write_bytes: wr,
+        };
+        const M: u64 = 1 << 20;
+        let s = [
+            at(0.0, 0, 0, 0, 0),
+            at(0.5, M, 2 * M, M / 2, 0),
+            // A repeated timestamp is skipped, not divided by zero.
+            at(0.5, M, 2 * M, M / 2, 0),
+            at(1.5, M, 6 * M, M, 3 * M),
+        ];
+        let l = link_rates(&s);
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            (
+                l[0].t,
+                l[0].source_demand,
+                l[0].source_background,
+                l[0].client_read
+            ),
+            (0.5, 2.0, 4.0, 1.0)
+        );
+        assert_eq!(
+            (
+                l[1].source_demand,
+                l[1].source_background,
+                l[1].client_read,
+                l[1].client_write
+            ),
+            (0.0, 4.0, 0.5, 3.0)
+        );
     }
 }
