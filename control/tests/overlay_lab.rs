@@ -116,8 +116,11 @@ fn start_cluster(lab: &Lab, t: &Topology, mvc: &Mvc, xdp: bool) -> MvcCluster {
             ns: s.frontend.clone(),
             sock,
         };
+        // The status socket answers `{}` until the loop has published its first snapshot.
         let _ = lab.wait_until(&format!("{label} status"), Duration::from_secs(10), || {
-            mvc.edge_status(lab, &e).is_ok() || !lab.running(&e.proc)
+            mvc.edge_status(lab, &e)
+                .is_ok_and(|st| st["datapath"].is_string())
+                || !lab.running(&e.proc)
         });
         let st = mvc
             .edge_status(lab, &e)
