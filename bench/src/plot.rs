@@ -54,22 +54,12 @@ pub fn overlay_vs_delay(rows: &[Row], out: &Path) -> anyhow::Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
         for (i, (name, pts)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
             let data: Vec<(f64, f64)> = pts
                 .iter()
                 .map(|&(d, t, r)| (d, if tput { t } else { r }))
                 .filter(|p| p.1.is_finite())
                 .collect();
-            chart
-                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e}"))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(data.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-                .map_err(|e| anyhow!("{e}"))?;
+            crate::cmd::figure::draw_line(&mut chart, i, name, data)?;
         }
         chart
             .configure_series_labels()

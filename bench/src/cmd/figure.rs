@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::anyhow;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// One line of a figure: its name and its (x, y) points.
@@ -55,22 +56,12 @@ pub fn lines(panels: &[Panel<'_>], out: &Path) -> anyhow::Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
         for (i, (name, data)) in p.series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
             let data: Vec<(f64, f64)> = data
                 .iter()
                 .copied()
                 .filter(|q| q.0.is_finite() && q.1.is_finite())
                 .collect();
-            chart
-                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e}"))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(data.into_iter().map(|q| Circle::new(q, 3, color.filled())))
-                .map_err(|e| anyhow!("{e}"))?;
+            draw_line(&mut chart, i, name, data)?;
         }
         chart
             .configure_series_labels()
@@ -81,5 +72,24 @@ pub fn lines(panels: &[Panel<'_>], out: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Draws the `i`-th series of a chart as a line with point markers, with its legend entry.
+pub fn draw_line(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    i: usize,
+    name: &str,
+    data: Vec<(f64, f64)>,
+) -> anyhow::Result<()> {
+    let color = Palette99::pick(i).to_rgba();
+    chart
+        .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    chart
+        .draw_series(data.into_iter().map(|q| Circle::new(q, 3, color.filled())))
+        .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
