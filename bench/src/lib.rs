@@ -8,6 +8,8 @@
 //! - [`wanem`]: the userspace WAN emulator (delay, jitter, loss, rate per direction).
 //! - [`dhcp`]: a minimal DHCP client, to check that leases cross the overlay.
 //! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun) in a lab.
+//! - [`sites`]: three sites with an `mvc agent` each and the controller on site A: the
+//!   lab of `mvc demo`, the controller's integration tests and `bench build-time`.
 //! - [`cpu`]: CPU time of processes and of the kernel over a measured interval.
 
 pub mod cpu;
@@ -15,5 +17,6 @@ pub mod dhcp;
 pub mod lab;
 pub mod overlay;
 pub mod peers;
+pub mod sites;
 mod sys;
 pub mod wanem;

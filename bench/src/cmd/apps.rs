@@ -1,6 +1,6 @@
 //! What the application runs (`bench hpl`, `bench dock`, `bench build-time`) share: the
-//! machine's load, progress bars, node placement over the sites, and an OpenMPI launcher
-//! for VM namespaces.
+//! machine's load, progress bars, common options and result files, node placement over
+//! the sites, and an OpenMPI launcher for VM namespaces.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use bench::lab::{Topology, Vm};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::figure::{self, Panel};
+use super::{utc_now, write_json, Machine};
 
 /// The 1, 5 and 15 minute load averages (zeros when /proc cannot be read).
 pub fn load_avg() -> [f64; 3] {
@@ -290,5 +294,100 @@ pub fn note(pb: &ProgressBar, msg: String) {
         eprintln!("{msg}");
     } else {
         pb.println(msg);
+    }
+}
+
+/// Options every application run has.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// The mvc binary (default: next to this one).
+    #[arg(long)]
+    pub mvc: Option<PathBuf>,
+    /// Runs per point and network (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Where to write the JSON result, the table and the figure.
+    #[arg(long, default_value = "results")]
+    pub results: PathBuf,
+}
+
+/// When and where an application run happened and the machine's load around it: the
+/// frame of every result it writes.
+#[derive(Debug, Serialize)]
+pub struct RunInfo {
+    /// The bench's name (`hpl`, `dock`, `build-time`).
+    pub bench: &'static str,
+    /// Start, UTC, ISO 8601.
+    pub date: String,
+    #[serde(skip)]
+    stamp: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Load averages at the start.
+    pub load_before: [f64; 3],
+    /// Load averages at the end ([`RunInfo::finish`]).
+    pub load_after: [f64; 3],
+}
+
+impl RunInfo {
+    /// Notes the start and says it on stderr.
+    pub fn start(bench: &'static str) -> RunInfo {
+        let (date, stamp) = utc_now();
+        let info = RunInfo {
+            bench,
+            date,
+            stamp,
+            machine: Machine::probe(),
+            load_before: load_avg(),
+            load_after: [0.0; 3],
+        };
+        eprintln!(
+            "bench {bench}: {}, {}, {}",
+            info.date,
+            info.machine.line(),
+            load_line(info.load_before)
+        );
+        info
+    }
+
+    /// Notes the load at the end; returns "DATE, MACHINE; LOAD before, LOAD after." for
+    /// the result's headline.
+    pub fn finish(&mut self) -> String {
+        self.load_after = load_avg();
+        format!(
+            "{}, {}; {} before, {} after.",
+            self.date,
+            self.machine.line(),
+            load_line(self.load_before),
+            load_line(self.load_after)
+        )
+    }
+
+    /// Prints the headline and the table, and writes them (`BENCH-STAMP.md`), the JSON
+    /// result (this frame with `fields` beside it, `.json`) and the figure (`.svg`) to
+    /// `dir`.
+    pub fn save(
+        &self,
+        dir: &Path,
+        head: &str,
+        table: &str,
+        fields: &impl Serialize,
+        panels: &[Panel],
+    ) -> anyhow::Result<()> {
+        #[derive(Serialize)]
+        struct Result<'a, T: Serialize> {
+            #[serde(flatten)]
+            info: &'a RunInfo,
+            #[serde(flatten)]
+            fields: &'a T,
+        }
+        println!("\n{head}\n\n{table}");
+        let name = format!("{}-{}", self.bench, self.stamp);
+        let p = write_json(dir, &format!("{name}.json"), &Result { info: self, fields })?;
+        std::fs::write(dir.join(format!("{name}.md")), format!("{head}\n\n{table}"))?;
+        let svg = dir.join(format!("{name}.svg"));
+        figure::lines(panels, &svg)?;
+        eprintln!("results: {}, figure: {}", p.display(), svg.display());
+        Ok(())
     }
 }

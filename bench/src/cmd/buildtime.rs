@@ -3,261 +3,35 @@
 //! paper's figure 9), against the one-way delay the WAN emulator adds on the uplinks of
 //! sites B and C.
 //!
-//! The lab is the controller demo's (`mvc demo`, control/src/demo.rs): site A public, B
-//! and C behind NAT with the agent's TCP port forwarded, an `mvc agent` on every site
-//! frontend, the controller run on site A's frontend. The reference measured in the same
+//! The lab is the controller demo's ([`bench::sites`]): site A public, B and C behind
+//! NAT (and a WAN link each) with the agent's TCP port forwarded, an `mvc agent` on every
+//! site frontend, the controller run on site A's frontend. The reference measured in the same
 //! run is the underlay RTT from B's frontend to A's.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bench::lab::{self, Lab, Topology};
+use bench::sites::SiteLab;
 use serde::Serialize;
 
 use super::apps;
-use super::figure::{self, Panel};
+use super::figure::Panel;
+use super::find_mvc;
 use super::wanem::{LinkArgs, Wan};
-use super::{find_mvc, utc_now, write_json, Machine};
-
-/// TCP port of the agents.
-const AGENT_PORT: u16 = 7000;
 
 /// Options of `bench build-time`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The mvc binary (default: next to this one).
-    #[arg(long)]
-    pub mvc: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: apps::CommonArgs,
     /// One-way delays (ms) added on the uplinks of sites B and C, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,20,60,100,140")]
     pub delay: Vec<u32>,
-    /// Builds per delay (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: u32,
     /// Compute VMs per site.
     #[arg(long, default_value_t = 2)]
     pub computes: u32,
-    /// Where to write the JSON result, the table and the figure.
-    #[arg(long, default_value = "results")]
-    pub results: PathBuf,
-}
-
-/// Agents started with `nsenter --net` (they must stay in the root mount namespace so the
-/// VM namespaces they make are seen by all); stopped on drop, with the VMs they left.
-struct Agents {
-    children: Vec<Child>,
-    vm_prefix: String,
-}
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            if let (Ok(pid), Ok(None)) = (i32::try_from(c.id()), c.try_wait()) {
-                // SAFETY: kill(2) on a child we spawned and have not reaped.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
-        }
-        for c in &mut self.children {
-            let end = Instant::now() + Duration::from_secs(15);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < end {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let left: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&self.vm_prefix))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for ns in left {
-            if let Ok(o) = lab::run(&["ip", "netns", "pids", &ns]) {
-                for pid in o.stdout.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    // SAFETY: kill(2) has no memory-safety preconditions; the process
-                    // runs in a VM namespace of this run's agents.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-            let _ = lab::run(&["ip", "netns", "del", &ns]);
-        }
-    }
-}
-
-fn mvc_local(mvc: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let o = Command::new(mvc)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running mvc")?;
-    if !o.status.success() {
-        bail!(
-            "mvc {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-}
-
-struct Ctl<'a> {
-    mvc: &'a Path,
-    ns: String,
-    db: PathBuf,
-    key: PathBuf,
-}
-
-impl Ctl<'_> {
-    fn run(&self, args: &[&str], limit: u64) -> anyhow::Result<String> {
-        let o = Command::new("timeout")
-            .arg(limit.to_string())
-            .args(["ip", "netns", "exec", &self.ns])
-            .arg(self.mvc)
-            .args(args)
-            .env("MVC_DB", &self.db)
-            .env("MVC_KEY", &self.key)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .output()
-            .context("running the controller")?;
-        if !o.status.success() {
-            bail!(
-                "mvc {} failed ({}): {}",
-                args.join(" "),
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-}
-
-/// A site as the controller adds it: name, agent address, agent key.
-type SiteEntry = (String, String, String);
-
-fn start_agents(
-    lab: &Lab,
-    t: &Topology,
-    mvc: &Path,
-    user_pub: &str,
-    max_vms: u32,
-) -> anyhow::Result<(Agents, Vec<SiteEntry>)> {
-    let vm_prefix = format!("{}-v", lab.prefix());
-    let mut agents = Agents {
-        children: Vec::new(),
-        vm_prefix: vm_prefix.clone(),
-    };
-    let mut sites = Vec::new();
-    for (i, site) in t.sites.iter().enumerate() {
-        let name = ["A", "B", "C"].get(i).context("three sites at most")?;
-        let state = lab.dir().join(format!("agent-{name}"));
-        let st = state.to_string_lossy().into_owned();
-        let key = mvc_local(mvc, &["agent", "init", "--state", &st])?;
-        mvc_local(
-            mvc,
-            &[
-                "agent",
-                "authorize",
-                "--state",
-                &st,
-                "--key",
-                user_pub,
-                "--max-vms",
-                &max_vms.to_string(),
-            ],
-        )?;
-        let port = AGENT_PORT.to_string();
-        if let Some(r) = &site.router {
-            let to = format!("{}:{AGENT_PORT}", site.frontend_ip);
-            lab.iptables(
-                r,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-i",
-                    "wan",
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &port,
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &to,
-                ],
-            )?;
-            lab.iptables(
-                r,
-                &[
-                    "-I",
-                    "FORWARD",
-                    "1",
-                    "-i",
-                    "wan",
-                    "-p",
-                    "tcp",
-                    "-d",
-                    &site.frontend_ip.to_string(),
-                    "--dport",
-                    &port,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "ACCEPT",
-                ],
-            )?;
-        }
-        let log = std::fs::File::create(lab.dir().join(format!("agent-{name}.log")))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", site.frontend))
-            .arg(mvc)
-            .args(["agent", "run", "--state", &st, "--site", name])
-            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
-            .args(["--ns-prefix", &vm_prefix])
-            .args([
-                "--host",
-                &format!("{}-h0:2:8192:{max_vms}", name.to_lowercase()),
-            ])
-            .args(["--overlay", "mvc"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mvc agent")?;
-        agents.children.push(child);
-        sites.push((
-            name.to_string(),
-            format!("{}:{AGENT_PORT}", site.public_ip),
-            key,
-        ));
-    }
-    // Wait until every agent answers from site A's frontend.
-    for (name, addr, _) in &sites {
-        let sa: std::net::SocketAddr = addr.parse()?;
-        lab.wait_until(
-            &format!("agent {name} listening"),
-            Duration::from_secs(15),
-            || {
-                lab.in_ns(&t.sites[0].frontend, || {
-                    std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)).is_ok()
-                })
-                .unwrap_or(false)
-            },
-        )?;
-    }
-    Ok((agents, sites))
 }
 
 /// One delay.
@@ -280,12 +54,7 @@ pub struct Row {
 }
 
 #[derive(Serialize)]
-struct Report<'a> {
-    bench: &'static str,
-    date: String,
-    machine: Machine,
-    load_before: [f64; 3],
-    load_after: [f64; 3],
+struct Fields<'a> {
     computes_per_site: u32,
     vms: u32,
     runs: u32,
@@ -319,21 +88,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.delay.is_empty() || args.delay.iter().any(|&d| d > 150) {
         bail!("--delay takes one-way delays in 0..=150 ms");
     }
-    if args.runs == 0 || args.runs > 20 || args.computes == 0 || args.computes > 8 {
+    if args.common.runs == 0 || args.common.runs > 20 || args.computes == 0 || args.computes > 8 {
         bail!("--runs must be 1..=20, --computes 1..=8");
     }
     if !lab::is_root() {
         bail!("bench build-time builds network namespaces: run it as root");
     }
-    let mvc = find_mvc(args.mvc.clone())?;
-    let (date, stamp) = utc_now();
-    let machine = Machine::probe();
-    let load_before = apps::load_avg();
-    eprintln!(
-        "bench build-time: {date}, {}, {}",
-        machine.line(),
-        apps::load_line(load_before)
-    );
+    let mvc = find_mvc(args.common.mvc.clone())?;
+    let mut info = apps::RunInfo::start("build-time");
     let lab = Lab::new("bt")?;
     let mut t = Topology::new(&lab)?;
     t.add_site(&lab, "a", false, 0)?;
@@ -347,32 +109,27 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for w in &mut wans {
         w.set(&lab, &LinkArgs::delay(0.0))?;
     }
-    let key = lab.dir().join("user.key");
-    let user_pub = mvc_local(&mvc, &["key", "gen", "--key", &key.to_string_lossy()])?;
     let vms = args.computes * 3 + 1;
-    let (agents, sites) = start_agents(&lab, &t, &mvc, &user_pub, vms + 1)?;
-    let ctl = Ctl {
-        mvc: &mvc,
-        ns: t.sites[0].frontend.clone(),
-        db: lab.dir().join("controller/controller.db"),
-        key,
-    };
-    for (name, addr, k) in &sites {
-        ctl.run(
-            &["site", "add", name, "--agent", addr, "--agent-key", k],
-            60,
-        )?;
-    }
+    let mut sl = SiteLab::start(lab, t, &mvc, "mvc", vms + 1, vms + 1, &BTreeMap::new())?;
+    sl.echo_ctl = false;
+    sl.ctl_limit = Duration::from_secs(300);
+    sl.add_sites()?;
     let counts = format!("{0}:{0}:{0}", args.computes);
-    let steps = args.delay.len() as u64 * u64::from(args.runs);
+    let steps = args.delay.len() as u64 * u64::from(args.common.runs);
     let pb = apps::progress(steps, "build-time");
     let mut rows = Vec::new();
     let mut seq = 0;
     for &d in &args.delay {
         for w in &mut wans {
-            w.set(&lab, &LinkArgs::delay(f64::from(d)))?;
+            w.set(&sl.lab, &LinkArgs::delay(f64::from(d)))?;
         }
-        let pings = lab::ping_samples(&lab, &t.sites[1].frontend, t.sites[0].public_ip, 5, 0.2)?;
+        let pings = lab::ping_samples(
+            &sl.lab,
+            &sl.topo.sites[1].frontend,
+            sl.topo.sites[0].public_ip,
+            5,
+            0.2,
+        )?;
         let mut row = Row {
             delay_ms: d,
             build_s_runs: Vec::new(),
@@ -382,31 +139,28 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             failed: Vec::new(),
             rtt_ab_ms: lab::median(&pings),
         };
-        for i in 0..args.runs {
+        for i in 0..args.common.runs {
             seq += 1;
             let name = format!("bt{seq}");
             pb.set_message(format!("delay {d} ms, build {}", i + 1));
             let t0 = Instant::now();
-            let made = ctl.run(
-                &[
-                    "cluster",
-                    "create",
-                    &name,
-                    "--sites",
-                    "A:B:C",
-                    "--computes",
-                    &counts,
-                    "--memory",
-                    "256",
-                    "--frontend-memory",
-                    "256",
-                    "--start",
-                ],
-                300,
-            );
+            let made = sl.ctl(&[
+                "cluster",
+                "create",
+                &name,
+                "--sites",
+                "A:B:C",
+                "--computes",
+                &counts,
+                "--memory",
+                "256",
+                "--frontend-memory",
+                "256",
+                "--start",
+            ]);
             let built = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
-            let destroyed = ctl.run(&["cluster", "destroy", &name], 300);
+            let destroyed = sl.ctl(&["cluster", "destroy", &name]);
             match made {
                 Ok(_) => row.build_s_runs.push(built),
                 Err(e) => {
@@ -431,36 +185,25 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         rows.push(row);
     }
     pb.finish_and_clear();
-    drop(agents);
-    lab.teardown();
-    let load_after = apps::load_avg();
+    drop(wans);
+    drop(sl);
+    let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "Cluster build time: `mvc cluster create --sites A:B:C --computes {counts} --start` ({vms} VMs: frontend and computes, overlay edges, DHCP leases) through the controller on site A and the three site agents; delay added each way on B's and C's uplinks; median of {} builds, {date}, {}; {} before, {} after.",
-        args.runs,
-        machine.line(),
-        apps::load_line(load_before),
-        apps::load_line(load_after)
+        "Cluster build time: `mvc cluster create --sites A:B:C --computes {counts} --start` ({vms} VMs: frontend and computes, overlay edges, DHCP leases) through the controller on site A and the three site agents; delay added each way on B's and C's uplinks; median of {} builds, {when}",
+        args.common.runs,
     );
-    println!("\n{head}\n\n{md}");
-    let report = Report {
-        bench: "build-time",
-        date,
-        machine,
-        load_before,
-        load_after,
+    let fields = Fields {
         computes_per_site: args.computes,
         vms,
-        runs: args.runs,
+        runs: args.common.runs,
         rows: &rows,
     };
-    let p = write_json(&args.results, &format!("build-time-{stamp}.json"), &report)?;
-    std::fs::write(
-        args.results.join(format!("build-time-{stamp}.md")),
-        format!("{head}\n\n{md}"),
-    )?;
-    let svg = args.results.join(format!("build-time-{stamp}.svg"));
-    figure::lines(
+    info.save(
+        &args.common.results,
+        &head,
+        &md,
+        &fields,
         &[Panel {
             title: "Multi-site cluster build time",
             x: "added one-way delay on sites B and C (ms)",
@@ -480,8 +223,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 ),
             ],
         }],
-        &svg,
     )?;
-    eprintln!("results: {}, figure: {}", p.display(), svg.display());
     Ok(())
 }

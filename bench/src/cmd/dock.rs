@@ -23,9 +23,9 @@ use bench::overlay::{Mvc, MvcCluster};
 use serde::{Deserialize, Serialize};
 
 use super::apps::{self, Net};
-use super::figure::{self, Panel};
+use super::figure::Panel;
+use super::find_mvc;
 use super::wanem::{LinkArgs, Wan};
-use super::{find_mvc, utc_now, write_json, Machine};
 
 /// Where Debian's autodock-vina ships its test complex.
 const TEST_DATA: &str = "/usr/share/doc/autodock-vina/test-data";
@@ -37,15 +37,11 @@ const MAX_BYTES: usize = 16 << 20;
 /// Options of `bench dock`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The mvc binary (default: next to this one).
-    #[arg(long)]
-    pub mvc: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: apps::CommonArgs,
     /// One-way delays (ms) added on the uplinks of sites B and C, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,20,60,100,140")]
     pub delay: Vec<u32>,
-    /// Runs per delay and network (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: u32,
     /// Docking jobs per run.
     #[arg(long, default_value_t = 12)]
     pub jobs: u32,
@@ -58,9 +54,6 @@ pub struct Args {
     /// Seconds one run may take before it is abandoned.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
-    /// Where to write the JSON result, the table and the figure.
-    #[arg(long, default_value = "results")]
-    pub results: PathBuf,
 }
 
 /// Options of the hidden `bench dock-worker` (run inside a worker VM).
@@ -452,12 +445,7 @@ pub struct Row {
 }
 
 #[derive(Serialize)]
-struct Report<'a> {
-    bench: &'static str,
-    date: String,
-    machine: Machine,
-    load_before: [f64; 3],
-    load_after: [f64; 3],
+struct Fields<'a> {
     jobs: u32,
     workers: usize,
     max_evals: u32,
@@ -492,8 +480,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.delay.is_empty() || args.delay.iter().any(|&d| d > 150) {
         bail!("--delay takes one-way delays in 0..=150 ms");
     }
-    if args.runs == 0
-        || args.runs > 20
+    if args.common.runs == 0
+        || args.common.runs > 20
         || args.jobs == 0
         || args.jobs > 400
         || args.workers == 0
@@ -507,16 +495,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     apps::ensure_packages(&[("vina", "autodock-vina")])?;
     let inputs = inputs()?;
     let mvc = Mvc {
-        bin: find_mvc(args.mvc.clone())?,
+        bin: find_mvc(args.common.mvc.clone())?,
     };
-    let (date, stamp) = utc_now();
-    let machine = Machine::probe();
-    let load_before = apps::load_avg();
-    eprintln!(
-        "bench dock: {date}, {}, {}",
-        machine.line(),
-        apps::load_line(load_before)
-    );
+    let mut info = apps::RunInfo::start("dock");
     let lab = Lab::new("dock")?;
     // Site A holds the master VM and its workers; B and C are behind NAT and a WAN link.
     let mut t = Topology::new(&lab)?;
@@ -548,7 +529,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         lab::wait_ping(&lab, &w.ns, master.underlay_ip, Duration::from_secs(10))
             .with_context(|| format!("{} cannot reach the master over raw", w.ns))?;
     }
-    let steps = args.delay.len() as u64 * u64::from(args.runs) * 2;
+    let steps = args.delay.len() as u64 * u64::from(args.common.runs) * 2;
     let pb = apps::progress(steps, "dock");
     let mut rows = Vec::new();
     let mut best: Option<f64> = None;
@@ -565,7 +546,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             raw: Runs::default(),
         };
         let mut job_secs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        for i in 0..args.runs {
+        for i in 0..args.common.runs {
             for (k, net) in [Net::Raw, Net::Mvc].into_iter().enumerate() {
                 pb.set_message(format!("delay {d} ms over {}, run {}", net.name(), i + 1));
                 let tag = format!("{d}-{}-{i}", net.name());
@@ -603,42 +584,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
     cluster.stop(&lab);
     lab.teardown();
-    let load_after = apps::load_avg();
+    let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "DOCK-like parameter study: {} AutoDock Vina jobs (Debian's test complex, box centres on a grid, max_evals {}) farmed out by a master at site A to {} workers at sites A, B, C; delay added each way on B's and C's uplinks; median of {} runs, {date}, {}; {} before, {} after.",
+        "DOCK-like parameter study: {} AutoDock Vina jobs (Debian's test complex, box centres on a grid, max_evals {}) farmed out by a master at site A to {} workers at sites A, B, C; delay added each way on B's and C's uplinks; median of {} runs, {when}",
         args.jobs,
         args.max_evals,
         workers.len(),
-        args.runs,
-        machine.line(),
-        apps::load_line(load_before),
-        apps::load_line(load_after)
+        args.common.runs,
     );
-    println!("\n{head}\n\n{md}");
-    let report = Report {
-        bench: "dock",
-        date,
-        machine,
-        load_before,
-        load_after,
+    let fields = Fields {
         jobs: args.jobs,
         workers: workers.len(),
         max_evals: args.max_evals,
-        runs: args.runs,
+        runs: args.common.runs,
         best_affinity: best,
         rows: &rows,
     };
-    let p = write_json(&args.results, &format!("dock-{stamp}.json"), &report)?;
-    std::fs::write(
-        args.results.join(format!("dock-{stamp}.md")),
-        format!("{head}\n\n{md}"),
-    )?;
-    let svg = args.results.join(format!("dock-{stamp}.svg"));
     let series = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
         rows.iter().map(|r| (f64::from(r.delay_ms), f(r))).collect()
     };
-    figure::lines(
+    info.save(
+        &args.common.results,
+        &head,
+        &md,
+        &fields,
         &[Panel {
             title: "DOCK-like study (autodock-vina): total time",
             x: "added one-way delay on sites B and C (ms)",
@@ -648,9 +618,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 ("raw underlay".into(), series(|r| r.raw.secs)),
             ],
         }],
-        &svg,
     )?;
-    eprintln!("results: {}, figure: {}", p.display(), svg.display());
     Ok(())
 }
 

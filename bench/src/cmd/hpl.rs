@@ -7,7 +7,6 @@
 //! k/3+1 of site k%3 (A, B, C, A, ...). Raw and overlay runs alternate (raw, mvc, raw,
 //! mvc, ...), so both see the same machine load.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,21 +15,17 @@ use bench::overlay::{Mvc, MvcCluster};
 use serde::Serialize;
 
 use super::apps::{self, Net};
-use super::figure::{self, Panel};
-use super::{find_mvc, utc_now, write_json, Machine};
+use super::figure::Panel;
+use super::find_mvc;
 
 /// Options of `bench hpl`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The mvc binary (default: next to this one).
-    #[arg(long)]
-    pub mvc: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: apps::CommonArgs,
     /// Node counts to run, comma-separated (one MPI rank per node).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     pub nodes: Vec<usize>,
-    /// Runs per node count and network (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: u32,
     /// HPL problem size N (the matrix is N x N doubles).
     #[arg(long, default_value_t = 1000)]
     pub n: u32,
@@ -40,9 +35,6 @@ pub struct Args {
     /// Seconds one hpcc run may take before it is killed.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
-    /// Where to write the JSON result, the table and the figure.
-    #[arg(long, default_value = "results")]
-    pub results: PathBuf,
 }
 
 /// hpcc's input file; @N@, @NB@, @P@, @Q@ are filled in.
@@ -164,12 +156,7 @@ pub struct Row {
 }
 
 #[derive(Serialize)]
-struct Report<'a> {
-    bench: &'static str,
-    date: String,
-    machine: Machine,
-    load_before: [f64; 3],
-    load_after: [f64; 3],
+struct Fields<'a> {
     n: u32,
     nb: u32,
     runs: u32,
@@ -245,7 +232,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.nodes.is_empty() || args.nodes.iter().any(|&n| n == 0 || n > 12) {
         bail!("--nodes must be counts in 1..=12");
     }
-    if args.runs == 0 || args.runs > 20 || !(100..=20_000).contains(&args.n) || args.nb == 0 {
+    if args.common.runs == 0
+        || args.common.runs > 20
+        || !(100..=20_000).contains(&args.n)
+        || args.nb == 0
+    {
         bail!("--runs must be 1..=20, --n 100..=20000, --nb > 0");
     }
     if !lab::is_root() {
@@ -253,16 +244,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     apps::ensure_packages(&[("hpcc", "hpcc"), ("mpirun", "openmpi-bin")])?;
     let mvc = Mvc {
-        bin: find_mvc(args.mvc.clone())?,
+        bin: find_mvc(args.common.mvc.clone())?,
     };
-    let (date, stamp) = utc_now();
-    let machine = Machine::probe();
-    let load_before = apps::load_avg();
-    eprintln!(
-        "bench hpl: {date}, {}, {}",
-        machine.line(),
-        apps::load_line(load_before)
-    );
+    let mut info = apps::RunInfo::start("hpl");
     let max = args.nodes.iter().copied().max().unwrap_or(1);
     let lab = Lab::new("hpl")?;
     let per_site = apps::vms_per_site(max, 3);
@@ -279,7 +263,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 .with_context(|| format!("{} unreachable over {}", vm.ns, net.name()))?;
         }
     }
-    let steps = args.nodes.len() as u64 * u64::from(args.runs) * 2;
+    let steps = args.nodes.len() as u64 * u64::from(args.common.runs) * 2;
     let pb = apps::progress(steps, "hpl");
     let mut rows = Vec::new();
     for &n in &args.nodes {
@@ -291,7 +275,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             mvc: Runs::default(),
             raw: Runs::default(),
         };
-        for i in 0..args.runs {
+        for i in 0..args.common.runs {
             for net in [Net::Raw, Net::Mvc] {
                 pb.set_message(format!("{n} nodes over {}, run {}", net.name(), i + 1));
                 apps::use_only(&lab, &t, net)?;
@@ -331,39 +315,28 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
     cluster.stop(&lab);
     lab.teardown();
-    let load_after = apps::load_avg();
+    let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "HPL (hpcc, N={}, NB={}, one rank per node, nodes placed A, B, C, A, ...), median of {} runs, {date}, {}; {} before, {} after.",
+        "HPL (hpcc, N={}, NB={}, one rank per node, nodes placed A, B, C, A, ...), median of {} runs, {when}",
         args.n,
         args.nb,
-        args.runs,
-        machine.line(),
-        apps::load_line(load_before),
-        apps::load_line(load_after)
+        args.common.runs,
     );
-    println!("\n{head}\n\n{md}");
-    let report = Report {
-        bench: "hpl",
-        date,
-        machine,
-        load_before,
-        load_after,
+    let fields = Fields {
         n: args.n,
         nb: args.nb,
-        runs: args.runs,
+        runs: args.common.runs,
         rows: &rows,
     };
-    let p = write_json(&args.results, &format!("hpl-{stamp}.json"), &report)?;
-    std::fs::write(
-        args.results.join(format!("hpl-{stamp}.md")),
-        format!("{head}\n\n{md}"),
-    )?;
-    let svg = args.results.join(format!("hpl-{stamp}.svg"));
     let series = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
         rows.iter().map(|r| (r.nodes as f64, f(r))).collect()
     };
-    figure::lines(
+    info.save(
+        &args.common.results,
+        &head,
+        &md,
+        &fields,
         &[
             Panel {
                 title: "HPL performance (hpcc)",
@@ -384,9 +357,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 ],
             },
         ],
-        &svg,
     )?;
-    eprintln!("results: {}, figure: {}", p.display(), svg.display());
     Ok(())
 }
 
