@@ -6,9 +6,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::IoError;
+
+/// How long a status query made right after start waits for the loop's first snapshot.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
 
 /// A snapshot published by an event loop and read by the operator threads.
 pub type Snapshot<T> = Arc<Mutex<Option<T>>>;
@@ -45,12 +48,22 @@ pub fn serve_status<T: serde::Serialize + Send + 'static>(
         .spawn(move || {
             for c in l.incoming() {
                 let Ok(mut c) = c else { continue };
-                let body = {
-                    let g = snap.lock().unwrap_or_else(|e| e.into_inner());
-                    g.as_ref().and_then(|s| serde_json::to_string(s).ok())
+                // Right after start the loop has not published yet: a query then waits
+                // for the first snapshot rather than answer with nothing.
+                let first_wait = Instant::now() + FIRST_SNAPSHOT_WAIT;
+                let body = loop {
+                    let body = {
+                        let g = snap.lock().unwrap_or_else(|e| e.into_inner());
+                        g.as_ref().and_then(|s| serde_json::to_string(s).ok())
+                    };
+                    if body.is_some() || Instant::now() >= first_wait {
+                        break body;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 };
                 let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                let _ = c.write_all(body.unwrap_or_else(|| "{}".into()).as_bytes());
+                let starting = r#"{"state":"starting"}"#;
+                let _ = c.write_all(body.as_deref().unwrap_or(starting).as_bytes());
                 let _ = c.write_all(b"\n");
             }
         })
@@ -136,4 +149,34 @@ pub fn serve_metrics(
             source: e,
         })?;
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_right_after_start_waits_for_the_first_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sock");
+        let snap: Snapshot<serde_json::Value> = Arc::new(Mutex::new(None));
+        let _guard = serve_status(&path, snap.clone()).unwrap();
+        let publisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            *snap.lock().unwrap() = Some(serde_json::json!({"datapath": "tap"}));
+        });
+        let got = query_status(&path).unwrap();
+        publisher.join().unwrap();
+        assert_eq!(got.trim(), r#"{"datapath":"tap"}"#);
+    }
+
+    #[test]
+    fn a_loop_that_never_publishes_is_reported_as_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sock");
+        let snap: Snapshot<serde_json::Value> = Arc::new(Mutex::new(None));
+        let _guard = serve_status(&path, snap).unwrap();
+        let got = query_status(&path).unwrap();
+        assert_eq!(got.trim(), r#"{"state":"starting"}"#);
+    }
 }
