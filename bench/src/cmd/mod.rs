@@ -92,25 +92,13 @@ impl Machine {
 
 /// UTC time now as (ISO 8601 "YYYY-MM-DDTHH:MM:SSZ", compact "YYYYMMDDTHHMMSSZ").
 pub fn utc_now() -> (String, String) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
+    use time::macros::format_description;
+    let now = time::OffsetDateTime::now_utc();
+    let iso = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    let compact = format_description!("[year][month][day]T[hour][minute][second]Z");
     (
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
-        format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}Z"),
+        now.format(iso).unwrap_or_default(),
+        now.format(compact).unwrap_or_default(),
     )
 }
 
@@ -125,4 +113,15 @@ pub fn write_json(
     std::fs::write(&p, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("writing {}", p.display()))?;
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_have_both_shapes() {
+        let (iso, compact) = super::utc_now();
+        assert_eq!(iso.len(), 20, "{iso}");
+        assert_eq!(iso.replace(['-', ':'], ""), compact);
+        assert!(iso.starts_with("20") && iso.ends_with('Z'), "{iso}");
+    }
 }
