@@ -252,6 +252,15 @@ fn check_head(buf: &[u8], t: MsgType) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Fixed-size messages are exactly `len` bytes long.
+fn check_len(buf: &[u8], len: usize) -> Result<(), WireError> {
+    match buf.len().cmp(&len) {
+        std::cmp::Ordering::Less => Err(WireError::Truncated),
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(WireError::Trailing),
+    }
+}
+
 /// Reserved header bytes must be zero (a later version may give them a meaning).
 fn check_zero(buf: &[u8], at: std::ops::Range<usize>) -> Result<(), WireError> {
     match buf.get(at) {
@@ -660,13 +669,7 @@ impl HandshakeInit {
     /// Parses.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         check_head(buf, MsgType::HandshakeInit)?;
-        if buf.len() != HS_INIT_LEN {
-            return Err(if buf.len() < HS_INIT_LEN {
-                WireError::Truncated
-            } else {
-                WireError::Trailing
-            });
-        }
+        check_len(buf, HS_INIT_LEN)?;
         check_zero(buf, 3..4)?;
         let mut r = Reader::new(buf, 2);
         let cipher = r.u8()?;
@@ -720,13 +723,7 @@ impl HandshakeResp {
     /// Parses.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         check_head(buf, MsgType::HandshakeResp)?;
-        if buf.len() != HS_RESP_LEN {
-            return Err(if buf.len() < HS_RESP_LEN {
-                WireError::Truncated
-            } else {
-                WireError::Trailing
-            });
-        }
+        check_len(buf, HS_RESP_LEN)?;
         check_zero(buf, 3..4)?;
         let mut r = Reader::new(buf, 2);
         let cipher = r.u8()?;
