@@ -998,27 +998,30 @@ pub struct Ping {
 
 /// `ping -c count -i interval` from a namespace, bounded in time.
 pub fn ping(lab: &Lab, ns: &str, dst: Ipv4Addr, count: u32, interval: f64) -> Result<Ping> {
-    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
-    let out = lab.exec_timeout(
-        ns,
-        &[
-            "ping",
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            &format!("{interval}"),
-            "-W",
-            "1",
-            &dst.to_string(),
-        ],
-        limit,
-    )?;
+    let out = run_ping(lab, ns, dst, count, interval, &["-q"])?;
     parse_ping(&out.stdout).ok_or_else(|| Error::Parse {
         what: "ping".into(),
         detail: format!("{}{}", out.stdout, out.stderr),
     })
+}
+
+/// Runs `ping -n -c count -i interval -W 1 [extra] dst` in `ns`, bounded in time.
+fn run_ping(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    count: u32,
+    interval: f64,
+    extra: &[&str],
+) -> Result<Out> {
+    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
+    let count = count.to_string();
+    let interval = format!("{interval}");
+    let dst = dst.to_string();
+    let mut argv = vec!["ping", "-n", "-c", &count, "-i", &interval, "-W", "1"];
+    argv.extend_from_slice(extra);
+    argv.push(&dst);
+    lab.exec_timeout(ns, &argv, limit)
 }
 
 fn parse_ping(s: &str) -> Option<Ping> {
@@ -1062,22 +1065,7 @@ pub fn ping_samples(
     count: u32,
     interval: f64,
 ) -> Result<Vec<f64>> {
-    let limit = Duration::from_secs_f64(f64::from(count) * interval + 5.0);
-    let out = lab.exec_timeout(
-        ns,
-        &[
-            "ping",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            &format!("{interval}"),
-            "-W",
-            "1",
-            &dst.to_string(),
-        ],
-        limit,
-    )?;
+    let out = run_ping(lab, ns, dst, count, interval, &[])?;
     Ok(out
         .stdout
         .lines()
