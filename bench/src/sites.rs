@@ -378,6 +378,25 @@ impl SiteLab {
         })
     }
 
+    /// `mvc cluster create NAME --sites A:B:C --computes COMPUTES --start` with small
+    /// VMs (256 MiB), through the controller; returns what it prints.
+    pub fn create_cluster(&self, name: &str, computes: &str) -> Result<String> {
+        self.ctl(&[
+            "cluster",
+            "create",
+            name,
+            "--sites",
+            "A:B:C",
+            "--computes",
+            computes,
+            "--memory",
+            "256",
+            "--frontend-memory",
+            "256",
+            "--start",
+        ])
+    }
+
     /// `mvc site add` for all three sites.
     pub fn add_sites(&self) -> Result<()> {
         for a in self.agents.values() {

@@ -87,20 +87,7 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
             "mvc cluster create demo --sites A:B:C --computes {counts} --start"
         ));
         let t0 = Instant::now();
-        let created = sl.ctl(&[
-            "cluster",
-            "create",
-            "demo",
-            "--sites",
-            "A:B:C",
-            "--computes",
-            &counts,
-            "--memory",
-            "256",
-            "--frontend-memory",
-            "256",
-            "--start",
-        ])?;
+        let created = sl.create_cluster("demo", &counts)?;
         let built = t0.elapsed();
         print!("{created}");
         println!(

@@ -144,20 +144,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let name = format!("bt{seq}");
             pb.set_message(format!("delay {d} ms, build {}", i + 1));
             let t0 = Instant::now();
-            let made = sl.ctl(&[
-                "cluster",
-                "create",
-                &name,
-                "--sites",
-                "A:B:C",
-                "--computes",
-                &counts,
-                "--memory",
-                "256",
-                "--frontend-memory",
-                "256",
-                "--start",
-            ]);
+            let made = sl.create_cluster(&name, &counts);
             let built = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let destroyed = sl.ctl(&["cluster", "destroy", &name]);
