@@ -473,7 +473,9 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         gro: uring_ok
             && socks
                 .iter()
-                .fold(true, |ok, s| udp::enable_gro(s.as_raw_fd()) && ok),
+                .filter(|s| !udp::enable_gro(s.as_raw_fd()))
+                .count()
+                == 0,
         vnet: tap.as_ref().is_some_and(|t| t.vnet_hdr),
     };
     if let Some(tap) = tap.as_ref().filter(|_| uring_ok) {
