@@ -75,8 +75,8 @@ fn start_cluster(lab: &Lab, t: &Topology, mvc: &Mvc, xdp: bool) -> MvcCluster {
 }
 
 /// Starts the supernode at site A and one edge per site on `datapath` ("tap" or "xdp")
-/// with `--threads threads`. For "tap" the site's TAP is made again as a multi-queue
-/// device; for "xdp" it is removed (the edge puts its own port on the bridge).
+/// with `--threads threads`. For "tap" the site's TAP is made again (multi-queue for more
+/// than one thread); for "xdp" it is removed (the edge puts its own port on the bridge).
 fn start_threaded(
     lab: &Lab,
     t: &Topology,
@@ -91,11 +91,11 @@ fn start_threaded(
     for s in &t.sites {
         let _ = lab.ip(&s.frontend, &["link", "del", &s.tap]);
         if datapath == "tap" {
-            lab.ip(
-                &s.frontend,
-                &["tuntap", "add", "dev", &s.tap, "mode", "tap", "multi_queue"],
-            )
-            .unwrap();
+            let mut add = vec!["tuntap", "add", "dev", &s.tap, "mode", "tap"];
+            if threads > 1 {
+                add.push("multi_queue");
+            }
+            lab.ip(&s.frontend, &add).unwrap();
             lab.enslave(&s.frontend, &s.tap, &s.bridge).unwrap();
         }
         let e = spawn_edge(
@@ -137,7 +137,7 @@ fn spawn_edge(
     );
     let (sn, listen) = (sn.to_string(), format!("0.0.0.0:{EDGE_PORT}"));
     let threads_s = threads.to_string();
-    let argv = [
+    let mut argv = vec![
         bin.as_str(),
         "edge",
         "--name",
@@ -152,8 +152,6 @@ fn spawn_edge(
         &s.bridge,
         "--datapath",
         datapath,
-        "--threads",
-        &threads_s,
         "--status-socket",
         &sockp,
         "--supernode",
@@ -161,6 +159,10 @@ fn spawn_edge(
         "--listen",
         &listen,
     ];
+    // One thread is the default (and what builds without --threads run).
+    if threads > 1 {
+        argv.extend(["--threads", &threads_s]);
+    }
     let proc = lab.spawn(&s.frontend, label, &argv).unwrap();
     let e = ov::Edge {
         proc,
@@ -906,4 +908,76 @@ fn threaded(datapath: &str) {
         );
     }
     all_running(&lab, &c);
+}
+
+/// Bulk TCP through the overlay, `iperf3 -P 2` VM(B) -> VM(A) for 4 s, with 1 and 2
+/// forwarder threads per edge on TAP and XDP (and, when `MVC_BASE_BIN` names another
+/// build of mvc, that build with its one thread on TAP and XDP), every configuration once
+/// per round, `MVC_MEASURE_ROUNDS` rounds (default 3); prints each run and the medians
+/// with the edges' CPU seconds per GB. A measurement, not a check of speed:
+/// `MVC_TEST_BIN=target/release/mvc MVC_BASE_BIN=... cargo test -p control --test
+/// overlay_lab measure_threads -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand with a release build"]
+fn measure_threads() {
+    let Some((lab, mvc)) = setup("measure_threads") else {
+        return;
+    };
+    let base = std::env::var_os("MVC_BASE_BIN").map(|b| Mvc {
+        bin: PathBuf::from(b),
+    });
+    let rounds: usize = std::env::var("MVC_MEASURE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (va, vb) = (&t.site("a").vms[0], &t.site("b").vms[0]);
+    let mut configs: Vec<(String, &Mvc, &str, usize)> = Vec::new();
+    if let Some(b) = &base {
+        configs.push(("base tap 1".into(), b, "tap", 1));
+        configs.push(("base xdp 1".into(), b, "xdp", 1));
+    }
+    for (d, n) in [("tap", 1), ("tap", 2), ("xdp", 1), ("xdp", 2)] {
+        configs.push((format!("{d} {n}"), &mvc, d, n));
+    }
+    let mut results: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for round in 0..rounds {
+        for (name, m, datapath, threads) in &configs {
+            let c = start_threaded(&lab, &t, m, datapath, *threads);
+            c.wait_path(&lab, "b", "a", "direct", PATH_WAIT).unwrap();
+            ping_ok(&lab, &vb.ns, va.ip, 3);
+            let pids: Vec<u32> = ["a", "b"].iter().map(|e| c.edge(e).proc.pid).collect();
+            let s0 = bench::cpu::sample(&pids);
+            let v = iperf3_json(&lab, &vb.ns, &va.ns, va.ip, 4, &["-P", "2"]);
+            let s1 = bench::cpu::sample(&pids);
+            let (user, _, sys) = bench::cpu::seconds(&s0, &s1);
+            let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let bps = num("/end/sum_received/bits_per_second");
+            let bytes = num("/end/sum_received/bytes");
+            assert!(bps > 1e6, "{name}: {v}");
+            let cpu_per_gb = (user + sys) / (bytes / 1e9).max(1e-9);
+            eprintln!(
+                "round {round} {name}: {:.0} Mbit/s, edges {cpu_per_gb:.2} CPU s/GB",
+                bps / 1e6
+            );
+            results
+                .entry(name.clone())
+                .or_default()
+                .push((bps / 1e6, cpu_per_gb));
+            lab.stop(&c.supernode.proc);
+            for e in c.edges.values() {
+                lab.stop(&e.proc);
+            }
+        }
+    }
+    for (name, v) in &results {
+        let mbit: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let cpu: Vec<f64> = v.iter().map(|x| x.1).collect();
+        eprintln!(
+            "MEDIAN {name}: {:.0} Mbit/s (runs {:?}), {:.2} CPU s/GB",
+            lab::median(&mbit).unwrap_or(0.0),
+            mbit.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            lab::median(&cpu).unwrap_or(0.0)
+        );
+    }
 }
