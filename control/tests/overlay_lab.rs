@@ -940,9 +940,20 @@ fn measure_threads() {
     for (d, n) in [("tap", 1), ("tap", 2), ("xdp", 1), ("xdp", 2)] {
         configs.push((format!("{d} {n}"), &mvc, d, n));
     }
+    // MVC_MEASURE_ONLY="base tap 1,tap 1" keeps only those configurations.
+    if let Ok(only) = std::env::var("MVC_MEASURE_ONLY") {
+        let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+        configs.retain(|c| keep.contains(&c.0.as_str()));
+    }
     let mut results: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for round in 0..rounds {
-        for (name, m, datapath, threads) in &configs {
+        // Every other round in reverse order, so that a drift in the machine's load
+        // does not always favour the same configuration.
+        let mut order: Vec<_> = configs.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (name, m, datapath, threads) in order {
             let c = start_threaded(&lab, &t, m, datapath, *threads);
             c.wait_path(&lab, "b", "a", "direct", PATH_WAIT).unwrap();
             ping_ok(&lab, &vb.ns, va.ip, 3);
