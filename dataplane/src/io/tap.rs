@@ -130,9 +130,9 @@ impl Tap {
             Err(e) if vnet => {
                 tracing::warn!(error = %e, "TAP with virtio headers refused; using plain frames");
                 vnet = false;
-                Self::open_with(n, name, false, true)?
+                Self::open_with(n, name, false, true).map_err(|e| not_multi_queue(name, e))?
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(not_multi_queue(name, e)),
         };
         let mut v = vec![first];
         while v.len() < queues {
@@ -201,6 +201,14 @@ impl Tap {
             offload,
         })
     }
+}
+
+/// Adds the likely cause to a failed multi-queue open (the kernel says only EINVAL).
+fn not_multi_queue(name: &str, e: IoError) -> IoError {
+    IoError::Invalid(format!(
+        "{e}: is TAP {name} a multi-queue device? (--threads above 1 needs one: \
+         `ip tuntap add dev {name} mode tap multi_queue`, or --create-tap)"
+    ))
 }
 
 fn ctl_socket() -> Result<OwnedFd, IoError> {
