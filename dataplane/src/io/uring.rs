@@ -157,6 +157,9 @@ struct Loop {
     me: usize,
     shared: Arc<Forwarders>,
     counts: Counts,
+    /// With several threads, frames for the VMs leave through AF_XDP after the core
+    /// lock is released (the copy-mode `sendto` is the costly part of the XDP path).
+    xdp_after_unlock: bool,
 }
 
 impl Loop {
@@ -360,6 +363,9 @@ impl Loop {
         udp.clear();
         out.udp = udp;
 
+        if self.xdp_after_unlock {
+            return Ok(());
+        }
         if let Some(p) = self.port.xdp() {
             self.counts.frames_tx += out.tap.len() as u64;
             frames::send_xdp(p, core, out);
@@ -504,6 +510,7 @@ pub fn run_forwarder(
         me,
         shared: Arc::clone(shared),
         counts: Counts::default(),
+        xdp_after_unlock: is_xdp && shared.threads() > 1,
     };
     // Largest frame after re-segmentation: fits the underlay with relay header and AEAD.
     let max_seg_frame = underlay_mtu.saturating_sub(28 + crate::edge::HEADROOM + 16 + 16);
@@ -531,6 +538,7 @@ pub fn run_forwarder(
         let mut tap_errors = 0u64;
         let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
         let mut fatal: Option<IoError> = None;
+        let mut xdp_drops = frames::XdpDrops::default();
         loop {
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
@@ -573,6 +581,7 @@ pub fn run_forwarder(
             let (mut guard, waited) = shared.lock_counted();
             lp.counts.lock_waits += u64::from(waited);
             let core: &mut EdgeCore = &mut guard;
+            std::mem::take(&mut xdp_drops).count(core);
             let now = Instant::now();
             // Only traffic or a timeout tells how far away the next event was; completions
             // of our own sends arrive at once and say nothing about it.
@@ -732,18 +741,24 @@ pub fn run_forwarder(
             if now.saturating_duration_since(last_pub) >= PUBLISH {
                 last_pub = now;
                 shared.counters(me).publish(&lp.counts);
-                if me != 0 {
-                    continue;
+                if me == 0 {
+                    let mut s = core.status(now);
+                    s.threads = shared.status();
+                    s.datapath = info.datapath.clone();
+                    s.datapath_reason = info.datapath_reason.clone();
+                    s.io = lp.describe();
+                    s.tap = info.tap.clone();
+                    s.mtu = info.mtu;
+                    s.listen = info.listen.clone();
+                    *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
                 }
-                let mut s = core.status(now);
-                s.threads = shared.status();
-                s.datapath = info.datapath.clone();
-                s.datapath_reason = info.datapath_reason.clone();
-                s.io = lp.describe();
-                s.tap = info.tap.clone();
-                s.mtu = info.mtu;
-                s.listen = info.listen.clone();
-                *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            }
+            drop(guard);
+            if lp.xdp_after_unlock {
+                if let Some(p) = lp.port.xdp() {
+                    lp.counts.frames_tx += out.tap.len() as u64;
+                    xdp_drops = frames::send_xdp_unlocked(p, &mut out);
+                }
             }
         }
     })();
