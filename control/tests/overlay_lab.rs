@@ -71,61 +71,42 @@ fn start_cluster(lab: &Lab, t: &Topology, mvc: &Mvc, xdp: bool) -> MvcCluster {
     if !xdp {
         return MvcCluster::start(lab, t, mvc, |_| {}).unwrap();
     }
+    start_threaded(lab, t, mvc, "xdp", 1)
+}
+
+/// Starts the supernode at site A and one edge per site on `datapath` ("tap" or "xdp")
+/// with `--threads threads`. For "tap" the site's TAP is made again (multi-queue for more
+/// than one thread); for "xdp" it is removed (the edge puts its own port on the bridge).
+fn start_threaded(
+    lab: &Lab,
+    t: &Topology,
+    mvc: &Mvc,
+    datapath: &str,
+    threads: usize,
+) -> MvcCluster {
     let a = &t.sites[0];
     let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
     let supernode = mvc.supernode(lab, &a.frontend, sn, "supernode").unwrap();
     let mut edges = BTreeMap::new();
     for s in &t.sites {
         let _ = lab.ip(&s.frontend, &["link", "del", &s.tap]);
-        let label = format!("edge-{}", s.name);
-        let sock = lab.dir().join(format!("{label}.sock"));
-        let secret = lab.dir().join(format!("{label}.secret"));
-        std::fs::write(&secret, SECRET).unwrap();
-        let (bin, secret, sockp) = (
-            mvc.bin.to_string_lossy().into_owned(),
-            secret.to_string_lossy().into_owned(),
-            sock.to_string_lossy().into_owned(),
+        if datapath == "tap" {
+            let mut add = vec!["tuntap", "add", "dev", &s.tap, "mode", "tap"];
+            if threads > 1 {
+                add.push("multi_queue");
+            }
+            lab.ip(&s.frontend, &add).unwrap();
+            lab.enslave(&s.frontend, &s.tap, &s.bridge).unwrap();
+        }
+        let e = spawn_edge(
+            lab,
+            mvc,
+            s,
+            sn,
+            datapath,
+            threads,
+            &format!("edge-{}", s.name),
         );
-        let (sn, listen) = (sn.to_string(), format!("0.0.0.0:{EDGE_PORT}"));
-        let argv = [
-            bin.as_str(),
-            "edge",
-            "--name",
-            &s.name,
-            "--community",
-            COMMUNITY,
-            "--secret-file",
-            &secret,
-            "--tap",
-            &s.tap,
-            "--bridge",
-            &s.bridge,
-            "--datapath",
-            "xdp",
-            "--status-socket",
-            &sockp,
-            "--supernode",
-            &sn,
-            "--listen",
-            &listen,
-        ];
-        let proc = lab.spawn(&s.frontend, &label, &argv).unwrap();
-        let e = ov::Edge {
-            proc,
-            name: s.name.clone(),
-            ns: s.frontend.clone(),
-            sock,
-        };
-        // The status socket answers `{}` until the loop has published its first snapshot.
-        let _ = lab.wait_until(&format!("{label} status"), Duration::from_secs(10), || {
-            mvc.edge_status(lab, &e)
-                .is_ok_and(|st| st["datapath"].is_string())
-                || !lab.running(&e.proc)
-        });
-        let st = mvc
-            .edge_status(lab, &e)
-            .unwrap_or_else(|err| panic!("{label}: {err}\n{}", lab.log(&e.proc)));
-        assert_eq!(st["datapath"].as_str(), Some("xdp"), "{st}");
         edges.insert(s.name.clone(), e);
     }
     MvcCluster {
@@ -133,6 +114,75 @@ fn start_cluster(lab: &Lab, t: &Topology, mvc: &Mvc, xdp: bool) -> MvcCluster {
         supernode,
         edges,
     }
+}
+
+/// Spawns the edge of site `s` and waits for its first status, which must name
+/// `datapath` and list `threads` forwarder threads.
+fn spawn_edge(
+    lab: &Lab,
+    mvc: &Mvc,
+    s: &lab::Site,
+    sn: SocketAddrV4,
+    datapath: &str,
+    threads: usize,
+    label: &str,
+) -> ov::Edge {
+    let sock = lab.dir().join(format!("{label}.sock"));
+    let secret = lab.dir().join(format!("{label}.secret"));
+    std::fs::write(&secret, SECRET).unwrap();
+    let (bin, secret, sockp) = (
+        mvc.bin.to_string_lossy().into_owned(),
+        secret.to_string_lossy().into_owned(),
+        sock.to_string_lossy().into_owned(),
+    );
+    let (sn, listen) = (sn.to_string(), format!("0.0.0.0:{EDGE_PORT}"));
+    let threads_s = threads.to_string();
+    let mut argv = vec![
+        bin.as_str(),
+        "edge",
+        "--name",
+        &s.name,
+        "--community",
+        COMMUNITY,
+        "--secret-file",
+        &secret,
+        "--tap",
+        &s.tap,
+        "--bridge",
+        &s.bridge,
+        "--datapath",
+        datapath,
+        "--status-socket",
+        &sockp,
+        "--supernode",
+        &sn,
+        "--listen",
+        &listen,
+    ];
+    // One thread is the default (and what builds without --threads run).
+    if threads > 1 {
+        argv.extend(["--threads", &threads_s]);
+    }
+    let proc = lab.spawn(&s.frontend, label, &argv).unwrap();
+    let e = ov::Edge {
+        proc,
+        name: s.name.clone(),
+        ns: s.frontend.clone(),
+        sock,
+    };
+    // The status socket answers `{}` until the loop has published its first snapshot.
+    let _ = lab.wait_until(&format!("{label} status"), Duration::from_secs(10), || {
+        mvc.edge_status(lab, &e)
+            .is_ok_and(|st| st["datapath"].is_string())
+            || !lab.running(&e.proc)
+    });
+    let st = mvc
+        .edge_status(lab, &e)
+        .unwrap_or_else(|err| panic!("{label}: {err}\n{}", lab.log(&e.proc)));
+    assert_eq!(st["datapath"].as_str(), Some(datapath), "{st}");
+    let n = st["threads"].as_array().map_or(0, Vec::len);
+    assert_eq!(n.max(1), threads, "{st}");
+    e
 }
 
 fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> u64 {
@@ -619,5 +669,326 @@ fn random_and_truncated_datagrams_are_counted_drops() {
     all_running(&lab, &c);
     for (x, y) in [("a", "b"), ("b", "c"), ("c", "a")] {
         ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 5);
+    }
+}
+
+/// Runs iperf3 once (`extra` arguments added) against a one-off server and returns the
+/// client's JSON report.
+fn iperf3_json(
+    lab: &Lab,
+    client: &str,
+    server: &str,
+    dst: Ipv4Addr,
+    secs: u32,
+    extra: &[&str],
+) -> serde_json::Value {
+    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(6301);
+    let port = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = port.to_string();
+    let srv = lab
+        .spawn(
+            server,
+            &format!("iperf3-server-{port}"),
+            &["iperf3", "-s", "-1", "-p", &p, "-i", "0"],
+        )
+        .unwrap();
+    let filter = format!("sport = :{port}");
+    lab.wait_until("iperf3 server listening", Duration::from_secs(5), || {
+        lab.exec(server, &["ss", "-Hltn", &filter])
+            .is_ok_and(|o| !o.stdout.trim().is_empty())
+    })
+    .unwrap();
+    let (d, t) = (dst.to_string(), secs.to_string());
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        &d,
+        "-p",
+        &p,
+        "-t",
+        &t,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    args.extend_from_slice(extra);
+    let out = lab.exec_timeout(client, &args, Duration::from_secs(u64::from(secs) + 20));
+    lab.stop(&srv);
+    let out = out.unwrap_or_else(|e| panic!("iperf3 {extra:?}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 output: {e}: {}{}", out.stdout, out.stderr));
+    assert!(v.get("error").is_none(), "iperf3: {v}");
+    v
+}
+
+/// Per-thread `frames_rx` of an edge (from its status).
+fn thread_frames_rx(mvc: &Mvc, lab: &Lab, e: &ov::Edge) -> Vec<u64> {
+    let st = mvc.edge_status(lab, e).expect("edge status");
+    st["threads"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|t| t["frames_rx"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn threads2_tap_spreads_flows_in_order_and_counts_junk() {
+    threaded("tap");
+}
+
+#[test]
+fn threads2_xdp_spreads_flows_in_order_and_restarts_clean() {
+    threaded("xdp");
+}
+
+/// Two forwarder threads per edge on `datapath`: ping and TCP both ways; parallel flows
+/// are read by both of B's threads; a bounded-rate UDP run in two streams arrives with no
+/// datagram out of order; junk from many source ports reaches both of A's sockets and is
+/// counted; on XDP, kill -9 and a restart leave no program on the port and a working edge.
+fn threaded(datapath: &str) {
+    let Some((lab, mvc)) = setup(&format!("threads2_{datapath}")) else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let mut c = start_threaded(&lab, &t, &mvc, datapath, 2);
+    let (a, b) = (t.site("a"), t.site("b"));
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    ping_ok(&lab, &vb.ns, va.ip, 5);
+    ping_ok(&lab, &va.ns, vb.ip, 5);
+    for (from, to) in [(vb, va), (va, vb)] {
+        let bps = lab::iperf(&lab, &from.ns, &to.ns, to.ip, 2)
+            .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", from.ns, to.ip));
+        assert!(bps > 1e6, "iperf3 {} -> {}: {bps} b/s", from.ns, to.ip);
+    }
+
+    // Parallel flows: the kernel hashes each onto a queue; with 4 flows per round, a few
+    // rounds put flows on both of B's threads (each round has new source ports).
+    let before = thread_frames_rx(&mvc, &lab, c.edge("b"));
+    assert_eq!(before.len(), 2, "{before:?}");
+    let mut spread = false;
+    let mut last = before.clone();
+    for _ in 0..4 {
+        iperf3_json(&lab, &vb.ns, &va.ns, va.ip, 2, &["-P", "4"]);
+        // Counters are published every 200 ms.
+        std::thread::sleep(Duration::from_millis(500));
+        last = thread_frames_rx(&mvc, &lab, c.edge("b"));
+        let busy = last
+            .iter()
+            .zip(&before)
+            .filter(|(x, y)| x.saturating_sub(**y) > 500)
+            .count();
+        if busy >= 2 {
+            spread = true;
+            break;
+        }
+    }
+    eprintln!("{datapath}: frames_rx of B's threads {before:?} -> {last:?}");
+    assert!(
+        spread,
+        "parallel flows stayed on one thread: frames_rx {before:?} -> {last:?}"
+    );
+
+    // Order: two UDP streams at a bounded rate, each checked by the receiver's sequence
+    // numbers.
+    let v = iperf3_json(
+        &lab,
+        &vb.ns,
+        &va.ns,
+        va.ip,
+        3,
+        &["-u", "-b", "20M", "-l", "1200", "-P", "2"],
+    );
+    let streams = v
+        .pointer("/end/streams")
+        .and_then(|s| s.as_array())
+        .unwrap_or_else(|| panic!("no streams: {v}"));
+    let (mut ooo, mut packets) = (0, 0);
+    for s in streams {
+        ooo += s
+            .pointer("/udp/out_of_order")
+            .and_then(|x| x.as_u64())
+            .unwrap_or_else(|| panic!("no out_of_order: {s}"));
+        packets += s
+            .pointer("/udp/packets")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0);
+    }
+    assert!(packets > 1000, "{v}");
+    assert_eq!(ooo, 0, "datagrams out of order: {v}");
+
+    // Junk from 16 source ports reaches both of A's sockets; every datagram is a counted
+    // drop and the edge keeps working.
+    let dst = SocketAddrV4::new(a.public_ip, EDGE_PORT);
+    let udp_rx = |lab: &Lab| -> Vec<u64> {
+        let st = mvc.edge_status(lab, c.edge("a")).unwrap();
+        st["threads"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|t| t["udp_rx"].as_u64().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let drops0 = ov::drops_total(&mvc.edge_status(&lab, c.edge("a")).unwrap());
+    let rx0 = udp_rx(&lab);
+    let mut rng = rand::thread_rng();
+    let junk: Vec<Vec<u8>> = (0..20)
+        .map(|_| {
+            let n = rng.gen_range(1..=1400);
+            (0..n).map(|_| rng.gen()).collect()
+        })
+        .collect();
+    for _ in 0..16 {
+        throw(&lab, t.inet.as_str(), dst, &junk);
+    }
+    let sent = 16 * junk.len() as u64;
+    let mut drops1 = drops0;
+    let _ = lab.wait_until("a counts the junk", Duration::from_secs(5), || {
+        drops1 = ov::drops_total(&mvc.edge_status(&lab, c.edge("a")).unwrap());
+        drops1 >= drops0 + sent
+    });
+    assert!(
+        (drops1 - drops0) * 10 >= sent * 9,
+        "{sent} bad datagrams, drops {drops0} -> {drops1}"
+    );
+    // Each thread publishes its counters every 200 ms.
+    let mut rx1 = udp_rx(&lab);
+    let _ = lab.wait_until("threads publish", Duration::from_secs(3), || {
+        rx1 = udp_rx(&lab);
+        rx1.iter().sum::<u64>() >= rx0.iter().sum::<u64>() + sent
+    });
+    let got = rx1.iter().zip(&rx0).filter(|(x, y)| *x > *y).count();
+    eprintln!("{datapath}: udp_rx of A's threads {rx0:?} -> {rx1:?}");
+    assert!(
+        got >= 2,
+        "junk from 16 ports reached one socket: {rx0:?} -> {rx1:?}"
+    );
+    all_running(&lab, &c);
+    ping_ok(&lab, &vb.ns, va.ip, 5);
+
+    if datapath == "xdp" {
+        // kill -9: the kernel detaches the program with the process; only the veth pair
+        // stays, and the next start (two queues again) removes it and works.
+        let e = c.edges.remove("a").unwrap();
+        lab.kill(&e.proc);
+        let edge_side = format!("{}.x", a.tap);
+        let show = lab.ip(&a.frontend, &["-d", "link", "show", "dev", &edge_side]);
+        let show = show.map(|o| o.stdout).unwrap_or_default();
+        assert!(
+            !show.contains("prog/xdp"),
+            "XDP still attached after kill -9: {show}"
+        );
+        let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+        let e = spawn_edge(&lab, &mvc, a, sn, "xdp", 2, "edge-a-again");
+        let show = lab
+            .ip(&a.frontend, &["-d", "link", "show", "dev", &edge_side])
+            .unwrap()
+            .stdout;
+        assert!(show.contains("prog/xdp"), "{show}");
+        assert!(show.contains("numrxqueues 2"), "{show}");
+        c.edges.insert("a".into(), e);
+        // The new edge has a new id: A speaks first so that B learns A's VM behind it.
+        ping_ok(&lab, &va.ns, vb.ip, 5);
+        ping_ok(&lab, &vb.ns, va.ip, 5);
+        // SIGTERM: the port goes away with the edge.
+        let e = c.edges.remove("a").unwrap();
+        lab.stop(&e.proc);
+        let _ = lab.wait_until("port removed", Duration::from_secs(5), || {
+            lab.ip(&a.frontend, &["link", "show", "dev", &edge_side])
+                .is_err()
+        });
+        assert!(
+            lab.ip(&a.frontend, &["link", "show", "dev", &edge_side])
+                .is_err(),
+            "port {edge_side} left after the edge stopped"
+        );
+    }
+    all_running(&lab, &c);
+}
+
+/// Bulk TCP through the overlay, `iperf3 -P 2` VM(B) -> VM(A) for 4 s, with 1 and 2
+/// forwarder threads per edge on TAP and XDP (and, when `MVC_BASE_BIN` names another
+/// build of mvc, that build with its one thread on TAP and XDP), every configuration once
+/// per round, `MVC_MEASURE_ROUNDS` rounds (default 3); prints each run and the medians
+/// with the edges' CPU seconds per GB. A measurement, not a check of speed:
+/// `MVC_TEST_BIN=target/release/mvc MVC_BASE_BIN=... cargo test -p control --test
+/// overlay_lab measure_threads -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand with a release build"]
+fn measure_threads() {
+    let Some((lab, mvc)) = setup("measure_threads") else {
+        return;
+    };
+    let base = std::env::var_os("MVC_BASE_BIN").map(|b| Mvc {
+        bin: PathBuf::from(b),
+    });
+    let rounds: usize = std::env::var("MVC_MEASURE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (va, vb) = (&t.site("a").vms[0], &t.site("b").vms[0]);
+    let mut configs: Vec<(String, &Mvc, &str, usize)> = Vec::new();
+    if let Some(b) = &base {
+        configs.push(("base tap 1".into(), b, "tap", 1));
+        configs.push(("base xdp 1".into(), b, "xdp", 1));
+    }
+    for (d, n) in [("tap", 1), ("tap", 2), ("xdp", 1), ("xdp", 2)] {
+        configs.push((format!("{d} {n}"), &mvc, d, n));
+    }
+    // MVC_MEASURE_ONLY="base tap 1,tap 1" keeps only those configurations.
+    if let Ok(only) = std::env::var("MVC_MEASURE_ONLY") {
+        let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+        configs.retain(|c| keep.contains(&c.0.as_str()));
+    }
+    let mut results: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for round in 0..rounds {
+        // Every other round in reverse order, so that a drift in the machine's load
+        // does not always favour the same configuration.
+        let mut order: Vec<_> = configs.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (name, m, datapath, threads) in order {
+            let c = start_threaded(&lab, &t, m, datapath, *threads);
+            c.wait_path(&lab, "b", "a", "direct", PATH_WAIT).unwrap();
+            ping_ok(&lab, &vb.ns, va.ip, 3);
+            let pids: Vec<u32> = ["a", "b"].iter().map(|e| c.edge(e).proc.pid).collect();
+            let s0 = bench::cpu::sample(&pids);
+            let v = iperf3_json(&lab, &vb.ns, &va.ns, va.ip, 4, &["-P", "2"]);
+            let s1 = bench::cpu::sample(&pids);
+            let (user, _, sys) = bench::cpu::seconds(&s0, &s1);
+            let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let bps = num("/end/sum_received/bits_per_second");
+            let bytes = num("/end/sum_received/bytes");
+            assert!(bps > 1e6, "{name}: {v}");
+            let cpu_per_gb = (user + sys) / (bytes / 1e9).max(1e-9);
+            eprintln!(
+                "round {round} {name}: {:.0} Mbit/s, edges {cpu_per_gb:.2} CPU s/GB",
+                bps / 1e6
+            );
+            results
+                .entry(name.clone())
+                .or_default()
+                .push((bps / 1e6, cpu_per_gb));
+            lab.stop(&c.supernode.proc);
+            for e in c.edges.values() {
+                lab.stop(&e.proc);
+            }
+        }
+    }
+    for (name, v) in &results {
+        let mbit: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let cpu: Vec<f64> = v.iter().map(|x| x.1).collect();
+        eprintln!(
+            "MEDIAN {name}: {:.0} Mbit/s (runs {:?}), {:.2} CPU s/GB",
+            lab::median(&mbit).unwrap_or(0.0),
+            mbit.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            lab::median(&cpu).unwrap_or(0.0)
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
 use crate::io::uring::{self, Offloads};
-use crate::io::{tap, udp, IoError};
+use crate::io::{tap, threads, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
 use crate::xdp;
@@ -163,6 +163,11 @@ struct EdgeArgs {
     /// 0 never polls [default: 200].
     #[arg(long, value_name = "MICROS")]
     busy_poll_us: Option<u64>,
+    /// Forwarder threads, each with its own UDP socket (SO_REUSEPORT) and frame queue
+    /// (multi-queue TAP, or one AF_XDP socket per veth queue); a flow stays on one
+    /// thread. 1..=64 [default: 1].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -185,6 +190,7 @@ struct EdgeFile {
     bridge: Option<String>,
     underlay_mtu: Option<u32>,
     busy_poll_us: Option<u64>,
+    threads: Option<usize>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -404,9 +410,17 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     };
     // auto takes XDP only when the edge owns the port end to end (--bridge);
     // otherwise the operator expects a TAP to enslave.
+    let threads = a.threads.or(f.threads).unwrap_or(1);
+    if !(1..=crate::io::threads::MAX_THREADS).contains(&threads) {
+        return Err(CliError::Usage(format!(
+            "--threads {threads} is outside 1..={}",
+            crate::io::threads::MAX_THREADS
+        )));
+    }
     let xdp_cfg = {
         let mut c = xdp::XdpPortConfig::new(bridge.as_deref(), &tap_name);
         c.mtu = mtu;
+        c.queues = threads as u32;
         c
     };
     let choice = if request == xdp::DatapathRequest::Auto && bridge.is_none() {
@@ -425,7 +439,8 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         xdp::Datapath::Tap => None,
     };
 
-    let sock = udp::bind(listen)?;
+    let socks = udp::bind_reuseport(listen, threads)?;
+    let sock = &socks[0];
     let bound = sock.local_addr().map_err(|e| IoError::Sys {
         call: "getsockname".into(),
         source: e,
@@ -440,15 +455,27 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(200);
     let uring_ok = io_uring::IoUring::new(8).is_ok();
     if !uring_ok {
+        if threads > 1 {
+            return Err(CliError::Usage(
+                "--threads above 1 needs io_uring, which this kernel does not offer".into(),
+            ));
+        }
         tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
     }
-    let tap = match xdp_port {
-        Some(_) => None,
-        None => Some(tap::Tap::open(&tap_name, create_tap, mtu, uring_ok)?),
+    let mut taps = match xdp_port {
+        Some(_) => Vec::new(),
+        None => tap::Tap::open_queues(&tap_name, create_tap, mtu, uring_ok, threads)?,
     };
+    let more_taps = taps.split_off(taps.len().min(1));
+    let tap = taps.pop();
     let off = Offloads {
         gso: uring_ok && udp::probe_gso(sock.as_raw_fd()),
-        gro: uring_ok && udp::enable_gro(sock.as_raw_fd()),
+        gro: uring_ok
+            && socks
+                .iter()
+                .filter(|s| !udp::enable_gro(s.as_raw_fd()))
+                .count()
+                == 0,
         vnet: tap.as_ref().is_some_and(|t| t.vnet_hdr),
     };
     if let Some(tap) = tap.as_ref().filter(|_| uring_ok) {
@@ -492,9 +519,20 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         tracing::info!(%at, "metrics on /metrics");
     }
     let stop = stop_flag()?;
-    let port = match (xdp_port, tap) {
-        (Some(p), _) => FramePort::Xdp(p),
-        (None, Some(t)) => FramePort::Tap(t),
+    let (port, more_ports): (FramePort, Vec<FramePort>) = match (xdp_port, tap) {
+        (Some(mut p), _) => {
+            let more = p.split_queues();
+            (
+                FramePort::Xdp(p),
+                more.into_iter()
+                    .map(|q| FramePort::Xdp(Box::new(q)))
+                    .collect(),
+            )
+        }
+        (None, Some(t)) => (
+            FramePort::Tap(t),
+            more_taps.into_iter().map(FramePort::Tap).collect(),
+        ),
         (None, None) => return Err(CliError::Usage("no frame port".into())),
     };
     let io = match (&port, uring_ok) {
@@ -507,9 +545,14 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         ),
         (_, false) => format!("poll(2); no offloads; {}", port.describe()),
     };
+    let io = if threads > 1 {
+        format!("{io}; {threads} threads")
+    } else {
+        io
+    };
     tracing::info!(
         %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,
-        cipher = %cipher, listen = %bound, supernodes = ?supernodes, io = %io,
+        cipher = %cipher, listen = %bound, supernodes = ?supernodes, io = %io, threads,
         "edge running"
     );
     let info = EdgeInfo {
@@ -521,12 +564,21 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         listen: bound.to_string(),
         listen_addr: bound,
     };
-    if uring_ok {
+    let mut ports = vec![port];
+    ports.extend(more_ports);
+    if ports.len() != socks.len() {
+        return Err(CliError::Usage(format!(
+            "{} frame queues for {} threads",
+            ports.len(),
+            socks.len()
+        )));
+    }
+    if uring_ok && threads > 1 {
         let spin = Duration::from_micros(busy_poll_us.min(10_000));
-        uring::run_edge(
+        threads::run_edge_threads(
             core,
-            sock,
-            port,
+            socks,
+            ports,
             off,
             underlay_mtu as usize,
             spin,
@@ -535,7 +587,25 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             stop,
         )?;
     } else {
-        driver::run_edge(core, sock, port, info, snap, stop)?;
+        let (Some(sock), Some(port)) = (socks.into_iter().next(), ports.into_iter().next()) else {
+            return Err(CliError::Usage("no socket or frame port".into()));
+        };
+        if uring_ok {
+            let spin = Duration::from_micros(busy_poll_us.min(10_000));
+            uring::run_edge(
+                core,
+                sock,
+                port,
+                off,
+                underlay_mtu as usize,
+                spin,
+                info,
+                snap,
+                stop,
+            )?;
+        } else {
+            driver::run_edge(core, sock, port, info, snap, stop)?;
+        }
     }
     tracing::info!("edge stopped");
     Ok(())

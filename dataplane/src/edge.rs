@@ -1575,6 +1575,7 @@ impl EdgeCore {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
+            threads: Vec::new(),
         }
     }
 }

@@ -105,6 +105,35 @@ mod tests {
         assert!(!w.update(u64::MAX));
     }
 
+    /// Two forwarder threads take counters in rounds (here 256 at a time, alternating)
+    /// and each sends its round after the lock is released, so a round can arrive after
+    /// the other thread's next one: every counter is still taken exactly once while the
+    /// lag stays within the window, and one lagging by more than the window is refused.
+    #[test]
+    fn rounds_of_two_senders_interleaved_within_the_window() {
+        let mut w = ReplayWindow::new();
+        let round = 256u64;
+        let rounds: Vec<std::ops::Range<u64>> =
+            (0..40).map(|k| k * round..(k + 1) * round).collect();
+        // Thread 0 has the even rounds, thread 1 the odd ones; thread 0 lags by one round.
+        let mut order = Vec::new();
+        for k in (0..40).step_by(2) {
+            order.push(rounds[k + 1].clone());
+            order.push(rounds[k].clone());
+        }
+        for r in order {
+            for c in r {
+                assert!(w.update(c), "counter {c}");
+            }
+        }
+        for c in 0..40 * round {
+            assert!(!w.check(c), "{c} accepted twice");
+        }
+        assert!(round * 2 < WINDOW);
+        let top = 40 * round - 1;
+        assert!(!w.update(top - WINDOW - 1));
+    }
+
     #[test]
     fn reused_bits_are_cleared_on_advance() {
         let mut w = ReplayWindow::new();

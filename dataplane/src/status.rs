@@ -102,6 +102,26 @@ pub struct EdgeStatus {
     pub udp_tx_packets: u64,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Forwarder threads (`--threads`), each with its own socket and frame queue.
+    #[serde(default)]
+    pub threads: Vec<ThreadStatus>,
+}
+
+/// Counters of one forwarder thread of an edge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ThreadStatus {
+    /// Thread number (also its frame queue and socket).
+    pub thread: usize,
+    /// Frames read from its frame queue.
+    pub frames_rx: u64,
+    /// Frames (TSO super-frames count once) written to the frame port.
+    pub frames_tx: u64,
+    /// Datagrams received on its socket.
+    pub udp_rx: u64,
+    /// Datagrams sent from its socket.
+    pub udp_tx: u64,
+    /// Rounds that waited for another thread to release the core.
+    pub lock_waits: u64,
 }
 
 /// One edge as a supernode knows it.
@@ -220,6 +240,20 @@ impl EdgeStatus {
             self.udp_rx_packets,
             self.udp_tx_packets
         );
+        if self.threads.len() > 1 {
+            let _ = writeln!(
+                o,
+                "\n{:<7} {:>12} {:>12} {:>12} {:>12} {:>10}",
+                "THREAD", "FRAMES-RX", "FRAMES-TX", "UDP-RX", "UDP-TX", "LOCK-WAITS"
+            );
+            for t in &self.threads {
+                let _ = writeln!(
+                    o,
+                    "{:<7} {:>12} {:>12} {:>12} {:>12} {:>10}",
+                    t.thread, t.frames_rx, t.frames_tx, t.udp_rx, t.udp_tx, t.lock_waits
+                );
+            }
+        }
         let _ = write!(o, "drops:");
         if self.drops.is_empty() {
             let _ = write!(o, " none");
@@ -287,6 +321,23 @@ impl EdgeStatus {
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
+        }
+        for (metric, f) in [
+            ("frames_rx", (|t| t.frames_rx) as fn(&ThreadStatus) -> u64),
+            ("frames_tx", |t| t.frames_tx),
+            ("udp_rx", |t| t.udp_rx),
+            ("udp_tx", |t| t.udp_tx),
+            ("lock_waits", |t| t.lock_waits),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_edge_thread_{metric}_total counter");
+            for t in &self.threads {
+                let _ = writeln!(
+                    o,
+                    "mvc_edge_thread_{metric}_total{{edge=\"{e}\",thread=\"{}\"}} {}",
+                    t.thread,
+                    f(t)
+                );
+            }
         }
         let _ = writeln!(o, "# TYPE mvc_edge_drops_total counter");
         for (k, v) in &self.drops {

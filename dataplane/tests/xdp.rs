@@ -408,6 +408,47 @@ fn drop_leaves_nothing_behind() {
     });
 }
 
+/// A port with two queues (two forwarder threads): the veth has two rx
+/// queues, the queue-1 socket is handed out as a port of its own, and the
+/// program stays loaded until the last of the two is dropped; then program,
+/// maps and veth are gone.
+#[test]
+fn two_queues_share_the_program_until_the_last_is_dropped() {
+    require_root!("two_queues_share_the_program_until_the_last_is_dropped");
+    in_thread(|| {
+        let _lab = Lab::new();
+        let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+        cfg.queues = 2;
+        let mut port = XdpPort::open(&cfg).expect("open");
+        let mut more = port.split_queues();
+        assert_eq!(more.len(), 1);
+        assert!(port.split_queues().is_empty());
+        let q1 = more.pop().expect("queue 1");
+        assert_eq!((port.queue(), q1.queue()), (0, 1));
+        assert_eq!(q1.prog_id(), port.prog_id());
+        let show = run(&["ip", "-d", "link", "show", "dev", "mvp0.x"]);
+        assert!(show.contains("numrxqueues 2"), "{show}");
+        let prog = port.prog_id();
+        let maps = port.map_ids().to_vec();
+        drop(port);
+        assert!(bpftool_has("prog", prog), "program gone with a queue left");
+        assert!(link_info("mvp0.x").unwrap().is_some());
+        drop(q1);
+        assert!(gone("prog", prog), "program {prog} still loaded");
+        for m in maps {
+            assert!(gone("map", m), "map {m} still there");
+        }
+        assert!(link_info("mvp0").unwrap().is_none());
+        assert!(link_info("mvp0.x").unwrap().is_none());
+        // Out of range: refused before anything is made.
+        cfg.queues = 0;
+        assert!(XdpPort::open(&cfg).is_err());
+        cfg.queues = 65;
+        assert!(XdpPort::open(&cfg).is_err());
+        assert!(link_info("mvp0").unwrap().is_none());
+    });
+}
+
 /// Refuses a name that is not ours, or too long, and a bridge that is not
 /// a bridge, with an error rather than touching the interface.
 #[test]

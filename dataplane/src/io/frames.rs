@@ -59,6 +59,36 @@ impl FramePort {
 /// checksums (left by a peer's TSO) are completed first, since AF_XDP has no checksum
 /// offload; frames the ring cannot take are counted as drops. Buffers go back to `out`.
 pub fn send_xdp(port: &mut XdpPort, core: &mut EdgeCore, out: &mut Outbox) {
+    send_xdp_unlocked(port, out).count(core);
+}
+
+/// Drops of one [`send_xdp_unlocked`], to be counted in the core later.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct XdpDrops {
+    bad_csum: u64,
+    ring_full: u64,
+    too_big: u64,
+}
+
+impl XdpDrops {
+    /// Counts the drops in the core.
+    pub fn count(self, core: &mut EdgeCore) {
+        for (reason, n) in [
+            ("bad_csum_offload", self.bad_csum),
+            ("xdp_tx_ring_full", self.ring_full),
+            ("xdp_tx_too_big", self.too_big),
+        ] {
+            for _ in 0..n {
+                core.count_drop(reason);
+            }
+        }
+    }
+}
+
+/// [`send_xdp`] without the core (so that a forwarder thread can send without holding
+/// the core's lock); returns the drops to count.
+pub fn send_xdp_unlocked(port: &mut XdpPort, out: &mut Outbox) -> XdpDrops {
+    let mut d = XdpDrops::default();
     out.flush_tap();
     for t in out.tap.iter_mut() {
         if t.hdr.flags & offload::F_NEEDS_CSUM != 0 {
@@ -71,7 +101,7 @@ pub fn send_xdp(port: &mut XdpPort, core: &mut EdgeCore, out: &mut Outbox) {
             .is_err()
             {
                 // Sent as it is: the VM's stack drops it on the checksum and counts it.
-                core.count_drop("bad_csum_offload");
+                d.bad_csum += 1;
             }
         }
     }
@@ -79,16 +109,13 @@ pub fn send_xdp(port: &mut XdpPort, core: &mut EdgeCore, out: &mut Outbox) {
         let before = port.socket_counters();
         port.send_batch(out.tap.iter().map(|t| &t.buf[t.start..t.start + t.len]));
         let after = port.socket_counters();
-        for _ in before.tx_ring_full..after.tx_ring_full {
-            core.count_drop("xdp_tx_ring_full");
-        }
-        for _ in before.tx_too_big..after.tx_too_big {
-            core.count_drop("xdp_tx_too_big");
-        }
+        d.ring_full = after.tx_ring_full.saturating_sub(before.tx_ring_full);
+        d.too_big = after.tx_too_big.saturating_sub(before.tx_too_big);
     }
     let mut tap = std::mem::take(&mut out.tap);
     for t in tap.drain(..) {
         out.give(t.buf, t.big);
     }
     out.tap = tap;
+    d
 }

@@ -8,6 +8,7 @@ pub mod frames;
 pub mod spin;
 pub mod sys;
 pub mod tap;
+pub mod threads;
 pub mod udp;
 pub mod uring;
 

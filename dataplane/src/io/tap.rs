@@ -11,6 +11,7 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 /// Offload flags of TUNSETOFFLOAD.
 pub const TUN_F_CSUM: libc::c_uint = 0x01;
 /// TSO for IPv4.
@@ -87,14 +88,14 @@ impl Tap {
                  or pass --create-tap"
             )));
         }
-        match Self::open_with(n, name, vnet_hdr) {
+        match Self::open_with(n, name, vnet_hdr, false) {
             Ok(t) => {
                 set_mtu_up(name, mtu)?;
                 Ok(t)
             }
             Err(e) if vnet_hdr => {
                 tracing::warn!(error = %e, "TAP with virtio headers refused; using plain frames");
-                let t = Self::open_with(n, name, false)?;
+                let t = Self::open_with(n, name, false, false)?;
                 set_mtu_up(name, mtu)?;
                 Ok(t)
             }
@@ -102,10 +103,56 @@ impl Tap {
         }
     }
 
+    /// Opens `queues` queues of a multi-queue TAP device (`IFF_MULTI_QUEUE`), one
+    /// descriptor each; the kernel spreads the frames it sends by flow over the queues.
+    /// One queue is [`Tap::open`] (a single-queue device, as before). An existing device
+    /// must have been made multi-queue (`ip tuntap add dev NAME mode tap multi_queue`).
+    pub fn open_queues(
+        name: &str,
+        create: bool,
+        mtu: u32,
+        vnet_hdr: bool,
+        queues: usize,
+    ) -> Result<Vec<Self>, IoError> {
+        if queues <= 1 {
+            return Ok(vec![Self::open(name, create, mtu, vnet_hdr)?]);
+        }
+        let n = ifname(name)?;
+        if !create && !exists(name) {
+            return Err(IoError::Invalid(format!(
+                "TAP device {name} does not exist: create it with `ip tuntap add dev {name} mode tap \
+                 multi_queue` or pass --create-tap"
+            )));
+        }
+        let mut vnet = vnet_hdr;
+        let first = match Self::open_with(n, name, vnet, true) {
+            Ok(t) => t,
+            Err(e) if vnet => {
+                tracing::warn!(error = %e, "TAP with virtio headers refused; using plain frames");
+                vnet = false;
+                Self::open_with(n, name, false, true).map_err(|e| not_multi_queue(name, e))?
+            }
+            Err(e) => return Err(not_multi_queue(name, e)),
+        };
+        let mut v = vec![first];
+        while v.len() < queues {
+            v.push(Self::open_with(n, name, vnet, true).map_err(|e| {
+                IoError::Invalid(format!(
+                    "TAP {name}: queue {} of {queues}: {e} (a device made without \
+                     multi_queue has one queue)",
+                    v.len()
+                ))
+            })?);
+        }
+        set_mtu_up(name, mtu)?;
+        Ok(v)
+    }
+
     fn open_with(
         n: [libc::c_char; libc::IFNAMSIZ],
         name: &str,
         vnet_hdr: bool,
+        multi_queue: bool,
     ) -> Result<Self, IoError> {
         // SAFETY: the path is a valid C string; the result is checked.
         let fd = unsafe {
@@ -122,6 +169,9 @@ impl Tap {
         let mut flags = IFF_TAP | IFF_NO_PI;
         if vnet_hdr {
             flags |= IFF_VNET_HDR;
+        }
+        if multi_queue {
+            flags |= IFF_MULTI_QUEUE;
         }
         let mut req = IfReqFlags {
             name: n,
@@ -151,6 +201,14 @@ impl Tap {
             offload,
         })
     }
+}
+
+/// Adds the likely cause to a failed multi-queue open (the kernel says only EINVAL).
+fn not_multi_queue(name: &str, e: IoError) -> IoError {
+    IoError::Invalid(format!(
+        "{e}: is TAP {name} a multi-queue device? (--threads above 1 needs one: \
+         `ip tuntap add dev {name} mode tap multi_queue`, or --create-tap)"
+    ))
 }
 
 fn ctl_socket() -> Result<OwnedFd, IoError> {

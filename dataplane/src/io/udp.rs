@@ -13,6 +13,54 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, IoError> {
         call: format!("bind {addr}"),
         source: e,
     })?;
+    configure(s, addr)
+}
+
+/// Binds `n` sockets to one address with `SO_REUSEPORT` (one per forwarder thread; with
+/// port 0, the first picks the port and the others join it). The kernel picks the socket
+/// of a datagram by a hash of its 4-tuple, so each peer's datagrams reach one socket, in
+/// order. `n == 1` is [`bind`].
+pub fn bind_reuseport(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, IoError> {
+    if n <= 1 {
+        return Ok(vec![bind(addr)?]);
+    }
+    let mut v: Vec<UdpSocket> = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n {
+        let s = configure(reuseport_socket(at)?, at)?;
+        at = s.local_addr().map_err(|e| IoError::Sys {
+            call: "getsockname".into(),
+            source: e,
+        })?;
+        v.push(s);
+    }
+    Ok(v)
+}
+
+fn reuseport_socket(addr: SocketAddr) -> Result<UdpSocket, IoError> {
+    use std::os::fd::FromRawFd;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(IoError::last("socket"));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    let s = unsafe { UdpSocket::from_raw_fd(fd) };
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    let (sa, len) = super::sys::to_sockaddr(&addr);
+    // SAFETY: sa is a valid sockaddr of length len for the call's duration.
+    if unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) } < 0 {
+        return Err(IoError::last(format!("bind {addr} (SO_REUSEPORT)")));
+    }
+    Ok(s)
+}
+
+fn configure(s: UdpSocket, addr: SocketAddr) -> Result<UdpSocket, IoError> {
     s.set_nonblocking(true).map_err(|e| IoError::Sys {
         call: "set_nonblocking".into(),
         source: e,

@@ -29,6 +29,7 @@ use super::driver::EdgeInfo;
 use super::frames::{self, FramePort};
 use super::spin::{host_busy, AdaptiveSpin, IdleCores};
 use super::sys::{from_sockaddr, to_sockaddr};
+use super::threads::{Counts, Forwarders};
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
 
@@ -151,6 +152,14 @@ struct Loop {
     free: Vec<usize>,
     underlay_payload: usize,
     gso_warned: bool,
+    /// Every queue of a multi-queue TAP device (one per thread), this thread's own.
+    tap_fds: Arc<[RawFd]>,
+    me: usize,
+    shared: Arc<Forwarders>,
+    counts: Counts,
+    /// With several threads, frames for the VMs leave through AF_XDP after the core
+    /// lock is released (the copy-mode `sendto` is the costly part of the XDP path).
+    xdp_after_unlock: bool,
 }
 
 impl Loop {
@@ -209,6 +218,15 @@ impl Loop {
         core: &mut EdgeCore,
     ) -> Result<(), IoError> {
         let ptr = buf[start..].as_ptr();
+        self.counts.frames_tx += 1;
+        let fd = if self.tap_fds.len() > 1 {
+            let h = if self.off.vnet { VNET_HDR_LEN } else { 0 };
+            let frame = buf.get(start + h..start + len).unwrap_or(&[]);
+            let q = self.shared.flows().pick(frame, self.me);
+            self.tap_fds.get(q).copied().unwrap_or(self.tap_fd)
+        } else {
+            self.tap_fd
+        };
         let Some(i) = self.flight(InFlight {
             buf,
             big,
@@ -218,7 +236,7 @@ impl Loop {
             core.count_drop("tap_backpressure");
             return Ok(());
         };
-        let e = opcode::Write::new(types::Fd(self.tap_fd), ptr, len as u32)
+        let e = opcode::Write::new(types::Fd(fd), ptr, len as u32)
             .build()
             .user_data(K_OUT | i as u64);
         self.push(&e)
@@ -257,6 +275,10 @@ impl Loop {
             meta.hdr.msg_controllen = n;
         }
         let hp: *const libc::msghdr = &meta.hdr;
+        self.counts.udp_tx += match seg {
+            Some(s) => len.div_ceil(usize::from(s).max(1)) as u64,
+            None => 1,
+        };
         let Some(i) = self.flight(InFlight {
             buf,
             big,
@@ -341,7 +363,11 @@ impl Loop {
         udp.clear();
         out.udp = udp;
 
+        if self.xdp_after_unlock {
+            return Ok(());
+        }
         if let Some(p) = self.port.xdp() {
+            self.counts.frames_tx += out.tap.len() as u64;
             frames::send_xdp(p, core, out);
             return Ok(());
         }
@@ -397,12 +423,46 @@ fn set_blocking(fd: RawFd) {
     }
 }
 
-/// Runs an edge on io_uring until `stop` is set.
+/// Runs an edge on io_uring until `stop` is set (one forwarder thread).
 #[allow(clippy::too_many_arguments)]
 pub fn run_edge(
-    mut core: EdgeCore,
+    core: EdgeCore,
     sock: UdpSocket,
     port: FramePort,
+    off: Offloads,
+    underlay_mtu: usize,
+    spin: Duration,
+    info: EdgeInfo,
+    snap: Snapshot<EdgeStatus>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), IoError> {
+    let fds: Arc<[RawFd]> = Arc::from(vec![port.fd()]);
+    let shared = Arc::new(Forwarders::new(core, 1));
+    run_forwarder(
+        &shared,
+        0,
+        sock,
+        port,
+        fds,
+        off,
+        underlay_mtu,
+        spin,
+        info,
+        snap,
+        stop,
+    )
+}
+
+/// Runs forwarder thread `me` of an edge (its own socket and frame queue, the core
+/// shared, see `io::threads`) until `stop` is set. Thread 0 also runs the core's timers
+/// and publishes the status snapshot. `tap_fds` holds every TAP queue (empty on XDP).
+#[allow(clippy::too_many_arguments)]
+pub fn run_forwarder(
+    shared: &Arc<Forwarders>,
+    me: usize,
+    sock: UdpSocket,
+    port: FramePort,
+    tap_fds: Arc<[RawFd]>,
     off: Offloads,
     underlay_mtu: usize,
     spin: Duration,
@@ -446,6 +506,11 @@ pub fn run_edge(
         free: Vec::new(),
         underlay_payload: underlay_mtu.saturating_sub(28),
         gso_warned: false,
+        tap_fds,
+        me,
+        shared: Arc::clone(shared),
+        counts: Counts::default(),
+        xdp_after_unlock: is_xdp && shared.threads() > 1,
     };
     // Largest frame after re-segmentation: fits the underlay with relay header and AEAD.
     let max_seg_frame = underlay_mtu.saturating_sub(28 + crate::edge::HEADROOM + 16 + 16);
@@ -473,6 +538,7 @@ pub fn run_edge(
         let mut tap_errors = 0u64;
         let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
         let mut fatal: Option<IoError> = None;
+        let mut xdp_drops = frames::XdpDrops::default();
         loop {
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
@@ -511,6 +577,11 @@ pub fn run_edge(
             }
             cqes.clear();
             cqes.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
+            // The core is locked once per round (not per packet) and never while waiting.
+            let (mut guard, waited) = shared.lock_counted();
+            lp.counts.lock_waits += u64::from(waited);
+            let core: &mut EdgeCore = &mut guard;
+            std::mem::take(&mut xdp_drops).count(core);
             let now = Instant::now();
             // Only traffic or a timeout tells how far away the next event was; completions
             // of our own sends arrive at once and say nothing about it.
@@ -538,6 +609,7 @@ pub fn run_edge(
                                 while o < n {
                                     let e = (o + seg).min(n);
                                     core.handle_udp(now, src, &mut slot.buf[o..e], &mut out);
+                                    lp.counts.udp_rx += 1;
                                     o = e;
                                 }
                             }
@@ -557,6 +629,7 @@ pub fn run_edge(
                             };
                             for _ in 0..XDP_ROUNDS {
                                 let n = p.recv_batch(XDP_BATCH, |f| gro.push(f, &mut emit));
+                                lp.counts.frames_rx += u64::from(n);
                                 if n < XDP_BATCH {
                                     break;
                                 }
@@ -569,6 +642,11 @@ pub fn run_edge(
                         if res > 0 {
                             let n = res as usize;
                             let b = &mut lp.tap_bufs[idx];
+                            lp.counts.frames_rx += 1;
+                            if lp.tap_fds.len() > 1 {
+                                let h = if lp.off.vnet { VNET_HDR_LEN } else { 0 };
+                                shared.flows().record(b.get(h..n).unwrap_or(&[]), me);
+                            }
                             if lp.off.vnet {
                                 match VnetHdr::parse(&b[..n]) {
                                     Some(h) if h.gso_type != offload::GSO_NONE => {
@@ -648,7 +726,7 @@ pub fn run_edge(
                     spinner.set_host_busy(host_busy(idle.sample(cores)));
                 }
             }
-            if now.saturating_duration_since(last_tick) >= TICK {
+            if me == 0 && now.saturating_duration_since(last_tick) >= TICK {
                 last_tick = now;
                 if now.saturating_duration_since(last_host) >= super::driver::HOST_REFRESH {
                     last_host = now;
@@ -657,19 +735,30 @@ pub fn run_edge(
                 }
                 core.poll(now, &mut out);
             }
-            if let Err(e) = lp.flush(&mut core, &mut out) {
+            if let Err(e) = lp.flush(core, &mut out) {
                 break Err(e);
             }
             if now.saturating_duration_since(last_pub) >= PUBLISH {
                 last_pub = now;
-                let mut s = core.status(now);
-                s.datapath = info.datapath.clone();
-                s.datapath_reason = info.datapath_reason.clone();
-                s.io = lp.describe();
-                s.tap = info.tap.clone();
-                s.mtu = info.mtu;
-                s.listen = info.listen.clone();
-                *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                shared.counters(me).publish(&lp.counts);
+                if me == 0 {
+                    let mut s = core.status(now);
+                    s.threads = shared.status();
+                    s.datapath = info.datapath.clone();
+                    s.datapath_reason = info.datapath_reason.clone();
+                    s.io = lp.describe();
+                    s.tap = info.tap.clone();
+                    s.mtu = info.mtu;
+                    s.listen = info.listen.clone();
+                    *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                }
+            }
+            drop(guard);
+            if lp.xdp_after_unlock {
+                if let Some(p) = lp.port.xdp() {
+                    lp.counts.frames_tx += out.tap.len() as u64;
+                    xdp_drops = frames::send_xdp_unlocked(p, &mut out);
+                }
             }
         }
     })();

@@ -23,6 +23,7 @@ mod port;
 mod xsk;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use aya::{
     maps::{MapData, PerCpuArray, XskMap},
@@ -155,7 +156,7 @@ pub struct Choice {
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
-            "{why}: XDP {} mode on {}/{}{}",
+            "{why}: XDP {} mode on {}/{}{}{}",
             port.mode().as_str(),
             port.names().0,
             port.names().1,
@@ -163,6 +164,10 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
                 ", multi-buffer"
             } else {
                 ""
+            },
+            match port.more.len() {
+                0 => String::new(),
+                n => format!(", {} queues", n + 1),
             }
         );
         Choice {
@@ -245,7 +250,13 @@ pub struct XdpPortConfig {
     pub mode: ModeRequest,
     /// UMEM size.
     pub xsk: XskConfig,
+    /// Queues of the veth and AF_XDP sockets (one per forwarder thread),
+    /// 1..=[`MAX_QUEUES`].
+    pub queues: u32,
 }
+
+/// Most queues of a port (entries of the program's XSKMAP).
+pub const MAX_QUEUES: u32 = 64;
 
 impl XdpPortConfig {
     /// Defaults: MTU 1500, auto mode, 4096 chunks of 4 KiB.
@@ -256,6 +267,7 @@ impl XdpPortConfig {
             mtu: 1500,
             mode: ModeRequest::Auto,
             xsk: XskConfig::default(),
+            queues: 1,
         }
     }
 }
@@ -275,13 +287,24 @@ pub struct XdpStats {
     pub kernel_tx_invalid: u64,
 }
 
-/// The edge's port on the VM bridge, served by XDP + AF_XDP.
+/// The edge's port on the VM bridge, served by XDP + AF_XDP: the AF_XDP
+/// socket of one rx queue, and a share of the program and veth pair. With
+/// several queues, [`XdpPort::split_queues`] hands the other queues'
+/// sockets out as ports of their own (one per forwarder thread); the
+/// program and the veth pair go away with the last of them.
 ///
-/// Field order is drop order: socket out of the map and closed, program
-/// detached and freed, then the veth pair deleted.
+/// Field order is drop order: sockets out of the map and closed, then
+/// (with the last share) program detached and freed, veth pair deleted.
 pub struct XdpPort {
     xsk: xsk::Xsk,
-    ebpf: Ebpf,
+    queue: u32,
+    more: Vec<xsk::Xsk>,
+    shared: Arc<PortShared>,
+}
+
+/// What the queues of one port share. Field order is drop order.
+struct PortShared {
+    ebpf: Mutex<Ebpf>,
     mode: AttachMode,
     prog_id: u32,
     map_ids: Vec<u32>,
@@ -293,7 +316,13 @@ impl XdpPort {
     pub fn open(cfg: &XdpPortConfig) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
-        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu)?;
+        if !(1..=MAX_QUEUES).contains(&cfg.queues) {
+            return Err(Error::Load(format!(
+                "{} queues: 1..={MAX_QUEUES} are possible",
+                cfg.queues
+            )));
+        }
+        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu, cfg.queues)?;
         let iface = veth.edge_name().to_owned();
 
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
@@ -339,44 +368,75 @@ impl XdpPort {
             AttachMode::Native => BindMode::Auto,
             AttachMode::Generic => BindMode::Copy,
         };
-        let xsk = xsk::Xsk::new(ifindex, 0, cfg.xsk, bind)?;
         let mut xsks: XskMap<&mut MapData> = ebpf
             .map_mut(XSKS_MAP)
             .ok_or_else(|| Error::Load(format!("no map {XSKS_MAP}")))?
             .try_into()
             .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
-        xsks.set(0, xsk.as_raw_fd(), 0)
-            .map_err(|e| Error::Load(format!("XSKMAP set: {e}")))?;
+        let mut socks = Vec::with_capacity(cfg.queues as usize);
+        for q in 0..cfg.queues {
+            let x = xsk::Xsk::new(ifindex, q, cfg.xsk, bind)?;
+            xsks.set(q, x.as_raw_fd(), 0)
+                .map_err(|e| Error::Load(format!("XSKMAP set {q}: {e}")))?;
+            socks.push(x);
+        }
+        let mut socks = socks.into_iter();
+        let xsk = socks.next().ok_or_else(|| Error::Load("no queue".into()))?;
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
-            multi_buffer = xsk.multi_buffer(), "XDP port up");
+            multi_buffer = xsk.multi_buffer(), queues = cfg.queues, "XDP port up");
         Ok(Self {
             xsk,
-            ebpf,
-            mode,
-            prog_id,
-            map_ids,
-            veth,
+            queue: 0,
+            more: socks.collect(),
+            shared: Arc::new(PortShared {
+                ebpf: Mutex::new(ebpf),
+                mode,
+                prog_id,
+                map_ids,
+                veth,
+            }),
         })
+    }
+
+    /// Takes the sockets of queues 1.. out of this port (which keeps queue
+    /// 0) as ports of their own, for one forwarder thread each.
+    pub fn split_queues(&mut self) -> Vec<XdpPort> {
+        let shared = &self.shared;
+        std::mem::take(&mut self.more)
+            .into_iter()
+            .enumerate()
+            .map(|(i, xsk)| XdpPort {
+                xsk,
+                queue: i as u32 + 1,
+                more: Vec::new(),
+                shared: Arc::clone(shared),
+            })
+            .collect()
+    }
+
+    /// The rx queue this port's socket serves.
+    pub fn queue(&self) -> u32 {
+        self.queue
     }
 
     /// Mode the program is attached in.
     pub fn mode(&self) -> AttachMode {
-        self.mode
+        self.shared.mode
     }
 
     /// Kernel id of the loaded program (as `bpftool prog show` lists it).
     pub fn prog_id(&self) -> u32 {
-        self.prog_id
+        self.shared.prog_id
     }
 
     /// Kernel ids of the program's maps.
     pub fn map_ids(&self) -> &[u32] {
-        &self.map_ids
+        &self.shared.map_ids
     }
 
     /// Bridge-side and edge-side interface names.
     pub fn names(&self) -> (&str, &str) {
-        (self.veth.name(), self.veth.edge_name())
+        (self.shared.veth.name(), self.shared.veth.edge_name())
     }
 
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
@@ -422,8 +482,8 @@ impl XdpPort {
             socket: self.xsk.counters(),
             ..XdpStats::default()
         };
-        if let Some(Ok(arr)) = self
-            .ebpf
+        let ebpf = self.shared.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Ok(arr)) = ebpf
             .map(STATS_MAP)
             .map(PerCpuArray::<&MapData, u64>::try_from)
         {
@@ -453,8 +513,9 @@ impl std::fmt::Debug for XdpPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("XdpPort")
             .field("names", &self.names())
-            .field("mode", &self.mode)
-            .field("prog_id", &self.prog_id)
+            .field("queue", &self.queue)
+            .field("mode", &self.shared.mode)
+            .field("prog_id", &self.shared.prog_id)
             .finish_non_exhaustive()
     }
 }

@@ -252,7 +252,15 @@ impl VethPort {
     /// ends up.
     /// IPv6 is disabled on the edge side so the kernel sends nothing of its
     /// own (router solicitations, DAD) into the bridge from there.
-    pub fn create(bridge: Option<&str>, name: &str, mtu: u32) -> Result<Self, PortError> {
+    /// Both ends get `queues` rx and tx queues: the bridge side picks a tx
+    /// queue by flow hash, and veth hands the frame to the same rx queue
+    /// on the edge side, so one flow always reaches one AF_XDP socket.
+    pub fn create(
+        bridge: Option<&str>,
+        name: &str,
+        mtu: u32,
+        queues: u32,
+    ) -> Result<Self, PortError> {
         check_name(name)?;
         if let Some(bridge) = bridge {
             match link_info(bridge)? {
@@ -272,6 +280,7 @@ impl VethPort {
         let edge = edge_side(name);
         let alias = format!("{ALIAS_PREFIX}{}", std::process::id());
         let mtu = mtu.to_string();
+        let q = queues.max(1).to_string();
         ip(&[
             "link",
             "add",
@@ -279,6 +288,10 @@ impl VethPort {
             &edge,
             "mtu",
             &mtu,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "type",
             "veth",
             "peer",
@@ -286,6 +299,10 @@ impl VethPort {
             name,
             "mtu",
             &mtu,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "gso_max_segs",
             "1",
         ])?;
