@@ -1,6 +1,7 @@
 //! The NBD server: fixed newstyle negotiation (with optional STARTTLS) and the transmission
-//! phase, where every request runs on its own task and replies go out through one writer
-//! task in completion order.
+//! phase, where cached reads and large writes are served inline by the connection's reader,
+//! small writes go in batches to the file's writer threads, every other request runs on its
+//! own task, and replies go out in completion order.
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,7 +38,7 @@ const INLINE_WRITE: usize = 256 << 10;
 /// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
 /// writeback, and many small writes queued behind one that waits would wait with it.
 const SMALL_WRITE: usize = 64 << 10;
-/// Small writes handed to the writer thread at most in one batch.
+/// Small writes handed to the writer threads at most in one batch.
 const WRITE_BATCH: usize = 32;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
@@ -502,7 +503,7 @@ impl Server {
         // Replies of requests served inline, handed to the writer together whenever the
         // next request is not buffered yet (one wake-up and one write for the lot).
         let mut ready: Vec<Vec<u8>> = Vec::new();
-        // Small writes without FUA, handed to the file's writer thread as one batch whenever
+        // Small writes without FUA, handed to the file's writer threads as one batch whenever
         // the reader might wait (and every `WRITE_BATCH` writes).
         let mut writes = PendingWrites::default();
         let result: Result<(), ServerError> = async {
@@ -626,7 +627,7 @@ impl Server {
                     (req.typ, &session.export.backend, &early)
                 {
                     // FUA: straight to the blocking pool (its fdatasync must not hold up the
-                    // writer thread), which queues the reply itself.
+                    // writer threads), which queues the reply itself.
                     let st = st.clone();
                     tokio::task::spawn_blocking(move || {
                         let r = (|| -> Result<(), OpError> {
@@ -679,7 +680,7 @@ impl Server {
     }
 }
 
-/// Small writes read but not yet handed to the writer thread, with what their replies need.
+/// Small writes read but not yet handed to the writer threads, with what their replies need.
 #[derive(Default)]
 struct PendingWrites {
     writes: Vec<QueuedWrite>,
@@ -695,7 +696,7 @@ impl PendingWrites {
         self.reqs.push((req, permits));
     }
 
-    /// Hand the batch to the writer thread; it queues the replies and releases the
+    /// Hand the batch to the writer threads; they queue the replies and release the
     /// permits once the writes are done.
     fn submit(&mut self, session: &Arc<Session>, out: &Arc<Outbox>, srv: &Arc<Server>) {
         if self.reqs.is_empty() {
