@@ -31,8 +31,9 @@ const MAX_BUFFERED: u32 = 128 << 20;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
 /// Largest read served inline when the page cache holds it (larger ones, and reads that
-/// would wait for the disk, run on the blocking pool).
-const INLINE_READ: usize = 256 << 10;
+/// would wait for the disk, run on the blocking pool: on a busy machine, copying 256 KiB
+/// reads on more threads than the runtime's gave nbdcopy about 20% more).
+const INLINE_READ: usize = 64 << 10;
 /// Largest write without FUA written inline to a local file (a copy into the page cache).
 const INLINE_WRITE: usize = 256 << 10;
 /// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
