@@ -36,8 +36,9 @@ const READ_BUFFER: usize = 256 << 10;
 const INLINE_READ: usize = 64 << 10;
 /// Largest write without FUA written inline to a local file (a copy into the page cache).
 const INLINE_WRITE: usize = 256 << 10;
-/// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
-/// writeback, and many small writes queued behind one that waits would wait with it.
+/// Writes up to this size go to the file's writer threads instead, in batches: many small
+/// inline writes would each hold up the connection's reader (a page-cache write can wait
+/// for writeback), and a thread per write would spin on the file's inode lock.
 const SMALL_WRITE: usize = 64 << 10;
 /// Small writes handed to the writer threads at most in one batch.
 const WRITE_BATCH: usize = 32;
