@@ -1,6 +1,7 @@
 //! The NBD server: fixed newstyle negotiation (with optional STARTTLS) and the transmission
-//! phase, where every request runs on its own task and replies go out through one writer
-//! task in completion order.
+//! phase, where cached reads and large writes are served inline by the connection's reader,
+//! small writes go in batches to the file's writer threads, every other request runs on its
+//! own task, and replies go out in completion order.
 
 use std::collections::VecDeque;
 use std::io;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -21,6 +22,7 @@ use crate::proto::{
     self, cflag, chunk, cmd, err, info as infot, opt, rep, tflag, Chunk, ClientOption, InfoItem,
     OptionReply, Request, SimpleReply,
 };
+use crate::storage::QueuedWrite;
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -29,13 +31,17 @@ const MAX_BUFFERED: u32 = 128 << 20;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
 /// Largest read served inline when the page cache holds it (larger ones, and reads that
-/// would wait for the disk, run on the blocking pool).
-const INLINE_READ: usize = 256 << 10;
+/// would wait for the disk, run on the blocking pool: on a busy machine, copying 256 KiB
+/// reads on more threads than the runtime's gave nbdcopy about 20% more).
+const INLINE_READ: usize = 64 << 10;
 /// Largest write without FUA written inline to a local file (a copy into the page cache).
 const INLINE_WRITE: usize = 256 << 10;
-/// Writes up to this size go to the blocking pool instead: a page-cache write can wait for
-/// writeback, and many small writes queued behind one that waits would wait with it.
+/// Writes up to this size go to the file's writer threads instead, in batches: many small
+/// inline writes would each hold up the connection's reader (a page-cache write can wait
+/// for writeback), and a thread per write would spin on the file's inode lock.
 const SMALL_WRITE: usize = 64 << 10;
+/// Small writes handed to the writer threads at most in one batch.
+const WRITE_BATCH: usize = 32;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size).
@@ -499,8 +505,15 @@ impl Server {
         // Replies of requests served inline, handed to the writer together whenever the
         // next request is not buffered yet (one wake-up and one write for the lot).
         let mut ready: Vec<Vec<u8>> = Vec::new();
+        // Small writes without FUA, handed to the file's writer threads as one batch whenever
+        // the reader might wait (and every `WRITE_BATCH` writes).
+        let mut writes = PendingWrites::default();
         let result: Result<(), ServerError> = async {
             loop {
+                if rd.buffer().len() < proto::REQUEST_LEN {
+                    // The socket may have to be waited for: queued writes go first.
+                    writes.submit(&session, &out, &self);
+                }
                 if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
                     // Written here when the writer is idle: no hand-off to another task.
                     match wr.try_lock() {
@@ -513,6 +526,9 @@ impl Server {
                         Err(_) => out.push_all(&mut ready),
                     }
                 }
+                if !out.has_room() {
+                    writes.submit(&session, &out, &self);
+                }
                 out.wait_room().await?;
                 let mut h = [0u8; proto::REQUEST_LEN];
                 match rd.read_exact(&mut h).await {
@@ -524,6 +540,10 @@ impl Server {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 if req.typ == cmd::DISC {
                     return Ok(());
+                }
+                if req.typ == cmd::WRITE && rd.buffer().len() < req.length as usize {
+                    // The payload may have to be waited for.
+                    writes.submit(&session, &out, &self);
                 }
                 if let Some(reply) = serve_inline(&session, &req, &mut rd).await? {
                     if reply.failed {
@@ -538,15 +558,23 @@ impl Server {
                 } else {
                     1
                 };
-                let bytes_permit = budget
-                    .clone()
-                    .acquire_many_owned(units)
-                    .await
-                    .map_err(|_| ServerError::Protocol("closed".into()))?;
+                // Queued writes hold permits: they go to the writer before any wait for one.
+                let bytes_permit = match budget.clone().try_acquire_many_owned(units) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        writes.submit(&session, &out, &self);
+                        budget
+                            .clone()
+                            .acquire_many_owned(units)
+                            .await
+                            .map_err(|_| ServerError::Protocol("closed".into()))?
+                    }
+                };
                 let mut payload = Vec::new();
                 let mut early: Option<OpError> = None;
                 if req.typ == cmd::WRITE {
                     if req.length > MAX_PAYLOAD {
+                        writes.submit(&session, &out, &self);
                         discard(&mut rd, u64::from(req.length)).await?;
                         early = Some(OpError::new(
                             if session.structured {
@@ -556,23 +584,52 @@ impl Server {
                             },
                             "write larger than the maximum block size",
                         ));
+                    } else if rd.buffer().len() >= req.length as usize {
+                        // All there: one copy, no zero-fill.
+                        payload = rd.buffer()[..req.length as usize].to_vec();
+                        rd.consume(req.length as usize);
                     } else {
+                        writes.submit(&session, &out, &self);
                         payload = vec![0u8; req.length as usize];
                         rd.read_exact(&mut payload).await?;
                     }
                 }
-                let permit = permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ServerError::Protocol("closed".into()))?;
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        writes.submit(&session, &out, &self);
+                        permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| ServerError::Protocol("closed".into()))?
+                    }
+                };
+                if let (cmd::WRITE, Backend::File(_), None) =
+                    (req.typ, &session.export.backend, &early)
+                {
+                    if req.flags & cflag::FUA == 0 {
+                        if let Err(e) = validate(&session, &req) {
+                            let reply = error_reply(&session, &req, e);
+                            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                            ready.push(reply.bytes);
+                            continue;
+                        }
+                        writes.push(req, payload, [permit, bytes_permit]);
+                        if writes.reqs.len() >= WRITE_BATCH {
+                            writes.submit(&session, &out, &self);
+                        }
+                        continue;
+                    }
+                }
                 let out = out.clone();
                 let session = session.clone();
                 let srv = self.clone();
                 if let (cmd::WRITE, Backend::File(st), None) =
                     (req.typ, &session.export.backend, &early)
                 {
-                    // Straight to the blocking pool, which queues the reply itself.
+                    // FUA: straight to the blocking pool (its fdatasync must not hold up the
+                    // writer threads), which queues the reply itself.
                     let st = st.clone();
                     tokio::task::spawn_blocking(move || {
                         let r = (|| -> Result<(), OpError> {
@@ -612,6 +669,7 @@ impl Server {
         }
         .await;
         // Outstanding requests finish and their replies are written before the socket closes.
+        writes.submit(&session, &out, &self);
         out.push_all(&mut ready);
         let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
         out.close();
@@ -621,6 +679,55 @@ impl Server {
             Err(e) => warn!("writer task: {e}"),
         }
         result
+    }
+}
+
+/// Small writes read but not yet handed to the writer threads, with what their replies need.
+#[derive(Default)]
+struct PendingWrites {
+    writes: Vec<QueuedWrite>,
+    reqs: Vec<(Request, [OwnedSemaphorePermit; 2])>,
+}
+
+impl PendingWrites {
+    fn push(&mut self, req: Request, data: Vec<u8>, permits: [OwnedSemaphorePermit; 2]) {
+        self.writes.push(QueuedWrite {
+            offset: req.offset,
+            data,
+        });
+        self.reqs.push((req, permits));
+    }
+
+    /// Hand the batch to the writer threads; they queue the replies and release the
+    /// permits once the writes are done.
+    fn submit(&mut self, session: &Arc<Session>, out: &Arc<Outbox>, srv: &Arc<Server>) {
+        if self.reqs.is_empty() {
+            return;
+        }
+        let Backend::File(st) = &session.export.backend else {
+            return;
+        };
+        let reqs = std::mem::take(&mut self.reqs);
+        let (session2, out, srv) = (session.clone(), out.clone(), srv.clone());
+        st.queue_writes(
+            std::mem::take(&mut self.writes),
+            Box::new(move |results| {
+                let mut replies = Vec::with_capacity(reqs.len());
+                for ((req, _), r) in reqs.iter().zip(results) {
+                    let reply = match r {
+                        Ok(()) => ok_reply(req),
+                        Err(e) => error_reply(&session2, req, e.into()),
+                    };
+                    if reply.failed {
+                        srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    replies.push(reply.bytes);
+                }
+                out.push_all(&mut replies);
+                // The permits go only now, with the replies queued.
+                drop(reqs);
+            }),
+        );
     }
 }
 
@@ -670,6 +777,12 @@ impl Outbox {
     fn close(&self) {
         self.lock().closed = true;
         self.more.notify_one();
+    }
+
+    /// Whether [`Outbox::wait_room`] would return at once.
+    fn has_room(&self) -> bool {
+        let q = self.lock();
+        q.failed || q.bytes <= MAX_BUFFERED as usize
     }
 
     /// Wait while more than `MAX_BUFFERED` bytes of replies are queued (a client that does
