@@ -497,6 +497,7 @@ impl Server {
         let (rd, wr) = tokio::io::split(conn);
         // Buffered: one read system call brings in many small request headers.
         let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut scratch = Vec::new();
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let writer = tokio::spawn(write_replies(wr.clone(), out.clone()));
@@ -545,7 +546,7 @@ impl Server {
                     // The payload may have to be waited for.
                     writes.submit(&session, &out, &self);
                 }
-                if let Some(reply) = serve_inline(&session, &req, &mut rd).await? {
+                if let Some(reply) = serve_inline(&session, &req, &mut rd, &mut scratch).await? {
                     if reply.failed {
                         self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -892,10 +893,14 @@ async fn write_segments<W: AsyncWrite + Unpin>(
 /// holds and small writes without FUA to a local file (a page-cache copy), plus requests
 /// that fail validation. `None`: the request must run on its own task (its payload, if any,
 /// is still unread).
+///
+/// `scratch` is the connection's buffer for write payloads that are not all in `rd` yet;
+/// it is reused from request to request, so it is zero-filled only when it grows.
 async fn serve_inline<R: AsyncRead + Unpin>(
     s: &Session,
     req: &Request,
     rd: &mut BufReader<R>,
+    scratch: &mut Vec<u8>,
 ) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
         return Ok(None);
@@ -932,10 +937,10 @@ async fn serve_inline<R: AsyncRead + Unpin>(
                 rd.consume(len);
                 r
             } else {
-                let mut payload = vec![0u8; len];
-                rd.read_exact(&mut payload).await?;
+                scratch.resize(len, 0);
+                rd.read_exact(scratch).await?;
                 match &v {
-                    Ok(()) => st.write_at(&payload, req.offset),
+                    Ok(()) => st.write_at(scratch, req.offset),
                     Err(_) => Ok(()),
                 }
             };
