@@ -155,12 +155,17 @@ pub struct Choice {
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
-            "{why}: XDP {} mode on {}/{}{}",
+            "{why}: XDP {} mode on {}/{}{}{}",
             port.mode().as_str(),
             port.names().0,
             port.names().1,
             if port.multi_buffer() {
                 ", multi-buffer"
+            } else {
+                ""
+            },
+            if port.bridge_gro() {
+                ", gro towards the bridge"
             } else {
                 ""
             }
@@ -377,6 +382,12 @@ impl XdpPort {
     /// Bridge-side and edge-side interface names.
     pub fn names(&self) -> (&str, &str) {
         (self.veth.name(), self.veth.edge_name())
+    }
+
+    /// Whether the kernel coalesces the frames sent into the bridge (GRO on
+    /// the bridge side of the port).
+    pub fn bridge_gro(&self) -> bool {
+        self.veth.gro()
     }
 
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
