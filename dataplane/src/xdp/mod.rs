@@ -415,10 +415,13 @@ impl XdpPort {
     }
 
     /// Kicks pending transmits and reaps completions; returns the number of
-    /// frames still in flight.
+    /// descriptors the kernel has not taken off the TX ring yet (those need
+    /// another kick soon). Frames it has taken complete on their own, e.g.
+    /// once the bridge side's NAPI thread has passed them on, and are reaped
+    /// by the next send.
     pub fn flush_tx(&mut self) -> u32 {
         self.xsk.flush_tx();
-        self.xsk.tx_in_flight()
+        self.xsk.tx_unsent()
     }
 
     /// The socket's own counters (no system call; for the datapath's per-batch use).

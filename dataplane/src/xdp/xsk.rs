@@ -740,9 +740,12 @@ impl Xsk {
         }
     }
 
-    /// Transmit chunks handed to the kernel and not completed yet.
-    pub fn tx_in_flight(&self) -> u32 {
-        self.tx_in_flight
+    /// Descriptors on the TX ring that the kernel has not taken yet (they
+    /// need another kick; taken ones complete without one).
+    pub fn tx_unsent(&self) -> u32 {
+        self.tx
+            .cached_prod
+            .wrapping_sub(self.tx.consumer().load(Ordering::Acquire))
     }
 
     /// Kicks the kernel again and reaps completions (call when the TX ring
