@@ -701,8 +701,9 @@ impl Xsk {
         }
         if self.tx_in_flight > 0 {
             self.kick_tx();
-            // Copy mode completes during the kick: take the chunks back now
-            // rather than in another call.
+            // Copy mode without a NAPI thread on the peer completes during
+            // the kick: take those chunks back now rather than in another
+            // call (with one, they come back later and the next send reaps).
             self.reap_completions();
         }
         sent
