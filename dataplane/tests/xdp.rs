@@ -344,7 +344,13 @@ fn tx_sizes_arrive_in_vm() {
         while port.flush_tx() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let got = vm_rx_packets(&lab) - rx_before;
+        // The bridge side's NAPI thread delivers them after the kernel took
+        // them off the TX ring.
+        let mut got = vm_rx_packets(&lab) - rx_before;
+        while got < frames.len() as u64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            got = vm_rx_packets(&lab) - rx_before;
+        }
         assert!(
             got >= frames.len() as u64,
             "{got} of {} arrived",
@@ -354,6 +360,153 @@ fn tx_sizes_arrive_in_vm() {
         assert_eq!(port.send_batch([big.as_slice()]), 0);
         assert_eq!(port.stats().socket.tx_too_big, 1);
     });
+}
+
+/// Consecutive TCP segments of one flow sent through AF_XDP TX are merged by
+/// GRO on the bridge side of the port: the VM's interface receives fewer,
+/// larger packets carrying every byte (without GRO: one packet per frame).
+#[test]
+fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
+    require_root!("tx_tcp_segments_are_coalesced_towards_the_bridge");
+    in_thread(|| {
+        let lab = Lab::new();
+        private_sysfs();
+        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        assert!(port.bridge_gro(), "GRO towards the bridge not enabled");
+        let out = lab.vm_run(&["ip", "-j", "link", "show", "dev", "eth0"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+        let mut vm_mac = [0u8; 6];
+        for (m, h) in vm_mac
+            .iter_mut()
+            .zip(v[0]["address"].as_str().expect("mac").split(':'))
+        {
+            *m = u8::from_str_radix(h, 16).expect("hex");
+        }
+        let vm_ip: Vec<u8> = VM_IP.split('.').map(|b| b.parse().expect("ip")).collect();
+        const SEGS: u32 = 32;
+        const MSS: usize = 1400;
+        let frames: Vec<Vec<u8>> = (0..SEGS)
+            .map(|i| tcp_segment(vm_mac, &vm_ip, 1000 + i * MSS as u32, MSS))
+            .collect();
+        assert!(frames.iter().all(|f| tcp_checksum_ok(f) == Some(true)));
+        let (p0, b0) = vm_rx(&lab);
+        assert_eq!(port.send_batch(frames.iter().map(Vec::as_slice)), SEGS);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Every packet the VM receives carries one Ethernet/IP/TCP header and
+        // some of the payload: all of it arrived when the bytes add up.
+        let payload = u64::from(SEGS) * MSS as u64;
+        let arrived = |p: u64, b: u64| b.saturating_sub(p * 54) >= payload;
+        let (mut p, mut b) = (0, 0);
+        while !arrived(p, b) && Instant::now() < deadline {
+            port.flush_tx();
+            std::thread::sleep(Duration::from_millis(20));
+            let (p1, b1) = vm_rx(&lab);
+            (p, b) = (p1 - p0, b1 - b0);
+        }
+        assert!(arrived(p, b), "{b} bytes in {p} packets: payload missing");
+        assert!(
+            p < u64::from(SEGS),
+            "{p} packets for {SEGS} segments: no GRO"
+        );
+    });
+}
+
+/// Gives this thread its own mount namespace with a sysfs of its network
+/// namespace (as `ip netns exec` does), so that the port can set threaded
+/// NAPI under /sys/class/net.
+fn private_sysfs() {
+    // SAFETY: unshare/mount with constant arguments; the new mount namespace
+    // belongs to this test thread only.
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare(NEWNS)");
+        let root = c"/";
+        let none = c"none";
+        let sys = c"/sys";
+        let sysfs = c"sysfs";
+        assert_eq!(
+            libc::mount(
+                none.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null()
+            ),
+            0,
+            "make / private"
+        );
+        assert_eq!(
+            libc::mount(
+                sysfs.as_ptr(),
+                sys.as_ptr(),
+                sysfs.as_ptr(),
+                0,
+                std::ptr::null()
+            ),
+            0,
+            "mount sysfs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// An IPv4/TCP data segment (ACK, complete checksums) from the test's peer
+/// to the VM: `len` bytes at sequence number `seq`.
+fn tcp_segment(dst_mac: [u8; 6], vm_ip: &[u8], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + len];
+    f[..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&PEER_MAC);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((40 + len) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&((seq / 1400) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&PEER_IP);
+    ip[16..20].copy_from_slice(vm_ip);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let tcp = &mut f[34..];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x10; // ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    for (i, b) in tcp[20..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let mut sum: u32 = 6 + (20 + len) as u32;
+    for c in PEER_IP
+        .chunks(2)
+        .chain(vm_ip.chunks(2))
+        .chain(tcp.chunks(2))
+    {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f
+}
+
+fn vm_rx(lab: &Lab) -> (u64, u64) {
+    let out = lab.vm_run(&["ip", "-j", "-s", "link", "show", "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    let rx = &v[0]["stats64"]["rx"];
+    (
+        rx["packets"].as_u64().expect("rx packets"),
+        rx["bytes"].as_u64().expect("rx bytes"),
+    )
 }
 
 fn vm_rx_packets(lab: &Lab) -> u64 {

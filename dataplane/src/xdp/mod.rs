@@ -156,7 +156,7 @@ pub struct Choice {
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
-            "{why}: XDP {} mode on {}/{}{}{}",
+            "{why}: XDP {} mode on {}/{}{}{}{}",
             port.mode().as_str(),
             port.names().0,
             port.names().1,
@@ -168,6 +168,11 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             match port.more.len() {
                 0 => String::new(),
                 n => format!(", {} queues", n + 1),
+            },
+            if port.bridge_gro() {
+                ", gro towards the bridge"
+            } else {
+                ""
             }
         );
         Choice {
@@ -439,6 +444,12 @@ impl XdpPort {
         (self.shared.veth.name(), self.shared.veth.edge_name())
     }
 
+    /// Whether the kernel coalesces the frames sent into the bridge (GRO on
+    /// the bridge side of the port).
+    pub fn bridge_gro(&self) -> bool {
+        self.shared.veth.gro()
+    }
+
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
     pub fn multi_buffer(&self) -> bool {
         self.xsk.multi_buffer()
@@ -464,10 +475,13 @@ impl XdpPort {
     }
 
     /// Kicks pending transmits and reaps completions; returns the number of
-    /// frames still in flight.
+    /// descriptors the kernel has not taken off the TX ring yet (those need
+    /// another kick soon). Frames it has taken complete on their own, e.g.
+    /// once the bridge side's NAPI thread has passed them on, and are reaped
+    /// by the next send.
     pub fn flush_tx(&mut self) -> u32 {
         self.xsk.flush_tx();
-        self.xsk.tx_in_flight()
+        self.xsk.tx_unsent()
     }
 
     /// The socket's own counters (no system call; for the datapath's per-batch use).

@@ -157,10 +157,19 @@ pub fn remove_stale(name: &str) -> Result<bool, PortError> {
     Ok(removed)
 }
 
+/// `ethtool` set commands used on the port (legacy ethtool_value ioctls).
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_STSO: u32 = 0x1f;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
 /// Turns off transmit checksum offload of `dev` (`ethtool -K dev tx off`,
 /// through the SIOCETHTOOL ioctl so that no ethtool binary is needed).
 fn tx_checksum_off(dev: &str) -> Result<(), PortError> {
-    const ETHTOOL_STXCSUM: u32 = 0x17;
+    ethtool_set(dev, ETHTOOL_STXCSUM, 0, "tx off")
+}
+
+/// One `ethtool -K` setting through the SIOCETHTOOL ioctl.
+fn ethtool_set(dev: &str, cmd: u32, data: u32, what: &str) -> Result<(), PortError> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -173,16 +182,13 @@ fn tx_checksum_off(dev: &str) -> Result<(), PortError> {
         _pad: [u8; 16],
     }
     let err = |msg: String| PortError::Ip {
-        args: format!("(ethtool) {dev} tx off"),
+        args: format!("(ethtool) {dev} {what}"),
         msg,
     };
     if dev.len() >= libc::IFNAMSIZ {
         return Err(err("name too long".into()));
     }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
+    let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         data: &mut value,
@@ -245,6 +251,7 @@ pub fn sweep_stale() -> Result<Vec<String>, PortError> {
 pub struct VethPort {
     name: String,
     edge: String,
+    gro: bool,
 }
 
 impl VethPort {
@@ -307,12 +314,23 @@ impl VethPort {
             "1",
         ])?;
         // From here on, drop removes the pair.
-        let port = Self {
+        let mut port = Self {
             name: name.to_owned(),
             edge,
+            gro: false,
         };
         ip(&["link", "set", "dev", &port.edge, "alias", &alias])?;
         tx_checksum_off(&port.name)?;
+        // Frames the edge sends through AF_XDP enter the bridge one MTU at a
+        // time. With GRO on the bridge side (which gives it a NAPI context)
+        // and TSO off on the edge side (which makes veth_xmit treat the
+        // frames as GRO candidates), the kernel coalesces them into GSO
+        // packets before the bridge, so the VMs' stacks get super-packets as
+        // from a TAP device. Best effort: without it frames still flow.
+        port.gro = ethtool_set(&port.edge, ETHTOOL_STSO, 0, "tso off")
+            .and_then(|()| ethtool_set(&port.name, ETHTOOL_SGRO, 1, "gro on"))
+            .inspect_err(|e| tracing::warn!(port = %name, error = %e, "no GRO towards the bridge"))
+            .is_ok();
         ip(&["link", "set", "dev", &port.name, "alias", &alias])?;
         // Best effort: a kernel without IPv6 has no such file.
         let _ = std::fs::write(
@@ -324,6 +342,17 @@ impl VethPort {
             None => ip(&["link", "set", "dev", &port.name, "up"])?,
         };
         ip(&["link", "set", "dev", &port.edge, "up"])?;
+        // Threaded NAPI on the bridge side (its NAPI context exists once it
+        // is up): AF_XDP copy mode enables bottom halves after every frame it
+        // transmits, so a NAPI poll in softirq context would see one frame at
+        // a time and GRO would have nothing to merge. A NAPI thread polls the
+        // frames a whole `sendto` queued (up to 64 per poll), and the bridge
+        // and the VMs' stacks run beside the edge, not inside its sendto.
+        if port.gro {
+            port.gro = std::fs::write(format!("/sys/class/net/{}/threaded", port.name), "1")
+                .inspect_err(|e| tracing::warn!(port = %name, error = %e, "no threaded NAPI"))
+                .is_ok();
+        }
         Ok(port)
     }
 
@@ -335,6 +364,12 @@ impl VethPort {
     /// Edge-side name (where the XDP program runs).
     pub fn edge_name(&self) -> &str {
         &self.edge
+    }
+
+    /// Whether frames sent into the bridge are coalesced by GRO on the
+    /// bridge side.
+    pub fn gro(&self) -> bool {
+        self.gro
     }
 }
 

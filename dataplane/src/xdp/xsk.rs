@@ -236,6 +236,11 @@ impl<T: Copy> Ring<T> {
         self.producer().store(self.cached_prod, Ordering::Release);
     }
 
+    /// Producer side: whether the kernel has consumed everything published.
+    fn drained(&self) -> bool {
+        self.consumer().load(Ordering::Acquire) == self.cached_prod
+    }
+
     /// Consumer side: how many entries are ready (at most `want`).
     fn available(&mut self, want: u32) -> u32 {
         let mut n = self.cached_prod.wrapping_sub(self.cached_cons);
@@ -289,6 +294,9 @@ pub struct XskCounters {
     /// Multi-buffer frames sent.
     pub tx_multi_buffer: u64,
 }
+
+/// `XDP_MAX_TX_SKB_BUDGET` (linux/if_xdp.h, Linux >= 6.17; not in libc yet).
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 
 /// Largest frame handled in multi-buffer mode (a 64 KiB IP packet plus its
 /// Ethernet header; at most 17 chunks, the kernel's limit for one frame).
@@ -422,6 +430,16 @@ impl Xsk {
         ] {
             setsockopt(fd.as_fd(), opt, &ring, call)?;
         }
+
+        // Copy mode sends at most 32 frames per kick unless told otherwise
+        // (Linux >= 6.17): let one kick take the whole ring. Older kernels
+        // refuse the option; the kick loop then takes 32 at a time.
+        let _ = setsockopt(
+            fd.as_fd(),
+            XDP_MAX_TX_SKB_BUDGET,
+            &ring,
+            "setsockopt(XDP_MAX_TX_SKB_BUDGET)",
+        );
 
         // SAFETY: all-zero is a valid xdp_mmap_offsets (plain integers).
         let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
@@ -683,6 +701,10 @@ impl Xsk {
         }
         if self.tx_in_flight > 0 {
             self.kick_tx();
+            // Copy mode without a NAPI thread on the peer completes during
+            // the kick: take those chunks back now rather than in another
+            // call (with one, they come back later and the next send reaps).
+            self.reap_completions();
         }
         sent
     }
@@ -694,7 +716,9 @@ impl Xsk {
         // all. Bounded by what can be in flight.
         let rounds = self.tx_in_flight / 32 + 2;
         for _ in 0..rounds {
-            if !self.tx.needs_wakeup() {
+            // Nothing left on the ring (only completions to reap): a kick
+            // would be a wasted system call.
+            if !self.tx.needs_wakeup() || self.tx.drained() {
                 return;
             }
             // SAFETY: zero-length sendto with no buffer asks the kernel to
@@ -717,9 +741,12 @@ impl Xsk {
         }
     }
 
-    /// Transmit chunks handed to the kernel and not completed yet.
-    pub fn tx_in_flight(&self) -> u32 {
-        self.tx_in_flight
+    /// Descriptors on the TX ring that the kernel has not taken yet (they
+    /// need another kick; taken ones complete without one).
+    pub fn tx_unsent(&self) -> u32 {
+        self.tx
+            .cached_prod
+            .wrapping_sub(self.tx.consumer().load(Ordering::Acquire))
     }
 
     /// Kicks the kernel again and reaps completions (call when the TX ring
