@@ -2,10 +2,12 @@
 //! (NAT hole punching, direct preferred, relay fallback), MAC learning and switching.
 //! Pure: every entry point takes `now` and writes into an [`Outbox`]; no sockets, no clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+// Looked up for every packet: a seeded fast hash instead of SipHash.
+use foldhash::HashMap;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -338,9 +340,9 @@ impl EdgeCore {
             reg_seq: 0,
             rng,
             sns,
-            peers: HashMap::new(),
-            index: HashMap::new(),
-            macs: HashMap::new(),
+            peers: HashMap::default(),
+            index: HashMap::default(),
+            macs: HashMap::default(),
             bcast_tx,
             bcast_ctr: 0,
             hs_ts: 0,

@@ -4,10 +4,12 @@
 //! The supernode never holds a community secret: it sees community ids, edge ids and
 //! addresses, and forwards encrypted packets unchanged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+// Looked up for every packet: a seeded fast hash instead of SipHash.
+use foldhash::HashMap;
 use ring::signature::{UnparsedPublicKey, ED25519};
 
 use crate::outbox::Outbox;
@@ -76,7 +78,7 @@ impl SupernodeCore {
     pub fn new(cfg: SupernodeConfig, now: Instant) -> Self {
         Self {
             cfg,
-            communities: HashMap::new(),
+            communities: HashMap::default(),
             n_edges: 0,
             started: now,
             registrations: 0,
