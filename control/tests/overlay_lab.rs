@@ -819,8 +819,8 @@ fn threaded(datapath: &str) {
     assert!(packets > 1000, "{v}");
     assert_eq!(ooo, 0, "datagrams out of order: {v}");
 
-    // Junk from 16 source ports reaches both of A's sockets; every datagram is a counted
-    // drop and the edge keeps working.
+    // Junk from 16 source ports: every datagram is a counted drop, whichever thread's
+    // socket it reaches, and the edge keeps working.
     let dst = SocketAddrV4::new(a.public_ip, EDGE_PORT);
     let udp_rx = |lab: &Lab| -> Vec<u64> {
         let st = mvc.edge_status(lab, c.edge("a")).unwrap();
@@ -861,12 +861,10 @@ fn threaded(datapath: &str) {
         rx1 = udp_rx(&lab);
         rx1.iter().sum::<u64>() >= rx0.iter().sum::<u64>() + sent
     });
+    // Which socket a source port lands on is the kernel's SO_REUSEPORT hash: shown, not
+    // asserted (one CI run saw all 16 ports on one socket).
     let got = rx1.iter().zip(&rx0).filter(|(x, y)| *x > *y).count();
-    eprintln!("{datapath}: udp_rx of A's threads {rx0:?} -> {rx1:?}");
-    assert!(
-        got >= 2,
-        "junk from 16 ports reached one socket: {rx0:?} -> {rx1:?}"
-    );
+    eprintln!("{datapath}: udp_rx of A's threads {rx0:?} -> {rx1:?} ({got} sockets got junk)");
     all_running(&lab, &c);
     ping_ok(&lab, &vb.ns, va.ip, 5);
 
