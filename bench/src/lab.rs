@@ -1189,8 +1189,9 @@ pub fn iperf_udp(
     }
 }
 
-/// Runs iperf3 once against a one-off server and returns its JSON report.
-fn iperf_json(
+/// Runs iperf3 once (`extra` arguments added to the client) against a one-off server
+/// and returns the client's JSON report.
+pub fn iperf_json(
     lab: &Lab,
     client: &str,
     server: &str,

@@ -682,43 +682,8 @@ fn iperf3_json(
     secs: u32,
     extra: &[&str],
 ) -> serde_json::Value {
-    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(6301);
-    let port = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let p = port.to_string();
-    let srv = lab
-        .spawn(
-            server,
-            &format!("iperf3-server-{port}"),
-            &["iperf3", "-s", "-1", "-p", &p, "-i", "0"],
-        )
-        .unwrap();
-    let filter = format!("sport = :{port}");
-    lab.wait_until("iperf3 server listening", Duration::from_secs(5), || {
-        lab.exec(server, &["ss", "-Hltn", &filter])
-            .is_ok_and(|o| !o.stdout.trim().is_empty())
-    })
-    .unwrap();
-    let (d, t) = (dst.to_string(), secs.to_string());
-    let mut args = vec![
-        "iperf3",
-        "-c",
-        &d,
-        "-p",
-        &p,
-        "-t",
-        &t,
-        "-J",
-        "--connect-timeout",
-        "3000",
-    ];
-    args.extend_from_slice(extra);
-    let out = lab.exec_timeout(client, &args, Duration::from_secs(u64::from(secs) + 20));
-    lab.stop(&srv);
-    let out = out.unwrap_or_else(|e| panic!("iperf3 {extra:?}: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("iperf3 output: {e}: {}{}", out.stdout, out.stderr));
-    assert!(v.get("error").is_none(), "iperf3: {v}");
-    v
+    lab::iperf_json(lab, client, server, dst, secs, extra)
+        .unwrap_or_else(|e| panic!("iperf3 {extra:?}: {e}"))
 }
 
 /// Per-thread `frames_rx` of an edge (from its status).
