@@ -830,6 +830,13 @@ fn threaded(datapath: &str) {
     // asserted (one CI run saw all 16 ports on one socket).
     let got = rx1.iter().zip(&rx0).filter(|(x, y)| *x > *y).count();
     eprintln!("{datapath}: udp_rx of A's threads {rx0:?} -> {rx1:?} ({got} sockets got junk)");
+    if got < 2 {
+        let st = mvc.edge_status(&lab, c.edge("a")).unwrap();
+        eprintln!(
+            "{datapath}: A's drops {} threads {}",
+            st["drops"], st["threads"]
+        );
+    }
     all_running(&lab, &c);
     ping_ok(&lab, &vb.ns, va.ip, 5);
 
