@@ -63,33 +63,71 @@ pub fn lines(panels: &[Panel<'_>], out: &Path) -> anyhow::Result<()> {
                 .collect();
             draw_line(&mut chart, i, name, data)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
+/// The charts drawn here: SVG, f64 on both axes.
+pub type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// Draws the `i`-th series of a chart as a line with point markers, with its legend entry.
 pub fn draw_line(
-    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    chart: &mut Chart<'_, '_>,
     i: usize,
     name: &str,
     data: Vec<(f64, f64)>,
 ) -> anyhow::Result<()> {
     let color = Palette99::pick(i).to_rgba();
-    chart
-        .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
-        .map_err(|e| anyhow!("{e}"))?
-        .label(name)
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    draw_plain(chart, name, color, data.clone())?;
     chart
         .draw_series(data.into_iter().map(|q| Circle::new(q, 3, color.filled())))
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Draws a line in `color` without markers, with its legend entry.
+pub fn draw_plain(
+    chart: &mut Chart<'_, '_>,
+    name: &str,
+    color: RGBAColor,
+    data: Vec<(f64, f64)>,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(data, color.stroke_width(2)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+/// Draws a thin grey reference line (a limit, an ideal) with its legend entry.
+pub fn draw_reference(
+    chart: &mut Chart<'_, '_>,
+    label: &str,
+    points: Vec<(f64, f64)>,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(points, BLACK.mix(0.4).stroke_width(1)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
+    Ok(())
+}
+
+/// Draws the legend box at `position`.
+/// (The backend outlives the chart, as plotters' legend drawing requires.)
+pub fn draw_legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))
 }

@@ -22,6 +22,7 @@ use anyhow::{anyhow, bail, Context};
 use plotters::prelude::*;
 use serde::Serialize;
 
+use super::figure;
 use super::{utc_now, write_json, Machine};
 
 /// Options of `bench nbd`.
@@ -948,27 +949,11 @@ fn plot_figure(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::
     ];
     for (name, color, get) in series {
         let data: Vec<(f64, f64)> = f.samples.iter().map(|s| (s.t, pct(get(s), s))).collect();
-        chart
-            .draw_series(LineSeries::new(data, color.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
+        figure::draw_plain(&mut chart, name, color.to_rgba(), data)?;
     }
     let ideal = vec![(0.0, 0.0), (f.ideal_secs, 100.0)];
-    chart
-        .draw_series(LineSeries::new(ideal, BLACK.mix(0.4).stroke_width(1)))
-        .map_err(|x| e(&x))?
-        .label("disk size / link rate")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|x| e(&x))?;
+    figure::draw_reference(&mut chart, "disk size / link rate", ideal)?;
+    figure::draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
@@ -1020,27 +1005,11 @@ fn plot_links(f: &Figure, size_mib: u64, link_mib: u64, out: &Path) -> anyhow::R
         .map_err(|x| e(&x))?;
     for (name, color, get) in series {
         let data: Vec<(f64, f64)> = f.links.iter().map(|l| (l.t, get(l))).collect();
-        chart
-            .draw_series(LineSeries::new(data, color.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
+        figure::draw_plain(&mut chart, name, color.to_rgba(), data)?;
     }
     let cap = vec![(0.0, link_mib as f64), (tmax, link_mib as f64)];
-    chart
-        .draw_series(LineSeries::new(cap, BLACK.mix(0.4).stroke_width(1)))
-        .map_err(|x| e(&x))?
-        .label("source link rate limit")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|x| e(&x))?;
+    figure::draw_reference(&mut chart, "source link rate limit", cap)?;
+    figure::draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
@@ -1275,6 +1244,51 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_proxy_figures_render_with_their_legends() {
+        let samples: Vec<Sample> = (0..=4u64)
+            .map(|i| Sample {
+                t: i as f64,
+                cached: i as f64 * 25.0,
+                cached_blocks: i * 25,
+                total_blocks: 100,
+                demand_blocks: i * 5,
+                background_blocks: i * 20,
+                written_blocks: i,
+                demand_bytes: i << 20,
+                background_bytes: i << 22,
+                client_read_bytes: i << 18,
+                client_write_bytes: i << 16,
+            })
+            .collect();
+        let f = Figure {
+            delay_ms: 20,
+            workload_iops: 200,
+            secs: 4.0,
+            ideal_secs: 4.0,
+            source_bytes: 100 << 16,
+            blocks_read_twice: 0,
+            links: link_rates(&samples),
+            samples,
+            fio_read_iops: 100.0,
+            fio_write_iops: 100.0,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (cached, links) = (dir.path().join("cached.svg"), dir.path().join("links.svg"));
+        plot_figure(&f, 6, 4, &cached).unwrap();
+        plot_links(&f, 6, 4, &links).unwrap();
+        let cached = std::fs::read_to_string(cached).unwrap();
+        let links = std::fs::read_to_string(links).unwrap();
+        for label in [
+            "cached (local)",
+            "made local by writes",
+            "disk size / link rate",
+        ] {
+            assert!(cached.contains(label), "{label} missing");
+        }
+        assert!(links.contains("source link rate limit"));
+    }
 
     #[test]
     fn log_reads_count_bytes_and_repeats() {
