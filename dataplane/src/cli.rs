@@ -15,7 +15,7 @@ use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
-use crate::io::uring::{self, Offloads};
+use crate::io::uring::Offloads;
 use crate::io::{tap, threads, udp, IoError};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
@@ -573,7 +573,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             socks.len()
         )));
     }
-    if uring_ok && threads > 1 {
+    if uring_ok {
         let spin = Duration::from_micros(busy_poll_us.min(10_000));
         threads::run_edge_threads(
             core,
@@ -590,22 +590,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         let (Some(sock), Some(port)) = (socks.into_iter().next(), ports.into_iter().next()) else {
             return Err(CliError::Usage("no socket or frame port".into()));
         };
-        if uring_ok {
-            let spin = Duration::from_micros(busy_poll_us.min(10_000));
-            uring::run_edge(
-                core,
-                sock,
-                port,
-                off,
-                underlay_mtu as usize,
-                spin,
-                info,
-                snap,
-                stop,
-            )?;
-        } else {
-            driver::run_edge(core, sock, port, info, snap, stop)?;
-        }
+        driver::run_edge(core, sock, port, info, snap, stop)?;
     }
     tracing::info!("edge stopped");
     Ok(())

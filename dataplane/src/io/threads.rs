@@ -238,8 +238,8 @@ pub fn flow_hash(frame: &[u8]) -> Option<u32> {
     Some(h)
 }
 
-/// Runs `socks.len()` forwarder threads (thread 0 on the calling thread), one per UDP
-/// socket and frame port queue, until `stop` is set or one of them fails (which stops the
+/// Runs `socks.len()` forwarder threads (thread 0 on the calling thread; with one socket
+/// no thread is spawned), one per UDP socket and frame port queue, until `stop` is set or one of them fails (which stops the
 /// others); returns the first error.
 #[allow(clippy::too_many_arguments)]
 pub fn run_edge_threads(

@@ -423,36 +423,6 @@ fn set_blocking(fd: RawFd) {
     }
 }
 
-/// Runs an edge on io_uring until `stop` is set (one forwarder thread).
-#[allow(clippy::too_many_arguments)]
-pub fn run_edge(
-    core: EdgeCore,
-    sock: UdpSocket,
-    port: FramePort,
-    off: Offloads,
-    underlay_mtu: usize,
-    spin: Duration,
-    info: EdgeInfo,
-    snap: Snapshot<EdgeStatus>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), IoError> {
-    let fds: Arc<[RawFd]> = Arc::from(vec![port.fd()]);
-    let shared = Arc::new(Forwarders::new(core, 1));
-    run_forwarder(
-        &shared,
-        0,
-        sock,
-        port,
-        fds,
-        off,
-        underlay_mtu,
-        spin,
-        info,
-        snap,
-        stop,
-    )
-}
-
 /// Runs forwarder thread `me` of an edge (its own socket and frame queue, the core
 /// shared, see `io::threads`) until `stop` is set. Thread 0 also runs the core's timers
 /// and publishes the status snapshot. `tap_fds` holds every TAP queue (empty on XDP).
