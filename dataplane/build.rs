@@ -1,6 +1,6 @@
 //! Builds the XDP program in `../dataplane-ebpf` for `bpfel-unknown-none`
 //! with aya-build (`cargo +nightly build -Z build-std=core`, linked by
-//! bpf-linker) into `OUT_DIR/mvc-xdp`, which `src/xdp/program.rs` embeds.
+//! bpf-linker) into `OUT_DIR/mvc-xdp`, which `src/xdp/mod.rs` embeds.
 //!
 //! When the BPF toolchain (nightly with rust-src, bpf-linker) is missing, the
 //! host crate still builds: the reason is passed to the crate as

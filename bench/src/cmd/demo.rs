@@ -1,4 +1,4 @@
-//! `bench demo`: the three-site lab of issue 2 with `mvc` (a supernode and an edge per
+//! `bench demo`: the three-site overlay lab with `mvc` (a supernode and an edge per
 //! site), pings and iperf3 runs between every pair of sites, status tables, teardown.
 
 use std::path::PathBuf;
