@@ -376,6 +376,10 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
         return Ok(());
     }
     let g = |k: &str| st.get(k).cloned().unwrap_or_default();
+    if g("mode").as_str() == Some("serve") {
+        print_server(&st);
+        return Ok(());
+    }
     let cached = g("cached_blocks").as_u64().unwrap_or(0);
     let total = g("total_blocks").as_u64().unwrap_or(0);
     let pct = if total > 0 {
@@ -423,7 +427,36 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
         Some(e) => println!("eta:       {e:.1} s"),
         None => println!("eta:       unknown"),
     }
+    print_server(&st);
     Ok(())
+}
+
+/// The NBD server's lines of `ctl query`.
+fn print_server(st: &serde_json::Value) {
+    let s = &st["server"];
+    let l = &s["listeners"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    println!(
+        "server:    {} connections open, {} accepted, {} requests ({} failed)",
+        n(&l["open"]),
+        n(&l["accepted"]),
+        n(&s["requests"]),
+        n(&s["request_errors"])
+    );
+    println!(
+        "refused:   {} over the limit, {} handshake timeouts, {} accept errors, {} protocol drops",
+        n(&l["refused"]),
+        n(&l["handshake_timeouts"]),
+        n(&l["accept_errors"]),
+        n(&s["protocol_drops"])
+    );
+    println!(
+        "memory:    {} of {} bytes held, {} budget waits, {} stalled clients dropped",
+        n(&s["memory_used"]),
+        n(&s["memory_budget"]),
+        n(&s["budget_waits"]),
+        n(&s["stalled_drops"])
+    );
 }
 
 async fn ctl_main(a: CtlArgs) -> Result<()> {

@@ -1192,10 +1192,11 @@ fn ok_reply(req: &Request) -> Reply {
 
 /// Bytes of the memory budget a request holds until its reply is written: its read data or
 /// write payload (refused beyond the maximum block size, so never more), or the largest
-/// block status reply; a header for the rest.
+/// block status reply; a header for the rest. Reply headers of reads and writes ride in
+/// the unit rounding, so a share of N MiB holds N reads of 1 MiB.
 fn held_bytes(req: &Request) -> u64 {
     match req.typ {
-        cmd::READ | cmd::WRITE => HEADER_HOLD + u64::from(req.length.min(MAX_PAYLOAD)),
+        cmd::READ | cmd::WRITE => u64::from(req.length.min(MAX_PAYLOAD)),
         cmd::BLOCK_STATUS => BLOCK_STATUS_HOLD,
         _ => HEADER_HOLD,
     }
