@@ -1164,6 +1164,13 @@ pub fn serve_with(
             }
         }
     }
+    tracing::info!(
+        accepted = stats.accepted.load(Ordering::Relaxed),
+        refused = stats.refused.load(Ordering::Relaxed),
+        handshake_timeouts = stats.handshake_timeouts.load(Ordering::Relaxed),
+        accept_errors = stats.accept_errors.load(Ordering::Relaxed),
+        "agent listener closed"
+    );
     core.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     Ok(())
 }

@@ -336,3 +336,64 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     assert!(counter(&q, &["server", "stalled_drops"]) >= 1, "{q}");
     drop(hogs);
 }
+
+#[test]
+fn max_block_size_follows_the_connection_share() {
+    require!("nbdinfo");
+    use std::os::unix::net::UnixStream;
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 32 * MIB, 8 * MIB, 6);
+    let sock = d.path().join("nbd.sock");
+    let _srv = start(
+        &[
+            "serve",
+            "--export",
+            &format!("disk={}", img.display()),
+            "--unix",
+            sock.to_str().unwrap(),
+            "--memory-budget",
+            "8M",
+            "--conn-memory",
+            "5M",
+        ],
+        None,
+        &d.path().join("serve.log"),
+        &sock,
+    );
+    // The largest power of two within the 5 MiB share.
+    let info = ok(30, "nbdinfo", &[&unix_uri(&sock, "disk")]);
+    assert!(info.contains("block_size_maximum: 4194304"), "{info}");
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    negotiate(&mut c, "disk");
+    let simple = |c: &mut UnixStream| {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        c.read_exact(&mut h).unwrap();
+        proto::SimpleReply::parse(&h).unwrap()
+    };
+    // Larger than the maximum: refused, the connection goes on.
+    c.write_all(&read_req(1, 0, 8 << 20)).unwrap();
+    let r = simple(&mut c);
+    assert_eq!((r.cookie, r.error), (1, proto::err::EINVAL));
+    let mut w = Request {
+        flags: 0,
+        typ: cmd::WRITE,
+        cookie: 2,
+        offset: 0,
+        length: 8 << 20,
+    }
+    .encode()
+    .to_vec();
+    w.resize(w.len() + (8 << 20), 0xa5);
+    c.write_all(&w).unwrap();
+    let r = simple(&mut c);
+    assert_eq!((r.cookie, r.error), (2, proto::err::EINVAL));
+    // At the maximum: served.
+    c.write_all(&read_req(3, 0, 4 << 20)).unwrap();
+    let r = simple(&mut c);
+    assert_eq!((r.cookie, r.error), (3, 0));
+    let mut data = vec![0u8; 4 << 20];
+    c.read_exact(&mut data).unwrap();
+    assert_eq!(data, std::fs::read(&img).unwrap()[..4 << 20]);
+}
