@@ -1072,11 +1072,26 @@ pub fn serve(
 }
 
 /// Whether an accept error is about one connection (go on at once) rather than about
-/// resources (descriptors, memory: back off).
+/// resources (descriptors, memory: back off): the errors accept(2) says to retry at once,
+/// pending network errors of the new connection included.
 fn per_connection(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EPERM | libc::EINTR)
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
     )
 }
 

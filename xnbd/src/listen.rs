@@ -112,7 +112,8 @@ impl Drop for Slot {
 }
 
 /// Whether an accept error is about this one connection (go on at once) rather than about
-/// resources (back off).
+/// resources (back off): the errors accept(2) says to retry at once, pending network errors
+/// of the new connection included.
 fn per_connection(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -123,7 +124,12 @@ fn per_connection(e: &io::Error) -> bool {
                 | libc::EPERM
                 | libc::EINTR
                 | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
                 | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
                 | libc::ENETUNREACH
         )
     ) || matches!(
