@@ -163,6 +163,23 @@ fn descriptor_exhaustion_then_a_normal_client_is_served() {
         Path::new(&format!("/proc/{}", srv.pid())).exists(),
         "xnbd exited"
     );
+    // An established connection may idle; TCP keepalive (not a timeout) finds dead peers.
+    if common::have("ss") {
+        let mut c = TcpStream::connect(&listen).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        negotiate(&mut c, "disk");
+        let filter = format!("sport = :{port}");
+        // The timer shows once the last reply is acknowledged.
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let ss = ok(10, "ss", &["-tnoH", "state", "established", &filter]);
+            if ss.contains("keepalive") {
+                break;
+            }
+            assert!(Instant::now() < end, "{ss}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[test]
