@@ -20,7 +20,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -933,9 +933,51 @@ pub fn serve_conn(
     key: &SigningKey,
     stream: TcpStream,
 ) -> Result<(), ChannelError> {
+    serve_conn_within(core, key, stream, ListenLimits::default().handshake_timeout)
+}
+
+/// [`serve_conn`] with the whole hello required within `handshake`: a client that sends
+/// nothing, or a byte at a time, is closed when it runs out.
+fn serve_conn_within(
+    core: &Mutex<AgentCore>,
+    key: &SigningKey,
+    stream: TcpStream,
+    handshake: Duration,
+) -> Result<(), ChannelError> {
+    await_hello(&stream, handshake)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A client that stops reading cannot hold this thread for ever.
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut ch = channel::server(stream, key)?;
     ch_loop(core, &mut ch)
+}
+
+/// Wait (at most `limit`) until the client's whole channel hello is buffered, so the
+/// handshake that follows does not wait on the client.
+fn await_hello(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
+    let end = Instant::now() + limit;
+    let mut buf = [0u8; channel::HELLO_LEN];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.peek(&mut buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) if n >= buf.len() => return Ok(()),
+            // Part of it: the rest is on its way (or never comes; the deadline decides).
+            Ok(_) => std::thread::sleep(Duration::from_millis(20).min(left)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn ch_loop(
@@ -978,8 +1020,39 @@ fn ch_loop(
     }
 }
 
-/// Most connections served at once; more are closed at accept.
+/// Most connections served at once by default; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Bounds of the agent's listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenLimits {
+    /// Connections served at once; more are closed at accept (counted).
+    pub max_connections: usize,
+    /// Time a client has to send its channel hello; closed after it (counted).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ListenLimits {
+    fn default() -> ListenLimits {
+        ListenLimits {
+            max_connections: MAX_CONNECTIONS,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of the agent's listener.
+#[derive(Debug, Default)]
+pub struct ListenStats {
+    /// Connections accepted and served.
+    pub accepted: AtomicU64,
+    /// Connections closed at accept because `max_connections` were open.
+    pub refused: AtomicU64,
+    /// Connections closed for not sending the channel hello in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Failed `accept` calls (descriptors or memory short, aborted connections).
+    pub accept_errors: AtomicU64,
+}
 
 /// Accept connections until `stop` is set, then shut the core down.
 pub fn serve(
@@ -988,15 +1061,70 @@ pub fn serve(
     listener: TcpListener,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
+    serve_with(
+        core,
+        key,
+        listener,
+        stop,
+        ListenLimits::default(),
+        Arc::default(),
+    )
+}
+
+/// Whether an accept error is about one connection (go on at once) rather than about
+/// resources (descriptors, memory: back off): the errors accept(2) says to retry at once,
+/// pending network errors of the new connection included.
+fn per_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// [`serve`] with explicit limits and counters. Failed accepts never end the loop: resource
+/// errors (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`) back off from 5 ms to 1 s and are logged
+/// once per burst, with a summary when accepting works again.
+pub fn serve_with(
+    core: Arc<Mutex<AgentCore>>,
+    key: Arc<SigningKey>,
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    limits: ListenLimits,
+    stats: Arc<ListenStats>,
+) -> std::io::Result<()> {
+    const BACKOFF_MIN: Duration = Duration::from_millis(5);
+    const BACKOFF_MAX: Duration = Duration::from_secs(1);
     listener.set_nonblocking(true)?;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut refused: u64 = 0;
+    let mut burst: u64 = 0;
+    let mut backoff = BACKOFF_MIN;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((s, peer)) => {
-                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    refused += 1;
-                    tracing::warn!(%peer, refused, "too many open connections; refused");
+                if burst > 0 {
+                    tracing::info!(failures = burst, "agent listener accepting again");
+                    burst = 0;
+                    backoff = BACKOFF_MIN;
+                }
+                if open.load(Ordering::Relaxed) >= limits.max_connections {
+                    let refused = stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(%peer, refused, max = limits.max_connections, "too many open connections; closed at accept");
+                    }
                     continue;
                 }
                 if s.set_nonblocking(false).is_err() {
@@ -1004,25 +1132,60 @@ pub fn serve(
                 }
                 let core = core.clone();
                 let key = key.clone();
-                let open = open.clone();
+                let open2 = open.clone();
+                let stats2 = stats.clone();
                 open.fetch_add(1, Ordering::Relaxed);
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_conn(&core, &key, s) {
-                        tracing::debug!(%peer, error = %e, "connection ended");
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("agent-conn".into())
+                        .spawn(move || {
+                            match serve_conn_within(&core, &key, s, limits.handshake_timeout) {
+                                Ok(()) => {}
+                                Err(ChannelError::Io(e))
+                                    if e.kind() == std::io::ErrorKind::TimedOut =>
+                                {
+                                    stats2.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%peer, "no channel hello in time; closed");
+                                }
+                                Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
+                            }
+                            open2.fetch_sub(1, Ordering::Relaxed);
+                        });
+                match spawned {
+                    Ok(_) => {
+                        stats.accepted.fetch_add(1, Ordering::Relaxed);
                     }
-                    open.fetch_sub(1, Ordering::Relaxed);
-                });
+                    Err(e) => {
+                        // The closure (and the connection) were dropped unrun.
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, error = %e, "no thread for a connection; closed");
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
-                // EMFILE, ECONNABORTED...: keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(200));
+                stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if per_connection(&e) {
+                    continue;
+                }
+                if burst == 0 {
+                    tracing::warn!(error = %e, "agent accept failed; backing off and retrying (logged once until accepting works)");
+                }
+                burst += 1;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
+    tracing::info!(
+        accepted = stats.accepted.load(Ordering::Relaxed),
+        refused = stats.refused.load(Ordering::Relaxed),
+        handshake_timeouts = stats.handshake_timeouts.load(Ordering::Relaxed),
+        accept_errors = stats.accept_errors.load(Ordering::Relaxed),
+        "agent listener closed"
+    );
     core.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     Ok(())
 }

@@ -32,6 +32,8 @@ use std::io::{Read, Write};
 pub const CHANNEL_VERSION: u8 = 1;
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME: usize = 4 << 20;
+/// Length of the client's hello: magic, version, ephemeral public key.
+pub const HELLO_LEN: usize = 36;
 const MAGIC: [u8; 3] = *b"MVC";
 
 /// Channel failures.
@@ -124,7 +126,7 @@ pub fn client<S: Read + Write>(
     pinned: &[u8; 32],
 ) -> Result<Channel<S>, ChannelError> {
     let (private, c_eph) = ephemeral()?;
-    let mut hello = [0u8; 36];
+    let mut hello = [0u8; HELLO_LEN];
     hello[..3].copy_from_slice(&MAGIC);
     hello[3] = CHANNEL_VERSION;
     hello[4..].copy_from_slice(&c_eph);
@@ -165,7 +167,7 @@ pub fn server<S: Read + Write>(
     mut stream: S,
     host: &SigningKey,
 ) -> Result<Channel<S>, ChannelError> {
-    let mut hello = [0u8; 36];
+    let mut hello = [0u8; HELLO_LEN];
     stream.read_exact(&mut hello)?;
     if hello[..3] != MAGIC || hello[3] != CHANNEL_VERSION {
         return Err(ChannelError::Protocol);

@@ -211,6 +211,12 @@ struct AgentRun {
     /// TCP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7000")]
     listen: String,
+    /// Connections served at once; more are closed at accept.
+    #[arg(long, default_value_t = agent::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client has to send its channel hello before it is closed.
+    #[arg(long, default_value_t = 10.0)]
+    handshake_timeout: f64,
     /// A VM host: NAME:VCPUS:MEMORY_MB:MAX_VMS (repeatable; default: this machine).
     #[arg(long = "host")]
     hosts: Vec<HostSpec>,
@@ -611,7 +617,19 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             tracing::info!(site = %r.site, listen = %r.listen, agent_key = %key.public_hex(), driver = %r.driver, "agent serving");
-            agent::serve(Arc::new(Mutex::new(core)), key, listener, stop)?;
+            let limits = agent::ListenLimits {
+                max_connections: r.max_connections.max(1),
+                handshake_timeout: std::time::Duration::try_from_secs_f64(r.handshake_timeout)
+                    .context("--handshake-timeout")?,
+            };
+            agent::serve_with(
+                Arc::new(Mutex::new(core)),
+                key,
+                listener,
+                stop,
+                limits,
+                Arc::default(),
+            )?;
             tracing::info!("agent stopped; VMs and overlay processes it started are stopped");
             Ok(())
         }

@@ -4,11 +4,17 @@
 //! Requests: `{"cmd":"query"}`, `{"cmd":"cache-all"}`, `{"cmd":"switch","force":false}`,
 //! `{"cmd":"reconnect","source":"HOST:PORT"|null}`, `{"cmd":"set-rate","rate":BYTES}`.
 //! Replies: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`; `status` is a
-//! [`crate::proxy::Status`].
+//! [`crate::proxy::Status`] (only `"mode":"serve"` for `xnbd serve`, which answers `query`
+//! alone) with the NBD server's counters under `"server"` ([`crate::server::ServerStatus`])
+//! and the control socket's under `"ctl"` ([`crate::listen::ListenCounts`]).
+//!
+//! The control socket takes at most [`MAX_SESSIONS`] connections at once and closes one
+//! that sends no complete request line for [`IDLE`] (counted as a handshake timeout).
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -17,10 +23,16 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::debug;
 
 use crate::client::Addr;
+use crate::listen::{AcceptErrors, ListenStats};
 use crate::proxy::Proxy;
+use crate::server::Server;
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 4096;
+/// Control connections served at once; more are closed at accept.
+pub const MAX_SESSIONS: usize = 16;
+/// Time a control connection has to send each request line.
+pub const IDLE: Duration = Duration::from_secs(30);
 
 /// Control errors.
 #[derive(Debug, Error)]
@@ -76,8 +88,65 @@ pub struct Reply {
     pub status: Option<serde_json::Value>,
 }
 
-fn apply(p: &Proxy, req: Request) -> Reply {
-    let r: Result<(), String> = match req {
+/// What the control socket controls: a proxy, or a plain server (query only).
+#[derive(Debug, Clone)]
+pub struct Controlled {
+    /// The proxy, if this is one.
+    pub proxy: Option<Arc<Proxy>>,
+    /// The NBD server.
+    pub server: Arc<Server>,
+    /// Counters of the control socket itself.
+    pub ctl: Arc<ListenStats>,
+}
+
+impl Controlled {
+    /// A control target.
+    pub fn new(proxy: Option<Arc<Proxy>>, server: Arc<Server>) -> Controlled {
+        Controlled {
+            proxy,
+            server,
+            ctl: Arc::default(),
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut v = match &self.proxy {
+            Some(p) => serde_json::to_value(p.status()).ok()?,
+            None => serde_json::json!({ "mode": "serve" }),
+        };
+        let o = v.as_object_mut()?;
+        o.insert(
+            "server".into(),
+            serde_json::to_value(self.server.status()).ok()?,
+        );
+        o.insert("ctl".into(), serde_json::to_value(self.ctl.counts()).ok()?);
+        Some(v)
+    }
+
+    fn apply(&self, req: Request) -> Reply {
+        let r = match (&self.proxy, req) {
+            (_, Request::Query) => Ok(()),
+            (Some(p), req) => apply(p, req),
+            (None, _) => Err("not a proxy: only query is available".to_owned()),
+        };
+        let status = self.status();
+        match r {
+            Ok(()) => Reply {
+                ok: true,
+                error: None,
+                status,
+            },
+            Err(e) => Reply {
+                ok: false,
+                error: Some(e),
+                status,
+            },
+        }
+    }
+}
+
+fn apply(p: &Proxy, req: Request) -> Result<(), String> {
+    match req {
         Request::Query => Ok(()),
         Request::CacheAll => {
             p.cache_all();
@@ -95,49 +164,63 @@ fn apply(p: &Proxy, req: Request) -> Reply {
             p.set_rate(rate);
             Ok(())
         }
-    };
-    let status = serde_json::to_value(p.status()).ok();
-    match r {
-        Ok(()) => Reply {
-            ok: true,
-            error: None,
-            status,
-        },
-        Err(e) => Reply {
-            ok: false,
-            error: Some(e),
-            status,
-        },
     }
 }
 
-/// Serve the control socket at `path` (replaced if present) forever.
-pub async fn serve(path: &Path, proxy: Arc<Proxy>) -> io::Result<()> {
+/// Bind the control socket at `path` (replaced if present).
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Serve the control socket forever (failed accepts back off; see [`crate::listen`]).
+pub async fn serve(l: UnixListener, target: Controlled) {
+    let mut errs = AcceptErrors::new("control");
     loop {
-        let (s, _) = l.accept().await?;
-        let p = proxy.clone();
+        let s = match l.accept().await {
+            Ok((s, _)) => {
+                errs.ok();
+                s
+            }
+            Err(e) => {
+                tokio::time::sleep(errs.failed(&e, &target.ctl)).await;
+                continue;
+            }
+        };
+        let Some(slot) = target.ctl.admit(MAX_SESSIONS) else {
+            continue;
+        };
+        let t = target.clone();
         tokio::spawn(async move {
-            if let Err(e) = session(s, p).await {
+            let _slot = slot;
+            if let Err(e) = session(s, &t).await {
                 debug!("control session: {e}");
             }
         });
     }
 }
 
-async fn session(s: UnixStream, p: Arc<Proxy>) -> Result<(), CtlError> {
+async fn session(s: UnixStream, t: &Controlled) -> Result<(), CtlError> {
     let (rd, mut wr) = s.into_split();
     let mut rd = BufReader::new(rd);
     let mut line = String::new();
     loop {
         line.clear();
-        let n = (&mut rd).take(MAX_LINE as u64).read_line(&mut line).await?;
+        let mut limited = (&mut rd).take(MAX_LINE as u64);
+        let n = match tokio::time::timeout(IDLE, limited.read_line(&mut line)).await {
+            Ok(n) => n?,
+            Err(_) => {
+                t.ctl
+                    .handshake_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+        };
         if n == 0 {
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => apply(&p, req),
+            Ok(req) => t.apply(req),
             Err(e) => Reply {
                 ok: false,
                 error: Some(format!("bad request: {e}")),
@@ -146,7 +229,10 @@ async fn session(s: UnixStream, p: Arc<Proxy>) -> Result<(), CtlError> {
         };
         let mut out = serde_json::to_vec(&reply)?;
         out.push(b'\n');
-        wr.write_all(&out).await?;
+        match tokio::time::timeout(IDLE, wr.write_all(&out)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        }
     }
 }
 

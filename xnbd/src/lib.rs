@@ -8,13 +8,17 @@
 //! - [`bitmap`] and [`proxy`]: crash-safe cached-block bitmap, on-demand fetch, background
 //!   copy, switch to target mode.
 //! - [`ctl`]: the proxy's control socket.
+//! - [`listen`] and [`budget`]: accept loops that outlive transient errors, connection and
+//!   negotiation bounds, and the server's memory budget.
 //!
 //! See `docs/XNBD.md` for usage and design.
 
 pub mod backend;
 pub mod bitmap;
+pub mod budget;
 pub mod client;
 pub mod ctl;
+pub mod listen;
 pub mod proto;
 pub mod proxy;
 pub mod server;

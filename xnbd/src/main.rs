@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use xnbd::backend::Backend;
+use xnbd::budget::MemoryLimits;
 use xnbd::client::{load_client_tls, Addr};
 use xnbd::ctl;
+use xnbd::listen::Limits;
 use xnbd::proxy::{Proxy, ProxyConfig};
 use xnbd::server::{self, Export, Listen, Server, Tls};
 use xnbd::storage::Storage;
@@ -50,6 +52,25 @@ struct ListenArgs {
     /// Advertised minimum block size; misaligned requests then get EINVAL.
     #[arg(long, default_value_t = 1)]
     min_block: u32,
+    /// Client connections open at once (TCP and Unix together); more are closed at accept.
+    #[arg(long, default_value_t = 1000)]
+    max_connections: usize,
+    /// Seconds a client has to finish the NBD handshake (TLS included) before it is closed.
+    /// Established connections may stay idle as long as they like.
+    #[arg(long, default_value_t = 30.0)]
+    handshake_timeout: f64,
+    /// Bytes of request payloads and replies held at once for all clients (K/M/G suffixes);
+    /// requests wait when it is used up.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory_budget: u64,
+    /// Bytes of the budget one connection may hold (a client that does not read its
+    /// replies holds no more).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    conn_memory: u64,
+    /// Seconds a client's replies may go unread while other clients wait for the memory
+    /// budget before that client is disconnected.
+    #[arg(long, default_value_t = 60.0)]
+    stall_timeout: f64,
 }
 
 #[derive(Args)]
@@ -60,6 +81,9 @@ struct ServeArgs {
     /// Make every export read-only.
     #[arg(long)]
     read_only: bool,
+    /// Control socket (`xnbd ctl query` shows the server's counters).
+    #[arg(long)]
+    ctl: Option<PathBuf>,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -213,6 +237,40 @@ fn listeners(a: &ListenArgs) -> Vec<Listen> {
     v
 }
 
+fn secs(what: &str, s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|e| anyhow::anyhow!("--{what} {s}: {e}"))
+}
+
+/// The NBD server for `exports` with the listener and memory bounds of `a`.
+fn server(exports: Vec<Arc<Export>>, a: &ListenArgs) -> Result<Server> {
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    if a.memory_budget < 1 << 20 || a.conn_memory < 1 << 20 {
+        bail!("--memory-budget and --conn-memory must be at least 1M");
+    }
+    Ok(Server::new(
+        exports,
+        tls(a)?,
+        a.min_block,
+        Limits {
+            max_connections: a.max_connections,
+            handshake_timeout: secs("handshake-timeout", a.handshake_timeout)?,
+        },
+        MemoryLimits {
+            total: a.memory_budget,
+            per_connection: a.conn_memory.min(a.memory_budget),
+            stall_timeout: secs("stall-timeout", a.stall_timeout)?,
+        },
+    ))
+}
+
+/// Serve the control socket at `path` on its own task.
+fn control(path: &std::path::Path, target: ctl::Controlled) -> Result<tokio::task::JoinHandle<()>> {
+    let l = ctl::bind(path).with_context(|| format!("control socket {}", path.display()))?;
+    Ok(tokio::spawn(ctl::serve(l, target)))
+}
+
 fn tls(a: &ListenArgs) -> Result<Option<Tls>> {
     match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Ok(Some(Tls {
@@ -241,13 +299,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .iter()
         .map(|e| parse_export(e, a.read_only).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    let srv = Arc::new(Server {
-        exports,
-        tls: tls(&a.listen)?,
-        min_block: a.listen.min_block,
-        stats: Default::default(),
-    });
-    let tasks = server::start(srv, &listeners(&a.listen)).await?;
+    let srv = Arc::new(server(exports, &a.listen)?);
+    let mut tasks = server::start(srv.clone(), &listeners(&a.listen)).await?;
+    if let Some(c) = &a.ctl {
+        tasks.push(control(c, ctl::Controlled::new(None, srv))?);
+    }
     wait_for_signal().await?;
     for t in tasks {
         t.abort();
@@ -293,26 +349,18 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         readahead: a.readahead,
     })
     .await?;
-    let srv = Arc::new(Server {
-        exports: vec![Arc::new(Export {
+    let srv = Arc::new(server(
+        vec![Arc::new(Export {
             name: a.name.clone(),
             description: format!("relocating from {}", a.source),
             backend: Backend::Proxy(p.clone()),
             read_only: false,
         })],
-        tls: tls(&a.listen)?,
-        min_block: a.listen.min_block,
-        stats: Default::default(),
-    });
-    let mut tasks = server::start(srv, &listeners(&a.listen)).await?;
+        &a.listen,
+    )?);
+    let mut tasks = server::start(srv.clone(), &listeners(&a.listen)).await?;
     if let Some(c) = &a.ctl {
-        let c = c.clone();
-        let p = p.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = ctl::serve(&c, p).await {
-                tracing::error!("control socket: {e}");
-            }
-        }));
+        tasks.push(control(c, ctl::Controlled::new(Some(p.clone()), srv))?);
     }
     wait_for_signal().await?;
     for t in tasks {
@@ -328,6 +376,10 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
         return Ok(());
     }
     let g = |k: &str| st.get(k).cloned().unwrap_or_default();
+    if g("mode").as_str() == Some("serve") {
+        print_server(&st);
+        return Ok(());
+    }
     let cached = g("cached_blocks").as_u64().unwrap_or(0);
     let total = g("total_blocks").as_u64().unwrap_or(0);
     let pct = if total > 0 {
@@ -375,7 +427,36 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
         Some(e) => println!("eta:       {e:.1} s"),
         None => println!("eta:       unknown"),
     }
+    print_server(&st);
     Ok(())
+}
+
+/// The NBD server's lines of `ctl query`.
+fn print_server(st: &serde_json::Value) {
+    let s = &st["server"];
+    let l = &s["listeners"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    println!(
+        "server:    {} connections open, {} accepted, {} requests ({} failed)",
+        n(&l["open"]),
+        n(&l["accepted"]),
+        n(&s["requests"]),
+        n(&s["request_errors"])
+    );
+    println!(
+        "refused:   {} over the limit, {} handshake timeouts, {} accept errors, {} protocol drops",
+        n(&l["refused"]),
+        n(&l["handshake_timeouts"]),
+        n(&l["accept_errors"]),
+        n(&s["protocol_drops"])
+    );
+    println!(
+        "memory:    {} of {} bytes held, {} budget waits, {} stalled clients dropped",
+        n(&s["memory_used"]),
+        n(&s["memory_budget"]),
+        n(&s["budget_waits"]),
+        n(&s["stalled_drops"])
+    );
 }
 
 async fn ctl_main(a: CtlArgs) -> Result<()> {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::Serialize;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -18,6 +19,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, OpError};
+use crate::budget::{Budget, Hold, MemoryLimits};
+use crate::listen::{AcceptErrors, Limits, ListenCounts, ListenStats};
 use crate::proto::{
     self, cflag, chunk, cmd, err, info as infot, opt, rep, tflag, Chunk, ClientOption, InfoItem,
     OptionReply, Request, SimpleReply,
@@ -26,8 +29,14 @@ use crate::storage::QueuedWrite;
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
-/// Payload bytes one connection may hold in flight (reads and writes).
-const MAX_BUFFERED: u32 = 128 << 20;
+/// Budget held by a block status reply (its largest size: 65536 extents of 8 bytes).
+const BLOCK_STATUS_HOLD: u64 = 512 << 10;
+/// Budget held by a reply header.
+const HEADER_HOLD: u64 = 64;
+/// TCP keepalive of client connections: first probe after 60 s without traffic, then every
+/// 10 s, reset after 6 unanswered (a vanished peer's connection goes after about 2 min; a
+/// live idle one is never disturbed).
+const KEEPALIVE: (u32, u32, u32) = (60, 10, 6);
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
 /// Largest read served inline when the page cache holds it (larger ones, and reads that
@@ -44,7 +53,9 @@ const SMALL_WRITE: usize = 64 << 10;
 const WRITE_BATCH: usize = 32;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
-/// Largest read or write payload accepted (and advertised as the maximum block size).
+/// Largest read or write payload accepted (and advertised as the maximum block size) when
+/// a connection's memory share is at least as large; smaller shares lower it (see
+/// [`Server::max_payload`]).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Context id of `base:allocation` after `NBD_OPT_SET_META_CONTEXT`.
 const BASE_ALLOCATION_ID: u32 = 1;
@@ -61,6 +72,9 @@ pub enum ServerError {
     /// TLS setup failed.
     #[error("tls: {0}")]
     Tls(String),
+    /// The client did not finish negotiating in time.
+    #[error("negotiation not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
 }
 
 /// Any stream the server can speak NBD over (TCP, Unix, TLS over either).
@@ -154,6 +168,30 @@ pub struct Stats {
     pub protocol_drops: AtomicU64,
 }
 
+/// What `xnbd ctl query` shows of the server under `"server"`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    /// Connections that reached negotiation.
+    pub connections: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub request_errors: u64,
+    /// Connections dropped for protocol violations.
+    pub protocol_drops: u64,
+    /// The NBD listeners together (TCP and Unix).
+    pub listeners: ListenCounts,
+    /// Bytes of the memory budget.
+    pub memory_budget: u64,
+    /// Bytes of it held now.
+    pub memory_used: u64,
+    /// Requests that waited for the memory budget.
+    pub budget_waits: u64,
+    /// Connections closed because they did not read their replies while others waited
+    /// for the budget.
+    pub stalled_drops: u64,
+}
+
 /// Server configuration shared by all connections.
 #[derive(Debug)]
 pub struct Server {
@@ -166,9 +204,65 @@ pub struct Server {
     pub min_block: u32,
     /// Counters.
     pub stats: Stats,
+    /// Bounds on connections (shared by every NBD listener of the server).
+    pub limits: Limits,
+    /// Counters of the listeners.
+    pub listeners: Arc<ListenStats>,
+    /// Bytes of requests and replies held at once.
+    pub budget: Budget,
 }
 
 impl Server {
+    /// A server for `exports` with the given bounds.
+    pub fn new(
+        exports: Vec<Arc<Export>>,
+        tls: Option<Tls>,
+        min_block: u32,
+        limits: Limits,
+        memory: MemoryLimits,
+    ) -> Server {
+        Server {
+            exports,
+            tls,
+            min_block,
+            stats: Stats::default(),
+            limits,
+            listeners: Arc::default(),
+            budget: Budget::new(memory),
+        }
+    }
+
+    /// The maximum block size advertised and enforced: [`MAX_PAYLOAD`], or the largest
+    /// power of two within a connection's memory share if that is smaller, so one request
+    /// never holds more than a share.
+    pub fn max_payload(&self) -> u32 {
+        let share = u32::try_from(self.budget.connection_bytes()).unwrap_or(u32::MAX);
+        let share = if share.is_power_of_two() {
+            share
+        } else {
+            share.next_power_of_two() >> 1
+        };
+        MAX_PAYLOAD
+            .min(share)
+            .max(PREFERRED_BLOCK.max(self.min_block))
+    }
+
+    /// Counters for operators.
+    pub fn status(&self) -> ServerStatus {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerStatus {
+            connections: n(&self.stats.connections),
+            requests: n(&self.stats.requests),
+            request_errors: n(&self.stats.request_errors),
+            protocol_drops: n(&self.stats.protocol_drops),
+            listeners: self.listeners.counts(),
+            memory_budget: self.budget.total_bytes(),
+            memory_used: self.budget.used_bytes(),
+            budget_waits: n(&self.budget.waits),
+            stalled_drops: n(&self.budget.stalled),
+        }
+    }
+
     fn find(&self, name: &str) -> Option<Arc<Export>> {
         self.exports
             .iter()
@@ -183,37 +277,81 @@ impl Server {
             .cloned()
     }
 
-    /// Accept TCP connections forever.
-    pub async fn run_tcp(self: Arc<Self>, l: TcpListener) -> io::Result<()> {
+    /// Accept TCP connections forever (failed accepts back off; see [`crate::listen`]).
+    pub async fn run_tcp(self: Arc<Self>, l: TcpListener) {
+        let mut errs = AcceptErrors::new("nbd tcp");
         loop {
-            let (s, peer) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            let srv = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = srv.serve(Box::new(s)).await {
-                    debug!(%peer, "connection ended: {e}");
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    errs.ok();
+                    let _ = s.set_nodelay(true);
+                    // Idle connections may stay; connections to peers that vanished go.
+                    {
+                        use std::os::fd::AsFd;
+                        let (idle, interval, count) = KEEPALIVE;
+                        if let Err(e) = crate::sys::tcp_keepalive(s.as_fd(), idle, interval, count)
+                        {
+                            debug!(%peer, "keepalive not set: {e}");
+                        }
+                    }
+                    self.clone().spawn_conn(Box::new(s), peer.to_string());
                 }
-            });
+                Err(e) => tokio::time::sleep(errs.failed(&e, &self.listeners)).await,
+            }
         }
     }
 
     /// Accept Unix-socket connections forever.
-    pub async fn run_unix(self: Arc<Self>, l: UnixListener) -> io::Result<()> {
+    pub async fn run_unix(self: Arc<Self>, l: UnixListener) {
+        let mut errs = AcceptErrors::new("nbd unix");
         loop {
-            let (s, _) = l.accept().await?;
-            let srv = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = srv.serve(Box::new(s)).await {
-                    debug!("unix connection ended: {e}");
+            match l.accept().await {
+                Ok((s, _)) => {
+                    errs.ok();
+                    self.clone().spawn_conn(Box::new(s), "unix".into());
                 }
-            });
+                Err(e) => tokio::time::sleep(errs.failed(&e, &self.listeners)).await,
+            }
         }
     }
 
-    /// Serve one connection to its end.
+    /// Serve an accepted connection on its own task, or close it at once when
+    /// `max_connections` are open.
+    fn spawn_conn(self: Arc<Self>, conn: Box<dyn Conn>, peer: String) {
+        let Some(slot) = self.listeners.admit(self.limits.max_connections) else {
+            let refused = self.listeners.refused.load(Ordering::Relaxed);
+            if refused.is_power_of_two() {
+                warn!(
+                    %peer,
+                    refused,
+                    max = self.limits.max_connections,
+                    "too many connections: closed at accept"
+                );
+            }
+            return;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = self.serve(conn).await {
+                debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+
+    /// Serve one connection to its end; negotiation must end within the handshake timeout.
     pub async fn serve(self: Arc<Self>, conn: Box<dyn Conn>) -> Result<(), ServerError> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let r = match self.negotiate(conn).await? {
+        let limit = self.limits.handshake_timeout;
+        let negotiated = match tokio::time::timeout(limit, self.negotiate(conn)).await {
+            Ok(n) => n?,
+            Err(_) => {
+                self.listeners
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(ServerError::HandshakeTimeout(limit));
+            }
+        };
+        let r = match negotiated {
             Some((conn, session)) => self.clone().transmission(conn, session).await,
             None => Ok(()),
         };
@@ -309,6 +447,7 @@ impl Server {
                             structured,
                             base_alloc,
                             min_block: 1,
+                            max_payload: self.max_payload(),
                         },
                     )));
                 }
@@ -412,7 +551,7 @@ impl Server {
                             &InfoItem::BlockSize {
                                 min: self.min_block,
                                 preferred: PREFERRED_BLOCK.max(self.min_block),
-                                max: MAX_PAYLOAD,
+                                max: self.max_payload(),
                             },
                         ),
                     )
@@ -430,6 +569,7 @@ impl Server {
                                 structured,
                                 base_alloc,
                                 min_block: if asked_bs { self.min_block } else { 1 },
+                                max_payload: self.max_payload(),
                             },
                         )));
                     }
@@ -500,12 +640,14 @@ impl Server {
         let mut scratch = Vec::new();
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
-        let writer = tokio::spawn(write_replies(wr.clone(), out.clone()));
+        let writer = tokio::spawn(write_replies(wr.clone(), out.clone(), self.clone()));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let budget = Arc::new(Semaphore::new((MAX_BUFFERED >> 12) as usize));
+        // This connection's share of the memory budget: every request holds its bytes from
+        // before its payload is read until its reply is written.
+        let share = self.budget.connection();
         // Replies of requests served inline, handed to the writer together whenever the
         // next request is not buffered yet (one wake-up and one write for the lot).
-        let mut ready: Vec<Vec<u8>> = Vec::new();
+        let mut ready: Vec<Seg> = Vec::new();
         // Small writes without FUA, handed to the file's writer threads as one batch whenever
         // the reader might wait (and every `WRITE_BATCH` writes).
         let mut writes = PendingWrites::default();
@@ -520,20 +662,23 @@ impl Server {
                     match wr.try_lock() {
                         Ok(mut w) => {
                             let mut segs = VecDeque::from(std::mem::take(&mut ready));
-                            write_segments(&mut *w, &mut segs).await?;
-                            w.flush().await?;
+                            write_segments(&mut *w, &mut segs, &self.budget).await?;
+                            stalled(&self.budget, w.flush()).await?;
                             ready = Vec::from(segs);
                         }
                         Err(_) => out.push_all(&mut ready),
                     }
                 }
-                if !out.has_room() {
-                    writes.submit(&session, &out, &self);
-                }
-                out.wait_room().await?;
                 let mut h = [0u8; proto::REQUEST_LEN];
-                match rd.read_exact(&mut h).await {
-                    Ok(_) => {}
+                // The writer may fail while the client sends nothing: that ends the
+                // connection too (and gives its budget back).
+                let got = tokio::select! {
+                    biased;
+                    r = rd.read_exact(&mut h) => r.map(|_| ()),
+                    () = out.failed() => Err(io::ErrorKind::BrokenPipe.into()),
+                };
+                match got {
+                    Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                     Err(e) => return Err(e.into()),
                 }
@@ -546,35 +691,43 @@ impl Server {
                     // The payload may have to be waited for.
                     writes.submit(&session, &out, &self);
                 }
-                if let Some(reply) = serve_inline(&session, &req, &mut rd, &mut scratch).await? {
-                    if reply.failed {
-                        self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                let units = self.budget.units(held_bytes(&req));
+                let hold = self.budget.try_take(&share, units);
+                if hold.is_some() {
+                    if let Some(reply) = serve_inline(&session, &req, &mut rd, &mut scratch).await?
+                    {
+                        if reply.failed {
+                            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ready.push(Seg {
+                            bytes: reply.bytes,
+                            _hold: hold,
+                        });
+                        continue;
                     }
-                    ready.push(reply.bytes);
-                    continue;
                 }
-                // Bound the memory of one connection: payload bytes in flight, in 4 KiB units.
-                let units = if matches!(req.typ, cmd::READ | cmd::WRITE) {
-                    (req.length.min(MAX_PAYLOAD) >> 12).max(1)
-                } else {
-                    1
-                };
-                // Queued writes hold permits: they go to the writer before any wait for one.
-                let bytes_permit = match budget.clone().try_acquire_many_owned(units) {
-                    Ok(p) => p,
-                    Err(_) => {
+                let hold = match hold {
+                    Some(h) => h,
+                    None => {
+                        // Queued writes and replies hold budget: they go to the writers
+                        // before any wait for more.
                         writes.submit(&session, &out, &self);
-                        budget
-                            .clone()
-                            .acquire_many_owned(units)
-                            .await
-                            .map_err(|_| ServerError::Protocol("closed".into()))?
+                        out.push_all(&mut ready);
+                        tokio::select! {
+                            biased;
+                            h = self.budget.take(&share, units) => {
+                                h.ok_or_else(|| ServerError::Protocol("closed".into()))?
+                            }
+                            () = out.failed() => {
+                                return Err(io::Error::from(io::ErrorKind::BrokenPipe).into())
+                            }
+                        }
                     }
                 };
                 let mut payload = Vec::new();
                 let mut early: Option<OpError> = None;
                 if req.typ == cmd::WRITE {
-                    if req.length > MAX_PAYLOAD {
+                    if req.length > session.max_payload {
                         writes.submit(&session, &out, &self);
                         discard(&mut rd, u64::from(req.length)).await?;
                         early = Some(OpError::new(
@@ -613,10 +766,13 @@ impl Server {
                         if let Err(e) = validate(&session, &req) {
                             let reply = error_reply(&session, &req, e);
                             self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                            ready.push(reply.bytes);
+                            ready.push(Seg {
+                                bytes: reply.bytes,
+                                _hold: Some(hold),
+                            });
                             continue;
                         }
-                        writes.push(req, payload, [permit, bytes_permit]);
+                        writes.push(req, payload, permit, hold);
                         if writes.reqs.len() >= WRITE_BATCH {
                             writes.submit(&session, &out, &self);
                         }
@@ -648,9 +804,11 @@ impl Server {
                         if reply.failed {
                             srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
                         }
-                        out.push_all(&mut vec![reply.bytes]);
+                        out.push_all(&mut vec![Seg {
+                            bytes: reply.bytes,
+                            _hold: Some(hold),
+                        }]);
                         drop(permit);
-                        drop(bytes_permit);
                     });
                     continue;
                 }
@@ -662,9 +820,11 @@ impl Server {
                     if reply.failed {
                         srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    out.push_all(&mut vec![reply.bytes]);
+                    out.push_all(&mut vec![Seg {
+                        bytes: reply.bytes,
+                        _hold: Some(hold),
+                    }]);
                     drop(permit);
-                    drop(bytes_permit);
                 });
             }
         }
@@ -687,20 +847,20 @@ impl Server {
 #[derive(Default)]
 struct PendingWrites {
     writes: Vec<QueuedWrite>,
-    reqs: Vec<(Request, [OwnedSemaphorePermit; 2])>,
+    reqs: Vec<(Request, OwnedSemaphorePermit, Hold)>,
 }
 
 impl PendingWrites {
-    fn push(&mut self, req: Request, data: Vec<u8>, permits: [OwnedSemaphorePermit; 2]) {
+    fn push(&mut self, req: Request, data: Vec<u8>, permit: OwnedSemaphorePermit, hold: Hold) {
         self.writes.push(QueuedWrite {
             offset: req.offset,
             data,
         });
-        self.reqs.push((req, permits));
+        self.reqs.push((req, permit, hold));
     }
 
-    /// Hand the batch to the writer threads; they queue the replies and release the
-    /// permits once the writes are done.
+    /// Hand the batch to the writer threads; they queue the replies (each holding its
+    /// budget until written) and release the in-flight permits once the writes are done.
     fn submit(&mut self, session: &Arc<Session>, out: &Arc<Outbox>, srv: &Arc<Server>) {
         if self.reqs.is_empty() {
             return;
@@ -714,22 +874,33 @@ impl PendingWrites {
             std::mem::take(&mut self.writes),
             Box::new(move |results| {
                 let mut replies = Vec::with_capacity(reqs.len());
-                for ((req, _), r) in reqs.iter().zip(results) {
+                let mut permits = Vec::with_capacity(reqs.len());
+                for ((req, permit, hold), r) in reqs.into_iter().zip(results) {
                     let reply = match r {
-                        Ok(()) => ok_reply(req),
-                        Err(e) => error_reply(&session2, req, e.into()),
+                        Ok(()) => ok_reply(&req),
+                        Err(e) => error_reply(&session2, &req, e.into()),
                     };
                     if reply.failed {
                         srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    replies.push(reply.bytes);
+                    replies.push(Seg {
+                        bytes: reply.bytes,
+                        _hold: Some(hold),
+                    });
+                    permits.push(permit);
                 }
                 out.push_all(&mut replies);
                 // The permits go only now, with the replies queued.
-                drop(reqs);
+                drop(permits);
             }),
         );
     }
+}
+
+/// A reply to write, with the budget its request holds until then.
+struct Seg {
+    bytes: Vec<u8>,
+    _hold: Option<Hold>,
 }
 
 /// Replies waiting to be written, in the order they completed.
@@ -738,14 +909,13 @@ struct Outbox {
     q: std::sync::Mutex<OutQueue>,
     /// Wakes the writer (a stored permit covers a push between its check and its wait).
     more: Notify,
-    /// Wakes a reader waiting for the queue to shrink.
-    room: Notify,
+    /// Wakes the reader when the writer has failed.
+    dead: Notify,
 }
 
 #[derive(Default)]
 struct OutQueue {
-    segs: VecDeque<Vec<u8>>,
-    bytes: usize,
+    segs: VecDeque<Seg>,
     writer_idle: bool,
     closed: bool,
     failed: bool,
@@ -757,17 +927,19 @@ impl Outbox {
         self.q.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue replies (taken out of `v`), waking the writer if it is waiting.
-    fn push_all(&self, v: &mut Vec<Vec<u8>>) {
+    /// Queue replies (taken out of `v`), waking the writer if it is waiting. Once the
+    /// writer has failed they are dropped at once (with the budget they hold).
+    fn push_all(&self, v: &mut Vec<Seg>) {
         if v.is_empty() {
             return;
         }
         let wake = {
             let mut q = self.lock();
-            for b in v.drain(..) {
-                q.bytes += b.len();
-                q.segs.push_back(b);
+            if q.failed {
+                v.clear();
+                return;
             }
+            q.segs.extend(v.drain(..));
             std::mem::take(&mut q.writer_idle)
         };
         if wake {
@@ -780,27 +952,49 @@ impl Outbox {
         self.more.notify_one();
     }
 
-    /// Whether [`Outbox::wait_room`] would return at once.
-    fn has_room(&self) -> bool {
-        let q = self.lock();
-        q.failed || q.bytes <= MAX_BUFFERED as usize
+    /// The writer cannot go on: drop what it had queued and wake the reader.
+    fn fail(&self) {
+        let dropped = {
+            let mut q = self.lock();
+            q.failed = true;
+            std::mem::take(&mut q.segs)
+        };
+        drop(dropped);
+        self.dead.notify_waiters();
     }
 
-    /// Wait while more than `MAX_BUFFERED` bytes of replies are queued (a client that does
-    /// not read its replies stops being read); an error once the writer has failed.
-    async fn wait_room(&self) -> Result<(), ServerError> {
+    /// Returns once the writer has failed.
+    async fn failed(&self) {
         loop {
-            let room = self.room.notified();
-            {
-                let q = self.lock();
-                if q.failed {
-                    return Err(ServerError::Io(io::ErrorKind::BrokenPipe.into()));
-                }
-                if q.bytes <= MAX_BUFFERED as usize {
-                    return Ok(());
-                }
+            // Registered before the check: a failure after it still wakes this future.
+            let dead = self.dead.notified();
+            if self.lock().failed {
+                return;
             }
-            room.await;
+            dead.await;
+        }
+    }
+}
+
+/// Await a write to the client. A write that makes no progress for the stall timeout
+/// while another connection waits for the memory budget fails (counted): the client is
+/// not reading its replies and holds budget others need.
+async fn stalled<T>(
+    budget: &Budget,
+    f: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::pin!(f);
+    loop {
+        match tokio::time::timeout(budget.stall_timeout(), &mut f).await {
+            Ok(r) => return r,
+            Err(_) if budget.contended() => {
+                budget.stalled.fetch_add(1, Ordering::Relaxed);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "replies not read while the memory budget is short",
+                ));
+            }
+            Err(_) => {}
         }
     }
 }
@@ -811,9 +1005,10 @@ impl Outbox {
 async fn write_replies<W: AsyncWrite + Unpin>(
     wr: Arc<tokio::sync::Mutex<W>>,
     out: Arc<Outbox>,
+    srv: Arc<Server>,
 ) -> io::Result<()> {
     let r = async {
-        let mut segs: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut segs: VecDeque<Seg> = VecDeque::new();
         loop {
             let more = out.more.notified();
             let closed = {
@@ -829,64 +1024,55 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 more.await;
                 continue;
             }
-            let n = {
-                let mut w = wr.lock().await;
-                let n = write_segments(&mut *w, &mut segs).await?;
-                w.flush().await?;
-                n
-            };
-            let mut q = out.lock();
-            q.bytes -= n;
-            if q.bytes <= MAX_BUFFERED as usize {
-                out.room.notify_waiters();
-            }
+            let mut w = wr.lock().await;
+            write_segments(&mut *w, &mut segs, &srv.budget).await?;
+            stalled(&srv.budget, w.flush()).await?;
         }
         let mut w = wr.lock().await;
-        w.flush().await?;
+        stalled(&srv.budget, w.flush()).await?;
         let _ = w.shutdown().await;
         Ok(())
     }
     .await;
     if r.is_err() {
-        out.lock().failed = true;
-        out.room.notify_waiters();
+        out.fail();
     }
     r
 }
 
-/// Write every segment (emptying `segs`); returns the bytes written.
+/// Write every segment (emptying `segs`, each dropped with its budget once written).
 async fn write_segments<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    segs: &mut VecDeque<Vec<u8>>,
-) -> io::Result<usize> {
+    segs: &mut VecDeque<Seg>,
+    budget: &Budget,
+) -> io::Result<()> {
     const MAX_IOV: usize = 512;
-    let total: usize = segs.iter().map(Vec::len).sum();
     let mut skip = 0; // bytes of the front segment already written
     while let Some(front) = segs.front() {
-        if skip >= front.len() {
-            skip -= front.len();
+        if skip >= front.bytes.len() {
+            skip -= front.bytes.len();
             segs.pop_front();
             continue;
         }
         let n = if wr.is_write_vectored() {
             let mut iov: Vec<io::IoSlice<'_>> = Vec::with_capacity(segs.len().min(MAX_IOV));
-            iov.push(io::IoSlice::new(&front[skip..]));
+            iov.push(io::IoSlice::new(&front.bytes[skip..]));
             iov.extend(
                 segs.iter()
                     .skip(1)
                     .take(MAX_IOV - 1)
-                    .map(|s| io::IoSlice::new(s)),
+                    .map(|s| io::IoSlice::new(&s.bytes)),
             );
-            wr.write_vectored(&iov).await?
+            stalled(budget, wr.write_vectored(&iov)).await?
         } else {
-            wr.write(&front[skip..]).await?
+            stalled(budget, wr.write(&front.bytes[skip..])).await?
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         skip += n;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
@@ -975,6 +1161,8 @@ struct Session {
     structured: bool,
     base_alloc: bool,
     min_block: u32,
+    /// Largest read or write accepted.
+    max_payload: u32,
 }
 
 struct Reply {
@@ -1012,6 +1200,18 @@ fn ok_reply(req: &Request) -> Reply {
         .encode()
         .to_vec(),
         failed: false,
+    }
+}
+
+/// Bytes of the memory budget a request holds until its reply is written: its read data or
+/// write payload (refused beyond the maximum block size, so never more), or the largest
+/// block status reply; a header for the rest. Reply headers of reads and writes ride in
+/// the unit rounding, so a share of N MiB holds N reads of 1 MiB.
+fn held_bytes(req: &Request) -> u64 {
+    match req.typ {
+        cmd::READ | cmd::WRITE => u64::from(req.length.min(MAX_PAYLOAD)),
+        cmd::BLOCK_STATUS => BLOCK_STATUS_HOLD,
+        _ => HEADER_HOLD,
     }
 }
 
@@ -1063,7 +1263,7 @@ fn validate(s: &Session, req: &Request) -> Result<(), OpError> {
             ));
         }
     }
-    if req.typ == cmd::READ && req.length > MAX_PAYLOAD {
+    if req.typ == cmd::READ && req.length > s.max_payload {
         let e = if s.structured {
             err::EOVERFLOW
         } else {
@@ -1202,23 +1402,13 @@ pub async fn start(
             Listen::Tcp(a) => {
                 let tl = TcpListener::bind(a).await?;
                 info!("listening on tcp {}", tl.local_addr()?);
-                let s = srv.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = s.run_tcp(tl).await {
-                        warn!("tcp listener: {e}");
-                    }
-                }));
+                tasks.push(tokio::spawn(srv.clone().run_tcp(tl)));
             }
             Listen::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 let ul = UnixListener::bind(p)?;
                 info!("listening on unix {}", p.display());
-                let s = srv.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = s.run_unix(ul).await {
-                        warn!("unix listener: {e}");
-                    }
-                }));
+                tasks.push(tokio::spawn(srv.clone().run_unix(ul)));
             }
         }
     }

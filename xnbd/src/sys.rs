@@ -1,9 +1,10 @@
 //! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
-//! read-ahead hints and data-only sync. Every `unsafe` block of the crate lives here.
+//! read-ahead hints, data-only sync and TCP keepalive. Every `unsafe` block of the crate
+//! lives here.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let off =
@@ -107,4 +108,50 @@ pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<
         Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
         _ => Err(e),
     }
+}
+
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int for the duration of the call and its exact size is
+    // passed; the fd is borrowed, so it stays open during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Turn on TCP keepalive: the first probe after `idle_secs` without traffic, then every
+/// `interval_secs`, the connection reset after `count` unanswered probes. An idle peer that
+/// is alive answers at kernel level and is never disturbed.
+pub fn tcp_keepalive(
+    fd: BorrowedFd<'_>,
+    idle_secs: u32,
+    interval_secs: u32,
+    count: u32,
+) -> io::Result<()> {
+    let int =
+        |v: u32| libc::c_int::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, int(idle_secs)?)?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        int(interval_secs)?,
+    )?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count)?)
 }

@@ -31,17 +31,18 @@ async fn concurrent_clients_race_background_copy() {
     std::fs::write(&src, &original).unwrap();
 
     let ssock = d.path().join("src.sock");
-    let source = Arc::new(Server {
-        exports: vec![Arc::new(Export {
+    let source = Arc::new(Server::new(
+        vec![Arc::new(Export {
             name: String::new(),
             description: String::new(),
             backend: Backend::File(Arc::new(Storage::open(&src, true).unwrap())),
             read_only: true,
         })],
-        tls: None,
-        min_block: 1,
-        stats: Default::default(),
-    });
+        None,
+        1,
+        Default::default(),
+        Default::default(),
+    ));
     let tasks = server::start(source, &[Listen::Unix(ssock.clone())])
         .await
         .unwrap();

@@ -1,0 +1,227 @@
+//! Accept loops that never end on a transient error, with a bound on open connections.
+//!
+//! `accept` fails for reasons that say nothing about the listener: the process or the system
+//! is out of descriptors (`EMFILE`, `ENFILE`), of memory (`ENOMEM`, `ENOBUFS`), or a client
+//! gave up between the handshake and the accept (`ECONNABORTED`). None of them may end a
+//! listener. Failures of the first kind back off (doubling from 5 ms to 1 s: the pending
+//! connection stays in the backlog and would fail again at once) and are logged once per
+//! burst, with a summary when accepting works again; per-connection failures are counted
+//! and the loop goes on at once.
+//!
+//! Connections over the limit are accepted and closed at once (counted): the client sees a
+//! reset or EOF at once instead of waiting in the backlog.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// First pause after a resource error.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between attempts while resources stay short.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Limits of one listener (or of a server's listeners together).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time a connection has to finish its negotiation before it is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1000,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of a listener, shown by `xnbd ctl query`.
+#[derive(Debug, Default)]
+pub struct ListenStats {
+    /// Connections accepted and served.
+    pub accepted: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// Connections closed at accept because `max_connections` were open.
+    pub refused: AtomicU64,
+    /// Connections closed because they did not finish negotiating in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Failed `accept` calls (descriptors or memory short, aborted connections).
+    pub accept_errors: AtomicU64,
+}
+
+/// A snapshot of [`ListenStats`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ListenCounts {
+    /// Connections accepted and served.
+    pub accepted: u64,
+    /// Connections open now.
+    pub open: usize,
+    /// Connections closed at accept over the limit.
+    pub refused: u64,
+    /// Connections closed for not negotiating in time.
+    pub handshake_timeouts: u64,
+    /// Failed `accept` calls.
+    pub accept_errors: u64,
+}
+
+impl ListenStats {
+    /// Current values.
+    pub fn counts(&self) -> ListenCounts {
+        ListenCounts {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            open: self.open.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            handshake_timeouts: self.handshake_timeouts.load(Ordering::Relaxed),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Take a slot for a new connection, or `None` (counted as refused) when `max` are open.
+    pub fn admit(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        Some(Slot(self.clone()))
+    }
+}
+
+/// An open connection's place under the limit; given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<ListenStats>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether an accept error is about this one connection (go on at once) rather than about
+/// resources (back off): the errors accept(2) says to retry at once, pending network errors
+/// of the new connection included.
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+    )
+}
+
+/// State of one accept loop between failures: logs the first failure of a burst and how
+/// many followed once accepting works again, and grows the pause while they go on.
+#[derive(Debug)]
+pub struct AcceptErrors {
+    what: &'static str,
+    in_burst: u64,
+    backoff: Duration,
+}
+
+impl AcceptErrors {
+    /// For the listener called `what` in logs.
+    pub fn new(what: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            what,
+            in_burst: 0,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    /// An accept succeeded: ends a burst of failures.
+    pub fn ok(&mut self) {
+        if self.in_burst > 0 {
+            info!(
+                listener = self.what,
+                failures = self.in_burst,
+                "accepting again"
+            );
+            self.in_burst = 0;
+            self.backoff = BACKOFF_MIN;
+        }
+    }
+
+    /// An accept failed: count it, log it if it starts a burst, and return how long to
+    /// pause before the next attempt.
+    pub fn failed(&mut self, e: &io::Error, stats: &ListenStats) -> Duration {
+        stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+        if per_connection(e) {
+            return Duration::ZERO;
+        }
+        if self.in_burst == 0 {
+            warn!(
+                listener = self.what,
+                "accept failed: {e}; backing off and retrying (logged once until accepting works)"
+            );
+        }
+        self.in_burst += 1;
+        let d = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_given_back() {
+        let s = Arc::new(ListenStats::default());
+        let a = s.admit(2).unwrap();
+        let _b = s.admit(2).unwrap();
+        assert!(s.admit(2).is_none());
+        drop(a);
+        assert!(s.admit(2).is_some());
+        let c = s.counts();
+        assert_eq!((c.accepted, c.refused, c.open), (3, 1, 1));
+    }
+
+    #[test]
+    fn resource_errors_back_off_and_connection_errors_do_not() {
+        let s = ListenStats::default();
+        let mut e = AcceptErrors::new("test");
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(e.failed(&aborted, &s), Duration::ZERO);
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            let d = e.failed(&emfile, &s);
+            assert!(d >= last && d <= BACKOFF_MAX);
+            last = d;
+        }
+        assert_eq!(last, BACKOFF_MAX);
+        e.ok();
+        assert_eq!(e.failed(&emfile, &s), BACKOFF_MIN);
+        assert_eq!(s.counts().accept_errors, 22);
+    }
+}
