@@ -8,12 +8,14 @@
 //! - [`bitmap`] and [`proxy`]: crash-safe cached-block bitmap, on-demand fetch, background
 //!   copy, switch to target mode.
 //! - [`ctl`]: the proxy's control socket.
+//! - [`lock`]: the exclusive lock a proxy holds on its cache and bitmap.
 //!
 //! See `docs/XNBD.md` for usage and design.
 
 pub mod backend;
 pub mod bitmap;
 pub mod client;
+pub mod lock;
 pub mod ctl;
 pub mod proto;
 pub mod proxy;
