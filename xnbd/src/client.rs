@@ -545,10 +545,7 @@ impl Client {
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
         let len64 = u64::from(len);
         if offset.checked_add(len64).is_none_or(|e| e > self.size) {
-            return Err(ClientError::OutOfRange {
-                offset,
-                len: len64,
-            });
+            return Err(ClientError::OutOfRange { offset, len: len64 });
         }
         let (a, b) = self.limits.align(offset, len64, self.size);
         let piece = u64::from(self.limits.piece());

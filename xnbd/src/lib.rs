@@ -15,8 +15,8 @@
 pub mod backend;
 pub mod bitmap;
 pub mod client;
-pub mod lock;
 pub mod ctl;
+pub mod lock;
 pub mod proto;
 pub mod proxy;
 pub mod server;

@@ -705,6 +705,13 @@ impl Proxy {
                     return Err(OpError::new(err::EINVAL, e.to_string()));
                 }
                 Err(e) => {
+                    if let ClientError::Stalled(silent) = e {
+                        // The source went missing when it fell silent, not now.
+                        let since = Instant::now()
+                            .checked_sub(silent)
+                            .unwrap_or_else(Instant::now);
+                        deadline.get_or_insert(since + patience);
+                    }
                     self.source_failed(format!("read of {len} bytes at {off}: {e}"), true);
                     self.link(demand).drop_client(&c);
                 }
@@ -1176,10 +1183,7 @@ impl Proxy {
             let bytes = ((last + 1) * self.bs).min(self.size) - first * self.bs;
             self.unreserve(want.saturating_sub(bytes));
             let p = self.clone();
-            tasks.spawn(async move {
-                p.fetch_claimed(&claim, false, BACKGROUND_PATIENCE)
-                    .await
-            });
+            tasks.spawn(async move { p.fetch_claimed(&claim, false, BACKGROUND_PATIENCE).await });
         }
         tasks.abort_all();
     }
@@ -1325,7 +1329,6 @@ impl Proxy {
         }
         self.link.kick.notify_one();
     }
-
 
     /// Drop the source and serve only local data. Refused while blocks are missing unless
     /// `force` (then missing blocks read as whatever the cache file holds: zeroes in a fresh
