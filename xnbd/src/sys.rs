@@ -1,5 +1,5 @@
 //! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
-//! read-ahead hints and data-only sync. Every `unsafe` block of the crate lives here.
+//! read-ahead hints, data-only sync and `flock`. Every `unsafe` block of the crate lives here.
 
 use std::fs::File;
 use std::io;
