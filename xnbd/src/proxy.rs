@@ -488,7 +488,12 @@ impl Proxy {
             .unwrap_or_else(|_| Err(ClientError::Protocol("handshake timed out".into())));
             match conn {
                 Ok(c) if c.size() == self.size => {
-                    info!("source {addr} connected");
+                    if self.health().reads_failed {
+                        // Still failing on reads: one line per attempt would flood the log.
+                        tracing::debug!("source {addr} connected");
+                    } else {
+                        info!("source {addr} connected");
+                    }
                     self.note_limits(&c);
                     c.set_stall_timeout(Some(self.stall_timeout()));
                     self.connected();
