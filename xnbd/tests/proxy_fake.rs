@@ -284,11 +284,7 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
     let t = Instant::now();
     let e = p.read(2 << 20, vec![0u8; 4096], 0).await.unwrap_err();
     assert_eq!(e.errno, err::EIO);
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = p.status();
     assert!(st.source_failing, "{st:?}");
