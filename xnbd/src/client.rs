@@ -1,17 +1,30 @@
 //! A small NBD client used by the proxy to fetch blocks from the source: fixed newstyle,
 //! `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME`), optional STARTTLS, simple replies,
 //! many reads in flight on one connection.
+//!
+//! Reads respect the block sizes the server advertises (`NBD_INFO_BLOCK_SIZE`): a range is
+//! widened to the minimum block size and split into pieces no larger than the maximum
+//! (multiples of the preferred size where it fits), sent pipelined and put back together.
+//!
+//! Liveness: with a stall timeout set, the connection is declared dead when requests are
+//! outstanding and no reply byte has arrived for that long, counted from the moment the
+//! connection went from idle to busy or from the last byte received. A slow link that keeps
+//! delivering bytes never trips it, however long the queue of requests behind it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
@@ -46,6 +59,17 @@ pub enum ClientError {
     /// The connection is gone.
     #[error("disconnected")]
     Disconnected,
+    /// Requests were outstanding and nothing arrived for the stall timeout.
+    #[error("no reply byte for {0:?} with requests outstanding")]
+    Stalled(Duration),
+    /// A read outside the export.
+    #[error("read of {len} bytes at {offset} is outside the export")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+    },
     /// TLS failed.
     #[error("tls: {0}")]
     Tls(String),
@@ -132,20 +156,138 @@ pub fn load_client_tls(
     })
 }
 
+/// Largest payload this client ever asks for in one request (the spec's 32 MiB that every
+/// server must accept when it advertises nothing).
+const MAX_REQUEST: u32 = 32 << 20;
+/// Largest minimum block size the spec allows.
+const MAX_MIN_BLOCK: u32 = 64 << 10;
+/// Pieces of one read in flight at once.
+const READ_WINDOW: usize = 16;
+
+/// Block size constraints of a server (`NBD_INFO_BLOCK_SIZE`), made consistent: `min` is a
+/// power of two of at most 64 KiB, `preferred` a power of two of at least `min`, `max` a
+/// multiple of `min` of at most 32 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimits {
+    /// Requests start and end on multiples of this.
+    pub min: u32,
+    /// Requests are multiples of this where they can be.
+    pub preferred: u32,
+    /// No request carries more payload than this.
+    pub max: u32,
+}
+
+impl Default for BlockLimits {
+    /// What a client assumes when the server advertises nothing.
+    fn default() -> Self {
+        Self {
+            min: 1,
+            preferred: 4096,
+            max: MAX_REQUEST,
+        }
+    }
+}
+
+impl BlockLimits {
+    /// Limits from advertised values. Values outside the spec are rounded to the nearest
+    /// safe ones (a larger minimum, a smaller maximum) instead of refusing the server.
+    pub fn from_advertised(min: u32, preferred: u32, max: u32) -> Self {
+        let min = min.clamp(1, MAX_MIN_BLOCK).next_power_of_two();
+        let preferred = preferred
+            .clamp(min, MAX_REQUEST)
+            .checked_next_power_of_two()
+            .unwrap_or(MAX_REQUEST)
+            .min(MAX_REQUEST);
+        let max = max.min(MAX_REQUEST) / min * min;
+        Self {
+            min,
+            preferred,
+            max: max.max(min),
+        }
+    }
+
+    /// Largest piece a long read is split into: the maximum, rounded down to a multiple of
+    /// the preferred size when that is not larger than the maximum.
+    pub fn piece(&self) -> u32 {
+        if self.preferred <= self.max {
+            self.max / self.preferred * self.preferred
+        } else {
+            self.max
+        }
+    }
+
+    /// `[off, off+len)` widened to multiples of the minimum, the end capped at `size`.
+    pub fn align(&self, off: u64, len: u64, size: u64) -> (u64, u64) {
+        let m = u64::from(self.min);
+        let start = off / m * m;
+        let end = (off + len).div_ceil(m).saturating_mul(m).min(size);
+        (start, end.max(start))
+    }
+}
+
 type Pending = HashMap<u64, (u32, oneshot::Sender<Result<Vec<u8>, ClientError>>)>;
 
 struct Shared {
     pending: Pending,
     dead: bool,
+    /// Longest silence allowed with requests outstanding (`None`: wait forever).
+    stall: Option<Duration>,
+}
+
+/// When a connection last showed life: the last reply byte, or the moment it went from idle
+/// to busy. Milliseconds since `base`, so that the reader can update it without a lock.
+struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn idle(&self) -> Duration {
+        let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(last)
+    }
+}
+
+/// The read half, noting every byte that arrives.
+struct Tracked {
+    inner: ReadHalf<Box<dyn Conn>>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
 }
 
 /// A connected client.
 pub struct Client {
     size: u64,
     flags: u16,
-    max_payload: u32,
+    limits: BlockLimits,
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn Conn>>>,
     shared: Arc<Mutex<Shared>>,
+    activity: Arc<Activity>,
+    dead: watch::Receiver<bool>,
     cookie: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -251,7 +393,7 @@ impl Client {
         .await?;
         let mut size = None;
         let mut flags = 0;
-        let mut max_payload = 32 << 20;
+        let mut limits = BlockLimits::default();
         loop {
             let r = read_opt_reply(&mut c).await?;
             if r.option != opt::GO {
@@ -264,7 +406,11 @@ impl Client {
                         size = Some(s);
                         flags = f;
                     }
-                    InfoItem::BlockSize { max, .. } => max_payload = max.max(512),
+                    InfoItem::BlockSize {
+                        min,
+                        preferred,
+                        max,
+                    } => limits = BlockLimits::from_advertised(min, preferred, max),
                     _ => {}
                 },
                 rep::ERR_UNSUP => {
@@ -295,17 +441,34 @@ impl Client {
         let shared = Arc::new(Mutex::new(Shared {
             pending: HashMap::new(),
             dead: false,
+            stall: None,
         }));
-        let reader = tokio::spawn(reader_loop(rd, shared.clone()));
+        let activity = Arc::new(Activity::new());
+        let (dead_tx, dead) = watch::channel(false);
+        let rd = Tracked {
+            inner: rd,
+            activity: activity.clone(),
+        };
+        let reader = tokio::spawn(reader_task(rd, shared.clone(), activity.clone(), dead_tx));
         Ok(Self {
             size,
             flags,
-            max_payload: max_payload.min(32 << 20),
+            limits,
             writer: tokio::sync::Mutex::new(wr),
             shared,
+            activity,
+            dead,
             cookie: AtomicU64::new(1),
             reader,
         })
+    }
+
+    /// Declare the connection dead when requests are outstanding and no reply byte arrives
+    /// for `d` (counted from the last byte, or from the moment the connection became busy).
+    pub fn set_stall_timeout(&self, d: Option<Duration>) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stall = d;
+        }
     }
 
     /// Export size.
@@ -318,9 +481,9 @@ impl Client {
         self.flags
     }
 
-    /// Largest read the server accepts.
-    pub fn max_payload(&self) -> u32 {
-        self.max_payload
+    /// The server's block size constraints (defaults when it advertised none).
+    pub fn limits(&self) -> BlockLimits {
+        self.limits
     }
 
     /// Whether the connection has failed.
@@ -328,19 +491,24 @@ impl Client {
         self.shared.lock().map(|s| s.dead).unwrap_or(true)
     }
 
-    async fn request(
+    /// Send one request; the receiver yields its reply.
+    async fn send(
         &self,
         typ: u16,
         offset: u64,
         length: u32,
         read_len: u32,
-    ) -> Result<Vec<u8>, ClientError> {
+    ) -> Result<oneshot::Receiver<Result<Vec<u8>, ClientError>>, ClientError> {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut s = self.shared.lock().map_err(|_| ClientError::Disconnected)?;
             if s.dead {
                 return Err(ClientError::Disconnected);
+            }
+            if s.pending.is_empty() {
+                // The stall clock starts when the connection becomes busy.
+                self.activity.touch();
             }
             s.pending.insert(cookie, (read_len, tx));
         }
@@ -351,26 +519,61 @@ impl Client {
             offset,
             length,
         };
-        {
+        let write = async {
             let mut w = self.writer.lock().await;
-            if let Err(e) = async {
-                w.write_all(&req.encode()).await?;
-                w.flush().await
+            w.write_all(&req.encode()).await?;
+            w.flush().await
+        };
+        let mut dead = self.dead.clone();
+        // A source that stops reading must not hold the writer forever: the reader's
+        // stall timeout ends the wait.
+        let r = tokio::select! {
+            r = write => r.map_err(ClientError::from),
+            _ = dead.wait_for(|d| *d) => Err(ClientError::Disconnected),
+        };
+        if let Err(e) = r {
+            if let Ok(mut s) = self.shared.lock() {
+                s.pending.remove(&cookie);
             }
-            .await
-            {
-                if let Ok(mut s) = self.shared.lock() {
-                    s.pending.remove(&cookie);
-                }
-                return Err(e.into());
-            }
+            return Err(e);
         }
-        rx.await.map_err(|_| ClientError::Disconnected)?
+        Ok(rx)
     }
 
-    /// Read `len` bytes at `offset`.
+    /// Read `len` bytes at `offset`, within the server's block size constraints: widened to
+    /// its minimum block size, split at its maximum, the pieces pipelined.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
-        self.request(cmd::READ, offset, len, len).await
+        let len64 = u64::from(len);
+        if offset.checked_add(len64).is_none_or(|e| e > self.size) {
+            return Err(ClientError::OutOfRange { offset, len: len64 });
+        }
+        let (a, b) = self.limits.align(offset, len64, self.size);
+        let piece = u64::from(self.limits.piece());
+        if a == offset && b - a == len64 && len64 <= piece {
+            let rx = self.send(cmd::READ, offset, len, len).await?;
+            return rx.await.map_err(|_| ClientError::Disconnected)?;
+        }
+        let mut out = vec![0u8; (b - a) as usize];
+        let mut queue = VecDeque::new();
+        let mut pos = a;
+        while pos < b || !queue.is_empty() {
+            while pos < b && queue.len() < READ_WINDOW {
+                // `piece` is at most 32 MiB, so it fits.
+                let n = (b - pos).min(piece) as u32;
+                queue.push_back((pos, self.send(cmd::READ, pos, n, n).await?));
+                pos += u64::from(n);
+            }
+            if let Some((p, rx)) = queue.pop_front() {
+                let d = rx.await.map_err(|_| ClientError::Disconnected)??;
+                let at = (p - a) as usize;
+                out[at..at + d.len()].copy_from_slice(&d);
+            }
+        }
+        if a == offset && b - a == len64 {
+            return Ok(out);
+        }
+        let at = (offset - a) as usize;
+        Ok(out[at..at + len as usize].to_vec())
     }
 
     /// Send `NBD_CMD_DISC` (best effort).
@@ -382,46 +585,120 @@ impl Client {
             offset: 0,
             length: 0,
         };
-        let mut w = self.writer.lock().await;
-        let _ = w.write_all(&req.encode()).await;
-        let _ = w.flush().await;
-        let _ = w.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut w = self.writer.lock().await;
+            let _ = w.write_all(&req.encode()).await;
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        })
+        .await;
     }
 }
 
-async fn reader_loop(mut rd: ReadHalf<Box<dyn Conn>>, shared: Arc<Mutex<Shared>>) {
-    let r: Result<(), ClientError> = async {
-        loop {
-            let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
-            rd.read_exact(&mut h).await?;
-            let rep = SimpleReply::parse(&h)?;
-            let entry = shared
-                .lock()
-                .map_err(|_| ClientError::Disconnected)?
-                .pending
-                .remove(&rep.cookie);
-            let Some((len, tx)) = entry else {
-                return Err(ClientError::Protocol(format!(
-                    "unknown cookie {}",
-                    rep.cookie
-                )));
-            };
-            if rep.error != 0 {
-                let _ = tx.send(Err(ClientError::Request(rep.error)));
-                continue;
-            }
-            let mut data = vec![0u8; len as usize];
-            rd.read_exact(&mut data).await?;
-            let _ = tx.send(Ok(data));
-        }
-    }
-    .await;
+async fn reader_task(
+    mut rd: Tracked,
+    shared: Arc<Mutex<Shared>>,
+    activity: Arc<Activity>,
+    dead: watch::Sender<bool>,
+) {
+    let r = tokio::select! {
+        r = read_replies(&mut rd, &shared) => r,
+        e = watchdog(&shared, &activity) => Err(e),
+    };
+    let stalled = match &r {
+        Err(ClientError::Stalled(d)) => Some(*d),
+        _ => None,
+    };
     let e = r.err().map(|e| e.to_string()).unwrap_or_default();
     tracing::debug!("source connection closed: {e}");
     if let Ok(mut s) = shared.lock() {
         s.dead = true;
         for (_, (_, tx)) in s.pending.drain() {
-            let _ = tx.send(Err(ClientError::Disconnected));
+            let _ = tx.send(Err(match stalled {
+                Some(d) => ClientError::Stalled(d),
+                None => ClientError::Disconnected,
+            }));
         }
+    }
+    let _ = dead.send(true);
+}
+
+/// Returns when requests are outstanding and nothing has arrived for the stall timeout.
+async fn watchdog(shared: &Mutex<Shared>, activity: &Activity) -> ClientError {
+    loop {
+        let stall = shared.lock().ok().and_then(|s| s.stall);
+        let tick = stall.map_or(Duration::from_secs(1), |d| {
+            (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+        tokio::time::sleep(tick).await;
+        let Ok(s) = shared.lock() else {
+            return ClientError::Disconnected;
+        };
+        if let Some(d) = s.stall {
+            if !s.pending.is_empty() && activity.idle() >= d {
+                return ClientError::Stalled(d);
+            }
+        }
+    }
+}
+
+async fn read_replies(rd: &mut Tracked, shared: &Mutex<Shared>) -> Result<(), ClientError> {
+    loop {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        rd.read_exact(&mut h).await?;
+        let rep = SimpleReply::parse(&h)?;
+        let entry = shared
+            .lock()
+            .map_err(|_| ClientError::Disconnected)?
+            .pending
+            .remove(&rep.cookie);
+        let Some((len, tx)) = entry else {
+            return Err(ClientError::Protocol(format!(
+                "unknown cookie {}",
+                rep.cookie
+            )));
+        };
+        if rep.error != 0 {
+            let _ = tx.send(Err(ClientError::Request(rep.error)));
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        let _ = tx.send(Ok(data));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_limits_are_made_consistent() {
+        let l = BlockLimits::from_advertised(512, 4096, 512 << 10);
+        assert_eq!((l.min, l.preferred, l.max), (512, 4096, 512 << 10));
+        assert_eq!(l.piece(), 512 << 10);
+        // Out of spec: minimum not a power of two, maximum not a multiple of it, unlimited.
+        let l = BlockLimits::from_advertised(3000, 0, 10_000);
+        assert_eq!((l.min, l.preferred, l.max), (4096, 4096, 8192));
+        let l = BlockLimits::from_advertised(0, 1 << 20, u32::MAX);
+        assert_eq!((l.min, l.max), (1, 32 << 20));
+        let l = BlockLimits::from_advertised(1 << 20, 1, 1);
+        assert_eq!((l.min, l.max), (64 << 10, 64 << 10));
+        // A preferred size above the maximum does not shrink pieces below the maximum.
+        let l = BlockLimits::from_advertised(512, 1 << 20, 100_000);
+        assert_eq!(l.piece(), 99_840);
+        // Preferred below the maximum: pieces are multiples of it.
+        let l = BlockLimits::from_advertised(512, 64 << 10, 200_000);
+        assert_eq!(l.piece(), 196_608);
+    }
+
+    #[test]
+    fn ranges_widen_to_the_minimum_block() {
+        let l = BlockLimits::from_advertised(4096, 4096, 1 << 20);
+        assert_eq!(l.align(4096, 512, 1 << 20), (4096, 8192));
+        assert_eq!(l.align(5000, 5000, 1 << 20), (4096, 12288));
+        // The end of an export that is not a multiple of the minimum.
+        assert_eq!(l.align(8000, 100, 8100), (4096, 8100));
+        assert_eq!(l.align(0, 0, 100), (0, 0));
     }
 }

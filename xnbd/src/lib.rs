@@ -10,6 +10,7 @@
 //! - [`ctl`]: the proxy's control socket.
 //! - [`listen`] and [`budget`]: accept loops that outlive transient errors, connection and
 //!   negotiation bounds, and the server's memory budget.
+//! - [`lock`]: the exclusive lock a proxy holds on its cache and bitmap.
 //!
 //! See `docs/XNBD.md` for usage and design.
 
@@ -19,6 +20,7 @@ pub mod budget;
 pub mod client;
 pub mod ctl;
 pub mod listen;
+pub mod lock;
 pub mod proto;
 pub mod proxy;
 pub mod server;

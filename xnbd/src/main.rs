@@ -11,7 +11,7 @@ use xnbd::budget::MemoryLimits;
 use xnbd::client::{load_client_tls, Addr};
 use xnbd::ctl;
 use xnbd::listen::Limits;
-use xnbd::proxy::{Proxy, ProxyConfig};
+use xnbd::proxy::{Proxy, ProxyConfig, ProxyError};
 use xnbd::server::{self, Export, Listen, Server, Tls};
 use xnbd::storage::Storage;
 
@@ -125,7 +125,8 @@ struct ProxyArgs {
     #[arg(long, default_value_t = 4)]
     background_depth: usize,
     /// Seconds a client request touching missing blocks waits for an absent source before
-    /// failing with EIO.
+    /// failing with EIO, counted from when the source went missing; also how long a busy
+    /// source connection may go without a reply byte before it counts as gone.
     #[arg(long, default_value_t = 30.0)]
     source_timeout: f64,
     /// Bytes fetched ahead of sequential readers (0: off).
@@ -348,7 +349,15 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         source_timeout: Duration::from_secs_f64(a.source_timeout.max(0.0)),
         readahead: a.readahead,
     })
-    .await?;
+    .await;
+    let p = match p {
+        Err(ProxyError::Locked(e)) => {
+            // One line and a status of its own, for scripts that start proxies.
+            eprintln!("xnbd proxy: {e}");
+            std::process::exit(EXIT_LOCKED);
+        }
+        r => r?,
+    };
     let srv = Arc::new(server(
         vec![Arc::new(Export {
             name: a.name.clone(),
@@ -368,6 +377,9 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Exit status when the cache or bitmap is in use by another process (`EX_TEMPFAIL`).
+const EXIT_LOCKED: i32 = 75;
 
 fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
     let st = r.status.clone().unwrap_or_default();
@@ -397,6 +409,23 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
             "not connected"
         }
     );
+    if g("source_failing").as_bool().unwrap_or(false) {
+        let since = g("source_failing_since")
+            .as_u64()
+            .map(utc)
+            .unwrap_or_else(|| "?".into());
+        println!(
+            "health:    FAILING since {since} ({:.1} s, {} errors in a row, retry every {} ms)",
+            g("source_failing_secs").as_f64().unwrap_or(0.0),
+            g("source_errors_in_row"),
+            g("source_backoff_ms")
+        );
+    } else {
+        println!("health:    ok");
+    }
+    if let Some(e) = g("source_last_error").as_str() {
+        println!("last err:  {e}");
+    }
     println!(
         "blocks:    {cached}/{total} local ({pct:.1}%), block size {}",
         g("block_size")
@@ -457,6 +486,27 @@ fn print_server(st: &serde_json::Value) {
         n(&s["budget_waits"]),
         n(&s["stalled_drops"])
     );
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for a Unix time (civil-from-days, proleptic Gregorian).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 async fn ctl_main(a: CtlArgs) -> Result<()> {
@@ -544,4 +594,14 @@ fn main() -> Result<()> {
             Cmd::Ctl(a) => ctl_main(a).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_591_043), "2026-12-06 21:04:03 UTC");
+    }
 }

@@ -18,17 +18,29 @@
 //! Crash safety: data written and `fdatasync`ed, then the bitmap bit set and persisted
 //! (see [`crate::bitmap`]). A restart resumes from the bitmap and fetches only clear blocks.
 //!
-//! Source outage: fetches wait for the source to come back (the reconnector retries every
-//! second, at the same address or a new one given with `reconnect`), for at most
-//! `source_timeout`; a client request touching a missing block then fails with `EIO`.
-//! Requests touching only local blocks are unaffected. The background copy pauses and
-//! resumes by itself.
+//! Source outage: fetches wait for the source to come back (the reconnector retries at
+//! most every second, at the same address or a new one given with `reconnect`), for at most
+//! `source_timeout` counted from the moment the source went missing (not from the client's
+//! request, which may have queued behind the background copy on a slow link); a client
+//! request touching a missing block then fails with `EIO`. A connected source that leaves
+//! requests unanswered, with no reply byte for `source_timeout`, counts as gone (see
+//! [`crate::client`]). Requests touching only local blocks are unaffected. The background
+//! copy pauses and resumes by itself.
+//!
+//! Source errors: every failed request to the source (an error reply, a lost connection, a
+//! failed connection attempt) extends a backoff, 10 ms doubling to 5 s, reset by the next
+//! successful read. The background copy sends no request before its turn, so a source
+//! that fails every read sees a few requests per backoff period, not a loop; on-demand
+//! reads still go at once (one try per client request). `status` reports the failure, its
+//! start and the last error.
+//!
+//! Exclusive use: the proxy holds a lock on the cache and bitmap files (see [`crate::lock`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -38,13 +50,25 @@ use tracing::{info, warn};
 use crate::backend::{blocking, OpError};
 use crate::bitmap::{Bitmap, BitmapError};
 use crate::client::{Addr, Client, ClientError, ClientTls};
+use crate::lock::{FileLock, LockError};
 use crate::proto::err;
 use crate::storage::Storage;
 
 /// Longest wait for a source connection and handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest single request sent to the source.
+/// Largest single fetch handed to the client (which splits it further at the source's
+/// maximum block size).
 const MAX_FETCH: u64 = 4 << 20;
+/// First pause after a source error.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between requests while the source keeps failing.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest pause between connection attempts, so that a client waiting for a source that
+/// comes back is served within a second of it.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long a background fetch holding claims waits for a missing source before it lets
+/// the blocks go (clients needing them then fetch them with their own patience).
+const BACKGROUND_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Proxy errors at setup.
 #[derive(Debug, Error)]
@@ -58,6 +82,9 @@ pub enum ProxyError {
     /// Source unreachable or unusable.
     #[error("source: {0}")]
     Source(#[from] ClientError),
+    /// The cache or bitmap is in use by another process.
+    #[error(transparent)]
+    Locked(#[from] LockError),
     /// Inconsistent files or arguments.
     #[error("{0}")]
     Config(String),
@@ -147,6 +174,45 @@ pub struct Status {
     pub eta_secs: Option<f64>,
     /// Source failures seen.
     pub source_errors: u64,
+    /// Source requests are failing: errors since the last successful read.
+    pub source_failing: bool,
+    /// Unix time (seconds) of the first error of the current failure.
+    pub source_failing_since: Option<u64>,
+    /// Seconds since then.
+    pub source_failing_secs: Option<f64>,
+    /// Errors since the last successful read.
+    pub source_errors_in_row: u64,
+    /// Current pause between background requests (and, up to a second, connection
+    /// attempts), milliseconds; 0 while the source is healthy.
+    pub source_backoff_ms: u64,
+    /// The last source error seen (kept after recovery).
+    pub source_last_error: Option<String>,
+}
+
+/// Source health: the current run of errors and the backoff it implies.
+#[derive(Debug, Default)]
+struct Health {
+    /// Errors since the last successful read.
+    errors: u64,
+    /// A read (not only a connection attempt) failed since the last successful read.
+    reads_failed: bool,
+    /// First error of the current run.
+    since: Option<(Instant, SystemTime)>,
+    last_error: Option<String>,
+    /// Earliest start of the next background request.
+    next: Option<Instant>,
+    /// Whether the "still failing" line was logged for this run.
+    logged_cap: bool,
+}
+
+impl Health {
+    fn backoff(&self) -> Duration {
+        if self.errors == 0 {
+            return Duration::ZERO;
+        }
+        let shift = (self.errors - 1).min(20) as u32;
+        BACKOFF_MIN.saturating_mul(1 << shift).min(BACKOFF_MAX)
+    }
 }
 
 type Waiter = watch::Receiver<()>;
@@ -228,7 +294,10 @@ pub struct Proxy {
     client_write_bytes: AtomicU64,
     written_blocks: AtomicU64,
     source_errors: AtomicU64,
+    health: Mutex<Health>,
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// Held for the proxy's lifetime: the cache and the bitmap.
+    _locks: [FileLock; 2],
 }
 
 impl std::fmt::Debug for Proxy {
@@ -257,6 +326,13 @@ impl Proxy {
             )));
         }
         let mut first: Option<Client> = None;
+        // Lock an existing cache before anything else: a proxy already using it must not
+        // see a second one even contact the source.
+        let mut cache_lock = if cfg.cache.exists() {
+            Some(FileLock::try_lock(&cfg.cache)?)
+        } else {
+            None
+        };
         let size = if cfg.bitmap.exists() && cfg.cache.exists() {
             Storage::open(&cfg.cache, false)?.size()
         } else {
@@ -270,14 +346,30 @@ impl Proxy {
             first = Some(c);
             s
         };
-        if !cfg.cache.exists() {
-            let f = std::fs::OpenOptions::new()
+        if cache_lock.is_none() {
+            match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&cfg.cache)?;
-            f.set_len(size)?;
-            f.sync_all()?;
+                .open(&cfg.cache)
+            {
+                Ok(f) => {
+                    // Locked before it gets its size: a second proxy that finds it then
+                    // waits for nothing, it is refused.
+                    cache_lock = Some(FileLock::try_lock(&cfg.cache)?);
+                    f.set_len(size)?;
+                    f.sync_all()?;
+                }
+                // Another proxy created it meanwhile: it holds the lock, or the file is ours.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    cache_lock = Some(FileLock::try_lock(&cfg.cache)?);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        let cache_lock = match cache_lock {
+            Some(l) => l,
+            None => FileLock::try_lock(&cfg.cache)?,
+        };
         let storage = Storage::open(&cfg.cache, false)?;
         if storage.size() != size {
             return Err(ProxyError::Config(format!(
@@ -287,6 +379,7 @@ impl Proxy {
             )));
         }
         let bitmap = Bitmap::open(&cfg.bitmap, size, cfg.block_size)?;
+        let bitmap_lock = FileLock::try_lock(&cfg.bitmap)?;
         let complete = bitmap.complete();
         let p = Arc::new(Self {
             storage: Arc::new(storage),
@@ -312,7 +405,9 @@ impl Proxy {
             client_write_bytes: AtomicU64::new(0),
             written_blocks: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
             samples: Mutex::new(VecDeque::new()),
+            _locks: [cache_lock, bitmap_lock],
             cfg,
         });
         if complete {
@@ -328,6 +423,8 @@ impl Proxy {
             p.bitmap.nblocks()
         );
         if let Some(c) = first {
+            p.note_limits(&c);
+            c.set_stall_timeout(Some(p.stall_timeout()));
             p.link.client.send_replace(Some(Arc::new(c)));
         }
         tokio::spawn(p.clone().reconnector());
@@ -353,10 +450,12 @@ impl Proxy {
         self.target.load(Ordering::Acquire)
     }
 
-    /// Keep one source connection up while in proxy mode.
+    /// Keep one source connection up while in proxy mode. Attempts are spaced by the
+    /// source backoff (at most [`RECONNECT_MAX`]), also when a connection that succeeded
+    /// fails again at once.
     async fn reconnector(self: Arc<Self>) {
         let link = &self.link;
-        let mut failures = 0u32;
+        let mut last_attempt: Option<Instant> = None;
         while !self.is_target() {
             let have = link.client.borrow().as_ref().is_some_and(|c| !c.is_dead());
             if have {
@@ -369,6 +468,14 @@ impl Proxy {
             if link.client.borrow().is_some() {
                 link.client.send_replace(None);
             }
+            if let Some(t) = last_attempt {
+                let pause = self.backoff().min(RECONNECT_MAX);
+                tokio::time::sleep_until((t + pause).into()).await;
+                if self.is_target() {
+                    break;
+                }
+            }
+            last_attempt = Some(Instant::now());
             let addr = match self.source.lock() {
                 Ok(a) => a.clone(),
                 Err(_) => return,
@@ -381,37 +488,142 @@ impl Proxy {
             .unwrap_or_else(|_| Err(ClientError::Protocol("handshake timed out".into())));
             match conn {
                 Ok(c) if c.size() == self.size => {
-                    if failures > 0 {
-                        info!("source {addr} reconnected");
+                    if self.health().reads_failed {
+                        // Still failing on reads: one line per attempt would flood the log.
+                        tracing::debug!("source {addr} connected");
+                    } else {
+                        info!("source {addr} connected");
                     }
-                    failures = 0;
+                    self.note_limits(&c);
+                    c.set_stall_timeout(Some(self.stall_timeout()));
+                    self.connected();
                     link.client.send_replace(Some(Arc::new(c)));
                     self.wake.notify_waiters();
                 }
                 Ok(c) => {
-                    warn!(
-                        "source {addr} has size {}, expected {}",
-                        c.size(),
-                        self.size
+                    self.source_failed(
+                        format!(
+                            "source {addr} has size {}, expected {}",
+                            c.size(),
+                            self.size
+                        ),
+                        false,
                     );
-                    failures += 1;
                 }
-                Err(e) => {
-                    if failures == 0 {
-                        warn!("source {addr} unavailable: {e}");
-                    }
-                    failures += 1;
-                }
-            }
-            if failures > 0 {
-                tokio::select! {
-                    _ = link.kick.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+                Err(e) => self.source_failed(format!("connecting to {addr}: {e}"), false),
             }
         }
         if let Some(c) = link.client.send_replace(None) {
             c.disconnect().await;
+        }
+    }
+
+    /// How long a busy source connection may stay silent.
+    fn stall_timeout(&self) -> Duration {
+        self.cfg.source_timeout.max(Duration::from_secs(1))
+    }
+
+    /// Say once per connection how the source's block sizes shape the fetches.
+    fn note_limits(&self, c: &Client) {
+        let l = c.limits();
+        if u64::from(l.min) > self.bs {
+            warn!(
+                "source minimum block size {} is larger than --block-size {}: fetches are widened to it",
+                l.min, self.bs
+            );
+        }
+        tracing::debug!(
+            "source block sizes: minimum {}, preferred {}, maximum {}",
+            l.min,
+            l.preferred,
+            l.max
+        );
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current backoff (zero while healthy).
+    fn backoff(&self) -> Duration {
+        self.health().backoff()
+    }
+
+    /// A request to the source failed: extend the backoff. Logged at the start of a run of
+    /// errors and once more when the backoff reaches its cap, not per error.
+    fn source_failed(&self, e: String, read: bool) {
+        self.source_errors.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut h = self.health();
+        h.errors += 1;
+        h.reads_failed |= read;
+        if h.since.is_none() {
+            h.since = Some((now, SystemTime::now()));
+            warn!("source failing: {e}");
+        } else if h.backoff() >= BACKOFF_MAX && !h.logged_cap {
+            h.logged_cap = true;
+            warn!(
+                "source still failing after {} errors: {e}; retrying every {:?}",
+                h.errors, BACKOFF_MAX
+            );
+        } else {
+            tracing::debug!("source error: {e}");
+        }
+        let next = now + h.backoff();
+        h.next = Some(h.next.map_or(next, |n| n.max(next)));
+        h.last_error = Some(e);
+    }
+
+    /// A read succeeded: the source is healthy again.
+    fn source_ok(&self) {
+        let mut h = self.health();
+        if h.errors == 0 {
+            return;
+        }
+        let secs = h.since.map_or(0.0, |s| s.0.elapsed().as_secs_f64());
+        info!(
+            "source healthy again after {} errors in {secs:.1} s",
+            h.errors
+        );
+        let last = h.last_error.take();
+        *h = Health {
+            last_error: last,
+            ..Health::default()
+        };
+        drop(h);
+        self.wake.notify_waiters();
+    }
+
+    /// A connection attempt succeeded: that ends a run of connection errors, not one in
+    /// which reads failed (a source that accepts connections but fails every read).
+    fn connected(&self) {
+        let reads_failed = self.health().reads_failed;
+        if !reads_failed {
+            self.source_ok();
+        }
+    }
+
+    /// While the source is failing, book the next background turn (one per backoff period)
+    /// and wait for it; returns at once while it is healthy, or as soon as it recovers.
+    async fn background_turn(&self) {
+        let turn = {
+            let mut h = self.health();
+            if h.errors == 0 {
+                return;
+            }
+            let t = h.next.unwrap_or_else(Instant::now).max(Instant::now());
+            h.next = Some(t + h.backoff());
+            t
+        };
+        loop {
+            let wake = self.wake.notified();
+            if self.health().errors == 0 || self.is_target() || Instant::now() >= turn {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(turn.into()) => return,
+                _ = wake => {}
+            }
         }
     }
 
@@ -456,35 +668,61 @@ impl Proxy {
         }
     }
 
-    /// Read `[off, off+len)` from the source, retrying over reconnections until `deadline`.
+    /// Read `[off, off+len)` from the source, retrying over reconnections. `patience` is
+    /// how long the source may be missing, counted from the moment it is found missing (a
+    /// read queued behind others on a slow but live connection is not cut short).
     async fn source_read(
         &self,
         demand: bool,
         off: u64,
         len: u32,
-        deadline: Option<Instant>,
+        patience: Duration,
     ) -> Result<Vec<u8>, OpError> {
+        let mut deadline: Option<Instant> = None;
         loop {
-            let c = self.client(demand, deadline).await?;
-            let per_try = self.cfg.source_timeout.max(Duration::from_secs(1));
-            match tokio::time::timeout(per_try, c.read(off, len)).await {
-                Ok(Ok(d)) => return Ok(d),
-                Ok(Err(ClientError::Request(e))) => {
-                    self.source_errors.fetch_add(1, Ordering::Relaxed);
+            let live = self
+                .link
+                .client
+                .borrow()
+                .as_ref()
+                .filter(|c| !c.is_dead())
+                .cloned();
+            let c = match live {
+                Some(c) => c,
+                None => {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + patience);
+                    self.client(demand, Some(d)).await?
+                }
+            };
+            match c.read(off, len).await {
+                Ok(d) => {
+                    self.source_ok();
+                    return Ok(d);
+                }
+                Err(ClientError::Request(e)) => {
+                    self.source_failed(
+                        format!("read of {len} bytes at {off}: error {e} from the source"),
+                        true,
+                    );
                     return Err(OpError::new(e, "source refused the read"));
                 }
-                Ok(Err(e)) => {
-                    self.source_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!("source read failed: {e}");
-                    self.link(demand).drop_client(&c);
+                Err(e @ ClientError::OutOfRange { .. }) => {
+                    return Err(OpError::new(err::EINVAL, e.to_string()));
                 }
-                Err(_) => {
-                    self.source_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!("source read timed out");
+                Err(e) => {
+                    if let ClientError::Stalled(silent) = e {
+                        // The source went missing when it fell silent, not now.
+                        let since = Instant::now()
+                            .checked_sub(silent)
+                            .unwrap_or_else(Instant::now);
+                        deadline.get_or_insert(since + patience);
+                    }
+                    self.source_failed(format!("read of {len} bytes at {off}: {e}"), true);
                     self.link(demand).drop_client(&c);
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let d = *deadline.get_or_insert_with(|| Instant::now() + patience);
+            if Instant::now() >= d {
                 return Err(OpError::new(err::EIO, "source unavailable"));
             }
         }
@@ -551,7 +789,7 @@ impl Proxy {
         &self,
         claim: &Claim,
         demand: bool,
-        deadline: Option<Instant>,
+        patience: Duration,
     ) -> Result<(), OpError> {
         let runs = runs_of(&claim.blocks);
         if demand {
@@ -568,7 +806,7 @@ impl Proxy {
             let mut off = start;
             while off < end {
                 let n = (end - off).min(MAX_FETCH);
-                let d = self.source_read(demand, off, n as u32, deadline).await?;
+                let d = self.source_read(demand, off, n as u32, patience).await?;
                 datas.push((off, d));
                 off += n;
             }
@@ -617,42 +855,34 @@ impl Proxy {
         .await
     }
 
-    /// Make `[off, off+len)` local, fetching what is missing (on demand).
-    async fn ensure(&self, off: u64, len: u64, deadline: Option<Instant>) -> Result<(), OpError> {
+    /// Make `[off, off+len)` local, fetching what is missing (on demand). Blocks another
+    /// fetch holds are waited for without a deadline: that fetch ends by itself (it has its
+    /// own patience with a missing source, and a live source makes progress), and its blocks
+    /// are then claimed here if they are still missing.
+    async fn ensure(&self, off: u64, len: u64, patience: Duration) -> Result<(), OpError> {
         if len == 0 {
             return Ok(());
         }
         let (a, b) = self.block_range(off, len);
-        let r = async {
-            loop {
-                if self.is_target() {
-                    return Ok(());
-                }
-                let (claim, waiters) = self.claim_free(a, b);
-                if claim.is_none() && waiters.is_empty() {
-                    return Ok(());
-                }
-                if let Some(c) = &claim {
-                    self.fetch_claimed(c, true, deadline).await?;
-                }
-                drop(claim);
-                match deadline {
-                    Some(d) => {
-                        let left = d.saturating_duration_since(Instant::now());
-                        if tokio::time::timeout(left, wait_all(waiters)).await.is_err() {
-                            return Err(OpError::new(err::EIO, "source unavailable"));
-                        }
-                    }
-                    None => wait_all(waiters).await,
-                }
+        loop {
+            if self.is_target() {
+                return Ok(());
             }
+            let (claim, waiters) = self.claim_free(a, b);
+            if claim.is_none() && waiters.is_empty() {
+                return Ok(());
+            }
+            if let Some(c) = &claim {
+                self.fetch_claimed(c, true, patience).await?;
+            }
+            drop(claim);
+            wait_all(waiters).await;
         }
-        .await;
-        r
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        Some(Instant::now() + self.cfg.source_timeout)
+    /// How long client requests wait for a missing source.
+    fn patience(&self) -> Duration {
+        self.cfg.source_timeout
     }
 
     /// Serve a read.
@@ -664,14 +894,14 @@ impl Proxy {
     ) -> Result<Vec<u8>, OpError> {
         let len = (buf.len() - start) as u64;
         if !self.is_target() {
-            self.ensure(off, len, self.deadline()).await?;
+            self.ensure(off, len, self.patience()).await?;
             let prev = self.last_read_end.swap(off + len, Ordering::AcqRel);
             if prev == off && self.cfg.readahead > 0 && off + len < self.size {
                 let p = self.clone();
                 let ra_off = off + len;
                 let ra_len = self.cfg.readahead.min(self.size - ra_off);
                 tokio::spawn(async move {
-                    let _ = p.ensure(ra_off, ra_len, p.deadline()).await;
+                    let _ = p.ensure(ra_off, ra_len, p.patience()).await;
                 });
             }
         }
@@ -698,15 +928,15 @@ impl Proxy {
             return Ok(());
         }
         if !self.is_target() {
-            let deadline = self.deadline();
+            let patience = self.patience();
             let (a, b) = self.block_range(off, len);
             let end = off + len;
             if off % self.bs != 0 && !self.bitmap.is_set(a) {
-                self.ensure(a * self.bs, 1, deadline).await?;
+                self.ensure(a * self.bs, 1, patience).await?;
             }
             let tail_partial = end % self.bs != 0 && end < self.size;
             if tail_partial && !self.bitmap.is_set(b - 1) {
-                self.ensure((b - 1) * self.bs, 1, deadline).await?;
+                self.ensure((b - 1) * self.bs, 1, patience).await?;
             }
             loop {
                 match self.claim_all(a, b) {
@@ -798,7 +1028,7 @@ impl Proxy {
 
     /// Serve a cache request: fetch the range now.
     pub async fn cache(self: &Arc<Self>, off: u64, len: u64) -> Result<(), OpError> {
-        self.ensure(off, len, self.deadline()).await
+        self.ensure(off, len, self.patience()).await
     }
 
     /// `base:allocation`: missing blocks are reported as data; local ones as the cache file's
@@ -888,21 +1118,18 @@ impl Proxy {
 
     /// Copy missing blocks in the background: runs of `background_chunk` bytes, up to
     /// `background_depth` requests in flight (to fill long links, also while on-demand
-    /// fetches run), within what on-demand fetches leave of the rate budget.
+    /// fetches run), within what on-demand fetches leave of the rate budget, and while the
+    /// source is failing one run per backoff period. Failures are accounted in the source
+    /// health (a failed run is fetched again on a later pass).
     async fn background_copy(self: Arc<Self>) {
         let chunk_blocks = (self.cfg.background_chunk / self.bs).max(1) as usize;
         let depth = self.cfg.background_depth.max(1);
         let mut cursor = 0u64;
         let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
-        let mut failures = 0u64;
         while !self.is_target() {
-            while let Some(r) = tasks.try_join_next() {
-                self.note_background(r, &mut failures);
-            }
+            while tasks.try_join_next().is_some() {}
             if tasks.len() >= depth {
-                if let Some(r) = tasks.join_next().await {
-                    self.note_background(r, &mut failures);
-                }
+                tasks.join_next().await;
                 continue;
             }
             if !self.background.load(Ordering::Acquire) {
@@ -912,8 +1139,9 @@ impl Proxy {
                 }
                 continue;
             }
-            // Wait for the source without holding claims, so that clients needing these
-            // blocks are not stuck behind an outage of the background copy.
+            // Wait for the source's turn and for the source itself without holding claims,
+            // so that clients needing these blocks are not stuck behind either.
+            self.background_turn().await;
             if self
                 .client(false, Some(Instant::now() + Duration::from_secs(1)))
                 .await
@@ -945,9 +1173,8 @@ impl Proxy {
                         }
                         self.unreserve(want);
                         // The rest is in flight: wait for some of it.
-                        match tasks.join_next().await {
-                            Some(r) => self.note_background(r, &mut failures),
-                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        if tasks.join_next().await.is_none() {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         continue;
                     }
@@ -961,7 +1188,7 @@ impl Proxy {
             let bytes = ((last + 1) * self.bs).min(self.size) - first * self.bs;
             self.unreserve(want.saturating_sub(bytes));
             let p = self.clone();
-            tasks.spawn(async move { p.fetch_claimed(&claim, false, p.deadline()).await });
+            tasks.spawn(async move { p.fetch_claimed(&claim, false, BACKGROUND_PATIENCE).await });
         }
         tasks.abort_all();
     }
@@ -991,24 +1218,6 @@ impl Proxy {
         let mut next = self.pace.lock().unwrap_or_else(|e| e.into_inner());
         let d = Duration::from_secs_f64(bytes as f64 / rate as f64);
         *next = next.checked_sub(d).unwrap_or(*next);
-    }
-
-    /// Log background failures (the first of a series, then every hundredth).
-    fn note_background(
-        &self,
-        r: Result<Result<(), OpError>, tokio::task::JoinError>,
-        failures: &mut u64,
-    ) {
-        match r {
-            Ok(Ok(())) => *failures = 0,
-            Ok(Err(e)) => {
-                if *failures % 100 == 0 && !self.is_target() {
-                    warn!("background copy: {e}");
-                }
-                *failures += 1;
-            }
-            Err(_) => {}
-        }
     }
 
     async fn sampler(self: Arc<Self>) {
@@ -1056,6 +1265,7 @@ impl Proxy {
             .borrow()
             .as_ref()
             .is_some_and(|c| !c.is_dead());
+        let h = self.health();
         Status {
             mode: if self.is_target() {
                 Mode::Target
@@ -1086,6 +1296,15 @@ impl Proxy {
             background: self.background.load(Ordering::Relaxed),
             eta_secs: eta,
             source_errors: self.source_errors.load(Ordering::Relaxed),
+            source_failing: h.errors > 0,
+            source_failing_since: h.since.map(|s| {
+                s.1.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            }),
+            source_failing_secs: h.since.map(|s| s.0.elapsed().as_secs_f64()),
+            source_errors_in_row: h.errors,
+            source_backoff_ms: u64::try_from(h.backoff().as_millis()).unwrap_or(u64::MAX),
+            source_last_error: h.last_error.clone(),
         }
     }
 

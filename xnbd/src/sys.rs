@@ -1,6 +1,6 @@
 //! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
-//! read-ahead hints, data-only sync and TCP keepalive. Every `unsafe` block of the crate
-//! lives here.
+//! read-ahead hints, data-only sync, TCP keepalive and `flock`. Every `unsafe` block of the
+//! crate lives here.
 
 use std::fs::File;
 use std::io;
@@ -154,4 +154,22 @@ pub fn tcp_keepalive(
         int(interval_secs)?,
     )?;
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count)?)
+}
+/// Take an exclusive `flock` on `f` without waiting: `Ok(false)` when another open file
+/// description holds a lock on the file. The kernel drops the lock when the last descriptor
+/// of this open file description closes, including when the process dies (`kill -9`).
+pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock takes integers only; the fd is owned by `f`, which outlives the call.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
 }
