@@ -534,9 +534,9 @@ impl AgentCore {
     }
 
     fn overlay_up(&mut self, n: u32) -> bool {
-        self.overlay_procs
-            .get_mut(&n)
-            .is_some_and(|p| !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None))))
+        self.overlay_procs.get_mut(&n).is_some_and(|p| {
+            !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+        })
     }
 
     fn dispatch(
@@ -1181,7 +1181,9 @@ impl AgentCore {
             let mut steps = Vec::new();
             self.clean_cluster(n, drop, dry, &mut steps);
             if drop {
-                log.push(format!("{who}: release (lease lapsed or release unfinished)"));
+                log.push(format!(
+                    "{who}: release (lease lapsed or release unfinished)"
+                ));
                 if !dry {
                     self.state.clusters.remove(&n);
                 }

@@ -961,7 +961,10 @@ impl VmDriver for QemuDriver {
             return false;
         };
         let f = self.files(vm);
-        link_exists(tap) || [f.qemu_pid, f.xnbd_pid, f.nbd, f.console].iter().any(|p| p.exists())
+        link_exists(tap)
+            || [f.qemu_pid, f.xnbd_pid, f.nbd, f.console]
+                .iter()
+                .any(|p| p.exists())
     }
 
     fn discard(&mut self, vm: &str) {

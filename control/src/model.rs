@@ -307,12 +307,17 @@ impl FromStr for OverlayNet {
             .split_once('/')
             .ok_or(BadNet(s.into(), "want a.b.c.d/len"))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| BadNet(s.into(), "bad address"))?;
-        let prefix: u8 = p.parse().map_err(|_| BadNet(s.into(), "bad prefix length"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| BadNet(s.into(), "bad prefix length"))?;
         if prefix > 32 {
             return Err(BadNet(s.into(), "prefix longer than 32"));
         }
         if u32::from(addr) & !Self::mask(prefix) != 0 {
-            return Err(BadNet(s.into(), "host bits set (give the network's first address)"));
+            return Err(BadNet(
+                s.into(),
+                "host bits set (give the network's first address)",
+            ));
         }
         Ok(OverlayNet { addr, prefix })
     }
