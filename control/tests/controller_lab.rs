@@ -76,13 +76,14 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         .find(|n| n.1 == "frontend")
         .expect("frontend")
         .clone();
-    let leases_path = sl.agents["A"]
-        .state
-        .join("run")
-        .join(format!("{}.leases", fe.0));
+    let leases_path = sl
+        .vm_file("A", &fe.0, "leases")
+        .expect("frontend lease file");
     let leases = std::fs::read_to_string(&leases_path).expect("frontend lease file");
+    let ns_of = sl.vm_handles("t").expect("handles");
+    let ns_of = |vm: &str| ns_of[vm].strip_prefix("netns:").unwrap().to_string();
     for (name, role, site, ip, mac) in &nodes {
-        let ns = format!("{}{name}", sl.vm_prefix);
+        let ns = ns_of(name);
         let a = lab::run(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])
             .expect("ip addr");
         assert!(
@@ -100,7 +101,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
 
     // All nodes ping each other over the overlay.
     for (from, _, _, _, _) in &nodes {
-        let ns = format!("{}{from}", sl.vm_prefix);
+        let ns = ns_of(from);
         for (to, _, _, ip, _) in &nodes {
             if from != to {
                 lab::wait_ping(&sl.lab, &ns, ip.parse().unwrap(), Duration::from_secs(15))
@@ -180,7 +181,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     let c4 = sl.ctl_json(&["vm", "start", "t-c4"]).expect("vm start");
     assert_eq!(c4["state"], "running");
     let c4_ip = c4["ip"].as_str().unwrap().to_string();
-    let fe_ns = format!("{}t-fe", sl.vm_prefix);
+    let fe_ns = ns_of("t-fe");
     lab::wait_ping(
         &sl.lab,
         &fe_ns,
@@ -228,7 +229,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     assert_eq!(c6["live"], "stopped", "{st}");
     sl.ctl(&["cluster", "start", "t"]).expect("restart cluster");
     let c6_ip = &nodes.iter().find(|n| n.0 == "t-c6").unwrap().3;
-    let ns = format!("{}t-fe", sl.vm_prefix);
+    let ns = ns_of("t-fe");
     lab::wait_ping(
         &sl.lab,
         &ns,
