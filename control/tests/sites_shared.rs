@@ -247,8 +247,10 @@ fn all_listed(sl: &SiteLab, site: &str, when: &str) {
         );
     }
     for l in &t.links {
+        // A netns VM's veth is the NIC its slot names plus its peer `<nic>p`.
+        let named = |n: &str| text.contains(&format!("\"{n}\""));
         assert!(
-            text.contains(&format!("\"{l}\"")),
+            named(l) || l.strip_suffix('p').is_some_and(named),
             "{when}: site {site}: link {l} is not in its agent's store: {st}"
         );
     }
@@ -511,10 +513,17 @@ fn agent_killed_at_each_step_leaves_nothing_it_does_not_list() {
         // On demand, with the agent down: gc says what it would do, then does it.
         let plan = gc(&sl, "B", true);
         let done = gc(&sl, "B", false);
-        assert_eq!(
-            plan.lines().count(),
-            done.lines().count(),
+        // (Ending a process can remove what it held, such as an edge's TAP: gc may
+        // then have less to do than it listed, never more.)
+        assert!(
+            done.lines().all(|l| l == "nothing to collect"
+                || plan.lines().any(|p| p.strip_prefix("would: ") == Some(l))),
             "{point}: gc did other than it said:\n{plan}\n{done}"
+        );
+        assert_eq!(
+            plan.contains("nothing to collect"),
+            done.contains("nothing to collect"),
+            "{point}:\n{plan}\n{done}"
         );
         all_listed(&sl, "B", &format!("{point}, after gc"));
         assert!(
