@@ -166,7 +166,7 @@ struct OverlayHere {
 
 /// A cluster's reservation at this site, under its site-local number `n`: bridge
 /// `mvb<n>`, edge TAP `mvt<n>`, files `run/c<n>.*` and `secrets/c<n>.key`, VMs
-/// `c<n>-<vm>` with NICs `mvv<n>-<i>`.
+/// `c<n>-<vm>` with NICs `mvv<n>-<i>` (`mvq<n>-<i>` for qemu VMs).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct ClusterHere {
     name: String,
@@ -810,6 +810,11 @@ impl AgentCore {
             None
         };
         // Every name the cluster will use here is saved before anything is made.
+        let nic = if self.driver.kind() == "qemu" {
+            "mvq"
+        } else {
+            "mvv"
+        };
         self.state.clusters.insert(
             n,
             ClusterHere {
@@ -825,7 +830,7 @@ impl AgentCore {
                     .enumerate()
                     .map(|(i, s)| Slot {
                         local: format!("c{n}-{}", s.name),
-                        nic: format!("mvv{n}-{i}"),
+                        nic: format!("{nic}{n}-{i}"),
                         name: s.name,
                         host: s.host,
                         memory_mb: s.memory_mb,
