@@ -323,6 +323,8 @@ pub struct AgentCore {
     running: HashMap<String, RunningVm>,
     /// Overlay processes by cluster number.
     overlay_procs: HashMap<u32, Vec<Child>>,
+    /// Clusters whose overlay processes a previous run started and this one adopted.
+    adopted: std::collections::HashSet<u32>,
     verifier: Verifier,
 }
 
@@ -384,6 +386,7 @@ impl AgentCore {
             driver,
             running: HashMap::new(),
             overlay_procs: HashMap::new(),
+            adopted: Default::default(),
             verifier,
         })
     }
@@ -534,9 +537,27 @@ impl AgentCore {
     }
 
     fn overlay_up(&mut self, n: u32) -> bool {
+        if self.adopted.contains(&n) {
+            return self.overlay_alive(n);
+        }
         self.overlay_procs.get_mut(&n).is_some_and(|p| {
             !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
         })
+    }
+
+    /// Whether cluster `n`'s overlay, started by this or a previous run, runs: its edge
+    /// (and supernode) processes, recognised by their status sockets, and its TAP.
+    fn overlay_alive(&self, n: u32) -> bool {
+        let Some(c) = self.state.clusters.get(&n) else {
+            return false;
+        };
+        if !matches!(self.cfg.overlay, OverlayImpl::Mvc(_)) {
+            return false;
+        }
+        let runs = |what: &str| {
+            !pids_marked(&[self.cluster_file(n, what).display().to_string()]).is_empty()
+        };
+        runs("edge.sock") && (c.supernode_port.is_none() || runs("sn.sock")) && link_exists(&c.tap)
     }
 
     fn dispatch(
@@ -981,6 +1002,7 @@ impl AgentCore {
     /// Stop cluster `n`'s overlay processes and delete its TAP (and, with
     /// `bridge_too`, its bridge).
     fn stop_overlay(&mut self, n: u32, bridge_too: bool) {
+        self.adopted.remove(&n);
         if let Some(mut procs) = self.overlay_procs.remove(&n) {
             for c in &mut procs {
                 stop_child(c);
@@ -1012,6 +1034,13 @@ impl AgentCore {
         spec.bridge = c.bridge.clone();
         spec.local_name = slot.local.clone();
         spec.nic = slot.nic.clone();
+        // Started by a previous run and adopted: it runs already.
+        if slot.state == "running"
+            && !self.running.contains_key(&spec.local_name)
+            && slot.handle.as_deref().is_some_and(|h| self.driver.alive(h))
+        {
+            return Ok(());
+        }
         if let Some(vm) = self.running.get_mut(&spec.local_name) {
             if vm
                 .children
@@ -1167,11 +1196,72 @@ impl AgentCore {
         }
     }
 
+    /// For a reservation that stays: adopt the VMs and overlay a previous run started
+    /// and recorded that still run; end and remove whatever else its names show (a
+    /// start cut short, a VM whose processes died). The bridge stays.
+    fn settle_cluster(&mut self, n: u32, dry: bool, log: &mut Vec<String>) {
+        let Some(c) = self.state.clusters.get(&n).cloned() else {
+            return;
+        };
+        for s in &c.slots {
+            if self.running.contains_key(&s.local) {
+                continue;
+            }
+            let live =
+                s.state == "running" && s.handle.as_deref().is_some_and(|h| self.driver.alive(h));
+            if live {
+                log.push(format!(
+                    "adopt VM {} ({})",
+                    s.local,
+                    s.handle.as_deref().unwrap_or("")
+                ));
+                continue;
+            }
+            self.clean_vm(s, false, dry, log);
+            if !dry {
+                if let Some(x) = self
+                    .state
+                    .clusters
+                    .get_mut(&n)
+                    .and_then(|c| c.slots.iter_mut().find(|x| x.name == s.name))
+                {
+                    x.handle = None;
+                    if x.state == "running" {
+                        x.state = "stopped".into();
+                    }
+                }
+            }
+        }
+        if self.overlay_procs.contains_key(&n) {
+            return;
+        }
+        if c.overlay.is_some() && self.overlay_alive(n) {
+            log.push(format!("adopt overlay (edge on {})", c.tap));
+            if !dry {
+                self.adopted.insert(n);
+            }
+            return;
+        }
+        kill_marked(&self.overlay_marks(n), dry, log);
+        if link_exists(&c.tap) {
+            log.push(format!("delete link {}", c.tap));
+            if !dry {
+                let _ = run("ip", &["link", "del", &c.tap]);
+            }
+        }
+        if !dry {
+            if let Some(c) = self.state.clusters.get_mut(&n) {
+                c.overlay = None;
+            }
+        }
+    }
+
     /// Bring the store and the machine into agreement (at start, and `mvc agent gc`):
     /// a reservation whose lease lapsed, or whose release was cut short, is removed
-    /// with everything it names; of the others, whatever a previous run left running
-    /// is stopped (VMs show `stopped`; `cluster start` brings them back). Returns what
-    /// it did, or with `dry` what it would do.
+    /// with everything it names; of the others, the VMs and overlay a previous run
+    /// recorded as started and that still run are adopted, and whatever else their
+    /// names show is ended and removed (those VMs show `stopped`; `cluster start`
+    /// brings them back). Returns what it did, or with `dry` what it would do.
     pub fn reconcile(&mut self, now: u64, dry: bool) -> Vec<String> {
         let mut log = Vec::new();
         let ids: Vec<u32> = self.state.clusters.keys().copied().collect();
@@ -1184,7 +1274,11 @@ impl AgentCore {
             );
             let drop = c.releasing || c.lease_until.is_some_and(|t| t <= now);
             let mut steps = Vec::new();
-            self.clean_cluster(n, drop, dry, &mut steps);
+            if drop {
+                self.clean_cluster(n, true, dry, &mut steps);
+            } else {
+                self.settle_cluster(n, dry, &mut steps);
+            }
             if drop {
                 log.push(format!(
                     "{who}: release (lease lapsed or release unfinished)"

@@ -145,6 +145,9 @@ pub trait VmDriver: Send {
     fn handle_for(&self, local: &str, nic: &str) -> String;
     /// Whether anything of the VM behind `handle` exists on this machine.
     fn present(&self, handle: &str) -> bool;
+    /// Whether the VM behind `handle` still runs (after the agent that started it
+    /// died): it can be adopted as it is.
+    fn alive(&self, handle: &str) -> bool;
     /// Delete what a VM keeps between starts (its disk), when its cluster is released.
     fn discard(&mut self, _vm: &str) {}
     /// The IPv4 address on the VM's overlay NIC, if it has one yet.
@@ -358,6 +361,15 @@ impl VmDriver for NetnsDriver {
 
     fn present(&self, handle: &str) -> bool {
         Self::ns_of(handle).is_ok_and(|ns| Path::new("/run/netns").join(ns).exists())
+    }
+
+    fn alive(&self, handle: &str) -> bool {
+        // Its DHCP server or client still runs inside.
+        self.present(handle)
+            && Self::ns_of(handle)
+                .ok()
+                .and_then(|ns| run("ip", &["netns", "pids", ns]).ok())
+                .is_some_and(|p| !p.trim().is_empty())
     }
 
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
@@ -846,6 +858,15 @@ pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
     last.split_whitespace().next()?.parse().ok()
 }
 
+/// Whether the process of a pid file runs and its command line still names `mark`.
+fn pidfile_alive(pidfile: &Path, mark: &str) -> bool {
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .is_some_and(|c| String::from_utf8_lossy(&c).contains(mark))
+}
+
 /// End a process we started from its pid file, when its command line still names
 /// `mark` (so a reused pid is left alone): SIGTERM, up to 3 s, then SIGKILL.
 fn kill_pidfile(pidfile: &Path, mark: &str) {
@@ -965,6 +986,15 @@ impl VmDriver for QemuDriver {
             || [f.qemu_pid, f.xnbd_pid, f.nbd, f.console]
                 .iter()
                 .any(|p| p.exists())
+    }
+
+    fn alive(&self, handle: &str) -> bool {
+        let Ok((_, vm)) = Self::parse_handle(handle) else {
+            return false;
+        };
+        let f = self.files(vm);
+        pidfile_alive(&f.qemu_pid, &f.console.display().to_string())
+            && pidfile_alive(&f.xnbd_pid, &f.nbd.display().to_string())
     }
 
     fn discard(&mut self, vm: &str) {

@@ -238,21 +238,43 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     )
     .expect("frontend -> t-c6 after restart");
 
-    // Site B's agent crashes (SIGKILL), leaving its VMs and edge behind; restarted, it
-    // removes the leftovers, and `cluster start` brings the site back.
+    // Site B's agent crashes (SIGKILL), leaving its VMs and edge running; restarted,
+    // it adopts them as they are (same namespaces, no restart), and `cluster start`
+    // finds the site up.
+    let before = ns_of("t-c5");
     sl.kill_agent("B");
-    assert!(sl
-        .leftover_vm_namespaces()
-        .iter()
-        .any(|n| n.ends_with("t-c5")));
+    assert!(sl.leftover_vm_namespaces().contains(&before));
     sl.restart_agent("B").expect("agent B restart");
-    assert!(!sl
-        .leftover_vm_namespaces()
+    assert!(sl.leftover_vm_namespaces().contains(&before));
+    let c5_ip = &nodes.iter().find(|n| n.0 == "t-c5").unwrap().3;
+    lab::wait_ping(
+        &sl.lab,
+        &ns,
+        c5_ip.parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .expect("frontend -> t-c5 after agent crash, adopted");
+    let st = sl.ctl_json(&["cluster", "status", "t"]).unwrap();
+    let b = st["sites"]
+        .as_array()
+        .unwrap()
         .iter()
-        .any(|n| n.ends_with("t-c4") || n.ends_with("t-c5")));
+        .find(|s| s["site"] == "B")
+        .unwrap()
+        .clone();
+    assert_eq!(b["overlay_up"], true, "{st}");
+    assert!(
+        st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["site"] == "B")
+            .all(|v| v["live"] == "running"),
+        "{st}"
+    );
     sl.ctl(&["cluster", "start", "t"])
         .expect("start after crash");
-    let c5_ip = &nodes.iter().find(|n| n.0 == "t-c5").unwrap().3;
+    assert_eq!(sl.vm_ns("t", "t-c5").unwrap(), before);
     lab::wait_ping(
         &sl.lab,
         &ns,

@@ -526,9 +526,11 @@ fn agent_killed_at_each_step_leaves_nothing_it_does_not_list() {
             "{point}:\n{plan}\n{done}"
         );
         all_listed(&sl, "B", &format!("{point}, after gc"));
+        // What still runs after gc is what it adopted (an edge the store records as
+        // started).
         assert!(
-            trace(&sl, "B").processes.is_empty(),
-            "{point}: processes left after gc: {:?}",
+            trace(&sl, "B").processes.is_empty() || done.contains("adopt overlay"),
+            "{point}: processes left after gc: {:?}\n{done}",
             trace(&sl, "B").processes
         );
         sl.restart_agent("B").expect("agent B restart");
