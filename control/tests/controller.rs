@@ -549,3 +549,42 @@ fn destroy_force_clears_a_reservation_the_store_does_not_know() {
     let e = c.cluster_destroy("lost", true).unwrap_err().to_string();
     assert!(e.contains("no cluster named \"lost\""), "{e}");
 }
+
+#[test]
+fn overlay_networks_holding_an_agent_address_are_refused() {
+    let user = SigningKey::generate().unwrap();
+    let a = TestAgent::start("A", 8, Some((&user, 8)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let mut c = controller(&mut store, &user, dir.path());
+    c.site_add("A", &a.addr, &a.key).unwrap();
+    let args = |overlay: Option<&str>, pool: &str| CreateArgs {
+        name: "k".into(),
+        sites: vec!["A".into()],
+        computes: vec![1],
+        memory_mb: 128,
+        frontend_memory_mb: 128,
+        overlay: overlay.map(|o| o.parse().unwrap()),
+        pool: pool.parse().unwrap(),
+    };
+    // The agent listens on 127.0.0.1: an overlay or pool holding it is refused before
+    // any site is asked.
+    for (o, p, flag) in [
+        (
+            Some("127.0.0.0/24"),
+            "198.19.0.0/16",
+            "--overlay 127.0.0.0/24",
+        ),
+        (None, "127.0.0.0/8", "--overlay-pool 127.0.0.0/8"),
+    ] {
+        let e = c.cluster_create(&args(o, p)).unwrap_err().to_string();
+        assert!(e.contains(flag) && e.contains("underlay"), "{e}");
+    }
+    let e = c
+        .cluster_create(&args(Some("198.19.5.0/30"), "198.19.0.0/16"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/16 to /27"), "{e}");
+    assert!(c.store.clusters().unwrap().is_empty());
+    assert!(a.info(&user).reservations.is_empty());
+}
