@@ -376,6 +376,18 @@ impl Controller<'_> {
                 });
             }
         }
+        let room = args.overlay.map_or(
+            args.pool
+                .subnet(args.pool.prefix.max(24), 0)
+                .map_or(0, |n| n.max_vms()),
+            |n| n.max_vms(),
+        );
+        if vms.len() > room {
+            return Err(ControlError::Usage(format!(
+                "{} VMs do not fit the overlay network (at most {room}); pass a larger --overlay",
+                vms.len()
+            )));
+        }
         // 3. Reserve at every site; each agent names the cluster's devices and port
         //    there. Any refusal releases all.
         (self.progress)(&format!(

@@ -588,3 +588,27 @@ fn overlay_networks_holding_an_agent_address_are_refused() {
     assert!(c.store.clusters().unwrap().is_empty());
     assert!(a.info(&user).reservations.is_empty());
 }
+
+#[test]
+fn a_cluster_larger_than_its_overlay_network_is_refused_before_reserving() {
+    let user = SigningKey::generate().unwrap();
+    let a = TestAgent::start("A", 64, Some((&user, 64)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let mut c = controller(&mut store, &user, dir.path());
+    c.site_add("A", &a.addr, &a.key).unwrap();
+    let e = c
+        .cluster_create(&CreateArgs {
+            name: "k".into(),
+            sites: vec!["A".into()],
+            computes: vec![30],
+            memory_mb: 16,
+            frontend_memory_mb: 16,
+            overlay: Some("198.19.5.0/27".parse().unwrap()),
+            pool: "198.19.0.0/16".parse().unwrap(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 22"), "{e}");
+    assert!(a.info(&user).reservations.is_empty());
+}

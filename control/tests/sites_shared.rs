@@ -470,6 +470,23 @@ fn agent_killed_at_each_step_leaves_nothing_it_does_not_list() {
     let lease = 20;
     let mut sl = site_lab(lease);
     sl.echo_ctl = false;
+    // While an agent runs, it alone acts on its state: gc is refused.
+    let a = &sl.agents["A"];
+    let st = a.state.display().to_string();
+    let e = lab::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &a.ns,
+        sl.mvc.to_str().unwrap(),
+        "agent",
+        "gc",
+        "--state",
+        &st,
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("runs"), "{e}");
     for point in control::failpoint::POINTS {
         let ts = Instant::now();
         let releasing = *point == "release-begin";
