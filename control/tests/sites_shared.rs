@@ -347,15 +347,34 @@ fn two_users_share_three_sites_with_the_same_names_and_addresses() {
             .collect();
         assert_eq!(bridges.len(), 4, "site {site}: {st}");
     }
-    // An MPI job on each user's t (a hostname per rank when mpi4py is missing).
+    // An MPI job on each user's t, both at once: an mpi4py allreduce across its four
+    // nodes (a hostname per rank when mpi4py is missing).
     if Path::new("/usr/bin/mpirun").exists() {
-        for u in [&u1, &u2] {
-            let out = sl.mpirun_as(u, "t", 4, &["hostname"]).expect("mpirun");
-            for (name, ..) in nodes(&cls[&(0, "t")]) {
+        let prog = sl.lab.dir().join("allreduce.py");
+        std::fs::write(&prog, control::demo::MPI_PROGRAM).unwrap();
+        let p = prog.display().to_string();
+        let mpi4py = Path::new("/usr/lib/python3/dist-packages/mpi4py").exists();
+        let cmd: Vec<&str> = if mpi4py {
+            vec!["/usr/bin/python3", &p]
+        } else {
+            vec!["hostname"]
+        };
+        let outs: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = [&u1, &u2]
+                .into_iter()
+                .map(|u| s.spawn(|| sl.mpirun_as(u, "t", 4, &cmd).expect("mpirun")))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for out in outs {
+            if mpi4py {
                 assert!(
-                    out.lines().any(|l| l.trim() == name),
-                    "{name} missing from {out}"
+                    out.contains("allreduce(sum of ranks) = 6 (expected 6)"),
+                    "{out}"
                 );
+            }
+            for (name, ..) in nodes(&cls[&(0, "t")]) {
+                assert!(out.contains(name.as_str()), "{name} missing from {out}");
             }
         }
     } else {
