@@ -1091,7 +1091,9 @@ impl AgentCore {
             .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
         {
             s.handle = None;
-            s.state = "stopped".into();
+            if s.state == "running" {
+                s.state = "stopped".into();
+            }
         }
     }
 
