@@ -57,6 +57,15 @@ pub struct AgentProc {
     log: PathBuf,
 }
 
+/// A user of the lab's sites: a key and a controller database.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Controller database.
+    pub db: PathBuf,
+    /// User key file.
+    pub key: PathBuf,
+}
+
 /// Three sites with agents, a user key and a controller database.
 pub struct SiteLab {
     /// The namespaces (dropped last).
@@ -71,7 +80,8 @@ pub struct SiteLab {
     pub db: PathBuf,
     /// User key file.
     pub user_key: PathBuf,
-    /// Prefix of VM namespaces made by the agents.
+    /// Prefix of VM namespaces made by the agents (each agent adds its site's name:
+    /// agents on one machine share `/run/netns`, and each owns its own names).
     pub vm_prefix: String,
     /// How long one controller command may run before it is killed.
     pub ctl_limit: Duration,
@@ -221,7 +231,7 @@ impl SiteLab {
                 "--listen".into(),
                 format!("0.0.0.0:{AGENT_PORT}"),
                 "--ns-prefix".into(),
-                me.vm_prefix.clone(),
+                format!("{}{name}-", me.vm_prefix),
                 "--host".into(),
                 format!("{}-h0:2:8192:{host_max}", name.to_lowercase()),
                 "--overlay".into(),
@@ -238,13 +248,13 @@ impl SiteLab {
                 child: None,
                 args,
             };
-            me.start_agent_proc(&mut a)?;
+            me.start_agent_proc(&mut a, &[])?;
             me.agents.insert(name, a);
         }
         Ok(me)
     }
 
-    fn start_agent_proc(&self, a: &mut AgentProc) -> Result<()> {
+    fn start_agent_proc(&self, a: &mut AgentProc, env: &[(&str, &str)]) -> Result<()> {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -256,6 +266,7 @@ impl SiteLab {
             .arg(format!("--net=/run/netns/{}", a.ns))
             .arg(&self.mvc)
             .args(&a.args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f)
             .stderr(f2)
@@ -314,13 +325,89 @@ impl SiteLab {
 
     /// Start a stopped agent again.
     pub fn restart_agent(&mut self, site: &str) -> Result<()> {
+        self.restart_agent_with(site, &[])
+    }
+
+    /// Start a stopped agent again with extra environment (e.g. a test failpoint).
+    pub fn restart_agent_with(&mut self, site: &str, env: &[(&str, &str)]) -> Result<()> {
         let mut a = self
             .agents
             .remove(site)
             .ok_or_else(|| SitesError::Failed(format!("no site {site}")))?;
-        let r = self.start_agent_proc(&mut a);
+        let r = self.start_agent_proc(&mut a, env);
         self.agents.insert(site.into(), a);
         r
+    }
+
+    /// Whether a site's agent process still runs (it may have aborted by itself).
+    pub fn agent_alive(&mut self, site: &str) -> bool {
+        self.agents
+            .get_mut(site)
+            .and_then(|a| a.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Reap an agent that exited by itself; true when it had.
+    pub fn reap_agent(&mut self, site: &str) -> bool {
+        let Some(a) = self.agents.get_mut(site) else {
+            return false;
+        };
+        match a.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                a.child = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Make another user: a key, authorised at every agent for `max_vms` VMs, and a
+    /// controller database of its own (with the three sites added).
+    pub fn add_user(&self, label: &str, max_vms: u32) -> Result<User> {
+        let user = User {
+            db: self
+                .lab
+                .dir()
+                .join(format!("controller-{label}/controller.db")),
+            key: self.lab.dir().join(format!("{label}.key")),
+        };
+        let out = self.run_local(&["key", "gen", "--key", &user.key.display().to_string()])?;
+        let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        for a in self.agents.values() {
+            self.run_local(&[
+                "agent",
+                "authorize",
+                "--state",
+                &a.state.display().to_string(),
+                "--key",
+                &public,
+                "--max-vms",
+                &max_vms.to_string(),
+                "--comment",
+                label,
+            ])?;
+            self.ctl_as(
+                &user,
+                &[
+                    "site",
+                    "add",
+                    &a.site,
+                    "--agent",
+                    &a.addr,
+                    "--agent-key",
+                    &a.key,
+                ],
+            )?;
+        }
+        Ok(user)
+    }
+
+    /// The lab's first user (the one [`SiteLab::ctl`] acts as).
+    pub fn first_user(&self) -> User {
+        User {
+            db: self.db.clone(),
+            key: self.user_key.clone(),
+        }
     }
 
     /// Run `mvc ARGS` here (no namespace), failing on a non-zero exit.
@@ -341,13 +428,21 @@ impl SiteLab {
     /// Run a controller command (`mvc ARGS`) on site A's frontend; returns the output
     /// whatever the exit status (`timeout` kills it after [`SiteLab::ctl_limit`]).
     pub fn ctl_output(&self, args: &[&str]) -> Result<Output> {
+        self.ctl_output_as(&self.first_user(), args)
+    }
+
+    /// As [`SiteLab::ctl_output`], as `user`.
+    pub fn ctl_output_as(&self, user: &User, args: &[&str]) -> Result<Output> {
+        if let Some(d) = user.db.parent() {
+            std::fs::create_dir_all(d)?;
+        }
         Ok(Command::new("timeout")
             .arg(self.ctl_limit.as_secs().max(1).to_string())
             .args(["ip", "netns", "exec", &self.topo.sites[0].frontend])
             .arg(&self.mvc)
             .args(args)
-            .env("MVC_DB", &self.db)
-            .env("MVC_KEY", &self.user_key)
+            .env("MVC_DB", &user.db)
+            .env("MVC_KEY", &user.key)
             .stdin(Stdio::null())
             .output()?)
     }
@@ -355,7 +450,12 @@ impl SiteLab {
     /// Run a controller command on site A's frontend, failing on a non-zero exit;
     /// its stderr (progress) is echoed unless [`SiteLab::echo_ctl`] is off.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let o = self.ctl_output(args)?;
+        self.ctl_as(&self.first_user(), args)
+    }
+
+    /// As [`SiteLab::ctl`], as `user`.
+    pub fn ctl_as(&self, user: &User, args: &[&str]) -> Result<String> {
+        let o = self.ctl_output_as(user, args)?;
         if self.echo_ctl {
             eprint!("{}", String::from_utf8_lossy(&o.stderr));
         }
@@ -370,9 +470,14 @@ impl SiteLab {
 
     /// A controller command with `--json`, parsed.
     pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        self.ctl_json_as(&self.first_user(), args)
+    }
+
+    /// As [`SiteLab::ctl_json`], as `user`.
+    pub fn ctl_json_as(&self, user: &User, args: &[&str]) -> Result<serde_json::Value> {
         let mut a = args.to_vec();
         a.push("--json");
-        let out = self.ctl(&a)?;
+        let out = self.ctl_as(user, &a)?;
         serde_json::from_str(&out).map_err(|e| {
             SitesError::Failed(format!("mvc {}: bad JSON: {e}: {out}", args.join(" ")))
         })
@@ -397,6 +502,57 @@ impl SiteLab {
         ])
     }
 
+    /// How each running VM of `cluster` is reached (`netns:<ns>`, `qemu:<tap>:<local>`),
+    /// as `cluster status` reports it.
+    pub fn vm_handles(&self, cluster: &str) -> Result<BTreeMap<String, String>> {
+        self.vm_handles_as(&self.first_user(), cluster)
+    }
+
+    /// As [`SiteLab::vm_handles`], as `user`.
+    pub fn vm_handles_as(&self, user: &User, cluster: &str) -> Result<BTreeMap<String, String>> {
+        let st = self.ctl_json_as(user, &["cluster", "status", cluster])?;
+        Ok(st["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| Some((v["name"].as_str()?.into(), v["handle"].as_str()?.into())))
+            .collect())
+    }
+
+    /// The network namespace of a running netns VM of `cluster`.
+    pub fn vm_ns(&self, cluster: &str, vm: &str) -> Result<String> {
+        self.vm_ns_as(&self.first_user(), cluster, vm)
+    }
+
+    /// As [`SiteLab::vm_ns`], as `user`.
+    pub fn vm_ns_as(&self, user: &User, cluster: &str, vm: &str) -> Result<String> {
+        self.vm_handles_as(user, cluster)?
+            .get(vm)
+            .and_then(|h| h.strip_prefix("netns:"))
+            .map(str::to_string)
+            .ok_or_else(|| SitesError::Failed(format!("VM {vm} of {cluster} runs in no namespace")))
+    }
+
+    /// A per-VM file of `site`'s agent (`run/c<n>-<vm>.<ext>`), when exactly one
+    /// cluster there has a VM of that name.
+    pub fn vm_file(&self, site: &str, vm: &str, ext: &str) -> Option<PathBuf> {
+        let run = self.agents.get(site)?.state.join("run");
+        let tail = format!("-{vm}.{ext}");
+        let found: Vec<PathBuf> = std::fs::read_dir(&run)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(&tail))
+                    .and_then(|n| n.strip_prefix('c'))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        (found.len() == 1).then(|| found[0].clone())
+    }
+
     /// `mvc site add` for all three sites.
     pub fn add_sites(&self) -> Result<()> {
         for a in self.agents.values() {
@@ -416,24 +572,43 @@ impl SiteLab {
     /// Run `prog args` with `mpirun` from the cluster's frontend VM over every node of
     /// the hostfile (netns VMs: ranks are started through the launcher script).
     pub fn mpirun(&self, cluster: &str, np: usize, prog: &[&str]) -> Result<String> {
-        let hf = self.lab.dir().join(format!("{cluster}.hosts"));
-        let launcher = self.lab.dir().join(format!("{cluster}.launch"));
-        let text = self.ctl(&[
-            "cluster",
-            "hostfile",
-            cluster,
-            "--launcher",
-            &launcher.display().to_string(),
-        ])?;
+        self.mpirun_as(&self.first_user(), cluster, np, prog)
+    }
+
+    /// As [`SiteLab::mpirun`], as `user`.
+    pub fn mpirun_as(
+        &self,
+        user: &User,
+        cluster: &str,
+        np: usize,
+        prog: &[&str],
+    ) -> Result<String> {
+        let who = user
+            .key
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let hf = self.lab.dir().join(format!("{who}-{cluster}.hosts"));
+        let launcher = self.lab.dir().join(format!("{who}-{cluster}.launch"));
+        let text = self.ctl_as(
+            user,
+            &[
+                "cluster",
+                "hostfile",
+                cluster,
+                "--launcher",
+                &launcher.display().to_string(),
+            ],
+        )?;
         std::fs::write(&hf, &text)?;
-        let handles = self.ctl_json(&["vm", "list", "--cluster", cluster])?;
+        let handles = self.ctl_json_as(user, &["vm", "list", "--cluster", cluster])?;
         let fe = handles
             .as_array()
             .and_then(|a| a.iter().find(|v| v[1]["role"] == "frontend"))
             .and_then(|v| v[1]["name"].as_str())
             .ok_or_else(|| SitesError::Failed("no frontend VM".into()))?
             .to_string();
-        let ns = format!("{}{fe}", self.vm_prefix);
+        let ns = self.vm_ns_as(user, cluster, &fe)?;
         let mut cmd = vec![
             "mpirun".to_string(),
             "--allow-run-as-root".into(),

@@ -8,12 +8,22 @@
 //!
 //! State directory layout: `agent.key` (the agent's Ed25519 key, PKCS#8 hex, 0600),
 //! `authorized.json`, `state.json` (reservations, survives restarts), `secrets/`
-//! (community secrets, 0600), `run/` (logs, leases, status sockets).
+//! (community secrets, 0600), `run/` (logs, leases, status sockets), `disks/`.
+//!
+//! The agent owns everything at its site: it numbers each reservation (`n`, unique
+//! among all users' clusters here) and derives every name from it (bridge `mvb<n>`,
+//! TAP `mvt<n>`, VM `c<n>-<vm>` with NIC `mvv<n>-<i>`, files `c<n>.*` and
+//! `c<n>-<vm>.*`), saving them before it makes anything, so after a crash every
+//! device, process and file it may have made is named in `state.json`. It touches
+//! nothing its store does not name as belonging to the cluster at hand.
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
-use crate::driver::{self, run, stop_child, DriverError, RunningVm, VmDriver};
+use crate::driver::{self, link_exists, run, stop_child, DriverError, RunningVm, VmDriver};
 use crate::model::HostInfo;
-use crate::proto::{AgentVm, Body, InfoData, Reply, Request, SlotReq, VmSpec, PROTO_VERSION};
+use crate::proto::{
+    AgentVm, Body, InfoData, Reply, Request, ReservationView, ReserveData, SlotReq, VmSpec,
+    PROTO_VERSION,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -96,6 +106,14 @@ impl std::str::FromStr for HostSpec {
     }
 }
 
+/// Seconds an unconfirmed reservation holds by default.
+pub const DEFAULT_LEASE_SECS: u64 = 120;
+/// UDP ports the agent gives supernodes by default.
+pub const DEFAULT_SUPERNODE_PORTS: (u16, u16) = (7700, 7999);
+/// Most clusters one agent holds (site-local numbers 1..=this; device names stay within
+/// the kernel's 15 bytes).
+pub const MAX_CLUSTERS: u32 = 65535;
+
 /// Agent configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -107,8 +125,28 @@ pub struct AgentConfig {
     pub hosts: Vec<HostSpec>,
     /// Overlay implementation.
     pub overlay: OverlayImpl,
+    /// Seconds a reservation holds until the controller confirms it.
+    pub lease_secs: u64,
+    /// UDP ports (first, last) supernodes of clusters may listen on.
+    pub supernode_ports: (u16, u16),
 }
 
+impl AgentConfig {
+    /// A configuration with the default lease and supernode ports.
+    pub fn new(site: &str, state_dir: &Path, hosts: Vec<HostSpec>, overlay: OverlayImpl) -> Self {
+        AgentConfig {
+            site: site.into(),
+            state_dir: state_dir.into(),
+            hosts,
+            overlay,
+            lease_secs: DEFAULT_LEASE_SECS,
+            supernode_ports: DEFAULT_SUPERNODE_PORTS,
+        }
+    }
+}
+
+/// One reserved VM slot. `local` (namespace and file names) and `nic` (host-side
+/// device) are allocated and saved at reservation, before anything is made with them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Slot {
     name: String,
@@ -116,27 +154,43 @@ struct Slot {
     memory_mb: u64,
     state: String,
     handle: Option<String>,
+    local: String,
+    nic: String,
 }
 
+/// Overlay processes a running agent started for a cluster.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct OverlayHere {
-    tap: String,
-    bridge: String,
     pids: Vec<u32>,
-    #[serde(default)]
-    supernode_port: Option<u16>,
 }
 
+/// A cluster's reservation at this site, under its site-local number `n`: bridge
+/// `mvb<n>`, edge TAP `mvt<n>`, files `run/c<n>.*` and `secrets/c<n>.key`, VMs
+/// `c<n>-<vm>` with NICs `mvv<n>-<i>` (`mvq<n>-<i>` for qemu VMs).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct ClusterHere {
+    name: String,
     owner: String,
+    bridge: String,
+    tap: String,
+    supernode_port: Option<u16>,
+    /// Unix time the reservation lapses at; `None` once the controller confirmed it.
+    lease_until: Option<u64>,
+    /// Set (and saved) before a release starts, so a crash mid-release finishes it.
+    #[serde(default)]
+    releasing: bool,
     slots: Vec<Slot>,
     overlay: Option<OverlayHere>,
 }
 
+/// Version of `state.json`.
+const STATE_VERSION: u32 = 2;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Persisted {
-    clusters: BTreeMap<String, ClusterHere>,
+    version: u32,
+    /// By site-local cluster number.
+    clusters: BTreeMap<u32, ClusterHere>,
 }
 
 /// Path of the agent key in a state directory.
@@ -235,7 +289,25 @@ pub fn revoke(state_dir: &Path, key: &str) -> Result<bool, AgentError> {
     Ok(all.len() != n)
 }
 
-fn unix_now() -> u64 {
+/// The pid of an `mvc agent run` serving `state_dir` (from `agent.pid`, when that
+/// process still runs and is an agent).
+pub fn running_agent(state_dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(state_dir.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if pid == std::process::id() {
+        return None;
+    }
+    let c = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let c = String::from_utf8_lossy(&c);
+    let mut args = c.split('\0');
+    (args.any(|a| a == "agent") && args.any(|a| a == "run")).then_some(pid)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -247,57 +319,76 @@ pub struct AgentCore {
     cfg: AgentConfig,
     state: Persisted,
     driver: Box<dyn VmDriver>,
+    /// Running VMs by local name.
     running: HashMap<String, RunningVm>,
-    overlay_procs: HashMap<String, Vec<Child>>,
+    /// Overlay processes by cluster number.
+    overlay_procs: HashMap<u32, Vec<Child>>,
+    /// Clusters whose overlay processes a previous run started and this one adopted.
+    adopted: std::collections::HashSet<u32>,
     verifier: Verifier,
 }
 
 type Refusal = String;
 
 impl AgentCore {
-    /// Open the agent's state: key must exist; leftovers of a previous run that did not
-    /// shut down cleanly are removed.
+    /// Open the agent's state (the key must exist) and reconcile it with what exists:
+    /// leftovers of a previous run that did not shut down cleanly are stopped, lapsed
+    /// or half-released reservations are removed with everything they named.
     pub fn open(cfg: AgentConfig, driver: Box<dyn VmDriver>) -> Result<AgentCore, AgentError> {
+        let mut core = AgentCore::load(cfg, driver)?;
+        for line in core.reconcile(unix_now(), false) {
+            tracing::info!(site = %core.cfg.site, "reconcile: {line}");
+        }
+        core.save()?;
+        Ok(core)
+    }
+
+    /// Open the agent's state without touching anything (for [`AgentCore::reconcile`]).
+    pub fn load(cfg: AgentConfig, driver: Box<dyn VmDriver>) -> Result<AgentCore, AgentError> {
         load_key(&cfg.state_dir)?;
-        let dir_err = |err| AgentError::File {
-            path: cfg.state_dir.join("run"),
-            err,
-        };
-        std::fs::create_dir_all(cfg.state_dir.join("run")).map_err(dir_err)?;
-        let sp = cfg.state_dir.join("state.json");
-        let mut state: Persisted = match std::fs::read_to_string(&sp) {
-            Ok(t) => serde_json::from_str(&t).map_err(|err| AgentError::Parse {
-                path: sp.clone(),
+        let mut cfg = cfg;
+        for d in ["run", "secrets"] {
+            std::fs::create_dir_all(cfg.state_dir.join(d)).map_err(|err| AgentError::File {
+                path: cfg.state_dir.join(d),
                 err,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            })?;
+        }
+        // Absolute, so that processes can be recognised by the paths they were given.
+        cfg.state_dir = cfg
+            .state_dir
+            .canonicalize()
+            .map_err(|err| AgentError::File {
+                path: cfg.state_dir.clone(),
+                err,
+            })?;
+        let sp = cfg.state_dir.join("state.json");
+        let state: Persisted = match std::fs::read_to_string(&sp) {
+            Ok(t) => match serde_json::from_str::<Persisted>(&t) {
+                Ok(s) if s.version == STATE_VERSION => s,
+                _ => {
+                    return Err(AgentError::Config(format!(
+                        "{}: not a version {STATE_VERSION} agent state (an older agent wrote it?); \
+                         release its clusters with that agent, or move the file away",
+                        sp.display()
+                    )))
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted {
+                version: STATE_VERSION,
+                clusters: BTreeMap::new(),
+            },
             Err(err) => return Err(AgentError::File { path: sp, err }),
         };
-        let mut driver = driver;
-        for c in state.clusters.values_mut() {
-            for s in &mut c.slots {
-                if let Some(h) = s.handle.take() {
-                    driver.cleanup(&h);
-                }
-                if s.state == "running" {
-                    s.state = "stopped".into();
-                }
-            }
-            if let Some(o) = c.overlay.take() {
-                kill_stale(&o);
-            }
-        }
         let verifier = Verifier::new(load_authorizations(&cfg.state_dir)?);
-        let core = AgentCore {
+        Ok(AgentCore {
             cfg,
             state,
             driver,
             running: HashMap::new(),
             overlay_procs: HashMap::new(),
+            adopted: Default::default(),
             verifier,
-        };
-        core.save()?;
-        Ok(core)
+        })
     }
 
     /// The agent's public key (hex).
@@ -318,6 +409,15 @@ impl AgentCore {
         self.cfg.state_dir.join("run")
     }
 
+    fn secret_file(&self, n: u32) -> PathBuf {
+        self.cfg.state_dir.join("secrets").join(format!("c{n}.key"))
+    }
+
+    /// A per-cluster file in `run/`: `c<n>.<what>`.
+    fn cluster_file(&self, n: u32, what: &str) -> PathBuf {
+        self.run_dir().join(format!("c{n}.{what}"))
+    }
+
     /// Re-read the authorisations file (the admin may have changed it).
     pub fn reload_authorizations(&mut self) -> Result<(), AgentError> {
         let a = load_authorizations(&self.cfg.state_dir)?;
@@ -325,8 +425,25 @@ impl AgentCore {
         Ok(())
     }
 
+    /// Release every reservation whose lease lapsed at `now`.
+    pub fn expire(&mut self, now: u64) {
+        let lapsed: Vec<u32> = self
+            .state
+            .clusters
+            .iter()
+            .filter(|(_, c)| c.lease_until.is_some_and(|t| t <= now))
+            .map(|(n, _)| *n)
+            .collect();
+        for n in lapsed {
+            tracing::info!(cluster = %self.state.clusters[&n].name, "reservation lease lapsed; released");
+            let mut log = Vec::new();
+            self.release(n, &mut log);
+        }
+    }
+
     /// Check and serve one signed request that arrived on channel `channel_id`.
     pub fn handle(&mut self, channel_id: &[u8; 32], env: &Envelope, now: u64) -> Reply {
+        self.expire(now);
         let verified = self
             .verifier
             .check(channel_id, env, now)
@@ -342,7 +459,7 @@ impl AgentCore {
                 Ok(b) => b
                     .req
                     .validate()
-                    .and_then(|()| self.dispatch(&authz, b.req))
+                    .and_then(|()| self.dispatch(&authz, b.req, now))
                     .map_err(|e| format!("site {}: {e}", self.cfg.site)),
             },
         };
@@ -394,20 +511,60 @@ impl AgentCore {
             .collect()
     }
 
-    fn owned(&mut self, owner: &str, cluster: &str) -> Result<&mut ClusterHere, Refusal> {
-        match self.state.clusters.get_mut(cluster) {
-            None => Err(format!("no cluster {cluster:?} reserved here")),
-            Some(c) if c.owner != owner => {
-                Err(format!("cluster {cluster:?} belongs to another key"))
-            }
-            Some(c) => Ok(c),
+    /// The number of `owner`'s cluster `cluster` here.
+    fn id_of(&self, owner: &str, cluster: &str) -> Option<u32> {
+        self.state
+            .clusters
+            .iter()
+            .find(|(_, c)| c.owner == owner && c.name == cluster && !c.releasing)
+            .map(|(n, _)| *n)
+    }
+
+    fn owned(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
+        self.id_of(owner, cluster)
+            .ok_or_else(|| format!("no cluster {cluster:?} of yours is reserved here"))
+    }
+
+    /// As [`AgentCore::owned`], and the reservation must be confirmed.
+    fn confirmed(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
+        let n = self.owned(owner, cluster)?;
+        if self.state.clusters[&n].lease_until.is_some() {
+            return Err(format!(
+                "the reservation of {cluster:?} is not confirmed yet"
+            ));
         }
+        Ok(n)
+    }
+
+    fn overlay_up(&mut self, n: u32) -> bool {
+        if self.adopted.contains(&n) {
+            return self.overlay_alive(n);
+        }
+        self.overlay_procs.get_mut(&n).is_some_and(|p| {
+            !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+        })
+    }
+
+    /// Whether cluster `n`'s overlay, started by this or a previous run, runs: its edge
+    /// (and supernode) processes, recognised by their status sockets, and its TAP.
+    fn overlay_alive(&self, n: u32) -> bool {
+        let Some(c) = self.state.clusters.get(&n) else {
+            return false;
+        };
+        if !matches!(self.cfg.overlay, OverlayImpl::Mvc(_)) {
+            return false;
+        }
+        let runs = |what: &str| {
+            !pids_marked(&[self.cluster_file(n, what).display().to_string()]).is_empty()
+        };
+        runs("edge.sock") && (c.supernode_port.is_none() || runs("sn.sock")) && link_exists(&c.tap)
     }
 
     fn dispatch(
         &mut self,
         authz: &Authorization,
         req: Request,
+        now: u64,
     ) -> Result<serde_json::Value, Refusal> {
         let json = |v: &dyn erased::Ser| v.to_value();
         match req {
@@ -415,27 +572,38 @@ impl AgentCore {
                 let mut vms = Vec::new();
                 let mut overlays = Vec::new();
                 let mut edges = Vec::new();
-                for (name, c) in &self.state.clusters {
-                    if c.owner != authz.key {
-                        continue;
-                    }
+                let mut reservations = Vec::new();
+                let mine: Vec<u32> = self
+                    .state
+                    .clusters
+                    .iter()
+                    .filter(|(_, c)| c.owner == authz.key && !c.releasing)
+                    .map(|(n, _)| *n)
+                    .collect();
+                for n in mine {
+                    let up = self.overlay_up(n);
+                    let c = &self.state.clusters[&n];
                     for s in &c.slots {
                         vms.push(AgentVm {
-                            cluster: name.clone(),
+                            cluster: c.name.clone(),
                             name: s.name.clone(),
                             host: s.host.clone(),
                             state: s.state.clone(),
                             handle: s.handle.clone(),
                         });
                     }
-                    let up = self.overlay_procs.get_mut(name).is_some_and(|p| {
-                        !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+                    overlays.push((c.name.clone(), up));
+                    reservations.push(ReservationView {
+                        cluster: c.name.clone(),
+                        confirmed: c.lease_until.is_none(),
+                        expires_in: c.lease_until.map(|t| t.saturating_sub(now)),
+                        bridge: c.bridge.clone(),
+                        tap: c.tap.clone(),
+                        supernode_port: c.supernode_port,
                     });
-                    overlays.push((name.clone(), up));
                     if let (true, OverlayImpl::Mvc(bin)) = (up, &self.cfg.overlay) {
-                        let sock = self.run_dir().join(format!("edge-{name}.sock"));
-                        if let Some(v) = edge_status(bin, &sock) {
-                            edges.push((name.clone(), v));
+                        if let Some(v) = edge_status(bin, &self.cluster_file(n, "edge.sock")) {
+                            edges.push((c.name.clone(), v));
                         }
                     }
                 }
@@ -446,19 +614,31 @@ impl AgentCore {
                     vms,
                     overlays,
                     edges,
+                    reservations,
                 })
             }
-            Request::Reserve { cluster, slots } => self.reserve(authz, &cluster, slots),
-            Request::Release { cluster } => {
-                match self.state.clusters.get(&cluster) {
-                    None => return json(&"nothing reserved"),
-                    Some(c) if c.owner != authz.key => {
-                        return Err(format!("cluster {cluster:?} belongs to another key"))
-                    }
-                    Some(_) => {}
+            Request::Reserve {
+                cluster,
+                slots,
+                supernode,
+            } => self.reserve(authz, &cluster, slots, supernode, now),
+            Request::Confirm { cluster } => {
+                let n = self.id_of(&authz.key, &cluster).ok_or_else(|| {
+                    format!("no reservation of {cluster:?} here (did its lease lapse?)")
+                })?;
+                if let Some(c) = self.state.clusters.get_mut(&n) {
+                    c.lease_until = None;
                 }
-                self.release(&cluster);
                 self.save().map_err(|e| e.to_string())?;
+                crate::failpoint::hit("confirm-saved");
+                json(&"confirmed")
+            }
+            Request::Release { cluster } => {
+                let Some(n) = self.id_of(&authz.key, &cluster) else {
+                    return json(&"nothing reserved");
+                };
+                let mut log = Vec::new();
+                self.release(n, &mut log);
                 json(&"released")
             }
             Request::StartOverlay {
@@ -466,28 +646,17 @@ impl AgentCore {
                 community,
                 secret,
                 supernode,
-                supernode_port,
-                tap,
-                bridge,
                 edge_name,
             } => {
-                self.owned(&authz.key, &cluster)?;
-                self.start_overlay(
-                    &cluster,
-                    &community,
-                    &secret,
-                    &supernode,
-                    supernode_port,
-                    &tap,
-                    &bridge,
-                    &edge_name,
-                )
-                .map_err(|e| format!("starting overlay of {cluster:?}: {e}"))?;
+                let n = self.confirmed(&authz.key, &cluster)?;
+                self.start_overlay(n, &community, &secret, &supernode, &edge_name)
+                    .map_err(|e| format!("starting overlay of {cluster:?}: {e}"))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"overlay up")
             }
             Request::StartVm { spec } => {
-                let c = self.owned(&authz.key, &spec.cluster)?;
+                let n = self.confirmed(&authz.key, &spec.cluster)?;
+                let c = &self.state.clusters[&n];
                 if !c
                     .slots
                     .iter()
@@ -504,17 +673,17 @@ impl AgentCore {
                         spec.cluster
                     ));
                 }
-                self.start_vm(&spec)
+                self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {:?}: {e}", spec.name))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
-                let c = self.owned(&authz.key, &cluster)?;
-                if !c.slots.iter().any(|s| s.name == vm) {
+                let n = self.owned(&authz.key, &cluster)?;
+                if !self.state.clusters[&n].slots.iter().any(|s| s.name == vm) {
                     return Err(format!("no VM {vm:?} in cluster {cluster:?} here"));
                 }
-                self.stop_vm(&cluster, &vm);
+                self.stop_vm(n, &vm);
                 self.save().map_err(|e| e.to_string())?;
                 json(&"stopped")
             }
@@ -541,9 +710,10 @@ impl AgentCore {
         }
     }
 
-    fn handle_of(&mut self, owner: &str, cluster: &str, vm: &str) -> Result<String, Refusal> {
-        let c = self.owned(owner, cluster)?;
-        c.slots
+    fn handle_of(&self, owner: &str, cluster: &str, vm: &str) -> Result<String, Refusal> {
+        let n = self.owned(owner, cluster)?;
+        self.state.clusters[&n]
+            .slots
             .iter()
             .find(|s| s.name == vm)
             .ok_or_else(|| format!("no VM {vm:?} in cluster {cluster:?} here"))?
@@ -552,24 +722,71 @@ impl AgentCore {
             .ok_or_else(|| format!("VM {vm:?} is not running"))
     }
 
+    /// What the agent allocated for cluster `n`, as [`Request::Reserve`] answers.
+    fn reserve_data(&self, n: u32) -> ReserveData {
+        let c = &self.state.clusters[&n];
+        ReserveData {
+            bridge: c.bridge.clone(),
+            tap: c.tap.clone(),
+            supernode_port: c.supernode_port,
+            lease_secs: self.cfg.lease_secs,
+            local_names: c
+                .slots
+                .iter()
+                .map(|s| (s.name.clone(), s.local.clone()))
+                .collect(),
+        }
+    }
+
+    /// The lowest free cluster number whose bridge and TAP names no device uses.
+    fn free_number(&self) -> Result<u32, Refusal> {
+        (1..=MAX_CLUSTERS)
+            .find(|n| {
+                !self.state.clusters.contains_key(n)
+                    && !link_exists(&format!("mvb{n}"))
+                    && !link_exists(&format!("mvt{n}"))
+            })
+            .ok_or_else(|| format!("this site holds {MAX_CLUSTERS} clusters already"))
+    }
+
+    /// The lowest supernode port of the configured range that no reservation holds
+    /// and nothing listens on.
+    fn free_port(&self) -> Result<u16, Refusal> {
+        let (lo, hi) = self.cfg.supernode_ports;
+        (lo..=hi)
+            .find(|p| {
+                !self
+                    .state
+                    .clusters
+                    .values()
+                    .any(|c| c.supernode_port == Some(*p))
+                    && std::net::UdpSocket::bind(("0.0.0.0", *p)).is_ok()
+            })
+            .ok_or_else(|| format!("no free supernode port left in {lo}-{hi} at this site"))
+    }
+
     fn reserve(
         &mut self,
         authz: &Authorization,
         cluster: &str,
         slots: Vec<SlotReq>,
+        supernode: bool,
+        now: u64,
     ) -> Result<serde_json::Value, Refusal> {
-        if let Some(c) = self.state.clusters.get(cluster) {
-            let same = c.owner == authz.key
+        if let Some(n) = self.id_of(&authz.key, cluster) {
+            let c = &self.state.clusters[&n];
+            let same = c.supernode_port.is_some() == supernode
                 && c.slots.len() == slots.len()
                 && c.slots
                     .iter()
                     .zip(&slots)
                     .all(|(a, b)| a.name == b.name && a.host == b.host);
             return if same {
-                Ok(serde_json::json!("already reserved"))
+                serde_json::to_value(self.reserve_data(n)).map_err(|e| e.to_string())
             } else {
                 Err(format!(
-                    "cluster {cluster:?} already has a reservation here"
+                    "you already hold a reservation of cluster {cluster:?} here \
+                     (`mvc cluster destroy {cluster} --force` clears it)"
                 ))
             };
         }
@@ -607,13 +824,34 @@ impl AgentCore {
         {
             return Err(format!("no host {:?} at this site", s.host));
         }
+        let n = self.free_number()?;
+        let supernode_port = if supernode {
+            Some(self.free_port()?)
+        } else {
+            None
+        };
+        // Every name the cluster will use here is saved before anything is made.
+        let nic = if self.driver.kind() == "qemu" {
+            "mvq"
+        } else {
+            "mvv"
+        };
         self.state.clusters.insert(
-            cluster.into(),
+            n,
             ClusterHere {
+                name: cluster.into(),
                 owner: authz.key.clone(),
+                bridge: format!("mvb{n}"),
+                tap: format!("mvt{n}"),
+                supernode_port,
+                lease_until: Some(now.saturating_add(self.cfg.lease_secs)),
+                releasing: false,
                 slots: slots
                     .into_iter()
-                    .map(|s| Slot {
+                    .enumerate()
+                    .map(|(i, s)| Slot {
+                        local: format!("c{n}-{}", s.name),
+                        nic: format!("{nic}{n}-{i}"),
                         name: s.name,
                         host: s.host,
                         memory_mb: s.memory_mb,
@@ -624,48 +862,41 @@ impl AgentCore {
                 overlay: None,
             },
         );
-        self.save().map_err(|e| e.to_string())?;
-        Ok(serde_json::json!("reserved"))
+        if let Err(e) = self.save() {
+            self.state.clusters.remove(&n);
+            return Err(e.to_string());
+        }
+        crate::failpoint::hit("reserve-saved");
+        serde_json::to_value(self.reserve_data(n)).map_err(|e| e.to_string())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_overlay(
         &mut self,
-        cluster: &str,
+        n: u32,
         community: &str,
         secret: &str,
         supernode: &str,
-        supernode_port: Option<u16>,
-        tap: &str,
-        bridge: &str,
         edge_name: &str,
     ) -> Result<(), DriverError> {
-        if let Some(p) = self.overlay_procs.get_mut(cluster) {
-            if !p.is_empty() && p.iter_mut().all(|c| matches!(c.try_wait(), Ok(None))) {
-                return Ok(());
-            }
+        if self.overlay_up(n) {
+            return Ok(());
         }
-        self.stop_overlay(cluster);
-        let run_dir = self.run_dir();
-        let secret_file = self
-            .cfg
-            .state_dir
-            .join("secrets")
-            .join(format!("{cluster}.key"));
+        self.stop_overlay(n, false);
+        let c = self.state.clusters[&n].clone();
+        let (tap, bridge) = (c.tap.as_str(), c.bridge.as_str());
+        let secret_file = self.secret_file(n);
         write_private(&secret_file, secret).map_err(|e| DriverError::Config(e.to_string()))?;
-        if run("ip", &["link", "show", bridge]).is_err() {
+        if !link_exists(bridge) {
             run("ip", &["link", "add", bridge, "type", "bridge"])?;
         }
+        crate::failpoint::hit("overlay-bridge");
         run("ip", &["link", "set", bridge, "up"])?;
-        let log = run_dir.join(format!("overlay-{cluster}.log"));
+        let log = self.cluster_file(n, "overlay.log");
         let mut procs = Vec::new();
         let result = (|| -> Result<(), DriverError> {
-            if let Some(port) = supernode_port {
+            if let Some(port) = c.supernode_port {
                 let listen = format!("0.0.0.0:{port}");
-                let sock = run_dir
-                    .join(format!("sn-{cluster}.sock"))
-                    .display()
-                    .to_string();
+                let sock = self.cluster_file(n, "sn.sock").display().to_string();
                 let p = port.to_string();
                 procs.push(match &self.cfg.overlay {
                     OverlayImpl::Mvc(bin) => driver::spawn(
@@ -677,10 +908,7 @@ impl AgentCore {
                     OverlayImpl::N2n => driver::spawn("supernode", &["-l", &p], &[], &log)?,
                 });
             }
-            let sock = run_dir
-                .join(format!("edge-{cluster}.sock"))
-                .display()
-                .to_string();
+            let sock = self.cluster_file(n, "edge.sock").display().to_string();
             let sf = secret_file.display().to_string();
             procs.push(match &self.cfg.overlay {
                 OverlayImpl::Mvc(bin) => driver::spawn(
@@ -725,8 +953,9 @@ impl AgentCore {
                     &log,
                 )?,
             });
+            crate::failpoint::hit("overlay-edge");
             let deadline = Instant::now() + Duration::from_secs(15);
-            while run("ip", &["link", "show", tap]).is_err() {
+            while !link_exists(tap) {
                 for c in procs.iter_mut() {
                     if let Ok(Some(st)) = c.try_wait() {
                         return Err(DriverError::Command {
@@ -752,43 +981,67 @@ impl AgentCore {
             }
             return Err(e);
         }
-        if let Some(c) = self.state.clusters.get_mut(cluster) {
+        if let Some(c) = self.state.clusters.get_mut(&n) {
             c.overlay = Some(OverlayHere {
-                tap: tap.into(),
-                bridge: bridge.into(),
                 pids: procs.iter().map(|c| c.id()).collect(),
-                supernode_port,
             });
         }
-        self.overlay_procs.insert(cluster.into(), procs);
+        self.overlay_procs.insert(n, procs);
         Ok(())
     }
 
-    fn stop_overlay(&mut self, cluster: &str) {
-        if let Some(mut procs) = self.overlay_procs.remove(cluster) {
+    /// Marks by which processes of cluster `n`'s overlay are recognised: the files the
+    /// agent passed them, all under its own state directory.
+    fn overlay_marks(&self, n: u32) -> Vec<String> {
+        vec![
+            format!("{}/c{n}.", self.run_dir().display()),
+            self.secret_file(n).display().to_string(),
+        ]
+    }
+
+    /// Stop cluster `n`'s overlay processes and delete its TAP (and, with
+    /// `bridge_too`, its bridge).
+    fn stop_overlay(&mut self, n: u32, bridge_too: bool) {
+        self.adopted.remove(&n);
+        if let Some(mut procs) = self.overlay_procs.remove(&n) {
             for c in &mut procs {
                 stop_child(c);
             }
         }
-        if let Some(o) = self
-            .state
-            .clusters
-            .get_mut(cluster)
-            .and_then(|c| c.overlay.take())
-        {
-            let _ = run("ip", &["link", "del", &o.tap]);
-            let _ = run("ip", &["link", "del", &o.bridge]);
+        let mut log = Vec::new();
+        kill_marked(&self.overlay_marks(n), false, &mut log);
+        let Some(c) = self.state.clusters.get_mut(&n) else {
+            return;
+        };
+        c.overlay = None;
+        let (tap, bridge) = (c.tap.clone(), c.bridge.clone());
+        if link_exists(&tap) {
+            let _ = run("ip", &["link", "del", &tap]);
         }
-        let _ = std::fs::remove_file(
-            self.cfg
-                .state_dir
-                .join("secrets")
-                .join(format!("{cluster}.key")),
-        );
+        if bridge_too && link_exists(&bridge) {
+            let _ = run("ip", &["link", "del", &bridge]);
+        }
+        let _ = std::fs::remove_file(self.secret_file(n));
     }
 
-    fn start_vm(&mut self, spec: &VmSpec) -> Result<(), DriverError> {
-        if let Some(vm) = self.running.get_mut(&spec.name) {
+    fn start_vm(&mut self, n: u32, mut spec: VmSpec) -> Result<(), DriverError> {
+        let c = &self.state.clusters[&n];
+        let slot = c
+            .slots
+            .iter()
+            .find(|s| s.name == spec.name)
+            .ok_or_else(|| DriverError::Config(format!("no slot {}", spec.name)))?;
+        spec.bridge = c.bridge.clone();
+        spec.local_name = slot.local.clone();
+        spec.nic = slot.nic.clone();
+        // Started by a previous run and adopted: it runs already.
+        if slot.state == "running"
+            && !self.running.contains_key(&spec.local_name)
+            && slot.handle.as_deref().is_some_and(|h| self.driver.alive(h))
+        {
+            return Ok(());
+        }
+        if let Some(vm) = self.running.get_mut(&spec.local_name) {
             if vm
                 .children
                 .iter_mut()
@@ -796,70 +1049,267 @@ impl AgentCore {
             {
                 return Ok(());
             }
-            let mut vm = self.running.remove(&spec.name).expect("present");
+            let mut vm = self.running.remove(&spec.local_name).expect("present");
             let _ = self.driver.stop(&mut vm);
         }
-        let vm = self.driver.start(spec)?;
+        let vm = self.driver.start(&spec)?;
+        crate::failpoint::hit("vm-started");
         if let Some(s) = self
             .state
             .clusters
-            .get_mut(&spec.cluster)
+            .get_mut(&n)
             .and_then(|c| c.slots.iter_mut().find(|s| s.name == spec.name))
         {
             s.state = "running".into();
             s.handle = Some(vm.handle.clone());
         }
-        self.running.insert(spec.name.clone(), vm);
+        self.running.insert(spec.local_name.clone(), vm);
         Ok(())
     }
 
-    fn stop_vm(&mut self, cluster: &str, vm: &str) {
-        if let Some(mut r) = self.running.remove(vm) {
+    /// Stop a VM and remove what its run made (namespace, NIC, processes), found by
+    /// the names the store holds for it even when its handle was never saved.
+    fn stop_vm(&mut self, n: u32, vm: &str) {
+        let Some(slot) = self
+            .state
+            .clusters
+            .get(&n)
+            .and_then(|c| c.slots.iter().find(|s| s.name == vm))
+            .cloned()
+        else {
+            return;
+        };
+        if let Some(mut r) = self.running.remove(&slot.local) {
             let _ = self.driver.stop(&mut r);
         }
+        let mut log = Vec::new();
+        self.clean_vm(&slot, false, false, &mut log);
         if let Some(s) = self
             .state
             .clusters
-            .get_mut(cluster)
+            .get_mut(&n)
             .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
         {
-            if let Some(h) = s.handle.take() {
-                self.driver.cleanup(&h);
+            s.handle = None;
+            if s.state == "running" {
+                s.state = "stopped".into();
             }
-            s.state = "stopped".into();
         }
     }
 
-    fn release(&mut self, cluster: &str) {
-        let names: Vec<String> = self
-            .state
-            .clusters
-            .get(cluster)
-            .map(|c| c.slots.iter().map(|s| s.name.clone()).collect())
-            .unwrap_or_default();
-        for n in names {
-            self.stop_vm(cluster, &n);
-            self.driver.discard(&n);
+    /// Remove what a VM's start may have left (noting each step in `log`; with `dry`,
+    /// only noting): its processes, namespace or qemu leftovers, host NIC, and with
+    /// `files` its logs, leases and disk.
+    fn clean_vm(&mut self, slot: &Slot, files: bool, dry: bool, log: &mut Vec<String>) {
+        let marks = vec![format!("{}/{}.", self.run_dir().display(), slot.local)];
+        kill_marked(&marks, dry, log);
+        let handle = slot
+            .handle
+            .clone()
+            .unwrap_or_else(|| self.driver.handle_for(&slot.local, &slot.nic));
+        if self.driver.present(&handle) {
+            log.push(format!("remove VM {} ({handle})", slot.local));
+            if !dry {
+                self.driver.cleanup(&handle);
+            }
         }
-        self.stop_overlay(cluster);
-        self.state.clusters.remove(cluster);
+        if link_exists(&slot.nic) {
+            log.push(format!("delete link {}", slot.nic));
+            if !dry {
+                let _ = run("ip", &["link", "del", &slot.nic]);
+            }
+        }
+        if files {
+            let prefix = format!("{}.", slot.local);
+            remove_files(&self.run_dir(), &prefix, dry, log);
+            remove_files(&self.cfg.state_dir.join("disks"), &prefix, dry, log);
+        }
+    }
+
+    /// Remove everything of cluster `n` here (processes, devices, files), then its
+    /// reservation. A crash part way leaves it marked `releasing`; the next start
+    /// finishes it.
+    fn release(&mut self, n: u32, log: &mut Vec<String>) {
+        let Some(c) = self.state.clusters.get_mut(&n) else {
+            return;
+        };
+        c.releasing = true;
+        let _ = self.save();
+        crate::failpoint::hit("release-begin");
+        self.clean_cluster(n, true, false, log);
+        self.state.clusters.remove(&n);
+        let _ = self.save();
+    }
+
+    /// Stop everything of cluster `n` found by the names its reservation holds (with
+    /// `files`, also delete its bridge and files).
+    fn clean_cluster(&mut self, n: u32, files: bool, dry: bool, log: &mut Vec<String>) {
+        let Some(c) = self.state.clusters.get(&n).cloned() else {
+            return;
+        };
+        for s in &c.slots {
+            if let Some(mut r) = self.running.remove(&s.local) {
+                if !dry {
+                    let _ = self.driver.stop(&mut r);
+                }
+            }
+            self.clean_vm(s, files, dry, log);
+        }
+        if let Some(mut procs) = self.overlay_procs.remove(&n) {
+            for p in &mut procs {
+                if !dry {
+                    stop_child(p);
+                }
+            }
+        }
+        kill_marked(&self.overlay_marks(n), dry, log);
+        let mut links = vec![c.tap.clone()];
+        if files {
+            links.push(c.bridge.clone());
+        }
+        for l in links {
+            if link_exists(&l) {
+                log.push(format!("delete link {l}"));
+                if !dry {
+                    let _ = run("ip", &["link", "del", &l]);
+                }
+            }
+        }
+        let secret = self.secret_file(n);
+        if secret.exists() {
+            log.push(format!("remove {}", secret.display()));
+            if !dry {
+                let _ = std::fs::remove_file(&secret);
+            }
+        }
+        if files {
+            remove_files(&self.run_dir(), &format!("c{n}."), dry, log);
+        }
+        if !dry {
+            if let Some(c) = self.state.clusters.get_mut(&n) {
+                c.overlay = None;
+                for s in &mut c.slots {
+                    s.handle = None;
+                    if s.state == "running" {
+                        s.state = "stopped".into();
+                    }
+                }
+            }
+        }
+    }
+
+    /// For a reservation that stays: adopt the VMs and overlay a previous run started
+    /// and recorded that still run; end and remove whatever else its names show (a
+    /// start cut short, a VM whose processes died). The bridge stays.
+    fn settle_cluster(&mut self, n: u32, dry: bool, log: &mut Vec<String>) {
+        let Some(c) = self.state.clusters.get(&n).cloned() else {
+            return;
+        };
+        for s in &c.slots {
+            if self.running.contains_key(&s.local) {
+                continue;
+            }
+            let live =
+                s.state == "running" && s.handle.as_deref().is_some_and(|h| self.driver.alive(h));
+            if live {
+                log.push(format!(
+                    "adopt VM {} ({})",
+                    s.local,
+                    s.handle.as_deref().unwrap_or("")
+                ));
+                continue;
+            }
+            self.clean_vm(s, false, dry, log);
+            if !dry {
+                if let Some(x) = self
+                    .state
+                    .clusters
+                    .get_mut(&n)
+                    .and_then(|c| c.slots.iter_mut().find(|x| x.name == s.name))
+                {
+                    x.handle = None;
+                    if x.state == "running" {
+                        x.state = "stopped".into();
+                    }
+                }
+            }
+        }
+        if self.overlay_procs.contains_key(&n) {
+            return;
+        }
+        if c.overlay.is_some() && self.overlay_alive(n) {
+            log.push(format!("adopt overlay (edge on {})", c.tap));
+            if !dry {
+                self.adopted.insert(n);
+            }
+            return;
+        }
+        kill_marked(&self.overlay_marks(n), dry, log);
+        if link_exists(&c.tap) {
+            log.push(format!("delete link {}", c.tap));
+            if !dry {
+                let _ = run("ip", &["link", "del", &c.tap]);
+            }
+        }
+        if !dry {
+            if let Some(c) = self.state.clusters.get_mut(&n) {
+                c.overlay = None;
+            }
+        }
+    }
+
+    /// Bring the store and the machine into agreement (at start, and `mvc agent gc`):
+    /// a reservation whose lease lapsed, or whose release was cut short, is removed
+    /// with everything it names; of the others, the VMs and overlay a previous run
+    /// recorded as started and that still run are adopted, and whatever else their
+    /// names show is ended and removed (those VMs show `stopped`; `cluster start`
+    /// brings them back). Returns what it did, or with `dry` what it would do.
+    pub fn reconcile(&mut self, now: u64, dry: bool) -> Vec<String> {
+        let mut log = Vec::new();
+        let ids: Vec<u32> = self.state.clusters.keys().copied().collect();
+        for n in ids {
+            let c = &self.state.clusters[&n];
+            let who = format!(
+                "cluster {} (key {}..., c{n})",
+                c.name,
+                &c.owner[..c.owner.len().min(8)]
+            );
+            let drop = c.releasing || c.lease_until.is_some_and(|t| t <= now);
+            let mut steps = Vec::new();
+            if drop {
+                self.clean_cluster(n, true, dry, &mut steps);
+            } else {
+                self.settle_cluster(n, dry, &mut steps);
+            }
+            if drop {
+                log.push(format!(
+                    "{who}: release (lease lapsed or release unfinished)"
+                ));
+                if !dry {
+                    self.state.clusters.remove(&n);
+                }
+            }
+            log.extend(steps.into_iter().map(|s| format!("{who}: {s}")));
+        }
+        if !dry {
+            let _ = self.save();
+        }
+        log
     }
 
     /// Stop every VM and overlay process this agent started (reservations stay).
     pub fn shutdown(&mut self) {
-        let all: Vec<(String, Vec<String>)> = self
+        let all: Vec<(u32, Vec<String>)> = self
             .state
             .clusters
             .iter()
-            .map(|(k, c)| (k.clone(), c.slots.iter().map(|s| s.name.clone()).collect()))
+            .map(|(k, c)| (*k, c.slots.iter().map(|s| s.name.clone()).collect()))
             .collect();
-        for (cluster, vms) in all {
+        for (n, vms) in all {
             for v in vms {
-                if self.running.contains_key(&v) {
-                    self.stop_vm(&cluster, &v);
-                }
+                self.stop_vm(n, &v);
             }
-            self.stop_overlay(&cluster);
+            self.stop_overlay(n, true);
         }
         let _ = self.save();
     }
@@ -892,27 +1342,71 @@ fn edge_status(bin: &Path, sock: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&out).ok()
 }
 
-/// Kill overlay processes left by an agent that died without shutting down, when the
-/// pid still runs a process naming our TAP.
-fn kill_stale(o: &OverlayHere) {
-    for pid in &o.pids {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let ours = cmdline.contains(&o.tap)
-            || o.supernode_port
-                .is_some_and(|p| cmdline.contains("supernode") && cmdline.contains(&p.to_string()));
-        if ours {
-            if let Ok(p) = i32::try_from(*pid) {
-                // SAFETY: kill(2) has no memory-safety preconditions; the pid was one of
-                // ours and its command line still names our TAP or supernode.
-                unsafe {
-                    libc::kill(p, libc::SIGTERM);
-                }
+/// Send `sig` to `pid`.
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; callers pass pids whose
+    // command line names a file of this agent's state directory.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Pids of processes (not this one) whose command line contains one of `marks`.
+fn pids_marked(marks: &[String]) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            marks.iter().any(|m| c.contains(m.as_str()))
+        })
+        .collect()
+}
+
+/// End every process whose command line names one of `marks` (files under the
+/// agent's state directory that only that cluster or VM uses): SIGTERM, up to 3 s,
+/// then SIGKILL. With `dry`, only note them.
+fn kill_marked(marks: &[String], dry: bool, log: &mut Vec<String>) {
+    let pids = pids_marked(marks);
+    if pids.is_empty() {
+        return;
+    }
+    log.push(format!("end processes {pids:?}"));
+    if dry {
+        return;
+    }
+    for p in &pids {
+        signal(*p, libc::SIGTERM);
+    }
+    for _ in 0..30 {
+        if pids_marked(marks).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in pids_marked(marks) {
+        signal(p, libc::SIGKILL);
+    }
+}
+
+/// Delete the files in `dir` whose names start with `prefix`.
+fn remove_files(dir: &Path, prefix: &str, dry: bool, log: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            log.push(format!("remove {}", e.path().display()));
+            if !dry {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
-    let _ = run("ip", &["link", "del", &o.tap]);
-    let _ = run("ip", &["link", "del", &o.bridge]);
 }
 
 mod erased {

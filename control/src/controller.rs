@@ -5,8 +5,8 @@
 //! encrypted channels, records the outcome and exits. Restarting it loses nothing.
 use crate::auth::SigningKey;
 use crate::client::{AgentClient, ClientError};
-use crate::model::{hex, Cluster, HostInfo, Overlay, Role, Site, Vm};
-use crate::proto::{DhcpService, InfoData, Request, SlotReq, VmSpec};
+use crate::model::{hex, Attachment, Cluster, HostInfo, Overlay, OverlayNet, Role, Site, Vm};
+use crate::proto::{DhcpService, InfoData, Request, ReserveData, SlotReq, VmSpec};
 use crate::store::{ClusterPlan, PlannedVm, Store, StoreError};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
@@ -78,7 +78,14 @@ pub struct CreateArgs {
     pub memory_mb: u64,
     /// Memory of the frontend VM in MiB.
     pub frontend_memory_mb: u64,
+    /// The cluster's overlay network; `None`: the first free /24 of `pool`.
+    pub overlay: Option<OverlayNet>,
+    /// Where default overlay networks come from.
+    pub pool: OverlayNet,
 }
+
+/// The overlay pool `cluster create` takes networks from unless told otherwise.
+pub const DEFAULT_OVERLAY_POOL: &str = "198.19.0.0/16";
 
 /// One VM's live view.
 #[derive(Clone, Debug, Serialize)]
@@ -88,6 +95,8 @@ pub struct VmStatus {
     pub vm: Vm,
     /// State the agent reports, or `unknown (site down)`.
     pub live: String,
+    /// How the VM is reached on its agent's machine (`netns:<name>`), while it runs.
+    pub handle: Option<String>,
 }
 
 /// One site's live view within a cluster.
@@ -152,6 +161,17 @@ pub struct ClusterStatus {
     pub vms: Vec<VmStatus>,
 }
 
+/// What `cluster destroy` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DestroyReport {
+    /// Whether this store knew the cluster.
+    pub known: bool,
+    /// Sites where a reservation was released.
+    pub released_at: Vec<String>,
+    /// Sites that could not be reached (with `--force`).
+    pub unreachable: Vec<String>,
+}
+
 /// `cluster topology`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Topology {
@@ -193,6 +213,14 @@ fn random_hex(n: usize) -> Result<String> {
         .fill(&mut b)
         .map_err(|_| ControlError::Local("no system randomness".into()))?;
     Ok(hex(&b))
+}
+
+/// The IP part of a site's agent address.
+fn agent_ip(site: &Site) -> String {
+    site.agent_addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.to_string())
+        .unwrap_or_else(|| site.agent_addr.clone())
 }
 
 fn valid_name(s: &str) -> bool {
@@ -276,6 +304,7 @@ impl Controller<'_> {
             .iter()
             .map(|s| self.store.site(s))
             .collect::<std::result::Result<_, _>>()?;
+        self.check_overlay(args)?;
         // 1. Fresh capacity from every agent, in parallel.
         (self.progress)("asking each site for its capacity");
         let infos = self.each_site(&sites, |c, _| c.call::<InfoData>(&Request::Info));
@@ -347,44 +376,28 @@ impl Controller<'_> {
                 });
             }
         }
-        // 3. Record (one transaction: cluster, overlay, VMs with MACs, attachments).
-        let secret = random_hex(32)?;
-        let community = format!("mvc{}", random_hex(4)?);
-        let secret_path = self.secrets_dir.join(format!("{}.secret", args.name));
-        crate::agent::write_private(&secret_path, &secret)
-            .map_err(|e| ControlError::Local(e.to_string()))?;
-        let origin_ip = sites[0]
-            .agent_addr
-            .rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or_else(|| sites[0].agent_addr.clone());
-        let plan = ClusterPlan {
-            name: args.name.clone(),
-            origin: args.sites[0].clone(),
-            overlay: Overlay {
-                community,
-                secret_ref: format!("file:{}", secret_path.display()),
-                supernode: format!("{origin_ip}:{{port}}"),
-            },
-            vms,
-        };
-        let cluster = match self.store.create_cluster(&plan) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(&secret_path);
-                return Err(e.into());
-            }
-        };
-        // 4. Reserve at every site; any refusal undoes all.
+        let room = args.overlay.map_or(
+            args.pool
+                .subnet(args.pool.prefix.max(24), 0)
+                .map_or(0, |n| n.max_vms()),
+            |n| n.max_vms(),
+        );
+        if vms.len() > room {
+            return Err(ControlError::Usage(format!(
+                "{} VMs do not fit the overlay network (at most {room}); pass a larger --overlay",
+                vms.len()
+            )));
+        }
+        // 3. Reserve at every site; each agent names the cluster's devices and port
+        //    there. Any refusal releases all.
         (self.progress)(&format!(
             "reserving {} VMs at {} site(s)",
-            cluster.vms.len(),
+            vms.len(),
             sites.len()
         ));
-        let c2 = cluster.clone();
+        let origin = args.sites[0].clone();
         let res = self.each_site(&sites, |cl, site| {
-            let slots = c2
-                .vms
+            let slots = vms
                 .iter()
                 .filter(|v| v.site == site.name)
                 .map(|v| SlotReq {
@@ -393,9 +406,83 @@ impl Controller<'_> {
                     memory_mb: v.memory_mb,
                 })
                 .collect();
-            cl.call_value(&Request::Reserve {
-                cluster: c2.name.clone(),
+            cl.call::<ReserveData>(&Request::Reserve {
+                cluster: args.name.clone(),
                 slots,
+                supernode: site.name == origin,
+            })
+        });
+        let mut reserved = BTreeMap::new();
+        let mut errs = Vec::new();
+        for (site, r) in sites.iter().zip(res) {
+            match r {
+                Ok(d) => {
+                    reserved.insert(site.name.clone(), d);
+                }
+                Err(e) => errs.push(e.to_string()),
+            }
+        }
+        if !errs.is_empty() {
+            self.release_all(&args.name, &sites);
+            return Err(ControlError::Capacity(errs.join("; ")));
+        }
+        // 4. Record (one transaction: cluster, overlay, VMs with MACs, attachments).
+        let secret = random_hex(32)?;
+        let community = format!("mvc{}", random_hex(4)?);
+        let secret_path = self.secrets_dir.join(format!("{}.secret", args.name));
+        crate::agent::write_private(&secret_path, &secret)
+            .map_err(|e| ControlError::Local(e.to_string()))?;
+        let origin_ip = agent_ip(&sites[0]);
+        let Some(port) = reserved[&origin].supernode_port else {
+            self.release_all(&args.name, &sites);
+            let _ = std::fs::remove_file(&secret_path);
+            return Err(ControlError::Sites(vec![format!(
+                "site {origin}'s agent gave the cluster no supernode port"
+            )]));
+        };
+        let mut attachments: Vec<Attachment> = Vec::new();
+        for v in &vms {
+            if !attachments
+                .iter()
+                .any(|a| a.site == v.site && a.host == v.host)
+            {
+                let d = &reserved[&v.site];
+                let n = attachments.len();
+                attachments.push(Attachment {
+                    site: v.site.clone(),
+                    host: v.host.clone(),
+                    tap: d.tap.clone(),
+                    bridge: d.bridge.clone(),
+                    edge_name: format!("{}-{}-{n}", v.site, v.host),
+                });
+            }
+        }
+        let plan = ClusterPlan {
+            name: args.name.clone(),
+            origin: origin.clone(),
+            overlay: Overlay {
+                community,
+                secret_ref: format!("file:{}", secret_path.display()),
+                supernode: format!("{origin_ip}:{port}"),
+            },
+            overlay_net: args.overlay,
+            pool: args.pool,
+            vms,
+            attachments,
+        };
+        let cluster = match self.store.create_cluster(&plan) {
+            Ok(c) => c,
+            Err(e) => {
+                self.release_all(&args.name, &sites);
+                let _ = std::fs::remove_file(&secret_path);
+                return Err(e.into());
+            }
+        };
+        // 5. The store holds it: confirm at every site (an unconfirmed reservation
+        //    lapses at its agent after the lease).
+        let res = self.each_site(&sites, |cl, _| {
+            cl.call_value(&Request::Confirm {
+                cluster: args.name.clone(),
             })
         });
         let errs: Vec<String> = res
@@ -404,16 +491,17 @@ impl Controller<'_> {
             .collect();
         if !errs.is_empty() {
             self.undo(&cluster, &sites);
-            return Err(ControlError::Capacity(errs.join("; ")));
+            return Err(ControlError::Sites(errs));
         }
-        // 5. Overlay: supernode on the origin frontend, one edge per VM host.
+        // 6. Overlay: supernode on the origin frontend, one edge per VM host.
         if let Err(e) = self.start_overlay(&cluster, &secret) {
             self.undo(&cluster, &sites);
             return Err(e);
         }
         (self.progress)(&format!(
-            "cluster {} created: community {}, supernode {}, {} VMs",
+            "cluster {} created: overlay {}, community {}, supernode {}, {} VMs",
             cluster.name,
+            cluster.overlay_net,
             cluster.overlay.community,
             cluster.overlay.supernode,
             cluster.vms.len()
@@ -421,13 +509,56 @@ impl Controller<'_> {
         Ok(self.store.cluster(&cluster.name)?)
     }
 
-    fn undo(&mut self, cluster: &Cluster, sites: &[Site]) {
-        let name = cluster.name.clone();
+    /// Release `name` at every site of `sites` (errors ignored: an unconfirmed
+    /// reservation an unreachable agent keeps lapses by itself).
+    fn release_all(&self, name: &str, sites: &[Site]) {
         let _ = self.each_site(sites, |cl, _| {
             cl.call_value(&Request::Release {
-                cluster: name.clone(),
+                cluster: name.into(),
             })
         });
+    }
+
+    /// Refuse overlay networks and pools that hold an address of the underlay (an
+    /// agent's address), or are too large or too small to serve.
+    fn check_overlay(&self, args: &CreateArgs) -> Result<()> {
+        let mut nets = vec![("--overlay-pool", args.pool)];
+        if let Some(n) = args.overlay {
+            nets.push(("--overlay", n));
+            if !(crate::model::MIN_OVERLAY_PREFIX..=crate::model::MAX_OVERLAY_PREFIX)
+                .contains(&n.prefix)
+            {
+                return Err(ControlError::Usage(format!(
+                    "--overlay {n}: the prefix must be /{} to /{}",
+                    crate::model::MIN_OVERLAY_PREFIX,
+                    crate::model::MAX_OVERLAY_PREFIX
+                )));
+            }
+        } else if args.pool.prefix > 24 {
+            return Err(ControlError::Usage(format!(
+                "--overlay-pool {}: clusters take /24s from it, so it must be /24 or larger",
+                args.pool
+            )));
+        }
+        for site in self.store.sites()? {
+            let Ok(ip) = agent_ip(&site).parse::<std::net::Ipv4Addr>() else {
+                continue;
+            };
+            for (flag, n) in &nets {
+                if n.contains(ip) {
+                    return Err(ControlError::Usage(format!(
+                        "{flag} {n} holds site {}'s agent address {ip}: overlay addresses \
+                         must not overlap the underlay",
+                        site.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn undo(&mut self, cluster: &Cluster, sites: &[Site]) {
+        self.release_all(&cluster.name, sites);
         let _ = self.store.delete_cluster(&cluster.name);
         if let Some(p) = cluster.overlay.secret_ref.strip_prefix("file:") {
             let _ = std::fs::remove_file(p);
@@ -465,21 +596,12 @@ impl Controller<'_> {
 
     fn start_overlay(&mut self, cluster: &Cluster, secret: &str) -> Result<()> {
         let sites = self.cluster_sites(cluster)?;
-        let port: u16 = cluster
-            .overlay
-            .supernode
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .ok_or_else(|| ControlError::Local("bad supernode address".into()))?;
         (self.progress)(&format!(
             "starting supernode at {} ({})",
             cluster.origin, cluster.overlay.supernode
         ));
         // The origin first: its supernode must be up before edges elsewhere register.
-        let mut order = vec![sites[0].clone()];
-        order.extend(sites[1..].iter().cloned());
-        let mut first = true;
-        for chunk in [&order[..1], &order[1..]] {
+        for chunk in [&sites[..1], &sites[1..]] {
             let res = self.each_site(chunk, |cl, site| {
                 for a in cluster.attachments.iter().filter(|a| a.site == site.name) {
                     cl.call_value(&Request::StartOverlay {
@@ -487,16 +609,12 @@ impl Controller<'_> {
                         community: cluster.overlay.community.clone(),
                         secret: secret.into(),
                         supernode: cluster.overlay.supernode.clone(),
-                        supernode_port: (first && site.name == cluster.origin).then_some(port),
-                        tap: a.tap.clone(),
-                        bridge: a.bridge.clone(),
                         edge_name: a.edge_name.clone(),
                     })?;
                     (self.progress)(&format!("edge {} up at site {}", a.edge_name, a.site));
                 }
                 Ok(())
             });
-            first = false;
             let errs: Vec<String> = res
                 .into_iter()
                 .filter_map(|r| r.err().map(|e| e.to_string()))
@@ -536,18 +654,22 @@ impl Controller<'_> {
     }
 
     fn spec(cluster: &Cluster, vm: &Vm) -> VmSpec {
+        // The agent replaces it with the bridge it allocated; sent for older readers.
         let bridge = cluster
             .attachments
             .iter()
             .find(|a| a.site == vm.site && a.host == vm.host)
             .map(|a| a.bridge.clone())
-            .unwrap_or_else(|| format!("mvb{}", cluster.subnet));
+            .unwrap_or_default();
+        let net = cluster.overlay_net;
         let dhcp = (vm.role == Role::Frontend).then(|| DhcpService {
             address: cluster.frontend_ip().to_string(),
-            prefix: 24,
+            prefix: net.prefix,
             range: (
-                format!("198.19.{}.10", cluster.subnet),
-                format!("198.19.{}.250", cluster.subnet),
+                net.host(10).map(|a| a.to_string()).unwrap_or_default(),
+                net.host(net.size() - 2)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
             ),
             hosts: cluster
                 .vms
@@ -565,6 +687,8 @@ impl Controller<'_> {
             memory_mb: vm.memory_mb,
             bridge,
             dhcp,
+            local_name: String::new(),
+            nic: String::new(),
         }
     }
 
@@ -671,12 +795,12 @@ impl Controller<'_> {
         let sites = self.cluster_sites(&cluster)?;
         let infos = self.each_site(&sites, |c, _| c.call::<InfoData>(&Request::Info));
         let mut site_status = Vec::new();
-        let mut live: BTreeMap<String, String> = BTreeMap::new();
+        let mut live: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
         for (site, r) in sites.iter().zip(infos) {
             match r {
                 Ok(i) => {
                     for v in i.vms.iter().filter(|v| v.cluster == cluster.name) {
-                        live.insert(v.name.clone(), v.state.clone());
+                        live.insert(v.name.clone(), (v.state.clone(), v.handle.clone()));
                     }
                     site_status.push(SiteStatus {
                         site: site.name.clone(),
@@ -705,15 +829,15 @@ impl Controller<'_> {
             .iter()
             .map(|v| {
                 let up = site_status.iter().any(|s| s.site == v.site && s.reachable);
+                let here = live.get(&v.name);
                 VmStatus {
                     vm: v.clone(),
-                    live: if !up {
-                        "unknown (site down)".into()
-                    } else {
-                        live.get(&v.name)
-                            .cloned()
-                            .unwrap_or_else(|| "missing at agent".into())
+                    live: match (up, here) {
+                        (false, _) => "unknown (site down)".into(),
+                        (true, Some((state, _))) => state.clone(),
+                        (true, None) => "missing at agent".into(),
                     },
+                    handle: here.and_then(|h| h.1.clone()),
                 }
             })
             .collect();
@@ -728,20 +852,35 @@ impl Controller<'_> {
     }
 
     /// Stop and release everything at every site, then forget the cluster. With
-    /// `force`, sites that cannot be reached are skipped (their admin cleans up).
-    pub fn cluster_destroy(&mut self, name: &str, force: bool) -> Result<Vec<String>> {
-        let cluster = self.store.cluster(name)?;
-        let sites = self.cluster_sites(&cluster)?;
+    /// `force`, sites that cannot be reached are skipped (their admin cleans up), and
+    /// every registered site is also asked to release any reservation of this name
+    /// that your key holds there, whether this store knows the cluster or not (what a
+    /// crash between reserving and recording can leave).
+    pub fn cluster_destroy(&mut self, name: &str, force: bool) -> Result<DestroyReport> {
+        let known = match self.store.cluster(name) {
+            Ok(c) => Some(c),
+            Err(StoreError::NotFound { .. }) if force => None,
+            Err(e) => return Err(e.into()),
+        };
+        let sites = match &known {
+            Some(c) if !force => self.cluster_sites(c)?,
+            _ => self.store.sites()?,
+        };
         (self.progress)(&format!("destroying {name} at {} site(s)", sites.len()));
         let res = self.each_site(&sites, |c, _| {
-            c.call_value(&Request::Release {
+            c.call::<String>(&Request::Release {
                 cluster: name.into(),
             })
         });
-        let errs: Vec<String> = res
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| e.to_string()))
-            .collect();
+        let mut errs = Vec::new();
+        let mut released_at = Vec::new();
+        for (site, r) in sites.iter().zip(res) {
+            match r {
+                Ok(s) if s == "released" => released_at.push(site.name.clone()),
+                Ok(_) => {}
+                Err(e) => errs.push(e.to_string()),
+            }
+        }
         if !errs.is_empty() && !force {
             return Err(ControlError::Sites(
                 errs.into_iter()
@@ -749,11 +888,27 @@ impl Controller<'_> {
                     .collect(),
             ));
         }
-        self.store.delete_cluster(name)?;
-        if let Some(p) = cluster.overlay.secret_ref.strip_prefix("file:") {
-            let _ = std::fs::remove_file(p);
+        match &known {
+            Some(cluster) => {
+                self.store.delete_cluster(name)?;
+                if let Some(p) = cluster.overlay.secret_ref.strip_prefix("file:") {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            None if released_at.is_empty() && errs.is_empty() => {
+                return Err(StoreError::NotFound {
+                    kind: "cluster",
+                    name: name.into(),
+                }
+                .into());
+            }
+            None => {}
         }
-        Ok(errs)
+        Ok(DestroyReport {
+            known: known.is_some(),
+            released_at,
+            unreachable: errs,
+        })
     }
 
     fn vm_and_cluster(&self, vm: &str) -> Result<(Cluster, Vm)> {

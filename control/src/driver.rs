@@ -63,6 +63,12 @@ pub fn run(prog: &str, args: &[&str]) -> Result<String, DriverError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether a network device of this name exists in this network namespace (asked
+/// over netlink: `/sys/class/net` shows the namespace sysfs was mounted in).
+pub fn link_exists(name: &str) -> bool {
+    run("ip", &["link", "show", "dev", name]).is_ok()
+}
+
 /// Spawn a long-running helper with stdout/stderr to `log`.
 pub fn spawn(
     prog: &str,
@@ -134,6 +140,14 @@ pub trait VmDriver: Send {
     fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError>;
     /// Remove leftovers of a VM from a previous agent run, by handle.
     fn cleanup(&mut self, handle: &str);
+    /// The handle of a VM started with local name `local` and host NIC `nic` (to find
+    /// what a start cut short left, before its handle was saved).
+    fn handle_for(&self, local: &str, nic: &str) -> String;
+    /// Whether anything of the VM behind `handle` exists on this machine.
+    fn present(&self, handle: &str) -> bool;
+    /// Whether the VM behind `handle` still runs (after the agent that started it
+    /// died): it can be adopted as it is.
+    fn alive(&self, handle: &str) -> bool;
     /// Delete what a VM keeps between starts (its disk), when its cluster is released.
     fn discard(&mut self, _vm: &str) {}
     /// The IPv4 address on the VM's overlay NIC, if it has one yet.
@@ -199,19 +213,30 @@ impl VmDriver for NetnsDriver {
     }
 
     fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError> {
-        let ns = self.ns_name(&spec.name);
+        let local = spec.local();
+        let ns = self.ns_name(local);
+        // The agent's store names this namespace as the VM's: a leftover is ours.
         if Path::new("/run/netns").join(&ns).exists() {
             self.cleanup(&format!("netns:{ns}"));
         }
-        let veth = self.free_veth();
+        let veth = if spec.nic.is_empty() {
+            self.free_veth()
+        } else {
+            if link_exists(&spec.nic) {
+                let _ = run("ip", &["link", "del", &spec.nic]);
+            }
+            spec.nic.clone()
+        };
         let peer = format!("{veth}p");
         let mac = spec.mac.to_string();
         run("ip", &["netns", "add", &ns])?;
+        crate::failpoint::hit("vm-netns");
         let made = (|| -> Result<Vec<Child>, DriverError> {
             run(
                 "ip",
                 &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
             )?;
+            crate::failpoint::hit("vm-veth");
             run("ip", &["link", "set", &peer, "netns", &ns])?;
             run("ip", &["-n", &ns, "link", "set", &peer, "name", "eth0"])?;
             run(
@@ -221,7 +246,7 @@ impl VmDriver for NetnsDriver {
             run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
             run("ip", &["link", "set", &veth, "master", &spec.bridge, "up"])?;
             let mut children = Vec::new();
-            let log = self.run_dir.join(format!("{}.log", spec.name));
+            let log = self.run_dir.join(format!("{local}.log"));
             match (spec.role, &spec.dhcp) {
                 (Role::Frontend, Some(d)) => {
                     let cidr = format!("{}/{}", d.address, d.prefix);
@@ -245,13 +270,11 @@ impl VmDriver for NetnsDriver {
                         format!("--dhcp-range={},{},{mask},12h", d.range.0, d.range.1),
                         format!(
                             "--dhcp-leasefile={}",
-                            self.run_dir.join(format!("{}.leases", spec.name)).display()
+                            self.run_dir.join(format!("{local}.leases")).display()
                         ),
                         format!(
                             "--pid-file={}",
-                            self.run_dir
-                                .join(format!("{}.dnsmasq.pid", spec.name))
-                                .display()
+                            self.run_dir.join(format!("{local}.dnsmasq.pid")).display()
                         ),
                     ];
                     for (m, ip, name) in &d.hosts {
@@ -269,7 +292,7 @@ impl VmDriver for NetnsDriver {
                     // Written aside and renamed: a DHCP client of another VM may be
                     // running the script right now and must never read it half written.
                     let script = self.run_dir.join("udhcpc.script");
-                    let tmp = self.run_dir.join(format!("udhcpc.script.{}", spec.name));
+                    let tmp = self.run_dir.join(format!("udhcpc.script.{local}"));
                     std::fs::write(&tmp, UDHCPC_SCRIPT)
                         .and_then(|_| {
                             use std::os::unix::fs::PermissionsExt;
@@ -330,6 +353,23 @@ impl VmDriver for NetnsDriver {
             }
         }
         let _ = run("ip", &["netns", "del", ns]);
+    }
+
+    fn handle_for(&self, local: &str, _nic: &str) -> String {
+        format!("netns:{}", self.ns_name(local))
+    }
+
+    fn present(&self, handle: &str) -> bool {
+        Self::ns_of(handle).is_ok_and(|ns| Path::new("/run/netns").join(ns).exists())
+    }
+
+    fn alive(&self, handle: &str) -> bool {
+        // Its DHCP server or client still runs inside.
+        self.present(handle)
+            && Self::ns_of(handle)
+                .ok()
+                .and_then(|ns| run("ip", &["netns", "pids", ns]).ok())
+                .is_some_and(|p| !p.trim().is_empty())
     }
 
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
@@ -818,6 +858,15 @@ pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
     last.split_whitespace().next()?.parse().ok()
 }
 
+/// Whether the process of a pid file runs and its command line still names `mark`.
+fn pidfile_alive(pidfile: &Path, mark: &str) -> bool {
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .is_some_and(|c| String::from_utf8_lossy(&c).contains(mark))
+}
+
 /// End a process we started from its pid file, when its command line still names
 /// `mark` (so a reused pid is left alone): SIGTERM, up to 3 s, then SIGKILL.
 fn kill_pidfile(pidfile: &Path, mark: &str) {
@@ -874,12 +923,19 @@ impl VmDriver for QemuDriver {
                 spec.name
             )));
         }
-        let f = self.files(&spec.name);
-        let handle_vm = spec.name.clone();
+        let f = self.files(spec.local());
+        let handle_vm = spec.local().to_string();
         // Leftovers of an earlier run of this VM.
         kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
-        let tap = self.free_tap();
+        let tap = if spec.nic.is_empty() {
+            self.free_tap()
+        } else {
+            if link_exists(&spec.nic) {
+                let _ = run("ip", &["link", "del", &spec.nic]);
+            }
+            spec.nic.clone()
+        };
         let mut children = Vec::new();
         match self.start_inner(spec, &tap, &f, &mut children) {
             Ok(()) => Ok(RunningVm {
@@ -915,6 +971,30 @@ impl VmDriver for QemuDriver {
         let _ = std::fs::remove_file(&f.nbd);
         let _ = std::fs::remove_file(&f.console);
         let _ = run("ip", &["link", "del", tap]);
+    }
+
+    fn handle_for(&self, local: &str, nic: &str) -> String {
+        format!("qemu:{nic}:{local}")
+    }
+
+    fn present(&self, handle: &str) -> bool {
+        let Ok((tap, vm)) = Self::parse_handle(handle) else {
+            return false;
+        };
+        let f = self.files(vm);
+        link_exists(tap)
+            || [f.qemu_pid, f.xnbd_pid, f.nbd, f.console]
+                .iter()
+                .any(|p| p.exists())
+    }
+
+    fn alive(&self, handle: &str) -> bool {
+        let Ok((_, vm)) = Self::parse_handle(handle) else {
+            return false;
+        };
+        let f = self.files(vm);
+        pidfile_alive(&f.qemu_pid, &f.console.display().to_string())
+            && pidfile_alive(&f.xnbd_pid, &f.nbd.display().to_string())
     }
 
     fn discard(&mut self, vm: &str) {
@@ -969,6 +1049,8 @@ mod tests {
             memory_mb: 768,
             bridge: "mvb1".into(),
             dhcp: None,
+            local_name: String::new(),
+            nic: String::new(),
         };
         let boot = crate::guest::BootFiles {
             kernel: "/c/vmlinuz".into(),
@@ -1015,6 +1097,8 @@ mod tests {
             memory_mb: 256,
             bridge: "mvb1".into(),
             dhcp: None,
+            local_name: String::new(),
+            nic: String::new(),
         };
         let e = drv.start(&spec).err().unwrap().to_string();
         assert!(e.contains("frontend"), "{e}");

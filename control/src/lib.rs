@@ -9,6 +9,7 @@
 //! - [`agent`]: `mvc agent`, reservations and VM/overlay lifecycle at a site.
 //! - [`client`]: the controller's side of the agent protocol.
 //! - [`driver`]: VM drivers (`netns`, `qemu`).
+//! - [`failpoint`]: test-only crash points of the agent.
 //! - [`guest`]: kernel and initramfs of the qemu driver's guest.
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
 //! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
@@ -20,6 +21,7 @@ pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod driver;
+pub mod failpoint;
 pub mod guest;
 pub mod model;
 pub mod proto;

@@ -158,6 +158,25 @@ enum AgentCmd {
     /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
     /// it started and exit).
     Run(AgentRun),
+    /// Reconcile a stopped agent's store with what exists (what `mvc agent run` does
+    /// at start): reservations whose lease lapsed or whose release was cut short are
+    /// removed with every namespace, link, process and file they name; what the
+    /// other reservations left running is stopped. Refused while the agent runs (it
+    /// expires leases itself).
+    Gc {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/mvc/agent")]
+        state: PathBuf,
+        /// VM driver the agent runs with.
+        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+        driver: String,
+        /// Prefix of the netns VMs' namespace names (as the agent runs with).
+        #[arg(long, default_value = "mvc-")]
+        ns_prefix: String,
+        /// Only print what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Fetch the guest kernel (when the host has none in /boot) and build the guest
     /// initramfs of the qemu driver into the cache; prints their paths.
     QemuPrepare {
@@ -235,6 +254,12 @@ struct AgentRun {
     /// The binary providing `edge` and `supernode` for `--overlay mvc` [default: this one].
     #[arg(long, env = "MVC_OVERLAY_BIN")]
     overlay_bin: Option<PathBuf>,
+    /// Seconds a reservation holds until the controller confirms it.
+    #[arg(long, default_value_t = agent::DEFAULT_LEASE_SECS)]
+    lease_secs: u64,
+    /// UDP ports cluster supernodes may listen on here: FIRST-LAST.
+    #[arg(long, default_value = "7700-7999")]
+    supernode_ports: String,
 }
 
 #[derive(Subcommand)]
@@ -284,6 +309,13 @@ enum ClusterCmd {
         /// Seconds to wait for every compute's DHCP lease when starting.
         #[arg(long, default_value_t = 60)]
         lease_timeout: u64,
+        /// The cluster's overlay network, e.g. 198.19.5.0/24 [default: the first /24
+        /// of --overlay-pool no other cluster of this controller uses].
+        #[arg(long)]
+        overlay: Option<control::model::OverlayNet>,
+        /// Where default overlay networks come from.
+        #[arg(long, env = "MVC_OVERLAY_POOL", default_value = controller::DEFAULT_OVERLAY_POOL)]
+        overlay_pool: control::model::OverlayNet,
     },
     /// Start the frontend VM, then all computes in parallel; wait for their leases.
     Start {
@@ -304,7 +336,9 @@ enum ClusterCmd {
     Destroy {
         /// Cluster name.
         name: String,
-        /// Forget it even if some site cannot be reached.
+        /// Forget it even if some site cannot be reached, and release a reservation of
+        /// this name your key holds at any registered site even if this controller
+        /// does not know the cluster.
         #[arg(long)]
         force: bool,
     },
@@ -568,13 +602,72 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 )
             })
         }
+        AgentCmd::Gc {
+            state,
+            driver,
+            ns_prefix,
+            dry_run,
+        } => {
+            let state = state
+                .canonicalize()
+                .with_context(|| format!("state directory {}", state.display()))?;
+            if let Some(pid) = agent::running_agent(&state) {
+                bail!(
+                    "the agent of {} runs (pid {pid}); it reconciles at start and expires \
+                     leases itself: stop it to collect",
+                    state.display()
+                );
+            }
+            let drv: Box<dyn VmDriver> = match driver.as_str() {
+                "qemu" => Box::new(QemuDriver::new(QemuConfig::new(&state))),
+                _ => Box::new(NetnsDriver::new(&ns_prefix, &state.join("run"))),
+            };
+            let cfg = AgentConfig::new(
+                "gc",
+                &state,
+                Vec::new(),
+                OverlayImpl::Mvc(std::env::current_exe()?),
+            );
+            let mut core = AgentCore::load(cfg, drv)?;
+            let done = core.reconcile(agent::unix_now(), dry_run);
+            print(
+                json,
+                &serde_json::json!({"dry_run": dry_run, "actions": done}),
+                |_| {
+                    let mut s = String::new();
+                    if done.is_empty() {
+                        s.push_str("nothing to collect\n");
+                    }
+                    for l in &done {
+                        s += &format!("{}{l}\n", if dry_run { "would: " } else { "" });
+                    }
+                    s
+                },
+            )
+        }
         AgentCmd::Run(r) => {
-            let run_dir = r.state.join("run");
-            std::fs::create_dir_all(&run_dir)?;
+            std::fs::create_dir_all(r.state.join("run"))?;
+            let state = r
+                .state
+                .canonicalize()
+                .with_context(|| format!("state directory {}", r.state.display()))?;
+            if let Some(pid) = agent::running_agent(&state) {
+                bail!("an agent already runs on {} (pid {pid})", state.display());
+            }
+            agent::write_private(&state.join("agent.pid"), &std::process::id().to_string())?;
+            let run_dir = state.join("run");
+            let supernode_ports = r
+                .supernode_ports
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+                .filter(|(a, b)| *a > 0 && a <= b)
+                .with_context(|| {
+                    format!("--supernode-ports {:?}: want FIRST-LAST", r.supernode_ports)
+                })?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
                 "qemu" => {
                     let q = *r.qemu;
-                    let mut cfg = QemuConfig::new(&r.state);
+                    let mut cfg = QemuConfig::new(&state);
                     cfg.image = q.qemu_image;
                     cfg.disk_mb = q.qemu_disk_mb;
                     cfg.cache_dir = q.qemu_cache;
@@ -604,32 +697,37 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 r.hosts
             };
             let cfg = AgentConfig {
-                site: r.site.clone(),
-                state_dir: r.state.clone(),
-                hosts,
-                overlay,
+                lease_secs: r.lease_secs,
+                supernode_ports,
+                ..AgentConfig::new(&r.site, &state, hosts, overlay)
             };
-            let key = Arc::new(agent::load_key(&r.state)?);
-            let core = AgentCore::open(cfg, driver)?;
+            let key = Arc::new(agent::load_key(&state)?);
+            let core = Arc::new(Mutex::new(AgentCore::open(cfg, driver)?));
             let listener = std::net::TcpListener::bind(&r.listen)
                 .with_context(|| format!("listening on {}", r.listen))?;
             let stop = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             tracing::info!(site = %r.site, listen = %r.listen, agent_key = %key.public_hex(), driver = %r.driver, "agent serving");
+            // Unconfirmed reservations lapse even when no request comes in.
+            {
+                let core = Arc::downgrade(&core);
+                std::thread::spawn(move || {
+                    while let Some(c) = core.upgrade() {
+                        c.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .expire(agent::unix_now());
+                        drop(c);
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                });
+            }
             let limits = agent::ListenLimits {
                 max_connections: r.max_connections.max(1),
                 handshake_timeout: std::time::Duration::try_from_secs_f64(r.handshake_timeout)
                     .context("--handshake-timeout")?,
             };
-            agent::serve_with(
-                Arc::new(Mutex::new(core)),
-                key,
-                listener,
-                stop,
-                limits,
-                Arc::default(),
-            )?;
+            agent::serve_with(core, key, listener, stop, limits, Arc::default())?;
             tracing::info!("agent stopped; VMs and overlay processes it started are stopped");
             Ok(())
         }
@@ -688,6 +786,8 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             frontend_memory,
             start,
             lease_timeout,
+            overlay,
+            overlay_pool,
         }) => {
             let args = CreateArgs {
                 name: name.clone(),
@@ -695,6 +795,8 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
                 computes: parse_list(&computes, "--computes")?,
                 memory_mb: memory,
                 frontend_memory_mb: frontend_memory,
+                overlay,
+                pool: overlay_pool,
             };
             let mut cl = c.cluster_create(&args)?;
             if start {
@@ -764,29 +866,38 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             print(json, &v, |v| {
                 let mut s = format!(
                     "{:<14} {:<9} {:<8} {:<5} {}\n",
-                    "CLUSTER", "STATE", "ORIGIN", "VMS", "SUBNET"
+                    "CLUSTER", "STATE", "ORIGIN", "VMS", "OVERLAY"
                 );
                 for x in v {
                     s += &format!(
-                        "{:<14} {:<9} {:<8} {:<5} 198.19.{}.0/24\n",
+                        "{:<14} {:<9} {:<8} {:<5} {}\n",
                         x.name,
                         x.state,
                         x.origin,
                         x.vms.len(),
-                        x.subnet
+                        x.overlay_net
                     );
                 }
                 s
             })
         }
         Ctl::Cluster(ClusterCmd::Destroy { name, force }) => {
-            let skipped = c.cluster_destroy(&name, force)?;
+            let r = c.cluster_destroy(&name, force)?;
             print(
                 json,
-                &serde_json::json!({"destroyed": name, "unreachable_sites": skipped}),
+                &serde_json::json!({"destroyed": name, "known": r.known,
+                    "released_at": r.released_at, "unreachable_sites": r.unreachable}),
                 |_| {
-                    let mut s = format!("cluster {name} destroyed\n");
-                    for e in &skipped {
+                    let mut s = if r.known {
+                        format!("cluster {name} destroyed\n")
+                    } else {
+                        format!(
+                            "cluster {name} was not in this controller's store; released its \
+                             reservations at site(s) {}\n",
+                            r.released_at.join(", ")
+                        )
+                    };
+                    for e in &r.unreachable {
                         s += &format!("  warning: {e}\n");
                     }
                     s
@@ -873,8 +984,8 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
 
 fn cluster_table(cl: &control::model::Cluster) -> String {
     let mut s = format!(
-        "cluster {} ({}), origin {}, overlay 198.19.{}.0/24, community {}, supernode {}\n",
-        cl.name, cl.state, cl.origin, cl.subnet, cl.overlay.community, cl.overlay.supernode
+        "cluster {} ({}), origin {}, overlay {}, community {}, supernode {}\n",
+        cl.name, cl.state, cl.origin, cl.overlay_net, cl.overlay.community, cl.overlay.supernode
     );
     s += &format!(
         "{:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",

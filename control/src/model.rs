@@ -200,8 +200,9 @@ pub struct Cluster {
     pub name: String,
     /// Site holding the frontend VM and the supernode.
     pub origin: String,
-    /// Third octet of the overlay /24: 198.19.`subnet`.0/24.
-    pub subnet: u8,
+    /// The cluster's overlay network (its own L2 segment: other clusters, of this
+    /// user or another, may use the same addresses).
+    pub overlay_net: OverlayNet,
     /// `defined`, `running`, `stopped`.
     pub state: String,
     /// Overlay parameters.
@@ -219,17 +220,129 @@ impl Cluster {
     }
     /// Overlay address of the frontend.
     pub fn frontend_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(198, 19, self.subnet, 1)
+        self.overlay_net.host(1).unwrap_or(self.overlay_net.addr)
     }
 }
 
-/// Overlay address of VM number `index` (0 = frontend) in cluster subnet `subnet`.
-pub fn vm_ip(subnet: u8, index: usize) -> Option<Ipv4Addr> {
-    if index == 0 {
-        return Some(Ipv4Addr::new(198, 19, subnet, 1));
+/// An IPv4 network `a.b.c.d/len` (the address is the network's first address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OverlayNet {
+    /// First address.
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+/// Shortest prefix an overlay network may have (the frontend's dnsmasq serves it).
+pub const MIN_OVERLAY_PREFIX: u8 = 16;
+/// Longest prefix an overlay network may have (room for a frontend and some computes).
+pub const MAX_OVERLAY_PREFIX: u8 = 27;
+
+impl OverlayNet {
+    /// Netmask as a 32-bit integer.
+    fn mask(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix.min(32)))
+        }
     }
-    let host = 9usize.checked_add(index)?;
-    (host <= 250).then(|| Ipv4Addr::new(198, 19, subnet, host as u8))
+
+    /// Number of addresses.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix))
+    }
+
+    /// Whether `ip` lies in the network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.addr)
+    }
+
+    /// Whether the two networks share an address.
+    pub fn overlaps(&self, o: &OverlayNet) -> bool {
+        self.contains(o.addr) || o.contains(self.addr)
+    }
+
+    /// Address number `i` of the network, `None` past the broadcast address less one.
+    pub fn host(&self, i: u64) -> Option<Ipv4Addr> {
+        (i >= 1 && i + 1 < self.size()).then(|| Ipv4Addr::from(u32::from(self.addr) + i as u32))
+    }
+
+    /// The `n`-th subnet of length `prefix` inside this network.
+    pub fn subnet(&self, prefix: u8, n: u64) -> Option<OverlayNet> {
+        if prefix < self.prefix || prefix > 32 {
+            return None;
+        }
+        let step = 1u64 << (32 - u32::from(prefix));
+        let off = n.checked_mul(step)?;
+        (off < self.size()).then(|| OverlayNet {
+            addr: Ipv4Addr::from(u32::from(self.addr) + off as u32),
+            prefix,
+        })
+    }
+
+    /// Most VMs (frontend included) a cluster on this network can hold: the frontend
+    /// is address 1, computes 10 upward, the broadcast address stays free.
+    pub fn max_vms(&self) -> usize {
+        (self.size().saturating_sub(11) + 1) as usize
+    }
+}
+
+impl fmt::Display for OverlayNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A string that is not a usable overlay network.
+#[derive(Debug, thiserror::Error)]
+#[error("overlay network {0:?}: {1}")]
+pub struct BadNet(pub String, pub &'static str);
+
+impl FromStr for OverlayNet {
+    type Err = BadNet;
+    fn from_str(s: &str) -> Result<OverlayNet, BadNet> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or(BadNet(s.into(), "want a.b.c.d/len"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| BadNet(s.into(), "bad address"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| BadNet(s.into(), "bad prefix length"))?;
+        if prefix > 32 {
+            return Err(BadNet(s.into(), "prefix longer than 32"));
+        }
+        if u32::from(addr) & !Self::mask(prefix) != 0 {
+            return Err(BadNet(
+                s.into(),
+                "host bits set (give the network's first address)",
+            ));
+        }
+        Ok(OverlayNet { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for OverlayNet {
+    type Error = BadNet;
+    fn try_from(s: String) -> Result<OverlayNet, BadNet> {
+        s.parse()
+    }
+}
+
+impl From<OverlayNet> for String {
+    fn from(n: OverlayNet) -> String {
+        n.to_string()
+    }
+}
+
+/// Overlay address of VM number `index` (0 = frontend) in the cluster network `net`:
+/// the frontend is address 1, computes 10 upward.
+pub fn vm_ip(net: &OverlayNet, index: usize) -> Option<Ipv4Addr> {
+    if index == 0 {
+        return net.host(1);
+    }
+    net.host(9u64.checked_add(index as u64)?)
 }
 
 /// Lower-case hex of `b`.
@@ -274,8 +387,26 @@ mod tests {
 
     #[test]
     fn vm_ips() {
-        assert_eq!(vm_ip(3, 0).unwrap().to_string(), "198.19.3.1");
-        assert_eq!(vm_ip(3, 1).unwrap().to_string(), "198.19.3.10");
-        assert!(vm_ip(3, 242).is_none());
+        let n: OverlayNet = "198.19.3.0/24".parse().unwrap();
+        assert_eq!(vm_ip(&n, 0).unwrap().to_string(), "198.19.3.1");
+        assert_eq!(vm_ip(&n, 1).unwrap().to_string(), "198.19.3.10");
+        assert_eq!(vm_ip(&n, 245).unwrap().to_string(), "198.19.3.254");
+        assert!(vm_ip(&n, 246).is_none());
+        assert_eq!(n.max_vms(), 246);
+    }
+
+    #[test]
+    fn overlay_nets() {
+        let pool: OverlayNet = "198.19.0.0/16".parse().unwrap();
+        let n: OverlayNet = "198.19.5.0/24".parse().unwrap();
+        assert!(pool.overlaps(&n) && n.overlaps(&pool));
+        assert!(pool.contains("198.19.200.1".parse().unwrap()));
+        assert!(!pool.contains("198.18.1.2".parse().unwrap()));
+        assert_eq!(pool.subnet(24, 5), Some(n));
+        assert_eq!(pool.subnet(24, 256), None);
+        assert_eq!(n.to_string().parse::<OverlayNet>().unwrap(), n);
+        for bad in ["198.19.5.1/24", "198.19.5.0", "198.19.5.0/33", "x/24"] {
+            assert!(bad.parse::<OverlayNet>().is_err(), "{bad}");
+        }
     }
 }

@@ -4,11 +4,16 @@
 //! Version: [`PROTO_VERSION`] travels in every envelope body; an agent refuses a
 //! version it does not know. Unknown `op`s fail to parse and are refused with the
 //! parse error.
+//!
+//! Version 2: the agent names everything at its site. `reserve` answers with the
+//! bridge, TAP, supernode port and per-VM local names it allocated ([`ReserveData`]),
+//! and the reservation holds only for a lease until `confirm`; `start_overlay` no
+//! longer carries device names or a port; `info` lists the caller's reservations.
 use crate::model::{HostInfo, Mac, Role};
 use serde::{Deserialize, Serialize};
 
 /// Version of the request set.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 
 /// The body of a signed request.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -58,10 +63,29 @@ pub struct VmSpec {
     pub mac: Mac,
     /// Memory in MiB.
     pub memory_mb: u64,
-    /// Bridge the VM's NIC joins.
+    /// Bridge the VM's NIC joins (the agent replaces it with the cluster's bridge).
     pub bridge: String,
     /// For the frontend: the DHCP service to run.
     pub dhcp: Option<DhcpService>,
+    /// Name of the VM's namespace, files and disk at its site, unique there (set by
+    /// the agent from its store; what a controller sends is ignored).
+    #[serde(default)]
+    pub local_name: String,
+    /// Host-side NIC device (veth or TAP) of the VM (set by the agent, like
+    /// `local_name`).
+    #[serde(default)]
+    pub nic: String,
+}
+
+impl VmSpec {
+    /// The name the VM's namespace and files use at its site: `local_name` when set.
+    pub fn local(&self) -> &str {
+        if self.local_name.is_empty() {
+            &self.name
+        } else {
+            &self.local_name
+        }
+    }
 }
 
 /// Requests an agent serves.
@@ -70,12 +94,22 @@ pub struct VmSpec {
 pub enum Request {
     /// Site name, hosts with free capacity, driver, VMs here.
     Info,
-    /// Reserve VM slots for a cluster, all or none.
+    /// Reserve VM slots for a cluster, all or none. The agent allocates the
+    /// cluster's bridge, TAP, supernode port and local names ([`ReserveData`]); the
+    /// reservation lapses after its lease unless confirmed.
     Reserve {
         /// Cluster name.
         cluster: String,
         /// The slots.
         slots: Vec<SlotReq>,
+        /// Whether the cluster's supernode runs here (the origin site).
+        #[serde(default)]
+        supernode: bool,
+    },
+    /// Keep a reservation for good (the controller recorded it).
+    Confirm {
+        /// Cluster name.
+        cluster: String,
     },
     /// Stop everything of a cluster here and free its slots.
     Release {
@@ -83,7 +117,7 @@ pub enum Request {
         cluster: String,
     },
     /// Start (idempotently) the cluster's bridge and edge here, and its supernode when
-    /// `supernode_port` is set.
+    /// it was reserved with one; device names and port come from the reservation.
     StartOverlay {
         /// Cluster name.
         cluster: String,
@@ -93,12 +127,6 @@ pub enum Request {
         secret: String,
         /// Supernode the edge registers with.
         supernode: String,
-        /// Run the supernode here, listening on this UDP port.
-        supernode_port: Option<u16>,
-        /// TAP device name of the edge.
-        tap: String,
-        /// Bridge name.
-        bridge: String,
         /// Edge name in the community.
         edge_name: String,
     },
@@ -145,6 +173,38 @@ pub struct Reply {
     pub data: serde_json::Value,
 }
 
+/// Reply data of [`Request::Reserve`]: what the agent allocated for the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReserveData {
+    /// Bridge the cluster's VMs and edge join here.
+    pub bridge: String,
+    /// TAP device of the cluster's edge here.
+    pub tap: String,
+    /// UDP port of the cluster's supernode here (when asked for).
+    pub supernode_port: Option<u16>,
+    /// Seconds the reservation holds without [`Request::Confirm`].
+    pub lease_secs: u64,
+    /// VM name -> its local name here (namespace, files).
+    pub local_names: Vec<(String, String)>,
+}
+
+/// One of the caller's reservations at an agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReservationView {
+    /// Cluster name.
+    pub cluster: String,
+    /// Whether the controller confirmed it.
+    pub confirmed: bool,
+    /// Seconds until an unconfirmed reservation lapses.
+    pub expires_in: Option<u64>,
+    /// Bridge here.
+    pub bridge: String,
+    /// Edge TAP here.
+    pub tap: String,
+    /// Supernode port here.
+    pub supernode_port: Option<u16>,
+}
+
 /// A VM as the agent sees it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentVm {
@@ -177,6 +237,9 @@ pub struct InfoData {
     /// `mvc edge status --json` of the caller's clusters' edges here (cluster, status).
     #[serde(default)]
     pub edges: Vec<(String, serde_json::Value)>,
+    /// The caller's reservations here.
+    #[serde(default)]
+    pub reservations: Vec<ReservationView>,
 }
 
 /// A name the agent may put into file names, namespace names and `ip` arguments:
@@ -228,7 +291,7 @@ impl Request {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Request::Info => Ok(()),
-            Request::Reserve { cluster, slots } => {
+            Request::Reserve { cluster, slots, .. } => {
                 check_name("cluster", cluster, 24)?;
                 if slots.is_empty() || slots.len() > MAX_ITEMS {
                     return Err(format!("1 to {MAX_ITEMS} slots per reservation"));
@@ -242,21 +305,18 @@ impl Request {
                 }
                 Ok(())
             }
-            Request::Release { cluster } => check_name("cluster", cluster, 24),
+            Request::Release { cluster } | Request::Confirm { cluster } => {
+                check_name("cluster", cluster, 24)
+            }
             Request::StartOverlay {
                 cluster,
                 community,
                 secret,
                 supernode,
-                supernode_port,
-                tap,
-                bridge,
                 edge_name,
             } => {
                 check_name("cluster", cluster, 24)?;
                 check_name("community", community, 32)?;
-                check_name("tap", tap, 15)?;
-                check_name("bridge", bridge, 15)?;
                 check_name("edge name", edge_name, 63)?;
                 if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err("the community secret must be at least 32 hex digits".into());
@@ -264,16 +324,15 @@ impl Request {
                 supernode
                     .parse::<std::net::SocketAddrV4>()
                     .map_err(|_| format!("supernode {supernode:?} is not ip:port"))?;
-                if *supernode_port == Some(0) {
-                    return Err("supernode port 0".into());
-                }
                 Ok(())
             }
             Request::StartVm { spec } => {
                 check_name("cluster", &spec.cluster, 24)?;
                 check_name("VM", &spec.name, 40)?;
                 check_host(&spec.host)?;
-                check_name("bridge", &spec.bridge, 15)?;
+                if !spec.bridge.is_empty() {
+                    check_name("bridge", &spec.bridge, 15)?;
+                }
                 if spec.memory_mb == 0 || spec.memory_mb > MAX_VM_MEMORY_MB {
                     return Err(format!("VM {} asks for {} MiB", spec.name, spec.memory_mb));
                 }
@@ -336,20 +395,17 @@ mod tests {
                 community: "c".into(),
                 secret: "short".into(),
                 supernode: "198.18.1.2:7701".into(),
-                supernode_port: None,
-                tap: "mvt1".into(),
-                bridge: "mvb1".into(),
                 edge_name: "e".into(),
             },
             Request::StartOverlay {
                 cluster: "k".into(),
                 community: "c".into(),
                 secret: "0".repeat(64),
-                supernode: "198.18.1.2:7701".into(),
-                supernode_port: None,
-                tap: "a-very-long-tap-name".into(),
-                bridge: "mvb1".into(),
+                supernode: "198.18.1.2".into(),
                 edge_name: "e".into(),
+            },
+            Request::Confirm {
+                cluster: "a/b".into(),
             },
             Request::Ping {
                 cluster: "k".into(),
@@ -359,6 +415,7 @@ mod tests {
             Request::Reserve {
                 cluster: "k".into(),
                 slots: vec![],
+                supernode: false,
             },
         ];
         for r in bad {
@@ -369,9 +426,6 @@ mod tests {
             community: "mvc0011aabb".into(),
             secret: "0a".repeat(32),
             supernode: "198.18.1.2:7701".into(),
-            supernode_port: Some(7701),
-            tap: "mvt1".into(),
-            bridge: "mvb1".into(),
             edge_name: "A-a-h0-0".into(),
         };
         assert!(good.validate().is_ok());
@@ -388,6 +442,10 @@ mod tests {
                     host: "h0".into(),
                     memory_mb: 256,
                 }],
+                supernode: true,
+            },
+            Request::Confirm {
+                cluster: "k".into(),
             },
             Request::StartVm {
                 spec: VmSpec {
@@ -404,6 +462,8 @@ mod tests {
                         range: ("198.19.1.10".into(), "198.19.1.250".into()),
                         hosts: vec![(Mac([2, 0, 0, 0, 0, 2]), "198.19.1.10".into(), "k-c1".into())],
                     }),
+                    local_name: String::new(),
+                    nic: String::new(),
                 },
             },
         ];
@@ -415,6 +475,6 @@ mod tests {
             let s = serde_json::to_string(&b).unwrap();
             assert_eq!(serde_json::from_str::<Body>(&s).unwrap(), b);
         }
-        assert!(serde_json::from_str::<Body>(r#"{"proto":1,"req":{"op":"format_disk"}}"#).is_err());
+        assert!(serde_json::from_str::<Body>(r#"{"proto":2,"req":{"op":"format_disk"}}"#).is_err());
     }
 }

@@ -10,7 +10,9 @@
 //! where the counter lives in the store and only moves forward inside the same
 //! transaction that records the VMs, and `vms.mac` carries a UNIQUE constraint that
 //! SQLite checks on every insert.
-use crate::model::{vm_ip, Attachment, Cluster, HostInfo, Mac, Overlay, Role, Site, Vm};
+use crate::model::{
+    vm_ip, Attachment, Cluster, HostInfo, Mac, Overlay, OverlayNet, Role, Site, Vm,
+};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 
@@ -39,12 +41,12 @@ pub enum StoreError {
     /// The record is still used by something else.
     #[error("{0}")]
     InUse(String),
-    /// Every overlay subnet 198.19.1-254.0/24 is taken.
-    #[error("no free overlay subnet left in 198.19.0.0/16")]
-    NoSubnet,
-    /// More VMs in one cluster than its /24 can address.
-    #[error("a cluster holds at most 242 VMs")]
-    TooManyVms,
+    /// Every /24 of the overlay pool is taken by this controller's clusters.
+    #[error("no free /24 left in the overlay pool {0}; pass --overlay or another --overlay-pool")]
+    NoSubnet(OverlayNet),
+    /// More VMs in one cluster than its overlay network can address.
+    #[error("overlay network {0} holds at most {1} VMs")]
+    TooManyVms(OverlayNet, usize),
     /// The MAC counter ran out of its 32 bits.
     #[error("MAC counter exhausted for this controller")]
     MacsExhausted,
@@ -81,11 +83,18 @@ pub struct ClusterPlan {
     pub name: String,
     /// Origin site (frontend VM and supernode).
     pub origin: String,
-    /// Community, secret reference; the supernode address may name the port
-    /// `{port}`, replaced by the store with 7700 + subnet.
+    /// Community, secret reference, supernode address (the port the origin's agent
+    /// chose).
     pub overlay: Overlay,
+    /// The overlay network the user chose; `None`: the first /24 of `pool` that no
+    /// other cluster of this store uses.
+    pub overlay_net: Option<OverlayNet>,
+    /// Where a default overlay network comes from.
+    pub pool: OverlayNet,
     /// Frontend first.
     pub vms: Vec<PlannedVm>,
+    /// One per VM host in use, with the TAP and bridge names its site's agent chose.
+    pub attachments: Vec<Attachment>,
 }
 
 /// The controller's persistent state.
@@ -102,8 +111,8 @@ pub trait Store {
     fn set_hosts(&mut self, site: &str, hosts: &[HostInfo]) -> Result<()>;
     /// Hosts of a site as last reported.
     fn hosts(&self, site: &str) -> Result<Vec<HostInfo>>;
-    /// Record a cluster with its overlay, VMs (MACs and addresses allocated here) and
-    /// one attachment per VM host in use, all or nothing.
+    /// Record a cluster with its overlay network, overlay, VMs (MACs and addresses
+    /// allocated here) and attachments, all or nothing.
     fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster>;
     /// One cluster with everything in it.
     fn cluster(&self, name: &str) -> Result<Cluster>;
@@ -168,6 +177,18 @@ const MIGRATIONS: &[&str] = &[
                               bridge TEXT NOT NULL,
                               edge_name TEXT NOT NULL,
                               UNIQUE(cluster_id, site_id, host));",
+    // 2: clusters carry their own overlay network (any prefix, not unique: clusters are
+    // separate L2 segments) instead of a unique 198.19.N.0/24 number. Run with foreign
+    // keys off, so dropping the old table cascades nowhere.
+    "CREATE TABLE clusters2(id INTEGER PRIMARY KEY,
+                            name TEXT NOT NULL UNIQUE,
+                            origin_site_id INTEGER NOT NULL REFERENCES sites(id),
+                            overlay_net TEXT NOT NULL,
+                            state TEXT NOT NULL);
+     INSERT INTO clusters2(id, name, origin_site_id, overlay_net, state)
+         SELECT id, name, origin_site_id, '198.19.' || subnet || '.0/24', state FROM clusters;
+     DROP TABLE clusters;
+     ALTER TABLE clusters2 RENAME TO clusters;",
 ];
 
 /// [`Store`] on one SQLite file.
@@ -189,7 +210,8 @@ impl SqliteStore {
     fn init(mut conn: Connection) -> Result<SqliteStore> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Migrations run with foreign keys off (a table rebuild must not cascade).
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let latest = MIGRATIONS.len() as i64;
         if version > latest {
@@ -210,6 +232,7 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", i as i64 + 1)?;
             tx.commit()?;
         }
+        conn.pragma_update(None, "foreign_keys", "ON")?;
         Ok(SqliteStore { conn })
     }
 
@@ -235,7 +258,7 @@ impl SqliteStore {
         id: i64,
         name: String,
         origin: String,
-        subnet: i64,
+        net: String,
         state: String,
     ) -> Result<Cluster> {
         let overlay = self.conn.query_row(
@@ -300,7 +323,9 @@ impl SqliteStore {
             id,
             name,
             origin,
-            subnet: u8::try_from(subnet).map_err(|_| StoreError::Corrupt("subnet".into()))?,
+            overlay_net: net
+                .parse()
+                .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
             state,
             overlay,
             vms,
@@ -432,30 +457,43 @@ impl Store for SqliteStore {
     }
 
     fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster> {
-        if plan.vms.len() > 242 {
-            return Err(StoreError::TooManyVms);
-        }
         let origin_id = self.site_id(&plan.origin)?;
         let mut site_ids = std::collections::HashMap::new();
-        for v in &plan.vms {
-            if !site_ids.contains_key(&v.site) {
-                site_ids.insert(v.site.clone(), self.site_id(&v.site)?);
+        for site in plan
+            .vms
+            .iter()
+            .map(|v| &v.site)
+            .chain(plan.attachments.iter().map(|a| &a.site))
+        {
+            if !site_ids.contains_key(site) {
+                site_ids.insert(site.clone(), self.site_id(site)?);
             }
         }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let taken: Vec<i64> = tx
-            .prepare("SELECT subnet FROM clusters ORDER BY subnet")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        let subnet = (1..=254i64)
-            .find(|s| !taken.contains(s))
-            .ok_or(StoreError::NoSubnet)?;
+        let net = match plan.overlay_net {
+            Some(n) => n,
+            None => {
+                let taken: Vec<OverlayNet> = tx
+                    .prepare("SELECT overlay_net FROM clusters")?
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .filter_map(|r| r.ok().and_then(|s| s.parse().ok()))
+                    .collect();
+                let p = plan.pool.prefix.max(24);
+                (0..(1u64 << (p - plan.pool.prefix)))
+                    .filter_map(|i| plan.pool.subnet(p, i))
+                    .find(|n| !taken.iter().any(|t| t.overlaps(n)))
+                    .ok_or(StoreError::NoSubnet(plan.pool))?
+            }
+        };
+        if plan.vms.len() > net.max_vms() {
+            return Err(StoreError::TooManyVms(net, net.max_vms()));
+        }
         match tx.execute(
-            "INSERT INTO clusters(name, origin_site_id, subnet, state)
+            "INSERT INTO clusters(name, origin_site_id, overlay_net, state)
              VALUES (?1, ?2, ?3, 'defined')",
-            params![plan.name, origin_id, subnet],
+            params![plan.name, origin_id, net.to_string()],
         ) {
             Ok(_) => {}
             Err(e) if unique_violation(&e) => {
@@ -467,10 +505,6 @@ impl Store for SqliteStore {
             Err(e) => return Err(e.into()),
         }
         let cid = tx.last_insert_rowid();
-        let supernode = plan
-            .overlay
-            .supernode
-            .replace("{port}", &(7700 + subnet).to_string());
         tx.execute(
             "INSERT INTO overlays(cluster_id, community, secret_ref, supernode)
              VALUES (?1, ?2, ?3, ?4)",
@@ -478,7 +512,7 @@ impl Store for SqliteStore {
                 cid,
                 plan.overlay.community,
                 plan.overlay.secret_ref,
-                supernode
+                plan.overlay.supernode
             ],
         )?;
         let (controller_id, next_mac): (i64, i64) = tx.query_row(
@@ -491,10 +525,9 @@ impl Store for SqliteStore {
             return Err(StoreError::MacsExhausted);
         }
         tx.execute("UPDATE meta SET next_mac = ?1 WHERE id = 1", [end])?;
-        let mut hosts_seen: Vec<(String, String)> = Vec::new();
         for (i, v) in plan.vms.iter().enumerate() {
             let mac = Mac::from_counter(controller_id as u8, (next_mac + i as i64) as u32);
-            let ip = vm_ip(subnet as u8, i).ok_or(StoreError::TooManyVms)?;
+            let ip = vm_ip(&net, i).ok_or(StoreError::TooManyVms(net, net.max_vms()))?;
             match tx.execute(
                 "INSERT INTO vms(cluster_id, name, role, site_id, host, memory_mb, mac, ip,
                                  state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'defined')",
@@ -518,23 +551,13 @@ impl Store for SqliteStore {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let key = (v.site.clone(), v.host.clone());
-            if !hosts_seen.contains(&key) {
-                let n = hosts_seen.len();
-                hosts_seen.push(key);
-                tx.execute(
-                    "INSERT INTO attachments(cluster_id, site_id, host, tap, bridge, edge_name)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        cid,
-                        site_ids[&v.site],
-                        v.host,
-                        format!("mvt{subnet}"),
-                        format!("mvb{subnet}"),
-                        format!("{}-{}-{n}", v.site, v.host)
-                    ],
-                )?;
-            }
+        }
+        for a in &plan.attachments {
+            tx.execute(
+                "INSERT INTO attachments(cluster_id, site_id, host, tap, bridge, edge_name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![cid, site_ids[&a.site], a.host, a.tap, a.bridge, a.edge_name],
+            )?;
         }
         tx.commit()?;
         self.cluster(&plan.name)
@@ -544,7 +567,7 @@ impl Store for SqliteStore {
         let row = self
             .conn
             .query_row(
-                "SELECT c.id, c.name, s.name, c.subnet, c.state FROM clusters c
+                "SELECT c.id, c.name, s.name, c.overlay_net, c.state FROM clusters c
                  JOIN sites s ON s.id = c.origin_site_id WHERE c.name = ?1",
                 [name],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
@@ -643,15 +666,30 @@ mod tests {
                 });
             }
         }
+        let mut attachments: Vec<Attachment> = Vec::new();
+        for v in &vms {
+            if !attachments.iter().any(|a| a.site == v.site) {
+                attachments.push(Attachment {
+                    site: v.site.clone(),
+                    host: v.host.clone(),
+                    tap: "mvt1".into(),
+                    bridge: "mvb1".into(),
+                    edge_name: format!("{}-{}-0", v.site, v.host),
+                });
+            }
+        }
         ClusterPlan {
             name: name.into(),
             origin: sites[0].0.into(),
             overlay: Overlay {
                 community: format!("mvc-{name}"),
                 secret_ref: format!("file:/tmp/{name}"),
-                supernode: "198.18.0.1:{port}".into(),
+                supernode: "198.18.0.1:7701".into(),
             },
+            overlay_net: None,
+            pool: "198.19.0.0/16".parse().unwrap(),
             vms,
+            attachments,
         }
     }
 
@@ -686,22 +724,30 @@ mod tests {
             .unwrap();
         assert_eq!(c.vms.len(), 8);
         assert_eq!(c.attachments.len(), 3);
-        assert_eq!(
-            c.overlay.supernode,
-            format!("198.18.0.1:{}", 7700 + c.subnet as u32)
-        );
+        assert_eq!(c.overlay.supernode, "198.18.0.1:7701");
+        assert_eq!(c.overlay_net.to_string(), "198.19.0.0/24");
         assert_eq!(c.frontend().unwrap().ip, c.frontend_ip());
         assert!(matches!(
             s.create_cluster(&plan("k", &[("A", 1)])),
             Err(StoreError::Exists { .. })
         ));
         let c2 = s.create_cluster(&plan("j", &[("B", 1)])).unwrap();
-        assert_ne!(c.subnet, c2.subnet);
+        assert_ne!(c.overlay_net, c2.overlay_net);
         s.delete_cluster("k").unwrap();
         assert_eq!(s.clusters().unwrap().len(), 1);
-        // the subnet is reused, MACs are not
+        // the network is reused, MACs are not
         let c3 = s.create_cluster(&plan("m", &[("B", 1)])).unwrap();
-        assert_eq!(c3.subnet, c.subnet);
+        assert_eq!(c3.overlay_net, c.overlay_net);
+        // a network the user chose may be used by another cluster too (its own segment)
+        let mut p = plan("n", &[("B", 1)]);
+        p.overlay_net = Some(c2.overlay_net);
+        assert_eq!(s.create_cluster(&p).unwrap().overlay_net, c2.overlay_net);
+        let mut p = plan("small", &[("B", 30)]);
+        p.overlay_net = Some("198.19.9.0/27".parse().unwrap());
+        assert!(matches!(
+            s.create_cluster(&p),
+            Err(StoreError::TooManyVms(_, 22))
+        ));
         for v in &c3.vms {
             assert!(c.vms.iter().all(|o| o.mac != v.mac));
         }
@@ -733,6 +779,33 @@ mod tests {
             params![c.id, mac],
         );
         assert!(unique_violation(&e.unwrap_err()));
+    }
+
+    #[test]
+    fn version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta VALUES (1, 7, 3);
+                 INSERT INTO sites VALUES (1, 'A', '198.18.0.1:7000', 'ab');
+                 INSERT INTO clusters VALUES (1, 'k', 1, 4, 'running');
+                 INSERT INTO overlays VALUES (1, 'mvc-k', 'file:/tmp/k', '198.18.0.1:7704');
+                 INSERT INTO vms VALUES (1, 1, 'k-fe', 'frontend', 1, 'h0', 256, 1,
+                                         '198.19.4.1', 'running');
+                 INSERT INTO attachments VALUES (1, 1, 1, 'h0', 'mvt4', 'mvb4', 'A-h0-0');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let c = s.cluster("k").unwrap();
+        assert_eq!(c.overlay_net.to_string(), "198.19.4.0/24");
+        assert_eq!((c.vms.len(), c.attachments.len()), (1, 1));
+        assert_eq!(c.overlay.supernode, "198.18.0.1:7704");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use control::client::AgentClient;
 use control::controller::{ControlError, Controller, CreateArgs};
 use control::driver::NetnsDriver;
 use control::model::Site;
-use control::proto::{Body, InfoData, Request, SlotReq, PROTO_VERSION};
+use control::proto::{Body, InfoData, Request, ReserveData, SlotReq, PROTO_VERSION};
 use control::store::{SqliteStore, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,16 @@ impl TestAgent {
     /// An agent for `site` with one host of `host_max` VMs; `user` authorised for
     /// `max_vms` VMs when given.
     fn start(site: &str, host_max: u32, user: Option<(&SigningKey, u32)>) -> TestAgent {
+        TestAgent::start_with_lease(site, host_max, user, agent::DEFAULT_LEASE_SECS)
+    }
+
+    /// As [`TestAgent::start`], with unconfirmed reservations lapsing after `lease_secs`.
+    fn start_with_lease(
+        site: &str,
+        host_max: u32,
+        user: Option<(&SigningKey, u32)>,
+        lease_secs: u64,
+    ) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let key = agent::init(dir.path()).unwrap();
         if let Some((u, max)) = user {
@@ -42,15 +52,18 @@ impl TestAgent {
             .unwrap();
         }
         let cfg = AgentConfig {
-            site: site.into(),
-            state_dir: dir.path().into(),
-            hosts: vec![HostSpec {
-                name: "h0".into(),
-                vcpus: 2,
-                memory_mb: 4096,
-                max_vms: host_max,
-            }],
-            overlay: OverlayImpl::N2n,
+            lease_secs,
+            ..AgentConfig::new(
+                site,
+                dir.path(),
+                vec![HostSpec {
+                    name: "h0".into(),
+                    vcpus: 2,
+                    memory_mb: 4096,
+                    max_vms: host_max,
+                }],
+                OverlayImpl::N2n,
+            )
         };
         let drv = NetnsDriver::new("mvctest-", &dir.path().join("run"));
         let core = AgentCore::open(cfg, Box::new(drv)).unwrap();
@@ -213,6 +226,7 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
         .call_value(&Request::Reserve {
             cluster: "k".into(),
             slots: slots.clone(),
+            supernode: false,
         })
         .unwrap_err()
         .to_string();
@@ -226,6 +240,7 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
                 host: "nosuch".into(),
                 memory_mb: 128,
             }],
+            supernode: false,
         })
         .unwrap_err()
         .to_string();
@@ -242,30 +257,33 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
     c2.call_value(&Request::Reserve {
         cluster: "k".into(),
         slots: slots[..2].to_vec(),
+        supernode: false,
     })
     .unwrap();
     assert_eq!(a.info(&user).hosts[0].free_vms, 6);
 
     // A second authorised user (picked up without restarting the agent) can neither
-    // see nor touch the first user's cluster.
+    // see nor touch the first user's cluster: its names are its own.
     let other = SigningKey::generate().unwrap();
     a.authorize(&other, 4);
     let mut c3 = AgentClient::connect(&a.site(), &other).unwrap();
     let i: InfoData = c3.call(&Request::Info).unwrap();
-    assert!(i.vms.is_empty());
+    assert!(i.vms.is_empty() && i.reservations.is_empty());
     assert_eq!(i.hosts[0].free_vms, 6);
-    for req in [
-        Request::Release {
+    let r: String = c3
+        .call(&Request::Release {
             cluster: "k".into(),
-        },
-        Request::StopVm {
+        })
+        .unwrap();
+    assert_eq!(r, "nothing reserved");
+    let e = c3
+        .call_value(&Request::StopVm {
             cluster: "k".into(),
             vm: "k-c0".into(),
-        },
-    ] {
-        let e = c3.call_value(&req).unwrap_err().to_string();
-        assert!(e.contains("belongs to another key"), "{e}");
-    }
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no cluster \"k\" of yours"), "{e}");
     assert_eq!(a.info(&user).hosts[0].free_vms, 6);
     // Revoked: refused from the next connection on.
     assert!(agent::revoke(a._dir.path(), &other.public_hex()).unwrap());
@@ -298,6 +316,8 @@ fn capacity_refusal_leaves_nothing_behind() {
         computes,
         memory_mb: 256,
         frontend_memory_mb: 256,
+        overlay: None,
+        pool: "198.19.0.0/16".parse().unwrap(),
     };
     // Placement refusal: B's host has 8 slots.
     let e = c.cluster_create(&args("k", vec![1, 9, 1])).unwrap_err();
@@ -325,9 +345,8 @@ fn capacity_refusal_leaves_nothing_behind() {
         assert!(i.vms.is_empty());
     }
     assert!(std::fs::read_dir(dir.path().join("secrets"))
-        .unwrap()
-        .next()
-        .is_none());
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true));
 }
 
 #[test]
@@ -350,8 +369,11 @@ fn agent_down_is_a_clear_error_and_shows_in_status() {
         overlay: control::model::Overlay {
             community: "mvctest".into(),
             secret_ref: "file:/nonexistent".into(),
-            supernode: "127.0.0.1:{port}".into(),
+            supernode: "127.0.0.1:7701".into(),
         },
+        overlay_net: None,
+        pool: "198.19.0.0/16".parse().unwrap(),
+        attachments: Vec::new(),
         vms: vec![
             control::store::PlannedVm {
                 name: "k-fe".into(),
@@ -396,6 +418,8 @@ fn agent_down_is_a_clear_error_and_shows_in_status() {
             computes: vec![1, 1],
             memory_mb: 128,
             frontend_memory_mb: 128,
+            overlay: None,
+            pool: "198.19.0.0/16".parse().unwrap(),
         })
         .unwrap_err()
         .to_string();
@@ -404,7 +428,187 @@ fn agent_down_is_a_clear_error_and_shows_in_status() {
     // Destroy refuses while B is down, and --force forgets it.
     let e = c.cluster_destroy("k", false).unwrap_err().to_string();
     assert!(e.contains("--force"), "{e}");
-    let skipped = c.cluster_destroy("k", true).unwrap();
-    assert_eq!(skipped.len(), 1);
+    let r = c.cluster_destroy("k", true).unwrap();
+    assert!(r.known);
+    assert_eq!(r.unreachable.len(), 1);
     assert!(matches!(c.cluster_status("k"), Err(ControlError::Store(_))));
+}
+
+fn slot(name: &str) -> SlotReq {
+    SlotReq {
+        name: name.into(),
+        host: "h0".into(),
+        memory_mb: 128,
+    }
+}
+
+#[test]
+fn the_agent_names_each_users_cluster_and_unconfirmed_reservations_lapse() {
+    let u1 = SigningKey::generate().unwrap();
+    let u2 = SigningKey::generate().unwrap();
+    let a = TestAgent::start_with_lease("A", 8, Some((&u1, 4)), 2);
+    a.authorize(&u2, 4);
+    let mut c1 = AgentClient::connect(&a.site(), &u1).unwrap();
+    let mut c2 = AgentClient::connect(&a.site(), &u2).unwrap();
+    // The same cluster and VM names for two keys: each gets its own bridge, TAP,
+    // supernode port and local VM names.
+    let req = Request::Reserve {
+        cluster: "k".into(),
+        slots: vec![slot("k-fe"), slot("k-c1")],
+        supernode: true,
+    };
+    let d1: ReserveData = c1.call(&req).unwrap();
+    let d2: ReserveData = c2.call(&req).unwrap();
+    assert_ne!(d1.bridge, d2.bridge);
+    assert_ne!(d1.tap, d2.tap);
+    assert!(d1.supernode_port.is_some() && d2.supernode_port.is_some());
+    assert_ne!(d1.supernode_port, d2.supernode_port);
+    assert_ne!(d1.local_names, d2.local_names);
+    assert_eq!(d1.lease_secs, 2);
+    // Asking again is answered with the same names (a retried request).
+    let again: ReserveData = c1.call(&req).unwrap();
+    assert_eq!(again, d1);
+    // Another plan under a name the key holds is refused.
+    let e = c1
+        .call_value(&Request::Reserve {
+            cluster: "k".into(),
+            slots: vec![slot("k-fe")],
+            supernode: true,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--force"), "{e}");
+    // Nothing starts on an unconfirmed reservation.
+    let e = c1
+        .call_value(&Request::StartOverlay {
+            cluster: "k".into(),
+            community: "mvcabc".into(),
+            secret: "0a".repeat(32),
+            supernode: "127.0.0.1:7700".into(),
+            edge_name: "A-h0-0".into(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not confirmed"), "{e}");
+    let i: InfoData = c2.call(&Request::Info).unwrap();
+    assert_eq!(i.reservations.len(), 1);
+    assert!(!i.reservations[0].confirmed && i.reservations[0].expires_in.is_some());
+    assert_eq!(i.hosts[0].free_vms, 4);
+    // u1 confirms; u2 does not, and its reservation lapses after the lease.
+    c1.call_value(&Request::Confirm {
+        cluster: "k".into(),
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    let i: InfoData = c2.call(&Request::Info).unwrap();
+    assert!(i.reservations.is_empty() && i.vms.is_empty(), "{i:?}");
+    assert_eq!(i.hosts[0].free_vms, 6);
+    let e = c2
+        .call_value(&Request::Confirm {
+            cluster: "k".into(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lease lapse"), "{e}");
+    let i: InfoData = c1.call(&Request::Info).unwrap();
+    assert_eq!(i.reservations.len(), 1);
+    assert!(i.reservations[0].confirmed);
+}
+
+#[test]
+fn destroy_force_clears_a_reservation_the_store_does_not_know() {
+    let user = SigningKey::generate().unwrap();
+    let a = TestAgent::start("A", 8, Some((&user, 8)));
+    let b = TestAgent::start("B", 8, Some((&user, 8)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let mut c = controller(&mut store, &user, dir.path());
+    c.site_add("A", &a.addr, &a.key).unwrap();
+    c.site_add("B", &b.addr, &b.key).unwrap();
+    // As if a controller crashed after reserving at B and confirming there.
+    let mut cb = AgentClient::connect(&b.site(), &user).unwrap();
+    cb.call_value(&Request::Reserve {
+        cluster: "lost".into(),
+        slots: vec![slot("lost-c1")],
+        supernode: false,
+    })
+    .unwrap();
+    cb.call_value(&Request::Confirm {
+        cluster: "lost".into(),
+    })
+    .unwrap();
+    assert_eq!(b.info(&user).hosts[0].free_vms, 7);
+    let e = c.cluster_destroy("lost", false).unwrap_err().to_string();
+    assert!(e.contains("no cluster named \"lost\""), "{e}");
+    let r = c.cluster_destroy("lost", true).unwrap();
+    assert!(!r.known);
+    assert_eq!(r.released_at, vec!["B".to_string()]);
+    assert_eq!(b.info(&user).hosts[0].free_vms, 8);
+    assert!(b.info(&user).reservations.is_empty());
+    // Nothing left anywhere: --force on an unknown name is a clear error again.
+    let e = c.cluster_destroy("lost", true).unwrap_err().to_string();
+    assert!(e.contains("no cluster named \"lost\""), "{e}");
+}
+
+#[test]
+fn overlay_networks_holding_an_agent_address_are_refused() {
+    let user = SigningKey::generate().unwrap();
+    let a = TestAgent::start("A", 8, Some((&user, 8)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let mut c = controller(&mut store, &user, dir.path());
+    c.site_add("A", &a.addr, &a.key).unwrap();
+    let args = |overlay: Option<&str>, pool: &str| CreateArgs {
+        name: "k".into(),
+        sites: vec!["A".into()],
+        computes: vec![1],
+        memory_mb: 128,
+        frontend_memory_mb: 128,
+        overlay: overlay.map(|o| o.parse().unwrap()),
+        pool: pool.parse().unwrap(),
+    };
+    // The agent listens on 127.0.0.1: an overlay or pool holding it is refused before
+    // any site is asked.
+    for (o, p, flag) in [
+        (
+            Some("127.0.0.0/24"),
+            "198.19.0.0/16",
+            "--overlay 127.0.0.0/24",
+        ),
+        (None, "127.0.0.0/8", "--overlay-pool 127.0.0.0/8"),
+    ] {
+        let e = c.cluster_create(&args(o, p)).unwrap_err().to_string();
+        assert!(e.contains(flag) && e.contains("underlay"), "{e}");
+    }
+    let e = c
+        .cluster_create(&args(Some("198.19.5.0/30"), "198.19.0.0/16"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/16 to /27"), "{e}");
+    assert!(c.store.clusters().unwrap().is_empty());
+    assert!(a.info(&user).reservations.is_empty());
+}
+
+#[test]
+fn a_cluster_larger_than_its_overlay_network_is_refused_before_reserving() {
+    let user = SigningKey::generate().unwrap();
+    let a = TestAgent::start("A", 64, Some((&user, 64)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let mut c = controller(&mut store, &user, dir.path());
+    c.site_add("A", &a.addr, &a.key).unwrap();
+    let e = c
+        .cluster_create(&CreateArgs {
+            name: "k".into(),
+            sites: vec!["A".into()],
+            computes: vec![30],
+            memory_mb: 16,
+            frontend_memory_mb: 16,
+            overlay: Some("198.19.5.0/27".parse().unwrap()),
+            pool: "198.19.0.0/16".parse().unwrap(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 22"), "{e}");
+    assert!(a.info(&user).reservations.is_empty());
 }

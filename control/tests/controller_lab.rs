@@ -76,13 +76,14 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         .find(|n| n.1 == "frontend")
         .expect("frontend")
         .clone();
-    let leases_path = sl.agents["A"]
-        .state
-        .join("run")
-        .join(format!("{}.leases", fe.0));
+    let leases_path = sl
+        .vm_file("A", &fe.0, "leases")
+        .expect("frontend lease file");
     let leases = std::fs::read_to_string(&leases_path).expect("frontend lease file");
+    let ns_of = sl.vm_handles("t").expect("handles");
+    let ns_of = |vm: &str| ns_of[vm].strip_prefix("netns:").unwrap().to_string();
     for (name, role, site, ip, mac) in &nodes {
-        let ns = format!("{}{name}", sl.vm_prefix);
+        let ns = ns_of(name);
         let a = lab::run(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"])
             .expect("ip addr");
         assert!(
@@ -100,7 +101,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
 
     // All nodes ping each other over the overlay.
     for (from, _, _, _, _) in &nodes {
-        let ns = format!("{}{from}", sl.vm_prefix);
+        let ns = ns_of(from);
         for (to, _, _, ip, _) in &nodes {
             if from != to {
                 lab::wait_ping(&sl.lab, &ns, ip.parse().unwrap(), Duration::from_secs(15))
@@ -180,7 +181,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     let c4 = sl.ctl_json(&["vm", "start", "t-c4"]).expect("vm start");
     assert_eq!(c4["state"], "running");
     let c4_ip = c4["ip"].as_str().unwrap().to_string();
-    let fe_ns = format!("{}t-fe", sl.vm_prefix);
+    let fe_ns = ns_of("t-fe");
     lab::wait_ping(
         &sl.lab,
         &fe_ns,
@@ -228,7 +229,7 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     assert_eq!(c6["live"], "stopped", "{st}");
     sl.ctl(&["cluster", "start", "t"]).expect("restart cluster");
     let c6_ip = &nodes.iter().find(|n| n.0 == "t-c6").unwrap().3;
-    let ns = format!("{}t-fe", sl.vm_prefix);
+    let ns = ns_of("t-fe");
     lab::wait_ping(
         &sl.lab,
         &ns,
@@ -237,21 +238,43 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     )
     .expect("frontend -> t-c6 after restart");
 
-    // Site B's agent crashes (SIGKILL), leaving its VMs and edge behind; restarted, it
-    // removes the leftovers, and `cluster start` brings the site back.
+    // Site B's agent crashes (SIGKILL), leaving its VMs and edge running; restarted,
+    // it adopts them as they are (same namespaces, no restart), and `cluster start`
+    // finds the site up.
+    let before = ns_of("t-c5");
     sl.kill_agent("B");
-    assert!(sl
-        .leftover_vm_namespaces()
-        .iter()
-        .any(|n| n.ends_with("t-c5")));
+    assert!(sl.leftover_vm_namespaces().contains(&before));
     sl.restart_agent("B").expect("agent B restart");
-    assert!(!sl
-        .leftover_vm_namespaces()
+    assert!(sl.leftover_vm_namespaces().contains(&before));
+    let c5_ip = &nodes.iter().find(|n| n.0 == "t-c5").unwrap().3;
+    lab::wait_ping(
+        &sl.lab,
+        &ns,
+        c5_ip.parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .expect("frontend -> t-c5 after agent crash, adopted");
+    let st = sl.ctl_json(&["cluster", "status", "t"]).unwrap();
+    let b = st["sites"]
+        .as_array()
+        .unwrap()
         .iter()
-        .any(|n| n.ends_with("t-c4") || n.ends_with("t-c5")));
+        .find(|s| s["site"] == "B")
+        .unwrap()
+        .clone();
+    assert_eq!(b["overlay_up"], true, "{st}");
+    assert!(
+        st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["site"] == "B")
+            .all(|v| v["live"] == "running"),
+        "{st}"
+    );
     sl.ctl(&["cluster", "start", "t"])
         .expect("start after crash");
-    let c5_ip = &nodes.iter().find(|n| n.0 == "t-c5").unwrap().3;
+    assert_eq!(sl.vm_ns("t", "t-c5").unwrap(), before);
     lab::wait_ping(
         &sl.lab,
         &ns,

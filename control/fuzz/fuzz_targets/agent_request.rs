@@ -1,5 +1,7 @@
-//! Whatever bytes arrive as a request envelope: parse, verify, parse the body. Must
-//! never panic; only a correctly signed request from an authorised key may pass.
+//! Whatever bytes arrive as a request envelope: parse, verify, parse and validate the
+//! body; and whatever an agent answers (reservation, info) or a user gives as an
+//! overlay network. Must never panic; only a correctly signed request from an
+//! authorised key may pass.
 #![no_main]
 use control::auth::{Authorization, Envelope, SigningKey, Verifier};
 use control::proto::Body;
@@ -20,8 +22,18 @@ fuzz_target!(|data: &[u8]| {
         max_vms: 4,
         hosts: vec!["*".into()],
     }]);
-    let _ = serde_json::from_slice::<Body>(data);
-    let _ = std::str::from_utf8(data).map(|s| s.parse::<control::model::Mac>());
+    if let Ok(b) = serde_json::from_slice::<Body>(data) {
+        let _ = b.req.validate();
+    }
+    // Replies a controller reads back from an agent (protocol version 2).
+    let _ = serde_json::from_slice::<control::proto::ReserveData>(data);
+    let _ = serde_json::from_slice::<control::proto::InfoData>(data);
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = s.parse::<control::model::Mac>();
+        if let Ok(n) = s.parse::<control::model::OverlayNet>() {
+            let _ = (n.size(), n.max_vms(), n.host(1), n.subnet(24, 3));
+        }
+    }
     if let Ok(env) = serde_json::from_slice::<Envelope>(data) {
         // Random bytes cannot carry a valid signature of the authorised key.
         assert!(v.check(&[0u8; 32], &env, env.ts).is_err());
