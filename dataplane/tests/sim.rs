@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dataplane::crypto::Cipher;
-use dataplane::edge::{EdgeConfig, EdgeCore, Timers};
+use dataplane::edge::{EdgeConfig, EdgeCore, SupernodeAddr, Timers};
 use dataplane::outbox::Outbox;
+use dataplane::snkey::SupernodeKey;
 use dataplane::status::EdgeStatus;
 use dataplane::supernode::{SupernodeConfig, SupernodeCore};
 
@@ -21,6 +22,7 @@ struct Edge {
 
 struct Sn {
     addr: SocketAddr,
+    key: SupernodeKey,
     core: SupernodeCore,
     out: Outbox,
     alive: bool,
@@ -53,6 +55,11 @@ fn timers() -> Timers {
         direct_timeout: Duration::from_millis(1500),
         peer_expiry: Duration::from_secs(10),
         mac_expiry: Duration::from_secs(60),
+        relay_silence: Duration::from_millis(200),
+        relay_check_timeout: Duration::from_millis(300),
+        unvalidated_tries: 8,
+        unvalidated_backoff: Duration::from_secs(1),
+        unvalidated_per_sec: 64,
     }
 }
 
@@ -86,17 +93,22 @@ impl Net {
     fn new(n_sns: usize) -> Self {
         let now = Instant::now();
         let sns = (0..n_sns)
-            .map(|i| Sn {
-                addr: sa(&format!("198.18.0.{}:7654", 100 + i)),
-                core: SupernodeCore::new(
-                    SupernodeConfig {
-                        edge_timeout: Duration::from_secs(3),
-                        ..SupernodeConfig::default()
-                    },
-                    now,
-                ),
-                out: Outbox::new(2048),
-                alive: true,
+            .map(|i| {
+                let key = SupernodeKey::generate().unwrap();
+                Sn {
+                    addr: sa(&format!("198.18.0.{}:7654", 100 + i)),
+                    core: SupernodeCore::new(
+                        SupernodeConfig {
+                            edge_timeout: Duration::from_secs(3),
+                            ..SupernodeConfig::default()
+                        },
+                        key.clone(),
+                        now,
+                    ),
+                    key,
+                    out: Outbox::new(2048),
+                    alive: true,
+                }
             })
             .collect();
         Self {
@@ -117,7 +129,14 @@ impl Net {
             community: "lab".into(),
             secret: secret.as_bytes().to_vec(),
             cipher,
-            supernodes: self.sns.iter().map(|s| s.addr).collect(),
+            supernodes: self
+                .sns
+                .iter()
+                .map(|s| SupernodeAddr {
+                    addr: s.addr,
+                    key: Some(s.key.public()),
+                })
+                .collect(),
             local_addrs: vec![addr],
             timers: timers(),
             max_peers: 64,
@@ -309,7 +328,7 @@ fn wrong_secret_gets_nothing_and_sends_nothing() {
     // c cannot even talk to a directly with a forged handshake: a counts the failure.
     let init = {
         let mut buf = vec![0u8; 72];
-        buf[0] = 1;
+        buf[0] = dataplane::wire::VERSION;
         buf[1] = 0x10;
         buf[2] = 1;
         buf
@@ -380,7 +399,8 @@ fn supernode_failover_and_direct_traffic_survives() {
     assert_eq!(net.edges[a].tap_rx.last(), Some(&f));
     // The first supernode restarts empty: the edges register again by themselves.
     net.sns[0].alive = true;
-    net.sns[0].core = SupernodeCore::new(SupernodeConfig::default(), net.now);
+    net.sns[0].core =
+        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
     net.run(Duration::from_secs(2));
     assert_eq!(net.status(a).supernodes[0].state, "up");
     let s = net.sns[0].core.status(net.now, "sn");
@@ -472,7 +492,7 @@ fn garbage_is_counted_never_fatal() {
         let len = rng.gen_range(0..200);
         let mut p: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         if i % 2 == 0 && len >= 2 {
-            p[0] = 1; // right version, random type and body
+            p[0] = dataplane::wire::VERSION; // right version, random type and body
             p[1] = [1u8, 2, 3, 4, 5, 0x10, 0x11, 0x12, 0x13][i % 9];
         }
         let t = targets[i % 3];

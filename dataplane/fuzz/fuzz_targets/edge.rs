@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         community: "c".into(),
         secret: b"s".to_vec(),
         cipher: Cipher::Aes256Gcm,
-        supernodes: vec![sn],
+        supernodes: vec![sn.into()],
         local_addrs: vec![],
         timers: Timers::default(),
         max_peers: 16,
