@@ -1120,15 +1120,15 @@ impl EdgeCore {
             return self.drop("ack_not_for_us");
         }
         let s = &self.sns[i];
-        // Each registration is acknowledged once: older or unsent numbers are replays.
-        if a.seq <= s.acked_seq || a.seq > s.sent_seq {
-            return self.drop("stale_ack");
-        }
         let key = match s.key {
             Some(k) if k != a.sn_key => return self.drop("sn_key_mismatch"),
             Some(k) => k,
             None => a.sn_key,
         };
+        // Each registration is acknowledged once: older or unsent numbers are replays.
+        if a.seq <= s.acked_seq || a.seq > s.sent_seq {
+            return self.drop("stale_ack");
+        }
         if !snkey::verify(&key, v.signed, v.sig) {
             return self.drop("bad_signature");
         }
