@@ -159,20 +159,6 @@ pub fn verify(key: &[u8; SN_KEY_LEN], signed: &[u8], sig: &[u8]) -> bool {
         .is_ok()
 }
 
-/// The seed of the supernode key of a cluster whose agents all know the community
-/// secret: `HKDF-SHA256(salt = "mvc-supernode-key-v2", ikm = secret, info = community)`.
-/// Lets every agent of a cluster compute the key to pin without another message.
-pub fn seed_from_secret(secret: &[u8], community: &str) -> [u8; 32] {
-    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"mvc-supernode-key-v2");
-    let prk = salt.extract(secret);
-    let info = [community.as_bytes()];
-    let mut seed = [0u8; 32];
-    prk.expand(&info, ring::hkdf::HKDF_SHA256)
-        .and_then(|okm| okm.fill(&mut seed))
-        .expect("32 bytes is a valid HKDF-SHA256 length");
-    seed
-}
-
 /// Lower-case hex.
 pub fn to_hex(b: &[u8]) -> String {
     crate::status::hex(b)
@@ -291,9 +277,6 @@ mod tests {
         assert!(verify(&k.public(), &buf[..20], &buf[20..n]));
         buf[3] ^= 1;
         assert!(!verify(&k.public(), &buf[..20], &buf[20..n]));
-        let s1 = seed_from_secret(b"s", "c");
-        assert_eq!(s1, seed_from_secret(b"s", "c"));
-        assert_ne!(s1, seed_from_secret(b"s", "d"));
     }
 
     #[test]
