@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let sn = "198.18.0.1:7654".parse().unwrap();
+    let sn: std::net::SocketAddr = "198.18.0.1:7654".parse().unwrap();
     let cfg = EdgeConfig {
         name: "f".into(),
         community: "c".into(),
