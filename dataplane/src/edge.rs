@@ -6,7 +6,7 @@
 //! supernode's signature (pinned key, or the first one seen when none is configured) and
 //! the edge's own id and registration number; peers and sessions come from handshakes
 //! checked with the community key. Addresses nobody has proven to own (candidates from
-//! peer lists) get a bounded number of handshakes and probes.
+//! peer lists) get a bounded number of handshake inits.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -64,8 +64,8 @@ pub struct Timers {
     /// Least time a check waits for its acknowledgement (at least 4 RTTs of that
     /// supernode); a check not answered in time marks the supernode down at once.
     pub relay_check_timeout: Duration,
-    /// Handshake inits and probes sent to one candidate address that has never answered
-    /// before the edge slows down to one per `unvalidated_backoff`.
+    /// Handshake inits sent to one candidate address that has never answered before the
+    /// edge slows down to one per `unvalidated_backoff`.
     pub unvalidated_tries: u32,
     /// Spacing of further attempts to a candidate address that has never answered.
     pub unvalidated_backoff: Duration,
@@ -238,8 +238,8 @@ struct Peer {
     relay_rx_sn: Option<(usize, Instant)>,
 }
 
-/// Handshake inits and probes sent to one address of a peer, and when an authenticated
-/// packet last came from it (then the address is validated and not limited).
+/// Handshake inits sent to one address of a peer, and when an authenticated packet last
+/// came from it (then the address is validated and not limited).
 struct AddrTries {
     addr: SocketAddr,
     sent: u32,
@@ -606,8 +606,7 @@ impl EdgeCore {
         s.check_sent = None;
     }
 
-    /// Whether a handshake init or probe may go straight to `a` now (counted when it
-    /// may): always to an address the peer answered from lately; to others at most
+    /// Whether a handshake init may go straight to `a` now (counted when it may): always to an address the peer answered from lately; to others at most
     /// `unvalidated_tries` times, then one per `unvalidated_backoff`, and at most
     /// `unvalidated_per_sec` per second over all peers.
     fn may_send_direct(&mut self, pid: &EdgeId, a: SocketAddr, now: Instant) -> bool {
@@ -1804,10 +1803,10 @@ impl EdgeCore {
         match p.direct {
             Some(d) => self.send_probe(now, id, Some(d), out),
             None => {
+                // Probes need a session: the peer proved it holds the community key,
+                // and its candidates come from the pinned supernode's signed list.
                 for a in p.candidates(&self.overlay_nets) {
-                    if self.may_send_direct(id, a, now) {
-                        self.send_probe(now, id, Some(a), out);
-                    }
+                    self.send_probe(now, id, Some(a), out);
                 }
                 // One through the relay, for the relayed path's RTT.
                 let Some(p) = self.peers.get_mut(id) else {
