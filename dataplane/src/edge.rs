@@ -64,6 +64,9 @@ pub struct Timers {
     /// Least time a check waits for its acknowledgement (at least 4 RTTs of that
     /// supernode); a check not answered in time marks the supernode down at once.
     pub relay_check_timeout: Duration,
+    /// After an answered check, the next one waits this long (traffic to a peer that
+    /// went away, or flowing one way, then costs one registration per interval).
+    pub relay_check_every: Duration,
     /// Handshake inits sent to one candidate address that has never answered before the
     /// edge slows down to one per `unvalidated_backoff`.
     pub unvalidated_tries: u32,
@@ -90,6 +93,7 @@ impl Default for Timers {
             mac_expiry: Duration::from_secs(300),
             relay_silence: Duration::from_millis(200),
             relay_check_timeout: Duration::from_millis(300),
+            relay_check_every: Duration::from_secs(1),
             unvalidated_tries: 8,
             unvalidated_backoff: Duration::from_secs(30),
             unvalidated_per_sec: 64,
@@ -353,6 +357,8 @@ struct SnState {
     relay_wait: Option<Instant>,
     /// An early registration checking that it is alive, not answered yet.
     check_sent: Option<Instant>,
+    /// When the last check was answered.
+    check_ok: Option<Instant>,
     /// Declared down by an unanswered check (until its next acknowledgement).
     failed: bool,
     /// Last registration sent at once on a cookie message.
@@ -478,6 +484,7 @@ impl EdgeCore {
                 rtt: None,
                 relay_wait: None,
                 check_sent: None,
+                check_ok: None,
                 failed: false,
                 cookie_resend: None,
             })
@@ -1046,7 +1053,6 @@ impl EdgeCore {
         match via {
             Via::Direct(a) => out.push_udp_copy(a, pkt),
             Via::Relayed { sn, .. } => {
-                self.note_relay_tx(sn, now);
                 let mut b = out.take();
                 let h = RelayHdr {
                     community: self.keys.id,
@@ -1058,6 +1064,7 @@ impl EdgeCore {
                 out.push_udp(sn, b, 0, HEADROOM + pkt.len());
             }
         }
+        let _ = now;
         self.udp_tx += 1;
     }
 
@@ -1150,7 +1157,9 @@ impl EdgeCore {
         s.cookie = a.cookie;
         s.acked_seq = a.seq;
         s.failed = false;
-        s.check_sent = None;
+        if s.check_sent.take().is_some() {
+            s.check_ok = Some(now);
+        }
         s.relay_wait = None;
         if a.seq == s.sent_seq {
             if let Some(t) = s.sent_at {
@@ -1656,7 +1665,12 @@ impl EdgeCore {
                         s.relay_wait = None;
                         continue;
                     }
-                    (None, Some(w)) if now.saturating_duration_since(w) >= t.relay_silence => {
+                    (None, Some(w))
+                        if now.saturating_duration_since(w) >= t.relay_silence
+                            && s.check_ok.is_none_or(|k| {
+                                now.saturating_duration_since(k) >= t.relay_check_every
+                            }) =>
+                    {
                         s.check_sent = Some(now);
                         self.send_register(now, i, out);
                         continue;

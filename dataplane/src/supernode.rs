@@ -42,12 +42,18 @@ struct Edge {
     local_addrs: Vec<SocketAddr>,
     last_seen: Instant,
     seq: u64,
+    /// When it was last sent the complete list.
+    last_full: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Community {
     edges: HashMap<EdgeId, Edge>,
 }
+
+/// The complete peer list goes to a registering edge at most this often when nothing
+/// about it changed (edges check a relaying supernode with early registrations).
+const FULL_LIST_EVERY: Duration = Duration::from_secs(2);
 
 /// Supernode settings.
 #[derive(Clone, Debug)]
@@ -166,6 +172,7 @@ impl SupernodeCore {
         }
         let comm = self.communities.entry(m.community).or_default();
         let changed;
+        let send_full;
         match comm.edges.get_mut(&id) {
             Some(e) => {
                 if e.key != m.edge_key {
@@ -180,9 +187,15 @@ impl SupernodeCore {
                 e.name = m.name;
                 e.last_seen = now;
                 e.seq = m.seq;
+                send_full =
+                    changed || now.saturating_duration_since(e.last_full) >= FULL_LIST_EVERY;
+                if send_full {
+                    e.last_full = now;
+                }
             }
             None => {
                 changed = true;
+                send_full = true;
                 comm.edges.insert(
                     id,
                     Edge {
@@ -192,6 +205,7 @@ impl SupernodeCore {
                         local_addrs: m.local_addrs,
                         last_seen: now,
                         seq: m.seq,
+                        last_full: now,
                     },
                 );
                 self.n_edges += 1;
@@ -220,12 +234,15 @@ impl SupernodeCore {
         let comm = &self.communities[&m.community];
         let key = &self.key;
         // The complete list of the others to the registering edge.
-        let others: Vec<PeerEntry> = comm
-            .edges
-            .iter()
-            .filter(|(k, _)| **k != id)
-            .map(|(k, e)| entry(k, e))
-            .collect();
+        let others: Vec<PeerEntry> = if send_full {
+            comm.edges
+                .iter()
+                .filter(|(k, _)| **k != id)
+                .map(|(k, e)| entry(k, e))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for chunk in others.chunks(MAX_PEERS_PER_INFO) {
             let info = PeerInfo {
                 community: m.community,

@@ -62,6 +62,7 @@ fn timers() -> Timers {
         mac_expiry: Duration::from_secs(60),
         relay_silence: Duration::from_millis(200),
         relay_check_timeout: Duration::from_millis(300),
+        relay_check_every: Duration::from_secs(1),
         unvalidated_tries: 8,
         unvalidated_backoff: Duration::from_secs(1),
         unvalidated_per_sec: 64,
@@ -1063,4 +1064,50 @@ fn relayed_traffic_fails_over_within_a_second() {
         kill - last_before,
         gap
     );
+}
+
+/// Relayed traffic that gets no answer (one-way, or to a peer that went away) checks the
+/// supernode at most once per `relay_check_every`, and the supernode sends the complete
+/// list at most every 2 s to an edge whose registration did not change.
+#[test]
+fn one_way_relayed_traffic_checks_the_supernode_at_most_once_a_second() {
+    let mut net = Net::new(1);
+    net.sns[0].core =
+        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
+    let t = Timers::default();
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t.clone(), true);
+    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, t, true);
+    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
+    net.blocked.push((aa, ba));
+    let dt = Duration::from_millis(10);
+    for _ in 0..600 {
+        net.step(dt);
+    }
+    net.send_frame(b, &frame(BCAST, mac(2), 0));
+    // b goes away; a keeps sending to it through the supernode for 10 s.
+    net.edges[b].alive = false;
+    let sn = net.sns[0].addr;
+    net.capture = true;
+    for tick in 0..1000u32 {
+        if tick % 5 == 0 {
+            net.send_frame(a, &frame(mac(2), mac(1), 1));
+        }
+        net.step(dt);
+    }
+    let regs = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == aa && *d == sn && p[1] == 0x01)
+        .count();
+    let lists = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x03)
+        .count();
+    // 10 checks at most plus two regular registrations.
+    assert!(regs <= 13, "{regs} registrations in 10 s");
+    assert!(regs >= 5, "{regs}: the supernode was not checked");
+    assert!(lists <= 6, "{lists} peer lists in 10 s");
+    assert_eq!(net.status(a).supernodes[0].state, "up");
+    println!("one-way relayed traffic for 10 s: {regs} registrations, {lists} peer lists");
 }
