@@ -1111,3 +1111,66 @@ fn one_way_relayed_traffic_checks_the_supernode_at_most_once_a_second() {
     assert_eq!(net.status(a).supernodes[0].state, "up");
     println!("one-way relayed traffic for 10 s: {regs} registrations, {lists} peer lists");
 }
+
+/// Over all peers together, an edge sends at most `unvalidated_per_sec` handshake inits a
+/// second to addresses that never answered: impostors announcing many addresses each do
+/// not add up.
+#[test]
+fn unvalidated_inits_share_one_budget_per_second() {
+    let mut net = Net::new(1);
+    let t = Timers {
+        unvalidated_per_sec: 5,
+        ..timers()
+    };
+    let m = net.add_edge_with("m", "s", Cipher::Aes256Gcm, t, true);
+    net.run(Duration::from_secs(1));
+    let snaddr = net.sns[0].addr;
+    // Four impostors, eight victim addresses each.
+    for k in 0..4u8 {
+        let attacker = sa(&format!("198.18.9.{}:1", 100 + k));
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[k + 1; 32]).unwrap();
+        let victims: Vec<SocketAddr> = (0..8)
+            .map(|i| sa(&format!("198.18.{}.{}:9", 20 + k, 10 + i)))
+            .collect();
+        net.queue.push_back((
+            attacker,
+            snaddr,
+            forged_register(&key, 1, [0; 16], victims.clone()),
+        ));
+        net.deliver();
+        let cookie_msg = net
+            .strays
+            .iter()
+            .rev()
+            .find(|(_, d, _)| *d == attacker)
+            .map(|x| x.2.clone())
+            .unwrap();
+        let cookie = dataplane::wire::Cookie::decode(&cookie_msg).unwrap().cookie;
+        net.queue
+            .push_back((attacker, snaddr, forged_register(&key, 2, cookie, victims)));
+        net.deliver();
+    }
+    net.strays.clear();
+    let ma = net.edges[m].addr;
+    let secs = 3u32;
+    net.run(Duration::from_secs(u64::from(secs)));
+    assert_eq!(
+        net.status(m)
+            .peers
+            .iter()
+            .filter(|p| p.name == "evil")
+            .count(),
+        4
+    );
+    // Inits to the victims (those to the impostors' own addresses use the budget too).
+    let to_victims = net
+        .strays
+        .iter()
+        .filter(|(s, d, p)| *s == ma && d.port() == 9 && p[1] == 0x10)
+        .count() as u32;
+    assert!(
+        to_victims <= 5 * (secs + 1),
+        "{to_victims} inits to unvalidated addresses in {secs} s"
+    );
+    assert!(net.status(m).drops.contains_key("unvalidated_budget"));
+}
