@@ -5,9 +5,9 @@
 //! (`--supernode ADDR@KEY`), written as 64 lower-case hex digits.
 //!
 //! Address validation: a stateless cookie, as WireGuard's cookie reply and QUIC's Retry.
-//! `cookie = HMAC-SHA256(secret, epoch ‖ source address)[..16]` with a secret drawn at
-//! start and an epoch of [`COOKIE_EPOCH`]; cookies of the current and the previous epoch
-//! are accepted. A registration without a valid cookie gets one small cookie message and
+//! `cookie = HMAC-SHA256(secret, source address)[..16]` with a random secret drawn for
+//! every epoch of [`COOKIE_EPOCH`]; cookies of the current and the previous epoch are
+//! accepted. A registration without a valid cookie gets one small cookie message and
 //! nothing else.
 
 use std::net::{IpAddr, SocketAddr};
@@ -182,70 +182,101 @@ pub fn parse_hex(s: &str) -> Result<[u8; 32], KeyError> {
     Ok(out)
 }
 
-/// Makes and checks address-validation cookies.
+/// Makes and checks address-validation cookies. The secret is drawn anew for every
+/// epoch and kept for one more, so a secret read out of memory forges cookies for at
+/// most two epochs.
 pub struct CookieJar {
-    key: hmac::Key,
+    rng: SystemRandom,
+    /// Used only if the system generator fails: secrets are then derived from it.
+    fallback: hmac::Key,
+    cur: (u64, hmac::Key),
+    prev: Option<(u64, hmac::Key)>,
 }
 
 impl std::fmt::Debug for CookieJar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CookieJar")
+        write!(f, "CookieJar(epoch {})", self.cur.0)
     }
 }
 
 impl CookieJar {
-    /// A jar with a fresh random secret; if the system generator fails, with a secret
-    /// derived from the supernode's key (still unknown to anyone without the key).
+    /// A jar with a fresh random secret for epoch 0; if the system generator fails,
+    /// secrets are derived from the supernode's key (unknown to anyone without it).
     pub fn new(key: &SupernodeKey) -> Self {
-        let mut secret = [0u8; 32];
-        if SystemRandom::new().fill(&mut secret).is_err() {
-            let k = hmac::Key::new(hmac::HMAC_SHA256, &key.seed);
-            secret.copy_from_slice(&hmac::sign(&k, b"mvc-cookie-secret").as_ref()[..32]);
-        }
+        let rng = SystemRandom::new();
+        let fallback = hmac::Key::new(hmac::HMAC_SHA256, &key.seed);
+        let cur = (0, fresh_secret(&rng, &fallback, 0));
         Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+            rng,
+            fallback,
+            cur,
+            prev: None,
         }
     }
 
-    /// The cookie of `src` in epoch `epoch`.
-    fn cookie_at(&self, epoch: u64, src: &SocketAddr) -> [u8; COOKIE_LEN] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&epoch.to_be_bytes());
-        match src.ip() {
-            IpAddr::V4(ip) => {
-                ctx.update(&[4]);
-                ctx.update(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                ctx.update(&[6]);
-                ctx.update(&ip.octets());
-            }
+    /// Moves to epoch `e` when it is newer: the current secret becomes the previous one
+    /// (if `e` directly follows it) and a new one is drawn.
+    fn advance(&mut self, e: u64) {
+        if e <= self.cur.0 {
+            return;
         }
-        ctx.update(&src.port().to_be_bytes());
-        let tag = ctx.sign();
-        let mut c = [0u8; COOKIE_LEN];
-        c.copy_from_slice(&tag.as_ref()[..COOKIE_LEN]);
-        c
+        let next = (e, fresh_secret(&self.rng, &self.fallback, e));
+        let old = std::mem::replace(&mut self.cur, next);
+        self.prev = (old.0 + 1 == e).then_some(old);
     }
 
     /// The current cookie of `src`; `age` is the time since the supernode started.
-    pub fn make(&self, age: Duration, src: &SocketAddr) -> [u8; COOKIE_LEN] {
-        self.cookie_at(epoch(age), src)
+    pub fn make(&mut self, age: Duration, src: &SocketAddr) -> [u8; COOKIE_LEN] {
+        self.advance(epoch(age));
+        cookie_of(&self.cur.1, src)
     }
 
     /// Whether `cookie` is `src`'s cookie of this epoch or the previous one.
-    pub fn check(&self, age: Duration, src: &SocketAddr, cookie: &[u8; COOKIE_LEN]) -> bool {
-        let e = epoch(age);
+    pub fn check(&mut self, age: Duration, src: &SocketAddr, cookie: &[u8; COOKIE_LEN]) -> bool {
+        self.advance(epoch(age));
         // Constant time: no early exit on the first differing byte.
-        let ok = |e: u64| {
-            self.cookie_at(e, src)
+        let ok = |k: &hmac::Key| {
+            cookie_of(k, src)
                 .iter()
                 .zip(cookie)
                 .fold(0u8, |d, (x, y)| d | (x ^ y))
                 == 0
         };
-        ok(e) || (e > 0 && ok(e - 1))
+        let prev = self.prev.as_ref().is_some_and(|(_, k)| ok(k));
+        ok(&self.cur.1) | prev
     }
+}
+
+/// A random secret for epoch `e` (derived from `fallback` if the generator fails).
+fn fresh_secret(rng: &SystemRandom, fallback: &hmac::Key, e: u64) -> hmac::Key {
+    let mut secret = [0u8; 32];
+    if rng.fill(&mut secret).is_err() {
+        let mut ctx = hmac::Context::with_key(fallback);
+        ctx.update(b"mvc-cookie-secret");
+        ctx.update(&e.to_be_bytes());
+        secret.copy_from_slice(&ctx.sign().as_ref()[..32]);
+    }
+    hmac::Key::new(hmac::HMAC_SHA256, &secret)
+}
+
+/// `HMAC-SHA256(secret, family ‖ IP ‖ port)[..16]`.
+fn cookie_of(key: &hmac::Key, src: &SocketAddr) -> [u8; COOKIE_LEN] {
+    let mut ctx = hmac::Context::with_key(key);
+    match src.ip() {
+        IpAddr::V4(ip) => {
+            ctx.update(&[4]);
+            ctx.update(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            ctx.update(&[6]);
+            ctx.update(&ip.octets());
+        }
+    }
+    ctx.update(&src.port().to_be_bytes());
+    let tag = ctx.sign();
+    let mut c = [0u8; COOKIE_LEN];
+    c.copy_from_slice(&tag.as_ref()[..COOKIE_LEN]);
+    c
 }
 
 fn epoch(age: Duration) -> u64 {
@@ -282,7 +313,7 @@ mod tests {
     #[test]
     fn cookies_bind_address_and_epoch() {
         let k = SupernodeKey::generate().unwrap();
-        let j = CookieJar::new(&k);
+        let mut j = CookieJar::new(&k);
         let a: SocketAddr = "198.18.1.1:4000".parse().unwrap();
         let b: SocketAddr = "198.18.1.1:4001".parse().unwrap();
         let t0 = Duration::from_secs(5);
