@@ -72,7 +72,8 @@ pub struct Timers {
     pub unvalidated_tries: u32,
     /// Spacing of further attempts to a candidate address that has never answered.
     pub unvalidated_backoff: Duration,
-    /// Most datagrams per second to addresses that have never answered, over all peers.
+    /// Most handshake inits per second to addresses that have never answered, over all
+    /// peers.
     pub unvalidated_per_sec: u32,
 }
 
