@@ -533,6 +533,11 @@ fn garbage_is_counted_never_fatal() {
     assert!(drops > 500, "{drops}");
     let sn_drops: u64 = net.sns[0].core.status(net.now, "sn").drops.values().sum();
     assert!(sn_drops > 200, "{sn_drops}");
+    // Half of the junk claimed the supernode's address: still no phantom or renamed peer.
+    for (e, other) in [(a, "b"), (b, "a")] {
+        let names: Vec<String> = net.status(e).peers.iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, [other]);
+    }
     // Still working.
     net.run(Duration::from_secs(1));
     net.send_frame(a, &frame(BCAST, mac(1), 1));
@@ -851,6 +856,19 @@ fn spoofed_peer_info_and_ack_change_nothing() {
         flipped,
     ] {
         net.queue.push_back((sn, aa, p));
+    }
+    // A flood of bit-flipped genuine lists (each byte position, each bit in turn).
+    let genuine: Vec<Vec<u8>> = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x03)
+        .map(|x| x.2.clone())
+        .collect();
+    for (k, g) in genuine.iter().cycle().take(2000).enumerate() {
+        let mut f = g.clone();
+        let i = k % f.len();
+        f[i] ^= 1 << (k % 8);
+        net.queue.push_back((sn, aa, f));
     }
     net.deliver();
     let after = net.status(a);
