@@ -100,12 +100,27 @@ impl Mvc {
     ) -> Result<Supernode> {
         let sock = lab.dir().join(format!("{label}.sock"));
         let _ = std::fs::remove_file(&sock);
+        // Its identity lives in the lab (kept when the same label is started again).
+        let key = lab.dir().join(format!("{label}.key"));
         let bin = self.bin.to_string_lossy();
-        let (a, s) = (addr.to_string(), sock.to_string_lossy().into_owned());
+        let (a, s, k) = (
+            addr.to_string(),
+            sock.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+        );
         let proc = lab.spawn(
             ns,
             label,
-            &[&bin, "supernode", "--listen", &a, "--status-socket", &s],
+            &[
+                &bin,
+                "supernode",
+                "--listen",
+                &a,
+                "--status-socket",
+                &s,
+                "--key-file",
+                &k,
+            ],
         )?;
         let sn = Supernode {
             proc,

@@ -226,6 +226,31 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
     std::fs::rename(&tmp, path).map_err(file_err)
 }
 
+/// Seed of a cluster's supernode key (the content of `mvc supernode --key-file`, in hex):
+/// `HKDF-SHA256(salt = "mvc-supernode-key-v2", ikm = secret, info = community)`.
+fn supernode_seed(secret: &str, community: &str) -> [u8; 32] {
+    use ring::hkdf;
+    let prk =
+        hkdf::Salt::new(hkdf::HKDF_SHA256, b"mvc-supernode-key-v2").extract(secret.as_bytes());
+    let mut seed = [0u8; 32];
+    prk.expand(&[community.as_bytes()], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut seed))
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    seed
+}
+
+/// The public key of a supernode seed, as edges pin it (`--supernode ADDR@KEY`).
+fn supernode_public_hex(seed: &[u8; 32]) -> Result<String, DriverError> {
+    use ring::signature::KeyPair;
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+        .map_err(|_| DriverError::Config("cannot make the supernode key".into()))?;
+    Ok(hex_lower(pair.public_key().as_ref()))
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Create the state directory and the agent key if missing; returns the public key.
 pub fn init(state_dir: &Path) -> Result<String, AgentError> {
     let p = key_path(state_dir);
@@ -886,6 +911,11 @@ impl AgentCore {
         let (tap, bridge) = (c.tap.as_str(), c.bridge.as_str());
         let secret_file = self.secret_file(n);
         write_private(&secret_file, secret).map_err(|e| DriverError::Config(e.to_string()))?;
+        // Every agent of the cluster derives the supernode's key from the secret, so the
+        // edges here pin the key the origin's supernode signs with.
+        let sn_seed = supernode_seed(secret, community);
+        let sn_key_file = self.cluster_file(n, "supernode.key");
+        let pinned = format!("{supernode}@{}", supernode_public_hex(&sn_seed)?);
         if !link_exists(bridge) {
             run("ip", &["link", "add", bridge, "type", "bridge"])?;
         }
@@ -899,12 +929,25 @@ impl AgentCore {
                 let sock = self.cluster_file(n, "sn.sock").display().to_string();
                 let p = port.to_string();
                 procs.push(match &self.cfg.overlay {
-                    OverlayImpl::Mvc(bin) => driver::spawn(
-                        &bin.display().to_string(),
-                        &["supernode", "--listen", &listen, "--status-socket", &sock],
-                        &[],
-                        &log,
-                    )?,
+                    OverlayImpl::Mvc(bin) => {
+                        write_private(&sn_key_file, &hex_lower(&sn_seed))
+                            .map_err(|e| DriverError::Config(e.to_string()))?;
+                        let kf = sn_key_file.display().to_string();
+                        driver::spawn(
+                            &bin.display().to_string(),
+                            &[
+                                "supernode",
+                                "--listen",
+                                &listen,
+                                "--status-socket",
+                                &sock,
+                                "--key-file",
+                                &kf,
+                            ],
+                            &[],
+                            &log,
+                        )?
+                    }
                     OverlayImpl::N2n => driver::spawn("supernode", &["-l", &p], &[], &log)?,
                 });
             }
@@ -922,7 +965,7 @@ impl AgentCore {
                         "--secret-file",
                         &sf,
                         "--supernode",
-                        supernode,
+                        &pinned,
                         "--tap",
                         tap,
                         "--create-tap",

@@ -11,12 +11,13 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::crypto::Cipher;
-use crate::edge::{EdgeConfig, EdgeCore, EdgeError, Timers};
+use crate::edge::{EdgeConfig, EdgeCore, EdgeError, SupernodeAddr, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
 use crate::io::uring::Offloads;
 use crate::io::{tap, threads, udp, IoError};
+use crate::snkey::{KeyError, SupernodeKey};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
 use crate::xdp;
@@ -34,6 +35,9 @@ pub enum CliError {
     /// Edge configuration.
     #[error(transparent)]
     Edge(#[from] EdgeError),
+    /// Supernode key file.
+    #[error("supernode key: {0}")]
+    Key(#[from] KeyError),
 }
 
 /// Which datapath carries frames.
@@ -55,15 +59,17 @@ to the TAP device by local VMs (enslave it to the VMs' bridge) reach the VMs beh
 other edges of the community, encrypted, directly when the NATs allow it and through a
 supernode otherwise. The supernode never sees the secret or the frames.
 
-Example (site B, behind NAT; site A runs the supernode on 198.18.0.1):
+Example (site B, behind NAT; site A runs the supernode on 198.18.0.1 and printed its
+key with `mvc supernode key`):
   echo 'long random string' > /etc/mvc/secret; chmod 600 /etc/mvc/secret
   mvc edge --name site-b --community lab --secret-file /etc/mvc/secret \\
-      --supernode 198.18.0.1:7654 --tap mvc0 --create-tap
+      --supernode 198.18.0.1:7654@<64 hex digits> --tap mvc0 --create-tap
   ip link set mvc0 master br-vms
   mvc edge status            # peers, direct/relayed, RTT, counters, drops
 A config file (--config edge.toml) takes the same keys as the long flags, with
-underscores (secret_file, create_tap, status_socket) and `supernodes = [..]`;
-flags override it. Logs go to stderr (RUST_LOG=debug for more).
+underscores (secret_file, create_tap, status_socket) and `supernodes = [\"ADDR@KEY\", ..]`;
+flags override it. Without @KEY the edge trusts the key of the supernode's first signed
+answer (logged as a warning): pin keys wherever the network is not trusted. Logs go to stderr (RUST_LOG=debug for more).
 MTU: the TAP MTU defaults to 1500 so VMs keep 1500. TCP is re-segmented so that its
 overlay packets fit --underlay-mtu (default 1500); other oversized frames are fragmented
 by IP (docs/ARCHITECTURE.md).";
@@ -72,9 +78,13 @@ const SN_AFTER_HELP: &str = "\
 A supernode introduces the edges of each community to each other (observed and local
 addresses), relays packets between edges that have no direct path, fans broadcast
 frames out and forgets edges that stay silent. Run it on a host with a public address
-(or several, and give every edge all of them). It needs no secret.
+(or several, and give every edge all of them). It needs no community secret; its own
+Ed25519 key (--key-file, made on first start) signs what it tells edges, and edges pin
+its public key (--supernode ADDR@KEY). It answers an address it has not seen receive
+with one small cookie only, so it cannot be used to flood a third party.
 
-Example:  mvc supernode --listen 0.0.0.0:7654
+Example:  mvc supernode --listen 0.0.0.0:7654     # logs `key=<64 hex digits>`
+          mvc supernode key                       # prints the public key
           mvc supernode status --json";
 
 /// `mvc edge`: joins a community with a TAP device.
@@ -120,9 +130,11 @@ struct EdgeArgs {
     /// Community secret (prefer --secret-file or MVC_SECRET: arguments are visible in ps).
     #[arg(long, value_name = "STR", env = "MVC_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// Supernode address; repeat for fail-over (all are used, the first up one relays).
-    #[arg(long = "supernode", value_name = "ADDR:PORT")]
-    supernodes: Vec<SocketAddr>,
+    /// Supernode address and its public key (64 hex digits, from `mvc supernode key`);
+    /// repeat for fail-over (all are used, the first up one relays). Without @KEY the
+    /// key of its first signed answer is trusted.
+    #[arg(long = "supernode", value_name = "ADDR:PORT[@KEY]")]
+    supernodes: Vec<SupernodeAddr>,
     /// TAP device to attach to.
     #[arg(long, value_name = "IFNAME")]
     tap: Option<String>,
@@ -178,7 +190,7 @@ struct EdgeFile {
     secret_file: Option<PathBuf>,
     secret: Option<String>,
     #[serde(alias = "supernode")]
-    supernodes: Option<Vec<SocketAddr>>,
+    supernodes: Option<Vec<SupernodeAddr>>,
     tap: Option<String>,
     create_tap: Option<bool>,
     mtu: Option<u32>,
@@ -207,7 +219,18 @@ pub struct SupernodeCommand {
 enum SnSub {
     /// Shows a running supernode's communities, edges, relay counters and drops.
     Status(SnStatusArgs),
+    /// Prints the supernode's public key (made, like at start, when the file is missing).
+    Key(SnKeyArgs),
 }
+
+#[derive(Args, Debug)]
+struct SnKeyArgs {
+    /// The supernode's key file [default: /var/lib/mvc/supernode.key].
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+const SN_KEY_DEFAULT: &str = "/var/lib/mvc/supernode.key";
 
 #[derive(Args, Debug)]
 struct SnStatusArgs {
@@ -236,6 +259,11 @@ struct SnArgs {
     /// Forget an edge after this many seconds without a registration [default: 30].
     #[arg(long, value_name = "SECS")]
     edge_timeout: Option<u64>,
+    /// The supernode's Ed25519 key (seed, 64 hex digits), made with mode 0600 when
+    /// missing; keep it across restarts, edges pin its public half
+    /// [default: /var/lib/mvc/supernode.key].
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -245,6 +273,7 @@ struct SnFile {
     status_socket: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     edge_timeout: Option<u64>,
+    key_file: Option<PathBuf>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(p: Option<&Path>) -> Result<T, CliError> {
@@ -382,7 +411,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     };
     if supernodes.is_empty() {
         return Err(CliError::Usage(
-            "at least one --supernode ADDR:PORT is required".into(),
+            "at least one --supernode ADDR:PORT[@KEY] is required".into(),
         ));
     }
     let mtu = a.mtu.or(f.mtu).unwrap_or(1500);
@@ -552,7 +581,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     };
     tracing::info!(
         %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,
-        cipher = %cipher, listen = %bound, supernodes = ?supernodes, io = %io, threads,
+        cipher = %cipher, listen = %bound, supernodes = %supernodes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), io = %io, threads,
         "edge running"
     );
     let info = EdgeInfo {
@@ -606,6 +635,11 @@ impl SupernodeCommand {
                     .unwrap_or_else(|| PathBuf::from("/run/mvc/supernode.sock"));
                 print_status::<SupernodeStatus>(&path, a.json, SupernodeStatus::table)
             }
+            Some(SnSub::Key(a)) => {
+                let p = a.key_file.unwrap_or_else(|| PathBuf::from(SN_KEY_DEFAULT));
+                println!("{}", SupernodeKey::load_or_create(&p)?.public_hex());
+                Ok(())
+            }
             None => {
                 init_logging();
                 run_supernode(self.args)
@@ -628,6 +662,12 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
     if edge_timeout == 0 {
         return Err(CliError::Usage("--edge-timeout must be at least 1".into()));
     }
+    let key_file = a
+        .key_file
+        .or(f.key_file)
+        .unwrap_or_else(|| PathBuf::from(SN_KEY_DEFAULT));
+    let key = SupernodeKey::load_or_create(&key_file)?;
+    let key_hex = key.public_hex();
     let sock = udp::bind(listen)?;
     let bound = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let core = SupernodeCore::new(
@@ -635,6 +675,7 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
             edge_timeout: Duration::from_secs(edge_timeout),
             ..SupernodeConfig::default()
         },
+        key,
         Instant::now(),
     );
     let snap: Snapshot<SupernodeStatus> = Arc::new(Mutex::new(None));
@@ -651,7 +692,10 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         tracing::info!(%at, "metrics on /metrics");
     }
     let stop = stop_flag()?;
-    tracing::info!(listen = %bound, edge_timeout, "supernode running");
+    tracing::info!(
+        listen = %bound, edge_timeout, key = %key_hex, key_file = %key_file.display(),
+        "supernode running; edges pin it with --supernode ADDR:PORT@{key_hex}"
+    );
     driver::run_supernode(core, sock, bound, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
@@ -668,7 +712,7 @@ mod tests {
             name = "site-b"
             community = "lab"
             secret_file = "/etc/mvc/secret"
-            supernodes = ["198.18.0.1:7654", "198.18.0.5:7654"]
+            supernodes = ["198.18.0.1:7654", "198.18.0.5:7654@0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"]
             tap = "mvc0"
             create_tap = true
             mtu = 1500
@@ -678,12 +722,20 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(f.supernodes.unwrap().len(), 2);
+        let sns = f.supernodes.unwrap();
+        assert_eq!(sns.len(), 2);
+        assert_eq!(sns[0].key, None);
+        assert_eq!(sns[1].key.unwrap()[..2], [0x01, 0x23]);
+        assert!(toml::from_str::<EdgeFile>("supernodes = [\"198.18.0.1:7654@abc\"]").is_err());
         assert_eq!(f.cipher, Some(Cipher::Chacha20Poly1305));
         assert_eq!(f.datapath, Some(Datapath::Auto));
         assert!(toml::from_str::<EdgeFile>("nmae = \"x\"").is_err());
-        let s: SnFile = toml::from_str("listen = \"0.0.0.0:7654\"\nedge_timeout = 10").unwrap();
+        let s: SnFile = toml::from_str(
+            "listen = \"0.0.0.0:7654\"\nedge_timeout = 10\nkey_file = \"/var/lib/mvc/sn.key\"",
+        )
+        .unwrap();
         assert_eq!(s.edge_timeout, Some(10));
+        assert!(s.key_file.is_some());
     }
 
     #[test]

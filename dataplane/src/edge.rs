@@ -1,6 +1,12 @@
 //! Edge core: supernode registration, peer table, handshakes and sessions, path probing
 //! (NAT hole punching, direct preferred, relay fallback), MAC learning and switching.
 //! Pure: every entry point takes `now` and writes into an [`Outbox`]; no sockets, no clock.
+//!
+//! What changes the tables is authenticated: acknowledgements and peer lists carry the
+//! supernode's signature (pinned key, or the first one seen when none is configured) and
+//! the edge's own id and registration number; peers and sessions come from handshakes
+//! checked with the community key. Addresses nobody has proven to own (candidates from
+//! peer lists) get a bounded number of handshake inits.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,12 +22,13 @@ use crate::eth::{self, Mac};
 use crate::offload::{self, VnetHdr};
 use crate::outbox::Outbox;
 use crate::replay::ReplayWindow;
+use crate::snkey;
 use crate::status::{hex, EdgeStatus, MacStatus, PeerStatus, SupernodeLink};
 use crate::supernode::edge_id_of;
 use crate::wire::{
-    self, EdgeId, HandshakeInit, HandshakeResp, MsgType, PeerInfo, Register, RegisterAck, RelayHdr,
-    TransportHdr, DATA_CSUM_PARTIAL, MAX_BCAST_DSTS, PROBE_BODY_LEN, PROBE_REPLY, RELAY_HDR_LEN,
-    SIG_LEN, TRANSPORT_HDR_LEN,
+    self, Cookie, EdgeId, HandshakeInit, HandshakeResp, MsgType, PeerInfo, Register, RegisterAck,
+    RelayHdr, TransportHdr, COOKIE_LEN, DATA_CSUM_PARTIAL, MAX_BCAST_DSTS, PROBE_BODY_LEN,
+    PROBE_REPLY, RELAY_HDR_LEN, SIG_LEN, SN_KEY_LEN, TRANSPORT_HDR_LEN,
 };
 
 /// Timers and limits of an edge. Defaults suit a WAN; tests shrink them.
@@ -51,6 +58,23 @@ pub struct Timers {
     pub peer_expiry: Duration,
     /// A learned MAC is forgotten after this long.
     pub mac_expiry: Duration,
+    /// Relayed traffic sent through a supernode with nothing back from it for this long
+    /// makes the edge check that supernode (an early registration).
+    pub relay_silence: Duration,
+    /// Least time a check waits for its acknowledgement (at least 4 RTTs of that
+    /// supernode); a check not answered in time marks the supernode down at once.
+    pub relay_check_timeout: Duration,
+    /// After an answered check, the next one waits this long (traffic to a peer that
+    /// went away, or flowing one way, then costs one registration per interval).
+    pub relay_check_every: Duration,
+    /// Handshake inits sent to one candidate address that has never answered before the
+    /// edge slows down to one per `unvalidated_backoff`.
+    pub unvalidated_tries: u32,
+    /// Spacing of further attempts to a candidate address that has never answered.
+    pub unvalidated_backoff: Duration,
+    /// Most handshake inits per second to addresses that have never answered, over all
+    /// peers.
+    pub unvalidated_per_sec: u32,
 }
 
 impl Default for Timers {
@@ -68,6 +92,12 @@ impl Default for Timers {
             direct_timeout: Duration::from_secs(7),
             peer_expiry: Duration::from_secs(90),
             mac_expiry: Duration::from_secs(300),
+            relay_silence: Duration::from_millis(200),
+            relay_check_timeout: Duration::from_millis(300),
+            relay_check_every: Duration::from_secs(1),
+            unvalidated_tries: 8,
+            unvalidated_backoff: Duration::from_secs(30),
+            unvalidated_per_sec: 64,
         }
     }
 }
@@ -83,8 +113,9 @@ pub struct EdgeConfig {
     pub secret: Vec<u8>,
     /// Data cipher.
     pub cipher: Cipher,
-    /// Supernodes, in order of preference.
-    pub supernodes: Vec<SocketAddr>,
+    /// Supernodes, in order of preference, each with the public key to pin (without
+    /// one, the key of the first signed acknowledgement is trusted: first use).
+    pub supernodes: Vec<SupernodeAddr>,
     /// Our own addresses (announced for peers behind the same NAT).
     pub local_addrs: Vec<SocketAddr>,
     /// Timers.
@@ -93,6 +124,56 @@ pub struct EdgeConfig {
     pub max_peers: usize,
     /// Most learned MACs kept.
     pub max_macs: usize,
+}
+
+/// A supernode as an edge knows it: `ADDR:PORT` or `ADDR:PORT@KEY` (KEY = the
+/// supernode's Ed25519 public key in 64 hex digits, as `mvc supernode` prints it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct SupernodeAddr {
+    /// UDP address.
+    pub addr: SocketAddr,
+    /// Pinned public key.
+    pub key: Option<[u8; SN_KEY_LEN]>,
+}
+
+impl From<SocketAddr> for SupernodeAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, key: None }
+    }
+}
+
+impl std::str::FromStr for SupernodeAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, k) = match s.split_once('@') {
+            Some((a, k)) => (a, Some(k)),
+            None => (s, None),
+        };
+        let addr = a
+            .parse()
+            .map_err(|e| format!("supernode {s:?}: {a:?} is not ADDR:PORT ({e})"))?;
+        let key = k
+            .map(|k| snkey::parse_hex(k).map_err(|e| format!("supernode {s:?}: {e}")))
+            .transpose()?;
+        Ok(Self { addr, key })
+    }
+}
+
+impl TryFrom<String> for SupernodeAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for SupernodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{}@{}", self.addr, snkey::to_hex(k)),
+            None => write!(f, "{}", self.addr),
+        }
+    }
 }
 
 /// Errors creating an edge.
@@ -156,6 +237,19 @@ struct Peer {
     bcast_rx: Option<(AeadKey, ReplayWindow)>,
     stats: Stats,
     handshakes: u64,
+    /// Direct attempts per address; see [`AddrTries`].
+    tries: Vec<AddrTries>,
+    /// The supernode the peer's last authenticated relayed packet came through.
+    relay_rx_sn: Option<(usize, Instant)>,
+}
+
+/// Handshake inits sent to one address of a peer, and when an authenticated packet last
+/// came from it (then the address is validated and not limited).
+struct AddrTries {
+    addr: SocketAddr,
+    sent: u32,
+    last: Instant,
+    validated: Option<Instant>,
 }
 
 impl Peer {
@@ -186,6 +280,29 @@ impl Peer {
             bcast_rx: None,
             stats: Stats::default(),
             handshakes: 0,
+            tries: Vec::new(),
+            relay_rx_sn: None,
+        }
+    }
+
+    /// Records that an authenticated packet came straight from `a`.
+    fn validate(&mut self, a: SocketAddr, now: Instant) {
+        match self.tries.iter_mut().find(|t| t.addr == a) {
+            Some(t) => {
+                t.validated = Some(now);
+                t.sent = 0;
+            }
+            None => {
+                if self.tries.len() >= 16 {
+                    self.tries.remove(0);
+                }
+                self.tries.push(AddrTries {
+                    addr: a,
+                    sent: 0,
+                    last: now,
+                    validated: Some(now),
+                });
+            }
         }
     }
 
@@ -224,6 +341,29 @@ struct SnState {
     last_ack: Option<Instant>,
     last_sent: Option<Instant>,
     observed: Option<SocketAddr>,
+    /// Public key signatures are checked with.
+    key: Option<[u8; SN_KEY_LEN]>,
+    /// Whether `key` was configured (else: taken on first use).
+    pinned: bool,
+    /// Cookie for the next registration.
+    cookie: [u8; COOKIE_LEN],
+    /// Sequence number of the last registration sent to it, and when.
+    sent_seq: u64,
+    sent_at: Option<Instant>,
+    /// Highest sequence number it acknowledged.
+    acked_seq: u64,
+    /// Registration round trip time.
+    rtt: Option<Duration>,
+    /// First relayed datagram sent through it since it last showed life.
+    relay_wait: Option<Instant>,
+    /// An early registration checking that it is alive, not answered yet.
+    check_sent: Option<Instant>,
+    /// When the last check was answered.
+    check_ok: Option<Instant>,
+    /// Declared down by an unanswered check (until its next acknowledgement).
+    failed: bool,
+    /// Last registration sent at once on a cookie message.
+    cookie_resend: Option<Instant>,
 }
 
 /// Whether `a` lies in one of the networks (address, prefix length).
@@ -283,6 +423,8 @@ pub struct EdgeCore {
     scratch_dsts: Vec<EdgeId>,
     seg_scratch: Vec<u8>,
     overlay_nets: Vec<(IpAddr, u8)>,
+    /// Datagrams sent to unvalidated addresses in the current one-second window.
+    unvalidated_window: (Instant, u32),
 }
 
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
@@ -305,6 +447,13 @@ impl EdgeCore {
         if cfg.supernodes.is_empty() {
             return Err(EdgeError::Config("at least one supernode is needed".into()));
         }
+        if cfg.supernodes.iter().all(|s| s.key.is_none()) {
+            tracing::warn!(
+                "no supernode key pinned (--supernode ADDR@KEY): trusting the key of each \
+                 supernode's first signed answer; a network attacker present at start can \
+                 impersonate it"
+            );
+        }
         if cfg.supernodes.len() > 64 {
             return Err(EdgeError::Config("at most 64 supernodes".into()));
         }
@@ -323,10 +472,22 @@ impl EdgeCore {
             .supernodes
             .iter()
             .map(|a| SnState {
-                addr: *a,
+                addr: a.addr,
                 last_ack: None,
                 last_sent: None,
                 observed: None,
+                key: a.key,
+                pinned: a.key.is_some(),
+                cookie: [0; COOKIE_LEN],
+                sent_seq: 0,
+                sent_at: None,
+                acked_seq: 0,
+                rtt: None,
+                relay_wait: None,
+                check_sent: None,
+                check_ok: None,
+                failed: false,
+                cookie_resend: None,
             })
             .collect();
         let mut local_addrs = cfg.local_addrs.clone();
@@ -357,6 +518,7 @@ impl EdgeCore {
             scratch_dsts: Vec::new(),
             seg_scratch: vec![0u8; 65_536],
             overlay_nets: Vec::new(),
+            unvalidated_window: (now, 0),
         })
     }
 
@@ -404,14 +566,29 @@ impl EdgeCore {
     }
 
     fn sn_up(&self, i: usize, now: Instant) -> bool {
-        self.sns[i].last_ack.is_some_and(|t| {
-            now.saturating_duration_since(t) < self.cfg.timers.supernode_down_after
-        })
+        let s = &self.sns[i];
+        !s.failed
+            && s.last_ack.is_some_and(|t| {
+                now.saturating_duration_since(t) < self.cfg.timers.supernode_down_after
+            })
     }
 
-    /// The supernode to relay through for a peer: an up one that lists it, else any up
-    /// one, else the first configured.
-    fn relay_sn(&self, listed_by: u64, now: Instant) -> SocketAddr {
+    /// The supernode to relay through for a peer: the one its last relayed packet came
+    /// through if that is up (both directions then switch together), else an up one that
+    /// lists it, else any up one, else the first configured.
+    fn relay_sn(
+        &self,
+        listed_by: u64,
+        came_via: Option<(usize, Instant)>,
+        now: Instant,
+    ) -> SocketAddr {
+        if let Some((i, t)) = came_via {
+            if now.saturating_duration_since(t) < self.cfg.timers.supernode_down_after
+                && self.sn_up(i, now)
+            {
+                return self.sns[i].addr;
+            }
+        }
         let up: Vec<usize> = (0..self.sns.len())
             .filter(|i| self.sn_up(*i, now))
             .collect();
@@ -420,6 +597,86 @@ impl EdgeCore {
             .or(up.first())
             .map(|i| self.sns[*i].addr)
             .unwrap_or(self.sns[0].addr)
+    }
+
+    /// Notes relayed traffic sent through `sn`: if nothing comes back from it for a
+    /// while, it is checked.
+    fn note_relay_tx(&mut self, sn: SocketAddr, now: Instant) {
+        if let Some(s) = self.sns.iter_mut().find(|s| s.addr == sn) {
+            s.relay_wait.get_or_insert(now);
+        }
+    }
+
+    /// Notes an authenticated packet relayed by supernode `i`: it is alive.
+    fn note_sn_alive(&mut self, i: usize) {
+        let s = &mut self.sns[i];
+        s.relay_wait = None;
+        s.check_sent = None;
+    }
+
+    /// Whether a handshake init may go straight to `a` now (counted when it may): always to an address the peer answered from lately; to others at most
+    /// `unvalidated_tries` times, then one per `unvalidated_backoff`, and at most
+    /// `unvalidated_per_sec` per second over all peers.
+    fn may_send_direct(&mut self, pid: &EdgeId, a: SocketAddr, now: Instant) -> bool {
+        let t = &self.cfg.timers;
+        let (tries, backoff, per_sec, fresh) = (
+            t.unvalidated_tries,
+            t.unvalidated_backoff,
+            t.unvalidated_per_sec,
+            t.peer_expiry,
+        );
+        let Some(p) = self.peers.get_mut(pid) else {
+            return false;
+        };
+        let pos = match p.tries.iter().position(|x| x.addr == a) {
+            Some(i) => i,
+            None => {
+                if p.tries.len() >= 16 {
+                    // Keep the validated ones; forget the oldest attempt otherwise.
+                    let old = p
+                        .tries
+                        .iter()
+                        .position(|x| x.validated.is_none())
+                        .unwrap_or(0);
+                    p.tries.remove(old);
+                }
+                p.tries.push(AddrTries {
+                    addr: a,
+                    sent: 0,
+                    last: now,
+                    validated: None,
+                });
+                p.tries.len() - 1
+            }
+        };
+        let e = &mut p.tries[pos];
+        if e.validated
+            .is_some_and(|v| now.saturating_duration_since(v) < fresh)
+        {
+            return true;
+        }
+        if e.sent >= tries && now.saturating_duration_since(e.last) < backoff {
+            self.drops
+                .entry("unvalidated_limit")
+                .and_modify(|n| *n += 1)
+                .or_insert(1);
+            return false;
+        }
+        let w = &mut self.unvalidated_window;
+        if now.saturating_duration_since(w.0) >= Duration::from_secs(1) {
+            *w = (now, 0);
+        }
+        if w.1 >= per_sec {
+            self.drops
+                .entry("unvalidated_budget")
+                .and_modify(|n| *n += 1)
+                .or_insert(1);
+            return false;
+        }
+        w.1 += 1;
+        e.sent = e.sent.saturating_add(1);
+        e.last = now;
+        true
     }
 
     fn new_index(&mut self) -> u32 {
@@ -536,13 +793,13 @@ impl EdgeCore {
         let payload_len = frame.len() - f.hdr_len;
         let n = payload_len.div_ceil(mss).max(1);
         let reject = self.cfg.timers.reject_after_time;
-        let (direct, listed) = match self.peers.get(pid) {
+        let (direct, listed, came_via) = match self.peers.get(pid) {
             Some(p) => match &p.cur {
                 Some(s)
                     if now.saturating_duration_since(s.created) < reject
                         && s.send_ctr < u64::MAX - n as u64 =>
                 {
-                    (p.direct, p.listed_by)
+                    (p.direct, p.listed_by, p.relay_rx_sn)
                 }
                 _ => return Ok(false),
             },
@@ -555,7 +812,11 @@ impl EdgeCore {
         }
         let dst = match direct {
             Some(d) => d,
-            None => self.relay_sn(listed, now),
+            None => {
+                let sn = self.relay_sn(listed, came_via, now);
+                self.note_relay_tx(sn, now);
+                sn
+            }
         };
         let per_batch = (60_000 / stride).clamp(1, 64);
         let community = self.keys.id;
@@ -688,7 +949,12 @@ impl EdgeCore {
             .iter()
             .filter_map(|d| self.peers.get(d))
             .fold(0u64, |a, p| a | p.listed_by);
-        let sn = self.relay_sn(listed, now);
+        let came_via = match dsts {
+            [one] => self.peers.get(one).and_then(|p| p.relay_rx_sn),
+            _ => None,
+        };
+        let sn = self.relay_sn(listed, came_via, now);
+        self.note_relay_tx(sn, now);
         for d in dsts {
             if let Some(p) = self.peers.get_mut(d) {
                 p.stats.tx_packets += 1;
@@ -757,10 +1023,12 @@ impl EdgeCore {
         }
         let dst = to.or(p.direct);
         let listed = p.listed_by;
+        let came_via = p.relay_rx_sn;
         match dst {
             Some(d) => out.push_udp(d, b, start, len),
             None => {
-                let sn = self.relay_sn(listed, now);
+                let sn = self.relay_sn(listed, came_via, now);
+                self.note_relay_tx(sn, now);
                 let h = RelayHdr {
                     community: self.keys.id,
                     src: self.id,
@@ -814,6 +1082,7 @@ impl EdgeCore {
         let sn = self.sns.iter().position(|s| s.addr == src);
         match (t, sn) {
             (MsgType::RegisterAck, Some(i)) => self.on_ack(now, i, pkt),
+            (MsgType::Cookie, Some(i)) => self.on_cookie(now, i, pkt, out),
             (MsgType::PeerInfo, Some(i)) => self.on_peer_info(now, i, pkt),
             (MsgType::Relay, Some(_)) => match RelayHdr::decode(pkt) {
                 Ok((h, _)) => {
@@ -833,7 +1102,7 @@ impl EdgeCore {
                 }
                 Err(e) => self.drop(e.reason()),
             },
-            (MsgType::Bcast, Some(_)) => self.on_bcast(now, pkt, out),
+            (MsgType::Bcast, Some(i)) => self.on_bcast(now, i, pkt, out),
             (
                 MsgType::HandshakeInit | MsgType::HandshakeResp | MsgType::Data | MsgType::Probe,
                 _,
@@ -849,29 +1118,102 @@ impl EdgeCore {
     }
 
     fn on_ack(&mut self, now: Instant, i: usize, pkt: &[u8]) {
-        match RegisterAck::decode(pkt) {
-            Ok(a) if a.community == self.keys.id && a.edge == self.id => {
-                if !self.sn_up(i, now) {
-                    tracing::info!(supernode = %self.sns[i].addr, observed = %a.observed, "registered with supernode");
-                }
-                let s = &mut self.sns[i];
-                s.last_ack = Some(now);
-                s.observed = Some(a.observed);
-            }
-            Ok(_) => self.drop("ack_not_for_us"),
-            Err(e) => self.drop(e.reason()),
-        }
-    }
-
-    fn on_peer_info(&mut self, now: Instant, i: usize, pkt: &[u8]) {
-        let info = match PeerInfo::decode(pkt) {
+        let v = match RegisterAck::decode(pkt) {
             Ok(v) => v,
             Err(e) => return self.drop(e.reason()),
         };
-        if info.community != self.keys.id {
+        let a = &v.msg;
+        if a.community != self.keys.id || a.edge != self.id {
+            return self.drop("ack_not_for_us");
+        }
+        let s = &self.sns[i];
+        let key = match s.key {
+            Some(k) if k != a.sn_key => return self.drop("sn_key_mismatch"),
+            Some(k) => k,
+            None => a.sn_key,
+        };
+        // Each registration is acknowledged once: older or unsent numbers are replays.
+        if a.seq <= s.acked_seq || a.seq > s.sent_seq {
+            return self.drop("stale_ack");
+        }
+        if !snkey::verify(&key, v.signed, v.sig) {
+            return self.drop("bad_signature");
+        }
+        if s.key.is_none() {
+            tracing::warn!(
+                supernode = %s.addr,
+                key = %snkey::to_hex(&key),
+                "trusting this supernode key on first use; pin it with --supernode {}@{}",
+                s.addr,
+                snkey::to_hex(&key)
+            );
+        }
+        if !self.sn_up(i, now) {
+            tracing::info!(supernode = %s.addr, observed = %a.observed, "registered with supernode");
+        }
+        let s = &mut self.sns[i];
+        s.key = Some(key);
+        s.last_ack = Some(now);
+        s.observed = Some(a.observed);
+        s.cookie = a.cookie;
+        s.acked_seq = a.seq;
+        s.failed = false;
+        if s.check_sent.take().is_some() {
+            s.check_ok = Some(now);
+        }
+        s.relay_wait = None;
+        if a.seq == s.sent_seq {
+            if let Some(t) = s.sent_at {
+                s.rtt = Some(now.saturating_duration_since(t));
+            }
+        }
+    }
+
+    /// A cookie message: our registration's source address was not validated yet (first
+    /// contact, a new NAT mapping or a restarted supernode). Registers again at once with
+    /// the cookie, at most once per `handshake_retry`.
+    fn on_cookie(&mut self, now: Instant, i: usize, pkt: &[u8], out: &mut Outbox) {
+        let c = match Cookie::decode(pkt) {
+            Ok(c) => c,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let retry = self.cfg.timers.handshake_retry;
+        let s = &mut self.sns[i];
+        if c.edge != self.id || c.seq != s.sent_seq {
+            return self.drop("cookie_not_for_us");
+        }
+        s.cookie = c.cookie;
+        if s.cookie_resend
+            .is_some_and(|t| now.saturating_duration_since(t) < retry)
+        {
+            return;
+        }
+        s.cookie_resend = Some(now);
+        self.send_register(now, i, out);
+    }
+
+    fn on_peer_info(&mut self, now: Instant, i: usize, pkt: &[u8]) {
+        let v = match PeerInfo::decode(pkt) {
+            Ok(v) => v,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let s = &self.sns[i];
+        let Some(key) = s.key else {
+            return self.drop("sn_key_unknown");
+        };
+        let info = &v.msg;
+        if info.community != self.keys.id || info.dst != self.id {
             return self.drop("info_not_for_us");
         }
-        for e in info.peers {
+        // Bound to one of our registrations since the last acknowledged one: a list from
+        // an older registration is a replay.
+        if info.seq < s.acked_seq || info.seq > s.sent_seq {
+            return self.drop("stale_info");
+        }
+        if !snkey::verify(&key, v.signed, v.sig) {
+            return self.drop("bad_signature");
+        }
+        for e in v.msg.peers {
             if e.id == self.id {
                 continue;
             }
@@ -890,7 +1232,7 @@ impl EdgeCore {
         }
     }
 
-    fn on_bcast(&mut self, now: Instant, pkt: &mut [u8], out: &mut Outbox) {
+    fn on_bcast(&mut self, now: Instant, sn: usize, pkt: &mut [u8], out: &mut Outbox) {
         let (src, counter, hl, cipher) = match wire::decode_bcast(pkt) {
             Ok(v) => {
                 if v.community != self.keys.id
@@ -906,23 +1248,37 @@ impl EdgeCore {
         if cipher != self.cfg.cipher as u8 {
             return self.drop("cipher_mismatch");
         }
-        let my_cipher = self.cfg.cipher;
-        let keys = self.keys.clone();
-        let Some(p) = self.peer_entry(src, now) else {
-            return;
+        // A sender we do not know yet becomes a peer only once its frame authenticates.
+        let mut fresh = match self.peers.get_mut(&src).and_then(|p| p.bcast_rx.take()) {
+            Some(k) => k,
+            None => (
+                self.keys.bcast_key(self.cfg.cipher, &src),
+                ReplayWindow::new(),
+            ),
         };
-        let (key, replay) = p
-            .bcast_rx
-            .get_or_insert_with(|| (keys.bcast_key(my_cipher, &src), ReplayWindow::new()));
-        if !replay.check(counter) {
-            return self.drop("replay");
+        let (key, replay) = &mut fresh;
+        let opened = if replay.check(counter) {
+            let (head, body) = pkt.split_at_mut(hl);
+            key.open(counter, head, body).map_err(|e| e.reason())
+        } else {
+            Err("replay")
+        };
+        if opened.is_ok() {
+            replay.update(counter);
         }
-        let (head, body) = pkt.split_at_mut(hl);
-        let n = match key.open(counter, head, body) {
-            Ok(n) => n,
-            Err(e) => return self.drop(e.reason()),
+        let keep = match self.peers.get_mut(&src) {
+            Some(p) => Some(p),
+            None if opened.is_ok() => self.peer_entry(src, now),
+            None => None,
         };
-        replay.update(counter);
+        if let Some(p) = keep {
+            p.bcast_rx = Some(fresh);
+        }
+        let n = match opened {
+            Ok(n) => n,
+            Err(r) => return self.drop(r),
+        };
+        self.note_sn_alive(sn);
         self.deliver(now, &src, hl, n, pkt, false, out);
     }
 
@@ -959,6 +1315,26 @@ impl EdgeCore {
         }
         out.push_tap(frame, partial_csum);
         self.tap_tx += 1;
+    }
+
+    /// Notes an authenticated packet from peer `pid`: a direct source address is then
+    /// validated; a relaying supernode is alive and carries our answers.
+    fn authentic_from(&mut self, pid: &EdgeId, via: Via, now: Instant) {
+        match via {
+            Via::Direct(a) => {
+                if let Some(p) = self.peers.get_mut(pid) {
+                    p.validate(a, now);
+                }
+            }
+            Via::Relayed { sn, .. } => {
+                if let Some(i) = self.sns.iter().position(|s| s.addr == sn) {
+                    self.note_sn_alive(i);
+                    if let Some(p) = self.peers.get_mut(pid) {
+                        p.relay_rx_sn = Some((i, now));
+                    }
+                }
+            }
+        }
     }
 
     fn on_edge_packet(&mut self, now: Instant, via: Via, pkt: &mut [u8], out: &mut Outbox) {
@@ -1033,6 +1409,7 @@ impl EdgeCore {
             self.index.remove(&old.local_index);
         }
         self.index.insert(index, init.src);
+        self.authentic_from(&init.src, via, now);
         let mut b = [0u8; wire::HS_RESP_LEN];
         if resp.encode(&mut b).is_ok() {
             self.send_edge_packet(now, &init.src, &b, via, out);
@@ -1095,6 +1472,7 @@ impl EdgeCore {
         }
         // Confirms the session at the responder and starts path probing.
         let pid = resp.src;
+        self.authentic_from(&pid, via, now);
         self.send_probe(now, &pid, None, out);
     }
 
@@ -1156,6 +1534,7 @@ impl EdgeCore {
                 self.index.remove(&old.local_index);
             }
         }
+        self.authentic_from(&pid, via, now);
         let Some(p) = self.peers.get_mut(&pid) else {
             return;
         };
@@ -1271,46 +1650,79 @@ impl EdgeCore {
     }
 
     fn poll_register(&mut self, now: Instant, out: &mut Outbox) {
+        let t = self.cfg.timers.clone();
         for i in 0..self.sns.len() {
             let up = self.sn_up(i, now);
+            // Relayed traffic and nothing back: check the supernode now rather than
+            // wait for its acknowledgements to time out.
+            if up {
+                let s = &mut self.sns[i];
+                let wait = (t.relay_check_timeout).max(s.rtt.unwrap_or_default() * 4);
+                match (s.check_sent, s.relay_wait) {
+                    (Some(c), _) if now.saturating_duration_since(c) >= wait => {
+                        tracing::warn!(supernode = %s.addr, "supernode does not answer; relaying through the next one");
+                        s.failed = true;
+                        s.check_sent = None;
+                        s.relay_wait = None;
+                        continue;
+                    }
+                    (None, Some(w))
+                        if now.saturating_duration_since(w) >= t.relay_silence
+                            && s.check_ok.is_none_or(|k| {
+                                now.saturating_duration_since(k) >= t.relay_check_every
+                            }) =>
+                    {
+                        s.check_sent = Some(now);
+                        self.send_register(now, i, out);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let every = if up {
-                self.cfg.timers.register_interval
+                t.register_interval
             } else {
-                self.cfg
-                    .timers
-                    .register_interval
-                    .min(Duration::from_secs(2))
+                t.register_interval.min(Duration::from_secs(2))
             };
-            let s = &self.sns[i];
-            if s.last_sent
-                .is_some_and(|t| now.saturating_duration_since(t) < every)
+            if self.sns[i]
+                .last_sent
+                .is_some_and(|l| now.saturating_duration_since(l) < every)
             {
                 continue;
             }
-            self.reg_seq += 1;
-            let m = Register {
-                community: self.keys.id,
-                edge_key: self.reg_pub,
-                seq: self.reg_seq,
-                name: self.cfg.name.clone(),
-                local_addrs: self.cfg.local_addrs.clone(),
-            };
-            let mut b = out.take();
-            match m.encode_unsigned(&mut b) {
-                Ok(n) => {
-                    let sig = self.reg_key.sign(&b[..n]);
-                    b[n..n + SIG_LEN].copy_from_slice(sig.as_ref());
-                    let addr = self.sns[i].addr;
-                    out.push_udp(addr, b, 0, n + SIG_LEN);
-                    self.udp_tx += 1;
-                }
-                Err(_) => {
-                    out.give(b, false);
-                    self.drop("no_room");
-                }
-            }
-            self.sns[i].last_sent = Some(now);
+            self.send_register(now, i, out);
         }
+    }
+
+    /// Sends a registration (signed, with the supernode's last cookie) to supernode `i`.
+    fn send_register(&mut self, now: Instant, i: usize, out: &mut Outbox) {
+        self.reg_seq += 1;
+        let m = Register {
+            cookie: self.sns[i].cookie,
+            community: self.keys.id,
+            edge_key: self.reg_pub,
+            seq: self.reg_seq,
+            name: self.cfg.name.clone(),
+            local_addrs: self.cfg.local_addrs.clone(),
+        };
+        let mut b = out.take();
+        match m.encode_unsigned(&mut b) {
+            Ok(n) => {
+                let sig = self.reg_key.sign(&b[..n]);
+                b[n..n + SIG_LEN].copy_from_slice(sig.as_ref());
+                let addr = self.sns[i].addr;
+                out.push_udp(addr, b, 0, n + SIG_LEN);
+                self.udp_tx += 1;
+            }
+            Err(_) => {
+                out.give(b, false);
+                self.drop("no_room");
+            }
+        }
+        let s = &mut self.sns[i];
+        s.last_sent = Some(now);
+        s.sent_seq = self.reg_seq;
+        s.sent_at = Some(now);
     }
 
     fn poll_peer(&mut self, now: Instant, id: &EdgeId, t: &crate::edge::Timers, out: &mut Outbox) {
@@ -1406,6 +1818,8 @@ impl EdgeCore {
         match p.direct {
             Some(d) => self.send_probe(now, id, Some(d), out),
             None => {
+                // Probes need a session: the peer proved it holds the community key,
+                // and its candidates come from the pinned supernode's signed list.
                 for a in p.candidates(&self.overlay_nets) {
                     self.send_probe(now, id, Some(a), out);
                 }
@@ -1456,16 +1870,20 @@ impl EdgeCore {
         let direct = p.direct;
         let cands = p.candidates(&self.overlay_nets);
         let listed = p.listed_by;
+        let came_via = p.relay_rx_sn;
         self.index.insert(index, *id);
         // Through a supernode (always works while one is up) and straight to the peer
-        // (works when the supernodes are gone; also opens our NAT towards it).
-        let sn = self.relay_sn(listed, now);
+        // (works when the supernodes are gone; also opens our NAT towards it), within
+        // the limits for addresses that never answered.
+        let sn = self.relay_sn(listed, came_via, now);
         self.send_edge_packet(now, id, &b, Via::Relayed { src: self.id, sn }, out);
         match direct {
             Some(d) => self.send_edge_packet(now, id, &b, Via::Direct(d), out),
             None => {
                 for a in cands {
-                    self.send_edge_packet(now, id, &b, Via::Direct(a), out);
+                    if self.may_send_direct(id, a, now) {
+                        self.send_edge_packet(now, id, &b, Via::Direct(a), out);
+                    }
                 }
             }
         }
@@ -1487,7 +1905,7 @@ impl EdgeCore {
                         "probe replies arrive on the direct address".to_string(),
                     ),
                     (_, cur) => {
-                        let sn = self.relay_sn(p.listed_by, now);
+                        let sn = self.relay_sn(p.listed_by, p.relay_rx_sn, now);
                         let why = if cur.is_none() {
                             if p.pending.is_some() {
                                 "handshake in progress; frames go through the supernode".to_string()
@@ -1563,6 +1981,13 @@ impl EdgeCore {
                     last_ack_ms: s
                         .last_ack
                         .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    key: s.key.map(|k| snkey::to_hex(&k)),
+                    key_source: match (s.pinned, s.key.is_some()) {
+                        (true, _) => "pinned",
+                        (false, true) => "first-use",
+                        (false, false) => "none",
+                    }
+                    .into(),
                 })
                 .collect(),
             peers,
@@ -1622,7 +2047,24 @@ mod tests {
         assert_eq!(e.cfg.local_addrs, vec!["198.18.0.2:5".parse().unwrap()]);
         // A datagram from inside the overlay is refused as a path.
         let mut out = Outbox::new(2048);
-        let mut pkt = [1u8, 0x13, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut pkt = [
+            wire::VERSION,
+            0x13,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
         assert_eq!(e.drops.get("path_inside_overlay"), Some(&1));
     }

@@ -13,6 +13,7 @@ pub mod io;
 pub mod offload;
 pub mod outbox;
 pub mod replay;
+pub mod snkey;
 pub mod status;
 pub mod supernode;
 pub mod wire;

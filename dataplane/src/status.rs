@@ -17,6 +17,14 @@ pub struct SupernodeLink {
     pub observed: Option<String>,
     /// Milliseconds since the last acknowledgement.
     pub last_ack_ms: Option<u64>,
+    /// The supernode's public key the edge checks signatures with (none yet: unpinned
+    /// and not heard from).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// "pinned" (configured), "first-use" (taken from the first signed acknowledgement)
+    /// or "none".
+    #[serde(default)]
+    pub key_source: String,
 }
 
 /// One peer of an edge.
@@ -159,6 +167,12 @@ pub struct SupernodeStatus {
     pub communities: Vec<CommunityStatus>,
     /// Registrations accepted.
     pub registrations: u64,
+    /// Cookie messages sent (answers to registrations from unvalidated addresses).
+    #[serde(default)]
+    pub cookies_sent: u64,
+    /// The supernode's public key, as edges pin it (`--supernode ADDR@KEY`).
+    #[serde(default)]
+    pub key: String,
     /// Packets relayed (each copy of a fan-out counts).
     pub relayed_packets: u64,
     /// Bytes relayed.
@@ -196,14 +210,19 @@ impl EdgeStatus {
             "tap {} mtu {}  listen {}  io {}  up {}s",
             self.tap, self.mtu, self.listen, self.io, self.uptime_s
         );
-        let _ = writeln!(o, "\nSUPERNODE              STATE  OBSERVED-AS");
+        let _ = writeln!(
+            o,
+            "\nSUPERNODE              STATE  OBSERVED-AS            KEY"
+        );
         for s in &self.supernodes {
             let _ = writeln!(
                 o,
-                "{:<22} {:<6} {}",
+                "{:<22} {:<6} {:<22} {} ({})",
                 s.addr,
                 s.state,
-                s.observed.as_deref().unwrap_or("-")
+                s.observed.as_deref().unwrap_or("-"),
+                s.key.as_deref().unwrap_or("-"),
+                s.key_source
             );
         }
         let _ = writeln!(
@@ -357,12 +376,14 @@ impl SupernodeStatus {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "supernode {}  up {}s  registrations {}  relayed {} packets / {} bytes",
+            "supernode {}  up {}s  registrations {}  cookies {}  relayed {} packets / {} bytes\nkey {}",
             self.listen,
             self.uptime_s,
             self.registrations,
+            self.cookies_sent,
             self.relayed_packets,
-            self.relayed_bytes
+            self.relayed_bytes,
+            self.key
         );
         for c in &self.communities {
             let _ = writeln!(o, "\ncommunity {}", c.id);
@@ -410,6 +431,7 @@ impl SupernodeStatus {
         }
         for (m, v) in [
             ("registrations_total", self.registrations),
+            ("cookies_sent_total", self.cookies_sent),
             ("relayed_packets_total", self.relayed_packets),
             ("relayed_bytes_total", self.relayed_bytes),
         ] {

@@ -3,6 +3,12 @@
 //!
 //! The supernode never holds a community secret: it sees community ids, edge ids and
 //! addresses, and forwards encrypted packets unchanged.
+//!
+//! It sends nothing but one small cookie message to an address that has not proven it
+//! receives (see `snkey`): registrations are recorded, acknowledged and fanned out only
+//! when they carry a valid cookie for their source address, so every address the
+//! supernode sends lists, relays or broadcasts to has answered it. Acknowledgements and
+//! peer lists are signed with the supernode's key.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,10 +19,11 @@ use foldhash::HashMap;
 use ring::signature::{UnparsedPublicKey, ED25519};
 
 use crate::outbox::Outbox;
+use crate::snkey::{CookieJar, SupernodeKey};
 use crate::status::{hex, CommunityStatus, RegisteredEdge, SupernodeStatus};
 use crate::wire::{
-    self, CommunityId, EdgeId, MsgType, PeerEntry, PeerInfo, Register, RegisterAck, RelayHdr,
-    MAX_PEERS_PER_INFO,
+    self, CommunityId, Cookie, EdgeId, MsgType, PeerEntry, PeerInfo, Register, RegisterAck,
+    RelayHdr, MAX_PEERS_PER_INFO,
 };
 
 /// Edge id of a registration key: the first 8 bytes of its SHA-256.
@@ -35,12 +42,18 @@ struct Edge {
     local_addrs: Vec<SocketAddr>,
     last_seen: Instant,
     seq: u64,
+    /// When it was last sent the complete list.
+    last_full: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Community {
     edges: HashMap<EdgeId, Edge>,
 }
+
+/// The complete peer list goes to a registering edge at most this often when nothing
+/// about it changed (edges check a relaying supernode with early registrations).
+const FULL_LIST_EVERY: Duration = Duration::from_secs(2);
 
 /// Supernode settings.
 #[derive(Clone, Debug)]
@@ -64,6 +77,9 @@ impl Default for SupernodeConfig {
 #[derive(Debug)]
 pub struct SupernodeCore {
     cfg: SupernodeConfig,
+    key: SupernodeKey,
+    jar: CookieJar,
+    cookies_sent: u64,
     communities: HashMap<CommunityId, Community>,
     n_edges: usize,
     started: Instant,
@@ -74,10 +90,14 @@ pub struct SupernodeCore {
 }
 
 impl SupernodeCore {
-    /// A supernode with no registrations.
-    pub fn new(cfg: SupernodeConfig, now: Instant) -> Self {
+    /// A supernode with no registrations, signing with `key`.
+    pub fn new(cfg: SupernodeConfig, key: SupernodeKey, now: Instant) -> Self {
+        let jar = CookieJar::new(&key);
         Self {
             cfg,
+            key,
+            jar,
+            cookies_sent: 0,
             communities: HashMap::default(),
             n_edges: 0,
             started: now,
@@ -90,6 +110,11 @@ impl SupernodeCore {
 
     fn drop(&mut self, reason: &'static str) {
         *self.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// The supernode's public key (what edges pin).
+    pub fn public_key(&self) -> [u8; wire::SN_KEY_LEN] {
+        self.key.public()
     }
 
     /// Handles one datagram from `src`.
@@ -111,6 +136,25 @@ impl SupernodeCore {
             Ok(v) => v,
             Err(e) => return self.drop(e.reason()),
         };
+        let age = now.saturating_duration_since(self.started);
+        if !self.jar.check(age, &src, &v.msg.cookie) {
+            // The source may be spoofed: one datagram, smaller than the request, and no
+            // state, no signature check, nothing for anyone else.
+            let c = Cookie {
+                edge: edge_id_of(&v.msg.edge_key),
+                seq: v.msg.seq,
+                cookie: self.jar.make(age, &src),
+            };
+            let mut b = out.take();
+            match c.encode(&mut b) {
+                Ok(n) if n <= pkt.len() => {
+                    out.push_udp(src, b, 0, n);
+                    self.cookies_sent += 1;
+                }
+                _ => out.give(b, false),
+            }
+            return;
+        }
         if UnparsedPublicKey::new(&ED25519, &v.msg.edge_key)
             .verify(v.signed, v.sig)
             .is_err()
@@ -128,6 +172,7 @@ impl SupernodeCore {
         }
         let comm = self.communities.entry(m.community).or_default();
         let changed;
+        let send_full;
         match comm.edges.get_mut(&id) {
             Some(e) => {
                 if e.key != m.edge_key {
@@ -142,9 +187,15 @@ impl SupernodeCore {
                 e.name = m.name;
                 e.last_seen = now;
                 e.seq = m.seq;
+                send_full =
+                    changed || now.saturating_duration_since(e.last_full) >= FULL_LIST_EVERY;
+                if send_full {
+                    e.last_full = now;
+                }
             }
             None => {
                 changed = true;
+                send_full = true;
                 comm.edges.insert(
                     id,
                     Edge {
@@ -154,6 +205,7 @@ impl SupernodeCore {
                         local_addrs: m.local_addrs,
                         last_seen: now,
                         seq: m.seq,
+                        last_full: now,
                     },
                 );
                 self.n_edges += 1;
@@ -167,30 +219,53 @@ impl SupernodeCore {
             seq: m.seq,
             observed: src,
             lifetime_secs: lifetime,
+            cookie: self.jar.make(age, &src),
+            sn_key: self.key.public(),
         };
         let mut b = out.take();
-        if let Ok(n) = ack.encode(&mut b) {
-            out.push_udp(src, b, 0, n);
-        } else {
-            out.give(b, false);
+        match ack
+            .encode_unsigned(&mut b)
+            .ok()
+            .and_then(|n| self.key.sign_into(&mut b, n))
+        {
+            Some(n) => out.push_udp(src, b, 0, n),
+            None => out.give(b, false),
         }
         let comm = &self.communities[&m.community];
+        let key = &self.key;
         // The complete list of the others to the registering edge.
-        let others: Vec<PeerEntry> = comm
-            .edges
-            .iter()
-            .filter(|(k, _)| **k != id)
-            .map(|(k, e)| entry(k, e))
-            .collect();
+        let others: Vec<PeerEntry> = if send_full {
+            comm.edges
+                .iter()
+                .filter(|(k, _)| **k != id)
+                .map(|(k, e)| entry(k, e))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for chunk in others.chunks(MAX_PEERS_PER_INFO) {
-            send_info(out, src, &m.community, true, chunk.to_vec());
+            let info = PeerInfo {
+                community: m.community,
+                full: true,
+                dst: id,
+                seq: m.seq,
+                peers: chunk.to_vec(),
+            };
+            send_info(out, key, src, &info);
         }
-        // The news about this edge to the others.
+        // The news about this edge to the others (all registered from validated addresses).
         if changed {
             let me = entry(&id, &comm.edges[&id]);
             for (k, e) in &comm.edges {
                 if *k != id {
-                    send_info(out, e.observed, &m.community, false, vec![me.clone()]);
+                    let info = PeerInfo {
+                        community: m.community,
+                        full: false,
+                        dst: *k,
+                        seq: e.seq,
+                        peers: vec![me.clone()],
+                    };
+                    send_info(out, key, e.observed, &info);
                 }
             }
         }
@@ -340,6 +415,8 @@ impl SupernodeCore {
             uptime_s: now.saturating_duration_since(self.started).as_secs(),
             communities,
             registrations: self.registrations,
+            cookies_sent: self.cookies_sent,
+            key: self.key.public_hex(),
             relayed_packets: self.relayed_packets,
             relayed_bytes: self.relayed_bytes,
             drops: self
@@ -361,21 +438,14 @@ fn entry(id: &EdgeId, e: &Edge) -> PeerEntry {
     }
 }
 
-fn send_info(
-    out: &mut Outbox,
-    dst: SocketAddr,
-    community: &CommunityId,
-    full: bool,
-    peers: Vec<PeerEntry>,
-) {
-    let info = PeerInfo {
-        community: *community,
-        full,
-        peers,
-    };
+fn send_info(out: &mut Outbox, key: &SupernodeKey, dst: SocketAddr, info: &PeerInfo) {
     let mut b = out.take();
-    match info.encode(&mut b) {
-        Ok(n) => out.push_udp(dst, b, 0, n),
-        Err(_) => out.give(b, false),
+    match info
+        .encode_unsigned(&mut b)
+        .ok()
+        .and_then(|n| key.sign_into(&mut b, n))
+    {
+        Some(n) => out.push_udp(dst, b, 0, n),
+        None => out.give(b, false),
     }
 }

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Protocol version carried in byte 0 of every datagram.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Length of a community identifier (derived from the community secret, see `crypto`).
 pub const COMMUNITY_ID_LEN: usize = 16;
@@ -20,6 +20,12 @@ pub const EDGE_ID_LEN: usize = 8;
 pub const EDGE_KEY_LEN: usize = 32;
 /// Length of an Ed25519 signature.
 pub const SIG_LEN: usize = 64;
+/// Length of a supernode's Ed25519 public key.
+pub const SN_KEY_LEN: usize = 32;
+/// Length of an address-validation cookie.
+pub const COOKIE_LEN: usize = 16;
+/// Length of a cookie message.
+pub const COOKIE_MSG_LEN: usize = 4 + EDGE_ID_LEN + 8 + COOKIE_LEN;
 /// Length of an AEAD tag.
 pub const TAG_LEN: usize = 16;
 /// Longest edge name.
@@ -55,6 +61,9 @@ pub enum MsgType {
     Relay = 0x04,
     /// Edge -> supernode -> edges: a frame encrypted with the sender's broadcast key, fanned out.
     Bcast = 0x05,
+    /// Supernode -> edge: an address-validation cookie, the only answer to a registration
+    /// whose cookie does not prove that its source address receives.
+    Cookie = 0x06,
     /// Edge -> edge: first handshake message.
     HandshakeInit = 0x10,
     /// Edge -> edge: second handshake message.
@@ -74,6 +83,7 @@ impl MsgType {
             0x03 => Self::PeerInfo,
             0x04 => Self::Relay,
             0x05 => Self::Bcast,
+            0x06 => Self::Cookie,
             0x10 => Self::HandshakeInit,
             0x11 => Self::HandshakeResp,
             0x12 => Self::Data,
@@ -277,6 +287,9 @@ fn check_zero(buf: &[u8], at: std::ops::Range<usize>) -> Result<(), WireError> {
 /// signature covers every byte before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Register {
+    /// The cookie from the supernode's last cookie message or acknowledgement (all zero:
+    /// none yet). Proves that the source address receives what the supernode sends.
+    pub cookie: [u8; COOKIE_LEN],
     /// Community the edge joins.
     pub community: CommunityId,
     /// The edge's registration key (Ed25519 public key); the edge id is derived from it.
@@ -289,15 +302,34 @@ pub struct Register {
     pub local_addrs: Vec<SocketAddr>,
 }
 
-/// A parsed register message with the bytes its signature covers.
+/// A parsed signed message with the bytes its signature covers.
 #[derive(Debug)]
-pub struct RegisterView<'a> {
+pub struct Signed<'a, T> {
     /// The fields.
-    pub msg: Register,
-    /// Bytes covered by the signature.
+    pub msg: T,
+    /// Bytes covered by the signature (every byte before it).
     pub signed: &'a [u8],
-    /// The signature.
+    /// The Ed25519 signature.
     pub sig: &'a [u8],
+}
+
+/// A parsed register message with the bytes its signature covers.
+pub type RegisterView<'a> = Signed<'a, Register>;
+
+/// Splits a signed message into the signed bytes and the trailing signature.
+fn split_sig(buf: &[u8], min: usize) -> Result<(&[u8], &[u8]), WireError> {
+    if buf.len() < min + SIG_LEN {
+        return Err(WireError::Truncated);
+    }
+    Ok(buf.split_at(buf.len() - SIG_LEN))
+}
+
+/// Checks that the caller's buffer has room for the signature after `len` bytes.
+fn room_for_sig(buf: &[u8], len: usize) -> Result<usize, WireError> {
+    if buf.len() < len + SIG_LEN {
+        return Err(WireError::NoRoom);
+    }
+    Ok(len)
 }
 
 impl Register {
@@ -309,6 +341,7 @@ impl Register {
         }
         let mut w = Writer::new(buf);
         w.put(&[VERSION, MsgType::Register as u8, 0, 0])?;
+        w.put(&self.cookie)?;
         w.put(&self.community)?;
         w.put(&self.edge_key)?;
         w.u64(self.seq)?;
@@ -317,21 +350,16 @@ impl Register {
         for a in &self.local_addrs {
             w.addr(a)?;
         }
-        if w.buf.len() < w.pos + SIG_LEN {
-            return Err(WireError::NoRoom);
-        }
-        Ok(w.pos)
+        room_for_sig(w.buf, w.pos)
     }
 
     /// Parses a register message (signature not checked here).
     pub fn decode(buf: &[u8]) -> Result<RegisterView<'_>, WireError> {
         check_head(buf, MsgType::Register)?;
-        if buf.len() < 4 + SIG_LEN {
-            return Err(WireError::Truncated);
-        }
+        let (signed, sig) = split_sig(buf, 4)?;
         check_zero(buf, 2..4)?;
-        let (signed, sig) = buf.split_at(buf.len() - SIG_LEN);
         let mut r = Reader::new(signed, 4);
+        let cookie = r.array()?;
         let community = r.array()?;
         let edge_key = r.array()?;
         let seq = r.u64()?;
@@ -347,6 +375,7 @@ impl Register {
         r.finish()?;
         Ok(RegisterView {
             msg: Register {
+                cookie,
                 community,
                 edge_key,
                 seq,
@@ -360,9 +389,10 @@ impl Register {
 }
 
 // ---------------------------------------------------------------------------------------
-// RegisterAck (supernode -> edge)
+// RegisterAck (supernode -> edge), signed by the supernode
 
-/// The supernode's answer to a register message.
+/// The supernode's answer to a register message whose cookie is valid. Signed with the
+/// supernode's key; bound to the registration by edge id and sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegisterAck {
     /// Community of the registration.
@@ -375,11 +405,16 @@ pub struct RegisterAck {
     pub observed: SocketAddr,
     /// Seconds the registration lasts without a refresh.
     pub lifetime_secs: u16,
+    /// A fresh cookie for the next registration.
+    pub cookie: [u8; COOKIE_LEN],
+    /// The supernode's Ed25519 public key (the signature checks against it).
+    pub sn_key: [u8; SN_KEY_LEN],
 }
 
 impl RegisterAck {
-    /// Encodes into `buf`; returns the length.
-    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+    /// Encodes everything except the signature; returns the length. The caller appends
+    /// a [`SIG_LEN`]-byte signature over `buf[..len]`.
+    pub fn encode_unsigned(&self, buf: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer::new(buf);
         w.put(&[VERSION, MsgType::RegisterAck as u8, 0, 0])?;
         w.put(&self.community)?;
@@ -387,27 +422,71 @@ impl RegisterAck {
         w.u64(self.seq)?;
         w.addr(&self.observed)?;
         w.u16(self.lifetime_secs)?;
-        Ok(w.pos)
+        w.put(&self.cookie)?;
+        w.put(&self.sn_key)?;
+        room_for_sig(w.buf, w.pos)
     }
-    /// Parses.
-    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+    /// Parses (signature not checked here).
+    pub fn decode(buf: &[u8]) -> Result<Signed<'_, Self>, WireError> {
         check_head(buf, MsgType::RegisterAck)?;
+        let (signed, sig) = split_sig(buf, 4)?;
         check_zero(buf, 2..4)?;
-        let mut r = Reader::new(buf, 4);
-        let m = Self {
+        let mut r = Reader::new(signed, 4);
+        let msg = Self {
             community: r.array()?,
             edge: r.array()?,
             seq: r.u64()?,
             observed: r.addr()?,
             lifetime_secs: r.u16()?,
+            cookie: r.array()?,
+            sn_key: r.array()?,
         };
         r.finish()?;
-        Ok(m)
+        Ok(Signed { msg, signed, sig })
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// PeerInfo (supernode -> edge)
+// Cookie (supernode -> edge), the answer to an unvalidated registration
+
+/// An address-validation cookie. Never larger than the registration it answers, and the
+/// only thing the supernode sends to an address that has not proven it receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cookie {
+    /// Edge id of the registration key in the request.
+    pub edge: EdgeId,
+    /// Sequence number of the request.
+    pub seq: u64,
+    /// The cookie to put in the next registration.
+    pub cookie: [u8; COOKIE_LEN],
+}
+
+impl Cookie {
+    /// Encodes into `buf[..COOKIE_MSG_LEN]`.
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(buf);
+        w.put(&[VERSION, MsgType::Cookie as u8, 0, 0])?;
+        w.put(&self.edge)?;
+        w.u64(self.seq)?;
+        w.put(&self.cookie)?;
+        Ok(w.pos)
+    }
+    /// Parses.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        check_head(buf, MsgType::Cookie)?;
+        check_len(buf, COOKIE_MSG_LEN)?;
+        check_zero(buf, 2..4)?;
+        let mut r = Reader::new(buf, 4);
+        Ok(Self {
+            edge: r.array()?,
+            seq: r.u64()?,
+            cookie: r.array()?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PeerInfo (supernode -> edge), signed by the supernode
 
 /// One peer as the supernode knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -422,20 +501,26 @@ pub struct PeerEntry {
     pub local_addrs: Vec<SocketAddr>,
 }
 
-/// Where peers are.
+/// Where peers are. Signed with the supernode's key and bound to one registration of the
+/// receiving edge (its id and a sequence number it registered with).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Community.
     pub community: CommunityId,
     /// Set when this message is part of the complete list (sent after each registration).
     pub full: bool,
+    /// The receiving edge.
+    pub dst: EdgeId,
+    /// The receiving edge's last registration sequence number the supernode accepted.
+    pub seq: u64,
     /// Peers (at most [`MAX_PEERS_PER_INFO`]).
     pub peers: Vec<PeerEntry>,
 }
 
 impl PeerInfo {
-    /// Encodes into `buf`; returns the length.
-    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+    /// Encodes everything except the signature; returns the length. The caller appends
+    /// a [`SIG_LEN`]-byte signature over `buf[..len]`.
+    pub fn encode_unsigned(&self, buf: &mut [u8]) -> Result<usize, WireError> {
         if self.peers.len() > MAX_PEERS_PER_INFO {
             return Err(WireError::Malformed);
         }
@@ -447,6 +532,8 @@ impl PeerInfo {
             self.peers.len() as u8,
         ])?;
         w.put(&self.community)?;
+        w.put(&self.dst)?;
+        w.u64(self.seq)?;
         for p in &self.peers {
             if p.local_addrs.len() > MAX_LOCAL_ADDRS {
                 return Err(WireError::Malformed);
@@ -459,14 +546,12 @@ impl PeerInfo {
                 w.addr(a)?;
             }
         }
-        Ok(w.pos)
+        room_for_sig(w.buf, w.pos)
     }
-    /// Parses.
-    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+    /// Parses (signature not checked here).
+    pub fn decode(buf: &[u8]) -> Result<Signed<'_, Self>, WireError> {
         check_head(buf, MsgType::PeerInfo)?;
-        if buf.len() < 4 {
-            return Err(WireError::Truncated);
-        }
+        let (signed, sig) = split_sig(buf, 4)?;
         let full = match buf[2] {
             0 => false,
             1 => true,
@@ -476,8 +561,10 @@ impl PeerInfo {
         if n > MAX_PEERS_PER_INFO {
             return Err(WireError::Malformed);
         }
-        let mut r = Reader::new(buf, 4);
+        let mut r = Reader::new(signed, 4);
         let community = r.array()?;
+        let dst = r.array()?;
+        let seq = r.u64()?;
         let mut peers = Vec::with_capacity(n);
         for _ in 0..n {
             let id = r.array()?;
@@ -499,10 +586,16 @@ impl PeerInfo {
             });
         }
         r.finish()?;
-        Ok(Self {
-            community,
-            full,
-            peers,
+        Ok(Signed {
+            msg: Self {
+                community,
+                full,
+                dst,
+                seq,
+                peers,
+            },
+            signed,
+            sig,
         })
     }
 }
@@ -809,6 +902,7 @@ mod tests {
     #[test]
     fn register_roundtrip() {
         let m = Register {
+            cookie: [3; 16],
             community: [7; 16],
             edge_key: [9; 32],
             seq: 42,
@@ -828,20 +922,39 @@ mod tests {
     }
 
     #[test]
-    fn ack_and_peerinfo_roundtrip() {
+    fn ack_cookie_and_peerinfo_roundtrip() {
         let a = RegisterAck {
             community: [1; 16],
             edge: [2; 8],
             seq: 3,
             observed: sa("198.18.0.1:7654"),
             lifetime_secs: 30,
+            cookie: [4; 16],
+            sn_key: [5; 32],
         };
         let mut buf = [0u8; 1500];
-        let n = a.encode(&mut buf).unwrap();
-        assert_eq!(RegisterAck::decode(&buf[..n]).unwrap(), a);
+        let n = a.encode_unsigned(&mut buf).unwrap();
+        buf[n..n + SIG_LEN].fill(0xcd);
+        let v = RegisterAck::decode(&buf[..n + SIG_LEN]).unwrap();
+        assert_eq!(v.msg, a);
+        assert_eq!(v.signed, &buf[..n]);
+        for cut in 0..n + SIG_LEN {
+            assert!(RegisterAck::decode(&buf[..cut]).is_err());
+        }
+        let c = Cookie {
+            edge: [6; 8],
+            seq: 7,
+            cookie: [8; 16],
+        };
+        let n = c.encode(&mut buf).unwrap();
+        assert_eq!(n, COOKIE_MSG_LEN);
+        assert_eq!(Cookie::decode(&buf[..n]).unwrap(), c);
+        assert!(Cookie::decode(&buf[..n - 1]).is_err());
         let p = PeerInfo {
             community: [1; 16],
             full: true,
+            dst: [9; 8],
+            seq: 10,
             peers: vec![PeerEntry {
                 id: [3; 8],
                 name: "a".into(),
@@ -849,9 +962,12 @@ mod tests {
                 local_addrs: vec![sa("10.0.0.1:2")],
             }],
         };
-        let n = p.encode(&mut buf).unwrap();
-        assert_eq!(PeerInfo::decode(&buf[..n]).unwrap(), p);
-        for cut in 0..n {
+        let n = p.encode_unsigned(&mut buf).unwrap();
+        buf[n..n + SIG_LEN].fill(0xef);
+        let v = PeerInfo::decode(&buf[..n + SIG_LEN]).unwrap();
+        assert_eq!(v.msg, p);
+        assert_eq!(v.sig, &[0xef; SIG_LEN][..]);
+        for cut in 0..n + SIG_LEN {
             assert!(PeerInfo::decode(&buf[..cut]).is_err());
         }
     }
@@ -915,8 +1031,9 @@ mod tests {
 
     #[test]
     fn bad_version_and_type() {
-        assert_eq!(peek_type(&[2, 1]), Err(WireError::BadVersion));
-        assert_eq!(peek_type(&[1, 0x77]), Err(WireError::UnknownType));
-        assert_eq!(peek_type(&[1]), Err(WireError::Truncated));
+        assert_eq!(peek_type(&[1, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[3, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[VERSION, 0x77]), Err(WireError::UnknownType));
+        assert_eq!(peek_type(&[VERSION]), Err(WireError::Truncated));
     }
 }

@@ -23,8 +23,8 @@ proptest! {
     #[test]
     fn register_roundtrip(community in any::<[u8; 16]>(), key in any::<[u8; 32]>(), seq in any::<u64>(),
                           n in name(), addrs in prop::collection::vec(addr(), 0..=MAX_LOCAL_ADDRS),
-                          sig in any::<[u8; 32]>()) {
-        let m = Register { community, edge_key: key, seq, name: n, local_addrs: addrs };
+                          sig in any::<[u8; 32]>(), cookie in any::<[u8; 16]>()) {
+        let m = Register { cookie, community, edge_key: key, seq, name: n, local_addrs: addrs };
         let mut buf = [0u8; 1024];
         let len = m.encode_unsigned(&mut buf).unwrap();
         buf[len..len + 32].copy_from_slice(&sig);
@@ -35,27 +35,39 @@ proptest! {
     }
 
     #[test]
-    fn ack_roundtrip(community in any::<[u8; 16]>(), edge in any::<[u8; 8]>(), seq in any::<u64>(),
-                     observed in addr(), lifetime in any::<u16>()) {
-        let m = RegisterAck { community, edge, seq, observed, lifetime_secs: lifetime };
-        let mut buf = [0u8; 128];
-        let n = m.encode(&mut buf).unwrap();
-        prop_assert_eq!(RegisterAck::decode(&buf[..n]).unwrap(), m);
+    fn ack_and_cookie_roundtrip(community in any::<[u8; 16]>(), edge in any::<[u8; 8]>(), seq in any::<u64>(),
+                     observed in addr(), lifetime in any::<u16>(), cookie in any::<[u8; 16]>(),
+                     sn_key in any::<[u8; 32]>(), sig in any::<[u8; 32]>()) {
+        let m = RegisterAck { community, edge, seq, observed, lifetime_secs: lifetime, cookie, sn_key };
+        let mut buf = [0u8; 256];
+        let n = m.encode_unsigned(&mut buf).unwrap();
+        buf[n..n + 32].copy_from_slice(&sig);
+        buf[n + 32..n + 64].copy_from_slice(&sig);
+        let v = RegisterAck::decode(&buf[..n + SIG_LEN]).unwrap();
+        prop_assert_eq!(v.msg, m);
+        prop_assert_eq!(v.signed.len(), n);
+        let c = Cookie { edge, seq, cookie };
+        let n = c.encode(&mut buf).unwrap();
+        prop_assert_eq!(Cookie::decode(&buf[..n]).unwrap(), c);
     }
 
     #[test]
     fn peer_info_roundtrip(community in any::<[u8; 16]>(), full in any::<bool>(),
+                           dst in any::<[u8; 8]>(), seq in any::<u64>(),
                            peers in prop::collection::vec(
                                (any::<[u8; 8]>(), name(), addr(), prop::collection::vec(addr(), 0..=3)),
                                0..=MAX_PEERS_PER_INFO)) {
         let m = PeerInfo {
             community,
             full,
+            dst,
+            seq,
             peers: peers.into_iter().map(|(id, name, observed, local_addrs)| PeerEntry { id, name, observed, local_addrs }).collect(),
         };
         let mut buf = vec![0u8; 8192];
-        let n = m.encode(&mut buf).unwrap();
-        prop_assert_eq!(PeerInfo::decode(&buf[..n]).unwrap(), m);
+        let n = m.encode_unsigned(&mut buf).unwrap();
+        let v = PeerInfo::decode(&buf[..n + SIG_LEN]).unwrap();
+        prop_assert_eq!(v.msg, m);
     }
 
     #[test]
@@ -104,6 +116,7 @@ proptest! {
         let _ = Register::decode(&data);
         let _ = RegisterAck::decode(&data);
         let _ = PeerInfo::decode(&data);
+        let _ = Cookie::decode(&data);
         let _ = RelayHdr::decode(&data);
         let _ = decode_bcast(&data);
         let _ = HandshakeInit::decode(&data);

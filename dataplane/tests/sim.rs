@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dataplane::crypto::Cipher;
-use dataplane::edge::{EdgeConfig, EdgeCore, Timers};
+use dataplane::edge::{EdgeConfig, EdgeCore, SupernodeAddr, Timers};
 use dataplane::outbox::Outbox;
+use dataplane::snkey::SupernodeKey;
 use dataplane::status::EdgeStatus;
 use dataplane::supernode::{SupernodeConfig, SupernodeCore};
 
@@ -21,6 +22,7 @@ struct Edge {
 
 struct Sn {
     addr: SocketAddr,
+    key: SupernodeKey,
     core: SupernodeCore,
     out: Outbox,
     alive: bool,
@@ -33,6 +35,11 @@ struct Net {
     blocked: Vec<(SocketAddr, SocketAddr)>,
     queue: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
     delivered: u64,
+    /// Datagrams sent to addresses where nothing of ours listens (victims, attackers).
+    strays: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// Every datagram delivered, while `capture` is set.
+    capture: bool,
+    seen: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -53,6 +60,12 @@ fn timers() -> Timers {
         direct_timeout: Duration::from_millis(1500),
         peer_expiry: Duration::from_secs(10),
         mac_expiry: Duration::from_secs(60),
+        relay_silence: Duration::from_millis(200),
+        relay_check_timeout: Duration::from_millis(300),
+        relay_check_every: Duration::from_secs(1),
+        unvalidated_tries: 8,
+        unvalidated_backoff: Duration::from_secs(1),
+        unvalidated_per_sec: 64,
     }
 }
 
@@ -86,17 +99,22 @@ impl Net {
     fn new(n_sns: usize) -> Self {
         let now = Instant::now();
         let sns = (0..n_sns)
-            .map(|i| Sn {
-                addr: sa(&format!("198.18.0.{}:7654", 100 + i)),
-                core: SupernodeCore::new(
-                    SupernodeConfig {
-                        edge_timeout: Duration::from_secs(3),
-                        ..SupernodeConfig::default()
-                    },
-                    now,
-                ),
-                out: Outbox::new(2048),
-                alive: true,
+            .map(|i| {
+                let key = SupernodeKey::generate().unwrap();
+                Sn {
+                    addr: sa(&format!("198.18.0.{}:7654", 100 + i)),
+                    core: SupernodeCore::new(
+                        SupernodeConfig {
+                            edge_timeout: Duration::from_secs(3),
+                            ..SupernodeConfig::default()
+                        },
+                        key.clone(),
+                        now,
+                    ),
+                    key,
+                    out: Outbox::new(2048),
+                    alive: true,
+                }
             })
             .collect();
         Self {
@@ -106,20 +124,42 @@ impl Net {
             blocked: Vec::new(),
             queue: VecDeque::new(),
             delivered: 0,
+            strays: Vec::new(),
+            capture: false,
+            seen: Vec::new(),
         }
     }
 
     fn add_edge(&mut self, name: &str, secret: &str, cipher: Cipher) -> usize {
+        self.add_edge_with(name, secret, cipher, timers(), true)
+    }
+
+    /// An edge with its own timers; `pin` gives it the supernodes' keys.
+    fn add_edge_with(
+        &mut self,
+        name: &str,
+        secret: &str,
+        cipher: Cipher,
+        timers: Timers,
+        pin: bool,
+    ) -> usize {
         let i = self.edges.len();
-        let addr = sa(&format!("198.18.1.{}:40000", i + 1));
+        let addr = sa(&format!("198.18.{}.{}:40000", 1 + i / 200, i % 200 + 1));
         let cfg = EdgeConfig {
             name: name.into(),
             community: "lab".into(),
             secret: secret.as_bytes().to_vec(),
             cipher,
-            supernodes: self.sns.iter().map(|s| s.addr).collect(),
+            supernodes: self
+                .sns
+                .iter()
+                .map(|s| SupernodeAddr {
+                    addr: s.addr,
+                    key: pin.then(|| s.key.public()),
+                })
+                .collect(),
             local_addrs: vec![addr],
-            timers: timers(),
+            timers,
             max_peers: 64,
             max_macs: 64,
         };
@@ -142,6 +182,9 @@ impl Net {
                 continue;
             }
             let now = self.now;
+            if self.capture {
+                self.seen.push((src, dst, pkt.clone()));
+            }
             if let Some(e) = self.edges.iter_mut().find(|e| e.addr == dst && e.alive) {
                 e.core.handle_udp(now, src, &mut pkt, &mut e.out);
                 drain(&mut e.out, e.addr, &mut self.queue, Some(&mut e.tap_rx));
@@ -150,6 +193,10 @@ impl Net {
                 s.core.handle(now, src, &pkt, &mut s.out);
                 drain(&mut s.out, s.addr, &mut self.queue, None);
                 self.delivered += 1;
+            } else if !self.edges.iter().any(|e| e.addr == dst)
+                && !self.sns.iter().any(|s| s.addr == dst)
+            {
+                self.strays.push((src, dst, pkt));
             }
         }
     }
@@ -309,7 +356,7 @@ fn wrong_secret_gets_nothing_and_sends_nothing() {
     // c cannot even talk to a directly with a forged handshake: a counts the failure.
     let init = {
         let mut buf = vec![0u8; 72];
-        buf[0] = 1;
+        buf[0] = dataplane::wire::VERSION;
         buf[1] = 0x10;
         buf[2] = 1;
         buf
@@ -380,7 +427,8 @@ fn supernode_failover_and_direct_traffic_survives() {
     assert_eq!(net.edges[a].tap_rx.last(), Some(&f));
     // The first supernode restarts empty: the edges register again by themselves.
     net.sns[0].alive = true;
-    net.sns[0].core = SupernodeCore::new(SupernodeConfig::default(), net.now);
+    net.sns[0].core =
+        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
     net.run(Duration::from_secs(2));
     assert_eq!(net.status(a).supernodes[0].state, "up");
     let s = net.sns[0].core.status(net.now, "sn");
@@ -472,7 +520,7 @@ fn garbage_is_counted_never_fatal() {
         let len = rng.gen_range(0..200);
         let mut p: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         if i % 2 == 0 && len >= 2 {
-            p[0] = 1; // right version, random type and body
+            p[0] = dataplane::wire::VERSION; // right version, random type and body
             p[1] = [1u8, 2, 3, 4, 5, 0x10, 0x11, 0x12, 0x13][i % 9];
         }
         let t = targets[i % 3];
@@ -485,6 +533,11 @@ fn garbage_is_counted_never_fatal() {
     assert!(drops > 500, "{drops}");
     let sn_drops: u64 = net.sns[0].core.status(net.now, "sn").drops.values().sum();
     assert!(sn_drops > 200, "{sn_drops}");
+    // Half of the junk claimed the supernode's address: still no phantom or renamed peer.
+    for (e, other) in [(a, "b"), (b, "a")] {
+        let names: Vec<String> = net.status(e).peers.iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, [other]);
+    }
     // Still working.
     net.run(Duration::from_secs(1));
     net.send_frame(a, &frame(BCAST, mac(1), 1));
@@ -630,4 +683,512 @@ fn two_forwarder_threads_share_one_core_without_repeating_nonces() {
     net.queue.push_back((a_addr, dst, bytes));
     net.deliver();
     assert_eq!(net.status(b).drops.get("replay"), Some(&1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile networks: reflection, forged supernode messages, bounded attempts, failover.
+
+/// A registration of a key the attacker holds, for community "lab" with secret "s"
+/// (an attacker who has seen one registration knows the community id), with `cookie`
+/// and `locals` as the announced addresses.
+fn forged_register(
+    key: &ring::signature::Ed25519KeyPair,
+    seq: u64,
+    cookie: [u8; 16],
+    locals: Vec<SocketAddr>,
+) -> Vec<u8> {
+    use dataplane::wire::{Register, SIG_LEN};
+    use ring::signature::KeyPair;
+    let mut edge_key = [0u8; 32];
+    edge_key.copy_from_slice(key.public_key().as_ref());
+    let m = Register {
+        cookie,
+        community: dataplane::crypto::CommunityKeys::derive("lab", b"s").id,
+        edge_key,
+        seq,
+        name: "evil".into(),
+        local_addrs: locals,
+    };
+    let mut b = vec![0u8; 512];
+    let n = m.encode_unsigned(&mut b).unwrap();
+    let sig = key.sign(&b[..n]);
+    b[n..n + SIG_LEN].copy_from_slice(sig.as_ref());
+    b.truncate(n + SIG_LEN);
+    b
+}
+
+fn attacker_key() -> ring::signature::Ed25519KeyPair {
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(&[42; 32]).unwrap()
+}
+
+/// One registration with a spoofed source (the victim's address) makes the supernode
+/// send the victim one datagram no larger than the registration, and nothing else: no
+/// acknowledgement, no peer list, no introduction to the members, hence no handshake
+/// inits from them. With 3 and with 50 members.
+#[test]
+fn spoofed_registration_gets_one_small_cookie_and_no_fanout() {
+    for members in [3usize, 50] {
+        let mut net = Net::new(1);
+        for i in 0..members {
+            net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
+        }
+        net.run(Duration::from_secs(3));
+        assert_eq!(net.status(0).peers.len(), members - 1);
+        let victim = sa("198.18.9.9:5000");
+        let reg = forged_register(&attacker_key(), 1, [0; 16], vec![victim]);
+        let sn0 = net.sns[0].core.status(net.now, "sn");
+        net.strays.clear();
+        net.queue.push_back((victim, net.sns[0].addr, reg.clone()));
+        net.deliver();
+        net.run(Duration::from_secs(5));
+        let to_victim: Vec<&Vec<u8>> = net
+            .strays
+            .iter()
+            .filter(|(_, d, _)| *d == victim)
+            .map(|(_, _, b)| b)
+            .collect();
+        let bytes: usize = to_victim.iter().map(|b| b.len()).sum();
+        assert_eq!(to_victim.len(), 1, "{members} members");
+        assert!(
+            bytes <= reg.len(),
+            "{bytes} bytes for a {}-byte request",
+            reg.len()
+        );
+        assert_eq!(to_victim[0][1], dataplane::wire::MsgType::Cookie as u8);
+        let sn = net.sns[0].core.status(net.now, "sn");
+        assert!(sn.communities[0].edges.iter().all(|e| e.name != "evil"));
+        assert_eq!(sn.cookies_sent, sn0.cookies_sent + 1);
+        for i in 0..members {
+            assert!(net.status(i).peers.iter().all(|p| p.name != "evil"));
+        }
+        println!(
+            "{members} members: 1 request of {} bytes -> {} datagram(s), {bytes} bytes to the victim",
+            reg.len(),
+            to_victim.len()
+        );
+    }
+}
+
+/// Datagrams claiming to come from the supernode but not signed with its key, signed for
+/// another edge, or replayed from an earlier registration change nothing: no new or
+/// renamed peers, no supernode state change.
+#[test]
+fn spoofed_peer_info_and_ack_change_nothing() {
+    use dataplane::wire::{PeerEntry, PeerInfo, RegisterAck};
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    net.capture = true;
+    net.run(Duration::from_secs(2));
+    net.capture = false;
+    let sn = net.sns[0].addr;
+    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
+    let a_id = net.edges[a].core.id();
+    let before = net.status(a);
+    // Genuine messages seen on the wire: a peer list for b and an early one for a.
+    let info_for_b = net
+        .seen
+        .iter()
+        .find(|(s, d, p)| *s == sn && *d == ba && p[1] == 0x03)
+        .map(|x| x.2.clone())
+        .expect("a peer list for b");
+    let early_for_a = net
+        .seen
+        .iter()
+        .find(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x03)
+        .map(|x| x.2.clone())
+        .expect("a peer list for a");
+    let early_ack = net
+        .seen
+        .iter()
+        .find(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x02)
+        .map(|x| x.2.clone())
+        .expect("an ack for a");
+    // Forged, signed with a key that is not the supernode's.
+    let evil = SupernodeKey::generate().unwrap();
+    let community = dataplane::crypto::CommunityKeys::derive("lab", b"s").id;
+    let info = PeerInfo {
+        community,
+        full: false,
+        dst: a_id,
+        seq: 5,
+        peers: vec![
+            PeerEntry {
+                id: [9; 8],
+                name: "phantom".into(),
+                observed: sa("198.18.9.9:1"),
+                local_addrs: vec![],
+            },
+            PeerEntry {
+                id: net.edges[b].core.id(),
+                name: "renamed".into(),
+                observed: sa("198.18.9.9:2"),
+                local_addrs: vec![],
+            },
+        ],
+    };
+    let mut buf = vec![0u8; 1024];
+    let n = info.encode_unsigned(&mut buf).unwrap();
+    let n = evil.sign_into(&mut buf, n).unwrap();
+    let forged_info = buf[..n].to_vec();
+    let ack = RegisterAck {
+        community,
+        edge: a_id,
+        seq: 6,
+        observed: sa("198.18.9.9:3"),
+        lifetime_secs: 30,
+        cookie: [1; 16],
+        sn_key: evil.public(),
+    };
+    let n = ack.encode_unsigned(&mut buf).unwrap();
+    let n = evil.sign_into(&mut buf, n).unwrap();
+    let forged_ack = buf[..n].to_vec();
+    // The forged list with the real key's place taken by a flipped signature bit.
+    let mut flipped = info_for_b.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    for p in [
+        forged_info,
+        forged_ack,
+        info_for_b,
+        early_for_a,
+        early_ack,
+        flipped,
+    ] {
+        net.queue.push_back((sn, aa, p));
+    }
+    // A flood of bit-flipped genuine lists (each byte position, each bit in turn).
+    let genuine: Vec<Vec<u8>> = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x03)
+        .map(|x| x.2.clone())
+        .collect();
+    for (k, g) in genuine.iter().cycle().take(2000).enumerate() {
+        let mut f = g.clone();
+        let i = k % f.len();
+        f[i] ^= 1 << (k % 8);
+        net.queue.push_back((sn, aa, f));
+    }
+    net.deliver();
+    let after = net.status(a);
+    let names = |s: &dataplane::status::EdgeStatus| {
+        s.peers
+            .iter()
+            .map(|p| (p.name.clone(), p.id.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&after), names(&before));
+    assert_eq!(after.supernodes[0].observed, before.supernodes[0].observed);
+    let d = &after.drops;
+    assert!(d.contains_key("sn_key_mismatch"), "{d:?}");
+    assert!(d.contains_key("info_not_for_us"), "{d:?}");
+    assert!(
+        d.contains_key("stale_info") || d.contains_key("bad_signature"),
+        "{d:?}"
+    );
+    assert!(d.contains_key("stale_ack"), "{d:?}");
+    // Traffic still flows.
+    net.run(Duration::from_secs(1));
+    net.send_frame(a, &frame(BCAST, mac(1), 1));
+    let r = frame(mac(1), mac(2), 2);
+    net.send_frame(b, &r);
+    assert_eq!(net.edges[a].tap_rx.last(), Some(&r));
+}
+
+/// Without a pinned key an edge takes the key of the first signed acknowledgement and
+/// then refuses any other.
+#[test]
+fn unpinned_edge_trusts_the_first_key_and_keeps_it() {
+    let mut net = Net::new(1);
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, timers(), false);
+    let _b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    let st = net.status(a);
+    assert_eq!(st.supernodes[0].key_source, "first-use");
+    assert_eq!(
+        st.supernodes[0].key.as_deref(),
+        Some(net.sns[0].key.public_hex().as_str())
+    );
+    assert_eq!(st.peers.len(), 1);
+    // The supernode comes back with another key: refused.
+    net.sns[0].core = SupernodeCore::new(
+        SupernodeConfig::default(),
+        SupernodeKey::generate().unwrap(),
+        net.now,
+    );
+    net.run(Duration::from_secs(3));
+    let st = net.status(a);
+    assert_eq!(st.supernodes[0].state, "down");
+    assert!(st.drops.contains_key("sn_key_mismatch"), "{:?}", st.drops);
+}
+
+/// A registered impostor (it knows the community id, not the secret) announces victim
+/// addresses: the members' handshake inits to each address that never answers stay
+/// within `unvalidated_tries` plus one per `unvalidated_backoff`.
+#[test]
+fn handshake_attempts_to_unvalidated_addresses_are_bounded() {
+    let mut net = Net::new(1);
+    for i in 0..3 {
+        net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
+    }
+    net.run(Duration::from_secs(2));
+    let attacker = sa("198.18.9.8:1");
+    let victims: Vec<SocketAddr> = (0..8)
+        .map(|i| sa(&format!("198.18.9.{}:9", 10 + i)))
+        .collect();
+    let key = attacker_key();
+    let snaddr = net.sns[0].addr;
+    // First contact: a cookie comes back to the attacker's own address.
+    net.queue.push_back((
+        attacker,
+        snaddr,
+        forged_register(&key, 1, [0; 16], victims.clone()),
+    ));
+    net.deliver();
+    let cookie_msg = net
+        .strays
+        .iter()
+        .find(|(_, d, _)| *d == attacker)
+        .map(|x| x.2.clone())
+        .unwrap();
+    let cookie = dataplane::wire::Cookie::decode(&cookie_msg).unwrap().cookie;
+    net.strays.clear();
+    let secs = 10u32;
+    for k in 0..secs {
+        let reg = forged_register(&key, 2 + u64::from(k), cookie, victims.clone());
+        net.queue.push_back((attacker, snaddr, reg));
+        net.deliver();
+        net.run(Duration::from_secs(1));
+    }
+    assert!(net.status(0).peers.iter().any(|p| p.name == "evil"));
+    let t = timers();
+    let bound = t.unvalidated_tries + secs * 1000 / t.unvalidated_backoff.as_millis() as u32 + 1;
+    let mut worst = 0;
+    for e in &net.edges {
+        for v in &victims {
+            let n = net
+                .strays
+                .iter()
+                .filter(|(s, d, _)| *s == e.addr && d == v)
+                .count() as u32;
+            worst = worst.max(n);
+        }
+    }
+    // Unbounded, each member would send one every handshake_retry (50 in 10 s).
+    assert!(
+        worst <= bound,
+        "{worst} datagrams to one victim from one member, bound {bound}"
+    );
+    assert!(worst > 0);
+    let limited: u64 = (0..3)
+        .map(|i| {
+            net.status(i)
+                .drops
+                .get("unvalidated_limit")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(limited > 0);
+    println!("at most {worst} datagrams per member per victim address in {secs} s (bound {bound})");
+}
+
+/// Relayed traffic (direct path blocked) moves to the second supernode within 1 s of the
+/// first one dying, with the production timers; and while both directions flow, the
+/// supernode is not asked more often than the registration interval.
+#[test]
+fn relayed_traffic_fails_over_within_a_second() {
+    let mut net = Net::new(2);
+    // Production settings on both sides (the other tests shrink them).
+    for sn in &mut net.sns {
+        sn.core = SupernodeCore::new(SupernodeConfig::default(), sn.key.clone(), net.now);
+    }
+    let t = Timers {
+        unvalidated_backoff: Duration::from_secs(1),
+        ..Timers::default()
+    };
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t.clone(), true);
+    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, t, true);
+    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
+    net.blocked.push((aa, ba));
+    let dt = Duration::from_millis(10);
+    for _ in 0..600 {
+        net.step(dt);
+    }
+    assert_eq!(net.peer_path(a, "b").as_deref(), Some("relayed"));
+    net.send_frame(b, &frame(BCAST, mac(2), 0));
+    net.send_frame(a, &frame(BCAST, mac(1), 0));
+    // Pings every 100 ms from a to b; b answers each at once.
+    let sn0 = net.sns[0].addr;
+    let mut replies: Vec<Duration> = Vec::new();
+    let t0 = net.now;
+    let mut kill_at = None;
+    let mut regs_to_sn0 = 0;
+    net.capture = true;
+    for tick in 0..1000u32 {
+        if tick % 10 == 0 {
+            let seq = tick / 10;
+            let mut f = frame(mac(2), mac(1), 1);
+            f[14..18].copy_from_slice(&seq.to_be_bytes());
+            net.send_frame(a, &f);
+            let got: Vec<Vec<u8>> = net.edges[b].tap_rx.drain(..).collect();
+            for g in got.iter().filter(|g| g[..6] == mac(2)) {
+                let mut r = frame(mac(1), mac(2), 2);
+                r[14..18].copy_from_slice(&g[14..18]);
+                net.send_frame(b, &r);
+            }
+        }
+        let n_replies = net.edges[a]
+            .tap_rx
+            .iter()
+            .filter(|f| f[..6] == mac(1))
+            .count();
+        for _ in replies.len()..n_replies {
+            replies.push(net.now - t0);
+        }
+        if tick == 300 {
+            regs_to_sn0 = net
+                .seen
+                .iter()
+                .filter(|(s, d, p)| *s == aa && *d == sn0 && p[1] == 0x01)
+                .count();
+            net.sns[0].alive = false;
+            kill_at = Some(net.now - t0);
+        }
+        net.step(dt);
+    }
+    let kill = kill_at.unwrap();
+    // Three seconds of pings both ways before the kill: registrations only every 5 s.
+    assert!(
+        regs_to_sn0 <= 2,
+        "{regs_to_sn0} registrations in 3 s of steady traffic"
+    );
+    let first_after = replies
+        .iter()
+        .find(|t| **t > kill)
+        .copied()
+        .expect("replies resume");
+    let gap = first_after - kill;
+    let last_before = replies.iter().rfind(|t| **t <= kill).copied().unwrap();
+    let lost = replies.iter().filter(|t| **t > kill).count();
+    assert!(
+        gap < Duration::from_secs(1),
+        "relayed traffic resumed {gap:?} after the kill"
+    );
+    assert!(lost > 50, "{lost} replies after the kill");
+    println!(
+        "failover: last reply {:?} before the kill, first {:?} after it",
+        kill - last_before,
+        gap
+    );
+}
+
+/// Relayed traffic that gets no answer (one-way, or to a peer that went away) checks the
+/// supernode at most once per `relay_check_every`, and the supernode sends the complete
+/// list at most every 2 s to an edge whose registration did not change.
+#[test]
+fn one_way_relayed_traffic_checks_the_supernode_at_most_once_a_second() {
+    let mut net = Net::new(1);
+    net.sns[0].core =
+        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
+    let t = Timers::default();
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t.clone(), true);
+    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, t, true);
+    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
+    net.blocked.push((aa, ba));
+    let dt = Duration::from_millis(10);
+    for _ in 0..600 {
+        net.step(dt);
+    }
+    net.send_frame(b, &frame(BCAST, mac(2), 0));
+    // b goes away; a keeps sending to it through the supernode for 10 s.
+    net.edges[b].alive = false;
+    let sn = net.sns[0].addr;
+    net.capture = true;
+    for tick in 0..1000u32 {
+        if tick % 5 == 0 {
+            net.send_frame(a, &frame(mac(2), mac(1), 1));
+        }
+        net.step(dt);
+    }
+    let regs = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == aa && *d == sn && p[1] == 0x01)
+        .count();
+    let lists = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x03)
+        .count();
+    // 10 checks at most plus two regular registrations.
+    assert!(regs <= 13, "{regs} registrations in 10 s");
+    assert!(regs >= 5, "{regs}: the supernode was not checked");
+    assert!(lists <= 6, "{lists} peer lists in 10 s");
+    assert_eq!(net.status(a).supernodes[0].state, "up");
+    println!("one-way relayed traffic for 10 s: {regs} registrations, {lists} peer lists");
+}
+
+/// Over all peers together, an edge sends at most `unvalidated_per_sec` handshake inits a
+/// second to addresses that never answered: impostors announcing many addresses each do
+/// not add up.
+#[test]
+fn unvalidated_inits_share_one_budget_per_second() {
+    let mut net = Net::new(1);
+    let t = Timers {
+        unvalidated_per_sec: 5,
+        ..timers()
+    };
+    let m = net.add_edge_with("m", "s", Cipher::Aes256Gcm, t, true);
+    net.run(Duration::from_secs(1));
+    let snaddr = net.sns[0].addr;
+    // Four impostors, eight victim addresses each.
+    for k in 0..4u8 {
+        let attacker = sa(&format!("198.18.9.{}:1", 100 + k));
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[k + 1; 32]).unwrap();
+        let victims: Vec<SocketAddr> = (0..8)
+            .map(|i| sa(&format!("198.18.{}.{}:9", 20 + k, 10 + i)))
+            .collect();
+        net.queue.push_back((
+            attacker,
+            snaddr,
+            forged_register(&key, 1, [0; 16], victims.clone()),
+        ));
+        net.deliver();
+        let cookie_msg = net
+            .strays
+            .iter()
+            .rev()
+            .find(|(_, d, _)| *d == attacker)
+            .map(|x| x.2.clone())
+            .unwrap();
+        let cookie = dataplane::wire::Cookie::decode(&cookie_msg).unwrap().cookie;
+        net.queue
+            .push_back((attacker, snaddr, forged_register(&key, 2, cookie, victims)));
+        net.deliver();
+    }
+    net.strays.clear();
+    let ma = net.edges[m].addr;
+    let secs = 3u32;
+    net.run(Duration::from_secs(u64::from(secs)));
+    assert_eq!(
+        net.status(m)
+            .peers
+            .iter()
+            .filter(|p| p.name == "evil")
+            .count(),
+        4
+    );
+    // Inits to the victims (those to the impostors' own addresses use the budget too).
+    let to_victims = net
+        .strays
+        .iter()
+        .filter(|(s, d, p)| *s == ma && d.port() == 9 && p[1] == 0x10)
+        .count() as u32;
+    assert!(
+        to_victims <= 5 * (secs + 1),
+        "{to_victims} inits to unvalidated addresses in {secs} s"
+    );
+    assert!(net.status(m).drops.contains_key("unvalidated_budget"));
 }

@@ -10,13 +10,13 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let sn = "198.18.0.1:7654".parse().unwrap();
+    let sn: std::net::SocketAddr = "198.18.0.1:7654".parse().unwrap();
     let cfg = EdgeConfig {
         name: "f".into(),
         community: "c".into(),
         secret: b"s".to_vec(),
         cipher: Cipher::Aes256Gcm,
-        supernodes: vec![sn],
+        supernodes: vec![sn.into()],
         local_addrs: vec![],
         timers: Timers::default(),
         max_peers: 16,

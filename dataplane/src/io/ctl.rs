@@ -1,10 +1,16 @@
 //! Operator interfaces: the status socket (JSON, one document per connection) and the
 //! Prometheus metrics listener (a minimal HTTP/1.1 responder).
+//!
+//! Both accept loops outlive any accept error: when descriptors run out (EMFILE/ENFILE),
+//! a connection is aborted (ECONNABORTED) or anything else fails, they log once, back off
+//! and accept again. At most [`MAX_CONNS`] connections are served at once, each on its
+//! own thread and for at most [`CONN_DEADLINE`]; more are closed at once.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +21,75 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
 
 /// A snapshot published by an event loop and read by the operator threads.
 pub type Snapshot<T> = Arc<Mutex<Option<T>>>;
+
+/// Most connections served at once per listener.
+pub const MAX_CONNS: usize = 16;
+/// Longest time one connection is served (reading the request, waiting for the first
+/// snapshot, writing the answer).
+pub const CONN_DEADLINE: Duration = Duration::from_secs(3);
+/// Longest pause after an accept error (pauses double from 10 ms up to it).
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What an accept loop does after an error: go on at once (the error concerned one
+/// connection), or pause first (the process or system is short of something).
+fn accept_pause(e: &std::io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EAGAIN)
+    )
+}
+
+/// Accepts connections until `accept` returns `Ok(None)` (never, for a real listener)
+/// and hands each to `serve` on its own thread, at most [`MAX_CONNS`] at a time.
+fn accept_loop<C: Send + 'static>(
+    what: &'static str,
+    mut accept: impl FnMut() -> std::io::Result<Option<C>>,
+    serve: impl Fn(C) + Send + Sync + 'static,
+) {
+    let serve = Arc::new(serve);
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut backoff = Duration::from_millis(10);
+    let mut failing = false;
+    loop {
+        let c = match accept() {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(listener = what, error = %e, "accept failed; backing off and accepting again");
+                    failing = true;
+                }
+                if accept_pause(&e) {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                continue;
+            }
+        };
+        if failing {
+            tracing::info!(listener = what, "accepting again");
+            failing = false;
+        }
+        backoff = Duration::from_millis(10);
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            drop(c);
+            continue;
+        }
+        let (serve2, busy2) = (Arc::clone(&serve), Arc::clone(&busy));
+        let spawned = std::thread::Builder::new()
+            .name(format!("{what}-conn"))
+            .spawn(move || {
+                serve2(c);
+                busy2.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            // The thread was not made and the connection went down with its closure.
+            busy.fetch_sub(1, Ordering::AcqRel);
+            std::thread::sleep(backoff);
+        }
+    }
+}
 
 /// Listens on a Unix socket and answers every connection with the JSON of the snapshot.
 /// Removes a stale socket file first. Returns a guard that removes the file on drop.
@@ -46,26 +121,33 @@ pub fn serve_status<T: serde::Serialize + Send + 'static>(
     std::thread::Builder::new()
         .name("status".into())
         .spawn(move || {
-            for c in l.incoming() {
-                let Ok(mut c) = c else { continue };
-                // Right after start the loop has not published yet: a query then waits
-                // for the first snapshot rather than answer with nothing.
-                let first_wait = Instant::now() + FIRST_SNAPSHOT_WAIT;
-                let body = loop {
-                    let body = {
-                        let g = snap.lock().unwrap_or_else(|e| e.into_inner());
-                        g.as_ref().and_then(|s| serde_json::to_string(s).ok())
+            accept_loop(
+                "status",
+                || l.accept().map(|(c, _)| Some(c)),
+                move |mut c: UnixStream| {
+                    let start = Instant::now();
+                    // Right after start the loop has not published yet: a query then
+                    // waits for the first snapshot rather than answer with nothing.
+                    let first_wait = start + FIRST_SNAPSHOT_WAIT;
+                    let body = loop {
+                        let body = {
+                            let g = snap.lock().unwrap_or_else(|e| e.into_inner());
+                            g.as_ref().and_then(|s| serde_json::to_string(s).ok())
+                        };
+                        if body.is_some() || Instant::now() >= first_wait {
+                            break body;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
                     };
-                    if body.is_some() || Instant::now() >= first_wait {
-                        break body;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                };
-                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                let starting = r#"{"state":"starting"}"#;
-                let _ = c.write_all(body.as_deref().unwrap_or(starting).as_bytes());
-                let _ = c.write_all(b"\n");
-            }
+                    let left = CONN_DEADLINE
+                        .saturating_sub(start.elapsed())
+                        .max(Duration::from_millis(100));
+                    let _ = c.set_write_timeout(Some(left));
+                    let starting = r#"{"state":"starting"}"#;
+                    let _ = c.write_all(body.as_deref().unwrap_or(starting).as_bytes());
+                    let _ = c.write_all(b"\n");
+                },
+            )
         })
         .map_err(|e| IoError::Sys {
             call: "spawn status thread".into(),
@@ -105,7 +187,7 @@ pub fn query_status(path: &Path) -> Result<String, IoError> {
 /// Serves `render()` as Prometheus text on `GET /metrics`.
 pub fn serve_metrics(
     addr: SocketAddr,
-    render: impl Fn() -> String + Send + 'static,
+    render: impl Fn() -> String + Send + Sync + 'static,
 ) -> Result<SocketAddr, IoError> {
     let l = TcpListener::bind(addr).map_err(|e| IoError::Sys {
         call: format!("bind metrics {addr}"),
@@ -115,34 +197,45 @@ pub fn serve_metrics(
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for c in l.incoming() {
-                let Ok(mut c) = c else { continue };
-                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                let mut req = [0u8; 2048];
-                let mut got = 0;
-                while got < req.len() {
-                    match c.read(&mut req[got..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got += n,
+            accept_loop(
+                "metrics",
+                || l.accept().map(|(c, _)| Some(c)),
+                move |mut c: std::net::TcpStream| {
+                    // One deadline for the whole request, however slowly it trickles in.
+                    let deadline = Instant::now() + CONN_DEADLINE;
+                    let mut req = [0u8; 2048];
+                    let mut got = 0;
+                    while got < req.len() {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() || c.set_read_timeout(Some(left)).is_err() {
+                            return;
+                        }
+                        match c.read(&mut req[got..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got += n,
+                        }
+                        if req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
                     }
-                    if req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let line = String::from_utf8_lossy(&req[..got]);
-                let ok = line.starts_with("GET /metrics ") || line.starts_with("GET / ");
-                let (status, body) = if ok {
-                    ("200 OK", render())
-                } else {
-                    ("404 Not Found", "try GET /metrics\n".to_string())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = c.write_all(resp.as_bytes());
-            }
+                    let line = String::from_utf8_lossy(&req[..got]);
+                    let ok = line.starts_with("GET /metrics ") || line.starts_with("GET / ");
+                    let (status, body) = if ok {
+                        ("200 OK", render())
+                    } else {
+                        ("404 Not Found", "try GET /metrics\n".to_string())
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100));
+                    let _ = c.set_write_timeout(Some(left));
+                    let _ = c.write_all(resp.as_bytes());
+                },
+            )
         })
         .map_err(|e| IoError::Sys {
             call: "spawn metrics thread".into(),
@@ -154,6 +247,65 @@ pub fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_back_off_and_accepting_goes_on() {
+        // Descriptors run out five times, a connection is aborted once, then accepts work.
+        let mut script: Vec<std::io::Result<Option<u32>>> = vec![];
+        for _ in 0..5 {
+            script.push(Err(std::io::Error::from_raw_os_error(libc::EMFILE)));
+        }
+        script.push(Err(std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
+        script.push(Err(std::io::Error::from_raw_os_error(libc::ENFILE)));
+        script.push(Ok(Some(1)));
+        script.push(Ok(Some(2)));
+        script.push(Ok(None));
+        let mut script = script.into_iter();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&served);
+        let t = Instant::now();
+        accept_loop(
+            "test",
+            move || script.next().unwrap_or(Ok(None)),
+            move |c| s2.lock().unwrap().push(c),
+        );
+        // Backoff 10+20+40+80+160 ms, nothing for the aborted one, 320 ms for ENFILE.
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while served.lock().unwrap().len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut got = served.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, vec![1, 2]);
+    }
+
+    #[test]
+    fn idle_metrics_clients_cannot_hold_the_listener() {
+        let at = serve_metrics("127.0.0.1:0".parse().unwrap(), || "m 1\n".to_string()).unwrap();
+        // More idle connections than the listener serves at once; none sends a byte.
+        let idle: Vec<std::net::TcpStream> = (0..MAX_CONNS + 4)
+            .map(|_| std::net::TcpStream::connect(at).unwrap())
+            .collect();
+        let t = Instant::now();
+        let mut body = String::new();
+        while t.elapsed() < CONN_DEADLINE * 3 {
+            let mut c = std::net::TcpStream::connect(at).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+            body.clear();
+            let _ = c.read_to_string(&mut body);
+            if body.contains("200 OK") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(body.contains("m 1"), "{body:?}");
+        assert!(t.elapsed() <= CONN_DEADLINE * 2, "{:?}", t.elapsed());
+        drop(idle);
+    }
 
     #[test]
     fn a_query_right_after_start_waits_for_the_first_snapshot() {
