@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -164,8 +164,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Tears every live lab of this process down when SIGINT or SIGTERM arrives, then exits
-/// with status 130. Call once, early, from a binary.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM arrived and [`install_signal_teardown`]'s handler is tearing
+/// the labs down (the process exits when it is done): failures seen meanwhile are its
+/// doing, not worth reporting.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// When [`interrupted`]: waits (at most a minute) for the signal handler to finish the
+/// teardown and exit the process.
+pub fn wait_if_interrupted() {
+    if interrupted() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// Tears every live lab of this process down when SIGINT or SIGTERM arrives (processes,
+/// namespaces, temp dirs, run files), then exits with status 130. Call once, early, from
+/// a binary.
 pub fn install_signal_teardown() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
@@ -175,6 +193,7 @@ pub fn install_signal_teardown() -> Result<()> {
         })?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
             eprintln!("signal {sig}: tearing the lab down");
             let labs: Vec<_> = lock(registry()).clone();
             for st in labs {

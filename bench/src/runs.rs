@@ -53,12 +53,17 @@ pub struct Cleaned {
 }
 
 /// Start time of process `pid` in clock ticks since boot (field 22 of
-/// `/proc/PID/stat`), or `None` when there is no such process.
+/// `/proc/PID/stat`), or `None` when there is no such process or it has exited and
+/// only waits to be reaped (a zombie).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // Field 3, the state: Z (zombie) and X (dead) have exited.
+    if matches!(fields.next(), Some("Z" | "X") | None) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Whether `pid` still is the process that started at `start`.
@@ -133,15 +138,16 @@ pub fn pids_in_namespace(ns: &str) -> Vec<u32> {
 /// Kills (SIGKILL) every process inside the namespaces `<prefix>-...` and deletes those
 /// namespaces; returns (processes signalled, namespaces deleted).
 pub fn remove_namespaces(prefix: &str) -> (usize, usize) {
-    let mut killed = 0;
+    let mut killed = std::collections::BTreeSet::new();
     let names = namespaces_with_prefix(prefix);
     for ns in &names {
         for pid in pids_in_namespace(ns) {
             if signal_pid(pid, libc::SIGKILL) {
-                killed += 1;
+                killed.insert(pid);
             }
         }
     }
+    let killed = killed.len();
     let mut deleted = 0;
     for ns in names.iter().rev() {
         // A process just killed may still hold a device busy for a moment.

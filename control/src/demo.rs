@@ -119,6 +119,15 @@ if c.Get_rank() == 0:
 
 /// The demo: sites, one-command cluster, OpenMPI job, teardown.
 pub fn run(cfg: &DemoConfig) -> Result<()> {
+    let r = run_demo(cfg);
+    if r.is_err() {
+        // After SIGINT/SIGTERM a failure is the teardown's doing: let it end the process.
+        lab::wait_if_interrupted();
+    }
+    r
+}
+
+fn run_demo(cfg: &DemoConfig) -> Result<()> {
     need_root()?;
     if cfg.computes.len() != 3 {
         return Err(DemoError::Failed(
@@ -195,6 +204,8 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
         Ok(())
     })();
     if res.is_err() {
+        // After SIGINT/SIGTERM the failure is the teardown's doing: let it end the process.
+        lab::wait_if_interrupted();
         sl.dump_logs();
     }
     step("tearing the sites down");

@@ -437,9 +437,20 @@ fn open_store(db: &Path) -> Result<SqliteStore> {
 /// Exit status of a command line or value the user has to change.
 const EXIT_USAGE: u8 = 2;
 
-/// One line: the error and its causes joined by ": ", line breaks inside them folded.
+/// One line: the error and its causes joined by ": " (a cause the message already
+/// quotes is not repeated), line breaks inside them folded.
 fn one_line(e: &anyhow::Error) -> String {
-    let s = format!("{e:#}");
+    let mut s = String::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        if s.contains(&m) {
+            continue;
+        }
+        if !s.is_empty() {
+            s += ": ";
+        }
+        s += &m;
+    }
     let parts: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     parts.join(" | ")
 }
