@@ -193,7 +193,8 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} {s:?} is not a valid name (letters, digits, '-', at most {max})"
+            "{what} {} is not a valid name (letters, digits, '-', at most {max})",
+            crate::validate::quote(s)
         ))
     }
 }
@@ -207,14 +208,20 @@ fn check_host(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("host {s:?} is not a valid host name"))
+        Err(format!(
+            "host {} is not a valid host name",
+            crate::validate::quote(s)
+        ))
     }
 }
 
 fn check_ip(what: &str, s: &str) -> Result<(), String> {
-    s.parse::<std::net::Ipv4Addr>()
-        .map(|_| ())
-        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+    s.parse::<std::net::Ipv4Addr>().map(|_| ()).map_err(|_| {
+        format!(
+            "{what} {} is not an IPv4 address",
+            crate::validate::quote(s)
+        )
+    })
 }
 
 /// Most memory one VM may ask for (MiB).
@@ -261,9 +268,12 @@ impl Request {
                 if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err("the community secret must be at least 32 hex digits".into());
                 }
-                supernode
-                    .parse::<std::net::SocketAddrV4>()
-                    .map_err(|_| format!("supernode {supernode:?} is not ip:port"))?;
+                supernode.parse::<std::net::SocketAddrV4>().map_err(|_| {
+                    format!(
+                        "supernode {} is not ip:port",
+                        crate::validate::quote(supernode)
+                    )
+                })?;
                 if *supernode_port == Some(0) {
                     return Err("supernode port 0".into());
                 }

@@ -36,8 +36,9 @@ pub struct Invalid(pub String);
 /// Result of the checks.
 pub type Result<T> = std::result::Result<T, Invalid>;
 
-/// `s` quoted for a message, with control characters escaped.
-fn quote(s: &str) -> String {
+/// `s` quoted for a message (`'s'`), with quotes, backslashes and control characters
+/// escaped and at most 80 characters shown: for echoing values that failed a check.
+pub fn quote(s: &str) -> String {
     let shown: String = s.chars().flat_map(char::escape_default).take(80).collect();
     format!("'{shown}'")
 }
