@@ -641,6 +641,19 @@ fn default_host() -> HostSpec {
     }
 }
 
+/// Refuses a state directory that `mvc agent init` has not made (nothing is created).
+fn initialised(state: &Path) -> Result<(), validate::Invalid> {
+    if agent::key_path(state).is_file() {
+        Ok(())
+    } else {
+        Err(validate::Invalid(format!(
+            "{} is not an agent state directory (no agent key): run `mvc agent init --state {}` first",
+            state.display(),
+            state.display()
+        )))
+    }
+}
+
 fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
     match a {
         AgentCmd::Init { state } => {
@@ -656,6 +669,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             no_create_clusters,
             comment,
         } => {
+            initialised(&state)?;
             let a = Authorization {
                 key: user_key,
                 comment,
@@ -675,6 +689,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             })
         }
         AgentCmd::Revoke { state, user_key } => {
+            initialised(&state)?;
             if !agent::revoke(&state, &user_key)? {
                 bail!("key {user_key} was not authorised");
             }
@@ -696,6 +711,8 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             })
         }
         AgentCmd::Run(r) => {
+            initialised(&r.state)?;
+            let key = Arc::new(agent::load_key(&r.state)?);
             let run_dir = r.state.join("run");
             std::fs::create_dir_all(&run_dir)?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
@@ -736,7 +753,6 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 hosts,
                 overlay,
             };
-            let key = Arc::new(agent::load_key(&r.state)?);
             let core = AgentCore::open(cfg, driver)?;
             let listener = std::net::TcpListener::bind(&r.listen)
                 .with_context(|| format!("listening on {}", r.listen))?;

@@ -212,6 +212,10 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
             "namespace prefix",
         ),
         (vec![], "--site"),
+        (
+            vec!["--site", "X"],
+            "is not an agent state directory (no agent key): run `mvc agent init",
+        ),
     ] {
         let mut a = vec!["agent", "run", "--state", &s];
         a.extend(args);
@@ -250,6 +254,21 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         2,
         "host name 'b c'",
     );
+    user_error(
+        dir,
+        &[
+            "agent",
+            "authorize",
+            "--state",
+            &s,
+            "--key",
+            &user_pub,
+            "--max-vms",
+            "2",
+        ],
+        2,
+        "is not an agent state directory",
+    );
     assert!(!st.exists());
 
     // Three sites, as the README has them; then the agents go away, so a command that
@@ -273,6 +292,24 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         );
     }
     let refs: Vec<&Agent> = agents.iter().collect();
+    // A second agent on a port in use.
+    let p = dir.join("agent-P").display().to_string();
+    ok(dir, &["agent", "init", "--state", &p]);
+    user_error(
+        dir,
+        &[
+            "agent",
+            "run",
+            "--state",
+            &p,
+            "--site",
+            "P",
+            "--listen",
+            &agents[0].addr,
+        ],
+        1,
+        &format!("listening on {}: Address already in use", agents[0].addr),
+    );
     let before = snapshot(dir, &refs);
     let create = |name: &str, sites: &str, computes: &str| {
         vec![
