@@ -338,12 +338,14 @@ fn check(cmd: String, out: Output) -> Result<Out> {
 }
 
 impl Lab {
-    /// A new, empty lab. `tag` (at most 4 characters are used) starts the namespace prefix.
+    /// A new, empty lab. `tag` (its first 4 ASCII letters) starts the namespace prefix
+    /// `<tag><pid>x<seq>`: letters only, so no two processes' prefixes can be equal or
+    /// one the start of another followed by `-`.
     pub fn new(tag: &str) -> Result<Lab> {
         let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
         let tag: String = tag
             .chars()
-            .filter(char::is_ascii_alphanumeric)
+            .filter(char::is_ascii_alphabetic)
             .take(4)
             .collect();
         let prefix = format!("{tag}{}x{seq}", std::process::id());

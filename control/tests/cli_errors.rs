@@ -222,6 +222,10 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         user_error(dir, &a, 2, want);
         assert!(!st.exists());
     }
+    // The demo's counts are checked before it needs root or builds anything.
+    for bad in ["0:0:0", "1:1", "1:x:1"] {
+        user_error(dir, &["demo", "--computes", bad], 2, &format!("'{bad}'"));
+    }
     user_error(
         dir,
         &[
