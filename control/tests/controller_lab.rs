@@ -144,6 +144,12 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         slurm.contains("SwitchName=site-B Nodes=t-c4,t-c5"),
         "{slurm}"
     );
+    // With --json, the Slurm text under a key that says what it is.
+    let j = sl
+        .ctl_json(&["cluster", "topology", "t", "--slurm"])
+        .expect("topology --slurm --json");
+    let conf = j["slurm_topology_conf"].as_str().unwrap_or_default();
+    assert!(conf.contains("SwitchName=site-B Nodes=t-c4,t-c5"), "{j}");
 
     // An MPI job across the hostfile, launched from the frontend VM.
     if Path::new("/usr/lib/python3/dist-packages/mpi4py").exists() {
