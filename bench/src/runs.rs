@@ -169,6 +169,19 @@ pub fn remove_namespaces(prefix: &str) -> (usize, usize) {
     (killed, deleted)
 }
 
+/// Whether `prefix` is what [`crate::lab::Lab::new`] makes in process `pid`:
+/// `<letters><pid>x<seq>`. Only such a prefix is acted on, so a run file can never
+/// make the cleanup touch namespaces named after another process.
+pub fn is_lab_prefix(prefix: &str, pid: u32) -> bool {
+    let rest = prefix.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    match rest.split_once('x') {
+        Some((p, seq)) => {
+            p == pid.to_string() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
 /// Whether `dir` is a temp dir the lab with `prefix` made (so removing it is safe).
 fn is_lab_dir(dir: &Path, prefix: &str) -> bool {
     dir.is_absolute()
@@ -200,7 +213,16 @@ pub fn clean_dead_runs(run_dir: &Path) -> (Vec<Cleaned>, Vec<String>) {
                 continue;
             }
         };
-        if rec.alive() || rec.prefix.is_empty() {
+        if rec.alive() {
+            continue;
+        }
+        if !is_lab_prefix(&rec.prefix, rec.pid) {
+            errors.push(format!(
+                "run file {}: prefix '{}' is not one a lab of pid {} makes; left alone",
+                path.display(),
+                rec.prefix,
+                rec.pid
+            ));
             continue;
         }
         let mut c = Cleaned {
@@ -256,17 +278,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let me = std::process::id();
         let lab_dir = tempfile::Builder::new()
-            .prefix("mvc-lab-zzlive-")
+            .prefix(&format!("mvc-lab-zz{me}x0-"))
             .tempdir()
             .unwrap();
         let rec = RunRecord {
             pid: me,
             start_time: start_time(me).unwrap(),
-            prefix: "zzlive".into(),
+            prefix: format!("zz{me}x0"),
             dir: lab_dir.path().into(),
             children: vec![],
         };
-        let f = d.path().join("zzlive.json");
+        let f = d.path().join(format!("zz{me}x0.json"));
         rec.write(&f).unwrap();
         assert_eq!(RunRecord::read(&f).unwrap(), rec);
         std::fs::write(d.path().join("bad.json"), "{").unwrap();
@@ -281,7 +303,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let me = std::process::id();
         let lab_dir = tempfile::Builder::new()
-            .prefix("mvc-lab-zzdead-")
+            .prefix(&format!("mvc-lab-zzdead{me}x0-"))
             .tempdir()
             .unwrap()
             .keep();
@@ -290,23 +312,43 @@ mod tests {
         let dead = RunRecord {
             pid: me,
             start_time: start_time(me).unwrap() + 1,
-            prefix: "zzdead".into(),
+            prefix: format!("zzdead{me}x0"),
             dir: lab_dir.clone(),
             children: vec![(me, 1)],
         };
         dead.write(&d.path().join("zzdead.json")).unwrap();
+        // A prefix not made from the run's pid is never acted on.
+        let alien = RunRecord {
+            prefix: "zz".into(),
+            ..dead.clone()
+        };
+        alien.write(&d.path().join("zzalien.json")).unwrap();
         let odd = RunRecord {
             dir: other.path().into(),
-            prefix: "zzodd".into(),
+            prefix: format!("zzodd{me}x1"),
             ..dead.clone()
         };
         odd.write(&d.path().join("zzodd.json")).unwrap();
         let (done, errs) = clean_dead_runs(d.path());
-        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("left alone"), "{errs:?}");
         assert_eq!(done.len(), 2);
         assert!(done.iter().all(|c| c.processes == 0 && c.namespaces == 0));
         assert!(!lab_dir.exists());
         assert!(other.path().exists(), "a dir the lab did not name is kept");
-        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none());
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "only the alien run file stays");
+    }
+
+    #[test]
+    fn lab_prefixes_name_their_pid() {
+        assert!(is_lab_prefix("mvcc123x0", 123));
+        assert!(is_lab_prefix("123x45", 123));
+        assert!(!is_lab_prefix("mvcc123x0", 12));
+        assert!(!is_lab_prefix("mvcc1234x0", 123));
+        assert!(!is_lab_prefix("mvcc123x", 123));
+        assert!(!is_lab_prefix("mvcc123x0-", 123));
+        assert!(!is_lab_prefix("", 123));
+        assert!(!is_lab_prefix("m", 123));
     }
 }

@@ -177,7 +177,7 @@ struct QemuArgs {
     #[arg(long)]
     qemu_image: Option<PathBuf>,
     /// Size of an empty VM disk (MiB).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
     qemu_disk_mb: u64,
     /// Cache of guest kernels and initramfs images.
     #[arg(long, default_value = "/var/cache/mvc")]
@@ -192,7 +192,7 @@ struct QemuArgs {
     #[arg(long, default_value = "")]
     qemu_append: String,
     /// vCPUs per VM.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     qemu_vcpus: u32,
     /// The xnbd binary serving VM disks [default: next to this binary, else PATH].
     #[arg(long, env = "MVC_XNBD")]
