@@ -62,8 +62,9 @@ fn need_root() -> Result<()> {
 }
 
 /// Removes what killed demo runs left behind and says what it removed; runs still alive
-/// are left alone. Returns how many dead runs were cleaned.
-fn clean_dead(quiet_when_none: bool) -> Result<usize> {
+/// are left alone. For `mvc demo --cleanup` (`explicit`) a run file it could not act on
+/// is an error; before a demo run, a warning.
+fn clean_dead(explicit: bool) -> Result<()> {
     let dir = run_dir();
     let (done, errors) = runs::clean_dead_runs(&dir);
     for c in &done {
@@ -80,19 +81,25 @@ fn clean_dead(quiet_when_none: bool) -> Result<usize> {
             }
         );
     }
-    if done.is_empty() && !quiet_when_none {
+    if done.is_empty() && explicit {
         eprintln!("no killed demo run to clean up in {}", dir.display());
     }
-    if !errors.is_empty() {
-        return Err(DemoError::Failed(errors.join("; ")));
+    if errors.is_empty() {
+        Ok(())
+    } else if explicit {
+        Err(DemoError::Failed(errors.join("; ")))
+    } else {
+        for e in &errors {
+            eprintln!("warning: {e}");
+        }
+        Ok(())
     }
-    Ok(done.len())
 }
 
 /// `mvc demo --cleanup`.
 pub fn cleanup() -> Result<()> {
     need_root()?;
-    clean_dead(false).map(|_| ())
+    clean_dead(true)
 }
 
 /// What `mvc demo` runs.
@@ -135,7 +142,7 @@ fn run_demo(cfg: &DemoConfig) -> Result<()> {
         ));
     }
     lab::install_signal_teardown()?;
-    clean_dead(true)?;
+    clean_dead(false)?;
     let total: u32 = cfg.computes.iter().sum();
     let step = |s: &str| eprintln!("\n==> {s}");
     step("building three sites in network namespaces (A public; B, C behind NAT), one agent each");

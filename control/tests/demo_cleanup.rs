@@ -170,6 +170,28 @@ fn killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run() {
     let log = tmp.path().join("demo.log");
     let links_before = root_links();
 
+    // A run file that cannot be read: --cleanup says so in one line and keeps it.
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let bad = run_dir.join("bad.json");
+    std::fs::write(&bad, "{").unwrap();
+    let o = Command::new(mvc())
+        .args(["demo", "--cleanup"])
+        .env("MVC_DEMO_RUN_DIR", &run_dir)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].starts_with("no killed demo run"), "{err}");
+    assert!(
+        lines[1].starts_with(&format!("error: run file {}", bad.display())),
+        "{err}"
+    );
+    assert!(bad.exists());
+    std::fs::remove_file(&bad).unwrap();
+
     for p in [Point::Building, Point::AgentsUp, Point::Leased] {
         let (mut c, rec) = demo_at(&run_dir, &log, p);
         c.kill().unwrap();
