@@ -386,9 +386,9 @@ impl AgentCore {
 
     fn owned(&mut self, owner: &str, cluster: &str) -> Result<&mut ClusterHere, Refusal> {
         match self.state.clusters.get_mut(cluster) {
-            None => Err(format!("no cluster '{cluster}' reserved here")),
+            None => Err(format!("no cluster {cluster:?} reserved here")),
             Some(c) if c.owner != owner => {
-                Err(format!("cluster '{cluster}' belongs to another key"))
+                Err(format!("cluster {cluster:?} belongs to another key"))
             }
             Some(c) => Ok(c),
         }
@@ -443,7 +443,7 @@ impl AgentCore {
                 match self.state.clusters.get(&cluster) {
                     None => return json(&"nothing reserved"),
                     Some(c) if c.owner != authz.key => {
-                        return Err(format!("cluster '{cluster}' belongs to another key"))
+                        return Err(format!("cluster {cluster:?} belongs to another key"))
                     }
                     Some(_) => {}
                 }
@@ -472,7 +472,7 @@ impl AgentCore {
                     &bridge,
                     &edge_name,
                 )
-                .map_err(|e| format!("starting overlay of '{cluster}': {e}"))?;
+                .map_err(|e| format!("starting overlay of {cluster:?}: {e}"))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"overlay up")
             }
@@ -484,25 +484,25 @@ impl AgentCore {
                     .any(|s| s.name == spec.name && s.host == spec.host)
                 {
                     return Err(format!(
-                        "VM '{}' has no reserved slot on host '{}' here",
+                        "VM {:?} has no reserved slot on host {:?} here",
                         spec.name, spec.host
                     ));
                 }
                 if c.overlay.is_none() {
                     return Err(format!(
-                        "overlay of '{}' is not up here; start the cluster",
+                        "overlay of {:?} is not up here; start the cluster",
                         spec.cluster
                     ));
                 }
                 self.start_vm(&spec)
-                    .map_err(|e| format!("starting VM '{}': {e}", spec.name))?;
+                    .map_err(|e| format!("starting VM {:?}: {e}", spec.name))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
                 let c = self.owned(&authz.key, &cluster)?;
                 if !c.slots.iter().any(|s| s.name == vm) {
-                    return Err(format!("no VM '{vm}' in cluster '{cluster}' here"));
+                    return Err(format!("no VM {vm:?} in cluster {cluster:?} here"));
                 }
                 self.stop_vm(&cluster, &vm);
                 self.save().map_err(|e| e.to_string())?;
@@ -521,9 +521,9 @@ impl AgentCore {
                 let handle = self.handle_of(&authz.key, &cluster, &vm)?;
                 let mut out = Vec::new();
                 for t in targets.iter().take(64) {
-                    let ip = t.parse().map_err(|_| {
-                        format!("not an IPv4 address: {}", crate::validate::quote(t))
-                    })?;
+                    let ip = t
+                        .parse()
+                        .map_err(|_| format!("not an IPv4 address: {t:?}"))?;
                     out.push(self.driver.ping(&handle, ip).map_err(|e| e.to_string())?);
                 }
                 json(&out)
@@ -536,10 +536,10 @@ impl AgentCore {
         c.slots
             .iter()
             .find(|s| s.name == vm)
-            .ok_or_else(|| format!("no VM '{vm}' in cluster '{cluster}' here"))?
+            .ok_or_else(|| format!("no VM {vm:?} in cluster {cluster:?} here"))?
             .handle
             .clone()
-            .ok_or_else(|| format!("VM '{vm}' is not running"))
+            .ok_or_else(|| format!("VM {vm:?} is not running"))
     }
 
     fn reserve(
@@ -559,7 +559,7 @@ impl AgentCore {
                 Ok(serde_json::json!("already reserved"))
             } else {
                 Err(format!(
-                    "cluster '{cluster}' already has a reservation here"
+                    "cluster {cluster:?} already has a reservation here"
                 ))
             };
         }
@@ -583,7 +583,7 @@ impl AgentCore {
             let mem: u64 = want.iter().map(|s| s.memory_mb).sum();
             if want.len() as u32 > h.free_vms || mem > h.free_memory_mb {
                 return Err(format!(
-                    "host '{}' lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
+                    "host {:?} lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
                     h.name,
                     want.len(),
                     h.free_vms,
@@ -595,7 +595,7 @@ impl AgentCore {
             .iter()
             .find(|s| !free.iter().any(|h| h.name == s.host))
         {
-            return Err(format!("no host '{}' at this site", s.host));
+            return Err(format!("no host {:?} at this site", s.host));
         }
         self.state.clusters.insert(
             cluster.into(),

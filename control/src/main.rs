@@ -655,6 +655,12 @@ fn initialised(state: &Path) -> Result<(), validate::Invalid> {
 }
 
 fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
+    if let AgentCmd::Authorize { state, .. }
+    | AgentCmd::Revoke { state, .. }
+    | AgentCmd::Run(AgentRun { state, .. }) = &a
+    {
+        initialised(state)?;
+    }
     match a {
         AgentCmd::Init { state } => {
             let pk = agent::init(&state)?;
@@ -669,7 +675,6 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             no_create_clusters,
             comment,
         } => {
-            initialised(&state)?;
             let a = Authorization {
                 key: user_key,
                 comment,
@@ -689,7 +694,6 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             })
         }
         AgentCmd::Revoke { state, user_key } => {
-            initialised(&state)?;
             if !agent::revoke(&state, &user_key)? {
                 bail!("key {user_key} was not authorised");
             }
@@ -711,8 +715,6 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             })
         }
         AgentCmd::Run(r) => {
-            initialised(&r.state)?;
-            let key = Arc::new(agent::load_key(&r.state)?);
             let run_dir = r.state.join("run");
             std::fs::create_dir_all(&run_dir)?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
@@ -753,6 +755,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 hosts,
                 overlay,
             };
+            let key = Arc::new(agent::load_key(&r.state)?);
             let core = AgentCore::open(cfg, driver)?;
             let listener = std::net::TcpListener::bind(&r.listen)
                 .with_context(|| format!("listening on {}", r.listen))?;

@@ -229,7 +229,7 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
         })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no host 'nosuch'"), "{e}");
+    assert!(e.contains("no host \"nosuch\""), "{e}");
     // Hostile names never reach a file name or an `ip` argument.
     let e = c2
         .call_value(&Request::Release {
