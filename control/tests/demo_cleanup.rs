@@ -263,7 +263,7 @@ fn killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run() {
         text.contains(&format!("removed what the killed demo run {}", dead.prefix)),
         "{text}"
     );
-    assert!(text.contains("mpi: "), "{text}");
+    assert!(text.contains("==> mvc cluster destroy demo"), "{text}");
     // Each progress step of `cluster create --start` is printed once.
     let steps: Vec<&str> = text.lines().filter(|l| l.starts_with("mvc: ")).collect();
     let uniq: BTreeSet<&&str> = steps.iter().collect();
