@@ -21,7 +21,7 @@ pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     /// A name that must be unique is taken.
-    #[error("{kind} '{name}' already exists")]
+    #[error("{kind} {name:?} already exists")]
     Exists {
         /// `site`, `cluster`, ...
         kind: &'static str,
@@ -29,7 +29,7 @@ pub enum StoreError {
         name: String,
     },
     /// No such record.
-    #[error("no {kind} named '{name}'")]
+    #[error("no {kind} named {name:?}")]
     NotFound {
         /// `site`, `cluster`, `vm`, `host`.
         kind: &'static str,
@@ -381,7 +381,7 @@ impl Store for SqliteStore {
             .collect::<rusqlite::Result<_>>()?;
         if !users.is_empty() {
             return Err(StoreError::InUse(format!(
-                "site '{name}' is used by cluster(s) {}; destroy them first",
+                "site {name:?} is used by cluster(s) {}; destroy them first",
                 users.join(", ")
             )));
         }
