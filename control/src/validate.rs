@@ -240,16 +240,33 @@ pub fn ns_prefix(s: &str) -> Result<String> {
 
 /// Everything of a cluster request that can be judged without asking a site.
 pub fn create_args(a: &CreateArgs) -> Result<()> {
-    cluster_name(&a.name)?;
-    if a.sites.is_empty() || a.sites.len() != a.computes.len() {
+    cluster_request(
+        &a.name,
+        &a.sites,
+        &a.computes,
+        a.memory_mb,
+        a.frontend_memory_mb,
+    )
+}
+
+/// [`create_args`], field by field.
+pub fn cluster_request(
+    name: &str,
+    sites: &[String],
+    computes: &[u32],
+    memory_mb: u64,
+    frontend_memory_mb: u64,
+) -> Result<()> {
+    cluster_name(name)?;
+    if sites.is_empty() || sites.len() != computes.len() {
         return Err(Invalid(format!(
             "--sites names {} site(s) but --computes gives {} count(s)",
-            a.sites.len(),
-            a.computes.len()
+            sites.len(),
+            computes.len()
         )));
     }
-    site_list(&a.sites.join(":"))?;
-    let total: u64 = a.computes.iter().map(|&c| u64::from(c)).sum();
+    site_list(&sites.join(":"))?;
+    let total: u64 = computes.iter().map(|&c| u64::from(c)).sum();
     if total == 0 {
         return Err(Invalid(
             "--computes: a cluster needs at least one compute".into(),
@@ -261,8 +278,8 @@ pub fn create_args(a: &CreateArgs) -> Result<()> {
         )));
     }
     for (what, m) in [
-        ("--memory", a.memory_mb),
-        ("--frontend-memory", a.frontend_memory_mb),
+        ("--memory", memory_mb),
+        ("--frontend-memory", frontend_memory_mb),
     ] {
         if m == 0 || m > MAX_VM_MEMORY_MB {
             return Err(Invalid(format!(
@@ -324,27 +341,20 @@ mod tests {
         assert!(counts("3:-1:2").is_err());
         assert!(counts("3::2").is_err());
         assert!(counts("99999999999").is_err());
-        let mut a = CreateArgs {
-            name: "vc1".into(),
-            sites: vec!["A".into(), "B".into(), "C".into()],
-            computes: vec![0, 0, 0],
-            memory_mb: 512,
-            frontend_memory_mb: 1024,
+        let mut sites: Vec<String> = vec!["A".into(), "B".into(), "C".into()];
+        let check = |sites: &[String], computes: &[u32], mem: u64| {
+            cluster_request("vc1", sites, computes, mem, 1024)
         };
-        let e = create_args(&a).unwrap_err().0;
+        let e = check(&sites, &[0, 0, 0], 512).unwrap_err().0;
         assert!(e.contains("at least one compute"), "{e}");
-        a.computes = vec![1, 0, 0];
-        assert!(create_args(&a).is_ok());
-        a.computes = vec![256, 0, 0];
-        assert!(create_args(&a).is_err());
-        a.computes = vec![1, 0];
-        assert!(create_args(&a).is_err());
-        a.computes = vec![1, 1, 1];
-        a.sites[2] = "A".into();
-        assert!(create_args(&a).unwrap_err().0.contains("named twice"));
-        a.sites[2] = "C".into();
-        a.memory_mb = 0;
-        assert!(create_args(&a).is_err());
+        assert!(check(&sites, &[1, 0, 0], 512).is_ok());
+        assert!(check(&sites, &[256, 0, 0], 512).is_err());
+        assert!(check(&sites, &[1, 0], 512).is_err());
+        assert!(check(&sites, &[1, 1, 1], 0).is_err());
+        assert!(cluster_request("-x", &sites, &[1, 1, 1], 512, 512).is_err());
+        sites[2] = "A".into();
+        let e = check(&sites, &[1, 1, 1], 512).unwrap_err().0;
+        assert!(e.contains("named twice"), "{e}");
     }
 
     #[test]
