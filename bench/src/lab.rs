@@ -1,6 +1,9 @@
 //! Network-namespace lab: namespaces, veth, bridges, NAT routers and "VM" namespaces,
 //! background processes tracked by PID, and teardown on drop, panic and (for binaries that
-//! call [`install_signal_teardown`]) SIGINT/SIGTERM.
+//! call [`install_signal_teardown`]) SIGINT/SIGTERM: processes, every namespace named with
+//! the lab's prefix (also those made by processes the lab started) and the temp dir. A lab
+//! that keeps a run file ([`Lab::record_run`], [`crate::runs`]) can also be cleaned up
+//! after by a later process when it was killed with SIGKILL.
 //!
 //! Every namespace of a lab is named `<prefix>-<name>`, with a prefix unique to the process
 //! and the lab, so parallel runs never clash. Interfaces are created directly inside their
@@ -9,6 +12,7 @@
 //! Addresses stay inside 198.18.0.0/15: the underlay uses 198.18.x.x and overlay (VM)
 //! addresses are 198.19.x.x, see [`addr`].
 
+use crate::runs::{self, RunRecord};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -17,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -127,9 +131,28 @@ static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 /// What teardown needs: shared with the signal handler through [`registry`].
 #[derive(Default)]
 struct State {
+    prefix: String,
     namespaces: Vec<String>,
     procs: Vec<(u32, String, Child)>,
     down: bool,
+    /// The lab's temp dir (removed by [`finish`]).
+    dir: PathBuf,
+    /// The run file and what it records, when the lab keeps one.
+    run: Option<(PathBuf, RunRecord)>,
+}
+
+impl State {
+    /// Records a process the lab started (in the run file, when there is one).
+    fn record_child(&mut self, pid: u32) {
+        if let Some((path, rec)) = &mut self.run {
+            if let Some(t) = runs::start_time(pid) {
+                rec.children.push((pid, t));
+                if let Err(e) = rec.write(path) {
+                    eprintln!("run file {}: {e}", path.display());
+                }
+            }
+        }
+    }
 }
 
 fn registry() -> &'static Mutex<Vec<Arc<Mutex<State>>>> {
@@ -141,8 +164,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Tears every live lab of this process down when SIGINT or SIGTERM arrives, then exits
-/// with status 130. Call once, early, from a binary.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM arrived and [`install_signal_teardown`]'s handler is tearing
+/// the labs down (the process exits when it is done): failures seen meanwhile are its
+/// doing, not worth reporting.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// When [`interrupted`]: waits (at most a minute) for the signal handler to finish the
+/// teardown and exit the process.
+pub fn wait_if_interrupted() {
+    if interrupted() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// Tears every live lab of this process down when SIGINT or SIGTERM arrives (processes,
+/// namespaces, temp dirs, run files), then exits with status 130. Call once, early, from
+/// a binary.
 pub fn install_signal_teardown() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
@@ -152,10 +193,13 @@ pub fn install_signal_teardown() -> Result<()> {
         })?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
             eprintln!("signal {sig}: tearing the lab down");
             let labs: Vec<_> = lock(registry()).clone();
             for st in labs {
-                teardown(&mut lock(&st));
+                let mut st = lock(&st);
+                teardown(&mut st);
+                finish(&mut st);
             }
             std::process::exit(130);
         }
@@ -225,6 +269,22 @@ fn teardown(st: &mut State) {
             .status();
     }
     st.namespaces.clear();
+    // Namespaces the lab's processes made under its prefix (e.g. agents' VM namespaces),
+    // left behind when those processes were killed rather than stopped.
+    if !st.prefix.is_empty() {
+        runs::remove_namespaces(&st.prefix);
+    }
+}
+
+/// After [`teardown`]: removes the temp dir, then the run file (in that order, so a
+/// run file exists as long as anything it names may).
+fn finish(st: &mut State) {
+    if !st.dir.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir_all(&st.dir);
+    }
+    if let Some((path, _)) = st.run.take() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// A background process started by a lab.
@@ -278,21 +338,59 @@ fn check(cmd: String, out: Output) -> Result<Out> {
 }
 
 impl Lab {
-    /// A new, empty lab. `tag` (at most 4 characters are used) starts the namespace prefix.
+    /// A new, empty lab. `tag` (its first 4 ASCII letters) starts the namespace prefix
+    /// `<tag><pid>x<seq>`: letters only, so no two processes' prefixes can be equal or
+    /// one the start of another followed by `-`.
     pub fn new(tag: &str) -> Result<Lab> {
         let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
         let tag: String = tag
             .chars()
-            .filter(char::is_ascii_alphanumeric)
+            .filter(char::is_ascii_alphabetic)
             .take(4)
             .collect();
         let prefix = format!("{tag}{}x{seq}", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix(&format!("mvc-lab-{prefix}-"))
             .tempdir()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            prefix: prefix.clone(),
+            dir: dir.path().to_path_buf(),
+            ..State::default()
+        }));
         lock(registry()).push(state.clone());
         Ok(Lab { prefix, state, dir })
+    }
+
+    /// Keeps a run file `<run_dir>/<prefix>.json` from now until teardown, so that
+    /// [`runs::clean_dead_runs`] can remove what this lab leaves if its process is killed.
+    /// Call it before creating anything. Returns the run file's path.
+    pub fn record_run(&self, run_dir: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir)?;
+        let me = std::process::id();
+        let rec = RunRecord {
+            pid: me,
+            start_time: runs::start_time(me).ok_or_else(|| Error::Parse {
+                what: format!("/proc/{me}/stat"),
+                detail: "no start time".into(),
+            })?,
+            prefix: self.prefix.clone(),
+            dir: self.dir().to_path_buf(),
+            children: Vec::new(),
+        };
+        let path = run_dir.join(format!("{}.json", self.prefix));
+        rec.write(&path)?;
+        lock(&self.state).run = Some((path.clone(), rec));
+        Ok(path)
+    }
+
+    /// Records a process this lab's owner started outside [`Lab::spawn`] (which records
+    /// its own), so a later cleanup of a killed run ends it.
+    pub fn record_child(&self, pid: u32) {
+        lock(&self.state).record_child(pid);
     }
 
     /// The per-run prefix of this lab's namespaces.
@@ -547,7 +645,9 @@ impl Lab {
                 source: e,
             })?;
         let pid = child.id();
-        lock(&self.state).procs.push((pid, name.to_string(), child));
+        let mut st = lock(&self.state);
+        st.procs.push((pid, name.to_string(), child));
+        st.record_child(pid);
         Ok(Proc {
             pid,
             name: name.to_string(),
@@ -688,6 +788,7 @@ impl Drop for Lab {
             self.dump_logs();
         }
         self.teardown();
+        finish(&mut lock(&self.state));
         lock(registry()).retain(|s| !Arc::ptr_eq(s, &self.state));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun) in a lab.
 //! - [`sites`]: three sites with an `mvc agent` each and the controller on site A: the
 //!   lab of `mvc demo`, the controller's integration tests and `bench build-time`.
+//! - [`runs`]: run files, and the cleanup of what a killed lab left behind.
 //! - [`cpu`]: CPU time of processes and of the kernel over a measured interval.
 
 pub mod cpu;
@@ -17,6 +18,7 @@ pub mod dhcp;
 pub mod lab;
 pub mod overlay;
 pub mod peers;
+pub mod runs;
 pub mod sites;
 mod sys;
 pub mod wanem;

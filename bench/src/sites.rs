@@ -271,6 +271,7 @@ impl SiteLab {
             .stdout(f)
             .stderr(f2)
             .spawn()?;
+        self.lab.record_child(child.id());
         a.child = Some(child);
         let addr = a.addr.clone();
         // Wait until the agent accepts connections (from site A's frontend).

@@ -90,19 +90,9 @@ pub struct HostSpec {
 
 impl std::str::FromStr for HostSpec {
     type Err = String;
-    /// `name:vcpus:memory_mb:max_vms`
+    /// `name:vcpus:memory_mb:max_vms`, checked by [`crate::validate::host_spec`].
     fn from_str(s: &str) -> Result<HostSpec, String> {
-        let p: Vec<&str> = s.split(':').collect();
-        let bad = || format!("host spec {s:?}: want NAME:VCPUS:MEMORY_MB:MAX_VMS");
-        if p.len() != 4 || p[0].is_empty() {
-            return Err(bad());
-        }
-        Ok(HostSpec {
-            name: p[0].into(),
-            vcpus: p[1].parse().map_err(|_| bad())?,
-            memory_mb: p[2].parse().map_err(|_| bad())?,
-            max_vms: p[3].parse().map_err(|_| bad())?,
-        })
+        crate::validate::host_spec(s).map_err(|e| e.0)
     }
 }
 

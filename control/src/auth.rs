@@ -203,7 +203,7 @@ impl Authorization {
         for h in hosts {
             if !self.allows_host(h) {
                 return Err(AuthError::Denied(format!(
-                    "this key may not use host {h:?} (allowed: {})",
+                    "this key may not use host '{h}' (allowed: {})",
                     self.hosts.join(",")
                 )));
             }
@@ -376,7 +376,7 @@ mod tests {
         let e = a.check_reserve(2, 3, ["h0"]).unwrap_err().to_string();
         assert!(e.contains("at most 4 VMs"), "{e}");
         let e = a.check_reserve(0, 1, ["h1"]).unwrap_err().to_string();
-        assert!(e.contains("host \"h1\""), "{e}");
+        assert!(e.contains("host 'h1'"), "{e}");
         let no = Authorization {
             may_create_clusters: false,
             ..a

@@ -12,17 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The agent cannot be reached.
-    #[error("agent of site {site} at {addr} is unreachable: {err}")]
+    #[error("{}", connect_message(.site, .addr, .err))]
     Unreachable {
         /// Site name.
         site: String,
         /// Agent address.
         addr: String,
         /// Why.
-        err: String,
+        err: std::io::Error,
     },
     /// The channel failed (wrong agent key, tampering, closed).
-    #[error("channel to site {site}: {err}")]
+    #[error("{}", channel_message(.site, .err))]
     Channel {
         /// Site name.
         site: String,
@@ -37,6 +37,46 @@ pub enum ClientError {
     Local(String),
 }
 
+/// What a failed connection attempt to a site's agent means for the user.
+fn connect_message(site: &str, addr: &str, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => {
+            format!("site {site}'s agent at {addr} refused the connection (is it running?)")
+        }
+        K::TimedOut | K::WouldBlock => format!(
+            "site {site}'s agent at {addr} did not answer within {} s \
+             (is the address right and the port open?)",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+        K::HostUnreachable | K::NetworkUnreachable => {
+            format!("site {site}'s agent at {addr} is unreachable: no route to it")
+        }
+        _ => format!("site {site}'s agent at {addr} is unreachable: {e}"),
+    }
+}
+
+/// What a failure on an open channel means for the user.
+fn channel_message(site: &str, e: &ChannelError) -> String {
+    use std::io::ErrorKind as K;
+    match e {
+        ChannelError::Io(io) => match io.kind() {
+            K::UnexpectedEof | K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted => {
+                format!("site {site}'s agent closed the connection (is it running?)")
+            }
+            K::TimedOut | K::WouldBlock => format!(
+                "site {site}'s agent did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
+            ),
+            _ => format!("connection to site {site}'s agent: {io}"),
+        },
+        ChannelError::Protocol => {
+            format!("site {site}'s agent address answers, but not as an mvc agent of this version")
+        }
+        other => format!("channel to site {site}'s agent: {other}"),
+    }
+}
+
 /// A connection to one site's agent.
 pub struct AgentClient<'k> {
     site: String,
@@ -46,6 +86,8 @@ pub struct AgentClient<'k> {
 
 /// Connect timeout to agents.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for one reply of an agent.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl<'k> AgentClient<'k> {
     /// Connect to `site`'s agent as the holder of `key`.
@@ -60,7 +102,7 @@ impl<'k> AgentClient<'k> {
         agent_key: &str,
         key: &'k SigningKey,
     ) -> Result<AgentClient<'k>, ClientError> {
-        let unreachable = |err: String| ClientError::Unreachable {
+        let unreachable = |err: std::io::Error| ClientError::Unreachable {
             site: site.into(),
             addr: addr.into(),
             err,
@@ -68,13 +110,17 @@ impl<'k> AgentClient<'k> {
         let pinned = parse_public(agent_key).map_err(|e| ClientError::Local(e.to_string()))?;
         let sa: SocketAddr = addr
             .to_socket_addrs()
-            .map_err(|e| unreachable(e.to_string()))?
+            .map_err(unreachable)?
             .next()
-            .ok_or_else(|| unreachable("no address".into()))?;
-        let s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
-            .map_err(|e| unreachable(e.to_string()))?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(|e| unreachable(e.to_string()))?;
+            .ok_or_else(|| {
+                unreachable(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the name has no address",
+                ))
+            })?;
+        let s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(unreachable)?;
+        s.set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(unreachable)?;
         let _ = s.set_nodelay(true);
         let ch = channel::client(s, &pinned).map_err(|err| ClientError::Channel {
             site: site.into(),

@@ -8,6 +8,7 @@ use crate::client::{AgentClient, ClientError};
 use crate::model::{hex, Attachment, Cluster, HostInfo, Overlay, OverlayNet, Role, Site, Vm};
 use crate::proto::{DhcpService, InfoData, Request, ReserveData, SlotReq, VmSpec};
 use crate::store::{ClusterPlan, PlannedVm, Store, StoreError};
+use crate::validate;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -223,26 +224,17 @@ fn agent_ip(site: &Site) -> String {
         .unwrap_or_else(|| site.agent_addr.clone())
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 24
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !s.starts_with('-')
-}
-
 impl Controller<'_> {
     /// Register a site: the agent must answer with the pinned key and know the user.
     pub fn site_add(&mut self, name: &str, agent_addr: &str, agent_key: &str) -> Result<SiteView> {
-        if !valid_name(name) {
-            return Err(ControlError::Usage(format!(
-                "site name {name:?}: use letters, digits and '-', at most 24"
-            )));
-        }
+        validate::site_name(name).map_err(|e| ControlError::Usage(e.0))?;
+        validate::agent_addr(agent_addr).map_err(|e| ControlError::Usage(e.0))?;
+        validate::public_key(agent_key).map_err(|e| ControlError::Usage(e.0))?;
         let info: InfoData =
             AgentClient::connect_to(name, agent_addr, agent_key, self.key)?.call(&Request::Info)?;
         if info.site != name {
             return Err(ControlError::Usage(format!(
-                "the agent at {agent_addr} serves site {:?}, not {name:?}",
+                "the agent at {agent_addr} serves site '{}', not '{name}'",
                 info.site
             )));
         }
@@ -271,27 +263,8 @@ impl Controller<'_> {
 
     /// Plan, reserve at every site (all or nothing), record, and bring the overlay up.
     pub fn cluster_create(&mut self, args: &CreateArgs) -> Result<Cluster> {
-        if !valid_name(&args.name) {
-            return Err(ControlError::Usage(format!(
-                "cluster name {:?}: use letters, digits and '-', at most 24",
-                args.name
-            )));
-        }
-        if args.sites.is_empty() || args.sites.len() != args.computes.len() {
-            return Err(ControlError::Usage(format!(
-                "--sites names {} site(s) but --computes gives {} count(s)",
-                args.sites.len(),
-                args.computes.len()
-            )));
-        }
-        let mut uniq = args.sites.clone();
-        uniq.sort();
-        uniq.dedup();
-        if uniq.len() != args.sites.len() {
-            return Err(ControlError::Usage(
-                "a site is named twice in --sites".into(),
-            ));
-        }
+        // Names, counts and sizes are judged before any agent is asked.
+        validate::create_args(args).map_err(|e| ControlError::Usage(e.0))?;
         if self.store.cluster(&args.name).is_ok() {
             return Err(StoreError::Exists {
                 kind: "cluster",
@@ -751,7 +724,11 @@ impl Controller<'_> {
         let deadline = Instant::now() + lease_timeout;
         let leased = std::sync::atomic::AtomicUsize::new(0);
         let res = self.each_site(&sites, |cl, site| {
-            for v in cluster.vms.iter().filter(|v| v.site == site.name && v.role == Role::Compute) {
+            for v in cluster
+                .vms
+                .iter()
+                .filter(|v| v.site == site.name && v.role == Role::Compute)
+            {
                 loop {
                     let a: Option<String> = cl.call(&Request::VmAddress {
                         cluster: cluster.name.clone(),
@@ -767,10 +744,14 @@ impl Controller<'_> {
                     }
                     if Instant::now() > deadline {
                         return Err(ClientError::Refused(format!(
-                            "{} at site {} got no DHCP lease from the frontend within {} s (has {a:?})",
+                            "{} at site {} got no DHCP lease from the frontend within {} s ({})",
                             v.name,
                             v.site,
-                            lease_timeout.as_secs()
+                            lease_timeout.as_secs(),
+                            match &a {
+                                Some(a) => format!("it has {a}, expected {}", v.ip),
+                                None => "it has no address".into(),
+                            }
                         )));
                     }
                     std::thread::sleep(Duration::from_millis(250));

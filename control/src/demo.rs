@@ -3,9 +3,16 @@
 //! on site A's frontend ([`bench::sites`]); one command builds a cluster across the
 //! sites, an MPI job runs over it, and everything is torn down.
 //!
+//! Every run keeps a run file in [`run_dir`] (its PID, namespace prefix, temp dir and
+//! the PIDs of its agents, see [`bench::runs`]): when a run is killed with SIGKILL, the
+//! next run, or `mvc demo --cleanup`, removes its namespaces, processes and temp dir.
+//! SIGINT and SIGTERM tear the run down at once, temp dir included.
+//!
 //! The lab itself is re-exported here for the controller's integration tests.
-use bench::lab;
+use bench::lab::{self, Lab, Topology};
+use bench::runs;
 pub use bench::sites::{AgentProc, Result, SiteLab, SitesError as DemoError, AGENT_PORT};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -36,6 +43,65 @@ pub fn pick_overlay(mvc: &Path, wanted: &str) -> String {
     }
 }
 
+/// Where demo runs keep their run files: `MVC_DEMO_RUN_DIR`, else `/run/mvc-demo` (on
+/// tmpfs, emptied at boot like the namespaces it describes).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("MVC_DEMO_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/mvc-demo"))
+}
+
+fn need_root() -> Result<()> {
+    if lab::is_root() {
+        Ok(())
+    } else {
+        Err(DemoError::Failed(
+            "mvc demo needs root (network namespaces)".into(),
+        ))
+    }
+}
+
+/// Removes what killed demo runs left behind and says what it removed; runs still alive
+/// are left alone. For `mvc demo --cleanup` (`explicit`) a run file it could not act on
+/// is an error; before a demo run, a warning.
+fn clean_dead(explicit: bool) -> Result<()> {
+    let dir = run_dir();
+    let (done, errors) = runs::clean_dead_runs(&dir);
+    for c in &done {
+        eprintln!(
+            "removed what the killed demo run {} (pid {}) left: {} process(es), {} namespace(s), {}",
+            c.prefix,
+            c.pid,
+            c.processes,
+            c.namespaces,
+            if c.dir_removed {
+                "its temp dir"
+            } else {
+                "no temp dir"
+            }
+        );
+    }
+    if done.is_empty() && explicit {
+        eprintln!("no killed demo run to clean up in {}", dir.display());
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else if explicit {
+        Err(DemoError::Failed(errors.join("; ")))
+    } else {
+        for e in &errors {
+            eprintln!("warning: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// `mvc demo --cleanup`.
+pub fn cleanup() -> Result<()> {
+    need_root()?;
+    clean_dead(true)
+}
+
 /// What `mvc demo` runs.
 pub struct DemoConfig {
     /// Computes at A, B, C.
@@ -60,23 +126,40 @@ if c.Get_rank() == 0:
 
 /// The demo: sites, one-command cluster, OpenMPI job, teardown.
 pub fn run(cfg: &DemoConfig) -> Result<()> {
-    if !lab::is_root() {
-        return Err(DemoError::Failed(
-            "mvc demo needs root (network namespaces)".into(),
-        ));
+    let r = run_demo(cfg);
+    if r.is_err() {
+        // After SIGINT/SIGTERM a failure is the teardown's doing: let it end the process.
+        lab::wait_if_interrupted();
     }
+    r
+}
+
+fn run_demo(cfg: &DemoConfig) -> Result<()> {
+    need_root()?;
     if cfg.computes.len() != 3 {
         return Err(DemoError::Failed(
             "--computes wants three counts A:B:C".into(),
         ));
     }
     lab::install_signal_teardown()?;
+    clean_dead(false)?;
     let total: u32 = cfg.computes.iter().sum();
     let step = |s: &str| eprintln!("\n==> {s}");
     step("building three sites in network namespaces (A public; B, C behind NAT), one agent each");
     let overlay = pick_overlay(&cfg.mvc, &cfg.overlay);
     eprintln!("overlay: {overlay}");
-    let sl = SiteLab::new(&cfg.mvc, &overlay, total + 1, total + 1)?;
+    let lab = Lab::new("mvcc")?;
+    lab.record_run(&run_dir())?;
+    let topo = Topology::three_sites(&lab, 0)?;
+    let sl = SiteLab::start(
+        lab,
+        topo,
+        &cfg.mvc,
+        &overlay,
+        total + 1,
+        total + 1,
+        &BTreeMap::new(),
+    )?;
     let res = (|| -> Result<()> {
         step("mvc site add A|B|C (pins each agent key; the user key is authorised at each site)");
         sl.add_sites()?;
@@ -121,12 +204,15 @@ pub fn run(cfg: &DemoConfig) -> Result<()> {
         let left = sl.leftover_vm_namespaces();
         if !left.is_empty() {
             return Err(DemoError::Failed(format!(
-                "VM namespaces left after destroy: {left:?}"
+                "VM namespaces left after destroy: {}",
+                left.join(", ")
             )));
         }
         Ok(())
     })();
     if res.is_err() {
+        // After SIGINT/SIGTERM the failure is the teardown's doing: let it end the process.
+        lab::wait_if_interrupted();
         sl.dump_logs();
     }
     step("tearing the sites down");

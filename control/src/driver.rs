@@ -919,8 +919,8 @@ impl VmDriver for QemuDriver {
                 .contains(|c: char| matches!(c, '/' | ':' | ',' | '=') || c.is_whitespace())
         {
             return Err(DriverError::Config(format!(
-                "VM name {:?} is not usable in file names and qemu options",
-                spec.name
+                "VM name {} is not usable in file names and qemu options",
+                crate::validate::quote(&spec.name)
             )));
         }
         let f = self.files(spec.local());

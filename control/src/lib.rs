@@ -12,6 +12,7 @@
 //! - [`failpoint`]: test-only crash points of the agent.
 //! - [`guest`]: kernel and initramfs of the qemu driver's guest.
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
+//! - [`validate`]: checks of names, counts and addresses where they enter.
 //! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
 pub mod agent;
 pub mod auth;
@@ -26,3 +27,4 @@ pub mod guest;
 pub mod model;
 pub mod proto;
 pub mod store;
+pub mod validate;

@@ -11,7 +11,9 @@ use control::controller::{self, Controller, CreateArgs};
 use control::driver::{NetnsDriver, QemuConfig, QemuDriver, VmDriver};
 use control::guest::{self, BootFiles};
 use control::store::SqliteStore;
+use control::validate;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -131,13 +133,13 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex, from `mvc key show`).
-        #[arg(long = "key", visible_alias = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key", value_parser = validate::public_key)]
         user_key: String,
         /// Most VMs this key may hold here at once.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_vms: u32,
         /// Hosts it may use, comma separated, or `*`.
-        #[arg(long, default_value = "*")]
+        #[arg(long, default_value = "*", value_parser = host_list_arg)]
         hosts: String,
         /// Do not let it create clusters here.
         #[arg(long)]
@@ -152,7 +154,7 @@ enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// The user's public key (hex).
-        #[arg(long = "key", visible_alias = "user-key")]
+        #[arg(long = "key", visible_alias = "user-key", value_parser = validate::public_key)]
         user_key: String,
     },
     /// Serve controllers (foreground; SIGINT/SIGTERM stop every VM and overlay process
@@ -194,7 +196,7 @@ struct QemuArgs {
     #[arg(long)]
     qemu_image: Option<PathBuf>,
     /// Size of an empty VM disk (MiB).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
     qemu_disk_mb: u64,
     /// Cache of guest kernels and initramfs images.
     #[arg(long, default_value = "/var/cache/mvc")]
@@ -209,7 +211,7 @@ struct QemuArgs {
     #[arg(long, default_value = "")]
     qemu_append: String,
     /// vCPUs per VM.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     qemu_vcpus: u32,
     /// The xnbd binary serving VM disks [default: next to this binary, else PATH].
     #[arg(long, env = "MVC_XNBD")]
@@ -225,10 +227,10 @@ struct AgentRun {
     #[arg(long, default_value = "/var/lib/mvc/agent")]
     state: PathBuf,
     /// This site's name (as controllers register it).
-    #[arg(long)]
+    #[arg(long, value_parser = validate::site_name)]
     site: String,
     /// TCP address to listen on.
-    #[arg(long, default_value = "0.0.0.0:7000")]
+    #[arg(long, default_value = "0.0.0.0:7000", value_parser = validate::listen_addr)]
     listen: String,
     /// Connections served at once; more are closed at accept.
     #[arg(long, default_value_t = agent::MAX_CONNECTIONS)]
@@ -243,7 +245,7 @@ struct AgentRun {
     #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
     driver: String,
     /// Prefix of the netns VMs' namespace names.
-    #[arg(long, default_value = "mvc-")]
+    #[arg(long, default_value = "mvc-", value_parser = validate::ns_prefix)]
     ns_prefix: String,
     #[command(flatten)]
     qemu: Box<QemuArgs>,
@@ -266,13 +268,14 @@ struct AgentRun {
 enum SiteCmd {
     /// Register a site by its agent (pins the agent key; your key must be authorised).
     Add {
-        /// Site name.
+        /// Site name (letters, digits and '-', at most 24).
+        #[arg(value_parser = validate::site_name)]
         name: String,
         /// Agent address ip:port.
-        #[arg(long)]
+        #[arg(long, value_parser = validate::agent_addr)]
         agent: String,
         /// Agent public key (hex), printed by `mvc agent init` at that site.
-        #[arg(long)]
+        #[arg(long, value_parser = validate::public_key)]
         agent_key: String,
     },
     /// Registered sites with their hosts and capacity.
@@ -280,6 +283,7 @@ enum SiteCmd {
     /// Forget a site (refused while a cluster uses it).
     Remove {
         /// Site name.
+        #[arg(value_parser = validate::site_name)]
         name: String,
     },
 }
@@ -289,25 +293,26 @@ enum ClusterCmd {
     /// Allocate VMs at every site (all or nothing), MACs and addresses, and bring up
     /// the overlay (community, secret, supernode on the origin, one edge per VM host).
     Create {
-        /// Cluster name.
+        /// Cluster name (letters, digits and '-', at most 24).
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
         /// Sites, colon separated; the first is the origin (frontend VM, supernode).
-        #[arg(long)]
+        #[arg(long, value_parser = site_list_arg)]
         sites: String,
-        /// Computes per site, colon separated.
-        #[arg(long)]
-        computes: String,
+        /// Computes per site, colon separated (at least one compute in all).
+        #[arg(long, value_parser = counts_arg)]
+        computes: Counts,
         /// Memory per compute VM (MiB).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = validate::memory_mb)]
         memory: u64,
         /// Memory of the frontend VM (MiB).
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = validate::memory_mb)]
         frontend_memory: u64,
         /// Also start it (as `mvc cluster start`).
         #[arg(long)]
         start: bool,
         /// Seconds to wait for every compute's DHCP lease when starting.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = validate::seconds)]
         lease_timeout: u64,
         /// The cluster's overlay network, e.g. 198.19.5.0/24 [default: the first /24
         /// of --overlay-pool no other cluster of this controller uses].
@@ -320,14 +325,16 @@ enum ClusterCmd {
     /// Start the frontend VM, then all computes in parallel; wait for their leases.
     Start {
         /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
         /// Seconds to wait for every compute's DHCP lease.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = validate::seconds)]
         lease_timeout: u64,
     },
     /// Stored state and what each site reports now.
     Status {
         /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
     },
     /// All clusters.
@@ -335,6 +342,7 @@ enum ClusterCmd {
     /// Stop and release everything at every site and forget the cluster.
     Destroy {
         /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
         /// Forget it even if some site cannot be reached, and release a reservation of
         /// this name your key holds at any registered site even if this controller
@@ -345,9 +353,10 @@ enum ClusterCmd {
     /// MPI hostfile of the cluster.
     Hostfile {
         /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
         /// Slots per node.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = validate::slots)]
         slots: u32,
         /// Leave the frontend out.
         #[arg(long)]
@@ -359,8 +368,9 @@ enum ClusterCmd {
     /// Each node's site and the RTT between sites measured over the overlay.
     Topology {
         /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
         name: String,
-        /// Print a Slurm topology.conf instead.
+        /// Print a Slurm topology.conf instead (with --json: `{"slurm_topology_conf": TEXT}`).
         #[arg(long)]
         slurm: bool,
     },
@@ -371,17 +381,19 @@ enum VmCmd {
     /// Start one VM.
     Start {
         /// VM name.
+        #[arg(value_parser = validate::vm_name)]
         name: String,
     },
     /// Stop one VM (its slot stays reserved).
     Stop {
         /// VM name.
+        #[arg(value_parser = validate::vm_name)]
         name: String,
     },
     /// VMs of a cluster, or of all clusters.
     List {
         /// Only this cluster.
-        #[arg(long)]
+        #[arg(long, value_parser = validate::cluster_name)]
         cluster: Option<String>,
     },
 }
@@ -389,12 +401,42 @@ enum VmCmd {
 #[derive(Args)]
 struct DemoArgs {
     /// Computes per site A:B:C.
-    #[arg(long, default_value = "3:2:2")]
-    computes: String,
+    #[arg(long, default_value = "3:2:2", value_parser = demo_counts)]
+    computes: Counts,
     /// Overlay implementation for the cluster: mvc, n2n (the paper's baseline), or auto
     /// (mvc when this binary has `mvc edge`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "mvc", "n2n"])]
     overlay: String,
+    /// Only remove what killed demo runs left behind (namespaces, processes, temp
+    /// dirs), then exit; runs that are still alive are left alone.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// Colon-separated counts (`--computes 3:2:2`).
+#[derive(Clone, Debug)]
+struct Counts(Vec<u32>);
+
+fn counts_arg(s: &str) -> Result<Counts, validate::Invalid> {
+    validate::counts(s).map(Counts)
+}
+
+fn demo_counts(s: &str) -> Result<Counts, validate::Invalid> {
+    let c = validate::counts(s)?;
+    if c.len() != 3 || c.iter().all(|&n| n == 0) {
+        return Err(validate::Invalid(format!(
+            "'{s}': want three counts A:B:C with at least one compute, e.g. 3:2:2"
+        )));
+    }
+    Ok(Counts(c))
+}
+
+fn site_list_arg(s: &str) -> Result<String, validate::Invalid> {
+    validate::site_list(s).map(|_| s.to_string())
+}
+
+fn host_list_arg(s: &str) -> Result<String, validate::Invalid> {
+    validate::host_list(s).map(|_| s.to_string())
 }
 
 fn default_key_path() -> PathBuf {
@@ -431,18 +473,99 @@ fn open_store(db: &Path) -> Result<SqliteStore> {
     SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))
 }
 
-fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
-    s.split(':')
-        .map(|x| {
-            x.trim()
-                .parse::<T>()
-                .map_err(|_| anyhow::anyhow!("{what}: bad element {x:?} in {s:?}"))
-        })
-        .collect()
+/// Exit status of a command line or value the user has to change.
+const EXIT_USAGE: u8 = 2;
+
+/// One line: the error and its causes joined by ": " (a cause the message already
+/// quotes is not repeated), line breaks inside them folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        if s.contains(&m) {
+            continue;
+        }
+        if !s.is_empty() {
+            s += ": ";
+        }
+        s += &m;
+    }
+    let parts: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    parts.join(" | ")
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// A user error: a value refused by the checks, or a request the controller refuses
+/// as such (exit status [`EXIT_USAGE`]).
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<validate::Invalid>()
+            || matches!(
+                c.downcast_ref::<controller::ControlError>(),
+                Some(controller::ControlError::Usage(_))
+            )
+    })
+}
+
+/// Clap's own report of a bad command line, on one line (help and version print as usual).
+fn command_line_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+    }
+    let text = e.render().to_string();
+    let mut parts = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with("Usage:") || l.starts_with("For more information") {
+            break;
+        }
+        if !l.is_empty() {
+            parts.push(l);
+        }
+    }
+    let line = parts.join(" ");
+    let line = format!(
+        "{} (see --help)",
+        line.strip_prefix("error: ").unwrap_or(&line)
+    );
+    fail(&line, EXIT_USAGE)
+}
+
+/// Reports a failure: one line on stderr, and with `--json` also `{"error": LINE}` on
+/// stdout.
+fn fail(line: &str, code: u8) -> ExitCode {
+    if wants_json() {
+        println!("{}", serde_json::json!({ "error": line }));
+    }
+    eprintln!("error: {line}");
+    ExitCode::from(code)
+}
+
+/// Whether the command line asks for JSON output (`--json` anywhere before `--`).
+fn wants_json() -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return command_line_error(e),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&one_line(&e), if is_usage(&e) { EXIT_USAGE } else { 1 }),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     // The overlay commands set up their own logging (their config may choose the level).
     let cmd = match cli.cmd {
         Cmd::Edge(c) => return c.run().map_err(Into::into),
@@ -461,12 +584,15 @@ fn main() -> Result<()> {
         Cmd::Key { common, cmd } => return key_cmd(cmd, &common.key, common.json),
         Cmd::Agent { json, cmd } => return agent_cmd(cmd, json),
         Cmd::Demo(d) => {
+            if d.cleanup {
+                return control::demo::cleanup().map_err(Into::into);
+            }
             return control::demo::run(&control::demo::DemoConfig {
-                computes: parse_list(&d.computes, "--computes")?,
+                computes: d.computes.0,
                 overlay: d.overlay,
                 mvc: std::env::current_exe()?,
             })
-            .map_err(Into::into)
+            .map_err(Into::into);
         }
         Cmd::Site { common, cmd } => (common, Ctl::Site(cmd)),
         Cmd::Cluster { common, cmd } => (common, Ctl::Cluster(cmd)),
@@ -479,7 +605,17 @@ fn main() -> Result<()> {
         .parent()
         .unwrap_or_else(|| Path::new("."))
         .join("secrets");
-    let progress = |m: &str| eprintln!("mvc: {m}");
+    // Each step once: `create --start` brings the overlay up in both of its halves.
+    let said = Mutex::new(std::collections::HashSet::new());
+    let progress = |m: &str| {
+        if said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(m.to_string())
+        {
+            eprintln!("mvc: {m}");
+        }
+    };
     let mut c = Controller {
         store: &mut store,
         key: &key,
@@ -544,7 +680,26 @@ fn default_host() -> HostSpec {
     }
 }
 
+/// Refuses a state directory that `mvc agent init` has not made (nothing is created).
+fn initialised(state: &Path) -> Result<(), validate::Invalid> {
+    if agent::key_path(state).is_file() {
+        Ok(())
+    } else {
+        Err(validate::Invalid(format!(
+            "{} is not an agent state directory (no agent key): run `mvc agent init --state {}` first",
+            state.display(),
+            state.display()
+        )))
+    }
+}
+
 fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
+    if let AgentCmd::Authorize { state, .. }
+    | AgentCmd::Revoke { state, .. }
+    | AgentCmd::Run(AgentRun { state, .. }) = &a
+    {
+        initialised(state)?;
+    }
     match a {
         AgentCmd::Init { state } => {
             let pk = agent::init(&state)?;
@@ -560,15 +715,11 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             comment,
         } => {
             let a = Authorization {
-                key: user_key.trim().to_string(),
+                key: user_key,
                 comment,
                 may_create_clusters: !no_create_clusters,
                 max_vms,
-                hosts: hosts
-                    .split(',')
-                    .map(|h| h.trim().to_string())
-                    .filter(|h| !h.is_empty())
-                    .collect(),
+                hosts: validate::host_list(&hosts)?,
             };
             agent::authorize(&state, a.clone())?;
             print(json, &a, |a| {
@@ -582,11 +733,11 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             })
         }
         AgentCmd::Revoke { state, user_key } => {
-            if !agent::revoke(&state, user_key.trim())? {
+            if !agent::revoke(&state, &user_key)? {
                 bail!("key {user_key} was not authorised");
             }
-            let v = serde_json::json!({"revoked": user_key.trim()});
-            print(json, &v, |_| format!("revoked {}\n", user_key.trim()))
+            let v = serde_json::json!({"revoked": user_key});
+            print(json, &v, |_| format!("revoked {user_key}\n"))
         }
         AgentCmd::QemuPrepare { cache } => {
             let b = guest::prepare(&cache, true)?;
@@ -792,7 +943,7 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             let args = CreateArgs {
                 name: name.clone(),
                 sites: sites.split(':').map(str::to_string).collect(),
-                computes: parse_list(&computes, "--computes")?,
+                computes: computes.0,
                 memory_mb: memory,
                 frontend_memory_mb: frontend_memory,
                 overlay,
@@ -923,9 +1074,10 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
         }
         Ctl::Cluster(ClusterCmd::Topology { name, slurm }) => {
             let t = c.topology(&name)?;
-            if slurm && !json {
-                print!("{}", controller::slurm_topology(&t));
-                return Ok(());
+            if slurm {
+                let conf = controller::slurm_topology(&t);
+                let v = serde_json::json!({ "slurm_topology_conf": conf });
+                return print(json, &v, |_| conf.clone());
             }
             print(json, &t, |t| {
                 let mut s = format!("{:<12} {:<8} {:<15} {}\n", "NODE", "SITE", "IP", "ROLE");

@@ -50,7 +50,7 @@ impl fmt::Display for Mac {
 
 /// A string that is not `aa:bb:cc:dd:ee:ff`.
 #[derive(Debug, thiserror::Error)]
-#[error("not a MAC address (want aa:bb:cc:dd:ee:ff): {0:?}")]
+#[error("not a MAC address (want aa:bb:cc:dd:ee:ff): {}", crate::validate::quote(.0))]
 pub struct BadMac(pub String);
 
 impl FromStr for Mac {

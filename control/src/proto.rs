@@ -256,7 +256,8 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} {s:?} is not a valid name (letters, digits, '-', at most {max})"
+            "{what} {} is not a valid name (letters, digits, '-', at most {max})",
+            crate::validate::quote(s)
         ))
     }
 }
@@ -270,14 +271,20 @@ fn check_host(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("host {s:?} is not a valid host name"))
+        Err(format!(
+            "host {} is not a valid host name",
+            crate::validate::quote(s)
+        ))
     }
 }
 
 fn check_ip(what: &str, s: &str) -> Result<(), String> {
-    s.parse::<std::net::Ipv4Addr>()
-        .map(|_| ())
-        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+    s.parse::<std::net::Ipv4Addr>().map(|_| ()).map_err(|_| {
+        format!(
+            "{what} {} is not an IPv4 address",
+            crate::validate::quote(s)
+        )
+    })
 }
 
 /// Most memory one VM may ask for (MiB).

@@ -145,6 +145,12 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         slurm.contains("SwitchName=site-B Nodes=t-c4,t-c5"),
         "{slurm}"
     );
+    // With --json, the Slurm text under a key that says what it is.
+    let j = sl
+        .ctl_json(&["cluster", "topology", "t", "--slurm"])
+        .expect("topology --slurm --json");
+    let conf = j["slurm_topology_conf"].as_str().unwrap_or_default();
+    assert!(conf.contains("SwitchName=site-B Nodes=t-c4,t-c5"), "{j}");
 
     // An MPI job across the hostfile, launched from the frontend VM.
     if Path::new("/usr/lib/python3/dist-packages/mpi4py").exists() {
@@ -203,11 +209,20 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
         .unwrap()
         .clone();
     assert_eq!(c["reachable"], false, "{st}");
-    assert!(c["error"].as_str().unwrap().contains("unreachable"), "{c}");
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap()
+            .contains("site C's agent at 198.18.3.2:7000 refused the connection (is it running?)"),
+        "{c}"
+    );
     let o = sl.ctl_output(&["vm", "stop", "t-c6"]).unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("site C") && err.contains("unreachable"),
+        !o.status.success()
+            && err.lines().count() == 1
+            && err.contains("site C's agent at")
+            && err.contains("is it running?"),
         "{err}"
     );
     // The agent stopped its VMs on the way down.

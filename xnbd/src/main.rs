@@ -573,7 +573,21 @@ async fn ctl_main(a: CtlArgs) -> Result<()> {
     }
 }
 
-fn main() -> Result<()> {
+/// Prints a failure as one line (`error: ...` with its causes joined by ": "), never
+/// with a backtrace, whatever RUST_BACKTRACE says, and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let s = format!("{e:#}");
+            let parts: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            eprintln!("error: {}", parts.join(" | "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
