@@ -28,11 +28,11 @@ use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
+use crate::conn::Conn;
 use crate::proto::{
     self, cmd, info, opt, rep, ClientOption, InfoItem, InfoRequest, OptionReply, Request,
     SimpleReply,
 };
-use crate::server::Conn;
 
 /// Client errors.
 #[derive(Debug, Error)]

@@ -47,10 +47,10 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use crate::backend::{blocking, OpError};
 use crate::bitmap::{Bitmap, BitmapError};
 use crate::client::{Addr, Client, ClientError, ClientTls};
 use crate::lock::{FileLock, LockError};
+use crate::op::{blocking, OpError};
 use crate::proto::err;
 use crate::storage::Storage;
 

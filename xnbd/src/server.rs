@@ -18,9 +18,11 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Backend, OpError};
+use crate::backend::Backend;
 use crate::budget::{Budget, Hold, MemoryLimits};
+use crate::conn::Conn;
 use crate::listen::{AcceptErrors, Limits, ListenCounts, ListenStats};
+use crate::op::OpError;
 use crate::proto::{
     self, cflag, chunk, cmd, err, info as infot, opt, rep, tflag, Chunk, ClientOption, InfoItem,
     OptionReply, Request, SimpleReply,
@@ -76,10 +78,6 @@ pub enum ServerError {
     #[error("negotiation not finished within {0:?}")]
     HandshakeTimeout(std::time::Duration),
 }
-
-/// Any stream the server can speak NBD over (TCP, Unix, TLS over either).
-pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
 /// One export.
 #[derive(Debug)]
