@@ -4,7 +4,7 @@
 //! - [`proto`]: the NBD wire format (pure codec, fuzzed).
 //! - [`server`]: fixed newstyle negotiation, STARTTLS, concurrent transmission phase.
 //! - [`op`] and [`conn`]: what both sides share: an operation's outcome ([`op::OpError`],
-//!   [`op::blocking`]) and the stream NBD runs over ([`conn::Conn`]).
+//!   `op::blocking`) and the stream NBD runs over ([`conn::Conn`]).
 //! - [`backend`]: what an export is served from (a file or the proxy).
 //! - [`storage`] and [`sys`]: positional file I/O, hole punching, `SEEK_DATA`/`SEEK_HOLE`.
 //! - [`client`]: the NBD client the proxy fetches with.
