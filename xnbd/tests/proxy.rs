@@ -347,6 +347,16 @@ fn sources_qemu_nbd_and_xnbd_over_tls() {
     let _proxy = p.start(&src_uri(&qsock), &[], "proxy.log");
     p.cache_all();
     assert!(common::same_bytes(&p.cache, &src));
+    // The status table, under its name and under its older one.
+    for verb in ["status", "query"] {
+        let o = p.ctl(&[verb]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && text.contains("health:    ok"),
+            "{verb}: {o:?}"
+        );
+        assert!(text.contains("mode:      target"), "{verb}: {text}");
+    }
 
     // xnbd serve with TLS required as the source, the proxy verifying it with the CA.
     let certs = d.path().join("pki");
