@@ -2,7 +2,8 @@
 //! clients keep using it.
 //!
 //! - [`proto`]: the NBD wire format (pure codec, fuzzed).
-//! - [`server`]: fixed newstyle negotiation, STARTTLS, concurrent transmission phase.
+//! - [`server`]: exports, listeners and connections; `server/negotiate.rs` (fixed newstyle
+//!   option haggling, STARTTLS) and `server/transmit.rs` (the concurrent request loop).
 //! - [`op`] and [`conn`]: what both sides share: an operation's outcome ([`op::OpError`],
 //!   `op::blocking`) and the stream NBD runs over ([`conn::Conn`]).
 //! - [`backend`]: what an export is served from (a file or the proxy).
