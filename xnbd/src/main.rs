@@ -380,6 +380,15 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
+/// The log filter: `RUST_LOG`, as for `mvc`; the older `XNBD_LOG` when `RUST_LOG` is not
+/// set; else `info`.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    ["RUST_LOG", "XNBD_LOG"]
+        .into_iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
+}
+
 /// Exit status when the cache or bitmap is in use by another process (`EX_TEMPFAIL`).
 const EXIT_LOCKED: i32 = 75;
 
@@ -577,15 +586,6 @@ async fn ctl_main(a: CtlArgs) -> Result<()> {
             }
         }
     }
-}
-
-/// The log filter: `RUST_LOG`, as for `mvc`; the older `XNBD_LOG` when `RUST_LOG` is not
-/// set; else `info`.
-fn log_filter() -> tracing_subscriber::EnvFilter {
-    ["RUST_LOG", "XNBD_LOG"]
-        .into_iter()
-        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
 }
 
 fn main() -> Result<()> {
