@@ -28,11 +28,11 @@ use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
+use crate::conn::Conn;
 use crate::proto::{
     self, cmd, info, opt, rep, ClientOption, InfoItem, InfoRequest, OptionReply, Request,
     SimpleReply,
 };
-use crate::server::Conn;
 
 /// Client errors.
 #[derive(Debug, Error)]
@@ -642,35 +642,160 @@ async fn watchdog(shared: &Mutex<Shared>, activity: &Activity) -> ClientError {
     }
 }
 
+fn unknown(cookie: u64) -> ClientError {
+    ClientError::Protocol(format!("unknown cookie {cookie}"))
+}
+
 async fn read_replies(rd: &mut Tracked, shared: &Mutex<Shared>) -> Result<(), ClientError> {
     loop {
         let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
         rd.read_exact(&mut h).await?;
         let rep = SimpleReply::parse(&h)?;
-        let entry = shared
-            .lock()
-            .map_err(|_| ClientError::Disconnected)?
-            .pending
-            .remove(&rep.cookie);
-        let Some((len, tx)) = entry else {
-            return Err(ClientError::Protocol(format!(
-                "unknown cookie {}",
-                rep.cookie
-            )));
+        let take = || {
+            shared
+                .lock()
+                .map_err(|_| ClientError::Disconnected)
+                .map(|mut s| s.pending.remove(&rep.cookie))
         };
         if rep.error != 0 {
+            let Some((_, tx)) = take()? else {
+                return Err(unknown(rep.cookie));
+            };
             let _ = tx.send(Err(ClientError::Request(rep.error)));
             continue;
         }
+        // The request stays pending while its payload arrives, so that a source falling
+        // silent half-way through a reply counts as stalled like any other.
+        let len = shared
+            .lock()
+            .map_err(|_| ClientError::Disconnected)?
+            .pending
+            .get(&rep.cookie)
+            .map(|e| e.0)
+            .ok_or_else(|| unknown(rep.cookie))?;
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
-        let _ = tx.send(Ok(data));
+        if let Some((_, tx)) = take()? {
+            let _ = tx.send(Ok(data));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{tflag, OPTION_HEADER_LEN};
+    use tokio::io::DuplexStream;
+
+    /// The server side of a handshake on an in-memory pipe: one read-only export of `size`.
+    async fn serve_handshake(s: &mut DuplexStream, size: u64) {
+        s.write_all(&proto::encode_greeting(
+            proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+        ))
+        .await
+        .unwrap();
+        let _flags = s.read_u32().await.unwrap();
+        let mut h = [0u8; OPTION_HEADER_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        let (code, len) = proto::parse_option_header(&h).unwrap();
+        assert_eq!(code, opt::GO);
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await.unwrap();
+        let export = InfoItem::Export {
+            size,
+            flags: tflag::HAS_FLAGS | tflag::READ_ONLY,
+        };
+        s.write_all(&OptionReply::info(opt::GO, &export).encode())
+            .await
+            .unwrap();
+        s.write_all(&OptionReply::ack(opt::GO).encode())
+            .await
+            .unwrap();
+    }
+
+    async fn next_request(s: &mut DuplexStream) -> Request {
+        let mut b = [0u8; proto::REQUEST_LEN];
+        s.read_exact(&mut b).await.unwrap();
+        Request::parse(&b).unwrap()
+    }
+
+    /// The stall timeout counts silence, not the time a reply takes: a 64 KiB reply that
+    /// trickles in for about a minute, 1 KiB every 900 ms, arrives whole with a 1 s timeout;
+    /// a request left unanswered ends the connection after that second. In virtual time
+    /// (nothing here touches a file, so the paused clock only moves when every task waits).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reply_is_not_a_stall_but_silence_is() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let source = tokio::spawn(async move {
+            serve_handshake(&mut b, 1 << 20).await;
+            let r = next_request(&mut b).await;
+            let ok = SimpleReply {
+                error: 0,
+                cookie: r.cookie,
+            };
+            b.write_all(&ok.encode()).await.unwrap();
+            for piece in vec![7u8; r.length as usize].chunks(1024) {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                b.write_all(piece).await.unwrap();
+            }
+            let _silent = next_request(&mut b).await;
+            // Held open and never answered.
+            std::future::pending::<()>().await;
+        });
+        let c = Client::handshake(Box::new(a), "", None).await.unwrap();
+        c.set_stall_timeout(Some(Duration::from_secs(1)));
+        let t = Instant::now();
+        let d = c.read(0, 64 << 10).await.unwrap();
+        assert!(d.len() == 64 << 10 && d.iter().all(|&x| x == 7));
+        assert!(
+            t.elapsed() >= Duration::from_millis(64 * 900),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(!c.is_dead());
+        let t = Instant::now();
+        let e = c.read(64 << 10, 4096).await.unwrap_err();
+        assert!(matches!(e, ClientError::Stalled(_)), "{e}");
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1300),
+            "{waited:?}"
+        );
+        assert!(c.is_dead());
+        source.abort();
+    }
+
+    /// A source that sends a reply's header and half its payload, then nothing: the read
+    /// fails as stalled after the timeout (the request stays pending while its payload is
+    /// read), instead of waiting forever.
+    #[tokio::test(start_paused = true)]
+    async fn silence_half_way_through_a_reply_is_a_stall() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let source = tokio::spawn(async move {
+            serve_handshake(&mut b, 1 << 20).await;
+            let r = next_request(&mut b).await;
+            let ok = SimpleReply {
+                error: 0,
+                cookie: r.cookie,
+            };
+            b.write_all(&ok.encode()).await.unwrap();
+            b.write_all(&vec![7u8; r.length as usize / 2])
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let c = Client::handshake(Box::new(a), "", None).await.unwrap();
+        c.set_stall_timeout(Some(Duration::from_secs(2)));
+        let t = Instant::now();
+        let e = c.read(0, 8192).await.unwrap_err();
+        assert!(matches!(e, ClientError::Stalled(_)), "{e}");
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited <= Duration::from_millis(2600),
+            "{waited:?}"
+        );
+        source.abort();
+    }
 
     #[test]
     fn block_limits_are_made_consistent() {

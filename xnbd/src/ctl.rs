@@ -1,7 +1,7 @@
 //! Control protocol of the proxy: one JSON object per line over a Unix socket, one reply
 //! line per request.
 //!
-//! Requests: `{"cmd":"query"}`, `{"cmd":"cache-all"}`, `{"cmd":"switch","force":false}`,
+//! Requests: `{"cmd":"query"}` (or `"status"`), `{"cmd":"cache-all"}`, `{"cmd":"switch","force":false}`,
 //! `{"cmd":"reconnect","source":"HOST:PORT"|null}`, `{"cmd":"set-rate","rate":BYTES}`.
 //! Replies: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`; `status` is a
 //! [`crate::proxy::Status`] (only `"mode":"serve"` for `xnbd serve`, which answers `query`
@@ -52,7 +52,8 @@ pub enum CtlError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    /// Status.
+    /// Status (`xnbd ctl status`); `{"cmd":"status"}` is accepted too.
+    #[serde(alias = "status")]
     Query,
     /// Start the background copy of every missing block.
     CacheAll,
@@ -88,7 +89,7 @@ pub struct Reply {
     pub status: Option<serde_json::Value>,
 }
 
-/// What the control socket controls: a proxy, or a plain server (query only).
+/// What the control socket controls: a proxy, or a plain server (status only).
 #[derive(Debug, Clone)]
 pub struct Controlled {
     /// The proxy, if this is one.
@@ -127,7 +128,7 @@ impl Controlled {
         let r = match (&self.proxy, req) {
             (_, Request::Query) => Ok(()),
             (Some(p), req) => apply(p, req),
-            (None, _) => Err("not a proxy: only query is available".to_owned()),
+            (None, _) => Err("not a proxy: only status is available".to_owned()),
         };
         let status = self.status();
         match r {
@@ -276,6 +277,11 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"switch"}"#).unwrap(),
             Request::Switch { force: false }
+        );
+        // The CLI's verb is `status`; the socket takes both names.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
+            Request::Query
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
     }

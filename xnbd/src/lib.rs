@@ -2,7 +2,11 @@
 //! clients keep using it.
 //!
 //! - [`proto`]: the NBD wire format (pure codec, fuzzed).
-//! - [`server`]: fixed newstyle negotiation, STARTTLS, concurrent transmission phase.
+//! - [`server`]: exports, listeners and connections; `server/negotiate.rs` (fixed newstyle
+//!   option haggling, STARTTLS) and `server/transmit.rs` (the concurrent request loop).
+//! - [`op`] and [`conn`]: what both sides share: an operation's outcome ([`op::OpError`],
+//!   `op::blocking`) and the stream NBD runs over ([`conn::Conn`]).
+//! - [`backend`]: what an export is served from (a file or the proxy).
 //! - [`storage`] and [`sys`]: positional file I/O, hole punching, `SEEK_DATA`/`SEEK_HOLE`.
 //! - [`client`]: the NBD client the proxy fetches with.
 //! - [`bitmap`] and [`proxy`]: crash-safe cached-block bitmap, on-demand fetch, background
@@ -18,9 +22,11 @@ pub mod backend;
 pub mod bitmap;
 pub mod budget;
 pub mod client;
+pub mod conn;
 pub mod ctl;
 pub mod listen;
 pub mod lock;
+pub mod op;
 pub mod proto;
 pub mod proxy;
 pub mod server;

@@ -81,7 +81,7 @@ struct ServeArgs {
     /// Make every export read-only.
     #[arg(long)]
     read_only: bool,
-    /// Control socket (`xnbd ctl query` shows the server's counters).
+    /// Control socket (`xnbd ctl status` shows the server's counters).
     #[arg(long)]
     ctl: Option<PathBuf>,
     #[command(flatten)]
@@ -156,8 +156,10 @@ struct CtlArgs {
 
 #[derive(Subcommand)]
 enum CtlCmd {
-    /// Cached/total blocks, rate, ETA.
-    Query,
+    /// Cached/total blocks, rate, ETA, source health, server counters (as `mvc edge status`;
+    /// `query` is the older name).
+    #[command(visible_alias = "query")]
+    Status,
     /// Copy every missing block now and wait for it (progress bar unless --json).
     CacheAll {
         /// Return at once instead of waiting.
@@ -378,6 +380,15 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
+/// The log filter: `RUST_LOG`, as for `mvc`; the older `XNBD_LOG` when `RUST_LOG` is not
+/// set; else `info`.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    ["RUST_LOG", "XNBD_LOG"]
+        .into_iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
+}
+
 /// Exit status when the cache or bitmap is in use by another process (`EX_TEMPFAIL`).
 const EXIT_LOCKED: i32 = 75;
 
@@ -409,20 +420,7 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
             "not connected"
         }
     );
-    if g("source_failing").as_bool().unwrap_or(false) {
-        let since = g("source_failing_since")
-            .as_u64()
-            .map(utc)
-            .unwrap_or_else(|| "?".into());
-        println!(
-            "health:    FAILING since {since} ({:.1} s, {} errors in a row, retry every {} ms)",
-            g("source_failing_secs").as_f64().unwrap_or(0.0),
-            g("source_errors_in_row"),
-            g("source_backoff_ms")
-        );
-    } else {
-        println!("health:    ok");
-    }
+    println!("{}", health_line(&st));
     if let Some(e) = g("source_last_error").as_str() {
         println!("last err:  {e}");
     }
@@ -460,7 +458,24 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
     Ok(())
 }
 
-/// The NBD server's lines of `ctl query`.
+/// The `health:` line of `ctl status`.
+fn health_line(st: &serde_json::Value) -> String {
+    if !st["source_failing"].as_bool().unwrap_or(false) {
+        return "health:    ok".into();
+    }
+    let since = st["source_failing_since"]
+        .as_u64()
+        .map(utc)
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "health:    FAILING since {since} ({:.1} s, {} errors in a row, retry every {} ms)",
+        st["source_failing_secs"].as_f64().unwrap_or(0.0),
+        st["source_errors_in_row"],
+        st["source_backoff_ms"]
+    )
+}
+
+/// The NBD server's lines of `ctl status`.
 fn print_server(st: &serde_json::Value) {
     let s = &st["server"];
     let l = &s["listeners"];
@@ -513,7 +528,7 @@ async fn ctl_main(a: CtlArgs) -> Result<()> {
     use ctl::Request as R;
     let sock = &a.socket;
     match a.cmd {
-        CtlCmd::Query => print_status(a.json, &ctl::call(sock, &R::Query).await?),
+        CtlCmd::Status => print_status(a.json, &ctl::call(sock, &R::Query).await?),
         CtlCmd::Switch { force } => {
             let r = ctl::call(sock, &R::Switch { force }).await?;
             print_status(a.json, &r)
@@ -593,10 +608,7 @@ fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XNBD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -617,5 +629,23 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(super::utc(1_796_591_043), "2026-12-06 21:04:03 UTC");
+    }
+
+    #[test]
+    fn health_line_says_since_when_and_how_often() {
+        let st = serde_json::json!({
+            "source_failing": true,
+            "source_failing_since": 1_796_591_043u64,
+            "source_failing_secs": 12.34,
+            "source_errors_in_row": 9,
+            "source_backoff_ms": 2560,
+        });
+        assert_eq!(
+            super::health_line(&st),
+            "health:    FAILING since 2026-12-06 21:04:03 UTC (12.3 s, 9 errors in a row, \
+             retry every 2560 ms)"
+        );
+        let st = serde_json::json!({ "source_failing": false });
+        assert_eq!(super::health_line(&st), "health:    ok");
     }
 }

@@ -40,17 +40,18 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::backend::{blocking, OpError};
 use crate::bitmap::{Bitmap, BitmapError};
 use crate::client::{Addr, Client, ClientError, ClientTls};
 use crate::lock::{FileLock, LockError};
+use crate::op::{blocking, OpError};
 use crate::proto::err;
 use crate::storage::Storage;
 
@@ -470,7 +471,7 @@ impl Proxy {
             }
             if let Some(t) = last_attempt {
                 let pause = self.backoff().min(RECONNECT_MAX);
-                tokio::time::sleep_until((t + pause).into()).await;
+                tokio::time::sleep_until(t + pause).await;
                 if self.is_target() {
                     break;
                 }
@@ -621,7 +622,7 @@ impl Proxy {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(turn.into()) => return,
+                _ = tokio::time::sleep_until(turn) => return,
                 _ = wake => {}
             }
         }
@@ -1154,7 +1155,7 @@ impl Proxy {
             let want = chunk_blocks as u64 * self.bs;
             if let Some(start) = self.reserve(want) {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(start.into()) => {}
+                    _ = tokio::time::sleep_until(start) => {}
                     // A new rate, a reconnection or the end: book again.
                     _ = self.wake.notified() => {
                         self.unreserve(want);

@@ -1,15 +1,24 @@
-//! The proxy in-process against a scriptable fake NBD source: each read can be answered,
-//! refused with an error, cut off half-way through its reply, or left unanswered, and the
-//! source checks every request against the block sizes it advertised. Counts are exact and
-//! the scenarios take a few seconds.
+//! The proxy in-process against a scriptable fake NBD source: each read can be answered
+//! (at once or after a delay), refused with an error, cut off half-way through its reply,
+//! or left unanswered; the source can go away (listener and connections closed) and come
+//! back, at the same address or another; it checks every request against the block sizes
+//! it advertised. Counts are exact and the scenarios take a few seconds.
+//!
+//! Virtual time: the tests on a current-thread runtime pause the clock (`time::pause`)
+//! while the proxy waits for a failing or missing source, so that 10 s of backoff or a 30 s
+//! source timeout pass at once and exactly. The clock runs again (`time::resume`) before
+//! anything is written to the cache: a paused clock jumps to the next timer whenever every
+//! task waits, and a task waiting for a blocking-pool write (the cache, its `fdatasync`,
+//! the bitmap) would see stall timeouts of its source connection expire that never did.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Instant;
 
 use xnbd::client::Addr;
 use xnbd::proto::{
@@ -30,6 +39,8 @@ enum Act {
     CutOff,
     /// Never answer (the connection stays open).
     Silent,
+    /// Answer with the data after this long (later requests on the connection wait).
+    Delay(Duration),
 }
 
 type Script = dyn Fn(u64, u64, u32) -> Act + Send + Sync;
@@ -64,18 +75,23 @@ impl Fake {
         })
     }
 
-    fn start(self: &Arc<Self>, sock: &Path) -> tokio::task::JoinHandle<()> {
+    /// Listen on `sock` until the returned handle is dropped, which closes the listener
+    /// and every connection (the source goes away; connecting is then refused).
+    fn start(self: &Arc<Self>, sock: &Path) -> Up {
+        let _ = std::fs::remove_file(sock);
         let l = UnixListener::bind(sock).unwrap();
         let me = self.clone();
-        tokio::spawn(async move {
+        Up(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             while let Ok((s, _)) = l.accept().await {
                 me.connections.fetch_add(1, Ordering::Relaxed);
                 let me = me.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let _ = me.serve(s).await;
                 });
+                while conns.try_join_next().is_some() {}
             }
-        })
+        }))
     }
 
     fn reads_between(&self, a: Duration, b: Duration) -> usize {
@@ -175,8 +191,23 @@ impl Fake {
                     return Ok(());
                 }
                 Act::Silent => {}
+                Act::Delay(d) => {
+                    tokio::time::sleep(d).await;
+                    s.write_all(&ok.encode()).await?;
+                    s.write_all(bytes).await?;
+                }
             }
         }
+    }
+}
+
+/// A running fake source; dropping it takes the source away (the accept task and, with
+/// its join set, every connection task are aborted, closing their sockets).
+struct Up(tokio::task::JoinHandle<()>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -255,11 +286,29 @@ async fn requests_keep_to_the_advertised_block_sizes() {
     assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
 }
 
-/// Every read fails for 3 s: the background copy sends one request per backoff period
-/// (10 ms doubling), a client read still gets its answer (EIO) at once, status reports the
-/// failure; then the copy completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Counts the warnings logged on this thread (the proxy's tasks run on it: current-thread
+/// runtime).
+#[derive(Clone, Default)]
+struct Warnings(Arc<AtomicU64>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *e.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every read fails for 10 s (virtual time): the background copy sends one request per
+/// backoff period (10 ms doubling to 5 s), a client read still gets its answer (EIO) at
+/// once, status reports the failure, since when and why, and the log gets two lines, not
+/// one per error; then the copy completes with the source's bytes.
+#[tokio::test]
 async fn failing_reads_back_off_and_clients_are_not_held() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = Warnings::default();
+    let _log =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("src.sock");
     let data = image();
@@ -280,35 +329,108 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
     let p = Proxy::start(config(d.path(), &sock, 65536, Duration::from_secs(5)))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Nothing reaches the cache while every read fails: the clock may stand still.
+    tokio::time::pause();
+    let t0 = fake.t0;
+    tokio::time::sleep_until(t0 + Duration::from_millis(1500)).await;
     let t = Instant::now();
     let e = p.read(2 << 20, vec![0u8; 4096], 0).await.unwrap_err();
     assert_eq!(e.errno, err::EIO);
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(t.elapsed() < Duration::from_millis(1), "{:?}", t.elapsed());
+    tokio::time::sleep_until(t0 + Duration::from_secs(10)).await;
     let st = p.status();
     assert!(st.source_failing, "{st:?}");
-    assert!(st.source_failing_secs.unwrap() >= 2.5, "{st:?}");
+    assert_eq!(st.cached_blocks, 0, "{st:?}");
+    assert!(st.source_failing_since.is_some(), "{st:?}");
+    assert!(st.source_failing_secs.unwrap() >= 9.5, "{st:?}");
+    assert!(st.source_backoff_ms >= 1000, "{st:?}");
     assert!(
         st.source_last_error.as_deref().unwrap().contains("error 5"),
         "{st:?}"
     );
-    // Turns at about 0, 10, 30, 70, 150, 310, 630, 1270, 2550 ms, plus the four chunks in
-    // flight when the first error came back and the client's read: 14 at most; without a
-    // backoff it was thousands.
+    // Turns at about 0, 10, 30, 70, 150, 310, 630, 1270, 2550, 5110 ms, plus the four
+    // chunks in flight when the first error came back and the client's read: 15 at most;
+    // without a backoff it was tens of thousands a second.
     let n = fake.reads.load(Ordering::Relaxed);
-    println!("reads in 3 s of errors: {n}");
-    assert!(n <= 16, "{n} reads in 3 s of errors");
-    // Later turns are spaced out: at most 2 reads in the last second.
-    let late = fake.reads_between(Duration::from_secs(2), Duration::from_secs(3));
-    assert!(late <= 2, "{late} reads in the third second");
+    let late = fake.reads_between(Duration::from_secs(3), Duration::from_secs(10));
+    println!("reads in 10 s of errors: {n}, {late} of them after 3 s");
+    assert!(n <= 16, "{n} reads in 10 s of errors");
+    assert!(late <= 2, "{late} reads between 3 s and 10 s");
+    // "source failing" and "source still failing after N errors".
+    let w = warnings.0.load(Ordering::Relaxed);
+    assert!(w <= 3, "{w} warnings");
 
+    // Healthy again; the cache is written from here on, so real time.
+    tokio::time::resume();
     failing.store(false, Ordering::Relaxed);
     let t = Instant::now();
     let st = wait_complete(&p, 30).await;
     println!("copy complete {:?} after recovery", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    assert!(!p.status().source_failing, "{st:?}");
+    assert!(!st.source_failing, "{st:?}");
+    assert!(st.source_last_error.is_some(), "{st:?}");
+    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+}
+
+/// The source goes away with blocks missing (default 30 s source timeout, in virtual
+/// time): local blocks are served, a read of a missing block fails with EIO after the
+/// timeout and not before; a read waiting while the source comes back gets its data; when
+/// it goes again, `reconnect` to another address lets the copy finish.
+#[tokio::test]
+async fn source_outage_eio_after_the_timeout_then_reconnect() {
+    let d = tempfile::tempdir().unwrap();
+    let (sock_a, sock_b) = (d.path().join("a.sock"), d.path().join("b.sock"));
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, _, _| Act::Data),
+    );
+    let a = fake.start(&sock_a);
+    let mut cfg = config(d.path(), &sock_a, 65536, Duration::from_secs(30));
+    cfg.background = false;
+    let p = Proxy::start(cfg).await.unwrap();
+    let got = p.read(0, vec![0u8; 1 << 20], 0).await.unwrap();
+    assert!(got == data[..1 << 20]);
+
+    // The source goes away. Local blocks stay readable.
+    drop(a);
+    let got = p.read(4096, vec![0u8; 65536], 0).await.unwrap();
+    assert!(got == data[4096..4096 + 65536]);
+    // A missing block: the client waits for the source timeout, then gets EIO.
+    tokio::time::pause();
+    let t = Instant::now();
+    let e = p.read(3 << 20, vec![0u8; 65536], 0).await.unwrap_err();
+    assert_eq!(e.errno, err::EIO);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+        "{waited:?}"
+    );
+    let st = p.status();
+    assert!(!st.source_connected && st.source_failing, "{st:?}");
+
+    // A client waits for another missing block; the source comes back 10 s later.
+    let q = p.clone();
+    let t = Instant::now();
+    let waiting = tokio::spawn(async move { q.read(2 << 20, vec![0u8; 65536], 0).await });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!waiting.is_finished());
+    let a = fake.start(&sock_a);
+    // The fetched block is written to the cache: real time from here on.
+    tokio::time::resume();
+    let got = waiting.await.unwrap().unwrap();
+    assert!(got == data[2 << 20..(2 << 20) + 65536]);
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(12), "{waited:?}");
+
+    // It goes again; pointed at another address, the proxy finishes the copy.
+    drop(a);
+    let _b = fake.start(&sock_b);
+    p.reconnect(Some(Addr::Unix(sock_b.clone())));
+    p.cache_all();
+    let st = wait_complete(&p, 30).await;
+    assert!(st.source.contains("b.sock"), "{st:?}");
     assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
 }
 
@@ -346,4 +468,76 @@ async fn cut_off_and_unanswered_replies_are_survived() {
         "{st:?}"
     );
     assert!(!st.source_failing, "{st:?}");
+}
+
+/// A slow source (each reply 250 ms after the one before it, on the one connection) and a
+/// 1 s source timeout: client reads queued behind the background copy wait longer than the
+/// timeout and still succeed (silence counts, not queueing); the copy completes without a
+/// source error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queueing_behind_a_slow_source_is_not_silence() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(250))),
+    );
+    let _srv = fake.start(&sock);
+    let p = Proxy::start(config(d.path(), &sock, 65536, Duration::from_secs(1)))
+        .await
+        .unwrap();
+    // The background copy fills the queue (four chunks, a second of replies) first.
+    let end = Instant::now() + Duration::from_secs(10);
+    while fake.reads.load(Ordering::Relaxed) < 4 {
+        assert!(Instant::now() < end, "the background copy did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    for off in [(7 << 19) as u64, 13 << 18, 3 << 20] {
+        let got = p.read(off, vec![0u8; 65536], 0).await.unwrap();
+        assert!(got == data[off as usize..off as usize + 65536], "at {off}");
+    }
+    let waited = t.elapsed();
+    println!("three queued client reads took {waited:?}");
+    assert!(waited > Duration::from_millis(1500), "{waited:?}");
+    let st = wait_complete(&p, 60).await;
+    assert_eq!(st.source_errors, 0, "{st:?}");
+    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+}
+
+/// A source that accepts the connection and never answers a read, 1 s source timeout: a
+/// client read fails after about a second (virtual time) and status says why.
+#[tokio::test]
+async fn a_silent_source_fails_a_read_after_the_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let fake = Fake::new(
+        image(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, _, _| Act::Silent),
+    );
+    let _srv = fake.start(&sock);
+    let mut cfg = config(d.path(), &sock, 65536, Duration::from_secs(1));
+    cfg.background = false;
+    let p = Proxy::start(cfg).await.unwrap();
+    // No reply ever arrives, so nothing is written to the cache: the clock may stand still.
+    tokio::time::pause();
+    let t = Instant::now();
+    let e = p.read(0, vec![0u8; 65536], 0).await.unwrap_err();
+    let took = t.elapsed();
+    println!("read from a silent source failed after {took:?} (virtual)");
+    assert_eq!(e.errno, err::EIO);
+    assert!(
+        took >= Duration::from_secs(1) && took <= Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let st = p.status();
+    assert!(
+        st.source_last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no reply")),
+        "{st:?}"
+    );
 }

@@ -67,7 +67,7 @@ pub fn spawn(prog: &str, args: &[&str], log: &Path) -> Proc {
     let child = Command::new(prog)
         .args(args)
         .env(
-            "XNBD_LOG",
+            "RUST_LOG",
             std::env::var("XNBD_TEST_LOG").unwrap_or_else(|_| "info".into()),
         )
         .stdin(Stdio::null())
@@ -198,17 +198,17 @@ pub fn wait_tcp(port: u16, timeout: Duration) -> bool {
     false
 }
 
-/// `xnbd ctl --socket S --json query` as JSON.
+/// `xnbd ctl --socket S --json status` as JSON.
 pub fn query(ctl: &Path) -> serde_json::Value {
     let out = ok(
         20,
         XNBD,
-        &["ctl", "--socket", ctl.to_str().unwrap(), "--json", "query"],
+        &["ctl", "--socket", ctl.to_str().unwrap(), "--json", "status"],
     );
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad json {out}: {e}"))
 }
 
-/// Poll `ctl query` until `pred` holds, bounded.
+/// Poll `ctl status` until `pred` holds, bounded.
 pub fn wait_status(
     ctl: &Path,
     timeout: Duration,
