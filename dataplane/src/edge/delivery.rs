@@ -15,16 +15,17 @@ use crate::wire::{
     RELAY_HDR_LEN, TRANSPORT_HDR_LEN,
 };
 
+use super::drops::DropReason;
 use super::{max_frame, EdgeCore};
 
 impl EdgeCore {
     /// Handles one Ethernet frame read from the TAP device.
     pub fn handle_tap(&mut self, now: Instant, frame: &[u8], out: &mut Outbox) {
         let Some((dst, src)) = eth::macs(frame) else {
-            return self.drop("runt_frame");
+            return self.drop(DropReason::RuntFrame);
         };
         if frame.len() > max_frame(out.buf_size()) {
-            return self.drop("frame_too_big");
+            return self.drop(DropReason::FrameTooBig);
         }
         self.tap_rx += 1;
         // A MAC we had behind a peer now speaks from our side: the VM moved here.
@@ -60,7 +61,7 @@ impl EdgeCore {
         out: &mut Outbox,
     ) {
         let Some((dst, src)) = eth::macs(frame) else {
-            return self.drop("runt_frame");
+            return self.drop(DropReason::RuntFrame);
         };
         if !src.is_group() {
             self.macs.remove(&src);
@@ -80,7 +81,7 @@ impl EdgeCore {
         });
         self.seg_scratch = scratch;
         if r.is_err() {
-            self.drop("bad_tso_frame");
+            self.drop(DropReason::BadTsoFrame);
         }
     }
 
@@ -93,14 +94,14 @@ impl EdgeCore {
         frame: &[u8],
         max_frame: usize,
         out: &mut Outbox,
-    ) -> Result<bool, &'static str> {
-        let f = offload::parse_tcp(frame).ok_or("bad_tso_frame")?;
+    ) -> Result<bool, DropReason> {
+        let f = offload::parse_tcp(frame).ok_or(DropReason::BadTsoFrame)?;
         if (hdr.gso_type & !offload::GSO_ECN == offload::GSO_TCPV4) != f.v4 {
-            return Err("bad_tso_frame");
+            return Err(DropReason::BadTsoFrame);
         }
         let mss = usize::from(hdr.gso_size).min(max_frame.saturating_sub(f.hdr_len));
         if mss == 0 {
-            return Err("bad_tso_frame");
+            return Err(DropReason::BadTsoFrame);
         }
         let payload_len = frame.len() - f.hdr_len;
         let n = payload_len.div_ceil(mss).max(1);
@@ -138,8 +139,8 @@ impl EdgeCore {
             src: me,
             dst: *pid,
         };
-        let p = self.peers.get_mut(pid).ok_or("unknown_peer")?;
-        let s = p.cur.as_mut().ok_or("no_session")?;
+        let p = self.peers.get_mut(pid).ok_or(DropReason::UnknownPeer)?;
+        let s = p.cur.as_mut().ok_or(DropReason::NoSession)?;
         let hl = f.hdr_len;
         let seq0 = u32::from_be_bytes([
             frame[f.tcp + 4],
@@ -196,7 +197,7 @@ impl EdgeCore {
             let sealed = s
                 .send
                 .seal(ctr, aad.as_bytes(), &mut b[body..], seg_len)
-                .map_err(|e| e.reason())?;
+                .map_err(DropReason::from)?;
             off += prefix + TRANSPORT_HDR_LEN + sealed;
             count += 1;
             sent += seg_len as u64;
@@ -250,18 +251,18 @@ impl EdgeCore {
         self.bcast_ctr += 1;
         let Ok(hl) = wire::write_bcast_header(&mut b, &self.keys.id, &self.id, ctr, dsts) else {
             out.give(b, false);
-            return self.drop("no_room");
+            return self.drop(DropReason::NoRoom);
         };
         b[2] = self.cfg.cipher as u8;
         if b.len() < hl + frame.len() + wire::TAG_LEN {
             out.give(b, false);
-            return self.drop("frame_too_big");
+            return self.drop(DropReason::FrameTooBig);
         }
         b[hl..hl + frame.len()].copy_from_slice(frame);
         let (head, body) = b.split_at_mut(hl);
         let Ok(n) = self.bcast_tx.seal(ctr, head, body, frame.len()) else {
             out.give(b, false);
-            return self.drop("no_room");
+            return self.drop(DropReason::NoRoom);
         };
         let listed = dsts
             .iter()
@@ -290,14 +291,14 @@ impl EdgeCore {
                     || v.src == self.id
                     || !(v.dsts.is_empty() || v.dsts.contains(&self.id))
                 {
-                    return self.drop("bcast_not_for_us");
+                    return self.drop(DropReason::BcastNotForUs);
                 }
                 (v.src, v.counter, v.header.len(), pkt[2])
             }
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         if cipher != self.cfg.cipher as u8 {
-            return self.drop("cipher_mismatch");
+            return self.drop(DropReason::CipherMismatch);
         }
         // A sender we do not know yet becomes a peer only once its frame authenticates.
         let mut fresh = match self.peers.get_mut(&src).and_then(|p| p.bcast_rx.take()) {
@@ -310,9 +311,9 @@ impl EdgeCore {
         let (key, replay) = &mut fresh;
         let opened = if replay.check(counter) {
             let (head, body) = pkt.split_at_mut(hl);
-            key.open(counter, head, body).map_err(|e| e.reason())
+            key.open(counter, head, body).map_err(DropReason::from)
         } else {
-            Err("replay")
+            Err(DropReason::Replay)
         };
         if opened.is_ok() {
             replay.update(counter);
@@ -347,7 +348,7 @@ impl EdgeCore {
     ) {
         let frame = &pkt[off..off + len];
         let Some((_, src)) = eth::macs(frame) else {
-            return self.drop("runt_frame");
+            return self.drop(DropReason::RuntFrame);
         };
         if let Some(p) = self.peers.get_mut(pid) {
             p.stats.rx_packets += 1;
@@ -361,7 +362,7 @@ impl EdgeCore {
                 None if n < self.cfg.max_macs => {
                     self.macs.insert(src, (*pid, now));
                 }
-                None => self.drop("mac_table_full"),
+                None => self.drop(DropReason::MacTableFull),
             }
         }
         out.push_tap(frame, partial_csum);

@@ -9,6 +9,7 @@ use crate::outbox::Outbox;
 use crate::replay::ReplayWindow;
 use crate::wire::{self, EdgeId, HandshakeInit, HandshakeResp};
 
+use super::drops::DropReason;
 use super::peer::*;
 use super::{EdgeCore, Timers, Via};
 
@@ -25,7 +26,7 @@ impl EdgeCore {
             self.hs_ts,
         ) {
             Ok(s) => s,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let mut b = [0u8; wire::HS_INIT_LEN];
         if st.init.encode(&mut b).is_err() {
@@ -68,21 +69,21 @@ impl EdgeCore {
     pub(super) fn on_init(&mut self, now: Instant, via: Via, pkt: &[u8], out: &mut Outbox) {
         let init = match HandshakeInit::decode(pkt) {
             Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         if let Via::Relayed { src, .. } = via {
             if src != init.src {
-                return self.drop("relay_mismatch");
+                return self.drop(DropReason::RelayMismatch);
             }
         }
         if init.src == self.id {
-            return self.drop("own_packet");
+            return self.drop(DropReason::OwnPacket);
         }
         if !self.keys.verify_init(&self.id, &init) {
-            return self.drop("auth_failed");
+            return self.drop(DropReason::AuthFailed);
         }
         if init.cipher != self.cfg.cipher as u8 {
-            return self.drop("cipher_mismatch");
+            return self.drop(DropReason::CipherMismatch);
         }
         let index = self.new_index();
         let Some(p) = self.peer_entry(init.src, now) else {
@@ -91,9 +92,9 @@ impl EdgeCore {
         if init.ts <= p.last_init_ts {
             // The same init arrives once relayed and once direct: only the first counts.
             let reason = if init.ts == p.last_init_ts {
-                "duplicate_handshake"
+                DropReason::DuplicateHandshake
             } else {
-                "replay"
+                DropReason::Replay
             };
             return self.drop(reason);
         }
@@ -103,7 +104,7 @@ impl EdgeCore {
             .handshake_respond(&self.rng, &self.id, &init, index)
         {
             Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let cipher = self.cfg.cipher;
         let p = self.peers.get_mut(&init.src).expect("peer entry exists");
@@ -134,22 +135,22 @@ impl EdgeCore {
     pub(super) fn on_resp(&mut self, now: Instant, via: Via, pkt: &[u8], out: &mut Outbox) {
         let resp = match HandshakeResp::decode(pkt) {
             Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         if let Via::Relayed { src, .. } = via {
             if src != resp.src {
-                return self.drop("relay_mismatch");
+                return self.drop(DropReason::RelayMismatch);
             }
         }
         let Some(p) = self.peers.get_mut(&resp.src) else {
-            return self.drop("unexpected_resp");
+            return self.drop(DropReason::UnexpectedResp);
         };
         let ok = p.pending.as_ref().is_some_and(|pd| {
             pd.state.init.sender_index == resp.receiver_index
                 && self.keys.verify_resp(&self.id, &pd.state.init, &resp)
         });
         if !ok {
-            return self.drop("unexpected_resp");
+            return self.drop(DropReason::UnexpectedResp);
         }
         let Some(pd) = p.pending.take() else {
             return;
@@ -159,7 +160,7 @@ impl EdgeCore {
             Ok(k) => k,
             Err(e) => {
                 self.index.remove(&local_index);
-                return self.drop(e.reason());
+                return self.drop(e.into());
             }
         };
         let cipher = self.cfg.cipher;

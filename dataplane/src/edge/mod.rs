@@ -21,7 +21,6 @@
 //! - `paths`: candidate addresses, limits on addresses that never answered, probes;
 //! - `status`: the status document.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -40,6 +39,7 @@ use crate::wire::{
 
 mod config;
 mod delivery;
+mod drops;
 mod handshake;
 mod paths;
 mod peer;
@@ -48,6 +48,8 @@ mod status;
 mod transport;
 
 pub use config::{EdgeConfig, EdgeError, SupernodeAddr, Timers};
+pub use drops::DropReason;
+use drops::Drops;
 pub use paths::in_nets;
 use peer::Peer;
 use registration::SnState;
@@ -77,7 +79,7 @@ pub struct EdgeCore {
     hs_ts: u64,
     probe_id: u64,
     started: Instant,
-    drops: BTreeMap<&'static str, u64>,
+    drops: Drops,
     tap_rx: u64,
     tap_tx: u64,
     flooded: u64,
@@ -172,7 +174,7 @@ impl EdgeCore {
             hs_ts: 0,
             probe_id: 0,
             started: now,
-            drops: BTreeMap::new(),
+            drops: Drops::default(),
             tap_rx: 0,
             tap_tx: 0,
             flooded: 0,
@@ -219,13 +221,13 @@ impl EdgeCore {
         self.sns.iter().any(|s| s.addr == *addr)
     }
 
-    fn drop(&mut self, reason: &'static str) {
-        *self.drops.entry(reason).or_insert(0) += 1;
+    fn drop(&mut self, reason: DropReason) {
+        self.drops.count(reason);
     }
 
-    /// Counts a drop noticed by the I/O driver.
-    pub fn count_drop(&mut self, reason: &'static str) {
-        self.drop(reason);
+    /// Counts a drop noticed by the I/O driver (a [`DropReason`], or its name).
+    pub fn count_drop(&mut self, reason: impl Into<DropReason>) {
+        self.drop(reason.into());
     }
 
     fn new_index(&mut self) -> u32 {
@@ -244,7 +246,7 @@ impl EdgeCore {
     fn peer_entry(&mut self, id: EdgeId, now: Instant) -> Option<&mut Peer> {
         if !self.peers.contains_key(&id) {
             if self.peers.len() >= self.cfg.max_peers || id == self.id {
-                self.drop("peer_table_full");
+                self.drop(DropReason::PeerTableFull);
                 return None;
             }
             self.peers.insert(id, Peer::new(id, now));
@@ -257,7 +259,7 @@ impl EdgeCore {
         self.udp_rx += 1;
         let t = match wire::peek_type(pkt) {
             Ok(t) => t,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let sn = self.sns.iter().position(|s| s.addr == src);
         match (t, sn) {
@@ -267,7 +269,7 @@ impl EdgeCore {
             (MsgType::Relay, Some(_)) => match RelayHdr::decode(pkt) {
                 Ok((h, _)) => {
                     if h.community != self.keys.id || h.dst != self.id || h.src == self.id {
-                        return self.drop("relay_not_for_us");
+                        return self.drop(DropReason::RelayNotForUs);
                     }
                     let inner = &mut pkt[RELAY_HDR_LEN..];
                     self.on_edge_packet(
@@ -280,7 +282,7 @@ impl EdgeCore {
                         out,
                     );
                 }
-                Err(e) => self.drop(e.reason()),
+                Err(e) => self.drop(e.into()),
             },
             (MsgType::Bcast, Some(i)) => self.on_bcast(now, i, pkt, out),
             (
@@ -289,24 +291,24 @@ impl EdgeCore {
             ) => {
                 if in_nets(&src, &self.overlay_nets) {
                     // Came through our own overlay: never a path.
-                    return self.drop("path_inside_overlay");
+                    return self.drop(DropReason::PathInsideOverlay);
                 }
                 self.on_edge_packet(now, Via::Direct(src), pkt, out)
             }
-            _ => self.drop("unexpected_type"),
+            _ => self.drop(DropReason::UnexpectedType),
         }
     }
 
     fn on_edge_packet(&mut self, now: Instant, via: Via, pkt: &mut [u8], out: &mut Outbox) {
         let t = match wire::peek_type(pkt) {
             Ok(t) => t,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         match t {
             MsgType::HandshakeInit => self.on_init(now, via, pkt, out),
             MsgType::HandshakeResp => self.on_resp(now, via, pkt, out),
             MsgType::Data | MsgType::Probe => self.on_transport(now, via, pkt, out),
-            _ => self.drop("unexpected_type"),
+            _ => self.drop(DropReason::UnexpectedType),
         }
     }
 
@@ -408,6 +410,6 @@ mod tests {
             0,
         ];
         e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
-        assert_eq!(e.drops.get("path_inside_overlay"), Some(&1));
+        assert_eq!(e.drops.get(DropReason::PathInsideOverlay), 1);
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::outbox::Outbox;
 use crate::wire::{EdgeId, MsgType, TransportHdr, PROBE_BODY_LEN, PROBE_REPLY, TRANSPORT_HDR_LEN};
 
+use super::drops::DropReason;
 use super::peer::*;
 use super::{EdgeCore, Timers, Via};
 
@@ -117,10 +118,7 @@ impl EdgeCore {
             return true;
         }
         if e.sent >= tries && now.saturating_duration_since(e.last) < backoff {
-            self.drops
-                .entry("unvalidated_limit")
-                .and_modify(|n| *n += 1)
-                .or_insert(1);
+            self.drops.count(DropReason::UnvalidatedLimit);
             return false;
         }
         let w = &mut self.unvalidated_window;
@@ -128,10 +126,7 @@ impl EdgeCore {
             *w = (now, 0);
         }
         if w.1 >= per_sec {
-            self.drops
-                .entry("unvalidated_budget")
-                .and_modify(|n| *n += 1)
-                .or_insert(1);
+            self.drops.count(DropReason::UnvalidatedBudget);
             return false;
         }
         w.1 += 1;
@@ -246,7 +241,7 @@ impl EdgeCore {
             return;
         };
         if n != PROBE_BODY_LEN {
-            return self.drop("malformed");
+            return self.drop(DropReason::Malformed);
         }
         let mut idb = [0u8; 8];
         idb.copy_from_slice(&pkt[TRANSPORT_HDR_LEN..TRANSPORT_HDR_LEN + 8]);
@@ -272,7 +267,7 @@ impl EdgeCore {
         } else {
             let id = u64::from_be_bytes(idb);
             let Some(pos) = p.probes.iter().position(|x| x.0 == id) else {
-                return self.drop("stale_probe");
+                return self.drop(DropReason::StaleProbe);
             };
             let (_, _, sent) = p.probes.remove(pos);
             let rtt = now.saturating_duration_since(sent);

@@ -11,6 +11,7 @@ use crate::snkey;
 use crate::status::hex;
 use crate::wire::{Cookie, PeerInfo, Register, RegisterAck, COOKIE_LEN, SIG_LEN, SN_KEY_LEN};
 
+use super::drops::DropReason;
 use super::EdgeCore;
 
 pub(super) struct SnState {
@@ -96,24 +97,24 @@ impl EdgeCore {
     pub(super) fn on_ack(&mut self, now: Instant, i: usize, pkt: &[u8]) {
         let v = match RegisterAck::decode(pkt) {
             Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let a = &v.msg;
         if a.community != self.keys.id || a.edge != self.id {
-            return self.drop("ack_not_for_us");
+            return self.drop(DropReason::AckNotForUs);
         }
         let s = &self.sns[i];
         let key = match s.key {
-            Some(k) if k != a.sn_key => return self.drop("sn_key_mismatch"),
+            Some(k) if k != a.sn_key => return self.drop(DropReason::SnKeyMismatch),
             Some(k) => k,
             None => a.sn_key,
         };
         // Each registration is acknowledged once: older or unsent numbers are replays.
         if a.seq <= s.acked_seq || a.seq > s.sent_seq {
-            return self.drop("stale_ack");
+            return self.drop(DropReason::StaleAck);
         }
         if !snkey::verify(&key, v.signed, v.sig) {
-            return self.drop("bad_signature");
+            return self.drop(DropReason::BadSignature);
         }
         if s.key.is_none() {
             tracing::warn!(
@@ -151,12 +152,12 @@ impl EdgeCore {
     pub(super) fn on_cookie(&mut self, now: Instant, i: usize, pkt: &[u8], out: &mut Outbox) {
         let c = match Cookie::decode(pkt) {
             Ok(c) => c,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let retry = self.cfg.timers.handshake_retry;
         let s = &mut self.sns[i];
         if c.edge != self.id || c.seq != s.sent_seq {
-            return self.drop("cookie_not_for_us");
+            return self.drop(DropReason::CookieNotForUs);
         }
         s.cookie = c.cookie;
         if s.cookie_resend
@@ -171,23 +172,23 @@ impl EdgeCore {
     pub(super) fn on_peer_info(&mut self, now: Instant, i: usize, pkt: &[u8]) {
         let v = match PeerInfo::decode(pkt) {
             Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let s = &self.sns[i];
         let Some(key) = s.key else {
-            return self.drop("sn_key_unknown");
+            return self.drop(DropReason::SnKeyUnknown);
         };
         let info = &v.msg;
         if info.community != self.keys.id || info.dst != self.id {
-            return self.drop("info_not_for_us");
+            return self.drop(DropReason::InfoNotForUs);
         }
         // Bound to one of our registrations since the last acknowledged one: a list from
         // an older registration is a replay.
         if info.seq < s.acked_seq || info.seq > s.sent_seq {
-            return self.drop("stale_info");
+            return self.drop(DropReason::StaleInfo);
         }
         if !snkey::verify(&key, v.signed, v.sig) {
-            return self.drop("bad_signature");
+            return self.drop(DropReason::BadSignature);
         }
         for e in v.msg.peers {
             if e.id == self.id {
@@ -275,7 +276,7 @@ impl EdgeCore {
             }
             Err(_) => {
                 out.give(b, false);
-                self.drop("no_room");
+                self.drop(DropReason::NoRoom);
             }
         }
         let s = &mut self.sns[i];

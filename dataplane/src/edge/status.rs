@@ -117,8 +117,8 @@ impl EdgeCore {
             udp_tx_packets: self.udp_tx,
             drops: self
                 .drops
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
+                .by_name()
+                .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             threads: Vec::new(),
         }

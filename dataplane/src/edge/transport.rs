@@ -12,6 +12,7 @@ use crate::wire::{
     self, EdgeId, MsgType, RelayHdr, TransportHdr, DATA_CSUM_PARTIAL, TRANSPORT_HDR_LEN,
 };
 
+use super::drops::DropReason;
 use super::{EdgeCore, Via, HEADROOM};
 
 impl EdgeCore {
@@ -44,7 +45,7 @@ impl EdgeCore {
         let body = start + TRANSPORT_HDR_LEN;
         if b.len() < body + payload.len() + wire::TAG_LEN {
             out.give(b, false);
-            self.drop("frame_too_big");
+            self.drop(DropReason::FrameTooBig);
             return true;
         }
         let ctr = s.send_ctr;
@@ -63,7 +64,7 @@ impl EdgeCore {
             .seal(ctr, aad.as_bytes(), &mut b[body..], payload.len())
         else {
             out.give(b, false);
-            self.drop("no_room");
+            self.drop(DropReason::NoRoom);
             return true;
         };
         let len = TRANSPORT_HDR_LEN + n;
@@ -128,32 +129,32 @@ impl EdgeCore {
     ) {
         let hdr = match TransportHdr::decode(pkt) {
             Ok(h) => h,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         let Some(pid) = self.index.get(&hdr.receiver_index).copied() else {
-            return self.drop("unknown_session");
+            return self.drop(DropReason::UnknownSession);
         };
         if let Via::Relayed { src, .. } = via {
             if src != pid {
-                return self.drop("relay_mismatch");
+                return self.drop(DropReason::RelayMismatch);
             }
         }
         let community = self.keys.id;
         let me = self.id;
         let Some(p) = self.peers.get_mut(&pid) else {
-            return self.drop("unknown_session");
+            return self.drop(DropReason::UnknownSession);
         };
         let Some((s, slot)) = p.session_mut(hdr.receiver_index) else {
-            return self.drop("unknown_session");
+            return self.drop(DropReason::UnknownSession);
         };
         if !s.replay.check(hdr.counter) {
-            return self.drop("replay");
+            return self.drop(DropReason::Replay);
         }
         let (head, body) = pkt.split_at_mut(TRANSPORT_HDR_LEN);
         let aad = EdgeAad::new(&community, &pid, &me, head);
         let n = match s.recv.open(hdr.counter, aad.as_bytes(), body) {
             Ok(n) => n,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop(e.into()),
         };
         s.replay.update(hdr.counter);
         if slot == 2 {
