@@ -18,7 +18,7 @@ impl EdgeCore {
         let index = self.new_index();
         self.hs_ts += 1;
         let st = match self.keys.handshake_init(
-            &self.rng,
+            self.rng.ring(),
             self.cfg.cipher,
             &self.id,
             id,
@@ -99,13 +99,14 @@ impl EdgeCore {
             return self.drop(reason);
         }
         p.last_init_ts = init.ts;
-        let (resp, keys) = match self
-            .keys
-            .handshake_respond(&self.rng, &self.id, &init, index)
-        {
-            Ok(v) => v,
-            Err(e) => return self.drop(e.into()),
-        };
+        let (resp, keys) =
+            match self
+                .keys
+                .handshake_respond(self.rng.ring(), &self.id, &init, index)
+            {
+                Ok(v) => v,
+                Err(e) => return self.drop(e.into()),
+            };
         let cipher = self.cfg.cipher;
         let p = self.peers.get_mut(&init.src).expect("peer entry exists");
         if let Via::Direct(a) = via {

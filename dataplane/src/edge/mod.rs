@@ -24,9 +24,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-// Looked up for every packet: a seeded fast hash instead of SipHash.
-use foldhash::HashMap;
-use ring::rand::{SecureRandom, SystemRandom};
+use foldhash::fast::FixedState;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::crypto::{AeadKey, CommunityKeys};
@@ -44,6 +42,7 @@ mod handshake;
 mod paths;
 mod peer;
 mod registration;
+mod rng;
 mod status;
 mod transport;
 
@@ -53,6 +52,11 @@ use drops::Drops;
 pub use paths::in_nets;
 use peer::Peer;
 use registration::SnState;
+pub use rng::{EdgeRng, RngError, SystemRng};
+
+/// The core's tables, looked up for every packet: a fast hash (foldhash) instead of
+/// SipHash, seeded from the core's [`EdgeRng`].
+type Map<K, V> = std::collections::HashMap<K, V, FixedState>;
 
 /// How an edge-to-edge packet arrived.
 #[derive(Clone, Copy, Debug)]
@@ -69,11 +73,11 @@ pub struct EdgeCore {
     reg_key: Ed25519KeyPair,
     reg_pub: [u8; 32],
     reg_seq: u64,
-    rng: SystemRandom,
+    rng: Box<dyn EdgeRng>,
     sns: Vec<SnState>,
-    peers: HashMap<EdgeId, Peer>,
-    index: HashMap<u32, EdgeId>,
-    macs: HashMap<Mac, (EdgeId, Instant)>,
+    peers: Map<EdgeId, Peer>,
+    index: Map<u32, EdgeId>,
+    macs: Map<Mac, (EdgeId, Instant)>,
     bcast_tx: AeadKey,
     bcast_ctr: u64,
     hs_ts: u64,
@@ -101,8 +105,19 @@ pub fn max_frame(buf_size: usize) -> usize {
 }
 
 impl EdgeCore {
-    /// A new edge with a fresh registration key (hence a fresh edge id).
+    /// A new edge with a fresh registration key (hence a fresh edge id), drawing its
+    /// randomness from the operating system.
     pub fn new(cfg: EdgeConfig, now: Instant) -> Result<Self, EdgeError> {
+        Self::with_rng(cfg, now, Box::new(SystemRng::default()))
+    }
+
+    /// A new edge drawing its randomness from `rng` (a seeded one makes a simulation
+    /// repeatable; see [`EdgeRng`]).
+    pub fn with_rng(
+        cfg: EdgeConfig,
+        now: Instant,
+        mut rng: Box<dyn EdgeRng>,
+    ) -> Result<Self, EdgeError> {
         if cfg.name.is_empty() || cfg.name.len() > wire::MAX_NAME_LEN {
             return Err(EdgeError::Config(format!(
                 "edge name must be 1..={} bytes",
@@ -125,9 +140,11 @@ impl EdgeCore {
         if cfg.secret.is_empty() {
             return Err(EdgeError::Config("the community secret is empty".into()));
         }
-        let rng = SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| EdgeError::Keys)?;
-        let reg_key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| EdgeError::Keys)?;
+        let mut seed = [0u8; 32];
+        rng.fill(&mut seed).map_err(|_| EdgeError::Keys)?;
+        let reg_key = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| EdgeError::Keys)?;
+        let table_seed = rng.next_u64().map_err(|_| EdgeError::Keys)?;
+        let table = || FixedState::with_seed(table_seed);
         let mut reg_pub = [0u8; 32];
         reg_pub.copy_from_slice(reg_key.public_key().as_ref());
         let id = edge_id_of(&reg_pub);
@@ -166,9 +183,9 @@ impl EdgeCore {
             reg_seq: 0,
             rng,
             sns,
-            peers: HashMap::default(),
-            index: HashMap::default(),
-            macs: HashMap::default(),
+            peers: Map::with_hasher(table()),
+            index: Map::with_hasher(table()),
+            macs: Map::with_hasher(table()),
             bcast_tx,
             bcast_ctr: 0,
             hs_ts: 0,
