@@ -11,10 +11,14 @@ use crate::wire::{self, EdgeId, HandshakeInit, HandshakeResp};
 
 use super::drops::DropReason;
 use super::peer::*;
-use super::{EdgeCore, Timers, Via};
+use super::{Earliest, EdgeCore, Timers, Via};
 
 impl EdgeCore {
     pub(super) fn start_handshake(&mut self, now: Instant, id: &EdgeId, out: &mut Outbox) {
+        // Counted as an attempt even if it fails here: the next one waits its turn.
+        if let Some(p) = self.peers.get_mut(id) {
+            p.last_init_sent = Some(now);
+        }
         let index = self.new_index();
         self.hs_ts += 1;
         let st = match self.keys.handshake_init(
@@ -264,6 +268,34 @@ impl EdgeCore {
             .is_none_or(|l| now.saturating_duration_since(l) >= t.handshake_retry);
         if need && retry_due {
             self.start_handshake(now, id, out);
+        }
+    }
+
+    /// Adds the session timers of peer `p` to `d` (as [`EdgeCore::poll_sessions`] runs
+    /// them).
+    pub(super) fn session_deadline(&self, p: &Peer, d: &mut Earliest) {
+        let t = &self.cfg.timers;
+        let due = self.last_poll;
+        for s in [&p.cur, &p.prev].into_iter().flatten() {
+            d.add(s.created + t.reject_after_time);
+        }
+        if let Some(s) = &p.next {
+            d.add(s.created + t.handshake_retry * 10);
+        }
+        if let Some(pd) = &p.pending {
+            d.add(pd.sent + t.handshake_retry * 5);
+        }
+        let need_at = match &p.cur {
+            None if p.listed_by == 0 && p.last_rx.is_none() => None,
+            None if self.id < p.id => Some(due),
+            None => Some(p.first_seen + t.handshake_defer),
+            Some(s) if s.send_ctr >= t.rekey_after_packets => Some(due),
+            Some(s) if s.initiator => Some(s.created + t.rekey_after_time),
+            Some(s) => Some(s.created + t.rekey_after_time + t.handshake_retry * 10),
+        };
+        if let Some(need_at) = need_at {
+            let retry_at = p.last_init_sent.map_or(due, |l| l + t.handshake_retry);
+            d.add(need_at.max(retry_at));
         }
     }
 }

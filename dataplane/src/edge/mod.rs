@@ -22,7 +22,7 @@
 //! - `status`: the status document.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use foldhash::fast::FixedState;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -83,6 +83,8 @@ pub struct EdgeCore {
     hs_ts: u64,
     probe_id: u64,
     started: Instant,
+    /// When [`EdgeCore::poll`] last ran: what its timers were last checked against.
+    last_poll: Instant,
     drops: Drops,
     tap_rx: u64,
     tap_tx: u64,
@@ -191,6 +193,7 @@ impl EdgeCore {
             hs_ts: 0,
             probe_id: 0,
             started: now,
+            last_poll: now,
             drops: Drops::default(),
             tap_rx: 0,
             tap_tx: 0,
@@ -331,6 +334,7 @@ impl EdgeCore {
 
     /// Runs timers: registration, handshakes, rekeying, probing, expiry.
     pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
+        self.last_poll = self.last_poll.max(now);
         self.poll_register(now, out);
         let t = self.cfg.timers.clone();
         let ids: Vec<EdgeId> = self.peers.keys().copied().collect();
@@ -364,6 +368,44 @@ impl EdgeCore {
         }
         self.macs
             .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
+    }
+
+    /// When [`EdgeCore::poll`] must run next: the earliest of every timer the core keeps
+    /// (registrations and checks of the supernodes, handshakes, session lifetimes and
+    /// rekeying, probes and keepalives, loss of a direct path, expiry of peers and
+    /// MACs). A time not later than the last poll means "at once" (something an event
+    /// made due). Recomputed after every event: a datagram or frame can move it earlier.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.cfg.timers;
+        let mut d = Earliest::default();
+        for s in &self.sns {
+            self.register_deadline(s, &mut d);
+        }
+        for p in self.peers.values() {
+            self.session_deadline(p, &mut d);
+            self.path_deadline(p, &mut d);
+            let last = [p.last_listed, p.last_rx, Some(p.first_seen)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(p.first_seen);
+            // Expired once strictly older than `peer_expiry`.
+            d.add(last + t.peer_expiry + Duration::from_nanos(1));
+        }
+        for (_, seen) in self.macs.values() {
+            d.add(*seen + t.mac_expiry);
+        }
+        d.0
+    }
+}
+
+/// The earliest of some deadlines.
+#[derive(Default)]
+struct Earliest(Option<Instant>);
+
+impl Earliest {
+    fn add(&mut self, t: Instant) {
+        self.0 = Some(self.0.map_or(t, |e| e.min(t)));
     }
 }
 

@@ -11,7 +11,7 @@ use crate::wire::{EdgeId, MsgType, TransportHdr, PROBE_BODY_LEN, PROBE_REPLY, TR
 
 use super::drops::DropReason;
 use super::peer::*;
-use super::{EdgeCore, Timers, Via};
+use super::{Earliest, EdgeCore, Timers, Via};
 
 /// Whether `a` lies in one of the networks (address, prefix length).
 pub fn in_nets(a: &SocketAddr, nets: &[(IpAddr, u8)]) -> bool {
@@ -288,5 +288,22 @@ impl EdgeCore {
                 }
             }
         }
+    }
+
+    /// Adds the path timers of peer `p` to `d` (as [`EdgeCore::poll_paths`] runs them).
+    pub(super) fn path_deadline(&self, p: &Peer, d: &mut Earliest) {
+        let t = &self.cfg.timers;
+        if p.cur.is_none() {
+            return;
+        }
+        if let (Some(_), Some(last)) = (p.direct, p.direct_last_rx) {
+            d.add(last + t.direct_timeout);
+        }
+        let every = if p.direct.is_some() {
+            t.keepalive_interval
+        } else {
+            t.probe_interval
+        };
+        d.add(p.last_probe.map_or(self.last_poll, |l| l + every));
     }
 }

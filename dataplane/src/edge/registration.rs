@@ -12,7 +12,7 @@ use crate::status::hex;
 use crate::wire::{Cookie, PeerInfo, Register, RegisterAck, COOKIE_LEN, SIG_LEN, SN_KEY_LEN};
 
 use super::drops::DropReason;
-use super::EdgeCore;
+use super::{Earliest, EdgeCore};
 
 pub(super) struct SnState {
     pub(super) addr: SocketAddr,
@@ -283,5 +283,34 @@ impl EdgeCore {
         s.last_sent = Some(now);
         s.sent_seq = self.reg_seq;
         s.sent_at = Some(now);
+    }
+
+    /// Adds the timers of supernode `s` to `d` (as [`EdgeCore::poll_register`] runs
+    /// them).
+    pub(super) fn register_deadline(&self, s: &SnState, d: &mut Earliest) {
+        let t = &self.cfg.timers;
+        // Up until its acknowledgements are too old (as of the last poll).
+        let up_until = s
+            .last_ack
+            .map(|a| a + t.supernode_down_after)
+            .filter(|u| !s.failed && *u > self.last_poll);
+        if let Some(u) = up_until {
+            // It goes down then: registrations get more frequent.
+            d.add(u);
+            let wait = t.relay_check_timeout.max(s.rtt.unwrap_or_default() * 4);
+            match (s.check_sent, s.relay_wait) {
+                (Some(c), _) => d.add(c + wait),
+                (None, Some(w)) => d.add(
+                    (w + t.relay_silence).max(s.check_ok.map_or(w, |k| k + t.relay_check_every)),
+                ),
+                _ => {}
+            }
+        }
+        let every = if up_until.is_some() {
+            t.register_interval
+        } else {
+            t.register_interval.min(Duration::from_secs(2))
+        };
+        d.add(s.last_sent.map_or(self.last_poll, |l| l + every));
     }
 }
