@@ -334,6 +334,9 @@ impl EdgeCore {
                 Some(e) => *e = (*pid, now),
                 None if n < self.cfg.max_macs => {
                     self.macs.insert(src, (*pid, now));
+                    // The first MAC since the last sweep sets when the next one is due.
+                    self.mac_expiry_at
+                        .get_or_insert(now + self.cfg.timers.mac_expiry);
                 }
                 None => self.drop(DropReason::MacTableFull),
             }

@@ -78,6 +78,10 @@ pub struct EdgeCore {
     peers: Map<EdgeId, Peer>,
     index: Map<u32, EdgeId>,
     macs: Map<Mac, (EdgeId, Instant)>,
+    /// No learned MAC expires before this (the earliest at the last poll; learning one
+    /// later or hearing from one again never makes it earlier, so it is not recomputed
+    /// per frame).
+    mac_expiry_at: Option<Instant>,
     bcast_tx: AeadKey,
     bcast_ctr: u64,
     hs_ts: u64,
@@ -188,6 +192,7 @@ impl EdgeCore {
             peers: Map::with_hasher(table()),
             index: Map::with_hasher(table()),
             macs: Map::with_hasher(table()),
+            mac_expiry_at: None,
             bcast_tx,
             bcast_ctr: 0,
             hs_ts: 0,
@@ -368,6 +373,7 @@ impl EdgeCore {
         }
         self.macs
             .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
+        self.mac_expiry_at = self.macs.values().map(|v| v.1 + t.mac_expiry).min();
     }
 
     /// When [`EdgeCore::poll`] must run next: the earliest of every timer the core keeps
@@ -392,8 +398,8 @@ impl EdgeCore {
             // Expired once strictly older than `peer_expiry`.
             d.add(last + t.peer_expiry + Duration::from_nanos(1));
         }
-        for (_, seen) in self.macs.values() {
-            d.add(*seen + t.mac_expiry);
+        if let Some(m) = self.mac_expiry_at {
+            d.add(m);
         }
         d.0
     }
