@@ -477,4 +477,40 @@ mod tests {
         e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
         assert_eq!(e.drops.get(DropReason::PathInsideOverlay), 1);
     }
+
+    #[test]
+    fn poll_timeout_is_the_next_registration_of_a_lone_edge() {
+        let now = Instant::now();
+        let mut e = EdgeCore::new(
+            EdgeConfig {
+                name: "e".into(),
+                community: "c".into(),
+                secret: b"s".to_vec(),
+                cipher: Cipher::Aes256Gcm,
+                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+                local_addrs: vec![],
+                timers: Timers::default(),
+                max_peers: 4,
+                max_macs: 4,
+            },
+            now,
+        )
+        .unwrap();
+        let mut out = Outbox::new(2048);
+        // Nothing sent yet: due at once.
+        assert!(e.poll_timeout().is_some_and(|d| d <= now));
+        e.poll(now, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        out.recycle_sent();
+        // No acknowledgement: the supernode is down, registrations every 2 s.
+        let next = now + Duration::from_secs(2);
+        assert_eq!(e.poll_timeout(), Some(next));
+        e.poll(next - Duration::from_millis(1), &mut out);
+        assert!(out.udp.is_empty());
+        e.poll(next, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        // New host addresses are announced at once.
+        e.set_host_addrs(vec!["198.18.0.2:5".parse().unwrap()], vec![]);
+        assert!(e.poll_timeout().is_some_and(|d| d <= next));
+    }
 }
