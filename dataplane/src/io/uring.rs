@@ -1,11 +1,11 @@
 //! The edge's forwarder threads on io_uring. A [`Forwarder`] is one thread: its own UDP
 //! socket and frame-port queue, the protocol core shared with the others (see
 //! `io::threads`). UDP receives and frame-port reads stay armed; each round waits for
-//! completions ([`Forwarder::wait`]), locks the core once, hands it what arrived
-//! ([`Forwarder::reap`]: datagrams to [`Forwarder::on_udp`], frames to
-//! [`Forwarder::on_frames`], finished sends back to the pools), runs the core's timers
-//! (thread 0), submits everything the core queued as one batch ([`Forwarder::flush`]) and
-//! publishes counters and status ([`Forwarder::publish`]). UDP GSO/GRO and the TAP's
+//! completions (`Forwarder::wait`), locks the core once, hands it what arrived
+//! (`Forwarder::reap`: datagrams to `Forwarder::on_udp`, frames to
+//! `Forwarder::on_frames`, finished sends back to the pools), runs the core's timers
+//! (thread 0), submits everything the core queued as one batch (`Forwarder::flush`) and
+//! publishes counters and status (`Forwarder::publish`). UDP GSO/GRO and the TAP's
 //! virtio header (TSO, checksum offload) are used when the kernel has them.
 //!
 //! What differs between a TAP device and an XDP port (what stays armed, how frames are
