@@ -194,7 +194,7 @@ pub struct XdpQueue {
 }
 
 impl RingPort {
-    /// The port of forwarder thread `me` of `threads`; `queues` holds every queue of a
+    /// The port of one of `threads` forwarder threads; `queues` holds every queue of a
     /// multi-queue TAP device. A TAP descriptor is made blocking (io_uring waits for
     /// readiness itself); an AF_XDP socket is only polled.
     pub fn new(port: FramePort, queues: Arc<[RawFd]>, threads: usize) -> Self {
