@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::crypto::EdgeAad;
 use crate::eth;
-use crate::offload::{self, TcpFrame, VnetHdr};
+use crate::offload::{self, VnetHdr};
 use crate::outbox::Outbox;
 use crate::replay::ReplayWindow;
 use crate::wire::{
@@ -104,7 +104,7 @@ impl EdgeCore {
             return Err(DropReason::BadTsoFrame);
         }
         let payload_len = frame.len() - f.hdr_len;
-        let n = payload_len.div_ceil(mss).max(1);
+        let n = offload::tso_segments(payload_len, mss);
         let reject = self.cfg.timers.reject_after_time;
         let (direct, listed, came_via) = match self.peers.get(pid) {
             Some(p) => match &p.cur {
@@ -141,22 +141,20 @@ impl EdgeCore {
         };
         let p = self.peers.get_mut(pid).ok_or(DropReason::UnknownPeer)?;
         let s = p.cur.as_mut().ok_or(DropReason::NoSession)?;
-        let hl = f.hdr_len;
-        let payload = &frame[hl..];
         let mut buf: Option<Vec<u8>> = None;
         let mut off = 0;
         let mut count = 0;
         let mut sent = 0u64;
         for i in 0..n {
             let b = buf.get_or_insert_with(|| out.take_big());
-            let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
             if prefix > 0 {
                 let _ = relay.write(&mut b[off..]);
             }
             let t = off + prefix;
             let body = t + TRANSPORT_HDR_LEN;
-            let seg_len = hl + chunk.len();
-            tso_segment(frame, &f, mss, i, n, &mut b[body..body + seg_len]);
+            // Checksums stay partial: the receiving edge hands them to its TAP to complete.
+            let seg_len = offload::write_tso_segment(frame, &f, mss, i, &mut b[body..], false)
+                .map_err(|_| DropReason::BadTsoFrame)?;
             let ctr = s.send_ctr;
             s.send_ctr += 1;
             let th = TransportHdr {
@@ -344,40 +342,4 @@ impl EdgeCore {
         out.push_tap(frame, partial_csum);
         self.tap_tx += 1;
     }
-}
-
-/// Writes segment `i` of the `n` that the TSO super-frame `frame` (parsed as `f`) is cut
-/// into, `mss` payload bytes each, into `seg` (exactly the segment's length): the
-/// super-frame's headers with the segment's sequence number, FIN and PSH only on the last
-/// segment, CWR only on the first, the IPv4 id counted up, lengths fixed and checksums
-/// left partial (the receiving edge hands them to its TAP device to complete). The same
-/// rewrite as in `offload::segment_tcp`, which completes the checksums.
-fn tso_segment(frame: &[u8], f: &TcpFrame, mss: usize, i: usize, n: usize, seg: &mut [u8]) {
-    let hl = f.hdr_len;
-    let payload = &frame[hl..];
-    let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-    seg[..hl].copy_from_slice(&frame[..hl]);
-    seg[hl..].copy_from_slice(chunk);
-    let seq0 = u32::from_be_bytes([
-        frame[f.tcp + 4],
-        frame[f.tcp + 5],
-        frame[f.tcp + 6],
-        frame[f.tcp + 7],
-    ]);
-    let seq = seq0.wrapping_add((i * mss) as u32);
-    seg[f.tcp + 4..f.tcp + 8].copy_from_slice(&seq.to_be_bytes());
-    let mut fl = frame[f.tcp + 13];
-    if i + 1 < n {
-        fl &= !(0x01 | 0x08); // FIN, PSH only on the last segment
-    }
-    if i > 0 {
-        fl &= !0x80; // CWR only on the first
-    }
-    seg[f.tcp + 13] = fl;
-    if f.v4 {
-        let id0 = u16::from_be_bytes([frame[f.ip + 4], frame[f.ip + 5]]);
-        let id = id0.wrapping_add(i as u16);
-        seg[f.ip + 4..f.ip + 6].copy_from_slice(&id.to_be_bytes());
-    }
-    offload::fix_headers(seg, f, false);
 }

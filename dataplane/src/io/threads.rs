@@ -21,19 +21,11 @@
 //! for the VMs are therefore written to the queue their flow was last read from
 //! ([`FlowQueues`]), so that a flow never moves between threads because of our writes.
 
-use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::edge::EdgeCore;
-use crate::status::{EdgeStatus, ThreadStatus};
-
-use super::ctl::Snapshot;
-use super::driver::EdgeInfo;
-use super::frames::FramePort;
-use super::uring::{ForwarderConfig, Offloads};
-use super::IoError;
+use crate::status::ThreadStatus;
 
 /// Most forwarder threads (the XDP program's XSKMAP has 64 entries).
 pub const MAX_THREADS: usize = 64;
@@ -235,31 +227,6 @@ pub fn flow_hash(frame: &[u8]) -> Option<u32> {
         h = h.wrapping_mul(0x0100_0193);
     }
     Some(h)
-}
-
-/// Runs the forwarder threads of an edge: [`super::uring::run_edge_threads`] with its
-/// settings spelled out. The command line calls this form.
-#[allow(clippy::too_many_arguments)]
-pub fn run_edge_threads(
-    core: EdgeCore,
-    socks: Vec<UdpSocket>,
-    ports: Vec<FramePort>,
-    off: Offloads,
-    underlay_mtu: usize,
-    spin: Duration,
-    info: EdgeInfo,
-    snap: Snapshot<EdgeStatus>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), IoError> {
-    let cfg = ForwarderConfig {
-        off,
-        underlay_mtu,
-        spin,
-        info,
-        snap,
-        stop,
-    };
-    super::uring::run_edge_threads(core, socks, ports, cfg)
 }
 
 #[cfg(test)]

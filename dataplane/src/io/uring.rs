@@ -43,7 +43,13 @@ use super::IoError;
 const UDP_SLOTS: usize = 4;
 const RX_BUF: usize = 65_536 + VNET_HDR_LEN;
 const MAX_IN_FLIGHT: usize = 2048;
-const TICK: Duration = Duration::from_millis(20);
+/// The longest sleep: status snapshots and per-thread counters are published this often
+/// while traffic flows, and an idle loop wakes this often at most (the core's own timers
+/// are waited for exactly, through `EdgeCore::poll_timeout`).
+const MAX_WAIT: Duration = Duration::from_millis(200);
+/// While the completion queue never runs dry, the core's next deadline is re-read this
+/// often (an event can move it earlier); it is always re-read before the loop may sleep.
+const DEADLINE_REFRESH: Duration = Duration::from_millis(5);
 /// How often the host's load is checked to decide whether polling may run.
 const LOAD_CHECK: Duration = Duration::from_secs(1);
 const PUBLISH: Duration = Duration::from_millis(200);
@@ -302,7 +308,10 @@ pub struct Forwarder {
     spinner: AdaptiveSpin,
     idle: IdleCores,
     cores: usize,
-    last_tick: Instant,
+    /// Thread 0: when the core's timers are due next (`EdgeCore::poll_timeout`).
+    next_poll: Instant,
+    /// Thread 0: when `next_poll` was last read from the core.
+    deadline_read: Instant,
     last_pub: Instant,
     last_load: Instant,
     last_host: Instant,
@@ -350,7 +359,8 @@ impl Forwarder {
             spinner: AdaptiveSpin::new(cfg.spin),
             idle: IdleCores::default(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            last_tick: now - TICK,
+            next_poll: now,
+            deadline_read: now,
             last_pub: now - PUBLISH,
             last_load: now - LOAD_CHECK,
             last_host: now - driver::HOST_REFRESH,
@@ -380,9 +390,10 @@ impl Forwarder {
             if let Some(e) = self.fatal.take() {
                 return Err(e);
             }
-            self.tick(core, now);
+            let polled = self.tick(core, now);
             self.flush(core)?;
             self.publish(core, now);
+            self.read_deadline(core, now, polled);
             drop(guard);
             self.counts.frames_tx += self.port.send_unlocked(&mut self.out);
         }
@@ -418,11 +429,17 @@ impl Forwarder {
                 std::hint::spin_loop();
             }
         }
-        let tick = types::Timespec::new().nsec(TICK.as_nanos() as u32);
-        // While AF_XDP transmits are in flight, wake up soon to reap their completions.
-        let tx = types::Timespec::new().nsec(1_000_000);
-        let tx_pending = self.port.tx_pending();
-        let args = types::SubmitArgs::new().timespec(if tx_pending { &tx } else { &tick });
+        // Thread 0 sleeps until the core's next timer at most; while AF_XDP transmits are
+        // in flight, wake up soon to reap their completions.
+        let mut sleep = MAX_WAIT;
+        if self.me == 0 {
+            sleep = sleep.min(self.next_poll.saturating_duration_since(Instant::now()));
+        }
+        if self.port.tx_pending() {
+            sleep = sleep.min(Duration::from_millis(1));
+        }
+        let timeout = types::Timespec::from(sleep);
+        let args = types::SubmitArgs::new().timespec(&timeout);
         let want = usize::from(uring.completion().is_empty());
         match uring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
@@ -565,8 +582,9 @@ impl Forwarder {
         self.out.give(f.buf, f.big);
     }
 
-    /// The host's load (whether polling may run) and, on thread 0, the core's timers.
-    fn tick(&mut self, core: &mut EdgeCore, now: Instant) {
+    /// The host's load (whether polling may run) and, on thread 0, the core's timers when
+    /// they are due; says whether the core was polled.
+    fn tick(&mut self, core: &mut EdgeCore, now: Instant) -> bool {
         if now.saturating_duration_since(self.last_load) >= LOAD_CHECK {
             self.last_load = now;
             if !self.cfg.spin.is_zero() {
@@ -574,16 +592,42 @@ impl Forwarder {
                     .set_host_busy(host_busy(self.idle.sample(self.cores)));
             }
         }
-        if self.me != 0 || now.saturating_duration_since(self.last_tick) < TICK {
-            return;
+        if self.me != 0 {
+            return false;
         }
-        self.last_tick = now;
         if now.saturating_duration_since(self.last_host) >= driver::HOST_REFRESH {
             self.last_host = now;
             let (l, o) = driver::host_addrs(&self.cfg.info.tap, self.cfg.info.listen_addr);
             core.set_host_addrs(l, o);
         }
+        if now < self.next_poll {
+            return false;
+        }
         core.poll(now, &mut self.out);
+        true
+    }
+
+    /// Thread 0: re-reads the core's next deadline after a poll, before the loop may sleep
+    /// (no completion waiting) and at least every `DEADLINE_REFRESH` under load. A
+    /// deadline the poll left in the past is retried a millisecond later, not in a spin.
+    fn read_deadline(&mut self, core: &EdgeCore, now: Instant, polled: bool) {
+        if self.me != 0 {
+            return;
+        }
+        let idle = self.ring.uring.completion().is_empty();
+        if !(polled
+            || idle
+            || now.saturating_duration_since(self.deadline_read) >= DEADLINE_REFRESH)
+        {
+            return;
+        }
+        self.deadline_read = now;
+        let next = core.poll_timeout().unwrap_or(now + MAX_WAIT);
+        self.next_poll = if polled && next <= now {
+            now + Duration::from_millis(1)
+        } else {
+            next
+        };
     }
 
     /// Submits everything the core queued: datagrams, then frames for the VMs.
