@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use bench::lab::{self, Lab, Topology};
-use bench::overlay::N2n;
+use lab::overlay::N2n;
+use lab::{Lab, Topology};
 
 fn root_or_skip(name: &str) -> bool {
     if lab::is_root() {

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use bench::lab::{self, Lab, Topology};
 use bench::peers::Peer;
+use lab::{Lab, Topology};
 
 #[test]
 fn vxlan_and_nebula_carry_ping_and_iperf3_between_sites() {

@@ -4,7 +4,6 @@
 //! frontend VM's DHCP server over the overlay, all nodes pinging each other, an
 //! `mpirun` across the hostfile, an agent that goes down and comes back, and a clean
 //! destroy. Needs root; otherwise prints that it was skipped.
-use bench::lab;
 use control::demo::{pick_overlay, SiteLab, MPI_PROGRAM};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

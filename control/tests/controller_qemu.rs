@@ -8,7 +8,6 @@
 //! its agent crashed and came back (the restarted agent ends the orphaned qemu and xnbd
 //! by pid). Everything (qemu, xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
 //! that it was skipped.
-use bench::lab;
 use control::demo::{pick_overlay, SiteLab};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -3,8 +3,7 @@
 //! processes, links and temp dir; after SIGINT the run has removed them itself. One full
 //! demo run at the end (the "next run") must succeed and leave nothing either. Needs
 //! root; otherwise prints that it was skipped.
-use bench::lab;
-use bench::runs::{self, RunRecord};
+use lab::runs::{self, RunRecord};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -13,11 +13,11 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bench::dhcp;
-use bench::lab::{self, Capture, Lab, Topology};
-use bench::overlay::{
+use lab::dhcp;
+use lab::overlay::{
     self as ov, EdgeOpts, Mvc, MvcCluster, COMMUNITY, EDGE_PORT, SECRET, SUPERNODE_PORT,
 };
+use lab::{Capture, Lab, Topology};
 use rand::Rng;
 
 const UP: Duration = Duration::from_secs(20);
@@ -1073,10 +1073,10 @@ fn measure_threads() {
             c.wait_path(&lab, "b", "a", "direct", PATH_WAIT).unwrap();
             ping_ok(&lab, &vb.ns, va.ip, 3);
             let pids: Vec<u32> = ["a", "b"].iter().map(|e| c.edge(e).proc.pid).collect();
-            let s0 = bench::cpu::sample(&pids);
+            let s0 = lab::cpu::sample(&pids);
             let v = iperf3_json(&lab, &vb.ns, &va.ns, va.ip, 4, &["-P", "2"]);
-            let s1 = bench::cpu::sample(&pids);
-            let (user, _, sys) = bench::cpu::seconds(&s0, &s1);
+            let s1 = lab::cpu::sample(&pids);
+            let (user, _, sys) = lab::cpu::seconds(&s0, &s1);
             let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
             let bps = num("/end/sum_received/bits_per_second");
             let bytes = num("/end/sum_received/bytes");

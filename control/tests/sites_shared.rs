@@ -3,8 +3,7 @@
 //! names reused after destroy, and agents killed at every step of creating and starting
 //! a cluster. What the agent owns and how it cleans up is in docs/CONTROLLER.md.
 //! Needs root; otherwise prints that it was skipped.
-use bench::lab;
-use bench::sites::{SiteLab, User};
+use lab::sites::{SiteLab, User};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
