@@ -10,7 +10,7 @@ fn root_or_skip(name: &str) -> bool {
     if lab::is_root() {
         true
     } else {
-        eprintln!("SKIPPED {name}: needs root (network namespaces)");
+        lab::skip(name, "needs root (network namespaces)");
         false
     }
 }

@@ -28,7 +28,10 @@ fn vms(cl: &serde_json::Value) -> Vec<(String, String, String, String, String)> 
 #[test]
 fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     if !lab::is_root() {
-        eprintln!("SKIPPED three_site_cluster_with_dhcp_ping_mpi_and_agent_loss: needs root for network namespaces");
+        lab::skip(
+            "three_site_cluster_with_dhcp_ping_mpi_and_agent_loss",
+            "needs root for network namespaces",
+        );
         return;
     }
     let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
@@ -166,7 +169,10 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
             assert!(out.contains(name.as_str()), "{name} missing from {out}");
         }
     } else {
-        eprintln!("python3-mpi4py missing: mpirun runs `hostname` on every node instead");
+        lab::skip(
+            "three_site_cluster_with_dhcp_ping_mpi_and_agent_loss (MPI allreduce step)",
+            "python3-mpi4py is not installed: mpirun runs `hostname` on every node instead",
+        );
         let out = sl.mpirun("t", 8, &["hostname"]).expect("mpirun");
         for (name, ..) in &nodes {
             assert!(

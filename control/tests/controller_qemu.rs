@@ -85,7 +85,10 @@ fn taps(ns: &str) -> Vec<String> {
 #[test]
 fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     if !lab::is_root() {
-        eprintln!("SKIPPED qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd: needs root for network namespaces and TAPs");
+        lab::skip(
+            "qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd",
+            "needs root for network namespaces and TAPs",
+        );
         return;
     }
     assert!(

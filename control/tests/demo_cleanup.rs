@@ -160,7 +160,10 @@ fn demo_at(run_dir: &Path, log: &Path, p: Point) -> (Child, RunRecord) {
 #[test]
 fn killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run() {
     if !lab::is_root() {
-        eprintln!("SKIPPED killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run: needs root for network namespaces");
+        lab::skip(
+            "killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run",
+            "needs root for network namespaces",
+        );
         return;
     }
     let t0 = Instant::now();

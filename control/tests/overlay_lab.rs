@@ -25,7 +25,7 @@ const PATH_WAIT: Duration = Duration::from_secs(30);
 
 fn setup(test: &str) -> Option<(Lab, Mvc)> {
     if !lab::is_root() {
-        eprintln!("SKIPPED {test}: needs root for network namespaces");
+        lab::skip(test, "needs root for network namespaces");
         return None;
     }
     let lab = Lab::new("ov").expect("lab");

@@ -298,7 +298,7 @@ fn no_trace(sl: &SiteLab, when: &str) {
 
 fn skip(name: &str) -> bool {
     if !lab::is_root() {
-        eprintln!("SKIPPED {name}: needs root for network namespaces");
+        lab::skip(name, "needs root for network namespaces");
         return true;
     }
     false
@@ -377,7 +377,10 @@ fn two_users_share_three_sites_with_the_same_names_and_addresses() {
             }
         }
     } else {
-        eprintln!("mpirun missing: the MPI step is skipped");
+        lab::skip(
+            "two_users_share_three_sites_with_the_same_names_and_addresses (MPI step)",
+            "mpirun is not installed",
+        );
     }
     // Isolation both ways: each user's t VMs reach nothing of the other user's t,
     // although the addresses are the same.
