@@ -1,4 +1,4 @@
-//! The overlay in a three-site network-namespace lab (issue 2's tests): site A's frontend has
+//! The overlay's end-to-end tests in a three-site network-namespace lab: site A's frontend has
 //! a public address and runs the supernode and an edge; sites B and C sit behind their own
 //! NAT routers; every site has a bridge with VM namespaces and the edge's TAP on it.
 //!
