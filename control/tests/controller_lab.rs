@@ -1,4 +1,4 @@
-//! The controller end to end in a network-namespace lab (the controller's main end-to-end test): three
+//! The controller end to end in a network-namespace lab, its main test: three
 //! sites (A public, B and C behind NAT) with an `mvc agent` each, a cluster with
 //! computes 3:2:2 made by one `mvc cluster create --start`, every compute leased by the
 //! frontend VM's DHCP server over the overlay, all nodes pinging each other, an
