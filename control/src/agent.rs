@@ -24,6 +24,7 @@ use crate::proto::{
     AgentVm, Body, InfoData, Reply, Request, ReservationView, ReserveData, SlotReq, VmSpec,
     PROTO_VERSION,
 };
+use crate::validate::quote;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -537,7 +538,7 @@ impl AgentCore {
 
     fn owned(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
         self.id_of(owner, cluster)
-            .ok_or_else(|| format!("no cluster {cluster:?} of yours is reserved here"))
+            .ok_or_else(|| format!("no cluster {} of yours is reserved here", quote(cluster)))
     }
 
     /// As [`AgentCore::owned`], and the reservation must be confirmed.
@@ -545,7 +546,8 @@ impl AgentCore {
         let n = self.owned(owner, cluster)?;
         if self.state.clusters[&n].lease_until.is_some() {
             return Err(format!(
-                "the reservation of {cluster:?} is not confirmed yet"
+                "the reservation of {} is not confirmed yet",
+                quote(cluster)
             ));
         }
         Ok(n)
@@ -639,7 +641,10 @@ impl AgentCore {
             } => self.reserve(authz, &cluster, slots, supernode, now),
             Request::Confirm { cluster } => {
                 let n = self.id_of(&authz.key, &cluster).ok_or_else(|| {
-                    format!("no reservation of {cluster:?} here (did its lease lapse?)")
+                    format!(
+                        "no reservation of {} here (did its lease lapse?)",
+                        quote(&cluster)
+                    )
                 })?;
                 if let Some(c) = self.state.clusters.get_mut(&n) {
                     c.lease_until = None;
@@ -665,7 +670,7 @@ impl AgentCore {
             } => {
                 let n = self.confirmed(&authz.key, &cluster)?;
                 self.start_overlay(n, &community, &secret, &supernode, &edge_name)
-                    .map_err(|e| format!("starting overlay of {cluster:?}: {e}"))?;
+                    .map_err(|e| format!("starting overlay of {}: {e}", quote(&cluster)))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"overlay up")
             }
@@ -678,25 +683,30 @@ impl AgentCore {
                     .any(|s| s.name == spec.name && s.host == spec.host)
                 {
                     return Err(format!(
-                        "VM {:?} has no reserved slot on host {:?} here",
-                        spec.name, spec.host
+                        "VM {} has no reserved slot on host {} here",
+                        quote(&spec.name),
+                        quote(&spec.host)
                     ));
                 }
                 if c.overlay.is_none() {
                     return Err(format!(
-                        "overlay of {:?} is not up here; start the cluster",
-                        spec.cluster
+                        "overlay of {} is not up here; start the cluster",
+                        quote(&spec.cluster)
                     ));
                 }
                 self.start_vm(n, spec.clone())
-                    .map_err(|e| format!("starting VM {:?}: {e}", spec.name))?;
+                    .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
                 let n = self.owned(&authz.key, &cluster)?;
                 if !self.state.clusters[&n].slots.iter().any(|s| s.name == vm) {
-                    return Err(format!("no VM {vm:?} in cluster {cluster:?} here"));
+                    return Err(format!(
+                        "no VM {} in cluster {} here",
+                        quote(&vm),
+                        quote(&cluster)
+                    ));
                 }
                 self.stop_vm(n, &vm);
                 self.save().map_err(|e| e.to_string())?;
@@ -717,7 +727,7 @@ impl AgentCore {
                 for t in targets.iter().take(64) {
                     let ip = t
                         .parse()
-                        .map_err(|_| format!("not an IPv4 address: {t:?}"))?;
+                        .map_err(|_| format!("not an IPv4 address: {}", quote(t)))?;
                     out.push(self.driver.ping(&handle, ip).map_err(|e| e.to_string())?);
                 }
                 json(&out)
@@ -731,10 +741,10 @@ impl AgentCore {
             .slots
             .iter()
             .find(|s| s.name == vm)
-            .ok_or_else(|| format!("no VM {vm:?} in cluster {cluster:?} here"))?
+            .ok_or_else(|| format!("no VM {} in cluster {} here", quote(vm), quote(cluster)))?
             .handle
             .clone()
-            .ok_or_else(|| format!("VM {vm:?} is not running"))
+            .ok_or_else(|| format!("VM {} is not running", quote(vm)))
     }
 
     /// What the agent allocated for cluster `n`, as [`Request::Reserve`] answers.
@@ -800,8 +810,9 @@ impl AgentCore {
                 serde_json::to_value(self.reserve_data(n)).map_err(|e| e.to_string())
             } else {
                 Err(format!(
-                    "you already hold a reservation of cluster {cluster:?} here \
-                     (`mvc cluster destroy {cluster} --force` clears it)"
+                    "you already hold a reservation of cluster {} here \
+                     (`mvc cluster destroy {cluster} --force` clears it)",
+                    quote(cluster)
                 ))
             };
         }
@@ -825,8 +836,8 @@ impl AgentCore {
             let mem: u64 = want.iter().map(|s| s.memory_mb).sum();
             if want.len() as u32 > h.free_vms || mem > h.free_memory_mb {
                 return Err(format!(
-                    "host {:?} lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
-                    h.name,
+                    "host {} lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
+                    quote(&h.name),
                     want.len(),
                     h.free_vms,
                     h.free_memory_mb
@@ -837,7 +848,7 @@ impl AgentCore {
             .iter()
             .find(|s| !free.iter().any(|h| h.name == s.host))
         {
-            return Err(format!("no host {:?} at this site", s.host));
+            return Err(format!("no host {} at this site", quote(&s.host)));
         }
         let n = self.free_number()?;
         let supernode_port = if supernode {
@@ -1409,7 +1420,8 @@ fn kill_marked(marks: &[String], dry: bool, log: &mut Vec<String>) {
     if pids.is_empty() {
         return;
     }
-    log.push(format!("end processes {pids:?}"));
+    let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+    log.push(format!("end processes {}", list.join(", ")));
     if dry {
         return;
     }

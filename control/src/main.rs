@@ -813,7 +813,10 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
                 .filter(|(a, b)| *a > 0 && a <= b)
                 .with_context(|| {
-                    format!("--supernode-ports {:?}: want FIRST-LAST", r.supernode_ports)
+                    format!(
+                        "--supernode-ports {}: want FIRST-LAST",
+                        validate::quote(&r.supernode_ports)
+                    )
                 })?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
                 "qemu" => {

@@ -297,7 +297,7 @@ impl fmt::Display for OverlayNet {
 
 /// A string that is not a usable overlay network.
 #[derive(Debug, thiserror::Error)]
-#[error("overlay network {0:?}: {1}")]
+#[error("overlay network {}: {}", crate::validate::quote(.0), .1)]
 pub struct BadNet(pub String, pub &'static str);
 
 impl FromStr for OverlayNet {
