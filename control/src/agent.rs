@@ -11,13 +11,15 @@
 //! (community secrets, 0600), `run/` (logs, leases, status sockets), `disks/`.
 //!
 //! The agent owns everything at its site: it numbers each reservation (`n`, unique
-//! among all users' clusters here) and derives every name from it (bridge `mvb<n>`,
+//! among all users' clusters here, and claimed in [`crate::claims`] so that agents
+//! sharing a machine never pick the same) and derives every name from it (bridge `mvb<n>`,
 //! TAP `mvt<n>`, VM `c<n>-<vm>` with NIC `mvv<n>-<i>`, files `c<n>.*` and
 //! `c<n>-<vm>.*`), saving them before it makes anything, so after a crash every
 //! device, process and file it may have made is named in `state.json`. It touches
 //! nothing its store does not name as belonging to the cluster at hand.
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
+use crate::claims::{self, Claims};
 use crate::driver::{self, link_exists, run, stop_child, DriverError, RunningVm, VmDriver};
 use crate::model::HostInfo;
 use crate::proto::{
@@ -101,8 +103,8 @@ impl std::str::FromStr for HostSpec {
 pub const DEFAULT_LEASE_SECS: u64 = 120;
 /// UDP ports the agent gives supernodes by default.
 pub const DEFAULT_SUPERNODE_PORTS: (u16, u16) = (7700, 7999);
-/// Most clusters one agent holds (site-local numbers 1..=this; device names stay within
-/// the kernel's 15 bytes).
+/// Most clusters the agents of one machine hold together (numbers 1..=this, claimed
+/// host-wide; device names stay within the kernel's 15 bytes).
 pub const MAX_CLUSTERS: u32 = 65535;
 
 /// Agent configuration.
@@ -120,6 +122,8 @@ pub struct AgentConfig {
     pub lease_secs: u64,
     /// UDP ports (first, last) supernodes of clusters may listen on.
     pub supernode_ports: (u16, u16),
+    /// The machine's claim directory, shared by every agent on it ([`crate::claims`]).
+    pub claims_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -132,6 +136,7 @@ impl AgentConfig {
             overlay,
             lease_secs: DEFAULT_LEASE_SECS,
             supernode_ports: DEFAULT_SUPERNODE_PORTS,
+            claims_dir: PathBuf::from(crate::claims::DEFAULT_DIR),
         }
     }
 }
@@ -342,6 +347,8 @@ pub struct AgentCore {
     /// Clusters whose overlay processes a previous run started and this one adopted.
     adopted: std::collections::HashSet<u32>,
     verifier: Verifier,
+    /// Claims on cluster numbers and ports, unique among the machine's agents.
+    claims: Claims,
 }
 
 type Refusal = String;
@@ -396,6 +403,7 @@ impl AgentCore {
             Err(err) => return Err(AgentError::File { path: sp, err }),
         };
         let verifier = Verifier::new(load_authorizations(&cfg.state_dir)?);
+        let claims = Claims::new(&cfg.claims_dir, &cfg.state_dir);
         Ok(AgentCore {
             cfg,
             state,
@@ -404,6 +412,7 @@ impl AgentCore {
             overlay_procs: HashMap::new(),
             adopted: Default::default(),
             verifier,
+            claims,
         })
     }
 
@@ -763,31 +772,95 @@ impl AgentCore {
         }
     }
 
-    /// The lowest free cluster number whose bridge and TAP names no device uses.
-    fn free_number(&self) -> Result<u32, Refusal> {
-        (1..=MAX_CLUSTERS)
-            .find(|n| {
-                !self.state.clusters.contains_key(n)
-                    && !link_exists(&format!("mvb{n}"))
-                    && !link_exists(&format!("mvt{n}"))
+    /// Claim the lowest cluster number that no reservation here holds, no other agent
+    /// of this machine has claimed, and whose device names no link has.
+    fn claim_number(&self) -> Result<u32, Refusal> {
+        let names = (1..=MAX_CLUSTERS)
+            .filter(|n| !self.state.clusters.contains_key(n))
+            .map(claims::number);
+        let got = self
+            .claims
+            .claim_first(names, |name| {
+                let n = &name[1..];
+                ![
+                    format!("mvb{n}"),
+                    format!("mvt{n}"),
+                    format!("mvv{n}-0"),
+                    format!("mvq{n}-0"),
+                ]
+                .iter()
+                .any(|dev| link_exists(dev))
             })
-            .ok_or_else(|| format!("this site holds {MAX_CLUSTERS} clusters already"))
+            .map_err(|e| e.to_string())?;
+        got.and_then(|name| name[1..].parse().ok())
+            .ok_or_else(|| format!("this machine holds {MAX_CLUSTERS} clusters already"))
     }
 
-    /// The lowest supernode port of the configured range that no reservation holds
-    /// and nothing listens on.
-    fn free_port(&self) -> Result<u16, Refusal> {
+    /// Claim the lowest supernode port of the configured range that no reservation
+    /// here holds, no other agent of this machine has claimed, and that binds.
+    fn claim_port(&self) -> Result<u16, Refusal> {
         let (lo, hi) = self.cfg.supernode_ports;
-        (lo..=hi)
-            .find(|p| {
+        let names = (lo..=hi)
+            .filter(|p| {
                 !self
                     .state
                     .clusters
                     .values()
                     .any(|c| c.supernode_port == Some(*p))
-                    && std::net::UdpSocket::bind(("0.0.0.0", *p)).is_ok()
             })
+            .map(claims::port);
+        let got = self
+            .claims
+            .claim_first(names, |name| {
+                name[4..]
+                    .parse::<u16>()
+                    .is_ok_and(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
+            })
+            .map_err(|e| e.to_string())?;
+        got.and_then(|name| name[4..].parse().ok())
             .ok_or_else(|| format!("no free supernode port left in {lo}-{hi} at this site"))
+    }
+
+    /// The claim names of cluster `n` (its number and supernode port).
+    fn claim_names(&self, n: u32) -> Vec<String> {
+        let mut v = vec![claims::number(n)];
+        if let Some(p) = self.state.clusters.get(&n).and_then(|c| c.supernode_port) {
+            v.push(claims::port(p));
+        }
+        v
+    }
+
+    /// Release the claims this agent holds that its store does not use, its clusters
+    /// `gone` counted as removed already (with `dry`, only note them).
+    fn sweep_claims(&self, gone: &[u32], dry: bool, log: &mut Vec<String>) {
+        let used: std::collections::HashSet<String> = self
+            .state
+            .clusters
+            .keys()
+            .filter(|n| !gone.contains(n))
+            .flat_map(|n| self.claim_names(*n))
+            .collect();
+        let held = match self.claims.held() {
+            Ok(h) => h,
+            Err(e) => {
+                log.push(format!("cannot read claims: {e}"));
+                return;
+            }
+        };
+        let stray: Vec<String> = held.into_iter().filter(|h| !used.contains(h)).collect();
+        if stray.is_empty() {
+            return;
+        }
+        log.push(format!(
+            "release claims {} in {}",
+            stray.join(", "),
+            self.claims.dir().display()
+        ));
+        if !dry {
+            if let Err(e) = self.claims.release(&stray) {
+                log.push(format!("cannot release claims: {e}"));
+            }
+        }
     }
 
     fn reserve(
@@ -850,9 +923,16 @@ impl AgentCore {
         {
             return Err(format!("no host {} at this site", quote(&s.host)));
         }
-        let n = self.free_number()?;
+        // Claimed host-wide before recorded; released again if recording fails.
+        let n = self.claim_number()?;
         let supernode_port = if supernode {
-            Some(self.free_port()?)
+            match self.claim_port() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = self.claims.release(&[claims::number(n)]);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };
@@ -889,7 +969,9 @@ impl AgentCore {
             },
         );
         if let Err(e) = self.save() {
+            let names = self.claim_names(n);
             self.state.clusters.remove(&n);
+            let _ = self.claims.release(&names);
             return Err(e.to_string());
         }
         crate::failpoint::hit("reserve-saved");
@@ -1181,8 +1263,14 @@ impl AgentCore {
         let _ = self.save();
         crate::failpoint::hit("release-begin");
         self.clean_cluster(n, true, false, log);
+        let names = self.claim_names(n);
         self.state.clusters.remove(&n);
-        let _ = self.save();
+        if self.save().is_ok() {
+            // After the store forgets them (a crash in between: reconcile sweeps).
+            if let Err(e) = self.claims.release(&names) {
+                log.push(format!("cannot release claims: {e}"));
+            }
+        }
     }
 
     /// Stop everything of cluster `n` found by the names its reservation holds (with
@@ -1311,6 +1399,7 @@ impl AgentCore {
     pub fn reconcile(&mut self, now: u64, dry: bool) -> Vec<String> {
         let mut log = Vec::new();
         let ids: Vec<u32> = self.state.clusters.keys().copied().collect();
+        let mut gone = Vec::new();
         for n in ids {
             let c = &self.state.clusters[&n];
             let who = format!(
@@ -1326,6 +1415,7 @@ impl AgentCore {
                 self.settle_cluster(n, dry, &mut steps);
             }
             if drop {
+                gone.push(n);
                 log.push(format!(
                     "{who}: release (lease lapsed or release unfinished)"
                 ));
@@ -1335,9 +1425,11 @@ impl AgentCore {
             }
             log.extend(steps.into_iter().map(|s| format!("{who}: {s}")));
         }
-        if !dry {
-            let _ = self.save();
+        if !dry && self.save().is_err() {
+            // Claims stay until the store that forgot them is saved.
+            return log;
         }
+        self.sweep_claims(&gone, dry, &mut log);
         log
     }
 

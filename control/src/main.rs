@@ -175,6 +175,9 @@ enum AgentCmd {
         /// Prefix of the netns VMs' namespace names (as the agent runs with).
         #[arg(long, default_value = "mvc-")]
         ns_prefix: String,
+        /// The machine's claim directory (as the agent runs with).
+        #[arg(long, env = "MVC_CLAIMS_DIR", default_value = control::claims::DEFAULT_DIR)]
+        claims_dir: PathBuf,
         /// Only print what would be done.
         #[arg(long)]
         dry_run: bool,
@@ -262,6 +265,11 @@ struct AgentRun {
     /// UDP ports cluster supernodes may listen on here: FIRST-LAST.
     #[arg(long, default_value = "7700-7999")]
     supernode_ports: String,
+    /// The machine's claim directory, shared by all its agents: cluster numbers and
+    /// supernode ports are claimed there so that agents on one machine never pick the
+    /// same bridge, TAP, veth, namespace or port.
+    #[arg(long, env = "MVC_CLAIMS_DIR", default_value = control::claims::DEFAULT_DIR)]
+    claims_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -757,6 +765,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             state,
             driver,
             ns_prefix,
+            claims_dir,
             dry_run,
         } => {
             let state = state
@@ -773,12 +782,13 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
                 "qemu" => Box::new(QemuDriver::new(QemuConfig::new(&state))),
                 _ => Box::new(NetnsDriver::new(&ns_prefix, &state.join("run"))),
             };
-            let cfg = AgentConfig::new(
+            let mut cfg = AgentConfig::new(
                 "gc",
                 &state,
                 Vec::new(),
                 OverlayImpl::Mvc(std::env::current_exe()?),
             );
+            cfg.claims_dir = claims_dir;
             let mut core = AgentCore::load(cfg, drv)?;
             let done = core.reconcile(agent::unix_now(), dry_run);
             print(
@@ -853,6 +863,7 @@ fn agent_cmd(a: AgentCmd, json: bool) -> Result<()> {
             let cfg = AgentConfig {
                 lease_secs: r.lease_secs,
                 supernode_ports,
+                claims_dir: r.claims_dir,
                 ..AgentConfig::new(&r.site, &state, hosts, overlay)
             };
             let key = Arc::new(agent::load_key(&state)?);

@@ -53,6 +53,7 @@ impl TestAgent {
         }
         let cfg = AgentConfig {
             lease_secs,
+            claims_dir: dir.path().join("claims"),
             ..AgentConfig::new(
                 site,
                 dir.path(),
