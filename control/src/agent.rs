@@ -20,8 +20,9 @@
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
 use crate::claims::{self, Claims};
-use crate::driver::{self, link_exists, run, stop_child, DriverError, RunningVm, VmDriver};
+use crate::driver::{link_exists, DriverError, RunningVm, VmDriver};
 use crate::model::HostInfo;
+use crate::process::{self, kill_marked, pids_marked, run, stop_child};
 use crate::proto::{
     AgentVm, Body, InfoData, Reply, Request, ReservationView, ReserveData, SlotReq, VmSpec,
     PROTO_VERSION,
@@ -1016,7 +1017,7 @@ impl AgentCore {
                         write_private(&sn_key_file, &hex_lower(&sn_seed))
                             .map_err(|e| DriverError::Config(e.to_string()))?;
                         let kf = sn_key_file.display().to_string();
-                        driver::spawn(
+                        process::spawn(
                             &bin.display().to_string(),
                             &[
                                 "supernode",
@@ -1031,13 +1032,13 @@ impl AgentCore {
                             &log,
                         )?
                     }
-                    OverlayImpl::N2n => driver::spawn("supernode", &["-l", &p], &[], &log)?,
+                    OverlayImpl::N2n => process::spawn("supernode", &["-l", &p], &[], &log)?,
                 });
             }
             let sock = self.cluster_file(n, "edge.sock").display().to_string();
             let sf = secret_file.display().to_string();
             procs.push(match &self.cfg.overlay {
-                OverlayImpl::Mvc(bin) => driver::spawn(
+                OverlayImpl::Mvc(bin) => process::spawn(
                     &bin.display().to_string(),
                     &[
                         "edge",
@@ -1058,7 +1059,7 @@ impl AgentCore {
                     &[],
                     &log,
                 )?,
-                OverlayImpl::N2n => driver::spawn(
+                OverlayImpl::N2n => process::spawn(
                     "edge",
                     &[
                         "-d",
@@ -1476,59 +1477,6 @@ fn edge_status(bin: &Path, sock: &Path) -> Option<serde_json::Value> {
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
     serde_json::from_str(&out).ok()
-}
-
-/// Send `sig` to `pid`.
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; callers pass pids whose
-    // command line names a file of this agent's state directory.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Pids of processes (not this one) whose command line contains one of `marks`.
-fn pids_marked(marks: &[String]) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            marks.iter().any(|m| c.contains(m.as_str()))
-        })
-        .collect()
-}
-
-/// End every process whose command line names one of `marks` (files under the
-/// agent's state directory that only that cluster or VM uses): SIGTERM, up to 3 s,
-/// then SIGKILL. With `dry`, only note them.
-fn kill_marked(marks: &[String], dry: bool, log: &mut Vec<String>) {
-    let pids = pids_marked(marks);
-    if pids.is_empty() {
-        return;
-    }
-    let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
-    log.push(format!("end processes {}", list.join(", ")));
-    if dry {
-        return;
-    }
-    for p in &pids {
-        signal(*p, libc::SIGTERM);
-    }
-    for _ in 0..30 {
-        if pids_marked(marks).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for p in pids_marked(marks) {
-        signal(p, libc::SIGKILL);
-    }
 }
 
 /// Delete the files in `dir` whose names start with `prefix`.

@@ -9,9 +9,9 @@
 //! - [`proto`]: the requests an agent serves.
 //! - [`agent`]: `mvc agent`, reservations and VM/overlay lifecycle at a site.
 //! - [`client`]: the controller's side of the agent protocol.
-//! - [`driver`]: VM drivers (`netns`, `qemu`).
+//! - [`driver`]: VM drivers (`netns`, `qemu`) and the qemu guest's boot files.
+//! - [`process`]: running, spawning and stopping helper processes.
 //! - [`failpoint`]: test-only crash points of the agent.
-//! - [`guest`]: kernel and initramfs of the qemu driver's guest.
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
 //! - [`sys`]: the system calls std does not wrap (signals, file locks).
 //! - [`validate`]: checks of names, counts and addresses where they enter.
@@ -26,8 +26,8 @@ pub mod controller;
 pub mod demo;
 pub mod driver;
 pub mod failpoint;
-pub mod guest;
 pub mod model;
+pub mod process;
 pub mod proto;
 pub mod store;
 pub mod sys;
