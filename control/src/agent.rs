@@ -848,6 +848,15 @@ impl AgentCore {
                 return;
             }
         };
+        if !dry {
+            // Other agents' claims whose state directory is gone (not this agent's
+            // doing, so not in its log).
+            match self.claims.remove_stale() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} stale claim(s) of agents gone for good"),
+                Err(e) => tracing::warn!("claims: {e}"),
+            }
+        }
         let stray: Vec<String> = held.into_iter().filter(|h| !used.contains(h)).collect();
         if stray.is_empty() {
             return;

@@ -12,7 +12,7 @@
 //! `mvc agent gc`) releases claims that name its state directory but not its store
 //! (a crash between claiming and recording, or between forgetting and releasing). A
 //! claim whose state directory no longer exists is stale: its agent is gone for good,
-//! and the next agent to want the name takes it. Claiming, releasing and sweeping hold
+//! the next agent to want the name takes it, and any agent's reconcile removes it. Claiming, releasing and sweeping hold
 //! an exclusive lock on `<dir>/.lock`, so a stale claim cannot be taken twice.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -153,6 +153,25 @@ impl Claims {
         Ok(())
     }
 
+    /// Remove every stale claim (its agent's state directory is gone), whoever made
+    /// it; returns how many. Agents call this when they reconcile, so that the claims
+    /// of agents removed for good do not pile up.
+    pub fn remove_stale(&self) -> Result<usize, ClaimError> {
+        let _lock = self.lock()?;
+        let rd = std::fs::read_dir(&self.dir).map_err(self.err(&self.dir))?;
+        let mut n = 0;
+        for e in rd.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if !name.starts_with('.') && matches!(self.holder(&name), Holder::Stale) {
+                std::fs::remove_file(e.path()).map_err(self.err(&e.path()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The names this agent holds claims on.
     pub fn held(&self) -> Result<Vec<String>, ClaimError> {
         let rd = match std::fs::read_dir(&self.dir) {
@@ -232,6 +251,18 @@ mod tests {
             Some("n3")
         );
         assert_eq!(a.held().unwrap(), vec!["n3"]);
-        assert_eq!(port(7700), "port7700");
+        // A claim whose agent is gone is removed by anyone's sweep; live ones stay.
+        let c_state = t.path().join("c");
+        std::fs::create_dir_all(&c_state).unwrap();
+        let c = Claims::new(&dir, &c_state);
+        assert_eq!(
+            c.claim_first([port(7700)], |_| true).unwrap().as_deref(),
+            Some("port7700")
+        );
+        std::fs::remove_dir_all(&c_state).unwrap();
+        assert_eq!(a.remove_stale().unwrap(), 1);
+        assert!(!dir.join("port7700").exists());
+        assert_eq!(a.remove_stale().unwrap(), 0);
+        assert_eq!(a.held().unwrap(), vec!["n3"]);
     }
 }
