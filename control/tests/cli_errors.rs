@@ -356,13 +356,13 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         dir,
         &["cluster", "status", "nope"],
         1,
-        "no cluster named \"nope\"",
+        "no cluster named 'nope'",
     );
     user_error(
         dir,
         &["cluster", "status", "nope", "--json"],
         1,
-        "no cluster named \"nope\"",
+        "no cluster named 'nope'",
     );
     user_error(dir, &["vm", "start", "a b"], 2, "VM name 'a b'");
     user_error(
