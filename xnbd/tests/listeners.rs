@@ -59,19 +59,25 @@ fn serve_tcp(
 ) -> (common::Proc, u16, String) {
     let port = common::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let export = format!("disk={}", img.display());
-    let mut args = vec![
-        "serve",
-        "--export",
-        &export,
-        "--listen",
-        &listen,
-        "--ctl",
-        ctl.to_str().unwrap(),
-    ];
+    let mut args = vec!["--listen", &listen, "--ctl", ctl.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let srv = start(&args, nofile, log, ctl);
+    let srv = serve_disk(img, &args, nofile, log, ctl);
     (srv, port, listen)
+}
+
+/// `xnbd serve` of `img` as export `disk` with `args` (listeners and limits), started as
+/// [`start`] does.
+fn serve_disk(
+    img: &Path,
+    args: &[&str],
+    nofile: Option<u32>,
+    log: &Path,
+    ready: &Path,
+) -> common::Proc {
+    let export = format!("disk={}", img.display());
+    let mut a = vec!["serve", "--export", &export];
+    a.extend_from_slice(args);
+    start(&a, nofile, log, ready)
 }
 
 /// Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`; returns the export size.
@@ -207,11 +213,9 @@ fn connection_limit_and_negotiation_timeout() {
     common::make_image(&img, 16 * MIB, MIB, 4);
     let sock = d.path().join("nbd.sock");
     let ctl = d.path().join("ctl.sock");
-    let _srv = start(
+    let _srv = serve_disk(
+        &img,
         &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
             "--unix",
             sock.to_str().unwrap(),
             "--ctl",
@@ -370,11 +374,9 @@ fn max_block_size_follows_the_connection_share() {
     let img = d.path().join("disk.img");
     common::make_image(&img, 32 * MIB, 8 * MIB, 6);
     let sock = d.path().join("nbd.sock");
-    let _srv = start(
+    let _srv = serve_disk(
+        &img,
         &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
             "--unix",
             sock.to_str().unwrap(),
             "--memory-budget",
