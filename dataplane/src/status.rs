@@ -113,6 +113,36 @@ pub struct EdgeStatus {
     /// Forwarder threads (`--threads`), each with its own socket and frame queue.
     #[serde(default)]
     pub threads: Vec<ThreadStatus>,
+    /// The L2 control plane: bindings and ARP.
+    #[serde(default)]
+    pub l2: L2Status,
+}
+
+/// Counters of an edge's L2 control plane.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct L2Status {
+    /// Bindings announced and ARP answered locally.
+    pub control: bool,
+    /// MACs (with their IPv4 address when known) on this edge's side.
+    pub local_bindings: u64,
+    /// MACs announced by peers.
+    pub remote_bindings: u64,
+    /// ARP requests from the TAP device answered here (an address behind a peer).
+    pub arp_answered_locally: u64,
+    /// ARP requests from the TAP device for an address on this side: not forwarded.
+    pub arp_owned_locally: u64,
+    /// ARP requests flooded to peers (no binding known).
+    pub arp_requests_flooded: u64,
+    /// ARP requests received from peers.
+    pub arp_requests_from_wan: u64,
+    /// Addresses claimed by a second MAC while the first held them (reported, not
+    /// taken over).
+    pub duplicate_ip_claims: u64,
+    /// Bindings messages sent.
+    pub bindings_sent: u64,
+    /// Bindings messages received.
+    pub bindings_received: u64,
 }
 
 /// Counters of one forwarder thread of an edge.

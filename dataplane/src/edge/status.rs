@@ -121,6 +121,7 @@ impl EdgeCore {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             threads: Vec::new(),
+            l2: self.l2_status(),
         }
     }
 }
