@@ -366,6 +366,65 @@ fn dhcp_across_sites(xdp: bool) {
     all_running(&lab, &c);
 }
 
+/// The L2 control plane counters of an edge (`l2` in its status JSON).
+fn l2_counter(mvc: &Mvc, lab: &Lab, e: &ov::Edge, name: &str) -> u64 {
+    let st = mvc.edge_status(lab, e).expect("edge status");
+    st["l2"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no l2.{name} in {st}"))
+}
+
+/// After one round of pings every edge knows every VM's binding: with the VMs' ARP
+/// caches flushed, their ARP requests for VMs at other sites are answered by their own
+/// edge and none crosses the WAN (counted at the receiving edges), while pings still work.
+#[test]
+fn arp_requests_for_known_bindings_are_answered_by_the_local_edge() {
+    let Some((lab, mvc)) = setup("arp_requests_for_known_bindings_are_answered_by_the_local_edge")
+    else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let c = start_cluster(&lab, &t, &mvc, false);
+    let sites = ["a", "b", "c"];
+    for x in sites {
+        for y in sites.iter().filter(|y| **y != x) {
+            ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 2);
+        }
+    }
+    lab.wait_until("bindings announced", Duration::from_secs(5), || {
+        sites
+            .iter()
+            .all(|s| l2_counter(&mvc, &lab, c.edge(s), "remote_bindings") >= 2)
+    })
+    .unwrap();
+    let from_wan = |s: &str| l2_counter(&mvc, &lab, c.edge(s), "arp_requests_from_wan");
+    let answered = |s: &str| l2_counter(&mvc, &lab, c.edge(s), "arp_answered_locally");
+    let before: Vec<(u64, u64)> = sites.iter().map(|s| (from_wan(s), answered(s))).collect();
+    for x in sites {
+        lab.exec(&t.site(x).vms[0].ns, &["ip", "neigh", "flush", "all"])
+            .unwrap();
+    }
+    for x in sites {
+        for y in sites.iter().filter(|y| **y != x) {
+            let p =
+                lab::ping(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 2, 0.2).expect("ping");
+            assert!(p.received >= 1, "{x} -> {y} after the ARP flush: {p:?}");
+        }
+    }
+    for (i, s) in sites.iter().enumerate() {
+        let (w0, a0) = before[i];
+        let (w1, a1) = (from_wan(s), answered(s));
+        println!(
+            "edge {s}: ARP requests from the WAN +{}, answered here +{}",
+            w1 - w0,
+            a1 - a0
+        );
+        assert_eq!(w1, w0, "ARP requests crossed the WAN to edge {s}");
+        assert!(a1 >= a0 + 2, "edge {s} answered {} ARP requests", a1 - a0);
+    }
+    all_running(&lab, &c);
+}
+
 #[test]
 fn edges_with_a_wrong_secret_or_community_get_nothing() {
     let Some((lab, mvc)) = setup("edges_with_a_wrong_secret_or_community_get_nothing") else {

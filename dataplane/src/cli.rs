@@ -776,6 +776,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn flood_limits_from_file_and_flags() {
+        let f: EdgeFile =
+            toml::from_str("l2_control = false\nflood_vm_pps = 10\nflood_edge_pps = 0").unwrap();
+        let c = l2_config(&EdgeArgs::default(), &f).unwrap();
+        assert!(!c.control);
+        assert_eq!((c.vm_flood_pps, c.vm_flood_burst), (10, 20));
+        assert_eq!(c.edge_flood_pps, 0);
+        // Flags win; a burst of 0 with a rate would drop everything: refused.
+        let a = EdgeArgs {
+            flood_vm_pps: Some(50),
+            flood_vm_burst: Some(0),
+            ..EdgeArgs::default()
+        };
+        let e = l2_config(&a, &f).unwrap_err().to_string();
+        assert!(e.contains("--flood-vm-burst"), "{e}");
+        let d = l2_config(&EdgeArgs::default(), &EdgeFile::default()).unwrap();
+        assert!(d.control);
+        assert_eq!((d.vm_flood_pps, d.edge_flood_pps), (100, 2000));
+        assert_eq!(parse_on_off("off"), Ok(false));
+        assert!(parse_on_off("maybe").is_err());
+    }
+
+    #[test]
     fn edge_config_file_parses_and_rejects_unknown_keys() {
         let f: EdgeFile = toml::from_str(
             r#"

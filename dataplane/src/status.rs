@@ -289,6 +289,20 @@ impl EdgeStatus {
             self.udp_rx_packets,
             self.udp_tx_packets
         );
+        let l = &self.l2;
+        let _ = writeln!(
+            o,
+            "l2 control {}: bindings local {} remote {}  arp: answered-here {} owned-here {} \
+             flooded {} from-wan {}  duplicate-ip {}",
+            if l.control { "on" } else { "off" },
+            l.local_bindings,
+            l.remote_bindings,
+            l.arp_answered_locally,
+            l.arp_owned_locally,
+            l.arp_requests_flooded,
+            l.arp_requests_from_wan,
+            l.duplicate_ip_claims
+        );
         if self.threads.len() > 1 {
             let _ = writeln!(
                 o,
@@ -367,8 +381,29 @@ impl EdgeStatus {
             ("flooded_frames_total", self.flooded_frames),
             ("udp_rx_packets_total", self.udp_rx_packets),
             ("udp_tx_packets_total", self.udp_tx_packets),
+            (
+                "l2_arp_answered_locally_total",
+                self.l2.arp_answered_locally,
+            ),
+            ("l2_arp_owned_locally_total", self.l2.arp_owned_locally),
+            (
+                "l2_arp_requests_flooded_total",
+                self.l2.arp_requests_flooded,
+            ),
+            (
+                "l2_arp_requests_from_wan_total",
+                self.l2.arp_requests_from_wan,
+            ),
+            ("l2_duplicate_ip_claims_total", self.l2.duplicate_ip_claims),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
+            let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
+        }
+        for (metric, v) in [
+            ("l2_local_bindings", self.l2.local_bindings),
+            ("l2_remote_bindings", self.l2.remote_bindings),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_edge_{metric} gauge");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
         }
         for (metric, f) in [
