@@ -104,6 +104,10 @@ pub struct EdgeStatus {
     pub tap_tx_frames: u64,
     /// Frames flooded (broadcast, multicast, unknown unicast).
     pub flooded_frames: u64,
+    /// Frame bytes of the copies of flooded frames sent across the WAN (one per direct
+    /// peer, one per broadcast through a supernode).
+    #[serde(default)]
+    pub flooded_wan_bytes: u64,
     /// Datagrams received.
     pub udp_rx_packets: u64,
     /// Datagrams sent.
@@ -379,6 +383,7 @@ impl EdgeStatus {
             ("tap_rx_frames_total", self.tap_rx_frames),
             ("tap_tx_frames_total", self.tap_tx_frames),
             ("flooded_frames_total", self.flooded_frames),
+            ("flooded_wan_bytes_total", self.flooded_wan_bytes),
             ("udp_rx_packets_total", self.udp_rx_packets),
             ("udp_tx_packets_total", self.udp_tx_packets),
             (

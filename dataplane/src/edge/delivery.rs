@@ -213,12 +213,15 @@ impl EdgeCore {
                 .peers
                 .get(&id)
                 .is_some_and(|p| p.direct.is_some() && p.cur.is_some());
-            if !(direct && self.send_transport(now, &id, MsgType::Data, 0, frame, None, out)) {
+            if direct && self.send_transport(now, &id, MsgType::Data, 0, frame, None, out) {
+                self.flooded_wan_bytes += frame.len() as u64;
+            } else {
                 via_sn.push(id);
             }
         }
         for chunk in via_sn.chunks(MAX_BCAST_DSTS) {
             self.send_bcast(now, frame, chunk, out);
+            self.flooded_wan_bytes += frame.len() as u64;
         }
         self.scratch_dsts = via_sn;
     }

@@ -96,6 +96,9 @@ pub struct EdgeCore {
     tap_rx: u64,
     tap_tx: u64,
     flooded: u64,
+    /// Frame bytes of the copies of flooded frames sent (one per direct peer, one per
+    /// broadcast through a supernode).
+    flooded_wan_bytes: u64,
     udp_rx: u64,
     udp_tx: u64,
     scratch_dsts: Vec<EdgeId>,
@@ -208,6 +211,7 @@ impl EdgeCore {
             tap_rx: 0,
             tap_tx: 0,
             flooded: 0,
+            flooded_wan_bytes: 0,
             udp_rx: 0,
             udp_tx: 0,
             scratch_dsts: Vec::new(),

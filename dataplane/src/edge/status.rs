@@ -113,6 +113,7 @@ impl EdgeCore {
             tap_rx_frames: self.tap_rx,
             tap_tx_frames: self.tap_tx,
             flooded_frames: self.flooded,
+            flooded_wan_bytes: self.flooded_wan_bytes,
             udp_rx_packets: self.udp_rx,
             udp_tx_packets: self.udp_tx,
             drops: self
