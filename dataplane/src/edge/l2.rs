@@ -159,9 +159,13 @@ impl L2 {
     }
 
     /// Learns a local binding; queues it for announcement when new or changed.
+    /// A MAC that moved here without an address keeps the one its peer announced.
     fn bind_local(&mut self, now: Instant, mac: Mac, ip: Option<Ipv4Addr>, max: usize) {
+        let carried = self.remote.get(&mac).and_then(|r| r.ip);
         self.drop_remote(&mac);
-        let ip = ip.filter(|a| !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast());
+        let ip = ip
+            .filter(|a| !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast())
+            .or(carried);
         let n = self.local.len();
         let old = match self.local.get_mut(&mac) {
             Some(l) => {
@@ -199,12 +203,17 @@ impl L2 {
         }
     }
 
-    /// Applies one binding announced by `peer`.
-    fn bind_remote(&mut self, peer: EdgeId, b: Binding) {
-        self.drop_local(&b.mac);
+    /// Applies one binding announced by `peer`; false when the table is full. A MAC
+    /// announced without an address keeps the one it had here (a VM that moved).
+    fn bind_remote(&mut self, peer: EdgeId, b: Binding, max: usize) -> bool {
         let old = self.remote.get(&b.mac).copied();
+        if old.is_none() && self.remote.len() >= max {
+            return false;
+        }
         let mut ip = old.and_then(|r| r.ip);
-        if let Some(a) = b.ip {
+        let carried = ip.or_else(|| self.local.get(&b.mac).and_then(|l| l.ip));
+        self.drop_local(&b.mac);
+        if let Some(a) = b.ip.or(carried) {
             if ip != Some(a) && self.may_claim(b.mac, a) {
                 self.release_ip(&b.mac, ip);
                 self.ips.insert(a, b.mac);
@@ -212,6 +221,7 @@ impl L2 {
             }
         }
         self.remote.insert(b.mac, Remote { peer, ip });
+        true
     }
 
     fn forget_peer(&mut self, peer: &EdgeId) {
@@ -365,7 +375,10 @@ impl EdgeCore {
             self.l2.forget_peer(pid);
         }
         for b in m.entries {
-            self.l2.bind_remote(*pid, b);
+            if !self.l2.bind_remote(*pid, b, self.cfg.max_macs) {
+                self.drop(DropReason::MacTableFull);
+                continue;
+            }
             let n = self.macs.len();
             match self.macs.get_mut(&b.mac) {
                 Some(e) => *e = (*pid, now),
@@ -540,5 +553,73 @@ impl ArpSeen {
         } else {
             Self::Other
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u8) -> Mac {
+        Mac([2, 0, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn bindings_move_keep_their_address_and_duplicates_are_refused() {
+        let now = Instant::now();
+        let mut t = L2::new(L2Config::default(), now, 1);
+        let (p, q) = ([1u8; 8], [2u8; 8]);
+        let ip1 = Ipv4Addr::new(198, 19, 0, 1);
+        t.bind_local(now, mac(1), Some(ip1), 8);
+        assert_eq!(t.pending.len(), 1);
+        // Another MAC claiming the address: counted, not taken.
+        assert!(t.bind_remote(
+            p,
+            Binding {
+                mac: mac(2),
+                ip: Some(ip1)
+            },
+            8
+        ));
+        assert_eq!(t.stats.duplicate_ip_claims, 1);
+        assert_eq!(t.ips.get(&ip1), Some(&mac(1)));
+        assert_eq!(t.remote[&mac(2)].ip, None);
+        // VM 1 moves to p and is announced without its address: it keeps it.
+        assert!(t.bind_remote(
+            p,
+            Binding {
+                mac: mac(1),
+                ip: None
+            },
+            8
+        ));
+        assert!(!t.local.contains_key(&mac(1)));
+        assert_eq!(t.remote[&mac(1)].ip, Some(ip1));
+        assert_eq!(t.ips.get(&ip1), Some(&mac(1)));
+        // And back here, without an ARP: still bound.
+        t.bind_local(now, mac(1), None, 8);
+        assert_eq!(t.local[&mac(1)].ip, Some(ip1));
+        assert!(!t.remote.contains_key(&mac(1)));
+        // A peer's bindings go with it; the table is bounded.
+        assert!(t.bind_remote(
+            q,
+            Binding {
+                mac: mac(3),
+                ip: None
+            },
+            2
+        ));
+        assert!(!t.bind_remote(
+            q,
+            Binding {
+                mac: mac(4),
+                ip: None
+            },
+            2
+        ));
+        t.forget_peer(&p);
+        t.forget_peer(&q);
+        assert!(t.remote.is_empty());
+        assert_eq!(t.ips.len(), 1);
     }
 }
