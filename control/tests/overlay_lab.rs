@@ -425,6 +425,68 @@ fn arp_requests_for_known_bindings_are_answered_by_the_local_edge() {
     all_running(&lab, &c);
 }
 
+/// Site B's edge crashes and starts again (a new edge id, the same name) while B's VM
+/// stays silent: A's VM, which still has the VM's MAC in its ARP cache, reaches it within
+/// a second of the new edge answering status (A's edge drops the old edge's MACs when the
+/// new one's session comes up, and floods until the VM answers). Without that, A's frames
+/// went to the dead edge until it expired (90 s).
+#[test]
+fn a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second() {
+    let Some((lab, mvc)) =
+        setup("a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second")
+    else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let mut c = start_cluster(&lab, &t, &mvc, false);
+    let (a, b) = (t.site("a"), t.site("b"));
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    ping_ok(&lab, &va.ns, vb.ip, 3);
+    ping_ok(&lab, &vb.ns, va.ip, 3);
+    let old = c.edges.remove("b").unwrap();
+    lab.kill(&old.proc);
+    let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let e = mvc
+        .edge(&lab, b, &EdgeOpts::new(b, COMMUNITY, SECRET, &[sn]))
+        .unwrap();
+    c.edges.insert("b".into(), e);
+    // 30 pings at 0.1 s from A's VM; the first answered one tells when B's VM came back.
+    let out = lab
+        .exec_timeout(
+            &va.ns,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "30",
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+                &vb.ip.to_string(),
+            ],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let first = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse::<u32>().ok())
+        });
+    println!("first answered ping after the restart: {first:?} (0.1 s apart)");
+    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{}", out.stdout));
+    assert!(
+        first <= 11,
+        "B's VM answered only from ping {first} (0.1 s apart):\n{}",
+        out.stdout
+    );
+    all_running(&lab, &c);
+}
+
 #[test]
 fn edges_with_a_wrong_secret_or_community_get_nothing() {
     let Some((lab, mvc)) = setup("edges_with_a_wrong_secret_or_community_get_nothing") else {
