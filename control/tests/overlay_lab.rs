@@ -445,6 +445,13 @@ fn a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second() {
     ping_ok(&lab, &vb.ns, va.ip, 3);
     let old = c.edges.remove("b").unwrap();
     lab.kill(&old.proc);
+    // The kernel releases the dead edge's io_uring (and its socket) asynchronously.
+    let port = format!("sport = :{EDGE_PORT}");
+    lab.wait_until("the old edge's port free", Duration::from_secs(10), || {
+        lab.exec(&b.frontend, &["ss", "-Hlun", &port])
+            .is_ok_and(|o| o.stdout.trim().is_empty())
+    })
+    .unwrap();
     let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
     let e = mvc
         .edge(&lab, b, &EdgeOpts::new(b, COMMUNITY, SECRET, &[sn]))

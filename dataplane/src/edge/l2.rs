@@ -392,30 +392,40 @@ impl EdgeCore {
         }
     }
 
-    /// A first session with `pid` is up: it gets our full set of bindings, and an
-    /// older edge of the same name (the same site before a restart) loses its bindings
+    /// `pid` was introduced under its name, or its first session is up: an other edge of
+    /// the same name (the same site before a restart, with its old id) loses its bindings
     /// and MACs, so frames for them are flooded until their owners are known again.
-    pub(super) fn l2_session_up(&mut self, now: Instant, pid: &EdgeId, out: &mut Outbox) {
+    pub(super) fn l2_retire_namesakes(&mut self, pid: &EdgeId) {
         if !self.l2.cfg.control {
             return;
         }
         let name = match self.peers.get(pid) {
-            Some(p) => p.name.clone(),
-            None => return,
+            Some(p) if p.name != "?" => p.name.clone(),
+            _ => return,
         };
-        if name != "?" {
-            let old: Vec<EdgeId> = self
-                .peers
-                .values()
-                .filter(|p| p.id != *pid && p.name == name)
-                .map(|p| p.id)
-                .collect();
-            for id in old {
-                tracing::info!(peer = %name, "peer restarted: the old edge's bindings and MACs are dropped");
-                self.l2.forget_peer(&id);
-                self.macs.retain(|_, v| v.0 != id);
+        let old: Vec<EdgeId> = self
+            .peers
+            .values()
+            .filter(|p| p.id != *pid && p.name == name)
+            .map(|p| p.id)
+            .collect();
+        for id in old {
+            let before = self.macs.len() + self.l2.remote.len();
+            self.macs.retain(|_, v| v.0 != id);
+            self.l2.forget_peer(&id);
+            if self.macs.len() + self.l2.remote.len() < before {
+                tracing::info!(peer = %name, "edge restarted: the old edge's bindings and MACs are dropped");
             }
         }
+    }
+
+    /// A first session with `pid` is up: it gets our full set of bindings (and an older
+    /// edge of its name is retired).
+    pub(super) fn l2_session_up(&mut self, now: Instant, pid: &EdgeId, out: &mut Outbox) {
+        if !self.l2.cfg.control {
+            return;
+        }
+        self.l2_retire_namesakes(pid);
         let all = self.local_bindings();
         self.send_bindings(now, pid, &all, true, out);
     }
