@@ -7,6 +7,8 @@
 //! - `bench dock`: a DOCK-like autodock-vina parameter study across three sites against delay.
 //! - `bench build-time`: three-site cluster build time through the controller against delay.
 //! - `bench report`: the latest result of every run on one dated page.
+//! - `bench broadcast`: what a three-site cluster build floods across the WAN, with the L2
+//!   control plane on and off.
 //! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
 
 mod cmd;
@@ -29,6 +31,9 @@ enum Command {
     Plot(cmd::overlay::PlotArgs),
     /// Three sites joined by mvc: pings, iperf3 and status tables, then teardown.
     Demo(cmd::demo::Args),
+    /// WAN broadcast frames and bytes per site while N VMs per site meet each other, with
+    /// the L2 control plane on and off.
+    Broadcast(cmd::broadcast::Args),
     /// The userspace WAN emulator: run a link, or check it against its settings.
     #[command(subcommand)]
     Wanem(cmd::wanem::Cmd),
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Overlay(a) => cmd::overlay::run(&a),
         Command::Plot(a) => cmd::overlay::plot(&a),
         Command::Demo(a) => cmd::demo::run(&a),
+        Command::Broadcast(a) => cmd::broadcast::run(&a),
         Command::Wanem(cmd::wanem::Cmd::Link(a)) => cmd::wanem::link(&a),
         Command::Wanem(cmd::wanem::Cmd::Check(a)) => cmd::wanem::check(&a),
         Command::Nbd(a) => cmd::nbd::run(&a),

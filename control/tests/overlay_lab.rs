@@ -366,6 +366,134 @@ fn dhcp_across_sites(xdp: bool) {
     all_running(&lab, &c);
 }
 
+/// The L2 control plane counters of an edge (`l2` in its status JSON).
+fn l2_counter(mvc: &Mvc, lab: &Lab, e: &ov::Edge, name: &str) -> u64 {
+    let st = mvc.edge_status(lab, e).expect("edge status");
+    st["l2"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no l2.{name} in {st}"))
+}
+
+/// After one round of pings every edge knows every VM's binding: with the VMs' ARP
+/// caches flushed, their ARP requests for VMs at other sites are answered by their own
+/// edge and none crosses the WAN (counted at the receiving edges), while pings still work.
+#[test]
+fn arp_requests_for_known_bindings_are_answered_by_the_local_edge() {
+    let Some((lab, mvc)) = setup("arp_requests_for_known_bindings_are_answered_by_the_local_edge")
+    else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let c = start_cluster(&lab, &t, &mvc, false);
+    let sites = ["a", "b", "c"];
+    for x in sites {
+        for y in sites.iter().filter(|y| **y != x) {
+            ping_ok(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 2);
+        }
+    }
+    lab.wait_until("bindings announced", Duration::from_secs(5), || {
+        sites
+            .iter()
+            .all(|s| l2_counter(&mvc, &lab, c.edge(s), "remote_bindings") >= 2)
+    })
+    .unwrap();
+    let from_wan = |s: &str| l2_counter(&mvc, &lab, c.edge(s), "arp_requests_from_wan");
+    let answered = |s: &str| l2_counter(&mvc, &lab, c.edge(s), "arp_answered_locally");
+    let before: Vec<(u64, u64)> = sites.iter().map(|s| (from_wan(s), answered(s))).collect();
+    for x in sites {
+        lab.exec(&t.site(x).vms[0].ns, &["ip", "neigh", "flush", "all"])
+            .unwrap();
+    }
+    for x in sites {
+        for y in sites.iter().filter(|y| **y != x) {
+            let p =
+                lab::ping(&lab, &t.site(x).vms[0].ns, t.site(y).vms[0].ip, 2, 0.2).expect("ping");
+            assert!(p.received >= 1, "{x} -> {y} after the ARP flush: {p:?}");
+        }
+    }
+    for (i, s) in sites.iter().enumerate() {
+        let (w0, a0) = before[i];
+        let (w1, a1) = (from_wan(s), answered(s));
+        println!(
+            "edge {s}: ARP requests from the WAN +{}, answered here +{}",
+            w1 - w0,
+            a1 - a0
+        );
+        assert_eq!(w1, w0, "ARP requests crossed the WAN to edge {s}");
+        assert!(a1 >= a0 + 2, "edge {s} answered {} ARP requests", a1 - a0);
+    }
+    all_running(&lab, &c);
+}
+
+/// Site B's edge crashes and starts again (a new edge id, the same name) while B's VM
+/// stays silent: A's VM, which still has the VM's MAC in its ARP cache, reaches it within
+/// a second of the new edge answering status (A's edge drops the old edge's MACs when the
+/// new one's session comes up, and floods until the VM answers). Without that, A's frames
+/// went to the dead edge until it expired (90 s).
+#[test]
+fn a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second() {
+    let Some((lab, mvc)) =
+        setup("a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second")
+    else {
+        return;
+    };
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let mut c = start_cluster(&lab, &t, &mvc, false);
+    let (a, b) = (t.site("a"), t.site("b"));
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    ping_ok(&lab, &va.ns, vb.ip, 3);
+    ping_ok(&lab, &vb.ns, va.ip, 3);
+    let old = c.edges.remove("b").unwrap();
+    lab.kill(&old.proc);
+    // The kernel releases the dead edge's io_uring (and its socket) asynchronously.
+    let port = format!("sport = :{EDGE_PORT}");
+    lab.wait_until("the old edge's port free", Duration::from_secs(10), || {
+        lab.exec(&b.frontend, &["ss", "-Hlun", &port])
+            .is_ok_and(|o| o.stdout.trim().is_empty())
+    })
+    .unwrap();
+    let sn = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let e = mvc
+        .edge(&lab, b, &EdgeOpts::new(b, COMMUNITY, SECRET, &[sn]))
+        .unwrap();
+    c.edges.insert("b".into(), e);
+    // 30 pings at 0.1 s from A's VM; the first answered one tells when B's VM came back.
+    let out = lab
+        .exec_timeout(
+            &va.ns,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "30",
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+                &vb.ip.to_string(),
+            ],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let first = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse::<u32>().ok())
+        });
+    println!("first answered ping after the restart: {first:?} (0.1 s apart)");
+    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{}", out.stdout));
+    assert!(
+        first <= 11,
+        "B's VM answered only from ping {first} (0.1 s apart):\n{}",
+        out.stdout
+    );
+    all_running(&lab, &c);
+}
+
 #[test]
 fn edges_with_a_wrong_secret_or_community_get_nothing() {
     let Some((lab, mvc)) = setup("edges_with_a_wrong_secret_or_community_get_nothing") else {

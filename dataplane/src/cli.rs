@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::crypto::Cipher;
-use crate::edge::{EdgeConfig, EdgeCore, EdgeError, SupernodeAddr, Timers};
+use crate::edge::{EdgeConfig, EdgeCore, EdgeError, L2Config, SupernodeAddr, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
@@ -180,6 +180,68 @@ struct EdgeArgs {
     /// thread. 1..=64 [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// The L2 control plane: announce this edge's MAC/IP bindings to peers and answer ARP
+    /// requests for known ones locally (off: every ARP request is flooded) [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    l2_control: Option<bool>,
+    /// Frames flooded across the WAN (broadcast, multicast, unknown unicast) per second
+    /// from one VM (source MAC); 0 = no limit [default: 100].
+    #[arg(long, value_name = "N")]
+    flood_vm_pps: Option<u32>,
+    /// Flooded frames one VM may send at once after a quiet time [default: 2 x --flood-vm-pps].
+    #[arg(long, value_name = "N")]
+    flood_vm_burst: Option<u32>,
+    /// Frames flooded across the WAN per second from this edge; 0 = no limit [default: 2000].
+    #[arg(long, value_name = "N")]
+    flood_edge_pps: Option<u32>,
+    /// Flooded frames this edge may send at once after a quiet time
+    /// [default: 2 x --flood-edge-pps].
+    #[arg(long, value_name = "N")]
+    flood_edge_burst: Option<u32>,
+}
+
+/// The L2 control plane's settings from flags and file (flags win).
+fn l2_config(a: &EdgeArgs, f: &EdgeFile) -> Result<L2Config, CliError> {
+    let d = L2Config::default();
+    let vm_pps = a.flood_vm_pps.or(f.flood_vm_pps).unwrap_or(d.vm_flood_pps);
+    let edge_pps = a
+        .flood_edge_pps
+        .or(f.flood_edge_pps)
+        .unwrap_or(d.edge_flood_pps);
+    let vm_burst = a
+        .flood_vm_burst
+        .or(f.flood_vm_burst)
+        .unwrap_or(vm_pps.saturating_mul(2));
+    let edge_burst = a
+        .flood_edge_burst
+        .or(f.flood_edge_burst)
+        .unwrap_or(edge_pps.saturating_mul(2));
+    for (flag, pps, burst) in [
+        ("--flood-vm-burst", vm_pps, vm_burst),
+        ("--flood-edge-burst", edge_pps, edge_burst),
+    ] {
+        if pps > 0 && burst == 0 {
+            return Err(CliError::Usage(format!(
+                "{flag} 0 would drop every flooded frame; give at least 1 (or a rate of 0 for no limit)"
+            )));
+        }
+    }
+    Ok(L2Config {
+        control: a.l2_control.or(f.l2_control).unwrap_or(d.control),
+        vm_flood_pps: vm_pps,
+        vm_flood_burst: vm_burst,
+        edge_flood_pps: edge_pps,
+        edge_flood_burst: edge_burst,
+        ..d
+    })
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
+    }
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -203,6 +265,11 @@ struct EdgeFile {
     underlay_mtu: Option<u32>,
     busy_poll_us: Option<u64>,
     threads: Option<usize>,
+    l2_control: Option<bool>,
+    flood_vm_pps: Option<u32>,
+    flood_vm_burst: Option<u32>,
+    flood_edge_pps: Option<u32>,
+    flood_edge_burst: Option<u32>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -378,6 +445,7 @@ fn only_edge_socket() -> Result<PathBuf, CliError> {
 
 fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let f: EdgeFile = read_toml(a.config.as_deref())?;
+    let l2 = l2_config(&a, &f)?;
     let need = |v: Option<String>, flag: &str| {
         v.ok_or_else(|| CliError::Usage(format!("--{flag} is required (or `{flag}` in --config)")))
     };
@@ -534,6 +602,8 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         },
         Instant::now(),
     )?;
+    let mut core = core;
+    core.set_l2_config(l2);
     let snap: Snapshot<EdgeStatus> = Arc::new(Mutex::new(None));
     let _sock_file = ctl::serve_status(&status_socket, Arc::clone(&snap))?;
     if let Some(m) = metrics {
@@ -702,6 +772,29 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flood_limits_from_file_and_flags() {
+        let f: EdgeFile =
+            toml::from_str("l2_control = false\nflood_vm_pps = 10\nflood_edge_pps = 0").unwrap();
+        let c = l2_config(&EdgeArgs::default(), &f).unwrap();
+        assert!(!c.control);
+        assert_eq!((c.vm_flood_pps, c.vm_flood_burst), (10, 20));
+        assert_eq!(c.edge_flood_pps, 0);
+        // Flags win; a burst of 0 with a rate would drop everything: refused.
+        let a = EdgeArgs {
+            flood_vm_pps: Some(50),
+            flood_vm_burst: Some(0),
+            ..EdgeArgs::default()
+        };
+        let e = l2_config(&a, &f).unwrap_err().to_string();
+        assert!(e.contains("--flood-vm-burst"), "{e}");
+        let d = l2_config(&EdgeArgs::default(), &EdgeFile::default()).unwrap();
+        assert!(d.control);
+        assert_eq!((d.vm_flood_pps, d.edge_flood_pps), (100, 2000));
+        assert_eq!(parse_on_off("off"), Ok(false));
+        assert!(parse_on_off("maybe").is_err());
+    }
 
     #[test]
     fn edge_config_file_parses_and_rejects_unknown_keys() {

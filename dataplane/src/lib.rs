@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod edge;
 pub mod eth;
 pub mod io;
+pub mod l2;
 pub mod offload;
 pub mod outbox;
 pub mod replay;

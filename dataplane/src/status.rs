@@ -104,6 +104,10 @@ pub struct EdgeStatus {
     pub tap_tx_frames: u64,
     /// Frames flooded (broadcast, multicast, unknown unicast).
     pub flooded_frames: u64,
+    /// Frame bytes of the copies of flooded frames sent across the WAN (one per direct
+    /// peer, one per broadcast through a supernode).
+    #[serde(default)]
+    pub flooded_wan_bytes: u64,
     /// Datagrams received.
     pub udp_rx_packets: u64,
     /// Datagrams sent.
@@ -113,6 +117,36 @@ pub struct EdgeStatus {
     /// Forwarder threads (`--threads`), each with its own socket and frame queue.
     #[serde(default)]
     pub threads: Vec<ThreadStatus>,
+    /// The L2 control plane: bindings and ARP.
+    #[serde(default)]
+    pub l2: L2Status,
+}
+
+/// Counters of an edge's L2 control plane.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct L2Status {
+    /// Bindings announced and ARP answered locally.
+    pub control: bool,
+    /// MACs (with their IPv4 address when known) on this edge's side.
+    pub local_bindings: u64,
+    /// MACs announced by peers.
+    pub remote_bindings: u64,
+    /// ARP requests from the TAP device answered here (an address behind a peer).
+    pub arp_answered_locally: u64,
+    /// ARP requests from the TAP device for an address on this side: not forwarded.
+    pub arp_owned_locally: u64,
+    /// ARP requests flooded to peers (no binding known).
+    pub arp_requests_flooded: u64,
+    /// ARP requests received from peers.
+    pub arp_requests_from_wan: u64,
+    /// Addresses claimed by a second MAC while the first held them (reported, not
+    /// taken over).
+    pub duplicate_ip_claims: u64,
+    /// Bindings messages sent.
+    pub bindings_sent: u64,
+    /// Bindings messages received.
+    pub bindings_received: u64,
 }
 
 /// Counters of one forwarder thread of an edge.
@@ -259,6 +293,20 @@ impl EdgeStatus {
             self.udp_rx_packets,
             self.udp_tx_packets
         );
+        let l = &self.l2;
+        let _ = writeln!(
+            o,
+            "l2 control {}: bindings local {} remote {}  arp: answered-here {} owned-here {} \
+             flooded {} from-wan {}  duplicate-ip {}",
+            if l.control { "on" } else { "off" },
+            l.local_bindings,
+            l.remote_bindings,
+            l.arp_answered_locally,
+            l.arp_owned_locally,
+            l.arp_requests_flooded,
+            l.arp_requests_from_wan,
+            l.duplicate_ip_claims
+        );
         if self.threads.len() > 1 {
             let _ = writeln!(
                 o,
@@ -335,10 +383,32 @@ impl EdgeStatus {
             ("tap_rx_frames_total", self.tap_rx_frames),
             ("tap_tx_frames_total", self.tap_tx_frames),
             ("flooded_frames_total", self.flooded_frames),
+            ("flooded_wan_bytes_total", self.flooded_wan_bytes),
             ("udp_rx_packets_total", self.udp_rx_packets),
             ("udp_tx_packets_total", self.udp_tx_packets),
+            (
+                "l2_arp_answered_locally_total",
+                self.l2.arp_answered_locally,
+            ),
+            ("l2_arp_owned_locally_total", self.l2.arp_owned_locally),
+            (
+                "l2_arp_requests_flooded_total",
+                self.l2.arp_requests_flooded,
+            ),
+            (
+                "l2_arp_requests_from_wan_total",
+                self.l2.arp_requests_from_wan,
+            ),
+            ("l2_duplicate_ip_claims_total", self.l2.duplicate_ip_claims),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
+            let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
+        }
+        for (metric, v) in [
+            ("l2_local_bindings", self.l2.local_bindings),
+            ("l2_remote_bindings", self.l2.remote_bindings),
+        ] {
+            let _ = writeln!(o, "# TYPE mvc_edge_{metric} gauge");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
         }
         for (metric, f) in [

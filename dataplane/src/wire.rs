@@ -72,6 +72,9 @@ pub enum MsgType {
     Data = 0x12,
     /// Edge -> edge: an encrypted path probe or probe reply.
     Probe = 0x13,
+    /// Edge -> edge: an encrypted control message (the sender's MAC/IP bindings; the
+    /// plaintext carries its own version, see `l2::Bindings`).
+    Control = 0x14,
 }
 
 impl MsgType {
@@ -88,6 +91,7 @@ impl MsgType {
             0x11 => Self::HandshakeResp,
             0x12 => Self::Data,
             0x13 => Self::Probe,
+            0x14 => Self::Control,
             _ => return None,
         })
     }
@@ -868,10 +872,10 @@ impl TransportHdr {
         h[8..16].copy_from_slice(&self.counter.to_be_bytes());
         Ok(())
     }
-    /// Parses the header of a data or probe message; the body follows it.
+    /// Parses the header of a data, probe or control message; the body follows it.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let kind = peek_type(buf)?;
-        if !matches!(kind, MsgType::Data | MsgType::Probe) {
+        if !matches!(kind, MsgType::Data | MsgType::Probe | MsgType::Control) {
             return Err(WireError::UnknownType);
         }
         if buf.len() < TRANSPORT_HDR_LEN {

@@ -69,6 +69,8 @@ pub struct EdgeOpts {
     pub tap: Option<String>,
     /// `--bridge`: the VM bridge the XDP datapath puts its port on.
     pub bridge: Option<String>,
+    /// Further flags, appended as given.
+    pub extra: Vec<String>,
 }
 
 impl EdgeOpts {
@@ -85,6 +87,7 @@ impl EdgeOpts {
             port: Some(EDGE_PORT),
             tap: None,
             bridge: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -170,6 +173,7 @@ impl Mvc {
         if let Some(p) = o.port {
             args.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
         }
+        args.extend(o.extra.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = lab.spawn(&site.frontend, &label, &argv)?;
         let e = Edge {

@@ -1,6 +1,7 @@
 //! Subcommands of the `bench` binary.
 
 pub mod apps;
+pub mod broadcast;
 pub mod buildtime;
 pub mod demo;
 pub mod dock;

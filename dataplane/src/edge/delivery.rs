@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::crypto::EdgeAad;
 use crate::eth;
+use crate::l2;
 use crate::offload::{self, VnetHdr};
 use crate::outbox::Outbox;
 use crate::replay::ReplayWindow;
@@ -16,6 +17,7 @@ use crate::wire::{
 };
 
 use super::drops::DropReason;
+use super::l2::ArpSeen;
 use super::{max_frame, EdgeCore};
 
 impl EdgeCore {
@@ -29,10 +31,20 @@ impl EdgeCore {
         }
         self.tap_rx += 1;
         // A MAC we had behind a peer now speaks from our side: the VM moved here.
-        if !src.is_group() {
-            self.macs.remove(&src);
+        if !src.is_group() && self.macs.remove(&src).is_some() {
+            self.l2_moved_here(now, src);
         }
-        if !dst.is_group() {
+        let arp = if l2::ethertype(frame) == Some(l2::ETHERTYPE_ARP) {
+            self.l2_tap_arp(now, src, dst.is_group(), frame, out)
+        } else {
+            ArpSeen::Other
+        };
+        if arp == ArpSeen::Handled {
+            return;
+        }
+        if dst.is_group() {
+            self.l2_seen_local(now, src);
+        } else {
             if let Some((pid, _)) = self.macs.get(&dst).copied() {
                 if self.send_transport(now, &pid, MsgType::Data, 0, frame, None, out) {
                     return;
@@ -46,7 +58,9 @@ impl EdgeCore {
                 return;
             }
         }
-        self.flood(now, frame, out);
+        if self.l2_admit_flood(now, src, arp) {
+            self.flood(now, frame, out);
+        }
     }
 
     /// Handles a TSO super-frame read from the TAP device: sent to the owning peer as one
@@ -63,8 +77,8 @@ impl EdgeCore {
         let Some((dst, src)) = eth::macs(frame) else {
             return self.drop(DropReason::RuntFrame);
         };
-        if !src.is_group() {
-            self.macs.remove(&src);
+        if !src.is_group() && self.macs.remove(&src).is_some() {
+            self.l2_moved_here(now, src);
         }
         if !dst.is_group() && out.gso {
             if let Some((pid, _)) = self.macs.get(&dst).copied() {
@@ -197,12 +211,15 @@ impl EdgeCore {
                 .peers
                 .get(&id)
                 .is_some_and(|p| p.direct.is_some() && p.cur.is_some());
-            if !(direct && self.send_transport(now, &id, MsgType::Data, 0, frame, None, out)) {
+            if direct && self.send_transport(now, &id, MsgType::Data, 0, frame, None, out) {
+                self.flooded_wan_bytes += frame.len() as u64;
+            } else {
                 via_sn.push(id);
             }
         }
         for chunk in via_sn.chunks(MAX_BCAST_DSTS) {
             self.send_bcast(now, frame, chunk, out);
+            self.flooded_wan_bytes += frame.len() as u64;
         }
         self.scratch_dsts = via_sn;
     }
@@ -326,11 +343,16 @@ impl EdgeCore {
             p.stats.rx_bytes += len as u64;
             p.last_rx = Some(now);
         }
+        let mut moved = false;
         if !src.is_group() {
             let n = self.macs.len();
             match self.macs.get_mut(&src) {
-                Some(e) => *e = (*pid, now),
+                Some(e) => {
+                    moved = e.0 != *pid;
+                    *e = (*pid, now)
+                }
                 None if n < self.cfg.max_macs => {
+                    moved = true;
                     self.macs.insert(src, (*pid, now));
                     // The first MAC since the last sweep sets when the next one is due.
                     self.mac_expiry_at
@@ -338,6 +360,9 @@ impl EdgeCore {
                 }
                 None => self.drop(DropReason::MacTableFull),
             }
+        }
+        if moved || l2::ethertype(frame) == Some(l2::ETHERTYPE_ARP) {
+            self.l2_from_peer(src, moved, frame);
         }
         out.push_tap(frame, partial_csum);
         self.tap_tx += 1;

@@ -114,6 +114,11 @@ reasons! {
     UnknownPeer = "unknown_peer",
     /// A TSO batch for a peer whose session went away while it was sealed.
     NoSession = "no_session",
+    /// A frame to flood (broadcast, multicast, unknown unicast) over its source MAC's
+    /// limit.
+    FloodVmLimit = "flood_vm_limit",
+    /// A frame to flood over this edge's limit.
+    FloodEdgeLimit = "flood_edge_limit",
 
     // Noticed by the I/O driver.
     /// A frame whose partial checksum could not be completed.

@@ -185,7 +185,8 @@ impl EdgeCore {
         p.handshakes += 1;
         let old = p.prev.take();
         p.prev = p.cur.replace(s);
-        if p.cur.is_some() && p.prev.is_none() {
+        let first = p.prev.is_none();
+        if first {
             tracing::info!(peer = %p.name, "session established");
         }
         if let Some(old) = old {
@@ -195,6 +196,9 @@ impl EdgeCore {
         let pid = resp.src;
         self.authentic_from(&pid, via, now);
         self.send_probe(now, &pid, None, out);
+        if first {
+            self.l2_session_up(now, &pid, out);
+        }
     }
 
     /// Session timers of one peer: lifetimes, handshake retries, rekeying.

@@ -39,6 +39,7 @@ mod config;
 mod delivery;
 mod drops;
 mod handshake;
+mod l2;
 mod paths;
 mod peer;
 mod registration;
@@ -49,6 +50,8 @@ mod transport;
 pub use config::{EdgeConfig, EdgeError, SupernodeAddr, Timers};
 pub use drops::DropReason;
 use drops::Drops;
+pub use l2::L2Config;
+use l2::L2;
 pub use paths::in_nets;
 use peer::Peer;
 use registration::SnState;
@@ -93,6 +96,9 @@ pub struct EdgeCore {
     tap_rx: u64,
     tap_tx: u64,
     flooded: u64,
+    /// Frame bytes of the copies of flooded frames sent (one per direct peer, one per
+    /// broadcast through a supernode).
+    flooded_wan_bytes: u64,
     udp_rx: u64,
     udp_tx: u64,
     scratch_dsts: Vec<EdgeId>,
@@ -100,6 +106,8 @@ pub struct EdgeCore {
     overlay_nets: Vec<(IpAddr, u8)>,
     /// Datagrams sent to unvalidated addresses in the current one-second window.
     unvalidated_window: (Instant, u32),
+    /// The L2 control plane: bindings, local ARP answers, flood limits.
+    l2: L2,
 }
 
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
@@ -203,12 +211,14 @@ impl EdgeCore {
             tap_rx: 0,
             tap_tx: 0,
             flooded: 0,
+            flooded_wan_bytes: 0,
             udp_rx: 0,
             udp_tx: 0,
             scratch_dsts: Vec::new(),
             seg_scratch: vec![0u8; 65_536],
             overlay_nets: Vec::new(),
             unvalidated_window: (now, 0),
+            l2: L2::new(L2Config::default(), now, table_seed),
         })
     }
 
@@ -311,7 +321,11 @@ impl EdgeCore {
             },
             (MsgType::Bcast, Some(i)) => self.on_bcast(now, i, pkt, out),
             (
-                MsgType::HandshakeInit | MsgType::HandshakeResp | MsgType::Data | MsgType::Probe,
+                MsgType::HandshakeInit
+                | MsgType::HandshakeResp
+                | MsgType::Data
+                | MsgType::Probe
+                | MsgType::Control,
                 _,
             ) => {
                 if in_nets(&src, &self.overlay_nets) {
@@ -332,7 +346,9 @@ impl EdgeCore {
         match t {
             MsgType::HandshakeInit => self.on_init(now, via, pkt, out),
             MsgType::HandshakeResp => self.on_resp(now, via, pkt, out),
-            MsgType::Data | MsgType::Probe => self.on_transport(now, via, pkt, out),
+            MsgType::Data | MsgType::Probe | MsgType::Control => {
+                self.on_transport(now, via, pkt, out)
+            }
             _ => self.drop(DropReason::UnexpectedType),
         }
     }
@@ -369,11 +385,13 @@ impl EdgeCore {
                     self.index.remove(&pd.state.init.sender_index);
                 }
                 self.macs.retain(|_, v| v.0 != id);
+                self.l2_peer_gone(&id);
             }
         }
         self.macs
             .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
         self.mac_expiry_at = self.macs.values().map(|v| v.1 + t.mac_expiry).min();
+        self.l2_poll(now, out);
     }
 
     /// When [`EdgeCore::poll`] must run next: the earliest of every timer the core keeps
@@ -400,6 +418,9 @@ impl EdgeCore {
         }
         if let Some(m) = self.mac_expiry_at {
             d.add(m);
+        }
+        if let Some(l) = self.l2_deadline() {
+            d.add(l);
         }
         d.0
     }

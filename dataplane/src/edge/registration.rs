@@ -190,6 +190,7 @@ impl EdgeCore {
         if !snkey::verify(&key, v.signed, v.sig) {
             return self.drop(DropReason::BadSignature);
         }
+        let mut named = Vec::new();
         for e in v.msg.peers {
             if e.id == self.id {
                 continue;
@@ -200,12 +201,16 @@ impl EdgeCore {
             };
             if new || p.name != e.name {
                 tracing::info!(peer = %e.name, id = %hex(&e.id), observed = %e.observed, "peer introduced");
+                named.push(e.id);
             }
             p.name = e.name;
             p.observed = Some(e.observed);
             p.locals = e.local_addrs;
             p.listed_by |= 1 << i;
             p.last_listed = Some(now);
+        }
+        for id in named {
+            self.l2_retire_namesakes(&id);
         }
     }
 

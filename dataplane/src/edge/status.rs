@@ -113,6 +113,7 @@ impl EdgeCore {
             tap_rx_frames: self.tap_rx,
             tap_tx_frames: self.tap_tx,
             flooded_frames: self.flooded,
+            flooded_wan_bytes: self.flooded_wan_bytes,
             udp_rx_packets: self.udp_rx,
             udp_tx_packets: self.udp_tx,
             drops: self
@@ -121,6 +122,7 @@ impl EdgeCore {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             threads: Vec::new(),
+            l2: self.l2_status(),
         }
     }
 }

@@ -163,11 +163,15 @@ impl EdgeCore {
             p.prev = p.cur.take();
             p.cur = p.next.take();
             p.handshakes += 1;
-            if p.prev.is_none() {
+            let first = p.prev.is_none();
+            if first {
                 tracing::info!(peer = %p.name, "session established");
             }
             if let Some(old) = old {
                 self.index.remove(&old.local_index);
+            }
+            if first {
+                self.l2_session_up(now, &pid, out);
             }
         }
         self.authentic_from(&pid, via, now);
@@ -184,6 +188,9 @@ impl EdgeCore {
             MsgType::Data => {
                 let partial = hdr.flags & DATA_CSUM_PARTIAL != 0;
                 self.deliver(now, &pid, TRANSPORT_HDR_LEN, n, pkt, partial, out)
+            }
+            MsgType::Control => {
+                self.on_control(now, &pid, &pkt[TRANSPORT_HDR_LEN..TRANSPORT_HDR_LEN + n])
             }
             _ => self.on_probe(now, via, &pid, &hdr, n, pkt, out),
         }
