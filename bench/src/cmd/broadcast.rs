@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use lab::{Lab, Topology};
 use lab::overlay::{Mvc, MvcCluster};
+use lab::{Lab, Topology};
 use serde::Serialize;
 use serde_json::Value;
 
