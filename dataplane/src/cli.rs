@@ -376,6 +376,24 @@ fn only_edge_socket() -> Result<PathBuf, CliError> {
     }
 }
 
+/// Refuses a secret file that users other than its owner and group may access, as ssh
+/// does for private keys: the community secret decrypts and forges all of its traffic.
+fn refuse_if_others_can_read(p: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(p)
+        .map_err(|e| CliError::Usage(format!("cannot read secret file {}: {e}", p.display())))?;
+    let mode = md.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(CliError::Usage(format!(
+            "secret file {} is accessible by other users (mode {mode:04o}): \
+             run `chmod 600 {}` (or 640 with a group that only the edge's user is in)",
+            p.display(),
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
 fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let f: EdgeFile = read_toml(a.config.as_deref())?;
     let need = |v: Option<String>, flag: &str| {
@@ -385,6 +403,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let community = need(a.community.or(f.community), "community")?;
     let tap_name = need(a.tap.or(f.tap), "tap")?;
     let secret = if let Some(p) = a.secret_file.or(f.secret_file) {
+        refuse_if_others_can_read(&p)?;
         let s = std::fs::read(&p).map_err(|e| {
             CliError::Usage(format!("cannot read secret file {}: {e}", p.display()))
         })?;
@@ -702,6 +721,21 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, "x").unwrap();
+        for (mode, ok) in [(0o644, false), (0o604, false), (0o640, true), (0o600, true)] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = refuse_if_others_can_read(&p);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+        }
+        let e = refuse_if_others_can_read(&d.path().join("missing")).unwrap_err();
+        assert!(e.to_string().contains("cannot read secret file"), "{e}");
+    }
 
     #[test]
     fn edge_config_file_parses_and_rejects_unknown_keys() {
