@@ -103,6 +103,9 @@ enum Cmd {
     /// Checks this host (TUN, io_uring, XDP, bridge, packet filter, a supernode's
     /// reachability and the underlay MTU towards it) and says what to fix.
     Doctor(commands::doctor::DoctorArgs),
+    /// Writes shell completions and man pages (for packaging).
+    #[command(hide = true)]
+    GenDocs(commands::gendocs::GenDocsArgs),
     /// On this machine: three sites (two behind NAT) in network namespaces, a cluster
     /// across them made with one command, an OpenMPI job on it, then teardown.
     Demo(DemoArgs),
@@ -294,6 +297,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Key { common, cmd } => return commands::key::run(cmd, &common.key, common.json),
         Cmd::Agent { json, cmd } => return commands::agent::run(cmd, json),
         Cmd::Doctor(a) => return commands::doctor::run(a),
+        Cmd::GenDocs(a) => {
+            return commands::gendocs::run(a, <Cli as clap::CommandFactory>::command())
+        }
         Cmd::Demo(d) => {
             if d.cleanup {
                 return control::demo::cleanup().map_err(Into::into);

@@ -91,3 +91,107 @@ fn units_are_hardened_and_restart() {
         [""]
     );
 }
+
+#[test]
+fn gen_docs_writes_completions_and_man_pages() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mvc"))
+        .args(["gen-docs", "--out"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for f in [
+        "completions/mvc.bash",
+        "completions/_mvc",
+        "completions/mvc.fish",
+        "man/mvc.1",
+        "man/mvc-doctor.1",
+        "man/mvc-edge.1",
+        "man/mvc-agent-run.1",
+    ] {
+        let p = d.path().join(f);
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 100, "{} missing or empty", p.display());
+    }
+    let edge = std::fs::read_to_string(d.path().join("man/mvc-edge.1")).unwrap();
+    assert!(edge.contains("secret\\-file"), "{edge}");
+    assert!(
+        !d.path().join("man/mvc-gen-docs.1").exists(),
+        "hidden command documented"
+    );
+}
+
+/// Builds the .deb from debug binaries with packaging/build-deb (installs cargo-deb when
+/// missing; a few minutes), unpacks it into an empty root with `dpkg --root`, and checks
+/// the files, the units and the binaries. Runs only with MVC_PACKAGE_TEST=1 (CI sets it).
+#[test]
+fn deb_unpacks_into_a_clean_root() {
+    if std::env::var_os("MVC_PACKAGE_TEST").is_none_or(|v| v != "1") {
+        println!("deb_unpacks_into_a_clean_root: set MVC_PACKAGE_TEST=1 to build the .deb");
+        return;
+    }
+    if Command::new("dpkg").arg("--version").output().is_err() {
+        lab::skip::skip(&lab::skip::current_test(), "dpkg is not installed");
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let d = tempfile::tempdir().unwrap();
+    let st = Command::new(repo.join("packaging/build-deb"))
+        .env("MVC_DEB_PROFILE", "dev")
+        .arg("--output")
+        .arg(d.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "packaging/build-deb: {st}");
+    let deb = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb in the output dir");
+    // An empty dpkg database; --unpack runs no maintainer script (they would touch this
+    // machine's users through --force-script-chrootless), so the conffiles stay .dpkg-new.
+    let root = d.path().join("root");
+    for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let out = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--force-depends", "--force-script-chrootless", "--unpack"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dpkg --unpack: {out:?}");
+    for f in [
+        "usr/bin/mvc",
+        "usr/bin/xnbd",
+        "lib/systemd/system/mvc-supernode.service",
+        "lib/systemd/system/mvc-edge@.service",
+        "lib/systemd/system/mvc-agent.service",
+        "lib/systemd/system/xnbd-serve@.service",
+        "usr/lib/sysusers.d/mvc.conf",
+        "etc/mvc/supernode.toml.dpkg-new",
+        "etc/mvc/agent.env.dpkg-new",
+        "usr/share/bash-completion/completions/mvc",
+        "usr/share/man/man1/mvc.1.gz",
+        "usr/share/man/man1/mvc-doctor.1.gz",
+        "usr/share/doc/mvc/DEPLOY.md",
+    ] {
+        assert!(root.join(f).exists(), "{f} not in the package");
+    }
+    for u in UNITS {
+        let packaged = std::fs::read_to_string(root.join("lib/systemd/system").join(u)).unwrap();
+        assert_eq!(packaged, read_unit(u), "{u} differs from packaging/systemd");
+    }
+    for b in ["mvc", "xnbd"] {
+        let out = Command::new(root.join("usr/bin").join(b))
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{b} --version: {out:?}");
+    }
+    let conffiles =
+        std::fs::read_to_string(root.join("var/lib/dpkg/info/mvc.conffiles")).unwrap_or_default();
+    assert!(conffiles.contains("/etc/mvc/supernode.toml"), "{conffiles}");
+}

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod doctor;
+pub mod gendocs;
 pub mod key;
 pub mod site;
 pub mod vm;
