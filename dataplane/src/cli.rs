@@ -377,16 +377,17 @@ fn only_edge_socket() -> Result<PathBuf, CliError> {
 }
 
 /// Refuses a secret file that users other than its owner and group may access, as ssh
-/// does for private keys: the community secret decrypts and forges all of its traffic.
-fn refuse_if_others_can_read(p: &Path) -> Result<(), CliError> {
+/// does for private keys: the community secret decrypts and forges all of a community's
+/// traffic, the supernode key lets anyone impersonate the supernode.
+fn refuse_if_others_can_read(p: &Path, what: &str) -> Result<(), CliError> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(p)
-        .map_err(|e| CliError::Usage(format!("cannot read secret file {}: {e}", p.display())))?;
+        .map_err(|e| CliError::Usage(format!("cannot read {what} {}: {e}", p.display())))?;
     let mode = md.mode() & 0o7777;
     if mode & 0o007 != 0 {
         return Err(CliError::Usage(format!(
-            "secret file {} is accessible by other users (mode {mode:04o}): \
-             run `chmod 600 {}` (or 640 with a group that only the edge's user is in)",
+            "{what} {} is accessible by other users (mode {mode:04o}): \
+             run `chmod 600 {}` (or 640 with a group that only the daemon's user is in)",
             p.display(),
             p.display()
         )));
@@ -403,7 +404,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let community = need(a.community.or(f.community), "community")?;
     let tap_name = need(a.tap.or(f.tap), "tap")?;
     let secret = if let Some(p) = a.secret_file.or(f.secret_file) {
-        refuse_if_others_can_read(&p)?;
+        refuse_if_others_can_read(&p, "secret file")?;
         let s = std::fs::read(&p).map_err(|e| {
             CliError::Usage(format!("cannot read secret file {}: {e}", p.display()))
         })?;
@@ -683,6 +684,10 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         .key_file
         .or(f.key_file)
         .unwrap_or_else(|| PathBuf::from(SN_KEY_DEFAULT));
+    // A missing key file is made with mode 0600; an existing one must not be readable by others.
+    if key_file.exists() {
+        refuse_if_others_can_read(&key_file, "supernode key file")?;
+    }
     let key = SupernodeKey::load_or_create(&key_file)?;
     let key_hex = key.public_hex();
     let sock = udp::bind(listen)?;
@@ -730,10 +735,10 @@ mod tests {
         std::fs::write(&p, "x").unwrap();
         for (mode, ok) in [(0o644, false), (0o604, false), (0o640, true), (0o600, true)] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-            let r = refuse_if_others_can_read(&p);
+            let r = refuse_if_others_can_read(&p, "secret file");
             assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
         }
-        let e = refuse_if_others_can_read(&d.path().join("missing")).unwrap_err();
+        let e = refuse_if_others_can_read(&d.path().join("missing"), "secret file").unwrap_err();
         assert!(e.to_string().contains("cannot read secret file"), "{e}");
     }
 
