@@ -195,3 +195,46 @@ fn deb_unpacks_into_a_clean_root() {
         std::fs::read_to_string(root.join("var/lib/dpkg/info/mvc.conffiles")).unwrap_or_default();
     assert!(conffiles.contains("/etc/mvc/supernode.toml"), "{conffiles}");
 }
+
+/// The Type=notify units rely on this: with NOTIFY_SOCKET set, `mvc supernode` sends
+/// READY=1 once its UDP socket and status socket are up.
+#[test]
+fn supernode_tells_systemd_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    assert_eq!(
+        directive(&read_unit("mvc-supernode.service"), "Type"),
+        ["notify"]
+    );
+    assert_eq!(
+        directive(&read_unit("mvc-edge@.service"), "Type"),
+        ["notify"]
+    );
+    let d = tempfile::tempdir().unwrap();
+    let notify = d.path().join("notify");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let status = d.path().join("sn.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mvc"))
+        .args(["supernode", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(d.path().join("sn.key"))
+        .arg("--status-socket")
+        .arg(&status)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let got = rx.recv(&mut buf);
+    let ready_status_socket = status.exists();
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = got.expect("no notification within 20 s");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(
+        ready_status_socket,
+        "READY=1 before the status socket listens"
+    );
+}

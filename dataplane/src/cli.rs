@@ -395,6 +395,14 @@ fn refuse_if_others_can_read(p: &Path, what: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Tells systemd (Type=notify units) that the daemon serves: its sockets are bound and
+/// its status socket listens. Does nothing when NOTIFY_SOCKET is not set.
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(true, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the daemon is ready");
+    }
+}
+
 fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let f: EdgeFile = read_toml(a.config.as_deref())?;
     let need = |v: Option<String>, flag: &str| {
@@ -604,6 +612,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         cipher = %cipher, listen = %bound, supernodes = %supernodes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), io = %io, threads,
         "edge running"
     );
+    notify_ready();
     let info = EdgeInfo {
         datapath: datapath.into(),
         datapath_reason,
@@ -718,6 +727,7 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         listen = %bound, edge_timeout, key = %key_hex, key_file = %key_file.display(),
         "supernode running; edges pin it with --supernode ADDR:PORT@{key_hex}"
     );
+    notify_ready();
     driver::run_supernode(core, sock, bound, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
