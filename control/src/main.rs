@@ -2,7 +2,7 @@
 //!
 //! Overlay: `mvc edge`, `mvc supernode` (implemented in `dataplane::cli`).
 //! Controller: `mvc key`, `mvc site`, `mvc cluster`, `mvc vm`; per-site appliance:
-//! `mvc agent`; the whole thing on one machine: `mvc demo`.
+//! `mvc agent`; host checks: `mvc doctor`; the whole thing on one machine: `mvc demo`.
 mod commands;
 
 use anyhow::{Context, Result};
@@ -100,6 +100,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// Checks this host (TUN, io_uring, XDP, bridge, packet filter, a supernode's
+    /// reachability and the underlay MTU towards it) and says what to fix.
+    Doctor(commands::doctor::DoctorArgs),
+    /// Writes shell completions and man pages (for packaging).
+    #[command(hide = true)]
+    GenDocs(commands::gendocs::GenDocsArgs),
     /// On this machine: three sites (two behind NAT) in network namespaces, a cluster
     /// across them made with one command, an OpenMPI job on it, then teardown.
     Demo(DemoArgs),
@@ -290,6 +296,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Edge(_) | Cmd::Supernode(_) => unreachable!("handled above"),
         Cmd::Key { common, cmd } => return commands::key::run(cmd, &common.key, common.json),
         Cmd::Agent { json, cmd } => return commands::agent::run(cmd, json),
+        Cmd::Doctor(a) => return commands::doctor::run(a),
+        Cmd::GenDocs(a) => {
+            return commands::gendocs::run(a, <Cli as clap::CommandFactory>::command())
+        }
         Cmd::Demo(d) => {
             if d.cleanup {
                 return control::demo::cleanup().map_err(Into::into);

@@ -129,7 +129,7 @@ fn spawn_edge(
 ) -> ov::Edge {
     let sock = lab.dir().join(format!("{label}.sock"));
     let secret = lab.dir().join(format!("{label}.secret"));
-    std::fs::write(&secret, SECRET).unwrap();
+    lab::write_private(&secret, SECRET.as_bytes()).unwrap();
     let (bin, secret, sockp) = (
         mvc.bin.to_string_lossy().into_owned(),
         secret.to_string_lossy().into_owned(),

@@ -443,6 +443,33 @@ fn only_edge_socket() -> Result<PathBuf, CliError> {
     }
 }
 
+/// Refuses a secret file that users other than its owner and group may access, as ssh
+/// does for private keys: the community secret decrypts and forges all of a community's
+/// traffic, the supernode key lets anyone impersonate the supernode.
+fn refuse_if_others_can_read(p: &Path, what: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(p)
+        .map_err(|e| CliError::Usage(format!("cannot read {what} {}: {e}", p.display())))?;
+    let mode = md.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(CliError::Usage(format!(
+            "{what} {} is accessible by other users (mode {mode:04o}): \
+             run `chmod 600 {}` (or 640 with a group that only the daemon's user is in)",
+            p.display(),
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Tells systemd (Type=notify units) that the daemon serves: its sockets are bound and
+/// its status socket listens. Does nothing when NOTIFY_SOCKET is not set.
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(true, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the daemon is ready");
+    }
+}
+
 fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let f: EdgeFile = read_toml(a.config.as_deref())?;
     let l2 = l2_config(&a, &f)?;
@@ -453,6 +480,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let community = need(a.community.or(f.community), "community")?;
     let tap_name = need(a.tap.or(f.tap), "tap")?;
     let secret = if let Some(p) = a.secret_file.or(f.secret_file) {
+        refuse_if_others_can_read(&p, "secret file")?;
         let s = std::fs::read(&p).map_err(|e| {
             CliError::Usage(format!("cannot read secret file {}: {e}", p.display()))
         })?;
@@ -654,6 +682,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         cipher = %cipher, listen = %bound, supernodes = %supernodes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), io = %io, threads,
         "edge running"
     );
+    notify_ready();
     let info = EdgeInfo {
         datapath: datapath.into(),
         datapath_reason,
@@ -734,6 +763,10 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         .key_file
         .or(f.key_file)
         .unwrap_or_else(|| PathBuf::from(SN_KEY_DEFAULT));
+    // A missing key file is made with mode 0600; an existing one must not be readable by others.
+    if key_file.exists() {
+        refuse_if_others_can_read(&key_file, "supernode key file")?;
+    }
     let key = SupernodeKey::load_or_create(&key_file)?;
     let key_hex = key.public_hex();
     let sock = udp::bind(listen)?;
@@ -764,6 +797,7 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         listen = %bound, edge_timeout, key = %key_hex, key_file = %key_file.display(),
         "supernode running; edges pin it with --supernode ADDR:PORT@{key_hex}"
     );
+    notify_ready();
     driver::run_supernode(core, sock, bound, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
@@ -794,6 +828,21 @@ mod tests {
         assert_eq!((d.vm_flood_pps, d.edge_flood_pps), (100, 2000));
         assert_eq!(parse_on_off("off"), Ok(false));
         assert!(parse_on_off("maybe").is_err());
+    }
+
+    #[test]
+    fn secret_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, "x").unwrap();
+        for (mode, ok) in [(0o644, false), (0o604, false), (0o640, true), (0o600, true)] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = refuse_if_others_can_read(&p, "secret file");
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+        }
+        let e = refuse_if_others_can_read(&d.path().join("missing"), "secret file").unwrap_err();
+        assert!(e.to_string().contains("cannot read secret file"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,21 @@ pub enum Error {
 /// Result type of the lab.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Writes a file only its owner may read (mode 0600), as the edge wants its secret file.
+pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An older file keeps its mode through open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)
+}
+
 /// True when the process runs as root (the lab needs it).
 pub fn is_root() -> bool {
     sys::is_root()

@@ -142,7 +142,7 @@ impl Mvc {
         let sock = lab.dir().join(format!("{label}.sock"));
         let _ = std::fs::remove_file(&sock);
         let secret_file = lab.dir().join(format!("{label}.secret"));
-        std::fs::write(&secret_file, &o.secret)?;
+        crate::write_private(&secret_file, o.secret.as_bytes())?;
         let bin = self.bin.to_string_lossy().into_owned();
         let mut args: Vec<String> = vec![
             bin,

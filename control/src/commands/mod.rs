@@ -2,6 +2,8 @@
 //! function that runs them.
 pub mod agent;
 pub mod cluster;
+pub mod doctor;
+pub mod gendocs;
 pub mod key;
 pub mod site;
 pub mod vm;
