@@ -9,12 +9,18 @@
 //! - `bench report`: the latest result of every run on one dated page.
 //! - `bench broadcast`: what a three-site cluster build floods across the WAN, with the L2
 //!   control plane on and off.
+//! - `bench scale`: edges and supernodes by the thousand on a simulated network: cost curves.
+//! - `bench scale-store`: the controller's store at 1,000 sites and 100,000 VMs: call times.
 //! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
 
 mod cmd;
 mod plot;
 
 use clap::Parser;
+
+// Counts live bytes, so `bench scale` can measure the cores' tables.
+#[global_allocator]
+static ALLOC: bench::CountingAlloc = bench::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +53,11 @@ enum Command {
     BuildTime(cmd::buildtime::Args),
     /// The latest result of every run in results/ on one dated page (markdown and HTML).
     Report(cmd::report::Args),
+    /// Edges and supernodes by the thousand on a simulated network: memory, CPU, fan-out and
+    /// convergence against the number of edges.
+    Scale(cmd::scale::Args),
+    /// The controller's store with synthetic sites, clusters and VMs: time of each call.
+    ScaleStore(cmd::scale::StoreArgs),
     /// One worker of `bench dock` (started by it inside a VM namespace).
     #[command(hide = true)]
     DockWorker(cmd::dock::WorkerArgs),
@@ -66,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         Command::Dock(a) => cmd::dock::run(&a),
         Command::Report(a) => cmd::report::run(&a),
         Command::BuildTime(a) => cmd::buildtime::run(&a),
+        Command::Scale(a) => cmd::scale::run(&a),
+        Command::ScaleStore(a) => cmd::scale::store(&a),
         Command::DockWorker(a) => cmd::dock::worker(&a),
     }
 }

@@ -154,3 +154,44 @@ pub fn realtime(priority: i32) -> Result<(), Error> {
         Err(sys_err("sched_setscheduler"))
     }
 }
+
+/// Bytes allocated through [`CountingAlloc`] and not yet freed.
+static ALLOCATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The system allocator, counting the bytes live (`bench scale` installs it as the
+/// global allocator to measure the cores' tables).
+pub struct CountingAlloc;
+
+// SAFETY: every call is forwarded unchanged to the system allocator, which upholds the
+// GlobalAlloc contract; the counter is only arithmetic on the sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's layout contract is passed on as is.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            ALLOCATED.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator with `layout` (the caller's contract).
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        ALLOCATED.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for `ptr`, `layout` and `new_size` is passed on.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            ALLOCATED.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            ALLOCATED.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+/// Bytes live through [`CountingAlloc`] (0 when it is not the global allocator).
+pub fn allocated_bytes() -> usize {
+    ALLOCATED.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -262,18 +262,21 @@ impl SqliteStore {
         net: String,
         state: String,
     ) -> Result<Cluster> {
-        let overlay = self.conn.query_row(
-            "SELECT community, secret_ref, supernode FROM overlays WHERE cluster_id = ?1",
-            [id],
-            |r| {
+        // Cached statements: `clusters` loads every cluster, and parsing the same SQL
+        // again for each one costs more than the lookups.
+        let overlay = self
+            .conn
+            .prepare_cached(
+                "SELECT community, secret_ref, supernode FROM overlays WHERE cluster_id = ?1",
+            )?
+            .query_row([id], |r| {
                 Ok(Overlay {
                     community: r.get(0)?,
                     secret_ref: r.get(1)?,
                     supernode: r.get(2)?,
                 })
-            },
-        )?;
-        let mut st = self.conn.prepare(
+            })?;
+        let mut st = self.conn.prepare_cached(
             "SELECT v.name, v.role, s.name, v.host, v.memory_mb, v.mac, v.ip, v.state
              FROM vms v JOIN sites s ON s.id = v.site_id
              WHERE v.cluster_id = ?1 ORDER BY v.id",
@@ -304,7 +307,7 @@ impl SqliteStore {
                 state,
             });
         }
-        let mut st = self.conn.prepare(
+        let mut st = self.conn.prepare_cached(
             "SELECT s.name, a.host, a.tap, a.bridge, a.edge_name
              FROM attachments a JOIN sites s ON s.id = a.site_id
              WHERE a.cluster_id = ?1 ORDER BY a.id",
@@ -568,12 +571,13 @@ impl Store for SqliteStore {
     fn cluster(&self, name: &str) -> Result<Cluster> {
         let row = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT c.id, c.name, s.name, c.overlay_net, c.state FROM clusters c
                  JOIN sites s ON s.id = c.origin_site_id WHERE c.name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
+            )?
+            .query_row([name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .optional()?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "cluster",

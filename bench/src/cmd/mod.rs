@@ -10,6 +10,7 @@ pub mod hpl;
 pub mod nbd;
 pub mod overlay;
 pub mod report;
+pub mod scale;
 pub mod wanem;
 
 use std::path::PathBuf;

@@ -1,0 +1,182 @@
+//! `bench scale`: cost curves of the supernode and the edges against the number of edges,
+//! from the in-process simulation in [`bench::scale`].
+
+use std::path::PathBuf;
+
+use bench::scale::{self, ScaleConfig, ScaleResult};
+use serde::Serialize;
+
+use super::figure::{lines, Panel};
+
+/// Arguments of `bench scale`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Edge counts of the curve, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    pub edges: Vec<usize>,
+    /// Edges per community.
+    #[arg(long, default_value_t = 10)]
+    pub community_size: usize,
+    /// Supernodes (every edge registers with all of them).
+    #[arg(long, default_value_t = 1)]
+    pub supernodes: usize,
+    /// Longest a convergence may take, in virtual seconds.
+    #[arg(long, default_value_t = 60)]
+    pub budget_s: u64,
+    /// Where to write the JSON result and the figure.
+    #[arg(long, default_value = "results")]
+    pub results: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    machine: super::Machine,
+    runs: Vec<ScaleResult>,
+}
+
+fn ms(v: Option<u64>) -> String {
+    v.map_or_else(|| "missed".into(), |v| v.to_string())
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+}
+
+/// Runs the curve.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    println!(
+        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | restart rereg ms | churn ms | outage rereg ms | edge B/peer | edge µs/peer/s | wall ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.edges {
+        let mut cfg = ScaleConfig::new(n);
+        cfg.community_size = args.community_size;
+        cfg.supernodes = args.supernodes;
+        cfg.budget_s = args.budget_s;
+        let r = scale::run(&cfg, Some(bench::allocated_bytes))?;
+        println!(
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            n,
+            opt(r.sn_bytes_per_edge),
+            r.cpu_per_registration_us,
+            r.cpu_per_relay_us,
+            r.peerinfo_bytes_per_join_cold,
+            r.peerinfo_bytes_late_join,
+            ms(r.cold.all_ms),
+            ms(r.cold_sessions.all_ms),
+            ms(r.restart_reregistered_ms),
+            ms(r.churn.all_ms),
+            ms(r.outage_reregistered_ms),
+            opt(r.edge_bytes_per_peer),
+            r.edge_cpu_per_peer_s_us,
+            r.wall_ms,
+        );
+        runs.push(r);
+    }
+    let (iso, compact) = super::utc_now();
+    let report = Report {
+        date: iso,
+        machine: super::Machine::probe(),
+        runs,
+    };
+    let json = super::write_json(&args.results, &format!("scale-{compact}.json"), &report)?;
+    let pts = |f: &dyn Fn(&ScaleResult) -> Option<f64>| -> Vec<(f64, f64)> {
+        report
+            .runs
+            .iter()
+            .filter_map(|r| f(r).map(|y| (r.config.edges as f64, y)))
+            .collect()
+    };
+    let svg = args.results.join(format!("scale-{compact}.svg"));
+    lines(
+        &[
+            Panel {
+                title: "supernode cost per edge",
+                x: "edges",
+                y: "bytes / µs",
+                series: vec![
+                    ("memory per edge (B)".into(), pts(&|r| r.sn_bytes_per_edge)),
+                    (
+                        "peer info per join, cold (B)".into(),
+                        pts(&|r| Some(r.peerinfo_bytes_per_join_cold)),
+                    ),
+                    (
+                        "CPU per registration (µs)".into(),
+                        pts(&|r| Some(r.cpu_per_registration_us)),
+                    ),
+                ],
+            },
+            Panel {
+                title: "convergence (virtual time)",
+                x: "edges",
+                y: "ms",
+                series: vec![
+                    (
+                        "cold start: all know all".into(),
+                        pts(&|r| r.cold.all_ms.map(|v| v as f64)),
+                    ),
+                    (
+                        "cold start: all sessions".into(),
+                        pts(&|r| r.cold_sessions.all_ms.map(|v| v as f64)),
+                    ),
+                    (
+                        "restart: re-registered".into(),
+                        pts(&|r| r.restart_reregistered_ms.map(|v| v as f64)),
+                    ),
+                    (
+                        "outage: re-registered".into(),
+                        pts(&|r| r.outage_reregistered_ms.map(|v| v as f64)),
+                    ),
+                    (
+                        "churn: new ids known".into(),
+                        pts(&|r| r.churn.all_ms.map(|v| v as f64)),
+                    ),
+                ],
+            },
+        ],
+        &svg,
+    )?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// Arguments of `bench scale-store`.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// Sites.
+    #[arg(long, default_value_t = 1000)]
+    pub sites: usize,
+    /// Clusters.
+    #[arg(long, default_value_t = 10_000)]
+    pub clusters: usize,
+    /// VMs per cluster.
+    #[arg(long, default_value_t = 10)]
+    pub vms_per_cluster: usize,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "results")]
+    pub results: PathBuf,
+}
+
+/// Fills the store and times its calls.
+pub fn store(args: &StoreArgs) -> anyhow::Result<()> {
+    let cfg = bench::storescale::StoreScaleConfig {
+        sites: args.sites,
+        clusters: args.clusters,
+        vms_per_cluster: args.vms_per_cluster,
+    };
+    let r = bench::storescale::run(&cfg)?;
+    println!(
+        "{} sites, {} clusters, {} VMs (filled in {:.0} ms)\n",
+        cfg.sites, cfg.clusters, r.vms, r.fill_ms
+    );
+    println!("| call | ms |\n|---|---:|");
+    for t in &r.timings {
+        println!("| {} | {:.2} |", t.op, t.ms);
+    }
+    let (_, compact) = super::utc_now();
+    let json = super::write_json(&args.results, &format!("scale-store-{compact}.json"), &r)?;
+    println!("wrote {}", json.display());
+    Ok(())
+}
