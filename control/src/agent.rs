@@ -34,6 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod migrate;
+
 /// Agent failures outside a request (start-up, files).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -341,6 +343,8 @@ pub struct AgentCore {
     /// Clusters whose overlay processes a previous run started and this one adopted.
     adopted: std::collections::HashSet<u32>,
     verifier: Verifier,
+    /// Live migrations in progress here, by the VM's local name.
+    migrations: HashMap<String, migrate::Migration>,
 }
 
 type Refusal = String;
@@ -403,6 +407,7 @@ impl AgentCore {
             overlay_procs: HashMap::new(),
             adopted: Default::default(),
             verifier,
+            migrations: HashMap::new(),
         })
     }
 
@@ -722,6 +727,7 @@ impl AgentCore {
                 }
                 json(&out)
             }
+            Request::Migrate { cluster, vm, step } => self.migrate_step(authz, &cluster, &vm, step),
         }
     }
 
@@ -1475,8 +1481,8 @@ fn serve_conn_within(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     // A client that stops reading cannot hold this thread for ever.
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut ch = channel::server(stream, key)?;
-    ch_loop(core, &mut ch)
+    let ch = channel::server(stream, key)?;
+    ch_loop(core, ch)
 }
 
 /// Wait (at most `limit`) until the client's whole channel hello is buffered, so the
@@ -1509,7 +1515,7 @@ fn await_hello(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
 
 fn ch_loop(
     core: &Mutex<AgentCore>,
-    ch: &mut channel::Channel<TcpStream>,
+    mut ch: channel::Channel<TcpStream>,
 ) -> Result<(), ChannelError> {
     {
         let mut c = core.lock().unwrap_or_else(|p| p.into_inner());
@@ -1530,6 +1536,10 @@ fn ch_loop(
             }
             Err(e) => return Err(e),
         };
+        // Another agent's tunnel of a live migration (it names a token, not a user).
+        if let Some(hello) = crate::migrate::TunnelHello::parse(&msg) {
+            return migrate::serve_tunnel(core, ch, hello);
+        }
         let id = *ch.id();
         let reply = match serde_json::from_slice::<Envelope>(&msg) {
             Ok(env) => core

@@ -154,6 +154,21 @@ pub trait VmDriver: Send {
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError>;
     /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError>;
+    /// Start a VM that receives its memory from a live migration on the Unix socket
+    /// `incoming`, its disk behind an `xnbd proxy` (control socket `ctl`) whose source
+    /// is the NBD socket `source`.
+    fn start_incoming(
+        &mut self,
+        _spec: &VmSpec,
+        _source: &Path,
+        _ctl: &Path,
+        _incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        Err(DriverError::Unsupported {
+            driver: self.kind(),
+            what: "live migration",
+        })
+    }
 }
 
 /// Light VMs in network namespaces.
@@ -650,6 +665,12 @@ impl QemuDriver {
             "chardev:con".into(),
             "-monitor".into(),
             "none".into(),
+            // QMP, for live migration: `run/<vm>.qmp` beside the console.
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                console.with_extension("qmp").display()
+            ),
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
@@ -1009,6 +1030,16 @@ impl VmDriver for QemuDriver {
         Ok(parse_lease(&String::from_utf8_lossy(&log)))
     }
 
+    fn start_incoming(
+        &mut self,
+        spec: &VmSpec,
+        source: &Path,
+        ctl: &Path,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        self.start_incoming_qemu(spec, source, ctl, incoming)
+    }
+
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
         let (_, vm) = Self::parse_handle(handle)?;
         let out = self.console_run(
@@ -1017,6 +1048,122 @@ impl VmDriver for QemuDriver {
             std::time::Duration::from_secs(10),
         )?;
         Ok(parse_ping_avg(&out))
+    }
+}
+
+impl QemuDriver {
+    /// [`VmDriver::start_incoming`]: the disk is `xnbd proxy --no-background` whose
+    /// cache becomes the VM's disk file (the background copy is started at
+    /// switchover), and qemu waits with `-incoming unix:<incoming>`; both with the same
+    /// files, pid files and command line marks as a started VM, so stop, cleanup and
+    /// adoption treat it like one.
+    fn start_incoming_qemu(
+        &mut self,
+        spec: &VmSpec,
+        source: &Path,
+        ctl: &Path,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        let f = self.files(spec.local());
+        kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
+        kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
+        for s in [&f.nbd, &f.console, ctl, incoming, source] {
+            if s.as_os_str().len() > MAX_SOCK_PATH {
+                return Err(DriverError::Config(format!(
+                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
+                    s.display()
+                )));
+            }
+        }
+        for s in [&f.nbd, &f.console, ctl, incoming] {
+            let _ = std::fs::remove_file(s);
+        }
+        // A cache left by an earlier attempt would resume from its bitmap: start clean.
+        let bitmap = f.disk.with_extension("img.bitmap");
+        let _ = std::fs::remove_file(&f.disk);
+        let _ = std::fs::remove_file(&bitmap);
+        std::fs::create_dir_all(&self.cfg.disk_dir)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
+        let boot = self.boot_files()?;
+        let tap = if spec.nic.is_empty() {
+            self.free_tap()
+        } else {
+            if link_exists(&spec.nic) {
+                let _ = run("ip", &["link", "del", &spec.nic]);
+            }
+            spec.nic.clone()
+        };
+        let mut children = Vec::new();
+        let started = (|| {
+            let src = format!("unix:{}", source.display());
+            let (disk, nbd, ctl) = (
+                f.disk.display().to_string(),
+                f.nbd.display().to_string(),
+                ctl.display().to_string(),
+            );
+            let mut xnbd = spawn(
+                &self.cfg.xnbd.display().to_string(),
+                &[
+                    "proxy",
+                    "--source",
+                    &src,
+                    "--source-export",
+                    &spec.name,
+                    "--cache",
+                    &disk,
+                    "--no-background",
+                    "--name",
+                    &spec.name,
+                    "--unix",
+                    &nbd,
+                    "--ctl",
+                    &ctl,
+                ],
+                &[],
+                &f.xnbd_log,
+            )?;
+            let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
+            let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd proxy", &f.xnbd_log);
+            children.push(xnbd);
+            waited?;
+            run("ip", &["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+            run("ip", &["link", "set", &tap, "master", &spec.bridge, "up"])?;
+            let accel = self.accel();
+            let mut args = Self::args(
+                spec,
+                &tap,
+                &boot,
+                &f.nbd,
+                &f.console,
+                &f.console_log,
+                &f.qemu_pid,
+                accel,
+                self.cfg.vcpus,
+                &self.cfg.append,
+            );
+            args.push("-incoming".into());
+            args.push(format!("unix:{}", incoming.display()));
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            let _ = std::fs::remove_file(&f.log);
+            let _ = std::fs::remove_file(&f.console_log);
+            let mut qemu = spawn(&self.cfg.qemu, &a, &[], &f.log)?;
+            let waited = Self::wait_socket(incoming, &mut qemu, "qemu -incoming", &f.log);
+            children.insert(0, qemu);
+            waited
+        })();
+        match started {
+            Ok(()) => Ok(RunningVm {
+                handle: format!("qemu:{tap}:{}", spec.local()),
+                children,
+            }),
+            Err(e) => {
+                for c in &mut children {
+                    stop_child(c);
+                }
+                let _ = run("ip", &["link", "del", &tap]);
+                Err(e)
+            }
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod demo;
 pub mod driver;
 pub mod failpoint;
 pub mod guest;
+pub mod migrate;
 pub mod model;
 pub mod proto;
 pub mod store;

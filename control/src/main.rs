@@ -396,6 +396,33 @@ enum VmCmd {
         #[arg(long, value_parser = validate::cluster_name)]
         cluster: Option<String>,
     },
+    /// Move a running VM (qemu driver at both sites) to another site of its cluster
+    /// while it runs: memory, disk (xnbd proxy) and network follow.
+    Migrate {
+        /// Cluster name.
+        #[arg(value_parser = validate::cluster_name)]
+        cluster: String,
+        /// VM name.
+        #[arg(value_parser = validate::vm_name)]
+        vm: String,
+        /// Destination site.
+        #[arg(long, value_parser = validate::site_name)]
+        to: String,
+        /// Host at the destination (default: the cluster's host there).
+        #[arg(long)]
+        host: Option<String>,
+        /// Longest pause of the VM at switchover, ms.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60000))]
+        downtime_ms: u64,
+        /// Memory bandwidth in bytes/s (0: qemu's default).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Give up (before switchover: undo) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Migrations run from this controller: phase, bytes moved, outcome.
+    Migrations,
 }
 
 #[derive(Args)]
@@ -623,6 +650,14 @@ fn run(cli: Cli) -> Result<()> {
         progress: &progress,
     };
     controller_cmd(&mut c, cmd, common.json)
+}
+
+/// Where `vm migrate` records its progress: `migrations/` beside the database.
+fn migrations_dir(c: &Controller) -> PathBuf {
+    c.secrets_dir
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("migrations")
 }
 
 /// The commands that need the controller's store and key.
@@ -1107,6 +1142,70 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
         Ctl::Vm(VmCmd::Stop { name }) => {
             let v = c.vm_stop(&name)?;
             print(json, &v, |v| format!("{} {}\n", v.name, v.state))
+        }
+        Ctl::Vm(VmCmd::Migrate {
+            cluster,
+            vm,
+            to,
+            host,
+            downtime_ms,
+            rate,
+            timeout,
+        }) => {
+            let dir = migrations_dir(c);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let v = c.vm_migrate(&control::migrate::MigrateArgs {
+                record: Some(dir.join(format!("migrate-{vm}.json"))),
+                cluster,
+                vm,
+                to,
+                host,
+                downtime_ms,
+                rate,
+                timeout: std::time::Duration::from_secs(timeout),
+            })?;
+            print(json, &v, |v| {
+                format!(
+                    "{} {} -> {} {} in {:.1} s (memory {} MiB, disk {} MiB, downtime {} ms)\n",
+                    v.vm,
+                    v.from,
+                    v.to,
+                    v.phase,
+                    v.elapsed_secs,
+                    v.ram_bytes >> 20,
+                    v.disk_bytes >> 20,
+                    v.downtime_ms.unwrap_or(0)
+                )
+            })
+        }
+        Ctl::Vm(VmCmd::Migrations) => {
+            let v = control::migrate::recorded(&migrations_dir(c));
+            print(json, &v, |v| {
+                let mut s = format!(
+                    "{:<12} {:<12} {:<5} {:<5} {:<10} {:>15} {:>15} {:>8}\n",
+                    "CLUSTER", "VM", "FROM", "TO", "PHASE", "MEMORY MiB", "DISK MiB", "SECS"
+                );
+                for m in v {
+                    s += &format!(
+                        "{:<12} {:<12} {:<5} {:<5} {:<10} {:>7}/{:<7} {:>7}/{:<7} {:>8.1}{}\n",
+                        m.cluster,
+                        m.vm,
+                        m.from,
+                        m.to,
+                        m.phase,
+                        m.ram_bytes >> 20,
+                        m.ram_total >> 20,
+                        m.disk_bytes >> 20,
+                        m.disk_total >> 20,
+                        m.elapsed_secs,
+                        m.error
+                            .as_deref()
+                            .map(|e| format!("  {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+                s
+            })
         }
         Ctl::Vm(VmCmd::List { cluster }) => {
             let v = c.vm_list(cluster.as_deref())?;

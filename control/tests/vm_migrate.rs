@@ -1,0 +1,321 @@
+//! Live migration of a qemu VM between two NATed sites: sites B and C run their agents
+//! with `--driver qemu`; B's compute writes a pattern to its disk, keeps writing while
+//! its memory is sent, and moves to C with `mvc vm migrate` while A's compute pings it.
+//! Afterwards the guest reads its pattern back at C, every write it made during the
+//! move is in C's disk image, B holds nothing of it, and the store and `cluster
+//! status` place it at C. A migration to a site without the qemu driver fails and
+//! leaves the VM running where it was. Needs root; otherwise prints that it was skipped.
+use bench::lab;
+use control::demo::{pick_overlay, SiteLab};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Ends the qemu and xnbd processes of an agent should the agent not have
+/// (a failed test), from the pid files the driver writes, by pid, when the process
+/// still names this run's files.
+struct VmProcs(PathBuf);
+
+impl Drop for VmProcs {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let n = p.display().to_string();
+            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
+                continue;
+            }
+            if let Some(pid) = alive_pid(&p, &self.0) {
+                // SAFETY: kill(2) has no memory-safety preconditions; the pid is a
+                // process of this test's agent whose command line names this run's
+                // directory.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The pid in `pidfile` when that process runs and its command line names `dir`.
+fn alive_pid(pidfile: &Path, dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains(&dir.display().to_string())
+        .then_some(pid)
+}
+
+/// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
+fn console(sock: &Path, cmd: &str, timeout: Duration) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("console {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
+    let marker = format!("END-{tag}");
+    s.write_all(format!("\n{cmd}\necho E\"\"ND-{tag}\n").as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        let t = String::from_utf8_lossy(&out);
+        if let Some(i) = t.find(&marker) {
+            return t[..i].to_string();
+        }
+    }
+    panic!(
+        "no answer to {cmd:?} within {timeout:?}: {}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// The md5 sum busybox printed.
+fn md5_of(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            let w = l.split_whitespace().next()?;
+            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
+        })
+        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
+}
+
+fn local_of(sl: &SiteLab, vm: &str) -> String {
+    let handles = sl.vm_handles("m").expect("handles");
+    handles[vm].rsplit(':').next().unwrap().to_string()
+}
+
+#[test]
+fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
+    if !lab::is_root() {
+        eprintln!("SKIPPED qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged: needs root for network namespaces and TAPs");
+        return;
+    }
+    assert!(
+        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
+        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
+    );
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let xnbd = mvc.with_file_name("xnbd");
+    assert!(
+        xnbd.exists(),
+        "{} missing: `cargo build -p xnbd`",
+        xnbd.display()
+    );
+    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
+    let prep = std::process::Command::new(&mvc)
+        .args(["agent", "qemu-prepare", "--cache", &cache])
+        .output()
+        .expect("mvc agent qemu-prepare");
+    assert!(
+        prep.status.success(),
+        "qemu-prepare: {}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    let overlay = pick_overlay(
+        &mvc,
+        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
+    );
+    let qemu_args: Vec<String> = vec![
+        "--driver".into(),
+        "qemu".into(),
+        "--qemu-cache".into(),
+        cache.clone(),
+        "--xnbd".into(),
+        xnbd.display().to_string(),
+        "--qemu-disk-mb".into(),
+        "32".into(),
+    ];
+    let mut extra = BTreeMap::new();
+    extra.insert("B".to_string(), qemu_args.clone());
+    extra.insert("C".to_string(), qemu_args);
+    let sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let b_state = sl.agents["B"].state.clone();
+    let c_state = sl.agents["C"].state.clone();
+    let _procs_b = VmProcs(b_state.join("run"));
+    let _procs_c = VmProcs(c_state.join("run"));
+    sl.add_sites().expect("site add");
+    // B's compute only; C holds the cluster's overlay (and its own compute, stopped
+    // below to spare the CPU).
+    let cl = sl
+        .ctl_json(&[
+            "cluster",
+            "create",
+            "m",
+            "--sites",
+            "A:B:C",
+            "--computes",
+            "1:1:1",
+            "--memory",
+            "128",
+            "--frontend-memory",
+            "128",
+            "--start",
+            "--lease-timeout",
+            "150",
+        ])
+        .expect("cluster create");
+    let vm_at = |site: &str| {
+        cl["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["site"] == site && v["role"] == "compute")
+            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
+            .clone()
+    };
+    let (bvm, avm, cvm) = (vm_at("B"), vm_at("A"), vm_at("C"));
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute");
+    let name = bvm["name"].as_str().unwrap().to_string();
+    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    let blocal = local_of(&sl, &name);
+    let a_ns = sl
+        .vm_ns("m", avm["name"].as_str().unwrap())
+        .expect("A's VM namespace");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+
+    // The pattern: 4 MiB of random data at 1 MiB, and its sum as the guest reads it.
+    let bcon = b_state.join("run").join(format!("{blocal}.console"));
+    let out = console(
+        &bcon,
+        "dd if=/dev/urandom of=/dev/vda bs=64k seek=16 count=64 conv=fsync 2>/dev/null; \
+         dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    let sum = md5_of(&out);
+    // Writes that go on while the memory is sent (and after): sector 16384+i holds `w<i>`.
+    console(
+        &bcon,
+        "(i=0; while [ $i -lt 60 ]; do echo w$i | dd of=/dev/vda bs=512 seek=$((16384+i)) \
+         conv=fsync 2>/dev/null; i=$((i+1)); sleep 0.2; done) &",
+        Duration::from_secs(10),
+    );
+    // A's compute pings it all along (bounded: 40 s at most).
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.1", "-c", "400", "-w", "40",
+        ])
+        .arg(ip.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ping");
+
+    let t0 = Instant::now();
+    let mig = sl
+        .ctl_json(&[
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "C",
+            "--downtime-ms",
+            "300",
+        ])
+        .expect("vm migrate");
+    let took = t0.elapsed();
+    eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
+    assert_eq!(mig["phase"], "done", "{mig}");
+    assert_eq!(mig["to"], "C");
+    let out = ping.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("received"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!("ping from A's VM during the migration: {summary}");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+
+    // At C: the guest reads its pattern back and finished its writes.
+    let clocal = local_of(&sl, &name);
+    let ccon = c_state.join("run").join(format!("{clocal}.console"));
+    std::thread::sleep(Duration::from_secs(3));
+    let out = console(
+        &ccon,
+        "wait; sync; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the migration");
+    let img = c_state.join("disks").join(format!("{clocal}.img"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sector = |i: usize| -> String {
+        let b = std::fs::read(&img).unwrap_or_default();
+        let s = b.get((16384 + i) * 512..(16385 + i) * 512).unwrap_or(&[]);
+        String::from_utf8_lossy(s)
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    while sector(59) != "w59" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for i in 0..60 {
+        assert_eq!(sector(i), format!("w{i}"), "write {i} lost");
+    }
+    let b = std::fs::read(&img).unwrap();
+    assert!(
+        String::from_utf8_lossy(&b[..512]).contains(&format!("MVC-DISK {name} boot 1")),
+        "boot marker not in C's copy"
+    );
+
+    // B holds nothing of it: no files, no disk, no process.
+    let left: Vec<String> = std::fs::read_dir(b_state.join("run"))
+        .unwrap()
+        .chain(std::fs::read_dir(b_state.join("disks")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(&format!("{blocal}.")))
+        .collect();
+    assert!(left.is_empty(), "left at B: {left:?}");
+    // The store and the agents place it at C.
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r.to_string().contains(&format!("\"{name}\"")))
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    assert!(row.contains("\"site\":\"C\""), "{row}");
+    let st = sl.ctl_json(&["cluster", "status", "m"]).expect("status");
+    let v = st["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.to_string().contains(&format!("\"{name}\"")))
+        .unwrap()
+        .to_string();
+    assert!(v.contains("\"site\":\"C\"") && v.contains("running"), "{v}");
+    let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(
+        recorded.to_string().contains("\"phase\":\"done\""),
+        "{recorded}"
+    );
+
+    // A migration that cannot happen (site A runs netns VMs) leaves it running at C.
+    let refused = sl.ctl(&["vm", "migrate", "m", &name, "--to", "A"]);
+    assert!(refused.is_err(), "migration to a netns site succeeded");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after a refused migration: {e}"));
+
+    sl.ctl(&["cluster", "destroy", "m"]).expect("destroy");
+    assert!(!img.exists(), "disk {} left at C", img.display());
+}
