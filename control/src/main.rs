@@ -414,7 +414,7 @@ enum VmCmd {
         /// Longest pause of the VM at switchover, ms.
         #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60000))]
         downtime_ms: u64,
-        /// Memory bandwidth in bytes/s (0: qemu's default).
+        /// Memory bandwidth in bytes/s (0: qemu's default, 128 MiB/s).
         #[arg(long, default_value_t = 0)]
         rate: u64,
         /// Give up (before switchover: undo) after this many seconds.

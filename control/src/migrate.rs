@@ -84,7 +84,7 @@ pub enum MigrateStep {
         dest_key: String,
         /// Longest pause of the VM at switchover qemu may plan for, ms.
         downtime_ms: u64,
-        /// Memory bandwidth cap, bytes/s (0: qemu's default).
+        /// Memory bandwidth cap, bytes/s (0: qemu's default, 128 MiB/s).
         rate: u64,
     },
     /// Either side: progress (origin: qemu's `query-migrate`; destination: qemu's
@@ -385,7 +385,7 @@ pub struct MigrateArgs {
     pub host: Option<String>,
     /// Downtime limit, ms.
     pub downtime_ms: u64,
-    /// Memory bandwidth, bytes/s (0: qemu's default).
+    /// Memory bandwidth, bytes/s (0: qemu's default, 128 MiB/s).
     pub rate: u64,
     /// Where progress is recorded for `mvc vm migrations`.
     pub record: Option<PathBuf>,

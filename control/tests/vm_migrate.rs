@@ -202,10 +202,63 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
          conv=fsync 2>/dev/null; i=$((i+1)); sleep 0.2; done) &",
         Duration::from_secs(10),
     );
-    // A's compute pings it all along (bounded: 40 s at most).
+    // A migration that fails part way (memory capped at 1 MB/s, 3 s allowed) is undone:
+    // the VM goes on at B in the same qemu, C keeps nothing of it.
+    let bpid = alive_pid(
+        &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+        &b_state,
+    )
+    .expect("qemu at B");
+    let failed = sl.ctl(&[
+        "vm",
+        "migrate",
+        "m",
+        &name,
+        "--to",
+        "C",
+        "--rate",
+        "1000000",
+        "--timeout",
+        "3",
+    ]);
+    let err = failed.expect_err("a migration capped far below what 3 s need succeeded");
+    eprintln!("failed migration: {err}");
+    assert_eq!(
+        alive_pid(
+            &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+            &b_state
+        ),
+        Some(bpid),
+        "B's qemu replaced"
+    );
+    let status = console(&bcon, "echo alive", Duration::from_secs(20));
+    assert!(status.contains("alive"), "{status}");
+    let c_left = |local_prefix: &str| -> Vec<String> {
+        std::fs::read_dir(c_state.join("run"))
+            .unwrap()
+            .chain(std::fs::read_dir(c_state.join("disks")).unwrap())
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(local_prefix) && n.contains(&format!("-{name}.")))
+            .collect()
+    };
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    assert!(list.to_string().contains("\"site\":\"B\""), "{list}");
+    let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(
+        recorded.to_string().contains("\"phase\":\"failed\""),
+        "{recorded}"
+    );
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the failed migration: {e}"));
+
+    // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
     let ping = std::process::Command::new("ip")
         .args([
-            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.1", "-c", "400", "-w", "40",
+            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.05", "-c", "200", "-w", "12",
         ])
         .arg(ip.to_string())
         .stdout(std::process::Stdio::piped())
@@ -239,6 +292,19 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or("")
         .to_string();
     eprintln!("ping from A's VM during the migration: {summary}");
+    let count = |what: &str| -> u32 {
+        summary
+            .split(", ")
+            .find(|p| p.ends_with(what))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, got) = (count("transmitted"), count("received"));
+    assert!(
+        sent > 0 && sent - got <= 40,
+        "more than 2 s of pings lost: {summary}"
+    );
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
 
@@ -248,7 +314,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     std::thread::sleep(Duration::from_secs(3));
     let out = console(
         &ccon,
-        "wait; sync; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
         Duration::from_secs(60),
     );
     assert_eq!(md5_of(&out), sum, "pattern changed by the migration");
@@ -310,12 +376,39 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         "{recorded}"
     );
 
-    // A migration that cannot happen (site A runs netns VMs) leaves it running at C.
+    // And back to B: the pattern and the writes come along again.
+    let back = sl
+        .ctl_json(&["vm", "migrate", "m", &name, "--to", "B"])
+        .expect("vm migrate back");
+    eprintln!("migrated back: {back}");
+    assert_eq!(back["phase"], "done", "{back}");
+    let blocal = local_of(&sl, &name);
+    let bcon = b_state.join("run").join(format!("{blocal}.console"));
+    let out = console(
+        &bcon,
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the way back");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let img = b_state.join("disks").join(format!("{blocal}.img"));
+    let b_img = std::fs::read(&img).unwrap();
+    for i in 0..60 {
+        let s = &b_img[(16384 + i) * 512..(16385 + i) * 512];
+        let s = String::from_utf8_lossy(s);
+        assert_eq!(
+            s.trim_end_matches('\0').trim(),
+            format!("w{i}"),
+            "write {i} lost on the way back"
+        );
+    }
+
+    // A migration that cannot happen (site A runs netns VMs) leaves it running at B.
     let refused = sl.ctl(&["vm", "migrate", "m", &name, "--to", "A"]);
     assert!(refused.is_err(), "migration to a netns site succeeded");
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after a refused migration: {e}"));
 
     sl.ctl(&["cluster", "destroy", "m"]).expect("destroy");
-    assert!(!img.exists(), "disk {} left at C", img.display());
+    assert!(!img.exists(), "disk {} left", img.display());
 }

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// qemu's own default memory bandwidth, used when the controller asks for none.
+const DEFAULT_RATE: u64 = 128 << 20;
+
 /// A migration this agent takes part in, by the VM's local name.
 pub(super) struct Migration {
     token: String,
@@ -306,10 +309,11 @@ impl AgentCore {
                     stop,
                 )?;
                 let qsock = self.mig_file(&slot.local, "qmp");
-                let mut params = serde_json::json!({ "downtime-limit": downtime_ms });
-                if rate > 0 {
-                    params["max-bandwidth"] = rate.into();
-                }
+                // Always both: qemu keeps parameters from one migration to the next.
+                let params = serde_json::json!({
+                    "downtime-limit": downtime_ms,
+                    "max-bandwidth": if rate > 0 { rate } else { DEFAULT_RATE },
+                });
                 qmp(&qsock, "migrate-set-parameters", params)?;
                 qmp(
                     &qsock,
