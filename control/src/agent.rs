@@ -1258,6 +1258,15 @@ impl AgentCore {
                 ));
                 continue;
             }
+            if s.state == "migrating" {
+                // An incoming migration that never took over: the origin runs the VM.
+                log.push(format!("drop incoming VM {}", s.local));
+                self.clean_vm(s, true, dry, log);
+                if let (false, Some(c)) = (dry, self.state.clusters.get_mut(&n)) {
+                    c.slots.retain(|x| x.name != s.name);
+                }
+                continue;
+            }
             self.clean_vm(s, false, dry, log);
             if !dry {
                 if let Some(x) = self

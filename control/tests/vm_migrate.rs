@@ -139,7 +139,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let mut extra = BTreeMap::new();
     extra.insert("B".to_string(), qemu_args.clone());
     extra.insert("C".to_string(), qemu_args);
-    let sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
     let b_state = sl.agents["B"].state.clone();
     let c_state = sl.agents["C"].state.clone();
     let _procs_b = VmProcs(b_state.join("run"));
@@ -254,6 +254,68 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     );
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after the failed migration: {e}"));
+
+    // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
+    // the VM goes on at B; C's agent, restarted, removes what it had made for it.
+    let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid") as i32;
+    let killed = std::thread::scope(|scope| {
+        let h = scope.spawn(|| {
+            sl.ctl(&[
+                "vm",
+                "migrate",
+                "m",
+                &name,
+                "--to",
+                "C",
+                "--rate",
+                "1000000",
+                "--timeout",
+                "60",
+            ])
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let incoming = || {
+            std::fs::read_dir(c_state.join("run"))
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .ends_with(&format!("-{name}.min"))
+                    })
+                })
+                .unwrap_or(false)
+        };
+        while !incoming() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(incoming(), "no incoming VM at C");
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is this test's
+        // own agent of site C (its pid file names it).
+        unsafe {
+            libc::kill(c_pid, libc::SIGKILL);
+        }
+        h.join().expect("migrate thread")
+    });
+    let err = killed.expect_err("migration to a killed agent succeeded");
+    eprintln!("migration to a killed agent: {err}");
+    sl.kill_agent("C");
+    sl.restart_agent("C").expect("agent C restart");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    assert_eq!(
+        alive_pid(
+            &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+            &b_state
+        ),
+        Some(bpid),
+        "B's qemu replaced"
+    );
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
+    sl.ctl(&["cluster", "start", "m", "--lease-timeout", "150"])
+        .expect("cluster start after C's agent came back");
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute again");
 
     // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
     let ping = std::process::Command::new("ip")
