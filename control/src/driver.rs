@@ -683,7 +683,10 @@ impl QemuDriver {
                 spec.name
             ),
             "-device".into(),
-            "virtio-blk-pci,drive=disk0".into(),
+            // A fixed geometry: else qemu reads sector 0 to guess one when the device
+            // is created, also in a VM that waits for a live migration, whose disk
+            // proxy must read nothing before switchover.
+            "virtio-blk-pci,drive=disk0,cyls=1024,heads=16,secs=63".into(),
             "-pidfile".into(),
             pidfile.display().to_string(),
         ]
@@ -1224,6 +1227,10 @@ mod tests {
         assert!(s.contains("-kernel /c/vmlinuz -initrd /c/initramfs.cpio"));
         assert!(s.contains("server.type=unix,server.path=/r/k-c1.nbd,export=k-c1"));
         assert!(s.contains("virtio-blk-pci,drive=disk0"));
+        assert!(
+            s.contains("-qmp unix:/r/k-c1.qmp,server=on,wait=off"),
+            "{s}"
+        );
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(
             append,

@@ -1182,12 +1182,12 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             let v = control::migrate::recorded(&migrations_dir(c));
             print(json, &v, |v| {
                 let mut s = format!(
-                    "{:<12} {:<12} {:<5} {:<5} {:<10} {:>15} {:>15} {:>8}\n",
-                    "CLUSTER", "VM", "FROM", "TO", "PHASE", "MEMORY MiB", "DISK MiB", "SECS"
+                    "{:<12} {:<12} {:<5} {:<5} {:<10} {:>15} {:>15} {:>8} {:>6}\n",
+                    "CLUSTER", "VM", "FROM", "TO", "PHASE", "MEMORY MiB", "DISK MiB", "SECS", "ETA"
                 );
                 for m in v {
                     s += &format!(
-                        "{:<12} {:<12} {:<5} {:<5} {:<10} {:>7}/{:<7} {:>7}/{:<7} {:>8.1}{}\n",
+                        "{:<12} {:<12} {:<5} {:<5} {:<10} {:>7}/{:<7} {:>7}/{:<7} {:>8.1} {:>6}{}\n",
                         m.cluster,
                         m.vm,
                         m.from,
@@ -1198,6 +1198,9 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
                         m.disk_bytes >> 20,
                         m.disk_total >> 20,
                         m.elapsed_secs,
+                        m.eta_secs
+                            .map(|e| format!("{e:.0}s"))
+                            .unwrap_or_else(|| "-".into()),
                         m.error
                             .as_deref()
                             .map(|e| format!("  {e}"))

@@ -416,6 +416,10 @@ pub struct MigrationView {
     pub disk_total: u64,
     /// Seconds since the start.
     pub elapsed_secs: f64,
+    /// Disk bytes the proxy fetched before switchover (0: nothing could go stale).
+    pub disk_bytes_before_switchover: u64,
+    /// Seconds left in the current phase, as qemu or the proxy estimate them.
+    pub eta_secs: Option<f64>,
     /// Downtime qemu measured at switchover, ms.
     pub downtime_ms: Option<u64>,
     /// Why it failed.
@@ -592,6 +596,22 @@ impl crate::controller::Controller<'_> {
             };
             view.ram_bytes = st["ram"]["transferred"].as_u64().unwrap_or(view.ram_bytes);
             view.ram_total = st["ram"]["total"].as_u64().unwrap_or(view.ram_total);
+            // qemu's rate is in Mbit/s.
+            let mbps = st["ram"]["mbps"].as_f64().unwrap_or(0.0);
+            view.eta_secs = st["ram"]["remaining"]
+                .as_u64()
+                .filter(|_| mbps > 0.0)
+                .map(|r| r as f64 * 8.0 / (mbps * 1e6));
+            // Until switchover the destination must fetch nothing (see the module doc).
+            // (Counted while the destination qemu still waits: once it runs, the
+            // guest's reads and partial writes fetch blocks, as they should.)
+            if let Ok(d) = step(&mut dest, MigrateStep::Status) {
+                if d["run"]["status"] == "inmigrate" {
+                    view.disk_bytes_before_switchover = view
+                        .disk_bytes_before_switchover
+                        .max(d["disk"]["fetched_bytes"].as_u64().unwrap_or(0));
+                }
+            }
             view.save(t0, record);
             match st["status"].as_str().unwrap_or("") {
                 "completed" => {
@@ -646,6 +666,7 @@ impl crate::controller::Controller<'_> {
             let d = &st["disk"];
             view.disk_bytes = d["fetched_bytes"].as_u64().unwrap_or(view.disk_bytes);
             view.disk_total = d["size"].as_u64().unwrap_or(view.disk_total);
+            view.eta_secs = d["eta_secs"].as_f64();
             view.save(t0, record);
             if d["mode"] == "target" {
                 break;
@@ -670,6 +691,7 @@ impl crate::controller::Controller<'_> {
         step(&mut dest, MigrateStep::Done)?;
         step(&mut origin, MigrateStep::Release)?;
         view.phase = "done".into();
+        view.eta_secs = None;
         view.save(t0, record);
         progress(&format!(
             "{} moved to site {} in {:.1} s (disk {} MiB copied)",

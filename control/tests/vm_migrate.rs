@@ -345,6 +345,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
     assert_eq!(mig["phase"], "done", "{mig}");
     assert_eq!(mig["to"], "C");
+    assert_eq!(
+        mig["disk_bytes_before_switchover"], 0,
+        "the destination fetched disk blocks while the origin still wrote: {mig}"
+    );
     let out = ping.wait_with_output().expect("ping output");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let summary = text
@@ -437,6 +441,8 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         recorded.to_string().contains("\"phase\":\"done\""),
         "{recorded}"
     );
+    let table = sl.ctl(&["vm", "migrations"]).expect("migrations table");
+    assert!(table.contains("PHASE") && table.contains(&name), "{table}");
 
     // And back to B: the pattern and the writes come along again.
     let back = sl

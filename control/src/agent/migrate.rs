@@ -336,11 +336,12 @@ impl AgentCore {
                         .get(&slot.local)
                         .is_some_and(|m| m.accepts == TunnelKind::Ram)
                 {
-                    let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                    // Disk first: a VM still `inmigrate` after it ran nothing before it.
                     let disk = xnbd_ctl(
                         &self.mig_file(&slot.local, "xnbd.ctl"),
                         serde_json::json!({"cmd": "status"}),
                     )?;
+                    let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
                     Ok(serde_json::json!({ "run": run, "disk": disk }))
                 } else {
                     qmp(&qsock, "query-migrate", serde_json::Value::Null)
