@@ -155,13 +155,11 @@ pub trait VmDriver: Send {
     /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError>;
     /// Start a VM that receives its memory from a live migration on the Unix socket
-    /// `incoming`, its disk behind an `xnbd proxy` (control socket `ctl`) whose source
-    /// is the NBD socket `source`.
+    /// `incoming`, with its disk as `disk` says.
     fn start_incoming(
         &mut self,
         _spec: &VmSpec,
-        _source: &Path,
-        _ctl: &Path,
+        _disk: crate::migrate::IncomingDisk,
         _incoming: &Path,
     ) -> Result<RunningVm, DriverError> {
         Err(DriverError::Unsupported {
@@ -1036,11 +1034,10 @@ impl VmDriver for QemuDriver {
     fn start_incoming(
         &mut self,
         spec: &VmSpec,
-        source: &Path,
-        ctl: &Path,
+        disk: crate::migrate::IncomingDisk,
         incoming: &Path,
     ) -> Result<RunningVm, DriverError> {
-        self.start_incoming_qemu(spec, source, ctl, incoming)
+        self.start_incoming_qemu(spec, disk, incoming)
     }
 
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
@@ -1057,19 +1054,24 @@ impl VmDriver for QemuDriver {
 impl QemuDriver {
     /// [`VmDriver::start_incoming`]: the disk is `xnbd proxy --no-background` whose
     /// cache becomes the VM's disk file (the background copy is started at
-    /// switchover), and qemu waits with `-incoming unix:<incoming>`; both with the same
-    /// files, pid files and command line marks as a started VM, so stop, cleanup and
-    /// adoption treat it like one.
+    /// switchover), or `xnbd serve` of an empty disk the origin mirrors into; qemu
+    /// waits with `-incoming unix:<incoming>`; both with the same files, pid files and
+    /// command line marks as a started VM, so stop, cleanup and adoption treat it like
+    /// one.
     fn start_incoming_qemu(
         &mut self,
         spec: &VmSpec,
-        source: &Path,
-        ctl: &Path,
+        disk: crate::migrate::IncomingDisk,
         incoming: &Path,
     ) -> Result<RunningVm, DriverError> {
+        use crate::migrate::IncomingDisk;
         let f = self.files(spec.local());
         kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
+        let (source, ctl) = match disk {
+            IncomingDisk::Proxy { source, ctl } => (source, ctl),
+            IncomingDisk::Mirror { .. } => (incoming, incoming),
+        };
         for s in [&f.nbd, &f.console, ctl, incoming, source] {
             if s.as_os_str().len() > MAX_SOCK_PATH {
                 return Err(DriverError::Config(format!(
@@ -1097,6 +1099,7 @@ impl QemuDriver {
             spec.nic.clone()
         };
         let mut children = Vec::new();
+        let mode = disk;
         let started = (|| {
             let src = format!("unix:{}", source.display());
             let (disk, nbd, ctl) = (
@@ -1104,9 +1107,9 @@ impl QemuDriver {
                 f.nbd.display().to_string(),
                 ctl.display().to_string(),
             );
-            let mut xnbd = spawn(
-                &self.cfg.xnbd.display().to_string(),
-                &[
+            let export = format!("{}={disk}", spec.name);
+            let xnbd_args: Vec<&str> = match mode {
+                IncomingDisk::Proxy { .. } => vec![
                     "proxy",
                     "--source",
                     &src,
@@ -1122,6 +1125,18 @@ impl QemuDriver {
                     "--ctl",
                     &ctl,
                 ],
+                IncomingDisk::Mirror { size } => {
+                    let tmp = f.disk.with_extension("img.tmp");
+                    std::fs::File::create(&tmp)
+                        .and_then(|d| d.set_len(size))
+                        .and_then(|()| std::fs::rename(&tmp, &f.disk))
+                        .map_err(|e| DriverError::Config(format!("{}: {e}", f.disk.display())))?;
+                    vec!["serve", "--export", &export, "--unix", &nbd]
+                }
+            };
+            let mut xnbd = spawn(
+                &self.cfg.xnbd.display().to_string(),
+                &xnbd_args,
                 &[],
                 &f.xnbd_log,
             )?;
@@ -1146,6 +1161,10 @@ impl QemuDriver {
             );
             args.push("-incoming".into());
             args.push(format!("unix:{}", incoming.display()));
+            if let IncomingDisk::Mirror { .. } = mode {
+                // Paused after the memory arrived, until the mirror completed.
+                args.push("-S".into());
+            }
             let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             let _ = std::fs::remove_file(&f.log);
             let _ = std::fs::remove_file(&f.console_log);

@@ -420,6 +420,10 @@ enum VmCmd {
         /// Give up (before switchover: undo) after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Copy the disk before the memory (qemu's mirror, as libvirt's
+        /// --copy-storage-all) instead of after it through the xnbd proxy.
+        #[arg(long)]
+        precopy_disk: bool,
     },
     /// Migrations run from this controller: phase, bytes moved, outcome.
     Migrations,
@@ -1151,6 +1155,7 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             downtime_ms,
             rate,
             timeout,
+            precopy_disk,
         }) => {
             let dir = migrations_dir(c);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -1163,6 +1168,7 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
                 downtime_ms,
                 rate,
                 timeout: std::time::Duration::from_secs(timeout),
+                precopy_disk,
             })?;
             print(json, &v, |v| {
                 format!(

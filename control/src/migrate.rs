@@ -73,7 +73,24 @@ pub enum MigrateStep {
         origin: String,
         /// The origin agent's key (hex), pinned for the tunnel.
         origin_key: String,
+        /// `--precopy-disk`: the disk's size; an empty disk of it is served for the
+        /// origin to mirror into, and the VM waits paused for the mirror to complete.
+        #[serde(default)]
+        precopy_disk_size: Option<u64>,
     },
+    /// Origin (`--precopy-disk`): mirror the disk into the destination's disk server,
+    /// through a tunnel, before the memory.
+    Mirror {
+        /// 64 hex digits.
+        token: String,
+        /// The destination agent's address.
+        dest: String,
+        /// The destination agent's key (hex), pinned for the tunnel.
+        dest_key: String,
+    },
+    /// Origin (`--precopy-disk`), after the memory: end the mirror, the destination's
+    /// disk then holds the stopped VM's last write.
+    MirrorEnd,
     /// Origin: start sending the memory to the destination.
     Send {
         /// 64 hex digits.
@@ -143,6 +160,15 @@ impl MigrateStep {
                 addr(origin)?;
                 key(origin_key)
             }
+            MigrateStep::Mirror {
+                token: t,
+                dest,
+                dest_key,
+            } => {
+                token(t)?;
+                addr(dest)?;
+                key(dest_key)
+            }
             MigrateStep::Send {
                 token: t,
                 dest,
@@ -161,6 +187,27 @@ impl MigrateStep {
             _ => Ok(()),
         }
     }
+}
+
+/// The disk of a VM started for an incoming live migration
+/// ([`crate::driver::VmDriver::start_incoming`]).
+#[derive(Clone, Copy, Debug)]
+pub enum IncomingDisk<'a> {
+    /// Post-copy: an `xnbd proxy` (control socket `ctl`) whose source is the NBD socket
+    /// `source`; the VM runs as soon as its memory arrived.
+    Proxy {
+        /// The origin's disk, as a local NBD socket.
+        source: &'a Path,
+        /// The proxy's control socket.
+        ctl: &'a Path,
+    },
+    /// Pre-copy (`--precopy-disk`): an empty disk of `size` bytes served by `xnbd
+    /// serve`, which the origin qemu mirrors into; the VM stays paused after its
+    /// memory arrived (`-S`) until the mirror completed.
+    Mirror {
+        /// Disk size in bytes.
+        size: u64,
+    },
 }
 
 /// What a tunnel carries.
@@ -189,6 +236,9 @@ impl TunnelHello {
         serde_json::from_slice(msg).ok()
     }
 }
+
+/// The block job (and target node) of a `--precopy-disk` mirror in the origin qemu.
+pub const MIRROR_JOB: &str = "mvc-mirror";
 
 /// Largest chunk of stream data per sealed frame.
 const CHUNK: usize = 256 << 10;
@@ -389,6 +439,8 @@ pub struct MigrateArgs {
     pub rate: u64,
     /// Where progress is recorded for `mvc vm migrations`.
     pub record: Option<PathBuf>,
+    /// Copy the disk before the memory (qemu's mirror) instead of after it (xnbd proxy).
+    pub precopy_disk: bool,
     /// Longest the whole migration may take.
     pub timeout: Duration,
 }
@@ -424,6 +476,9 @@ pub struct MigrationView {
     pub downtime_ms: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// `post-copy` (xnbd proxy, the default) or `pre-copy` (`--precopy-disk`).
+    #[serde(default)]
+    pub disk_strategy: String,
     /// Process that runs it.
     pub pid: u32,
     /// Unix time of the last update.
@@ -520,6 +575,12 @@ impl crate::controller::Controller<'_> {
             from: from.name.clone(),
             to: to.name.clone(),
             phase: "prepare".into(),
+            disk_strategy: if args.precopy_disk {
+                "pre-copy"
+            } else {
+                "post-copy"
+            }
+            .into(),
             pid: std::process::id(),
             ..Default::default()
         };
@@ -555,12 +616,24 @@ impl crate::controller::Controller<'_> {
             "migrating {} from site {} to site {}",
             vm.name, from.name, to.name
         ));
-        step(
+        let offered = step(
             &mut origin,
             MigrateStep::Offer {
                 token: token.clone(),
             },
         )?;
+        let precopy_disk_size = match (args.precopy_disk, offered["disk_size"].as_u64()) {
+            (false, _) => None,
+            (true, Some(n)) => Some(n),
+            (true, None) => {
+                return Err(fail(
+                    &mut view,
+                    &mut origin,
+                    &mut dest,
+                    format!("site {} did not say its disk size", from.name),
+                ))
+            }
+        };
         if let Err(e) = step(
             &mut dest,
             MigrateStep::Prepare {
@@ -570,9 +643,52 @@ impl crate::controller::Controller<'_> {
                 mac: vm.mac,
                 origin: from.agent_addr.clone(),
                 origin_key: from.agent_key.clone(),
+                precopy_disk_size,
             },
         ) {
             return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
+        }
+        let deadline = t0 + args.timeout;
+        if args.precopy_disk {
+            // The disk first: qemu mirrors it until source and copy are in step (and
+            // keeps them so while the memory moves).
+            view.phase = "disk".into();
+            if let Err(e) = step(
+                &mut origin,
+                MigrateStep::Mirror {
+                    token: token.clone(),
+                    dest: to.agent_addr.clone(),
+                    dest_key: to.agent_key.clone(),
+                },
+            ) {
+                return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
+            }
+            loop {
+                let st = match step(&mut origin, MigrateStep::Status) {
+                    Ok(v) => v,
+                    Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e.to_string())),
+                };
+                let job = st["jobs"]
+                    .as_array()
+                    .and_then(|j| j.iter().find(|j| j["device"] == MIRROR_JOB))
+                    .cloned()
+                    .unwrap_or_default();
+                view.disk_bytes = job["offset"].as_u64().unwrap_or(view.disk_bytes);
+                view.disk_total = job["len"].as_u64().unwrap_or(view.disk_total);
+                view.save(t0, record);
+                if job["ready"] == true {
+                    break;
+                }
+                if job.is_null() || Instant::now() > deadline {
+                    return Err(fail(
+                        &mut view,
+                        &mut origin,
+                        &mut dest,
+                        "the disk mirror ended or did not catch up in time".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         if let Err(e) = step(
             &mut origin,
@@ -588,7 +704,6 @@ impl crate::controller::Controller<'_> {
         }
         // 4: memory, until qemu says completed.
         view.phase = "memory".into();
-        let deadline = t0 + args.timeout;
         loop {
             let st = match step(&mut origin, MigrateStep::Status) {
                 Ok(v) => v,
@@ -640,6 +755,11 @@ impl crate::controller::Controller<'_> {
         // 5: switchover: the destination runs, announces itself, copies the disk.
         view.phase = "switchover".into();
         view.save(t0, record);
+        if args.precopy_disk {
+            if let Err(e) = step(&mut origin, MigrateStep::MirrorEnd) {
+                return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
+            }
+        }
         let mut finished = Err(String::new());
         for _ in 0..50 {
             finished = step(&mut dest, MigrateStep::Finish).map_err(|e| e.to_string());
@@ -662,6 +782,10 @@ impl crate::controller::Controller<'_> {
         // 6: the disk follows in the background; the origin keeps it until then.
         view.phase = "disk".into();
         loop {
+            if args.precopy_disk {
+                // Mirrored already, before the memory.
+                break;
+            }
             let st = step(&mut dest, MigrateStep::Status)?;
             let d = &st["disk"];
             view.disk_bytes = d["fetched_bytes"].as_u64().unwrap_or(view.disk_bytes);

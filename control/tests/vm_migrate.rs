@@ -471,7 +471,65 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         );
     }
 
-    // A migration that cannot happen (site A runs netns VMs) leaves it running at B.
+    // The other strategy, the disk mirrored before the memory (`--precopy-disk`), to C
+    // again, while the guest writes sectors 20480+i.
+    console(
+        &bcon,
+        "(i=0; while [ $i -lt 40 ]; do echo p$i | dd of=/dev/vda bs=512 seek=$((20480+i)) \
+         conv=fsync 2>/dev/null; i=$((i+1)); sleep 0.1; done) &",
+        Duration::from_secs(10),
+    );
+    let pre = sl
+        .ctl_json(&["vm", "migrate", "m", &name, "--to", "C", "--precopy-disk"])
+        .expect("vm migrate --precopy-disk");
+    eprintln!("migrated with the disk first: {pre}");
+    assert_eq!(pre["phase"], "done", "{pre}");
+    assert_eq!(pre["disk_strategy"], "pre-copy", "{pre}");
+    let clocal = local_of(&sl, &name);
+    let ccon = c_state.join("run").join(format!("{clocal}.console"));
+    let out = console(
+        &ccon,
+        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the mirror");
+    let img = c_state.join("disks").join(format!("{clocal}.img"));
+    let read_sector = |k: usize| -> String {
+        let b = std::fs::read(&img).unwrap_or_default();
+        let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
+        String::from_utf8_lossy(s)
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_sector(20480 + 39) != "p39" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for i in 0..60 {
+        assert_eq!(
+            read_sector(16384 + i),
+            format!("w{i}"),
+            "write {i} lost by the mirror"
+        );
+    }
+    for i in 0..40 {
+        assert_eq!(
+            read_sector(20480 + i),
+            format!("p{i}"),
+            "write p{i} lost by the mirror"
+        );
+    }
+    let left: Vec<String> = std::fs::read_dir(b_state.join("run"))
+        .unwrap()
+        .chain(std::fs::read_dir(b_state.join("disks")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(&format!("-{name}.")))
+        .collect();
+    assert!(left.is_empty(), "left at B after the mirror: {left:?}");
+
+    // A migration that cannot happen (site A runs netns VMs) leaves it running at C.
     let refused = sl.ctl(&["vm", "migrate", "m", &name, "--to", "A"]);
     assert!(refused.is_err(), "migration to a netns site succeeded");
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))

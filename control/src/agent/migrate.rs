@@ -3,7 +3,10 @@
 use super::{AgentCore, Refusal, Slot};
 use crate::auth::Authorization;
 use crate::channel::{Channel, ChannelError};
-use crate::migrate::{open_tunnel, qmp, relay, xnbd_ctl, MigrateStep, TunnelHello, TunnelKind};
+use crate::migrate::{
+    open_tunnel, qmp, relay, xnbd_ctl, IncomingDisk, MigrateStep, TunnelHello, TunnelKind,
+    MIRROR_JOB,
+};
 use crate::proto::VmSpec;
 use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,9 +21,12 @@ const DEFAULT_RATE: u64 = 128 << 20;
 /// A migration this agent takes part in, by the VM's local name.
 pub(super) struct Migration {
     token: String,
-    /// The kind of tunnel the other agent may open to us, and where it goes.
-    accepts: TunnelKind,
-    target: PathBuf,
+    /// The kinds of tunnel the other agent may open to us, and where each goes.
+    accepts: Vec<(TunnelKind, PathBuf)>,
+    /// Destination: the disk comes by mirror before the memory (no proxy).
+    precopy: bool,
+    /// Origin: a disk mirror runs (`Abort` then ends it).
+    mirror: bool,
     /// Ends the relay listener this side runs (set when the migration ends).
     stop: Arc<AtomicBool>,
     /// Origin: whether the memory was sent (`Abort` then resumes the VM).
@@ -83,6 +89,37 @@ fn relay_listener(
     Ok(())
 }
 
+/// End the `--precopy-disk` mirror in the origin qemu: cancelled once in step
+/// (`force` off) it completes with a copy as of that moment, as qemu documents; then
+/// its target node is removed.
+fn end_mirror(qsock: &std::path::Path, force: bool) -> Result<(), String> {
+    qmp(
+        qsock,
+        "block-job-cancel",
+        serde_json::json!({ "device": MIRROR_JOB, "force": force }),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = qmp(qsock, "query-block-jobs", serde_json::Value::Null)?;
+        let running = jobs
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["device"] == MIRROR_JOB));
+        if !running {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the disk mirror did not end within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qmp(
+        qsock,
+        "blockdev-del",
+        serde_json::json!({ "node-name": MIRROR_JOB }),
+    );
+    Ok(())
+}
+
 /// Serve a tunnel the other agent opened (`hello` was its first frame): connect it to
 /// the local socket its token and kind name, or refuse.
 pub(super) fn serve_tunnel(
@@ -94,8 +131,9 @@ pub(super) fn serve_tunnel(
         let c = core.lock().unwrap_or_else(|p| p.into_inner());
         c.migrations
             .values()
-            .find(|m| m.accepts == hello.kind && same_token(&m.token, &hello.tunnel))
-            .map(|m| m.target.clone())
+            .filter(|m| same_token(&m.token, &hello.tunnel))
+            .find_map(|m| m.accepts.iter().find(|(k, _)| *k == hello.kind))
+            .map(|(_, t)| t.clone())
     };
     let Some(target) = target else {
         tracing::info!(kind = ?hello.kind, "migration tunnel refused: unknown token");
@@ -155,17 +193,26 @@ impl AgentCore {
                     .filter(|s| s.handle.is_some() && s.state == "running")
                     .ok_or_else(|| format!("VM {vm:?} is not running here"))?;
                 let target = self.mig_file(&slot.local, "nbd");
+                let disk_size = std::fs::metadata(
+                    self.cfg
+                        .state_dir
+                        .join("disks")
+                        .join(format!("{}.img", slot.local)),
+                )
+                .map(|m| m.len())
+                .map_err(|e| format!("the disk of {vm:?}: {e}"))?;
                 self.migrations.insert(
                     slot.local.clone(),
                     Migration {
                         token,
-                        accepts: TunnelKind::Nbd,
-                        target,
+                        accepts: vec![(TunnelKind::Nbd, target)],
+                        precopy: false,
+                        mirror: false,
                         stop: Arc::default(),
                         sent: false,
                     },
                 );
-                Ok(serde_json::json!("offered"))
+                Ok(serde_json::json!({ "disk_size": disk_size }))
             }
             MigrateStep::Prepare {
                 token,
@@ -174,6 +221,7 @@ impl AgentCore {
                 mac,
                 origin,
                 origin_key,
+                precopy_disk_size,
             } => {
                 if self.local_of(n, vm).is_some() {
                     return Err(format!("VM {vm:?} already has a slot here"));
@@ -239,31 +287,49 @@ impl AgentCore {
                 let source = self.mig_file(&slot.local, "src");
                 let incoming = self.mig_file(&slot.local, "min");
                 let ctl = self.mig_file(&slot.local, "xnbd.ctl");
+                let mut accepts = vec![(TunnelKind::Ram, incoming.clone())];
+                if precopy_disk_size.is_some() {
+                    // The origin mirrors into this side's disk server.
+                    accepts.push((TunnelKind::Nbd, self.mig_file(&slot.local, "nbd")));
+                }
                 self.migrations.insert(
                     slot.local.clone(),
                     Migration {
                         token: token.clone(),
-                        accepts: TunnelKind::Ram,
-                        target: incoming.clone(),
+                        accepts,
+                        precopy: precopy_disk_size.is_some(),
+                        mirror: false,
                         stop: stop.clone(),
                         sent: false,
                     },
                 );
-                let started = relay_listener(
-                    source.clone(),
-                    origin,
-                    origin_key,
-                    token,
-                    TunnelKind::Nbd,
-                    false,
-                    stop,
-                )
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    self.driver
-                        .start_incoming(&spec, &source, &ctl, &incoming)
-                        .map_err(|e| e.to_string())
-                });
+                let started = match precopy_disk_size {
+                    Some(size) => self
+                        .driver
+                        .start_incoming(&spec, IncomingDisk::Mirror { size }, &incoming)
+                        .map_err(|e| e.to_string()),
+                    None => relay_listener(
+                        source.clone(),
+                        origin,
+                        origin_key,
+                        token,
+                        TunnelKind::Nbd,
+                        false,
+                        stop,
+                    )
+                    .and_then(|()| {
+                        self.driver
+                            .start_incoming(
+                                &spec,
+                                IncomingDisk::Proxy {
+                                    source: &source,
+                                    ctl: &ctl,
+                                },
+                                &incoming,
+                            )
+                            .map_err(|e| e.to_string())
+                    }),
+                };
                 match started {
                     Ok(r) => {
                         if let Some(s) = self
@@ -283,6 +349,65 @@ impl AgentCore {
                         Err(format!("starting the incoming VM: {e}"))
                     }
                 }
+            }
+            MigrateStep::Mirror {
+                token,
+                dest,
+                dest_key,
+            } => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                let stop = match self.migrations.get(&slot.local) {
+                    Some(m) if m.token == token => m.stop.clone(),
+                    _ => return Err("no such migration offered here".into()),
+                };
+                let sock = self.mig_file(&slot.local, "mir");
+                relay_listener(
+                    sock.clone(),
+                    dest,
+                    dest_key,
+                    token,
+                    TunnelKind::Nbd,
+                    true,
+                    stop,
+                )?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                qmp(
+                    &qsock,
+                    "blockdev-add",
+                    serde_json::json!({
+                        "driver": "nbd",
+                        "node-name": MIRROR_JOB,
+                        "server": { "type": "unix", "path": sock.display().to_string() },
+                        "export": vm,
+                    }),
+                )?;
+                if let Some(m) = self.migrations.get_mut(&slot.local) {
+                    m.mirror = true;
+                }
+                qmp(
+                    &qsock,
+                    "blockdev-mirror",
+                    serde_json::json!({
+                        "job-id": MIRROR_JOB,
+                        "device": "disk0",
+                        "target": MIRROR_JOB,
+                        "sync": "full",
+                    }),
+                )?;
+                Ok(serde_json::json!("mirroring"))
+            }
+            MigrateStep::MirrorEnd => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                end_mirror(&qsock, false)?;
+                if let Some(m) = self.migrations.get_mut(&slot.local) {
+                    m.mirror = false;
+                }
+                Ok(serde_json::json!("mirrored"))
             }
             MigrateStep::Send {
                 token,
@@ -330,21 +455,28 @@ impl AgentCore {
                     .local_of(n, vm)
                     .ok_or_else(|| format!("no VM {vm:?} here"))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
-                if slot.state == "migrating"
-                    || self
-                        .migrations
-                        .get(&slot.local)
-                        .is_some_and(|m| m.accepts == TunnelKind::Ram)
-                {
+                let incoming = self.migrations.get(&slot.local).map(|m| {
+                    (
+                        m.accepts.iter().any(|(k, _)| *k == TunnelKind::Ram),
+                        m.precopy,
+                    )
+                });
+                if slot.state == "migrating" || incoming.is_some_and(|(ram, _)| ram) {
                     // Disk first: a VM still `inmigrate` after it ran nothing before it.
-                    let disk = xnbd_ctl(
-                        &self.mig_file(&slot.local, "xnbd.ctl"),
-                        serde_json::json!({"cmd": "status"}),
-                    )?;
+                    let disk = if incoming.is_some_and(|(_, pre)| pre) {
+                        serde_json::Value::Null
+                    } else {
+                        xnbd_ctl(
+                            &self.mig_file(&slot.local, "xnbd.ctl"),
+                            serde_json::json!({"cmd": "status"}),
+                        )?
+                    };
                     let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
                     Ok(serde_json::json!({ "run": run, "disk": disk }))
                 } else {
-                    qmp(&qsock, "query-migrate", serde_json::Value::Null)
+                    let mut v = qmp(&qsock, "query-migrate", serde_json::Value::Null)?;
+                    v["jobs"] = qmp(&qsock, "query-block-jobs", serde_json::Value::Null)?;
+                    Ok(v)
                 }
             }
             MigrateStep::Finish => {
@@ -352,7 +484,13 @@ impl AgentCore {
                     .local_of(n, vm)
                     .ok_or_else(|| format!("no VM {vm:?} here"))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
-                let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
+                let mut run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                if precopy && run["status"] == "paused" {
+                    // The mirror completed (the controller ended it first): run.
+                    qmp(&qsock, "cont", serde_json::Value::Null)?;
+                    run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                }
                 if run["status"] != "running" {
                     return Err(format!(
                         "the incoming VM is {} (not running yet)",
@@ -369,10 +507,12 @@ impl AgentCore {
                 ) {
                     tracing::warn!(error = %e, "announce-self");
                 }
-                xnbd_ctl(
-                    &self.mig_file(&slot.local, "xnbd.ctl"),
-                    serde_json::json!({"cmd": "cache-all"}),
-                )?;
+                if !precopy {
+                    xnbd_ctl(
+                        &self.mig_file(&slot.local, "xnbd.ctl"),
+                        serde_json::json!({"cmd": "cache-all"}),
+                    )?;
+                }
                 if let Some(s) = self
                     .state
                     .clusters
@@ -388,12 +528,14 @@ impl AgentCore {
                 let slot = self
                     .local_of(n, vm)
                     .ok_or_else(|| format!("no VM {vm:?} here"))?;
-                let st = xnbd_ctl(
-                    &self.mig_file(&slot.local, "xnbd.ctl"),
-                    serde_json::json!({"cmd": "status"}),
-                )?;
-                if st["mode"] != "target" {
-                    return Err("the disk is not all here yet".into());
+                if !self.migrations.get(&slot.local).is_some_and(|m| m.precopy) {
+                    let st = xnbd_ctl(
+                        &self.mig_file(&slot.local, "xnbd.ctl"),
+                        serde_json::json!({"cmd": "status"}),
+                    )?;
+                    if st["mode"] != "target" {
+                        return Err("the disk is not all here yet".into());
+                    }
                 }
                 self.migrations.remove(&slot.local);
                 Ok(serde_json::json!("done"))
@@ -421,6 +563,12 @@ impl AgentCore {
                     return Ok(serde_json::json!("removed"));
                 }
                 let m = self.migrations.remove(&slot.local);
+                if m.as_ref().is_some_and(|m| m.mirror) {
+                    let qsock = self.mig_file(&slot.local, "qmp");
+                    if let Err(e) = end_mirror(&qsock, true) {
+                        tracing::warn!(error = %e, "ending the disk mirror");
+                    }
+                }
                 if m.is_some_and(|m| m.sent) {
                     let qsock = self.mig_file(&slot.local, "qmp");
                     let _ = qmp(&qsock, "migrate_cancel", serde_json::Value::Null);
