@@ -38,6 +38,11 @@
 //! inactive), so no block is fetched while the origin VM still writes; the background
 //! copy starts at step 5, after the origin qemu stopped and flushed.
 //!
+//! `--precopy-disk` instead mirrors the disk before the memory: the destination serves
+//! an empty disk with `xnbd serve` and waits paused (`-S`); the origin qemu mirrors
+//! into it through a third tunnel (`mirror`), the memory follows once the copy is in
+//! step, `mirror_end` completes the mirror after the memory, and `finish` resumes.
+//!
 //! Failure: anything failing before step 5 has succeeded cancels the migration at the
 //! origin (`migrate_cancel`, `cont` if it was paused: the VM goes on where it was) and
 //! removes everything the destination made (qemu, proxy, relay, TAP, cache, slot).
