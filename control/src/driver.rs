@@ -1031,15 +1031,6 @@ impl VmDriver for QemuDriver {
         Ok(parse_lease(&String::from_utf8_lossy(&log)))
     }
 
-    fn start_incoming(
-        &mut self,
-        spec: &VmSpec,
-        disk: crate::migrate::IncomingDisk,
-        incoming: &Path,
-    ) -> Result<RunningVm, DriverError> {
-        self.start_incoming_qemu(spec, disk, incoming)
-    }
-
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
         let (_, vm) = Self::parse_handle(handle)?;
         let out = self.console_run(
@@ -1048,6 +1039,15 @@ impl VmDriver for QemuDriver {
             std::time::Duration::from_secs(10),
         )?;
         Ok(parse_ping_avg(&out))
+    }
+
+    fn start_incoming(
+        &mut self,
+        spec: &VmSpec,
+        disk: crate::migrate::IncomingDisk,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        self.start_incoming_qemu(spec, disk, incoming)
     }
 }
 
