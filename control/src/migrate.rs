@@ -836,6 +836,87 @@ impl crate::controller::Controller<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+
+    /// An agent's side of a tunnel in miniature: handshake, hello, then `answer`; on
+    /// `ok`, relay into `local`.
+    fn tunnel_server(
+        answer: &'static [u8],
+        local: UnixStream,
+    ) -> (String, String, std::thread::JoinHandle<Option<TunnelHello>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let host = crate::auth::SigningKey::generate().unwrap();
+        let key = host.public_hex();
+        // A client that refuses the agent's key hangs up after the handshake: `None`.
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().ok()?;
+            let mut ch = crate::channel::server(s, &host).ok()?;
+            let hello = TunnelHello::parse(&ch.recv().ok()?);
+            ch.send(answer).ok()?;
+            if answer == b"ok" {
+                relay(ch, local);
+            }
+            hello
+        });
+        (addr, key, t)
+    }
+
+    #[test]
+    fn tunnel_carries_both_directions_whole_and_in_order() {
+        let (far, far_app) = UnixStream::pair().unwrap();
+        let (addr, key, server) = tunnel_server(b"ok", far);
+        let token = "ab".repeat(32);
+        let ch = open_tunnel(&addr, &key, &token, TunnelKind::Ram).unwrap();
+        let (near, mut near_app) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || relay(ch, near));
+        // 3 MiB one way (several frames), 100 KiB the other, at the same time.
+        let up: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..100u32 << 10).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let mut far_w = far_app.try_clone().unwrap();
+        let far_side = std::thread::spawn(move || {
+            far_w.write_all(&down2).unwrap();
+            far_w.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            let mut r = far_app;
+            r.read_to_end(&mut got).unwrap();
+            assert!(got == up2, "upstream bytes differ ({} received)", got.len());
+        });
+        let mut w = near_app.try_clone().unwrap();
+        w.write_all(&up).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        near_app.read_to_end(&mut got).unwrap();
+        assert!(
+            got == down,
+            "downstream bytes differ ({} received)",
+            got.len()
+        );
+        far_side.join().unwrap();
+        assert_eq!(client.join().unwrap(), (3 << 20, 100 << 10));
+        let hello = server.join().unwrap().unwrap();
+        assert_eq!(hello.tunnel, token);
+        assert_eq!(hello.kind, TunnelKind::Ram);
+    }
+
+    #[test]
+    fn tunnel_refused_or_to_the_wrong_agent_fails() {
+        let (far, _far_app) = UnixStream::pair().unwrap();
+        let (addr, key, server) = tunnel_server(b"unknown migration", far);
+        let e = open_tunnel(&addr, &key, &"cd".repeat(32), TunnelKind::Nbd).err();
+        assert!(e.is_some_and(|e| e.contains("refused: unknown migration")));
+        server.join().unwrap();
+        // Another agent's key pinned: no tunnel.
+        let (far, _far_app) = UnixStream::pair().unwrap();
+        let (addr, _key, _server) = tunnel_server(b"ok", far);
+        let other = crate::auth::SigningKey::generate().unwrap().public_hex();
+        let e = open_tunnel(&addr, &other, &"cd".repeat(32), TunnelKind::Nbd).err();
+        assert!(
+            e.is_some_and(|e| e.contains("mismatch")),
+            "wrong key accepted"
+        );
+    }
 
     #[test]
     fn steps_and_hello_round_trip_and_refuse_bad_input() {
