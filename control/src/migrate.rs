@@ -523,6 +523,19 @@ pub fn recorded(dir: &Path) -> Vec<MigrationView> {
     out
 }
 
+/// A progress line that changes only every tenth, `[####------] 40% memory sent (of
+/// 128 MiB)` (progress lines are printed once each, so this draws a bar step by step).
+fn tenths(what: &str, done: u64, total: u64) -> String {
+    let t = (done.saturating_mul(10) / total.max(1)).min(10) as usize;
+    format!(
+        "[{}{}] {:>3}% {what} (of {} MiB)",
+        "#".repeat(t),
+        "-".repeat(10 - t),
+        t * 10,
+        total >> 20
+    )
+}
+
 fn random_token() -> Result<String, crate::controller::ControlError> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 32];
@@ -680,6 +693,7 @@ impl crate::controller::Controller<'_> {
                     .unwrap_or_default();
                 view.disk_bytes = job["offset"].as_u64().unwrap_or(view.disk_bytes);
                 view.disk_total = job["len"].as_u64().unwrap_or(view.disk_total);
+                progress(&tenths("disk mirrored", view.disk_bytes, view.disk_total));
                 view.save(t0, record);
                 if job["ready"] == true {
                     break;
@@ -716,6 +730,7 @@ impl crate::controller::Controller<'_> {
             };
             view.ram_bytes = st["ram"]["transferred"].as_u64().unwrap_or(view.ram_bytes);
             view.ram_total = st["ram"]["total"].as_u64().unwrap_or(view.ram_total);
+            progress(&tenths("memory sent", view.ram_bytes, view.ram_total));
             // qemu's rate is in Mbit/s.
             let mbps = st["ram"]["mbps"].as_f64().unwrap_or(0.0);
             view.eta_secs = st["ram"]["remaining"]
@@ -795,6 +810,7 @@ impl crate::controller::Controller<'_> {
             let d = &st["disk"];
             view.disk_bytes = d["fetched_bytes"].as_u64().unwrap_or(view.disk_bytes);
             view.disk_total = d["size"].as_u64().unwrap_or(view.disk_total);
+            progress(&tenths("disk copied", view.disk_bytes, view.disk_total));
             view.eta_secs = d["eta_secs"].as_f64();
             view.save(t0, record);
             if d["mode"] == "target" {
@@ -916,6 +932,16 @@ mod tests {
             e.is_some_and(|e| e.contains("mismatch")),
             "wrong key accepted"
         );
+    }
+
+    #[test]
+    fn progress_bar_moves_by_tenths() {
+        assert_eq!(tenths("x", 0, 0), "[----------]   0% x (of 0 MiB)");
+        assert_eq!(
+            tenths("x", 45 << 20, 100 << 20),
+            "[####------]  40% x (of 100 MiB)"
+        );
+        assert_eq!(tenths("x", 200, 100), "[##########] 100% x (of 0 MiB)");
     }
 
     #[test]
