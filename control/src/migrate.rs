@@ -808,6 +808,16 @@ impl crate::controller::Controller<'_> {
             }
             let st = step(&mut dest, MigrateStep::Status)?;
             let d = &st["disk"];
+            if d.is_null() {
+                // The destination agent restarted and no longer relays to the origin.
+                view.phase = "failed".into();
+                view.error = Some("the destination lost the disk copy".into());
+                view.save(t0, record);
+                return Err(ControlError::Local(format!(
+                    "{} runs at site {}, but site {}'s agent no longer copies its disk                      (restarted?); site {} keeps the disk",
+                    vm.name, to.name, to.name, from.name
+                )));
+            }
             view.disk_bytes = d["fetched_bytes"].as_u64().unwrap_or(view.disk_bytes);
             view.disk_total = d["size"].as_u64().unwrap_or(view.disk_total);
             progress(&tenths("disk copied", view.disk_bytes, view.disk_total));
