@@ -148,6 +148,10 @@ struct Slot {
     handle: Option<String>,
     local: String,
     nic: String,
+    /// A live migration into this slot whose disk is still being copied (kept so that
+    /// a restarted agent relays to the origin again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incoming: Option<migrate::IncomingRecord>,
 }
 
 /// Overlay processes a running agent started for a cluster.
@@ -358,6 +362,7 @@ impl AgentCore {
         for line in core.reconcile(unix_now(), false) {
             tracing::info!(site = %core.cfg.site, "reconcile: {line}");
         }
+        core.resume_migrations();
         core.save()?;
         Ok(core)
     }
@@ -693,6 +698,15 @@ impl AgentCore {
                         spec.cluster
                     ));
                 }
+                if c.slots
+                    .iter()
+                    .any(|s| s.name == spec.name && s.incoming.is_some())
+                {
+                    return Err(format!(
+                        "VM {:?} came by live migration and its disk is not all here yet",
+                        spec.name
+                    ));
+                }
                 self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {:?}: {e}", spec.name))?;
                 self.save().map_err(|e| e.to_string())?;
@@ -878,6 +892,7 @@ impl AgentCore {
                         memory_mb: s.memory_mb,
                         state: "reserved".into(),
                         handle: None,
+                        incoming: None,
                     })
                     .collect(),
                 overlay: None,

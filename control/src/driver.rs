@@ -1068,9 +1068,9 @@ impl QemuDriver {
         let f = self.files(spec.local());
         kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
-        let (source, ctl) = match disk {
-            IncomingDisk::Proxy { source, ctl } => (source, ctl),
-            IncomingDisk::Mirror { .. } => (incoming, incoming),
+        let (source, ctl, rate) = match disk {
+            IncomingDisk::Proxy { source, ctl, rate } => (source, ctl, rate.to_string()),
+            IncomingDisk::Mirror { .. } => (incoming, incoming, String::new()),
         };
         for s in [&f.nbd, &f.console, ctl, incoming, source] {
             if s.as_os_str().len() > MAX_SOCK_PATH {
@@ -1124,6 +1124,8 @@ impl QemuDriver {
                     &nbd,
                     "--ctl",
                     &ctl,
+                    "--rate",
+                    &rate,
                 ],
                 IncomingDisk::Mirror { size } => {
                     let tmp = f.disk.with_extension("img.tmp");

@@ -424,6 +424,9 @@ enum VmCmd {
         /// --copy-storage-all) instead of after it through the xnbd proxy.
         #[arg(long)]
         precopy_disk: bool,
+        /// Cap on the disk copy after switchover, bytes/s (0: none).
+        #[arg(long, default_value_t = 0)]
+        disk_rate: u64,
     },
     /// Migrations run from this controller: phase, bytes moved, outcome.
     Migrations,
@@ -1156,6 +1159,7 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
             rate,
             timeout,
             precopy_disk,
+            disk_rate,
         }) => {
             let dir = migrations_dir(c);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -1169,6 +1173,7 @@ fn controller_cmd(c: &mut Controller, cmd: Ctl, json: bool) -> Result<()> {
                 rate,
                 timeout: std::time::Duration::from_secs(timeout),
                 precopy_disk,
+                disk_rate,
             })?;
             print(json, &v, |v| {
                 format!(

@@ -82,6 +82,9 @@ pub enum MigrateStep {
         /// origin to mirror into, and the VM waits paused for the mirror to complete.
         #[serde(default)]
         precopy_disk_size: Option<u64>,
+        /// The proxy's fetch rate, bytes/s (0: unlimited).
+        #[serde(default)]
+        disk_rate: u64,
     },
     /// Origin (`--precopy-disk`): mirror the disk into the destination's disk server,
     /// through a tunnel, before the memory.
@@ -205,6 +208,8 @@ pub enum IncomingDisk<'a> {
         source: &'a Path,
         /// The proxy's control socket.
         ctl: &'a Path,
+        /// Its fetch rate, bytes/s (0: unlimited).
+        rate: u64,
     },
     /// Pre-copy (`--precopy-disk`): an empty disk of `size` bytes served by `xnbd
     /// serve`, which the origin qemu mirrors into; the VM stays paused after its
@@ -446,6 +451,8 @@ pub struct MigrateArgs {
     pub record: Option<PathBuf>,
     /// Copy the disk before the memory (qemu's mirror) instead of after it (xnbd proxy).
     pub precopy_disk: bool,
+    /// The proxy's fetch rate, bytes/s (0: unlimited).
+    pub disk_rate: u64,
     /// Longest the whole migration may take.
     pub timeout: Duration,
 }
@@ -662,6 +669,7 @@ impl crate::controller::Controller<'_> {
                 origin: from.agent_addr.clone(),
                 origin_key: from.agent_key.clone(),
                 precopy_disk_size,
+                disk_rate: args.disk_rate,
             },
         ) {
             return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
@@ -806,7 +814,19 @@ impl crate::controller::Controller<'_> {
                 // Mirrored already, before the memory.
                 break;
             }
-            let st = step(&mut dest, MigrateStep::Status)?;
+            let st = match step(&mut dest, MigrateStep::Status) {
+                Ok(st) => st,
+                // The destination agent may be restarting: it resumes the copy.
+                Err(e) if Instant::now() < deadline => {
+                    progress(&format!("site {} does not answer ({e}); retrying", to.name));
+                    std::thread::sleep(Duration::from_secs(1));
+                    if let Ok(c) = AgentClient::connect(&to, self.key) {
+                        dest = c;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let d = &st["disk"];
             if d.is_null() {
                 // The destination agent restarted and no longer relays to the origin.

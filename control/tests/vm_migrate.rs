@@ -444,11 +444,78 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let table = sl.ctl(&["vm", "migrations"]).expect("migrations table");
     assert!(table.contains("PHASE") && table.contains(&name), "{table}");
 
-    // And back to B: the pattern and the writes come along again.
-    let back = sl
-        .ctl_json(&["vm", "migrate", "m", &name, "--to", "B"])
+    // And back to B, the disk copy capped at 4 MiB/s, with B's agent killed (SIGKILL)
+    // while the disk follows: its qemu and proxy run on, the restarted agent relays to
+    // C again, the copy finishes and `vm migrate` completes.
+    let user = sl.first_user();
+    let back_cmd = std::process::Command::new("timeout")
+        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
+        .arg(&mvc)
+        .args([
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "B",
+            "--disk-rate",
+            "4194304",
+            "--json",
+        ])
+        .env("MVC_DB", &user.db)
+        .env("MVC_KEY", &user.key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("vm migrate back");
-    eprintln!("migrated back: {back}");
+    let b_pid = control::agent::running_agent(&b_state).expect("B's agent pid") as i32;
+    let copying = || -> bool {
+        let Some(ctl) = std::fs::read_dir(b_state.join("run")).ok().and_then(|rd| {
+            rd.flatten().map(|e| e.path()).find(|p| {
+                p.display()
+                    .to_string()
+                    .ends_with(&format!("-{name}.xnbd.ctl"))
+            })
+        }) else {
+            return false;
+        };
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&ctl) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"{\"cmd\":\"status\"}\n").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line);
+        serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["status"]["cached_blocks"].as_u64())
+            .is_some_and(|n| n > 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !copying() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(copying(), "no disk copy seen at B");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is this test's own
+    // agent of site B (its pid file names it).
+    unsafe {
+        libc::kill(b_pid, libc::SIGKILL);
+    }
+    sl.kill_agent("B");
+    std::thread::sleep(Duration::from_secs(2));
+    sl.restart_agent("B").expect("agent B restart");
+    let out = back_cmd.wait_with_output().expect("vm migrate back");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "vm migrate back: {err}");
+    assert!(
+        err.contains("retrying"),
+        "the agent's absence went unnoticed: {err}"
+    );
+    let back: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    eprintln!("migrated back, B's agent killed during the disk copy: {back}");
     assert_eq!(back["phase"], "done", "{back}");
     let blocal = local_of(&sl, &name);
     let bcon = b_state.join("run").join(format!("{blocal}.console"));

@@ -8,6 +8,7 @@ use crate::migrate::{
     MIRROR_JOB,
 };
 use crate::proto::VmSpec;
+use serde::{Deserialize, Serialize};
 use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -18,6 +19,14 @@ use std::time::{Duration, Instant};
 /// qemu's own default memory bandwidth, used when the controller asks for none.
 const DEFAULT_RATE: u64 = 128 << 20;
 
+/// What a destination keeps of a migration whose disk is still being copied.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct IncomingRecord {
+    token: String,
+    origin: String,
+    origin_key: String,
+}
+
 /// A migration this agent takes part in, by the VM's local name.
 pub(super) struct Migration {
     token: String,
@@ -27,6 +36,8 @@ pub(super) struct Migration {
     precopy: bool,
     /// Origin: a disk mirror runs (`Abort` then ends it).
     mirror: bool,
+    /// Destination (the VM comes here).
+    incoming: bool,
     /// Ends the relay listener this side runs (set when the migration ends).
     stop: Arc<AtomicBool>,
     /// Origin: whether the memory was sent (`Abort` then resumes the VM).
@@ -208,6 +219,7 @@ impl AgentCore {
                         accepts: vec![(TunnelKind::Nbd, target)],
                         precopy: false,
                         mirror: false,
+                        incoming: false,
                         stop: Arc::default(),
                         sent: false,
                     },
@@ -222,6 +234,7 @@ impl AgentCore {
                 origin,
                 origin_key,
                 precopy_disk_size,
+                disk_rate,
             } => {
                 if self.local_of(n, vm).is_some() {
                     return Err(format!("VM {vm:?} already has a slot here"));
@@ -265,6 +278,11 @@ impl AgentCore {
                     handle: None,
                     local: format!("c{n}-{vm}"),
                     nic,
+                    incoming: precopy_disk_size.is_none().then(|| IncomingRecord {
+                        token: token.clone(),
+                        origin: origin.clone(),
+                        origin_key: origin_key.clone(),
+                    }),
                 };
                 let spec = VmSpec {
                     cluster: cluster.into(),
@@ -299,6 +317,7 @@ impl AgentCore {
                         accepts,
                         precopy: precopy_disk_size.is_some(),
                         mirror: false,
+                        incoming: true,
                         stop: stop.clone(),
                         sent: false,
                     },
@@ -324,6 +343,7 @@ impl AgentCore {
                                 IncomingDisk::Proxy {
                                     source: &source,
                                     ctl: &ctl,
+                                    rate: disk_rate,
                                 },
                                 &incoming,
                             )
@@ -455,12 +475,10 @@ impl AgentCore {
                     .local_of(n, vm)
                     .ok_or_else(|| format!("no VM {vm:?} here"))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
-                let incoming = self.migrations.get(&slot.local).map(|m| {
-                    (
-                        m.accepts.iter().any(|(k, _)| *k == TunnelKind::Ram),
-                        m.precopy,
-                    )
-                });
+                let incoming = self
+                    .migrations
+                    .get(&slot.local)
+                    .map(|m| (m.incoming, m.precopy));
                 if slot.state == "migrating" || incoming.is_some_and(|(ram, _)| ram) {
                     // Disk first: a VM still `inmigrate` after it ran nothing before it.
                     let disk = if incoming.is_some_and(|(_, pre)| pre) {
@@ -538,6 +556,15 @@ impl AgentCore {
                     }
                 }
                 self.migrations.remove(&slot.local);
+                if let Some(s) = self
+                    .state
+                    .clusters
+                    .get_mut(&n)
+                    .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
+                {
+                    s.incoming = None;
+                }
+                self.save().map_err(|e| e.to_string())?;
                 Ok(serde_json::json!("done"))
             }
             MigrateStep::Release => {
@@ -591,6 +618,50 @@ impl AgentCore {
                     }
                 }
                 Ok(serde_json::json!("resumed"))
+            }
+        }
+    }
+
+    /// At start: relay again to the origin for every adopted VM whose disk was still
+    /// being copied, so its proxy (which outlived the agent) reconnects and finishes.
+    pub(super) fn resume_migrations(&mut self) {
+        let pending: Vec<(Slot, IncomingRecord)> = self
+            .state
+            .clusters
+            .values()
+            .flat_map(|c| c.slots.iter())
+            .filter(|s| s.state == "running")
+            .filter(|s| s.handle.as_deref().is_some_and(|h| self.driver.alive(h)))
+            .filter_map(|s| s.incoming.clone().map(|r| (s.clone(), r)))
+            .collect();
+        for (slot, r) in pending {
+            let stop = Arc::new(AtomicBool::new(false));
+            let source = self.mig_file(&slot.local, "src");
+            match relay_listener(
+                source,
+                r.origin.clone(),
+                r.origin_key.clone(),
+                r.token.clone(),
+                TunnelKind::Nbd,
+                false,
+                stop.clone(),
+            ) {
+                Ok(()) => {
+                    tracing::info!(vm = %slot.local, origin = %r.origin, "disk copy of a migrated VM resumed");
+                    self.migrations.insert(
+                        slot.local.clone(),
+                        Migration {
+                            token: r.token,
+                            accepts: Vec::new(),
+                            precopy: false,
+                            mirror: false,
+                            incoming: true,
+                            stop,
+                            sent: false,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(vm = %slot.local, error = %e, "disk copy not resumed"),
             }
         }
     }
