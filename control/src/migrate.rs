@@ -530,6 +530,41 @@ pub fn recorded(dir: &Path) -> Vec<MigrationView> {
     out
 }
 
+/// The record of an unfinished move of `vm` to `to` whose switchover happened (the VM
+/// runs there) and whose `vm migrate` no longer runs; an error when it still runs.
+fn unfinished(
+    record: Option<&Path>,
+    cluster: &str,
+    vm: &str,
+    to: &str,
+) -> crate::controller::Result<Option<MigrationView>> {
+    let Some(m) = record
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<MigrationView>(&t).ok())
+    else {
+        return Ok(None);
+    };
+    if m.cluster != cluster || m.vm != vm || m.to != to || m.from == to {
+        return Ok(None);
+    }
+    // After switchover: copying the disk, releasing the origin, or given up on those.
+    let after = matches!(m.phase.as_str(), "disk" | "cleanup")
+        || (m.phase == "failed" && m.error.as_deref().is_some_and(|e| e.contains("disk")));
+    if !after {
+        return Ok(None);
+    }
+    let running = m.pid != std::process::id()
+        && std::fs::read(format!("/proc/{}/cmdline", m.pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("migrate"));
+    if running {
+        return Err(crate::controller::ControlError::Usage(format!(
+            "a migration of {vm} still runs (pid {})",
+            m.pid
+        )));
+    }
+    Ok(Some(m))
+}
+
 /// A progress line that changes only every tenth, `[####------] 40% memory sent (of
 /// 128 MiB)` (progress lines are printed once each, so this draws a bar step by step).
 fn tenths(what: &str, done: u64, total: u64) -> String {
@@ -571,12 +606,18 @@ impl crate::controller::Controller<'_> {
                     args.cluster
                 ))
             })?;
-        if vm.site == args.to {
+        // A move whose `vm migrate` ended after switchover is finished (disk, origin).
+        let resume = unfinished(args.record.as_deref(), &cluster.name, &vm.name, &args.to)?
+            .filter(|_| vm.site == args.to);
+        if vm.site == args.to && resume.is_none() {
             return Err(ControlError::Usage(format!(
                 "{} already runs at site {}",
                 vm.name, args.to
             )));
         }
+        let precopy = resume
+            .as_ref()
+            .map_or(args.precopy_disk, |r| r.disk_strategy == "pre-copy");
         let host = match &args.host {
             Some(h) => h.clone(),
             None => cluster
@@ -591,9 +632,12 @@ impl crate::controller::Controller<'_> {
                     ))
                 })?,
         };
-        let from = self.store.site(&vm.site)?;
+        let from = self
+            .store
+            .site(resume.as_ref().map_or(&vm.site, |r| &r.from))?;
         let to = self.store.site(&args.to)?;
         let t0 = Instant::now();
+        let deadline = t0 + args.timeout;
         let mut view = MigrationView {
             cluster: cluster.name.clone(),
             vm: vm.name.clone(),
@@ -636,181 +680,194 @@ impl crate::controller::Controller<'_> {
                 vm.name, to.name, from.name
             ))
         };
-        // 1-3: offer the disk, prepare the destination, send the memory.
-        progress(&format!(
-            "migrating {} from site {} to site {}",
-            vm.name, from.name, to.name
-        ));
-        let offered = step(
-            &mut origin,
-            MigrateStep::Offer {
-                token: token.clone(),
-            },
-        )?;
-        let precopy_disk_size = match (args.precopy_disk, offered["disk_size"].as_u64()) {
-            (false, _) => None,
-            (true, Some(n)) => Some(n),
-            (true, None) => {
-                return Err(fail(
-                    &mut view,
-                    &mut origin,
-                    &mut dest,
-                    format!("site {} did not say its disk size", from.name),
-                ))
-            }
-        };
-        if let Err(e) = step(
-            &mut dest,
-            MigrateStep::Prepare {
-                token: token.clone(),
-                host: host.clone(),
-                memory_mb: vm.memory_mb,
-                mac: vm.mac,
-                origin: from.agent_addr.clone(),
-                origin_key: from.agent_key.clone(),
-                precopy_disk_size,
-                disk_rate: args.disk_rate,
-            },
-        ) {
-            return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
-        }
-        let deadline = t0 + args.timeout;
-        if args.precopy_disk {
-            // The disk first: qemu mirrors it until source and copy are in step (and
-            // keeps them so while the memory moves).
-            view.phase = "disk".into();
-            if let Err(e) = step(
+        if let Some(r) = &resume {
+            progress(&format!(
+                "finishing the move of {} from site {} to site {}",
+                vm.name, from.name, to.name
+            ));
+            view.ram_bytes = r.ram_bytes;
+            view.ram_total = r.ram_total;
+            view.downtime_ms = r.downtime_ms;
+            view.disk_bytes_before_switchover = r.disk_bytes_before_switchover;
+            view.disk_strategy = r.disk_strategy.clone();
+        } else {
+            // 1-3: offer the disk, prepare the destination, send the memory.
+            progress(&format!(
+                "migrating {} from site {} to site {}",
+                vm.name, from.name, to.name
+            ));
+            let offered = step(
                 &mut origin,
-                MigrateStep::Mirror {
+                MigrateStep::Offer {
                     token: token.clone(),
-                    dest: to.agent_addr.clone(),
-                    dest_key: to.agent_key.clone(),
+                },
+            )?;
+            let precopy_disk_size = match (args.precopy_disk, offered["disk_size"].as_u64()) {
+                (false, _) => None,
+                (true, Some(n)) => Some(n),
+                (true, None) => {
+                    return Err(fail(
+                        &mut view,
+                        &mut origin,
+                        &mut dest,
+                        format!("site {} did not say its disk size", from.name),
+                    ))
+                }
+            };
+            if let Err(e) = step(
+                &mut dest,
+                MigrateStep::Prepare {
+                    token: token.clone(),
+                    host: host.clone(),
+                    memory_mb: vm.memory_mb,
+                    mac: vm.mac,
+                    origin: from.agent_addr.clone(),
+                    origin_key: from.agent_key.clone(),
+                    precopy_disk_size,
+                    disk_rate: args.disk_rate,
                 },
             ) {
                 return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
             }
+            if args.precopy_disk {
+                // The disk first: qemu mirrors it until source and copy are in step (and
+                // keeps them so while the memory moves).
+                view.phase = "disk".into();
+                if let Err(e) = step(
+                    &mut origin,
+                    MigrateStep::Mirror {
+                        token: token.clone(),
+                        dest: to.agent_addr.clone(),
+                        dest_key: to.agent_key.clone(),
+                    },
+                ) {
+                    return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
+                }
+                loop {
+                    let st = match step(&mut origin, MigrateStep::Status) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()))
+                        }
+                    };
+                    let job = st["jobs"]
+                        .as_array()
+                        .and_then(|j| j.iter().find(|j| j["device"] == MIRROR_JOB))
+                        .cloned()
+                        .unwrap_or_default();
+                    view.disk_bytes = job["offset"].as_u64().unwrap_or(view.disk_bytes);
+                    view.disk_total = job["len"].as_u64().unwrap_or(view.disk_total);
+                    progress(&tenths("disk mirrored", view.disk_bytes, view.disk_total));
+                    view.save(t0, record);
+                    if job["ready"] == true {
+                        break;
+                    }
+                    if job.is_null() || Instant::now() > deadline {
+                        return Err(fail(
+                            &mut view,
+                            &mut origin,
+                            &mut dest,
+                            "the disk mirror ended or did not catch up in time".into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            if let Err(e) = step(
+                &mut origin,
+                MigrateStep::Send {
+                    token: token.clone(),
+                    dest: to.agent_addr.clone(),
+                    dest_key: to.agent_key.clone(),
+                    downtime_ms: args.downtime_ms,
+                    rate: args.rate,
+                },
+            ) {
+                return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
+            }
+            // 4: memory, until qemu says completed.
+            view.phase = "memory".into();
             loop {
                 let st = match step(&mut origin, MigrateStep::Status) {
                     Ok(v) => v,
                     Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e.to_string())),
                 };
-                let job = st["jobs"]
-                    .as_array()
-                    .and_then(|j| j.iter().find(|j| j["device"] == MIRROR_JOB))
-                    .cloned()
-                    .unwrap_or_default();
-                view.disk_bytes = job["offset"].as_u64().unwrap_or(view.disk_bytes);
-                view.disk_total = job["len"].as_u64().unwrap_or(view.disk_total);
-                progress(&tenths("disk mirrored", view.disk_bytes, view.disk_total));
-                view.save(t0, record);
-                if job["ready"] == true {
-                    break;
+                view.ram_bytes = st["ram"]["transferred"].as_u64().unwrap_or(view.ram_bytes);
+                view.ram_total = st["ram"]["total"].as_u64().unwrap_or(view.ram_total);
+                progress(&tenths("memory sent", view.ram_bytes, view.ram_total));
+                // qemu's rate is in Mbit/s.
+                let mbps = st["ram"]["mbps"].as_f64().unwrap_or(0.0);
+                view.eta_secs = st["ram"]["remaining"]
+                    .as_u64()
+                    .filter(|_| mbps > 0.0)
+                    .map(|r| r as f64 * 8.0 / (mbps * 1e6));
+                // Until switchover the destination must fetch nothing (see the module doc).
+                // (Counted while the destination qemu still waits: once it runs, the
+                // guest's reads and partial writes fetch blocks, as they should.)
+                if let Ok(d) = step(&mut dest, MigrateStep::Status) {
+                    if d["run"]["status"] == "inmigrate" {
+                        view.disk_bytes_before_switchover = view
+                            .disk_bytes_before_switchover
+                            .max(d["disk"]["fetched_bytes"].as_u64().unwrap_or(0));
+                    }
                 }
-                if job.is_null() || Instant::now() > deadline {
+                view.save(t0, record);
+                match st["status"].as_str().unwrap_or("") {
+                    "completed" => {
+                        view.downtime_ms = st["downtime"].as_u64();
+                        break;
+                    }
+                    "failed" | "cancelled" | "" => {
+                        let why = st["error-desc"]
+                            .as_str()
+                            .unwrap_or("qemu gave up")
+                            .to_string();
+                        return Err(fail(&mut view, &mut origin, &mut dest, why));
+                    }
+                    _ => {}
+                }
+                if Instant::now() > deadline {
                     return Err(fail(
                         &mut view,
                         &mut origin,
                         &mut dest,
-                        "the disk mirror ended or did not catch up in time".into(),
+                        format!("memory not moved within {} s", args.timeout.as_secs()),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-        }
-        if let Err(e) = step(
-            &mut origin,
-            MigrateStep::Send {
-                token: token.clone(),
-                dest: to.agent_addr.clone(),
-                dest_key: to.agent_key.clone(),
-                downtime_ms: args.downtime_ms,
-                rate: args.rate,
-            },
-        ) {
-            return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
-        }
-        // 4: memory, until qemu says completed.
-        view.phase = "memory".into();
-        loop {
-            let st = match step(&mut origin, MigrateStep::Status) {
-                Ok(v) => v,
-                Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e.to_string())),
-            };
-            view.ram_bytes = st["ram"]["transferred"].as_u64().unwrap_or(view.ram_bytes);
-            view.ram_total = st["ram"]["total"].as_u64().unwrap_or(view.ram_total);
-            progress(&tenths("memory sent", view.ram_bytes, view.ram_total));
-            // qemu's rate is in Mbit/s.
-            let mbps = st["ram"]["mbps"].as_f64().unwrap_or(0.0);
-            view.eta_secs = st["ram"]["remaining"]
-                .as_u64()
-                .filter(|_| mbps > 0.0)
-                .map(|r| r as f64 * 8.0 / (mbps * 1e6));
-            // Until switchover the destination must fetch nothing (see the module doc).
-            // (Counted while the destination qemu still waits: once it runs, the
-            // guest's reads and partial writes fetch blocks, as they should.)
-            if let Ok(d) = step(&mut dest, MigrateStep::Status) {
-                if d["run"]["status"] == "inmigrate" {
-                    view.disk_bytes_before_switchover = view
-                        .disk_bytes_before_switchover
-                        .max(d["disk"]["fetched_bytes"].as_u64().unwrap_or(0));
+            // 5: switchover: the destination runs, announces itself, copies the disk.
+            view.phase = "switchover".into();
+            view.save(t0, record);
+            if args.precopy_disk {
+                if let Err(e) = step(&mut origin, MigrateStep::MirrorEnd) {
+                    return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
                 }
             }
-            view.save(t0, record);
-            match st["status"].as_str().unwrap_or("") {
-                "completed" => {
-                    view.downtime_ms = st["downtime"].as_u64();
+            let mut finished = Err(String::new());
+            for _ in 0..50 {
+                finished = step(&mut dest, MigrateStep::Finish).map_err(|e| e.to_string());
+                if finished.is_ok() {
                     break;
                 }
-                "failed" | "cancelled" | "" => {
-                    let why = st["error-desc"]
-                        .as_str()
-                        .unwrap_or("qemu gave up")
-                        .to_string();
-                    return Err(fail(&mut view, &mut origin, &mut dest, why));
-                }
-                _ => {}
+                std::thread::sleep(Duration::from_millis(200));
             }
-            if Instant::now() > deadline {
-                return Err(fail(
-                    &mut view,
-                    &mut origin,
-                    &mut dest,
-                    format!("memory not moved within {} s", args.timeout.as_secs()),
-                ));
+            if let Err(e) = finished {
+                return Err(fail(&mut view, &mut origin, &mut dest, e));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            self.store.move_vm(&vm.name, &to.name, &host)?;
+            progress(&format!(
+                "{} runs at site {} (memory {} MiB moved, downtime {} ms)",
+                vm.name,
+                to.name,
+                view.ram_bytes >> 20,
+                view.downtime_ms.unwrap_or(0)
+            ));
         }
-        // 5: switchover: the destination runs, announces itself, copies the disk.
-        view.phase = "switchover".into();
-        view.save(t0, record);
-        if args.precopy_disk {
-            if let Err(e) = step(&mut origin, MigrateStep::MirrorEnd) {
-                return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
-            }
-        }
-        let mut finished = Err(String::new());
-        for _ in 0..50 {
-            finished = step(&mut dest, MigrateStep::Finish).map_err(|e| e.to_string());
-            if finished.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        if let Err(e) = finished {
-            return Err(fail(&mut view, &mut origin, &mut dest, e));
-        }
-        self.store.move_vm(&vm.name, &to.name, &host)?;
-        progress(&format!(
-            "{} runs at site {} (memory {} MiB moved, downtime {} ms)",
-            vm.name,
-            to.name,
-            view.ram_bytes >> 20,
-            view.downtime_ms.unwrap_or(0)
-        ));
         // 6: the disk follows in the background; the origin keeps it until then.
         view.phase = "disk".into();
         loop {
-            if args.precopy_disk {
+            if precopy {
                 // Mirrored already, before the memory.
                 break;
             }

@@ -596,7 +596,56 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .collect();
     assert!(left.is_empty(), "left at B after the mirror: {left:?}");
 
-    // A migration that cannot happen (site A runs netns VMs) leaves it running at C.
+    // A `vm migrate` ended (SIGTERM) after switchover, while the disk follows at 4 MiB/s:
+    // the VM runs at B; the same command again finishes the move.
+    let user = sl.first_user();
+    let mut cut = std::process::Command::new("timeout")
+        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
+        .arg(&mvc)
+        .args([
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "B",
+            "--disk-rate",
+            "4194304",
+        ])
+        .env("MVC_DB", &user.db)
+        .env("MVC_KEY", &user.key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vm migrate to be cut short");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !copying() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(copying(), "no disk copy seen at B");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is the `timeout`
+    // process this test started, which passes the signal on to `mvc`.
+    unsafe {
+        libc::kill(cut.id() as i32, libc::SIGTERM);
+    }
+    let _ = cut.wait();
+    let rec = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(rec.to_string().contains("\"phase\":\"disk\""), "{rec}");
+    let fin = sl
+        .ctl_json(&["vm", "migrate", "m", &name, "--to", "B"])
+        .expect("finishing the move");
+    eprintln!("move finished by a second command: {fin}");
+    assert_eq!(fin["phase"], "done", "{fin}");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    assert!(list.to_string().contains("\"site\":\"B\""), "{list}");
+    let again = sl.ctl(&["vm", "migrate", "m", &name, "--to", "B"]);
+    assert!(again.is_err(), "a finished move was finished again");
+
+    // A migration that cannot happen (site A runs netns VMs) leaves it running at B.
     let refused = sl.ctl(&["vm", "migrate", "m", &name, "--to", "A"]);
     assert!(refused.is_err(), "migration to a netns site succeeded");
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
