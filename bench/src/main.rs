@@ -48,7 +48,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    bench::lab::install_signal_teardown()?;
+    lab::install_signal_teardown()?;
     match Command::parse() {
         Command::Overlay(a) => cmd::overlay::run(&a),
         Command::Plot(a) => cmd::overlay::plot(&a),

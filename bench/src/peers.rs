@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::lab::{self, Error, Lab, Proc, Result, Site, Topology};
+use lab::{Error, Lab, Proc, Result, Site, Topology};
 
 /// Overlay address of site `s`'s nebula interface (198.19.250.s/24).
 fn nebula_ip(s: u8) -> String {

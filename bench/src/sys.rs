@@ -1,52 +1,10 @@
-//! The few system calls of the bench that libstd does not wrap.
+//! The system calls of the WAN emulator that libstd does not wrap: `AF_PACKET` sockets
+//! and real-time scheduling. (The lab's own are in `lab::sys`.)
 
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::lab::Error;
-
-/// Moves the calling thread into the network namespace open at `fd`.
-pub fn setns_net(fd: RawFd) -> Result<(), Error> {
-    // SAFETY: setns only reads its integer arguments; `fd` is an open namespace file owned
-    // by the caller for the duration of the call. It changes the calling thread only.
-    let r = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(Error::Sys {
-            call: "setns",
-            source: io::Error::last_os_error(),
-        })
-    }
-}
-
-/// Binds a socket to a device (`SO_BINDTODEVICE`).
-pub fn bind_to_device(fd: RawFd, ifname: &str) -> Result<(), Error> {
-    let name = ifname.as_bytes();
-    let len = libc::socklen_t::try_from(name.len()).map_err(|_| Error::Sys {
-        call: "SO_BINDTODEVICE",
-        source: io::Error::from(io::ErrorKind::InvalidInput),
-    })?;
-    // SAFETY: the pointer and length describe `name`, which lives across the call; the
-    // kernel copies at most `len` bytes from it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr().cast(),
-            len,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(Error::Sys {
-            call: "SO_BINDTODEVICE",
-            source: io::Error::last_os_error(),
-        })
-    }
-}
+use lab::SysError as Error;
 
 /// An `AF_PACKET` raw socket bound to one interface, carrying a `virtio_net_hdr` before
 /// each frame (so GSO and checksum-offload state crosses userspace intact).
@@ -61,10 +19,7 @@ const PACKET_VNET_HDR: libc::c_int = 15;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
 fn sys_err(call: &'static str) -> Error {
-    Error::Sys {
-        call,
-        source: io::Error::last_os_error(),
-    }
+    Error::last(call)
 }
 
 fn setsockopt_int(
@@ -90,7 +45,7 @@ impl PacketSocket {
     /// without, it only sends.
     pub fn open(ifname: &str, receive: bool) -> Result<PacketSocket, Error> {
         use std::os::fd::{AsRawFd, FromRawFd};
-        let cname = std::ffi::CString::new(ifname).map_err(|_| Error::Sys {
+        let cname = std::ffi::CString::new(ifname).map_err(|_| Error {
             call: "if_nametoindex",
             source: io::Error::from(io::ErrorKind::InvalidInput),
         })?;
@@ -159,7 +114,7 @@ impl PacketSocket {
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::Sys {
+                return Err(Error {
                     call: "recv(AF_PACKET)",
                     source: e,
                 });
@@ -197,16 +152,5 @@ pub fn realtime(priority: i32) -> Result<(), Error> {
         Ok(())
     } else {
         Err(sys_err("sched_setscheduler"))
-    }
-}
-
-/// Clock ticks per second of /proc's CPU times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-pub fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf only reads its integer argument.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
     }
 }

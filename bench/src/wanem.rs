@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::lab::Result;
 use crate::sys::{PacketSocket, VNET_HDR_LEN};
+use lab::Result;
 
 /// Conditions of one direction of the link.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -157,7 +157,7 @@ fn direction(
 
 /// Forwards frames between interfaces `a` and `b` of the current network namespace with
 /// conditions `ab` (a to b) and `ba` (b to a), until an I/O error. Run it in the router
-/// namespace (a process started there, or a thread from [`crate::lab::Lab::in_ns`]).
+/// namespace (a process started there, or a thread from [`lab::Lab::in_ns`]).
 ///
 /// It asks for SCHED_FIFO first (so its timed sends are not late on a busy machine); when
 /// that is refused it says so on stderr and goes on.

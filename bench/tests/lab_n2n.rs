@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use bench::lab::{self, Lab, Topology};
-use bench::overlay::N2n;
+use lab::overlay::N2n;
+use lab::{Lab, Topology};
 
 fn root_or_skip(name: &str) -> bool {
     if lab::is_root() {
         true
     } else {
-        eprintln!("SKIPPED {name}: needs root (network namespaces)");
+        lab::skip(name, "needs root (network namespaces)");
         false
     }
 }

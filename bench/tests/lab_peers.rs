@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
-use bench::lab::{self, Lab, Topology};
 use bench::peers::Peer;
+use lab::{Lab, Topology};
 
 #[test]
 fn vxlan_and_nebula_carry_ping_and_iperf3_between_sites() {
     if !lab::is_root() {
-        eprintln!(
-            "SKIPPED vxlan_and_nebula_carry_ping_and_iperf3_between_sites: needs root \
-             (network namespaces)"
+        lab::skip(
+            "vxlan_and_nebula_carry_ping_and_iperf3_between_sites",
+            "needs root (network namespaces)",
         );
         return;
     }

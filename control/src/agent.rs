@@ -11,19 +11,23 @@
 //! (community secrets, 0600), `run/` (logs, leases, status sockets), `disks/`.
 //!
 //! The agent owns everything at its site: it numbers each reservation (`n`, unique
-//! among all users' clusters here) and derives every name from it (bridge `mvb<n>`,
+//! among all users' clusters here, and claimed in [`crate::claims`] so that agents
+//! sharing a machine never pick the same) and derives every name from it (bridge `mvb<n>`,
 //! TAP `mvt<n>`, VM `c<n>-<vm>` with NIC `mvv<n>-<i>`, files `c<n>.*` and
 //! `c<n>-<vm>.*`), saving them before it makes anything, so after a crash every
 //! device, process and file it may have made is named in `state.json`. It touches
 //! nothing its store does not name as belonging to the cluster at hand.
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
-use crate::driver::{self, link_exists, run, stop_child, DriverError, RunningVm, VmDriver};
+use crate::claims::{self, Claims};
+use crate::driver::{link_exists, DriverError, RunningVm, VmDriver};
 use crate::model::HostInfo;
+use crate::process::{self, kill_marked, pids_marked, run, stop_child};
 use crate::proto::{
     AgentVm, Body, InfoData, Reply, Request, ReservationView, ReserveData, SlotReq, VmSpec,
     PROTO_VERSION,
 };
+use crate::validate::quote;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -102,8 +106,8 @@ impl std::str::FromStr for HostSpec {
 pub const DEFAULT_LEASE_SECS: u64 = 120;
 /// UDP ports the agent gives supernodes by default.
 pub const DEFAULT_SUPERNODE_PORTS: (u16, u16) = (7700, 7999);
-/// Most clusters one agent holds (site-local numbers 1..=this; device names stay within
-/// the kernel's 15 bytes).
+/// Most clusters the agents of one machine hold together (numbers 1..=this, claimed
+/// host-wide; device names stay within the kernel's 15 bytes).
 pub const MAX_CLUSTERS: u32 = 65535;
 
 /// Agent configuration.
@@ -121,6 +125,8 @@ pub struct AgentConfig {
     pub lease_secs: u64,
     /// UDP ports (first, last) supernodes of clusters may listen on.
     pub supernode_ports: (u16, u16),
+    /// The machine's claim directory, shared by every agent on it ([`crate::claims`]).
+    pub claims_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -133,6 +139,7 @@ impl AgentConfig {
             overlay,
             lease_secs: DEFAULT_LEASE_SECS,
             supernode_ports: DEFAULT_SUPERNODE_PORTS,
+            claims_dir: PathBuf::from(crate::claims::DEFAULT_DIR),
         }
     }
 }
@@ -349,6 +356,8 @@ pub struct AgentCore {
     verifier: Verifier,
     /// Live migrations in progress here, by the VM's local name.
     migrations: HashMap<String, migrate::Migration>,
+    /// Claims on cluster numbers and ports, unique among the machine's agents.
+    claims: Claims,
 }
 
 type Refusal = String;
@@ -404,6 +413,7 @@ impl AgentCore {
             Err(err) => return Err(AgentError::File { path: sp, err }),
         };
         let verifier = Verifier::new(load_authorizations(&cfg.state_dir)?);
+        let claims = Claims::new(&cfg.claims_dir, &cfg.state_dir);
         Ok(AgentCore {
             cfg,
             state,
@@ -413,6 +423,7 @@ impl AgentCore {
             adopted: Default::default(),
             verifier,
             migrations: HashMap::new(),
+            claims,
         })
     }
 
@@ -547,7 +558,7 @@ impl AgentCore {
 
     fn owned(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
         self.id_of(owner, cluster)
-            .ok_or_else(|| format!("no cluster {cluster:?} of yours is reserved here"))
+            .ok_or_else(|| format!("no cluster {} of yours is reserved here", quote(cluster)))
     }
 
     /// As [`AgentCore::owned`], and the reservation must be confirmed.
@@ -555,7 +566,8 @@ impl AgentCore {
         let n = self.owned(owner, cluster)?;
         if self.state.clusters[&n].lease_until.is_some() {
             return Err(format!(
-                "the reservation of {cluster:?} is not confirmed yet"
+                "the reservation of {} is not confirmed yet",
+                quote(cluster)
             ));
         }
         Ok(n)
@@ -649,7 +661,10 @@ impl AgentCore {
             } => self.reserve(authz, &cluster, slots, supernode, now),
             Request::Confirm { cluster } => {
                 let n = self.id_of(&authz.key, &cluster).ok_or_else(|| {
-                    format!("no reservation of {cluster:?} here (did its lease lapse?)")
+                    format!(
+                        "no reservation of {} here (did its lease lapse?)",
+                        quote(&cluster)
+                    )
                 })?;
                 if let Some(c) = self.state.clusters.get_mut(&n) {
                     c.lease_until = None;
@@ -675,7 +690,7 @@ impl AgentCore {
             } => {
                 let n = self.confirmed(&authz.key, &cluster)?;
                 self.start_overlay(n, &community, &secret, &supernode, &edge_name)
-                    .map_err(|e| format!("starting overlay of {cluster:?}: {e}"))?;
+                    .map_err(|e| format!("starting overlay of {}: {e}", quote(&cluster)))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"overlay up")
             }
@@ -688,14 +703,15 @@ impl AgentCore {
                     .any(|s| s.name == spec.name && s.host == spec.host)
                 {
                     return Err(format!(
-                        "VM {:?} has no reserved slot on host {:?} here",
-                        spec.name, spec.host
+                        "VM {} has no reserved slot on host {} here",
+                        quote(&spec.name),
+                        quote(&spec.host)
                     ));
                 }
                 if c.overlay.is_none() {
                     return Err(format!(
-                        "overlay of {:?} is not up here; start the cluster",
-                        spec.cluster
+                        "overlay of {} is not up here; start the cluster",
+                        quote(&spec.cluster)
                     ));
                 }
                 if c.slots
@@ -703,19 +719,23 @@ impl AgentCore {
                     .any(|s| s.name == spec.name && s.incoming.is_some())
                 {
                     return Err(format!(
-                        "VM {:?} came by live migration and its disk is not all here yet",
-                        spec.name
+                        "VM {} came by live migration and its disk is not all here yet",
+                        quote(&spec.name)
                     ));
                 }
                 self.start_vm(n, spec.clone())
-                    .map_err(|e| format!("starting VM {:?}: {e}", spec.name))?;
+                    .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
                 self.save().map_err(|e| e.to_string())?;
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
                 let n = self.owned(&authz.key, &cluster)?;
                 if !self.state.clusters[&n].slots.iter().any(|s| s.name == vm) {
-                    return Err(format!("no VM {vm:?} in cluster {cluster:?} here"));
+                    return Err(format!(
+                        "no VM {} in cluster {} here",
+                        quote(&vm),
+                        quote(&cluster)
+                    ));
                 }
                 self.stop_vm(n, &vm);
                 self.save().map_err(|e| e.to_string())?;
@@ -736,7 +756,7 @@ impl AgentCore {
                 for t in targets.iter().take(64) {
                     let ip = t
                         .parse()
-                        .map_err(|_| format!("not an IPv4 address: {t:?}"))?;
+                        .map_err(|_| format!("not an IPv4 address: {}", quote(t)))?;
                     out.push(self.driver.ping(&handle, ip).map_err(|e| e.to_string())?);
                 }
                 json(&out)
@@ -751,10 +771,10 @@ impl AgentCore {
             .slots
             .iter()
             .find(|s| s.name == vm)
-            .ok_or_else(|| format!("no VM {vm:?} in cluster {cluster:?} here"))?
+            .ok_or_else(|| format!("no VM {} in cluster {} here", quote(vm), quote(cluster)))?
             .handle
             .clone()
-            .ok_or_else(|| format!("VM {vm:?} is not running"))
+            .ok_or_else(|| format!("VM {} is not running", quote(vm)))
     }
 
     /// What the agent allocated for cluster `n`, as [`Request::Reserve`] answers.
@@ -773,31 +793,104 @@ impl AgentCore {
         }
     }
 
-    /// The lowest free cluster number whose bridge and TAP names no device uses.
-    fn free_number(&self) -> Result<u32, Refusal> {
-        (1..=MAX_CLUSTERS)
-            .find(|n| {
-                !self.state.clusters.contains_key(n)
-                    && !link_exists(&format!("mvb{n}"))
-                    && !link_exists(&format!("mvt{n}"))
+    /// Claim the lowest cluster number that no reservation here holds, no other agent
+    /// of this machine has claimed, and whose device names no link has.
+    fn claim_number(&self) -> Result<u32, Refusal> {
+        let names = (1..=MAX_CLUSTERS)
+            .filter(|n| !self.state.clusters.contains_key(n))
+            .map(claims::number);
+        let got = self
+            .claims
+            .claim_first(names, |name| {
+                let n = &name[1..];
+                ![
+                    format!("mvb{n}"),
+                    format!("mvt{n}"),
+                    format!("mvv{n}-0"),
+                    format!("mvq{n}-0"),
+                ]
+                .iter()
+                .any(|dev| link_exists(dev))
             })
-            .ok_or_else(|| format!("this site holds {MAX_CLUSTERS} clusters already"))
+            .map_err(|e| e.to_string())?;
+        got.and_then(|name| name[1..].parse().ok())
+            .ok_or_else(|| format!("this machine holds {MAX_CLUSTERS} clusters already"))
     }
 
-    /// The lowest supernode port of the configured range that no reservation holds
-    /// and nothing listens on.
-    fn free_port(&self) -> Result<u16, Refusal> {
+    /// Claim the lowest supernode port of the configured range that no reservation
+    /// here holds, no other agent of this machine has claimed, and that binds.
+    fn claim_port(&self) -> Result<u16, Refusal> {
         let (lo, hi) = self.cfg.supernode_ports;
-        (lo..=hi)
-            .find(|p| {
+        let names = (lo..=hi)
+            .filter(|p| {
                 !self
                     .state
                     .clusters
                     .values()
                     .any(|c| c.supernode_port == Some(*p))
-                    && std::net::UdpSocket::bind(("0.0.0.0", *p)).is_ok()
             })
+            .map(claims::port);
+        let got = self
+            .claims
+            .claim_first(names, |name| {
+                name[4..]
+                    .parse::<u16>()
+                    .is_ok_and(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
+            })
+            .map_err(|e| e.to_string())?;
+        got.and_then(|name| name[4..].parse().ok())
             .ok_or_else(|| format!("no free supernode port left in {lo}-{hi} at this site"))
+    }
+
+    /// The claim names of cluster `n` (its number and supernode port).
+    fn claim_names(&self, n: u32) -> Vec<String> {
+        let mut v = vec![claims::number(n)];
+        if let Some(p) = self.state.clusters.get(&n).and_then(|c| c.supernode_port) {
+            v.push(claims::port(p));
+        }
+        v
+    }
+
+    /// Release the claims this agent holds that its store does not use, its clusters
+    /// `gone` counted as removed already (with `dry`, only note them).
+    fn sweep_claims(&self, gone: &[u32], dry: bool, log: &mut Vec<String>) {
+        let used: std::collections::HashSet<String> = self
+            .state
+            .clusters
+            .keys()
+            .filter(|n| !gone.contains(n))
+            .flat_map(|n| self.claim_names(*n))
+            .collect();
+        let held = match self.claims.held() {
+            Ok(h) => h,
+            Err(e) => {
+                log.push(format!("cannot read claims: {e}"));
+                return;
+            }
+        };
+        if !dry {
+            // Other agents' claims whose state directory is gone (not this agent's
+            // doing, so not in its log).
+            match self.claims.remove_stale() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} stale claim(s) of agents gone for good"),
+                Err(e) => tracing::warn!("claims: {e}"),
+            }
+        }
+        let stray: Vec<String> = held.into_iter().filter(|h| !used.contains(h)).collect();
+        if stray.is_empty() {
+            return;
+        }
+        log.push(format!(
+            "release claims {} in {}",
+            stray.join(", "),
+            self.claims.dir().display()
+        ));
+        if !dry {
+            if let Err(e) = self.claims.release(&stray) {
+                log.push(format!("cannot release claims: {e}"));
+            }
+        }
     }
 
     fn reserve(
@@ -820,8 +913,9 @@ impl AgentCore {
                 serde_json::to_value(self.reserve_data(n)).map_err(|e| e.to_string())
             } else {
                 Err(format!(
-                    "you already hold a reservation of cluster {cluster:?} here \
-                     (`mvc cluster destroy {cluster} --force` clears it)"
+                    "you already hold a reservation of cluster {} here \
+                     (`mvc cluster destroy {cluster} --force` clears it)",
+                    quote(cluster)
                 ))
             };
         }
@@ -845,8 +939,8 @@ impl AgentCore {
             let mem: u64 = want.iter().map(|s| s.memory_mb).sum();
             if want.len() as u32 > h.free_vms || mem > h.free_memory_mb {
                 return Err(format!(
-                    "host {:?} lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
-                    h.name,
+                    "host {} lacks capacity: asked {} VMs / {mem} MiB, free {} VMs / {} MiB",
+                    quote(&h.name),
                     want.len(),
                     h.free_vms,
                     h.free_memory_mb
@@ -857,11 +951,18 @@ impl AgentCore {
             .iter()
             .find(|s| !free.iter().any(|h| h.name == s.host))
         {
-            return Err(format!("no host {:?} at this site", s.host));
+            return Err(format!("no host {} at this site", quote(&s.host)));
         }
-        let n = self.free_number()?;
+        // Claimed host-wide before recorded; released again if recording fails.
+        let n = self.claim_number()?;
         let supernode_port = if supernode {
-            Some(self.free_port()?)
+            match self.claim_port() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = self.claims.release(&[claims::number(n)]);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };
@@ -899,7 +1000,9 @@ impl AgentCore {
             },
         );
         if let Err(e) = self.save() {
+            let names = self.claim_names(n);
             self.state.clusters.remove(&n);
+            let _ = self.claims.release(&names);
             return Err(e.to_string());
         }
         crate::failpoint::hit("reserve-saved");
@@ -944,7 +1047,7 @@ impl AgentCore {
                         write_private(&sn_key_file, &hex_lower(&sn_seed))
                             .map_err(|e| DriverError::Config(e.to_string()))?;
                         let kf = sn_key_file.display().to_string();
-                        driver::spawn(
+                        process::spawn(
                             &bin.display().to_string(),
                             &[
                                 "supernode",
@@ -959,13 +1062,13 @@ impl AgentCore {
                             &log,
                         )?
                     }
-                    OverlayImpl::N2n => driver::spawn("supernode", &["-l", &p], &[], &log)?,
+                    OverlayImpl::N2n => process::spawn("supernode", &["-l", &p], &[], &log)?,
                 });
             }
             let sock = self.cluster_file(n, "edge.sock").display().to_string();
             let sf = secret_file.display().to_string();
             procs.push(match &self.cfg.overlay {
-                OverlayImpl::Mvc(bin) => driver::spawn(
+                OverlayImpl::Mvc(bin) => process::spawn(
                     &bin.display().to_string(),
                     &[
                         "edge",
@@ -986,7 +1089,7 @@ impl AgentCore {
                     &[],
                     &log,
                 )?,
-                OverlayImpl::N2n => driver::spawn(
+                OverlayImpl::N2n => process::spawn(
                     "edge",
                     &[
                         "-d",
@@ -1191,8 +1294,14 @@ impl AgentCore {
         let _ = self.save();
         crate::failpoint::hit("release-begin");
         self.clean_cluster(n, true, false, log);
+        let names = self.claim_names(n);
         self.state.clusters.remove(&n);
-        let _ = self.save();
+        if self.save().is_ok() {
+            // After the store forgets them (a crash in between: reconcile sweeps).
+            if let Err(e) = self.claims.release(&names) {
+                log.push(format!("cannot release claims: {e}"));
+            }
+        }
     }
 
     /// Stop everything of cluster `n` found by the names its reservation holds (with
@@ -1330,6 +1439,7 @@ impl AgentCore {
     pub fn reconcile(&mut self, now: u64, dry: bool) -> Vec<String> {
         let mut log = Vec::new();
         let ids: Vec<u32> = self.state.clusters.keys().copied().collect();
+        let mut gone = Vec::new();
         for n in ids {
             let c = &self.state.clusters[&n];
             let who = format!(
@@ -1345,6 +1455,7 @@ impl AgentCore {
                 self.settle_cluster(n, dry, &mut steps);
             }
             if drop {
+                gone.push(n);
                 log.push(format!(
                     "{who}: release (lease lapsed or release unfinished)"
                 ));
@@ -1354,9 +1465,11 @@ impl AgentCore {
             }
             log.extend(steps.into_iter().map(|s| format!("{who}: {s}")));
         }
-        if !dry {
-            let _ = self.save();
+        if !dry && self.save().is_err() {
+            // Claims stay until the store that forgot them is saved.
+            return log;
         }
+        self.sweep_claims(&gone, dry, &mut log);
         log
     }
 
@@ -1403,58 +1516,6 @@ fn edge_status(bin: &Path, sock: &Path) -> Option<serde_json::Value> {
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
     serde_json::from_str(&out).ok()
-}
-
-/// Send `sig` to `pid`.
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; callers pass pids whose
-    // command line names a file of this agent's state directory.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Pids of processes (not this one) whose command line contains one of `marks`.
-fn pids_marked(marks: &[String]) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            marks.iter().any(|m| c.contains(m.as_str()))
-        })
-        .collect()
-}
-
-/// End every process whose command line names one of `marks` (files under the
-/// agent's state directory that only that cluster or VM uses): SIGTERM, up to 3 s,
-/// then SIGKILL. With `dry`, only note them.
-fn kill_marked(marks: &[String], dry: bool, log: &mut Vec<String>) {
-    let pids = pids_marked(marks);
-    if pids.is_empty() {
-        return;
-    }
-    log.push(format!("end processes {pids:?}"));
-    if dry {
-        return;
-    }
-    for p in &pids {
-        signal(*p, libc::SIGTERM);
-    }
-    for _ in 0..30 {
-        if pids_marked(marks).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for p in pids_marked(marks) {
-        signal(p, libc::SIGKILL);
-    }
 }
 
 /// Delete the files in `dir` whose names start with `prefix`.

@@ -1,17 +1,17 @@
 //! `mvc demo`: three sites in network namespaces on one machine (A public, B and C
 //! each behind its own NAT), an `mvc agent` on every site frontend, the controller run
-//! on site A's frontend ([`bench::sites`]); one command builds a cluster across the
+//! on site A's frontend ([`lab::sites`]); one command builds a cluster across the
 //! sites, an MPI job runs over it, and everything is torn down.
 //!
 //! Every run keeps a run file in [`run_dir`] (its PID, namespace prefix, temp dir and
-//! the PIDs of its agents, see [`bench::runs`]): when a run is killed with SIGKILL, the
+//! the PIDs of its agents, see [`lab::runs`]): when a run is killed with SIGKILL, the
 //! next run, or `mvc demo --cleanup`, removes its namespaces, processes and temp dir.
 //! SIGINT and SIGTERM tear the run down at once, temp dir included.
 //!
 //! The lab itself is re-exported here for the controller's integration tests.
-use bench::lab::{self, Lab, Topology};
-use bench::runs;
-pub use bench::sites::{AgentProc, Result, SiteLab, SitesError as DemoError, AGENT_PORT};
+use lab::runs;
+pub use lab::sites::{AgentProc, Result, SiteLab, SitesError as DemoError, AGENT_PORT};
+use lab::{Lab, Topology};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -145,7 +145,10 @@ impl MigrateStep {
         };
         let addr = |a: &str| {
             if a.is_empty() || a.len() > 255 || a.contains(|c: char| c.is_whitespace()) {
-                Err(format!("not an agent address: {a:?}"))
+                Err(format!(
+                    "not an agent address: {}",
+                    crate::validate::quote(a)
+                ))
             } else {
                 Ok(())
             }
@@ -558,7 +561,8 @@ fn unfinished(
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("migrate"));
     if running {
         return Err(crate::controller::ControlError::Usage(format!(
-            "a migration of {vm} still runs (pid {})",
+            "a migration of {} still runs (pid {})",
+            crate::validate::quote(vm),
             m.pid
         )));
     }
@@ -593,6 +597,7 @@ impl crate::controller::Controller<'_> {
         use crate::client::AgentClient;
         use crate::controller::ControlError;
         use crate::proto::Request;
+        use crate::validate::quote;
         let cluster = self.store.cluster(&args.cluster)?;
         let vm = cluster
             .vms
@@ -602,8 +607,8 @@ impl crate::controller::Controller<'_> {
             .ok_or_else(|| {
                 ControlError::Usage(format!(
                     "no VM {} in cluster {}",
-                    crate::validate::quote(&args.vm),
-                    args.cluster
+                    quote(&args.vm),
+                    quote(&args.cluster)
                 ))
             })?;
         // A move whose `vm migrate` ended after switchover is finished (disk, origin).
@@ -612,7 +617,8 @@ impl crate::controller::Controller<'_> {
         if vm.site == args.to && resume.is_none() {
             return Err(ControlError::Usage(format!(
                 "{} already runs at site {}",
-                vm.name, args.to
+                quote(&vm.name),
+                quote(&args.to)
             )));
         }
         let precopy = resume
@@ -628,7 +634,8 @@ impl crate::controller::Controller<'_> {
                 .ok_or_else(|| {
                     ControlError::Usage(format!(
                         "cluster {} has nothing at site {} (migration moves VMs between the sites of their cluster)",
-                        cluster.name, args.to
+                        quote(&cluster.name),
+                        quote(&args.to)
                     ))
                 })?,
         };
@@ -677,7 +684,9 @@ impl crate::controller::Controller<'_> {
             view.save(t0, record);
             ControlError::Local(format!(
                 "migration of {} to site {} failed: {e}; it runs at site {} as before",
-                vm.name, to.name, from.name
+                quote(&vm.name),
+                quote(&to.name),
+                quote(&from.name)
             ))
         };
         if let Some(r) = &resume {
@@ -710,7 +719,7 @@ impl crate::controller::Controller<'_> {
                         &mut view,
                         &mut origin,
                         &mut dest,
-                        format!("site {} did not say its disk size", from.name),
+                        format!("site {} did not say its disk size", quote(&from.name)),
                     ))
                 }
             };
@@ -875,7 +884,10 @@ impl crate::controller::Controller<'_> {
                 Ok(st) => st,
                 // The destination agent may be restarting: it resumes the copy.
                 Err(e) if Instant::now() < deadline => {
-                    progress(&format!("site {} does not answer ({e}); retrying", to.name));
+                    progress(&format!(
+                        "site {} does not answer ({e}); retrying",
+                        quote(&to.name)
+                    ));
                     std::thread::sleep(Duration::from_secs(1));
                     if let Ok(c) = AgentClient::connect(&to, self.key) {
                         dest = c;
@@ -891,8 +903,12 @@ impl crate::controller::Controller<'_> {
                 view.error = Some("the destination lost the disk copy".into());
                 view.save(t0, record);
                 return Err(ControlError::Local(format!(
-                    "{} runs at site {}, but site {}'s agent no longer copies its disk                      (restarted?); site {} keeps the disk",
-                    vm.name, to.name, to.name, from.name
+                    "{} runs at site {}, but site {}'s agent no longer copies its disk \
+                     (restarted?); site {} keeps the disk",
+                    quote(&vm.name),
+                    quote(&to.name),
+                    quote(&to.name),
+                    quote(&from.name)
                 )));
             }
             view.disk_bytes = d["fetched_bytes"].as_u64().unwrap_or(view.disk_bytes);
@@ -910,8 +926,8 @@ impl crate::controller::Controller<'_> {
                 return Err(ControlError::Local(format!(
                     "{} runs at site {} but its disk was not copied within {} s; \
                      the origin keeps it (run the migration's last steps again later)",
-                    vm.name,
-                    to.name,
+                    quote(&vm.name),
+                    quote(&to.name),
                     args.timeout.as_secs()
                 )));
             }

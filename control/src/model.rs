@@ -4,86 +4,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-/// A 48-bit Ethernet address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// The MAC of allocation `counter` under controller prefix `controller_id`:
-    /// `02:<id>:<counter as 32 bits>`. The `02` first octet marks it locally
-    /// administered and unicast, so it never collides with a vendor-assigned address.
-    pub fn from_counter(controller_id: u8, counter: u32) -> Mac {
-        let c = counter.to_be_bytes();
-        Mac([0x02, controller_id, c[0], c[1], c[2], c[3]])
-    }
-
-    /// The 48 bits as an integer (what the store's UNIQUE column holds).
-    pub fn as_u64(&self) -> u64 {
-        self.0
-            .iter()
-            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-    }
-
-    /// Inverse of [`Mac::as_u64`]; the top 16 bits are ignored.
-    pub fn from_u64(v: u64) -> Mac {
-        let b = v.to_be_bytes();
-        Mac([b[2], b[3], b[4], b[5], b[6], b[7]])
-    }
-
-    /// Locally administered unicast (bit 1 set, bit 0 clear in the first octet).
-    pub fn is_local_unicast(&self) -> bool {
-        self.0[0] & 0x03 == 0x02
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-/// A string that is not `aa:bb:cc:dd:ee:ff`.
-#[derive(Debug, thiserror::Error)]
-#[error("not a MAC address (want aa:bb:cc:dd:ee:ff): {}", crate::validate::quote(.0))]
-pub struct BadMac(pub String);
-
-impl FromStr for Mac {
-    type Err = BadMac;
-    fn from_str(s: &str) -> Result<Mac, BadMac> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for b in out.iter_mut() {
-            let p = parts.next().ok_or_else(|| BadMac(s.into()))?;
-            if p.len() != 2 {
-                return Err(BadMac(s.into()));
-            }
-            *b = u8::from_str_radix(p, 16).map_err(|_| BadMac(s.into()))?;
-        }
-        if parts.next().is_some() {
-            return Err(BadMac(s.into()));
-        }
-        Ok(Mac(out))
-    }
-}
-
-impl TryFrom<String> for Mac {
-    type Error = BadMac;
-    fn try_from(s: String) -> Result<Mac, BadMac> {
-        s.parse()
-    }
-}
-
-impl From<Mac> for String {
-    fn from(m: Mac) -> String {
-        m.to_string()
-    }
-}
+pub use mac::{BadMac, Mac};
 
 /// What a VM is in its cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,7 +218,7 @@ impl fmt::Display for OverlayNet {
 
 /// A string that is not a usable overlay network.
 #[derive(Debug, thiserror::Error)]
-#[error("overlay network {0:?}: {1}")]
+#[error("overlay network {}: {}", crate::validate::quote(.0), .1)]
 pub struct BadNet(pub String, pub &'static str);
 
 impl FromStr for OverlayNet {
@@ -365,18 +286,6 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_round_trip() {
-        let m = Mac::from_counter(0x5a, 0x0102_0304);
-        assert_eq!(m.to_string(), "02:5a:01:02:03:04");
-        assert_eq!(m.to_string().parse::<Mac>().unwrap(), m);
-        assert_eq!(Mac::from_u64(m.as_u64()), m);
-        assert!(m.is_local_unicast());
-        assert!("02:5a:01:02:03".parse::<Mac>().is_err());
-        assert!("02:5a:01:02:03:04:05".parse::<Mac>().is_err());
-        assert!("zz:5a:01:02:03:04".parse::<Mac>().is_err());
-    }
 
     #[test]
     fn hex_round_trip() {

@@ -340,9 +340,12 @@ impl Request {
                 if secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err("the community secret must be at least 32 hex digits".into());
                 }
-                supernode
-                    .parse::<std::net::SocketAddrV4>()
-                    .map_err(|_| format!("supernode {supernode:?} is not ip:port"))?;
+                supernode.parse::<std::net::SocketAddrV4>().map_err(|_| {
+                    format!(
+                        "supernode {} is not ip:port",
+                        crate::validate::quote(supernode)
+                    )
+                })?;
                 Ok(())
             }
             Request::StartVm { spec } => {

@@ -13,6 +13,7 @@
 use crate::model::{
     vm_ip, Attachment, Cluster, HostInfo, Mac, Overlay, OverlayNet, Role, Site, Vm,
 };
+use crate::validate::quote;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 
@@ -23,7 +24,7 @@ pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     /// A name that must be unique is taken.
-    #[error("{kind} {name:?} already exists")]
+    #[error("{kind} {} already exists", quote(.name))]
     Exists {
         /// `site`, `cluster`, ...
         kind: &'static str,
@@ -31,7 +32,7 @@ pub enum StoreError {
         name: String,
     },
     /// No such record.
-    #[error("no {kind} named {name:?}")]
+    #[error("no {kind} named {}", quote(.name))]
     NotFound {
         /// `site`, `cluster`, `vm`, `host`.
         kind: &'static str,
@@ -408,7 +409,8 @@ impl Store for SqliteStore {
             .collect::<rusqlite::Result<_>>()?;
         if !users.is_empty() {
             return Err(StoreError::InUse(format!(
-                "site {name:?} is used by cluster(s) {}; destroy them first",
+                "site {} is used by cluster(s) {}; destroy them first",
+                quote(name),
                 users.join(", ")
             )));
         }

@@ -177,7 +177,10 @@ fn have(tool: &str) -> bool {
 #[test]
 fn agent_survives_descriptor_exhaustion() {
     if !have("prlimit") {
-        eprintln!("SKIP: prlimit is not installed");
+        lab::skip(
+            "agent_survives_descriptor_exhaustion",
+            "prlimit is not installed",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

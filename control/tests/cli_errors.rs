@@ -356,13 +356,13 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         dir,
         &["cluster", "status", "nope"],
         1,
-        "no cluster named \"nope\"",
+        "no cluster named 'nope'",
     );
     user_error(
         dir,
         &["cluster", "status", "nope", "--json"],
         1,
-        "no cluster named \"nope\"",
+        "no cluster named 'nope'",
     );
     user_error(dir, &["vm", "start", "a b"], 2, "VM name 'a b'");
     user_error(
@@ -475,9 +475,9 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
 fn xnbd_user_error_is_one_line() {
     let xnbd = mvc().with_file_name("xnbd");
     if !xnbd.exists() {
-        eprintln!(
-            "SKIPPED xnbd_user_error_is_one_line: {} is not built",
-            xnbd.display()
+        lab::skip(
+            "xnbd_user_error_is_one_line",
+            &format!("{} is not built", xnbd.display()),
         );
         return;
     }

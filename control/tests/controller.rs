@@ -53,6 +53,7 @@ impl TestAgent {
         }
         let cfg = AgentConfig {
             lease_secs,
+            claims_dir: dir.path().join("claims"),
             ..AgentConfig::new(
                 site,
                 dir.path(),
@@ -244,7 +245,7 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
         })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no host \"nosuch\""), "{e}");
+    assert!(e.contains("no host 'nosuch'"), "{e}");
     // Hostile names never reach a file name or an `ip` argument.
     let e = c2
         .call_value(&Request::Release {
@@ -283,7 +284,7 @@ fn replayed_tampered_and_over_limit_requests_are_refused() {
         })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no cluster \"k\" of yours"), "{e}");
+    assert!(e.contains("no cluster 'k' of yours"), "{e}");
     assert_eq!(a.info(&user).hosts[0].free_vms, 6);
     // Revoked: refused from the next connection on.
     assert!(agent::revoke(a._dir.path(), &other.public_hex()).unwrap());
@@ -543,7 +544,7 @@ fn destroy_force_clears_a_reservation_the_store_does_not_know() {
     .unwrap();
     assert_eq!(b.info(&user).hosts[0].free_vms, 7);
     let e = c.cluster_destroy("lost", false).unwrap_err().to_string();
-    assert!(e.contains("no cluster named \"lost\""), "{e}");
+    assert!(e.contains("no cluster named 'lost'"), "{e}");
     let r = c.cluster_destroy("lost", true).unwrap();
     assert!(!r.known);
     assert_eq!(r.released_at, vec!["B".to_string()]);
@@ -551,7 +552,7 @@ fn destroy_force_clears_a_reservation_the_store_does_not_know() {
     assert!(b.info(&user).reservations.is_empty());
     // Nothing left anywhere: --force on an unknown name is a clear error again.
     let e = c.cluster_destroy("lost", true).unwrap_err().to_string();
-    assert!(e.contains("no cluster named \"lost\""), "{e}");
+    assert!(e.contains("no cluster named 'lost'"), "{e}");
 }
 
 #[test]

@@ -1,10 +1,9 @@
-//! The controller end to end in a network-namespace lab (issue 5's main test): three
+//! The controller end to end in a network-namespace lab, its main test: three
 //! sites (A public, B and C behind NAT) with an `mvc agent` each, a cluster with
 //! computes 3:2:2 made by one `mvc cluster create --start`, every compute leased by the
 //! frontend VM's DHCP server over the overlay, all nodes pinging each other, an
 //! `mpirun` across the hostfile, an agent that goes down and comes back, and a clean
 //! destroy. Needs root; otherwise prints that it was skipped.
-use bench::lab;
 use control::demo::{pick_overlay, SiteLab, MPI_PROGRAM};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +28,10 @@ fn vms(cl: &serde_json::Value) -> Vec<(String, String, String, String, String)> 
 #[test]
 fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
     if !lab::is_root() {
-        eprintln!("SKIPPED three_site_cluster_with_dhcp_ping_mpi_and_agent_loss: needs root for network namespaces");
+        lab::skip(
+            "three_site_cluster_with_dhcp_ping_mpi_and_agent_loss",
+            "needs root for network namespaces",
+        );
         return;
     }
     let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
@@ -167,7 +169,10 @@ fn three_site_cluster_with_dhcp_ping_mpi_and_agent_loss() {
             assert!(out.contains(name.as_str()), "{name} missing from {out}");
         }
     } else {
-        eprintln!("python3-mpi4py missing: mpirun runs `hostname` on every node instead");
+        lab::skip(
+            "three_site_cluster_with_dhcp_ping_mpi_and_agent_loss (MPI allreduce step)",
+            "python3-mpi4py is not installed: mpirun runs `hostname` on every node instead",
+        );
         let out = sl.mpirun("t", 8, &["hostname"]).expect("mpirun");
         for (name, ..) in &nodes {
             assert!(

@@ -8,7 +8,6 @@
 //! its agent crashed and came back (the restarted agent ends the orphaned qemu and xnbd
 //! by pid). Everything (qemu, xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
 //! that it was skipped.
-use bench::lab;
 use control::demo::{pick_overlay, SiteLab};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,7 +85,10 @@ fn taps(ns: &str) -> Vec<String> {
 #[test]
 fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     if !lab::is_root() {
-        eprintln!("SKIPPED qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd: needs root for network namespaces and TAPs");
+        lab::skip(
+            "qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd",
+            "needs root for network namespaces and TAPs",
+        );
         return;
     }
     assert!(

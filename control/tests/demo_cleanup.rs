@@ -3,8 +3,7 @@
 //! processes, links and temp dir; after SIGINT the run has removed them itself. One full
 //! demo run at the end (the "next run") must succeed and leave nothing either. Needs
 //! root; otherwise prints that it was skipped.
-use bench::lab;
-use bench::runs::{self, RunRecord};
+use lab::runs::{self, RunRecord};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -161,7 +160,10 @@ fn demo_at(run_dir: &Path, log: &Path, p: Point) -> (Child, RunRecord) {
 #[test]
 fn killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run() {
     if !lab::is_root() {
-        eprintln!("SKIPPED killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run: needs root for network namespaces");
+        lab::skip(
+            "killed_or_interrupted_demo_leaves_nothing_after_cleanup_or_next_run",
+            "needs root for network namespaces",
+        );
         return;
     }
     let t0 = Instant::now();

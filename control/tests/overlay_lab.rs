@@ -1,4 +1,4 @@
-//! The overlay in a three-site network-namespace lab (issue 2's tests): site A's frontend has
+//! The overlay's end-to-end tests in a three-site network-namespace lab: site A's frontend has
 //! a public address and runs the supernode and an edge; sites B and C sit behind their own
 //! NAT routers; every site has a bridge with VM namespaces and the edge's TAP on it.
 //!
@@ -13,11 +13,11 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bench::dhcp;
-use bench::lab::{self, Capture, Lab, Topology};
-use bench::overlay::{
+use lab::dhcp;
+use lab::overlay::{
     self as ov, EdgeOpts, Mvc, MvcCluster, COMMUNITY, EDGE_PORT, SECRET, SUPERNODE_PORT,
 };
+use lab::{Capture, Lab, Topology};
 use rand::Rng;
 
 const UP: Duration = Duration::from_secs(20);
@@ -25,7 +25,7 @@ const PATH_WAIT: Duration = Duration::from_secs(30);
 
 fn setup(test: &str) -> Option<(Lab, Mvc)> {
     if !lab::is_root() {
-        eprintln!("SKIPPED {test}: needs root for network namespaces");
+        lab::skip(test, "needs root for network namespaces");
         return None;
     }
     let lab = Lab::new("ov").expect("lab");
@@ -1073,10 +1073,10 @@ fn measure_threads() {
             c.wait_path(&lab, "b", "a", "direct", PATH_WAIT).unwrap();
             ping_ok(&lab, &vb.ns, va.ip, 3);
             let pids: Vec<u32> = ["a", "b"].iter().map(|e| c.edge(e).proc.pid).collect();
-            let s0 = bench::cpu::sample(&pids);
+            let s0 = lab::cpu::sample(&pids);
             let v = iperf3_json(&lab, &vb.ns, &va.ns, va.ip, 4, &["-P", "2"]);
-            let s1 = bench::cpu::sample(&pids);
-            let (user, _, sys) = bench::cpu::seconds(&s0, &s1);
+            let s1 = lab::cpu::sample(&pids);
+            let (user, _, sys) = lab::cpu::seconds(&s0, &s1);
             let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
             let bps = num("/end/sum_received/bits_per_second");
             let bytes = num("/end/sum_received/bytes");

@@ -3,8 +3,7 @@
 //! names reused after destroy, and agents killed at every step of creating and starting
 //! a cluster. What the agent owns and how it cleans up is in docs/CONTROLLER.md.
 //! Needs root; otherwise prints that it was skipped.
-use bench::lab;
-use bench::sites::{SiteLab, User};
+use lab::sites::{SiteLab, User};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -299,7 +298,7 @@ fn no_trace(sl: &SiteLab, when: &str) {
 
 fn skip(name: &str) -> bool {
     if !lab::is_root() {
-        eprintln!("SKIPPED {name}: needs root for network namespaces");
+        lab::skip(name, "needs root for network namespaces");
         return true;
     }
     false
@@ -378,7 +377,10 @@ fn two_users_share_three_sites_with_the_same_names_and_addresses() {
             }
         }
     } else {
-        eprintln!("mpirun missing: the MPI step is skipped");
+        lab::skip(
+            "two_users_share_three_sites_with_the_same_names_and_addresses (MPI step)",
+            "mpirun is not installed",
+        );
     }
     // Isolation both ways: each user's t VMs reach nothing of the other user's t,
     // although the addresses are the same.

@@ -5,7 +5,6 @@
 //! move is in C's disk image, B holds nothing of it, and the store and `cluster
 //! status` place it at C. A migration to a site without the qemu driver fails and
 //! leaves the VM running where it was. Needs root; otherwise prints that it was skipped.
-use bench::lab;
 use control::demo::{pick_overlay, SiteLab};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -29,20 +28,17 @@ impl Drop for VmProcs {
                 continue;
             }
             if let Some(pid) = alive_pid(&p, &self.0) {
-                // SAFETY: kill(2) has no memory-safety preconditions; the pid is a
-                // process of this test's agent whose command line names this run's
+                // A process of this test's agent whose command line names this run's
                 // directory.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                let _ = lab::sys::kill(pid, libc::SIGKILL);
             }
         }
     }
 }
 
 /// The pid in `pidfile` when that process runs and its command line names `dir`.
-fn alive_pid(pidfile: &Path, dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+fn alive_pid(pidfile: &Path, dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     String::from_utf8_lossy(&cmd)
         .contains(&dir.display().to_string())
@@ -98,7 +94,10 @@ fn local_of(sl: &SiteLab, vm: &str) -> String {
 #[test]
 fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     if !lab::is_root() {
-        eprintln!("SKIPPED qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged: needs root for network namespaces and TAPs");
+        lab::skip(
+            "qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged",
+            "needs root for network namespaces and TAPs",
+        );
         return;
     }
     assert!(
@@ -257,7 +256,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
 
     // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
     // the VM goes on at B; C's agent, restarted, removes what it had made for it.
-    let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid") as i32;
+    let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
     let killed = std::thread::scope(|scope| {
         let h = scope.spawn(|| {
             sl.ctl(&[
@@ -290,11 +289,8 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         }
         assert!(incoming(), "no incoming VM at C");
         std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is this test's
-        // own agent of site C (its pid file names it).
-        unsafe {
-            libc::kill(c_pid, libc::SIGKILL);
-        }
+        // This test's own agent of site C (its pid file names it).
+        lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
         h.join().expect("migrate thread")
     });
     let err = killed.expect_err("migration to a killed agent succeeded");
@@ -469,7 +465,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("vm migrate back");
-    let b_pid = control::agent::running_agent(&b_state).expect("B's agent pid") as i32;
+    let b_pid = control::agent::running_agent(&b_state).expect("B's agent pid");
     let copying = || -> bool {
         let Some(ctl) = std::fs::read_dir(b_state.join("run")).ok().and_then(|rd| {
             rd.flatten().map(|e| e.path()).find(|p| {
@@ -499,11 +495,8 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(copying(), "no disk copy seen at B");
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is this test's own
-    // agent of site B (its pid file names it).
-    unsafe {
-        libc::kill(b_pid, libc::SIGKILL);
-    }
+    // This test's own agent of site B (its pid file names it).
+    lab::sys::kill(b_pid, libc::SIGKILL).expect("SIGKILL to B's agent");
     sl.kill_agent("B");
     std::thread::sleep(Duration::from_secs(2));
     sl.restart_agent("B").expect("agent B restart");
@@ -624,11 +617,8 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(copying(), "no disk copy seen at B");
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is the `timeout`
-    // process this test started, which passes the signal on to `mvc`.
-    unsafe {
-        libc::kill(cut.id() as i32, libc::SIGTERM);
-    }
+    // The `timeout` process this test started, which passes the signal on to `mvc`.
+    lab::sys::kill(cut.id(), libc::SIGTERM).expect("SIGTERM to the cut-short migrate");
     let _ = cut.wait();
     let rec = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
     assert!(rec.to_string().contains("\"phase\":\"disk\""), "{rec}");

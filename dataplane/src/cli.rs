@@ -15,8 +15,8 @@ use crate::edge::{EdgeConfig, EdgeCore, EdgeError, SupernodeAddr, Timers};
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
-use crate::io::uring::Offloads;
-use crate::io::{tap, threads, udp, IoError};
+use crate::io::uring::{self, ForwarderConfig, Offloads};
+use crate::io::{tap, udp, IoError};
 use crate::snkey::{KeyError, SupernodeKey};
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::{SupernodeConfig, SupernodeCore};
@@ -604,17 +604,15 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     }
     if uring_ok {
         let spin = Duration::from_micros(busy_poll_us.min(10_000));
-        threads::run_edge_threads(
-            core,
-            socks,
-            ports,
+        let cfg = ForwarderConfig {
             off,
-            underlay_mtu as usize,
+            underlay_mtu: underlay_mtu as usize,
             spin,
             info,
             snap,
             stop,
-        )?;
+        };
+        uring::run_edge_threads(core, socks, ports, cfg)?;
     } else {
         let (Some(sock), Some(port)) = (socks.into_iter().next(), ports.into_iter().next()) else {
             return Err(CliError::Usage("no socket or frame port".into()));

@@ -1,37 +1,9 @@
 //! Checked view of an Ethernet frame: only the fields the edge switches on.
 
-use std::fmt;
-
 /// Ethernet header length.
 pub const ETH_HDR_LEN: usize = 14;
 
-/// A MAC address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// Broadcast or multicast (group bit set).
-    pub fn is_group(&self) -> bool {
-        self.0[0] & 1 == 1
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl fmt::Debug for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+pub use mac::Mac;
 
 /// Destination and source MAC of a frame, or `None` when it is shorter than a header.
 pub fn macs(frame: &[u8]) -> Option<(Mac, Mac)> {

@@ -59,6 +59,20 @@ impl VnetHdr {
         b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
         b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
     }
+
+    /// Completes the partial checksum this header asks for (`F_NEEDS_CSUM`), as a NIC
+    /// would before the frame leaves: for writers without checksum offload (a TAP
+    /// without virtio header, AF_XDP). Frames without the flag are left as they are.
+    pub fn complete_csum(&self, frame: &mut [u8]) -> Result<(), OffloadError> {
+        if self.flags & F_NEEDS_CSUM == 0 {
+            return Ok(());
+        }
+        complete_csum(
+            frame,
+            usize::from(self.csum_start),
+            usize::from(self.csum_offset),
+        )
+    }
 }
 
 /// Errors of user-space offloads; each is a drop reason.
@@ -212,6 +226,59 @@ pub fn fix_headers(seg: &mut [u8], f: &TcpFrame, full: bool) {
     seg[f.tcp + 16..f.tcp + 18].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Number of segments a TSO payload of `payload_len` bytes is cut into, `mss` bytes each
+/// (at least one: a super-frame without payload still carries its headers).
+pub fn tso_segments(payload_len: usize, mss: usize) -> usize {
+    payload_len.div_ceil(mss.max(1)).max(1)
+}
+
+/// Writes segment `i` of a TSO super-frame (`frame`, its headers at `f`, `mss` payload
+/// bytes per segment) into the front of `seg`: the headers with the sequence number
+/// advanced, the IPv4 id incremented, FIN and PSH kept on the last segment only and CWR
+/// on the first only, lengths and the IPv4 checksum fixed, and the TCP checksum complete
+/// (`full`) or left as the pseudo-header sum for the receiver's checksum offload.
+/// Returns the segment's length; `BadFrame` when `i` is past the last segment, `mss` is
+/// zero or `seg` is too short.
+pub fn write_tso_segment(
+    frame: &[u8],
+    f: &TcpFrame,
+    mss: usize,
+    i: usize,
+    seg: &mut [u8],
+    full: bool,
+) -> Result<usize, OffloadError> {
+    let hl = f.hdr_len;
+    let payload = frame.get(hl..).ok_or(OffloadError::BadFrame)?;
+    let n = tso_segments(payload.len(), mss);
+    if mss == 0 || i >= n {
+        return Err(OffloadError::BadFrame);
+    }
+    let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+    let len = hl + chunk.len();
+    let seg = seg.get_mut(..len).ok_or(OffloadError::BadFrame)?;
+    seg[..hl].copy_from_slice(&frame[..hl]);
+    seg[hl..].copy_from_slice(chunk);
+    let t = f.tcp;
+    let seq0 = u32::from_be_bytes([frame[t + 4], frame[t + 5], frame[t + 6], frame[t + 7]]);
+    let seq = seq0.wrapping_add((i * mss) as u32);
+    seg[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+    let mut fl = frame[t + 13];
+    if i + 1 < n {
+        fl &= !(0x01 | 0x08); // FIN, PSH only on the last segment
+    }
+    if i > 0 {
+        fl &= !0x80; // CWR only on the first
+    }
+    seg[t + 13] = fl;
+    if f.v4 {
+        let id0 = u16::from_be_bytes([frame[f.ip + 4], frame[f.ip + 5]]);
+        let id = id0.wrapping_add(i as u16);
+        seg[f.ip + 4..f.ip + 6].copy_from_slice(&id.to_be_bytes());
+    }
+    fix_headers(seg, f, full);
+    Ok(len)
+}
+
 /// Splits a TSO super-frame into segments (payload: the smaller of the frame's own
 /// segment size and what keeps a segment within `max_frame` bytes), with complete
 /// checksums, calling `emit` with each. `scratch` must hold one segment.
@@ -231,38 +298,10 @@ pub fn segment_tcp(
     if mss == 0 || f.hdr_len + mss > scratch.len() {
         return Err(OffloadError::BadFrame);
     }
-    let payload = &frame[f.hdr_len..];
-    let hl = f.hdr_len;
-    let seq0 = u32::from_be_bytes([
-        frame[f.tcp + 4],
-        frame[f.tcp + 5],
-        frame[f.tcp + 6],
-        frame[f.tcp + 7],
-    ]);
-    let id0 = u16::from_be_bytes([frame[f.ip + 4], frame[f.ip + 5]]);
-    let flags0 = frame[f.tcp + 13];
-    let n = payload.len().div_ceil(mss).max(1);
+    let n = tso_segments(frame.len() - f.hdr_len, mss);
     for i in 0..n {
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let seg = &mut scratch[..hl + chunk.len()];
-        seg[..hl].copy_from_slice(&frame[..hl]);
-        seg[hl..].copy_from_slice(chunk);
-        let seq = seq0.wrapping_add((i * mss) as u32);
-        seg[f.tcp + 4..f.tcp + 8].copy_from_slice(&seq.to_be_bytes());
-        let mut fl = flags0;
-        if i + 1 < n {
-            fl &= !(0x01 | 0x08); // FIN, PSH only on the last segment
-        }
-        if i > 0 {
-            fl &= !0x80; // CWR only on the first
-        }
-        seg[f.tcp + 13] = fl;
-        if f.v4 {
-            let id = id0.wrapping_add(i as u16);
-            seg[f.ip + 4..f.ip + 6].copy_from_slice(&id.to_be_bytes());
-        }
-        fix_headers(seg, &f, true);
-        emit(seg);
+        let len = write_tso_segment(frame, &f, mss, i, scratch, true)?;
+        emit(&scratch[..len]);
     }
     Ok(n)
 }
@@ -638,5 +677,45 @@ mod tests {
         assert!(segment_tcp(&h6, &f, 1000, &mut scratch, |_| {}).is_err());
         let mut f = f;
         assert!(complete_csum(&mut f, 200, 16).is_err());
+    }
+
+    /// One segment rewrite serves both the full-checksum segmentation and the partial
+    /// one (pseudo-header sum left for the receiver): the same bytes apart from the
+    /// TCP checksum, which the receiver's completion turns into the full one.
+    #[test]
+    fn tso_segment_partial_completes_to_full() {
+        let big = tcp_frame(3000, 0xffff_fc00, 0x99);
+        let p = parse_tcp(&big).unwrap();
+        let mss = 1200;
+        assert_eq!(tso_segments(3000, mss), 3);
+        assert_eq!(tso_segments(0, mss), 1);
+        let mut full = vec![0u8; 2000];
+        let mut part = vec![0u8; 2000];
+        for i in 0..3 {
+            let n = write_tso_segment(&big, &p, mss, i, &mut full, true).unwrap();
+            let m = write_tso_segment(&big, &p, mss, i, &mut part, false).unwrap();
+            assert_eq!(n, m);
+            assert_eq!(n, 54 + [1200, 1200, 600][i]);
+            verify(&full[..n]);
+            let seq = u32::from_be_bytes(full[38..42].try_into().unwrap());
+            assert_eq!(seq, 0xffff_fc00u32.wrapping_add((i * mss) as u32));
+            // FIN and PSH on the last only, CWR on the first only.
+            assert_eq!(full[34 + 13], [0x90, 0x10, 0x19][i]);
+            let h = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                csum_start: 34,
+                csum_offset: 16,
+                ..VnetHdr::default()
+            };
+            h.complete_csum(&mut part[..m]).unwrap();
+            assert_eq!(&part[..m], &full[..n]);
+        }
+        assert!(write_tso_segment(&big, &p, mss, 3, &mut full, true).is_err());
+        assert!(write_tso_segment(&big, &p, 0, 0, &mut full, true).is_err());
+        assert!(write_tso_segment(&big, &p, mss, 0, &mut full[..100], true).is_err());
+        // Without the flag nothing is touched.
+        let mut f = big.clone();
+        VnetHdr::default().complete_csum(&mut f[..10]).unwrap();
+        assert_eq!(f, big);
     }
 }

@@ -49,6 +49,23 @@ pub struct TapOut {
     pub big: bool,
 }
 
+impl TapOut {
+    /// Completes the frame's partial checksum, for a writer without checksum offload
+    /// (see [`VnetHdr::complete_csum`]).
+    pub fn complete_csum(&mut self) -> Result<(), offload::OffloadError> {
+        self.hdr
+            .complete_csum(&mut self.buf[self.start..self.start + self.len])
+    }
+
+    /// Writes `hdr` in front of the frame, for a TAP device that takes virtio headers;
+    /// returns where header and frame start and their length.
+    pub fn put_vnet_hdr(&mut self) -> (usize, usize) {
+        let s = self.start - VNET_HDR_LEN;
+        self.hdr.write(&mut self.buf[s..self.start]);
+        (s, self.len + VNET_HDR_LEN)
+    }
+}
+
 /// Size of large buffers (GSO batches, coalesced super-frames).
 pub const BIG_BUF: usize = VNET_HDR_LEN + offload::MAX_COALESCED + 4096;
 

@@ -388,6 +388,16 @@ impl SupernodeCore {
         self.n_edges -= removed;
     }
 
+    /// When [`SupernodeCore::poll`] must run next: when the edge heard from longest ago
+    /// expires (its only timer; cookie secrets change as cookies are made and checked).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.communities
+            .values()
+            .flat_map(|c| c.edges.values())
+            .map(|e| e.last_seen + self.cfg.edge_timeout)
+            .min()
+    }
+
     /// Status document.
     pub fn status(&self, now: Instant, listen: &str) -> SupernodeStatus {
         let mut communities: Vec<CommunityStatus> = self

@@ -1,17 +1,18 @@
 //! XDP port tests in throwaway network namespaces.
 //!
-//! Each test runs on its own thread inside a private network namespace
-//! (`unshare(CLONE_NEWNET)` on that thread: everything created in it goes away
-//! with the thread) holding a bridge and a "VM" namespace attached by veth.
+//! Each test builds a lab (the `lab` crate: namespaces torn down on drop, also when the
+//! test fails): a "host" namespace holding a bridge `br0` and a "VM" namespace attached
+//! to it by veth. The test body runs on a thread that entered the host namespace, so
+//! the ports it opens and the commands it runs live there.
 //! Needs root; skips with a message otherwise. The XDP program must have been
 //! built (bpf-linker and nightly rust-src present): as root, a missing program
 //! fails the tests unless `MVC_XDP_OPTIONAL=1`.
 
 use std::{
     io::{BufRead, BufReader},
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -22,9 +23,8 @@ const PEER_IP: [u8; 4] = [198, 18, 77, 2];
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x77, 0x02];
 
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
+    if !lab::is_root() {
+        return Some("needs root (network namespaces, XDP)".into());
     }
     if let Err(e @ xdp::Error::NotBuilt(_)) = xdp::availability() {
         if std::env::var("MVC_XDP_OPTIONAL").is_ok_and(|v| v == "1") {
@@ -38,110 +38,66 @@ fn skip_reason() -> Option<String> {
 macro_rules! require_root {
     ($name:literal) => {
         if let Some(why) = skip_reason() {
-            eprintln!("SKIPPED {}: {why}", $name);
+            lab::skip($name, &why);
             return;
         }
     };
 }
 
+/// Runs a command in the current namespace (the lab's host namespace, from a test body);
+/// panics on failure.
 fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab::run(cmd).unwrap_or_else(|e| panic!("{e}")).stdout
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A bridge `br0` in the current thread's (private) namespace and a VM
-/// namespace whose `eth0` is enslaved to it. Drop deletes the VM namespace;
-/// the private one dies with the thread.
+/// The host namespace with its bridge `br0` and the VM namespace whose `eth0` is the
+/// bridge's port `vm0`.
 struct Lab {
+    lab: lab::Lab,
+    host: String,
     vm: String,
-    /// More VM namespaces (deleted on drop too).
-    extra: Vec<String>,
 }
 
 impl Lab {
-    fn new() -> Self {
-        Self::with_mtu(1500)
-    }
-
     fn with_mtu(mtu: u32) -> Self {
-        // SAFETY: unshare with CLONE_NEWNET only affects the calling thread,
-        // which the test owns.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-        let vm = format!(
-            "mvcx{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let lab = Self {
-            vm,
-            extra: Vec::new(),
-        };
-        run(&["ip", "netns", "add", &lab.vm]);
-        run(&["ip", "link", "set", "lo", "up"]);
-        run(&["ip", "link", "add", "br0", "type", "bridge"]);
-        run(&["ip", "link", "set", "br0", "up"]);
-        run(&[
-            "ip", "link", "add", "vm0", "type", "veth", "peer", "name", "eth0", "netns", &lab.vm,
-        ]);
-        let mtu = mtu.to_string();
-        run(&[
-            "ip", "link", "set", "vm0", "mtu", &mtu, "master", "br0", "up",
-        ]);
-        lab.vm_run(&["ip", "link", "set", "eth0", "mtu", &mtu, "up"]);
-        lab.vm_run(&["ip", "addr", "add", &format!("{VM_IP}/24"), "dev", "eth0"]);
+        let lab = lab::Lab::new("xdp").expect("lab");
+        let host = lab.add_ns("host").expect("host namespace");
+        let vm = lab.add_ns("vm").expect("VM namespace");
+        lab.bridge(&host, "br0").expect("bridge");
+        lab.veth(&host, "vm0", &vm, "eth0").expect("veth");
+        lab.mtu(&host, "vm0", mtu).expect("mtu");
+        lab.mtu(&vm, "eth0", mtu).expect("mtu");
+        lab.enslave(&host, "vm0", "br0").expect("enslave");
+        let ip: Ipv4Addr = VM_IP.parse().expect("VM_IP");
+        lab.addr(&vm, "eth0", ip, 24).expect("addr");
         let peer = PEER_IP.map(|b| b.to_string()).join(".");
         let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
-        lab.vm_run(&[
-            "ip",
-            "neigh",
-            "replace",
-            &peer,
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        lab
+        lab.ip(
+            &vm,
+            &[
+                "neigh",
+                "replace",
+                &peer,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )
+        .expect("neighbour");
+        Self { lab, host, vm }
     }
 
     /// A second VM namespace on the bridge with address `ip`/24; returns
     /// its name for `ip netns exec`.
-    fn add_vm(&mut self, ip: &str) -> String {
-        let ns = format!("{}b", self.vm);
-        run(&["ip", "netns", "add", &ns]);
-        self.extra.push(ns.clone());
-        run(&[
-            "ip", "link", "add", "vm1", "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ]);
-        run(&["ip", "link", "set", "vm1", "master", "br0", "up"]);
-        run(&[
-            "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
-        ]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "ip",
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
+    fn add_vm(&self, ip: &str) -> String {
+        let ns = self.lab.add_ns("vm2").expect("VM namespace");
+        self.lab.veth(&self.host, "vm1", &ns, "eth0").expect("veth");
+        self.lab.enslave(&self.host, "vm1", "br0").expect("enslave");
+        let ip: Ipv4Addr = ip.parse().expect("address");
+        self.lab.addr(&ns, "eth0", ip, 24).expect("addr");
         ns
     }
 
@@ -152,25 +108,20 @@ impl Lab {
     }
 
     fn vm_run(&self, cmd: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.vm];
-        full.extend_from_slice(cmd);
-        run(&full)
+        self.lab
+            .exec(&self.vm, cmd)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .stdout
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in self.extra.iter().chain([&self.vm]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Runs `f` on a fresh thread (own network namespace) and propagates panics.
-fn in_thread(f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::spawn(f).join() {
-        std::panic::resume_unwind(e);
-    }
+/// Builds a lab (links of `mtu` bytes) and runs `f` on a thread inside its host
+/// namespace; panics of `f` propagate, and the lab is torn down either way.
+fn in_lab(mtu: u32, f: impl FnOnce(&Lab) + Send) {
+    let lab = Lab::with_mtu(mtu);
+    lab.lab
+        .in_ns(&lab.host, || f(&lab))
+        .unwrap_or_else(|e| panic!("entering the lab: {e}"));
 }
 
 /// Turns an ICMP echo request to PEER_IP into the echo reply, in place.
@@ -237,8 +188,7 @@ fn ping_received(out: &str) -> u32 {
         .unwrap_or(0)
 }
 
-fn ping_through_port(mode: ModeRequest, mtu: u32, sizes: &[&str]) {
-    let lab = Lab::with_mtu(mtu);
+fn ping_through_port(lab: &Lab, mode: ModeRequest, mtu: u32, sizes: &[&str]) {
     let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
     cfg.mode = mode;
     cfg.mtu = mtu;
@@ -298,13 +248,17 @@ fn ping_through_port(mode: ModeRequest, mtu: u32, sizes: &[&str]) {
 #[test]
 fn ping_through_native_xdp() {
     require_root!("ping_through_native_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Auto, 1500, &["56", "1400"]));
+    in_lab(1500, |lab| {
+        ping_through_port(lab, ModeRequest::Auto, 1500, &["56", "1400"])
+    });
 }
 
 #[test]
 fn ping_through_generic_xdp() {
     require_root!("ping_through_generic_xdp");
-    in_thread(|| ping_through_port(ModeRequest::Generic, 1500, &["56", "1400"]));
+    in_lab(1500, |lab| {
+        ping_through_port(lab, ModeRequest::Generic, 1500, &["56", "1400"])
+    });
 }
 
 /// Jumbo frames (8 KiB ICMP, three 4 KiB chunks) in both directions:
@@ -312,13 +266,17 @@ fn ping_through_generic_xdp() {
 #[test]
 fn jumbo_frames_native_multi_buffer() {
     require_root!("jumbo_frames_native_multi_buffer");
-    in_thread(|| ping_through_port(ModeRequest::Auto, 9000, &["8000"]));
+    in_lab(9000, |lab| {
+        ping_through_port(lab, ModeRequest::Auto, 9000, &["8000"])
+    });
 }
 
 #[test]
 fn jumbo_frames_generic_multi_buffer() {
     require_root!("jumbo_frames_generic_multi_buffer");
-    in_thread(|| ping_through_port(ModeRequest::Generic, 9000, &["8000"]));
+    in_lab(9000, |lab| {
+        ping_through_port(lab, ModeRequest::Generic, 9000, &["8000"])
+    });
 }
 
 /// Frames of every size up to the MTU sent through AF_XDP TX arrive in the
@@ -326,10 +284,9 @@ fn jumbo_frames_generic_multi_buffer() {
 #[test]
 fn tx_sizes_arrive_in_vm() {
     require_root!("tx_sizes_arrive_in_vm");
-    in_thread(|| {
-        let lab = Lab::new();
+    in_lab(1500, |lab| {
         let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
-        let rx_before = vm_rx_packets(&lab);
+        let rx_before = vm_rx_packets(lab);
         let mut frames = Vec::new();
         for len in (60..=1514).step_by(29) {
             let mut f = vec![0u8; len];
@@ -346,10 +303,10 @@ fn tx_sizes_arrive_in_vm() {
         }
         // The bridge side's NAPI thread delivers them after the kernel took
         // them off the TX ring.
-        let mut got = vm_rx_packets(&lab) - rx_before;
+        let mut got = vm_rx_packets(lab) - rx_before;
         while got < frames.len() as u64 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            got = vm_rx_packets(&lab) - rx_before;
+            got = vm_rx_packets(lab) - rx_before;
         }
         assert!(
             got >= frames.len() as u64,
@@ -368,8 +325,7 @@ fn tx_sizes_arrive_in_vm() {
 #[test]
 fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
     require_root!("tx_tcp_segments_are_coalesced_towards_the_bridge");
-    in_thread(|| {
-        let lab = Lab::new();
+    in_lab(1500, |lab| {
         private_sysfs();
         let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
         assert!(port.bridge_gro(), "GRO towards the bridge not enabled");
@@ -389,7 +345,7 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
             .map(|i| tcp_segment(vm_mac, &vm_ip, 1000 + i * MSS as u32, MSS))
             .collect();
         assert!(frames.iter().all(|f| tcp_checksum_ok(f) == Some(true)));
-        let (p0, b0) = vm_rx(&lab);
+        let (p0, b0) = vm_rx(lab);
         assert_eq!(port.send_batch(frames.iter().map(Vec::as_slice)), SEGS);
         let deadline = Instant::now() + Duration::from_secs(5);
         // Every packet the VM receives carries one Ethernet/IP/TCP header and
@@ -400,7 +356,7 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
         while !arrived(p, b) && Instant::now() < deadline {
             port.flush_tx();
             std::thread::sleep(Duration::from_millis(20));
-            let (p1, b1) = vm_rx(&lab);
+            let (p1, b1) = vm_rx(lab);
             (p, b) = (p1 - p0, b1 - b0);
         }
         assert!(arrived(p, b), "{b} bytes in {p} packets: payload missing");
@@ -543,8 +499,7 @@ fn gone(kind: &str, id: u32) -> bool {
 #[test]
 fn drop_leaves_nothing_behind() {
     require_root!("drop_leaves_nothing_behind");
-    in_thread(|| {
-        let _lab = Lab::new();
+    in_lab(1500, |_| {
         let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
         let prog = port.prog_id();
         let maps = port.map_ids().to_vec();
@@ -568,8 +523,7 @@ fn drop_leaves_nothing_behind() {
 #[test]
 fn two_queues_share_the_program_until_the_last_is_dropped() {
     require_root!("two_queues_share_the_program_until_the_last_is_dropped");
-    in_thread(|| {
-        let _lab = Lab::new();
+    in_lab(1500, |_| {
         let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
         cfg.queues = 2;
         let mut port = XdpPort::open(&cfg).expect("open");
@@ -607,8 +561,7 @@ fn two_queues_share_the_program_until_the_last_is_dropped() {
 #[test]
 fn refuses_foreign_interfaces() {
     require_root!("refuses_foreign_interfaces");
-    in_thread(|| {
-        let _lab = Lab::new();
+    in_lab(1500, |_| {
         // vm0 exists (the VM's veth) and is not an XDP port.
         let e = XdpPort::open(&XdpPortConfig::new(Some("br0"), "vm0")).expect_err("must refuse");
         assert!(e.to_string().contains("not an mvc XDP port"), "{e}");
@@ -627,8 +580,7 @@ fn refuses_foreign_interfaces() {
 #[test]
 fn kill9_then_restart_cleans_up() {
     require_root!("kill9_then_restart_cleans_up");
-    in_thread(|| {
-        let _lab = Lab::new();
+    in_lab(1500, |_| {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "xdp_port_holder", "--ignored", "--nocapture"])
             .env("MVC_XDP_HOLDER", "br0:mvp0")
@@ -653,8 +605,7 @@ fn kill9_then_restart_cleans_up() {
             .expect_err("a live holder's port must be refused");
         assert!(busy.to_string().contains("in use by pid"), "{busy}");
 
-        // SAFETY: plain kill(2) of our own child by pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.kill().expect("SIGKILL to the holder");
         child.wait().expect("reap holder");
         assert!(gone("prog", *prog), "program {prog} survived kill -9");
         for m in maps {
@@ -698,8 +649,7 @@ fn xdp_port_holder() {
 #[test]
 fn auto_falls_back_to_tap_with_reason() {
     require_root!("auto_falls_back_to_tap_with_reason");
-    in_thread(|| {
-        let _lab = Lab::new();
+    in_lab(1500, |_| {
         let bad = XdpPortConfig::new(Some("vm0"), "mvp0");
         let c = xdp::choose(DatapathRequest::Auto, Some(&bad)).expect("auto never fails");
         assert_eq!(c.datapath.name(), "tap");
@@ -760,13 +710,12 @@ fn tcp_checksum_ok(f: &[u8]) -> Option<bool> {
 #[test]
 fn gso_traffic_reaches_the_port_as_mtu_frames() {
     require_root!("gso_traffic_reaches_the_port_as_mtu_frames");
-    in_thread(|| gso_traffic(ModeRequest::Auto));
-    in_thread(|| gso_traffic(ModeRequest::Generic));
+    in_lab(1500, |lab| gso_traffic(lab, ModeRequest::Auto));
+    in_lab(1500, |lab| gso_traffic(lab, ModeRequest::Generic));
 }
 
-fn gso_traffic(mode: ModeRequest) {
+fn gso_traffic(lab: &Lab, mode: ModeRequest) {
     {
-        let mut lab = Lab::new();
         let vm2 = lab.add_vm("198.18.77.3");
         run(&[
             "ip",

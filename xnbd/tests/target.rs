@@ -209,7 +209,7 @@ fn fio_random_rw_verify_multi_conn() {
     require!("fio");
     let o = run(10, "fio", &["--enghelp=nbd"]);
     if !o.status.success() {
-        eprintln!("SKIP: fio has no nbd engine");
+        lab::skip(&lab::skip::current_test(), "fio has no nbd engine");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -275,7 +275,7 @@ fn fio_random_rw_verify_multi_conn() {
 fn nbdfuse_read_write() {
     require!("nbdfuse");
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: /dev/fuse is missing");
+        lab::skip_unsupported(&lab::skip::current_test(), "/dev/fuse is missing");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -303,7 +303,10 @@ fn nbdfuse_read_write() {
     );
     let file = mnt.join("nbd");
     if !common::wait_path(&file, Duration::from_secs(10)) {
-        eprintln!("SKIP: nbdfuse could not mount here: {}", fuse.log_text());
+        lab::skip_unsupported(
+            &lab::skip::current_test(),
+            &format!("nbdfuse could not mount here: {}", fuse.log_text()),
+        );
         return;
     }
     let unmount = |m: &Path| {

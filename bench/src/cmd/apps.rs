@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use bench::lab::{Topology, Vm};
 use indicatif::{ProgressBar, ProgressStyle};
+use lab::{Topology, Vm};
 use serde::Serialize;
 
 use super::figure::{self, Panel};
@@ -132,7 +132,7 @@ impl Net {
 }
 
 /// `mpirun` from `vms[0]`'s namespace over `vms` (one rank per node), in working directory
-/// `wdir`, with `prog`; returns the argv to run with [`bench::lab::Lab::exec_timeout`].
+/// `wdir`, with `prog`; returns the argv to run with [`lab::Lab::exec_timeout`].
 pub fn mpirun_argv(
     vms: &[Vm],
     net: Net,
@@ -234,7 +234,7 @@ pub fn ensure_packages(need: &[(&str, &str)]) -> anyhow::Result<()> {
 /// interface carries the overlay address first, which the kernel would otherwise pick as
 /// the source of routed connections, and MPI refuses a peer whose source address is not
 /// the one it announced.
-pub fn underlay_source(lab: &bench::lab::Lab, t: &Topology) -> anyhow::Result<()> {
+pub fn underlay_source(lab: &lab::Lab, t: &Topology) -> anyhow::Result<()> {
     for s in &t.sites {
         for vm in &s.vms {
             lab.ip(
@@ -244,7 +244,7 @@ pub fn underlay_source(lab: &bench::lab::Lab, t: &Topology) -> anyhow::Result<()
                     "replace",
                     "default",
                     "via",
-                    &bench::lab::addr::vm_gateway(s.idx).to_string(),
+                    &lab::addr::vm_gateway(s.idx).to_string(),
                     "src",
                     &vm.underlay_ip.to_string(),
                 ],
@@ -258,8 +258,8 @@ pub fn underlay_source(lab: &bench::lab::Lab, t: &Topology) -> anyhow::Result<()
 /// route): OpenMPI binds its TCP sockets to one address of an interface, and the VMs'
 /// single interface carries both, so a rank may otherwise call from the other network
 /// and be refused by its peer as an unknown address.
-pub fn use_only(lab: &bench::lab::Lab, t: &Topology, net: Net) -> anyhow::Result<()> {
-    use bench::lab::addr;
+pub fn use_only(lab: &lab::Lab, t: &Topology, net: Net) -> anyhow::Result<()> {
+    use lab::addr;
     for s in &t.sites {
         for vm in &s.vms {
             let ov = format!("{}/{}", vm.ip, addr::OVERLAY_PREFIX);

@@ -3,7 +3,7 @@
 //! paper's figure 9), against the one-way delay the WAN emulator adds on the uplinks of
 //! sites B and C.
 //!
-//! The lab is the controller demo's ([`bench::sites`]): site A public, B and C behind
+//! The lab is the controller demo's ([`lab::sites`]): site A public, B and C behind
 //! NAT (and a WAN link each) with the agent's TCP port forwarded, an `mvc agent` on every
 //! site frontend, the controller run on site A's frontend. The reference measured in the same
 //! run is the underlay RTT from B's frontend to A's.
@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bench::lab::{self, Lab, Topology};
-use bench::sites::SiteLab;
+use lab::sites::SiteLab;
+use lab::{Lab, Topology};
 use serde::Serialize;
 
 use super::apps;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use bench::lab::{self, Lab, Topology};
-use bench::overlay::{Mvc, MvcCluster};
+use lab::overlay::{Mvc, MvcCluster};
+use lab::{Lab, Topology};
 
 use super::find_mvc;
 

@@ -18,8 +18,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bench::lab::{self, Lab, Topology, Vm};
-use bench::overlay::{Mvc, MvcCluster};
+use lab::overlay::{Mvc, MvcCluster};
+use lab::{Lab, Topology, Vm};
 use serde::{Deserialize, Serialize};
 
 use super::apps::{self, Net};

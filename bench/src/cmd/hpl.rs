@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bench::lab::{self, Lab, Topology};
-use bench::overlay::{Mvc, MvcCluster};
+use lab::overlay::{Mvc, MvcCluster};
+use lab::{Lab, Topology};
 use serde::Serialize;
 
 use super::apps::{self, Net};
@@ -165,7 +165,7 @@ struct Fields<'a> {
 
 fn one_run(
     lab: &Lab,
-    vms: &[bench::lab::Vm],
+    vms: &[lab::Vm],
     net: Net,
     launcher: &std::path::Path,
     args: &Args,

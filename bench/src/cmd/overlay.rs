@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bench::cpu;
-use bench::lab::{self, Lab, Topology};
-use bench::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
 use bench::peers::Peer;
+use lab::cpu;
+use lab::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
+use lab::{Lab, Topology};
 use serde::Serialize;
 
 use super::{find_mvc, utc_now, write_json, Machine};

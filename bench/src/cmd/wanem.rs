@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bench::lab::{self, Lab, Proc, Topology};
 use bench::wanem::{self, Dir, Stats};
+use lab::{Lab, Proc, Topology};
 use serde::Serialize;
 
 use super::{utc_now, write_json, Machine};

@@ -8,6 +8,7 @@ use crate::migrate::{
     MIRROR_JOB,
 };
 use crate::proto::VmSpec;
+use crate::validate::quote;
 use serde::{Deserialize, Serialize};
 use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -202,7 +203,7 @@ impl AgentCore {
                 let slot = self
                     .local_of(n, vm)
                     .filter(|s| s.handle.is_some() && s.state == "running")
-                    .ok_or_else(|| format!("VM {vm:?} is not running here"))?;
+                    .ok_or_else(|| format!("VM {} is not running here", quote(vm)))?;
                 let target = self.mig_file(&slot.local, "nbd");
                 let disk_size = std::fs::metadata(
                     self.cfg
@@ -211,7 +212,7 @@ impl AgentCore {
                         .join(format!("{}.img", slot.local)),
                 )
                 .map(|m| m.len())
-                .map_err(|e| format!("the disk of {vm:?}: {e}"))?;
+                .map_err(|e| format!("the disk of {}: {e}", quote(vm)))?;
                 self.migrations.insert(
                     slot.local.clone(),
                     Migration {
@@ -237,17 +238,19 @@ impl AgentCore {
                 disk_rate,
             } => {
                 if self.local_of(n, vm).is_some() {
-                    return Err(format!("VM {vm:?} already has a slot here"));
+                    return Err(format!("VM {} already has a slot here", quote(vm)));
                 }
                 let h = self
                     .hosts()
                     .into_iter()
                     .find(|h| h.name == host)
-                    .ok_or_else(|| format!("no host {host:?} at this site"))?;
+                    .ok_or_else(|| format!("no host {} at this site", quote(&host)))?;
                 if h.free_vms == 0 || h.free_memory_mb < memory_mb {
                     return Err(format!(
-                        "host {host:?} lacks capacity: asked 1 VM / {memory_mb} MiB, free {} VMs / {} MiB",
-                        h.free_vms, h.free_memory_mb
+                        "host {} lacks capacity: asked 1 VM / {memory_mb} MiB, free {} VMs / {} MiB",
+                        quote(&host),
+                        h.free_vms,
+                        h.free_memory_mb
                     ));
                 }
                 let held: u32 = self
@@ -263,7 +266,8 @@ impl AgentCore {
                 let c = &self.state.clusters[&n];
                 if c.overlay.is_none() {
                     return Err(format!(
-                        "overlay of {cluster:?} is not up here; start the cluster"
+                        "overlay of {} is not up here; start the cluster",
+                        quote(cluster)
                     ));
                 }
                 let nic = (0..)
@@ -377,7 +381,7 @@ impl AgentCore {
             } => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 let stop = match self.migrations.get(&slot.local) {
                     Some(m) if m.token == token => m.stop.clone(),
                     _ => return Err("no such migration offered here".into()),
@@ -421,7 +425,7 @@ impl AgentCore {
             MigrateStep::MirrorEnd => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
                 end_mirror(&qsock, false)?;
                 if let Some(m) = self.migrations.get_mut(&slot.local) {
@@ -438,7 +442,7 @@ impl AgentCore {
             } => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 let stop = match self.migrations.get(&slot.local) {
                     Some(m) if m.token == token => m.stop.clone(),
                     _ => return Err("no such migration offered here".into()),
@@ -473,7 +477,7 @@ impl AgentCore {
             MigrateStep::Status => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
                 let incoming = self
                     .migrations
@@ -500,7 +504,7 @@ impl AgentCore {
             MigrateStep::Finish => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 let qsock = self.mig_file(&slot.local, "qmp");
                 let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
                 let mut run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
@@ -545,7 +549,7 @@ impl AgentCore {
             MigrateStep::Done => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 if !self.migrations.get(&slot.local).is_some_and(|m| m.precopy) {
                     let st = xnbd_ctl(
                         &self.mig_file(&slot.local, "xnbd.ctl"),
@@ -570,7 +574,7 @@ impl AgentCore {
             MigrateStep::Release => {
                 let slot = self
                     .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {vm:?} here"))?;
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
                 self.migrations.remove(&slot.local);
                 self.stop_vm(n, vm);
                 let mut log = Vec::new();

@@ -1,6 +1,6 @@
 #![no_main]
 //! A whole edge fed arbitrary datagrams (claiming to come from its supernode or from
-//! elsewhere) and frames: nothing may panic.
+//! elsewhere) and frames: nothing may panic, and after a poll the next deadline lies ahead.
 use std::time::Instant;
 
 use dataplane::crypto::Cipher;
@@ -31,5 +31,6 @@ fuzz_target!(|data: &[u8]| {
         e.handle_tap(now, &data[1..], &mut out);
     }
     e.poll(now, &mut out);
+    assert!(e.poll_timeout().is_some_and(|d| d > now));
     out.recycle_sent();
 });

@@ -10,15 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::edge::EdgeCore;
-use crate::offload;
 use crate::outbox::Outbox;
 use crate::status::{EdgeStatus, SupernodeStatus};
 use crate::supernode::SupernodeCore;
 
 use super::ctl::Snapshot;
 use super::frames::{self, FramePort};
-use super::tap;
 use super::IoError;
+use super::{mtu, tap};
 
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_millis(20);
@@ -106,7 +105,7 @@ pub fn run_edge(
     snap: Snapshot<EdgeStatus>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), IoError> {
-    let buf_size = info.mtu as usize + 14 + 4 + 1024;
+    let buf_size = mtu::packet_buf_size(info.mtu);
     let mut out = Outbox::new(buf_size);
     let mut rx = vec![0u8; 65_536];
     let mut last_tick = Instant::now() - TICK;
@@ -176,19 +175,11 @@ pub fn run_edge(
             frames::send_xdp(p, &mut core, &mut out);
         }
         for t in &mut out.tap {
-            let frame = &mut t.buf[t.start..t.start + t.len];
-            if t.hdr.flags & offload::F_NEEDS_CSUM != 0
-                && offload::complete_csum(
-                    frame,
-                    usize::from(t.hdr.csum_start),
-                    usize::from(t.hdr.csum_offset),
-                )
-                .is_err()
-            {
+            if t.complete_csum().is_err() {
                 core.count_drop("bad_csum_offload");
                 continue;
             }
-            if tap::write(tfd, frame).is_err() {
+            if tap::write(tfd, &t.buf[t.start..t.start + t.len]).is_err() {
                 core.count_drop("tap_write_error");
             }
         }

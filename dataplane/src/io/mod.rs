@@ -5,6 +5,7 @@
 pub mod ctl;
 pub mod driver;
 pub mod frames;
+pub mod mtu;
 pub mod spin;
 pub mod sys;
 pub mod tap;

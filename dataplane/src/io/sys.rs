@@ -157,3 +157,14 @@ pub fn host_addrs(tap: &str, port: u16) -> (Vec<SocketAddr>, Vec<(IpAddr, u8)>) 
     }
     (locals, overlay)
 }
+
+/// Sets a descriptor blocking (io_uring waits for readiness itself).
+pub fn set_blocking(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor we own; failure leaves it as it was.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Several forwarder threads over one edge (`mvc edge --threads N`).
 //!
-//! Each thread runs its own io_uring loop ([`super::uring::run_forwarder`]) over its own
+//! Each thread runs its own io_uring loop ([`super::uring::Forwarder`]) over its own
 //! UDP socket (one `SO_REUSEPORT` group: the kernel keeps each peer's 4-tuple on one
 //! socket) and its own queue of the frame port (a queue of a multi-queue TAP device, or
 //! the AF_XDP socket of one veth rx queue): the kernel hashes each flow onto one queue,
@@ -21,20 +21,11 @@
 //! for the VMs are therefore written to the queue their flow was last read from
 //! ([`FlowQueues`]), so that a flow never moves between threads because of our writes.
 
-use std::net::UdpSocket;
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::edge::EdgeCore;
-use crate::status::{EdgeStatus, ThreadStatus};
-
-use super::ctl::Snapshot;
-use super::driver::EdgeInfo;
-use super::frames::FramePort;
-use super::uring::{self, Offloads};
-use super::IoError;
+use crate::status::ThreadStatus;
 
 /// Most forwarder threads (the XDP program's XSKMAP has 64 entries).
 pub const MAX_THREADS: usize = 64;
@@ -236,112 +227,6 @@ pub fn flow_hash(frame: &[u8]) -> Option<u32> {
         h = h.wrapping_mul(0x0100_0193);
     }
     Some(h)
-}
-
-/// Runs `socks.len()` forwarder threads (thread 0 on the calling thread; with one socket
-/// no thread is spawned), one per UDP socket and frame port queue, until `stop` is set or one of them fails (which stops the
-/// others); returns the first error.
-#[allow(clippy::too_many_arguments)]
-pub fn run_edge_threads(
-    core: EdgeCore,
-    socks: Vec<UdpSocket>,
-    ports: Vec<FramePort>,
-    off: Offloads,
-    underlay_mtu: usize,
-    spin: Duration,
-    info: EdgeInfo,
-    snap: Snapshot<EdgeStatus>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), IoError> {
-    if socks.len() != ports.len() || socks.is_empty() || socks.len() > MAX_THREADS {
-        return Err(IoError::Invalid(format!(
-            "{} sockets for {} frame queues",
-            socks.len(),
-            ports.len()
-        )));
-    }
-    let n = socks.len();
-    let shared = Arc::new(Forwarders::new(core, n));
-    let tap_fds: Arc<[RawFd]> = match ports.first() {
-        Some(FramePort::Tap(_)) => ports.iter().map(FramePort::fd).collect(),
-        _ => Arc::from(Vec::new()),
-    };
-    let mut work = socks.into_iter().zip(ports);
-    let (sock0, port0) = work
-        .next()
-        .ok_or_else(|| IoError::Invalid("no forwarder".into()))?;
-    let mut handles = Vec::with_capacity(n - 1);
-    for (i, (sock, port)) in work.enumerate() {
-        let (sh, fds, info, snap, stop_t) = (
-            Arc::clone(&shared),
-            Arc::clone(&tap_fds),
-            info.clone(),
-            Arc::clone(&snap),
-            Arc::clone(&stop),
-        );
-        let h = std::thread::Builder::new()
-            .name(format!("mvc-fwd-{}", i + 1))
-            .spawn(move || {
-                let r = uring::run_forwarder(
-                    &sh,
-                    i + 1,
-                    sock,
-                    port,
-                    fds,
-                    off,
-                    underlay_mtu,
-                    spin,
-                    info,
-                    snap,
-                    Arc::clone(&stop_t),
-                );
-                if r.is_err() {
-                    stop_t.store(true, Ordering::Relaxed);
-                }
-                r
-            })
-            .map_err(|e| IoError::Sys {
-                call: "spawn forwarder thread".into(),
-                source: e,
-            });
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                for h in handles {
-                    let _ = h.join();
-                }
-                return Err(e);
-            }
-        }
-    }
-    let r0 = uring::run_forwarder(
-        &shared,
-        0,
-        sock0,
-        port0,
-        tap_fds,
-        off,
-        underlay_mtu,
-        spin,
-        info,
-        snap,
-        Arc::clone(&stop),
-    );
-    stop.store(true, Ordering::Relaxed);
-    let mut first = r0.err();
-    for h in handles {
-        let r = h
-            .join()
-            .unwrap_or_else(|_| Err(IoError::Invalid("a forwarder thread panicked".into())));
-        if let (None, Err(e)) = (&first, r) {
-            first = Some(e);
-        }
-    }
-    match first {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 #[cfg(test)]

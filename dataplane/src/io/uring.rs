@@ -1,17 +1,23 @@
-//! The edge's event loop on io_uring: UDP receives and TAP reads stay armed in batches,
-//! output is submitted as a batch after each round of completions. UDP GSO/GRO and the
-//! TAP's virtio header (TSO, checksum offload) are used when the kernel has them.
+//! The edge's forwarder threads on io_uring. A [`Forwarder`] is one thread: its own UDP
+//! socket and frame-port queue, the protocol core shared with the others (see
+//! `io::threads`). UDP receives and frame-port reads stay armed; each round waits for
+//! completions (`Forwarder::wait`), locks the core once, hands it what arrived
+//! (`Forwarder::reap`: datagrams to `Forwarder::on_udp`, frames to
+//! `Forwarder::on_frames`, finished sends back to the pools), runs the core's timers
+//! (thread 0), submits everything the core queued as one batch (`Forwarder::flush`) and
+//! publishes counters and status (`Forwarder::publish`). UDP GSO/GRO and the TAP's
+//! virtio header (TSO, checksum offload) are used when the kernel has them.
 //!
-//! With an XDP port instead of a TAP device, a `POLL_ADD` on the AF_XDP socket stands in
-//! for the TAP reads: when it fires, frames are taken off the RX ring in batches, TCP
-//! segments of one flow coalesced into super-frames ([`RxGro`]) that take the TSO path
-//! (one UDP GSO send per super-frame), and frames for the VMs leave through the TX ring
-//! in one batch per round.
+//! What differs between a TAP device and an XDP port (what stays armed, how frames are
+//! taken in, how frames for the VMs leave) lives in [`RingPort`]; the forwarder does not
+//! ask which one it drives.
 //!
 //! Buffers handed to the kernel are owned by slots that live (boxed, never moved) until
-//! their completion arrives; the ring is dropped before the file descriptors.
+//! their completion arrives; the ring is dropped before the file descriptors, and the
+//! buffers the kernel may still write into are then leaked, not freed (see [`Forwarder`]).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::mem::ManuallyDrop;
+use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,35 +26,38 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::edge::EdgeCore;
-use crate::offload::{self, RxGro, VnetHdr, VNET_HDR_LEN};
-use crate::outbox::Outbox;
+use crate::offload::VNET_HDR_LEN;
+use crate::outbox::{Outbox, UdpOut};
 use crate::status::EdgeStatus;
 
 use super::ctl::Snapshot;
-use super::driver::EdgeInfo;
-use super::frames::{self, FramePort};
+use super::driver::{self, EdgeInfo};
+use super::frames::{FramePort, RingPort, RxContext};
+use super::mtu;
 use super::spin::{host_busy, AdaptiveSpin, IdleCores};
-use super::sys::{from_sockaddr, to_sockaddr};
-use super::threads::{Counts, Forwarders};
+use super::sys::{from_sockaddr, set_blocking, to_sockaddr};
+use super::threads::{Counts, Forwarders, MAX_THREADS};
 use super::udp::{read_gro_cmsg, write_segment_cmsg, CMSG_SPACE};
 use super::IoError;
 
 const UDP_SLOTS: usize = 4;
-const TAP_SLOTS: usize = 4;
 const RX_BUF: usize = 65_536 + VNET_HDR_LEN;
 const MAX_IN_FLIGHT: usize = 2048;
-const TICK: Duration = Duration::from_millis(20);
+/// The longest sleep: status snapshots and per-thread counters are published this often
+/// while traffic flows, and an idle loop wakes this often at most (the core's own timers
+/// are waited for exactly, through `EdgeCore::poll_timeout`).
+const MAX_WAIT: Duration = Duration::from_millis(200);
+/// While the completion queue never runs dry, the core's next deadline is re-read this
+/// often (an event can move it earlier); it is always re-read before the loop may sleep.
+const DEADLINE_REFRESH: Duration = Duration::from_millis(5);
 /// How often the host's load is checked to decide whether polling may run.
 const LOAD_CHECK: Duration = Duration::from_secs(1);
 const PUBLISH: Duration = Duration::from_millis(200);
 const MAX_GSO_SEGS: usize = 64;
 const MAX_GSO_BYTES: usize = 65_000;
-/// Frames taken off the AF_XDP RX ring per call, and calls per wake-up at most.
-const XDP_BATCH: u32 = 64;
-const XDP_ROUNDS: usize = 4;
 
 const K_UDP: u64 = 1 << 32;
-const K_TAP: u64 = 2 << 32;
+const K_FRAMES: u64 = 2 << 32;
 const K_OUT: u64 = 3 << 32;
 const K_MASK: u64 = 0xffff_ffff << 32;
 
@@ -138,62 +147,44 @@ fn on(b: bool) -> &'static str {
     }
 }
 
-struct Loop {
-    ring: IoUring,
-    udp_fd: RawFd,
-    tap_fd: RawFd,
-    port: FramePort,
-    off: Offloads,
-    // Boxed so a slot's address never changes while the kernel holds pointers into it.
-    #[allow(clippy::vec_box)]
-    udp_slots: Vec<Box<RecvSlot>>,
-    tap_bufs: Vec<Vec<u8>>,
-    flights: Vec<Option<InFlight>>,
+/// The io_uring and the send buffers it has been lent: each stays in `flights` until its
+/// completion is reaped.
+struct Ring {
+    uring: IoUring,
+    /// Never freed: sends still in flight when the ring closes may be read afterwards.
+    flights: ManuallyDrop<Vec<Option<InFlight>>>,
     free: Vec<usize>,
-    underlay_payload: usize,
-    gso_warned: bool,
-    /// Every queue of a multi-queue TAP device (one per thread), this thread's own.
-    tap_fds: Arc<[RawFd]>,
-    me: usize,
-    shared: Arc<Forwarders>,
-    counts: Counts,
-    /// With several threads, frames for the VMs leave through AF_XDP after the core
-    /// lock is released (the copy-mode `sendto` is the costly part of the XDP path).
-    xdp_after_unlock: bool,
 }
 
-impl Loop {
+impl Ring {
+    fn new() -> Result<Self, IoError> {
+        let uring = IoUring::builder()
+            .setup_single_issuer()
+            .build(1024)
+            .or_else(|_| IoUring::new(1024))
+            .map_err(|e| IoError::Sys {
+                call: "io_uring_setup".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            uring,
+            flights: ManuallyDrop::new(Vec::new()),
+            free: Vec::new(),
+        })
+    }
+
     fn push(&mut self, e: &squeue::Entry) -> Result<(), IoError> {
         loop {
             // SAFETY: every entry refers to memory owned by a slot or an in-flight record
             // that stays alive and unmoved until its completion is reaped.
-            if unsafe { self.ring.submission().push(e) }.is_ok() {
+            if unsafe { self.uring.submission().push(e) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit().map_err(|e| IoError::Sys {
+            self.uring.submit().map_err(|e| IoError::Sys {
                 call: "io_uring_enter".into(),
                 source: e,
             })?;
         }
-    }
-
-    fn arm_udp(&mut self, i: usize) -> Result<(), IoError> {
-        let e = self.udp_slots[i].arm(self.udp_fd, K_UDP | i as u64);
-        self.push(&e)
-    }
-
-    fn arm_tap(&mut self, i: usize) -> Result<(), IoError> {
-        if matches!(self.port, FramePort::Xdp(_)) {
-            let e = opcode::PollAdd::new(types::Fd(self.tap_fd), libc::POLLIN as u32)
-                .build()
-                .user_data(K_TAP | i as u64);
-            return self.push(&e);
-        }
-        let b = &mut self.tap_bufs[i];
-        let e = opcode::Read::new(types::Fd(self.tap_fd), b.as_mut_ptr(), b.len() as u32)
-            .build()
-            .user_data(K_TAP | i as u64);
-        self.push(&e)
     }
 
     fn flight(&mut self, f: InFlight) -> Option<usize> {
@@ -208,97 +199,462 @@ impl Loop {
         Some(self.flights.len() - 1)
     }
 
-    /// Queues a TAP write of `buf[..len]` (vnet header included when enabled).
-    fn write_tap(
+    /// Queues a write of `buf[start..start + len]` to `fd`; false when too many
+    /// operations are in flight (the buffer is then dropped).
+    fn write(
         &mut self,
+        fd: RawFd,
         buf: Vec<u8>,
         start: usize,
         len: usize,
         big: bool,
-        core: &mut EdgeCore,
-    ) -> Result<(), IoError> {
+    ) -> Result<bool, IoError> {
         let ptr = buf[start..].as_ptr();
-        self.counts.frames_tx += 1;
-        let fd = if self.tap_fds.len() > 1 {
-            let h = if self.off.vnet { VNET_HDR_LEN } else { 0 };
-            let frame = buf.get(start + h..start + len).unwrap_or(&[]);
-            let q = self.shared.flows().pick(frame, self.me);
-            self.tap_fds.get(q).copied().unwrap_or(self.tap_fd)
-        } else {
-            self.tap_fd
-        };
         let Some(i) = self.flight(InFlight {
             buf,
             big,
             gso: false,
             _meta: None,
         }) else {
-            core.count_drop("tap_backpressure");
-            return Ok(());
+            return Ok(false);
         };
         let e = opcode::Write::new(types::Fd(fd), ptr, len as u32)
             .build()
             .user_data(K_OUT | i as u64);
-        self.push(&e)
+        self.push(&e).map(|()| true)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_udp(
-        &mut self,
-        buf: Vec<u8>,
-        start: usize,
-        len: usize,
-        dst: SocketAddr,
-        seg: Option<u16>,
-        big: bool,
-        core: &mut EdgeCore,
-    ) -> Result<(), IoError> {
-        let (addr, alen) = to_sockaddr(&dst);
+    /// Queues the send of datagram `u` on `fd` (a GSO send of `u.segment`-byte segments
+    /// when set); false when too many operations are in flight (the buffer is then
+    /// dropped).
+    fn send(&mut self, fd: RawFd, u: UdpOut) -> Result<bool, IoError> {
+        let (addr, alen) = to_sockaddr(&u.dst);
         let mut meta = Box::new(SendMeta {
             iov: libc::iovec {
                 iov_base: std::ptr::null_mut(),
-                iov_len: len,
+                iov_len: u.len,
             },
             addr,
             ctrl: [0; CMSG_SPACE / 8],
             // SAFETY: plain old data; zero is valid.
             hdr: unsafe { std::mem::zeroed() },
         });
-        meta.iov.iov_base = buf[start..].as_ptr() as *mut libc::c_void;
+        meta.iov.iov_base = u.buf[u.start..].as_ptr() as *mut libc::c_void;
         meta.hdr.msg_name = &mut meta.addr as *mut _ as *mut libc::c_void;
         meta.hdr.msg_namelen = alen;
         meta.hdr.msg_iov = &mut meta.iov;
         meta.hdr.msg_iovlen = 1;
-        if let Some(s) = seg {
-            let n = write_segment_cmsg(&mut meta.ctrl, s);
+        if let Some(s) = u.segment {
+            let n = write_segment_cmsg(&mut meta.ctrl, s as u16);
             meta.hdr.msg_control = meta.ctrl.as_mut_ptr() as *mut libc::c_void;
             meta.hdr.msg_controllen = n;
         }
         let hp: *const libc::msghdr = &meta.hdr;
-        self.counts.udp_tx += match seg {
-            Some(s) => len.div_ceil(usize::from(s).max(1)) as u64,
-            None => 1,
-        };
         let Some(i) = self.flight(InFlight {
-            buf,
-            big,
-            gso: seg.is_some(),
+            buf: u.buf,
+            big: u.big,
+            gso: u.segment.is_some(),
             _meta: Some(meta),
         }) else {
-            core.count_drop("udp_backpressure");
-            return Ok(());
+            return Ok(false);
         };
-        let e = opcode::SendMsg::new(types::Fd(self.udp_fd), hp)
+        let e = opcode::SendMsg::new(types::Fd(fd), hp)
             .build()
             .user_data(K_OUT | i as u64);
-        self.push(&e)
+        self.push(&e).map(|()| true)
+    }
+}
+
+/// What every forwarder thread of an edge is set up with.
+#[derive(Clone)]
+pub struct ForwarderConfig {
+    /// Offloads probed at start.
+    pub off: Offloads,
+    /// MTU of the underlay path (datagrams between edges).
+    pub underlay_mtu: usize,
+    /// Longest busy-poll before sleeping (zero: never poll).
+    pub spin: Duration,
+    /// What status reports about the edge.
+    pub info: EdgeInfo,
+    /// Where thread 0 publishes the status.
+    pub snap: Snapshot<EdgeStatus>,
+    /// Set to stop every thread.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// One forwarder thread of an edge (see the module comment).
+///
+/// Teardown: fields drop in the order they are declared, and the ring goes first.
+/// Receives and reads are still armed then and the kernel cancels them asynchronously
+/// after the ring closes, so the memory it may still write into (receive slots, TAP read
+/// buffers, in-flight sends) is held in `ManuallyDrop` and leaked on purpose (the thread
+/// is ending with the process); the socket and the frame port close last.
+pub struct Forwarder {
+    ring: Ring,
+    // Boxed so a slot's address never changes while the kernel holds pointers into it.
+    #[allow(clippy::vec_box)]
+    udp_slots: ManuallyDrop<Vec<Box<RecvSlot>>>,
+    port: RingPort,
+    sock: UdpSocket,
+    out: Outbox,
+    off: Offloads,
+    gso_warned: bool,
+    underlay_payload: usize,
+    max_seg_frame: usize,
+    shared: Arc<Forwarders>,
+    me: usize,
+    counts: Counts,
+    cfg: ForwarderConfig,
+    spinner: AdaptiveSpin,
+    idle: IdleCores,
+    cores: usize,
+    /// Thread 0: when the core's timers are due next (`EdgeCore::poll_timeout`).
+    next_poll: Instant,
+    /// Thread 0: when `next_poll` was last read from the core.
+    deadline_read: Instant,
+    last_pub: Instant,
+    last_load: Instant,
+    last_host: Instant,
+    cqes: Vec<(u64, i32)>,
+    /// An error found while reaping, returned once the round is done.
+    fatal: Option<IoError>,
+}
+
+impl Forwarder {
+    /// Forwarder thread `me` over its socket and frame-port queue; `tap_queues` holds
+    /// every queue of a multi-queue TAP device (empty on XDP). Thread 0 also runs the
+    /// core's timers and publishes the status snapshot.
+    pub fn new(
+        shared: Arc<Forwarders>,
+        me: usize,
+        sock: UdpSocket,
+        port: FramePort,
+        tap_queues: Arc<[RawFd]>,
+        cfg: &ForwarderConfig,
+    ) -> Result<Self, IoError> {
+        let ring = Ring::new()?;
+        set_blocking(sock.as_raw_fd());
+        let port = RingPort::new(port, tap_queues, shared.threads());
+        let mut out = Outbox::new(mtu::packet_buf_size(cfg.info.mtu));
+        out.gso = cfg.off.gso;
+        out.gso_max_segment = mtu::udp_payload(cfg.underlay_mtu);
+        if cfg.off.vnet {
+            out.enable_coalescing();
+        }
+        let now = Instant::now();
+        Ok(Self {
+            ring,
+            udp_slots: ManuallyDrop::new((0..UDP_SLOTS).map(|_| RecvSlot::new()).collect()),
+            port,
+            sock,
+            out,
+            off: cfg.off,
+            gso_warned: false,
+            underlay_payload: mtu::udp_payload(cfg.underlay_mtu),
+            max_seg_frame: mtu::max_segment_frame(cfg.underlay_mtu),
+            shared,
+            me,
+            counts: Counts::default(),
+            cfg: cfg.clone(),
+            spinner: AdaptiveSpin::new(cfg.spin),
+            idle: IdleCores::default(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            next_poll: now,
+            deadline_read: now,
+            last_pub: now - PUBLISH,
+            last_load: now - LOAD_CHECK,
+            last_host: now - driver::HOST_REFRESH,
+            cqes: Vec::with_capacity(256),
+            fatal: None,
+        })
     }
 
-    /// Submits everything the core queued: datagrams (consecutive equal-size datagrams to
-    /// one address grouped into GSO sends) and TAP frames.
-    fn flush(&mut self, core: &mut EdgeCore, out: &mut Outbox) -> Result<(), IoError> {
-        out.flush_tap();
-        let mut udp = std::mem::take(&mut out.udp);
+    /// Runs until the stop flag is set or an I/O error ends the thread.
+    pub fn run(mut self) -> Result<(), IoError> {
+        for i in 0..UDP_SLOTS {
+            self.arm_udp(i)?;
+        }
+        for i in 0..self.port.reads() {
+            self.arm_frames(i)?;
+        }
+        let shared = Arc::clone(&self.shared);
+        while !self.cfg.stop.load(Ordering::Relaxed) {
+            let idle_from = self.wait()?;
+            // The core is locked once per round (not per packet) and never while waiting.
+            let (mut guard, waited) = shared.lock_counted();
+            self.counts.lock_waits += u64::from(waited);
+            let core: &mut EdgeCore = &mut guard;
+            self.port.count_drops(core);
+            let now = Instant::now();
+            self.reap(core, now, idle_from)?;
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
+            }
+            let polled = self.tick(core, now);
+            self.flush(core)?;
+            self.publish(core, now);
+            self.read_deadline(core, now, polled);
+            drop(guard);
+            self.counts.frames_tx += self.port.send_unlocked(&mut self.out);
+        }
+        Ok(())
+    }
+
+    fn arm_udp(&mut self, i: usize) -> Result<(), IoError> {
+        let e = self.udp_slots[i].arm(self.sock.as_raw_fd(), K_UDP | i as u64);
+        self.ring.push(&e)
+    }
+
+    fn arm_frames(&mut self, i: usize) -> Result<(), IoError> {
+        let e = self.port.arm(i).user_data(K_FRAMES | i as u64);
+        self.ring.push(&e)
+    }
+
+    /// Submits what is queued and waits for completions (after polling for the adaptive
+    /// window), collecting them; returns when the wait started idle (no completion
+    /// ready).
+    fn wait(&mut self) -> Result<Option<Instant>, IoError> {
+        let uring = &mut self.ring.uring;
+        // Before sleeping, poll the completion queue for the adaptive window: a wake-up
+        // costs more than a short poll and dominates the overlay's RTT.
+        let idle_from = uring.completion().is_empty().then(Instant::now);
+        let window = self.spinner.window();
+        if idle_from.is_some() && !window.is_zero() {
+            let until = Instant::now() + window;
+            let _ = uring.submit();
+            while uring.completion().is_empty() && Instant::now() < until {
+                let _ = uring
+                    .submitter()
+                    .submit_with_args(0, &types::SubmitArgs::new());
+                std::hint::spin_loop();
+            }
+        }
+        // Thread 0 sleeps until the core's next timer at most; while AF_XDP transmits are
+        // in flight, wake up soon to reap their completions.
+        let mut sleep = MAX_WAIT;
+        if self.me == 0 {
+            sleep = sleep.min(self.next_poll.saturating_duration_since(Instant::now()));
+        }
+        if self.port.tx_pending() {
+            sleep = sleep.min(Duration::from_millis(1));
+        }
+        let timeout = types::Timespec::from(sleep);
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        let want = usize::from(uring.completion().is_empty());
+        match uring.submitter().submit_with_args(want, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => {
+                return Err(IoError::Sys {
+                    call: "io_uring_enter".into(),
+                    source: e,
+                })
+            }
+        }
+        self.cqes.clear();
+        self.cqes
+            .extend(uring.completion().map(|c| (c.user_data(), c.result())));
+        Ok(idle_from)
+    }
+
+    /// Handles the completions of this round and re-arms what they used.
+    fn reap(
+        &mut self,
+        core: &mut EdgeCore,
+        now: Instant,
+        idle_from: Option<Instant>,
+    ) -> Result<(), IoError> {
+        // Only traffic or a timeout tells how far away the next event was; completions
+        // of our own sends arrive at once and say nothing about it.
+        if let Some(t0) = idle_from {
+            if self.cqes.is_empty() || self.cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
+                self.spinner.waited(now.saturating_duration_since(t0));
+            }
+        }
+        let cqes = std::mem::take(&mut self.cqes);
+        let mut r = Ok(());
+        for &(ud, res) in &cqes {
+            let i = (ud & !K_MASK) as usize;
+            r = match ud & K_MASK {
+                K_UDP => self.on_udp(i, res, core, now),
+                K_FRAMES => self.on_frames(i, res, core, now),
+                K_OUT => {
+                    self.on_sent(i, res, core);
+                    Ok(())
+                }
+                _ => {
+                    core.count_drop("unknown_completion");
+                    Ok(())
+                }
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        self.cqes = cqes;
+        r
+    }
+
+    /// A datagram (or a GRO batch of them) arrived in receive slot `i`.
+    fn on_udp(
+        &mut self,
+        i: usize,
+        res: i32,
+        core: &mut EdgeCore,
+        now: Instant,
+    ) -> Result<(), IoError> {
+        if res > 0 {
+            let slot = &mut self.udp_slots[i];
+            let n = res as usize;
+            let src = from_sockaddr(&slot.addr);
+            let seg = if self.off.gro {
+                read_gro_cmsg(&slot.ctrl, slot.hdr.msg_controllen)
+            } else {
+                None
+            };
+            if let Some(src) = src {
+                let seg = seg.unwrap_or(n).max(1);
+                let mut o = 0;
+                while o < n {
+                    let e = (o + seg).min(n);
+                    core.handle_udp(now, src, &mut slot.buf[o..e], &mut self.out);
+                    self.counts.udp_rx += 1;
+                    o = e;
+                }
+            }
+        } else if res < 0 {
+            core.count_drop("udp_recv_error");
+        }
+        self.arm_udp(i)
+    }
+
+    /// Read `i` of the frame port completed.
+    fn on_frames(
+        &mut self,
+        i: usize,
+        res: i32,
+        core: &mut EdgeCore,
+        now: Instant,
+    ) -> Result<(), IoError> {
+        let mut cx = RxContext {
+            now,
+            core,
+            out: &mut self.out,
+            flows: self.shared.flows(),
+            me: self.me,
+            max_seg_frame: self.max_seg_frame,
+        };
+        match self.port.on_read(i, res, &mut cx) {
+            Ok(n) => self.counts.frames_rx += n,
+            Err(e) => {
+                self.fatal.get_or_insert(e);
+            }
+        }
+        self.arm_frames(i)
+    }
+
+    /// Send `i` completed: its buffer goes back to the pool. A GSO send the kernel
+    /// refuses turns GSO off for good (once, loudly).
+    fn on_sent(&mut self, i: usize, res: i32, core: &mut EdgeCore) {
+        let Some(f) = self.ring.flights.get_mut(i).and_then(Option::take) else {
+            return;
+        };
+        self.ring.free.push(i);
+        if res < 0 {
+            if f.gso && (res == -libc::EIO || res == -libc::EINVAL) {
+                self.off.gso = false;
+                if !self.gso_warned {
+                    self.gso_warned = true;
+                    tracing::warn!(
+                        errno = -res,
+                        "UDP GSO send failed; sending datagrams one by one from now on"
+                    );
+                }
+                core.count_drop("gso_send_failed");
+            } else {
+                core.count_drop("send_error");
+            }
+        }
+        self.out.give(f.buf, f.big);
+    }
+
+    /// The host's load (whether polling may run) and, on thread 0, the core's timers when
+    /// they are due; says whether the core was polled.
+    fn tick(&mut self, core: &mut EdgeCore, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last_load) >= LOAD_CHECK {
+            self.last_load = now;
+            if !self.cfg.spin.is_zero() {
+                self.spinner
+                    .set_host_busy(host_busy(self.idle.sample(self.cores)));
+            }
+        }
+        if self.me != 0 {
+            return false;
+        }
+        if now.saturating_duration_since(self.last_host) >= driver::HOST_REFRESH {
+            self.last_host = now;
+            let (l, o) = driver::host_addrs(&self.cfg.info.tap, self.cfg.info.listen_addr);
+            core.set_host_addrs(l, o);
+        }
+        if now < self.next_poll {
+            return false;
+        }
+        core.poll(now, &mut self.out);
+        true
+    }
+
+    /// Thread 0: re-reads the core's next deadline after a poll, before the loop may sleep
+    /// (no completion waiting) and at least every `DEADLINE_REFRESH` under load. A
+    /// deadline the poll left in the past is retried a millisecond later, not in a spin.
+    fn read_deadline(&mut self, core: &EdgeCore, now: Instant, polled: bool) {
+        if self.me != 0 {
+            return;
+        }
+        let idle = self.ring.uring.completion().is_empty();
+        if !(polled
+            || idle
+            || now.saturating_duration_since(self.deadline_read) >= DEADLINE_REFRESH)
+        {
+            return;
+        }
+        self.deadline_read = now;
+        let next = core.poll_timeout().unwrap_or(now + MAX_WAIT);
+        self.next_poll = if polled && next <= now {
+            now + Duration::from_millis(1)
+        } else {
+            next
+        };
+    }
+
+    /// Submits everything the core queued: datagrams, then frames for the VMs.
+    fn flush(&mut self, core: &mut EdgeCore) -> Result<(), IoError> {
+        self.out.flush_tap();
+        self.flush_udp(core)?;
+        let ring = &mut self.ring;
+        let n = self.port.send(
+            core,
+            &mut self.out,
+            self.me,
+            self.shared.flows(),
+            |fd, f, start, len, core| {
+                if !ring.write(fd, f.buf, start, len, f.big)? {
+                    core.count_drop("tap_backpressure");
+                }
+                Ok(())
+            },
+        )?;
+        self.counts.frames_tx += n;
+        Ok(())
+    }
+
+    /// Sends the queued datagrams: consecutive equal-size datagrams to one address are
+    /// grouped into GSO sends; a GSO batch of the core is split when GSO is off.
+    fn flush_udp(&mut self, core: &mut EdgeCore) -> Result<(), IoError> {
+        let mut udp = std::mem::take(&mut self.out.udp);
         let mut i = 0;
         while i < udp.len() {
             let dst = udp[i].dst;
@@ -306,18 +662,18 @@ impl Loop {
                 let u = &mut udp[i];
                 let b = std::mem::take(&mut u.buf);
                 if self.off.gso {
-                    self.send_udp(b, 0, u.len, dst, Some(seg as u16), true, core)?;
+                    self.send_udp(datagram(dst, b, 0, u.len, Some(seg), true), core)?;
                 } else {
                     // No GSO: one datagram per segment, each copied to a small buffer.
                     let mut o = 0;
                     while o < u.len {
                         let e = (o + seg).min(u.len);
-                        let mut sb = out.take();
+                        let mut sb = self.out.take();
                         sb[..e - o].copy_from_slice(&b[o..e]);
-                        self.send_udp(sb, 0, e - o, dst, None, false, core)?;
+                        self.send_udp(datagram(dst, sb, 0, e - o, None, false), core)?;
                         o = e;
                     }
-                    out.give(b, true);
+                    self.out.give(b, true);
                 }
                 i += 1;
                 continue;
@@ -343,9 +699,9 @@ impl Loop {
             if j - i == 1 {
                 let u = &mut udp[i];
                 let b = std::mem::take(&mut u.buf);
-                self.send_udp(b, u.start, u.len, dst, None, false, core)?;
+                self.send_udp(datagram(dst, b, u.start, u.len, None, false), core)?;
             } else {
-                let mut big = out.take_big();
+                let mut big = self.out.take_big();
                 let mut off = 0;
                 for u in &udp[i..j] {
                     let b = u.bytes();
@@ -354,390 +710,143 @@ impl Loop {
                 }
                 for u in &mut udp[i..j] {
                     let b = std::mem::take(&mut u.buf);
-                    out.give(b, false);
+                    self.out.give(b, false);
                 }
-                self.send_udp(big, 0, off, dst, Some(first_len as u16), true, core)?;
+                self.send_udp(datagram(dst, big, 0, off, Some(first_len), true), core)?;
             }
             i = j;
         }
         udp.clear();
-        out.udp = udp;
-
-        if self.xdp_after_unlock {
-            return Ok(());
-        }
-        if let Some(p) = self.port.xdp() {
-            self.counts.frames_tx += out.tap.len() as u64;
-            frames::send_xdp(p, core, out);
-            return Ok(());
-        }
-        let mut tap = std::mem::take(&mut out.tap);
-        for mut t in tap.drain(..) {
-            if self.off.vnet {
-                let s = t.start - VNET_HDR_LEN;
-                t.hdr.write(&mut t.buf[s..t.start]);
-                self.write_tap(t.buf, s, t.len + VNET_HDR_LEN, t.big, core)?;
-            } else {
-                let frame = &mut t.buf[t.start..t.start + t.len];
-                if t.hdr.flags & offload::F_NEEDS_CSUM != 0
-                    && offload::complete_csum(
-                        frame,
-                        usize::from(t.hdr.csum_start),
-                        usize::from(t.hdr.csum_offset),
-                    )
-                    .is_err()
-                {
-                    core.count_drop("bad_csum_offload");
-                    out.give(t.buf, t.big);
-                    continue;
-                }
-                self.write_tap(t.buf, t.start, t.len, t.big, core)?;
-            }
-        }
-        out.tap = tap;
+        self.out.udp = udp;
         Ok(())
     }
 
-    /// I/O engine and offloads, for status.
-    fn describe(&self) -> String {
-        match &self.port {
-            FramePort::Tap(_) => self.off.describe(),
-            FramePort::Xdp(_) => format!(
-                "io_uring; udp-gso {}; udp-gro {}; {}",
-                on(self.off.gso),
-                on(self.off.gro),
-                self.port.describe()
-            ),
+    fn send_udp(&mut self, u: UdpOut, core: &mut EdgeCore) -> Result<(), IoError> {
+        self.counts.udp_tx += match u.segment {
+            Some(s) => u.len.div_ceil(s.max(1)) as u64,
+            None => 1,
+        };
+        if !self.ring.send(self.sock.as_raw_fd(), u)? {
+            core.count_drop("udp_backpressure");
         }
+        Ok(())
+    }
+
+    /// Every status period: this thread's counters, and on thread 0 the status snapshot.
+    fn publish(&mut self, core: &mut EdgeCore, now: Instant) {
+        if now.saturating_duration_since(self.last_pub) < PUBLISH {
+            return;
+        }
+        self.last_pub = now;
+        self.shared.counters(self.me).publish(&self.counts);
+        if self.me != 0 {
+            return;
+        }
+        let info = &self.cfg.info;
+        let mut s = core.status(now);
+        s.threads = self.shared.status();
+        s.datapath = info.datapath.clone();
+        s.datapath_reason = info.datapath_reason.clone();
+        s.io = format!(
+            "io_uring; udp-gso {}; udp-gro {}; {}",
+            on(self.off.gso),
+            on(self.off.gro),
+            self.port.describe()
+        );
+        s.tap = info.tap.clone();
+        s.mtu = info.mtu;
+        s.listen = info.listen.clone();
+        *self.cfg.snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
 }
 
-/// Sets a descriptor blocking (io_uring waits for readiness itself).
-fn set_blocking(fd: RawFd) {
-    // SAFETY: fcntl on a descriptor we own; failure leaves it as it was.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
+/// A datagram (or GSO batch, with `segment`) for [`Forwarder::send_udp`].
+fn datagram(
+    dst: std::net::SocketAddr,
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+    segment: Option<usize>,
+    big: bool,
+) -> UdpOut {
+    UdpOut {
+        dst,
+        buf,
+        start,
+        len,
+        segment,
+        big,
     }
 }
 
-/// Runs forwarder thread `me` of an edge (its own socket and frame queue, the core
-/// shared, see `io::threads`) until `stop` is set. Thread 0 also runs the core's timers
-/// and publishes the status snapshot. `tap_fds` holds every TAP queue (empty on XDP).
-#[allow(clippy::too_many_arguments)]
-pub fn run_forwarder(
-    shared: &Arc<Forwarders>,
-    me: usize,
-    sock: UdpSocket,
-    port: FramePort,
-    tap_fds: Arc<[RawFd]>,
-    off: Offloads,
-    underlay_mtu: usize,
-    spin: Duration,
-    info: EdgeInfo,
-    snap: Snapshot<EdgeStatus>,
-    stop: Arc<AtomicBool>,
+/// Runs one forwarder thread per UDP socket and frame-port queue (thread 0 on the
+/// calling thread; with one socket no thread is spawned) until `cfg.stop` is set or one
+/// of them fails (which stops the others); returns the first error.
+pub fn run_edge_threads(
+    core: EdgeCore,
+    socks: Vec<UdpSocket>,
+    ports: Vec<FramePort>,
+    cfg: ForwarderConfig,
 ) -> Result<(), IoError> {
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .build(1024)
-        .or_else(|_| IoUring::new(1024))
-        .map_err(|e| IoError::Sys {
-            call: "io_uring_setup".into(),
-            source: e,
-        })?;
-    set_blocking(sock.as_raw_fd());
-    let is_xdp = matches!(port, FramePort::Xdp(_));
-    if !is_xdp {
-        set_blocking(port.fd());
+    if socks.len() != ports.len() || socks.is_empty() || socks.len() > MAX_THREADS {
+        return Err(IoError::Invalid(format!(
+            "{} sockets for {} frame queues",
+            socks.len(),
+            ports.len()
+        )));
     }
-    let buf_size = info.mtu as usize + 18 + 1024;
-    let mut out = Outbox::new(buf_size);
-    out.gso = off.gso;
-    out.gso_max_segment = underlay_mtu.saturating_sub(28);
-    if off.vnet {
-        out.enable_coalescing();
-    }
-    let mut lp = Loop {
-        ring,
-        udp_fd: sock.as_raw_fd(),
-        tap_fd: port.fd(),
-        port,
-        off,
-        udp_slots: (0..UDP_SLOTS).map(|_| RecvSlot::new()).collect(),
-        tap_bufs: if is_xdp {
-            Vec::new()
-        } else {
-            (0..TAP_SLOTS).map(|_| vec![0u8; RX_BUF]).collect()
-        },
-        flights: Vec::new(),
-        free: Vec::new(),
-        underlay_payload: underlay_mtu.saturating_sub(28),
-        gso_warned: false,
-        tap_fds,
-        me,
-        shared: Arc::clone(shared),
-        counts: Counts::default(),
-        xdp_after_unlock: is_xdp && shared.threads() > 1,
+    let n = socks.len();
+    let shared = Arc::new(Forwarders::new(core, n));
+    let tap_queues: Arc<[RawFd]> = match ports.first() {
+        Some(FramePort::Tap(_)) => ports.iter().map(FramePort::fd).collect(),
+        _ => Arc::from(Vec::new()),
     };
-    // Largest frame after re-segmentation: fits the underlay with relay header and AEAD.
-    let max_seg_frame = underlay_mtu.saturating_sub(28 + crate::edge::HEADROOM + 16 + 16);
-    // Everything that can fail while the kernel holds slot memory runs in here, so that
-    // every exit path goes through the teardown below.
-    let result = (|| -> Result<(), IoError> {
-        for i in 0..UDP_SLOTS {
-            lp.arm_udp(i)?;
-        }
-        // One poll on an XDP port (it reads whole batches); several reads on a TAP.
-        for i in 0..if is_xdp { 1 } else { TAP_SLOTS } {
-            lp.arm_tap(i)?;
-        }
-        let mut gro = RxGro::new();
-        let mut last_tick = Instant::now() - TICK;
-        let mut last_pub = Instant::now() - PUBLISH;
-        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
-        let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
-        // While AF_XDP transmits are in flight, wake up soon to reap their completions.
-        let ts_tx = types::Timespec::new().nsec(1_000_000);
-        let mut spinner = AdaptiveSpin::new(spin);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut last_load = Instant::now() - LOAD_CHECK;
-        let mut idle = IdleCores::default();
-        let mut tap_errors = 0u64;
-        let mut last_host = Instant::now() - super::driver::HOST_REFRESH;
-        let mut fatal: Option<IoError> = None;
-        let mut xdp_drops = frames::XdpDrops::default();
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                break Ok(());
-            }
-            // Before sleeping, poll the completion queue for the adaptive window: a wake-up
-            // costs more than a short poll and dominates the overlay's RTT.
-            let idle_from = lp.ring.completion().is_empty().then(Instant::now);
-            let window = spinner.window();
-            if idle_from.is_some() && !window.is_zero() {
-                let until = Instant::now() + window;
-                let _ = lp.ring.submit();
-                while lp.ring.completion().is_empty() && Instant::now() < until {
-                    let _ = lp
-                        .ring
-                        .submitter()
-                        .submit_with_args(0, &types::SubmitArgs::new());
-                    std::hint::spin_loop();
+    let mut work = socks.into_iter().zip(ports);
+    let (sock0, port0) = work
+        .next()
+        .ok_or_else(|| IoError::Invalid("no forwarder".into()))?;
+    let mut handles = Vec::with_capacity(n - 1);
+    for (i, (sock, port)) in work.enumerate() {
+        let me = i + 1;
+        let (sh, queues, cfg_t) = (Arc::clone(&shared), Arc::clone(&tap_queues), cfg.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("mvc-fwd-{me}"))
+            .spawn(move || {
+                let r = Forwarder::new(sh, me, sock, port, queues, &cfg_t).and_then(Forwarder::run);
+                if r.is_err() {
+                    cfg_t.stop.store(true, Ordering::Relaxed);
                 }
-            }
-            let tx_pending = lp.port.xdp().is_some_and(|p| p.flush_tx() > 0);
-            let args = types::SubmitArgs::new().timespec(if tx_pending { &ts_tx } else { &ts });
-            let want = usize::from(lp.ring.completion().is_empty());
-            match lp.ring.submitter().submit_with_args(want, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    break Err(IoError::Sys {
-                        call: "io_uring_enter".into(),
-                        source: e,
-                    })
+                r
+            })
+            .map_err(|e| IoError::Sys {
+                call: "spawn forwarder thread".into(),
+                source: e,
+            });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                cfg.stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
                 }
-            }
-            cqes.clear();
-            cqes.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
-            // The core is locked once per round (not per packet) and never while waiting.
-            let (mut guard, waited) = shared.lock_counted();
-            lp.counts.lock_waits += u64::from(waited);
-            let core: &mut EdgeCore = &mut guard;
-            std::mem::take(&mut xdp_drops).count(core);
-            let now = Instant::now();
-            // Only traffic or a timeout tells how far away the next event was; completions
-            // of our own sends arrive at once and say nothing about it.
-            if let Some(t0) = idle_from {
-                if cqes.is_empty() || cqes.iter().any(|c| c.0 & K_MASK != K_OUT) {
-                    spinner.waited(now.saturating_duration_since(t0));
-                }
-            }
-            for &(ud, res) in &cqes {
-                let idx = (ud & !K_MASK) as usize;
-                match ud & K_MASK {
-                    K_UDP => {
-                        if res > 0 {
-                            let slot = &mut lp.udp_slots[idx];
-                            let n = res as usize;
-                            let src = from_sockaddr(&slot.addr);
-                            let seg = if lp.off.gro {
-                                read_gro_cmsg(&slot.ctrl, slot.hdr.msg_controllen)
-                            } else {
-                                None
-                            };
-                            if let Some(src) = src {
-                                let seg = seg.unwrap_or(n).max(1);
-                                let mut o = 0;
-                                while o < n {
-                                    let e = (o + seg).min(n);
-                                    core.handle_udp(now, src, &mut slot.buf[o..e], &mut out);
-                                    lp.counts.udp_rx += 1;
-                                    o = e;
-                                }
-                            }
-                        } else if res < 0 {
-                            core.count_drop("udp_recv_error");
-                        }
-                        lp.arm_udp(idx)?;
-                    }
-                    K_TAP if is_xdp => {
-                        if res < 0 {
-                            core.count_drop("xdp_poll_error");
-                        }
-                        if let FramePort::Xdp(p) = &mut lp.port {
-                            let mut emit = |h: Option<&VnetHdr>, f: &[u8]| match h {
-                                Some(h) => core.handle_tap_tso(now, h, f, max_seg_frame, &mut out),
-                                None => core.handle_tap(now, f, &mut out),
-                            };
-                            for _ in 0..XDP_ROUNDS {
-                                let n = p.recv_batch(XDP_BATCH, |f| gro.push(f, &mut emit));
-                                lp.counts.frames_rx += u64::from(n);
-                                if n < XDP_BATCH {
-                                    break;
-                                }
-                            }
-                            gro.flush(&mut emit);
-                        }
-                        lp.arm_tap(idx)?;
-                    }
-                    K_TAP => {
-                        if res > 0 {
-                            let n = res as usize;
-                            let b = &mut lp.tap_bufs[idx];
-                            lp.counts.frames_rx += 1;
-                            if lp.tap_fds.len() > 1 {
-                                let h = if lp.off.vnet { VNET_HDR_LEN } else { 0 };
-                                shared.flows().record(b.get(h..n).unwrap_or(&[]), me);
-                            }
-                            if lp.off.vnet {
-                                match VnetHdr::parse(&b[..n]) {
-                                    Some(h) if h.gso_type != offload::GSO_NONE => {
-                                        let frame = &b[VNET_HDR_LEN..n];
-                                        core.handle_tap_tso(
-                                            now,
-                                            &h,
-                                            frame,
-                                            max_seg_frame,
-                                            &mut out,
-                                        );
-                                    }
-                                    Some(h) => {
-                                        let frame = &mut b[VNET_HDR_LEN..n];
-                                        if h.flags & offload::F_NEEDS_CSUM != 0
-                                            && offload::complete_csum(
-                                                frame,
-                                                usize::from(h.csum_start),
-                                                usize::from(h.csum_offset),
-                                            )
-                                            .is_err()
-                                        {
-                                            core.count_drop("bad_csum_offload");
-                                        } else {
-                                            core.handle_tap(now, frame, &mut out);
-                                        }
-                                    }
-                                    None => core.count_drop("runt_frame"),
-                                }
-                            } else {
-                                core.handle_tap(now, &b[..n], &mut out);
-                            }
-                        } else if res < 0 {
-                            core.count_drop("tap_read_error");
-                            tap_errors += 1;
-                            // A device that went away fails every read at once: give up
-                            // instead of spinning.
-                            if tap_errors > 10_000 && fatal.is_none() {
-                                fatal = Some(IoError::Sys {
-                                    call: format!("read from TAP {}", info.tap),
-                                    source: std::io::Error::from_raw_os_error(-res),
-                                });
-                            }
-                        }
-                        if res > 0 {
-                            tap_errors = 0;
-                        }
-                        lp.arm_tap(idx)?;
-                    }
-                    K_OUT => {
-                        if let Some(f) = lp.flights.get_mut(idx).and_then(Option::take) {
-                            lp.free.push(idx);
-                            if res < 0 {
-                                if f.gso && (res == -libc::EIO || res == -libc::EINVAL) {
-                                    lp.off.gso = false;
-                                    if !lp.gso_warned {
-                                        lp.gso_warned = true;
-                                        tracing::warn!(errno = -res, "UDP GSO send failed; sending datagrams one by one from now on");
-                                    }
-                                    core.count_drop("gso_send_failed");
-                                } else {
-                                    core.count_drop("send_error");
-                                }
-                            }
-                            out.give(f.buf, f.big);
-                        }
-                    }
-                    _ => core.count_drop("unknown_completion"),
-                }
-            }
-            if let Some(e) = fatal.take() {
-                break Err(e);
-            }
-            if now.saturating_duration_since(last_load) >= LOAD_CHECK {
-                last_load = now;
-                if !spin.is_zero() {
-                    spinner.set_host_busy(host_busy(idle.sample(cores)));
-                }
-            }
-            if me == 0 && now.saturating_duration_since(last_tick) >= TICK {
-                last_tick = now;
-                if now.saturating_duration_since(last_host) >= super::driver::HOST_REFRESH {
-                    last_host = now;
-                    let (l, o) = super::driver::host_addrs(&info.tap, info.listen_addr);
-                    core.set_host_addrs(l, o);
-                }
-                core.poll(now, &mut out);
-            }
-            if let Err(e) = lp.flush(core, &mut out) {
-                break Err(e);
-            }
-            if now.saturating_duration_since(last_pub) >= PUBLISH {
-                last_pub = now;
-                shared.counters(me).publish(&lp.counts);
-                if me == 0 {
-                    let mut s = core.status(now);
-                    s.threads = shared.status();
-                    s.datapath = info.datapath.clone();
-                    s.datapath_reason = info.datapath_reason.clone();
-                    s.io = lp.describe();
-                    s.tap = info.tap.clone();
-                    s.mtu = info.mtu;
-                    s.listen = info.listen.clone();
-                    *snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
-                }
-            }
-            drop(guard);
-            if lp.xdp_after_unlock {
-                if let Some(p) = lp.port.xdp() {
-                    lp.counts.frames_tx += out.tap.len() as u64;
-                    xdp_drops = frames::send_xdp_unlocked(p, &mut out);
-                }
+                return Err(e);
             }
         }
-    })();
-    // Receives and reads are still armed and the kernel cancels them asynchronously
-    // after the ring closes: their memory is leaked on purpose (the process is exiting)
-    // so that the kernel can never write into freed buffers.
-    drop(lp.ring);
-    std::mem::forget(lp.udp_slots);
-    std::mem::forget(lp.tap_bufs);
-    std::mem::forget(lp.flights);
-    result
+    }
+    let r0 = Forwarder::new(Arc::clone(&shared), 0, sock0, port0, tap_queues, &cfg)
+        .and_then(Forwarder::run);
+    cfg.stop.store(true, Ordering::Relaxed);
+    let mut first = r0.err();
+    for h in handles {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(IoError::Invalid("a forwarder thread panicked".into())));
+        if let (None, Err(e)) = (&first, r) {
+            first = Some(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -20,13 +20,14 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Return early (printing why) when a tool is missing.
+/// Return early when a tool is missing, saying so through [`lab::skip`] (on stderr, and
+/// in the skip log CI reads).
 #[macro_export]
 macro_rules! require {
     ($($t:expr),* $(,)?) => {
         for t in [$($t),*] {
             if !common::have(t) {
-                eprintln!("SKIP: {} is not installed", t);
+                lab::skip(&lab::skip::current_test(), &format!("{t} is not installed"));
                 return;
             }
         }

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::lab::{Error, Result};
+use crate::{Error, Result};
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 const DISCOVER: u8 = 1;
@@ -114,7 +114,7 @@ fn parse_mac(mac: &str) -> Result<[u8; 6]> {
 
 /// Obtains a lease on `ifname` (with hardware address `mac`) of the current network
 /// namespace, retrying DISCOVER each second until `limit` passes. Run it inside a VM
-/// namespace with [`crate::lab::Lab::in_ns`].
+/// namespace with [`crate::Lab::in_ns`].
 pub fn obtain_lease(ifname: &str, mac: &str, limit: Duration) -> Result<Lease> {
     let mac = parse_mac(mac)?;
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;

@@ -1,7 +1,7 @@
 //! Run files: what a lab records so that a later process can remove what it left behind
 //! when it was killed (SIGKILL leaves no chance to tear down).
 //!
-//! A lab that calls [`crate::lab::Lab::record_run`] keeps `<run dir>/<prefix>.json` up to
+//! A lab that calls [`crate::Lab::record_run`] keeps `<run dir>/<prefix>.json` up to
 //! date with its PID, the namespace prefix all its namespaces share (also those made by
 //! processes it started, such as the agents' VM namespaces), its temp dir, and the PIDs
 //! of the processes it started, each with its start time. The file goes once the lab is
@@ -93,16 +93,10 @@ impl RunRecord {
     }
 }
 
+/// Signals a process the caller checked to be one of the run being cleaned up; whether
+/// the signal was delivered.
 fn signal_pid(pid: u32, sig: libc::c_int) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is positive and was
-    // checked by the caller to be a process of the run being cleaned up.
-    unsafe { libc::kill(pid, sig) == 0 }
+    crate::sys::kill(pid, sig).is_ok()
 }
 
 /// Names under /run/netns that start with `<prefix>-`.
@@ -169,7 +163,7 @@ pub fn remove_namespaces(prefix: &str) -> (usize, usize) {
     (killed, deleted)
 }
 
-/// Whether `prefix` is what [`crate::lab::Lab::new`] makes in process `pid`:
+/// Whether `prefix` is what [`crate::Lab::new`] makes in process `pid`:
 /// `<letters><pid>x<seq>`. Only such a prefix is acted on, so a run file can never
 /// make the cleanup touch namespaces named after another process.
 pub fn is_lab_prefix(prefix: &str, pid: u32) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::lab::{Error, Lab, Proc, Result, Site, Topology};
+use crate::{Error, Lab, Proc, Result, Site, Topology};
 
 /// The default supernode port.
 pub const SUPERNODE_PORT: u16 = 7654;

@@ -1,9 +1,12 @@
-//! Network-namespace lab: namespaces, veth, bridges, NAT routers and "VM" namespaces,
+//! `lab`: the project's network-namespace lab, shared by `mvc demo`, the integration
+//! tests of the overlay, the controller and the XDP port, and the `bench` measurements.
+//!
+//! This module (the crate root): namespaces, veth, bridges, NAT routers and "VM" namespaces,
 //! background processes tracked by PID, and teardown on drop, panic and (for binaries that
 //! call [`install_signal_teardown`]) SIGINT/SIGTERM: processes, every namespace named with
 //! the lab's prefix (also those made by processes the lab started) and the temp dir. A lab
-//! that keeps a run file ([`Lab::record_run`], [`crate::runs`]) can also be cleaned up
-//! after by a later process when it was killed with SIGKILL.
+//! that keeps a run file ([`Lab::record_run`], [`runs`]) can also be cleaned up after by a
+//! later process when it was killed with SIGKILL.
 //!
 //! Every namespace of a lab is named `<prefix>-<name>`, with a prefix unique to the process
 //! and the lab, so parallel runs never clash. Interfaces are created directly inside their
@@ -11,8 +14,29 @@
 //!
 //! Addresses stay inside 198.18.0.0/15: the underlay uses 198.18.x.x and overlay (VM)
 //! addresses are 198.19.x.x, see [`addr`].
+//!
+//! - [`sites`]: three sites with an `mvc agent` each and the controller on site A: the
+//!   lab of `mvc demo`, the controller's integration tests and `bench build-time`.
+//! - [`overlay`]: starting `mvc supernode`/`mvc edge` and Debian's n2n 1.3.1 in a lab, and
+//!   reading their status.
+//! - [`dhcp`]: a minimal DHCP client, to check that leases cross the overlay.
+//! - [`runs`]: run files, and the cleanup of what a killed lab left behind.
+//! - [`cpu`]: CPU time of processes and of the kernel over a measured interval.
+//! - [`skip`](mod@skip): how a test that cannot run here says so (and leaves a line for CI).
+//! - [`sys`]: the system calls (`geteuid`, `setns`, `kill`, ...) and their error type.
 
-use crate::runs::{self, RunRecord};
+pub mod cpu;
+pub mod dhcp;
+pub mod overlay;
+pub mod runs;
+pub mod sites;
+pub mod skip;
+pub mod sys;
+
+pub use skip::{skip, skip_unsupported};
+pub use sys::SysError;
+
+use crate::runs::RunRecord;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -63,13 +87,8 @@ pub enum Error {
         detail: String,
     },
     /// A system call failed.
-    #[error("{call}: {source}")]
-    Sys {
-        /// Which call.
-        call: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Sys(#[from] SysError),
     /// Any other I/O error (log files, temp dirs).
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -80,8 +99,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// True when the process runs as root (the lab needs it).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    sys::is_root()
 }
 
 /// Address plan of the labs (all inside 198.18.0.0/15).
@@ -187,7 +205,7 @@ pub fn wait_if_interrupted() {
 pub fn install_signal_teardown() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Sys {
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| SysError {
             call: "signal handler",
             source: e,
         })?;
@@ -207,18 +225,10 @@ pub fn install_signal_teardown() -> Result<()> {
     Ok(())
 }
 
+/// Signals one of our own children (or a process inside one of our own namespaces); one
+/// that is already gone is no error here.
 fn signal_pid(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    if pid <= 0 {
-        return;
-    }
-    // SAFETY: kill has no memory-safety preconditions; the pid is one of our own children
-    // (or a process inside one of our own namespaces) and is positive.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    let _ = sys::kill(pid, sig);
 }
 
 fn stop_child(child: &mut Child, grace: Duration) {
@@ -709,7 +719,7 @@ impl Lab {
         let file = File::open(&path)?;
         std::thread::scope(|s| {
             s.spawn(|| {
-                crate::sys::setns_net(file.as_raw_fd())?;
+                sys::setns_net(file.as_raw_fd())?;
                 Ok(f())
             })
             .join()
@@ -871,7 +881,7 @@ impl Topology {
         })
     }
 
-    /// Issue 2's three sites: A public (frontend runs supernode and edge), B and C each
+    /// The three sites of the README's demo: A public (frontend runs supernode and edge), B and C each
     /// behind its own NAT router; `vms` VMs per site.
     pub fn three_sites(lab: &Lab, vms: u8) -> Result<Topology> {
         let mut t = Topology::new(lab)?;
@@ -889,7 +899,7 @@ impl Topology {
 
     /// [`Topology::add_site`], with (`wan`) a WAN-emulator namespace `<name>wan` cut into the
     /// site's uplink: its interfaces `w0` (internet side) and `w1` (site side) are joined
-    /// only by a userspace forwarder (see [`crate::wanem`]), which the caller starts.
+    /// only by a userspace forwarder (the `bench` crate's WAN emulator), which the caller starts.
     pub fn add_site_wan(
         &mut self,
         lab: &Lab,

@@ -1,439 +1,14 @@
-//! VM drivers: how an agent turns a [`VmSpec`] into a running machine on a bridge.
-//!
-//! - [`NetnsDriver`]: a light VM, a network namespace whose `eth0` (a veth with the
-//!   allocated MAC) is enslaved to the cluster bridge. Processes of the "VM" run with
-//!   `ip netns exec`. The default for demos and tests: it starts in milliseconds.
-//! - [`QemuDriver`]: a real VM with `qemu-system-x86_64`, a TAP on the bridge,
-//!   virtio-net with the allocated MAC, KVM when it works and TCG otherwise, direct
-//!   kernel boot of the guest [`crate::guest`] builds, its disk served by `xnbd serve`
-//!   over NBD on a Unix socket.
-//!
-//! A libvirt (KVM/Xen) driver plugs in the same way: `start` defines a domain whose
-//! `<interface type='bridge'>` names the cluster bridge and the MAC, and starts it;
-//! `stop` destroys and undefines it; `address` reads the guest's lease. See
-//! docs/CONTROLLER.md.
+//! The qemu driver: real VMs (`qemu-system-x86_64`, KVM when it works, TCG otherwise)
+//! on a TAP enslaved to the cluster bridge, booting the guest [`super::guest`] builds,
+//! their disks served by `xnbd serve` over NBD on a Unix socket.
+use super::guest::{self, BootFiles};
+use super::{link_exists, parse_ping_avg, DriverError, RunningVm, VmDriver};
 use crate::model::Role;
+use crate::process::{kill_pidfile, pidfile_alive, run, spawn, stop_child};
 use crate::proto::VmSpec;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-
-/// Driver failures.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    /// A helper command failed.
-    #[error("`{cmd}` failed: {msg}")]
-    Command {
-        /// The command line.
-        cmd: String,
-        /// Its stderr or the spawn error.
-        msg: String,
-    },
-    /// The driver cannot do this.
-    #[error("the {driver} driver does not support {what}")]
-    Unsupported {
-        /// Driver name.
-        driver: &'static str,
-        /// The operation.
-        what: &'static str,
-    },
-    /// Configuration problem.
-    #[error("{0}")]
-    Config(String),
-}
-
-/// Run a command to completion; stdout on success, a [`DriverError`] with its stderr
-/// otherwise.
-pub fn run(prog: &str, args: &[&str]) -> Result<String, DriverError> {
-    let cmd = || format!("{prog} {}", args.join(" "));
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| DriverError::Command {
-            cmd: cmd(),
-            msg: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(DriverError::Command {
-            cmd: cmd(),
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Whether a network device of this name exists in this network namespace (asked
-/// over netlink: `/sys/class/net` shows the namespace sysfs was mounted in).
-pub fn link_exists(name: &str) -> bool {
-    run("ip", &["link", "show", "dev", name]).is_ok()
-}
-
-/// Spawn a long-running helper with stdout/stderr to `log`.
-pub fn spawn(
-    prog: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-    log: &Path,
-) -> Result<Child, DriverError> {
-    let cmd = || format!("{prog} {}", args.join(" "));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| DriverError::Command {
-            cmd: cmd(),
-            msg: format!("log {}: {e}", log.display()),
-        })?;
-    let f2 = f.try_clone().map_err(|e| DriverError::Command {
-        cmd: cmd(),
-        msg: e.to_string(),
-    })?;
-    let mut c = Command::new(prog);
-    c.args(args).stdin(Stdio::null()).stdout(f).stderr(f2);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.spawn().map_err(|e| DriverError::Command {
-        cmd: cmd(),
-        msg: e.to_string(),
-    })
-}
-
-/// Stop a child: SIGTERM, up to 3 s grace, then SIGKILL; always reaped.
-pub fn stop_child(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet (try_wait above
-        // returned None), so the pid cannot have been reused.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-    }
-    for _ in 0..30 {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A VM the driver started: its handle and the helper processes it owns.
-pub struct RunningVm {
-    /// `netns:<name>` or `qemu:<tap>:<vm>`.
-    pub handle: String,
-    /// Helper processes (dnsmasq, DHCP client; qemu and its xnbd disk server).
-    pub children: Vec<Child>,
-}
-
-/// What every VM driver does.
-pub trait VmDriver: Send {
-    /// Driver name (`netns`, `qemu`).
-    fn kind(&self) -> &'static str;
-    /// Create and boot the VM on `spec.bridge` with `spec.mac`.
-    fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError>;
-    /// Stop it and remove everything `start` created.
-    fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError>;
-    /// Remove leftovers of a VM from a previous agent run, by handle.
-    fn cleanup(&mut self, handle: &str);
-    /// The handle of a VM started with local name `local` and host NIC `nic` (to find
-    /// what a start cut short left, before its handle was saved).
-    fn handle_for(&self, local: &str, nic: &str) -> String;
-    /// Whether anything of the VM behind `handle` exists on this machine.
-    fn present(&self, handle: &str) -> bool;
-    /// Whether the VM behind `handle` still runs (after the agent that started it
-    /// died): it can be adopted as it is.
-    fn alive(&self, handle: &str) -> bool;
-    /// Delete what a VM keeps between starts (its disk), when its cluster is released.
-    fn discard(&mut self, _vm: &str) {}
-    /// The IPv4 address on the VM's overlay NIC, if it has one yet.
-    fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError>;
-    /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.
-    fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError>;
-    /// Start a VM that receives its memory from a live migration on the Unix socket
-    /// `incoming`, with its disk as `disk` says.
-    fn start_incoming(
-        &mut self,
-        _spec: &VmSpec,
-        _disk: crate::migrate::IncomingDisk,
-        _incoming: &Path,
-    ) -> Result<RunningVm, DriverError> {
-        Err(DriverError::Unsupported {
-            driver: self.kind(),
-            what: "live migration",
-        })
-    }
-}
-
-/// Light VMs in network namespaces.
-pub struct NetnsDriver {
-    /// Prefix of namespace names (keeps parallel runs apart).
-    pub prefix: String,
-    /// Where logs, leases and the DHCP client script go.
-    pub run_dir: PathBuf,
-    counter: u32,
-}
-
-const UDHCPC_SCRIPT: &str = "#!/bin/sh\n\
-# Applies a DHCP lease from the cluster frontend to the VM's NIC (written by mvc agent).\n\
-case \"$1\" in\n\
-  deconfig) ip -4 addr flush dev \"$interface\"; ip link set \"$interface\" up ;;\n\
-  bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/${mask:-24}\" dev \"$interface\" ;;\n\
-esac\n\
-exit 0\n";
-
-impl NetnsDriver {
-    /// A driver keeping its files in `run_dir`.
-    pub fn new(prefix: &str, run_dir: &Path) -> NetnsDriver {
-        NetnsDriver {
-            prefix: prefix.into(),
-            run_dir: run_dir.into(),
-            counter: 0,
-        }
-    }
-
-    /// Namespace name of a VM.
-    pub fn ns_name(&self, vm: &str) -> String {
-        format!("{}{vm}", self.prefix)
-    }
-
-    fn free_veth(&mut self) -> String {
-        loop {
-            self.counter += 1;
-            let name = format!("mvv{}", self.counter);
-            if !Path::new("/sys/class/net").join(&name).exists()
-                && run("ip", &["link", "show", &name]).is_err()
-            {
-                return name;
-            }
-        }
-    }
-
-    fn ns_of(handle: &str) -> Result<&str, DriverError> {
-        handle
-            .strip_prefix("netns:")
-            .ok_or_else(|| DriverError::Config(format!("not a netns handle: {handle}")))
-    }
-}
-
-impl VmDriver for NetnsDriver {
-    fn kind(&self) -> &'static str {
-        "netns"
-    }
-
-    fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError> {
-        let local = spec.local();
-        let ns = self.ns_name(local);
-        // The agent's store names this namespace as the VM's: a leftover is ours.
-        if Path::new("/run/netns").join(&ns).exists() {
-            self.cleanup(&format!("netns:{ns}"));
-        }
-        let veth = if spec.nic.is_empty() {
-            self.free_veth()
-        } else {
-            if link_exists(&spec.nic) {
-                let _ = run("ip", &["link", "del", &spec.nic]);
-            }
-            spec.nic.clone()
-        };
-        let peer = format!("{veth}p");
-        let mac = spec.mac.to_string();
-        run("ip", &["netns", "add", &ns])?;
-        crate::failpoint::hit("vm-netns");
-        let made = (|| -> Result<Vec<Child>, DriverError> {
-            run(
-                "ip",
-                &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
-            )?;
-            crate::failpoint::hit("vm-veth");
-            run("ip", &["link", "set", &peer, "netns", &ns])?;
-            run("ip", &["-n", &ns, "link", "set", &peer, "name", "eth0"])?;
-            run(
-                "ip",
-                &["-n", &ns, "link", "set", "eth0", "address", &mac, "up"],
-            )?;
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            run("ip", &["link", "set", &veth, "master", &spec.bridge, "up"])?;
-            let mut children = Vec::new();
-            let log = self.run_dir.join(format!("{local}.log"));
-            match (spec.role, &spec.dhcp) {
-                (Role::Frontend, Some(d)) => {
-                    let cidr = format!("{}/{}", d.address, d.prefix);
-                    run("ip", &["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
-                    let mask = prefix_mask(d.prefix);
-                    let mut args = vec![
-                        "netns".to_string(),
-                        "exec".into(),
-                        ns.clone(),
-                        "dnsmasq".into(),
-                        "--keep-in-foreground".into(),
-                        "--no-resolv".into(),
-                        "--no-hosts".into(),
-                        "--port=0".into(),
-                        "--user=root".into(),
-                        "--interface=eth0".into(),
-                        "--bind-interfaces".into(),
-                        "--dhcp-authoritative".into(),
-                        "--log-dhcp".into(),
-                        "--log-facility=-".into(),
-                        format!("--dhcp-range={},{},{mask},12h", d.range.0, d.range.1),
-                        format!(
-                            "--dhcp-leasefile={}",
-                            self.run_dir.join(format!("{local}.leases")).display()
-                        ),
-                        format!(
-                            "--pid-file={}",
-                            self.run_dir.join(format!("{local}.dnsmasq.pid")).display()
-                        ),
-                    ];
-                    for (m, ip, name) in &d.hosts {
-                        args.push(format!("--dhcp-host={m},{ip},{name}"));
-                    }
-                    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-                    children.push(spawn("ip", &a, &[], &log)?);
-                }
-                (Role::Frontend, None) => {
-                    return Err(DriverError::Config(
-                        "frontend VM without DHCP service".into(),
-                    ))
-                }
-                (Role::Compute, _) => {
-                    // Written aside and renamed: a DHCP client of another VM may be
-                    // running the script right now and must never read it half written.
-                    let script = self.run_dir.join("udhcpc.script");
-                    let tmp = self.run_dir.join(format!("udhcpc.script.{local}"));
-                    std::fs::write(&tmp, UDHCPC_SCRIPT)
-                        .and_then(|_| {
-                            use std::os::unix::fs::PermissionsExt;
-                            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-                        })
-                        .and_then(|_| std::fs::rename(&tmp, &script))
-                        .map_err(|e| DriverError::Config(format!("udhcpc script: {e}")))?;
-                    let script = script.display().to_string();
-                    let host = format!("hostname:{}", spec.name);
-                    children.push(spawn(
-                        "ip",
-                        &[
-                            "netns", "exec", &ns, "udhcpc", "-f", "-i", "eth0", "-s", &script,
-                            "-t", "60", "-T", "1", "-A", "1", "-x", &host,
-                        ],
-                        &[],
-                        &log,
-                    )?);
-                }
-            }
-            Ok(children)
-        })();
-        match made {
-            Ok(children) => Ok(RunningVm {
-                handle: format!("netns:{ns}"),
-                children,
-            }),
-            Err(e) => {
-                let _ = run("ip", &["link", "del", &veth]);
-                self.cleanup(&format!("netns:{ns}"));
-                Err(e)
-            }
-        }
-    }
-
-    fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError> {
-        for c in &mut vm.children {
-            stop_child(c);
-        }
-        vm.children.clear();
-        self.cleanup(&vm.handle);
-        Ok(())
-    }
-
-    fn cleanup(&mut self, handle: &str) {
-        let Ok(ns) = Self::ns_of(handle) else { return };
-        // Processes still inside the VM (an MPI rank, a shell) belong to the VM: end them.
-        if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) has no memory-safety preconditions; the pids are
-                // processes inside the namespace this driver created for the VM.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        let _ = run("ip", &["netns", "del", ns]);
-    }
-
-    fn handle_for(&self, local: &str, _nic: &str) -> String {
-        format!("netns:{}", self.ns_name(local))
-    }
-
-    fn present(&self, handle: &str) -> bool {
-        Self::ns_of(handle).is_ok_and(|ns| Path::new("/run/netns").join(ns).exists())
-    }
-
-    fn alive(&self, handle: &str) -> bool {
-        // Its DHCP server or client still runs inside.
-        self.present(handle)
-            && Self::ns_of(handle)
-                .ok()
-                .and_then(|ns| run("ip", &["netns", "pids", ns]).ok())
-                .is_some_and(|p| !p.trim().is_empty())
-    }
-
-    fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
-        let ns = Self::ns_of(handle)?;
-        let out = run("ip", &["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"])?;
-        Ok(parse_inet(&out))
-    }
-
-    fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
-        let ns = Self::ns_of(handle)?;
-        let t = target.to_string();
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "ping", "-n", "-q", "-c", "5", "-i", "0.2", "-W", "2", &t,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| DriverError::Command {
-                cmd: format!("ping {t}"),
-                msg: e.to_string(),
-            })?;
-        Ok(parse_ping_avg(&String::from_utf8_lossy(&out.stdout)))
-    }
-}
-
-/// First `inet a.b.c.d/n` of `ip -o addr` output.
-pub fn parse_inet(out: &str) -> Option<Ipv4Addr> {
-    let mut it = out.split_whitespace();
-    while let Some(w) = it.next() {
-        if w == "inet" {
-            return it.next()?.split('/').next()?.parse().ok();
-        }
-    }
-    None
-}
-
-/// The average of `rtt min/avg/max/mdev = a/b/c/d ms` from ping's summary.
-pub fn parse_ping_avg(out: &str) -> Option<f64> {
-    let line = out.lines().find(|l| l.contains("min/avg/max"))?;
-    let nums = line.split('=').nth(1)?.trim();
-    nums.split('/').nth(1)?.trim().parse().ok()
-}
-
-fn prefix_mask(prefix: u8) -> Ipv4Addr {
-    let bits = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix.min(32)))
-    };
-    Ipv4Addr::from(bits)
-}
 
 /// Configuration of the [`QemuDriver`].
 #[derive(Clone, Debug)]
@@ -454,7 +29,7 @@ pub struct QemuConfig {
     /// Size of an empty disk in MiB.
     pub disk_mb: u64,
     /// Kernel and initramfs to boot instead of the built ones.
-    pub boot: Option<crate::guest::BootFiles>,
+    pub boot: Option<BootFiles>,
     /// Extra kernel command line.
     pub append: String,
     /// vCPUs per VM.
@@ -486,7 +61,7 @@ impl QemuConfig {
 }
 
 /// Real VMs with qemu-system-x86_64: direct kernel boot of the guest built by
-/// [`crate::guest`], a TAP on the cluster bridge, and a disk served by `xnbd serve` on a
+/// [`super::guest`], a TAP on the cluster bridge, and a disk served by `xnbd serve` on a
 /// Unix socket that qemu attaches over NBD (virtio-blk).
 pub struct QemuDriver {
     /// Configuration.
@@ -618,7 +193,7 @@ impl QemuDriver {
     pub fn args(
         spec: &VmSpec,
         tap: &str,
-        boot: &crate::guest::BootFiles,
+        boot: &BootFiles,
         nbd: &Path,
         console: &Path,
         console_log: &Path,
@@ -725,11 +300,11 @@ impl QemuDriver {
     }
 
     /// Kernel and initramfs: the configured ones, or built (cached) ones.
-    fn boot_files(&mut self) -> Result<crate::guest::BootFiles, DriverError> {
+    fn boot_files(&mut self) -> Result<BootFiles, DriverError> {
         if let Some(b) = &self.cfg.boot {
             return Ok(b.clone());
         }
-        let b = crate::guest::prepare(&self.cfg.cache_dir, true)?;
+        let b = guest::prepare(&self.cfg.cache_dir, true)?;
         self.cfg.boot = Some(b.clone());
         Ok(b)
     }
@@ -878,49 +453,6 @@ pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
         .rev()
         .find_map(|l| l.split("MVC-LEASE ").nth(1))?;
     last.split_whitespace().next()?.parse().ok()
-}
-
-/// Whether the process of a pid file runs and its command line still names `mark`.
-fn pidfile_alive(pidfile: &Path, mark: &str) -> bool {
-    std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
-        .is_some_and(|c| String::from_utf8_lossy(&c).contains(mark))
-}
-
-/// End a process we started from its pid file, when its command line still names
-/// `mark` (so a reused pid is left alone): SIGTERM, up to 3 s, then SIGKILL.
-fn kill_pidfile(pidfile: &Path, mark: &str) {
-    let Some(pid) = std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let ours = |pid: i32| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).contains(mark))
-            .unwrap_or(false)
-    };
-    for (i, sig) in std::iter::repeat_n(libc::SIGTERM, 30)
-        .chain(std::iter::once(libc::SIGKILL))
-        .enumerate()
-    {
-        if !ours(pid) {
-            break;
-        }
-        if i == 0 || sig == libc::SIGKILL {
-            // SAFETY: kill(2) has no memory-safety preconditions; the pid came from the
-            // pid file of a process this driver started and its command line still
-            // names this VM's files.
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = std::fs::remove_file(pidfile);
 }
 
 impl VmDriver for QemuDriver {
@@ -1197,19 +729,6 @@ mod tests {
     use crate::model::Mac;
 
     #[test]
-    fn parsers() {
-        let o = "5: eth0    inet 198.19.1.10/24 brd 198.19.1.255 scope global eth0\n";
-        assert_eq!(parse_inet(o), Some(Ipv4Addr::new(198, 19, 1, 10)));
-        assert_eq!(parse_inet(""), None);
-        let p = "5 packets transmitted, 5 received, 0% packet loss, time 801ms\n\
-                 rtt min/avg/max/mdev = 0.051/0.072/0.101/0.017 ms\n";
-        assert_eq!(parse_ping_avg(p), Some(0.072));
-        assert_eq!(parse_ping_avg("100% packet loss"), None);
-        assert_eq!(prefix_mask(24), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(prefix_mask(0), Ipv4Addr::new(0, 0, 0, 0));
-    }
-
-    #[test]
     fn qemu_command_line() {
         let spec = VmSpec {
             cluster: "k".into(),
@@ -1223,7 +742,7 @@ mod tests {
             local_name: String::new(),
             nic: String::new(),
         };
-        let boot = crate::guest::BootFiles {
+        let boot = BootFiles {
             kernel: "/c/vmlinuz".into(),
             initrd: "/c/initramfs.cpio".into(),
         };

@@ -1,12 +1,12 @@
 //! Three sites with their agents: what `mvc demo`, the controller's integration tests
 //! and `bench build-time` run on. The sites live in network namespaces on one machine
-//! (A public, B and C each behind its own NAT, built with [`crate::lab`]), an `mvc agent`
+//! (A public, B and C each behind its own NAT, built with the [`Lab`]), an `mvc agent`
 //! runs on every site frontend, a user key is authorised at every site, and the
 //! controller (the `mvc` command with its store) runs on site A's frontend.
 //!
 //! The NAT routers of B and C forward one TCP port (the agent's) to their frontend, as
 //! a site admin publishes a frontend's SSH port; the overlay's UDP gets no such help.
-use crate::lab::{self, Lab, Topology};
+use crate::{sys, Lab, Topology};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -20,7 +20,7 @@ pub const AGENT_PORT: u16 = 7000;
 pub enum SitesError {
     /// Lab construction or a lab command failed.
     #[error("lab: {0}")]
-    Lab(#[from] lab::Error),
+    Lab(#[from] crate::Error),
     /// File or process error.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -708,14 +708,9 @@ impl SiteLab {
 }
 
 fn stop_wait(c: &mut Child) {
-    if let Ok(pid) = i32::try_from(c.id()) {
-        if let Ok(None) = c.try_wait() {
-            // SAFETY: kill(2) on a child we spawned and have not reaped (try_wait said
-            // it still runs), so the pid is ours.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+    // A child we spawned and have not reaped (try_wait says it still runs): the pid is ours.
+    if let Ok(None) = c.try_wait() {
+        let _ = sys::kill(c.id(), libc::SIGTERM);
     }
     for _ in 0..150 {
         if let Ok(Some(_)) = c.try_wait() {
@@ -738,20 +733,17 @@ impl Drop for SiteLab {
         }
         // VMs of agents that died without cleaning up.
         for ns in self.leftover_vm_namespaces() {
-            if let Ok(pids) = lab::run(&["ip", "netns", "pids", &ns]) {
+            if let Ok(pids) = crate::run(&["ip", "netns", "pids", &ns]) {
                 for pid in pids
                     .stdout
                     .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
+                    .filter_map(|p| p.parse::<u32>().ok())
                 {
-                    // SAFETY: kill(2) has no memory-safety preconditions; these run
-                    // inside a VM namespace this lab's agents created.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
+                    // These run inside a VM namespace this lab's agents created.
+                    let _ = sys::kill(pid, libc::SIGKILL);
                 }
             }
-            let _ = lab::run(&["ip", "netns", "del", &ns]);
+            let _ = crate::run(&["ip", "netns", "del", &ns]);
         }
     }
 }

@@ -14,7 +14,8 @@
 //!
 //! Built files are cached under the cache directory, keyed by kernel release and the
 //! content of `/init`, so repeated starts only reuse them.
-use crate::driver::{run, DriverError};
+use super::DriverError;
+use crate::process::run;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,7 @@ pub struct BootFiles {
 
 /// The guest's `/init` (busybox sh).
 pub const INIT: &str = r#"#!/bin/sh
-# /init of an mvc qemu guest (built by mvc agent; see control/src/guest.rs).
+# /init of an mvc qemu guest (built by mvc agent; see control/src/driver/guest.rs).
 export PATH=/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc

@@ -1,0 +1,7 @@
+//! The `mvc` subcommands, one module per noun: each holds its clap arguments and the
+//! function that runs them.
+pub mod agent;
+pub mod cluster;
+pub mod key;
+pub mod site;
+pub mod vm;

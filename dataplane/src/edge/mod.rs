@@ -1,0 +1,516 @@
+//! Edge core: supernode registration, peer table, handshakes and sessions, path probing
+//! (NAT hole punching, direct preferred, relay fallback), MAC learning and switching.
+//! Pure: every entry point takes `now` and writes into an [`Outbox`]; no sockets, no clock.
+//!
+//! What changes the tables is authenticated: acknowledgements and peer lists carry the
+//! supernode's signature (pinned key, or the first one seen when none is configured) and
+//! the edge's own id and registration number; peers and sessions come from handshakes
+//! checked with the community key. Addresses nobody has proven to own (candidates from
+//! peer lists) get a bounded number of handshake inits.
+//!
+//! Layout (as boringtun's `noise/` and quinn-proto's `connection/`): this file holds the
+//! state, the entry points and the dispatch of datagrams and timers; the parts are
+//! - `config`: timers, limits, supernode addresses, errors;
+//! - `registration`: the supernodes: signed registrations with cookies, signed
+//!   acknowledgements and peer lists, checks of a silent relaying supernode, failover;
+//! - `peer`: a peer's entry (sessions, pending handshake, path state, counters);
+//! - `handshake`: handshakes, session lifetimes and rekeying;
+//! - `transport`: sealing and opening transport messages, direct or relayed;
+//! - `delivery`: frames from the TAP device to peers (unicast, TSO batches, floods,
+//!   broadcasts) and from peers to the TAP device (MAC learning);
+//! - `paths`: candidate addresses, limits on addresses that never answered, probes;
+//! - `status`: the status document.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use foldhash::fast::FixedState;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::crypto::{AeadKey, CommunityKeys};
+use crate::eth::Mac;
+use crate::outbox::Outbox;
+use crate::supernode::edge_id_of;
+use crate::wire::{
+    self, EdgeId, MsgType, RelayHdr, COOKIE_LEN, MAX_BCAST_DSTS, RELAY_HDR_LEN, TRANSPORT_HDR_LEN,
+};
+
+mod config;
+mod delivery;
+mod drops;
+mod handshake;
+mod paths;
+mod peer;
+mod registration;
+mod rng;
+mod status;
+mod transport;
+
+pub use config::{EdgeConfig, EdgeError, SupernodeAddr, Timers};
+pub use drops::DropReason;
+use drops::Drops;
+pub use paths::in_nets;
+use peer::Peer;
+use registration::SnState;
+pub use rng::{EdgeRng, RngError, SystemRng};
+
+/// The core's tables, looked up for every packet: a fast hash (foldhash) instead of
+/// SipHash, seeded from the core's [`EdgeRng`].
+type Map<K, V> = std::collections::HashMap<K, V, FixedState>;
+
+/// How an edge-to-edge packet arrived.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Direct(SocketAddr),
+    Relayed { src: EdgeId, sn: SocketAddr },
+}
+
+/// The edge state machine.
+pub struct EdgeCore {
+    cfg: EdgeConfig,
+    keys: CommunityKeys,
+    id: EdgeId,
+    reg_key: Ed25519KeyPair,
+    reg_pub: [u8; 32],
+    reg_seq: u64,
+    rng: Box<dyn EdgeRng>,
+    sns: Vec<SnState>,
+    peers: Map<EdgeId, Peer>,
+    index: Map<u32, EdgeId>,
+    macs: Map<Mac, (EdgeId, Instant)>,
+    /// No learned MAC expires before this (the earliest at the last poll; learning one
+    /// later or hearing from one again never makes it earlier, so it is not recomputed
+    /// per frame).
+    mac_expiry_at: Option<Instant>,
+    bcast_tx: AeadKey,
+    bcast_ctr: u64,
+    hs_ts: u64,
+    probe_id: u64,
+    started: Instant,
+    /// When [`EdgeCore::poll`] last ran: what its timers were last checked against.
+    last_poll: Instant,
+    drops: Drops,
+    tap_rx: u64,
+    tap_tx: u64,
+    flooded: u64,
+    udp_rx: u64,
+    udp_tx: u64,
+    scratch_dsts: Vec<EdgeId>,
+    seg_scratch: Vec<u8>,
+    overlay_nets: Vec<(IpAddr, u8)>,
+    /// Datagrams sent to unvalidated addresses in the current one-second window.
+    unvalidated_window: (Instant, u32),
+}
+
+/// Headroom the core leaves in front of edge-to-edge packets for a relay header.
+pub const HEADROOM: usize = RELAY_HDR_LEN;
+
+/// Largest frame the core accepts from the TAP device for a given buffer size.
+pub fn max_frame(buf_size: usize) -> usize {
+    buf_size - HEADROOM - TRANSPORT_HDR_LEN - wire::TAG_LEN - MAX_BCAST_DSTS * 8
+}
+
+impl EdgeCore {
+    /// A new edge with a fresh registration key (hence a fresh edge id), drawing its
+    /// randomness from the operating system.
+    pub fn new(cfg: EdgeConfig, now: Instant) -> Result<Self, EdgeError> {
+        Self::with_rng(cfg, now, Box::new(SystemRng::default()))
+    }
+
+    /// A new edge drawing its randomness from `rng` (a seeded one makes a simulation
+    /// repeatable; see [`EdgeRng`]).
+    pub fn with_rng(
+        cfg: EdgeConfig,
+        now: Instant,
+        mut rng: Box<dyn EdgeRng>,
+    ) -> Result<Self, EdgeError> {
+        if cfg.name.is_empty() || cfg.name.len() > wire::MAX_NAME_LEN {
+            return Err(EdgeError::Config(format!(
+                "edge name must be 1..={} bytes",
+                wire::MAX_NAME_LEN
+            )));
+        }
+        if cfg.supernodes.is_empty() {
+            return Err(EdgeError::Config("at least one supernode is needed".into()));
+        }
+        if cfg.supernodes.iter().all(|s| s.key.is_none()) {
+            tracing::warn!(
+                "no supernode key pinned (--supernode ADDR@KEY): trusting the key of each \
+                 supernode's first signed answer; a network attacker present at start can \
+                 impersonate it"
+            );
+        }
+        if cfg.supernodes.len() > 64 {
+            return Err(EdgeError::Config("at most 64 supernodes".into()));
+        }
+        if cfg.secret.is_empty() {
+            return Err(EdgeError::Config("the community secret is empty".into()));
+        }
+        let mut seed = [0u8; 32];
+        rng.fill(&mut seed).map_err(|_| EdgeError::Keys)?;
+        let reg_key = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| EdgeError::Keys)?;
+        let table_seed = rng.next_u64().map_err(|_| EdgeError::Keys)?;
+        let table = || FixedState::with_seed(table_seed);
+        let mut reg_pub = [0u8; 32];
+        reg_pub.copy_from_slice(reg_key.public_key().as_ref());
+        let id = edge_id_of(&reg_pub);
+        let keys = CommunityKeys::derive(&cfg.community, &cfg.secret);
+        let bcast_tx = keys.bcast_key(cfg.cipher, &id);
+        let sns = cfg
+            .supernodes
+            .iter()
+            .map(|a| SnState {
+                addr: a.addr,
+                last_ack: None,
+                last_sent: None,
+                observed: None,
+                key: a.key,
+                pinned: a.key.is_some(),
+                cookie: [0; COOKIE_LEN],
+                sent_seq: 0,
+                sent_at: None,
+                acked_seq: 0,
+                rtt: None,
+                relay_wait: None,
+                check_sent: None,
+                check_ok: None,
+                failed: false,
+                cookie_resend: None,
+            })
+            .collect();
+        let mut local_addrs = cfg.local_addrs.clone();
+        local_addrs.truncate(wire::MAX_LOCAL_ADDRS);
+        Ok(Self {
+            cfg: EdgeConfig { local_addrs, ..cfg },
+            keys,
+            id,
+            reg_key,
+            reg_pub,
+            reg_seq: 0,
+            rng,
+            sns,
+            peers: Map::with_hasher(table()),
+            index: Map::with_hasher(table()),
+            macs: Map::with_hasher(table()),
+            mac_expiry_at: None,
+            bcast_tx,
+            bcast_ctr: 0,
+            hs_ts: 0,
+            probe_id: 0,
+            started: now,
+            last_poll: now,
+            drops: Drops::default(),
+            tap_rx: 0,
+            tap_tx: 0,
+            flooded: 0,
+            udp_rx: 0,
+            udp_tx: 0,
+            scratch_dsts: Vec::new(),
+            seg_scratch: vec![0u8; 65_536],
+            overlay_nets: Vec::new(),
+            unvalidated_window: (now, 0),
+        })
+    }
+
+    /// Updates this host's addresses: `locals` are announced to peers (a registration
+    /// goes out at once when they change); `overlay` are the networks reached through the
+    /// overlay itself (addresses of the TAP device and its bridge), never used as a path:
+    /// a path inside the overlay would carry the overlay's own packets in a loop.
+    pub fn set_host_addrs(&mut self, mut locals: Vec<SocketAddr>, overlay: Vec<(IpAddr, u8)>) {
+        locals.retain(|a| !in_nets(a, &overlay));
+        locals.truncate(wire::MAX_LOCAL_ADDRS);
+        if locals != self.cfg.local_addrs {
+            self.cfg.local_addrs = locals;
+            for s in &mut self.sns {
+                s.last_sent = None;
+            }
+        }
+        for p in self.peers.values_mut() {
+            if p.direct.is_some_and(|d| in_nets(&d, &overlay)) {
+                p.direct = None;
+            }
+            if p.reflexive.is_some_and(|d| in_nets(&d, &overlay)) {
+                p.reflexive = None;
+            }
+        }
+        self.overlay_nets = overlay;
+    }
+
+    /// This edge's id.
+    pub fn id(&self) -> EdgeId {
+        self.id
+    }
+
+    /// Whether `addr` is one of our supernodes.
+    pub fn is_supernode(&self, addr: &SocketAddr) -> bool {
+        self.sns.iter().any(|s| s.addr == *addr)
+    }
+
+    fn drop(&mut self, reason: DropReason) {
+        self.drops.count(reason);
+    }
+
+    /// Counts a drop noticed by the I/O driver (a [`DropReason`], or its name).
+    pub fn count_drop(&mut self, reason: impl Into<DropReason>) {
+        self.drop(reason.into());
+    }
+
+    fn new_index(&mut self) -> u32 {
+        loop {
+            let mut b = [0u8; 4];
+            if self.rng.fill(&mut b).is_err() {
+                b = (self.index.len() as u32 ^ 0x5a5a_5a5a).to_be_bytes();
+            }
+            let i = u32::from_be_bytes(b);
+            if i != 0 && !self.index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    fn peer_entry(&mut self, id: EdgeId, now: Instant) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&id) {
+            if self.peers.len() >= self.cfg.max_peers || id == self.id {
+                self.drop(DropReason::PeerTableFull);
+                return None;
+            }
+            self.peers.insert(id, Peer::new(id, now));
+        }
+        self.peers.get_mut(&id)
+    }
+
+    /// Handles one datagram from `src`. The buffer is decrypted in place.
+    pub fn handle_udp(&mut self, now: Instant, src: SocketAddr, pkt: &mut [u8], out: &mut Outbox) {
+        self.udp_rx += 1;
+        let t = match wire::peek_type(pkt) {
+            Ok(t) => t,
+            Err(e) => return self.drop(e.into()),
+        };
+        let sn = self.sns.iter().position(|s| s.addr == src);
+        match (t, sn) {
+            (MsgType::RegisterAck, Some(i)) => self.on_ack(now, i, pkt),
+            (MsgType::Cookie, Some(i)) => self.on_cookie(now, i, pkt, out),
+            (MsgType::PeerInfo, Some(i)) => self.on_peer_info(now, i, pkt),
+            (MsgType::Relay, Some(_)) => match RelayHdr::decode(pkt) {
+                Ok((h, _)) => {
+                    if h.community != self.keys.id || h.dst != self.id || h.src == self.id {
+                        return self.drop(DropReason::RelayNotForUs);
+                    }
+                    let inner = &mut pkt[RELAY_HDR_LEN..];
+                    self.on_edge_packet(
+                        now,
+                        Via::Relayed {
+                            src: h.src,
+                            sn: src,
+                        },
+                        inner,
+                        out,
+                    );
+                }
+                Err(e) => self.drop(e.into()),
+            },
+            (MsgType::Bcast, Some(i)) => self.on_bcast(now, i, pkt, out),
+            (
+                MsgType::HandshakeInit | MsgType::HandshakeResp | MsgType::Data | MsgType::Probe,
+                _,
+            ) => {
+                if in_nets(&src, &self.overlay_nets) {
+                    // Came through our own overlay: never a path.
+                    return self.drop(DropReason::PathInsideOverlay);
+                }
+                self.on_edge_packet(now, Via::Direct(src), pkt, out)
+            }
+            _ => self.drop(DropReason::UnexpectedType),
+        }
+    }
+
+    fn on_edge_packet(&mut self, now: Instant, via: Via, pkt: &mut [u8], out: &mut Outbox) {
+        let t = match wire::peek_type(pkt) {
+            Ok(t) => t,
+            Err(e) => return self.drop(e.into()),
+        };
+        match t {
+            MsgType::HandshakeInit => self.on_init(now, via, pkt, out),
+            MsgType::HandshakeResp => self.on_resp(now, via, pkt, out),
+            MsgType::Data | MsgType::Probe => self.on_transport(now, via, pkt, out),
+            _ => self.drop(DropReason::UnexpectedType),
+        }
+    }
+
+    /// Runs timers: registration, handshakes, rekeying, probing, expiry.
+    pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
+        self.last_poll = self.last_poll.max(now);
+        self.poll_register(now, out);
+        let t = self.cfg.timers.clone();
+        let ids: Vec<EdgeId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.poll_sessions(now, &id, &t, out);
+            self.poll_paths(now, &id, &t, out);
+        }
+        // Expiry of peers and MACs.
+        let mut gone = Vec::new();
+        for (id, p) in &self.peers {
+            let last = [p.last_listed, p.last_rx, Some(p.first_seen)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(p.first_seen);
+            if now.saturating_duration_since(last) > t.peer_expiry {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            if let Some(p) = self.peers.remove(&id) {
+                tracing::info!(peer = %p.name, "peer expired");
+                for s in [p.cur, p.prev, p.next].into_iter().flatten() {
+                    self.index.remove(&s.local_index);
+                }
+                if let Some(pd) = p.pending {
+                    self.index.remove(&pd.state.init.sender_index);
+                }
+                self.macs.retain(|_, v| v.0 != id);
+            }
+        }
+        self.macs
+            .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
+        self.mac_expiry_at = self.macs.values().map(|v| v.1 + t.mac_expiry).min();
+    }
+
+    /// When [`EdgeCore::poll`] must run next: the earliest of every timer the core keeps
+    /// (registrations and checks of the supernodes, handshakes, session lifetimes and
+    /// rekeying, probes and keepalives, loss of a direct path, expiry of peers and
+    /// MACs). A time not later than the last poll means "at once" (something an event
+    /// made due). Recomputed after every event: a datagram or frame can move it earlier.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.cfg.timers;
+        let mut d = Earliest::default();
+        for s in &self.sns {
+            self.register_deadline(s, &mut d);
+        }
+        for p in self.peers.values() {
+            self.session_deadline(p, &mut d);
+            self.path_deadline(p, &mut d);
+            let last = [p.last_listed, p.last_rx, Some(p.first_seen)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(p.first_seen);
+            // Expired once strictly older than `peer_expiry`.
+            d.add(last + t.peer_expiry + Duration::from_nanos(1));
+        }
+        if let Some(m) = self.mac_expiry_at {
+            d.add(m);
+        }
+        d.0
+    }
+}
+
+/// The earliest of some deadlines.
+#[derive(Default)]
+struct Earliest(Option<Instant>);
+
+impl Earliest {
+    fn add(&mut self, t: Instant) {
+        self.0 = Some(self.0.map_or(t, |e| e.min(t)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Cipher;
+
+    #[test]
+    fn overlay_networks_are_never_paths() {
+        let nets = vec![("198.19.0.0".parse().unwrap(), 16u8)];
+        assert!(in_nets(&"198.19.3.4:1".parse().unwrap(), &nets));
+        assert!(!in_nets(&"198.18.3.4:1".parse().unwrap(), &nets));
+        assert!(!in_nets(&"[::1]:1".parse().unwrap(), &nets));
+        assert!(in_nets(
+            &"10.0.0.1:1".parse().unwrap(),
+            &[("0.0.0.0".parse().unwrap(), 0)]
+        ));
+        let now = Instant::now();
+        let mut e = EdgeCore::new(
+            EdgeConfig {
+                name: "e".into(),
+                community: "c".into(),
+                secret: b"s".to_vec(),
+                cipher: Cipher::Aes256Gcm,
+                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+                local_addrs: vec![],
+                timers: Timers::default(),
+                max_peers: 4,
+                max_macs: 4,
+            },
+            now,
+        )
+        .unwrap();
+        e.set_host_addrs(
+            vec![
+                "198.18.0.2:5".parse().unwrap(),
+                "198.19.0.2:5".parse().unwrap(),
+            ],
+            nets,
+        );
+        assert_eq!(e.cfg.local_addrs, vec!["198.18.0.2:5".parse().unwrap()]);
+        // A datagram from inside the overlay is refused as a path.
+        let mut out = Outbox::new(2048);
+        let mut pkt = [
+            wire::VERSION,
+            0x13,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
+        assert_eq!(e.drops.get(DropReason::PathInsideOverlay), 1);
+    }
+
+    #[test]
+    fn poll_timeout_is_the_next_registration_of_a_lone_edge() {
+        let now = Instant::now();
+        let mut e = EdgeCore::new(
+            EdgeConfig {
+                name: "e".into(),
+                community: "c".into(),
+                secret: b"s".to_vec(),
+                cipher: Cipher::Aes256Gcm,
+                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+                local_addrs: vec![],
+                timers: Timers::default(),
+                max_peers: 4,
+                max_macs: 4,
+            },
+            now,
+        )
+        .unwrap();
+        let mut out = Outbox::new(2048);
+        // Nothing sent yet: due at once.
+        assert!(e.poll_timeout().is_some_and(|d| d <= now));
+        e.poll(now, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        out.recycle_sent();
+        // No acknowledgement: the supernode is down, registrations every 2 s.
+        let next = now + Duration::from_secs(2);
+        assert_eq!(e.poll_timeout(), Some(next));
+        e.poll(next - Duration::from_millis(1), &mut out);
+        assert!(out.udp.is_empty());
+        e.poll(next, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        // New host addresses are announced at once.
+        e.set_host_addrs(vec!["198.18.0.2:5".parse().unwrap()], vec![]);
+        assert!(e.poll_timeout().is_some_and(|d| d <= next));
+    }
+}

@@ -1,0 +1,123 @@
+//! The peer table's entries: sessions (current, previous, next), pending handshake,
+//! paths and counters of one peer.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+// Looked up for every packet: a seeded fast hash instead of SipHash.
+
+use crate::crypto::{AeadKey, InitState};
+use crate::replay::ReplayWindow;
+use crate::wire::EdgeId;
+
+pub(super) struct Session {
+    pub(super) local_index: u32,
+    pub(super) remote_index: u32,
+    pub(super) send: AeadKey,
+    pub(super) recv: AeadKey,
+    pub(super) send_ctr: u64,
+    pub(super) replay: ReplayWindow,
+    pub(super) created: Instant,
+    pub(super) initiator: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(super) struct Stats {
+    pub(super) tx_bytes: u64,
+    pub(super) rx_bytes: u64,
+    pub(super) tx_packets: u64,
+    pub(super) rx_packets: u64,
+}
+
+pub(super) struct Pending {
+    pub(super) state: InitState,
+    pub(super) sent: Instant,
+}
+
+pub(super) struct Peer {
+    pub(super) id: EdgeId,
+    pub(super) name: String,
+    pub(super) observed: Option<SocketAddr>,
+    pub(super) locals: Vec<SocketAddr>,
+    pub(super) reflexive: Option<SocketAddr>,
+    pub(super) listed_by: u64,
+    pub(super) last_listed: Option<Instant>,
+    pub(super) first_seen: Instant,
+    pub(super) last_rx: Option<Instant>,
+    pub(super) cur: Option<Session>,
+    pub(super) prev: Option<Session>,
+    pub(super) next: Option<Session>,
+    pub(super) pending: Option<Pending>,
+    pub(super) last_init_sent: Option<Instant>,
+    pub(super) last_init_ts: u64,
+    pub(super) direct: Option<SocketAddr>,
+    pub(super) direct_last_rx: Option<Instant>,
+    pub(super) direct_lost: bool,
+    pub(super) last_probe: Option<Instant>,
+    pub(super) last_relay_probe: Option<Instant>,
+    pub(super) probes: Vec<(u64, Option<SocketAddr>, Instant)>,
+    pub(super) rtt: Option<Duration>,
+    pub(super) bcast_rx: Option<(AeadKey, ReplayWindow)>,
+    pub(super) stats: Stats,
+    pub(super) handshakes: u64,
+    /// Direct attempts per address; see [`AddrTries`].
+    pub(super) tries: Vec<AddrTries>,
+    /// The supernode the peer's last authenticated relayed packet came through.
+    pub(super) relay_rx_sn: Option<(usize, Instant)>,
+}
+
+/// Handshake inits sent to one address of a peer, and when an authenticated packet last
+/// came from it (then the address is validated and not limited).
+pub(super) struct AddrTries {
+    pub(super) addr: SocketAddr,
+    pub(super) sent: u32,
+    pub(super) last: Instant,
+    pub(super) validated: Option<Instant>,
+}
+
+impl Peer {
+    pub(super) fn new(id: EdgeId, now: Instant) -> Self {
+        Self {
+            id,
+            name: "?".into(),
+            observed: None,
+            locals: Vec::new(),
+            reflexive: None,
+            listed_by: 0,
+            last_listed: None,
+            first_seen: now,
+            last_rx: None,
+            cur: None,
+            prev: None,
+            next: None,
+            pending: None,
+            last_init_sent: None,
+            last_init_ts: 0,
+            direct: None,
+            direct_last_rx: None,
+            direct_lost: false,
+            last_probe: None,
+            last_relay_probe: None,
+            probes: Vec::new(),
+            rtt: None,
+            bcast_rx: None,
+            stats: Stats::default(),
+            handshakes: 0,
+            tries: Vec::new(),
+            relay_rx_sn: None,
+        }
+    }
+
+    pub(super) fn session_mut(&mut self, index: u32) -> Option<(&mut Session, u8)> {
+        if self.cur.as_ref().is_some_and(|s| s.local_index == index) {
+            return self.cur.as_mut().map(|s| (s, 0));
+        }
+        if self.prev.as_ref().is_some_and(|s| s.local_index == index) {
+            return self.prev.as_mut().map(|s| (s, 1));
+        }
+        if self.next.as_ref().is_some_and(|s| s.local_index == index) {
+            return self.next.as_mut().map(|s| (s, 2));
+        }
+        None
+    }
+}
