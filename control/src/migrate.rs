@@ -550,8 +550,10 @@ fn unfinished(
     if m.cluster != cluster || m.vm != vm || m.to != to || m.from == to {
         return Ok(None);
     }
-    // After switchover: copying the disk, releasing the origin, or given up on those.
-    let after = matches!(m.phase.as_str(), "disk" | "cleanup")
+    // After switchover: copying the disk, releasing the origin, or given up on those. A
+    // record still at "switchover" counts too: the caller resumes only when the store
+    // already places the VM at `to`, which it does once the destination runs it.
+    let after = matches!(m.phase.as_str(), "switchover" | "disk" | "cleanup")
         || (m.phase == "failed" && m.error.as_deref().is_some_and(|e| e.contains("disk")));
     if !after {
         return Ok(None);
@@ -873,8 +875,10 @@ impl crate::controller::Controller<'_> {
                 view.downtime_ms.unwrap_or(0)
             ));
         }
-        // 6: the disk follows in the background; the origin keeps it until then.
+        // 6: the disk follows in the background; the origin keeps it until then. Saved at
+        // once: a `vm migrate` ended from here on is finished by the next one.
         view.phase = "disk".into();
+        view.save(t0, record);
         loop {
             if precopy {
                 // Mirrored already, before the memory.

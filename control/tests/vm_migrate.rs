@@ -617,6 +617,15 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(copying(), "no disk copy seen at B");
+    // The command's record says the disk follows before it is cut short.
+    let recorded_disk = || {
+        sl.ctl_json(&["vm", "migrations"])
+            .is_ok_and(|r| r.to_string().contains("\"phase\":\"disk\""))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !recorded_disk() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The `timeout` process this test started, which passes the signal on to `mvc`.
     lab::sys::kill(cut.id(), libc::SIGTERM).expect("SIGTERM to the cut-short migrate");
     let _ = cut.wait();
