@@ -57,6 +57,21 @@ pub struct AgentProc {
     log: PathBuf,
 }
 
+impl AgentProc {
+    /// `mvc site add` arguments for this agent's site.
+    fn site_add(&self) -> [&str; 7] {
+        [
+            "site",
+            "add",
+            &self.site,
+            "--agent",
+            &self.addr,
+            "--agent-key",
+            &self.key,
+        ]
+    }
+}
+
 /// A user of the lab's sites: a key and a controller database.
 #[derive(Clone, Debug)]
 pub struct User {
@@ -387,18 +402,7 @@ impl SiteLab {
                 "--comment",
                 label,
             ])?;
-            self.ctl_as(
-                &user,
-                &[
-                    "site",
-                    "add",
-                    &a.site,
-                    "--agent",
-                    &a.addr,
-                    "--agent-key",
-                    &a.key,
-                ],
-            )?;
+            self.ctl_as(&user, &a.site_add())?;
         }
         Ok(user)
     }
@@ -557,15 +561,7 @@ impl SiteLab {
     /// `mvc site add` for all three sites.
     pub fn add_sites(&self) -> Result<()> {
         for a in self.agents.values() {
-            self.ctl(&[
-                "site",
-                "add",
-                &a.site,
-                "--agent",
-                &a.addr,
-                "--agent-key",
-                &a.key,
-            ])?;
+            self.ctl(&a.site_add())?;
         }
         Ok(())
     }

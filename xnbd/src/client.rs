@@ -719,6 +719,17 @@ mod tests {
         Request::parse(&b).unwrap()
     }
 
+    /// The next request, answered with a success header (the payload left to the caller).
+    async fn next_request_answered(s: &mut DuplexStream) -> Request {
+        let r = next_request(s).await;
+        let ok = SimpleReply {
+            error: 0,
+            cookie: r.cookie,
+        };
+        s.write_all(&ok.encode()).await.unwrap();
+        r
+    }
+
     /// The stall timeout counts silence, not the time a reply takes: a 64 KiB reply that
     /// trickles in for about a minute, 1 KiB every 900 ms, arrives whole with a 1 s timeout;
     /// a request left unanswered ends the connection after that second. In virtual time
@@ -728,12 +739,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 16);
         let source = tokio::spawn(async move {
             serve_handshake(&mut b, 1 << 20).await;
-            let r = next_request(&mut b).await;
-            let ok = SimpleReply {
-                error: 0,
-                cookie: r.cookie,
-            };
-            b.write_all(&ok.encode()).await.unwrap();
+            let r = next_request_answered(&mut b).await;
             for piece in vec![7u8; r.length as usize].chunks(1024) {
                 tokio::time::sleep(Duration::from_millis(900)).await;
                 b.write_all(piece).await.unwrap();
@@ -773,12 +779,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 16);
         let source = tokio::spawn(async move {
             serve_handshake(&mut b, 1 << 20).await;
-            let r = next_request(&mut b).await;
-            let ok = SimpleReply {
-                error: 0,
-                cookie: r.cookie,
-            };
-            b.write_all(&ok.encode()).await.unwrap();
+            let r = next_request_answered(&mut b).await;
             b.write_all(&vec![7u8; r.length as usize / 2])
                 .await
                 .unwrap();

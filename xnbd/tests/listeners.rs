@@ -47,6 +47,39 @@ fn start(args: &[&str], nofile: Option<u32>, log: &Path, ready: &Path) -> common
     p
 }
 
+/// `xnbd serve` of `img` as export `disk` on a free loopback TCP port, with the control
+/// socket `ctl` and `extra` arguments (`nofile` as for [`start`]); returns the process, the
+/// port and `host:port`.
+fn serve_tcp(
+    img: &Path,
+    ctl: &Path,
+    extra: &[&str],
+    nofile: Option<u32>,
+    log: &Path,
+) -> (common::Proc, u16, String) {
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--listen", &listen, "--ctl", ctl.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let srv = serve_disk(img, &args, nofile, log, ctl);
+    (srv, port, listen)
+}
+
+/// `xnbd serve` of `img` as export `disk` with `args` (listeners and limits), started as
+/// [`start`] does.
+fn serve_disk(
+    img: &Path,
+    args: &[&str],
+    nofile: Option<u32>,
+    log: &Path,
+    ready: &Path,
+) -> common::Proc {
+    let export = format!("disk={}", img.display());
+    let mut a = vec!["serve", "--export", &export];
+    a.extend_from_slice(args);
+    start(&a, nofile, log, ready)
+}
+
 /// Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`; returns the export size.
 fn negotiate<S: Read + Write>(s: &mut S, name: &str) -> u64 {
     let mut g = [0u8; proto::GREETING_LEN];
@@ -107,23 +140,12 @@ fn descriptor_exhaustion_then_a_normal_client_is_served() {
     let img = d.path().join("disk.img");
     common::make_image(&img, 16 * MIB, MIB, 3);
     let ctl = d.path().join("ctl.sock");
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let srv = start(
-        &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--listen",
-            &listen,
-            "--ctl",
-            ctl.to_str().unwrap(),
-            "--handshake-timeout",
-            "120",
-        ],
+    let (srv, port, listen) = serve_tcp(
+        &img,
+        &ctl,
+        &["--handshake-timeout", "120"],
         Some(64),
         &d.path().join("serve.log"),
-        &ctl,
     );
     // Idle connections until the server is out of descriptors (the kernel completes the
     // TCP handshakes into the backlog whether or not the server can accept them).
@@ -191,11 +213,9 @@ fn connection_limit_and_negotiation_timeout() {
     common::make_image(&img, 16 * MIB, MIB, 4);
     let sock = d.path().join("nbd.sock");
     let ctl = d.path().join("ctl.sock");
-    let _srv = start(
+    let _srv = serve_disk(
+        &img,
         &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
             "--unix",
             sock.to_str().unwrap(),
             "--ctl",
@@ -270,17 +290,10 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     let img = d.path().join("disk.img");
     common::make_image(&img, 512 * MIB, 0, 5);
     let ctl = d.path().join("ctl.sock");
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let srv = start(
+    let (srv, port, listen) = serve_tcp(
+        &img,
+        &ctl,
         &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--listen",
-            &listen,
-            "--ctl",
-            ctl.to_str().unwrap(),
             "--memory-budget",
             "128M",
             "--conn-memory",
@@ -290,7 +303,6 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
         ],
         None,
         &d.path().join("serve.log"),
-        &ctl,
     );
     assert!(common::wait_tcp(port, Duration::from_secs(10)));
     let pid = srv.pid();
@@ -362,11 +374,9 @@ fn max_block_size_follows_the_connection_share() {
     let img = d.path().join("disk.img");
     common::make_image(&img, 32 * MIB, 8 * MIB, 6);
     let sock = d.path().join("nbd.sock");
-    let _srv = start(
+    let _srv = serve_disk(
+        &img,
         &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
             "--unix",
             sock.to_str().unwrap(),
             "--memory-budget",

@@ -3,83 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{nbdkit, ok, query, run, unix_uri, wait_status, xnbd, Proc, XNBD};
+use common::{nbdkit, ok, query, run, src_uri, u, wait_status, xnbd, ProxyRun};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
-
-struct ProxyRun {
-    dir: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-    cache: PathBuf,
-}
-
-impl ProxyRun {
-    fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            sock: dir.join("proxy.sock"),
-            ctl: dir.join("ctl.sock"),
-            cache: dir.join("cache.img"),
-        }
-    }
-    fn start(&self, source: &str, extra: &[&str], log: &str) -> Proc {
-        let _ = std::fs::remove_file(&self.sock);
-        let mut a = vec![
-            "proxy",
-            "--source",
-            source,
-            "--cache",
-            self.cache.to_str().unwrap(),
-            "--unix",
-            self.sock.to_str().unwrap(),
-            "--ctl",
-            self.ctl.to_str().unwrap(),
-            "--block-size",
-            "64K",
-        ];
-        a.extend_from_slice(extra);
-        let p = xnbd(&a, &self.dir.join(log), &self.sock);
-        assert!(common::wait_path(&self.ctl, Duration::from_secs(10)));
-        p
-    }
-    fn uri(&self) -> String {
-        unix_uri(&self.sock, "")
-    }
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let mut a = vec!["ctl", "--socket", self.ctl.to_str().unwrap()];
-        a.extend_from_slice(args);
-        run(120, XNBD, &a)
-    }
-    fn cache_all(&self) -> serde_json::Value {
-        let o = self.ctl(&["--json", "cache-all", "--timeout", "90"]);
-        if !o.status.success() {
-            let mut logs = String::new();
-            for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    logs += &format!("--- {}\n{}\n", p.display(), text);
-                }
-            }
-            panic!("cache-all: {}\n{logs}", String::from_utf8_lossy(&o.stderr));
-        }
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-}
-
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-}
-
-fn src_uri(sock: &Path) -> String {
-    format!("unix:{}", sock.display())
-}
 
 #[test]
 fn on_demand_writes_readahead_cache_all_switch() {
@@ -103,7 +33,7 @@ fn on_demand_writes_readahead_cache_all_switch() {
         ],
         &d.path().join("nbdkit.log"),
     );
-    let p = ProxyRun::new(d.path());
+    let p = ProxyRun::new(d.path(), "proxy");
     let _proxy = p.start(&src_uri(&ssock), &["--no-background"], "proxy.log");
     let q = query(&p.ctl);
     assert_eq!(q["mode"], "proxy");
@@ -260,7 +190,7 @@ fn crash_and_resume_fetches_no_block_twice() {
         )
     };
     let mut source = start_source(&slog, "nbdkit.log");
-    let p = ProxyRun::new(d.path());
+    let p = ProxyRun::new(d.path(), "proxy");
     let mut proxy = p.start(&src_uri(&ssock), &[], "proxy1.log");
     let before = wait_status(&p.ctl, Duration::from_secs(30), |q| {
         u(q, "cached_blocks") >= 128
@@ -343,7 +273,7 @@ fn sources_qemu_nbd_and_xnbd_over_tls() {
     };
     let pdir = d.path().join("p1");
     std::fs::create_dir(&pdir).unwrap();
-    let p = ProxyRun::new(&pdir);
+    let p = ProxyRun::new(&pdir, "proxy");
     let _proxy = p.start(&src_uri(&qsock), &[], "proxy.log");
     p.cache_all();
     assert!(common::same_bytes(&p.cache, &src));
@@ -384,7 +314,7 @@ fn sources_qemu_nbd_and_xnbd_over_tls() {
     assert!(common::wait_tcp(port, Duration::from_secs(10)));
     let pdir = d.path().join("p2");
     std::fs::create_dir(&pdir).unwrap();
-    let p = ProxyRun::new(&pdir);
+    let p = ProxyRun::new(&pdir, "proxy");
     let ca = certs.join("ca-cert.pem");
     let source = format!("127.0.0.1:{port}");
     let _proxy = p.start(
@@ -415,7 +345,7 @@ fn forced_switch_drops_the_source_with_blocks_missing() {
         &["file", src.to_str().unwrap()],
         &d.path().join("nbdkit.log"),
     );
-    let p = ProxyRun::new(d.path());
+    let p = ProxyRun::new(d.path(), "proxy");
     let _proxy = p.start(
         &src_uri(&ssock),
         &["--no-background", "--readahead", "0"],

@@ -223,8 +223,16 @@ fn image() -> Vec<u8> {
         .collect()
 }
 
-fn config(dir: &Path, sock: &Path, block_size: u32, timeout: Duration) -> ProxyConfig {
-    ProxyConfig {
+/// A proxy of the source on `sock` with its cache in `dir`, copying in the background
+/// when `background` is set.
+async fn start_proxy(
+    dir: &Path,
+    sock: &Path,
+    block_size: u32,
+    timeout: Duration,
+    background: bool,
+) -> Arc<Proxy> {
+    let cfg = ProxyConfig {
         source: Addr::Unix(sock.to_owned()),
         export_name: String::new(),
         tls: None,
@@ -232,12 +240,13 @@ fn config(dir: &Path, sock: &Path, block_size: u32, timeout: Duration) -> ProxyC
         bitmap: dir.join("cache.bitmap"),
         block_size,
         rate: 0,
-        background: true,
+        background,
         background_chunk: 256 << 10,
         background_depth: 4,
         source_timeout: timeout,
         readahead: 0,
-    }
+    };
+    Proxy::start(cfg).await.unwrap()
 }
 
 async fn wait_complete(p: &Proxy, secs: u64) -> Status {
@@ -265,9 +274,7 @@ async fn requests_keep_to_the_advertised_block_sizes() {
         Arc::new(|_, _, _| Act::Data),
     );
     let _srv = fake.start(&sock);
-    let mut cfg = config(d.path(), &sock, 512, Duration::from_secs(5));
-    cfg.background = false;
-    let p = Proxy::start(cfg).await.unwrap();
+    let p = start_proxy(d.path(), &sock, 512, Duration::from_secs(5), false).await;
     for (off, len) in [
         (1000u64, 3000usize),
         (100_000, 1 << 20),
@@ -326,9 +333,7 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
         }),
     );
     let _srv = fake.start(&sock);
-    let p = Proxy::start(config(d.path(), &sock, 65536, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(5), true).await;
     // Nothing reaches the cache while every read fails: the clock may stand still.
     tokio::time::pause();
     let t0 = fake.t0;
@@ -387,9 +392,7 @@ async fn source_outage_eio_after_the_timeout_then_reconnect() {
         Arc::new(|_, _, _| Act::Data),
     );
     let a = fake.start(&sock_a);
-    let mut cfg = config(d.path(), &sock_a, 65536, Duration::from_secs(30));
-    cfg.background = false;
-    let p = Proxy::start(cfg).await.unwrap();
+    let p = start_proxy(d.path(), &sock_a, 65536, Duration::from_secs(30), false).await;
     let got = p.read(0, vec![0u8; 1 << 20], 0).await.unwrap();
     assert!(got == data[..1 << 20]);
 
@@ -452,9 +455,7 @@ async fn cut_off_and_unanswered_replies_are_survived() {
         }),
     );
     let _srv = fake.start(&sock);
-    let p = Proxy::start(config(d.path(), &sock, 65536, Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), true).await;
     let st = wait_complete(&p, 30).await;
     assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
     assert!(st.source_errors >= 7, "{st:?}");
@@ -485,9 +486,7 @@ async fn queueing_behind_a_slow_source_is_not_silence() {
         Arc::new(|_, _, _| Act::Delay(Duration::from_millis(250))),
     );
     let _srv = fake.start(&sock);
-    let p = Proxy::start(config(d.path(), &sock, 65536, Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), true).await;
     // The background copy fills the queue (four chunks, a second of replies) first.
     let end = Instant::now() + Duration::from_secs(10);
     while fake.reads.load(Ordering::Relaxed) < 4 {
@@ -519,9 +518,7 @@ async fn a_silent_source_fails_a_read_after_the_timeout() {
         Arc::new(|_, _, _| Act::Silent),
     );
     let _srv = fake.start(&sock);
-    let mut cfg = config(d.path(), &sock, 65536, Duration::from_secs(1));
-    cfg.background = false;
-    let p = Proxy::start(cfg).await.unwrap();
+    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), false).await;
     // No reply ever arrives, so nothing is written to the cache: the clock may stand still.
     tokio::time::pause();
     let t = Instant::now();

@@ -5,82 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use common::{nbdkit, ok, query, run, unix_uri, xnbd, Proc, XNBD};
+use common::{nbdkit, ok, query, run, src_uri, u, ProxyRun, XNBD};
 
 const MIB: u64 = 1 << 20;
 /// Exit status of `xnbd proxy` when its cache is in use.
 const EXIT_LOCKED: i32 = 75;
-
-struct ProxyRun {
-    dir: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
-    cache: PathBuf,
-}
-
-impl ProxyRun {
-    fn new(dir: &Path, tag: &str) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            sock: dir.join(format!("{tag}.sock")),
-            ctl: dir.join(format!("{tag}.ctl")),
-            cache: dir.join("cache.img"),
-        }
-    }
-    fn args<'a>(&'a self, source: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut a = vec![
-            "proxy",
-            "--source",
-            source,
-            "--cache",
-            self.cache.to_str().unwrap(),
-            "--unix",
-            self.sock.to_str().unwrap(),
-            "--ctl",
-            self.ctl.to_str().unwrap(),
-        ];
-        if !extra.contains(&"--block-size") {
-            a.extend_from_slice(&["--block-size", "64K"]);
-        }
-        a.extend_from_slice(extra);
-        a
-    }
-    fn start(&self, source: &str, extra: &[&str], log: &str) -> Proc {
-        let _ = std::fs::remove_file(&self.sock);
-        let p = xnbd(&self.args(source, extra), &self.dir.join(log), &self.sock);
-        assert!(common::wait_path(&self.ctl, Duration::from_secs(10)));
-        p
-    }
-    fn uri(&self) -> String {
-        unix_uri(&self.sock, "")
-    }
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let mut a = vec!["ctl", "--socket", self.ctl.to_str().unwrap()];
-        a.extend_from_slice(args);
-        run(120, XNBD, &a)
-    }
-    fn cache_all(&self) -> serde_json::Value {
-        let o = self.ctl(&["--json", "cache-all", "--timeout", "90"]);
-        assert!(
-            o.status.success(),
-            "cache-all: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-}
-
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-}
-
-fn src_uri(sock: &Path) -> String {
-    format!("unix:{}", sock.display())
-}
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
     let mut a = vec!["-f", "raw"];

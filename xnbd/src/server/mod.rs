@@ -212,36 +212,46 @@ impl Server {
 
     /// Accept TCP connections forever (failed accepts back off; see [`crate::listen`]).
     pub async fn run_tcp(self: Arc<Self>, l: TcpListener) {
-        let mut errs = AcceptErrors::new("nbd tcp");
-        loop {
-            match l.accept().await {
-                Ok((s, peer)) => {
-                    errs.ok();
-                    let _ = s.set_nodelay(true);
-                    // Idle connections may stay; connections to peers that vanished go.
-                    {
-                        use std::os::fd::AsFd;
-                        let (idle, interval, count) = KEEPALIVE;
-                        if let Err(e) = crate::sys::tcp_keepalive(s.as_fd(), idle, interval, count)
-                        {
-                            debug!(%peer, "keepalive not set: {e}");
-                        }
-                    }
-                    self.clone().spawn_conn(Box::new(s), peer.to_string());
+        let l = &l;
+        self.accept_forever("nbd tcp", move || async move {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            // Idle connections may stay; connections to peers that vanished go.
+            {
+                use std::os::fd::AsFd;
+                let (idle, interval, count) = KEEPALIVE;
+                if let Err(e) = crate::sys::tcp_keepalive(s.as_fd(), idle, interval, count) {
+                    debug!(%peer, "keepalive not set: {e}");
                 }
-                Err(e) => tokio::time::sleep(errs.failed(&e, &self.listeners)).await,
             }
-        }
+            Ok((Box::new(s) as Box<dyn Conn>, peer.to_string()))
+        })
+        .await
     }
 
     /// Accept Unix-socket connections forever.
     pub async fn run_unix(self: Arc<Self>, l: UnixListener) {
-        let mut errs = AcceptErrors::new("nbd unix");
+        let l = &l;
+        self.accept_forever("nbd unix", move || async move {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s) as Box<dyn Conn>, "unix".to_owned()))
+        })
+        .await
+    }
+
+    /// Serve every connection `accept` gives (with its peer's name), forever; failed
+    /// accepts back off and are counted as `what`.
+    async fn accept_forever<F, Fut>(self: Arc<Self>, what: &'static str, mut accept: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = io::Result<(Box<dyn Conn>, String)>>,
+    {
+        let mut errs = AcceptErrors::new(what);
         loop {
-            match l.accept().await {
-                Ok((s, _)) => {
+            match accept().await {
+                Ok((s, peer)) => {
                     errs.ok();
-                    self.clone().spawn_conn(Box::new(s), "unix".into());
+                    self.clone().spawn_conn(s, peer);
                 }
                 Err(e) => tokio::time::sleep(errs.failed(&e, &self.listeners)).await,
             }

@@ -87,41 +87,26 @@ impl Server {
                 proto::parse_option_header(&h).map_err(|e| ServerError::Protocol(e.to_string()))?;
             if len > proto::MAX_OPTION_LEN {
                 discard(&mut conn, u64::from(len)).await?;
-                if code == opt::EXPORT_NAME || !fixed {
+                if !fixed || !refuse(&mut conn, code, rep::ERR_TOO_BIG, "option too long").await? {
                     return Ok(None);
                 }
-                send(
-                    &mut conn,
-                    OptionReply::error(code, rep::ERR_TOO_BIG, "option too long"),
-                )
-                .await?;
                 continue;
             }
             let mut data = vec![0u8; len as usize];
             conn.read_exact(&mut data).await?;
             let tls_required = self.tls.as_ref().is_some_and(|t| t.required) && !tls_up;
             if tls_required && code != opt::STARTTLS && code != opt::ABORT {
-                if code == opt::EXPORT_NAME {
+                if !refuse(&mut conn, code, rep::ERR_TLS_REQD, "TLS required").await? {
                     return Ok(None);
                 }
-                send(
-                    &mut conn,
-                    OptionReply::error(code, rep::ERR_TLS_REQD, "TLS required"),
-                )
-                .await?;
                 continue;
             }
             let o = match ClientOption::parse(code, &data) {
                 Ok(o) => o,
                 Err(e) => {
-                    if code == opt::EXPORT_NAME {
+                    if !refuse(&mut conn, code, rep::ERR_INVALID, &e.to_string()).await? {
                         return Ok(None);
                     }
-                    send(
-                        &mut conn,
-                        OptionReply::error(code, rep::ERR_INVALID, &e.to_string()),
-                    )
-                    .await?;
                     continue;
                 }
             };
@@ -330,4 +315,19 @@ impl Server {
 async fn send(conn: &mut Box<dyn Conn>, r: OptionReply) -> io::Result<()> {
     conn.write_all(&r.encode()).await?;
     conn.flush().await
+}
+
+/// Answer option `code` with the error `reply_type`. `false` when it cannot be answered:
+/// `NBD_OPT_EXPORT_NAME` has no error reply, so the connection has to end instead.
+async fn refuse(
+    conn: &mut Box<dyn Conn>,
+    code: u32,
+    reply_type: u32,
+    msg: &str,
+) -> io::Result<bool> {
+    if code == opt::EXPORT_NAME {
+        return Ok(false);
+    }
+    send(conn, OptionReply::error(code, reply_type, msg)).await?;
+    Ok(true)
 }

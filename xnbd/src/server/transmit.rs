@@ -107,13 +107,7 @@ impl Server {
                 if hold.is_some() {
                     if let Some(reply) = serve_inline(&session, &req, &mut rd, &mut scratch).await?
                     {
-                        if reply.failed {
-                            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        ready.push(Seg {
-                            bytes: reply.bytes,
-                            _hold: hold,
-                        });
+                        ready.push(self.reply_seg(reply, hold));
                         continue;
                     }
                 }
@@ -176,11 +170,7 @@ impl Server {
                     if req.flags & cflag::FUA == 0 {
                         if let Err(e) = validate(&session, &req) {
                             let reply = error_reply(&session, &req, e);
-                            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                            ready.push(Seg {
-                                bytes: reply.bytes,
-                                _hold: Some(hold),
-                            });
+                            ready.push(self.reply_seg(reply, Some(hold)));
                             continue;
                         }
                         writes.push(req, payload, permit, hold);
@@ -212,13 +202,7 @@ impl Server {
                             Ok(()) => ok_reply(&req),
                             Err(e) => error_reply(&session, &req, e),
                         };
-                        if reply.failed {
-                            srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        out.push_all(&mut vec![Seg {
-                            bytes: reply.bytes,
-                            _hold: Some(hold),
-                        }]);
+                        out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
                         drop(permit);
                     });
                     continue;
@@ -228,13 +212,7 @@ impl Server {
                         Some(e) => error_reply(&session, &req, e),
                         None => handle(&session, &req, payload).await,
                     };
-                    if reply.failed {
-                        srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    out.push_all(&mut vec![Seg {
-                        bytes: reply.bytes,
-                        _hold: Some(hold),
-                    }]);
+                    out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
                     drop(permit);
                 });
             }
@@ -291,13 +269,7 @@ impl PendingWrites {
                         Ok(()) => ok_reply(&req),
                         Err(e) => error_reply(&session2, &req, e.into()),
                     };
-                    if reply.failed {
-                        srv.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    replies.push(Seg {
-                        bytes: reply.bytes,
-                        _hold: Some(hold),
-                    });
+                    replies.push(srv.reply_seg(reply, Some(hold)));
                     permits.push(permit);
                 }
                 out.push_all(&mut replies);
@@ -305,6 +277,19 @@ impl PendingWrites {
                 drop(permits);
             }),
         );
+    }
+}
+
+impl Server {
+    /// `reply` ready to queue with the budget its request holds; an error reply is counted.
+    fn reply_seg(&self, reply: Reply, hold: Option<Hold>) -> Seg {
+        if reply.failed {
+            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Seg {
+            bytes: reply.bytes,
+            _hold: hold,
+        }
     }
 }
 

@@ -256,6 +256,88 @@ pub fn fetch_counts(reads: &[(u64, u64)], block: u64) -> std::collections::HashM
     m
 }
 
+/// `xnbd proxy` in `dir`, on `{tag}.sock` with control socket `{tag}.ctl` and the cache
+/// `cache.img` (shared by every run in `dir`).
+pub struct ProxyRun {
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    pub ctl: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl ProxyRun {
+    pub fn new(dir: &Path, tag: &str) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            sock: dir.join(format!("{tag}.sock")),
+            ctl: dir.join(format!("{tag}.ctl")),
+            cache: dir.join("cache.img"),
+        }
+    }
+    /// The command line; a 64 KiB block unless `extra` names `--block-size`.
+    pub fn args<'a>(&'a self, source: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "proxy",
+            "--source",
+            source,
+            "--cache",
+            self.cache.to_str().unwrap(),
+            "--unix",
+            self.sock.to_str().unwrap(),
+            "--ctl",
+            self.ctl.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--block-size") {
+            a.extend_from_slice(&["--block-size", "64K"]);
+        }
+        a.extend_from_slice(extra);
+        a
+    }
+    /// Start, logging to `log` in `dir`, and wait for both sockets.
+    pub fn start(&self, source: &str, extra: &[&str], log: &str) -> Proc {
+        let _ = std::fs::remove_file(&self.sock);
+        let p = xnbd(&self.args(source, extra), &self.dir.join(log), &self.sock);
+        assert!(wait_path(&self.ctl, Duration::from_secs(10)));
+        p
+    }
+    pub fn uri(&self) -> String {
+        unix_uri(&self.sock, "")
+    }
+    /// `xnbd ctl` on this proxy's control socket.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut a = vec!["ctl", "--socket", self.ctl.to_str().unwrap()];
+        a.extend_from_slice(args);
+        run(120, XNBD, &a)
+    }
+    /// `ctl cache-all` as JSON; on failure, panics with every `*.log` in `dir`.
+    pub fn cache_all(&self) -> serde_json::Value {
+        let o = self.ctl(&["--json", "cache-all", "--timeout", "90"]);
+        if !o.status.success() {
+            let mut logs = String::new();
+            for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    logs += &format!("--- {}\n{}\n", p.display(), text);
+                }
+            }
+            panic!("cache-all: {}\n{logs}", String::from_utf8_lossy(&o.stderr));
+        }
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+}
+
+/// A counter from a status JSON object.
+pub fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// The `--source` form of an NBD server on a Unix socket.
+pub fn src_uri(sock: &Path) -> String {
+    format!("unix:{}", sock.display())
+}
+
 /// Make a CA and a server certificate for localhost with openssl.
 pub fn make_certs(dir: &Path) -> bool {
     if !have("openssl") {
