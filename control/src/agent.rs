@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod migrate;
+
 /// Agent failures outside a request (start-up, files).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -153,6 +155,10 @@ struct Slot {
     handle: Option<String>,
     local: String,
     nic: String,
+    /// A live migration into this slot whose disk is still being copied (kept so that
+    /// a restarted agent relays to the origin again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incoming: Option<migrate::IncomingRecord>,
 }
 
 /// Overlay processes a running agent started for a cluster.
@@ -348,6 +354,8 @@ pub struct AgentCore {
     /// Clusters whose overlay processes a previous run started and this one adopted.
     adopted: std::collections::HashSet<u32>,
     verifier: Verifier,
+    /// Live migrations in progress here, by the VM's local name.
+    migrations: HashMap<String, migrate::Migration>,
     /// Claims on cluster numbers and ports, unique among the machine's agents.
     claims: Claims,
 }
@@ -363,6 +371,7 @@ impl AgentCore {
         for line in core.reconcile(unix_now(), false) {
             tracing::info!(site = %core.cfg.site, "reconcile: {line}");
         }
+        core.resume_migrations();
         core.save()?;
         Ok(core)
     }
@@ -413,6 +422,7 @@ impl AgentCore {
             overlay_procs: HashMap::new(),
             adopted: Default::default(),
             verifier,
+            migrations: HashMap::new(),
             claims,
         })
     }
@@ -704,6 +714,15 @@ impl AgentCore {
                         quote(&spec.cluster)
                     ));
                 }
+                if c.slots
+                    .iter()
+                    .any(|s| s.name == spec.name && s.incoming.is_some())
+                {
+                    return Err(format!(
+                        "VM {} came by live migration and its disk is not all here yet",
+                        quote(&spec.name)
+                    ));
+                }
                 self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
                 self.save().map_err(|e| e.to_string())?;
@@ -742,6 +761,7 @@ impl AgentCore {
                 }
                 json(&out)
             }
+            Request::Migrate { cluster, vm, step } => self.migrate_step(authz, &cluster, &vm, step),
         }
     }
 
@@ -973,6 +993,7 @@ impl AgentCore {
                         memory_mb: s.memory_mb,
                         state: "reserved".into(),
                         handle: None,
+                        incoming: None,
                     })
                     .collect(),
                 overlay: None,
@@ -1361,6 +1382,15 @@ impl AgentCore {
                 ));
                 continue;
             }
+            if s.state == "migrating" {
+                // An incoming migration that never took over: the origin runs the VM.
+                log.push(format!("drop incoming VM {}", s.local));
+                self.clean_vm(s, true, dry, log);
+                if let (false, Some(c)) = (dry, self.state.clusters.get_mut(&n)) {
+                    c.slots.retain(|x| x.name != s.name);
+                }
+                continue;
+            }
             self.clean_vm(s, false, dry, log);
             if !dry {
                 if let Some(x) = self
@@ -1536,8 +1566,8 @@ fn serve_conn_within(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     // A client that stops reading cannot hold this thread for ever.
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut ch = channel::server(stream, key)?;
-    ch_loop(core, &mut ch)
+    let ch = channel::server(stream, key)?;
+    ch_loop(core, ch)
 }
 
 /// Wait (at most `limit`) until the client's whole channel hello is buffered, so the
@@ -1570,7 +1600,7 @@ fn await_hello(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
 
 fn ch_loop(
     core: &Mutex<AgentCore>,
-    ch: &mut channel::Channel<TcpStream>,
+    mut ch: channel::Channel<TcpStream>,
 ) -> Result<(), ChannelError> {
     {
         let mut c = core.lock().unwrap_or_else(|p| p.into_inner());
@@ -1591,6 +1621,10 @@ fn ch_loop(
             }
             Err(e) => return Err(e),
         };
+        // Another agent's tunnel of a live migration (it names a token, not a user).
+        if let Some(hello) = crate::migrate::TunnelHello::parse(&msg) {
+            return migrate::serve_tunnel(core, ch, hello);
+        }
         let id = *ch.id();
         let reply = match serde_json::from_slice::<Envelope>(&msg) {
             Ok(env) => core

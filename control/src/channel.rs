@@ -210,6 +210,11 @@ impl<S: Read + Write> Channel<S> {
         &self.id
     }
 
+    /// The underlying stream.
+    pub fn stream_ref(&self) -> &S {
+        &self.stream
+    }
+
     /// On the controller side: the agent key it proved.
     pub fn peer_key(&self) -> &[u8; 32] {
         &self.peer_key
@@ -253,6 +258,92 @@ impl<S: Read + Write> Channel<S> {
     }
 }
 
+/// One direction of a [`Channel`] after [`Channel::split`]: sends or receives frames on
+/// its own copy of the stream, so that two threads can relay both ways at once.
+pub struct Half<S> {
+    stream: S,
+    key: LessSafeKey,
+    ctr: u64,
+}
+
+impl<S: Read + Write> Half<S> {
+    /// Seal and send one message (the sending half).
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
+        seal_to(&mut self.stream, &self.key, &mut self.ctr, msg)
+    }
+
+    /// Receive and open one message (the receiving half).
+    pub fn recv(&mut self) -> Result<Vec<u8>, ChannelError> {
+        open_from(&mut self.stream, &self.key, &mut self.ctr)
+    }
+}
+
+impl<S> Channel<S> {
+    /// Split into a sending half on the channel's stream and a receiving half on
+    /// `second`, another handle of the same connection (`TcpStream::try_clone`). The
+    /// nonce counters carry on, so frames stay in one sequence per direction.
+    pub fn split(self, second: S) -> (Half<S>, Half<S>) {
+        (
+            Half {
+                stream: self.stream,
+                key: self.send_key,
+                ctr: self.send_ctr,
+            },
+            Half {
+                stream: second,
+                key: self.recv_key,
+                ctr: self.recv_ctr,
+            },
+        )
+    }
+}
+
+fn seal_to<S: Write>(
+    stream: &mut S,
+    key: &LessSafeKey,
+    ctr: &mut u64,
+    msg: &[u8],
+) -> Result<(), ChannelError> {
+    if msg.len() + 16 > MAX_FRAME {
+        return Err(ChannelError::TooLarge(msg.len()));
+    }
+    let mut buf = Vec::with_capacity(4 + msg.len() + 16);
+    buf.extend_from_slice(&[0u8; 4]);
+    buf.extend_from_slice(msg);
+    let mut body = buf.split_off(4);
+    key.seal_in_place_append_tag(nonce(*ctr), Aad::empty(), &mut body)
+        .map_err(|_| ChannelError::Crypto)?;
+    *ctr += 1;
+    let len = u32::try_from(body.len()).map_err(|_| ChannelError::TooLarge(body.len()))?;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    stream.write_all(&buf)?;
+    stream.flush()?;
+    Ok(())
+}
+
+fn open_from<S: Read>(
+    stream: &mut S,
+    key: &LessSafeKey,
+    ctr: &mut u64,
+) -> Result<Vec<u8>, ChannelError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if !(16..=MAX_FRAME).contains(&len) {
+        return Err(ChannelError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf)?;
+    let plain = key
+        .open_in_place(nonce(*ctr), Aad::empty(), &mut buf)
+        .map_err(|_| ChannelError::Auth)?;
+    let n = plain.len();
+    *ctr += 1;
+    buf.truncate(n);
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +381,21 @@ mod tests {
         s.send(b"world").unwrap();
         assert_eq!(c.recv().unwrap(), b"");
         assert_eq!(c.recv().unwrap(), b"world");
+    }
+
+    #[test]
+    fn split_halves_carry_the_sequence_on() {
+        let (c, t) = pair(false);
+        let mut c = c.unwrap();
+        let mut s = t.join().unwrap().unwrap();
+        c.send(b"before").unwrap();
+        assert_eq!(s.recv().unwrap(), b"before");
+        let second = s.stream.try_clone().unwrap();
+        let (mut tx, mut rx) = s.split(second);
+        c.send(b"to the agent").unwrap();
+        assert_eq!(rx.recv().unwrap(), b"to the agent");
+        tx.send(b"to the controller").unwrap();
+        assert_eq!(c.recv().unwrap(), b"to the controller");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod controller;
 pub mod demo;
 pub mod driver;
 pub mod failpoint;
+pub mod migrate;
 pub mod model;
 pub mod process;
 pub mod proto;

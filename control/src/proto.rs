@@ -158,6 +158,18 @@ pub enum Request {
         /// Overlay addresses.
         targets: Vec<String>,
     },
+
+    // Live migration (control/src/migrate.rs). New in version 2 agents that have it; an
+    // agent without it refuses the unknown op.
+    /// One step of moving a running VM between two sites.
+    Migrate {
+        /// Cluster name.
+        cluster: String,
+        /// VM name.
+        vm: String,
+        /// What to do.
+        step: crate::migrate::MigrateStep,
+    },
 }
 
 /// The agent's answer.
@@ -251,7 +263,7 @@ pub fn safe_name(s: &str, max: usize) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
+pub(crate) fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
     if safe_name(s, max) {
         Ok(())
     } else {
@@ -262,7 +274,7 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
     }
 }
 
-fn check_host(s: &str) -> Result<(), String> {
+pub(crate) fn check_host(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 253
         && !s.starts_with('-')
@@ -378,6 +390,11 @@ impl Request {
                     return Err("at most 64 ping targets".into());
                 }
                 targets.iter().try_for_each(|t| check_ip("ping target", t))
+            }
+            Request::Migrate { cluster, vm, step } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)?;
+                step.validate()
             }
         }
     }

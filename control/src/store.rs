@@ -127,6 +127,8 @@ pub trait Store {
     fn delete_cluster(&mut self, name: &str) -> Result<()>;
     /// Every MAC ever recorded for a live VM (for checks).
     fn all_macs(&self) -> Result<Vec<Mac>>;
+    /// A VM now runs at `site` on `host` (after a live migration).
+    fn move_vm(&mut self, vm: &str, site: &str, host: &str) -> Result<()>;
 }
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
@@ -613,6 +615,21 @@ impl Store for SqliteStore {
         let n = self.conn.execute(
             "UPDATE vms SET state = ?2 WHERE name = ?1",
             params![vm, state],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                kind: "vm",
+                name: vm.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn move_vm(&mut self, vm: &str, site: &str, host: &str) -> Result<()> {
+        let site_id = self.site_id(site)?;
+        let n = self.conn.execute(
+            "UPDATE vms SET site_id = ?2, host = ?3 WHERE name = ?1",
+            params![vm, site_id, host],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound {

@@ -1,6 +1,6 @@
 //! Whatever bytes arrive as a request envelope: parse, verify, parse and validate the
-//! body; and whatever an agent answers (reservation, info) or a user gives as an
-//! overlay network. Must never panic; only a correctly signed request from an
+//! body (live migration steps included); a migration tunnel's first frame; and whatever
+//! an agent answers (reservation, info) or a user gives as an overlay network. Must never panic; only a correctly signed request from an
 //! authorised key may pass.
 #![no_main]
 use control::auth::{Authorization, Envelope, SigningKey, Verifier};
@@ -28,6 +28,10 @@ fuzz_target!(|data: &[u8]| {
     // Replies a controller reads back from an agent (protocol version 2).
     let _ = serde_json::from_slice::<control::proto::ReserveData>(data);
     let _ = serde_json::from_slice::<control::proto::InfoData>(data);
+    // The first frame of a live migration's tunnel between agents, and the progress
+    // record `mvc vm migrations` reads.
+    let _ = control::migrate::TunnelHello::parse(data);
+    let _ = serde_json::from_slice::<control::migrate::MigrationView>(data);
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = s.parse::<control::model::Mac>();
         if let Ok(n) = s.parse::<control::model::OverlayNet>() {

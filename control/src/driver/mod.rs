@@ -6,7 +6,8 @@
 //! - [`QemuDriver`] (`qemu.rs`): a real VM with `qemu-system-x86_64`, a TAP on the bridge,
 //!   virtio-net with the allocated MAC, KVM when it works and TCG otherwise, direct
 //!   kernel boot of the guest [`guest`] builds, its disk served by `xnbd serve`
-//!   over NBD on a Unix socket.
+//!   over NBD on a Unix socket. It also receives VMs by live migration
+//!   ([`VmDriver::start_incoming`], see [`crate::migrate`]).
 //!
 //! A libvirt (KVM/Xen) driver plugs in the same way: `start` defines a domain whose
 //! `<interface type='bridge'>` names the cluster bridge and the MAC, and starts it;
@@ -22,6 +23,7 @@ pub use qemu::{parse_lease, QemuConfig, QemuDriver};
 use crate::process::{run, ProcessError};
 use crate::proto::VmSpec;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Child;
 
 /// Driver failures.
@@ -89,6 +91,19 @@ pub trait VmDriver: Send {
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError>;
     /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError>;
+    /// Start a VM that receives its memory from a live migration on the Unix socket
+    /// `incoming`, with its disk as `disk` says.
+    fn start_incoming(
+        &mut self,
+        _spec: &VmSpec,
+        _disk: crate::migrate::IncomingDisk,
+        _incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        Err(DriverError::Unsupported {
+            driver: self.kind(),
+            what: "live migration",
+        })
+    }
 }
 
 /// The average of `rtt min/avg/max/mdev = a/b/c/d ms` from ping's summary.

@@ -238,6 +238,12 @@ impl QemuDriver {
             "chardev:con".into(),
             "-monitor".into(),
             "none".into(),
+            // QMP, for live migration: `run/<vm>.qmp` beside the console.
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                console.with_extension("qmp").display()
+            ),
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
@@ -250,7 +256,10 @@ impl QemuDriver {
                 spec.name
             ),
             "-device".into(),
-            "virtio-blk-pci,drive=disk0".into(),
+            // A fixed geometry: else qemu reads sector 0 to guess one when the device
+            // is created, also in a VM that waits for a live migration, whose disk
+            // proxy must read nothing before switchover.
+            "virtio-blk-pci,drive=disk0,cyls=1024,heads=16,secs=63".into(),
             "-pidfile".into(),
             pidfile.display().to_string(),
         ]
@@ -563,6 +572,155 @@ impl VmDriver for QemuDriver {
         )?;
         Ok(parse_ping_avg(&out))
     }
+
+    fn start_incoming(
+        &mut self,
+        spec: &VmSpec,
+        disk: crate::migrate::IncomingDisk,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        self.start_incoming_qemu(spec, disk, incoming)
+    }
+}
+
+impl QemuDriver {
+    /// [`VmDriver::start_incoming`]: the disk is `xnbd proxy --no-background` whose
+    /// cache becomes the VM's disk file (the background copy is started at
+    /// switchover), or `xnbd serve` of an empty disk the origin mirrors into; qemu
+    /// waits with `-incoming unix:<incoming>`; both with the same files, pid files and
+    /// command line marks as a started VM, so stop, cleanup and adoption treat it like
+    /// one.
+    fn start_incoming_qemu(
+        &mut self,
+        spec: &VmSpec,
+        disk: crate::migrate::IncomingDisk,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        use crate::migrate::IncomingDisk;
+        let f = self.files(spec.local());
+        kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
+        kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
+        let (source, ctl, rate) = match disk {
+            IncomingDisk::Proxy { source, ctl, rate } => (source, ctl, rate.to_string()),
+            IncomingDisk::Mirror { .. } => (incoming, incoming, String::new()),
+        };
+        for s in [&f.nbd, &f.console, ctl, incoming, source] {
+            if s.as_os_str().len() > MAX_SOCK_PATH {
+                return Err(DriverError::Config(format!(
+                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
+                    s.display()
+                )));
+            }
+        }
+        for s in [&f.nbd, &f.console, ctl, incoming] {
+            let _ = std::fs::remove_file(s);
+        }
+        // A cache left by an earlier attempt would resume from its bitmap: start clean.
+        let bitmap = f.disk.with_extension("img.bitmap");
+        let _ = std::fs::remove_file(&f.disk);
+        let _ = std::fs::remove_file(&bitmap);
+        std::fs::create_dir_all(&self.cfg.disk_dir)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
+        let boot = self.boot_files()?;
+        let tap = if spec.nic.is_empty() {
+            self.free_tap()
+        } else {
+            if link_exists(&spec.nic) {
+                let _ = run("ip", &["link", "del", &spec.nic]);
+            }
+            spec.nic.clone()
+        };
+        let mut children = Vec::new();
+        let mode = disk;
+        let started = (|| {
+            let src = format!("unix:{}", source.display());
+            let (disk, nbd, ctl) = (
+                f.disk.display().to_string(),
+                f.nbd.display().to_string(),
+                ctl.display().to_string(),
+            );
+            let export = format!("{}={disk}", spec.name);
+            let xnbd_args: Vec<&str> = match mode {
+                IncomingDisk::Proxy { .. } => vec![
+                    "proxy",
+                    "--source",
+                    &src,
+                    "--source-export",
+                    &spec.name,
+                    "--cache",
+                    &disk,
+                    "--no-background",
+                    "--name",
+                    &spec.name,
+                    "--unix",
+                    &nbd,
+                    "--ctl",
+                    &ctl,
+                    "--rate",
+                    &rate,
+                ],
+                IncomingDisk::Mirror { size } => {
+                    let tmp = f.disk.with_extension("img.tmp");
+                    std::fs::File::create(&tmp)
+                        .and_then(|d| d.set_len(size))
+                        .and_then(|()| std::fs::rename(&tmp, &f.disk))
+                        .map_err(|e| DriverError::Config(format!("{}: {e}", f.disk.display())))?;
+                    vec!["serve", "--export", &export, "--unix", &nbd]
+                }
+            };
+            let mut xnbd = spawn(
+                &self.cfg.xnbd.display().to_string(),
+                &xnbd_args,
+                &[],
+                &f.xnbd_log,
+            )?;
+            let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
+            let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd proxy", &f.xnbd_log);
+            children.push(xnbd);
+            waited?;
+            run("ip", &["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+            run("ip", &["link", "set", &tap, "master", &spec.bridge, "up"])?;
+            let accel = self.accel();
+            let mut args = Self::args(
+                spec,
+                &tap,
+                &boot,
+                &f.nbd,
+                &f.console,
+                &f.console_log,
+                &f.qemu_pid,
+                accel,
+                self.cfg.vcpus,
+                &self.cfg.append,
+            );
+            args.push("-incoming".into());
+            args.push(format!("unix:{}", incoming.display()));
+            if let IncomingDisk::Mirror { .. } = mode {
+                // Paused after the memory arrived, until the mirror completed.
+                args.push("-S".into());
+            }
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            let _ = std::fs::remove_file(&f.log);
+            let _ = std::fs::remove_file(&f.console_log);
+            let mut qemu = spawn(&self.cfg.qemu, &a, &[], &f.log)?;
+            let waited = Self::wait_socket(incoming, &mut qemu, "qemu -incoming", &f.log);
+            children.insert(0, qemu);
+            waited
+        })();
+        match started {
+            Ok(()) => Ok(RunningVm {
+                handle: format!("qemu:{tap}:{}", spec.local()),
+                children,
+            }),
+            Err(e) => {
+                for c in &mut children {
+                    stop_child(c);
+                }
+                let _ = run("ip", &["link", "del", &tap]);
+                Err(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +767,10 @@ mod tests {
         assert!(s.contains("-kernel /c/vmlinuz -initrd /c/initramfs.cpio"));
         assert!(s.contains("server.type=unix,server.path=/r/k-c1.nbd,export=k-c1"));
         assert!(s.contains("virtio-blk-pci,drive=disk0"));
+        assert!(
+            s.contains("-qmp unix:/r/k-c1.qmp,server=on,wait=off"),
+            "{s}"
+        );
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(
             append,

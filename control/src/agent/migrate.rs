@@ -1,0 +1,688 @@
+//! The agent's side of live migration ([`crate::migrate`]): the steps the controller
+//! asks for, and the tunnels the other agent opens.
+use super::{AgentCore, Refusal, Slot};
+use crate::auth::Authorization;
+use crate::channel::{Channel, ChannelError};
+use crate::migrate::{
+    open_tunnel, qmp, relay, xnbd_ctl, IncomingDisk, MigrateStep, TunnelHello, TunnelKind,
+    MIRROR_JOB,
+};
+use crate::proto::VmSpec;
+use crate::validate::quote;
+use serde::{Deserialize, Serialize};
+use std::net::TcpStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// qemu's own default memory bandwidth, used when the controller asks for none.
+const DEFAULT_RATE: u64 = 128 << 20;
+
+/// What a destination keeps of a migration whose disk is still being copied.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct IncomingRecord {
+    token: String,
+    origin: String,
+    origin_key: String,
+}
+
+/// A migration this agent takes part in, by the VM's local name.
+pub(super) struct Migration {
+    token: String,
+    /// The kinds of tunnel the other agent may open to us, and where each goes.
+    accepts: Vec<(TunnelKind, PathBuf)>,
+    /// Destination: the disk comes by mirror before the memory (no proxy).
+    precopy: bool,
+    /// Origin: a disk mirror runs (`Abort` then ends it).
+    mirror: bool,
+    /// Destination (the VM comes here).
+    incoming: bool,
+    /// Ends the relay listener this side runs (set when the migration ends).
+    stop: Arc<AtomicBool>,
+    /// Origin: whether the memory was sent (`Abort` then resumes the VM).
+    sent: bool,
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Accept local connections on `sock` (until `stop`, or `once` after the first) and
+/// relay each through a new tunnel to the agent at `addr`.
+fn relay_listener(
+    sock: PathBuf,
+    addr: String,
+    key: String,
+    token: String,
+    kind: TunnelKind,
+    once: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("migrate-relay".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let (addr, key, token) = (addr.clone(), key.clone(), token.clone());
+                        std::thread::spawn(move || match open_tunnel(&addr, &key, &token, kind) {
+                            Ok(ch) => {
+                                let (out, back) = relay(ch, s);
+                                tracing::info!(?kind, out, back, "migration tunnel ended");
+                            }
+                            Err(e) => {
+                                tracing::warn!(?kind, error = %e, "migration tunnel not opened")
+                            }
+                        });
+                        if once {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "migration relay accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&sock);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// End the `--precopy-disk` mirror in the origin qemu: cancelled once in step
+/// (`force` off) it completes with a copy as of that moment, as qemu documents; then
+/// its target node is removed.
+fn end_mirror(qsock: &std::path::Path, force: bool) -> Result<(), String> {
+    qmp(
+        qsock,
+        "block-job-cancel",
+        serde_json::json!({ "device": MIRROR_JOB, "force": force }),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = qmp(qsock, "query-block-jobs", serde_json::Value::Null)?;
+        let running = jobs
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["device"] == MIRROR_JOB));
+        if !running {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the disk mirror did not end within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qmp(
+        qsock,
+        "blockdev-del",
+        serde_json::json!({ "node-name": MIRROR_JOB }),
+    );
+    Ok(())
+}
+
+/// Serve a tunnel the other agent opened (`hello` was its first frame): connect it to
+/// the local socket its token and kind name, or refuse.
+pub(super) fn serve_tunnel(
+    core: &Mutex<AgentCore>,
+    mut ch: Channel<TcpStream>,
+    hello: TunnelHello,
+) -> Result<(), ChannelError> {
+    let target = {
+        let c = core.lock().unwrap_or_else(|p| p.into_inner());
+        c.migrations
+            .values()
+            .filter(|m| same_token(&m.token, &hello.tunnel))
+            .find_map(|m| m.accepts.iter().find(|(k, _)| *k == hello.kind))
+            .map(|(_, t)| t.clone())
+    };
+    let Some(target) = target else {
+        tracing::info!(kind = ?hello.kind, "migration tunnel refused: unknown token");
+        return ch.send(b"unknown migration");
+    };
+    let local = match UnixStream::connect(&target) {
+        Ok(s) => s,
+        Err(e) => return ch.send(format!("{}: {e}", target.display()).as_bytes()),
+    };
+    ch.send(b"ok")?;
+    let (out, back) = relay(ch, local);
+    tracing::info!(kind = ?hello.kind, out, back, "migration tunnel ended");
+    Ok(())
+}
+
+/// Token comparison whose time does not depend on where the strings differ.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl AgentCore {
+    fn local_of(&self, n: u32, vm: &str) -> Option<Slot> {
+        self.state
+            .clusters
+            .get(&n)
+            .and_then(|c| c.slots.iter().find(|s| s.name == vm))
+            .cloned()
+    }
+
+    fn mig_file(&self, local: &str, ext: &str) -> PathBuf {
+        self.run_dir().join(format!("{local}.{ext}"))
+    }
+
+    /// One migration step for `vm` of `cluster`.
+    pub(super) fn migrate_step(
+        &mut self,
+        authz: &Authorization,
+        cluster: &str,
+        vm: &str,
+        step: MigrateStep,
+    ) -> Result<serde_json::Value, Refusal> {
+        if self.driver.kind() != "qemu" {
+            return Err(format!(
+                "live migration needs the qemu driver (this site runs {})",
+                self.driver.kind()
+            ));
+        }
+        let n = self.confirmed(&authz.key, cluster)?;
+        match step {
+            MigrateStep::Offer { token } => {
+                let slot = self
+                    .local_of(n, vm)
+                    .filter(|s| s.handle.is_some() && s.state == "running")
+                    .ok_or_else(|| format!("VM {} is not running here", quote(vm)))?;
+                let target = self.mig_file(&slot.local, "nbd");
+                let disk_size = std::fs::metadata(
+                    self.cfg
+                        .state_dir
+                        .join("disks")
+                        .join(format!("{}.img", slot.local)),
+                )
+                .map(|m| m.len())
+                .map_err(|e| format!("the disk of {}: {e}", quote(vm)))?;
+                self.migrations.insert(
+                    slot.local.clone(),
+                    Migration {
+                        token,
+                        accepts: vec![(TunnelKind::Nbd, target)],
+                        precopy: false,
+                        mirror: false,
+                        incoming: false,
+                        stop: Arc::default(),
+                        sent: false,
+                    },
+                );
+                Ok(serde_json::json!({ "disk_size": disk_size }))
+            }
+            MigrateStep::Prepare {
+                token,
+                host,
+                memory_mb,
+                mac,
+                origin,
+                origin_key,
+                precopy_disk_size,
+                disk_rate,
+            } => {
+                if self.local_of(n, vm).is_some() {
+                    return Err(format!("VM {} already has a slot here", quote(vm)));
+                }
+                let h = self
+                    .hosts()
+                    .into_iter()
+                    .find(|h| h.name == host)
+                    .ok_or_else(|| format!("no host {} at this site", quote(&host)))?;
+                if h.free_vms == 0 || h.free_memory_mb < memory_mb {
+                    return Err(format!(
+                        "host {} lacks capacity: asked 1 VM / {memory_mb} MiB, free {} VMs / {} MiB",
+                        quote(&host),
+                        h.free_vms,
+                        h.free_memory_mb
+                    ));
+                }
+                let held: u32 = self
+                    .state
+                    .clusters
+                    .values()
+                    .filter(|c| c.owner == authz.key)
+                    .map(|c| c.slots.len() as u32)
+                    .sum();
+                authz
+                    .check_reserve(held, 1, [host.as_str()])
+                    .map_err(|e| e.to_string())?;
+                let c = &self.state.clusters[&n];
+                if c.overlay.is_none() {
+                    return Err(format!(
+                        "overlay of {} is not up here; start the cluster",
+                        quote(cluster)
+                    ));
+                }
+                let nic = (0..)
+                    .map(|i| format!("mvq{n}-{i}"))
+                    .find(|x| !c.slots.iter().any(|s| &s.nic == x) && !super::link_exists(x))
+                    .unwrap_or_default();
+                let slot = Slot {
+                    name: vm.into(),
+                    host: host.clone(),
+                    memory_mb,
+                    state: "migrating".into(),
+                    handle: None,
+                    local: format!("c{n}-{vm}"),
+                    nic,
+                    incoming: precopy_disk_size.is_none().then(|| IncomingRecord {
+                        token: token.clone(),
+                        origin: origin.clone(),
+                        origin_key: origin_key.clone(),
+                    }),
+                };
+                let spec = VmSpec {
+                    cluster: cluster.into(),
+                    name: vm.into(),
+                    role: crate::model::Role::Compute,
+                    host,
+                    mac,
+                    memory_mb,
+                    bridge: c.bridge.clone(),
+                    dhcp: None,
+                    local_name: slot.local.clone(),
+                    nic: slot.nic.clone(),
+                };
+                // Intent first: the slot (and so its names) is saved before anything runs.
+                if let Some(c) = self.state.clusters.get_mut(&n) {
+                    c.slots.push(slot.clone());
+                }
+                self.save().map_err(|e| e.to_string())?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let source = self.mig_file(&slot.local, "src");
+                let incoming = self.mig_file(&slot.local, "min");
+                let ctl = self.mig_file(&slot.local, "xnbd.ctl");
+                let mut accepts = vec![(TunnelKind::Ram, incoming.clone())];
+                if precopy_disk_size.is_some() {
+                    // The origin mirrors into this side's disk server.
+                    accepts.push((TunnelKind::Nbd, self.mig_file(&slot.local, "nbd")));
+                }
+                self.migrations.insert(
+                    slot.local.clone(),
+                    Migration {
+                        token: token.clone(),
+                        accepts,
+                        precopy: precopy_disk_size.is_some(),
+                        mirror: false,
+                        incoming: true,
+                        stop: stop.clone(),
+                        sent: false,
+                    },
+                );
+                let started = match precopy_disk_size {
+                    Some(size) => self
+                        .driver
+                        .start_incoming(&spec, IncomingDisk::Mirror { size }, &incoming)
+                        .map_err(|e| e.to_string()),
+                    None => relay_listener(
+                        source.clone(),
+                        origin,
+                        origin_key,
+                        token,
+                        TunnelKind::Nbd,
+                        false,
+                        stop,
+                    )
+                    .and_then(|()| {
+                        self.driver
+                            .start_incoming(
+                                &spec,
+                                IncomingDisk::Proxy {
+                                    source: &source,
+                                    ctl: &ctl,
+                                    rate: disk_rate,
+                                },
+                                &incoming,
+                            )
+                            .map_err(|e| e.to_string())
+                    }),
+                };
+                match started {
+                    Ok(r) => {
+                        if let Some(s) = self
+                            .state
+                            .clusters
+                            .get_mut(&n)
+                            .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
+                        {
+                            s.handle = Some(r.handle.clone());
+                        }
+                        self.running.insert(slot.local.clone(), r);
+                        self.save().map_err(|e| e.to_string())?;
+                        Ok(serde_json::json!("waiting for memory"))
+                    }
+                    Err(e) => {
+                        self.drop_incoming(n, vm);
+                        Err(format!("starting the incoming VM: {e}"))
+                    }
+                }
+            }
+            MigrateStep::Mirror {
+                token,
+                dest,
+                dest_key,
+            } => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                let stop = match self.migrations.get(&slot.local) {
+                    Some(m) if m.token == token => m.stop.clone(),
+                    _ => return Err("no such migration offered here".into()),
+                };
+                let sock = self.mig_file(&slot.local, "mir");
+                relay_listener(
+                    sock.clone(),
+                    dest,
+                    dest_key,
+                    token,
+                    TunnelKind::Nbd,
+                    true,
+                    stop,
+                )?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                qmp(
+                    &qsock,
+                    "blockdev-add",
+                    serde_json::json!({
+                        "driver": "nbd",
+                        "node-name": MIRROR_JOB,
+                        "server": { "type": "unix", "path": sock.display().to_string() },
+                        "export": vm,
+                    }),
+                )?;
+                if let Some(m) = self.migrations.get_mut(&slot.local) {
+                    m.mirror = true;
+                }
+                qmp(
+                    &qsock,
+                    "blockdev-mirror",
+                    serde_json::json!({
+                        "job-id": MIRROR_JOB,
+                        "device": "disk0",
+                        "target": MIRROR_JOB,
+                        "sync": "full",
+                    }),
+                )?;
+                Ok(serde_json::json!("mirroring"))
+            }
+            MigrateStep::MirrorEnd => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                end_mirror(&qsock, false)?;
+                if let Some(m) = self.migrations.get_mut(&slot.local) {
+                    m.mirror = false;
+                }
+                Ok(serde_json::json!("mirrored"))
+            }
+            MigrateStep::Send {
+                token,
+                dest,
+                dest_key,
+                downtime_ms,
+                rate,
+            } => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                let stop = match self.migrations.get(&slot.local) {
+                    Some(m) if m.token == token => m.stop.clone(),
+                    _ => return Err("no such migration offered here".into()),
+                };
+                let sock = self.mig_file(&slot.local, "mig");
+                relay_listener(
+                    sock.clone(),
+                    dest,
+                    dest_key,
+                    token,
+                    TunnelKind::Ram,
+                    true,
+                    stop,
+                )?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                // Always both: qemu keeps parameters from one migration to the next.
+                let params = serde_json::json!({
+                    "downtime-limit": downtime_ms,
+                    "max-bandwidth": if rate > 0 { rate } else { DEFAULT_RATE },
+                });
+                qmp(&qsock, "migrate-set-parameters", params)?;
+                qmp(
+                    &qsock,
+                    "migrate",
+                    serde_json::json!({ "uri": format!("unix:{}", sock.display()) }),
+                )?;
+                if let Some(m) = self.migrations.get_mut(&slot.local) {
+                    m.sent = true;
+                }
+                Ok(serde_json::json!("sending"))
+            }
+            MigrateStep::Status => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                let incoming = self
+                    .migrations
+                    .get(&slot.local)
+                    .map(|m| (m.incoming, m.precopy));
+                if slot.state == "migrating" || incoming.is_some_and(|(ram, _)| ram) {
+                    // Disk first: a VM still `inmigrate` after it ran nothing before it.
+                    let disk = if incoming.is_some_and(|(_, pre)| pre) {
+                        serde_json::Value::Null
+                    } else {
+                        xnbd_ctl(
+                            &self.mig_file(&slot.local, "xnbd.ctl"),
+                            serde_json::json!({"cmd": "status"}),
+                        )?
+                    };
+                    let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                    Ok(serde_json::json!({ "run": run, "disk": disk }))
+                } else {
+                    let mut v = qmp(&qsock, "query-migrate", serde_json::Value::Null)?;
+                    v["jobs"] = qmp(&qsock, "query-block-jobs", serde_json::Value::Null)?;
+                    Ok(v)
+                }
+            }
+            MigrateStep::Finish => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                let qsock = self.mig_file(&slot.local, "qmp");
+                let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
+                let mut run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                if precopy && run["status"] == "paused" {
+                    // The mirror completed (the controller ended it first): run.
+                    qmp(&qsock, "cont", serde_json::Value::Null)?;
+                    run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                }
+                if run["status"] != "running" {
+                    return Err(format!(
+                        "the incoming VM is {} (not running yet)",
+                        run["status"]
+                    ));
+                }
+                // Tell the network at once where the MAC is now.
+                if let Err(e) = qmp(
+                    &qsock,
+                    "announce-self",
+                    serde_json::json!({
+                        "initial": 50, "max": 550, "rounds": 5, "step": 100
+                    }),
+                ) {
+                    tracing::warn!(error = %e, "announce-self");
+                }
+                if !precopy {
+                    xnbd_ctl(
+                        &self.mig_file(&slot.local, "xnbd.ctl"),
+                        serde_json::json!({"cmd": "cache-all"}),
+                    )?;
+                }
+                if let Some(s) = self
+                    .state
+                    .clusters
+                    .get_mut(&n)
+                    .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
+                {
+                    s.state = "running".into();
+                }
+                self.save().map_err(|e| e.to_string())?;
+                Ok(serde_json::json!("running"))
+            }
+            MigrateStep::Done => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                if !self.migrations.get(&slot.local).is_some_and(|m| m.precopy) {
+                    let st = xnbd_ctl(
+                        &self.mig_file(&slot.local, "xnbd.ctl"),
+                        serde_json::json!({"cmd": "status"}),
+                    )?;
+                    if st["mode"] != "target" {
+                        return Err("the disk is not all here yet".into());
+                    }
+                }
+                self.migrations.remove(&slot.local);
+                if let Some(s) = self
+                    .state
+                    .clusters
+                    .get_mut(&n)
+                    .and_then(|c| c.slots.iter_mut().find(|s| s.name == vm))
+                {
+                    s.incoming = None;
+                }
+                self.save().map_err(|e| e.to_string())?;
+                Ok(serde_json::json!("done"))
+            }
+            MigrateStep::Release => {
+                let slot = self
+                    .local_of(n, vm)
+                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                self.migrations.remove(&slot.local);
+                self.stop_vm(n, vm);
+                let mut log = Vec::new();
+                self.clean_vm(&slot, true, false, &mut log);
+                if let Some(c) = self.state.clusters.get_mut(&n) {
+                    c.slots.retain(|s| s.name != vm);
+                }
+                self.save().map_err(|e| e.to_string())?;
+                Ok(serde_json::json!("released"))
+            }
+            MigrateStep::Abort => {
+                let Some(slot) = self.local_of(n, vm) else {
+                    return Ok(serde_json::json!("nothing here"));
+                };
+                if slot.state == "migrating" {
+                    self.drop_incoming(n, vm);
+                    return Ok(serde_json::json!("removed"));
+                }
+                let m = self.migrations.remove(&slot.local);
+                if m.as_ref().is_some_and(|m| m.mirror) {
+                    let qsock = self.mig_file(&slot.local, "qmp");
+                    if let Err(e) = end_mirror(&qsock, true) {
+                        tracing::warn!(error = %e, "ending the disk mirror");
+                    }
+                }
+                if m.is_some_and(|m| m.sent) {
+                    let qsock = self.mig_file(&slot.local, "qmp");
+                    let _ = qmp(&qsock, "migrate_cancel", serde_json::Value::Null);
+                    // A migration cancelled after it stopped the VM leaves it paused.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < deadline {
+                        let st = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                        if st["status"] == "running" {
+                            break;
+                        }
+                        if st["status"] != "paused"
+                            && st["status"] != "postmigrate"
+                            && st["status"] != "finish-migrate"
+                        {
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                        let _ = qmp(&qsock, "cont", serde_json::Value::Null);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                Ok(serde_json::json!("resumed"))
+            }
+        }
+    }
+
+    /// At start: relay again to the origin for every adopted VM whose disk was still
+    /// being copied, so its proxy (which outlived the agent) reconnects and finishes.
+    pub(super) fn resume_migrations(&mut self) {
+        let pending: Vec<(Slot, IncomingRecord)> = self
+            .state
+            .clusters
+            .values()
+            .flat_map(|c| c.slots.iter())
+            .filter(|s| s.state == "running")
+            .filter(|s| s.handle.as_deref().is_some_and(|h| self.driver.alive(h)))
+            .filter_map(|s| s.incoming.clone().map(|r| (s.clone(), r)))
+            .collect();
+        for (slot, r) in pending {
+            let stop = Arc::new(AtomicBool::new(false));
+            let source = self.mig_file(&slot.local, "src");
+            match relay_listener(
+                source,
+                r.origin.clone(),
+                r.origin_key.clone(),
+                r.token.clone(),
+                TunnelKind::Nbd,
+                false,
+                stop.clone(),
+            ) {
+                Ok(()) => {
+                    tracing::info!(vm = %slot.local, origin = %r.origin, "disk copy of a migrated VM resumed");
+                    self.migrations.insert(
+                        slot.local.clone(),
+                        Migration {
+                            token: r.token,
+                            accepts: Vec::new(),
+                            precopy: false,
+                            mirror: false,
+                            incoming: true,
+                            stop,
+                            sent: false,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(vm = %slot.local, error = %e, "disk copy not resumed"),
+            }
+        }
+    }
+
+    /// Remove an incoming VM that never took over: its processes, NIC, files, cache
+    /// and slot.
+    fn drop_incoming(&mut self, n: u32, vm: &str) {
+        let Some(slot) = self.local_of(n, vm) else {
+            return;
+        };
+        self.migrations.remove(&slot.local);
+        self.stop_vm(n, vm);
+        let mut log = Vec::new();
+        self.clean_vm(&slot, true, false, &mut log);
+        if let Some(c) = self.state.clusters.get_mut(&n) {
+            c.slots.retain(|s| s.name != vm);
+        }
+        let _ = self.save();
+    }
+}

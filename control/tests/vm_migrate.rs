@@ -1,0 +1,655 @@
+//! Live migration of a qemu VM between two NATed sites: sites B and C run their agents
+//! with `--driver qemu`; B's compute writes a pattern to its disk, keeps writing while
+//! its memory is sent, and moves to C with `mvc vm migrate` while A's compute pings it.
+//! Afterwards the guest reads its pattern back at C, every write it made during the
+//! move is in C's disk image, B holds nothing of it, and the store and `cluster
+//! status` place it at C. A migration to a site without the qemu driver fails and
+//! leaves the VM running where it was. Needs root; otherwise prints that it was skipped.
+use control::demo::{pick_overlay, SiteLab};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Ends the qemu and xnbd processes of an agent should the agent not have
+/// (a failed test), from the pid files the driver writes, by pid, when the process
+/// still names this run's files.
+struct VmProcs(PathBuf);
+
+impl Drop for VmProcs {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let n = p.display().to_string();
+            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
+                continue;
+            }
+            if let Some(pid) = alive_pid(&p, &self.0) {
+                // A process of this test's agent whose command line names this run's
+                // directory.
+                let _ = lab::sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The pid in `pidfile` when that process runs and its command line names `dir`.
+fn alive_pid(pidfile: &Path, dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains(&dir.display().to_string())
+        .then_some(pid)
+}
+
+/// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
+fn console(sock: &Path, cmd: &str, timeout: Duration) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("console {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
+    let marker = format!("END-{tag}");
+    s.write_all(format!("\n{cmd}\necho E\"\"ND-{tag}\n").as_bytes())
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        let t = String::from_utf8_lossy(&out);
+        if let Some(i) = t.find(&marker) {
+            return t[..i].to_string();
+        }
+    }
+    panic!(
+        "no answer to {cmd:?} within {timeout:?}: {}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// The md5 sum busybox printed.
+fn md5_of(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            let w = l.split_whitespace().next()?;
+            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
+        })
+        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
+}
+
+fn local_of(sl: &SiteLab, vm: &str) -> String {
+    let handles = sl.vm_handles("m").expect("handles");
+    handles[vm].rsplit(':').next().unwrap().to_string()
+}
+
+#[test]
+fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
+    if !lab::is_root() {
+        lab::skip(
+            "qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged",
+            "needs root for network namespaces and TAPs",
+        );
+        return;
+    }
+    assert!(
+        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
+        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
+    );
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let xnbd = mvc.with_file_name("xnbd");
+    assert!(
+        xnbd.exists(),
+        "{} missing: `cargo build -p xnbd`",
+        xnbd.display()
+    );
+    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
+    let prep = std::process::Command::new(&mvc)
+        .args(["agent", "qemu-prepare", "--cache", &cache])
+        .output()
+        .expect("mvc agent qemu-prepare");
+    assert!(
+        prep.status.success(),
+        "qemu-prepare: {}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    let overlay = pick_overlay(
+        &mvc,
+        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
+    );
+    let qemu_args: Vec<String> = vec![
+        "--driver".into(),
+        "qemu".into(),
+        "--qemu-cache".into(),
+        cache.clone(),
+        "--xnbd".into(),
+        xnbd.display().to_string(),
+        "--qemu-disk-mb".into(),
+        "32".into(),
+    ];
+    let mut extra = BTreeMap::new();
+    extra.insert("B".to_string(), qemu_args.clone());
+    extra.insert("C".to_string(), qemu_args);
+    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let b_state = sl.agents["B"].state.clone();
+    let c_state = sl.agents["C"].state.clone();
+    let _procs_b = VmProcs(b_state.join("run"));
+    let _procs_c = VmProcs(c_state.join("run"));
+    sl.add_sites().expect("site add");
+    // B's compute only; C holds the cluster's overlay (and its own compute, stopped
+    // below to spare the CPU).
+    let cl = sl
+        .ctl_json(&[
+            "cluster",
+            "create",
+            "m",
+            "--sites",
+            "A:B:C",
+            "--computes",
+            "1:1:1",
+            "--memory",
+            "128",
+            "--frontend-memory",
+            "128",
+            "--start",
+            "--lease-timeout",
+            "150",
+        ])
+        .expect("cluster create");
+    let vm_at = |site: &str| {
+        cl["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["site"] == site && v["role"] == "compute")
+            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
+            .clone()
+    };
+    let (bvm, avm, cvm) = (vm_at("B"), vm_at("A"), vm_at("C"));
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute");
+    let name = bvm["name"].as_str().unwrap().to_string();
+    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    let blocal = local_of(&sl, &name);
+    let a_ns = sl
+        .vm_ns("m", avm["name"].as_str().unwrap())
+        .expect("A's VM namespace");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+
+    // The pattern: 4 MiB of random data at 1 MiB, and its sum as the guest reads it.
+    let bcon = b_state.join("run").join(format!("{blocal}.console"));
+    let out = console(
+        &bcon,
+        "dd if=/dev/urandom of=/dev/vda bs=64k seek=16 count=64 conv=fsync 2>/dev/null; \
+         dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    let sum = md5_of(&out);
+    // Writes that go on while the memory is sent (and after): sector 16384+i holds `w<i>`.
+    console(
+        &bcon,
+        "(i=0; while [ $i -lt 60 ]; do echo w$i | dd of=/dev/vda bs=512 seek=$((16384+i)) \
+         conv=fsync 2>/dev/null; i=$((i+1)); sleep 0.2; done) &",
+        Duration::from_secs(10),
+    );
+    // A migration that fails part way (memory capped at 1 MB/s, 3 s allowed) is undone:
+    // the VM goes on at B in the same qemu, C keeps nothing of it.
+    let bpid = alive_pid(
+        &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+        &b_state,
+    )
+    .expect("qemu at B");
+    let failed = sl.ctl(&[
+        "vm",
+        "migrate",
+        "m",
+        &name,
+        "--to",
+        "C",
+        "--rate",
+        "1000000",
+        "--timeout",
+        "3",
+    ]);
+    let err = failed.expect_err("a migration capped far below what 3 s need succeeded");
+    eprintln!("failed migration: {err}");
+    assert_eq!(
+        alive_pid(
+            &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+            &b_state
+        ),
+        Some(bpid),
+        "B's qemu replaced"
+    );
+    let status = console(&bcon, "echo alive", Duration::from_secs(20));
+    assert!(status.contains("alive"), "{status}");
+    let c_left = |local_prefix: &str| -> Vec<String> {
+        std::fs::read_dir(c_state.join("run"))
+            .unwrap()
+            .chain(std::fs::read_dir(c_state.join("disks")).unwrap())
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(local_prefix) && n.contains(&format!("-{name}.")))
+            .collect()
+    };
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    assert!(list.to_string().contains("\"site\":\"B\""), "{list}");
+    let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(
+        recorded.to_string().contains("\"phase\":\"failed\""),
+        "{recorded}"
+    );
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the failed migration: {e}"));
+
+    // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
+    // the VM goes on at B; C's agent, restarted, removes what it had made for it.
+    let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
+    let killed = std::thread::scope(|scope| {
+        let h = scope.spawn(|| {
+            sl.ctl(&[
+                "vm",
+                "migrate",
+                "m",
+                &name,
+                "--to",
+                "C",
+                "--rate",
+                "1000000",
+                "--timeout",
+                "60",
+            ])
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let incoming = || {
+            std::fs::read_dir(c_state.join("run"))
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .ends_with(&format!("-{name}.min"))
+                    })
+                })
+                .unwrap_or(false)
+        };
+        while !incoming() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(incoming(), "no incoming VM at C");
+        std::thread::sleep(Duration::from_secs(1));
+        // This test's own agent of site C (its pid file names it).
+        lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
+        h.join().expect("migrate thread")
+    });
+    let err = killed.expect_err("migration to a killed agent succeeded");
+    eprintln!("migration to a killed agent: {err}");
+    sl.kill_agent("C");
+    sl.restart_agent("C").expect("agent C restart");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    assert_eq!(
+        alive_pid(
+            &b_state.join("run").join(format!("{blocal}.qemu.pid")),
+            &b_state
+        ),
+        Some(bpid),
+        "B's qemu replaced"
+    );
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
+    sl.ctl(&["cluster", "start", "m", "--lease-timeout", "150"])
+        .expect("cluster start after C's agent came back");
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute again");
+
+    // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.05", "-c", "200", "-w", "12",
+        ])
+        .arg(ip.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ping");
+
+    let t0 = Instant::now();
+    let mig = sl
+        .ctl_json(&[
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "C",
+            "--downtime-ms",
+            "300",
+        ])
+        .expect("vm migrate");
+    let took = t0.elapsed();
+    eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
+    assert_eq!(mig["phase"], "done", "{mig}");
+    assert_eq!(mig["to"], "C");
+    assert_eq!(
+        mig["disk_bytes_before_switchover"], 0,
+        "the destination fetched disk blocks while the origin still wrote: {mig}"
+    );
+    let out = ping.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("received"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!("ping from A's VM during the migration: {summary}");
+    let count = |what: &str| -> u32 {
+        summary
+            .split(", ")
+            .find(|p| p.ends_with(what))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, got) = (count("transmitted"), count("received"));
+    assert!(
+        sent > 0 && sent - got <= 40,
+        "more than 2 s of pings lost: {summary}"
+    );
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+
+    // At C: the guest reads its pattern back and finished its writes.
+    let clocal = local_of(&sl, &name);
+    let ccon = c_state.join("run").join(format!("{clocal}.console"));
+    std::thread::sleep(Duration::from_secs(3));
+    let out = console(
+        &ccon,
+        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the migration");
+    let img = c_state.join("disks").join(format!("{clocal}.img"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sector = |i: usize| -> String {
+        let b = std::fs::read(&img).unwrap_or_default();
+        let s = b.get((16384 + i) * 512..(16385 + i) * 512).unwrap_or(&[]);
+        String::from_utf8_lossy(s)
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    while sector(59) != "w59" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for i in 0..60 {
+        assert_eq!(sector(i), format!("w{i}"), "write {i} lost");
+    }
+    let b = std::fs::read(&img).unwrap();
+    assert!(
+        String::from_utf8_lossy(&b[..512]).contains(&format!("MVC-DISK {name} boot 1")),
+        "boot marker not in C's copy"
+    );
+
+    // B holds nothing of it: no files, no disk, no process.
+    let left: Vec<String> = std::fs::read_dir(b_state.join("run"))
+        .unwrap()
+        .chain(std::fs::read_dir(b_state.join("disks")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(&format!("{blocal}.")))
+        .collect();
+    assert!(left.is_empty(), "left at B: {left:?}");
+    // The store and the agents place it at C.
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r.to_string().contains(&format!("\"{name}\"")))
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    assert!(row.contains("\"site\":\"C\""), "{row}");
+    let st = sl.ctl_json(&["cluster", "status", "m"]).expect("status");
+    let v = st["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.to_string().contains(&format!("\"{name}\"")))
+        .unwrap()
+        .to_string();
+    assert!(v.contains("\"site\":\"C\"") && v.contains("running"), "{v}");
+    let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(
+        recorded.to_string().contains("\"phase\":\"done\""),
+        "{recorded}"
+    );
+    let table = sl.ctl(&["vm", "migrations"]).expect("migrations table");
+    assert!(table.contains("PHASE") && table.contains(&name), "{table}");
+
+    // And back to B, the disk copy capped at 4 MiB/s, with B's agent killed (SIGKILL)
+    // while the disk follows: its qemu and proxy run on, the restarted agent relays to
+    // C again, the copy finishes and `vm migrate` completes.
+    let user = sl.first_user();
+    let back_cmd = std::process::Command::new("timeout")
+        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
+        .arg(&mvc)
+        .args([
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "B",
+            "--disk-rate",
+            "4194304",
+            "--json",
+        ])
+        .env("MVC_DB", &user.db)
+        .env("MVC_KEY", &user.key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vm migrate back");
+    let b_pid = control::agent::running_agent(&b_state).expect("B's agent pid");
+    let copying = || -> bool {
+        let Some(ctl) = std::fs::read_dir(b_state.join("run")).ok().and_then(|rd| {
+            rd.flatten().map(|e| e.path()).find(|p| {
+                p.display()
+                    .to_string()
+                    .ends_with(&format!("-{name}.xnbd.ctl"))
+            })
+        }) else {
+            return false;
+        };
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&ctl) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"{\"cmd\":\"status\"}\n").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line);
+        serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["status"]["cached_blocks"].as_u64())
+            .is_some_and(|n| n > 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !copying() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(copying(), "no disk copy seen at B");
+    // This test's own agent of site B (its pid file names it).
+    lab::sys::kill(b_pid, libc::SIGKILL).expect("SIGKILL to B's agent");
+    sl.kill_agent("B");
+    std::thread::sleep(Duration::from_secs(2));
+    sl.restart_agent("B").expect("agent B restart");
+    let out = back_cmd.wait_with_output().expect("vm migrate back");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "vm migrate back: {err}");
+    assert!(
+        err.contains("retrying"),
+        "the agent's absence went unnoticed: {err}"
+    );
+    let back: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    eprintln!("migrated back, B's agent killed during the disk copy: {back}");
+    assert_eq!(back["phase"], "done", "{back}");
+    let blocal = local_of(&sl, &name);
+    let bcon = b_state.join("run").join(format!("{blocal}.console"));
+    let out = console(
+        &bcon,
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the way back");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let img = b_state.join("disks").join(format!("{blocal}.img"));
+    let b_img = std::fs::read(&img).unwrap();
+    for i in 0..60 {
+        let s = &b_img[(16384 + i) * 512..(16385 + i) * 512];
+        let s = String::from_utf8_lossy(s);
+        assert_eq!(
+            s.trim_end_matches('\0').trim(),
+            format!("w{i}"),
+            "write {i} lost on the way back"
+        );
+    }
+
+    // The other strategy, the disk mirrored before the memory (`--precopy-disk`), to C
+    // again, while the guest writes sectors 20480+i.
+    console(
+        &bcon,
+        "(i=0; while [ $i -lt 40 ]; do echo p$i | dd of=/dev/vda bs=512 seek=$((20480+i)) \
+         conv=fsync 2>/dev/null; i=$((i+1)); sleep 0.1; done) &",
+        Duration::from_secs(10),
+    );
+    let pre = sl
+        .ctl_json(&["vm", "migrate", "m", &name, "--to", "C", "--precopy-disk"])
+        .expect("vm migrate --precopy-disk");
+    eprintln!("migrated with the disk first: {pre}");
+    assert_eq!(pre["phase"], "done", "{pre}");
+    assert_eq!(pre["disk_strategy"], "pre-copy", "{pre}");
+    let clocal = local_of(&sl, &name);
+    let ccon = c_state.join("run").join(format!("{clocal}.console"));
+    let out = console(
+        &ccon,
+        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the mirror");
+    let img = c_state.join("disks").join(format!("{clocal}.img"));
+    let read_sector = |k: usize| -> String {
+        let b = std::fs::read(&img).unwrap_or_default();
+        let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
+        String::from_utf8_lossy(s)
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_sector(20480 + 39) != "p39" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for i in 0..60 {
+        assert_eq!(
+            read_sector(16384 + i),
+            format!("w{i}"),
+            "write {i} lost by the mirror"
+        );
+    }
+    for i in 0..40 {
+        assert_eq!(
+            read_sector(20480 + i),
+            format!("p{i}"),
+            "write p{i} lost by the mirror"
+        );
+    }
+    let left: Vec<String> = std::fs::read_dir(b_state.join("run"))
+        .unwrap()
+        .chain(std::fs::read_dir(b_state.join("disks")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(&format!("-{name}.")))
+        .collect();
+    assert!(left.is_empty(), "left at B after the mirror: {left:?}");
+
+    // A `vm migrate` ended (SIGTERM) after switchover, while the disk follows at 4 MiB/s:
+    // the VM runs at B; the same command again finishes the move.
+    let user = sl.first_user();
+    let mut cut = std::process::Command::new("timeout")
+        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
+        .arg(&mvc)
+        .args([
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "B",
+            "--disk-rate",
+            "4194304",
+        ])
+        .env("MVC_DB", &user.db)
+        .env("MVC_KEY", &user.key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vm migrate to be cut short");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !copying() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(copying(), "no disk copy seen at B");
+    // The command's record says the disk follows before it is cut short.
+    let recorded_disk = || {
+        sl.ctl_json(&["vm", "migrations"])
+            .is_ok_and(|r| r.to_string().contains("\"phase\":\"disk\""))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !recorded_disk() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The `timeout` process this test started, which passes the signal on to `mvc`.
+    lab::sys::kill(cut.id(), libc::SIGTERM).expect("SIGTERM to the cut-short migrate");
+    let _ = cut.wait();
+    let rec = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    assert!(rec.to_string().contains("\"phase\":\"disk\""), "{rec}");
+    let fin = sl
+        .ctl_json(&["vm", "migrate", "m", &name, "--to", "B"])
+        .expect("finishing the move");
+    eprintln!("move finished by a second command: {fin}");
+    assert_eq!(fin["phase"], "done", "{fin}");
+    assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
+    let list = sl
+        .ctl_json(&["vm", "list", "--cluster", "m"])
+        .expect("vm list");
+    assert!(list.to_string().contains("\"site\":\"B\""), "{list}");
+    let again = sl.ctl(&["vm", "migrate", "m", &name, "--to", "B"]);
+    assert!(again.is_err(), "a finished move was finished again");
+
+    // A migration that cannot happen (site A runs netns VMs) leaves it running at B.
+    let refused = sl.ctl(&["vm", "migrate", "m", &name, "--to", "A"]);
+    assert!(refused.is_err(), "migration to a netns site succeeded");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after a refused migration: {e}"));
+
+    sl.ctl(&["cluster", "destroy", "m"]).expect("destroy");
+    assert!(!img.exists(), "disk {} left", img.display());
+}
