@@ -29,13 +29,9 @@ impl Drop for VmProcs {
             if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
                 continue;
             }
+            // A process of this test's agent whose command line names this run's directory.
             if let Some(pid) = alive_pid(&p, &self.0) {
-                // SAFETY: kill(2) has no memory-safety preconditions; the pid is a
-                // process of this test's agent whose command line names this run's
-                // directory.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                let _ = u32::try_from(pid).map(|pid| lab::sys::kill(pid, libc::SIGKILL));
             }
         }
     }
