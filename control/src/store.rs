@@ -192,6 +192,11 @@ const MIGRATIONS: &[&str] = &[
          SELECT id, name, origin_site_id, '198.19.' || subnet || '.0/24', state FROM clusters;
      DROP TABLE clusters;
      ALTER TABLE clusters2 RENAME TO clusters;",
+    // 3: what removing a site and listing its use look up by site, indexed (these were
+    // whole-table scans at 100,000 VMs).
+    "CREATE INDEX vms_site ON vms(site_id);
+     CREATE INDEX clusters_origin ON clusters(origin_site_id);
+     CREATE INDEX attachments_site ON attachments(site_id);",
 ];
 
 /// [`Store`] on one SQLite file.
