@@ -179,6 +179,21 @@ impl AgentCore {
             .cloned()
     }
 
+    /// The slot of `vm` and the stop flag of the migration this agent offered for it under
+    /// `token` (the origin's steps act only on a migration it offered).
+    fn offered(&self, n: u32, vm: &str, token: &str) -> Result<(Slot, Arc<AtomicBool>), String> {
+        let slot = self
+            .local_of(n, vm)
+            .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+        match self.migrations.get(&slot.local) {
+            Some(m) if m.token == token => {
+                let stop = m.stop.clone();
+                Ok((slot, stop))
+            }
+            _ => Err("no such migration offered here".into()),
+        }
+    }
+
     fn mig_file(&self, local: &str, ext: &str) -> PathBuf {
         self.run_dir().join(format!("{local}.{ext}"))
     }
@@ -379,13 +394,7 @@ impl AgentCore {
                 dest,
                 dest_key,
             } => {
-                let slot = self
-                    .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
-                let stop = match self.migrations.get(&slot.local) {
-                    Some(m) if m.token == token => m.stop.clone(),
-                    _ => return Err("no such migration offered here".into()),
-                };
+                let (slot, stop) = self.offered(n, vm, &token)?;
                 let sock = self.mig_file(&slot.local, "mir");
                 relay_listener(
                     sock.clone(),
@@ -440,13 +449,7 @@ impl AgentCore {
                 downtime_ms,
                 rate,
             } => {
-                let slot = self
-                    .local_of(n, vm)
-                    .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
-                let stop = match self.migrations.get(&slot.local) {
-                    Some(m) if m.token == token => m.stop.clone(),
-                    _ => return Err("no such migration offered here".into()),
-                };
+                let (slot, stop) = self.offered(n, vm, &token)?;
                 let sock = self.mig_file(&slot.local, "mig");
                 relay_listener(
                     sock.clone(),
