@@ -12,6 +12,8 @@
 //! - `bench scale`: edges and supernodes by the thousand on a simulated network: cost curves.
 //! - `bench scale-store`: the controller's store at 1,000 sites and 100,000 VMs: call times.
 //! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
+//! - `bench migrate`: live migration of a qemu VM between sites against WAN delay and disk
+//!   size: downtime, WAN bytes, the guest's disk reads during and after the move.
 
 mod cmd;
 mod plot;
@@ -49,6 +51,9 @@ enum Command {
     Hpl(cmd::hpl::Args),
     /// DOCK-like autodock-vina parameter study over three sites against WAN delay (figure 12).
     Dock(cmd::dock::Args),
+    /// Live migration of a qemu VM between two sites against WAN delay and disk size,
+    /// the disk after the switch (xnbd proxy) or before it (--precopy-disk).
+    Migrate(cmd::migrate::Args),
     /// Three-site cluster build time through the controller against WAN delay (figure 9).
     BuildTime(cmd::buildtime::Args),
     /// The latest result of every run in results/ on one dated page (markdown and HTML).
@@ -77,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dock(a) => cmd::dock::run(&a),
         Command::Report(a) => cmd::report::run(&a),
         Command::BuildTime(a) => cmd::buildtime::run(&a),
+        Command::Migrate(a) => cmd::migrate::run(&a),
         Command::Scale(a) => cmd::scale::run(&a),
         Command::ScaleStore(a) => cmd::scale::store(&a),
         Command::DockWorker(a) => cmd::dock::worker(&a),

@@ -85,6 +85,10 @@ pub enum MigrateStep {
         /// The proxy's fetch rate, bytes/s (0: unlimited).
         #[serde(default)]
         disk_rate: u64,
+        /// The origin's VM driver (`qemu`, `netns`); the destination must run the same.
+        /// Absent: `qemu`.
+        #[serde(default)]
+        origin_driver: Option<String>,
     },
     /// Origin (`--precopy-disk`): mirror the disk into the destination's disk server,
     /// through a tunnel, before the memory.
@@ -247,6 +251,38 @@ impl TunnelHello {
     /// A tunnel hello, or `None` for anything else (a signed request).
     pub fn parse(msg: &[u8]) -> Option<TunnelHello> {
         serde_json::from_slice(msg).ok()
+    }
+}
+
+/// The state of a light (netns) VM, which the origin sends the destination through the
+/// `ram` tunnel instead of qemu's memory: one JSON line, answered `ok` once applied.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetnsState {
+    /// The IPv4 addresses of its `eth0`, `a.b.c.d/prefix` (1 to 8).
+    pub addrs: Vec<String>,
+}
+
+impl NetnsState {
+    /// Parse and check what came through the tunnel.
+    pub fn parse(t: &str) -> Result<NetnsState, String> {
+        let st: NetnsState = serde_json::from_str(t).map_err(|e| format!("not a VM state: {e}"))?;
+        if st.addrs.is_empty() || st.addrs.len() > 8 {
+            return Err(format!("{} addresses (1 to 8)", st.addrs.len()));
+        }
+        for a in &st.addrs {
+            let ok = a.split_once('/').is_some_and(|(ip, p)| {
+                ip.parse::<std::net::Ipv4Addr>().is_ok()
+                    && p.parse::<u8>().is_ok_and(|p| (1..=32).contains(&p))
+            });
+            if !ok {
+                return Err(format!(
+                    "not an address/prefix: {}",
+                    crate::validate::quote(a)
+                ));
+            }
+        }
+        Ok(st)
     }
 }
 
@@ -623,6 +659,18 @@ impl crate::controller::Controller<'_> {
                 quote(&args.to)
             )));
         }
+        // The overlay is not extended for a move: the destination must carry the
+        // cluster's edge and bridge already (a site it has VMs at), whatever `--host`.
+        if !cluster.attachments.iter().any(|a| a.site == args.to) {
+            return Err(ControlError::Usage(format!(
+                "cluster {} has no overlay at site {} (no edge, no bridge there): a VM moves \
+                 only between the sites its cluster has VMs at; create the cluster with \
+                 computes at {} to move VMs there",
+                quote(&cluster.name),
+                quote(&args.to),
+                quote(&args.to)
+            )));
+        }
         let precopy = resume
             .as_ref()
             .map_or(args.precopy_disk, |r| r.disk_strategy == "pre-copy");
@@ -736,6 +784,7 @@ impl crate::controller::Controller<'_> {
                     origin_key: from.agent_key.clone(),
                     precopy_disk_size,
                     disk_rate: args.disk_rate,
+                    origin_driver: offered["driver"].as_str().map(str::to_string),
                 },
             ) {
                 return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
@@ -1039,6 +1088,26 @@ mod tests {
             e.is_some_and(|e| e.contains("mismatch")),
             "wrong key accepted"
         );
+    }
+
+    #[test]
+    fn netns_state_is_checked_before_use() {
+        let ok = NetnsState::parse(r#"{"addrs":["198.19.0.11/24"]}"#).unwrap();
+        assert_eq!(ok.addrs, vec!["198.19.0.11/24".to_string()]);
+        for bad in [
+            r#"{"addrs":[]}"#,
+            r#"{"addrs":["198.19.0.11"]}"#,
+            r#"{"addrs":["198.19.0.11/33"]}"#,
+            r#"{"addrs":["198.19.0.11/0"]}"#,
+            r#"{"addrs":["x/24"]}"#,
+            r#"{"addrs":["198.19.0.11/24; reboot"]}"#,
+            r#"{"addrs":["198.19.0.11/24"],"run":"x"}"#,
+            "not json",
+        ] {
+            assert!(NetnsState::parse(bad).is_err(), "{bad} accepted");
+        }
+        let many = format!(r#"{{"addrs":[{}]}}"#, [r#""198.19.0.1/24""#; 9].join(","));
+        assert!(NetnsState::parse(&many).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod dock;
 pub mod figure;
 pub mod hpl;
+pub mod migrate;
 pub mod nbd;
 pub mod overlay;
 pub mod report;

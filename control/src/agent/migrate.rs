@@ -43,6 +43,9 @@ pub(super) struct Migration {
     stop: Arc<AtomicBool>,
     /// Origin: whether the memory was sent (`Abort` then resumes the VM).
     sent: bool,
+    /// Origin, netns driver: the VM's state was taken over by the destination (bytes
+    /// sent, ms its NIC was down).
+    moved: Option<(u64, u64)>,
 }
 
 impl Drop for Migration {
@@ -206,10 +209,10 @@ impl AgentCore {
         vm: &str,
         step: MigrateStep,
     ) -> Result<serde_json::Value, Refusal> {
-        if self.driver.kind() != "qemu" {
+        let kind = self.driver.kind();
+        if kind != "qemu" && kind != "netns" {
             return Err(format!(
-                "live migration needs the qemu driver (this site runs {})",
-                self.driver.kind()
+                "live migration needs the qemu or the netns driver (this site runs {kind})"
             ));
         }
         let n = self.confirmed(&authz.key, cluster)?;
@@ -220,6 +223,10 @@ impl AgentCore {
                     .filter(|s| s.handle.is_some() && s.state == "running")
                     .ok_or_else(|| format!("VM {} is not running here", quote(vm)))?;
                 let target = self.mig_file(&slot.local, "nbd");
+                if kind == "netns" {
+                    // A light VM's disk gets its server for the move.
+                    self.serve_netns_disk(&slot)?;
+                }
                 let disk_size = std::fs::metadata(
                     self.cfg
                         .state_dir
@@ -238,9 +245,10 @@ impl AgentCore {
                         incoming: false,
                         stop: Arc::default(),
                         sent: false,
+                        moved: None,
                     },
                 );
-                Ok(serde_json::json!({ "disk_size": disk_size }))
+                Ok(serde_json::json!({ "disk_size": disk_size, "driver": kind }))
             }
             MigrateStep::Prepare {
                 token,
@@ -251,7 +259,16 @@ impl AgentCore {
                 origin_key,
                 precopy_disk_size,
                 disk_rate,
+                origin_driver,
             } => {
+                let theirs = origin_driver.as_deref().unwrap_or("qemu");
+                if theirs != kind {
+                    return Err(format!(
+                        "{} runs on the {theirs} driver at its site and this site runs {kind}: \
+                         a VM moves only between sites of the same driver",
+                        quote(vm)
+                    ));
+                }
                 if self.local_of(n, vm).is_some() {
                     return Err(format!("VM {} already has a slot here", quote(vm)));
                 }
@@ -339,6 +356,7 @@ impl AgentCore {
                         incoming: true,
                         stop: stop.clone(),
                         sent: false,
+                        moved: None,
                     },
                 );
                 let started = match precopy_disk_size {
@@ -451,6 +469,9 @@ impl AgentCore {
             } => {
                 let (slot, stop) = self.offered(n, vm, &token)?;
                 let sock = self.mig_file(&slot.local, "mig");
+                if kind == "netns" {
+                    return self.send_netns(&slot, sock, dest, dest_key, token, stop);
+                }
                 relay_listener(
                     sock.clone(),
                     dest,
@@ -486,15 +507,15 @@ impl AgentCore {
                     .migrations
                     .get(&slot.local)
                     .map(|m| (m.incoming, m.precopy));
+                if kind == "netns" {
+                    return self.status_netns(&slot, incoming.is_some_and(|(i, _)| i));
+                }
                 if slot.state == "migrating" || incoming.is_some_and(|(ram, _)| ram) {
                     // Disk first: a VM still `inmigrate` after it ran nothing before it.
                     let disk = if incoming.is_some_and(|(_, pre)| pre) {
                         serde_json::Value::Null
                     } else {
-                        xnbd_ctl(
-                            &self.mig_file(&slot.local, "xnbd.ctl"),
-                            serde_json::json!({"cmd": "status"}),
-                        )?
+                        self.proxy_status(&slot)?
                     };
                     let run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
                     Ok(serde_json::json!({ "run": run, "disk": disk }))
@@ -508,6 +529,9 @@ impl AgentCore {
                 let slot = self
                     .local_of(n, vm)
                     .ok_or_else(|| format!("no VM {} here", quote(vm)))?;
+                if kind == "netns" {
+                    return self.finish_netns(n, &slot);
+                }
                 let qsock = self.mig_file(&slot.local, "qmp");
                 let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
                 let mut run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
@@ -562,6 +586,11 @@ impl AgentCore {
                         return Err("the disk is not all here yet".into());
                     }
                 }
+                if kind == "netns" {
+                    // A light VM's disk is a plain file again: its proxy goes.
+                    let f = crate::driver::netns_files(&self.run_dir(), &slot.local);
+                    crate::process::kill_pidfile(&f.pid, &f.nbd.display().to_string());
+                }
                 self.migrations.remove(&slot.local);
                 if let Some(s) = self
                     .state
@@ -597,6 +626,10 @@ impl AgentCore {
                     return Ok(serde_json::json!("removed"));
                 }
                 let m = self.migrations.remove(&slot.local);
+                if kind == "netns" {
+                    self.resume_netns(&slot, m.as_ref().is_some_and(|m| m.sent));
+                    return Ok(serde_json::json!("resumed"));
+                }
                 if m.as_ref().is_some_and(|m| m.mirror) {
                     let qsock = self.mig_file(&slot.local, "qmp");
                     if let Err(e) = end_mirror(&qsock, true) {
@@ -625,6 +658,262 @@ impl AgentCore {
                     }
                 }
                 Ok(serde_json::json!("resumed"))
+            }
+        }
+    }
+
+    /// The status of an incoming VM's disk proxy. After the switchover the VM runs on
+    /// the proxy: one that died is started again with the same command line, resumes
+    /// from its bitmap (no block fetched again) and goes on copying.
+    fn proxy_status(&mut self, slot: &Slot) -> Result<serde_json::Value, String> {
+        let ctl = self.mig_file(&slot.local, "xnbd.ctl");
+        let status = serde_json::json!({"cmd": "status"});
+        match xnbd_ctl(&ctl, status.clone()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let pid = self.mig_file(&slot.local, "xnbd.pid");
+                let mark = self.mig_file(&slot.local, "nbd").display().to_string();
+                if slot.state != "running" || crate::process::pidfile_alive(&pid, &mark) {
+                    return Err(e);
+                }
+                self.restart_proxy(slot)?;
+                xnbd_ctl(&ctl, status)
+            }
+        }
+    }
+
+    /// Start a dead disk proxy again from its saved command line (`run/<vm>.xnbd.args`).
+    fn restart_proxy(&mut self, slot: &Slot) -> Result<(), String> {
+        let args = self.mig_file(&slot.local, "xnbd.args");
+        let argv: Vec<String> = std::fs::read_to_string(&args)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .filter(|a: &Vec<String>| a.len() > 1 && a[1] == "proxy")
+            .ok_or_else(|| format!("the disk proxy died and {} is unusable", args.display()))?;
+        let log = self.mig_file(&slot.local, "xnbd.log");
+        let a: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        let child = crate::process::spawn(&argv[0], &a, &[], &log).map_err(|e| e.to_string())?;
+        let _ = std::fs::write(
+            self.mig_file(&slot.local, "xnbd.pid"),
+            child.id().to_string(),
+        );
+        tracing::warn!(vm = %slot.local, pid = child.id(), "disk proxy died: started again from its bitmap");
+        if let Some(r) = self.running.get_mut(&slot.local) {
+            r.children.push(child);
+        }
+        let ctl = self.mig_file(&slot.local, "xnbd.ctl");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Started with --no-background like the first: the copy goes on on request.
+            match xnbd_ctl(&ctl, serde_json::json!({"cmd": "cache-all"})) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("the restarted disk proxy does not answer: {e}"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Origin, netns driver: serve the VM's disk file for the destination's proxy.
+    fn serve_netns_disk(&mut self, slot: &Slot) -> Result<(), String> {
+        let f = crate::driver::netns_files(&self.run_dir(), &slot.local);
+        let disk = self
+            .cfg
+            .state_dir
+            .join("disks")
+            .join(format!("{}.img", slot.local));
+        if !disk.exists() {
+            // A VM started before light VMs had disks gets an empty one.
+            std::fs::create_dir_all(disk.parent().unwrap_or(&self.cfg.state_dir))
+                .and_then(|()| std::fs::File::create(&disk))
+                .and_then(|d| d.set_len(crate::driver::NETNS_DISK_BYTES))
+                .map_err(|e| format!("{}: {e}", disk.display()))?;
+        }
+        let nbd = f.nbd.display().to_string();
+        crate::process::kill_pidfile(&f.pid, &nbd);
+        let export = format!("{}={}", slot.name, disk.display());
+        let xnbd = crate::driver::netns_xnbd_bin().display().to_string();
+        let mut child = crate::process::spawn(
+            &xnbd,
+            &["serve", "--export", &export, "--unix", &nbd],
+            &[],
+            &f.log,
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = std::fs::write(&f.pid, child.id().to_string());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f.nbd.exists() {
+            if !matches!(child.try_wait(), Ok(None)) || Instant::now() > deadline {
+                crate::process::stop_child(&mut child);
+                return Err(format!(
+                    "xnbd serve of the disk did not start; see {}",
+                    f.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match self.running.get_mut(&slot.local) {
+            Some(r) => r.children.push(child),
+            // Stopped with the VM by its mark otherwise (`clean_vm`).
+            None => drop(child),
+        }
+        Ok(())
+    }
+
+    /// Origin, netns driver: take the VM's NIC down, send its state through the `ram`
+    /// tunnel and wait for the destination to have applied it (the VM then answers
+    /// there); on failure the NIC comes up here again.
+    fn send_netns(
+        &mut self,
+        slot: &Slot,
+        sock: PathBuf,
+        dest: String,
+        dest_key: String,
+        token: String,
+        stop: Arc<AtomicBool>,
+    ) -> Result<serde_json::Value, Refusal> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let ns = slot
+            .handle
+            .as_deref()
+            .and_then(|h| h.strip_prefix("netns:"))
+            .ok_or_else(|| format!("VM {} is not running here", quote(&slot.name)))?
+            .to_string();
+        let out = crate::process::run(
+            "ip",
+            &["-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"],
+        )
+        .map_err(|e| e.to_string())?;
+        let addrs: Vec<String> = out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                w.find(|x| *x == "inet")?;
+                w.next().map(str::to_string)
+            })
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("VM {} has no address yet", quote(&slot.name)));
+        }
+        let state = crate::migrate::NetnsState { addrs };
+        let mut line = serde_json::to_string(&state).map_err(|e| e.to_string())?;
+        crate::migrate::NetnsState::parse(&line)?;
+        line.push('\n');
+        relay_listener(
+            sock.clone(),
+            dest,
+            dest_key,
+            token,
+            TunnelKind::Ram,
+            true,
+            stop,
+        )?;
+        let t0 = Instant::now();
+        let link = |state: &str| {
+            crate::process::run("ip", &["-n", &ns, "link", "set", "eth0", state])
+                .map_err(|e| e.to_string())
+        };
+        link("down")?;
+        let sent = (|| -> Result<(), String> {
+            let err = |e: std::io::Error| format!("sending the VM's state: {e}");
+            let mut c = UnixStream::connect(&sock).map_err(err)?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))
+                .map_err(err)?;
+            c.write_all(line.as_bytes()).map_err(err)?;
+            let mut answer = String::new();
+            BufReader::new(c)
+                .take(4096)
+                .read_line(&mut answer)
+                .map_err(err)?;
+            if answer.trim() != "ok" {
+                return Err(format!(
+                    "the destination did not take the VM's state: {}",
+                    answer.trim()
+                ));
+            }
+            Ok(())
+        })();
+        let down_ms = t0.elapsed().as_millis() as u64;
+        if let Err(e) = sent {
+            let _ = link("up");
+            return Err(e);
+        }
+        if let Some(m) = self.migrations.get_mut(&slot.local) {
+            m.sent = true;
+            m.moved = Some((line.len() as u64, down_ms));
+        }
+        Ok(serde_json::json!("sent"))
+    }
+
+    /// Status, netns driver. Origin: whether the state went (qemu's `query-migrate`
+    /// shape); destination: whether it runs here, and its disk proxy.
+    fn status_netns(&mut self, slot: &Slot, incoming: bool) -> Result<serde_json::Value, Refusal> {
+        if !incoming && slot.state != "migrating" {
+            let moved = self.migrations.get(&slot.local).and_then(|m| m.moved);
+            return Ok(match moved {
+                Some((bytes, down)) => serde_json::json!({
+                    "status": "completed",
+                    "ram": { "transferred": bytes, "total": bytes, "remaining": 0 },
+                    "downtime": down,
+                    "jobs": [],
+                }),
+                None => serde_json::json!({
+                    "status": "setup", "ram": { "transferred": 0, "total": 0 }, "jobs": [],
+                }),
+            });
+        }
+        let disk = self.proxy_status(slot)?;
+        let f = crate::driver::netns_files(&self.run_dir(), &slot.local);
+        let run = if f.moved.exists() {
+            "running"
+        } else {
+            "inmigrate"
+        };
+        Ok(serde_json::json!({ "run": { "status": run }, "disk": disk }))
+    }
+
+    /// Finish, netns driver: the VM's DHCP client starts, the background copy too.
+    fn finish_netns(&mut self, n: u32, slot: &Slot) -> Result<serde_json::Value, Refusal> {
+        let f = crate::driver::netns_files(&self.run_dir(), &slot.local);
+        if !f.moved.exists() {
+            return Err("the incoming VM is not running yet".into());
+        }
+        if slot.state == "migrating" {
+            if let Some(r) = self.running.get_mut(&slot.local) {
+                self.driver
+                    .finish_incoming(r, &slot.name)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        xnbd_ctl(
+            &self.mig_file(&slot.local, "xnbd.ctl"),
+            serde_json::json!({"cmd": "cache-all"}),
+        )?;
+        if let Some(s) = self
+            .state
+            .clusters
+            .get_mut(&n)
+            .and_then(|c| c.slots.iter_mut().find(|s| s.name == slot.name))
+        {
+            s.state = "running".into();
+        }
+        self.save().map_err(|e| e.to_string())?;
+        Ok(serde_json::json!("running"))
+    }
+
+    /// Abort at the origin, netns driver: the disk server goes; a VM whose NIC went
+    /// down for the send has it up again.
+    fn resume_netns(&mut self, slot: &Slot, sent: bool) {
+        let f = crate::driver::netns_files(&self.run_dir(), &slot.local);
+        crate::process::kill_pidfile(&f.pid, &f.nbd.display().to_string());
+        if let Some(ns) = slot
+            .handle
+            .as_deref()
+            .and_then(|h| h.strip_prefix("netns:"))
+        {
+            if sent {
+                let _ = crate::process::run("ip", &["-n", ns, "link", "set", "eth0", "up"]);
             }
         }
     }
@@ -665,6 +954,7 @@ impl AgentCore {
                             incoming: true,
                             stop,
                             sent: false,
+                            moved: None,
                         },
                     );
                 }

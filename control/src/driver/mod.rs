@@ -15,9 +15,11 @@
 //! docs/CONTROLLER.md.
 pub mod guest;
 mod netns;
+mod netns_migrate;
 mod qemu;
 
-pub use netns::NetnsDriver;
+pub use netns::{NetnsDriver, DISK_BYTES as NETNS_DISK_BYTES};
+pub use netns_migrate::{files as netns_files, xnbd_bin as netns_xnbd_bin};
 pub use qemu::{parse_lease, QemuConfig, QemuDriver};
 
 use crate::process::{run, ProcessError};
@@ -103,6 +105,11 @@ pub trait VmDriver: Send {
             driver: self.kind(),
             what: "live migration",
         })
+    }
+    /// After the switchover of an incoming VM (it runs here now): start what it runs
+    /// beside its own processes (the netns driver's DHCP client).
+    fn finish_incoming(&mut self, _vm: &mut RunningVm, _name: &str) -> Result<(), DriverError> {
+        Ok(())
     }
 }
 

@@ -8,6 +8,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// Size of a light VM's disk file.
+pub const DISK_BYTES: u64 = 8 << 20;
+
 /// Light VMs in network namespaces.
 pub struct NetnsDriver {
     /// Prefix of namespace names (keeps parallel runs apart).
@@ -40,7 +43,7 @@ impl NetnsDriver {
         format!("{}{vm}", self.prefix)
     }
 
-    fn free_veth(&mut self) -> String {
+    pub(super) fn free_veth(&mut self) -> String {
         loop {
             self.counter += 1;
             let name = format!("mvv{}", self.counter);
@@ -52,7 +55,35 @@ impl NetnsDriver {
         }
     }
 
-    fn ns_of(handle: &str) -> Result<&str, DriverError> {
+    /// The VM's disk file (`<state>/disks/<local>.img`; `run_dir` is `<state>/run`).
+    pub fn disk_path(&self, local: &str) -> PathBuf {
+        self.run_dir
+            .parent()
+            .unwrap_or(&self.run_dir)
+            .join("disks")
+            .join(format!("{local}.img"))
+    }
+
+    /// A light VM's disk: a sparse file of [`DISK_BYTES`] made at its first start and
+    /// kept across stop and start (removed with its cluster), which processes of the
+    /// VM may use as a plain file; it moves with the VM through the xnbd proxy.
+    fn ensure_disk(&self, local: &str) -> Result<(), DriverError> {
+        let disk = self.disk_path(local);
+        if disk.exists() {
+            return Ok(());
+        }
+        let err = |e: std::io::Error| DriverError::Config(format!("{}: {e}", disk.display()));
+        if let Some(d) = disk.parent() {
+            std::fs::create_dir_all(d).map_err(err)?;
+        }
+        let tmp = disk.with_extension("img.tmp");
+        std::fs::File::create(&tmp)
+            .and_then(|f| f.set_len(DISK_BYTES))
+            .and_then(|()| std::fs::rename(&tmp, &disk))
+            .map_err(err)
+    }
+
+    pub(super) fn ns_of(handle: &str) -> Result<&str, DriverError> {
         handle
             .strip_prefix("netns:")
             .ok_or_else(|| DriverError::Config(format!("not a netns handle: {handle}")))
@@ -81,6 +112,7 @@ impl VmDriver for NetnsDriver {
         };
         let peer = format!("{veth}p");
         let mac = spec.mac.to_string();
+        self.ensure_disk(local)?;
         run("ip", &["netns", "add", &ns])?;
         crate::failpoint::hit("vm-netns");
         let made = (|| -> Result<Vec<Child>, DriverError> {
@@ -219,6 +251,19 @@ impl VmDriver for NetnsDriver {
                 .ok()
                 .and_then(|ns| run("ip", &["netns", "pids", ns]).ok())
                 .is_some_and(|p| !p.trim().is_empty())
+    }
+
+    fn start_incoming(
+        &mut self,
+        spec: &VmSpec,
+        disk: crate::migrate::IncomingDisk,
+        incoming: &Path,
+    ) -> Result<RunningVm, DriverError> {
+        super::netns_migrate::start_incoming(self, spec, disk, incoming)
+    }
+
+    fn finish_incoming(&mut self, vm: &mut RunningVm, name: &str) -> Result<(), DriverError> {
+        super::netns_migrate::finish_incoming(self, vm, name)
     }
 
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {

@@ -250,8 +250,10 @@ impl QemuDriver {
             // romfile=: no iPXE option ROM (the guest boots from -kernel).
             format!("virtio-net-pci,netdev=n0,mac={},romfile=", spec.mac),
             "-blockdev".into(),
+            // reconnect-delay: a disk server or proxy that restarts (a migration's
+            // proxy started again by the agent) pauses the VM's I/O instead of failing it.
             format!(
-                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={}",
+                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={},reconnect-delay=60",
                 nbd.display(),
                 spec.name
             ),
@@ -668,12 +670,18 @@ impl QemuDriver {
                     vec!["serve", "--export", &export, "--unix", &nbd]
                 }
             };
-            let mut xnbd = spawn(
-                &self.cfg.xnbd.display().to_string(),
-                &xnbd_args,
-                &[],
-                &f.xnbd_log,
-            )?;
+            let prog = self.cfg.xnbd.display().to_string();
+            if let IncomingDisk::Proxy { .. } = mode {
+                // For the agent to start a proxy that died again (it resumes from its bitmap).
+                let argv: Vec<&str> = std::iter::once(prog.as_str())
+                    .chain(xnbd_args.iter().copied())
+                    .collect();
+                let _ = std::fs::write(
+                    f.xnbd_pid.with_extension("args"),
+                    serde_json::to_string(&argv).unwrap_or_default(),
+                );
+            }
+            let mut xnbd = spawn(&prog, &xnbd_args, &[], &f.xnbd_log)?;
             let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
             let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd proxy", &f.xnbd_log);
             children.push(xnbd);
