@@ -46,6 +46,17 @@
 //! Failure: anything failing before step 5 has succeeded cancels the migration at the
 //! origin (`migrate_cancel`, `cont` if it was paused: the VM goes on where it was) and
 //! removes everything the destination made (qemu, proxy, relay, TAP, cache, slot).
+//! After it, a proxy that died is started again by the destination agent from its saved
+//! command line and resumes from its bitmap (qemu's NBD client waits for it).
+//!
+//! Light VMs (netns driver) move through the same steps: their disk file is served for
+//! the move, and instead of qemu's memory the origin sends the VM's state
+//! ([`NetnsState`], its addresses) through the `ram` tunnel once it took its NIC down;
+//! the destination's namespace, made at `prepare` with the VM's MAC and its NIC down,
+//! takes the addresses and comes up (see `driver/netns_migrate.rs`).
+//!
+//! The overlay is not extended for a move: a destination site where the cluster has no
+//! VMs (no edge, no bridge) is refused before any agent is asked.
 use crate::channel::{Channel, Half};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -3,8 +3,10 @@
 //! its memory is sent, and moves to C with `mvc vm migrate` while A's compute pings it.
 //! Afterwards the guest reads its pattern back at C, every write it made during the
 //! move is in C's disk image, B holds nothing of it, and the store and `cluster
-//! status` place it at C. A migration to a site without the qemu driver fails and
-//! leaves the VM running where it was. Needs root; otherwise prints that it was skipped.
+//! status` place it at C. A disk proxy killed while it copies is started again by its
+//! agent and resumes (the guest's pattern reads back). A migration to a site without
+//! the qemu driver fails and leaves the VM running where it was. Needs root; otherwise
+//! prints that it was skipped.
 use control::demo::{pick_overlay, SiteLab};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -617,6 +619,33 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(copying(), "no disk copy seen at B");
+    // B's disk proxy killed (SIGKILL) while it copies: B's agent starts it again, it
+    // resumes from its bitmap, and the guest (its I/O waits meanwhile) reads its
+    // pattern back below.
+    let proxy_pid = || {
+        std::fs::read_dir(b_state.join("run"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.display()
+                    .to_string()
+                    .ends_with(&format!("-{name}.xnbd.pid"))
+            })
+            .and_then(|p| alive_pid(&p, &b_state))
+    };
+    let old_proxy = proxy_pid().expect("B's disk proxy");
+    // This test's agent's proxy (its command line names this run's directory).
+    lab::sys::kill(old_proxy, libc::SIGKILL).expect("SIGKILL to B's proxy");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy_pid().is_none_or(|p| p == old_proxy) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new_proxy = proxy_pid();
+    assert!(
+        new_proxy.is_some_and(|p| p != old_proxy),
+        "B's proxy not started again"
+    );
     // The command's record says the disk follows before it is cut short.
     let recorded_disk = || {
         sl.ctl_json(&["vm", "migrations"])
@@ -636,6 +665,19 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .expect("finishing the move");
     eprintln!("move finished by a second command: {fin}");
     assert_eq!(fin["phase"], "done", "{fin}");
+    // The restarted proxy fetched no more than the disk holds, and nothing was lost.
+    assert!(
+        fin["disk_bytes"].as_u64() <= fin["disk_total"].as_u64(),
+        "{fin}"
+    );
+    let blocal = local_of(&sl, &name);
+    let bcon = b_state.join("run").join(format!("{blocal}.console"));
+    let out = console(
+        &bcon,
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
+        Duration::from_secs(60),
+    );
+    assert_eq!(md5_of(&out), sum, "pattern changed by the proxy's restart");
     assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
     let list = sl
         .ctl_json(&["vm", "list", "--cluster", "m"])

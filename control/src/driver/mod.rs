@@ -2,7 +2,8 @@
 //!
 //! - [`NetnsDriver`] (`netns.rs`): a light VM, a network namespace whose `eth0` (a veth with the
 //!   allocated MAC) is enslaved to the cluster bridge. Processes of the "VM" run with
-//!   `ip netns exec`. The default for demos and tests: it starts in milliseconds.
+//!   `ip netns exec`. The default for demos and tests: it starts in milliseconds. Its
+//!   disk is a plain file; it moves by live migration too (`netns_migrate.rs`).
 //! - [`QemuDriver`] (`qemu.rs`): a real VM with `qemu-system-x86_64`, a TAP on the bridge,
 //!   virtio-net with the allocated MAC, KVM when it works and TCG otherwise, direct
 //!   kernel boot of the guest [`guest`] builds, its disk served by `xnbd serve`
