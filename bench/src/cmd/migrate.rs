@@ -65,6 +65,9 @@ pub struct Args {
     /// Seconds the disk read rate is measured for after each move.
     #[arg(long, default_value_t = 5)]
     pub after_secs: u64,
+    /// Cap of the proxy's background copy, bytes/s (`vm migrate --disk-rate`; 0: none).
+    #[arg(long, default_value_t = 0)]
+    pub disk_rate: u64,
     /// Only the default strategy (post-copy through the xnbd proxy).
     #[arg(long)]
     pub post_copy_only: bool,
@@ -144,6 +147,7 @@ pub struct Row {
 struct Fields<'a> {
     memory_mb: u64,
     downtime_limit_ms: u64,
+    disk_rate: u64,
     runs_per_point: u32,
     rows: &'a [Row],
 }
@@ -508,6 +512,7 @@ struct Setup {
     at: &'static str,
     port: u16,
     downtime_ms: u64,
+    disk_rate: u64,
 }
 
 impl Setup {
@@ -594,6 +599,7 @@ impl Setup {
             at: "B",
             port: 5000,
             downtime_ms: 300,
+            disk_rate: 0,
         })
     }
 
@@ -667,6 +673,10 @@ impl Setup {
         ];
         let dl = self.downtime_ms.to_string();
         args.extend(["--downtime-ms", &dl]);
+        let dr = self.disk_rate.to_string();
+        if self.disk_rate > 0 && strategy == "post-copy" {
+            args.extend(["--disk-rate", &dr]);
+        }
         if strategy == "pre-copy" {
             args.push("--precopy-disk");
         }
@@ -769,6 +779,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let mut s = Setup::new(&mvc, disk, args.memory_mb)
             .with_context(|| format!("lab for a {disk} MiB disk"))?;
         s.downtime_ms = args.downtime_ms;
+        s.disk_rate = args.disk_rate;
         for &d in &args.delay {
             s.wan.set(&s.sl.lab, &LinkArgs::delay(f64::from(d)))?;
             let rtt = lab::ping_samples(
@@ -852,12 +863,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "Live migration (`mvc vm migrate`) of a qemu VM (TCG, {} MiB) between NATed sites B and C, delay added each way on B's uplink (userspace WAN emulator), pinged every 10 ms and sending a TCP stream to a VM at site A while it reads its disk; post-copy = xnbd proxy (default), pre-copy = `--precopy-disk`; median of {} move(s) per point (range in brackets), {when}",
-        args.memory_mb, args.runs,
+        "Live migration (`mvc vm migrate`) of a qemu VM (TCG, {} MiB) between NATed sites B and C, delay added each way on B's uplink (userspace WAN emulator), pinged every 10 ms and sending a TCP stream to a VM at site A while it reads its disk; post-copy = xnbd proxy (default){}, pre-copy = `--precopy-disk`; median of {} move(s) per point (range in brackets), {when}",
+        args.memory_mb,
+        if args.disk_rate > 0 {
+            format!(", its background copy capped at {:.1} MiB/s", args.disk_rate as f64 / f64::from(1u32 << 20))
+        } else {
+            String::new()
+        },
+        args.runs,
     );
     let fields = Fields {
         memory_mb: args.memory_mb,
         downtime_limit_ms: args.downtime_ms,
+        disk_rate: args.disk_rate,
         runs_per_point: args.runs,
         rows: &rows,
     };

@@ -33,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = control::migrate::TunnelHello::parse(data);
     let _ = serde_json::from_slice::<control::migrate::MigrationView>(data);
     if let Ok(s) = std::str::from_utf8(data) {
+        // A light VM's state, sent through the `ram` tunnel.
+        let _ = control::migrate::NetnsState::parse(s);
         let _ = s.parse::<control::model::Mac>();
         if let Ok(n) = s.parse::<control::model::OverlayNet>() {
             let _ = (n.size(), n.max_vms(), n.host(1), n.subnet(24, 3));
