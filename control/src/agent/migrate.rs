@@ -682,6 +682,37 @@ impl AgentCore {
         }
     }
 
+    /// Once a second (the agent's housekeeping): the disk proxy of every VM that runs
+    /// here after its switchover and whose disk still follows is started again if it
+    /// died, whether or not a `vm migrate` asks for the status meanwhile.
+    pub fn check_disk_proxies(&mut self) {
+        let locals: Vec<String> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| m.incoming && !m.precopy)
+            .map(|(l, _)| l.clone())
+            .collect();
+        for local in locals {
+            let Some(slot) = self
+                .state
+                .clusters
+                .values()
+                .flat_map(|c| c.slots.iter())
+                .find(|s| s.local == local && s.state == "running")
+                .cloned()
+            else {
+                continue;
+            };
+            let pid = self.mig_file(&local, "xnbd.pid");
+            let mark = self.mig_file(&local, "nbd").display().to_string();
+            if !crate::process::pidfile_alive(&pid, &mark) {
+                if let Err(e) = self.restart_proxy(&slot) {
+                    tracing::warn!(vm = %local, error = %e, "disk proxy not started again");
+                }
+            }
+        }
+    }
+
     /// Start a dead disk proxy again from its saved command line (`run/<vm>.xnbd.args`).
     fn restart_proxy(&mut self, slot: &Slot) -> Result<(), String> {
         let args = self.mig_file(&slot.local, "xnbd.args");

@@ -386,9 +386,11 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
                 let core = Arc::downgrade(&core);
                 std::thread::spawn(move || {
                     while let Some(c) = core.upgrade() {
-                        c.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .expire(agent::unix_now());
+                        let mut g = c.lock().unwrap_or_else(|p| p.into_inner());
+                        g.expire(agent::unix_now());
+                        // A migrated VM's disk proxy that died is started again.
+                        g.check_disk_proxies();
+                        drop(g);
                         drop(c);
                         std::thread::sleep(Duration::from_secs(1));
                     }
