@@ -1001,6 +1001,9 @@ impl crate::controller::Controller<'_> {
         view.phase = "cleanup".into();
         view.save(t0, record);
         step(&mut dest, MigrateStep::Done)?;
+        // A new connection: the origin's was idle while the disk followed, longer than an
+        // agent keeps an idle connection (30 s) when the disk is large or the WAN slow.
+        let mut origin = AgentClient::connect(&from, self.key)?;
         step(&mut origin, MigrateStep::Release)?;
         view.phase = "done".into();
         view.eta_secs = None;

@@ -688,7 +688,7 @@ impl Setup {
             Ok(v) => v,
             Err(e) => {
                 stop_ping(&self.sl.lab, &ping);
-                let _ = console(&con, "touch /tmp/mvc-stop", Duration::from_secs(20));
+                self.recover(to);
                 return Err(e.into());
             }
         };
@@ -733,6 +733,43 @@ impl Setup {
             io_during_mibs: io_during,
             io_after_mibs: io_after,
         })
+    }
+
+    /// After a failed move: where the VM runs now (a move that failed after the switch
+    /// is finished by the same command again), its loops stopped.
+    fn recover(&mut self, to: &'static str) {
+        let at_to = || {
+            self.sl
+                .ctl_json(&["vm", "list", "--cluster", "m"])
+                .ok()
+                .and_then(|l| {
+                    l.as_array()?
+                        .iter()
+                        .find(|v| v["name"] == self.vm.as_str())
+                        .map(|v| v["site"] == to)
+                })
+                .unwrap_or(false)
+        };
+        if at_to() {
+            let _ = self.sl.ctl(&[
+                "vm",
+                "migrate",
+                "m",
+                &self.vm,
+                "--to",
+                to,
+                "--timeout",
+                "900",
+            ]);
+            self.at = to;
+        }
+        if let Ok(con) = self.console_of(self.at) {
+            let _ = console(
+                &con,
+                "touch /tmp/mvc-stop; sleep 1",
+                Duration::from_secs(30),
+            );
+        }
     }
 
     /// The VM's disk size in MiB, from its image at `site`.
