@@ -570,8 +570,9 @@ impl Setup {
             "--frontend-memory",
             "128",
             "--start",
+            // A TCG guest boots slowly on a loaded machine.
             "--lease-timeout",
-            "150",
+            "300",
         ])?;
         let vm_at = |site: &str| -> anyhow::Result<serde_json::Value> {
             cl["vms"]
