@@ -828,6 +828,9 @@ impl crate::controller::Controller<'_> {
                         .unwrap_or_default();
                     view.disk_bytes = job["offset"].as_u64().unwrap_or(view.disk_bytes);
                     view.disk_total = job["len"].as_u64().unwrap_or(view.disk_total);
+                    // Keeps the destination's connection in use: an agent drops one idle
+                    // for 30 s, and a large mirror over a slow WAN takes longer.
+                    let _ = step(&mut dest, MigrateStep::Status);
                     progress(&tenths("disk mirrored", view.disk_bytes, view.disk_total));
                     view.save(t0, record);
                     if job["ready"] == true {
