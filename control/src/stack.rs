@@ -515,6 +515,20 @@ impl Controller<'_> {
         Ok(cluster)
     }
 
+    /// After a VM of a cluster with the stack moved to another site: every
+    /// `topology.conf` gets its new switch and slurmctld re-reads it. Best effort: the
+    /// move itself succeeded.
+    pub fn stack_after_move(&mut self, cluster: &str) {
+        if !self.has_stack(cluster) {
+            return;
+        }
+        if let Err(e) = self.stack_apply(cluster, Duration::from_secs(60)) {
+            (self.progress)(&format!(
+                "warning: Slurm not reconfigured after the move: {e}"
+            ));
+        }
+    }
+
     /// After a VM of a cluster with the stack stopped: mark its node down in Slurm so
     /// that no job waits for it (it returns by itself when its slurmd registers
     /// again, `ReturnToService=2`). Best effort: the frontend may be the one stopped.

@@ -174,9 +174,9 @@ fn slurm_runs_jobs_across_three_sites() {
         assert!(topo.contains("SwitchName=site-B"), "{topo}");
 
         // srun on every node: each answers with its own name.
-        let s = ok(&sl, &["srun", "-N", "3", "hostname"]);
+        let (code, s, err) = exec(&sl, &["srun", "-N", "3", "hostname"]);
         let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
-        assert_eq!(names, computes, "{s}");
+        assert_eq!(names, computes, "{code} {s} {err}");
 
         // A job array of 6 tasks, one node each: output from every site.
         let o = sl
@@ -243,10 +243,39 @@ fn slurm_runs_jobs_across_three_sites() {
             t.elapsed()
         );
 
+        // Started again: its agent starts its daemons, and it returns to service.
+        sl.ctl(&["vm", "start", &gone]).expect("vm start");
+        let end = Instant::now() + Duration::from_secs(40);
+        loop {
+            let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+            if s.lines().any(|l| l == format!("{gone} idle")) {
+                break;
+            }
+            assert!(Instant::now() < end, "{gone} not back: {s}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+
+        // A command past its timeout is ended, with status 124.
+        let t = Instant::now();
+        let o = sl
+            .ctl_output(&[
+                "cluster",
+                "exec",
+                "s",
+                "--timeout",
+                "1",
+                "--",
+                "sleep",
+                "30",
+            ])
+            .unwrap();
+        assert_eq!(o.status.code(), Some(124));
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
         // Destroy: no munged or slurm daemon of the cluster left at any site.
         let dirs: Vec<PathBuf> = sl.agents.values().map(|a| a.state.clone()).collect();
-        // munged and slurmctld on the frontend, munged and slurmd on two computes.
-        assert_eq!(daemons_under(&dirs).len(), 6, "{:?}", daemons_under(&dirs));
+        // munged and slurmctld on the frontend, munged and slurmd on each compute.
+        assert_eq!(daemons_under(&dirs).len(), 8, "{:?}", daemons_under(&dirs));
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
         let left = daemons_under(&dirs);
         assert!(left.is_empty(), "{left:?}");
