@@ -139,7 +139,7 @@ fn slurm_runs_jobs_across_three_sites() {
                 "--sites",
                 "A:B:C",
                 "--computes",
-                "1:1:1",
+                "1:2:1",
                 "--memory",
                 "128",
                 "--frontend-memory",
@@ -156,7 +156,7 @@ fn slurm_runs_jobs_across_three_sites() {
             .filter(|v| v["role"] == "compute")
             .map(|v| v["name"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(computes.len(), 3);
+        assert_eq!(computes.len(), 4);
         eprintln!(
             "cluster with Slurm up after {:.1} s",
             t0.elapsed().as_secs_f64()
@@ -174,9 +174,16 @@ fn slurm_runs_jobs_across_three_sites() {
         assert!(topo.contains("SwitchName=site-B"), "{topo}");
 
         // srun on every node: each answers with its own name.
-        let (code, s, err) = exec(&sl, &["srun", "-N", "3", "hostname"]);
+        let (code, s, err) = exec(&sl, &["srun", "-N", "4", "hostname"]);
         let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
         assert_eq!(names, computes, "{code} {s} {err}");
+
+        // The tree topology keeps a 2-node job within one site: B's two computes (s-c2,
+        // s-c3), not the first two nodes by name (s-c1 at A, s-c2 at B).
+        let s = ok(&sl, &["srun", "-N", "2", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        let want: BTreeSet<String> = ["s-c2", "s-c3"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(names, want, "{s}");
 
         // A job array of 6 tasks, one node each: output from every site.
         let o = sl
@@ -219,7 +226,7 @@ fn slurm_runs_jobs_across_three_sites() {
 
         // Too large: more nodes than the cluster has is refused at once, not queued.
         let o = sl
-            .ctl_output(&["cluster", "submit", "s", "--", "-N", "4", "--wrap", "true"])
+            .ctl_output(&["cluster", "submit", "s", "--", "-N", "5", "--wrap", "true"])
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{err}");
@@ -227,7 +234,7 @@ fn slurm_runs_jobs_across_three_sites() {
 
         // A compute stopped: marked down at once; jobs run on the others without
         // waiting for it.
-        let gone = computes.iter().find(|c| c.ends_with("c3")).unwrap().clone();
+        let gone = computes.iter().find(|c| c.ends_with("c4")).unwrap().clone();
         sl.ctl(&["vm", "stop", &gone]).expect("vm stop");
         let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
         assert!(
@@ -235,7 +242,7 @@ fn slurm_runs_jobs_across_three_sites() {
             "{s}"
         );
         let t = Instant::now();
-        let s = ok(&sl, &["srun", "-N", "2", "hostname"]);
+        let s = ok(&sl, &["srun", "-N", "3", "hostname"]);
         assert!(!s.contains(&gone), "{s}");
         assert!(
             t.elapsed() < Duration::from_secs(20),
@@ -275,7 +282,7 @@ fn slurm_runs_jobs_across_three_sites() {
         // Destroy: no munged or slurm daemon of the cluster left at any site.
         let dirs: Vec<PathBuf> = sl.agents.values().map(|a| a.state.clone()).collect();
         // munged and slurmctld on the frontend, munged and slurmd on each compute.
-        assert_eq!(daemons_under(&dirs).len(), 8, "{:?}", daemons_under(&dirs));
+        assert_eq!(daemons_under(&dirs).len(), 10, "{:?}", daemons_under(&dirs));
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
         let left = daemons_under(&dirs);
         assert!(left.is_empty(), "{left:?}");
