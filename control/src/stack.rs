@@ -240,6 +240,105 @@ pub fn slurm_conf(cluster: &str, s: &SlurmStack, p: &VmPaths) -> String {
     out
 }
 
+/// The shell that gives a netns VM's process its host name and the cgroup mounts
+/// slurmd looks for, then runs the command. A process in a network namespace entered
+/// with `ip netns exec` (or an agent that runs in one, as in the lab) sees a fresh
+/// `/sys` without them: then a private tmpfs with the named `systemd` v1 hierarchy (a
+/// cgroup v1 host), or else cgroup2.
+pub const VM_SHELL: &str = "mountpoint -q /sys/fs/cgroup || \
+     { mount -t tmpfs cgroup /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/systemd && \
+       mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; } || \
+     mount -t cgroup2 cgroup2 /sys/fs/cgroup; hostname \"$0\" && exec \"$@\"";
+
+/// `argv` as a process of netns VM `vm` (to run inside its network namespace): its own
+/// UTS namespace holding the VM's name, its own mount namespace ([`VM_SHELL`]).
+pub fn as_vm(vm: &str, argv: &[String]) -> Vec<String> {
+    let mut c: Vec<String> = ["unshare", "--uts", "--mount", "sh", "-c", VM_SHELL, vm]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    c.extend(argv.iter().cloned());
+    c
+}
+
+/// Make a VM's Slurm directory (`state/`, `spool/`, `home/`; searchable by everyone,
+/// as munged wants its socket's directory) and write its `slurm.conf` (plus `extra`
+/// lines) and `topology.conf` where they changed.
+pub fn prepare_vm(
+    cluster: &str,
+    stack: &SlurmStack,
+    p: &VmPaths,
+    extra: &str,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [p.dir.clone(), p.file("state"), p.file("spool"), p.home()] {
+        std::fs::create_dir_all(&d)?;
+    }
+    std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o755))?;
+    write_if_changed(&p.conf(), &(slurm_conf(cluster, stack, p) + extra))?;
+    write_if_changed(&p.file("topology.conf"), &topology_conf(cluster, stack))?;
+    Ok(())
+}
+
+/// Write `text` to `path` unless it holds it already.
+fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Write a munge key (raw bytes) with mode 0400, atomically.
+pub fn write_munge_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(&tmp)?;
+    f.write_all(key)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// munged's command line for a VM: in the foreground, its socket, pid and seed files
+/// in the VM's directory, origin the VM's `eth0` address (its name resolves nowhere).
+pub fn munged_argv(p: &VmPaths, key: &Path) -> Vec<String> {
+    vec![
+        "munged".into(),
+        "--foreground".into(),
+        // Lab state directories are 0700: accepted with a warning.
+        "--force".into(),
+        format!("--socket={}", p.munge_socket().display()),
+        format!("--key-file={}", key.display()),
+        format!("--pid-file={}", p.file("munged.pid").display()),
+        format!("--seed-file={}", p.file("munged.seed").display()),
+        "--origin=eth0".into(),
+    ]
+}
+
+/// slurmctld's (the frontend) or slurmd's command line for VM `vm`, in the foreground.
+pub fn slurm_daemon_argv(vm: &str, frontend: bool, p: &VmPaths) -> Vec<String> {
+    let conf = p.conf().display().to_string();
+    if frontend {
+        vec!["slurmctld".into(), "-D".into(), "-f".into(), conf]
+    } else {
+        vec![
+            "slurmd".into(),
+            "-D".into(),
+            "-N".into(),
+            vm.into(),
+            "-f".into(),
+            conf,
+        ]
+    }
+}
+
 /// `topology.conf`: one leaf switch per site holding its computes, one `wan` switch
 /// above them (the text `mvc cluster topology --slurm` prints, without the frontend).
 pub fn topology_conf(cluster: &str, s: &SlurmStack) -> String {

@@ -19,7 +19,8 @@ use crate::driver::RunningVm;
 use crate::process::{pids_marked, spawn};
 use crate::proto::Reply;
 use crate::stack::{
-    slurm_conf, topology_conf, ExecOutput, ExecReq, SlurmStack, VmPaths, EXEC_OUTPUT_MAX,
+    as_vm, munged_argv, prepare_vm, slurm_daemon_argv, write_munge_key, ExecOutput, ExecReq,
+    SlurmStack, VmPaths, EXEC_OUTPUT_MAX,
 };
 use crate::validate::quote;
 use std::io::{Read, Write};
@@ -37,46 +38,12 @@ pub struct ExecPlan {
     timeout: Duration,
 }
 
-/// The shell that gives a VM's process its host name and the cgroup mounts slurmd
-/// looks for, then runs the command. An agent in a network namespace of its own (the
-/// lab's, under `ip netns exec`) sees a fresh `/sys` without them: then a private
-/// tmpfs with the named `systemd` v1 hierarchy (a cgroup v1 host), or else cgroup2.
-const WITH_HOSTNAME: &str = "mountpoint -q /sys/fs/cgroup || \
-     { mount -t tmpfs cgroup /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/systemd && \
-       mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; } || \
-     mount -t cgroup2 cgroup2 /sys/fs/cgroup; hostname \"$0\" && exec \"$@\"";
-
-/// `nsenter` into a netns VM's network namespace, a new UTS namespace named after the
-/// VM, then `argv`.
+/// `nsenter` into a netns VM's network namespace, then `argv` as a process of the VM
+/// ([`crate::stack::as_vm`]).
 fn in_vm(ns: &str, vm: &str, argv: &[String]) -> Vec<String> {
-    let mut c: Vec<String> = vec![
-        "nsenter".into(),
-        format!("--net=/run/netns/{ns}"),
-        "unshare".into(),
-        "--uts".into(),
-        "--mount".into(),
-        "sh".into(),
-        "-c".into(),
-        WITH_HOSTNAME.into(),
-        vm.into(),
-    ];
-    c.extend(argv.iter().cloned());
+    let mut c: Vec<String> = vec!["nsenter".into(), format!("--net=/run/netns/{ns}")];
+    c.extend(as_vm(vm, argv));
     c
-}
-
-/// Write `data` to `path` with mode 0400, atomically.
-fn write_key(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -84,17 +51,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// Write `text` to `path` unless it holds it already; whether it changed.
-fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
-    if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
-        return Ok(false);
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(true)
 }
 
 impl AgentCore {
@@ -127,7 +83,7 @@ impl AgentCore {
             ));
         }
         let key = unhex(&stack.munge_key).ok_or("the munge key is not hex")?;
-        write_key(&self.munge_key_file(n), &key).map_err(|e| format!("munge key: {e}"))?;
+        write_munge_key(&self.munge_key_file(n), &key).map_err(|e| format!("munge key: {e}"))?;
         stack.munge_key.clear();
         if let Some(c) = self.state.clusters.get_mut(&n) {
             c.stack = Some(stack);
@@ -177,37 +133,12 @@ impl AgentCore {
             .to_string();
         let p = self.slurm_paths(&slot.local);
         let io = |e: std::io::Error| format!("{}: {e}", p.dir.display());
-        for d in [p.dir.clone(), p.file("state"), p.file("spool"), p.home()] {
-            std::fs::create_dir_all(&d).map_err(io)?;
-        }
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // munged wants its socket's directory searchable by everyone.
-            std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
-        }
-        write_if_changed(&p.conf(), &slurm_conf(&cluster, &stack, &p)).map_err(io)?;
-        write_if_changed(&p.file("topology.conf"), &topology_conf(&cluster, &stack)).map_err(io)?;
-        let key = self.munge_key_file(n).display().to_string();
+        prepare_vm(&cluster, &stack, &p, "").map_err(io)?;
         let mut started = Vec::new();
         let sock = p.munge_socket();
-        let sock_s = sock.display().to_string();
-        if pids_marked(&[format!("--socket={sock_s}")]).is_empty() {
+        if pids_marked(&[format!("--socket={}", sock.display())]).is_empty() {
             let _ = std::fs::remove_file(&sock);
-            let argv: Vec<String> = [
-                "munged",
-                "--foreground",
-                // Lab state directories are 0700: accepted with a warning.
-                "--force",
-                &format!("--socket={sock_s}"),
-                &format!("--key-file={key}"),
-                &format!("--pid-file={}", p.file("munged.pid").display()),
-                &format!("--seed-file={}", p.file("munged.seed").display()),
-                // Its host name resolves nowhere: the VM's NIC gives the address.
-                "--origin=eth0",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let argv = munged_argv(&p, &self.munge_key_file(n));
             started.push(self.spawn_in_vm(&ns, vm, &argv, &p.file("munged.out"))?);
             let end = Instant::now() + Duration::from_secs(10);
             while !sock.exists() {
@@ -220,20 +151,8 @@ impl AgentCore {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let conf = p.conf().display().to_string();
-        if pids_marked(&[format!("-f {conf}")]).is_empty() {
-            let argv: Vec<String> = if frontend {
-                vec!["slurmctld".into(), "-D".into(), "-f".into(), conf.clone()]
-            } else {
-                vec![
-                    "slurmd".into(),
-                    "-D".into(),
-                    "-N".into(),
-                    vm.into(),
-                    "-f".into(),
-                    conf.clone(),
-                ]
-            };
+        if pids_marked(&[format!("-f {}", p.conf().display())]).is_empty() {
+            let argv = slurm_daemon_argv(vm, frontend, &p);
             let log = p.file(if frontend {
                 "slurmctld.out"
             } else {
