@@ -203,6 +203,7 @@ pub fn slurm_conf(cluster: &str, s: &SlurmStack, p: &VmPaths) -> String {
          SlurmdPidFile={dpid}\n\
          SlurmctldLogFile={ctldlog}\n\
          SlurmdLogFile={dlog}\n\
+         TmpFS={tmp}\n\
          ProctrackType=proctrack/pgid\n\
          TaskPlugin=task/none\n\
          JobAcctGatherType=jobacct_gather/none\n\
@@ -229,6 +230,7 @@ pub fn slurm_conf(cluster: &str, s: &SlurmStack, p: &VmPaths) -> String {
         dpid = d("slurmd.pid"),
         ctldlog = d("slurmctld.log"),
         dlog = d("slurmd.log"),
+        tmp = d("tmp"),
     );
     for n in &s.nodes {
         out.push_str(&format!(
@@ -271,7 +273,13 @@ pub fn prepare_vm(
     extra: &str,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for d in [p.dir.clone(), p.file("state"), p.file("spool"), p.home()] {
+    for d in [
+        p.dir.clone(),
+        p.file("state"),
+        p.file("spool"),
+        p.file("tmp"),
+        p.home(),
+    ] {
         std::fs::create_dir_all(&d)?;
     }
     std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o755))?;
@@ -690,6 +698,7 @@ mod tests {
         assert!(c.contains("NodeName=k-c2 NodeAddr=198.19.5.11 CPUs=2 RealMemory=256"));
         assert!(c.contains("AuthInfo=socket=/st/run/c1-k-c1.slurm/munge.sock\n"));
         assert!(c.contains("SlurmdSpoolDir=/st/run/c1-k-c1.slurm/spool\n"));
+        assert!(c.contains("TmpFS=/st/run/c1-k-c1.slurm/tmp\n"));
         assert!(c.contains("TopologyPlugin=topology/tree\n"));
         let t = topology_conf("k", &s);
         assert!(t.contains("SwitchName=site-A Nodes=k-c1\n"));
