@@ -4,7 +4,8 @@
 //!   the peers (VXLAN, nebula, tinc, OpenVPN, boringtun); `--small` for small frames.
 //! - `bench demo`: the three-site overlay demo (the README's main job).
 //! - `bench wanem`: the userspace WAN emulator's self-check.
-//! - `bench dock`: a DOCK-like autodock-vina parameter study across three sites against delay.
+//! - `bench dock`: a DOCK-like autodock-vina parameter study, a Slurm job array across three
+//!   sites, against delay.
 //! - `bench build-time`: three-site cluster build time through the controller against delay.
 //! - `bench report`: the latest result of every run on one dated page.
 //! - `bench broadcast`: what a three-site cluster build floods across the WAN, with the L2
@@ -63,9 +64,6 @@ enum Command {
     Scale(cmd::scale::Args),
     /// The controller's store with synthetic sites, clusters and VMs: time of each call.
     ScaleStore(cmd::scale::StoreArgs),
-    /// One worker of `bench dock` (started by it inside a VM namespace).
-    #[command(hide = true)]
-    DockWorker(cmd::dock::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +83,5 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(a) => cmd::migrate::run(&a),
         Command::Scale(a) => cmd::scale::run(&a),
         Command::ScaleStore(a) => cmd::scale::store(&a),
-        Command::DockWorker(a) => cmd::dock::worker(&a),
     }
 }

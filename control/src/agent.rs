@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod migrate;
+mod stack;
 
 /// Agent failures outside a request (start-up, files).
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,9 @@ struct ClusterHere {
     releasing: bool,
     slots: Vec<Slot>,
     overlay: Option<OverlayHere>,
+    /// The cluster's Slurm (its munge key is `secrets/c<n>.munge`, not kept here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stack: Option<crate::stack::SlurmStack>,
 }
 
 /// Version of `state.json`.
@@ -362,6 +366,12 @@ pub struct AgentCore {
 
 type Refusal = String;
 
+/// What serving a request gives: the reply, or a command to run in a VM first.
+enum Served {
+    Now(Reply),
+    Exec(stack::ExecPlan),
+}
+
 impl AgentCore {
     /// Open the agent's state (the key must exist) and reconcile it with what exists:
     /// leftovers of a previous run that did not shut down cleanly are stopped, lapsed
@@ -479,6 +489,15 @@ impl AgentCore {
 
     /// Check and serve one signed request that arrived on channel `channel_id`.
     pub fn handle(&mut self, channel_id: &[u8; 32], env: &Envelope, now: u64) -> Reply {
+        match self.serve(channel_id, env, now) {
+            Served::Now(r) => r,
+            Served::Exec(plan) => stack::exec_reply(plan),
+        }
+    }
+
+    /// [`AgentCore::handle`], except that a command to run in a VM is returned
+    /// prepared, to be run without holding the agent.
+    fn serve(&mut self, channel_id: &[u8; 32], env: &Envelope, now: u64) -> Served {
         self.expire(now);
         let verified = self
             .verifier
@@ -492,14 +511,20 @@ impl AgentCore {
                     "site {}: protocol version {} not supported (agent speaks {PROTO_VERSION})",
                     self.cfg.site, b.proto
                 )),
-                Ok(b) => b
-                    .req
-                    .validate()
-                    .and_then(|()| self.dispatch(&authz, b.req, now))
-                    .map_err(|e| format!("site {}: {e}", self.cfg.site)),
+                Ok(b) => match (b.req.validate(), b.req) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Request::Exec { cluster, vm, exec }) => {
+                        match self.exec_plan(&authz, &cluster, &vm, exec) {
+                            Ok(plan) => return Served::Exec(plan),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (Ok(()), req) => self.dispatch(&authz, req, now),
+                }
+                .map_err(|e| format!("site {}: {e}", self.cfg.site)),
             },
         };
-        match result {
+        Served::Now(match result {
             Ok(data) => Reply {
                 ok: true,
                 error: None,
@@ -513,7 +538,7 @@ impl AgentCore {
                     data: serde_json::Value::Null,
                 }
             }
-        }
+        })
     }
 
     fn used(&self, host: &str) -> (u32, u64) {
@@ -726,6 +751,8 @@ impl AgentCore {
                 self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
                 self.save().map_err(|e| e.to_string())?;
+                self.stack_start_vm(n, &spec.name)
+                    .map_err(|e| format!("Slurm in VM {}: {e}", quote(&spec.name)))?;
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
@@ -762,6 +789,11 @@ impl AgentCore {
                 json(&out)
             }
             Request::Migrate { cluster, vm, step } => self.migrate_step(authz, &cluster, &vm, step),
+            Request::Stack { cluster, stack } => self.stack_set(authz, &cluster, stack),
+            Request::Exec { cluster, vm, exec } => {
+                let plan = self.exec_plan(authz, &cluster, &vm, exec)?;
+                json(&stack::run_exec(plan))
+            }
         }
     }
 
@@ -997,6 +1029,7 @@ impl AgentCore {
                     })
                     .collect(),
                 overlay: None,
+                stack: None,
             },
         );
         if let Err(e) = self.save() {
@@ -1338,11 +1371,12 @@ impl AgentCore {
                 }
             }
         }
-        let secret = self.secret_file(n);
-        if secret.exists() {
-            log.push(format!("remove {}", secret.display()));
-            if !dry {
-                let _ = std::fs::remove_file(&secret);
+        for secret in [self.secret_file(n), self.munge_key_file(n)] {
+            if secret.exists() {
+                log.push(format!("remove {}", secret.display()));
+                if !dry {
+                    let _ = std::fs::remove_file(&secret);
+                }
             }
         }
         if files {
@@ -1518,7 +1552,8 @@ fn edge_status(bin: &Path, sock: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&out).ok()
 }
 
-/// Delete the files in `dir` whose names start with `prefix`.
+/// Delete the files (and directories, such as a VM's `<local>.slurm/`) in `dir` whose
+/// names start with `prefix`.
 fn remove_files(dir: &Path, prefix: &str, dry: bool, log: &mut Vec<String>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
@@ -1527,7 +1562,11 @@ fn remove_files(dir: &Path, prefix: &str, dry: bool, log: &mut Vec<String>) {
         if e.file_name().to_string_lossy().starts_with(prefix) {
             log.push(format!("remove {}", e.path().display()));
             if !dry {
-                let _ = std::fs::remove_file(e.path());
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                } else {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }
@@ -1627,10 +1666,17 @@ fn ch_loop(
         }
         let id = *ch.id();
         let reply = match serde_json::from_slice::<Envelope>(&msg) {
-            Ok(env) => core
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .handle(&id, &env, unix_now()),
+            Ok(env) => {
+                let served =
+                    core.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .serve(&id, &env, unix_now());
+                match served {
+                    Served::Now(r) => r,
+                    // A command in a VM may run for minutes: not under the lock.
+                    Served::Exec(plan) => stack::exec_reply(plan),
+                }
+            }
             Err(e) => Reply {
                 ok: false,
                 error: Some(format!("malformed envelope: {e}")),

@@ -133,6 +133,15 @@ impl<'k> AgentClient<'k> {
         })
     }
 
+    /// Wait up to `d` for each reply from now on (a command run in a VM may take
+    /// longer than [`REPLY_TIMEOUT`]).
+    pub fn set_reply_timeout(&mut self, d: Duration) -> Result<(), ClientError> {
+        self.ch
+            .stream_ref()
+            .set_read_timeout(Some(d))
+            .map_err(|e| ClientError::Local(e.to_string()))
+    }
+
     /// Send a request; the reply's data on success.
     pub fn call_value(&mut self, req: &Request) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_string(&Body {

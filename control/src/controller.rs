@@ -554,7 +554,7 @@ impl Controller<'_> {
             .map_err(|e| ControlError::Local(format!("secret {p}: {e}")))
     }
 
-    fn cluster_sites(&self, cluster: &Cluster) -> Result<Vec<Site>> {
+    pub(crate) fn cluster_sites(&self, cluster: &Cluster) -> Result<Vec<Site>> {
         let mut names: Vec<String> = vec![cluster.origin.clone()];
         for v in &cluster.vms {
             if !names.contains(&v.site) {
@@ -600,7 +600,7 @@ impl Controller<'_> {
     }
 
     /// Run `f` against each site's agent in parallel, one connection per site.
-    fn each_site<T: Send>(
+    pub(crate) fn each_site<T: Send>(
         &self,
         sites: &[Site],
         f: impl Fn(&mut AgentClient, &Site) -> std::result::Result<T, ClientError> + Sync,
@@ -925,6 +925,7 @@ impl Controller<'_> {
             vm: vm.into(),
         })?;
         self.store.set_vm_state(vm, "stopped")?;
+        self.stack_node_stopped(&c, vm);
         Ok(self.vm_and_cluster(vm)?.1)
     }
 

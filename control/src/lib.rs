@@ -30,6 +30,7 @@ pub mod migrate;
 pub mod model;
 pub mod process;
 pub mod proto;
+pub mod stack;
 pub mod store;
 pub mod sys;
 pub mod validate;

@@ -930,6 +930,7 @@ impl crate::controller::Controller<'_> {
                 return Err(fail(&mut view, &mut origin, &mut dest, e));
             }
             self.store.move_vm(&vm.name, &to.name, &host)?;
+            self.stack_after_move(&args.cluster);
             progress(&format!(
                 "{} runs at site {} (memory {} MiB moved, downtime {} ms)",
                 vm.name,

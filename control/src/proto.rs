@@ -170,6 +170,27 @@ pub enum Request {
         /// What to do.
         step: crate::migrate::MigrateStep,
     },
+
+    // The cluster stack (control/src/stack.rs). An agent without it refuses the
+    // unknown op.
+    /// Run the cluster's Slurm here: keep the munge key and node list, start munged
+    /// and slurmctld (frontend) or slurmd (computes) in the cluster's running VMs
+    /// here and in those started later, rewrite their configuration when it changed.
+    Stack {
+        /// Cluster name.
+        cluster: String,
+        /// Key and nodes.
+        stack: crate::stack::SlurmStack,
+    },
+    /// Run a command inside a VM and return its exit status and (bounded) output.
+    Exec {
+        /// Cluster name.
+        cluster: String,
+        /// VM name.
+        vm: String,
+        /// The command.
+        exec: crate::stack::ExecReq,
+    },
 }
 
 /// The agent's answer.
@@ -395,6 +416,15 @@ impl Request {
                 check_name("cluster", cluster, 24)?;
                 check_name("VM", vm, 40)?;
                 step.validate()
+            }
+            Request::Stack { cluster, stack } => {
+                check_name("cluster", cluster, 24)?;
+                stack.validate()
+            }
+            Request::Exec { cluster, vm, exec } => {
+                check_name("cluster", cluster, 24)?;
+                check_name("VM", vm, 40)?;
+                exec.validate()
             }
         }
     }

@@ -18,6 +18,19 @@ pub fn signal(pid: i32, sig: i32) {
     }
 }
 
+/// Send `sig` to every process of group `pgid` (a group a caller made for a child it
+/// spawned, whose leader it has not reaped before the call's first signal).
+pub fn signal_group(pgid: i32, sig: i32) {
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) with a negative pid addresses the process group; it takes two
+    // integers and touches no memory of this process.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
 /// Block until this process holds an exclusive lock on `file` (flock(2)). The lock goes
 /// with the open file: dropping it, or the process ending however it ends, unlocks.
 pub fn lock_exclusive(file: &File) -> std::io::Result<()> {

@@ -1,20 +1,17 @@
-//! `bench dock`: a DOCK-like parameter study (the 2012 paper's figure 12). A master in the
-//! frontend VM (site A) farms out small AutoDock Vina docking jobs to workers in VMs at
-//! three sites; each job's inputs (receptor, ligand, search box, seed) and its result
-//! (the docked pose) cross the network. The total time is measured against the one-way
-//! delay the WAN emulator adds on the uplinks of sites B and C, over the mvc overlay and
-//! over the raw routed underlay (workers behind NAT connect out to the master, as grid
-//! workers do), alternating raw and overlay runs.
-//!
-//! The protocol between master and workers is line-framed: the worker sends `READY`; the
-//! master answers `JOB <json>` followed by the receptor and ligand bytes the JSON gives
-//! the lengths of, or `DONE`; the worker answers `RESULT <json>` followed by the pose.
+//! `bench dock`: a DOCK-like parameter study (the 2012 paper's figure 12) submitted as a
+//! Slurm job array. The frontend VM (site A) runs slurmctld, the worker VMs at three
+//! sites slurmd (`control::stack`, as `cluster create --stack slurm` runs them); each
+//! array task fetches the study's inputs (receptor, ligand, its line of the job list)
+//! from the frontend over HTTP, runs one small AutoDock Vina docking and writes its
+//! result (node, seconds, the docked pose) to its job output, which the bench reads.
+//! The total time (`sbatch --wait` of the array, submission to the last task's end) is
+//! measured against the one-way delay the WAN emulator adds on the uplinks of sites B
+//! and C, with one Slurm over the mvc overlay and another over the raw routed underlay
+//! between the same VMs, alternating raw and overlay runs. The sites are public here
+//! (no NAT): slurmctld connects to every slurmd, which the raw underlay allows only
+//! without NAT.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -25,14 +22,15 @@ use serde::{Deserialize, Serialize};
 use super::apps::{self, Net};
 use super::figure::Panel;
 use super::find_mvc;
+use super::slurmlab::{self, SlurmLab};
 use super::wanem::{LinkArgs, Wan};
 
 /// Where Debian's autodock-vina ships its test complex.
 const TEST_DATA: &str = "/usr/share/doc/autodock-vina/test-data";
-/// The TCP port the master listens on.
+/// The TCP port the frontend serves the study's inputs on.
 const PORT: u16 = 7800;
-/// Largest input or output a job may carry.
-const MAX_BYTES: usize = 16 << 20;
+/// slurmctld and slurmd ports of the overlay's Slurm and the underlay's.
+const PORTS: [(u16, u16); 2] = [(6817, 6818), (6819, 6820)];
 
 /// Options of `bench dock`.
 #[derive(Debug, clap::Args)]
@@ -56,20 +54,6 @@ pub struct Args {
     pub timeout: u64,
 }
 
-/// Options of the hidden `bench dock-worker` (run inside a worker VM).
-#[derive(Debug, clap::Args)]
-pub struct WorkerArgs {
-    /// The master's address.
-    #[arg(long)]
-    pub master: SocketAddr,
-    /// Scratch directory.
-    #[arg(long)]
-    pub dir: PathBuf,
-    /// Seconds one vina run may take.
-    #[arg(long, default_value_t = 600)]
-    pub timeout: u64,
-}
-
 /// One docking job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
@@ -83,10 +67,6 @@ pub struct Job {
     pub seed: u32,
     /// Vina's `--max_evals`.
     pub max_evals: u32,
-    /// Bytes of receptor PDBQT that follow.
-    pub receptor_len: usize,
-    /// Bytes of ligand PDBQT that follow.
-    pub ligand_len: usize,
 }
 
 /// One job's result.
@@ -100,15 +80,11 @@ pub struct JobResult {
     pub node: String,
     /// Seconds vina ran.
     pub secs: f64,
-    /// Error text, when vina failed.
-    pub error: Option<String>,
-    /// Bytes of pose PDBQT that follow.
-    pub out_len: usize,
 }
 
 /// The parameter study: box centres on a small grid around the test complex's pocket
 /// (the centre of Debian's test configuration), one seed per job.
-pub fn jobs(n: u32, max_evals: u32, receptor_len: usize, ligand_len: usize) -> Vec<Job> {
+pub fn jobs(n: u32, max_evals: u32) -> Vec<Job> {
     let base = [11.0, 90.5, 57.5];
     (0..n)
         .map(|i| {
@@ -124,8 +100,6 @@ pub fn jobs(n: u32, max_evals: u32, receptor_len: usize, ligand_len: usize) -> V
                 size: 20.0,
                 seed: 1000 + i,
                 max_evals,
-                receptor_len,
-                ligand_len,
             }
         })
         .collect()
@@ -145,24 +119,6 @@ fn inputs() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     Ok((out.stdout, ligand))
 }
 
-fn read_line(r: &mut impl BufRead) -> anyhow::Result<String> {
-    let mut s = String::new();
-    let n = r.by_ref().take(64 * 1024).read_line(&mut s)?;
-    if n == 0 {
-        bail!("connection closed");
-    }
-    Ok(s.trim_end().to_string())
-}
-
-fn read_bytes(r: &mut impl Read, n: usize) -> anyhow::Result<Vec<u8>> {
-    if n > MAX_BYTES {
-        bail!("{n} bytes announced, at most {MAX_BYTES} allowed");
-    }
-    let mut v = vec![0; n];
-    r.read_exact(&mut v)?;
-    Ok(v)
-}
-
 /// The best affinity in a vina output pose file.
 pub fn best_affinity(pdbqt: &str) -> Option<f64> {
     pdbqt
@@ -172,252 +128,141 @@ pub fn best_affinity(pdbqt: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn run_vina(job: &Job, dir: &Path, timeout: u64) -> anyhow::Result<(Vec<u8>, f64)> {
-    let out = dir.join(format!("out-{}.pdbqt", job.id));
-    let c = |i: usize| format!("{:.3}", job.center[i]);
-    let size = format!("{:.3}", job.size);
-    let t0 = Instant::now();
-    let st = std::process::Command::new("timeout")
-        .arg(timeout.to_string())
-        .arg("vina")
-        .args(["--receptor", &dir.join("receptor.pdbqt").to_string_lossy()])
-        .args(["--ligand", &dir.join("ligand.pdbqt").to_string_lossy()])
-        .args([
-            "--center_x",
-            &c(0),
-            "--center_y",
-            &c(1),
-            "--center_z",
-            &c(2),
-        ])
-        .args(["--size_x", &size, "--size_y", &size, "--size_z", &size])
-        .args(["--exhaustiveness", "1", "--num_modes", "1", "--cpu", "1"])
-        .args(["--seed", &job.seed.to_string()])
-        .args(["--max_evals", &job.max_evals.to_string()])
-        .args(["--verbosity", "0", "--out", &out.to_string_lossy()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .output()
-        .context("running vina")?;
-    if !st.status.success() {
-        bail!(
-            "vina exited with {}: {}",
-            st.status,
-            String::from_utf8_lossy(&st.stderr).trim()
-        );
-    }
-    Ok((std::fs::read(&out)?, t0.elapsed().as_secs_f64()))
+/// The study's job list: one line per job, `id cx cy cz size seed max_evals`.
+pub fn job_lines(jobs: &[Job]) -> String {
+    jobs.iter()
+        .map(|j| {
+            format!(
+                "{} {:.3} {:.3} {:.3} {:.3} {} {}\n",
+                j.id, j.center[0], j.center[1], j.center[2], j.size, j.seed, j.max_evals
+            )
+        })
+        .collect()
 }
 
-/// `bench dock-worker`: connects to the master and docks until it says DONE.
-pub fn worker(args: &WorkerArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)?;
-    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        match TcpStream::connect_timeout(&args.master, Duration::from_secs(3)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("connecting to {}: {e}; retrying", args.master);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => return Err(e).context(format!("connecting to {}", args.master)),
-        }
-    };
-    s.set_nodelay(true)?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut have_inputs = (0usize, 0usize);
-    loop {
-        w.write_all(b"READY\n")?;
-        let line = read_line(&mut r)?;
-        if line == "DONE" {
-            return Ok(());
-        }
-        let job: Job = serde_json::from_str(
-            line.strip_prefix("JOB ")
-                .with_context(|| format!("unexpected {line:?}"))?,
-        )?;
-        let rec = read_bytes(&mut r, job.receptor_len)?;
-        let lig = read_bytes(&mut r, job.ligand_len)?;
-        if have_inputs != (rec.len(), lig.len()) || have_inputs == (0, 0) {
-            std::fs::write(args.dir.join("receptor.pdbqt"), &rec)?;
-            std::fs::write(args.dir.join("ligand.pdbqt"), &lig)?;
-            have_inputs = (rec.len(), lig.len());
-        }
-        let (pose, res) = match run_vina(&job, &args.dir, args.timeout) {
-            Ok((pose, secs)) => {
-                let a = best_affinity(&String::from_utf8_lossy(&pose));
-                (pose, (a, secs, None))
-            }
-            Err(e) => (Vec::new(), (None, 0.0, Some(format!("{e:#}")))),
-        };
-        let jr = JobResult {
-            id: job.id,
-            affinity: res.0,
-            node: node.clone(),
-            secs: res.1,
-            error: res.2,
-            out_len: pose.len(),
-        };
-        w.write_all(format!("RESULT {}\n", serde_json::to_string(&jr)?).as_bytes())?;
-        w.write_all(&pose)?;
-    }
+/// The array task: inputs from the frontend over HTTP, one vina run, its result line
+/// and pose to standard output (the job's output file). @BASE@ is the inputs' URL.
+const TASK: &str = r#"#!/bin/sh
+# One docking job of the bench dock study (array task $SLURM_ARRAY_TASK_ID).
+set -e
+w=$(mktemp -d)
+trap 'rm -rf "$w"' EXIT
+cd "$w"
+for f in jobs.txt receptor.pdbqt ligand.pdbqt; do
+  busybox wget -q -O "$f" "@BASE@/$f"
+done
+set -- $(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" jobs.txt)
+t0=$(date +%s.%N)
+vina --receptor receptor.pdbqt --ligand ligand.pdbqt --center_x "$2" --center_y "$3" \
+  --center_z "$4" --size_x "$5" --size_y "$5" --size_z "$5" --exhaustiveness 1 \
+  --num_modes 1 --cpu 1 --seed "$6" --max_evals "$7" --verbosity 0 --out pose.pdbqt \
+  >/dev/null
+t1=$(date +%s.%N)
+echo "RESULT $1 $(hostname) $(awk "BEGIN { print $t1 - $t0 }") $t1"
+cat pose.pdbqt
+"#;
+
+/// A task's output: `RESULT id node secs end`, then the pose; with the task's end
+/// (Unix seconds: the lab's VMs share this machine's clock).
+pub fn parse_output(text: &str) -> Option<(JobResult, f64)> {
+    let mut lines = text.lines();
+    let head = lines.find(|l| l.starts_with("RESULT "))?;
+    let mut w = head.split_whitespace().skip(1);
+    let id = w.next()?.parse().ok()?;
+    let node = w.next()?.to_string();
+    let secs = w.next()?.parse().ok()?;
+    let end = w.next()?.parse().ok()?;
+    Some((
+        JobResult {
+            id,
+            node,
+            secs,
+            affinity: best_affinity(text),
+        },
+        end,
+    ))
 }
 
-/// Serves jobs from `queue` to one connected worker until the queue is empty.
-fn serve(
-    s: TcpStream,
-    queue: &Mutex<VecDeque<Job>>,
-    receptor: &[u8],
-    ligand: &[u8],
-    deadline: Instant,
-) -> anyhow::Result<Vec<JobResult>> {
-    s.set_nodelay(true)?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    s.set_read_timeout(Some(left.max(Duration::from_secs(1))))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut done = Vec::new();
-    loop {
-        let line = read_line(&mut r)?;
-        if line != "READY" {
-            bail!("worker said {line:?}, not READY");
-        }
-        let job = lab_lock(queue).pop_front();
-        let Some(job) = job else {
-            w.write_all(b"DONE\n")?;
-            return Ok(done);
-        };
-        w.write_all(format!("JOB {}\n", serde_json::to_string(&job)?).as_bytes())?;
-        w.write_all(receptor)?;
-        w.write_all(ligand)?;
-        let line = read_line(&mut r)?;
-        let jr: JobResult = serde_json::from_str(
-            line.strip_prefix("RESULT ")
-                .with_context(|| format!("worker said {line:?}, not RESULT"))?,
-        )?;
-        let _pose = read_bytes(&mut r, jr.out_len)?;
-        if let Some(e) = &jr.error {
-            bail!("job {} failed on {}: {e}", jr.id, jr.node);
-        }
-        done.push(jr);
-    }
-}
-
-fn lab_lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One run: workers started in `workers`, connecting to the master in `master` over
-/// `net`; returns the total seconds from the first job handed out to the last result in.
+/// One run: the study staged in the frontend's home, served over `net`, submitted as
+/// an array to `slurm`; returns the seconds from submission to the last task's end and
+/// the results. (Not `sbatch --wait`: it polls at growing intervals, which would
+/// quantise the time.)
 fn one_run(
     lab: &Lab,
-    master: &Vm,
-    workers: &[Vm],
-    net: Net,
+    slurm: &SlurmLab,
+    url: &str,
     args: &Args,
     inputs: &(Vec<u8>, Vec<u8>),
     tag: &str,
 ) -> anyhow::Result<(f64, Vec<JobResult>)> {
-    let listener = lab.in_ns(&master.ns, || {
-        TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)))
-    })??;
-    let exe = std::env::current_exe().context("locating the bench binary")?;
-    let exe = exe.to_string_lossy().into_owned();
-    let maddr = format!("{}:{PORT}", net.addr(master));
-    let mut procs = Vec::new();
-    for (i, w) in workers.iter().enumerate() {
-        let dir = lab.dir().join(format!("dock-{tag}-w{i}"));
-        let dir = dir.to_string_lossy().into_owned();
-        let name = apps::node_name(w);
-        procs.push(lab.spawn(
-            &w.ns,
-            &format!("dock-worker-{tag}-{i}"),
-            &[
-                "unshare",
-                "--uts",
-                "sh",
-                "-c",
-                "hostname \"$0\"; exec \"$@\"",
-                &name,
-                &exe,
-                "dock-worker",
-                "--master",
-                &maddr,
-                "--dir",
-                &dir,
-            ],
-        )?);
+    let dir = slurm.home.join(tag);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("receptor.pdbqt"), &inputs.0)?;
+    std::fs::write(dir.join("ligand.pdbqt"), &inputs.1)?;
+    std::fs::write(
+        dir.join("jobs.txt"),
+        job_lines(&jobs(args.jobs, args.max_evals)),
+    )?;
+    std::fs::write(
+        dir.join("task.sh"),
+        TASK.replace("@BASE@", &format!("{url}/{tag}")),
+    )?;
+    let array = format!("--array=0-{}", args.jobs - 1);
+    let out = format!("{tag}/out-%a.txt");
+    let script = format!("{tag}/task.sh");
+    let limit = Duration::from_secs(args.timeout);
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    };
+    let t0 = unix();
+    let o = slurm.run(
+        lab,
+        &[
+            "sbatch",
+            "--parsable",
+            &array,
+            "-N",
+            "1",
+            "-o",
+            &out,
+            &script,
+        ],
+        limit,
+    )?;
+    let job = o.stdout.trim().split(';').next().unwrap_or("").to_string();
+    if !o.ok || job.parse::<u64>().is_err() {
+        bail!("sbatch over {}: {}{}", slurm.name, o.stdout, o.stderr);
     }
-    let mut conns = Vec::new();
-    listener.set_nonblocking(true)?;
-    let accept_end = Instant::now() + Duration::from_secs(40);
-    while conns.len() < workers.len() {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                conns.push(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > accept_end {
-                    let logs: Vec<String> = procs.iter().map(|p| lab.log(p)).collect();
-                    bail!(
-                        "only {} of {} workers connected over {}: {}",
-                        conns.len(),
-                        workers.len(),
-                        net.name(),
-                        logs.join("\n")
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.into()),
+    let end = Instant::now() + limit;
+    loop {
+        let q = slurm.run(lab, &["squeue", "-h", "-j", &job], Duration::from_secs(30))?;
+        if q.ok && q.stdout.trim().is_empty() {
+            break;
         }
-    }
-    let (rec, lig) = inputs;
-    let queue = Mutex::new(VecDeque::from(jobs(
-        args.jobs,
-        args.max_evals,
-        rec.len(),
-        lig.len(),
-    )));
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    let t0 = Instant::now();
-    let results: Vec<anyhow::Result<Vec<JobResult>>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = conns
-            .into_iter()
-            .map(|c| {
-                let q = &queue;
-                sc.spawn(move || serve(c, q, rec, lig, deadline))
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("master thread panicked")))
-            })
-            .collect()
-    });
-    let total = t0.elapsed().as_secs_f64();
-    let end = Instant::now() + Duration::from_secs(10);
-    for p in &procs {
-        while lab.running(p) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() > end {
+            let _ = slurm.run(lab, &["scancel", &job], Duration::from_secs(30));
+            bail!(
+                "job array {job} over {} not done in {} s",
+                slurm.name,
+                args.timeout
+            );
         }
-        lab.stop(p);
+        std::thread::sleep(Duration::from_millis(500));
     }
     let mut all = Vec::new();
-    for r in results {
-        all.extend(r?);
+    let mut last = t0;
+    for (name, text) in slurmlab::outputs(&dir, "out-") {
+        let (r, t) = parse_output(&text).with_context(|| format!("{tag}/{name}: {text}"))?;
+        last = last.max(t);
+        all.push(r);
     }
     if all.len() != args.jobs as usize {
         bail!("{} of {} jobs came back", all.len(), args.jobs);
     }
-    Ok((total, all))
+    Ok((last - t0, all))
 }
 
 /// The runs of one network at one delay.
@@ -499,35 +344,58 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let mut info = apps::RunInfo::start("dock");
     let lab = Lab::new("dock")?;
-    // Site A holds the master VM and its workers; B and C are behind NAT and a WAN link.
+    // Site A holds the frontend VM and its workers; B and C sit behind a WAN link.
     let mut t = Topology::new(&lab)?;
     t.add_site(&lab, "a", false, args.workers + 1)?;
     let mut wans = Vec::new();
     for s in ["b", "c"] {
-        let site = t.add_site_wan(&lab, s, true, args.workers, true)?;
+        let site = t.add_site_wan(&lab, s, false, args.workers, true)?;
         wans.push(Wan::new(
             site.wan.as_deref().context("site has no WAN namespace")?,
         ));
     }
     apps::underlay_source(&lab, &t)?;
     let master = t.sites[0].vms[0].clone();
-    let workers: Vec<Vm> = t
+    let workers: Vec<(Vm, String)> = t
         .sites
         .iter()
         .flat_map(|s| {
             let skip = usize::from(s.idx == 1);
-            s.vms.iter().skip(skip).cloned()
+            s.vms.iter().skip(skip).map(|v| (v.clone(), s.name.clone()))
         })
         .collect();
     for w in &mut wans {
         w.set(&lab, &LinkArgs::delay(0.0))?;
     }
     let cluster = MvcCluster::start(&lab, &t, &mvc, |_| {})?;
-    for w in &workers {
+    for (w, _) in &workers {
         lab::wait_ping(&lab, &w.ns, master.ip, Duration::from_secs(30))
-            .with_context(|| format!("{} cannot reach the master over mvc", w.ns))?;
+            .with_context(|| format!("{} cannot reach the frontend over mvc", w.ns))?;
         lab::wait_ping(&lab, &w.ns, master.underlay_ip, Duration::from_secs(10))
-            .with_context(|| format!("{} cannot reach the master over raw", w.ns))?;
+            .with_context(|| format!("{} cannot reach the frontend over raw", w.ns))?;
+    }
+    // One Slurm per network, side by side; each frontend home served over its network.
+    let mut slurms = Vec::new();
+    let mut servers = Vec::new();
+    for (net, ports) in [Net::Raw, Net::Mvc].into_iter().zip(PORTS) {
+        let s = SlurmLab::start(&lab, "dock", net, &master, &workers, ports)?;
+        let addr = net.addr(&master).to_string();
+        let home = s.home.display().to_string();
+        servers.push(lab.spawn(
+            &master.ns,
+            &format!("inputs-{}", net.name()),
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                &PORT.to_string(),
+                "--bind",
+                &addr,
+                "--directory",
+                &home,
+            ],
+        )?);
+        slurms.push((s, format!("http://{addr}:{PORT}")));
     }
     let steps = args.delay.len() as u64 * u64::from(args.common.runs) * 2;
     let pb = apps::progress(steps, "dock");
@@ -537,7 +405,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for w in &mut wans {
             w.set(&lab, &LinkArgs::delay(f64::from(d)))?;
         }
-        for w in &workers {
+        for (w, _) in &workers {
             lab::wait_ping(&lab, &w.ns, master.ip, Duration::from_secs(30))?;
         }
         let mut row = Row {
@@ -550,7 +418,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             for (k, net) in [Net::Raw, Net::Mvc].into_iter().enumerate() {
                 pb.set_message(format!("delay {d} ms over {}, run {}", net.name(), i + 1));
                 let tag = format!("{d}-{}-{i}", net.name());
-                let (secs, res) = one_run(&lab, &master, &workers, net, args, &inputs, &tag)?;
+                let (slurm, url) = &slurms[k];
+                let (secs, res) = one_run(&lab, slurm, url, args, &inputs, &tag)?;
                 let r = if net == Net::Mvc {
                     &mut row.mvc
                 } else {
@@ -582,12 +451,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         rows.push(row);
     }
     pb.finish_and_clear();
+    for p in &servers {
+        lab.stop(p);
+    }
+    for (s, _) in &slurms {
+        s.stop(&lab);
+    }
     cluster.stop(&lab);
     lab.teardown();
     let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "DOCK-like parameter study: {} AutoDock Vina jobs (Debian's test complex, box centres on a grid, max_evals {}) farmed out by a master at site A to {} workers at sites A, B, C; delay added each way on B's and C's uplinks; median of {} runs, {when}",
+        "DOCK-like parameter study: {} AutoDock Vina jobs (Debian's test complex, box centres on a grid, max_evals {}) as one Slurm job array submitted on the frontend at site A, run by {} slurmd VMs at sites A, B, C (inputs fetched from the frontend, results read from the job outputs); time from submission to the last task's end; delay added each way on B's and C's uplinks; median of {} runs, {when}",
         args.jobs,
         args.max_evals,
         workers.len(),
@@ -628,7 +503,7 @@ mod tests {
 
     #[test]
     fn jobs_cover_a_grid_around_the_pocket() {
-        let j = jobs(27, 100, 10, 5);
+        let j = jobs(27, 100);
         assert_eq!(j.len(), 27);
         let mut centres: Vec<String> = j.iter().map(|x| format!("{:?}", x.center)).collect();
         centres.sort();
@@ -645,8 +520,20 @@ mod tests {
     }
 
     #[test]
-    fn oversized_announcements_are_refused() {
-        let mut r: &[u8] = b"";
-        assert!(read_bytes(&mut r, MAX_BYTES + 1).is_err());
+    fn task_output_is_parsed_and_lines_cover_the_jobs() {
+        let t = "RESULT 4 b1 2.5 1796600475.25\nMODEL 1\nREMARK VINA RESULT:    -9.1      0.000      0.000\n";
+        let (r, end) = parse_output(t).unwrap();
+        assert_eq!(
+            (r.id, r.node.as_str(), r.secs, r.affinity),
+            (4, "b1", 2.5, Some(-9.1))
+        );
+        assert_eq!(end, 1796600475.25);
+        assert!(parse_output("vina: error").is_none());
+        let l = job_lines(&jobs(3, 100));
+        assert_eq!(l.lines().count(), 3);
+        assert!(
+            l.starts_with("0 9.000 88.500 55.500 20.000 1000 100\n"),
+            "{l}"
+        );
     }
 }

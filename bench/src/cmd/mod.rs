@@ -12,6 +12,7 @@ pub mod nbd;
 pub mod overlay;
 pub mod report;
 pub mod scale;
+pub mod slurmlab;
 pub mod wanem;
 
 use std::path::PathBuf;

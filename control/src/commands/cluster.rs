@@ -30,6 +30,10 @@ pub enum ClusterCmd {
         /// Also start it (as `mvc cluster start`).
         #[arg(long)]
         start: bool,
+        /// Run this stack in it (`slurm`: munged and slurmctld on the frontend, munged
+        /// and slurmd on every compute), from `--start` or `mvc cluster start` on.
+        #[arg(long)]
+        stack: Option<control::stack::StackKind>,
         /// Seconds to wait for every compute's DHCP lease when starting.
         #[arg(long, default_value_t = 60, value_parser = validate::seconds)]
         lease_timeout: u64,
@@ -93,7 +97,18 @@ pub enum ClusterCmd {
         #[arg(long)]
         slurm: bool,
     },
+    /// Run a stack (Slurm) in a cluster; started now if the cluster runs.
+    Stack(super::stack::StackArgs),
+    /// Run a command on the cluster's frontend VM through its agent (no SSH); its
+    /// output, bounded, and its exit status.
+    Exec(super::stack::ExecArgs),
+    /// Submit a Slurm batch job on the frontend (`-- sbatch ARGS...`); prints sbatch's
+    /// answer (`--json`: with `job_id`).
+    Submit(super::stack::SubmitArgs),
 }
+
+/// Seconds `--start` and `cluster start` wait until Slurm shows every compute idle.
+const STACK_WAIT: Duration = Duration::from_secs(60);
 
 /// Run `mvc cluster CMD` against the controller's store and the sites' agents.
 pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
@@ -105,6 +120,7 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
             memory,
             frontend_memory,
             start,
+            stack,
             lease_timeout,
             overlay,
             overlay_pool,
@@ -119,8 +135,14 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
                 pool: overlay_pool,
             };
             let mut cl = c.cluster_create(&args)?;
+            if let Some(k) = stack {
+                c.stack_enable(&name, k, STACK_WAIT)?;
+            }
             if start {
                 cl = c.cluster_start(&name, Duration::from_secs(lease_timeout))?;
+                if c.has_stack(&name) {
+                    c.stack_apply(&name, STACK_WAIT)?;
+                }
             }
             print(json, &cl, cluster_table)
         }
@@ -129,6 +151,9 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
             lease_timeout,
         } => {
             let cl = c.cluster_start(&name, Duration::from_secs(lease_timeout))?;
+            if c.has_stack(&name) {
+                c.stack_apply(&name, STACK_WAIT)?;
+            }
             print(json, &cl, cluster_table)
         }
         ClusterCmd::Status { name } => {
@@ -203,6 +228,7 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
         }
         ClusterCmd::Destroy { name, force } => {
             let r = c.cluster_destroy(&name, force)?;
+            control::stack::forget(&c.secrets_dir, &name);
             print(
                 json,
                 &serde_json::json!({"destroyed": name, "known": r.known,
@@ -241,6 +267,9 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
             let v = serde_json::json!({"hostfile": hf, "launcher": launcher});
             print(json, &v, |_| hf.clone())
         }
+        ClusterCmd::Stack(a) => super::stack::stack(c, a, json),
+        ClusterCmd::Exec(a) => super::stack::exec(c, a, json),
+        ClusterCmd::Submit(a) => super::stack::submit(c, a, json),
         ClusterCmd::Topology { name, slurm } => {
             let t = c.topology(&name)?;
             if slurm {

@@ -6,4 +6,5 @@ pub mod doctor;
 pub mod gendocs;
 pub mod key;
 pub mod site;
+pub mod stack;
 pub mod vm;

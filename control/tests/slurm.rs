@@ -1,0 +1,311 @@
+//! Slurm in a virtual cluster, in the three-site network-namespace lab (A public, B and
+//! C behind NAT): `cluster create --stack slurm --start`, then through `cluster exec`
+//! and `cluster submit` on the frontend: every compute idle in `sinfo`, `srun` on every
+//! node, a job array with output from each site; a stopped compute is marked down and
+//! not waited for; bad input gets one clear line; destroy leaves no daemon. Needs root
+//! and Debian's slurm-wlm and munge (.ci/setup-deps); otherwise prints that it was
+//! skipped.
+use control::demo::pick_overlay;
+use lab::sites::SiteLab;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// `mvc cluster exec s -- ARGS` on the frontend: (exit status, stdout, stderr).
+fn exec(sl: &SiteLab, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["cluster", "exec", "s", "--timeout", "60", "--"];
+    a.extend_from_slice(args);
+    let o = sl.ctl_output(&a).expect("mvc cluster exec");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn ok(sl: &SiteLab, args: &[&str]) -> String {
+    let (code, out, err) = exec(sl, args);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    out
+}
+
+/// The pids of processes whose command line names a path under one of `dirs`.
+fn daemons_under(dirs: &[PathBuf]) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        let prog = c.split_whitespace().next().unwrap_or("");
+        let prog = prog.rsplit('/').next().unwrap_or(prog);
+        let named = dirs.iter().any(|d| c.contains(&d.display().to_string()));
+        if named && ["munged", "slurmctld", "slurmd"].contains(&prog) {
+            v.push((pid, c));
+        }
+    }
+    v
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The last lines of every VM's Slurm and munge logs (on failure).
+fn slurm_logs(sl: &SiteLab) {
+    for a in sl.agents.values() {
+        let Ok(rd) = std::fs::read_dir(a.state.join("run")) else {
+            continue;
+        };
+        for d in rd
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "slurm"))
+        {
+            for f in ["slurmctld.log", "slurmd.log", "munged.out"] {
+                let Ok(t) = std::fs::read_to_string(d.path().join(f)) else {
+                    continue;
+                };
+                let lines: Vec<&str> = t.lines().collect();
+                eprintln!("---- {}/{f}", d.path().display());
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn slurm_runs_jobs_across_three_sites() {
+    let name = "slurm_runs_jobs_across_three_sites";
+    if !lab::is_root() {
+        lab::skip(name, "needs root for network namespaces");
+        return;
+    }
+    for tool in ["slurmctld", "slurmd", "munged", "srun"] {
+        if !have(tool) {
+            lab::skip(
+                name,
+                &format!("{tool} missing (.ci/setup-deps installs slurm-wlm, munge)"),
+            );
+            return;
+        }
+    }
+    let t0 = Instant::now();
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let overlay = pick_overlay(&mvc, "auto");
+    let sl = SiteLab::new(&mvc, &overlay, 8, 8).expect("lab");
+    sl.add_sites().expect("site add");
+    let run = || {
+        // Bad input first: a cluster that does not run takes no job.
+        sl.ctl(&[
+            "cluster",
+            "create",
+            "idle",
+            "--sites",
+            "A",
+            "--computes",
+            "1",
+            "--memory",
+            "64",
+            "--frontend-memory",
+            "64",
+            "--stack",
+            "slurm",
+        ])
+        .expect("create without start");
+        let o = sl
+            .ctl_output(&[
+                "cluster", "submit", "idle", "--", "sbatch", "--wrap", "true",
+            ])
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("is not running"), "{err}");
+        sl.ctl(&["cluster", "destroy", "idle"])
+            .expect("destroy idle");
+
+        let cl = sl
+            .ctl_json(&[
+                "cluster",
+                "create",
+                "s",
+                "--sites",
+                "A:B:C",
+                "--computes",
+                "1:2:1",
+                "--memory",
+                "128",
+                "--frontend-memory",
+                "128",
+                "--stack",
+                "slurm",
+                "--start",
+            ])
+            .expect("cluster create --stack slurm --start");
+        let computes: BTreeSet<String> = cl["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["role"] == "compute")
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(computes.len(), 4);
+        eprintln!(
+            "cluster with Slurm up after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+
+        // sinfo: every compute idle (create --start waited for it).
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        let idle: BTreeSet<String> = s
+            .lines()
+            .filter(|l| l.ends_with(" idle"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        assert_eq!(idle, computes, "{s}");
+        let topo = ok(&sl, &["scontrol", "show", "topology"]);
+        assert!(topo.contains("SwitchName=site-B"), "{topo}");
+
+        // srun on every node: each answers with its own name.
+        let (code, s, err) = exec(&sl, &["srun", "-N", "4", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        assert_eq!(names, computes, "{code} {s} {err}");
+
+        // The tree topology keeps a 2-node job within one site: B's two computes (s-c2,
+        // s-c3), not the first two nodes by name (s-c1 at A, s-c2 at B).
+        let s = ok(&sl, &["srun", "-N", "2", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        let want: BTreeSet<String> = ["s-c2", "s-c3"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(names, want, "{s}");
+
+        // A job array of 6 tasks, one node each: output from every site.
+        let o = sl
+            .ctl(&[
+                "cluster",
+                "submit",
+                "s",
+                "--json",
+                "--",
+                "sbatch",
+                "--array=1-6",
+                "-N",
+                "1",
+                "-o",
+                "arr-%a.out",
+                "--wrap",
+                "echo task $SLURM_ARRAY_TASK_ID on $(hostname)",
+            ])
+            .expect("submit");
+        let o: serde_json::Value = serde_json::from_str(&o).expect("submit --json");
+        let job = o["job_id"].as_u64().expect("job id");
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let q = ok(&sl, &["squeue", "-h", "-j", &job.to_string()]);
+            if q.trim().is_empty() {
+                break;
+            }
+            assert!(Instant::now() < end, "job array still queued: {q}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = ok(&sl, &["sh", "-c", "cat arr-*.out"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 6, "{out}");
+        for c in &computes {
+            assert!(
+                lines.iter().any(|l| l.ends_with(&format!(" on {c}"))),
+                "{c}: {out}"
+            );
+        }
+
+        // Too large: more nodes than the cluster has is refused at once, not queued.
+        let o = sl
+            .ctl_output(&["cluster", "submit", "s", "--", "-N", "5", "--wrap", "true"])
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("submission failed"), "{err}");
+
+        // A compute stopped: marked down at once; jobs run on the others without
+        // waiting for it.
+        let gone = computes.iter().find(|c| c.ends_with("c4")).unwrap().clone();
+        sl.ctl(&["vm", "stop", &gone]).expect("vm stop");
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        assert!(
+            s.lines().any(|l| l.starts_with(&format!("{gone} down"))),
+            "{s}"
+        );
+        let t = Instant::now();
+        let s = ok(&sl, &["srun", "-N", "3", "hostname"]);
+        assert!(!s.contains(&gone), "{s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "srun waited {:?}",
+            t.elapsed()
+        );
+
+        // Started again: its agent starts its daemons, and it returns to service.
+        sl.ctl(&["vm", "start", &gone]).expect("vm start");
+        let end = Instant::now() + Duration::from_secs(40);
+        loop {
+            let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+            if s.lines().any(|l| l == format!("{gone} idle")) {
+                break;
+            }
+            assert!(Instant::now() < end, "{gone} not back: {s}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+
+        // A command past its timeout is ended, with status 124.
+        let t = Instant::now();
+        let o = sl
+            .ctl_output(&[
+                "cluster",
+                "exec",
+                "s",
+                "--timeout",
+                "1",
+                "--",
+                "sleep",
+                "30",
+            ])
+            .unwrap();
+        assert_eq!(o.status.code(), Some(124));
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
+        // Destroy: no munged or slurm daemon of the cluster left at any site.
+        let dirs: Vec<PathBuf> = sl.agents.values().map(|a| a.state.clone()).collect();
+        // munged and slurmctld on the frontend, munged and slurmd on each compute.
+        assert_eq!(daemons_under(&dirs).len(), 10, "{:?}", daemons_under(&dirs));
+        sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
+        let left = daemons_under(&dirs);
+        assert!(left.is_empty(), "{left:?}");
+        for d in &dirs {
+            let slurm_dirs: Vec<String> = std::fs::read_dir(d.join("run"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".slurm"))
+                .collect();
+            assert!(slurm_dirs.is_empty(), "{slurm_dirs:?}");
+            let keys = std::fs::read_dir(d.join("secrets")).unwrap().count();
+            assert_eq!(keys, 0, "{}", d.display());
+        }
+        assert!(sl.leftover_vm_namespaces().is_empty());
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+    if r.is_err() {
+        sl.dump_logs();
+        slurm_logs(&sl);
+    }
+    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
