@@ -331,6 +331,16 @@ struct SnArgs {
     /// [default: /var/lib/mvc/supernode.key].
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Relay sealed data between validated edges in an XDP program on this underlay
+    /// interface, and drop junk for the supernode's port there (docs/XDP.md); anything
+    /// else goes to the socket as without it. If the kernel or driver refuses, the
+    /// supernode warns once and relays in userspace.
+    #[arg(long, value_name = "IFACE")]
+    xdp_relay: Option<String>,
+    /// XDP attach mode for --xdp-relay: auto (native, or generic on veth and where the
+    /// driver refuses), native or generic [default: auto].
+    #[arg(long, value_name = "MODE")]
+    xdp_relay_mode: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -341,6 +351,8 @@ struct SnFile {
     metrics: Option<SocketAddr>,
     edge_timeout: Option<u64>,
     key_file: Option<PathBuf>,
+    xdp_relay: Option<String>,
+    xdp_relay_mode: Option<String>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(p: Option<&Path>) -> Result<T, CliError> {
@@ -797,8 +809,34 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         listen = %bound, edge_timeout, key = %key_hex, key_file = %key_file.display(),
         "supernode running; edges pin it with --supernode ADDR:PORT@{key_hex}"
     );
+    let relay = match a.xdp_relay.or(f.xdp_relay) {
+        None => None,
+        Some(iface) => {
+            let mode: xdp::ModeRequest = a
+                .xdp_relay_mode
+                .or(f.xdp_relay_mode)
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .map_err(|e: xdp::Error| CliError::Usage(format!("--xdp-relay-mode: {e}")))?;
+            let at = sock.local_addr().map_err(|e| IoError::Sys {
+                call: "getsockname".into(),
+                source: e,
+            })?;
+            match xdp::XdpRelay::attach(&iface, at, mode) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        %iface,
+                        "XDP relay not attached ({e}); relaying in userspace"
+                    );
+                    None
+                }
+            }
+        }
+    };
     notify_ready();
-    driver::run_supernode(core, sock, bound, snap, stop)?;
+    driver::run_supernode(core, sock, bound, relay, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
 }

@@ -20,6 +20,7 @@
 //! See docs/XDP.md for the design and measurements.
 
 mod port;
+mod relay;
 mod xsk;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -34,6 +35,7 @@ use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
 pub use port::{link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX};
+pub use relay::XdpRelay;
 pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.
@@ -219,6 +221,21 @@ pub enum ModeRequest {
     Native,
     /// Generic (SKB) mode only.
     Generic,
+}
+
+impl std::str::FromStr for ModeRequest {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            other => Err(Error::Load(format!(
+                "unknown XDP mode {other:?} (expected auto, native or generic)"
+            ))),
+        }
+    }
 }
 
 /// The mode the program ended up attached in.
