@@ -44,7 +44,8 @@ pub enum CliError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Datapath {
-    /// The best available one (today: tap).
+    /// The one that moves bulk traffic fastest here: the TAP device, by the rule
+    /// in docs/XDP.md ("Choosing the datapath").
     #[default]
     Auto,
     /// TAP device with io_uring.
@@ -159,12 +160,14 @@ struct EdgeArgs {
     /// TOML file with the same settings (flags override it).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
-    /// Datapath: auto (best available), tap, or xdp [default: auto]. xdp makes the
-    /// --tap name a veth port served by XDP/AF_XDP (enslaved to --bridge, or by the
-    /// operator like a TAP); auto uses it when --bridge is given and it attaches.
+    /// Datapath: auto, tap, or xdp [default: auto]. auto takes the TAP device (bulk TCP
+    /// through XDP measured 0.3-0.6x TAP; docs/XDP.md "Choosing the datapath"). xdp
+    /// makes the --tap name a veth port served by XDP/AF_XDP (enslaved to --bridge, or
+    /// by the operator like a TAP). `mvc edge status` says which and why.
     #[arg(long, value_enum)]
     datapath: Option<Datapath>,
-    /// The VM bridge: the XDP datapath puts its port (named by --tap) on it.
+    /// The VM bridge: the edge puts its port (the TAP device, or the XDP datapath's veth
+    /// port, named by --tap) on it; with auto the TAP device is created when missing.
     #[arg(long, value_name = "BRIDGE")]
     bridge: Option<String>,
     /// MTU of the underlay path; TCP is re-segmented so overlay packets fit it [default: 1500].
@@ -331,6 +334,16 @@ struct SnArgs {
     /// [default: /var/lib/mvc/supernode.key].
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Relay sealed data between validated edges in an XDP program on this underlay
+    /// interface, and drop junk for the supernode's port there (docs/XDP.md); anything
+    /// else goes to the socket as without it. If the kernel or driver refuses, the
+    /// supernode warns once and relays in userspace.
+    #[arg(long, value_name = "IFACE")]
+    xdp_relay: Option<String>,
+    /// XDP attach mode for --xdp-relay: auto (native, or generic on veth and where the
+    /// driver refuses), native or generic [default: auto].
+    #[arg(long, value_name = "MODE")]
+    xdp_relay_mode: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -341,6 +354,8 @@ struct SnFile {
     metrics: Option<SocketAddr>,
     edge_timeout: Option<u64>,
     key_file: Option<PathBuf>,
+    xdp_relay: Option<String>,
+    xdp_relay_mode: Option<String>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(p: Option<&Path>) -> Result<T, CliError> {
@@ -548,15 +563,8 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         c.queues = threads as u32;
         c
     };
-    let choice = if request == xdp::DatapathRequest::Auto && bridge.is_none() {
-        xdp::Choice {
-            datapath: xdp::Datapath::Tap,
-            reason: "auto: no --bridge given (XDP puts its own port on the VM bridge); using the TAP device".into(),
-        }
-    } else {
-        xdp::choose(request, Some(&xdp_cfg))
-            .map_err(|e| CliError::Usage(format!("--datapath xdp: {e}")))?
-    };
+    let choice = xdp::choose(request, Some(&xdp_cfg))
+        .map_err(|e| CliError::Usage(format!("--datapath xdp: {e}")))?;
     let datapath = choice.datapath.name();
     let datapath_reason = choice.reason;
     let xdp_port = match choice.datapath {
@@ -587,10 +595,16 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         }
         tracing::warn!("io_uring is not available; falling back to poll(2) and plain TAP frames");
     }
+    // With --bridge the edge owns its port on the bridge: auto makes the TAP device
+    // there as it made the XDP port before.
+    let create_tap = create_tap || (request == xdp::DatapathRequest::Auto && bridge.is_some());
     let mut taps = match xdp_port {
         Some(_) => Vec::new(),
         None => tap::Tap::open_queues(&tap_name, create_tap, mtu, uring_ok, threads)?,
     };
+    if let (None, Some(br)) = (xdp_port.as_ref(), bridge.as_deref()) {
+        xdp::enslave(&tap_name, br).map_err(|e| CliError::Usage(format!("--bridge {br}: {e}")))?;
+    }
     let more_taps = taps.split_off(taps.len().min(1));
     let tap = taps.pop();
     let off = Offloads {
@@ -797,8 +811,34 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
         listen = %bound, edge_timeout, key = %key_hex, key_file = %key_file.display(),
         "supernode running; edges pin it with --supernode ADDR:PORT@{key_hex}"
     );
+    let relay = match a.xdp_relay.or(f.xdp_relay) {
+        None => None,
+        Some(iface) => {
+            let mode: xdp::ModeRequest = a
+                .xdp_relay_mode
+                .or(f.xdp_relay_mode)
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .map_err(|e: xdp::Error| CliError::Usage(format!("--xdp-relay-mode: {e}")))?;
+            let at = sock.local_addr().map_err(|e| IoError::Sys {
+                call: "getsockname".into(),
+                source: e,
+            })?;
+            match xdp::XdpRelay::attach(&iface, at, mode) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        %iface,
+                        "XDP relay not attached ({e}); relaying in userspace"
+                    );
+                    None
+                }
+            }
+        }
+    };
     notify_ready();
-    driver::run_supernode(core, sock, bound, snap, stop)?;
+    driver::run_supernode(core, sock, bound, relay, snap, stop)?;
     tracing::info!("supernode stopped");
     Ok(())
 }

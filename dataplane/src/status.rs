@@ -213,6 +213,35 @@ pub struct SupernodeStatus {
     pub relayed_bytes: u64,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
+    /// The XDP relay and filter on the underlay interface (`--xdp-relay`),
+    /// when attached. Its packets are not in `relayed_packets`, which counts
+    /// what userspace relayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_relay: Option<XdpRelayStatus>,
+}
+
+/// The supernode's XDP program: what it relayed, passed on and dropped.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct XdpRelayStatus {
+    /// Interface it runs on.
+    pub iface: String,
+    /// `native` or `generic`.
+    pub mode: String,
+    /// Validated IPv4 edges in its map.
+    pub edges: u64,
+    /// Data datagrams relayed by the program.
+    pub relayed_packets: u64,
+    /// Their UDP payload bytes.
+    pub relayed_bytes: u64,
+    /// Datagrams for the supernode's port passed on to its socket.
+    pub passed: u64,
+    /// Of those, relayable Data datagrams without a route out of the same
+    /// interface or a neighbour entry (relayed by userspace instead).
+    pub passed_no_route: u64,
+    /// Datagrams dropped by the program, by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// Map updates that failed.
+    pub map_errors: u64,
 }
 
 /// Lower-case hex.
@@ -482,6 +511,32 @@ impl SupernodeStatus {
             let _ = write!(o, " {k}={v}");
         }
         o.push('\n');
+        if let Some(x) = &self.xdp_relay {
+            let _ = write!(
+                o,
+                "xdp relay on {} ({}, {} edges): relayed {} packets / {} bytes (userspace: {} / {}); \
+                 to userspace {} (no route {}); drops:",
+                x.iface,
+                x.mode,
+                x.edges,
+                x.relayed_packets,
+                x.relayed_bytes,
+                self.relayed_packets,
+                self.relayed_bytes,
+                x.passed,
+                x.passed_no_route
+            );
+            if x.drops.is_empty() {
+                let _ = write!(o, " none");
+            }
+            for (k, v) in &x.drops {
+                let _ = write!(o, " {k}={v}");
+            }
+            if x.map_errors > 0 {
+                let _ = write!(o, "; map errors {}", x.map_errors);
+            }
+            o.push('\n');
+        }
         o
     }
 
@@ -511,6 +566,26 @@ impl SupernodeStatus {
         let _ = writeln!(o, "# TYPE mvc_supernode_drops_total counter");
         for (k, v) in &self.drops {
             let _ = writeln!(o, "mvc_supernode_drops_total{{reason=\"{}\"}} {v}", esc(k));
+        }
+        if let Some(x) = &self.xdp_relay {
+            for (m, v) in [
+                ("relayed_packets_total", x.relayed_packets),
+                ("relayed_bytes_total", x.relayed_bytes),
+                ("passed_total", x.passed),
+                ("passed_no_route_total", x.passed_no_route),
+                ("map_errors_total", x.map_errors),
+            ] {
+                let _ = writeln!(o, "# TYPE mvc_supernode_xdp_{m} counter");
+                let _ = writeln!(o, "mvc_supernode_xdp_{m} {v}");
+            }
+            let _ = writeln!(o, "# TYPE mvc_supernode_xdp_drops_total counter");
+            for (k, v) in &x.drops {
+                let _ = writeln!(
+                    o,
+                    "mvc_supernode_xdp_drops_total{{reason=\"{}\"}} {v}",
+                    esc(k)
+                );
+            }
         }
         o
     }

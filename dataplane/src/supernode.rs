@@ -87,6 +87,8 @@ pub struct SupernodeCore {
     relayed_packets: u64,
     relayed_bytes: u64,
     drops: BTreeMap<&'static str, u64>,
+    /// Changes whenever an edge is added, removed or changes its registration.
+    edges_generation: u64,
 }
 
 impl SupernodeCore {
@@ -105,6 +107,7 @@ impl SupernodeCore {
             relayed_packets: 0,
             relayed_bytes: 0,
             drops: BTreeMap::new(),
+            edges_generation: 0,
         }
     }
 
@@ -212,6 +215,9 @@ impl SupernodeCore {
             }
         }
         self.registrations += 1;
+        if changed {
+            self.edges_generation += 1;
+        }
         let lifetime = self.cfg.edge_timeout.as_secs().min(u16::MAX as u64) as u16;
         let ack = RegisterAck {
             community: m.community,
@@ -386,6 +392,23 @@ impl SupernodeCore {
         }
         self.communities.retain(|_, c| !c.edges.is_empty());
         self.n_edges -= removed;
+        if removed > 0 {
+            self.edges_generation += 1;
+        }
+    }
+
+    /// A number that changes whenever [`SupernodeCore::registered_edges`] does
+    /// (an edge added, expired, or registered from another address).
+    pub fn edges_generation(&self) -> u64 {
+        self.edges_generation
+    }
+
+    /// Every registered edge: community, id and the address it registered
+    /// from (what relayed packets must come from and go to).
+    pub fn registered_edges(&self) -> impl Iterator<Item = (&CommunityId, &EdgeId, SocketAddr)> {
+        self.communities
+            .iter()
+            .flat_map(|(c, comm)| comm.edges.iter().map(move |(id, e)| (c, id, e.observed)))
     }
 
     /// When [`SupernodeCore::poll`] must run next: when the edge heard from longest ago
@@ -435,6 +458,7 @@ impl SupernodeCore {
                 .filter(|(_, v)| **v > 0)
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
+            xdp_relay: None,
         }
     }
 }

@@ -643,28 +643,31 @@ fn xdp_port_holder() {
     std::thread::sleep(Duration::from_secs(30));
 }
 
-/// `--datapath auto` where XDP cannot attach (here: the "bridge" is not a
-/// bridge) falls back to TAP and says why; `--datapath xdp` fails instead;
-/// where it can attach, auto takes XDP.
+/// `--datapath auto` gives the TAP device by the rule of docs/XDP.md, with
+/// that rule as the reason, also where XDP could attach (and leaves no port
+/// behind); `--datapath xdp` fails where it cannot attach and gives XDP in
+/// native mode where it can.
 #[test]
 fn auto_falls_back_to_tap_with_reason() {
     require_root!("auto_falls_back_to_tap_with_reason");
     in_lab(1500, |_| {
         let bad = XdpPortConfig::new(Some("vm0"), "mvp0");
-        let c = xdp::choose(DatapathRequest::Auto, Some(&bad)).expect("auto never fails");
-        assert_eq!(c.datapath.name(), "tap");
-        assert!(c.reason.contains("not a bridge"), "{}", c.reason);
-        let c = xdp::choose(DatapathRequest::Auto, None).expect("auto never fails");
-        assert_eq!(c.datapath.name(), "tap");
-        assert!(c.reason.contains("no XDP port configured"), "{}", c.reason);
-        assert!(xdp::choose(DatapathRequest::Xdp, Some(&bad)).is_err());
+        let good = XdpPortConfig::new(Some("br0"), "mvp0");
+        for cfg in [Some(&bad), Some(&good), None] {
+            let c = xdp::choose(DatapathRequest::Auto, cfg).expect("auto never fails");
+            assert_eq!(c.datapath.name(), "tap");
+            assert_eq!(c.reason, xdp::AUTO_RULE);
+        }
+        assert!(link_info("mvp0").unwrap().is_none(), "auto made a port");
+        let e = xdp::choose(DatapathRequest::Xdp, Some(&bad))
+            .err()
+            .expect("xdp on a non-bridge");
+        assert!(e.to_string().contains("not a bridge"), "{e}");
         assert!(
             link_info("mvp0").unwrap().is_none(),
             "failed open left a port"
         );
-
-        let good = XdpPortConfig::new(Some("br0"), "mvp0");
-        let c = xdp::choose(DatapathRequest::Auto, Some(&good)).expect("auto");
+        let c = xdp::choose(DatapathRequest::Xdp, Some(&good)).expect("xdp");
         assert_eq!(c.datapath.name(), "xdp");
         assert!(c.reason.contains("native"), "{}", c.reason);
     });

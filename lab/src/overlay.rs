@@ -101,6 +101,18 @@ impl Mvc {
         addr: SocketAddrV4,
         label: &str,
     ) -> Result<Supernode> {
+        self.supernode_with(lab, ns, addr, label, &[])
+    }
+
+    /// [`Mvc::supernode`] with further flags (`extra`, appended as given).
+    pub fn supernode_with(
+        &self,
+        lab: &Lab,
+        ns: &str,
+        addr: SocketAddrV4,
+        label: &str,
+        extra: &[&str],
+    ) -> Result<Supernode> {
         let sock = lab.dir().join(format!("{label}.sock"));
         let _ = std::fs::remove_file(&sock);
         // Its identity lives in the lab (kept when the same label is started again).
@@ -111,20 +123,18 @@ impl Mvc {
             sock.to_string_lossy().into_owned(),
             key.to_string_lossy().into_owned(),
         );
-        let proc = lab.spawn(
-            ns,
-            label,
-            &[
-                &bin,
-                "supernode",
-                "--listen",
-                &a,
-                "--status-socket",
-                &s,
-                "--key-file",
-                &k,
-            ],
-        )?;
+        let mut argv: Vec<&str> = vec![
+            &bin,
+            "supernode",
+            "--listen",
+            &a,
+            "--status-socket",
+            &s,
+            "--key-file",
+            &k,
+        ];
+        argv.extend_from_slice(extra);
+        let proc = lab.spawn(ns, label, &argv)?;
         let sn = Supernode {
             proc,
             ns: ns.into(),

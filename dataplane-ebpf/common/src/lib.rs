@@ -70,6 +70,169 @@ pub const fn is_link_local(dst: &[u8; 6]) -> bool {
         && dst[5] & 0xf0 == 0
 }
 
+/// Name of the supernode's XDP program (relay and junk filter), in the same
+/// object as [`PROGRAM_NAME`].
+pub const RELAY_PROGRAM_NAME: &str = "mvc_relay";
+
+/// Name of the hash map of validated edges: [`relay_key`] -> [`relay_dest`].
+pub const RELAY_EDGES_MAP: &str = "MVC_RELAY_EDGES";
+
+/// Name of the one-entry array holding the [`relay_config`].
+pub const RELAY_CONFIG_MAP: &str = "MVC_RELAY_CONFIG";
+
+/// Name of the per-CPU counter array of the relay program, indexed by
+/// [`RelayCounter`].
+pub const RELAY_STATS_MAP: &str = "MVC_RELAY_STATS";
+
+/// Most edges the relay map holds; edges beyond it are relayed by userspace.
+pub const RELAY_MAX_EDGES: u32 = 65_536;
+
+/// Length of a relay map key: community id (16) then edge id (8), exactly as
+/// they follow each other in a Relay or Bcast header.
+pub const RELAY_KEY_LEN: usize = 24;
+
+/// Length of a relay map value: IPv4 address (4), UDP port (2, big-endian),
+/// two zero bytes.
+pub const RELAY_DEST_LEN: usize = 8;
+
+/// Length of the relay configuration: UDP port of the supernode (2,
+/// big-endian), flags (1, [`RELAY_FLAG_COMPLETE`]), a zero byte, the IPv4
+/// address it listens on (4; 0.0.0.0 for any).
+pub const RELAY_CONFIG_LEN: usize = 8;
+
+/// Configuration flag: every validated IPv4 edge is in the map, so a Relay or
+/// Bcast whose source edge is not there can be dropped in the program. Clear
+/// when the map could not take them all (those are then left to userspace).
+pub const RELAY_FLAG_COMPLETE: u8 = 1;
+
+/// Key of the relay map for `edge` of `community`.
+pub const fn relay_key(community: &[u8; 16], edge: &[u8; 8]) -> [u8; RELAY_KEY_LEN] {
+    let mut k = [0u8; RELAY_KEY_LEN];
+    let mut i = 0;
+    while i < 16 {
+        k[i] = community[i];
+        i += 1;
+    }
+    while i < RELAY_KEY_LEN {
+        k[i] = edge[i - 16];
+        i += 1;
+    }
+    k
+}
+
+/// Value of the relay map for an edge registered from `ip`:`port`.
+pub const fn relay_dest(ip: [u8; 4], port: u16) -> [u8; RELAY_DEST_LEN] {
+    let p = port.to_be_bytes();
+    [ip[0], ip[1], ip[2], ip[3], p[0], p[1], 0, 0]
+}
+
+/// The relay configuration for a supernode on `ip`:`port`.
+pub const fn relay_config(ip: [u8; 4], port: u16, flags: u8) -> [u8; RELAY_CONFIG_LEN] {
+    let p = port.to_be_bytes();
+    [p[0], p[1], flags, 0, ip[0], ip[1], ip[2], ip[3]]
+}
+
+/// The overlay wire format as far as the program reads it (docs/PROTOCOL.md;
+/// `dataplane::wire` is the codec, and its tests check these against it).
+pub mod wire {
+    /// Version byte of every datagram.
+    pub const VERSION: u8 = 2;
+    /// Register (edge -> supernode).
+    pub const TYPE_REGISTER: u8 = 0x01;
+    /// Relay (edge -> supernode -> edge).
+    pub const TYPE_RELAY: u8 = 0x04;
+    /// Bcast (edge -> supernode -> edges).
+    pub const TYPE_BCAST: u8 = 0x05;
+    /// Data (edge -> edge transport message).
+    pub const TYPE_DATA: u8 = 0x12;
+    /// Shortest Register (no name, no addresses).
+    pub const REGISTER_MIN_LEN: usize = 142;
+    /// Relay header: version, type, 2 reserved, community (16), source and
+    /// destination edge ids (8 each).
+    pub const RELAY_HDR_LEN: usize = 36;
+    /// Shortest Relay the supernode accepts (header and two inner bytes).
+    pub const RELAY_MIN_LEN: usize = RELAY_HDR_LEN + 2;
+    /// Fixed part of a Bcast (version, type, cipher, n, community, sender,
+    /// counter).
+    pub const BCAST_MIN_LEN: usize = 36;
+    /// Header of a transport message (Data, Probe, Control).
+    pub const TRANSPORT_HDR_LEN: usize = 16;
+    /// Offset of the community id in Relay and Bcast.
+    pub const COMMUNITY_AT: usize = 4;
+    /// Offset of the source edge id in Relay and Bcast.
+    pub const SRC_AT: usize = 20;
+    /// Offset of the destination edge id in Relay.
+    pub const DST_AT: usize = 28;
+}
+
+/// What the relay program did with a datagram for the supernode's port. The
+/// value is the index in the per-CPU `u64` array [`RELAY_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayCounter {
+    /// Relayed Data datagrams, sent back out by the program (`XDP_TX`).
+    Relayed = 0,
+    /// UDP payload bytes of those.
+    RelayedBytes = 1,
+    /// Passed to the supernode's socket (registrations, broadcasts, relayed
+    /// handshakes and probes, unknown destinations).
+    Passed = 2,
+    /// A relayable Data datagram passed to userspace because the kernel had
+    /// no route out of the same interface or no neighbour entry yet, or the
+    /// datagram was above the route's MTU.
+    PassedNoRoute = 3,
+    /// Dropped: version byte is not [`wire::VERSION`].
+    DropBadVersion = 4,
+    /// Dropped: shorter than its type's fixed part.
+    DropTruncated = 5,
+    /// Dropped: a type the supernode never receives.
+    DropUnknownType = 6,
+    /// Dropped: Relay or Bcast from an edge id the supernode has not
+    /// validated in that community.
+    DropUnknownEdge = 7,
+    /// Dropped: Relay or Bcast naming a validated edge but sent from another
+    /// address than the one it registered from.
+    DropSpoofed = 8,
+}
+
+/// Number of [`RelayCounter`] slots in [`RELAY_STATS_MAP`].
+pub const RELAY_COUNTERS: u32 = 9;
+
+impl RelayCounter {
+    /// All counters, in index order.
+    pub const ALL: [RelayCounter; RELAY_COUNTERS as usize] = [
+        RelayCounter::Relayed,
+        RelayCounter::RelayedBytes,
+        RelayCounter::Passed,
+        RelayCounter::PassedNoRoute,
+        RelayCounter::DropBadVersion,
+        RelayCounter::DropTruncated,
+        RelayCounter::DropUnknownType,
+        RelayCounter::DropUnknownEdge,
+        RelayCounter::DropSpoofed,
+    ];
+
+    /// Stable name used in metrics and status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RelayCounter::Relayed => "relayed_packets",
+            RelayCounter::RelayedBytes => "relayed_bytes",
+            RelayCounter::Passed => "passed",
+            RelayCounter::PassedNoRoute => "passed_no_route",
+            RelayCounter::DropBadVersion => "bad_version",
+            RelayCounter::DropTruncated => "truncated",
+            RelayCounter::DropUnknownType => "unknown_type",
+            RelayCounter::DropUnknownEdge => "unknown_edge",
+            RelayCounter::DropSpoofed => "spoofed_source",
+        }
+    }
+
+    /// True for the counters of dropped datagrams.
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= RelayCounter::DropBadVersion as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +251,24 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
+        for (i, c) in RelayCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn relay_map_layouts() {
+        let k = relay_key(&[1; 16], &[2; 8]);
+        assert_eq!(&k[..16], &[1; 16]);
+        assert_eq!(&k[16..], &[2; 8]);
+        assert_eq!(
+            relay_dest([198, 18, 0, 1], 7654),
+            [198, 18, 0, 1, 0x1d, 0xe6, 0, 0]
+        );
+        assert_eq!(
+            relay_config([0; 4], 7654, RELAY_FLAG_COMPLETE),
+            [0x1d, 0xe6, 1, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(wire::SRC_AT, wire::COMMUNITY_AT + 16);
     }
 }

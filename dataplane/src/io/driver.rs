@@ -212,16 +212,52 @@ fn sn_send(
     }
 }
 
+/// The XDP relay's view in status.
+fn xdp_relay_status(r: &crate::xdp::XdpRelay) -> crate::status::XdpRelayStatus {
+    let (counters, map_errors) = r.counters();
+    let mut x = crate::status::XdpRelayStatus {
+        iface: r.iface().to_owned(),
+        mode: r.mode().as_str().to_owned(),
+        edges: r.edges() as u64,
+        map_errors,
+        ..Default::default()
+    };
+    for (c, (name, v)) in dataplane_ebpf_common::RelayCounter::ALL
+        .iter()
+        .zip(counters)
+    {
+        use dataplane_ebpf_common::RelayCounter as C;
+        match c {
+            C::Relayed => x.relayed_packets = v,
+            C::RelayedBytes => x.relayed_bytes = v,
+            C::Passed => x.passed = v,
+            C::PassedNoRoute => {
+                x.passed_no_route = v;
+                x.passed += v;
+            }
+            _ if v > 0 => {
+                x.drops.insert(name.to_owned(), v);
+            }
+            _ => {}
+        }
+    }
+    x
+}
+
 /// Runs a supernode until `stop` is set. Relay traffic arrives in GRO batches and leaves
 /// in GSO batches when the kernel has them: a batch whose datagrams all go to one edge is
-/// forwarded with one send and no copy.
+/// forwarded with one send and no copy. With `relay` (the XDP program on the underlay
+/// interface), its map of validated edges is brought up to date after every round that
+/// changed the registrations, before the round's acknowledgements leave.
 pub fn run_supernode(
     mut core: SupernodeCore,
     sock: UdpSocket,
     listen: String,
+    mut relay: Option<crate::xdp::XdpRelay>,
     snap: Snapshot<SupernodeStatus>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), IoError> {
+    let mut synced_generation = None;
     let fd = sock.as_raw_fd();
     let gro = super::udp::enable_gro(fd);
     let mut gso = super::udp::probe_gso(fd);
@@ -316,6 +352,13 @@ pub fn run_supernode(
             last_tick = now;
             core.poll(now);
         }
+        if let Some(r) = relay.as_mut() {
+            let g = core.edges_generation();
+            if synced_generation != Some(g) {
+                r.sync(core.registered_edges());
+                synced_generation = Some(g);
+            }
+        }
         for u in &out.udp {
             sn_send(fd, u.bytes(), u.dst, None, &mut send_fails);
         }
@@ -323,6 +366,7 @@ pub fn run_supernode(
         if now.saturating_duration_since(last_pub) >= PUBLISH {
             last_pub = now;
             let mut s = core.status(now, &listen);
+            s.xdp_relay = relay.as_ref().map(xdp_relay_status);
             if send_fails > 0 {
                 s.drops.insert("udp_send_error".into(), send_fails);
             }

@@ -254,6 +254,16 @@ pub struct VethPort {
     gro: bool,
 }
 
+/// Enslaves an existing interface (the edge's TAP device) to `bridge` and
+/// brings it up; refused when `bridge` is not a bridge.
+pub fn enslave(dev: &str, bridge: &str) -> Result<(), PortError> {
+    match link_info(bridge)? {
+        Some(LinkInfo { kind: Some(k), .. }) if k == "bridge" => {}
+        _ => return Err(PortError::NotABridge(bridge.to_owned())),
+    }
+    ip(&["link", "set", "dev", dev, "master", bridge, "up"]).map(|_| ())
+}
+
 impl VethPort {
     /// Creates the pair, enslaves `name` to `bridge` (if given), brings both
     /// ends up.

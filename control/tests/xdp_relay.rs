@@ -1,0 +1,349 @@
+//! The supernode's XDP relay and junk filter (`mvc supernode --xdp-relay IFACE`) in the
+//! three-site netns lab, with UDP between sites B and C blocked so that their traffic
+//! goes through the supernode at site A. Needs root; otherwise prints that it was skipped.
+
+use std::net::{SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dataplane::xdp::{ModeRequest, XdpRelay};
+use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
+use lab::{Lab, Topology};
+use serde_json::Value;
+
+const UP: Duration = Duration::from_secs(20);
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn xdp(st: &Value, key: &str) -> u64 {
+    st["xdp_relay"][key].as_u64().unwrap_or(0)
+}
+
+fn xdp_drop(st: &Value, reason: &str) -> u64 {
+    st["xdp_relay"]["drops"][reason].as_u64().unwrap_or(0)
+}
+
+fn throw(lab: &Lab, ns: &str, dst: SocketAddrV4, datagram: &[u8], n: usize) {
+    lab.in_ns(ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0..n {
+            s.send_to(datagram, dst).unwrap();
+            if i % 5 == 4 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .unwrap();
+}
+
+/// Starts the supernode on site A's frontend (with the XDP relay on its uplink `eth0` in
+/// native mode when `xdp`) and an edge per site. The returned relay handle is the
+/// pass-through program on the uplink's peer, which must live as long as the supernode.
+fn start(
+    lab: &Lab,
+    t: &Topology,
+    mvc: &Mvc,
+    xdp: bool,
+) -> (ov::Supernode, Vec<ov::Edge>, Option<XdpRelay>) {
+    let a = t.site("a");
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    // Native XDP_TX on a veth delivers to the peer only when the peer runs an XDP
+    // program of its own (the kernel's veth_xdp_flush kicks the peer only then): the
+    // internet router's end of site A's uplink (named after the site's number) gets the
+    // relay program with a configuration that matches nothing (port 0), which passes
+    // every frame on.
+    let peer_prog = xdp.then(|| {
+        let peer = format!("s{}", a.idx);
+        lab.in_ns(&t.inet, || {
+            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), ModeRequest::Native)
+        })
+        .unwrap()
+        .unwrap()
+    });
+    let extra: &[&str] = if xdp {
+        &["--xdp-relay", "eth0", "--xdp-relay-mode", "native"]
+    } else {
+        &[]
+    };
+    let sn = mvc
+        .supernode_with(lab, &a.frontend, sn_addr, "supernode", extra)
+        .unwrap();
+    let mut edges = Vec::new();
+    for s in &t.sites {
+        t.reset_tap(lab, s).unwrap();
+        let o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
+        edges.push(mvc.edge(lab, s, &o).unwrap());
+    }
+    (sn, edges, peer_prog)
+}
+
+fn test_bin() -> Mvc {
+    Mvc {
+        bin: std::env::var_os("MVC_TEST_BIN")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mvc")), PathBuf::from),
+    }
+}
+
+/// Relayed ping and iperf3 between B and C go through the XDP program (its counter,
+/// not userspace's, grows); junk for the supernode's port is dropped there and counted
+/// by reason, never reaching the socket; a relay datagram naming edge B but sent from
+/// another address is dropped as spoofed and not relayed; ping still works after.
+#[test]
+fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
+    if !lab::is_root() {
+        lab::skip(
+            "xdp_relay_relays_filters_junk_and_refuses_spoofed_sources",
+            "needs root for network namespaces",
+        );
+        return;
+    }
+    let lab = Lab::new("xr").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (a, b, c) = (t.site("a"), t.site("b"), t.site("c"));
+    t.block_udp(&lab, b, c, None).unwrap();
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let (sn, edges, _peer_prog) = start(&lab, &t, &mvc, true);
+    let (vb, vc) = (&b.vms[0], &c.vms[0]);
+    let status = || mvc.supernode_status(&lab, &sn).expect("supernode status");
+    if let Err(e) = lab::wait_ping(&lab, &vb.ns, vc.ip, UP) {
+        panic!("{e}: {}", status());
+    }
+    lab.wait_until("3 edges in the XDP map", Duration::from_secs(5), || {
+        xdp(&status(), "edges") >= 3
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status()));
+    let st0 = status();
+    assert_eq!(st0["xdp_relay"]["mode"].as_str(), Some("native"), "{st0}");
+
+    let p = lab::ping(&lab, &vb.ns, vc.ip, 20, 0.05).unwrap();
+    assert!(p.received + 1 >= p.sent, "relayed ping: {p:?}");
+    let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, 2).unwrap();
+    assert!(bps > 1e6, "relayed iperf3: {bps} b/s");
+    // Published every PUBLISH interval: wait for the counters to catch up.
+    std::thread::sleep(Duration::from_millis(600));
+    let st1 = status();
+    let by_xdp = xdp(&st1, "relayed_packets") - xdp(&st0, "relayed_packets");
+    let by_user =
+        st1["relayed_packets"].as_u64().unwrap() - st0["relayed_packets"].as_u64().unwrap();
+    assert!(
+        by_xdp > 1000 && by_xdp > 10 * by_user,
+        "XDP relayed {by_xdp}, userspace {by_user}: {st1}"
+    );
+    for e in [&edges[1], &edges[2]] {
+        assert_eq!(
+            mvc.path_to(&lab, e, if e.name == "b" { "c" } else { "b" })
+                .as_deref(),
+            Some("relayed")
+        );
+    }
+
+    // Junk, from the internet router's namespace.
+    let n = 50;
+    throw(&lab, &t.inet, sn_addr, &[1, 4, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, sn_addr, &[2, 4, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, sn_addr, &[2, 0x33, 0, 0, 9, 9, 9, 9], n);
+    let mut unknown = vec![2, 4, 0, 0];
+    unknown.extend([7u8; 32]);
+    unknown.extend([2, 0x12, 0, 0]);
+    unknown.extend([0u8; 28]);
+    throw(&lab, &t.inet, sn_addr, &unknown, n);
+
+    // Spoofed: B's community and id, to C, from the internet router's address.
+    let comm = &st1["communities"][0];
+    let id_of = |name: &str| {
+        comm["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| hex(e["id"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{name} not registered: {st1}"))
+    };
+    let mut spoofed = vec![2, 4, 0, 0];
+    spoofed.extend(hex(comm["id"].as_str().unwrap()));
+    spoofed.extend(id_of("b"));
+    spoofed.extend(id_of("c"));
+    spoofed.extend([2, 0x12, 0, 0, 0, 0, 0, 1]);
+    spoofed.extend([0u8; 40]);
+    throw(&lab, &t.inet, sn_addr, &spoofed, n);
+    std::thread::sleep(Duration::from_millis(600));
+    let st2 = status();
+    for reason in [
+        "bad_version",
+        "truncated",
+        "unknown_type",
+        "unknown_edge",
+        "spoofed_source",
+    ] {
+        assert!(
+            xdp_drop(&st2, reason) >= n as u64,
+            "{reason}: {}",
+            st2["xdp_relay"]
+        );
+    }
+    assert_eq!(
+        xdp(&st2, "relayed_packets"),
+        xdp(&st1, "relayed_packets"),
+        "nothing relayed while no VM sent: {st2}"
+    );
+    // None of it reached the socket.
+    for reason in [
+        "bad_version",
+        "truncated",
+        "unknown_type",
+        "relay_unknown_src",
+        "unknown_community",
+        "relay_src_mismatch",
+    ] {
+        assert_eq!(
+            st2["drops"][reason].as_u64().unwrap_or(0),
+            st1["drops"][reason].as_u64().unwrap_or(0),
+            "{reason} reached userspace: {st2}"
+        );
+    }
+
+    let p = lab::ping(&lab, &vb.ns, vc.ip, 10, 0.05).unwrap();
+    assert!(p.received + 1 >= p.sent, "relayed ping after junk: {p:?}");
+    let table = mvc
+        .status_table(&lab, &a.frontend, "supernode", &sn.sock)
+        .unwrap();
+    assert!(table.contains("xdp relay on eth0 (native"), "{table}");
+    assert!(
+        lab.running(&sn.proc),
+        "supernode died: {}",
+        lab.log(&sn.proc)
+    );
+    for e in &edges {
+        assert!(
+            lab.running(&e.proc),
+            "edge {} died: {}",
+            e.name,
+            lab.log(&e.proc)
+        );
+    }
+}
+
+/// Relayed throughput with the XDP relay against the userspace relay and the direct
+/// path, and the supernode process's CPU per relayed GB; each configuration started
+/// fresh, the order rotated every round. Ignored (minutes; for docs/BENCH.md): run with
+/// `MVC_TEST_BIN=target/release/mvc cargo test -p control --test xdp_relay -- --ignored
+/// --nocapture measure_relay`; `MVC_RELAY_ROUNDS` (default 3), `MVC_RELAY_SECS`
+/// (default 4).
+#[test]
+#[ignore]
+fn measure_relay() {
+    if !lab::is_root() {
+        lab::skip("measure_relay", "needs root for network namespaces");
+        return;
+    }
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, secs) = (env("MVC_RELAY_ROUNDS", 3), env("MVC_RELAY_SECS", 4));
+    let lab = Lab::new("xm").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (b, c) = (t.site("b"), t.site("c"));
+    let (vb, vc) = (&b.vms[0], &c.vms[0]);
+    let configs = ["direct", "user", "xdp"];
+    let mut results: Vec<(usize, f64, f64, f64)> = Vec::new();
+    for r in 0..rounds as usize {
+        for k in 0..configs.len() {
+            let ci = (k + r) % configs.len();
+            let name = configs[ci];
+            let rules = (name != "direct").then(|| t.block_udp(&lab, b, c, None).unwrap());
+            let (sn, edges, peer) = start(&lab, &t, &mvc, name == "xdp");
+            lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap();
+            let want = if name == "direct" {
+                "direct"
+            } else {
+                "relayed"
+            };
+            lab.wait_until("path", Duration::from_secs(30), || {
+                mvc.path_to(&lab, &edges[1], "c").as_deref() == Some(want)
+            })
+            .unwrap();
+            let st0 = mvc.supernode_status(&lab, &sn).unwrap();
+            let c0 = lab::cpu::sample(&[sn.proc.pid]);
+            let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, secs).unwrap();
+            let c1 = lab::cpu::sample(&[sn.proc.pid]);
+            std::thread::sleep(Duration::from_millis(500));
+            let st1 = mvc.supernode_status(&lab, &sn).unwrap();
+            let (user, kernel, sys) = lab::cpu::seconds(&c0, &c1);
+            let gb = bps * f64::from(secs) / 8e9;
+            let sn_cpu = (user + sys) / gb;
+            let by_xdp = xdp(&st1, "relayed_packets") - xdp(&st0, "relayed_packets");
+            let by_user = st1["relayed_packets"].as_u64().unwrap_or(0)
+                - st0["relayed_packets"].as_u64().unwrap_or(0);
+            println!(
+                "round {r} {name:>6}: {:8.1} Mbit/s  supernode CPU {sn_cpu:6.3} s/GB  machine kernel {:6.2} s/GB  relayed xdp {by_xdp} user {by_user}",
+                bps / 1e6,
+                kernel / gb
+            );
+            results.push((ci, bps, sn_cpu, kernel / gb));
+            for e in &edges {
+                lab.stop(&e.proc);
+            }
+            lab.stop(&sn.proc);
+            drop(peer);
+            if let Some(rules) = rules {
+                t.unblock(&lab, &rules).unwrap();
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let of = |ci: usize, f: fn(&(usize, f64, f64, f64)) -> f64| {
+        results
+            .iter()
+            .filter(|x| x.0 == ci)
+            .map(f)
+            .collect::<Vec<_>>()
+    };
+    for (ci, name) in configs.iter().enumerate() {
+        let bps = of(ci, |x| x.1);
+        println!(
+            "{name:>6}: median {:8.1} Mbit/s (runs {:?})  supernode CPU median {:.3} s/GB  machine kernel median {:.2} s/GB",
+            median(bps.clone()) / 1e6,
+            bps.iter().map(|b| (b / 1e6).round()).collect::<Vec<_>>(),
+            median(of(ci, |x| x.2)),
+            median(of(ci, |x| x.3)),
+        );
+    }
+    // Paired per round: relayed over direct.
+    for (ci, name) in [(1, "user"), (2, "xdp")] {
+        let ratios: Vec<f64> = (0..rounds as usize)
+            .map(|r| {
+                results[r * 3..r * 3 + 3]
+                    .iter()
+                    .find(|x| x.0 == ci)
+                    .unwrap()
+                    .1
+                    / results[r * 3..r * 3 + 3]
+                        .iter()
+                        .find(|x| x.0 == 0)
+                        .unwrap()
+                        .1
+            })
+            .collect();
+        println!(
+            "{name} / direct per round: {:?}, median {:.2}",
+            ratios
+                .iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>(),
+            median(ratios.clone())
+        );
+    }
+}
