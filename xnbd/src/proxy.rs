@@ -17,6 +17,10 @@
 //!
 //! Crash safety: data written and `fdatasync`ed, then the bitmap bit set and persisted
 //! (see [`crate::bitmap`]). A restart resumes from the bitmap and fetches only clear blocks.
+//! A client read that fetches blocks is answered from the fetched data as soon as it
+//! arrives; the blocks are written, made durable and marked after that, in the background
+//! (with every other fetch ready by then: one `fdatasync` of the cache and one of the
+//! bitmap for the lot), and stay claimed until they are marked.
 //!
 //! Source outage: fetches wait for the source to come back (the reconnector retries at
 //! most every second, at the same address or a new one given with `reconnect`), for at most
@@ -44,7 +48,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use thiserror::Error;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -218,6 +222,21 @@ impl Health {
 
 type Waiter = watch::Receiver<()>;
 
+/// Fetched data: `(offset, bytes)` pieces in offset order.
+type Pieces = Vec<(u64, Vec<u8>)>;
+
+/// Runs of blocks waiting to be committed, and who to tell the outcome.
+type Committing = (Vec<(u64, u64)>, oneshot::Sender<Result<(), OpError>>);
+
+/// Blocks whose data is written to the cache and waits to be made durable and marked,
+/// together with whatever else is ready by then (group commit).
+#[derive(Default)]
+struct Commits {
+    queue: Mutex<Vec<Committing>>,
+    /// Held by the one caller committing a batch.
+    turn: tokio::sync::Mutex<()>,
+}
+
 /// Blocks held by one fetch or write; released (and waiters woken) on drop.
 struct Claim {
     table: Arc<Mutex<HashMap<u64, Waiter>>>,
@@ -297,6 +316,7 @@ pub struct Proxy {
     source_errors: AtomicU64,
     health: Mutex<Health>,
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    commits: Commits,
     /// Held for the proxy's lifetime: the cache and the bitmap.
     _locks: [FileLock; 2],
 }
@@ -408,6 +428,7 @@ impl Proxy {
             source_errors: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             samples: Mutex::new(VecDeque::new()),
+            commits: Commits::default(),
             _locks: [cache_lock, bitmap_lock],
             cfg,
         });
@@ -733,8 +754,9 @@ impl Proxy {
         (off / self.bs, (off + len).div_ceil(self.bs))
     }
 
-    /// Claim missing blocks of `[a, b)` nobody holds; also return waiters for those held.
-    fn claim_free(&self, a: u64, b: u64) -> (Option<Claim>, Vec<Waiter>) {
+    /// Claim missing blocks of `[a, b)` nobody holds, leaving out `except` (sorted); also
+    /// return waiters for those held.
+    fn claim_free(&self, a: u64, b: u64, except: &[u64]) -> (Option<Claim>, Vec<Waiter>) {
         let Ok(mut m) = self.inflight.lock() else {
             return (None, Vec::new());
         };
@@ -742,7 +764,7 @@ impl Proxy {
         let mut blocks = Vec::new();
         let mut waiters = Vec::new();
         for i in a..b {
-            if self.bitmap.is_set(i) {
+            if self.bitmap.is_set(i) || except.binary_search(&i).is_ok() {
                 continue;
             }
             if let Some(w) = m.get(&i) {
@@ -793,6 +815,46 @@ impl Proxy {
         patience: Duration,
     ) -> Result<(), OpError> {
         let runs = runs_of(&claim.blocks);
+        let datas = self.fetch_runs(&runs, demand, patience).await?;
+        let (blocks, bytes) = (claim.blocks.len() as u64, pieces_len(&datas));
+        self.tally(demand, blocks, bytes, true);
+        let r = self.store(Arc::new(datas), runs).await;
+        if r.is_err() {
+            self.tally(demand, blocks, bytes, false);
+        }
+        r
+    }
+
+    /// Count `blocks` fetched blocks of `bytes` (or take them back when `add` is false).
+    /// Counted before the bits are set, so a status showing a block local always shows its
+    /// fetch too (taken back if storing fails).
+    fn tally(&self, demand: bool, blocks: u64, bytes: u64, add: bool) {
+        let (kind, kind_bytes) = if demand {
+            (&self.demand_blocks, &self.demand_bytes)
+        } else {
+            (&self.background_blocks, &self.background_bytes)
+        };
+        for (c, n) in [
+            (&self.fetched_blocks, blocks),
+            (kind, blocks),
+            (&self.fetched_bytes, bytes),
+            (kind_bytes, bytes),
+        ] {
+            if add {
+                c.fetch_add(n, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Read the blocks of `runs` from the source.
+    async fn fetch_runs(
+        &self,
+        runs: &[(u64, u64)],
+        demand: bool,
+        patience: Duration,
+    ) -> Result<Pieces, OpError> {
         if demand {
             let bytes: u64 = runs
                 .iter()
@@ -801,7 +863,7 @@ impl Proxy {
             let _ = self.reserve(bytes);
         }
         let mut datas = Vec::new();
-        for &(a, b) in &runs {
+        for &(a, b) in runs {
             let start = a * self.bs;
             let end = (b * self.bs).min(self.size);
             let mut off = start;
@@ -812,48 +874,106 @@ impl Proxy {
                 off += n;
             }
         }
-        let bytes: u64 = datas.iter().map(|d| d.1.len() as u64).sum();
-        let nblocks = claim.blocks.len() as u64;
-        // Counted before the bits are set, so a status showing a block local always shows
-        // its fetch too (taken back if storing fails).
-        let (kind, kind_bytes) = if demand {
-            (&self.demand_blocks, &self.demand_bytes)
-        } else {
-            (&self.background_blocks, &self.background_bytes)
-        };
-        self.fetched_blocks.fetch_add(nblocks, Ordering::Relaxed);
-        self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-        kind.fetch_add(nblocks, Ordering::Relaxed);
-        kind_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Err(e) = self.store_and_mark(datas, runs).await {
-            self.fetched_blocks.fetch_sub(nblocks, Ordering::Relaxed);
-            self.fetched_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            kind.fetch_sub(nblocks, Ordering::Relaxed);
-            kind_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(e);
-        }
+        Ok(datas)
+    }
+
+    /// Store fetched blocks (`datas`, covering `runs`): write them to the cache, then make
+    /// them durable and mark them (see [`Proxy::commit`]).
+    async fn store(&self, datas: Arc<Pieces>, runs: Vec<(u64, u64)>) -> Result<(), OpError> {
+        let st = self.storage.clone();
+        blocking(move || {
+            for (off, d) in datas.iter() {
+                st.write_at(d, *off)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.commit(runs).await?;
         self.check_complete();
         Ok(())
     }
 
-    /// Write fetched data, `fdatasync`, then set and persist the bits (this order is the
-    /// crash-safety argument of the bitmap).
-    async fn store_and_mark(
-        &self,
-        datas: Vec<(u64, Vec<u8>)>,
-        runs: Vec<(u64, u64)>,
-    ) -> Result<(), OpError> {
-        let st = self.storage.clone();
-        let bm = self.bitmap.clone();
-        blocking(move || {
-            for (off, d) in &datas {
-                st.write_at(d, *off)?;
+    /// Make blocks whose data is already written to the cache durable (`fdatasync`), then
+    /// set and persist their bits (this order is the crash-safety argument of the bitmap).
+    /// Callers arriving while a commit runs are committed together by the next one: one
+    /// `fdatasync` of the cache and one of the bitmap for all of them.
+    async fn commit(&self, runs: Vec<(u64, u64)>) -> Result<(), OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.commits
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((runs, tx));
+        {
+            let _turn = self.commits.turn.lock().await;
+            // Everything queued now was written before it was queued.
+            let batch =
+                std::mem::take(&mut *self.commits.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if !batch.is_empty() {
+                let all: Vec<(u64, u64)> = batch.iter().flat_map(|b| b.0.iter().copied()).collect();
+                let st = self.storage.clone();
+                let bm = self.bitmap.clone();
+                let r = blocking(move || {
+                    st.sync()?;
+                    bm.set_durable(&all)?;
+                    Ok(())
+                })
+                .await;
+                for (_, tx) in batch {
+                    let _ = tx.send(r.clone());
+                }
             }
-            st.sync()?;
-            bm.set_durable(&runs)?;
-            Ok(())
-        })
-        .await
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(OpError::new(err::EIO, "commit abandoned")))
+    }
+
+    /// Make `[off, off+len)` readable: like [`Proxy::ensure`], but what this call fetches is
+    /// returned instead of waited for: it is stored, made durable and marked in the
+    /// background, its blocks claimed until then (nobody reads or writes them in the cache
+    /// meanwhile; a crash before the mark leaves them missing).
+    async fn fetch_for_read(
+        self: &Arc<Self>,
+        off: u64,
+        len: u64,
+        patience: Duration,
+    ) -> Result<Vec<Arc<Pieces>>, OpError> {
+        let mut got = Vec::new();
+        if len == 0 {
+            return Ok(got);
+        }
+        let (a, b) = self.block_range(off, len);
+        // Blocks fetched here: claimed by their own store until it ends.
+        let mut mine: Vec<u64> = Vec::new();
+        loop {
+            if self.is_target() {
+                return Ok(got);
+            }
+            let (claim, waiters) = self.claim_free(a, b, &mine);
+            if claim.is_none() && waiters.is_empty() {
+                return Ok(got);
+            }
+            if let Some(c) = claim {
+                let runs = runs_of(&c.blocks);
+                let datas = self.fetch_runs(&runs, true, patience).await?;
+                // Counted before the reply, as if stored.
+                let (blocks, bytes) = (c.blocks.len() as u64, pieces_len(&datas));
+                self.tally(true, blocks, bytes, true);
+                let datas = Arc::new(datas);
+                got.push(datas.clone());
+                mine.extend_from_slice(&c.blocks);
+                mine.sort_unstable();
+                let p = self.clone();
+                tokio::spawn(async move {
+                    // On failure the bits stay clear and the blocks are fetched again later.
+                    if p.store(datas, runs).await.is_err() {
+                        p.tally(true, blocks, bytes, false);
+                    }
+                    drop(c);
+                });
+            }
+            wait_all(waiters).await;
+        }
     }
 
     /// Make `[off, off+len)` local, fetching what is missing (on demand). Blocks another
@@ -869,7 +989,7 @@ impl Proxy {
             if self.is_target() {
                 return Ok(());
             }
-            let (claim, waiters) = self.claim_free(a, b);
+            let (claim, waiters) = self.claim_free(a, b, &[]);
             if claim.is_none() && waiters.is_empty() {
                 return Ok(());
             }
@@ -894,8 +1014,9 @@ impl Proxy {
         start: usize,
     ) -> Result<Vec<u8>, OpError> {
         let len = (buf.len() - start) as u64;
+        let mut fetched = Vec::new();
         if !self.is_target() {
-            self.ensure(off, len, self.patience()).await?;
+            fetched = self.fetch_for_read(off, len, self.patience()).await?;
             let prev = self.last_read_end.swap(off + len, Ordering::AcqRel);
             if prev == off && self.cfg.readahead > 0 && off + len < self.size {
                 let p = self.clone();
@@ -906,12 +1027,35 @@ impl Proxy {
                 });
             }
         }
-        let s = self.clone();
-        let buf = blocking(move || {
-            s.storage.read_at(&mut buf[start..], off)?;
-            Ok(buf)
-        })
-        .await?;
+        // What was fetched just now is not in the cache yet (or not durable): it is copied
+        // from memory, the rest read from the cache.
+        let end = off + len;
+        let overlap = |p: &(u64, Vec<u8>)| (p.0.max(off), (p.0 + p.1.len() as u64).min(end));
+        let from_source: u64 = fetched
+            .iter()
+            .flat_map(|d| d.iter())
+            .map(|p| {
+                let (lo, hi) = overlap(p);
+                hi.saturating_sub(lo)
+            })
+            .sum();
+        if from_source < len {
+            let s = self.clone();
+            buf = blocking(move || {
+                s.storage.read_at(&mut buf[start..], off)?;
+                Ok(buf)
+            })
+            .await?;
+        }
+        for p in fetched.iter().flat_map(|d| d.iter()) {
+            let (lo, hi) = overlap(p);
+            if lo < hi {
+                let at = start + (lo - off) as usize;
+                let from = (lo - p.0) as usize;
+                buf[at..at + (hi - lo) as usize]
+                    .copy_from_slice(&p.1[from..from + (hi - lo) as usize]);
+            }
+        }
         self.client_read_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(buf)
     }
@@ -1370,6 +1514,10 @@ fn push_extent(out: &mut Vec<(u64, u32)>, e: (u64, u32)) {
 }
 
 /// Contiguous runs `[a, b)` of a sorted block list.
+fn pieces_len(p: &Pieces) -> u64 {
+    p.iter().map(|d| d.1.len() as u64).sum()
+}
+
 fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for &b in blocks {

@@ -114,6 +114,33 @@ impl Storage {
         }
     }
 
+    /// Whether all of `[offset, offset+len)` is in the page cache, so that sending it cannot
+    /// wait for the disk. `false` when the kernel cannot tell (logged once).
+    pub fn cached(&self, offset: u64, len: u64) -> bool {
+        static UNKNOWN: std::sync::Once = std::sync::Once::new();
+        match sys::all_cached(&self.file, offset, len) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                UNKNOWN.call_once(|| {
+                    tracing::info!("cachestat unavailable: large reads are copied through memory")
+                });
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Send up to `len` bytes at `offset` straight from the page cache to the socket `sock`
+    /// (see [`sys::sendfile`]).
+    pub fn send_to(
+        &self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        sys::sendfile(sock, &self.file, offset, len)
+    }
+
     /// Write all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)

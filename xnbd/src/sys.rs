@@ -1,6 +1,6 @@
 //! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
-//! read-ahead hints, data-only sync, TCP keepalive and `flock`. Every `unsafe` block of the
-//! crate lives here.
+//! read-ahead hints, page-cache residency (`cachestat`), `sendfile`, data-only sync, TCP
+//! keepalive and `flock`. Every `unsafe` block of the crate lives here.
 
 use std::fs::File;
 use std::io;
@@ -110,6 +110,102 @@ pub fn pread_nowait(f: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<
     }
 }
 
+/// `cachestat(2)` (Linux 6.5), the same number on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+fn page_size() -> u64 {
+    static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf takes an integer and reads no memory of ours.
+        let r = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(r).ok().filter(|&p| p > 0).unwrap_or(4096)
+    })
+}
+
+/// Whether every page of `[offset, offset+len)` is in the page cache (`cachestat`):
+/// `Ok(None)` when the kernel cannot tell (too old, or the call is filtered).
+pub fn all_cached(f: &File, offset: u64, len: u64) -> io::Result<Option<bool>> {
+    if len == 0 {
+        return Ok(Some(true));
+    }
+    let ps = page_size();
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let pages = end.div_ceil(ps) - offset / ps;
+    let range = CachestatRange { off: offset, len };
+    let mut st = Cachestat::default();
+    // SAFETY: `range` and `st` are live, properly laid out (`#[repr(C)]`, the kernel's
+    // `struct cachestat_range` and `struct cachestat`) for the duration of the call; the
+    // kernel reads the first and writes only the second. The fd is owned by `f`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut st as *mut Cachestat,
+            0 as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        return Ok(Some(st.nr_cache >= pages));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(e),
+    }
+}
+
+/// Send up to `len` bytes of `f` from `offset` to the socket `sock` (`sendfile`: page-cache
+/// pages go to the socket without a copy through user memory). Returns the bytes sent, 0 at
+/// the end of the file; `WouldBlock` when the (non-blocking) socket is full. Blocks while
+/// the kernel reads pages that are not cached.
+pub fn sendfile(sock: BorrowedFd<'_>, f: &File, offset: u64, len: usize) -> io::Result<usize> {
+    let mut off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: `off` is a live off_t the kernel reads and updates; both fds are borrowed
+        // (the socket) or owned by `f`, so they stay open during the call.
+        let r = unsafe { libc::sendfile(sock.as_raw_fd(), f.as_raw_fd(), &mut off, len) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Register `fd` with the runtime for write readiness (must be called on the runtime).
+pub fn writable_async(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: an `OwnedFd` is open and keeps returning the same descriptor, referring to the
+    // same open file description, until it is dropped, which happens only with the `AsyncFd`.
+    let r = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
+    };
+    r.map_err(io::Error::from)
+}
+
 fn setsockopt_int(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
@@ -155,6 +251,12 @@ pub fn tcp_keepalive(
     )?;
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count)?)
 }
+/// Ask for a socket send buffer of `bytes` (the kernel caps it at `net.core.wmem_max`).
+pub fn send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v)
+}
+
 /// Take an exclusive `flock` on `f` without waiting: `Ok(false)` when another open file
 /// description holds a lock on the file. The kernel drops the lock when the last descriptor
 /// of this open file description closes, including when the process dies (`kill -9`).

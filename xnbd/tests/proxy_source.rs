@@ -76,6 +76,10 @@ fn source_block_size_limits_are_respected() {
         &["read 1M 3M", "read 5M 4k", "read 6148k 8k", "read 8M 1536k"],
     );
     assert!(!failed(&o), "{o:?}");
+    // Replies do not wait for the fetched blocks to be stored and marked.
+    common::wait_status(&p.ctl, std::time::Duration::from_secs(10), |q| {
+        u(q, "cached_blocks") == u(q, "fetched_blocks")
+    });
     let cache = std::fs::read(&p.cache).unwrap();
     let want = std::fs::read(&src).unwrap();
     assert_eq!(cache[1 << 20..4 << 20], want[1 << 20..4 << 20]);

@@ -234,6 +234,17 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| (*x).to_string()).collect()
 }
 
+/// The `p`-th percentile (nearest rank) of the finite values of `v`.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -612,6 +623,11 @@ pub struct LatencyRow {
     pub warm_median_ms: f64,
     /// cold / source medians.
     pub cold_over_source: f64,
+    /// The proxy's own cost per cold read: each cold read minus the source's median, ms;
+    /// its median and 99th percentile.
+    pub excess_median_ms: f64,
+    /// 99th percentile (nearest rank) of the same.
+    pub excess_p99_ms: f64,
 }
 
 fn latency(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Vec<LatencyRow>> {
@@ -630,8 +646,11 @@ fn latency(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Vec<LatencyRow
         let warm_ms = timed_reads(&px.sock, &offsets)?;
         px.proc.stop();
         src.stop();
+        let excess: Vec<f64> = cold_ms.iter().map(|c| c - median(&source_ms)).collect();
         let row = LatencyRow {
             delay_ms: d,
+            excess_median_ms: median(&excess),
+            excess_p99_ms: percentile(&excess, 99.0),
             source_median_ms: median(&source_ms),
             cold_median_ms: median(&cold_ms),
             warm_median_ms: median(&warm_ms),
@@ -641,8 +660,12 @@ fn latency(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Vec<LatencyRow
             warm_ms,
         };
         eprintln!(
-            "  delay {d:3} ms: source {:.1} ms, proxy cold {:.1} ms, warm {:.2} ms",
-            row.source_median_ms, row.cold_median_ms, row.warm_median_ms
+            "  delay {d:3} ms: source {:.1} ms, proxy cold {:.1} ms (cost {:.2}, p99 {:.2}), warm {:.2} ms",
+            row.source_median_ms,
+            row.cold_median_ms,
+            row.excess_median_ms,
+            row.excess_p99_ms,
+            row.warm_median_ms
         );
         rows.push(row);
     }
@@ -1081,17 +1104,18 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
         let _ = writeln!(
             md,
-            "| source delay | source direct | proxy cold | cold - direct | cold / direct | proxy warm |"
+            "| source delay | source direct | proxy cold | cold - direct | cold - direct p99 | cold / direct | proxy warm |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
         for l in &r.latency {
             let _ = writeln!(
                 md,
-                "| {} ms | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+                "| {} ms | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 l.delay_ms,
                 l.source_median_ms,
                 l.cold_median_ms,
-                l.cold_median_ms - l.source_median_ms,
+                l.excess_median_ms,
+                l.excess_p99_ms,
                 l.cold_over_source,
                 l.warm_median_ms
             );
@@ -1304,6 +1328,10 @@ mod tests {
         assert_eq!(count_reads(log, 0x10000), (0x10000 + 0x20000 + 0x1000, 1));
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let v: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), 198.0);
+        assert_eq!(percentile(&[5.0, 1.0, 3.0], 99.0), 5.0);
+        assert_eq!(percentile(&[5.0, 1.0, 3.0], 50.0), 3.0);
     }
 
     #[test]

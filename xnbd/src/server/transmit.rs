@@ -2,9 +2,11 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
@@ -15,7 +17,7 @@ use crate::budget::{Budget, Hold};
 use crate::conn::Conn;
 use crate::op::OpError;
 use crate::proto::{self, cflag, chunk, cmd, err, Chunk, Request, SimpleReply};
-use crate::storage::QueuedWrite;
+use crate::storage::{QueuedWrite, Storage};
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -25,10 +27,12 @@ const BLOCK_STATUS_HOLD: u64 = 512 << 10;
 const HEADER_HOLD: u64 = 64;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
-/// Largest read served inline when the page cache holds it (larger ones, and reads that
-/// would wait for the disk, run on the blocking pool: on a busy machine, copying 256 KiB
-/// reads on more threads than the runtime's gave nbdcopy about 20% more).
+/// Largest read copied inline when the page cache holds it. Larger cached reads are sent
+/// straight from the page cache to a plain socket (`sendfile`, no copy in this process);
+/// over TLS, and when the data is not cached, they run on the blocking pool.
 const INLINE_READ: usize = 64 << 10;
+/// Most bytes of a read reply sent with one `sendfile`.
+const SEND_CHUNK: usize = 4 << 20;
 /// Largest write without FUA written inline to a local file (a copy into the page cache).
 const INLINE_WRITE: usize = 256 << 10;
 /// Writes up to this size go to the file's writer threads instead, in batches: many small
@@ -45,13 +49,28 @@ impl Server {
         s: Session,
     ) -> Result<(), ServerError> {
         let session = Arc::new(s);
+        // The socket itself, for read replies sent from the page cache: plain TCP and Unix
+        // connections to a local file. A second descriptor of the same socket, registered
+        // with the runtime for write readiness only.
+        let direct = match &session.export.backend {
+            Backend::File(_) => crate::conn::plain_socket(conn.as_ref())
+                .and_then(|fd| fd.try_clone_to_owned().ok())
+                .and_then(|fd| crate::sys::writable_async(fd).ok())
+                .map(Arc::new),
+            Backend::Proxy(_) => None,
+        };
         let (rd, wr) = tokio::io::split(conn);
         // Buffered: one read system call brings in many small request headers.
         let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
         let mut scratch = Vec::new();
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
-        let writer = tokio::spawn(write_replies(wr.clone(), out.clone(), self.clone()));
+        let writer = tokio::spawn(write_replies(
+            wr.clone(),
+            out.clone(),
+            self.clone(),
+            direct.clone(),
+        ));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         // This connection's share of the memory budget: every request holds its bytes from
         // before its payload is read until its reply is written.
@@ -73,7 +92,8 @@ impl Server {
                     match wr.try_lock() {
                         Ok(mut w) => {
                             let mut segs = VecDeque::from(std::mem::take(&mut ready));
-                            write_segments(&mut *w, &mut segs, &self.budget).await?;
+                            write_segments(&mut *w, &mut segs, &self.budget, direct.as_deref())
+                                .await?;
                             stalled(&self.budget, w.flush()).await?;
                             ready = Vec::from(segs);
                         }
@@ -105,7 +125,9 @@ impl Server {
                 let units = self.budget.units(held_bytes(&req));
                 let hold = self.budget.try_take(&share, units);
                 if hold.is_some() {
-                    if let Some(reply) = serve_inline(&session, &req, &mut rd, &mut scratch).await?
+                    if let Some(reply) =
+                        serve_inline(&session, &req, &mut rd, &mut scratch, direct.is_some())
+                            .await?
                     {
                         ready.push(self.reply_seg(reply, hold));
                         continue;
@@ -288,6 +310,7 @@ impl Server {
         }
         Seg {
             bytes: reply.bytes,
+            span: reply.span,
             _hold: hold,
         }
     }
@@ -296,7 +319,22 @@ impl Server {
 /// A reply to write, with the budget its request holds until then.
 struct Seg {
     bytes: Vec<u8>,
+    /// Sent after `bytes`, straight from the page cache.
+    span: Option<Span>,
     _hold: Option<Hold>,
+}
+
+impl Seg {
+    fn len(&self) -> usize {
+        self.bytes.len() + self.span.as_ref().map_or(0, |s| s.len)
+    }
+}
+
+/// Part of a file that goes into a reply as it is (the data of a read).
+struct Span {
+    st: Arc<Storage>,
+    offset: u64,
+    len: usize,
 }
 
 /// Replies waiting to be written, in the order they completed.
@@ -402,6 +440,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     wr: Arc<tokio::sync::Mutex<W>>,
     out: Arc<Outbox>,
     srv: Arc<Server>,
+    direct: Option<Arc<AsyncFd<OwnedFd>>>,
 ) -> io::Result<()> {
     let r = async {
         let mut segs: VecDeque<Seg> = VecDeque::new();
@@ -421,7 +460,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 continue;
             }
             let mut w = wr.lock().await;
-            write_segments(&mut *w, &mut segs, &srv.budget).await?;
+            write_segments(&mut *w, &mut segs, &srv.budget, direct.as_deref()).await?;
             stalled(&srv.budget, w.flush()).await?;
         }
         let mut w = wr.lock().await;
@@ -436,32 +475,42 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     r
 }
 
-/// Write every segment (emptying `segs`, each dropped with its budget once written).
+/// Write every segment (emptying `segs`, each dropped with its budget once written): the
+/// bytes of consecutive replies with one gathered write, the file spans with `sendfile` on
+/// `sock` (the same socket as `wr`, which buffers nothing, so the stream keeps its order).
 async fn write_segments<W: AsyncWrite + Unpin>(
     wr: &mut W,
     segs: &mut VecDeque<Seg>,
     budget: &Budget,
+    sock: Option<&AsyncFd<OwnedFd>>,
 ) -> io::Result<()> {
     const MAX_IOV: usize = 512;
     let mut skip = 0; // bytes of the front segment already written
     while let Some(front) = segs.front() {
-        if skip >= front.bytes.len() {
-            skip -= front.bytes.len();
+        if skip >= front.len() {
+            skip -= front.len();
             segs.pop_front();
             continue;
         }
-        let n = if wr.is_write_vectored() {
-            let mut iov: Vec<io::IoSlice<'_>> = Vec::with_capacity(segs.len().min(MAX_IOV));
-            iov.push(io::IoSlice::new(&front.bytes[skip..]));
-            iov.extend(
-                segs.iter()
-                    .skip(1)
-                    .take(MAX_IOV - 1)
-                    .map(|s| io::IoSlice::new(&s.bytes)),
-            );
-            stalled(budget, wr.write_vectored(&iov)).await?
-        } else {
-            stalled(budget, wr.write(&front.bytes[skip..])).await?
+        let n = match &front.span {
+            Some(span) if skip >= front.bytes.len() => {
+                send_span(wr, sock, span, skip - front.bytes.len(), budget).await?
+            }
+            _ if wr.is_write_vectored() => {
+                let mut iov: Vec<io::IoSlice<'_>> = Vec::with_capacity(segs.len().min(MAX_IOV));
+                iov.push(io::IoSlice::new(&front.bytes[skip..]));
+                if front.span.is_none() {
+                    // Up to (and including) the header of the next reply with a span.
+                    for s in segs.iter().skip(1).take(MAX_IOV - 1) {
+                        iov.push(io::IoSlice::new(&s.bytes));
+                        if s.span.is_some() {
+                            break;
+                        }
+                    }
+                }
+                stalled(budget, wr.write_vectored(&iov)).await?
+            }
+            _ => stalled(budget, wr.write(&front.bytes[skip..])).await?,
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
@@ -469,6 +518,34 @@ async fn write_segments<W: AsyncWrite + Unpin>(
         skip += n;
     }
     Ok(())
+}
+
+/// Send part of `span` from byte `done` on; returns the bytes sent. With the socket, the
+/// page cache's pages go to it without a copy; without it (or past the end of a file that
+/// shrank since the request was checked, where the rest reads as zeroes) the data goes
+/// through memory and `wr`.
+async fn send_span<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    sock: Option<&AsyncFd<OwnedFd>>,
+    span: &Span,
+    done: usize,
+    budget: &Budget,
+) -> io::Result<usize> {
+    let offset = span.offset + done as u64;
+    let len = (span.len - done).min(SEND_CHUNK);
+    if let Some(sock) = sock {
+        loop {
+            let mut ready = stalled(budget, sock.writable()).await?;
+            match ready.try_io(|fd| span.st.send_to(fd.get_ref().as_fd(), offset, len)) {
+                Ok(Ok(0)) => break,
+                Ok(r) => return r,
+                Err(_would_block) => {}
+            }
+        }
+    }
+    let mut buf = vec![0u8; len.min(256 << 10)];
+    span.st.read_at(&mut buf, offset)?;
+    stalled(budget, wr.write(&buf)).await
 }
 
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
@@ -483,26 +560,38 @@ async fn serve_inline<R: AsyncRead + Unpin>(
     req: &Request,
     rd: &mut BufReader<R>,
     scratch: &mut Vec<u8>,
+    direct: bool,
 ) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
         return Ok(None);
     };
     match req.typ {
+        cmd::READ if direct => {
+            if let Err(e) = validate(s, req) {
+                return Ok(Some(error_reply(s, req, e)));
+            }
+            let len = req.length as usize;
+            if len <= INLINE_READ {
+                return Ok(copy_cached(s, st, req));
+            }
+            if !st.cached(req.offset, u64::from(req.length)) {
+                return Ok(None);
+            }
+            Ok(Some(Reply {
+                bytes: read_reply_header(s, req),
+                span: Some(Span {
+                    st: st.clone(),
+                    offset: req.offset,
+                    len,
+                }),
+                failed: false,
+            }))
+        }
         cmd::READ if req.length as usize <= INLINE_READ => {
             if let Err(e) = validate(s, req) {
                 return Ok(Some(error_reply(s, req, e)));
             }
-            let mut buf = read_reply_header(s, req);
-            let hdr = buf.len();
-            buf.resize(hdr + req.length as usize, 0);
-            match st.read_cached(&mut buf[hdr..], req.offset) {
-                Ok(true) => Ok(Some(Reply {
-                    bytes: buf,
-                    failed: false,
-                })),
-                Ok(false) => Ok(None),
-                Err(e) => Ok(Some(error_reply(s, req, e.into()))),
-            }
+            Ok(copy_cached(s, st, req))
         }
         cmd::WRITE
             if (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
@@ -536,6 +625,23 @@ async fn serve_inline<R: AsyncRead + Unpin>(
     }
 }
 
+/// A (validated) read copied from the page cache into its reply, if the page cache holds
+/// all of it; `None` when it must wait for the disk.
+fn copy_cached(s: &Session, st: &Storage, req: &Request) -> Option<Reply> {
+    let mut buf = read_reply_header(s, req);
+    let hdr = buf.len();
+    buf.resize(hdr + req.length as usize, 0);
+    match st.read_cached(&mut buf[hdr..], req.offset) {
+        Ok(true) => Some(Reply {
+            bytes: buf,
+            span: None,
+            failed: false,
+        }),
+        Ok(false) => None,
+        Err(e) => Some(error_reply(s, req, e.into())),
+    }
+}
+
 /// The header of a successful read reply.
 fn read_reply_header(s: &Session, req: &Request) -> Vec<u8> {
     if s.structured {
@@ -552,6 +658,8 @@ fn read_reply_header(s: &Session, req: &Request) -> Vec<u8> {
 
 struct Reply {
     bytes: Vec<u8>,
+    /// File data that follows `bytes`.
+    span: Option<Span>,
     failed: bool,
 }
 
@@ -572,6 +680,7 @@ fn error_reply(s: &Session, req: &Request, e: OpError) -> Reply {
     };
     Reply {
         bytes,
+        span: None,
         failed: true,
     }
 }
@@ -584,6 +693,7 @@ fn ok_reply(req: &Request) -> Reply {
         }
         .encode()
         .to_vec(),
+        span: None,
         failed: false,
     }
 }
@@ -700,6 +810,7 @@ async fn run(s: &Session, req: &Request, payload: Vec<u8>) -> Result<Reply, OpEr
             let buf = b.read(off, buf, hdr).await?;
             Ok(Reply {
                 bytes: buf,
+                span: None,
                 failed: false,
             })
         }
@@ -745,6 +856,7 @@ async fn run(s: &Session, req: &Request, payload: Vec<u8>) -> Result<Reply, OpEr
                     extents,
                 }
                 .encode(chunk::FLAG_DONE, req.cookie),
+                span: None,
                 failed: false,
             })
         }
