@@ -333,12 +333,16 @@ fn dhcp_across_sites(xdp: bool) {
         std::fs::read_to_string(&leases).is_ok_and(|s| s.contains(&vc.mac))
     })
     .unwrap();
-    // The server's edge and the client's edge both saw the acknowledgement (the lease
+    // The server's edge and the client's edge both see the acknowledgement (the lease
     // is a binding before the client's first ARP).
     for s in ["a", "c"] {
+        let seen = lab.wait_until("a DHCPACK seen", Duration::from_secs(5), || {
+            l2_counter(&mvc, &lab, c.edge(s), "dhcp_acks_seen") >= 1
+        });
         assert!(
-            l2_counter(&mvc, &lab, c.edge(s), "dhcp_acks_seen") >= 1,
-            "edge {s} saw no DHCPACK"
+            seen.is_ok(),
+            "edge {s} saw no DHCPACK: {}",
+            mvc.edge_status(&lab, c.edge(s)).unwrap()["l2"]
         );
     }
     // The leased address works across the overlay.
