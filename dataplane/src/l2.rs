@@ -409,7 +409,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(burst: u32, now: Instant) -> Self {
         Self {
-            micro: u64::from(burst) * 1_000_000,
+            micro: u64::from(burst).saturating_mul(1_000_000),
             last: now,
         }
     }
@@ -417,14 +417,21 @@ impl TokenBucket {
     /// Takes one token if there is one (after refilling for the time since the last
     /// call); false when the frame is over the limit.
     pub fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        self.take_n(now, rate, burst, 1)
+    }
+
+    /// Takes `n` tokens (bytes, for a bucket of bytes) if there are that many; false
+    /// (nothing taken) when there are not.
+    pub fn take_n(&mut self, now: Instant, rate: u32, burst: u32, n: u32) -> bool {
         let dt = now.saturating_duration_since(self.last);
         self.last = self.last.max(now);
-        let cap = u64::from(burst) * 1_000_000;
+        let cap = u64::from(burst).saturating_mul(1_000_000);
         let add =
             (dt.min(Duration::from_secs(3600)).as_micros() as u64).saturating_mul(u64::from(rate));
         self.micro = self.micro.saturating_add(add).min(cap);
-        if self.micro >= 1_000_000 {
-            self.micro -= 1_000_000;
+        let need = u64::from(n) * 1_000_000;
+        if self.micro >= need {
+            self.micro -= need;
             true
         } else {
             false
@@ -436,7 +443,7 @@ impl TokenBucket {
         let dt = now.saturating_duration_since(self.last);
         let add =
             (dt.min(Duration::from_secs(3600)).as_micros() as u64).saturating_mul(u64::from(rate));
-        self.micro.saturating_add(add) >= u64::from(burst) * 1_000_000
+        self.micro.saturating_add(add) >= u64::from(burst).saturating_mul(1_000_000)
     }
 }
 
@@ -604,5 +611,14 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert!(b.full_at(later, 10, 5));
         assert_eq!((0..10).filter(|_| b.take(later, 10, 5)).count(), 5);
+        // A bucket of bytes: 1000 per second, 1500 at once.
+        let mut b = TokenBucket::new(1500, t0);
+        assert!(b.take_n(t0, 1000, 1500, 1400));
+        assert!(!b.take_n(t0, 1000, 1500, 1400));
+        assert!(b.take_n(t0, 1000, 1500, 100));
+        assert!(b.take_n(t0 + Duration::from_millis(1400), 1000, 1500, 1400));
+        // Rates and bursts far beyond u32 bytes per microsecond saturate, never wrap.
+        let mut b = TokenBucket::new(u32::MAX, t0);
+        assert!(b.take_n(t0 + Duration::from_secs(7200), u32::MAX, u32::MAX, u32::MAX));
     }
 }

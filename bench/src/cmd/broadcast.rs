@@ -203,10 +203,20 @@ fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
                     .filter(|v| &v.ns != server)
                     .map(|v| {
                         sc.spawn(move || {
-                            lab.in_ns(&v.ns, || {
+                            let r = lab.in_ns(&v.ns, || {
                                 dhcp::obtain_lease("eth0", &v.mac, Duration::from_secs(20))
-                            })
-                            .is_ok_and(|r| r.is_ok())
+                            });
+                            match r {
+                                Ok(Ok(_)) => true,
+                                Ok(Err(e)) => {
+                                    eprintln!("{}: no lease: {e}", v.ns);
+                                    false
+                                }
+                                Err(e) => {
+                                    eprintln!("{}: {e}", v.ns);
+                                    false
+                                }
+                            }
                         })
                     })
                     .collect()

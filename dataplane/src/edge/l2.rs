@@ -14,8 +14,9 @@
 //!   here and never crosses the WAN; one for an address bound on our side is not
 //!   forwarded (its owner answers on the local segment).
 //! - Frames that would be flooded (broadcast, multicast, unknown unicast) pass a token
-//!   bucket per source MAC and one per edge; over the limit they are dropped and counted
-//!   (`bcast_vm_limit`, `bcast_edge_limit`).
+//!   bucket per source MAC, one per edge, and one of bytes per edge (so large frames
+//!   cannot take a WAN link within the frame limits); over a limit they are dropped and
+//!   counted (`flood_vm_limit`, `flood_edge_limit`, `flood_edge_bytes`).
 //! - An address claimed by a second MAC while the first still holds it is a duplicate:
 //!   counted, logged once per address, and the first binding kept.
 //!
@@ -51,6 +52,11 @@ pub struct L2Config {
     pub edge_flood_pps: u32,
     /// Flooded frames this edge may send at once after a quiet time.
     pub edge_flood_burst: u32,
+    /// Bytes of flooded frames per second from this edge (0: no limit); the frame limits
+    /// alone would let large broadcast frames take a WAN link.
+    pub edge_flood_bytes: u32,
+    /// Bytes of flooded frames this edge may send at once after a quiet time.
+    pub edge_flood_byte_burst: u32,
     /// Full set of local bindings re-announced this often (also when local bindings
     /// that were not seen for the MAC expiry time are forgotten).
     pub announce_interval: Duration,
@@ -64,6 +70,8 @@ impl Default for L2Config {
             vm_flood_burst: 200,
             edge_flood_pps: 2000,
             edge_flood_burst: 4000,
+            edge_flood_bytes: 2_000_000,
+            edge_flood_byte_burst: 2_000_000,
             announce_interval: Duration::from_secs(30),
         }
     }
@@ -102,6 +110,7 @@ pub(super) struct L2 {
     ips: Map<IpAddr, Mac>,
     vm_buckets: Map<Mac, TokenBucket>,
     edge_bucket: TokenBucket,
+    edge_bytes: TokenBucket,
     /// Local bindings learned since the last poll, announced by it.
     pending: Vec<Binding>,
     pending6: Vec<Binding6>,
@@ -132,6 +141,7 @@ impl L2 {
         let t = || foldhash::fast::FixedState::with_seed(seed);
         Self {
             edge_bucket: TokenBucket::new(cfg.edge_flood_burst, now),
+            edge_bytes: TokenBucket::new(cfg.edge_flood_byte_burst, now),
             next_announce: now + cfg.announce_interval,
             cfg,
             local: Map::with_hasher(t()),
@@ -403,7 +413,7 @@ impl L2 {
         Groups { all: false, groups }
     }
 
-    fn take(&mut self, now: Instant, src: Mac) -> Result<(), DropReason> {
+    fn take(&mut self, now: Instant, src: Mac, len: usize) -> Result<(), DropReason> {
         let c = &self.cfg;
         let (vr, vb, er, eb) = (
             c.vm_flood_pps,
@@ -431,6 +441,11 @@ impl L2 {
         if er > 0 && !self.edge_bucket.take(now, er, eb) {
             return Err(DropReason::FloodEdgeLimit);
         }
+        let (br, bb) = (self.cfg.edge_flood_bytes, self.cfg.edge_flood_byte_burst);
+        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        if br > 0 && !self.edge_bytes.take_n(now, br, bb, n) {
+            return Err(DropReason::FloodEdgeBytes);
+        }
         Ok(())
     }
 }
@@ -439,6 +454,7 @@ impl EdgeCore {
     /// Replaces the L2 control plane's settings.
     pub fn set_l2_config(&mut self, cfg: L2Config) {
         self.l2.edge_bucket = TokenBucket::new(cfg.edge_flood_burst, self.last_poll);
+        self.l2.edge_bytes = TokenBucket::new(cfg.edge_flood_byte_burst, self.last_poll);
         self.l2.vm_buckets.clear();
         self.l2.cfg = cfg;
     }
@@ -627,10 +643,16 @@ impl EdgeCore {
         L2Seen::Handled
     }
 
-    /// Admits a frame about to be flooded across the WAN (the per-VM and per-edge
-    /// limits); counts ARP requests and neighbour solicitations that go.
-    pub(super) fn l2_admit_flood(&mut self, now: Instant, src: Mac, seen: L2Seen) -> bool {
-        if let Err(r) = self.l2.take(now, src) {
+    /// Admits a frame of `len` bytes about to be flooded across the WAN (the per-VM and
+    /// per-edge limits); counts ARP requests and neighbour solicitations that go.
+    pub(super) fn l2_admit_flood(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        len: usize,
+        seen: L2Seen,
+    ) -> bool {
+        if let Err(r) = self.l2.take(now, src, len) {
             self.drop(r);
             return false;
         }
