@@ -629,7 +629,10 @@ fn multicast_reaches_only_the_site_with_a_member() {
 /// A VM moves from site B to site C (its port moves to C's bridge) and carries on with
 /// its own traffic to D, with no gratuitous ARP. A's VM, whose edge had the VM behind B,
 /// reaches it within a second: C's edge sees the VM's first frame and announces the
-/// binding to every peer (before, A's frames went to B until the MAC expired).
+/// binding to every peer. (Here the moved VM's kernel also sends an ARP request after
+/// its carrier came back, which edges learn from too, control plane or not; the
+/// simulator's `restarted_edge_and_moved_vm_are_reachable_within_a_second` covers a VM
+/// that sends only unicast.)
 #[test]
 fn a_moved_vm_is_reachable_from_every_site_within_a_second() {
     let Some((lab, mvc)) = setup("a_moved_vm_is_reachable_from_every_site_within_a_second") else {
