@@ -7,7 +7,9 @@
 //! 2. `meet-again`: the same after every VM's ARP cache is flushed (nodes that meet again
 //!    later);
 //! 3. `dhcp-storm`: every VM asks a DHCP server (dnsmasq in site A's first VM) for a lease
-//!    at the same moment (DISCOVER, OFFER, REQUEST, ACK, broadcast flag set).
+//!    at the same moment (DISCOVER, OFFER, REQUEST, ACK, broadcast flag set);
+//! 4. `mpi`: an MPI job over every VM, one rank each (the demo's program: an allreduce of
+//!    the ranks, with mpi4py; OpenMPI over TCP on the overlay).
 //!
 //! Per site and round: the bytes and packets the site's frontend sent on its WAN uplink
 //! (everything the overlay sent: floods, unicast, control), and for mvc the frames and
@@ -26,6 +28,7 @@ use lab::{dhcp, Lab, Proc, Topology};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::apps;
 use super::{find_mvc, utc_now, write_json, Machine};
 
 /// Options of `bench broadcast`.
@@ -45,6 +48,9 @@ pub struct Args {
     /// Run the DHCP storm round.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dhcp: bool,
+    /// Run the MPI round (needs OpenMPI and python3-mpi4py).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub mpi: bool,
     /// Measure the time to reachability after an edge restart and a move (mvc only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub recovery: bool,
@@ -237,6 +243,60 @@ fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
     })
 }
 
+/// The MPI job: every rank reports its node, an allreduce sums the ranks.
+const MPI_PROGRAM: &str = r#"from mpi4py import MPI
+import socket
+c = MPI.COMM_WORLD
+total = c.allreduce(c.Get_rank(), op=MPI.SUM)
+names = c.gather(socket.gethostname(), root=0)
+if c.Get_rank() == 0:
+    n = c.Get_size()
+    print("mpi: %d ranks on %s" % (n, ",".join(names)))
+    print("mpi: allreduce(sum of ranks) = %d (expected %d)" % (total, n * (n - 1) // 2))
+"#;
+
+/// [`MPI_PROGRAM`] under mpirun over every VM (placed round-robin over the sites), from
+/// site A's first VM; (ranks, ranks when the sum came out right) per site.
+fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
+    let n: usize = t.sites.iter().map(|s| s.vms.len()).sum();
+    let vms = apps::nodes(t, n)?;
+    let launcher = apps::write_launcher(lab.dir(), &vms)?;
+    let hostfile = lab.dir().join("mpi-hostfile");
+    apps::write_hostfile(&hostfile, &vms, apps::Net::Mvc)?;
+    let prog = lab.dir().join("allreduce.py");
+    std::fs::write(&prog, MPI_PROGRAM)?;
+    let p = prog.to_string_lossy().into_owned();
+    let argv = apps::mpirun_argv(
+        &vms,
+        apps::Net::Mvc,
+        &hostfile,
+        &launcher,
+        lab.dir(),
+        &["/usr/bin/python3", &p],
+    );
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let sum = n * n.saturating_sub(1) / 2;
+    let want = format!("= {sum} (expected {sum})");
+    let ok = match lab.exec_timeout(&vms[0].ns, &argv, Duration::from_secs(300)) {
+        Ok(o) if o.stdout.contains(&want) => true,
+        Ok(o) => {
+            eprintln!("mpi job failed:\n{}{}", o.stdout, o.stderr);
+            false
+        }
+        Err(e) => {
+            eprintln!("mpi job failed: {e}");
+            false
+        }
+    };
+    Ok(t.sites
+        .iter()
+        .map(|s| {
+            let k = s.vms.len() as u32;
+            (k, if ok { k } else { 0 })
+        })
+        .collect())
+}
+
 /// Index of the first answered ping in `ping -c N -i 0.1` output.
 fn first_answered(stdout: &str) -> Option<u32> {
     stdout
@@ -318,13 +378,8 @@ fn move_time(lab: &Lab, t: &Topology) -> anyhow::Result<Option<f64>> {
     r
 }
 
-fn one_run(
-    mvc: &Mvc,
-    vms: u8,
-    control: &str,
-    with_dhcp: bool,
-    recovery: bool,
-) -> anyhow::Result<Run> {
+fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run> {
+    let (with_dhcp, recovery) = (args.dhcp, args.recovery);
     let lab = Lab::new("bc")?;
     let t = Topology::three_sites(&lab, vms)?;
     let (mut cluster, n2n) = if control == "n2n" {
@@ -350,13 +405,15 @@ fn one_run(
     // Let the warm-up's ARP settle and start from clean caches.
     std::thread::sleep(Duration::from_secs(1));
     let mut rounds = Vec::new();
-    let names: &[&str] = if with_dhcp {
-        &["meet", "meet-again", "dhcp-storm"]
-    } else {
-        &["meet", "meet-again"]
-    };
-    for name in names {
-        if *name != "dhcp-storm" {
+    let mut names = vec!["meet", "meet-again"];
+    if with_dhcp {
+        names.push("dhcp-storm");
+    }
+    if args.mpi {
+        names.push("mpi");
+    }
+    for name in &names {
+        if name.starts_with("meet") {
             for s in &t.sites {
                 for v in &s.vms {
                     lab.exec(&v.ns, &["ip", "neigh", "flush", "all"])?;
@@ -369,10 +426,10 @@ fn one_run(
             .map(|s| counters(mvc, &lab, cluster.as_ref(), s))
             .collect::<anyhow::Result<_>>()?;
         let t0 = std::time::Instant::now();
-        let tries = if *name == "dhcp-storm" {
-            dhcp_storm(&lab, &t)
-        } else {
-            ping_all(&lab, &t)?
+        let tries = match *name {
+            "dhcp-storm" => dhcp_storm(&lab, &t),
+            "mpi" => mpi_job(&lab, &t)?,
+            _ => ping_all(&lab, &t)?,
         };
         let seconds = t0.elapsed().as_secs_f64();
         let mut sites = Vec::new();
@@ -456,7 +513,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
     for &vms in &args.vms {
         for control in &args.control {
-            let r = one_run(&mvc, vms, control, args.dhcp, args.recovery)?;
+            let r = one_run(&mvc, vms, control, args)?;
             for round in &r.rounds {
                 for s in &round.sites {
                     println!(
