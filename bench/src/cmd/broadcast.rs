@@ -184,6 +184,9 @@ fn start_dnsmasq(lab: &Lab, t: &Topology) -> anyhow::Result<Proc> {
             "--bind-interfaces",
             "--dhcp-range=198.19.200.10,198.19.203.250,255.255.0.0,10m",
             "--dhcp-lease-max=2000",
+            // No ping before an offer: dnsmasq checks one address at a time, which would
+            // measure its own pacing, not the overlay's.
+            "--no-ping",
             &format!("--dhcp-leasefile={}", leases.display()),
             &format!("--pid-file={}", pid.display()),
             "--log-facility=-",
@@ -460,8 +463,16 @@ fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run
     let (mut restart, mut moved) = (None, None);
     if recovery {
         if let Some(c) = cluster.as_mut() {
-            restart = restart_time(&lab, &t, mvc, c, control)?;
-            moved = move_time(&lab, &t)?;
+            // The move first: without the control plane, a restarted edge leaves its VMs
+            // unreachable from some sites for a long time.
+            moved = move_time(&lab, &t).unwrap_or_else(|e| {
+                eprintln!("move: {e:#}");
+                None
+            });
+            restart = restart_time(&lab, &t, mvc, c, control).unwrap_or_else(|e| {
+                eprintln!("restart: {e:#}");
+                None
+            });
         }
     }
     if let Some(n) = n2n {
