@@ -201,6 +201,10 @@ struct EdgeArgs {
     /// [default: 2 x --flood-edge-pps].
     #[arg(long, value_name = "N")]
     flood_edge_burst: Option<u32>,
+    /// Kilobits per second of flooded frames from this edge (one second's worth may go
+    /// at once, at least 64 KiB); 0 = no limit [default: 16000].
+    #[arg(long, value_name = "KBIT")]
+    flood_edge_kbps: Option<u32>,
 }
 
 /// The L2 control plane's settings from flags and file (flags win).
@@ -229,12 +233,18 @@ fn l2_config(a: &EdgeArgs, f: &EdgeFile) -> Result<L2Config, CliError> {
             )));
         }
     }
+    let bytes = a
+        .flood_edge_kbps
+        .or(f.flood_edge_kbps)
+        .map_or(d.edge_flood_bytes, |k| k.saturating_mul(125));
     Ok(L2Config {
         control: a.l2_control.or(f.l2_control).unwrap_or(d.control),
         vm_flood_pps: vm_pps,
         vm_flood_burst: vm_burst,
         edge_flood_pps: edge_pps,
         edge_flood_burst: edge_burst,
+        edge_flood_bytes: bytes,
+        edge_flood_byte_burst: bytes.max(65_536),
         ..d
     })
 }
@@ -273,6 +283,7 @@ struct EdgeFile {
     flood_vm_burst: Option<u32>,
     flood_edge_pps: Option<u32>,
     flood_edge_burst: Option<u32>,
+    flood_edge_kbps: Option<u32>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -866,6 +877,19 @@ mod tests {
         let d = l2_config(&EdgeArgs::default(), &EdgeFile::default()).unwrap();
         assert!(d.control);
         assert_eq!((d.vm_flood_pps, d.edge_flood_pps), (100, 2000));
+        assert_eq!(d.edge_flood_bytes, 2_000_000);
+        let k = l2_config(
+            &EdgeArgs {
+                flood_edge_kbps: Some(80),
+                ..EdgeArgs::default()
+            },
+            &f,
+        )
+        .unwrap();
+        assert_eq!(
+            (k.edge_flood_bytes, k.edge_flood_byte_burst),
+            (10_000, 65_536)
+        );
         assert_eq!(parse_on_off("off"), Ok(false));
         assert!(parse_on_off("maybe").is_err());
     }

@@ -1,11 +1,15 @@
 //! The L2 control plane's pure parts: a checked view of ARP packets and the reply an edge
-//! writes for a known binding, the Bindings control message (codec), and a token bucket.
+//! writes for a known binding, the control messages (codec: Bindings, Bindings6, Groups),
+//! and a token bucket; neighbour discovery, IGMP/MLD and DHCP in [`frames`].
 //! No I/O, no clock: callers pass `now` and buffers.
 //!
-//! The Bindings message travels as the plaintext of a Control transport message (0x14)
-//! inside an authenticated session; its layout is in `docs/PROTOCOL.md`.
+//! The control messages travel as the plaintext of a Control transport message (0x14)
+//! inside an authenticated session; their layout is in `docs/PROTOCOL.md`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+mod frames;
+pub use frames::*;
 use std::time::{Duration, Instant};
 
 use crate::eth::{Mac, ETH_HDR_LEN};
@@ -134,55 +138,29 @@ impl Bindings {
 
     /// Writes the message into `buf`; returns its length.
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
-        if self.entries.len() > MAX_BINDINGS {
-            return Err(WireError::Malformed);
-        }
-        let n = self.len();
-        let b = buf.get_mut(..n).ok_or(WireError::NoRoom)?;
-        b[..BINDINGS_HDR_LEN].copy_from_slice(&[
-            CONTROL_VERSION,
-            CONTROL_BINDINGS,
-            if self.full { BINDINGS_FULL } else { 0 },
-            self.entries.len() as u8,
-        ]);
-        for (e, c) in self
-            .entries
-            .iter()
-            .zip(b[BINDINGS_HDR_LEN..].chunks_exact_mut(BINDING_LEN))
-        {
+        let n = self.entries.len();
+        let flags = if self.full { BINDINGS_FULL } else { 0 };
+        let b = control_head(buf, CONTROL_BINDINGS, flags, n, MAX_BINDINGS, BINDING_LEN)?;
+        for (e, c) in self.entries.iter().zip(b.chunks_exact_mut(BINDING_LEN)) {
             c[..6].copy_from_slice(&e.mac.0);
             c[6..].copy_from_slice(&e.ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets());
         }
-        Ok(n)
+        Ok(self.len())
     }
 
     /// Parses a whole control plaintext: another version or kind is `BadVersion` /
     /// `UnknownType`, unknown flags, group MACs or a count over [`MAX_BINDINGS`] are
     /// `Malformed`, a length that does not match the count `Truncated` / `Trailing`.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        let h = b.get(..BINDINGS_HDR_LEN).ok_or(WireError::Truncated)?;
-        if h[0] != CONTROL_VERSION {
-            return Err(WireError::BadVersion);
-        }
-        if h[1] != CONTROL_BINDINGS {
-            return Err(WireError::UnknownType);
-        }
-        if h[2] & !BINDINGS_FULL != 0 {
-            return Err(WireError::Malformed);
-        }
-        let n = usize::from(h[3]);
-        if n > MAX_BINDINGS {
-            return Err(WireError::Malformed);
-        }
-        let end = BINDINGS_HDR_LEN + n * BINDING_LEN;
-        if b.len() < end {
-            return Err(WireError::Truncated);
-        }
-        if b.len() > end {
-            return Err(WireError::Trailing);
-        }
+        let (flags, n, body) = control_body(
+            b,
+            CONTROL_BINDINGS,
+            BINDINGS_FULL,
+            MAX_BINDINGS,
+            BINDING_LEN,
+        )?;
         let mut entries = Vec::with_capacity(n);
-        for c in b[BINDINGS_HDR_LEN..end].chunks_exact(BINDING_LEN) {
+        for c in body.chunks_exact(BINDING_LEN) {
             let mac = mac_at(c, 0);
             if mac.is_group() {
                 return Err(WireError::Malformed);
@@ -194,9 +172,228 @@ impl Bindings {
             });
         }
         Ok(Self {
-            full: h[2] & BINDINGS_FULL != 0,
+            full: flags & BINDINGS_FULL != 0,
             entries,
         })
+    }
+}
+
+/// Control message kind: the sender's local IPv6 bindings.
+pub const CONTROL_BINDINGS6: u8 = 2;
+/// Control message kind: the multicast groups the sender's VMs are members of.
+pub const CONTROL_GROUPS: u8 = 3;
+/// Most entries in one Bindings6 message (keeps it under 1300 bytes).
+pub const MAX_BINDINGS6: usize = 56;
+/// Length of one Bindings6 entry: MAC (6) and IPv6 address (16).
+pub const BINDING6_LEN: usize = 22;
+/// Groups flag: the sender wants every multicast frame (more groups than one message
+/// holds); no entries follow.
+pub const GROUPS_ALL: u8 = 2;
+/// Most groups in one Groups message.
+pub const MAX_GROUPS: usize = 200;
+
+/// One IPv6 binding: a MAC and one of its addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding6 {
+    /// The VM's MAC.
+    pub mac: Mac,
+    /// One of its IPv6 addresses (unicast).
+    pub ip: Ipv6Addr,
+}
+
+/// A Bindings6 control message (a MAC with several addresses has several entries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bindings6 {
+    /// Starts a full set: the receiver forgets the IPv6 addresses the sender announced
+    /// before.
+    pub full: bool,
+    /// At most [`MAX_BINDINGS6`] entries.
+    pub entries: Vec<Binding6>,
+}
+
+/// A Groups control message: always the sender's full set of group MACs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Groups {
+    /// The sender wants every multicast frame (then `groups` is empty).
+    pub all: bool,
+    /// Group MACs (IPv4 or IPv6 multicast) with members behind the sender, at most
+    /// [`MAX_GROUPS`].
+    pub groups: Vec<Mac>,
+}
+
+/// A control message of any kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// MAC and IPv4 bindings.
+    Bindings(Bindings),
+    /// IPv6 bindings.
+    Bindings6(Bindings6),
+    /// Multicast membership.
+    Groups(Groups),
+}
+
+/// Checks the common header of a control message and the length its count implies:
+/// returns (flags, count, entries).
+fn control_body(
+    b: &[u8],
+    kind: u8,
+    flags: u8,
+    max: usize,
+    entry: usize,
+) -> Result<(u8, usize, &[u8]), WireError> {
+    let h = b.get(..BINDINGS_HDR_LEN).ok_or(WireError::Truncated)?;
+    if h[0] != CONTROL_VERSION {
+        return Err(WireError::BadVersion);
+    }
+    if h[1] != kind {
+        return Err(WireError::UnknownType);
+    }
+    if h[2] & !flags != 0 {
+        return Err(WireError::Malformed);
+    }
+    let n = usize::from(h[3]);
+    if n > max {
+        return Err(WireError::Malformed);
+    }
+    let end = BINDINGS_HDR_LEN + n * entry;
+    if b.len() < end {
+        return Err(WireError::Truncated);
+    }
+    if b.len() > end {
+        return Err(WireError::Trailing);
+    }
+    Ok((h[2], n, &b[BINDINGS_HDR_LEN..end]))
+}
+
+/// Writes a control header and reserves `n * entry` bytes after it.
+fn control_head(
+    buf: &mut [u8],
+    kind: u8,
+    flags: u8,
+    n: usize,
+    max: usize,
+    entry: usize,
+) -> Result<&mut [u8], WireError> {
+    if n > max {
+        return Err(WireError::Malformed);
+    }
+    let b = buf
+        .get_mut(..BINDINGS_HDR_LEN + n * entry)
+        .ok_or(WireError::NoRoom)?;
+    b[..BINDINGS_HDR_LEN].copy_from_slice(&[CONTROL_VERSION, kind, flags, n as u8]);
+    Ok(&mut b[BINDINGS_HDR_LEN..])
+}
+
+fn bad_ip6(ip: &Ipv6Addr) -> bool {
+    ip.is_unspecified() || ip.is_multicast() || ip.is_loopback()
+}
+
+impl Bindings6 {
+    /// Writes the message into `buf`; returns its length.
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let n = self.entries.len();
+        let flags = if self.full { BINDINGS_FULL } else { 0 };
+        let b = control_head(
+            buf,
+            CONTROL_BINDINGS6,
+            flags,
+            n,
+            MAX_BINDINGS6,
+            BINDING6_LEN,
+        )?;
+        for (e, c) in self.entries.iter().zip(b.chunks_exact_mut(BINDING6_LEN)) {
+            c[..6].copy_from_slice(&e.mac.0);
+            c[6..].copy_from_slice(&e.ip.octets());
+        }
+        Ok(BINDINGS_HDR_LEN + n * BINDING6_LEN)
+    }
+
+    /// Parses a whole control plaintext of kind 2; group MACs and addresses that are
+    /// unspecified, multicast or loopback are `Malformed`.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let (flags, n, body) = control_body(
+            b,
+            CONTROL_BINDINGS6,
+            BINDINGS_FULL,
+            MAX_BINDINGS6,
+            BINDING6_LEN,
+        )?;
+        let mut entries = Vec::with_capacity(n);
+        for c in body.chunks_exact(BINDING6_LEN) {
+            let mac = mac_at(c, 0);
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&c[6..]);
+            let ip = Ipv6Addr::from(a);
+            if mac.is_group() || bad_ip6(&ip) {
+                return Err(WireError::Malformed);
+            }
+            entries.push(Binding6 { mac, ip });
+        }
+        Ok(Self {
+            full: flags & BINDINGS_FULL != 0,
+            entries,
+        })
+    }
+}
+
+impl Groups {
+    /// Writes the message into `buf`; returns its length.
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        if self.all && !self.groups.is_empty() {
+            return Err(WireError::Malformed);
+        }
+        let n = self.groups.len();
+        let flags = if self.all { GROUPS_ALL } else { 0 };
+        let b = control_head(buf, CONTROL_GROUPS, flags, n, MAX_GROUPS, 6)?;
+        for (g, c) in self.groups.iter().zip(b.chunks_exact_mut(6)) {
+            c.copy_from_slice(&g.0);
+        }
+        Ok(BINDINGS_HDR_LEN + n * 6)
+    }
+
+    /// Parses a whole control plaintext of kind 3; entries that are not group MACs, the
+    /// broadcast MAC, or entries with the "all" flag are `Malformed`.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let (flags, n, body) = control_body(b, CONTROL_GROUPS, GROUPS_ALL, MAX_GROUPS, 6)?;
+        let all = flags & GROUPS_ALL != 0;
+        if all && n > 0 {
+            return Err(WireError::Malformed);
+        }
+        let mut groups = Vec::with_capacity(n);
+        for c in body.chunks_exact(6) {
+            let g = mac_at(c, 0);
+            if !g.is_group() || g.0 == [0xff; 6] {
+                return Err(WireError::Malformed);
+            }
+            groups.push(g);
+        }
+        Ok(Self { all, groups })
+    }
+}
+
+impl Control {
+    /// Parses a whole control plaintext of any known kind; another version is
+    /// `BadVersion`, another kind `UnknownType` (an edge counts and drops it).
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let h = b.get(..2).ok_or(WireError::Truncated)?;
+        if h[0] != CONTROL_VERSION {
+            return Err(WireError::BadVersion);
+        }
+        match h[1] {
+            CONTROL_BINDINGS => Bindings::decode(b).map(Self::Bindings),
+            CONTROL_BINDINGS6 => Bindings6::decode(b).map(Self::Bindings6),
+            CONTROL_GROUPS => Groups::decode(b).map(Self::Groups),
+            _ => Err(WireError::UnknownType),
+        }
+    }
+
+    /// Writes the message into `buf`; returns its length.
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        match self {
+            Self::Bindings(m) => m.encode(buf),
+            Self::Bindings6(m) => m.encode(buf),
+            Self::Groups(m) => m.encode(buf),
+        }
     }
 }
 
@@ -212,7 +409,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(burst: u32, now: Instant) -> Self {
         Self {
-            micro: u64::from(burst) * 1_000_000,
+            micro: u64::from(burst).saturating_mul(1_000_000),
             last: now,
         }
     }
@@ -220,14 +417,21 @@ impl TokenBucket {
     /// Takes one token if there is one (after refilling for the time since the last
     /// call); false when the frame is over the limit.
     pub fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        self.take_n(now, rate, burst, 1)
+    }
+
+    /// Takes `n` tokens (bytes, for a bucket of bytes) if there are that many; false
+    /// (nothing taken) when there are not.
+    pub fn take_n(&mut self, now: Instant, rate: u32, burst: u32, n: u32) -> bool {
         let dt = now.saturating_duration_since(self.last);
         self.last = self.last.max(now);
-        let cap = u64::from(burst) * 1_000_000;
+        let cap = u64::from(burst).saturating_mul(1_000_000);
         let add =
             (dt.min(Duration::from_secs(3600)).as_micros() as u64).saturating_mul(u64::from(rate));
         self.micro = self.micro.saturating_add(add).min(cap);
-        if self.micro >= 1_000_000 {
-            self.micro -= 1_000_000;
+        let need = u64::from(n) * 1_000_000;
+        if self.micro >= need {
+            self.micro -= need;
             true
         } else {
             false
@@ -239,7 +443,7 @@ impl TokenBucket {
         let dt = now.saturating_duration_since(self.last);
         let add =
             (dt.min(Duration::from_secs(3600)).as_micros() as u64).saturating_mul(u64::from(rate));
-        self.micro.saturating_add(add) >= u64::from(burst) * 1_000_000
+        self.micro.saturating_add(add) >= u64::from(burst).saturating_mul(1_000_000)
     }
 }
 
@@ -332,6 +536,71 @@ mod tests {
     }
 
     #[test]
+    fn bindings6_and_groups_roundtrip_and_rejects() {
+        let mut buf = [0u8; 2048];
+        let m = Control::Bindings6(Bindings6 {
+            full: true,
+            entries: vec![Binding6 {
+                mac: Mac([2, 0, 0, 0, 0, 1]),
+                ip: "fe80::1".parse().unwrap(),
+            }],
+        });
+        let n = m.encode(&mut buf).unwrap();
+        assert_eq!(n, 4 + BINDING6_LEN);
+        assert_eq!(Control::decode(&buf[..n]).unwrap(), m);
+        assert_eq!(Control::decode(&buf[..n - 1]), Err(WireError::Truncated));
+        let mut b = buf;
+        b[10] = 0xff; // a multicast address
+        assert_eq!(Control::decode(&b[..n]), Err(WireError::Malformed));
+        let max = Bindings6 {
+            full: false,
+            entries: vec![
+                Binding6 {
+                    mac: Mac([2, 0, 0, 0, 0, 1]),
+                    ip: "fe80::1".parse().unwrap(),
+                };
+                MAX_BINDINGS6
+            ],
+        };
+        let n = max.encode(&mut buf).unwrap();
+        assert!(n <= 1300);
+        let mut over = max.clone();
+        over.entries.push(over.entries[0]);
+        assert_eq!(over.encode(&mut buf), Err(WireError::Malformed));
+
+        let g = Control::Groups(Groups {
+            all: false,
+            groups: vec![Mac([1, 0, 0x5e, 1, 2, 3]), Mac([0x33, 0x33, 0, 0, 0, 0x42])],
+        });
+        let n = g.encode(&mut buf).unwrap();
+        assert_eq!(n, 16);
+        assert_eq!(Control::decode(&buf[..n]).unwrap(), g);
+        assert_eq!(Control::decode(&buf[..n + 1]), Err(WireError::Trailing));
+        let mut b = buf;
+        b[4] = 2; // not a group MAC
+        assert_eq!(Control::decode(&b[..n]), Err(WireError::Malformed));
+        let mut b = buf;
+        b[2] = GROUPS_ALL; // "all" with entries
+        assert_eq!(Control::decode(&b[..n]), Err(WireError::Malformed));
+        let all = Control::Groups(Groups {
+            all: true,
+            groups: vec![],
+        });
+        let n = all.encode(&mut buf).unwrap();
+        assert_eq!(Control::decode(&buf[..n]).unwrap(), all);
+        // The kind-1 message still decodes through Control; unknown kinds do not.
+        let v4 = Control::Bindings(Bindings {
+            full: false,
+            entries: vec![],
+        });
+        let n = v4.encode(&mut buf).unwrap();
+        assert_eq!(Control::decode(&buf[..n]).unwrap(), v4);
+        assert_eq!(Control::decode(&[1, 9, 0, 0]), Err(WireError::UnknownType));
+        assert_eq!(Control::decode(&[2, 1, 0, 0]), Err(WireError::BadVersion));
+        assert_eq!(Control::decode(&[1]), Err(WireError::Truncated));
+    }
+
+    #[test]
     fn bucket_caps_and_refills() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(5, t0);
@@ -342,5 +611,14 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert!(b.full_at(later, 10, 5));
         assert_eq!((0..10).filter(|_| b.take(later, 10, 5)).count(), 5);
+        // A bucket of bytes: 1000 per second, 1500 at once.
+        let mut b = TokenBucket::new(1500, t0);
+        assert!(b.take_n(t0, 1000, 1500, 1400));
+        assert!(!b.take_n(t0, 1000, 1500, 1400));
+        assert!(b.take_n(t0, 1000, 1500, 100));
+        assert!(b.take_n(t0 + Duration::from_millis(1400), 1000, 1500, 1400));
+        // Rates and bursts far beyond u32 bytes per microsecond saturate, never wrap.
+        let mut b = TokenBucket::new(u32::MAX, t0);
+        assert!(b.take_n(t0 + Duration::from_secs(7200), u32::MAX, u32::MAX, u32::MAX));
     }
 }

@@ -143,10 +143,27 @@ pub struct L2Status {
     /// Addresses claimed by a second MAC while the first held them (reported, not
     /// taken over).
     pub duplicate_ip_claims: u64,
-    /// Bindings messages sent.
+    /// Control messages (bindings and groups) sent.
     pub bindings_sent: u64,
-    /// Bindings messages received.
+    /// Control messages (bindings and groups) received.
     pub bindings_received: u64,
+    /// Neighbour solicitations from the TAP device answered here (an address behind a
+    /// peer).
+    pub nd_answered_locally: u64,
+    /// Neighbour solicitations from the TAP device for an address on this side.
+    pub nd_owned_locally: u64,
+    /// Multicast neighbour solicitations flooded to peers (no binding known).
+    pub nd_solicits_flooded: u64,
+    /// Multicast neighbour solicitations received from peers.
+    pub nd_solicits_from_wan: u64,
+    /// DHCP acknowledgements seen (their leases become bindings).
+    pub dhcp_acks_seen: u64,
+    /// IGMP and MLD membership reports from local VMs.
+    pub membership_reports: u64,
+    /// Multicast groups with members on this side.
+    pub local_groups: u64,
+    /// Copies of multicast frames not sent to a peer without members of the group.
+    pub multicast_withheld: u64,
 }
 
 /// Counters of one forwarder thread of an edge.
@@ -429,6 +446,16 @@ impl EdgeStatus {
                 self.l2.arp_requests_from_wan,
             ),
             ("l2_duplicate_ip_claims_total", self.l2.duplicate_ip_claims),
+            ("l2_nd_answered_locally_total", self.l2.nd_answered_locally),
+            ("l2_nd_owned_locally_total", self.l2.nd_owned_locally),
+            ("l2_nd_solicits_flooded_total", self.l2.nd_solicits_flooded),
+            (
+                "l2_nd_solicits_from_wan_total",
+                self.l2.nd_solicits_from_wan,
+            ),
+            ("l2_dhcp_acks_seen_total", self.l2.dhcp_acks_seen),
+            ("l2_membership_reports_total", self.l2.membership_reports),
+            ("l2_multicast_withheld_total", self.l2.multicast_withheld),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");
@@ -436,6 +463,7 @@ impl EdgeStatus {
         for (metric, v) in [
             ("l2_local_bindings", self.l2.local_bindings),
             ("l2_remote_bindings", self.l2.remote_bindings),
+            ("l2_local_groups", self.l2.local_groups),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} gauge");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");

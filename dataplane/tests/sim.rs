@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use dataplane::crypto::Cipher;
 use dataplane::edge::{EdgeConfig, EdgeCore, EdgeRng, L2Config, RngError, SupernodeAddr, Timers};
+use dataplane::offload::{csum_add, csum_fold};
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
 use dataplane::status::EdgeStatus;
@@ -1619,4 +1620,336 @@ fn duplicate_ip_claims_are_reported_not_flipped() {
         let r = arp_reply_of(net.edges[e].tap_rx.last().unwrap()).expect("an ARP reply");
         assert_eq!(r.0, mac(1), "edge {e}");
     }
+}
+
+/// Link-local IPv6 address fe80::n.
+fn ip6(n: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfe, 0x80]);
+    a[15] = n;
+    a
+}
+
+/// An Ethernet frame carrying ICMPv6 message `m` from `s` to `d` (checksum filled in).
+fn icmp6_frame(dst: [u8; 6], src: [u8; 6], s: [u8; 16], d: [u8; 16], m: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 54];
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&(m.len() as u16).to_be_bytes());
+    f[20] = 58;
+    f[21] = 255;
+    f[22..38].copy_from_slice(&s);
+    f[38..54].copy_from_slice(&d);
+    let mut m = m.to_vec();
+    let mut sum = csum_add(0, &s);
+    sum = csum_add(sum, &d);
+    sum = csum_add(sum, &(m.len() as u32).to_be_bytes());
+    sum = csum_add(sum, &[0, 0, 0, 58]);
+    sum = csum_add(sum, &m);
+    m[2..4].copy_from_slice(&(!csum_fold(sum)).to_be_bytes());
+    f.extend_from_slice(&m);
+    f
+}
+
+/// A neighbour solicitation from `sha`/`s` (unspecified: duplicate address detection)
+/// for `target`, to its solicited-node group.
+fn ns(sha: [u8; 6], s: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let mut d = [0u8; 16];
+    d[..2].copy_from_slice(&[0xff, 0x02]);
+    d[11..13].copy_from_slice(&[1, 0xff]);
+    d[13..].copy_from_slice(&target[13..]);
+    let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&target);
+    if s != [0; 16] {
+        m.extend_from_slice(&[1, 1]);
+        m.extend_from_slice(&sha);
+    }
+    let dm = [0x33, 0x33, 0xff, target[13], target[14], target[15]];
+    icmp6_frame(dm, sha, s, d, &m)
+}
+
+/// An unsolicited neighbour advertisement (override) of `target` by `sha`, to ff02::1.
+fn unsolicited_na(sha: [u8; 6], target: [u8; 16]) -> Vec<u8> {
+    let mut all = [0u8; 16];
+    all[..2].copy_from_slice(&[0xff, 0x02]);
+    all[15] = 1;
+    let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    m.extend_from_slice(&target);
+    m.extend_from_slice(&[2, 1]);
+    m.extend_from_slice(&sha);
+    icmp6_frame([0x33, 0x33, 0, 0, 0, 1], sha, target, all, &m)
+}
+
+/// (Ethernet source, IPv6 destination, solicited flag, target, target link-layer
+/// address) of a neighbour advertisement.
+type NaFields = ([u8; 6], [u8; 16], bool, [u8; 16], [u8; 6]);
+
+/// The fields of a neighbour advertisement frame whose checksum verifies.
+fn na_of(f: &[u8]) -> Option<NaFields> {
+    if f.len() < 86 || f[12..14] != [0x86, 0xdd] || f[20] != 58 || f[54] != 136 {
+        return None;
+    }
+    let plen = usize::from(u16::from_be_bytes([f[18], f[19]]));
+    let m = &f[54..54 + plen];
+    let mut sum = csum_add(0, &f[22..54]);
+    sum = csum_add(sum, &(m.len() as u32).to_be_bytes());
+    sum = csum_add(sum, &[0, 0, 0, 58]);
+    sum = csum_add(sum, m);
+    if csum_fold(sum) != 0xffff || m[24..26] != [2, 1] {
+        return None;
+    }
+    Some((
+        f[6..12].try_into().unwrap(),
+        f[38..54].try_into().unwrap(),
+        m[4] & 0x40 != 0,
+        m[8..24].try_into().unwrap(),
+        m[26..32].try_into().unwrap(),
+    ))
+}
+
+/// Neighbour solicitations for an address announced by another site are answered by the
+/// local edge (a valid advertisement with the owner's MAC) and none crosses the WAN;
+/// duplicate address detection for an address held elsewhere is answered so it fails,
+/// and reported; a VM that moves and advertises itself is found at the new site at once.
+#[test]
+fn nd_for_a_known_binding_is_answered_locally_and_never_crosses() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    // VM 2 (behind b) does duplicate address detection for fe80::2; VM 1 (behind a)
+    // solicits a neighbour nobody knows yet (so its own address is learned).
+    net.send_frame(b, &ns(mac(2), [0; 16], ip6(2)));
+    net.send_frame(a, &ns(mac(1), ip6(1), ip6(9)));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.status(a).l2.nd_solicits_flooded, 1);
+    assert_eq!(net.status(b).l2.nd_solicits_from_wan, 1);
+    let (a0, b0) = (net.status(a).l2, net.status(b).l2);
+    for _ in 0..10 {
+        net.send_frame(a, &ns(mac(1), ip6(1), ip6(2)));
+        let r = na_of(net.edges[a].tap_rx.last().unwrap()).expect("a valid advertisement");
+        assert_eq!(r, (mac(2), ip6(1), true, ip6(2), mac(2)));
+        net.send_frame(b, &ns(mac(2), ip6(2), ip6(1)));
+        let r = na_of(net.edges[b].tap_rx.last().unwrap()).expect("a valid advertisement");
+        assert_eq!(r, (mac(1), ip6(2), true, ip6(1), mac(1)));
+        net.run(Duration::from_millis(100));
+    }
+    let (a1, b1) = (net.status(a).l2, net.status(b).l2);
+    assert_eq!(a1.nd_answered_locally - a0.nd_answered_locally, 10);
+    assert_eq!(b1.nd_answered_locally - b0.nd_answered_locally, 10);
+    assert_eq!(a1.nd_solicits_flooded, a0.nd_solicits_flooded);
+    assert_eq!(b1.nd_solicits_from_wan, b0.nd_solicits_from_wan);
+    assert_eq!(a1.nd_solicits_from_wan, a0.nd_solicits_from_wan);
+    assert_eq!(net.status(c).l2.nd_solicits_from_wan, 1);
+    // VM 3 behind c wants fe80::2 too: its duplicate address detection is answered
+    // (for all nodes, not solicited) and the claim is reported.
+    net.send_frame(c, &ns(mac(3), [0; 16], ip6(2)));
+    let r = na_of(net.edges[c].tap_rx.last().unwrap()).expect("a valid advertisement");
+    let mut all = [0u8; 16];
+    all[..2].copy_from_slice(&[0xff, 0x02]);
+    all[15] = 1;
+    assert_eq!(r, (mac(2), all, false, ip6(2), mac(2)));
+    assert_eq!(net.status(c).l2.duplicate_ip_claims, 1);
+    // VM 2 moves to c and advertises itself once: a sends to c, without a flood.
+    net.send_frame(c, &unsolicited_na(mac(2), ip6(2)));
+    net.run(Duration::from_millis(50));
+    let flooded = net.status(a).flooded_frames;
+    let to2 = frame(mac(2), mac(1), 9);
+    net.send_frame(a, &to2);
+    assert_eq!(net.edges[c].tap_rx.last(), Some(&to2));
+    assert_eq!(net.status(a).flooded_frames, flooded);
+    net.send_frame(a, &ns(mac(1), ip6(1), ip6(2)));
+    let r = na_of(net.edges[a].tap_rx.last().unwrap()).expect("a valid advertisement");
+    assert_eq!(r.4, mac(2));
+}
+
+/// A DHCP reply of message type `kind` (5: ACK) from `server` giving `addr` to `client`.
+fn dhcp_reply(server: [u8; 6], client: [u8; 6], addr: [u8; 4], kind: u8) -> Vec<u8> {
+    let mut b = vec![0u8; 240];
+    b[..3].copy_from_slice(&[2, 1, 6]);
+    b[16..20].copy_from_slice(&addr);
+    b[28..34].copy_from_slice(&client);
+    b[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    b.extend_from_slice(&[53, 1, kind, 255]);
+    let mut f = vec![0u8; 42];
+    f[..6].copy_from_slice(&client);
+    f[6..12].copy_from_slice(&server);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((28 + b.len()) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&ip(1));
+    f[30..34].copy_from_slice(&addr);
+    f[34..38].copy_from_slice(&[0, 67, 0, 68]);
+    f[38..40].copy_from_slice(&((8 + b.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&b);
+    f
+}
+
+/// A lease acknowledged by a DHCP server at site A becomes a binding everywhere before
+/// the client sends its first ARP: the client's edge sees the acknowledgement arrive and
+/// announces it, and an ARP request for the leased address at a third site is answered
+/// there.
+#[test]
+fn a_dhcp_lease_is_a_binding_before_the_first_arp() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    // The client (VM 7 behind b) broadcasts its request (any broadcast will do).
+    net.send_frame(b, &frame(BCAST, mac(7), 0));
+    net.run(Duration::from_millis(50));
+    // The server (VM 1 behind a) acknowledges 198.19.0.7.
+    let ack = dhcp_reply(mac(1), mac(7), ip(7), 5);
+    net.send_frame(a, &ack);
+    assert_eq!(net.edges[b].tap_rx.last(), Some(&ack));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.status(a).l2.dhcp_acks_seen, 1);
+    assert_eq!(net.status(b).l2.dhcp_acks_seen, 1);
+    for e in [a, c] {
+        net.send_frame(e, &arp_request(mac(8), ip(8), ip(7)));
+        let r = arp_reply_of(net.edges[e].tap_rx.last().unwrap()).expect("an ARP reply");
+        assert_eq!(r.0, mac(7), "edge {e}");
+    }
+    assert_eq!(net.status(b).l2.arp_requests_from_wan, 0);
+    // An offer binds nothing.
+    net.send_frame(a, &dhcp_reply(mac(1), mac(7), ip(17), 2));
+    net.run(Duration::from_millis(50));
+    let flooded = net.status(c).l2.arp_requests_flooded;
+    net.send_frame(c, &arp_request(mac(8), ip(8), ip(17)));
+    assert_eq!(net.status(c).l2.arp_requests_flooded, flooded + 1);
+}
+
+/// A peer that stops answering (its edge died, its supernode still lists it) loses its
+/// bindings when its last session lapses, well before the peer itself expires: ARP for
+/// its VMs is flooded again instead of answered with a stale MAC. A live peer's bindings
+/// survive rekeying.
+#[test]
+fn bindings_go_when_the_peers_session_lapses() {
+    let mut net = Net::new(1);
+    let t = Timers {
+        peer_expiry: Duration::from_secs(600),
+        ..timers()
+    };
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t, true);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    net.send_frame(b, &arp_request(mac(2), ip(2), ip(2)));
+    net.send_frame(c, &arp_request(mac(3), ip(3), ip(3)));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.status(a).l2.remote_bindings, 2);
+    net.edges[b].alive = false;
+    // The session lives at most `reject_after_time` (30 s here) without a rekey.
+    net.run(Duration::from_secs(32));
+    let st = net.status(a);
+    assert!(st.peers.iter().any(|p| p.name == "b"), "b is still a peer");
+    assert_eq!(st.l2.remote_bindings, 1, "only c's binding is left");
+    let flooded = st.l2.arp_requests_flooded;
+    net.send_frame(a, &arp_request(mac(1), ip(1), ip(2)));
+    assert_eq!(net.status(a).l2.arp_requests_flooded, flooded + 1);
+    net.send_frame(a, &arp_request(mac(1), ip(1), ip(3)));
+    let r = arp_reply_of(net.edges[a].tap_rx.last().unwrap()).expect("an ARP reply");
+    assert_eq!(r.0, mac(3));
+}
+
+/// An IGMPv3 report from `src` joining (or leaving) IPv4 group `g`.
+fn igmp3_report(src: [u8; 6], g: [u8; 4], join: bool) -> Vec<u8> {
+    let mut m = vec![0x22, 0, 0, 0, 0, 0, 0, 1, if join { 4 } else { 3 }, 0, 0, 0];
+    m.extend_from_slice(&g);
+    let c = !csum_fold(csum_add(0, &m));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0u8; 34];
+    f[..6].copy_from_slice(&[1, 0, 0x5e, 0, 0, 22]);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((20 + m.len()) as u16).to_be_bytes());
+    f[22] = 1;
+    f[23] = 2;
+    f[30..34].copy_from_slice(&[224, 0, 0, 22]);
+    f.extend_from_slice(&m);
+    f
+}
+
+/// Multicast follows membership: a group frame goes to the site whose VM joined it, not
+/// to a site without members, and to a site whose edge announces no groups (control
+/// plane off); link-local groups go everywhere; after the leave, no site gets it.
+#[test]
+fn multicast_goes_only_to_sites_with_members() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    let d = net.add_edge("d", "s", Cipher::Aes256Gcm);
+    net.edges[d].core.set_l2_config(L2Config {
+        control: false,
+        ..L2Config::default()
+    });
+    net.run(Duration::from_secs(2));
+    net.send_frame(b, &igmp3_report(mac(2), [239, 1, 2, 3], true));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.status(b).l2.local_groups, 1);
+    let group = frame([1, 0, 0x5e, 1, 2, 3], mac(1), 0x31);
+    let link_local = frame([1, 0, 0x5e, 0, 0, 251], mac(1), 0x32);
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    net.send_frame(a, &group);
+    net.send_frame(a, &link_local);
+    net.run(Duration::from_millis(50));
+    assert!(got(&net, b, &group), "the member's site");
+    assert!(!got(&net, c, &group), "a site without members");
+    assert!(got(&net, d, &group), "a site that announces no groups");
+    for e in [b, c, d] {
+        assert!(got(&net, e, &link_local), "link-local group at edge {e}");
+    }
+    assert_eq!(net.status(a).l2.multicast_withheld, 1);
+    // VM 2 leaves: b no longer gets the group either.
+    net.send_frame(b, &igmp3_report(mac(2), [239, 1, 2, 3], false));
+    net.run(Duration::from_millis(50));
+    let again = frame([1, 0, 0x5e, 1, 2, 3], mac(1), 0x33);
+    net.send_frame(a, &again);
+    net.run(Duration::from_millis(50));
+    assert!(!got(&net, b, &again) && !got(&net, c, &again));
+    assert!(got(&net, d, &again));
+}
+
+/// Large broadcast frames are held to the edge's byte limit even while they are within
+/// its frame limits: 1400-byte frames from many VMs at 500 frames/s for 2 s against a
+/// limit of 100 kB/s (100 kB at once).
+#[test]
+fn large_broadcast_frames_are_held_to_the_byte_limit() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    net.edges[a].core.set_l2_config(L2Config {
+        edge_flood_bytes: 100_000,
+        edge_flood_byte_burst: 100_000,
+        ..L2Config::default()
+    });
+    net.run(Duration::from_secs(2));
+    let before = net.edges[b].tap_rx.len();
+    for i in 0..1000u32 {
+        let mut f = vec![0u8; 1400];
+        f[..6].copy_from_slice(&BCAST);
+        f[6..12].copy_from_slice(&[2, 0, 0, 2, (i >> 8) as u8, i as u8]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        net.send_frame(a, &f);
+        net.run(Duration::from_millis(2));
+    }
+    let got = net.edges[b].tap_rx[before..]
+        .iter()
+        .filter(|f| f.len() == 1400)
+        .count();
+    let drops = net.status(a).drops;
+    let dropped = drops.get("flood_edge_bytes").copied().unwrap_or(0);
+    println!("{got} of 1000 large frames crossed, {dropped} dropped at the byte limit");
+    // 100 kB at once and 100 kB/s for 2 s: 300 kB, 214 frames of 1400 bytes.
+    assert!((210..=216).contains(&got), "{got} frames crossed");
+    assert_eq!(dropped, 1000 - got as u64);
+    assert_eq!(drops.get("flood_vm_limit").copied().unwrap_or(0), 0);
 }

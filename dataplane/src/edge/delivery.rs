@@ -17,7 +17,7 @@ use crate::wire::{
 };
 
 use super::drops::DropReason;
-use super::l2::ArpSeen;
+use super::l2::L2Seen;
 use super::{max_frame, EdgeCore};
 
 impl EdgeCore {
@@ -34,12 +34,12 @@ impl EdgeCore {
         if !src.is_group() && self.macs.remove(&src).is_some() {
             self.l2_moved_here(now, src);
         }
-        let arp = if l2::ethertype(frame) == Some(l2::ETHERTYPE_ARP) {
-            self.l2_tap_arp(now, src, dst.is_group(), frame, out)
+        let seen = if l2::worth_a_look(frame) {
+            self.l2_tap_frame(now, src, dst.is_group(), frame, out)
         } else {
-            ArpSeen::Other
+            L2Seen::Other
         };
-        if arp == ArpSeen::Handled {
+        if seen == L2Seen::Handled {
             return;
         }
         if dst.is_group() {
@@ -58,7 +58,7 @@ impl EdgeCore {
                 return;
             }
         }
-        if self.l2_admit_flood(now, src, arp) {
+        if self.l2_admit_flood(now, src, frame.len(), seen) {
             self.flood(now, frame, out);
         }
     }
@@ -206,7 +206,11 @@ impl EdgeCore {
         let mut via_sn = std::mem::take(&mut self.scratch_dsts);
         via_sn.clear();
         let ids: Vec<EdgeId> = self.peers.keys().copied().collect();
+        let group = self.l2_flood_group(frame);
         for id in ids {
+            if group.is_some_and(|g| !self.l2_peer_wants(&id, g)) {
+                continue;
+            }
             let direct = self
                 .peers
                 .get(&id)
@@ -361,8 +365,8 @@ impl EdgeCore {
                 None => self.drop(DropReason::MacTableFull),
             }
         }
-        if moved || l2::ethertype(frame) == Some(l2::ETHERTYPE_ARP) {
-            self.l2_from_peer(src, moved, frame);
+        if moved || l2::worth_a_look(frame) {
+            self.l2_from_peer(now, src, moved, frame);
         }
         out.push_tap(frame, partial_csum);
         self.tap_tx += 1;

@@ -119,6 +119,8 @@ reasons! {
     FloodVmLimit = "flood_vm_limit",
     /// A frame to flood over this edge's limit.
     FloodEdgeLimit = "flood_edge_limit",
+    /// A frame to flood over this edge's limit of bytes.
+    FloodEdgeBytes = "flood_edge_bytes",
 
     // Noticed by the I/O driver.
     /// A frame whose partial checksum could not be completed.

@@ -214,12 +214,14 @@ impl EdgeCore {
             return;
         };
         // Drop sessions past their life.
+        let mut lapsed = false;
         if p.cur
             .as_ref()
             .is_some_and(|s| now.saturating_duration_since(s.created) >= t.reject_after_time)
         {
             if let Some(s) = p.cur.take() {
                 self.index.remove(&s.local_index);
+                lapsed = true;
             }
         }
         if p.prev
@@ -245,6 +247,9 @@ impl EdgeCore {
             if let Some(pd) = p.pending.take() {
                 self.index.remove(&pd.state.init.sender_index);
             }
+        }
+        if lapsed {
+            self.l2_session_lapsed(id);
         }
         let Some(p) = self.peers.get_mut(id) else {
             return;

@@ -14,19 +14,23 @@
 //!   here and never crosses the WAN; one for an address bound on our side is not
 //!   forwarded (its owner answers on the local segment).
 //! - Frames that would be flooded (broadcast, multicast, unknown unicast) pass a token
-//!   bucket per source MAC and one per edge; over the limit they are dropped and counted
-//!   (`bcast_vm_limit`, `bcast_edge_limit`).
+//!   bucket per source MAC, one per edge, and one of bytes per edge (so large frames
+//!   cannot take a WAN link within the frame limits); over a limit they are dropped and
+//!   counted (`flood_vm_limit`, `flood_edge_limit`, `flood_edge_bytes`).
 //! - An address claimed by a second MAC while the first still holds it is a duplicate:
 //!   counted, logged once per address, and the first binding kept.
 //!
 //! Per frame this costs a two-byte EtherType comparison for unicast frames and a hash
 //! lookup or two for ARP and flooded frames.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use crate::eth::Mac;
-use crate::l2::{self, Arp, Binding, Bindings, TokenBucket, ARP_REQUEST, MAX_BINDINGS};
+use crate::l2::{
+    self, Arp, Binding, Binding6, Bindings, Bindings6, Control, Groups, Nd, TokenBucket,
+    ARP_REQUEST, MAX_BINDINGS, MAX_BINDINGS6, MAX_GROUPS,
+};
 use crate::outbox::Outbox;
 use crate::status::L2Status;
 use crate::wire::{EdgeId, MsgType};
@@ -37,7 +41,8 @@ use super::{EdgeCore, Map};
 /// Settings of the L2 control plane.
 #[derive(Clone, Debug)]
 pub struct L2Config {
-    /// Bindings announced and ARP answered locally (off: every ARP request is flooded).
+    /// Bindings announced, ARP and neighbour solicitations answered locally, multicast
+    /// sent only where there are members (off: all of it is flooded).
     pub control: bool,
     /// Flooded frames per second from one source MAC (0: no limit).
     pub vm_flood_pps: u32,
@@ -47,6 +52,11 @@ pub struct L2Config {
     pub edge_flood_pps: u32,
     /// Flooded frames this edge may send at once after a quiet time.
     pub edge_flood_burst: u32,
+    /// Bytes of flooded frames per second from this edge (0: no limit); the frame limits
+    /// alone would let large broadcast frames take a WAN link.
+    pub edge_flood_bytes: u32,
+    /// Bytes of flooded frames this edge may send at once after a quiet time.
+    pub edge_flood_byte_burst: u32,
     /// Full set of local bindings re-announced this often (also when local bindings
     /// that were not seen for the MAC expiry time are forgotten).
     pub announce_interval: Duration,
@@ -60,6 +70,8 @@ impl Default for L2Config {
             vm_flood_burst: 200,
             edge_flood_pps: 2000,
             edge_flood_burst: 4000,
+            edge_flood_bytes: 2_000_000,
+            edge_flood_byte_burst: 2_000_000,
             announce_interval: Duration::from_secs(30),
         }
     }
@@ -69,17 +81,24 @@ impl Default for L2Config {
 const MAX_VM_BUCKETS: usize = 4096;
 /// Most addresses remembered as already reported duplicates.
 const MAX_DUP_LOGGED: usize = 4096;
+/// Most IPv6 addresses kept per MAC (a link-local one and a few others); a new one
+/// beyond replaces the oldest.
+const MAX_IP6_PER_MAC: usize = 8;
+/// Most membership records read from one report.
+const MAX_REPORT_RECORDS: usize = 64;
+/// Most groups with local members tracked (beyond: peers are asked for everything).
+const MAX_LOCAL_GROUPS: usize = 1024;
 
-#[derive(Clone, Copy)]
 struct Local {
     ip: Option<Ipv4Addr>,
+    ip6: Vec<Ipv6Addr>,
     seen: Instant,
 }
 
-#[derive(Clone, Copy)]
 struct Remote {
     peer: EdgeId,
     ip: Option<Ipv4Addr>,
+    ip6: Vec<Ipv6Addr>,
 }
 
 /// The control plane's tables and counters.
@@ -88,14 +107,33 @@ pub(super) struct L2 {
     local: Map<Mac, Local>,
     remote: Map<Mac, Remote>,
     /// Who holds each address (a MAC in `local` or `remote`).
-    ips: Map<Ipv4Addr, Mac>,
+    ips: Map<IpAddr, Mac>,
     vm_buckets: Map<Mac, TokenBucket>,
     edge_bucket: TokenBucket,
+    edge_bytes: TokenBucket,
     /// Local bindings learned since the last poll, announced by it.
     pending: Vec<Binding>,
+    pending6: Vec<Binding6>,
     next_announce: Instant,
-    dup_logged: Map<Ipv4Addr, Mac>,
+    dup_logged: Map<IpAddr, Mac>,
+    /// Group MACs joined by local VMs, with their members.
+    members: Map<Mac, Vec<Mac>>,
+    /// More groups were joined than `members` holds: peers send us every group.
+    groups_overflow: bool,
+    /// The set of groups changed since the last poll.
+    groups_changed: bool,
+    /// What each peer announced it has members for (sorted; `None`: everything). A peer
+    /// that never announced gets every multicast frame.
+    peer_groups: Map<EdgeId, Option<Vec<Mac>>>,
     stats: L2Status,
+}
+
+fn usable_v4(a: &Ipv4Addr) -> bool {
+    !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast()
+}
+
+fn usable_v6(a: &Ipv6Addr) -> bool {
+    !a.is_unspecified() && !a.is_multicast() && !a.is_loopback()
 }
 
 impl L2 {
@@ -103,6 +141,7 @@ impl L2 {
         let t = || foldhash::fast::FixedState::with_seed(seed);
         Self {
             edge_bucket: TokenBucket::new(cfg.edge_flood_burst, now),
+            edge_bytes: TokenBucket::new(cfg.edge_flood_byte_burst, now),
             next_announce: now + cfg.announce_interval,
             cfg,
             local: Map::with_hasher(t()),
@@ -110,7 +149,12 @@ impl L2 {
             ips: Map::with_hasher(t()),
             vm_buckets: Map::with_hasher(t()),
             pending: Vec::new(),
+            pending6: Vec::new(),
             dup_logged: Map::with_hasher(t()),
+            members: Map::with_hasher(t()),
+            groups_overflow: false,
+            groups_changed: false,
+            peer_groups: Map::with_hasher(t()),
             stats: L2Status::default(),
         }
     }
@@ -121,7 +165,7 @@ impl L2 {
 
     /// Whether `mac` may take `ip`: false (counted, logged once) when another MAC that is
     /// still bound holds it.
-    fn may_claim(&mut self, mac: Mac, ip: Ipv4Addr) -> bool {
+    fn may_claim(&mut self, mac: Mac, ip: IpAddr) -> bool {
         match self.ips.get(&ip) {
             Some(m) if *m != mac && self.holds(m) => {
                 let holder = *m;
@@ -138,89 +182,161 @@ impl L2 {
         }
     }
 
-    fn release_ip(&mut self, mac: &Mac, ip: Option<Ipv4Addr>) {
-        if let Some(ip) = ip {
-            if self.ips.get(&ip) == Some(mac) {
-                self.ips.remove(&ip);
-            }
+    fn release_ip(&mut self, mac: &Mac, ip: IpAddr) {
+        if self.ips.get(&ip) == Some(mac) {
+            self.ips.remove(&ip);
+        }
+    }
+
+    fn release_all(&mut self, mac: &Mac, ip: Option<Ipv4Addr>, ip6: &[Ipv6Addr]) {
+        if let Some(a) = ip {
+            self.release_ip(mac, a.into());
+        }
+        for a in ip6 {
+            self.release_ip(mac, (*a).into());
         }
     }
 
     fn drop_remote(&mut self, mac: &Mac) {
         if let Some(r) = self.remote.remove(mac) {
-            self.release_ip(mac, r.ip);
+            self.release_all(mac, r.ip, &r.ip6);
         }
     }
 
     fn drop_local(&mut self, mac: &Mac) {
         if let Some(l) = self.local.remove(mac) {
-            self.release_ip(mac, l.ip);
+            self.release_all(mac, l.ip, &l.ip6);
+            self.leave_all(mac);
         }
     }
 
-    /// Learns a local binding; queues it for announcement when new or changed.
-    /// A MAC that moved here without an address keeps the one its peer announced.
+    /// Learns a local binding; queues it for announcement when new or changed. A MAC
+    /// that moved here keeps the addresses its peer announced.
     fn bind_local(&mut self, now: Instant, mac: Mac, ip: Option<Ipv4Addr>, max: usize) {
-        let carried = self.remote.get(&mac).and_then(|r| r.ip);
-        self.drop_remote(&mac);
-        let ip = ip
-            .filter(|a| !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast())
-            .or(carried);
-        let n = self.local.len();
-        let old = match self.local.get_mut(&mac) {
-            Some(l) => {
-                l.seen = now;
-                if ip.is_none() || l.ip == ip {
-                    return;
+        let ip = ip.filter(usable_v4);
+        let new = !self.local.contains_key(&mac);
+        if new {
+            let moved = self.remote.remove(&mac);
+            if self.local.len() >= max {
+                if let Some(r) = moved {
+                    self.release_all(&mac, r.ip, &r.ip6);
                 }
-                l.ip
+                return;
             }
-            None if n < max => {
-                self.local.insert(
-                    mac,
-                    Local {
-                        ip: None,
-                        seen: now,
-                    },
-                );
-                None
-            }
-            None => return,
+            let (ip0, ip6) = moved.map(|r| (r.ip, r.ip6)).unwrap_or_default();
+            self.pending6
+                .extend(ip6.iter().map(|a| Binding6 { mac, ip: *a }));
+            self.local.insert(
+                mac,
+                Local {
+                    ip: ip0,
+                    ip6,
+                    seen: now,
+                },
+            );
+        }
+        let Some(l) = self.local.get_mut(&mac) else {
+            return;
         };
+        l.seen = now;
+        let old = l.ip;
         let mut now_ip = old;
-        if let Some(a) = ip {
-            if self.may_claim(mac, a) {
-                self.release_ip(&mac, old);
-                self.ips.insert(a, mac);
+        if let Some(a) = ip.filter(|a| old != Some(*a)) {
+            if self.may_claim(mac, a.into()) {
+                if let Some(o) = old {
+                    self.release_ip(&mac, o.into());
+                }
+                self.ips.insert(a.into(), mac);
                 now_ip = Some(a);
+                if let Some(l) = self.local.get_mut(&mac) {
+                    l.ip = now_ip;
+                }
             }
         }
-        if let Some(l) = self.local.get_mut(&mac) {
-            l.ip = now_ip;
-        }
-        if old.is_none() || now_ip != old {
+        if new || now_ip != old {
             self.pending.push(Binding { mac, ip: now_ip });
         }
     }
 
-    /// Applies one binding announced by `peer`; false when the table is full. A MAC
-    /// announced without an address keeps the one it had here (a VM that moved).
-    fn bind_remote(&mut self, peer: EdgeId, b: Binding, max: usize) -> bool {
-        let old = self.remote.get(&b.mac).copied();
-        if old.is_none() && self.remote.len() >= max {
-            return false;
+    /// Learns a local IPv6 binding (the MAC's binding first, as [`L2::bind_local`]).
+    fn bind_local6(&mut self, now: Instant, mac: Mac, ip: Ipv6Addr, max: usize) {
+        if !usable_v6(&ip) {
+            return;
         }
-        let mut ip = old.and_then(|r| r.ip);
-        let carried = ip.or_else(|| self.local.get(&b.mac).and_then(|l| l.ip));
-        self.drop_local(&b.mac);
-        if let Some(a) = b.ip.or(carried) {
-            if ip != Some(a) && self.may_claim(b.mac, a) {
-                self.release_ip(&b.mac, ip);
-                self.ips.insert(a, b.mac);
-                ip = Some(a);
+        self.bind_local(now, mac, None, max);
+        if self.local.get(&mac).is_none_or(|l| l.ip6.contains(&ip)) {
+            return;
+        }
+        if !self.may_claim(mac, ip.into()) {
+            return;
+        }
+        let Some(l) = self.local.get_mut(&mac) else {
+            return;
+        };
+        let oldest = (l.ip6.len() >= MAX_IP6_PER_MAC).then(|| l.ip6.remove(0));
+        l.ip6.push(ip);
+        if let Some(o) = oldest {
+            self.release_ip(&mac, o.into());
+        }
+        self.ips.insert(ip.into(), mac);
+        self.pending6.push(Binding6 { mac, ip });
+    }
+
+    /// Applies one binding announced by `peer`; false when the table is full. A MAC
+    /// announced without an address keeps the ones it had here (a VM that moved).
+    fn bind_remote(&mut self, peer: EdgeId, b: Binding, max: usize) -> bool {
+        if !self.remote.contains_key(&b.mac) {
+            if self.remote.len() >= max {
+                return false;
+            }
+            let (ip, ip6) = match self.local.remove(&b.mac) {
+                Some(l) => {
+                    self.leave_all(&b.mac);
+                    (l.ip, l.ip6)
+                }
+                None => (None, Vec::new()),
+            };
+            self.remote.insert(b.mac, Remote { peer, ip, ip6 });
+        }
+        let Some(r) = self.remote.get_mut(&b.mac) else {
+            return false;
+        };
+        r.peer = peer;
+        let old = r.ip;
+        if let Some(a) = b.ip.filter(|a| old != Some(*a)) {
+            if self.may_claim(b.mac, a.into()) {
+                if let Some(o) = old {
+                    self.release_ip(&b.mac, o.into());
+                }
+                self.ips.insert(a.into(), b.mac);
+                if let Some(r) = self.remote.get_mut(&b.mac) {
+                    r.ip = Some(a);
+                }
             }
         }
-        self.remote.insert(b.mac, Remote { peer, ip });
+        true
+    }
+
+    /// Applies one IPv6 binding announced by `peer`; false when the table is full.
+    fn bind_remote6(&mut self, peer: EdgeId, b: Binding6, max: usize) -> bool {
+        let mac = b.mac;
+        if !self.bind_remote(peer, Binding { mac, ip: None }, max) {
+            return false;
+        }
+        if self.remote.get(&mac).is_some_and(|r| r.ip6.contains(&b.ip))
+            || !self.may_claim(mac, b.ip.into())
+        {
+            return true;
+        }
+        let Some(r) = self.remote.get_mut(&mac) else {
+            return true;
+        };
+        let oldest = (r.ip6.len() >= MAX_IP6_PER_MAC).then(|| r.ip6.remove(0));
+        r.ip6.push(b.ip);
+        if let Some(o) = oldest {
+            self.release_ip(&mac, o.into());
+        }
+        self.ips.insert(b.ip.into(), mac);
         true
     }
 
@@ -236,7 +352,68 @@ impl L2 {
         }
     }
 
-    fn take(&mut self, now: Instant, src: Mac) -> Result<(), DropReason> {
+    /// The IPv6 addresses `peer` announced are forgotten (a full Bindings6 follows).
+    fn forget_peer6(&mut self, peer: &EdgeId) {
+        let mut gone = Vec::new();
+        for (m, r) in self.remote.iter_mut().filter(|(_, r)| r.peer == *peer) {
+            gone.extend(r.ip6.drain(..).map(|a| (*m, a)));
+        }
+        for (m, a) in gone {
+            self.release_ip(&m, a.into());
+        }
+    }
+
+    /// A local VM joined or left a group.
+    fn membership(&mut self, vm: Mac, r: l2::Report) {
+        let n = self.members.len();
+        match self.members.get_mut(&r.group) {
+            Some(v) if r.join && !v.contains(&vm) => v.push(vm),
+            Some(_) if r.join => {}
+            Some(v) => {
+                v.retain(|m| *m != vm);
+                if v.is_empty() {
+                    self.members.remove(&r.group);
+                    self.groups_changed = true;
+                }
+            }
+            None if r.join && n < MAX_LOCAL_GROUPS => {
+                self.members.insert(r.group, vec![vm]);
+                self.groups_changed = true;
+            }
+            None if r.join => {
+                self.groups_changed |= !self.groups_overflow;
+                self.groups_overflow = true;
+            }
+            None => {}
+        }
+    }
+
+    /// A local VM is gone (or moved away): it is no member of any group here.
+    fn leave_all(&mut self, vm: &Mac) {
+        let before = self.members.len();
+        self.members.retain(|_, v| {
+            v.retain(|m| m != vm);
+            !v.is_empty()
+        });
+        if self.members.len() != before {
+            self.groups_changed = true;
+        }
+    }
+
+    /// The Groups message this edge announces.
+    fn groups(&self) -> Groups {
+        if self.groups_overflow || self.members.len() > MAX_GROUPS {
+            return Groups {
+                all: true,
+                groups: Vec::new(),
+            };
+        }
+        let mut groups: Vec<Mac> = self.members.keys().copied().collect();
+        groups.sort_unstable();
+        Groups { all: false, groups }
+    }
+
+    fn take(&mut self, now: Instant, src: Mac, len: usize) -> Result<(), DropReason> {
         let c = &self.cfg;
         let (vr, vb, er, eb) = (
             c.vm_flood_pps,
@@ -264,6 +441,11 @@ impl L2 {
         if er > 0 && !self.edge_bucket.take(now, er, eb) {
             return Err(DropReason::FloodEdgeLimit);
         }
+        let (br, bb) = (self.cfg.edge_flood_bytes, self.cfg.edge_flood_byte_burst);
+        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        if br > 0 && !self.edge_bytes.take_n(now, br, bb, n) {
+            return Err(DropReason::FloodEdgeBytes);
+        }
         Ok(())
     }
 }
@@ -272,6 +454,7 @@ impl EdgeCore {
     /// Replaces the L2 control plane's settings.
     pub fn set_l2_config(&mut self, cfg: L2Config) {
         self.l2.edge_bucket = TokenBucket::new(cfg.edge_flood_burst, self.last_poll);
+        self.l2.edge_bytes = TokenBucket::new(cfg.edge_flood_byte_burst, self.last_poll);
         self.l2.vm_buckets.clear();
         self.l2.cfg = cfg;
     }
@@ -290,80 +473,261 @@ impl EdgeCore {
         }
     }
 
-    /// An ARP frame from the TAP device: learns the sender's binding and answers a
-    /// request for an address bound behind a peer.
-    pub(super) fn l2_tap_arp(
+    /// A frame from the TAP device that [`l2::worth_a_look`] picked: ARP, neighbour
+    /// discovery, membership reports, DHCP acknowledgements.
+    pub(super) fn l2_tap_frame(
         &mut self,
         now: Instant,
         src: Mac,
         group: bool,
         frame: &[u8],
         out: &mut Outbox,
-    ) -> ArpSeen {
+    ) -> L2Seen {
+        match l2::ethertype(frame) {
+            Some(l2::ETHERTYPE_ARP) => self.l2_tap_arp(now, src, group, frame, out),
+            Some(l2::ETHERTYPE_IPV6) => self.l2_tap_ipv6(now, src, group, frame, out),
+            Some(l2::ETHERTYPE_IPV4) => {
+                if self.l2.cfg.control && !src.is_group() {
+                    self.l2_reports(src, frame);
+                    self.l2_dhcp_ack(now, frame);
+                }
+                L2Seen::Other
+            }
+            _ => L2Seen::Other,
+        }
+    }
+
+    fn l2_reports(&mut self, src: Mac, frame: &[u8]) {
+        let mut seen = Vec::new();
+        if l2::parse_reports(frame, MAX_REPORT_RECORDS, |r| seen.push(r)) {
+            self.l2.stats.membership_reports += 1;
+            for r in seen {
+                self.l2.membership(src, r);
+            }
+        }
+    }
+
+    /// A DHCP acknowledgement from the TAP device (a local server) or from a peer: the
+    /// leased address is bound to the client's MAC where the client is (its DHCP
+    /// requests made it known), so the binding exists before the client's first ARP.
+    /// A client nobody knows yet is left alone (every site the acknowledgement is
+    /// flooded to would take it for its own).
+    fn l2_dhcp_ack(&mut self, now: Instant, frame: &[u8]) {
+        let Some(ack) = l2::parse_dhcp_ack(frame) else {
+            return;
+        };
+        self.l2.stats.dhcp_acks_seen += 1;
+        let max = self.cfg.max_macs;
+        let b = Binding {
+            mac: ack.client,
+            ip: Some(ack.addr),
+        };
+        if self.l2.local.contains_key(&ack.client) {
+            self.l2.bind_local(now, ack.client, b.ip, max);
+        } else if let Some(peer) = self
+            .l2
+            .remote
+            .get(&ack.client)
+            .map(|r| r.peer)
+            .or_else(|| self.macs.get(&ack.client).map(|e| e.0))
+        {
+            self.l2.bind_remote(peer, b, max);
+        }
+    }
+
+    /// An ARP frame from the TAP device: learns the sender's binding and answers a
+    /// request for an address bound behind a peer.
+    fn l2_tap_arp(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        group: bool,
+        frame: &[u8],
+        out: &mut Outbox,
+    ) -> L2Seen {
         let Some(a) = l2::parse_arp(frame) else {
-            return ArpSeen::Other;
+            return L2Seen::Other;
         };
         if !self.l2.cfg.control {
-            return ArpSeen::flooded(&a, group);
+            return L2Seen::arp(&a, group);
         }
         if a.sha == src && !src.is_group() {
             self.l2.bind_local(now, src, Some(a.spa), self.cfg.max_macs);
         }
         if a.op != ARP_REQUEST || !group || a.tpa == a.spa {
-            return ArpSeen::flooded(&a, group);
+            return L2Seen::arp(&a, group);
         }
-        let Some(owner) = self.l2.ips.get(&a.tpa).copied() else {
-            return ArpSeen::flooded(&a, group);
-        };
-        if self.l2.local.contains_key(&owner) {
-            // The owner is on this side and answers on the local segment.
-            self.l2.stats.arp_owned_locally += 1;
-            return ArpSeen::Handled;
+        match self.l2_owner(a.tpa.into(), src) {
+            Owner::Unknown => L2Seen::arp(&a, group),
+            Owner::Here => {
+                // The owner is on this side and answers on the local segment.
+                self.l2.stats.arp_owned_locally += 1;
+                L2Seen::Handled
+            }
+            Owner::Peer(owner) => {
+                let mut reply = [0u8; l2::ARP_FRAME_LEN];
+                if l2::write_arp_reply(&a, owner, &mut reply).is_err() {
+                    return L2Seen::arp(&a, group);
+                }
+                out.push_tap(&reply, false);
+                self.tap_tx += 1;
+                self.l2.stats.arp_answered_locally += 1;
+                L2Seen::Handled
+            }
         }
-        if !self.l2.remote.contains_key(&owner) {
-            return ArpSeen::flooded(&a, group);
-        }
-        let mut reply = [0u8; l2::ARP_FRAME_LEN];
-        if l2::write_arp_reply(&a, owner, &mut reply).is_err() {
-            return ArpSeen::flooded(&a, group);
-        }
-        out.push_tap(&reply, false);
-        self.tap_tx += 1;
-        self.l2.stats.arp_answered_locally += 1;
-        ArpSeen::Handled
     }
 
-    /// Admits a frame about to be flooded across the WAN (the per-VM and per-edge
-    /// limits); counts ARP requests that go.
-    pub(super) fn l2_admit_flood(&mut self, now: Instant, src: Mac, arp: ArpSeen) -> bool {
-        if let Err(r) = self.l2.take(now, src) {
+    /// Where the holder of `ip` is, for a request from `asker`.
+    fn l2_owner(&self, ip: IpAddr, asker: Mac) -> Owner {
+        match self.l2.ips.get(&ip) {
+            Some(m) if *m == asker || self.l2.local.contains_key(m) => Owner::Here,
+            Some(m) if self.l2.remote.contains_key(m) => Owner::Peer(*m),
+            _ => Owner::Unknown,
+        }
+    }
+
+    /// An IPv6 frame from the TAP device: neighbour discovery (bindings learned from
+    /// solicitations, advertisements and duplicate address detection; multicast
+    /// solicitations for an address bound behind a peer answered here) and MLD reports.
+    fn l2_tap_ipv6(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        group: bool,
+        frame: &[u8],
+        out: &mut Outbox,
+    ) -> L2Seen {
+        let Some(nd) = l2::parse_nd(frame) else {
+            if self.l2.cfg.control && !src.is_group() {
+                self.l2_reports(src, frame);
+            }
+            return L2Seen::Other;
+        };
+        let asks = !nd.advert && group && !nd.is_dad();
+        if !self.l2.cfg.control {
+            return if asks { L2Seen::Solicit } else { L2Seen::Other };
+        }
+        if !src.is_group() && nd.lladdr.is_none_or(|m| m == src) {
+            let max = self.cfg.max_macs;
+            let addr = if nd.advert || nd.is_dad() {
+                nd.target
+            } else {
+                nd.src
+            };
+            self.l2.bind_local6(now, src, addr, max);
+        }
+        if nd.advert || !group {
+            return L2Seen::Other;
+        }
+        match self.l2_owner(nd.target.into(), src) {
+            Owner::Unknown if asks => L2Seen::Solicit,
+            Owner::Unknown => L2Seen::Other,
+            Owner::Here => {
+                // The owner answers on the local segment (or, for duplicate address
+                // detection of its own address, nobody needs to).
+                self.l2.stats.nd_owned_locally += 1;
+                L2Seen::Handled
+            }
+            Owner::Peer(owner) => self.l2_answer_ns(&nd, src, owner, out),
+        }
+    }
+
+    fn l2_answer_ns(&mut self, nd: &Nd, src: Mac, owner: Mac, out: &mut Outbox) -> L2Seen {
+        let mut na = [0u8; l2::NA_FRAME_LEN];
+        if l2::write_na(nd, src, owner, &mut na).is_err() {
+            return L2Seen::Solicit;
+        }
+        out.push_tap(&na, false);
+        self.tap_tx += 1;
+        self.l2.stats.nd_answered_locally += 1;
+        L2Seen::Handled
+    }
+
+    /// Admits a frame of `len` bytes about to be flooded across the WAN (the per-VM and
+    /// per-edge limits); counts ARP requests and neighbour solicitations that go.
+    pub(super) fn l2_admit_flood(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        len: usize,
+        seen: L2Seen,
+    ) -> bool {
+        if let Err(r) = self.l2.take(now, src, len) {
             self.drop(r);
             return false;
         }
-        if arp == ArpSeen::Request {
-            self.l2.stats.arp_requests_flooded += 1;
+        match seen {
+            L2Seen::Request => self.l2.stats.arp_requests_flooded += 1,
+            L2Seen::Solicit => self.l2.stats.nd_solicits_flooded += 1,
+            _ => {}
         }
         true
     }
 
-    /// A frame from a peer: its source MAC is behind that peer (`moved`: it was not
-    /// before), and an ARP request that crossed the WAN is counted.
-    pub(super) fn l2_from_peer(&mut self, src: Mac, moved: bool, frame: &[u8]) {
+    /// For a frame about to be flooded: the group MAC whose membership decides which
+    /// peers get it (`None`: every peer).
+    pub(super) fn l2_flood_group(&self, frame: &[u8]) -> Option<Mac> {
+        let (dst, _) = crate::eth::macs(frame)?;
+        (self.l2.cfg.control && l2::follows_membership(dst)).then_some(dst)
+    }
+
+    /// Whether `peer` gets a frame to `group`: it announced members of it, or it
+    /// announced nothing (an edge without the Groups message) or everything. A peer
+    /// left out is counted.
+    pub(super) fn l2_peer_wants(&mut self, peer: &EdgeId, group: Mac) -> bool {
+        let wants = match self.l2.peer_groups.get(peer) {
+            Some(Some(g)) => g.binary_search(&group).is_ok(),
+            _ => true,
+        };
+        if !wants {
+            self.l2.stats.multicast_withheld += 1;
+        }
+        wants
+    }
+
+    /// A frame from a peer that [`l2::worth_a_look`] picked or whose source MAC moved
+    /// there (`moved`): requests that crossed the WAN are counted, DHCP acknowledgements
+    /// for clients on this side bind their address.
+    pub(super) fn l2_from_peer(&mut self, now: Instant, src: Mac, moved: bool, frame: &[u8]) {
         if moved {
             self.l2.drop_local(&src);
         }
-        if l2::ethertype(frame) == Some(l2::ETHERTYPE_ARP) {
-            if let Some(a) = l2::parse_arp(frame) {
-                if a.op == ARP_REQUEST && a.tpa != a.spa {
-                    self.l2.stats.arp_requests_from_wan += 1;
+        match l2::ethertype(frame) {
+            Some(l2::ETHERTYPE_ARP) => {
+                if let Some(a) = l2::parse_arp(frame) {
+                    if a.op == ARP_REQUEST && a.tpa != a.spa {
+                        self.l2.stats.arp_requests_from_wan += 1;
+                    }
                 }
             }
+            Some(l2::ETHERTYPE_IPV6) => {
+                if let Some(nd) = l2::parse_nd(frame) {
+                    if !nd.advert && nd.dst.is_multicast() && !nd.is_dad() {
+                        self.l2.stats.nd_solicits_from_wan += 1;
+                    }
+                }
+            }
+            Some(l2::ETHERTYPE_IPV4) if self.l2.cfg.control => self.l2_dhcp_ack(now, frame),
+            _ => {}
+        }
+    }
+
+    fn point_mac(&mut self, now: Instant, pid: &EdgeId, mac: Mac) {
+        let n = self.macs.len();
+        match self.macs.get_mut(&mac) {
+            Some(e) => *e = (*pid, now),
+            None if n < self.cfg.max_macs => {
+                self.macs.insert(mac, (*pid, now));
+                self.mac_expiry_at
+                    .get_or_insert(now + self.cfg.timers.mac_expiry);
+            }
+            None => self.drop(DropReason::MacTableFull),
         }
     }
 
     /// A Control message from a peer (its session authenticated it).
     pub(super) fn on_control(&mut self, now: Instant, pid: &EdgeId, body: &[u8]) {
-        let m = match Bindings::decode(body) {
+        let m = match Control::decode(body) {
             Ok(m) => m,
             Err(e) => return self.drop(e.into()),
         };
@@ -371,23 +735,39 @@ impl EdgeCore {
         if !self.l2.cfg.control {
             return;
         }
-        if m.full {
-            self.l2.forget_peer(pid);
-        }
-        for b in m.entries {
-            if !self.l2.bind_remote(*pid, b, self.cfg.max_macs) {
-                self.drop(DropReason::MacTableFull);
-                continue;
-            }
-            let n = self.macs.len();
-            match self.macs.get_mut(&b.mac) {
-                Some(e) => *e = (*pid, now),
-                None if n < self.cfg.max_macs => {
-                    self.macs.insert(b.mac, (*pid, now));
-                    self.mac_expiry_at
-                        .get_or_insert(now + self.cfg.timers.mac_expiry);
+        let max = self.cfg.max_macs;
+        match m {
+            Control::Bindings(m) => {
+                if m.full {
+                    self.l2.forget_peer(pid);
                 }
-                None => self.drop(DropReason::MacTableFull),
+                for b in m.entries {
+                    if !self.l2.bind_remote(*pid, b, max) {
+                        self.drop(DropReason::MacTableFull);
+                        continue;
+                    }
+                    self.point_mac(now, pid, b.mac);
+                }
+            }
+            Control::Bindings6(m) => {
+                if m.full {
+                    self.l2.forget_peer6(pid);
+                }
+                for b in m.entries {
+                    if !self.l2.bind_remote6(*pid, b, max) {
+                        self.drop(DropReason::MacTableFull);
+                        continue;
+                    }
+                    self.point_mac(now, pid, b.mac);
+                }
+            }
+            Control::Groups(g) => {
+                let set = (!g.all).then(|| {
+                    let mut v = g.groups;
+                    v.sort_unstable();
+                    v
+                });
+                self.l2.peer_groups.insert(*pid, set);
             }
         }
     }
@@ -412,89 +792,119 @@ impl EdgeCore {
         for id in old {
             let before = self.macs.len() + self.l2.remote.len();
             self.macs.retain(|_, v| v.0 != id);
-            self.l2.forget_peer(&id);
+            self.l2_peer_gone(&id);
             if self.macs.len() + self.l2.remote.len() < before {
                 tracing::info!(peer = %name, "edge restarted: the old edge's bindings and MACs are dropped");
             }
         }
     }
 
-    /// A first session with `pid` is up: it gets our full set of bindings (and an older
-    /// edge of its name is retired).
+    /// A first session with `pid` is up: it gets our full set of bindings and groups
+    /// (and an older edge of its name is retired).
     pub(super) fn l2_session_up(&mut self, now: Instant, pid: &EdgeId, out: &mut Outbox) {
         if !self.l2.cfg.control {
             return;
         }
         self.l2_retire_namesakes(pid);
-        let all = self.local_bindings();
-        self.send_bindings(now, pid, &all, true, out);
+        let (all, all6) = self.local_bindings();
+        self.send_bindings(now, pid, &all, &all6, true, out);
+        let g = Control::Groups(self.l2.groups());
+        self.send_control(now, pid, &g, out);
     }
 
-    fn local_bindings(&self) -> Vec<Binding> {
-        self.l2
-            .local
-            .iter()
-            .map(|(m, l)| Binding { mac: *m, ip: l.ip })
-            .collect()
+    /// The session with `pid` lapsed (its last one expired): what it announced is
+    /// forgotten, so nothing is answered for VMs behind an edge that may be gone; a new
+    /// session brings its full set again.
+    pub(super) fn l2_session_lapsed(&mut self, pid: &EdgeId) {
+        let before = self.l2.remote.len();
+        self.l2_peer_gone(pid);
+        if self.l2.remote.len() < before {
+            let name = self.peers.get(pid).map_or("?", |p| p.name.as_str());
+            tracing::info!(peer = %name, "session lapsed: the peer's bindings are dropped");
+        }
     }
 
+    fn local_bindings(&self) -> (Vec<Binding>, Vec<Binding6>) {
+        let mut v4 = Vec::with_capacity(self.l2.local.len());
+        let mut v6 = Vec::new();
+        for (m, l) in &self.l2.local {
+            v4.push(Binding { mac: *m, ip: l.ip });
+            v6.extend(l.ip6.iter().map(|a| Binding6 { mac: *m, ip: *a }));
+        }
+        (v4, v6)
+    }
+
+    /// Sends one control message through the session with `pid`.
+    fn send_control(&mut self, now: Instant, pid: &EdgeId, m: &Control, out: &mut Outbox) -> bool {
+        let mut buf = [0u8; 1300];
+        let Ok(n) = m.encode(&mut buf) else {
+            self.drop(DropReason::NoRoom);
+            return false;
+        };
+        if !self.send_transport(now, pid, MsgType::Control, 0, &buf[..n], None, out) {
+            return false;
+        }
+        self.l2.stats.bindings_sent += 1;
+        true
+    }
+
+    /// Sends bindings in as many messages as they need (a full set starts with a full
+    /// message of each kind, even an empty one).
     fn send_bindings(
         &mut self,
         now: Instant,
         pid: &EdgeId,
-        entries: &[Binding],
+        v4: &[Binding],
+        v6: &[Binding6],
         full: bool,
         out: &mut Outbox,
     ) {
-        let mut buf = [0u8; l2::BINDINGS_HDR_LEN + MAX_BINDINGS * l2::BINDING_LEN];
         let mut first = true;
-        let mut rest = entries;
-        while first || !rest.is_empty() {
-            let (now_part, later) = rest.split_at(rest.len().min(MAX_BINDINGS));
-            let m = Bindings {
+        let mut rest = v4;
+        while first && full || !rest.is_empty() {
+            let (part, later) = rest.split_at(rest.len().min(MAX_BINDINGS));
+            let m = Control::Bindings(Bindings {
                 full: full && first,
-                entries: now_part.to_vec(),
-            };
-            let Ok(n) = m.encode(&mut buf) else {
-                return self.drop(DropReason::NoRoom);
-            };
-            if !self.send_transport(now, pid, MsgType::Control, 0, &buf[..n], None, out) {
+                entries: part.to_vec(),
+            });
+            if !self.send_control(now, pid, &m, out) {
                 return;
             }
-            self.l2.stats.bindings_sent += 1;
+            first = false;
+            rest = later;
+        }
+        let mut first = true;
+        let mut rest = v6;
+        while first && full || !rest.is_empty() {
+            let (part, later) = rest.split_at(rest.len().min(MAX_BINDINGS6));
+            let m = Control::Bindings6(Bindings6 {
+                full: full && first,
+                entries: part.to_vec(),
+            });
+            if !self.send_control(now, pid, &m, out) {
+                return;
+            }
             first = false;
             rest = later;
         }
     }
 
-    fn send_bindings_to_all(
-        &mut self,
-        now: Instant,
-        entries: &[Binding],
-        full: bool,
-        out: &mut Outbox,
-    ) {
-        let ids: Vec<EdgeId> = self
-            .peers
+    fn session_peers(&self) -> Vec<EdgeId> {
+        self.peers
             .values()
             .filter(|p| p.cur.is_some())
             .map(|p| p.id)
-            .collect();
-        for id in ids {
-            self.send_bindings(now, &id, entries, full, out);
-        }
+            .collect()
     }
 
-    /// The control plane's timers: new bindings announced, the full set re-announced,
-    /// idle local bindings and flood buckets forgotten.
+    /// The control plane's timers: new bindings and a changed set of groups announced,
+    /// the full set re-announced, idle local bindings and flood buckets forgotten.
     pub(super) fn l2_poll(&mut self, now: Instant, out: &mut Outbox) {
         if !self.l2.cfg.control {
             self.l2.pending.clear();
+            self.l2.pending6.clear();
+            self.l2.groups_changed = false;
             return;
-        }
-        if !self.l2.pending.is_empty() {
-            let new = std::mem::take(&mut self.l2.pending);
-            self.send_bindings_to_all(now, &new, false, out);
         }
         if now >= self.l2.next_announce {
             let expiry = self.cfg.timers.mac_expiry;
@@ -512,9 +922,31 @@ impl EdgeCore {
             self.l2
                 .vm_buckets
                 .retain(|_, b| !b.full_at(now, c.vm_flood_pps, c.vm_flood_burst));
-            let all = self.local_bindings();
-            self.send_bindings_to_all(now, &all, true, out);
+            self.l2.pending.clear();
+            self.l2.pending6.clear();
+            self.l2.groups_changed = false;
+            let (all, all6) = self.local_bindings();
+            let g = Control::Groups(self.l2.groups());
+            for id in self.session_peers() {
+                self.send_bindings(now, &id, &all, &all6, true, out);
+                self.send_control(now, &id, &g, out);
+            }
             self.l2.next_announce = now + c.announce_interval;
+            return;
+        }
+        if !self.l2.pending.is_empty() || !self.l2.pending6.is_empty() {
+            let new = std::mem::take(&mut self.l2.pending);
+            let new6 = std::mem::take(&mut self.l2.pending6);
+            for id in self.session_peers() {
+                self.send_bindings(now, &id, &new, &new6, false, out);
+            }
+        }
+        if self.l2.groups_changed {
+            self.l2.groups_changed = false;
+            let g = Control::Groups(self.l2.groups());
+            for id in self.session_peers() {
+                self.send_control(now, &id, &g, out);
+            }
         }
     }
 
@@ -523,15 +955,16 @@ impl EdgeCore {
         if !self.l2.cfg.control {
             return None;
         }
-        if !self.l2.pending.is_empty() {
+        if !self.l2.pending.is_empty() || !self.l2.pending6.is_empty() || self.l2.groups_changed {
             return Some(self.last_poll);
         }
         Some(self.l2.next_announce)
     }
 
-    /// A peer is gone: so are its bindings.
+    /// A peer is gone: so are its bindings and what it said about its groups.
     pub(super) fn l2_peer_gone(&mut self, pid: &EdgeId) {
         self.l2.forget_peer(pid);
+        self.l2.peer_groups.remove(pid);
     }
 
     /// The control plane's part of the status document.
@@ -540,24 +973,38 @@ impl EdgeCore {
             control: self.l2.cfg.control,
             local_bindings: self.l2.local.len() as u64,
             remote_bindings: self.l2.remote.len() as u64,
+            local_groups: self.l2.members.len() as u64,
             ..self.l2.stats.clone()
         }
     }
 }
 
-/// What an ARP frame from the TAP device turned out to be.
+/// Where the holder of an address is.
+enum Owner {
+    /// Nobody known holds it.
+    Unknown,
+    /// A VM on this side (or the one asking).
+    Here,
+    /// The VM with this MAC, behind a peer.
+    Peer(Mac),
+}
+
+/// What a frame from the TAP device turned out to be for the control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ArpSeen {
+pub(super) enum L2Seen {
     /// Answered or owned here: not forwarded.
     Handled,
-    /// A request (not gratuitous) to be flooded.
+    /// An ARP request (not gratuitous) to be flooded.
     Request,
+    /// A multicast neighbour solicitation (not for duplicate address detection) to be
+    /// flooded.
+    Solicit,
     /// Anything else.
     Other,
 }
 
-impl ArpSeen {
-    fn flooded(a: &Arp, group: bool) -> Self {
+impl L2Seen {
+    fn arp(a: &Arp, group: bool) -> Self {
         if a.op == ARP_REQUEST && group && a.tpa != a.spa {
             Self::Request
         } else {
@@ -592,7 +1039,7 @@ mod tests {
             8
         ));
         assert_eq!(t.stats.duplicate_ip_claims, 1);
-        assert_eq!(t.ips.get(&ip1), Some(&mac(1)));
+        assert_eq!(t.ips.get(&IpAddr::from(ip1)), Some(&mac(1)));
         assert_eq!(t.remote[&mac(2)].ip, None);
         // VM 1 moves to p and is announced without its address: it keeps it.
         assert!(t.bind_remote(
@@ -605,7 +1052,7 @@ mod tests {
         ));
         assert!(!t.local.contains_key(&mac(1)));
         assert_eq!(t.remote[&mac(1)].ip, Some(ip1));
-        assert_eq!(t.ips.get(&ip1), Some(&mac(1)));
+        assert_eq!(t.ips.get(&IpAddr::from(ip1)), Some(&mac(1)));
         // And back here, without an ARP: still bound.
         t.bind_local(now, mac(1), None, 8);
         assert_eq!(t.local[&mac(1)].ip, Some(ip1));
