@@ -462,7 +462,7 @@ impl Net {
                 self.sn_tick = now + SN_TICK;
                 for s in self.sns.iter_mut().filter(|s| s.alive) {
                     let t = Instant::now();
-                    s.core.poll(now);
+                    s.core.poll(now, &mut s.out);
                     self.sn_cpu += t.elapsed();
                 }
             }

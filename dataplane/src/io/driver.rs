@@ -314,7 +314,7 @@ pub fn run_supernode(
         }
         if now.saturating_duration_since(last_tick) >= Duration::from_millis(500) {
             last_tick = now;
-            core.poll(now);
+            core.poll(now, &mut out);
         }
         for u in &out.udp {
             sn_send(fd, u.bytes(), u.dst, None, &mut send_fails);
