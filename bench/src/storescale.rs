@@ -132,8 +132,19 @@ pub fn run(cfg: &StoreScaleConfig) -> Result<StoreScaleResult, StoreError> {
         s.set_cluster_state(&name, "running")
     })?;
     let vms = timed(&mut tm, "all_macs", || s.all_macs())?.len();
-    timed(&mut tm, "clusters (list, every cluster loaded)", || {
-        s.clusters()
+    timed(
+        &mut tm,
+        "clusters (`cluster list --json`: every cluster loaded)",
+        || s.clusters(),
+    )?;
+    timed(&mut tm, "cluster_summaries (`cluster list`)", || {
+        s.cluster_summaries(None, usize::MAX)
+    })?;
+    timed(&mut tm, "cluster_summaries (a page of 100)", || {
+        s.cluster_summaries(Some(&name), 100)
+    })?;
+    timed(&mut tm, "cluster_of_vm (`vm start/stop` lookup)", || {
+        s.cluster_of_vm(&format!("{name}-c1"))
     })?;
     timed(&mut tm, "sites", || s.sites())?;
     timed(&mut tm, "delete_cluster", || s.delete_cluster(&name))?;

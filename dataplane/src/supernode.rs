@@ -155,6 +155,11 @@ impl SupernodeCore {
         true
     }
 
+    /// Edges registered, over all communities.
+    pub fn edge_count(&self) -> usize {
+        self.n_edges
+    }
+
     /// The supernode's public key (what edges pin).
     pub fn public_key(&self) -> [u8; wire::SN_KEY_LEN] {
         self.key.public()

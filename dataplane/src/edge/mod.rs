@@ -111,6 +111,9 @@ pub struct EdgeCore {
     l2: L2,
 }
 
+/// Size of the buffer an oversized TAP frame is cut into segments in.
+const SEG_SCRATCH: usize = 65_536;
+
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
 pub const HEADROOM: usize = RELAY_HDR_LEN;
 
@@ -220,7 +223,7 @@ impl EdgeCore {
             udp_rx: 0,
             udp_tx: 0,
             scratch_dsts: Vec::new(),
-            seg_scratch: vec![0u8; 65_536],
+            seg_scratch: Vec::new(),
             overlay_nets: Vec::new(),
             unvalidated_window: (now, 0),
             l2: L2::new(L2Config::default(), now, table_seed),
