@@ -91,10 +91,11 @@ pub struct SupernodeCore {
     registrations: u64,
     relayed_packets: u64,
     relayed_bytes: u64,
-    /// Last peer-list version handed out (over all communities, so no version repeats
-    /// while this core lives; it starts at a random value, so one from before a restart
-    /// is not taken for current).
-    version: u64,
+    /// First peer-list version of the community made last: each new community starts
+    /// 2^32 further (its changes count up by one from there), so no version repeats while
+    /// this core lives; the first one is random, so one from before a restart is not
+    /// taken for current.
+    version_base: u64,
     /// Admission slot (index since start) and the new registrations admitted in it.
     admit: (u64, u32),
     drops: BTreeMap<&'static str, u64>,
@@ -122,7 +123,7 @@ impl SupernodeCore {
             registrations: 0,
             relayed_packets: 0,
             relayed_bytes: 0,
-            version,
+            version_base: version,
             admit: (0, 0),
             drops: BTreeMap::new(),
         }
@@ -132,10 +133,13 @@ impl SupernodeCore {
         *self.drops.entry(reason).or_insert(0) += 1;
     }
 
-    /// The next peer-list version (never [`wire::NO_LIST`]).
-    fn next_version(&mut self) -> u64 {
-        self.version = self.version.wrapping_add(1).max(1);
-        self.version
+    /// The first peer-list version of a new community (never [`wire::NO_LIST`]).
+    fn new_base(&mut self) -> u64 {
+        self.version_base = self.version_base.wrapping_add(1 << 32);
+        if self.version_base == wire::NO_LIST {
+            self.version_base = 1;
+        }
+        self.version_base
     }
 
     /// Whether one more registration of an edge not in the table fits this slot.
@@ -225,7 +229,19 @@ impl SupernodeCore {
             return self.drop("bad_signature");
         }
         let m = v.msg;
-        let comm = self.communities.entry(m.community).or_default();
+        if !self.communities.contains_key(&m.community) {
+            let base = self.new_base();
+            self.communities.insert(
+                m.community,
+                Community {
+                    edges: HashMap::default(),
+                    version: base,
+                },
+            );
+        }
+        let Some(comm) = self.communities.get_mut(&m.community) else {
+            return;
+        };
         let changed;
         match comm.edges.get_mut(&id) {
             Some(e) => {
@@ -257,9 +273,8 @@ impl SupernodeCore {
         }
         self.registrations += 1;
         if changed {
-            let v = self.next_version();
             if let Some(c) = self.communities.get_mut(&m.community) {
-                c.version = v;
+                c.version = next_version(c.version);
             }
         }
         let comm = &self.communities[&m.community];
@@ -442,7 +457,6 @@ impl SupernodeCore {
     pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
         let timeout = self.cfg.edge_timeout;
         let mut removed = 0;
-        let mut version = self.version;
         for (cid, c) in self.communities.iter_mut() {
             let mut gone = Vec::new();
             c.edges.retain(|k, e| {
@@ -458,7 +472,8 @@ impl SupernodeCore {
             removed += gone.len();
             // One version per message, so a receiver that misses one notices.
             for chunk in gone.chunks(MAX_PEERS_PER_INFO) {
-                version = version.wrapping_add(1).max(1);
+                c.version = next_version(c.version);
+                let version = c.version;
                 for (k, e) in &c.edges {
                     let info = PeerInfo {
                         community: *cid,
@@ -473,9 +488,7 @@ impl SupernodeCore {
                     send_info(out, &self.key, e.observed, &info);
                 }
             }
-            c.version = version;
         }
-        self.version = version;
         self.communities.retain(|_, c| !c.edges.is_empty());
         self.n_edges -= removed;
     }
@@ -528,6 +541,15 @@ impl SupernodeCore {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
         }
+    }
+}
+
+/// The version after one change: one more, never [`wire::NO_LIST`] (edges take a change
+/// that is exactly one more than what they hold).
+fn next_version(v: u64) -> u64 {
+    match v.wrapping_add(1) {
+        wire::NO_LIST => 1,
+        n => n,
     }
 }
 

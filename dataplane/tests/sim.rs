@@ -877,6 +877,10 @@ fn peer_lists_go_only_where_something_changed() {
     for i in 0..4 {
         net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
     }
+    // A second community on the same supernode: its changes must not disturb the first.
+    for i in 0..2 {
+        net.add_edge(&format!("o{i}"), "other", Cipher::Aes256Gcm);
+    }
     net.run(Duration::from_secs(3));
     for i in 0..4 {
         assert_eq!(net.status(i).peers.len(), 3);
@@ -885,19 +889,23 @@ fn peer_lists_go_only_where_something_changed() {
     net.capture = true;
     net.run(Duration::from_secs(5));
     let acks = net.seen.iter().filter(|(_, _, p)| p[1] == 0x02).count();
-    assert!(acks >= 4 * 8, "{acks} acks");
+    assert!(acks >= 6 * 8, "{acks} acks");
     assert_eq!(infos_sent(&net), Vec::<u8>::new());
-    // A join: the complete list (3 peers, one part) to the new edge, one update to each
-    // of the others, and nothing more at the next registrations.
+    // Joins in both communities: the complete list (one part) to each new edge, one
+    // update to each of the others, and nothing more at the next registrations.
     net.seen.clear();
+    net.add_edge("o2", "other", Cipher::Aes256Gcm);
     let j = net.add_edge("m4", "s", Cipher::Aes256Gcm);
     net.run(Duration::from_secs(3));
     let mut kinds = infos_sent(&net);
     kinds.sort_unstable();
-    assert_eq!(kinds, vec![0, 0, 0, 0, 1]);
-    for i in 0..5 {
+    assert_eq!(kinds, vec![0, 0, 0, 0, 0, 0, 1, 1]);
+    for i in (0..4).chain([j]) {
         assert_eq!(net.status(i).peers.len(), 4, "edge {i}");
     }
+    net.seen.clear();
+    net.run(Duration::from_secs(5));
+    assert_eq!(infos_sent(&net), Vec::<u8>::new());
     // A departure: once the supernode expires it, one departure notice per member.
     net.seen.clear();
     net.edges[j].alive = false;

@@ -64,7 +64,7 @@ impl Default for Timers {
     fn default() -> Self {
         Self {
             register_interval: Duration::from_secs(5),
-            register_backoff_max: Duration::from_secs(16),
+            register_backoff_max: Duration::from_secs(8),
             supernode_down_after: Duration::from_secs(12),
             handshake_retry: Duration::from_secs(1),
             handshake_defer: Duration::from_secs(2),
