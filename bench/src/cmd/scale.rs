@@ -168,6 +168,9 @@ pub struct StoreArgs {
     /// VMs per cluster.
     #[arg(long, default_value_t = 10)]
     pub vms_per_cluster: usize,
+    /// Reservations one agent holds in the agent run (0: no agent run).
+    #[arg(long, default_value_t = 1000)]
+    pub agent_clusters: usize,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -189,8 +192,31 @@ pub fn store(args: &StoreArgs) -> anyhow::Result<()> {
     for t in &r.timings {
         println!("| {} | {:.2} |", t.op, t.ms);
     }
+    let agent = if args.agent_clusters > 0 {
+        let a = bench::storescale::agent(args.agent_clusters)?;
+        println!(
+            "\none agent, {} confirmed reservations (made in {:.0} ms)\n",
+            a.clusters, a.fill_ms
+        );
+        println!("| request | ms |\n|---|---:|");
+        for t in &a.timings {
+            println!("| {} | {:.2} |", t.op, t.ms);
+        }
+        Some(a)
+    } else {
+        None
+    };
+    #[derive(Serialize)]
+    struct StoreReport {
+        store: bench::storescale::StoreScaleResult,
+        agent: Option<bench::storescale::AgentScaleResult>,
+    }
     let (_, compact) = super::utc_now();
-    let json = super::write_json(&args.results, &format!("scale-store-{compact}.json"), &r)?;
+    let json = super::write_json(
+        &args.results,
+        &format!("scale-store-{compact}.json"),
+        &StoreReport { store: r, agent },
+    )?;
     println!("wrote {}", json.display());
     Ok(())
 }
