@@ -57,6 +57,8 @@ pub struct ScaleConfig {
     pub outage_s: u64,
     /// Relayed packets sent through the supernode.
     pub relay_packets: usize,
+    /// New registrations a supernode admits per second (0: no limit).
+    pub new_per_s: u32,
 }
 
 impl ScaleConfig {
@@ -71,6 +73,7 @@ impl ScaleConfig {
             steady_s: 5,
             outage_s: 15,
             relay_packets: 10_000,
+            new_per_s: SupernodeConfig::default().new_per_s,
         }
     }
 }
@@ -144,8 +147,16 @@ pub struct ScaleResult {
     pub edge_cpu_per_peer_s_us: f64,
     /// Steady state: supernode CPU per second of virtual time (µs).
     pub sn_cpu_per_s_us: f64,
+    /// Steady state: supernode CPU per registered edge per second of virtual time (µs).
+    pub sn_cpu_per_edge_s_us: f64,
+    /// Supernode traffic of the steady window (periodic registrations only).
+    pub steady_sn: SnTraffic,
     /// Supernode restarted (tables lost, no outage): until it held every edge again (ms).
     pub restart_reregistered_ms: Option<u64>,
+    /// Edges a supernode held after the restart and lost again before all were back.
+    pub restart_dropped_known: usize,
+    /// New registrations refused for overload after the restart (they retried).
+    pub restart_overload_drops: u64,
     /// After the restart: every edge knew every peer (ms).
     pub restart: Convergence,
     /// Supernode traffic after the restart.
@@ -156,6 +167,10 @@ pub struct ScaleResult {
     pub churned: usize,
     /// After the outage: until the supernode held every edge again (ms).
     pub outage_reregistered_ms: Option<u64>,
+    /// Edges a supernode held after the outage and lost again before all were back.
+    pub outage_dropped_known: usize,
+    /// New registrations refused for overload after the outage (they retried).
+    pub outage_overload_drops: u64,
     /// After the outage: every edge knew every peer (ms).
     pub outage: Convergence,
     /// Supernode traffic after the outage.
@@ -200,7 +215,6 @@ struct Edge {
     addr: SocketAddr,
     community: usize,
     core: EdgeCore,
-    out: Outbox,
     alive: bool,
     restarts: u64,
 }
@@ -231,6 +245,8 @@ struct Net {
     now: Instant,
     cfg: ScaleConfig,
     edges: Vec<Edge>,
+    /// One outbox for every edge: what a call writes is moved to the queue at once.
+    eout: Outbox,
     sns: Vec<Sn>,
     index: HashMap<SocketAddr, Node>,
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
@@ -250,9 +266,10 @@ fn edge_addr(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
 }
 
-fn sn_config(n: usize) -> SupernodeConfig {
+fn sn_config(cfg: &ScaleConfig, n: usize) -> SupernodeConfig {
     SupernodeConfig {
         max_edges: n * 2 + 16,
+        new_per_s: cfg.new_per_s,
         ..SupernodeConfig::default()
     }
 }
@@ -287,7 +304,7 @@ impl Net {
             index.insert(addr, Node::Sn(j));
             sns.push(Sn {
                 addr,
-                core: SupernodeCore::new(sn_config(cfg.edges), key.clone(), now),
+                core: SupernodeCore::new(sn_config(cfg, cfg.edges), key.clone(), now),
                 key,
                 out: Outbox::new(2048),
                 alive: true,
@@ -301,6 +318,7 @@ impl Net {
             now,
             cfg: cfg.clone(),
             edges: Vec::with_capacity(cfg.edges),
+            eout: Outbox::new(2048),
             sns,
             index,
             heap: BinaryHeap::new(),
@@ -363,7 +381,6 @@ impl Net {
             addr,
             community,
             core,
-            out: Outbox::new(2048),
             alive: true,
             restarts: 0,
         });
@@ -399,9 +416,9 @@ impl Net {
                 Some(Node::Edge(i)) if self.edges[i].alive => {
                     let e = &mut self.edges[i];
                     let t = Instant::now();
-                    e.core.handle_udp(now, src, &mut pkt, &mut e.out);
+                    e.core.handle_udp(now, src, &mut pkt, &mut self.eout);
                     self.edge_cpu += t.elapsed();
-                    drain(&mut e.out, e.addr, &mut self.queue);
+                    drain(&mut self.eout, e.addr, &mut self.queue);
                     self.schedule_edge(i);
                 }
                 Some(Node::Sn(j)) if self.sns[j].alive => {
@@ -453,17 +470,24 @@ impl Net {
                     continue;
                 }
                 let t = Instant::now();
-                e.core.poll(now, &mut e.out);
+                e.core.poll(now, &mut self.eout);
                 self.edge_cpu += t.elapsed();
-                drain(&mut e.out, e.addr, &mut self.queue);
+                drain(&mut self.eout, e.addr, &mut self.queue);
                 self.schedule_edge(i);
             }
             if self.sn_tick <= now {
                 self.sn_tick = now + SN_TICK;
-                for s in self.sns.iter_mut().filter(|s| s.alive) {
+                for j in 0..self.sns.len() {
+                    let s = &mut self.sns[j];
+                    if !s.alive {
+                        continue;
+                    }
                     let t = Instant::now();
-                    s.core.poll(now);
+                    s.core.poll(now, &mut s.out);
                     self.sn_cpu += t.elapsed();
+                    self.count_sn_out(j);
+                    let s = &mut self.sns[j];
+                    drain(&mut s.out, s.addr, &mut self.queue);
                 }
             }
             self.deliver();
@@ -529,17 +553,28 @@ impl Net {
         }
     }
 
-    /// Runs until every supernode holds `n` edges; the time it took (ms).
-    fn reregistered(&mut self, n: usize) -> Option<u64> {
+    /// Runs until every supernode holds `n` edges: the time it took (ms), `None` when
+    /// the budget ran out, and the most edges a supernode held at one check (every 100 ms)
+    /// and no longer at a later one (known edges dropped on the way).
+    fn reregistered(&mut self, n: usize) -> Rereg {
         let start = self.now;
         let end = start + Duration::from_secs(self.cfg.budget_s);
+        let mut most = vec![0usize; self.sns.len()];
+        let mut lost = 0;
         loop {
-            let now = self.now;
-            if self.sns.iter().all(|s| registered(&s.core, now) >= n) {
-                return Some(self.ms(start));
+            let held: Vec<usize> = self.sns.iter().map(|s| s.core.edge_count()).collect();
+            for (m, h) in most.iter_mut().zip(&held) {
+                lost = lost.max(m.saturating_sub(*h));
+                *m = (*m).max(*h);
+            }
+            if held.iter().all(|h| *h >= n) {
+                return Rereg {
+                    ms: Some(self.ms(start)),
+                    lost,
+                };
             }
             if self.now >= end {
-                return None;
+                return Rereg { ms: None, lost };
             }
             let next = (self.now + Duration::from_millis(100)).min(end);
             self.run_until(next);
@@ -553,18 +588,28 @@ impl Net {
     /// Replaces supernode `j`'s core with a new one (same key, empty tables).
     fn restart_sn(&mut self, j: usize) {
         let s = &mut self.sns[j];
-        s.core = SupernodeCore::new(sn_config(self.cfg.edges + 1), s.key.clone(), self.now);
+        s.core = SupernodeCore::new(
+            sn_config(&self.cfg, self.cfg.edges + 1),
+            s.key.clone(),
+            self.now,
+        );
         s.alive = true;
         s.out = Outbox::new(2048);
     }
 }
 
-fn registered(core: &SupernodeCore, now: Instant) -> usize {
-    core.status(now, "")
-        .communities
-        .iter()
-        .map(|c| c.edges.len())
-        .sum()
+/// How a re-registration went.
+struct Rereg {
+    ms: Option<u64>,
+    lost: usize,
+}
+
+fn registered(core: &SupernodeCore) -> usize {
+    core.edge_count()
+}
+
+fn drops(core: &SupernodeCore, now: Instant, reason: &str) -> u64 {
+    core.status(now, "").drops.get(reason).copied().unwrap_or(0)
 }
 
 /// Runs the whole scenario. `allocated` reads the bytes allocated in the process now
@@ -580,7 +625,7 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
     let cold = net.converge(&all, false);
     let cold_sessions = net.converge_since(t_cold, &all, true);
     let cold_sn = net.take_traffic();
-    let registered_first = registered(&net.sns[0].core, net.now);
+    let registered_first = registered(&net.sns[0].core);
     let accepted: u64 = net
         .sns
         .iter()
@@ -601,7 +646,8 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
     let edge_cpu_per_peer_s_us =
         (net.edge_cpu - e0).as_secs_f64() * 1e6 / peers.max(1.0) / steady.as_secs_f64();
     let sn_cpu_per_s_us = (net.sn_cpu - s0).as_secs_f64() * 1e6 / steady.as_secs_f64();
-    net.take_traffic();
+    let sn_cpu_per_edge_s_us = sn_cpu_per_s_us / n.max(1) as f64;
+    let steady_sn = net.take_traffic();
 
     // One late join into community 0.
     let j = net.add_edge(0)?;
@@ -655,7 +701,7 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
     let cpu_per_relay_us = relay_cpu.as_secs_f64() * 1e6 / sent.max(1) as f64;
 
     // Supernode restart: tables lost; the memory it gave back is what it held.
-    let reg = registered(&net.sns[0].core, net.now);
+    let reg = registered(&net.sns[0].core);
     let before = allocated.map(|f| f());
     net.restart_sn(0);
     let sn_bytes_per_edge = match (allocated, before) {
@@ -666,7 +712,8 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
         net.restart_sn(j);
     }
     let n_now = net.edges.len();
-    let restart_reregistered_ms = net.reregistered(n_now);
+    let restart_rereg = net.reregistered(n_now);
+    let restart_overload_drops = drops(&net.sns[0].core, net.now, "overload");
     let all: Vec<usize> = (0..n_now).collect();
     let restart = net.converge(&all, false);
     let restart_sn = net.take_traffic();
@@ -681,7 +728,6 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
         let e = &mut net.edges[i];
         e.core = core;
         e.restarts = r;
-        e.out = Outbox::new(2048);
         net.schedule_edge(i);
     }
     let churn = net.converge(&all, false);
@@ -696,7 +742,8 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
     for j in 0..net.sns.len() {
         net.restart_sn(j);
     }
-    let outage_reregistered_ms = net.reregistered(n_now);
+    let outage_rereg = net.reregistered(n_now);
+    let outage_overload_drops = drops(&net.sns[0].core, net.now, "overload");
     let outage = net.converge(&all, false);
     let outage_sn = net.take_traffic();
     let sn_drops = net.sns[0].core.status(net.now, "").drops;
@@ -740,12 +787,18 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
         edge_bytes_per_edge,
         edge_cpu_per_peer_s_us,
         sn_cpu_per_s_us,
-        restart_reregistered_ms,
+        sn_cpu_per_edge_s_us,
+        steady_sn,
+        restart_reregistered_ms: restart_rereg.ms,
+        restart_dropped_known: restart_rereg.lost,
+        restart_overload_drops,
         restart,
         restart_sn,
         churn,
         churned: churned.len(),
-        outage_reregistered_ms,
+        outage_reregistered_ms: outage_rereg.ms,
+        outage_dropped_known: outage_rereg.lost,
+        outage_overload_drops,
         outage,
         outage_sn,
         sn_drops,

@@ -1,6 +1,8 @@
 //! The controller's store at scale: a SQLite store filled with synthetic sites, clusters
 //! and VMs (through the same [`SqliteStore`] API the commands use), and the time of the
-//! calls behind `cluster create/status/list/destroy` and MAC allocation.
+//! calls behind `cluster create/status/list/destroy` and MAC allocation. [`agent`] times
+//! one agent (served in-process on 127.0.0.1, netns driver, nothing started) holding
+//! many clusters' reservations.
 
 use std::time::Instant;
 
@@ -132,8 +134,19 @@ pub fn run(cfg: &StoreScaleConfig) -> Result<StoreScaleResult, StoreError> {
         s.set_cluster_state(&name, "running")
     })?;
     let vms = timed(&mut tm, "all_macs", || s.all_macs())?.len();
-    timed(&mut tm, "clusters (list, every cluster loaded)", || {
-        s.clusters()
+    timed(
+        &mut tm,
+        "clusters (`cluster list --json`: every cluster loaded)",
+        || s.clusters(),
+    )?;
+    timed(&mut tm, "cluster_summaries (`cluster list`)", || {
+        s.cluster_summaries(None, usize::MAX)
+    })?;
+    timed(&mut tm, "cluster_summaries (a page of 100)", || {
+        s.cluster_summaries(Some(&name), 100)
+    })?;
+    timed(&mut tm, "cluster_of_vm (`vm start/stop` lookup)", || {
+        s.cluster_of_vm(&format!("{name}-c1"))
     })?;
     timed(&mut tm, "sites", || s.sites())?;
     timed(&mut tm, "delete_cluster", || s.delete_cluster(&name))?;
@@ -154,4 +167,134 @@ pub fn run(cfg: &StoreScaleConfig) -> Result<StoreScaleResult, StoreError> {
         fill_ms,
         timings: tm,
     })
+}
+
+/// Errors of the agent run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentRunError {
+    /// Setting the agent up failed.
+    #[error("agent: {0}")]
+    Agent(#[from] control::agent::AgentError),
+    /// A request failed.
+    #[error("request: {0}")]
+    Client(#[from] control::client::ClientError),
+    /// Keys, files or sockets.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Result of an agent run.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentScaleResult {
+    /// Reservations the agent held when timed.
+    pub clusters: usize,
+    /// Time to make them, one request each (ms).
+    pub fill_ms: f64,
+    /// The requests, timed with the agent full.
+    pub timings: Vec<Timing>,
+}
+
+/// Fills one agent with `clusters` confirmed one-VM reservations through its protocol
+/// (signed requests over TCP, as the controller sends them) and times `reserve`,
+/// `confirm`, `info` (every reservation listed) and `release` with it full.
+pub fn agent(clusters: usize) -> Result<AgentScaleResult, AgentRunError> {
+    use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
+    use control::auth::{Authorization, SigningKey};
+    use control::client::AgentClient;
+    use control::driver::NetnsDriver;
+    use control::model::Site;
+    use control::proto::{Request, SlotReq};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    let setup = |e: &dyn std::fmt::Display| AgentRunError::Setup(e.to_string());
+    let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
+    let key = agent::init(dir.path())?;
+    let user = SigningKey::generate().map_err(|e| setup(&e))?;
+    let room = u32::try_from(clusters + 16).unwrap_or(u32::MAX);
+    agent::authorize(
+        dir.path(),
+        Authorization {
+            key: user.public_hex(),
+            comment: "bench".into(),
+            may_create_clusters: true,
+            max_vms: room,
+            hosts: vec!["*".into()],
+        },
+    )?;
+    let cfg = AgentConfig {
+        claims_dir: dir.path().join("claims"),
+        ..AgentConfig::new(
+            "s0",
+            dir.path(),
+            vec![HostSpec {
+                name: "h0".into(),
+                vcpus: 64,
+                memory_mb: u64::from(room) * 64,
+                max_vms: room,
+            }],
+            OverlayImpl::N2n,
+        )
+    };
+    let drv = NetnsDriver::new("mvcbench-", &dir.path().join("run"));
+    let core = AgentCore::open(cfg, Box::new(drv))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
+    let addr = listener.local_addr().map_err(|e| setup(&e))?.to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hk = Arc::new(agent::load_key(dir.path())?);
+    let s2 = stop.clone();
+    let server =
+        std::thread::spawn(move || agent::serve(Arc::new(Mutex::new(core)), hk, listener, s2));
+    let site = Site {
+        id: 0,
+        name: "s0".into(),
+        agent_addr: addr,
+        agent_key: key,
+    };
+    let reserve = |i: usize| Request::Reserve {
+        cluster: format!("k{i}"),
+        slots: vec![SlotReq {
+            name: format!("k{i}-fe"),
+            host: "h0".into(),
+            memory_mb: 64,
+        }],
+        supernode: false,
+    };
+    let run = || -> Result<AgentScaleResult, AgentRunError> {
+        let mut c = AgentClient::connect(&site, &user)?;
+        let t = Instant::now();
+        for i in 0..clusters {
+            c.call_value(&reserve(i))?;
+            c.call_value(&Request::Confirm {
+                cluster: format!("k{i}"),
+            })?;
+        }
+        let fill_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut tm = Vec::new();
+        timed(&mut tm, "reserve (one more cluster)", || {
+            c.call_value(&reserve(clusters))
+        })?;
+        timed(&mut tm, "confirm", || {
+            c.call_value(&Request::Confirm {
+                cluster: format!("k{clusters}"),
+            })
+        })?;
+        timed(&mut tm, "info (every reservation listed)", || {
+            c.call_value(&Request::Info)
+        })?;
+        timed(&mut tm, "release", || {
+            c.call_value(&Request::Release {
+                cluster: format!("k{clusters}"),
+            })
+        })?;
+        Ok(AgentScaleResult {
+            clusters,
+            fill_ms,
+            timings: tm,
+        })
+    };
+    let r = run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
+    r
 }

@@ -893,16 +893,15 @@ impl Controller<'_> {
     }
 
     fn vm_and_cluster(&self, vm: &str) -> Result<(Cluster, Vm)> {
-        for c in self.store.clusters()? {
-            if let Some(v) = c.vms.iter().find(|v| v.name == vm).cloned() {
-                return Ok((c, v));
+        let c = self.store.cluster_of_vm(vm)?;
+        match c.vms.iter().find(|v| v.name == vm).cloned() {
+            Some(v) => Ok((c, v)),
+            None => Err(StoreError::NotFound {
+                kind: "vm",
+                name: vm.into(),
             }
+            .into()),
         }
-        Err(StoreError::NotFound {
-            kind: "vm",
-            name: vm.into(),
-        }
-        .into())
     }
 
     /// Start one VM (its cluster's overlay must be up at its site).

@@ -117,8 +117,13 @@ pub trait Store {
     fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster>;
     /// One cluster with everything in it.
     fn cluster(&self, name: &str) -> Result<Cluster>;
-    /// All clusters.
+    /// All clusters, by name.
     fn clusters(&self) -> Result<Vec<Cluster>>;
+    /// What `cluster list` shows of each cluster, by name: up to `limit` clusters whose
+    /// names sort after `after`.
+    fn cluster_summaries(&self, after: Option<&str>, limit: usize) -> Result<Vec<ClusterSummary>>;
+    /// The cluster a VM belongs to.
+    fn cluster_of_vm(&self, vm: &str) -> Result<Cluster>;
     /// Set the cluster's state.
     fn set_cluster_state(&mut self, name: &str, state: &str) -> Result<()>;
     /// Set one VM's state.
@@ -129,6 +134,21 @@ pub trait Store {
     fn all_macs(&self) -> Result<Vec<Mac>>;
     /// A VM now runs at `site` on `host` (after a live migration).
     fn move_vm(&mut self, vm: &str, site: &str, host: &str) -> Result<()>;
+}
+
+/// One line of `cluster list`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterSummary {
+    /// Unique name.
+    pub name: String,
+    /// `defined`, `running`, `stopped`.
+    pub state: String,
+    /// Site holding the frontend VM and the supernode.
+    pub origin: String,
+    /// VMs in it.
+    pub vms: usize,
+    /// Its overlay network.
+    pub overlay_net: String,
 }
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
@@ -269,8 +289,7 @@ impl SqliteStore {
         net: String,
         state: String,
     ) -> Result<Cluster> {
-        // Cached statements: `clusters` loads every cluster, and parsing the same SQL
-        // again for each one costs more than the lookups.
+        // Cached statements: parsing the SQL again costs more than the lookups.
         let overlay = self
             .conn
             .prepare_cached(
@@ -283,66 +302,114 @@ impl SqliteStore {
                     supernode: r.get(2)?,
                 })
             })?;
-        let mut st = self.conn.prepare_cached(
-            "SELECT v.name, v.role, s.name, v.host, v.memory_mb, v.mac, v.ip, v.state
-             FROM vms v JOIN sites s ON s.id = v.site_id
-             WHERE v.cluster_id = ?1 ORDER BY v.id",
-        )?;
-        let rows = st.query_map([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-            ))
-        })?;
-        let mut vms = Vec::new();
-        for row in rows {
-            let (name, role, site, host, mem, mac, ip, state) = row?;
-            vms.push(Vm {
-                role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(role.clone()))?,
-                ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.clone()))?,
-                name,
-                site,
-                host,
-                memory_mb: mem as u64,
-                mac: Mac::from_u64(mac as u64),
-                state,
-            });
-        }
-        let mut st = self.conn.prepare_cached(
-            "SELECT s.name, a.host, a.tap, a.bridge, a.edge_name
-             FROM attachments a JOIN sites s ON s.id = a.site_id
-             WHERE a.cluster_id = ?1 ORDER BY a.id",
-        )?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms v JOIN sites s ON s.id = v.site_id
+             WHERE v.cluster_id = ?1 ORDER BY v.id"
+        ))?;
+        let vms = st
+            .query_map([id], vm_row)?
+            .map(|r| r?.into_vm())
+            .collect::<Result<Vec<_>>>()?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN sites s ON s.id = a.site_id
+             WHERE a.cluster_id = ?1 ORDER BY a.id"
+        ))?;
         let attachments = st
-            .query_map([id], |r| {
-                Ok(Attachment {
-                    site: r.get(0)?,
-                    host: r.get(1)?,
-                    tap: r.get(2)?,
-                    bridge: r.get(3)?,
-                    edge_name: r.get(4)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(Cluster {
-            id,
-            name,
-            origin,
-            overlay_net: net
+            .query_map([id], attachment_row)?
+            .map(|r| Ok(r?.1))
+            .collect::<Result<Vec<_>>>()?;
+        cluster_of(id, name, origin, net, state, overlay, vms, attachments)
+    }
+}
+
+/// Columns of a VM row (`v`: vms, `s`: its site), as [`vm_row`] reads them.
+const VM_COLUMNS: &str =
+    "v.cluster_id, v.name, v.role, s.name, v.host, v.memory_mb, v.mac, v.ip, v.state";
+
+/// Columns of an attachment row (`a`: attachments, `s`: its site).
+const ATTACHMENT_COLUMNS: &str = "a.cluster_id, s.name, a.host, a.tap, a.bridge, a.edge_name";
+
+/// A VM row before its fields are checked.
+struct VmRow {
+    cluster_id: i64,
+    name: String,
+    role: String,
+    site: String,
+    host: String,
+    memory_mb: i64,
+    mac: i64,
+    ip: String,
+    state: String,
+}
+
+fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+    Ok(VmRow {
+        cluster_id: r.get(0)?,
+        name: r.get(1)?,
+        role: r.get(2)?,
+        site: r.get(3)?,
+        host: r.get(4)?,
+        memory_mb: r.get(5)?,
+        mac: r.get(6)?,
+        ip: r.get(7)?,
+        state: r.get(8)?,
+    })
+}
+
+impl VmRow {
+    fn into_vm(self) -> Result<Vm> {
+        Ok(Vm {
+            role: Role::parse(&self.role).ok_or_else(|| StoreError::Corrupt(self.role.clone()))?,
+            ip: self
+                .ip
                 .parse()
-                .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
-            state,
-            overlay,
-            vms,
-            attachments,
+                .map_err(|_| StoreError::Corrupt(self.ip.clone()))?,
+            name: self.name,
+            site: self.site,
+            host: self.host,
+            memory_mb: self.memory_mb as u64,
+            mac: Mac::from_u64(self.mac as u64),
+            state: self.state,
         })
     }
+}
+
+fn attachment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Attachment)> {
+    Ok((
+        r.get(0)?,
+        Attachment {
+            site: r.get(1)?,
+            host: r.get(2)?,
+            tap: r.get(3)?,
+            bridge: r.get(4)?,
+            edge_name: r.get(5)?,
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cluster_of(
+    id: i64,
+    name: String,
+    origin: String,
+    net: String,
+    state: String,
+    overlay: Overlay,
+    vms: Vec<Vm>,
+    attachments: Vec<Attachment>,
+) -> Result<Cluster> {
+    Ok(Cluster {
+        id,
+        name,
+        origin,
+        overlay_net: net
+            .parse()
+            .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
+        state,
+        overlay,
+        vms,
+        attachments,
+    })
 }
 
 fn unique_violation(e: &rusqlite::Error) -> bool {
@@ -594,12 +661,111 @@ impl Store for SqliteStore {
     }
 
     fn clusters(&self) -> Result<Vec<Cluster>> {
-        let names: Vec<String> = self
+        // One query per table for every cluster (not four per cluster), put together
+        // by cluster id.
+        let mut out = Vec::new();
+        let mut at = std::collections::HashMap::new();
+        let mut st = self.conn.prepare_cached(
+            "SELECT c.id, c.name, s.name, c.overlay_net, c.state,
+                    o.community, o.secret_ref, o.supernode
+             FROM clusters c JOIN sites s ON s.id = c.origin_site_id
+             LEFT JOIN overlays o ON o.cluster_id = c.id ORDER BY c.name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, name, origin, net, state, community, secret_ref, supernode) = row?;
+            let (Some(community), Some(secret_ref), Some(supernode)) =
+                (community, secret_ref, supernode)
+            else {
+                return Err(StoreError::Corrupt(format!(
+                    "cluster {name} has no overlay"
+                )));
+            };
+            let overlay = Overlay {
+                community,
+                secret_ref,
+                supernode,
+            };
+            at.insert(id, out.len());
+            out.push(cluster_of(
+                id,
+                name,
+                origin,
+                net,
+                state,
+                overlay,
+                Vec::new(),
+                Vec::new(),
+            )?);
+        }
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms v JOIN sites s ON s.id = v.site_id ORDER BY v.id"
+        ))?;
+        for row in st.query_map([], vm_row)? {
+            let row = row?;
+            if let Some(&i) = at.get(&row.cluster_id) {
+                out[i].vms.push(row.into_vm()?);
+            }
+        }
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN sites s ON s.id = a.site_id
+             ORDER BY a.id"
+        ))?;
+        for row in st.query_map([], attachment_row)? {
+            let (cid, a) = row?;
+            if let Some(&i) = at.get(&cid) {
+                out[i].attachments.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    fn cluster_summaries(&self, after: Option<&str>, limit: usize) -> Result<Vec<ClusterSummary>> {
+        // The VM count comes from the (cluster_id, ip) index, not from the VM rows.
+        let mut st = self.conn.prepare_cached(
+            "SELECT c.name, c.state, s.name, c.overlay_net,
+                    (SELECT count(*) FROM vms v WHERE v.cluster_id = c.id)
+             FROM clusters c JOIN sites s ON s.id = c.origin_site_id
+             WHERE ?1 IS NULL OR c.name > ?1 ORDER BY c.name LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![after, limit], |r| {
+            Ok(ClusterSummary {
+                name: r.get(0)?,
+                state: r.get(1)?,
+                origin: r.get(2)?,
+                overlay_net: r.get(3)?,
+                vms: r.get::<_, i64>(4)? as usize,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn cluster_of_vm(&self, vm: &str) -> Result<Cluster> {
+        let name: String = self
             .conn
-            .prepare("SELECT name FROM clusters ORDER BY name")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        names.iter().map(|n| self.cluster(n)).collect()
+            .prepare_cached(
+                "SELECT c.name FROM vms v JOIN clusters c ON c.id = v.cluster_id
+                 WHERE v.name = ?1",
+            )?
+            .query_row([vm], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "vm",
+                name: vm.into(),
+            })?;
+        self.cluster(&name)
     }
 
     fn set_cluster_state(&mut self, name: &str, state: &str) -> Result<()> {
@@ -779,6 +945,44 @@ mod tests {
         for v in &c3.vms {
             assert!(c.vms.iter().all(|o| o.mac != v.mac));
         }
+    }
+
+    #[test]
+    fn listing_in_one_pass_matches_loading_each_cluster() {
+        let mut s = three_sites();
+        for (name, sites) in [
+            ("zeta", &[("B", 2), ("C", 1)][..]),
+            ("alpha", &[("A", 3)][..]),
+            ("mid", &[("C", 1), ("A", 2), ("B", 1)][..]),
+        ] {
+            s.create_cluster(&plan(name, sites)).unwrap();
+        }
+        s.set_vm_state("mid-c2", "running").unwrap();
+        let all = s.clusters().unwrap();
+        let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "mid", "zeta"]);
+        for c in &all {
+            assert_eq!(c, &s.cluster(&c.name).unwrap());
+        }
+        let sums = s.cluster_summaries(None, usize::MAX).unwrap();
+        assert_eq!(sums.len(), 3);
+        for (x, c) in sums.iter().zip(&all) {
+            assert_eq!(
+                (&x.name, &x.state, &x.origin, x.vms),
+                (&c.name, &c.state, &c.origin, c.vms.len())
+            );
+            assert_eq!(x.overlay_net, c.overlay_net.to_string());
+        }
+        // Pages: after a name, at most `limit`.
+        let page = s.cluster_summaries(Some("alpha"), 1).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].name, "mid");
+        assert!(s.cluster_summaries(Some("zeta"), 10).unwrap().is_empty());
+        assert_eq!(s.cluster_of_vm("mid-c2").unwrap().name, "mid");
+        assert!(matches!(
+            s.cluster_of_vm("nope"),
+            Err(StoreError::NotFound { kind: "vm", .. })
+        ));
     }
 
     #[test]

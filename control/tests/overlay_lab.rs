@@ -1040,6 +1040,7 @@ fn forged_register(seed: u8, locals: Vec<std::net::SocketAddr>) -> Vec<u8> {
         community: dataplane::crypto::CommunityKeys::derive(COMMUNITY, SECRET.as_bytes()).id,
         edge_key,
         seq: 1,
+        known: 0,
         name: "evil".into(),
         local_addrs: locals,
     };

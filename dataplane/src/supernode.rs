@@ -16,14 +16,15 @@ use std::time::{Duration, Instant};
 
 // Looked up for every packet: a seeded fast hash instead of SipHash.
 use foldhash::HashMap;
+use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{UnparsedPublicKey, ED25519};
 
 use crate::outbox::Outbox;
 use crate::snkey::{CookieJar, SupernodeKey};
 use crate::status::{hex, CommunityStatus, RegisteredEdge, SupernodeStatus};
 use crate::wire::{
-    self, CommunityId, Cookie, EdgeId, MsgType, PeerEntry, PeerInfo, Register, RegisterAck,
-    RelayHdr, MAX_PEERS_PER_INFO,
+    self, CommunityId, Cookie, EdgeId, InfoKind, MsgType, PeerEntry, PeerInfo, Register,
+    RegisterAck, RelayHdr, MAX_PEERS_PER_INFO,
 };
 
 /// Edge id of a registration key: the first 8 bytes of its SHA-256.
@@ -42,18 +43,14 @@ struct Edge {
     local_addrs: Vec<SocketAddr>,
     last_seen: Instant,
     seq: u64,
-    /// When it was last sent the complete list.
-    last_full: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Community {
     edges: HashMap<EdgeId, Edge>,
+    /// Version of the peer list: changes with every join, address change and departure.
+    version: u64,
 }
-
-/// The complete peer list goes to a registering edge at most this often when nothing
-/// about it changed (edges check a relaying supernode with early registrations).
-const FULL_LIST_EVERY: Duration = Duration::from_secs(2);
 
 /// Supernode settings.
 #[derive(Clone, Debug)]
@@ -62,6 +59,10 @@ pub struct SupernodeConfig {
     pub edge_timeout: Duration,
     /// Most edges over all communities.
     pub max_edges: usize,
+    /// Registrations of edges not in the table admitted per second (each costs a
+    /// signature check and a complete list); more are dropped (`overload`) and the edges
+    /// retry with backoff. Refreshes of registered edges are always admitted. 0: no limit.
+    pub new_per_s: u32,
 }
 
 impl Default for SupernodeConfig {
@@ -69,9 +70,13 @@ impl Default for SupernodeConfig {
         Self {
             edge_timeout: Duration::from_secs(30),
             max_edges: 10_000,
+            new_per_s: 5_000,
         }
     }
 }
+
+/// Admission is counted in slots of this length (`new_per_s / 10` per slot).
+const ADMIT_SLOT: Duration = Duration::from_millis(100);
 
 /// The supernode state machine.
 #[derive(Debug)]
@@ -86,6 +91,13 @@ pub struct SupernodeCore {
     registrations: u64,
     relayed_packets: u64,
     relayed_bytes: u64,
+    /// First peer-list version of the community made last: each new community starts
+    /// 2^32 further (its changes count up by one from there), so no version repeats while
+    /// this core lives; the first one is random, so one from before a restart is not
+    /// taken for current.
+    version_base: u64,
+    /// Admission slot (index since start) and the new registrations admitted in it.
+    admit: (u64, u32),
     drops: BTreeMap<&'static str, u64>,
     /// Changes whenever an edge is added, removed or changes its registration.
     edges_generation: u64,
@@ -95,6 +107,13 @@ impl SupernodeCore {
     /// A supernode with no registrations, signing with `key`.
     pub fn new(cfg: SupernodeConfig, key: SupernodeKey, now: Instant) -> Self {
         let jar = CookieJar::new(&key);
+        let mut v = [0u8; 8];
+        // Without the system generator versions start at 1: a restarted supernode may then
+        // take an edge's list for current until the community changes.
+        let version = match SystemRandom::new().fill(&mut v) {
+            Ok(()) => u64::from_be_bytes(v) >> 1,
+            Err(_) => 1,
+        };
         Self {
             cfg,
             key,
@@ -106,6 +125,8 @@ impl SupernodeCore {
             registrations: 0,
             relayed_packets: 0,
             relayed_bytes: 0,
+            version_base: version,
+            admit: (0, 0),
             drops: BTreeMap::new(),
             edges_generation: 0,
         }
@@ -113,6 +134,37 @@ impl SupernodeCore {
 
     fn drop(&mut self, reason: &'static str) {
         *self.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// The first peer-list version of a new community (never [`wire::NO_LIST`]).
+    fn new_base(&mut self) -> u64 {
+        self.version_base = self.version_base.wrapping_add(1 << 32);
+        if self.version_base == wire::NO_LIST {
+            self.version_base = 1;
+        }
+        self.version_base
+    }
+
+    /// Whether one more registration of an edge not in the table fits this slot.
+    fn admit_new(&mut self, age: Duration) -> bool {
+        if self.cfg.new_per_s == 0 {
+            return true;
+        }
+        let slot = (age.as_millis() / ADMIT_SLOT.as_millis()) as u64;
+        if self.admit.0 != slot {
+            self.admit = (slot, 0);
+        }
+        let per_slot = self.cfg.new_per_s.div_ceil(10);
+        if self.admit.1 >= per_slot {
+            return false;
+        }
+        self.admit.1 += 1;
+        true
+    }
+
+    /// Edges registered, over all communities.
+    pub fn edge_count(&self) -> usize {
+        self.n_edges
     }
 
     /// The supernode's public key (what edges pin).
@@ -158,6 +210,21 @@ impl SupernodeCore {
             }
             return;
         }
+        let id = edge_id_of(&v.msg.edge_key);
+        // Known edges (in the table under this key) first: a new one is refused before any
+        // public-key work when the table is full or this slot's admissions are used up.
+        let known = self
+            .communities
+            .get(&v.msg.community)
+            .and_then(|c| c.edges.get(&id))
+            .map(|e| e.key == v.msg.edge_key);
+        match known {
+            Some(false) => return self.drop("id_conflict"),
+            Some(true) => {}
+            None if self.n_edges >= self.cfg.max_edges => return self.drop("table_full"),
+            None if !self.admit_new(age) => return self.drop("overload"),
+            None => {}
+        }
         if UnparsedPublicKey::new(&ED25519, &v.msg.edge_key)
             .verify(v.signed, v.sig)
             .is_err()
@@ -165,22 +232,22 @@ impl SupernodeCore {
             return self.drop("bad_signature");
         }
         let m = v.msg;
-        let id = edge_id_of(&m.edge_key);
-        let is_new = !self
-            .communities
-            .get(&m.community)
-            .is_some_and(|c| c.edges.contains_key(&id));
-        if is_new && self.n_edges >= self.cfg.max_edges {
-            return self.drop("table_full");
+        if !self.communities.contains_key(&m.community) {
+            let base = self.new_base();
+            self.communities.insert(
+                m.community,
+                Community {
+                    edges: HashMap::default(),
+                    version: base,
+                },
+            );
         }
-        let comm = self.communities.entry(m.community).or_default();
+        let Some(comm) = self.communities.get_mut(&m.community) else {
+            return;
+        };
         let changed;
-        let send_full;
         match comm.edges.get_mut(&id) {
             Some(e) => {
-                if e.key != m.edge_key {
-                    return self.drop("id_conflict");
-                }
                 if m.seq <= e.seq {
                     return self.drop("stale_register");
                 }
@@ -190,15 +257,9 @@ impl SupernodeCore {
                 e.name = m.name;
                 e.last_seen = now;
                 e.seq = m.seq;
-                send_full =
-                    changed || now.saturating_duration_since(e.last_full) >= FULL_LIST_EVERY;
-                if send_full {
-                    e.last_full = now;
-                }
             }
             None => {
                 changed = true;
-                send_full = true;
                 comm.edges.insert(
                     id,
                     Edge {
@@ -208,7 +269,6 @@ impl SupernodeCore {
                         local_addrs: m.local_addrs,
                         last_seen: now,
                         seq: m.seq,
-                        last_full: now,
                     },
                 );
                 self.n_edges += 1;
@@ -217,47 +277,60 @@ impl SupernodeCore {
         self.registrations += 1;
         if changed {
             self.edges_generation += 1;
+            if let Some(c) = self.communities.get_mut(&m.community) {
+                c.version = next_version(c.version);
+            }
         }
+        let comm = &self.communities[&m.community];
+        let version = comm.version;
         let lifetime = self.cfg.edge_timeout.as_secs().min(u16::MAX as u64) as u16;
         let ack = RegisterAck {
             community: m.community,
             edge: id,
             seq: m.seq,
+            version,
             observed: src,
             lifetime_secs: lifetime,
             cookie: self.jar.make(age, &src),
             sn_key: self.key.public(),
         };
+        let comm = &self.communities[&m.community];
+        let key = &self.key;
         let mut b = out.take();
         match ack
             .encode_unsigned(&mut b)
             .ok()
-            .and_then(|n| self.key.sign_into(&mut b, n))
+            .and_then(|n| key.sign_into(&mut b, n))
         {
             Some(n) => out.push_udp(src, b, 0, n),
             None => out.give(b, false),
         }
-        let comm = &self.communities[&m.community];
-        let key = &self.key;
-        // The complete list of the others to the registering edge.
-        let others: Vec<PeerEntry> = if send_full {
-            comm.edges
+        // The complete list of the others, unless the edge holds the current one: an
+        // unchanged periodic registration costs the acknowledgement only.
+        if changed || m.known != version {
+            let others: Vec<PeerEntry> = comm
+                .edges
                 .iter()
                 .filter(|(k, _)| **k != id)
                 .map(|(k, e)| entry(k, e))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for chunk in others.chunks(MAX_PEERS_PER_INFO) {
-            let info = PeerInfo {
-                community: m.community,
-                full: true,
-                dst: id,
-                seq: m.seq,
-                peers: chunk.to_vec(),
-            };
-            send_info(out, key, src, &info);
+                .collect();
+            let parts = others.len().div_ceil(MAX_PEERS_PER_INFO).max(1);
+            let parts = u16::try_from(parts).unwrap_or(u16::MAX);
+            // An empty community still gets one (empty) part: it carries the version.
+            let mut chunks = others.chunks(MAX_PEERS_PER_INFO);
+            for part in 0..parts {
+                let info = PeerInfo {
+                    community: m.community,
+                    kind: InfoKind::Full,
+                    dst: id,
+                    seq: m.seq,
+                    version,
+                    part,
+                    parts,
+                    peers: chunks.next().map(<[PeerEntry]>::to_vec).unwrap_or_default(),
+                };
+                send_info(out, key, src, &info);
+            }
         }
         // The news about this edge to the others (all registered from validated addresses).
         if changed {
@@ -266,9 +339,12 @@ impl SupernodeCore {
                 if *k != id {
                     let info = PeerInfo {
                         community: m.community,
-                        full: false,
+                        kind: InfoKind::Update,
                         dst: *k,
                         seq: e.seq,
+                        version,
+                        part: 0,
+                        parts: 1,
                         peers: vec![me.clone()],
                     };
                     send_info(out, key, e.observed, &info);
@@ -380,15 +456,42 @@ impl SupernodeCore {
         self.relayed_bytes += n * pkt.len() as u64;
     }
 
-    /// Expires silent edges.
-    pub fn poll(&mut self, now: Instant) {
+    /// Expires silent edges and tells the rest of each community which left (one
+    /// message per remaining member, the departures in it).
+    pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
         let timeout = self.cfg.edge_timeout;
         let mut removed = 0;
-        for c in self.communities.values_mut() {
-            let before = c.edges.len();
-            c.edges
-                .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
-            removed += before - c.edges.len();
+        for (cid, c) in self.communities.iter_mut() {
+            let mut gone = Vec::new();
+            c.edges.retain(|k, e| {
+                let keep = now.saturating_duration_since(e.last_seen) < timeout;
+                if !keep {
+                    gone.push(entry(k, e));
+                }
+                keep
+            });
+            if gone.is_empty() {
+                continue;
+            }
+            removed += gone.len();
+            // One version per message, so a receiver that misses one notices.
+            for chunk in gone.chunks(MAX_PEERS_PER_INFO) {
+                c.version = next_version(c.version);
+                let version = c.version;
+                for (k, e) in &c.edges {
+                    let info = PeerInfo {
+                        community: *cid,
+                        kind: InfoKind::Gone,
+                        dst: *k,
+                        seq: e.seq,
+                        version,
+                        part: 0,
+                        parts: 1,
+                        peers: chunk.to_vec(),
+                    };
+                    send_info(out, &self.key, e.observed, &info);
+                }
+            }
         }
         self.communities.retain(|_, c| !c.edges.is_empty());
         self.n_edges -= removed;
@@ -460,6 +563,15 @@ impl SupernodeCore {
                 .collect(),
             xdp_relay: None,
         }
+    }
+}
+
+/// The version after one change: one more, never [`wire::NO_LIST`] (edges take a change
+/// that is exactly one more than what they hold).
+fn next_version(v: u64) -> u64 {
+    match v.wrapping_add(1) {
+        wire::NO_LIST => 1,
+        n => n,
     }
 }
 

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Protocol version carried in byte 0 of every datagram.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Length of a community identifier (derived from the community secret, see `crypto`).
 pub const COMMUNITY_ID_LEN: usize = 16;
@@ -300,6 +300,9 @@ pub struct Register {
     pub edge_key: [u8; EDGE_KEY_LEN],
     /// Strictly increasing per edge key; the supernode ignores older or equal values.
     pub seq: u64,
+    /// Version of the peer list the edge holds complete from this supernode ([`NO_LIST`]:
+    /// none). When it is the community's current version the supernode sends no list.
+    pub known: u64,
     /// Operator-chosen edge name.
     pub name: String,
     /// The edge's own addresses (for peers behind the same NAT).
@@ -349,6 +352,7 @@ impl Register {
         w.put(&self.community)?;
         w.put(&self.edge_key)?;
         w.u64(self.seq)?;
+        w.u64(self.known)?;
         w.name(&self.name)?;
         w.u8(self.local_addrs.len() as u8)?;
         for a in &self.local_addrs {
@@ -367,6 +371,7 @@ impl Register {
         let community = r.array()?;
         let edge_key = r.array()?;
         let seq = r.u64()?;
+        let known = r.u64()?;
         let name = r.name()?;
         let n = r.u8()? as usize;
         if n > MAX_LOCAL_ADDRS {
@@ -383,6 +388,7 @@ impl Register {
                 community,
                 edge_key,
                 seq,
+                known,
                 name,
                 local_addrs,
             },
@@ -405,6 +411,9 @@ pub struct RegisterAck {
     pub edge: EdgeId,
     /// The sequence number accepted.
     pub seq: u64,
+    /// The community's peer-list version after this registration: an edge holding it
+    /// knows the supernode's list is unchanged.
+    pub version: u64,
     /// Source address the supernode saw.
     pub observed: SocketAddr,
     /// Seconds the registration lasts without a refresh.
@@ -424,6 +433,7 @@ impl RegisterAck {
         w.put(&self.community)?;
         w.put(&self.edge)?;
         w.u64(self.seq)?;
+        w.u64(self.version)?;
         w.addr(&self.observed)?;
         w.u16(self.lifetime_secs)?;
         w.put(&self.cookie)?;
@@ -440,6 +450,7 @@ impl RegisterAck {
             community: r.array()?,
             edge: r.array()?,
             seq: r.u64()?,
+            version: r.u64()?,
             observed: r.addr()?,
             lifetime_secs: r.u16()?,
             cookie: r.array()?,
@@ -505,18 +516,40 @@ pub struct PeerEntry {
     pub local_addrs: Vec<SocketAddr>,
 }
 
+/// "No peer list held": the version an edge registers with before it has a complete one.
+pub const NO_LIST: u64 = 0;
+
+/// What a peer-info message says about its entries (byte 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InfoKind {
+    /// One edge joined or changed its addresses (one entry).
+    Update = 0,
+    /// Part `part` of `parts` of the complete list of the others.
+    Full = 1,
+    /// The entries left the community (expired on the supernode).
+    Gone = 2,
+}
+
 /// Where peers are. Signed with the supernode's key and bound to one registration of the
 /// receiving edge (its id and a sequence number it registered with).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Community.
     pub community: CommunityId,
-    /// Set when this message is part of the complete list (sent after each registration).
-    pub full: bool,
+    /// Complete list, one change, or departures.
+    pub kind: InfoKind,
     /// The receiving edge.
     pub dst: EdgeId,
     /// The receiving edge's last registration sequence number the supernode accepted.
     pub seq: u64,
+    /// The community's peer-list version this message brings the receiver to (a change
+    /// takes it from `version - 1`; a complete list to `version` once every part came).
+    pub version: u64,
+    /// Index of this part of a complete list (0 otherwise).
+    pub part: u16,
+    /// Parts of the complete list, at least 1 (1 otherwise).
+    pub parts: u16,
     /// Peers (at most [`MAX_PEERS_PER_INFO`]).
     pub peers: Vec<PeerEntry>,
 }
@@ -525,19 +558,22 @@ impl PeerInfo {
     /// Encodes everything except the signature; returns the length. The caller appends
     /// a [`SIG_LEN`]-byte signature over `buf[..len]`.
     pub fn encode_unsigned(&self, buf: &mut [u8]) -> Result<usize, WireError> {
-        if self.peers.len() > MAX_PEERS_PER_INFO {
+        if self.peers.len() > MAX_PEERS_PER_INFO || !parts_ok(self.kind, self.part, self.parts) {
             return Err(WireError::Malformed);
         }
         let mut w = Writer::new(buf);
         w.put(&[
             VERSION,
             MsgType::PeerInfo as u8,
-            u8::from(self.full),
+            self.kind as u8,
             self.peers.len() as u8,
         ])?;
         w.put(&self.community)?;
         w.put(&self.dst)?;
         w.u64(self.seq)?;
+        w.u64(self.version)?;
+        w.u16(self.part)?;
+        w.u16(self.parts)?;
         for p in &self.peers {
             if p.local_addrs.len() > MAX_LOCAL_ADDRS {
                 return Err(WireError::Malformed);
@@ -556,9 +592,10 @@ impl PeerInfo {
     pub fn decode(buf: &[u8]) -> Result<Signed<'_, Self>, WireError> {
         check_head(buf, MsgType::PeerInfo)?;
         let (signed, sig) = split_sig(buf, 4)?;
-        let full = match buf[2] {
-            0 => false,
-            1 => true,
+        let kind = match buf[2] {
+            0 => InfoKind::Update,
+            1 => InfoKind::Full,
+            2 => InfoKind::Gone,
             _ => return Err(WireError::Malformed),
         };
         let n = buf[3] as usize;
@@ -569,6 +606,12 @@ impl PeerInfo {
         let community = r.array()?;
         let dst = r.array()?;
         let seq = r.u64()?;
+        let version = r.u64()?;
+        let part = r.u16()?;
+        let parts = r.u16()?;
+        if !parts_ok(kind, part, parts) {
+            return Err(WireError::Malformed);
+        }
         let mut peers = Vec::with_capacity(n);
         for _ in 0..n {
             let id = r.array()?;
@@ -593,14 +636,25 @@ impl PeerInfo {
         Ok(Signed {
             msg: Self {
                 community,
-                full,
+                kind,
                 dst,
                 seq,
+                version,
+                part,
+                parts,
                 peers,
             },
             signed,
             sig,
         })
+    }
+}
+
+/// A complete list has `part < parts`; a change or departure is part 0 of 1.
+fn parts_ok(kind: InfoKind, part: u16, parts: u16) -> bool {
+    match kind {
+        InfoKind::Full => part < parts,
+        InfoKind::Update | InfoKind::Gone => part == 0 && parts == 1,
     }
 }
 
@@ -910,6 +964,7 @@ mod tests {
             community: [7; 16],
             edge_key: [9; 32],
             seq: 42,
+            known: 77,
             name: "site-b".into(),
             local_addrs: vec![sa("198.18.2.2:5000"), sa("[fe80::1]:5000")],
         };
@@ -931,6 +986,7 @@ mod tests {
             community: [1; 16],
             edge: [2; 8],
             seq: 3,
+            version: 11,
             observed: sa("198.18.0.1:7654"),
             lifetime_secs: 30,
             cookie: [4; 16],
@@ -956,9 +1012,12 @@ mod tests {
         assert!(Cookie::decode(&buf[..n - 1]).is_err());
         let p = PeerInfo {
             community: [1; 16],
-            full: true,
+            kind: InfoKind::Full,
             dst: [9; 8],
             seq: 10,
+            version: 12,
+            part: 1,
+            parts: 3,
             peers: vec![PeerEntry {
                 id: [3; 8],
                 name: "a".into(),
@@ -974,6 +1033,34 @@ mod tests {
         for cut in 0..n + SIG_LEN {
             assert!(PeerInfo::decode(&buf[..cut]).is_err());
         }
+        // A part past the count, a change in parts, an unknown kind: malformed.
+        let bad = |f: &dyn Fn(&mut PeerInfo)| {
+            let mut q = p.clone();
+            f(&mut q);
+            assert_eq!(
+                q.encode_unsigned(&mut [0u8; 1500]),
+                Err(WireError::Malformed)
+            );
+        };
+        bad(&|q| q.part = 3);
+        bad(&|q| q.parts = 0);
+        bad(&|q| q.kind = InfoKind::Update);
+        bad(&|q| {
+            q.kind = InfoKind::Gone;
+            q.part = 0;
+        });
+        let n = p.encode_unsigned(&mut buf).unwrap();
+        let at = 4 + COMMUNITY_ID_LEN + EDGE_ID_LEN + 16;
+        buf[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
+        assert_eq!(
+            PeerInfo::decode(&buf[..n + SIG_LEN]).unwrap_err(),
+            WireError::Malformed
+        );
+        buf[2] = 3;
+        assert_eq!(
+            PeerInfo::decode(&buf[..n + SIG_LEN]).unwrap_err(),
+            WireError::Malformed
+        );
     }
 
     #[test]
@@ -1036,7 +1123,8 @@ mod tests {
     #[test]
     fn bad_version_and_type() {
         assert_eq!(peek_type(&[1, 1]), Err(WireError::BadVersion));
-        assert_eq!(peek_type(&[3, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[2, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[4, 1]), Err(WireError::BadVersion));
         assert_eq!(peek_type(&[VERSION, 0x77]), Err(WireError::UnknownType));
         assert_eq!(peek_type(&[VERSION]), Err(WireError::Truncated));
     }

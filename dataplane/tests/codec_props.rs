@@ -23,8 +23,8 @@ proptest! {
     #[test]
     fn register_roundtrip(community in any::<[u8; 16]>(), key in any::<[u8; 32]>(), seq in any::<u64>(),
                           n in name(), addrs in prop::collection::vec(addr(), 0..=MAX_LOCAL_ADDRS),
-                          sig in any::<[u8; 32]>(), cookie in any::<[u8; 16]>()) {
-        let m = Register { cookie, community, edge_key: key, seq, name: n, local_addrs: addrs };
+                          sig in any::<[u8; 32]>(), cookie in any::<[u8; 16]>(), known in any::<u64>()) {
+        let m = Register { cookie, community, edge_key: key, seq, known, name: n, local_addrs: addrs };
         let mut buf = [0u8; 1024];
         let len = m.encode_unsigned(&mut buf).unwrap();
         buf[len..len + 32].copy_from_slice(&sig);
@@ -37,8 +37,8 @@ proptest! {
     #[test]
     fn ack_and_cookie_roundtrip(community in any::<[u8; 16]>(), edge in any::<[u8; 8]>(), seq in any::<u64>(),
                      observed in addr(), lifetime in any::<u16>(), cookie in any::<[u8; 16]>(),
-                     sn_key in any::<[u8; 32]>(), sig in any::<[u8; 32]>()) {
-        let m = RegisterAck { community, edge, seq, observed, lifetime_secs: lifetime, cookie, sn_key };
+                     sn_key in any::<[u8; 32]>(), sig in any::<[u8; 32]>(), version in any::<u64>()) {
+        let m = RegisterAck { community, edge, seq, version, observed, lifetime_secs: lifetime, cookie, sn_key };
         let mut buf = [0u8; 256];
         let n = m.encode_unsigned(&mut buf).unwrap();
         buf[n..n + 32].copy_from_slice(&sig);
@@ -52,16 +52,25 @@ proptest! {
     }
 
     #[test]
-    fn peer_info_roundtrip(community in any::<[u8; 16]>(), full in any::<bool>(),
+    fn peer_info_roundtrip(community in any::<[u8; 16]>(), kind in 0u8..3, version in any::<u64>(),
+                           parts in 1u16..=u16::MAX, part in any::<u16>(),
                            dst in any::<[u8; 8]>(), seq in any::<u64>(),
                            peers in prop::collection::vec(
                                (any::<[u8; 8]>(), name(), addr(), prop::collection::vec(addr(), 0..=3)),
                                0..=MAX_PEERS_PER_INFO)) {
+        let (kind, part, parts) = match kind {
+            0 => (InfoKind::Update, 0, 1),
+            1 => (InfoKind::Full, part % parts, parts),
+            _ => (InfoKind::Gone, 0, 1),
+        };
         let m = PeerInfo {
             community,
-            full,
+            kind,
             dst,
             seq,
+            version,
+            part,
+            parts,
             peers: peers.into_iter().map(|(id, name, observed, local_addrs)| PeerEntry { id, name, observed, local_addrs }).collect(),
         };
         let mut buf = vec![0u8; 8192];

@@ -95,6 +95,7 @@ fn sa(s: &str) -> SocketAddr {
 fn timers() -> Timers {
     Timers {
         register_interval: Duration::from_millis(500),
+        register_backoff_max: Duration::from_secs(2),
         supernode_down_after: Duration::from_millis(1600),
         handshake_retry: Duration::from_millis(200),
         handshake_defer: Duration::from_millis(300),
@@ -143,20 +144,23 @@ fn drain(
 
 impl Net {
     fn new(n_sns: usize) -> Self {
+        Self::with_sn_config(
+            n_sns,
+            SupernodeConfig {
+                edge_timeout: Duration::from_secs(3),
+                ..SupernodeConfig::default()
+            },
+        )
+    }
+
+    fn with_sn_config(n_sns: usize, cfg: SupernodeConfig) -> Self {
         let now = Instant::now();
         let sns = (0..n_sns)
             .map(|i| {
                 let key = SupernodeKey::generate().unwrap();
                 Sn {
                     addr: sa(&format!("198.18.0.{}:7654", 100 + i)),
-                    core: SupernodeCore::new(
-                        SupernodeConfig {
-                            edge_timeout: Duration::from_secs(3),
-                            ..SupernodeConfig::default()
-                        },
-                        key.clone(),
-                        now,
-                    ),
+                    core: SupernodeCore::new(cfg.clone(), key.clone(), now),
                     key,
                     out: Outbox::new(2048),
                     alive: true,
@@ -300,7 +304,8 @@ impl Net {
             }
             for s in self.sns.iter_mut().filter(|s| s.alive) {
                 if s.core.poll_timeout().is_some_and(|d| d <= now) {
-                    s.core.poll(now);
+                    s.core.poll(now, &mut s.out);
+                    drain(&mut s.out, s.addr, &mut self.queue, None);
                     self.polls += 1;
                 }
             }
@@ -333,7 +338,7 @@ impl Net {
                 continue;
             }
             let before = format!("{:?}", s.core.status(at, "sn").communities);
-            s.core.poll(at);
+            s.core.poll(at, &mut s.out);
             let after = format!("{:?}", s.core.status(at, "sn").communities);
             assert_eq!(before, after, "supernode {}", s.addr);
         }
@@ -838,6 +843,7 @@ fn forged_register(
         community: dataplane::crypto::CommunityKeys::derive("lab", b"s").id,
         edge_key,
         seq,
+        known: 0,
         name: "evil".into(),
         local_addrs: locals,
     };
@@ -857,6 +863,126 @@ fn attacker_key() -> ring::signature::Ed25519KeyPair {
 /// send the victim one datagram no larger than the registration, and nothing else: no
 /// acknowledgement, no peer list, no introduction to the members, hence no handshake
 /// inits from them. With 3 and with 50 members.
+/// Peer-information messages (type, kind) the supernodes sent since the capture began.
+fn infos_sent(net: &Net) -> Vec<u8> {
+    net.seen
+        .iter()
+        .filter(|(s, _, p)| net.sns.iter().any(|x| x.addr == *s) && p[1] == 0x03)
+        .map(|(_, _, p)| p[2])
+        .collect()
+}
+
+#[test]
+fn peer_lists_go_only_where_something_changed() {
+    let mut net = Net::new(1);
+    for i in 0..4 {
+        net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
+    }
+    // A second community on the same supernode: its changes must not disturb the first.
+    for i in 0..2 {
+        net.add_edge(&format!("o{i}"), "other", Cipher::Aes256Gcm);
+    }
+    net.run(Duration::from_secs(3));
+    for i in 0..4 {
+        assert_eq!(net.status(i).peers.len(), 3);
+    }
+    // Ten periodic registrations each: acknowledged, no list.
+    net.capture = true;
+    net.run(Duration::from_secs(5));
+    let acks = net.seen.iter().filter(|(_, _, p)| p[1] == 0x02).count();
+    assert!(acks >= 6 * 8, "{acks} acks");
+    assert_eq!(infos_sent(&net), Vec::<u8>::new());
+    // Joins in both communities: the complete list (one part) to each new edge, one
+    // update to each of the others, and nothing more at the next registrations.
+    net.seen.clear();
+    net.add_edge("o2", "other", Cipher::Aes256Gcm);
+    let j = net.add_edge("m4", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(3));
+    let mut kinds = infos_sent(&net);
+    kinds.sort_unstable();
+    assert_eq!(kinds, vec![0, 0, 0, 0, 0, 0, 1, 1]);
+    for i in (0..4).chain([j]) {
+        assert_eq!(net.status(i).peers.len(), 4, "edge {i}");
+    }
+    net.seen.clear();
+    net.run(Duration::from_secs(5));
+    assert_eq!(infos_sent(&net), Vec::<u8>::new());
+    // A departure: once the supernode expires it, one departure notice per member.
+    net.seen.clear();
+    net.edges[j].alive = false;
+    net.run(Duration::from_secs(6));
+    assert_eq!(infos_sent(&net), vec![2, 2, 2, 2]);
+    // Peers nobody lists any more and who send nothing are forgotten; the others stay,
+    // confirmed by every acknowledgement, though no list came for far longer than
+    // `peer_expiry` (the direct paths are blocked: relayed, and no traffic at all).
+    for a in 0..4 {
+        for b in 0..4 {
+            if a != b {
+                net.blocked.push((net.edges[a].addr, net.edges[b].addr));
+            }
+        }
+    }
+    net.seen.clear();
+    net.run(Duration::from_secs(25));
+    assert_eq!(infos_sent(&net), Vec::<u8>::new());
+    for i in 0..4 {
+        let names: Vec<String> = net.status(i).peers.into_iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), 3, "edge {i}: {names:?}");
+        assert!(!names.contains(&"m4".to_string()));
+    }
+}
+
+#[test]
+fn a_registration_storm_is_admitted_known_edges_first() {
+    let n = 24;
+    let cfg = SupernodeConfig {
+        edge_timeout: Duration::from_secs(3),
+        new_per_s: 20,
+        ..SupernodeConfig::default()
+    };
+    let mut net = Net::with_sn_config(1, cfg.clone());
+    for i in 0..n {
+        net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
+    }
+    let registered = |net: &Net| {
+        net.sns[0]
+            .core
+            .status(net.now, "sn")
+            .communities
+            .iter()
+            .map(|c| c.edges.len())
+            .sum::<usize>()
+    };
+    for round in ["cold start", "restart"] {
+        // At most 2 new edges per 100 ms: 1.2 s for 24 at best; the rest back off and
+        // retry. Once in, an edge stays in: its refreshes are admitted first.
+        let start = net.now;
+        let mut last = 0;
+        while registered(&net) < n {
+            assert!(
+                net.now - start < Duration::from_secs(10),
+                "{round}: {last} of {n}"
+            );
+            net.run(Duration::from_millis(100));
+            let r = registered(&net);
+            assert!(
+                r >= last,
+                "{round}: {r} after {last}: a registered edge was dropped"
+            );
+            last = r;
+        }
+        let st = net.sns[0].core.status(net.now, "sn");
+        assert!(
+            st.drops.get("overload").copied().unwrap_or(0) > 0,
+            "{round}"
+        );
+        println!("{round}: {n} edges in {:?}", net.now - start);
+        net.run(Duration::from_secs(2));
+        let key = net.sns[0].key.clone();
+        net.sns[0].core = SupernodeCore::new(cfg.clone(), key, net.now);
+    }
+}
+
 #[test]
 fn spoofed_registration_gets_one_small_cookie_and_no_fanout() {
     for members in [3usize, 50] {
@@ -941,9 +1067,12 @@ fn spoofed_peer_info_and_ack_change_nothing() {
     let community = dataplane::crypto::CommunityKeys::derive("lab", b"s").id;
     let info = PeerInfo {
         community,
-        full: false,
+        kind: dataplane::wire::InfoKind::Update,
         dst: a_id,
         seq: 5,
+        version: 2,
+        part: 0,
+        parts: 1,
         peers: vec![
             PeerEntry {
                 id: [9; 8],
@@ -967,6 +1096,7 @@ fn spoofed_peer_info_and_ack_change_nothing() {
         community,
         edge: a_id,
         seq: 6,
+        version: 2,
         observed: sa("198.18.9.9:3"),
         lifetime_secs: 30,
         cookie: [1; 16],

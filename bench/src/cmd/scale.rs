@@ -23,6 +23,9 @@ pub struct Args {
     /// Longest a convergence may take, in virtual seconds.
     #[arg(long, default_value_t = 60)]
     pub budget_s: u64,
+    /// New registrations a supernode admits per second (0: no limit).
+    #[arg(long, default_value_t = 5000)]
+    pub new_per_s: u32,
     /// Where to write the JSON result and the figure.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -47,17 +50,18 @@ fn opt(v: Option<f64>) -> String {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     println!(
-        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | restart rereg ms | churn ms | outage rereg ms | edge B/peer | edge µs/peer/s | wall ms |"
+        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | sn µs/edge/s (steady) | peerinfo msgs (steady) | restart rereg ms | lost | overload drops | churn ms | outage rereg ms | lost | overload drops | edge B/edge | edge µs/peer/s | wall ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.edges {
         let mut cfg = ScaleConfig::new(n);
         cfg.community_size = args.community_size;
         cfg.supernodes = args.supernodes;
         cfg.budget_s = args.budget_s;
+        cfg.new_per_s = args.new_per_s;
         let r = scale::run(&cfg, Some(bench::allocated_bytes))?;
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
             n,
             opt(r.sn_bytes_per_edge),
             r.cpu_per_registration_us,
@@ -66,10 +70,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             r.peerinfo_bytes_late_join,
             ms(r.cold.all_ms),
             ms(r.cold_sessions.all_ms),
+            r.sn_cpu_per_edge_s_us,
+            r.steady_sn.peerinfo_msgs,
             ms(r.restart_reregistered_ms),
+            r.restart_dropped_known,
+            r.restart_overload_drops,
             ms(r.churn.all_ms),
             ms(r.outage_reregistered_ms),
-            opt(r.edge_bytes_per_peer),
+            r.outage_dropped_known,
+            r.outage_overload_drops,
+            opt(r.edge_bytes_per_edge),
             r.edge_cpu_per_peer_s_us,
             r.wall_ms,
         );
@@ -105,6 +115,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     (
                         "CPU per registration (µs)".into(),
                         pts(&|r| Some(r.cpu_per_registration_us)),
+                    ),
+                    (
+                        "steady CPU per edge per s (µs)".into(),
+                        pts(&|r| Some(r.sn_cpu_per_edge_s_us)),
                     ),
                 ],
             },
@@ -154,6 +168,9 @@ pub struct StoreArgs {
     /// VMs per cluster.
     #[arg(long, default_value_t = 10)]
     pub vms_per_cluster: usize,
+    /// Reservations one agent holds in the agent run (0: no agent run).
+    #[arg(long, default_value_t = 1000)]
+    pub agent_clusters: usize,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -175,8 +192,31 @@ pub fn store(args: &StoreArgs) -> anyhow::Result<()> {
     for t in &r.timings {
         println!("| {} | {:.2} |", t.op, t.ms);
     }
+    let agent = if args.agent_clusters > 0 {
+        let a = bench::storescale::agent(args.agent_clusters)?;
+        println!(
+            "\none agent, {} confirmed reservations (made in {:.0} ms)\n",
+            a.clusters, a.fill_ms
+        );
+        println!("| request | ms |\n|---|---:|");
+        for t in &a.timings {
+            println!("| {} | {:.2} |", t.op, t.ms);
+        }
+        Some(a)
+    } else {
+        None
+    };
+    #[derive(Serialize)]
+    struct StoreReport {
+        store: bench::storescale::StoreScaleResult,
+        agent: Option<bench::storescale::AgentScaleResult>,
+    }
     let (_, compact) = super::utc_now();
-    let json = super::write_json(&args.results, &format!("scale-store-{compact}.json"), &r)?;
+    let json = super::write_json(
+        &args.results,
+        &format!("scale-store-{compact}.json"),
+        &StoreReport { store: r, agent },
+    )?;
     println!("wrote {}", json.display());
     Ok(())
 }

@@ -279,6 +279,7 @@ fn cookie_round_trip(addr: SocketAddr, timeout: Duration) -> Result<Duration, St
         community: [0; wire::COMMUNITY_ID_LEN],
         edge_key,
         seq,
+        known: wire::NO_LIST,
         name: "mvc-doctor".into(),
         local_addrs: Vec::new(),
     };

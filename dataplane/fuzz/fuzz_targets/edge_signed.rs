@@ -1,10 +1,11 @@
 #![no_main]
 //! An edge fed datagrams signed with its pinned supernode's key and addressed to its own
 //! id and registration (as only the real supernode can make them): the parsing after the
-//! signature check, acknowledgements and peer lists, never panics.
+//! signature check, acknowledgements and peer lists (their versions, parts and
+//! departures), never panics.
 use std::time::Instant;
 
-use dataplane::crypto::Cipher;
+use dataplane::crypto::{Cipher, CommunityKeys};
 use dataplane::edge::{EdgeConfig, EdgeCore, SupernodeAddr, Timers};
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
@@ -34,17 +35,28 @@ fuzz_target!(|data: &[u8]| {
     // Registration 1 goes out.
     e.poll(now, &mut out);
     out.recycle_sent();
-    let mut buf = data.to_vec();
-    // RegisterAck and PeerInfo both carry the edge id at 20..28 and the registration
-    // number at 28..36.
-    if buf.len() >= 36 {
-        buf[20..28].copy_from_slice(&e.id());
-        buf[28..36].copy_from_slice(&1u64.to_be_bytes());
+    // Several messages in a row (each `length byte ‖ bytes`), so sequences of acks,
+    // list parts, changes and departures with their versions are explored.
+    // RegisterAck and PeerInfo both carry the community at 4..20, the edge id at 20..28
+    // and the registration number at 28..36.
+    let community = CommunityKeys::derive("c", b"s").id;
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = (len as usize).min(tail.len());
+        let (msg, next) = tail.split_at(len);
+        rest = next;
+        let mut buf = msg.to_vec();
+        if buf.len() >= 36 {
+            buf[4..20].copy_from_slice(&community);
+            buf[20..28].copy_from_slice(&e.id());
+            buf[28..36].copy_from_slice(&1u64.to_be_bytes());
+        }
+        let n = buf.len();
+        buf.resize(n + SIG_LEN, 0);
+        key.sign_into(&mut buf, n).unwrap();
+        e.handle_udp(now, sn, &mut buf, &mut out);
+        out.recycle_sent();
     }
-    let n = buf.len();
-    buf.resize(n + SIG_LEN, 0);
-    key.sign_into(&mut buf, n).unwrap();
-    e.handle_udp(now, sn, &mut buf, &mut out);
     e.poll(now, &mut out);
     let _ = e.status(now);
     out.recycle_sent();

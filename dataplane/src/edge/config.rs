@@ -12,8 +12,13 @@ use crate::wire::SN_KEY_LEN;
 /// Timers and limits of an edge. Defaults suit a WAN; tests shrink them.
 #[derive(Clone, Debug)]
 pub struct Timers {
-    /// Registration refresh.
+    /// Registration refresh (each one drawn between 80 % and 100 % of it, so edges that
+    /// started together drift apart).
     pub register_interval: Duration,
+    /// Longest wait between registrations to a supernode that does not answer: the wait
+    /// starts at `min(register_interval, 1 s)`, doubles with every unanswered
+    /// registration up to this, and is drawn between half and all of that.
+    pub register_backoff_max: Duration,
     /// A supernode is down after this long without an acknowledgement.
     pub supernode_down_after: Duration,
     /// Handshake retransmission.
@@ -59,6 +64,7 @@ impl Default for Timers {
     fn default() -> Self {
         Self {
             register_interval: Duration::from_secs(5),
+            register_backoff_max: Duration::from_secs(8),
             supernode_down_after: Duration::from_secs(12),
             handshake_retry: Duration::from_secs(1),
             handshake_defer: Duration::from_secs(2),

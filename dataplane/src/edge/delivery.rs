@@ -18,7 +18,7 @@ use crate::wire::{
 
 use super::drops::DropReason;
 use super::l2::L2Seen;
-use super::{max_frame, EdgeCore};
+use super::{max_frame, EdgeCore, SEG_SCRATCH};
 
 impl EdgeCore {
     /// Handles one Ethernet frame read from the TAP device.
@@ -90,6 +90,10 @@ impl EdgeCore {
             }
         }
         let mut scratch = std::mem::take(&mut self.seg_scratch);
+        // Made on the first oversized frame: most edges never get one.
+        if scratch.is_empty() {
+            scratch = vec![0u8; SEG_SCRATCH];
+        }
         let r = offload::segment_tcp(hdr, frame, max_frame, &mut scratch, |s| {
             self.handle_tap(now, s, out)
         });

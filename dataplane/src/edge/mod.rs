@@ -32,7 +32,8 @@ use crate::eth::Mac;
 use crate::outbox::Outbox;
 use crate::supernode::edge_id_of;
 use crate::wire::{
-    self, EdgeId, MsgType, RelayHdr, COOKIE_LEN, MAX_BCAST_DSTS, RELAY_HDR_LEN, TRANSPORT_HDR_LEN,
+    self, EdgeId, MsgType, RelayHdr, COOKIE_LEN, MAX_BCAST_DSTS, NO_LIST, RELAY_HDR_LEN,
+    TRANSPORT_HDR_LEN,
 };
 
 mod config;
@@ -110,6 +111,9 @@ pub struct EdgeCore {
     l2: L2,
 }
 
+/// Size of the buffer an oversized TAP frame is cut into segments in.
+const SEG_SCRATCH: usize = 65_536;
+
 /// Headroom the core leaves in front of edge-to-edge packets for a relay header.
 pub const HEADROOM: usize = RELAY_HDR_LEN;
 
@@ -184,6 +188,10 @@ impl EdgeCore {
                 check_ok: None,
                 failed: false,
                 cookie_resend: None,
+                next_register: None,
+                unanswered: 0,
+                list_version: NO_LIST,
+                list_part: None,
             })
             .collect();
         let mut local_addrs = cfg.local_addrs.clone();
@@ -215,7 +223,7 @@ impl EdgeCore {
             udp_rx: 0,
             udp_tx: 0,
             scratch_dsts: Vec::new(),
-            seg_scratch: vec![0u8; 65_536],
+            seg_scratch: Vec::new(),
             overlay_nets: Vec::new(),
             unvalidated_window: (now, 0),
             l2: L2::new(L2Config::default(), now, table_seed),
@@ -232,7 +240,7 @@ impl EdgeCore {
         if locals != self.cfg.local_addrs {
             self.cfg.local_addrs = locals;
             for s in &mut self.sns {
-                s.last_sent = None;
+                s.next_register = None;
             }
         }
         for p in self.peers.values_mut() {
@@ -523,13 +531,30 @@ mod tests {
         e.poll(now, &mut out);
         assert_eq!(out.udp.len(), 1);
         out.recycle_sent();
-        // No acknowledgement: the supernode is down, registrations every 2 s.
-        let next = now + Duration::from_secs(2);
-        assert_eq!(e.poll_timeout(), Some(next));
-        e.poll(next - Duration::from_millis(1), &mut out);
-        assert!(out.udp.is_empty());
-        e.poll(next, &mut out);
-        assert_eq!(out.udp.len(), 1);
+        // No acknowledgement: the supernode is down; the wait doubles from 1 s with every
+        // unanswered registration (drawn between half and all of it) up to the maximum.
+        let mut at = now;
+        for k in 0..8u32 {
+            // Other timers may come first; step from deadline to deadline.
+            let mut next = e.poll_timeout().unwrap();
+            e.poll(next - Duration::from_millis(1), &mut out);
+            assert!(out.udp.is_empty());
+            e.poll(next, &mut out);
+            while out.udp.is_empty() {
+                next = e.poll_timeout().unwrap();
+                e.poll(next, &mut out);
+            }
+            assert_eq!(out.udp.len(), 1);
+            out.recycle_sent();
+            let full = Duration::from_secs(1 << k).min(Timers::default().register_backoff_max);
+            let wait = next - at;
+            assert!(
+                wait >= full / 2 && wait <= full,
+                "{k}: {wait:?} of {full:?}"
+            );
+            at = next;
+        }
+        let next = at;
         // New host addresses are announced at once.
         e.set_host_addrs(vec!["198.18.0.2:5".parse().unwrap()], vec![]);
         assert!(e.poll_timeout().is_some_and(|d| d <= next));

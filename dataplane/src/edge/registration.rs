@@ -1,5 +1,10 @@
 //! Registration with the supernodes: signed registrations with cookies, signed
 //! acknowledgements and peer lists, liveness checks of a relaying supernode and failover.
+//!
+//! Peer lists are versioned: the edge registers with the version of the complete list it
+//! holds from that supernode, and gets a list back only when that is not the community's
+//! current one. An acknowledgement carrying the version held confirms every peer that
+//! supernode listed. Registrations are jittered, and back off while unanswered.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +14,9 @@ use std::time::{Duration, Instant};
 use crate::outbox::Outbox;
 use crate::snkey;
 use crate::status::hex;
-use crate::wire::{Cookie, PeerInfo, Register, RegisterAck, COOKIE_LEN, SIG_LEN, SN_KEY_LEN};
+use crate::wire::{
+    Cookie, InfoKind, PeerInfo, Register, RegisterAck, COOKIE_LEN, NO_LIST, SIG_LEN, SN_KEY_LEN,
+};
 
 use super::drops::DropReason;
 use super::{Earliest, EdgeCore};
@@ -42,6 +49,14 @@ pub(super) struct SnState {
     pub(super) failed: bool,
     /// Last registration sent at once on a cookie message.
     pub(super) cookie_resend: Option<Instant>,
+    /// When the next registration is due (`None`: at once).
+    pub(super) next_register: Option<Instant>,
+    /// Registrations sent since the last acknowledgement.
+    pub(super) unanswered: u32,
+    /// Version of the complete peer list held from it ([`NO_LIST`]: none).
+    pub(super) list_version: u64,
+    /// A complete list coming in: its version and the next part expected.
+    pub(super) list_part: Option<(u64, u16)>,
 }
 
 impl EdgeCore {
@@ -135,6 +150,7 @@ impl EdgeCore {
         s.cookie = a.cookie;
         s.acked_seq = a.seq;
         s.failed = false;
+        s.unanswered = 0;
         if s.check_sent.take().is_some() {
             s.check_ok = Some(now);
         }
@@ -142,6 +158,15 @@ impl EdgeCore {
         if a.seq == s.sent_seq {
             if let Some(t) = s.sent_at {
                 s.rtt = Some(now.saturating_duration_since(t));
+            }
+        }
+        // The list held is still the supernode's: everyone it listed is still there.
+        if a.version != NO_LIST && a.version == s.list_version {
+            let bit = 1u64 << i;
+            for p in self.peers.values_mut() {
+                if p.listed_by & bit != 0 {
+                    p.last_listed = Some(now);
+                }
             }
         }
     }
@@ -190,8 +215,47 @@ impl EdgeCore {
         if !snkey::verify(&key, v.signed, v.sig) {
             return self.drop(DropReason::BadSignature);
         }
+        let bit = 1u64 << i;
+        let info = v.msg;
+        let s = &mut self.sns[i];
+        match info.kind {
+            InfoKind::Full => {
+                if info.part == 0 {
+                    // A new complete list: it alone says whom this supernode lists.
+                    s.list_part = Some((info.version, 0));
+                    for p in self.peers.values_mut() {
+                        p.listed_by &= !bit;
+                    }
+                }
+                s.list_part = match s.list_part {
+                    Some((v, p)) if v == info.version && p == info.part => {
+                        if p + 1 >= info.parts {
+                            s.list_version = v;
+                            None
+                        } else {
+                            Some((v, p + 1))
+                        }
+                    }
+                    // A part missed: the version stays, the next registration asks again.
+                    _ => None,
+                };
+            }
+            InfoKind::Update | InfoKind::Gone => {
+                if s.list_version != NO_LIST && info.version == s.list_version.wrapping_add(1) {
+                    s.list_version = info.version;
+                }
+            }
+        }
+        if info.kind == InfoKind::Gone {
+            for e in &info.peers {
+                if let Some(p) = self.peers.get_mut(&e.id) {
+                    p.listed_by &= !bit;
+                }
+            }
+            return;
+        }
         let mut named = Vec::new();
-        for e in v.msg.peers {
+        for e in info.peers {
             if e.id == self.id {
                 continue;
             }
@@ -206,7 +270,7 @@ impl EdgeCore {
             p.name = e.name;
             p.observed = Some(e.observed);
             p.locals = e.local_addrs;
-            p.listed_by |= 1 << i;
+            p.listed_by |= bit;
             p.last_listed = Some(now);
         }
         for id in named {
@@ -244,15 +308,7 @@ impl EdgeCore {
                     _ => {}
                 }
             }
-            let every = if up {
-                t.register_interval
-            } else {
-                t.register_interval.min(Duration::from_secs(2))
-            };
-            if self.sns[i]
-                .last_sent
-                .is_some_and(|l| now.saturating_duration_since(l) < every)
-            {
+            if self.sns[i].next_register.is_some_and(|n| now < n) {
                 continue;
             }
             self.send_register(now, i, out);
@@ -267,6 +323,7 @@ impl EdgeCore {
             community: self.keys.id,
             edge_key: self.reg_pub,
             seq: self.reg_seq,
+            known: self.sns[i].list_version,
             name: self.cfg.name.clone(),
             local_addrs: self.cfg.local_addrs.clone(),
         };
@@ -284,10 +341,36 @@ impl EdgeCore {
                 self.drop(DropReason::NoRoom);
             }
         }
+        let wait = self.register_wait(i, now);
         let s = &mut self.sns[i];
         s.last_sent = Some(now);
         s.sent_seq = self.reg_seq;
         s.sent_at = Some(now);
+        s.unanswered = s.unanswered.saturating_add(1);
+        s.next_register = Some(now + wait);
+    }
+
+    /// How long after a registration sent now the next one to supernode `i` is due: the
+    /// refresh interval while it answers, a doubling backoff while it does not; drawn
+    /// from the upper part of that (80-100 % and 50-100 %), so edges that started or
+    /// lost a supernode together do not register in step.
+    fn register_wait(&mut self, i: usize, now: Instant) -> Duration {
+        let t = &self.cfg.timers;
+        let (wait, low) = if self.sn_up(i, now) {
+            (t.register_interval, 0.8)
+        } else {
+            let base = t.register_interval.min(Duration::from_secs(1));
+            let k = self.sns[i].unanswered.min(16);
+            (
+                base.saturating_mul(1 << k)
+                    .min(t.register_backoff_max.max(base)),
+                0.5,
+            )
+        };
+        // A failing generator only loses the jitter.
+        let u = self.rng.next_u64().unwrap_or(u64::MAX);
+        let f = low + (1.0 - low) * (u >> 11) as f64 / (1u64 << 53) as f64;
+        wait.mul_f64(f)
     }
 
     /// Adds the timers of supernode `s` to `d` (as [`EdgeCore::poll_register`] runs
@@ -311,11 +394,6 @@ impl EdgeCore {
                 _ => {}
             }
         }
-        let every = if up_until.is_some() {
-            t.register_interval
-        } else {
-            t.register_interval.min(Duration::from_secs(2))
-        };
-        d.add(s.last_sent.map_or(self.last_poll, |l| l + every));
+        d.add(s.next_register.unwrap_or(self.last_poll));
     }
 }

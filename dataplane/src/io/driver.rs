@@ -350,7 +350,7 @@ pub fn run_supernode(
         }
         if now.saturating_duration_since(last_tick) >= Duration::from_millis(500) {
             last_tick = now;
-            core.poll(now);
+            core.poll(now, &mut out);
         }
         if let Some(r) = relay.as_mut() {
             let g = core.edges_generation();
