@@ -12,6 +12,7 @@
 //! - `bench scale`: edges and supernodes by the thousand on a simulated network: cost curves.
 //! - `bench scale-store`: the controller's store at 1,000 sites and 100,000 VMs: call times.
 //! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
+//! - `bench limits`: AES-GCM, ChaCha20-Poly1305 and memcpy bytes per second on one core.
 
 mod cmd;
 mod plot;
@@ -58,6 +59,9 @@ enum Command {
     Scale(cmd::scale::Args),
     /// The controller's store with synthetic sites, clusters and VMs: time of each call.
     ScaleStore(cmd::scale::StoreArgs),
+    /// What one core does without I/O: AEAD sealing/opening and memcpy, bytes per second
+    /// (the physical limit of the edge's data path on this machine).
+    Limits(cmd::limits::Args),
     /// One worker of `bench dock` (started by it inside a VM namespace).
     #[command(hide = true)]
     DockWorker(cmd::dock::WorkerArgs),
@@ -80,5 +84,6 @@ fn main() -> anyhow::Result<()> {
         Command::Scale(a) => cmd::scale::run(&a),
         Command::ScaleStore(a) => cmd::scale::store(&a),
         Command::DockWorker(a) => cmd::dock::worker(&a),
+        Command::Limits(a) => cmd::limits::run(&a),
     }
 }
