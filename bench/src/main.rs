@@ -15,6 +15,7 @@
 //! - `bench hpl`: HPL (hpcc, OpenMPI) on 1..N nodes over the overlay and the raw underlay.
 //! - `bench migrate`: live migration of a qemu VM between sites against WAN delay and disk
 //!   size: downtime, WAN bytes, the guest's disk reads during and after the move.
+//! - `bench limits`: AES-GCM, ChaCha20-Poly1305 and memcpy bytes per second on one core.
 
 mod cmd;
 mod plot;
@@ -64,6 +65,9 @@ enum Command {
     Scale(cmd::scale::Args),
     /// The controller's store with synthetic sites, clusters and VMs: time of each call.
     ScaleStore(cmd::scale::StoreArgs),
+    /// What one core does without I/O: AEAD sealing/opening and memcpy, bytes per second
+    /// (the physical limit of the edge's data path on this machine).
+    Limits(cmd::limits::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,5 +87,6 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(a) => cmd::migrate::run(&a),
         Command::Scale(a) => cmd::scale::run(&a),
         Command::ScaleStore(a) => cmd::scale::store(&a),
+        Command::Limits(a) => cmd::limits::run(&a),
     }
 }

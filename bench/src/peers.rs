@@ -8,6 +8,7 @@
 //! | OpenVPN 2.6 | L2 | TAP mode on the site TAP, TLS with a throwaway PKI; server on A with `client-to-client`, B and C clients |
 //! | nebula | L3 | lighthouse on A; each site's VM /24 is an `unsafe_route` via that site's nebula address |
 //! | boringtun + `wg` | L3 | hub on A, B and C peers with keepalive; each site's VM /24 routed to the tunnel |
+//! | gotatun + `wg` | L3 | as boringtun (gotatun is its fork) |
 //!
 //! L3 peers carry the VMs' overlay addresses (198.19.s.0/24) routed: the frontend answers
 //! ARP for remote VMs (proxy ARP on the bridge) and routes them into the tunnel, with TCP
@@ -15,9 +16,13 @@
 //! MTU is set to what the tunnel carries without fragmenting the underlay.
 //!
 //! Missing peers are installed by [`Peer::ensure_installed`] (`apt-get install -y`, or
-//! `cargo install boringtun-cli`).
+//! `cargo install --locked boringtun-cli` / `gotatun-cli`).
+//!
+//! In the two-host layout (`bench overlay --layout hosts`) only the WireGuard peers run,
+//! on the hosts themselves: [`Peer::start_pair`].
 
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,16 +62,19 @@ pub enum Peer {
     Openvpn,
     /// boringtun (crates.io), configured with `wg`.
     Boringtun,
+    /// gotatun (crates.io), boringtun's fork, configured the same way.
+    Gotatun,
 }
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 5] = [
+    pub const ALL: [Peer; 6] = [
         Peer::Vxlan,
         Peer::Nebula,
         Peer::Tinc,
         Peer::Openvpn,
         Peer::Boringtun,
+        Peer::Gotatun,
     ];
 
     /// The peer called `s` (as in `--systems`).
@@ -82,13 +90,14 @@ impl Peer {
             Peer::Tinc => "tinc",
             Peer::Openvpn => "openvpn",
             Peer::Boringtun => "boringtun",
+            Peer::Gotatun => "gotatun",
         }
     }
 
     /// "L2" (frames on the VM bridge) or "L3" (routed through the frontend).
     pub fn layer(self) -> &'static str {
         match self {
-            Peer::Nebula | Peer::Boringtun => "L3",
+            Peer::Nebula | Peer::Boringtun | Peer::Gotatun => "L3",
             _ => "L2",
         }
     }
@@ -99,7 +108,7 @@ impl Peer {
             Peer::Vxlan => "none",
             Peer::Nebula | Peer::Openvpn => "aes-256-gcm",
             Peer::Tinc => "aes-256-cbc+sha256",
-            Peer::Boringtun => "chacha20-poly1305",
+            Peer::Boringtun | Peer::Gotatun => "chacha20-poly1305",
         }
     }
 
@@ -108,7 +117,7 @@ impl Peer {
         match self {
             Peer::Vxlan => 1450,
             Peer::Tinc | Peer::Openvpn => 1400,
-            Peer::Nebula | Peer::Boringtun => 1500,
+            Peer::Nebula | Peer::Boringtun | Peer::Gotatun => 1500,
         }
     }
 
@@ -119,12 +128,12 @@ impl Peer {
             Peer::Nebula => ("nebula", &["nebula", "nebula-cert"]),
             Peer::Tinc => ("tinc", &["tincd"]),
             Peer::Openvpn => ("openvpn", &["openvpn", "openssl"]),
-            Peer::Boringtun => ("wireguard-tools", &["wg"]),
+            Peer::Boringtun | Peer::Gotatun => ("wireguard-tools", &["wg"]),
         }
     }
 
     /// Installs what is missing: the Debian package (`apt-get install -y`), and for
-    /// boringtun also `cargo install --locked boringtun-cli`.
+    /// boringtun and gotatun also `cargo install --locked boringtun-cli` / `gotatun-cli`.
     pub fn ensure_installed(self) -> Result<()> {
         let (pkg, bins) = self.package();
         if bins.iter().any(|b| which(b).is_none()) {
@@ -154,18 +163,38 @@ impl Peer {
                 });
             }
         }
-        if self == Peer::Boringtun && boringtun_bin().is_none() {
-            eprintln!("installing boringtun-cli (cargo install --locked boringtun-cli)");
-            lab::run(&["cargo", "install", "--locked", "boringtun-cli"])?;
-            if boringtun_bin().is_none() {
-                return Err(Error::Command {
-                    cmd: "cargo install boringtun-cli".into(),
-                    status: "no binary".into(),
-                    stderr: "boringtun-cli not found in PATH or ~/.cargo/bin".into(),
-                });
+        if let Some(krate) = self.wg_crate() {
+            if self.wg_bin().is_none() {
+                eprintln!("installing {krate} (cargo install --locked {krate})");
+                lab::run(&["cargo", "install", "--locked", krate])?;
+                if self.wg_bin().is_none() {
+                    return Err(Error::Command {
+                        cmd: format!("cargo install {krate}"),
+                        status: "no binary".into(),
+                        stderr: format!("{krate} not found in PATH or ~/.cargo/bin"),
+                    });
+                }
             }
         }
         Ok(())
+    }
+
+    /// The crate of a userspace WireGuard peer.
+    fn wg_crate(self) -> Option<&'static str> {
+        match self {
+            Peer::Boringtun => Some("boringtun-cli"),
+            Peer::Gotatun => Some("gotatun-cli"),
+            _ => None,
+        }
+    }
+
+    /// The installed binary of a userspace WireGuard peer (gotatun-cli installs `gotatun`).
+    pub fn wg_bin(self) -> Option<PathBuf> {
+        match self {
+            Peer::Boringtun => cargo_bin("boringtun-cli"),
+            Peer::Gotatun => cargo_bin("gotatun"),
+            _ => None,
+        }
     }
 
     /// The installed version, for the table ("nebula-1.6.1"); the bare name when unknown.
@@ -186,9 +215,9 @@ impl Peer {
                     })
                     .map_err(Error::from)
             }
-            Peer::Boringtun => match boringtun_bin() {
+            Peer::Boringtun | Peer::Gotatun => match self.wg_bin() {
                 Some(b) => lab::run(&[&b.to_string_lossy(), "--version"]),
-                None => return "boringtun".into(),
+                None => return self.name().into(),
             },
         };
         let v = out.ok().and_then(|o| first_version(&o.stdout));
@@ -211,7 +240,7 @@ impl Peer {
             Peer::Tinc => start_tinc(lab, topo, &mut r),
             Peer::Openvpn => start_openvpn(lab, topo, &mut r),
             Peer::Nebula => start_nebula(lab, topo, &mut r),
-            Peer::Boringtun => start_boringtun(lab, topo, &mut r),
+            Peer::Boringtun | Peer::Gotatun => start_wg(self, lab, topo, &mut r),
         };
         let res = res.and_then(|()| {
             for s in &topo.sites {
@@ -254,6 +283,18 @@ impl Running {
     /// Stops the processes, undoes routes, rules and devices, puts the sites' MTUs back to
     /// 1500 and gives the sites fresh TAPs.
     pub fn stop(self, lab: &Lab, topo: &Topology) -> Result<()> {
+        self.release(lab);
+        for s in &topo.sites {
+            topo.reset_tap(lab, s)?;
+            topo.set_site_mtu(lab, s, 1500)?;
+            flush_vm_neighbours(lab, s);
+        }
+        Ok(())
+    }
+
+    /// Stops the processes and undoes routes, rules and devices (the two-host layout has
+    /// no sites to reset).
+    pub fn release(&self, lab: &Lab) {
         for p in &self.procs {
             lab.stop(p);
         }
@@ -264,12 +305,6 @@ impl Running {
         for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
-        for s in &topo.sites {
-            topo.reset_tap(lab, s)?;
-            topo.set_site_mtu(lab, s, 1500)?;
-            flush_vm_neighbours(lab, s);
-        }
-        Ok(())
     }
 
     fn then_undo(&mut self, ns: &str, cmd: &[&str]) {
@@ -295,11 +330,11 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `boringtun-cli` in PATH or in root's/the user's `~/.cargo/bin`.
-pub fn boringtun_bin() -> Option<PathBuf> {
-    which("boringtun-cli").or_else(|| {
+/// `bin` in PATH or in root's/the user's `~/.cargo/bin`.
+fn cargo_bin(bin: &str) -> Option<PathBuf> {
+    which(bin).or_else(|| {
         let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-        let p = home.join(".cargo/bin/boringtun-cli");
+        let p = home.join(".cargo/bin").join(bin);
         p.is_file().then_some(p)
     })
 }
@@ -707,22 +742,13 @@ fn start_nebula(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
     Ok(())
 }
 
-fn start_boringtun(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
-    let bin = boringtun_bin().ok_or_else(|| Error::Command {
-        cmd: "boringtun-cli".into(),
-        status: "missing".into(),
-        stderr: "not installed (bench installs it with cargo install boringtun-cli)".into(),
-    })?;
-    let dir = fresh_dir(lab, "wg")?;
-    // The userspace API socket (/var/run/wireguard/<if>.sock) is global: the interface
-    // name carries the lab's unique prefix.
-    let p = lab.prefix();
-    let tail = &p[p.len().saturating_sub(11)..];
-    let ifname = |s: &Site| format!("w{tail}{}", s.idx);
+/// Key pairs for userspace WireGuard, one per name: the private key's file in `dir` and
+/// the public key.
+fn wg_keys(dir: &Path, names: &[&str]) -> Result<Vec<(PathBuf, String)>> {
     let mut keys = Vec::new();
-    for s in &topo.sites {
+    for name in names {
         let private = lab::run(&["wg", "genkey"])?.stdout.trim().to_string();
-        let key_file = dir.join(format!("{}.key", s.name));
+        let key_file = dir.join(format!("{name}.key"));
         write(&key_file, &private)?;
         let public = std::process::Command::new("sh")
             .args(["-c", "wg pubkey < \"$0\"", &key_file.to_string_lossy()])
@@ -737,40 +763,101 @@ fn start_boringtun(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
         }
         keys.push((key_file, public));
     }
+    Ok(keys)
+}
+
+/// The name of the WireGuard interface number `i` of this lab: the userspace API socket
+/// (/var/run/wireguard/<if>.sock) is global, so the name carries the lab's unique prefix.
+fn wg_ifname(lab: &Lab, i: u8) -> String {
+    let p = lab.prefix();
+    let tail = &p[p.len().saturating_sub(11)..];
+    format!("w{tail}{i}")
+}
+
+/// Starts userspace WireGuard `peer` in `ns` on interface `wif` with the private key in
+/// `key`, listening on [`WG_PORT`].
+fn wg_up(
+    lab: &Lab,
+    peer: Peer,
+    ns: &str,
+    label: &str,
+    wif: &str,
+    key: &Path,
+    r: &mut Running,
+) -> Result<()> {
+    let krate = peer.wg_crate().unwrap_or("boringtun-cli");
+    let bin = peer.wg_bin().ok_or_else(|| Error::Command {
+        cmd: krate.into(),
+        status: "missing".into(),
+        stderr: format!("not installed (bench installs it with cargo install {krate})"),
+    })?;
+    let sock = PathBuf::from(format!("/var/run/wireguard/{wif}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    r.files.push(sock.clone());
+    let proc = lab.spawn(
+        ns,
+        label,
+        &[
+            &bin.to_string_lossy(),
+            wif,
+            "--foreground",
+            "--disable-drop-privileges",
+        ],
+    )?;
+    r.procs.push(proc.clone());
+    lab.wait_until(&format!("{krate} socket"), Duration::from_secs(10), || {
+        sock.exists() || !lab.running(&proc)
+    })?;
+    if !lab.running(&proc) {
+        return Err(Error::Command {
+            cmd: krate.into(),
+            status: "exited".into(),
+            stderr: lab.log(&proc),
+        });
+    }
+    let key = key.to_string_lossy().into_owned();
+    let port = WG_PORT.to_string();
+    lab.exec(
+        ns,
+        &["wg", "set", wif, "private-key", &key, "listen-port", &port],
+    )?;
+    Ok(())
+}
+
+/// Adds a peer to interface `wif`; with `endpoint`, kept alive every 5 s.
+fn wg_peer(
+    lab: &Lab,
+    ns: &str,
+    wif: &str,
+    public: &str,
+    allowed: &str,
+    endpoint: Option<&str>,
+) -> Result<()> {
+    let mut cmd = vec!["wg", "set", wif, "peer", public, "allowed-ips", allowed];
+    if let Some(ep) = endpoint {
+        cmd.extend(["endpoint", ep, "persistent-keepalive", "5"]);
+    }
+    lab.exec(ns, &cmd)?;
+    Ok(())
+}
+
+/// Gives interface `wif` its address (a /24) and WireGuard's MTU, and brings it up.
+fn wg_addr(lab: &Lab, ns: &str, wif: &str, ip: &str) -> Result<()> {
+    lab.ip(ns, &["addr", "add", &format!("{ip}/24"), "dev", wif])?;
+    lab.ip(ns, &["link", "set", wif, "mtu", "1420", "up"])?;
+    Ok(())
+}
+
+fn start_wg(peer: Peer, lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
+    let dir = fresh_dir(lab, "wg")?;
+    let names: Vec<&str> = topo.sites.iter().map(|s| s.name.as_str()).collect();
+    let keys = wg_keys(&dir, &names)?;
     l3_frontends(lab, topo, r)?;
     let hub = &topo.sites[0];
     for (i, s) in topo.sites.iter().enumerate() {
-        let (fe, wif) = (&s.frontend, ifname(s));
-        let sock = PathBuf::from(format!("/var/run/wireguard/{wif}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        r.files.push(sock.clone());
-        let proc = lab.spawn(
-            fe,
-            &format!("boringtun-{}", s.name),
-            &[
-                &bin.to_string_lossy(),
-                &wif,
-                "--foreground",
-                "--disable-drop-privileges",
-            ],
-        )?;
-        r.procs.push(proc.clone());
-        lab.wait_until("boringtun socket", Duration::from_secs(10), || {
-            sock.exists() || !lab.running(&proc)
-        })?;
-        if !lab.running(&proc) {
-            return Err(Error::Command {
-                cmd: "boringtun-cli".into(),
-                status: "exited".into(),
-                stderr: lab.log(&proc),
-            });
-        }
-        let key = keys[i].0.to_string_lossy().into_owned();
-        let port = WG_PORT.to_string();
-        lab.exec(
-            fe,
-            &["wg", "set", &wif, "private-key", &key, "listen-port", &port],
-        )?;
+        let (fe, wif) = (&s.frontend, wg_ifname(lab, s.idx));
+        let label = format!("{}-{}", peer.name(), s.name);
+        wg_up(lab, peer, fe, &label, &wif, &keys[i].0, r)?;
         for (j, t) in topo.sites.iter().enumerate() {
             if t.idx == s.idx || (s.idx != hub.idx && t.idx != hub.idx) {
                 continue;
@@ -778,38 +865,74 @@ fn start_boringtun(lab: &Lab, topo: &Topology, r: &mut Running) -> Result<()> {
             let peer_key = &keys[j].1;
             if s.idx == hub.idx {
                 let allowed = format!("{}/32,{}", wg_ip(t.idx), vm_net(t.idx));
-                lab.exec(
-                    fe,
-                    &["wg", "set", &wif, "peer", peer_key, "allowed-ips", &allowed],
-                )?;
+                wg_peer(lab, fe, &wif, peer_key, &allowed, None)?;
             } else {
                 let ep = format!("{}:{WG_PORT}", t.public_ip);
-                lab.exec(
-                    fe,
-                    &[
-                        "wg",
-                        "set",
-                        &wif,
-                        "peer",
-                        peer_key,
-                        "allowed-ips",
-                        "198.19.0.0/16",
-                        "endpoint",
-                        &ep,
-                        "persistent-keepalive",
-                        "5",
-                    ],
-                )?;
+                wg_peer(lab, fe, &wif, peer_key, "198.19.0.0/16", Some(&ep))?;
             }
         }
-        let addr = format!("{}/24", wg_ip(s.idx));
-        lab.ip(fe, &["addr", "add", &addr, "dev", &wif])?;
-        lab.ip(fe, &["link", "set", &wif, "mtu", "1420", "up"])?;
+        wg_addr(lab, fe, &wif, &wg_ip(s.idx))?;
         for t in topo.sites.iter().filter(|t| t.idx != s.idx) {
             lab.ip(fe, &["route", "add", &vm_net(t.idx), "dev", &wif])?;
         }
     }
     Ok(())
+}
+
+/// One end of the two-host layout: its namespace and underlay address.
+#[derive(Debug, Clone)]
+pub struct HostEnd {
+    /// Namespace.
+    pub ns: String,
+    /// Underlay address.
+    pub ip: Ipv4Addr,
+}
+
+impl Peer {
+    /// Starts a userspace WireGuard peer (boringtun, gotatun) on two hosts joined directly:
+    /// interface addresses 198.19.251.1 (`a`) and .2 (`b`), `b` keeping the session alive.
+    /// Returns the running peer and `a`'s tunnel address (the server's).
+    pub fn start_pair(self, lab: &Lab, a: &HostEnd, b: &HostEnd) -> Result<(Running, Ipv4Addr)> {
+        let mut r = Running {
+            peer: self,
+            procs: Vec::new(),
+            undo: Vec::new(),
+            files: Vec::new(),
+        };
+        let res = (|| -> Result<Ipv4Addr> {
+            if self.wg_crate().is_none() {
+                return Err(Error::Command {
+                    cmd: self.name().into(),
+                    status: "unsupported".into(),
+                    stderr: "only boringtun and gotatun run in the two-host layout".into(),
+                });
+            }
+            let dir = fresh_dir(lab, "wg")?;
+            let keys = wg_keys(&dir, &["a", "b"])?;
+            let ends = [(a, 1u8, b, 2u8), (b, 2, a, 1)];
+            for (k, (me, i, other, j)) in ends.iter().enumerate() {
+                let wif = wg_ifname(lab, *i);
+                let label = format!("{}-{}", self.name(), if k == 0 { "a" } else { "b" });
+                wg_up(lab, self, &me.ns, &label, &wif, &keys[k].0, &mut r)?;
+                let allowed = format!("{}/32", wg_ip(*j));
+                let ep = format!("{}:{WG_PORT}", other.ip);
+                let ep = (k == 1).then_some(ep.as_str());
+                wg_peer(lab, &me.ns, &wif, &keys[1 - k].1, &allowed, ep)?;
+                wg_addr(lab, &me.ns, &wif, &wg_ip(*i))?;
+            }
+            wg_ip(1).parse().map_err(|_| Error::Parse {
+                what: "tunnel address".into(),
+                detail: wg_ip(1),
+            })
+        })();
+        match res {
+            Ok(ip) => Ok((r, ip)),
+            Err(e) => {
+                r.release(lab);
+                Err(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! `bench overlay`: iperf3 TCP single-stream and ping RTT VM -> VM, in one lab and one run,
 //! over the raw routed underlay, this overlay (ciphers x direct/relayed x datapaths),
 //! Debian's n2n 1.3.1 and the peers of [`bench::peers`] (kernel VXLAN, nebula, tinc,
-//! OpenVPN, boringtun), with ratios to the raw underlay of the same run. `--small` measures
-//! instead the small-frame rate (64/512-byte UDP) and the CPU cost per GB and per packet.
+//! OpenVPN, boringtun, gotatun), with ratios to the raw underlay of the same run. `--small`
+//! measures instead the small-frame rate (64/512-byte UDP) and the CPU cost per GB and per
+//! packet. `--layout hosts` measures between two hosts instead (`super::hosts`).
 //!
 //! The measured pair is VM b1 (site B, behind NAT) -> VM a1 (site A, public). The raw
 //! reference routes the same two namespaces over the same links (B's NAT, the internet
@@ -20,6 +21,7 @@ use lab::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
 use lab::{Lab, Topology};
 use serde::Serialize;
 
+use super::hosts::{self, Hosts};
 use super::{find_mvc, utc_now, write_json, Machine};
 use crate::cmd::wanem;
 
@@ -30,13 +32,19 @@ pub struct Args {
     #[arg(long)]
     pub mvc: Option<PathBuf>,
     /// Systems to measure, comma-separated: raw, mvc, n2n, vxlan, nebula, tinc, openvpn,
-    /// boringtun. Missing peers are installed (apt-get, cargo install boringtun-cli).
+    /// boringtun, gotatun (`--layout hosts`: raw, mvc, boringtun, gotatun). Missing peers
+    /// are installed (apt-get, cargo install boringtun-cli / gotatun-cli).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "raw,mvc,n2n,vxlan,nebula,tinc,openvpn,boringtun"
     )]
     pub systems: Vec<String>,
+    /// sites: VM b1 (site B, behind NAT) -> VM a1 (site A), edges on the sites' frontends
+    /// with the TAP on the VM bridge. hosts: two hosts on one bridge, the edge's TAP as
+    /// each host's interface (TAP datapath only, no delay).
+    #[arg(long, default_value = "sites", value_parser = ["sites", "hosts"])]
+    pub layout: String,
     /// Ciphers of the overlay to measure.
     #[arg(long, value_delimiter = ',', default_value = "aes-256-gcm,none")]
     pub ciphers: Vec<String>,
@@ -203,17 +211,17 @@ pub struct SmallRow {
 }
 
 /// What a configuration is, for the tables.
-struct Desc<'a> {
-    system: &'a str,
-    cipher: &'a str,
-    path: &'a str,
-    datapath: &'a str,
-    layer: &'a str,
-    mtu: u32,
+pub(super) struct Desc<'a> {
+    pub(super) system: &'a str,
+    pub(super) cipher: &'a str,
+    pub(super) path: &'a str,
+    pub(super) datapath: &'a str,
+    pub(super) layer: &'a str,
+    pub(super) mtu: u32,
 }
 
 #[derive(Default)]
-struct Results {
+pub(super) struct Results {
     rows: Vec<Row>,
     small: Vec<SmallRow>,
 }
@@ -229,30 +237,35 @@ struct Report<'a> {
     pings: u32,
     mvc: Option<String>,
     perf_cycles: bool,
+    layout: &'a str,
     rows: &'a [Row],
     small: &'a [SmallRow],
 }
 
-struct Ctx<'a> {
-    lab: &'a Lab,
-    topo: &'a Topology,
-    args: &'a Args,
-    delay: u32,
-    perf: bool,
+/// Where a layout's measurements run: the client and server namespaces and the server's
+/// address on the raw underlay (the paired reference).
+pub(super) struct Ctx<'a> {
+    pub(super) lab: &'a Lab,
+    pub(super) args: &'a Args,
+    pub(super) delay: u32,
+    pub(super) perf: bool,
+    pub(super) client: String,
+    pub(super) server: String,
+    pub(super) raw_dst: Ipv4Addr,
 }
 
 impl Ctx<'_> {
     fn client(&self) -> &str {
-        &self.topo.site("b").vms[0].ns
+        &self.client
     }
 
     fn server(&self) -> &str {
-        &self.topo.site("a").vms[0].ns
+        &self.server
     }
 
     /// Measures one configuration (TCP/ping, or small frames with `--small`) into `out`;
     /// `pids` are the system's processes, for the CPU cost.
-    fn measure(
+    pub(super) fn measure(
         &self,
         d: &Desc,
         dst: Ipv4Addr,
@@ -306,7 +319,7 @@ impl Ctx<'_> {
         lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))
             .with_context(|| format!("{} {}: no connectivity", d.system, d.path))?;
         let _ = lab::ping(lab, self.client(), dst, 5, 0.1);
-        let raw_dst = self.topo.site("a").vms[0].underlay_ip;
+        let raw_dst = self.raw_dst;
         let paired = dst != raw_dst;
         let mut rows = Vec::new();
         for &size in &a.sizes {
@@ -362,7 +375,7 @@ impl Ctx<'_> {
         let _ = lab::ping(lab, self.client(), dst, 5, 0.1);
         // The raw underlay between the same VMs is measured alternately with each system
         // (the machine's load drifts; a reference taken minutes earlier would not do).
-        let raw_dst = self.topo.site("a").vms[0].underlay_ip;
+        let raw_dst = self.raw_dst;
         let paired = dst != raw_dst;
         let rtt_samples = lab::ping_samples(lab, self.client(), dst, a.pings, 0.1)?;
         let raw_rtt = if paired {
@@ -433,15 +446,17 @@ fn run_all(
     perf: bool,
     out: &mut Results,
 ) -> anyhow::Result<()> {
+    let (a, b) = (topo.site("a"), topo.site("b"));
+    let va = &a.vms[0];
     let ctx = Ctx {
         lab,
-        topo,
         args,
         delay,
         perf,
+        client: b.vms[0].ns.clone(),
+        server: va.ns.clone(),
+        raw_dst: va.underlay_ip,
     };
-    let (a, b) = (topo.site("a"), topo.site("b"));
-    let va = &a.vms[0];
     let has = |s: &str| args.systems.iter().any(|x| x == s);
     if has("raw") {
         let d = Desc {
@@ -697,7 +712,26 @@ pub fn plot(args: &PlotArgs) -> anyhow::Result<()> {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     for s in &args.systems {
         if !["raw", "mvc", "n2n"].contains(&s.as_str()) && Peer::parse(s).is_none() {
-            bail!("unknown system {s:?} (raw, mvc, n2n, vxlan, nebula, tinc, openvpn, boringtun)");
+            bail!("unknown system {s:?} (raw, mvc, n2n, vxlan, nebula, tinc, openvpn, boringtun, gotatun)");
+        }
+    }
+    let hosts = args.layout == "hosts";
+    if hosts {
+        if let Some(s) = args
+            .systems
+            .iter()
+            .find(|s| !hosts::SYSTEMS.contains(&s.as_str()))
+        {
+            bail!(
+                "--layout hosts runs {}, not {s:?}",
+                hosts::SYSTEMS.join(", ")
+            );
+        }
+        if !args.delay.is_empty() {
+            bail!("--layout hosts has no WAN emulator: no --delay");
+        }
+        if args.datapath.iter().all(|d| d == "xdp") && args.systems.iter().any(|s| s == "mvc") {
+            bail!("--layout hosts has no VM bridge for the xdp datapath: use --datapath tap");
         }
     }
     for d in &args.datapath {
@@ -751,6 +785,25 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let machine = Machine::probe();
     eprintln!("bench overlay: {date}, {}", machine.line());
     let lab = Lab::new("bo")?;
+    if hosts {
+        let h = Hosts::build(&lab)?;
+        let mut res = Results::default();
+        let r = hosts::run_all(&lab, &h, args, mvc.as_ref(), perf, &mut res);
+        lab.teardown();
+        r?;
+        let pair = "host b -> host a (two hosts on one bridge, edge TAP as the host's interface)";
+        return report(
+            args,
+            res,
+            &date,
+            &stamp,
+            machine,
+            mvc.as_ref(),
+            perf,
+            pair,
+            false,
+        );
+    }
     let delays = if args.delay.is_empty() {
         vec![0]
     } else {
@@ -772,35 +825,59 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         run_all(&lab, &topo, args, mvc.as_ref(), d, perf, &mut res)?;
     }
     lab.teardown();
+    let pair = "VM b1 (site B, behind NAT) -> VM a1 (site A)";
+    report(
+        args,
+        res,
+        &date,
+        &stamp,
+        machine,
+        mvc.as_ref(),
+        perf,
+        pair,
+        use_wan,
+    )
+}
+
+/// Prints the table of a run and writes its JSON, markdown and (with delays) figure.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &Args,
+    res: Results,
+    date: &str,
+    stamp: &str,
+    machine: Machine,
+    mvc: Option<&Mvc>,
+    perf: bool,
+    pair: &'static str,
+    use_wan: bool,
+) -> anyhow::Result<()> {
     let Results { rows, small } = res;
     let md = if args.small {
         small_table(&small, args.runs)
     } else {
         table(&rows, args.runs, use_wan)
     };
-    println!(
-        "\nVM b1 (site B, behind NAT) -> VM a1 (site A), {date}, {}\n",
-        machine.line()
-    );
+    println!("\n{pair}, {date}, {}\n", machine.line());
     println!("{md}");
     let report = Report {
         bench: "overlay",
-        date,
+        date: date.to_string(),
         machine,
-        pair: "b1 -> a1",
+        pair,
         runs: args.runs,
         secs: args.secs,
         pings: args.pings,
         mvc: mvc.map(|m| m.bin.display().to_string()),
+        layout: &args.layout,
         perf_cycles: perf,
         rows: &rows,
         small: &small,
     };
-    let kind = if args.small {
-        "overlay-small"
-    } else {
-        "overlay"
-    };
+    // `bench report` keeps the latest run of each kind: the layouts are kinds of their own.
+    let layout = if args.layout == "hosts" { "-hosts" } else { "" };
+    let small_kind = if args.small { "-small" } else { "" };
+    let kind = format!("overlay{layout}{small_kind}");
     let p = write_json(&args.results, &format!("{kind}-{stamp}.json"), &report)?;
     std::fs::write(args.results.join(format!("{kind}-{stamp}.md")), &md)?;
     if use_wan && !args.small {
