@@ -652,6 +652,7 @@ impl AgentCore {
                     overlays,
                     edges,
                     reservations,
+                    clock: Some(now),
                 })
             }
             Request::Reserve {
