@@ -41,6 +41,15 @@ impl Libvirtd {
             &dir.join("etc").display().to_string(),
         ])
         .expect("copy /etc/libvirt");
+        // qemu as root: libvirt checks whether qemu's user may open /dev/kvm each time
+        // it looks at qemu's capabilities, and where it may not (this machine's /dev/kvm
+        // is root's alone) it probes them again for every domain it defines (40-60 s
+        // each on the loaded test machine). The driver still hands the sockets to the
+        // libvirt-qemu group, as for a qemu of that group.
+        let conf = dir.join("etc/qemu.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+        text.push_str("\nuser = \"+0\"\ngroup = \"+0\"\n");
+        std::fs::write(&conf, text).unwrap();
         let d = dir.display();
         let script = format!(
             "set -e
@@ -282,6 +291,10 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
         .expect("B's VM namespace");
     lab::wait_ping(&sl.lab, &b_ns, lip, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("B's VM -> libvirt domain {lip}: {e}"));
+    eprintln!(
+        "B's VM pinged the domain at {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let topo = sl
         .ctl_json(&["cluster", "topology", "l"])
         .expect("topology");
@@ -293,8 +306,11 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
         "{rtts:?}"
     );
 
+    eprintln!("topology measured at {:.1} s", t0.elapsed().as_secs_f64());
+
     // Destroy: no domain, disk, socket or TAP left at C.
     sl.ctl(&["cluster", "destroy", "l"]).expect("destroy");
+    eprintln!("destroyed at {:.1} s", t0.elapsed().as_secs_f64());
     assert!(lv.domains().is_empty(), "{:?}", lv.domains());
     assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
     let disks: Vec<_> = std::fs::read_dir(c_state.join("disks"))
@@ -323,8 +339,11 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
         lv.virsh(&["define", &f.display().to_string()])
             .unwrap_or_else(|| panic!("virsh define {d}"));
     }
+    eprintln!("strays defined at {:.1} s", t0.elapsed().as_secs_f64());
     sl.stop_agent("C");
+    eprintln!("agent stopped at {:.1} s", t0.elapsed().as_secs_f64());
     sl.restart_agent("C").expect("agent C restart");
+    eprintln!("agent restarted at {:.1} s", t0.elapsed().as_secs_f64());
     let left = lv.domains();
     assert!(!left.contains(&stray), "{left:?}");
     assert!(left.contains(&other), "{left:?}");

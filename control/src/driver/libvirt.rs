@@ -151,11 +151,15 @@ impl DomainXml<'_> {
             cmdline.push(' ');
             cmdline.push_str(self.append);
         }
-        // Xen's HVM guests take no machine type; QEMU's get q35, as the qemu driver.
-        let os_type = if self.domain_type == "xen" {
-            "<type arch='x86_64'>hvm</type>".to_string()
+        // Xen's HVM guests take no machine type; QEMU's get q35 and the most capable
+        // CPU model (`-cpu max`), as with the qemu driver.
+        let (os_type, cpu) = if self.domain_type == "xen" {
+            ("<type arch='x86_64'>hvm</type>", "")
         } else {
-            "<type arch='x86_64' machine='q35'>hvm</type>".to_string()
+            (
+                "<type arch='x86_64' machine='q35'>hvm</type>",
+                "\n  <cpu mode='maximum'/>",
+            )
         };
         format!(
             "<domain type='{dtype}'>
@@ -164,7 +168,7 @@ impl DomainXml<'_> {
     <mvc:vm xmlns:mvc='{ns}' owner='{owner}' cluster='{cluster}' vm='{vm}'/>
   </metadata>
   <memory unit='MiB'>{mem}</memory>
-  <vcpu>{vcpus}</vcpu>
+  <vcpu>{vcpus}</vcpu>{cpu}
   <os>
     {os_type}
     <kernel>{kernel}</kernel>
@@ -663,7 +667,7 @@ mod tests {
         assert!(x.contains("socket='/run/mvc/libvirt/mvc-c3-k-c1.nbd'"));
         assert!(x.contains("<vcpu>2</vcpu>"));
         assert!(x.contains("<memory unit='MiB'>256</memory>"));
-        assert!(x.contains("machine='q35'"));
+        assert!(x.contains("machine='q35'") && x.contains("<cpu mode='maximum'/>"));
         assert!(x.contains("mvc.name=k-c1 quiet</cmdline>"));
         assert!(x.contains("owner='/var/lib/mvc/a&apos;gent'"), "{x}");
         assert_eq!(metadata_owner(&x).as_deref(), Some("/var/lib/mvc/a'gent"));
@@ -685,7 +689,7 @@ mod tests {
         }
         .render();
         assert!(xen.starts_with("<domain type='xen'>"));
-        assert!(!xen.contains("q35"));
+        assert!(!xen.contains("q35") && !xen.contains("<cpu"));
     }
 
     #[test]
