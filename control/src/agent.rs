@@ -677,6 +677,7 @@ impl AgentCore {
                     overlays,
                     edges,
                     reservations,
+                    clock: Some(now),
                 })
             }
             Request::Reserve {
@@ -999,7 +1000,7 @@ impl AgentCore {
             None
         };
         // Every name the cluster will use here is saved before anything is made.
-        let nic = if self.driver.kind() == "qemu" {
+        let nic = if matches!(self.driver.kind(), "qemu" | "libvirt") {
             "mvq"
         } else {
             "mvv"
@@ -1498,6 +1499,24 @@ impl AgentCore {
                 }
             }
             log.extend(steps.into_iter().map(|s| format!("{who}: {s}")));
+        }
+        // VMs of this agent the hypervisor holds but the store does not name.
+        let known: Vec<String> = self
+            .state
+            .clusters
+            .values()
+            .flat_map(|c| c.slots.iter())
+            .map(|s| {
+                s.handle
+                    .clone()
+                    .unwrap_or_else(|| self.driver.handle_for(&s.local, &s.nic))
+            })
+            .collect();
+        for h in self.driver.strays(&known) {
+            log.push(format!("remove stray VM {h}"));
+            if !dry {
+                self.driver.cleanup(&h);
+            }
         }
         if !dry && self.save().is_err() {
             // Claims stay until the store that forgot them is saved.

@@ -101,7 +101,8 @@ enum Cmd {
         cmd: VmCmd,
     },
     /// Checks this host (TUN, io_uring, XDP, bridge, packet filter, a supernode's
-    /// reachability and the underlay MTU towards it) and says what to fix.
+    /// reachability and the underlay MTU towards it, the agents' clocks) and says what
+    /// to fix.
     Doctor(commands::doctor::DoctorArgs),
     /// Writes shell completions and man pages (for packaging).
     #[command(hide = true)]

@@ -273,6 +273,10 @@ pub struct InfoData {
     /// The caller's reservations here.
     #[serde(default)]
     pub reservations: Vec<ReservationView>,
+    /// The agent's clock (Unix seconds) when it answered, for `mvc doctor`'s clock skew
+    /// check; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<u64>,
 }
 
 /// A name the agent may put into file names, namespace names and `ip` arguments:

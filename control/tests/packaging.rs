@@ -176,6 +176,9 @@ fn deb_unpacks_into_a_clean_root() {
         "usr/share/bash-completion/completions/mvc",
         "usr/share/man/man1/mvc.1.gz",
         "usr/share/man/man1/mvc-doctor.1.gz",
+        "usr/share/man/man1/xnbd.1.gz",
+        "usr/share/man/man1/xnbd-serve.1.gz",
+        "usr/share/man/man1/xnbd-proxy.1.gz",
         "usr/share/doc/mvc/DEPLOY.md",
     ] {
         assert!(root.join(f).exists(), "{f} not in the package");
@@ -194,6 +197,108 @@ fn deb_unpacks_into_a_clean_root() {
     let conffiles =
         std::fs::read_to_string(root.join("var/lib/dpkg/info/mvc.conffiles")).unwrap_or_default();
     assert!(conffiles.contains("/etc/mvc/supernode.toml"), "{conffiles}");
+    if lab::is_root() {
+        overlay_from_the_package(&root);
+    } else {
+        lab::skip::skip(
+            &lab::skip::current_test(),
+            "the overlay run of the installed binaries needs root (network namespaces, TAPs)",
+        );
+    }
+}
+
+/// The namespace lab once with what the package installed: `usr/bin/mvc` of the root,
+/// a supernode from `etc/mvc/supernode.toml` and two edges (site A public, site B behind
+/// NAT) from `etc/mvc/edge-COMMUNITY.toml.example` filled in as docs/DEPLOY.md says;
+/// a VM of site A pings one of site B over the overlay.
+fn overlay_from_the_package(root: &Path) {
+    let mvc = root.join("usr/bin/mvc").display().to_string();
+    let lab = lab::Lab::new("mvpk").expect("lab");
+    let topo = lab::Topology::three_sites(&lab, 1).expect("topology");
+    let (a, b) = (&topo.sites[0], &topo.sites[1]);
+    let dir = lab.dir().to_path_buf();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let sn_conf = root.join("etc/mvc/supernode.toml.dpkg-new");
+    let sn_key = p("supernode.key");
+    let out = lab::run(&[&mvc, "supernode", "key", "--key-file", &sn_key]).expect("key");
+    let key = out.stdout.trim().to_string();
+    let sn_proc = lab
+        .spawn(
+            &a.frontend,
+            "supernode",
+            &[
+                &mvc,
+                "supernode",
+                "--config",
+                &sn_conf.display().to_string(),
+                "--key-file",
+                &sn_key,
+                "--status-socket",
+                &p("supernode.sock"),
+            ],
+        )
+        .expect("supernode");
+    let example =
+        std::fs::read_to_string(root.join("etc/mvc/edge-COMMUNITY.toml.example.dpkg-new"))
+            .or_else(|_| std::fs::read_to_string(root.join("etc/mvc/edge-COMMUNITY.toml.example")))
+            .expect("edge example config");
+    let secret = p("pkg.secret");
+    lab::write_private(
+        Path::new(&secret),
+        b"a-secret-of-the-package-test-0123456789",
+    )
+    .expect("secret");
+    // The port of the packaged supernode.toml.
+    let sn_toml = std::fs::read_to_string(&sn_conf).unwrap();
+    let port = sn_toml
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \"0.0.0.0:"))
+        .and_then(|r| r.trim_end_matches('"').parse::<u16>().ok())
+        .expect("listen port in supernode.toml");
+    let mut edges = Vec::new();
+    for s in [a, b] {
+        let conf = example
+            .lines()
+            .map(|l| {
+                let key_of = l.split('=').next().unwrap_or("").trim();
+                match key_of {
+                    "name" => format!("name = \"site-{}\"", s.name),
+                    "community" => "community = \"pkg\"".into(),
+                    "secret_file" => format!("secret_file = \"{secret}\""),
+                    "supernodes" => format!("supernodes = [\"{}:{port}@{key}\"]", a.public_ip),
+                    "tap" => format!("tap = \"{}\"", s.tap),
+                    "create_tap" => "create_tap = false".into(),
+                    _ => l.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = p(&format!("edge-{}.toml", s.name));
+        std::fs::write(&f, conf).unwrap();
+        topo.reset_tap(&lab, s).expect("tap");
+        edges.push(
+            lab.spawn(
+                &s.frontend,
+                &format!("edge-{}", s.name),
+                &[
+                    &mvc,
+                    "edge",
+                    "--config",
+                    &f,
+                    "--status-socket",
+                    &p(&format!("edge-{}.sock", s.name)),
+                ],
+            )
+            .expect("edge"),
+        );
+    }
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    lab::wait_ping(&lab, &va.ns, vb.ip, std::time::Duration::from_secs(30)).unwrap_or_else(|e| {
+        for pr in edges.iter().chain([&sn_proc]) {
+            eprintln!("---- {}:\n{}", pr.name, lab.log(pr));
+        }
+        panic!("VM at A -> VM at B over the packaged binaries: {e}")
+    });
 }
 
 /// The Type=notify units rely on this: with NOTIFY_SOCKET set, `mvc supernode` sends

@@ -30,6 +30,37 @@ enum Cmd {
     Proxy(Box<ProxyArgs>),
     /// Control a running proxy.
     Ctl(CtlArgs),
+    /// Writes man pages made from these definitions into DIR (for packaging).
+    #[command(hide = true)]
+    GenMan {
+        /// Directory for `xnbd.1`, `xnbd-serve.1`, ...
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `xnbd gen-man --out DIR`.
+fn gen_man(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    write_man(&cmd, "xnbd", out)
+}
+
+/// One man page per command and subcommand (`xnbd.1`, `xnbd-serve.1`, `xnbd-ctl-status.1`),
+/// hidden ones left out.
+fn write_man(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> Result<()> {
+    if cmd.is_hide_set() {
+        return Ok(());
+    }
+    let mut text = Vec::new();
+    clap_mangen::Man::new(cmd.clone().display_name(name.to_string())).render(&mut text)?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        write_man(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -608,6 +639,7 @@ fn run() -> Result<()> {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Proxy(a) => proxy(*a).await,
             Cmd::Ctl(a) => ctl_main(a).await,
+            Cmd::GenMan { out } => gen_man(&out),
         }
     })
 }

@@ -5,7 +5,9 @@ use clap::{Args, Subcommand};
 use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
 use control::auth::Authorization;
 use control::driver::guest::{self, BootFiles};
-use control::driver::{NetnsDriver, QemuConfig, QemuDriver, VmDriver};
+use control::driver::{
+    LibvirtConfig, LibvirtDriver, NetnsDriver, QemuConfig, QemuDriver, VmDriver,
+};
 use control::validate;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -64,11 +66,14 @@ pub enum AgentCmd {
         #[arg(long, default_value = "/var/lib/mvc/agent")]
         state: PathBuf,
         /// VM driver the agent runs with.
-        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+        #[arg(long, default_value = "netns", value_parser = ["netns", "qemu", "libvirt"])]
         driver: String,
-        /// Prefix of the netns VMs' namespace names (as the agent runs with).
+        /// Prefix of the netns VMs' namespace names and libvirt domain names (as the
+        /// agent runs with).
         #[arg(long, default_value = "mvc-")]
         ns_prefix: String,
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
         /// The machine's claim directory (as the agent runs with).
         #[arg(long, env = "MVC_CLAIMS_DIR", default_value = control::claims::DEFAULT_DIR)]
         claims_dir: PathBuf,
@@ -85,7 +90,8 @@ pub enum AgentCmd {
     },
 }
 
-/// Options of the qemu driver (`mvc agent run --driver qemu`).
+/// Options of the qemu driver (`mvc agent run --driver qemu`; disk, boot and vCPU
+/// options also of `--driver libvirt`).
 #[derive(Args)]
 pub struct QemuArgs {
     /// Image each new VM disk starts as a raw copy of (raw, qcow2, ...: what qemu-img
@@ -118,6 +124,34 @@ pub struct QemuArgs {
     qemu_bin: String,
 }
 
+/// Options of the libvirt driver (`mvc agent run --driver libvirt`; the disk, boot
+/// and vCPU options are the qemu driver's).
+#[derive(Args)]
+pub struct LibvirtArgs {
+    /// libvirt connection URI (`qemu:///system`, `xen:///system`, ...).
+    #[arg(long, default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// Directory of the domains' NBD and console sockets and boot file copies (the
+    /// hypervisor's group may enter it).
+    #[arg(long, default_value = "/run/mvc/libvirt")]
+    libvirt_sock_dir: PathBuf,
+    /// Group the hypervisor runs VMs as; `""`: the sockets stay root's.
+    #[arg(long, default_value = "libvirt-qemu")]
+    libvirt_group: String,
+}
+
+impl LibvirtArgs {
+    fn config(self, state: &Path, prefix: &str, vm: QemuConfig) -> LibvirtConfig {
+        LibvirtConfig {
+            uri: self.libvirt_uri,
+            sock_dir: self.libvirt_sock_dir,
+            group: Some(self.libvirt_group).filter(|g| !g.is_empty()),
+            vm,
+            ..LibvirtConfig::new(state, prefix)
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct AgentRun {
     /// State directory (made by `mvc agent init`).
@@ -139,13 +173,15 @@ pub struct AgentRun {
     #[arg(long = "host")]
     hosts: Vec<HostSpec>,
     /// VM driver.
-    #[arg(long, default_value = "netns", value_parser = ["netns", "qemu"])]
+    #[arg(long, default_value = "netns", value_parser = ["netns", "qemu", "libvirt"])]
     driver: String,
-    /// Prefix of the netns VMs' namespace names.
+    /// Prefix of the netns VMs' namespace names and libvirt domain names.
     #[arg(long, default_value = "mvc-", value_parser = validate::ns_prefix)]
     ns_prefix: String,
     #[command(flatten)]
     qemu: Box<QemuArgs>,
+    #[command(flatten)]
+    libvirt: LibvirtArgs,
     /// Overlay implementation: this project's `mvc edge`/`mvc supernode`, or Debian's
     /// n2n 1.3 (the 2012 paper's overlay, for comparison).
     #[arg(long, default_value = "mvc", value_parser = ["mvc", "n2n"])]
@@ -272,6 +308,7 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
             state,
             driver,
             ns_prefix,
+            libvirt,
             claims_dir,
             dry_run,
         } => {
@@ -287,6 +324,11 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
             }
             let drv: Box<dyn VmDriver> = match driver.as_str() {
                 "qemu" => Box::new(QemuDriver::new(QemuConfig::new(&state))),
+                "libvirt" => Box::new(LibvirtDriver::new(libvirt.config(
+                    &state,
+                    &ns_prefix,
+                    QemuConfig::new(&state),
+                ))),
                 _ => Box::new(NetnsDriver::new(&ns_prefix, &state.join("run"))),
             };
             let mut cfg = AgentConfig::new(
@@ -336,7 +378,7 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
                     )
                 })?;
             let driver: Box<dyn VmDriver> = match r.driver.as_str() {
-                "qemu" => {
+                "qemu" | "libvirt" => {
                     let q = *r.qemu;
                     let mut cfg = QemuConfig::new(&state);
                     cfg.image = q.qemu_image;
@@ -351,7 +393,15 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
                     if let (Some(kernel), Some(initrd)) = (q.qemu_kernel, q.qemu_initrd) {
                         cfg.boot = Some(BootFiles { kernel, initrd });
                     }
-                    Box::new(QemuDriver::new(cfg))
+                    if r.driver == "libvirt" {
+                        Box::new(LibvirtDriver::new(r.libvirt.config(
+                            &state,
+                            &r.ns_prefix,
+                            cfg,
+                        )))
+                    } else {
+                        Box::new(QemuDriver::new(cfg))
+                    }
                 }
                 _ => Box::new(NetnsDriver::new(&r.ns_prefix, &run_dir)),
             };

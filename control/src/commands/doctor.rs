@@ -7,7 +7,10 @@
 //! cookie, which the supernode answers with one Cookie message and records nothing).
 //! Advisory checks (warnings): io_uring (the edge falls back to a plain loop without it),
 //! BTF for the XDP datapath (it falls back to TAP), and the underlay MTU towards the
-//! supernode.
+//! supernode. With `--agents`, the clock of every site's agent in the controller's store
+//! is compared with this host's (the agent's `info` reply carries its clock): a skew above
+//! `--max-skew` warns, an agent that refuses the request for its timestamp (more than
+//! [`control::auth::MAX_SKEW_SECS`] away) or cannot be asked fails.
 use anyhow::Result;
 use clap::Args;
 use dataplane::wire::{self, Cookie, Register};
@@ -30,6 +33,18 @@ pub struct DoctorArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Also compare this host's clock with every site's agent in the controller's store.
+    #[arg(long)]
+    agents: bool,
+    /// Clock skew (seconds) above which `--agents` warns.
+    #[arg(long, default_value_t = 5.0, value_parser = timeout_secs)]
+    max_skew: f64,
+    /// Controller database (for `--agents`).
+    #[arg(long, env = "MVC_DB", default_value = "/var/lib/mvc/controller.db")]
+    db: std::path::PathBuf,
+    /// Your Ed25519 key (for `--agents`) [default: ~/.config/mvc/user.key].
+    #[arg(long, env = "MVC_KEY")]
+    key: Option<std::path::PathBuf>,
 }
 
 fn timeout_secs(s: &str) -> Result<f64, String> {
@@ -49,7 +64,7 @@ enum Status {
 
 #[derive(Serialize, Debug)]
 struct Check {
-    name: &'static str,
+    name: String,
     status: Status,
     detail: String,
     /// What to do about a warning or failure.
@@ -58,17 +73,17 @@ struct Check {
 }
 
 impl Check {
-    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+    fn ok(name: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
-            name,
+            name: name.into(),
             status: Status::Ok,
             detail: detail.into(),
             fix: None,
         }
     }
-    fn bad(name: &'static str, status: Status, detail: impl Into<String>, fix: &str) -> Self {
+    fn bad(name: impl Into<String>, status: Status, detail: impl Into<String>, fix: &str) -> Self {
         Self {
-            name,
+            name: name.into(),
             status,
             detail: detail.into(),
             fix: Some(fix.into()),
@@ -99,6 +114,9 @@ pub fn run(a: DoctorArgs) -> Result<()> {
                 "give --supernode ADDR:PORT (as in the edge's supernodes list)",
             )),
         }
+    }
+    if a.agents {
+        checks.extend(check_agent_clocks(&a)?);
     }
     let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
     if a.json {
@@ -397,6 +415,94 @@ fn check_mtu(addr: SocketAddr) -> Check {
     }
 }
 
+/// Unix time in seconds, fractional.
+fn unix_secs_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The agent's clock minus ours, in seconds: its whole-second clock against the middle
+/// of the request's round trip. It can be off by up to 1 s plus half the round trip.
+fn skew_secs(agent_clock: u64, sent: f64, received: f64) -> f64 {
+    // The agent's second began up to 1 s before it answered: its middle is the estimate.
+    agent_clock as f64 + 0.5 - (sent + received) / 2.0
+}
+
+/// One check per site of the controller's store: `clock-<site>`.
+fn check_agent_clocks(a: &DoctorArgs) -> Result<Vec<Check>> {
+    use control::client::AgentClient;
+    use control::proto::{InfoData, Request};
+    use control::store::Store as _;
+    if !a.db.exists() {
+        anyhow::bail!(
+            "--agents: no controller database at {} (give --db)",
+            a.db.display()
+        );
+    }
+    let key = crate::load_user_key(&a.key)?;
+    let store = crate::open_store(&a.db)?;
+    let sites = store.sites()?;
+    let name = |s: &str| format!("clock-{s}");
+    let fix_sync = "run a time service on every frontend (chrony or systemd-timesyncd) \
+                    against the same servers";
+    let mut out = Vec::new();
+    for site in &sites {
+        let sent = unix_secs_f64();
+        let reply =
+            AgentClient::connect(site, &key).and_then(|mut c| c.call::<InfoData>(&Request::Info));
+        let received = unix_secs_f64();
+        out.push(match reply {
+            Ok(InfoData {
+                clock: Some(clock), ..
+            }) => {
+                let skew = skew_secs(clock, sent, received);
+                let detail = format!(
+                    "agent {} is {skew:+.1} s from this host (round trip {:.0} ms)",
+                    site.agent_addr,
+                    (received - sent) * 1e3
+                );
+                if skew.abs() > a.max_skew {
+                    Check::bad(name(&site.name), Status::Warn, detail, fix_sync)
+                } else {
+                    Check::ok(name(&site.name), detail)
+                }
+            }
+            Ok(_) => Check::bad(
+                name(&site.name),
+                Status::Warn,
+                format!("agent {} does not report its clock", site.agent_addr),
+                "upgrade mvc at that site",
+            ),
+            Err(e) => {
+                let msg = e.to_string();
+                let skewed = msg.contains("away from the agent clock");
+                Check::bad(
+                    name(&site.name),
+                    Status::Fail,
+                    format!("agent {}: {msg}", site.agent_addr),
+                    if skewed {
+                        fix_sync
+                    } else {
+                        "check that the agent runs (systemctl status mvc-agent) and that \
+                         its TCP port is reachable from here"
+                    },
+                )
+            }
+        });
+    }
+    if sites.is_empty() {
+        out.push(Check::bad(
+            "clock",
+            Status::Warn,
+            format!("no sites in {}", a.db.display()),
+            "mvc site add ...",
+        ));
+    }
+    Ok(out)
+}
+
 /// `dev NAME` and `mtu N` of an `ip route get` answer.
 fn parse_route(text: &str) -> (Option<String>, Option<u32>) {
     let words: Vec<&str> = text.split_whitespace().collect();
@@ -421,6 +527,14 @@ mod tests {
             parse_route("local 127.0.0.1 dev lo"),
             (Some("lo".into()), None)
         );
+    }
+
+    #[test]
+    fn skew_is_the_agent_second_against_the_round_trip_middle() {
+        // Sent at 100.0, answered at 100.2, agent said 100: its clock read 100.x.
+        assert!((skew_secs(100, 100.0, 100.2) - 0.4).abs() < 1e-9);
+        assert!((skew_secs(90, 100.0, 100.2) + 9.6).abs() < 1e-9);
+        assert!((skew_secs(110, 100.0, 100.2) - 10.4).abs() < 1e-9);
     }
 
     #[test]

@@ -10,15 +10,18 @@
 //!   over NBD on a Unix socket. It also receives VMs by live migration
 //!   ([`VmDriver::start_incoming`], see [`crate::migrate`]).
 //!
-//! A libvirt (KVM/Xen) driver plugs in the same way: `start` defines a domain whose
-//! `<interface type='bridge'>` names the cluster bridge and the MAC, and starts it;
-//! `stop` destroys and undefines it; `address` reads the guest's lease. See
-//! docs/CONTROLLER.md.
+//! - [`LibvirtDriver`] (`libvirt.rs`): the qemu driver's VM as a libvirt domain (KVM,
+//!   TCG or Xen, through `virsh` and domain XML): `start` defines a domain whose
+//!   `<interface type='bridge'>` names the cluster bridge and the MAC and whose disk is
+//!   the NBD export of `xnbd serve`, and starts it; `stop` destroys and undefines it.
+//!   See docs/CONTROLLER.md.
 pub mod guest;
+mod libvirt;
 mod netns;
 mod netns_migrate;
 mod qemu;
 
+pub use libvirt::{LibvirtConfig, LibvirtDriver, METADATA_NS as LIBVIRT_METADATA_NS};
 pub use netns::{NetnsDriver, DISK_BYTES as NETNS_DISK_BYTES};
 pub use netns_migrate::{files as netns_files, xnbd_bin as netns_xnbd_bin};
 pub use qemu::{parse_lease, QemuConfig, QemuDriver};
@@ -64,7 +67,7 @@ pub fn link_exists(name: &str) -> bool {
 
 /// A VM the driver started: its handle and the helper processes it owns.
 pub struct RunningVm {
-    /// `netns:<name>` or `qemu:<tap>:<vm>`.
+    /// `netns:<name>`, `qemu:<tap>:<vm>` or `libvirt:<tap>:<vm>`.
     pub handle: String,
     /// Helper processes (dnsmasq, DHCP client; qemu and its xnbd disk server).
     pub children: Vec<Child>,
@@ -72,7 +75,7 @@ pub struct RunningVm {
 
 /// What every VM driver does.
 pub trait VmDriver: Send {
-    /// Driver name (`netns`, `qemu`).
+    /// Driver name (`netns`, `qemu`, `libvirt`).
     fn kind(&self) -> &'static str;
     /// Create and boot the VM on `spec.bridge` with `spec.mac`.
     fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError>;
@@ -90,6 +93,12 @@ pub trait VmDriver: Send {
     fn alive(&self, handle: &str) -> bool;
     /// Delete what a VM keeps between starts (its disk), when its cluster is released.
     fn discard(&mut self, _vm: &str) {}
+    /// Handles of VMs this driver made for this agent that none of the `known`
+    /// handles names (a hypervisor's leftovers the agent's store forgot), for
+    /// [`VmDriver::cleanup`].
+    fn strays(&self, _known: &[String]) -> Vec<String> {
+        Vec::new()
+    }
     /// The IPv4 address on the VM's overlay NIC, if it has one yet.
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError>;
     /// Median RTT in ms from inside the VM to `target`, `None` if unreachable.

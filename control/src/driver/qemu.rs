@@ -83,7 +83,7 @@ struct QemuFiles {
 }
 
 /// Longest Unix socket path (sun_path less its NUL).
-const MAX_SOCK_PATH: usize = 107;
+pub(super) const MAX_SOCK_PATH: usize = 107;
 
 impl QemuDriver {
     /// A driver with `cfg`.
@@ -269,7 +269,7 @@ impl QemuDriver {
 
     /// The VM's disk: made on first start (a raw copy of the image, or empty and
     /// sparse), kept afterwards.
-    fn ensure_disk(&self, disk: &Path) -> Result<(), DriverError> {
+    pub(super) fn ensure_disk(&self, disk: &Path) -> Result<(), DriverError> {
         if disk.exists() {
             return Ok(());
         }
@@ -302,7 +302,7 @@ impl QemuDriver {
     }
 
     /// Kernel and initramfs: the configured ones, or built (cached) ones.
-    fn boot_files(&mut self) -> Result<BootFiles, DriverError> {
+    pub(super) fn boot_files(&mut self) -> Result<BootFiles, DriverError> {
         if let Some(b) = &self.cfg.boot {
             return Ok(b.clone());
         }
@@ -312,7 +312,7 @@ impl QemuDriver {
     }
 
     /// Wait until `sock` exists (the server listens), failing when `child` exits.
-    fn wait_socket(
+    pub(super) fn wait_socket(
         sock: &Path,
         child: &mut Child,
         what: &str,
@@ -401,50 +401,60 @@ impl QemuDriver {
         cmd: &str,
         timeout: std::time::Duration,
     ) -> Result<String, DriverError> {
-        use std::io::{Read, Write};
-        let f = self.files(vm);
-        let err = |e: std::io::Error| DriverError::Command {
-            cmd: format!("console of {vm}: {cmd}"),
-            msg: e.to_string(),
-        };
-        let mut s = std::os::unix::net::UnixStream::connect(&f.console).map_err(err)?;
-        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
-            .map_err(err)?;
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        // The quotes keep the echoed command line from matching the marker.
-        let marker = format!("MVC-END-{nonce}");
-        s.write_all(format!("\n{cmd}; echo MVC\"\"-END-{nonce}\n").as_bytes())
-            .map_err(err)?;
-        let deadline = std::time::Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(err(e)),
-            }
-            let text = String::from_utf8_lossy(&out);
-            if let Some(i) = text.find(&marker) {
-                return Ok(text[..i].to_string());
-            }
-            if std::time::Instant::now() > deadline || out.len() > 1 << 20 {
-                break;
-            }
-        }
-        Err(DriverError::Command {
-            cmd: format!("console of {vm}: {cmd}"),
-            msg: format!("no answer within {} s", timeout.as_secs()),
-        })
+        console_run(&self.files(vm).console, vm, cmd, timeout)
     }
+}
+
+/// Run `cmd` in the shell on the guest console behind the Unix socket `console` (of
+/// VM `vm`, for errors); its output up to an end marker.
+pub(super) fn console_run(
+    console: &Path,
+    vm: &str,
+    cmd: &str,
+    timeout: std::time::Duration,
+) -> Result<String, DriverError> {
+    use std::io::{Read, Write};
+    let err = |e: std::io::Error| DriverError::Command {
+        cmd: format!("console of {vm}: {cmd}"),
+        msg: e.to_string(),
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(console).map_err(err)?;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .map_err(err)?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // The quotes keep the echoed command line from matching the marker.
+    let marker = format!("MVC-END-{nonce}");
+    s.write_all(format!("\n{cmd}; echo MVC\"\"-END-{nonce}\n").as_bytes())
+        .map_err(err)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some(i) = text.find(&marker) {
+            return Ok(text[..i].to_string());
+        }
+        if std::time::Instant::now() > deadline || out.len() > 1 << 20 {
+            break;
+        }
+    }
+    Err(DriverError::Command {
+        cmd: format!("console of {vm}: {cmd}"),
+        msg: format!("no answer within {} s", timeout.as_secs()),
+    })
 }
 
 /// The address of the last `MVC-LEASE <ip>` line on a guest console (`none` after the

@@ -1,0 +1,350 @@
+//! The libvirt VM driver in the three-site lab: site C (behind NAT) runs its agent with
+//! `--driver libvirt`, so its compute is a libvirt domain (TCG or KVM) booting the
+//! qemu driver's guest, on the cluster bridge with the allocated MAC, its disk an NBD
+//! network disk served by `xnbd serve`. The domain must get its DHCP lease from the
+//! frontend at site A over the overlay, answer ping from site B's VM and ping the other
+//! sites itself (`cluster topology`); `cluster destroy` leaves no domain, disk, socket or
+//! TAP; a restarted agent removes a domain of its own that its store does not name and
+//! leaves other domains alone.
+//!
+//! A site is a network namespace here, and libvirtd puts a domain's TAP on a bridge of
+//! its own namespace: so the test runs a libvirtd (and virtlogd) of its own inside site
+//! C's namespace, with private `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt`,
+//! `/var/log/libvirt` and `/etc/libvirt` (bind mounts in a mount namespace of their own),
+//! reached through `qemu:///system?socket=...`. Needs root; otherwise prints that it was
+//! skipped.
+use control::demo::pick_overlay;
+use lab::sites::SiteLab;
+use lab::{Lab, Topology};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A libvirtd and virtlogd of this test in one namespace; on drop every domain of it is
+/// destroyed, both daemons end (by pid) and the socket directory goes.
+struct Libvirtd {
+    dir: PathBuf,
+    uri: String,
+    sock_dir: PathBuf,
+}
+
+impl Libvirtd {
+    fn start(ns: &str, dir: &Path, sock_dir: &Path) -> Libvirtd {
+        let sub = ["run", "lib", "cache", "log", "etc"];
+        for s in sub {
+            std::fs::create_dir_all(dir.join(s)).unwrap();
+        }
+        lab::run(&[
+            "cp",
+            "-a",
+            "/etc/libvirt/.",
+            &dir.join("etc").display().to_string(),
+        ])
+        .expect("copy /etc/libvirt");
+        // qemu as root: libvirt checks whether qemu's user may open /dev/kvm each time
+        // it looks at qemu's capabilities, and where it may not (this machine's /dev/kvm
+        // is root's alone) it probes them again for every domain it defines (40-60 s
+        // each on the loaded test machine). The driver still hands the sockets to the
+        // libvirt-qemu group, as for a qemu of that group.
+        let conf = dir.join("etc/qemu.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+        text.push_str("\nuser = \"+0\"\ngroup = \"+0\"\n");
+        std::fs::write(&conf, text).unwrap();
+        let d = dir.display();
+        let script = format!(
+            "set -e
+mount --make-rprivate /
+mkdir -p /run/libvirt
+mount --bind {d}/run /run/libvirt
+mount --bind {d}/lib /var/lib/libvirt
+mount --bind {d}/cache /var/cache/libvirt
+mount --bind {d}/log /var/log/libvirt
+mount --bind {d}/etc /etc/libvirt
+virtlogd -d -p {d}/virtlogd.pid
+libvirtd -d -p {d}/libvirtd.pid
+"
+        );
+        let me = Libvirtd {
+            dir: dir.into(),
+            uri: format!("qemu:///system?socket={d}/run/libvirt-sock"),
+            sock_dir: sock_dir.into(),
+        };
+        lab::run(&[
+            "nsenter",
+            &format!("--net=/run/netns/{ns}"),
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .expect("start libvirtd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while me.virsh(&["version"]).is_none() {
+            assert!(Instant::now() < deadline, "libvirtd did not answer in 30 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        me
+    }
+
+    fn virsh(&self, args: &[&str]) -> Option<String> {
+        let mut a = vec!["virsh", "-c", &self.uri, "-q"];
+        a.extend_from_slice(args);
+        lab::run(&a).ok().map(|o| o.stdout)
+    }
+
+    fn domains(&self) -> Vec<String> {
+        self.virsh(&["list", "--all", "--name"])
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for d in self.domains() {
+            let _ = self.virsh(&["destroy", &d]);
+            let _ = self.virsh(&["undefine", &d]);
+        }
+        for (file, name) in [("libvirtd.pid", "libvirtd"), ("virtlogd.pid", "virtlogd")] {
+            let pid = std::fs::read_to_string(self.dir.join(file))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            // Only the daemon this test started (its pid file, its command name).
+            if let Some(pid) = pid.filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == name)
+            }) {
+                let _ = lab::sys::kill(pid, libc::SIGTERM);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.sock_dir);
+    }
+}
+
+fn taps(ns: &str, prefix: &str) -> Vec<String> {
+    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
+        .map(|o| {
+            o.stdout
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A domain that boots nothing, with the driver's metadata naming `owner`.
+fn bare_domain(name: &str, owner: &str) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name>\
+         <metadata><mvc:vm xmlns:mvc='{}' owner='{owner}' cluster='x' vm='x'/></metadata>\
+         <memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>",
+        control::driver::LIBVIRT_METADATA_NS
+    )
+}
+
+#[test]
+fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
+    let name = "libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing";
+    if !lab::is_root() {
+        lab::skip(name, "needs root for network namespaces, libvirtd and TAPs");
+        return;
+    }
+    for tool in ["libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"] {
+        assert!(
+            lab::run(&["sh", "-c", &format!("command -v {tool}")]).is_ok(),
+            "{tool} missing: install libvirt-daemon-system, libvirt-daemon-driver-qemu, \
+             libvirt-clients and qemu-system-x86 (.ci/setup-deps)"
+        );
+    }
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let xnbd = mvc.with_file_name("xnbd");
+    assert!(
+        xnbd.exists(),
+        "{} missing: `cargo build -p xnbd`",
+        xnbd.display()
+    );
+    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
+    let prep = std::process::Command::new(&mvc)
+        .args(["agent", "qemu-prepare", "--cache", &cache])
+        .output()
+        .expect("mvc agent qemu-prepare");
+    assert!(
+        prep.status.success(),
+        "qemu-prepare: {}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+
+    let overlay = pick_overlay(
+        &mvc,
+        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
+    );
+    let lab = Lab::new("mvcl").expect("lab");
+    let topo = Topology::three_sites(&lab, 0).expect("topology");
+    let c_ns = topo.sites[2].frontend.clone();
+    let sock_dir = PathBuf::from(format!("/run/mvc/{}", lab.prefix()));
+    let t0 = Instant::now();
+    let lv = Libvirtd::start(&c_ns, &lab.dir().join("libvirt"), &sock_dir);
+    eprintln!(
+        "libvirtd up in site C's namespace in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        "C".to_string(),
+        vec![
+            "--driver".into(),
+            "libvirt".into(),
+            "--libvirt-uri".into(),
+            lv.uri.clone(),
+            "--libvirt-sock-dir".into(),
+            sock_dir.display().to_string(),
+            "--qemu-cache".into(),
+            cache.clone(),
+            "--xnbd".into(),
+            xnbd.display().to_string(),
+            "--qemu-disk-mb".into(),
+            "64".into(),
+        ],
+    );
+    let mut sl = SiteLab::start(lab, topo, &mvc, &overlay, 8, 8, &extra).expect("site lab");
+    let c_state = sl.agents["C"].state.clone();
+    let prefix = format!("{}C-", sl.vm_prefix);
+    sl.add_sites().expect("site add");
+
+    let t0 = Instant::now();
+    let cl = sl
+        .ctl_json(&[
+            "cluster",
+            "create",
+            "l",
+            "--sites",
+            "A:B:C",
+            "--computes",
+            "1:1:1",
+            "--memory",
+            "256",
+            "--frontend-memory",
+            "256",
+            "--start",
+            "--lease-timeout",
+            "150",
+        ])
+        .expect("cluster create");
+    eprintln!(
+        "cluster with a libvirt domain at C started and leased in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(cl["state"], "running");
+    let vms = cl["vms"].as_array().unwrap();
+    let vm_at = |site: &str| {
+        vms.iter()
+            .find(|v| v["site"] == site && v["role"] == "compute")
+            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
+            .clone()
+    };
+    let (lvm, bvm) = (vm_at("C"), vm_at("B"));
+    let lname = lvm["name"].as_str().unwrap().to_string();
+    let lip: std::net::Ipv4Addr = lvm["ip"].as_str().unwrap().parse().unwrap();
+    let lmac = lvm["mac"].as_str().unwrap().to_string();
+    let fe = vms.iter().find(|v| v["role"] == "frontend").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The lease came from the frontend's dnsmasq at A, over the overlay.
+    let leases = std::fs::read_to_string(sl.vm_file("A", &fe, "leases").expect("lease file"))
+        .expect("frontend lease file");
+    assert!(
+        leases.contains(&lmac) && leases.contains(&lip.to_string()),
+        "{lname} ({lmac}) not in frontend leases:\n{leases}"
+    );
+
+    // One domain, named with the agent's prefix, running, with the MAC on the cluster
+    // bridge and the NBD disk.
+    let doms = lv.domains();
+    assert_eq!(doms.len(), 1, "{doms:?}");
+    let dom = doms[0].clone();
+    assert!(dom.starts_with(&prefix), "{dom} lacks prefix {prefix}");
+    assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
+    let xml = lv.virsh(&["dumpxml", &dom]).unwrap();
+    for want in [
+        format!("<mac address='{lmac}'/>"),
+        "<source bridge='mvb".to_string(),
+        "protocol='nbd'".to_string(),
+        format!("owner=\"{}\"", c_state.display()),
+    ] {
+        assert!(xml.contains(&want), "{want} not in the domain XML:\n{xml}");
+    }
+    let tap_list = taps(&c_ns, "mvq");
+    assert_eq!(tap_list.len(), 1, "{tap_list:?}");
+    let master = lab::run(&["ip", "-n", &c_ns, "-o", "link", "show", &tap_list[0]]).unwrap();
+    assert!(master.stdout.contains("master mvb"), "{}", master.stdout);
+
+    // Site B's VM reaches it over the overlay, and it pings the other sites.
+    let b_ns = sl
+        .vm_ns("l", bvm["name"].as_str().unwrap())
+        .expect("B's VM namespace");
+    lab::wait_ping(&sl.lab, &b_ns, lip, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("B's VM -> libvirt domain {lip}: {e}"));
+    eprintln!(
+        "B's VM pinged the domain at {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let topo = sl
+        .ctl_json(&["cluster", "topology", "l"])
+        .expect("topology");
+    let rtts = topo["rtt_ms"].as_array().unwrap();
+    assert_eq!(rtts.len(), 6, "{topo}");
+    assert!(
+        rtts.iter()
+            .all(|r| r["ms"].as_f64().is_some_and(|ms| ms > 0.0)),
+        "{rtts:?}"
+    );
+
+    eprintln!("topology measured at {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Destroy: no domain, disk, socket or TAP left at C.
+    sl.ctl(&["cluster", "destroy", "l"]).expect("destroy");
+    eprintln!("destroyed at {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(lv.domains().is_empty(), "{:?}", lv.domains());
+    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    let disks: Vec<_> = std::fs::read_dir(c_state.join("disks"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(disks.is_empty(), "disks left: {disks:?}");
+    let socks: Vec<_> = std::fs::read_dir(&sock_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        socks.is_empty(),
+        "left in {}: {socks:?}",
+        sock_dir.display()
+    );
+
+    // A domain of this agent its store does not name goes at the agent's start; one
+    // of another owner stays.
+    let stray = format!("{prefix}c99-stray");
+    let other = format!("{prefix}c98-other");
+    for (d, owner) in [
+        (&stray, c_state.display().to_string()),
+        (&other, "/elsewhere".to_string()),
+    ] {
+        let f = sl.lab.dir().join(format!("{d}.xml"));
+        std::fs::write(&f, bare_domain(d, &owner)).unwrap();
+        lv.virsh(&["define", &f.display().to_string()])
+            .unwrap_or_else(|| panic!("virsh define {d}"));
+    }
+    eprintln!("strays defined at {:.1} s", t0.elapsed().as_secs_f64());
+    sl.stop_agent("C");
+    eprintln!("agent stopped at {:.1} s", t0.elapsed().as_secs_f64());
+    sl.restart_agent("C").expect("agent C restart");
+    eprintln!("agent restarted at {:.1} s", t0.elapsed().as_secs_f64());
+    let left = lv.domains();
+    assert!(!left.contains(&stray), "{left:?}");
+    assert!(left.contains(&other), "{left:?}");
+}
