@@ -136,7 +136,7 @@ pub const fn relay_config(ip: [u8; 4], port: u16, flags: u8) -> [u8; RELAY_CONFI
 /// `dataplane::wire` is the codec, and its tests check these against it).
 pub mod wire {
     /// Version byte of every datagram.
-    pub const VERSION: u8 = 2;
+    pub const VERSION: u8 = 3;
     /// Register (edge -> supernode).
     pub const TYPE_REGISTER: u8 = 0x01;
     /// Relay (edge -> supernode -> edge).
@@ -146,7 +146,7 @@ pub mod wire {
     /// Data (edge -> edge transport message).
     pub const TYPE_DATA: u8 = 0x12;
     /// Shortest Register (no name, no addresses).
-    pub const REGISTER_MIN_LEN: usize = 142;
+    pub const REGISTER_MIN_LEN: usize = 150;
     /// Relay header: version, type, 2 reserved, community (16), source and
     /// destination edge ids (8 each).
     pub const RELAY_HDR_LEN: usize = 36;

@@ -287,6 +287,7 @@ mod tests {
             community: [1; 16],
             edge_key: [2; 32],
             seq: 1,
+            known: 0,
             name: String::new(),
             local_addrs: Vec::new(),
         };
