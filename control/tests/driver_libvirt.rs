@@ -3,9 +3,11 @@
 //! qemu driver's guest, on the cluster bridge with the allocated MAC, its disk an NBD
 //! network disk served by `xnbd serve`. The domain must get its DHCP lease from the
 //! frontend at site A over the overlay, answer ping from site B's VM and ping the other
-//! sites itself (`cluster topology`); `cluster destroy` leaves no domain, disk, socket or
-//! TAP; a restarted agent removes a domain of its own that its store does not name and
-//! leaves other domains alone.
+//! sites itself (`cluster topology`), write its boot marker through xnbd into its disk
+//! image, and boot from that disk again after `vm stop` (domain destroyed and undefined,
+//! TAP gone) and `vm start`; `cluster destroy` leaves no domain, disk, socket or TAP; a
+//! restarted agent removes a domain of its own that its store does not name and leaves
+//! other domains alone.
 //!
 //! A site is a network namespace here, and libvirtd puts a domain's TAP on a bridge of
 //! its own namespace: so the test runs a libvirtd (and virtlogd) of its own inside site
@@ -135,6 +137,23 @@ fn taps(ns: &str, prefix: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Waits (up to 20 s) until the first sector of `img` holds `want` (the guest writes
+/// `MVC-DISK <name> boot <n>` there at every boot).
+fn wait_marker(img: &Path, want: &str) {
+    let marker = || {
+        let b = std::fs::read(img).unwrap_or_default();
+        String::from_utf8_lossy(&b[..b.len().min(512)])
+            .trim_end_matches('\0')
+            .trim()
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while marker() != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(marker(), want, "boot marker in {}", img.display());
 }
 
 /// A domain that boots nothing, with the driver's metadata naming `owner`.
@@ -307,6 +326,29 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     );
 
     eprintln!("topology measured at {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Its disk is the NBD export of xnbd: the guest's boot marker is in the image.
+    let handles = sl.vm_handles("l").expect("handles");
+    let local = handles[&lname].rsplit(':').next().unwrap().to_string();
+    let img = c_state.join("disks").join(format!("{local}.img"));
+    wait_marker(&img, &format!("MVC-DISK {lname} boot 1"));
+
+    // vm stop: the domain is destroyed and undefined, its TAP gone, the disk kept;
+    // vm start defines and boots it again from that disk.
+    let st = sl.ctl_json(&["vm", "stop", &lname]).expect("vm stop");
+    assert_eq!(st["state"], "stopped");
+    assert!(lv.domains().is_empty(), "{:?}", lv.domains());
+    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    assert!(img.exists());
+    sl.ctl_json(&["vm", "start", &lname]).expect("vm start");
+    assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
+    lab::wait_ping(&sl.lab, &b_ns, lip, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("B's VM -> libvirt domain {lip} after restart: {e}"));
+    wait_marker(&img, &format!("MVC-DISK {lname} boot 2"));
+    eprintln!(
+        "stopped and started again at {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 
     // Destroy: no domain, disk, socket or TAP left at C.
     sl.ctl(&["cluster", "destroy", "l"]).expect("destroy");
