@@ -143,14 +143,16 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         );
     }
 
-    // Junk, from the internet router's namespace.
+    // Junk, from the internet router's namespace. V: the overlay's wire version
+    // (docs/PROTOCOL.md); the first datagram carries an old one.
+    const V: u8 = 3;
     let n = 50;
     throw(&lab, &t.inet, sn_addr, &[1, 4, 0, 0, 9, 9, 9, 9], n);
-    throw(&lab, &t.inet, sn_addr, &[2, 4, 0, 0, 9, 9, 9, 9], n);
-    throw(&lab, &t.inet, sn_addr, &[2, 0x33, 0, 0, 9, 9, 9, 9], n);
-    let mut unknown = vec![2, 4, 0, 0];
+    throw(&lab, &t.inet, sn_addr, &[V, 4, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, sn_addr, &[V, 0x33, 0, 0, 9, 9, 9, 9], n);
+    let mut unknown = vec![V, 4, 0, 0];
     unknown.extend([7u8; 32]);
-    unknown.extend([2, 0x12, 0, 0]);
+    unknown.extend([V, 0x12, 0, 0]);
     unknown.extend([0u8; 28]);
     throw(&lab, &t.inet, sn_addr, &unknown, n);
 
@@ -165,11 +167,11 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
             .map(|e| hex(e["id"].as_str().unwrap()))
             .unwrap_or_else(|| panic!("{name} not registered: {st1}"))
     };
-    let mut spoofed = vec![2, 4, 0, 0];
+    let mut spoofed = vec![V, 4, 0, 0];
     spoofed.extend(hex(comm["id"].as_str().unwrap()));
     spoofed.extend(id_of("b"));
     spoofed.extend(id_of("c"));
-    spoofed.extend([2, 0x12, 0, 0, 0, 0, 0, 1]);
+    spoofed.extend([V, 0x12, 0, 0, 0, 0, 0, 1]);
     spoofed.extend([0u8; 40]);
     throw(&lab, &t.inet, sn_addr, &spoofed, n);
     std::thread::sleep(Duration::from_millis(600));
