@@ -636,11 +636,16 @@ impl Controller<'_> {
         }
     }
 
-    /// After a VM of a cluster with the stack stopped: mark its node down in Slurm so
-    /// that no job waits for it (it returns by itself when its slurmd registers
-    /// again, `ReturnToService=2`). Best effort: the frontend may be the one stopped.
+    /// After a compute of a cluster with the stack stopped: mark its node down in
+    /// Slurm so that no job waits for it (it returns by itself when its slurmd
+    /// registers again, `ReturnToService=2`). Best effort: a frontend that does not
+    /// run cannot be told.
     pub fn stack_node_stopped(&self, cluster: &Cluster, vm: &str) {
-        if !self.has_stack(&cluster.name) || cluster.vms.iter().all(|v| v.name != vm) {
+        let compute = cluster
+            .vms
+            .iter()
+            .any(|v| v.name == vm && v.role == Role::Compute);
+        if !compute || !self.has_stack(&cluster.name) {
             return;
         }
         let reason = "Reason=mvc vm stop";
