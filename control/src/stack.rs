@@ -106,7 +106,7 @@ fn check_ip(s: &str) -> std::result::Result<(), String> {
 pub struct ExecReq {
     /// Program and arguments (no shell unless the caller asks for one).
     pub argv: Vec<String>,
-    /// Standard input (at most [`EXEC_STDIN_MAX`] bytes; hex-free, as text).
+    /// Standard input (UTF-8 text, at most [`EXEC_STDIN_MAX`] bytes).
     #[serde(default)]
     pub stdin: String,
     /// Seconds before the command is killed.
