@@ -106,7 +106,7 @@ fn check_ip(s: &str) -> std::result::Result<(), String> {
 pub struct ExecReq {
     /// Program and arguments (no shell unless the caller asks for one).
     pub argv: Vec<String>,
-    /// Standard input (at most [`EXEC_STDIN_MAX`] bytes; hex-free, as text).
+    /// Standard input (UTF-8 text, at most [`EXEC_STDIN_MAX`] bytes).
     #[serde(default)]
     pub stdin: String,
     /// Seconds before the command is killed.
@@ -636,11 +636,16 @@ impl Controller<'_> {
         }
     }
 
-    /// After a VM of a cluster with the stack stopped: mark its node down in Slurm so
-    /// that no job waits for it (it returns by itself when its slurmd registers
-    /// again, `ReturnToService=2`). Best effort: the frontend may be the one stopped.
+    /// After a compute of a cluster with the stack stopped: mark its node down in
+    /// Slurm so that no job waits for it (it returns by itself when its slurmd
+    /// registers again, `ReturnToService=2`). Best effort: a frontend that does not
+    /// run cannot be told.
     pub fn stack_node_stopped(&self, cluster: &Cluster, vm: &str) {
-        if !self.has_stack(&cluster.name) || cluster.vms.iter().all(|v| v.name != vm) {
+        let compute = cluster
+            .vms
+            .iter()
+            .any(|v| v.name == vm && v.role == Role::Compute);
+        if !compute || !self.has_stack(&cluster.name) {
             return;
         }
         let reason = "Reason=mvc vm stop";

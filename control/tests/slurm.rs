@@ -309,3 +309,53 @@ fn slurm_runs_jobs_across_three_sites() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// `mvc ARGS` with a store and key in `dir` (no agent needed).
+fn mvc_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mvc"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env("MVC_DB", dir.join("controller.db"))
+        .env("MVC_KEY", dir.join("user.key"))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn stack_commands_refuse_bad_input_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(mvc_in(dir.path(), &["key", "gen"]).status.success());
+    let cases: [(&[&str], i32, &str); 6] = [
+        (
+            &["cluster", "exec", "k", "--timeout", "0", "--", "true"],
+            2,
+            "timeout",
+        ),
+        (
+            &["cluster", "exec", "k", "--timeout", "3601", "--", "true"],
+            2,
+            "timeout",
+        ),
+        (&["cluster", "exec", "k"], 2, "required"),
+        (&["cluster", "stack", "k", "pbs"], 2, "pbs"),
+        (
+            &["cluster", "submit", "k", "--", "--wrap", "true"],
+            1,
+            "'k'",
+        ),
+        (&["cluster", "exec", "k", "--", "sinfo"], 1, "'k'"),
+    ];
+    for (args, code, want) in cases {
+        let o = mvc_in(dir.path(), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
+}
