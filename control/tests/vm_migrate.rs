@@ -163,7 +163,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
             "128",
             "--start",
             "--lease-timeout",
-            "150",
+            "300",
         ])
         .expect("cluster create");
     let vm_at = |site: &str| {
@@ -310,7 +310,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     );
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
-    sl.ctl(&["cluster", "start", "m", "--lease-timeout", "150"])
+    sl.ctl(&["cluster", "start", "m", "--lease-timeout", "300"])
         .expect("cluster start after C's agent came back");
     sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
         .expect("stop C's own compute again");
