@@ -347,3 +347,107 @@ fn measure_relay() {
         );
     }
 }
+
+/// The edge's junk filter (`mvc edge --xdp-filter eth0` at site A, whose edge has a public
+/// address): registration, handshakes, probes and relayed traffic keep working (A and B
+/// ping each other, B behind its NAT), while junk sent from the internet router to A's
+/// edge port is dropped in the program, counted by reason, and never reaches the edge's
+/// socket (its own drop counters for those reasons stay where they were).
+#[test]
+fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
+    if !lab::is_root() {
+        lab::skip(
+            "xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work",
+            "needs root for network namespaces",
+        );
+        return;
+    }
+    let lab = Lab::new("xf").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (a, b) = (t.site("a"), t.site("b"));
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let _sn = mvc
+        .supernode(&lab, &a.frontend, sn_addr, "supernode")
+        .unwrap();
+    let mut edges = Vec::new();
+    for s in [a, b] {
+        t.reset_tap(&lab, s).unwrap();
+        let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
+        if s.name == "a" {
+            o.extra = vec!["--xdp-filter".into(), "eth0".into()];
+        }
+        edges.push(mvc.edge(&lab, s, &o).unwrap());
+    }
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
+    let status = || mvc.edge_status(&lab, &edges[0]).expect("edge status");
+    lab.wait_until(
+        "the filter passed datagrams",
+        Duration::from_secs(10),
+        || status()["xdp_filter"]["passed"].as_u64().unwrap_or(0) > 0,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", status()));
+    let st0 = status();
+    assert!(
+        st0["xdp_filter"]["passed"].as_u64().unwrap_or(0) > 0,
+        "{st0}"
+    );
+    assert!(
+        st0["xdp_filter"]["drops"]
+            .as_object()
+            .is_none_or(|d| d.is_empty()),
+        "legitimate traffic dropped: {st0}"
+    );
+
+    let dst = SocketAddrV4::new(a.public_ip, ov::EDGE_PORT);
+    let n = 50;
+    throw(&lab, &t.inet, dst, &[1, 0x12, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, dst, &[2, 0x33, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, dst, &[2, 0x10, 0, 0, 9, 9, 9, 9], n);
+    let mut other = vec![2, 4, 0, 0];
+    other.extend([7u8; 60]);
+    throw(&lab, &t.inet, dst, &other, n);
+    std::thread::sleep(Duration::from_millis(600));
+    let st1 = status();
+    for reason in [
+        "bad_version",
+        "unknown_type",
+        "truncated",
+        "wrong_community",
+    ] {
+        assert!(
+            st1["xdp_filter"]["drops"][reason].as_u64().unwrap_or(0) >= n as u64,
+            "{reason}: {}",
+            st1["xdp_filter"]
+        );
+    }
+    for reason in [
+        "bad_version",
+        "unknown_type",
+        "truncated",
+        "malformed",
+        "relay_not_for_us",
+    ] {
+        assert_eq!(
+            st1["drops"][reason].as_u64().unwrap_or(0),
+            st0["drops"][reason].as_u64().unwrap_or(0),
+            "{reason} reached the edge: {}",
+            st1["drops"]
+        );
+    }
+    let p = lab::ping(&lab, &vb.ns, va.ip, 10, 0.05).unwrap();
+    assert!(p.received + 1 >= p.sent, "ping after junk: {p:?}");
+    let table = mvc
+        .status_table(&lab, &a.frontend, "edge", &edges[0].sock)
+        .unwrap();
+    assert!(table.contains("xdp filter on eth0"), "{table}");
+    for e in &edges {
+        assert!(
+            lab.running(&e.proc),
+            "edge {} died: {}",
+            e.name,
+            lab.log(&e.proc)
+        );
+    }
+}
