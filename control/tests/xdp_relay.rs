@@ -232,9 +232,10 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
 /// Relayed throughput with the XDP relay against the userspace relay and the direct
 /// path, and the supernode process's CPU per relayed GB; each configuration started
 /// fresh, the order rotated every round. Ignored (minutes; for docs/BENCH.md): run with
-/// `MVC_TEST_BIN=target/release/mvc cargo test -p control --test xdp_relay -- --ignored
-/// --nocapture measure_relay`; `MVC_RELAY_ROUNDS` (default 3), `MVC_RELAY_SECS`
-/// (default 4).
+/// `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test xdp_relay --
+/// --ignored --nocapture measure_relay`; `MVC_RELAY_ROUNDS` (default 3), `MVC_RELAY_SECS`
+/// (default 4); `MVC_RELAY_LINKS=1` also prints the counters of site A's uplink (both
+/// ends) and of the XDP program after each run.
 #[test]
 #[ignore]
 fn measure_relay() {
@@ -290,6 +291,18 @@ fn measure_relay() {
                 kernel / gb
             );
             results.push((ci, bps, sn_cpu, kernel / gb));
+            if std::env::var_os("MVC_RELAY_LINKS").is_some() {
+                let a = t.site("a");
+                for (ns, dev) in [
+                    (a.frontend.clone(), "eth0".to_string()),
+                    (t.inet.clone(), format!("s{}", a.idx)),
+                ] {
+                    if let Ok(o) = lab.ip(&ns, &["-s", "link", "show", &dev]) {
+                        println!("{dev}: {}", o.stdout);
+                    }
+                }
+                println!("{}", st1["xdp_relay"]);
+            }
             for e in &edges {
                 lab.stop(&e.proc);
             }
@@ -449,5 +462,90 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
             e.name,
             lab.log(&e.proc)
         );
+    }
+}
+
+/// A junk flood against site A's edge, with and without `--xdp-filter`: one sender in the
+/// internet router's namespace sends 64-byte datagrams with a wrong version byte as fast
+/// as it can for `MVC_FLOOD_SECS` (default 10; at most 20 million datagrams) while iperf3
+/// runs from B's VM to A's; reports the edge process's CPU seconds and the iperf3 rate.
+/// Each configuration started fresh, the order alternating. Ignored (for docs/BENCH.md):
+/// `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test xdp_relay --
+/// --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS` (default 3).
+#[test]
+#[ignore]
+fn measure_junk_flood() {
+    if !lab::is_root() {
+        lab::skip("measure_junk_flood", "needs root for network namespaces");
+        return;
+    }
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, secs) = (env("MVC_FLOOD_ROUNDS", 3), env("MVC_FLOOD_SECS", 10));
+    let lab = Lab::new("xj").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (a, b) = (t.site("a"), t.site("b"));
+    let (va, vb) = (&a.vms[0], &b.vms[0]);
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let dst = SocketAddrV4::new(a.public_ip, ov::EDGE_PORT);
+    for r in 0..rounds {
+        for k in 0..2 {
+            let filter = (k + r) % 2 == 1;
+            let sn = mvc
+                .supernode(&lab, &a.frontend, sn_addr, "supernode")
+                .unwrap();
+            let mut edges = Vec::new();
+            for s in [a, b] {
+                t.reset_tap(&lab, s).unwrap();
+                let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
+                if filter && s.name == "a" {
+                    o.extra = vec!["--xdp-filter".into(), "eth0".into()];
+                }
+                edges.push(mvc.edge(&lab, s, &o).unwrap());
+            }
+            lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
+            let flood_loop = || {
+                let until = std::time::Instant::now() + Duration::from_secs(u64::from(secs));
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                let junk = [1u8; 64];
+                let mut n = 0u64;
+                while n < 20_000_000 {
+                    if n % 1024 == 0 && std::time::Instant::now() >= until {
+                        break;
+                    }
+                    let _ = s.send_to(&junk, dst);
+                    n += 1;
+                }
+                n
+            };
+            let (sent, bps, c0, c1) = std::thread::scope(|sc| {
+                let h = sc.spawn(|| lab.in_ns(&t.inet, flood_loop).unwrap());
+                let c0 = lab::cpu::sample(&[edges[0].proc.pid]);
+                let bps = lab::iperf(&lab, &vb.ns, &va.ns, va.ip, secs.saturating_sub(1).max(1))
+                    .unwrap_or(0.0);
+                let c1 = lab::cpu::sample(&[edges[0].proc.pid]);
+                (h.join().unwrap(), bps, c0, c1)
+            });
+            let (user, _kernel, sys) = lab::cpu::seconds(&c0, &c1);
+            let st = mvc.edge_status(&lab, &edges[0]).unwrap();
+            println!(
+                "round {r} filter {filter:>5}: junk sent {sent} ({:.0}/s), iperf3 {:.1} Mbit/s, edge A CPU {:.2} s user + {:.2} s sys, edge drops bad_version {}, filter drops {}",
+                sent as f64 / f64::from(secs),
+                bps / 1e6,
+                user,
+                sys,
+                st["drops"]["bad_version"].as_u64().unwrap_or(0),
+                st["xdp_filter"]["drops"]["bad_version"].as_u64().unwrap_or(0),
+            );
+            for e in &edges {
+                lab.stop(&e.proc);
+            }
+            lab.stop(&sn.proc);
+        }
     }
 }
