@@ -25,8 +25,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dataplane_ebpf_common::{
-    is_link_local, wire, Counter, RelayCounter, COUNTERS, ETH_HLEN, MAX_QUEUES, RELAY_CONFIG_LEN,
-    RELAY_COUNTERS, RELAY_DEST_LEN, RELAY_FLAG_COMPLETE, RELAY_KEY_LEN, RELAY_MAX_EDGES,
+    edge_rx_min, is_link_local, wire, Counter, FilterCounter, RelayCounter, COUNTERS, ETH_HLEN,
+    FILTER_CONFIG_LEN, FILTER_COUNTERS, MAX_QUEUES, RELAY_CONFIG_LEN, RELAY_COUNTERS,
+    RELAY_DEST_LEN, RELAY_FLAG_COMPLETE, RELAY_KEY_LEN, RELAY_MAX_EDGES,
 };
 
 /// rx queue index -> AF_XDP socket (filled in by userspace).
@@ -362,6 +363,96 @@ fn try_mvc_relay(ctx: &XdpContext) -> Result<u32, ()> {
     relay_count(RelayCounter::Relayed, 1);
     relay_count(RelayCounter::RelayedBytes, len as u64);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Entry 0: the edge's port and community id (`filter_config`).
+#[map(name = "MVC_FILTER_CONFIG")]
+static MVC_FILTER_CONFIG: Array<[u8; FILTER_CONFIG_LEN]> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counters indexed by [`FilterCounter`].
+#[map(name = "MVC_FILTER_STATS")]
+static MVC_FILTER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FILTER_COUNTERS, 0);
+
+/// The edge's junk filter on its underlay interface: datagrams for the edge's
+/// port that fail the cheap checks are dropped before its socket, everything
+/// else passes. `frags`: only the head is read, so the peer's GSO batches
+/// need not be segmented for it.
+#[xdp(frags)]
+pub fn mvc_filter(ctx: XdpContext) -> u32 {
+    match try_mvc_filter(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn filter_verdict(counter: FilterCounter) -> Result<u32, ()> {
+    if let Some(slot) = MVC_FILTER_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: as in `count`: this CPU's element of a per-CPU array.
+        unsafe { *slot += 1 };
+    }
+    Ok(if counter == FilterCounter::Passed {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    })
+}
+
+/// Version byte, a type an edge receives, its minimum length, and the
+/// community id where the message carries one. Frames that are not IPv4/UDP
+/// to the edge's port, and IP fragments, pass unexamined. The length checked
+/// is the UDP length field's (a GSO batch's head carries the first datagram's
+/// headers).
+#[inline(always)]
+fn try_mvc_filter(ctx: &XdpContext) -> Result<u32, ()> {
+    let ethertype: *const [u8; 2] = pkt_ptr(ctx, 12)?;
+    // SAFETY: `pkt_ptr` checked the bounds (also for every read below).
+    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ip: *const [u8; IP_HLEN] = pkt_ptr(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `pkt_ptr`.
+    let iph = unsafe { *ip };
+    if iph[0] != 0x45 || iph[9] != IPPROTO_UDP || (iph[6] & 0x3f) != 0 || iph[7] != 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let udp: *const [u8; UDP_HLEN] = pkt_ptr(ctx, UDP_AT)?;
+    // SAFETY: bounds checked by `pkt_ptr`.
+    let udph = unsafe { *udp };
+    let Some(cfg) = MVC_FILTER_CONFIG.get(0) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if udph[2..4] != cfg[0..2] {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let udp_len = usize::from(u16::from_be_bytes([udph[4], udph[5]]));
+    if udp_len < UDP_HLEN {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let len = udp_len - UDP_HLEN;
+    if len < 2 {
+        return filter_verdict(FilterCounter::DropTruncated);
+    }
+    let head: *const [u8; 2] = pkt_ptr(ctx, PAYLOAD_AT)?;
+    // SAFETY: bounds checked by `pkt_ptr`.
+    let head = unsafe { *head };
+    if head[0] != wire::VERSION {
+        return filter_verdict(FilterCounter::DropBadVersion);
+    }
+    let Some((min, has_community)) = edge_rx_min(head[1]) else {
+        return filter_verdict(FilterCounter::DropUnknownType);
+    };
+    if len < min {
+        return filter_verdict(FilterCounter::DropTruncated);
+    }
+    if has_community {
+        let c: *const [u8; 16] = pkt_ptr(ctx, PAYLOAD_AT + wire::COMMUNITY_AT)?;
+        // SAFETY: bounds checked by `pkt_ptr`.
+        if unsafe { *c } != cfg[4..20] {
+            return filter_verdict(FilterCounter::DropWrongCommunity);
+        }
+    }
+    filter_verdict(FilterCounter::Passed)
 }
 
 #[cfg(not(test))]

@@ -183,6 +183,11 @@ struct EdgeArgs {
     /// thread. 1..=64 [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Drop junk for the edge's UDP port in an XDP program on this underlay interface
+    /// before it reaches the socket (wrong version, unknown type, too short, another
+    /// community id; docs/XDP.md). If the kernel or driver refuses, one warning.
+    #[arg(long, value_name = "IFACE")]
+    xdp_filter: Option<String>,
     /// The L2 control plane: announce this edge's MAC/IP bindings to peers and answer ARP
     /// requests for known ones locally (off: every ARP request is flooded) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
@@ -278,6 +283,7 @@ struct EdgeFile {
     underlay_mtu: Option<u32>,
     busy_poll_us: Option<u64>,
     threads: Option<usize>,
+    xdp_filter: Option<String>,
     l2_control: Option<bool>,
     flood_vm_pps: Option<u32>,
     flood_vm_burst: Option<u32>,
@@ -641,6 +647,19 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             tracing::warn!("TAP TSO/checksum offload refused; frames arrive segmented");
         }
     }
+    let xdp_filter = match a.xdp_filter.clone().or(f.xdp_filter.clone()) {
+        None => None,
+        Some(iface) => {
+            let id = crate::crypto::CommunityKeys::derive(&community, &secret).id;
+            match xdp::XdpFilter::attach(&iface, bound.port(), &id, xdp::ModeRequest::Auto) {
+                Ok(x) => Some(Arc::new(x)),
+                Err(e) => {
+                    tracing::warn!(%iface, "XDP junk filter not attached ({e}); every datagram reaches the socket");
+                    None
+                }
+            }
+        }
+    };
     let core = EdgeCore::new(
         EdgeConfig {
             name: name.clone(),
@@ -716,6 +735,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         mtu,
         listen: bound.to_string(),
         listen_addr: bound,
+        xdp_filter,
     };
     let mut ports = vec![port];
     ports.extend(more_ports);

@@ -120,6 +120,9 @@ pub struct EdgeStatus {
     /// The L2 control plane: bindings and ARP.
     #[serde(default)]
     pub l2: L2Status,
+    /// The XDP junk filter in front of the socket (`--xdp-filter`), when attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_filter: Option<XdpFilterStatus>,
 }
 
 /// Counters of an edge's L2 control plane.
@@ -237,6 +240,19 @@ pub struct SupernodeStatus {
     pub xdp_relay: Option<XdpRelayStatus>,
 }
 
+/// The edge's XDP junk filter (`--xdp-filter`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct XdpFilterStatus {
+    /// Interface it runs on.
+    pub iface: String,
+    /// `native` or `generic`.
+    pub mode: String,
+    /// Datagrams for the edge's port passed on to its socket.
+    pub passed: u64,
+    /// Datagrams dropped before the socket, by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
 /// The supernode's XDP program: what it relayed, passed on and dropped.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct XdpRelayStatus {
@@ -290,6 +306,20 @@ impl EdgeStatus {
             "tap {} mtu {}  listen {}  io {}  up {}s",
             self.tap, self.mtu, self.listen, self.io, self.uptime_s
         );
+        if let Some(f) = &self.xdp_filter {
+            let _ = write!(
+                o,
+                "xdp filter on {} ({}): passed {}; dropped:",
+                f.iface, f.mode, f.passed
+            );
+            if f.drops.is_empty() {
+                let _ = write!(o, " none");
+            }
+            for (k, v) in &f.drops {
+                let _ = write!(o, " {k}={v}");
+            }
+            o.push('\n');
+        }
         let _ = writeln!(
             o,
             "\nSUPERNODE              STATE  OBSERVED-AS            KEY"
@@ -492,6 +522,22 @@ impl EdgeStatus {
                 "mvc_edge_drops_total{{edge=\"{e}\",reason=\"{}\"}} {v}",
                 esc(k)
             );
+        }
+        if let Some(f) = &self.xdp_filter {
+            let _ = writeln!(o, "# TYPE mvc_edge_xdp_filter_passed_total counter");
+            let _ = writeln!(
+                o,
+                "mvc_edge_xdp_filter_passed_total{{edge=\"{e}\"}} {}",
+                f.passed
+            );
+            let _ = writeln!(o, "# TYPE mvc_edge_xdp_filter_drops_total counter");
+            for (k, v) in &f.drops {
+                let _ = writeln!(
+                    o,
+                    "mvc_edge_xdp_filter_drops_total{{edge=\"{e}\",reason=\"{}\"}} {v}",
+                    esc(k)
+                );
+            }
         }
         o
     }

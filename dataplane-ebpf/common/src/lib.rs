@@ -163,6 +163,103 @@ pub mod wire {
     pub const SRC_AT: usize = 20;
     /// Offset of the destination edge id in Relay.
     pub const DST_AT: usize = 28;
+    /// Shortest RegisterAck (IPv4 observed address).
+    pub const REGISTER_ACK_MIN_LEN: usize = 157;
+    /// Shortest PeerInfo (no entries).
+    pub const PEER_INFO_MIN_LEN: usize = 100;
+    /// Cookie message.
+    pub const COOKIE_LEN: usize = 36;
+    /// HandshakeInit.
+    pub const HS_INIT_LEN: usize = 72;
+    /// HandshakeResp.
+    pub const HS_RESP_LEN: usize = 84;
+}
+
+/// Name of the edge's junk filter in front of its UDP socket (same object).
+pub const FILTER_PROGRAM_NAME: &str = "mvc_filter";
+
+/// Name of the one-entry array holding the [`filter_config`].
+pub const FILTER_CONFIG_MAP: &str = "MVC_FILTER_CONFIG";
+
+/// Name of the per-CPU counter array of the filter, indexed by [`FilterCounter`].
+pub const FILTER_STATS_MAP: &str = "MVC_FILTER_STATS";
+
+/// Length of the filter configuration: the edge's UDP port (2, big-endian),
+/// two zero bytes, its community id (16).
+pub const FILTER_CONFIG_LEN: usize = 20;
+
+/// The filter configuration for an edge on `port` in `community`.
+pub const fn filter_config(port: u16, community: &[u8; 16]) -> [u8; FILTER_CONFIG_LEN] {
+    let p = port.to_be_bytes();
+    let mut c = [0u8; FILTER_CONFIG_LEN];
+    c[0] = p[0];
+    c[1] = p[1];
+    let mut i = 0;
+    while i < 16 {
+        c[4 + i] = community[i];
+        i += 1;
+    }
+    c
+}
+
+/// What the edge's filter did with a datagram for the edge's port. The value
+/// is the index in the per-CPU `u64` array [`FILTER_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterCounter {
+    /// Passed on to the edge's socket.
+    Passed = 0,
+    /// Dropped: version byte is not [`wire::VERSION`].
+    DropBadVersion = 1,
+    /// Dropped: a type an edge never receives.
+    DropUnknownType = 2,
+    /// Dropped: shorter than its type's fixed part.
+    DropTruncated = 3,
+    /// Dropped: a message carrying a community id that is not the edge's.
+    DropWrongCommunity = 4,
+}
+
+/// Number of [`FilterCounter`] slots in [`FILTER_STATS_MAP`].
+pub const FILTER_COUNTERS: u32 = 5;
+
+impl FilterCounter {
+    /// All counters, in index order.
+    pub const ALL: [FilterCounter; FILTER_COUNTERS as usize] = [
+        FilterCounter::Passed,
+        FilterCounter::DropBadVersion,
+        FilterCounter::DropUnknownType,
+        FilterCounter::DropTruncated,
+        FilterCounter::DropWrongCommunity,
+    ];
+
+    /// Stable name used in metrics and status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FilterCounter::Passed => "passed",
+            FilterCounter::DropBadVersion => "bad_version",
+            FilterCounter::DropUnknownType => "unknown_type",
+            FilterCounter::DropTruncated => "truncated",
+            FilterCounter::DropWrongCommunity => "wrong_community",
+        }
+    }
+}
+
+/// Shortest datagram of each type an edge receives, and whether it carries
+/// the community id at [`wire::COMMUNITY_AT`]; `None` for a type an edge
+/// never receives.
+pub const fn edge_rx_min(msg_type: u8) -> Option<(usize, bool)> {
+    match msg_type {
+        // RegisterAck with an IPv4 observed address.
+        0x02 => Some((wire::REGISTER_ACK_MIN_LEN, true)),
+        0x03 => Some((wire::PEER_INFO_MIN_LEN, true)),
+        wire::TYPE_RELAY => Some((wire::RELAY_MIN_LEN, true)),
+        wire::TYPE_BCAST => Some((wire::BCAST_MIN_LEN, true)),
+        0x06 => Some((wire::COOKIE_LEN, false)),
+        0x10 => Some((wire::HS_INIT_LEN, false)),
+        0x11 => Some((wire::HS_RESP_LEN, false)),
+        0x12..=0x14 => Some((wire::TRANSPORT_HDR_LEN, false)),
+        _ => None,
+    }
 }
 
 /// What the relay program did with a datagram for the supernode's port. The
@@ -252,6 +349,9 @@ mod tests {
             assert_eq!(*c as usize, i);
         }
         for (i, c) in RelayCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        for (i, c) in FilterCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
     }

@@ -123,6 +123,7 @@ impl EdgeCore {
                 .collect(),
             threads: Vec::new(),
             l2: self.l2_status(),
+            xdp_filter: None,
         }
     }
 }

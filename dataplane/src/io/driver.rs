@@ -40,6 +40,8 @@ pub struct EdgeInfo {
     pub listen: String,
     /// Bound socket address.
     pub listen_addr: std::net::SocketAddr,
+    /// The XDP junk filter in front of the socket (`--xdp-filter`), for status.
+    pub xdp_filter: Option<Arc<crate::xdp::XdpFilter>>,
 }
 
 /// How often the host's addresses are read again (interfaces come and go; the TAP
@@ -189,6 +191,7 @@ pub fn run_edge(
             let mut s = core.status(now);
             s.datapath = info.datapath.clone();
             s.datapath_reason = info.datapath_reason.clone();
+            s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
             s.io = info.io.clone();
             s.tap = info.tap.clone();
             s.mtu = info.mtu;

@@ -747,6 +747,7 @@ impl Forwarder {
         s.threads = self.shared.status();
         s.datapath = info.datapath.clone();
         s.datapath_reason = info.datapath_reason.clone();
+        s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
         s.io = format!(
             "io_uring; udp-gso {}; udp-gro {}; {}",
             on(self.off.gso),

@@ -19,6 +19,7 @@
 //!
 //! See docs/XDP.md for the design and measurements.
 
+mod filter;
 mod port;
 mod relay;
 mod xsk;
@@ -34,6 +35,7 @@ use aya::{
 use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
+pub use filter::XdpFilter;
 pub use port::{
     enslave, link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX,
 };
