@@ -13,6 +13,15 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(mvc_xdp_built)");
     println!("cargo:rerun-if-env-changed=MVC_REQUIRE_XDP");
     println!("cargo:rerun-if-changed=build.rs");
+    // The program's sources: without these a changed program kept the old object.
+    for path in [
+        "../dataplane-ebpf/src",
+        "../dataplane-ebpf/Cargo.toml",
+        "../dataplane-ebpf/common/src",
+        "../dataplane-ebpf/common/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={path}");
+    }
     let required = env::var("MVC_REQUIRE_XDP").is_ok_and(|v| v == "1" || v == "true");
     match build() {
         Ok(()) => println!("cargo:rustc-cfg=mvc_xdp_built"),
