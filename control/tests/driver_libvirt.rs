@@ -3,7 +3,8 @@
 //! qemu driver's guest, on the cluster bridge with the allocated MAC, its disk an NBD
 //! network disk served by `xnbd serve`. The domain must get its DHCP lease from the
 //! frontend at site A over the overlay, answer ping from site B's VM and ping the other
-//! sites itself (`cluster topology`), write its boot marker through xnbd into its disk
+//! sites itself (`cluster topology`), refuse `vm migrate` (live migration of libvirt
+//! domains is not built) and run on, write its boot marker through xnbd into its disk
 //! image, and boot from that disk again after `vm stop` (domain destroyed and undefined,
 //! TAP gone) and `vm start`; `cluster destroy` leaves no domain, disk, socket or TAP; a
 //! restarted agent removes a domain of its own that its store does not name and leaves
@@ -326,6 +327,19 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     );
 
     eprintln!("topology measured at {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Live migration of a libvirt domain is refused with what it lacks, and the domain
+    // runs on where it was.
+    let e = sl
+        .ctl(&["vm", "migrate", "l", &lname, "--to", "B"])
+        .expect_err("vm migrate of a libvirt domain")
+        .to_string();
+    assert!(
+        e.contains("libvirt domains is not supported yet") && e.contains("virsh migrate"),
+        "{e}"
+    );
+    assert_eq!(lv.domains(), vec![dom.clone()]);
+    assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
 
     // Its disk is the NBD export of xnbd: the guest's boot marker is in the image.
     let handles = sl.vm_handles("l").expect("handles");

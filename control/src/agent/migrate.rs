@@ -210,6 +210,17 @@ impl AgentCore {
         step: MigrateStep,
     ) -> Result<serde_json::Value, Refusal> {
         let kind = self.driver.kind();
+        if kind == "libvirt" {
+            // Designed in docs/CONTROLLER.md ("Live migration of libvirt domains"), not
+            // built: refused before anything is made, at either end.
+            return Err(format!(
+                "live migration of libvirt domains is not supported yet: it needs libvirt's \
+                 own migration (`virsh migrate --live --p2p --tunnelled`) into the other \
+                 site's libvirtd through an agent tunnel, which this agent does not provide; \
+                 {} stays where it is (sites with the qemu or the netns driver can move VMs)",
+                quote(vm)
+            ));
+        }
         if kind != "qemu" && kind != "netns" {
             return Err(format!(
                 "live migration needs the qemu or the netns driver (this site runs {kind})"
