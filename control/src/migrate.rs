@@ -731,8 +731,19 @@ impl crate::controller::Controller<'_> {
                 step,
             })
         };
-        let mut origin = AgentClient::connect(&from, self.key)?;
-        let mut dest = AgentClient::connect(&to, self.key)?;
+        // From here on every early return leaves the record saying why (`vm migrations`
+        // must not show a stale `prepare`).
+        let connected = AgentClient::connect(&from, self.key)
+            .and_then(|o| Ok((o, AgentClient::connect(&to, self.key)?)));
+        let (mut origin, mut dest) = match connected {
+            Ok(clients) => clients,
+            Err(e) => {
+                view.phase = "failed".into();
+                view.error = Some(e.to_string());
+                view.save(t0, record);
+                return Err(e.into());
+            }
+        };
         let progress = self.progress;
         let fail = |view: &mut MigrationView,
                     origin: &mut AgentClient,
@@ -766,12 +777,15 @@ impl crate::controller::Controller<'_> {
                 "migrating {} from site {} to site {}",
                 vm.name, from.name, to.name
             ));
-            let offered = step(
+            let offered = match step(
                 &mut origin,
                 MigrateStep::Offer {
                     token: token.clone(),
                 },
-            )?;
+            ) {
+                Ok(offered) => offered,
+                Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e.to_string())),
+            };
             let precopy_disk_size = match (args.precopy_disk, offered["disk_size"].as_u64()) {
                 (false, _) => None,
                 (true, Some(n)) => Some(n),

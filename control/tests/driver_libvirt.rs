@@ -340,6 +340,13 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     );
     assert_eq!(lv.domains(), vec![dom.clone()]);
     assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
+    // The record says it failed and why, not a stale `prepare`.
+    let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
+    let text = recorded.to_string();
+    assert!(
+        text.contains("\"phase\":\"failed\"") && text.contains("not supported yet"),
+        "{recorded}"
+    );
 
     // Its disk is the NBD export of xnbd: the guest's boot marker is in the image.
     let handles = sl.vm_handles("l").expect("handles");
