@@ -1,7 +1,8 @@
 //! `bench`: the project's end-to-end measurements, on the network lab of the `lab` crate.
 //!
 //! - [`wanem`]: the userspace WAN emulator (delay, jitter, loss, rate per direction).
-//! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun) in a lab.
+//! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun, gotatun)
+//!   in a lab.
 //! - [`storescale`]: the controller's store filled with synthetic rows (`bench scale-store`).
 //! - [`scale`]: thousands of edge and supernode cores on a simulated network (`bench scale`).
 //!
@@ -14,4 +15,4 @@ pub mod storescale;
 mod sys;
 pub mod wanem;
 
-pub use sys::{allocated_bytes, CountingAlloc};
+pub use sys::{allocated_bytes, thread_cpu_time, CountingAlloc};

@@ -171,7 +171,7 @@ impl Peer {
                     return Err(Error::Command {
                         cmd: format!("cargo install {krate}"),
                         status: "no binary".into(),
-                        stderr: format!("{krate} not found in PATH or ~/.cargo/bin"),
+                        stderr: format!("{krate}'s binary not found in PATH or ~/.cargo/bin"),
                     });
                 }
             }

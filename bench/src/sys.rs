@@ -1,5 +1,6 @@
 //! The system calls of the WAN emulator that libstd does not wrap: `AF_PACKET` sockets
-//! and real-time scheduling. (The lab's own are in `lab::sys`.)
+//! and real-time scheduling; and the thread CPU clock of `bench limits`. (The lab's own
+//! are in `lab::sys`.)
 
 use std::io;
 use std::os::fd::RawFd;
@@ -153,6 +154,24 @@ pub fn realtime(priority: i32) -> Result<(), Error> {
     } else {
         Err(sys_err("sched_setscheduler"))
     }
+}
+
+/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`): what `bench limits`
+/// divides by, so that other jobs on a shared machine do not count against a primitive.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec the call writes into; the clock id is a constant.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Bytes allocated through [`CountingAlloc`] and not yet freed.

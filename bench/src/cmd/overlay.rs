@@ -117,6 +117,13 @@ pub struct Row {
     pub tput_vs_raw: Option<f64>,
     /// RTT relative to the paired raw pings.
     pub rtt_vs_raw: Option<f64>,
+    /// CPU seconds (user + system) of the system's own processes (edges, supernode,
+    /// daemons) per GB delivered, median over the runs: unlike the throughput, this barely
+    /// depends on how much CPU other jobs leave, so it compares builds on a loaded machine.
+    /// It holds the kernel work done in those processes' context (TAP and UDP I/O, and the
+    /// host stack's TCP input that a TAP write runs), not iperf3's or softirq threads'.
+    #[serde(default)]
+    pub proc_cpu_s_per_gb: Option<f64>,
 }
 
 /// One run of the small-frame measurement.
@@ -275,7 +282,7 @@ impl Ctx<'_> {
         if self.args.small {
             out.small.extend(self.measure_small(d, dst, pids)?);
         } else {
-            out.rows.push(self.measure_tcp(d, dst)?);
+            out.rows.push(self.measure_tcp(d, dst, pids)?);
         }
         Ok(())
     }
@@ -366,7 +373,7 @@ impl Ctx<'_> {
         Ok(rows)
     }
 
-    fn measure_tcp(&self, d: &Desc, dst: Ipv4Addr) -> anyhow::Result<Row> {
+    fn measure_tcp(&self, d: &Desc, dst: Ipv4Addr, pids: &[u32]) -> anyhow::Result<Row> {
         let (system, cipher, path) = (d.system, d.cipher, d.path);
         let (lab, a) = (self.lab, self.args);
         lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))
@@ -385,15 +392,23 @@ impl Ctx<'_> {
         };
         let mut gbps_runs = Vec::new();
         let mut raw_gbps_runs = Vec::new();
+        let mut cpu_runs = Vec::new();
         for i in 0..a.runs {
             if paired {
                 let bps = lab::iperf(lab, self.client(), self.server(), raw_dst, a.secs)
                     .with_context(|| format!("raw reference run {}", i + 1))?;
                 raw_gbps_runs.push(bps / 1e9);
             }
+            let before = cpu::sample(pids);
             let bps = lab::iperf(lab, self.client(), self.server(), dst, a.secs)
                 .with_context(|| format!("{system} {cipher} {path}: iperf3 run {}", i + 1))?;
+            let after = cpu::sample(pids);
             gbps_runs.push(bps / 1e9);
+            let (user, _, sys) = cpu::seconds(&before, &after);
+            let gb = bps * f64::from(a.secs) / 8e9;
+            if !pids.is_empty() && gb > 0.0 {
+                cpu_runs.push((user + sys) / gb);
+            }
         }
         if !paired {
             raw_gbps_runs.clone_from(&gbps_runs);
@@ -418,6 +433,7 @@ impl Ctx<'_> {
             raw_gbps_runs,
             raw_rtt_ms,
             tput_vs_raw: (raw_gbps > 0.0).then(|| gbps / raw_gbps),
+            proc_cpu_s_per_gb: lab::median(&cpu_runs),
             rtt_vs_raw: match (rtt_ms, raw_rtt_ms) {
                 (Some(x), Some(y)) if y > 0.0 => Some(x / y),
                 _ => None,
@@ -593,10 +609,10 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
     let dcol = if with_delay { " delay ms |" } else { "" };
     let dsep = if with_delay { "---:|" } else { "" };
     s.push_str(&format!(
-        "|{dcol} system | cipher | path | datapath | layer | VM MTU | TCP Gb/s (median of {runs}) | raw Gb/s (paired) | of raw | ping RTT ms (median) | raw RTT ms | x raw |\n"
+        "|{dcol} system | cipher | path | datapath | layer | VM MTU | TCP Gb/s (median of {runs}) | raw Gb/s (paired) | of raw | ping RTT ms (median) | raw RTT ms | x raw | process CPU s/GB |\n"
     ));
     s.push_str(&format!(
-        "|{dsep}---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|{dsep}---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     ));
     for r in rows {
         let d = if with_delay {
@@ -606,7 +622,7 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
         };
         let ms = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
         s.push_str(&format!(
-            "|{d} {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            "|{d} {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
             r.system,
             r.cipher,
             r.path,
@@ -620,6 +636,8 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
             ms(r.rtt_ms),
             ms(r.raw_rtt_ms),
             r.rtt_vs_raw.map_or("-".into(), |x| format!("{x:.2}")),
+            r.proc_cpu_s_per_gb
+                .map_or("-".into(), |x| format!("{x:.2}")),
         ));
     }
     s
