@@ -1758,30 +1758,6 @@ pub fn serve(
     )
 }
 
-/// Whether an accept error is about one connection (go on at once) rather than about
-/// resources (descriptors, memory: back off): the errors accept(2) says to retry at once,
-/// pending network errors of the new connection included.
-fn per_connection(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::ECONNRESET
-                | libc::EPROTO
-                | libc::EPERM
-                | libc::EINTR
-                | libc::ETIMEDOUT
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-        )
-    )
-}
-
 /// [`serve`] with explicit limits and counters. Failed accepts never end the loop: resource
 /// errors (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`) back off from 5 ms to 1 s and are logged
 /// once per burst, with a summary when accepting works again.
@@ -1793,20 +1769,13 @@ pub fn serve_with(
     limits: ListenLimits,
     stats: Arc<ListenStats>,
 ) -> std::io::Result<()> {
-    const BACKOFF_MIN: Duration = Duration::from_millis(5);
-    const BACKOFF_MAX: Duration = Duration::from_secs(1);
     listener.set_nonblocking(true)?;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut burst: u64 = 0;
-    let mut backoff = BACKOFF_MIN;
+    let mut errors = accept_backoff::AcceptBackoff::new("agent");
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((s, peer)) => {
-                if burst > 0 {
-                    tracing::info!(failures = burst, "agent listener accepting again");
-                    burst = 0;
-                    backoff = BACKOFF_MIN;
-                }
+                errors.ok();
                 if open.load(Ordering::Relaxed) >= limits.max_connections {
                     let refused = stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
                     if refused.is_power_of_two() {
@@ -1854,15 +1823,7 @@ pub fn serve_with(
             }
             Err(e) => {
                 stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                if per_connection(&e) {
-                    continue;
-                }
-                if burst == 0 {
-                    tracing::warn!(error = %e, "agent accept failed; backing off and retrying (logged once until accepting works)");
-                }
-                burst += 1;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                std::thread::sleep(errors.failed(&e));
             }
         }
     }

@@ -1,12 +1,6 @@
-//! Accept loops that never end on a transient error, with a bound on open connections.
-//!
-//! `accept` fails for reasons that say nothing about the listener: the process or the system
-//! is out of descriptors (`EMFILE`, `ENFILE`), of memory (`ENOMEM`, `ENOBUFS`), or a client
-//! gave up between the handshake and the accept (`ECONNABORTED`). None of them may end a
-//! listener. Failures of the first kind back off (doubling from 5 ms to 1 s: the pending
-//! connection stays in the backlog and would fail again at once) and are logged once per
-//! burst, with a summary when accepting works again; per-connection failures are counted
-//! and the loop goes on at once.
+//! Accept loops that never end on a transient error (what to do after a failed accept is
+//! [`accept_backoff`]'s, shared with the other listeners of the workspace; here every
+//! failure is also counted), with a bound on open connections.
 //!
 //! Connections over the limit are accepted and closed at once (counted): the client sees a
 //! reset or EOF at once instead of waiting in the backlog.
@@ -16,13 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use accept_backoff::AcceptBackoff;
 use serde::Serialize;
-use tracing::{info, warn};
-
-/// First pause after a resource error.
-const BACKOFF_MIN: Duration = Duration::from_millis(5);
-/// Longest pause between attempts while resources stay short.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Limits of one listener (or of a server's listeners together).
 #[derive(Debug, Clone, Copy)]
@@ -111,82 +100,27 @@ impl Drop for Slot {
     }
 }
 
-/// Whether an accept error is about this one connection (go on at once) rather than about
-/// resources (back off): the errors accept(2) says to retry at once, pending network errors
-/// of the new connection included.
-fn per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::ECONNRESET
-                | libc::EPROTO
-                | libc::EPERM
-                | libc::EINTR
-                | libc::ETIMEDOUT
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-        )
-    ) || matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
-    )
-}
-
-/// State of one accept loop between failures: logs the first failure of a burst and how
-/// many followed once accepting works again, and grows the pause while they go on.
+/// State of one accept loop between failures (see [`accept_backoff`]), counting every
+/// failure in the listener's stats.
 #[derive(Debug)]
-pub struct AcceptErrors {
-    what: &'static str,
-    in_burst: u64,
-    backoff: Duration,
-}
+pub struct AcceptErrors(AcceptBackoff);
 
 impl AcceptErrors {
     /// For the listener called `what` in logs.
     pub fn new(what: &'static str) -> AcceptErrors {
-        AcceptErrors {
-            what,
-            in_burst: 0,
-            backoff: BACKOFF_MIN,
-        }
+        AcceptErrors(AcceptBackoff::new(what))
     }
 
     /// An accept succeeded: ends a burst of failures.
     pub fn ok(&mut self) {
-        if self.in_burst > 0 {
-            info!(
-                listener = self.what,
-                failures = self.in_burst,
-                "accepting again"
-            );
-            self.in_burst = 0;
-            self.backoff = BACKOFF_MIN;
-        }
+        self.0.ok();
     }
 
     /// An accept failed: count it, log it if it starts a burst, and return how long to
     /// pause before the next attempt.
     pub fn failed(&mut self, e: &io::Error, stats: &ListenStats) -> Duration {
         stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-        if per_connection(e) {
-            return Duration::ZERO;
-        }
-        if self.in_burst == 0 {
-            warn!(
-                listener = self.what,
-                "accept failed: {e}; backing off and retrying (logged once until accepting works)"
-            );
-        }
-        self.in_burst += 1;
-        let d = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        d
+        self.0.failed(e)
     }
 }
 
@@ -207,7 +141,8 @@ mod tests {
     }
 
     #[test]
-    fn resource_errors_back_off_and_connection_errors_do_not() {
+    fn accept_errors_are_counted_and_back_off() {
+        use accept_backoff::{BACKOFF_MAX, BACKOFF_MIN};
         let s = ListenStats::default();
         let mut e = AcceptErrors::new("test");
         let emfile = io::Error::from_raw_os_error(libc::EMFILE);

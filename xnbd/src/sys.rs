@@ -251,12 +251,6 @@ pub fn tcp_keepalive(
     )?;
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count)?)
 }
-/// Ask for a socket send buffer of `bytes` (the kernel caps it at `net.core.wmem_max`).
-pub fn send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    let v = libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v)
-}
-
 /// Take an exclusive `flock` on `f` without waiting: `Ok(false)` when another open file
 /// description holds a lock on the file. The kernel drops the lock when the last descriptor
 /// of this open file description closes, including when the process dies (`kill -9`).

@@ -1,9 +1,9 @@
 //! Operator interfaces: the status socket (JSON, one document per connection) and the
 //! Prometheus metrics listener (a minimal HTTP/1.1 responder).
 //!
-//! Both accept loops outlive any accept error: when descriptors run out (EMFILE/ENFILE),
-//! a connection is aborted (ECONNABORTED) or anything else fails, they log once, back off
-//! and accept again. At most [`MAX_CONNS`] connections are served at once, each on its
+//! Both accept loops outlive any accept error: when descriptors run out (EMFILE/ENFILE)
+//! or anything else short of resources fails, they log once, back off and accept again; an
+//! aborted connection (ECONNABORTED) is skipped at once (see [`accept_backoff`]). At most [`MAX_CONNS`] connections are served at once, each on its
 //! own thread and for at most [`CONN_DEADLINE`]; more are closed at once.
 
 use std::io::{Read, Write};
@@ -27,17 +27,6 @@ pub const MAX_CONNS: usize = 16;
 /// Longest time one connection is served (reading the request, waiting for the first
 /// snapshot, writing the answer).
 pub const CONN_DEADLINE: Duration = Duration::from_secs(3);
-/// Longest pause after an accept error (pauses double from 10 ms up to it).
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
-
-/// What an accept loop does after an error: go on at once (the error concerned one
-/// connection), or pause first (the process or system is short of something).
-fn accept_pause(e: &std::io::Error) -> bool {
-    !matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EAGAIN)
-    )
-}
 
 /// Accepts connections until `accept` returns `Ok(None)` (never, for a real listener)
 /// and hands each to `serve` on its own thread, at most [`MAX_CONNS`] at a time.
@@ -48,29 +37,17 @@ fn accept_loop<C: Send + 'static>(
 ) {
     let serve = Arc::new(serve);
     let busy = Arc::new(AtomicUsize::new(0));
-    let mut backoff = Duration::from_millis(10);
-    let mut failing = false;
+    let mut errors = accept_backoff::AcceptBackoff::new(what);
     loop {
         let c = match accept() {
             Ok(Some(c)) => c,
             Ok(None) => return,
             Err(e) => {
-                if !failing {
-                    tracing::warn!(listener = what, error = %e, "accept failed; backing off and accepting again");
-                    failing = true;
-                }
-                if accept_pause(&e) {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+                std::thread::sleep(errors.failed(&e));
                 continue;
             }
         };
-        if failing {
-            tracing::info!(listener = what, "accepting again");
-            failing = false;
-        }
-        backoff = Duration::from_millis(10);
+        errors.ok();
         if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNS {
             busy.fetch_sub(1, Ordering::AcqRel);
             drop(c);
@@ -86,7 +63,7 @@ fn accept_loop<C: Send + 'static>(
         if spawned.is_err() {
             // The thread was not made and the connection went down with its closure.
             busy.fetch_sub(1, Ordering::AcqRel);
-            std::thread::sleep(backoff);
+            std::thread::sleep(accept_backoff::BACKOFF_MIN);
         }
     }
 }
@@ -269,9 +246,9 @@ mod tests {
             move || script.next().unwrap_or(Ok(None)),
             move |c| s2.lock().unwrap().push(c),
         );
-        // Backoff 10+20+40+80+160 ms, nothing for the aborted one, 320 ms for ENFILE.
+        // Backoff 5+10+20+40+80 ms, nothing for the aborted one, 160 ms for ENFILE.
         let took = t.elapsed();
-        assert!(took >= Duration::from_millis(600), "{took:?}");
+        assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_secs(3), "{took:?}");
         let deadline = Instant::now() + Duration::from_secs(2);
         while served.lock().unwrap().len() < 2 && Instant::now() < deadline {

@@ -33,9 +33,6 @@ pub use negotiate::{load_tls, Tls};
 /// 10 s, reset after 6 unanswered (a vanished peer's connection goes after about 2 min; a
 /// live idle one is never disturbed).
 const KEEPALIVE: (u32, u32, u32) = (60, 10, 6);
-/// Send buffer asked for on Unix connections (local clients; TCP is left to the kernel's
-/// autotuning). The default (208 KiB) holds less than one 256 KiB read reply.
-const UNIX_SEND_BUFFER: u32 = 4 << 20;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Largest read or write payload accepted (and advertised as the maximum block size) when
@@ -237,14 +234,6 @@ impl Server {
         let l = &l;
         self.accept_forever("nbd unix", move || async move {
             let (s, _) = l.accept().await?;
-            {
-                use std::os::fd::AsFd;
-                // Room for several large read replies: fewer wake-ups per byte when the
-                // client reads slower than the page cache sends.
-                if let Err(e) = crate::sys::send_buffer(s.as_fd(), UNIX_SEND_BUFFER) {
-                    debug!("send buffer not set: {e}");
-                }
-            }
             Ok((Box::new(s) as Box<dyn Conn>, "unix".to_owned()))
         })
         .await
