@@ -164,9 +164,9 @@ pub mod wire {
     /// Offset of the destination edge id in Relay.
     pub const DST_AT: usize = 28;
     /// Shortest RegisterAck (IPv4 observed address).
-    pub const REGISTER_ACK_MIN_LEN: usize = 157;
+    pub const REGISTER_ACK_MIN_LEN: usize = 165;
     /// Shortest PeerInfo (no entries).
-    pub const PEER_INFO_MIN_LEN: usize = 100;
+    pub const PEER_INFO_MIN_LEN: usize = 112;
     /// Cookie message.
     pub const COOKIE_LEN: usize = 36;
     /// HandshakeInit.

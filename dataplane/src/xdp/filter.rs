@@ -147,6 +147,7 @@ mod tests {
             community: [1; 16],
             edge: [2; 8],
             seq: 3,
+            version: 9,
             observed: "198.18.0.1:7700".parse().unwrap(),
             lifetime_secs: 30,
             cookie: [4; wire::COOKIE_LEN],
@@ -157,9 +158,12 @@ mod tests {
         assert_eq!(&buf[w::COMMUNITY_AT..w::COMMUNITY_AT + 16], &[1; 16]);
         let info = PeerInfo {
             community: [6; 16],
-            full: true,
+            kind: wire::InfoKind::Full,
             dst: [7; 8],
             seq: 1,
+            version: 9,
+            part: 0,
+            parts: 1,
             peers: Vec::new(),
         };
         let n = info.encode_unsigned(&mut buf).unwrap() + wire::SIG_LEN;
