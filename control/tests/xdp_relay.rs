@@ -11,6 +11,8 @@ use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT}
 use lab::{Lab, Topology};
 use serde_json::Value;
 
+/// The overlay's wire version: junk that should fail a later check carries it.
+const V: u8 = dataplane::wire::VERSION;
 const UP: Duration = Duration::from_secs(20);
 
 fn hex(s: &str) -> Vec<u8> {
@@ -160,9 +162,7 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         );
     }
 
-    // Junk, from the internet router's namespace. V: the overlay's wire version
-    // (docs/PROTOCOL.md); the first datagram carries an old one.
-    const V: u8 = 3;
+    // Junk, from the internet router's namespace (the first with an old version).
     let n = 50;
     throw(&lab, &t.inet, sn_addr, &[1, 4, 0, 0, 9, 9, 9, 9], n);
     throw(&lab, &t.inet, sn_addr, &[V, 4, 0, 0, 9, 9, 9, 9], n);
@@ -435,9 +435,9 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     let dst = SocketAddrV4::new(a.public_ip, ov::EDGE_PORT);
     let n = 50;
     throw(&lab, &t.inet, dst, &[1, 0x12, 0, 0, 9, 9, 9, 9], n);
-    throw(&lab, &t.inet, dst, &[2, 0x33, 0, 0, 9, 9, 9, 9], n);
-    throw(&lab, &t.inet, dst, &[2, 0x10, 0, 0, 9, 9, 9, 9], n);
-    let mut other = vec![2, 4, 0, 0];
+    throw(&lab, &t.inet, dst, &[V, 0x33, 0, 0, 9, 9, 9, 9], n);
+    throw(&lab, &t.inet, dst, &[V, 0x10, 0, 0, 9, 9, 9, 9], n);
+    let mut other = vec![V, 4, 0, 0];
     other.extend([7u8; 60]);
     throw(&lab, &t.inet, dst, &other, n);
     std::thread::sleep(Duration::from_millis(600));
