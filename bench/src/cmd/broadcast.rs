@@ -45,6 +45,10 @@ pub struct Args {
     /// `n2n` (n2n 1.3.1).
     #[arg(long, value_delimiter = ',', default_value = "on,off,n2n")]
     pub control: Vec<String>,
+    /// Run the `meet-again` round (with 64 VMs per site each `meet` round takes tens of
+    /// minutes).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub again: bool,
     /// Run the DHCP storm round.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dhcp: bool,
@@ -420,7 +424,10 @@ fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run
     // Let the warm-up's ARP settle (and the edges' status catch up).
     std::thread::sleep(SNAPSHOT_WAIT);
     let mut rounds = Vec::new();
-    let mut names = vec!["meet", "meet-again"];
+    let mut names = vec!["meet"];
+    if args.again {
+        names.push("meet-again");
+    }
     if with_dhcp {
         names.push("dhcp-storm");
     }
