@@ -514,6 +514,7 @@ fn neighbour_solicitations_for_known_bindings_are_answered_by_the_local_edge() {
     let r1 = (from_wan("a"), from_wan("b"));
     assert!(ping6(&lab, va, &lb, 3) >= 2, "a -> b over IPv6");
     assert!(ping6(&lab, vb, &la, 3) >= 2, "b -> a over IPv6");
+    std::thread::sleep(Duration::from_millis(2500));
     let before = [
         (from_wan("a"), answered("a")),
         (from_wan("b"), answered("b")),
@@ -529,6 +530,8 @@ fn neighbour_solicitations_for_known_bindings_are_answered_by_the_local_edge() {
     }
     assert!(ping6(&lab, va, &lb, 3) >= 2, "a -> b after the flush");
     assert!(ping6(&lab, vb, &la, 3) >= 2, "b -> a after the flush");
+    // An edge's status is a snapshot that may lag up to 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
     for (i, s) in ["a", "b"].iter().enumerate() {
         let (w0, a0) = before[i];
         let (w1, a1) = (from_wan(s), answered(s));
