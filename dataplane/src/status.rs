@@ -167,6 +167,8 @@ pub struct L2Status {
     pub local_groups: u64,
     /// Copies of multicast frames not sent to a peer without members of the group.
     pub multicast_withheld: u64,
+    /// Copies of DHCP broadcasts not sent to a peer without the server or the client.
+    pub dhcp_withheld: u64,
 }
 
 /// Counters of one forwarder thread of an edge.
@@ -486,6 +488,7 @@ impl EdgeStatus {
             ("l2_dhcp_acks_seen_total", self.l2.dhcp_acks_seen),
             ("l2_membership_reports_total", self.l2.membership_reports),
             ("l2_multicast_withheld_total", self.l2.multicast_withheld),
+            ("l2_dhcp_withheld_total", self.l2.dhcp_withheld),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");

@@ -2083,3 +2083,72 @@ fn large_broadcast_frames_are_held_to_the_byte_limit() {
     assert_eq!(dropped, 1000 - got as u64);
     assert_eq!(drops.get("flood_vm_limit").copied().unwrap_or(0), 0);
 }
+
+/// A DHCP client's broadcast (REQUEST) from `client`.
+fn dhcp_request(client: [u8; 6]) -> Vec<u8> {
+    let mut f = dhcp_reply(client, BCAST, [0; 4], 3);
+    f[6..12].copy_from_slice(&client);
+    f[34..38].copy_from_slice(&[0, 68, 0, 67]);
+    f[42] = 1;
+    f[70..76].copy_from_slice(&client);
+    f
+}
+
+/// Once a DHCP server has acknowledged a lease, clients' broadcasts go only to the site
+/// of the server and the server's broadcast replies only to the site of the client: the
+/// third site gets none of them (counted as withheld).
+#[test]
+fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    // The first request: no server known yet, flooded everywhere.
+    let r7 = dhcp_request(mac(7));
+    net.send_frame(b, &r7);
+    assert!(got(&net, a, &r7) && got(&net, c, &r7));
+    net.run(Duration::from_millis(50));
+    // The server (VM 1 behind a) acknowledges, broadcast: only b gets it.
+    let mut ack = dhcp_reply(mac(1), mac(7), ip(7), 5);
+    ack[..6].copy_from_slice(&BCAST);
+    net.send_frame(a, &ack);
+    assert!(got(&net, b, &ack));
+    assert!(
+        !got(&net, c, &ack),
+        "the reply went to a site without the client"
+    );
+    net.run(Duration::from_millis(50));
+    // Another client at b, then one at c: their requests reach a only.
+    net.send_frame(b, &frame(BCAST, mac(8), 0));
+    net.run(Duration::from_millis(50));
+    let r8 = dhcp_request(mac(8));
+    net.send_frame(b, &r8);
+    assert!(got(&net, a, &r8));
+    assert!(
+        !got(&net, c, &r8),
+        "a client's request went to a site without servers"
+    );
+    // c has seen no acknowledgement yet: its first client's request goes everywhere,
+    // the answer only to c, and from then on c's requests go to a only.
+    let r9 = dhcp_request(mac(9));
+    net.send_frame(c, &r9);
+    assert!(got(&net, a, &r9) && got(&net, b, &r9));
+    net.run(Duration::from_millis(50));
+    let mut ack9 = dhcp_reply(mac(1), mac(9), ip(9), 5);
+    ack9[..6].copy_from_slice(&BCAST);
+    net.send_frame(a, &ack9);
+    assert!(got(&net, c, &ack9) && !got(&net, b, &ack9));
+    net.send_frame(c, &frame(BCAST, mac(10), 0));
+    net.run(Duration::from_millis(50));
+    let r10 = dhcp_request(mac(10));
+    net.send_frame(c, &r10);
+    assert!(got(&net, a, &r10) && !got(&net, b, &r10));
+    let withheld = [a, b, c].map(|e| net.status(e).l2.dhcp_withheld);
+    assert_eq!(withheld, [2, 1, 1], "copies withheld at a, b, c");
+    // A request at the server's own site does not cross at all.
+    let r2 = dhcp_request(mac(2));
+    net.send_frame(a, &r2);
+    assert!(!got(&net, b, &r2) && !got(&net, c, &r2));
+}

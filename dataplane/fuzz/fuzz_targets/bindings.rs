@@ -4,8 +4,8 @@
 //! written for what parses), IGMP/MLD reports and DHCP acknowledgements.
 use dataplane::eth::Mac;
 use dataplane::l2::{
-    parse_arp, parse_dhcp_ack, parse_nd, parse_reports, write_arp_reply, write_na, Control,
-    ARP_FRAME_LEN, NA_FRAME_LEN,
+    dhcp_way, parse_arp, parse_dhcp_ack, parse_nd, parse_reports, write_arp_reply, write_na,
+    Control, DhcpWay, ARP_FRAME_LEN, NA_FRAME_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -36,5 +36,6 @@ fuzz_target!(|data: &[u8]| {
     assert!(n <= 64);
     if let Some(a) = parse_dhcp_ack(data) {
         assert!(!a.client.is_group());
+        assert_eq!(dhcp_way(data), Some(DhcpWay::FromServer(a.client)));
     }
 });

@@ -210,9 +210,9 @@ impl EdgeCore {
         let mut via_sn = std::mem::take(&mut self.scratch_dsts);
         via_sn.clear();
         let ids: Vec<EdgeId> = self.peers.keys().copied().collect();
-        let group = self.l2_flood_group(frame);
+        let to = self.l2_flood_to(frame);
         for id in ids {
-            if group.is_some_and(|g| !self.l2_peer_wants(&id, g)) {
+            if !self.l2_peer_wants(&to, &id) {
                 continue;
             }
             let direct = self

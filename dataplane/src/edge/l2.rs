@@ -88,6 +88,8 @@ const MAX_IP6_PER_MAC: usize = 8;
 const MAX_REPORT_RECORDS: usize = 64;
 /// Most groups with local members tracked (beyond: peers are asked for everything).
 const MAX_LOCAL_GROUPS: usize = 1024;
+/// Most DHCP servers remembered (by MAC).
+const MAX_DHCP_SERVERS: usize = 8;
 
 struct Local {
     ip: Option<Ipv4Addr>,
@@ -125,6 +127,8 @@ pub(super) struct L2 {
     /// What each peer announced it has members for (sorted; `None`: everything). A peer
     /// that never announced gets every multicast frame.
     peer_groups: Map<EdgeId, Option<Vec<Mac>>>,
+    /// MACs that sent DHCP acknowledgements: where clients' broadcasts need to go.
+    dhcp_servers: Vec<Mac>,
     stats: L2Status,
 }
 
@@ -155,6 +159,7 @@ impl L2 {
             groups_overflow: false,
             groups_changed: false,
             peer_groups: Map::with_hasher(t()),
+            dhcp_servers: Vec::new(),
             stats: L2Status::default(),
         }
     }
@@ -517,6 +522,15 @@ impl EdgeCore {
             return;
         };
         self.l2.stats.dhcp_acks_seen += 1;
+        if let Some((_, server)) = crate::eth::macs(frame) {
+            let known = &mut self.l2.dhcp_servers;
+            if !server.is_group() && !known.contains(&server) {
+                if known.len() >= MAX_DHCP_SERVERS {
+                    known.remove(0);
+                }
+                known.push(server);
+            }
+        }
         let max = self.cfg.max_macs;
         let b = Binding {
             mac: ack.client,
@@ -664,25 +678,70 @@ impl EdgeCore {
         true
     }
 
-    /// For a frame about to be flooded: the group MAC whose membership decides which
-    /// peers get it (`None`: every peer).
-    pub(super) fn l2_flood_group(&self, frame: &[u8]) -> Option<Mac> {
-        let (dst, _) = crate::eth::macs(frame)?;
-        (self.l2.cfg.control && l2::follows_membership(dst)).then_some(dst)
+    /// For a frame about to be flooded: which peers need it. A multicast frame to a
+    /// group that follows membership goes to peers with members; a DHCP client's
+    /// broadcast goes to the peers behind which known servers are (nowhere when they are
+    /// all on this side), a server's broadcast reply to the peer behind which its client
+    /// is; anything else, or when a server or client is not known, to every peer.
+    pub(super) fn l2_flood_to(&self, frame: &[u8]) -> FloodTo {
+        let Some((dst, _)) = crate::eth::macs(frame) else {
+            return FloodTo::All;
+        };
+        if !self.l2.cfg.control {
+            return FloodTo::All;
+        }
+        if l2::follows_membership(dst) {
+            return FloodTo::Group(dst);
+        }
+        if dst.0 != [0xff; 6] || !l2::worth_a_look(frame) {
+            return FloodTo::All;
+        }
+        match l2::dhcp_way(frame) {
+            Some(l2::DhcpWay::FromClient) if !self.l2.dhcp_servers.is_empty() => {
+                let mut peers = Vec::new();
+                for s in &self.l2.dhcp_servers {
+                    match self.macs.get(s) {
+                        Some((p, _)) if !peers.contains(p) => peers.push(*p),
+                        Some(_) => {}
+                        None if self.l2.local.contains_key(s) => {}
+                        None => return FloodTo::All,
+                    }
+                }
+                FloodTo::Dhcp(peers)
+            }
+            Some(l2::DhcpWay::FromServer(client)) => match self.macs.get(&client) {
+                Some((p, _)) => FloodTo::Dhcp(vec![*p]),
+                None if self.l2.local.contains_key(&client) => FloodTo::Dhcp(Vec::new()),
+                None => FloodTo::All,
+            },
+            _ => FloodTo::All,
+        }
     }
 
-    /// Whether `peer` gets a frame to `group`: it announced members of it, or it
-    /// announced nothing (an edge without the Groups message) or everything. A peer
-    /// left out is counted.
-    pub(super) fn l2_peer_wants(&mut self, peer: &EdgeId, group: Mac) -> bool {
-        let wants = match self.l2.peer_groups.get(peer) {
-            Some(Some(g)) => g.binary_search(&group).is_ok(),
-            _ => true,
-        };
-        if !wants {
-            self.l2.stats.multicast_withheld += 1;
+    /// Whether `peer` gets a flooded frame (see [`EdgeCore::l2_flood_to`]); for a group,
+    /// a peer that announced nothing (an edge without the Groups message) or everything
+    /// gets it too. A peer left out is counted.
+    pub(super) fn l2_peer_wants(&mut self, to: &FloodTo, peer: &EdgeId) -> bool {
+        match to {
+            FloodTo::All => true,
+            FloodTo::Group(group) => {
+                let wants = match self.l2.peer_groups.get(peer) {
+                    Some(Some(g)) => g.binary_search(group).is_ok(),
+                    _ => true,
+                };
+                if !wants {
+                    self.l2.stats.multicast_withheld += 1;
+                }
+                wants
+            }
+            FloodTo::Dhcp(peers) => {
+                let wants = peers.contains(peer);
+                if !wants {
+                    self.l2.stats.dhcp_withheld += 1;
+                }
+                wants
+            }
         }
-        wants
     }
 
     /// A frame from a peer that [`l2::worth_a_look`] picked or whose source MAC moved
@@ -977,6 +1036,16 @@ impl EdgeCore {
             ..self.l2.stats.clone()
         }
     }
+}
+
+/// Which peers a flooded frame goes to.
+pub(super) enum FloodTo {
+    /// Every peer.
+    All,
+    /// Peers with members of this group (or that never said).
+    Group(Mac),
+    /// A DHCP broadcast: only these peers.
+    Dhcp(Vec<EdgeId>),
 }
 
 /// Where the holder of an address is.

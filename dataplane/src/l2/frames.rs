@@ -40,7 +40,7 @@ const NA_OVERRIDE: u8 = 0x20;
 pub const NA_FRAME_LEN: usize = ETH_HDR_LEN + IPV6_HDR_LEN + ND_LEN + 8;
 
 /// Whether the control plane needs to look into a frame: ARP, ICMPv6 (possibly behind
-/// a hop-by-hop header), IGMP, and UDP from port 67 (DHCP servers). A few byte
+/// a hop-by-hop header), IGMP, and UDP from port 67 or 68 (DHCP servers and clients). A few byte
 /// comparisons; everything else is switched without a look.
 pub fn worth_a_look(frame: &[u8]) -> bool {
     match ethertype(frame) {
@@ -50,7 +50,10 @@ pub fn worth_a_look(frame: &[u8]) -> bool {
             Some(&PROTO_IGMP) => true,
             Some(&PROTO_UDP) => {
                 let ihl = usize::from(frame[14] & 0x0f) * 4;
-                frame.get(ETH_HDR_LEN + ihl..ETH_HDR_LEN + ihl + 2) == Some(&[0, 67])
+                matches!(
+                    frame.get(ETH_HDR_LEN + ihl..ETH_HDR_LEN + ihl + 2),
+                    Some(&[0, 67]) | Some(&[0, 68])
+                )
             }
             _ => false,
         },
@@ -350,9 +353,9 @@ pub struct DhcpAck {
 const BOOTP_MAGIC: [u8; 4] = [99, 130, 83, 99];
 const DHCP_ACK: u8 = 5;
 
-/// Parses a DHCPACK (a BOOTREPLY from UDP port 67 to 68 for Ethernet hardware addresses
-/// with message type 5 and a unicast address): `None` for anything else.
-pub fn parse_dhcp_ack(frame: &[u8]) -> Option<DhcpAck> {
+/// The BOOTP message of a DHCP frame (IPv4, not a fragment, UDP between ports 67 and
+/// 68, op 1 from 68 or 2 from 67, Ethernet hardware addresses, the DHCP magic cookie).
+fn bootp(frame: &[u8]) -> Option<&[u8]> {
     if ethertype(frame) != Some(ETHERTYPE_IPV4) {
         return None;
     }
@@ -366,11 +369,42 @@ pub fn parse_dhcp_ack(frame: &[u8]) -> Option<DhcpAck> {
         return None;
     }
     let udp = frame.get(ETH_HDR_LEN + ihl..ETH_HDR_LEN + total)?;
-    if udp[0..4] != [0, 67, 0, 68] {
+    let op = match udp[0..4] {
+        [0, 67, 0, 68] => 2,
+        [0, 68, 0, 67] => 1,
+        _ => return None,
+    };
+    let b = &udp[8..];
+    if b.len() < 240 || b[0] != op || b[1] != 1 || b[2] != 6 || b[236..240] != BOOTP_MAGIC {
         return None;
     }
-    let b = &udp[8..];
-    if b.len() < 240 || b[0] != 2 || b[1] != 1 || b[2] != 6 || b[236..240] != BOOTP_MAGIC {
+    Some(b)
+}
+
+/// Which way a DHCP message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DhcpWay {
+    /// From a client to the servers (port 68 to 67).
+    FromClient,
+    /// From a server to the client with this hardware address (port 67 to 68).
+    FromServer(Mac),
+}
+
+/// Which way a DHCP message goes, `None` for a frame that is not one.
+pub fn dhcp_way(frame: &[u8]) -> Option<DhcpWay> {
+    let b = bootp(frame)?;
+    Some(if b[0] == 1 {
+        DhcpWay::FromClient
+    } else {
+        DhcpWay::FromServer(mac_at(b, 28))
+    })
+}
+
+/// Parses a DHCPACK (a BOOTREPLY from UDP port 67 to 68 for Ethernet hardware addresses
+/// with message type 5 and a unicast address): `None` for anything else.
+pub fn parse_dhcp_ack(frame: &[u8]) -> Option<DhcpAck> {
+    let b = bootp(frame)?;
+    if b[0] != 2 {
         return None;
     }
     let addr = ip_at(b, 16);
@@ -630,6 +664,13 @@ pub(crate) mod tests {
                 addr: Ipv4Addr::new(198, 19, 0, 7)
             })
         );
+        assert_eq!(dhcp_way(&f), Some(DhcpWay::FromServer(cl)));
+        let mut req = f.clone();
+        req[34..38].copy_from_slice(&[0, 68, 0, 67]);
+        req[42] = 1;
+        assert!(worth_a_look(&req));
+        assert_eq!(dhcp_way(&req), Some(DhcpWay::FromClient));
+        assert_eq!(parse_dhcp_ack(&req), None);
         // An offer, no address, a cut frame: not an acknowledgement.
         assert_eq!(
             parse_dhcp_ack(&dhcp_reply(sv, cl, [198, 19, 0, 7], 2)),
