@@ -553,7 +553,8 @@ fn neighbour_solicitations_for_known_bindings_are_answered_by_the_local_edge() {
 /// stream sent from A's VM; site C, where nobody joined, gets none of it on its TAP
 /// device (captured), and A's edge counts the copies it did not send. (On a heavily
 /// loaded machine the kernel drops some of the stream before A's edge sees it, hence
-/// "at least half" for the member.)
+/// "at least half" for the member.) A multicast test needs a group address: 239.1.2.3 is
+/// administratively scoped and sent with TTL 1, so it stays in the lab's namespaces.
 #[test]
 fn multicast_reaches_only_the_site_with_a_member() {
     let Some((lab, mvc)) = setup("multicast_reaches_only_the_site_with_a_member") else {
