@@ -139,6 +139,14 @@ pub fn run(cfg: &StoreScaleConfig) -> Result<StoreScaleResult, StoreError> {
         "clusters (`cluster list --json`: every cluster loaded)",
         || s.clusters(),
     )?;
+    // The same listing as before, one `cluster()` (four queries) per cluster: the
+    // baseline, timed beside the others under the same load.
+    timed(&mut tm, "clusters, one load per cluster (before)", || {
+        s.cluster_summaries(None, usize::MAX)?
+            .iter()
+            .map(|c| s.cluster(&c.name))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
     timed(&mut tm, "cluster_summaries (`cluster list`)", || {
         s.cluster_summaries(None, usize::MAX)
     })?;

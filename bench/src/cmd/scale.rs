@@ -26,6 +26,10 @@ pub struct Args {
     /// New registrations a supernode admits per second (0: no limit).
     #[arg(long, default_value_t = 5000)]
     pub new_per_s: u32,
+    /// Community sizes at which one periodic registration is timed both ways (the list
+    /// held is current / a complete list goes back), comma-separated; empty: none.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pub reg_cost: Vec<usize>,
     /// Where to write the JSON result and the figure.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -36,6 +40,7 @@ struct Report {
     date: String,
     machine: super::Machine,
     runs: Vec<ScaleResult>,
+    registration_cost: Vec<scale::RegCost>,
 }
 
 fn ms(v: Option<u64>) -> String {
@@ -85,11 +90,32 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
         runs.push(r);
     }
+    let mut costs = Vec::new();
+    if !args.reg_cost.is_empty() {
+        println!("\n| community | µs, list current | µs, complete list | ratio | sent (current) | sent (complete) |");
+        println!("|---:|---:|---:|---:|---|---|");
+    }
+    for &k in &args.reg_cost {
+        let c = scale::registration_cost(k, 1000)?;
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {} datagrams, {} B | {} datagrams, {} B |",
+            k,
+            c.current_us,
+            c.full_list_us,
+            c.full_list_us / c.current_us.max(0.001),
+            c.current_out.0,
+            c.current_out.1,
+            c.full_list_out.0,
+            c.full_list_out.1
+        );
+        costs.push(c);
+    }
     let (iso, compact) = super::utc_now();
     let report = Report {
         date: iso,
         machine: super::Machine::probe(),
         runs,
+        registration_cost: costs,
     };
     let json = super::write_json(&args.results, &format!("scale-{compact}.json"), &report)?;
     let pts = |f: &dyn Fn(&ScaleResult) -> Option<f64>| -> Vec<(f64, f64)> {

@@ -13,6 +13,6 @@ fuzz_target!(|data: &[u8]| {
     let mut s = SupernodeCore::new(SupernodeConfig::default(), key, now);
     let mut out = Outbox::new(2048);
     s.handle(now, "198.18.0.9:1".parse().unwrap(), data, &mut out);
-    s.poll(now);
+    s.poll(now, &mut out);
     out.recycle_sent();
 });
