@@ -1,6 +1,6 @@
 //! The L2 control plane's pure parts: a checked view of ARP packets and the reply an edge
 //! writes for a known binding, the control messages (codec: Bindings, Bindings6, Groups),
-//! and a token bucket; neighbour discovery, IGMP/MLD and DHCP in [`frames`].
+//! and a token bucket; neighbour discovery, IGMP/MLD and DHCP in `frames`.
 //! No I/O, no clock: callers pass `now` and buffers.
 //!
 //! The control messages travel as the plaintext of a Control transport message (0x14)
