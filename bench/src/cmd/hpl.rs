@@ -438,16 +438,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 .with_context(|| format!("{} unreachable over {}", vm.ns, net.name()))?;
         }
     }
-    // One Slurm per network; each run leaves the VMs only its network's address
-    // (`apps::use_only`), so the other Slurm's nodes stop answering meanwhile and are
-    // waited for (idle again) after each switch.
-    let mut slurms = Vec::new();
-    for (net, ports) in [Net::Raw, Net::Mvc].into_iter().zip(PORTS) {
-        apps::use_only(&lab, &t, net)?;
-        slurms.push(SlurmLab::start(
-            &lab, "hpl", net, &frontend, &computes, ports,
-        )?);
-    }
+    // One Slurm per network (own name, ports, key and state), one at a time: a run
+    // leaves the VMs only its network's address (`apps::use_only`), so the other
+    // Slurm's nodes could not answer; it is stopped at each switch and started again
+    // (with its state) when its network is back, which waits for every node idle.
+    let mut active: Option<(Net, SlurmLab)> = None;
     let per_delay = args.nodes.len() * 2 + usize::from(args.placement > 0);
     let steps = (args.delay.len() * per_delay) as u64 * u64::from(args.common.runs);
     let pb = apps::progress(steps, "hpl");
@@ -485,9 +480,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         net.name(),
                         i + 1
                     ));
-                    let slurm = &slurms[usize::from(net == Net::Mvc)];
-                    apps::use_only(&lab, &t, net)?;
-                    slurm.wait_idle(&lab, Duration::from_secs(90))?;
+                    if active.as_ref().is_none_or(|(n, _)| *n != net) {
+                        if let Some((_, s)) = active.take() {
+                            s.stop(&lab);
+                        }
+                        apps::use_only(&lab, &t, net)?;
+                        let ports = PORTS[usize::from(net == Net::Mvc)];
+                        let s = SlurmLab::start(&lab, "hpl", net, &frontend, &computes, ports)?;
+                        active = Some((net, s));
+                    }
+                    let Some((_, slurm)) = &active else {
+                        bail!("no Slurm running");
+                    };
                     let tag = format!("{d}-{n}-{}-{how}-{i}", net.name());
                     let (gf, secs, jo) = one_run(&lab, slurm, net, n, nodelist, args, &tag)?;
                     let r = match (net, nodelist) {
@@ -528,7 +532,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     pb.finish_and_clear();
-    for s in &slurms {
+    if let Some((_, s)) = &active {
         s.stop(&lab);
     }
     cluster.stop(&lab);
