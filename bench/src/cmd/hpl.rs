@@ -1,38 +1,57 @@
 //! `bench hpl`: HPL (Debian's `hpcc`, with OpenMPI) on 1..N nodes of a three-site cluster,
-//! over the mvc overlay and over the raw routed underlay between the same VM namespaces
-//! (the 2012 paper's figure 13: Gflop/s against the number of nodes).
+//! submitted as a Slurm batch job (the 2012 paper's figure 13: Gflop/s against the number
+//! of nodes), over the mvc overlay and over the raw routed underlay between the same VM
+//! namespaces, at each one-way delay the WAN emulator adds on the uplinks of sites B and C.
 //!
-//! The three sites are public here (no NAT), so that the raw underlay joins every pair
-//! of VMs both ways, as MPI needs; the overlay runs over the same links. Node k is VM
-//! k/3+1 of site k%3 (A, B, C, A, ...). Raw and overlay runs alternate (raw, mvc, raw,
-//! mvc, ...), so both see the same machine load.
+//! The frontend VM (site A) runs slurmctld, the compute VMs at A, B and C slurmd
+//! (`control::stack`, as `cluster create --stack slurm` runs them; one Slurm per network,
+//! side by side, see `slurmlab`). A job is `sbatch -N K` of a script that runs `mpirun`
+//! inside the allocation (OpenMPI starts its daemons on the allocated nodes through
+//! `srun`); hpcc writes its summary into the job's directory, which the bench reads. The
+//! node sweep forces round-robin placement (`-w`: A, B, C, A, ...); at `--placement K`
+//! nodes the overlay also runs a job without `-w`, which Slurm's `topology/tree` keeps
+//! within one site, so the figure shows one site against three. The sites are public
+//! (no NAT), so the raw underlay joins every pair of VMs both ways, as MPI needs; runs
+//! alternate between the networks, so both see the same machine load.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use lab::overlay::{Mvc, MvcCluster};
-use lab::{Lab, Topology};
+use lab::{Lab, Topology, Vm};
 use serde::Serialize;
 
 use super::apps::{self, Net};
 use super::figure::Panel;
 use super::find_mvc;
+use super::slurmlab::SlurmLab;
+use super::wanem::{LinkArgs, Wan};
+
+/// slurmctld and slurmd ports of the underlay's Slurm and the overlay's.
+const PORTS: [(u16, u16); 2] = [(6821, 6822), (6823, 6824)];
 
 /// Options of `bench hpl`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub common: apps::CommonArgs,
-    /// Node counts to run, comma-separated (one MPI rank per node).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    /// Node counts to run, comma-separated (one MPI rank per node, placed A, B, C, A, ...).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub nodes: Vec<usize>,
+    /// One-way delays (ms) added on the uplinks of sites B and C, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,20")]
+    pub delay: Vec<u32>,
+    /// Node count at which a job placed by Slurm (one site) is run beside the spread one
+    /// (0: none). Every site gets at least this many compute VMs.
+    #[arg(long, default_value_t = 3)]
+    pub placement: usize,
     /// HPL problem size N (the matrix is N x N doubles).
     #[arg(long, default_value_t = 1000)]
     pub n: u32,
     /// HPL block size NB.
     #[arg(long, default_value_t = 80)]
     pub nb: u32,
-    /// Seconds one hpcc run may take before it is killed.
+    /// Seconds one hpcc job may take before it is cancelled.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
 }
@@ -115,7 +134,70 @@ pub fn parse_hpcc(out: &str) -> Option<(f64, f64)> {
     Some((tflops * 1000.0, secs))
 }
 
-/// The runs of one network at one node count.
+/// The batch script of one hpcc job: it names its nodes, runs `mpirun` inside the
+/// allocation (one rank per node, TCP only, on the addresses of `cidr`) and records
+/// its start, end and exit code. hpcc reads `hpccinf.txt` from and writes
+/// `hpccoutf.txt` to the job's directory.
+pub fn job_script(cidr: &str) -> String {
+    format!(
+        "#!/bin/sh
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
+scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/^/NODE /'
+t0=$(date +%s.%N)
+mpirun --allow-run-as-root -np \"$SLURM_JOB_NUM_NODES\" --map-by node \\
+  --mca btl tcp,self --mca pml ob1 \\
+  --mca btl_tcp_if_include {cidr} --mca oob_tcp_if_include {cidr} \\
+  -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS hpcc
+rc=$?
+echo \"WALL $t0 $(date +%s.%N) $rc\"
+exit $rc
+"
+    )
+}
+
+/// What a job's script printed: its nodes, wall seconds of `mpirun`, its exit code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOut {
+    /// Node names, as Slurm allocated them.
+    pub nodes: Vec<String>,
+    /// Seconds `mpirun` ran.
+    pub wall_s: f64,
+    /// `mpirun`'s exit code.
+    pub rc: i32,
+}
+
+/// Parses the `NODE` and `WALL` lines of [`job_script`]'s output; None without a
+/// (sane) `WALL` line or without nodes.
+pub fn parse_job_output(out: &str) -> Option<JobOut> {
+    let nodes: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("NODE "))
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let w: Vec<&str> = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("WALL "))?
+        .split_whitespace()
+        .collect();
+    let [t0, t1, rc] = w.as_slice() else {
+        return None;
+    };
+    let (t0, t1) = (t0.parse::<f64>().ok()?, t1.parse::<f64>().ok()?);
+    let wall_s = t1 - t0;
+    if nodes.is_empty() || !wall_s.is_finite() || wall_s < 0.0 {
+        return None;
+    }
+    Some(JobOut {
+        nodes,
+        wall_s,
+        rc: rc.parse().ok()?,
+    })
+}
+
+/// The runs of one network and placement at one node count and delay.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Runs {
     /// Gflop/s of each run.
@@ -126,10 +208,15 @@ pub struct Runs {
     pub hpl_s_runs: Vec<f64>,
     /// Median HPL solve seconds.
     pub hpl_s: f64,
-    /// Wall seconds of the whole hpcc run (every HPC Challenge test) of each run.
+    /// Seconds of the whole hpcc run (every HPC Challenge test, `mpirun` in the job) of
+    /// each run.
     pub wall_s_runs: Vec<f64>,
     /// Median wall seconds.
     pub wall_s: f64,
+    /// Sites the job's nodes were at, each run.
+    pub sites_runs: Vec<usize>,
+    /// Nodes of the last run.
+    pub nodes: Vec<String>,
 }
 
 impl Runs {
@@ -138,21 +225,27 @@ impl Runs {
         self.hpl_s = lab::median(&self.hpl_s_runs).unwrap_or(f64::NAN);
         self.wall_s = lab::median(&self.wall_s_runs).unwrap_or(f64::NAN);
     }
+
+    fn sites(&self) -> usize {
+        self.sites_runs.iter().copied().max().unwrap_or(0)
+    }
 }
 
-/// One node count.
+/// One node count at one delay.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// Added one-way delay on B's and C's uplinks, ms.
+    pub delay_ms: u32,
     /// Nodes (= MPI ranks).
     pub nodes: usize,
-    /// Sites the nodes are at.
-    pub sites: usize,
     /// Process grid.
     pub grid: (usize, usize),
-    /// Over the mvc overlay.
+    /// Over the mvc overlay, nodes placed A, B, C, A, ...
     pub mvc: Runs,
-    /// Over the raw underlay (the reference).
+    /// Over the raw underlay (the reference), same nodes.
     pub raw: Runs,
+    /// Over the mvc overlay, nodes chosen by Slurm (`--placement` only).
+    pub mvc_placed: Option<Runs>,
 }
 
 #[derive(Serialize)]
@@ -160,64 +253,102 @@ struct Fields<'a> {
     n: u32,
     nb: u32,
     runs: u32,
+    placement: usize,
     rows: &'a [Row],
 }
 
+/// One job: hpcc on `k` nodes of `slurm` (`-w nodelist` when given), over `net`, in
+/// the frontend's `home/tag`. Returns (Gflop/s, HPL seconds, job output).
 fn one_run(
     lab: &Lab,
-    vms: &[lab::Vm],
+    slurm: &SlurmLab,
     net: Net,
-    launcher: &std::path::Path,
+    k: usize,
+    nodelist: Option<&str>,
     args: &Args,
     tag: &str,
-) -> anyhow::Result<(f64, f64, f64)> {
-    let dir = lab.dir().join(format!("hpl-{tag}"));
+) -> anyhow::Result<(f64, f64, JobOut)> {
+    let dir = slurm.home.join(tag);
     std::fs::create_dir_all(&dir)?;
-    let (p, q) = grid(vms.len());
+    let (p, q) = grid(k);
     std::fs::write(dir.join("hpccinf.txt"), hpccinf(args.n, args.nb, p, q))?;
-    let hf = dir.join("hosts");
-    apps::write_hostfile(&hf, vms, net)?;
-    let argv = apps::mpirun_argv(vms, net, &hf, launcher, &dir, &["hpcc"]);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let t0 = Instant::now();
-    let out = lab.exec_timeout(&vms[0].ns, &argv, Duration::from_secs(args.timeout))?;
-    let wall = t0.elapsed().as_secs_f64();
-    let text = std::fs::read_to_string(dir.join("hpccoutf.txt")).unwrap_or_default();
-    if !out.ok {
-        bail!(
-            "hpcc on {} nodes over {} failed: {}{}",
-            vms.len(),
-            net.name(),
-            out.stderr.trim(),
-            out.stdout.chars().take(2000).collect::<String>()
-        );
+    std::fs::write(dir.join("job.sh"), job_script(net.cidr()))?;
+    let d = dir.display().to_string();
+    let out = format!("{d}/out.txt");
+    let script = format!("{d}/job.sh");
+    let nodes = k.to_string();
+    let mut argv = vec![
+        "sbatch",
+        "--parsable",
+        "-N",
+        &nodes,
+        "--chdir",
+        &d,
+        "-o",
+        &out,
+    ];
+    let w;
+    if let Some(l) = nodelist {
+        w = format!("--nodelist={l}");
+        argv.push(&w);
     }
-    let (gf, secs) = parse_hpcc(&text).with_context(|| {
+    argv.push(&script);
+    let limit = Duration::from_secs(args.timeout);
+    let o = slurm.run(lab, &argv, Duration::from_secs(60))?;
+    let job = o.stdout.trim().split(';').next().unwrap_or("").to_string();
+    if !o.ok || job.parse::<u64>().is_err() {
+        bail!("sbatch over {}: {}{}", slurm.name, o.stdout, o.stderr);
+    }
+    slurm.wait_gone(lab, &job, limit)?;
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let jo = parse_job_output(&text).with_context(|| {
         format!(
-            "no HPL result in {}/hpccoutf.txt (mpirun said: {})",
-            dir.display(),
-            out.stderr.trim()
+            "job {job} over {} left no result in {out}: {text}",
+            net.name()
         )
     })?;
-    Ok((gf, secs, wall))
+    if jo.rc != 0 || jo.nodes.len() != k {
+        bail!(
+            "job {job}: hpcc on {k} nodes over {} failed (exit {}, nodes {:?}): {}",
+            net.name(),
+            jo.rc,
+            jo.nodes,
+            text.chars().take(2000).collect::<String>()
+        );
+    }
+    let summary = std::fs::read_to_string(dir.join("hpccoutf.txt")).unwrap_or_default();
+    let (gf, secs) = parse_hpcc(&summary)
+        .with_context(|| format!("no HPL result in {d}/hpccoutf.txt (job said: {text})"))?;
+    Ok((gf, secs, jo))
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.prec$}"),
+        _ => "-".into(),
+    }
 }
 
 /// The markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| nodes | sites | grid | mvc Gflop/s | raw Gflop/s | mvc of raw | mvc HPL s | raw HPL s | mvc hpcc wall s | raw hpcc wall s |\n\
-         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| delay ms (B, C uplinks) | nodes | grid | mvc Gflop/s (A, B, C, ...) | raw Gflop/s (same nodes) | mvc of raw | mvc Gflop/s (Slurm placed) | sites Slurm used | placed / spread | mvc HPL s | raw HPL s | mvc hpcc s | raw hpcc s |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
+        let placed = r.mvc_placed.as_ref();
         s.push_str(&format!(
-            "| {} | {} | {}x{} | {:.3} | {:.3} | {:.1}% | {:.2} | {:.2} | {:.1} | {:.1} |\n",
+            "| {} | {} | {}x{} | {:.3} | {:.3} | {:.1}% | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} |\n",
+            r.delay_ms,
             r.nodes,
-            r.sites,
             r.grid.0,
             r.grid.1,
             r.mvc.gflops,
             r.raw.gflops,
             100.0 * r.mvc.gflops / r.raw.gflops,
+            fmt_opt(placed.map(|p| p.gflops), 3),
+            placed.map_or("-".into(), |p| p.sites().to_string()),
+            fmt_opt(placed.map(|p| p.gflops / r.mvc.gflops), 2),
             r.mvc.hpl_s,
             r.raw.hpl_s,
             r.mvc.wall_s,
@@ -227,10 +358,30 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// The compute VMs placed round-robin over the sites: A's first, B's first, C's
+/// first, A's second, ... (`per_site` of each, site by site in `computes`).
+fn round_robin(computes: &[(Vm, String)], sites: usize, per_site: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..per_site {
+        for s in 0..sites {
+            if let Some((vm, _)) = computes.get(s * per_site + i) {
+                v.push(apps::node_name(vm));
+            }
+        }
+    }
+    v
+}
+
 /// `bench hpl`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.nodes.is_empty() || args.nodes.iter().any(|&n| n == 0 || n > 12) {
         bail!("--nodes must be counts in 1..=12");
+    }
+    if args.delay.is_empty() || args.delay.iter().any(|&d| d > 150) {
+        bail!("--delay takes one-way delays in 0..=150 ms");
+    }
+    if args.placement > 4 || (args.placement > 0 && !args.nodes.contains(&args.placement)) {
+        bail!("--placement must be 0 or one of --nodes, at most 4");
     }
     if args.common.runs == 0
         || args.common.runs > 20
@@ -248,116 +399,203 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let mut info = apps::RunInfo::start("hpl");
     let max = args.nodes.iter().copied().max().unwrap_or(1);
+    let per_site = usize::from(apps::vms_per_site(max, 3)).max(args.placement);
+    let per = u8::try_from(per_site)?;
     let lab = Lab::new("hpl")?;
-    let per_site = apps::vms_per_site(max, 3);
+    // Site A holds the frontend VM and its computes; B and C sit behind a WAN link.
     let mut t = Topology::new(&lab)?;
-    for s in ["a", "b", "c"] {
-        t.add_site(&lab, s, false, per_site)?;
+    t.add_site(&lab, "a", false, per + 1)?;
+    let mut wans = Vec::new();
+    for s in ["b", "c"] {
+        let site = t.add_site_wan(&lab, s, false, per, true)?;
+        wans.push(Wan::new(
+            site.wan.as_deref().context("site has no WAN namespace")?,
+        ));
     }
-    let all = apps::nodes(&t, max)?;
-    let launcher = apps::write_launcher(lab.dir(), &all)?;
+    for w in &mut wans {
+        w.set(&lab, &LinkArgs::delay(0.0))?;
+    }
+    let frontend = t.sites[0].vms[0].clone();
+    let computes: Vec<(Vm, String)> = t
+        .sites
+        .iter()
+        .flat_map(|s| {
+            let skip = usize::from(s.idx == 1);
+            s.vms.iter().skip(skip).map(|v| (v.clone(), s.name.clone()))
+        })
+        .collect();
+    let site_of = |node: &str| {
+        computes
+            .iter()
+            .find(|(vm, _)| apps::node_name(vm) == node)
+            .map(|(_, s)| s.clone())
+    };
+    let spread = round_robin(&computes, 3, per_site);
     let cluster = MvcCluster::start(&lab, &t, &mvc, |_| {})?;
-    for vm in &all[1..] {
+    for (vm, _) in &computes {
         for net in [Net::Mvc, Net::Raw] {
-            lab::wait_ping(&lab, &all[0].ns, net.addr(vm), Duration::from_secs(30))
+            lab::wait_ping(&lab, &frontend.ns, net.addr(vm), Duration::from_secs(30))
                 .with_context(|| format!("{} unreachable over {}", vm.ns, net.name()))?;
         }
     }
-    let steps = args.nodes.len() as u64 * u64::from(args.common.runs) * 2;
+    // One Slurm per network (own name, ports, key and state), one at a time: a run
+    // leaves the VMs only its network's address (`apps::use_only`), so the other
+    // Slurm's nodes could not answer; it is stopped at each switch and started again
+    // (with its state) when its network is back, which waits for every node idle.
+    let mut active: Option<(Net, SlurmLab)> = None;
+    let per_delay = args.nodes.len() * 2 + usize::from(args.placement > 0);
+    let steps = (args.delay.len() * per_delay) as u64 * u64::from(args.common.runs);
     let pb = apps::progress(steps, "hpl");
     let mut rows = Vec::new();
-    for &n in &args.nodes {
-        let vms = &all[..n];
-        let mut row = Row {
-            nodes: n,
-            sites: n.min(3),
-            grid: grid(n),
-            mvc: Runs::default(),
-            raw: Runs::default(),
-        };
-        for i in 0..args.common.runs {
-            for net in [Net::Raw, Net::Mvc] {
-                pb.set_message(format!("{n} nodes over {}, run {}", net.name(), i + 1));
-                apps::use_only(&lab, &t, net)?;
-                if let Some(last) = vms.last() {
-                    lab::wait_ping(&lab, &vms[0].ns, net.addr(last), Duration::from_secs(30))?;
-                }
-                let (gf, secs, wall) = one_run(
-                    &lab,
-                    vms,
-                    net,
-                    &launcher,
-                    args,
-                    &format!("{n}-{}-{i}", net.name()),
-                )?;
-                let r = if net == Net::Mvc {
-                    &mut row.mvc
-                } else {
-                    &mut row.raw
-                };
-                r.gflops_runs.push(gf);
-                r.hpl_s_runs.push(secs);
-                r.wall_s_runs.push(wall);
-                pb.inc(1);
-            }
+    for &d in &args.delay {
+        for w in &mut wans {
+            w.set(&lab, &LinkArgs::delay(f64::from(d)))?;
         }
-        row.mvc.finish();
-        row.raw.finish();
-        apps::note(
-            &pb,
-            format!(
-                "{n} nodes: mvc {:.3} Gflop/s, raw {:.3} Gflop/s",
-                row.mvc.gflops, row.raw.gflops
-            ),
-        );
-        rows.push(row);
+        for &n in &args.nodes {
+            let list = spread[..n].join(",");
+            let mut row = Row {
+                delay_ms: d,
+                nodes: n,
+                grid: grid(n),
+                mvc: Runs::default(),
+                raw: Runs::default(),
+                mvc_placed: (n == args.placement).then(Runs::default),
+            };
+            for i in 0..args.common.runs {
+                let mut jobs = vec![
+                    (Net::Raw, Some(list.as_str())),
+                    (Net::Mvc, Some(list.as_str())),
+                ];
+                if n == args.placement {
+                    jobs.push((Net::Mvc, None));
+                }
+                for (net, nodelist) in jobs {
+                    let how = if nodelist.is_some() {
+                        "spread"
+                    } else {
+                        "placed"
+                    };
+                    pb.set_message(format!(
+                        "{d} ms, {n} nodes {how} over {}, run {}",
+                        net.name(),
+                        i + 1
+                    ));
+                    if active.as_ref().is_none_or(|(n, _)| *n != net) {
+                        if let Some((_, s)) = active.take() {
+                            s.stop(&lab);
+                        }
+                        apps::use_only(&lab, &t, net)?;
+                        let ports = PORTS[usize::from(net == Net::Mvc)];
+                        let s = SlurmLab::start(&lab, "hpl", net, &frontend, &computes, ports)?;
+                        active = Some((net, s));
+                    }
+                    let Some((_, slurm)) = &active else {
+                        bail!("no Slurm running");
+                    };
+                    let tag = format!("{d}-{n}-{}-{how}-{i}", net.name());
+                    let (gf, secs, jo) = one_run(&lab, slurm, net, n, nodelist, args, &tag)?;
+                    let r = match (net, nodelist) {
+                        (Net::Raw, _) => &mut row.raw,
+                        (Net::Mvc, Some(_)) => &mut row.mvc,
+                        (Net::Mvc, None) => row.mvc_placed.get_or_insert_with(Runs::default),
+                    };
+                    let mut sites: Vec<String> =
+                        jo.nodes.iter().filter_map(|x| site_of(x)).collect();
+                    sites.sort();
+                    sites.dedup();
+                    r.gflops_runs.push(gf);
+                    r.hpl_s_runs.push(secs);
+                    r.wall_s_runs.push(jo.wall_s);
+                    r.sites_runs.push(sites.len());
+                    r.nodes = jo.nodes;
+                    pb.inc(1);
+                }
+            }
+            row.mvc.finish();
+            row.raw.finish();
+            if let Some(p) = &mut row.mvc_placed {
+                p.finish();
+            }
+            apps::note(
+                &pb,
+                format!(
+                    "{d} ms, {n} nodes: mvc {:.3} Gflop/s, raw {:.3} Gflop/s{}",
+                    row.mvc.gflops,
+                    row.raw.gflops,
+                    row.mvc_placed.as_ref().map_or(String::new(), |p| format!(
+                        ", mvc placed by Slurm on {:?} {:.3} Gflop/s",
+                        p.nodes, p.gflops
+                    ))
+                ),
+            );
+            rows.push(row);
+        }
     }
     pb.finish_and_clear();
+    if let Some((_, s)) = &active {
+        s.stop(&lab);
+    }
     cluster.stop(&lab);
     lab.teardown();
     let when = info.finish();
     let md = table(&rows);
     let head = format!(
-        "HPL (hpcc, N={}, NB={}, one rank per node, nodes placed A, B, C, A, ...), median of {} runs, {when}",
+        "HPL (hpcc, N={}, NB={}, one rank per node) as Slurm batch jobs (mpirun inside the allocation), submitted on the frontend at site A; nodes forced A, B, C, A, ... (`-w`), and at {} nodes also placed by Slurm (topology/tree); delay added each way on B's and C's uplinks; median of {} runs, {when}",
         args.n,
         args.nb,
+        args.placement,
         args.common.runs,
     );
     let fields = Fields {
         n: args.n,
         nb: args.nb,
         runs: args.common.runs,
+        placement: args.placement,
         rows: &rows,
     };
-    let series = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
-        rows.iter().map(|r| (r.nodes as f64, f(r))).collect()
+    let mut by_nodes = Vec::new();
+    for &d in &args.delay {
+        for (name, raw) in [("mvc", false), ("raw", true)] {
+            let pts = rows
+                .iter()
+                .filter(|r| r.delay_ms == d)
+                .map(|r| {
+                    (
+                        r.nodes as f64,
+                        if raw { r.raw.gflops } else { r.mvc.gflops },
+                    )
+                })
+                .collect();
+            by_nodes.push((format!("{name}, {d} ms"), pts));
+        }
+    }
+    let at_k: Vec<&Row> = rows.iter().filter(|r| r.nodes == args.placement).collect();
+    let by_delay = |f: &dyn Fn(&Row) -> f64| -> Vec<(f64, f64)> {
+        at_k.iter().map(|r| (f64::from(r.delay_ms), f(r))).collect()
     };
-    info.save(
-        &args.common.results,
-        &head,
-        &md,
-        &fields,
-        &[
-            Panel {
-                title: "HPL performance (hpcc)",
-                x: "nodes (one rank each, over 1-3 sites)",
-                y: "Gflop/s",
-                series: vec![
-                    ("mvc overlay".into(), series(|r| r.mvc.gflops)),
-                    ("raw underlay".into(), series(|r| r.raw.gflops)),
-                ],
-            },
-            Panel {
-                title: "HPL solve time",
-                x: "nodes",
-                y: "seconds",
-                series: vec![
-                    ("mvc overlay".into(), series(|r| r.mvc.hpl_s)),
-                    ("raw underlay".into(), series(|r| r.raw.hpl_s)),
-                ],
-            },
-        ],
-    )?;
+    let title = format!("{} nodes: one site (Slurm) against three", args.placement);
+    let mut panels = vec![Panel {
+        title: "HPL over sites A, B, C (hpcc, Slurm)",
+        x: "nodes (one rank each, placed A, B, C, A, ...)",
+        y: "Gflop/s",
+        series: by_nodes,
+    }];
+    if args.placement > 0 {
+        panels.push(Panel {
+            title: &title,
+            x: "added one-way delay on sites B and C (ms)",
+            y: "Gflop/s",
+            series: vec![
+                (
+                    "mvc, one site (Slurm's choice)".into(),
+                    by_delay(&|r| r.mvc_placed.as_ref().map_or(f64::NAN, |p| p.gflops)),
+                ),
+                ("mvc, three sites (-w)".into(), by_delay(&|r| r.mvc.gflops)),
+                ("raw, three sites (-w)".into(), by_delay(&|r| r.raw.gflops)),
+            ],
+        });
+    }
+    info.save(&args.common.results, &head, &md, &fields, &panels)?;
     Ok(())
 }
 
@@ -393,5 +631,49 @@ mod tests {
         assert!((t - 4.62379).abs() < 1e-9);
         assert!(parse_hpcc("HPL_Tflops=nan\nHPL_time=1\n").is_none());
         assert!(parse_hpcc("nothing").is_none());
+    }
+
+    #[test]
+    fn job_script_runs_mpirun_on_the_network_and_reports() {
+        let s = job_script("198.19.0.0/16");
+        assert!(s.starts_with("#!/bin/sh\n"));
+        assert!(s.contains(
+            "--mca btl_tcp_if_include 198.19.0.0/16 --mca oob_tcp_if_include 198.19.0.0/16"
+        ));
+        assert!(s.contains("-np \"$SLURM_JOB_NUM_NODES\" --map-by node"));
+        assert!(s.contains("scontrol show hostnames \"$SLURM_JOB_NODELIST\""));
+        assert!(s.contains("echo \"WALL $t0 $(date +%s.%N) $rc\"\nexit $rc\n"));
+        assert!(!s.contains('{'));
+    }
+
+    #[test]
+    fn job_output_is_parsed_and_garbage_rejected() {
+        let t = "NODE a2\nNODE b1\nsome mpirun noise\nWALL 100.25 112.75 0\n";
+        let j = parse_job_output(t).unwrap();
+        assert_eq!(j.nodes, ["a2", "b1"]);
+        assert_eq!((j.wall_s, j.rc), (12.5, 0));
+        assert_eq!(parse_job_output("NODE a2\nWALL 1 2 137\n").unwrap().rc, 137);
+        assert!(parse_job_output("NODE a2\n").is_none());
+        assert!(parse_job_output("WALL 1 2 0\n").is_none());
+        assert!(parse_job_output("NODE a2\nWALL 5 2 0\n").is_none());
+        assert!(parse_job_output("NODE a2\nWALL x 2 0\n").is_none());
+        assert!(parse_job_output("NODE a2\nWALL 1 2\n").is_none());
+    }
+
+    #[test]
+    fn spread_takes_each_site_in_turn() {
+        let vm = |n: &str| lab::Vm {
+            ns: format!("hpl1-{n}"),
+            ifname: "eth0".into(),
+            port: String::new(),
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            underlay_ip: std::net::Ipv4Addr::LOCALHOST,
+            mac: String::new(),
+        };
+        let c: Vec<(lab::Vm, String)> = ["a2", "a3", "b1", "b2", "c1", "c2"]
+            .iter()
+            .map(|n| (vm(n), n[..1].to_string()))
+            .collect();
+        assert_eq!(round_robin(&c, 3, 2), ["a2", "b1", "c1", "a3", "b2", "c2"]);
     }
 }

@@ -151,6 +151,27 @@ impl SlurmLab {
         }
     }
 
+    /// Wait (at most `limit`) until job `job` has left the queue; cancel it and fail
+    /// when it has not.
+    pub fn wait_gone(&self, lab: &Lab, job: &str, limit: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + limit;
+        loop {
+            let q = self.run(lab, &["squeue", "-h", "-j", job], Duration::from_secs(30))?;
+            if q.ok && q.stdout.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                let _ = self.run(lab, &["scancel", job], Duration::from_secs(30));
+                bail!(
+                    "job {job} over {} not done in {} s",
+                    self.name,
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Stop every daemon.
     pub fn stop(&self, lab: &Lab) {
         for p in self.procs.iter().rev() {
