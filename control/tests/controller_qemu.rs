@@ -11,7 +11,8 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, VmProcs,
+    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
+    VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::BTreeMap;
@@ -160,10 +161,9 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     .expect("xnbd serving the disk");
     let img = c_state.join("disks").join(format!("{qlocal}.img"));
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_marker(&img) != format!("MVC-DISK {qname} boot 1") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        disk_marker(&img) == format!("MVC-DISK {qname} boot 1")
+    });
     assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 1"));
 
     // Topology: the qemu VM pings the other sites from inside (through its console).
@@ -191,10 +191,9 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     sl.ctl_json(&["vm", "start", &qname]).expect("vm start");
     lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip} after restart: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_marker(&img) != format!("MVC-DISK {qname} boot 2") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        disk_marker(&img) == format!("MVC-DISK {qname} boot 2")
+    });
     assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 2"));
 
     // C's agent crashes (SIGKILL): qemu and xnbd outlive it; restarted, the agent

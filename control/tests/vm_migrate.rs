@@ -40,6 +40,16 @@ fn local_of(sl: &SiteLab, vm: &str) -> String {
     handles[vm].rsplit(':').next().unwrap().to_string()
 }
 
+/// The text in sector `k` of disk image `img` (empty when the image is shorter).
+fn sector_text(img: &Path, k: usize) -> String {
+    let b = std::fs::read(img).unwrap_or_default();
+    let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
+    String::from_utf8_lossy(s)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string()
+}
+
 /// The VM's local name at the site whose agent keeps `state`, and its console socket.
 fn vm_console(sl: &SiteLab, state: &Path, vm: &str) -> (String, PathBuf) {
     let local = local_of(sl, vm);
@@ -205,7 +215,6 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
                 "60",
             ])
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
         let incoming = || {
             std::fs::read_dir(c_state.join("run"))
                 .map(|rd| {
@@ -217,10 +226,14 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
                 })
                 .unwrap_or(false)
         };
-        while !incoming() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(incoming(), "no incoming VM at C");
+        assert!(
+            wait_until(
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                incoming
+            ),
+            "no incoming VM at C"
+        );
         std::thread::sleep(Duration::from_secs(1));
         // This test's own agent of site C (its pid file names it).
         lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
@@ -285,18 +298,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         "pattern changed by the migration"
     );
     let img = c_state.join("disks").join(format!("{clocal}.img"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let sector = |i: usize| -> String {
-        let b = std::fs::read(&img).unwrap_or_default();
-        let s = b.get((16384 + i) * 512..(16385 + i) * 512).unwrap_or(&[]);
-        String::from_utf8_lossy(s)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string()
-    };
-    while sector(59) != "w59" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let sector = |i: usize| sector_text(&img, 16384 + i);
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        sector(59) == "w59"
+    });
     for i in 0..60 {
         assert_eq!(sector(i), format!("w{i}"), "write {i} lost");
     }
@@ -451,18 +456,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         "pattern changed by the mirror"
     );
     let img = c_state.join("disks").join(format!("{clocal}.img"));
-    let read_sector = |k: usize| -> String {
-        let b = std::fs::read(&img).unwrap_or_default();
-        let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
-        String::from_utf8_lossy(s)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_sector(20480 + 39) != "p39" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let read_sector = |k: usize| sector_text(&img, k);
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        read_sector(20480 + 39) == "p39"
+    });
     for i in 0..60 {
         assert_eq!(
             read_sector(16384 + i),
@@ -529,13 +526,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let old_proxy = proxy_pid().expect("B's disk proxy");
     // This test's agent's proxy (its command line names this run's directory).
     lab::sys::kill(old_proxy, libc::SIGKILL).expect("SIGKILL to B's proxy");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy_pid().is_none_or(|p| p == old_proxy) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let new_proxy = proxy_pid();
     assert!(
-        new_proxy.is_some_and(|p| p != old_proxy),
+        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            proxy_pid().is_some_and(|p| p != old_proxy)
+        }),
         "B's proxy not started again"
     );
     // The command's record says the disk follows before it is cut short.
@@ -543,10 +537,11 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         sl.ctl_json(&["vm", "migrations"])
             .is_ok_and(|r| r.to_string().contains("\"phase\":\"disk\""))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !recorded_disk() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        recorded_disk,
+    );
     // The `timeout` process this test started, which passes the signal on to `mvc`.
     lab::sys::kill(cut.id(), libc::SIGTERM).expect("SIGTERM to the cut-short migrate");
     let _ = cut.wait();
