@@ -8,46 +8,19 @@
 //! its agent crashed and came back (the restarted agent ends the orphaned qemu and xnbd
 //! by pid). Everything (qemu, xnbd, TAPs, disks) is gone after `cluster destroy`. Needs root; otherwise prints
 //! that it was skipped.
-use control::demo::{pick_overlay, SiteLab};
+mod common;
+
+use common::{
+    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
+    VmProcs,
+};
+use control::demo::SiteLab;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Ends the qemu and xnbd processes of site C's agent should the agent not have
-/// (a failed test), from the pid files the driver writes, by pid, when the process
-/// still names this run's files.
-struct VmProcs(PathBuf);
-
-impl Drop for VmProcs {
-    fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let n = p.display().to_string();
-            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
-                continue;
-            }
-            // A process of this test's agent whose command line names this run's directory.
-            if let Some(pid) = alive_pid(&p, &self.0) {
-                let _ = u32::try_from(pid).map(|pid| lab::sys::kill(pid, libc::SIGKILL));
-            }
-        }
-    }
-}
-
-/// The pid in `pidfile` when that process runs and its command line names `dir`.
-fn alive_pid(pidfile: &Path, dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmd)
-        .contains(&dir.display().to_string())
-        .then_some(pid)
-}
-
 /// The process has exited (an orphan may stay a zombie until init reaps it).
-fn gone(pid: i32) -> bool {
+fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(st) => st
@@ -87,54 +60,14 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
         );
         return;
     }
-    assert!(
-        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
-        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
-    );
-    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
-    let xnbd = mvc.with_file_name("xnbd");
-    assert!(
-        xnbd.exists(),
-        "{} missing: build it (`cargo build -p xnbd`; `cargo test --workspace` does)",
-        xnbd.display()
-    );
-    // Kernel (fetched once from Debian's archive when the host has none in /boot) and
-    // initramfs, in the root namespace; the agent then finds them in the cache.
-    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
-    let t0 = Instant::now();
-    let prep = std::process::Command::new(&mvc)
-        .args(["agent", "qemu-prepare", "--cache", &cache])
-        .output()
-        .expect("mvc agent qemu-prepare");
-    assert!(
-        prep.status.success(),
-        "qemu-prepare: {}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
-    eprintln!(
-        "guest prepared in {:.1} s:\n{}",
-        t0.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&prep.stdout)
-    );
-
-    let overlay = pick_overlay(
-        &mvc,
-        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
-    );
+    let (mvc, xnbd) = mvc_and_xnbd();
+    let cache = prepare_qemu_guest(&mvc);
+    let overlay = overlay_under_test(&mvc);
     eprintln!("overlay under test: {overlay}");
     let mut extra = BTreeMap::new();
     extra.insert(
         "C".to_string(),
-        vec![
-            "--driver".into(),
-            "qemu".into(),
-            "--qemu-cache".into(),
-            cache.clone(),
-            "--xnbd".into(),
-            xnbd.display().to_string(),
-            "--qemu-disk-mb".into(),
-            "64".into(),
-        ],
+        lab::sites::qemu_agent_args(&cache, &xnbd, 64),
     );
     let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
     let c_state = sl.agents["C"].state.clone();
@@ -166,16 +99,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(cl["state"], "running");
-    let vm_at = |site: &str| {
-        cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["site"] == site && v["role"] == "compute")
-            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
-            .clone()
-    };
-    let (qvm, bvm) = (vm_at("C"), vm_at("B"));
+    let (qvm, bvm) = (compute_at(&cl, "C"), compute_at(&cl, "B"));
     let qname = qvm["name"].as_str().unwrap().to_string();
     // Its files at C are named by C's agent (`qemu:<tap>:<local name>`).
     let handles = sl.vm_handles("q").expect("handles");
@@ -237,10 +161,9 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     .expect("xnbd serving the disk");
     let img = c_state.join("disks").join(format!("{qlocal}.img"));
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_marker(&img) != format!("MVC-DISK {qname} boot 1") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        disk_marker(&img) == format!("MVC-DISK {qname} boot 1")
+    });
     assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 1"));
 
     // Topology: the qemu VM pings the other sites from inside (through its console).
@@ -268,10 +191,9 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     sl.ctl_json(&["vm", "start", &qname]).expect("vm start");
     lab::wait_ping(&sl.lab, &b_ns, qip, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("B's VM -> qemu VM {qip} after restart: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_marker(&img) != format!("MVC-DISK {qname} boot 2") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        disk_marker(&img) == format!("MVC-DISK {qname} boot 2")
+    });
     assert_eq!(disk_marker(&img), format!("MVC-DISK {qname} boot 2"));
 
     // C's agent crashes (SIGKILL): qemu and xnbd outlive it; restarted, the agent

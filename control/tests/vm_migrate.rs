@@ -7,74 +7,21 @@
 //! agent and resumes (the guest's pattern reads back). A migration to a site without
 //! the qemu driver fails and leaves the VM running where it was. Needs root; otherwise
 //! prints that it was skipped.
-use control::demo::{pick_overlay, SiteLab};
+mod common;
+
+use common::{
+    alive_pid, compute_at, lost_pings, mvc_and_xnbd, mvc_on_frontend, overlay_under_test,
+    prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
+};
+use control::demo::SiteLab;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Ends the qemu and xnbd processes of an agent should the agent not have
-/// (a failed test), from the pid files the driver writes, by pid, when the process
-/// still names this run's files.
-struct VmProcs(PathBuf);
-
-impl Drop for VmProcs {
-    fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let n = p.display().to_string();
-            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
-                continue;
-            }
-            if let Some(pid) = alive_pid(&p, &self.0) {
-                // A process of this test's agent whose command line names this run's
-                // directory.
-                let _ = lab::sys::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-/// The pid in `pidfile` when that process runs and its command line names `dir`.
-fn alive_pid(pidfile: &Path, dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmd)
-        .contains(&dir.display().to_string())
-        .then_some(pid)
-}
-
 /// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
 fn console(sock: &Path, cmd: &str, timeout: Duration) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .unwrap_or_else(|e| panic!("console {}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
-    let marker = format!("END-{tag}");
-    s.write_all(format!("\n{cmd}\necho E\"\"ND-{tag}\n").as_bytes())
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
-        let t = String::from_utf8_lossy(&out);
-        if let Some(i) = t.find(&marker) {
-            return t[..i].to_string();
-        }
-    }
-    panic!(
-        "no answer to {cmd:?} within {timeout:?}: {}",
-        String::from_utf8_lossy(&out)
-    );
+    lab::sites::guest_console(sock, cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The md5 sum busybox printed.
@@ -93,6 +40,37 @@ fn local_of(sl: &SiteLab, vm: &str) -> String {
     handles[vm].rsplit(':').next().unwrap().to_string()
 }
 
+/// The text in sector `k` of disk image `img` (empty when the image is shorter).
+fn sector_text(img: &Path, k: usize) -> String {
+    let b = std::fs::read(img).unwrap_or_default();
+    let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
+    String::from_utf8_lossy(s)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string()
+}
+
+/// The VM's local name at the site whose agent keeps `state`, and its console socket.
+fn vm_console(sl: &SiteLab, state: &Path, vm: &str) -> (String, PathBuf) {
+    let local = local_of(sl, vm);
+    let con = state.join("run").join(format!("{local}.console"));
+    (local, con)
+}
+
+/// The md5 sum of the pattern (4 MiB at 1 MiB) as the guest behind console `con`
+/// reads it now, its page cache dropped first (after `wait`ing for its background
+/// writes when `wait`).
+fn pattern_sum(con: &Path, wait: bool) -> String {
+    let read = "sync; echo 3 > /proc/sys/vm/drop_caches; \
+                dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum";
+    let cmd = if wait {
+        format!("wait; {read}")
+    } else {
+        read.to_string()
+    };
+    md5_of(&console(con, &cmd, Duration::from_secs(60)))
+}
+
 #[test]
 fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     if !lab::is_root() {
@@ -102,41 +80,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         );
         return;
     }
-    assert!(
-        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
-        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
-    );
-    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
-    let xnbd = mvc.with_file_name("xnbd");
-    assert!(
-        xnbd.exists(),
-        "{} missing: `cargo build -p xnbd`",
-        xnbd.display()
-    );
-    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
-    let prep = std::process::Command::new(&mvc)
-        .args(["agent", "qemu-prepare", "--cache", &cache])
-        .output()
-        .expect("mvc agent qemu-prepare");
-    assert!(
-        prep.status.success(),
-        "qemu-prepare: {}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
-    let overlay = pick_overlay(
-        &mvc,
-        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
-    );
-    let qemu_args: Vec<String> = vec![
-        "--driver".into(),
-        "qemu".into(),
-        "--qemu-cache".into(),
-        cache.clone(),
-        "--xnbd".into(),
-        xnbd.display().to_string(),
-        "--qemu-disk-mb".into(),
-        "32".into(),
-    ];
+    let (mvc, xnbd) = mvc_and_xnbd();
+    let cache = prepare_qemu_guest(&mvc);
+    let overlay = overlay_under_test(&mvc);
+    let qemu_args = lab::sites::qemu_agent_args(&cache, &xnbd, 32);
     let mut extra = BTreeMap::new();
     extra.insert("B".to_string(), qemu_args.clone());
     extra.insert("C".to_string(), qemu_args);
@@ -166,21 +113,16 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
             "300",
         ])
         .expect("cluster create");
-    let vm_at = |site: &str| {
-        cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["site"] == site && v["role"] == "compute")
-            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
-            .clone()
-    };
-    let (bvm, avm, cvm) = (vm_at("B"), vm_at("A"), vm_at("C"));
+    let (bvm, avm, cvm) = (
+        compute_at(&cl, "B"),
+        compute_at(&cl, "A"),
+        compute_at(&cl, "C"),
+    );
     sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
         .expect("stop C's own compute");
     let name = bvm["name"].as_str().unwrap().to_string();
     let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
-    let blocal = local_of(&sl, &name);
+    let (blocal, bcon) = vm_console(&sl, &b_state, &name);
     let a_ns = sl
         .vm_ns("m", avm["name"].as_str().unwrap())
         .expect("A's VM namespace");
@@ -188,7 +130,6 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
 
     // The pattern: 4 MiB of random data at 1 MiB, and its sum as the guest reads it.
-    let bcon = b_state.join("run").join(format!("{blocal}.console"));
     let out = console(
         &bcon,
         "dd if=/dev/urandom of=/dev/vda bs=64k seek=16 count=64 conv=fsync 2>/dev/null; \
@@ -274,7 +215,6 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
                 "60",
             ])
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
         let incoming = || {
             std::fs::read_dir(c_state.join("run"))
                 .map(|rd| {
@@ -286,10 +226,14 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
                 })
                 .unwrap_or(false)
         };
-        while !incoming() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(incoming(), "no incoming VM at C");
+        assert!(
+            wait_until(
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                incoming
+            ),
+            "no incoming VM at C"
+        );
         std::thread::sleep(Duration::from_secs(1));
         // This test's own agent of site C (its pid file names it).
         lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
@@ -316,15 +260,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .expect("stop C's own compute again");
 
     // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.05", "-c", "200", "-w", "12",
-        ])
-        .arg(ip.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("ping");
+    let ping = spawn_ping(&a_ns, ip, "0.05", 200, 12);
 
     let t0 = Instant::now();
     let mig = sl
@@ -347,54 +283,25 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         mig["disk_bytes_before_switchover"], 0,
         "the destination fetched disk blocks while the origin still wrote: {mig}"
     );
-    let out = ping.wait_with_output().expect("ping output");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let summary = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("received"))
-        .unwrap_or("")
-        .to_string();
+    let (summary, lost) = lost_pings(ping);
     eprintln!("ping from A's VM during the migration: {summary}");
-    let count = |what: &str| -> u32 {
-        summary
-            .split(", ")
-            .find(|p| p.ends_with(what))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let (sent, got) = (count("transmitted"), count("received"));
-    assert!(
-        sent > 0 && sent - got <= 40,
-        "more than 2 s of pings lost: {summary}"
-    );
+    assert!(lost <= 40, "more than 2 s of pings lost: {summary}");
     lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
 
     // At C: the guest reads its pattern back and finished its writes.
-    let clocal = local_of(&sl, &name);
-    let ccon = c_state.join("run").join(format!("{clocal}.console"));
+    let (clocal, ccon) = vm_console(&sl, &c_state, &name);
     std::thread::sleep(Duration::from_secs(3));
-    let out = console(
-        &ccon,
-        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
-        Duration::from_secs(60),
+    assert_eq!(
+        pattern_sum(&ccon, true),
+        sum,
+        "pattern changed by the migration"
     );
-    assert_eq!(md5_of(&out), sum, "pattern changed by the migration");
     let img = c_state.join("disks").join(format!("{clocal}.img"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let sector = |i: usize| -> String {
-        let b = std::fs::read(&img).unwrap_or_default();
-        let s = b.get((16384 + i) * 512..(16385 + i) * 512).unwrap_or(&[]);
-        String::from_utf8_lossy(s)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string()
-    };
-    while sector(59) != "w59" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let sector = |i: usize| sector_text(&img, 16384 + i);
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        sector(59) == "w59"
+    });
     for i in 0..60 {
         assert_eq!(sector(i), format!("w{i}"), "write {i} lost");
     }
@@ -445,11 +352,11 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // And back to B, the disk copy capped at 4 MiB/s, with B's agent killed (SIGKILL)
     // while the disk follows: its qemu and proxy run on, the restarted agent relays to
     // C again, the copy finishes and `vm migrate` completes.
-    let user = sl.first_user();
-    let back_cmd = std::process::Command::new("timeout")
-        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
-        .arg(&mvc)
-        .args([
+    let back_cmd = mvc_on_frontend(
+        &sl,
+        &mvc,
+        180,
+        &[
             "vm",
             "migrate",
             "m",
@@ -459,14 +366,12 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
             "--disk-rate",
             "4194304",
             "--json",
-        ])
-        .env("MVC_DB", &user.db)
-        .env("MVC_KEY", &user.key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("vm migrate back");
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("vm migrate back");
     let b_pid = control::agent::running_agent(&b_state).expect("B's agent pid");
     let copying = || -> bool {
         let Some(ctl) = std::fs::read_dir(b_state.join("run")).ok().and_then(|rd| {
@@ -492,11 +397,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
             .and_then(|v| v["status"]["cached_blocks"].as_u64())
             .is_some_and(|n| n > 0)
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !copying() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(copying(), "no disk copy seen at B");
+    assert!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(100), copying),
+        "no disk copy seen at B"
+    );
     // This test's own agent of site B (its pid file names it).
     lab::sys::kill(b_pid, libc::SIGKILL).expect("SIGKILL to B's agent");
     sl.kill_agent("B");
@@ -512,14 +416,12 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let back: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     eprintln!("migrated back, B's agent killed during the disk copy: {back}");
     assert_eq!(back["phase"], "done", "{back}");
-    let blocal = local_of(&sl, &name);
-    let bcon = b_state.join("run").join(format!("{blocal}.console"));
-    let out = console(
-        &bcon,
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
-        Duration::from_secs(60),
+    let (blocal, bcon) = vm_console(&sl, &b_state, &name);
+    assert_eq!(
+        pattern_sum(&bcon, false),
+        sum,
+        "pattern changed by the way back"
     );
-    assert_eq!(md5_of(&out), sum, "pattern changed by the way back");
     assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
     let img = b_state.join("disks").join(format!("{blocal}.img"));
     let b_img = std::fs::read(&img).unwrap();
@@ -547,27 +449,17 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     eprintln!("migrated with the disk first: {pre}");
     assert_eq!(pre["phase"], "done", "{pre}");
     assert_eq!(pre["disk_strategy"], "pre-copy", "{pre}");
-    let clocal = local_of(&sl, &name);
-    let ccon = c_state.join("run").join(format!("{clocal}.console"));
-    let out = console(
-        &ccon,
-        "wait; sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
-        Duration::from_secs(60),
+    let (clocal, ccon) = vm_console(&sl, &c_state, &name);
+    assert_eq!(
+        pattern_sum(&ccon, true),
+        sum,
+        "pattern changed by the mirror"
     );
-    assert_eq!(md5_of(&out), sum, "pattern changed by the mirror");
     let img = c_state.join("disks").join(format!("{clocal}.img"));
-    let read_sector = |k: usize| -> String {
-        let b = std::fs::read(&img).unwrap_or_default();
-        let s = b.get(k * 512..(k + 1) * 512).unwrap_or(&[]);
-        String::from_utf8_lossy(s)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_sector(20480 + 39) != "p39" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let read_sector = |k: usize| sector_text(&img, k);
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        read_sector(20480 + 39) == "p39"
+    });
     for i in 0..60 {
         assert_eq!(
             read_sector(16384 + i),
@@ -593,11 +485,11 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
 
     // A `vm migrate` ended (SIGTERM) after switchover, while the disk follows at 4 MiB/s:
     // the VM runs at B; the same command again finishes the move.
-    let user = sl.first_user();
-    let mut cut = std::process::Command::new("timeout")
-        .args(["180", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
-        .arg(&mvc)
-        .args([
+    let mut cut = mvc_on_frontend(
+        &sl,
+        &mvc,
+        180,
+        &[
             "vm",
             "migrate",
             "m",
@@ -606,19 +498,16 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
             "B",
             "--disk-rate",
             "4194304",
-        ])
-        .env("MVC_DB", &user.db)
-        .env("MVC_KEY", &user.key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("vm migrate to be cut short");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !copying() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(copying(), "no disk copy seen at B");
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("vm migrate to be cut short");
+    assert!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(100), copying),
+        "no disk copy seen at B"
+    );
     // B's disk proxy killed (SIGKILL) while it copies: B's agent starts it again, it
     // resumes from its bitmap, and the guest (its I/O waits meanwhile) reads its
     // pattern back below.
@@ -637,13 +526,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let old_proxy = proxy_pid().expect("B's disk proxy");
     // This test's agent's proxy (its command line names this run's directory).
     lab::sys::kill(old_proxy, libc::SIGKILL).expect("SIGKILL to B's proxy");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy_pid().is_none_or(|p| p == old_proxy) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let new_proxy = proxy_pid();
     assert!(
-        new_proxy.is_some_and(|p| p != old_proxy),
+        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            proxy_pid().is_some_and(|p| p != old_proxy)
+        }),
         "B's proxy not started again"
     );
     // The command's record says the disk follows before it is cut short.
@@ -651,10 +537,11 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         sl.ctl_json(&["vm", "migrations"])
             .is_ok_and(|r| r.to_string().contains("\"phase\":\"disk\""))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !recorded_disk() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        recorded_disk,
+    );
     // The `timeout` process this test started, which passes the signal on to `mvc`.
     lab::sys::kill(cut.id(), libc::SIGTERM).expect("SIGTERM to the cut-short migrate");
     let _ = cut.wait();
@@ -670,14 +557,12 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         fin["disk_bytes"].as_u64() <= fin["disk_total"].as_u64(),
         "{fin}"
     );
-    let blocal = local_of(&sl, &name);
-    let bcon = b_state.join("run").join(format!("{blocal}.console"));
-    let out = console(
-        &bcon,
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=16 count=64 2>/dev/null | md5sum",
-        Duration::from_secs(60),
+    let (_, bcon) = vm_console(&sl, &b_state, &name);
+    assert_eq!(
+        pattern_sum(&bcon, false),
+        sum,
+        "pattern changed by the proxy's restart"
     );
-    assert_eq!(md5_of(&out), sum, "pattern changed by the proxy's restart");
     assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
     let list = sl
         .ctl_json(&["vm", "list", "--cluster", "m"])

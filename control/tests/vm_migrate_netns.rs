@@ -7,25 +7,19 @@
 //! status` places it at C. A move to a site where the cluster has no overlay is
 //! refused with a clear error, the VM untouched. Needs root; otherwise prints that it
 //! was skipped.
-use control::demo::{pick_overlay, SiteLab};
+mod common;
+
+use common::{
+    compute_at, lost_pings, mvc_and_xnbd, mvc_on_frontend, overlay_under_test, spawn_ping,
+};
+use control::demo::SiteLab;
 use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The file of `dir` whose name is `c<N>-<vm>.<ext>`.
 fn vm_file(dir: &Path, vm: &str, ext: &str) -> Option<PathBuf> {
-    let tail = format!("-{vm}.{ext}");
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(&tail))
-                .and_then(|n| n.strip_prefix('c'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
+    lab::sites::vm_files(dir, vm, ext).into_iter().next()
 }
 
 /// The status object of an xnbd control socket.
@@ -49,17 +43,8 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
         return;
     }
     let t_start = Instant::now();
-    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
-    let xnbd = mvc.with_file_name("xnbd");
-    assert!(
-        xnbd.exists(),
-        "{} missing: `cargo build -p xnbd`",
-        xnbd.display()
-    );
-    let overlay = pick_overlay(
-        &mvc,
-        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
-    );
+    let (mvc, _xnbd) = mvc_and_xnbd();
+    let overlay = overlay_under_test(&mvc);
     let sl = SiteLab::new(&mvc, &overlay, 8, 8).expect("lab");
     sl.add_sites().expect("site add");
     let cl = sl
@@ -74,16 +59,7 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
             "--start",
         ])
         .expect("cluster create");
-    let vm_at = |site: &str| {
-        cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["site"] == site && v["role"] == "compute")
-            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
-            .clone()
-    };
-    let (bvm, avm) = (vm_at("B"), vm_at("A"));
+    let (bvm, avm) = (compute_at(&cl, "B"), compute_at(&cl, "A"));
     let name = bvm["name"].as_str().unwrap().to_string();
     let mac = bvm["mac"].as_str().unwrap().to_string();
     let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
@@ -122,14 +98,7 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
             "--start",
         ])
         .expect("cluster n");
-    let nvm = n["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["site"] == "B" && v["role"] == "compute")
-        .and_then(|v| v["name"].as_str())
-        .unwrap()
-        .to_string();
+    let nvm = compute_at(&n, "B")["name"].as_str().unwrap().to_string();
     for extra in [&[][..], &["--host", "c-h0"][..]] {
         let mut args = vec!["vm", "migrate", "n", &nvm, "--to", "C"];
         args.extend(extra);
@@ -145,23 +114,15 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
     assert!(list.to_string().contains("\"site\":\"B\""), "{list}");
 
     // A's compute pings it all along (every 20 ms, 30 s at most).
-    let ping = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &a_ns, "ping", "-n", "-i", "0.02", "-c", "1500", "-w", "30",
-        ])
-        .arg(ip.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("ping");
+    let ping = spawn_ping(&a_ns, ip, "0.02", 1500, 30);
     std::thread::sleep(Duration::from_millis(500));
 
     // The move, the disk copied at 2 MiB/s.
-    let user = sl.first_user();
-    let mut mig = std::process::Command::new("timeout")
-        .args(["60", "ip", "netns", "exec", &sl.topo.sites[0].frontend])
-        .arg(&mvc)
-        .args([
+    let mut mig = mvc_on_frontend(
+        &sl,
+        &mvc,
+        60,
+        &[
             "vm",
             "migrate",
             "m",
@@ -171,14 +132,12 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
             "--disk-rate",
             "2097152",
             "--json",
-        ])
-        .env("MVC_DB", &user.db)
-        .env("MVC_KEY", &user.key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("vm migrate");
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("vm migrate");
     // C's proxy, once it copies: killed (SIGKILL), as a crash would.
     let c_run = c_state.join("run");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -249,28 +208,9 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
     // Pings: all but the switch's few. (SIGINT to the ping this test started: it
     // prints its summary and ends.)
     lab::sys::kill(ping.id(), libc::SIGINT).expect("SIGINT to ping");
-    let out = ping.wait_with_output().expect("ping output");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let summary = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("received"))
-        .unwrap_or("")
-        .to_string();
+    let (summary, lost) = lost_pings(ping);
     eprintln!("ping from A's VM during the move: {summary}");
-    let count = |what: &str| -> u32 {
-        summary
-            .split(", ")
-            .find(|p| p.ends_with(what))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let (sent, got) = (count("transmitted"), count("received"));
-    assert!(
-        sent > 0 && sent - got <= 50,
-        "over 1 s of pings lost: {summary}"
-    );
+    assert!(lost <= 50, "over 1 s of pings lost: {summary}");
 
     // At C: the same MAC and address, the pattern in its disk file, a running VM.
     let c_ns = sl.vm_ns("m", &name).expect("C's VM");

@@ -11,9 +11,10 @@ use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT}
 use lab::{Lab, Topology};
 use serde_json::Value;
 
-/// The overlay's wire version: junk that should fail a later check carries it.
-const V: u8 = dataplane::wire::VERSION;
 const UP: Duration = Duration::from_secs(20);
+
+/// The overlay's wire version (docs/PROTOCOL.md), as the junk below carries it.
+const V: u8 = dataplane::wire::VERSION;
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -101,6 +102,71 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// Starts the supernode on site A's frontend (no XDP) and the edges of sites A and B,
+/// A's with the junk filter (`--xdp-filter eth0`) when `filter`.
+fn start_filtered(
+    lab: &Lab,
+    t: &Topology,
+    mvc: &Mvc,
+    filter: bool,
+) -> (ov::Supernode, Vec<ov::Edge>) {
+    let (a, b) = (t.site("a"), t.site("b"));
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let sn = mvc
+        .supernode(lab, &a.frontend, sn_addr, "supernode")
+        .unwrap();
+    let mut edges = Vec::new();
+    for s in [a, b] {
+        t.reset_tap(lab, s).unwrap();
+        let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
+        if filter && s.name == "a" {
+            o.extra = vec!["--xdp-filter".into(), "eth0".into()];
+        }
+        edges.push(mvc.edge(lab, s, &o).unwrap());
+    }
+    (sn, edges)
+}
+
+/// The edges (and the supernode, when given) still run.
+fn assert_running(lab: &Lab, sn: Option<&ov::Supernode>, edges: &[ov::Edge]) {
+    if let Some(sn) = sn {
+        assert!(
+            lab.running(&sn.proc),
+            "supernode died: {}",
+            lab.log(&sn.proc)
+        );
+    }
+    for e in edges {
+        assert!(
+            lab.running(&e.proc),
+            "edge {} died: {}",
+            e.name,
+            lab.log(&e.proc)
+        );
+    }
+}
+
+/// The userspace drop counters for `reasons` in `after` are where they were in
+/// `before`: none of that junk reached the `what`'s socket.
+fn assert_drops_unchanged(before: &Value, after: &Value, reasons: &[&str], what: &str) {
+    for reason in reasons {
+        assert_eq!(
+            after["drops"][reason].as_u64().unwrap_or(0),
+            before["drops"][reason].as_u64().unwrap_or(0),
+            "{reason} reached the {what}: {}",
+            after["drops"]
+        );
+    }
+}
+
+/// The whole number in the environment variable `key`, `default` when unset or not one.
+fn env_u32(key: &str, default: u32) -> u32 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn test_bin() -> Mvc {
     Mvc {
         bin: std::env::var_os("MVC_TEST_BIN")
@@ -162,7 +228,8 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         );
     }
 
-    // Junk, from the internet router's namespace (the first with an old version).
+    // Junk, from the internet router's namespace; the first datagram carries an old
+    // wire version.
     let n = 50;
     throw(&lab, &t.inet, sn_addr, &[1, 4, 0, 0, 9, 9, 9, 9], n);
     throw(&lab, &t.inet, sn_addr, &[V, 4, 0, 0, 9, 9, 9, 9], n);
@@ -212,20 +279,19 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         "nothing relayed while no VM sent: {st2}"
     );
     // None of it reached the socket.
-    for reason in [
-        "bad_version",
-        "truncated",
-        "unknown_type",
-        "relay_unknown_src",
-        "unknown_community",
-        "relay_src_mismatch",
-    ] {
-        assert_eq!(
-            st2["drops"][reason].as_u64().unwrap_or(0),
-            st1["drops"][reason].as_u64().unwrap_or(0),
-            "{reason} reached userspace: {st2}"
-        );
-    }
+    assert_drops_unchanged(
+        &st1,
+        &st2,
+        &[
+            "bad_version",
+            "truncated",
+            "unknown_type",
+            "relay_unknown_src",
+            "unknown_community",
+            "relay_src_mismatch",
+        ],
+        "supernode",
+    );
 
     let p = lab::ping(&lab, &vb.ns, vc.ip, 10, 0.05).unwrap();
     assert!(p.received + 1 >= p.sent, "relayed ping after junk: {p:?}");
@@ -233,19 +299,7 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         .status_table(&lab, &a.frontend, "supernode", &sn.sock)
         .unwrap();
     assert!(table.contains("xdp relay on eth0 (native"), "{table}");
-    assert!(
-        lab.running(&sn.proc),
-        "supernode died: {}",
-        lab.log(&sn.proc)
-    );
-    for e in &edges {
-        assert!(
-            lab.running(&e.proc),
-            "edge {} died: {}",
-            e.name,
-            lab.log(&e.proc)
-        );
-    }
+    assert_running(&lab, Some(&sn), &edges);
 }
 
 /// Relayed throughput with the XDP relay against the userspace relay and the direct
@@ -262,13 +316,7 @@ fn measure_relay() {
         lab::skip("measure_relay", &why);
         return;
     }
-    let env = |k: &str, d: u32| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (rounds, secs) = (env("MVC_RELAY_ROUNDS", 3), env("MVC_RELAY_SECS", 4));
+    let (rounds, secs) = (env_u32("MVC_RELAY_ROUNDS", 3), env_u32("MVC_RELAY_SECS", 4));
     let lab = Lab::new("xm").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
@@ -398,19 +446,7 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (a, b) = (t.site("a"), t.site("b"));
-    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
-    let _sn = mvc
-        .supernode(&lab, &a.frontend, sn_addr, "supernode")
-        .unwrap();
-    let mut edges = Vec::new();
-    for s in [a, b] {
-        t.reset_tap(&lab, s).unwrap();
-        let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
-        if s.name == "a" {
-            o.extra = vec!["--xdp-filter".into(), "eth0".into()];
-        }
-        edges.push(mvc.edge(&lab, s, &o).unwrap());
-    }
+    let (_sn, edges) = start_filtered(&lab, &t, &mvc, true);
     let (va, vb) = (&a.vms[0], &b.vms[0]);
     lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
     let status = || mvc.edge_status(&lab, &edges[0]).expect("edge status");
@@ -454,34 +490,25 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
             st1["xdp_filter"]
         );
     }
-    for reason in [
-        "bad_version",
-        "unknown_type",
-        "truncated",
-        "malformed",
-        "relay_not_for_us",
-    ] {
-        assert_eq!(
-            st1["drops"][reason].as_u64().unwrap_or(0),
-            st0["drops"][reason].as_u64().unwrap_or(0),
-            "{reason} reached the edge: {}",
-            st1["drops"]
-        );
-    }
+    assert_drops_unchanged(
+        &st0,
+        &st1,
+        &[
+            "bad_version",
+            "unknown_type",
+            "truncated",
+            "malformed",
+            "relay_not_for_us",
+        ],
+        "edge",
+    );
     let p = lab::ping(&lab, &vb.ns, va.ip, 10, 0.05).unwrap();
     assert!(p.received + 1 >= p.sent, "ping after junk: {p:?}");
     let table = mvc
         .status_table(&lab, &a.frontend, "edge", &edges[0].sock)
         .unwrap();
     assert!(table.contains("xdp filter on eth0"), "{table}");
-    for e in &edges {
-        assert!(
-            lab.running(&e.proc),
-            "edge {} died: {}",
-            e.name,
-            lab.log(&e.proc)
-        );
-    }
+    assert_running(&lab, None, &edges);
 }
 
 /// A junk flood against site A's edge, with and without `--xdp-filter`: one sender in the
@@ -498,35 +525,20 @@ fn measure_junk_flood() {
         lab::skip("measure_junk_flood", &why);
         return;
     }
-    let env = |k: &str, d: u32| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (rounds, secs) = (env("MVC_FLOOD_ROUNDS", 3), env("MVC_FLOOD_SECS", 10));
+    let (rounds, secs) = (
+        env_u32("MVC_FLOOD_ROUNDS", 3),
+        env_u32("MVC_FLOOD_SECS", 10),
+    );
     let lab = Lab::new("xj").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (a, b) = (t.site("a"), t.site("b"));
     let (va, vb) = (&a.vms[0], &b.vms[0]);
-    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
     let dst = SocketAddrV4::new(a.public_ip, ov::EDGE_PORT);
     for r in 0..rounds {
         for k in 0..2 {
             let filter = (k + r) % 2 == 1;
-            let sn = mvc
-                .supernode(&lab, &a.frontend, sn_addr, "supernode")
-                .unwrap();
-            let mut edges = Vec::new();
-            for s in [a, b] {
-                t.reset_tap(&lab, s).unwrap();
-                let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
-                if filter && s.name == "a" {
-                    o.extra = vec!["--xdp-filter".into(), "eth0".into()];
-                }
-                edges.push(mvc.edge(&lab, s, &o).unwrap());
-            }
+            let (sn, edges) = start_filtered(&lab, &t, &mvc, filter);
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
             let flood_loop = || {
                 let until = std::time::Instant::now() + Duration::from_secs(u64::from(secs));

@@ -198,6 +198,29 @@ fn ip_checksum(ip: *const [u16; 10]) -> u16 {
     !(sum as u16)
 }
 
+/// The IPv4 and UDP headers of a frame, copied out; `None` for a frame that is
+/// not IPv4/UDP or that carries IP options or is a fragment (those are left to
+/// the kernel). The UDP header's length field is not checked here.
+#[inline(always)]
+fn ipv4_udp_headers(ctx: &XdpContext) -> Result<Option<([u8; IP_HLEN], [u8; UDP_HLEN])>, ()> {
+    let ethertype: *const [u8; 2] = pkt_ptr(ctx, 12)?;
+    // SAFETY: `pkt_ptr` checked the bounds (also for every read below).
+    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+        return Ok(None);
+    }
+    let ip: *const [u8; IP_HLEN] = pkt_ptr(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `pkt_ptr`.
+    let iph = unsafe { *ip };
+    // Options (IHL above 5) or fragments: left to the kernel.
+    if iph[0] != 0x45 || iph[9] != IPPROTO_UDP || (iph[6] & 0x3f) != 0 || iph[7] != 0 {
+        return Ok(None);
+    }
+    let udp: *const [u8; UDP_HLEN] = pkt_ptr(ctx, UDP_AT)?;
+    // SAFETY: bounds checked by `pkt_ptr`.
+    let udph = unsafe { *udp };
+    Ok(Some((iph, udph)))
+}
+
 /// The supernode's checks and relay, for IPv4 datagrams to its port:
 ///
 /// * junk (wrong version, unknown type, shorter than its type's fixed part)
@@ -214,21 +237,9 @@ fn ip_checksum(ip: *const [u16; 10]) -> u16 {
 ///   program.
 #[inline(always)]
 fn try_mvc_relay(ctx: &XdpContext) -> Result<u32, ()> {
-    let ethertype: *const [u8; 2] = pkt_ptr(ctx, 12)?;
-    // SAFETY: `pkt_ptr` checked the bounds (also for every read below).
-    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+    let Some((iph, udph)) = ipv4_udp_headers(ctx)? else {
         return Ok(xdp_action::XDP_PASS);
-    }
-    let ip: *const [u8; IP_HLEN] = pkt_ptr(ctx, ETH_HLEN)?;
-    // SAFETY: bounds checked by `pkt_ptr`.
-    let iph = unsafe { *ip };
-    // Options (IHL above 5) or fragments: left to the kernel.
-    if iph[0] != 0x45 || iph[9] != IPPROTO_UDP || (iph[6] & 0x3f) != 0 || iph[7] != 0 {
-        return Ok(xdp_action::XDP_PASS);
-    }
-    let udp: *const [u8; UDP_HLEN] = pkt_ptr(ctx, UDP_AT)?;
-    // SAFETY: bounds checked by `pkt_ptr`.
-    let udph = unsafe { *udp };
+    };
     let Some(cfg) = MVC_RELAY_CONFIG.get(0) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -405,20 +416,9 @@ fn filter_verdict(counter: FilterCounter) -> Result<u32, ()> {
 /// headers).
 #[inline(always)]
 fn try_mvc_filter(ctx: &XdpContext) -> Result<u32, ()> {
-    let ethertype: *const [u8; 2] = pkt_ptr(ctx, 12)?;
-    // SAFETY: `pkt_ptr` checked the bounds (also for every read below).
-    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+    let Some((_, udph)) = ipv4_udp_headers(ctx)? else {
         return Ok(xdp_action::XDP_PASS);
-    }
-    let ip: *const [u8; IP_HLEN] = pkt_ptr(ctx, ETH_HLEN)?;
-    // SAFETY: bounds checked by `pkt_ptr`.
-    let iph = unsafe { *ip };
-    if iph[0] != 0x45 || iph[9] != IPPROTO_UDP || (iph[6] & 0x3f) != 0 || iph[7] != 0 {
-        return Ok(xdp_action::XDP_PASS);
-    }
-    let udp: *const [u8; UDP_HLEN] = pkt_ptr(ctx, UDP_AT)?;
-    // SAFETY: bounds checked by `pkt_ptr`.
-    let udph = unsafe { *udp };
+    };
     let Some(cfg) = MVC_FILTER_CONFIG.get(0) else {
         return Ok(xdp_action::XDP_PASS);
     };

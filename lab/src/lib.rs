@@ -1150,7 +1150,9 @@ fn run_ping(
     lab.exec_timeout(ns, &argv, limit)
 }
 
-fn parse_ping(s: &str) -> Option<Ping> {
+/// The summary of ping's output (`N packets transmitted, M received, ...` and the
+/// `rtt` line); None when it has none.
+pub fn parse_ping(s: &str) -> Option<Ping> {
     let line = s.lines().find(|l| l.contains("packets transmitted"))?;
     let mut nums = line.split(',').map(|p| {
         p.split_whitespace()

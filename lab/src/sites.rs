@@ -15,6 +15,76 @@ use std::time::{Duration, Instant};
 /// TCP port the agents listen on.
 pub const AGENT_PORT: u16 = 7000;
 
+/// Runs `cmd` in a guest's console shell (the Unix socket `sock` of a qemu VM) and
+/// returns what it printed, read until a marker echoed after it (1 MiB at the most,
+/// `timeout` at the longest).
+pub fn guest_console(sock: &Path, cmd: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| SitesError::Failed(format!("console {}: {e}", sock.display())))?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let marker = format!("END-{tag}");
+    // The quotes keep the echoed command line from matching the marker.
+    s.write_all(format!("\n{cmd}\necho E\"\"ND-{tag}\n").as_bytes())?;
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && out.len() < 1 << 20 {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        let t = String::from_utf8_lossy(&out);
+        if let Some(i) = t.find(&marker) {
+            return Ok(t[..i].to_string());
+        }
+    }
+    Err(SitesError::Failed(format!(
+        "no answer from {} to {cmd:?} within {timeout:?}: {}",
+        sock.display(),
+        String::from_utf8_lossy(&out)
+    )))
+}
+
+/// The flags of an agent that runs qemu VMs (`--driver qemu`), its guest from
+/// `cache`, its disks of `disk_mb` MiB served by `xnbd`.
+pub fn qemu_agent_args(cache: &str, xnbd: &Path, disk_mb: u64) -> Vec<String> {
+    vec![
+        "--driver".into(),
+        "qemu".into(),
+        "--qemu-cache".into(),
+        cache.into(),
+        "--xnbd".into(),
+        xnbd.display().to_string(),
+        "--qemu-disk-mb".into(),
+        disk_mb.to_string(),
+    ]
+}
+
+/// The per-VM files of an agent's directory `dir` (`run/` or `disks/`): those named
+/// `c<n>-<vm>.<ext>`, one per cluster with a VM of that name.
+pub fn vm_files(dir: &Path, vm: &str, ext: &str) -> Vec<PathBuf> {
+    let tail = format!("-{vm}.{ext}");
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(&tail))
+                .and_then(|n| n.strip_prefix('c'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
 /// Failures of the site lab.
 #[derive(Debug, thiserror::Error)]
 pub enum SitesError {
@@ -542,19 +612,7 @@ impl SiteLab {
     /// cluster there has a VM of that name.
     pub fn vm_file(&self, site: &str, vm: &str, ext: &str) -> Option<PathBuf> {
         let run = self.agents.get(site)?.state.join("run");
-        let tail = format!("-{vm}.{ext}");
-        let found: Vec<PathBuf> = std::fs::read_dir(&run)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(&tail))
-                    .and_then(|n| n.strip_prefix('c'))
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .collect();
+        let found = vm_files(&run, vm, ext);
         (found.len() == 1).then(|| found[0].clone())
     }
 

@@ -23,7 +23,7 @@
 //! same load.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,31 +220,7 @@ pub fn table(rows: &[Row]) -> String {
 
 /// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
 fn console(sock: &Path, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .with_context(|| format!("console {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let tag = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let marker = format!("END-{tag}");
-    // The quotes keep the echoed command line from matching the marker.
-    s.write_all(format!("\n{cmd}\necho E\"\"ND-{tag}\n").as_bytes())?;
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline && out.len() < 1 << 20 {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
-        let t = String::from_utf8_lossy(&out);
-        if let Some(i) = t.find(&marker) {
-            return Ok(t[..i].to_string());
-        }
-    }
-    bail!("no answer from {} to {cmd:?}", sock.display())
+    Ok(lab::sites::guest_console(sock, cmd, timeout)?)
 }
 
 /// Watches the guest's `MVC-IO <n>` lines (one per MiB read) in console logs: when
@@ -256,10 +232,10 @@ struct IoWatch {
 }
 
 impl IoWatch {
-    /// Polls, every 20 ms, the console log of the VM (`c<N>-<vm>.console.log`, `tail`
-    /// being `-<vm>.console.log`) in each of `dirs`; a line is noted with the index of
-    /// its directory. A log that is replaced (the VM started there again) is read anew.
-    fn start(dirs: Vec<PathBuf>, tail: String) -> IoWatch {
+    /// Polls, every 20 ms, the console log of the VM (`c<N>-<vm>.console.log`) in each
+    /// of `dirs`; a line is noted with the index of its directory. A log that is
+    /// replaced (the VM started there again) is read anew.
+    fn start(dirs: Vec<PathBuf>, vm: String) -> IoWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (st, se) = (stop.clone(), seen.clone());
@@ -267,17 +243,9 @@ impl IoWatch {
             use std::io::Seek;
             use std::os::unix::fs::MetadataExt;
             let find = |d: &Path| -> Option<PathBuf> {
-                std::fs::read_dir(d)
-                    .ok()?
-                    .flatten()
-                    .map(|e| e.path())
-                    .find(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
-                            .and_then(|n| n.strip_suffix(tail.as_str()))
-                            .and_then(|n| n.strip_prefix('c'))
-                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                    })
+                lab::sites::vm_files(d, &vm, "console.log")
+                    .into_iter()
+                    .next()
             };
             // Per directory: the log's inode, bytes already read, the partial last line.
             let mut pos: Vec<(u64, u64, String)> = dirs
@@ -481,6 +449,12 @@ pub fn ping_gap(out: &str) -> (f64, u64) {
     ((worst * 10) as f64, lost)
 }
 
+/// `vm migrate m <vm> --to <to>`, bounded at 900 s: how every move of the bench
+/// starts.
+fn move_args<'a>(vm: &'a str, to: &'a str) -> Vec<&'a str> {
+    vec!["vm", "migrate", "m", vm, "--to", to, "--timeout", "900"]
+}
+
 /// End a ping this bench started: SIGINT, on which it writes out what it buffered.
 fn stop_ping(l: &Lab, p: &lab::Proc) {
     let _ = lab::sys::kill(p.pid, libc::SIGINT);
@@ -539,16 +513,7 @@ impl Setup {
         let mut wan = Wan::new(b.wan.as_deref().context("site b has no WAN namespace")?);
         t.add_site(&lab, "c", true, 0)?;
         wan.set(&lab, &LinkArgs::delay(0.0))?;
-        let qemu_args: Vec<String> = vec![
-            "--driver".into(),
-            "qemu".into(),
-            "--qemu-cache".into(),
-            cache,
-            "--xnbd".into(),
-            xnbd.display().to_string(),
-            "--qemu-disk-mb".into(),
-            disk_mb.to_string(),
-        ];
+        let qemu_args = lab::sites::qemu_agent_args(&cache, &xnbd, disk_mb);
         let mut extra = BTreeMap::new();
         extra.insert("B".to_string(), qemu_args.clone());
         extra.insert("C".to_string(), qemu_args);
@@ -653,7 +618,7 @@ impl Setup {
         if !stream.arrived_since(t_flow) {
             bail!("the guest's TCP stream did not start");
         }
-        let watch = IoWatch::start(self.run_dirs(), format!("-{}.console.log", self.vm));
+        let watch = IoWatch::start(self.run_dirs(), self.vm.clone());
         let ip = self.ip.to_string();
         let ping = self.sl.lab.spawn(
             &self.pinger_ns,
@@ -662,16 +627,7 @@ impl Setup {
         )?;
         std::thread::sleep(Duration::from_secs(2));
         let wan0 = wan_counter(&self.sl)?;
-        let mut args = vec![
-            "vm",
-            "migrate",
-            "m",
-            &self.vm,
-            "--to",
-            to,
-            "--timeout",
-            "900",
-        ];
+        let mut args = move_args(&self.vm, to);
         let dl = self.downtime_ms.to_string();
         args.extend(["--downtime-ms", &dl]);
         let dr = self.disk_rate.to_string();
@@ -752,16 +708,7 @@ impl Setup {
                 .unwrap_or(false)
         };
         if at_to() {
-            let _ = self.sl.ctl(&[
-                "vm",
-                "migrate",
-                "m",
-                &self.vm,
-                "--to",
-                to,
-                "--timeout",
-                "900",
-            ]);
+            let _ = self.sl.ctl(&move_args(&self.vm, to));
             self.at = to;
         }
         if let Ok(con) = self.console_of(self.at) {

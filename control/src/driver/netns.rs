@@ -55,6 +55,24 @@ impl NetnsDriver {
         }
     }
 
+    /// What a VM about to start in namespace `ns` takes over: a leftover of that
+    /// namespace is removed (the agent's store names it as the VM's, so it is
+    /// ours), and its host-side veth name is the one `spec` names (a leftover link
+    /// of that name deleted) or a free one.
+    pub(super) fn reclaim_ns_and_veth(&mut self, spec: &VmSpec, ns: &str) -> String {
+        if Path::new("/run/netns").join(ns).exists() {
+            self.cleanup(&format!("netns:{ns}"));
+        }
+        if spec.nic.is_empty() {
+            self.free_veth()
+        } else {
+            if link_exists(&spec.nic) {
+                let _ = run("ip", &["link", "del", &spec.nic]);
+            }
+            spec.nic.clone()
+        }
+    }
+
     /// The VM's disk file (`<state>/disks/<local>.img`; `run_dir` is `<state>/run`).
     pub fn disk_path(&self, local: &str) -> PathBuf {
         self.run_dir
@@ -98,18 +116,7 @@ impl VmDriver for NetnsDriver {
     fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError> {
         let local = spec.local();
         let ns = self.ns_name(local);
-        // The agent's store names this namespace as the VM's: a leftover is ours.
-        if Path::new("/run/netns").join(&ns).exists() {
-            self.cleanup(&format!("netns:{ns}"));
-        }
-        let veth = if spec.nic.is_empty() {
-            self.free_veth()
-        } else {
-            if link_exists(&spec.nic) {
-                let _ = run("ip", &["link", "del", &spec.nic]);
-            }
-            spec.nic.clone()
-        };
+        let veth = self.reclaim_ns_and_veth(spec, &ns);
         let peer = format!("{veth}p");
         let mac = spec.mac.to_string();
         self.ensure_disk(local)?;

@@ -12,7 +12,7 @@
 //! reserved per MAC at the frontend, without ever dropping the address) and the disk
 //! follows in the background as for a qemu VM.
 use super::netns::NetnsDriver;
-use super::{link_exists, DriverError, RunningVm};
+use super::{DriverError, RunningVm};
 use crate::migrate::{IncomingDisk, NetnsState};
 use crate::process::{run, spawn, stop_child};
 use crate::proto::VmSpec;
@@ -108,17 +108,7 @@ pub fn start_incoming(
     let local = spec.local().to_string();
     let ns = d.ns_name(&local);
     let f = files(&d.run_dir, &local);
-    if Path::new("/run/netns").join(&ns).exists() {
-        super::VmDriver::cleanup(d, &format!("netns:{ns}"));
-    }
-    let veth = if spec.nic.is_empty() {
-        d.free_veth()
-    } else {
-        if link_exists(&spec.nic) {
-            let _ = run("ip", &["link", "del", &spec.nic]);
-        }
-        spec.nic.clone()
-    };
+    let veth = d.reclaim_ns_and_veth(spec, &ns);
     let peer = format!("{veth}p");
     let mac = spec.mac.to_string();
     // A cache left by an earlier attempt would resume from its bitmap: start clean.

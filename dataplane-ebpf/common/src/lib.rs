@@ -17,43 +17,58 @@ pub const STATS_MAP: &str = "MVC_STATS";
 /// queues.
 pub const MAX_QUEUES: u32 = 64;
 
-/// What the program did with a frame. The value is the index in the per-CPU
-/// `u64` array [`STATS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Handed to an AF_XDP socket.
-    Redirected = 0,
-    /// Shorter than an Ethernet header: passed to the kernel (which drops it).
-    PassedShort = 1,
-    /// IEEE 802.1D link-local control frame (01:80:c2:00:00:0x, e.g. STP,
-    /// LACP, LLDP): belongs to the local link, never into the overlay.
-    PassedLinkLocal = 2,
-    /// No AF_XDP socket bound to this rx queue: passed to the kernel.
-    PassedNoSocket = 3,
+/// Declares the counters of a per-CPU `u64` stats array: the enum (a variant's
+/// value is its index in the array), the number of slots, `ALL` in index order
+/// and each counter's stable name, as used in metrics and status output.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $idx:literal => $label:literal, )*
+        }
+        $(#[$count_meta:meta])*
+        pub const $count:ident;
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant = $idx, )*
+        }
+
+        $(#[$count_meta])*
+        pub const $count: u32 = [$($idx),*].len() as u32;
+
+        impl $name {
+            /// All counters, in index order.
+            pub const ALL: [$name; $count as usize] = [$($name::$variant),*];
+
+            /// Stable name used in metrics and status output.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )*
+                }
+            }
+        }
+    };
 }
 
-/// Number of [`Counter`] slots in [`STATS_MAP`].
-pub const COUNTERS: u32 = 4;
-
-impl Counter {
-    /// All counters, in index order.
-    pub const ALL: [Counter; COUNTERS as usize] = [
-        Counter::Redirected,
-        Counter::PassedShort,
-        Counter::PassedLinkLocal,
-        Counter::PassedNoSocket,
-    ];
-
-    /// Stable name used in metrics and status output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Redirected => "redirected",
-            Counter::PassedShort => "passed_short",
-            Counter::PassedLinkLocal => "passed_link_local",
-            Counter::PassedNoSocket => "passed_no_socket",
-        }
+counters! {
+    /// What the program did with a frame. The value is the index in the per-CPU
+    /// `u64` array [`STATS_MAP`].
+    pub enum Counter {
+        /// Handed to an AF_XDP socket.
+        Redirected = 0 => "redirected",
+        /// Shorter than an Ethernet header: passed to the kernel (which drops it).
+        PassedShort = 1 => "passed_short",
+        /// IEEE 802.1D link-local control frame (01:80:c2:00:00:0x, e.g. STP,
+        /// LACP, LLDP): belongs to the local link, never into the overlay.
+        PassedLinkLocal = 2 => "passed_link_local",
+        /// No AF_XDP socket bound to this rx queue: passed to the kernel.
+        PassedNoSocket = 3 => "passed_no_socket",
     }
+    /// Number of [`Counter`] slots in [`STATS_MAP`].
+    pub const COUNTERS;
 }
 
 /// Length of an Ethernet header (destination, source, ethertype).
@@ -202,46 +217,23 @@ pub const fn filter_config(port: u16, community: &[u8; 16]) -> [u8; FILTER_CONFI
     c
 }
 
-/// What the edge's filter did with a datagram for the edge's port. The value
-/// is the index in the per-CPU `u64` array [`FILTER_STATS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FilterCounter {
-    /// Passed on to the edge's socket.
-    Passed = 0,
-    /// Dropped: version byte is not [`wire::VERSION`].
-    DropBadVersion = 1,
-    /// Dropped: a type an edge never receives.
-    DropUnknownType = 2,
-    /// Dropped: shorter than its type's fixed part.
-    DropTruncated = 3,
-    /// Dropped: a message carrying a community id that is not the edge's.
-    DropWrongCommunity = 4,
-}
-
-/// Number of [`FilterCounter`] slots in [`FILTER_STATS_MAP`].
-pub const FILTER_COUNTERS: u32 = 5;
-
-impl FilterCounter {
-    /// All counters, in index order.
-    pub const ALL: [FilterCounter; FILTER_COUNTERS as usize] = [
-        FilterCounter::Passed,
-        FilterCounter::DropBadVersion,
-        FilterCounter::DropUnknownType,
-        FilterCounter::DropTruncated,
-        FilterCounter::DropWrongCommunity,
-    ];
-
-    /// Stable name used in metrics and status output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            FilterCounter::Passed => "passed",
-            FilterCounter::DropBadVersion => "bad_version",
-            FilterCounter::DropUnknownType => "unknown_type",
-            FilterCounter::DropTruncated => "truncated",
-            FilterCounter::DropWrongCommunity => "wrong_community",
-        }
+counters! {
+    /// What the edge's filter did with a datagram for the edge's port. The value
+    /// is the index in the per-CPU `u64` array [`FILTER_STATS_MAP`].
+    pub enum FilterCounter {
+        /// Passed on to the edge's socket.
+        Passed = 0 => "passed",
+        /// Dropped: version byte is not [`wire::VERSION`].
+        DropBadVersion = 1 => "bad_version",
+        /// Dropped: a type an edge never receives.
+        DropUnknownType = 2 => "unknown_type",
+        /// Dropped: shorter than its type's fixed part.
+        DropTruncated = 3 => "truncated",
+        /// Dropped: a message carrying a community id that is not the edge's.
+        DropWrongCommunity = 4 => "wrong_community",
     }
+    /// Number of [`FilterCounter`] slots in [`FILTER_STATS_MAP`].
+    pub const FILTER_COUNTERS;
 }
 
 /// Shortest datagram of each type an edge receives, and whether it carries
@@ -262,68 +254,39 @@ pub const fn edge_rx_min(msg_type: u8) -> Option<(usize, bool)> {
     }
 }
 
-/// What the relay program did with a datagram for the supernode's port. The
-/// value is the index in the per-CPU `u64` array [`RELAY_STATS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayCounter {
-    /// Relayed Data datagrams, sent back out by the program (`XDP_TX`).
-    Relayed = 0,
-    /// UDP payload bytes of those.
-    RelayedBytes = 1,
-    /// Passed to the supernode's socket (registrations, broadcasts, relayed
-    /// handshakes and probes, unknown destinations).
-    Passed = 2,
-    /// A relayable Data datagram passed to userspace because the kernel had
-    /// no route out of the same interface or no neighbour entry yet, or the
-    /// datagram was above the route's MTU.
-    PassedNoRoute = 3,
-    /// Dropped: version byte is not [`wire::VERSION`].
-    DropBadVersion = 4,
-    /// Dropped: shorter than its type's fixed part.
-    DropTruncated = 5,
-    /// Dropped: a type the supernode never receives.
-    DropUnknownType = 6,
-    /// Dropped: Relay or Bcast from an edge id the supernode has not
-    /// validated in that community.
-    DropUnknownEdge = 7,
-    /// Dropped: Relay or Bcast naming a validated edge but sent from another
-    /// address than the one it registered from.
-    DropSpoofed = 8,
+counters! {
+    /// What the relay program did with a datagram for the supernode's port. The
+    /// value is the index in the per-CPU `u64` array [`RELAY_STATS_MAP`].
+    pub enum RelayCounter {
+        /// Relayed Data datagrams, sent back out by the program (`XDP_TX`).
+        Relayed = 0 => "relayed_packets",
+        /// UDP payload bytes of those.
+        RelayedBytes = 1 => "relayed_bytes",
+        /// Passed to the supernode's socket (registrations, broadcasts, relayed
+        /// handshakes and probes, unknown destinations).
+        Passed = 2 => "passed",
+        /// A relayable Data datagram passed to userspace because the kernel had
+        /// no route out of the same interface or no neighbour entry yet, or the
+        /// datagram was above the route's MTU.
+        PassedNoRoute = 3 => "passed_no_route",
+        /// Dropped: version byte is not [`wire::VERSION`].
+        DropBadVersion = 4 => "bad_version",
+        /// Dropped: shorter than its type's fixed part.
+        DropTruncated = 5 => "truncated",
+        /// Dropped: a type the supernode never receives.
+        DropUnknownType = 6 => "unknown_type",
+        /// Dropped: Relay or Bcast from an edge id the supernode has not
+        /// validated in that community.
+        DropUnknownEdge = 7 => "unknown_edge",
+        /// Dropped: Relay or Bcast naming a validated edge but sent from another
+        /// address than the one it registered from.
+        DropSpoofed = 8 => "spoofed_source",
+    }
+    /// Number of [`RelayCounter`] slots in [`RELAY_STATS_MAP`].
+    pub const RELAY_COUNTERS;
 }
 
-/// Number of [`RelayCounter`] slots in [`RELAY_STATS_MAP`].
-pub const RELAY_COUNTERS: u32 = 9;
-
 impl RelayCounter {
-    /// All counters, in index order.
-    pub const ALL: [RelayCounter; RELAY_COUNTERS as usize] = [
-        RelayCounter::Relayed,
-        RelayCounter::RelayedBytes,
-        RelayCounter::Passed,
-        RelayCounter::PassedNoRoute,
-        RelayCounter::DropBadVersion,
-        RelayCounter::DropTruncated,
-        RelayCounter::DropUnknownType,
-        RelayCounter::DropUnknownEdge,
-        RelayCounter::DropSpoofed,
-    ];
-
-    /// Stable name used in metrics and status output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            RelayCounter::Relayed => "relayed_packets",
-            RelayCounter::RelayedBytes => "relayed_bytes",
-            RelayCounter::Passed => "passed",
-            RelayCounter::PassedNoRoute => "passed_no_route",
-            RelayCounter::DropBadVersion => "bad_version",
-            RelayCounter::DropTruncated => "truncated",
-            RelayCounter::DropUnknownType => "unknown_type",
-            RelayCounter::DropUnknownEdge => "unknown_edge",
-            RelayCounter::DropSpoofed => "spoofed_source",
-        }
-    }
-
     /// True for the counters of dropped datagrams.
     pub const fn is_drop(self) -> bool {
         (self as u32) >= RelayCounter::DropBadVersion as u32

@@ -13,7 +13,6 @@
 
 use aya::{
     maps::{Array, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
     Ebpf,
 };
 use dataplane_ebpf_common::{
@@ -21,7 +20,9 @@ use dataplane_ebpf_common::{
     FILTER_STATS_MAP,
 };
 
-use super::{availability, AttachMode, Error, ModeRequest, PROGRAM};
+use super::{
+    attach_first, attach_tries, availability, load_xdp, AttachMode, Error, ModeRequest, PROGRAM,
+};
 use crate::status::XdpFilterStatus;
 
 /// The attached filter.
@@ -68,35 +69,8 @@ impl XdpFilter {
                 .ok_or_else(|| Error::Load(format!("no map {FILTER_STATS_MAP}")))?,
         )
         .map_err(|e| Error::Load(format!("filter stats map: {e}")))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(FILTER_PROGRAM_NAME)
-            .ok_or_else(|| Error::Load(format!("no program {FILTER_PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
-        prog.load().map_err(|e| Error::Load(e.to_string()))?;
-        let tries: &[(AttachMode, XdpMode)] = match mode {
-            ModeRequest::Auto => &[
-                (AttachMode::Native, XdpMode::Driver),
-                (AttachMode::Generic, XdpMode::Skb),
-            ],
-            ModeRequest::Native => &[(AttachMode::Native, XdpMode::Driver)],
-            ModeRequest::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
-        };
-        let mut errors = Vec::new();
-        let mut attached = None;
-        for &(m, flags) in tries {
-            match prog.attach(iface, flags) {
-                Ok(_) => {
-                    attached = Some(m);
-                    break;
-                }
-                Err(e) => errors.push(format!("{}: {e}", m.as_str())),
-            }
-        }
-        let mode = attached.ok_or_else(|| Error::Attach {
-            iface: iface.to_owned(),
-            msg: errors.join("; "),
-        })?;
+        let prog = load_xdp(&mut ebpf, FILTER_PROGRAM_NAME)?;
+        let (mode, _) = attach_first(prog, iface, attach_tries(mode))?;
         tracing::info!(%iface, mode = mode.as_str(), "XDP junk filter attached");
         Ok(Self {
             _config: config,
@@ -136,7 +110,7 @@ impl XdpFilter {
 mod tests {
     use dataplane_ebpf_common::{edge_rx_min, wire as w};
 
-    use crate::wire::{self, MsgType, PeerInfo, RegisterAck};
+    use crate::wire::{self, InfoKind, MsgType, PeerInfo, RegisterAck};
 
     /// The filter's shortest length per type is the codec's shortest message, and
     /// every type an edge handles passes the type check.
@@ -147,7 +121,7 @@ mod tests {
             community: [1; 16],
             edge: [2; 8],
             seq: 3,
-            version: 9,
+            version: 4,
             observed: "198.18.0.1:7700".parse().unwrap(),
             lifetime_secs: 30,
             cookie: [4; wire::COOKIE_LEN],
@@ -158,10 +132,10 @@ mod tests {
         assert_eq!(&buf[w::COMMUNITY_AT..w::COMMUNITY_AT + 16], &[1; 16]);
         let info = PeerInfo {
             community: [6; 16],
-            kind: wire::InfoKind::Full,
+            kind: InfoKind::Full,
             dst: [7; 8],
             seq: 1,
-            version: 9,
+            version: 1,
             part: 0,
             parts: 1,
             peers: Vec::new(),

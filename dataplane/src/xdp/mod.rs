@@ -259,6 +259,50 @@ impl AttachMode {
     }
 }
 
+/// The attach modes to try, in order, for a request: native then generic for
+/// `Auto`.
+fn attach_tries(mode: ModeRequest) -> &'static [(AttachMode, XdpMode)] {
+    match mode {
+        ModeRequest::Auto => &[
+            (AttachMode::Native, XdpMode::Driver),
+            (AttachMode::Generic, XdpMode::Skb),
+        ],
+        ModeRequest::Native => &[(AttachMode::Native, XdpMode::Driver)],
+        ModeRequest::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
+    }
+}
+
+/// The XDP program `name` of `ebpf`, loaded into the kernel.
+fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, Error> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+    prog.load().map_err(|e| Error::Load(e.to_string()))?;
+    Ok(prog)
+}
+
+/// Attaches `prog` to `iface` in the first of `tries` the kernel accepts: that mode
+/// and why the ones before it failed (empty when the first one worked).
+fn attach_first(
+    prog: &mut Xdp,
+    iface: &str,
+    tries: &[(AttachMode, XdpMode)],
+) -> Result<(AttachMode, Vec<String>), Error> {
+    let mut errors = Vec::new();
+    for &(m, flags) in tries {
+        match prog.attach(iface, flags) {
+            Ok(_) => return Ok((m, errors)),
+            Err(e) => errors.push(format!("{}: {e}", m.as_str())),
+        }
+    }
+    Err(Error::Attach {
+        iface: iface.to_owned(),
+        msg: errors.join("; "),
+    })
+}
+
 /// Options of [`XdpPort::open`].
 #[derive(Clone, Debug)]
 pub struct XdpPortConfig {
@@ -350,39 +394,12 @@ impl XdpPort {
         let iface = veth.edge_name().to_owned();
 
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| Error::Load(format!("no program {PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
-        prog.load().map_err(|e| Error::Load(e.to_string()))?;
+        let prog = load_xdp(&mut ebpf, PROGRAM_NAME)?;
         let info = prog.info().map_err(|e| Error::Load(e.to_string()))?;
         let prog_id = info.id();
         let map_ids = info.map_ids().ok().flatten().unwrap_or_default();
 
-        let tries: &[(AttachMode, XdpMode)] = match cfg.mode {
-            ModeRequest::Auto => &[
-                (AttachMode::Native, XdpMode::Driver),
-                (AttachMode::Generic, XdpMode::Skb),
-            ],
-            ModeRequest::Native => &[(AttachMode::Native, XdpMode::Driver)],
-            ModeRequest::Generic => &[(AttachMode::Generic, XdpMode::Skb)],
-        };
-        let mut errors = Vec::new();
-        let mut mode = None;
-        for &(m, flags) in tries {
-            match prog.attach(&iface, flags) {
-                Ok(_) => {
-                    mode = Some(m);
-                    break;
-                }
-                Err(e) => errors.push(format!("{}: {e}", m.as_str())),
-            }
-        }
-        let mode = mode.ok_or_else(|| Error::Attach {
-            iface: iface.clone(),
-            msg: errors.join("; "),
-        })?;
+        let (mode, errors) = attach_first(prog, &iface, attach_tries(cfg.mode))?;
         if !errors.is_empty() {
             tracing::info!(%iface, fallback = %errors.join("; "), "XDP attached in generic mode");
         }

@@ -24,7 +24,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{Xdp, XdpMode},
     Ebpf,
 };
 use dataplane_ebpf_common::{
@@ -33,7 +32,10 @@ use dataplane_ebpf_common::{
     RELAY_STATS_MAP,
 };
 
-use super::{availability, link_info, AttachMode, Error, ModeRequest, PROGRAM};
+use super::{
+    attach_first, attach_tries, availability, link_info, load_xdp, AttachMode, Error, ModeRequest,
+    PROGRAM,
+};
 use crate::wire::{CommunityId, EdgeId};
 
 type Key = [u8; RELAY_KEY_LEN];
@@ -92,38 +94,13 @@ impl XdpRelay {
         })?;
         let veth = link.kind.as_deref() == Some("veth");
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(RELAY_PROGRAM_NAME)
-            .ok_or_else(|| Error::Load(format!("no program {RELAY_PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
-        prog.load().map_err(|e| Error::Load(e.to_string()))?;
+        let prog = load_xdp(&mut ebpf, RELAY_PROGRAM_NAME)?;
         let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-        let tries: &[(AttachMode, XdpMode)] = match (mode, veth) {
-            (ModeRequest::Auto, false) => &[
-                (AttachMode::Native, XdpMode::Driver),
-                (AttachMode::Generic, XdpMode::Skb),
-            ],
-            (ModeRequest::Auto, true) | (ModeRequest::Generic, _) => {
-                &[(AttachMode::Generic, XdpMode::Skb)]
-            }
-            (ModeRequest::Native, _) => &[(AttachMode::Native, XdpMode::Driver)],
+        let tries = match (mode, veth) {
+            (ModeRequest::Auto, true) => attach_tries(ModeRequest::Generic),
+            (mode, _) => attach_tries(mode),
         };
-        let mut errors = Vec::new();
-        let mut attached = None;
-        for &(m, flags) in tries {
-            match prog.attach(iface, flags) {
-                Ok(_) => {
-                    attached = Some(m);
-                    break;
-                }
-                Err(e) => errors.push(format!("{}: {e}", m.as_str())),
-            }
-        }
-        let mode = attached.ok_or_else(|| Error::Attach {
-            iface: iface.to_owned(),
-            msg: errors.join("; "),
-        })?;
+        let (mode, _) = attach_first(prog, iface, tries)?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| Error::Load(format!("no map {name}")))

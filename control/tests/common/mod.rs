@@ -1,0 +1,186 @@
+//! What the VM tests on the three-site lab share: the binaries under test, the
+//! overlay, the qemu guest, finding a cluster's VMs, ending the
+//! processes a failed test leaves, `mvc` runs that go on while the test watches, and
+//! reading a ping's losses. Each test file uses a part of it.
+#![allow(dead_code)]
+
+use control::demo::{pick_overlay, SiteLab};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The `mvc` binary under test and the `xnbd` beside it (asserted present).
+pub fn mvc_and_xnbd() -> (PathBuf, PathBuf) {
+    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
+    let xnbd = mvc.with_file_name("xnbd");
+    assert!(
+        xnbd.exists(),
+        "{} missing: build it (`cargo build -p xnbd`; `cargo test --workspace` does)",
+        xnbd.display()
+    );
+    (mvc, xnbd)
+}
+
+/// The overlay the tests run on: `MVC_TEST_OVERLAY`, `auto` when unset.
+pub fn overlay_under_test(mvc: &Path) -> String {
+    pick_overlay(
+        mvc,
+        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
+    )
+}
+
+/// Kernel (fetched once from Debian's archive when the host has none in /boot) and
+/// initramfs of the qemu guest, prepared in the root namespace so that the agents
+/// find them in the cache; the cache directory (`MVC_QEMU_CACHE`, `/var/cache/mvc`
+/// when unset).
+pub fn prepare_qemu_guest(mvc: &Path) -> String {
+    assert!(
+        lab::run(&["qemu-system-x86_64", "--version"]).is_ok(),
+        "qemu-system-x86_64 missing: install the Debian package qemu-system-x86 (.ci/setup-deps)"
+    );
+    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
+    let t0 = Instant::now();
+    let prep = std::process::Command::new(mvc)
+        .args(["agent", "qemu-prepare", "--cache", &cache])
+        .output()
+        .expect("mvc agent qemu-prepare");
+    assert!(
+        prep.status.success(),
+        "qemu-prepare: {}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    eprintln!(
+        "guest prepared in {:.1} s:\n{}",
+        t0.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&prep.stdout)
+    );
+    cache
+}
+
+/// The compute VM at `site` in the answer of `cluster create`.
+pub fn compute_at(cluster: &serde_json::Value, site: &str) -> serde_json::Value {
+    cluster["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["site"] == site && v["role"] == "compute")
+        .unwrap_or_else(|| panic!("no compute at {site}: {cluster}"))
+        .clone()
+}
+
+/// `mvc <args>` as the first user on site A's frontend, bounded by `limit_secs`
+/// (`timeout`), its stdin closed; the caller chooses its output and spawns it, to
+/// watch or disturb the sites meanwhile.
+pub fn mvc_on_frontend(
+    sl: &SiteLab,
+    mvc: &Path,
+    limit_secs: u32,
+    args: &[&str],
+) -> std::process::Command {
+    let user = sl.first_user();
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args([
+        &limit_secs.to_string(),
+        "ip",
+        "netns",
+        "exec",
+        &sl.topo.sites[0].frontend,
+    ])
+    .arg(mvc)
+    .args(args)
+    .env("MVC_DB", &user.db)
+    .env("MVC_KEY", &user.key)
+    .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// A ping `ping -n -i <interval> -c <count> -w <limit_secs> dst` from `ns`, its
+/// output kept for [`lost_pings`].
+pub fn spawn_ping(
+    ns: &str,
+    dst: std::net::Ipv4Addr,
+    interval: &str,
+    count: u32,
+    limit_secs: u32,
+) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-i",
+            interval,
+            "-c",
+            &count.to_string(),
+            "-w",
+            &limit_secs.to_string(),
+        ])
+        .arg(dst.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ping")
+}
+
+/// The summary line of an ended ping's output and how many of its requests got no
+/// reply (asserted: it sent some).
+pub fn lost_pings(ping: std::process::Child) -> (String, u32) {
+    let out = ping.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("received"))
+        .unwrap_or("")
+        .to_string();
+    let p = lab::parse_ping(&text).unwrap_or_else(|| panic!("no ping summary in {text:?}"));
+    assert!(p.sent > 0, "no ping sent: {summary}");
+    (summary, p.sent.saturating_sub(p.received))
+}
+
+/// Ends the qemu and xnbd processes of an agent (its `run` directory) should the
+/// agent not have (a failed test), from the pid files the driver writes, by pid, when
+/// the process still names this run's files.
+pub struct VmProcs(pub PathBuf);
+
+impl Drop for VmProcs {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let n = p.display().to_string();
+            if !(n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid")) {
+                continue;
+            }
+            if let Some(pid) = alive_pid(&p, &self.0) {
+                // A process of this test's agent whose command line names this run's
+                // directory.
+                let _ = lab::sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The pid in `pidfile` when that process runs and its command line names `dir`.
+pub fn alive_pid(pidfile: &Path, dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains(&dir.display().to_string())
+        .then_some(pid)
+}
+
+/// Waits, every `step`, until `done` or `limit` has passed; whether it is done.
+pub fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(step);
+    }
+    true
+}
