@@ -25,9 +25,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dataplane_ebpf_common::{
-    edge_rx_min, is_link_local, wire, Counter, FilterCounter, RelayCounter, COUNTERS, ETH_HLEN,
-    FILTER_CONFIG_LEN, FILTER_COUNTERS, MAX_QUEUES, RELAY_CONFIG_LEN, RELAY_COUNTERS,
-    RELAY_DEST_LEN, RELAY_FLAG_COMPLETE, RELAY_KEY_LEN, RELAY_MAX_EDGES,
+    edge_rx_min, is_link_local, is_transport, wire, Counter, FilterCounter, RelayCounter, COUNTERS,
+    ETH_HLEN, FILTER_CONFIG_LEN, FILTER_COUNTERS, FILTER_FLAG_SESSIONS, FILTER_MAX_SESSIONS,
+    MAX_QUEUES, RELAY_CONFIG_LEN, RELAY_COUNTERS, RELAY_DEST_LEN, RELAY_FLAG_COMPLETE,
+    RELAY_KEY_LEN, RELAY_MAX_EDGES,
 };
 
 /// rx queue index -> AF_XDP socket (filled in by userspace).
@@ -376,9 +377,15 @@ fn try_mvc_relay(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(xdp_action::XDP_TX)
 }
 
-/// Entry 0: the edge's port and community id (`filter_config`).
+/// Entry 0: the edge's port, flags and community id (`filter_config`).
 #[map(name = "MVC_FILTER_CONFIG")]
 static MVC_FILTER_CONFIG: Array<[u8; FILTER_CONFIG_LEN]> = Array::with_max_entries(1, 0);
+
+/// The edge's live receiver session indexes, as on the wire (kept by the
+/// edge as sessions are made and dropped).
+#[map(name = "MVC_FILTER_SESSIONS")]
+static MVC_FILTER_SESSIONS: HashMap<[u8; 4], u8> =
+    HashMap::with_max_entries(FILTER_MAX_SESSIONS, 0);
 
 /// Per-CPU counters indexed by [`FilterCounter`].
 #[map(name = "MVC_FILTER_STATS")]
@@ -402,18 +409,19 @@ fn filter_verdict(counter: FilterCounter) -> Result<u32, ()> {
         // SAFETY: as in `count`: this CPU's element of a per-CPU array.
         unsafe { *slot += 1 };
     }
-    Ok(if counter == FilterCounter::Passed {
-        xdp_action::XDP_PASS
-    } else {
+    Ok(if counter.is_drop() {
         xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     })
 }
 
-/// Version byte, a type an edge receives, its minimum length, and the
-/// community id where the message carries one. Frames that are not IPv4/UDP
+/// Version byte, a type an edge receives, its minimum length, the community
+/// id where the message carries one, and the receiver session index of a
+/// transport message, direct or inside a Relay. Frames that are not IPv4/UDP
 /// to the edge's port, and IP fragments, pass unexamined. The length checked
 /// is the UDP length field's (a GSO batch's head carries the first datagram's
-/// headers).
+/// headers, and only the first datagram's session index is read).
 #[inline(always)]
 fn try_mvc_filter(ctx: &XdpContext) -> Result<u32, ()> {
     let Some((_, udph)) = ipv4_udp_headers(ctx)? else {
@@ -451,6 +459,30 @@ fn try_mvc_filter(ctx: &XdpContext) -> Result<u32, ()> {
         if unsafe { *c } != cfg[4..20] {
             return filter_verdict(FilterCounter::DropWrongCommunity);
         }
+    }
+    // The receiver index of a transport message, direct or relayed (each read
+    // at a constant offset, which the verifier follows most simply).
+    let index: [u8; 4] = if is_transport(head[1]) {
+        let i: *const [u8; 4] = pkt_ptr(ctx, PAYLOAD_AT + wire::INDEX_AT)?;
+        // SAFETY: bounds checked by `pkt_ptr`.
+        unsafe { *i }
+    } else if head[1] == wire::TYPE_RELAY && len >= wire::RELAY_HDR_LEN + wire::TRANSPORT_HDR_LEN {
+        let inner: *const [u8; 8] = pkt_ptr(ctx, PAYLOAD_AT + wire::RELAY_HDR_LEN)?;
+        // SAFETY: bounds checked by `pkt_ptr`.
+        let inner = unsafe { *inner };
+        if inner[0] != wire::VERSION || !is_transport(inner[1]) {
+            return filter_verdict(FilterCounter::Passed);
+        }
+        [inner[4], inner[5], inner[6], inner[7]]
+    } else {
+        return filter_verdict(FilterCounter::Passed);
+    };
+    if cfg[2] & FILTER_FLAG_SESSIONS == 0 {
+        return filter_verdict(FilterCounter::PassedUnchecked);
+    }
+    // SAFETY: the value is a plain byte, never read; the key is on the stack.
+    if unsafe { MVC_FILTER_SESSIONS.get(&index) }.is_none() {
+        return filter_verdict(FilterCounter::DropUnknownSession);
     }
     filter_verdict(FilterCounter::Passed)
 }

@@ -251,8 +251,24 @@ pub struct XdpFilterStatus {
     pub mode: String,
     /// Datagrams for the edge's port passed on to its socket.
     pub passed: u64,
+    /// Transport messages passed on without the session check (the session map was
+    /// incomplete).
+    #[serde(default)]
+    pub passed_unchecked: u64,
     /// Datagrams dropped before the socket, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Live session indexes in the program's map.
+    #[serde(default)]
+    pub sessions: u64,
+    /// Whether the program checks session indexes (the map holds every live one).
+    #[serde(default)]
+    pub session_check: bool,
+    /// Live session indexes the map had no room for.
+    #[serde(default)]
+    pub sessions_missing: u64,
+    /// Session map updates that failed.
+    #[serde(default)]
+    pub map_errors: u64,
 }
 
 /// The supernode's XDP program: what it relayed, passed on and dropped.
@@ -311,8 +327,19 @@ impl EdgeStatus {
         if let Some(f) = &self.xdp_filter {
             let _ = write!(
                 o,
-                "xdp filter on {} ({}): passed {}; dropped:",
-                f.iface, f.mode, f.passed
+                "xdp filter on {} ({}): passed {}; sessions {} ({}); dropped:",
+                f.iface,
+                f.mode,
+                f.passed,
+                f.sessions,
+                if f.session_check {
+                    "checked".to_owned()
+                } else {
+                    format!(
+                        "unchecked: {} not in the map, {} passed unchecked",
+                        f.sessions_missing, f.passed_unchecked
+                    )
+                }
             );
             if f.drops.is_empty() {
                 let _ = write!(o, " none");
@@ -532,6 +559,21 @@ impl EdgeStatus {
                 o,
                 "mvc_edge_xdp_filter_passed_total{{edge=\"{e}\"}} {}",
                 f.passed
+            );
+            let _ = writeln!(
+                o,
+                "# TYPE mvc_edge_xdp_filter_passed_unchecked_total counter"
+            );
+            let _ = writeln!(
+                o,
+                "mvc_edge_xdp_filter_passed_unchecked_total{{edge=\"{e}\"}} {}",
+                f.passed_unchecked
+            );
+            let _ = writeln!(o, "# TYPE mvc_edge_xdp_filter_sessions gauge");
+            let _ = writeln!(
+                o,
+                "mvc_edge_xdp_filter_sessions{{edge=\"{e}\"}} {}",
+                f.sessions
             );
             let _ = writeln!(o, "# TYPE mvc_edge_xdp_filter_drops_total counter");
             for (k, v) in &f.drops {

@@ -793,3 +793,122 @@ fn gso_traffic(lab: &Lab, mode: ModeRequest) {
         assert_eq!(bad_csum, 0, "{mode:?}: TCP frames with a partial checksum");
     }
 }
+
+/// Indexes of the transport messages `rx` received (drained until 150 ms of quiet).
+fn received_indexes(rx: &std::net::UdpSocket) -> Vec<u32> {
+    rx.set_read_timeout(Some(Duration::from_millis(150)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = rx.recv(&mut buf) {
+        let inner = if buf[1] == 0x04 { 36 } else { 0 };
+        if n >= inner + 8 {
+            got.push(u32::from_be_bytes(
+                buf[inner + 4..inner + 8].try_into().expect("4 bytes"),
+            ));
+        }
+    }
+    got.sort_unstable();
+    got
+}
+
+/// A Data message (direct, or inside a Relay of `community`) naming `index`.
+fn data_to(index: u32, relay: Option<[u8; 16]>) -> Vec<u8> {
+    let v = dataplane::wire::VERSION;
+    let mut d = Vec::new();
+    if let Some(c) = relay {
+        d.extend([v, 0x04, 0, 0]);
+        d.extend(c);
+        d.extend([1u8; 16]);
+    }
+    d.extend([v, 0x12, 0, 0]);
+    d.extend(index.to_be_bytes());
+    d.extend([0u8; 8 + 32]);
+    d
+}
+
+/// The edge's junk filter with its session map driven directly: transport messages
+/// (direct and relayed) naming an index that is not in the map are dropped in the
+/// program and counted (`unknown_session`), live ones pass; after a "rekey" (one index
+/// replaced) the new and the kept index pass and the removed one is dropped; with more
+/// live indexes than the map holds the check is off (`session_check` false) and
+/// transport messages pass unchecked (`passed_unchecked`), and it is on again once they
+/// fit. About 2 s.
+#[test]
+fn filter_drops_transport_messages_for_unknown_sessions() {
+    require_root!("filter_drops_transport_messages_for_unknown_sessions");
+    let lab = lab::Lab::new("xfs").expect("lab");
+    let edge = lab.add_ns("edge").expect("namespace");
+    let peer = lab.add_ns("peer").expect("namespace");
+    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
+    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 78, 1), 24)
+        .expect("addr");
+    lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 78, 2), 24)
+        .expect("addr");
+    let community = [0x5a; 16];
+    let (rx, filter) = lab
+        .in_ns(&edge, || {
+            let rx = std::net::UdpSocket::bind("198.18.78.1:0").expect("bind");
+            let port = rx.local_addr().expect("addr").port();
+            let f = xdp::XdpFilter::attach("eth0", port, &community, ModeRequest::Auto)
+                .expect("attach the filter");
+            (rx, f)
+        })
+        .expect("edge namespace");
+    let dst = rx.local_addr().expect("addr");
+    let tx = lab
+        .in_ns(&peer, || std::net::UdpSocket::bind("198.18.78.2:0"))
+        .expect("peer namespace")
+        .expect("bind");
+    let send = |indexes: &[u32], relay: Option<[u8; 16]>| {
+        for &i in indexes {
+            tx.send_to(&data_to(i, relay), dst).expect("send");
+        }
+        received_indexes(&rx)
+    };
+    let unknown = |f: &xdp::XdpFilter| f.status().drops.get("unknown_session").copied();
+
+    // The ARP exchange before the first datagram: wait until one gets through.
+    filter.sync_sessions(1, [1u32, 2].into_iter());
+    let t0 = Instant::now();
+    while send(&[1], None).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "nothing passes");
+    }
+    let st = filter.status();
+    assert!(st.session_check && st.sessions == 2, "{st:?}");
+    assert_eq!(send(&[1, 2, 3], None), vec![1, 2]);
+    assert_eq!(unknown(&filter), Some(1));
+    assert_eq!(send(&[1, 3], Some(community)), vec![1], "relayed");
+    assert_eq!(unknown(&filter), Some(2));
+
+    // Rekey: 1 replaced by 5.
+    filter.sync_sessions(2, [2u32, 5].into_iter());
+    assert_eq!(send(&[1, 2, 5], None), vec![2, 5]);
+    // The same generation again: the map is not touched.
+    filter.sync_sessions(2, std::iter::empty());
+    assert_eq!(send(&[2], None), vec![2]);
+    // Every session gone.
+    filter.sync_sessions(3, std::iter::empty());
+    assert_eq!(send(&[2, 5], None), Vec::<u32>::new());
+    assert_eq!(unknown(&filter), Some(5));
+
+    // One more live index than the map holds: nothing is checked (nothing dropped).
+    let max = dataplane_ebpf_common::FILTER_MAX_SESSIONS;
+    filter.sync_sessions(4, 1..=max + 1);
+    let st = filter.status();
+    assert!(
+        !st.session_check && st.sessions == u64::from(max) && st.sessions_missing == 1,
+        "{st:?}"
+    );
+    assert_eq!(send(&[3, max + 7], None), vec![3, max + 7]);
+    assert!(filter.status().passed_unchecked >= 2);
+    // Back within bounds: checked again.
+    filter.sync_sessions(5, [7u32].into_iter());
+    let st = filter.status();
+    assert!(
+        st.session_check && st.sessions == 1 && st.map_errors == 0,
+        "{st:?}"
+    );
+    assert_eq!(send(&[3, 7], None), vec![7]);
+    assert_eq!(unknown(&filter), Some(6));
+}

@@ -178,6 +178,9 @@ pub mod wire {
     pub const SRC_AT: usize = 20;
     /// Offset of the destination edge id in Relay.
     pub const DST_AT: usize = 28;
+    /// Offset of the receiver's session index (4 bytes, big-endian) in a
+    /// transport message (Data, Probe, Control).
+    pub const INDEX_AT: usize = 4;
     /// Shortest RegisterAck (IPv4 observed address).
     pub const REGISTER_ACK_MIN_LEN: usize = 165;
     /// Shortest PeerInfo (no entries).
@@ -199,16 +202,33 @@ pub const FILTER_CONFIG_MAP: &str = "MVC_FILTER_CONFIG";
 /// Name of the per-CPU counter array of the filter, indexed by [`FilterCounter`].
 pub const FILTER_STATS_MAP: &str = "MVC_FILTER_STATS";
 
+/// Name of the hash map of the edge's live receiver session indexes (the
+/// index as on the wire, 4 bytes big-endian -> 0), kept by the edge.
+pub const FILTER_SESSIONS_MAP: &str = "MVC_FILTER_SESSIONS";
+
+/// Most session indexes the filter's map holds. An edge with more live
+/// indexes clears [`FILTER_FLAG_SESSIONS`] and its socket sees every
+/// transport message again.
+pub const FILTER_MAX_SESSIONS: u32 = 65_536;
+
 /// Length of the filter configuration: the edge's UDP port (2, big-endian),
-/// two zero bytes, its community id (16).
+/// flags (1, [`FILTER_FLAG_SESSIONS`]), a zero byte, its community id (16).
 pub const FILTER_CONFIG_LEN: usize = 20;
 
-/// The filter configuration for an edge on `port` in `community`.
-pub const fn filter_config(port: u16, community: &[u8; 16]) -> [u8; FILTER_CONFIG_LEN] {
+/// Configuration flag: [`FILTER_SESSIONS_MAP`] holds every index the edge
+/// accepts transport messages on, so one naming another index can be
+/// dropped in the program. Clear while the map could not take them all
+/// (those messages then pass unchecked).
+pub const FILTER_FLAG_SESSIONS: u8 = 1;
+
+/// The filter configuration for an edge on `port` in `community`, with
+/// `flags` ([`FILTER_FLAG_SESSIONS`]).
+pub const fn filter_config(port: u16, community: &[u8; 16], flags: u8) -> [u8; FILTER_CONFIG_LEN] {
     let p = port.to_be_bytes();
     let mut c = [0u8; FILTER_CONFIG_LEN];
     c[0] = p[0];
     c[1] = p[1];
+    c[2] = flags;
     let mut i = 0;
     while i < 16 {
         c[4 + i] = community[i];
@@ -231,6 +251,12 @@ counters! {
         DropTruncated = 3 => "truncated",
         /// Dropped: a message carrying a community id that is not the edge's.
         DropWrongCommunity = 4 => "wrong_community",
+        /// Dropped: a transport message (direct, or inside a Relay) naming a
+        /// receiver session index the edge does not have.
+        DropUnknownSession = 5 => "unknown_session",
+        /// Passed on without the session check: a transport message while the
+        /// session map is incomplete ([`FILTER_FLAG_SESSIONS`] clear).
+        PassedUnchecked = 6 => "passed_unchecked",
     }
     /// Number of [`FilterCounter`] slots in [`FILTER_STATS_MAP`].
     pub const FILTER_COUNTERS;
@@ -251,6 +277,19 @@ pub const fn edge_rx_min(msg_type: u8) -> Option<(usize, bool)> {
         0x11 => Some((wire::HS_RESP_LEN, false)),
         0x12..=0x14 => Some((wire::TRANSPORT_HDR_LEN, false)),
         _ => None,
+    }
+}
+
+/// Transport messages (Data, Probe, Control): those name the receiver's
+/// session index at [`wire::INDEX_AT`].
+pub const fn is_transport(msg_type: u8) -> bool {
+    matches!(msg_type, 0x12..=0x14)
+}
+
+impl FilterCounter {
+    /// True for the counters of dropped datagrams.
+    pub const fn is_drop(self) -> bool {
+        !matches!(self, FilterCounter::Passed | FilterCounter::PassedUnchecked)
     }
 }
 

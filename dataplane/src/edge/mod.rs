@@ -80,7 +80,7 @@ pub struct EdgeCore {
     rng: Box<dyn EdgeRng>,
     sns: Vec<SnState>,
     peers: Map<EdgeId, Peer>,
-    index: Map<u32, EdgeId>,
+    index: Indexes,
     macs: Map<Mac, (EdgeId, Instant)>,
     /// No learned MAC expires before this (the earliest at the last poll; learning one
     /// later or hearing from one again never makes it earlier, so it is not recomputed
@@ -206,7 +206,10 @@ impl EdgeCore {
             rng,
             sns,
             peers: Map::with_hasher(table()),
-            index: Map::with_hasher(table()),
+            index: Indexes {
+                map: Map::with_hasher(table()),
+                generation: 0,
+            },
             macs: Map::with_hasher(table()),
             mac_expiry_at: None,
             bcast_tx,
@@ -257,6 +260,20 @@ impl EdgeCore {
     /// This edge's id.
     pub fn id(&self) -> EdgeId {
         self.id
+    }
+
+    /// Changes whenever a local session index is added or removed (see
+    /// [`EdgeCore::session_indexes`]).
+    pub fn session_generation(&self) -> u64 {
+        self.index.generation
+    }
+
+    /// The local indexes transport messages may name: those of the sessions kept for
+    /// receiving (current, previous, next) and of handshakes in flight (their responses
+    /// make them sessions). An XDP filter in front of the socket drops transport
+    /// messages naming any other index ([`crate::xdp::XdpFilter::sync_sessions`]).
+    pub fn session_indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.index.map.keys().copied()
     }
 
     /// Whether `addr` is one of our supernodes.
@@ -434,6 +451,41 @@ impl EdgeCore {
     }
 }
 
+/// Local session index -> peer, with a generation that changes with every insertion
+/// and removal (what an XDP filter's session map is synchronised by).
+struct Indexes {
+    map: Map<u32, EdgeId>,
+    generation: u64,
+}
+
+impl Indexes {
+    fn insert(&mut self, index: u32, peer: EdgeId) {
+        if self.map.insert(index, peer) != Some(peer) {
+            self.generation += 1;
+        }
+    }
+
+    fn remove(&mut self, index: &u32) -> Option<EdgeId> {
+        let r = self.map.remove(index);
+        if r.is_some() {
+            self.generation += 1;
+        }
+        r
+    }
+
+    fn get(&self, index: &u32) -> Option<&EdgeId> {
+        self.map.get(index)
+    }
+
+    fn contains_key(&self, index: &u32) -> bool {
+        self.map.contains_key(index)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// The earliest of some deadlines.
 #[derive(Default)]
 struct Earliest(Option<Instant>);
@@ -505,6 +557,25 @@ mod tests {
         ];
         e.handle_udp(now, "198.19.0.3:9".parse().unwrap(), &mut pkt, &mut out);
         assert_eq!(e.drops.get(DropReason::PathInsideOverlay), 1);
+    }
+
+    /// The generation moves with every change of the index table and only then.
+    #[test]
+    fn session_generation_moves_with_every_index_change() {
+        let mut t = Indexes {
+            map: Map::with_hasher(FixedState::with_seed(1)),
+            generation: 0,
+        };
+        t.insert(7, [1; 8]);
+        assert_eq!(t.generation, 1);
+        t.insert(7, [1; 8]);
+        assert_eq!(t.generation, 1, "same entry again");
+        t.insert(7, [2; 8]);
+        assert_eq!(t.generation, 2, "another peer");
+        assert_eq!(t.remove(&8), None);
+        assert_eq!(t.generation, 2, "nothing removed");
+        assert_eq!(t.remove(&7), Some([2; 8]));
+        assert_eq!(t.generation, 3);
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub fn run_edge(
             }
             core.poll(now, &mut out);
         }
+        if let Some(f) = &info.xdp_filter {
+            f.sync_sessions(core.session_generation(), core.session_indexes());
+        }
         flush_udp(&sock, &mut out, |r| core.count_drop(r));
         if let Some(p) = port.xdp() {
             frames::send_xdp(p, &mut core, &mut out);

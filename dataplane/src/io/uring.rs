@@ -391,6 +391,10 @@ impl Forwarder {
                 return Err(e);
             }
             let polled = self.tick(core, now);
+            // New session indexes into the junk filter before anything names them.
+            if let Some(f) = &self.cfg.info.xdp_filter {
+                f.sync_sessions(core.session_generation(), core.session_indexes());
+            }
             self.flush(core)?;
             self.publish(core, now);
             self.read_deadline(core, now, polled);

@@ -5,19 +5,31 @@
 //! before they reach the socket and the forwarder, and passes everything else.
 //! Registrations' answers, cookies, handshakes and hole-punching probes are
 //! all of a type and length it passes, so legitimate traffic is not touched.
-//! Unknown session indices of transport messages are not checked here: the
-//! forwarder counts those (`unknown_session`).
+//!
+//! Transport messages (Data, Probe, Control, direct or inside a Relay) must
+//! also name a receiver session index the edge has: [`XdpFilter::sync_sessions`]
+//! keeps a map of the core's live local indexes equal to the core's table,
+//! called by the forwarder after every round that changed it and before that
+//! round's datagrams are sent, so an index is in the map before the peer can
+//! learn it (from our handshake init or response). While the map cannot hold
+//! every index (full, or a failed update), the program stops the check and
+//! passes transport messages on unchecked (`passed_unchecked`); it never drops
+//! a message for a live session.
 //!
 //! Cleanup is the kernel's (a bpf_link owned by the process). See docs/XDP.md
 //! ("Junk filter in front of the edge").
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use aya::{
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 use dataplane_ebpf_common::{
-    filter_config, FilterCounter, FILTER_CONFIG_LEN, FILTER_CONFIG_MAP, FILTER_PROGRAM_NAME,
-    FILTER_STATS_MAP,
+    filter_config, FilterCounter, FILTER_CONFIG_LEN, FILTER_CONFIG_MAP, FILTER_FLAG_SESSIONS,
+    FILTER_MAX_SESSIONS, FILTER_PROGRAM_NAME, FILTER_SESSIONS_MAP, FILTER_STATS_MAP,
 };
 
 use super::{
@@ -25,9 +37,27 @@ use super::{
 };
 use crate::status::XdpFilterStatus;
 
+/// The session map and what userspace knows it holds.
+struct Sessions {
+    map: HashMap<MapData, [u8; 4], u8>,
+    config: Array<MapData, [u8; FILTER_CONFIG_LEN]>,
+    /// The configuration without its flags.
+    base: [u8; FILTER_CONFIG_LEN],
+    installed: HashSet<u32>,
+    /// Whether the map holds every live index (the program checks only then).
+    complete: bool,
+    /// Live indexes the map had no room for at the last synchronisation.
+    missing: u64,
+    /// Map updates that failed.
+    errors: u64,
+}
+
 /// The attached filter.
 pub struct XdpFilter {
-    _config: Array<MapData, [u8; FILTER_CONFIG_LEN]>,
+    sessions: Mutex<Sessions>,
+    /// The core's [`crate::edge::EdgeCore::session_generation`] the map was last made equal to
+    /// (read without the lock, once per forwarder round); `u64::MAX` before the first.
+    synced: AtomicU64,
     stats: PerCpuArray<MapData, u64>,
     /// Owns the program and, through it, the bpf_link that keeps it attached.
     _ebpf: Ebpf,
@@ -61,9 +91,15 @@ impl XdpFilter {
                 .ok_or_else(|| Error::Load(format!("no map {FILTER_CONFIG_MAP}")))?,
         )
         .map_err(|e| Error::Load(format!("filter config map: {e}")))?;
+        // No session yet: the empty map holds every live index.
         config
-            .set(0, filter_config(port, community), 0)
+            .set(0, filter_config(port, community, FILTER_FLAG_SESSIONS), 0)
             .map_err(|e| Error::Load(format!("filter config map: {e}")))?;
+        let map: HashMap<MapData, [u8; 4], u8> = HashMap::try_from(
+            ebpf.take_map(FILTER_SESSIONS_MAP)
+                .ok_or_else(|| Error::Load(format!("no map {FILTER_SESSIONS_MAP}")))?,
+        )
+        .map_err(|e| Error::Load(format!("filter session map: {e}")))?;
         let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
             ebpf.take_map(FILTER_STATS_MAP)
                 .ok_or_else(|| Error::Load(format!("no map {FILTER_STATS_MAP}")))?,
@@ -73,12 +109,34 @@ impl XdpFilter {
         let (mode, _) = attach_first(prog, iface, attach_tries(mode))?;
         tracing::info!(%iface, mode = mode.as_str(), "XDP junk filter attached");
         Ok(Self {
-            _config: config,
+            sessions: Mutex::new(Sessions {
+                map,
+                config,
+                base: filter_config(port, community, 0),
+                installed: HashSet::new(),
+                complete: true,
+                missing: 0,
+                errors: 0,
+            }),
+            synced: AtomicU64::new(u64::MAX),
             stats,
             _ebpf: ebpf,
             iface: iface.to_owned(),
             mode,
         })
+    }
+
+    /// Makes the session map equal to the live local indexes `live` of a core whose
+    /// [`crate::edge::EdgeCore::session_generation`] is `generation`, when that changed since the
+    /// last call (otherwise one atomic load; `live` is not iterated). Call with the
+    /// core locked, after handling a batch and before sending what it queued.
+    pub fn sync_sessions(&self, generation: u64, live: impl Iterator<Item = u32>) {
+        if self.synced.load(Ordering::Relaxed) == generation {
+            return;
+        }
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        s.sync(live);
+        self.synced.store(generation, Ordering::Relaxed);
     }
 
     /// Counters for status (system calls: one map lookup per counter).
@@ -88,6 +146,13 @@ impl XdpFilter {
             mode: self.mode.as_str().to_owned(),
             ..Default::default()
         };
+        {
+            let m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            s.sessions = m.installed.len() as u64;
+            s.session_check = m.complete;
+            s.sessions_missing = m.missing;
+            s.map_errors = m.errors;
+        }
         for c in FilterCounter::ALL {
             let v: u64 = self
                 .stats
@@ -96,6 +161,7 @@ impl XdpFilter {
                 .unwrap_or(0);
             match c {
                 FilterCounter::Passed => s.passed = v,
+                FilterCounter::PassedUnchecked => s.passed_unchecked = v,
                 _ if v > 0 => {
                     s.drops.insert(c.name().to_owned(), v);
                 }
@@ -106,9 +172,62 @@ impl XdpFilter {
     }
 }
 
+impl Sessions {
+    /// Removes what is gone, then adds what is new while there is room; the check is
+    /// on exactly when every live index is in the map.
+    fn sync(&mut self, live: impl Iterator<Item = u32>) {
+        let want: HashSet<u32> = live.collect();
+        let gone: Vec<u32> = self.installed.difference(&want).copied().collect();
+        for i in gone {
+            // Already gone is fine; anything else leaves a stale index, which only
+            // lets junk naming it through to the forwarder (which drops it).
+            if self.map.remove(&i.to_be_bytes()).is_err() {
+                self.errors += 1;
+            }
+            self.installed.remove(&i);
+        }
+        let mut missing = 0u64;
+        for &i in &want {
+            if self.installed.contains(&i) {
+                continue;
+            }
+            if self.installed.len() >= FILTER_MAX_SESSIONS as usize {
+                missing += 1;
+                continue;
+            }
+            match self.map.insert(i.to_be_bytes(), 0, 0) {
+                Ok(()) => {
+                    self.installed.insert(i);
+                }
+                Err(_) => {
+                    self.errors += 1;
+                    missing += 1;
+                }
+            }
+        }
+        self.missing = missing;
+        let complete = missing == 0;
+        if complete != self.complete {
+            let mut cfg = self.base;
+            if complete {
+                cfg[2] = FILTER_FLAG_SESSIONS;
+            } else {
+                tracing::warn!(
+                    missing,
+                    "XDP filter session map incomplete: transport messages pass unchecked"
+                );
+            }
+            match self.config.set(0, cfg, 0) {
+                Ok(()) => self.complete = complete,
+                Err(_) => self.errors += 1,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use dataplane_ebpf_common::{edge_rx_min, wire as w};
+    use dataplane_ebpf_common::{edge_rx_min, is_transport, wire as w};
 
     use crate::wire::{self, InfoKind, MsgType, PeerInfo, RegisterAck};
 
@@ -171,5 +290,31 @@ mod tests {
         assert_eq!(edge_rx_min(MsgType::Register as u8), None);
         assert_eq!(edge_rx_min(0x07), None);
         assert_eq!(edge_rx_min(0x15), None);
+    }
+
+    /// The program reads the receiver session index where the codec writes it, for
+    /// exactly the transport message types.
+    #[test]
+    fn filter_reads_the_session_index_where_the_codec_writes_it() {
+        let mut buf = [0u8; wire::TRANSPORT_HDR_LEN];
+        for kind in [MsgType::Data, MsgType::Probe, MsgType::Control] {
+            wire::TransportHdr {
+                kind,
+                flags: 0,
+                receiver_index: 0x0102_0304,
+                counter: 9,
+            }
+            .write(&mut buf)
+            .unwrap();
+            assert!(is_transport(buf[1]));
+            assert_eq!(&buf[w::INDEX_AT..w::INDEX_AT + 4], &[1, 2, 3, 4]);
+        }
+        for t in 0..=255u8 {
+            let codec = matches!(
+                MsgType::from_u8(t),
+                Some(MsgType::Data | MsgType::Probe | MsgType::Control)
+            );
+            assert_eq!(is_transport(t), codec, "type {t:#x}");
+        }
     }
 }
