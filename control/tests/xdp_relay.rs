@@ -430,9 +430,11 @@ fn measure_relay() {
 
 /// The edge's junk filter (`mvc edge --xdp-filter eth0` at site A, whose edge has a public
 /// address): registration, handshakes, probes and relayed traffic keep working (A and B
-/// ping each other, B behind its NAT), while junk sent from the internet router to A's
-/// edge port is dropped in the program, counted by reason, and never reaches the edge's
-/// socket (its own drop counters for those reasons stay where they were).
+/// ping each other, B behind its NAT; the session's index is in the filter's map), while
+/// junk sent from the internet router to A's edge port (including Data naming an
+/// unknown session, direct and inside a Relay with the community's id) is dropped in the
+/// program, counted by reason, and never reaches the edge's socket (its own drop
+/// counters for those reasons stay where they were).
 #[test]
 fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     if let Some(why) = skip_reason() {
@@ -476,8 +478,29 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     let mut other = vec![V, 4, 0, 0];
     other.extend([7u8; 60]);
     throw(&lab, &t.inet, dst, &other, n);
+    // Transport messages naming a session index the edge does not have: direct, and
+    // relayed under the community's real id (anyone who knows it can forge the header).
+    let community = dataplane::crypto::CommunityKeys::derive(COMMUNITY, SECRET.as_bytes()).id;
+    let data = |index: u32| {
+        let mut d = vec![V, 0x12, 0, 0];
+        d.extend(index.to_be_bytes());
+        d.extend([0u8; 8 + 48]);
+        d
+    };
+    throw(&lab, &t.inet, dst, &data(0x0bad_0001), n);
+    let mut relayed = vec![V, 4, 0, 0];
+    relayed.extend(community);
+    relayed.extend([3u8; 16]);
+    relayed.extend(data(0x0bad_0002));
+    throw(&lab, &t.inet, dst, &relayed, n);
     std::thread::sleep(Duration::from_millis(600));
     let st1 = status();
+    assert!(
+        st1["xdp_filter"]["session_check"].as_bool() == Some(true)
+            && st1["xdp_filter"]["sessions"].as_u64().unwrap_or(0) >= 1,
+        "the live session is in the filter's map: {}",
+        st1["xdp_filter"]
+    );
     for reason in [
         "bad_version",
         "unknown_type",
@@ -499,8 +522,17 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
             "truncated",
             "malformed",
             "relay_not_for_us",
+            "unknown_session",
         ],
         "edge",
+    );
+    assert!(
+        st1["xdp_filter"]["drops"]["unknown_session"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2 * n as u64,
+        "unknown_session: {}",
+        st1["xdp_filter"]
     );
     let p = lab::ping(&lab, &vb.ns, va.ip, 10, 0.05).unwrap();
     assert!(p.received + 1 >= p.sent, "ping after junk: {p:?}");
@@ -511,13 +543,36 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     assert_running(&lab, None, &edges);
 }
 
-/// A junk flood against site A's edge, with and without `--xdp-filter`: one sender in the
-/// internet router's namespace sends 64-byte datagrams with a wrong version byte as fast
-/// as it can for `MVC_FLOOD_SECS` (default 10; at most 20 million datagrams) while iperf3
-/// runs from B's VM to A's; reports the edge process's CPU seconds and the iperf3 rate.
-/// Each configuration started fresh, the order alternating. Ignored (for docs/BENCH.md):
-/// `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test xdp_relay --
-/// --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS` (default 3).
+/// UDP receive-buffer overflows (`Udp: RcvbufErrors` of /proc/net/snmp) in namespace `ns`:
+/// datagrams the kernel dropped because a socket there did not read fast enough.
+fn rcvbuf_errors(lab: &Lab, ns: &str) -> u64 {
+    let out = lab
+        .exec(ns, &["cat", "/proc/net/snmp"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let mut udp = out.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A junk flood against site A's edge, with and without `--xdp-filter`, paired per round
+/// (the order alternating, each configuration started fresh): `MVC_FLOOD_THREADS`
+/// (default 2) raw packet senders in the internet router's namespace send Data datagrams
+/// naming an unknown session index (valid version, type and length: what only the session
+/// check catches) straight out of the router's end of A's uplink, as fast as the kernel
+/// takes them, for `MVC_FLOOD_SECS` (default 10; at most 50 million datagrams per
+/// sender), while iperf3 runs from B's VM to A's. Reports the rate sent, where the junk
+/// was dropped (the filter, the kernel's full socket buffer, the edge's
+/// `unknown_session`), the edge process's CPU seconds and the iperf3 rate. Ignored (for
+/// docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test
+/// xdp_relay -- --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS` (default 3).
 #[test]
 #[ignore]
 fn measure_junk_flood() {
@@ -525,53 +580,69 @@ fn measure_junk_flood() {
         lab::skip("measure_junk_flood", &why);
         return;
     }
-    let (rounds, secs) = (
+    let (rounds, secs, threads) = (
         env_u32("MVC_FLOOD_ROUNDS", 3),
         env_u32("MVC_FLOOD_SECS", 10),
+        env_u32("MVC_FLOOD_THREADS", 2).clamp(1, 4),
     );
     let lab = Lab::new("xj").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (a, b) = (t.site("a"), t.site("b"));
     let (va, vb) = (&a.vms[0], &b.vms[0]);
-    let dst = SocketAddrV4::new(a.public_ip, ov::EDGE_PORT);
+    let uplink = format!("s{}", a.idx);
+    let mut payload = vec![V, 0x12, 0, 0, 0x0b, 0xad, 0x5e, 0x55];
+    payload.extend([0u8; 8 + 64 + 16]);
+    let frame = lab::flood::udp_frame(
+        lab::flood::mac_of(&a.frontend, "eth0").unwrap(),
+        lab::flood::mac_of(&t.inet, &uplink).unwrap(),
+        SocketAddrV4::new(lab::addr::inet_side(a.idx), 40_000),
+        SocketAddrV4::new(a.public_ip, ov::EDGE_PORT),
+        &payload,
+    );
+    let counter = |st: &Value, part: &str, key: &str| st[part][key].as_u64().unwrap_or(0);
     for r in 0..rounds {
         for k in 0..2 {
             let filter = (k + r) % 2 == 1;
             let (sn, edges) = start_filtered(&lab, &t, &mvc, filter);
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
-            let flood_loop = || {
-                let until = std::time::Instant::now() + Duration::from_secs(u64::from(secs));
-                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                let junk = [1u8; 64];
-                let mut n = 0u64;
-                while n < 20_000_000 {
-                    if n % 1024 == 0 && std::time::Instant::now() >= until {
-                        break;
-                    }
-                    let _ = s.send_to(&junk, dst);
-                    n += 1;
-                }
-                n
-            };
+            let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
+            let overflow0 = rcvbuf_errors(&lab, &a.frontend);
+            let flood_for = Duration::from_secs(u64::from(secs));
             let (sent, bps, c0, c1) = std::thread::scope(|sc| {
-                let h = sc.spawn(|| lab.in_ns(&t.inet, flood_loop).unwrap());
+                let senders: Vec<_> = (0..threads)
+                    .map(|_| {
+                        sc.spawn(|| {
+                            lab.in_ns(&t.inet, || {
+                                lab::flood::flood(&uplink, &frame, 50_000_000, flood_for)
+                            })
+                            .unwrap()
+                            .unwrap()
+                        })
+                    })
+                    .collect();
                 let c0 = lab::cpu::sample(&[edges[0].proc.pid]);
                 let bps = lab::iperf(&lab, &vb.ns, &va.ns, va.ip, secs.saturating_sub(1).max(1))
                     .unwrap_or(0.0);
                 let c1 = lab::cpu::sample(&[edges[0].proc.pid]);
-                (h.join().unwrap(), bps, c0, c1)
+                let sent: u64 = senders.into_iter().map(|h| h.join().unwrap()).sum();
+                (sent, bps, c0, c1)
             });
+            std::thread::sleep(Duration::from_millis(300));
             let (user, _kernel, sys) = lab::cpu::seconds(&c0, &c1);
             let st = mvc.edge_status(&lab, &edges[0]).unwrap();
+            let xdp_dropped = st["xdp_filter"]["drops"]["unknown_session"]
+                .as_u64()
+                .unwrap_or(0);
             println!(
-                "round {r} filter {filter:>5}: junk sent {sent} ({:.0}/s), iperf3 {:.1} Mbit/s, edge A CPU {:.2} s user + {:.2} s sys, edge drops bad_version {}, filter drops {}",
+                "round {r} filter {filter:>5}: junk sent {sent} ({:.0}/s), dropped in XDP {xdp_dropped}, \
+                 socket buffer overflows {}, edge unknown_session {}, iperf3 {:.1} Mbit/s, \
+                 edge A CPU {user:.2} s user + {sys:.2} s sys",
                 sent as f64 / f64::from(secs),
+                rcvbuf_errors(&lab, &a.frontend).saturating_sub(overflow0),
+                counter(&st, "drops", "unknown_session")
+                    .saturating_sub(counter(&st0, "drops", "unknown_session")),
                 bps / 1e6,
-                user,
-                sys,
-                st["drops"]["bad_version"].as_u64().unwrap_or(0),
-                st["xdp_filter"]["drops"]["bad_version"].as_u64().unwrap_or(0),
             );
             for e in &edges {
                 lab.stop(&e.proc);

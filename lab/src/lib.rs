@@ -27,6 +27,7 @@
 
 pub mod cpu;
 pub mod dhcp;
+pub mod flood;
 pub mod overlay;
 pub mod runs;
 pub mod sites;

@@ -1,9 +1,10 @@
 //! The few system calls of the lab that libstd does not wrap: who we are (`geteuid`),
 //! entering a namespace (`setns`), signalling a process by PID (`kill`), binding a socket
-//! to a device and the clock tick of /proc. Every `unsafe` of the lab is here.
+//! to a device, the clock tick of /proc, and a raw packet socket that sends batches of
+//! one frame (the junk flood, [`crate::flood`]). Every `unsafe` of the lab is here.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// A failed system call: which one, and the OS error.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,87 @@ pub fn clock_ticks_per_sec() -> f64 {
     } else {
         100.0
     }
+}
+
+/// An `AF_PACKET` socket bound to interface `ifname` of the calling thread's namespace,
+/// sending frames straight to the device's queue (`PACKET_QDISC_BYPASS`).
+pub fn packet_socket(ifname: &str) -> Result<OwnedFd, SysError> {
+    let cname = std::ffi::CString::new(ifname).map_err(|_| SysError {
+        call: "if_nametoindex",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: `cname` is a NUL-terminated string that lives across the call.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(SysError::last("if_nametoindex"));
+    }
+    // SAFETY: socket only reads its integer arguments.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(SysError::last("socket(AF_PACKET)"));
+    }
+    // SAFETY: `raw` is a socket just opened here and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: the pointer and length describe `one`, which lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("PACKET_QDISC_BYPASS"));
+    }
+    // SAFETY: an all-zero sockaddr_ll is a valid value (plain integers).
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: the pointer and length describe `sll`, which lives across the call.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("bind(AF_PACKET)"));
+    }
+    Ok(fd)
+}
+
+/// Sends `frame` `n` times (at most 1024) in one `sendmmsg` on a packet socket; returns
+/// how many the kernel took.
+pub fn send_frame_batch(fd: &OwnedFd, frame: &[u8], n: usize) -> Result<usize, SysError> {
+    let n = n.min(1024);
+    let mut iov = libc::iovec {
+        iov_base: frame.as_ptr() as *mut libc::c_void,
+        iov_len: frame.len(),
+    };
+    // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths).
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; n];
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: every header points at `iov`, which describes `frame`; both live across the
+    // call, and for a send the kernel only reads them.
+    let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, 0) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) {
+            return Ok(0);
+        }
+        return Err(SysError {
+            call: "sendmmsg",
+            source: e,
+        });
+    }
+    Ok(r as usize)
 }
 
 #[cfg(test)]
