@@ -562,8 +562,9 @@ fn rcvbuf_errors(lab: &Lab, ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A junk flood against site A's edge, with and without `--xdp-filter`, paired per round
-/// (the order alternating, each configuration started fresh): `MVC_FLOOD_THREADS`
+/// A junk flood against site A's edge, with and without `--xdp-filter`, and both without a
+/// flood as the baselines, in one series per round (the order rotating, each
+/// configuration started fresh): `MVC_FLOOD_THREADS`
 /// (default 2) raw packet senders in the internet router's namespace send Data datagrams
 /// naming an unknown session index (valid version, type and length: what only the session
 /// check catches) straight out of the router's end of A's uplink, as fast as the kernel
@@ -601,16 +602,20 @@ fn measure_junk_flood() {
         &payload,
     );
     let counter = |st: &Value, part: &str, key: &str| st[part][key].as_u64().unwrap_or(0);
-    for r in 0..rounds {
-        for k in 0..2 {
-            let filter = (k + r) % 2 == 1;
+    // (filter, flood): the flood against the edge without and with the filter, and
+    // without a flood with and without the filter (what the legitimate traffic costs on
+    // its own, and what the filter costs it).
+    let configs = [(false, true), (true, true), (true, false), (false, false)];
+    for r in 0..rounds as usize {
+        for k in 0..configs.len() {
+            let (filter, flooding) = configs[(k + r) % configs.len()];
             let (sn, edges) = start_filtered(&lab, &t, &mvc, filter);
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
             let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
             let overflow0 = rcvbuf_errors(&lab, &a.frontend);
             let flood_for = Duration::from_secs(u64::from(secs));
             let (sent, bps, c0, c1) = std::thread::scope(|sc| {
-                let senders: Vec<_> = (0..threads)
+                let senders: Vec<_> = (0..if flooding { threads } else { 0 })
                     .map(|_| {
                         sc.spawn(|| {
                             lab.in_ns(&t.inet, || {
@@ -634,15 +639,18 @@ fn measure_junk_flood() {
             let xdp_dropped = st["xdp_filter"]["drops"]["unknown_session"]
                 .as_u64()
                 .unwrap_or(0);
+            // Edge CPU seconds per GB that iperf3 moved.
+            let gb = bps * f64::from(secs.saturating_sub(1).max(1)) / 8e9;
             println!(
-                "round {r} filter {filter:>5}: junk sent {sent} ({:.0}/s), dropped in XDP {xdp_dropped}, \
+                "round {r} filter {filter:>5} flood {flooding:>5}: junk sent {sent} ({:.0}/s), dropped in XDP {xdp_dropped}, \
                  socket buffer overflows {}, edge unknown_session {}, iperf3 {:.1} Mbit/s, \
-                 edge A CPU {user:.2} s user + {sys:.2} s sys",
+                 edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB)",
                 sent as f64 / f64::from(secs),
                 rcvbuf_errors(&lab, &a.frontend).saturating_sub(overflow0),
                 counter(&st, "drops", "unknown_session")
                     .saturating_sub(counter(&st0, "drops", "unknown_session")),
                 bps / 1e6,
+                (user + sys) / gb.max(1e-9),
             );
             for e in &edges {
                 lab.stop(&e.proc);
