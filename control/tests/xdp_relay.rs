@@ -45,13 +45,15 @@ fn throw(lab: &Lab, ns: &str, dst: SocketAddrV4, datagram: &[u8], n: usize) {
 }
 
 /// Starts the supernode on site A's frontend (with the XDP relay on its uplink `eth0` in
-/// native mode when `xdp`) and an edge per site. The returned relay handle is the
-/// pass-through program on the uplink's peer, which must live as long as the supernode.
+/// `mode`, native or generic, when `xdp`) and an edge per site. The returned relay handle
+/// is the pass-through program on the uplink's peer (native mode only), which must live
+/// as long as the supernode.
 fn start(
     lab: &Lab,
     t: &Topology,
     mvc: &Mvc,
     xdp: bool,
+    mode: &str,
 ) -> (ov::Supernode, Vec<ov::Edge>, Option<XdpRelay>) {
     let a = t.site("a");
     let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
@@ -60,7 +62,7 @@ fn start(
     // internet router's end of site A's uplink (named after the site's number) gets the
     // relay program with a configuration that matches nothing (port 0), which passes
     // every frame on.
-    let peer_prog = xdp.then(|| {
+    let peer_prog = (xdp && mode == "native").then(|| {
         let peer = format!("s{}", a.idx);
         lab.in_ns(&t.inet, || {
             XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), ModeRequest::Native)
@@ -69,7 +71,7 @@ fn start(
         .unwrap()
     });
     let extra: &[&str] = if xdp {
-        &["--xdp-relay", "eth0", "--xdp-relay-mode", "native"]
+        &["--xdp-relay", "eth0", "--xdp-relay-mode", mode]
     } else {
         &[]
     };
@@ -193,7 +195,7 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
     let (a, b, c) = (t.site("a"), t.site("b"), t.site("c"));
     t.block_udp(&lab, b, c, None).unwrap();
     let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
-    let (sn, edges, _peer_prog) = start(&lab, &t, &mvc, true);
+    let (sn, edges, _peer_prog) = start(&lab, &t, &mvc, true, "native");
     let (vb, vc) = (&b.vms[0], &c.vms[0]);
     let status = || mvc.supernode_status(&lab, &sn).expect("supernode status");
     if let Err(e) = lab::wait_ping(&lab, &vb.ns, vc.ip, UP) {
@@ -307,7 +309,10 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
 /// fresh, the order rotated every round. Ignored (minutes; for docs/BENCH.md): run with
 /// `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test xdp_relay --
 /// --ignored --nocapture measure_relay`; `MVC_RELAY_ROUNDS` (default 3), `MVC_RELAY_SECS`
-/// (default 4); `MVC_RELAY_LINKS=1` also prints the counters of site A's uplink (both
+/// (default 4); `MVC_RELAY_MODE` (`native`, the default, or `generic`) is the relay
+/// program's attach mode; `MVC_RELAY_UDP=LEN` measures iperf3 UDP datagrams of LEN bytes
+/// offered at `MVC_RELAY_UDP_MBIT` (default 300) Mbit/s instead of TCP (rate = bytes
+/// received); `MVC_RELAY_LINKS=1` also prints the counters of site A's uplink (both
 /// ends) and of the XDP program after each run.
 #[test]
 #[ignore]
@@ -317,6 +322,11 @@ fn measure_relay() {
         return;
     }
     let (rounds, secs) = (env_u32("MVC_RELAY_ROUNDS", 3), env_u32("MVC_RELAY_SECS", 4));
+    let mode = std::env::var("MVC_RELAY_MODE").unwrap_or_else(|_| "native".into());
+    let (udp_len, udp_mbit) = (
+        env_u32("MVC_RELAY_UDP", 0),
+        env_u32("MVC_RELAY_UDP_MBIT", 300),
+    );
     let lab = Lab::new("xm").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
@@ -329,7 +339,7 @@ fn measure_relay() {
             let ci = (k + r) % configs.len();
             let name = configs[ci];
             let rules = (name != "direct").then(|| t.block_udp(&lab, b, c, None).unwrap());
-            let (sn, edges, peer) = start(&lab, &t, &mvc, name == "xdp");
+            let (sn, edges, peer) = start(&lab, &t, &mvc, name == "xdp", &mode);
             lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap();
             let want = if name == "direct" {
                 "direct"
@@ -342,7 +352,21 @@ fn measure_relay() {
             .unwrap();
             let st0 = mvc.supernode_status(&lab, &sn).unwrap();
             let c0 = lab::cpu::sample(&[sn.proc.pid]);
-            let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, secs).unwrap();
+            let (bps, loss) = if udp_len > 0 {
+                let run = lab::iperf_udp(
+                    &lab,
+                    &vb.ns,
+                    &vc.ns,
+                    vc.ip,
+                    secs,
+                    udp_len,
+                    u64::from(udp_mbit) * 1_000_000,
+                )
+                .unwrap();
+                (run.bytes as f64 * 8.0 / run.secs.max(1e-9), run.loss())
+            } else {
+                (lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, secs).unwrap(), 0.0)
+            };
             let c1 = lab::cpu::sample(&[sn.proc.pid]);
             std::thread::sleep(Duration::from_millis(500));
             let st1 = mvc.supernode_status(&lab, &sn).unwrap();
@@ -353,8 +377,9 @@ fn measure_relay() {
             let by_user = st1["relayed_packets"].as_u64().unwrap_or(0)
                 - st0["relayed_packets"].as_u64().unwrap_or(0);
             println!(
-                "round {r} {name:>6}: {:8.1} Mbit/s  supernode CPU {sn_cpu:6.3} s/GB  machine kernel {:6.2} s/GB  relayed xdp {by_xdp} user {by_user}",
+                "round {r} {name:>6}: {:8.1} Mbit/s (UDP loss {:.3})  supernode CPU {sn_cpu:6.3} s/GB  machine kernel {:6.2} s/GB  relayed xdp {by_xdp} user {by_user}",
                 bps / 1e6,
+                loss,
                 kernel / gb
             );
             results.push((ci, bps, sn_cpu, kernel / gb));
