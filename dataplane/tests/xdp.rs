@@ -912,3 +912,83 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
     assert_eq!(send(&[3, 7], None), vec![7]);
     assert_eq!(unknown(&filter), Some(6));
 }
+
+/// How fast `lab::flood` sends here, against the filter alone: `MVC_FLOOD_THREADS`
+/// (default 2) senders flood a veth pair for `MVC_FLOOD_SECS` (default 3) with junk
+/// (a wrong version byte) for a port the filter guards on the other end, which drops
+/// it in XDP; prints the rate sent, the rate the filter dropped and the datagrams per
+/// second of the sending process's CPU time. Ignored (for
+/// docs/BENCH.md): `cargo test -p dataplane --test xdp -- --ignored --nocapture
+/// measure_flood_rate`.
+#[test]
+#[ignore]
+fn measure_flood_rate() {
+    require_root!("measure_flood_rate");
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (threads, secs) = (
+        env("MVC_FLOOD_THREADS", 2).clamp(1, 4),
+        env("MVC_FLOOD_SECS", 3).clamp(1, 30),
+    );
+    let lab = lab::Lab::new("xfr").expect("lab");
+    let edge = lab.add_ns("edge").expect("namespace");
+    let peer = lab.add_ns("peer").expect("namespace");
+    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
+    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 79, 1), 24)
+        .expect("addr");
+    lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 79, 2), 24)
+        .expect("addr");
+    let port = 7700;
+    let filter = lab
+        .in_ns(&edge, || {
+            xdp::XdpFilter::attach("eth0", port, &[1; 16], ModeRequest::Auto).expect("attach")
+        })
+        .expect("edge namespace");
+    let frame = lab::flood::udp_frame(
+        lab::flood::mac_of(&edge, "eth0").expect("mac"),
+        lab::flood::mac_of(&peer, "eth0").expect("mac"),
+        "198.18.79.2:40000".parse().expect("addr"),
+        std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port),
+        &[0u8; 96],
+    );
+    let t0 = Instant::now();
+    let c0 = lab::cpu::sample(&[std::process::id()]);
+    let sent: u64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    lab.in_ns(&peer, || {
+                        lab::flood::flood("eth0", &frame, 100_000_000, Duration::from_secs(secs))
+                    })
+                    .expect("peer namespace")
+                    .expect("flood")
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("sender")).sum()
+    });
+    let el = t0.elapsed().as_secs_f64();
+    let c1 = lab::cpu::sample(&[std::process::id()]);
+    // The senders' CPU, with the receive side's softirq work run on their way out of
+    // the kernel.
+    let (user, _, sys) = lab::cpu::seconds(&c0, &c1);
+    std::thread::sleep(Duration::from_millis(200));
+    let dropped = filter
+        .status()
+        .drops
+        .get("bad_version")
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "{threads} senders, {el:.1} s: sent {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
+         sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} datagrams per CPU second)",
+        sent as f64 / el,
+        dropped as f64 / el,
+        sent as f64 / (user + sys).max(1e-9)
+    );
+    assert!(dropped > 0, "nothing reached the filter");
+}
