@@ -57,8 +57,9 @@ const GUEST_WRITE: &str =
 
 /// Start munged and slurmd in a guest (node name `$1`) unless they run: in the
 /// foreground of a session of their own, in the background of this script (their
-/// own daemon forks would leave zombies behind, the guest's init being a shell).
-/// Their files are under [`GUEST_SLURM_DIR`].
+/// own daemon forks would leave zombies behind, the guest's init being a shell). A
+/// slurmd that runs re-reads `slurm.conf` (SIGHUP). Their files are under
+/// [`GUEST_SLURM_DIR`].
 pub const GUEST_START: &str = r#"d=/mvc
 mkdir -p $d/state $d/spool $d/tmp $d/home || exit 1
 if ! pidof munged >/dev/null; then
@@ -73,7 +74,9 @@ while [ ! -S $d/munge.sock ]; do
   [ $n -gt 50 ] && { echo "munged made no socket in 10 s:" >&2; cat $d/munged.out >&2; exit 1; }
   sleep 0.2
 done
-if ! pidof slurmd >/dev/null; then
+if pids=$(pidof slurmd); then
+  kill -HUP $pids
+else
   setsid slurmd -D -N "$1" -f $d/slurm.conf </dev/null >$d/slurmd.out 2>&1 &
   sleep 1
   pidof slurmd >/dev/null || { cat $d/slurmd.out >&2; tail -n 10 $d/slurmd.log >&2; exit 1; }
@@ -259,10 +262,15 @@ impl AgentCore {
             .map(|s| s.name.clone())
             .collect();
         for vm in &vms {
-            // A running guest answers at once; the bound is for one still booting.
-            self.stack_start_vm(n, vm)
-                .and_then(|g| g.map_or(Ok(()), |g| g.apply(Duration::from_secs(120))))
+            let guest = self
+                .stack_start_vm(n, vm)
                 .map_err(|e| format!("Slurm in VM {}: {e}", quote(vm)))?;
+            // A guest is not trusted to answer: its set-up does not hold this agent
+            // (the controller's wait for idle nodes names a node whose set-up failed;
+            // the reason is in this agent's log).
+            if let Some(g) = guest {
+                g.apply_in_background(Duration::from_secs(120));
+            }
         }
         Ok(serde_json::json!({ "vms": vms }))
     }
