@@ -606,3 +606,100 @@ pub fn exec_reply(plan: ExecPlan) -> Reply {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn exec() -> Exec {
+        Exec {
+            argv: vec![b"hostname".to_vec()],
+            stdin: Vec::new(),
+            timeout_ms: 1000,
+        }
+    }
+
+    /// A fake guest on a socket: reads one request frame, then `answer` writes what it
+    /// likes given the request's id.
+    fn guest(
+        answer: impl FnOnce(u32, &mut std::os::unix::net::UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("g.ga");
+        let l = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let id = loop {
+                let k = s.read(&mut chunk).unwrap();
+                buf.extend_from_slice(&chunk[..k]);
+                if let Ok(Some((f, _))) = guest_proto::decode(&buf) {
+                    break f.id;
+                }
+            };
+            answer(id, &mut s);
+            // Hold the connection open a while, as a guest that says no more.
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        (d, sock)
+    }
+
+    fn done(id: u32, out: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        let d = Done {
+            code: Some(0),
+            stdout: out.to_vec(),
+            ..Done::default()
+        };
+        guest_proto::encode(id, &Msg::Done(d), &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn guest_answers_after_a_stale_one() {
+        let (_d, sock) = guest(|id, s| {
+            s.write_all(&done(id.wrapping_sub(1), b"stale")).unwrap();
+            s.write_all(&done(id, b"k-c1\n")).unwrap();
+        });
+        let d = guest_call(&sock, exec(), Duration::from_secs(10)).unwrap();
+        assert_eq!((d.code, d.stdout), (Some(0), b"k-c1\n".to_vec()));
+    }
+
+    #[test]
+    fn hostile_guests_cost_a_bounded_wait_and_buffer() {
+        // Announces a 1 GiB frame: refused from its header, nothing more read.
+        let (_d, sock) = guest(|id, s| {
+            let mut h = done(id, b"")[..guest_proto::HEADER_LEN].to_vec();
+            h[10..14].copy_from_slice(&(1u32 << 30).to_be_bytes());
+            s.write_all(&h).unwrap();
+            let _ = s.write_all(&vec![b'x'; 1 << 20]);
+        });
+        let e = guest_call(&sock, exec(), Duration::from_secs(10)).unwrap_err();
+        assert!(e.contains("bytes (most"), "{e}");
+        // Garbage.
+        let (_d, sock) = guest(|_, s| {
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        });
+        let e = guest_call(&sock, exec(), Duration::from_secs(10)).unwrap_err();
+        assert!(e.contains("bad magic"), "{e}");
+        // Never answers: the call ends at its bound.
+        let (_d, sock) = guest(|_, _| {});
+        let t = Instant::now();
+        let e = guest_call(&sock, exec(), Duration::from_secs(1)).unwrap_err();
+        assert!(e.contains("did not answer"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        // Endless answers to other requests: cut off after a few frames' worth.
+        let (_d, sock) = guest(|id, s| {
+            let f = done(id.wrapping_add(7), &vec![b'y'; guest_proto::OUTPUT_MAX]);
+            for _ in 0..64 {
+                if s.write_all(&f).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = guest_call(&sock, exec(), Duration::from_secs(30)).unwrap_err();
+        assert!(e.contains("too much"), "{e}");
+    }
+}
