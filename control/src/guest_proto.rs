@@ -5,8 +5,8 @@
 //! checked against [`MAX_FRAME`] before a byte of the body is kept, every field is
 //! read through a bounds-checked cursor, and nothing in a frame is used as a size to
 //! allocate before it was checked against the bytes that are there. The host reads
-//! with a deadline ([`crate::agent`]'s exec), so a guest that never answers or answers
-//! without end costs a bounded wait and a bounded buffer.
+//! with a deadline (`guest_call` in `control/src/agent/stack.rs`), so a guest that
+//! never answers or answers without end costs a bounded wait and a bounded buffer.
 //!
 //! Frame (all integers big-endian):
 //!
