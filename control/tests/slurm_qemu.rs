@@ -9,7 +9,9 @@
 mod common;
 
 use common::slurm::{have, ok, slurm_logs, srun};
-use common::{compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, VmProcs};
+use common::{
+    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, VmProcs,
+};
 use control::demo::SiteLab;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -136,7 +138,14 @@ fn slurm_runs_jobs_on_a_qemu_compute() {
         let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
         assert!(s.lines().any(|l| l == format!("{qvm} idle")), "{s}");
 
+        // Destroy: the guest, and so its daemons, and its qemu and xnbd are gone.
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
+        for e in std::fs::read_dir(c_state.join("run")).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid") {
+                assert!(alive_pid(&e.path(), &c_state).is_none(), "{n} still runs");
+            }
+        }
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
     if r.is_err() {

@@ -61,6 +61,8 @@ const GUEST_WRITE: &str =
 /// slurmd that runs re-reads `slurm.conf` (SIGHUP). Their files are under
 /// [`GUEST_SLURM_DIR`].
 pub const GUEST_START: &str = r#"d=/mvc
+command -v slurmd >/dev/null ||
+  { echo "this guest booted without Slurm: stop and start the VM to boot the one with it" >&2; exit 1; }
 mkdir -p $d/state $d/spool $d/tmp $d/home || exit 1
 if ! pidof munged >/dev/null; then
   rm -f $d/munge.sock
