@@ -4,13 +4,15 @@
 //! the guest its munge key and `slurm.conf` through the guest agent and starts the
 //! daemons there; `sinfo` lists both computes idle, `srun -N 2 hostname` answers from
 //! both, `cluster exec --vm` runs commands in the guest (exit status, timeout). C's
-//! agent killed and started again leaves the guest's daemons as they run. Needs root,
+//! agent killed and started again leaves the guest's daemons as they run; the guest
+//! stopped is marked down, started again it is idle again. Needs root,
 //! qemu, Slurm and munge (.ci/setup-deps); otherwise prints that it was skipped.
 mod common;
 
 use common::slurm::{have, ok, slurm_logs, srun};
 use common::{
-    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, VmProcs,
+    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
+    VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,6 +139,27 @@ fn slurm_runs_jobs_on_a_qemu_compute() {
         assert_eq!((code, after.trim()), (0, before.trim()), "{err}");
         let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
         assert!(s.lines().any(|l| l == format!("{qvm} idle")), "{s}");
+
+        // Stopped, the guest's node is marked down; started again, the guest boots, its
+        // agent hands it the files as soon as its guest agent answers, and it is idle.
+        sl.ctl(&["vm", "stop", &qvm]).expect("vm stop");
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        assert!(
+            s.lines().any(|l| l.starts_with(&format!("{qvm} down"))),
+            "{s}"
+        );
+        let t = Instant::now();
+        sl.ctl(&["vm", "start", &qvm]).expect("vm start");
+        let back = wait_until(Duration::from_secs(150), Duration::from_secs(1), || {
+            ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"])
+                .lines()
+                .any(|l| l == format!("{qvm} idle"))
+        });
+        assert!(back, "{qvm} not idle after vm start");
+        eprintln!(
+            "{qvm} idle {:.1} s after vm start",
+            t.elapsed().as_secs_f64()
+        );
 
         // Destroy: the guest, and so its daemons, and its qemu and xnbd are gone.
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
