@@ -378,7 +378,9 @@ impl AgentCore {
     /// or half-released reservations are removed with everything they named.
     pub fn open(cfg: AgentConfig, driver: Box<dyn VmDriver>) -> Result<AgentCore, AgentError> {
         let mut core = AgentCore::load(cfg, driver)?;
-        for line in core.reconcile(unix_now(), false) {
+        let mut log = core.reconcile(unix_now(), false);
+        core.stack_adopt(&mut log);
+        for line in log {
             tracing::info!(site = %core.cfg.site, "reconcile: {line}");
         }
         core.resume_migrations();
@@ -1422,9 +1424,6 @@ impl AgentCore {
                     s.local,
                     s.handle.as_deref().unwrap_or("")
                 ));
-                if !dry {
-                    self.stack_adopt_vm(n, &s.name, log);
-                }
                 continue;
             }
             if s.state == "migrating" {

@@ -393,14 +393,29 @@ impl AgentCore {
         Ok(None)
     }
 
-    /// A VM a previous run of this agent started, adopted as it runs: its daemons
-    /// (which outlived that run) are kept, the missing ones started again
+    /// At the agent's start, after the reconcile: in the running VMs a previous run
+    /// started (adopted as they run) of clusters with the stack, the daemons that
+    /// outlived that run are kept and the missing ones started again
     /// ([`AgentCore::stack_start_vm`] starts only what does not run).
-    pub(super) fn stack_adopt_vm(&mut self, n: u32, vm: &str, log: &mut Vec<String>) {
-        match self.stack_start_vm(n, vm) {
-            Ok(None) => {}
-            Ok(Some(g)) => g.apply_in_background(Duration::from_secs(60)),
-            Err(e) => log.push(format!("Slurm in VM {vm} not started: {e}")),
+    pub(super) fn stack_adopt(&mut self, log: &mut Vec<String>) {
+        let vms: Vec<(u32, String)> = self
+            .state
+            .clusters
+            .iter()
+            .filter(|(_, c)| c.stack.is_some())
+            .flat_map(|(n, c)| {
+                c.slots
+                    .iter()
+                    .filter(|s| s.state == "running" && s.handle.is_some())
+                    .map(move |s| (*n, s.name.clone()))
+            })
+            .collect();
+        for (n, vm) in vms {
+            match self.stack_start_vm(n, &vm) {
+                Ok(None) => {}
+                Ok(Some(g)) => g.apply_in_background(Duration::from_secs(60)),
+                Err(e) => log.push(format!("Slurm in VM {vm} not started: {e}")),
+            }
         }
     }
 
