@@ -378,7 +378,9 @@ impl AgentCore {
     /// or half-released reservations are removed with everything they named.
     pub fn open(cfg: AgentConfig, driver: Box<dyn VmDriver>) -> Result<AgentCore, AgentError> {
         let mut core = AgentCore::load(cfg, driver)?;
-        for line in core.reconcile(unix_now(), false) {
+        let mut log = core.reconcile(unix_now(), false);
+        core.stack_adopt(&mut log);
+        for line in log {
             tracing::info!(site = %core.cfg.site, "reconcile: {line}");
         }
         core.resume_migrations();
@@ -752,8 +754,14 @@ impl AgentCore {
                 self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
                 self.save().map_err(|e| e.to_string())?;
-                self.stack_start_vm(n, &spec.name)
+                let guest = self
+                    .stack_start_vm(n, &spec.name)
                     .map_err(|e| format!("Slurm in VM {}: {e}", quote(&spec.name)))?;
+                if let Some(g) = guest {
+                    // The guest boots first: its daemons start when its guest agent
+                    // answers, without holding this agent.
+                    g.apply_in_background(Duration::from_secs(300));
+                }
                 json(&"running")
             }
             Request::StopVm { cluster, vm } => {
@@ -793,7 +801,7 @@ impl AgentCore {
             Request::Stack { cluster, stack } => self.stack_set(authz, &cluster, stack),
             Request::Exec { cluster, vm, exec } => {
                 let plan = self.exec_plan(authz, &cluster, &vm, exec)?;
-                json(&stack::run_exec(plan))
+                json(&stack::run_exec(plan)?)
             }
         }
     }
@@ -1223,6 +1231,7 @@ impl AgentCore {
             .find(|s| s.name == spec.name)
             .ok_or_else(|| DriverError::Config(format!("no slot {}", spec.name)))?;
         spec.bridge = c.bridge.clone();
+        spec.stack |= c.stack.is_some();
         spec.local_name = slot.local.clone();
         spec.nic = slot.nic.clone();
         // Started by a previous run and adopted: it runs already.

@@ -626,7 +626,7 @@ impl Controller<'_> {
         })
     }
 
-    fn spec(cluster: &Cluster, vm: &Vm) -> VmSpec {
+    fn spec(cluster: &Cluster, vm: &Vm, stack: bool) -> VmSpec {
         // The agent replaces it with the bridge it allocated; sent for older readers.
         let bridge = cluster
             .attachments
@@ -662,6 +662,7 @@ impl Controller<'_> {
             dhcp,
             local_name: String::new(),
             nic: String::new(),
+            stack,
         }
     }
 
@@ -676,12 +677,13 @@ impl Controller<'_> {
             .ok_or_else(|| ControlError::Local("cluster has no frontend".into()))?
             .clone();
         let origin = self.store.site(&cluster.origin)?;
+        let stack = self.has_stack(&cluster.name);
         (self.progress)(&format!(
             "starting frontend {} at site {}",
             fe.name, fe.site
         ));
         AgentClient::connect(&origin, self.key)?.call_value(&Request::StartVm {
-            spec: Self::spec(&cluster, &fe),
+            spec: Self::spec(&cluster, &fe, stack),
         })?;
         self.store.set_vm_state(&fe.name, "running")?;
         let sites = self.cluster_sites(&cluster)?;
@@ -695,7 +697,7 @@ impl Controller<'_> {
                 .filter(|v| v.site == site.name && v.role == Role::Compute)
             {
                 cl.call_value(&Request::StartVm {
-                    spec: Self::spec(&cluster, v),
+                    spec: Self::spec(&cluster, v, stack),
                 })?;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 (self.progress)(&format!(
@@ -909,7 +911,7 @@ impl Controller<'_> {
         let (c, v) = self.vm_and_cluster(vm)?;
         let site = self.store.site(&v.site)?;
         AgentClient::connect(&site, self.key)?.call_value(&Request::StartVm {
-            spec: Self::spec(&c, &v),
+            spec: Self::spec(&c, &v, self.has_stack(&c.name)),
         })?;
         self.store.set_vm_state(vm, "running")?;
         Ok(self.vm_and_cluster(vm)?.1)

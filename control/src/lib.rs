@@ -12,6 +12,7 @@
 //! - [`driver`]: VM drivers (`netns`, `qemu`) and the qemu guest's boot files.
 //! - [`process`]: running, spawning and stopping helper processes.
 //! - [`failpoint`]: test-only crash points of the agent.
+//! - [`guest_proto`]: the frames between the agent and the guest agent in a qemu guest.
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
 //! - [`sys`]: the system calls std does not wrap (signals, file locks).
 //! - [`validate`]: checks of names, counts and addresses where they enter.
@@ -26,6 +27,7 @@ pub mod controller;
 pub mod demo;
 pub mod driver;
 pub mod failpoint;
+pub mod guest_proto;
 pub mod migrate;
 pub mod model;
 pub mod process;

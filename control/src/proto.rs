@@ -75,6 +75,10 @@ pub struct VmSpec {
     /// `local_name`).
     #[serde(default)]
     pub nic: String,
+    /// The cluster runs the Slurm stack: a guest that carries no software of its own
+    /// (the qemu driver's built guest) boots with Slurm's compute side.
+    #[serde(default)]
+    pub stack: bool,
 }
 
 impl VmSpec {
@@ -525,6 +529,7 @@ mod tests {
                     }),
                     local_name: String::new(),
                     nic: String::new(),
+                    stack: false,
                 },
             },
         ];

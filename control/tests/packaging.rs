@@ -166,6 +166,7 @@ fn deb_unpacks_into_a_clean_root() {
     for f in [
         "usr/bin/mvc",
         "usr/bin/xnbd",
+        "usr/bin/mvc-guest",
         "lib/systemd/system/mvc-supernode.service",
         "lib/systemd/system/mvc-edge@.service",
         "lib/systemd/system/mvc-agent.service",

@@ -5,101 +5,14 @@
 //! not waited for; bad input gets one clear line; destroy leaves no daemon. Needs root
 //! and Debian's slurm-wlm and munge (.ci/setup-deps); otherwise prints that it was
 //! skipped.
+mod common;
+
+use common::slurm::{daemons_under, have, ok, slurm_logs, srun};
 use control::demo::pick_overlay;
 use lab::sites::SiteLab;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// `mvc cluster exec s -- ARGS` on the frontend: (exit status, stdout, stderr).
-fn exec(sl: &SiteLab, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["cluster", "exec", "s", "--timeout", "60", "--"];
-    a.extend_from_slice(args);
-    let o = sl.ctl_output(&a).expect("mvc cluster exec");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn ok(sl: &SiteLab, args: &[&str]) -> String {
-    let (code, out, err) = exec(sl, args);
-    assert_eq!(code, 0, "{args:?}: {out}{err}");
-    out
-}
-
-/// `srun ARGS` in the frontend VM. Slurm 22.05's srun sometimes fails to read the I/O
-/// set-up message its tasks' step daemons send back (`io_init_msg_unpack: unpack error`,
-/// every task's output lost, exit status 0); seen once in a few dozen runs, on a loaded
-/// machine. Such a run is repeated (at most 3 tries); any other failure is not.
-fn srun(sl: &SiteLab, args: &[&str]) -> (i32, String, String) {
-    let argv: Vec<&str> = std::iter::once("srun")
-        .chain(args.iter().copied())
-        .collect();
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let (code, out, err) = exec(sl, &argv);
-        if tries < 3 && err.contains("io_init_msg_unpack") {
-            eprintln!("srun {args:?}: I/O set-up failed (try {tries}), again: {err}");
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            continue;
-        }
-        return (code, out, err);
-    }
-}
-
-/// The pids of processes whose command line names a path under one of `dirs`.
-fn daemons_under(dirs: &[PathBuf]) -> Vec<(i32, String)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let c = String::from_utf8_lossy(&c).replace('\0', " ");
-        let prog = c.split_whitespace().next().unwrap_or("");
-        let prog = prog.rsplit('/').next().unwrap_or(prog);
-        let named = dirs.iter().any(|d| c.contains(&d.display().to_string()));
-        if named && ["munged", "slurmctld", "slurmd"].contains(&prog) {
-            v.push((pid, c));
-        }
-    }
-    v
-}
-
-fn have(tool: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The last lines of every VM's Slurm and munge logs (on failure).
-fn slurm_logs(sl: &SiteLab) {
-    for a in sl.agents.values() {
-        let Ok(rd) = std::fs::read_dir(a.state.join("run")) else {
-            continue;
-        };
-        for d in rd
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "slurm"))
-        {
-            for f in ["slurmctld.log", "slurmd.log", "munged.out"] {
-                let Ok(t) = std::fs::read_to_string(d.path().join(f)) else {
-                    continue;
-                };
-                let lines: Vec<&str> = t.lines().collect();
-                eprintln!("---- {}/{f}", d.path().display());
-                for l in &lines[lines.len().saturating_sub(15)..] {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-}
 
 #[test]
 fn slurm_runs_jobs_across_three_sites() {
@@ -120,7 +33,7 @@ fn slurm_runs_jobs_across_three_sites() {
     let t0 = Instant::now();
     let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
     let overlay = pick_overlay(&mvc, "auto");
-    let sl = SiteLab::new(&mvc, &overlay, 8, 8).expect("lab");
+    let mut sl = SiteLab::new(&mvc, &overlay, 8, 8).expect("lab");
     sl.add_sites().expect("site add");
     let run = || {
         // Bad input first: a cluster that does not run takes no job.
@@ -302,10 +215,45 @@ fn slurm_runs_jobs_across_three_sites() {
         assert_eq!(o.status.code(), Some(124));
         assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 
-        // Destroy: no munged or slurm daemon of the cluster left at any site.
-        let dirs: Vec<PathBuf> = sl.agents.values().map(|a| a.state.clone()).collect();
         // munged and slurmctld on the frontend, munged and slurmd on each compute.
+        let dirs: Vec<PathBuf> = sl.agents.values().map(|a| a.state.clone()).collect();
         assert_eq!(daemons_under(&dirs).len(), 10, "{:?}", daemons_under(&dirs));
+
+        // B's agent killed (SIGKILL) while Slurm runs, one of its slurmds dies while
+        // it is down, and it is started again: the running daemons are adopted, the
+        // dead one started again, none runs twice, every node is idle and takes jobs.
+        let pids = |v: Vec<(i32, String)>| v.into_iter().map(|x| x.0).collect::<BTreeSet<_>>();
+        let before = pids(daemons_under(&dirs));
+        sl.kill_agent("B");
+        let b_state = sl.agents["B"].state.clone();
+        let (victim, _) = daemons_under(&[b_state])
+            .into_iter()
+            .find(|(_, c)| c.starts_with("slurmd "))
+            .expect("a slurmd at B");
+        let _ = lab::sys::kill(victim as u32, libc::SIGKILL);
+        sl.restart_agent("B").expect("agent B restart");
+        let end = Instant::now() + Duration::from_secs(40);
+        loop {
+            let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+            let idle = s.lines().filter(|l| l.ends_with(" idle")).count();
+            if idle == computes.len() && daemons_under(&dirs).len() == 10 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "not back after the agent restart: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let after = pids(daemons_under(&dirs));
+        assert_eq!(after.len(), 10, "{:?}", daemons_under(&dirs));
+        assert_eq!(before.difference(&after).count(), 1, "{before:?} {after:?}");
+        assert!(!after.contains(&victim));
+        let (code, s, err) = srun(&sl, &["-N", "4", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        assert_eq!(names, computes, "after the agent restart: {code} {s} {err}");
+
+        // Destroy: no munged or slurm daemon of the cluster left at any site.
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
         let left = daemons_under(&dirs);
         assert!(left.is_empty(), "{left:?}");

@@ -342,6 +342,7 @@ impl AgentCore {
                     dhcp: None,
                     local_name: slot.local.clone(),
                     nic: slot.nic.clone(),
+                    stack: c.stack.is_some(),
                 };
                 // Intent first: the slot (and so its names) is saved before anything runs.
                 if let Some(c) = self.state.clusters.get_mut(&n) {

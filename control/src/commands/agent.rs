@@ -87,6 +87,10 @@ pub enum AgentCmd {
         /// Cache directory.
         #[arg(long, default_value = "/var/cache/mvc")]
         cache: PathBuf,
+        /// Build the guest of clusters with the Slurm stack (munged, slurmd and their
+        /// libraries from this machine) instead of the plain one.
+        #[arg(long)]
+        slurm: bool,
     },
 }
 
@@ -290,8 +294,8 @@ pub fn run(a: AgentCmd, json: bool) -> Result<()> {
             let v = serde_json::json!({"revoked": user_key});
             print(json, &v, |_| format!("revoked {user_key}\n"))
         }
-        AgentCmd::QemuPrepare { cache } => {
-            let b = guest::prepare(&cache, true)?;
+        AgentCmd::QemuPrepare { cache, slurm } => {
+            let b = guest::prepare_with(&cache, true, &guest::GuestOptions::new(slurm))?;
             let v = serde_json::json!({
                 "kernel": b.kernel.display().to_string(),
                 "initrd": b.initrd.display().to_string(),

@@ -11,9 +11,18 @@
 //!   and then keeps a shell on the serial console. Lines starting with `MVC-` on the
 //!   console report its state (`MVC-LEASE <ip>`, `MVC-DISK ...`); the driver reads them
 //!   from the console log and runs `ping` through the console.
+//! - The guest agent `mvc-guest` (`src/bin/mvc-guest.rs`, with the shared libraries it
+//!   loads), started by `/init` on the virtio-serial port [`GUEST_AGENT_PORT`]: the
+//!   agent runs commands in the guest through it (`cluster exec`, Slurm's set-up).
+//! - With [`GuestOptions::slurm`] (a cluster with the Slurm stack): this machine's
+//!   munged, slurmd and slurmstepd, Slurm's plugins and every shared library they
+//!   load, as `ldd` resolves them here, at the same paths, plus `/etc/passwd`,
+//!   `/etc/group` and `/etc/nsswitch.conf` for root. The agent sends the munge key
+//!   and `slurm.conf` through the guest agent and starts the daemons the same way.
 //!
 //! Built files are cached under the cache directory, keyed by kernel release and the
-//! content of `/init`, so repeated starts only reuse them.
+//! content of every file in the archive, so repeated starts only reuse them and a
+//! plain guest stays small.
 use super::DriverError;
 use crate::process::run;
 use std::collections::BTreeMap;
@@ -41,6 +50,15 @@ for m in $(cat /etc/modules); do
 done
 name=$(sed -n 's/.*mvc\.name=\([^ ]*\).*/\1/p' /proc/cmdline)
 hostname "${name:-guest}"
+if [ -x /usr/sbin/slurmd ]; then
+  # slurmd looks for a cgroup hierarchy at start: the named systemd one (v1).
+  mount -t tmpfs cgroup /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/systemd &&
+    mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd || echo "MVC-ERROR cgroup"
+  mkdir -p /run/munge /var/log/munge /var/lib/munge /mvc/home
+fi
+if [ -x /bin/mvc-guest ]; then
+  /bin/mvc-guest >/tmp/mvc-guest.log 2>&1 &
+fi
 ip link set lo up
 n=0
 while ! ip link show eth0 >/dev/null 2>&1 && [ $n -lt 20 ]; do sleep 1; n=$((n+1)); done
@@ -57,7 +75,8 @@ else
 fi
 udhcpc -f -i eth0 -s /etc/udhcpc.script -t 5 -T 2 -A 1 -x "hostname:$name" >/dev/null 2>&1 &
 echo "MVC-READY"
-exec /bin/sh
+# A shell on the console; this one, pid 1, reaps the orphans daemons leave.
+while :; do /bin/sh; done
 "#;
 
 /// The guest's DHCP client script: applies the lease and reports it on the console.
@@ -69,8 +88,161 @@ esac
 exit 0
 "#;
 
-/// Modules the guest needs (with their dependencies, unless built in).
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtio_blk"];
+/// Modules the guest needs (with their dependencies, unless built in):
+/// `virtio_console` carries the guest agent's virtio-serial port.
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtio_blk", "virtio_console"];
+
+/// Name of the virtio-serial port the guest agent (`mvc-guest`) serves.
+pub const GUEST_AGENT_PORT: &str = "org.mvc.guest.0";
+
+/// The guest's users and name service: root for the daemons and jobs.
+const PASSWD: &str = "root:x:0:0:root:/mvc/home:/bin/sh\n";
+const GROUP: &str = "root:x:0:\n";
+const NSSWITCH: &str = "passwd: files\ngroup: files\nshadow: files\nhosts: files\n";
+const HOSTS: &str = "127.0.0.1 localhost\n";
+
+/// What a guest carries besides busybox and its modules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestOptions {
+    /// The guest agent binary (`mvc-guest`), when there is one.
+    pub agent: Option<PathBuf>,
+    /// Slurm's compute side: munged, slurmd, slurmstepd, Slurm's plugins and the
+    /// shared libraries of all of them.
+    pub slurm: bool,
+}
+
+impl GuestOptions {
+    /// The guest agent next to the running binary (or `/usr/bin/mvc-guest`); Slurm
+    /// when `slurm`.
+    pub fn new(slurm: bool) -> GuestOptions {
+        let agent = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("mvc-guest")))
+            .into_iter()
+            .chain([PathBuf::from("/usr/bin/mvc-guest")])
+            .find(|p| p.is_file());
+        GuestOptions { agent, slurm }
+    }
+}
+
+/// The libraries `ldd` names in its output (`name => /path (addr)` and the loader's
+/// own `/path (addr)` line); `Err` with the names it could not find.
+pub fn parse_ldd(out: &str) -> Result<Vec<PathBuf>, String> {
+    let mut libs = Vec::new();
+    let mut missing = Vec::new();
+    for l in out.lines() {
+        let l = l.trim();
+        if l.contains("not found") {
+            missing.push(l.split_whitespace().next().unwrap_or(l).to_string());
+        } else if let Some((_, r)) = l.split_once("=>") {
+            if let Some(p) = r.split_whitespace().next().filter(|p| p.starts_with('/')) {
+                libs.push(PathBuf::from(p));
+            }
+        } else if let Some(p) = l.split_whitespace().next().filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    if missing.is_empty() {
+        Ok(libs)
+    } else {
+        Err(missing.join(", "))
+    }
+}
+
+/// The shared libraries `file` loads (as `ldd` resolves them on this machine).
+fn libs_of(file: &Path) -> Result<Vec<PathBuf>, DriverError> {
+    let s = file.display().to_string();
+    let out = std::process::Command::new("ldd")
+        .arg(&s)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| cfg_err(format!("ldd {s}: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || !out.status.success() {
+        return Ok(Vec::new());
+    }
+    parse_ldd(&text).map_err(|m| cfg_err(format!("{s} needs {m}, not on this machine")))
+}
+
+/// Slurm's compute side as guest paths: munged, slurmd, slurmstepd, the shared
+/// libraries they load, and every plugin of Slurm's plugin directory that loads no
+/// library beyond those (the ones that would pull in HDF5, Lua, Kafka, ... stay out:
+/// the guest runs the plugins `slurm.conf` names, all among these).
+fn slurm_files() -> Result<Vec<PathBuf>, DriverError> {
+    let bins: Vec<PathBuf> = ["munged", "slurmd", "slurmstepd"]
+        .iter()
+        .map(|b| {
+            ["/usr/sbin", "/usr/bin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(b))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    cfg_err(format!(
+                        "{b} is not installed here: a guest with Slurm carries this machine's (install the Debian packages slurmd, munge)"
+                    ))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut base = std::collections::BTreeSet::new();
+    for b in &bins {
+        base.extend(libs_of(b)?);
+    }
+    let plugin_dir = base
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "libslurmfull.so"))
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| cfg_err("slurmd loads no libslurmfull.so: no plugin directory".into()))?;
+    let mut plugins: Vec<PathBuf> = std::fs::read_dir(&plugin_dir)
+        .map_err(|e| cfg_err(format!("{}: {e}", plugin_dir.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    plugins.sort();
+    let mut files: Vec<PathBuf> = bins;
+    for p in plugins {
+        let Ok(libs) = libs_of(&p) else { continue };
+        if libs
+            .iter()
+            .all(|l| base.contains(l) || l.starts_with(&plugin_dir))
+        {
+            files.push(p);
+        }
+    }
+    files.extend(base);
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The files `opts` adds, as (guest path, bytes, mode), read now.
+fn extra_files(opts: &GuestOptions) -> Result<Vec<(String, Vec<u8>, u32)>, DriverError> {
+    let mut out = Vec::new();
+    let read = |p: &Path| std::fs::read(p).map_err(|e| cfg_err(format!("{}: {e}", p.display())));
+    let mut hosts = Vec::new();
+    if let Some(a) = &opts.agent {
+        out.push(("bin/mvc-guest".to_string(), read(a)?, 0o755));
+        hosts.extend(libs_of(a)?);
+    }
+    if opts.slurm {
+        hosts.extend(slurm_files()?);
+        for (name, text) in [
+            ("etc/passwd", PASSWD),
+            ("etc/group", GROUP),
+            ("etc/nsswitch.conf", NSSWITCH),
+            ("etc/hosts", HOSTS),
+        ] {
+            out.push((name.to_string(), text.as_bytes().to_vec(), 0o644));
+        }
+    }
+    hosts.sort();
+    hosts.dedup();
+    for h in hosts {
+        let name = h.display().to_string().trim_start_matches('/').to_string();
+        out.push((name, read(&h)?, 0o755));
+    }
+    Ok(out)
+}
 
 /// The Debian package whose dependency names the current cloud kernel.
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -418,15 +590,23 @@ fn fnv(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Build (or reuse from the cache) the initramfs for kernel `k`.
-pub fn initramfs(cache: &Path, k: &Kernel) -> Result<PathBuf, DriverError> {
+/// Build (or reuse from the cache) the initramfs for kernel `k` carrying what `opts`
+/// adds; the cache key covers the content of every file, so a plain guest and one
+/// with Slurm are two files.
+pub fn initramfs(cache: &Path, k: &Kernel, opts: &GuestOptions) -> Result<PathBuf, DriverError> {
     let busybox = static_busybox()?;
-    let key = fnv(&[
+    let extra = extra_files(opts)?;
+    let mut parts: Vec<&[u8]> = vec![
         k.release.as_bytes(),
         INIT.as_bytes(),
         UDHCPC.as_bytes(),
         &busybox,
-    ]);
+    ];
+    for (name, bytes, _) in &extra {
+        parts.push(name.as_bytes());
+        parts.push(bytes);
+    }
+    let key = fnv(&parts);
     let out = cache.join(format!("initramfs-{}-{key:016x}.cpio", k.release));
     if out.exists() {
         return Ok(out);
@@ -458,6 +638,24 @@ pub fn initramfs(cache: &Path, k: &Kernel) -> Result<PathBuf, DriverError> {
         list.push('\n');
     }
     c.file("etc/modules", 0o644, list.as_bytes());
+    let mut dirs: std::collections::BTreeSet<String> = ["bin", "etc", "lib", "tmp", "root"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (name, bytes, mode) in &extra {
+        let mut d = String::new();
+        let parents: Vec<&str> = name.split('/').collect();
+        for part in &parents[..parents.len() - 1] {
+            if !d.is_empty() {
+                d.push('/');
+            }
+            d.push_str(part);
+            if dirs.insert(d.clone()) {
+                c.dir(&d);
+            }
+        }
+        c.file(name, *mode, bytes);
+    }
     std::fs::create_dir_all(cache).map_err(|e| cfg_err(format!("{}: {e}", cache.display())))?;
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, c.finish())
@@ -467,11 +665,20 @@ pub fn initramfs(cache: &Path, k: &Kernel) -> Result<PathBuf, DriverError> {
     Ok(out)
 }
 
-/// Kernel and initramfs for guests, from the cache when present (`fetch`: allow the
-/// kernel download).
+/// Kernel and initramfs for guests (with the guest agent when it is found), from the
+/// cache when present (`fetch`: allow the kernel download).
 pub fn prepare(cache: &Path, fetch: bool) -> Result<BootFiles, DriverError> {
+    prepare_with(cache, fetch, &GuestOptions::new(false))
+}
+
+/// [`prepare`] for a guest carrying what `opts` adds.
+pub fn prepare_with(
+    cache: &Path,
+    fetch: bool,
+    opts: &GuestOptions,
+) -> Result<BootFiles, DriverError> {
     let k = kernel(cache, fetch)?;
-    let initrd = initramfs(cache, &k)?;
+    let initrd = initramfs(cache, &k, opts)?;
     Ok(BootFiles {
         kernel: k.image,
         initrd,
@@ -561,6 +768,22 @@ mod tests {
             let out = ch.wait_with_output().unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\ninit\n");
         }
+    }
+
+    #[test]
+    fn ldd_output_parsed() {
+        let o = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                 \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f70)\n\
+                 \t/lib64/ld-linux-x86-64.so.2 (0x00007f71)\n";
+        assert_eq!(
+            parse_ldd(o).unwrap(),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+        let e = parse_ldd("\tlibhdf5.so.103 => not found\n").unwrap_err();
+        assert_eq!(e, "libhdf5.so.103");
     }
 
     #[test]

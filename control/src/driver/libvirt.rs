@@ -634,6 +634,7 @@ mod tests {
             dhcp: None,
             local_name: "c3-k-c1".into(),
             nic: "mvq3-0".into(),
+            stack: false,
         }
     }
 

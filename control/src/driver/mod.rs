@@ -121,6 +121,11 @@ pub trait VmDriver: Send {
     fn finish_incoming(&mut self, _vm: &mut RunningVm, _name: &str) -> Result<(), DriverError> {
         Ok(())
     }
+    /// The Unix socket of the guest agent (`mvc-guest`) of the VM behind `handle`,
+    /// when its VMs have one (the qemu driver's).
+    fn guest_agent(&self, _handle: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// The average of `rtt min/avg/max/mdev = a/b/c/d ms` from ping's summary.

@@ -68,6 +68,8 @@ pub struct QemuDriver {
     pub cfg: QemuConfig,
     counter: u32,
     accel: Option<&'static str>,
+    /// Built boot files: the plain guest, the guest with Slurm.
+    built: [Option<BootFiles>; 2],
 }
 
 /// Files of one qemu VM.
@@ -92,6 +94,7 @@ impl QemuDriver {
             cfg,
             counter: 0,
             accel: None,
+            built: [None, None],
         }
     }
 
@@ -244,6 +247,16 @@ impl QemuDriver {
                 "unix:{},server=on,wait=off",
                 console.with_extension("qmp").display()
             ),
+            // The guest agent's port: `run/<vm>.ga` (guest::GUEST_AGENT_PORT).
+            "-chardev".into(),
+            format!(
+                "socket,id=ga,path={},server=on,wait=off",
+                console.with_extension("ga").display()
+            ),
+            "-device".into(),
+            "virtio-serial-pci".into(),
+            "-device".into(),
+            format!("virtserialport,chardev=ga,name={}", guest::GUEST_AGENT_PORT),
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
@@ -303,12 +316,29 @@ impl QemuDriver {
 
     /// Kernel and initramfs: the configured ones, or built (cached) ones.
     pub(super) fn boot_files(&mut self) -> Result<BootFiles, DriverError> {
+        self.boot_files_for(false)
+    }
+
+    /// [`QemuDriver::boot_files`] of a guest that runs Slurm (`slurm`): the built
+    /// guest with Slurm's compute side; a configured kernel and initramfs carry what
+    /// they carry.
+    pub(super) fn boot_files_for(&mut self, slurm: bool) -> Result<BootFiles, DriverError> {
         if let Some(b) = &self.cfg.boot {
             return Ok(b.clone());
         }
-        let b = guest::prepare(&self.cfg.cache_dir, true)?;
-        self.cfg.boot = Some(b.clone());
+        let i = usize::from(slurm);
+        if let Some(b) = &self.built[i] {
+            return Ok(b.clone());
+        }
+        let b = guest::prepare_with(&self.cfg.cache_dir, true, &guest::GuestOptions::new(slurm))?;
+        self.built[i] = Some(b.clone());
         Ok(b)
+    }
+
+    /// The Unix socket of the guest agent's port of the VM behind `handle`.
+    pub fn guest_socket(&self, handle: &str) -> Option<PathBuf> {
+        let (_, vm) = Self::parse_handle(handle).ok()?;
+        Some(self.files(vm).console.with_extension("ga"))
     }
 
     /// Wait until `sock` exists (the server listens), failing when `child` exits.
@@ -345,7 +375,7 @@ impl QemuDriver {
         f: &QemuFiles,
         children: &mut Vec<Child>,
     ) -> Result<(), DriverError> {
-        for s in [&f.nbd, &f.console] {
+        for s in [&f.nbd, &f.console, &f.console.with_extension("ga")] {
             if s.as_os_str().len() > MAX_SOCK_PATH {
                 return Err(DriverError::Config(format!(
                     "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
@@ -354,7 +384,7 @@ impl QemuDriver {
             }
             let _ = std::fs::remove_file(s);
         }
-        let boot = self.boot_files()?;
+        let boot = self.boot_files_for(spec.stack)?;
         self.ensure_disk(&f.disk)?;
         let export = format!("{}={}", spec.name, f.disk.display());
         let nbd = f.nbd.display().to_string();
@@ -536,6 +566,7 @@ impl VmDriver for QemuDriver {
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
         let _ = std::fs::remove_file(&f.nbd);
         let _ = std::fs::remove_file(&f.console);
+        let _ = std::fs::remove_file(f.console.with_extension("ga"));
         let _ = run("ip", &["link", "del", tap]);
     }
 
@@ -593,6 +624,10 @@ impl VmDriver for QemuDriver {
     ) -> Result<RunningVm, DriverError> {
         self.start_incoming_qemu(spec, disk, incoming)
     }
+
+    fn guest_agent(&self, handle: &str) -> Option<PathBuf> {
+        self.guest_socket(handle)
+    }
 }
 
 impl QemuDriver {
@@ -633,7 +668,7 @@ impl QemuDriver {
         let _ = std::fs::remove_file(&bitmap);
         std::fs::create_dir_all(&self.cfg.disk_dir)
             .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
-        let boot = self.boot_files()?;
+        let boot = self.boot_files_for(spec.stack)?;
         let tap = if spec.nic.is_empty() {
             self.free_tap()
         } else {
@@ -759,6 +794,7 @@ mod tests {
             dhcp: None,
             local_name: String::new(),
             nic: String::new(),
+            stack: false,
         };
         let boot = BootFiles {
             kernel: "/c/vmlinuz".into(),
@@ -811,6 +847,7 @@ mod tests {
             dhcp: None,
             local_name: String::new(),
             nic: String::new(),
+            stack: false,
         };
         let e = drv.start(&spec).err().unwrap().to_string();
         assert!(e.contains("frontend"), "{e}");

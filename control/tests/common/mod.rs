@@ -4,6 +4,8 @@
 //! reading a ping's losses. Each test file uses a part of it.
 #![allow(dead_code)]
 
+pub mod slurm;
+
 use control::demo::{pick_overlay, SiteLab};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,0 +1,193 @@
+//! Slurm with a compute that is a qemu guest: site A (netns) runs the frontend and a
+//! compute, site C (behind NAT) runs its agent with `--driver qemu`, so its compute
+//! boots the built guest with Slurm's compute side (munged, slurmd). The agent hands
+//! the guest its munge key and `slurm.conf` through the guest agent and starts the
+//! daemons there; `sinfo` lists both computes idle, `srun -N 2 hostname` answers from
+//! both, `cluster exec --vm` runs commands in the guest (exit status, timeout). C's
+//! agent killed and started again leaves the guest's daemons as they run; the guest
+//! stopped is marked down, started again it is idle again. Needs root,
+//! qemu, Slurm and munge (.ci/setup-deps); otherwise prints that it was skipped.
+mod common;
+
+use common::slurm::{have, ok, slurm_logs, srun};
+use common::{
+    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
+    VmProcs,
+};
+use control::demo::SiteLab;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// `mvc cluster exec s --vm VM ARGS`: (exit status, stdout, stderr).
+fn exec_in(sl: &SiteLab, vm: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec![
+        "cluster",
+        "exec",
+        "s",
+        "--vm",
+        vm,
+        "--timeout",
+        timeout,
+        "--",
+    ];
+    a.extend_from_slice(args);
+    let o = sl.ctl_output(&a).expect("mvc cluster exec");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn slurm_runs_jobs_on_a_qemu_compute() {
+    let name = "slurm_runs_jobs_on_a_qemu_compute";
+    if !lab::is_root() {
+        lab::skip(name, "needs root for network namespaces and TAPs");
+        return;
+    }
+    for tool in ["slurmctld", "slurmd", "munged", "srun"] {
+        if !have(tool) {
+            lab::skip(
+                name,
+                &format!("{tool} missing (.ci/setup-deps installs slurm-wlm, munge)"),
+            );
+            return;
+        }
+    }
+    let t0 = Instant::now();
+    let (mvc, xnbd) = mvc_and_xnbd();
+    let cache = prepare_qemu_guest(&mvc);
+    let overlay = overlay_under_test(&mvc);
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        "C".to_string(),
+        lab::sites::qemu_agent_args(&cache, &xnbd, 64),
+    );
+    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let c_state = sl.agents["C"].state.clone();
+    let _procs = VmProcs(c_state.join("run"));
+    sl.add_sites().expect("site add");
+    let run = || {
+        let cl = sl
+            .ctl_json(&[
+                "cluster",
+                "create",
+                "s",
+                "--sites",
+                "A:C",
+                "--computes",
+                "1:1",
+                "--memory",
+                "256",
+                "--frontend-memory",
+                "128",
+                "--stack",
+                "slurm",
+                "--start",
+                "--lease-timeout",
+                "150",
+            ])
+            .expect("cluster create --stack slurm --start");
+        eprintln!(
+            "cluster with Slurm and a qemu compute up after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let qvm = compute_at(&cl, "C")["name"].as_str().unwrap().to_string();
+        let computes: BTreeSet<String> = cl["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["role"] == "compute")
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(computes.len(), 2);
+
+        // The guest booted the Slurm guest, and its slurmd registered.
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        let idle: BTreeSet<String> = s
+            .lines()
+            .filter(|l| l.ends_with(" idle"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        assert_eq!(idle, computes, "{s}");
+        let (code, s, err) = srun(&sl, &["-N", "2", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        assert_eq!(names, computes, "{code} {s} {err}");
+
+        // exec in the guest, through its guest agent.
+        let (code, out, err) = exec_in(&sl, &qvm, "30", &["hostname"]);
+        assert_eq!((code, out.trim()), (0, qvm.as_str()), "{err}");
+        let (code, out, _) = exec_in(
+            &sl,
+            &qvm,
+            "30",
+            &["sh", "-c", "pidof slurmd munged | wc -w; exit 3"],
+        );
+        assert_eq!((code, out.trim()), (3, "2"));
+        let t = Instant::now();
+        let (code, _, _) = exec_in(&sl, &qvm, "1", &["sleep", "30"]);
+        assert_eq!(code, 124);
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+
+        // C's agent killed and started again: the guest and its daemons run on, once.
+        let (_, before, _) = exec_in(&sl, &qvm, "30", &["pidof", "slurmd"]);
+        sl.kill_agent("C");
+        sl.restart_agent("C").expect("agent C restart");
+        std::thread::sleep(Duration::from_secs(2));
+        let (code, after, err) = exec_in(&sl, &qvm, "30", &["pidof", "slurmd"]);
+        assert_eq!((code, after.trim()), (0, before.trim()), "{err}");
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        assert!(s.lines().any(|l| l == format!("{qvm} idle")), "{s}");
+
+        // Stopped, the guest's node is marked down; started again, the guest boots, its
+        // agent hands it the files as soon as its guest agent answers, and it is idle.
+        sl.ctl(&["vm", "stop", &qvm]).expect("vm stop");
+        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+        assert!(
+            s.lines().any(|l| l.starts_with(&format!("{qvm} down"))),
+            "{s}"
+        );
+        let t = Instant::now();
+        sl.ctl(&["vm", "start", &qvm]).expect("vm start");
+        let back = wait_until(Duration::from_secs(150), Duration::from_secs(1), || {
+            ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"])
+                .lines()
+                .any(|l| l == format!("{qvm} idle"))
+        });
+        assert!(back, "{qvm} not idle after vm start");
+        eprintln!(
+            "{qvm} idle {:.1} s after vm start",
+            t.elapsed().as_secs_f64()
+        );
+
+        // Destroy: the guest, and so its daemons, and its qemu and xnbd are gone.
+        sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
+        for e in std::fs::read_dir(c_state.join("run")).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".qemu.pid") || n.ends_with(".xnbd.pid") {
+                assert!(alive_pid(&e.path(), &c_state).is_none(), "{n} still runs");
+            }
+        }
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+    if r.is_err() {
+        sl.dump_logs();
+        slurm_logs(&sl);
+        for e in std::fs::read_dir(c_state.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().ends_with(".console.log") {
+                let t = std::fs::read(e.path()).unwrap_or_default();
+                let tail = String::from_utf8_lossy(&t[t.len().saturating_sub(3000)..]);
+                eprintln!("---- {}\n{tail}", e.path().display());
+            }
+        }
+    }
+    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
