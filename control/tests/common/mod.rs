@@ -1,8 +1,11 @@
 //! What the VM tests on the three-site lab share: the binaries under test, the
 //! overlay, the qemu guest, finding a cluster's VMs, ending the
 //! processes a failed test leaves, `mvc` runs that go on while the test watches, and
-//! reading a ping's losses. Each test file uses a part of it.
+//! reading a ping's losses, a libvirtd of a test's own ([`libvirtd`]). Each test file
+//! uses a part of it.
 #![allow(dead_code)]
+
+pub mod libvirtd;
 
 use control::demo::{pick_overlay, SiteLab};
 use std::path::{Path, PathBuf};
