@@ -1,4 +1,4 @@
-//! Live migration of a running qemu VM to another site: `mvc vm migrate`.
+//! Live migration of a running VM to another site: `mvc vm migrate`.
 //!
 //! The controller drives both agents step by step ([`MigrateStep`], inside
 //! [`crate::proto::Request::Migrate`]); the agents move the data between themselves:
@@ -26,7 +26,7 @@
 //! A tunnel is a new TCP connection to the other agent's listening port (the one port a
 //! NATed site forwards), the same channel handshake as a controller's (the agent key
 //! pinned: the controller hands each agent the other's key from its store), then one
-//! frame `{"tunnel": TOKEN, "kind": "ram"|"nbd"}` and from then on raw bytes in sealed
+//! frame `{"tunnel": TOKEN, "kind": "ram"|"nbd"|"libvirt"}` and from then on raw bytes in sealed
 //! frames both ways (an empty frame: that direction ended). The token is 32 random
 //! bytes the controller sent both agents over their own channels; the agent that
 //! accepts a tunnel connects it to a local socket only for the token and kind it was
@@ -54,6 +54,11 @@
 //! ([`NetnsState`], its addresses) through the `ram` tunnel once it took its NIC down;
 //! the destination's namespace, made at `prepare` with the VM's MAC and its NIC down,
 //! takes the addresses and comes up (see `driver/netns_migrate.rs`).
+//!
+//! libvirt domains move by libvirt's own migration instead of qemu's (`virsh migrate
+//! --live --p2p --tunnelled` into the destination's libvirtd through a `libvirt`
+//! tunnel, the destination's domain XML signed by its agent: [`LibvirtIncoming`]); the
+//! disk follows through the proxy in the same way.
 //!
 //! The overlay is not extended for a move: a destination site where the cluster has no
 //! VMs (no edge, no bridge) is refused before any agent is asked.
@@ -1082,8 +1087,14 @@ impl crate::controller::Controller<'_> {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            if let Err(e) = finished {
-                return Err(fail(&mut view, &mut origin, &mut dest, e));
+            match finished {
+                // libvirt measures the downtime at the destination.
+                Ok(f) => {
+                    if let Some(ms) = f["downtime_ms"].as_u64() {
+                        view.downtime_ms = Some(ms);
+                    }
+                }
+                Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e)),
             }
             self.store.move_vm(&vm.name, &to.name, &host)?;
             self.stack_after_move(&args.cluster);

@@ -16,8 +16,11 @@
 //! `vm_migrate_libvirt.rs`. Needs root; otherwise prints that it was skipped.
 mod common;
 
-use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, taps, Libvirtd};
-use common::{compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until};
+use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
+use common::{
+    compute_at, create_1_1_1, links, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest,
+    wait_until,
+};
 use lab::sites::SiteLab;
 use lab::{Lab, Topology};
 use std::collections::BTreeMap;
@@ -82,24 +85,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     sl.add_sites().expect("site add");
 
     let t0 = Instant::now();
-    let cl = sl
-        .ctl_json(&[
-            "cluster",
-            "create",
-            "l",
-            "--sites",
-            "A:B:C",
-            "--computes",
-            "1:1:1",
-            "--memory",
-            "256",
-            "--frontend-memory",
-            "256",
-            "--start",
-            "--lease-timeout",
-            "150",
-        ])
-        .expect("cluster create");
+    let cl = create_1_1_1(&sl, "l", 256, 150);
     eprintln!(
         "cluster with a libvirt domain at C started and leased in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -139,7 +125,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     ] {
         assert!(xml.contains(&want), "{want} not in the domain XML:\n{xml}");
     }
-    let tap_list = taps(&c_ns, "mvq");
+    let tap_list = links(&c_ns, "mvq");
     assert_eq!(tap_list.len(), 1, "{tap_list:?}");
     let master = lab::run(&["ip", "-n", &c_ns, "-o", "link", "show", &tap_list[0]]).unwrap();
     assert!(master.stdout.contains("master mvb"), "{}", master.stdout);
@@ -195,7 +181,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     let st = sl.ctl_json(&["vm", "stop", &lname]).expect("vm stop");
     assert_eq!(st["state"], "stopped");
     assert!(lv.domains().is_empty(), "{:?}", lv.domains());
-    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     assert!(img.exists());
     sl.ctl_json(&["vm", "start", &lname]).expect("vm start");
     assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
@@ -211,7 +197,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     sl.ctl(&["cluster", "destroy", "l"]).expect("destroy");
     eprintln!("destroyed at {:.1} s", t0.elapsed().as_secs_f64());
     assert!(lv.domains().is_empty(), "{:?}", lv.domains());
-    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     let disks: Vec<_> = std::fs::read_dir(c_state.join("disks"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

@@ -12,8 +12,8 @@ mod common;
 
 use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
 use common::{
-    compute_at, lost_pings, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, spawn_ping,
-    wait_until,
+    compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd, overlay_under_test,
+    prepare_qemu_guest, spawn_ping, wait_until,
 };
 use lab::sites::SiteLab;
 use lab::{Lab, Topology};
@@ -86,24 +86,7 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let mut sl = SiteLab::start(lab, topo, &mvc, &overlay, 8, 8, &extra).expect("site lab");
     let (b_state, c_state) = (sl.agents["B"].state.clone(), sl.agents["C"].state.clone());
     sl.add_sites().expect("site add");
-    let cl = sl
-        .ctl_json(&[
-            "cluster",
-            "create",
-            "v",
-            "--sites",
-            "A:B:C",
-            "--computes",
-            "1:1:1",
-            "--memory",
-            "128",
-            "--frontend-memory",
-            "128",
-            "--start",
-            "--lease-timeout",
-            "300",
-        ])
-        .expect("cluster create");
+    let cl = create_1_1_1(&sl, "v", 128, 300);
     eprintln!(
         "cluster with libvirt domains at B and C started in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -144,39 +127,32 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // it had made for it.
     let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
     let b_run = b_state.join("run");
-    let killed = std::thread::scope(|scope| {
-        let h = scope.spawn(|| {
-            sl.ctl(&[
-                "vm",
-                "migrate",
-                "v",
-                &vm,
-                "--to",
-                "C",
-                "--rate",
-                "1048576",
-                "--timeout",
-                "60",
-            ])
-        });
-        let sending = || {
-            std::fs::read_dir(&b_run)
-                .map(|rd| {
-                    rd.flatten()
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".lvd"))
-                })
-                .unwrap_or(false)
-        };
-        assert!(
-            wait_until(Duration::from_secs(60), Duration::from_millis(100), sending),
-            "no migration relay in {}",
-            b_run.display()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-        // This test's own agent of site C (its pid file names it).
-        lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
-        h.join().expect("migrate thread")
-    });
+    let sending = || {
+        std::fs::read_dir(&b_run)
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".lvd"))
+            })
+            .unwrap_or(false)
+    };
+    let killed = migrate_killing_agent(
+        &sl,
+        &[
+            "vm",
+            "migrate",
+            "v",
+            &vm,
+            "--to",
+            "C",
+            "--rate",
+            "1048576",
+            "--timeout",
+            "60",
+        ],
+        c_pid,
+        sending,
+        Duration::from_secs(2),
+    );
     let err = killed.expect_err("migration to a killed agent succeeded");
     eprintln!("migration to a killed agent: {err}");
     sl.kill_agent("C");

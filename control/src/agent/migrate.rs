@@ -752,6 +752,7 @@ impl AgentCore {
                 if kind == "netns" {
                     return self.finish_netns(n, &slot);
                 }
+                let mut answer = serde_json::json!("running");
                 if let Some(lv) = self.driver.as_libvirt() {
                     // libvirt resumed the domain here (its qemu announces the MAC itself
                     // after an incoming migration).
@@ -759,6 +760,9 @@ impl AgentCore {
                     if st != "running" {
                         return Err(format!("the incoming domain is {st:?} (not running yet)"));
                     }
+                    answer = serde_json::json!({
+                        "state": "running", "downtime_ms": lv.incoming_downtime_ms(&slot.local)
+                    });
                 }
                 let qsock = self.mig_file(&slot.local, "qmp");
                 let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
@@ -805,7 +809,7 @@ impl AgentCore {
                     s.state = "running".into();
                 }
                 self.save().map_err(|e| e.to_string())?;
-                Ok(serde_json::json!("running"))
+                Ok(answer)
             }
             MigrateStep::Done => {
                 let slot = self

@@ -691,6 +691,15 @@ impl LibvirtDriver {
         ))
     }
 
+    /// Destination: the downtime of the migration that brought the domain of `local`
+    /// here, ms, as libvirt measured it (`virsh domjobinfo --completed`), if it says.
+    pub fn incoming_downtime_ms(&self, local: &str) -> Option<u64> {
+        let out = self
+            .virsh(&["domjobinfo", "--completed", &self.domain_name(local)])
+            .ok()?;
+        parse_job_field(&out, "Total downtime")
+    }
+
     /// Origin: how long the domain may be paused at switchover, ms (once its job runs).
     pub fn set_max_downtime(&self, local: &str, ms: u64) -> bool {
         self.virsh(&[
@@ -972,6 +981,10 @@ mod tests {
         assert_eq!(parse_job_field(job, "Memory remaining"), Some(100 << 10));
         assert_eq!(parse_job_field(job, "Memory bandwidth"), Some(30 << 20));
         assert_eq!(parse_job_field(job, "Data total"), None);
+        assert_eq!(
+            parse_job_field("Total downtime:   87 ms\n", "Total downtime"),
+            Some(87)
+        );
         let uri = |u: &str| {
             let d = tempfile::tempdir().unwrap();
             let mut cfg = LibvirtConfig::new(d.path(), "t-");

@@ -50,20 +50,6 @@ pub fn libvirt_agent_args(
     a
 }
 
-/// TAP-like links of namespace `ns` whose names start with `prefix`.
-pub fn taps(ns: &str, prefix: &str) -> Vec<String> {
-    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
-        .map(|o| {
-            o.stdout
-                .lines()
-                .filter_map(|l| l.split(": ").nth(1))
-                .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A libvirtd and virtlogd of this test in one namespace; on drop every domain of it is
 /// destroyed, both daemons end (by pid) and the socket directory goes.
 pub struct Libvirtd {
