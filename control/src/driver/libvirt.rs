@@ -393,6 +393,27 @@ impl LibvirtDriver {
         std::fs::set_permissions(sock, std::fs::Permissions::from_mode(mode)).map_err(err)
     }
 
+    /// Once the disk server `xnbd` (`what`) started, one of `children` from then on:
+    /// its socket awaited and shared with the hypervisor's group `gid`, the console log
+    /// cleared; the boot files the domain names.
+    fn disk_served(
+        f: &DomainFiles,
+        mut xnbd: std::process::Child,
+        what: &str,
+        gid: Option<u32>,
+        children: &mut Vec<std::process::Child>,
+    ) -> Result<BootFiles, DriverError> {
+        let waited = QemuDriver::wait_socket(&f.nbd, &mut xnbd, what, &f.xnbd_log);
+        children.push(xnbd);
+        waited?;
+        Self::share_socket(&f.nbd, gid)?;
+        let _ = std::fs::remove_file(&f.console_log);
+        Ok(BootFiles {
+            kernel: f.kernel.clone(),
+            initrd: f.initrd.clone(),
+        })
+    }
+
     fn domain_exists(&self, dom: &str) -> bool {
         self.virsh(&["domstate", dom]).is_ok()
     }
@@ -434,16 +455,8 @@ impl LibvirtDriver {
         let dom = self.domain_name(spec.local());
         let gid = self.lay_out(f)?;
         self.disks.ensure_disk(&f.disk)?;
-        let mut xnbd = f.spawn_server(&self.cfg.vm.xnbd, &spec.name)?;
-        let waited = QemuDriver::wait_socket(&f.nbd, &mut xnbd, "xnbd serve", &f.xnbd_log);
-        children.push(xnbd);
-        waited?;
-        Self::share_socket(&f.nbd, gid)?;
-        let _ = std::fs::remove_file(&f.console_log);
-        let boot = BootFiles {
-            kernel: f.kernel.clone(),
-            initrd: f.initrd.clone(),
-        };
+        let xnbd = f.spawn_server(&self.cfg.vm.xnbd, &spec.name)?;
+        let boot = Self::disk_served(f, xnbd, "xnbd serve", gid, children)?;
         let mut dtype = self.domain_type();
         loop {
             let xml = DomainXml {
@@ -589,16 +602,8 @@ impl LibvirtDriver {
             std::fs::create_dir_all(&self.cfg.vm.disk_dir).map_err(|e| {
                 DriverError::Config(format!("{}: {e}", self.cfg.vm.disk_dir.display()))
             })?;
-            let mut xnbd = f.spawn_proxy(&self.cfg.vm.xnbd, &spec.name, source, ctl, rate)?;
-            let waited = QemuDriver::wait_socket(&f.nbd, &mut xnbd, "xnbd proxy", &f.xnbd_log);
-            children.push(xnbd);
-            waited?;
-            Self::share_socket(&f.nbd, gid)?;
-            let _ = std::fs::remove_file(&f.console_log);
-            let boot = BootFiles {
-                kernel: f.kernel.clone(),
-                initrd: f.initrd.clone(),
-            };
+            let xnbd = f.spawn_proxy(&self.cfg.vm.xnbd, &spec.name, source, ctl, rate)?;
+            let boot = Self::disk_served(&f, xnbd, "xnbd proxy", gid, &mut children)?;
             let xml = DomainXml {
                 domain_type: &origin.domain_type,
                 name: &origin.name,
