@@ -1,4 +1,4 @@
-//! Live migration of a running qemu VM to another site: `mvc vm migrate`.
+//! Live migration of a running VM to another site: `mvc vm migrate`.
 //!
 //! The controller drives both agents step by step ([`MigrateStep`], inside
 //! [`crate::proto::Request::Migrate`]); the agents move the data between themselves:
@@ -26,7 +26,7 @@
 //! A tunnel is a new TCP connection to the other agent's listening port (the one port a
 //! NATed site forwards), the same channel handshake as a controller's (the agent key
 //! pinned: the controller hands each agent the other's key from its store), then one
-//! frame `{"tunnel": TOKEN, "kind": "ram"|"nbd"}` and from then on raw bytes in sealed
+//! frame `{"tunnel": TOKEN, "kind": "ram"|"nbd"|"libvirt"}` and from then on raw bytes in sealed
 //! frames both ways (an empty frame: that direction ended). The token is 32 random
 //! bytes the controller sent both agents over their own channels; the agent that
 //! accepts a tunnel connects it to a local socket only for the token and kind it was
@@ -54,6 +54,11 @@
 //! ([`NetnsState`], its addresses) through the `ram` tunnel once it took its NIC down;
 //! the destination's namespace, made at `prepare` with the VM's MAC and its NIC down,
 //! takes the addresses and comes up (see `driver/netns_migrate.rs`).
+//!
+//! libvirt domains move by libvirt's own migration instead of qemu's (`virsh migrate
+//! --live --p2p --tunnelled` into the destination's libvirtd through a `libvirt`
+//! tunnel, the destination's domain XML signed by its agent: [`LibvirtIncoming`]); the
+//! disk follows through the proxy in the same way.
 //!
 //! The overlay is not extended for a move: a destination site where the cluster has no
 //! VMs (no edge, no bridge) is refused before any agent is asked.
@@ -96,10 +101,14 @@ pub enum MigrateStep {
         /// The proxy's fetch rate, bytes/s (0: unlimited).
         #[serde(default)]
         disk_rate: u64,
-        /// The origin's VM driver (`qemu`, `netns`); the destination must run the same.
-        /// Absent: `qemu`.
+        /// The origin's VM driver (`qemu`, `netns`, `libvirt`); the destination must run
+        /// the same. Absent: `qemu`.
         #[serde(default)]
         origin_driver: Option<String>,
+        /// libvirt driver: the origin's domain (its name and UUID go into the
+        /// destination's migration XML, its type must match the destination's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin_domain: Option<LibvirtDomain>,
     },
     /// Origin (`--precopy-disk`): mirror the disk into the destination's disk server,
     /// through a tunnel, before the memory.
@@ -126,6 +135,9 @@ pub enum MigrateStep {
         downtime_ms: u64,
         /// Memory bandwidth cap, bytes/s (0: qemu's default, 128 MiB/s).
         rate: u64,
+        /// libvirt driver: the domain the destination prepared, signed by it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        libvirt: Option<LibvirtIncoming>,
     },
     /// Either side: progress (origin: qemu's `query-migrate`; destination: qemu's
     /// run state and the proxy's status).
@@ -176,6 +188,7 @@ impl MigrateStep {
                 memory_mb,
                 origin,
                 origin_key,
+                origin_domain,
                 ..
             } => {
                 token(t)?;
@@ -184,7 +197,11 @@ impl MigrateStep {
                     return Err(format!("{memory_mb} MiB"));
                 }
                 addr(origin)?;
-                key(origin_key)
+                key(origin_key)?;
+                match origin_domain {
+                    Some(d) => d.validate(),
+                    None => Ok(()),
+                }
             }
             MigrateStep::Mirror {
                 token: t,
@@ -200,6 +217,7 @@ impl MigrateStep {
                 dest,
                 dest_key,
                 downtime_ms,
+                libvirt,
                 ..
             } => {
                 token(t)?;
@@ -208,10 +226,127 @@ impl MigrateStep {
                 if *downtime_ms == 0 || *downtime_ms > 60_000 {
                     return Err(format!("downtime limit {downtime_ms} ms (1 to 60000)"));
                 }
-                Ok(())
+                match libvirt {
+                    Some(l) => l.validate(),
+                    None => Ok(()),
+                }
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// A libvirt domain name as the driver makes them (and checks on the wire): 1 to 200
+/// of `A-Z a-z 0-9 - _ .`.
+pub fn check_domain_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "not a domain name: {}",
+            crate::validate::quote(name)
+        ));
+    }
+    Ok(())
+}
+
+/// The origin's domain, for the destination's migration XML (libvirt refuses one whose
+/// name or UUID is not the origin's).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtDomain {
+    /// Domain name at the origin.
+    pub name: String,
+    /// Its UUID (`virsh domuuid`).
+    pub uuid: String,
+    /// Its type, `kvm`, `qemu` (TCG) or `xen`: both ends must use the same.
+    pub domain_type: String,
+}
+
+impl LibvirtDomain {
+    /// Check what came over the wire.
+    pub fn validate(&self) -> Result<(), String> {
+        check_domain_name(&self.name)?;
+        let u = self.uuid.as_bytes();
+        let uuid_ok = u.len() == 36
+            && u.iter().enumerate().all(|(i, b)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    *b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        if !uuid_ok {
+            return Err(format!(
+                "not a domain UUID: {}",
+                crate::validate::quote(&self.uuid)
+            ));
+        }
+        if !matches!(self.domain_type.as_str(), "kvm" | "qemu" | "xen") {
+            return Err(format!(
+                "not a domain type: {}",
+                crate::validate::quote(&self.domain_type)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest migration XML the destination may hand the origin.
+pub const MAX_DOMAIN_XML: usize = 64 << 10;
+
+/// The domain a libvirt destination prepared for an incoming VM: its XML (the
+/// destination's bridge, TAP, sockets and boot copies under the origin's name and
+/// UUID), the name it takes there (`--dname`), and the destination agent's signature
+/// over both and the token ([`LibvirtIncoming::signed`]), which the origin checks with
+/// the key it pins for the tunnel before it hands the XML to its libvirtd: the
+/// controller passes the XML on but cannot make one of its own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtIncoming {
+    /// Migration XML.
+    pub xml: String,
+    /// Domain name at the destination.
+    pub dname: String,
+    /// Ed25519 signature (128 hex digits) of [`LibvirtIncoming::signed`].
+    pub sig: String,
+}
+
+impl LibvirtIncoming {
+    /// The bytes the destination signs: a context string, the token, the name, the XML.
+    pub fn signed(token: &str, dname: &str, xml: &str) -> Vec<u8> {
+        let mut m = b"mvc-libvirt-migration-v1\0".to_vec();
+        for part in [token, dname, xml] {
+            m.extend_from_slice(part.as_bytes());
+            m.push(0);
+        }
+        m
+    }
+
+    /// Check what came over the wire (the signature is checked where the key is known).
+    pub fn validate(&self) -> Result<(), String> {
+        check_domain_name(&self.dname)?;
+        if self.xml.len() > MAX_DOMAIN_XML || !self.xml.starts_with("<domain ") {
+            return Err("not a domain XML (or longer than 64 KiB)".into());
+        }
+        if self.sig.len() != 128 || !self.sig.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("a domain signature is 128 hex digits".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `key_hex` (the destination agent's key) signed it for `token`.
+    pub fn verify(&self, token: &str, key_hex: &str) -> bool {
+        let (Ok(key), Some(sig)) = (
+            crate::auth::parse_public(key_hex),
+            crate::model::unhex(&self.sig),
+        ) else {
+            return false;
+        };
+        crate::auth::verify(&key, &Self::signed(token, &self.dname, &self.xml), &sig)
     }
 }
 
@@ -246,6 +381,9 @@ pub enum TunnelKind {
     Ram,
     /// NBD, destination proxy -> origin disk server.
     Nbd,
+    /// libvirt's RPC (memory inside it, `--tunnelled`), origin libvirtd -> destination
+    /// libvirtd's socket.
+    Libvirt,
 }
 
 /// The first frame of a tunnel connection.
@@ -798,7 +936,9 @@ impl crate::controller::Controller<'_> {
                     ))
                 }
             };
-            if let Err(e) = step(
+            let origin_domain: Option<LibvirtDomain> =
+                serde_json::from_value(offered["domain"].clone()).unwrap_or(None);
+            let prepared = match step(
                 &mut dest,
                 MigrateStep::Prepare {
                     token: token.clone(),
@@ -810,10 +950,16 @@ impl crate::controller::Controller<'_> {
                     precopy_disk_size,
                     disk_rate: args.disk_rate,
                     origin_driver: offered["driver"].as_str().map(str::to_string),
+                    origin_domain,
                 },
             ) {
-                return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
-            }
+                Ok(p) => p,
+                Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e.to_string())),
+            };
+            // A libvirt destination answers with its domain, which the origin's libvirtd
+            // moves the VM into.
+            let libvirt: Option<LibvirtIncoming> =
+                serde_json::from_value(prepared["libvirt"].clone()).unwrap_or(None);
             if args.precopy_disk {
                 // The disk first: qemu mirrors it until source and copy are in step (and
                 // keeps them so while the memory moves).
@@ -869,6 +1015,7 @@ impl crate::controller::Controller<'_> {
                     dest_key: to.agent_key.clone(),
                     downtime_ms: args.downtime_ms,
                     rate: args.rate,
+                    libvirt,
                 },
             ) {
                 return Err(fail(&mut view, &mut origin, &mut dest, e.to_string()));
@@ -940,8 +1087,14 @@ impl crate::controller::Controller<'_> {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            if let Err(e) = finished {
-                return Err(fail(&mut view, &mut origin, &mut dest, e));
+            match finished {
+                // libvirt measures the downtime at the destination.
+                Ok(f) => {
+                    if let Some(ms) = f["downtime_ms"].as_u64() {
+                        view.downtime_ms = Some(ms);
+                    }
+                }
+                Err(e) => return Err(fail(&mut view, &mut origin, &mut dest, e)),
             }
             self.store.move_vm(&vm.name, &to.name, &host)?;
             self.stack_after_move(&args.cluster);
@@ -1160,6 +1313,7 @@ mod tests {
             dest_key: "cd".repeat(32),
             downtime_ms: 300,
             rate: 0,
+            libvirt: None,
         };
         let t = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<MigrateStep>(&t).unwrap(), s);
@@ -1175,5 +1329,88 @@ mod tests {
         // A signed request is not a hello.
         assert_eq!(TunnelHello::parse(br#"{"body":"x","sig":"y"}"#), None);
         assert_eq!(TunnelHello::parse(b"\xff"), None);
+    }
+
+    #[test]
+    fn libvirt_domain_is_checked_and_its_xml_signed_by_the_destination() {
+        let token = "ab".repeat(32);
+        let dest = crate::auth::SigningKey::generate().unwrap();
+        let other = crate::auth::SigningKey::generate().unwrap();
+        let xml = "<domain type='qemu'><name>b-c1-k-c1</name></domain>".to_string();
+        let sig = dest.sign(&LibvirtIncoming::signed(&token, "c-c2-k-c1", &xml));
+        let inc = LibvirtIncoming {
+            xml: xml.clone(),
+            dname: "c-c2-k-c1".into(),
+            sig: crate::model::hex(&sig),
+        };
+        assert!(inc.validate().is_ok());
+        assert!(inc.verify(&token, &dest.public_hex()));
+        // Another key, another token, or a changed XML or name does not verify.
+        assert!(!inc.verify(&token, &other.public_hex()));
+        assert!(!inc.verify(&"cd".repeat(32), &dest.public_hex()));
+        let mut x = inc.clone();
+        x.xml = xml.replace("qemu", "kvm");
+        assert!(!x.verify(&token, &dest.public_hex()));
+        let mut x = inc.clone();
+        x.dname = "c-c2-k-c2".into();
+        assert!(!x.verify(&token, &dest.public_hex()));
+        // Bad input is refused before use.
+        for (xml, dname, sig) in [
+            ("<x/>", "d", "00".repeat(64)),
+            ("<domain >", "a b", "00".repeat(64)),
+            ("<domain >", "d", "zz".repeat(64)),
+            ("<domain >", "d", "00".repeat(63)),
+        ] {
+            let bad = LibvirtIncoming {
+                xml: xml.into(),
+                dname: dname.into(),
+                sig,
+            };
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let big = LibvirtIncoming {
+            xml: format!("<domain {}", " ".repeat(MAX_DOMAIN_XML)),
+            ..inc.clone()
+        };
+        assert!(big.validate().is_err());
+        let d = LibvirtDomain {
+            name: "b-c1-k-c1".into(),
+            uuid: "0c4fb6a4-7d63-4b38-9a1b-2a0e3c9d1f10".into(),
+            domain_type: "qemu".into(),
+        };
+        assert!(d.validate().is_ok());
+        for bad in [
+            LibvirtDomain {
+                name: "../x".into(),
+                ..d.clone()
+            },
+            LibvirtDomain {
+                uuid: "0c4fb6a4-7d63-4b38-9a1b-2a0e3c9d1f1".into(),
+                ..d.clone()
+            },
+            LibvirtDomain {
+                uuid: "0c4fb6a4x7d63-4b38-9a1b-2a0e3c9d1f10".into(),
+                ..d.clone()
+            },
+            LibvirtDomain {
+                domain_type: "lxc".into(),
+                ..d.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // Old peers: a prepare without `origin_domain` still parses.
+        let p: MigrateStep = serde_json::from_str(
+            r#"{"step":"prepare","token":"x","host":"h","memory_mb":1,
+                "mac":"02:00:00:00:00:01","origin":"o","origin_key":"k"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            p,
+            MigrateStep::Prepare {
+                origin_domain: None,
+                ..
+            }
+        ));
     }
 }

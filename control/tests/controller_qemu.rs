@@ -11,7 +11,7 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
+    alive_pid, compute_at, links, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
     VmProcs,
 };
 use control::demo::SiteLab;
@@ -36,19 +36,6 @@ fn disk_marker(img: &Path) -> String {
         .trim_end_matches('\0')
         .trim()
         .to_string()
-}
-
-fn taps(ns: &str) -> Vec<String> {
-    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
-        .map(|o| {
-            o.stdout
-                .lines()
-                .filter_map(|l| l.split(": ").nth(1))
-                .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                .filter(|n| n.starts_with("mvq"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -141,7 +128,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
         .replace('\0', " ");
     assert!(cmdline.contains(&format!("mac={qmac}")), "{cmdline}");
     assert!(cmdline.contains("driver=nbd,"), "{cmdline}");
-    let tap_list = taps(&c_ns);
+    let tap_list = links(&c_ns, "mvq");
     assert_eq!(tap_list.len(), 1, "{tap_list:?}");
     let master = lab::run(&["ip", "-n", &c_ns, "-o", "link", "show", &tap_list[0]]).unwrap();
     assert!(master.stdout.contains("master mvb"), "{}", master.stdout);
@@ -184,7 +171,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     for pid in [qpid, xpid] {
         assert!(gone(pid), "pid {pid} still runs after vm stop");
     }
-    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     assert!(img.exists());
 
     // Start again: same MAC and lease, and it booted from the same disk.
@@ -205,7 +192,7 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
     assert!(alive_pid(&run_c.join(format!("{qlocal}.qemu.pid")), &c_state) == Some(qpid));
     sl.restart_agent("C").expect("agent C restart");
     assert!(!gone(qpid), "qemu {qpid} ended by the agent's restart");
-    assert_eq!(taps(&c_ns).len(), 1, "{:?}", taps(&c_ns));
+    assert_eq!(links(&c_ns, "mvq").len(), 1, "{:?}", links(&c_ns, "mvq"));
     sl.ctl(&["cluster", "start", "q", "--lease-timeout", "150"])
         .expect("cluster start after agent crash");
     assert!(!gone(qpid), "qemu {qpid} restarted by cluster start");
@@ -223,6 +210,6 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
             assert!(alive_pid(&p, &c_state).is_none(), "{n} still runs");
         }
     }
-    assert!(taps(&c_ns).is_empty(), "{:?}", taps(&c_ns));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     assert!(!img.exists(), "disk {} left", img.display());
 }

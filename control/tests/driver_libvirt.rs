@@ -3,8 +3,8 @@
 //! qemu driver's guest, on the cluster bridge with the allocated MAC, its disk an NBD
 //! network disk served by `xnbd serve`. The domain must get its DHCP lease from the
 //! frontend at site A over the overlay, answer ping from site B's VM and ping the other
-//! sites itself (`cluster topology`), refuse `vm migrate` (live migration of libvirt
-//! domains is not built) and run on, write its boot marker through xnbd into its disk
+//! sites itself (`cluster topology`), refuse `vm migrate` to a site of another driver
+//! and run on, write its boot marker through xnbd into its disk
 //! image, and boot from that disk again after `vm stop` (domain destroyed and undefined,
 //! TAP gone) and `vm start`; `cluster destroy` leaves no domain, disk, socket or TAP; a
 //! restarted agent removes a domain of its own that its store does not name and leaves
@@ -12,133 +12,20 @@
 //!
 //! A site is a network namespace here, and libvirtd puts a domain's TAP on a bridge of
 //! its own namespace: so the test runs a libvirtd (and virtlogd) of its own inside site
-//! C's namespace, with private `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt`,
-//! `/var/log/libvirt` and `/etc/libvirt` (bind mounts in a mount namespace of their own),
-//! reached through `qemu:///system?socket=...`. Needs root; otherwise prints that it was
-//! skipped.
-use control::demo::pick_overlay;
+//! C's namespace (`common::libvirtd`). Live migration between two libvirt sites is
+//! `vm_migrate_libvirt.rs`. Needs root; otherwise prints that it was skipped.
+mod common;
+
+use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
+use common::{
+    compute_at, create_1_1_1, links, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest,
+    wait_until,
+};
 use lab::sites::SiteLab;
 use lab::{Lab, Topology};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// A libvirtd and virtlogd of this test in one namespace; on drop every domain of it is
-/// destroyed, both daemons end (by pid) and the socket directory goes.
-struct Libvirtd {
-    dir: PathBuf,
-    uri: String,
-    sock_dir: PathBuf,
-}
-
-impl Libvirtd {
-    fn start(ns: &str, dir: &Path, sock_dir: &Path) -> Libvirtd {
-        let sub = ["run", "lib", "cache", "log", "etc"];
-        for s in sub {
-            std::fs::create_dir_all(dir.join(s)).unwrap();
-        }
-        lab::run(&[
-            "cp",
-            "-a",
-            "/etc/libvirt/.",
-            &dir.join("etc").display().to_string(),
-        ])
-        .expect("copy /etc/libvirt");
-        // qemu as root: libvirt checks whether qemu's user may open /dev/kvm each time
-        // it looks at qemu's capabilities, and where it may not (this machine's /dev/kvm
-        // is root's alone) it probes them again for every domain it defines (40-60 s
-        // each on the loaded test machine). The driver still hands the sockets to the
-        // libvirt-qemu group, as for a qemu of that group.
-        let conf = dir.join("etc/qemu.conf");
-        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
-        text.push_str("\nuser = \"+0\"\ngroup = \"+0\"\n");
-        std::fs::write(&conf, text).unwrap();
-        let d = dir.display();
-        let script = format!(
-            "set -e
-mount --make-rprivate /
-mkdir -p /run/libvirt
-mount --bind {d}/run /run/libvirt
-mount --bind {d}/lib /var/lib/libvirt
-mount --bind {d}/cache /var/cache/libvirt
-mount --bind {d}/log /var/log/libvirt
-mount --bind {d}/etc /etc/libvirt
-virtlogd -d -p {d}/virtlogd.pid
-libvirtd -d -p {d}/libvirtd.pid
-"
-        );
-        let me = Libvirtd {
-            dir: dir.into(),
-            uri: format!("qemu:///system?socket={d}/run/libvirt-sock"),
-            sock_dir: sock_dir.into(),
-        };
-        lab::run(&[
-            "nsenter",
-            &format!("--net=/run/netns/{ns}"),
-            "unshare",
-            "-m",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .expect("start libvirtd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while me.virsh(&["version"]).is_none() {
-            assert!(Instant::now() < deadline, "libvirtd did not answer in 30 s");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        me
-    }
-
-    fn virsh(&self, args: &[&str]) -> Option<String> {
-        let mut a = vec!["virsh", "-c", &self.uri, "-q"];
-        a.extend_from_slice(args);
-        lab::run(&a).ok().map(|o| o.stdout)
-    }
-
-    fn domains(&self) -> Vec<String> {
-        self.virsh(&["list", "--all", "--name"])
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
-}
-
-impl Drop for Libvirtd {
-    fn drop(&mut self) {
-        for d in self.domains() {
-            let _ = self.virsh(&["destroy", &d]);
-            let _ = self.virsh(&["undefine", &d]);
-        }
-        for (file, name) in [("libvirtd.pid", "libvirtd"), ("virtlogd.pid", "virtlogd")] {
-            let pid = std::fs::read_to_string(self.dir.join(file))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok());
-            // Only the daemon this test started (its pid file, its command name).
-            if let Some(pid) = pid.filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == name)
-            }) {
-                let _ = lab::sys::kill(pid, libc::SIGTERM);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.sock_dir);
-    }
-}
-
-fn taps(ns: &str, prefix: &str) -> Vec<String> {
-    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
-        .map(|o| {
-            o.stdout
-                .lines()
-                .filter_map(|l| l.split(": ").nth(1))
-                .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Waits (up to 20 s) until the first sector of `img` holds `want` (the guest writes
 /// `MVC-DISK <name> boot <n>` there at every boot).
@@ -150,10 +37,9 @@ fn wait_marker(img: &Path, want: &str) {
             .trim()
             .to_string()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while marker() != want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        marker() == want
+    });
     assert_eq!(marker(), want, "boot marker in {}", img.display());
 }
 
@@ -174,35 +60,10 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
         lab::skip(name, "needs root for network namespaces, libvirtd and TAPs");
         return;
     }
-    for tool in ["libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"] {
-        assert!(
-            lab::run(&["sh", "-c", &format!("command -v {tool}")]).is_ok(),
-            "{tool} missing: install libvirt-daemon-system, libvirt-daemon-driver-qemu, \
-             libvirt-clients and qemu-system-x86 (.ci/setup-deps)"
-        );
-    }
-    let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
-    let xnbd = mvc.with_file_name("xnbd");
-    assert!(
-        xnbd.exists(),
-        "{} missing: `cargo build -p xnbd`",
-        xnbd.display()
-    );
-    let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
-    let prep = std::process::Command::new(&mvc)
-        .args(["agent", "qemu-prepare", "--cache", &cache])
-        .output()
-        .expect("mvc agent qemu-prepare");
-    assert!(
-        prep.status.success(),
-        "qemu-prepare: {}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
-
-    let overlay = pick_overlay(
-        &mvc,
-        &std::env::var("MVC_TEST_OVERLAY").unwrap_or_else(|_| "auto".into()),
-    );
+    assert_libvirt_tools();
+    let (mvc, xnbd) = mvc_and_xnbd();
+    let cache = prepare_qemu_guest(&mvc);
+    let overlay = overlay_under_test(&mvc);
     let lab = Lab::new("mvcl").expect("lab");
     let topo = Topology::three_sites(&lab, 0).expect("topology");
     let c_ns = topo.sites[2].frontend.clone();
@@ -216,20 +77,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     let mut extra = BTreeMap::new();
     extra.insert(
         "C".to_string(),
-        vec![
-            "--driver".into(),
-            "libvirt".into(),
-            "--libvirt-uri".into(),
-            lv.uri.clone(),
-            "--libvirt-sock-dir".into(),
-            sock_dir.display().to_string(),
-            "--qemu-cache".into(),
-            cache.clone(),
-            "--xnbd".into(),
-            xnbd.display().to_string(),
-            "--qemu-disk-mb".into(),
-            "64".into(),
-        ],
+        libvirt_agent_args(&lv, &cache, &xnbd, 64, false),
     );
     let mut sl = SiteLab::start(lab, topo, &mvc, &overlay, 8, 8, &extra).expect("site lab");
     let c_state = sl.agents["C"].state.clone();
@@ -237,37 +85,14 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     sl.add_sites().expect("site add");
 
     let t0 = Instant::now();
-    let cl = sl
-        .ctl_json(&[
-            "cluster",
-            "create",
-            "l",
-            "--sites",
-            "A:B:C",
-            "--computes",
-            "1:1:1",
-            "--memory",
-            "256",
-            "--frontend-memory",
-            "256",
-            "--start",
-            "--lease-timeout",
-            "150",
-        ])
-        .expect("cluster create");
+    let cl = create_1_1_1(&sl, "l", 256, 150);
     eprintln!(
         "cluster with a libvirt domain at C started and leased in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(cl["state"], "running");
     let vms = cl["vms"].as_array().unwrap();
-    let vm_at = |site: &str| {
-        vms.iter()
-            .find(|v| v["site"] == site && v["role"] == "compute")
-            .unwrap_or_else(|| panic!("no compute at {site}: {cl}"))
-            .clone()
-    };
-    let (lvm, bvm) = (vm_at("C"), vm_at("B"));
+    let (lvm, bvm) = (compute_at(&cl, "C"), compute_at(&cl, "B"));
     let lname = lvm["name"].as_str().unwrap().to_string();
     let lip: std::net::Ipv4Addr = lvm["ip"].as_str().unwrap().parse().unwrap();
     let lmac = lvm["mac"].as_str().unwrap().to_string();
@@ -300,7 +125,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     ] {
         assert!(xml.contains(&want), "{want} not in the domain XML:\n{xml}");
     }
-    let tap_list = taps(&c_ns, "mvq");
+    let tap_list = links(&c_ns, "mvq");
     assert_eq!(tap_list.len(), 1, "{tap_list:?}");
     let master = lab::run(&["ip", "-n", &c_ns, "-o", "link", "show", &tap_list[0]]).unwrap();
     assert!(master.stdout.contains("master mvb"), "{}", master.stdout);
@@ -328,23 +153,20 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
 
     eprintln!("topology measured at {:.1} s", t0.elapsed().as_secs_f64());
 
-    // Live migration of a libvirt domain is refused with what it lacks, and the domain
-    // runs on where it was.
+    // A libvirt domain moves only to another libvirt site: B (netns) refuses it before
+    // anything is made, and the domain runs on where it was.
     let e = sl
         .ctl(&["vm", "migrate", "l", &lname, "--to", "B"])
-        .expect_err("vm migrate of a libvirt domain")
+        .expect_err("vm migrate of a libvirt domain to a netns site")
         .to_string();
-    assert!(
-        e.contains("libvirt domains is not supported yet") && e.contains("virsh migrate"),
-        "{e}"
-    );
+    assert!(e.contains("only between sites of the same driver"), "{e}");
     assert_eq!(lv.domains(), vec![dom.clone()]);
     assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
     // The record says it failed and why, not a stale `prepare`.
     let recorded = sl.ctl_json(&["vm", "migrations"]).expect("migrations");
     let text = recorded.to_string();
     assert!(
-        text.contains("\"phase\":\"failed\"") && text.contains("not supported yet"),
+        text.contains("\"phase\":\"failed\"") && text.contains("same driver"),
         "{recorded}"
     );
 
@@ -359,7 +181,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     let st = sl.ctl_json(&["vm", "stop", &lname]).expect("vm stop");
     assert_eq!(st["state"], "stopped");
     assert!(lv.domains().is_empty(), "{:?}", lv.domains());
-    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     assert!(img.exists());
     sl.ctl_json(&["vm", "start", &lname]).expect("vm start");
     assert_eq!(lv.virsh(&["domstate", &dom]).unwrap().trim(), "running");
@@ -375,7 +197,7 @@ fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     sl.ctl(&["cluster", "destroy", "l"]).expect("destroy");
     eprintln!("destroyed at {:.1} s", t0.elapsed().as_secs_f64());
     assert!(lv.domains().is_empty(), "{:?}", lv.domains());
-    assert!(taps(&c_ns, "mvq").is_empty(), "{:?}", taps(&c_ns, "mvq"));
+    assert!(links(&c_ns, "mvq").is_empty(), "{:?}", links(&c_ns, "mvq"));
     let disks: Vec<_> = std::fs::read_dir(c_state.join("disks"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

@@ -10,8 +10,8 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, lost_pings, mvc_and_xnbd, mvc_on_frontend, overlay_under_test,
-    prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
+    alive_pid, compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd,
+    mvc_on_frontend, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::BTreeMap;
@@ -95,24 +95,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     sl.add_sites().expect("site add");
     // B's compute only; C holds the cluster's overlay (and its own compute, stopped
     // below to spare the CPU).
-    let cl = sl
-        .ctl_json(&[
-            "cluster",
-            "create",
-            "m",
-            "--sites",
-            "A:B:C",
-            "--computes",
-            "1:1:1",
-            "--memory",
-            "128",
-            "--frontend-memory",
-            "128",
-            "--start",
-            "--lease-timeout",
-            "300",
-        ])
-        .expect("cluster create");
+    let cl = create_1_1_1(&sl, "m", 128, 300);
     let (bvm, avm, cvm) = (
         compute_at(&cl, "B"),
         compute_at(&cl, "A"),
@@ -200,45 +183,35 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
     // the VM goes on at B; C's agent, restarted, removes what it had made for it.
     let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
-    let killed = std::thread::scope(|scope| {
-        let h = scope.spawn(|| {
-            sl.ctl(&[
-                "vm",
-                "migrate",
-                "m",
-                &name,
-                "--to",
-                "C",
-                "--rate",
-                "1000000",
-                "--timeout",
-                "60",
-            ])
-        });
-        let incoming = || {
-            std::fs::read_dir(c_state.join("run"))
-                .map(|rd| {
-                    rd.flatten().any(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .ends_with(&format!("-{name}.min"))
-                    })
+    let incoming = || {
+        std::fs::read_dir(c_state.join("run"))
+            .map(|rd| {
+                rd.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .ends_with(&format!("-{name}.min"))
                 })
-                .unwrap_or(false)
-        };
-        assert!(
-            wait_until(
-                Duration::from_secs(30),
-                Duration::from_millis(100),
-                incoming
-            ),
-            "no incoming VM at C"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-        // This test's own agent of site C (its pid file names it).
-        lab::sys::kill(c_pid, libc::SIGKILL).expect("SIGKILL to C's agent");
-        h.join().expect("migrate thread")
-    });
+            })
+            .unwrap_or(false)
+    };
+    let killed = migrate_killing_agent(
+        &sl,
+        &[
+            "vm",
+            "migrate",
+            "m",
+            &name,
+            "--to",
+            "C",
+            "--rate",
+            "1000000",
+            "--timeout",
+            "60",
+        ],
+        c_pid,
+        incoming,
+        Duration::from_secs(1),
+    );
     let err = killed.expect_err("migration to a killed agent succeeded");
     eprintln!("migration to a killed agent: {err}");
     sl.kill_agent("C");

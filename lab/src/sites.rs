@@ -360,7 +360,7 @@ impl SiteLab {
         a.child = Some(child);
         let addr = a.addr.clone();
         // Wait until the agent accepts connections (from site A's frontend).
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let ns_a = self.topo.sites[0].frontend.clone();
         loop {
             let ok = self

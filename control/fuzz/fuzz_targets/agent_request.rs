@@ -32,6 +32,16 @@ fuzz_target!(|data: &[u8]| {
     // record `mvc vm migrations` reads.
     let _ = control::migrate::TunnelHello::parse(data);
     let _ = serde_json::from_slice::<control::migrate::MigrationView>(data);
+    // A libvirt origin's domain (`offer`'s answer) and a libvirt destination's signed
+    // domain (`prepare`'s answer): checked before use; random bytes never verify.
+    if let Ok(d) = serde_json::from_slice::<control::migrate::LibvirtDomain>(data) {
+        let _ = d.validate();
+    }
+    if let Ok(l) = serde_json::from_slice::<control::migrate::LibvirtIncoming>(data) {
+        if l.validate().is_ok() {
+            assert!(!l.verify(&"ab".repeat(32), &k.public_hex()));
+        }
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         // A light VM's state, sent through the `ram` tunnel.
         let _ = control::migrate::NetnsState::parse(s);

@@ -4,8 +4,8 @@ use super::{AgentCore, Refusal, Slot};
 use crate::auth::Authorization;
 use crate::channel::{Channel, ChannelError};
 use crate::migrate::{
-    open_tunnel, qmp, relay, xnbd_ctl, IncomingDisk, MigrateStep, TunnelHello, TunnelKind,
-    MIRROR_JOB,
+    open_tunnel, qmp, relay, xnbd_ctl, IncomingDisk, LibvirtIncoming, MigrateStep, TunnelHello,
+    TunnelKind, MIRROR_JOB,
 };
 use crate::proto::VmSpec;
 use crate::validate::quote;
@@ -46,11 +46,23 @@ pub(super) struct Migration {
     /// Origin, netns driver: the VM's state was taken over by the destination (bytes
     /// sent, ms its NIC was down).
     moved: Option<(u64, u64)>,
+    /// Origin, libvirt driver: the `virsh migrate` that moves the domain.
+    virsh: Option<std::process::Child>,
+    /// Origin, libvirt driver: the downtime limit still to be set once the job runs.
+    downtime_ms: Option<u64>,
+    /// Origin, libvirt driver: memory processed and total, as last seen.
+    ram: (u64, u64),
 }
 
 impl Drop for Migration {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(c) = &mut self.virsh {
+            // Ended by `Abort` first; reaped here.
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                crate::process::stop_child(c);
+            }
+        }
     }
 }
 
@@ -201,6 +213,114 @@ impl AgentCore {
         self.run_dir().join(format!("{local}.{ext}"))
     }
 
+    /// The NBD socket of a VM's disk server (or its migration proxy).
+    fn disk_sock(&mut self, local: &str) -> PathBuf {
+        match self.driver.as_libvirt() {
+            Some(lv) => lv.disk_socket(local),
+            None => self.mig_file(local, "nbd"),
+        }
+    }
+
+    /// Status, libvirt driver. Origin: the `virsh migrate` and its job, in the shape of
+    /// qemu's `query-migrate`; destination: whether the domain runs here, and its disk
+    /// proxy.
+    fn status_libvirt(
+        &mut self,
+        slot: &Slot,
+        incoming: bool,
+    ) -> Result<serde_json::Value, Refusal> {
+        if incoming || slot.state == "migrating" {
+            let disk = self.proxy_status(slot)?;
+            let run = match self
+                .driver
+                .as_libvirt()
+                .and_then(|lv| lv.domain_state(&slot.local))
+            {
+                Some(s) if s == "running" => "running",
+                _ => "inmigrate",
+            };
+            return Ok(serde_json::json!({ "run": { "status": run }, "disk": disk }));
+        }
+        let log = self.mig_file(&slot.local, "virsh.log");
+        let Some(lv) = self.driver.as_libvirt() else {
+            return Err("not a libvirt site".into());
+        };
+        let Some(m) = self.migrations.get_mut(&slot.local) else {
+            return Err("no migration of this VM here".into());
+        };
+        let exited = match &mut m.virsh {
+            None => {
+                return Ok(serde_json::json!({
+                    "status": "setup", "ram": { "transferred": 0, "total": 0 }
+                }))
+            }
+            Some(c) => c.try_wait().map_err(|e| e.to_string())?,
+        };
+        match exited {
+            None => {
+                if let Some(ms) = m.downtime_ms {
+                    if lv.set_max_downtime(&slot.local, ms) {
+                        m.downtime_ms = None;
+                    }
+                }
+                let Some((done, total, remaining, bps)) = lv.job_info(&slot.local) else {
+                    return Ok(serde_json::json!({
+                        "status": "setup", "ram": { "transferred": 0, "total": 0 }
+                    }));
+                };
+                m.ram = (done, total);
+                Ok(serde_json::json!({
+                    "status": "active",
+                    "ram": {
+                        "transferred": done, "total": total, "remaining": remaining,
+                        "mbps": bps as f64 * 8.0 / 1e6,
+                    },
+                }))
+            }
+            Some(st) if st.success() => Ok(serde_json::json!({
+                "status": "completed",
+                "ram": { "transferred": m.ram.0, "total": m.ram.1, "remaining": 0 },
+            })),
+            Some(st) => {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let why = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                Ok(serde_json::json!({
+                    "status": "failed",
+                    "error-desc": format!("virsh migrate exited with {st}: {why}"),
+                }))
+            }
+        }
+    }
+
+    /// Abort at the origin, libvirt driver: the migration job is cancelled (libvirt
+    /// then resumes the domain here and removes the destination's), and a domain left
+    /// paused is resumed.
+    fn resume_libvirt(&mut self, slot: &Slot, m: Option<Migration>) {
+        let Some(lv) = self.driver.as_libvirt() else {
+            return;
+        };
+        if let Some(mut m) = m {
+            if let Some(c) = &mut m.virsh {
+                if matches!(c.try_wait(), Ok(None)) {
+                    lv.abort_job(&slot.local);
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+        if lv.domain_state(&slot.local).as_deref() == Some("paused") {
+            lv.resume(&slot.local);
+        }
+    }
+
     /// One migration step for `vm` of `cluster`.
     pub(super) fn migrate_step(
         &mut self,
@@ -210,20 +330,9 @@ impl AgentCore {
         step: MigrateStep,
     ) -> Result<serde_json::Value, Refusal> {
         let kind = self.driver.kind();
-        if kind == "libvirt" {
-            // Designed in docs/CONTROLLER.md ("Live migration of libvirt domains"), not
-            // built: refused before anything is made, at either end.
+        if !matches!(kind, "qemu" | "netns" | "libvirt") {
             return Err(format!(
-                "live migration of libvirt domains is not supported yet: it needs libvirt's \
-                 own migration (`virsh migrate --live --p2p --tunnelled`) into the other \
-                 site's libvirtd through an agent tunnel, which this agent does not provide; \
-                 {} stays where it is (sites with the qemu or the netns driver can move VMs)",
-                quote(vm)
-            ));
-        }
-        if kind != "qemu" && kind != "netns" {
-            return Err(format!(
-                "live migration needs the qemu or the netns driver (this site runs {kind})"
+                "live migration needs the qemu, libvirt or netns driver (this site runs {kind})"
             ));
         }
         let n = self.confirmed(&authz.key, cluster)?;
@@ -233,7 +342,11 @@ impl AgentCore {
                     .local_of(n, vm)
                     .filter(|s| s.handle.is_some() && s.state == "running")
                     .ok_or_else(|| format!("VM {} is not running here", quote(vm)))?;
-                let target = self.mig_file(&slot.local, "nbd");
+                let target = self.disk_sock(&slot.local);
+                let domain = match self.driver.as_libvirt() {
+                    Some(lv) => Some(lv.origin_domain(&slot.local).map_err(|e| e.to_string())?),
+                    None => None,
+                };
                 if kind == "netns" {
                     // A light VM's disk gets its server for the move.
                     self.serve_netns_disk(&slot)?;
@@ -257,9 +370,14 @@ impl AgentCore {
                         stop: Arc::default(),
                         sent: false,
                         moved: None,
+                        virsh: None,
+                        downtime_ms: None,
+                        ram: (0, 0),
                     },
                 );
-                Ok(serde_json::json!({ "disk_size": disk_size, "driver": kind }))
+                Ok(serde_json::json!({
+                    "disk_size": disk_size, "driver": kind, "domain": domain
+                }))
             }
             MigrateStep::Prepare {
                 token,
@@ -271,6 +389,7 @@ impl AgentCore {
                 precopy_disk_size,
                 disk_rate,
                 origin_driver,
+                origin_domain,
             } => {
                 let theirs = origin_driver.as_deref().unwrap_or("qemu");
                 if theirs != kind {
@@ -280,6 +399,34 @@ impl AgentCore {
                         quote(vm)
                     ));
                 }
+                // libvirt: what the origin's libvirtd will be let into, checked before
+                // anything is made.
+                let libvirt = match self.driver.as_libvirt() {
+                    None => None,
+                    Some(lv) => {
+                        if !lv.accepts_migrations() {
+                            return Err(format!(
+                                "this site's agent does not accept libvirt migrations (its \
+                                 admin runs it without --libvirt-accept-migrations); {} stays \
+                                 where it is",
+                                quote(vm)
+                            ));
+                        }
+                        if precopy_disk_size.is_some() {
+                            return Err("--precopy-disk is not built for libvirt domains: \
+                                        their disk follows through the proxy"
+                                .into());
+                        }
+                        let sock = lv.daemon_socket().ok_or_else(|| {
+                            "this site's libvirt URI names no local libvirtd socket to \
+                             migrate into"
+                                .to_string()
+                        })?;
+                        let origin = origin_domain
+                            .ok_or_else(|| "the origin did not name its domain".to_string())?;
+                        Some((sock, origin))
+                    }
+                };
                 if self.local_of(n, vm).is_some() {
                     return Err(format!("VM {} already has a slot here", quote(vm)));
                 }
@@ -353,7 +500,10 @@ impl AgentCore {
                 let source = self.mig_file(&slot.local, "src");
                 let incoming = self.mig_file(&slot.local, "min");
                 let ctl = self.mig_file(&slot.local, "xnbd.ctl");
-                let mut accepts = vec![(TunnelKind::Ram, incoming.clone())];
+                let mut accepts = match &libvirt {
+                    Some((sock, _)) => vec![(TunnelKind::Libvirt, sock.clone())],
+                    None => vec![(TunnelKind::Ram, incoming.clone())],
+                };
                 if precopy_disk_size.is_some() {
                     // The origin mirrors into this side's disk server.
                     accepts.push((TunnelKind::Nbd, self.mig_file(&slot.local, "nbd")));
@@ -369,8 +519,12 @@ impl AgentCore {
                         stop: stop.clone(),
                         sent: false,
                         moved: None,
+                        virsh: None,
+                        downtime_ms: None,
+                        ram: (0, 0),
                     },
                 );
+                let mut answer = serde_json::json!("waiting for memory");
                 let started = match precopy_disk_size {
                     Some(size) => self
                         .driver
@@ -380,23 +534,43 @@ impl AgentCore {
                         source.clone(),
                         origin,
                         origin_key,
-                        token,
+                        token.clone(),
                         TunnelKind::Nbd,
                         false,
                         stop,
                     )
                     .and_then(|()| {
-                        self.driver
-                            .start_incoming(
-                                &spec,
-                                IncomingDisk::Proxy {
-                                    source: &source,
-                                    ctl: &ctl,
-                                    rate: disk_rate,
-                                },
-                                &incoming,
-                            )
-                            .map_err(|e| e.to_string())
+                        match (&libvirt, self.driver.as_libvirt()) {
+                            (Some((_, origin)), Some(lv)) => {
+                                let (r, xml, dname) = lv
+                                    .start_incoming_domain(&spec, origin, &source, &ctl, disk_rate)
+                                    .map_err(|e| e.to_string())?;
+                                let key = super::load_key(&self.cfg.state_dir)
+                                    .map_err(|e| e.to_string())?;
+                                let sig = key.sign(&LibvirtIncoming::signed(&token, &dname, &xml));
+                                let inc = LibvirtIncoming {
+                                    xml,
+                                    dname,
+                                    sig: crate::model::hex(&sig),
+                                };
+                                answer = serde_json::json!({
+                                    "state": "waiting for memory", "libvirt": inc
+                                });
+                                Ok(r)
+                            }
+                            _ => self
+                                .driver
+                                .start_incoming(
+                                    &spec,
+                                    IncomingDisk::Proxy {
+                                        source: &source,
+                                        ctl: &ctl,
+                                        rate: disk_rate,
+                                    },
+                                    &incoming,
+                                )
+                                .map_err(|e| e.to_string()),
+                        }
                     }),
                 };
                 match started {
@@ -411,7 +585,7 @@ impl AgentCore {
                         }
                         self.running.insert(slot.local.clone(), r);
                         self.save().map_err(|e| e.to_string())?;
-                        Ok(serde_json::json!("waiting for memory"))
+                        Ok(answer)
                     }
                     Err(e) => {
                         self.drop_incoming(n, vm);
@@ -478,11 +652,43 @@ impl AgentCore {
                 dest_key,
                 downtime_ms,
                 rate,
+                libvirt,
             } => {
                 let (slot, stop) = self.offered(n, vm, &token)?;
                 let sock = self.mig_file(&slot.local, "mig");
                 if kind == "netns" {
                     return self.send_netns(&slot, sock, dest, dest_key, token, stop);
+                }
+                if kind == "libvirt" {
+                    let inc = libvirt
+                        .filter(|l| l.verify(&token, &dest_key))
+                        .ok_or_else(|| {
+                            "the destination's domain is missing or not signed by its agent"
+                                .to_string()
+                        })?;
+                    let lvd = self.mig_file(&slot.local, "lvd");
+                    relay_listener(
+                        lvd.clone(),
+                        dest,
+                        dest_key,
+                        token,
+                        TunnelKind::Libvirt,
+                        false,
+                        stop,
+                    )?;
+                    let log = self.mig_file(&slot.local, "virsh.log");
+                    let child = self
+                        .driver
+                        .as_libvirt()
+                        .ok_or("not a libvirt site")?
+                        .migrate_out(&slot.local, &inc.xml, &inc.dname, &lvd, rate, &log)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(m) = self.migrations.get_mut(&slot.local) {
+                        m.sent = true;
+                        m.virsh = Some(child);
+                        m.downtime_ms = Some(downtime_ms);
+                    }
+                    return Ok(serde_json::json!("sending"));
                 }
                 relay_listener(
                     sock.clone(),
@@ -522,6 +728,9 @@ impl AgentCore {
                 if kind == "netns" {
                     return self.status_netns(&slot, incoming.is_some_and(|(i, _)| i));
                 }
+                if kind == "libvirt" {
+                    return self.status_libvirt(&slot, incoming.is_some_and(|(i, _)| i));
+                }
                 if slot.state == "migrating" || incoming.is_some_and(|(ram, _)| ram) {
                     // Disk first: a VM still `inmigrate` after it ran nothing before it.
                     let disk = if incoming.is_some_and(|(_, pre)| pre) {
@@ -544,9 +753,25 @@ impl AgentCore {
                 if kind == "netns" {
                     return self.finish_netns(n, &slot);
                 }
+                let mut answer = serde_json::json!("running");
+                if let Some(lv) = self.driver.as_libvirt() {
+                    // libvirt resumed the domain here (its qemu announces the MAC itself
+                    // after an incoming migration).
+                    let st = lv.domain_state(&slot.local).unwrap_or_default();
+                    if st != "running" {
+                        return Err(format!("the incoming domain is {st:?} (not running yet)"));
+                    }
+                    answer = serde_json::json!({
+                        "state": "running", "downtime_ms": lv.incoming_downtime_ms(&slot.local)
+                    });
+                }
                 let qsock = self.mig_file(&slot.local, "qmp");
                 let precopy = self.migrations.get(&slot.local).is_some_and(|m| m.precopy);
-                let mut run = qmp(&qsock, "query-status", serde_json::Value::Null)?;
+                let mut run = if kind == "libvirt" {
+                    serde_json::json!({ "status": "running" })
+                } else {
+                    qmp(&qsock, "query-status", serde_json::Value::Null)?
+                };
                 if precopy && run["status"] == "paused" {
                     // The mirror completed (the controller ended it first): run.
                     qmp(&qsock, "cont", serde_json::Value::Null)?;
@@ -559,7 +784,9 @@ impl AgentCore {
                     ));
                 }
                 // Tell the network at once where the MAC is now.
-                if let Err(e) = qmp(
+                if kind == "libvirt" {
+                    // (libvirt's qemu does so itself.)
+                } else if let Err(e) = qmp(
                     &qsock,
                     "announce-self",
                     serde_json::json!({
@@ -583,7 +810,7 @@ impl AgentCore {
                     s.state = "running".into();
                 }
                 self.save().map_err(|e| e.to_string())?;
-                Ok(serde_json::json!("running"))
+                Ok(answer)
             }
             MigrateStep::Done => {
                 let slot = self
@@ -638,6 +865,10 @@ impl AgentCore {
                     return Ok(serde_json::json!("removed"));
                 }
                 let m = self.migrations.remove(&slot.local);
+                if kind == "libvirt" {
+                    self.resume_libvirt(&slot, m);
+                    return Ok(serde_json::json!("resumed"));
+                }
                 if kind == "netns" {
                     self.resume_netns(&slot, m.as_ref().is_some_and(|m| m.sent));
                     return Ok(serde_json::json!("resumed"));
@@ -684,7 +915,7 @@ impl AgentCore {
             Ok(v) => Ok(v),
             Err(e) => {
                 let pid = self.mig_file(&slot.local, "xnbd.pid");
-                let mark = self.mig_file(&slot.local, "nbd").display().to_string();
+                let mark = self.disk_sock(&slot.local).display().to_string();
                 if slot.state != "running" || crate::process::pidfile_alive(&pid, &mark) {
                     return Err(e);
                 }
@@ -716,7 +947,7 @@ impl AgentCore {
                 continue;
             };
             let pid = self.mig_file(&local, "xnbd.pid");
-            let mark = self.mig_file(&local, "nbd").display().to_string();
+            let mark = self.disk_sock(&local).display().to_string();
             if !crate::process::pidfile_alive(&pid, &mark) {
                 if let Err(e) = self.restart_proxy(&slot) {
                     tracing::warn!(vm = %local, error = %e, "disk proxy not started again");
@@ -998,6 +1229,9 @@ impl AgentCore {
                             stop,
                             sent: false,
                             moved: None,
+                            virsh: None,
+                            downtime_ms: None,
+                            ram: (0, 0),
                         },
                     );
                 }

@@ -142,6 +142,12 @@ pub struct LibvirtArgs {
     /// Group the hypervisor runs VMs as; `""`: the sockets stay root's.
     #[arg(long, default_value = "libvirt-qemu")]
     libvirt_group: String,
+    /// Let other sites' libvirtds live-migrate domains into this site's libvirtd
+    /// through the agent (`mvc vm migrate` to this site). While a domain moves, the
+    /// origin's libvirtd holds a connection to this libvirtd with its rights: allow it
+    /// only between sites whose admins trust each other as with `qemu+ssh://root@`.
+    #[arg(long)]
+    libvirt_accept_migrations: bool,
 }
 
 impl LibvirtArgs {
@@ -151,6 +157,7 @@ impl LibvirtArgs {
             sock_dir: self.libvirt_sock_dir,
             group: Some(self.libvirt_group).filter(|g| !g.is_empty()),
             vm,
+            accept_migrations: self.libvirt_accept_migrations,
             ..LibvirtConfig::new(state, prefix)
         }
     }

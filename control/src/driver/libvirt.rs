@@ -31,11 +31,11 @@
 //! group may enter (`/run/mvc/libvirt` by default): the agent's state directory is
 //! private to root.
 use super::guest::BootFiles;
-use super::qemu::{console_run, parse_lease, MAX_SOCK_PATH};
+use super::vmfiles::{check_sockets, discard_disk, end_children, running_or_ended, GuestFiles};
 use super::VmDriver;
-use super::{link_exists, parse_ping_avg, DriverError, QemuConfig, QemuDriver, RunningVm};
+use super::{link_exists, DriverError, QemuConfig, QemuDriver, RunningVm};
 use crate::model::Role;
-use crate::process::{kill_pidfile, pidfile_alive, run, spawn, stop_child};
+use crate::process::{kill_pidfile, run, spawn};
 use crate::proto::VmSpec;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,10 @@ pub struct LibvirtConfig {
     pub group: Option<String>,
     /// Disks, guest boot files, xnbd, vCPUs: as the qemu driver has them.
     pub vm: QemuConfig,
+    /// Let other sites' libvirtds migrate domains into this one through the agent
+    /// (off by default: the tunnel gives the origin's libvirtd this libvirtd's rights
+    /// while the domain moves).
+    pub accept_migrations: bool,
 }
 
 impl LibvirtConfig {
@@ -72,6 +76,7 @@ impl LibvirtConfig {
             sock_dir: PathBuf::from("/run/mvc/libvirt"),
             group: Some("libvirt-qemu".into()),
             vm: QemuConfig::new(state_dir),
+            accept_migrations: false,
         }
     }
 }
@@ -84,17 +89,19 @@ pub struct LibvirtDriver {
     domain_type: Option<&'static str>,
 }
 
-/// Files of one domain.
+/// Files of one domain: the guest's (shared with the qemu driver) and libvirt's own.
 struct DomainFiles {
+    guest: GuestFiles,
     xml: PathBuf,
-    nbd: PathBuf,
-    console: PathBuf,
-    console_log: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
-    xnbd_pid: PathBuf,
-    xnbd_log: PathBuf,
-    disk: PathBuf,
+}
+
+impl std::ops::Deref for DomainFiles {
+    type Target = GuestFiles;
+    fn deref(&self) -> &GuestFiles {
+        &self.guest
+    }
 }
 
 /// What a domain's XML says.
@@ -122,6 +129,9 @@ pub struct DomainXml<'a> {
     pub console_log: &'a Path,
     /// The owning agent (metadata).
     pub owner: &'a str,
+    /// The domain's UUID (an incoming migration keeps the origin's); `None`: libvirt
+    /// makes one.
+    pub uuid: Option<&'a str>,
 }
 
 /// `s` with XML's special characters escaped (text and attribute values).
@@ -146,7 +156,12 @@ impl DomainXml<'_> {
         let e = |s: &str| xml_escape(s);
         let p = |p: &Path| xml_escape(&p.display().to_string());
         let s = self.spec;
-        let mut cmdline = format!("console=ttyS0 panic=-1 loglevel=4 mvc.name={}", s.name);
+        // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check
+        // can time out and panic the guest.
+        let mut cmdline = format!(
+            "console=ttyS0 panic=-1 loglevel=4 no_timer_check mvc.name={}",
+            s.name
+        );
         if !self.append.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(self.append);
@@ -164,7 +179,7 @@ impl DomainXml<'_> {
         format!(
             "<domain type='{dtype}'>
   <name>{name}</name>
-  <metadata>
+{uuid}  <metadata>
     <mvc:vm xmlns:mvc='{ns}' owner='{owner}' cluster='{cluster}' vm='{vm}'/>
   </metadata>
   <memory unit='MiB'>{mem}</memory>
@@ -185,6 +200,7 @@ impl DomainXml<'_> {
         <host transport='unix' socket='{nbd}'/>
       </source>
       <target dev='vda' bus='virtio'/>
+      <geometry cyls='1024' heads='16' secs='63'/>
     </disk>
     <interface type='bridge'>
       <source bridge='{bridge}'/>
@@ -203,6 +219,10 @@ impl DomainXml<'_> {
 ",
             dtype = e(self.domain_type),
             name = e(self.name),
+            uuid = self
+                .uuid
+                .map(|u| format!("  <uuid>{}</uuid>\n", e(u)))
+                .unwrap_or_default(),
             ns = METADATA_NS,
             owner = e(self.owner),
             cluster = e(&s.cluster),
@@ -277,15 +297,17 @@ impl LibvirtDriver {
         let s = |ext: &str| self.cfg.sock_dir.join(format!("{dom}.{ext}"));
         let r = |ext: &str| self.cfg.vm.run_dir.join(format!("{local}.{ext}"));
         DomainFiles {
+            guest: GuestFiles {
+                nbd: s("nbd"),
+                console: s("console"),
+                console_log: r("console.log"),
+                xnbd_pid: r("xnbd.pid"),
+                xnbd_log: r("xnbd.log"),
+                disk: self.cfg.vm.disk_dir.join(format!("{local}.img")),
+            },
             xml: r("domain.xml"),
-            nbd: s("nbd"),
-            console: s("console"),
-            console_log: r("console.log"),
             kernel: s("vmlinuz"),
             initrd: s("initrd"),
-            xnbd_pid: r("xnbd.pid"),
-            xnbd_log: r("xnbd.log"),
-            disk: self.cfg.vm.disk_dir.join(format!("{local}.img")),
         }
     }
 
@@ -367,6 +389,36 @@ impl LibvirtDriver {
             })
     }
 
+    /// The NBD socket `sock` for root and the hypervisor's group `gid`.
+    fn share_socket(sock: &Path, gid: Option<u32>) -> Result<(), DriverError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |e: std::io::Error| DriverError::Config(format!("{}: {e}", sock.display()));
+        std::os::unix::fs::chown(sock, Some(0), gid).map_err(err)?;
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(mode)).map_err(err)
+    }
+
+    /// Once the disk server `xnbd` (`what`) started, one of `children` from then on:
+    /// its socket awaited and shared with the hypervisor's group `gid`, the console log
+    /// cleared; the boot files the domain names.
+    fn disk_served(
+        f: &DomainFiles,
+        mut xnbd: std::process::Child,
+        what: &str,
+        gid: Option<u32>,
+        children: &mut Vec<std::process::Child>,
+    ) -> Result<BootFiles, DriverError> {
+        let waited = QemuDriver::wait_socket(&f.nbd, &mut xnbd, what, &f.xnbd_log);
+        children.push(xnbd);
+        waited?;
+        Self::share_socket(&f.nbd, gid)?;
+        let _ = std::fs::remove_file(&f.console_log);
+        Ok(BootFiles {
+            kernel: f.kernel.clone(),
+            initrd: f.initrd.clone(),
+        })
+    }
+
     fn domain_exists(&self, dom: &str) -> bool {
         self.virsh(&["domstate", dom]).is_ok()
     }
@@ -384,6 +436,20 @@ impl LibvirtDriver {
         }
     }
 
+    /// Before a domain's disk server starts: socket paths checked and cleared, the
+    /// socket directory and run directory made, the boot files copied. The group id of
+    /// the hypervisor's group.
+    fn lay_out(&mut self, f: &DomainFiles) -> Result<Option<u32>, DriverError> {
+        f.clear_sockets("use a shorter --libvirt-sock-dir or --ns-prefix")?;
+        let gid = self.ensure_sock_dir()?;
+        std::fs::create_dir_all(&self.cfg.vm.run_dir)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.vm.run_dir.display())))?;
+        let boot = self.disks.boot_files()?;
+        Self::copy_boot_file(&boot.kernel, &f.kernel)?;
+        Self::copy_boot_file(&boot.initrd, &f.initrd)?;
+        Ok(gid)
+    }
+
     fn start_inner(
         &mut self,
         spec: &VmSpec,
@@ -392,46 +458,10 @@ impl LibvirtDriver {
         children: &mut Vec<std::process::Child>,
     ) -> Result<(), DriverError> {
         let dom = self.domain_name(spec.local());
-        for s in [&f.nbd, &f.console] {
-            if s.as_os_str().len() > MAX_SOCK_PATH {
-                return Err(DriverError::Config(format!(
-                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter --libvirt-sock-dir or --ns-prefix)",
-                    s.display()
-                )));
-            }
-            let _ = std::fs::remove_file(s);
-        }
-        let gid = self.ensure_sock_dir()?;
-        std::fs::create_dir_all(&self.cfg.vm.run_dir)
-            .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.vm.run_dir.display())))?;
-        let boot = self.disks.boot_files()?;
-        Self::copy_boot_file(&boot.kernel, &f.kernel)?;
-        Self::copy_boot_file(&boot.initrd, &f.initrd)?;
+        let gid = self.lay_out(f)?;
         self.disks.ensure_disk(&f.disk)?;
-        let export = format!("{}={}", spec.name, f.disk.display());
-        let nbd = f.nbd.display().to_string();
-        let mut xnbd = spawn(
-            &self.cfg.vm.xnbd.display().to_string(),
-            &["serve", "--export", &export, "--unix", &nbd],
-            &[],
-            &f.xnbd_log,
-        )?;
-        let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
-        let waited = QemuDriver::wait_socket(&f.nbd, &mut xnbd, "xnbd serve", &f.xnbd_log);
-        children.push(xnbd);
-        waited?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let err = |e: std::io::Error| DriverError::Config(format!("{nbd}: {e}"));
-            std::os::unix::fs::chown(&f.nbd, Some(0), gid).map_err(err)?;
-            let mode = if gid.is_some() { 0o660 } else { 0o600 };
-            std::fs::set_permissions(&f.nbd, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-        }
-        let _ = std::fs::remove_file(&f.console_log);
-        let boot = BootFiles {
-            kernel: f.kernel.clone(),
-            initrd: f.initrd.clone(),
-        };
+        let xnbd = f.spawn_server(&self.cfg.vm.xnbd, &spec.name)?;
+        let boot = Self::disk_served(f, xnbd, "xnbd serve", gid, children)?;
         let mut dtype = self.domain_type();
         loop {
             let xml = DomainXml {
@@ -446,6 +476,7 @@ impl LibvirtDriver {
                 console: &f.console,
                 console_log: &f.console_log,
                 owner: &self.cfg.owner,
+                uuid: None,
             }
             .render();
             std::fs::write(&f.xml, xml)
@@ -479,9 +510,263 @@ impl LibvirtDriver {
     }
 }
 
+/// Live migration by libvirt's own protocol (docs/CONTROLLER.md, "Live migration of
+/// libvirt domains"): the origin's libvirtd moves the domain into the destination's
+/// libvirtd through a Unix socket the origin agent relays to the destination agent
+/// (`--p2p --tunnelled`: libvirt's RPC carries the memory too).
+impl LibvirtDriver {
+    /// The socket of the libvirtd this driver speaks to, for the destination agent to
+    /// connect a `libvirt` tunnel to: the URI's `socket=` parameter, or the system
+    /// daemon's socket for `qemu:///system`; `None` for other URIs (a remote or Xen
+    /// hypervisor is not reached through a local socket).
+    pub fn daemon_socket(&self) -> Option<PathBuf> {
+        let uri = &self.cfg.uri;
+        let (base, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let param = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .map(PathBuf::from);
+        match base {
+            "qemu:///system" => {
+                Some(param.unwrap_or_else(|| PathBuf::from("/run/libvirt/libvirt-sock")))
+            }
+            "qemu+unix:///system" => param,
+            _ => None,
+        }
+    }
+
+    /// Whether this agent's admin lets other sites' libvirtds migrate domains into its
+    /// libvirtd (`--libvirt-accept-migrations`).
+    pub fn accepts_migrations(&self) -> bool {
+        self.cfg.accept_migrations
+    }
+
+    /// The NBD socket of the disk of the VM with local name `local`.
+    pub fn disk_socket(&self, local: &str) -> PathBuf {
+        self.files(local).guest.nbd
+    }
+
+    /// Origin: what the destination needs of the running domain of `local`.
+    pub fn origin_domain(
+        &mut self,
+        local: &str,
+    ) -> Result<crate::migrate::LibvirtDomain, DriverError> {
+        let name = self.domain_name(local);
+        let uuid = self.virsh(&["domuuid", &name])?.trim().to_string();
+        let xml = self.virsh(&["dumpxml", &name])?;
+        let domain_type = ["kvm", "qemu", "xen"]
+            .into_iter()
+            .find(|t| {
+                xml.contains(&format!("<domain type='{t}'"))
+                    || xml.contains(&format!("<domain type=\"{t}\""))
+            })
+            .unwrap_or("qemu")
+            .to_string();
+        let d = crate::migrate::LibvirtDomain {
+            name,
+            uuid,
+            domain_type,
+        };
+        d.validate().map_err(DriverError::Config)?;
+        Ok(d)
+    }
+
+    /// Destination: the disk of an incoming VM behind `xnbd proxy --no-background` on
+    /// the domain's NBD socket (source `source`, control socket `ctl`, fetch rate
+    /// `rate`), the boot files copied, and the migration XML: what `start` would
+    /// define here, under the origin's name and UUID. Nothing is defined: the origin's
+    /// libvirtd does that through the tunnel. Returns the VM (the proxy its child), the
+    /// XML and the domain's name here.
+    pub fn start_incoming_domain(
+        &mut self,
+        spec: &VmSpec,
+        origin: &crate::migrate::LibvirtDomain,
+        source: &Path,
+        ctl: &Path,
+        rate: u64,
+    ) -> Result<(RunningVm, String, String), DriverError> {
+        if self.domain_type() != origin.domain_type {
+            return Err(DriverError::Config(format!(
+                "the origin's domain is of type {} and this site runs {} domains: a \
+                 domain moves only between hosts of the same type",
+                origin.domain_type,
+                self.domain_type()
+            )));
+        }
+        let local = spec.local().to_string();
+        let dname = self.domain_name(&local);
+        let tap = spec.nic.clone();
+        self.remove_all(&tap, &local);
+        let f = self.files(&local);
+        check_sockets(&[source, ctl], "use a shorter state directory")?;
+        let _ = std::fs::remove_file(ctl);
+        f.clear_disk();
+        let mut children = Vec::new();
+        let made = (|| {
+            let gid = self.lay_out(&f)?;
+            std::fs::create_dir_all(&self.cfg.vm.disk_dir).map_err(|e| {
+                DriverError::Config(format!("{}: {e}", self.cfg.vm.disk_dir.display()))
+            })?;
+            let xnbd = f.spawn_proxy(&self.cfg.vm.xnbd, &spec.name, source, ctl, rate)?;
+            let boot = Self::disk_served(&f, xnbd, "xnbd proxy", gid, &mut children)?;
+            let xml = DomainXml {
+                domain_type: &origin.domain_type,
+                name: &origin.name,
+                spec,
+                tap: &tap,
+                vcpus: self.cfg.vm.vcpus,
+                boot: &boot,
+                append: &self.cfg.vm.append,
+                nbd: &f.nbd,
+                console: &f.console,
+                console_log: &f.console_log,
+                owner: &self.cfg.owner,
+                uuid: Some(&origin.uuid),
+            }
+            .render();
+            std::fs::write(&f.xml, &xml)
+                .map_err(|e| DriverError::Config(format!("{}: {e}", f.xml.display())))?;
+            Ok(xml)
+        })();
+        let (started, xml) = match made {
+            Ok(xml) => (Ok(()), xml),
+            Err(e) => (Err(e), String::new()),
+        };
+        match running_or_ended(format!("libvirt:{tap}:{local}"), children, started) {
+            Ok(vm) => Ok((vm, xml, dname)),
+            Err(e) => {
+                self.remove_all(&tap, &local);
+                Err(e)
+            }
+        }
+    }
+
+    /// Origin: start moving the domain of `local` into the libvirtd behind the local
+    /// socket `dest` (relayed to the destination), under the destination's `xml`
+    /// (saved as `<run>/<local>.dest.xml`) and name `dname`, at most `rate` bytes/s
+    /// (0: libvirt's default). The `virsh migrate` process, its stderr in `log`: its
+    /// exit is the end of the move (0: the domain runs at the destination and is
+    /// undefined here).
+    pub fn migrate_out(
+        &self,
+        local: &str,
+        xml: &str,
+        dname: &str,
+        dest: &Path,
+        rate: u64,
+        log: &Path,
+    ) -> Result<std::process::Child, DriverError> {
+        let f = self.cfg.vm.run_dir.join(format!("{local}.dest.xml"));
+        std::fs::write(&f, xml)
+            .map_err(|e| DriverError::Config(format!("{}: {e}", f.display())))?;
+        let (dom, file) = (self.domain_name(local), f.display().to_string());
+        let desturi = format!("qemu+unix:///system?socket={}", dest.display());
+        let mib = (rate >> 20).max(1).to_string();
+        let mut args = vec![
+            "-c",
+            &self.cfg.uri,
+            "migrate",
+            "--live",
+            "--p2p",
+            "--tunnelled",
+            "--persistent",
+            "--undefinesource",
+            // The disk is an NBD export, not a file with a host cache: qemu flushes and
+            // lets go of it at switchover, and the destination's proxy serves it.
+            "--unsafe",
+            "--dname",
+            dname,
+            "--xml",
+            &file,
+        ];
+        if rate > 0 {
+            args.extend(["--bandwidth", &mib]);
+        }
+        args.extend([dom.as_str(), desturi.as_str()]);
+        let _ = std::fs::remove_file(log);
+        Ok(spawn("virsh", &args, &[], log)?)
+    }
+
+    /// Origin: the running migration job of `local` (`virsh domjobinfo`): memory
+    /// processed, total and remaining, bytes/s; `None` when no job runs.
+    pub fn job_info(&self, local: &str) -> Option<(u64, u64, u64, u64)> {
+        let out = self.virsh(&["domjobinfo", &self.domain_name(local)]).ok()?;
+        let field = |name: &str| parse_job_field(&out, name);
+        let total = field("Memory total")?;
+        Some((
+            field("Memory processed").unwrap_or(0),
+            total,
+            field("Memory remaining").unwrap_or(0),
+            field("Memory bandwidth").unwrap_or(0),
+        ))
+    }
+
+    /// Destination: the downtime of the migration that brought the domain of `local`
+    /// here, ms, as libvirt measured it (`virsh domjobinfo --completed`), if it says.
+    pub fn incoming_downtime_ms(&self, local: &str) -> Option<u64> {
+        let out = self
+            .virsh(&["domjobinfo", "--completed", &self.domain_name(local)])
+            .ok()?;
+        parse_job_field(&out, "Total downtime")
+    }
+
+    /// Origin: how long the domain may be paused at switchover, ms (once its job runs).
+    pub fn set_max_downtime(&self, local: &str, ms: u64) -> bool {
+        self.virsh(&[
+            "migrate-setmaxdowntime",
+            &self.domain_name(local),
+            &ms.to_string(),
+        ])
+        .is_ok()
+    }
+
+    /// Origin: cancel the migration job of `local` (libvirt then resumes the domain here
+    /// and kills the destination's).
+    pub fn abort_job(&self, local: &str) {
+        let _ = self.virsh(&["domjobabort", &self.domain_name(local)]);
+    }
+
+    /// `virsh domstate` of the domain of `local` (`running`, `paused`, ...), `None`
+    /// when libvirt has no such domain.
+    pub fn domain_state(&self, local: &str) -> Option<String> {
+        self.virsh(&["domstate", &self.domain_name(local)])
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Resume the paused domain of `local`.
+    pub fn resume(&self, local: &str) {
+        let _ = self.virsh(&["resume", &self.domain_name(local)]);
+    }
+}
+
+/// A number of `virsh domjobinfo`'s output in bytes (`Memory processed: 12.5 MiB`,
+/// `Memory bandwidth: 30.1 MiB/s`).
+fn parse_job_field(out: &str, name: &str) -> Option<u64> {
+    let v = out.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == name).then(|| v.trim().to_string())
+    })?;
+    let mut w = v.split_whitespace();
+    let n: f64 = w.next()?.parse().ok()?;
+    let unit = w.next().unwrap_or("B");
+    let mult = match unit.trim_end_matches("/s") {
+        "KiB" => 1u64 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => 1,
+    };
+    Some((n * mult as f64) as u64)
+}
+
 impl VmDriver for LibvirtDriver {
     fn kind(&self) -> &'static str {
         "libvirt"
+    }
+
+    fn as_libvirt(&mut self) -> Option<&mut LibvirtDriver> {
+        Some(self)
     }
 
     fn start(&mut self, spec: &VmSpec) -> Result<RunningVm, DriverError> {
@@ -511,19 +796,12 @@ impl VmDriver for LibvirtDriver {
         self.remove_all(&tap, &local);
         let f = self.files(&local);
         let mut children = Vec::new();
-        match self.start_inner(spec, &tap, &f, &mut children) {
-            Ok(()) => Ok(RunningVm {
-                handle: format!("libvirt:{tap}:{local}"),
-                children,
-            }),
-            Err(e) => {
-                for c in &mut children {
-                    stop_child(c);
-                }
-                self.remove_all(&tap, &local);
-                Err(e)
-            }
+        let started = self.start_inner(spec, &tap, &f, &mut children);
+        let vm = running_or_ended(format!("libvirt:{tap}:{local}"), children, started);
+        if vm.is_err() {
+            self.remove_all(&tap, &local);
         }
+        vm
     }
 
     fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError> {
@@ -531,10 +809,7 @@ impl VmDriver for LibvirtDriver {
         if let Ok((_, local)) = Self::parse_handle(&vm.handle) {
             self.remove_domain(&self.domain_name(local));
         }
-        for c in &mut vm.children {
-            stop_child(c);
-        }
-        vm.children.clear();
+        end_children(vm);
         self.cleanup(&vm.handle);
         Ok(())
     }
@@ -556,40 +831,30 @@ impl VmDriver for LibvirtDriver {
         let f = self.files(local);
         self.domain_exists(&self.domain_name(local))
             || (!tap.is_empty() && link_exists(tap))
-            || [f.xnbd_pid, f.nbd, f.console].iter().any(|p| p.exists())
+            || [&f.xnbd_pid, &f.nbd, &f.console].iter().any(|p| p.exists())
     }
 
     fn alive(&self, handle: &str) -> bool {
         let Ok((_, local)) = Self::parse_handle(handle) else {
             return false;
         };
-        let f = self.files(local);
         self.virsh(&["domstate", &self.domain_name(local)])
             .is_ok_and(|s| s.trim() == "running")
-            && pidfile_alive(&f.xnbd_pid, &f.nbd.display().to_string())
+            && self.files(local).disk_server_alive()
     }
 
     fn discard(&mut self, vm: &str) {
-        if !vm.contains('/') {
-            let _ = std::fs::remove_file(self.files(vm).disk);
-        }
+        discard_disk(&self.cfg.vm.disk_dir, vm);
     }
 
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
         let (_, local) = Self::parse_handle(handle)?;
-        let log = std::fs::read(self.files(local).console_log).unwrap_or_default();
-        Ok(parse_lease(&String::from_utf8_lossy(&log)))
+        Ok(self.files(local).lease())
     }
 
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
         let (_, local) = Self::parse_handle(handle)?;
-        let out = console_run(
-            &self.files(local).console,
-            local,
-            &format!("ping -q -c 3 -W 2 {target}"),
-            std::time::Duration::from_secs(10),
-        )?;
-        Ok(parse_ping_avg(&out))
+        self.files(local).ping(local, target)
     }
 
     fn strays(&self, known: &[String]) -> Vec<String> {
@@ -657,8 +922,11 @@ mod tests {
             console: Path::new("/run/mvc/libvirt/mvc-c3-k-c1.console"),
             console_log: Path::new("/run/mvc/libvirt/mvc-c3-k-c1.console.log"),
             owner: "/var/lib/mvc/a'gent",
+            uuid: Some("0c4fb6a4-7d63-4b38-9a1b-2a0e3c9d1f10"),
         }
         .render();
+        assert!(x.contains("<uuid>0c4fb6a4-7d63-4b38-9a1b-2a0e3c9d1f10</uuid>"));
+        assert!(x.contains("<geometry cyls='1024' heads='16' secs='63'/>"));
         assert!(x.starts_with("<domain type='qemu'>"), "{x}");
         assert!(x.contains("<name>mvc-c3-k-c1</name>"));
         assert!(x.contains("<mac address='02:01:00:00:00:09'/>"));
@@ -686,6 +954,7 @@ mod tests {
                 console: Path::new("/c"),
                 console_log: Path::new("/l"),
                 owner: "o",
+                uuid: None,
             }
         }
         .render();
@@ -713,6 +982,36 @@ mod tests {
         );
         assert!(LibvirtDriver::parse_handle("libvirt:t:../x").is_err());
         assert!(LibvirtDriver::parse_handle("qemu:t:x").is_err());
+        let job = "Job type:         Unbounded\nMemory processed: 12.500 MiB\n\
+                   Memory remaining: 100.000 KiB\nMemory total:     128.008 MiB\n\
+                   Memory bandwidth: 30.000 MiB/s\n";
+        assert_eq!(
+            parse_job_field(job, "Memory processed"),
+            Some((125 << 20) / 10)
+        );
+        assert_eq!(parse_job_field(job, "Memory remaining"), Some(100 << 10));
+        assert_eq!(parse_job_field(job, "Memory bandwidth"), Some(30 << 20));
+        assert_eq!(parse_job_field(job, "Data total"), None);
+        assert_eq!(
+            parse_job_field("Total downtime:   87 ms\n", "Total downtime"),
+            Some(87)
+        );
+        let uri = |u: &str| {
+            let d = tempfile::tempdir().unwrap();
+            let mut cfg = LibvirtConfig::new(d.path(), "t-");
+            cfg.uri = u.into();
+            LibvirtDriver::new(cfg).daemon_socket()
+        };
+        assert_eq!(
+            uri("qemu:///system"),
+            Some(PathBuf::from("/run/libvirt/libvirt-sock"))
+        );
+        assert_eq!(
+            uri("qemu:///system?socket=/x/libvirt-sock"),
+            Some(PathBuf::from("/x/libvirt-sock"))
+        );
+        assert_eq!(uri("qemu+ssh://h/system"), None);
+        assert_eq!(uri("xen:///system"), None);
         let g = "root:x:0:\nkvm:x:110:\nlibvirt-qemu:x:64055:libvirt-qemu\n";
         assert_eq!(group_id(g, "libvirt-qemu"), Some(64055));
         assert_eq!(group_id(g, "kvm"), Some(110));

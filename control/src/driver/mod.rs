@@ -20,11 +20,13 @@ mod libvirt;
 mod netns;
 mod netns_migrate;
 mod qemu;
+mod vmfiles;
 
 pub use libvirt::{LibvirtConfig, LibvirtDriver, METADATA_NS as LIBVIRT_METADATA_NS};
 pub use netns::{NetnsDriver, DISK_BYTES as NETNS_DISK_BYTES};
 pub use netns_migrate::{files as netns_files, xnbd_bin as netns_xnbd_bin};
-pub use qemu::{parse_lease, QemuConfig, QemuDriver};
+pub use qemu::{QemuConfig, QemuDriver};
+pub use vmfiles::parse_lease;
 
 use crate::process::{run, ProcessError};
 use crate::proto::VmSpec;
@@ -115,6 +117,11 @@ pub trait VmDriver: Send {
             driver: self.kind(),
             what: "live migration",
         })
+    }
+    /// The libvirt driver, whose domains move by libvirt's own migration
+    /// ([`LibvirtDriver::migrate_out`]); `None` for the others.
+    fn as_libvirt(&mut self) -> Option<&mut LibvirtDriver> {
+        None
     }
     /// After the switchover of an incoming VM (it runs here now): start what it runs
     /// beside its own processes (the netns driver's DHCP client).

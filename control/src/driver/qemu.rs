@@ -2,7 +2,8 @@
 //! on a TAP enslaved to the cluster bridge, booting the guest [`super::guest`] builds,
 //! their disks served by `xnbd serve` over NBD on a Unix socket.
 use super::guest::{self, BootFiles};
-use super::{link_exists, parse_ping_avg, DriverError, RunningVm, VmDriver};
+use super::vmfiles::{check_sockets, discard_disk, end_children, running_or_ended, GuestFiles};
+use super::{link_exists, DriverError, RunningVm, VmDriver};
 use crate::model::Role;
 use crate::process::{kill_pidfile, pidfile_alive, run, spawn, stop_child};
 use crate::proto::VmSpec;
@@ -72,20 +73,22 @@ pub struct QemuDriver {
     built: [Option<BootFiles>; 2],
 }
 
-/// Files of one qemu VM.
+/// Files of one qemu VM: the guest's (shared with the libvirt driver) and qemu's own.
 struct QemuFiles {
-    nbd: PathBuf,
-    console: PathBuf,
-    console_log: PathBuf,
+    guest: GuestFiles,
     qemu_pid: PathBuf,
-    xnbd_pid: PathBuf,
     log: PathBuf,
-    xnbd_log: PathBuf,
-    disk: PathBuf,
 }
 
-/// Longest Unix socket path (sun_path less its NUL).
-pub(super) const MAX_SOCK_PATH: usize = 107;
+/// How to make the VMs' socket paths shorter.
+const SOCK_HINT: &str = "use a shorter state directory";
+
+impl std::ops::Deref for QemuFiles {
+    type Target = GuestFiles;
+    fn deref(&self) -> &GuestFiles {
+        &self.guest
+    }
+}
 
 impl QemuDriver {
     /// A driver with `cfg`.
@@ -157,14 +160,16 @@ impl QemuDriver {
     fn files(&self, vm: &str) -> QemuFiles {
         let r = |ext: &str| self.cfg.run_dir.join(format!("{vm}.{ext}"));
         QemuFiles {
-            nbd: r("nbd"),
-            console: r("console"),
-            console_log: r("console.log"),
+            guest: GuestFiles {
+                nbd: r("nbd"),
+                console: r("console"),
+                console_log: r("console.log"),
+                xnbd_pid: r("xnbd.pid"),
+                xnbd_log: r("xnbd.log"),
+                disk: self.cfg.disk_dir.join(format!("{vm}.img")),
+            },
             qemu_pid: r("qemu.pid"),
-            xnbd_pid: r("xnbd.pid"),
             log: r("log"),
-            xnbd_log: r("xnbd.log"),
-            disk: self.cfg.disk_dir.join(format!("{vm}.img")),
         }
     }
 
@@ -205,7 +210,12 @@ impl QemuDriver {
         vcpus: u32,
         append: &str,
     ) -> Vec<String> {
-        let mut cmdline = format!("console=ttyS0 panic=-1 loglevel=4 mvc.name={}", spec.name);
+        // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check
+        // can time out and panic the guest.
+        let mut cmdline = format!(
+            "console=ttyS0 panic=-1 loglevel=4 no_timer_check mvc.name={}",
+            spec.name
+        );
         if !append.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(append);
@@ -375,26 +385,13 @@ impl QemuDriver {
         f: &QemuFiles,
         children: &mut Vec<Child>,
     ) -> Result<(), DriverError> {
-        for s in [&f.nbd, &f.console, &f.console.with_extension("ga")] {
-            if s.as_os_str().len() > MAX_SOCK_PATH {
-                return Err(DriverError::Config(format!(
-                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
-                    s.display()
-                )));
-            }
-            let _ = std::fs::remove_file(s);
-        }
+        f.clear_sockets(SOCK_HINT)?;
+        let ga = f.console.with_extension("ga");
+        check_sockets(&[&ga], SOCK_HINT)?;
+        let _ = std::fs::remove_file(&ga);
         let boot = self.boot_files_for(spec.stack)?;
         self.ensure_disk(&f.disk)?;
-        let export = format!("{}={}", spec.name, f.disk.display());
-        let nbd = f.nbd.display().to_string();
-        let mut xnbd = spawn(
-            &self.cfg.xnbd.display().to_string(),
-            &["serve", "--export", &export, "--unix", &nbd],
-            &[],
-            &f.xnbd_log,
-        )?;
-        let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
+        let mut xnbd = f.spawn_server(&self.cfg.xnbd, &spec.name)?;
         let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd serve", &f.xnbd_log);
         children.push(xnbd);
         waited?;
@@ -423,78 +420,6 @@ impl QemuDriver {
         children.insert(0, qemu);
         waited
     }
-
-    /// Run `cmd` in the guest's console shell; its output up to an end marker.
-    fn console_run(
-        &self,
-        vm: &str,
-        cmd: &str,
-        timeout: std::time::Duration,
-    ) -> Result<String, DriverError> {
-        console_run(&self.files(vm).console, vm, cmd, timeout)
-    }
-}
-
-/// Run `cmd` in the shell on the guest console behind the Unix socket `console` (of
-/// VM `vm`, for errors); its output up to an end marker.
-pub(super) fn console_run(
-    console: &Path,
-    vm: &str,
-    cmd: &str,
-    timeout: std::time::Duration,
-) -> Result<String, DriverError> {
-    use std::io::{Read, Write};
-    let err = |e: std::io::Error| DriverError::Command {
-        cmd: format!("console of {vm}: {cmd}"),
-        msg: e.to_string(),
-    };
-    let mut s = std::os::unix::net::UnixStream::connect(console).map_err(err)?;
-    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
-        .map_err(err)?;
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // The quotes keep the echoed command line from matching the marker.
-    let marker = format!("MVC-END-{nonce}");
-    s.write_all(format!("\n{cmd}; echo MVC\"\"-END-{nonce}\n").as_bytes())
-        .map_err(err)?;
-    let deadline = std::time::Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(err(e)),
-        }
-        let text = String::from_utf8_lossy(&out);
-        if let Some(i) = text.find(&marker) {
-            return Ok(text[..i].to_string());
-        }
-        if std::time::Instant::now() > deadline || out.len() > 1 << 20 {
-            break;
-        }
-    }
-    Err(DriverError::Command {
-        cmd: format!("console of {vm}: {cmd}"),
-        msg: format!("no answer within {} s", timeout.as_secs()),
-    })
-}
-
-/// The address of the last `MVC-LEASE <ip>` line on a guest console (`none` after the
-/// lease was dropped).
-pub fn parse_lease(console: &str) -> Option<Ipv4Addr> {
-    let last = console
-        .lines()
-        .rev()
-        .find_map(|l| l.split("MVC-LEASE ").nth(1))?;
-    last.split_whitespace().next()?.parse().ok()
 }
 
 impl VmDriver for QemuDriver {
@@ -533,26 +458,16 @@ impl VmDriver for QemuDriver {
             spec.nic.clone()
         };
         let mut children = Vec::new();
-        match self.start_inner(spec, &tap, &f, &mut children) {
-            Ok(()) => Ok(RunningVm {
-                handle: format!("qemu:{tap}:{handle_vm}"),
-                children,
-            }),
-            Err(e) => {
-                for c in &mut children {
-                    stop_child(c);
-                }
-                let _ = run("ip", &["link", "del", &tap]);
-                Err(e)
-            }
+        let started = self.start_inner(spec, &tap, &f, &mut children);
+        let vm = running_or_ended(format!("qemu:{tap}:{handle_vm}"), children, started);
+        if vm.is_err() {
+            let _ = run("ip", &["link", "del", &tap]);
         }
+        vm
     }
 
     fn stop(&mut self, vm: &mut RunningVm) -> Result<(), DriverError> {
-        for c in &mut vm.children {
-            stop_child(c);
-        }
-        vm.children.clear();
+        end_children(vm);
         self.cleanup(&vm.handle);
         Ok(())
     }
@@ -580,7 +495,7 @@ impl VmDriver for QemuDriver {
         };
         let f = self.files(vm);
         link_exists(tap)
-            || [f.qemu_pid, f.xnbd_pid, f.nbd, f.console]
+            || [&f.qemu_pid, &f.xnbd_pid, &f.nbd, &f.console]
                 .iter()
                 .any(|p| p.exists())
     }
@@ -590,30 +505,21 @@ impl VmDriver for QemuDriver {
             return false;
         };
         let f = self.files(vm);
-        pidfile_alive(&f.qemu_pid, &f.console.display().to_string())
-            && pidfile_alive(&f.xnbd_pid, &f.nbd.display().to_string())
+        pidfile_alive(&f.qemu_pid, &f.console.display().to_string()) && f.disk_server_alive()
     }
 
     fn discard(&mut self, vm: &str) {
-        if !vm.contains('/') {
-            let _ = std::fs::remove_file(self.files(vm).disk);
-        }
+        discard_disk(&self.cfg.disk_dir, vm);
     }
 
     fn address(&self, handle: &str) -> Result<Option<Ipv4Addr>, DriverError> {
         let (_, vm) = Self::parse_handle(handle)?;
-        let log = std::fs::read(self.files(vm).console_log).unwrap_or_default();
-        Ok(parse_lease(&String::from_utf8_lossy(&log)))
+        Ok(self.files(vm).lease())
     }
 
     fn ping(&self, handle: &str, target: Ipv4Addr) -> Result<Option<f64>, DriverError> {
         let (_, vm) = Self::parse_handle(handle)?;
-        let out = self.console_run(
-            vm,
-            &format!("ping -q -c 3 -W 2 {target}"),
-            std::time::Duration::from_secs(10),
-        )?;
-        Ok(parse_ping_avg(&out))
+        self.files(vm).ping(vm, target)
     }
 
     fn start_incoming(
@@ -647,25 +553,16 @@ impl QemuDriver {
         let f = self.files(spec.local());
         kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
-        let (source, ctl, rate) = match disk {
-            IncomingDisk::Proxy { source, ctl, rate } => (source, ctl, rate.to_string()),
-            IncomingDisk::Mirror { .. } => (incoming, incoming, String::new()),
+        let (source, ctl) = match disk {
+            IncomingDisk::Proxy { source, ctl, .. } => (source, ctl),
+            IncomingDisk::Mirror { .. } => (incoming, incoming),
         };
-        for s in [&f.nbd, &f.console, ctl, incoming, source] {
-            if s.as_os_str().len() > MAX_SOCK_PATH {
-                return Err(DriverError::Config(format!(
-                    "socket path {} is longer than {MAX_SOCK_PATH} bytes (use a shorter state directory)",
-                    s.display()
-                )));
-            }
-        }
-        for s in [&f.nbd, &f.console, ctl, incoming] {
+        check_sockets(&[ctl, incoming, source], SOCK_HINT)?;
+        f.clear_sockets(SOCK_HINT)?;
+        for s in [ctl, incoming] {
             let _ = std::fs::remove_file(s);
         }
-        // A cache left by an earlier attempt would resume from its bitmap: start clean.
-        let bitmap = f.disk.with_extension("img.bitmap");
-        let _ = std::fs::remove_file(&f.disk);
-        let _ = std::fs::remove_file(&bitmap);
+        f.clear_disk();
         std::fs::create_dir_all(&self.cfg.disk_dir)
             .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
         let boot = self.boot_files_for(spec.stack)?;
@@ -680,54 +577,19 @@ impl QemuDriver {
         let mut children = Vec::new();
         let mode = disk;
         let started = (|| {
-            let src = format!("unix:{}", source.display());
-            let (disk, nbd, ctl) = (
-                f.disk.display().to_string(),
-                f.nbd.display().to_string(),
-                ctl.display().to_string(),
-            );
-            let export = format!("{}={disk}", spec.name);
-            let xnbd_args: Vec<&str> = match mode {
-                IncomingDisk::Proxy { .. } => vec![
-                    "proxy",
-                    "--source",
-                    &src,
-                    "--source-export",
-                    &spec.name,
-                    "--cache",
-                    &disk,
-                    "--no-background",
-                    "--name",
-                    &spec.name,
-                    "--unix",
-                    &nbd,
-                    "--ctl",
-                    &ctl,
-                    "--rate",
-                    &rate,
-                ],
+            let mut xnbd = match mode {
+                IncomingDisk::Proxy { source, ctl, rate } => {
+                    f.spawn_proxy(&self.cfg.xnbd, &spec.name, source, ctl, rate)?
+                }
                 IncomingDisk::Mirror { size } => {
                     let tmp = f.disk.with_extension("img.tmp");
                     std::fs::File::create(&tmp)
                         .and_then(|d| d.set_len(size))
                         .and_then(|()| std::fs::rename(&tmp, &f.disk))
                         .map_err(|e| DriverError::Config(format!("{}: {e}", f.disk.display())))?;
-                    vec!["serve", "--export", &export, "--unix", &nbd]
+                    f.spawn_server(&self.cfg.xnbd, &spec.name)?
                 }
             };
-            let prog = self.cfg.xnbd.display().to_string();
-            if let IncomingDisk::Proxy { .. } = mode {
-                // For the agent to start a proxy that died again (it resumes from its bitmap).
-                let argv: Vec<&str> = std::iter::once(prog.as_str())
-                    .chain(xnbd_args.iter().copied())
-                    .collect();
-                let _ = std::fs::write(
-                    f.xnbd_pid.with_extension("args"),
-                    serde_json::to_string(&argv).unwrap_or_default(),
-                );
-            }
-            let mut xnbd = spawn(&prog, &xnbd_args, &[], &f.xnbd_log)?;
-            let _ = std::fs::write(&f.xnbd_pid, xnbd.id().to_string());
             let waited = Self::wait_socket(&f.nbd, &mut xnbd, "xnbd proxy", &f.xnbd_log);
             children.push(xnbd);
             waited?;
@@ -760,25 +622,18 @@ impl QemuDriver {
             children.insert(0, qemu);
             waited
         })();
-        match started {
-            Ok(()) => Ok(RunningVm {
-                handle: format!("qemu:{tap}:{}", spec.local()),
-                children,
-            }),
-            Err(e) => {
-                for c in &mut children {
-                    stop_child(c);
-                }
-                let _ = run("ip", &["link", "del", &tap]);
-                Err(e)
-            }
+        let vm = running_or_ended(format!("qemu:{tap}:{}", spec.local()), children, started);
+        if vm.is_err() {
+            let _ = run("ip", &["link", "del", &tap]);
         }
+        vm
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::{parse_lease, parse_ping_avg};
     use crate::model::Mac;
 
     #[test]
@@ -828,7 +683,7 @@ mod tests {
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
         assert_eq!(
             append,
-            "console=ttyS0 panic=-1 loglevel=4 mvc.name=k-c1 quiet"
+            "console=ttyS0 panic=-1 loglevel=4 no_timer_check mvc.name=k-c1 quiet"
         );
     }
 

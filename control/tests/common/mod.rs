@@ -1,9 +1,11 @@
 //! What the VM tests on the three-site lab share: the binaries under test, the
 //! overlay, the qemu guest, finding a cluster's VMs, ending the
 //! processes a failed test leaves, `mvc` runs that go on while the test watches, and
-//! reading a ping's losses. Each test file uses a part of it.
+//! reading a ping's losses, a libvirtd of a test's own ([`libvirtd`]). Each test file
+//! uses a part of it.
 #![allow(dead_code)]
 
+pub mod libvirtd;
 pub mod slurm;
 
 use control::demo::{pick_overlay, SiteLab};
@@ -185,4 +187,69 @@ pub fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> boo
         std::thread::sleep(step);
     }
     true
+}
+
+/// Network devices of namespace `ns` whose names start with `prefix` (a VM's TAP
+/// `mvq...`).
+pub fn links(ns: &str, prefix: &str) -> Vec<String> {
+    lab::run(&["ip", "-n", ns, "-o", "link", "show"])
+        .map(|o| {
+            o.stdout
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `cluster create NAME --sites A:B:C --computes 1:1:1 --start`, every VM with
+/// `memory` MiB, leases awaited up to `lease_secs`: its JSON answer.
+pub fn create_1_1_1(sl: &SiteLab, name: &str, memory: u32, lease_secs: u32) -> serde_json::Value {
+    let (memory, lease) = (memory.to_string(), lease_secs.to_string());
+    sl.ctl_json(&[
+        "cluster",
+        "create",
+        name,
+        "--sites",
+        "A:B:C",
+        "--computes",
+        "1:1:1",
+        "--memory",
+        &memory,
+        "--frontend-memory",
+        &memory,
+        "--start",
+        "--lease-timeout",
+        &lease,
+    ])
+    .expect("cluster create")
+}
+
+/// `mvc <migrate>` run while the agent whose pid is `agent_pid` is killed with SIGKILL
+/// once `ready` (polled every 100 ms, up to 60 s) and `settle` more have passed: what
+/// the `mvc` run answered.
+pub fn migrate_killing_agent(
+    sl: &SiteLab,
+    migrate: &[&str],
+    agent_pid: u32,
+    mut ready: impl FnMut() -> bool,
+    settle: Duration,
+) -> lab::sites::Result<String> {
+    std::thread::scope(|scope| {
+        let h = scope.spawn(|| sl.ctl(migrate));
+        assert!(
+            wait_until(
+                Duration::from_secs(60),
+                Duration::from_millis(100),
+                &mut ready
+            ),
+            "the migration did not get far enough to kill the agent"
+        );
+        std::thread::sleep(settle);
+        // The test's own agent (its pid file names it).
+        lab::sys::kill(agent_pid, libc::SIGKILL).expect("SIGKILL to the agent");
+        h.join().expect("migrate thread")
+    })
 }
