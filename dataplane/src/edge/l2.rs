@@ -698,12 +698,17 @@ impl EdgeCore {
         }
         match l2::dhcp_way(frame) {
             Some(l2::DhcpWay::FromClient) if !self.l2.dhcp_servers.is_empty() => {
+                // Where a server is comes from its binding, not from the MAC table: a
+                // binding goes with its peer's session or when the peer withdraws it,
+                // a MAC table entry only when it expires.
                 let mut peers = Vec::new();
                 for s in &self.l2.dhcp_servers {
-                    match self.macs.get(s) {
-                        Some((p, _)) if !peers.contains(p) => peers.push(*p),
+                    if self.l2.local.contains_key(s) {
+                        continue;
+                    }
+                    match self.l2.remote.get(s) {
+                        Some(r) if !peers.contains(&r.peer) => peers.push(r.peer),
                         Some(_) => {}
-                        None if self.l2.local.contains_key(s) => {}
                         None => return FloodTo::All,
                     }
                 }
@@ -1018,9 +1023,14 @@ impl EdgeCore {
         Some(self.l2.next_announce)
     }
 
-    /// A peer is gone: so are its bindings and what it said about its groups.
+    /// A peer is gone: so are its bindings, the DHCP servers behind it (clients'
+    /// requests are flooded again unless other servers are known) and what it said about
+    /// its groups.
     pub(super) fn l2_peer_gone(&mut self, pid: &EdgeId) {
-        self.l2.forget_peer(pid);
+        let l2 = &mut self.l2;
+        l2.dhcp_servers
+            .retain(|s| l2.remote.get(s).is_none_or(|r| r.peer != *pid));
+        l2.forget_peer(pid);
         self.l2.peer_groups.remove(pid);
     }
 
