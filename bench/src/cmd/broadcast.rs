@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use control::demo::MPI_PROGRAM;
 use lab::overlay::{EdgeOpts, Mvc, MvcCluster, N2n, COMMUNITY, EDGE_PORT, SECRET, SUPERNODE_PORT};
 use lab::{dhcp, Lab, Proc, Topology};
 use serde::{Deserialize, Serialize};
@@ -309,19 +310,8 @@ fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
     })
 }
 
-/// The MPI job: every rank reports its node, an allreduce sums the ranks.
-const MPI_PROGRAM: &str = r#"from mpi4py import MPI
-import socket
-c = MPI.COMM_WORLD
-total = c.allreduce(c.Get_rank(), op=MPI.SUM)
-names = c.gather(socket.gethostname(), root=0)
-if c.Get_rank() == 0:
-    n = c.Get_size()
-    print("mpi: %d ranks on %s" % (n, ",".join(names)))
-    print("mpi: allreduce(sum of ranks) = %d (expected %d)" % (total, n * (n - 1) // 2))
-"#;
-
-/// [`MPI_PROGRAM`] under mpirun over every VM (placed round-robin over the sites), from
+/// The demo's MPI program ([`MPI_PROGRAM`]: every rank reports its node, an allreduce
+/// sums the ranks) under mpirun over every VM (placed round-robin over the sites), from
 /// site A's first VM; (ranks, ranks when the sum came out right) per site.
 fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
     // OpenMPI announces every address of the interface it is told to use, and the VMs'
