@@ -877,6 +877,54 @@ pub struct Vm {
     pub mac: String,
 }
 
+/// Room in the host's IPv4 neighbour (ARP) table, from [`NeighRoom::ensure`]. The table
+/// is one for all namespaces: past `net.ipv4.neigh.default.gc_thresh3` entries (1024 by
+/// default) the kernel refuses new ones ("neighbor table overflow") and VMs fail to
+/// resolve each other, which 48 VMs that all meet already exceed. The old limits come
+/// back on drop (unless something else changed them meanwhile).
+pub struct NeighRoom {
+    /// (file, old value, value set) of each limit raised.
+    raised: Vec<(PathBuf, u64, u64)>,
+}
+
+impl NeighRoom {
+    const FILES: [&'static str; 2] = [
+        "/proc/sys/net/ipv4/neigh/default/gc_thresh2",
+        "/proc/sys/net/ipv4/neigh/default/gc_thresh3",
+    ];
+
+    /// Raises the limits so that `entries` more fit (gc_thresh2 to half of gc_thresh3,
+    /// where the kernel starts to reclaim hard); never lowers them.
+    pub fn ensure(entries: u64) -> Result<NeighRoom> {
+        let mut raised = Vec::new();
+        for (i, f) in Self::FILES.iter().enumerate() {
+            let path = PathBuf::from(f);
+            let text = std::fs::read_to_string(&path)?;
+            let old: u64 = text.trim().parse().map_err(|_| Error::Parse {
+                what: (*f).to_string(),
+                detail: text.trim().to_string(),
+            })?;
+            let want = (old + entries) / if i == 0 { 2 } else { 1 };
+            if want > old {
+                std::fs::write(&path, want.to_string())?;
+                raised.push((path, old, want));
+            }
+        }
+        Ok(NeighRoom { raised })
+    }
+}
+
+impl Drop for NeighRoom {
+    fn drop(&mut self) {
+        for (path, old, set) in self.raised.iter().rev() {
+            let now = std::fs::read_to_string(path).unwrap_or_default();
+            if now.trim().parse::<u64>().ok() == Some(*set) {
+                let _ = std::fs::write(path, old.to_string());
+            }
+        }
+    }
+}
+
 /// Most VM namespaces set up at once: each takes a dozen `ip`/`sysctl` runs, and on a
 /// small machine 192 of them one after the other take minutes.
 const VM_SETUP_THREADS: usize = 8;
