@@ -289,40 +289,20 @@ fn dhcp_across_sites(xdp: bool) {
     let c = start_cluster(&lab, &t, &mvc, xdp);
     let (va, vc) = (&t.site("a").vms[0], &t.site("c").vms[0]);
     ping_ok(&lab, &vc.ns, va.ip, 3);
-    let leases = lab.dir().join("dnsmasq.leases");
-    let pid = lab.dir().join("dnsmasq.pid");
-    let dnsmasq = lab
-        .spawn(
-            &va.ns,
-            "dnsmasq",
-            &[
-                "dnsmasq",
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--port=0",
-                "--user=root",
-                "--interface=eth0",
-                "--except-interface=lo",
-                "--bind-interfaces",
-                "--dhcp-range=198.19.200.10,198.19.200.50,255.255.0.0,10m",
-                &format!("--dhcp-leasefile={}", leases.display()),
-                &format!("--pid-file={}", pid.display()),
-                "--log-dhcp",
-                "--log-facility=-",
-            ],
-        )
-        .unwrap();
-    lab.wait_until("dnsmasq listening", Duration::from_secs(5), || {
-        lab.exec(&va.ns, &["ss", "-Hlun", "sport = :67"])
-            .is_ok_and(|o| !o.stdout.trim().is_empty())
-    })
+    let dnsmasq = dhcp::Dnsmasq::start(
+        &lab,
+        &va.ns,
+        Ipv4Addr::new(198, 19, 200, 10),
+        Ipv4Addr::new(198, 19, 200, 50),
+        &["--log-dhcp"],
+    )
     .unwrap();
     let lease = lab
         .in_ns(&vc.ns, || {
             dhcp::obtain_lease("eth0", &vc.mac, Duration::from_secs(20))
         })
         .unwrap()
-        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log(&dnsmasq)));
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log(&dnsmasq.proc)));
     let o = lease.addr.octets();
     assert!(
         o[..3] == [198, 19, 200] && (10..=50).contains(&o[3]),
@@ -330,7 +310,7 @@ fn dhcp_across_sites(xdp: bool) {
     );
     assert_eq!(lease.server, va.ip);
     lab.wait_until("lease recorded", Duration::from_secs(5), || {
-        std::fs::read_to_string(&leases).is_ok_and(|s| s.contains(&vc.mac))
+        std::fs::read_to_string(&dnsmasq.leases).is_ok_and(|s| s.contains(&vc.mac))
     })
     .unwrap();
     // The server's edge and the client's edge both see the acknowledgement (the lease
@@ -374,7 +354,7 @@ fn dhcp_across_sites(xdp: bool) {
         .and_then(|p| p.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     assert!(received >= 3, "from the leased address: {}", out.stdout);
-    assert!(lab.running(&dnsmasq));
+    assert!(lab.running(&dnsmasq.proc));
     all_running(&lab, &c);
 }
 
@@ -395,8 +375,7 @@ fn arp_requests_for_known_bindings_are_answered_by_the_local_edge() {
     else {
         return;
     };
-    let t = Topology::three_sites(&lab, 1).unwrap();
-    let c = start_cluster(&lab, &t, &mvc, false);
+    let (t, c) = MvcCluster::three_sites(&lab, &mvc, 1, true).unwrap();
     let sites = ["a", "b", "c"];
     for x in sites {
         for y in sites.iter().filter(|y| **y != x) {
@@ -504,8 +483,7 @@ fn neighbour_solicitations_for_known_bindings_are_answered_by_the_local_edge() {
     else {
         return;
     };
-    let t = Topology::three_sites(&lab, 1).unwrap();
-    let c = start_cluster(&lab, &t, &mvc, false);
+    let (t, c) = MvcCluster::three_sites(&lab, &mvc, 1, true).unwrap();
     let (va, vb) = (&t.site("a").vms[0], &t.site("b").vms[0]);
     ping_ok(&lab, &va.ns, vb.ip, 2);
     let (la, lb) = (vm_link_local(&lab, va), vm_link_local(&lab, vb));
@@ -560,8 +538,7 @@ fn multicast_reaches_only_the_site_with_a_member() {
     let Some((lab, mvc)) = setup("multicast_reaches_only_the_site_with_a_member") else {
         return;
     };
-    let t = Topology::three_sites(&lab, 1).unwrap();
-    let c = start_cluster(&lab, &t, &mvc, false);
+    let (t, c) = MvcCluster::three_sites(&lab, &mvc, 1, true).unwrap();
     let (va, vb, vc) = (
         &t.site("a").vms[0],
         &t.site("b").vms[0],
@@ -697,40 +674,11 @@ fn a_moved_vm_is_reachable_from_every_site_within_a_second() {
             &["ping", "-n", "-c", "60", "-i", "0.1", &vd.ip.to_string()],
         )
         .unwrap();
-    let out = lab
-        .exec_timeout(
-            &va.ns,
-            &[
-                "ping",
-                "-n",
-                "-c",
-                "30",
-                "-i",
-                "0.1",
-                "-W",
-                "1",
-                &vb.ip.to_string(),
-            ],
-            Duration::from_secs(20),
-        )
-        .unwrap();
+    let (first, out) = lab::first_answer(&lab, &va.ns, vb.ip, 30).unwrap();
     lab.stop(&own);
-    let first = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("icmp_seq="))
-                .and_then(|n| n.parse::<u32>().ok())
-        });
     println!("first answered ping after the move: {first:?} (0.1 s apart)");
-    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{}", out.stdout));
-    assert!(
-        first <= 11,
-        "answered only from ping {first}:\n{}",
-        out.stdout
-    );
+    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{out}"));
+    assert!(first <= 11, "answered only from ping {first}:\n{out}");
     all_running(&lab, &c);
 }
 
@@ -744,8 +692,7 @@ fn a_broadcast_storm_from_one_vm_is_capped_and_other_vms_keep_pinging() {
     else {
         return;
     };
-    let t = Topology::three_sites(&lab, 2).unwrap();
-    let c = start_cluster(&lab, &t, &mvc, false);
+    let (t, c) = MvcCluster::three_sites(&lab, &mvc, 2, true).unwrap();
     let a = t.site("a");
     let (storm_vm, quiet_vm, vb) = (&a.vms[0], &a.vms[1], &t.site("b").vms[0]);
     ping_ok(&lab, &quiet_vm.ns, vb.ip, 2);
@@ -821,8 +768,7 @@ fn a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second() {
     else {
         return;
     };
-    let t = Topology::three_sites(&lab, 1).unwrap();
-    let mut c = start_cluster(&lab, &t, &mvc, false);
+    let (t, mut c) = MvcCluster::three_sites(&lab, &mvc, 1, true).unwrap();
     let (a, b) = (t.site("a"), t.site("b"));
     let (va, vb) = (&a.vms[0], &b.vms[0]);
     ping_ok(&lab, &va.ns, vb.ip, 3);
@@ -842,38 +788,12 @@ fn a_silent_vm_behind_a_restarted_edge_is_reachable_within_a_second() {
         .unwrap();
     c.edges.insert("b".into(), e);
     // 30 pings at 0.1 s from A's VM; the first answered one tells when B's VM came back.
-    let out = lab
-        .exec_timeout(
-            &va.ns,
-            &[
-                "ping",
-                "-n",
-                "-c",
-                "30",
-                "-i",
-                "0.1",
-                "-W",
-                "1",
-                &vb.ip.to_string(),
-            ],
-            Duration::from_secs(20),
-        )
-        .unwrap();
-    let first = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("icmp_seq="))
-                .and_then(|n| n.parse::<u32>().ok())
-        });
+    let (first, out) = lab::first_answer(&lab, &va.ns, vb.ip, 30).unwrap();
     println!("first answered ping after the restart: {first:?} (0.1 s apart)");
-    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{}", out.stdout));
+    let first = first.unwrap_or_else(|| panic!("no answer in 3 s:\n{out}"));
     assert!(
         first <= 11,
-        "B's VM answered only from ping {first} (0.1 s apart):\n{}",
-        out.stdout
+        "B's VM answered only from ping {first} (0.1 s apart):\n{out}"
     );
     all_running(&lab, &c);
 }

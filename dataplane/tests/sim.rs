@@ -2152,3 +2152,55 @@ fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
     net.send_frame(a, &r2);
     assert!(!got(&net, b, &r2) && !got(&net, c, &r2));
 }
+
+/// When the session with the DHCP server's edge ends, clients' requests are flooded to
+/// every site again at once, not steered to that edge until it expires (here, as by
+/// default, long after its session): a server at another site can answer them.
+#[test]
+fn dhcp_requests_are_not_steered_to_a_server_whose_session_ended() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let slow_expiry = Timers {
+        peer_expiry: Duration::from_secs(90),
+        mac_expiry: Duration::from_secs(300),
+        ..timers()
+    };
+    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, slow_expiry.clone(), true);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    // The server (VM 1 behind a) is bound everywhere and acknowledges a client at b.
+    net.send_frame(a, &frame(BCAST, mac(1), 0));
+    net.send_frame(b, &frame(BCAST, mac(7), 0));
+    net.run(Duration::from_millis(50));
+    let mut ack = dhcp_reply(mac(1), mac(7), ip(7), 5);
+    ack[..6].copy_from_slice(&BCAST);
+    net.send_frame(a, &ack);
+    assert!(got(&net, b, &ack));
+    net.run(Duration::from_millis(50));
+    let r7 = dhcp_request(mac(7));
+    net.send_frame(b, &r7);
+    assert!(got(&net, a, &r7) && !got(&net, c, &r7), "steered to a");
+    // a goes away; once b's session with it has ended (its bindings dropped, well
+    // before a expires at b), b's client's request reaches c too.
+    net.edges[a].alive = false;
+    let step = Duration::from_millis(500);
+    let mut t = Duration::ZERO;
+    while net.status(b).l2.remote_bindings > 0 && t < Duration::from_secs(60) {
+        net.run(step);
+        t += step;
+    }
+    println!("a's bindings dropped at b after {t:?}");
+    assert_eq!(
+        net.status(b).l2.remote_bindings,
+        0,
+        "a's bindings still held"
+    );
+    assert!(t < slow_expiry.peer_expiry, "{t:?}");
+    let again = dhcp_request(mac(7));
+    net.send_frame(b, &again);
+    assert!(
+        got(&net, c, &again),
+        "the request went only to the edge whose session ended"
+    );
+}

@@ -4,9 +4,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result};
+use crate::{Error, Lab, Proc, Result};
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 const DISCOVER: u8 = 1;
@@ -110,6 +111,55 @@ fn parse_mac(mac: &str) -> Result<[u8; 6]> {
         what: "MAC address".into(),
         detail: mac.into(),
     })
+}
+
+/// A dnsmasq DHCP server in a lab namespace, from [`Dnsmasq::start`].
+pub struct Dnsmasq {
+    /// The dnsmasq process (stop it with [`Lab::stop`]; teardown ends it too).
+    pub proc: Proc,
+    /// Its lease file.
+    pub leases: PathBuf,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq as a DHCP server only (no DNS) on `eth0` of namespace `ns`, leasing
+    /// `first` to `last` (netmask 255.255.0.0, 10 minutes), with `extra` options appended,
+    /// and waits (at most 5 s) until it listens on port 67. One server per lab: its lease
+    /// and pid files are `dnsmasq.leases` and `dnsmasq.pid` in the lab's directory.
+    pub fn start(
+        lab: &Lab,
+        ns: &str,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+        extra: &[&str],
+    ) -> Result<Dnsmasq> {
+        let leases = lab.dir().join("dnsmasq.leases");
+        let pid = lab.dir().join("dnsmasq.pid");
+        let range = format!("--dhcp-range={first},{last},255.255.0.0,10m");
+        let leasefile = format!("--dhcp-leasefile={}", leases.display());
+        let pidfile = format!("--pid-file={}", pid.display());
+        let mut argv = vec![
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--user=root",
+            "--interface=eth0",
+            "--except-interface=lo",
+            "--bind-interfaces",
+            &range,
+            &leasefile,
+            &pidfile,
+            "--log-facility=-",
+        ];
+        argv.extend_from_slice(extra);
+        let proc = lab.spawn(ns, "dnsmasq", &argv)?;
+        lab.wait_until("dnsmasq listening", Duration::from_secs(5), || {
+            lab.exec(ns, &["ss", "-Hlun", "sport = :67"])
+                .is_ok_and(|o| !o.stdout.trim().is_empty())
+        })?;
+        Ok(Dnsmasq { proc, leases })
+    }
 }
 
 /// Obtains a lease on `ifname` (with hardware address `mac`) of the current network

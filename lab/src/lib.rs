@@ -879,6 +879,97 @@ pub struct Vm {
     pub mac: String,
 }
 
+/// Room in the host's IPv4 neighbour (ARP) table, from [`NeighRoom::ensure`]. The table
+/// is one for all namespaces: past `net.ipv4.neigh.default.gc_thresh3` entries (1024 by
+/// default) the kernel refuses new ones ("neighbor table overflow") and VMs fail to
+/// resolve each other, which 48 VMs that all meet already exceed. The old limits come
+/// back on drop (unless something else changed them meanwhile).
+pub struct NeighRoom {
+    /// (file, old value, value set) of each limit raised.
+    raised: Vec<(PathBuf, u64, u64)>,
+}
+
+impl NeighRoom {
+    const FILES: [&'static str; 2] = [
+        "/proc/sys/net/ipv4/neigh/default/gc_thresh2",
+        "/proc/sys/net/ipv4/neigh/default/gc_thresh3",
+    ];
+
+    /// Raises the limits so that `entries` more fit (gc_thresh2 to half of gc_thresh3,
+    /// where the kernel starts to reclaim hard); never lowers them.
+    pub fn ensure(entries: u64) -> Result<NeighRoom> {
+        let mut raised = Vec::new();
+        for (i, f) in Self::FILES.iter().enumerate() {
+            let path = PathBuf::from(f);
+            let text = std::fs::read_to_string(&path)?;
+            let old: u64 = text.trim().parse().map_err(|_| Error::Parse {
+                what: (*f).to_string(),
+                detail: text.trim().to_string(),
+            })?;
+            let want = (old + entries) / if i == 0 { 2 } else { 1 };
+            if want > old {
+                std::fs::write(&path, want.to_string())?;
+                raised.push((path, old, want));
+            }
+        }
+        Ok(NeighRoom { raised })
+    }
+}
+
+impl Drop for NeighRoom {
+    fn drop(&mut self) {
+        for (path, old, set) in self.raised.iter().rev() {
+            let now = std::fs::read_to_string(path).unwrap_or_default();
+            if now.trim().parse::<u64>().ok() == Some(*set) {
+                let _ = std::fs::write(path, old.to_string());
+            }
+        }
+    }
+}
+
+/// Most VM namespaces set up at once: each takes a dozen `ip`/`sysctl` runs, and on a
+/// small machine 192 of them one after the other take minutes.
+const VM_SETUP_THREADS: usize = 8;
+
+/// VMs `1..=vms` of site `idx` (namespaces `<name>vm<i>`), each on its own veth to the
+/// frontend `fe`'s bridge, set up [`VM_SETUP_THREADS`] at a time; returned in order.
+fn add_vms(lab: &Lab, fe: &str, name: &str, idx: u8, vms: u8) -> Result<Vec<Vm>> {
+    let one = |i: u8| -> Result<Vm> {
+        let ns = lab.add_ns(&format!("{name}vm{i}"))?;
+        let port = format!("vm{i}");
+        lab.veth(fe, &port, &ns, "eth0")?;
+        lab.enslave(fe, &port, "br0")?;
+        let mac = addr::vm_mac(idx, i);
+        lab.ip(&ns, &["link", "set", "eth0", "address", &mac])?;
+        let ip = addr::vm_overlay(idx, i);
+        let underlay_ip = addr::vm_underlay(idx, i);
+        lab.addr(&ns, "eth0", ip, addr::OVERLAY_PREFIX)?;
+        lab.addr(&ns, "eth0", underlay_ip, 24)?;
+        lab.route(&ns, "default", addr::vm_gateway(idx))?;
+        Ok(Vm {
+            ns,
+            ifname: "eth0".into(),
+            port,
+            ip,
+            underlay_ip,
+            mac,
+        })
+    };
+    let all: Vec<u8> = (1..=vms).collect();
+    let per = all.len().div_ceil(VM_SETUP_THREADS).max(1);
+    std::thread::scope(|sc| {
+        let parts: Vec<_> = all
+            .chunks(per)
+            .map(|c| sc.spawn(move || c.iter().map(|i| one(*i)).collect::<Result<Vec<Vm>>>()))
+            .collect();
+        let mut v = Vec::with_capacity(all.len());
+        for p in parts {
+            v.extend(p.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
+        }
+        Ok(v)
+    })
+}
+
 /// Sites around an "internet" router namespace.
 pub struct Topology {
     /// The internet router namespace.
@@ -985,7 +1076,8 @@ impl Topology {
         lab.addr(&fe, "br0", addr::vm_gateway(idx), 24)?;
         lab.tap(&fe, "tap0")?;
         lab.enslave(&fe, "tap0", "br0")?;
-        let mut site = Site {
+        let vms = add_vms(lab, &fe, name, idx, vms)?;
+        let site = Site {
             idx,
             name: name.to_string(),
             frontend: fe.clone(),
@@ -994,30 +1086,9 @@ impl Topology {
             public_ip: addr::public(idx),
             tap: "tap0".into(),
             bridge: "br0".into(),
-            vms: Vec::new(),
+            vms,
             wan: wan_ns,
         };
-        for i in 1..=vms {
-            let ns = lab.add_ns(&format!("{name}vm{i}"))?;
-            let port = format!("vm{i}");
-            lab.veth(&fe, &port, &ns, "eth0")?;
-            lab.enslave(&fe, &port, "br0")?;
-            let mac = addr::vm_mac(idx, i);
-            lab.ip(&ns, &["link", "set", "eth0", "address", &mac])?;
-            let ip = addr::vm_overlay(idx, i);
-            let underlay_ip = addr::vm_underlay(idx, i);
-            lab.addr(&ns, "eth0", ip, addr::OVERLAY_PREFIX)?;
-            lab.addr(&ns, "eth0", underlay_ip, 24)?;
-            lab.route(&ns, "default", addr::vm_gateway(idx))?;
-            site.vms.push(Vm {
-                ns,
-                ifname: "eth0".into(),
-                port,
-                ip,
-                underlay_ip,
-                mac,
-            });
-        }
         self.sites.push(site);
         Ok(self.sites.last().unwrap_or_else(|| unreachable!()))
     }
@@ -1235,6 +1306,43 @@ pub fn wait_ping(lab: &Lab, ns: &str, dst: Ipv4Addr, limit: Duration) -> Result<
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Pings `dst` from `ns` `count` times 0.1 s apart (each waiting at most 1 s); returns the
+/// sequence number (from 1) of the first answered ping, if any, and ping's output. The
+/// first answer tells how long `dst` took to become reachable (in tenths of a second).
+pub fn first_answer(
+    lab: &Lab,
+    ns: &str,
+    dst: Ipv4Addr,
+    count: u32,
+) -> Result<(Option<u32>, String)> {
+    let n = count.to_string();
+    let out = lab.exec_timeout(
+        ns,
+        &[
+            "ping",
+            "-n",
+            "-c",
+            &n,
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            &dst.to_string(),
+        ],
+        Duration::from_secs(u64::from(count) / 10 + 10),
+    )?;
+    let first = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse::<u32>().ok())
+        });
+    Ok((first, out.stdout))
 }
 
 static IPERF_PORT: AtomicU32 = AtomicU32::new(0);

@@ -90,6 +90,13 @@ impl EdgeOpts {
             extra: Vec::new(),
         }
     }
+
+    /// Turns the edge's L2 control plane on or off (`--l2-control on|off`, appended to
+    /// [`EdgeOpts::extra`]).
+    pub fn l2_control(&mut self, on: bool) {
+        self.extra
+            .extend(["--l2-control".into(), if on { "on" } else { "off" }.into()]);
+    }
 }
 
 impl Mvc {
@@ -343,6 +350,19 @@ impl MvcCluster {
             supernode,
             edges,
         })
+    }
+
+    /// The README's three sites ([`Topology::three_sites`], `vms` VMs each) with a cluster
+    /// on them, every edge's L2 control plane on or off (`l2_control`).
+    pub fn three_sites(
+        lab: &Lab,
+        mvc: &Mvc,
+        vms: u8,
+        l2_control: bool,
+    ) -> Result<(Topology, MvcCluster)> {
+        let t = Topology::three_sites(lab, vms)?;
+        let c = MvcCluster::start(lab, &t, mvc, |o| o.l2_control(l2_control))?;
+        Ok((t, c))
     }
 
     /// The edge of site `name`.

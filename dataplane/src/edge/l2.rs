@@ -698,12 +698,17 @@ impl EdgeCore {
         }
         match l2::dhcp_way(frame) {
             Some(l2::DhcpWay::FromClient) if !self.l2.dhcp_servers.is_empty() => {
+                // Where a server is comes from its binding, not from the MAC table: a
+                // binding goes with its peer's session or when the peer withdraws it,
+                // a MAC table entry only when it expires.
                 let mut peers = Vec::new();
                 for s in &self.l2.dhcp_servers {
-                    match self.macs.get(s) {
-                        Some((p, _)) if !peers.contains(p) => peers.push(*p),
+                    if self.l2.local.contains_key(s) {
+                        continue;
+                    }
+                    match self.l2.remote.get(s) {
+                        Some(r) if !peers.contains(&r.peer) => peers.push(r.peer),
                         Some(_) => {}
-                        None if self.l2.local.contains_key(s) => {}
                         None => return FloodTo::All,
                     }
                 }
@@ -794,32 +799,9 @@ impl EdgeCore {
         if !self.l2.cfg.control {
             return;
         }
-        let max = self.cfg.max_macs;
         match m {
-            Control::Bindings(m) => {
-                if m.full {
-                    self.l2.forget_peer(pid);
-                }
-                for b in m.entries {
-                    if !self.l2.bind_remote(*pid, b, max) {
-                        self.drop(DropReason::MacTableFull);
-                        continue;
-                    }
-                    self.point_mac(now, pid, b.mac);
-                }
-            }
-            Control::Bindings6(m) => {
-                if m.full {
-                    self.l2.forget_peer6(pid);
-                }
-                for b in m.entries {
-                    if !self.l2.bind_remote6(*pid, b, max) {
-                        self.drop(DropReason::MacTableFull);
-                        continue;
-                    }
-                    self.point_mac(now, pid, b.mac);
-                }
-            }
+            Control::Bindings(m) => self.apply_bindings(now, pid, m.full, m.entries),
+            Control::Bindings6(m) => self.apply_bindings(now, pid, m.full, m.entries),
             Control::Groups(g) => {
                 let set = (!g.all).then(|| {
                     let mut v = g.groups;
@@ -828,6 +810,28 @@ impl EdgeCore {
                 });
                 self.l2.peer_groups.insert(*pid, set);
             }
+        }
+    }
+
+    /// Bindings of one kind announced by `pid`: a full set replaces what it announced of
+    /// that kind before; each entry also points the MAC table at `pid`.
+    fn apply_bindings<B: BindingKind>(
+        &mut self,
+        now: Instant,
+        pid: &EdgeId,
+        full: bool,
+        entries: Vec<B>,
+    ) {
+        if full {
+            B::forget_peer(&mut self.l2, pid);
+        }
+        let max = self.cfg.max_macs;
+        for b in entries {
+            if !b.bind_remote(&mut self.l2, *pid, max) {
+                self.drop(DropReason::MacTableFull);
+                continue;
+            }
+            self.point_mac(now, pid, b.mac());
         }
     }
 
@@ -918,34 +922,33 @@ impl EdgeCore {
         full: bool,
         out: &mut Outbox,
     ) {
+        if self.send_kind(now, pid, v4, full, out) {
+            self.send_kind(now, pid, v6, full, out);
+        }
+    }
+
+    /// Sends bindings of one kind in as many messages as they need; false when one
+    /// could not be sent.
+    fn send_kind<B: BindingKind>(
+        &mut self,
+        now: Instant,
+        pid: &EdgeId,
+        v: &[B],
+        full: bool,
+        out: &mut Outbox,
+    ) -> bool {
         let mut first = true;
-        let mut rest = v4;
+        let mut rest = v;
         while first && full || !rest.is_empty() {
-            let (part, later) = rest.split_at(rest.len().min(MAX_BINDINGS));
-            let m = Control::Bindings(Bindings {
-                full: full && first,
-                entries: part.to_vec(),
-            });
+            let (part, later) = rest.split_at(rest.len().min(B::MAX));
+            let m = B::message(full && first, part.to_vec());
             if !self.send_control(now, pid, &m, out) {
-                return;
+                return false;
             }
             first = false;
             rest = later;
         }
-        let mut first = true;
-        let mut rest = v6;
-        while first && full || !rest.is_empty() {
-            let (part, later) = rest.split_at(rest.len().min(MAX_BINDINGS6));
-            let m = Control::Bindings6(Bindings6 {
-                full: full && first,
-                entries: part.to_vec(),
-            });
-            if !self.send_control(now, pid, &m, out) {
-                return;
-            }
-            first = false;
-            rest = later;
-        }
+        true
     }
 
     fn session_peers(&self) -> Vec<EdgeId> {
@@ -1020,9 +1023,14 @@ impl EdgeCore {
         Some(self.l2.next_announce)
     }
 
-    /// A peer is gone: so are its bindings and what it said about its groups.
+    /// A peer is gone: so are its bindings, the DHCP servers behind it (clients'
+    /// requests are flooded again unless other servers are known) and what it said about
+    /// its groups.
     pub(super) fn l2_peer_gone(&mut self, pid: &EdgeId) {
-        self.l2.forget_peer(pid);
+        let l2 = &mut self.l2;
+        l2.dhcp_servers
+            .retain(|s| l2.remote.get(s).is_none_or(|r| r.peer != *pid));
+        l2.forget_peer(pid);
         self.l2.peer_groups.remove(pid);
     }
 
@@ -1035,6 +1043,53 @@ impl EdgeCore {
             local_groups: self.l2.members.len() as u64,
             ..self.l2.stats.clone()
         }
+    }
+}
+
+/// What the two kinds of binding (a MAC with its IPv4 address, a MAC with one IPv6
+/// address) differ in when they are announced and applied; the rest is one code path.
+trait BindingKind: Copy {
+    /// Most entries in one message.
+    const MAX: usize;
+    /// The bound MAC.
+    fn mac(&self) -> Mac;
+    /// The control message carrying `entries`.
+    fn message(full: bool, entries: Vec<Self>) -> Control;
+    /// What `peer` announced of this kind is forgotten (a full set follows).
+    fn forget_peer(l2: &mut L2, peer: &EdgeId);
+    /// Applies one entry announced by `peer`; false when the table is full.
+    fn bind_remote(self, l2: &mut L2, peer: EdgeId, max: usize) -> bool;
+}
+
+impl BindingKind for Binding {
+    const MAX: usize = MAX_BINDINGS;
+    fn mac(&self) -> Mac {
+        self.mac
+    }
+    fn message(full: bool, entries: Vec<Self>) -> Control {
+        Control::Bindings(Bindings { full, entries })
+    }
+    fn forget_peer(l2: &mut L2, peer: &EdgeId) {
+        l2.forget_peer(peer);
+    }
+    fn bind_remote(self, l2: &mut L2, peer: EdgeId, max: usize) -> bool {
+        l2.bind_remote(peer, self, max)
+    }
+}
+
+impl BindingKind for Binding6 {
+    const MAX: usize = MAX_BINDINGS6;
+    fn mac(&self) -> Mac {
+        self.mac
+    }
+    fn message(full: bool, entries: Vec<Self>) -> Control {
+        Control::Bindings6(Bindings6 { full, entries })
+    }
+    fn forget_peer(l2: &mut L2, peer: &EdgeId) {
+        l2.forget_peer6(peer);
+    }
+    fn bind_remote(self, l2: &mut L2, peer: EdgeId, max: usize) -> bool {
+        l2.bind_remote6(peer, self, max)
     }
 }
 
