@@ -245,6 +245,8 @@ async fn start_proxy(
         background_depth: 4,
         source_timeout: timeout,
         readahead: 0,
+        readahead_max: 0,
+        background_yield: true,
     };
     Proxy::start(cfg).await.unwrap()
 }
