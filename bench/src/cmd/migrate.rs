@@ -71,6 +71,11 @@ pub struct Args {
     /// Only the default strategy (post-copy through the xnbd proxy).
     #[arg(long)]
     pub post_copy_only: bool,
+    /// Another xnbd binary whose proxy is measured as a third strategy, `post-copy-base`,
+    /// taking turns with the others (an A/B of two proxy builds on the same load; the
+    /// source side's `xnbd serve` stays the one next to mvc).
+    #[arg(long)]
+    pub baseline_xnbd: Option<PathBuf>,
     /// Where to write the JSON result, the table and the figure.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -487,10 +492,38 @@ struct Setup {
     port: u16,
     downtime_ms: u64,
     disk_rate: u64,
+    /// With `--baseline-xnbd`: the file naming the binary the agents' next `xnbd proxy`
+    /// runs (empty: the one next to mvc), and the baseline binary.
+    proxy_choice: Option<(PathBuf, PathBuf)>,
+}
+
+/// Write an `xnbd` for the agents that runs `real`, except `xnbd proxy`, which runs the
+/// binary named in `choice` when that file is not empty; returns its path.
+fn xnbd_switch(dir: &Path, real: &Path, choice: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(choice, "")?;
+    let path = dir.join("xnbd");
+    let script = format!(
+        "#!/bin/sh\n\
+         # bench migrate --baseline-xnbd: the proxy from the binary named in {choice}.\n\
+         if [ \"$1\" = proxy ] && [ -s '{choice}' ]; then exec \"$(cat '{choice}')\" \"$@\"; fi\n\
+         exec '{real}' \"$@\"\n",
+        choice = choice.display(),
+        real = real.display(),
+    );
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 impl Setup {
-    fn new(mvc: &Path, disk_mb: u64, memory_mb: u64) -> anyhow::Result<Setup> {
+    fn new(
+        mvc: &Path,
+        disk_mb: u64,
+        memory_mb: u64,
+        baseline: Option<&Path>,
+    ) -> anyhow::Result<Setup> {
         let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
         let prep = std::process::Command::new(mvc)
             .args(["agent", "qemu-prepare", "--cache", &cache])
@@ -513,6 +546,17 @@ impl Setup {
         let mut wan = Wan::new(b.wan.as_deref().context("site b has no WAN namespace")?);
         t.add_site(&lab, "c", true, 0)?;
         wan.set(&lab, &LinkArgs::delay(0.0))?;
+        let mut proxy_choice = None;
+        let xnbd = match baseline {
+            Some(base) => {
+                let dir = std::env::temp_dir().join(format!("mvc-bench-xnbd-{}", lab.prefix()));
+                let choice = dir.join("proxy");
+                let w = xnbd_switch(&dir, &xnbd, &choice)?;
+                proxy_choice = Some((choice, base.to_path_buf()));
+                w
+            }
+            None => xnbd,
+        };
         let qemu_args = lab::sites::qemu_agent_args(&cache, &xnbd, disk_mb);
         let mut extra = BTreeMap::new();
         extra.insert("B".to_string(), qemu_args.clone());
@@ -566,6 +610,7 @@ impl Setup {
             port: 5000,
             downtime_ms: 300,
             disk_rate: 0,
+            proxy_choice,
         })
     }
 
@@ -636,6 +681,14 @@ impl Setup {
         }
         if strategy == "pre-copy" {
             args.push("--precopy-disk");
+        }
+        if let Some((choice, base)) = &self.proxy_choice {
+            let which = if strategy == "post-copy-base" {
+                base.display().to_string()
+            } else {
+                String::new()
+            };
+            std::fs::write(choice, which)?;
         }
         let t0 = Instant::now();
         let moved = self.sl.ctl_json(&args);
@@ -748,11 +801,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("bench migrate builds network namespaces: run it as root");
     }
     let mvc = find_mvc(args.mvc.clone())?;
-    let strategies: &[&'static str] = if args.post_copy_only {
-        &["post-copy"]
+    let mut strategies: Vec<&'static str> = if args.post_copy_only {
+        vec!["post-copy"]
     } else {
-        &["post-copy", "pre-copy"]
+        vec!["post-copy", "pre-copy"]
     };
+    if let Some(b) = &args.baseline_xnbd {
+        if !b.is_file() {
+            bail!("--baseline-xnbd {}: no such file", b.display());
+        }
+        strategies.insert(1, "post-copy-base");
+    }
     let mut info = apps::RunInfo::start("migrate");
     let steps =
         (args.disk_mb.len() * args.delay.len() * strategies.len()) as u64 * u64::from(args.runs);
@@ -761,7 +820,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &disk in &args.disk_mb {
         pb.set_message(format!("disk {disk} MiB: building the lab"));
-        let mut s = Setup::new(&mvc, disk, args.memory_mb)
+        let mut s = Setup::new(&mvc, disk, args.memory_mb, args.baseline_xnbd.as_deref())
             .with_context(|| format!("lab for a {disk} MiB disk"))?;
         s.downtime_ms = args.downtime_ms;
         s.disk_rate = args.disk_rate;
@@ -842,6 +901,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         let _ = s.sl.ctl(&["cluster", "destroy", "m"]);
+        if let Some((choice, _)) = &s.proxy_choice {
+            if let Some(dir) = choice.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         drop(s);
     }
     pb.finish_and_clear();
@@ -908,6 +972,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agents' `xnbd` runs the baseline binary for `proxy` only while the choice file
+    /// names it, and the real one otherwise.
+    #[test]
+    fn the_xnbd_switch_picks_the_proxy_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let fake = |name: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\necho {name} \"$@\"\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let (real, base) = (fake("real"), fake("base"));
+        let choice = d.path().join("sw/proxy");
+        let w = xnbd_switch(&d.path().join("sw"), &real, &choice).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(&w).args(args).output().unwrap();
+            String::from_utf8(o.stdout).unwrap()
+        };
+        assert_eq!(
+            run(&["proxy", "--cache", "a b"]),
+            "real proxy --cache a b\n"
+        );
+        std::fs::write(&choice, base.display().to_string()).unwrap();
+        assert_eq!(run(&["proxy", "--cache", "x"]), "base proxy --cache x\n");
+        assert_eq!(run(&["serve", "--unix", "s"]), "real serve --unix s\n");
+    }
 
     #[test]
     fn ping_gaps_are_the_longest_run_of_lost_replies() {
