@@ -240,7 +240,7 @@ type Pieces = Vec<(u64, Vec<u8>)>;
 struct Fetched {
     /// The claim's blocks, sorted.
     blocks: Vec<u64>,
-    pieces: Pieces,
+    pieces: Arc<Pieces>,
 }
 
 /// Watches a claim: `None` until its data arrives (if it is a fetch), closed when the
@@ -272,7 +272,7 @@ impl Claim {
     fn publish(&self, pieces: &Arc<Pieces>) -> Arc<Fetched> {
         let f = Arc::new(Fetched {
             blocks: self.blocks.clone(),
-            pieces: pieces.as_ref().clone(),
+            pieces: pieces.clone(),
         });
         self.tx.send_replace(Some(f.clone()));
         f
@@ -1077,11 +1077,15 @@ impl Proxy {
     /// meanwhile; a crash before the mark leaves them missing). Blocks another fetch holds
     /// are taken from its data as soon as it arrives (a second reader of a cold block waits
     /// for the first one's fetch, not for its `fdatasync`, and never fetches it again).
+    ///
+    /// `ahead` is a range to read ahead, asked for once this read's own blocks are claimed
+    /// (so that the request this read waits for goes to the source first).
     async fn fetch_for_read(
         self: &Arc<Self>,
         off: u64,
         len: u64,
         patience: Duration,
+        mut ahead: Option<(u64, u64)>,
     ) -> Result<Vec<Arc<Fetched>>, OpError> {
         let mut got: Vec<Arc<Fetched>> = Vec::new();
         if len == 0 {
@@ -1095,6 +1099,9 @@ impl Proxy {
                 return Ok(got);
             }
             let (claim, waiters) = self.claim_free(a, b, &mine);
+            if let Some((ra, rb)) = ahead.take() {
+                self.read_ahead(ra, rb);
+            }
             if claim.is_none() && waiters.is_empty() {
                 return Ok(got);
             }
@@ -1174,10 +1181,9 @@ impl Proxy {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .on_read(off, len, self.size);
-            if let Some((ra, rb)) = ahead {
-                self.read_ahead(ra, rb);
-            }
-            fetched = self.fetch_for_read(off, len, self.patience()).await?;
+            fetched = self
+                .fetch_for_read(off, len, self.patience(), ahead)
+                .await?;
         }
         // What was fetched just now is not in the cache yet (or not durable): it is copied
         // from memory, the rest read from the cache.
