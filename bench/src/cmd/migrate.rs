@@ -71,11 +71,12 @@ pub struct Args {
     /// Only the default strategy (post-copy through the xnbd proxy).
     #[arg(long)]
     pub post_copy_only: bool,
-    /// Another xnbd binary whose proxy is measured as a third strategy, `post-copy-base`,
-    /// taking turns with the others (an A/B of two proxy builds on the same load; the
-    /// source side's `xnbd serve` stays the one next to mvc).
-    #[arg(long)]
-    pub baseline_xnbd: Option<PathBuf>,
+    /// Extra `xnbd proxy` options measured as a third strategy, `post-copy-base`, taking
+    /// turns with the others (an A/B of proxy settings on the same load), e.g.
+    /// "--readahead-max 1M --no-background-yield" for the proxy before its readahead grew
+    /// and its background copy yielded.
+    #[arg(long, allow_hyphen_values = true)]
+    pub baseline_proxy_args: Option<String>,
     /// Where to write the JSON result, the table and the figure.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -492,13 +493,13 @@ struct Setup {
     port: u16,
     downtime_ms: u64,
     disk_rate: u64,
-    /// With `--baseline-xnbd`: the file naming the binary the agents' next `xnbd proxy`
-    /// runs (empty: the one next to mvc), and the baseline binary.
-    proxy_choice: Option<(PathBuf, PathBuf)>,
+    /// With `--baseline-proxy-args`: the file holding the options the agents' next `xnbd
+    /// proxy` gets on top of its own (empty: none), and the baseline's options.
+    proxy_choice: Option<(PathBuf, String)>,
 }
 
-/// Write an `xnbd` for the agents that runs `real`, except `xnbd proxy`, which runs the
-/// binary named in `choice` when that file is not empty; returns its path.
+/// Write an `xnbd` for the agents that runs `real`, adding to `xnbd proxy` the options
+/// written in `choice` (split at blanks); returns its path.
 fn xnbd_switch(dir: &Path, real: &Path, choice: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
@@ -506,8 +507,8 @@ fn xnbd_switch(dir: &Path, real: &Path, choice: &Path) -> anyhow::Result<PathBuf
     let path = dir.join("xnbd");
     let script = format!(
         "#!/bin/sh\n\
-         # bench migrate --baseline-xnbd: the proxy from the binary named in {choice}.\n\
-         if [ \"$1\" = proxy ] && [ -s '{choice}' ]; then exec \"$(cat '{choice}')\" \"$@\"; fi\n\
+         # bench migrate --baseline-proxy-args: the proxy gets the options in {choice}.\n\
+         if [ \"$1\" = proxy ] && [ -s '{choice}' ]; then exec '{real}' \"$@\" $(cat '{choice}'); fi\n\
          exec '{real}' \"$@\"\n",
         choice = choice.display(),
         real = real.display(),
@@ -522,7 +523,7 @@ impl Setup {
         mvc: &Path,
         disk_mb: u64,
         memory_mb: u64,
-        baseline: Option<&Path>,
+        baseline: Option<&str>,
     ) -> anyhow::Result<Setup> {
         let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
         let prep = std::process::Command::new(mvc)
@@ -550,9 +551,9 @@ impl Setup {
         let xnbd = match baseline {
             Some(base) => {
                 let dir = std::env::temp_dir().join(format!("mvc-bench-xnbd-{}", lab.prefix()));
-                let choice = dir.join("proxy");
+                let choice = dir.join("proxy-args");
                 let w = xnbd_switch(&dir, &xnbd, &choice)?;
-                proxy_choice = Some((choice, base.to_path_buf()));
+                proxy_choice = Some((choice, base.to_string()));
                 w
             }
             None => xnbd,
@@ -683,12 +684,12 @@ impl Setup {
             args.push("--precopy-disk");
         }
         if let Some((choice, base)) = &self.proxy_choice {
-            let which = if strategy == "post-copy-base" {
-                base.display().to_string()
+            let extra = if strategy == "post-copy-base" {
+                base.as_str()
             } else {
-                String::new()
+                ""
             };
-            std::fs::write(choice, which)?;
+            std::fs::write(choice, extra)?;
         }
         let t0 = Instant::now();
         let moved = self.sl.ctl_json(&args);
@@ -806,9 +807,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         vec!["post-copy", "pre-copy"]
     };
-    if let Some(b) = &args.baseline_xnbd {
-        if !b.is_file() {
-            bail!("--baseline-xnbd {}: no such file", b.display());
+    if let Some(b) = &args.baseline_proxy_args {
+        if b.contains(['\'', '"', '\\', '$', '`', ';', '|', '&', '\n']) {
+            bail!("--baseline-proxy-args takes plain options separated by blanks");
         }
         strategies.insert(1, "post-copy-base");
     }
@@ -820,8 +821,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &disk in &args.disk_mb {
         pb.set_message(format!("disk {disk} MiB: building the lab"));
-        let mut s = Setup::new(&mvc, disk, args.memory_mb, args.baseline_xnbd.as_deref())
-            .with_context(|| format!("lab for a {disk} MiB disk"))?;
+        let mut s = Setup::new(
+            &mvc,
+            disk,
+            args.memory_mb,
+            args.baseline_proxy_args.as_deref(),
+        )
+        .with_context(|| format!("lab for a {disk} MiB disk"))?;
         s.downtime_ms = args.downtime_ms;
         s.disk_rate = args.disk_rate;
         for &d in &args.delay {
@@ -973,10 +979,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// The agents' `xnbd` runs the baseline binary for `proxy` only while the choice file
-    /// names it, and the real one otherwise.
+    /// The agents' `xnbd` adds the baseline's options to `proxy` only while the choice file
+    /// holds them.
     #[test]
-    fn the_xnbd_switch_picks_the_proxy_binary() {
+    fn the_xnbd_switch_adds_the_baseline_options() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let fake = |name: &str| {
@@ -985,7 +991,7 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             p
         };
-        let (real, base) = (fake("real"), fake("base"));
+        let real = fake("real");
         let choice = d.path().join("sw/proxy");
         let w = xnbd_switch(&d.path().join("sw"), &real, &choice).unwrap();
         let run = |args: &[&str]| {
@@ -996,8 +1002,11 @@ mod tests {
             run(&["proxy", "--cache", "a b"]),
             "real proxy --cache a b\n"
         );
-        std::fs::write(&choice, base.display().to_string()).unwrap();
-        assert_eq!(run(&["proxy", "--cache", "x"]), "base proxy --cache x\n");
+        std::fs::write(&choice, "--readahead-max 1M --no-background-yield").unwrap();
+        assert_eq!(
+            run(&["proxy", "--cache", "x"]),
+            "real proxy --cache x --readahead-max 1M --no-background-yield\n"
+        );
         assert_eq!(run(&["serve", "--unix", "s"]), "real serve --unix s\n");
     }
 
