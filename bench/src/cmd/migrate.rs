@@ -20,7 +20,8 @@
 //!   bytes over the WAN.
 //!
 //! Each point runs both strategies side by side in the same lab, so they compare on the
-//! same load.
+//! same load; `--baseline-proxy-args` adds a third, the proxy with extra options (through
+//! an `xnbd` wrapper the agents run), for an A/B of proxy settings.
 
 use std::collections::BTreeMap;
 use std::io::Read;
