@@ -160,9 +160,17 @@ struct ProxyArgs {
     /// source connection may go without a reply byte before it counts as gone.
     #[arg(long, default_value_t = 30.0)]
     source_timeout: f64,
-    /// Bytes fetched ahead of sequential readers (0: off).
+    /// Bytes fetched ahead of sequential readers at first (0: off).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     readahead: u64,
+    /// Largest readahead: the window doubles with each sequential read up to this (at or
+    /// below --readahead: a fixed window).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    readahead_max: u64,
+    /// Keep the background copy at its full depth while clients wait for on-demand
+    /// fetches (by default it drops to one request in flight meanwhile).
+    #[arg(long)]
+    no_background_yield: bool,
     /// Export name offered to clients.
     #[arg(long, default_value = "")]
     name: String,
@@ -381,6 +389,8 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         background_depth: a.background_depth,
         source_timeout: Duration::from_secs_f64(a.source_timeout.max(0.0)),
         readahead: a.readahead,
+        readahead_max: a.readahead_max,
+        background_yield: !a.no_background_yield,
     })
     .await;
     let p = match p {

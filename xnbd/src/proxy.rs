@@ -5,13 +5,18 @@
 //! fetches it from the source (any NBD server) on demand; a write stays local (a partially
 //! written missing block is fetched first); a background task copies the remaining blocks,
 //! keeping the link full, with the rate budget shared with on-demand fetches (which go
-//! first); sequential reads trigger readahead.
+//! first, and while they are in flight the background copy keeps one request of its own
+//! in flight instead of `background_depth`); sequential reads trigger readahead, decided
+//! when the read arrives and fetched alongside it, in chunks all in flight at once, with a
+//! window that doubles while the reader stays sequential (see [`Readahead`]).
 //! Once every block is local the proxy drops the source and keeps serving as a plain
 //! target, without interrupting clients.
 //!
 //! Concurrency: a block being fetched or written-while-missing is *claimed* in the
 //! in-flight table; anyone else needing it waits for the claim to go away and then looks
-//! at the bitmap again. Fetches claim only blocks nobody holds (and never wait while holding
+//! at the bitmap again, except a reader: a fetch publishes its data to the claim as soon as
+//! it arrives, and readers waiting for those blocks answer from it (no block is fetched
+//! twice, and nobody waits for another fetch's `fdatasync`). Fetches claim only blocks nobody holds (and never wait while holding
 //! claims); writers claim all missing blocks of their range or nothing, so claims cannot
 //! deadlock.
 //!
@@ -120,8 +125,15 @@ pub struct ProxyConfig {
     pub background_depth: usize,
     /// How long client requests touching missing blocks wait for an absent source.
     pub source_timeout: Duration,
-    /// Bytes fetched ahead of a sequential reader.
+    /// Bytes fetched ahead of a sequential reader at first (0: no readahead).
     pub readahead: u64,
+    /// Largest readahead window: it doubles with every sequential read up to this (at or
+    /// below `readahead`: a fixed window).
+    pub readahead_max: u64,
+    /// While on-demand fetches (client reads, readahead) are in flight, the background
+    /// copy keeps at most one request of its own in flight, so that the requests clients
+    /// wait for do not queue behind `background_depth` chunks at the source.
+    pub background_yield: bool,
 }
 
 /// Mode of the proxy.
@@ -220,10 +232,20 @@ impl Health {
     }
 }
 
-type Waiter = watch::Receiver<()>;
-
 /// Fetched data: `(offset, bytes)` pieces in offset order.
 type Pieces = Vec<(u64, Vec<u8>)>;
+
+/// What a claim fetched, published to readers waiting for its blocks as soon as it
+/// arrives (before it is stored, made durable and marked).
+struct Fetched {
+    /// The claim's blocks, sorted.
+    blocks: Vec<u64>,
+    pieces: Arc<Pieces>,
+}
+
+/// Watches a claim: `None` until its data arrives (if it is a fetch), closed when the
+/// claim ends.
+type Waiter = watch::Receiver<Option<Arc<Fetched>>>;
 
 /// Runs of blocks waiting to be committed, and who to tell the outcome.
 type Committing = (Vec<(u64, u64)>, oneshot::Sender<Result<(), OpError>>);
@@ -241,7 +263,20 @@ struct Commits {
 struct Claim {
     table: Arc<Mutex<HashMap<u64, Waiter>>>,
     blocks: Vec<u64>,
-    _tx: watch::Sender<()>,
+    tx: watch::Sender<Option<Arc<Fetched>>>,
+}
+
+impl Claim {
+    /// Hand the fetched data to readers waiting for these blocks (the claim stays until
+    /// the blocks are marked).
+    fn publish(&self, pieces: &Arc<Pieces>) -> Arc<Fetched> {
+        let f = Arc::new(Fetched {
+            blocks: self.blocks.clone(),
+            pieces: pieces.clone(),
+        });
+        self.tx.send_replace(Some(f.clone()));
+        f
+    }
 }
 
 impl Drop for Claim {
@@ -254,10 +289,111 @@ impl Drop for Claim {
     }
 }
 
+/// Counts one operation in flight while it lives.
+struct Busy<'a>(&'a AtomicU64);
+
+impl<'a> Busy<'a> {
+    fn new(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Self(c)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Wait for the claims to end.
 async fn wait_all(ws: Vec<Waiter>) {
     for mut w in ws {
         // Returns once the claim's sender is dropped.
         while w.changed().await.is_ok() {}
+    }
+}
+
+/// Wait until the claim's data arrived (`Some`) or the claim ended without it (`None`:
+/// its blocks are then marked, or free to claim again).
+async fn wait_data(mut w: Waiter) -> Option<Arc<Fetched>> {
+    loop {
+        if let Some(f) = w.borrow_and_update().clone() {
+            return Some(f);
+        }
+        if w.changed().await.is_err() {
+            return w.borrow().clone();
+        }
+    }
+}
+
+/// One waiter per claim (a claim's blocks each have a clone of its receiver).
+fn distinct(ws: Vec<Waiter>) -> Vec<Waiter> {
+    let mut out: Vec<Waiter> = Vec::new();
+    for w in ws {
+        if !out.iter().any(|o| o.same_channel(&w)) {
+            out.push(w);
+        }
+    }
+    out
+}
+
+/// Sequential-read detection and the readahead window (pure: no I/O, no clock).
+///
+/// A read is sequential when it starts where the previous one ended, or further on but
+/// inside what readahead has already asked for (a reader skipping a little, or one request
+/// of a client's split read overtaking another). Each sequential read doubles the window,
+/// from `min` up to `max`; any other read resets it. The range to fetch ahead is what lies
+/// between what was asked for already and `window` bytes past the read, clipped to the
+/// device end: nothing is asked for twice while the reader keeps going.
+#[derive(Debug, Clone)]
+pub struct Readahead {
+    next: u64,
+    frontier: u64,
+    window: u64,
+    min: u64,
+    max: u64,
+}
+
+impl Readahead {
+    /// A window starting at `min` bytes and growing to `max` (0 `min`: never read ahead).
+    pub fn new(min: u64, max: u64) -> Self {
+        Self {
+            next: u64::MAX,
+            frontier: 0,
+            window: 0,
+            min,
+            max: max.max(min),
+        }
+    }
+
+    /// The current window (0 until a sequential read).
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// A read of `[off, off+len)` arrived on a device of `size` bytes: the range to
+    /// fetch ahead of it, if any.
+    pub fn on_read(&mut self, off: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+        let end = off.saturating_add(len).min(size);
+        let sequential = off == self.next || (off > self.next && off < self.frontier);
+        self.next = end;
+        if !sequential || self.min == 0 {
+            self.window = 0;
+            self.frontier = end;
+            return None;
+        }
+        self.window = if self.window == 0 {
+            self.min
+        } else {
+            self.window.saturating_mul(2).min(self.max)
+        };
+        let from = self.frontier.max(end);
+        let to = end.saturating_add(self.window).min(size);
+        if from >= to {
+            return None;
+        }
+        self.frontier = to;
+        Some((from, to))
     }
 }
 
@@ -302,7 +438,9 @@ pub struct Proxy {
     rate_limit: AtomicU64,
     /// When the shared link budget (`rate_limit`) is next free.
     pace: Mutex<Instant>,
-    last_read_end: AtomicU64,
+    readahead: Mutex<Readahead>,
+    /// On-demand fetches (client reads, readahead, partial writes, CACHE) in flight.
+    demand_inflight: AtomicU64,
     wake: Notify,
     fetched_blocks: AtomicU64,
     fetched_bytes: AtomicU64,
@@ -414,7 +552,8 @@ impl Proxy {
             background: AtomicBool::new(cfg.background),
             rate_limit: AtomicU64::new(cfg.rate),
             pace: Mutex::new(Instant::now()),
-            last_read_end: AtomicU64::new(u64::MAX),
+            readahead: Mutex::new(Readahead::new(cfg.readahead, cfg.readahead_max)),
+            demand_inflight: AtomicU64::new(0),
             wake: Notify::new(),
             fetched_blocks: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
@@ -760,7 +899,7 @@ impl Proxy {
         let Ok(mut m) = self.inflight.lock() else {
             return (None, Vec::new());
         };
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(None);
         let mut blocks = Vec::new();
         let mut waiters = Vec::new();
         for i in a..b {
@@ -777,7 +916,7 @@ impl Proxy {
         let claim = (!blocks.is_empty()).then(|| Claim {
             table: self.inflight.clone(),
             blocks,
-            _tx: tx,
+            tx,
         });
         (claim, waiters)
     }
@@ -792,7 +931,7 @@ impl Proxy {
                 }
             }
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(None);
         let mut blocks = Vec::new();
         for i in a..b {
             if !self.bitmap.is_set(i) {
@@ -803,7 +942,7 @@ impl Proxy {
         Ok(Claim {
             table: self.inflight.clone(),
             blocks,
-            _tx: tx,
+            tx,
         })
     }
 
@@ -815,10 +954,11 @@ impl Proxy {
         patience: Duration,
     ) -> Result<(), OpError> {
         let runs = runs_of(&claim.blocks);
-        let datas = self.fetch_runs(&runs, demand, patience).await?;
+        let datas = Arc::new(self.fetch_runs(&runs, demand, patience).await?);
         let (blocks, bytes) = (claim.blocks.len() as u64, pieces_len(&datas));
         self.tally(demand, blocks, bytes, true);
-        let r = self.store(Arc::new(datas), runs).await;
+        claim.publish(&datas);
+        let r = self.store(datas, runs).await;
         if r.is_err() {
             self.tally(demand, blocks, bytes, false);
         }
@@ -855,13 +995,16 @@ impl Proxy {
         demand: bool,
         patience: Duration,
     ) -> Result<Pieces, OpError> {
-        if demand {
+        let _busy = if demand {
             let bytes: u64 = runs
                 .iter()
                 .map(|&(a, b)| (b * self.bs).min(self.size) - a * self.bs)
                 .sum();
             let _ = self.reserve(bytes);
-        }
+            Some(Busy::new(&self.demand_inflight))
+        } else {
+            None
+        };
         let mut datas = Vec::new();
         for &(a, b) in runs {
             let start = a * self.bs;
@@ -931,36 +1074,44 @@ impl Proxy {
     /// Make `[off, off+len)` readable: like [`Proxy::ensure`], but what this call fetches is
     /// returned instead of waited for: it is stored, made durable and marked in the
     /// background, its blocks claimed until then (nobody reads or writes them in the cache
-    /// meanwhile; a crash before the mark leaves them missing).
+    /// meanwhile; a crash before the mark leaves them missing). Blocks another fetch holds
+    /// are taken from its data as soon as it arrives (a second reader of a cold block waits
+    /// for the first one's fetch, not for its `fdatasync`, and never fetches it again).
+    ///
+    /// `ahead` is a range to read ahead, asked for once this read's own blocks are claimed
+    /// (so that the request this read waits for goes to the source first).
     async fn fetch_for_read(
         self: &Arc<Self>,
         off: u64,
         len: u64,
         patience: Duration,
-    ) -> Result<Vec<Arc<Pieces>>, OpError> {
-        let mut got = Vec::new();
+        mut ahead: Option<(u64, u64)>,
+    ) -> Result<Vec<Arc<Fetched>>, OpError> {
+        let mut got: Vec<Arc<Fetched>> = Vec::new();
         if len == 0 {
             return Ok(got);
         }
         let (a, b) = self.block_range(off, len);
-        // Blocks fetched here: claimed by their own store until it ends.
+        // Blocks whose data is in `got` (their claims end when they are marked).
         let mut mine: Vec<u64> = Vec::new();
         loop {
             if self.is_target() {
                 return Ok(got);
             }
             let (claim, waiters) = self.claim_free(a, b, &mine);
+            if let Some((ra, rb)) = ahead.take() {
+                self.read_ahead(ra, rb);
+            }
             if claim.is_none() && waiters.is_empty() {
                 return Ok(got);
             }
             if let Some(c) = claim {
                 let runs = runs_of(&c.blocks);
-                let datas = self.fetch_runs(&runs, true, patience).await?;
+                let datas = Arc::new(self.fetch_runs(&runs, true, patience).await?);
                 // Counted before the reply, as if stored.
                 let (blocks, bytes) = (c.blocks.len() as u64, pieces_len(&datas));
                 self.tally(true, blocks, bytes, true);
-                let datas = Arc::new(datas);
-                got.push(datas.clone());
+                got.push(c.publish(&datas));
                 mine.extend_from_slice(&c.blocks);
                 mine.sort_unstable();
                 let p = self.clone();
@@ -972,7 +1123,15 @@ impl Proxy {
                     drop(c);
                 });
             }
-            wait_all(waiters).await;
+            for w in distinct(waiters) {
+                if let Some(f) = wait_data(w).await {
+                    if !got.iter().any(|g| Arc::ptr_eq(g, &f)) {
+                        mine.extend(f.blocks.iter().filter(|&&i| i >= a && i < b));
+                        mine.sort_unstable();
+                        got.push(f);
+                    }
+                }
+            }
         }
     }
 
@@ -1016,16 +1175,15 @@ impl Proxy {
         let len = (buf.len() - start) as u64;
         let mut fetched = Vec::new();
         if !self.is_target() {
-            fetched = self.fetch_for_read(off, len, self.patience()).await?;
-            let prev = self.last_read_end.swap(off + len, Ordering::AcqRel);
-            if prev == off && self.cfg.readahead > 0 && off + len < self.size {
-                let p = self.clone();
-                let ra_off = off + len;
-                let ra_len = self.cfg.readahead.min(self.size - ra_off);
-                tokio::spawn(async move {
-                    let _ = p.ensure(ra_off, ra_len, p.patience()).await;
-                });
-            }
+            // Decided on arrival, so that the fetch ahead runs alongside this read's own.
+            let ahead = self
+                .readahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .on_read(off, len, self.size);
+            fetched = self
+                .fetch_for_read(off, len, self.patience(), ahead)
+                .await?;
         }
         // What was fetched just now is not in the cache yet (or not durable): it is copied
         // from memory, the rest read from the cache.
@@ -1033,7 +1191,7 @@ impl Proxy {
         let overlap = |p: &(u64, Vec<u8>)| (p.0.max(off), (p.0 + p.1.len() as u64).min(end));
         let from_source: u64 = fetched
             .iter()
-            .flat_map(|d| d.iter())
+            .flat_map(|d| d.pieces.iter())
             .map(|p| {
                 let (lo, hi) = overlap(p);
                 hi.saturating_sub(lo)
@@ -1047,7 +1205,7 @@ impl Proxy {
             })
             .await?;
         }
-        for p in fetched.iter().flat_map(|d| d.iter()) {
+        for p in fetched.iter().flat_map(|d| d.pieces.iter()) {
             let (lo, hi) = overlap(p);
             if lo < hi {
                 let at = start + (lo - off) as usize;
@@ -1058,6 +1216,29 @@ impl Proxy {
         }
         self.client_read_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(buf)
+    }
+
+    /// Fetch the missing blocks of `[from, to)` ahead of a sequential reader, in the
+    /// background: one claim and one request per `background_chunk`, all in flight at
+    /// once, each chunk's blocks published to readers as soon as they arrive. Blocks held
+    /// by other fetches are left to them.
+    fn read_ahead(self: &Arc<Self>, from: u64, to: u64) {
+        let (a, b) = self.block_range(from, to - from);
+        let chunk = (self.cfg.background_chunk / self.bs).max(1);
+        let mut i = a;
+        while i < b {
+            let j = (i + chunk).min(b);
+            let (claim, _) = self.claim_free(i, j, &[]);
+            if let Some(c) = claim {
+                let p = self.clone();
+                tokio::spawn(async move {
+                    // A failure is accounted in the source health; a reader needing these
+                    // blocks fetches them itself.
+                    let _ = p.fetch_claimed(&c, true, p.patience()).await;
+                });
+            }
+            i = j;
+        }
     }
 
     /// Apply a local modification of `[off, off+len)`: partial missing head/tail blocks are
@@ -1243,7 +1424,7 @@ impl Proxy {
             }
             i = s + 1;
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(None);
         let mut blocks = Vec::new();
         while blocks.len() < limit
             && i < self.bitmap.nblocks()
@@ -1257,7 +1438,7 @@ impl Proxy {
         Some(Claim {
             table: self.inflight.clone(),
             blocks,
-            _tx: tx,
+            tx,
         })
     }
 
@@ -1275,6 +1456,17 @@ impl Proxy {
             while tasks.try_join_next().is_some() {}
             if tasks.len() >= depth {
                 tasks.join_next().await;
+                continue;
+            }
+            if self.cfg.background_yield
+                && !tasks.is_empty()
+                && self.demand_inflight.load(Ordering::Acquire) > 0
+            {
+                // Clients are waiting for the source: one background request at a time.
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
                 continue;
             }
             if !self.background.load(Ordering::Acquire) {
@@ -1543,5 +1735,48 @@ mod tests {
         push_extent(&mut v, (5, 3));
         push_extent(&mut v, (0, 0));
         assert_eq!(v, vec![(15, 0), (5, 3)]);
+    }
+
+    /// The window doubles with each sequential read up to its maximum, nothing is asked
+    /// for twice, it stops at the device end, and a jump resets it.
+    #[test]
+    fn readahead_grows_while_sequential_and_stops_at_the_end() {
+        const M: u64 = 1 << 20;
+        let size = 40 * M;
+        let mut r = Readahead::new(M, 8 * M);
+        // The first read of a stream: nothing ahead.
+        assert_eq!(r.on_read(0, M, size), None);
+        assert_eq!(r.on_read(M, M, size), Some((2 * M, 3 * M)));
+        assert_eq!(r.on_read(2 * M, M, size), Some((3 * M, 5 * M)));
+        assert_eq!(r.on_read(3 * M, M, size), Some((5 * M, 8 * M)));
+        assert_eq!(r.on_read(4 * M, M, size), Some((8 * M, 13 * M)));
+        assert_eq!(r.window(), 8 * M);
+        // Bounded: one more read moves the frontier by one read's length.
+        assert_eq!(r.on_read(5 * M, M, size), Some((13 * M, 14 * M)));
+        // A client's split read whose second half arrives first is still sequential.
+        assert_eq!(
+            r.on_read(6 * M + M / 2, M / 2, size),
+            Some((14 * M, 15 * M))
+        );
+        assert_eq!(r.window(), 8 * M);
+        // A jump well past what was asked for starts a new stream; near the end the
+        // window is clipped to the device, then nothing more is asked for.
+        assert_eq!(r.on_read(34 * M, M, size), None);
+        assert_eq!(r.on_read(35 * M, M, size), Some((36 * M, 37 * M)));
+        assert_eq!(r.on_read(36 * M, 2 * M, size), Some((38 * M, 40 * M)));
+        assert_eq!(r.on_read(38 * M, 2 * M, size), None);
+        // A jump (the reader wrapped around): no readahead, the window starts over.
+        assert_eq!(r.on_read(0, M, size), None);
+        assert_eq!(r.window(), 0);
+        assert_eq!(r.on_read(M, M, size), Some((2 * M, 3 * M)));
+        // Off: never anything ahead.
+        let mut off = Readahead::new(0, 8 * M);
+        assert_eq!(off.on_read(0, M, size), None);
+        assert_eq!(off.on_read(M, M, size), None);
+        // A fixed window.
+        let mut fixed = Readahead::new(M, 0);
+        fixed.on_read(0, M, size);
+        assert_eq!(fixed.on_read(M, M, size), Some((2 * M, 3 * M)));
+        assert_eq!(fixed.on_read(2 * M, M, size), Some((3 * M, 4 * M)));
     }
 }

@@ -245,6 +245,8 @@ async fn start_proxy(
         background_depth: 4,
         source_timeout: timeout,
         readahead: 0,
+        readahead_max: 0,
+        background_yield: true,
     };
     Proxy::start(cfg).await.unwrap()
 }
@@ -537,4 +539,294 @@ async fn a_silent_source_fails_a_read_after_the_timeout() {
             .is_some_and(|e| e.contains("no reply")),
         "{st:?}"
     );
+}
+
+/// A proxy of the source on `sock` with readahead from `ra` up to `ra_max` bytes, the
+/// background copy off until `cache_all`, and `yield_` for the background yield.
+async fn start_proxy_with(
+    dir: &Path,
+    sock: &Path,
+    timeout: Duration,
+    ra: u64,
+    ra_max: u64,
+    yield_: bool,
+) -> Arc<Proxy> {
+    let cfg = ProxyConfig {
+        source: Addr::Unix(sock.to_owned()),
+        export_name: String::new(),
+        tls: None,
+        cache: dir.join("cache.img"),
+        bitmap: dir.join("cache.bitmap"),
+        block_size: 65536,
+        rate: 0,
+        background: false,
+        background_chunk: 256 << 10,
+        background_depth: 4,
+        source_timeout: timeout,
+        readahead: ra,
+        readahead_max: ra_max,
+        background_yield: yield_,
+    };
+    Proxy::start(cfg).await.unwrap()
+}
+
+/// The blocks the bitmap file marks (header of 32 bytes, then one bit per block).
+fn marked(bitmap: &Path, nblocks: usize) -> Vec<usize> {
+    let b = std::fs::read(bitmap).unwrap();
+    (0..nblocks)
+        .filter(|i| b[32 + i / 8] & (1 << (i % 8)) != 0)
+        .collect()
+}
+
+/// Waits until the proxy's status has `n` blocks local.
+async fn wait_cached(p: &Proxy, n: u64, secs: u64) -> Status {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = p.status();
+        if st.cached_blocks >= n {
+            return st;
+        }
+        assert!(Instant::now() < end, "{n} blocks not local: {st:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Eight readers of one cold block and of ranges overlapping it, all at once, against a
+/// source that answers after 200 ms: the source sees one request, every reader gets the
+/// source's bytes from that one fetch, and the block is counted fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_a_cold_block_fetch_it_once() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(200))),
+    );
+    let _srv = fake.start(&sock);
+    let p = start_proxy_with(d.path(), &sock, Duration::from_secs(10), 0, 0, true).await;
+    let t = Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    for (off, len) in [
+        (1 << 20, 65536usize),
+        (1 << 20, 65536),
+        ((1 << 20) + 100, 4000),
+        ((1 << 20) + 60000, 5536),
+        (1 << 20, 65536),
+        ((1 << 20) + 4096, 8192),
+        ((1 << 20) + 32768, 32768),
+        (1 << 20, 512),
+    ] {
+        let p = p.clone();
+        readers.spawn(async move { (off, len, p.read(off, vec![0u8; len], 0).await) });
+    }
+    while let Some(r) = readers.join_next().await {
+        let (off, len, got) = r.unwrap();
+        assert!(
+            got.unwrap() == data[off as usize..off as usize + len],
+            "at {off}+{len}"
+        );
+    }
+    let took = t.elapsed();
+    println!("eight readers of one cold block: {took:?}");
+    // Bounded (a hang would show here); how much under depends on the machine's load.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(fake.reads.load(Ordering::Relaxed), 1);
+    let st = wait_cached(&p, 1, 10).await;
+    assert_eq!((st.cached_blocks, st.fetched_blocks), (1, 1), "{st:?}");
+    assert_eq!(st.fetched_bytes, 65536, "{st:?}");
+}
+
+/// A sequential reader through the last 2 MiB of the device: readahead grows from 64 KiB
+/// to 1 MiB, fetches every block once, asks for nothing past the device end (the source
+/// counts any such request), and its requests are several at once, not one per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_grows_and_stops_at_the_device_end() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (4096, 4096, 256 << 10),
+        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(20))),
+    );
+    let _srv = fake.start(&sock);
+    let p = start_proxy_with(
+        d.path(),
+        &sock,
+        Duration::from_secs(10),
+        64 << 10,
+        1 << 20,
+        true,
+    )
+    .await;
+    let start = SIZE - (2 << 20);
+    for off in (start..SIZE).step_by(64 << 10) {
+        let got = p.read(off as u64, vec![0u8; 64 << 10], 0).await.unwrap();
+        assert!(got == data[off..off + (64 << 10)], "at {off}");
+    }
+    let st = wait_cached(&p, 32, 10).await;
+    // Let anything still in flight land, then count.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st2 = p.status();
+    assert_eq!(st2.cached_blocks, 32, "{st:?}");
+    assert_eq!(st2.fetched_blocks, 32, "{st2:?}");
+    assert_eq!(st2.fetched_bytes, 2 << 20, "{st2:?}");
+    assert_eq!(fake.violations.load(Ordering::Relaxed), 0);
+    let reads = fake.reads.load(Ordering::Relaxed);
+    println!("32 sequential reads of 64 KiB: {reads} source requests");
+    // Without readahead: 32 requests, each a round trip.
+    assert!(reads < 32, "{reads} source requests");
+    let bm = marked(&d.path().join("cache.bitmap"), SIZE / 65536);
+    assert_eq!(bm, (start / 65536..SIZE / 65536).collect::<Vec<_>>());
+}
+
+/// The source answers reads below 640 KiB and cuts every other reply off half-way (then
+/// it goes away): of a 1 MiB readahead extent the first two chunks arrive and the other two
+/// never do; no block is marked that was not written with the source's bytes, the
+/// reader's own blocks are right, and what the bitmap file marks equals what status
+/// counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_dying_mid_extent_marks_only_written_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, off, _| {
+            if off < 640 << 10 {
+                Act::Data
+            } else {
+                Act::CutOff
+            }
+        }),
+    );
+    let srv = fake.start(&sock);
+    let p = start_proxy_with(
+        d.path(),
+        &sock,
+        Duration::from_secs(1),
+        1 << 20,
+        2 << 20,
+        true,
+    )
+    .await;
+    // Two sequential reads: the second asks for 1 MiB ahead (from 128 KiB) in four 256
+    // KiB chunks, of which two are answered whole.
+    for off in [0u64, 65536] {
+        let got = p.read(off, vec![0u8; 65536], 0).await.unwrap();
+        assert!(got == data[off as usize..off as usize + 65536], "at {off}");
+    }
+    // The chunks cut off are retried on new connections and cut off again until the
+    // source goes away; their patience (1 s) then ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(srv);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = p.status();
+    let nblocks = SIZE / 65536;
+    let bm = marked(&d.path().join("cache.bitmap"), nblocks);
+    println!("marked after the source died mid-extent: {bm:?}; {st:?}");
+    assert_eq!(bm.len() as u64, st.cached_blocks, "{st:?}");
+    assert_eq!(bm, (0..10).collect::<Vec<_>>());
+    let cache = std::fs::read(d.path().join("cache.img")).unwrap();
+    for b in bm {
+        let r = b * 65536..(b + 1) * 65536;
+        assert!(
+            cache[r.clone()] == data[r],
+            "block {b} marked with wrong bytes"
+        );
+    }
+}
+
+/// A source that never answers reads of one region, 1 s source timeout: a local block is
+/// read at once meanwhile, a reader of another missing block gets its data on a new
+/// connection, and the reader of the silent region gets EIO within a few seconds, not
+/// never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_region_does_not_hold_other_reads() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("src.sock");
+    let data = image();
+    let fake = Fake::new(
+        data.clone(),
+        (1, 4096, 32 << 20),
+        Arc::new(|_, off, _| {
+            if (2 << 20..3 << 20).contains(&off) {
+                Act::Silent
+            } else {
+                Act::Data
+            }
+        }),
+    );
+    let _srv = fake.start(&sock);
+    let p = start_proxy_with(d.path(), &sock, Duration::from_secs(1), 0, 0, true).await;
+    let got = p.read(0, vec![0u8; 65536], 0).await.unwrap();
+    assert!(got == data[..65536]);
+    wait_cached(&p, 1, 10).await;
+    let t = Instant::now();
+    let q = p.clone();
+    let silent = tokio::spawn(async move { q.read(2 << 20, vec![0u8; 65536], 0).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A local block: no wait for the source at all.
+    let t_local = Instant::now();
+    let got = p.read(0, vec![0u8; 65536], 0).await.unwrap();
+    assert!(got == data[..65536]);
+    assert!(
+        t_local.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t_local.elapsed()
+    );
+    // Another missing block, asked for on the connection that went silent.
+    let got = p.read(1 << 20, vec![0u8; 65536], 0).await.unwrap();
+    assert!(got == data[1 << 20..(1 << 20) + 65536]);
+    let other = t.elapsed();
+    let e = tokio::time::timeout(Duration::from_secs(10), silent)
+        .await
+        .expect("the read of the silent region never ended")
+        .unwrap()
+        .unwrap_err();
+    let failed = t.elapsed();
+    println!("other missing block after {other:?}, silent region failed after {failed:?}");
+    assert_eq!(e.errno, err::EIO);
+    assert!(other < Duration::from_secs(4), "{other:?}");
+    assert!(failed < Duration::from_secs(6), "{failed:?}");
+}
+
+/// While clients keep reading cold blocks, the background copy keeps one request in
+/// flight instead of four, so that their requests queue behind fewer chunks: three reads
+/// in a row against a source answering every 200 ms take less time with the yield than
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_reads_go_ahead_of_the_background_copy() {
+    let mut took = Vec::new();
+    for yield_ in [true, false] {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("src.sock");
+        let data = image();
+        let fake = Fake::new(
+            data.clone(),
+            (1, 4096, 32 << 20),
+            Arc::new(|_, _, _| Act::Delay(Duration::from_millis(200))),
+        );
+        let _srv = fake.start(&sock);
+        let p = start_proxy_with(d.path(), &sock, Duration::from_secs(10), 0, 0, yield_).await;
+        p.cache_all();
+        let end = Instant::now() + Duration::from_secs(10);
+        while fake.reads.load(Ordering::Relaxed) < 4 {
+            assert!(Instant::now() < end, "the background copy did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = Instant::now();
+        for i in 0..3u64 {
+            let off = (3 << 20) + i * (128 << 10);
+            let got = p.read(off, vec![0u8; 4096], 0).await.unwrap();
+            assert!(got == data[off as usize..off as usize + 4096]);
+        }
+        took.push(t.elapsed());
+    }
+    println!("three cold reads behind the background copy: {took:?} (yield, no yield)");
+    // With the yield: about 5 + 2 x 2 replies of 200 ms; without: up to 3 x 5.
+    assert!(took[1] > took[0] + Duration::from_millis(400), "{took:?}");
 }

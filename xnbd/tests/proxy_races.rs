@@ -60,6 +60,8 @@ async fn concurrent_clients_race_background_copy() {
         background_depth: 4,
         source_timeout: Duration::from_secs(10),
         readahead: 32 << 10,
+        readahead_max: 256 << 10,
+        background_yield: true,
     })
     .await
     .unwrap();

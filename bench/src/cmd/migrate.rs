@@ -20,7 +20,8 @@
 //!   bytes over the WAN.
 //!
 //! Each point runs both strategies side by side in the same lab, so they compare on the
-//! same load.
+//! same load; `--baseline-proxy-args` adds a third, the proxy with extra options (through
+//! an `xnbd` wrapper the agents run), for an A/B of proxy settings.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -71,6 +72,12 @@ pub struct Args {
     /// Only the default strategy (post-copy through the xnbd proxy).
     #[arg(long)]
     pub post_copy_only: bool,
+    /// Extra `xnbd proxy` options measured as a third strategy, `post-copy-base`, taking
+    /// turns with the others (an A/B of proxy settings on the same load), e.g.
+    /// "--readahead-max 1M --no-background-yield" for the proxy before its readahead grew
+    /// and its background copy yielded.
+    #[arg(long, allow_hyphen_values = true)]
+    pub baseline_proxy_args: Option<String>,
     /// Where to write the JSON result, the table and the figure.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -487,10 +494,38 @@ struct Setup {
     port: u16,
     downtime_ms: u64,
     disk_rate: u64,
+    /// With `--baseline-proxy-args`: the file holding the options the agents' next `xnbd
+    /// proxy` gets on top of its own (empty: none), and the baseline's options.
+    proxy_choice: Option<(PathBuf, String)>,
+}
+
+/// Write an `xnbd` for the agents that runs `real`, adding to `xnbd proxy` the options
+/// written in `choice` (split at blanks); returns its path.
+fn xnbd_switch(dir: &Path, real: &Path, choice: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(choice, "")?;
+    let path = dir.join("xnbd");
+    let script = format!(
+        "#!/bin/sh\n\
+         # bench migrate --baseline-proxy-args: the proxy gets the options in {choice}.\n\
+         if [ \"$1\" = proxy ] && [ -s '{choice}' ]; then exec '{real}' \"$@\" $(cat '{choice}'); fi\n\
+         exec '{real}' \"$@\"\n",
+        choice = choice.display(),
+        real = real.display(),
+    );
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 impl Setup {
-    fn new(mvc: &Path, disk_mb: u64, memory_mb: u64) -> anyhow::Result<Setup> {
+    fn new(
+        mvc: &Path,
+        disk_mb: u64,
+        memory_mb: u64,
+        baseline: Option<&str>,
+    ) -> anyhow::Result<Setup> {
         let cache = std::env::var("MVC_QEMU_CACHE").unwrap_or_else(|_| "/var/cache/mvc".into());
         let prep = std::process::Command::new(mvc)
             .args(["agent", "qemu-prepare", "--cache", &cache])
@@ -513,6 +548,17 @@ impl Setup {
         let mut wan = Wan::new(b.wan.as_deref().context("site b has no WAN namespace")?);
         t.add_site(&lab, "c", true, 0)?;
         wan.set(&lab, &LinkArgs::delay(0.0))?;
+        let mut proxy_choice = None;
+        let xnbd = match baseline {
+            Some(base) => {
+                let dir = std::env::temp_dir().join(format!("mvc-bench-xnbd-{}", lab.prefix()));
+                let choice = dir.join("proxy-args");
+                let w = xnbd_switch(&dir, &xnbd, &choice)?;
+                proxy_choice = Some((choice, base.to_string()));
+                w
+            }
+            None => xnbd,
+        };
         let qemu_args = lab::sites::qemu_agent_args(&cache, &xnbd, disk_mb);
         let mut extra = BTreeMap::new();
         extra.insert("B".to_string(), qemu_args.clone());
@@ -566,6 +612,7 @@ impl Setup {
             port: 5000,
             downtime_ms: 300,
             disk_rate: 0,
+            proxy_choice,
         })
     }
 
@@ -636,6 +683,14 @@ impl Setup {
         }
         if strategy == "pre-copy" {
             args.push("--precopy-disk");
+        }
+        if let Some((choice, base)) = &self.proxy_choice {
+            let extra = if strategy == "post-copy-base" {
+                base.as_str()
+            } else {
+                ""
+            };
+            std::fs::write(choice, extra)?;
         }
         let t0 = Instant::now();
         let moved = self.sl.ctl_json(&args);
@@ -748,11 +803,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("bench migrate builds network namespaces: run it as root");
     }
     let mvc = find_mvc(args.mvc.clone())?;
-    let strategies: &[&'static str] = if args.post_copy_only {
-        &["post-copy"]
+    let mut strategies: Vec<&'static str> = if args.post_copy_only {
+        vec!["post-copy"]
     } else {
-        &["post-copy", "pre-copy"]
+        vec!["post-copy", "pre-copy"]
     };
+    if let Some(b) = &args.baseline_proxy_args {
+        if b.contains(['\'', '"', '\\', '$', '`', ';', '|', '&', '\n']) {
+            bail!("--baseline-proxy-args takes plain options separated by blanks");
+        }
+        strategies.insert(1, "post-copy-base");
+    }
     let mut info = apps::RunInfo::start("migrate");
     let steps =
         (args.disk_mb.len() * args.delay.len() * strategies.len()) as u64 * u64::from(args.runs);
@@ -761,8 +822,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &disk in &args.disk_mb {
         pb.set_message(format!("disk {disk} MiB: building the lab"));
-        let mut s = Setup::new(&mvc, disk, args.memory_mb)
-            .with_context(|| format!("lab for a {disk} MiB disk"))?;
+        let mut s = Setup::new(
+            &mvc,
+            disk,
+            args.memory_mb,
+            args.baseline_proxy_args.as_deref(),
+        )
+        .with_context(|| format!("lab for a {disk} MiB disk"))?;
         s.downtime_ms = args.downtime_ms;
         s.disk_rate = args.disk_rate;
         for &d in &args.delay {
@@ -842,6 +908,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         let _ = s.sl.ctl(&["cluster", "destroy", "m"]);
+        if let Some((choice, _)) = &s.proxy_choice {
+            if let Some(dir) = choice.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         drop(s);
     }
     pb.finish_and_clear();
@@ -908,6 +979,37 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agents' `xnbd` adds the baseline's options to `proxy` only while the choice file
+    /// holds them.
+    #[test]
+    fn the_xnbd_switch_adds_the_baseline_options() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let fake = |name: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\necho {name} \"$@\"\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let real = fake("real");
+        let choice = d.path().join("sw/proxy");
+        let w = xnbd_switch(&d.path().join("sw"), &real, &choice).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(&w).args(args).output().unwrap();
+            String::from_utf8(o.stdout).unwrap()
+        };
+        assert_eq!(
+            run(&["proxy", "--cache", "a b"]),
+            "real proxy --cache a b\n"
+        );
+        std::fs::write(&choice, "--readahead-max 1M --no-background-yield").unwrap();
+        assert_eq!(
+            run(&["proxy", "--cache", "x"]),
+            "real proxy --cache x --readahead-max 1M --no-background-yield\n"
+        );
+        assert_eq!(run(&["serve", "--unix", "s"]), "real serve --unix s\n");
+    }
 
     #[test]
     fn ping_gaps_are_the_longest_run_of_lost_replies() {
