@@ -366,6 +366,83 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     drop(hogs);
 }
 
+/// The same with small reads (served in groups on the runtime threads): a client that
+/// pipelines 120 MiB worth of 4 KiB reads and reads no reply holds no more than its share
+/// of the budget, the server's memory stays flat, and a normal client is served once the
+/// stalled one is dropped.
+#[test]
+fn small_reads_never_read_hold_bounded_memory() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 64 * MIB, 64 * MIB, 8);
+    let ctl = d.path().join("ctl.sock");
+    let (srv, port, listen) = serve_tcp(
+        &img,
+        &ctl,
+        &[
+            "--memory-budget",
+            "1M",
+            "--conn-memory",
+            "1M",
+            "--stall-timeout",
+            "2",
+        ],
+        None,
+        &d.path().join("serve.log"),
+    );
+    assert!(common::wait_tcp(port, Duration::from_secs(10)));
+    let pid = srv.pid();
+    let base = vm(pid, "VmRSS:");
+    let mut hog = TcpStream::connect(&listen).unwrap();
+    negotiate(&mut hog, "disk");
+    let mut reqs = Vec::new();
+    for i in 0..30_000u64 {
+        reqs.extend_from_slice(&read_req(i, (i * 4096) % (64 * MIB), 4096));
+    }
+    // The server stops taking requests once the budget is held: written from a thread
+    // that gives up when the connection goes.
+    let mut w = hog.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let sender = std::thread::spawn(move || {
+        let _ = w.write_all(&reqs);
+    });
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = query(&ctl);
+        if counter(&q, &["server", "memory_used"]) >= MIB {
+            break;
+        }
+        assert!(Instant::now() < end, "budget never filled: {q}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let q = query(&ctl);
+    let held = vm(pid, "VmRSS:");
+    assert!(counter(&q, &["server", "memory_used"]) <= MIB, "{q}");
+    // A normal client waits for the budget until the hog is dropped, then is served.
+    let mut c = TcpStream::connect(&listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    negotiate(&mut c, "disk");
+    c.write_all(&read_req(7, 8192, 4096)).unwrap();
+    let mut r = [0u8; proto::SIMPLE_REPLY_LEN + 4096];
+    c.read_exact(&mut r).unwrap();
+    let reply = proto::SimpleReply::parse(&r[..proto::SIMPLE_REPLY_LEN]).unwrap();
+    assert_eq!((reply.cookie, reply.error), (7, 0));
+    assert!(r[proto::SIMPLE_REPLY_LEN..] == std::fs::read(&img).unwrap()[8192..12288]);
+    let peak = vm(pid, "VmHWM:");
+    let q = query(&ctl);
+    eprintln!(
+        "rss: {} MiB at start, {} MiB with the stalled client, peak {} MiB; {q}",
+        base >> 20,
+        held >> 20,
+        peak >> 20
+    );
+    assert!(peak < base + 64 * MIB, "peak rss {} MiB", peak >> 20);
+    assert!(counter(&q, &["server", "stalled_drops"]) >= 1, "{q}");
+    drop(hog);
+    sender.join().unwrap();
+}
+
 #[test]
 fn max_block_size_follows_the_connection_share() {
     require!("nbdinfo");

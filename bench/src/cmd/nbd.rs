@@ -56,6 +56,11 @@ pub struct Args {
     /// Target mode: fio iodepth per job.
     #[arg(long, default_value_t = 32)]
     pub iodepth: u32,
+    /// Target mode: passes of every metric and server before the measured runs, not
+    /// counted (the first measurements on a freshly written image are the slowest, and
+    /// would always fall to the first server).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
     /// Proxy: source read delays (nbdkit delay filter), ms.
     #[arg(long, value_delimiter = ',', default_value = "0,20,60,100")]
     pub delays: Vec<u32>,
@@ -347,6 +352,12 @@ fn with_server<T>(
 ) -> anyhow::Result<T> {
     let sock = a.dir.join(format!("{kind}.sock"));
     let _ = std::fs::remove_file(&sock);
+    // What the previous measurement wrote goes to the disk first: otherwise its writeback
+    // runs during this one (512 MiB after a sequential write), which then measures
+    // whichever server happens to come next.
+    std::fs::File::open(&a.img)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", a.img.display()))?;
     let mut p = Proc::spawn(kind, &server_args(kind, &a.xnbd, &a.img, &sock)?, &a.dir)?;
     wait_socket(&mut p, &sock)?;
     let r = f(&sock);
@@ -378,10 +389,12 @@ fn target(args: &Args, ctx: &Ctx) -> anyhow::Result<Vec<TargetRow>> {
     let fio_limit = Duration::from_secs(u64::from(args.secs) + 60);
     let copy_limit = Duration::from_secs(120);
     let n = args.servers.len();
-    for run in 0..args.runs as usize {
+    let warmup = args.warmup as usize;
+    for run in 0..warmup + args.runs as usize {
         for i in 0..n {
-            // Rotate the order each run so no server always goes first.
-            let kind = args.servers[(i + run) % n].as_str();
+            // Rotate the order each run so no server always goes first (the first measured
+            // run in the order given).
+            let kind = args.servers[(i + run + n - warmup % n) % n].as_str();
             for m in metrics {
                 let v = with_server(kind, ctx, |sock| {
                     if m.starts_with("rand") {
@@ -426,7 +439,11 @@ fn target(args: &Args, ctx: &Ctx) -> anyhow::Result<Vec<TargetRow>> {
                     }
                 })
                 .with_context(|| format!("{kind} {m}"))?;
-                eprintln!("  run {} {kind:9} {m:15} {v:10.0}", run + 1);
+                if run < warmup {
+                    eprintln!("  warm-up {kind:9} {m:15} {v:10.0} (not counted)");
+                    continue;
+                }
+                eprintln!("  run {} {kind:9} {m:15} {v:10.0}", run + 1 - warmup);
                 vals.entry((kind.to_string(), m)).or_default().push(v);
             }
         }
@@ -1068,8 +1085,8 @@ fn markdown(r: &Report, args: &Args) -> String {
     if !r.target.is_empty() {
         let _ = writeln!(
             md,
-            "Target mode: {} MiB image in the page cache, Unix sockets, fresh server per measurement; fio 4k iodepth {} x {} jobs, {} s; nbdcopy 4 connections. Median of {} runs (ratio to nbdkit).\n",
-            args.image_mib, args.iodepth, args.numjobs, args.secs, args.runs
+            "Target mode: {} MiB image in the page cache, Unix sockets, fresh server per measurement; fio 4k iodepth {} x {} jobs, {} s; nbdcopy 4 connections. {} warm-up pass(es) not counted; median of {} runs (ratio to nbdkit).\n",
+            args.image_mib, args.iodepth, args.numjobs, args.secs, args.warmup, args.runs
         );
         let _ = writeln!(md, "| metric | {} |", args.servers.join(" | "));
         let _ = writeln!(md, "|---|{}", "---|".repeat(args.servers.len()));
@@ -1240,6 +1257,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         options: serde_json::json!({
             "servers": args.servers, "runs": args.runs, "secs": args.secs,
             "image_mib": args.image_mib, "numjobs": args.numjobs, "iodepth": args.iodepth,
+            "warmup": args.warmup,
             "delays": args.delays, "cold_reads": args.cold_reads, "disk_mib": args.disk_mib,
             "link_mib": args.link_mib, "reloc_delays": args.reloc_delays,
             "figure_delay": args.figure_delay, "figure_iops": args.figure_iops,

@@ -41,6 +41,11 @@ const INLINE_WRITE: usize = 256 << 10;
 const SMALL_WRITE: usize = 64 << 10;
 /// Small writes handed to the writer threads at most in one batch.
 const WRITE_BATCH: usize = 32;
+/// Small reads that arrive together are served in groups of this many on the other runtime
+/// threads, the last (partial) group by the reader itself. Served one after another by the
+/// reader alone, a batch of pipelined reads keeps one thread busy while the client waits
+/// for all of its replies; spread out, the replies come back sooner and in parallel.
+const READ_GROUP: usize = 8;
 
 impl Server {
     pub(super) async fn transmission(
@@ -81,11 +86,15 @@ impl Server {
         // Small writes without FUA, handed to the file's writer threads as one batch whenever
         // the reader might wait (and every `WRITE_BATCH` writes).
         let mut writes = PendingWrites::default();
+        // Small reads waiting for a group to fill (see `READ_GROUP`).
+        let mut reads = ReadGroup::default();
         let result: Result<(), ServerError> = async {
             loop {
                 if rd.buffer().len() < proto::REQUEST_LEN {
-                    // The socket may have to be waited for: queued writes go first.
+                    // The socket may have to be waited for: queued writes go first, and the
+                    // reader serves the reads of the last group itself.
                     writes.submit(&session, &out, &self);
+                    reads.serve_here(&session, &out, &self, &mut ready);
                 }
                 if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
                     // Written here when the writer is idle: no hand-off to another task.
@@ -124,6 +133,21 @@ impl Server {
                 }
                 let units = self.budget.units(held_bytes(&req));
                 let hold = self.budget.try_take(&share, units);
+                let hold = match hold {
+                    Some(h) if ReadGroup::fits(&session, &req) => {
+                        match permits.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                reads.push(req, h, permit);
+                                if reads.reqs.len() >= READ_GROUP {
+                                    reads.spawn(&session, &out, &self);
+                                }
+                                continue;
+                            }
+                            Err(_) => Some(h),
+                        }
+                    }
+                    h => h,
+                };
                 if hold.is_some() {
                     if let Some(reply) =
                         serve_inline(&session, &req, &mut rd, &mut scratch, direct.is_some())
@@ -136,9 +160,10 @@ impl Server {
                 let hold = match hold {
                     Some(h) => h,
                     None => {
-                        // Queued writes and replies hold budget: they go to the writers
-                        // before any wait for more.
+                        // Queued writes, grouped reads and replies hold budget: they go to
+                        // the writers before any wait for more.
                         writes.submit(&session, &out, &self);
+                        reads.serve_here(&session, &out, &self, &mut ready);
                         out.push_all(&mut ready);
                         tokio::select! {
                             biased;
@@ -179,6 +204,8 @@ impl Server {
                     Ok(p) => p,
                     Err(_) => {
                         writes.submit(&session, &out, &self);
+                        reads.serve_here(&session, &out, &self, &mut ready);
+                        out.push_all(&mut ready);
                         permits
                             .clone()
                             .acquire_owned()
@@ -242,6 +269,7 @@ impl Server {
         .await;
         // Outstanding requests finish and their replies are written before the socket closes.
         writes.submit(&session, &out, &self);
+        reads.serve_here(&session, &out, &self, &mut ready);
         out.push_all(&mut ready);
         let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
         out.close();
@@ -299,6 +327,83 @@ impl PendingWrites {
                 drop(permits);
             }),
         );
+    }
+}
+
+/// Small reads of a local file, validated and holding their budget and in-flight permits,
+/// not yet served.
+#[derive(Default)]
+struct ReadGroup {
+    reqs: Vec<(Request, Hold, OwnedSemaphorePermit)>,
+}
+
+impl ReadGroup {
+    /// Whether `req` may join a group: a valid read of at most `INLINE_READ` bytes of a
+    /// local file (anything else, errors included, takes the usual path).
+    fn fits(s: &Session, req: &Request) -> bool {
+        req.typ == cmd::READ
+            && req.length as usize <= INLINE_READ
+            && matches!(s.export.backend, Backend::File(_))
+            && validate(s, req).is_ok()
+    }
+
+    fn push(&mut self, req: Request, hold: Hold, permit: OwnedSemaphorePermit) {
+        self.reqs.push((req, hold, permit));
+    }
+
+    /// Serve the group on its own task; the replies are queued together.
+    fn spawn(&mut self, session: &Arc<Session>, out: &Arc<Outbox>, srv: &Arc<Server>) {
+        if self.reqs.is_empty() {
+            return;
+        }
+        let reqs = std::mem::take(&mut self.reqs);
+        let (session, out, srv) = (session.clone(), out.clone(), srv.clone());
+        tokio::spawn(async move {
+            let mut replies = Vec::with_capacity(reqs.len());
+            let mut permits = Vec::with_capacity(reqs.len());
+            for (req, hold, permit) in reqs {
+                let reply = match cached_read(&session, &req) {
+                    Some(r) => r,
+                    None => handle(&session, &req, Vec::new()).await,
+                };
+                replies.push(srv.reply_seg(reply, Some(hold)));
+                permits.push(permit);
+            }
+            out.push_all(&mut replies);
+            // The permits go only now, with the replies queued.
+            drop(permits);
+        });
+    }
+
+    /// Serve the group here: replies of what the page cache holds go to `ready`; the rest
+    /// (which must wait for the disk) each get a task.
+    fn serve_here(
+        &mut self,
+        session: &Arc<Session>,
+        out: &Arc<Outbox>,
+        srv: &Arc<Server>,
+        ready: &mut Vec<Seg>,
+    ) {
+        for (req, hold, permit) in self.reqs.drain(..) {
+            if let Some(reply) = cached_read(session, &req) {
+                ready.push(srv.reply_seg(reply, Some(hold)));
+                continue;
+            }
+            let (session, out, srv) = (session.clone(), out.clone(), srv.clone());
+            tokio::spawn(async move {
+                let reply = handle(&session, &req, Vec::new()).await;
+                out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// A (validated) read of a local file from the page cache, `None` when it is not all there.
+fn cached_read(s: &Session, req: &Request) -> Option<Reply> {
+    match &s.export.backend {
+        Backend::File(st) => copy_cached(s, st, req),
+        Backend::Proxy(_) => None,
     }
 }
 
