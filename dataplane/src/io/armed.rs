@@ -7,8 +7,9 @@
 //! wake-up for the frame it takes). Under load several armed reads let a round take
 //! several frames; at a ping's rate they only cost. So one read stays armed while the loop
 //! is calm, all of them as soon as it is busy (completions waiting before it could sleep,
-//! or a read returning a batch), and the number shrinks back one at a time after a run of
-//! calm rounds.
+//! a read returning a batch, or a read armed in a wait completing within [`QUICK`] of
+//! it: the frame was already queued, as in a flood of small frames), and the number
+//! shrinks back one at a time after a run of calm rounds.
 //!
 //! **How many completions a wait asks for** ([`wait_for`]). A send or TAP write the loop
 //! has just queued completes during the `io_uring_enter` that submits it; a wait for one
@@ -17,13 +18,21 @@
 //! process its packet woke. Waiting for the loop's own operations plus one more sleeps in
 //! the first call.
 
+use std::time::Duration;
+
 /// Calm rounds in a row after which one armed read fewer is kept.
 pub const CALM_ROUNDS: u32 = 64;
+
+/// A read armed in a wait that completes within this long of the wait's start found its
+/// frame already queued.
+pub const QUICK: Duration = Duration::from_micros(8);
 
 /// The receives of one descriptor: which slots are armed, and how many should be.
 #[derive(Debug, Clone)]
 pub struct Armed {
     slots: Vec<bool>,
+    /// Armed since the last [`Armed::new_wait`].
+    fresh: Vec<bool>,
     target: usize,
     calm: u32,
 }
@@ -33,6 +42,7 @@ impl Armed {
     pub fn new(max: usize) -> Self {
         Self {
             slots: vec![false; max.max(1)],
+            fresh: vec![false; max.max(1)],
             target: 1,
             calm: 0,
         }
@@ -63,10 +73,20 @@ impl Armed {
         }
     }
 
-    /// Slot `i` completed: it is no longer armed.
-    pub fn done(&mut self, i: usize) {
+    /// A wait begins: slots armed from now on are fresh.
+    pub fn new_wait(&mut self) {
+        self.fresh.iter_mut().for_each(|f| *f = false);
+    }
+
+    /// Slot `i` completed after `waited` (from the start of the wait that returned it):
+    /// it is no longer armed. A fresh slot that completed at once found its frame queued,
+    /// and the loop counts as busy.
+    pub fn done(&mut self, i: usize, waited: Duration) {
         if let Some(s) = self.slots.get_mut(i) {
             *s = false;
+        }
+        if self.fresh.get(i).copied().unwrap_or(false) && waited < QUICK {
+            self.busy();
         }
     }
 
@@ -77,6 +97,7 @@ impl Armed {
         }
         let i = self.slots.iter().position(|a| !a)?;
         self.slots[i] = true;
+        self.fresh[i] = true;
         Some(i)
     }
 }
@@ -106,7 +127,7 @@ mod tests {
         assert_eq!(arm_all(&mut a), vec![0]);
         for _ in 0..1000 {
             // A ping: the read completes, the round was calm, the read is armed again.
-            a.done(0);
+            a.done(0, Duration::from_micros(50));
             a.calm();
             assert_eq!(arm_all(&mut a), vec![0]);
         }
@@ -140,7 +161,7 @@ mod tests {
         // target.
         assert_eq!(arm_all(&mut a), Vec::<usize>::new());
         for i in 0..4 {
-            a.done(i);
+            a.done(i, Duration::from_millis(1));
         }
         assert_eq!(arm_all(&mut a), vec![0]);
     }
@@ -150,13 +171,40 @@ mod tests {
         let mut a = Armed::new(2);
         a.busy();
         assert_eq!(arm_all(&mut a), vec![0, 1]);
-        a.done(1);
+        a.done(1, Duration::from_millis(1));
         assert_eq!(arm_all(&mut a), vec![1]);
-        a.done(7);
+        a.done(7, Duration::ZERO);
         assert_eq!(a.armed(), 2);
         let mut one = Armed::new(0);
         one.busy();
         assert_eq!(arm_all(&mut one), vec![0]);
+    }
+
+    #[test]
+    fn a_read_that_finds_its_frame_queued_makes_the_loop_busy() {
+        let mut a = Armed::new(4);
+        a.new_wait();
+        assert_eq!(arm_all(&mut a), vec![0]);
+        // Armed in this wait and completed at once: a flood of small frames.
+        a.done(0, Duration::from_micros(3));
+        assert_eq!(a.target(), 4);
+        for _ in 0..4 * CALM_ROUNDS {
+            a.calm();
+        }
+        assert_eq!(a.target(), 1);
+        a.new_wait();
+        for i in 0..4 {
+            a.done(i, Duration::from_millis(1));
+        }
+        assert_eq!(arm_all(&mut a), vec![0]);
+        // Armed in an earlier wait: completing at once says nothing about a queue.
+        a.new_wait();
+        a.done(0, Duration::ZERO);
+        assert_eq!(a.target(), 1);
+        // Armed in this wait but completed after a sleep: a calm ping.
+        assert_eq!(arm_all(&mut a), vec![0]);
+        a.done(0, Duration::from_millis(10));
+        assert_eq!(a.target(), 1);
     }
 
     #[test]

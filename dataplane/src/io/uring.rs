@@ -439,6 +439,8 @@ impl Forwarder {
             self.udp_armed.calm();
             self.frames_armed.calm();
         }
+        self.udp_armed.new_wait();
+        self.frames_armed.new_wait();
         self.rearm()?;
         let outs = std::mem::take(&mut self.ring.outs);
         let uring = &mut self.ring.uring;
@@ -502,13 +504,15 @@ impl Forwarder {
                 self.spinner.waited(now.saturating_duration_since(t0));
             }
         }
+        // How long after the wait began its completions came (zero when some were ready).
+        let waited = idle_from.map_or(Duration::ZERO, |t0| now.saturating_duration_since(t0));
         let cqes = std::mem::take(&mut self.cqes);
         let mut r = Ok(());
         for &(ud, res) in &cqes {
             let i = (ud & !K_MASK) as usize;
             r = match ud & K_MASK {
-                K_UDP => self.on_udp(i, res, core, now),
-                K_FRAMES => self.on_frames(i, res, core, now),
+                K_UDP => self.on_udp(i, res, core, now, waited),
+                K_FRAMES => self.on_frames(i, res, core, now, waited),
                 K_OUT => {
                     self.on_sent(i, res, core);
                     Ok(())
@@ -533,6 +537,7 @@ impl Forwarder {
         res: i32,
         core: &mut EdgeCore,
         now: Instant,
+        waited: Duration,
     ) -> Result<(), IoError> {
         if res > 0 {
             let slot = &mut self.udp_slots[i];
@@ -560,7 +565,8 @@ impl Forwarder {
         } else if res < 0 {
             core.count_drop("udp_recv_error");
         }
-        self.udp_armed.done(i);
+        self.udp_armed
+            .done(i, if res > 0 { waited } else { Duration::MAX });
         Ok(())
     }
 
@@ -571,6 +577,7 @@ impl Forwarder {
         res: i32,
         core: &mut EdgeCore,
         now: Instant,
+        waited: Duration,
     ) -> Result<(), IoError> {
         if res > SMALL_READ as i32 {
             self.frames_armed.busy();
@@ -589,7 +596,8 @@ impl Forwarder {
                 self.fatal.get_or_insert(e);
             }
         }
-        self.frames_armed.done(i);
+        self.frames_armed
+            .done(i, if res > 0 { waited } else { Duration::MAX });
         Ok(())
     }
 
