@@ -4,6 +4,7 @@
 //! - [`peers`]: the peer systems (kernel VXLAN, nebula, tinc, OpenVPN, boringtun, gotatun)
 //!   in a lab.
 //! - [`storescale`]: the controller's store filled with synthetic rows (`bench scale-store`).
+//! - [`sockperf`]: UDP request/reply latency with `sockperf ping-pong`.
 //! - [`scale`]: thousands of edge and supernode cores on a simulated network (`bench scale`).
 //!
 //! The lab itself (namespaces, sites, the overlay and agents in them, teardown) is the
@@ -11,6 +12,7 @@
 
 pub mod peers;
 pub mod scale;
+pub mod sockperf;
 pub mod storescale;
 mod sys;
 pub mod wanem;

@@ -3,7 +3,9 @@
 //! Debian's n2n 1.3.1 and the peers of [`bench::peers`] (kernel VXLAN, nebula, tinc,
 //! OpenVPN, boringtun, gotatun), with ratios to the raw underlay of the same run. `--small`
 //! measures instead the small-frame rate (64/512-byte UDP) and the CPU cost per GB and per
-//! packet. `--layout hosts` measures between two hosts instead (`super::hosts`).
+//! packet; `--latency` the request/reply latency (`sockperf ping-pong` and ping, raw
+//! paired) and the CPU each round trip costs. `--layout hosts` measures between two hosts
+//! instead (`super::hosts`).
 //!
 //! The measured pair is VM b1 (site B, behind NAT) -> VM a1 (site A, public). The raw
 //! reference routes the same two namespaces over the same links (B's NAT, the internet
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bench::peers::Peer;
+use bench::sockperf::{self, PingPong};
 use lab::cpu;
 use lab::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
 use lab::{Lab, Topology};
@@ -71,6 +74,11 @@ pub struct Args {
     /// delivered packets/s, loss and CPU cost.
     #[arg(long)]
     pub small: bool,
+    /// Latency run instead of TCP/ping: `sockperf ping-pong` (64-byte UDP, one message in
+    /// flight) for `--secs` seconds and a ping series, `--runs` times, each run paired
+    /// with the same over the raw underlay, and the system's CPU per round trip.
+    #[arg(long, conflicts_with = "small")]
+    pub latency: bool,
     /// UDP payload sizes of the small-frame run.
     #[arg(long, value_delimiter = ',', default_value = "64,512")]
     pub sizes: Vec<u32>,
@@ -124,6 +132,96 @@ pub struct Row {
     /// host stack's TCP input that a TAP write runs), not iperf3's or softirq threads'.
     #[serde(default)]
     pub proc_cpu_s_per_gb: Option<f64>,
+}
+
+/// One latency run (`--latency`): sockperf ping-pong and ping, over the system or raw.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatRun {
+    /// sockperf's figures (one-way latency, half the round trip).
+    pub pingpong: PingPong,
+    /// Median ping RTT of the run's ping series, ms.
+    pub ping_ms: Option<f64>,
+    /// CPU seconds (user + system) of the system's processes during the ping-pong.
+    pub proc_cpu_s: f64,
+}
+
+/// A configuration's latency (`--latency`): medians over the runs, raw paired.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatRow {
+    /// As in [`Row`].
+    pub system: String,
+    /// As in [`Row`].
+    pub cipher: String,
+    /// As in [`Row`].
+    pub path: String,
+    /// As in [`Row`].
+    pub datapath: String,
+    /// The system's runs.
+    pub runs: Vec<LatRun>,
+    /// The raw underlay's runs, each right before the system's run of the same index.
+    pub raw_runs: Vec<LatRun>,
+    /// Median over the runs of sockperf's median one-way latency, us.
+    pub p50_us: Option<f64>,
+    /// The same for the raw runs.
+    pub raw_p50_us: Option<f64>,
+    /// Median over the runs of sockperf's 99th percentile, us.
+    pub p99_us: Option<f64>,
+    /// The same for the raw runs.
+    pub raw_p99_us: Option<f64>,
+    /// Median of the per-pair ratios p50 / raw p50.
+    pub p50_vs_raw: Option<f64>,
+    /// Smallest and largest per-pair ratio (the spread).
+    pub p50_vs_raw_range: Option<(f64, f64)>,
+    /// Median over the runs of the ping series' median RTT, ms.
+    pub ping_ms: Option<f64>,
+    /// The same for the raw runs.
+    pub raw_ping_ms: Option<f64>,
+    /// Median of the per-pair ratios of the ping RTTs.
+    pub ping_vs_raw: Option<f64>,
+    /// Median over the runs of the system's processes' CPU per round trip, us.
+    pub cpu_us_per_rtt: Option<f64>,
+}
+
+impl LatRow {
+    fn of(d: &Desc, runs: Vec<LatRun>, raw_runs: Vec<LatRun>) -> LatRow {
+        let med = |v: &[LatRun], f: &dyn Fn(&LatRun) -> Option<f64>| {
+            lab::median(&v.iter().filter_map(f).collect::<Vec<_>>())
+        };
+        let ratios = |f: &dyn Fn(&LatRun) -> Option<f64>| -> Vec<f64> {
+            runs.iter()
+                .zip(&raw_runs)
+                .filter_map(|(s, r)| match (f(s), f(r)) {
+                    (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                    _ => None,
+                })
+                .collect()
+        };
+        let p50 = |r: &LatRun| Some(r.pingpong.p50_us);
+        let p50_ratios = ratios(&p50);
+        let range = p50_ratios.iter().fold(None, |acc: Option<(f64, f64)>, &x| {
+            Some(acc.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+        });
+        LatRow {
+            system: d.system.into(),
+            cipher: d.cipher.into(),
+            path: d.path.into(),
+            datapath: d.datapath.into(),
+            p50_us: med(&runs, &p50),
+            raw_p50_us: med(&raw_runs, &p50),
+            p99_us: med(&runs, &|r| Some(r.pingpong.p99_us)),
+            raw_p99_us: med(&raw_runs, &|r| Some(r.pingpong.p99_us)),
+            p50_vs_raw: lab::median(&p50_ratios),
+            p50_vs_raw_range: range,
+            ping_ms: med(&runs, &|r| r.ping_ms),
+            raw_ping_ms: med(&raw_runs, &|r| r.ping_ms),
+            ping_vs_raw: lab::median(&ratios(&|r| r.ping_ms)),
+            cpu_us_per_rtt: med(&runs, &|r| {
+                (r.pingpong.replies > 0).then(|| r.proc_cpu_s * 1e6 / r.pingpong.replies as f64)
+            }),
+            runs,
+            raw_runs,
+        }
+    }
 }
 
 /// One run of the small-frame measurement.
@@ -231,6 +329,7 @@ pub(super) struct Desc<'a> {
 pub(super) struct Results {
     rows: Vec<Row>,
     small: Vec<SmallRow>,
+    latency: Vec<LatRow>,
 }
 
 #[derive(Serialize)]
@@ -247,6 +346,7 @@ struct Report<'a> {
     layout: &'a str,
     rows: &'a [Row],
     small: &'a [SmallRow],
+    latency: &'a [LatRow],
 }
 
 /// Where a layout's measurements run: the client and server namespaces and the server's
@@ -281,6 +381,8 @@ impl Ctx<'_> {
     ) -> anyhow::Result<()> {
         if self.args.small {
             out.small.extend(self.measure_small(d, dst, pids)?);
+        } else if self.args.latency {
+            out.latency.push(self.measure_latency(d, dst, pids)?);
         } else {
             out.rows.push(self.measure_tcp(d, dst, pids)?);
         }
@@ -371,6 +473,59 @@ impl Ctx<'_> {
             rows.push(row);
         }
         Ok(rows)
+    }
+
+    /// One latency run to `dst`: sockperf ping-pong for `--secs` seconds, then `--pings`
+    /// pings 10 ms apart.
+    fn latency_run(&self, dst: Ipv4Addr, pids: &[u32]) -> anyhow::Result<LatRun> {
+        let a = self.args;
+        let before = cpu::sample(pids);
+        let pingpong = sockperf::ping_pong(self.lab, self.client(), self.server(), dst, a.secs)?;
+        let after = cpu::sample(pids);
+        let (user, _, sys) = cpu::seconds(&before, &after);
+        let pings = lab::ping_samples(self.lab, self.client(), dst, a.pings, 0.01)?;
+        Ok(LatRun {
+            pingpong,
+            ping_ms: lab::median(&pings),
+            proc_cpu_s: user + sys,
+        })
+    }
+
+    fn measure_latency(&self, d: &Desc, dst: Ipv4Addr, pids: &[u32]) -> anyhow::Result<LatRow> {
+        let (lab, a) = (self.lab, self.args);
+        lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))
+            .with_context(|| format!("{} {}: no connectivity", d.system, d.path))?;
+        let _ = lab::ping(lab, self.client(), dst, 5, 0.1);
+        let raw_dst = self.raw_dst;
+        let paired = dst != raw_dst;
+        let (mut sys, mut raw) = (Vec::new(), Vec::new());
+        for i in 0..a.runs {
+            if paired {
+                raw.push(
+                    self.latency_run(raw_dst, &[])
+                        .with_context(|| format!("raw reference latency run {}", i + 1))?,
+                );
+            }
+            sys.push(
+                self.latency_run(dst, pids)
+                    .with_context(|| format!("{} {}: latency run {}", d.system, d.path, i + 1))?,
+            );
+        }
+        if !paired {
+            raw.clone_from(&sys);
+        }
+        let row = LatRow::of(d, sys, raw);
+        let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+        eprintln!(
+            "  {:<10} {:<12} {:<8} p50 {} us (raw {}), x raw {}",
+            row.system,
+            row.cipher,
+            row.path,
+            us(row.p50_us),
+            us(row.raw_p50_us),
+            row.p50_vs_raw.map_or("-".into(), |x| format!("{x:.2}"))
+        );
+        Ok(row)
     }
 
     fn measure_tcp(&self, d: &Desc, dst: Ipv4Addr, pids: &[u32]) -> anyhow::Result<Row> {
@@ -643,6 +798,40 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
     s
 }
 
+/// The markdown table of a latency run.
+pub fn latency_table(rows: &[LatRow], runs: u32) -> String {
+    let mut s = format!(
+        "| system | cipher | path | datapath | sockperf p50 us (median of {runs}) | raw p50 us (paired) | x raw (median, range) | p99 us | raw p99 us | ping RTT ms | raw RTT ms | x raw | process CPU us per round trip |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let f1 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+    let f2 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+    let f3 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
+    for r in rows {
+        let range = r
+            .p50_vs_raw_range
+            .map_or(String::new(), |(lo, hi)| format!(" ({lo:.2}-{hi:.2})"));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} |\n",
+            r.system,
+            r.cipher,
+            r.path,
+            r.datapath,
+            f1(r.p50_us),
+            f1(r.raw_p50_us),
+            f2(r.p50_vs_raw),
+            range,
+            f1(r.p99_us),
+            f1(r.raw_p99_us),
+            f3(r.ping_ms),
+            f3(r.raw_ping_ms),
+            f2(r.ping_vs_raw),
+            f1(r.cpu_us_per_rtt),
+        ));
+    }
+    s
+}
+
 /// The markdown table of a small-frame run.
 pub fn small_table(rows: &[SmallRow], runs: u32) -> String {
     let mut s = format!(
@@ -795,6 +984,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         p.ensure_installed()
             .with_context(|| format!("installing {}", p.name()))?;
     }
+    if args.latency {
+        sockperf::ensure_installed()?;
+    }
     let perf = args.small && cpu::perf_cycles_available();
     if args.small && !perf {
         eprintln!("note: `perf stat -e cycles` counts nothing here (no PMU): no cycles/packet");
@@ -870,9 +1062,15 @@ fn report(
     pair: &'static str,
     use_wan: bool,
 ) -> anyhow::Result<()> {
-    let Results { rows, small } = res;
+    let Results {
+        rows,
+        small,
+        latency,
+    } = res;
     let md = if args.small {
         small_table(&small, args.runs)
+    } else if args.latency {
+        latency_table(&latency, args.runs)
     } else {
         table(&rows, args.runs, use_wan)
     };
@@ -891,14 +1089,21 @@ fn report(
         perf_cycles: perf,
         rows: &rows,
         small: &small,
+        latency: &latency,
     };
     // `bench report` keeps the latest run of each kind: the layouts are kinds of their own.
     let layout = if args.layout == "hosts" { "-hosts" } else { "" };
-    let small_kind = if args.small { "-small" } else { "" };
+    let small_kind = if args.small {
+        "-small"
+    } else if args.latency {
+        "-latency"
+    } else {
+        ""
+    };
     let kind = format!("overlay{layout}{small_kind}");
     let p = write_json(&args.results, &format!("{kind}-{stamp}.json"), &report)?;
     std::fs::write(args.results.join(format!("{kind}-{stamp}.md")), &md)?;
-    if use_wan && !args.small {
+    if use_wan && !args.small && !args.latency {
         let svg = args.results.join(format!("overlay-{stamp}.svg"));
         crate::plot::overlay_vs_delay(&rows, &svg)?;
         eprintln!("figure: {}", svg.display());

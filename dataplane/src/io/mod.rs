@@ -2,6 +2,7 @@
 //! addresses, the status socket and metrics listener, and the event loops. Each `unsafe`
 //! block says why it is sound.
 
+pub mod armed;
 pub mod ctl;
 pub mod driver;
 pub mod frames;

@@ -1,7 +1,9 @@
 //! The edge's forwarder threads on io_uring. A [`Forwarder`] is one thread: its own UDP
 //! socket and frame-port queue, the protocol core shared with the others (see
-//! `io::threads`). UDP receives and frame-port reads stay armed; each round waits for
-//! completions (`Forwarder::wait`), locks the core once, hands it what arrived
+//! `io::threads`). UDP receives and frame-port reads stay armed (one of each while the
+//! loop is calm, several under load: `io::armed`); each round waits for completions
+//! (`Forwarder::wait`: its own sends and writes and one more event), locks the core
+//! once, hands it what arrived
 //! (`Forwarder::reap`: datagrams to `Forwarder::on_udp`, frames to
 //! `Forwarder::on_frames`, finished sends back to the pools), runs the core's timers
 //! (thread 0), submits everything the core queued as one batch (`Forwarder::flush`) and
@@ -30,6 +32,7 @@ use crate::offload::VNET_HDR_LEN;
 use crate::outbox::{Outbox, UdpOut};
 use crate::status::EdgeStatus;
 
+use super::armed::{wait_for, Armed};
 use super::ctl::Snapshot;
 use super::driver::{self, EdgeInfo};
 use super::frames::{FramePort, RingPort, RxContext};
@@ -54,6 +57,8 @@ const DEADLINE_REFRESH: Duration = Duration::from_millis(5);
 const LOAD_CHECK: Duration = Duration::from_secs(1);
 const PUBLISH: Duration = Duration::from_millis(200);
 const MAX_GSO_SEGS: usize = 64;
+/// A TAP read longer than this is a TSO super-frame: a sign of bulk traffic.
+const SMALL_READ: usize = 2048;
 const MAX_GSO_BYTES: usize = 65_000;
 
 const K_UDP: u64 = 1 << 32;
@@ -154,6 +159,8 @@ struct Ring {
     /// Never freed: sends still in flight when the ring closes may be read afterwards.
     flights: ManuallyDrop<Vec<Option<InFlight>>>,
     free: Vec<usize>,
+    /// Sends and writes queued since the last wait.
+    outs: usize,
 }
 
 impl Ring {
@@ -170,6 +177,7 @@ impl Ring {
             uring,
             flights: ManuallyDrop::new(Vec::new()),
             free: Vec::new(),
+            outs: 0,
         })
     }
 
@@ -221,7 +229,9 @@ impl Ring {
         let e = opcode::Write::new(types::Fd(fd), ptr, len as u32)
             .build()
             .user_data(K_OUT | i as u64);
-        self.push(&e).map(|()| true)
+        self.push(&e)?;
+        self.outs += 1;
+        Ok(true)
     }
 
     /// Queues the send of datagram `u` on `fd` (a GSO send of `u.segment`-byte segments
@@ -261,7 +271,9 @@ impl Ring {
         let e = opcode::SendMsg::new(types::Fd(fd), hp)
             .build()
             .user_data(K_OUT | i as u64);
-        self.push(&e).map(|()| true)
+        self.push(&e)?;
+        self.outs += 1;
+        Ok(true)
     }
 }
 
@@ -294,7 +306,11 @@ pub struct Forwarder {
     // Boxed so a slot's address never changes while the kernel holds pointers into it.
     #[allow(clippy::vec_box)]
     udp_slots: ManuallyDrop<Vec<Box<RecvSlot>>>,
+    /// Which UDP receives are armed, and how many should be (see `io::armed`).
+    udp_armed: Armed,
     port: RingPort,
+    /// The same for the frame port's reads.
+    frames_armed: Armed,
     sock: UdpSocket,
     out: Outbox,
     off: Offloads,
@@ -335,6 +351,7 @@ impl Forwarder {
         let ring = Ring::new()?;
         set_blocking(sock.as_raw_fd());
         let port = RingPort::new(port, tap_queues, shared.threads());
+        let frames_armed = Armed::new(port.reads());
         let mut out = Outbox::new(mtu::packet_buf_size(cfg.info.mtu));
         out.gso = cfg.off.gso;
         out.gso_max_segment = mtu::udp_payload(cfg.underlay_mtu);
@@ -345,7 +362,9 @@ impl Forwarder {
         Ok(Self {
             ring,
             udp_slots: ManuallyDrop::new((0..UDP_SLOTS).map(|_| RecvSlot::new()).collect()),
+            udp_armed: Armed::new(UDP_SLOTS),
             port,
+            frames_armed,
             sock,
             out,
             off: cfg.off,
@@ -371,12 +390,6 @@ impl Forwarder {
 
     /// Runs until the stop flag is set or an I/O error ends the thread.
     pub fn run(mut self) -> Result<(), IoError> {
-        for i in 0..UDP_SLOTS {
-            self.arm_udp(i)?;
-        }
-        for i in 0..self.port.reads() {
-            self.arm_frames(i)?;
-        }
         let shared = Arc::clone(&self.shared);
         while !self.cfg.stop.load(Ordering::Relaxed) {
             let idle_from = self.wait()?;
@@ -404,29 +417,46 @@ impl Forwarder {
         Ok(())
     }
 
-    fn arm_udp(&mut self, i: usize) -> Result<(), IoError> {
-        let e = self.udp_slots[i].arm(self.sock.as_raw_fd(), K_UDP | i as u64);
-        self.ring.push(&e)
-    }
-
-    fn arm_frames(&mut self, i: usize) -> Result<(), IoError> {
-        let e = self.port.arm(i).user_data(K_FRAMES | i as u64);
-        self.ring.push(&e)
+    /// Arms UDP receives and frame-port reads up to their targets (`io::armed`).
+    fn rearm(&mut self) -> Result<(), IoError> {
+        while let Some(i) = self.udp_armed.to_arm() {
+            let e = self.udp_slots[i].arm(self.sock.as_raw_fd(), K_UDP | i as u64);
+            self.ring.push(&e)?;
+        }
+        while let Some(i) = self.frames_armed.to_arm() {
+            let e = self.port.arm(i).user_data(K_FRAMES | i as u64);
+            self.ring.push(&e)?;
+        }
+        Ok(())
     }
 
     /// Submits what is queued and waits for completions (after polling for the adaptive
     /// window), collecting them; returns when the wait started idle (no completion
-    /// ready).
+    /// ready). Sends and writes just queued are waited for along with one more event
+    /// (`io::armed::wait_for`).
     fn wait(&mut self) -> Result<Option<Instant>, IoError> {
+        let ready = !self.ring.uring.completion().is_empty();
+        if ready {
+            self.udp_armed.busy();
+            self.frames_armed.busy();
+        } else {
+            self.udp_armed.calm();
+            self.frames_armed.calm();
+        }
+        self.udp_armed.new_wait();
+        self.frames_armed.new_wait();
+        self.rearm()?;
+        let outs = std::mem::take(&mut self.ring.outs);
         let uring = &mut self.ring.uring;
+        let want = wait_for(ready, outs);
         // Before sleeping, poll the completion queue for the adaptive window: a wake-up
         // costs more than a short poll and dominates the overlay's RTT.
-        let idle_from = uring.completion().is_empty().then(Instant::now);
+        let idle_from = (!ready).then(Instant::now);
         let window = self.spinner.window();
         if idle_from.is_some() && !window.is_zero() {
             let until = Instant::now() + window;
             let _ = uring.submit();
-            while uring.completion().is_empty() && Instant::now() < until {
+            while uring.completion().len() < want && Instant::now() < until {
                 let _ = uring
                     .submitter()
                     .submit_with_args(0, &types::SubmitArgs::new());
@@ -444,7 +474,6 @@ impl Forwarder {
         }
         let timeout = types::Timespec::from(sleep);
         let args = types::SubmitArgs::new().timespec(&timeout);
-        let want = usize::from(uring.completion().is_empty());
         match uring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e)
@@ -479,13 +508,15 @@ impl Forwarder {
                 self.spinner.waited(now.saturating_duration_since(t0));
             }
         }
+        // How long after the wait began its completions came (zero when some were ready).
+        let waited = idle_from.map_or(Duration::ZERO, |t0| now.saturating_duration_since(t0));
         let cqes = std::mem::take(&mut self.cqes);
         let mut r = Ok(());
         for &(ud, res) in &cqes {
             let i = (ud & !K_MASK) as usize;
             r = match ud & K_MASK {
-                K_UDP => self.on_udp(i, res, core, now),
-                K_FRAMES => self.on_frames(i, res, core, now),
+                K_UDP => self.on_udp(i, res, core, now, waited),
+                K_FRAMES => self.on_frames(i, res, core, now, waited),
                 K_OUT => {
                     self.on_sent(i, res, core);
                     Ok(())
@@ -510,6 +541,7 @@ impl Forwarder {
         res: i32,
         core: &mut EdgeCore,
         now: Instant,
+        waited: Duration,
     ) -> Result<(), IoError> {
         if res > 0 {
             let slot = &mut self.udp_slots[i];
@@ -522,6 +554,10 @@ impl Forwarder {
             };
             if let Some(src) = src {
                 let seg = seg.unwrap_or(n).max(1);
+                if seg < n {
+                    // A GRO batch: datagrams arrive faster than one per round.
+                    self.udp_armed.busy();
+                }
                 let mut o = 0;
                 while o < n {
                     let e = (o + seg).min(n);
@@ -533,7 +569,9 @@ impl Forwarder {
         } else if res < 0 {
             core.count_drop("udp_recv_error");
         }
-        self.arm_udp(i)
+        self.udp_armed
+            .done(i, if res > 0 { waited } else { Duration::MAX });
+        Ok(())
     }
 
     /// Read `i` of the frame port completed.
@@ -543,7 +581,11 @@ impl Forwarder {
         res: i32,
         core: &mut EdgeCore,
         now: Instant,
+        waited: Duration,
     ) -> Result<(), IoError> {
+        if res > SMALL_READ as i32 {
+            self.frames_armed.busy();
+        }
         let mut cx = RxContext {
             now,
             core,
@@ -558,7 +600,9 @@ impl Forwarder {
                 self.fatal.get_or_insert(e);
             }
         }
-        self.arm_frames(i)
+        self.frames_armed
+            .done(i, if res > 0 { waited } else { Duration::MAX });
+        Ok(())
     }
 
     /// Send `i` completed: its buffer goes back to the pool. A GSO send the kernel
