@@ -360,7 +360,9 @@ impl Net {
                 .collect(),
             local_addrs: vec![addr],
             timers: Timers::default(),
-            max_peers: self.cfg.community_size + 16,
+            // Room for every member twice: after the churn a tenth of them hold new ids
+            // while the old ones are kept until they expire (90 s).
+            max_peers: self.cfg.community_size * 2 + 16,
             max_macs: 64,
         };
         let seed = self
