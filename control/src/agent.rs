@@ -458,15 +458,6 @@ impl AgentCore {
         }
     }
 
-    /// The reservations held: (number, cluster name, confirmed).
-    pub fn reservations(&self) -> Vec<(u32, String, bool)> {
-        self.state
-            .clusters
-            .iter()
-            .map(|(n, c)| (*n, c.name.clone(), c.lease_until.is_none()))
-            .collect()
-    }
-
     fn run_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("run")
     }
