@@ -11,7 +11,7 @@
 //! binary counts every allocation), read around dropping the cores it measures.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,6 @@ use dataplane::crypto::{Cipher, CommunityKeys};
 use dataplane::edge::{EdgeConfig, EdgeCore, EdgeRng, RngError, SupernodeAddr, Timers};
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
-use dataplane::status::hex;
 use dataplane::supernode::{SupernodeConfig, SupernodeCore};
 use dataplane::wire::{self, MsgType, RelayHdr, RELAY_HDR_LEN};
 use serde::Serialize;
@@ -250,6 +249,12 @@ struct Net {
     sns: Vec<Sn>,
     index: HashMap<SocketAddr, Node>,
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Each edge's deadline as last scheduled: older heap entries are stale.
+    sched: Vec<Option<Instant>>,
+    /// Edges that received datagrams in the delivery under way (and `touched_mark`
+    /// says whether an edge is in it): their deadlines are asked for once, after it.
+    touched: Vec<usize>,
+    touched_mark: Vec<bool>,
     /// When the supernodes are polled next (every 500 ms, as their driver does).
     sn_tick: Instant,
     queue: Queue,
@@ -322,6 +327,9 @@ impl Net {
             sns,
             index,
             heap: BinaryHeap::new(),
+            sched: Vec::with_capacity(cfg.edges),
+            touched: Vec::new(),
+            touched_mark: Vec::with_capacity(cfg.edges),
             sn_tick: now + SN_TICK,
             queue: VecDeque::new(),
             traffic: SnTraffic::default(),
@@ -352,7 +360,9 @@ impl Net {
                 .collect(),
             local_addrs: vec![addr],
             timers: Timers::default(),
-            max_peers: self.cfg.community_size + 16,
+            // Room for every member twice: after the churn a tenth of them hold new ids
+            // while the old ones are kept until they expire (90 s).
+            max_peers: self.cfg.community_size * 2 + 16,
             max_macs: 64,
         };
         let seed = self
@@ -377,6 +387,8 @@ impl Net {
         let addr = edge_addr(i);
         self.index.insert(addr, Node::Edge(i));
         self.members[community].push(i);
+        self.sched.push(None);
+        self.touched_mark.push(false);
         self.edges.push(Edge {
             addr,
             community,
@@ -388,9 +400,15 @@ impl Net {
         Ok(i)
     }
 
+    /// Asks edge `i` for its deadline (a scan of its peer table: once per event batch,
+    /// as a driver does after a batch of datagrams, not once per datagram).
     fn schedule_edge(&mut self, i: usize) {
-        if let Some(d) = self.edges[i].core.poll_timeout() {
-            self.heap.push(Reverse((d, i)));
+        let d = self.edges[i].core.poll_timeout();
+        if d != self.sched[i] {
+            self.sched[i] = d;
+            if let Some(d) = d {
+                self.heap.push(Reverse((d, i)));
+            }
         }
     }
 
@@ -419,7 +437,10 @@ impl Net {
                     e.core.handle_udp(now, src, &mut pkt, &mut self.eout);
                     self.edge_cpu += t.elapsed();
                     drain(&mut self.eout, e.addr, &mut self.queue);
-                    self.schedule_edge(i);
+                    if !self.touched_mark[i] {
+                        self.touched_mark[i] = true;
+                        self.touched.push(i);
+                    }
                 }
                 Some(Node::Sn(j)) if self.sns[j].alive => {
                     let is_reg = wire::peek_type(&pkt).ok() == Some(MsgType::Register);
@@ -446,6 +467,13 @@ impl Net {
                 _ => {}
             }
         }
+        let touched = std::mem::take(&mut self.touched);
+        for &i in &touched {
+            self.touched_mark[i] = false;
+            self.schedule_edge(i);
+        }
+        self.touched = touched;
+        self.touched.clear();
     }
 
     /// Moves virtual time to `end`, polling every core whose deadline came.
@@ -466,9 +494,10 @@ impl Net {
                 self.heap.pop();
                 let e = &mut self.edges[i];
                 // Stale heap entries (the deadline moved) are skipped.
-                if !e.alive || e.core.poll_timeout() != Some(d) {
+                if !e.alive || self.sched[i] != Some(d) {
                     continue;
                 }
+                self.sched[i] = None;
                 let t = Instant::now();
                 e.core.poll(now, &mut self.eout);
                 self.edge_cpu += t.elapsed();
@@ -498,20 +527,18 @@ impl Net {
         self.now.saturating_duration_since(since).as_millis() as u64
     }
 
-    /// Whether edge `i` knows (or has a session with) every live member of its community.
+    /// Whether edge `i` knows (or has a session with) every live member of its community:
+    /// one table lookup per member (not the status document, which formats every peer).
     fn knows_all(&self, i: usize, sessions: bool) -> bool {
         let e = &self.edges[i];
-        let st = e.core.status(self.now);
-        let have: HashSet<&str> = st
-            .peers
-            .iter()
-            .filter(|p| !sessions || p.session)
-            .map(|p| p.id.as_str())
-            .collect();
         self.members[e.community]
             .iter()
             .filter(|&&m| m != i && self.edges[m].alive)
-            .all(|&m| have.contains(hex(&self.edges[m].core.id()).as_str()))
+            .all(|&m| {
+                e.core
+                    .peer_session(&self.edges[m].core.id())
+                    .is_some_and(|s| s || !sessions)
+            })
     }
 
     /// Runs until every live edge of `which` knows every live peer (checked every 100 ms

@@ -191,21 +191,64 @@ pub enum AgentRunError {
     Setup(String),
 }
 
-/// Result of an agent run.
+/// One request timed `samples.len()` times.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpStats {
+    /// The request.
+    pub op: String,
+    /// Median (ms).
+    pub median_ms: f64,
+    /// Fastest (ms).
+    pub min_ms: f64,
+    /// Slowest (ms).
+    pub max_ms: f64,
+    /// Every sample (ms), in the order taken.
+    pub samples: Vec<f64>,
+}
+
+impl OpStats {
+    fn of(op: &str, mut samples: Vec<f64>) -> OpStats {
+        let taken = samples.clone();
+        samples.sort_by(f64::total_cmp);
+        OpStats {
+            op: op.into(),
+            median_ms: samples.get(samples.len() / 2).copied().unwrap_or(0.0),
+            min_ms: samples.first().copied().unwrap_or(0.0),
+            max_ms: samples.last().copied().unwrap_or(0.0),
+            samples: taken,
+        }
+    }
+}
+
+/// Result of an agent run at one number of reservations.
 #[derive(Clone, Debug, Serialize)]
 pub struct AgentScaleResult {
     /// Reservations the agent held when timed.
     pub clusters: usize,
-    /// Time to make them, one request each (ms).
+    /// Time to make those added since the previous point, one reserve and one confirm
+    /// each (ms).
     pub fill_ms: f64,
-    /// The requests, timed with the agent full.
-    pub timings: Vec<Timing>,
+    /// Reservations added for this point.
+    pub filled: usize,
+    /// The 1-minute load average when the point was timed.
+    pub load: f64,
+    /// The requests, timed with the agent holding `clusters` (each sample reserves,
+    /// confirms, lists and releases one more cluster).
+    pub ops: Vec<OpStats>,
 }
 
-/// Fills one agent with `clusters` confirmed one-VM reservations through its protocol
-/// (signed requests over TCP, as the controller sends them) and times `reserve`,
-/// `confirm`, `info` (every reservation listed) and `release` with it full.
-pub fn agent(clusters: usize) -> Result<AgentScaleResult, AgentRunError> {
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One agent filled step by step to each of `points` confirmed one-VM reservations
+/// through its protocol (signed requests over TCP, as the controller sends them); at
+/// each point `reps` more clusters are reserved, confirmed, listed (`info`, every
+/// reservation) and released, each request timed.
+pub fn agent(points: &[usize], reps: usize) -> Result<Vec<AgentScaleResult>, AgentRunError> {
     use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
     use control::auth::{Authorization, SigningKey};
     use control::client::AgentClient;
@@ -215,6 +258,7 @@ pub fn agent(clusters: usize) -> Result<AgentScaleResult, AgentRunError> {
     use std::sync::atomic::AtomicBool;
     use std::sync::{Arc, Mutex};
 
+    let clusters = points.iter().copied().max().unwrap_or(0);
     let setup = |e: &dyn std::fmt::Display| AgentRunError::Setup(e.to_string());
     let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
     let key = agent::init(dir.path())?;
@@ -268,38 +312,60 @@ pub fn agent(clusters: usize) -> Result<AgentScaleResult, AgentRunError> {
         }],
         supernode: false,
     };
-    let run = || -> Result<AgentScaleResult, AgentRunError> {
+    let run = || -> Result<Vec<AgentScaleResult>, AgentRunError> {
         let mut c = AgentClient::connect(&site, &user)?;
-        let t = Instant::now();
-        for i in 0..clusters {
-            c.call_value(&reserve(i))?;
-            c.call_value(&Request::Confirm {
-                cluster: format!("k{i}"),
-            })?;
+        let mut out = Vec::new();
+        let mut held = 0;
+        for &p in points {
+            let t = Instant::now();
+            let filled = p.saturating_sub(held);
+            for i in held..p {
+                c.call_value(&reserve(i))?;
+                c.call_value(&Request::Confirm {
+                    cluster: format!("k{i}"),
+                })?;
+            }
+            held = held.max(p);
+            let fill_ms = t.elapsed().as_secs_f64() * 1e3;
+            let load = load_avg();
+            let mut ms: Vec<Vec<f64>> = (0..4).map(|_| Vec::with_capacity(reps)).collect();
+            let mut time = |k: usize, req: &Request| -> Result<(), AgentRunError> {
+                let t = Instant::now();
+                c.call_value(req)?;
+                ms[k].push(t.elapsed().as_secs_f64() * 1e3);
+                Ok(())
+            };
+            for _ in 0..reps {
+                let name = format!("k{clusters}");
+                time(0, &reserve(clusters))?;
+                time(
+                    1,
+                    &Request::Confirm {
+                        cluster: name.clone(),
+                    },
+                )?;
+                time(2, &Request::Info)?;
+                time(3, &Request::Release { cluster: name })?;
+            }
+            let names = [
+                "reserve (one more cluster)",
+                "confirm",
+                "info (every reservation listed)",
+                "release",
+            ];
+            out.push(AgentScaleResult {
+                clusters: held,
+                fill_ms,
+                filled,
+                load,
+                ops: names
+                    .iter()
+                    .zip(ms)
+                    .map(|(n, v)| OpStats::of(n, v))
+                    .collect(),
+            });
         }
-        let fill_ms = t.elapsed().as_secs_f64() * 1e3;
-        let mut tm = Vec::new();
-        timed(&mut tm, "reserve (one more cluster)", || {
-            c.call_value(&reserve(clusters))
-        })?;
-        timed(&mut tm, "confirm", || {
-            c.call_value(&Request::Confirm {
-                cluster: format!("k{clusters}"),
-            })
-        })?;
-        timed(&mut tm, "info (every reservation listed)", || {
-            c.call_value(&Request::Info)
-        })?;
-        timed(&mut tm, "release", || {
-            c.call_value(&Request::Release {
-                cluster: format!("k{clusters}"),
-            })
-        })?;
-        Ok(AgentScaleResult {
-            clusters,
-            fill_ms,
-            timings: tm,
-        })
+        Ok(out)
     };
     let r = run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

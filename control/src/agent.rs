@@ -7,22 +7,23 @@
 //! (`authorized.json`, written by `mvc agent authorize`) decide what each key may do.
 //!
 //! State directory layout: `agent.key` (the agent's Ed25519 key, PKCS#8 hex, 0600),
-//! `authorized.json`, `state.json` (reservations, survives restarts), `secrets/`
-//! (community secrets, 0600), `run/` (logs, leases, status sockets), `disks/`.
+//! `authorized.json`, `reservations/c<n>.json` (one file per reservation, survives
+//! restarts and crashes: [`state`]), `secrets/` (community secrets, 0600), `run/` (logs,
+//! leases, status sockets), `disks/`.
 //!
 //! The agent owns everything at its site: it numbers each reservation (`n`, unique
 //! among all users' clusters here, and claimed in [`crate::claims`] so that agents
 //! sharing a machine never pick the same) and derives every name from it (bridge `mvb<n>`,
 //! TAP `mvt<n>`, VM `c<n>-<vm>` with NIC `mvv<n>-<i>`, files `c<n>.*` and
 //! `c<n>-<vm>.*`), saving them before it makes anything, so after a crash every
-//! device, process and file it may have made is named in `state.json`. It touches
+//! device, process and file it may have made is named in its reservation file. It touches
 //! nothing its store does not name as belonging to the cluster at hand.
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
 use crate::claims::{self, Claims};
 use crate::driver::{link_exists, DriverError, RunningVm, VmDriver};
 use crate::model::HostInfo;
-use crate::process::{self, kill_marked, pids_marked, run, stop_child};
+use crate::process::{self, pids_marked, run, stop_child, ProcSnapshot};
 use crate::proto::{
     AgentVm, Body, InfoData, Reply, Request, ReservationView, ReserveData, SlotReq, VmSpec,
     PROTO_VERSION,
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod migrate;
 mod stack;
+pub mod state;
 
 /// Agent failures outside a request (start-up, files).
 #[derive(Debug, thiserror::Error)]
@@ -190,12 +192,9 @@ struct ClusterHere {
     stack: Option<crate::stack::SlurmStack>,
 }
 
-/// Version of `state.json`.
-const STATE_VERSION: u32 = 2;
-
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The reservations held in memory; each is also in its file ([`state`]).
+#[derive(Debug, Default)]
 struct Persisted {
-    version: u32,
     /// By site-local cluster number.
     clusters: BTreeMap<u32, ClusterHere>,
 }
@@ -350,6 +349,8 @@ pub fn unix_now() -> u64 {
 pub struct AgentCore {
     cfg: AgentConfig,
     state: Persisted,
+    /// The reservation files behind `state`.
+    store: state::Reservations,
     driver: Box<dyn VmDriver>,
     /// Running VMs by local name.
     running: HashMap<String, RunningVm>,
@@ -362,6 +363,9 @@ pub struct AgentCore {
     migrations: HashMap<String, migrate::Migration>,
     /// Claims on cluster numbers and ports, unique among the machine's agents.
     claims: Claims,
+    /// Every process's command line, read once at the start of a reconcile or a
+    /// release (which start no process) so that its many marks cost one read of `/proc`.
+    procs: Option<ProcSnapshot>,
 }
 
 type Refusal = String;
@@ -406,29 +410,14 @@ impl AgentCore {
                 path: cfg.state_dir.clone(),
                 err,
             })?;
-        let sp = cfg.state_dir.join("state.json");
-        let state: Persisted = match std::fs::read_to_string(&sp) {
-            Ok(t) => match serde_json::from_str::<Persisted>(&t) {
-                Ok(s) if s.version == STATE_VERSION => s,
-                _ => {
-                    return Err(AgentError::Config(format!(
-                        "{}: not a version {STATE_VERSION} agent state (an older agent wrote it?); \
-                         release its clusters with that agent, or move the file away",
-                        sp.display()
-                    )))
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted {
-                version: STATE_VERSION,
-                clusters: BTreeMap::new(),
-            },
-            Err(err) => return Err(AgentError::File { path: sp, err }),
-        };
+        let (store, clusters) = state::Reservations::open(&cfg.state_dir)?;
+        let state = Persisted { clusters };
         let verifier = Verifier::new(load_authorizations(&cfg.state_dir)?);
         let claims = Claims::new(&cfg.claims_dir, &cfg.state_dir);
         Ok(AgentCore {
             cfg,
             state,
+            store,
             driver,
             running: HashMap::new(),
             overlay_procs: HashMap::new(),
@@ -436,6 +425,7 @@ impl AgentCore {
             verifier,
             migrations: HashMap::new(),
             claims,
+            procs: None,
         })
     }
 
@@ -444,13 +434,30 @@ impl AgentCore {
         Ok(load_key(&self.cfg.state_dir)?.public_hex())
     }
 
-    fn save(&self) -> Result<(), AgentError> {
-        let p = self.cfg.state_dir.join("state.json");
-        let t = serde_json::to_string_pretty(&self.state).map_err(|err| AgentError::Parse {
-            path: p.clone(),
-            err,
-        })?;
-        write_private(&p, &t)
+    /// End the processes whose command lines name one of `marks`
+    /// ([`process::kill_marked`]); nothing to read again when the snapshot of a
+    /// reconcile or release in progress holds none of them.
+    fn kill_marked(&self, marks: &[String], dry: bool, log: &mut Vec<String>) {
+        if self.procs.as_ref().is_some_and(|p| !p.any_marked(marks)) {
+            return;
+        }
+        process::kill_marked(marks, dry, log);
+    }
+
+    /// Bring every reservation file in line with `state` (what changed is written,
+    /// what is gone removed). Every reservation is serialised to compare it; a change to
+    /// one known reservation is [`AgentCore::save_one`].
+    fn save(&mut self) -> Result<(), AgentError> {
+        self.store.sync_all(&self.state.clusters)
+    }
+
+    /// Write reservation `n`'s file (remove it when `n` is no longer held): the cost of
+    /// one reservation, whatever the agent holds.
+    fn save_one(&mut self, n: u32) -> Result<(), AgentError> {
+        match self.state.clusters.get(&n) {
+            Some(c) => self.store.put(n, c),
+            None => self.store.remove(n),
+        }
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -697,7 +704,7 @@ impl AgentCore {
                 if let Some(c) = self.state.clusters.get_mut(&n) {
                     c.lease_until = None;
                 }
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 crate::failpoint::hit("confirm-saved");
                 json(&"confirmed")
             }
@@ -719,7 +726,7 @@ impl AgentCore {
                 let n = self.confirmed(&authz.key, &cluster)?;
                 self.start_overlay(n, &community, &secret, &supernode, &edge_name)
                     .map_err(|e| format!("starting overlay of {}: {e}", quote(&cluster)))?;
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 json(&"overlay up")
             }
             Request::StartVm { spec } => {
@@ -753,7 +760,7 @@ impl AgentCore {
                 }
                 self.start_vm(n, spec.clone())
                     .map_err(|e| format!("starting VM {}: {e}", quote(&spec.name)))?;
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 let guest = self
                     .stack_start_vm(n, &spec.name)
                     .map_err(|e| format!("Slurm in VM {}: {e}", quote(&spec.name)))?;
@@ -774,7 +781,7 @@ impl AgentCore {
                     ));
                 }
                 self.stop_vm(n, &vm);
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 json(&"stopped")
             }
             Request::VmAddress { cluster, vm } => {
@@ -1041,7 +1048,7 @@ impl AgentCore {
                 stack: None,
             },
         );
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save_one(n) {
             let names = self.claim_names(n);
             self.state.clusters.remove(&n);
             let _ = self.claims.release(&names);
@@ -1208,7 +1215,7 @@ impl AgentCore {
             }
         }
         let mut log = Vec::new();
-        kill_marked(&self.overlay_marks(n), false, &mut log);
+        self.kill_marked(&self.overlay_marks(n), false, &mut log);
         let Some(c) = self.state.clusters.get_mut(&n) else {
             return;
         };
@@ -1302,7 +1309,7 @@ impl AgentCore {
     /// `files` its logs, leases and disk.
     fn clean_vm(&mut self, slot: &Slot, files: bool, dry: bool, log: &mut Vec<String>) {
         let marks = vec![format!("{}/{}.", self.run_dir().display(), slot.local)];
-        kill_marked(&marks, dry, log);
+        self.kill_marked(&marks, dry, log);
         let handle = slot
             .handle
             .clone()
@@ -1334,12 +1341,14 @@ impl AgentCore {
             return;
         };
         c.releasing = true;
-        let _ = self.save();
+        let _ = self.save_one(n);
         crate::failpoint::hit("release-begin");
+        self.procs = Some(ProcSnapshot::take());
         self.clean_cluster(n, true, false, log);
+        self.procs = None;
         let names = self.claim_names(n);
         self.state.clusters.remove(&n);
-        if self.save().is_ok() {
+        if self.save_one(n).is_ok() {
             // After the store forgets them (a crash in between: reconcile sweeps).
             if let Err(e) = self.claims.release(&names) {
                 log.push(format!("cannot release claims: {e}"));
@@ -1368,7 +1377,7 @@ impl AgentCore {
                 }
             }
         }
-        kill_marked(&self.overlay_marks(n), dry, log);
+        self.kill_marked(&self.overlay_marks(n), dry, log);
         let mut links = vec![c.tap.clone()];
         if files {
             links.push(c.bridge.clone());
@@ -1460,7 +1469,7 @@ impl AgentCore {
             }
             return;
         }
-        kill_marked(&self.overlay_marks(n), dry, log);
+        self.kill_marked(&self.overlay_marks(n), dry, log);
         if link_exists(&c.tap) {
             log.push(format!("delete link {}", c.tap));
             if !dry {
@@ -1484,6 +1493,7 @@ impl AgentCore {
         let mut log = Vec::new();
         let ids: Vec<u32> = self.state.clusters.keys().copied().collect();
         let mut gone = Vec::new();
+        self.procs = Some(ProcSnapshot::take());
         for n in ids {
             let c = &self.state.clusters[&n];
             let who = format!(
@@ -1509,6 +1519,7 @@ impl AgentCore {
             }
             log.extend(steps.into_iter().map(|s| format!("{who}: {s}")));
         }
+        self.procs = None;
         // VMs of this agent the hypervisor holds but the store does not name.
         let known: Vec<String> = self
             .state
@@ -1633,6 +1644,9 @@ fn serve_conn_within(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     // A client that stops reading cannot hold this thread for ever.
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    // A reply goes out in more than one write: without this, Nagle holds the last one
+    // until the client's delayed acknowledgement (about 40 ms on every request).
+    let _ = stream.set_nodelay(true);
     let ch = channel::server(stream, key)?;
     ch_loop(core, ch)
 }

@@ -19,6 +19,11 @@ pub const POINTS: &[&str] = &[
     "release-begin",
 ];
 
+/// Points inside the write of one reservation file (any reservation, any request): the
+/// temporary file written and synced, then renamed over the reservation's file. Not in
+/// [`POINTS`]: they are hit by every change, not at one step of a cluster's life.
+pub const STORE_POINTS: &[&str] = &["state-file-synced", "state-file-renamed"];
+
 /// Abort the process when [`ENV`] names `point`.
 pub fn hit(point: &str) {
     static WANTED: OnceLock<Option<String>> = OnceLock::new();

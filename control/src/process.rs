@@ -129,6 +129,39 @@ pub fn kill_pidfile(pidfile: &Path, mark: &str) {
     let _ = std::fs::remove_file(pidfile);
 }
 
+/// The command lines of every process (not this one) at one moment, read once so that
+/// many marks can be looked for without reading `/proc` again for each: an agent
+/// reconciling or releasing asks for a few marks per reservation, and one read of
+/// every process per mark made its start linear in reservations times processes.
+/// Processes started after the snapshot are not in it: only callers that start none
+/// of the processes they look for while using it (reconcile, release) use one.
+pub struct ProcSnapshot(Vec<String>);
+
+impl ProcSnapshot {
+    /// Read every process's command line now.
+    pub fn take() -> ProcSnapshot {
+        let me = std::process::id() as i32;
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return ProcSnapshot(Vec::new());
+        };
+        ProcSnapshot(
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| *pid != me)
+                .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .collect(),
+        )
+    }
+
+    /// Whether a process of the snapshot names one of `marks`.
+    pub fn any_marked(&self, marks: &[String]) -> bool {
+        self.0
+            .iter()
+            .any(|c| marks.iter().any(|m| c.contains(m.as_str())))
+    }
+}
+
 /// Pids of processes (not this one) whose command line contains one of `marks`.
 pub fn pids_marked(marks: &[String]) -> Vec<i32> {
     let me = std::process::id() as i32;

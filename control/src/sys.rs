@@ -1,4 +1,5 @@
-//! The system calls of `control` that std does not wrap: signals and file locks. Every
+//! The system calls of `control` that std does not wrap: signals, file locks, syncfs and
+//! network interface lookups. Every
 //! `unsafe` block of the crate is here, each with its `// SAFETY:` note.
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -44,5 +45,31 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
         if e.kind() != std::io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// The index of the network interface named `name` in this process's network namespace
+/// (if_nametoindex(3): one ioctl on a socket, no process started, no list of every link
+/// read), `None` when there is no such interface or the name cannot be one.
+pub fn if_index(name: &str) -> Option<u32> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return None;
+    }
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a NUL-terminated string shorter than IFNAMSIZ that lives across the
+    // call; if_nametoindex only reads it.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Write everything of the filesystem holding `file` to disk (syncfs(2)): one call for
+/// many files written in a row, instead of one fsync each.
+pub fn syncfs(file: &File) -> std::io::Result<()> {
+    // SAFETY: syncfs(2) on a descriptor `file` owns and keeps open for the call.
+    let r = unsafe { libc::syncfs(file.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -221,9 +221,19 @@ fn trace(sl: &SiteLab, site: &str) -> SiteTrace {
     }
 }
 
+/// The agent's reservations as `{"clusters": {n: reservation}}`, read from its files.
 fn state_json(sl: &SiteLab, site: &str) -> serde_json::Value {
-    let t = std::fs::read_to_string(sl.agents[site].state.join("state.json")).unwrap();
-    serde_json::from_str(&t).unwrap()
+    let dir = control::agent::state::reservations_dir(&sl.agents[site].state);
+    let mut clusters = serde_json::Map::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            clusters.insert(v["n"].to_string(), v["cluster"].clone());
+        }
+    }
+    serde_json::json!({ "clusters": clusters })
 }
 
 /// Everything at `site` that an agent may have made is named in its store.

@@ -17,6 +17,10 @@ pub struct Args {
     /// Edges per community.
     #[arg(long, default_value_t = 10)]
     pub community_size: usize,
+    /// Every point of the curve is one community of all its edges (`--community-size`
+    /// is then the edge count): the curve against the community size.
+    #[arg(long)]
+    pub one_community: bool,
     /// Supernodes (every edge registers with all of them).
     #[arg(long, default_value_t = 1)]
     pub supernodes: usize,
@@ -27,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5000)]
     pub new_per_s: u32,
     /// Community sizes at which one periodic registration is timed both ways (the list
-    /// held is current / a complete list goes back), comma-separated; empty: none.
+    /// held is current / a complete list goes back), comma-separated; 0: none.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     pub reg_cost: Vec<usize>,
     /// Where to write the JSON result and the figure.
@@ -55,18 +59,24 @@ fn opt(v: Option<f64>) -> String {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     println!(
-        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | sn µs/edge/s (steady) | peerinfo msgs (steady) | restart rereg ms | lost | overload drops | churn ms | outage rereg ms | lost | overload drops | edge B/edge | edge µs/peer/s | wall ms |"
+        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | sn µs/edge/s (steady) | peerinfo msgs (steady) | restart rereg ms | restart all know ms | lost | overload drops | churn ms | outage rereg ms | lost | overload drops | edge B/edge | edge µs/peer/s | wall ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for &n in &args.edges {
         let mut cfg = ScaleConfig::new(n);
-        cfg.community_size = args.community_size;
+        cfg.community_size = if args.one_community {
+            n
+        } else {
+            args.community_size
+        };
         cfg.supernodes = args.supernodes;
         cfg.budget_s = args.budget_s;
         cfg.new_per_s = args.new_per_s;
         let r = scale::run(&cfg, Some(bench::allocated_bytes))?;
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
             n,
             opt(r.sn_bytes_per_edge),
             r.cpu_per_registration_us,
@@ -78,6 +88,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             r.sn_cpu_per_edge_s_us,
             r.steady_sn.peerinfo_msgs,
             ms(r.restart_reregistered_ms),
+            ms(r.restart.all_ms),
             r.restart_dropped_known,
             r.restart_overload_drops,
             ms(r.churn.all_ms),
@@ -91,11 +102,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         runs.push(r);
     }
     let mut costs = Vec::new();
-    if !args.reg_cost.is_empty() {
+    let reg_cost: Vec<usize> = args.reg_cost.iter().copied().filter(|k| *k > 0).collect();
+    if !reg_cost.is_empty() {
         println!("\n| community | µs, list current | µs, complete list | ratio | sent (current) | sent (complete) |");
         println!("|---:|---:|---:|---:|---|---|");
     }
-    for &k in &args.reg_cost {
+    for &k in &reg_cost {
         let c = scale::registration_cost(k, 1000)?;
         println!(
             "| {} | {:.1} | {:.1} | {:.1} | {} datagrams, {} B | {} datagrams, {} B |",
@@ -162,6 +174,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         pts(&|r| r.cold_sessions.all_ms.map(|v| v as f64)),
                     ),
                     (
+                        "restart: all know all".into(),
+                        pts(&|r| r.restart.all_ms.map(|v| v as f64)),
+                    ),
+                    (
                         "restart: re-registered".into(),
                         pts(&|r| r.restart_reregistered_ms.map(|v| v as f64)),
                     ),
@@ -194,9 +210,16 @@ pub struct StoreArgs {
     /// VMs per cluster.
     #[arg(long, default_value_t = 10)]
     pub vms_per_cluster: usize,
-    /// Reservations one agent holds in the agent run (0: no agent run).
-    #[arg(long, default_value_t = 1000)]
-    pub agent_clusters: usize,
+    /// Reservations one agent holds at each point of the agent run, comma-separated
+    /// (0 or empty: no agent run).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    pub agent_clusters: Vec<usize>,
+    /// Clusters reserved, confirmed, listed and released at each point of the agent run.
+    #[arg(long, default_value_t = 11)]
+    pub agent_reps: usize,
+    /// Only the agent run (no store filled).
+    #[arg(long)]
+    pub agent_only: bool,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -209,33 +232,58 @@ pub fn store(args: &StoreArgs) -> anyhow::Result<()> {
         clusters: args.clusters,
         vms_per_cluster: args.vms_per_cluster,
     };
-    let r = bench::storescale::run(&cfg)?;
-    println!(
-        "{} sites, {} clusters, {} VMs (filled in {:.0} ms)\n",
-        cfg.sites, cfg.clusters, r.vms, r.fill_ms
-    );
-    println!("| call | ms |\n|---|---:|");
-    for t in &r.timings {
-        println!("| {} | {:.2} |", t.op, t.ms);
-    }
-    let agent = if args.agent_clusters > 0 {
-        let a = bench::storescale::agent(args.agent_clusters)?;
+    let r = if args.agent_only {
+        None
+    } else {
+        let r = bench::storescale::run(&cfg)?;
         println!(
-            "\none agent, {} confirmed reservations (made in {:.0} ms)\n",
-            a.clusters, a.fill_ms
+            "{} sites, {} clusters, {} VMs (filled in {:.0} ms)\n",
+            cfg.sites, cfg.clusters, r.vms, r.fill_ms
         );
-        println!("| request | ms |\n|---|---:|");
-        for t in &a.timings {
+        println!("| call | ms |\n|---|---:|");
+        for t in &r.timings {
             println!("| {} | {:.2} |", t.op, t.ms);
         }
-        Some(a)
+        Some(r)
+    };
+    let points: Vec<usize> = args
+        .agent_clusters
+        .iter()
+        .copied()
+        .filter(|n| *n > 0)
+        .collect();
+    let agent = if points.is_empty() {
+        Vec::new()
     } else {
-        None
+        let a = bench::storescale::agent(&points, args.agent_reps.max(1))?;
+        println!(
+            "\none agent: median ms (min-max) of {} samples each\n",
+            args.agent_reps.max(1)
+        );
+        println!("| reservations held | load | reserve | confirm | info | release | fill ms |\n|---:|---:|---:|---:|---:|---:|---:|");
+        for p in &a {
+            let o = |i: usize| {
+                p.ops.get(i).map_or_else(String::new, |s| {
+                    format!("{:.1} ({:.1}-{:.1})", s.median_ms, s.min_ms, s.max_ms)
+                })
+            };
+            println!(
+                "| {} | {:.1} | {} | {} | {} | {} | {:.0} |",
+                p.clusters,
+                p.load,
+                o(0),
+                o(1),
+                o(2),
+                o(3),
+                p.fill_ms
+            );
+        }
+        a
     };
     #[derive(Serialize)]
     struct StoreReport {
-        store: bench::storescale::StoreScaleResult,
-        agent: Option<bench::storescale::AgentScaleResult>,
+        store: Option<bench::storescale::StoreScaleResult>,
+        agent: Vec<bench::storescale::AgentScaleResult>,
     }
     let (_, compact) = super::utc_now();
     let json = super::write_json(

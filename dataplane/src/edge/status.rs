@@ -10,6 +10,13 @@ use crate::status::{hex, EdgeStatus, MacStatus, PeerStatus, SupernodeLink};
 use super::EdgeCore;
 
 impl EdgeCore {
+    /// Whether peer `id` is in the peer table: `None` when not, else whether it has a
+    /// current session. One lookup, for callers that ask about many peers (the status
+    /// document formats every peer).
+    pub fn peer_session(&self, id: &crate::wire::EdgeId) -> Option<bool> {
+        self.peers.get(id).map(|p| p.cur.is_some())
+    }
+
     /// Status document (datapath fields are filled in by the caller).
     pub fn status(&self, now: Instant) -> EdgeStatus {
         let mut peers: Vec<PeerStatus> = self
