@@ -2208,9 +2208,9 @@ fn dhcp_requests_are_not_steered_to_a_server_whose_session_ended() {
     );
 }
 
-/// One DHCP server answers 300 clients at two other sites at once (an OFFER and an ACK
-/// each, broadcast, 600 replies from one MAC): every reply reaches its client's site
-/// and no other, none is charged to the server VM's flood limit. A second VM at the
+/// One DHCP server answers 300 clients at two other sites at once (an OFFER each, then
+/// an ACK each, broadcast: 600 replies from one MAC): every reply reaches its client's
+/// site and no other, none is charged to the server VM's flood limit. A second VM at the
 /// server's site that sends the same replies (faking a server) is still held to its
 /// flood limit.
 #[test]
@@ -2223,15 +2223,12 @@ fn a_dhcp_server_answers_a_large_cluster_at_once_and_a_fake_one_is_limited() {
     net.run(Duration::from_secs(2));
     let client = |i: u16| [2, 0, 0, 0x10, (i >> 8) as u8, i as u8];
     let at = |i: u16| if i % 2 == 0 { b } else { c };
-    // The clients ask (their requests make them known), then the server (VM 1 behind a)
-    // acknowledges the first one and becomes known as the server.
+    // The clients ask (their requests make them known); the server is VM 1 behind a,
+    // known at its edge from its first broadcast.
     for i in 0..300u16 {
         net.send_frame(at(i), &dhcp_request(client(i)));
     }
-    net.run(Duration::from_millis(50));
-    let mut first = dhcp_reply(mac(1), client(0), ip(100), 5);
-    first[..6].copy_from_slice(&BCAST);
-    net.send_frame(a, &first);
+    net.send_frame(a, &frame(BCAST, mac(1), 0));
     net.run(Duration::from_millis(50));
     let rx0 = [b, c].map(|e| net.edges[e].tap_rx.len());
     let reply = |server: [u8; 6], i: u16, kind: u8| {
@@ -2271,7 +2268,7 @@ fn a_dhcp_server_answers_a_large_cluster_at_once_and_a_fake_one_is_limited() {
     assert_eq!(delivered, 600);
     assert_eq!(astray, 0);
     assert_eq!(vm_drops, 0);
-    assert!(st.l2.dhcp_replies_steered >= 600);
+    assert_eq!(st.l2.dhcp_replies_steered, 600);
     // A second VM at a sends the same 600 replies (ACKs too) at once: only its flood
     // burst crosses.
     let rx1 = [b, c].map(|e| net.edges[e].tap_rx.len());
@@ -2300,4 +2297,18 @@ fn a_dhcp_server_answers_a_large_cluster_at_once_and_a_fake_one_is_limited() {
     let again = reply(mac(1), 1, 5);
     net.send_frame(a, &again);
     assert!(net.edges[c].tap_rx.last() == Some(&again));
+    // Its replies have their own bounded allowance.
+    net.edges[a].core.set_l2_config(L2Config {
+        dhcp_reply_pps: 10,
+        dhcp_reply_burst: 20,
+        ..L2Config::default()
+    });
+    let before = net.status(a).l2.dhcp_replies_steered;
+    for i in 0..100u16 {
+        net.send_frame(a, &reply(mac(1), i, 5));
+    }
+    let st = net.status(a);
+    let limited = st.drops.get("dhcp_reply_limit").copied().unwrap_or(0);
+    assert!((20..=21).contains(&(st.l2.dhcp_replies_steered - before)));
+    assert!(limited >= 79, "{limited} over the reply limit");
 }

@@ -17,8 +17,8 @@
 //!   bucket per source MAC, one per edge, and one of bytes per edge (so large frames
 //!   cannot take a WAN link within the frame limits); over a limit they are dropped and
 //!   counted (`flood_vm_limit`, `flood_edge_limit`, `flood_edge_bytes`).
-//! - The first local VM that sends DHCP acknowledgements is this edge's bound DHCP
-//!   server (until its local binding goes). Its broadcast replies (UDP 67 to 68) to a
+//! - The first local VM that sends DHCP replies is this edge's bound DHCP server (until
+//!   its local binding goes). Its broadcast replies (UDP 67 to 68) to a
 //!   client whose place is known go to that client's peer only, as a unicast frame
 //!   would; they are not charged to the VM's or the edge's flood limits but to their own
 //!   bucket (`dhcp_reply_pps`), so one server can answer a whole cluster at once.
@@ -147,8 +147,8 @@ pub(super) struct L2 {
     peer_groups: Map<EdgeId, Option<Vec<Mac>>>,
     /// MACs that sent DHCP acknowledgements: where clients' broadcasts need to go.
     dhcp_servers: Vec<Mac>,
-    /// The first local VM that sent DHCP acknowledgements while none other held the
-    /// role: its steered replies are outside the flood limits.
+    /// The first local VM that sent DHCP replies while none other held the role: its
+    /// steered replies are outside the flood limits.
     bound_server: Option<Mac>,
     stats: L2Status,
 }
@@ -518,7 +518,8 @@ impl EdgeCore {
             Some(l2::ETHERTYPE_IPV4) => {
                 if self.l2.cfg.control && !src.is_group() {
                     self.l2_reports(src, frame);
-                    if self.l2_dhcp_ack(now, frame) {
+                    self.l2_dhcp_ack(now, frame);
+                    if let Some(l2::DhcpWay::FromServer(_)) = l2::dhcp_way(frame) {
                         self.l2_bind_server(src);
                     }
                 }
@@ -543,8 +544,9 @@ impl EdgeCore {
     /// requests made it known), so the binding exists before the client's first ARP.
     /// A client nobody knows yet is left alone (every site the acknowledgement is
     /// flooded to would take it for its own).
-    /// `src`, a local VM, sent a DHCP acknowledgement: it becomes the bound server
-    /// unless another local VM that is still bound holds the role.
+    /// `src`, a local VM, sent a DHCP reply (an offer comes before the first
+    /// acknowledgement): it becomes the bound server unless another local VM that is
+    /// still bound holds the role.
     fn l2_bind_server(&mut self, src: Mac) {
         let held = self
             .l2
@@ -555,10 +557,9 @@ impl EdgeCore {
         }
     }
 
-    /// Returns whether `frame` was an acknowledgement.
-    fn l2_dhcp_ack(&mut self, now: Instant, frame: &[u8]) -> bool {
+    fn l2_dhcp_ack(&mut self, now: Instant, frame: &[u8]) {
         let Some(ack) = l2::parse_dhcp_ack(frame) else {
-            return false;
+            return;
         };
         self.l2.stats.dhcp_acks_seen += 1;
         if let Some((_, server)) = crate::eth::macs(frame) {
@@ -586,7 +587,6 @@ impl EdgeCore {
         {
             self.l2.bind_remote(peer, b, max);
         }
-        true
     }
 
     /// An ARP frame from the TAP device: learns the sender's binding and answers a
@@ -734,7 +734,6 @@ impl EdgeCore {
     fn l2_steered_reply(&self, src: Mac, frame: &[u8]) -> bool {
         if !self.l2.cfg.control
             || self.l2.bound_server != Some(src)
-            || !self.l2.dhcp_servers.contains(&src)
             || !self.l2.local.contains_key(&src)
         {
             return false;
@@ -850,9 +849,7 @@ impl EdgeCore {
                     }
                 }
             }
-            Some(l2::ETHERTYPE_IPV4) if self.l2.cfg.control => {
-                self.l2_dhcp_ack(now, frame);
-            }
+            Some(l2::ETHERTYPE_IPV4) if self.l2.cfg.control => self.l2_dhcp_ack(now, frame),
             _ => {}
         }
     }
