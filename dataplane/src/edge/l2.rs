@@ -18,13 +18,12 @@
 //!   cannot take a WAN link within the frame limits); over a limit they are dropped and
 //!   counted (`flood_vm_limit`, `flood_edge_limit`, `flood_edge_bytes`).
 //! - The first local VM that sends DHCP replies is this edge's bound DHCP server (until
-//!   its local binding goes). Its broadcast replies (UDP 67 to 68) to a
-//!   client whose place is known go to that client's peer only, as a unicast frame
-//!   would; they are not charged to the VM's or the edge's flood limits but to their own
-//!   bucket (`dhcp_reply_pps`), so one server can answer a whole cluster at once.
-//!   Replies from any other VM (one that fakes being a server too), or to a client
-//!   nobody knows, are flooded and limited as before (`dhcp_replies_steered`,
-//!   `dhcp_reply_limit`).
+//!   its local binding goes). Its broadcast replies (UDP 67 to 68) to a client whose
+//!   place is known go to that client's peer only, as a unicast frame would; they are
+//!   not charged to the VM's or the edge's flood limits but to their own bucket
+//!   (`dhcp_reply_pps`), so one server can answer a whole cluster at once. Replies from
+//!   any other VM (one that fakes being a server too), or to a client nobody knows, are
+//!   flooded and limited as before (`dhcp_replies_steered`, `dhcp_reply_limit`).
 //! - An address claimed by a second MAC while the first still holds it is a duplicate:
 //!   counted, logged once per address, and the first binding kept.
 //!
@@ -65,8 +64,8 @@ pub struct L2Config {
     pub edge_flood_bytes: u32,
     /// Bytes of flooded frames this edge may send at once after a quiet time.
     pub edge_flood_byte_burst: u32,
-    /// Broadcast replies per second from this edge's DHCP servers that go to the one
-    /// peer behind which the client is (0: no limit); they are not charged to the
+    /// Broadcast replies per second from this edge's bound DHCP server that go to the
+    /// one peer behind which the client is (0: no limit); they are not charged to the
     /// flood limits above.
     pub dhcp_reply_pps: u32,
     /// Such replies this edge may send at once after a quiet time.
@@ -539,11 +538,6 @@ impl EdgeCore {
         }
     }
 
-    /// A DHCP acknowledgement from the TAP device (a local server) or from a peer: the
-    /// leased address is bound to the client's MAC where the client is (its DHCP
-    /// requests made it known), so the binding exists before the client's first ARP.
-    /// A client nobody knows yet is left alone (every site the acknowledgement is
-    /// flooded to would take it for its own).
     /// `src`, a local VM, sent a DHCP reply (an offer comes before the first
     /// acknowledgement): it becomes the bound server unless another local VM that is
     /// still bound holds the role.
@@ -557,6 +551,11 @@ impl EdgeCore {
         }
     }
 
+    /// A DHCP acknowledgement from the TAP device (a local server) or from a peer: the
+    /// leased address is bound to the client's MAC where the client is (its DHCP
+    /// requests made it known), so the binding exists before the client's first ARP.
+    /// A client nobody knows yet is left alone (every site the acknowledgement is
+    /// flooded to would take it for its own).
     fn l2_dhcp_ack(&mut self, now: Instant, frame: &[u8]) {
         let Some(ack) = l2::parse_dhcp_ack(frame) else {
             return;
