@@ -210,6 +210,12 @@ struct EdgeArgs {
     /// at once, at least 64 KiB); 0 = no limit [default: 16000].
     #[arg(long, value_name = "KBIT")]
     flood_edge_kbps: Option<u32>,
+    /// Broadcast replies per second of this edge's DHCP server (the first local VM that
+    /// sends DHCP replies) to clients behind a known peer: sent to that peer only and not
+    /// charged to the flood limits; twice as many may go at once; 0 = no limit
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    dhcp_reply_pps: Option<u32>,
 }
 
 /// The L2 control plane's settings from flags and file (flags win).
@@ -242,8 +248,14 @@ fn l2_config(a: &EdgeArgs, f: &EdgeFile) -> Result<L2Config, CliError> {
         .flood_edge_kbps
         .or(f.flood_edge_kbps)
         .map_or(d.edge_flood_bytes, |k| k.saturating_mul(125));
+    let dhcp_pps = a
+        .dhcp_reply_pps
+        .or(f.dhcp_reply_pps)
+        .unwrap_or(d.dhcp_reply_pps);
     Ok(L2Config {
         control: a.l2_control.or(f.l2_control).unwrap_or(d.control),
+        dhcp_reply_pps: dhcp_pps,
+        dhcp_reply_burst: dhcp_pps.saturating_mul(2),
         vm_flood_pps: vm_pps,
         vm_flood_burst: vm_burst,
         edge_flood_pps: edge_pps,
@@ -290,6 +302,7 @@ struct EdgeFile {
     flood_edge_pps: Option<u32>,
     flood_edge_burst: Option<u32>,
     flood_edge_kbps: Option<u32>,
+    dhcp_reply_pps: Option<u32>,
 }
 
 /// `mvc supernode`: rendezvous and relay.
@@ -910,6 +923,10 @@ mod tests {
             (k.edge_flood_bytes, k.edge_flood_byte_burst),
             (10_000, 65_536)
         );
+        assert_eq!((d.dhcp_reply_pps, d.dhcp_reply_burst), (1000, 2000));
+        let f: EdgeFile = toml::from_str("dhcp_reply_pps = 50").unwrap();
+        let r = l2_config(&EdgeArgs::default(), &f).unwrap();
+        assert_eq!((r.dhcp_reply_pps, r.dhcp_reply_burst), (50, 100));
         assert_eq!(parse_on_off("off"), Ok(false));
         assert!(parse_on_off("maybe").is_err());
     }

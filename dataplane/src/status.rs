@@ -169,6 +169,9 @@ pub struct L2Status {
     pub multicast_withheld: u64,
     /// Copies of DHCP broadcasts not sent to a peer without the server or the client.
     pub dhcp_withheld: u64,
+    /// Broadcast replies of local DHCP servers sent only to their client's peer, outside
+    /// the flood limits.
+    pub dhcp_replies_steered: u64,
 }
 
 /// Counters of one forwarder thread of an edge.
@@ -516,6 +519,10 @@ impl EdgeStatus {
             ("l2_membership_reports_total", self.l2.membership_reports),
             ("l2_multicast_withheld_total", self.l2.multicast_withheld),
             ("l2_dhcp_withheld_total", self.l2.dhcp_withheld),
+            (
+                "l2_dhcp_replies_steered_total",
+                self.l2.dhcp_replies_steered,
+            ),
         ] {
             let _ = writeln!(o, "# TYPE mvc_edge_{metric} counter");
             let _ = writeln!(o, "mvc_edge_{metric}{{edge=\"{e}\"}} {v}");

@@ -86,6 +86,8 @@ struct Net {
     /// Every datagram delivered, while `capture` is set.
     capture: bool,
     seen: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// The MAC table size of edges added from now on.
+    max_macs: usize,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -179,6 +181,7 @@ impl Net {
             strays: Vec::new(),
             capture: false,
             seen: Vec::new(),
+            max_macs: 64,
         }
     }
 
@@ -213,7 +216,7 @@ impl Net {
             local_addrs: vec![addr],
             timers,
             max_peers: 64,
-            max_macs: 64,
+            max_macs: self.max_macs,
         };
         self.edges.push(Edge {
             addr,
@@ -2203,4 +2206,109 @@ fn dhcp_requests_are_not_steered_to_a_server_whose_session_ended() {
         got(&net, c, &again),
         "the request went only to the edge whose session ended"
     );
+}
+
+/// One DHCP server answers 300 clients at two other sites at once (an OFFER each, then
+/// an ACK each, broadcast: 600 replies from one MAC): every reply reaches its client's
+/// site and no other, none is charged to the server VM's flood limit. A second VM at the
+/// server's site that sends the same replies (faking a server) is still held to its
+/// flood limit.
+#[test]
+fn a_dhcp_server_answers_a_large_cluster_at_once_and_a_fake_one_is_limited() {
+    let mut net = Net::new(1);
+    net.max_macs = 1024;
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    let client = |i: u16| [2, 0, 0, 0x10, (i >> 8) as u8, i as u8];
+    let at = |i: u16| if i % 2 == 0 { b } else { c };
+    // The clients ask (their requests make them known); the server is VM 1 behind a,
+    // known at its edge from its first broadcast.
+    for i in 0..300u16 {
+        net.send_frame(at(i), &dhcp_request(client(i)));
+    }
+    net.send_frame(a, &frame(BCAST, mac(1), 0));
+    net.run(Duration::from_millis(50));
+    let rx0 = [b, c].map(|e| net.edges[e].tap_rx.len());
+    let reply = |server: [u8; 6], i: u16, kind: u8| {
+        let mut f = dhcp_reply(
+            server,
+            client(i),
+            [198, 19, 1 + (i >> 8) as u8, i as u8],
+            kind,
+        );
+        f[..6].copy_from_slice(&BCAST);
+        f
+    };
+    let mut sent = Vec::new();
+    for kind in [2, 5] {
+        for i in 0..300u16 {
+            let f = reply(mac(1), i, kind);
+            net.send_frame(a, &f);
+            sent.push((at(i), f));
+        }
+    }
+    net.run(Duration::from_millis(50));
+    let got = |net: &Net, e: usize, f: &Vec<u8>| {
+        let from = if e == b { rx0[0] } else { rx0[1] };
+        net.edges[e].tap_rx[from..].iter().any(|x| x == f)
+    };
+    let delivered = sent.iter().filter(|(e, f)| got(&net, *e, f)).count();
+    let astray = sent
+        .iter()
+        .filter(|(e, f)| got(&net, if *e == b { c } else { b }, f))
+        .count();
+    let st = net.status(a);
+    let vm_drops = st.drops.get("flood_vm_limit").copied().unwrap_or(0);
+    println!(
+        "server: {delivered}/600 replies delivered, {astray} astray, {} steered, {vm_drops} over the VM limit",
+        st.l2.dhcp_replies_steered
+    );
+    assert_eq!(delivered, 600);
+    assert_eq!(astray, 0);
+    assert_eq!(vm_drops, 0);
+    assert_eq!(st.l2.dhcp_replies_steered, 600);
+    // A second VM at a sends the same 600 replies (ACKs too) at once: only its flood
+    // burst crosses.
+    let rx1 = [b, c].map(|e| net.edges[e].tap_rx.len());
+    net.send_frame(a, &frame(BCAST, mac(2), 0));
+    for kind in [2, 5] {
+        for i in 0..300u16 {
+            net.send_frame(a, &reply(mac(2), i, kind));
+        }
+    }
+    net.run(Duration::from_millis(50));
+    let fake = [(b, rx1[0]), (c, rx1[1])]
+        .iter()
+        .map(|&(e, from)| {
+            net.edges[e].tap_rx[from..]
+                .iter()
+                .filter(|f| f[6..12] == mac(2) && f.len() > 60)
+                .count()
+        })
+        .sum::<usize>();
+    let st = net.status(a);
+    let vm_drops = st.drops.get("flood_vm_limit").copied().unwrap_or(0);
+    println!("fake server: {fake}/600 replies crossed, {vm_drops} over the VM limit");
+    assert!(fake <= 202, "{fake} fake replies crossed");
+    assert!(vm_drops >= 398, "{vm_drops} over the VM limit");
+    // The bound server still answers outside the limit.
+    let again = reply(mac(1), 1, 5);
+    net.send_frame(a, &again);
+    assert!(net.edges[c].tap_rx.last() == Some(&again));
+    // Its replies have their own bounded allowance.
+    net.edges[a].core.set_l2_config(L2Config {
+        dhcp_reply_pps: 10,
+        dhcp_reply_burst: 20,
+        ..L2Config::default()
+    });
+    let before = net.status(a).l2.dhcp_replies_steered;
+    for i in 0..100u16 {
+        net.send_frame(a, &reply(mac(1), i, 5));
+    }
+    let st = net.status(a);
+    let limited = st.drops.get("dhcp_reply_limit").copied().unwrap_or(0);
+    assert!((20..=21).contains(&(st.l2.dhcp_replies_steered - before)));
+    assert!(limited >= 79, "{limited} over the reply limit");
 }

@@ -58,7 +58,7 @@ impl EdgeCore {
                 return;
             }
         }
-        if self.l2_admit_flood(now, src, frame.len(), seen) {
+        if self.l2_admit_flood(now, src, frame, seen) {
             self.flood(now, frame, out);
         }
     }

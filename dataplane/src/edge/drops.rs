@@ -121,6 +121,9 @@ reasons! {
     FloodEdgeLimit = "flood_edge_limit",
     /// A frame to flood over this edge's limit of bytes.
     FloodEdgeBytes = "flood_edge_bytes",
+    /// A local DHCP server's broadcast reply, steered to its client's peer, over this
+    /// edge's limit for such replies.
+    DhcpReplyLimit = "dhcp_reply_limit",
 
     // Noticed by the I/O driver.
     /// A frame whose partial checksum could not be completed.

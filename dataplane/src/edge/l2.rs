@@ -17,6 +17,13 @@
 //!   bucket per source MAC, one per edge, and one of bytes per edge (so large frames
 //!   cannot take a WAN link within the frame limits); over a limit they are dropped and
 //!   counted (`flood_vm_limit`, `flood_edge_limit`, `flood_edge_bytes`).
+//! - The first local VM that sends DHCP replies is this edge's bound DHCP server (until
+//!   its local binding goes). Its broadcast replies (UDP 67 to 68) to a client whose
+//!   place is known go to that client's peer only, as a unicast frame would; they are
+//!   not charged to the VM's or the edge's flood limits but to their own bucket
+//!   (`dhcp_reply_pps`), so one server can answer a whole cluster at once. Replies from
+//!   any other VM (one that fakes being a server too), or to a client nobody knows, are
+//!   flooded and limited as before (`dhcp_replies_steered`, `dhcp_reply_limit`).
 //! - An address claimed by a second MAC while the first still holds it is a duplicate:
 //!   counted, logged once per address, and the first binding kept.
 //!
@@ -57,6 +64,12 @@ pub struct L2Config {
     pub edge_flood_bytes: u32,
     /// Bytes of flooded frames this edge may send at once after a quiet time.
     pub edge_flood_byte_burst: u32,
+    /// Broadcast replies per second from this edge's bound DHCP server that go to the
+    /// one peer behind which the client is (0: no limit); they are not charged to the
+    /// flood limits above.
+    pub dhcp_reply_pps: u32,
+    /// Such replies this edge may send at once after a quiet time.
+    pub dhcp_reply_burst: u32,
     /// Full set of local bindings re-announced this often (also when local bindings
     /// that were not seen for the MAC expiry time are forgotten).
     pub announce_interval: Duration,
@@ -72,6 +85,8 @@ impl Default for L2Config {
             edge_flood_burst: 4000,
             edge_flood_bytes: 2_000_000,
             edge_flood_byte_burst: 2_000_000,
+            dhcp_reply_pps: 1000,
+            dhcp_reply_burst: 2000,
             announce_interval: Duration::from_secs(30),
         }
     }
@@ -113,6 +128,8 @@ pub(super) struct L2 {
     vm_buckets: Map<Mac, TokenBucket>,
     edge_bucket: TokenBucket,
     edge_bytes: TokenBucket,
+    /// Steered broadcast replies of local DHCP servers.
+    dhcp_replies: TokenBucket,
     /// Local bindings learned since the last poll, announced by it.
     pending: Vec<Binding>,
     pending6: Vec<Binding6>,
@@ -129,6 +146,9 @@ pub(super) struct L2 {
     peer_groups: Map<EdgeId, Option<Vec<Mac>>>,
     /// MACs that sent DHCP acknowledgements: where clients' broadcasts need to go.
     dhcp_servers: Vec<Mac>,
+    /// The first local VM that sent DHCP replies while none other held the role: its
+    /// steered replies are outside the flood limits.
+    bound_server: Option<Mac>,
     stats: L2Status,
 }
 
@@ -146,6 +166,7 @@ impl L2 {
         Self {
             edge_bucket: TokenBucket::new(cfg.edge_flood_burst, now),
             edge_bytes: TokenBucket::new(cfg.edge_flood_byte_burst, now),
+            dhcp_replies: TokenBucket::new(cfg.dhcp_reply_burst, now),
             next_announce: now + cfg.announce_interval,
             cfg,
             local: Map::with_hasher(t()),
@@ -160,6 +181,7 @@ impl L2 {
             groups_changed: false,
             peer_groups: Map::with_hasher(t()),
             dhcp_servers: Vec::new(),
+            bound_server: None,
             stats: L2Status::default(),
         }
     }
@@ -460,6 +482,7 @@ impl EdgeCore {
     pub fn set_l2_config(&mut self, cfg: L2Config) {
         self.l2.edge_bucket = TokenBucket::new(cfg.edge_flood_burst, self.last_poll);
         self.l2.edge_bytes = TokenBucket::new(cfg.edge_flood_byte_burst, self.last_poll);
+        self.l2.dhcp_replies = TokenBucket::new(cfg.dhcp_reply_burst, self.last_poll);
         self.l2.vm_buckets.clear();
         self.l2.cfg = cfg;
     }
@@ -495,6 +518,9 @@ impl EdgeCore {
                 if self.l2.cfg.control && !src.is_group() {
                     self.l2_reports(src, frame);
                     self.l2_dhcp_ack(now, frame);
+                    if let Some(l2::DhcpWay::FromServer(_)) = l2::dhcp_way(frame) {
+                        self.l2_bind_server(src);
+                    }
                 }
                 L2Seen::Other
             }
@@ -509,6 +535,19 @@ impl EdgeCore {
             for r in seen {
                 self.l2.membership(src, r);
             }
+        }
+    }
+
+    /// `src`, a local VM, sent a DHCP reply (an offer comes before the first
+    /// acknowledgement): it becomes the bound server unless another local VM that is
+    /// still bound holds the role.
+    fn l2_bind_server(&mut self, src: Mac) {
+        let held = self
+            .l2
+            .bound_server
+            .is_some_and(|s| s != src && self.l2.local.contains_key(&s));
+        if !held {
+            self.l2.bound_server = Some(src);
         }
     }
 
@@ -657,16 +696,26 @@ impl EdgeCore {
         L2Seen::Handled
     }
 
-    /// Admits a frame of `len` bytes about to be flooded across the WAN (the per-VM and
-    /// per-edge limits); counts ARP requests and neighbour solicitations that go.
+    /// Admits a frame about to be flooded across the WAN (the per-VM and per-edge
+    /// limits, or for a local DHCP server's steered reply its own limit); counts ARP
+    /// requests and neighbour solicitations that go.
     pub(super) fn l2_admit_flood(
         &mut self,
         now: Instant,
         src: Mac,
-        len: usize,
+        frame: &[u8],
         seen: L2Seen,
     ) -> bool {
-        if let Err(r) = self.l2.take(now, src, len) {
+        if self.l2_steered_reply(src, frame) {
+            let (r, b) = (self.l2.cfg.dhcp_reply_pps, self.l2.cfg.dhcp_reply_burst);
+            if r > 0 && !self.l2.dhcp_replies.take(now, r, b) {
+                self.drop(DropReason::DhcpReplyLimit);
+                return false;
+            }
+            self.l2.stats.dhcp_replies_steered += 1;
+            return true;
+        }
+        if let Err(r) = self.l2.take(now, src, frame.len()) {
             self.drop(r);
             return false;
         }
@@ -676,6 +725,36 @@ impl EdgeCore {
             _ => {}
         }
         true
+    }
+
+    /// Whether a frame from the TAP device is a broadcast DHCP reply from the bound
+    /// local server which [`EdgeCore::l2_flood_to`] sends to at most one peer. Any other
+    /// VM's replies on port 67 are not.
+    fn l2_steered_reply(&self, src: Mac, frame: &[u8]) -> bool {
+        if !self.l2.cfg.control
+            || self.l2.bound_server != Some(src)
+            || !self.l2.local.contains_key(&src)
+        {
+            return false;
+        }
+        match crate::eth::macs(frame) {
+            Some((dst, _)) if dst.0 == [0xff; 6] => {}
+            _ => return false,
+        }
+        match l2::dhcp_way(frame) {
+            Some(l2::DhcpWay::FromServer(client)) => self.l2_reply_to(client).is_some(),
+            _ => false,
+        }
+    }
+
+    /// Where a DHCP server's broadcast reply to `client` goes: the peer behind which the
+    /// client is, nowhere when it is on this side, `None` (every peer) when unknown.
+    fn l2_reply_to(&self, client: Mac) -> Option<FloodTo> {
+        match self.macs.get(&client) {
+            Some((p, _)) => Some(FloodTo::Dhcp(vec![*p])),
+            None if self.l2.local.contains_key(&client) => Some(FloodTo::Dhcp(Vec::new())),
+            None => None,
+        }
     }
 
     /// For a frame about to be flooded: which peers need it. A multicast frame to a
@@ -714,11 +793,9 @@ impl EdgeCore {
                 }
                 FloodTo::Dhcp(peers)
             }
-            Some(l2::DhcpWay::FromServer(client)) => match self.macs.get(&client) {
-                Some((p, _)) => FloodTo::Dhcp(vec![*p]),
-                None if self.l2.local.contains_key(&client) => FloodTo::Dhcp(Vec::new()),
-                None => FloodTo::All,
-            },
+            Some(l2::DhcpWay::FromServer(client)) => {
+                self.l2_reply_to(client).unwrap_or(FloodTo::All)
+            }
             _ => FloodTo::All,
         }
     }
