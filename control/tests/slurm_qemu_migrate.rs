@@ -17,7 +17,7 @@ use common::{
 use control::demo::SiteLab;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `mvc cluster exec s --vm VM -- ARGS` (30 s at most): (exit status, stdout, stderr).
 fn exec_in(sl: &SiteLab, vm: &str, args: &[&str]) -> (i32, String, String) {
@@ -59,6 +59,19 @@ fn left_of(state: &Path, local: &str) -> Vec<String> {
         }
     }
     left
+}
+
+/// `mvc vm migrate s VM --to SITE`, asserted to succeed: its JSON answer (phase
+/// `done` asserted) and its progress lines.
+fn migrate(sl: &SiteLab, vm: &str, to: &str) -> (serde_json::Value, String) {
+    let o = sl
+        .ctl_output(&["vm", "migrate", "s", vm, "--to", to, "--json"])
+        .expect("vm migrate");
+    let progress = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "vm migrate: {progress}");
+    let mig: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(mig["phase"], "done", "{mig}");
+    (mig, progress)
 }
 
 /// The nodes `scontrol show topology` on the frontend places under switch `switch`
@@ -158,12 +171,7 @@ fn slurm_qemu_compute_migrates_to_another_site() {
         let clocal = local_of(&sl, &qvm);
 
         let t = Instant::now();
-        let o = sl
-            .ctl_output(&["vm", "migrate", "s", &qvm, "--to", "B", "--json"])
-            .expect("vm migrate");
-        let progress = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "vm migrate: {progress}");
-        let mig: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let (mig, progress) = migrate(&sl, &qvm, "B");
         eprintln!(
             "migrated C -> B in {:.1} s (Slurm reconfigured within): {mig}",
             t.elapsed().as_secs_f64()
@@ -200,6 +208,39 @@ fn slurm_qemu_compute_migrates_to_another_site() {
         // Nothing of it left at C: no files, no qemu, no disk proxy.
         let left = left_of(&c_state, &clocal);
         assert!(left.is_empty(), "left at C: {left:?}");
+
+        // A compute stopped (its node down) is not waited for: the move back to C
+        // reconfigures Slurm and returns once the two running computes are idle.
+        let avm = compute_at(&cl, "A")["name"].as_str().unwrap().to_string();
+        sl.ctl(&["vm", "stop", &avm]).expect("vm stop");
+        let blocal = local_of(&sl, &qvm);
+        let t = Instant::now();
+        let (mig, progress) = migrate(&sl, &qvm, "C");
+        let took = t.elapsed();
+        eprintln!(
+            "migrated B -> C, {avm} stopped, in {:.1} s: {mig}",
+            took.as_secs_f64()
+        );
+        assert!(
+            progress.contains("Slurm in s: all 2 running computes idle (1 stopped")
+                && !progress.contains("warning"),
+            "{progress}"
+        );
+        assert!(took < Duration::from_secs(40), "{took:?}");
+        assert_eq!(idle(), BTreeSet::from([bvm.clone(), qvm.clone()]));
+        assert_eq!(switch_nodes(&sl, "site-B"), BTreeSet::from([bvm.clone()]));
+        assert_eq!(switch_nodes(&sl, "site-C"), BTreeSet::from([qvm.clone()]));
+        let (code, s, err) = srun(&sl, &["-N", "2", "hostname"]);
+        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from([bvm.clone(), qvm.clone()]),
+            "{code} {s} {err}"
+        );
+        let (code, again, err) = exec_in(&sl, &qvm, &["pidof", "slurmd"]);
+        assert_eq!((code, again.trim()), (0, before.trim()), "{err}");
+        let left = left_of(&b_state, &blocal);
+        assert!(left.is_empty(), "left at B: {left:?}");
 
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
         let running = running_vm_procs(&b_state);
