@@ -6,7 +6,9 @@
 //! hostname` answers from all three, the guest's slurmd
 //! is the same process as before the move (live migration keeps the guest running; its
 //! agent at B reached it on B's socket and rewrote its files), and nothing of the VM is
-//! left at C. Needs root, qemu, Slurm and munge (.ci/setup-deps); otherwise prints that
+//! left at C. Then A's compute is stopped and the guest moves back to C: the stopped
+//! compute's node is not waited for, the guest is under C's switch again, and B keeps
+//! nothing of it. Needs root, qemu, Slurm and munge (.ci/setup-deps); otherwise prints that
 //! it was skipped.
 mod common;
 
