@@ -489,9 +489,23 @@ impl Controller<'_> {
         self.stack_wait_idle(&cluster, &stack, wait)
     }
 
+    /// Wait (at most `wait`) until `sinfo` shows every compute idle, except those
+    /// stopped with `vm stop` (marked down; they return by themselves when started).
     fn stack_wait_idle(&self, cluster: &Cluster, stack: &SlurmStack, wait: Duration) -> Result<()> {
         let deadline = Instant::now() + wait;
-        let want: Vec<&str> = stack.nodes.iter().map(|n| n.name.as_str()).collect();
+        let stopped = |name: &str| {
+            cluster
+                .vms
+                .iter()
+                .any(|v| v.name == name && v.state == "stopped")
+        };
+        let want: Vec<&str> = stack
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .filter(|n| !stopped(n))
+            .collect();
+        let skipped = stack.nodes.len() - want.len();
         loop {
             let r = self.exec_on(cluster, None, &["sinfo", "-h", "-N", "-o", "%N %t"], "", 10)?;
             let st = parse_sinfo(&r.stdout);
@@ -508,11 +522,19 @@ impl Controller<'_> {
                 })
                 .collect();
             if not_idle.is_empty() {
-                (self.progress)(&format!(
-                    "Slurm in {}: all {} computes idle",
-                    cluster.name,
-                    want.len()
-                ));
+                (self.progress)(&if skipped == 0 {
+                    format!(
+                        "Slurm in {}: all {} computes idle",
+                        cluster.name,
+                        want.len()
+                    )
+                } else {
+                    format!(
+                        "Slurm in {}: all {} running computes idle ({skipped} stopped, not waited for)",
+                        cluster.name,
+                        want.len()
+                    )
+                });
                 return Ok(());
             }
             if Instant::now() > deadline {
