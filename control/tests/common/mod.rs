@@ -60,6 +60,26 @@ pub fn prepare_qemu_guest(mvc: &Path) -> String {
     cache
 }
 
+/// The three-site lab with site C's agent on the qemu driver (64 MiB guests), its sites
+/// added: the lab, C's state directory, and the guard that ends C's VM processes should
+/// the agent not have (declare it after the lab, so that it runs first).
+pub fn qemu_lab_at_c() -> (SiteLab, PathBuf, VmProcs) {
+    let (mvc, xnbd) = mvc_and_xnbd();
+    let cache = prepare_qemu_guest(&mvc);
+    let overlay = overlay_under_test(&mvc);
+    eprintln!("overlay under test: {overlay}");
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert(
+        "C".to_string(),
+        lab::sites::qemu_agent_args(&cache, &xnbd, 64),
+    );
+    let sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
+    let c_state = sl.agents["C"].state.clone();
+    let procs = VmProcs(c_state.join("run"));
+    sl.add_sites().expect("site add");
+    (sl, c_state, procs)
+}
+
 /// The compute VM at `site` in the answer of `cluster create`.
 pub fn compute_at(cluster: &serde_json::Value, site: &str) -> serde_json::Value {
     cluster["vms"]
