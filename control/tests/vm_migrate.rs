@@ -10,8 +10,9 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd,
-    mvc_on_frontend, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
+    alive_pid, compute_at, create_b_pinged_from_a, lost_pings, migrate_args, migrate_killing_agent,
+    mvc_and_xnbd, mvc_on_frontend, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until,
+    VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::BTreeMap;
@@ -94,23 +95,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let _procs_c = VmProcs(c_state.join("run"));
     sl.add_sites().expect("site add");
     // B's compute only; C holds the cluster's overlay (and its own compute, stopped
-    // below to spare the CPU).
-    let cl = create_1_1_1(&sl, "m", 128, 300);
-    let (bvm, avm, cvm) = (
-        compute_at(&cl, "B"),
-        compute_at(&cl, "A"),
-        compute_at(&cl, "C"),
-    );
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
-        .expect("stop C's own compute");
-    let name = bvm["name"].as_str().unwrap().to_string();
-    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    // to spare the CPU).
+    let (cl, ip, a_ns) = create_b_pinged_from_a(&sl, "m");
+    let name = compute_at(&cl, "B")["name"].as_str().unwrap().to_string();
     let (blocal, bcon) = vm_console(&sl, &b_state, &name);
-    let a_ns = sl
-        .vm_ns("m", avm["name"].as_str().unwrap())
-        .expect("A's VM namespace");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
 
     // The pattern: 4 MiB of random data at 1 MiB, and its sum as the guest reads it.
     let out = console(
@@ -134,18 +122,12 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &b_state,
     )
     .expect("qemu at B");
-    let failed = sl.ctl(&[
-        "vm",
-        "migrate",
+    let failed = sl.ctl(&migrate_args(
         "m",
         &name,
-        "--to",
         "C",
-        "--rate",
-        "1000000",
-        "--timeout",
-        "3",
-    ]);
+        &["--rate", "1000000", "--timeout", "3"],
+    ));
     let err = failed.expect_err("a migration capped far below what 3 s need succeeded");
     eprintln!("failed migration: {err}");
     assert_eq!(
@@ -196,18 +178,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     };
     let killed = migrate_killing_agent(
         &sl,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "C",
-            "--rate",
-            "1000000",
-            "--timeout",
-            "60",
-        ],
+        &migrate_args("m", &name, "C", &["--rate", "1000000", "--timeout", "60"]),
         c_pid,
         incoming,
         Duration::from_secs(1),
@@ -229,7 +200,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
     sl.ctl(&["cluster", "start", "m", "--lease-timeout", "300"])
         .expect("cluster start after C's agent came back");
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+    sl.ctl_json(&["vm", "stop", compute_at(&cl, "C")["name"].as_str().unwrap()])
         .expect("stop C's own compute again");
 
     // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
@@ -237,16 +208,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
 
     let t0 = Instant::now();
     let mig = sl
-        .ctl_json(&[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "C",
-            "--downtime-ms",
-            "300",
-        ])
+        .ctl_json(&migrate_args("m", &name, "C", &["--downtime-ms", "300"]))
         .expect("vm migrate");
     let took = t0.elapsed();
     eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
@@ -329,17 +291,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &sl,
         &mvc,
         180,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "B",
-            "--disk-rate",
-            "4194304",
-            "--json",
-        ],
+        &migrate_args("m", &name, "B", &["--disk-rate", "4194304", "--json"]),
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -462,16 +414,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &sl,
         &mvc,
         180,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "B",
-            "--disk-rate",
-            "4194304",
-        ],
+        &migrate_args("m", &name, "B", &["--disk-rate", "4194304"]),
     )
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null())

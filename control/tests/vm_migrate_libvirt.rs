@@ -12,8 +12,8 @@ mod common;
 
 use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
 use common::{
-    compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd, overlay_under_test,
-    prepare_qemu_guest, spawn_ping, wait_until,
+    compute_at, create_b_pinged_from_a, lost_pings, migrate_args, migrate_killing_agent,
+    mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until,
 };
 use lab::sites::SiteLab;
 use lab::{Lab, Topology};
@@ -86,27 +86,14 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let mut sl = SiteLab::start(lab, topo, &mvc, &overlay, 8, 8, &extra).expect("site lab");
     let (b_state, c_state) = (sl.agents["B"].state.clone(), sl.agents["C"].state.clone());
     sl.add_sites().expect("site add");
-    let cl = create_1_1_1(&sl, "v", 128, 300);
-    eprintln!(
-        "cluster with libvirt domains at B and C started in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    let (avm, bvm, cvm) = (
-        compute_at(&cl, "A"),
-        compute_at(&cl, "B"),
-        compute_at(&cl, "C"),
-    );
     // C's own compute is not needed (C holds the cluster's overlay): stopped to spare
     // the CPU.
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
-        .expect("stop C's own compute");
-    let vm = bvm["name"].as_str().unwrap().to_string();
-    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
-    let a_ns = sl
-        .vm_ns("v", avm["name"].as_str().unwrap())
-        .expect("A's VM namespace");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+    let (cl, ip, a_ns) = create_b_pinged_from_a(&sl, "v");
+    eprintln!(
+        "cluster with libvirt domains at B and C started, B's pinged from A, in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let vm = compute_at(&cl, "B")["name"].as_str().unwrap().to_string();
     let (lb, lc) = (&lvs["B"], &lvs["C"]);
     let doms = lb.domains();
     assert_eq!(doms.len(), 1, "{doms:?}");
@@ -137,18 +124,7 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     };
     let killed = migrate_killing_agent(
         &sl,
-        &[
-            "vm",
-            "migrate",
-            "v",
-            &vm,
-            "--to",
-            "C",
-            "--rate",
-            "1048576",
-            "--timeout",
-            "60",
-        ],
+        &migrate_args("v", &vm, "C", &["--rate", "1048576", "--timeout", "60"]),
         c_pid,
         sending,
         Duration::from_secs(2),
@@ -174,7 +150,7 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
     sl.ctl(&["cluster", "start", "v", "--lease-timeout", "300"])
         .expect("cluster start after C's agent came back");
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+    sl.ctl_json(&["vm", "stop", compute_at(&cl, "C")["name"].as_str().unwrap()])
         .expect("stop C's own compute again");
     eprintln!("failed move undone at {:.1} s", t0.elapsed().as_secs_f64());
 

@@ -247,6 +247,43 @@ pub fn create_1_1_1(sl: &SiteLab, name: &str, memory: u32, lease_secs: u32) -> s
     .expect("cluster create")
 }
 
+/// `vm migrate CLUSTER VM --to SITE` and then `extra`: the arguments of `mvc`.
+pub fn migrate_args<'a>(
+    cluster: &'a str,
+    vm: &'a str,
+    to: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec!["vm", "migrate", cluster, vm, "--to", to];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// [`create_1_1_1`] of `name` with 128 MiB VMs (leases awaited up to 300 s), C's own
+/// compute stopped to spare the CPU (C holds the cluster's overlay), and A's compute
+/// pinging B's: the answer of `cluster create`, the address of B's compute and the
+/// namespace of A's compute.
+pub fn create_b_pinged_from_a(
+    sl: &SiteLab,
+    name: &str,
+) -> (serde_json::Value, std::net::Ipv4Addr, String) {
+    let cl = create_1_1_1(sl, name, 128, 300);
+    let (avm, bvm, cvm) = (
+        compute_at(&cl, "A"),
+        compute_at(&cl, "B"),
+        compute_at(&cl, "C"),
+    );
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute");
+    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    let a_ns = sl
+        .vm_ns(name, avm["name"].as_str().unwrap())
+        .expect("A's VM namespace");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+    (cl, ip, a_ns)
+}
+
 /// `mvc <migrate>` run while the agent whose pid is `agent_pid` is killed with SIGKILL
 /// once `ready` (polled every 100 ms, up to 60 s) and `settle` more have passed: what
 /// the `mvc` run answered.
