@@ -10,9 +10,9 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, create_b_pinged_from_a, lost_pings, migrate_args, migrate_killing_agent,
-    mvc_and_xnbd, mvc_on_frontend, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until,
-    VmProcs,
+    alive_pid, assert_moved_to_c_while_pinged, compute_at, create_b_pinged_from_a, has_file_ending,
+    md5_of, migrate_args, migrate_killing_c, mvc_and_xnbd, mvc_on_frontend, overlay_under_test,
+    prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::BTreeMap;
@@ -23,17 +23,6 @@ use std::time::{Duration, Instant};
 /// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
 fn console(sock: &Path, cmd: &str, timeout: Duration) -> String {
     lab::sites::guest_console(sock, cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The md5 sum busybox printed.
-fn md5_of(out: &str) -> String {
-    out.lines()
-        .rev()
-        .find_map(|l| {
-            let w = l.split_whitespace().next()?;
-            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
-        })
-        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
 }
 
 fn local_of(sl: &SiteLab, vm: &str) -> String {
@@ -165,28 +154,14 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
     // the VM goes on at B; C's agent, restarted, removes what it had made for it.
     let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
-    let incoming = || {
-        std::fs::read_dir(c_state.join("run"))
-            .map(|rd| {
-                rd.flatten().any(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .ends_with(&format!("-{name}.min"))
-                })
-            })
-            .unwrap_or(false)
-    };
-    let killed = migrate_killing_agent(
-        &sl,
+    let incoming = format!("-{name}.min");
+    migrate_killing_c(
+        &mut sl,
         &migrate_args("m", &name, "C", &["--rate", "1000000", "--timeout", "60"]),
         c_pid,
-        incoming,
+        || has_file_ending(&c_state.join("run"), &incoming),
         Duration::from_secs(1),
     );
-    let err = killed.expect_err("migration to a killed agent succeeded");
-    eprintln!("migration to a killed agent: {err}");
-    sl.kill_agent("C");
-    sl.restart_agent("C").expect("agent C restart");
     assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
     assert_eq!(
         alive_pid(
@@ -212,17 +187,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .expect("vm migrate");
     let took = t0.elapsed();
     eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
-    assert_eq!(mig["phase"], "done", "{mig}");
-    assert_eq!(mig["to"], "C");
-    assert_eq!(
-        mig["disk_bytes_before_switchover"], 0,
-        "the destination fetched disk blocks while the origin still wrote: {mig}"
-    );
-    let (summary, lost) = lost_pings(ping);
-    eprintln!("ping from A's VM during the migration: {summary}");
-    assert!(lost <= 40, "more than 2 s of pings lost: {summary}");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+    assert_moved_to_c_while_pinged(&sl, &mig, ping, (40, "2 s"), &a_ns, ip);
 
     // At C: the guest reads its pattern back and finished its writes.
     let (clocal, ccon) = vm_console(&sl, &c_state, &name);
