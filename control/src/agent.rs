@@ -1667,16 +1667,20 @@ fn await_hello(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
             Ok(n) if n >= buf.len() => return Ok(()),
             // Part of it: the rest is on its way (or never comes; the deadline decides).
             Ok(_) => std::thread::sleep(Duration::from_millis(20).min(left)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if read_again(&e) => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A read that ended with its timeout or was interrupted: nothing is wrong, read again.
+pub(crate) fn read_again(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
 
 fn ch_loop(

@@ -10,12 +10,7 @@
 //! that it was skipped.
 mod common;
 
-use common::{
-    alive_pid, compute_at, links, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
-    VmProcs,
-};
-use control::demo::SiteLab;
-use std::collections::BTreeMap;
+use common::{alive_pid, compute_at, links, qemu_lab_at_c, wait_until};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -47,20 +42,8 @@ fn qemu_vm_at_nated_site_gets_lease_answers_ping_and_writes_through_xnbd() {
         );
         return;
     }
-    let (mvc, xnbd) = mvc_and_xnbd();
-    let cache = prepare_qemu_guest(&mvc);
-    let overlay = overlay_under_test(&mvc);
-    eprintln!("overlay under test: {overlay}");
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        "C".to_string(),
-        lab::sites::qemu_agent_args(&cache, &xnbd, 64),
-    );
-    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
-    let c_state = sl.agents["C"].state.clone();
+    let (mut sl, c_state, _procs) = qemu_lab_at_c();
     let c_ns = sl.agents["C"].ns.clone();
-    let _procs = VmProcs(c_state.join("run"));
-    sl.add_sites().expect("site add");
 
     let t0 = Instant::now();
     let cl = sl

@@ -16,13 +16,9 @@
 //! `vm_migrate_libvirt.rs`. Needs root; otherwise prints that it was skipped.
 mod common;
 
-use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
-use common::{
-    compute_at, create_1_1_1, links, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest,
-    wait_until,
-};
+use common::libvirtd::{libvirt_agent_args, libvirt_lab, Libvirtd};
+use common::{compute_at, create_1_1_1, links, wait_until};
 use lab::sites::SiteLab;
-use lab::{Lab, Topology};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -56,16 +52,9 @@ fn bare_domain(name: &str, owner: &str) -> String {
 #[test]
 fn libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing() {
     let name = "libvirt_domain_at_nated_site_gets_lease_pings_and_leaves_nothing";
-    if !lab::is_root() {
-        lab::skip(name, "needs root for network namespaces, libvirtd and TAPs");
+    let Some((mvc, xnbd, cache, overlay, lab, topo)) = libvirt_lab(name, "mvcl") else {
         return;
-    }
-    assert_libvirt_tools();
-    let (mvc, xnbd) = mvc_and_xnbd();
-    let cache = prepare_qemu_guest(&mvc);
-    let overlay = overlay_under_test(&mvc);
-    let lab = Lab::new("mvcl").expect("lab");
-    let topo = Topology::three_sites(&lab, 0).expect("topology");
+    };
     let c_ns = topo.sites[2].frontend.clone();
     let sock_dir = PathBuf::from(format!("/run/mvc/{}", lab.prefix()));
     let t0 = Instant::now();

@@ -7,7 +7,9 @@
 //! skipped.
 mod common;
 
-use common::slurm::{daemons_under, have, ok, slurm_logs, srun};
+use common::slurm::{
+    assert_idle, assert_srun_everywhere, can_run, compute_names, daemons_under, finish, ok, srun,
+};
 use control::demo::pick_overlay;
 use lab::sites::SiteLab;
 use std::collections::BTreeSet;
@@ -17,18 +19,8 @@ use std::time::{Duration, Instant};
 #[test]
 fn slurm_runs_jobs_across_three_sites() {
     let name = "slurm_runs_jobs_across_three_sites";
-    if !lab::is_root() {
-        lab::skip(name, "needs root for network namespaces");
+    if !can_run(name, "needs root for network namespaces") {
         return;
-    }
-    for tool in ["slurmctld", "slurmd", "munged", "srun"] {
-        if !have(tool) {
-            lab::skip(
-                name,
-                &format!("{tool} missing (.ci/setup-deps installs slurm-wlm, munge)"),
-            );
-            return;
-        }
     }
     let t0 = Instant::now();
     let mvc = PathBuf::from(env!("CARGO_BIN_EXE_mvc"));
@@ -83,13 +75,7 @@ fn slurm_runs_jobs_across_three_sites() {
                 "--start",
             ])
             .expect("cluster create --stack slurm --start");
-        let computes: BTreeSet<String> = cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["role"] == "compute")
-            .map(|v| v["name"].as_str().unwrap().to_string())
-            .collect();
+        let computes = compute_names(&cl);
         assert_eq!(computes.len(), 4);
         eprintln!(
             "cluster with Slurm up after {:.1} s",
@@ -97,20 +83,12 @@ fn slurm_runs_jobs_across_three_sites() {
         );
 
         // sinfo: every compute idle (create --start waited for it).
-        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
-        let idle: BTreeSet<String> = s
-            .lines()
-            .filter(|l| l.ends_with(" idle"))
-            .map(|l| l.split_whitespace().next().unwrap().to_string())
-            .collect();
-        assert_eq!(idle, computes, "{s}");
+        assert_idle(&sl, &computes);
         let topo = ok(&sl, &["scontrol", "show", "topology"]);
         assert!(topo.contains("SwitchName=site-B"), "{topo}");
 
         // srun on every node: each answers with its own name.
-        let (code, s, err) = srun(&sl, &["-N", "4", "hostname"]);
-        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
-        assert_eq!(names, computes, "{code} {s} {err}");
+        assert_srun_everywhere(&sl, &computes, "");
 
         // The tree topology keeps a 2-node job within one site: B's two computes (s-c2,
         // s-c3), not the first two nodes by name (s-c1 at A, s-c2 at B).
@@ -249,9 +227,7 @@ fn slurm_runs_jobs_across_three_sites() {
         assert_eq!(after.len(), 10, "{:?}", daemons_under(&dirs));
         assert_eq!(before.difference(&after).count(), 1, "{before:?} {after:?}");
         assert!(!after.contains(&victim));
-        let (code, s, err) = srun(&sl, &["-N", "4", "hostname"]);
-        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
-        assert_eq!(names, computes, "after the agent restart: {code} {s} {err}");
+        assert_srun_everywhere(&sl, &computes, "after the agent restart: ");
 
         // Destroy: no munged or slurm daemon of the cluster left at any site.
         sl.ctl(&["cluster", "destroy", "s"]).expect("destroy");
@@ -271,14 +247,7 @@ fn slurm_runs_jobs_across_three_sites() {
         assert!(sl.leftover_vm_namespaces().is_empty());
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
-    if r.is_err() {
-        sl.dump_logs();
-        slurm_logs(&sl);
-    }
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
-    if let Err(e) = r {
-        std::panic::resume_unwind(e);
-    }
+    finish(name, t0, &sl, r, || {});
 }
 
 /// `mvc ARGS` with a store and key in `dir` (no agent needed).

@@ -9,13 +9,9 @@
 //! qemu, Slurm and munge (.ci/setup-deps); otherwise prints that it was skipped.
 mod common;
 
-use common::slurm::{have, ok, slurm_logs, srun};
-use common::{
-    alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, wait_until,
-    VmProcs,
-};
+use common::slurm::{assert_idle, assert_srun_everywhere, can_run, compute_names, finish, ok};
+use common::{alive_pid, compute_at, qemu_lab_at_c, wait_until};
 use control::demo::SiteLab;
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// `mvc cluster exec s --vm VM ARGS`: (exit status, stdout, stderr).
@@ -42,32 +38,11 @@ fn exec_in(sl: &SiteLab, vm: &str, timeout: &str, args: &[&str]) -> (i32, String
 #[test]
 fn slurm_runs_jobs_on_a_qemu_compute() {
     let name = "slurm_runs_jobs_on_a_qemu_compute";
-    if !lab::is_root() {
-        lab::skip(name, "needs root for network namespaces and TAPs");
+    if !can_run(name, "needs root for network namespaces and TAPs") {
         return;
     }
-    for tool in ["slurmctld", "slurmd", "munged", "srun"] {
-        if !have(tool) {
-            lab::skip(
-                name,
-                &format!("{tool} missing (.ci/setup-deps installs slurm-wlm, munge)"),
-            );
-            return;
-        }
-    }
     let t0 = Instant::now();
-    let (mvc, xnbd) = mvc_and_xnbd();
-    let cache = prepare_qemu_guest(&mvc);
-    let overlay = overlay_under_test(&mvc);
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        "C".to_string(),
-        lab::sites::qemu_agent_args(&cache, &xnbd, 64),
-    );
-    let mut sl = SiteLab::with_agent_args(&mvc, &overlay, 8, 8, &extra).expect("lab");
-    let c_state = sl.agents["C"].state.clone();
-    let _procs = VmProcs(c_state.join("run"));
-    sl.add_sites().expect("site add");
+    let (mut sl, c_state, _procs) = qemu_lab_at_c();
     let run = || {
         let cl = sl
             .ctl_json(&[
@@ -94,26 +69,12 @@ fn slurm_runs_jobs_on_a_qemu_compute() {
             t0.elapsed().as_secs_f64()
         );
         let qvm = compute_at(&cl, "C")["name"].as_str().unwrap().to_string();
-        let computes: BTreeSet<String> = cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["role"] == "compute")
-            .map(|v| v["name"].as_str().unwrap().to_string())
-            .collect();
+        let computes = compute_names(&cl);
         assert_eq!(computes.len(), 2);
 
         // The guest booted the Slurm guest, and its slurmd registered.
-        let s = ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
-        let idle: BTreeSet<String> = s
-            .lines()
-            .filter(|l| l.ends_with(" idle"))
-            .map(|l| l.split_whitespace().next().unwrap().to_string())
-            .collect();
-        assert_eq!(idle, computes, "{s}");
-        let (code, s, err) = srun(&sl, &["-N", "2", "hostname"]);
-        let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
-        assert_eq!(names, computes, "{code} {s} {err}");
+        assert_idle(&sl, &computes);
+        assert_srun_everywhere(&sl, &computes, "");
 
         // exec in the guest, through its guest agent.
         let (code, out, err) = exec_in(&sl, &qvm, "30", &["hostname"]);
@@ -171,9 +132,7 @@ fn slurm_runs_jobs_on_a_qemu_compute() {
         }
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
-    if r.is_err() {
-        sl.dump_logs();
-        slurm_logs(&sl);
+    finish(name, t0, &sl, r, || {
         for e in std::fs::read_dir(c_state.join("run"))
             .into_iter()
             .flatten()
@@ -185,9 +144,5 @@ fn slurm_runs_jobs_on_a_qemu_compute() {
                 eprintln!("---- {}\n{tail}", e.path().display());
             }
         }
-    }
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
-    if let Err(e) = r {
-        std::panic::resume_unwind(e);
-    }
+    });
 }

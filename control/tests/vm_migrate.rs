@@ -10,8 +10,9 @@
 mod common;
 
 use common::{
-    alive_pid, compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd,
-    mvc_on_frontend, overlay_under_test, prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
+    alive_pid, assert_moved_to_c_while_pinged, compute_at, create_b_pinged_from_a, has_file_ending,
+    md5_of, migrate_args, migrate_killing_c, mvc_and_xnbd, mvc_on_frontend, overlay_under_test,
+    prepare_qemu_guest, spawn_ping, wait_until, VmProcs,
 };
 use control::demo::SiteLab;
 use std::collections::BTreeMap;
@@ -22,17 +23,6 @@ use std::time::{Duration, Instant};
 /// Run `cmd` in a guest's console shell (Unix socket `sock`); its output.
 fn console(sock: &Path, cmd: &str, timeout: Duration) -> String {
     lab::sites::guest_console(sock, cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The md5 sum busybox printed.
-fn md5_of(out: &str) -> String {
-    out.lines()
-        .rev()
-        .find_map(|l| {
-            let w = l.split_whitespace().next()?;
-            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
-        })
-        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
 }
 
 fn local_of(sl: &SiteLab, vm: &str) -> String {
@@ -94,23 +84,10 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let _procs_c = VmProcs(c_state.join("run"));
     sl.add_sites().expect("site add");
     // B's compute only; C holds the cluster's overlay (and its own compute, stopped
-    // below to spare the CPU).
-    let cl = create_1_1_1(&sl, "m", 128, 300);
-    let (bvm, avm, cvm) = (
-        compute_at(&cl, "B"),
-        compute_at(&cl, "A"),
-        compute_at(&cl, "C"),
-    );
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
-        .expect("stop C's own compute");
-    let name = bvm["name"].as_str().unwrap().to_string();
-    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    // to spare the CPU).
+    let (cl, ip, a_ns) = create_b_pinged_from_a(&sl, "m");
+    let name = compute_at(&cl, "B")["name"].as_str().unwrap().to_string();
     let (blocal, bcon) = vm_console(&sl, &b_state, &name);
-    let a_ns = sl
-        .vm_ns("m", avm["name"].as_str().unwrap())
-        .expect("A's VM namespace");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
 
     // The pattern: 4 MiB of random data at 1 MiB, and its sum as the guest reads it.
     let out = console(
@@ -134,18 +111,12 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &b_state,
     )
     .expect("qemu at B");
-    let failed = sl.ctl(&[
-        "vm",
-        "migrate",
+    let failed = sl.ctl(&migrate_args(
         "m",
         &name,
-        "--to",
         "C",
-        "--rate",
-        "1000000",
-        "--timeout",
-        "3",
-    ]);
+        &["--rate", "1000000", "--timeout", "3"],
+    ));
     let err = failed.expect_err("a migration capped far below what 3 s need succeeded");
     eprintln!("failed migration: {err}");
     assert_eq!(
@@ -183,39 +154,14 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // C's agent killed (SIGKILL) while the memory is on its way: the migration fails,
     // the VM goes on at B; C's agent, restarted, removes what it had made for it.
     let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
-    let incoming = || {
-        std::fs::read_dir(c_state.join("run"))
-            .map(|rd| {
-                rd.flatten().any(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .ends_with(&format!("-{name}.min"))
-                })
-            })
-            .unwrap_or(false)
-    };
-    let killed = migrate_killing_agent(
-        &sl,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "C",
-            "--rate",
-            "1000000",
-            "--timeout",
-            "60",
-        ],
+    let incoming = format!("-{name}.min");
+    migrate_killing_c(
+        &mut sl,
+        &migrate_args("m", &name, "C", &["--rate", "1000000", "--timeout", "60"]),
         c_pid,
-        incoming,
+        || has_file_ending(&c_state.join("run"), &incoming),
         Duration::from_secs(1),
     );
-    let err = killed.expect_err("migration to a killed agent succeeded");
-    eprintln!("migration to a killed agent: {err}");
-    sl.kill_agent("C");
-    sl.restart_agent("C").expect("agent C restart");
     assert!(c_left("c").is_empty(), "left at C: {:?}", c_left("c"));
     assert_eq!(
         alive_pid(
@@ -229,7 +175,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
     sl.ctl(&["cluster", "start", "m", "--lease-timeout", "300"])
         .expect("cluster start after C's agent came back");
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+    sl.ctl_json(&["vm", "stop", compute_at(&cl, "C")["name"].as_str().unwrap()])
         .expect("stop C's own compute again");
 
     // A's compute pings it all along (every 50 ms, bounded: 12 s at most).
@@ -237,30 +183,11 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
 
     let t0 = Instant::now();
     let mig = sl
-        .ctl_json(&[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "C",
-            "--downtime-ms",
-            "300",
-        ])
+        .ctl_json(&migrate_args("m", &name, "C", &["--downtime-ms", "300"]))
         .expect("vm migrate");
     let took = t0.elapsed();
     eprintln!("migrated in {:.1} s: {mig}", took.as_secs_f64());
-    assert_eq!(mig["phase"], "done", "{mig}");
-    assert_eq!(mig["to"], "C");
-    assert_eq!(
-        mig["disk_bytes_before_switchover"], 0,
-        "the destination fetched disk blocks while the origin still wrote: {mig}"
-    );
-    let (summary, lost) = lost_pings(ping);
-    eprintln!("ping from A's VM during the migration: {summary}");
-    assert!(lost <= 40, "more than 2 s of pings lost: {summary}");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+    assert_moved_to_c_while_pinged(&sl, &mig, ping, (40, "2 s"), &a_ns, ip);
 
     // At C: the guest reads its pattern back and finished its writes.
     let (clocal, ccon) = vm_console(&sl, &c_state, &name);
@@ -329,17 +256,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &sl,
         &mvc,
         180,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "B",
-            "--disk-rate",
-            "4194304",
-            "--json",
-        ],
+        &migrate_args("m", &name, "B", &["--disk-rate", "4194304", "--json"]),
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -462,16 +379,7 @@ fn qemu_vm_migrates_between_nated_sites_with_its_disk_while_pinged() {
         &sl,
         &mvc,
         180,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "B",
-            "--disk-rate",
-            "4194304",
-        ],
+        &migrate_args("m", &name, "B", &["--disk-rate", "4194304"]),
     )
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null())

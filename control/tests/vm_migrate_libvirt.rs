@@ -10,13 +10,12 @@
 //! places it at C. Needs root; otherwise prints that it was skipped.
 mod common;
 
-use common::libvirtd::{assert_libvirt_tools, libvirt_agent_args, Libvirtd};
+use common::libvirtd::{libvirt_agent_args, libvirt_lab, Libvirtd};
 use common::{
-    compute_at, create_1_1_1, lost_pings, migrate_killing_agent, mvc_and_xnbd, overlay_under_test,
-    prepare_qemu_guest, spawn_ping, wait_until,
+    assert_moved_to_c_while_pinged, compute_at, create_b_pinged_from_a, has_file_ending, md5_of,
+    migrate_args, migrate_killing_c, spawn_ping, wait_until,
 };
 use lab::sites::SiteLab;
-use lab::{Lab, Topology};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,13 +30,7 @@ fn pattern_sum(con: &Path) -> String {
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    out.lines()
-        .rev()
-        .find_map(|l| {
-            let w = l.split_whitespace().next()?;
-            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
-        })
-        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
+    md5_of(&out)
 }
 
 /// Files of the agent with state `state` whose names contain `-<vm>.` (its run
@@ -56,16 +49,9 @@ fn files_of(state: &Path, vm: &str) -> Vec<String> {
 #[test]
 fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let name = "libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged";
-    if !lab::is_root() {
-        lab::skip(name, "needs root for network namespaces, libvirtd and TAPs");
+    let Some((mvc, xnbd, cache, overlay, lab, topo)) = libvirt_lab(name, "mvlm") else {
         return;
-    }
-    assert_libvirt_tools();
-    let (mvc, xnbd) = mvc_and_xnbd();
-    let cache = prepare_qemu_guest(&mvc);
-    let overlay = overlay_under_test(&mvc);
-    let lab = Lab::new("mvlm").expect("lab");
-    let topo = Topology::three_sites(&lab, 0).expect("topology");
+    };
     let t0 = Instant::now();
     let mut lvs = BTreeMap::new();
     let mut extra = BTreeMap::new();
@@ -86,27 +72,14 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     let mut sl = SiteLab::start(lab, topo, &mvc, &overlay, 8, 8, &extra).expect("site lab");
     let (b_state, c_state) = (sl.agents["B"].state.clone(), sl.agents["C"].state.clone());
     sl.add_sites().expect("site add");
-    let cl = create_1_1_1(&sl, "v", 128, 300);
-    eprintln!(
-        "cluster with libvirt domains at B and C started in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    let (avm, bvm, cvm) = (
-        compute_at(&cl, "A"),
-        compute_at(&cl, "B"),
-        compute_at(&cl, "C"),
-    );
     // C's own compute is not needed (C holds the cluster's overlay): stopped to spare
     // the CPU.
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
-        .expect("stop C's own compute");
-    let vm = bvm["name"].as_str().unwrap().to_string();
-    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
-    let a_ns = sl
-        .vm_ns("v", avm["name"].as_str().unwrap())
-        .expect("A's VM namespace");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+    let (cl, ip, a_ns) = create_b_pinged_from_a(&sl, "v");
+    eprintln!(
+        "cluster with libvirt domains at B and C started, B's pinged from A, in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let vm = compute_at(&cl, "B")["name"].as_str().unwrap().to_string();
     let (lb, lc) = (&lvs["B"], &lvs["C"]);
     let doms = lb.domains();
     assert_eq!(doms.len(), 1, "{doms:?}");
@@ -127,36 +100,13 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
     // it had made for it.
     let c_pid = control::agent::running_agent(&c_state).expect("C's agent pid");
     let b_run = b_state.join("run");
-    let sending = || {
-        std::fs::read_dir(&b_run)
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".lvd"))
-            })
-            .unwrap_or(false)
-    };
-    let killed = migrate_killing_agent(
-        &sl,
-        &[
-            "vm",
-            "migrate",
-            "v",
-            &vm,
-            "--to",
-            "C",
-            "--rate",
-            "1048576",
-            "--timeout",
-            "60",
-        ],
+    migrate_killing_c(
+        &mut sl,
+        &migrate_args("v", &vm, "C", &["--rate", "1048576", "--timeout", "60"]),
         c_pid,
-        sending,
+        || has_file_ending(&b_run, ".lvd"),
         Duration::from_secs(2),
     );
-    let err = killed.expect_err("migration to a killed agent succeeded");
-    eprintln!("migration to a killed agent: {err}");
-    sl.kill_agent("C");
-    sl.restart_agent("C").expect("agent C restart");
     assert_eq!(lb.domains(), vec![bdom.clone()], "B's domain gone");
     assert!(
         wait_until(Duration::from_secs(30), Duration::from_millis(200), || lb
@@ -174,7 +124,7 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .unwrap_or_else(|e| panic!("A's VM -> {ip} after C's agent died: {e}"));
     sl.ctl(&["cluster", "start", "v", "--lease-timeout", "300"])
         .expect("cluster start after C's agent came back");
-    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+    sl.ctl_json(&["vm", "stop", compute_at(&cl, "C")["name"].as_str().unwrap()])
         .expect("stop C's own compute again");
     eprintln!("failed move undone at {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -185,17 +135,7 @@ fn libvirt_domain_migrates_between_nated_sites_with_its_disk_while_pinged() {
         .ctl_json(&["vm", "migrate", "v", &vm, "--to", "C"])
         .expect("vm migrate");
     eprintln!("migrated in {:.1} s: {mig}", t1.elapsed().as_secs_f64());
-    assert_eq!(mig["phase"], "done", "{mig}");
-    assert_eq!(mig["to"], "C");
-    assert_eq!(
-        mig["disk_bytes_before_switchover"], 0,
-        "the destination fetched disk blocks before the switchover: {mig}"
-    );
-    let (summary, lost) = lost_pings(ping);
-    eprintln!("ping from A's VM during the migration: {summary}");
-    assert!(lost <= 60, "more than 3 s of pings lost: {summary}");
-    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+    assert_moved_to_c_while_pinged(&sl, &mig, ping, (60, "3 s"), &a_ns, ip);
 
     // At C: one running domain of C's agent, whose guest reads its pattern back.
     let doms = lc.domains();

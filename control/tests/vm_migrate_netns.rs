@@ -10,7 +10,8 @@
 mod common;
 
 use common::{
-    compute_at, lost_pings, mvc_and_xnbd, mvc_on_frontend, overlay_under_test, spawn_ping,
+    compute_at, lost_pings, migrate_args, mvc_and_xnbd, mvc_on_frontend, overlay_under_test,
+    spawn_ping,
 };
 use control::demo::SiteLab;
 use std::io::{BufRead, Read, Seek, Write};
@@ -122,17 +123,7 @@ fn netns_vm_migrates_with_mac_address_and_disk_and_survives_a_proxy_crash() {
         &sl,
         &mvc,
         60,
-        &[
-            "vm",
-            "migrate",
-            "m",
-            &name,
-            "--to",
-            "C",
-            "--disk-rate",
-            "2097152",
-            "--json",
-        ],
+        &migrate_args("m", &name, "C", &["--disk-rate", "2097152", "--json"]),
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())

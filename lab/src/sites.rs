@@ -561,7 +561,21 @@ impl SiteLab {
     /// `mvc cluster create NAME --sites A:B:C --computes COMPUTES --start` with small
     /// VMs (256 MiB), through the controller; returns what it prints.
     pub fn create_cluster(&self, name: &str, computes: &str) -> Result<String> {
-        self.ctl(&[
+        self.create_cluster_with(name, computes, 256, &[])
+    }
+
+    /// `mvc cluster create NAME --sites A:B:C --computes COMPUTES --start` with VMs of
+    /// `memory` MiB and `extra` arguments after these, through the controller; returns
+    /// what it prints.
+    pub fn create_cluster_with(
+        &self,
+        name: &str,
+        computes: &str,
+        memory: u32,
+        extra: &[&str],
+    ) -> Result<String> {
+        let memory = memory.to_string();
+        let mut args = vec![
             "cluster",
             "create",
             name,
@@ -570,11 +584,13 @@ impl SiteLab {
             "--computes",
             computes,
             "--memory",
-            "256",
+            &memory,
             "--frontend-memory",
-            "256",
+            &memory,
             "--start",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        self.ctl(&args)
     }
 
     /// How each running VM of `cluster` is reached (`netns:<ns>`, `qemu:<tap>:<local>`),

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{ok, query, unix_uri, XNBD};
@@ -78,6 +78,47 @@ fn serve_disk(
     let mut a = vec!["serve", "--export", &export];
     a.extend_from_slice(args);
     start(&a, nofile, log, ready)
+}
+
+/// `xnbd serve` of `img` on TCP (control socket in `dir`) with a memory budget of `budget`,
+/// `conn` of it per connection and a 2 s stall timeout, once its port is open; returns the
+/// process, `host:port` and the control socket.
+fn serve_budget(
+    dir: &Path,
+    img: &Path,
+    budget: &str,
+    conn: &str,
+) -> (common::Proc, String, PathBuf) {
+    let ctl = dir.join("ctl.sock");
+    let (srv, port, listen) = serve_tcp(
+        img,
+        &ctl,
+        &[
+            "--memory-budget",
+            budget,
+            "--conn-memory",
+            conn,
+            "--stall-timeout",
+            "2",
+        ],
+        None,
+        &dir.join("serve.log"),
+    );
+    assert!(common::wait_tcp(port, Duration::from_secs(10)));
+    (srv, listen, ctl)
+}
+
+/// Waits (30 s at most, polling every `poll`) until the server's memory in use reaches `n`.
+fn wait_memory_used(ctl: &Path, n: u64, poll: Duration) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = query(ctl);
+        if counter(&q, &["server", "memory_used"]) >= n {
+            break;
+        }
+        assert!(Instant::now() < end, "budget never filled: {q}");
+        std::thread::sleep(poll);
+    }
 }
 
 /// Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`; returns the export size.
@@ -289,22 +330,7 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
     common::make_image(&img, 512 * MIB, 0, 5);
-    let ctl = d.path().join("ctl.sock");
-    let (srv, port, listen) = serve_tcp(
-        &img,
-        &ctl,
-        &[
-            "--memory-budget",
-            "128M",
-            "--conn-memory",
-            "16M",
-            "--stall-timeout",
-            "2",
-        ],
-        None,
-        &d.path().join("serve.log"),
-    );
-    assert!(common::wait_tcp(port, Duration::from_secs(10)));
+    let (srv, listen, ctl) = serve_budget(d.path(), &img, "128M", "16M");
     let pid = srv.pid();
     let base = vm(pid, "VmRSS:");
     // Eight clients each ask for 32 reads of 16 MiB (512 MiB) and never read a reply.
@@ -321,15 +347,7 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
         hogs.push(s);
     }
     // The budget fills up (each client holds its 16 MiB share) and stays full.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let q = query(&ctl);
-        if counter(&q, &["server", "memory_used"]) >= 128 * MIB {
-            break;
-        }
-        assert!(Instant::now() < end, "budget never filled: {q}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_memory_used(&ctl, 128 * MIB, Duration::from_millis(100));
     std::thread::sleep(Duration::from_secs(1));
     let held = vm(pid, "VmRSS:");
     // A normal client is served: it waits for the budget until the stalled clients are
@@ -375,22 +393,7 @@ fn small_reads_never_read_hold_bounded_memory() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
     common::make_image(&img, 64 * MIB, 64 * MIB, 8);
-    let ctl = d.path().join("ctl.sock");
-    let (srv, port, listen) = serve_tcp(
-        &img,
-        &ctl,
-        &[
-            "--memory-budget",
-            "1M",
-            "--conn-memory",
-            "1M",
-            "--stall-timeout",
-            "2",
-        ],
-        None,
-        &d.path().join("serve.log"),
-    );
-    assert!(common::wait_tcp(port, Duration::from_secs(10)));
+    let (srv, listen, ctl) = serve_budget(d.path(), &img, "1M", "1M");
     let pid = srv.pid();
     let base = vm(pid, "VmRSS:");
     let mut hog = TcpStream::connect(&listen).unwrap();
@@ -406,15 +409,7 @@ fn small_reads_never_read_hold_bounded_memory() {
     let sender = std::thread::spawn(move || {
         let _ = w.write_all(&reqs);
     });
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let q = query(&ctl);
-        if counter(&q, &["server", "memory_used"]) >= MIB {
-            break;
-        }
-        assert!(Instant::now() < end, "budget never filled: {q}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_memory_used(&ctl, MIB, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(500));
     let q = query(&ctl);
     let held = vm(pid, "VmRSS:");

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{unix_uri, xnbd};
+use common::{serve, unix_uri};
 use xnbd::proto::{self, cmd, err, opt, rep, ClientOption, InfoRequest, MetaQuery, Request};
 
 const MIB: u64 = 1 << 20;
@@ -163,31 +163,18 @@ fn nbdsh_corner_cases() {
     common::make_image(&ro, MIB, 0, 0);
     let sock = d.path().join("nbd.sock");
     let asock = d.path().join("aligned.sock");
-    let _srv = xnbd(
-        &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--export",
-            &format!("ro={}:ro", ro.display()),
-            "--unix",
-            sock.to_str().unwrap(),
-        ],
-        &d.path().join("serve.log"),
+    let disk = format!("disk={}", img.display());
+    let _srv = serve(
+        &[disk.clone(), format!("ro={}:ro", ro.display())],
         &sock,
+        &[],
+        &d.path().join("serve.log"),
     );
-    let _aligned = xnbd(
-        &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--unix",
-            asock.to_str().unwrap(),
-            "--min-block",
-            "512",
-        ],
-        &d.path().join("aligned.log"),
+    let _aligned = serve(
+        &[disk],
         &asock,
+        &["--min-block", "512"],
+        &d.path().join("aligned.log"),
     );
     let script = d.path().join("checks.py");
     std::fs::write(&script, SCRIPT).unwrap();
@@ -230,6 +217,15 @@ impl Raw {
             .unwrap();
         r
     }
+    /// Connects and selects `name` with EXPORT_NAME; returns the size and flags sent back.
+    fn export_name(p: &Path, name: &str) -> (Self, [u8; 10]) {
+        let mut c = Self::connect(p);
+        c.send(&ClientOption::ExportName(name.into()).encode());
+        let mut b = [0u8; 10];
+        c.0.read_exact(&mut b).unwrap();
+        (c, b)
+    }
+
     fn send(&mut self, b: &[u8]) {
         self.0.write_all(b).unwrap();
     }
@@ -293,6 +289,11 @@ impl Raw {
     }
 }
 
+/// `xnbd serve` of `img` as the export `disk` on `sock`.
+fn serve_disk(img: &Path, sock: &Path, log: &Path) -> common::Proc {
+    serve(&[format!("disk={}", img.display())], sock, &[], log)
+}
+
 fn go(name: &str) -> Vec<u8> {
     ClientOption::Go(InfoRequest {
         name: name.into(),
@@ -307,17 +308,7 @@ fn raw_handshake_and_requests() {
     let img = d.path().join("disk.img");
     common::make_image(&img, 4 * MIB, MIB, 7);
     let sock = d.path().join("nbd.sock");
-    let _srv = xnbd(
-        &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--unix",
-            sock.to_str().unwrap(),
-        ],
-        &d.path().join("serve.log"),
-        &sock,
-    );
+    let _srv = serve_disk(&img, &sock, &d.path().join("serve.log"));
 
     let mut c = Raw::connect(&sock);
     // Unknown option: ERR_UNSUP, negotiation goes on.
@@ -430,10 +421,7 @@ fn raw_handshake_and_requests() {
     let mut c = Raw::connect(&sock);
     c.send(&ClientOption::ExportName("missing".into()).encode());
     assert!(c.closed());
-    let mut c = Raw::connect(&sock);
-    c.send(&ClientOption::ExportName("disk".into()).encode());
-    let mut b = [0u8; 10];
-    c.0.read_exact(&mut b).unwrap();
+    let (mut c, b) = Raw::export_name(&sock, "disk");
     assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), 4 * MIB);
     let flags = u16::from_be_bytes([b[8], b[9]]);
     assert!(flags & proto::tflag::CAN_MULTI_CONN != 0);
@@ -462,21 +450,8 @@ fn pipelined_mixed_requests_keep_replies_matched() {
     common::make_image(&img, 8 * MIB, 8 * MIB, 11);
     let orig = std::fs::read(&img).unwrap();
     let sock = d.path().join("nbd.sock");
-    let _srv = xnbd(
-        &[
-            "serve",
-            "--export",
-            &format!("disk={}", img.display()),
-            "--unix",
-            sock.to_str().unwrap(),
-        ],
-        &d.path().join("serve.log"),
-        &sock,
-    );
-    let mut c = Raw::connect(&sock);
-    c.send(&ClientOption::ExportName("disk".into()).encode());
-    let mut b = [0u8; 10];
-    c.0.read_exact(&mut b).unwrap();
+    let _srv = serve_disk(&img, &sock, &d.path().join("serve.log"));
+    let (mut c, _) = Raw::export_name(&sock, "disk");
 
     // (typ, offset, length, byte written) by cookie. Reads stay below 4 MiB, writes above.
     let mut reqs: Vec<(u16, u64, u32, u8)> = Vec::new();

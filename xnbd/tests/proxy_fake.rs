@@ -11,7 +11,7 @@
 //! task waits, and a task waiting for a blocking-pool write (the cache, its `fdatasync`,
 //! the bitmap) would see stall timeouts of its source connection expire that never did.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -223,32 +223,111 @@ fn image() -> Vec<u8> {
         .collect()
 }
 
-/// A proxy of the source on `sock` with its cache in `dir`, copying in the background
-/// when `background` is set.
-async fn start_proxy(
-    dir: &Path,
-    sock: &Path,
+/// The proxy's settings that differ between scenarios.
+#[derive(Debug, Clone, Copy)]
+struct Opts {
     block_size: u32,
-    timeout: Duration,
+    source_timeout: Duration,
+    /// Copy in the background from the start.
     background: bool,
-) -> Arc<Proxy> {
+    /// Readahead start and maximum, bytes.
+    readahead: (u64, u64),
+    background_yield: bool,
+}
+
+impl Opts {
+    /// 64 KiB blocks, no background copy until `cache_all`, no readahead, background yield.
+    fn new(source_timeout: Duration) -> Self {
+        Self {
+            block_size: 65536,
+            source_timeout,
+            background: false,
+            readahead: (0, 0),
+            background_yield: true,
+        }
+    }
+}
+
+/// A proxy of the source on `sock` with its cache in `dir`.
+async fn start_proxy(dir: &Path, sock: &Path, o: Opts) -> Arc<Proxy> {
     let cfg = ProxyConfig {
         source: Addr::Unix(sock.to_owned()),
         export_name: String::new(),
         tls: None,
         cache: dir.join("cache.img"),
         bitmap: dir.join("cache.bitmap"),
-        block_size,
+        block_size: o.block_size,
         rate: 0,
-        background,
+        background: o.background,
         background_chunk: 256 << 10,
         background_depth: 4,
-        source_timeout: timeout,
-        readahead: 0,
-        readahead_max: 0,
-        background_yield: true,
+        source_timeout: o.source_timeout,
+        readahead: o.readahead.0,
+        readahead_max: o.readahead.1,
+        background_yield: o.background_yield,
     };
     Proxy::start(cfg).await.unwrap()
+}
+
+/// One scenario's pieces: a temporary directory for the cache, the source's image and a
+/// fake source of it advertising `limits`, not yet listening.
+struct Rig {
+    dir: tempfile::TempDir,
+    data: Vec<u8>,
+    fake: Arc<Fake>,
+}
+
+impl Rig {
+    fn new(
+        limits: (u32, u32, u32),
+        script: impl Fn(u64, u64, u32) -> Act + Send + Sync + 'static,
+    ) -> Self {
+        let data = image();
+        let fake = Fake::new(data.clone(), limits, Arc::new(script));
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            data,
+            fake,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the fake source on `src.sock` and a proxy of it.
+    async fn start(&self, o: Opts) -> (Up, Arc<Proxy>) {
+        let sock = self.path("src.sock");
+        let srv = self.fake.start(&sock);
+        (srv, start_proxy(self.dir.path(), &sock, o).await)
+    }
+
+    /// Asserts that `len` bytes read at `off` are the source's.
+    fn assert_data(&self, got: &[u8], off: u64, len: usize) {
+        assert!(
+            got == &self.data[off as usize..off as usize + len],
+            "at {off}+{len}"
+        );
+    }
+
+    /// Asserts that the cache file holds the whole image.
+    fn assert_cache_complete(&self) {
+        assert!(std::fs::read(self.path("cache.img")).unwrap() == self.data);
+    }
+
+    /// The blocks the bitmap file marks.
+    fn marked(&self) -> Vec<usize> {
+        marked(&self.path("cache.bitmap"), SIZE / 65536)
+    }
+
+    /// Waits until the source has seen `n` reads.
+    async fn wait_reads(&self, n: u64) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.fake.reads.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < end, "the background copy did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 async fn wait_complete(p: &Proxy, secs: u64) -> Status {
@@ -267,32 +346,25 @@ async fn wait_complete(p: &Proxy, secs: u64) -> Status {
 /// request breaks the limits, unaligned client reads and the copy give the source's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_keep_to_the_advertised_block_sizes() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (4096, 4096, 64 << 10),
-        Arc::new(|_, _, _| Act::Data),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy(d.path(), &sock, 512, Duration::from_secs(5), false).await;
+    let r = Rig::new((4096, 4096, 64 << 10), |_, _, _| Act::Data);
+    let o = Opts {
+        block_size: 512,
+        ..Opts::new(Duration::from_secs(5))
+    };
+    let (_srv, p) = r.start(o).await;
     for (off, len) in [
         (1000u64, 3000usize),
         (100_000, 1 << 20),
         (SIZE as u64 - 700, 700),
     ] {
         let got = p.read(off, vec![0u8; len], 0).await.unwrap();
-        assert!(
-            got == data[off as usize..off as usize + len],
-            "at {off}+{len}"
-        );
+        r.assert_data(&got, off, len);
     }
     p.cache_all();
     let st = wait_complete(&p, 30).await;
-    assert_eq!(fake.violations.load(Ordering::Relaxed), 0);
+    assert_eq!(r.fake.violations.load(Ordering::Relaxed), 0);
     assert_eq!(st.source_errors, 0, "{st:?}");
-    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+    r.assert_cache_complete();
 }
 
 /// Counts the warnings logged on this thread (the proxy's tasks run on it: current-thread
@@ -318,24 +390,21 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
     let warnings = Warnings::default();
     let _log =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
     let failing = Arc::new(AtomicBool::new(true));
     let f = failing.clone();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(move |_, _, _| {
-            if f.load(Ordering::Relaxed) {
-                Act::Error(err::EIO)
-            } else {
-                Act::Data
-            }
-        }),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(5), true).await;
+    let r = Rig::new((1, 4096, 32 << 20), move |_, _, _| {
+        if f.load(Ordering::Relaxed) {
+            Act::Error(err::EIO)
+        } else {
+            Act::Data
+        }
+    });
+    let fake = &r.fake;
+    let o = Opts {
+        background: true,
+        ..Opts::new(Duration::from_secs(5))
+    };
+    let (_srv, p) = r.start(o).await;
     // Nothing reaches the cache while every read fails: the clock may stand still.
     tokio::time::pause();
     let t0 = fake.t0;
@@ -376,7 +445,7 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(!st.source_failing, "{st:?}");
     assert!(st.source_last_error.is_some(), "{st:?}");
-    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+    r.assert_cache_complete();
 }
 
 /// The source goes away with blocks missing (default 30 s source timeout, in virtual
@@ -385,16 +454,11 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
 /// it goes again, `reconnect` to another address lets the copy finish.
 #[tokio::test]
 async fn source_outage_eio_after_the_timeout_then_reconnect() {
-    let d = tempfile::tempdir().unwrap();
-    let (sock_a, sock_b) = (d.path().join("a.sock"), d.path().join("b.sock"));
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, _, _| Act::Data),
-    );
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Data);
+    let (fake, data) = (&r.fake, &r.data);
+    let (sock_a, sock_b) = (r.path("a.sock"), r.path("b.sock"));
     let a = fake.start(&sock_a);
-    let p = start_proxy(d.path(), &sock_a, 65536, Duration::from_secs(30), false).await;
+    let p = start_proxy(r.dir.path(), &sock_a, Opts::new(Duration::from_secs(30))).await;
     let got = p.read(0, vec![0u8; 1 << 20], 0).await.unwrap();
     assert!(got == data[..1 << 20]);
 
@@ -436,7 +500,7 @@ async fn source_outage_eio_after_the_timeout_then_reconnect() {
     p.cache_all();
     let st = wait_complete(&p, 30).await;
     assert!(st.source.contains("b.sock"), "{st:?}");
-    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+    r.assert_cache_complete();
 }
 
 /// Replies cut off half-way (the first six reads) and a read left unanswered: the proxy
@@ -444,24 +508,20 @@ async fn source_outage_eio_after_the_timeout_then_reconnect() {
 /// with the source's bytes. Reconnections stay few.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_and_unanswered_replies_are_survived() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (512, 4096, 1 << 20),
-        Arc::new(|n, _, _| match n {
-            0..=5 => Act::CutOff,
-            6 => Act::Silent,
-            _ => Act::Data,
-        }),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), true).await;
+    let r = Rig::new((512, 4096, 1 << 20), |n, _, _| match n {
+        0..=5 => Act::CutOff,
+        6 => Act::Silent,
+        _ => Act::Data,
+    });
+    let o = Opts {
+        background: true,
+        ..Opts::new(Duration::from_secs(1))
+    };
+    let (_srv, p) = r.start(o).await;
     let st = wait_complete(&p, 30).await;
-    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+    r.assert_cache_complete();
     assert!(st.source_errors >= 7, "{st:?}");
-    let conns = fake.connections.load(Ordering::Relaxed);
+    let conns = r.fake.connections.load(Ordering::Relaxed);
     println!("{conns} connections, {} source errors", st.source_errors);
     assert!((3..=12).contains(&conns), "{conns} connections");
     assert!(
@@ -479,48 +539,35 @@ async fn cut_off_and_unanswered_replies_are_survived() {
 /// source error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queueing_behind_a_slow_source_is_not_silence() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(250))),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), true).await;
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
+        Act::Delay(Duration::from_millis(250))
+    });
+    let o = Opts {
+        background: true,
+        ..Opts::new(Duration::from_secs(1))
+    };
+    let (_srv, p) = r.start(o).await;
     // The background copy fills the queue (four chunks, a second of replies) first.
-    let end = Instant::now() + Duration::from_secs(10);
-    while fake.reads.load(Ordering::Relaxed) < 4 {
-        assert!(Instant::now() < end, "the background copy did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    r.wait_reads(4).await;
     let t = Instant::now();
     for off in [(7 << 19) as u64, 13 << 18, 3 << 20] {
         let got = p.read(off, vec![0u8; 65536], 0).await.unwrap();
-        assert!(got == data[off as usize..off as usize + 65536], "at {off}");
+        r.assert_data(&got, off, 65536);
     }
     let waited = t.elapsed();
     println!("three queued client reads took {waited:?}");
     assert!(waited > Duration::from_millis(1500), "{waited:?}");
     let st = wait_complete(&p, 60).await;
     assert_eq!(st.source_errors, 0, "{st:?}");
-    assert!(std::fs::read(d.path().join("cache.img")).unwrap() == data);
+    r.assert_cache_complete();
 }
 
 /// A source that accepts the connection and never answers a read, 1 s source timeout: a
 /// client read fails after about a second (virtual time) and status says why.
 #[tokio::test]
 async fn a_silent_source_fails_a_read_after_the_timeout() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let fake = Fake::new(
-        image(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, _, _| Act::Silent),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy(d.path(), &sock, 65536, Duration::from_secs(1), false).await;
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Silent);
+    let (_srv, p) = r.start(Opts::new(Duration::from_secs(1))).await;
     // No reply ever arrives, so nothing is written to the cache: the clock may stand still.
     tokio::time::pause();
     let t = Instant::now();
@@ -539,35 +586,6 @@ async fn a_silent_source_fails_a_read_after_the_timeout() {
             .is_some_and(|e| e.contains("no reply")),
         "{st:?}"
     );
-}
-
-/// A proxy of the source on `sock` with readahead from `ra` up to `ra_max` bytes, the
-/// background copy off until `cache_all`, and `yield_` for the background yield.
-async fn start_proxy_with(
-    dir: &Path,
-    sock: &Path,
-    timeout: Duration,
-    ra: u64,
-    ra_max: u64,
-    yield_: bool,
-) -> Arc<Proxy> {
-    let cfg = ProxyConfig {
-        source: Addr::Unix(sock.to_owned()),
-        export_name: String::new(),
-        tls: None,
-        cache: dir.join("cache.img"),
-        bitmap: dir.join("cache.bitmap"),
-        block_size: 65536,
-        rate: 0,
-        background: false,
-        background_chunk: 256 << 10,
-        background_depth: 4,
-        source_timeout: timeout,
-        readahead: ra,
-        readahead_max: ra_max,
-        background_yield: yield_,
-    };
-    Proxy::start(cfg).await.unwrap()
 }
 
 /// The blocks the bitmap file marks (header of 32 bytes, then one bit per block).
@@ -596,16 +614,10 @@ async fn wait_cached(p: &Proxy, n: u64, secs: u64) -> Status {
 /// source's bytes from that one fetch, and the block is counted fetched once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_of_a_cold_block_fetch_it_once() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(200))),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy_with(d.path(), &sock, Duration::from_secs(10), 0, 0, true).await;
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
+        Act::Delay(Duration::from_millis(200))
+    });
+    let (_srv, p) = r.start(Opts::new(Duration::from_secs(10))).await;
     let t = Instant::now();
     let mut readers = tokio::task::JoinSet::new();
     for (off, len) in [
@@ -621,18 +633,15 @@ async fn concurrent_readers_of_a_cold_block_fetch_it_once() {
         let p = p.clone();
         readers.spawn(async move { (off, len, p.read(off, vec![0u8; len], 0).await) });
     }
-    while let Some(r) = readers.join_next().await {
-        let (off, len, got) = r.unwrap();
-        assert!(
-            got.unwrap() == data[off as usize..off as usize + len],
-            "at {off}+{len}"
-        );
+    while let Some(j) = readers.join_next().await {
+        let (off, len, got) = j.unwrap();
+        r.assert_data(&got.unwrap(), off, len);
     }
     let took = t.elapsed();
     println!("eight readers of one cold block: {took:?}");
     // Bounded (a hang would show here); how much under depends on the machine's load.
     assert!(took < Duration::from_secs(3), "{took:?}");
-    assert_eq!(fake.reads.load(Ordering::Relaxed), 1);
+    assert_eq!(r.fake.reads.load(Ordering::Relaxed), 1);
     let st = wait_cached(&p, 1, 10).await;
     assert_eq!((st.cached_blocks, st.fetched_blocks), (1, 1), "{st:?}");
     assert_eq!(st.fetched_bytes, 65536, "{st:?}");
@@ -643,28 +652,19 @@ async fn concurrent_readers_of_a_cold_block_fetch_it_once() {
 /// counts any such request), and its requests are several at once, not one per read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_grows_and_stops_at_the_device_end() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (4096, 4096, 256 << 10),
-        Arc::new(|_, _, _| Act::Delay(Duration::from_millis(20))),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy_with(
-        d.path(),
-        &sock,
-        Duration::from_secs(10),
-        64 << 10,
-        1 << 20,
-        true,
-    )
-    .await;
+    let r = Rig::new((4096, 4096, 256 << 10), |_, _, _| {
+        Act::Delay(Duration::from_millis(20))
+    });
+    let fake = &r.fake;
+    let o = Opts {
+        readahead: (64 << 10, 1 << 20),
+        ..Opts::new(Duration::from_secs(10))
+    };
+    let (_srv, p) = r.start(o).await;
     let start = SIZE - (2 << 20);
     for off in (start..SIZE).step_by(64 << 10) {
         let got = p.read(off as u64, vec![0u8; 64 << 10], 0).await.unwrap();
-        assert!(got == data[off..off + (64 << 10)], "at {off}");
+        r.assert_data(&got, off as u64, 64 << 10);
     }
     let st = wait_cached(&p, 32, 10).await;
     // Let anything still in flight land, then count.
@@ -678,7 +678,7 @@ async fn readahead_grows_and_stops_at_the_device_end() {
     println!("32 sequential reads of 64 KiB: {reads} source requests");
     // Without readahead: 32 requests, each a round trip.
     assert!(reads < 32, "{reads} source requests");
-    let bm = marked(&d.path().join("cache.bitmap"), SIZE / 65536);
+    let bm = r.marked();
     assert_eq!(bm, (start / 65536..SIZE / 65536).collect::<Vec<_>>());
 }
 
@@ -689,35 +689,24 @@ async fn readahead_grows_and_stops_at_the_device_end() {
 /// counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_dying_mid_extent_marks_only_written_blocks() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, off, _| {
-            if off < 640 << 10 {
-                Act::Data
-            } else {
-                Act::CutOff
-            }
-        }),
-    );
-    let srv = fake.start(&sock);
-    let p = start_proxy_with(
-        d.path(),
-        &sock,
-        Duration::from_secs(1),
-        1 << 20,
-        2 << 20,
-        true,
-    )
-    .await;
+    let r = Rig::new((1, 4096, 32 << 20), |_, off, _| {
+        if off < 640 << 10 {
+            Act::Data
+        } else {
+            Act::CutOff
+        }
+    });
+    let data = &r.data;
+    let o = Opts {
+        readahead: (1 << 20, 2 << 20),
+        ..Opts::new(Duration::from_secs(1))
+    };
+    let (srv, p) = r.start(o).await;
     // Two sequential reads: the second asks for 1 MiB ahead (from 128 KiB) in four 256
     // KiB chunks, of which two are answered whole.
     for off in [0u64, 65536] {
         let got = p.read(off, vec![0u8; 65536], 0).await.unwrap();
-        assert!(got == data[off as usize..off as usize + 65536], "at {off}");
+        r.assert_data(&got, off, 65536);
     }
     // The chunks cut off are retried on new connections and cut off again until the
     // source goes away; their patience (1 s) then ends.
@@ -725,12 +714,11 @@ async fn a_source_dying_mid_extent_marks_only_written_blocks() {
     drop(srv);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let st = p.status();
-    let nblocks = SIZE / 65536;
-    let bm = marked(&d.path().join("cache.bitmap"), nblocks);
+    let bm = r.marked();
     println!("marked after the source died mid-extent: {bm:?}; {st:?}");
     assert_eq!(bm.len() as u64, st.cached_blocks, "{st:?}");
     assert_eq!(bm, (0..10).collect::<Vec<_>>());
-    let cache = std::fs::read(d.path().join("cache.img")).unwrap();
+    let cache = std::fs::read(r.path("cache.img")).unwrap();
     for b in bm {
         let r = b * 65536..(b + 1) * 65536;
         assert!(
@@ -746,22 +734,15 @@ async fn a_source_dying_mid_extent_marks_only_written_blocks() {
 /// never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_region_does_not_hold_other_reads() {
-    let d = tempfile::tempdir().unwrap();
-    let sock = d.path().join("src.sock");
-    let data = image();
-    let fake = Fake::new(
-        data.clone(),
-        (1, 4096, 32 << 20),
-        Arc::new(|_, off, _| {
-            if (2 << 20..3 << 20).contains(&off) {
-                Act::Silent
-            } else {
-                Act::Data
-            }
-        }),
-    );
-    let _srv = fake.start(&sock);
-    let p = start_proxy_with(d.path(), &sock, Duration::from_secs(1), 0, 0, true).await;
+    let r = Rig::new((1, 4096, 32 << 20), |_, off, _| {
+        if (2 << 20..3 << 20).contains(&off) {
+            Act::Silent
+        } else {
+            Act::Data
+        }
+    });
+    let data = &r.data;
+    let (_srv, p) = r.start(Opts::new(Duration::from_secs(1))).await;
     let got = p.read(0, vec![0u8; 65536], 0).await.unwrap();
     assert!(got == data[..65536]);
     wait_cached(&p, 1, 10).await;
@@ -802,27 +783,21 @@ async fn a_silent_region_does_not_hold_other_reads() {
 async fn on_demand_reads_go_ahead_of_the_background_copy() {
     let mut took = Vec::new();
     for yield_ in [true, false] {
-        let d = tempfile::tempdir().unwrap();
-        let sock = d.path().join("src.sock");
-        let data = image();
-        let fake = Fake::new(
-            data.clone(),
-            (1, 4096, 32 << 20),
-            Arc::new(|_, _, _| Act::Delay(Duration::from_millis(200))),
-        );
-        let _srv = fake.start(&sock);
-        let p = start_proxy_with(d.path(), &sock, Duration::from_secs(10), 0, 0, yield_).await;
+        let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
+            Act::Delay(Duration::from_millis(200))
+        });
+        let o = Opts {
+            background_yield: yield_,
+            ..Opts::new(Duration::from_secs(10))
+        };
+        let (_srv, p) = r.start(o).await;
         p.cache_all();
-        let end = Instant::now() + Duration::from_secs(10);
-        while fake.reads.load(Ordering::Relaxed) < 4 {
-            assert!(Instant::now() < end, "the background copy did not start");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        r.wait_reads(4).await;
         let t = Instant::now();
         for i in 0..3u64 {
             let off = (3 << 20) + i * (128 << 10);
             let got = p.read(off, vec![0u8; 4096], 0).await.unwrap();
-            assert!(got == data[off as usize..off as usize + 4096]);
+            r.assert_data(&got, off, 4096);
         }
         took.push(t.elapsed());
     }

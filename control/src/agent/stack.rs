@@ -194,13 +194,7 @@ pub fn guest_call(sock: &Path, e: Exec, wait: Duration) -> Result<Done, String> 
                 }
                 buf.extend_from_slice(&chunk[..k]);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if super::read_again(&e) => {}
             Err(e) => return Err(err(e)),
         }
     }

@@ -450,6 +450,34 @@ impl LibvirtDriver {
         Ok(gid)
     }
 
+    /// The domain `name` of type `domain_type` for `spec` on TAP `tap`, with the files
+    /// of `f`, the kernel and initramfs `boot` and this driver's vCPUs, kernel command
+    /// line and owner; libvirt makes its UUID.
+    fn domain_xml<'a>(
+        &'a self,
+        domain_type: &'a str,
+        name: &'a str,
+        spec: &'a VmSpec,
+        tap: &'a str,
+        f: &'a DomainFiles,
+        boot: &'a BootFiles,
+    ) -> DomainXml<'a> {
+        DomainXml {
+            domain_type,
+            name,
+            spec,
+            tap,
+            vcpus: self.cfg.vm.vcpus,
+            boot,
+            append: &self.cfg.vm.append,
+            nbd: &f.nbd,
+            console: &f.console,
+            console_log: &f.console_log,
+            owner: &self.cfg.owner,
+            uuid: None,
+        }
+    }
+
     fn start_inner(
         &mut self,
         spec: &VmSpec,
@@ -464,21 +492,7 @@ impl LibvirtDriver {
         let boot = Self::disk_served(f, xnbd, "xnbd serve", gid, children)?;
         let mut dtype = self.domain_type();
         loop {
-            let xml = DomainXml {
-                domain_type: dtype,
-                name: &dom,
-                spec,
-                tap,
-                vcpus: self.cfg.vm.vcpus,
-                boot: &boot,
-                append: &self.cfg.vm.append,
-                nbd: &f.nbd,
-                console: &f.console,
-                console_log: &f.console_log,
-                owner: &self.cfg.owner,
-                uuid: None,
-            }
-            .render();
+            let xml = self.domain_xml(dtype, &dom, spec, tap, f, &boot).render();
             std::fs::write(&f.xml, xml)
                 .map_err(|e| DriverError::Config(format!("{}: {e}", f.xml.display())))?;
             self.virsh(&["define", &f.xml.display().to_string()])?;
@@ -610,18 +624,8 @@ impl LibvirtDriver {
             let xnbd = f.spawn_proxy(&self.cfg.vm.xnbd, &spec.name, source, ctl, rate)?;
             let boot = Self::disk_served(&f, xnbd, "xnbd proxy", gid, &mut children)?;
             let xml = DomainXml {
-                domain_type: &origin.domain_type,
-                name: &origin.name,
-                spec,
-                tap: &tap,
-                vcpus: self.cfg.vm.vcpus,
-                boot: &boot,
-                append: &self.cfg.vm.append,
-                nbd: &f.nbd,
-                console: &f.console,
-                console_log: &f.console_log,
-                owner: &self.cfg.owner,
                 uuid: Some(&origin.uuid),
+                ..self.domain_xml(&origin.domain_type, &origin.name, spec, &tap, &f, &boot)
             }
             .render();
             std::fs::write(&f.xml, &xml)

@@ -18,6 +18,27 @@ pub fn assert_libvirt_tools() {
     }
 }
 
+/// What a libvirt lab test starts from, for the test `name` with lab names starting
+/// `prefix`: `None` (printed as skipped) when not root; else, the libvirt tools asserted
+/// present, the binaries under test (`mvc`, `xnbd`), the qemu guest's cache directory,
+/// the overlay, and a three-site lab with its topology.
+pub fn libvirt_lab(
+    name: &str,
+    prefix: &str,
+) -> Option<(PathBuf, PathBuf, String, String, lab::Lab, lab::Topology)> {
+    if !lab::is_root() {
+        lab::skip(name, "needs root for network namespaces, libvirtd and TAPs");
+        return None;
+    }
+    assert_libvirt_tools();
+    let (mvc, xnbd) = super::mvc_and_xnbd();
+    let cache = super::prepare_qemu_guest(&mvc);
+    let overlay = super::overlay_under_test(&mvc);
+    let lab = lab::Lab::new(prefix).expect("lab");
+    let topo = lab::Topology::three_sites(&lab, 0).expect("topology");
+    Some((mvc, xnbd, cache, overlay, lab, topo))
+}
+
 /// The agent options of a libvirt site served by `lv` (disks of `disk_mb` MiB), with
 /// or without accepting migrations.
 pub fn libvirt_agent_args(

@@ -227,24 +227,118 @@ pub fn links(ns: &str, prefix: &str) -> Vec<String> {
 /// `cluster create NAME --sites A:B:C --computes 1:1:1 --start`, every VM with
 /// `memory` MiB, leases awaited up to `lease_secs`: its JSON answer.
 pub fn create_1_1_1(sl: &SiteLab, name: &str, memory: u32, lease_secs: u32) -> serde_json::Value {
-    let (memory, lease) = (memory.to_string(), lease_secs.to_string());
-    sl.ctl_json(&[
-        "cluster",
-        "create",
-        name,
-        "--sites",
-        "A:B:C",
-        "--computes",
-        "1:1:1",
-        "--memory",
-        &memory,
-        "--frontend-memory",
-        &memory,
-        "--start",
-        "--lease-timeout",
-        &lease,
-    ])
-    .expect("cluster create")
+    let lease = lease_secs.to_string();
+    let out = sl
+        .create_cluster_with(
+            name,
+            "1:1:1",
+            memory,
+            &["--lease-timeout", &lease, "--json"],
+        )
+        .expect("cluster create");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cluster create: bad JSON: {e}: {out}"))
+}
+
+/// `vm migrate CLUSTER VM --to SITE` and then `extra`: the arguments of `mvc`.
+pub fn migrate_args<'a>(
+    cluster: &'a str,
+    vm: &'a str,
+    to: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec!["vm", "migrate", cluster, vm, "--to", to];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// [`create_1_1_1`] of `name` with 128 MiB VMs (leases awaited up to 300 s), C's own
+/// compute stopped to spare the CPU (C holds the cluster's overlay), and A's compute
+/// pinging B's: the answer of `cluster create`, the address of B's compute and the
+/// namespace of A's compute.
+pub fn create_b_pinged_from_a(
+    sl: &SiteLab,
+    name: &str,
+) -> (serde_json::Value, std::net::Ipv4Addr, String) {
+    let cl = create_1_1_1(sl, name, 128, 300);
+    let (avm, bvm, cvm) = (
+        compute_at(&cl, "A"),
+        compute_at(&cl, "B"),
+        compute_at(&cl, "C"),
+    );
+    sl.ctl_json(&["vm", "stop", cvm["name"].as_str().unwrap()])
+        .expect("stop C's own compute");
+    let ip: std::net::Ipv4Addr = bvm["ip"].as_str().unwrap().parse().unwrap();
+    let a_ns = sl
+        .vm_ns(name, avm["name"].as_str().unwrap())
+        .expect("A's VM namespace");
+    lab::wait_ping(&sl.lab, &a_ns, ip, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip}: {e}"));
+    (cl, ip, a_ns)
+}
+
+/// Checks a move to C that `vm migrate` answered with `mig`, made while `ping` (from
+/// [`spawn_ping`]) ran from A's compute (namespace `a_ns`) to `ip`: done, at C, no disk
+/// block fetched by the destination before the switchover, at most `max_lost` pings
+/// lost (`lost_as` says how long that is), and `ip` answering afterwards.
+pub fn assert_moved_to_c_while_pinged(
+    sl: &SiteLab,
+    mig: &serde_json::Value,
+    ping: std::process::Child,
+    (max_lost, lost_as): (u32, &str),
+    a_ns: &str,
+    ip: std::net::Ipv4Addr,
+) {
+    assert_eq!(mig["phase"], "done", "{mig}");
+    assert_eq!(mig["to"], "C");
+    assert_eq!(
+        mig["disk_bytes_before_switchover"], 0,
+        "the destination fetched disk blocks before the switchover: {mig}"
+    );
+    let (summary, lost) = lost_pings(ping);
+    eprintln!("ping from A's VM during the migration: {summary}");
+    assert!(
+        lost <= max_lost,
+        "more than {lost_as} of pings lost: {summary}"
+    );
+    lab::wait_ping(&sl.lab, a_ns, ip, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("A's VM -> {ip} after the migration: {e}"));
+}
+
+/// The md5 sum busybox printed.
+pub fn md5_of(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            let w = l.split_whitespace().next()?;
+            (w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit())).then(|| w.to_string())
+        })
+        .unwrap_or_else(|| panic!("no md5 sum in {out:?}"))
+}
+
+/// Whether directory `dir` holds a file whose name ends with `suffix`.
+pub fn has_file_ending(dir: &Path, suffix: &str) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(suffix))
+        })
+        .unwrap_or(false)
+}
+
+/// A move to C that fails because C's agent (pid `c_pid`) is killed on the way, as
+/// [`migrate_killing_agent`] does; then C's agent is started again.
+pub fn migrate_killing_c(
+    sl: &mut SiteLab,
+    migrate: &[&str],
+    c_pid: u32,
+    ready: impl FnMut() -> bool,
+    settle: Duration,
+) {
+    let killed = migrate_killing_agent(sl, migrate, c_pid, ready, settle);
+    let err = killed.expect_err("migration to a killed agent succeeded");
+    eprintln!("migration to a killed agent: {err}");
+    sl.kill_agent("C");
+    sl.restart_agent("C").expect("agent C restart");
 }
 
 /// `mvc <migrate>` run while the agent whose pid is `agent_pid` is killed with SIGKILL

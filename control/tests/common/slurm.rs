@@ -1,7 +1,80 @@
 //! What the Slurm tests share: `cluster exec` and `srun` on the frontend of cluster
 //! `s`, the Slurm daemons of the agents' VMs, and their logs on failure.
 use lab::sites::SiteLab;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Instant;
+
+/// Whether the Slurm test `name` can run here: root (`root_for` says what for) and the
+/// Slurm and munge tools; otherwise it prints that it was skipped.
+pub fn can_run(name: &str, root_for: &str) -> bool {
+    if !lab::is_root() {
+        lab::skip(name, root_for);
+        return false;
+    }
+    for tool in ["slurmctld", "slurmd", "munged", "srun"] {
+        if !have(tool) {
+            lab::skip(
+                name,
+                &format!("{tool} missing (.ci/setup-deps installs slurm-wlm, munge)"),
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// The end of a Slurm test whose body ended with `r`: should it have failed, prints the
+/// lab's logs, the Slurm logs and what `more_logs` prints, then passes the failure on.
+/// Prints the test's time either way.
+pub fn finish(
+    name: &str,
+    t0: Instant,
+    sl: &SiteLab,
+    r: std::thread::Result<()>,
+    more_logs: impl FnOnce(),
+) {
+    if r.is_err() {
+        sl.dump_logs();
+        slurm_logs(sl);
+        more_logs();
+    }
+    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// The names of the computes in the answer of `cluster create`.
+pub fn compute_names(cluster: &serde_json::Value) -> BTreeSet<String> {
+    cluster["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["role"] == "compute")
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asserts that `sinfo` lists exactly `computes` idle.
+pub fn assert_idle(sl: &SiteLab, computes: &BTreeSet<String>) {
+    let s = ok(sl, &["sinfo", "-h", "-N", "-o", "%N %t"]);
+    let idle: BTreeSet<String> = s
+        .lines()
+        .filter(|l| l.ends_with(" idle"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(&idle, computes, "{s}");
+}
+
+/// Asserts that `srun -N <computes> hostname` answers from each of `computes` (`when`
+/// goes before the failure message).
+pub fn assert_srun_everywhere(sl: &SiteLab, computes: &BTreeSet<String>, when: &str) {
+    let n = computes.len().to_string();
+    let (code, s, err) = srun(sl, &["-N", &n, "hostname"]);
+    let names: BTreeSet<String> = s.lines().map(str::to_string).collect();
+    assert_eq!(&names, computes, "{when}{code} {s} {err}");
+}
 
 /// `mvc cluster exec s -- ARGS` on the frontend: (exit status, stdout, stderr).
 pub fn exec(sl: &SiteLab, args: &[&str]) -> (i32, String, String) {

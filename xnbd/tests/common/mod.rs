@@ -92,6 +92,18 @@ pub fn xnbd(args: &[&str], log: &Path, ready: &Path) -> Proc {
     p
 }
 
+/// Start `xnbd serve` of `exports` (each the value of one `--export`) on the Unix socket
+/// `sock`, with `extra` arguments after them, and wait for the socket.
+pub fn serve(exports: &[String], sock: &Path, extra: &[&str], log: &Path) -> Proc {
+    let mut args = vec!["serve"];
+    for e in exports {
+        args.extend(["--export", e.as_str()]);
+    }
+    args.extend(["--unix", sock.to_str().unwrap()]);
+    args.extend(extra);
+    xnbd(&args, log, sock)
+}
+
 /// Start nbdkit in the foreground on a Unix socket and wait for it.
 pub fn nbdkit(sock: &Path, args: &[&str], log: &Path) -> Proc {
     let _ = std::fs::remove_file(sock);
