@@ -9,31 +9,11 @@
 //! qemu, Slurm and munge (.ci/setup-deps); otherwise prints that it was skipped.
 mod common;
 
-use common::slurm::{assert_idle, assert_srun_everywhere, can_run, compute_names, finish, ok};
+use common::slurm::{
+    assert_idle, assert_srun_everywhere, can_run, compute_names, exec_in, finish, ok,
+};
 use common::{alive_pid, compute_at, qemu_lab_at_c, wait_until};
-use control::demo::SiteLab;
 use std::time::{Duration, Instant};
-
-/// `mvc cluster exec s --vm VM ARGS`: (exit status, stdout, stderr).
-fn exec_in(sl: &SiteLab, vm: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec![
-        "cluster",
-        "exec",
-        "s",
-        "--vm",
-        vm,
-        "--timeout",
-        timeout,
-        "--",
-    ];
-    a.extend_from_slice(args);
-    let o = sl.ctl_output(&a).expect("mvc cluster exec");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn slurm_runs_jobs_on_a_qemu_compute() {

@@ -12,7 +12,7 @@
 //! it was skipped.
 mod common;
 
-use common::slurm::{have, ok, slurm_logs, srun};
+use common::slurm::{compute_names, exec_in, have, ok, slurm_logs, srun};
 use common::{
     alive_pid, compute_at, mvc_and_xnbd, overlay_under_test, prepare_qemu_guest, VmProcs,
 };
@@ -20,18 +20,6 @@ use control::demo::SiteLab;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// `mvc cluster exec s --vm VM -- ARGS` (30 s at most): (exit status, stdout, stderr).
-fn exec_in(sl: &SiteLab, vm: &str, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["cluster", "exec", "s", "--vm", vm, "--timeout", "30", "--"];
-    a.extend_from_slice(args);
-    let o = sl.ctl_output(&a).expect("mvc cluster exec");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 /// The VM's local name at the site where it runs now.
 fn local_of(sl: &SiteLab, vm: &str) -> String {
@@ -150,13 +138,7 @@ fn slurm_qemu_compute_migrates_to_another_site() {
             t0.elapsed().as_secs_f64()
         );
         let qvm = compute_at(&cl, "C")["name"].as_str().unwrap().to_string();
-        let computes: BTreeSet<String> = cl["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["role"] == "compute")
-            .map(|v| v["name"].as_str().unwrap().to_string())
-            .collect();
+        let computes = compute_names(&cl);
         assert_eq!(computes.len(), 3);
         let idle = || -> BTreeSet<String> {
             ok(&sl, &["sinfo", "-h", "-N", "-o", "%N %t"])
@@ -168,7 +150,7 @@ fn slurm_qemu_compute_migrates_to_another_site() {
         assert_eq!(idle(), computes);
         let bvm = compute_at(&cl, "B")["name"].as_str().unwrap().to_string();
         assert_eq!(switch_nodes(&sl, "site-C"), BTreeSet::from([qvm.clone()]));
-        let (code, before, err) = exec_in(&sl, &qvm, &["pidof", "slurmd"]);
+        let (code, before, err) = exec_in(&sl, &qvm, "30", &["pidof", "slurmd"]);
         assert_eq!(code, 0, "{err}");
         let clocal = local_of(&sl, &qvm);
 
@@ -198,9 +180,9 @@ fn slurm_qemu_compute_migrates_to_another_site() {
         assert_eq!(names, computes, "{code} {s} {err}");
         // The guest ran on through the move: the same slurmd, reached through the
         // guest agent's socket at B, with the rewritten topology.
-        let (code, after, err) = exec_in(&sl, &qvm, &["pidof", "slurmd"]);
+        let (code, after, err) = exec_in(&sl, &qvm, "30", &["pidof", "slurmd"]);
         assert_eq!((code, after.trim()), (0, before.trim()), "{err}");
-        let (code, conf, err) = exec_in(&sl, &qvm, &["cat", "/mvc/topology.conf"]);
+        let (code, conf, err) = exec_in(&sl, &qvm, "30", &["cat", "/mvc/topology.conf"]);
         assert_eq!(code, 0, "{err}");
         assert!(
             conf.lines()
@@ -239,7 +221,7 @@ fn slurm_qemu_compute_migrates_to_another_site() {
             BTreeSet::from([bvm.clone(), qvm.clone()]),
             "{code} {s} {err}"
         );
-        let (code, again, err) = exec_in(&sl, &qvm, &["pidof", "slurmd"]);
+        let (code, again, err) = exec_in(&sl, &qvm, "30", &["pidof", "slurmd"]);
         assert_eq!((code, again.trim()), (0, before.trim()), "{err}");
         let left = left_of(&b_state, &blocal);
         assert!(left.is_empty(), "left at B: {left:?}");

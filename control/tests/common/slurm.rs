@@ -78,7 +78,18 @@ pub fn assert_srun_everywhere(sl: &SiteLab, computes: &BTreeSet<String>, when: &
 
 /// `mvc cluster exec s -- ARGS` on the frontend: (exit status, stdout, stderr).
 pub fn exec(sl: &SiteLab, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["cluster", "exec", "s", "--timeout", "60", "--"];
+    cluster_exec(sl, &["--timeout", "60"], args)
+}
+
+/// `mvc cluster exec s --vm VM --timeout SECS -- ARGS`: (exit status, stdout, stderr).
+pub fn exec_in(sl: &SiteLab, vm: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
+    cluster_exec(sl, &["--vm", vm, "--timeout", timeout], args)
+}
+
+fn cluster_exec(sl: &SiteLab, options: &[&str], args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["cluster", "exec", "s"];
+    a.extend_from_slice(options);
+    a.push("--");
     a.extend_from_slice(args);
     let o = sl.ctl_output(&a).expect("mvc cluster exec");
     (
