@@ -495,7 +495,7 @@ impl AgentCore {
                 if let Some(c) = self.state.clusters.get_mut(&n) {
                     c.slots.push(slot.clone());
                 }
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 let stop = Arc::new(AtomicBool::new(false));
                 let source = self.mig_file(&slot.local, "src");
                 let incoming = self.mig_file(&slot.local, "min");
@@ -584,7 +584,7 @@ impl AgentCore {
                             s.handle = Some(r.handle.clone());
                         }
                         self.running.insert(slot.local.clone(), r);
-                        self.save().map_err(|e| e.to_string())?;
+                        self.save_one(n).map_err(|e| e.to_string())?;
                         Ok(answer)
                     }
                     Err(e) => {
@@ -809,7 +809,7 @@ impl AgentCore {
                 {
                     s.state = "running".into();
                 }
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 Ok(answer)
             }
             MigrateStep::Done => {
@@ -839,7 +839,7 @@ impl AgentCore {
                 {
                     s.incoming = None;
                 }
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 Ok(serde_json::json!("done"))
             }
             MigrateStep::Release => {
@@ -853,7 +853,7 @@ impl AgentCore {
                 if let Some(c) = self.state.clusters.get_mut(&n) {
                     c.slots.retain(|s| s.name != vm);
                 }
-                self.save().map_err(|e| e.to_string())?;
+                self.save_one(n).map_err(|e| e.to_string())?;
                 Ok(serde_json::json!("released"))
             }
             MigrateStep::Abort => {
@@ -1172,7 +1172,7 @@ impl AgentCore {
         {
             s.state = "running".into();
         }
-        self.save().map_err(|e| e.to_string())?;
+        self.save_one(n).map_err(|e| e.to_string())?;
         Ok(serde_json::json!("running"))
     }
 
@@ -1253,6 +1253,6 @@ impl AgentCore {
         if let Some(c) = self.state.clusters.get_mut(&n) {
             c.slots.retain(|s| s.name != vm);
         }
-        let _ = self.save();
+        let _ = self.save_one(n);
     }
 }

@@ -250,7 +250,7 @@ impl AgentCore {
         if let Some(c) = self.state.clusters.get_mut(&n) {
             c.stack = Some(stack);
         }
-        self.save().map_err(|e| e.to_string())?;
+        self.save_one(n).map_err(|e| e.to_string())?;
         let vms: Vec<String> = self.state.clusters[&n]
             .slots
             .iter()
