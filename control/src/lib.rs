@@ -19,6 +19,7 @@
 //! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
 pub mod agent;
 pub mod auth;
+pub mod bounded_exec;
 pub mod channel;
 pub mod claims;
 pub mod client;

@@ -21,6 +21,7 @@
 //! there ([`GUEST_START`]); the guest's files and daemons end with the guest.
 use super::{AgentCore, Refusal};
 use crate::auth::Authorization;
+use crate::bounded_exec::{self, Bounds, Signal};
 use crate::driver::RunningVm;
 use crate::guest_proto::{self, Done, Exec, Msg};
 use crate::process::{pids_marked, spawn};
@@ -32,8 +33,7 @@ use crate::stack::{
 use crate::validate::quote;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A command to run in a VM, prepared under the agent's lock and run outside it.
@@ -478,24 +478,6 @@ impl AgentCore {
     }
 }
 
-/// Collect at most [`EXEC_OUTPUT_MAX`] bytes of a stream, counting the rest.
-fn drain(mut r: impl Read + Send + 'static, buf: Arc<Mutex<(Vec<u8>, u64)>>) {
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 16384];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(k) => {
-                    let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
-                    let room = EXEC_OUTPUT_MAX.saturating_sub(b.0.len()).min(k);
-                    b.0.extend_from_slice(&chunk[..room]);
-                    b.1 += (k - room) as u64;
-                }
-            }
-        }
-    });
-}
-
 /// An exec in a guest: its guest agent runs it with the same bounds (output per
 /// stream, timeout, then the process group ended); the wait here is the timeout and
 /// the guest's 2 s grace, plus slack.
@@ -528,77 +510,32 @@ pub fn run_exec(plan: ExecPlan) -> Result<ExecOutput, String> {
 }
 
 fn run_local(plan: ExecPlan) -> ExecOutput {
-    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(&plan.cmd[0]);
-    cmd.args(&plan.cmd[1..])
-        .current_dir(&plan.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    cmd.args(&plan.cmd[1..]).current_dir(&plan.cwd);
     for (k, v) in &plan.env {
         cmd.env(k, v);
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return ExecOutput {
-                code: Some(127),
-                stderr: format!("cannot run {}: {e}", plan.cmd[0]),
-                ..Default::default()
-            }
-        }
+    let bounds = Bounds::new(EXEC_OUTPUT_MAX, plan.timeout);
+    let signal = |pgid: u32, sig: Signal| {
+        let sig = match sig {
+            Signal::Term => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+        };
+        crate::sys::signal_group(i32::try_from(pgid).unwrap_or(0), sig);
     };
-    let pgid = child.id() as i32;
-    let out = Arc::new(Mutex::new((Vec::new(), 0u64)));
-    let err = Arc::new(Mutex::new((Vec::new(), 0u64)));
-    if let Some(o) = child.stdout.take() {
-        drain(o, out.clone());
-    }
-    if let Some(e) = child.stderr.take() {
-        drain(e, err.clone());
-    }
-    if let Some(mut i) = child.stdin.take() {
-        let data = plan.stdin.into_bytes();
-        std::thread::spawn(move || {
-            let _ = i.write_all(&data);
-        });
-    }
-    let end = Instant::now() + plan.timeout;
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() >= end => {
-                timed_out = true;
-                // The group this command leads (its own, made at spawn).
-                crate::sys::signal_group(pgid, libc::SIGTERM);
-                std::thread::sleep(Duration::from_secs(2));
-                crate::sys::signal_group(pgid, libc::SIGKILL);
-                break child.wait().ok();
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => break None,
-        }
-    };
-    // What it left in the background holds the pipes open: give it a moment, then
-    // take what came.
-    let settle = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < settle && (Arc::strong_count(&out) > 1 || Arc::strong_count(&err) > 1) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let take = |b: &Arc<Mutex<(Vec<u8>, u64)>>| {
-        let b = b.lock().unwrap_or_else(|p| p.into_inner());
-        (String::from_utf8_lossy(&b.0).into_owned(), b.1)
-    };
-    let (stdout, d1) = take(&out);
-    let (stderr, d2) = take(&err);
-    ExecOutput {
-        code: status.and_then(|s| s.code()),
-        timed_out,
-        stdout,
-        stderr,
-        dropped: d1 + d2,
+    match bounded_exec::run(&mut cmd, plan.stdin.into_bytes(), &bounds, signal) {
+        Ok(f) => ExecOutput {
+            code: f.code,
+            timed_out: f.timed_out,
+            stdout: String::from_utf8_lossy(&f.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&f.stderr).into_owned(),
+            dropped: f.dropped,
+        },
+        Err(e) => ExecOutput {
+            code: Some(127),
+            stderr: format!("cannot run {}: {e}", plan.cmd[0]),
+            ..Default::default()
+        },
     }
 }
 

@@ -2,20 +2,23 @@
 //! `Exec` frames (control/src/guest_proto.rs) from the virtio-serial port
 //! `org.mvc.guest.0` and answers each with a `Done`: the command run in its own
 //! process group, its output kept up to 512 KiB per stream (the rest counted), the
-//! group ended at the timeout (SIGTERM, 2 s later SIGKILL). Commands run as root with
+//! group ended at the timeout (SIGTERM, 2 s later SIGKILL), as the agent runs a
+//! command in a netns VM (control/src/bounded_exec.rs, included here). Commands run as root with
 //! `PATH=/usr/sbin:/usr/bin:/sbin:/bin`, in `/mvc/home` when it exists, and with
 //! `SLURM_CONF=/mvc/slurm.conf` when that exists. Each command has a thread, so a
 //! long job does not hold the others. Only the agent's side of the port reaches it:
 //! nothing listens on the network.
+#[path = "../bounded_exec.rs"]
+mod bounded_exec;
 #[path = "../guest_proto.rs"]
 #[allow(dead_code)]
 mod guest_proto;
 
+use bounded_exec::{kill_command, Bounds};
 use guest_proto::{decode, encode, resync, Done, Exec, Msg, OUTPUT_MAX};
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,104 +35,36 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
-/// Keep at most [`OUTPUT_MAX`] bytes of a stream, counting the rest.
-fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<(Vec<u8>, u64)> {
-    std::thread::spawn(move || {
-        let (mut kept, mut dropped) = (Vec::new(), 0u64);
-        let mut chunk = [0u8; 16384];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) | Err(_) => return (kept, dropped),
-                Ok(k) => {
-                    let room = OUTPUT_MAX.saturating_sub(kept.len()).min(k);
-                    kept.extend_from_slice(&chunk[..room]);
-                    dropped += (k - room) as u64;
-                }
-            }
-        }
-    })
-}
-
 fn os(b: &[u8]) -> std::ffi::OsString {
     use std::os::unix::ffi::OsStringExt;
     std::ffi::OsString::from_vec(b.to_vec())
 }
 
-/// Signal a process group with busybox's `kill`.
-fn signal_group(pgid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args(["-s", sig, "--", &format!("-{pgid}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 fn run(e: Exec) -> Done {
     let mut cmd = Command::new(os(&e.argv[0]));
     cmd.args(e.argv[1..].iter().map(|a| os(a)))
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     let home = Path::new("/mvc/home");
     cmd.current_dir(if home.is_dir() { home } else { Path::new("/") });
     if Path::new("/mvc/slurm.conf").exists() {
         cmd.env("SLURM_CONF", "/mvc/slurm.conf");
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(err) => {
-            return Done {
-                code: Some(127),
-                stderr: format!("cannot run {}: {err}", String::from_utf8_lossy(&e.argv[0]))
-                    .into_bytes(),
-                ..Done::default()
-            }
-        }
-    };
-    let pgid = child.id();
-    let out = child.stdout.take().map(drain);
-    let err = child.stderr.take().map(drain);
-    if let Some(mut i) = child.stdin.take() {
-        let data = e.stdin;
-        std::thread::spawn(move || {
-            let _ = i.write_all(&data);
-        });
-    }
-    let end = Instant::now() + Duration::from_millis(u64::from(e.timeout_ms));
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() >= end => {
-                timed_out = true;
-                signal_group(pgid, "TERM");
-                std::thread::sleep(Duration::from_secs(2));
-                signal_group(pgid, "KILL");
-                break child.wait().ok();
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => break None,
-        }
-    };
-    // What it left in the background may hold the pipes: wait a moment, not for ever.
-    let settle = Instant::now() + Duration::from_millis(500);
-    let take = |h: Option<std::thread::JoinHandle<(Vec<u8>, u64)>>| {
-        let h = h?;
-        while !h.is_finished() && Instant::now() < settle {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        h.is_finished().then(|| h.join().ok()).flatten()
-    };
-    let (stdout, d1) = take(out).unwrap_or_default();
-    let (stderr, d2) = take(err).unwrap_or_default();
-    Done {
-        code: status.and_then(|s| s.code()),
-        timed_out,
-        dropped: d1 + d2,
-        stdout,
-        stderr,
+    let bounds = Bounds::new(OUTPUT_MAX, Duration::from_millis(u64::from(e.timeout_ms)));
+    // busybox's `kill`: the guest's signals without a system call of its own.
+    match bounded_exec::run(&mut cmd, e.stdin, &bounds, kill_command) {
+        Ok(f) => Done {
+            code: f.code,
+            timed_out: f.timed_out,
+            dropped: f.dropped,
+            stdout: f.stdout,
+            stderr: f.stderr,
+        },
+        Err(err) => Done {
+            code: Some(127),
+            stderr: format!("cannot run {}: {err}", String::from_utf8_lossy(&e.argv[0]))
+                .into_bytes(),
+            ..Done::default()
+        },
     }
 }
 
