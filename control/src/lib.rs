@@ -13,6 +13,7 @@
 //! - [`process`]: running, spawning and stopping helper processes.
 //! - [`failpoint`]: test-only crash points of the agent.
 //! - [`guest_proto`]: the frames between the agent and the guest agent in a qemu guest.
+//! - [`bounded_exec`]: a command run with bounded output and time (agent and guest agent).
 //! - [`controller`]: the operations behind `mvc site|cluster|vm`.
 //! - [`sys`]: the system calls std does not wrap (signals, file locks).
 //! - [`validate`]: checks of names, counts and addresses where they enter.
