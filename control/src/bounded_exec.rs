@@ -2,7 +2,7 @@
 //! at most `output_max` bytes kept of each output stream (the rest counted), and the
 //! whole group ended at the timeout (SIGTERM, then SIGKILL after a grace period).
 //!
-//! The agent runs commands in netns VMs with it ([`crate::agent`]'s stack part) and
+//! The agent runs commands in netns VMs with it (`control/src/agent/stack.rs`) and
 //! the guest agent `mvc-guest` runs commands inside a qemu guest with it. The guest
 //! binary does not link this crate, so this file uses `std` only and `mvc-guest`
 //! (`src/bin/mvc-guest.rs`) includes the same file; how a group is signalled is the
