@@ -22,7 +22,13 @@
 //!
 //! Built files are cached under the cache directory, keyed by kernel release and the
 //! content of every file in the archive, so repeated starts only reuse them and a
-//! plain guest stays small.
+//! plain guest stays small. A guest agent built with debug information goes in
+//! stripped (`strip`, else `objcopy --strip-all`; as it is when neither is there).
+//! When an archive is made, the older archives of the same kind (plain, Slurm) go
+//! ([`prune`]): qemu reads the archive once, at its start, so only one named on a
+//! running process's command line is in use; one handed out in the last
+//! [`KEEP_USED`] stays too (another agent sharing the cache may be about to start a
+//! VM with it; handing one out renews its time).
 use super::DriverError;
 use crate::process::run;
 use std::collections::BTreeMap;
@@ -221,7 +227,7 @@ fn extra_files(opts: &GuestOptions) -> Result<Vec<(String, Vec<u8>, u32)>, Drive
     let read = |p: &Path| std::fs::read(p).map_err(|e| cfg_err(format!("{}: {e}", p.display())));
     let mut hosts = Vec::new();
     if let Some(a) = &opts.agent {
-        out.push(("bin/mvc-guest".to_string(), read(a)?, 0o755));
+        out.push(("bin/mvc-guest".to_string(), agent_bytes(a)?, 0o755));
         hosts.extend(libs_of(a)?);
     }
     if opts.slurm {
@@ -242,6 +248,83 @@ fn extra_files(opts: &GuestOptions) -> Result<Vec<(String, Vec<u8>, u32)>, Drive
         out.push((name, read(&h)?, 0o755));
     }
     Ok(out)
+}
+
+/// The guest agent's bytes: stripped when it carries debug information and a `strip` or
+/// `objcopy` is here (a debug build is ten times the size of the stripped one), as
+/// it is otherwise.
+fn agent_bytes(a: &Path) -> Result<Vec<u8>, DriverError> {
+    let bytes = std::fs::read(a).map_err(|e| cfg_err(format!("{}: {e}", a.display())))?;
+    if !has_debug_sections(&bytes) {
+        return Ok(bytes);
+    }
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("mvc-guest.{}.{n}.stripped", std::process::id()));
+    let (src, dst) = (a.as_os_str(), tmp.as_os_str());
+    let tools: [(&str, Vec<&std::ffi::OsStr>); 2] = [
+        ("strip", vec!["-o".as_ref(), dst, src]),
+        ("objcopy", vec!["--strip-all".as_ref(), src, dst]),
+    ];
+    for (tool, args) in tools {
+        let ok = std::process::Command::new(tool)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let stripped = std::fs::read(&tmp);
+        let _ = std::fs::remove_file(&tmp);
+        if let (true, Ok(b)) = (ok, stripped) {
+            return Ok(b);
+        }
+    }
+    tracing::info!(agent = %a.display(), "no strip or objcopy here: the guest agent goes in with its debug information");
+    Ok(bytes)
+}
+
+/// True when the ELF64 little-endian file has debug information (a `.debug_info` or
+/// `.debug_line` section).
+pub fn has_debug_sections(b: &[u8]) -> bool {
+    if b.len() < 0x40 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| {
+        b.get(o..o + 2)
+            .map(|t| usize::from(u16::from_le_bytes([t[0], t[1]])))
+    };
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        let t = b.get(o..o + 8)?;
+        let mut x = [0u8; 8];
+        x.copy_from_slice(t);
+        usize::try_from(u64::from_le_bytes(x)).ok()
+    };
+    let (Some(shoff), Some(entsize), Some(num), Some(strndx)) =
+        (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e))
+    else {
+        return false;
+    };
+    // Section header `i`: its name's offset in the name table, its file offset.
+    let header = |i: usize| shoff.checked_add(i.checked_mul(entsize)?);
+    let Some(names) = header(strndx).and_then(|h| u64_at(h + 0x18)) else {
+        return false;
+    };
+    (0..num).any(|i| {
+        let Some(name) = header(i)
+            .and_then(&u32_at)
+            .and_then(|off| names.checked_add(off))
+        else {
+            return false;
+        };
+        // Not `.debug_gdb_scripts`: an allocated section that stripping keeps.
+        b.get(name..)
+            .is_some_and(|n| n.starts_with(b".debug_info\0") || n.starts_with(b".debug_line\0"))
+    })
 }
 
 /// The Debian package whose dependency names the current cloud kernel.
@@ -607,8 +690,10 @@ pub fn initramfs(cache: &Path, k: &Kernel, opts: &GuestOptions) -> Result<PathBu
         parts.push(bytes);
     }
     let key = fnv(&parts);
-    let out = cache.join(format!("initramfs-{}-{key:016x}.cpio", k.release));
+    let kind = if opts.slurm { "slurm" } else { "plain" };
+    let out = cache.join(format!("initramfs-{}-{kind}-{key:016x}.cpio", k.release));
     if out.exists() {
+        mark_used(&out);
         return Ok(out);
     }
     let mods = module_closure(&k.modules, MODULES)?;
@@ -662,7 +747,91 @@ pub fn initramfs(cache: &Path, k: &Kernel, opts: &GuestOptions) -> Result<PathBu
         .and_then(|_| std::fs::rename(&tmp, &out))
         .map_err(|e| cfg_err(format!("{}: {e}", out.display())))?;
     tracing::info!(initramfs = %out.display(), modules = ?mods.iter().map(|m| &m.0).collect::<Vec<_>>(), "guest initramfs built");
+    let gone = prune(cache, &out, std::time::SystemTime::now());
+    if !gone.is_empty() {
+        tracing::info!(removed = ?gone, "older guest initramfs archives removed");
+    }
     Ok(out)
+}
+
+/// How long an archive handed out stays, whatever is built after it.
+pub const KEEP_USED: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Note that `archive` was handed out now (its modification time), so that [`prune`]
+/// leaves it for [`KEEP_USED`].
+pub fn mark_used(archive: &Path) {
+    let _ = std::fs::File::options()
+        .write(true)
+        .open(archive)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+/// The kind of an archive from its name (`initramfs-<release>-<kind>-<key>.cpio`):
+/// `Some("")` for one named before kinds were (`initramfs-<release>-<key>.cpio`),
+/// `None` for a file that is no archive.
+fn archive_kind(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("initramfs-")?.strip_suffix(".cpio")?;
+    let (rest, key) = rest.rsplit_once('-')?;
+    if key.len() != 16 || !key.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(match rest.rsplit_once('-') {
+        Some((_, k @ ("plain" | "slurm"))) => k,
+        _ => "",
+    })
+}
+
+/// Whether a running process names `path`'s file on its command line (qemu's
+/// `-initrd`).
+fn named_by_a_process(path: &Path) -> bool {
+    let Some(file) = path.file_name() else {
+        return false;
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|p| {
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            return false;
+        };
+        cmdline.split(|&b| b == 0).any(|arg| {
+            use std::os::unix::ffi::OsStrExt;
+            Path::new(std::ffi::OsStr::from_bytes(arg)).file_name() == Some(file)
+        })
+    })
+}
+
+/// Remove the archives in `cache` older than `current` of its kind (and those named
+/// before kinds were), but not one a running process names nor one handed out within
+/// [`KEEP_USED`] of `now`; what went.
+pub fn prune(cache: &Path, current: &Path, now: std::time::SystemTime) -> Vec<PathBuf> {
+    let Some(kind) = current
+        .file_name()
+        .and_then(|n| archive_kind(&n.to_string_lossy()).map(str::to_string))
+    else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir(cache) else {
+        return Vec::new();
+    };
+    let mut gone = Vec::new();
+    for e in dir.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let same_kind = archive_kind(&name).is_some_and(|k| k == kind || k.is_empty());
+        let recent = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| now.duration_since(t).unwrap_or_default() < KEEP_USED)
+            .unwrap_or(true);
+        if p == current || !same_kind || recent || named_by_a_process(&p) {
+            continue;
+        }
+        if std::fs::remove_file(&p).is_ok() {
+            gone.push(p);
+        }
+    }
+    gone
 }
 
 /// Kernel and initramfs for guests (with the guest agent when it is found), from the
@@ -688,6 +857,7 @@ pub fn prepare_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn kernel_dep_parsed() {
@@ -784,6 +954,113 @@ mod tests {
         );
         let e = parse_ldd("\tlibhdf5.so.103 => not found\n").unwrap_err();
         assert_eq!(e, "libhdf5.so.103");
+    }
+
+    #[test]
+    fn debug_info_found_and_stripped() {
+        assert!(!has_debug_sections(b"not an elf"));
+        assert!(!has_debug_sections(&[]));
+        let mut hostile = std::fs::read("/bin/sh").unwrap_or_default();
+        if hostile.len() > 0x40 {
+            // Section headers beyond the end of the file.
+            hostile[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
+            assert!(!has_debug_sections(&hostile));
+        }
+        // This test binary is a debug build.
+        let me = std::env::current_exe().unwrap();
+        assert!(has_debug_sections(&std::fs::read(&me).unwrap()));
+        let got = agent_bytes(&me).unwrap();
+        let stripper = ["strip", "objcopy"].iter().any(|t| {
+            std::process::Command::new(t)
+                .arg("--version")
+                .output()
+                .is_ok()
+        });
+        if stripper {
+            assert!(!has_debug_sections(&got));
+            assert!(is_elf(&got));
+        } else {
+            eprintln!("no strip or objcopy here: the agent goes in as it is");
+        }
+    }
+
+    fn is_elf(b: &[u8]) -> bool {
+        b.starts_with(b"\x7fELF")
+    }
+
+    #[test]
+    fn archive_names_have_kinds() {
+        let r = "6.1.0-57-cloud-amd64";
+        let k = "0123456789abcdef";
+        assert_eq!(
+            archive_kind(&format!("initramfs-{r}-plain-{k}.cpio")),
+            Some("plain")
+        );
+        assert_eq!(
+            archive_kind(&format!("initramfs-{r}-slurm-{k}.cpio")),
+            Some("slurm")
+        );
+        assert_eq!(archive_kind(&format!("initramfs-{r}-{k}.cpio")), Some(""));
+        assert_eq!(archive_kind(&format!("initramfs-{r}-plain-{k}.tmp")), None);
+        assert_eq!(archive_kind("initramfs-x-plain-123.cpio"), None);
+        assert_eq!(archive_kind("kernel"), None);
+    }
+
+    #[test]
+    fn prune_keeps_current_other_kinds_recent_and_running_archives() {
+        let d = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let hours_ago = now - Duration::from_secs(2 * 3600);
+        let file = |name: &str, used: std::time::SystemTime| {
+            let p = d.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(used)
+                .unwrap();
+            p
+        };
+        let r = "6.1.0-57-cloud-amd64";
+        let current = file(&format!("initramfs-{r}-plain-000000000000000a.cpio"), now);
+        let old = file(
+            &format!("initramfs-{r}-plain-000000000000000b.cpio"),
+            hours_ago,
+        );
+        let legacy = file(&format!("initramfs-{r}-000000000000000c.cpio"), hours_ago);
+        let recent = file(
+            &format!("initramfs-{r}-plain-000000000000000d.cpio"),
+            now - Duration::from_secs(60),
+        );
+        let slurm = file(
+            &format!("initramfs-{r}-slurm-000000000000000e.cpio"),
+            hours_ago,
+        );
+        let running = file(
+            &format!("initramfs-{r}-plain-000000000000000f.cpio"),
+            hours_ago,
+        );
+        let other = file("kernel.tmp", hours_ago);
+        // A process naming `running` on its command line, as qemu's `-initrd` does.
+        let mut vm = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; true", "-initrd"])
+            .arg(&running)
+            .spawn()
+            .unwrap();
+        let mut gone = prune(d.path(), &current, now);
+        let _ = vm.kill();
+        let _ = vm.wait();
+        gone.sort();
+        assert_eq!(gone, [legacy, old]);
+        for kept in [&current, &recent, &slurm, &running, &other] {
+            assert!(kept.exists(), "{} removed", kept.display());
+        }
+        // Once nothing names it, the old one goes too; handing one out renews it.
+        mark_used(&recent);
+        let later = now + KEEP_USED - Duration::from_secs(10);
+        assert_eq!(prune(d.path(), &current, later), [running]);
+        assert!(recent.exists());
     }
 
     #[test]

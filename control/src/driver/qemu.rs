@@ -337,7 +337,9 @@ impl QemuDriver {
             return Ok(b.clone());
         }
         let i = usize::from(slurm);
-        if let Some(b) = &self.built[i] {
+        // Another agent sharing the cache may have pruned it: built again then.
+        if let Some(b) = self.built[i].as_ref().filter(|b| b.initrd.exists()) {
+            guest::mark_used(&b.initrd);
             return Ok(b.clone());
         }
         let b = guest::prepare_with(&self.cfg.cache_dir, true, &guest::GuestOptions::new(slurm))?;
