@@ -160,6 +160,10 @@ pub mod wire {
     pub const TYPE_BCAST: u8 = 0x05;
     /// Data (edge -> edge transport message).
     pub const TYPE_DATA: u8 = 0x12;
+    /// The transport messages' types, first and last: Data, Probe, Control.
+    pub const TYPE_TRANSPORT_FIRST: u8 = TYPE_DATA;
+    /// See [`TYPE_TRANSPORT_FIRST`].
+    pub const TYPE_TRANSPORT_LAST: u8 = 0x14;
     /// Shortest Register (no name, no addresses).
     pub const REGISTER_MIN_LEN: usize = 150;
     /// Relay header: version, type, 2 reserved, community (16), source and
@@ -275,7 +279,7 @@ pub const fn edge_rx_min(msg_type: u8) -> Option<(usize, bool)> {
         0x06 => Some((wire::COOKIE_LEN, false)),
         0x10 => Some((wire::HS_INIT_LEN, false)),
         0x11 => Some((wire::HS_RESP_LEN, false)),
-        0x12..=0x14 => Some((wire::TRANSPORT_HDR_LEN, false)),
+        t if is_transport(t) => Some((wire::TRANSPORT_HDR_LEN, false)),
         _ => None,
     }
 }
@@ -283,7 +287,10 @@ pub const fn edge_rx_min(msg_type: u8) -> Option<(usize, bool)> {
 /// Transport messages (Data, Probe, Control): those name the receiver's
 /// session index at [`wire::INDEX_AT`].
 pub const fn is_transport(msg_type: u8) -> bool {
-    matches!(msg_type, 0x12..=0x14)
+    matches!(
+        msg_type,
+        wire::TYPE_TRANSPORT_FIRST..=wire::TYPE_TRANSPORT_LAST
+    )
 }
 
 impl FilterCounter {
