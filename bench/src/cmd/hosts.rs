@@ -10,14 +10,13 @@
 //! front of the overlay, so raw TCP runs at what the kernel's loopback-like veth path gives.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use bench::peers::{HostEnd, Peer};
 use lab::overlay::{Edge, EdgeOpts, Mvc, Supernode, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Site};
 
-use super::overlay::{Args, Ctx, Desc, Results};
+use super::overlay::{Args, Ctx, Results};
 
 /// The third octet of the layout's networks: underlay 198.18.60.0/24, TAPs 198.19.60.0/24.
 const NET: u8 = 60;
@@ -190,15 +189,7 @@ pub(super) fn run_all(
     let ctx = h.ctx(lab, args, perf);
     let has = |s: &str| args.systems.iter().any(|x| x == s);
     if has("raw") {
-        let d = Desc {
-            system: "raw",
-            cipher: "-",
-            path: "routed",
-            datapath: "-",
-            layer: "-",
-            mtu: 1500,
-        };
-        ctx.measure(&d, h.a.ip, &[], out)?;
+        ctx.raw_row(out)?;
     }
     if let Some(mvc) = mvc {
         if args.datapath.iter().any(|d| d == "xdp") {
@@ -220,23 +211,12 @@ pub(super) fn run_all(
         let (running, dst) = peer
             .start_pair(lab, &h.a, &h.b)
             .with_context(|| format!("starting {label}"))?;
-        let d = Desc {
-            system: &label,
-            cipher: peer.cipher(),
-            path: "direct",
-            datapath: "-",
-            layer: peer.layer(),
-            mtu: 1420,
-        };
-        let res = ctx.measure(&d, dst, &running.pids(), out);
+        let res = ctx.peer_row(&running, &label, 1420, dst, out);
         running.release(lab);
         // A peer that fails on the loaded machine (iperf3 cannot connect through it in
         // time) loses its own row, not the rows measured before it.
         if let Err(e) = res {
             eprintln!("note: {label} left out of the table: {e:#}");
-            for p in running.procs() {
-                eprintln!("---- {} log:\n{}", p.name, lab.log(p));
-            }
         }
     }
     Ok(())
@@ -261,30 +241,7 @@ fn measure_mvc(
     let res = c
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|c| {
-            let dst = overlay(1);
-            lab::wait_ping(lab, &h.b.ns, dst, Duration::from_secs(30))?;
-            lab.wait_until(
-                &format!("edge b -> a path {path}"),
-                Duration::from_secs(30),
-                || mvc.path_to(lab, &c.b, "a").as_deref() == Some(path),
-            )?;
-            let st = mvc.edge_status(lab, &c.b)?;
-            let actual = st["datapath"].as_str().unwrap_or("?").to_string();
-            let d = Desc {
-                system: "mvc",
-                cipher,
-                path,
-                datapath: &actual,
-                layer: "L2",
-                mtu: 1500,
-            };
-            ctx.measure(&d, dst, &c.pids(), out)?;
-            if mvc.path_to(lab, &c.b, "a").as_deref() != Some(path) {
-                bail!("path b -> a changed during the {path} measurement");
-            }
-            Ok(())
-        });
+        .and_then(|c| ctx.mvc_row(mvc, &c.b, "a", cipher, path, overlay(1), &c.pids(), out));
     if let Ok(c) = &c {
         c.stop(lab);
     }

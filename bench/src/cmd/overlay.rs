@@ -17,10 +17,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bench::peers::Peer;
+use bench::peers::{Peer, Running};
 use bench::sockperf::{self, PingPong};
 use lab::cpu;
-use lab::overlay::{Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
+use lab::overlay::{Edge, Mvc, MvcCluster, N2n, EDGE_PORT, N2N_MTU};
 use lab::{Lab, Topology};
 use serde::Serialize;
 
@@ -316,13 +316,13 @@ pub struct SmallRow {
 }
 
 /// What a configuration is, for the tables.
-pub(super) struct Desc<'a> {
-    pub(super) system: &'a str,
-    pub(super) cipher: &'a str,
-    pub(super) path: &'a str,
-    pub(super) datapath: &'a str,
-    pub(super) layer: &'a str,
-    pub(super) mtu: u32,
+struct Desc<'a> {
+    system: &'a str,
+    cipher: &'a str,
+    path: &'a str,
+    datapath: &'a str,
+    layer: &'a str,
+    mtu: u32,
 }
 
 #[derive(Default)]
@@ -370,9 +370,91 @@ impl Ctx<'_> {
         &self.server
     }
 
+    /// The raw underlay's row: the server at [`Ctx::raw_dst`] without an overlay.
+    pub(super) fn raw_row(&self, out: &mut Results) -> anyhow::Result<()> {
+        let d = Desc {
+            system: "raw",
+            cipher: "-",
+            path: "routed",
+            datapath: "-",
+            layer: "-",
+            mtu: 1500,
+        };
+        self.measure(&d, self.raw_dst, &[], out)
+    }
+
+    /// mvc's row once its cluster is up: the client reaches `dst` through `edge` (the
+    /// client's), whose path to edge `to` must be `path` before and after; the datapath
+    /// is the one the edge reports. `pids`: the cluster's processes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mvc_row(
+        &self,
+        mvc: &Mvc,
+        edge: &Edge,
+        to: &str,
+        cipher: &str,
+        path: &str,
+        dst: Ipv4Addr,
+        pids: &[u32],
+        out: &mut Results,
+    ) -> anyhow::Result<()> {
+        let lab = self.lab;
+        lab::wait_ping(lab, self.client(), dst, Duration::from_secs(30))?;
+        lab.wait_until(
+            &format!("edge {} -> {to} path {path}", edge.name),
+            Duration::from_secs(30),
+            || mvc.path_to(lab, edge, to).as_deref() == Some(path),
+        )?;
+        let st = mvc.edge_status(lab, edge)?;
+        let actual = st["datapath"].as_str().unwrap_or("?").to_string();
+        let d = Desc {
+            system: "mvc",
+            cipher,
+            path,
+            datapath: &actual,
+            layer: "L2",
+            mtu: 1500,
+        };
+        self.measure(&d, dst, pids, out)?;
+        if mvc.path_to(lab, edge, to).as_deref() != Some(path) {
+            bail!(
+                "path {} -> {to} changed during the {path} measurement",
+                edge.name
+            );
+        }
+        Ok(())
+    }
+
+    /// A peer system's row (`label`, the VMs' MTU `mtu`): the client reaches `dst`
+    /// through `running`, whose logs are printed when the measurement fails.
+    pub(super) fn peer_row(
+        &self,
+        running: &Running,
+        label: &str,
+        mtu: u32,
+        dst: Ipv4Addr,
+        out: &mut Results,
+    ) -> anyhow::Result<()> {
+        let d = Desc {
+            system: label,
+            cipher: running.peer.cipher(),
+            path: "direct",
+            datapath: "-",
+            layer: running.peer.layer(),
+            mtu,
+        };
+        let res = self.measure(&d, dst, &running.pids(), out);
+        if res.is_err() {
+            for p in running.procs() {
+                eprintln!("---- {} log:\n{}", p.name, self.lab.log(p));
+            }
+        }
+        res
+    }
+
     /// Measures one configuration (TCP/ping, or small frames with `--small`) into `out`;
     /// `pids` are the system's processes, for the CPU cost.
-    pub(super) fn measure(
+    fn measure(
         &self,
         d: &Desc,
         dst: Ipv4Addr,
@@ -630,15 +712,7 @@ fn run_all(
     };
     let has = |s: &str| args.systems.iter().any(|x| x == s);
     if has("raw") {
-        let d = Desc {
-            system: "raw",
-            cipher: "-",
-            path: "routed",
-            datapath: "-",
-            layer: "-",
-            mtu: 1500,
-        };
-        ctx.measure(&d, va.underlay_ip, &[], out)?;
+        ctx.raw_row(out)?;
     }
     let relay_block = || topo.block_udp(lab, b, a, Some(EDGE_PORT));
     if let Some(mvc) = mvc {
@@ -680,25 +754,8 @@ fn run_all(
                             return Err(e.into());
                         }
                     };
-                    let res = (|| -> anyhow::Result<()> {
-                        lab::wait_ping(lab, ctx.client(), va.ip, Duration::from_secs(30))?;
-                        c.wait_path(lab, "b", "a", path, Duration::from_secs(30))?;
-                        let st = mvc.edge_status(lab, c.edge("b"))?;
-                        let actual = st["datapath"].as_str().unwrap_or("?").to_string();
-                        let d = Desc {
-                            system: "mvc",
-                            cipher,
-                            path,
-                            datapath: &actual,
-                            layer: "L2",
-                            mtu: 1500,
-                        };
-                        ctx.measure(&d, va.ip, &c.pids(), out)?;
-                        if mvc.path_to(lab, c.edge("b"), "a").as_deref() != Some(path.as_str()) {
-                            bail!("path b -> a changed during the {path} measurement");
-                        }
-                        Ok(())
-                    })();
+                    let res =
+                        ctx.mvc_row(mvc, c.edge("b"), "a", cipher, path, va.ip, &c.pids(), out);
                     c.stop(lab);
                     if let Some(r) = rules {
                         topo.unblock(lab, &r)?;
@@ -738,20 +795,7 @@ fn run_all(
         let running = peer
             .start(lab, topo)
             .with_context(|| format!("starting {label}"))?;
-        let d = Desc {
-            system: &label,
-            cipher: peer.cipher(),
-            path: "direct",
-            datapath: "-",
-            layer: peer.layer(),
-            mtu: peer.vm_mtu(),
-        };
-        let res = ctx.measure(&d, va.ip, &running.pids(), out);
-        if res.is_err() {
-            for p in running.procs() {
-                eprintln!("---- {} log:\n{}", p.name, lab.log(p));
-            }
-        }
+        let res = ctx.peer_row(&running, &label, peer.vm_mtu(), va.ip, out);
         running.stop(lab, topo)?;
         res?;
     }
