@@ -2,98 +2,44 @@
 //! descriptor limit with its descriptors taken by idle connections, connections over the
 //! limit, and clients that never send their channel hello. After each, a normal client is
 //! served.
-use control::agent;
-use control::auth::{Authorization, SigningKey};
+mod common;
+
+use common::agent::LocalAgent;
+use control::auth::SigningKey;
 use control::client::AgentClient;
-use control::model::Site;
 use control::proto::{InfoData, Request};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// An agent process, killed and reaped on drop.
 struct AgentProc {
     child: Child,
-    log: std::path::PathBuf,
-    addr: String,
-    key: String,
+    agent: LocalAgent,
 }
 
 impl AgentProc {
     /// `mvc agent run` for site "A" on a free loopback port, under `prlimit --nofile=N`
     /// when given, with `user` authorised.
     fn start(dir: &Path, user: &SigningKey, nofile: Option<u32>, extra: &[&str]) -> AgentProc {
-        let key = agent::init(dir).unwrap();
-        agent::authorize(
-            dir,
-            Authorization {
-                key: user.public_hex(),
-                comment: "test".into(),
-                may_create_clusters: true,
-                max_vms: 1,
-                hosts: vec!["*".into()],
-            },
-        )
-        .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let agent = LocalAgent::init(dir, user, 1);
         let mvc = env!("CARGO_BIN_EXE_mvc");
-        let state = dir.to_str().unwrap();
-        let mut args: Vec<String> = Vec::new();
-        if let Some(n) = nofile {
-            args.extend([format!("--nofile={n}:{n}"), mvc.to_owned()]);
-        }
-        for a in [
-            "agent",
-            "run",
-            "--state",
-            state,
-            "--site",
-            "A",
-            "--listen",
-            &addr,
-            "--host",
-            "h0:2:4096:1",
-            "--ns-prefix",
-            "mvctl-",
-            "--overlay",
-            "n2n",
-        ] {
-            args.push(a.to_owned());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let prog = if nofile.is_some() { "prlimit" } else { mvc };
-        let log = dir.join("agent.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(prog)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let mut a = AgentProc {
-            child,
-            log,
-            addr,
-            key,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&a.addr).is_err() {
-            if Instant::now() > end {
-                let _ = a.child.kill();
-                panic!("agent did not come up: {}", a.log_text());
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.args([format!("--nofile={n}:{n}").as_str(), mvc]);
+                c
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        a
+            None => Command::new(mvc),
+        };
+        cmd.args(agent.run_args())
+            .args(["--host", "h0:2:4096:1", "--ns-prefix", "mvctl-"])
+            .args(["--overlay", "n2n"])
+            .args(extra);
+        let child = agent.spawn(&mut cmd, Duration::from_secs(20));
+        AgentProc { child, agent }
     }
 
     /// SIGTERM, then wait (bounded) for the exit.
@@ -112,31 +58,11 @@ impl AgentProc {
 
     /// The log so far, without terminal colour codes.
     fn log_text(&self) -> String {
-        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let mut out = String::with_capacity(raw.len());
-        let mut esc = false;
-        for c in raw.chars() {
-            match (esc, c) {
-                (false, '\x1b') => esc = true,
-                (false, c) => out.push(c),
-                (true, 'm') => esc = false,
-                (true, _) => {}
-            }
-        }
-        out
+        self.agent.log()
     }
 
     fn info(&self, user: &SigningKey) -> InfoData {
-        let site = Site {
-            id: 0,
-            name: "A".into(),
-            agent_addr: self.addr.clone(),
-            agent_key: self.key.clone(),
-        };
-        AgentClient::connect(&site, user)
-            .unwrap()
-            .call(&Request::Info)
-            .unwrap()
+        serde_json::from_value(self.agent.call(user, &Request::Info).unwrap()).unwrap()
     }
 }
 
@@ -193,7 +119,7 @@ fn agent_survives_descriptor_exhaustion() {
     let dir = tempfile::tempdir().unwrap();
     let user = SigningKey::generate().unwrap();
     let a = AgentProc::start(dir.path(), &user, Some(48), &["--handshake-timeout", "120"]);
-    let addr: SocketAddr = a.addr.parse().unwrap();
+    let addr: SocketAddr = a.agent.addr.parse().unwrap();
     // Idle connections (each a thread at the agent, holding a descriptor) until accept fails.
     let mut idle = Vec::new();
     for _ in 0..100 {
@@ -211,13 +137,7 @@ fn agent_survives_descriptor_exhaustion() {
     // A normal client is served once descriptors are free (bounded retries).
     let end = Instant::now() + Duration::from_secs(30);
     let info = loop {
-        let site = Site {
-            id: 0,
-            name: "A".into(),
-            agent_addr: a.addr.clone(),
-            agent_key: a.key.clone(),
-        };
-        match AgentClient::connect(&site, &user)
+        match AgentClient::connect(&a.agent.site(), &user)
             .and_then(|mut c| c.call::<InfoData>(&Request::Info))
         {
             Ok(i) => break i,
@@ -252,11 +172,11 @@ fn agent_bounds_connections_and_handshake_time() {
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     let mut silent: Vec<TcpStream> = (0..3)
-        .map(|_| TcpStream::connect(&a.addr).unwrap())
+        .map(|_| TcpStream::connect(&a.agent.addr).unwrap())
         .collect();
     // Over the limit: closed at once.
     std::thread::sleep(Duration::from_millis(200));
-    let mut over = TcpStream::connect(&a.addr).unwrap();
+    let mut over = TcpStream::connect(&a.agent.addr).unwrap();
     assert!(closed_within(&mut over, Duration::from_secs(1)));
     // The silent ones are closed after the handshake timeout.
     for s in &mut silent {

@@ -3,53 +3,32 @@
 //! reservation, and restarted: every reservation is still there, the one cut short is
 //! there whole or not at all, no claim or temporary file is left that the store does
 //! not name.
-use control::agent::{self, state::reservations_dir};
-use control::auth::{Authorization, SigningKey};
-use control::client::AgentClient;
+mod common;
+
+use common::agent::LocalAgent;
+use control::agent::state::reservations_dir;
+use control::auth::SigningKey;
 use control::failpoint;
-use control::model::Site;
 use control::proto::{InfoData, Request, SlotReq};
 use std::collections::BTreeSet;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Reservations the agent holds before the kills.
 const HELD: usize = 1000;
 
 struct Agent {
-    dir: PathBuf,
+    local: LocalAgent,
     claims: PathBuf,
-    addr: String,
-    key: String,
     child: Option<Child>,
 }
 
 impl Agent {
     fn new(dir: &Path, user: &SigningKey) -> Agent {
-        let key = agent::init(dir).unwrap();
-        agent::authorize(
-            dir,
-            Authorization {
-                key: user.public_hex(),
-                comment: "test".into(),
-                may_create_clusters: true,
-                max_vms: 4000,
-                hosts: vec!["*".into()],
-            },
-        )
-        .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         Agent {
-            dir: dir.into(),
+            local: LocalAgent::init(dir, user, 4000),
             claims: dir.join("claims"),
-            addr: format!("127.0.0.1:{port}"),
-            key,
             child: None,
         }
     }
@@ -57,38 +36,23 @@ impl Agent {
     /// `mvc agent run`, aborting at `failpoint` when given; waits until it listens.
     fn start(&mut self, failpoint: Option<&str>) -> Duration {
         let t = Instant::now();
-        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvc"));
-        cmd.args(["agent", "run", "--state"])
-            .arg(&self.dir)
-            .args(["--site", "A", "--listen", &self.addr])
+        cmd.args(self.local.run_args())
             .args(["--host", "h0:64:100000:256", "--host", "h1:64:100000:256"])
             .args(["--host", "h2:64:100000:256", "--host", "h3:64:100000:256"])
             .args(["--host", "h4:64:100000:256", "--ns-prefix", "mvcst-"])
             .args(["--overlay", "n2n", "--claims-dir"])
             .arg(&self.claims)
-            .env("RUST_LOG", "info")
-            .env_remove(failpoint::ENV)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .env_remove(failpoint::ENV);
         if let Some(p) = failpoint {
             cmd.env(failpoint::ENV, p);
         }
-        self.child = Some(cmd.spawn().unwrap());
-        let end = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(&self.addr).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited ({st}) at start: {}", self.log());
-            }
-            assert!(Instant::now() < end, "agent did not listen: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(self.local.spawn(&mut cmd, Duration::from_secs(60)));
         t.elapsed()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        self.local.log()
     }
 
     /// Wait (bounded) for the agent to have aborted at its failpoint.
@@ -119,20 +83,8 @@ impl Agent {
         }
     }
 
-    fn site(&self) -> Site {
-        Site {
-            id: 0,
-            name: "A".into(),
-            agent_addr: self.addr.clone(),
-            agent_key: self.key.clone(),
-        }
-    }
-
     fn call(&self, user: &SigningKey, req: &Request) -> Result<serde_json::Value, String> {
-        AgentClient::connect(&self.site(), user)
-            .map_err(|e| e.to_string())?
-            .call_value(req)
-            .map_err(|e| e.to_string())
+        self.local.call(user, req)
     }
 
     /// The reservations the agent reports: name -> confirmed.
@@ -147,7 +99,7 @@ impl Agent {
 
     /// Numbers with a reservation file; fails on a leftover temporary file.
     fn files(&self) -> BTreeSet<u32> {
-        std::fs::read_dir(reservations_dir(&self.dir))
+        std::fs::read_dir(reservations_dir(&self.local.dir))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .map(|n| {

@@ -1,10 +1,11 @@
 //! What the VM tests on the three-site lab share: the binaries under test, the
 //! overlay, the qemu guest, finding a cluster's VMs, ending the
 //! processes a failed test leaves, `mvc` runs that go on while the test watches, and
-//! reading a ping's losses, a libvirtd of a test's own ([`libvirtd`]). Each test file
-//! uses a part of it.
+//! reading a ping's losses, a libvirtd of a test's own ([`libvirtd`]), a local agent
+//! for the tests without root ([`agent`]). Each test file uses a part of it.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod libvirtd;
 pub mod slurm;
 
