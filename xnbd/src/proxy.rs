@@ -27,6 +27,14 @@
 //! (with every other fetch ready by then: one `fdatasync` of the cache and one of the
 //! bitmap for the lot), and stay claimed until they are marked.
 //!
+//! Source connections: `source_connections` NBD connections to the source, each kept up
+//! by a reconnector of its own; every request goes to the live one with the fewest reply
+//! bytes outstanding (so a long link carries several TCP windows at once, and a client's
+//! fetch does not queue behind one connection's backlog). A request whose connection dies
+//! or falls silent is sent again at once on another live connection, once. An extra
+//! connection the source does not accept while another works is retried now and then and
+//! is not a source failure.
+//!
 //! Source outage: fetches wait for the source to come back (the reconnector retries at
 //! most every second, at the same address or a new one given with `reconnect`), for at most
 //! `source_timeout` counted from the moment the source went missing (not from the client's
