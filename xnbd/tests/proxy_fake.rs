@@ -886,14 +886,14 @@ fn several(connections: usize, source_timeout: Duration) -> Opts {
     }
 }
 
-/// Four source connections against a source answering each read 30 ms after the one
+/// Four source connections against a source answering each read 60 ms after the one
 /// before it on the same connection: the copy and a sequential reader's readahead use all
-/// four, the copy takes about a quarter of the one-connection time, every block is fetched
-/// once and the cache holds the source's bytes.
+/// four, the copy takes well under the one-connection time, every block is fetched once
+/// and the cache holds the source's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_source_connections_share_the_fetches() {
     let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-        Act::Delay(Duration::from_millis(30))
+        Act::Delay(Duration::from_millis(60))
     });
     let o = Opts {
         readahead: (256 << 10, 1 << 20),
@@ -915,9 +915,9 @@ async fn several_source_connections_share_the_fetches() {
     println!("copy took {took:?}; reads per connection {per:?}");
     assert_eq!(per.len(), 4, "{per:?}");
     assert!(per.iter().all(|&n| n >= 2), "{per:?}");
-    // 16 chunks of 256 KiB less what the reader fetched, 30 ms each: about 360 ms on one
-    // connection.
-    assert!(took < Duration::from_millis(300), "{took:?}");
+    // 16 chunks of 256 KiB less the 4 or more the reader fetched, 60 ms each: at least
+    // 720 ms on one connection, about 180 ms on four.
+    assert!(took < Duration::from_millis(550), "{took:?}");
     assert_eq!(st.fetched_blocks, st.total_blocks, "{st:?}");
     assert_eq!(st.source_errors, 0, "{st:?}");
     assert_eq!(r.fake.violations.load(Ordering::Relaxed), 0);
