@@ -486,6 +486,15 @@ impl Client {
         self.limits
     }
 
+    /// Bytes of replies still expected: the data of the reads sent and not yet answered
+    /// (how busy the connection is, to spread requests over several).
+    pub fn outstanding_bytes(&self) -> u64 {
+        self.shared
+            .lock()
+            .map(|s| s.pending.values().map(|p| u64::from(p.0)).sum())
+            .unwrap_or(u64::MAX)
+    }
+
     /// Whether the connection has failed.
     pub fn is_dead(&self) -> bool {
         self.shared.lock().map(|s| s.dead).unwrap_or(true)

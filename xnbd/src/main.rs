@@ -171,6 +171,10 @@ struct ProxyArgs {
     /// fetches (by default it drops to one request in flight meanwhile).
     #[arg(long)]
     no_background_yield: bool,
+    /// Connections to the source (1-16), each request on the least busy one: over a long
+    /// link one TCP stream carries one window per round trip, several carry several.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
+    source_connections: u16,
     /// Export name offered to clients.
     #[arg(long, default_value = "")]
     name: String,
@@ -391,6 +395,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         readahead: a.readahead,
         readahead_max: a.readahead_max,
         background_yield: !a.no_background_yield,
+        source_connections: usize::from(a.source_connections),
     })
     .await;
     let p = match p {
@@ -453,13 +458,15 @@ fn print_status(json: bool, r: &ctl::Reply) -> Result<()> {
     };
     println!("mode:      {}", g("mode").as_str().unwrap_or("?"));
     println!(
-        "source:    {} ({})",
+        "source:    {} ({}, {}/{} connections up)",
         g("source").as_str().unwrap_or("?"),
         if g("source_connected").as_bool().unwrap_or(false) {
             "connected"
         } else {
             "not connected"
-        }
+        },
+        g("source_connections_up").as_u64().unwrap_or(0),
+        g("source_connections").as_u64().unwrap_or(0),
     );
     println!("{}", health_line(&st));
     if let Some(e) = g("source_last_error").as_str() {

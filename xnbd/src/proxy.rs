@@ -27,6 +27,14 @@
 //! (with every other fetch ready by then: one `fdatasync` of the cache and one of the
 //! bitmap for the lot), and stay claimed until they are marked.
 //!
+//! Source connections: `source_connections` NBD connections to the source, each kept up
+//! by a reconnector of its own; every request goes to the live one with the fewest reply
+//! bytes outstanding (so a long link carries several TCP windows at once, and a client's
+//! fetch does not queue behind one connection's backlog). A request whose connection dies
+//! or falls silent is sent again at once on another live connection, once. An extra
+//! connection the source does not accept while another works is retried now and then and
+//! is not a source failure.
+//!
 //! Source outage: fetches wait for the source to come back (the reconnector retries at
 //! most every second, at the same address or a new one given with `reconnect`), for at most
 //! `source_timeout` counted from the moment the source went missing (not from the client's
@@ -79,6 +87,13 @@ const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// How long a background fetch holding claims waits for a missing source before it lets
 /// the blocks go (clients needing them then fetch them with their own patience).
 const BACKGROUND_PATIENCE: Duration = Duration::from_secs(1);
+/// Most source connections a proxy opens.
+pub const MAX_SOURCE_CONNECTIONS: usize = 16;
+/// First pause before an extra source connection that failed is tried again while
+/// another one works (a source that takes fewer clients: qemu-nbd's default of one).
+const EXTRA_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest such pause.
+const EXTRA_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Proxy errors at setup.
 #[derive(Debug, Error)]
@@ -134,6 +149,10 @@ pub struct ProxyConfig {
     /// copy keeps at most one request of its own in flight, so that the requests clients
     /// wait for do not queue behind `background_depth` chunks at the source.
     pub background_yield: bool,
+    /// Source connections (1 to [`MAX_SOURCE_CONNECTIONS`]): each request goes to the
+    /// least busy one, so that a long link whose TCP window bounds one stream carries
+    /// several windows at once.
+    pub source_connections: usize,
 }
 
 /// Mode of the proxy.
@@ -155,6 +174,10 @@ pub struct Status {
     pub source: String,
     /// Whether a source connection is up.
     pub source_connected: bool,
+    /// Source connections the proxy keeps open (`--source-connections`).
+    pub source_connections: usize,
+    /// Of those, how many are up.
+    pub source_connections_up: usize,
     /// Export size.
     pub size: u64,
     /// Block size.
@@ -397,7 +420,7 @@ impl Readahead {
     }
 }
 
-/// One connection slot to the source, reconnected by a background task.
+/// One connection slot to the source, reconnected by a background task of its own.
 struct Link {
     client: watch::Sender<Option<Arc<Client>>>,
     kick: Notify,
@@ -410,8 +433,9 @@ impl Link {
             kick: Notify::new(),
         }
     }
+    /// Forget `c` if it is this slot's connection (and have it reconnected).
     fn drop_client(&self, c: &Arc<Client>) {
-        self.client.send_if_modified(|cur| {
+        let mine = self.client.send_if_modified(|cur| {
             if cur.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
                 *cur = None;
                 true
@@ -419,7 +443,21 @@ impl Link {
                 false
             }
         });
-        self.kick.notify_one();
+        if mine {
+            self.kick.notify_one();
+        }
+    }
+
+    /// The slot's connection if it is up.
+    fn live(&self) -> Option<Arc<Client>> {
+        let cur = self.client.borrow().clone();
+        match cur {
+            Some(c) if c.is_dead() => {
+                self.drop_client(&c);
+                None
+            }
+            c => c,
+        }
     }
 }
 
@@ -432,7 +470,12 @@ pub struct Proxy {
     bs: u64,
     inflight: Arc<Mutex<HashMap<u64, Waiter>>>,
     source: Mutex<Addr>,
-    link: Link,
+    /// The source connections (at least one).
+    links: Vec<Link>,
+    /// Bumped whenever a source connection comes up.
+    up: watch::Sender<u64>,
+    /// Where the next choice of a connection starts looking (ties go round).
+    next_link: AtomicU64,
     target: AtomicBool,
     background: AtomicBool,
     rate_limit: AtomicU64,
@@ -547,7 +590,11 @@ impl Proxy {
             bs: u64::from(cfg.block_size),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             source: Mutex::new(cfg.source.clone()),
-            link: Link::new(),
+            links: (0..cfg.source_connections.clamp(1, MAX_SOURCE_CONNECTIONS))
+                .map(|_| Link::new())
+                .collect(),
+            up: watch::channel(0).0,
+            next_link: AtomicU64::new(0),
             target: AtomicBool::new(complete),
             background: AtomicBool::new(cfg.background),
             rate_limit: AtomicU64::new(cfg.rate),
@@ -586,9 +633,11 @@ impl Proxy {
         if let Some(c) = first {
             p.note_limits(&c);
             c.set_stall_timeout(Some(p.stall_timeout()));
-            p.link.client.send_replace(Some(Arc::new(c)));
+            p.links[0].client.send_replace(Some(Arc::new(c)));
         }
-        tokio::spawn(p.clone().reconnector());
+        for i in 0..p.links.len() {
+            tokio::spawn(p.clone().reconnector(i));
+        }
         tokio::spawn(p.clone().background_copy());
         tokio::spawn(p.clone().sampler());
         Ok(p)
@@ -599,27 +648,55 @@ impl Proxy {
         self.size
     }
 
-    /// The source connection. One connection carries on-demand and background reads
-    /// (many in flight), so sources that accept a single client (qemu-nbd's default) work;
-    /// on-demand reads go first because the background copy waits for what they leave of
-    /// the rate budget.
-    fn link(&self, _demand: bool) -> &Link {
-        &self.link
+    /// The least busy live source connection (fewest reply bytes outstanding; ties go
+    /// round), if any. Every connection carries both on-demand and background reads, many
+    /// in flight each; on-demand reads go first because the background copy waits for what
+    /// they leave of the rate budget, and they land on the connection with the shortest
+    /// queue. A connection that stopped answering keeps its queue, so new requests avoid it
+    /// until it is declared dead.
+    fn pick(&self) -> Option<Arc<Client>> {
+        let n = self.links.len();
+        let start = self.next_link.fetch_add(1, Ordering::Relaxed) as usize % n;
+        let mut best: Option<(u64, Arc<Client>)> = None;
+        for k in 0..n {
+            let Some(c) = self.links[(start + k) % n].live() else {
+                continue;
+            };
+            let load = c.outstanding_bytes();
+            if best.as_ref().is_none_or(|(b, _)| load < *b) {
+                best = Some((load, c));
+            }
+        }
+        best.map(|(_, c)| c)
+    }
+
+    /// Source connections up now.
+    fn links_up(&self) -> usize {
+        self.links.iter().filter(|l| l.live().is_some()).count()
+    }
+
+    /// Forget a failed source connection (its slot reconnects).
+    fn drop_client(&self, c: &Arc<Client>) {
+        for l in &self.links {
+            l.drop_client(c);
+        }
     }
 
     fn is_target(&self) -> bool {
         self.target.load(Ordering::Acquire)
     }
 
-    /// Keep one source connection up while in proxy mode. Attempts are spaced by the
+    /// Keep source connection `i` up while in proxy mode. Attempts are spaced by the
     /// source backoff (at most [`RECONNECT_MAX`]), also when a connection that succeeded
-    /// fails again at once.
-    async fn reconnector(self: Arc<Self>) {
-        let link = &self.link;
+    /// fails again at once. An extra connection (not the first) that cannot be opened while
+    /// another one works is not a source failure (the source may take fewer clients): it is
+    /// tried again after a pause of its own, 1 s doubling to 30 s.
+    async fn reconnector(self: Arc<Self>, i: usize) {
+        let link = &self.links[i];
         let mut last_attempt: Option<Instant> = None;
+        let mut extra_failures = 0u32;
         while !self.is_target() {
-            let have = link.client.borrow().as_ref().is_some_and(|c| !c.is_dead());
-            if have {
+            if link.live().is_some() {
                 tokio::select! {
                     _ = link.kick.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -630,8 +707,19 @@ impl Proxy {
                 link.client.send_replace(None);
             }
             if let Some(t) = last_attempt {
-                let pause = self.backoff().min(RECONNECT_MAX);
-                tokio::time::sleep_until(t + pause).await;
+                if extra_failures > 0 {
+                    let pause = EXTRA_RETRY_MIN
+                        .saturating_mul(1 << (extra_failures - 1).min(5))
+                        .min(EXTRA_RETRY_MAX);
+                    // Woken early when no connection is left, or by `reconnect`.
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t + pause) => {}
+                        _ = link.kick.notified() => {}
+                    }
+                } else {
+                    let pause = self.backoff().min(RECONNECT_MAX);
+                    tokio::time::sleep_until(t + pause).await;
+                }
                 if self.is_target() {
                     break;
                 }
@@ -649,16 +737,19 @@ impl Proxy {
             .unwrap_or_else(|_| Err(ClientError::Protocol("handshake timed out".into())));
             match conn {
                 Ok(c) if c.size() == self.size => {
-                    if self.health().reads_failed {
-                        // Still failing on reads: one line per attempt would flood the log.
-                        tracing::debug!("source {addr} connected");
+                    if self.health().reads_failed || extra_failures > 0 || i > 0 {
+                        // Still failing on reads, or one of several: one line per attempt
+                        // would flood the log.
+                        tracing::debug!("source {addr} connected (connection {})", i + 1);
                     } else {
                         info!("source {addr} connected");
                     }
+                    extra_failures = 0;
                     self.note_limits(&c);
                     c.set_stall_timeout(Some(self.stall_timeout()));
                     self.connected();
                     link.client.send_replace(Some(Arc::new(c)));
+                    self.up.send_modify(|g| *g += 1);
                     self.wake.notify_waiters();
                 }
                 Ok(c) => {
@@ -671,7 +762,21 @@ impl Proxy {
                         false,
                     );
                 }
-                Err(e) => self.source_failed(format!("connecting to {addr}: {e}"), false),
+                Err(e) if i > 0 && self.links_up() > 0 => {
+                    if extra_failures == 0 {
+                        info!(
+                            "source connection {} of {} not opened ({e}): carrying on with {}, trying again later",
+                            i + 1,
+                            self.links.len(),
+                            self.links_up()
+                        );
+                    }
+                    extra_failures = extra_failures.saturating_add(1);
+                }
+                Err(e) => {
+                    extra_failures = 0;
+                    self.source_failed(format!("connecting to {addr}: {e}"), false)
+                }
             }
         }
         if let Some(c) = link.client.send_replace(None) {
@@ -789,25 +894,19 @@ impl Proxy {
     }
 
     /// A live source connection, waiting until `deadline` (None: forever) for one.
-    async fn client(
-        &self,
-        demand: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Arc<Client>, OpError> {
-        let link = self.link(demand);
-        let mut rx = link.client.subscribe();
+    async fn client(&self, deadline: Option<Instant>) -> Result<Arc<Client>, OpError> {
+        let mut rx = self.up.subscribe();
         loop {
             if self.is_target() {
                 return Err(OpError::new(err::EIO, "source detached"));
             }
-            let cur = rx.borrow_and_update().clone();
-            if let Some(c) = cur {
-                if !c.is_dead() {
-                    return Ok(c);
-                }
-                link.drop_client(&c);
+            rx.borrow_and_update();
+            if let Some(c) = self.pick() {
+                return Ok(c);
             }
-            link.kick.notify_one();
+            for l in &self.links {
+                l.kick.notify_one();
+            }
             let wait = rx.changed();
             match deadline {
                 Some(d) => {
@@ -831,7 +930,9 @@ impl Proxy {
 
     /// Read `[off, off+len)` from the source, retrying over reconnections. `patience` is
     /// how long the source may be missing, counted from the moment it is found missing (a
-    /// read queued behind others on a slow but live connection is not cut short).
+    /// read queued behind others on a slow but live connection is not cut short). A read
+    /// whose connection dies or falls silent is sent again at once on another live
+    /// connection, once; after that it waits for a connection within its patience.
     async fn source_read(
         &self,
         demand: bool,
@@ -840,19 +941,13 @@ impl Proxy {
         patience: Duration,
     ) -> Result<Vec<u8>, OpError> {
         let mut deadline: Option<Instant> = None;
+        let mut moved = false;
         loop {
-            let live = self
-                .link
-                .client
-                .borrow()
-                .as_ref()
-                .filter(|c| !c.is_dead())
-                .cloned();
-            let c = match live {
+            let c = match self.pick() {
                 Some(c) => c,
                 None => {
                     let d = *deadline.get_or_insert_with(|| Instant::now() + patience);
-                    self.client(demand, Some(d)).await?
+                    self.client(Some(d)).await?
                 }
             };
             match c.read(off, len).await {
@@ -878,8 +973,14 @@ impl Proxy {
                             .unwrap_or_else(Instant::now);
                         deadline.get_or_insert(since + patience);
                     }
-                    self.source_failed(format!("read of {len} bytes at {off}: {e}"), true);
-                    self.link(demand).drop_client(&c);
+                    let kind = if demand { "on-demand" } else { "background" };
+                    self.source_failed(format!("{kind} read of {len} bytes at {off}: {e}"), true);
+                    self.drop_client(&c);
+                    if !moved && self.links.len() > 1 && self.pick().is_some() {
+                        // Another connection is up: the read goes there now.
+                        moved = true;
+                        continue;
+                    }
                 }
             }
             let d = *deadline.get_or_insert_with(|| Instant::now() + patience);
@@ -1407,7 +1508,9 @@ impl Proxy {
     }
 
     fn drop_source(&self) {
-        self.link.kick.notify_one();
+        for l in &self.links {
+            l.kick.notify_one();
+        }
         self.wake.notify_waiters();
     }
 
@@ -1480,7 +1583,7 @@ impl Proxy {
             // so that clients needing these blocks are not stuck behind either.
             self.background_turn().await;
             if self
-                .client(false, Some(Instant::now() + Duration::from_secs(1)))
+                .client(Some(Instant::now() + Duration::from_secs(1)))
                 .await
                 .is_err()
             {
@@ -1596,12 +1699,7 @@ impl Proxy {
         } else {
             None
         };
-        let connected = self
-            .link
-            .client
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| !c.is_dead());
+        let up = if self.is_target() { 0 } else { self.links_up() };
         let h = self.health();
         Status {
             mode: if self.is_target() {
@@ -1614,7 +1712,9 @@ impl Proxy {
                 .lock()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
-            source_connected: connected,
+            source_connected: up > 0,
+            source_connections: self.links.len(),
+            source_connections_up: up,
             size: self.size,
             block_size: self.cfg.block_size,
             total_blocks: total,
@@ -1666,10 +1766,12 @@ impl Proxy {
                 *s = a;
             }
         }
-        if let Some(c) = self.link.client.send_replace(None) {
-            tokio::spawn(async move { c.disconnect().await });
+        for l in &self.links {
+            if let Some(c) = l.client.send_replace(None) {
+                tokio::spawn(async move { c.disconnect().await });
+            }
+            l.kick.notify_one();
         }
-        self.link.kick.notify_one();
     }
 
     /// Drop the source and serve only local data. Refused while blocks are missing unless

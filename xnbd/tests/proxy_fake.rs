@@ -45,6 +45,10 @@ enum Act {
 
 type Script = dyn Fn(u64, u64, u32) -> Act + Send + Sync;
 
+/// Decides a read by the connection it came on (numbered from 0 in accept order), before
+/// the script: `None` leaves it to the script.
+type ConnScript = dyn Fn(u64) -> Option<Act> + Send + Sync;
+
 /// The fake source: an export of `data`, advertising `limits` (min, preferred, max).
 struct Fake {
     data: Arc<Vec<u8>>,
@@ -53,6 +57,12 @@ struct Fake {
     script: Arc<Script>,
     reads: AtomicU64,
     connections: AtomicU64,
+    /// Connections past this many open at once are closed at once (0: no limit).
+    max_open: AtomicU64,
+    open: Arc<AtomicU64>,
+    /// Reads answered (or not) per connection number.
+    per_conn: Mutex<Vec<u64>>,
+    conn_script: Mutex<Option<Arc<ConnScript>>>,
     /// Reads outside the advertised limits (answered with EINVAL, as nbdkit's
     /// `blocksize-policy` does).
     violations: AtomicU64,
@@ -69,6 +79,10 @@ impl Fake {
             script,
             reads: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            max_open: AtomicU64::new(0),
+            open: Arc::new(AtomicU64::new(0)),
+            per_conn: Mutex::new(Vec::new()),
+            conn_script: Mutex::new(None),
             violations: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             t0: Instant::now(),
@@ -84,10 +98,19 @@ impl Fake {
         Up(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((s, _)) = l.accept().await {
-                me.connections.fetch_add(1, Ordering::Relaxed);
+                let max = me.max_open.load(Ordering::Relaxed);
+                if max > 0 && me.open.load(Ordering::Relaxed) >= max {
+                    // A source that takes fewer clients: closed before the greeting.
+                    drop(s);
+                    continue;
+                }
+                let id = me.connections.fetch_add(1, Ordering::Relaxed);
+                me.per_conn.lock().unwrap().push(0);
                 let me = me.clone();
+                let open = Open::new(me.open.clone());
                 conns.spawn(async move {
-                    let _ = me.serve(s).await;
+                    let _open = open;
+                    let _ = me.serve(s, id).await;
                 });
                 while conns.try_join_next().is_some() {}
             }
@@ -99,7 +122,12 @@ impl Fake {
         log.iter().filter(|t| **t >= a && **t < b).count()
     }
 
-    async fn serve(&self, mut s: UnixStream) -> std::io::Result<()> {
+    /// Reads each connection saw, in accept order.
+    fn reads_per_connection(&self) -> Vec<u64> {
+        self.per_conn.lock().unwrap().clone()
+    }
+
+    async fn serve(&self, mut s: UnixStream, id: u64) -> std::io::Result<()> {
         s.write_all(&proto::encode_greeting(
             proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
         ))
@@ -153,6 +181,7 @@ impl Fake {
             }
             let n = self.reads.fetch_add(1, Ordering::Relaxed);
             self.log.lock().unwrap().push(self.t0.elapsed());
+            self.per_conn.lock().unwrap()[id as usize] += 1;
             let (min, _, max) = self.limits;
             let end = r.offset + u64::from(r.length);
             if r.offset % u64::from(min) != 0
@@ -173,7 +202,11 @@ impl Fake {
                 cookie: r.cookie,
             };
             let bytes = &self.data[r.offset as usize..end as usize];
-            match (self.script)(n, r.offset, r.length) {
+            let by_conn = self.conn_script.lock().unwrap().clone();
+            let act = by_conn
+                .and_then(|f| f(id))
+                .unwrap_or_else(|| (self.script)(n, r.offset, r.length));
+            match act {
                 Act::Data => {
                     s.write_all(&ok.encode()).await?;
                     s.write_all(bytes).await?;
@@ -198,6 +231,22 @@ impl Fake {
                 }
             }
         }
+    }
+}
+
+/// Counts one open connection of the fake source while it lives.
+struct Open(Arc<AtomicU64>);
+
+impl Open {
+    fn new(c: Arc<AtomicU64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -233,6 +282,8 @@ struct Opts {
     /// Readahead start and maximum, bytes.
     readahead: (u64, u64),
     background_yield: bool,
+    /// Source connections.
+    connections: usize,
 }
 
 impl Opts {
@@ -244,6 +295,7 @@ impl Opts {
             background: false,
             readahead: (0, 0),
             background_yield: true,
+            connections: 1,
         }
     }
 }
@@ -265,6 +317,7 @@ async fn start_proxy(dir: &Path, sock: &Path, o: Opts) -> Arc<Proxy> {
         readahead: o.readahead.0,
         readahead_max: o.readahead.1,
         background_yield: o.background_yield,
+        source_connections: o.connections,
     };
     Proxy::start(cfg).await.unwrap()
 }
@@ -804,4 +857,178 @@ async fn on_demand_reads_go_ahead_of_the_background_copy() {
     println!("three cold reads behind the background copy: {took:?} (yield, no yield)");
     // With the yield: about 5 + 2 x 2 replies of 200 ms; without: up to 3 x 5.
     assert!(took[1] > took[0] + Duration::from_millis(400), "{took:?}");
+}
+
+impl Rig {
+    /// Decide reads by their connection first (see [`ConnScript`]).
+    fn by_connection(&self, f: impl Fn(u64) -> Option<Act> + Send + Sync + 'static) {
+        *self.fake.conn_script.lock().unwrap() = Some(Arc::new(f));
+    }
+}
+
+/// Waits until `n` source connections are up.
+async fn wait_links(p: &Proxy, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = p.status();
+        if st.source_connections_up >= n {
+            return;
+        }
+        assert!(Instant::now() < end, "{n} connections not up: {st:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn several(connections: usize, source_timeout: Duration) -> Opts {
+    Opts {
+        connections,
+        ..Opts::new(source_timeout)
+    }
+}
+
+/// Four source connections against a source answering each read 60 ms after the one
+/// before it on the same connection: the copy and a sequential reader's readahead use all
+/// four, the copy takes well under the one-connection time, every block is fetched once
+/// and the cache holds the source's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_source_connections_share_the_fetches() {
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
+        Act::Delay(Duration::from_millis(60))
+    });
+    let o = Opts {
+        readahead: (256 << 10, 1 << 20),
+        ..several(4, Duration::from_secs(5))
+    };
+    let (_srv, p) = r.start(o).await;
+    wait_links(&p, 4).await;
+    // A sequential reader over the first MiB: its blocks and the readahead spread.
+    for i in 0..4u64 {
+        let off = i * (256 << 10);
+        let got = p.read(off, vec![0u8; 256 << 10], 0).await.unwrap();
+        r.assert_data(&got, off, 256 << 10);
+    }
+    let t = Instant::now();
+    p.cache_all();
+    let st = wait_complete(&p, 30).await;
+    let took = t.elapsed();
+    let per = r.fake.reads_per_connection();
+    println!("copy took {took:?}; reads per connection {per:?}");
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.iter().all(|&n| n >= 2), "{per:?}");
+    // 16 chunks of 256 KiB less the 4 or more the reader fetched, 60 ms each: at least
+    // 720 ms on one connection, about 180 ms on four.
+    assert!(took < Duration::from_millis(550), "{took:?}");
+    assert_eq!(st.fetched_blocks, st.total_blocks, "{st:?}");
+    assert_eq!(st.source_errors, 0, "{st:?}");
+    assert_eq!(r.fake.violations.load(Ordering::Relaxed), 0);
+    r.assert_cache_complete();
+}
+
+/// A source connection cut off in the middle of a reply, once under a client read and once
+/// while the copy runs: the reads it carried are sent again on another connection at once
+/// (the client gets its data, no EIO, no wait for a reconnection), the connection comes
+/// back, and every block is fetched once and marked with the source's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_off_mid_fetch_is_retried_on_another() {
+    let r = Rig::new((1, 4096, 32 << 20), |n, _, _| match n {
+        0 | 8 => Act::CutOff,
+        _ => Act::Delay(Duration::from_millis(5)),
+    });
+    let (_srv, p) = r.start(several(4, Duration::from_secs(5))).await;
+    wait_links(&p, 4).await;
+    let t = Instant::now();
+    let got = p.read(1 << 20, vec![0u8; 1 << 20], 0).await.unwrap();
+    let took = t.elapsed();
+    r.assert_data(&got, 1 << 20, 1 << 20);
+    println!("client read cut off once took {took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(r.fake.reads.load(Ordering::Relaxed), 2);
+    p.cache_all();
+    let st = wait_complete(&p, 30).await;
+    println!("{st:?}");
+    assert!(st.source_errors >= 2, "{st:?}");
+    assert_eq!(st.fetched_blocks, st.total_blocks, "{st:?}");
+    assert!(!st.source_failing, "{st:?}");
+    assert_eq!(r.marked().len(), SIZE / 65536);
+    r.assert_cache_complete();
+    // The cut connections were opened again.
+    assert!(r.fake.connections.load(Ordering::Relaxed) >= 5);
+}
+
+/// One source connection (the first opened) never answers, `--source-timeout 2`: eight
+/// concurrent reads of cold blocks mostly land on the other three and are answered at once;
+/// those the silent one took are sent again on another connection once it is found silent
+/// and get their data too (no EIO, no hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_the_others() {
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
+        Act::Delay(Duration::from_millis(20))
+    });
+    r.by_connection(|id| (id == 0).then_some(Act::Silent));
+    let (_srv, p) = r.start(several(4, Duration::from_secs(2))).await;
+    wait_links(&p, 4).await;
+    let t = Instant::now();
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let q = p.clone();
+        let off = i * (512 << 10);
+        reads.spawn(async move {
+            let got = q.read(off, vec![0u8; 65536], 0).await;
+            (off, got, t.elapsed())
+        });
+    }
+    let mut times = Vec::new();
+    let all = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(j) = reads.join_next().await {
+            let (off, got, took) = j.unwrap();
+            r.assert_data(&got.unwrap(), off, 65536);
+            times.push(took);
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "reads still waiting after 10 s: {times:?}");
+    times.sort();
+    let per = r.fake.reads_per_connection();
+    println!("read times {times:?}; reads per connection {per:?}");
+    let quick = times
+        .iter()
+        .filter(|t| **t < Duration::from_millis(1000))
+        .count();
+    assert!(per[0] >= 1, "{per:?}");
+    assert!(quick as u64 >= 8 - per[0].min(3), "{times:?} {per:?}");
+    assert!(quick >= 5, "{times:?}");
+    // The silent connection's reads: after its stall timeout, not much later.
+    assert!(times[7] < Duration::from_secs(5), "{times:?}");
+    let st = p.status();
+    assert!(
+        st.source_last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no reply")),
+        "{st:?}"
+    );
+}
+
+/// A source that takes one client at a time (qemu-nbd's default) and closes the others:
+/// the proxy carries on with one connection, the extra ones are tried again now and then
+/// without counting as a source failure, and the copy completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_taking_one_client_is_enough() {
+    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Data);
+    r.fake.max_open.store(1, Ordering::Relaxed);
+    let (_srv, p) = r.start(several(4, Duration::from_secs(5))).await;
+    let got = p.read(0, vec![0u8; 65536], 0).await.unwrap();
+    r.assert_data(&got, 0, 65536);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = p.status();
+    assert_eq!(
+        (st.source_connections, st.source_connections_up),
+        (4, 1),
+        "{st:?}"
+    );
+    assert!(!st.source_failing && st.source_errors == 0, "{st:?}");
+    p.cache_all();
+    let st = wait_complete(&p, 30).await;
+    assert_eq!(st.source_errors, 0, "{st:?}");
+    assert_eq!(st.fetched_blocks, st.total_blocks, "{st:?}");
+    r.assert_cache_complete();
 }
