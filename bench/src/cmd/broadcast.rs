@@ -393,7 +393,9 @@ fn mpi_job(lab: &Lab, t: &Topology, ranks: usize) -> anyhow::Result<Vec<(u32, u3
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let sum = n * n.saturating_sub(1) / 2;
     let want = format!("= {sum} (expected {sum})");
-    let ok = match lab.exec_timeout(&vms[0].ns, &argv, Duration::from_secs(300)) {
+    // 300 s, 5 s per rank beyond 60 ranks (the launch and wire-up grow with the ranks).
+    let limit = Duration::from_secs(300.max(5 * n as u64));
+    let ok = match lab.exec_timeout(&vms[0].ns, &argv, limit) {
         Ok(o) if o.stdout.contains(&want) => true,
         Ok(o) => {
             eprintln!("mpi job failed:\n{}{}", o.stdout, o.stderr);
