@@ -2156,6 +2156,38 @@ fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
     assert!(!got(&net, b, &r2) && !got(&net, c, &r2));
 }
 
+/// A server's OFFER places it as an acknowledgement does: the client's REQUEST that
+/// follows goes only to the server's site, so of a DHCP exchange only what a site's
+/// clients send before the first reply reaches the site goes to every peer.
+#[test]
+fn a_dhcp_offer_places_the_server_for_the_request_that_follows() {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    // The client's first broadcast: no server known yet, flooded everywhere.
+    let first = dhcp_request(mac(7));
+    net.send_frame(b, &first);
+    assert!(got(&net, a, &first) && got(&net, c, &first));
+    net.run(Duration::from_millis(50));
+    // The server (VM 1 behind a) offers an address, broadcast: only b gets it.
+    let mut offer = dhcp_reply(mac(1), mac(7), ip(7), 2);
+    offer[..6].copy_from_slice(&BCAST);
+    net.send_frame(a, &offer);
+    assert!(got(&net, b, &offer) && !got(&net, c, &offer));
+    net.run(Duration::from_millis(50));
+    // The client's REQUEST (the same frame again here) reaches a only.
+    let before = net.edges[c].tap_rx.len();
+    net.send_frame(b, &first);
+    assert!(
+        net.edges[c].tap_rx.len() == before,
+        "the request after the offer went to a site without servers"
+    );
+    assert_eq!(net.status(b).l2.dhcp_withheld, 1);
+}
+
 /// When the session with the DHCP server's edge ends, clients' requests are flooded to
 /// every site again at once, not steered to that edge until it expires (here, as by
 /// default, long after its session): a server at another site can answer them.

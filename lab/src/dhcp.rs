@@ -25,6 +25,10 @@ pub struct Lease {
     pub server: Ipv4Addr,
     /// Lease time in seconds, when given.
     pub lease_secs: Option<u32>,
+    /// DISCOVERs the client sent (1 when the first offer was taken).
+    pub discovers: u32,
+    /// NAKs it got (an offered address that went to another client first).
+    pub naks: u32,
 }
 
 /// Builds a client message (`DISCOVER` or `REQUEST`).
@@ -113,6 +117,23 @@ fn parse_mac(mac: &str) -> Result<[u8; 6]> {
     })
 }
 
+/// Writes a dnsmasq hosts file giving each `(MAC, address)` pair its own address, as a
+/// cluster's frontend does for the nodes it knows, into the lab's directory; returns the
+/// option that names it (for `extra` of [`Dnsmasq::start`]). Without it, dnsmasq with
+/// `--no-ping` picks an address by hashing the client's MAC and walking to the next one
+/// not leased, keeps no record of what it offered, and so offers the same address to
+/// every client whose walk ends there: when many ask at once, all but the first are
+/// refused it (NAK, "address in use") and start again.
+pub fn hosts_file(lab: &Lab, hosts: &[(&str, Ipv4Addr)]) -> Result<String> {
+    let path = lab.dir().join("dnsmasq.hosts");
+    let mut s = String::new();
+    for (mac, ip) in hosts {
+        s.push_str(&format!("{mac},{ip}\n"));
+    }
+    std::fs::write(&path, s)?;
+    Ok(format!("--dhcp-hostsfile={}", path.display()))
+}
+
 /// A dnsmasq DHCP server in a lab namespace, from [`Dnsmasq::start`].
 pub struct Dnsmasq {
     /// The dnsmasq process (stop it with [`Lab::stop`]; teardown ends it too).
@@ -177,6 +198,7 @@ pub fn obtain_lease(ifname: &str, mac: &str, limit: Duration) -> Result<Lease> {
     let mut buf = [0u8; 1500];
     let mut offer: Option<Reply> = None;
     let mut last_sent: Option<Instant> = None;
+    let (mut discovers, mut naks) = (0u32, 0u32);
     while start.elapsed() < limit {
         if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             let msg = match offer {
@@ -189,6 +211,9 @@ pub fn obtain_lease(ifname: &str, mac: &str, limit: Duration) -> Result<Lease> {
                 ),
             };
             sock.send_to(&msg, dst)?;
+            if offer.is_none() {
+                discovers += 1;
+            }
             last_sent = Some(Instant::now());
         }
         let n = match sock.recv_from(&mut buf) {
@@ -216,9 +241,12 @@ pub fn obtain_lease(ifname: &str, mac: &str, limit: Duration) -> Result<Lease> {
                     addr: r.yiaddr,
                     server: r.server.or(o.server).unwrap_or(Ipv4Addr::UNSPECIFIED),
                     lease_secs: r.lease_secs,
+                    discovers,
+                    naks,
                 })
             }
             (NAK, Some(_)) => {
+                naks += 1;
                 offer = None;
                 last_sent = None;
             }

@@ -72,7 +72,7 @@ pub fn node_name(vm: &Vm) -> String {
 /// Writes an OpenMPI `plm_rsh_agent` launcher: OpenMPI calls it as `launcher HOST CMD...`
 /// with HOST one of a VM's addresses (overlay or underlay); it runs CMD inside that VM's
 /// namespace, in a UTS namespace of its own named after the VM, so that every rank sees
-/// its own node name.
+/// its own node name, at the lowest CPU priority ([`RANK_NICE`]).
 pub fn write_launcher(dir: &Path, vms: &[Vm]) -> anyhow::Result<PathBuf> {
     let mut s = String::from("#!/bin/sh\nhost=\"$1\"; shift\ncase \"$host\" in\n");
     for vm in vms {
@@ -84,10 +84,10 @@ pub fn write_launcher(dir: &Path, vms: &[Vm]) -> anyhow::Result<PathBuf> {
             node_name(vm)
         ));
     }
-    s.push_str(
+    s.push_str(&format!(
         "  *) echo \"unknown host $host\" >&2; exit 255 ;;\nesac\n\
-         exec ip netns exec \"$ns\" unshare --uts sh -c 'hostname \"$0\"; exec sh -c \"$*\"' \"$name\" \"$@\"\n",
-    );
+         exec nice -n {RANK_NICE} ip netns exec \"$ns\" unshare --uts sh -c 'hostname \"$0\"; exec sh -c \"$*\"' \"$name\" \"$@\"\n",
+    ));
     let p = dir.join("mpi-launcher");
     std::fs::write(&p, s).with_context(|| format!("writing {}", p.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -131,8 +131,17 @@ impl Net {
     }
 }
 
+/// CPU priority (nice) of the MPI ranks, their daemons and `mpirun`. In the lab every VM
+/// is a namespace on the same few cores as the sites' edges (which on real sites run on
+/// their own frontends), and an MPI rank waiting for a message polls without sleeping: at
+/// normal priority 192 polling ranks on 2 cores leave the overlay a 1/200 share of the CPU,
+/// connections time out and ORTE loses its daemons. At nice 19 (with
+/// `mpi_yield_when_idle`) the ranks take what the overlay leaves.
+pub const RANK_NICE: u8 = 19;
+
 /// `mpirun` from `vms[0]`'s namespace over `vms` (one rank per node), in working directory
-/// `wdir`, with `prog`; returns the argv to run with [`lab::Lab::exec_timeout`].
+/// `wdir`, with `prog`; returns the argv to run with [`lab::Lab::exec_timeout`]. It and
+/// its ranks run at [`RANK_NICE`], ranks waiting for messages yield the CPU.
 pub fn mpirun_argv(
     vms: &[Vm],
     net: Net,
@@ -142,7 +151,11 @@ pub fn mpirun_argv(
     prog: &[&str],
 ) -> Vec<String> {
     let first = vms.first().map(node_name).unwrap_or_default();
+    let nice = RANK_NICE.to_string();
     let mut v: Vec<String> = [
+        "nice",
+        "-n",
+        &nice,
         "env",
         "OMPI_ALLOW_RUN_AS_ROOT=1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
@@ -167,6 +180,9 @@ pub fn mpirun_argv(
         &launcher.to_string_lossy(),
         "--mca",
         "plm_rsh_no_tree_spawn",
+        "1",
+        "--mca",
+        "mpi_yield_when_idle",
         "1",
         "--mca",
         "btl",

@@ -10,8 +10,9 @@
 //! 3. `dhcp-storm`: every VM asks the cluster's one DHCP server (dnsmasq in site A's first
 //!    VM) for a lease at the same moment (DISCOVER, OFFER, REQUEST, ACK, broadcast flag
 //!    set), each giving up after 20 s;
-//! 4. `mpi`: an MPI job over every VM, one rank each (the demo's program: an allreduce of
-//!    the ranks, with mpi4py; OpenMPI over TCP on the overlay).
+//! 4. `mpi`: an MPI job, one rank per VM on `--mpi-ranks` VMs placed round-robin over the
+//!    sites (48 by default, the same job at every VM count; the demo's program: an
+//!    allreduce of the ranks, with mpi4py; OpenMPI over TCP on the overlay).
 //!
 //! Per site and round: the bytes and packets the site's frontend sent on its WAN uplink
 //! (everything the overlay sent: floods, unicast, control), and for mvc the frames and
@@ -58,9 +59,20 @@ pub struct Args {
     /// Run the DHCP storm round.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dhcp: bool,
+    /// The DHCP server gives every VM its own address (a hosts file, as a cluster's
+    /// frontend does for the nodes it knows); `false`: one dynamic pool, where dnsmasq
+    /// offers the same address to many clients at once and refuses all but the first
+    /// (NAKs, counted per site).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dhcp_fixed: bool,
     /// Run the MPI round (needs OpenMPI and python3-mpi4py).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub mpi: bool,
+    /// Ranks of the MPI job, one per VM, placed round-robin over the sites (at most every
+    /// VM; 0: every VM). 192 ranks, one per VM namespace, do not finish on a 2-core machine
+    /// (docs/BENCH.md), so the default is the same 48-rank job at every VM count.
+    #[arg(long, default_value_t = 48)]
+    pub mpi_ranks: usize,
     /// Measure the time to reachability after an edge restart and a move (mvc only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub recovery: bool,
@@ -95,6 +107,12 @@ struct SiteRound {
     /// Pings sent and answered, or leases asked for and obtained.
     tries: u32,
     ok: u32,
+    /// DHCP storm: DISCOVERs the site's clients sent and NAKs they got (leases obtained
+    /// only).
+    #[serde(default)]
+    dhcp_discovers: Option<u32>,
+    #[serde(default)]
+    dhcp_naks: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -245,25 +263,42 @@ const LEASE_FIRST: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 10);
 /// The last one (1,000 addresses: more than 3 x 64 clients).
 const LEASE_LAST: Ipv4Addr = Ipv4Addr::new(198, 19, 203, 250);
 
-/// Starts dnsmasq in site A's first VM: one server for the whole cluster.
-fn start_dnsmasq(lab: &Lab, t: &Topology) -> anyhow::Result<Proc> {
-    let d = dhcp::Dnsmasq::start(
-        lab,
-        &t.sites[0].vms[0].ns,
-        LEASE_FIRST,
-        LEASE_LAST,
-        &[
-            "--dhcp-lease-max=2000",
-            // No ping before an offer: dnsmasq checks one address at a time, which would
-            // measure its own pacing, not the overlay's.
-            "--no-ping",
-        ],
-    )?;
+/// Starts dnsmasq in site A's first VM: one server for the whole cluster; with `fixed`,
+/// every VM has its own address in a hosts file (from [`LEASE_FIRST`] on).
+fn start_dnsmasq(lab: &Lab, t: &Topology, fixed: bool) -> anyhow::Result<Proc> {
+    let mut extra = vec![
+        "--dhcp-lease-max=2000".to_string(),
+        // No ping before an offer: dnsmasq checks one address at a time, which would
+        // measure its own pacing, not the overlay's.
+        "--no-ping".to_string(),
+    ];
+    if fixed {
+        let first = u32::from(LEASE_FIRST);
+        let hosts: Vec<(&str, Ipv4Addr)> = t
+            .sites
+            .iter()
+            .flat_map(|s| s.vms.iter())
+            .zip(first..)
+            .map(|(v, a)| (v.mac.as_str(), Ipv4Addr::from(a)))
+            .collect();
+        extra.push(dhcp::hosts_file(lab, &hosts)?);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let d = dhcp::Dnsmasq::start(lab, &t.sites[0].vms[0].ns, LEASE_FIRST, LEASE_LAST, &extra)?;
     Ok(d.proc)
 }
 
-/// Every VM but the server asks for a lease at the same moment; (asked, obtained) per site.
-fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
+/// One site's clients in the DHCP storm.
+#[derive(Debug, Default, Clone, Copy)]
+struct DhcpSite {
+    asked: u32,
+    obtained: u32,
+    discovers: u32,
+    naks: u32,
+}
+
+/// Every VM but the server asks for a lease at the same moment; per site.
+fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<DhcpSite> {
     let server = &t.sites[0].vms[0].ns;
     std::thread::scope(|sc| {
         let per_site: Vec<Vec<_>> = t
@@ -279,14 +314,14 @@ fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
                                 dhcp::obtain_lease("eth0", &v.mac, Duration::from_secs(20))
                             });
                             match r {
-                                Ok(Ok(_)) => true,
+                                Ok(Ok(l)) => Some(l),
                                 Ok(Err(e)) => {
                                     eprintln!("{}: no lease: {e}", v.ns);
-                                    false
+                                    None
                                 }
                                 Err(e) => {
                                     eprintln!("{}: {e}", v.ns);
-                                    false
+                                    None
                                 }
                             }
                         })
@@ -297,13 +332,16 @@ fn dhcp_storm(lab: &Lab, t: &Topology) -> Vec<(u32, u32)> {
         per_site
             .into_iter()
             .map(|hs| {
-                let n = hs.len() as u32;
-                let ok = hs
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or(false))
-                    .filter(|ok| *ok)
-                    .count() as u32;
-                (n, ok)
+                let mut d = DhcpSite {
+                    asked: hs.len() as u32,
+                    ..DhcpSite::default()
+                };
+                for l in hs.into_iter().filter_map(|h| h.join().ok().flatten()) {
+                    d.obtained += 1;
+                    d.discovers += l.discovers;
+                    d.naks += l.naks;
+                }
+                d
             })
             .collect()
     })
@@ -322,9 +360,10 @@ if c.Get_rank() == 0:
     print("mpi: allreduce(sum of ranks) = %d (expected %d)" % (total, n * (n - 1) // 2))
 "#;
 
-/// [`MPI_PROGRAM`] under mpirun over every VM (placed round-robin over the sites), from
-/// site A's first VM; (ranks, ranks when the sum came out right) per site.
-fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
+/// [`MPI_PROGRAM`] under mpirun over `ranks` VMs (every VM when 0 or more than there are),
+/// placed round-robin over the sites, from site A's first VM; (ranks, ranks when the sum
+/// came out right) per site.
+fn mpi_job(lab: &Lab, t: &Topology, ranks: usize) -> anyhow::Result<Vec<(u32, u32)>> {
     // OpenMPI announces every address of the interface it is told to use, and the VMs'
     // routed underlay addresses (on the same interface) are not reachable behind NAT:
     // they go, so the job runs on the overlay alone.
@@ -334,7 +373,8 @@ fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
             lab.exec(&v.ns, &["ip", "addr", "del", &a, "dev", &v.ifname])?;
         }
     }
-    let n: usize = t.sites.iter().map(|s| s.vms.len()).sum();
+    let all: usize = t.sites.iter().map(|s| s.vms.len()).sum();
+    let n = if ranks == 0 { all } else { ranks.min(all) };
     let vms = apps::nodes(t, n)?;
     let launcher = apps::write_launcher(lab.dir(), &vms)?;
     let hostfile = lab.dir().join("mpi-hostfile");
@@ -353,7 +393,9 @@ fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let sum = n * n.saturating_sub(1) / 2;
     let want = format!("= {sum} (expected {sum})");
-    let ok = match lab.exec_timeout(&vms[0].ns, &argv, Duration::from_secs(300)) {
+    // 300 s, 5 s per rank beyond 60 ranks (the launch and wire-up grow with the ranks).
+    let limit = Duration::from_secs(300.max(5 * n as u64));
+    let ok = match lab.exec_timeout(&vms[0].ns, &argv, limit) {
         Ok(o) if o.stdout.contains(&want) => true,
         Ok(o) => {
             eprintln!("mpi job failed:\n{}{}", o.stdout, o.stderr);
@@ -367,7 +409,10 @@ fn mpi_job(lab: &Lab, t: &Topology) -> anyhow::Result<Vec<(u32, u32)>> {
     Ok(t.sites
         .iter()
         .map(|s| {
-            let k = s.vms.len() as u32;
+            let k = vms
+                .iter()
+                .filter(|v| s.vms.iter().any(|x| x.ns == v.ns))
+                .count() as u32;
             (k, if ok { k } else { 0 })
         })
         .collect())
@@ -556,7 +601,7 @@ fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run
     }
     let setup_s = t0.elapsed().as_secs_f64();
     let dnsmasq = if with_dhcp {
-        Some(start_dnsmasq(&lab, &t)?)
+        Some(start_dnsmasq(&lab, &t, args.dhcp_fixed)?)
     } else {
         None
     };
@@ -587,9 +632,15 @@ fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run
             .map(|s| counters(mvc, &lab, overlay.mvc(), s))
             .collect::<anyhow::Result<_>>()?;
         let r0 = Instant::now();
+        let mut dhcp = None;
         let tries = match *name {
-            "dhcp-storm" => dhcp_storm(&lab, &t),
-            "mpi" => mpi_job(&lab, &t)?,
+            "dhcp-storm" => {
+                let d = dhcp_storm(&lab, &t);
+                let tries = d.iter().map(|d| (d.asked, d.obtained)).collect();
+                dhcp = Some(d);
+                tries
+            }
+            "mpi" => mpi_job(&lab, &t, args.mpi_ranks)?,
             _ => meet_all(&lab, &t)?,
         };
         let seconds = r0.elapsed().as_secs_f64();
@@ -610,6 +661,8 @@ fn one_run(mvc: &Mvc, vms: u8, control: &str, args: &Args) -> anyhow::Result<Run
                 arp_answered_locally: d(5),
                 tries: tries[i].0,
                 ok: tries[i].1,
+                dhcp_discovers: dhcp.as_ref().map(|d| d[i].discovers),
+                dhcp_naks: dhcp.as_ref().map(|d| d[i].naks),
             });
         }
         rounds.push(Round {
@@ -693,8 +746,12 @@ fn print_run(r: &Run) {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
     for round in &r.rounds {
         for s in &round.sites {
+            let dhcp = match (s.dhcp_discovers, s.dhcp_naks) {
+                (Some(d), Some(n)) => format!(" (DISCOVERs {d}, NAKs {n})"),
+                _ => String::new(),
+            };
             println!(
-                "{:>4} {:>7} {:>10} {:>4} {:>8} {:>11} {:>10.1} {:>8} {:>11} {:>8} {:>8} {:>6}/{}",
+                "{:>4} {:>7} {:>10} {:>4} {:>8} {:>11} {:>10.1} {:>8} {:>11} {:>8} {:>8} {:>6}/{}{}",
                 r.vms_per_site,
                 r.control,
                 round.name,
@@ -707,7 +764,8 @@ fn print_run(r: &Run) {
                 opt(s.arp_requests_flooded),
                 opt(s.arp_answered_locally),
                 s.ok,
-                s.tries
+                s.tries,
+                dhcp
             );
         }
     }

@@ -144,7 +144,7 @@ pub(super) struct L2 {
     /// What each peer announced it has members for (sorted; `None`: everything). A peer
     /// that never announced gets every multicast frame.
     peer_groups: Map<EdgeId, Option<Vec<Mac>>>,
-    /// MACs that sent DHCP acknowledgements: where clients' broadcasts need to go.
+    /// MACs that sent DHCP replies: where clients' broadcasts need to go.
     dhcp_servers: Vec<Mac>,
     /// The first local VM that sent DHCP replies while none other held the role: its
     /// steered replies are outside the flood limits.
@@ -517,6 +517,7 @@ impl EdgeCore {
             Some(l2::ETHERTYPE_IPV4) => {
                 if self.l2.cfg.control && !src.is_group() {
                     self.l2_reports(src, frame);
+                    self.l2_dhcp_server_seen(frame);
                     self.l2_dhcp_ack(now, frame);
                     if let Some(l2::DhcpWay::FromServer(_)) = l2::dhcp_way(frame) {
                         self.l2_bind_server(src);
@@ -551,6 +552,27 @@ impl EdgeCore {
         }
     }
 
+    /// A DHCP server's reply (offer, acknowledgement or refusal) from the TAP device or
+    /// from a peer: its sender is a server, where clients' broadcasts need to go. An
+    /// offer comes before its client's REQUEST, so the request already goes to the
+    /// server's site only; what is flooded to every peer is only what the site's clients
+    /// send before the first reply reaches it.
+    fn l2_dhcp_server_seen(&mut self, frame: &[u8]) {
+        let Some(l2::DhcpWay::FromServer(_)) = l2::dhcp_way(frame) else {
+            return;
+        };
+        let Some((_, server)) = crate::eth::macs(frame) else {
+            return;
+        };
+        let known = &mut self.l2.dhcp_servers;
+        if !server.is_group() && !known.contains(&server) {
+            if known.len() >= MAX_DHCP_SERVERS {
+                known.remove(0);
+            }
+            known.push(server);
+        }
+    }
+
     /// A DHCP acknowledgement from the TAP device (a local server) or from a peer: the
     /// leased address is bound to the client's MAC where the client is (its DHCP
     /// requests made it known), so the binding exists before the client's first ARP.
@@ -561,15 +583,6 @@ impl EdgeCore {
             return;
         };
         self.l2.stats.dhcp_acks_seen += 1;
-        if let Some((_, server)) = crate::eth::macs(frame) {
-            let known = &mut self.l2.dhcp_servers;
-            if !server.is_group() && !known.contains(&server) {
-                if known.len() >= MAX_DHCP_SERVERS {
-                    known.remove(0);
-                }
-                known.push(server);
-            }
-        }
         let max = self.cfg.max_macs;
         let b = Binding {
             mac: ack.client,
@@ -848,7 +861,10 @@ impl EdgeCore {
                     }
                 }
             }
-            Some(l2::ETHERTYPE_IPV4) if self.l2.cfg.control => self.l2_dhcp_ack(now, frame),
+            Some(l2::ETHERTYPE_IPV4) if self.l2.cfg.control => {
+                self.l2_dhcp_server_seen(frame);
+                self.l2_dhcp_ack(now, frame);
+            }
             _ => {}
         }
     }
