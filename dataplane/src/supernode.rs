@@ -683,8 +683,11 @@ fn announce_to_all(
     let Some(bytes) = sign_info(key, &info) else {
         return 0;
     };
-    for e in c.edges.values() {
-        out.push_udp_copy(e.observed, &bytes);
+    // In address order, not the table's (seeded) order: a run repeats itself.
+    let mut to: Vec<SocketAddr> = c.edges.values().map(|e| e.observed).collect();
+    to.sort_unstable();
+    for a in to {
+        out.push_udp_copy(a, &bytes);
     }
     1
 }
