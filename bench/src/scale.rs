@@ -658,7 +658,9 @@ impl Net {
             self.now,
         );
         s.alive = true;
-        s.out = Outbox::new(2048);
+        // What the old core queued is lost with it; the buffers stay (the outbox's pool
+        // is the driver's, bounded, and not the core's memory).
+        s.out.recycle_sent();
     }
 }
 

@@ -632,6 +632,8 @@ fn sign_info(key: &SupernodeKey, info: &PeerInfo) -> Option<Vec<u8>> {
     let n = info.encode_unsigned(&mut b).ok()?;
     let n = key.sign_into(&mut b, n)?;
     b.truncate(n);
+    // Complete lists are kept until the version changes: no room left over.
+    b.shrink_to_fit();
     Some(b)
 }
 
