@@ -107,6 +107,10 @@ pub struct SnTraffic {
     pub ack_msgs: u64,
     /// Most registrations one supernode handled in one 100 ms slot.
     pub peak_register_per_100ms: u64,
+    /// Signatures the supernodes made (acknowledgements and peer information).
+    pub signatures: u64,
+    /// Wall time inside the supernodes' calls, all of them (µs).
+    pub cpu_us: u64,
 }
 
 /// Everything one run measured.
@@ -126,6 +130,8 @@ pub struct ScaleResult {
     pub cpu_per_registration_us: f64,
     /// Peer-information bytes sent per edge in the cold start.
     pub peerinfo_bytes_per_join_cold: f64,
+    /// Supernode signatures per edge in the cold start (acknowledgements included).
+    pub signatures_per_join_cold: f64,
     /// One edge joining a converged community: peer-information bytes the supernodes send.
     pub peerinfo_bytes_late_join: u64,
     /// Edges in that community after the join.
@@ -262,6 +268,11 @@ struct Net {
     edge_cpu: Duration,
     sn_cpu: Duration,
     members: Vec<Vec<usize>>,
+    /// Signatures of supernode cores replaced by a restart.
+    sigs_retired: u64,
+    /// Signatures and supernode CPU when the traffic was last taken.
+    sigs_mark: u64,
+    cpu_mark: Duration,
 }
 
 fn edge_addr(i: usize) -> SocketAddr {
@@ -336,6 +347,9 @@ impl Net {
             edge_cpu: Duration::ZERO,
             sn_cpu: Duration::ZERO,
             members: vec![Vec::new(); n_comm],
+            sigs_retired: 0,
+            sigs_mark: 0,
+            cpu_mark: Duration::ZERO,
         };
         for i in 0..cfg.edges {
             net.add_edge(i / k)?;
@@ -480,7 +494,9 @@ impl Net {
     fn run_until(&mut self, end: Instant) {
         loop {
             let e = self.heap.peek().map(|r| r.0 .0);
+            let a = self.next_announcement();
             let next = e.map_or(self.sn_tick, |e| e.min(self.sn_tick));
+            let next = a.map_or(next, |a| a.min(next));
             if next > end {
                 self.now = end;
                 return;
@@ -504,11 +520,15 @@ impl Net {
                 drain(&mut self.eout, e.addr, &mut self.queue);
                 self.schedule_edge(i);
             }
-            if self.sn_tick <= now {
+            let tick = self.sn_tick <= now;
+            if tick {
                 self.sn_tick = now + SN_TICK;
+            }
+            if tick || a.is_some_and(|a| a <= now) {
                 for j in 0..self.sns.len() {
                     let s = &mut self.sns[j];
-                    if !s.alive {
+                    let due = tick || s.core.announce_at().is_some_and(|a| a <= now);
+                    if !s.alive || !due {
                         continue;
                     }
                     let t = Instant::now();
@@ -521,6 +541,16 @@ impl Net {
             }
             self.deliver();
         }
+    }
+
+    /// The earliest time a live supernode is due to announce gathered joins (its driver
+    /// polls it then, besides every 500 ms).
+    fn next_announcement(&self) -> Option<Instant> {
+        self.sns
+            .iter()
+            .filter(|s| s.alive)
+            .filter_map(|s| s.core.announce_at())
+            .min()
     }
 
     fn ms(&self, since: Instant) -> u64 {
@@ -609,19 +639,28 @@ impl Net {
     }
 
     fn take_traffic(&mut self) -> SnTraffic {
-        std::mem::take(&mut self.traffic)
+        let sigs = self.sigs_retired + self.sns.iter().map(|s| s.core.signatures()).sum::<u64>();
+        let mut t = std::mem::take(&mut self.traffic);
+        t.signatures = sigs - self.sigs_mark;
+        t.cpu_us = (self.sn_cpu - self.cpu_mark).as_micros() as u64;
+        self.sigs_mark = sigs;
+        self.cpu_mark = self.sn_cpu;
+        t
     }
 
     /// Replaces supernode `j`'s core with a new one (same key, empty tables).
     fn restart_sn(&mut self, j: usize) {
         let s = &mut self.sns[j];
+        self.sigs_retired += s.core.signatures();
         s.core = SupernodeCore::new(
             sn_config(&self.cfg, self.cfg.edges + 1),
             s.key.clone(),
             self.now,
         );
         s.alive = true;
-        s.out = Outbox::new(2048);
+        // What the old core queued is lost with it; the buffers stay (the outbox's pool
+        // is the driver's, bounded, and not the core's memory).
+        s.out.recycle_sent();
     }
 }
 
@@ -660,6 +699,7 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
         .sum();
     let cpu_per_registration_us = cold_sn.register_cpu_us as f64 / accepted.max(1) as f64;
     let peerinfo_bytes_per_join_cold = cold_sn.peerinfo_bytes as f64 / n.max(1) as f64;
+    let signatures_per_join_cold = cold_sn.signatures as f64 / n.max(1) as f64;
 
     // Steady window.
     let (e0, s0) = (net.edge_cpu, net.sn_cpu);
@@ -804,6 +844,7 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
         cold_sn,
         cpu_per_registration_us,
         peerinfo_bytes_per_join_cold,
+        signatures_per_join_cold,
         peerinfo_bytes_late_join: late.peerinfo_bytes,
         late_join_community,
         cpu_per_relay_us,
@@ -836,7 +877,9 @@ pub fn run(cfg: &ScaleConfig, allocated: Option<fn() -> usize>) -> Result<ScaleR
 /// Supernode CPU of one periodic registration in a community of `k`, two ways, in
 /// alternation: the edge holds the current list (the acknowledgement alone goes back) and
 /// the edge holds none (the complete list goes back too, what every periodic registration
-/// cost before lists were versioned). Medians over `reps` pairs, in µs.
+/// cost before lists were versioned; since protocol 4 the list's parts are signed once per
+/// version and copied to each edge that needs them, so this is mostly the copies). Medians
+/// over `reps` pairs, in µs.
 #[derive(Clone, Debug, Serialize)]
 pub struct RegCost {
     /// Community size.
@@ -943,6 +986,13 @@ pub fn registration_cost(k: usize, reps: usize) -> Result<RegCost, ScaleError> {
                 p.4 = v;
             }
         }
+    }
+    // The joins are announced when the supernode is polled (the list version moves on
+    // then); once more round, so every edge holds the version after them.
+    sn.poll(now + SupernodeConfig::default().announce_delay, &mut out);
+    out.recycle_sent();
+    for e in pairs.iter_mut() {
+        register(&mut sn, &mut out, e, None)?;
     }
     let (mut cur, mut full) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     let (mut cur_out, mut full_out) = ((0, 0), (0, 0));

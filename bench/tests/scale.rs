@@ -36,3 +36,23 @@ fn fifty_edges_converge_and_counts_add_up() {
         "no allocation counter in this test"
     );
 }
+
+/// One community of 60: peer information costs the supernode a few signatures per join
+/// (the acknowledgements, and the shared lists and announcements), not one per member
+/// (about 30 per join when every announcement was signed for its receiver).
+#[test]
+fn one_community_costs_a_few_signatures_per_join() {
+    let mut cfg = ScaleConfig::new(60);
+    cfg.community_size = 60;
+    cfg.relay_packets = 100;
+    cfg.steady_s = 1;
+    let r = run(&cfg, None).expect("scale run");
+    assert_eq!(r.cold.converged, 60);
+    assert!(r.cold.all_ms.is_some_and(|t| t <= 5_000), "{:?}", r.cold);
+    assert!(
+        r.signatures_per_join_cold < 4.0,
+        "{} signatures per join",
+        r.signatures_per_join_cold
+    );
+    assert!(r.cold_sn.signatures > 0 && r.cold_sn.cpu_us > 0);
+}

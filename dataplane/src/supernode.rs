@@ -9,6 +9,13 @@
 //! when they carry a valid cookie for their source address, so every address the
 //! supernode sends lists, relays or broadcasts to has answered it. Acknowledgements and
 //! peer lists are signed with the supernode's key.
+//!
+//! Peer information costs one signature per message, not per receiver: the changes of a
+//! community are gathered for [`SupernodeConfig::announce_delay`] and then sent, signed
+//! once, to every member; a complete list is signed once per community version and the
+//! same parts go to every edge that registers while that version is current. What makes
+//! such shared messages safe to accept is the supernode's random epoch and the version
+//! (edges only move forward, see `docs/PROTOCOL.md` and `docs/THREAT-MODEL.md`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,13 +50,20 @@ struct Edge {
     local_addrs: Vec<SocketAddr>,
     last_seen: Instant,
     seq: u64,
+    /// Joined or changed since the last announcement (listed in `Community::pending`).
+    pending: bool,
 }
 
 #[derive(Debug, Default)]
 struct Community {
     edges: HashMap<EdgeId, Edge>,
-    /// Version of the peer list: changes with every join, address change and departure.
+    /// Version of the peer list: one more with every message of changes or departures.
     version: u64,
+    /// Edges that joined or changed since the last announcement, in order.
+    pending: Vec<EdgeId>,
+    /// The complete list at `version`, signed (one datagram per part), made when the first
+    /// edge needs it and kept until the version changes or the next poll.
+    list: Option<Vec<Vec<u8>>>,
 }
 
 /// Supernode settings.
@@ -63,6 +77,10 @@ pub struct SupernodeConfig {
     /// signature check and a complete list); more are dropped (`overload`) and the edges
     /// retry with backoff. Refreshes of registered edges are always admitted. 0: no limit.
     pub new_per_s: u32,
+    /// Joins and address changes are gathered this long after the first one, then
+    /// announced to every member in messages signed once each (a registration storm costs
+    /// a few signatures per window, not one per member and join).
+    pub announce_delay: Duration,
 }
 
 impl Default for SupernodeConfig {
@@ -71,6 +89,7 @@ impl Default for SupernodeConfig {
             edge_timeout: Duration::from_secs(30),
             max_edges: 10_000,
             new_per_s: 5_000,
+            announce_delay: Duration::from_millis(100),
         }
     }
 }
@@ -101,18 +120,29 @@ pub struct SupernodeCore {
     drops: BTreeMap<&'static str, u64>,
     /// Changes whenever an edge is added, removed or changes its registration.
     edges_generation: u64,
+    /// Random, drawn at start: in every acknowledgement and peer-information message.
+    epoch: u64,
+    /// When the gathered changes are announced (`None`: none gathered).
+    announce_at: Option<Instant>,
+    /// Signatures made (acknowledgements and peer information).
+    signatures: u64,
 }
 
 impl SupernodeCore {
     /// A supernode with no registrations, signing with `key`.
     pub fn new(cfg: SupernodeConfig, key: SupernodeKey, now: Instant) -> Self {
         let jar = CookieJar::new(&key);
-        let mut v = [0u8; 8];
-        // Without the system generator versions start at 1: a restarted supernode may then
-        // take an edge's list for current until the community changes.
-        let version = match SystemRandom::new().fill(&mut v) {
-            Ok(()) => u64::from_be_bytes(v) >> 1,
-            Err(_) => 1,
+        let mut v = [0u8; 16];
+        // Without the system generator versions start at 1 and the epoch comes from the
+        // clock's address space only: a restarted supernode may then take an edge's list
+        // for current until the community changes, and old announcements may be replayed
+        // to its edges (the generator does not fail on Linux; the key needed it too).
+        let (version, epoch) = match SystemRandom::new().fill(&mut v) {
+            Ok(()) => (
+                u64::from_be_bytes(v[..8].try_into().unwrap_or_default()) >> 1,
+                u64::from_be_bytes(v[8..].try_into().unwrap_or_default()),
+            ),
+            Err(_) => (1, 1),
         };
         Self {
             cfg,
@@ -129,7 +159,15 @@ impl SupernodeCore {
             admit: (0, 0),
             drops: BTreeMap::new(),
             edges_generation: 0,
+            epoch,
+            announce_at: None,
+            signatures: 0,
         }
+    }
+
+    /// Signatures made since start (acknowledgements and peer information).
+    pub fn signatures(&self) -> u64 {
+        self.signatures
     }
 
     fn drop(&mut self, reason: &'static str) {
@@ -239,6 +277,8 @@ impl SupernodeCore {
                 Community {
                     edges: HashMap::default(),
                     version: base,
+                    pending: Vec::new(),
+                    list: None,
                 },
             );
         }
@@ -269,6 +309,7 @@ impl SupernodeCore {
                         local_addrs: m.local_addrs,
                         last_seen: now,
                         seq: m.seq,
+                        pending: false,
                     },
                 );
                 self.n_edges += 1;
@@ -277,9 +318,6 @@ impl SupernodeCore {
         self.registrations += 1;
         if changed {
             self.edges_generation += 1;
-            if let Some(c) = self.communities.get_mut(&m.community) {
-                c.version = next_version(c.version);
-            }
         }
         let comm = &self.communities[&m.community];
         let version = comm.version;
@@ -289,67 +327,51 @@ impl SupernodeCore {
             edge: id,
             seq: m.seq,
             version,
+            epoch: self.epoch,
             observed: src,
             lifetime_secs: lifetime,
             cookie: self.jar.make(age, &src),
             sn_key: self.key.public(),
         };
-        let comm = &self.communities[&m.community];
-        let key = &self.key;
         let mut b = out.take();
         match ack
             .encode_unsigned(&mut b)
             .ok()
-            .and_then(|n| key.sign_into(&mut b, n))
+            .and_then(|n| self.key.sign_into(&mut b, n))
         {
-            Some(n) => out.push_udp(src, b, 0, n),
+            Some(n) => {
+                out.push_udp(src, b, 0, n);
+                self.signatures += 1;
+            }
             None => out.give(b, false),
         }
-        // The complete list of the others, unless the edge holds the current one: an
-        // unchanged periodic registration costs the acknowledgement only.
+        // The complete list, unless the edge holds the current one: an unchanged periodic
+        // registration costs the acknowledgement only.
         if changed || m.known != version {
-            let others: Vec<PeerEntry> = comm
-                .edges
-                .iter()
-                .filter(|(k, _)| **k != id)
-                .map(|(k, e)| entry(k, e))
-                .collect();
-            let parts = others.len().div_ceil(MAX_PEERS_PER_INFO).max(1);
-            let parts = u16::try_from(parts).unwrap_or(u16::MAX);
-            // An empty community still gets one (empty) part: it carries the version.
-            let mut chunks = others.chunks(MAX_PEERS_PER_INFO);
-            for part in 0..parts {
-                let info = PeerInfo {
-                    community: m.community,
-                    kind: InfoKind::Full,
-                    dst: id,
-                    seq: m.seq,
-                    version,
-                    part,
-                    parts,
-                    peers: chunks.next().map(<[PeerEntry]>::to_vec).unwrap_or_default(),
-                };
-                send_info(out, key, src, &info);
+            let Some(comm) = self.communities.get_mut(&m.community) else {
+                return;
+            };
+            if comm.list.is_none() {
+                let list = signed_list(&self.key, &m.community, self.epoch, comm);
+                self.signatures += list.len() as u64;
+                comm.list = Some(list);
+            }
+            for part in comm.list.iter().flatten() {
+                out.push_udp_copy(src, part);
             }
         }
-        // The news about this edge to the others (all registered from validated addresses).
+        // The news about this edge goes to the others at the next announcement.
         if changed {
-            let me = entry(&id, &comm.edges[&id]);
-            for (k, e) in &comm.edges {
-                if *k != id {
-                    let info = PeerInfo {
-                        community: m.community,
-                        kind: InfoKind::Update,
-                        dst: *k,
-                        seq: e.seq,
-                        version,
-                        part: 0,
-                        parts: 1,
-                        peers: vec![me.clone()],
-                    };
-                    send_info(out, key, e.observed, &info);
+            if let Some(comm) = self.communities.get_mut(&m.community) {
+                if let Some(e) = comm.edges.get_mut(&id) {
+                    if !e.pending {
+                        e.pending = true;
+                        comm.pending.push(id);
+                    }
                 }
             }
+            let at = now + self.cfg.announce_delay;
+            self.announce_at = Some(self.announce_at.map_or(at, |t| t.min(at)));
         }
     }
 
@@ -456,12 +478,21 @@ impl SupernodeCore {
         self.relayed_bytes += n * pkt.len() as u64;
     }
 
-    /// Expires silent edges and tells the rest of each community which left (one
-    /// message per remaining member, the departures in it).
+    /// Expires silent edges and announces what changed: the departures at once, the
+    /// joins and address changes gathered since the first of them when
+    /// [`SupernodeConfig::announce_delay`] has passed. Each message (at most
+    /// [`MAX_PEERS_PER_INFO`] entries) takes the community one version on, is signed once
+    /// and goes as the same bytes to every member.
     pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
         let timeout = self.cfg.edge_timeout;
+        let announce = self.announce_at.is_some_and(|t| t <= now);
+        if announce {
+            self.announce_at = None;
+        }
         let mut removed = 0;
         for (cid, c) in self.communities.iter_mut() {
+            // Lists are kept for the registrations of one poll interval at most.
+            c.list = None;
             let mut gone = Vec::new();
             c.edges.retain(|k, e| {
                 let keep = now.saturating_duration_since(e.last_seen) < timeout;
@@ -470,27 +501,24 @@ impl SupernodeCore {
                 }
                 keep
             });
-            if gone.is_empty() {
+            removed += gone.len();
+            for chunk in gone.chunks(MAX_PEERS_PER_INFO) {
+                self.signatures +=
+                    announce_to_all(&self.key, self.epoch, *cid, c, InfoKind::Gone, chunk, out);
+            }
+            if !announce || c.pending.is_empty() {
                 continue;
             }
-            removed += gone.len();
-            // One version per message, so a receiver that misses one notices.
-            for chunk in gone.chunks(MAX_PEERS_PER_INFO) {
-                c.version = next_version(c.version);
-                let version = c.version;
-                for (k, e) in &c.edges {
-                    let info = PeerInfo {
-                        community: *cid,
-                        kind: InfoKind::Gone,
-                        dst: *k,
-                        seq: e.seq,
-                        version,
-                        part: 0,
-                        parts: 1,
-                        peers: chunk.to_vec(),
-                    };
-                    send_info(out, &self.key, e.observed, &info);
+            let mut changed = Vec::with_capacity(c.pending.len());
+            for id in std::mem::take(&mut c.pending) {
+                if let Some(e) = c.edges.get_mut(&id) {
+                    e.pending = false;
+                    changed.push(entry(&id, e));
                 }
+            }
+            for chunk in changed.chunks(MAX_PEERS_PER_INFO) {
+                self.signatures +=
+                    announce_to_all(&self.key, self.epoch, *cid, c, InfoKind::Update, chunk, out);
             }
         }
         self.communities.retain(|_, c| !c.edges.is_empty());
@@ -515,13 +543,26 @@ impl SupernodeCore {
     }
 
     /// When [`SupernodeCore::poll`] must run next: when the edge heard from longest ago
-    /// expires (its only timer; cookie secrets change as cookies are made and checked).
+    /// expires, or the gathered changes are due to be announced (cookie secrets change as
+    /// cookies are made and checked).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.communities
+        let expiry = self
+            .communities
             .values()
             .flat_map(|c| c.edges.values())
             .map(|e| e.last_seen + self.cfg.edge_timeout)
-            .min()
+            .min();
+        match (expiry, self.announce_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When [`SupernodeCore::poll`] is due to announce the gathered joins and changes
+    /// (`None`: nothing gathered). A cheap check, unlike [`SupernodeCore::poll_timeout`],
+    /// which looks at every edge.
+    pub fn announce_at(&self) -> Option<Instant> {
+        self.announce_at
     }
 
     /// Status document.
@@ -584,14 +625,71 @@ fn entry(id: &EdgeId, e: &Edge) -> PeerEntry {
     }
 }
 
-fn send_info(out: &mut Outbox, key: &SupernodeKey, dst: SocketAddr, info: &PeerInfo) {
-    let mut b = out.take();
-    match info
-        .encode_unsigned(&mut b)
-        .ok()
-        .and_then(|n| key.sign_into(&mut b, n))
-    {
-        Some(n) => out.push_udp(dst, b, 0, n),
-        None => out.give(b, false),
+/// Signs `info` into a datagram of its own (`None`: it does not encode).
+fn sign_info(key: &SupernodeKey, info: &PeerInfo) -> Option<Vec<u8>> {
+    // The largest message: 16 entries of a 32-byte name and 9 IPv6 addresses.
+    let mut b = vec![0u8; 4096];
+    let n = info.encode_unsigned(&mut b).ok()?;
+    let n = key.sign_into(&mut b, n)?;
+    b.truncate(n);
+    // Complete lists are kept until the version changes: no room left over.
+    b.shrink_to_fit();
+    Some(b)
+}
+
+/// The complete list of community `c` at its current version, each part signed.
+fn signed_list(key: &SupernodeKey, cid: &CommunityId, epoch: u64, c: &Community) -> Vec<Vec<u8>> {
+    let all: Vec<PeerEntry> = c.edges.iter().map(|(k, e)| entry(k, e)).collect();
+    let parts = all.len().div_ceil(MAX_PEERS_PER_INFO).max(1);
+    let parts = u16::try_from(parts).unwrap_or(u16::MAX);
+    // An empty list still has one (empty) part: it carries the version.
+    let mut chunks = all.chunks(MAX_PEERS_PER_INFO);
+    (0..parts)
+        .filter_map(|part| {
+            let info = PeerInfo {
+                community: *cid,
+                kind: InfoKind::Full,
+                epoch,
+                version: c.version,
+                part,
+                parts,
+                peers: chunks.next().map(<[PeerEntry]>::to_vec).unwrap_or_default(),
+            };
+            sign_info(key, &info)
+        })
+        .collect()
+}
+
+/// Takes community `c` one version on with `entries` (changes or departures): one
+/// signature, the same bytes to every member. Returns the signatures made.
+fn announce_to_all(
+    key: &SupernodeKey,
+    epoch: u64,
+    cid: CommunityId,
+    c: &mut Community,
+    kind: InfoKind,
+    entries: &[PeerEntry],
+    out: &mut Outbox,
+) -> u64 {
+    c.version = next_version(c.version);
+    c.list = None;
+    let info = PeerInfo {
+        community: cid,
+        kind,
+        epoch,
+        version: c.version,
+        part: 0,
+        parts: 1,
+        peers: entries.to_vec(),
+    };
+    let Some(bytes) = sign_info(key, &info) else {
+        return 0;
+    };
+    // In address order, not the table's (seeded) order: a run repeats itself.
+    let mut to: Vec<SocketAddr> = c.edges.values().map(|e| e.observed).collect();
+    to.sort_unstable();
+    for a in to {
+        out.push_udp_copy(a, &bytes);
     }
+    1
 }

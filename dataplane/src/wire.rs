@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Protocol version carried in byte 0 of every datagram.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Length of a community identifier (derived from the community secret, see `crypto`).
 pub const COMMUNITY_ID_LEN: usize = 16;
@@ -414,6 +414,9 @@ pub struct RegisterAck {
     /// The community's peer-list version after this registration: an edge holding it
     /// knows the supernode's list is unchanged.
     pub version: u64,
+    /// The supernode's epoch: random, drawn at its start. Peer information carries it, so
+    /// what a supernode sent before a restart is not taken for current.
+    pub epoch: u64,
     /// Source address the supernode saw.
     pub observed: SocketAddr,
     /// Seconds the registration lasts without a refresh.
@@ -434,6 +437,7 @@ impl RegisterAck {
         w.put(&self.edge)?;
         w.u64(self.seq)?;
         w.u64(self.version)?;
+        w.u64(self.epoch)?;
         w.addr(&self.observed)?;
         w.u16(self.lifetime_secs)?;
         w.put(&self.cookie)?;
@@ -451,6 +455,7 @@ impl RegisterAck {
             edge: r.array()?,
             seq: r.u64()?,
             version: r.u64()?,
+            epoch: r.u64()?,
             observed: r.addr()?,
             lifetime_secs: r.u16()?,
             cookie: r.array()?,
@@ -523,28 +528,29 @@ pub const NO_LIST: u64 = 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum InfoKind {
-    /// One edge joined or changed its addresses (one entry).
+    /// The entries joined or changed their addresses since the previous version.
     Update = 0,
-    /// Part `part` of `parts` of the complete list of the others.
+    /// Part `part` of `parts` of the complete list.
     Full = 1,
     /// The entries left the community (expired on the supernode).
     Gone = 2,
 }
 
-/// Where peers are. Signed with the supernode's key and bound to one registration of the
-/// receiving edge (its id and a sequence number it registered with).
+/// Where peers are. Signed with the supernode's key once and sent as the same bytes to
+/// every member that needs it: not bound to a receiver, but to the supernode's run
+/// (`epoch`) and to a place in the community's history (`version`), which edges only
+/// move forward through (see `docs/PROTOCOL.md`, PeerInfo).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Community.
     pub community: CommunityId,
-    /// Complete list, one change, or departures.
+    /// Complete list, changes, or departures.
     pub kind: InfoKind,
-    /// The receiving edge.
-    pub dst: EdgeId,
-    /// The receiving edge's last registration sequence number the supernode accepted.
-    pub seq: u64,
-    /// The community's peer-list version this message brings the receiver to (a change
-    /// takes it from `version - 1`; a complete list to `version` once every part came).
+    /// The supernode's epoch (as in its acknowledgements).
+    pub epoch: u64,
+    /// The community's peer-list version this message brings the receiver to (changes
+    /// and departures take it from `version - 1`; a complete list to `version` once
+    /// every part came).
     pub version: u64,
     /// Index of this part of a complete list (0 otherwise).
     pub part: u16,
@@ -569,8 +575,7 @@ impl PeerInfo {
             self.peers.len() as u8,
         ])?;
         w.put(&self.community)?;
-        w.put(&self.dst)?;
-        w.u64(self.seq)?;
+        w.u64(self.epoch)?;
         w.u64(self.version)?;
         w.u16(self.part)?;
         w.u16(self.parts)?;
@@ -604,8 +609,7 @@ impl PeerInfo {
         }
         let mut r = Reader::new(signed, 4);
         let community = r.array()?;
-        let dst = r.array()?;
-        let seq = r.u64()?;
+        let epoch = r.u64()?;
         let version = r.u64()?;
         let part = r.u16()?;
         let parts = r.u16()?;
@@ -637,8 +641,7 @@ impl PeerInfo {
             msg: Self {
                 community,
                 kind,
-                dst,
-                seq,
+                epoch,
                 version,
                 part,
                 parts,
@@ -987,6 +990,7 @@ mod tests {
             edge: [2; 8],
             seq: 3,
             version: 11,
+            epoch: 13,
             observed: sa("198.18.0.1:7654"),
             lifetime_secs: 30,
             cookie: [4; 16],
@@ -1013,8 +1017,7 @@ mod tests {
         let p = PeerInfo {
             community: [1; 16],
             kind: InfoKind::Full,
-            dst: [9; 8],
-            seq: 10,
+            epoch: 10,
             version: 12,
             part: 1,
             parts: 3,
@@ -1050,7 +1053,7 @@ mod tests {
             q.part = 0;
         });
         let n = p.encode_unsigned(&mut buf).unwrap();
-        let at = 4 + COMMUNITY_ID_LEN + EDGE_ID_LEN + 16;
+        let at = 4 + COMMUNITY_ID_LEN + 16;
         buf[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
         assert_eq!(
             PeerInfo::decode(&buf[..n + SIG_LEN]).unwrap_err(),
@@ -1124,7 +1127,8 @@ mod tests {
     fn bad_version_and_type() {
         assert_eq!(peek_type(&[1, 1]), Err(WireError::BadVersion));
         assert_eq!(peek_type(&[2, 1]), Err(WireError::BadVersion));
-        assert_eq!(peek_type(&[4, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[3, 1]), Err(WireError::BadVersion));
+        assert_eq!(peek_type(&[5, 1]), Err(WireError::BadVersion));
         assert_eq!(peek_type(&[VERSION, 0x77]), Err(WireError::UnknownType));
         assert_eq!(peek_type(&[VERSION]), Err(WireError::Truncated));
     }

@@ -37,8 +37,9 @@ proptest! {
     #[test]
     fn ack_and_cookie_roundtrip(community in any::<[u8; 16]>(), edge in any::<[u8; 8]>(), seq in any::<u64>(),
                      observed in addr(), lifetime in any::<u16>(), cookie in any::<[u8; 16]>(),
-                     sn_key in any::<[u8; 32]>(), sig in any::<[u8; 32]>(), version in any::<u64>()) {
-        let m = RegisterAck { community, edge, seq, version, observed, lifetime_secs: lifetime, cookie, sn_key };
+                     sn_key in any::<[u8; 32]>(), sig in any::<[u8; 32]>(), version in any::<u64>(),
+                     epoch in any::<u64>()) {
+        let m = RegisterAck { community, edge, seq, version, epoch, observed, lifetime_secs: lifetime, cookie, sn_key };
         let mut buf = [0u8; 256];
         let n = m.encode_unsigned(&mut buf).unwrap();
         buf[n..n + 32].copy_from_slice(&sig);
@@ -54,7 +55,7 @@ proptest! {
     #[test]
     fn peer_info_roundtrip(community in any::<[u8; 16]>(), kind in 0u8..3, version in any::<u64>(),
                            parts in 1u16..=u16::MAX, part in any::<u16>(),
-                           dst in any::<[u8; 8]>(), seq in any::<u64>(),
+                           epoch in any::<u64>(),
                            peers in prop::collection::vec(
                                (any::<[u8; 8]>(), name(), addr(), prop::collection::vec(addr(), 0..=3)),
                                0..=MAX_PEERS_PER_INFO)) {
@@ -66,8 +67,7 @@ proptest! {
         let m = PeerInfo {
             community,
             kind,
-            dst,
-            seq,
+            epoch,
             version,
             part,
             parts,

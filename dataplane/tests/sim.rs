@@ -896,14 +896,15 @@ fn peer_lists_go_only_where_something_changed() {
     assert!(acks >= 6 * 8, "{acks} acks");
     assert_eq!(infos_sent(&net), Vec::<u8>::new());
     // Joins in both communities: the complete list (one part) to each new edge, one
-    // update to each of the others, and nothing more at the next registrations.
+    // update (the same signed bytes) to every member, the new one included, and nothing
+    // more at the next registrations.
     net.seen.clear();
     net.add_edge("o2", "other", Cipher::Aes256Gcm);
     let j = net.add_edge("m4", "s", Cipher::Aes256Gcm);
     net.run(Duration::from_secs(3));
     let mut kinds = infos_sent(&net);
     kinds.sort_unstable();
-    assert_eq!(kinds, vec![0, 0, 0, 0, 0, 0, 1, 1]);
+    assert_eq!(kinds, vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 1]);
     for i in (0..4).chain([j]) {
         assert_eq!(net.status(i).peers.len(), 4, "edge {i}");
     }
@@ -1030,8 +1031,8 @@ fn spoofed_registration_gets_one_small_cookie_and_no_fanout() {
     }
 }
 
-/// Datagrams claiming to come from the supernode but not signed with its key, signed for
-/// another edge, or replayed from an earlier registration change nothing: no new or
+/// Datagrams claiming to come from the supernode but not signed with its key, for another
+/// community, or replayed (older than what the edge took) change nothing: no new or
 /// renamed peers, no supernode state change.
 #[test]
 fn spoofed_peer_info_and_ack_change_nothing() {
@@ -1065,15 +1066,16 @@ fn spoofed_peer_info_and_ack_change_nothing() {
         .find(|(s, d, p)| *s == sn && *d == aa && p[1] == 0x02)
         .map(|x| x.2.clone())
         .expect("an ack for a");
-    // Forged, signed with a key that is not the supernode's.
+    // Forged, signed with a key that is not the supernode's (with the current epoch and
+    // a version far ahead, so only the signature stops it).
     let evil = SupernodeKey::generate().unwrap();
     let community = dataplane::crypto::CommunityKeys::derive("lab", b"s").id;
+    let epoch = RegisterAck::decode(&early_ack).unwrap().msg.epoch;
     let info = PeerInfo {
         community,
         kind: dataplane::wire::InfoKind::Update,
-        dst: a_id,
-        seq: 5,
-        version: 2,
+        epoch,
+        version: u64::MAX - 1,
         part: 0,
         parts: 1,
         peers: vec![
@@ -1095,11 +1097,19 @@ fn spoofed_peer_info_and_ack_change_nothing() {
     let n = info.encode_unsigned(&mut buf).unwrap();
     let n = evil.sign_into(&mut buf, n).unwrap();
     let forged_info = buf[..n].to_vec();
+    let other = PeerInfo {
+        community: [0; 16],
+        ..info.clone()
+    };
+    let n = other.encode_unsigned(&mut buf).unwrap();
+    let n = net.sns[0].key.sign_into(&mut buf, n).unwrap();
+    let other_community = buf[..n].to_vec();
     let ack = RegisterAck {
         community,
         edge: a_id,
         seq: 6,
         version: 2,
+        epoch,
         observed: sa("198.18.9.9:3"),
         lifetime_secs: 30,
         cookie: [1; 16],
@@ -1114,6 +1124,7 @@ fn spoofed_peer_info_and_ack_change_nothing() {
     flipped[last] ^= 1;
     for p in [
         forged_info,
+        other_community,
         forged_ack,
         info_for_b,
         early_for_a,
@@ -1148,10 +1159,8 @@ fn spoofed_peer_info_and_ack_change_nothing() {
     let d = &after.drops;
     assert!(d.contains_key("sn_key_mismatch"), "{d:?}");
     assert!(d.contains_key("info_not_for_us"), "{d:?}");
-    assert!(
-        d.contains_key("stale_info") || d.contains_key("bad_signature"),
-        "{d:?}"
-    );
+    assert!(d.contains_key("stale_info"), "{d:?}");
+    assert!(d.contains_key("bad_signature"), "{d:?}");
     assert!(d.contains_key("stale_ack"), "{d:?}");
     // Traffic still flows.
     net.run(Duration::from_secs(1));
@@ -1159,6 +1168,87 @@ fn spoofed_peer_info_and_ack_change_nothing() {
     let r = frame(mac(1), mac(2), 2);
     net.send_frame(b, &r);
     assert_eq!(net.edges[a].tap_rx.last(), Some(&r));
+}
+
+/// Peer information is signed once per message and the same bytes go to every member
+/// that needs them: a cold start of a community of N costs a few signed messages (the
+/// joins of one announcement window gathered, the complete list signed once per
+/// version), not one per member and join (N^2/2 before). A signed announcement replayed
+/// later, or after the supernode restarted (a new epoch), changes nothing.
+#[test]
+fn peer_information_is_signed_once_and_replays_are_stale() {
+    let n = 30;
+    let mut net = Net::new(1);
+    for i in 0..n {
+        net.add_edge(&format!("m{i}"), "s", Cipher::Aes256Gcm);
+    }
+    net.capture = true;
+    net.run(Duration::from_secs(3));
+    net.capture = false;
+    for i in 0..n {
+        assert_eq!(net.status(i).peers.len(), n - 1, "edge {i}");
+    }
+    let sn = net.sns[0].addr;
+    let infos: Vec<&Vec<u8>> = net
+        .seen
+        .iter()
+        .filter(|(s, _, p)| *s == sn && p[1] == 0x03)
+        .map(|x| &x.2)
+        .collect();
+    let mut distinct = infos.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    println!(
+        "{n} edges: {} peer-information datagrams, {} distinct (signed), {} signatures in all",
+        infos.len(),
+        distinct.len(),
+        net.sns[0].core.signatures()
+    );
+    assert!(infos.len() >= 2 * n, "{}", infos.len());
+    assert!(distinct.len() <= 8, "{} signed messages", distinct.len());
+    // Every announcement edge 0 got, replayed to it: older than what it holds.
+    let e0 = net.edges[0].addr;
+    let to_e0: Vec<Vec<u8>> = net
+        .seen
+        .iter()
+        .filter(|(s, d, p)| *s == sn && *d == e0 && p[1] == 0x03)
+        .map(|x| x.2.clone())
+        .collect();
+    assert!(!to_e0.is_empty());
+    let stale = |net: &Net| net.status(0).drops.get("stale_info").copied().unwrap_or(0);
+    let before = (stale(&net), net.status(0).peers.len());
+    for p in &to_e0 {
+        net.queue.push_back((sn, e0, p.clone()));
+    }
+    net.deliver();
+    assert_eq!(stale(&net), before.0 + to_e0.len() as u64);
+    // A restarted supernode (same key, new epoch): the old messages are not current.
+    net.sns[0].core = SupernodeCore::new(
+        SupernodeConfig {
+            edge_timeout: Duration::from_secs(3),
+            ..SupernodeConfig::default()
+        },
+        net.sns[0].key.clone(),
+        net.now,
+    );
+    net.run(Duration::from_secs(3));
+    let s0 = stale(&net);
+    for p in &to_e0 {
+        net.queue.push_back((sn, e0, p.clone()));
+    }
+    net.deliver();
+    assert_eq!(stale(&net), s0 + to_e0.len() as u64);
+    assert_eq!(net.status(0).peers.len(), n - 1);
+    // A late join after the restart still reaches everyone.
+    let j = net.add_edge("late", "s", Cipher::Aes256Gcm);
+    net.run(Duration::from_secs(2));
+    for i in 0..n {
+        assert!(
+            net.status(i).peers.iter().any(|p| p.name == "late"),
+            "edge {i}"
+        );
+    }
+    assert_eq!(net.status(j).peers.len(), n);
 }
 
 /// Without a pinned key an edge takes the key of the first signed acknowledgement and

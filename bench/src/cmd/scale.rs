@@ -59,10 +59,10 @@ fn opt(v: Option<f64>) -> String {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     println!(
-        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | B late join | cold ms | sessions ms | sn µs/edge/s (steady) | peerinfo msgs (steady) | restart rereg ms | restart all know ms | lost | overload drops | churn ms | outage rereg ms | lost | overload drops | edge B/edge | edge µs/peer/s | wall ms |"
+        "| edges | sn B/edge | reg µs | relay µs | peerinfo B/join (cold) | sn signatures/join (cold) | sn CPU ms (cold) | B late join | cold ms | sessions ms | sn µs/edge/s (steady) | peerinfo msgs (steady) | restart rereg ms | restart all know ms | lost | overload drops | churn ms | outage rereg ms | lost | overload drops | edge B/edge | edge B/peer | edge µs/peer/s | wall ms |"
     );
     println!(
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for &n in &args.edges {
         let mut cfg = ScaleConfig::new(n);
@@ -76,12 +76,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         cfg.new_per_s = args.new_per_s;
         let r = scale::run(&cfg, Some(bench::allocated_bytes))?;
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
             n,
             opt(r.sn_bytes_per_edge),
             r.cpu_per_registration_us,
             r.cpu_per_relay_us,
             r.peerinfo_bytes_per_join_cold,
+            r.signatures_per_join_cold,
+            r.cold_sn.cpu_us as f64 / 1000.0,
             r.peerinfo_bytes_late_join,
             ms(r.cold.all_ms),
             ms(r.cold_sessions.all_ms),
@@ -96,6 +98,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             r.outage_dropped_known,
             r.outage_overload_drops,
             opt(r.edge_bytes_per_edge),
+            opt(r.edge_bytes_per_peer),
             r.edge_cpu_per_peer_s_us,
             r.wall_ms,
         );
@@ -153,6 +156,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     (
                         "CPU per registration (µs)".into(),
                         pts(&|r| Some(r.cpu_per_registration_us)),
+                    ),
+                    (
+                        "signatures per join, cold".into(),
+                        pts(&|r| Some(r.signatures_per_join_cold)),
+                    ),
+                    (
+                        "edge memory per peer (B)".into(),
+                        pts(&|r| r.edge_bytes_per_peer),
                     ),
                     (
                         "steady CPU per edge per s (µs)".into(),

@@ -151,7 +151,7 @@ pub const fn relay_config(ip: [u8; 4], port: u16, flags: u8) -> [u8; RELAY_CONFI
 /// `dataplane::wire` is the codec, and its tests check these against it).
 pub mod wire {
     /// Version byte of every datagram.
-    pub const VERSION: u8 = 3;
+    pub const VERSION: u8 = 4;
     /// Register (edge -> supernode).
     pub const TYPE_REGISTER: u8 = 0x01;
     /// Relay (edge -> supernode -> edge).
@@ -186,9 +186,9 @@ pub mod wire {
     /// transport message (Data, Probe, Control).
     pub const INDEX_AT: usize = 4;
     /// Shortest RegisterAck (IPv4 observed address).
-    pub const REGISTER_ACK_MIN_LEN: usize = 165;
+    pub const REGISTER_ACK_MIN_LEN: usize = 173;
     /// Shortest PeerInfo (no entries).
-    pub const PEER_INFO_MIN_LEN: usize = 112;
+    pub const PEER_INFO_MIN_LEN: usize = 104;
     /// Cookie message.
     pub const COOKIE_LEN: usize = 36;
     /// HandshakeInit.

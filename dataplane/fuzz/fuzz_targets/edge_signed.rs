@@ -1,8 +1,8 @@
 #![no_main]
-//! An edge fed datagrams signed with its pinned supernode's key and addressed to its own
-//! id and registration (as only the real supernode can make them): the parsing after the
-//! signature check, acknowledgements and peer lists (their versions, parts and
-//! departures), never panics.
+//! An edge fed datagrams signed with its pinned supernode's key, acknowledgements
+//! addressed to its own id and registration and peer lists to its community (as only the
+//! real supernode can make them): the parsing after the signature check, acknowledgements
+//! and peer lists (their epochs, versions, parts, changes and departures), never panics.
 use std::time::Instant;
 
 use dataplane::crypto::{Cipher, CommunityKeys};
@@ -37,8 +37,9 @@ fuzz_target!(|data: &[u8]| {
     out.recycle_sent();
     // Several messages in a row (each `length byte ‖ bytes`), so sequences of acks,
     // list parts, changes and departures with their versions are explored.
-    // RegisterAck and PeerInfo both carry the community at 4..20, the edge id at 20..28
-    // and the registration number at 28..36.
+    // RegisterAck and PeerInfo both carry the community at 4..20; RegisterAck the edge
+    // id at 20..28 and the registration number at 28..36 (PeerInfo the epoch and the
+    // version there, which the input chooses, as it chooses the ack's epoch).
     let community = CommunityKeys::derive("c", b"s").id;
     let mut rest = data;
     while let Some((&len, tail)) = rest.split_first() {
@@ -48,8 +49,10 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = msg.to_vec();
         if buf.len() >= 36 {
             buf[4..20].copy_from_slice(&community);
-            buf[20..28].copy_from_slice(&e.id());
-            buf[28..36].copy_from_slice(&1u64.to_be_bytes());
+            if buf[1] != dataplane::wire::MsgType::PeerInfo as u8 {
+                buf[20..28].copy_from_slice(&e.id());
+                buf[28..36].copy_from_slice(&1u64.to_be_bytes());
+            }
         }
         let n = buf.len();
         buf.resize(n + SIG_LEN, 0);

@@ -1,6 +1,7 @@
 #![no_main]
-//! A supernode fed arbitrary datagrams: nothing may panic.
-use std::time::Instant;
+//! A supernode fed arbitrary datagrams: nothing may panic, also when it announces what
+//! it gathered (polled once at once and once after the announcement delay).
+use std::time::{Duration, Instant};
 
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
@@ -14,5 +15,6 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Outbox::new(2048);
     s.handle(now, "198.18.0.9:1".parse().unwrap(), data, &mut out);
     s.poll(now, &mut out);
+    s.poll(now + Duration::from_secs(1), &mut out);
     out.recycle_sent();
 });

@@ -299,12 +299,12 @@ impl EdgeCore {
         // A sender we do not know yet becomes a peer only once its frame authenticates.
         let mut fresh = match self.peers.get_mut(&src).and_then(|p| p.bcast_rx.take()) {
             Some(k) => k,
-            None => (
+            None => Box::new((
                 self.keys.bcast_key(self.cfg.cipher, &src),
                 ReplayWindow::new(),
-            ),
+            )),
         };
-        let (key, replay) = &mut fresh;
+        let (key, replay) = &mut *fresh;
         let opened = if replay.check(counter) {
             let (head, body) = pkt.split_at_mut(hl);
             key.open(counter, head, body).map_err(DropReason::from)

@@ -75,7 +75,7 @@ reasons! {
     BcastNotForUs = "bcast_not_for_us",
     /// An acknowledgement for another community or edge.
     AckNotForUs = "ack_not_for_us",
-    /// A peer list for another community or edge.
+    /// A peer list for another community.
     InfoNotForUs = "info_not_for_us",
     /// A cookie for another edge or registration.
     CookieNotForUs = "cookie_not_for_us",
@@ -87,7 +87,8 @@ reasons! {
     BadSignature = "bad_signature",
     /// An acknowledgement of a registration already acknowledged, or never sent.
     StaleAck = "stale_ack",
-    /// A peer list bound to an older registration.
+    /// A peer list from another run of the supernode, or older than what the edge holds
+    /// (a replay).
     StaleInfo = "stale_info",
 
     // Paths and tables.

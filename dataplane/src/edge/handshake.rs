@@ -43,10 +43,10 @@ impl EdgeCore {
             self.index.remove(&old.state.init.sender_index);
         }
         let p = self.peers.get_mut(id).expect("present");
-        p.pending = Some(Pending {
+        p.pending = Some(Box::new(Pending {
             state: st,
             sent: now,
-        });
+        }));
         p.last_init_sent = Some(now);
         let direct = p.direct;
         let cands = p.candidates(&self.overlay_nets);
@@ -126,7 +126,7 @@ impl EdgeCore {
             created: now,
             initiator: false,
         };
-        if let Some(old) = p.next.replace(s) {
+        if let Some(old) = p.next.replace(Box::new(s)) {
             self.index.remove(&old.local_index);
         }
         self.index.insert(index, init.src);
@@ -184,7 +184,7 @@ impl EdgeCore {
         }
         p.handshakes += 1;
         let old = p.prev.take();
-        p.prev = p.cur.replace(s);
+        p.prev = p.cur.replace(Box::new(s));
         let first = p.prev.is_none();
         if first {
             tracing::info!(peer = %p.name, "session established");

@@ -3,8 +3,9 @@
 //! Pure: every entry point takes `now` and writes into an [`Outbox`]; no sockets, no clock.
 //!
 //! What changes the tables is authenticated: acknowledgements and peer lists carry the
-//! supernode's signature (pinned key, or the first one seen when none is configured) and
-//! the edge's own id and registration number; peers and sessions come from handshakes
+//! supernode's signature (pinned key, or the first one seen when none is configured);
+//! acknowledgements the edge's own id and registration number, peer lists the
+//! supernode's epoch and a version that only moves forward; peers and sessions come from handshakes
 //! checked with the community key. Addresses nobody has proven to own (candidates from
 //! peer lists) get a bounded number of handshake inits.
 //!
@@ -190,6 +191,9 @@ impl EdgeCore {
                 cookie_resend: None,
                 next_register: None,
                 unanswered: 0,
+                epoch: None,
+                ack_version: NO_LIST,
+                applied: NO_LIST,
                 list_version: NO_LIST,
                 list_part: None,
             })

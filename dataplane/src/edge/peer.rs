@@ -1,5 +1,10 @@
 //! The peer table's entries: sessions (current, previous, next), pending handshake,
 //! paths and counters of one peer.
+//!
+//! Sessions, the pending handshake and the broadcast receive state are boxed: each holds
+//! expanded AEAD keys and a replay window (about 1.3 KB per session), and most peers have
+//! one session and no handshake under way, so the table holds a pointer where there is
+//! nothing, not room for three sessions (a peer took about 8 KB before, 1,000 peers 8 MB).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -44,10 +49,10 @@ pub(super) struct Peer {
     pub(super) last_listed: Option<Instant>,
     pub(super) first_seen: Instant,
     pub(super) last_rx: Option<Instant>,
-    pub(super) cur: Option<Session>,
-    pub(super) prev: Option<Session>,
-    pub(super) next: Option<Session>,
-    pub(super) pending: Option<Pending>,
+    pub(super) cur: Option<Box<Session>>,
+    pub(super) prev: Option<Box<Session>>,
+    pub(super) next: Option<Box<Session>>,
+    pub(super) pending: Option<Box<Pending>>,
     pub(super) last_init_sent: Option<Instant>,
     pub(super) last_init_ts: u64,
     pub(super) direct: Option<SocketAddr>,
@@ -57,7 +62,7 @@ pub(super) struct Peer {
     pub(super) last_relay_probe: Option<Instant>,
     pub(super) probes: Vec<(u64, Option<SocketAddr>, Instant)>,
     pub(super) rtt: Option<Duration>,
-    pub(super) bcast_rx: Option<(AeadKey, ReplayWindow)>,
+    pub(super) bcast_rx: Option<Box<(AeadKey, ReplayWindow)>>,
     pub(super) stats: Stats,
     pub(super) handshakes: u64,
     /// Direct attempts per address; see [`AddrTries`].
@@ -110,13 +115,13 @@ impl Peer {
 
     pub(super) fn session_mut(&mut self, index: u32) -> Option<(&mut Session, u8)> {
         if self.cur.as_ref().is_some_and(|s| s.local_index == index) {
-            return self.cur.as_mut().map(|s| (s, 0));
+            return self.cur.as_deref_mut().map(|s| (s, 0));
         }
         if self.prev.as_ref().is_some_and(|s| s.local_index == index) {
-            return self.prev.as_mut().map(|s| (s, 1));
+            return self.prev.as_deref_mut().map(|s| (s, 1));
         }
         if self.next.as_ref().is_some_and(|s| s.local_index == index) {
-            return self.next.as_mut().map(|s| (s, 2));
+            return self.next.as_deref_mut().map(|s| (s, 2));
         }
         None
     }

@@ -4,7 +4,9 @@
 //! Peer lists are versioned: the edge registers with the version of the complete list it
 //! holds from that supernode, and gets a list back only when that is not the community's
 //! current one. An acknowledgement carrying the version held confirms every peer that
-//! supernode listed. Registrations are jittered, and back off while unanswered.
+//! supernode listed. Peer lists are shared by every member (signed once): they count
+//! when they carry the epoch of the supernode's last acknowledgement and a version newer
+//! than anything taken from it. Registrations are jittered, and back off while unanswered.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -53,6 +55,14 @@ pub(super) struct SnState {
     pub(super) next_register: Option<Instant>,
     /// Registrations sent since the last acknowledgement.
     pub(super) unanswered: u32,
+    /// Its epoch, from its last acknowledgement (`None`: no acknowledgement yet).
+    pub(super) epoch: Option<u64>,
+    /// The list version its last acknowledgement named: no complete list older than it
+    /// is taken.
+    pub(super) ack_version: u64,
+    /// Highest list version taken from it in this epoch: peer information only moves
+    /// forward ([`NO_LIST`]: none).
+    pub(super) applied: u64,
     /// Version of the complete peer list held from it ([`NO_LIST`]: none).
     pub(super) list_version: u64,
     /// A complete list coming in: its version and the next part expected.
@@ -144,6 +154,14 @@ impl EdgeCore {
             tracing::info!(supernode = %s.addr, observed = %a.observed, "registered with supernode");
         }
         let s = &mut self.sns[i];
+        if s.epoch != Some(a.epoch) {
+            // A new run of the supernode: nothing it sent before counts.
+            s.epoch = Some(a.epoch);
+            s.applied = NO_LIST;
+            s.list_version = NO_LIST;
+            s.list_part = None;
+        }
+        s.ack_version = a.version;
         s.key = Some(key);
         s.last_ack = Some(now);
         s.observed = Some(a.observed);
@@ -204,12 +222,18 @@ impl EdgeCore {
             return self.drop(DropReason::SnKeyUnknown);
         };
         let info = &v.msg;
-        if info.community != self.keys.id || info.dst != self.id {
+        if info.community != self.keys.id {
             return self.drop(DropReason::InfoNotForUs);
         }
-        // Bound to one of our registrations since the last acknowledged one: a list from
-        // an older registration is a replay.
-        if info.seq < s.acked_seq || info.seq > s.sent_seq {
+        // The same signed bytes go to every member, so they are bound to the supernode's
+        // run (epoch) and to the community's history (version), which only moves
+        // forward: anything older than what was taken is a replay, and a complete list
+        // must be at least as new as the last acknowledgement said.
+        let fresh = match info.kind {
+            InfoKind::Full => info.version >= s.applied && info.version >= s.ack_version,
+            InfoKind::Update | InfoKind::Gone => info.version > s.applied,
+        };
+        if s.epoch != Some(info.epoch) || !fresh {
             return self.drop(DropReason::StaleInfo);
         }
         if !snkey::verify(&key, v.signed, v.sig) {
@@ -218,11 +242,14 @@ impl EdgeCore {
         let bit = 1u64 << i;
         let info = v.msg;
         let s = &mut self.sns[i];
+        s.applied = s.applied.max(info.version);
         match info.kind {
             InfoKind::Full => {
                 if info.part == 0 {
-                    // A new complete list: it alone says whom this supernode lists.
+                    // A new complete list: it alone says whom this supernode lists, and
+                    // none is held until its last part came.
                     s.list_part = Some((info.version, 0));
+                    s.list_version = NO_LIST;
                     for p in self.peers.values_mut() {
                         p.listed_by &= !bit;
                     }

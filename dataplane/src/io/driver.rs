@@ -354,7 +354,11 @@ pub fn run_supernode(
                 }
             }
         }
-        if now.saturating_duration_since(last_tick) >= Duration::from_millis(500) {
+        // Expiry every 500 ms; gathered announcements when they are due (the loop wakes
+        // at least every `TICK`).
+        if now.saturating_duration_since(last_tick) >= Duration::from_millis(500)
+            || core.announce_at().is_some_and(|t| t <= now)
+        {
             last_tick = now;
             core.poll(now, &mut out);
         }

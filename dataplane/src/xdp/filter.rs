@@ -241,6 +241,7 @@ mod tests {
             edge: [2; 8],
             seq: 3,
             version: 4,
+            epoch: 5,
             observed: "198.18.0.1:7700".parse().unwrap(),
             lifetime_secs: 30,
             cookie: [4; wire::COOKIE_LEN],
@@ -252,8 +253,7 @@ mod tests {
         let info = PeerInfo {
             community: [6; 16],
             kind: InfoKind::Full,
-            dst: [7; 8],
-            seq: 1,
+            epoch: 7,
             version: 1,
             part: 0,
             parts: 1,
