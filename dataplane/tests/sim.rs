@@ -363,6 +363,11 @@ impl Net {
         self.edges[i].core.status(self.now)
     }
 
+    /// Whether edge `i` wrote `frame` to its TAP device.
+    fn tap_got(&self, i: usize, frame: &[u8]) -> bool {
+        self.edges[i].tap_rx.iter().any(|x| x == frame)
+    }
+
     fn peer_path(&self, i: usize, peer: &str) -> Option<String> {
         self.status(i)
             .peers
@@ -2120,7 +2125,7 @@ fn multicast_goes_only_to_sites_with_members() {
     assert_eq!(net.status(b).l2.local_groups, 1);
     let group = frame([1, 0, 0x5e, 1, 2, 3], mac(1), 0x31);
     let link_local = frame([1, 0, 0x5e, 0, 0, 251], mac(1), 0x32);
-    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.tap_got(e, f);
     net.send_frame(a, &group);
     net.send_frame(a, &link_local);
     net.run(Duration::from_millis(50));
@@ -2187,17 +2192,23 @@ fn dhcp_request(client: [u8; 6]) -> Vec<u8> {
     f
 }
 
-/// Once a DHCP server has acknowledged a lease, clients' broadcasts go only to the site
-/// of the server and the server's broadcast replies only to the site of the client: the
-/// third site gets none of them (counted as withheld).
-#[test]
-fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
+/// Three edges "a", "b", "c" of one community, their sessions up.
+fn three_sites() -> (Net, [usize; 3]) {
     let mut net = Net::new(1);
     let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
     let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
     let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
     net.run(Duration::from_secs(2));
-    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    (net, [a, b, c])
+}
+
+/// Once a DHCP server has acknowledged a lease, clients' broadcasts go only to the site
+/// of the server and the server's broadcast replies only to the site of the client: the
+/// third site gets none of them (counted as withheld).
+#[test]
+fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
+    let (mut net, [a, b, c]) = three_sites();
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.tap_got(e, f);
     // The first request: no server known yet, flooded everywhere.
     let r7 = dhcp_request(mac(7));
     net.send_frame(b, &r7);
@@ -2251,12 +2262,8 @@ fn dhcp_broadcasts_go_only_where_the_server_or_client_is() {
 /// clients send before the first reply reaches the site goes to every peer.
 #[test]
 fn a_dhcp_offer_places_the_server_for_the_request_that_follows() {
-    let mut net = Net::new(1);
-    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
-    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
-    let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
-    net.run(Duration::from_secs(2));
-    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    let (mut net, [a, b, c]) = three_sites();
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.tap_got(e, f);
     // The client's first broadcast: no server known yet, flooded everywhere.
     let first = dhcp_request(mac(7));
     net.send_frame(b, &first);
@@ -2293,7 +2300,7 @@ fn dhcp_requests_are_not_steered_to_a_server_whose_session_ended() {
     let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, slow_expiry.clone(), true);
     let c = net.add_edge("c", "s", Cipher::Aes256Gcm);
     net.run(Duration::from_secs(2));
-    let got = |net: &Net, e: usize, f: &Vec<u8>| net.edges[e].tap_rx.iter().any(|x| x == f);
+    let got = |net: &Net, e: usize, f: &Vec<u8>| net.tap_got(e, f);
     // The server (VM 1 behind a) is bound everywhere and acknowledges a client at b.
     net.send_frame(a, &frame(BCAST, mac(1), 0));
     net.send_frame(b, &frame(BCAST, mac(7), 0));
