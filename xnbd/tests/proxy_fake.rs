@@ -69,6 +69,9 @@ struct Fake {
     /// Read times (since `t0`), for rate checks.
     log: Mutex<Vec<Duration>>,
     t0: Instant,
+    /// Delayed reads waiting for their answer now, and the most there ever were.
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
 }
 
 impl Fake {
@@ -86,6 +89,8 @@ impl Fake {
             violations: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             t0: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
         })
     }
 
@@ -225,7 +230,10 @@ impl Fake {
                 }
                 Act::Silent => {}
                 Act::Delay(d) => {
+                    let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.most_in_flight.fetch_max(now, Ordering::Relaxed);
                     tokio::time::sleep(d).await;
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
                     s.write_all(&ok.encode()).await?;
                     s.write_all(bytes).await?;
                 }
@@ -739,7 +747,7 @@ async fn readahead_grows_and_stops_at_the_device_end() {
 /// it goes away): of a 1 MiB readahead extent the first two chunks arrive and the other two
 /// never do; no block is marked that was not written with the source's bytes, the
 /// reader's own blocks are right, and what the bitmap file marks equals what status
-/// counts.
+/// counts. Every wait is on a condition (a loaded machine only makes it slower).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_dying_mid_extent_marks_only_written_blocks() {
     let r = Rig::new((1, 4096, 32 << 20), |_, off, _| {
@@ -750,9 +758,11 @@ async fn a_source_dying_mid_extent_marks_only_written_blocks() {
         }
     });
     let data = &r.data;
+    // Patience long enough for the reader's own fetches to get through while the cut
+    // chunks keep cutting off the connections they share.
     let o = Opts {
         readahead: (1 << 20, 2 << 20),
-        ..Opts::new(Duration::from_secs(1))
+        ..Opts::new(Duration::from_secs(20))
     };
     let (srv, p) = r.start(o).await;
     // Two sequential reads: the second asks for 1 MiB ahead (from 128 KiB) in four 256
@@ -761,11 +771,16 @@ async fn a_source_dying_mid_extent_marks_only_written_blocks() {
         let got = p.read(off, vec![0u8; 65536], 0).await.unwrap();
         r.assert_data(&got, off, 65536);
     }
-    // The chunks cut off are retried on new connections and cut off again until the
-    // source goes away; their patience (1 s) then ends.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The whole chunks land; the cut ones are retried on new connections and cut off
+    // again until the source goes away.
+    wait_cached(&p, 10, 30).await;
     drop(srv);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Blocks are marked after their data is durable, in group commits.
+    let end = Instant::now() + Duration::from_secs(10);
+    while r.marked().len() < 10 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let st = p.status();
     let bm = r.marked();
     println!("marked after the source died mid-extent: {bm:?}; {st:?}");
@@ -907,17 +922,16 @@ async fn several_source_connections_share_the_fetches() {
         let got = p.read(off, vec![0u8; 256 << 10], 0).await.unwrap();
         r.assert_data(&got, off, 256 << 10);
     }
-    let t = Instant::now();
     p.cache_all();
     let st = wait_complete(&p, 30).await;
-    let took = t.elapsed();
     let per = r.fake.reads_per_connection();
-    println!("copy took {took:?}; reads per connection {per:?}");
+    let most = r.fake.most_in_flight.load(Ordering::Relaxed);
+    println!("reads per connection {per:?}; at most {most} answered at once");
     assert_eq!(per.len(), 4, "{per:?}");
     assert!(per.iter().all(|&n| n >= 2), "{per:?}");
-    // 16 chunks of 256 KiB less the 4 or more the reader fetched, 60 ms each: at least
-    // 720 ms on one connection, about 180 ms on four.
-    assert!(took < Duration::from_millis(550), "{took:?}");
+    // Each connection's reads wait 60 ms one after another: the copy used the four at
+    // once, which one connection never does (a count, not a duration: load cannot fail it).
+    assert!(most >= 2, "at most {most} source reads in flight at once");
     assert_eq!(st.fetched_blocks, st.total_blocks, "{st:?}");
     assert_eq!(st.source_errors, 0, "{st:?}");
     assert_eq!(r.fake.violations.load(Ordering::Relaxed), 0);
