@@ -14,6 +14,7 @@
 //! Commands run on the frontend through its agent ([`crate::proto::Request::Exec`]):
 //! no SSH into the VM. Output is bounded ([`EXEC_OUTPUT_MAX`] per stream) and so is
 //! the time ([`EXEC_TIMEOUT_MAX`]).
+use crate::atomic_file::{self, Durability};
 use crate::client::AgentClient;
 use crate::controller::{ControlError, Controller, Result};
 use crate::model::{hex, Cluster, Role};
@@ -288,30 +289,18 @@ pub fn prepare_vm(
     Ok(())
 }
 
-/// Write `text` to `path` unless it holds it already.
+/// Write `text` to `path` (mode 0644, not synced: it is rendered again from the stack
+/// before the daemons start) unless it holds it already.
 fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    atomic_file::write(path, text.as_bytes(), 0o644, Durability::Deferred)
 }
 
 /// Write a munge key (raw bytes) with mode 0400, atomically.
 pub fn write_munge_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(&tmp)?;
-    f.write_all(key)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    atomic_file::write(path, key, 0o400, Durability::Synced)
 }
 
 /// munged's command line for a VM: in the foreground, its socket, pid and seed files
