@@ -24,14 +24,17 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+// The exec bounds are the guest protocol's: an exec admitted here must fit in the frame
+// that carries it into a qemu guest, and a netns VM keeps as much output as a guest may
+// send back. The guest agent links only `std`, so the numbers live in `guest_proto`.
 /// Bytes of each output stream an exec returns; the rest is counted, not kept.
-pub const EXEC_OUTPUT_MAX: usize = 512 * 1024;
+pub const EXEC_OUTPUT_MAX: usize = crate::guest_proto::OUTPUT_MAX;
 /// Bytes of standard input an exec may carry.
-pub const EXEC_STDIN_MAX: usize = 1024 * 1024;
+pub const EXEC_STDIN_MAX: usize = crate::guest_proto::STDIN_MAX;
 /// Longest an exec may run (seconds).
 pub const EXEC_TIMEOUT_MAX: u64 = 3600;
 /// Most arguments of an exec, and bytes of one argument.
-pub const EXEC_ARGS_MAX: (usize, usize) = (256, 4096);
+pub const EXEC_ARGS_MAX: (usize, usize) = crate::guest_proto::ARGS_MAX;
 /// Munge key length the controller makes (bytes; munge wants at least 32).
 pub const MUNGE_KEY_LEN: usize = 1024;
 
