@@ -208,9 +208,12 @@ pub fn run(cfg: &StoreScaleConfig, reps: usize) -> Result<StoreScaleResult, Cont
     )?;
     let name = format!("k{}", n / 2);
     timed(&mut tm, "cluster (status)", reps, || s.cluster(&name))?;
-    timed(&mut tm, "cluster (status of a 100-VM cluster)", reps, || {
-        s.cluster(&large.name)
-    })?;
+    timed(
+        &mut tm,
+        "cluster (status of a 100-VM cluster)",
+        reps,
+        || s.cluster(&large.name),
+    )?;
     timed(&mut tm, "set_vm_state", 1, || {
         s.set_vm_state(&format!("{name}-fe"), "running")
     })?;
@@ -297,7 +300,9 @@ pub fn run(cfg: &StoreScaleConfig, reps: usize) -> Result<StoreScaleResult, Cont
     timed(&mut tm, "add_site", 1, || {
         s.add_site("extra", "198.18.0.1:7000", "00")
     })?;
-    timed(&mut tm, "remove_site (unused)", 1, || s.remove_site("extra"))?;
+    timed(&mut tm, "remove_site (unused)", 1, || {
+        s.remove_site("extra")
+    })?;
     let busy = format!("s{}", cfg.sites / 2);
     match timed(&mut tm, "remove_site (in use: refused)", 1, || {
         s.remove_site(&busy)

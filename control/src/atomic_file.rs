@@ -114,6 +114,12 @@ mod tests {
         write(&k, b"a", 0o400, Durability::Synced).unwrap();
         write(&k, b"b", 0o400, Durability::Synced).unwrap();
         assert_eq!(std::fs::read(&k).unwrap(), b"b");
-        assert!(write(&d.path().join("no/such/dir/f"), b"x", 0o600, Durability::Synced).is_err());
+        assert!(write(
+            &d.path().join("no/such/dir/f"),
+            b"x",
+            0o600,
+            Durability::Synced
+        )
+        .is_err());
     }
 }

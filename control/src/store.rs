@@ -734,7 +734,11 @@ impl Store for SqliteStore {
                     secret_ref,
                     supernode,
                 },
-                _ => return Err(StoreError::Corrupt(format!("cluster {name} has no overlay"))),
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "cluster {name} has no overlay"
+                    )))
+                }
             };
             at.insert(id, out.len());
             let origin = sites.name(r.get(2)?)?;
@@ -775,7 +779,9 @@ impl Store for SqliteStore {
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             if let Some(i) = index_of(r.get(0)?) {
-                out[i].attachments.push(attachment_of_row(r, sites.name(r.get(1)?)?)?);
+                out[i]
+                    .attachments
+                    .push(attachment_of_row(r, sites.name(r.get(1)?)?)?);
             }
         }
         Ok(out)

@@ -129,7 +129,10 @@ mod tests {
         assert!(m.is_local_unicast());
         assert!(!m.is_group());
         assert!(Mac([0xff; 6]).is_group());
-        assert_eq!(Mac([0xff, 0xa0, 0x0b, 0x9c, 0x10, 0]).to_string(), "ff:a0:0b:9c:10:00");
+        assert_eq!(
+            Mac([0xff, 0xa0, 0x0b, 0x9c, 0x10, 0]).to_string(),
+            "ff:a0:0b:9c:10:00"
+        );
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(j, "\"02:5a:01:02:03:04\"");
         assert_eq!(serde_json::from_str::<Mac>(&j).unwrap(), m);
