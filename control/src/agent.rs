@@ -580,6 +580,16 @@ impl AgentCore {
             .map(|(n, _)| *n)
     }
 
+    /// VM slots `owner` holds here, in every cluster (what its quota counts).
+    fn slots_held_by(&self, owner: &str) -> u32 {
+        self.state
+            .clusters
+            .values()
+            .filter(|c| c.owner == owner)
+            .map(|c| c.slots.len() as u32)
+            .sum()
+    }
+
     fn owned(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
         self.id_of(owner, cluster)
             .ok_or_else(|| format!("no cluster {} of yours is reserved here", quote(cluster)))
@@ -957,13 +967,7 @@ impl AgentCore {
                 ))
             };
         }
-        let held: u32 = self
-            .state
-            .clusters
-            .values()
-            .filter(|c| c.owner == authz.key)
-            .map(|c| c.slots.len() as u32)
-            .sum();
+        let held = self.slots_held_by(&authz.key);
         authz
             .check_reserve(
                 held,
