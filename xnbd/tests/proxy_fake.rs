@@ -330,6 +330,9 @@ async fn start_proxy(dir: &Path, sock: &Path, o: Opts) -> Arc<Proxy> {
     Proxy::start(cfg).await.unwrap()
 }
 
+/// Block sizes (minimum, preferred, maximum) of a source that takes any request.
+const ANY_SIZE: (u32, u32, u32) = (1, 4096, 32 << 20);
+
 /// One scenario's pieces: a temporary directory for the cache, the source's image and a
 /// fake source of it advertising `limits`, not yet listening.
 struct Rig {
@@ -350,6 +353,14 @@ impl Rig {
             data,
             fake,
         }
+    }
+
+    /// A source taking any request size ([`ANY_SIZE`]) that answers every read `ms`
+    /// after the one before it on the same connection.
+    fn with_delay(ms: u64) -> Self {
+        Self::new(ANY_SIZE, move |_, _, _| {
+            Act::Delay(Duration::from_millis(ms))
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -389,6 +400,13 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// [`Rig::with_delay`] with the source up and a proxy of it started with `o`.
+async fn rig_with_delay(ms: u64, o: Opts) -> (Rig, Up, Arc<Proxy>) {
+    let r = Rig::with_delay(ms);
+    let (srv, p) = r.start(o).await;
+    (r, srv, p)
 }
 
 async fn wait_complete(p: &Proxy, secs: u64) -> Status {
@@ -453,7 +471,7 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
         tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
     let failing = Arc::new(AtomicBool::new(true));
     let f = failing.clone();
-    let r = Rig::new((1, 4096, 32 << 20), move |_, _, _| {
+    let r = Rig::new(ANY_SIZE, move |_, _, _| {
         if f.load(Ordering::Relaxed) {
             Act::Error(err::EIO)
         } else {
@@ -515,7 +533,7 @@ async fn failing_reads_back_off_and_clients_are_not_held() {
 /// it goes again, `reconnect` to another address lets the copy finish.
 #[tokio::test]
 async fn source_outage_eio_after_the_timeout_then_reconnect() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Data);
+    let r = Rig::new(ANY_SIZE, |_, _, _| Act::Data);
     let (fake, data) = (&r.fake, &r.data);
     let (sock_a, sock_b) = (r.path("a.sock"), r.path("b.sock"));
     let a = fake.start(&sock_a);
@@ -600,14 +618,11 @@ async fn cut_off_and_unanswered_replies_are_survived() {
 /// source error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queueing_behind_a_slow_source_is_not_silence() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-        Act::Delay(Duration::from_millis(250))
-    });
     let o = Opts {
         background: true,
         ..Opts::new(Duration::from_secs(1))
     };
-    let (_srv, p) = r.start(o).await;
+    let (r, _srv, p) = rig_with_delay(250, o).await;
     // The background copy fills the queue (four chunks, a second of replies) first.
     r.wait_reads(4).await;
     let t = Instant::now();
@@ -627,7 +642,7 @@ async fn queueing_behind_a_slow_source_is_not_silence() {
 /// client read fails after about a second (virtual time) and status says why.
 #[tokio::test]
 async fn a_silent_source_fails_a_read_after_the_timeout() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Silent);
+    let r = Rig::new(ANY_SIZE, |_, _, _| Act::Silent);
     let (_srv, p) = r.start(Opts::new(Duration::from_secs(1))).await;
     // No reply ever arrives, so nothing is written to the cache: the clock may stand still.
     tokio::time::pause();
@@ -675,10 +690,7 @@ async fn wait_cached(p: &Proxy, n: u64, secs: u64) -> Status {
 /// source's bytes from that one fetch, and the block is counted fetched once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_of_a_cold_block_fetch_it_once() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-        Act::Delay(Duration::from_millis(200))
-    });
-    let (_srv, p) = r.start(Opts::new(Duration::from_secs(10))).await;
+    let (r, _srv, p) = rig_with_delay(200, Opts::new(Duration::from_secs(10))).await;
     let t = Instant::now();
     let mut readers = tokio::task::JoinSet::new();
     for (off, len) in [
@@ -750,7 +762,7 @@ async fn readahead_grows_and_stops_at_the_device_end() {
 /// counts. Every wait is on a condition (a loaded machine only makes it slower).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_dying_mid_extent_marks_only_written_blocks() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, off, _| {
+    let r = Rig::new(ANY_SIZE, |_, off, _| {
         if off < 640 << 10 {
             Act::Data
         } else {
@@ -802,7 +814,7 @@ async fn a_source_dying_mid_extent_marks_only_written_blocks() {
 /// never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_region_does_not_hold_other_reads() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, off, _| {
+    let r = Rig::new(ANY_SIZE, |_, off, _| {
         if (2 << 20..3 << 20).contains(&off) {
             Act::Silent
         } else {
@@ -851,14 +863,11 @@ async fn a_silent_region_does_not_hold_other_reads() {
 async fn on_demand_reads_go_ahead_of_the_background_copy() {
     let mut took = Vec::new();
     for yield_ in [true, false] {
-        let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-            Act::Delay(Duration::from_millis(200))
-        });
         let o = Opts {
             background_yield: yield_,
             ..Opts::new(Duration::from_secs(10))
         };
-        let (_srv, p) = r.start(o).await;
+        let (r, _srv, p) = rig_with_delay(200, o).await;
         p.cache_all();
         r.wait_reads(4).await;
         let t = Instant::now();
@@ -907,14 +916,11 @@ fn several(connections: usize, source_timeout: Duration) -> Opts {
 /// and the cache holds the source's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_source_connections_share_the_fetches() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-        Act::Delay(Duration::from_millis(60))
-    });
     let o = Opts {
         readahead: (256 << 10, 1 << 20),
         ..several(4, Duration::from_secs(5))
     };
-    let (_srv, p) = r.start(o).await;
+    let (r, _srv, p) = rig_with_delay(60, o).await;
     wait_links(&p, 4).await;
     // A sequential reader over the first MiB: its blocks and the readahead spread.
     for i in 0..4u64 {
@@ -944,7 +950,7 @@ async fn several_source_connections_share_the_fetches() {
 /// back, and every block is fetched once and marked with the source's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_off_mid_fetch_is_retried_on_another() {
-    let r = Rig::new((1, 4096, 32 << 20), |n, _, _| match n {
+    let r = Rig::new(ANY_SIZE, |n, _, _| match n {
         0 | 8 => Act::CutOff,
         _ => Act::Delay(Duration::from_millis(5)),
     });
@@ -975,9 +981,7 @@ async fn a_connection_cut_off_mid_fetch_is_retried_on_another() {
 /// and get their data too (no EIO, no hang).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_does_not_hold_the_others() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-        Act::Delay(Duration::from_millis(20))
-    });
+    let r = Rig::with_delay(20);
     r.by_connection(|id| (id == 0).then_some(Act::Silent));
     let (_srv, p) = r.start(several(4, Duration::from_secs(2))).await;
     wait_links(&p, 4).await;
@@ -1027,7 +1031,7 @@ async fn a_silent_connection_does_not_hold_the_others() {
 /// without counting as a source failure, and the copy completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_taking_one_client_is_enough() {
-    let r = Rig::new((1, 4096, 32 << 20), |_, _, _| Act::Data);
+    let r = Rig::new(ANY_SIZE, |_, _, _| Act::Data);
     r.fake.max_open.store(1, Ordering::Relaxed);
     let (_srv, p) = r.start(several(4, Duration::from_secs(5))).await;
     let got = p.read(0, vec![0u8; 65536], 0).await.unwrap();
