@@ -110,6 +110,21 @@ fn two_edges_ping_direct_and_wrong_secret_is_isolated() {
         assert!(Instant::now() < deadline, "never direct: {s}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The operator's table names the datapath and why: auto takes the TAP device by
+    // the rule of docs/XDP.md, and says so.
+    let out = Command::new(mvc)
+        .args(["edge", "status", "--status-socket"])
+        .arg(dir.join("a.sock"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("datapath tap (auto: the TAP device")),
+        "{table}"
+    );
     // The wrong secret reaches nothing, and is reached by nothing.
     assert!(!ping(&lab, &ns["c"], "198.19.200.2"));
     assert!(!ping(&lab, &ns["a"], "198.19.200.4"));

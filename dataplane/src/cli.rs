@@ -578,8 +578,6 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         Datapath::Tap => xdp::DatapathRequest::Tap,
         Datapath::Xdp => xdp::DatapathRequest::Xdp,
     };
-    // auto takes XDP only when the edge owns the port end to end (--bridge);
-    // otherwise the operator expects a TAP to enslave.
     let threads = a.threads.or(f.threads).unwrap_or(1);
     if !(1..=crate::io::threads::MAX_THREADS).contains(&threads) {
         return Err(CliError::Usage(format!(

@@ -237,6 +237,9 @@ pub struct SmallRun {
     pub kernel_s: f64,
     /// Machine cycles over the run (`perf stat -a`), where available.
     pub cycles: Option<u64>,
+    /// How many of the system's processes were sampled (0 for the raw underlay, which
+    /// has none of its own).
+    pub procs: usize,
 }
 
 impl SmallRun {
@@ -252,6 +255,13 @@ impl SmallRun {
     fn cpu_us_per_pkt(&self) -> Option<f64> {
         let n = self.delivered();
         (n > 0).then(|| self.cpu_s() * 1e6 / n as f64)
+    }
+    /// The system's own processes (edges, supernode, daemons: user + system time) per
+    /// delivered datagram: what the machine-wide figure holds of the system itself,
+    /// without other jobs' kernel time.
+    fn proc_us_per_pkt(&self) -> Option<f64> {
+        let n = self.delivered();
+        (self.procs > 0 && n > 0).then(|| (self.proc_user_s + self.proc_sys_s) * 1e6 / n as f64)
     }
     fn cycles_per_pkt(&self) -> Option<f64> {
         let n = self.delivered();
@@ -272,6 +282,8 @@ pub struct SmallStats {
     pub cpu_s_per_gb: Option<f64>,
     /// Median CPU microseconds per delivered datagram.
     pub cpu_us_per_pkt: Option<f64>,
+    /// Median CPU microseconds of the system's own processes per delivered datagram.
+    pub proc_us_per_pkt: Option<f64>,
     /// Median machine cycles per delivered datagram.
     pub cycles_per_pkt: Option<f64>,
 }
@@ -286,6 +298,7 @@ impl SmallStats {
             loss: med(&|r| Some(r.udp.loss())).unwrap_or(1.0),
             cpu_s_per_gb: med(&SmallRun::cpu_s_per_gb),
             cpu_us_per_pkt: med(&SmallRun::cpu_us_per_pkt),
+            proc_us_per_pkt: med(&SmallRun::proc_us_per_pkt),
             cycles_per_pkt: med(&SmallRun::cycles_per_pkt),
             runs,
         }
@@ -497,6 +510,7 @@ impl Ctx<'_> {
             proc_sys_s,
             kernel_s,
             cycles: perf.and_then(cpu::PerfCycles::finish),
+            procs: pids.len(),
         })
     }
 
@@ -542,7 +556,7 @@ impl Ctx<'_> {
                 raw: SmallStats::of(raw),
             };
             eprintln!(
-                "  {:<16} {:<5} {:>4} B {:>9.0} pkt/s loss {:>5.1}%  cpu {} s/GB",
+                "  {:<16} {:<5} {:>4} B {:>9.0} pkt/s loss {:>5.1}%  cpu {} s/GB, process {} us/pkt",
                 row.system,
                 row.datapath,
                 size,
@@ -550,7 +564,10 @@ impl Ctx<'_> {
                 row.sys.loss * 100.0,
                 row.sys
                     .cpu_s_per_gb
-                    .map_or("-".into(), |x| format!("{x:.1}"))
+                    .map_or("-".into(), |x| format!("{x:.1}")),
+                row.sys
+                    .proc_us_per_pkt
+                    .map_or("-".into(), |x| format!("{x:.2}"))
             );
             rows.push(row);
         }
@@ -879,15 +896,15 @@ pub fn latency_table(rows: &[LatRow], runs: u32) -> String {
 /// The markdown table of a small-frame run.
 pub fn small_table(rows: &[SmallRow], runs: u32) -> String {
     let mut s = format!(
-        "| system | cipher | path | datapath | layer | bytes | offered pkt/s | delivered pkt/s (median of {runs}) | loss | raw pkt/s (paired) | raw loss | of raw | CPU s/GB | raw CPU s/GB | CPU us/pkt | raw CPU us/pkt | cycles/pkt |\n\
-         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| system | cipher | path | datapath | layer | bytes | offered pkt/s | delivered pkt/s (median of {runs}) | loss | raw pkt/s (paired) | raw loss | of raw | CPU s/GB | raw CPU s/GB | CPU us/pkt | raw CPU us/pkt | process CPU us/pkt | cycles/pkt |\n\
+         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     let f1 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
     let f2 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
     let f0 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {:.0} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |\n",
             r.system,
             r.cipher,
             r.path,
@@ -908,6 +925,7 @@ pub fn small_table(rows: &[SmallRow], runs: u32) -> String {
             f1(r.raw.cpu_s_per_gb),
             f2(r.sys.cpu_us_per_pkt),
             f2(r.raw.cpu_us_per_pkt),
+            f2(r.sys.proc_us_per_pkt),
             f0(r.sys.cycles_per_pkt),
         ));
     }
@@ -1154,4 +1172,70 @@ fn report(
     }
     eprintln!("results: {}", p.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(delivered: u64, proc_s: f64, kernel_s: f64, procs: usize) -> SmallRun {
+        SmallRun {
+            udp: lab::UdpRun {
+                sent: delivered + 10,
+                lost: 10,
+                bytes: delivered * 64,
+                secs: 1.0,
+            },
+            proc_user_s: proc_s / 2.0,
+            proc_sys_s: proc_s / 2.0,
+            kernel_s,
+            cycles: None,
+            procs,
+        }
+    }
+
+    fn row(system: &str, sys: Vec<SmallRun>, raw: Vec<SmallRun>) -> SmallRow {
+        SmallRow {
+            system: system.into(),
+            cipher: "-".into(),
+            path: "direct".into(),
+            datapath: "tap".into(),
+            layer: "L2".into(),
+            size: 64,
+            offered_pps: 100_000,
+            sys: SmallStats::of(sys),
+            raw: SmallStats::of(raw),
+        }
+    }
+
+    /// The table's cells of `line`, trimmed, without the outer bars.
+    fn cells(line: &str) -> Vec<&str> {
+        let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+        inner.split('|').map(str::trim).collect()
+    }
+
+    #[test]
+    fn small_table_gives_the_systems_own_cpu_per_datagram() {
+        // 0.5 s of the edges' CPU over 100,000 datagrams: 5 us each (medians of three);
+        // the raw underlay has no processes of its own.
+        let sys = vec![
+            run(100_000, 0.5, 1.0, 3),
+            run(100_000, 0.4, 1.0, 3),
+            run(100_000, 0.9, 1.0, 3),
+        ];
+        let raw = vec![run(100_000, 0.0, 0.8, 0); 3];
+        let rows = [row("mvc", sys, raw.clone()), row("raw", raw.clone(), raw)];
+        let t = small_table(&rows, 3);
+        let lines: Vec<&str> = t.lines().collect();
+        let head = cells(lines[0]);
+        let col = head
+            .iter()
+            .position(|h| *h == "process CPU us/pkt")
+            .expect("column");
+        assert_eq!(head.len(), cells(lines[1]).len(), "separator");
+        let mvc = cells(lines[2]);
+        assert_eq!(mvc.len(), head.len(), "{t}");
+        assert_eq!(mvc[col], "5.00", "{t}");
+        assert_eq!(cells(lines[3])[col], "-", "{t}");
+    }
 }
