@@ -30,7 +30,8 @@
 //! Source connections: `source_connections` NBD connections to the source, each kept up
 //! by a reconnector of its own; every request goes to the live one with the fewest reply
 //! bytes outstanding (so a long link carries several TCP windows at once, and a client's
-//! fetch does not queue behind one connection's backlog). A request whose connection dies
+//! fetch does not queue behind one connection's backlog); an on-demand fetch is split
+//! over them, its pieces requested at once. A request whose connection dies
 //! or falls silent is sent again at once on another live connection, once. An extra
 //! connection the source does not accept while another works is retried now and then and
 //! is not a source failure.
