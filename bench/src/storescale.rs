@@ -1,12 +1,15 @@
 //! The controller's store at scale: a SQLite store filled with synthetic sites, clusters
 //! and VMs (through the same [`SqliteStore`] API the commands use), and the time of the
-//! calls behind `cluster create/status/list/destroy` and MAC allocation. [`agent`] times
+//! calls behind `cluster create/status/list/destroy`, `site list`, `vm list` (with the
+//! JSON they print) and MAC allocation. [`agent`] times
 //! one agent (served in-process on 127.0.0.1, netns driver, nothing started) holding
 //! many clusters' reservations.
 
 use std::time::Instant;
 
-use control::model::{Attachment, Overlay, Role};
+use control::auth::SigningKey;
+use control::controller::{ControlError, Controller};
+use control::model::{Attachment, HostInfo, Overlay, Role};
 use control::store::{ClusterPlan, PlannedVm, SqliteStore, Store, StoreError};
 use serde::Serialize;
 
@@ -21,13 +24,19 @@ pub struct StoreScaleConfig {
     pub vms_per_cluster: usize,
 }
 
-/// One timed call.
+/// One timed call: the median of its samples.
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
     /// What was called.
     pub op: String,
-    /// Wall time (ms).
+    /// Wall time (ms), the median of the samples.
     pub ms: f64,
+    /// Fastest sample (ms).
+    pub min_ms: f64,
+    /// Slowest sample (ms).
+    pub max_ms: f64,
+    /// Samples taken (calls that change the store: one).
+    pub samples: usize,
 }
 
 /// Result of a store run.
@@ -39,6 +48,8 @@ pub struct StoreScaleResult {
     pub vms: usize,
     /// Time to fill it (ms).
     pub fill_ms: f64,
+    /// The 1-minute load average when the calls were timed.
+    pub load: f64,
     /// The calls, timed with the store full.
     pub timings: Vec<Timing>,
 }
@@ -89,90 +100,221 @@ fn plan(i: usize, sites: usize, vms: usize, net: bool) -> ClusterPlan {
     }
 }
 
-fn timed<T>(timings: &mut Vec<Timing>, op: &str, f: impl FnOnce() -> T) -> T {
-    let t = Instant::now();
-    let v = f();
+/// Times `f` `reps` times (at least once, and no more after it fails) and records the
+/// median; the last result is returned.
+fn timed<T, E>(
+    timings: &mut Vec<Timing>,
+    op: &str,
+    reps: usize,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut ms = Vec::with_capacity(reps.max(1));
+    let mut last = None;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let v = f();
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // A refusal is timed too (`remove_site` of a site in use).
+        let failed = v.is_err();
+        last = Some(v);
+        if failed {
+            break;
+        }
+    }
+    ms.sort_by(f64::total_cmp);
     timings.push(Timing {
         op: op.into(),
-        ms: t.elapsed().as_secs_f64() * 1e3,
+        ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+        max_ms: ms[ms.len() - 1],
+        samples: ms.len(),
     });
-    v
+    last.unwrap_or_else(|| unreachable!("at least one sample"))
 }
 
-/// Fills an in-memory store and times the calls.
-pub fn run(cfg: &StoreScaleConfig) -> Result<StoreScaleResult, StoreError> {
+/// `value` as `mvc ... --json` prints it (pretty), into nothing: bytes written.
+fn json_out<T: Serialize>(value: &T) -> Result<usize, ControlError> {
+    let mut out = Counter(0);
+    serde_json::to_writer_pretty(&mut out, value)
+        .map_err(|e| ControlError::Local(e.to_string()))?;
+    Ok(out.0)
+}
+
+/// A sink that counts what is written to it.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hosts each site reports in the filled store.
+const HOSTS_PER_SITE: usize = 2;
+
+/// VMs of the one large cluster whose status and VM list are timed.
+const LARGE_CLUSTER_VMS: usize = 100;
+
+/// Fills an in-memory store and times the calls, read-only ones `reps` times each
+/// (median).
+pub fn run(cfg: &StoreScaleConfig, reps: usize) -> Result<StoreScaleResult, ControlError> {
     let mut s = SqliteStore::open_in_memory()?;
     let t = Instant::now();
+    let hosts: Vec<HostInfo> = (0..HOSTS_PER_SITE)
+        .map(|h| HostInfo {
+            name: format!("h{h}"),
+            vcpus: 32,
+            memory_mb: 131_072,
+            max_vms: 64,
+            free_vms: 64,
+            free_memory_mb: 131_072,
+        })
+        .collect();
     for i in 0..cfg.sites {
-        s.add_site(&format!("s{i}"), "198.18.0.1:7000", "00")?;
+        let name = format!("s{i}");
+        s.add_site(&name, "198.18.0.1:7000", "00")?;
+        s.set_hosts(&name, &hosts)?;
     }
     for i in 0..cfg.clusters {
         s.create_cluster(&plan(i, cfg.sites, cfg.vms_per_cluster, true))?;
     }
     let fill_ms = t.elapsed().as_secs_f64() * 1e3;
+    let load = load_avg();
     let mut tm = Vec::new();
     let n = cfg.clusters;
     let p = plan(n, cfg.sites, cfg.vms_per_cluster, true);
-    timed(&mut tm, "create_cluster (given network)", || {
+    timed(&mut tm, "create_cluster (given network)", 1, || {
         s.create_cluster(&p)
     })?;
     let p = plan(n + 1, cfg.sites, cfg.vms_per_cluster, false);
     // The pool's first free /24: refused once every one overlaps a cluster's network.
-    let r = timed(&mut tm, "create_cluster (network from the pool)", || {
+    let r = timed(&mut tm, "create_cluster (network from the pool)", 1, || {
         s.create_cluster(&p)
     });
     match r {
         Ok(_) | Err(StoreError::NoSubnet(_)) => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
+    let large = plan(n + 2, cfg.sites, LARGE_CLUSTER_VMS, true);
+    timed(
+        &mut tm,
+        "create_cluster (100 VMs, given network)",
+        1,
+        || s.create_cluster(&large),
+    )?;
     let name = format!("k{}", n / 2);
-    timed(&mut tm, "cluster (status)", || s.cluster(&name))?;
-    timed(&mut tm, "set_vm_state", || {
+    timed(&mut tm, "cluster (status)", reps, || s.cluster(&name))?;
+    timed(
+        &mut tm,
+        "cluster (status of a 100-VM cluster)",
+        reps,
+        || s.cluster(&large.name),
+    )?;
+    timed(&mut tm, "set_vm_state", 1, || {
         s.set_vm_state(&format!("{name}-fe"), "running")
     })?;
-    timed(&mut tm, "set_cluster_state", || {
+    timed(&mut tm, "set_cluster_state", 1, || {
         s.set_cluster_state(&name, "running")
     })?;
-    let vms = timed(&mut tm, "all_macs", || s.all_macs())?.len();
+    let vms = timed(&mut tm, "all_macs", reps, || s.all_macs())?.len();
     timed(
         &mut tm,
         "clusters (`cluster list --json`: every cluster loaded)",
+        reps,
         || s.clusters(),
     )?;
-    // The same listing as before, one `cluster()` (four queries) per cluster: the
-    // baseline, timed beside the others under the same load.
-    timed(&mut tm, "clusters, one load per cluster (before)", || {
-        s.cluster_summaries(None, usize::MAX)?
-            .iter()
-            .map(|c| s.cluster(&c.name))
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    timed(&mut tm, "cluster_summaries (`cluster list`)", || {
+    timed(
+        &mut tm,
+        "`cluster list --json`: clusters and their JSON",
+        reps,
+        || json_out(&s.clusters()?),
+    )?;
+    // The listing one `cluster()` (four queries) per cluster: the baseline of the
+    // listing in one pass, timed beside it under the same load.
+    timed(
+        &mut tm,
+        "clusters, one load per cluster (before)",
+        reps,
+        || {
+            s.cluster_summaries(None, usize::MAX)?
+                .iter()
+                .map(|c| s.cluster(&c.name))
+                .collect::<Result<Vec<_>, _>>()
+        },
+    )?;
+    timed(&mut tm, "cluster_summaries (`cluster list`)", reps, || {
         s.cluster_summaries(None, usize::MAX)
     })?;
-    timed(&mut tm, "cluster_summaries (a page of 100)", || {
+    timed(&mut tm, "cluster_summaries (a page of 100)", reps, || {
         s.cluster_summaries(Some(&name), 100)
     })?;
-    timed(&mut tm, "cluster_of_vm (`vm start/stop` lookup)", || {
-        s.cluster_of_vm(&format!("{name}-c1"))
+    timed(
+        &mut tm,
+        "cluster_of_vm (`vm start/stop` lookup)",
+        reps,
+        || s.cluster_of_vm(&format!("{name}-c1")),
+    )?;
+    timed(&mut tm, "sites", reps, || s.sites())?;
+    // The site baseline: one hosts query per site, as `site list` did.
+    timed(
+        &mut tm,
+        "sites and each site's hosts (`site list` before)",
+        reps,
+        || {
+            s.sites()?
+                .into_iter()
+                .map(|x| s.hosts(&x.name))
+                .collect::<Result<Vec<_>, _>>()
+        },
+    )?;
+    let key = SigningKey::generate().map_err(|e| ControlError::Local(e.to_string()))?;
+    let dir = tempfile::tempdir().map_err(|e| ControlError::Local(e.to_string()))?;
+    {
+        let c = Controller {
+            store: &mut s,
+            key: &key,
+            secrets_dir: dir.path().to_owned(),
+            progress: &|_| {},
+        };
+        timed(&mut tm, "`site list --json`", reps, || {
+            json_out(&c.site_list()?)
+        })?;
+        timed(&mut tm, "`vm list --json` (every VM)", reps, || {
+            json_out(&c.vm_list(None)?)
+        })?;
+        timed(
+            &mut tm,
+            "`vm list --json` of the 100-VM cluster",
+            reps,
+            || json_out(&c.vm_list(Some(&large.name))?),
+        )?;
+    }
+    timed(&mut tm, "delete_cluster", 1, || s.delete_cluster(&name))?;
+    timed(&mut tm, "delete_cluster (100 VMs)", 1, || {
+        s.delete_cluster(&large.name)
     })?;
-    timed(&mut tm, "sites", || s.sites())?;
-    timed(&mut tm, "delete_cluster", || s.delete_cluster(&name))?;
-    timed(&mut tm, "add_site", || {
+    timed(&mut tm, "add_site", 1, || {
         s.add_site("extra", "198.18.0.1:7000", "00")
     })?;
-    timed(&mut tm, "remove_site (unused)", || s.remove_site("extra"))?;
+    timed(&mut tm, "remove_site (unused)", 1, || {
+        s.remove_site("extra")
+    })?;
     let busy = format!("s{}", cfg.sites / 2);
-    match timed(&mut tm, "remove_site (in use: refused)", || {
+    match timed(&mut tm, "remove_site (in use: refused)", 1, || {
         s.remove_site(&busy)
     }) {
         Ok(()) | Err(StoreError::InUse(_)) => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     Ok(StoreScaleResult {
         config: cfg.clone(),
         vms,
         fill_ms,
+        load,
         timings: tm,
     })
 }
@@ -250,7 +392,7 @@ fn load_avg() -> f64 {
 /// reservation) and released, each request timed.
 pub fn agent(points: &[usize], reps: usize) -> Result<Vec<AgentScaleResult>, AgentRunError> {
     use control::agent::{self, AgentConfig, AgentCore, HostSpec, OverlayImpl};
-    use control::auth::{Authorization, SigningKey};
+    use control::auth::Authorization;
     use control::client::AgentClient;
     use control::driver::NetnsDriver;
     use control::model::Site;

@@ -18,6 +18,7 @@
 //! `c<n>-<vm>.*`), saving them before it makes anything, so after a crash every
 //! device, process and file it may have made is named in its reservation file. It touches
 //! nothing its store does not name as belonging to the cluster at hand.
+use crate::atomic_file::{self, Durability};
 use crate::auth::{AuthError, Authorization, Envelope, SigningKey, Verifier};
 use crate::channel::{self, ChannelError};
 use crate::claims::{self, Claims};
@@ -31,7 +32,6 @@ use crate::proto::{
 use crate::validate::quote;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -209,10 +209,9 @@ pub fn authz_path(state_dir: &Path) -> PathBuf {
     state_dir.join("authorized.json")
 }
 
-/// Write `text` to `path` with mode 0600, atomically.
+/// Write `text` to `path` with mode 0600, atomically and synced ([`atomic_file`]),
+/// making its directory when missing.
 pub fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
     let file_err = |err| AgentError::File {
         path: path.into(),
         err,
@@ -220,16 +219,7 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(file_err)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(file_err)?;
-    f.write_all(text.as_bytes()).map_err(file_err)?;
-    f.sync_all().map_err(file_err)?;
-    std::fs::rename(&tmp, path).map_err(file_err)
+    atomic_file::write(path, text.as_bytes(), 0o600, Durability::Synced).map_err(file_err)
 }
 
 /// Seed of a cluster's supernode key (the content of `mvc supernode --key-file`, in hex):
@@ -588,6 +578,16 @@ impl AgentCore {
             .iter()
             .find(|(_, c)| c.owner == owner && c.name == cluster && !c.releasing)
             .map(|(n, _)| *n)
+    }
+
+    /// VM slots `owner` holds here, in every cluster (what its quota counts).
+    fn slots_held_by(&self, owner: &str) -> u32 {
+        self.state
+            .clusters
+            .values()
+            .filter(|c| c.owner == owner)
+            .map(|c| c.slots.len() as u32)
+            .sum()
     }
 
     fn owned(&self, owner: &str, cluster: &str) -> Result<u32, Refusal> {
@@ -967,13 +967,7 @@ impl AgentCore {
                 ))
             };
         }
-        let held: u32 = self
-            .state
-            .clusters
-            .values()
-            .filter(|c| c.owner == authz.key)
-            .map(|c| c.slots.len() as u32)
-            .sum();
+        let held = self.slots_held_by(&authz.key);
         authz
             .check_reserve(
                 held,

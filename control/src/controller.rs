@@ -248,12 +248,12 @@ impl Controller<'_> {
 
     /// All sites with their last reported hosts.
     pub fn site_list(&self) -> Result<Vec<SiteView>> {
-        let mut out = Vec::new();
-        for site in self.store.sites()? {
-            let hosts = self.store.hosts(&site.name)?;
-            out.push(SiteView { site, hosts });
-        }
-        Ok(out)
+        Ok(self
+            .store
+            .sites_with_hosts()?
+            .into_iter()
+            .map(|(site, hosts)| SiteView { site, hosts })
+            .collect())
     }
 
     /// Forget a site (refused while clusters use it).

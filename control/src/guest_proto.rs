@@ -37,7 +37,8 @@ pub const HEADER_LEN: usize = 14;
 /// Largest body: two output streams of 512 KiB, or 1 MiB of input with 256 arguments
 /// of 4 KiB, and room to spare.
 pub const MAX_FRAME: usize = 3 << 20;
-/// Bytes of each output stream a `Done` may carry (as the netns exec keeps).
+/// Bytes of each output stream a `Done` may carry (also what a netns exec keeps:
+/// `stack::EXEC_OUTPUT_MAX` is this).
 pub const OUTPUT_MAX: usize = 512 * 1024;
 /// Most arguments of an `Exec`, and bytes of one.
 pub const ARGS_MAX: (usize, usize) = (256, 4096);

@@ -1,5 +1,6 @@
 //! The multi-site virtual cluster controller and its per-site agent (docs/CONTROLLER.md).
 //!
+//! - [`atomic_file`]: files written whole or not at all (agent keys, secrets, reservations).
 //! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait, and
 //!   the MAC allocator.
 //! - [`model`]: records shared by store, agent protocol and commands.
@@ -19,6 +20,7 @@
 //! - [`validate`]: checks of names, counts and addresses where they enter.
 //! - `demo` (feature `demo`): `mvc demo` and the integration tests' three-site lab.
 pub mod agent;
+pub mod atomic_file;
 pub mod auth;
 pub mod bounded_exec;
 pub mod channel;

@@ -172,11 +172,16 @@ fn load_user_key(p: &Option<PathBuf>) -> Result<SigningKey> {
 }
 
 fn print<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    use std::io::Write;
+    // Written as it is made, in large writes: a listing of 100,000 VMs is tens of MB.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        serde_json::to_writer_pretty(&mut out, v)?;
+        writeln!(out)?;
     } else {
-        print!("{}", human(v));
+        out.write_all(human(v).as_bytes())?;
     }
+    out.flush()?;
     Ok(())
 }
 

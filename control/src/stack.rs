@@ -14,6 +14,7 @@
 //! Commands run on the frontend through its agent ([`crate::proto::Request::Exec`]):
 //! no SSH into the VM. Output is bounded ([`EXEC_OUTPUT_MAX`] per stream) and so is
 //! the time ([`EXEC_TIMEOUT_MAX`]).
+use crate::atomic_file::{self, Durability};
 use crate::client::AgentClient;
 use crate::controller::{ControlError, Controller, Result};
 use crate::model::{hex, Cluster, Role};
@@ -23,14 +24,17 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+// The exec bounds are the guest protocol's: an exec admitted here must fit in the frame
+// that carries it into a qemu guest, and a netns VM keeps as much output as a guest may
+// send back. The guest agent links only `std`, so the numbers live in `guest_proto`.
 /// Bytes of each output stream an exec returns; the rest is counted, not kept.
-pub const EXEC_OUTPUT_MAX: usize = 512 * 1024;
+pub const EXEC_OUTPUT_MAX: usize = crate::guest_proto::OUTPUT_MAX;
 /// Bytes of standard input an exec may carry.
-pub const EXEC_STDIN_MAX: usize = 1024 * 1024;
+pub const EXEC_STDIN_MAX: usize = crate::guest_proto::STDIN_MAX;
 /// Longest an exec may run (seconds).
 pub const EXEC_TIMEOUT_MAX: u64 = 3600;
 /// Most arguments of an exec, and bytes of one argument.
-pub const EXEC_ARGS_MAX: (usize, usize) = (256, 4096);
+pub const EXEC_ARGS_MAX: (usize, usize) = crate::guest_proto::ARGS_MAX;
 /// Munge key length the controller makes (bytes; munge wants at least 32).
 pub const MUNGE_KEY_LEN: usize = 1024;
 
@@ -288,30 +292,18 @@ pub fn prepare_vm(
     Ok(())
 }
 
-/// Write `text` to `path` unless it holds it already.
+/// Write `text` to `path` (mode 0644, not synced: it is rendered again from the stack
+/// before the daemons start) unless it holds it already.
 fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    atomic_file::write(path, text.as_bytes(), 0o644, Durability::Deferred)
 }
 
 /// Write a munge key (raw bytes) with mode 0400, atomically.
 pub fn write_munge_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(&tmp)?;
-    f.write_all(key)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    atomic_file::write(path, key, 0o400, Durability::Synced)
 }
 
 /// munged's command line for a VM: in the foreground, its socket, pid and seed files

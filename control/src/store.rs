@@ -112,6 +112,8 @@ pub trait Store {
     fn set_hosts(&mut self, site: &str, hosts: &[HostInfo]) -> Result<()>;
     /// Hosts of a site as last reported.
     fn hosts(&self, site: &str) -> Result<Vec<HostInfo>>;
+    /// Every site with its hosts as last reported, sites and hosts by name.
+    fn sites_with_hosts(&self) -> Result<Vec<(Site, Vec<HostInfo>)>>;
     /// Record a cluster with its overlay network, overlay, VMs (MACs and addresses
     /// allocated here) and attachments, all or nothing.
     fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster>;
@@ -273,7 +275,8 @@ impl SqliteStore {
 
     fn site_id(&self, name: &str) -> Result<i64> {
         self.conn
-            .query_row("SELECT id FROM sites WHERE name = ?1", [name], |r| r.get(0))
+            .prepare_cached("SELECT id FROM sites WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
             .optional()?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "site",
@@ -302,89 +305,114 @@ impl SqliteStore {
                     supernode: r.get(2)?,
                 })
             })?;
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {VM_COLUMNS} FROM vms v JOIN sites s ON s.id = v.site_id
-             WHERE v.cluster_id = ?1 ORDER BY v.id"
+        let mut vms = Vec::new();
+        let mut st = self.conn.prepare_cached(&vm_select(
+            "s.name",
+            "JOIN sites s ON s.id = v.site_id WHERE v.cluster_id = ?1 ORDER BY v.id",
         ))?;
-        let vms = st
-            .query_map([id], vm_row)?
-            .map(|r| r?.into_vm())
-            .collect::<Result<Vec<_>>>()?;
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN sites s ON s.id = a.site_id
-             WHERE a.cluster_id = ?1 ORDER BY a.id"
+        let mut rows = st.query([id])?;
+        while let Some(r) = rows.next()? {
+            vms.push(vm_of_row(r, r.get(3)?)?);
+        }
+        let mut attachments = Vec::new();
+        let mut st = self.conn.prepare_cached(&attachment_select(
+            "s.name",
+            "JOIN sites s ON s.id = a.site_id WHERE a.cluster_id = ?1 ORDER BY a.id",
         ))?;
-        let attachments = st
-            .query_map([id], attachment_row)?
-            .map(|r| Ok(r?.1))
-            .collect::<Result<Vec<_>>>()?;
+        let mut rows = st.query([id])?;
+        while let Some(r) = rows.next()? {
+            attachments.push(attachment_of_row(r, r.get(1)?)?);
+        }
         cluster_of(id, name, origin, net, state, overlay, vms, attachments)
+    }
+
+    /// Every site's name by id: read once for a listing, instead of joining `sites`
+    /// into every row of it.
+    fn site_names(&self) -> Result<SiteNames> {
+        let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(SiteNames(rows.collect::<rusqlite::Result<_>>()?))
     }
 }
 
-/// Columns of a VM row (`v`: vms, `s`: its site), as [`vm_row`] reads them.
-const VM_COLUMNS: &str =
-    "v.cluster_id, v.name, v.role, s.name, v.host, v.memory_mb, v.mac, v.ip, v.state";
+/// Columns of a host row as [`host_of_row`] reads them.
+const HOST_COLUMNS: &str = "name, vcpus, memory_mb, max_vms, free_vms, free_memory_mb";
+/// How many [`HOST_COLUMNS`] there are.
+const HOST_COLUMNS_N: usize = 6;
 
-/// Columns of an attachment row (`a`: attachments, `s`: its site).
-const ATTACHMENT_COLUMNS: &str = "a.cluster_id, s.name, a.host, a.tap, a.bridge, a.edge_name";
-
-/// A VM row before its fields are checked.
-struct VmRow {
-    cluster_id: i64,
-    name: String,
-    role: String,
-    site: String,
-    host: String,
-    memory_mb: i64,
-    mac: i64,
-    ip: String,
-    state: String,
+fn host_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
+    Ok(HostInfo {
+        name: r.get(0)?,
+        vcpus: r.get(1)?,
+        memory_mb: r.get::<_, i64>(2)? as u64,
+        max_vms: r.get(3)?,
+        free_vms: r.get(4)?,
+        free_memory_mb: r.get::<_, i64>(5)? as u64,
+    })
 }
 
-fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
-    Ok(VmRow {
-        cluster_id: r.get(0)?,
+/// Site names by site id.
+struct SiteNames(std::collections::HashMap<i64, String>);
+
+impl SiteNames {
+    fn name(&self, id: i64) -> Result<String> {
+        self.0
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("no site with id {id}")))
+    }
+}
+
+/// `SELECT` of VM rows (`v`: vms) as [`vm_of_row`] reads them, then `rest`; column 3 is
+/// `site`, the site's name (joined) or its id, which the caller turns into the name.
+fn vm_select(site: &str, rest: &str) -> String {
+    format!(
+        "SELECT v.cluster_id, v.name, v.role, {site}, v.host, v.memory_mb, v.mac, v.ip,
+                v.state FROM vms v {rest}"
+    )
+}
+
+/// `SELECT` of attachment rows (`a`: attachments) as [`attachment_of_row`] reads them,
+/// then `rest`; column 1 is `site`, as in [`vm_select`].
+fn attachment_select(site: &str, rest: &str) -> String {
+    format!(
+        "SELECT a.cluster_id, {site}, a.host, a.tap, a.bridge, a.edge_name
+         FROM attachments a {rest}"
+    )
+}
+
+/// Column `i` as text, borrowed from the row (what is parsed needs no copy).
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str> {
+    r.get_ref(i)?
+        .as_str()
+        .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
+}
+
+/// The VM of a row of [`vm_select`], at `site`.
+fn vm_of_row(r: &rusqlite::Row<'_>, site: String) -> Result<Vm> {
+    let role = text(r, 2)?;
+    let ip = text(r, 7)?;
+    Ok(Vm {
         name: r.get(1)?,
-        role: r.get(2)?,
-        site: r.get(3)?,
+        role: Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))?,
+        site,
         host: r.get(4)?,
-        memory_mb: r.get(5)?,
-        mac: r.get(6)?,
-        ip: r.get(7)?,
+        memory_mb: r.get::<_, i64>(5)? as u64,
+        mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
+        ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))?,
         state: r.get(8)?,
     })
 }
 
-impl VmRow {
-    fn into_vm(self) -> Result<Vm> {
-        Ok(Vm {
-            role: Role::parse(&self.role).ok_or_else(|| StoreError::Corrupt(self.role.clone()))?,
-            ip: self
-                .ip
-                .parse()
-                .map_err(|_| StoreError::Corrupt(self.ip.clone()))?,
-            name: self.name,
-            site: self.site,
-            host: self.host,
-            memory_mb: self.memory_mb as u64,
-            mac: Mac::from_u64(self.mac as u64),
-            state: self.state,
-        })
-    }
-}
-
-fn attachment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Attachment)> {
-    Ok((
-        r.get(0)?,
-        Attachment {
-            site: r.get(1)?,
-            host: r.get(2)?,
-            tap: r.get(3)?,
-            bridge: r.get(4)?,
-            edge_name: r.get(5)?,
-        },
-    ))
+/// The attachment of a row of [`attachment_select`], at `site`.
+fn attachment_of_row(r: &rusqlite::Row<'_>, site: String) -> Result<Attachment> {
+    Ok(Attachment {
+        site,
+        host: r.get(2)?,
+        tap: r.get(3)?,
+        bridge: r.get(4)?,
+        edge_name: r.get(5)?,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -410,6 +438,17 @@ fn cluster_of(
         vms,
         attachments,
     })
+}
+
+/// `NotFound` when a change by name touched no row (`changed` rows).
+fn found(changed: usize, kind: &'static str, name: &str) -> Result<()> {
+    if changed == 0 {
+        return Err(StoreError::NotFound {
+            kind,
+            name: name.into(),
+        });
+    }
+    Ok(())
 }
 
 fn unique_violation(e: &rusqlite::Error) -> bool {
@@ -476,9 +515,12 @@ impl Store for SqliteStore {
         let users: Vec<String> = self
             .conn
             .prepare(
-                "SELECT DISTINCT c.name FROM clusters c
-                 LEFT JOIN vms v ON v.cluster_id = c.id
-                 WHERE c.origin_site_id = ?1 OR v.site_id = ?1 ORDER BY c.name",
+                // Two indexed lookups (origin, VMs by site), not a scan of every
+                // cluster and VM that an OR across the join would need.
+                "SELECT name FROM clusters WHERE origin_site_id = ?1
+                 UNION SELECT c.name FROM vms v JOIN clusters c ON c.id = v.cluster_id
+                       WHERE v.site_id = ?1
+                 ORDER BY 1",
             )?
             .query_map([id], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
@@ -518,21 +560,32 @@ impl Store for SqliteStore {
 
     fn hosts(&self, site: &str) -> Result<Vec<HostInfo>> {
         let id = self.site_id(site)?;
-        let mut st = self.conn.prepare(
-            "SELECT name, vcpus, memory_mb, max_vms, free_vms, free_memory_mb
-             FROM hosts WHERE site_id = ?1 ORDER BY name",
-        )?;
-        let rows = st.query_map([id], |r| {
-            Ok(HostInfo {
-                name: r.get(0)?,
-                vcpus: r.get(1)?,
-                memory_mb: r.get::<_, i64>(2)? as u64,
-                max_vms: r.get(3)?,
-                free_vms: r.get(4)?,
-                free_memory_mb: r.get::<_, i64>(5)? as u64,
-            })
-        })?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {HOST_COLUMNS} FROM hosts WHERE site_id = ?1 ORDER BY name"
+        ))?;
+        let rows = st.query_map([id], host_of_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn sites_with_hosts(&self) -> Result<Vec<(Site, Vec<HostInfo>)>> {
+        // One query per table, not one hosts query per site.
+        let mut out: Vec<(Site, Vec<HostInfo>)> =
+            self.sites()?.into_iter().map(|s| (s, Vec::new())).collect();
+        let at: std::collections::HashMap<i64, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| (s.id, i))
+            .collect();
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {HOST_COLUMNS}, site_id FROM hosts ORDER BY site_id, name"
+        ))?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Some(&i) = at.get(&r.get(HOST_COLUMNS_N)?) {
+                out[i].1.push(host_of_row(r)?);
+            }
+        }
+        Ok(out)
     }
 
     fn create_cluster(&mut self, plan: &ClusterPlan) -> Result<Cluster> {
@@ -661,43 +714,35 @@ impl Store for SqliteStore {
     }
 
     fn clusters(&self) -> Result<Vec<Cluster>> {
-        // One query per table for every cluster (not four per cluster), put together
-        // by cluster id.
+        // One query per table for every cluster (not four per cluster), put together by
+        // cluster id; site names from one read of `sites`, not a join per row.
+        let sites = self.site_names()?;
         let mut out = Vec::new();
         let mut at = std::collections::HashMap::new();
         let mut st = self.conn.prepare_cached(
-            "SELECT c.id, c.name, s.name, c.overlay_net, c.state,
+            "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
                     o.community, o.secret_ref, o.supernode
-             FROM clusters c JOIN sites s ON s.id = c.origin_site_id
-             LEFT JOIN overlays o ON o.cluster_id = c.id ORDER BY c.name",
+             FROM clusters c LEFT JOIN overlays o ON o.cluster_id = c.id ORDER BY c.name",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<String>>(7)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, name, origin, net, state, community, secret_ref, supernode) = row?;
-            let (Some(community), Some(secret_ref), Some(supernode)) =
-                (community, secret_ref, supernode)
-            else {
-                return Err(StoreError::Corrupt(format!(
-                    "cluster {name} has no overlay"
-                )));
-            };
-            let overlay = Overlay {
-                community,
-                secret_ref,
-                supernode,
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let name: String = r.get(1)?;
+            let overlay = match (r.get(5)?, r.get(6)?, r.get(7)?) {
+                (Some(community), Some(secret_ref), Some(supernode)) => Overlay {
+                    community,
+                    secret_ref,
+                    supernode,
+                },
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "cluster {name} has no overlay"
+                    )))
+                }
             };
             at.insert(id, out.len());
+            let origin = sites.name(r.get(2)?)?;
+            let (net, state) = (r.get(3)?, r.get(4)?);
             out.push(cluster_of(
                 id,
                 name,
@@ -709,23 +754,34 @@ impl Store for SqliteStore {
                 Vec::new(),
             )?);
         }
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {VM_COLUMNS} FROM vms v JOIN sites s ON s.id = v.site_id ORDER BY v.id"
-        ))?;
-        for row in st.query_map([], vm_row)? {
-            let row = row?;
-            if let Some(&i) = at.get(&row.cluster_id) {
-                out[i].vms.push(row.into_vm()?);
+        // A cluster's rows are mostly consecutive: its index is looked up once per run.
+        let mut last: Option<(i64, Option<usize>)> = None;
+        let mut index_of = |cid: i64| match last {
+            Some((c, i)) if c == cid => i,
+            _ => {
+                let i = at.get(&cid).copied();
+                last = Some((cid, i));
+                i
+            }
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(&vm_select("v.site_id", "ORDER BY v.id"))?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Some(i) = index_of(r.get(0)?) {
+                out[i].vms.push(vm_of_row(r, sites.name(r.get(3)?)?)?);
             }
         }
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {ATTACHMENT_COLUMNS} FROM attachments a JOIN sites s ON s.id = a.site_id
-             ORDER BY a.id"
-        ))?;
-        for row in st.query_map([], attachment_row)? {
-            let (cid, a) = row?;
-            if let Some(&i) = at.get(&cid) {
-                out[i].attachments.push(a);
+        let mut st = self
+            .conn
+            .prepare_cached(&attachment_select("a.site_id", "ORDER BY a.id"))?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Some(i) = index_of(r.get(0)?) {
+                out[i]
+                    .attachments
+                    .push(attachment_of_row(r, sites.name(r.get(1)?)?)?);
             }
         }
         Ok(out)
@@ -773,13 +829,7 @@ impl Store for SqliteStore {
             "UPDATE clusters SET state = ?2 WHERE name = ?1",
             params![name, state],
         )?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                kind: "cluster",
-                name: name.into(),
-            });
-        }
-        Ok(())
+        found(n, "cluster", name)
     }
 
     fn set_vm_state(&mut self, vm: &str, state: &str) -> Result<()> {
@@ -787,13 +837,7 @@ impl Store for SqliteStore {
             "UPDATE vms SET state = ?2 WHERE name = ?1",
             params![vm, state],
         )?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                kind: "vm",
-                name: vm.into(),
-            });
-        }
-        Ok(())
+        found(n, "vm", vm)
     }
 
     fn move_vm(&mut self, vm: &str, site: &str, host: &str) -> Result<()> {
@@ -802,26 +846,14 @@ impl Store for SqliteStore {
             "UPDATE vms SET site_id = ?2, host = ?3 WHERE name = ?1",
             params![vm, site_id, host],
         )?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                kind: "vm",
-                name: vm.into(),
-            });
-        }
-        Ok(())
+        found(n, "vm", vm)
     }
 
     fn delete_cluster(&mut self, name: &str) -> Result<()> {
         let n = self
             .conn
             .execute("DELETE FROM clusters WHERE name = ?1", [name])?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                kind: "cluster",
-                name: name.into(),
-            });
-        }
-        Ok(())
+        found(n, "cluster", name)
     }
 
     fn all_macs(&self) -> Result<Vec<Mac>> {
@@ -905,9 +937,44 @@ mod tests {
         assert_eq!(s.sites().unwrap().len(), 3);
         s.create_cluster(&plan("k", &[("A", 1), ("B", 1)])).unwrap();
         let e = s.remove_site("B").unwrap_err();
-        assert!(e.to_string().contains("cluster(s) k"), "{e}");
+        assert!(e.to_string().contains("cluster(s) k;"), "{e}");
+        // Named once each, by name, whether used as origin, by VMs, or both.
+        s.create_cluster(&plan("j", &[("B", 2), ("A", 1)])).unwrap();
+        for site in ["A", "B"] {
+            let e = s.remove_site(site).unwrap_err();
+            assert!(e.to_string().contains("cluster(s) j, k;"), "{e}");
+        }
         s.remove_site("C").unwrap();
         assert!(matches!(s.site("C"), Err(StoreError::NotFound { .. })));
+    }
+
+    #[test]
+    fn sites_with_hosts_match_each_sites_hosts() {
+        let mut s = three_sites();
+        let host = |name: &str, free_vms| HostInfo {
+            name: name.into(),
+            vcpus: 4,
+            memory_mb: 8192,
+            max_vms: 8,
+            free_vms,
+            free_memory_mb: 4096,
+        };
+        s.set_hosts("C", &[host("z", 1), host("a", 2)]).unwrap();
+        s.set_hosts("A", &[host("h0", 3)]).unwrap();
+        let all = s.sites_with_hosts().unwrap();
+        assert_eq!(all.len(), 3);
+        for (site, hosts) in &all {
+            assert_eq!(site, &s.site(&site.name).unwrap());
+            assert_eq!(hosts, &s.hosts(&site.name).unwrap());
+        }
+        let names: Vec<(&str, Vec<&str>)> = all
+            .iter()
+            .map(|(s, h)| (s.name.as_str(), h.iter().map(|h| h.name.as_str()).collect()))
+            .collect();
+        assert_eq!(
+            names,
+            [("A", vec!["h0"]), ("B", vec![]), ("C", vec!["a", "z"])]
+        );
     }
 
     #[test]

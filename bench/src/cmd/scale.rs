@@ -228,6 +228,9 @@ pub struct StoreArgs {
     /// Clusters reserved, confirmed, listed and released at each point of the agent run.
     #[arg(long, default_value_t = 11)]
     pub agent_reps: usize,
+    /// Samples of each store call that changes nothing (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
     /// Only the agent run (no store filled).
     #[arg(long)]
     pub agent_only: bool,
@@ -246,14 +249,17 @@ pub fn store(args: &StoreArgs) -> anyhow::Result<()> {
     let r = if args.agent_only {
         None
     } else {
-        let r = bench::storescale::run(&cfg)?;
+        let r = bench::storescale::run(&cfg, args.reps)?;
         println!(
-            "{} sites, {} clusters, {} VMs (filled in {:.0} ms)\n",
-            cfg.sites, cfg.clusters, r.vms, r.fill_ms
+            "{} sites, {} clusters, {} VMs (filled in {:.0} ms), load {:.2}\n",
+            cfg.sites, cfg.clusters, r.vms, r.fill_ms, r.load
         );
-        println!("| call | ms |\n|---|---:|");
+        println!("| call | ms (median) | fastest-slowest | samples |\n|---|---:|---:|---:|");
         for t in &r.timings {
-            println!("| {} | {:.2} |", t.op, t.ms);
+            println!(
+                "| {} | {:.2} | {:.2}-{:.2} | {} |",
+                t.op, t.ms, t.min_ms, t.max_ms, t.samples
+            );
         }
         Some(r)
     };

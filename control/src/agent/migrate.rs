@@ -443,13 +443,7 @@ impl AgentCore {
                         h.free_memory_mb
                     ));
                 }
-                let held: u32 = self
-                    .state
-                    .clusters
-                    .values()
-                    .filter(|c| c.owner == authz.key)
-                    .map(|c| c.slots.len() as u32)
-                    .sum();
+                let held = self.slots_held_by(&authz.key);
                 authz
                     .check_reserve(held, 1, [host.as_str()])
                     .map_err(|e| e.to_string())?;

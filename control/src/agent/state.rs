@@ -3,7 +3,7 @@
 //! touches costs, not what every reservation of the agent costs.
 //!
 //! Each file is written whole to `c<n>.json.tmp`, synced, renamed over `c<n>.json`, and
-//! the directory synced; a removal unlinks the file and syncs the directory. A process
+//! the directory synced ([`crate::atomic_file`]); a removal unlinks the file and syncs the directory. A process
 //! killed at any point (`kill -9`, a crash, the failpoints) therefore leaves every
 //! reservation either as it was before the change or as it is after it, never a torn
 //! file: the rename is the commit. A `*.tmp` found at start is a write that never
@@ -22,9 +22,9 @@
 //! agent's reservations are few and independent, and a file each keeps them readable
 //! with `cat` when an operator repairs a site by hand.
 use super::{AgentError, ClusterHere};
+use crate::atomic_file::{self, Durability, Step};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Version of a reservation file.
@@ -69,8 +69,9 @@ struct OldState {
 pub(super) struct Reservations {
     dir: PathBuf,
     written: HashMap<u32, Vec<u8>>,
-    /// Writes and removals are not synced (the caller syncs the filesystem after them).
-    lazy: bool,
+    /// Of writes and removals ([`Durability::Deferred`]: the caller syncs the
+    /// filesystem after them).
+    durability: Durability,
 }
 
 fn file_err(path: &Path) -> impl Fn(std::io::Error) -> AgentError + '_ {
@@ -80,11 +81,9 @@ fn file_err(path: &Path) -> impl Fn(std::io::Error) -> AgentError + '_ {
     }
 }
 
-/// Sync directory `dir` (its entries: a rename or unlink in it is durable after this).
+/// Sync directory `dir` (a rename or unlink in it is durable after this).
 fn sync_dir(dir: &Path) -> Result<(), AgentError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(file_err(dir))
+    atomic_file::sync_dir(dir).map_err(file_err(dir))
 }
 
 impl Reservations {
@@ -98,7 +97,7 @@ impl Reservations {
         let mut r = Reservations {
             dir,
             written: HashMap::new(),
-            lazy: false,
+            durability: Durability::Synced,
         };
         let all = r.read_all()?;
         let old = state_dir.join("state.json");
@@ -120,9 +119,9 @@ impl Reservations {
         // Written without a sync each, then the whole filesystem synced once: until
         // `state.json` is renamed it stays the authority, so a crash in between only
         // means migrating again.
-        r.lazy = true;
+        r.durability = Durability::Deferred;
         let wrote = r.sync_all(&state.clusters);
-        r.lazy = false;
+        r.durability = Durability::Synced;
         wrote?;
         let d = std::fs::File::open(&r.dir).map_err(file_err(&r.dir))?;
         crate::sys::syncfs(&d).map_err(file_err(&r.dir))?;
@@ -203,27 +202,14 @@ impl Reservations {
     }
 
     fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(file_err(&tmp))?;
-        f.write_all(bytes).map_err(file_err(&tmp))?;
-        if !self.lazy {
-            f.sync_all().map_err(file_err(&tmp))?;
-        }
-        drop(f);
-        crate::failpoint::hit("state-file-synced");
-        std::fs::rename(&tmp, path).map_err(file_err(path))?;
-        crate::failpoint::hit("state-file-renamed");
-        if self.lazy {
-            return Ok(());
-        }
-        sync_dir(&self.dir)
+        let crash_point = |step| {
+            crate::failpoint::hit(match step {
+                Step::Written => "state-file-synced",
+                Step::Renamed => "state-file-renamed",
+            })
+        };
+        atomic_file::write_with(path, bytes, 0o600, self.durability, &crash_point)
+            .map_err(file_err(path))
     }
 
     /// Remove reservation `n`'s file (nothing when there is none).
@@ -235,10 +221,10 @@ impl Reservations {
             Err(err) => return Err(AgentError::File { path, err }),
         }
         self.written.remove(&n);
-        if self.lazy {
-            return Ok(());
+        match self.durability {
+            Durability::Synced => sync_dir(&self.dir),
+            Durability::Deferred => Ok(()),
         }
-        sync_dir(&self.dir)
     }
 
     /// Make the files hold exactly `all`: changed reservations written, the files of

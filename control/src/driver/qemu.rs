@@ -185,6 +185,18 @@ impl QemuDriver {
         }
     }
 
+    /// The TAP a VM starts on: the one its spec names (a leftover of that name deleted
+    /// first), or a free one.
+    fn tap_for(&mut self, spec: &VmSpec) -> String {
+        if spec.nic.is_empty() {
+            return self.free_tap();
+        }
+        if link_exists(&spec.nic) {
+            let _ = run("ip", &["link", "del", &spec.nic]);
+        }
+        spec.nic.clone()
+    }
+
     /// `(tap, vm)` of a handle `qemu:<tap>:<vm>`.
     fn parse_handle(handle: &str) -> Result<(&str, &str), DriverError> {
         handle
@@ -451,14 +463,7 @@ impl VmDriver for QemuDriver {
         // Leftovers of an earlier run of this VM.
         kill_pidfile(&f.qemu_pid, &f.console.display().to_string());
         kill_pidfile(&f.xnbd_pid, &f.nbd.display().to_string());
-        let tap = if spec.nic.is_empty() {
-            self.free_tap()
-        } else {
-            if link_exists(&spec.nic) {
-                let _ = run("ip", &["link", "del", &spec.nic]);
-            }
-            spec.nic.clone()
-        };
+        let tap = self.tap_for(spec);
         let mut children = Vec::new();
         let started = self.start_inner(spec, &tap, &f, &mut children);
         let vm = running_or_ended(format!("qemu:{tap}:{handle_vm}"), children, started);
@@ -568,14 +573,7 @@ impl QemuDriver {
         std::fs::create_dir_all(&self.cfg.disk_dir)
             .map_err(|e| DriverError::Config(format!("{}: {e}", self.cfg.disk_dir.display())))?;
         let boot = self.boot_files_for(spec.stack)?;
-        let tap = if spec.nic.is_empty() {
-            self.free_tap()
-        } else {
-            if link_exists(&spec.nic) {
-                let _ = run("ip", &["link", "del", &spec.nic]);
-            }
-            spec.nic.clone()
-        };
+        let tap = self.tap_for(spec);
         let mut children = Vec::new();
         let mode = disk;
         let started = (|| {
