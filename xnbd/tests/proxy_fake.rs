@@ -956,14 +956,11 @@ async fn several_source_connections_share_the_fetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_client_read_is_split_over_the_connections() {
     for split in [true, false] {
-        let r = Rig::new((1, 4096, 32 << 20), |_, _, _| {
-            Act::Delay(Duration::from_millis(20))
-        });
         let o = Opts {
             demand_split: split,
             ..several(4, Duration::from_secs(5))
         };
-        let (_srv, p) = r.start(o).await;
+        let (r, _srv, p) = rig_with_delay(20, o).await;
         wait_links(&p, 4).await;
         let got = p.read(1 << 20, vec![0u8; 1 << 20], 0).await.unwrap();
         r.assert_data(&got, 1 << 20, 1 << 20);
