@@ -171,6 +171,10 @@ struct ProxyArgs {
     /// fetches (by default it drops to one request in flight meanwhile).
     #[arg(long)]
     no_background_yield: bool,
+    /// Send each on-demand fetch whole to one source connection (by default it is split
+    /// over the live connections and its pieces fetched at once).
+    #[arg(long)]
+    no_demand_split: bool,
     /// Connections to the source (1-16), each request on the least busy one: over a long
     /// link one TCP stream carries one window per round trip, several carry several.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
@@ -395,6 +399,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         readahead: a.readahead,
         readahead_max: a.readahead_max,
         background_yield: !a.no_background_yield,
+        demand_split: !a.no_demand_split,
         source_connections: usize::from(a.source_connections),
     })
     .await;

@@ -30,7 +30,8 @@
 //! Source connections: `source_connections` NBD connections to the source, each kept up
 //! by a reconnector of its own; every request goes to the live one with the fewest reply
 //! bytes outstanding (so a long link carries several TCP windows at once, and a client's
-//! fetch does not queue behind one connection's backlog). A request whose connection dies
+//! fetch does not queue behind one connection's backlog); an on-demand fetch is split
+//! over them, its pieces requested at once. A request whose connection dies
 //! or falls silent is sent again at once on another live connection, once. An extra
 //! connection the source does not accept while another works is retried now and then and
 //! is not a source failure.
@@ -54,9 +55,12 @@
 //! Exclusive use: the proxy holds a lock on the cache and bitmap files (see [`crate::lock`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -149,6 +153,9 @@ pub struct ProxyConfig {
     /// copy keeps at most one request of its own in flight, so that the requests clients
     /// wait for do not queue behind `background_depth` chunks at the source.
     pub background_yield: bool,
+    /// On-demand fetches are split over the live source connections and their pieces
+    /// fetched at once (false: each goes whole to one connection).
+    pub demand_split: bool,
     /// Source connections (1 to [`MAX_SOURCE_CONNECTIONS`]): each request goes to the
     /// least busy one, so that a long link whose TCP window bounds one stream carries
     /// several windows at once.
@@ -257,6 +264,36 @@ impl Health {
 
 /// Fetched data: `(offset, bytes)` pieces in offset order.
 type Pieces = Vec<(u64, Vec<u8>)>;
+
+/// Run `futs` together (in this task); their outputs in order, or the first error (the
+/// others are dropped with it).
+async fn all_ok<T, F>(futs: Vec<F>) -> Result<Vec<T>, OpError>
+where
+    F: Future<Output = Result<T, OpError>>,
+{
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if out.is_some() {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                Poll::Ready(Ok(v)) => *out = Some(v),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => pending = true,
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    })
+    .await?;
+    Ok(outs.into_iter().flatten().collect())
+}
 
 /// What a claim fetched, published to readers waiting for its blocks as soon as it
 /// arrives (before it is stored, made durable and marked).
@@ -1089,36 +1126,62 @@ impl Proxy {
         }
     }
 
-    /// Read the blocks of `runs` from the source.
+    /// Read the blocks of `runs` from the source, every piece at once.
+    ///
+    /// On-demand fetches (a client's read, readahead) are split over the live source
+    /// connections ([`Proxy::demand_piece`]), so a client waits for the slowest piece
+    /// rather than for one connection to carry it all. That matters most when the
+    /// connections have carried nothing yet (the first reads after a VM's switchover,
+    /// the connections idle since the proxy started): TCP's slow start needs about
+    /// seven round trips for a new connection's first MiB but four for its first
+    /// 128 KiB, and every connection's window grows at once. The background copy's
+    /// chunks go whole, one request each, `background_depth` of them in flight.
     async fn fetch_runs(
         &self,
         runs: &[(u64, u64)],
         demand: bool,
         patience: Duration,
     ) -> Result<Pieces, OpError> {
-        let _busy = if demand {
-            let bytes: u64 = runs
-                .iter()
-                .map(|&(a, b)| (b * self.bs).min(self.size) - a * self.bs)
-                .sum();
+        let bytes: u64 = runs
+            .iter()
+            .map(|&(a, b)| (b * self.bs).min(self.size) - a * self.bs)
+            .sum();
+        let (_busy, piece) = if demand {
             let _ = self.reserve(bytes);
-            Some(Busy::new(&self.demand_inflight))
+            let piece = if self.cfg.demand_split {
+                self.demand_piece(bytes)
+            } else {
+                MAX_FETCH
+            };
+            (Some(Busy::new(&self.demand_inflight)), piece)
         } else {
-            None
+            (None, MAX_FETCH)
         };
-        let mut datas = Vec::new();
+        let mut pieces = Vec::new();
         for &(a, b) in runs {
-            let start = a * self.bs;
             let end = (b * self.bs).min(self.size);
-            let mut off = start;
+            let mut off = a * self.bs;
             while off < end {
-                let n = (end - off).min(MAX_FETCH);
-                let d = self.source_read(demand, off, n as u32, patience).await?;
-                datas.push((off, d));
+                let n = (end - off).min(piece);
+                pieces.push((off, n));
                 off += n;
             }
         }
-        Ok(datas)
+        let reads = pieces
+            .iter()
+            .map(|&(off, n)| self.source_read(demand, off, n as u32, patience));
+        let datas = all_ok(reads.collect()).await?;
+        Ok(pieces.iter().map(|p| p.0).zip(datas).collect())
+    }
+
+    /// The largest piece of an on-demand fetch of `bytes`: an equal share per live
+    /// source connection, whole blocks, at most [`MAX_FETCH`].
+    fn demand_piece(&self, bytes: u64) -> u64 {
+        let links = self.links_up().max(1) as u64;
+        bytes
+            .div_ceil(links)
+            .next_multiple_of(self.bs)
+            .clamp(self.bs, MAX_FETCH)
     }
 
     /// Store fetched blocks (`datas`, covering `runs`): write them to the cache, then make

@@ -292,6 +292,8 @@ struct Opts {
     background_yield: bool,
     /// Source connections.
     connections: usize,
+    /// On-demand fetches split over the connections.
+    demand_split: bool,
 }
 
 impl Opts {
@@ -304,6 +306,7 @@ impl Opts {
             readahead: (0, 0),
             background_yield: true,
             connections: 1,
+            demand_split: true,
         }
     }
 }
@@ -325,6 +328,7 @@ async fn start_proxy(dir: &Path, sock: &Path, o: Opts) -> Arc<Proxy> {
         readahead: o.readahead.0,
         readahead_max: o.readahead.1,
         background_yield: o.background_yield,
+        demand_split: o.demand_split,
         source_connections: o.connections,
     };
     Proxy::start(cfg).await.unwrap()
@@ -944,6 +948,35 @@ async fn several_source_connections_share_the_fetches() {
     r.assert_cache_complete();
 }
 
+/// A cold 1 MiB client read over four source connections is split in four pieces, one
+/// per connection, fetched at once (so the client waits for the slowest 256 KiB, not for
+/// one connection to carry the MiB; on new TCP connections that is three slow-start round
+/// trips less); with the split off it goes whole to one connection. Either way the data
+/// is the source's and each block is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_client_read_is_split_over_the_connections() {
+    for split in [true, false] {
+        let o = Opts {
+            demand_split: split,
+            ..several(4, Duration::from_secs(5))
+        };
+        let (r, _srv, p) = rig_with_delay(20, o).await;
+        wait_links(&p, 4).await;
+        let got = p.read(1 << 20, vec![0u8; 1 << 20], 0).await.unwrap();
+        r.assert_data(&got, 1 << 20, 1 << 20);
+        let per = r.fake.reads_per_connection();
+        println!("split {split}: reads per connection {per:?}");
+        if split {
+            assert_eq!(per, vec![1, 1, 1, 1]);
+        } else {
+            assert_eq!(per.iter().sum::<u64>(), 1, "{per:?}");
+        }
+        let st = wait_cached(&p, 16, 10).await;
+        assert_eq!(st.fetched_blocks, 16, "{st:?}");
+        assert_eq!(r.fake.violations.load(Ordering::Relaxed), 0);
+    }
+}
+
 /// A source connection cut off in the middle of a reply, once under a client read and once
 /// while the copy runs: the reads it carried are sent again on another connection at once
 /// (the client gets its data, no EIO, no wait for a reconnection), the connection comes
@@ -962,7 +995,8 @@ async fn a_connection_cut_off_mid_fetch_is_retried_on_another() {
     r.assert_data(&got, 1 << 20, 1 << 20);
     println!("client read cut off once took {took:?}");
     assert!(took < Duration::from_millis(500), "{took:?}");
-    assert_eq!(r.fake.reads.load(Ordering::Relaxed), 2);
+    // Four pieces of 256 KiB, one per connection, and the cut one again.
+    assert_eq!(r.fake.reads.load(Ordering::Relaxed), 5);
     p.cache_all();
     let st = wait_complete(&p, 30).await;
     println!("{st:?}");

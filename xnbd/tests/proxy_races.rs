@@ -62,6 +62,7 @@ async fn concurrent_clients_race_background_copy() {
         readahead: 32 << 10,
         readahead_max: 256 << 10,
         background_yield: true,
+        demand_split: true,
         source_connections: 4,
     })
     .await
