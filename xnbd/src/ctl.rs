@@ -168,10 +168,9 @@ fn apply(p: &Proxy, req: Request) -> Result<(), String> {
     }
 }
 
-/// Bind the control socket at `path` (replaced if present).
+/// Bind the control socket at `path` (replaced if present; it appears once it listens).
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
+    crate::listen::bind_unix(path)
 }
 
 /// Serve the control socket forever (failed accepts back off; see [`crate::listen`]).

@@ -6,12 +6,44 @@
 //! reset or EOF at once instead of waiting in the backlog.
 
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use accept_backoff::AcceptBackoff;
 use serde::Serialize;
+
+/// Binds a Unix listener at `path` (a stale file there is replaced) so that the path
+/// appears only once the socket listens: it is bound under a temporary name beside it and
+/// renamed into place. A client that waits for the file (qemu, `xnbd ctl`, the tests)
+/// then never meets a refused connect between bind and listen. Where the temporary name
+/// would not fit a socket address, the socket is bound at `path` directly.
+pub fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let tmp = path.file_name().map(|n| {
+        let mut t = std::ffi::OsString::from(".");
+        t.push(n);
+        t.push(format!(".{}", std::process::id()));
+        path.with_file_name(t)
+    });
+    let Some(tmp) = tmp else {
+        return tokio::net::UnixListener::bind(path);
+    };
+    let _ = std::fs::remove_file(&tmp);
+    match tokio::net::UnixListener::bind(&tmp) {
+        Ok(l) => match std::fs::rename(&tmp, path) {
+            Ok(()) => Ok(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        },
+        // The longer name is over the limit of a socket address.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => tokio::net::UnixListener::bind(path),
+        Err(e) => Err(e),
+    }
+}
 
 /// Limits of one listener (or of a server's listeners together).
 #[derive(Debug, Clone, Copy)]

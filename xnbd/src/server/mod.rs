@@ -349,8 +349,7 @@ pub async fn start(
                 tasks.push(tokio::spawn(srv.clone().run_tcp(tl)));
             }
             Listen::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let ul = UnixListener::bind(p)?;
+                let ul = crate::listen::bind_unix(p)?;
                 info!("listening on unix {}", p.display());
                 tasks.push(tokio::spawn(srv.clone().run_unix(ul)));
             }
