@@ -451,7 +451,7 @@ impl EdgeCore {
         }
         // Expiry of peers and MACs.
         for id in &due {
-            if !self.peers.get(id).is_some_and(|p| now >= p.expires_at(&t)) {
+            if self.peers.get(id).is_none_or(|p| now < p.expires_at(&t)) {
                 continue;
             }
             if let Some(p) = self.peers.remove(id) {
