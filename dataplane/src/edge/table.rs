@@ -22,11 +22,11 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use foldhash::fast::FixedState;
+
 use crate::wire::EdgeId;
 
 use super::peer::Peer;
-use foldhash::fast::FixedState;
-
 use super::{Map, Timers};
 
 /// What a peer's timers are computed from besides the peer itself.
