@@ -23,6 +23,11 @@ use super::{max_frame, EdgeCore, SEG_SCRATCH};
 impl EdgeCore {
     /// Handles one Ethernet frame read from the TAP device.
     pub fn handle_tap(&mut self, now: Instant, frame: &[u8], out: &mut Outbox) {
+        self.tap_frame(now, frame, out);
+        self.reindex();
+    }
+
+    fn tap_frame(&mut self, now: Instant, frame: &[u8], out: &mut Outbox) {
         let Some((dst, src)) = eth::macs(frame) else {
             return self.drop(DropReason::RuntFrame);
         };
@@ -74,6 +79,18 @@ impl EdgeCore {
         max_frame: usize,
         out: &mut Outbox,
     ) {
+        self.tap_tso(now, hdr, frame, max_frame, out);
+        self.reindex();
+    }
+
+    fn tap_tso(
+        &mut self,
+        now: Instant,
+        hdr: &VnetHdr,
+        frame: &[u8],
+        max_frame: usize,
+        out: &mut Outbox,
+    ) {
         let Some((dst, src)) = eth::macs(frame) else {
             return self.drop(DropReason::RuntFrame);
         };
@@ -95,7 +112,7 @@ impl EdgeCore {
             scratch = vec![0u8; SEG_SCRATCH];
         }
         let r = offload::segment_tcp(hdr, frame, max_frame, &mut scratch, |s| {
-            self.handle_tap(now, s, out)
+            self.tap_frame(now, s, out)
         });
         self.seg_scratch = scratch;
         if r.is_err() {

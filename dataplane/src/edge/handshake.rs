@@ -11,6 +11,7 @@ use crate::wire::{self, EdgeId, HandshakeInit, HandshakeResp};
 
 use super::drops::DropReason;
 use super::peer::*;
+use super::table::DeadlineCtx;
 use super::{Earliest, EdgeCore, Timers, Via};
 
 impl EdgeCore {
@@ -279,31 +280,32 @@ impl EdgeCore {
             self.start_handshake(now, id, out);
         }
     }
+}
 
-    /// Adds the session timers of peer `p` to `d` (as [`EdgeCore::poll_sessions`] runs
-    /// them).
-    pub(super) fn session_deadline(&self, p: &Peer, d: &mut Earliest) {
-        let t = &self.cfg.timers;
-        let due = self.last_poll;
-        for s in [&p.cur, &p.prev].into_iter().flatten() {
+impl Peer {
+    /// Adds the session timers to `d` (as [`EdgeCore::poll_sessions`] runs them).
+    pub(super) fn session_deadline(&self, c: &DeadlineCtx, d: &mut Earliest) {
+        let t = c.timers;
+        let due = c.due;
+        for s in [&self.cur, &self.prev].into_iter().flatten() {
             d.add(s.created + t.reject_after_time);
         }
-        if let Some(s) = &p.next {
+        if let Some(s) = &self.next {
             d.add(s.created + t.handshake_retry * 10);
         }
-        if let Some(pd) = &p.pending {
+        if let Some(pd) = &self.pending {
             d.add(pd.sent + t.handshake_retry * 5);
         }
-        let need_at = match &p.cur {
-            None if p.listed_by == 0 && p.last_rx.is_none() => None,
-            None if self.id < p.id => Some(due),
-            None => Some(p.first_seen + t.handshake_defer),
+        let need_at = match &self.cur {
+            None if self.listed_by == 0 && self.last_rx.is_none() => None,
+            None if c.me < self.id => Some(due),
+            None => Some(self.first_seen + t.handshake_defer),
             Some(s) if s.send_ctr >= t.rekey_after_packets => Some(due),
             Some(s) if s.initiator => Some(s.created + t.rekey_after_time),
             Some(s) => Some(s.created + t.rekey_after_time + t.handshake_retry * 10),
         };
         if let Some(need_at) = need_at {
-            let retry_at = p.last_init_sent.map_or(due, |l| l + t.handshake_retry);
+            let retry_at = self.last_init_sent.map_or(due, |l| l + t.handshake_retry);
             d.add(need_at.max(retry_at));
         }
     }

@@ -939,13 +939,7 @@ impl EdgeCore {
             Some(p) if p.name != "?" => p.name.clone(),
             _ => return,
         };
-        let old: Vec<EdgeId> = self
-            .peers
-            .values()
-            .filter(|p| p.id != *pid && p.name == name)
-            .map(|p| p.id)
-            .collect();
-        for id in old {
+        for id in self.peers.namesakes(pid) {
             let before = self.macs.len() + self.l2.remote.len();
             self.macs.retain(|_, v| v.0 != id);
             self.l2_peer_gone(&id);

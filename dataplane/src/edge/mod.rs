@@ -15,6 +15,8 @@
 //! - `registration`: the supernodes: signed registrations with cookies, signed
 //!   acknowledgements and peer lists, checks of a silent relaying supernode, failover;
 //! - `peer`: a peer's entry (sessions, pending handshake, path state, counters);
+//! - `table`: the peer table and the index of the peers' deadlines (what makes
+//!   `poll_timeout` O(1) and `poll` visit only the peers whose timers came);
 //! - `handshake`: handshakes, session lifetimes and rekeying;
 //! - `transport`: sealing and opening transport messages, direct or relayed;
 //! - `delivery`: frames from the TAP device to peers (unicast, TSO batches, floods,
@@ -23,7 +25,7 @@
 //! - `status`: the status document.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use foldhash::fast::FixedState;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -47,6 +49,7 @@ mod peer;
 mod registration;
 mod rng;
 mod status;
+mod table;
 mod transport;
 
 pub use config::{EdgeConfig, EdgeError, SupernodeAddr, Timers};
@@ -58,6 +61,7 @@ pub use paths::in_nets;
 use peer::Peer;
 use registration::SnState;
 pub use rng::{EdgeRng, RngError, SystemRng};
+use table::{DeadlineCtx, PeerTable};
 
 /// The core's tables, looked up for every packet: a fast hash (foldhash) instead of
 /// SipHash, seeded from the core's [`EdgeRng`].
@@ -80,12 +84,14 @@ pub struct EdgeCore {
     reg_seq: u64,
     rng: Box<dyn EdgeRng>,
     sns: Vec<SnState>,
-    peers: Map<EdgeId, Peer>,
+    peers: PeerTable,
+    /// The peers a poll visits (kept to reuse its allocation).
+    due_scratch: Vec<EdgeId>,
     index: Indexes,
     macs: Map<Mac, (EdgeId, Instant)>,
-    /// No learned MAC expires before this (the earliest at the last poll; learning one
+    /// No learned MAC expires before this (the earliest at the last sweep; learning one
     /// later or hearing from one again never makes it earlier, so it is not recomputed
-    /// per frame).
+    /// per frame, and a poll sweeps the MACs only once it came).
     mac_expiry_at: Option<Instant>,
     bcast_tx: AeadKey,
     bcast_ctr: u64,
@@ -209,7 +215,8 @@ impl EdgeCore {
             reg_seq: 0,
             rng,
             sns,
-            peers: Map::with_hasher(table()),
+            peers: PeerTable::new(table_seed),
+            due_scratch: Vec::new(),
             index: Indexes {
                 map: Map::with_hasher(table()),
                 generation: 0,
@@ -250,15 +257,18 @@ impl EdgeCore {
                 s.next_register = None;
             }
         }
-        for p in self.peers.values_mut() {
-            if p.direct.is_some_and(|d| in_nets(&d, &overlay)) {
-                p.direct = None;
-            }
-            if p.reflexive.is_some_and(|d| in_nets(&d, &overlay)) {
-                p.reflexive = None;
+        if overlay != self.overlay_nets {
+            for p in self.peers.values_mut() {
+                if p.direct.is_some_and(|d| in_nets(&d, &overlay)) {
+                    p.direct = None;
+                }
+                if p.reflexive.is_some_and(|d| in_nets(&d, &overlay)) {
+                    p.reflexive = None;
+                }
             }
         }
         self.overlay_nets = overlay;
+        self.reindex();
     }
 
     /// This edge's id.
@@ -313,13 +323,56 @@ impl EdgeCore {
                 self.drop(DropReason::PeerTableFull);
                 return None;
             }
-            self.peers.insert(id, Peer::new(id, now));
+            self.peers.insert(Peer::new(id, now));
         }
         self.peers.get_mut(&id)
     }
 
+    /// What the peers' deadlines are computed from besides the peers.
+    fn deadline_ctx(&self) -> DeadlineCtx<'_> {
+        DeadlineCtx {
+            timers: &self.cfg.timers,
+            me: self.id,
+            due: self.last_poll,
+        }
+    }
+
+    /// Checks the cached deadlines against a scan (debug builds): the peers' index, and
+    /// no learned MAC expiring before `mac_expiry_at`.
+    #[cfg(debug_assertions)]
+    fn check_deadlines(&self) {
+        self.peers.check_index(&self.deadline_ctx());
+        let mac_expiry = self.cfg.timers.mac_expiry;
+        debug_assert!(self
+            .macs
+            .values()
+            .all(|v| self.mac_expiry_at.is_some_and(|m| m <= v.1 + mac_expiry)));
+    }
+
+    /// The peer table, and what its deadlines are computed from, borrowed together.
+    fn peers_and_ctx(&mut self) -> (&mut PeerTable, DeadlineCtx<'_>) {
+        let c = DeadlineCtx {
+            timers: &self.cfg.timers,
+            me: self.id,
+            due: self.last_poll,
+        };
+        (&mut self.peers, c)
+    }
+
+    /// Brings the deadline index up to date with the peers changed since the last call:
+    /// the end of every entry point.
+    fn reindex(&mut self) {
+        let (peers, c) = self.peers_and_ctx();
+        peers.reindex(&c);
+    }
+
     /// Handles one datagram from `src`. The buffer is decrypted in place.
     pub fn handle_udp(&mut self, now: Instant, src: SocketAddr, pkt: &mut [u8], out: &mut Outbox) {
+        self.udp(now, src, pkt, out);
+        self.reindex();
+    }
+
+    fn udp(&mut self, now: Instant, src: SocketAddr, pkt: &mut [u8], out: &mut Outbox) {
         self.udp_rx += 1;
         let t = match wire::peek_type(pkt) {
             Ok(t) => t,
@@ -382,30 +435,26 @@ impl EdgeCore {
         }
     }
 
-    /// Runs timers: registration, handshakes, rekeying, probing, expiry.
+    /// Runs timers: registration, handshakes, rekeying, probing, expiry. Visits only the
+    /// peers whose entries in the deadline index came (see `table`).
     pub fn poll(&mut self, now: Instant, out: &mut Outbox) {
+        #[cfg(debug_assertions)]
+        self.check_deadlines();
         self.last_poll = self.last_poll.max(now);
         self.poll_register(now, out);
         let t = self.cfg.timers.clone();
-        let ids: Vec<EdgeId> = self.peers.keys().copied().collect();
-        for id in ids {
-            self.poll_sessions(now, &id, &t, out);
-            self.poll_paths(now, &id, &t, out);
+        let mut due = std::mem::take(&mut self.due_scratch);
+        self.peers.due_by(now, &mut due);
+        for id in &due {
+            self.poll_sessions(now, id, &t, out);
+            self.poll_paths(now, id, &t, out);
         }
         // Expiry of peers and MACs.
-        let mut gone = Vec::new();
-        for (id, p) in &self.peers {
-            let last = [p.last_listed, p.last_rx, Some(p.first_seen)]
-                .into_iter()
-                .flatten()
-                .max()
-                .unwrap_or(p.first_seen);
-            if now.saturating_duration_since(last) > t.peer_expiry {
-                gone.push(*id);
+        for id in &due {
+            if self.peers.get(id).is_none_or(|p| now < p.expires_at(&t)) {
+                continue;
             }
-        }
-        for id in gone {
-            if let Some(p) = self.peers.remove(&id) {
+            if let Some(p) = self.peers.remove(id) {
                 tracing::info!(peer = %p.name, "peer expired");
                 for s in [p.cur, p.prev, p.next].into_iter().flatten() {
                     self.index.remove(&s.local_index);
@@ -413,14 +462,20 @@ impl EdgeCore {
                 if let Some(pd) = p.pending {
                     self.index.remove(&pd.state.init.sender_index);
                 }
-                self.macs.retain(|_, v| v.0 != id);
-                self.l2_peer_gone(&id);
+                self.macs.retain(|_, v| v.0 != *id);
+                self.l2_peer_gone(id);
             }
         }
-        self.macs
-            .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
-        self.mac_expiry_at = self.macs.values().map(|v| v.1 + t.mac_expiry).min();
+        if self.mac_expiry_at.is_some_and(|m| now >= m) {
+            self.macs
+                .retain(|_, v| now.saturating_duration_since(v.1) < t.mac_expiry);
+            self.mac_expiry_at = self.macs.values().map(|v| v.1 + t.mac_expiry).min();
+        }
         self.l2_poll(now, out);
+        let (peers, c) = self.peers_and_ctx();
+        peers.reindex_exact(&due, &c);
+        peers.reindex(&c);
+        self.due_scratch = due;
     }
 
     /// When [`EdgeCore::poll`] must run next: the earliest of every timer the core keeps
@@ -428,22 +483,17 @@ impl EdgeCore {
     /// rekeying, probes and keepalives, loss of a direct path, expiry of peers and
     /// MACs). A time not later than the last poll means "at once" (something an event
     /// made due). Recomputed after every event: a datagram or frame can move it earlier.
+    /// The peers' part is the first entry of their deadline index (debug builds check
+    /// the index against a scan of every peer).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let t = &self.cfg.timers;
+        #[cfg(debug_assertions)]
+        self.check_deadlines();
         let mut d = Earliest::default();
         for s in &self.sns {
             self.register_deadline(s, &mut d);
         }
-        for p in self.peers.values() {
-            self.session_deadline(p, &mut d);
-            self.path_deadline(p, &mut d);
-            let last = [p.last_listed, p.last_rx, Some(p.first_seen)]
-                .into_iter()
-                .flatten()
-                .max()
-                .unwrap_or(p.first_seen);
-            // Expired once strictly older than `peer_expiry`.
-            d.add(last + t.peer_expiry + Duration::from_nanos(1));
+        if let Some(p) = self.peers.next_deadline() {
+            d.add(p);
         }
         if let Some(m) = self.mac_expiry_at {
             d.add(m);
@@ -502,8 +552,29 @@ impl Earliest {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::crypto::Cipher;
+
+    /// An edge of community "c" with one supernode and room for `max_peers` peers.
+    fn lone_edge(now: Instant, max_peers: usize) -> EdgeCore {
+        EdgeCore::new(
+            EdgeConfig {
+                name: "e".into(),
+                community: "c".into(),
+                secret: b"s".to_vec(),
+                cipher: Cipher::Aes256Gcm,
+                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
+                local_addrs: vec![],
+                timers: Timers::default(),
+                max_peers,
+                max_macs: 4,
+            },
+            now,
+        )
+        .unwrap()
+    }
 
     #[test]
     fn overlay_networks_are_never_paths() {
@@ -516,21 +587,7 @@ mod tests {
             &[("0.0.0.0".parse().unwrap(), 0)]
         ));
         let now = Instant::now();
-        let mut e = EdgeCore::new(
-            EdgeConfig {
-                name: "e".into(),
-                community: "c".into(),
-                secret: b"s".to_vec(),
-                cipher: Cipher::Aes256Gcm,
-                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
-                local_addrs: vec![],
-                timers: Timers::default(),
-                max_peers: 4,
-                max_macs: 4,
-            },
-            now,
-        )
-        .unwrap();
+        let mut e = lone_edge(now, 4);
         e.set_host_addrs(
             vec![
                 "198.18.0.2:5".parse().unwrap(),
@@ -585,21 +642,7 @@ mod tests {
     #[test]
     fn poll_timeout_is_the_next_registration_of_a_lone_edge() {
         let now = Instant::now();
-        let mut e = EdgeCore::new(
-            EdgeConfig {
-                name: "e".into(),
-                community: "c".into(),
-                secret: b"s".to_vec(),
-                cipher: Cipher::Aes256Gcm,
-                supernodes: vec!["198.18.0.1:7654".parse().unwrap()],
-                local_addrs: vec![],
-                timers: Timers::default(),
-                max_peers: 4,
-                max_macs: 4,
-            },
-            now,
-        )
-        .unwrap();
+        let mut e = lone_edge(now, 4);
         let mut out = Outbox::new(2048);
         // Nothing sent yet: due at once.
         assert!(e.poll_timeout().is_some_and(|d| d <= now));
@@ -633,5 +676,71 @@ mod tests {
         // New host addresses are announced at once.
         e.set_host_addrs(vec!["198.18.0.2:5".parse().unwrap()], vec![]);
         assert!(e.poll_timeout().is_some_and(|d| d <= next));
+    }
+
+    /// Peers first seen at different times, some listed (a handshake due at once or after
+    /// the deferral, by id order, then retried), some listed again later: stepping from
+    /// deadline to deadline, every poll visits exactly the peers whose timers are due by
+    /// a scan of the table, and each peer expires at its own deadline.
+    #[test]
+    fn poll_visits_exactly_the_peers_that_are_due() {
+        let t0 = Instant::now();
+        let mut e = lone_edge(t0, 256);
+        let timers = Timers::default();
+        let mut out = Outbox::new(2048);
+        for k in 1..=200u64 {
+            let mut p = Peer::new(
+                (k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_be_bytes(),
+                t0 + Duration::from_millis(k * 37),
+            );
+            if k % 3 == 0 {
+                p.listed_by = 1;
+            }
+            if k % 7 == 0 {
+                p.last_listed = Some(t0 + Duration::from_millis(k * 101));
+            }
+            e.peers.insert(p);
+        }
+        e.reindex();
+        let (mut visits, mut scanned, mut steps) = (0, 0, 0);
+        while e.peers.keys().next().is_some() {
+            steps += 1;
+            assert!(steps < 10_000, "bounded");
+            let at = e
+                .poll_timeout()
+                .expect("peers have timers")
+                .max(e.last_poll);
+            let c = e.deadline_ctx();
+            let mut want: Vec<EdgeId> = e
+                .peers
+                .values()
+                .filter(|p| p.deadline(&c) <= at)
+                .map(|p| p.id)
+                .collect();
+            let expired: Vec<EdgeId> = e
+                .peers
+                .values()
+                .filter(|p| p.expires_at(&timers) <= at)
+                .map(|p| p.id)
+                .collect();
+            scanned += e.peers.len();
+            e.poll(at, &mut out);
+            out.recycle_sent();
+            let mut got = e.due_scratch.clone();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "step {steps}");
+            visits += got.len();
+            for id in &expired {
+                assert!(!e.peers.contains_key(id), "expired at its deadline");
+            }
+            assert!(e.peers.values().all(|p| p.expires_at(&timers) > at));
+        }
+        // Peers are visited for their own timers, not at every poll (a walk of the table
+        // visited them all each time).
+        assert!(
+            visits * 20 < scanned,
+            "{visits} visits of {scanned} in {steps} polls"
+        );
     }
 }

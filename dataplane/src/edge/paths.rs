@@ -11,6 +11,7 @@ use crate::wire::{EdgeId, MsgType, TransportHdr, PROBE_BODY_LEN, PROBE_REPLY, TR
 
 use super::drops::DropReason;
 use super::peer::*;
+use super::table::DeadlineCtx;
 use super::{Earliest, EdgeCore, Timers, Via};
 
 /// Whether `a` lies in one of the networks (address, prefix length).
@@ -289,21 +290,23 @@ impl EdgeCore {
             }
         }
     }
+}
 
-    /// Adds the path timers of peer `p` to `d` (as [`EdgeCore::poll_paths`] runs them).
-    pub(super) fn path_deadline(&self, p: &Peer, d: &mut Earliest) {
-        let t = &self.cfg.timers;
-        if p.cur.is_none() {
+impl Peer {
+    /// Adds the path timers to `d` (as [`EdgeCore::poll_paths`] runs them).
+    pub(super) fn path_deadline(&self, c: &DeadlineCtx, d: &mut Earliest) {
+        let t = c.timers;
+        if self.cur.is_none() {
             return;
         }
-        if let (Some(_), Some(last)) = (p.direct, p.direct_last_rx) {
+        if let (Some(_), Some(last)) = (self.direct, self.direct_last_rx) {
             d.add(last + t.direct_timeout);
         }
-        let every = if p.direct.is_some() {
+        let every = if self.direct.is_some() {
             t.keepalive_interval
         } else {
             t.probe_interval
         };
-        d.add(p.last_probe.map_or(self.last_poll, |l| l + every));
+        d.add(self.last_probe.map_or(c.due, |l| l + every));
     }
 }

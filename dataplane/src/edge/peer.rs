@@ -15,6 +15,9 @@ use crate::crypto::{AeadKey, InitState};
 use crate::replay::ReplayWindow;
 use crate::wire::EdgeId;
 
+use super::table::DeadlineCtx;
+use super::{Earliest, Timers};
+
 pub(super) struct Session {
     pub(super) local_index: u32,
     pub(super) remote_index: u32,
@@ -69,6 +72,8 @@ pub(super) struct Peer {
     pub(super) tries: Vec<AddrTries>,
     /// The supernode the peer's last authenticated relayed packet came through.
     pub(super) relay_rx_sn: Option<(usize, Instant)>,
+    /// Its entry in the peer table's deadline index (`None`: not indexed yet).
+    pub(super) indexed_at: Option<Instant>,
 }
 
 /// Handshake inits sent to one address of a peer, and when an authenticated packet last
@@ -110,7 +115,28 @@ impl Peer {
             handshakes: 0,
             tries: Vec::new(),
             relay_rx_sn: None,
+            indexed_at: None,
         }
+    }
+
+    /// When the peer expires: once nobody listed it and nothing came from it for
+    /// strictly longer than `peer_expiry`.
+    pub(super) fn expires_at(&self, t: &Timers) -> Instant {
+        let last = [self.last_listed, self.last_rx]
+            .into_iter()
+            .flatten()
+            .fold(self.first_seen, Instant::max);
+        last + t.peer_expiry + Duration::from_nanos(1)
+    }
+
+    /// The earliest of the peer's timers (as [`super::EdgeCore::poll`] runs them):
+    /// sessions, paths, expiry.
+    pub(super) fn deadline(&self, c: &DeadlineCtx) -> Instant {
+        let mut d = Earliest::default();
+        self.session_deadline(c, &mut d);
+        self.path_deadline(c, &mut d);
+        d.add(self.expires_at(c.timers));
+        d.0.unwrap_or_else(|| self.expires_at(c.timers))
     }
 
     pub(super) fn session_mut(&mut self, index: u32) -> Option<(&mut Session, u8)> {

@@ -290,15 +290,16 @@ impl EdgeCore {
             let Some(p) = self.peer_entry(e.id, now) else {
                 continue;
             };
-            if new || p.name != e.name {
-                tracing::info!(peer = %e.name, id = %hex(&e.id), observed = %e.observed, "peer introduced");
-                named.push(e.id);
-            }
-            p.name = e.name;
+            let renamed = new || p.name != e.name;
             p.observed = Some(e.observed);
             p.locals = e.local_addrs;
             p.listed_by |= bit;
             p.last_listed = Some(now);
+            if renamed {
+                tracing::info!(peer = %e.name, id = %hex(&e.id), observed = %e.observed, "peer introduced");
+                self.peers.set_name(&e.id, e.name);
+                named.push(e.id);
+            }
         }
         for id in named {
             self.l2_retire_namesakes(&id);
