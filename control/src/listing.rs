@@ -87,11 +87,6 @@ impl Listing {
         self.clusters.is_empty()
     }
 
-    /// The clusters' names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.clusters.iter().map(|c| self.str(c.name))
-    }
-
     /// Every VM with its cluster's name, as `vm list --json` prints them: serialises
     /// like a `Vec<(String, Vm)>`.
     pub fn vms(&self) -> VmsOfListing<'_> {

@@ -1215,6 +1215,18 @@ mod tests {
             assert_eq!(pretty(&page), pretty(&l), "after {after:?} limit {limit}");
         }
         assert!(s.cluster_listing(None, 0).unwrap().is_empty());
+        // A closed pipe is an error of the write, not a panic.
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = serde_json::to_writer_pretty(Closed, &listing).unwrap_err();
+        assert_eq!(e.io_error_kind(), Some(std::io::ErrorKind::BrokenPipe));
     }
 
     /// Pretty JSON as `--json` prints it.
