@@ -392,18 +392,34 @@ fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str> {
         .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
 }
 
+/// The role in column `i`.
+fn role_at(r: &rusqlite::Row<'_>, i: usize) -> Result<Role> {
+    let role = text(r, i)?;
+    Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))
+}
+
+/// The address in column `i`.
+fn ip_at(r: &rusqlite::Row<'_>, i: usize) -> Result<std::net::Ipv4Addr> {
+    let ip = text(r, i)?;
+    ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))
+}
+
+/// A stored overlay network.
+fn overlay_net_of(net: &str) -> Result<OverlayNet> {
+    net.parse()
+        .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))
+}
+
 /// The VM of a row of [`vm_select`], at `site`.
 fn vm_of_row(r: &rusqlite::Row<'_>, site: String) -> Result<Vm> {
-    let role = text(r, 2)?;
-    let ip = text(r, 7)?;
     Ok(Vm {
         name: r.get(1)?,
-        role: Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))?,
+        role: role_at(r, 2)?,
         site,
         host: r.get(4)?,
         memory_mb: r.get::<_, i64>(5)? as u64,
         mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
-        ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))?,
+        ip: ip_at(r, 7)?,
         state: r.get(8)?,
     })
 }
@@ -434,9 +450,7 @@ fn cluster_of(
         id,
         name,
         origin,
-        overlay_net: net
-            .parse()
-            .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
+        overlay_net: overlay_net_of(&net)?,
         state,
         overlay,
         vms,
@@ -845,14 +859,11 @@ impl Store for SqliteStore {
                     "cluster {name} has no overlay"
                 )));
             }
-            let net = text(r, 3)?;
             let row = ClusterRow {
                 id,
                 name: l.put(name),
                 origin: site(r.get(2)?)?,
-                overlay_net: net
-                    .parse()
-                    .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
+                overlay_net: overlay_net_of(text(r, 3)?)?,
                 state: l.put(text(r, 4)?),
                 community: l.put(text(r, 5)?),
                 secret_ref: l.put(text(r, 6)?),
@@ -892,16 +903,14 @@ impl Store for SqliteStore {
                 let Some(&i) = at.get(&r.get::<_, i64>(0)?) else {
                     continue;
                 };
-                let role = text(r, 2)?;
-                let ip = text(r, 7)?;
                 let vm = VmRow {
                     name: l.put(text(r, 1)?),
-                    role: Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))?,
+                    role: role_at(r, 2)?,
                     site: site(r.get(3)?)?,
                     host: l.put(text(r, 4)?),
                     memory_mb: r.get::<_, i64>(5)? as u64,
                     mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
-                    ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))?,
+                    ip: ip_at(r, 7)?,
                     state: l.put(text(r, 8)?),
                 };
                 l.clusters[i].vms.push(vm);
