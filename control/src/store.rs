@@ -355,6 +355,32 @@ fn host_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
     })
 }
 
+/// Where each cluster of a listing is, by cluster id. A cluster's VM and attachment
+/// rows are mostly consecutive: the map is read once per run of them.
+#[derive(Default)]
+struct ClusterIndex {
+    at: std::collections::HashMap<i64, usize>,
+    last: Option<(i64, Option<usize>)>,
+}
+
+impl ClusterIndex {
+    fn insert(&mut self, id: i64, i: usize) {
+        self.at.insert(id, i);
+        self.last = None;
+    }
+
+    fn get(&mut self, id: i64) -> Option<usize> {
+        match self.last {
+            Some((c, i)) if c == id => i,
+            _ => {
+                let i = self.at.get(&id).copied();
+                self.last = Some((id, i));
+                i
+            }
+        }
+    }
+}
+
 /// Site names by site id.
 struct SiteNames(std::collections::HashMap<i64, String>);
 
@@ -736,7 +762,7 @@ impl Store for SqliteStore {
         // cluster id; site names from one read of `sites`, not a join per row.
         let sites = self.site_names()?;
         let mut out = Vec::new();
-        let mut at = std::collections::HashMap::new();
+        let mut at = ClusterIndex::default();
         let mut st = self.conn.prepare_cached(
             "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
                     o.community, o.secret_ref, o.supernode
@@ -772,22 +798,12 @@ impl Store for SqliteStore {
                 Vec::new(),
             )?);
         }
-        // A cluster's rows are mostly consecutive: its index is looked up once per run.
-        let mut last: Option<(i64, Option<usize>)> = None;
-        let mut index_of = |cid: i64| match last {
-            Some((c, i)) if c == cid => i,
-            _ => {
-                let i = at.get(&cid).copied();
-                last = Some((cid, i));
-                i
-            }
-        };
         let mut st = self
             .conn
             .prepare_cached(&vm_select("v.site_id", "ORDER BY v.id"))?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            if let Some(i) = index_of(r.get(0)?) {
+            if let Some(i) = at.get(r.get(0)?) {
                 out[i].vms.push(vm_of_row(r, sites.name(r.get(3)?)?)?);
             }
         }
@@ -796,7 +812,7 @@ impl Store for SqliteStore {
             .prepare_cached(&attachment_select("a.site_id", "ORDER BY a.id"))?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            if let Some(i) = index_of(r.get(0)?) {
+            if let Some(i) = at.get(r.get(0)?) {
                 out[i]
                     .attachments
                     .push(attachment_of_row(r, sites.name(r.get(1)?)?)?);
@@ -842,7 +858,7 @@ impl Store for SqliteStore {
                 .copied()
                 .ok_or_else(|| StoreError::Corrupt(format!("no site with id {id}")))
         };
-        let mut at = std::collections::HashMap::new();
+        let mut at = ClusterIndex::default();
         let mut st = self.conn.prepare_cached(
             "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
                     o.community, o.secret_ref, o.supernode
@@ -900,7 +916,7 @@ impl Store for SqliteStore {
                 None => vms.query([])?,
             };
             while let Some(r) = rows.next()? {
-                let Some(&i) = at.get(&r.get::<_, i64>(0)?) else {
+                let Some(i) = at.get(r.get(0)?) else {
                     continue;
                 };
                 let vm = VmRow {
@@ -920,7 +936,7 @@ impl Store for SqliteStore {
                 None => attachments.query([])?,
             };
             while let Some(r) = rows.next()? {
-                let Some(&i) = at.get(&r.get::<_, i64>(0)?) else {
+                let Some(i) = at.get(r.get(0)?) else {
                     continue;
                 };
                 let a = AttachmentRow {
