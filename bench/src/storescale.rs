@@ -229,9 +229,28 @@ pub fn run(cfg: &StoreScaleConfig, reps: usize) -> Result<StoreScaleResult, Cont
     )?;
     timed(
         &mut tm,
+        "cluster_listing (`cluster list --json` loaded)",
+        reps,
+        || s.cluster_listing(None, usize::MAX),
+    )?;
+    // What `cluster list --json` does before its output, and its output into a sink.
+    timed(
+        &mut tm,
         "`cluster list --json`: clusters and their JSON",
         reps,
+        || json_out(&s.cluster_listing(None, usize::MAX)?),
+    )?;
+    timed(
+        &mut tm,
+        "`cluster list --json`: the same from loaded clusters (before)",
+        reps,
         || json_out(&s.clusters()?),
+    )?;
+    timed(
+        &mut tm,
+        "`cluster list --json --after k.. --limit 100`",
+        reps,
+        || json_out(&s.cluster_listing(Some(&name), 100)?),
     )?;
     // The listing one `cluster()` (four queries) per cluster: the baseline of the
     // listing in one pass, timed beside it under the same load.
@@ -284,8 +303,14 @@ pub fn run(cfg: &StoreScaleConfig, reps: usize) -> Result<StoreScaleResult, Cont
             json_out(&c.site_list()?)
         })?;
         timed(&mut tm, "`vm list --json` (every VM)", reps, || {
-            json_out(&c.vm_list(None)?)
+            json_out(&c.store.cluster_listing(None, usize::MAX)?.vms())
         })?;
+        timed(
+            &mut tm,
+            "`vm list --json` (every VM) from loaded clusters (before)",
+            reps,
+            || json_out(&c.vm_list(None)?),
+        )?;
         timed(
             &mut tm,
             "`vm list --json` of the 100-VM cluster",

@@ -3,6 +3,7 @@
 //! - [`atomic_file`]: files written whole or not at all (agent keys, secrets, reservations).
 //! - [`store`]: the controller's SQLite state behind the [`store::Store`] trait, and
 //!   the MAC allocator.
+//! - [`listing`]: every cluster as `cluster list --json` prints it, text in one buffer.
 //! - [`model`]: records shared by store, agent protocol and commands.
 //! - [`auth`]: user and agent keys, signed requests, replay window, site authorisations.
 //! - [`channel`]: the encrypted channel to an agent, pinned to its key.
@@ -32,6 +33,7 @@ pub mod demo;
 pub mod driver;
 pub mod failpoint;
 pub mod guest_proto;
+pub mod listing;
 pub mod migrate;
 pub mod model;
 pub mod process;

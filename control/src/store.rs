@@ -10,6 +10,7 @@
 //! where the counter lives in the store and only moves forward inside the same
 //! transaction that records the VMs, and `vms.mac` carries a UNIQUE constraint that
 //! SQLite checks on every insert.
+use crate::listing::{AttachmentRow, ClusterRow, Listing, VmRow};
 use crate::model::{
     vm_ip, Attachment, Cluster, HostInfo, Mac, Overlay, OverlayNet, Role, Site, Vm,
 };
@@ -124,6 +125,9 @@ pub trait Store {
     /// What `cluster list` shows of each cluster, by name: up to `limit` clusters whose
     /// names sort after `after`.
     fn cluster_summaries(&self, after: Option<&str>, limit: usize) -> Result<Vec<ClusterSummary>>;
+    /// Up to `limit` clusters whose names sort after `after`, by name, with everything in
+    /// them, as `cluster list --json` prints them (the same JSON as [`Store::clusters`]).
+    fn cluster_listing(&self, after: Option<&str>, limit: usize) -> Result<Listing>;
     /// The cluster a VM belongs to.
     fn cluster_of_vm(&self, vm: &str) -> Result<Cluster>;
     /// Set the cluster's state.
@@ -351,6 +355,32 @@ fn host_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
     })
 }
 
+/// Where each cluster of a listing is, by cluster id. A cluster's VM and attachment
+/// rows are mostly consecutive: the map is read once per run of them.
+#[derive(Default)]
+struct ClusterIndex {
+    at: std::collections::HashMap<i64, usize>,
+    last: Option<(i64, Option<usize>)>,
+}
+
+impl ClusterIndex {
+    fn insert(&mut self, id: i64, i: usize) {
+        self.at.insert(id, i);
+        self.last = None;
+    }
+
+    fn get(&mut self, id: i64) -> Option<usize> {
+        match self.last {
+            Some((c, i)) if c == id => i,
+            _ => {
+                let i = self.at.get(&id).copied();
+                self.last = Some((id, i));
+                i
+            }
+        }
+    }
+}
+
 /// Site names by site id.
 struct SiteNames(std::collections::HashMap<i64, String>);
 
@@ -388,18 +418,34 @@ fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str> {
         .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
 }
 
+/// The role in column `i`.
+fn role_at(r: &rusqlite::Row<'_>, i: usize) -> Result<Role> {
+    let role = text(r, i)?;
+    Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))
+}
+
+/// The address in column `i`.
+fn ip_at(r: &rusqlite::Row<'_>, i: usize) -> Result<std::net::Ipv4Addr> {
+    let ip = text(r, i)?;
+    ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))
+}
+
+/// A stored overlay network.
+fn overlay_net_of(net: &str) -> Result<OverlayNet> {
+    net.parse()
+        .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))
+}
+
 /// The VM of a row of [`vm_select`], at `site`.
 fn vm_of_row(r: &rusqlite::Row<'_>, site: String) -> Result<Vm> {
-    let role = text(r, 2)?;
-    let ip = text(r, 7)?;
     Ok(Vm {
         name: r.get(1)?,
-        role: Role::parse(role).ok_or_else(|| StoreError::Corrupt(role.into()))?,
+        role: role_at(r, 2)?,
         site,
         host: r.get(4)?,
         memory_mb: r.get::<_, i64>(5)? as u64,
         mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
-        ip: ip.parse().map_err(|_| StoreError::Corrupt(ip.into()))?,
+        ip: ip_at(r, 7)?,
         state: r.get(8)?,
     })
 }
@@ -430,9 +476,7 @@ fn cluster_of(
         id,
         name,
         origin,
-        overlay_net: net
-            .parse()
-            .map_err(|e: crate::model::BadNet| StoreError::Corrupt(e.to_string()))?,
+        overlay_net: overlay_net_of(&net)?,
         state,
         overlay,
         vms,
@@ -718,7 +762,7 @@ impl Store for SqliteStore {
         // cluster id; site names from one read of `sites`, not a join per row.
         let sites = self.site_names()?;
         let mut out = Vec::new();
-        let mut at = std::collections::HashMap::new();
+        let mut at = ClusterIndex::default();
         let mut st = self.conn.prepare_cached(
             "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
                     o.community, o.secret_ref, o.supernode
@@ -754,22 +798,12 @@ impl Store for SqliteStore {
                 Vec::new(),
             )?);
         }
-        // A cluster's rows are mostly consecutive: its index is looked up once per run.
-        let mut last: Option<(i64, Option<usize>)> = None;
-        let mut index_of = |cid: i64| match last {
-            Some((c, i)) if c == cid => i,
-            _ => {
-                let i = at.get(&cid).copied();
-                last = Some((cid, i));
-                i
-            }
-        };
         let mut st = self
             .conn
             .prepare_cached(&vm_select("v.site_id", "ORDER BY v.id"))?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            if let Some(i) = index_of(r.get(0)?) {
+            if let Some(i) = at.get(r.get(0)?) {
                 out[i].vms.push(vm_of_row(r, sites.name(r.get(3)?)?)?);
             }
         }
@@ -778,7 +812,7 @@ impl Store for SqliteStore {
             .prepare_cached(&attachment_select("a.site_id", "ORDER BY a.id"))?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            if let Some(i) = index_of(r.get(0)?) {
+            if let Some(i) = at.get(r.get(0)?) {
                 out[i]
                     .attachments
                     .push(attachment_of_row(r, sites.name(r.get(1)?)?)?);
@@ -806,6 +840,116 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn cluster_listing(&self, after: Option<&str>, limit: usize) -> Result<Listing> {
+        // Text borrowed from the rows into one buffer (no String per field); site names
+        // put there once.
+        let mut l = Listing::default();
+        let mut sites = std::collections::HashMap::new();
+        let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            sites.insert(r.get::<_, i64>(0)?, l.put(text(r, 1)?));
+        }
+        let site = |id: i64| {
+            sites
+                .get(&id)
+                .copied()
+                .ok_or_else(|| StoreError::Corrupt(format!("no site with id {id}")))
+        };
+        let mut at = ClusterIndex::default();
+        let mut st = self.conn.prepare_cached(
+            "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
+                    o.community, o.secret_ref, o.supernode
+             FROM clusters c LEFT JOIN overlays o ON o.cluster_id = c.id
+             WHERE ?1 IS NULL OR c.name > ?1 ORDER BY c.name LIMIT ?2",
+        )?;
+        let page = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = st.query(params![after, page])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let name = text(r, 1)?;
+            if r.get_ref(5)? == rusqlite::types::ValueRef::Null {
+                return Err(StoreError::Corrupt(format!(
+                    "cluster {name} has no overlay"
+                )));
+            }
+            let row = ClusterRow {
+                id,
+                name: l.put(name),
+                origin: site(r.get(2)?)?,
+                overlay_net: overlay_net_of(text(r, 3)?)?,
+                state: l.put(text(r, 4)?),
+                community: l.put(text(r, 5)?),
+                secret_ref: l.put(text(r, 6)?),
+                supernode: l.put(text(r, 7)?),
+                vms: Vec::new(),
+                attachments: Vec::new(),
+            };
+            at.insert(id, l.clusters.len());
+            l.clusters.push(row);
+        }
+        // The whole listing reads each table once in id order; a page reads its own
+        // clusters' rows by index.
+        let whole = after.is_none() && l.len() < limit;
+        let (vm_rest, attachment_rest) = if whole {
+            ("ORDER BY v.id", "ORDER BY a.id")
+        } else {
+            (
+                "WHERE v.cluster_id = ?1 ORDER BY v.id",
+                "WHERE a.cluster_id = ?1 ORDER BY a.id",
+            )
+        };
+        let ids: Vec<Option<i64>> = if whole {
+            vec![None]
+        } else {
+            l.clusters.iter().map(|c| Some(c.id)).collect()
+        };
+        let mut vms = self.conn.prepare_cached(&vm_select("v.site_id", vm_rest))?;
+        let mut attachments = self
+            .conn
+            .prepare_cached(&attachment_select("a.site_id", attachment_rest))?;
+        for id in ids {
+            let mut rows = match id {
+                Some(id) => vms.query([id])?,
+                None => vms.query([])?,
+            };
+            while let Some(r) = rows.next()? {
+                let Some(i) = at.get(r.get(0)?) else {
+                    continue;
+                };
+                let vm = VmRow {
+                    name: l.put(text(r, 1)?),
+                    role: role_at(r, 2)?,
+                    site: site(r.get(3)?)?,
+                    host: l.put(text(r, 4)?),
+                    memory_mb: r.get::<_, i64>(5)? as u64,
+                    mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
+                    ip: ip_at(r, 7)?,
+                    state: l.put(text(r, 8)?),
+                };
+                l.clusters[i].vms.push(vm);
+            }
+            let mut rows = match id {
+                Some(id) => attachments.query([id])?,
+                None => attachments.query([])?,
+            };
+            while let Some(r) = rows.next()? {
+                let Some(i) = at.get(r.get(0)?) else {
+                    continue;
+                };
+                let a = AttachmentRow {
+                    site: site(r.get(1)?)?,
+                    host: l.put(text(r, 2)?),
+                    tap: l.put(text(r, 3)?),
+                    bridge: l.put(text(r, 4)?),
+                    edge_name: l.put(text(r, 5)?),
+                };
+                l.clusters[i].attachments.push(a);
+            }
+        }
+        Ok(l)
     }
 
     fn cluster_of_vm(&self, vm: &str) -> Result<Cluster> {
@@ -1050,6 +1194,69 @@ mod tests {
             s.cluster_of_vm("nope"),
             Err(StoreError::NotFound { kind: "vm", .. })
         ));
+    }
+
+    /// `cluster list --json` and `vm list --json` as they were printed from loaded
+    /// clusters, and as they are from a listing: the same bytes.
+    #[test]
+    fn listing_json_is_the_json_of_loaded_clusters() {
+        let mut s = three_sites();
+        s.add_site("s\"q\\é\u{1}", "198.18.0.1:7000", "00").unwrap();
+        for (name, sites) in [
+            ("zeta", &[("B", 2), ("C", 1)][..]),
+            (
+                "quo\"te\\back\tslash\u{7}",
+                &[("A", 1), ("s\"q\\é\u{1}", 2)][..],
+            ),
+            ("alpha", &[("A", 3)][..]),
+            ("ünï/cødé", &[("C", 1), ("A", 2), ("B", 1)][..]),
+        ] {
+            s.create_cluster(&plan(name, sites)).unwrap();
+        }
+        s.set_vm_state("alpha-c2", "run\"ning\n").unwrap();
+        s.move_vm("zeta-c1", "A", "h\\1").unwrap();
+        let all = s.clusters().unwrap();
+        let listing = s.cluster_listing(None, usize::MAX).unwrap();
+        assert_eq!(listing.len(), 4);
+        assert_eq!(pretty(&all), pretty(&listing));
+        let pairs: Vec<(String, Vm)> = all
+            .iter()
+            .flat_map(|c| c.vms.iter().map(|v| (c.name.clone(), v.clone())))
+            .collect();
+        assert_eq!(pretty(&pairs), pretty(&listing.vms()));
+        // Pages: after a name, at most `limit`, read cluster by cluster.
+        for (after, limit) in [
+            (None, 2),
+            (Some("alpha"), 2),
+            (Some("alpha"), 9),
+            (Some("zz"), 1),
+        ] {
+            let page: Vec<&Cluster> = all
+                .iter()
+                .filter(|c| after.is_none_or(|a| c.name.as_str() > a))
+                .take(limit)
+                .collect();
+            let l = s.cluster_listing(after, limit).unwrap();
+            assert_eq!(pretty(&page), pretty(&l), "after {after:?} limit {limit}");
+        }
+        assert!(s.cluster_listing(None, 0).unwrap().is_empty());
+        // A closed pipe is an error of the write, not a panic.
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = serde_json::to_writer_pretty(Closed, &listing).unwrap_err();
+        assert_eq!(e.io_error_kind(), Some(std::io::ErrorKind::BrokenPipe));
+    }
+
+    /// Pretty JSON as `--json` prints it.
+    fn pretty<T: serde::Serialize>(v: &T) -> String {
+        serde_json::to_string_pretty(v).unwrap()
     }
 
     #[test]

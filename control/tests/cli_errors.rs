@@ -385,6 +385,14 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         1,
         "reading your key /nonexistent/user.key (make one with `mvc key gen`): No such file",
     );
+    // A page of clusters: at least one, after a valid name.
+    user_error(dir, &["cluster", "list", "--limit", "0"], 2, "--limit");
+    user_error(
+        dir,
+        &["cluster", "list", "--json", "--after", "bad name!"],
+        2,
+        "'bad name!'",
+    );
     user_error(
         dir,
         &["cluster", "frobnicate"],

@@ -60,8 +60,16 @@ pub enum ClusterCmd {
         #[arg(value_parser = validate::cluster_name)]
         name: String,
     },
-    /// All clusters.
-    List,
+    /// All clusters by name, or one page of them (`--after` the last name of the
+    /// previous page).
+    List {
+        /// At most this many clusters.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Only clusters whose names sort after this one.
+        #[arg(long, value_parser = validate::cluster_name)]
+        after: Option<String>,
+    },
     /// Stop and release everything at every site and forget the cluster.
     Destroy {
         /// Cluster name.
@@ -206,10 +214,14 @@ pub fn run(c: &mut Controller, cmd: ClusterCmd, json: bool) -> Result<()> {
                 s
             })
         }
-        ClusterCmd::List if json => print(json, &c.store.clusters()?, |_| String::new()),
-        ClusterCmd::List => {
+        ClusterCmd::List { limit, after } => {
+            let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            if json {
+                let l = c.store.cluster_listing(after.as_deref(), limit)?;
+                return print(json, &l, |_| String::new());
+            }
             // The table needs no VM rows: one query, counts from an index.
-            let v = c.store.cluster_summaries(None, usize::MAX)?;
+            let v = c.store.cluster_summaries(after.as_deref(), limit)?;
             print(json, &v, |v| {
                 let mut s = format!(
                     "{:<14} {:<9} {:<8} {:<5} {}\n",

@@ -83,6 +83,10 @@ pub fn run(c: &mut Controller, cmd: VmCmd, json: bool) -> Result<()> {
             let v = c.vm_stop(&name)?;
             print(json, &v, |v| format!("{} {}\n", v.name, v.state))
         }
+        VmCmd::List { cluster: None } if json => {
+            let l = c.store.cluster_listing(None, usize::MAX)?;
+            print(json, &l.vms(), |_| String::new())
+        }
         VmCmd::List { cluster } => {
             let v = c.vm_list(cluster.as_deref())?;
             print(json, &v, |v| {
