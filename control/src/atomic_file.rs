@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// When a [`write`] is on the disk.
+/// When a [`write()`] is on the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
     /// When `write` returns: the file is synced before the rename and its directory
@@ -21,7 +21,7 @@ pub enum Durability {
     Deferred,
 }
 
-/// The temporary file a [`write`] of `path` goes through: `<name>.tmp`.
+/// The temporary file a [`write()`] of `path` goes through: `<name>.tmp`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
@@ -42,7 +42,7 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32, durability: Durability) -> st
     write_with(path, bytes, mode, durability, &|_| {})
 }
 
-/// [`write`], calling `at` after each [`Step`].
+/// [`write()`], calling `at` after each [`Step`].
 pub fn write_with(
     path: &Path,
     bytes: &[u8],
