@@ -26,6 +26,10 @@ pub const SN_KEY_LEN: usize = 32;
 pub const COOKIE_LEN: usize = 16;
 /// Length of a cookie message.
 pub const COOKIE_MSG_LEN: usize = 4 + EDGE_ID_LEN + 8 + COOKIE_LEN;
+/// Sequence number of a cookie message that answers no registration: the supernode
+/// prompts an edge it does not have (registered from that address) to register now.
+/// Registrations never carry it (their numbers count up from 1).
+pub const PROMPT_SEQ: u64 = u64::MAX;
 /// Length of an AEAD tag.
 pub const TAG_LEN: usize = 16;
 /// Longest edge name.
