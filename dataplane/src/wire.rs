@@ -1018,6 +1018,14 @@ mod tests {
         assert_eq!(n, COOKIE_MSG_LEN);
         assert_eq!(Cookie::decode(&buf[..n]).unwrap(), c);
         assert!(Cookie::decode(&buf[..n - 1]).is_err());
+        // A prompt is a cookie message with the reserved number, byte for byte the same.
+        let p = Cookie {
+            seq: PROMPT_SEQ,
+            ..c
+        };
+        assert_eq!(p.encode(&mut buf).unwrap(), COOKIE_MSG_LEN);
+        assert_eq!(buf[12..20], [0xff; 8]);
+        assert_eq!(Cookie::decode(&buf[..n]).unwrap(), p);
         let p = PeerInfo {
             community: [1; 16],
             kind: InfoKind::Full,
