@@ -229,6 +229,13 @@ pub struct SupernodeStatus {
     /// Cookie messages sent (answers to registrations from unvalidated addresses).
     #[serde(default)]
     pub cookies_sent: u64,
+    /// Prompts to register sent to edges not registered from the address they relayed
+    /// from (a cookie message with the prompt sequence number).
+    #[serde(default)]
+    pub prompts_sent: u64,
+    /// Prompts left out by the per-second and per-address limits.
+    #[serde(default)]
+    pub prompts_limited: u64,
     /// The supernode's public key, as edges pin it (`--supernode ADDR@KEY`).
     #[serde(default)]
     pub key: String,
@@ -601,11 +608,13 @@ impl SupernodeStatus {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "supernode {}  up {}s  registrations {}  cookies {}  relayed {} packets / {} bytes\nkey {}",
+            "supernode {}  up {}s  registrations {}  cookies {}  prompts {} ({} limited)  relayed {} packets / {} bytes\nkey {}",
             self.listen,
             self.uptime_s,
             self.registrations,
             self.cookies_sent,
+            self.prompts_sent,
+            self.prompts_limited,
             self.relayed_packets,
             self.relayed_bytes,
             self.key
@@ -683,6 +692,8 @@ impl SupernodeStatus {
         for (m, v) in [
             ("registrations_total", self.registrations),
             ("cookies_sent_total", self.cookies_sent),
+            ("prompts_sent_total", self.prompts_sent),
+            ("prompts_limited_total", self.prompts_limited),
             ("relayed_packets_total", self.relayed_packets),
             ("relayed_bytes_total", self.relayed_bytes),
         ] {

@@ -17,7 +17,7 @@
 //! such shared messages safe to accept is the supernode's random epoch and the version
 //! (edges only move forward, see `docs/PROTOCOL.md` and `docs/THREAT-MODEL.md`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,11 @@ pub struct SupernodeConfig {
     /// announced to every member in messages signed once each (a registration storm costs
     /// a few signatures per window, not one per member and join).
     pub announce_delay: Duration,
+    /// Prompts to register (a cookie message with [`wire::PROMPT_SEQ`]) sent per second
+    /// at most, in answer to relayed traffic from edges not in the table (after a restart,
+    /// a new NAT mapping); one per source address per 100 ms at most. More are counted
+    /// (`prompts_limited`), not sent. 0: no prompts.
+    pub prompts_per_s: u32,
 }
 
 impl Default for SupernodeConfig {
@@ -90,11 +95,13 @@ impl Default for SupernodeConfig {
             max_edges: 10_000,
             new_per_s: 5_000,
             announce_delay: Duration::from_millis(100),
+            prompts_per_s: 2_000,
         }
     }
 }
 
-/// Admission is counted in slots of this length (`new_per_s / 10` per slot).
+/// Admission and prompts are counted in slots of this length (`new_per_s / 10` and
+/// `prompts_per_s / 10` per slot).
 const ADMIT_SLOT: Duration = Duration::from_millis(100);
 
 /// The supernode state machine.
@@ -104,6 +111,13 @@ pub struct SupernodeCore {
     key: SupernodeKey,
     jar: CookieJar,
     cookies_sent: u64,
+    /// Prompts to register sent, and those left out by the rate limits.
+    prompts_sent: u64,
+    prompts_limited: u64,
+    /// Prompt slot (index since start), the prompts sent in it and their addresses (at
+    /// most `prompts_per_s / 10`: the set is bounded by the global limit).
+    prompt_slot: (u64, u32),
+    prompted: HashSet<SocketAddr>,
     communities: HashMap<CommunityId, Community>,
     n_edges: usize,
     started: Instant,
@@ -149,6 +163,10 @@ impl SupernodeCore {
             key,
             jar,
             cookies_sent: 0,
+            prompts_sent: 0,
+            prompts_limited: 0,
+            prompt_slot: (0, 0),
+            prompted: HashSet::new(),
             communities: HashMap::default(),
             n_edges: 0,
             started: now,
@@ -218,8 +236,8 @@ impl SupernodeCore {
         };
         match t {
             MsgType::Register => self.on_register(now, src, pkt, out),
-            MsgType::Relay => self.on_relay(src, pkt, out),
-            MsgType::Bcast => self.on_bcast(src, pkt, out),
+            MsgType::Relay => self.on_relay(now, src, pkt, out),
+            MsgType::Bcast => self.on_bcast(now, src, pkt, out),
             _ => self.drop("unexpected_type"),
         }
     }
@@ -375,8 +393,19 @@ impl SupernodeCore {
         }
     }
 
-    /// Source edge of a relayed packet, checked against the address it registered from.
-    fn check_src(&mut self, src: SocketAddr, community: &CommunityId, id: &EdgeId) -> bool {
+    /// Source edge of a relayed packet (`trigger`), checked against the address it
+    /// registered from. An edge not registered from `src` (the supernode restarted, or its
+    /// NAT mapping changed) is prompted to register, so it does not wait for its next
+    /// periodic registration while what it relays is dropped.
+    fn check_src(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        community: &CommunityId,
+        id: &EdgeId,
+        trigger: &[u8],
+        out: &mut Outbox,
+    ) -> bool {
         let ok = match self.communities.get(community) {
             None => Err("unknown_community"),
             Some(c) => match c.edges.get(id) {
@@ -389,14 +418,64 @@ impl SupernodeCore {
             Ok(()) => true,
             Err(r) => {
                 self.drop(r);
+                self.prompt(now, src, id, trigger.len(), out);
                 false
             }
         }
     }
 
+    /// Sends `src` a prompt to register edge `id`: a cookie message with
+    /// [`wire::PROMPT_SEQ`] and a cookie for `src`, never larger than the `trigger_len`
+    /// bytes that caused it, and within the rate limits (else counted in
+    /// `prompts_limited`). It holds nothing but what the sender named and a cookie for
+    /// its own address: the registration it asks for is signed and checked as ever.
+    fn prompt(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        id: &EdgeId,
+        trigger_len: usize,
+        out: &mut Outbox,
+    ) {
+        if self.cfg.prompts_per_s == 0 || trigger_len < wire::COOKIE_MSG_LEN {
+            return;
+        }
+        let age = now.saturating_duration_since(self.started);
+        let slot = (age.as_millis() / ADMIT_SLOT.as_millis()) as u64;
+        if self.prompt_slot.0 != slot {
+            self.prompt_slot = (slot, 0);
+            self.prompted.clear();
+        }
+        if self.prompt_slot.1 >= self.cfg.prompts_per_s.div_ceil(10) || !self.prompted.insert(src) {
+            self.prompts_limited += 1;
+            return;
+        }
+        self.prompt_slot.1 += 1;
+        let c = Cookie {
+            edge: *id,
+            seq: wire::PROMPT_SEQ,
+            cookie: self.jar.make(age, &src),
+        };
+        let mut b = out.take();
+        match c.encode(&mut b) {
+            Ok(n) if n <= trigger_len => {
+                out.push_udp(src, b, 0, n);
+                self.prompts_sent += 1;
+            }
+            _ => out.give(b, false),
+        }
+    }
+
     /// Checks a relay packet and returns where to forward it unchanged (counted as
-    /// relayed); `None` when it is dropped (counted) or is not a relay packet.
-    pub fn relay_target(&mut self, src: SocketAddr, pkt: &[u8]) -> Option<SocketAddr> {
+    /// relayed); `None` when it is dropped (counted) or is not a relay packet. A sender
+    /// not registered from `src` may get a prompt to register in `out`.
+    pub fn relay_target(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        pkt: &[u8],
+        out: &mut Outbox,
+    ) -> Option<SocketAddr> {
         let (h, _) = match RelayHdr::decode(pkt) {
             Ok(v) => v,
             Err(e) => {
@@ -404,7 +483,7 @@ impl SupernodeCore {
                 return None;
             }
         };
-        if !self.check_src(src, &h.community, &h.src) {
+        if !self.check_src(now, src, &h.community, &h.src, pkt, out) {
             return None;
         }
         let dst = self.communities[&h.community]
@@ -424,34 +503,18 @@ impl SupernodeCore {
         }
     }
 
-    fn on_relay(&mut self, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
-        let (h, _) = match RelayHdr::decode(pkt) {
-            Ok(v) => v,
-            Err(e) => return self.drop(e.reason()),
-        };
-        if !self.check_src(src, &h.community, &h.src) {
-            return;
-        }
-        let dst = self.communities[&h.community]
-            .edges
-            .get(&h.dst)
-            .map(|e| e.observed);
-        match dst {
-            Some(d) if h.dst != h.src => {
-                out.push_udp_copy(d, pkt);
-                self.relayed_packets += 1;
-                self.relayed_bytes += pkt.len() as u64;
-            }
-            _ => self.drop("relay_unknown_dst"),
+    fn on_relay(&mut self, now: Instant, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+        if let Some(d) = self.relay_target(now, src, pkt, out) {
+            out.push_udp_copy(d, pkt);
         }
     }
 
-    fn on_bcast(&mut self, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
+    fn on_bcast(&mut self, now: Instant, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
         let v = match wire::decode_bcast(pkt) {
             Ok(v) => v,
             Err(e) => return self.drop(e.reason()),
         };
-        if !self.check_src(src, &v.community, &v.src) {
+        if !self.check_src(now, src, &v.community, &v.src, pkt, out) {
             return;
         }
         let c = &self.communities[&v.community];
@@ -593,6 +656,8 @@ impl SupernodeCore {
             communities,
             registrations: self.registrations,
             cookies_sent: self.cookies_sent,
+            prompts_sent: self.prompts_sent,
+            prompts_limited: self.prompts_limited,
             key: self.key.public_hex(),
             relayed_packets: self.relayed_packets,
             relayed_bytes: self.relayed_bytes,

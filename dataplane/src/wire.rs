@@ -26,6 +26,10 @@ pub const SN_KEY_LEN: usize = 32;
 pub const COOKIE_LEN: usize = 16;
 /// Length of a cookie message.
 pub const COOKIE_MSG_LEN: usize = 4 + EDGE_ID_LEN + 8 + COOKIE_LEN;
+/// Sequence number of a cookie message that answers no registration: the supernode
+/// prompts an edge it does not have (registered from that address) to register now.
+/// Registrations never carry it (their numbers count up from 1).
+pub const PROMPT_SEQ: u64 = u64::MAX;
 /// Length of an AEAD tag.
 pub const TAG_LEN: usize = 16;
 /// Longest edge name.
@@ -1014,6 +1018,14 @@ mod tests {
         assert_eq!(n, COOKIE_MSG_LEN);
         assert_eq!(Cookie::decode(&buf[..n]).unwrap(), c);
         assert!(Cookie::decode(&buf[..n - 1]).is_err());
+        // A prompt is a cookie message with the reserved number, byte for byte the same.
+        let p = Cookie {
+            seq: PROMPT_SEQ,
+            ..c
+        };
+        assert_eq!(p.encode(&mut buf).unwrap(), COOKIE_MSG_LEN);
+        assert_eq!(buf[12..20], [0xff; 8]);
+        assert_eq!(Cookie::decode(&buf[..n]).unwrap(), p);
         let p = PeerInfo {
             community: [1; 16],
             kind: InfoKind::Full,

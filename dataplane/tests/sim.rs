@@ -2441,3 +2441,261 @@ fn a_dhcp_server_answers_a_large_cluster_at_once_and_a_fake_one_is_limited() {
     assert!((20..=21).contains(&(st.l2.dhcp_replies_steered - before)));
     assert!(limited >= 79, "{limited} over the reply limit");
 }
+
+/// What a supernode restart under relayed traffic cost: until the restarted supernode
+/// held both edges again, until the first reply relayed through it, and its counters.
+struct RestartRecovery {
+    registered: Duration,
+    first_reply: Duration,
+    sn: dataplane::status::SupernodeStatus,
+}
+
+/// Two edges with production timers talk through one supernode (their direct path is
+/// blocked): pings every 100 ms from a, answered by b. At 3 s the supernode restarts empty
+/// (same key) with `prompts_per_s`.
+fn restart_under_relayed_traffic(prompts_per_s: u32) -> RestartRecovery {
+    let mut net = Net::new(1);
+    net.sns[0].core =
+        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
+    let t = Timers {
+        unvalidated_backoff: Duration::from_secs(1),
+        ..Timers::default()
+    };
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t.clone(), true);
+    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, t, true);
+    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
+    net.blocked.push((aa, ba));
+    let dt = Duration::from_millis(10);
+    for _ in 0..600 {
+        net.step(dt);
+    }
+    assert_eq!(net.peer_path(a, "b").as_deref(), Some("relayed"));
+    net.send_frame(b, &frame(BCAST, mac(2), 0));
+    net.send_frame(a, &frame(BCAST, mac(1), 0));
+    let t0 = net.now;
+    let mut restart_at = None;
+    let (mut registered, mut first_reply) = (None, None);
+    for tick in 0..1000u32 {
+        if tick % 10 == 0 {
+            net.send_frame(a, &frame(mac(2), mac(1), 1));
+            let got: Vec<Vec<u8>> = net.edges[b].tap_rx.drain(..).collect();
+            for _ in got.iter().filter(|g| g[..6] == mac(2)) {
+                net.send_frame(b, &frame(mac(1), mac(2), 2));
+            }
+        }
+        let replied = net.edges[a].tap_rx.drain(..).any(|f| f[..6] == mac(1));
+        if let Some(r) = restart_at {
+            let since = net.now - t0 - r;
+            if registered.is_none() && net.sns[0].core.edge_count() == 2 {
+                registered = Some(since);
+            }
+            if first_reply.is_none() && replied {
+                first_reply = Some(since);
+            }
+        }
+        if tick == 300 {
+            let cfg = SupernodeConfig {
+                prompts_per_s,
+                ..SupernodeConfig::default()
+            };
+            net.sns[0].core = SupernodeCore::new(cfg, net.sns[0].key.clone(), net.now);
+            restart_at = Some(net.now - t0);
+        }
+        net.step(dt);
+    }
+    RestartRecovery {
+        registered: registered.expect("both edges registered again"),
+        first_reply: first_reply.expect("replies resume"),
+        sn: net.sns[0].core.status(net.now, "sn"),
+    }
+}
+
+/// After a supernode restart, relayed traffic from edges it no longer has is answered
+/// with a prompt to register: the edges are registered again and the relayed pings flow
+/// within a few hundred ms, not at their next periodic registration (every 4-5 s), the
+/// run without prompts side by side.
+#[test]
+fn a_restarted_supernode_prompts_relaying_edges_to_register() {
+    let with = restart_under_relayed_traffic(SupernodeConfig::default().prompts_per_s);
+    let without = restart_under_relayed_traffic(0);
+    println!(
+        "restart: registered again after {:?} with prompts ({} sent, {} relayed dropped as from \
+         unknown edges), {:?} without ({} dropped); first reply {:?} / {:?}",
+        with.registered,
+        with.sn.prompts_sent,
+        with.sn.drops.get("relay_unknown_src").copied().unwrap_or(0)
+            + with.sn.drops.get("unknown_community").copied().unwrap_or(0),
+        without.registered,
+        without
+            .sn
+            .drops
+            .get("relay_unknown_src")
+            .copied()
+            .unwrap_or(0)
+            + without
+                .sn
+                .drops
+                .get("unknown_community")
+                .copied()
+                .unwrap_or(0),
+        with.first_reply,
+        without.first_reply,
+    );
+    assert!(with.sn.prompts_sent >= 1);
+    assert_eq!(without.sn.prompts_sent, 0);
+    assert!(
+        with.registered < Duration::from_millis(500),
+        "registered again {:?} after the restart",
+        with.registered
+    );
+    assert!(
+        with.first_reply < Duration::from_millis(500),
+        "first relayed reply {:?} after the restart",
+        with.first_reply
+    );
+    assert!(with.registered < without.registered);
+}
+
+/// A prompt to register as the supernode sends it, with any cookie (anyone can forge one
+/// with the supernode's source address).
+fn prompt_for(edge: [u8; 8], cookie: [u8; 16]) -> Vec<u8> {
+    let c = dataplane::wire::Cookie {
+        edge,
+        seq: dataplane::wire::PROMPT_SEQ,
+        cookie,
+    };
+    let mut b = vec![0u8; dataplane::wire::COOKIE_MSG_LEN];
+    let n = c.encode(&mut b).unwrap();
+    b.truncate(n);
+    b
+}
+
+/// Forged prompts (the supernode's source address, a wrong cookie), 100 of them in one
+/// second and as many for another edge id, make a registered edge register at most once for them (`handshake_retry` is
+/// 1 s) and once more to answer the cookie its wrong one earns; the rest are counted. The
+/// edge stays registered, and prompts for another edge id are not for it.
+#[test]
+fn forged_prompts_make_an_edge_register_at_most_once_per_handshake_retry() {
+    let mut net = Net::with_sn_config(
+        1,
+        SupernodeConfig {
+            edge_timeout: Duration::from_secs(30),
+            ..SupernodeConfig::default()
+        },
+    );
+    let t = Timers::default();
+    let retry = t.handshake_retry;
+    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t, true);
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.status(a).supernodes[0].state, "up");
+    let (sn, ea, id) = (net.sns[0].addr, net.edges[a].addr, net.edges[a].core.id());
+    let regs = |net: &Net| {
+        net.seen
+            .iter()
+            .filter(|(s, d, p)| {
+                *s == ea && *d == sn && p[1] == dataplane::wire::MsgType::Register as u8
+            })
+            .count()
+    };
+    net.capture = true;
+    let (t0, n) = (net.now, 100u64);
+    for _ in 0..n {
+        for edge in [[0u8; 8], id] {
+            net.queue.push_back((sn, ea, prompt_for(edge, [7; 16])));
+        }
+        net.deliver();
+        net.step(Duration::from_millis(9));
+    }
+    let spent = net.now - t0;
+    assert!(spent < retry + Duration::from_millis(10), "{spent:?}");
+    let st = net.status(a);
+    let too_soon = st.drops.get("prompt_too_soon").copied().unwrap_or(0);
+    let not_for_us = st.drops.get("cookie_not_for_us").copied().unwrap_or(0);
+    // The periodic registration (every 4-5 s) may fall in this second too.
+    let sent = regs(&net);
+    println!("{n} forged prompts in {spent:?}: {sent} registrations, {too_soon} too soon, {not_for_us} not for us");
+    assert!(sent <= 3, "{sent} registrations for {n} forged prompts");
+    assert_eq!(too_soon, n - 1);
+    assert!(not_for_us >= n, "{not_for_us}");
+    net.run(Duration::from_secs(1));
+    assert_eq!(net.status(a).supernodes[0].state, "up");
+    assert_eq!(net.sns[0].core.edge_count(), 1);
+}
+
+/// A flood of relayed packets from edges the supernode does not have is answered with at
+/// most `prompts_per_s` prompts a second and one per source address per 100 ms, each no
+/// larger than what triggered it; the rest are counted, and nothing else is sent.
+#[test]
+fn prompts_to_unknown_relays_are_rate_limited_and_counted() {
+    use dataplane::wire::{Cookie, RelayHdr, COOKIE_MSG_LEN, PROMPT_SEQ, RELAY_HDR_LEN};
+    let t0 = Instant::now();
+    let key = SupernodeKey::generate().unwrap();
+    let cfg = SupernodeConfig {
+        prompts_per_s: 100,
+        ..SupernodeConfig::default()
+    };
+    let mut sn = SupernodeCore::new(cfg, key, t0);
+    let mut out = Outbox::new(2048);
+    let community = dataplane::crypto::CommunityKeys::derive("lab", b"s").id;
+    // The smallest relay packet: a header and two bytes (a prompt is as long as the header).
+    let mut pkt = vec![0u8; RELAY_HDR_LEN + 2];
+    let (mut prompts, mut other) = (0u64, 0u64);
+    let mut per_src = std::collections::HashMap::<SocketAddr, u64>::new();
+    // One second: 1,000 sources, 5 packets each, 5,000 packets in all.
+    for k in 0..5_000u32 {
+        let now = t0 + Duration::from_micros(200 * u64::from(k));
+        let src = sa(&format!(
+            "198.18.{}.{}:40000",
+            1 + k % 1000 / 200,
+            k % 200 + 1
+        ));
+        let h = RelayHdr {
+            community,
+            src: (k % 1000).to_be_bytes().repeat(2).try_into().unwrap(),
+            dst: [9; 8],
+        };
+        h.write(&mut pkt).unwrap();
+        if k % 2 == 0 {
+            sn.handle(now, src, &pkt, &mut out);
+        } else {
+            assert!(sn.relay_target(now, src, &pkt, &mut out).is_none());
+        }
+        for u in &out.udp {
+            let b = u.bytes();
+            assert_eq!(u.dst, src);
+            assert!(b.len() <= pkt.len() && b.len() == COOKIE_MSG_LEN);
+            let c = Cookie::decode(b).unwrap();
+            assert_eq!((c.seq, c.edge), (PROMPT_SEQ, h.src));
+            prompts += 1;
+            *per_src.entry(src).or_default() += 1;
+        }
+        other += out.tap.len() as u64;
+        out.recycle_sent();
+    }
+    let st = sn.status(t0 + Duration::from_secs(1), "sn");
+    println!(
+        "5,000 unknown relays from 1,000 sources in 1 s: {prompts} prompts, {} limited",
+        st.prompts_limited
+    );
+    assert_eq!(other, 0);
+    assert_eq!(prompts, st.prompts_sent);
+    assert!(prompts > 0 && prompts <= 100, "{prompts} prompts");
+    assert_eq!(st.prompts_sent + st.prompts_limited, 5_000);
+    // Each 100 ms slot: 500 packets, 10 prompts; one source at most once in a slot.
+    assert!(per_src.values().all(|n| *n <= 10));
+    // One source flooding alone: one prompt per 100 ms slot.
+    let src = sa("198.18.7.7:40000");
+    let before = sn.status(t0, "sn").prompts_sent;
+    for k in 0..1_000u32 {
+        let now = t0 + Duration::from_secs(2) + Duration::from_millis(u64::from(k));
+        sn.handle(now, src, &pkt, &mut out);
+        out.recycle_sent();
+    }
+    let st = sn.status(t0, "sn");
+    assert_eq!(st.prompts_sent - before, 10);
+    assert!(
+        st.drops.get("relay_unknown_src").copied().unwrap_or(0)
+            + st.drops.get("unknown_community").copied().unwrap_or(0)
+            >= 6_000
+    );
+}

@@ -79,6 +79,8 @@ reasons! {
     InfoNotForUs = "info_not_for_us",
     /// A cookie for another edge or registration.
     CookieNotForUs = "cookie_not_for_us",
+    /// A prompt to register within `handshake_retry` of the last one answered.
+    PromptTooSoon = "prompt_too_soon",
     /// An acknowledgement signed with another key than the pinned (or first) one.
     SnKeyMismatch = "sn_key_mismatch",
     /// A peer list from a supernode whose key we do not know yet.

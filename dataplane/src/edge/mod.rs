@@ -195,6 +195,7 @@ impl EdgeCore {
                 check_ok: None,
                 failed: false,
                 cookie_resend: None,
+                prompt_resend: None,
                 next_register: None,
                 unanswered: 0,
                 epoch: None,

@@ -17,7 +17,8 @@ use crate::outbox::Outbox;
 use crate::snkey;
 use crate::status::hex;
 use crate::wire::{
-    Cookie, InfoKind, PeerInfo, Register, RegisterAck, COOKIE_LEN, NO_LIST, SIG_LEN, SN_KEY_LEN,
+    Cookie, InfoKind, PeerInfo, Register, RegisterAck, COOKIE_LEN, NO_LIST, PROMPT_SEQ, SIG_LEN,
+    SN_KEY_LEN,
 };
 
 use super::drops::DropReason;
@@ -51,6 +52,8 @@ pub(super) struct SnState {
     pub(super) failed: bool,
     /// Last registration sent at once on a cookie message.
     pub(super) cookie_resend: Option<Instant>,
+    /// Last registration sent at once on a prompt (a cookie message answering none).
+    pub(super) prompt_resend: Option<Instant>,
     /// When the next registration is due (`None`: at once).
     pub(super) next_register: Option<Instant>,
     /// Registrations sent since the last acknowledgement.
@@ -192,6 +195,12 @@ impl EdgeCore {
     /// A cookie message: our registration's source address was not validated yet (first
     /// contact, a new NAT mapping or a restarted supernode). Registers again at once with
     /// the cookie, at most once per `handshake_retry`.
+    ///
+    /// With [`PROMPT_SEQ`] it answers no registration: the supernode dropped what we
+    /// relayed through it because it does not have us (it restarted, or our address
+    /// changed). Registers at once with its cookie, at most once per `handshake_retry`
+    /// apart from the answers to cookies (anyone can forge it; the registration is
+    /// signed and checked as ever, and a wrong cookie costs one cookie round more).
     pub(super) fn on_cookie(&mut self, now: Instant, i: usize, pkt: &[u8], out: &mut Outbox) {
         let c = match Cookie::decode(pkt) {
             Ok(c) => c,
@@ -199,7 +208,20 @@ impl EdgeCore {
         };
         let retry = self.cfg.timers.handshake_retry;
         let s = &mut self.sns[i];
-        if c.edge != self.id || c.seq != s.sent_seq {
+        if c.edge != self.id {
+            return self.drop(DropReason::CookieNotForUs);
+        }
+        if c.seq == PROMPT_SEQ {
+            if s.prompt_resend
+                .is_some_and(|t| now.saturating_duration_since(t) < retry)
+            {
+                return self.drop(DropReason::PromptTooSoon);
+            }
+            s.prompt_resend = Some(now);
+            s.cookie = c.cookie;
+            return self.send_register(now, i, out);
+        }
+        if c.seq != s.sent_seq {
             return self.drop(DropReason::CookieNotForUs);
         }
         s.cookie = c.cookie;

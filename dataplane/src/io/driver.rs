@@ -303,7 +303,7 @@ pub fn run_supernode(
                     let e = (o + seg).min(n);
                     let p = &rx[o..e];
                     if matches!(crate::wire::peek_type(p), Ok(crate::wire::MsgType::Relay)) {
-                        targets.push(core.relay_target(src, p));
+                        targets.push(core.relay_target(now, src, p, &mut out));
                     } else {
                         core.handle(now, src, p, &mut out);
                         targets.push(None);
