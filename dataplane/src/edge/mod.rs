@@ -329,13 +329,11 @@ impl EdgeCore {
         self.peers.get_mut(&id)
     }
 
-    /// What the peers' deadlines are computed from besides the peers.
+    /// What the peers' deadlines are computed from besides the peers (the debug checks
+    /// and tests; the entry points borrow it beside the table, [`Self::peers_and_ctx`]).
+    #[cfg(any(debug_assertions, test))]
     fn deadline_ctx(&self) -> DeadlineCtx<'_> {
-        DeadlineCtx {
-            timers: &self.cfg.timers,
-            me: self.id,
-            due: self.last_poll,
-        }
+        DeadlineCtx::of(&self.cfg.timers, self.id, self.last_poll)
     }
 
     /// Checks the cached deadlines against a scan (debug builds): the peers' index, and
@@ -352,11 +350,7 @@ impl EdgeCore {
 
     /// The peer table, and what its deadlines are computed from, borrowed together.
     fn peers_and_ctx(&mut self) -> (&mut PeerTable, DeadlineCtx<'_>) {
-        let c = DeadlineCtx {
-            timers: &self.cfg.timers,
-            me: self.id,
-            due: self.last_poll,
-        };
+        let c = DeadlineCtx::of(&self.cfg.timers, self.id, self.last_poll);
         (&mut self.peers, c)
     }
 

@@ -38,6 +38,12 @@ pub(super) struct DeadlineCtx<'a> {
     pub(super) due: Instant,
 }
 
+impl<'a> DeadlineCtx<'a> {
+    pub(super) fn of(timers: &'a Timers, me: EdgeId, due: Instant) -> Self {
+        Self { timers, me, due }
+    }
+}
+
 /// The peers and the index of their deadlines.
 pub(super) struct PeerTable {
     map: Map<EdgeId, Peer>,
