@@ -1354,13 +1354,12 @@ fn handshake_attempts_to_unvalidated_addresses_are_bounded() {
     println!("at most {worst} datagrams per member per victim address in {secs} s (bound {bound})");
 }
 
-/// Relayed traffic (direct path blocked) moves to the second supernode within 1 s of the
-/// first one dying, with the production timers; and while both directions flow, the
-/// supernode is not asked more often than the registration interval.
-#[test]
-fn relayed_traffic_fails_over_within_a_second() {
-    let mut net = Net::new(2);
-    // Production settings on both sides (the other tests shrink them).
+/// Two edges "a" and "b" with production timers (and `sns` supernodes with production
+/// settings: the other tests shrink them) whose direct path is blocked, after 6 s of
+/// stepping: their path is relayed and each has sent a broadcast, so each knows the
+/// other's MAC.
+fn relayed_pair(sns: usize) -> (Net, usize, usize) {
+    let mut net = Net::new(sns);
     for sn in &mut net.sns {
         sn.core = SupernodeCore::new(SupernodeConfig::default(), sn.key.clone(), net.now);
     }
@@ -1379,6 +1378,17 @@ fn relayed_traffic_fails_over_within_a_second() {
     assert_eq!(net.peer_path(a, "b").as_deref(), Some("relayed"));
     net.send_frame(b, &frame(BCAST, mac(2), 0));
     net.send_frame(a, &frame(BCAST, mac(1), 0));
+    (net, a, b)
+}
+
+/// Relayed traffic (direct path blocked) moves to the second supernode within 1 s of the
+/// first one dying, with the production timers; and while both directions flow, the
+/// supernode is not asked more often than the registration interval.
+#[test]
+fn relayed_traffic_fails_over_within_a_second() {
+    let (mut net, a, b) = relayed_pair(2);
+    let aa = net.edges[a].addr;
+    let dt = Duration::from_millis(10);
     // Pings every 100 ms from a to b; b answers each at once.
     let sn0 = net.sns[0].addr;
     let mut replies: Vec<Duration> = Vec::new();
@@ -2454,24 +2464,8 @@ struct RestartRecovery {
 /// blocked): pings every 100 ms from a, answered by b. At 3 s the supernode restarts empty
 /// (same key) with `prompts_per_s`.
 fn restart_under_relayed_traffic(prompts_per_s: u32) -> RestartRecovery {
-    let mut net = Net::new(1);
-    net.sns[0].core =
-        SupernodeCore::new(SupernodeConfig::default(), net.sns[0].key.clone(), net.now);
-    let t = Timers {
-        unvalidated_backoff: Duration::from_secs(1),
-        ..Timers::default()
-    };
-    let a = net.add_edge_with("a", "s", Cipher::Aes256Gcm, t.clone(), true);
-    let b = net.add_edge_with("b", "s", Cipher::Aes256Gcm, t, true);
-    let (aa, ba) = (net.edges[a].addr, net.edges[b].addr);
-    net.blocked.push((aa, ba));
+    let (mut net, a, b) = relayed_pair(1);
     let dt = Duration::from_millis(10);
-    for _ in 0..600 {
-        net.step(dt);
-    }
-    assert_eq!(net.peer_path(a, "b").as_deref(), Some("relayed"));
-    net.send_frame(b, &frame(BCAST, mac(2), 0));
-    net.send_frame(a, &frame(BCAST, mac(1), 0));
     let t0 = net.now;
     let mut restart_at = None;
     let (mut registered, mut first_reply) = (None, None);
