@@ -104,6 +104,31 @@ impl Default for SupernodeConfig {
 /// `prompts_per_s / 10` per slot).
 const ADMIT_SLOT: Duration = Duration::from_millis(100);
 
+/// What one [`ADMIT_SLOT`] of the supernode's age has used of a budget of `per_s / 10`.
+#[derive(Debug, Default)]
+struct SlotBudget {
+    slot: u64,
+    used: u32,
+}
+
+impl SlotBudget {
+    /// Moves to the slot `age` falls in (its budget unused when it is a new one); whether
+    /// it is a new one.
+    fn enter(&mut self, age: Duration) -> bool {
+        let slot = (age.as_millis() / ADMIT_SLOT.as_millis()) as u64;
+        let new = slot != self.slot;
+        if new {
+            *self = SlotBudget { slot, used: 0 };
+        }
+        new
+    }
+
+    /// Whether the slot has room for one more of `per_s` per second.
+    fn has_room(&self, per_s: u32) -> bool {
+        self.used < per_s.div_ceil(10)
+    }
+}
+
 /// The supernode state machine.
 #[derive(Debug)]
 pub struct SupernodeCore {
@@ -114,9 +139,9 @@ pub struct SupernodeCore {
     /// Prompts to register sent, and those left out by the rate limits.
     prompts_sent: u64,
     prompts_limited: u64,
-    /// Prompt slot (index since start), the prompts sent in it and their addresses (at
-    /// most `prompts_per_s / 10`: the set is bounded by the global limit).
-    prompt_slot: (u64, u32),
+    /// Prompts sent in the current slot, and their addresses (at most `prompts_per_s /
+    /// 10`: the set is bounded by the global limit).
+    prompt_slot: SlotBudget,
     prompted: HashSet<SocketAddr>,
     communities: HashMap<CommunityId, Community>,
     n_edges: usize,
@@ -129,8 +154,8 @@ pub struct SupernodeCore {
     /// this core lives; the first one is random, so one from before a restart is not
     /// taken for current.
     version_base: u64,
-    /// Admission slot (index since start) and the new registrations admitted in it.
-    admit: (u64, u32),
+    /// New registrations admitted in the current slot.
+    admit: SlotBudget,
     drops: BTreeMap<&'static str, u64>,
     /// Changes whenever an edge is added, removed or changes its registration.
     edges_generation: u64,
@@ -165,7 +190,7 @@ impl SupernodeCore {
             cookies_sent: 0,
             prompts_sent: 0,
             prompts_limited: 0,
-            prompt_slot: (0, 0),
+            prompt_slot: SlotBudget::default(),
             prompted: HashSet::new(),
             communities: HashMap::default(),
             n_edges: 0,
@@ -174,7 +199,7 @@ impl SupernodeCore {
             relayed_packets: 0,
             relayed_bytes: 0,
             version_base: version,
-            admit: (0, 0),
+            admit: SlotBudget::default(),
             drops: BTreeMap::new(),
             edges_generation: 0,
             epoch,
@@ -206,15 +231,11 @@ impl SupernodeCore {
         if self.cfg.new_per_s == 0 {
             return true;
         }
-        let slot = (age.as_millis() / ADMIT_SLOT.as_millis()) as u64;
-        if self.admit.0 != slot {
-            self.admit = (slot, 0);
-        }
-        let per_slot = self.cfg.new_per_s.div_ceil(10);
-        if self.admit.1 >= per_slot {
+        self.admit.enter(age);
+        if !self.admit.has_room(self.cfg.new_per_s) {
             return false;
         }
-        self.admit.1 += 1;
+        self.admit.used += 1;
         true
     }
 
@@ -441,16 +462,14 @@ impl SupernodeCore {
             return;
         }
         let age = now.saturating_duration_since(self.started);
-        let slot = (age.as_millis() / ADMIT_SLOT.as_millis()) as u64;
-        if self.prompt_slot.0 != slot {
-            self.prompt_slot = (slot, 0);
+        if self.prompt_slot.enter(age) {
             self.prompted.clear();
         }
-        if self.prompt_slot.1 >= self.cfg.prompts_per_s.div_ceil(10) || !self.prompted.insert(src) {
+        if !self.prompt_slot.has_room(self.cfg.prompts_per_s) || !self.prompted.insert(src) {
             self.prompts_limited += 1;
             return;
         }
-        self.prompt_slot.1 += 1;
+        self.prompt_slot.used += 1;
         let c = Cookie {
             edge: *id,
             seq: wire::PROMPT_SEQ,
