@@ -585,10 +585,13 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             crate::io::threads::MAX_THREADS
         )));
     }
+    let uring_ok = io_uring::IoUring::new(8).is_ok();
     let xdp_cfg = {
         let mut c = xdp::XdpPortConfig::new(bridge.as_deref(), &tap_name);
         c.mtu = mtu;
         c.queues = threads as u32;
+        // Only the io_uring forwarder re-segments super-packets from the port.
+        c.gso = uring_ok;
         c
     };
     let choice = xdp::choose(request, Some(&xdp_cfg))
@@ -614,7 +617,6 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         )));
     }
     let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(200);
-    let uring_ok = io_uring::IoUring::new(8).is_ok();
     if !uring_ok {
         if threads > 1 {
             return Err(CliError::Usage(
