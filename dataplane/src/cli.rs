@@ -188,6 +188,12 @@ struct EdgeArgs {
     /// community id; docs/XDP.md). If the kernel or driver refuses, one warning.
     #[arg(long, value_name = "IFACE")]
     xdp_filter: Option<String>,
+    /// With --datapath xdp: the VMs' TCP super-packets reach the edge whole (generic XDP
+    /// mode) and are re-segmented there; off: the kernel segments them for the port
+    /// (needed where VMs run tunnels of their own with checksum offload, docs/XDP.md
+    /// "GSO through the port") [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    xdp_gso: Option<bool>,
     /// The L2 control plane: announce this edge's MAC/IP bindings to peers and answer ARP
     /// requests for known ones locally (off: every ARP request is flooded) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
@@ -296,6 +302,7 @@ struct EdgeFile {
     busy_poll_us: Option<u64>,
     threads: Option<usize>,
     xdp_filter: Option<String>,
+    xdp_gso: Option<bool>,
     l2_control: Option<bool>,
     flood_vm_pps: Option<u32>,
     flood_vm_burst: Option<u32>,
@@ -591,7 +598,7 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         c.mtu = mtu;
         c.queues = threads as u32;
         // Only the io_uring forwarder re-segments super-packets from the port.
-        c.gso = uring_ok;
+        c.gso = uring_ok && a.xdp_gso.or(f.xdp_gso).unwrap_or(true);
         c
     };
     let choice = xdp::choose(request, Some(&xdp_cfg))

@@ -326,9 +326,9 @@ pub struct XdpPortConfig {
     /// Queues of the veth and AF_XDP sockets (one per forwarder thread),
     /// 1..=[`MAX_QUEUES`].
     pub queues: u32,
-    /// Let the VMs' TCP super-packets through the port whole (generic mode and
-    /// AF_XDP multi-buffer needed; the port falls back to one-MTU frames without
-    /// them): docs/XDP.md "GSO through the port".
+    /// Let the VMs' TCP super-packets through the port whole (generic mode, AF_XDP
+    /// multi-buffer and one queue needed; the port falls back to one-MTU frames
+    /// without them): docs/XDP.md "GSO through the port".
     pub gso: bool,
 }
 
@@ -406,7 +406,9 @@ impl XdpPort {
             &cfg.port,
             cfg.mtu,
             cfg.queues,
-            cfg.gso,
+            // Generic XDP takes every frame from a veth without NAPI as rx queue 0
+            // (`__netif_rx` records none): one queue only.
+            cfg.gso && cfg.queues == 1,
         )?;
         let iface = veth.edge_name().to_owned();
 
