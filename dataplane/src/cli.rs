@@ -967,6 +967,7 @@ mod tests {
             cipher = "chacha20-poly1305"
             datapath = "auto"
             underlay_mtu = 1400
+            xdp_gso = false
             "#,
         )
         .unwrap();
@@ -977,6 +978,7 @@ mod tests {
         assert!(toml::from_str::<EdgeFile>("supernodes = [\"198.18.0.1:7654@abc\"]").is_err());
         assert_eq!(f.cipher, Some(Cipher::Chacha20Poly1305));
         assert_eq!(f.datapath, Some(Datapath::Auto));
+        assert_eq!(f.xdp_gso, Some(false));
         assert!(toml::from_str::<EdgeFile>("nmae = \"x\"").is_err());
         let s: SnFile = toml::from_str(
             "listen = \"0.0.0.0:7654\"\nedge_timeout = 10\nkey_file = \"/var/lib/mvc/sn.key\"",
