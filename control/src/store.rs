@@ -416,11 +416,31 @@ impl SqliteStore {
     /// The clusters `which` names with everything in them (see [`Listing`]).
     fn listing(&self, which: ListingOf<'_>) -> Result<Listing> {
         // Text borrowed from the rows into one buffer (no String per field); site names
-        // put there once.
+        // put there once: every site's, or for one cluster only those its rows name (a
+        // cluster spans a few of possibly thousands).
         let mut l = Listing::default();
         let mut sites = std::collections::HashMap::new();
-        let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
-        let mut rows = st.query([])?;
+        let (mut st, name) = match which {
+            ListingOf::Page { .. } => (
+                self.conn.prepare_cached("SELECT id, name FROM sites")?,
+                None,
+            ),
+            ListingOf::Named(name) => (
+                self.conn.prepare_cached(
+                    "SELECT id, name FROM sites WHERE id IN (
+                         SELECT origin_site_id FROM clusters WHERE name = ?1
+                         UNION SELECT v.site_id FROM vms v JOIN clusters c ON c.id = v.cluster_id
+                             WHERE c.name = ?1
+                         UNION SELECT a.site_id FROM attachments a
+                             JOIN clusters c ON c.id = a.cluster_id WHERE c.name = ?1)",
+                )?,
+                Some(name),
+            ),
+        };
+        let mut rows = match name {
+            Some(name) => st.query([name])?,
+            None => st.query([])?,
+        };
         while let Some(r) = rows.next()? {
             sites.insert(r.get::<_, i64>(0)?, l.put(text(r, 1)?));
         }
