@@ -6,8 +6,9 @@
 For each ping (a 98-byte frame sent by `ping`), the events that follow it within 5 ms are
 matched in order: the wake-up and context switch of each edge thread (sched_waking ->
 sched_switch to it), each edge's first packet hand-off (net_dev_queue) after it runs, and
-the wake-up of `ping` for the reply. Prints the median and spread of each stage and how
-many thread wake-ups one ping caused, per process name.
+the wake-up of `ping` for the reply. Prints the median and spread of each stage (TAP
+datapath: on XDP the frames take other hand-offs and only the counts apply) and how many
+thread wake-ups one ping caused, per edge and per process name (other jobs' included).
 """
 import re
 import statistics
@@ -60,7 +61,8 @@ def analyse(data, pids):
         # Wake-ups in this window, by woken comm (sched_waking: pid= is the wakee).
         for e in seq:
             if e[4] == "sched:sched_waking":
-                c = field(e[5], "comm")
+                pid = int(field(e[5], "pid") or 0)
+                c = f"edge {edge_pids[pid]}" if pid in edge_pids else field(e[5], "comm")
                 woken_by[c] += 1
         wakes.update({k: v for k, v in woken_by.items()})
         for e in seq:
