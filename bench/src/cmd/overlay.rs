@@ -76,7 +76,7 @@ pub struct Args {
     pub small: bool,
     /// Latency run instead of TCP/ping: `sockperf ping-pong` (64-byte UDP, one message in
     /// flight) for `--secs` seconds and a ping series, `--runs` times, each run paired
-    /// with the same over the raw underlay, and the system's CPU per round trip.
+    /// with the same over the raw underlay, and the system's CPU per round trip and per ping.
     #[arg(long, conflicts_with = "small")]
     pub latency: bool,
     /// UDP payload sizes of the small-frame run.
@@ -143,6 +143,9 @@ pub struct LatRun {
     pub ping_ms: Option<f64>,
     /// CPU seconds (user + system) of the system's processes during the ping-pong.
     pub proc_cpu_s: f64,
+    /// CPU microseconds of the system's processes per ping answered during the ping
+    /// series: what an idle path's wake-ups and polling cost.
+    pub ping_cpu_us: Option<f64>,
 }
 
 /// A configuration's latency (`--latency`): medians over the runs, raw paired.
@@ -180,6 +183,8 @@ pub struct LatRow {
     pub ping_vs_raw: Option<f64>,
     /// Median over the runs of the system's processes' CPU per round trip, us.
     pub cpu_us_per_rtt: Option<f64>,
+    /// Median over the runs of the system's processes' CPU per ping (10 ms apart), us.
+    pub cpu_us_per_ping: Option<f64>,
 }
 
 impl LatRow {
@@ -218,6 +223,7 @@ impl LatRow {
             cpu_us_per_rtt: med(&runs, &|r| {
                 (r.pingpong.replies > 0).then(|| r.proc_cpu_s * 1e6 / r.pingpong.replies as f64)
             }),
+            cpu_us_per_ping: med(&runs, &|r| r.ping_cpu_us),
             runs,
             raw_runs,
         }
@@ -583,10 +589,14 @@ impl Ctx<'_> {
         let after = cpu::sample(pids);
         let (user, _, sys) = cpu::seconds(&before, &after);
         let pings = lab::ping_samples(self.lab, self.client(), dst, a.pings, 0.01)?;
+        let after_pings = cpu::sample(pids);
+        let (ping_user, _, ping_sys) = cpu::seconds(&after, &after_pings);
         Ok(LatRun {
             pingpong,
             ping_ms: lab::median(&pings),
             proc_cpu_s: user + sys,
+            ping_cpu_us: (!pids.is_empty() && !pings.is_empty())
+                .then(|| (ping_user + ping_sys) * 1e6 / pings.len() as f64),
         })
     }
 
@@ -862,8 +872,8 @@ pub fn table(rows: &[Row], runs: u32, with_delay: bool) -> String {
 /// The markdown table of a latency run.
 pub fn latency_table(rows: &[LatRow], runs: u32) -> String {
     let mut s = format!(
-        "| system | cipher | path | datapath | sockperf p50 us (median of {runs}) | raw p50 us (paired) | x raw (median, range) | p99 us | raw p99 us | ping RTT ms | raw RTT ms | x raw | process CPU us per round trip |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| system | cipher | path | datapath | sockperf p50 us (median of {runs}) | raw p50 us (paired) | x raw (median, range) | p99 us | raw p99 us | ping RTT ms | raw RTT ms | x raw | process CPU us per round trip | process CPU us per ping |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     let f1 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
     let f2 = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
@@ -873,7 +883,7 @@ pub fn latency_table(rows: &[LatRow], runs: u32) -> String {
             .p50_vs_raw_range
             .map_or(String::new(), |(lo, hi)| format!(" ({lo:.2}-{hi:.2})"));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.system,
             r.cipher,
             r.path,
@@ -888,6 +898,7 @@ pub fn latency_table(rows: &[LatRow], runs: u32) -> String {
             f3(r.raw_ping_ms),
             f2(r.ping_vs_raw),
             f1(r.cpu_us_per_rtt),
+            f1(r.cpu_us_per_ping),
         ));
     }
     s
