@@ -75,9 +75,12 @@ impl PeerTable {
     }
 
     /// The peer, marked touched: its deadline is recomputed at the end of the entry point.
+    /// A datagram touches its peer several times in a row: it is listed once.
     pub(super) fn get_mut(&mut self, id: &EdgeId) -> Option<&mut Peer> {
         let p = self.map.get_mut(id)?;
-        self.touched.push(*id);
+        if self.touched.last() != Some(id) {
+            self.touched.push(*id);
+        }
         Some(p)
     }
 

@@ -1,0 +1,165 @@
+//! io_uring features beyond plain reads and sends, each used only where the kernel has
+//! it (probed once at start) and the operator did not turn it off (`mvc edge
+//! --uring-off`, for measuring one against the other and for kernels that misbehave):
+//!
+//! - `send-zc`: GSO batches of datagrams go out with `IORING_OP_SENDMSG_ZC`; the kernel
+//!   sends from the batch's pages, and the buffer stays lent until the notification
+//!   completion says the kernel is done with it (not the send's own completion).
+//! - `fixed-reads`: the TAP read buffers are registered with the ring
+//!   (`IORING_REGISTER_BUFFERS`) and read with `READ_FIXED`: no page lookup and no
+//!   user-copy checks per read.
+//! - `multishot`: one armed multishot `recvmsg` over a provided-buffer ring receives
+//!   every datagram (and GRO batch) instead of a `recvmsg` re-armed per datagram
+//!   (`io::multishot`).
+//!
+//! A forwarder whose ring refuses a feature at run time (registration fails, a zero-copy
+//! send is refused) turns it off for itself, says so once in the log, and its status `io`
+//! line shows it off.
+
+use io_uring::{opcode, IoUring, Probe};
+
+use super::IoError;
+
+/// The features, as names for `--uring-off` and for the status line.
+pub const NAMES: [&str; 3] = ["send-zc", "fixed-reads", "multishot"];
+
+/// Which features a forwarder uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Levers {
+    /// Zero-copy sends of GSO batches.
+    pub send_zc: bool,
+    /// Registered TAP read buffers.
+    pub fixed_reads: bool,
+    /// Multishot UDP receive.
+    pub multishot: bool,
+}
+
+impl Levers {
+    /// Every feature on (before probing).
+    pub const ALL: Self = Self {
+        send_zc: true,
+        fixed_reads: true,
+        multishot: true,
+    };
+
+    /// Every feature off.
+    pub const NONE: Self = Self {
+        send_zc: false,
+        fixed_reads: false,
+        multishot: false,
+    };
+
+    /// `ALL` without the features named in `off` (comma-separated names of [`NAMES`],
+    /// or `all`); an unknown name is an error.
+    pub fn without(off: &str) -> Result<Self, IoError> {
+        let mut l = Self::ALL;
+        for name in off.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match name {
+                "all" => l = Self::NONE,
+                "send-zc" => l.send_zc = false,
+                "fixed-reads" => l.fixed_reads = false,
+                "multishot" => l.multishot = false,
+                _ => {
+                    return Err(IoError::Invalid(format!(
+                        "--uring-off {name}: not one of all, {}",
+                        NAMES.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// What the kernel offers of `self`: the opcodes are looked up in the ring's probe
+    /// (a kernel without `IORING_REGISTER_PROBE` offers none of them).
+    pub fn probe(self) -> Self {
+        let mut probe = Probe::new();
+        let known = IoUring::new(2)
+            .and_then(|r| r.submitter().register_probe(&mut probe))
+            .is_ok();
+        Self {
+            send_zc: self.send_zc && known && probe.is_supported(opcode::SendMsgZc::CODE),
+            fixed_reads: self.fixed_reads && known && probe.is_supported(opcode::ReadFixed::CODE),
+            // Multishot receive came in 6.0 and has no opcode of its own: SENDMSG_ZC
+            // (6.1) stands for it; a ring that refuses the buffer ring turns it off again.
+            multishot: self.multishot && known && probe.is_supported(opcode::SendMsgZc::CODE),
+        }
+    }
+
+    /// The part of the status `io` line about these features.
+    pub fn describe(&self, zc: &ZcCounts) -> String {
+        let copied = if self.send_zc && zc.done > 0 {
+            format!(" (kernel copied {} of {})", zc.copied, zc.done)
+        } else {
+            String::new()
+        };
+        format!(
+            "send-zc {}{copied}; fixed-reads {}; multishot-recv {}",
+            on(self.send_zc),
+            on(self.fixed_reads),
+            on(self.multishot)
+        )
+    }
+}
+
+/// Zero-copy sends whose notification arrived, and how many of them the kernel copied
+/// after all (it does when the datagram is delivered to a socket on the same host).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZcCounts {
+    /// Notifications received.
+    pub done: u64,
+    /// Of them, sends the kernel copied.
+    pub copied: u64,
+}
+
+/// "on" or "off".
+pub fn on(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_names_features_and_refuses_unknown_ones() {
+        assert_eq!(Levers::without("").unwrap(), Levers::ALL);
+        assert_eq!(Levers::without("all").unwrap(), Levers::NONE);
+        let l = Levers::without("send-zc").unwrap();
+        assert!(!l.send_zc && l.fixed_reads && l.multishot);
+        let l = Levers::without(" fixed-reads , send-zc,multishot").unwrap();
+        assert_eq!(l, Levers::NONE);
+        let e = Levers::without("send-zc,turbo").unwrap_err().to_string();
+        assert!(e.contains("turbo") && e.contains("multishot"), "{e}");
+    }
+
+    #[test]
+    fn probe_never_turns_on_what_was_off() {
+        assert_eq!(Levers::NONE.probe(), Levers::NONE);
+        let p = Levers::ALL.probe();
+        let l = Levers::without("send-zc").unwrap().probe();
+        assert!(!l.send_zc);
+        assert_eq!((l.fixed_reads, l.multishot), (p.fixed_reads, p.multishot));
+    }
+
+    #[test]
+    fn describe_says_what_is_on_and_how_many_sends_were_copied() {
+        let l = Levers::without("fixed-reads").unwrap();
+        let z = ZcCounts {
+            done: 10,
+            copied: 9,
+        };
+        assert_eq!(
+            l.describe(&z),
+            "send-zc on (kernel copied 9 of 10); fixed-reads off; multishot-recv on"
+        );
+        assert_eq!(
+            Levers::NONE.describe(&z),
+            "send-zc off; fixed-reads off; multishot-recv off"
+        );
+    }
+}
