@@ -191,6 +191,7 @@ fn uring_features_and_their_fallbacks_carry_bulk_tcp_both_ways() {
         "{off}"
     );
     let on = status(&lab, "a", false);
+    eprintln!("edge a, features on: {on}");
     assert!(on.contains("multishot-recv"), "{on}");
     let json = status(&lab, "a", true);
     assert!(!json.contains("zc_send_failed"), "{json}");
