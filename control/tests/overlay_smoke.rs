@@ -16,15 +16,15 @@ fn ping(lab: &Lab, ns: &str, to: &str) -> bool {
         .is_ok_and(|o| o.ok)
 }
 
-/// The lab of both tests: a supernode and edges `a`, `b`, `c` (underlay 198.18.200.1-4,
-/// overlay 198.19.200.2-4 on each edge's TAP), each edge started with its secret and
-/// extra arguments. Returns the lab and the namespace of each host.
-fn start(
-    lab_name: &str,
-    edges: &[(&str, &str, &[&str])],
-) -> (Lab, std::collections::HashMap<&'static str, String>) {
+#[test]
+fn two_edges_ping_direct_and_wrong_secret_is_isolated() {
+    const TEST: &str = "two_edges_ping_direct_and_wrong_secret_is_isolated";
+    if !lab::is_root() {
+        lab::skip(TEST, "needs root (network namespaces, TAP devices)");
+        return;
+    }
     let mvc = env!("CARGO_BIN_EXE_mvc");
-    let lab = Lab::new(lab_name).expect("lab");
+    let lab = Lab::new("smoke").expect("lab");
     let dir = lab.dir().to_path_buf();
     // One underlay segment: a bridge in namespace "sw", and a veth port on it for the
     // supernode and each of the three edges.
@@ -55,37 +55,35 @@ fn start(
         ],
     )
     .expect("supernode");
-    for (n, secret, extra) in edges {
+    for (n, secret) in [("a", "s3cret"), ("b", "s3cret"), ("c", "wrong")] {
         let sock = dir.join(format!("{n}.sock")).display().to_string();
         let name = format!("edge-{n}");
-        let mut args = vec![
-            mvc,
-            "edge",
-            "--name",
-            &name,
-            "--community",
-            "smoke",
-            "--secret",
-            secret,
-            "--supernode",
-            "198.18.200.1:7654",
-            "--tap",
-            "ovl0",
-            "--create-tap",
-            "--status-socket",
-            &sock,
-        ];
-        args.extend_from_slice(extra);
-        lab.spawn(&ns[n], n, &args).expect("edge");
+        lab.spawn(
+            &ns[n],
+            n,
+            &[
+                mvc,
+                "edge",
+                "--name",
+                &name,
+                "--community",
+                "smoke",
+                "--secret",
+                secret,
+                "--supernode",
+                "198.18.200.1:7654",
+                "--tap",
+                "ovl0",
+                "--create-tap",
+                "--status-socket",
+                &sock,
+            ],
+        )
+        .expect("edge");
     }
     // Wait for the TAP devices, then address them.
     let deadline = Instant::now() + Duration::from_secs(10);
-    for (n, _, _) in edges {
-        let ip = match *n {
-            "a" => 2,
-            "b" => 3,
-            _ => 4,
-        };
+    for (n, ip) in [("a", 2), ("b", 3), ("c", 4)] {
         let addr = Ipv4Addr::new(198, 19, 200, ip);
         while lab.addr(&ns[n], "ovl0", addr, 24).is_err() {
             assert!(Instant::now() < deadline, "TAP of edge {n} never appeared");
@@ -96,43 +94,15 @@ fn start(
     while !ping(&lab, &ns["a"], "198.19.200.3") {
         assert!(Instant::now() < deadline, "no ping across the overlay");
     }
-    (lab, ns)
-}
-
-/// `mvc edge status` of edge `n`, as a table or JSON.
-fn status(lab: &Lab, n: &str, json: bool) -> String {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mvc"));
-    c.args(["edge", "status"]);
-    if json {
-        c.arg("--json");
-    }
-    let out = c
-        .arg("--status-socket")
-        .arg(lab.dir().join(format!("{n}.sock")))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[test]
-fn two_edges_ping_direct_and_wrong_secret_is_isolated() {
-    const TEST: &str = "two_edges_ping_direct_and_wrong_secret_is_isolated";
-    if !lab::is_root() {
-        lab::skip(TEST, "needs root (network namespaces, TAP devices)");
-        return;
-    }
-    let (lab, ns) = start(
-        "smoke",
-        &[
-            ("a", "s3cret", &[]),
-            ("b", "s3cret", &[]),
-            ("c", "wrong", &[]),
-        ],
-    );
     // The path becomes direct.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let s = status(&lab, "a", true);
+        let out = Command::new(mvc)
+            .args(["edge", "status", "--json", "--status-socket"])
+            .arg(dir.join("a.sock"))
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
         if s.contains("\"path\":\"direct\"") {
             assert!(s.contains("\"name\":\"edge-b\""), "{s}");
             break;
@@ -142,7 +112,12 @@ fn two_edges_ping_direct_and_wrong_secret_is_isolated() {
     }
     // The operator's table names the datapath and why: auto takes the TAP device by
     // the rule of docs/XDP.md, and says so.
-    let table = status(&lab, "a", false);
+    let out = Command::new(mvc)
+        .args(["edge", "status", "--status-socket"])
+        .arg(dir.join("a.sock"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table
             .lines()
@@ -154,50 +129,4 @@ fn two_edges_ping_direct_and_wrong_secret_is_isolated() {
     assert!(!ping(&lab, &ns["c"], "198.19.200.2"));
     assert!(!ping(&lab, &ns["a"], "198.19.200.4"));
     assert!(ping(&lab, &ns["b"], "198.19.200.2"));
-}
-
-/// Edge a uses the io_uring features the kernel has (zero-copy GSO sends, registered TAP
-/// reads, multishot receive), edge b is told to use none (`--uring-off all`, the path of
-/// a kernel without them): bulk TCP crosses both ways, each status says which it uses,
-/// and nothing is dropped for a refused feature.
-#[test]
-fn uring_features_and_their_fallbacks_carry_bulk_tcp_both_ways() {
-    const TEST: &str = "uring_features_and_their_fallbacks_carry_bulk_tcp_both_ways";
-    if !lab::is_root() {
-        lab::skip(TEST, "needs root (network namespaces, TAP devices)");
-        return;
-    }
-    let (lab, ns) = start(
-        "uring",
-        &[
-            ("a", "s3cret", &[]),
-            ("b", "s3cret", &["--uring-off", "all"]),
-        ],
-    );
-    for (client, server, dst) in [("a", "b", 3), ("b", "a", 2)] {
-        let gbps = lab::iperf(
-            &lab,
-            &ns[client],
-            &ns[server],
-            Ipv4Addr::new(198, 19, 200, dst),
-            2,
-        )
-        .expect("iperf3 across the overlay");
-        assert!(gbps > 0.0, "{client} -> {server}: nothing moved");
-    }
-    let off = status(&lab, "b", false);
-    assert!(
-        off.contains("send-zc off; fixed-reads off; multishot-recv off"),
-        "{off}"
-    );
-    let on = status(&lab, "a", false);
-    eprintln!("edge a, features on: {on}");
-    assert!(on.contains("multishot-recv"), "{on}");
-    let json = status(&lab, "a", true);
-    assert!(!json.contains("zc_send_failed"), "{json}");
-    // Where the kernel has zero-copy sends, the bulk stream used them and their
-    // notifications came back.
-    if on.contains("send-zc on") {
-        assert!(on.contains("kernel copied"), "{on}");
-    }
 }

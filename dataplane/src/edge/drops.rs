@@ -147,8 +147,6 @@ reasons! {
     UdpBackpressure = "udp_backpressure",
     /// A GSO send failed.
     GsoSendFailed = "gso_send_failed",
-    /// A zero-copy send failed (zero-copy is turned off after it).
-    ZcSendFailed = "zc_send_failed",
     /// A send failed.
     SendError = "send_error",
     /// An io_uring completion the loop did not submit.
@@ -280,7 +278,6 @@ mod tests {
             "xdp_poll_error",
             "xdp_tx_ring_full",
             "xdp_tx_too_big",
-            "zc_send_failed",
         ] {
             assert_eq!(DropReason::from(n).name(), n);
         }

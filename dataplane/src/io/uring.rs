@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::edge::EdgeCore;
 use crate::offload::VNET_HDR_LEN;
@@ -36,9 +36,7 @@ use super::armed::{wait_for, Armed};
 use super::ctl::Snapshot;
 use super::driver::{self, EdgeInfo};
 use super::frames::{FramePort, RingPort, RxContext};
-use super::levers::{on, Levers, ZcCounts};
 use super::mtu;
-use super::multishot::Multishot;
 use super::spin::{host_busy, AdaptiveSpin, IdleCores};
 use super::sys::{from_sockaddr, set_blocking, to_sockaddr};
 use super::threads::{Counts, Forwarders, MAX_THREADS};
@@ -66,14 +64,7 @@ const MAX_GSO_BYTES: usize = 65_000;
 const K_UDP: u64 = 1 << 32;
 const K_FRAMES: u64 = 2 << 32;
 const K_OUT: u64 = 3 << 32;
-const K_UDP_MULTI: u64 = 4 << 32;
 const K_MASK: u64 = 0xffff_ffff << 32;
-
-/// `IORING_SEND_ZC_REPORT_USAGE` (uapi `io_uring.h`, Linux 6.2): the notification says
-/// whether the kernel copied the data after all.
-const SEND_ZC_REPORT_USAGE: u16 = 8;
-/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's result when it did.
-const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
 
 struct RecvSlot {
     buf: Vec<u8>,
@@ -127,8 +118,6 @@ struct InFlight {
     buf: Vec<u8>,
     big: bool,
     gso: bool,
-    /// A zero-copy send: the buffer stays lent until its notification completion.
-    zc: bool,
     _meta: Option<Box<SendMeta>>,
 }
 
@@ -141,20 +130,25 @@ pub struct Offloads {
     pub gro: bool,
     /// TAP with virtio header (TSO/checksum offload).
     pub vnet: bool,
-    /// io_uring features beyond plain reads and sends (`io::levers`).
-    pub levers: Levers,
 }
 
 impl Offloads {
     /// Short description for status and logs.
     pub fn describe(&self) -> String {
         format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}; tap-vnet-hdr/tso {}",
+            "io_uring; udp-gso {}; udp-gro {}; tap-vnet-hdr/tso {}",
             on(self.gso),
             on(self.gro),
-            self.levers.describe(&ZcCounts::default()),
             on(self.vnet)
         )
+    }
+}
+
+fn on(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -228,7 +222,6 @@ impl Ring {
             buf,
             big,
             gso: false,
-            zc: false,
             _meta: None,
         }) else {
             return Ok(false);
@@ -242,9 +235,9 @@ impl Ring {
     }
 
     /// Queues the send of datagram `u` on `fd` (a GSO send of `u.segment`-byte segments
-    /// when set; zero-copy when `zc`); false when too many operations are in flight (the
-    /// buffer is then dropped).
-    fn send(&mut self, fd: RawFd, u: UdpOut, zc: bool) -> Result<bool, IoError> {
+    /// when set); false when too many operations are in flight (the buffer is then
+    /// dropped).
+    fn send(&mut self, fd: RawFd, u: UdpOut) -> Result<bool, IoError> {
         let (addr, alen) = to_sockaddr(&u.dst);
         let mut meta = Box::new(SendMeta {
             iov: libc::iovec {
@@ -271,19 +264,13 @@ impl Ring {
             buf: u.buf,
             big: u.big,
             gso: u.segment.is_some(),
-            zc,
             _meta: Some(meta),
         }) else {
             return Ok(false);
         };
-        let e = if zc {
-            opcode::SendMsgZc::new(types::Fd(fd), hp)
-                .ioprio(SEND_ZC_REPORT_USAGE)
-                .build()
-        } else {
-            opcode::SendMsg::new(types::Fd(fd), hp).build()
-        };
-        let e = e.user_data(K_OUT | i as u64);
+        let e = opcode::SendMsg::new(types::Fd(fd), hp)
+            .build()
+            .user_data(K_OUT | i as u64);
         self.push(&e)?;
         self.outs += 1;
         Ok(true)
@@ -321,8 +308,6 @@ pub struct Forwarder {
     udp_slots: ManuallyDrop<Vec<Box<RecvSlot>>>,
     /// Which UDP receives are armed, and how many should be (see `io::armed`).
     udp_armed: Armed,
-    /// The multishot receive that replaces `udp_slots` when the kernel has it.
-    multishot: Option<Multishot>,
     port: RingPort,
     /// The same for the frame port's reads.
     frames_armed: Armed,
@@ -330,8 +315,6 @@ pub struct Forwarder {
     out: Outbox,
     off: Offloads,
     gso_warned: bool,
-    zc_warned: bool,
-    zc: ZcCounts,
     underlay_payload: usize,
     max_seg_frame: usize,
     shared: Arc<Forwarders>,
@@ -348,8 +331,7 @@ pub struct Forwarder {
     last_pub: Instant,
     last_load: Instant,
     last_host: Instant,
-    /// This round's completions: user data, result, flags.
-    cqes: Vec<(u64, i32, u32)>,
+    cqes: Vec<(u64, i32)>,
     /// An error found while reaping, returned once the round is done.
     fatal: Option<IoError>,
 }
@@ -368,33 +350,7 @@ impl Forwarder {
     ) -> Result<Self, IoError> {
         let ring = Ring::new()?;
         set_blocking(sock.as_raw_fd());
-        let mut port = RingPort::new(port, tap_queues, shared.threads());
-        let mut off = cfg.off;
-        let multishot = if off.levers.multishot {
-            match Multishot::new(&ring.uring, RX_BUF) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    if me == 0 {
-                        tracing::warn!("no multishot receive ({e}); one recvmsg per datagram");
-                    }
-                    off.levers.multishot = false;
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if off.levers.fixed_reads {
-            off.levers.fixed_reads = match port.register_fixed_reads(&ring.uring) {
-                Ok(registered) => registered,
-                Err(e) => {
-                    if me == 0 {
-                        tracing::warn!("TAP read buffers not registered ({e}); plain reads");
-                    }
-                    false
-                }
-            };
-        }
+        let port = RingPort::new(port, tap_queues, shared.threads());
         let frames_armed = Armed::new(port.reads());
         let mut out = Outbox::new(mtu::packet_buf_size(cfg.info.mtu));
         out.gso = cfg.off.gso;
@@ -407,15 +363,12 @@ impl Forwarder {
             ring,
             udp_slots: ManuallyDrop::new((0..UDP_SLOTS).map(|_| RecvSlot::new()).collect()),
             udp_armed: Armed::new(UDP_SLOTS),
-            multishot,
             port,
             frames_armed,
             sock,
             out,
-            off,
+            off: cfg.off,
             gso_warned: false,
-            zc_warned: false,
-            zc: ZcCounts::default(),
             underlay_payload: mtu::udp_payload(cfg.underlay_mtu),
             max_seg_frame: mtu::max_segment_frame(cfg.underlay_mtu),
             shared,
@@ -466,13 +419,7 @@ impl Forwarder {
 
     /// Arms UDP receives and frame-port reads up to their targets (`io::armed`).
     fn rearm(&mut self) -> Result<(), IoError> {
-        if let Some(m) = self.multishot.as_mut() {
-            if m.needs_arming() {
-                let e = m.arm(self.sock.as_raw_fd(), K_UDP_MULTI);
-                self.ring.push(&e)?;
-            }
-        }
-        while let Some(i) = self.udp_armed.to_arm().filter(|_| self.multishot.is_none()) {
+        while let Some(i) = self.udp_armed.to_arm() {
             let e = self.udp_slots[i].arm(self.sock.as_raw_fd(), K_UDP | i as u64);
             self.ring.push(&e)?;
         }
@@ -542,11 +489,8 @@ impl Forwarder {
             }
         }
         self.cqes.clear();
-        self.cqes.extend(
-            uring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        self.cqes
+            .extend(uring.completion().map(|c| (c.user_data(), c.result())));
         Ok(idle_from)
     }
 
@@ -568,17 +512,13 @@ impl Forwarder {
         let waited = idle_from.map_or(Duration::ZERO, |t0| now.saturating_duration_since(t0));
         let cqes = std::mem::take(&mut self.cqes);
         let mut r = Ok(());
-        for &(ud, res, flags) in &cqes {
+        for &(ud, res) in &cqes {
             let i = (ud & !K_MASK) as usize;
             r = match ud & K_MASK {
                 K_UDP => self.on_udp(i, res, core, now, waited),
-                K_UDP_MULTI => {
-                    self.on_udp_multishot(res, flags, core, now);
-                    Ok(())
-                }
                 K_FRAMES => self.on_frames(i, res, core, now, waited),
                 K_OUT => {
-                    self.on_sent(i, res, flags, core);
+                    self.on_sent(i, res, core);
                     Ok(())
                 }
                 _ => {
@@ -613,11 +553,13 @@ impl Forwarder {
                 None
             };
             if let Some(src) = src {
-                let cx = (now, &mut self.out, &mut self.counts);
-                if handle_datagrams(core, cx, src, &mut slot.buf[..n], seg) {
+                let seg = seg.unwrap_or(n).max(1);
+                if seg < n {
                     // A GRO batch: datagrams arrive faster than one per round.
                     self.udp_armed.busy();
                 }
+                let taken = core.handle_udp_batch(now, src, &mut slot.buf[..n], seg, &mut self.out);
+                self.counts.udp_rx += taken as u64;
             }
         } else if res < 0 {
             core.count_drop("udp_recv_error");
@@ -625,29 +567,6 @@ impl Forwarder {
         self.udp_armed
             .done(i, if res > 0 { waited } else { Duration::MAX });
         Ok(())
-    }
-
-    /// A completion of the multishot receive: its datagram (or GRO batch) is handled in
-    /// place and the buffer goes straight back to the kernel's ring.
-    fn on_udp_multishot(&mut self, res: i32, flags: u32, core: &mut EdgeCore, now: Instant) {
-        let Some(m) = self.multishot.as_mut() else {
-            return core.count_drop("unknown_completion");
-        };
-        let r = match m.complete(res, flags) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(_) => return core.count_drop("udp_recv_error"),
-        };
-        let (o, n) = r.payload;
-        match r.src {
-            Some(src) if !r.truncated => {
-                let seg = if self.off.gro { r.segment } else { None };
-                let cx = (now, &mut self.out, &mut self.counts);
-                handle_datagrams(core, cx, src, &mut m.buf(r.bid)[o..o + n], seg);
-            }
-            _ => core.count_drop("udp_recv_error"),
-        }
-        m.give_back(r.bid);
     }
 
     /// Read `i` of the frame port completed.
@@ -681,65 +600,29 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Send `i` completed: its buffer goes back to the pool, a zero-copy send's only with
-    /// its notification (the completion that says the kernel no longer reads it). A
-    /// zero-copy send the kernel refuses turns zero-copy off, then a GSO send it refuses
-    /// turns GSO off, for good (once, loudly).
-    fn on_sent(&mut self, i: usize, res: i32, flags: u32, core: &mut EdgeCore) {
-        let Some((zc, gso)) = self
-            .ring
-            .flights
-            .get(i)
-            .and_then(|f| f.as_ref().map(|f| (f.zc, f.gso)))
-        else {
-            return;
-        };
-        if zc && cqueue::notif(flags) {
-            self.zc.done += 1;
-            self.zc.copied += u64::from(res & NOTIF_USAGE_ZC_COPIED != 0);
-        } else {
-            if res < 0 {
-                self.send_failed(res, gso, zc, core);
-            }
-            // A zero-copy send's own completion: with a notification to come the buffer
-            // stays lent; without one (refused before it was sent) it is free now.
-            if zc && cqueue::more(flags) {
-                return;
-            }
-        }
+    /// Send `i` completed: its buffer goes back to the pool. A GSO send the kernel
+    /// refuses turns GSO off for good (once, loudly).
+    fn on_sent(&mut self, i: usize, res: i32, core: &mut EdgeCore) {
         let Some(f) = self.ring.flights.get_mut(i).and_then(Option::take) else {
             return;
         };
         self.ring.free.push(i);
-        self.out.give(f.buf, f.big);
-    }
-
-    /// Counts a failed send; turns off what the kernel refused (zero-copy first, then GSO).
-    fn send_failed(&mut self, res: i32, gso: bool, zc: bool, core: &mut EdgeCore) {
-        let refused = res == -libc::EIO || res == -libc::EINVAL;
-        if zc && (refused || res == -libc::EOPNOTSUPP) {
-            self.off.levers.send_zc = false;
-            if !self.zc_warned {
-                self.zc_warned = true;
-                tracing::warn!(
-                    errno = -res,
-                    "zero-copy send failed; copying sends from now on"
-                );
+        if res < 0 {
+            if f.gso && (res == -libc::EIO || res == -libc::EINVAL) {
+                self.off.gso = false;
+                if !self.gso_warned {
+                    self.gso_warned = true;
+                    tracing::warn!(
+                        errno = -res,
+                        "UDP GSO send failed; sending datagrams one by one from now on"
+                    );
+                }
+                core.count_drop("gso_send_failed");
+            } else {
+                core.count_drop("send_error");
             }
-            core.count_drop("zc_send_failed");
-        } else if gso && refused {
-            self.off.gso = false;
-            if !self.gso_warned {
-                self.gso_warned = true;
-                tracing::warn!(
-                    errno = -res,
-                    "UDP GSO send failed; sending datagrams one by one from now on"
-                );
-            }
-            core.count_drop("gso_send_failed");
-        } else {
-            core.count_drop("send_error");
         }
+        self.out.give(f.buf, f.big);
     }
 
     /// The host's load (whether polling may run) and, on thread 0, the core's timers when
@@ -886,8 +769,7 @@ impl Forwarder {
             Some(s) => u.len.div_ceil(s.max(1)) as u64,
             None => 1,
         };
-        let zc = self.off.levers.send_zc && u.segment.is_some();
-        if !self.ring.send(self.sock.as_raw_fd(), u, zc)? {
+        if !self.ring.send(self.sock.as_raw_fd(), u)? {
             core.count_drop("udp_backpressure");
         }
         Ok(())
@@ -910,10 +792,9 @@ impl Forwarder {
         s.datapath_reason = info.datapath_reason.clone();
         s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
         s.io = format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}; {}",
+            "io_uring; udp-gso {}; udp-gro {}; {}",
             on(self.off.gso),
             on(self.off.gro),
-            self.off.levers.describe(&self.zc),
             self.port.describe()
         );
         s.tap = info.tap.clone();
@@ -921,21 +802,6 @@ impl Forwarder {
         s.listen = info.listen.clone();
         *self.cfg.snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
-}
-
-/// Hands the core a received datagram, or each datagram of a GRO batch (`segment`-byte
-/// pieces of `buf`); true when it was a batch.
-fn handle_datagrams(
-    core: &mut EdgeCore,
-    (now, out, counts): (Instant, &mut Outbox, &mut Counts),
-    src: std::net::SocketAddr,
-    buf: &mut [u8],
-    segment: Option<usize>,
-) -> bool {
-    let n = buf.len();
-    let seg = segment.unwrap_or(n).max(1);
-    counts.udp_rx += core.handle_udp_batch(now, src, buf, seg, out) as u64;
-    seg < n
 }
 
 /// A datagram (or GSO batch, with `segment`) for [`Forwarder::send_udp`].
