@@ -11,6 +11,7 @@
 //! the thread that ends with the process.
 
 use std::alloc::{alloc_zeroed, Layout};
+use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -57,8 +58,8 @@ pub struct Multishot {
     tail: u16,
     /// Only `msg_namelen` and `msg_controllen` are read by the kernel: how much room
     /// each buffer keeps for the name and control data. Boxed: its address is in the
-    /// armed request.
-    hdr: Box<libc::msghdr>,
+    /// armed request; never freed, like the buffers.
+    hdr: ManuallyDrop<Box<libc::msghdr>>,
     armed: bool,
 }
 
@@ -91,7 +92,7 @@ impl Multishot {
             bufs,
             buf_len,
             tail: 0,
-            hdr,
+            hdr: ManuallyDrop::new(hdr),
             armed: false,
         };
         // SAFETY: the ring memory is page-aligned, holds `ENTRIES` entries and is never
@@ -113,7 +114,7 @@ impl Multishot {
     /// The request to submit when none is armed ([`Self::needs_arming`]).
     pub fn arm(&mut self, fd: RawFd, user_data: u64) -> squeue::Entry {
         self.armed = true;
-        opcode::RecvMsgMulti::new(types::Fd(fd), &*self.hdr, GROUP)
+        opcode::RecvMsgMulti::new(types::Fd(fd), &**self.hdr, GROUP)
             .build()
             .user_data(user_data)
     }
@@ -173,6 +174,12 @@ impl Multishot {
         let tail = unsafe { AtomicU16::from_ptr(types::BufRingEntry::tail(self.ring) as *mut u16) };
         tail.store(self.tail, Ordering::Release);
     }
+}
+
+/// Whether a receive error means the kernel does not take multishot receives at all
+/// (rather than an error of one datagram, such as an ICMP-reported refusal).
+pub fn refused(errno: i32) -> bool {
+    matches!(errno, libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF)
 }
 
 /// Where the name, control data and payload of a filled buffer are (`buf` is the part
@@ -310,6 +317,9 @@ mod tests {
                 assert_eq!(m.complete(-libc::ENOBUFS, 0), Ok(None));
                 assert!(m.needs_arming());
                 assert_eq!(m.complete(-libc::ECONNREFUSED, 0), Err(libc::ECONNREFUSED));
+                // A datagram's error keeps multishot; the kernel refusing it does not.
+                assert!(!refused(libc::ECONNREFUSED));
+                assert!(refused(libc::EINVAL));
             }
             Err(e) => {
                 let s = e.to_string();

@@ -38,7 +38,7 @@ use super::driver::{self, EdgeInfo};
 use super::frames::{FramePort, RingPort, RxContext};
 use super::levers::{on, Levers};
 use super::mtu;
-use super::multishot::Multishot;
+use super::multishot::{refused, Multishot};
 use super::spin::{host_busy, AdaptiveSpin, IdleCores};
 use super::sys::{from_sockaddr, set_blocking, to_sockaddr};
 use super::threads::{Counts, Forwarders, MAX_THREADS};
@@ -617,6 +617,14 @@ impl Forwarder {
         let r = match m.complete(res, flags) {
             Ok(Some(r)) => r,
             Ok(None) => return,
+            Err(errno) if refused(errno) && m.needs_arming() => {
+                // The kernel does not take the request: back to one recvmsg per slot,
+                // for good (the ring's memory stays leaked, see `io::multishot`).
+                tracing::warn!(errno, "multishot receive refused; one recvmsg per datagram");
+                self.multishot = None;
+                self.off.levers.multishot = false;
+                return core.count_drop("udp_recv_error");
+            }
             Err(_) => return core.count_drop("udp_recv_error"),
         };
         let (o, n) = r.payload;
