@@ -930,21 +930,6 @@ impl Controller<'_> {
         Ok(self.vm_and_cluster(vm)?.1)
     }
 
-    /// VMs of one cluster or all.
-    pub fn vm_list(&self, cluster: Option<&str>) -> Result<Vec<(String, Vm)>> {
-        let cs = match cluster {
-            Some(n) => vec![self.store.cluster(n)?],
-            None => self.store.clusters()?,
-        };
-        Ok(cs
-            .into_iter()
-            .flat_map(|c| {
-                let n = c.name.clone();
-                c.vms.into_iter().map(move |v| (n.clone(), v))
-            })
-            .collect())
-    }
-
     /// How each VM is reached on its agent's machine (`netns:<name>`), from the agents.
     pub fn vm_handles(&self, name: &str) -> Result<BTreeMap<String, String>> {
         let cluster = self.store.cluster(name)?;

@@ -7,6 +7,7 @@
 //! serialising the `Cluster`s (`vm list`: the `(cluster, Vm)` pairs).
 use crate::model::{Mac, OverlayNet, Role};
 use serde::{Serialize, Serializer};
+use std::fmt::Write;
 use std::net::Ipv4Addr;
 
 /// Where a string lies in a [`Listing`]'s text.
@@ -92,6 +93,14 @@ impl Listing {
     pub fn vms(&self) -> VmsOfListing<'_> {
         VmsOfListing(self)
     }
+
+    /// Every VM, borrowed, with its cluster's name (clusters by name, VMs by id).
+    pub fn vm_views(&self) -> impl Iterator<Item = (&str, VmView<'_>)> {
+        self.clusters.iter().flat_map(move |c| {
+            let name = self.str(c.name);
+            c.vms.iter().map(move |v| (name, v.view(self)))
+        })
+    }
 }
 
 /// Serialises like a `Vec<Cluster>`.
@@ -101,16 +110,49 @@ impl Serialize for Listing {
     }
 }
 
+impl Listing {
+    /// The text of `vm list`: a header and a line per VM.
+    pub fn vm_table(&self) -> String {
+        let line = |s: &mut String, f: [&str; 8]| {
+            let _ = writeln!(
+                s,
+                "{:<12} {:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}",
+                f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+            );
+        };
+        let mut s = String::new();
+        line(
+            &mut s,
+            [
+                "CLUSTER", "VM", "ROLE", "SITE", "HOST", "MAC", "IP", "STATE",
+            ],
+        );
+        for (c, v) in self.vm_views() {
+            let (mac, ip) = (v.mac.to_string(), v.ip.to_string());
+            line(
+                &mut s,
+                [
+                    c,
+                    v.name,
+                    v.role.as_str(),
+                    v.site,
+                    v.host,
+                    &mac,
+                    &ip,
+                    v.state,
+                ],
+            );
+        }
+        s
+    }
+}
+
 /// See [`Listing::vms`].
 pub struct VmsOfListing<'a>(&'a Listing);
 
 impl Serialize for VmsOfListing<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let l = self.0;
-        s.collect_seq(l.clusters.iter().flat_map(|c| {
-            let name = l.str(c.name);
-            c.vms.iter().map(move |v| (name, v.view(l)))
-        }))
+        s.collect_seq(self.0.vm_views())
     }
 }
 
@@ -154,16 +196,17 @@ struct OverlayView<'a> {
     supernode: &'a str,
 }
 
-#[derive(Serialize)]
-struct VmView<'a> {
-    name: &'a str,
-    role: Role,
-    site: &'a str,
-    host: &'a str,
-    memory_mb: u64,
-    mac: Mac,
-    ip: Ipv4Addr,
-    state: &'a str,
+/// A VM of a [`Listing`], borrowed; field for field a [`Vm`](crate::model::Vm).
+#[derive(Debug, Serialize)]
+pub struct VmView<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub site: &'a str,
+    pub host: &'a str,
+    pub memory_mb: u64,
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    pub state: &'a str,
 }
 
 #[derive(Serialize)]

@@ -128,6 +128,9 @@ pub trait Store {
     /// Up to `limit` clusters whose names sort after `after`, by name, with everything in
     /// them, as `cluster list --json` prints them (the same JSON as [`Store::clusters`]).
     fn cluster_listing(&self, after: Option<&str>, limit: usize) -> Result<Listing>;
+    /// One cluster with everything in it, as a [`Listing`] (`vm list --cluster`: no
+    /// record per VM).
+    fn cluster_listing_of(&self, name: &str) -> Result<Listing>;
     /// The cluster a VM belongs to.
     fn cluster_of_vm(&self, vm: &str) -> Result<Cluster>;
     /// Set the cluster's state.
@@ -223,7 +226,79 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX vms_site ON vms(site_id);
      CREATE INDEX clusters_origin ON clusters(origin_site_id);
      CREATE INDEX attachments_site ON attachments(site_id);",
+    // 4: the pool's network pick looks up the networks that may overlap a candidate
+    // instead of reading every cluster's.
+    "CREATE INDEX clusters_net ON clusters(overlay_net);",
 ];
+
+/// Subnets of the pool looked up one by one, through the index on the clusters'
+/// networks, before [`free_subnet`] reads every cluster's network instead.
+const POOL_PROBES: u64 = 16;
+
+/// The first subnet of `pool` (of the pool's prefix, at least /24) that overlaps no
+/// cluster's network. The first [`POOL_PROBES`] candidates are each looked up with one
+/// indexed query that reads only the networks that may overlap it: its supernets (their
+/// exact text) and the networks inside its /24 (text starting with its first three
+/// numbers). Past them (a pool filling up), every cluster's network is read once.
+fn free_subnet(conn: &Connection, pool: OverlayNet) -> Result<OverlayNet> {
+    let p = pool.prefix.max(24);
+    let mut candidates = (0..(1u64 << (p - pool.prefix))).filter_map(|i| pool.subnet(p, i));
+    // Supernets of a candidate: one of each prefix length up to /24 (?1 to ?25); the
+    // networks inside its /24: ?26 <= text < ?27.
+    let supernet_params: Vec<String> = (1..=25).map(|i| format!("?{i}")).collect();
+    let mut probe = conn.prepare_cached(&format!(
+        "SELECT overlay_net FROM clusters WHERE overlay_net IN ({})
+         UNION ALL
+         SELECT overlay_net FROM clusters WHERE overlay_net >= ?26 AND overlay_net < ?27",
+        supernet_params.join(", ")
+    ))?;
+    for n in candidates.by_ref().take(POOL_PROBES as usize) {
+        let mut keys: Vec<String> = (0..=24u8)
+            .map(|q| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(q)).unwrap_or(0);
+                let addr = (u32::from(n.addr) & mask).into();
+                OverlayNet { addr, prefix: q }.to_string()
+            })
+            .collect();
+        let [a, b, c, _] = n.addr.octets();
+        keys.push(format!("{a}.{b}.{c}."));
+        keys.push(format!("{a}.{b}.{c}/"));
+        let mut rows = probe.query(rusqlite::params_from_iter(&keys))?;
+        let mut free = true;
+        while let Some(r) = rows.next()? {
+            if text(r, 0)?
+                .parse::<OverlayNet>()
+                .is_ok_and(|t| t.overlaps(&n))
+            {
+                free = false;
+                break;
+            }
+        }
+        if free {
+            return Ok(n);
+        }
+    }
+    let taken: Vec<OverlayNet> = conn
+        .prepare_cached("SELECT overlay_net FROM clusters")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .filter_map(|r| r.ok().and_then(|s| s.parse().ok()))
+        .collect();
+    candidates
+        .find(|n| !taken.iter().any(|t| t.overlaps(n)))
+        .ok_or(StoreError::NoSubnet(pool))
+}
+
+/// Which clusters a [`Listing`] holds.
+#[derive(Clone, Copy)]
+enum ListingOf<'a> {
+    /// Up to `limit` clusters whose names sort after `after`, by name.
+    Page {
+        after: Option<&'a str>,
+        limit: usize,
+    },
+    /// The cluster of that name (none when there is none).
+    Named(&'a str),
+}
 
 /// [`Store`] on one SQLite file.
 pub struct SqliteStore {
@@ -336,6 +411,131 @@ impl SqliteStore {
         let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(SiteNames(rows.collect::<rusqlite::Result<_>>()?))
+    }
+
+    /// The clusters `which` names with everything in them (see [`Listing`]).
+    fn listing(&self, which: ListingOf<'_>) -> Result<Listing> {
+        // Text borrowed from the rows into one buffer (no String per field); site names
+        // put there once.
+        let mut l = Listing::default();
+        let mut sites = std::collections::HashMap::new();
+        let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            sites.insert(r.get::<_, i64>(0)?, l.put(text(r, 1)?));
+        }
+        let site = |id: i64| {
+            sites
+                .get(&id)
+                .copied()
+                .ok_or_else(|| StoreError::Corrupt(format!("no site with id {id}")))
+        };
+        let mut at = ClusterIndex::default();
+        const COLUMNS: &str = "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
+                    o.community, o.secret_ref, o.supernode
+             FROM clusters c LEFT JOIN overlays o ON o.cluster_id = c.id";
+        let (mut st, whole_of) = match which {
+            ListingOf::Page { after, limit } => (
+                self.conn.prepare_cached(&format!(
+                    "{COLUMNS} WHERE ?1 IS NULL OR c.name > ?1 ORDER BY c.name LIMIT ?2"
+                ))?,
+                after.is_none().then_some(limit),
+            ),
+            ListingOf::Named(_) => (
+                self.conn
+                    .prepare_cached(&format!("{COLUMNS} WHERE c.name = ?1"))?,
+                None,
+            ),
+        };
+        let mut rows = match which {
+            ListingOf::Page { after, limit } => {
+                st.query(params![after, i64::try_from(limit).unwrap_or(i64::MAX)])?
+            }
+            ListingOf::Named(name) => st.query([name])?,
+        };
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let name = text(r, 1)?;
+            if r.get_ref(5)? == rusqlite::types::ValueRef::Null {
+                return Err(StoreError::Corrupt(format!(
+                    "cluster {name} has no overlay"
+                )));
+            }
+            let row = ClusterRow {
+                id,
+                name: l.put(name),
+                origin: site(r.get(2)?)?,
+                overlay_net: overlay_net_of(text(r, 3)?)?,
+                state: l.put(text(r, 4)?),
+                community: l.put(text(r, 5)?),
+                secret_ref: l.put(text(r, 6)?),
+                supernode: l.put(text(r, 7)?),
+                vms: Vec::new(),
+                attachments: Vec::new(),
+            };
+            at.insert(id, l.clusters.len());
+            l.clusters.push(row);
+        }
+        // The whole listing reads each table once in id order; a page reads its own
+        // clusters' rows by index.
+        let whole = whole_of.is_some_and(|limit| l.len() < limit);
+        let (vm_rest, attachment_rest) = if whole {
+            ("ORDER BY v.id", "ORDER BY a.id")
+        } else {
+            (
+                "WHERE v.cluster_id = ?1 ORDER BY v.id",
+                "WHERE a.cluster_id = ?1 ORDER BY a.id",
+            )
+        };
+        let ids: Vec<Option<i64>> = if whole {
+            vec![None]
+        } else {
+            l.clusters.iter().map(|c| Some(c.id)).collect()
+        };
+        let mut vms = self.conn.prepare_cached(&vm_select("v.site_id", vm_rest))?;
+        let mut attachments = self
+            .conn
+            .prepare_cached(&attachment_select("a.site_id", attachment_rest))?;
+        for id in ids {
+            let mut rows = match id {
+                Some(id) => vms.query([id])?,
+                None => vms.query([])?,
+            };
+            while let Some(r) = rows.next()? {
+                let Some(i) = at.get(r.get(0)?) else {
+                    continue;
+                };
+                let vm = VmRow {
+                    name: l.put(text(r, 1)?),
+                    role: role_at(r, 2)?,
+                    site: site(r.get(3)?)?,
+                    host: l.put(text(r, 4)?),
+                    memory_mb: r.get::<_, i64>(5)? as u64,
+                    mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
+                    ip: ip_at(r, 7)?,
+                    state: l.put(text(r, 8)?),
+                };
+                l.clusters[i].vms.push(vm);
+            }
+            let mut rows = match id {
+                Some(id) => attachments.query([id])?,
+                None => attachments.query([])?,
+            };
+            while let Some(r) = rows.next()? {
+                let Some(i) = at.get(r.get(0)?) else {
+                    continue;
+                };
+                let a = AttachmentRow {
+                    site: site(r.get(1)?)?,
+                    host: l.put(text(r, 2)?),
+                    tap: l.put(text(r, 3)?),
+                    bridge: l.put(text(r, 4)?),
+                    edge_name: l.put(text(r, 5)?),
+                };
+                l.clusters[i].attachments.push(a);
+            }
+        }
+        Ok(l)
     }
 }
 
@@ -650,18 +850,7 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let net = match plan.overlay_net {
             Some(n) => n,
-            None => {
-                let taken: Vec<OverlayNet> = tx
-                    .prepare("SELECT overlay_net FROM clusters")?
-                    .query_map([], |r| r.get::<_, String>(0))?
-                    .filter_map(|r| r.ok().and_then(|s| s.parse().ok()))
-                    .collect();
-                let p = plan.pool.prefix.max(24);
-                (0..(1u64 << (p - plan.pool.prefix)))
-                    .filter_map(|i| plan.pool.subnet(p, i))
-                    .find(|n| !taken.iter().any(|t| t.overlaps(n)))
-                    .ok_or(StoreError::NoSubnet(plan.pool))?
-            }
+            None => free_subnet(&tx, plan.pool)?,
         };
         if plan.vms.len() > net.max_vms() {
             return Err(StoreError::TooManyVms(net, net.max_vms()));
@@ -843,111 +1032,16 @@ impl Store for SqliteStore {
     }
 
     fn cluster_listing(&self, after: Option<&str>, limit: usize) -> Result<Listing> {
-        // Text borrowed from the rows into one buffer (no String per field); site names
-        // put there once.
-        let mut l = Listing::default();
-        let mut sites = std::collections::HashMap::new();
-        let mut st = self.conn.prepare_cached("SELECT id, name FROM sites")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            sites.insert(r.get::<_, i64>(0)?, l.put(text(r, 1)?));
-        }
-        let site = |id: i64| {
-            sites
-                .get(&id)
-                .copied()
-                .ok_or_else(|| StoreError::Corrupt(format!("no site with id {id}")))
-        };
-        let mut at = ClusterIndex::default();
-        let mut st = self.conn.prepare_cached(
-            "SELECT c.id, c.name, c.origin_site_id, c.overlay_net, c.state,
-                    o.community, o.secret_ref, o.supernode
-             FROM clusters c LEFT JOIN overlays o ON o.cluster_id = c.id
-             WHERE ?1 IS NULL OR c.name > ?1 ORDER BY c.name LIMIT ?2",
-        )?;
-        let page = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = st.query(params![after, page])?;
-        while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            let name = text(r, 1)?;
-            if r.get_ref(5)? == rusqlite::types::ValueRef::Null {
-                return Err(StoreError::Corrupt(format!(
-                    "cluster {name} has no overlay"
-                )));
-            }
-            let row = ClusterRow {
-                id,
-                name: l.put(name),
-                origin: site(r.get(2)?)?,
-                overlay_net: overlay_net_of(text(r, 3)?)?,
-                state: l.put(text(r, 4)?),
-                community: l.put(text(r, 5)?),
-                secret_ref: l.put(text(r, 6)?),
-                supernode: l.put(text(r, 7)?),
-                vms: Vec::new(),
-                attachments: Vec::new(),
-            };
-            at.insert(id, l.clusters.len());
-            l.clusters.push(row);
-        }
-        // The whole listing reads each table once in id order; a page reads its own
-        // clusters' rows by index.
-        let whole = after.is_none() && l.len() < limit;
-        let (vm_rest, attachment_rest) = if whole {
-            ("ORDER BY v.id", "ORDER BY a.id")
-        } else {
-            (
-                "WHERE v.cluster_id = ?1 ORDER BY v.id",
-                "WHERE a.cluster_id = ?1 ORDER BY a.id",
-            )
-        };
-        let ids: Vec<Option<i64>> = if whole {
-            vec![None]
-        } else {
-            l.clusters.iter().map(|c| Some(c.id)).collect()
-        };
-        let mut vms = self.conn.prepare_cached(&vm_select("v.site_id", vm_rest))?;
-        let mut attachments = self
-            .conn
-            .prepare_cached(&attachment_select("a.site_id", attachment_rest))?;
-        for id in ids {
-            let mut rows = match id {
-                Some(id) => vms.query([id])?,
-                None => vms.query([])?,
-            };
-            while let Some(r) = rows.next()? {
-                let Some(i) = at.get(r.get(0)?) else {
-                    continue;
-                };
-                let vm = VmRow {
-                    name: l.put(text(r, 1)?),
-                    role: role_at(r, 2)?,
-                    site: site(r.get(3)?)?,
-                    host: l.put(text(r, 4)?),
-                    memory_mb: r.get::<_, i64>(5)? as u64,
-                    mac: Mac::from_u64(r.get::<_, i64>(6)? as u64),
-                    ip: ip_at(r, 7)?,
-                    state: l.put(text(r, 8)?),
-                };
-                l.clusters[i].vms.push(vm);
-            }
-            let mut rows = match id {
-                Some(id) => attachments.query([id])?,
-                None => attachments.query([])?,
-            };
-            while let Some(r) = rows.next()? {
-                let Some(i) = at.get(r.get(0)?) else {
-                    continue;
-                };
-                let a = AttachmentRow {
-                    site: site(r.get(1)?)?,
-                    host: l.put(text(r, 2)?),
-                    tap: l.put(text(r, 3)?),
-                    bridge: l.put(text(r, 4)?),
-                    edge_name: l.put(text(r, 5)?),
-                };
-                l.clusters[i].attachments.push(a);
-            }
+        self.listing(ListingOf::Page { after, limit })
+    }
+
+    fn cluster_listing_of(&self, name: &str) -> Result<Listing> {
+        let l = self.listing(ListingOf::Named(name))?;
+        if l.is_empty() {
+            return Err(StoreError::NotFound {
+                kind: "cluster",
+                name: name.into(),
+            });
         }
         Ok(l)
     }
@@ -1158,6 +1252,45 @@ mod tests {
         }
     }
 
+    /// The pool's pick skips every candidate that a network overlaps (a supernet, the
+    /// same network, one inside it), through the indexed probes and, past them, through
+    /// the read of every network.
+    #[test]
+    fn pool_pick_skips_overlapping_networks() {
+        let mut s = three_sites();
+        let mut given = |name: &str, net: &str| {
+            let mut p = plan(name, &[("A", 1)]);
+            p.overlay_net = Some(net.parse().unwrap());
+            s.create_cluster(&p).unwrap();
+        };
+        given("super", "198.19.0.0/23");
+        given("same", "198.19.2.0/24");
+        given("inside", "198.19.3.96/27");
+        // Neighbours that overlap nothing: text that sorts near the candidates'.
+        given("near1", "198.19.40.0/24");
+        given("near2", "198.1.4.0/24");
+        let mut pick = |name: &str| {
+            s.create_cluster(&plan(name, &[("A", 1)]))
+                .unwrap()
+                .overlay_net
+                .to_string()
+        };
+        assert_eq!(pick("p4"), "198.19.4.0/24");
+        for i in 5..=40 {
+            let want = if i < 40 { i } else { 41 };
+            assert_eq!(pick(&format!("p{i}")), format!("198.19.{want}.0/24"));
+        }
+        // A network that holds the whole pool leaves nothing.
+        let mut p = plan("all", &[("A", 1)]);
+        p.overlay_net = Some("198.16.0.0/14".parse().unwrap());
+        s.create_cluster(&p).unwrap();
+        s.delete_cluster("p4").unwrap();
+        assert!(matches!(
+            s.create_cluster(&plan("none", &[("A", 1)])),
+            Err(StoreError::NoSubnet(_))
+        ));
+    }
+
     #[test]
     fn listing_in_one_pass_matches_loading_each_cluster() {
         let mut s = three_sites();
@@ -1240,6 +1373,34 @@ mod tests {
             assert_eq!(pretty(&page), pretty(&l), "after {after:?} limit {limit}");
         }
         assert!(s.cluster_listing(None, 0).unwrap().is_empty());
+        // One cluster by name (`vm list --cluster`): its VMs, as from the loaded cluster.
+        for c in &all {
+            let one = s.cluster_listing_of(&c.name).unwrap();
+            let pairs: Vec<(&str, &Vm)> = c.vms.iter().map(|v| (c.name.as_str(), v)).collect();
+            assert_eq!(pretty(&pairs), pretty(&one.vms()), "{}", c.name);
+            assert_eq!(pretty(&[c]), pretty(&one));
+        }
+        assert!(matches!(
+            s.cluster_listing_of("nope"),
+            Err(StoreError::NotFound {
+                kind: "cluster",
+                ..
+            })
+        ));
+        // The text of `vm list`: a header and a line per VM, in the JSON's order (of a
+        // cluster without line breaks in its fields).
+        let zeta = s.cluster("zeta").unwrap();
+        let table = s.cluster_listing_of("zeta").unwrap().vm_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 1 + zeta.vms.len());
+        assert!(lines[0].starts_with("CLUSTER      VM           ROLE"));
+        for (v, line) in zeta.vms.iter().zip(&lines[1..]) {
+            let c = "zeta";
+            let want = format!("{c:<12} {:<12} {:<9}", v.name, v.role.as_str());
+            assert!(line.starts_with(&want), "{line}");
+            let tail = format!("{:<15} {}", v.ip.to_string(), v.state);
+            assert!(line.ends_with(&tail), "{line}");
+        }
         // A closed pipe is an error of the write, not a panic.
         struct Closed;
         impl std::io::Write for Closed {

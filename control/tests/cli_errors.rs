@@ -364,6 +364,13 @@ fn user_errors_are_one_line_with_the_store_and_sites_unchanged() {
         1,
         "no cluster named 'nope'",
     );
+    for json in [false, true] {
+        let mut a = vec!["vm", "list", "--cluster", "nope"];
+        if json {
+            a.push("--json");
+        }
+        user_error(dir, &a, 1, "no cluster named 'nope'");
+    }
     user_error(dir, &["vm", "start", "a b"], 2, "VM name 'a b'");
     user_error(
         dir,

@@ -19,16 +19,17 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::generated::bpf_fib_lookup,
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use dataplane_ebpf_common::{
     edge_rx_min, is_link_local, is_transport, wire, Counter, FilterCounter, RelayCounter, COUNTERS,
     ETH_HLEN, FILTER_CONFIG_LEN, FILTER_COUNTERS, FILTER_FLAG_SESSIONS, FILTER_MAX_SESSIONS,
     MAX_QUEUES, RELAY_CONFIG_LEN, RELAY_COUNTERS, RELAY_DEST_LEN, RELAY_FLAG_COMPLETE,
-    RELAY_KEY_LEN, RELAY_MAX_EDGES,
+    RELAY_KEY_LEN, RELAY_MAX_EDGES, RELAY_PROMPTED_SOURCES, RELAY_PROMPTS_PER_SLOT,
+    RELAY_PROMPT_SLOT_NS,
 };
 
 /// rx queue index -> AF_XDP socket (filled in by userspace).
@@ -117,6 +118,16 @@ static MVC_RELAY_CONFIG: Array<[u8; RELAY_CONFIG_LEN]> = Array::with_max_entries
 /// Per-CPU counters indexed by [`RelayCounter`].
 #[map(name = "MVC_RELAY_STATS")]
 static MVC_RELAY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RELAY_COUNTERS, 0);
+
+/// Source address (IPv4 ‖ port ‖ 0 0) -> time of the last datagram from an
+/// unvalidated source passed on from there (`prompt_pass`).
+#[map(name = "MVC_RELAY_PROMPTED")]
+static MVC_RELAY_PROMPTED: LruHashMap<[u8; RELAY_DEST_LEN], u64> =
+    LruHashMap::with_max_entries(RELAY_PROMPTED_SOURCES, 0);
+
+/// This CPU's prompt budget: `[slot, used]` (`prompt_pass`).
+#[map(name = "MVC_RELAY_PROMPT_BUDGET")]
+static MVC_RELAY_PROMPT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The supernode's program on its underlay interface. Not `frags`: on veth
 /// that makes the kernel segment UDP GSO batches before the program sees
@@ -222,6 +233,60 @@ fn ipv4_udp_headers(ctx: &XdpContext) -> Result<Option<([u8; IP_HLEN], [u8; UDP_
     Ok(Some((iph, udph)))
 }
 
+/// Whether a Relay or Bcast from a source the map does not validate, sent
+/// from `iph`/`udph`'s source address, goes on to userspace after all: the
+/// supernode answers it with a prompt to register (its edges then come back
+/// after a supernode restart or a NAT change without waiting for their
+/// periodic registration), and prompts are limited there to one per address
+/// per 100 ms and a budget per 100 ms. The same limits here (the budget per
+/// CPU) keep a flood of such datagrams in the kernel: past them, it is dropped
+/// as before. The budget is looked at first, so a flood past it costs no map
+/// update.
+#[inline(always)]
+fn prompt_pass(iph: &[u8; IP_HLEN], udph: &[u8; UDP_HLEN]) -> bool {
+    let Some(budget) = MVC_RELAY_PROMPT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let slot = now / RELAY_PROMPT_SLOT_NS;
+    // SAFETY: this CPU's element of a per-CPU array, alive for the program's
+    // run and written by no other context (as in `count`).
+    let budget = unsafe { &mut *budget };
+    if budget[0] != slot {
+        *budget = [slot, 0];
+    }
+    if budget[1] >= RELAY_PROMPTS_PER_SLOT {
+        return false;
+    }
+    let src = [iph[12], iph[13], iph[14], iph[15], udph[0], udph[1], 0, 0];
+    // SAFETY: a plain `u64` that the program replaces whole.
+    if let Some(last) = unsafe { MVC_RELAY_PROMPTED.get(&src) } {
+        if now.wrapping_sub(*last) < RELAY_PROMPT_SLOT_NS {
+            return false;
+        }
+    }
+    if MVC_RELAY_PROMPTED.insert(&src, &now, 0).is_err() {
+        return false;
+    }
+    budget[1] += 1;
+    true
+}
+
+/// A Relay or Bcast from an unvalidated source: passed on within the prompt
+/// limits (`prompt_pass`), else dropped and counted as `counter`.
+#[inline(always)]
+fn unvalidated(
+    iph: &[u8; IP_HLEN],
+    udph: &[u8; UDP_HLEN],
+    counter: RelayCounter,
+) -> Result<u32, ()> {
+    if prompt_pass(iph, udph) {
+        return pass(RelayCounter::PassedUnknownSource);
+    }
+    drop(counter)
+}
+
 /// The supernode's checks and relay, for IPv4 datagrams to its port:
 ///
 /// * junk (wrong version, unknown type, shorter than its type's fixed part)
@@ -229,7 +294,8 @@ fn ipv4_udp_headers(ctx: &XdpContext) -> Result<Option<([u8; IP_HLEN], [u8; UDP_
 /// * a Relay or Bcast whose source edge is not validated (when the map holds
 ///   every validated edge) or that comes from another address than the one
 ///   the edge registered from is dropped and counted: relaying it would make
-///   the supernode a reflector for spoofed datagrams;
+///   the supernode a reflector for spoofed datagrams (except the few that the
+///   supernode answers with a prompt to register, `prompt_pass`);
 /// * a Relay carrying a Data message to a validated edge is rewritten (our
 ///   address and port as the source, the edge's as the destination, MACs
 ///   from the kernel's FIB and neighbour table) and sent back out of the
@@ -285,12 +351,12 @@ fn try_mvc_relay(ctx: &XdpContext) -> Result<u32, ()> {
     // SAFETY: the map value is plain bytes that userspace replaces whole.
     let Some(src) = (unsafe { MVC_RELAY_EDGES.get(&src_key) }) else {
         if cfg[2] & RELAY_FLAG_COMPLETE != 0 {
-            return drop(RelayCounter::DropUnknownEdge);
+            return unvalidated(&iph, &udph, RelayCounter::DropUnknownEdge);
         }
         return pass(RelayCounter::Passed);
     };
     if iph[12..16] != src[0..4] || udph[0..2] != src[4..6] {
-        return drop(RelayCounter::DropSpoofed);
+        return unvalidated(&iph, &udph, RelayCounter::DropSpoofed);
     }
     if head[1] != wire::TYPE_RELAY || len < wire::RELAY_HDR_LEN + wire::TRANSPORT_HDR_LEN {
         return pass(RelayCounter::Passed);

@@ -195,6 +195,12 @@ struct EdgeArgs {
     /// community id; docs/XDP.md). If the kernel or driver refuses, one warning.
     #[arg(long, value_name = "IFACE")]
     xdp_filter: Option<String>,
+    /// With --datapath xdp: the VMs' TCP super-packets reach the edge whole (generic XDP
+    /// mode) and are re-segmented there; off: the kernel segments them for the port
+    /// (needed where VMs run tunnels of their own with checksum offload, docs/XDP.md
+    /// "GSO through the port") [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    xdp_gso: Option<bool>,
     /// The L2 control plane: announce this edge's MAC/IP bindings to peers and answer ARP
     /// requests for known ones locally (off: every ARP request is flooded) [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
@@ -303,6 +309,7 @@ struct EdgeFile {
     busy_poll_us: Option<u64>,
     threads: Option<usize>,
     xdp_filter: Option<String>,
+    xdp_gso: Option<bool>,
     l2_control: Option<bool>,
     flood_vm_pps: Option<u32>,
     flood_vm_burst: Option<u32>,
@@ -592,10 +599,13 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
             crate::io::threads::MAX_THREADS
         )));
     }
+    let uring_ok = io_uring::IoUring::new(8).is_ok();
     let xdp_cfg = {
         let mut c = xdp::XdpPortConfig::new(bridge.as_deref(), &tap_name);
         c.mtu = mtu;
         c.queues = threads as u32;
+        // Only the io_uring forwarder re-segments super-packets from the port.
+        c.gso = uring_ok && a.xdp_gso.or(f.xdp_gso).unwrap_or(true);
         c
     };
     let choice = xdp::choose(request, Some(&xdp_cfg))
@@ -621,7 +631,6 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         )));
     }
     let busy_poll_us = a.busy_poll_us.or(f.busy_poll_us).unwrap_or(200);
-    let uring_ok = io_uring::IoUring::new(8).is_ok();
     if !uring_ok {
         if threads > 1 {
             return Err(CliError::Usage(
@@ -970,6 +979,7 @@ mod tests {
             cipher = "chacha20-poly1305"
             datapath = "auto"
             underlay_mtu = 1400
+            xdp_gso = false
             "#,
         )
         .unwrap();
@@ -980,6 +990,7 @@ mod tests {
         assert!(toml::from_str::<EdgeFile>("supernodes = [\"198.18.0.1:7654@abc\"]").is_err());
         assert_eq!(f.cipher, Some(Cipher::Chacha20Poly1305));
         assert_eq!(f.datapath, Some(Datapath::Auto));
+        assert_eq!(f.xdp_gso, Some(false));
         assert!(toml::from_str::<EdgeFile>("nmae = \"x\"").is_err());
         let s: SnFile = toml::from_str(
             "listen = \"0.0.0.0:7654\"\nedge_timeout = 10\nkey_file = \"/var/lib/mvc/sn.key\"",

@@ -306,6 +306,71 @@ pub fn segment_tcp(
     Ok(n)
 }
 
+/// The header under which a TCP super-packet received without one (AF_XDP with GSO
+/// through the port) takes the TSO path: segments of at most `mtu` bytes of IP packet,
+/// checksum partial. `None` when `frame` is not TCP over IPv4/IPv6 as [`parse_tcp`]
+/// reads it, or its headers leave no payload room within `mtu`.
+pub fn tso_hdr(frame: &[u8], mtu: usize) -> Option<VnetHdr> {
+    let f = parse_tcp(frame)?;
+    let mss = mtu.checked_sub(f.hdr_len - f.ip).filter(|&m| m > 0)?;
+    Some(VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if f.v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: u16::try_from(f.hdr_len).ok()?,
+        gso_size: u16::try_from(mss).ok()?,
+        csum_start: u16::try_from(f.tcp).ok()?,
+        csum_offset: 16,
+    })
+}
+
+/// For a TCP or UDP frame over IPv4 (not a fragment) or IPv6 (no extension headers):
+/// if its checksum field holds exactly the pseudo-header sum, i.e. the sender left the
+/// checksum to an offload, returns where to complete it: `(start, offset, end)` for
+/// [`complete_csum`] on `frame[..end]` (the IP packet, without Ethernet padding).
+/// A complete checksum that happens to equal that sum is completed to itself, so the
+/// test needs no flag from the sender.
+pub fn partial_l4_csum(frame: &[u8]) -> Option<(usize, usize, usize)> {
+    let mut ip = 14;
+    let mut et = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    if et == 0x8100 {
+        et = u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]);
+        ip = 18;
+    }
+    let (proto, l4, end, mut sum) = match et {
+        0x0800 => {
+            let h = frame.get(ip..ip + 20)?;
+            let ihl = usize::from(h[0] & 0xf) * 4;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            if h[0] >> 4 != 4
+                || ihl < 20
+                || total < ihl
+                || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0
+            {
+                return None;
+            }
+            (h[9], ip + ihl, ip + total, csum_add(0, &h[12..20]))
+        }
+        0x86dd => {
+            let h = frame.get(ip..ip + 40)?;
+            let pl = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            (h[6], ip + 40, ip + 40 + pl, csum_add(0, &h[8..40]))
+        }
+        _ => return None,
+    };
+    let offset = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    if end > frame.len() || l4 + offset + 2 > end {
+        return None;
+    }
+    let len = (end - l4) as u32;
+    sum = csum_add(sum, &[0, 0, (len >> 8) as u8, len as u8, 0, 0, 0, proto]);
+    let field = u16::from_be_bytes([frame[l4 + offset], frame[l4 + offset + 1]]);
+    (field == csum_fold(sum)).then_some((l4, offset, end))
+}
+
 /// Coalesces consecutive in-order TCP segments of one flow into a super-frame written to
 /// the TAP device with a GSO `virtio_net_hdr` (the kernel then treats it as one packet).
 #[derive(Debug, Default)]
@@ -489,6 +554,19 @@ impl RxGro {
             self.spare = Some(b);
             emit(None, frame);
         }
+    }
+
+    /// Hands on a frame that must not join a super-frame (a super-packet received
+    /// whole, with the header `hdr` it takes the TSO path under, or `None`), after the
+    /// held super-frame, so that nothing is reordered.
+    pub fn push_alone(
+        &mut self,
+        hdr: Option<&VnetHdr>,
+        frame: &[u8],
+        emit: &mut impl FnMut(Option<&VnetHdr>, &[u8]),
+    ) {
+        self.flush(emit);
+        emit(hdr, frame);
     }
 
     /// Hands on the held super-frame, if any (call at the end of each batch).
@@ -717,5 +795,59 @@ mod tests {
         let mut f = big.clone();
         VnetHdr::default().complete_csum(&mut f[..10]).unwrap();
         assert_eq!(f, big);
+    }
+
+    #[test]
+    fn partial_checksums_are_told_from_complete_ones() {
+        let full = tcp_frame(700, 1, 0x18);
+        let p = parse_tcp(&full).unwrap();
+        assert_eq!(partial_l4_csum(&full), None);
+        let mut part = full.clone();
+        fix_headers(&mut part, &p, false);
+        assert_eq!(partial_l4_csum(&part), Some((34, 16, full.len())));
+        // Ethernet padding is not summed.
+        part.extend_from_slice(&[0xaa; 8]);
+        let (start, offset, end) = partial_l4_csum(&part).unwrap();
+        complete_csum(&mut part[..end], start, offset).unwrap();
+        assert_eq!(&part[..end], &full[..]);
+        // UDP over IPv4: the field is 6 bytes into the header.
+        let mut udp = full.clone();
+        udp[14 + 9] = 17;
+        let ps = csum_add(0, &udp[26..34]);
+        let l4 = (udp.len() - 34) as u16;
+        let ps = csum_fold(csum_add(
+            ps,
+            &[0, 0, (l4 >> 8) as u8, l4 as u8, 0, 0, 0, 17],
+        ));
+        udp[40..42].copy_from_slice(&ps.to_be_bytes());
+        assert_eq!(partial_l4_csum(&udp), Some((34, 6, udp.len())));
+        // A fragment, another protocol, a truncated packet: left alone.
+        let mut frag = part.clone();
+        frag[14 + 6] = 0x20;
+        assert_eq!(partial_l4_csum(&frag), None);
+        let mut icmp = part.clone();
+        icmp[14 + 9] = 1;
+        assert_eq!(partial_l4_csum(&icmp), None);
+        assert_eq!(partial_l4_csum(&full[..100]), None);
+        assert_eq!(partial_l4_csum(&full[..10]), None);
+    }
+
+    #[test]
+    fn super_packet_header_fits_the_mtu() {
+        let big = tcp_frame(20_000, 7, 0x18);
+        let h = tso_hdr(&big, 1500).unwrap();
+        assert_eq!(
+            (h.gso_type, h.gso_size, h.hdr_len, h.csum_start),
+            (GSO_TCPV4, 1460, 54, 34)
+        );
+        let mut seg = vec![0u8; 1600];
+        let n =
+            write_tso_segment(&big, &parse_tcp(&big).unwrap(), 1460, 0, &mut seg, true).unwrap();
+        assert_eq!(n, 14 + 1500);
+        verify(&seg[..n]);
+        assert_eq!(tso_hdr(&big, 40), None);
+        let mut udp = big.clone();
+        udp[14 + 9] = 17;
+        assert_eq!(tso_hdr(&udp, 1500), None);
     }
 }

@@ -299,6 +299,10 @@ pub struct XdpRelayStatus {
     /// Of those, relayable Data datagrams without a route out of the same
     /// interface or a neighbour entry (relayed by userspace instead).
     pub passed_no_route: u64,
+    /// Of those, relays and broadcasts from unvalidated sources, passed on within the
+    /// register prompts' limits so that the supernode prompts their senders.
+    #[serde(default)]
+    pub passed_unknown_source: u64,
     /// Datagrams dropped by the program, by reason.
     pub drops: BTreeMap<String, u64>,
     /// Map updates that failed.
@@ -650,7 +654,7 @@ impl SupernodeStatus {
             let _ = write!(
                 o,
                 "xdp relay on {} ({}, {} edges): relayed {} packets / {} bytes (userspace: {} / {}); \
-                 to userspace {} (no route {}); drops:",
+                 to userspace {} (no route {}, unvalidated source {}); drops:",
                 x.iface,
                 x.mode,
                 x.edges,
@@ -659,7 +663,8 @@ impl SupernodeStatus {
                 self.relayed_packets,
                 self.relayed_bytes,
                 x.passed,
-                x.passed_no_route
+                x.passed_no_route,
+                x.passed_unknown_source
             );
             if x.drops.is_empty() {
                 let _ = write!(o, " none");
@@ -710,6 +715,7 @@ impl SupernodeStatus {
                 ("relayed_bytes_total", x.relayed_bytes),
                 ("passed_total", x.passed),
                 ("passed_no_route_total", x.passed_no_route),
+                ("passed_unknown_source_total", x.passed_unknown_source),
                 ("map_errors_total", x.map_errors),
             ] {
                 let _ = writeln!(o, "# TYPE mvc_supernode_xdp_{m} counter");

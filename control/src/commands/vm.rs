@@ -83,32 +83,12 @@ pub fn run(c: &mut Controller, cmd: VmCmd, json: bool) -> Result<()> {
             let v = c.vm_stop(&name)?;
             print(json, &v, |v| format!("{} {}\n", v.name, v.state))
         }
-        VmCmd::List { cluster: None } if json => {
-            let l = c.store.cluster_listing(None, usize::MAX)?;
-            print(json, &l.vms(), |_| String::new())
-        }
         VmCmd::List { cluster } => {
-            let v = c.vm_list(cluster.as_deref())?;
-            print(json, &v, |v| {
-                let mut s = format!(
-                    "{:<12} {:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
-                    "CLUSTER", "VM", "ROLE", "SITE", "HOST", "MAC", "IP", "STATE"
-                );
-                for (c, x) in v {
-                    s += &format!(
-                        "{:<12} {:<12} {:<9} {:<6} {:<10} {:<18} {:<15} {}\n",
-                        c,
-                        x.name,
-                        x.role.as_str(),
-                        x.site,
-                        x.host,
-                        x.mac.to_string(),
-                        x.ip.to_string(),
-                        x.state
-                    );
-                }
-                s
-            })
+            let l = match cluster {
+                Some(name) => c.store.cluster_listing_of(&name)?,
+                None => c.store.cluster_listing(None, usize::MAX)?,
+            };
+            print(json, &l.vms(), |_| l.vm_table())
         }
         VmCmd::Migrate {
             cluster,

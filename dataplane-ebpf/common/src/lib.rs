@@ -120,6 +120,31 @@ pub const RELAY_CONFIG_LEN: usize = 8;
 /// when the map could not take them all (those are then left to userspace).
 pub const RELAY_FLAG_COMPLETE: u8 = 1;
 
+/// Name of the LRU hash map of source addresses (IPv4 address ‖ port ‖ 0 0, as
+/// [`relay_dest`]) -> `bpf_ktime_get_ns` of the last Relay or Bcast from an
+/// unvalidated source the program passed on from there (see
+/// [`RelayCounter::PassedUnknownSource`]).
+pub const RELAY_PROMPTED_MAP: &str = "MVC_RELAY_PROMPTED";
+
+/// Source addresses [`RELAY_PROMPTED_MAP`] remembers (the least recently
+/// used go first).
+pub const RELAY_PROMPTED_SOURCES: u32 = 4_096;
+
+/// Name of the one-entry per-CPU array of the budget for passing unvalidated
+/// sources on: `[slot, used]`, the slot being `bpf_ktime_get_ns` divided by
+/// [`RELAY_PROMPT_SLOT_NS`].
+pub const RELAY_PROMPT_BUDGET_MAP: &str = "MVC_RELAY_PROMPT_BUDGET";
+
+/// Length of a prompt slot, and the least time between two datagrams passed
+/// on from one unvalidated source address: the supernode's own limits on
+/// register prompts (one per address per 100 ms).
+pub const RELAY_PROMPT_SLOT_NS: u64 = 100_000_000;
+
+/// Datagrams from unvalidated sources passed on per CPU and slot: what the
+/// supernode prompts in a slot at most (`SupernodeConfig::prompts_per_s`
+/// divided by ten); the rest is dropped in the program.
+pub const RELAY_PROMPTS_PER_SLOT: u64 = 200;
+
 /// Key of the relay map for `edge` of `community`.
 pub const fn relay_key(community: &[u8; 16], edge: &[u8; 8]) -> [u8; RELAY_KEY_LEN] {
     let mut k = [0u8; RELAY_KEY_LEN];
@@ -315,18 +340,24 @@ counters! {
         /// no route out of the same interface or no neighbour entry yet, or the
         /// datagram was above the route's MTU.
         PassedNoRoute = 3 => "passed_no_route",
+        /// A Relay or Bcast that would be dropped as `unknown_edge` or
+        /// `spoofed_source`, passed to userspace so that the supernode prompts
+        /// the sender to register (after a supernode restart, a new NAT
+        /// mapping): at most one per source address per
+        /// [`RELAY_PROMPT_SLOT_NS`] and [`RELAY_PROMPTS_PER_SLOT`] per CPU.
+        PassedUnknownSource = 4 => "passed_unknown_source",
         /// Dropped: version byte is not [`wire::VERSION`].
-        DropBadVersion = 4 => "bad_version",
+        DropBadVersion = 5 => "bad_version",
         /// Dropped: shorter than its type's fixed part.
-        DropTruncated = 5 => "truncated",
+        DropTruncated = 6 => "truncated",
         /// Dropped: a type the supernode never receives.
-        DropUnknownType = 6 => "unknown_type",
+        DropUnknownType = 7 => "unknown_type",
         /// Dropped: Relay or Bcast from an edge id the supernode has not
-        /// validated in that community.
-        DropUnknownEdge = 7 => "unknown_edge",
+        /// validated in that community (beyond the prompt limits).
+        DropUnknownEdge = 8 => "unknown_edge",
         /// Dropped: Relay or Bcast naming a validated edge but sent from another
-        /// address than the one it registered from.
-        DropSpoofed = 8 => "spoofed_source",
+        /// address than the one it registered from (beyond the prompt limits).
+        DropSpoofed = 9 => "spoofed_source",
     }
     /// Number of [`RelayCounter`] slots in [`RELAY_STATS_MAP`].
     pub const RELAY_COUNTERS;

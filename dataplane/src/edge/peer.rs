@@ -74,6 +74,10 @@ pub(super) struct Peer {
     pub(super) relay_rx_sn: Option<(usize, Instant)>,
     /// Its entry in the peer table's deadline index (`None`: not indexed yet).
     pub(super) indexed_at: Option<Instant>,
+    /// Changed since the table last indexed it (listed once in the table's touched
+    /// peers: its deadline is computed once per entry point, however often it was
+    /// accessed).
+    pub(super) touched: bool,
 }
 
 /// Handshake inits sent to one address of a peer, and when an authenticated packet last
@@ -116,6 +120,7 @@ impl Peer {
             tries: Vec::new(),
             relay_rx_sn: None,
             indexed_at: None,
+            touched: false,
         }
     }
 

@@ -9,8 +9,11 @@
 //! [`PeerTable::values_mut`] marks all) and every entry point of the core ends with
 //! [`PeerTable::reindex`], which moves the entries of touched peers earlier when their
 //! deadline did (most changes, a packet received or a peer listed again, only postpone
-//! timers: they cost one computation, no reordering). A poll sets the entries of the
-//! peers it visited exactly ([`PeerTable::reindex_exact`]). What a deadline depends on
+//! timers: they cost one computation, no reordering). A peer is marked once however
+//! often it is accessed ([`Peer::touched`]): a datagram reaches its peer several times
+//! (session, replay window, path, statistics), and its deadline is computed once. A poll
+//! sets the entries of the peers it visited exactly ([`PeerTable::reindex_exact`]),
+//! which also takes their marks. What a deadline depends on
 //! besides the peer: the timers and the edge's id (fixed), and "at once", written as the
 //! time of the last poll, which only moves forward (an older entry is earlier). Debug
 //! builds check the invariant against a full scan whenever the deadline is asked for.
@@ -50,7 +53,8 @@ pub(super) struct PeerTable {
     /// (not later than the peer's earliest timer, peer): one entry per peer, the time of
     /// which is also in [`Peer::indexed_at`].
     index: BTreeSet<(Instant, EdgeId)>,
-    /// Peers changed since the last [`PeerTable::reindex`] (may repeat).
+    /// Peers changed since the last [`PeerTable::reindex`], each once (those marked
+    /// [`Peer::touched`]; one whose mark [`PeerTable::reindex_exact`] took is skipped).
     touched: Vec<EdgeId>,
     /// Every peer may have changed.
     all_touched: bool,
@@ -75,12 +79,9 @@ impl PeerTable {
     }
 
     /// The peer, marked touched: its deadline is recomputed at the end of the entry point.
-    /// A datagram touches its peer several times in a row: it is listed once.
     pub(super) fn get_mut(&mut self, id: &EdgeId) -> Option<&mut Peer> {
         let p = self.map.get_mut(id)?;
-        if self.touched.last() != Some(id) {
-            self.touched.push(*id);
-        }
+        touch(&mut self.touched, p);
         Some(p)
     }
 
@@ -107,12 +108,12 @@ impl PeerTable {
     }
 
     /// Adds a peer (indexed at the end of the entry point, as a touched one).
-    pub(super) fn insert(&mut self, p: Peer) {
-        let id = p.id;
-        if let Some(old) = self.map.insert(id, p) {
+    pub(super) fn insert(&mut self, mut p: Peer) {
+        p.touched = false;
+        touch(&mut self.touched, &mut p);
+        if let Some(old) = self.map.insert(p.id, p) {
             self.unindex(&old);
         }
-        self.touched.push(id);
     }
 
     pub(super) fn remove(&mut self, id: &EdgeId) -> Option<Peer> {
@@ -169,6 +170,7 @@ impl PeerTable {
             self.touched.clear();
             let Self { map, index, .. } = self;
             for p in map.values_mut() {
+                p.touched = false;
                 lower(index, p, c);
             }
             return;
@@ -176,16 +178,20 @@ impl PeerTable {
         let mut touched = std::mem::take(&mut self.touched);
         for id in touched.drain(..) {
             if let Some(p) = self.map.get_mut(&id) {
-                lower(&mut self.index, p, c);
+                if std::mem::take(&mut p.touched) {
+                    lower(&mut self.index, p, c);
+                }
             }
         }
         self.touched = touched;
     }
 
-    /// Sets the entries of `ids` (the peers a poll visited) to their deadlines.
+    /// Sets the entries of `ids` (the peers a poll visited) to their deadlines, which
+    /// takes their marks: [`PeerTable::reindex`] after it does not compute them again.
     pub(super) fn reindex_exact(&mut self, ids: &[EdgeId], c: &DeadlineCtx) {
         for id in ids {
             if let Some(p) = self.map.get_mut(id) {
+                p.touched = false;
                 let d = p.deadline(c);
                 if p.indexed_at != Some(d) {
                     if let Some(at) = p.indexed_at {
@@ -199,11 +205,17 @@ impl PeerTable {
     }
 
     /// Checks the invariant against a full scan: every peer's entry is there and not
-    /// later than its deadline, and nothing else is indexed (debug builds).
+    /// later than its deadline, nothing else is indexed, and no peer waits for
+    /// [`PeerTable::reindex`] (debug builds, between entry points).
     #[cfg(debug_assertions)]
     pub(super) fn check_index(&self, c: &DeadlineCtx) {
         debug_assert_eq!(self.index.len(), self.map.len(), "one entry per peer");
+        debug_assert!(
+            self.touched.is_empty() && !self.all_touched,
+            "touched peers not reindexed"
+        );
         for p in self.map.values() {
+            debug_assert!(!p.touched, "a marked peer not reindexed");
             let at = p.indexed_at.expect("every peer is indexed");
             debug_assert!(self.index.contains(&(at, p.id)), "entry in the index");
             let d = p.deadline(c);
@@ -212,6 +224,14 @@ impl PeerTable {
                 "entry later than the peer's deadline: {at:?} > {d:?}"
             );
         }
+    }
+}
+
+/// Marks `p` touched, listing it in `touched` the first time.
+fn touch(touched: &mut Vec<EdgeId>, p: &mut Peer) {
+    if !p.touched {
+        p.touched = true;
+        touched.push(p.id);
     }
 }
 
@@ -313,6 +333,34 @@ mod tests {
         assert!(tab.remove(&[9; 8]).is_some());
         tab.check_index(&c);
         assert_eq!(tab.next_deadline(), Some(first + Duration::from_secs(1)));
+    }
+
+    /// A peer accessed several times in one entry point is listed once for
+    /// [`PeerTable::reindex`] (its deadline computed once), and a poll's exact reindexing
+    /// takes the marks of the peers it visited.
+    #[test]
+    fn a_peer_is_reindexed_once_per_entry_point() {
+        let t0 = Instant::now();
+        let timers = Timers::default();
+        let c = DeadlineCtx::of(&timers, [0; 8], t0);
+        let mut tab = table();
+        tab.insert(Peer::new([1; 8], t0));
+        tab.insert(Peer::new([2; 8], t0));
+        for _ in 0..5 {
+            tab.get_mut(&[1; 8]).unwrap().last_rx = Some(t0);
+        }
+        tab.get_mut(&[2; 8]).unwrap().last_rx = Some(t0);
+        assert_eq!(tab.touched, vec![[1; 8], [2; 8]], "each peer listed once");
+        tab.reindex(&c);
+        tab.check_index(&c);
+        tab.get_mut(&[1; 8]).unwrap().last_rx = Some(t0 + Duration::from_secs(1));
+        tab.get_mut(&[2; 8]).unwrap().last_rx = Some(t0 + Duration::from_secs(1));
+        tab.reindex_exact(&[[1; 8]], &c);
+        assert!(!tab.get(&[1; 8]).unwrap().touched, "visited: mark taken");
+        assert!(tab.get(&[2; 8]).unwrap().touched);
+        tab.reindex(&c);
+        tab.check_index(&c);
+        assert!(tab.values().all(|p| !p.touched));
     }
 
     #[test]

@@ -241,6 +241,10 @@ fn xdp_relay_status(r: &crate::xdp::XdpRelay) -> crate::status::XdpRelayStatus {
                 x.passed_no_route = v;
                 x.passed += v;
             }
+            C::PassedUnknownSource => {
+                x.passed_unknown_source = v;
+                x.passed += v;
+            }
             _ if v > 0 => {
                 x.drops.insert(name.to_owned(), v);
             }

@@ -31,6 +31,8 @@ const TAP_GONE_AFTER: u64 = 10_000;
 /// Frames taken off the AF_XDP RX ring per call, and calls per wake-up at most.
 const XDP_BATCH: u32 = 64;
 const XDP_ROUNDS: usize = 4;
+/// Ethernet header with one VLAN tag: what a frame of one MTU may carry above it.
+const MAX_ETH_HDR: usize = 18;
 
 /// A TAP device or an XDP port.
 #[derive(Debug)]
@@ -193,6 +195,9 @@ pub struct XdpQueue {
     send_unlocked: bool,
     /// Drops of the last send made without the core, counted at the next lock.
     drops: XdpDrops,
+    /// A received frame whose checksum is completed before it is sealed (made on the
+    /// first such frame).
+    csum_scratch: Vec<u8>,
 }
 
 impl RingPort {
@@ -218,6 +223,7 @@ impl RingPort {
                 gro: RxGro::new(),
                 send_unlocked: threads > 1,
                 drops: XdpDrops::default(),
+                csum_scratch: Vec::new(),
             }),
         }
     }
@@ -427,20 +433,49 @@ impl TapQueue {
 }
 
 impl XdpQueue {
+    /// Takes what the RX ring holds. With GSO through the port a frame above the
+    /// VMs' MTU is a TCP super-packet: it takes the TSO path whole (re-segmented to
+    /// fit the underlay there), and one that is not TCP is dropped and counted. A frame
+    /// passed on alone may carry a partial TCP/UDP checksum (the bridge side has
+    /// checksum offload): it is completed first, as for a TAP read with `NEEDS_CSUM`.
     fn on_poll(&mut self, res: i32, cx: &mut RxContext<'_>) -> u64 {
         if res < 0 {
             cx.core.count_drop("xdp_poll_error");
         }
         let (now, max_seg) = (cx.now, cx.max_seg_frame);
         let (core, out) = (&mut *cx.core, &mut *cx.out);
+        let gso_mtu = self.port.gso_mtu();
+        let scratch = &mut self.csum_scratch;
         let mut emit = |h: Option<&VnetHdr>, f: &[u8]| match h {
             Some(h) => core.handle_tap_tso(now, h, f, max_seg, out),
-            None => core.handle_tap(now, f, out),
+            None => match gso_mtu {
+                None => core.handle_tap(now, f, out),
+                Some(mtu) if f.len() > mtu + MAX_ETH_HDR => core.count_drop("bad_tso_frame"),
+                Some(_) => match offload::partial_l4_csum(f) {
+                    None => core.handle_tap(now, f, out),
+                    Some((start, offset, end)) => {
+                        if scratch.len() < f.len() {
+                            scratch.resize(f.len().max(TAP_READ_BUF), 0);
+                        }
+                        let g = &mut scratch[..f.len()];
+                        g.copy_from_slice(f);
+                        match offload::complete_csum(&mut g[..end], start, offset) {
+                            Ok(()) => core.handle_tap(now, g, out),
+                            Err(_) => core.count_drop("bad_csum_offload"),
+                        }
+                    }
+                },
+            },
         };
         let gro = &mut self.gro;
         let mut taken = 0;
         for _ in 0..XDP_ROUNDS {
-            let n = self.port.recv_batch(XDP_BATCH, |f| gro.push(f, &mut emit));
+            let n = self.port.recv_batch(XDP_BATCH, |f| match gso_mtu {
+                Some(mtu) if f.len() > mtu + MAX_ETH_HDR => {
+                    gro.push_alone(offload::tso_hdr(f, mtu).as_ref(), f, &mut emit)
+                }
+                _ => gro.push(f, &mut emit),
+            });
             taken += u64::from(n);
             if n < XDP_BATCH {
                 break;

@@ -171,7 +171,7 @@ pub struct Choice {
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
-            "{why}: XDP {} mode on {}/{}{}{}{}",
+            "{why}: XDP {} mode on {}/{}{}{}{}{}",
             port.mode().as_str(),
             port.names().0,
             port.names().1,
@@ -186,6 +186,11 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             },
             if port.bridge_gro() {
                 ", gro towards the bridge"
+            } else {
+                ""
+            },
+            if port.gso_mtu().is_some() {
+                ", gso from the bridge"
             } else {
                 ""
             }
@@ -321,6 +326,10 @@ pub struct XdpPortConfig {
     /// Queues of the veth and AF_XDP sockets (one per forwarder thread),
     /// 1..=[`MAX_QUEUES`].
     pub queues: u32,
+    /// Let the VMs' TCP super-packets through the port whole (generic mode, AF_XDP
+    /// multi-buffer and one queue needed; the port falls back to one-MTU frames
+    /// without them): docs/XDP.md "GSO through the port".
+    pub gso: bool,
 }
 
 /// Most queues of a port (entries of the program's XSKMAP).
@@ -336,6 +345,7 @@ impl XdpPortConfig {
             mode: ModeRequest::Auto,
             xsk: XskConfig::default(),
             queues: 1,
+            gso: true,
         }
     }
 }
@@ -377,6 +387,7 @@ struct PortShared {
     prog_id: u32,
     map_ids: Vec<u32>,
     veth: VethPort,
+    gso_mtu: Option<usize>,
 }
 
 impl XdpPort {
@@ -390,7 +401,15 @@ impl XdpPort {
                 cfg.queues
             )));
         }
-        let veth = VethPort::create(cfg.bridge.as_deref(), &cfg.port, cfg.mtu, cfg.queues)?;
+        let mut veth = VethPort::create(
+            cfg.bridge.as_deref(),
+            &cfg.port,
+            cfg.mtu,
+            cfg.queues,
+            // Generic XDP takes every frame from a veth without NAPI as rx queue 0
+            // (`__netif_rx` records none): one queue only.
+            cfg.gso && cfg.queues == 1,
+        )?;
         let iface = veth.edge_name().to_owned();
 
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
@@ -399,7 +418,13 @@ impl XdpPort {
         let prog_id = info.id();
         let map_ids = info.map_ids().ok().flatten().unwrap_or_default();
 
-        let (mode, errors) = attach_first(prog, &iface, attach_tries(cfg.mode))?;
+        // With GSO through the port, auto means generic mode: native XDP on a veth
+        // turns GSO off on its peer (`veth_xdp_set`, `veth_fix_features`).
+        let port_tries = match cfg.mode {
+            ModeRequest::Auto if veth.gso() => attach_tries(ModeRequest::Generic),
+            mode => attach_tries(mode),
+        };
+        let (mode, errors) = attach_first(prog, &iface, port_tries)?;
         if !errors.is_empty() {
             tracing::info!(%iface, fallback = %errors.join("; "), "XDP attached in generic mode");
         }
@@ -423,8 +448,12 @@ impl XdpPort {
         }
         let mut socks = socks.into_iter();
         let xsk = socks.next().ok_or_else(|| Error::Load("no queue".into()))?;
+        if mode == AttachMode::Native || !xsk.multi_buffer() {
+            veth.stop_gso()?;
+        }
+        let gso_mtu = veth.gso().then_some(cfg.mtu as usize);
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
-            multi_buffer = xsk.multi_buffer(), queues = cfg.queues, "XDP port up");
+            multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(), "XDP port up");
         Ok(Self {
             xsk,
             queue: 0,
@@ -435,6 +464,7 @@ impl XdpPort {
                 prog_id,
                 map_ids,
                 veth,
+                gso_mtu,
             }),
         })
     }
@@ -484,6 +514,13 @@ impl XdpPort {
     /// the bridge side of the port).
     pub fn bridge_gro(&self) -> bool {
         self.shared.veth.gro()
+    }
+
+    /// With GSO through the port, the VMs' MTU: a frame above it (plus its Ethernet
+    /// header) is a TCP super-packet to be re-segmented, and TCP/UDP checksums may be
+    /// partial. `None`: every frame is at most one MTU with complete checksums.
+    pub fn gso_mtu(&self) -> Option<usize> {
+        self.shared.gso_mtu
     }
 
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).

@@ -7,10 +7,14 @@
 //! bridge side is left for the operator to enslave, exactly like a TAP made
 //! with `--create-tap`.
 //!
-//! GSO: the bridge side is created with `gso_max_segs 1`, so the kernel
-//! segments TCP/UDP super-packets of the VMs *before* they enter the veth and
-//! every frame the XDP program sees is at most one MTU (AF_XDP carries no
-//! segmentation metadata; a 64 KiB GSO frame could not be sent on as is). Both ends carry the alias
+//! GSO: with `gso` the bridge side keeps TCP segmentation and checksum offload,
+//! so the VMs' TCP super-packets cross the veth whole (the XDP program must run
+//! in generic mode: native XDP on a veth turns GSO off on the peer) and the
+//! edge re-segments them; every other segmentation offload is turned off there,
+//! so the kernel segments UDP, SCTP and tunnel super-packets before the veth.
+//! Without `gso` (or after [`VethPort::stop_gso`]) the bridge side has
+//! `gso_max_segs 1` and no checksum offload: every frame the XDP program sees is
+//! at most one MTU with complete checksums. Both ends carry the alias
 //! `mvc-xdp pid=<pid>` so that a later start can tell a port left behind by a
 //! killed edge (owner gone: removed) from one in use (refused).
 //!
@@ -161,6 +165,29 @@ pub fn remove_stale(name: &str) -> Result<bool, PortError> {
 const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_STSO: u32 = 0x1f;
 const ETHTOOL_SGRO: u32 = 0x2c;
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_SFEATURES: u32 = 0x3b;
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
+
+/// Segmentation offloads kept on the bridge side with GSO through the port: TCP
+/// only, which the edge re-segments (`EdgeCore::handle_tap_tso`). A UDP or tunnel
+/// super-packet carries its segment size and inner headers in the skb alone.
+const GSO_KEPT: &[&str] = &[
+    "tx-tcp-segmentation",
+    "tx-tcp6-segmentation",
+    "tx-tcp-ecn-segmentation",
+    "tx-tcp-mangleid-segmentation",
+];
+
+/// Whether `name` is an offload to turn off with GSO through the port: every
+/// segmentation offload but TCP's, and SCTP's CRC (left partial in the frame, which
+/// the edge could not tell).
+fn gso_feature_off(name: &str) -> bool {
+    (name.ends_with("-segmentation") && !GSO_KEPT.contains(&name))
+        || matches!(name, "tx-gso-list" | "tx-gso-partial" | "tx-checksum-sctp")
+}
 
 /// Turns off transmit checksum offload of `dev` (`ethtool -K dev tx off`,
 /// through the SIOCETHTOOL ioctl so that no ethtool binary is needed).
@@ -175,10 +202,67 @@ fn ethtool_set(dev: &str, cmd: u32, data: u32, what: &str) -> Result<(), PortErr
         cmd: u32,
         data: u32,
     }
+    let mut value = EthtoolValue { cmd, data };
+    ethtool(dev, (&mut value as *mut EthtoolValue).cast(), what)
+}
+
+/// Turns off every offload of `dev` named by `off` (`ethtool -K dev NAME off` for
+/// each): the names come from the driver's feature strings, since the bit numbers
+/// differ between kernels. Returns the names turned off.
+fn features_off(dev: &str, off: impl Fn(&str) -> bool) -> Result<Vec<String>, PortError> {
+    #[repr(C)]
+    struct SsetInfo {
+        cmd: u32,
+        reserved: u32,
+        mask: u64,
+        count: u32,
+    }
+    let mut info = SsetInfo {
+        cmd: ETHTOOL_GSSET_INFO,
+        reserved: 0,
+        mask: 1 << ETH_SS_FEATURES,
+        count: 0,
+    };
+    ethtool(dev, (&mut info as *mut SsetInfo).cast(), "feature count")?;
+    let n = info.count as usize;
+    // struct ethtool_gstrings: cmd, string_set, len, then len strings of 32 bytes.
+    let mut strings = vec![0u32; 3 + n * ETH_GSTRING_LEN / 4];
+    strings[0] = ETHTOOL_GSTRINGS;
+    strings[1] = ETH_SS_FEATURES;
+    strings[2] = n as u32;
+    ethtool(dev, strings.as_mut_ptr().cast(), "feature names")?;
+    let bytes: Vec<u8> = strings[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let names: Vec<String> = bytes
+        .chunks(ETH_GSTRING_LEN)
+        .map(|c| {
+            let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+            String::from_utf8_lossy(&c[..end]).into_owned()
+        })
+        .collect();
+    // struct ethtool_sfeatures: cmd, size, then size blocks of (valid, requested).
+    let blocks = n.div_ceil(32);
+    let mut req = vec![0u32; 2 + 2 * blocks];
+    req[0] = ETHTOOL_SFEATURES;
+    req[1] = blocks as u32;
+    let mut turned = Vec::new();
+    for (bit, name) in names.iter().enumerate() {
+        if off(name) {
+            req[2 + 2 * (bit / 32)] |= 1 << (bit % 32);
+            turned.push(name.clone());
+        }
+    }
+    if !turned.is_empty() {
+        ethtool(dev, req.as_mut_ptr().cast(), "features off")?;
+    }
+    Ok(turned)
+}
+
+/// One SIOCETHTOOL ioctl on `dev` with `data` (an ethtool command structure).
+fn ethtool(dev: &str, data: *mut libc::c_void, what: &str) -> Result<(), PortError> {
     #[repr(C)]
     struct IfReq {
         name: [u8; libc::IFNAMSIZ],
-        data: *mut EthtoolValue,
+        data: *mut libc::c_void,
         _pad: [u8; 16],
     }
     let err = |msg: String| PortError::Ip {
@@ -188,10 +272,9 @@ fn ethtool_set(dev: &str, cmd: u32, data: u32, what: &str) -> Result<(), PortErr
     if dev.len() >= libc::IFNAMSIZ {
         return Err(err("name too long".into()));
     }
-    let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        data: &mut value,
+        data,
         _pad: [0; 16],
     };
     req.name[..dev.len()].copy_from_slice(dev.as_bytes());
@@ -200,13 +283,17 @@ fn ethtool_set(dev: &str, cmd: u32, data: u32, what: &str) -> Result<(), PortErr
     if fd < 0 {
         return Err(err(std::io::Error::last_os_error().to_string()));
     }
-    // SAFETY: SIOCETHTOOL reads an ifreq whose data points at a live
-    // ethtool_value; both outlive the call.
+    // SAFETY: SIOCETHTOOL reads an ifreq whose data points at a live ethtool
+    // command structure of the size its own fields announce (the callers build it
+    // so); both outlive the call.
     let r = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req as *mut IfReq) };
     let e = std::io::Error::last_os_error();
     // SAFETY: `fd` is ours and closed once.
     unsafe { libc::close(fd) };
-    if r != 0 {
+    // ETHTOOL_SFEATURES answers a positive value when some of the requested
+    // features are fixed for the device (ETHTOOL_F_UNSUPPORTED): they stay as
+    // they are, which for ours means off already or not offered.
+    if r < 0 {
         return Err(err(e.to_string()));
     }
     Ok(())
@@ -252,6 +339,7 @@ pub struct VethPort {
     name: String,
     edge: String,
     gro: bool,
+    gso: bool,
 }
 
 /// Enslaves an existing interface (the edge's TAP device) to `bridge` and
@@ -272,11 +360,15 @@ impl VethPort {
     /// Both ends get `queues` rx and tx queues: the bridge side picks a tx
     /// queue by flow hash, and veth hands the frame to the same rx queue
     /// on the edge side, so one flow always reaches one AF_XDP socket.
+    /// With `gso` the VMs' TCP super-packets cross the veth whole (see the module
+    /// documentation); best effort: where the offloads cannot be set, the port works
+    /// without ([`VethPort::gso`] says which).
     pub fn create(
         bridge: Option<&str>,
         name: &str,
         mtu: u32,
         queues: u32,
+        gso: bool,
     ) -> Result<Self, PortError> {
         check_name(name)?;
         if let Some(bridge) = bridge {
@@ -285,11 +377,6 @@ impl VethPort {
                 _ => return Err(PortError::NotABridge(bridge.to_owned())),
             }
         }
-        // Checksums: with tx checksum offload on the bridge side, the VMs'
-        // TCP/UDP frames cross the veth with only the pseudo-header sum in
-        // the checksum field (CHECKSUM_PARTIAL) and AF_XDP would hand them on
-        // like that. Off, the kernel completes the checksum before the veth
-        // (and, TSO depending on it, segments in software).
         for gone in sweep_stale()? {
             tracing::info!(port = %gone, "removed XDP port left by an edge that is gone");
         }
@@ -298,7 +385,7 @@ impl VethPort {
         let alias = format!("{ALIAS_PREFIX}{}", std::process::id());
         let mtu = mtu.to_string();
         let q = queues.max(1).to_string();
-        ip(&[
+        let mut add = vec![
             "link",
             "add",
             "dev",
@@ -320,17 +407,32 @@ impl VethPort {
             &q,
             "numrxqueues",
             &q,
-            "gso_max_segs",
-            "1",
-        ])?;
+        ];
+        if !gso {
+            add.extend(["gso_max_segs", "1"]);
+        }
+        ip(&add)?;
         // From here on, drop removes the pair.
         let mut port = Self {
             name: name.to_owned(),
             edge,
             gro: false,
+            gso,
         };
         ip(&["link", "set", "dev", &port.edge, "alias", &alias])?;
-        tx_checksum_off(&port.name)?;
+        if gso {
+            match features_off(&port.name, gso_feature_off) {
+                Ok(off) => tracing::debug!(port = %name, ?off, "GSO through the port: TCP only"),
+                Err(e) => {
+                    tracing::warn!(port = %name, error = %e, "no GSO through the port");
+                    port.stop_gso()?;
+                }
+            }
+        } else {
+            // The kernel completes checksums before the veth (and, TCP
+            // segmentation depending on checksum offload, segments in software).
+            tx_checksum_off(&port.name)?;
+        }
         // Frames the edge sends through AF_XDP enter the bridge one MTU at a
         // time. With GRO on the bridge side (which gives it a NAPI context)
         // and TSO off on the edge side (which makes veth_xmit treat the
@@ -381,6 +483,25 @@ impl VethPort {
     pub fn gro(&self) -> bool {
         self.gro
     }
+
+    /// Whether the VMs' TCP super-packets reach the edge side whole (with their
+    /// TCP/UDP checksums possibly partial: only the pseudo-header sum in the field).
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Back to frames of at most one MTU with complete checksums: checksum offload off
+    /// on the bridge side (TCP segmentation depends on it) and `gso_max_segs 1`. For an
+    /// edge side that cannot take super-packets whole (native XDP, no AF_XDP
+    /// multi-buffer).
+    pub fn stop_gso(&mut self) -> Result<(), PortError> {
+        if self.gso {
+            tx_checksum_off(&self.name)?;
+            ip(&["link", "set", "dev", &self.name, "gso_max_segs", "1"])?;
+            self.gso = false;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for VethPort {
@@ -404,6 +525,28 @@ mod tests {
         assert!(check_name("a b").is_err());
         assert!(check_name("a/b").is_err());
         assert_eq!(edge_side("mvc0"), "mvc0.x");
+    }
+
+    #[test]
+    fn only_tcp_segmentation_stays_with_gso() {
+        for keep in GSO_KEPT
+            .iter()
+            .chain(&["tx-checksum-ip-generic", "tx-scatter-gather"])
+        {
+            assert!(!gso_feature_off(keep), "{keep}");
+        }
+        for off in [
+            "tx-udp-segmentation",
+            "tx-udp_tnl-segmentation",
+            "tx-udp_tnl-csum-segmentation",
+            "tx-gre-segmentation",
+            "tx-sctp-segmentation",
+            "tx-gso-list",
+            "tx-gso-partial",
+            "tx-checksum-sctp",
+        ] {
+            assert!(gso_feature_off(off), "{off}");
+        }
     }
 
     #[test]

@@ -9,7 +9,12 @@
 //! registered over IPv6 is relayed by userspace). A Relay whose source edge is
 //! in the map but whose datagram comes from another address is dropped, as the
 //! userspace relay does (`relay_src_mismatch`): only the address that answered
-//! the supernode's cookie can make it send anything. Next-hop MACs come from
+//! the supernode's cookie can make it send anything. Relays and broadcasts from
+//! such unvalidated sources (an edge the supernode does not hold after a
+//! restart, an edge behind a new NAT mapping) still reach userspace within the
+//! limits of its register prompts (one per source address per 100 ms, a budget
+//! per 100 ms per CPU), so that the sender is prompted to register at once;
+//! past them they are dropped in the kernel. Next-hop MACs come from
 //! the kernel's FIB and neighbour table (`bpf_fib_lookup`); without a
 //! neighbour entry, or when the route leaves through another interface, the
 //! datagram goes to userspace, whose send resolves the neighbour for the next
@@ -244,8 +249,9 @@ impl XdpRelay {
 
 #[cfg(test)]
 mod tests {
-    use dataplane_ebpf_common::wire as w;
+    use dataplane_ebpf_common::{wire as w, RELAY_PROMPTS_PER_SLOT, RELAY_PROMPT_SLOT_NS};
 
+    use crate::supernode::SupernodeConfig;
     use crate::wire::{self, MsgType, Register};
 
     /// The program's view of the wire format is the codec's.
@@ -281,6 +287,15 @@ mod tests {
         assert_eq!(&buf[w::COMMUNITY_AT..w::COMMUNITY_AT + 16], &[3; 16]);
         assert_eq!(&buf[w::SRC_AT..w::SRC_AT + 8], &[4; 8]);
         assert_eq!(&buf[w::DST_AT..w::DST_AT + 8], &[5; 8]);
+        // Every Relay and Bcast the program passes on from an unvalidated source
+        // is long enough for the supernode to answer with a prompt, and the
+        // program's limits on them are the prompts' own.
+        assert!(wire::COOKIE_MSG_LEN <= w::RELAY_MIN_LEN.min(w::BCAST_MIN_LEN));
+        assert_eq!(
+            RELAY_PROMPTS_PER_SLOT,
+            u64::from(SupernodeConfig::default().prompts_per_s.div_ceil(10))
+        );
+        assert_eq!(RELAY_PROMPT_SLOT_NS, 100_000_000);
         // A relay of RELAY_MIN_LEN bytes decodes; one byte less does not.
         assert!(wire::RelayHdr::decode(&buf[..w::RELAY_MIN_LEN]).is_ok());
         assert!(wire::RelayHdr::decode(&buf[..w::RELAY_MIN_LEN - 1]).is_err());
