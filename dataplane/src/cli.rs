@@ -15,6 +15,7 @@ use crate::edge::{EdgeConfig, EdgeCore, EdgeError, L2Config, SupernodeAddr, Time
 use crate::io::ctl::{self, Snapshot};
 use crate::io::driver::{self, EdgeInfo};
 use crate::io::frames::FramePort;
+use crate::io::levers::Levers;
 use crate::io::uring::{self, ForwarderConfig, Offloads};
 use crate::io::{tap, udp, IoError};
 use crate::snkey::{KeyError, SupernodeKey};
@@ -178,6 +179,12 @@ struct EdgeArgs {
     /// 0 never polls [default: 200].
     #[arg(long, value_name = "MICROS")]
     busy_poll_us: Option<u64>,
+    /// io_uring features not to use even where the kernel has them, comma-separated:
+    /// fixed-reads (registered TAP read buffers), multishot (one multishot UDP receive
+    /// over a ring of provided buffers), or all. For measuring one against the other;
+    /// `mvc edge status` shows which are on.
+    #[arg(long, value_name = "LIST", env = "MVC_URING_OFF")]
+    uring_off: Option<String>,
     /// Forwarder threads, each with its own UDP socket (SO_REUSEPORT) and frame queue
     /// (multi-queue TAP, or one AF_XDP socket per veth queue); a flow stays on one
     /// thread. 1..=64 [default: 1].
@@ -653,6 +660,11 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
                 .count()
                 == 0,
         vnet: tap.as_ref().is_some_and(|t| t.vnet_hdr),
+        levers: if uring_ok {
+            Levers::without(a.uring_off.as_deref().unwrap_or(""))?.probe()
+        } else {
+            Levers::NONE
+        },
     };
     if let Some(tap) = tap.as_ref().filter(|_| uring_ok) {
         if !off.gso {

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use io_uring::{opcode, squeue, types};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::edge::EdgeCore;
 use crate::offload::{self, RxGro, VnetHdr, VNET_HDR_LEN};
@@ -184,6 +184,8 @@ pub struct TapQueue {
     /// Every queue of the device (one per thread; empty or one with a single thread).
     queues: Arc<[RawFd]>,
     failed_reads: u64,
+    /// `bufs` are registered with the ring: reads are `READ_FIXED`.
+    fixed: bool,
 }
 
 /// See [`RingPort::Xdp`].
@@ -213,6 +215,7 @@ impl RingPort {
                     ),
                     queues,
                     failed_reads: 0,
+                    fixed: false,
                 })
             }
             FramePort::Xdp(port) => Self::Xdp(XdpQueue {
@@ -234,14 +237,46 @@ impl RingPort {
         }
     }
 
+    /// Registers the TAP read buffers with `ring` (buffer `i` is read `i`'s), so that
+    /// reads are `READ_FIXED`; false for an XDP port, which has none. The buffers are
+    /// never freed, so they outlive the ring's registration.
+    pub fn register_fixed_reads(&mut self, ring: &IoUring) -> Result<bool, IoError> {
+        let Self::Tap(t) = self else {
+            return Ok(false);
+        };
+        let iovs: Vec<libc::iovec> = t
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: each iovec covers a whole buffer of `bufs`, which is never freed or
+        // resized (ManuallyDrop, fixed length), so the memory stays valid for as long as
+        // the ring holds the registration.
+        unsafe { ring.submitter().register_buffers(&iovs) }.map_err(|e| IoError::Sys {
+            call: "io_uring_register(IORING_REGISTER_BUFFERS)".into(),
+            source: e,
+        })?;
+        t.fixed = true;
+        Ok(true)
+    }
+
     /// The submission that arms read `i` (`i < reads()`). A TAP read points into the
-    /// buffer of slot `i`, which lives as long as the process.
+    /// buffer of slot `i`, which lives as long as the process (registered buffer `i` when
+    /// [`Self::register_fixed_reads`] succeeded).
     pub fn arm(&mut self, i: usize) -> squeue::Entry {
         match self {
             Self::Tap(t) => {
+                let fd = types::Fd(t.tap.as_raw_fd());
                 let b = &mut t.bufs[i];
-                opcode::Read::new(types::Fd(t.tap.as_raw_fd()), b.as_mut_ptr(), b.len() as u32)
-                    .build()
+                let (ptr, len) = (b.as_mut_ptr(), b.len() as u32);
+                if t.fixed {
+                    opcode::ReadFixed::new(fd, ptr, len, i as u16).build()
+                } else {
+                    opcode::Read::new(fd, ptr, len).build()
+                }
             }
             Self::Xdp(x) => {
                 opcode::PollAdd::new(types::Fd(x.port.as_raw_fd()), libc::POLLIN as u32).build()

@@ -36,7 +36,9 @@ use super::armed::{wait_for, Armed};
 use super::ctl::Snapshot;
 use super::driver::{self, EdgeInfo};
 use super::frames::{FramePort, RingPort, RxContext};
+use super::levers::{on, Levers};
 use super::mtu;
+use super::multishot::{refused, Multishot};
 use super::spin::{host_busy, AdaptiveSpin, IdleCores};
 use super::sys::{from_sockaddr, set_blocking, to_sockaddr};
 use super::threads::{Counts, Forwarders, MAX_THREADS};
@@ -64,6 +66,7 @@ const MAX_GSO_BYTES: usize = 65_000;
 const K_UDP: u64 = 1 << 32;
 const K_FRAMES: u64 = 2 << 32;
 const K_OUT: u64 = 3 << 32;
+const K_UDP_MULTI: u64 = 4 << 32;
 const K_MASK: u64 = 0xffff_ffff << 32;
 
 struct RecvSlot {
@@ -130,25 +133,20 @@ pub struct Offloads {
     pub gro: bool,
     /// TAP with virtio header (TSO/checksum offload).
     pub vnet: bool,
+    /// io_uring features beyond plain reads and sends (`io::levers`).
+    pub levers: Levers,
 }
 
 impl Offloads {
     /// Short description for status and logs.
     pub fn describe(&self) -> String {
         format!(
-            "io_uring; udp-gso {}; udp-gro {}; tap-vnet-hdr/tso {}",
+            "io_uring; udp-gso {}; udp-gro {}; {}; tap-vnet-hdr/tso {}",
             on(self.gso),
             on(self.gro),
+            self.levers.describe(),
             on(self.vnet)
         )
-    }
-}
-
-fn on(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off"
     }
 }
 
@@ -308,6 +306,8 @@ pub struct Forwarder {
     udp_slots: ManuallyDrop<Vec<Box<RecvSlot>>>,
     /// Which UDP receives are armed, and how many should be (see `io::armed`).
     udp_armed: Armed,
+    /// The multishot receive that replaces `udp_slots` when the kernel has it.
+    multishot: Option<Multishot>,
     port: RingPort,
     /// The same for the frame port's reads.
     frames_armed: Armed,
@@ -331,7 +331,8 @@ pub struct Forwarder {
     last_pub: Instant,
     last_load: Instant,
     last_host: Instant,
-    cqes: Vec<(u64, i32)>,
+    /// This round's completions: user data, result, flags.
+    cqes: Vec<(u64, i32, u32)>,
     /// An error found while reaping, returned once the round is done.
     fatal: Option<IoError>,
 }
@@ -350,7 +351,33 @@ impl Forwarder {
     ) -> Result<Self, IoError> {
         let ring = Ring::new()?;
         set_blocking(sock.as_raw_fd());
-        let port = RingPort::new(port, tap_queues, shared.threads());
+        let mut port = RingPort::new(port, tap_queues, shared.threads());
+        let mut off = cfg.off;
+        let multishot = if off.levers.multishot {
+            match Multishot::new(&ring.uring, RX_BUF) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    if me == 0 {
+                        tracing::warn!("no multishot receive ({e}); one recvmsg per datagram");
+                    }
+                    off.levers.multishot = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if off.levers.fixed_reads {
+            off.levers.fixed_reads = match port.register_fixed_reads(&ring.uring) {
+                Ok(registered) => registered,
+                Err(e) => {
+                    if me == 0 {
+                        tracing::warn!("TAP read buffers not registered ({e}); plain reads");
+                    }
+                    false
+                }
+            };
+        }
         let frames_armed = Armed::new(port.reads());
         let mut out = Outbox::new(mtu::packet_buf_size(cfg.info.mtu));
         out.gso = cfg.off.gso;
@@ -363,11 +390,12 @@ impl Forwarder {
             ring,
             udp_slots: ManuallyDrop::new((0..UDP_SLOTS).map(|_| RecvSlot::new()).collect()),
             udp_armed: Armed::new(UDP_SLOTS),
+            multishot,
             port,
             frames_armed,
             sock,
             out,
-            off: cfg.off,
+            off,
             gso_warned: false,
             underlay_payload: mtu::udp_payload(cfg.underlay_mtu),
             max_seg_frame: mtu::max_segment_frame(cfg.underlay_mtu),
@@ -419,7 +447,13 @@ impl Forwarder {
 
     /// Arms UDP receives and frame-port reads up to their targets (`io::armed`).
     fn rearm(&mut self) -> Result<(), IoError> {
-        while let Some(i) = self.udp_armed.to_arm() {
+        if let Some(m) = self.multishot.as_mut() {
+            if m.needs_arming() {
+                let e = m.arm(self.sock.as_raw_fd(), K_UDP_MULTI);
+                self.ring.push(&e)?;
+            }
+        }
+        while let Some(i) = self.udp_armed.to_arm().filter(|_| self.multishot.is_none()) {
             let e = self.udp_slots[i].arm(self.sock.as_raw_fd(), K_UDP | i as u64);
             self.ring.push(&e)?;
         }
@@ -489,8 +523,11 @@ impl Forwarder {
             }
         }
         self.cqes.clear();
-        self.cqes
-            .extend(uring.completion().map(|c| (c.user_data(), c.result())));
+        self.cqes.extend(
+            uring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
         Ok(idle_from)
     }
 
@@ -512,10 +549,14 @@ impl Forwarder {
         let waited = idle_from.map_or(Duration::ZERO, |t0| now.saturating_duration_since(t0));
         let cqes = std::mem::take(&mut self.cqes);
         let mut r = Ok(());
-        for &(ud, res) in &cqes {
+        for &(ud, res, flags) in &cqes {
             let i = (ud & !K_MASK) as usize;
             r = match ud & K_MASK {
                 K_UDP => self.on_udp(i, res, core, now, waited),
+                K_UDP_MULTI => {
+                    self.on_udp_multishot(res, flags, core, now);
+                    Ok(())
+                }
                 K_FRAMES => self.on_frames(i, res, core, now, waited),
                 K_OUT => {
                     self.on_sent(i, res, core);
@@ -553,17 +594,10 @@ impl Forwarder {
                 None
             };
             if let Some(src) = src {
-                let seg = seg.unwrap_or(n).max(1);
-                if seg < n {
+                let cx = (now, &mut self.out, &mut self.counts);
+                if handle_datagrams(core, cx, src, &mut slot.buf[..n], seg) {
                     // A GRO batch: datagrams arrive faster than one per round.
                     self.udp_armed.busy();
-                }
-                let mut o = 0;
-                while o < n {
-                    let e = (o + seg).min(n);
-                    core.handle_udp(now, src, &mut slot.buf[o..e], &mut self.out);
-                    self.counts.udp_rx += 1;
-                    o = e;
                 }
             }
         } else if res < 0 {
@@ -572,6 +606,37 @@ impl Forwarder {
         self.udp_armed
             .done(i, if res > 0 { waited } else { Duration::MAX });
         Ok(())
+    }
+
+    /// A completion of the multishot receive: its datagram (or GRO batch) is handled in
+    /// place and the buffer goes straight back to the kernel's ring.
+    fn on_udp_multishot(&mut self, res: i32, flags: u32, core: &mut EdgeCore, now: Instant) {
+        let Some(m) = self.multishot.as_mut() else {
+            return core.count_drop("unknown_completion");
+        };
+        let r = match m.complete(res, flags) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(errno) if refused(errno) && m.needs_arming() => {
+                // The kernel does not take the request: back to one recvmsg per slot,
+                // for good (the ring's memory stays leaked, see `io::multishot`).
+                tracing::warn!(errno, "multishot receive refused; one recvmsg per datagram");
+                self.multishot = None;
+                self.off.levers.multishot = false;
+                return core.count_drop("udp_recv_error");
+            }
+            Err(_) => return core.count_drop("udp_recv_error"),
+        };
+        let (o, n) = r.payload;
+        match r.src {
+            Some(src) if !r.truncated => {
+                let seg = if self.off.gro { r.segment } else { None };
+                let cx = (now, &mut self.out, &mut self.counts);
+                handle_datagrams(core, cx, src, &mut m.buf(r.bid)[o..o + n], seg);
+            }
+            _ => core.count_drop("udp_recv_error"),
+        }
+        m.give_back(r.bid);
     }
 
     /// Read `i` of the frame port completed.
@@ -797,9 +862,10 @@ impl Forwarder {
         s.datapath_reason = info.datapath_reason.clone();
         s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
         s.io = format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}",
+            "io_uring; udp-gso {}; udp-gro {}; {}; {}",
             on(self.off.gso),
             on(self.off.gro),
+            self.off.levers.describe(),
             self.port.describe()
         );
         s.tap = info.tap.clone();
@@ -807,6 +873,21 @@ impl Forwarder {
         s.listen = info.listen.clone();
         *self.cfg.snap.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
+}
+
+/// Hands the core a received datagram, or each datagram of a GRO batch (`segment`-byte
+/// pieces of `buf`); true when it was a batch.
+fn handle_datagrams(
+    core: &mut EdgeCore,
+    (now, out, counts): (Instant, &mut Outbox, &mut Counts),
+    src: std::net::SocketAddr,
+    buf: &mut [u8],
+    segment: Option<usize>,
+) -> bool {
+    let n = buf.len();
+    let seg = segment.unwrap_or(n).max(1);
+    counts.udp_rx += core.handle_udp_batch(now, src, buf, seg, out) as u64;
+    seg < n
 }
 
 /// A datagram (or GSO batch, with `segment`) for [`Forwarder::send_udp`].
