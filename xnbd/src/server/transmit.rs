@@ -96,18 +96,8 @@ impl Server {
                     writes.submit(&session, &out, &self);
                     reads.serve_here(&session, &out, &self, &mut ready);
                 }
-                if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
-                    // Written here when the writer is idle: no hand-off to another task.
-                    match wr.try_lock() {
-                        Ok(mut w) => {
-                            let mut segs = VecDeque::from(std::mem::take(&mut ready));
-                            write_segments(&mut *w, &mut segs, &self.budget, direct.as_deref())
-                                .await?;
-                            stalled(&self.budget, w.flush()).await?;
-                            ready = Vec::from(segs);
-                        }
-                        Err(_) => out.push_all(&mut ready),
-                    }
+                if rd.buffer().len() < proto::REQUEST_LEN {
+                    send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let mut h = [0u8; proto::REQUEST_LEN];
                 // The writer may fail while the client sends nothing: that ends the
@@ -128,8 +118,11 @@ impl Server {
                     return Ok(());
                 }
                 if req.typ == cmd::WRITE && rd.buffer().len() < req.length as usize {
-                    // The payload may have to be waited for.
+                    // The payload may have to be waited for: queued writes go first, and
+                    // the replies so far leave now (a client with a window of large writes
+                    // in flight sends more only as their replies come back).
                     writes.submit(&session, &out, &self);
+                    send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let units = self.budget.units(held_bytes(&req));
                 let hold = self.budget.try_take(&share, units);
@@ -536,6 +529,31 @@ async fn stalled<T>(
             Err(_) => {}
         }
     }
+}
+
+/// Write the replies in `ready` from the reader itself when the connection's writer is idle
+/// (no hand-off to another task), else queue them for the writer.
+async fn send_ready<W: AsyncWrite + Unpin>(
+    wr: &tokio::sync::Mutex<W>,
+    out: &Outbox,
+    ready: &mut Vec<Seg>,
+    budget: &Budget,
+    direct: Option<&AsyncFd<OwnedFd>>,
+) -> io::Result<()> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    match wr.try_lock() {
+        Ok(mut w) => {
+            let mut segs = VecDeque::from(std::mem::take(ready));
+            write_segments(&mut *w, &mut segs, budget, direct).await?;
+            stalled(budget, w.flush()).await?;
+            // Empty now: its allocation is kept for the next replies.
+            *ready = Vec::from(segs);
+        }
+        Err(_) => out.push_all(ready),
+    }
+    Ok(())
 }
 
 /// The writer of a connection, for replies completed on other tasks (the reader writes its
