@@ -1218,6 +1218,7 @@ impl Proxy {
                 std::mem::take(&mut *self.commits.queue.lock().unwrap_or_else(|e| e.into_inner()));
             if !batch.is_empty() {
                 let all: Vec<(u64, u64)> = batch.iter().flat_map(|b| b.0.iter().copied()).collect();
+                let all_runs = all.len();
                 let st = self.storage.clone();
                 let bm = self.bitmap.clone();
                 let r = blocking(move || {
@@ -1226,6 +1227,7 @@ impl Proxy {
                     Ok(())
                 })
                 .await;
+                tracing::trace!(runs = all_runs, ok = r.is_ok(), "commit: blocks marked");
                 for (_, tx) in batch {
                     let _ = tx.send(r.clone());
                 }
@@ -1337,6 +1339,7 @@ impl Proxy {
         start: usize,
     ) -> Result<Vec<u8>, OpError> {
         let len = (buf.len() - start) as u64;
+        tracing::trace!(off, len, "read: request");
         let mut fetched = Vec::new();
         if !self.is_target() {
             // Decided on arrival, so that the fetch ahead runs alongside this read's own.
@@ -1379,6 +1382,7 @@ impl Proxy {
             }
         }
         self.client_read_bytes.fetch_add(len, Ordering::Relaxed);
+        tracing::trace!(off, len, "read: reply ready");
         Ok(buf)
     }
 

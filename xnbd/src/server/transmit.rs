@@ -114,6 +114,7 @@ impl Server {
                 }
                 let req = Request::parse(&h).map_err(|e| ServerError::Protocol(e.to_string()))?;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(cookie = req.cookie, typ = req.typ, "request parsed");
                 if req.typ == cmd::DISC {
                     return Ok(());
                 }
@@ -249,12 +250,21 @@ impl Server {
                     });
                     continue;
                 }
+                let (wr, direct) = (wr.clone(), direct.clone());
                 tokio::spawn(async move {
                     let reply = match early {
                         Some(e) => error_reply(&session, &req, e),
                         None => handle(&session, &req, payload).await,
                     };
-                    out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
+                    // Written by this task when the writer is idle: one task hand-off less
+                    // on the reply path (a proxied cold read waits for nothing else).
+                    let mut segs = vec![srv.reply_seg(reply, Some(hold))];
+                    if send_ready(&wr, &out, &mut segs, &srv.budget, direct.as_deref())
+                        .await
+                        .is_err()
+                    {
+                        out.fail();
+                    }
                     drop(permit);
                 });
             }
@@ -583,8 +593,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 continue;
             }
             let mut w = wr.lock().await;
+            let n = segs.len();
             write_segments(&mut *w, &mut segs, &srv.budget, direct.as_deref()).await?;
             stalled(&srv.budget, w.flush()).await?;
+            tracing::trace!(replies = n, "replies written");
         }
         let mut w = wr.lock().await;
         stalled(&srv.budget, w.flush()).await?;
