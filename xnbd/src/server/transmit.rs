@@ -593,10 +593,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 continue;
             }
             let mut w = wr.lock().await;
-            let n = segs.len();
             write_segments(&mut *w, &mut segs, &srv.budget, direct.as_deref()).await?;
             stalled(&srv.budget, w.flush()).await?;
-            tracing::trace!(replies = n, "replies written");
         }
         let mut w = wr.lock().await;
         stalled(&srv.budget, w.flush()).await?;
@@ -620,6 +618,7 @@ async fn write_segments<W: AsyncWrite + Unpin>(
     sock: Option<&AsyncFd<OwnedFd>>,
 ) -> io::Result<()> {
     const MAX_IOV: usize = 512;
+    let replies = segs.len();
     let mut skip = 0; // bytes of the front segment already written
     while let Some(front) = segs.front() {
         if skip >= front.len() {
@@ -652,6 +651,7 @@ async fn write_segments<W: AsyncWrite + Unpin>(
         }
         skip += n;
     }
+    tracing::trace!(replies, "replies written");
     Ok(())
 }
 
