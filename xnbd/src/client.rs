@@ -546,6 +546,7 @@ impl Client {
             }
             return Err(e);
         }
+        tracing::trace!(cookie, offset, length, "source request sent");
         Ok(rx)
     }
 
@@ -684,6 +685,7 @@ async fn read_replies(rd: &mut Tracked, shared: &Mutex<Shared>) -> Result<(), Cl
             .ok_or_else(|| unknown(rep.cookie))?;
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
+        tracing::trace!(cookie = rep.cookie, "source reply read");
         if let Some((_, tx)) = take()? {
             let _ = tx.send(Ok(data));
         }

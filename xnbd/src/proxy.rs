@@ -55,14 +55,12 @@
 //! Exclusive use: the proxy holds a lock on the cache and bitmap files (see [`crate::lock`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::try_join_all;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{oneshot, watch, Notify};
@@ -264,36 +262,6 @@ impl Health {
 
 /// Fetched data: `(offset, bytes)` pieces in offset order.
 type Pieces = Vec<(u64, Vec<u8>)>;
-
-/// Run `futs` together (in this task); their outputs in order, or the first error (the
-/// others are dropped with it).
-async fn all_ok<T, F>(futs: Vec<F>) -> Result<Vec<T>, OpError>
-where
-    F: Future<Output = Result<T, OpError>>,
-{
-    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut outs: Vec<Option<T>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
-            if out.is_some() {
-                continue;
-            }
-            match f.as_mut().poll(cx) {
-                Poll::Ready(Ok(v)) => *out = Some(v),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => pending = true,
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok(()))
-        }
-    })
-    .await?;
-    Ok(outs.into_iter().flatten().collect())
-}
 
 /// What a claim fetched, published to readers waiting for its blocks as soon as it
 /// arrives (before it is stored, made durable and marked).
@@ -1170,7 +1138,8 @@ impl Proxy {
         let reads = pieces
             .iter()
             .map(|&(off, n)| self.source_read(demand, off, n as u32, patience));
-        let datas = all_ok(reads.collect()).await?;
+        // Together in this task; the first error drops the other reads.
+        let datas = try_join_all(reads).await?;
         Ok(pieces.iter().map(|p| p.0).zip(datas).collect())
     }
 
@@ -1218,6 +1187,7 @@ impl Proxy {
                 std::mem::take(&mut *self.commits.queue.lock().unwrap_or_else(|e| e.into_inner()));
             if !batch.is_empty() {
                 let all: Vec<(u64, u64)> = batch.iter().flat_map(|b| b.0.iter().copied()).collect();
+                let all_runs = all.len();
                 let st = self.storage.clone();
                 let bm = self.bitmap.clone();
                 let r = blocking(move || {
@@ -1226,6 +1196,7 @@ impl Proxy {
                     Ok(())
                 })
                 .await;
+                tracing::trace!(runs = all_runs, ok = r.is_ok(), "commit: blocks marked");
                 for (_, tx) in batch {
                     let _ = tx.send(r.clone());
                 }
@@ -1337,6 +1308,7 @@ impl Proxy {
         start: usize,
     ) -> Result<Vec<u8>, OpError> {
         let len = (buf.len() - start) as u64;
+        tracing::trace!(off, len, "read: request");
         let mut fetched = Vec::new();
         if !self.is_target() {
             // Decided on arrival, so that the fetch ahead runs alongside this read's own.
@@ -1379,6 +1351,7 @@ impl Proxy {
             }
         }
         self.client_read_bytes.fetch_add(len, Ordering::Relaxed);
+        tracing::trace!(off, len, "read: reply ready");
         Ok(buf)
     }
 

@@ -523,3 +523,55 @@ fn pipelined_mixed_requests_keep_replies_matched() {
     c.request(cmd::DISC, 0, 1, 0, 0);
     assert!(c.closed());
 }
+
+/// A client with large writes in flight sends more only as their replies come back, so the
+/// reply to a write is sent before the server waits for the next write's payload (held
+/// back until then, both sides would wait for each other).
+#[test]
+fn large_write_replied_while_the_next_payload_is_awaited() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 8 * MIB, 8 * MIB, 13);
+    let sock = d.path().join("nbd.sock");
+    let _srv = serve_disk(&img, &sock, &d.path().join("serve.log"));
+    let (mut c, _) = Raw::export_name(&sock, "disk");
+    const LEN: u32 = 128 << 10;
+    let header = |cookie: u64, offset: u64| {
+        Request {
+            flags: 0,
+            typ: cmd::WRITE,
+            cookie,
+            offset,
+            length: LEN,
+        }
+        .encode()
+    };
+    for i in 0..20u64 {
+        let (a, b) = (2 * i, 2 * i + 1);
+        // Write `a` whole, then `b`'s header and half its payload, in one go.
+        let mut wire = header(a, a * u64::from(LEN)).to_vec();
+        wire.extend(std::iter::repeat_n(a as u8 + 1, LEN as usize));
+        wire.extend_from_slice(&header(b, b * u64::from(LEN)));
+        wire.extend(std::iter::repeat_n(b as u8 + 1, LEN as usize / 2));
+        c.send(&wire);
+        // `a`'s reply arrives although `b` is incomplete (the read times out otherwise).
+        let s = c.simple();
+        assert_eq!((s.cookie, s.error), (a, 0));
+        c.send(&vec![b as u8 + 1; LEN as usize / 2]);
+        let s = c.simple();
+        assert_eq!((s.cookie, s.error), (b, 0));
+    }
+    let mut data = vec![0u8; LEN as usize];
+    for cookie in 0..40u64 {
+        c.request(cmd::READ, 0, 100 + cookie, cookie * u64::from(LEN), LEN);
+        let s = c.simple();
+        assert_eq!((s.cookie, s.error), (100 + cookie, 0));
+        c.0.read_exact(&mut data).unwrap();
+        assert!(
+            data.iter().all(|&x| x == cookie as u8 + 1),
+            "write {cookie}"
+        );
+    }
+    c.request(cmd::DISC, 0, 1, 0, 0);
+    assert!(c.closed());
+}

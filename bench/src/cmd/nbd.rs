@@ -626,6 +626,43 @@ fn timed_reads(sock: &Path, offsets: &[u64]) -> anyhow::Result<Vec<f64>> {
         .collect()
 }
 
+/// Times 64 KiB reads in pairs with libnbd, one connection to each socket: `a[i]` from
+/// `sock_a`, then `b[i]` from `sock_b`; ms per read, `(a, b)`. Paired, both see the same
+/// moment of a loaded machine and the same state of the source's rate filter (one after
+/// the other, the first set uses up its burst and the second waits for the link).
+fn paired_reads(
+    sock_a: &Path,
+    a: &[u64],
+    sock_b: &Path,
+    b: &[u64],
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let script = format!(
+        "import nbd, time\nha = nbd.NBD()\nha.connect_uri({:?})\nhb = nbd.NBD()\nhb.connect_uri({:?})\nfor x, y in zip([{}], [{}]):\n    t = time.perf_counter()\n    ha.pread(65536, x)\n    u = time.perf_counter()\n    hb.pread(65536, y)\n    print((u - t) * 1000, (time.perf_counter() - u) * 1000)\nha.shutdown()\nhb.shutdown()\n",
+        uri(sock_a),
+        uri(sock_b),
+        list(a),
+        list(b)
+    );
+    let out = run_cmd(
+        &s(&["/usr/bin/python3", "-c", &script]),
+        Duration::from_secs(240),
+    )?;
+    let mut ta = Vec::new();
+    let mut tb = Vec::new();
+    for l in out.lines() {
+        let mut it = l.split_whitespace().map(str::parse::<f64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(x)), Some(Ok(y))) => {
+                ta.push(x);
+                tb.push(y);
+            }
+            _ => bail!("paired read output {l:?}"),
+        }
+    }
+    Ok((ta, tb))
+}
+
 /// On-demand latency at one source delay.
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyRow {
@@ -645,7 +682,7 @@ pub struct LatencyRow {
     pub warm_median_ms: f64,
     /// cold / source medians.
     pub cold_over_source: f64,
-    /// The proxy's own cost per cold read: each cold read minus the source's median, ms;
+    /// The proxy's own cost per cold read: each cold read minus the direct read made just before it, ms;
     /// its median and 99th percentile.
     pub excess_median_ms: f64,
     /// 99th percentile (nearest rank) of the same.
@@ -662,13 +699,13 @@ fn latency(args: &Args, ctx: &Ctx, disk: &Path) -> anyhow::Result<Vec<LatencyRow
     let mut rows = Vec::new();
     for &d in &args.delays {
         let (mut src, ssock, _) = source(&ctx.dir, disk, d, args.link_mib, &format!("lat{d}"))?;
-        let source_ms = timed_reads(&ssock, &other)?;
         let mut px = start_proxy(ctx, &ssock, &format!("lat{d}"), &["--no-background"])?;
-        let cold_ms = timed_reads(&px.sock, &offsets)?;
+        let (source_ms, cold_ms) = paired_reads(&ssock, &other, &px.sock, &offsets)?;
         let warm_ms = timed_reads(&px.sock, &offsets)?;
         px.proc.stop();
         src.stop();
-        let excess: Vec<f64> = cold_ms.iter().map(|c| c - median(&source_ms)).collect();
+        // Each cold read against the direct read just before it.
+        let excess: Vec<f64> = cold_ms.iter().zip(&source_ms).map(|(c, s)| c - s).collect();
         let row = LatencyRow {
             delay_ms: d,
             excess_median_ms: median(&excess),

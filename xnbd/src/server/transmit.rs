@@ -96,18 +96,8 @@ impl Server {
                     writes.submit(&session, &out, &self);
                     reads.serve_here(&session, &out, &self, &mut ready);
                 }
-                if rd.buffer().len() < proto::REQUEST_LEN && !ready.is_empty() {
-                    // Written here when the writer is idle: no hand-off to another task.
-                    match wr.try_lock() {
-                        Ok(mut w) => {
-                            let mut segs = VecDeque::from(std::mem::take(&mut ready));
-                            write_segments(&mut *w, &mut segs, &self.budget, direct.as_deref())
-                                .await?;
-                            stalled(&self.budget, w.flush()).await?;
-                            ready = Vec::from(segs);
-                        }
-                        Err(_) => out.push_all(&mut ready),
-                    }
+                if rd.buffer().len() < proto::REQUEST_LEN {
+                    send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let mut h = [0u8; proto::REQUEST_LEN];
                 // The writer may fail while the client sends nothing: that ends the
@@ -124,12 +114,16 @@ impl Server {
                 }
                 let req = Request::parse(&h).map_err(|e| ServerError::Protocol(e.to_string()))?;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(cookie = req.cookie, typ = req.typ, "request parsed");
                 if req.typ == cmd::DISC {
                     return Ok(());
                 }
                 if req.typ == cmd::WRITE && rd.buffer().len() < req.length as usize {
-                    // The payload may have to be waited for.
+                    // The payload may have to be waited for: queued writes go first, and
+                    // the replies so far leave now (a client with a window of large writes
+                    // in flight sends more only as their replies come back).
                     writes.submit(&session, &out, &self);
+                    send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let units = self.budget.units(held_bytes(&req));
                 let hold = self.budget.try_take(&share, units);
@@ -256,12 +250,21 @@ impl Server {
                     });
                     continue;
                 }
+                let (wr, direct) = (wr.clone(), direct.clone());
                 tokio::spawn(async move {
                     let reply = match early {
                         Some(e) => error_reply(&session, &req, e),
                         None => handle(&session, &req, payload).await,
                     };
-                    out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
+                    // Written by this task when the writer is idle: one task hand-off less
+                    // on the reply path (a proxied cold read waits for nothing else).
+                    let mut segs = vec![srv.reply_seg(reply, Some(hold))];
+                    if send_ready(&wr, &out, &mut segs, &srv.budget, direct.as_deref())
+                        .await
+                        .is_err()
+                    {
+                        out.fail();
+                    }
                     drop(permit);
                 });
             }
@@ -538,6 +541,31 @@ async fn stalled<T>(
     }
 }
 
+/// Write the replies in `ready` from the reader itself when the connection's writer is idle
+/// (no hand-off to another task), else queue them for the writer.
+async fn send_ready<W: AsyncWrite + Unpin>(
+    wr: &tokio::sync::Mutex<W>,
+    out: &Outbox,
+    ready: &mut Vec<Seg>,
+    budget: &Budget,
+    direct: Option<&AsyncFd<OwnedFd>>,
+) -> io::Result<()> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    match wr.try_lock() {
+        Ok(mut w) => {
+            let mut segs = VecDeque::from(std::mem::take(ready));
+            write_segments(&mut *w, &mut segs, budget, direct).await?;
+            stalled(budget, w.flush()).await?;
+            // Empty now: its allocation is kept for the next replies.
+            *ready = Vec::from(segs);
+        }
+        Err(_) => out.push_all(ready),
+    }
+    Ok(())
+}
+
 /// The writer of a connection, for replies completed on other tasks (the reader writes its
 /// inline replies itself when the socket is free): takes every queued reply at once and
 /// writes them with one gathered write (more if the socket takes less).
@@ -590,6 +618,7 @@ async fn write_segments<W: AsyncWrite + Unpin>(
     sock: Option<&AsyncFd<OwnedFd>>,
 ) -> io::Result<()> {
     const MAX_IOV: usize = 512;
+    let replies = segs.len();
     let mut skip = 0; // bytes of the front segment already written
     while let Some(front) = segs.front() {
         if skip >= front.len() {
@@ -622,6 +651,7 @@ async fn write_segments<W: AsyncWrite + Unpin>(
         }
         skip += n;
     }
+    tracing::trace!(replies, "replies written");
     Ok(())
 }
 
