@@ -693,17 +693,8 @@ fn garbage_is_counted_never_fatal() {
 
 #[test]
 fn tso_frames_are_resegmented_into_gso_batches() {
-    let mut net = Net::new(1);
-    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
-    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
-    net.edges[a].out.gso = true;
-    net.edges[a].out.gso_max_segment = 1472;
-    net.run(Duration::from_secs(2));
-    net.send_frame(b, &frame(BCAST, mac(2), 1));
-    let (hdr, f) = tcp_super_frame(20_000);
-    let now = net.now;
+    let (mut net, a, b, f) = tso_sealed_by_a(20_000);
     let e = &mut net.edges[a];
-    e.core.handle_tap_tso(now, &hdr, &f, 1404, &mut e.out);
     assert!(e.out.udp.iter().all(|u| u.segment.is_some()));
     let n0 = net.edges[b].tap_rx.len();
     let ea = net.edges[a].addr;
@@ -715,6 +706,24 @@ fn tso_frames_are_resegmented_into_gso_batches() {
     let payload: Vec<u8> = got.iter().flat_map(|s| s[54..].to_vec()).collect();
     assert_eq!(payload, f[54..].to_vec());
     assert!(got.iter().all(|s| s.len() <= 1404));
+}
+
+/// Two edges `a` and `b` (b at mac 2, learnt by a) with GSO sends on `a`, and a TCP
+/// super-frame of `payload` bytes from `a`'s TAP sealed into `a`'s outbox as GSO batches
+/// for an underlay MTU of 1404. Returns the network, `a`, `b` and the frame.
+fn tso_sealed_by_a(payload: usize) -> (Net, usize, usize, Vec<u8>) {
+    let mut net = Net::new(1);
+    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
+    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
+    net.edges[a].out.gso = true;
+    net.edges[a].out.gso_max_segment = 1472;
+    net.run(Duration::from_secs(2));
+    net.send_frame(b, &frame(BCAST, mac(2), 1));
+    let (hdr, f) = tcp_super_frame(payload);
+    let now = net.now;
+    let e = &mut net.edges[a];
+    e.core.handle_tap_tso(now, &hdr, &f, 1404, &mut e.out);
+    (net, a, b, f)
 }
 
 /// A TCP super-frame from mac 1 to mac 2 with `payload` bytes (`i % 251` each) and the
@@ -746,17 +755,9 @@ fn tcp_super_frame(payload: usize) -> (dataplane::offload::VnetHdr, Vec<u8>) {
 /// index stays right (debug builds check it when the deadline is read).
 #[test]
 fn a_gro_batch_is_handled_as_its_datagrams() {
-    let mut net = Net::new(1);
-    let a = net.add_edge("a", "s", Cipher::Aes256Gcm);
-    let b = net.add_edge("b", "s", Cipher::Aes256Gcm);
-    net.edges[a].out.gso = true;
-    net.edges[a].out.gso_max_segment = 1472;
-    net.run(Duration::from_secs(2));
-    net.send_frame(b, &frame(BCAST, mac(2), 1));
-    let (hdr, f) = tcp_super_frame(30_000);
+    let (mut net, a, b, f) = tso_sealed_by_a(30_000);
     let now = net.now;
     let e = &mut net.edges[a];
-    e.core.handle_tap_tso(now, &hdr, &f, 1404, &mut e.out);
     let batches: Vec<(Vec<u8>, usize)> = e
         .out
         .udp
