@@ -6,7 +6,7 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::xdp::{ModeRequest, XdpRelay};
+use dataplane::xdp::{relay_tc_programs, RelayMode, XdpRelay};
 use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Topology};
 use serde_json::Value;
@@ -44,8 +44,8 @@ fn throw(lab: &Lab, ns: &str, dst: SocketAddrV4, datagram: &[u8], n: usize) {
     .unwrap();
 }
 
-/// Starts the supernode on site A's frontend (with the XDP relay on its uplink `eth0` in
-/// `mode`, native or generic, when `xdp`) and an edge per site. The returned relay handle
+/// Starts the supernode on site A's frontend (with the kernel relay on its uplink `eth0` in
+/// `mode`, native, generic or tc, when `xdp`) and an edge per site. The returned relay handle
 /// is the pass-through program on the uplink's peer (native mode only), which must live
 /// as long as the supernode.
 fn start(
@@ -65,7 +65,7 @@ fn start(
     let peer_prog = (xdp && mode == "native").then(|| {
         let peer = format!("s{}", a.idx);
         lab.in_ns(&t.inet, || {
-            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), ModeRequest::Native)
+            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), RelayMode::Native)
         })
         .unwrap()
         .unwrap()
@@ -183,20 +183,37 @@ fn test_bin() -> Mvc {
 /// answers with a prompt to register; ping still works after.
 #[test]
 fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
+    relays_filters_junk_and_refuses_spoofed_sources(
+        "xdp_relay_relays_filters_junk_and_refuses_spoofed_sources",
+        "xr",
+        "native",
+    );
+}
+
+/// The same with the relay as a TC classifier (`--xdp-relay-mode tc`): the edges' GSO
+/// batches are relayed whole by the kernel, with the same checks and counters.
+#[test]
+fn tc_relay_relays_filters_junk_and_refuses_spoofed_sources() {
+    relays_filters_junk_and_refuses_spoofed_sources(
+        "tc_relay_relays_filters_junk_and_refuses_spoofed_sources",
+        "xt",
+        "tc",
+    );
+}
+
+/// The relay scenario of the two tests above, with the relay in `mode`.
+fn relays_filters_junk_and_refuses_spoofed_sources(test: &str, prefix: &str, mode: &str) {
     if let Some(why) = skip_reason() {
-        lab::skip(
-            "xdp_relay_relays_filters_junk_and_refuses_spoofed_sources",
-            &why,
-        );
+        lab::skip(test, &why);
         return;
     }
-    let lab = Lab::new("xr").expect("lab");
+    let lab = Lab::new(prefix).expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (a, b, c) = (t.site("a"), t.site("b"), t.site("c"));
     t.block_udp(&lab, b, c, None).unwrap();
     let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
-    let (sn, edges, _peer_prog) = start(&lab, &t, &mvc, true, "native");
+    let (sn, edges, _peer_prog) = start(&lab, &t, &mvc, true, mode);
     let (vb, vc) = (&b.vms[0], &c.vms[0]);
     let status = || mvc.supernode_status(&lab, &sn).expect("supernode status");
     if let Err(e) = lab::wait_ping(&lab, &vb.ns, vc.ip, UP) {
@@ -207,11 +224,12 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
     })
     .unwrap_or_else(|e| panic!("{e}: {}", status()));
     let st0 = status();
-    assert_eq!(st0["xdp_relay"]["mode"].as_str(), Some("native"), "{st0}");
+    assert_eq!(st0["xdp_relay"]["mode"].as_str(), Some(mode), "{st0}");
 
     let p = lab::ping(&lab, &vb.ns, vc.ip, 20, 0.05).unwrap();
     assert!(p.received + 1 >= p.sent, "relayed ping: {p:?}");
-    let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, 2).unwrap();
+    let secs = 2;
+    let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, secs).unwrap();
     assert!(bps > 1e6, "relayed iperf3: {bps} b/s");
     // Published every PUBLISH interval: wait for the counters to catch up.
     std::thread::sleep(Duration::from_millis(600));
@@ -221,7 +239,14 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
         st1["relayed_packets"].as_u64().unwrap() - st0["relayed_packets"].as_u64().unwrap();
     assert!(
         by_xdp > 1000 && by_xdp > 10 * by_user,
-        "XDP relayed {by_xdp}, userspace {by_user}: {st1}"
+        "kernel relayed {by_xdp}, userspace {by_user}: {st1}"
+    );
+    // What iperf3 moved went through the kernel's relay (sealed, so more bytes).
+    let bytes_by_xdp = xdp(&st1, "relayed_bytes") - xdp(&st0, "relayed_bytes");
+    let moved = bps * f64::from(secs) / 8.0;
+    assert!(
+        bytes_by_xdp as f64 >= 0.9 * moved,
+        "kernel relayed {bytes_by_xdp} bytes, iperf3 moved {moved:.0}: {st1}"
     );
     for e in [&edges[1], &edges[2]] {
         assert_eq!(
@@ -313,17 +338,113 @@ fn xdp_relay_relays_filters_junk_and_refuses_spoofed_sources() {
     let table = mvc
         .status_table(&lab, &a.frontend, "supernode", &sn.sock)
         .unwrap();
-    assert!(table.contains("xdp relay on eth0 (native"), "{table}");
+    assert!(
+        table.contains(&format!("xdp relay on eth0 ({mode}")),
+        "{table}"
+    );
     assert_running(&lab, Some(&sn), &edges);
 }
 
-/// Relayed throughput with the XDP relay against the userspace relay and the direct
-/// path, and the supernode process's CPU per relayed GB; each configuration started
+/// The `mvc_relay_tc` programs on the tc ingress of site A's uplink.
+fn tc_programs(lab: &Lab, t: &Topology) -> Vec<u32> {
+    lab.in_ns(&t.site("a").frontend, || relay_tc_programs("eth0"))
+        .unwrap()
+        .unwrap()
+}
+
+/// A supernode with the TC relay killed with SIGKILL leaves no program behind (the tcx
+/// link dies with the process); a fresh start on the same interface attaches exactly one
+/// and relays in the kernel again; a second supernode on the same interface is refused
+/// the hook (it relays in userspace) instead of attaching a second program.
+#[test]
+fn tc_relay_after_a_killed_supernode_is_attached_once() {
+    if let Some(why) = skip_reason() {
+        lab::skip("tc_relay_after_a_killed_supernode_is_attached_once", &why);
+        return;
+    }
+    let lab = Lab::new("xk").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (a, b, c) = (t.site("a"), t.site("b"), t.site("c"));
+    t.block_udp(&lab, b, c, None).unwrap();
+    let (vb, vc) = (&b.vms[0], &c.vms[0]);
+    let (sn, edges, _) = start(&lab, &t, &mvc, true, "tc");
+    lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap();
+    let first = tc_programs(&lab, &t);
+    assert_eq!(
+        first.len(),
+        1,
+        "one program after the first start: {first:?}"
+    );
+
+    lab.kill(&sn.proc);
+    lab.wait_until(
+        "the killed supernode's program gone",
+        Duration::from_secs(5),
+        || tc_programs(&lab, &t).is_empty(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tc_programs(&lab, &t)));
+
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let tc = ["--xdp-relay", "eth0", "--xdp-relay-mode", "tc"];
+    let sn = mvc
+        .supernode_with(&lab, &a.frontend, sn_addr, "supernode", &tc)
+        .unwrap();
+    let status = || mvc.supernode_status(&lab, &sn).expect("supernode status");
+    assert_eq!(status()["xdp_relay"]["mode"].as_str(), Some("tc"));
+    let second = tc_programs(&lab, &t);
+    assert!(
+        second.len() == 1 && second != first,
+        "one new program after the restart: {first:?} then {second:?}"
+    );
+    // The edges come back (prompted by the relays the new supernode does not know yet).
+    lab.wait_until("3 edges in the relay map", UP, || {
+        xdp(&status(), "edges") >= 3
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status()));
+    lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap();
+    let st0 = status();
+    let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, 2).unwrap();
+    assert!(bps > 1e6, "relayed iperf3 after the restart: {bps} b/s");
+    std::thread::sleep(Duration::from_millis(600));
+    let st1 = status();
+    assert!(
+        xdp(&st1, "relayed_packets") - xdp(&st0, "relayed_packets") > 1000,
+        "the kernel relays after the restart: {st1}"
+    );
+
+    // A second supernode (another port) on the same interface: no second program.
+    let other = mvc
+        .supernode_with(
+            &lab,
+            &a.frontend,
+            SocketAddrV4::new(a.public_ip, SUPERNODE_PORT + 1),
+            "supernode2",
+            &tc,
+        )
+        .unwrap();
+    let st = mvc.supernode_status(&lab, &other).unwrap();
+    assert!(
+        st["xdp_relay"].is_null(),
+        "second supernode got the hook: {st}"
+    );
+    assert_eq!(tc_programs(&lab, &t), second, "still exactly one program");
+    assert!(
+        lab.log(&other.proc).contains("already runs mvc_relay_tc"),
+        "{}",
+        lab.log(&other.proc)
+    );
+    lab.stop(&other.proc);
+    assert_running(&lab, Some(&sn), &edges);
+}
+
+/// Relayed throughput with the XDP relay and the TC relay against the userspace relay
+/// and the direct path, and the supernode process's CPU per relayed GB; each configuration started
 /// fresh, the order rotated every round. Ignored (minutes; for docs/BENCH.md): run with
 /// `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test xdp_relay --
 /// --ignored --nocapture measure_relay`; `MVC_RELAY_ROUNDS` (default 3), `MVC_RELAY_SECS`
-/// (default 4); `MVC_RELAY_MODE` (`native`, the default, or `generic`) is the relay
-/// program's attach mode; `MVC_RELAY_UDP=LEN` measures iperf3 UDP datagrams of LEN bytes
+/// (default 4); `MVC_RELAY_MODE` (`native`, the default, or `generic`) is the XDP relay
+/// program's attach mode (`tc` is the TC classifier's configuration); `MVC_RELAY_UDP=LEN` measures iperf3 UDP datagrams of LEN bytes
 /// offered at `MVC_RELAY_UDP_MBIT` (default 300) Mbit/s instead of TCP (rate = bytes
 /// received); `MVC_RELAY_LINKS=1` also prints the counters of site A's uplink (both
 /// ends) and of the XDP program after each run.
@@ -345,14 +466,17 @@ fn measure_relay() {
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (b, c) = (t.site("b"), t.site("c"));
     let (vb, vc) = (&b.vms[0], &c.vms[0]);
-    let configs = ["direct", "user", "xdp"];
+    let configs = ["direct", "user", "xdp", "tc"];
+    let n = configs.len();
     let mut results: Vec<(usize, f64, f64, f64)> = Vec::new();
     for r in 0..rounds as usize {
-        for k in 0..configs.len() {
-            let ci = (k + r) % configs.len();
+        for k in 0..n {
+            let ci = (k + r) % n;
             let name = configs[ci];
             let rules = (name != "direct").then(|| t.block_udp(&lab, b, c, None).unwrap());
-            let (sn, edges, peer) = start(&lab, &t, &mvc, name == "xdp", &mode);
+            let relay_mode = if name == "tc" { "tc" } else { mode.as_str() };
+            let (sn, edges, peer) =
+                start(&lab, &t, &mvc, name == "xdp" || name == "tc", relay_mode);
             lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap();
             let want = if name == "direct" {
                 "direct"
@@ -440,19 +564,12 @@ fn measure_relay() {
         );
     }
     // Paired per round: relayed over direct.
-    for (ci, name) in [(1, "user"), (2, "xdp")] {
+    for (ci, name) in [(1, "user"), (2, "xdp"), (3, "tc")] {
         let ratios: Vec<f64> = (0..rounds as usize)
             .map(|r| {
-                results[r * 3..r * 3 + 3]
-                    .iter()
-                    .find(|x| x.0 == ci)
-                    .unwrap()
-                    .1
-                    / results[r * 3..r * 3 + 3]
-                        .iter()
-                        .find(|x| x.0 == 0)
-                        .unwrap()
-                        .1
+                let round = &results[r * n..r * n + n];
+                let rate = |c: usize| round.iter().find(|x| x.0 == c).unwrap().1;
+                rate(ci) / rate(0)
             })
             .collect();
         println!(

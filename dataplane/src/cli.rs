@@ -378,14 +378,15 @@ struct SnArgs {
     /// [default: /var/lib/mvc/supernode.key].
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
-    /// Relay sealed data between validated edges in an XDP program on this underlay
-    /// interface, and drop junk for the supernode's port there (docs/XDP.md); anything
-    /// else goes to the socket as without it. If the kernel or driver refuses, the
-    /// supernode warns once and relays in userspace.
+    /// Relay sealed data between validated edges in the kernel (an XDP or TC program)
+    /// on this underlay interface, and drop junk for the supernode's port there
+    /// (docs/XDP.md); anything else goes to the socket as without it. If the kernel or
+    /// driver refuses, the supernode warns once and relays in userspace.
     #[arg(long, value_name = "IFACE")]
     xdp_relay: Option<String>,
-    /// XDP attach mode for --xdp-relay: auto (native, or generic on veth and where the
-    /// driver refuses), native or generic [default: auto].
+    /// Hook for --xdp-relay: tc (a TC classifier on ingress: keeps the edges' GSO
+    /// batches whole; Linux 6.6), native or generic XDP, or auto (tc on veth, else
+    /// native XDP, generic where the driver refuses) [default: auto].
     #[arg(long, value_name = "MODE")]
     xdp_relay_mode: Option<String>,
 }
@@ -877,7 +878,7 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
     let relay = match a.xdp_relay.or(f.xdp_relay) {
         None => None,
         Some(iface) => {
-            let mode: xdp::ModeRequest = a
+            let mode: xdp::RelayMode = a
                 .xdp_relay_mode
                 .or(f.xdp_relay_mode)
                 .as_deref()

@@ -286,7 +286,7 @@ pub struct XdpFilterStatus {
 pub struct XdpRelayStatus {
     /// Interface it runs on.
     pub iface: String,
-    /// `native` or `generic`.
+    /// `native` or `generic` (XDP), or `tc`.
     pub mode: String,
     /// Validated IPv4 edges in its map.
     pub edges: u64,
@@ -303,6 +303,10 @@ pub struct XdpRelayStatus {
     /// register prompts' limits so that the supernode prompts their senders.
     #[serde(default)]
     pub passed_unknown_source: u64,
+    /// Of those, GSO batches of relays passed on whole (tc) because their
+    /// datagrams do not all go between the same two edges.
+    #[serde(default)]
+    pub passed_mixed_batch: u64,
     /// Datagrams dropped by the program, by reason.
     pub drops: BTreeMap<String, u64>,
     /// Map updates that failed.
@@ -654,7 +658,7 @@ impl SupernodeStatus {
             let _ = write!(
                 o,
                 "xdp relay on {} ({}, {} edges): relayed {} packets / {} bytes (userspace: {} / {}); \
-                 to userspace {} (no route {}, unvalidated source {}); drops:",
+                 to userspace {} (no route {}, unvalidated source {}, mixed batch {}); drops:",
                 x.iface,
                 x.mode,
                 x.edges,
@@ -664,7 +668,8 @@ impl SupernodeStatus {
                 self.relayed_bytes,
                 x.passed,
                 x.passed_no_route,
-                x.passed_unknown_source
+                x.passed_unknown_source,
+                x.passed_mixed_batch
             );
             if x.drops.is_empty() {
                 let _ = write!(o, " none");
@@ -716,6 +721,7 @@ impl SupernodeStatus {
                 ("passed_total", x.passed),
                 ("passed_no_route_total", x.passed_no_route),
                 ("passed_unknown_source_total", x.passed_unknown_source),
+                ("passed_mixed_batch_total", x.passed_mixed_batch),
                 ("map_errors_total", x.map_errors),
             ] {
                 let _ = writeln!(o, "# TYPE mvc_supernode_xdp_{m} counter");

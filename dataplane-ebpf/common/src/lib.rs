@@ -89,6 +89,10 @@ pub const fn is_link_local(dst: &[u8; 6]) -> bool {
 /// object as [`PROGRAM_NAME`].
 pub const RELAY_PROGRAM_NAME: &str = "mvc_relay";
 
+/// Name of the same relay as a TC classifier (`--xdp-relay-mode tc`), in the
+/// same object and sharing its maps.
+pub const RELAY_TC_PROGRAM_NAME: &str = "mvc_relay_tc";
+
 /// Name of the hash map of validated edges: [`relay_key`] -> [`relay_dest`].
 pub const RELAY_EDGES_MAP: &str = "MVC_RELAY_EDGES";
 
@@ -329,7 +333,8 @@ counters! {
     /// What the relay program did with a datagram for the supernode's port. The
     /// value is the index in the per-CPU `u64` array [`RELAY_STATS_MAP`].
     pub enum RelayCounter {
-        /// Relayed Data datagrams, sent back out by the program (`XDP_TX`).
+        /// Relayed Data datagrams, sent back out by the program (`XDP_TX`, or
+        /// the TC program's redirect; a GSO batch counts its datagrams).
         Relayed = 0 => "relayed_packets",
         /// UDP payload bytes of those.
         RelayedBytes = 1 => "relayed_bytes",
@@ -358,6 +363,13 @@ counters! {
         /// Dropped: Relay or Bcast naming a validated edge but sent from another
         /// address than the one it registered from (beyond the prompt limits).
         DropSpoofed = 9 => "spoofed_source",
+        /// A GSO batch of relays passed to userspace whole (TC program): its
+        /// datagrams do not all go from one edge to one other edge, or it
+        /// holds more than the program checks.
+        PassedMixedBatch = 10 => "passed_mixed_batch",
+        /// Dropped: the TC program could not rewrite a relayable datagram's
+        /// headers (the buffer could not be made writable).
+        DropRewrite = 11 => "rewrite_failed",
     }
     /// Number of [`RelayCounter`] slots in [`RELAY_STATS_MAP`].
     pub const RELAY_COUNTERS;
@@ -366,7 +378,15 @@ counters! {
 impl RelayCounter {
     /// True for the counters of dropped datagrams.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= RelayCounter::DropBadVersion as u32
+        matches!(
+            self,
+            RelayCounter::DropBadVersion
+                | RelayCounter::DropTruncated
+                | RelayCounter::DropUnknownType
+                | RelayCounter::DropUnknownEdge
+                | RelayCounter::DropSpoofed
+                | RelayCounter::DropRewrite
+        )
     }
 }
 

@@ -223,7 +223,7 @@ fn xdp_relay_status(r: &crate::xdp::XdpRelay) -> crate::status::XdpRelayStatus {
     let (counters, map_errors) = r.counters();
     let mut x = crate::status::XdpRelayStatus {
         iface: r.iface().to_owned(),
-        mode: r.mode().as_str().to_owned(),
+        mode: r.hook().as_str().to_owned(),
         edges: r.edges() as u64,
         map_errors,
         ..Default::default()
@@ -243,6 +243,10 @@ fn xdp_relay_status(r: &crate::xdp::XdpRelay) -> crate::status::XdpRelayStatus {
             }
             C::PassedUnknownSource => {
                 x.passed_unknown_source = v;
+                x.passed += v;
+            }
+            C::PassedMixedBatch => {
+                x.passed_mixed_batch = v;
                 x.passed += v;
             }
             _ if v > 0 => {

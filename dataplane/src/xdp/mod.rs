@@ -39,7 +39,7 @@ pub use filter::XdpFilter;
 pub use port::{
     enslave, link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX,
 };
-pub use relay::XdpRelay;
+pub use relay::{relay_tc_programs, RelayHook, RelayMode, XdpRelay, RELAY_AUTO_RULE};
 pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.

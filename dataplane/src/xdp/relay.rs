@@ -20,21 +20,36 @@
 //! datagram goes to userspace, whose send resolves the neighbour for the next
 //! one.
 //!
-//! Cleanup is the kernel's: the program hangs off a bpf_link owned by the
-//! process and is detached when the [`XdpRelay`] is dropped or the process
-//! dies. See docs/XDP.md ("Supernode relay in XDP").
+//! The same checks and relay also run as a TC classifier on the interface's
+//! ingress ([`RelayMode::Tc`], program `mvc_relay_tc`, same maps): it sees
+//! the socket buffer, so UDP GSO batches are relayed whole with their
+//! checksums updated by the kernel's helpers. Auto takes it on veth, where
+//! native XDP makes the peer segment every batch and generic XDP hands
+//! batches to userspace.
+//!
+//! Cleanup is the kernel's in both hooks: the program hangs off a bpf_link
+//! (XDP link, or tcx link for TC) owned by the process and is detached when
+//! the [`XdpRelay`] is dropped or the process dies, kill -9 included; no
+//! clsact qdisc or netlink filter is made that could be left behind. A start
+//! on an interface whose ingress already holds `mvc_relay_tc` (another
+//! supernode still running there) is refused rather than attached twice.
+//! See docs/XDP.md ("Supernode relay in XDP").
 
 use std::collections::HashMap as StdHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        tc::{SchedClassifier, TcAttachOptions, TcAttachType},
+        LinkOrder,
+    },
     Ebpf,
 };
 use dataplane_ebpf_common::{
     relay_config, relay_dest, relay_key, RelayCounter, RELAY_CONFIG_MAP, RELAY_DEST_LEN,
     RELAY_EDGES_MAP, RELAY_FLAG_COMPLETE, RELAY_KEY_LEN, RELAY_MAX_EDGES, RELAY_PROGRAM_NAME,
-    RELAY_STATS_MAP,
+    RELAY_STATS_MAP, RELAY_TC_PROGRAM_NAME,
 };
 
 use super::{
@@ -46,6 +61,118 @@ use crate::wire::{CommunityId, EdgeId};
 type Key = [u8; RELAY_KEY_LEN];
 type Dest = [u8; RELAY_DEST_LEN];
 
+/// Where `--xdp-relay-mode` asks the relay to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelayMode {
+    /// [`RelayMode::Tc`] on veth, else XDP native then generic ([`RELAY_AUTO_RULE`]).
+    #[default]
+    Auto,
+    /// XDP in the driver only.
+    Native,
+    /// Generic (SKB) XDP only.
+    Generic,
+    /// TC classifier on the interface's ingress (tcx link, Linux 6.6).
+    Tc,
+}
+
+impl std::str::FromStr for RelayMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "tc" => Ok(Self::Tc),
+            other => Err(Error::Load(format!(
+                "unknown relay mode {other:?} (expected auto, native, generic or tc)"
+            ))),
+        }
+    }
+}
+
+/// What auto takes, and why (docs/XDP.md, "Supernode relay in XDP"): on a
+/// veth, native XDP makes the peer segment the edges' GSO batches (every
+/// datagram its own buffer through the rest of the path) and generic XDP
+/// passes a batch to userspace as one oversized frame, while the TC hook
+/// relays the batch whole; on other interfaces (physical NICs) native XDP.
+pub const RELAY_AUTO_RULE: &str =
+    "auto: tc on veth (GSO batches relayed whole), else XDP native then generic";
+
+/// The hook the relay ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayHook {
+    /// The XDP program `mvc_relay`, in this mode.
+    Xdp(AttachMode),
+    /// The TC classifier `mvc_relay_tc` on ingress.
+    Tc,
+}
+
+impl RelayHook {
+    /// `native`, `generic` or `tc`, as status shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayHook::Xdp(m) => m.as_str(),
+            RelayHook::Tc => "tc",
+        }
+    }
+}
+
+/// The XDP attach modes to try for `mode`, or `None` for the TC hook.
+fn relay_plan(mode: RelayMode, veth: bool) -> Option<ModeRequest> {
+    match (mode, veth) {
+        (RelayMode::Tc, _) | (RelayMode::Auto, true) => None,
+        (RelayMode::Auto, false) => Some(ModeRequest::Auto),
+        (RelayMode::Native, _) => Some(ModeRequest::Native),
+        (RelayMode::Generic, _) => Some(ModeRequest::Generic),
+    }
+}
+
+/// Kernel ids of the `mvc_relay_tc` programs attached to the tc ingress of
+/// `iface` (tcx links), in the current network namespace.
+pub fn relay_tc_programs(iface: &str) -> Result<Vec<u32>, Error> {
+    let (_, attached) =
+        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|e| Error::Attach {
+            iface: iface.to_owned(),
+            msg: format!("tc (tcx links need Linux 6.6): {e}"),
+        })?;
+    Ok(attached
+        .iter()
+        .filter(|p| p.name_as_str() == Some(RELAY_TC_PROGRAM_NAME))
+        .map(|p| p.id())
+        .collect())
+}
+
+/// Loads `mvc_relay_tc` and attaches it to the ingress of `iface` with a tcx
+/// link (owned by the process: gone when it exits or is killed). Refused when
+/// the ingress already holds it: another supernode relays there.
+fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<u32, Error> {
+    let attach_err = |msg: String| Error::Attach {
+        iface: iface.to_owned(),
+        msg,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(RELAY_TC_PROGRAM_NAME)
+        .ok_or_else(|| Error::Load(format!("no program {RELAY_TC_PROGRAM_NAME}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+    prog.load().map_err(|e| Error::Load(e.to_string()))?;
+    let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
+    if let Some(other) = relay_tc_programs(iface)?.first() {
+        return Err(attach_err(format!(
+            "tc ingress already runs {RELAY_TC_PROGRAM_NAME} (program id {other}): another \
+             supernode relays on this interface"
+        )));
+    }
+    prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+    .map_err(|e| attach_err(format!("tc: {e}")))?;
+    Ok(prog_id)
+}
+
 /// The attached relay program and the maps userspace keeps.
 pub struct XdpRelay {
     // Field order: the maps and the program go with `ebpf`; the link is
@@ -56,7 +183,7 @@ pub struct XdpRelay {
     /// Owns the program and, through it, the bpf_link that keeps it attached.
     _ebpf: Ebpf,
     iface: String,
-    mode: AttachMode,
+    hook: RelayHook,
     prog_id: u32,
     listen: ([u8; 4], u16),
     installed: StdHashMap<Key, Dest>,
@@ -68,7 +195,7 @@ impl std::fmt::Debug for XdpRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("XdpRelay")
             .field("iface", &self.iface)
-            .field("mode", &self.mode)
+            .field("hook", &self.hook)
             .field("prog_id", &self.prog_id)
             .field("edges", &self.installed.len())
             .finish_non_exhaustive()
@@ -81,11 +208,9 @@ fn map_err(what: &str) -> impl Fn(MapError) -> Error + '_ {
 
 impl XdpRelay {
     /// Loads the relay program and attaches it to `iface` for a supernode
-    /// listening on `listen` (IPv4; 0.0.0.0 for any address). `mode`: native
-    /// then generic for `Auto`, except on veth, where `Auto` means generic
-    /// (native `XDP_TX` on veth needs a NAPI context on the peer, which the
-    /// supernode cannot see or set up from its side).
-    pub fn attach(iface: &str, listen: SocketAddr, mode: ModeRequest) -> Result<Self, Error> {
+    /// listening on `listen` (IPv4; 0.0.0.0 for any address), in the hook
+    /// `mode` asks for ([`RELAY_AUTO_RULE`] for `Auto`).
+    pub fn attach(iface: &str, listen: SocketAddr, mode: RelayMode) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
         let IpAddr::V4(ip) = listen.ip() else {
@@ -99,13 +224,15 @@ impl XdpRelay {
         })?;
         let veth = link.kind.as_deref() == Some("veth");
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
-        let prog = load_xdp(&mut ebpf, RELAY_PROGRAM_NAME)?;
-        let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-        let tries = match (mode, veth) {
-            (ModeRequest::Auto, true) => attach_tries(ModeRequest::Generic),
-            (mode, _) => attach_tries(mode),
+        let (hook, prog_id) = match relay_plan(mode, veth) {
+            None => (RelayHook::Tc, attach_tc(&mut ebpf, iface)?),
+            Some(request) => {
+                let prog = load_xdp(&mut ebpf, RELAY_PROGRAM_NAME)?;
+                let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
+                let (mode, _) = attach_first(prog, iface, attach_tries(request))?;
+                (RelayHook::Xdp(mode), prog_id)
+            }
         };
-        let (mode, _) = attach_first(prog, iface, tries)?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| Error::Load(format!("no map {name}")))
@@ -123,7 +250,7 @@ impl XdpRelay {
             stats,
             _ebpf: ebpf,
             iface: iface.to_owned(),
-            mode,
+            hook,
             prog_id,
             listen: (ip.octets(), listen.port()),
             installed: StdHashMap::new(),
@@ -131,7 +258,7 @@ impl XdpRelay {
             sync_errors: 0,
         };
         r.write_config()?;
-        tracing::info!(%iface, mode = mode.as_str(), prog_id, "XDP relay attached");
+        tracing::info!(%iface, hook = hook.as_str(), prog_id, "XDP relay attached");
         Ok(r)
     }
 
@@ -219,9 +346,9 @@ impl XdpRelay {
         &self.iface
     }
 
-    /// Attach mode.
-    pub fn mode(&self) -> AttachMode {
-        self.mode
+    /// The hook it runs in.
+    pub fn hook(&self) -> RelayHook {
+        self.hook
     }
 
     /// Kernel id of the program (`bpftool prog show id N`).
