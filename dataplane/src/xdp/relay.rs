@@ -258,7 +258,11 @@ impl XdpRelay {
             sync_errors: 0,
         };
         r.write_config()?;
-        tracing::info!(%iface, hook = hook.as_str(), prog_id, "XDP relay attached");
+        if mode == RelayMode::Auto {
+            tracing::info!(%iface, hook = hook.as_str(), prog_id, rule = RELAY_AUTO_RULE, "XDP relay attached");
+        } else {
+            tracing::info!(%iface, hook = hook.as_str(), prog_id, "XDP relay attached");
+        }
         Ok(r)
     }
 
@@ -376,10 +380,58 @@ impl XdpRelay {
 
 #[cfg(test)]
 mod tests {
-    use dataplane_ebpf_common::{wire as w, RELAY_PROMPTS_PER_SLOT, RELAY_PROMPT_SLOT_NS};
+    use dataplane_ebpf_common::{
+        wire as w, RelayCounter, RELAY_PROMPTS_PER_SLOT, RELAY_PROMPT_SLOT_NS,
+    };
 
+    use super::{relay_plan, ModeRequest, RelayMode};
     use crate::supernode::SupernodeConfig;
     use crate::wire::{self, MsgType, Register};
+
+    /// `--xdp-relay-mode` parses, and auto follows the rule of docs/XDP.md: tc on
+    /// veth, XDP native then generic elsewhere.
+    #[test]
+    fn relay_modes_parse_and_auto_takes_tc_on_veth() {
+        for (s, m) in [
+            ("auto", RelayMode::Auto),
+            ("native", RelayMode::Native),
+            ("generic", RelayMode::Generic),
+            ("tc", RelayMode::Tc),
+        ] {
+            assert_eq!(s.parse::<RelayMode>().unwrap(), m);
+        }
+        assert!("xdp".parse::<RelayMode>().is_err());
+        assert_eq!(relay_plan(RelayMode::Auto, true), None);
+        assert_eq!(relay_plan(RelayMode::Auto, false), Some(ModeRequest::Auto));
+        assert_eq!(relay_plan(RelayMode::Tc, false), None);
+        assert_eq!(
+            relay_plan(RelayMode::Native, true),
+            Some(ModeRequest::Native)
+        );
+        assert_eq!(
+            relay_plan(RelayMode::Generic, true),
+            Some(ModeRequest::Generic)
+        );
+    }
+
+    /// Counters are dropped or passed as their names say (the programs' verdicts
+    /// follow `is_drop`).
+    #[test]
+    fn relay_counters_drop_only_the_drops() {
+        for (i, c) in RelayCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            let passes = matches!(
+                c,
+                RelayCounter::Relayed
+                    | RelayCounter::RelayedBytes
+                    | RelayCounter::Passed
+                    | RelayCounter::PassedNoRoute
+                    | RelayCounter::PassedUnknownSource
+                    | RelayCounter::PassedMixedBatch
+            );
+            assert_eq!(c.is_drop(), !passes, "{}", c.name());
+        }
+    }
 
     /// The program's view of the wire format is the codec's.
     #[test]
