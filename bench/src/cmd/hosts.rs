@@ -137,9 +137,15 @@ impl Cluster {
         mvc: &Mvc,
         cipher: &str,
         datapath: Option<&str>,
+        relay: &str,
     ) -> anyhow::Result<Cluster> {
         let sn_addr = SocketAddrV4::new(h.s.ip, SUPERNODE_PORT);
-        let supernode = mvc.supernode(lab, &h.s.ns, sn_addr, "supernode")?;
+        let kernel: &[&str] = if relay == "kernel" {
+            &["--xdp-relay", "eth0"]
+        } else {
+            &[]
+        };
+        let supernode = mvc.supernode_with(lab, &h.s.ns, sn_addr, "supernode", kernel)?;
         let mut edges = Vec::new();
         for (end, name, i) in [(&h.a, "a", 1u8), (&h.b, "b", 2)] {
             let st = site(end, name, i);
@@ -198,7 +204,13 @@ pub(super) fn run_all(
         for dp in args.datapath.iter().filter(|d| *d != "xdp") {
             for cipher in &args.ciphers {
                 for path in &args.paths {
-                    measure_mvc(&ctx, h, mvc, dp, cipher, path, out)?;
+                    let relays: &[String] = if path == "relayed" { &args.relay } else { &[] };
+                    if relays.is_empty() {
+                        measure_mvc(&ctx, h, mvc, (dp, cipher, path, "user"), out)?;
+                    }
+                    for relay in relays {
+                        measure_mvc(&ctx, h, mvc, (dp, cipher, path, relay), out)?;
+                    }
                 }
             }
         }
@@ -222,13 +234,12 @@ pub(super) fn run_all(
     Ok(())
 }
 
+/// mvc's row for (datapath, cipher, path, relay: user or kernel).
 fn measure_mvc(
     ctx: &Ctx,
     h: &Hosts,
     mvc: &Mvc,
-    dp: &str,
-    cipher: &str,
-    path: &str,
+    (dp, cipher, path, relay): (&str, &str, &str, &str),
     out: &mut Results,
 ) -> anyhow::Result<()> {
     let lab = ctx.lab;
@@ -237,11 +248,37 @@ fn measure_mvc(
     } else {
         None
     };
-    let c = Cluster::start(lab, h, mvc, cipher, Some(dp));
+    let c = Cluster::start(lab, h, mvc, cipher, Some(dp), relay);
+    let system = if relay == "kernel" {
+        "mvc kernel relay"
+    } else {
+        "mvc"
+    };
     let res = c
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|c| ctx.mvc_row(mvc, &c.b, "a", cipher, path, overlay(1), &c.pids(), out));
+        .and_then(|c| {
+            if relay == "kernel" {
+                // The relay must be in the kernel, or the row would measure the socket.
+                let st = mvc.supernode_status(lab, &c.supernode)?;
+                anyhow::ensure!(
+                    st["xdp_relay"].is_object(),
+                    "the supernode's kernel relay did not attach: {}",
+                    lab.log(&c.supernode.proc)
+                );
+            }
+            ctx.mvc_row(
+                system,
+                mvc,
+                &c.b,
+                "a",
+                cipher,
+                path,
+                overlay(1),
+                &c.pids(),
+                out,
+            )
+        });
     if let Ok(c) = &c {
         c.stop(lab);
     }

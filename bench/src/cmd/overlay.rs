@@ -57,6 +57,13 @@ pub struct Args {
     /// Paths to measure: direct, relayed.
     #[arg(long, value_delimiter = ',', default_value = "direct,relayed")]
     pub paths: Vec<String>,
+    /// How the supernode relays on the relayed path, comma-separated to measure each in
+    /// turn (`--layout hosts`): user (its socket), kernel (`mvc supernode --xdp-relay eth0`,
+    /// the TC hook on the host's veth; row `mvc kernel relay`). In the sites layout the
+    /// relayed traffic ends at the supernode's own host, which the kernel relay leaves to
+    /// the socket, so only user is accepted there.
+    #[arg(long, value_delimiter = ',', default_value = "user")]
+    pub relay: Vec<String>,
     /// iperf3 runs per configuration (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
@@ -402,12 +409,13 @@ impl Ctx<'_> {
         self.measure(&d, self.raw_dst, &[], out)
     }
 
-    /// mvc's row once its cluster is up: the client reaches `dst` through `edge` (the
-    /// client's), whose path to edge `to` must be `path` before and after; the datapath
-    /// is the one the edge reports. `pids`: the cluster's processes.
+    /// mvc's row (labelled `system`) once its cluster is up: the client reaches `dst`
+    /// through `edge` (the client's), whose path to edge `to` must be `path` before and
+    /// after; the datapath is the one the edge reports. `pids`: the cluster's processes.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mvc_row(
         &self,
+        system: &str,
         mvc: &Mvc,
         edge: &Edge,
         to: &str,
@@ -427,7 +435,7 @@ impl Ctx<'_> {
         let st = mvc.edge_status(lab, edge)?;
         let actual = st["datapath"].as_str().unwrap_or("?").to_string();
         let d = Desc {
-            system: "mvc",
+            system,
             cipher,
             path,
             datapath: &actual,
@@ -781,8 +789,17 @@ fn run_all(
                             return Err(e.into());
                         }
                     };
-                    let res =
-                        ctx.mvc_row(mvc, c.edge("b"), "a", cipher, path, va.ip, &c.pids(), out);
+                    let res = ctx.mvc_row(
+                        "mvc",
+                        mvc,
+                        c.edge("b"),
+                        "a",
+                        cipher,
+                        path,
+                        va.ip,
+                        &c.pids(),
+                        out,
+                    );
                     c.stop(lab);
                     if let Some(r) = rules {
                         topo.unblock(lab, &r)?;
@@ -1029,6 +1046,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for p in &args.paths {
         if !["direct", "relayed"].contains(&p.as_str()) {
             bail!("unknown path {p:?} (direct, relayed)");
+        }
+    }
+    for r in &args.relay {
+        if !["user", "kernel"].contains(&r.as_str()) {
+            bail!("unknown relay {r:?} (user, kernel)");
+        }
+        if r == "kernel" && args.layout != "hosts" {
+            bail!("--relay kernel needs --layout hosts (in the sites layout the relayed traffic ends on the supernode's host)");
         }
     }
     if args.runs == 0
