@@ -814,3 +814,99 @@ fn measure_junk_flood() {
         }
     }
 }
+
+/// The TC relay's GSO checks: a UDP GSO batch of Relays of Data from edge B's registered
+/// address (sent from the internet router with that source, as NAT B would forward it)
+/// is relayed whole when every datagram in it goes from B to C (each counted), and goes
+/// to userspace whole, relayed by nobody in the kernel, when one datagram in it names
+/// another destination (`passed_mixed_batch`).
+#[test]
+fn tc_relay_relays_agreeing_gso_batches_and_passes_mixed_ones() {
+    if let Some(why) = skip_reason() {
+        lab::skip(
+            "tc_relay_relays_agreeing_gso_batches_and_passes_mixed_ones",
+            &why,
+        );
+        return;
+    }
+    let lab = Lab::new("xg").expect("lab");
+    let mvc = test_bin();
+    let t = Topology::three_sites(&lab, 1).unwrap();
+    let (a, b, c) = (t.site("a"), t.site("b"), t.site("c"));
+    t.block_udp(&lab, b, c, None).unwrap();
+    let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
+    let (sn, edges, _) = start(&lab, &t, &mvc, true, "tc");
+    let (vb, vc) = (&b.vms[0], &c.vms[0]);
+    let status = || mvc.supernode_status(&lab, &sn).expect("supernode status");
+    lab::wait_ping(&lab, &vb.ns, vc.ip, UP).unwrap_or_else(|e| panic!("{e}: {}", status()));
+    lab.wait_until("3 edges in the relay map", Duration::from_secs(5), || {
+        xdp(&status(), "edges") >= 3
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status()));
+    let st0 = status();
+    let comm = &st0["communities"][0];
+    let edge = |name: &str| {
+        comm["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not registered: {st0}"))
+            .clone()
+    };
+    let b_from: SocketAddrV4 = edge("b")["observed"].as_str().unwrap().parse().unwrap();
+    let relay = |dst: &str| {
+        let mut d = vec![V, 4, 0, 0];
+        d.extend(hex(comm["id"].as_str().unwrap()));
+        d.extend(hex(edge("b")["id"].as_str().unwrap()));
+        d.extend(hex(edge(dst)["id"].as_str().unwrap()));
+        d.extend([V, 0x12, 0, 0, 0, 0, 0, 1]);
+        d.resize(SEGMENT, 0);
+        d
+    };
+    const SEGMENT: usize = 300;
+    const SEGS: usize = 4;
+    let batch = |dsts: [&str; SEGS]| dsts.iter().flat_map(|d| relay(d)).collect::<Vec<u8>>();
+    let send = |datagrams: &[u8]| {
+        lab.in_ns(&t.inet, || {
+            let s = lab::sys::udp_transparent(b_from).unwrap();
+            dataplane::io::udp::send_msg(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                datagrams,
+                std::net::SocketAddr::V4(sn_addr),
+                Some(SEGMENT as u16),
+            )
+            .unwrap();
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        status()
+    };
+
+    let st1 = send(&batch(["c", "c", "c", "c"]));
+    // (The edges' own keepalives may be relayed meanwhile: single datagrams.)
+    assert!(
+        xdp(&st1, "relayed_packets") - xdp(&st0, "relayed_packets") >= SEGS as u64,
+        "an agreeing batch is relayed whole by the kernel: {}",
+        st1["xdp_relay"]
+    );
+    assert_eq!(
+        xdp(&st1, "passed_mixed_batch"),
+        xdp(&st0, "passed_mixed_batch"),
+        "{}",
+        st1["xdp_relay"]
+    );
+    let st2 = send(&batch(["c", "c", "a", "c"]));
+    assert!(
+        xdp(&st2, "relayed_packets") - xdp(&st1, "relayed_packets") < SEGS as u64,
+        "nothing of a mixed batch relayed by the kernel: {}",
+        st2["xdp_relay"]
+    );
+    assert_eq!(
+        xdp(&st2, "passed_mixed_batch") - xdp(&st1, "passed_mixed_batch"),
+        1,
+        "{}",
+        st2["xdp_relay"]
+    );
+    assert_running(&lab, Some(&sn), &edges);
+}

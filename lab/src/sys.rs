@@ -1,7 +1,8 @@
 //! The few system calls of the lab that libstd does not wrap: who we are (`geteuid`),
 //! entering a namespace (`setns`), signalling a process by PID (`kill`), binding a socket
-//! to a device, the clock tick of /proc, and a raw packet socket that sends batches of
-//! one frame (the junk flood, [`crate::flood`]). Every `unsafe` of the lab is here.
+//! to a device, the clock tick of /proc, a raw packet socket that sends batches of
+//! one frame (the junk flood, [`crate::flood`]), and a UDP socket bound to an address
+//! that is not the namespace's own (`IP_TRANSPARENT`). Every `unsafe` of the lab is here.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -92,6 +93,54 @@ pub fn bind_to_device(fd: RawFd, ifname: &str) -> Result<(), SysError> {
     } else {
         Err(SysError::last("SO_BINDTODEVICE"))
     }
+}
+
+/// A UDP socket bound to `addr`, which need not be an address of the namespace
+/// (`IP_TRANSPARENT`, needs CAP_NET_ADMIN): it sends datagrams with that source, as a
+/// router on the path could. For tests of source checks that must pass.
+pub fn udp_transparent(addr: std::net::SocketAddrV4) -> Result<std::net::UdpSocket, SysError> {
+    // SAFETY: socket only reads its integer arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(SysError::last("socket"));
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns; the OwnedFd closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: the pointer and length describe `one`, which lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            owned.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_TRANSPARENT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("IP_TRANSPARENT"));
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the pointer and length describe `sin`, a valid sockaddr_in that lives
+    // across the call.
+    let r = unsafe {
+        libc::bind(
+            owned.as_raw_fd(),
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("bind"));
+    }
+    Ok(std::net::UdpSocket::from(owned))
 }
 
 /// Clock ticks per second of /proc's CPU times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
