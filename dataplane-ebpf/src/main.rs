@@ -690,7 +690,11 @@ fn try_mvc_relay_tc(ctx: &TcContext) -> Result<i32, ()> {
     };
     let (e, h, u) = relayed_headers(&r, &fib);
     let word = |b: &[u8]| u64::from(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-    let pseudo = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4;
+    // A GSO batch's checksum is always partial: its field is the pseudo
+    // header's sum, which may be 0 and must be updated all the same. A single
+    // datagram's 0 means it came without a checksum, and stays 0.
+    let zero = if segs > 1 { 0 } else { BPF_F_MARK_MANGLED_0 };
+    let pseudo = BPF_F_PSEUDO_HDR | zero | 4;
     // The addresses are in the pseudo header, the ports in the UDP header's
     // first word.
     let sums = ctx
@@ -699,12 +703,7 @@ fn try_mvc_relay_tc(ctx: &TcContext) -> Result<i32, ()> {
             ctx.l4_csum_replace(UDP_CSUM_AT, word(&r.iph[16..20]), word(&h[16..20]), pseudo)
         })
         .and_then(|()| {
-            ctx.l4_csum_replace(
-                UDP_CSUM_AT,
-                word(&r.udph[0..4]),
-                word(&u[0..4]),
-                BPF_F_MARK_MANGLED_0 | 4,
-            )
+            ctx.l4_csum_replace(UDP_CSUM_AT, word(&r.udph[0..4]), word(&u[0..4]), zero | 4)
         });
     let ports = [u[0], u[1], u[2], u[3]];
     let stored = sums
