@@ -60,7 +60,7 @@ use l2::L2;
 pub use paths::in_nets;
 use peer::Peer;
 use registration::SnState;
-pub use rng::{EdgeRng, RngError, SystemRng};
+pub use rng::{EdgeRng, RngError, SeededRng, SystemRng};
 use table::{DeadlineCtx, PeerTable};
 
 /// The core's tables, looked up for every packet: a fast hash (foldhash) instead of
