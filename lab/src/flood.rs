@@ -186,6 +186,70 @@ pub fn flood_cloned(
     })
 }
 
+/// The generator a measurement floods with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generator {
+    /// [`flood`]: as fast as the raw socket goes.
+    Socket,
+    /// [`flood_cloned`] at this many frames per second.
+    Cloned {
+        /// The target rate.
+        pps: u64,
+    },
+}
+
+impl Generator {
+    /// From the environment: `MVC_FLOOD_GEN` `socket` or `clone` (the default), the
+    /// latter at `MVC_FLOOD_PPS` frames per second (default 1 000 000).
+    pub fn from_env() -> Result<Generator, String> {
+        let pps = match std::env::var("MVC_FLOOD_PPS") {
+            Ok(v) => v
+                .parse()
+                .map_err(|_| format!("MVC_FLOOD_PPS={v}: not a number"))?,
+            Err(_) => 1_000_000,
+        };
+        match std::env::var("MVC_FLOOD_GEN").as_deref() {
+            Ok("socket") => Ok(Generator::Socket),
+            Ok("clone") | Err(_) => Ok(Generator::Cloned { pps }),
+            Ok(other) => Err(format!("MVC_FLOOD_GEN={other}: socket or clone")),
+        }
+    }
+
+    /// Floods `frame` out of `ifname` (calling thread's namespace) until `max` frames or
+    /// `secs`; `share` is this sender's part of the target rate (1 of `n` senders: 1/n).
+    pub fn run(
+        &self,
+        ifname: &str,
+        frame: &[u8],
+        share: f64,
+        max: u64,
+        secs: Duration,
+    ) -> Result<Offered, SysError> {
+        match *self {
+            Generator::Socket => {
+                let start = Instant::now();
+                let frames = flood(ifname, frame, max, secs)?;
+                Ok(Offered {
+                    frames,
+                    elapsed: start.elapsed(),
+                })
+            }
+            Generator::Cloned { pps } => {
+                flood_cloned(ifname, frame, (pps as f64 * share) as u64, max, secs)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Generator::Socket => write!(f, "raw socket, as fast as it goes"),
+            Generator::Cloned { pps } => write!(f, "cloned seeds, paced to {pps} frames/s"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
