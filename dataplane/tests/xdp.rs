@@ -959,7 +959,8 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
 /// (`clone`, the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all;
 /// or `socket`, `lab::flood::flood` as fast as it goes) flood a veth pair for
 /// `MVC_FLOOD_SECS` (default 3) with junk (a wrong version byte) for a port the filter
-/// guards on the other end, which drops it in XDP. Prints the rate offered and the rate
+/// guards on the other end (or, with `MVC_FLOOD_TARGET=relay`, the supernode's relay
+/// program, native), which drops it in XDP. Prints the rate offered and the rate
 /// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI
 /// and the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
 /// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp --
@@ -988,16 +989,26 @@ fn measure_flood_rate() {
     lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 79, 2), 24)
         .expect("addr");
     let port = 7700;
-    let filter = lab
+    let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port);
+    // The edge's filter, or with MVC_FLOOD_TARGET=relay the supernode's program
+    // (native: it only drops here, so the peer needs no NAPI for XDP_TX).
+    let relay = std::env::var("MVC_FLOOD_TARGET").is_ok_and(|v| v == "relay");
+    let (filter, relay) = lab
         .in_ns(&edge, || {
-            xdp::XdpFilter::attach("eth0", port, &[1; 16], ModeRequest::Auto).expect("attach")
+            if relay {
+                let r = xdp::XdpRelay::attach("eth0", dst.into(), ModeRequest::Native);
+                (None, Some(r.expect("attach")))
+            } else {
+                let f = xdp::XdpFilter::attach("eth0", port, &[1; 16], ModeRequest::Auto);
+                (Some(f.expect("attach")), None)
+            }
         })
         .expect("edge namespace");
     let frame = lab::flood::udp_frame(
         lab::flood::mac_of(&edge, "eth0").expect("mac"),
         lab::flood::mac_of(&peer, "eth0").expect("mac"),
         "198.18.79.2:40000".parse().expect("addr"),
-        std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port),
+        dst,
         &[0u8; 96],
     );
     let t0 = Instant::now();
@@ -1029,14 +1040,23 @@ fn measure_flood_rate() {
     // the kernel.
     let (user, kernel, sys) = lab::cpu::seconds(&c0, &c1);
     std::thread::sleep(Duration::from_millis(200));
-    let dropped = filter
-        .status()
-        .drops
-        .get("bad_version")
-        .copied()
-        .unwrap_or(0);
+    let dropped = match (&filter, &relay) {
+        (Some(f), _) => f.status().drops.get("bad_version").copied(),
+        (_, Some(r)) => r
+            .counters()
+            .0
+            .into_iter()
+            .find_map(|(name, n)| (name == "bad_version").then_some(n)),
+        _ => None,
+    }
+    .unwrap_or(0);
+    let target = if relay.is_some() {
+        "supernode relay program"
+    } else {
+        "edge filter"
+    };
     println!(
-        "{generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
+        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
          sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} ns per dropped frame), \
          machine kernel CPU {kernel:.2} s ({:.0} ns per dropped frame)",
         sent as f64 / el,
