@@ -610,7 +610,6 @@ struct FloodRun {
     to_userspace: u64,
     mbps: f64,
     cpu_per_gb: f64,
-    kernel_s: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -731,7 +730,6 @@ fn measure_junk_flood() {
                 )),
                 mbps: bps / 1e6,
                 cpu_per_gb: (user + sys) / gb.max(1e-9),
-                kernel_s,
             };
             println!(
                 "round {r} filter {filter:>5} flood {flooding:>5}: junk offered {} ({:.0}/s), dropped in XDP {}, \

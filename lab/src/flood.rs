@@ -141,9 +141,9 @@ fn due(pps: u64, elapsed: Duration) -> u64 {
 
 /// Floods `frame` out of `ifname` (of the calling thread's namespace) at `pps` frames per
 /// second, until `max` frames or `secs` have gone: attaches the cloning tc program to
-/// the interface's egress for the duration, and every [`TICK`] sends as many seeds as the
-/// rate makes due (a backlog over [`BACKLOG`] is dropped, not caught up). Returns what
-/// it offered.
+/// the interface's egress for the duration, and every 2 ms sends as many seeds as the
+/// rate makes due (a backlog over 50 ms is dropped, not caught up). Returns what it
+/// offered.
 pub fn flood_cloned(
     ifname: &str,
     frame: &[u8],

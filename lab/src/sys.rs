@@ -296,7 +296,10 @@ fn seed_cloner(ifindex: u32, seed_mark: u32, clones: u32) -> Vec<[u8; 8]> {
     p
 }
 
-/// Loads [`seed_cloner`] as a tc program (`BPF_PROG_TYPE_SCHED_CLS` for tcx egress).
+/// Loads the cloning program as a tc program (`BPF_PROG_TYPE_SCHED_CLS` for tcx egress):
+/// a frame leaving with `skb->mark == seed_mark` gets its mark cleared and is cloned
+/// `clones` times (at most [`MAX_CLONES`]) out of interface `ifindex`; every other frame
+/// passes untouched.
 pub fn load_seed_cloner(ifindex: u32, seed_mark: u32, clones: u32) -> Result<OwnedFd, SysError> {
     const CALL: &str = "bpf(BPF_PROG_LOAD)";
     let insns = seed_cloner(ifindex, seed_mark, clones);
