@@ -769,8 +769,10 @@ fn gso_traffic(lab: &Lab, mode: ModeRequest, gso: bool) {
             .spawn()
             .expect("iperf3 -s");
         std::thread::sleep(Duration::from_millis(300));
+        // Two seconds, not a byte count: on a loaded machine a short transfer
+        // could end before this thread gets to read the port at all.
         let mut client = lab
-            .vm_cmd(&["iperf3", "-c", "198.18.77.3", "-n", "20M"])
+            .vm_cmd(&["iperf3", "-c", "198.18.77.3", "-t", "2"])
             .stdout(Stdio::null())
             .spawn()
             .expect("iperf3 -c");
@@ -807,8 +809,8 @@ fn gso_traffic(lab: &Lab, mode: ModeRequest, gso: bool) {
         let _ = server.wait();
         assert!(ok, "iperf3 between the VMs failed");
         println!("{mode:?} gso {whole}: {frames} frames, largest {max_len}, {partial} partial");
-        // 20 MB: about 14 000 frames of one MTU, or a few hundred super-packets
-        // (and ACKs).
+        // Two seconds of bulk TCP (a few hundred Mbit/s at least): tens of
+        // thousands of frames of one MTU, or thousands of super-packets (and ACKs).
         let least = if whole { 10 } else { 100 };
         assert!(
             redirected(&port) > 10 * least && frames > least,
