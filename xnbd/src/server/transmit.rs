@@ -105,7 +105,7 @@ impl Server {
                 // connection too (and gives its budget back).
                 let got = tokio::select! {
                     biased;
-                    r = rd.read_exact(&mut h) => r.map(|_| ()),
+                    r = unless_ready(rd.read_exact(&mut h), || kick(&lane)) => r.map(|_| ()),
                     () = out.failed() => Err(io::ErrorKind::BrokenPipe.into()),
                 };
                 match got {
@@ -151,8 +151,9 @@ impl Server {
                 let hold = match hold {
                     Some(h) => h,
                     None => {
-                        // Grouped reads and replies hold budget: they go to the writers
-                        // before any wait for more.
+                        // Grouped reads, replies and queued writes hold budget: they go to
+                        // the writers before any wait for more.
+                        kick(&lane);
                         reads.serve_here(&session, &out, &self, &mut ready);
                         out.push_all(&mut ready);
                         tokio::select! {
@@ -169,7 +170,9 @@ impl Server {
                 let mut payload = Vec::new();
                 let mut early: Option<OpError> = None;
                 if req.typ == cmd::WRITE {
+                    let len = req.length as usize;
                     if req.length > session.max_payload {
+                        kick(&lane);
                         discard(&mut rd, u64::from(req.length)).await?;
                         early = Some(OpError::new(
                             if session.structured {
@@ -180,14 +183,27 @@ impl Server {
                             "write larger than the maximum block size",
                         ));
                     } else {
+                        if let Some(lane) = lane.as_ref().filter(|l| !l.has_room(len)) {
+                            // The lane is full: what is ready goes out while it drains.
+                            reads.serve_here(&session, &out, &self, &mut ready);
+                            out.push_all(&mut ready);
+                            tokio::select! {
+                                biased;
+                                () = lane.room(len) => {}
+                                () = out.failed() => {
+                                    return Err(io::Error::from(io::ErrorKind::BrokenPipe).into())
+                                }
+                            }
+                        }
                         // Into a pooled buffer (given back once written).
-                        payload = self.write_buffers.take(req.length as usize);
-                        rd.read_exact(&mut payload).await?;
+                        payload = self.write_buffers.take(len);
+                        unless_ready(rd.read_exact(&mut payload), || kick(&lane)).await?;
                     }
                 }
                 let permit = match permits.clone().try_acquire_owned() {
                     Ok(p) => p,
                     Err(_) => {
+                        kick(&lane);
                         reads.serve_here(&session, &out, &self, &mut ready);
                         out.push_all(&mut ready);
                         permits
@@ -239,6 +255,7 @@ impl Server {
         }
         .await;
         // Outstanding requests finish and their replies are written before the socket closes.
+        kick(&lane);
         reads.serve_here(&session, &out, &self, &mut ready);
         out.push_all(&mut ready);
         let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
@@ -250,6 +267,29 @@ impl Server {
         }
         result
     }
+}
+
+/// Start the write lane, if any, on what it holds (before the reader may wait).
+fn kick(lane: &Option<Arc<WriteLane>>) {
+    if let Some(l) = lane {
+        l.kick();
+    }
+}
+
+/// Await `f`, calling `before_wait` first if it cannot complete at once.
+async fn unless_ready<F: std::future::Future>(f: F, before_wait: impl FnOnce()) -> F::Output {
+    tokio::pin!(f);
+    let mut before_wait = Some(before_wait);
+    std::future::poll_fn(|cx| {
+        let p = f.as_mut().poll(cx);
+        if p.is_pending() {
+            if let Some(b) = before_wait.take() {
+                b();
+            }
+        }
+        p
+    })
+    .await
 }
 
 /// Small reads of a local file, validated and holding their budget and in-flight permits,

@@ -5,8 +5,15 @@
 //! Why: when the reader copied a large write into the page cache itself, receiving the next
 //! request and writing this one never overlapped, and on a busy machine the sequential
 //! write fell behind nbdkit's (which runs 16 threads per connection). The reader now reads
-//! a payload into a pooled buffer, hands it to the lane and reads on; small writes that
-//! arrive together are written by the same thread in one go (one wake-up for the lot).
+//! a payload into a pooled buffer, hands it to the lane and reads on.
+//!
+//! Wake-ups: handing work to another thread costs a wake-up and a context switch, which on
+//! a busy machine costs as much as the copy it overlaps. So an idle lane is started only
+//! once `LANE_START` bytes (or `LANE_START_OPS` operations) are queued, or when the reader
+//! is about to wait (for the socket, the budget, a permit or room in the lane); while a
+//! thread is on the lane, what is pushed joins its next batch without a wake-up. A reader
+//! that finds the lane full waits until it is down to half (`LANE_LOW`), then reads several
+//! payloads in a row.
 //!
 //! Order: a lane is drained by at most one thread at a time, in arrival order, so
 //! overlapping writes of one connection land in request order (the NBD spec allows any
@@ -20,14 +27,18 @@
 //! Bounds: an operation holds its in-flight permit (at most `MAX_IN_FLIGHT` per connection)
 //! and its share of the memory budget (a write: its payload) from before the payload was
 //! read until its reply is written, as every request does; a client that sends writes and
-//! never reads the replies therefore holds at most its connection's share. Buffers go back
-//! to the server's pool once written; the permit goes only after the reply is queued (the
-//! connection's end waits for every permit, then for the queued replies).
+//! never reads the replies therefore holds at most its connection's share. On top of that
+//! the reader reads the next payload only while the lane holds less than `LANE_BYTES` of
+//! payloads not yet written (or none): queueing more would not write faster, and it keeps
+//! the buffers in use few enough to come back to the pool instead of being allocated and
+//! freed (and faulted in) for every write. Buffers go back to the server's pool once
+//! written; the permit goes only after the reply is queued (the connection's end waits for
+//! every permit, then for the queued replies).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::{error_reply, ok_reply, Outbox, Seg, Server, Session};
 use crate::budget::Hold;
@@ -38,6 +49,16 @@ use crate::storage::Storage;
 /// Bytes written after which the replies so far are queued before the rest of a batch (so
 /// a window of large writes is answered as it goes, not only at the batch's end).
 const REPLY_EVERY: usize = 1 << 20;
+/// Bytes of payloads a lane holds before the reader waits for it (a new payload is read
+/// only below it, or into an empty lane). Small, so the buffers stay in the CPU's caches
+/// between the socket copy and the page-cache copy.
+const LANE_BYTES: usize = 1 << 20;
+/// A reader that waited for room resumes once the lane holds no more than this.
+const LANE_LOW: usize = LANE_BYTES / 2;
+/// Bytes queued that start an idle lane without waiting for the reader to run dry.
+const LANE_START: usize = 512 << 10;
+/// Operations queued that start an idle lane likewise.
+const LANE_START_OPS: usize = 32;
 
 /// One operation handed to the lane: a validated request, its payload (writes only) and
 /// what it holds until its reply is written.
@@ -55,11 +76,15 @@ pub(super) struct WriteLane {
     out: Arc<Outbox>,
     srv: Arc<Server>,
     state: Mutex<LaneState>,
+    /// Signalled as operations are done (the reader may be waiting for room).
+    done: Notify,
 }
 
 #[derive(Default)]
 struct LaneState {
     ops: VecDeque<LaneOp>,
+    /// Payload bytes pushed and not yet written.
+    bytes: usize,
     /// A thread is applying the lane's operations (and takes what is pushed meanwhile).
     draining: bool,
 }
@@ -77,6 +102,7 @@ impl WriteLane {
             out,
             srv,
             state: Mutex::default(),
+            done: Notify::new(),
         }
     }
 
@@ -94,18 +120,56 @@ impl WriteLane {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `op` after every operation pushed before it; starts a thread on the lane if
-    /// none is on it.
+    /// Whether a payload of `len` bytes may be read now (see `LANE_BYTES`).
+    pub fn has_room(&self, len: usize) -> bool {
+        let bytes = self.lock().bytes;
+        bytes == 0 || bytes + len <= LANE_BYTES
+    }
+
+    /// Returns once a payload of `len` bytes may be read, the lane down to `LANE_LOW`.
+    pub async fn room(self: &Arc<Self>, len: usize) {
+        self.kick();
+        loop {
+            // Registered before the check: an operation done after it still wakes this.
+            let done = self.done.notified();
+            let bytes = self.lock().bytes;
+            if bytes == 0 || (bytes <= LANE_LOW && bytes + len <= LANE_BYTES) {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// Queue `op` after every operation pushed before it. An idle lane is started once
+    /// enough is queued (else by [`WriteLane::kick`]).
     pub fn push(self: &Arc<Self>, op: LaneOp) {
         let start = {
             let mut s = self.lock();
+            s.bytes += op.data.len();
             s.ops.push_back(op);
-            !std::mem::replace(&mut s.draining, true)
+            let enough = s.bytes >= LANE_START || s.ops.len() >= LANE_START_OPS;
+            enough && !std::mem::replace(&mut s.draining, true)
         };
         if start {
-            let lane = self.clone();
-            tokio::task::spawn_blocking(move || lane.drain());
+            self.start();
         }
+    }
+
+    /// Start a thread on the queued operations if none is on them: the reader calls this
+    /// before anything that may wait.
+    pub fn kick(self: &Arc<Self>) {
+        let start = {
+            let mut s = self.lock();
+            !s.ops.is_empty() && !std::mem::replace(&mut s.draining, true)
+        };
+        if start {
+            self.start();
+        }
+    }
+
+    fn start(self: &Arc<Self>) {
+        let lane = self.clone();
+        tokio::task::spawn_blocking(move || lane.drain());
     }
 
     /// Apply the queued operations, batch after batch, until none is left.
@@ -139,8 +203,19 @@ impl WriteLane {
         } in batch.drain(..)
         {
             let r = self.run(&req, &data);
-            written += data.len();
+            let len = data.len();
+            written += len;
             self.srv.write_buffers.put(data);
+            if len > 0 {
+                let left = {
+                    let mut s = self.lock();
+                    s.bytes -= len;
+                    s.bytes
+                };
+                if left <= LANE_LOW {
+                    self.done.notify_one();
+                }
+            }
             if r.is_ok() && (req.typ == cmd::FLUSH || req.flags & cflag::FUA != 0) {
                 durable.push((req, hold, permit));
                 continue;
