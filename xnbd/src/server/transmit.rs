@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
@@ -36,6 +36,15 @@ const READ_BUFFER: usize = 256 << 10;
 const INLINE_READ: usize = 64 << 10;
 /// Most bytes of a read reply sent with one `sendfile`.
 const SEND_CHUNK: usize = 4 << 20;
+/// Writes over `SMALL_WRITE` and up to this size, without FUA, are written by the reader
+/// itself when the write lane is idle (a copy into the page cache, straight from the read
+/// buffer when the payload is all there): handed to the lane they cost a thread wake-up and
+/// a context switch each, more CPU than the overlap saves on a busy machine
+/// (docs/BENCH-NBD.md, "Write lane").
+const INLINE_WRITE: usize = 256 << 10;
+/// Writes up to this size always go to the lane, which writes those that arrive together in
+/// one go (one wake-up for the lot).
+const SMALL_WRITE: usize = 64 << 10;
 /// Small reads that arrive together are served in groups of this many on the other runtime
 /// threads, the last (partial) group by the reader itself. Served one after another by the
 /// reader alone, a batch of pipelined reads keeps one thread busy while the client waits
@@ -143,7 +152,13 @@ impl Server {
                     h => h,
                 };
                 if hold.is_some() {
-                    if let Some(reply) = serve_inline(&session, &req, direct.is_some()) {
+                    let lane_idle = lane.as_ref().is_some_and(|l| l.is_idle());
+                    let inline = Inline {
+                        direct: direct.is_some(),
+                        lane_idle,
+                        buffers: &self.write_buffers,
+                    };
+                    if let Some(reply) = serve_inline(&session, &req, &mut rd, inline).await? {
                         ready.push(self.reply_seg(reply, hold));
                         continue;
                     }
@@ -642,25 +657,43 @@ async fn send_span<W: AsyncWrite + Unpin>(
     stalled(budget, wr.write(&buf)).await
 }
 
+/// What [`serve_inline`] may use.
+struct Inline<'a> {
+    /// Read replies may be sent from the page cache to the socket.
+    direct: bool,
+    /// The write lane has nothing queued or in progress (a write done here cannot pass one
+    /// sent before it).
+    lane_idle: bool,
+    /// For a payload that is not all in the read buffer yet.
+    buffers: &'a super::pool::BufferPool,
+}
+
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
-/// holds, and reads that fail validation. `None`: the request goes its usual way.
-fn serve_inline(s: &Session, req: &Request, direct: bool) -> Option<Reply> {
+/// holds, writes of `SMALL_WRITE`-`INLINE_WRITE` bytes without FUA to a local file while
+/// its lane is idle (a page-cache copy), and reads that fail validation. `None`: the
+/// request goes its usual way (its payload, if any, is still unread).
+async fn serve_inline<R: AsyncRead + Unpin>(
+    s: &Session,
+    req: &Request,
+    rd: &mut BufReader<R>,
+    how: Inline<'_>,
+) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
-        return None;
+        return Ok(None);
     };
     match req.typ {
-        cmd::READ if direct => {
+        cmd::READ if how.direct => {
             if let Err(e) = validate(s, req) {
-                return Some(error_reply(s, req, e));
+                return Ok(Some(error_reply(s, req, e)));
             }
             let len = req.length as usize;
             if len <= INLINE_READ {
-                return copy_cached(s, st, req);
+                return Ok(copy_cached(s, st, req));
             }
             if !st.cached(req.offset, u64::from(req.length)) {
-                return None;
+                return Ok(None);
             }
-            Some(Reply {
+            Ok(Some(Reply {
                 bytes: read_reply_header(s, req),
                 span: Some(Span {
                     st: st.clone(),
@@ -668,15 +701,44 @@ fn serve_inline(s: &Session, req: &Request, direct: bool) -> Option<Reply> {
                     len,
                 }),
                 failed: false,
-            })
+            }))
         }
         cmd::READ if req.length as usize <= INLINE_READ => {
             if let Err(e) = validate(s, req) {
-                return Some(error_reply(s, req, e));
+                return Ok(Some(error_reply(s, req, e)));
             }
-            copy_cached(s, st, req)
+            Ok(copy_cached(s, st, req))
         }
-        _ => None,
+        cmd::WRITE
+            if how.lane_idle
+                && (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
+                && req.flags & cflag::FUA == 0 =>
+        {
+            let len = req.length as usize;
+            let v = validate(s, req);
+            let write = |data: &[u8]| match &v {
+                Ok(()) => st.write_at(data, req.offset),
+                Err(_) => Ok(()),
+            };
+            // The payload straight from the read buffer when it is all there.
+            let r = if rd.buffer().len() >= len {
+                let r = write(&rd.buffer()[..len]);
+                rd.consume(len);
+                r
+            } else {
+                let mut buf = how.buffers.take(len);
+                rd.read_exact(&mut buf).await?;
+                let r = write(&buf);
+                how.buffers.put(buf);
+                r
+            };
+            Ok(Some(match (v, r) {
+                (Err(e), _) => error_reply(s, req, e),
+                (Ok(()), Err(e)) => error_reply(s, req, e.into()),
+                (Ok(()), Ok(())) => ok_reply(req),
+            }))
+        }
+        _ => Ok(None),
     }
 }
 

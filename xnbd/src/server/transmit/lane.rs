@@ -2,10 +2,12 @@
 //! flushes, applied in the order they arrived by one thread of the blocking pool at a time,
 //! while the connection's reader goes on receiving the next requests.
 //!
-//! Why: when the reader copied a large write into the page cache itself, receiving the next
-//! request and writing this one never overlapped, and on a busy machine the sequential
-//! write fell behind nbdkit's (which runs 16 threads per connection). The reader now reads
-//! a payload into a pooled buffer, hands it to the lane and reads on.
+//! Why: the reader reads a payload into a pooled buffer, hands it to the lane and reads on,
+//! so receiving the next requests overlaps writing this one, and every modifying command
+//! of a connection has one order. Writes of 64-256 KiB without FUA are still written by
+//! the reader itself while the lane is idle (`transmit.rs`, `INLINE_WRITE`): handing each
+//! of a sequential copy's 256 KiB writes to the lane measured no faster on a busy 2-core
+//! machine and cost 40-50% more server CPU per GiB (docs/BENCH-NBD.md, "Write lane").
 //!
 //! Wake-ups: handing work to another thread costs a wake-up and a context switch, which on
 //! a busy machine costs as much as the copy it overlaps. So an idle lane is started only
@@ -118,6 +120,12 @@ impl WriteLane {
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
         // A poisoned lock only means a panic elsewhere; the queue itself stays consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether nothing is queued or in progress.
+    pub fn is_idle(&self) -> bool {
+        let s = self.lock();
+        s.ops.is_empty() && !s.draining
     }
 
     /// Whether a payload of `len` bytes may be read now (see `LANE_BYTES`).
