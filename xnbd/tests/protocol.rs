@@ -441,7 +441,7 @@ fn raw_handshake_and_requests() {
 }
 
 /// Hundreds of requests pipelined on one connection, mixing small reads (grouped across
-/// the runtime threads), large reads, small writes (the writer threads) and odd-sized
+/// the runtime threads), large reads, small writes (the write lane) and odd-sized
 /// reads: every request gets exactly one reply, under its own cookie, with its own data.
 #[test]
 fn pipelined_mixed_requests_keep_replies_matched() {
