@@ -1,43 +1,16 @@
 //! A file or block device accessed with positional I/O only, so that any number of requests
-//! can run on it at once from the blocking pool, plus four writer threads per file for small
-//! client writes.
+//! can run on it at once from the blocking pool.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use crate::proto::{STATE_HOLE, STATE_ZERO};
 use crate::sys;
 
-/// Writer threads per file. Buffered writes to one file serialise on its inode lock, but
-/// with more than one thread a batch can start the moment another's write is done even when
-/// that thread is waiting for a CPU (two measured slightly ahead of one, and well ahead of
-/// a thread per request, which spins on the lock; four keep up with the runtime's eight
-/// threads on a busy machine, where the scheduler shares the CPUs out per thread).
-const WRITERS: usize = 4;
-
 /// Largest single zero-filled write used when the file system cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
-
-/// One write of a batch queued for the file's writer threads.
-#[derive(Debug)]
-pub struct QueuedWrite {
-    /// Where in the file.
-    pub offset: u64,
-    /// What (written whole).
-    pub data: Vec<u8>,
-}
-
-/// Runs on a writer thread once a batch is written, with the result of each write in
-/// batch order.
-pub type WritesDone = Box<dyn FnOnce(Vec<io::Result<()>>) + Send>;
-
-struct WriteBatch {
-    writes: Vec<QueuedWrite>,
-    done: WritesDone,
-}
 
 /// A local image.
 #[derive(Debug)]
@@ -45,9 +18,6 @@ pub struct Storage {
     file: File,
     size: u64,
     block_device: bool,
-    /// The writer threads' queue, started by the first queued write; the threads end when
-    /// the storage is dropped and the queue is empty.
-    writer: OnceLock<mpsc::Sender<WriteBatch>>,
 }
 
 impl Storage {
@@ -71,7 +41,6 @@ impl Storage {
             file,
             size,
             block_device,
-            writer: OnceLock::new(),
         })
     }
 
@@ -145,55 +114,6 @@ impl Storage {
     /// Write all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)
-    }
-
-    /// Write a batch on one of the file's writer threads, in order, then call `done` there
-    /// with the results. Buffered writes to one file serialise on its inode lock anyway: a
-    /// thread per request only spins on that lock, while a couple of long-lived threads
-    /// taking whole batches need one wake-up per batch instead of one per write. Batches
-    /// may complete in any order. If no thread can be started, `done` gets the error for
-    /// every write at once.
-    pub fn queue_writes(&self, writes: Vec<QueuedWrite>, done: WritesDone) {
-        let batch = WriteBatch { writes, done };
-        let tx = match self.writer() {
-            Ok(tx) => tx,
-            Err(e) => return fail_batch(batch, &e),
-        };
-        if let Err(mpsc::SendError(batch)) = tx.send(batch) {
-            fail_batch(batch, &io::Error::other("writer threads gone"));
-        }
-    }
-
-    fn writer(&self) -> io::Result<&mpsc::Sender<WriteBatch>> {
-        if let Some(tx) = self.writer.get() {
-            return Ok(tx);
-        }
-        let (tx, rx) = mpsc::channel::<WriteBatch>();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            let file = self.file.try_clone()?;
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name("xnbd-writer".into())
-                .spawn(move || loop {
-                    // The idle writer waits for the lock, the other for the next batch.
-                    let b = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                        Ok(b) => b,
-                        Err(_) => break,
-                    };
-                    let results = b
-                        .writes
-                        .iter()
-                        .map(|w| file.write_all_at(&w.data, w.offset))
-                        .collect();
-                    (b.done)(results);
-                })?;
-        }
-        // Another caller may have won the race: its thread is used, this one ends at once.
-        let _ = self.writer.set(tx);
-        self.writer
-            .get()
-            .ok_or_else(|| io::Error::other("writer thread not set"))
     }
 
     /// Make everything written so far durable.
@@ -282,71 +202,9 @@ impl Storage {
     }
 }
 
-fn fail_batch(b: WriteBatch, e: &io::Error) {
-    let results = b
-        .writes
-        .iter()
-        .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-        .collect();
-    (b.done)(results);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn queued_writes_land_in_order_and_report_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
-        File::create(&p).unwrap().set_len(1 << 20).unwrap();
-        let s = Storage::open(&p, false).unwrap();
-        let (tx, rx) = mpsc::channel();
-        for round in 0..3u8 {
-            // Overlapping writes of one batch are applied in batch order.
-            let writes = (0..8u8)
-                .map(|i| QueuedWrite {
-                    offset: 4096 * u64::from(i % 4),
-                    data: vec![round * 16 + i; 4096],
-                })
-                .collect();
-            let tx = tx.clone();
-            s.queue_writes(
-                writes,
-                Box::new(move |r| tx.send(r.iter().all(|x| x.is_ok())).unwrap()),
-            );
-            // Batches may complete in any order: the next round waits.
-            assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
-        }
-        let mut b = vec![0u8; 4 * 4096];
-        s.read_at(&mut b, 0).unwrap();
-        for i in 0..4 {
-            assert!(b[i * 4096..(i + 1) * 4096]
-                .iter()
-                .all(|&x| x == 32 + 4 + i as u8));
-        }
-        // A read-only file: every write of the batch fails, and says so.
-        let ro = Storage::open(&p, true).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let writes = vec![
-            QueuedWrite {
-                offset: 0,
-                data: vec![1; 512],
-            },
-            QueuedWrite {
-                offset: 4096,
-                data: vec![1; 512],
-            },
-        ];
-        ro.queue_writes(
-            writes,
-            Box::new(move |r| tx.send(r.iter().filter(|x| x.is_err()).count()).unwrap()),
-        );
-        assert_eq!(
-            rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(),
-            2
-        );
-    }
 
     #[test]
     fn extents_follow_holes() {

@@ -496,3 +496,128 @@ fn max_block_size_follows_the_connection_share() {
     c.read_exact(&mut data).unwrap();
     assert_eq!(data, std::fs::read(&img).unwrap()[..4 << 20]);
 }
+
+/// Writes held at the budget: a client pipelines up to 1 GiB of 16 KiB writes on a Unix
+/// socket and never reads a reply. The server writes them (its write lane) until the
+/// socket is full of unread replies, then stops at the connection's share of the budget;
+/// its memory stays flat, another client's writes and reads are served meanwhile, and
+/// when the hog goes away its connection ends too.
+#[test]
+fn writes_never_read_hold_the_budget_and_end_with_the_client() {
+    use std::os::unix::net::UnixStream;
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 64 * MIB, 0, 0);
+    let (sock, ctl) = (d.path().join("nbd.sock"), d.path().join("ctl.sock"));
+    let srv = serve_disk(
+        &img,
+        &[
+            "--unix",
+            sock.to_str().unwrap(),
+            "--ctl",
+            ctl.to_str().unwrap(),
+            "--memory-budget",
+            "8M",
+            "--conn-memory",
+            "4M",
+        ],
+        None,
+        &d.path().join("serve.log"),
+        &ctl,
+    );
+    assert!(common::wait_path(&sock, Duration::from_secs(10)));
+    let pid = srv.pid();
+    let base = vm(pid, "VmRSS:");
+    let mut hog = UnixStream::connect(&sock).unwrap();
+    negotiate(&mut hog, "disk");
+    let mut w = hog.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    const LEN: u32 = 16 << 10;
+    // Sent as it is made (1 GiB is not built in memory); ends when the connection goes.
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        let mut wire = Vec::with_capacity(64 * (proto::REQUEST_LEN + LEN as usize));
+        for i in 0..(1u64 << 30) / u64::from(LEN) {
+            let r = Request {
+                flags: 0,
+                typ: cmd::WRITE,
+                cookie: i,
+                offset: (i * u64::from(LEN)) % (64 * MIB),
+                length: LEN,
+            };
+            wire.extend_from_slice(&r.encode());
+            wire.extend(std::iter::repeat_n(i as u8, LEN as usize));
+            if wire.len() >= 64 * LEN as usize {
+                if w.write_all(&wire).is_err() {
+                    break;
+                }
+                sent += wire.len() as u64;
+                wire.clear();
+            }
+        }
+        sent
+    });
+    // The hog's share fills up and stays full.
+    wait_memory_used(&ctl, 4 * MIB, Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(500));
+    let q = query(&ctl);
+    assert!(counter(&q, &["server", "memory_used"]) <= 8 * MIB, "{q}");
+    let held = vm(pid, "VmRSS:");
+    // Another client is served meanwhile (the rest of the budget is free).
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    negotiate(&mut c, "disk");
+    let mut wire = Request {
+        flags: proto::cflag::FUA,
+        typ: cmd::WRITE,
+        cookie: 7,
+        offset: 8192,
+        length: 4096,
+    }
+    .encode()
+    .to_vec();
+    wire.extend_from_slice(&[0x5a; 4096]);
+    c.write_all(&wire).unwrap();
+    let mut r = [0u8; proto::SIMPLE_REPLY_LEN];
+    c.read_exact(&mut r).unwrap();
+    let reply = proto::SimpleReply::parse(&r).unwrap();
+    assert_eq!((reply.cookie, reply.error), (7, 0));
+    c.write_all(&read_req(8, 8192, 4096)).unwrap();
+    let mut r = [0u8; proto::SIMPLE_REPLY_LEN + 4096];
+    c.read_exact(&mut r).unwrap();
+    let reply = proto::SimpleReply::parse(&r[..proto::SIMPLE_REPLY_LEN]).unwrap();
+    assert_eq!((reply.cookie, reply.error), (8, 0));
+    assert!(r[proto::SIMPLE_REPLY_LEN..].iter().all(|&b| b == 0x5a));
+    drop(c);
+    // Still held: the hog was not dropped, only stopped.
+    let q = query(&ctl);
+    assert!(counter(&q, &["server", "memory_used"]) >= 4 * MIB, "{q}");
+    // The hog goes: the sender stops, and the server closes its side (no hang on the
+    // writes in flight or the unread replies).
+    hog.shutdown(std::net::Shutdown::Both).unwrap();
+    let sent = sender.join().unwrap();
+    assert!(
+        sent < 1 << 30,
+        "the server took all {sent} bytes: it never pushed back"
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = query(&ctl);
+        if counter(&q, &["server", "listeners", "open"]) == 0 {
+            assert_eq!(counter(&q, &["server", "memory_used"]), 0, "{q}");
+            break;
+        }
+        assert!(Instant::now() < end, "connections still open: {q}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let peak = vm(pid, "VmHWM:");
+    eprintln!(
+        "rss: {} MiB at start, {} MiB with the hog at its share, peak {} MiB; hog sent {} MiB",
+        base >> 20,
+        held >> 20,
+        peak >> 20,
+        sent >> 20
+    );
+    // The budget, the idle buffer pool (16 MiB) and allocator slack.
+    assert!(peak < base + 64 * MIB, "peak rss {} MiB", peak >> 20);
+}

@@ -441,7 +441,7 @@ fn raw_handshake_and_requests() {
 }
 
 /// Hundreds of requests pipelined on one connection, mixing small reads (grouped across
-/// the runtime threads), large reads, small writes (the writer threads) and odd-sized
+/// the runtime threads), large reads, small writes (the write lane) and odd-sized
 /// reads: every request gets exactly one reply, under its own cookie, with its own data.
 #[test]
 fn pipelined_mixed_requests_keep_replies_matched() {
@@ -570,6 +570,159 @@ fn large_write_replied_while_the_next_payload_is_awaited() {
         assert!(
             data.iter().all(|&x| x == cookie as u8 + 1),
             "write {cookie}"
+        );
+    }
+    c.request(cmd::DISC, 0, 1, 0, 0);
+    assert!(c.closed());
+}
+
+/// A directory on tmpfs when there is one: `fdatasync` costs nothing there, so a flush that
+/// does not wait for the writes before it finishes ahead of them.
+fn fast_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap())
+}
+
+/// Sends `wire` from another thread (the server may stop reading until replies are taken)
+/// and returns the replies to `n` requests in the order they came.
+fn burst(c: &mut Raw, wire: Vec<u8>, n: usize) -> Vec<proto::SimpleReply> {
+    let mut tx = c.0.try_clone().unwrap();
+    let sender = std::thread::spawn(move || tx.write_all(&wire).unwrap());
+    let replies = (0..n).map(|_| c.simple()).collect();
+    sender.join().unwrap();
+    replies
+}
+
+/// Writes of every size (batched small ones, large ones, FUA ones) and write-zeroes to
+/// overlapping ranges, sent in one burst without waiting for replies: the image ends up as
+/// if they had been applied one after another in request order.
+#[test]
+fn overlapping_writes_in_one_burst_land_in_order() {
+    let d = fast_tempdir();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 4 * MIB, 0, 0);
+    let sock = d.path().join("nbd.sock");
+    let _srv = serve_disk(&img, &sock, &d.path().join("serve.log"));
+    let (mut c, _) = Raw::export_name(&sock, "disk");
+    let mut model = vec![0u8; 4 * MIB as usize];
+    let mut wire = Vec::new();
+    const N: u64 = 240;
+    for i in 0..N {
+        let (typ, flags, len) = match i % 8 {
+            0 | 4 => (cmd::WRITE, 0, 4096),
+            1 => (cmd::WRITE, 0, 64 << 10),
+            2 => (cmd::WRITE, 0, 256 << 10),
+            3 => (cmd::WRITE, 0, 1 << 20),
+            5 => (cmd::WRITE, proto::cflag::FUA, 128 << 10),
+            6 => (cmd::WRITE_ZEROES, proto::cflag::NO_HOLE, 96 << 10),
+            _ => (cmd::WRITE, 0, 12 << 10),
+        };
+        // Every range overlaps many others within the first 1.5 MiB.
+        let offset = (i * 20_480) % (512 << 10);
+        let r = Request {
+            flags,
+            typ,
+            cookie: i,
+            offset,
+            length: len,
+        };
+        wire.extend_from_slice(&r.encode());
+        let range = offset as usize..(offset + u64::from(len)) as usize;
+        let byte = if typ == cmd::WRITE {
+            (i % 251) as u8 + 1
+        } else {
+            0
+        };
+        if typ == cmd::WRITE {
+            wire.extend(std::iter::repeat_n(byte, len as usize));
+        }
+        model[range].fill(byte);
+    }
+    let replies = burst(&mut c, wire, N as usize);
+    let mut seen = vec![false; N as usize];
+    for s in &replies {
+        assert_eq!(s.error, 0, "cookie {}", s.cookie);
+        assert!(!std::mem::replace(&mut seen[s.cookie as usize], true));
+    }
+    let got = std::fs::read(&img).unwrap();
+    if let Some(at) = (0..got.len()).find(|&k| got[k] != model[k]) {
+        panic!(
+            "byte {at}: {} on disk, {} from the last request covering it",
+            got[at], model[at]
+        );
+    }
+    c.request(cmd::DISC, 0, 1, 0, 0);
+    assert!(c.closed());
+}
+
+/// A FLUSH sent right after a burst of writes, before any of their replies was read, is
+/// answered after every one of them (it covers them all, not only those already answered
+/// when it arrived); writes sent after it are still answered.
+#[test]
+fn flush_after_a_burst_of_writes_is_answered_after_them() {
+    let d = fast_tempdir();
+    let img = d.path().join("disk.img");
+    common::make_image(&img, 64 * MIB, 0, 0);
+    let sock = d.path().join("nbd.sock");
+    let _srv = serve_disk(&img, &sock, &d.path().join("serve.log"));
+    let (mut c, _) = Raw::export_name(&sock, "disk");
+    const FLUSH: u64 = 1000;
+    let write = |wire: &mut Vec<u8>, cookie: u64, len: u32| {
+        let r = Request {
+            flags: 0,
+            typ: cmd::WRITE,
+            cookie,
+            offset: cookie * MIB,
+            length: len,
+        };
+        wire.extend_from_slice(&r.encode());
+        wire.extend(std::iter::repeat_n(cookie as u8 + 1, len as usize));
+    };
+    for round in 0..5u64 {
+        let mut wire = Vec::new();
+        // 24 MiB of writes (within the connection's 32 MiB share), small and large.
+        for i in 0..24 {
+            write(&mut wire, i, if i % 3 == 0 { 4096 } else { 1 << 20 });
+        }
+        wire.extend_from_slice(
+            &Request {
+                flags: 0,
+                typ: cmd::FLUSH,
+                cookie: FLUSH,
+                offset: 0,
+                length: 0,
+            }
+            .encode(),
+        );
+        for i in 30..34 {
+            write(&mut wire, i, 4096);
+        }
+        let replies = burst(&mut c, wire, 29);
+        let at = replies
+            .iter()
+            .position(|s| s.cookie == FLUSH)
+            .expect("no reply to the flush");
+        let early: Vec<u64> = replies[at..]
+            .iter()
+            .map(|s| s.cookie)
+            .filter(|&k| k < 24)
+            .collect();
+        assert!(
+            early.is_empty(),
+            "round {round}: writes {early:?} answered after the flush that followed them"
+        );
+        assert!(replies.iter().all(|s| s.error == 0));
+    }
+    let got = std::fs::read(&img).unwrap();
+    for i in (0..24u64).chain(30..34) {
+        let len = if i % 3 == 0 || i >= 30 {
+            4096
+        } else {
+            MIB as usize
+        };
+        let at = (i * MIB) as usize;
+        assert!(
+            got[at..at + len].iter().all(|&x| x == i as u8 + 1),
+            "write {i}"
         );
     }
     c.request(cmd::DISC, 0, 1, 0, 0);

@@ -2,10 +2,12 @@
 //!
 //! - `negotiate`: fixed newstyle option haggling with optional STARTTLS, ending in a
 //!   a `Session` (or the connection's end).
-//! - `transmit`: the transmission phase, where cached reads and large writes are served
-//!   inline by the connection's reader, small writes go in batches to the file's writer
-//!   threads, every other request runs on its own task, and replies go out in completion
-//!   order.
+//! - `transmit`: the transmission phase, where cached reads are served inline by the
+//!   connection's reader, writes, write-zeroes, trims and flushes of a local file go in
+//!   order to the connection's write lane (`transmit/lane.rs`, a blocking-pool thread that
+//!   writes while the reader receives), every other request runs on its own task, and
+//!   replies go out in completion order.
+//! - `pool`: the write payload buffers, reused from request to request.
 
 use std::io;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use crate::listen::{AcceptErrors, Limits, ListenCounts, ListenStats};
 use crate::proto::tflag;
 
 mod negotiate;
+mod pool;
 mod transmit;
 
 pub use negotiate::{load_tls, Tls};
@@ -143,6 +146,8 @@ pub struct Server {
     pub listeners: Arc<ListenStats>,
     /// Bytes of requests and replies held at once.
     pub budget: Budget,
+    /// Write payload buffers, reused.
+    write_buffers: pool::BufferPool,
 }
 
 impl Server {
@@ -162,6 +167,7 @@ impl Server {
             limits,
             listeners: Arc::default(),
             budget: Budget::new(memory),
+            write_buffers: pool::BufferPool::default(),
         }
     }
 

@@ -1,5 +1,7 @@
 //! Transmission: the request loop of a negotiated connection and its replies.
 
+mod lane;
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,7 +19,8 @@ use crate::budget::{Budget, Hold};
 use crate::conn::Conn;
 use crate::op::OpError;
 use crate::proto::{self, cflag, chunk, cmd, err, Chunk, Request, SimpleReply};
-use crate::storage::{QueuedWrite, Storage};
+use crate::storage::Storage;
+use lane::{LaneOp, WriteLane};
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -33,14 +36,15 @@ const READ_BUFFER: usize = 256 << 10;
 const INLINE_READ: usize = 64 << 10;
 /// Most bytes of a read reply sent with one `sendfile`.
 const SEND_CHUNK: usize = 4 << 20;
-/// Largest write without FUA written inline to a local file (a copy into the page cache).
+/// Writes over `SMALL_WRITE` and up to this size, without FUA, are written by the reader
+/// itself when the write lane is idle (a copy into the page cache, straight from the read
+/// buffer when the payload is all there): handed to the lane they cost a thread wake-up and
+/// a context switch each, more CPU than the overlap saves on a busy machine
+/// (docs/BENCH-NBD.md, "Write lane").
 const INLINE_WRITE: usize = 256 << 10;
-/// Writes up to this size go to the file's writer threads instead, in batches: many small
-/// inline writes would each hold up the connection's reader (a page-cache write can wait
-/// for writeback), and a thread per write would spin on the file's inode lock.
+/// Writes up to this size always go to the lane, which writes those that arrive together in
+/// one go (one wake-up for the lot).
 const SMALL_WRITE: usize = 64 << 10;
-/// Small writes handed to the writer threads at most in one batch.
-const WRITE_BATCH: usize = 32;
 /// Small reads that arrive together are served in groups of this many on the other runtime
 /// threads, the last (partial) group by the reader itself. Served one after another by the
 /// reader alone, a batch of pipelined reads keeps one thread busy while the client waits
@@ -67,7 +71,6 @@ impl Server {
         let (rd, wr) = tokio::io::split(conn);
         // Buffered: one read system call brings in many small request headers.
         let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-        let mut scratch = Vec::new();
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let writer = tokio::spawn(write_replies(
@@ -83,17 +86,24 @@ impl Server {
         // Replies of requests served inline, handed to the writer together whenever the
         // next request is not buffered yet (one wake-up and one write for the lot).
         let mut ready: Vec<Seg> = Vec::new();
-        // Small writes without FUA, handed to the file's writer threads as one batch whenever
-        // the reader might wait (and every `WRITE_BATCH` writes).
-        let mut writes = PendingWrites::default();
+        // Writes, write-zeroes, trims and flushes of a local file, applied in order on a
+        // thread of their own while the reader goes on (see `lane`).
+        let lane = match &session.export.backend {
+            Backend::File(st) => Some(Arc::new(WriteLane::new(
+                st.clone(),
+                session.clone(),
+                out.clone(),
+                self.clone(),
+            ))),
+            Backend::Proxy(_) => None,
+        };
         // Small reads waiting for a group to fill (see `READ_GROUP`).
         let mut reads = ReadGroup::default();
         let result: Result<(), ServerError> = async {
             loop {
                 if rd.buffer().len() < proto::REQUEST_LEN {
-                    // The socket may have to be waited for: queued writes go first, and the
-                    // reader serves the reads of the last group itself.
-                    writes.submit(&session, &out, &self);
+                    // The socket may have to be waited for: the reader serves the reads of
+                    // the last group itself.
                     reads.serve_here(&session, &out, &self, &mut ready);
                 }
                 if rd.buffer().len() < proto::REQUEST_LEN {
@@ -104,7 +114,7 @@ impl Server {
                 // connection too (and gives its budget back).
                 let got = tokio::select! {
                     biased;
-                    r = rd.read_exact(&mut h) => r.map(|_| ()),
+                    r = unless_ready(rd.read_exact(&mut h), || kick(&lane)) => r.map(|_| ()),
                     () = out.failed() => Err(io::ErrorKind::BrokenPipe.into()),
                 };
                 match got {
@@ -119,10 +129,9 @@ impl Server {
                     return Ok(());
                 }
                 if req.typ == cmd::WRITE && rd.buffer().len() < req.length as usize {
-                    // The payload may have to be waited for: queued writes go first, and
-                    // the replies so far leave now (a client with a window of large writes
-                    // in flight sends more only as their replies come back).
-                    writes.submit(&session, &out, &self);
+                    // The payload may have to be waited for: the replies so far leave now (a
+                    // client with a window of large writes in flight sends more only as
+                    // their replies come back).
                     send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let units = self.budget.units(held_bytes(&req));
@@ -143,10 +152,13 @@ impl Server {
                     h => h,
                 };
                 if hold.is_some() {
-                    if let Some(reply) =
-                        serve_inline(&session, &req, &mut rd, &mut scratch, direct.is_some())
-                            .await?
-                    {
+                    let lane_idle = lane.as_ref().is_some_and(|l| l.is_idle());
+                    let inline = Inline {
+                        direct: direct.is_some(),
+                        lane_idle,
+                        buffers: &self.write_buffers,
+                    };
+                    if let Some(reply) = serve_inline(&session, &req, &mut rd, inline).await? {
                         ready.push(self.reply_seg(reply, hold));
                         continue;
                     }
@@ -154,9 +166,9 @@ impl Server {
                 let hold = match hold {
                     Some(h) => h,
                     None => {
-                        // Queued writes, grouped reads and replies hold budget: they go to
+                        // Grouped reads, replies and queued writes hold budget: they go to
                         // the writers before any wait for more.
-                        writes.submit(&session, &out, &self);
+                        kick(&lane);
                         reads.serve_here(&session, &out, &self, &mut ready);
                         out.push_all(&mut ready);
                         tokio::select! {
@@ -173,8 +185,9 @@ impl Server {
                 let mut payload = Vec::new();
                 let mut early: Option<OpError> = None;
                 if req.typ == cmd::WRITE {
+                    let len = req.length as usize;
                     if req.length > session.max_payload {
-                        writes.submit(&session, &out, &self);
+                        kick(&lane);
                         discard(&mut rd, u64::from(req.length)).await?;
                         early = Some(OpError::new(
                             if session.structured {
@@ -184,20 +197,28 @@ impl Server {
                             },
                             "write larger than the maximum block size",
                         ));
-                    } else if rd.buffer().len() >= req.length as usize {
-                        // All there: one copy, no zero-fill.
-                        payload = rd.buffer()[..req.length as usize].to_vec();
-                        rd.consume(req.length as usize);
                     } else {
-                        writes.submit(&session, &out, &self);
-                        payload = vec![0u8; req.length as usize];
-                        rd.read_exact(&mut payload).await?;
+                        if let Some(lane) = lane.as_ref().filter(|l| !l.has_room(len)) {
+                            // The lane is full: what is ready goes out while it drains.
+                            reads.serve_here(&session, &out, &self, &mut ready);
+                            out.push_all(&mut ready);
+                            tokio::select! {
+                                biased;
+                                () = lane.room(len) => {}
+                                () = out.failed() => {
+                                    return Err(io::Error::from(io::ErrorKind::BrokenPipe).into())
+                                }
+                            }
+                        }
+                        // Into a pooled buffer (given back once written).
+                        payload = self.write_buffers.take(len);
+                        unless_ready(rd.read_exact(&mut payload), || kick(&lane)).await?;
                     }
                 }
                 let permit = match permits.clone().try_acquire_owned() {
                     Ok(p) => p,
                     Err(_) => {
-                        writes.submit(&session, &out, &self);
+                        kick(&lane);
                         reads.serve_here(&session, &out, &self, &mut ready);
                         out.push_all(&mut ready);
                         permits
@@ -207,18 +228,20 @@ impl Server {
                             .map_err(|_| ServerError::Protocol("closed".into()))?
                     }
                 };
-                if let (cmd::WRITE, Backend::File(_), None) =
-                    (req.typ, &session.export.backend, &early)
-                {
-                    if req.flags & cflag::FUA == 0 {
-                        if let Err(e) = validate(&session, &req) {
-                            let reply = error_reply(&session, &req, e);
-                            ready.push(self.reply_seg(reply, Some(hold)));
-                            continue;
-                        }
-                        writes.push(req, payload, permit, hold);
-                        if writes.reqs.len() >= WRITE_BATCH {
-                            writes.submit(&session, &out, &self);
+                if let (Some(lane), None) = (&lane, &early) {
+                    if WriteLane::takes(&req) {
+                        match validate(&session, &req) {
+                            Ok(()) => lane.push(LaneOp {
+                                req,
+                                data: payload,
+                                hold,
+                                permit,
+                            }),
+                            Err(e) => {
+                                self.write_buffers.put(payload);
+                                let reply = error_reply(&session, &req, e);
+                                ready.push(self.reply_seg(reply, Some(hold)));
+                            }
                         }
                         continue;
                     }
@@ -226,30 +249,6 @@ impl Server {
                 let out = out.clone();
                 let session = session.clone();
                 let srv = self.clone();
-                if let (cmd::WRITE, Backend::File(st), None) =
-                    (req.typ, &session.export.backend, &early)
-                {
-                    // FUA: straight to the blocking pool (its fdatasync must not hold up the
-                    // writer threads), which queues the reply itself.
-                    let st = st.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let r = (|| -> Result<(), OpError> {
-                            validate(&session, &req)?;
-                            st.write_at(&payload, req.offset)?;
-                            if req.flags & cflag::FUA != 0 {
-                                st.sync()?;
-                            }
-                            Ok(())
-                        })();
-                        let reply = match r {
-                            Ok(()) => ok_reply(&req),
-                            Err(e) => error_reply(&session, &req, e),
-                        };
-                        out.push_all(&mut vec![srv.reply_seg(reply, Some(hold))]);
-                        drop(permit);
-                    });
-                    continue;
-                }
                 let (wr, direct) = (wr.clone(), direct.clone());
                 tokio::spawn(async move {
                     let reply = match early {
@@ -271,7 +270,7 @@ impl Server {
         }
         .await;
         // Outstanding requests finish and their replies are written before the socket closes.
-        writes.submit(&session, &out, &self);
+        kick(&lane);
         reads.serve_here(&session, &out, &self, &mut ready);
         out.push_all(&mut ready);
         let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
@@ -285,52 +284,27 @@ impl Server {
     }
 }
 
-/// Small writes read but not yet handed to the writer threads, with what their replies need.
-#[derive(Default)]
-struct PendingWrites {
-    writes: Vec<QueuedWrite>,
-    reqs: Vec<(Request, OwnedSemaphorePermit, Hold)>,
+/// Start the write lane, if any, on what it holds (before the reader may wait).
+fn kick(lane: &Option<Arc<WriteLane>>) {
+    if let Some(l) = lane {
+        l.kick();
+    }
 }
 
-impl PendingWrites {
-    fn push(&mut self, req: Request, data: Vec<u8>, permit: OwnedSemaphorePermit, hold: Hold) {
-        self.writes.push(QueuedWrite {
-            offset: req.offset,
-            data,
-        });
-        self.reqs.push((req, permit, hold));
-    }
-
-    /// Hand the batch to the writer threads; they queue the replies (each holding its
-    /// budget until written) and release the in-flight permits once the writes are done.
-    fn submit(&mut self, session: &Arc<Session>, out: &Arc<Outbox>, srv: &Arc<Server>) {
-        if self.reqs.is_empty() {
-            return;
+/// Await `f`, calling `before_wait` first if it cannot complete at once.
+async fn unless_ready<F: std::future::Future>(f: F, before_wait: impl FnOnce()) -> F::Output {
+    tokio::pin!(f);
+    let mut before_wait = Some(before_wait);
+    std::future::poll_fn(|cx| {
+        let p = f.as_mut().poll(cx);
+        if p.is_pending() {
+            if let Some(b) = before_wait.take() {
+                b();
+            }
         }
-        let Backend::File(st) = &session.export.backend else {
-            return;
-        };
-        let reqs = std::mem::take(&mut self.reqs);
-        let (session2, out, srv) = (session.clone(), out.clone(), srv.clone());
-        st.queue_writes(
-            std::mem::take(&mut self.writes),
-            Box::new(move |results| {
-                let mut replies = Vec::with_capacity(reqs.len());
-                let mut permits = Vec::with_capacity(reqs.len());
-                for ((req, permit, hold), r) in reqs.into_iter().zip(results) {
-                    let reply = match r {
-                        Ok(()) => ok_reply(&req),
-                        Err(e) => error_reply(&session2, &req, e.into()),
-                    };
-                    replies.push(srv.reply_seg(reply, Some(hold)));
-                    permits.push(permit);
-                }
-                out.push_all(&mut replies);
-                // The permits go only now, with the replies queued.
-                drop(permits);
-            }),
-        );
-    }
+        p
+    })
+    .await
 }
 
 /// Small reads of a local file, validated and holding their budget and in-flight permits,
@@ -683,25 +657,32 @@ async fn send_span<W: AsyncWrite + Unpin>(
     stalled(budget, wr.write(&buf)).await
 }
 
+/// What [`serve_inline`] may use.
+struct Inline<'a> {
+    /// Read replies may be sent from the page cache to the socket.
+    direct: bool,
+    /// The write lane has nothing queued or in progress (a write done here cannot pass one
+    /// sent before it).
+    lane_idle: bool,
+    /// For a payload that is not all in the read buffer yet.
+    buffers: &'a super::pool::BufferPool,
+}
+
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
-/// holds and small writes without FUA to a local file (a page-cache copy), plus requests
-/// that fail validation. `None`: the request must run on its own task (its payload, if any,
-/// is still unread).
-///
-/// `scratch` is the connection's buffer for write payloads that are not all in `rd` yet;
-/// it is reused from request to request, so it is zero-filled only when it grows.
+/// holds, writes of `SMALL_WRITE`-`INLINE_WRITE` bytes without FUA to a local file while
+/// its lane is idle (a page-cache copy), and reads that fail validation. `None`: the
+/// request goes its usual way (its payload, if any, is still unread).
 async fn serve_inline<R: AsyncRead + Unpin>(
     s: &Session,
     req: &Request,
     rd: &mut BufReader<R>,
-    scratch: &mut Vec<u8>,
-    direct: bool,
+    how: Inline<'_>,
 ) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
         return Ok(None);
     };
     match req.typ {
-        cmd::READ if direct => {
+        cmd::READ if how.direct => {
             if let Err(e) = validate(s, req) {
                 return Ok(Some(error_reply(s, req, e)));
             }
@@ -729,26 +710,27 @@ async fn serve_inline<R: AsyncRead + Unpin>(
             Ok(copy_cached(s, st, req))
         }
         cmd::WRITE
-            if (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
+            if how.lane_idle
+                && (SMALL_WRITE + 1..=INLINE_WRITE).contains(&(req.length as usize))
                 && req.flags & cflag::FUA == 0 =>
         {
             let len = req.length as usize;
             let v = validate(s, req);
+            let write = |data: &[u8]| match &v {
+                Ok(()) => st.write_at(data, req.offset),
+                Err(_) => Ok(()),
+            };
             // The payload straight from the read buffer when it is all there.
             let r = if rd.buffer().len() >= len {
-                let r = match &v {
-                    Ok(()) => st.write_at(&rd.buffer()[..len], req.offset),
-                    Err(_) => Ok(()),
-                };
+                let r = write(&rd.buffer()[..len]);
                 rd.consume(len);
                 r
             } else {
-                scratch.resize(len, 0);
-                rd.read_exact(scratch).await?;
-                match &v {
-                    Ok(()) => st.write_at(scratch, req.offset),
-                    Err(_) => Ok(()),
-                }
+                let mut buf = how.buffers.take(len);
+                rd.read_exact(&mut buf).await?;
+                let r = write(&buf);
+                how.buffers.put(buf);
+                r
             };
             Ok(Some(match (v, r) {
                 (Err(e), _) => error_reply(s, req, e),
