@@ -17,7 +17,9 @@ use std::{
 };
 
 use dataplane::offload;
-use dataplane::xdp::{self, link_info, DatapathRequest, ModeRequest, XdpPort, XdpPortConfig};
+use dataplane::xdp::{
+    self, link_info, DatapathRequest, HookMode, ModeRequest, XdpPort, XdpPortConfig,
+};
 
 const VM_IP: &str = "198.18.77.1";
 const PEER_IP: [u8; 4] = [198, 18, 77, 2];
@@ -874,10 +876,17 @@ fn data_to(index: u32, relay: Option<[u8; 16]>) -> Vec<u8> {
 /// replaced) the new and the kept index pass and the removed one is dropped; with more
 /// live indexes than the map holds the check is off (`session_check` false) and
 /// transport messages pass unchecked (`passed_unchecked`), and it is on again once they
-/// fit. About 2 s.
+/// fit. In both hooks: XDP native and the TC classifier. About 4 s.
 #[test]
 fn filter_drops_transport_messages_for_unknown_sessions() {
     require_root!("filter_drops_transport_messages_for_unknown_sessions");
+    filter_session_check(HookMode::Native, xdp::Hook::Xdp(xdp::AttachMode::Native));
+    filter_session_check(HookMode::Tc, xdp::Hook::Tc);
+}
+
+/// The body of `filter_drops_transport_messages_for_unknown_sessions` with the
+/// filter attached in `mode`, which must end up in `hook`.
+fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
     let lab = lab::Lab::new("xfs").expect("lab");
     let edge = lab.add_ns("edge").expect("namespace");
     let peer = lab.add_ns("peer").expect("namespace");
@@ -891,11 +900,13 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
         .in_ns(&edge, || {
             let rx = std::net::UdpSocket::bind("198.18.78.1:0").expect("bind");
             let port = rx.local_addr().expect("addr").port();
-            let f = xdp::XdpFilter::attach("eth0", port, &community, ModeRequest::Auto)
+            let f = xdp::XdpFilter::attach("eth0", port, &community, mode)
                 .expect("attach the filter");
             (rx, f)
         })
         .expect("edge namespace");
+    assert_eq!(filter.hook(), hook);
+    assert_eq!(filter.status().mode, hook.as_str());
     let dst = rx.local_addr().expect("addr");
     let tx = lab
         .in_ns(&peer, || std::net::UdpSocket::bind("198.18.78.2:0"))
@@ -957,8 +968,9 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
 /// How fast `lab::flood` sends here, against the filter alone: `MVC_FLOOD_THREADS`
 /// (default 2) senders flood a veth pair for `MVC_FLOOD_SECS` (default 3) with junk
 /// (a wrong version byte) for a port the filter guards on the other end, which drops
-/// it in XDP; prints the rate sent, the rate the filter dropped and the datagrams per
-/// second of the sending process's CPU time. Ignored (for
+/// it in the hook `MVC_FILTER_MODE` asks for (default auto: tc on veth); prints the
+/// rate sent, the rate the filter dropped and the datagrams per second of the sending
+/// process's CPU time. Ignored (for
 /// docs/BENCH.md): `cargo test -p dataplane --test xdp -- --ignored --nocapture
 /// measure_flood_rate`.
 #[test]
@@ -986,7 +998,12 @@ fn measure_flood_rate() {
     let port = 7700;
     let filter = lab
         .in_ns(&edge, || {
-            xdp::XdpFilter::attach("eth0", port, &[1; 16], ModeRequest::Auto).expect("attach")
+            let mode: HookMode = std::env::var("MVC_FILTER_MODE")
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .expect("MVC_FILTER_MODE");
+            xdp::XdpFilter::attach("eth0", port, &[1; 16], mode).expect("attach")
         })
         .expect("edge namespace");
     let frame = lab::flood::udp_frame(
