@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dataplane::crypto::{Cipher, CommunityKeys};
-use dataplane::edge::{EdgeConfig, EdgeCore, EdgeRng, RngError, SupernodeAddr, Timers};
+use dataplane::edge::{EdgeConfig, EdgeCore, SeededRng, SupernodeAddr, Timers};
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
 use dataplane::supernode::{SupernodeConfig, SupernodeCore};
@@ -184,36 +184,6 @@ pub struct ScaleResult {
     pub sn_drops: std::collections::BTreeMap<String, u64>,
     /// Wall time of the whole run (ms).
     pub wall_ms: u64,
-}
-
-/// Seeded splitmix64 for the edges; handshake ephemeral keys still come from the system.
-struct SimRng {
-    state: u64,
-    system: ring::rand::SystemRandom,
-}
-
-impl SimRng {
-    fn next(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-impl EdgeRng for SimRng {
-    fn fill(&mut self, dest: &mut [u8]) -> Result<(), RngError> {
-        for c in dest.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-        Ok(())
-    }
-
-    fn ring(&self) -> &dyn ring::rand::SecureRandom {
-        &self.system
-    }
 }
 
 struct Edge {
@@ -384,15 +354,8 @@ impl Net {
             .seed
             .wrapping_add(i as u64)
             .wrapping_add(restarts.wrapping_mul(0x1_0000_0000));
-        EdgeCore::with_rng(
-            cfg,
-            self.now,
-            Box::new(SimRng {
-                state: seed,
-                system: ring::rand::SystemRandom::new(),
-            }),
-        )
-        .map_err(|e| ScaleError::Setup(e.to_string()))
+        EdgeCore::with_rng(cfg, self.now, Box::new(SeededRng::new(seed)))
+            .map_err(|e| ScaleError::Setup(e.to_string()))
     }
 
     fn add_edge(&mut self, community: usize) -> Result<usize, ScaleError> {

@@ -517,14 +517,7 @@ impl SqliteStore {
             .conn
             .prepare_cached(&attachment_select("a.site_id", attachment_rest))?;
         for id in ids {
-            let mut rows = match id {
-                Some(id) => vms.query([id])?,
-                None => vms.query([])?,
-            };
-            while let Some(r) = rows.next()? {
-                let Some(i) = at.get(r.get(0)?) else {
-                    continue;
-                };
+            rows_by_cluster(&mut vms, id, &mut at, |i, r| {
                 let vm = VmRow {
                     name: l.put(text(r, 1)?),
                     role: role_at(r, 2)?,
@@ -536,15 +529,9 @@ impl SqliteStore {
                     state: l.put(text(r, 8)?),
                 };
                 l.clusters[i].vms.push(vm);
-            }
-            let mut rows = match id {
-                Some(id) => attachments.query([id])?,
-                None => attachments.query([])?,
-            };
-            while let Some(r) = rows.next()? {
-                let Some(i) = at.get(r.get(0)?) else {
-                    continue;
-                };
+                Ok(())
+            })?;
+            rows_by_cluster(&mut attachments, id, &mut at, |i, r| {
                 let a = AttachmentRow {
                     site: site(r.get(1)?)?,
                     host: l.put(text(r, 2)?),
@@ -553,10 +540,32 @@ impl SqliteStore {
                     edge_name: l.put(text(r, 5)?),
                 };
                 l.clusters[i].attachments.push(a);
-            }
+                Ok(())
+            })?;
         }
         Ok(l)
     }
+}
+
+/// Runs `st` for one cluster (`Some(id)` as its parameter) or for all (`None`, no
+/// parameter) and hands each row whose cluster id (column 0) is in `at` to `each`, with
+/// that cluster's index in the listing.
+fn rows_by_cluster(
+    st: &mut rusqlite::CachedStatement<'_>,
+    id: Option<i64>,
+    at: &mut ClusterIndex,
+    mut each: impl FnMut(usize, &rusqlite::Row<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut rows = match id {
+        Some(id) => st.query([id])?,
+        None => st.query([])?,
+    };
+    while let Some(r) = rows.next()? {
+        if let Some(i) = at.get(r.get(0)?) {
+            each(i, r)?;
+        }
+    }
+    Ok(())
 }
 
 /// Columns of a host row as [`host_of_row`] reads them.

@@ -6,7 +6,7 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::xdp::{relay_tc_programs, RelayMode, XdpRelay};
+use dataplane::xdp::{filter_tc_programs, relay_tc_programs, HookMode, XdpRelay};
 use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Topology};
 use serde_json::Value;
@@ -65,7 +65,7 @@ fn start(
     let peer_prog = (xdp && mode == "native").then(|| {
         let peer = format!("s{}", a.idx);
         lab.in_ns(&t.inet, || {
-            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), RelayMode::Native)
+            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), HookMode::Native)
         })
         .unwrap()
         .unwrap()
@@ -717,18 +717,43 @@ fn rcvbuf_errors(lab: &Lab, ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// One configuration's run of [`measure_junk_flood`].
+struct FloodRun {
+    filter: bool,
+    flooding: bool,
+    offered: u64,
+    xdp_dropped: u64,
+    overflows: u64,
+    to_userspace: u64,
+    mbps: f64,
+    cpu_per_gb: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// A junk flood against site A's edge, with and without `--xdp-filter`, and both without a
 /// flood as the baselines, in one series per round (the order rotating, each
-/// configuration started fresh): `MVC_FLOOD_THREADS`
-/// (default 2) raw packet senders in the internet router's namespace send Data datagrams
-/// naming an unknown session index (valid version, type and length: what only the session
-/// check catches) straight out of the router's end of A's uplink, as fast as the kernel
-/// takes them, for `MVC_FLOOD_SECS` (default 10; at most 50 million datagrams per
-/// sender), while iperf3 runs from B's VM to A's. Reports the rate sent, where the junk
-/// was dropped (the filter, the kernel's full socket buffer, the edge's
-/// `unknown_session`), the edge process's CPU seconds and the iperf3 rate. Ignored (for
-/// docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test -p control --test
-/// xdp_relay -- --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS` (default 3).
+/// configuration started fresh). The junk: Data datagrams naming an unknown session index
+/// (valid version, type and length: what only the session check catches) sent out of the
+/// internet router's end of A's uplink by the generator of `MVC_FLOOD_GEN` (`clone`, the
+/// default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default 1 000 000
+/// frames/s; `socket`: raw packet sockets as fast as they go), `MVC_FLOOD_THREADS`
+/// senders (default 1 for `clone`, 2 for `socket`), for `MVC_FLOOD_SECS` (default 10; at
+/// most 50 million frames per sender), while iperf3 runs from B's VM to A's. Reports per
+/// run the rate offered, where the junk was dropped (the filter, the kernel's full socket
+/// buffer, the edge's `unknown_session`), the iperf3 rate, the edge process's CPU seconds
+/// per GB iperf3 moved and the machine's kernel CPU; then per round the flood's ratios
+/// against the same filter setting without a flood, and their medians. Ignored (for
+/// docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test --release -p control
+/// --test xdp_relay -- --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS`
+/// (default 3).
 #[test]
 #[ignore]
 fn measure_junk_flood() {
@@ -736,11 +761,17 @@ fn measure_junk_flood() {
         lab::skip("measure_junk_flood", &why);
         return;
     }
+    let generator = lab::flood::Generator::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let default_threads = match generator {
+        lab::flood::Generator::Socket => 2,
+        lab::flood::Generator::Cloned { .. } => 1,
+    };
     let (rounds, secs, threads) = (
         env_u32("MVC_FLOOD_ROUNDS", 3),
         env_u32("MVC_FLOOD_SECS", 10),
-        env_u32("MVC_FLOOD_THREADS", 2).clamp(1, 4),
+        env_u32("MVC_FLOOD_THREADS", default_threads).clamp(1, 4),
     );
+    println!("junk flood: {generator}, {threads} senders, {secs} s per run, {rounds} rounds");
     let lab = Lab::new("xj").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
@@ -761,7 +792,9 @@ fn measure_junk_flood() {
     // without a flood with and without the filter (what the legitimate traffic costs on
     // its own, and what the filter costs it).
     let configs = [(false, true), (true, true), (true, false), (false, false)];
+    let mut runs: Vec<Vec<FloodRun>> = Vec::new();
     for r in 0..rounds as usize {
+        let mut round = Vec::new();
         for k in 0..configs.len() {
             let (filter, flooding) = configs[(k + r) % configs.len()];
             let (sn, edges) = start_filtered(&lab, &t, &mvc, filter);
@@ -769,12 +802,19 @@ fn measure_junk_flood() {
             let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
             let overflow0 = rcvbuf_errors(&lab, &a.frontend);
             let flood_for = Duration::from_secs(u64::from(secs));
-            let (sent, bps, c0, c1) = std::thread::scope(|sc| {
+            let iperf_secs = secs.saturating_sub(1).max(1);
+            let (offered, bps, c0, c1) = std::thread::scope(|sc| {
                 let senders: Vec<_> = (0..if flooding { threads } else { 0 })
                     .map(|_| {
                         sc.spawn(|| {
                             lab.in_ns(&t.inet, || {
-                                lab::flood::flood(&uplink, &frame, 50_000_000, flood_for)
+                                generator.run(
+                                    &uplink,
+                                    &frame,
+                                    1.0 / f64::from(threads),
+                                    50_000_000,
+                                    flood_for,
+                                )
                             })
                             .unwrap()
                             .unwrap()
@@ -782,35 +822,74 @@ fn measure_junk_flood() {
                     })
                     .collect();
                 let c0 = lab::cpu::sample(&[edges[0].proc.pid]);
-                let bps = lab::iperf(&lab, &vb.ns, &va.ns, va.ip, secs.saturating_sub(1).max(1))
-                    .unwrap_or(0.0);
+                let bps = lab::iperf(&lab, &vb.ns, &va.ns, va.ip, iperf_secs).unwrap_or(0.0);
                 let c1 = lab::cpu::sample(&[edges[0].proc.pid]);
-                let sent: u64 = senders.into_iter().map(|h| h.join().unwrap()).sum();
-                (sent, bps, c0, c1)
+                let offered: u64 = senders.into_iter().map(|h| h.join().unwrap().frames).sum();
+                (offered, bps, c0, c1)
             });
             std::thread::sleep(Duration::from_millis(300));
-            let (user, _kernel, sys) = lab::cpu::seconds(&c0, &c1);
+            let (user, kernel_s, sys) = lab::cpu::seconds(&c0, &c1);
             let st = mvc.edge_status(&lab, &edges[0]).unwrap();
-            let xdp_dropped = st["xdp_filter"]["drops"]["unknown_session"]
-                .as_u64()
-                .unwrap_or(0);
             // Edge CPU seconds per GB that iperf3 moved.
-            let gb = bps * f64::from(secs.saturating_sub(1).max(1)) / 8e9;
+            let gb = bps * f64::from(iperf_secs) / 8e9;
+            let run = FloodRun {
+                filter,
+                flooding,
+                offered,
+                xdp_dropped: st["xdp_filter"]["drops"]["unknown_session"]
+                    .as_u64()
+                    .unwrap_or(0),
+                overflows: rcvbuf_errors(&lab, &a.frontend).saturating_sub(overflow0),
+                to_userspace: counter(&st, "drops", "unknown_session").saturating_sub(counter(
+                    &st0,
+                    "drops",
+                    "unknown_session",
+                )),
+                mbps: bps / 1e6,
+                cpu_per_gb: (user + sys) / gb.max(1e-9),
+            };
             println!(
-                "round {r} filter {filter:>5} flood {flooding:>5}: junk sent {sent} ({:.0}/s), dropped in XDP {xdp_dropped}, \
+                "round {r} filter {filter:>5} flood {flooding:>5}: junk offered {} ({:.0}/s), dropped in XDP {}, \
                  socket buffer overflows {}, edge unknown_session {}, iperf3 {:.1} Mbit/s, \
-                 edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB)",
-                sent as f64 / f64::from(secs),
-                rcvbuf_errors(&lab, &a.frontend).saturating_sub(overflow0),
-                counter(&st, "drops", "unknown_session")
-                    .saturating_sub(counter(&st0, "drops", "unknown_session")),
-                bps / 1e6,
-                (user + sys) / gb.max(1e-9),
+                 edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB), machine kernel CPU {kernel_s:.2} s",
+                run.offered,
+                run.offered as f64 / f64::from(secs),
+                run.xdp_dropped,
+                run.overflows,
+                run.to_userspace,
+                run.mbps,
+                run.cpu_per_gb,
             );
+            round.push(run);
             for e in &edges {
                 lab.stop(&e.proc);
             }
             lab.stop(&sn.proc);
         }
+        runs.push(round);
+    }
+    // Per round: the flood's rate and CPU per GB against the same filter setting without
+    // a flood (paired in the round).
+    for filter in [true, false] {
+        let (mut rate, mut cpu) = (Vec::new(), Vec::new());
+        for round in &runs {
+            let find = |flooding| {
+                round
+                    .iter()
+                    .find(|x| x.filter == filter && x.flooding == flooding)
+            };
+            if let (Some(f), Some(q)) = (find(true), find(false)) {
+                rate.push(f.mbps / q.mbps.max(1e-9));
+                cpu.push(f.cpu_per_gb / q.cpu_per_gb.max(1e-9));
+            }
+        }
+        println!(
+            "filter {filter:>5}: iperf3 under the flood / without, per round {:.2?} (median {:.2}); \
+             edge CPU per GB under the flood / without {:.2?} (median {:.2})",
+            rate,
+            median(rate.clone()),
+            cpu,
+            median(cpu.clone()),
+        );
     }
 }

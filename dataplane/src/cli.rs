@@ -757,15 +757,10 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         ),
         (None, None) => return Err(CliError::Usage("no frame port".into())),
     };
-    let io = match (&port, uring_ok) {
-        (FramePort::Tap(_), true) => off.describe(),
-        (FramePort::Xdp(_), true) => format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}",
-            if off.gso { "on" } else { "off" },
-            if off.gro { "on" } else { "off" },
-            port.describe()
-        ),
-        (_, false) => format!("poll(2); no offloads; {}", port.describe()),
+    let io = if uring_ok {
+        off.describe(&port.describe())
+    } else {
+        format!("poll(2); no offloads; {}", port.describe())
     };
     let io = if threads > 1 {
         format!("{io}; {threads} threads")

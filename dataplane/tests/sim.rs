@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dataplane::crypto::Cipher;
-use dataplane::edge::{EdgeConfig, EdgeCore, EdgeRng, L2Config, RngError, SupernodeAddr, Timers};
+use dataplane::edge::{EdgeConfig, EdgeCore, L2Config, SeededRng, SupernodeAddr, Timers};
 use dataplane::offload::{csum_add, csum_fold};
 use dataplane::outbox::Outbox;
 use dataplane::snkey::SupernodeKey;
@@ -30,44 +30,6 @@ struct Sn {
     core: SupernodeCore,
     out: Outbox,
     alive: bool,
-}
-
-/// A seeded generator (splitmix64) for the simulation; handshake ephemeral keys still come
-/// from the system (ring takes only its own generators), which changes bytes, not events.
-struct SimRng {
-    state: u64,
-    system: ring::rand::SystemRandom,
-}
-
-impl SimRng {
-    fn new(seed: u64) -> Self {
-        Self {
-            state: seed,
-            system: ring::rand::SystemRandom::new(),
-        }
-    }
-
-    fn next(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-impl EdgeRng for SimRng {
-    fn fill(&mut self, dest: &mut [u8]) -> Result<(), RngError> {
-        for c in dest.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-        Ok(())
-    }
-
-    fn ring(&self) -> &dyn ring::rand::SecureRandom {
-        &self.system
-    }
 }
 
 struct Net {
@@ -223,7 +185,7 @@ impl Net {
             core: EdgeCore::with_rng(
                 cfg,
                 self.now,
-                Box::new(SimRng::new(self.seed.wrapping_add(i as u64))),
+                Box::new(SeededRng::new(self.seed.wrapping_add(i as u64))),
             )
             .unwrap(),
             out: Outbox::new(2048),

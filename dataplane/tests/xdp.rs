@@ -965,14 +965,18 @@ fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
     assert_eq!(unknown(&filter), Some(6));
 }
 
-/// How fast `lab::flood` sends here, against the filter alone: `MVC_FLOOD_THREADS`
-/// (default 2) senders flood a veth pair for `MVC_FLOOD_SECS` (default 3) with junk
-/// (a wrong version byte) for a port the filter guards on the other end, which drops
-/// it in the hook `MVC_FILTER_MODE` asks for (default auto: tc on veth); prints the
-/// rate sent, the rate the filter dropped and the datagrams per second of the sending
-/// process's CPU time. Ignored (for
-/// docs/BENCH.md): `cargo test -p dataplane --test xdp -- --ignored --nocapture
-/// measure_flood_rate`.
+/// How fast a junk flood reaches the filter here, and what each dropped frame costs:
+/// `MVC_FLOOD_THREADS` (default 1) senders with the generator of `MVC_FLOOD_GEN`
+/// (`clone`, the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all;
+/// or `socket`, `lab::flood::flood` as fast as it goes) flood a veth pair for
+/// `MVC_FLOOD_SECS` (default 3) with junk (a wrong version byte) for a port the filter
+/// guards on the other end (or, with `MVC_FLOOD_TARGET=relay`, the supernode's relay
+/// program, native), which drops it in the hook `MVC_FILTER_MODE` asks for (default
+/// auto: tc on veth). Prints the rate offered and the rate
+/// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI
+/// and the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
+/// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp --
+/// --ignored --nocapture measure_flood_rate`.
 #[test]
 #[ignore]
 fn measure_flood_rate() {
@@ -984,9 +988,10 @@ fn measure_flood_rate() {
             .unwrap_or(d)
     };
     let (threads, secs) = (
-        env("MVC_FLOOD_THREADS", 2).clamp(1, 4),
+        env("MVC_FLOOD_THREADS", 1).clamp(1, 4),
         env("MVC_FLOOD_SECS", 3).clamp(1, 30),
     );
+    let generator = lab::flood::Generator::from_env().unwrap_or_else(|e| panic!("{e}"));
     let lab = lab::Lab::new("xfr").expect("lab");
     let edge = lab.add_ns("edge").expect("namespace");
     let peer = lab.add_ns("peer").expect("namespace");
@@ -996,21 +1001,31 @@ fn measure_flood_rate() {
     lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 79, 2), 24)
         .expect("addr");
     let port = 7700;
-    let filter = lab
+    let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port);
+    // The edge's filter, or with MVC_FLOOD_TARGET=relay the supernode's program
+    // (native: it only drops here, so the peer needs no NAPI for XDP_TX).
+    let relay = std::env::var("MVC_FLOOD_TARGET").is_ok_and(|v| v == "relay");
+    let (filter, relay) = lab
         .in_ns(&edge, || {
-            let mode: HookMode = std::env::var("MVC_FILTER_MODE")
-                .as_deref()
-                .unwrap_or("auto")
-                .parse()
-                .expect("MVC_FILTER_MODE");
-            xdp::XdpFilter::attach("eth0", port, &[1; 16], mode).expect("attach")
+            if relay {
+                let r = xdp::XdpRelay::attach("eth0", dst.into(), HookMode::Native);
+                (None, Some(r.expect("attach")))
+            } else {
+                let mode: HookMode = std::env::var("MVC_FILTER_MODE")
+                    .as_deref()
+                    .unwrap_or("auto")
+                    .parse()
+                    .expect("MVC_FILTER_MODE");
+                let f = xdp::XdpFilter::attach("eth0", port, &[1; 16], mode);
+                (Some(f.expect("attach")), None)
+            }
         })
         .expect("edge namespace");
     let frame = lab::flood::udp_frame(
         lab::flood::mac_of(&edge, "eth0").expect("mac"),
         lab::flood::mac_of(&peer, "eth0").expect("mac"),
         "198.18.79.2:40000".parse().expect("addr"),
-        std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port),
+        dst,
         &[0u8; 96],
     );
     let t0 = Instant::now();
@@ -1020,10 +1035,17 @@ fn measure_flood_rate() {
             .map(|_| {
                 s.spawn(|| {
                     lab.in_ns(&peer, || {
-                        lab::flood::flood("eth0", &frame, 100_000_000, Duration::from_secs(secs))
+                        generator.run(
+                            "eth0",
+                            &frame,
+                            1.0 / threads as f64,
+                            100_000_000,
+                            Duration::from_secs(secs),
+                        )
                     })
                     .expect("peer namespace")
                     .expect("flood")
+                    .frames
                 })
             })
             .collect();
@@ -1033,20 +1055,31 @@ fn measure_flood_rate() {
     let c1 = lab::cpu::sample(&[std::process::id()]);
     // The senders' CPU, with the receive side's softirq work run on their way out of
     // the kernel.
-    let (user, _, sys) = lab::cpu::seconds(&c0, &c1);
+    let (user, kernel, sys) = lab::cpu::seconds(&c0, &c1);
     std::thread::sleep(Duration::from_millis(200));
-    let dropped = filter
-        .status()
-        .drops
-        .get("bad_version")
-        .copied()
-        .unwrap_or(0);
+    let dropped = match (&filter, &relay) {
+        (Some(f), _) => f.status().drops.get("bad_version").copied(),
+        (_, Some(r)) => r
+            .counters()
+            .0
+            .into_iter()
+            .find_map(|(name, n)| (name == "bad_version").then_some(n)),
+        _ => None,
+    }
+    .unwrap_or(0);
+    let target = if relay.is_some() {
+        "supernode relay program"
+    } else {
+        "edge filter"
+    };
     println!(
-        "{threads} senders, {el:.1} s: sent {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
-         sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} datagrams per CPU second)",
+        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
+         sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} ns per dropped frame), \
+         machine kernel CPU {kernel:.2} s ({:.0} ns per dropped frame)",
         sent as f64 / el,
         dropped as f64 / el,
-        sent as f64 / (user + sys).max(1e-9)
+        (user + sys) * 1e9 / dropped.max(1) as f64,
+        kernel * 1e9 / dropped.max(1) as f64,
     );
     assert!(dropped > 0, "nothing reached the filter");
 }

@@ -20,7 +20,8 @@
 //! - [`overlay`]: starting `mvc supernode`/`mvc edge` and Debian's n2n 1.3.1 in a lab, and
 //!   reading their status.
 //! - [`dhcp`]: a minimal DHCP client, to check that leases cross the overlay.
-//! - [`flood`]: a junk flood from a raw packet socket (one frame, `sendmmsg` batches).
+//! - [`flood`]: junk floods of one frame: a raw packet socket (`sendmmsg` batches), or
+//!   seeds from it that a tc program clones on their way out (paced, >= 1 M frames/s).
 //! - [`runs`]: run files, and the cleanup of what a killed lab left behind.
 //! - [`cpu`]: CPU time of processes and of the kernel over a measured interval.
 //! - [`skip`](mod@skip): how a test that cannot run here says so (and leaves a line for CI).

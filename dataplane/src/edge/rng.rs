@@ -49,3 +49,45 @@ impl EdgeRng for SystemRng {
         &self.0
     }
 }
+
+/// A seeded generator (splitmix64) for simulations and benchmarks: the same seed gives
+/// the same edge ids, session indices and table orders. Handshake ephemeral keys still
+/// come from the system (ring takes only its own generators), which changes bytes, not
+/// events. Never for a real edge: its ids and indices would be predictable.
+#[derive(Debug)]
+pub struct SeededRng {
+    state: u64,
+    system: SystemRandom,
+}
+
+impl SeededRng {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed,
+            system: SystemRandom::new(),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+impl EdgeRng for SeededRng {
+    fn fill(&mut self, dest: &mut [u8]) -> Result<(), RngError> {
+        for c in dest.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+        Ok(())
+    }
+
+    fn ring(&self) -> &dyn SecureRandom {
+        &self.system
+    }
+}

@@ -138,14 +138,14 @@ pub struct Offloads {
 }
 
 impl Offloads {
-    /// Short description for status and logs.
-    pub fn describe(&self) -> String {
+    /// The status and log line of the I/O: these offloads and levers, then `port`, the
+    /// frame side's own description (`FramePort::describe`).
+    pub fn describe(&self, port: &str) -> String {
         format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}; tap-vnet-hdr/tso {}",
+            "io_uring; udp-gso {}; udp-gro {}; {}; {port}",
             on(self.gso),
             on(self.gro),
             self.levers.describe(),
-            on(self.vnet)
         )
     }
 }
@@ -861,13 +861,7 @@ impl Forwarder {
         s.datapath = info.datapath.clone();
         s.datapath_reason = info.datapath_reason.clone();
         s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
-        s.io = format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}; {}",
-            on(self.off.gso),
-            on(self.off.gro),
-            self.off.levers.describe(),
-            self.port.describe()
-        );
+        s.io = self.off.describe(&self.port.describe());
         s.tap = info.tap.clone();
         s.mtu = info.mtu;
         s.listen = info.listen.clone();
