@@ -18,7 +18,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
@@ -753,17 +753,19 @@ pub fn mvc_filter(ctx: XdpContext) -> u32 {
 /// peer keeps its UDP GSO batches whole and a junk datagram is dropped as the
 /// socket buffer it already is. A batch (GSO or GRO) is checked by its first
 /// datagram's head, as the XDP filter does; the rest is the AEAD's in
-/// userspace.
+/// userspace. What passes goes on with `TC_ACT_UNSPEC` (tcx's "next"): other
+/// programs on the ingress still see it, then the stack, where `TC_ACT_OK`
+/// would end the chain.
 #[classifier]
 pub fn mvc_filter_tc(ctx: TcContext) -> i32 {
     let (start, end) = ctx.bounds();
     let want = ctx.len().min(FILTER_CHECKED_LEN as u32);
     if start + want as usize > end && ctx.pull_data(want).is_err() {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     match filter_check(&ctx) {
         Ok(Some(c)) if c.is_drop() => TC_ACT_SHOT,
-        _ => TC_ACT_OK,
+        _ => TC_ACT_UNSPEC,
     }
 }
 

@@ -699,7 +699,9 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         Some(iface) => {
             let mode = hook_mode(
                 "--xdp-filter-mode",
-                a.xdp_filter_mode.as_deref().or(f.xdp_filter_mode.as_deref()),
+                a.xdp_filter_mode
+                    .as_deref()
+                    .or(f.xdp_filter_mode.as_deref()),
             )?;
             let id = crate::crypto::CommunityKeys::derive(&community, &secret).id;
             match xdp::XdpFilter::attach(&iface, bound.port(), &id, mode) {

@@ -900,8 +900,8 @@ fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
         .in_ns(&edge, || {
             let rx = std::net::UdpSocket::bind("198.18.78.1:0").expect("bind");
             let port = rx.local_addr().expect("addr").port();
-            let f = xdp::XdpFilter::attach("eth0", port, &community, mode)
-                .expect("attach the filter");
+            let f =
+                xdp::XdpFilter::attach("eth0", port, &community, mode).expect("attach the filter");
             (rx, f)
         })
         .expect("edge namespace");

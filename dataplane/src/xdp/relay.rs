@@ -99,7 +99,7 @@ fn map_err(what: &str) -> impl Fn(MapError) -> Error + '_ {
 impl XdpRelay {
     /// Loads the relay program and attaches it to `iface` for a supernode
     /// listening on `listen` (IPv4; 0.0.0.0 for any address), in the hook
-    /// `mode` asks for ([`RELAY_AUTO_RULE`] for `Auto`).
+    /// `mode` asks for ([`HOOK_AUTO_RULE`] for `Auto`).
     pub fn attach(iface: &str, listen: SocketAddr, mode: HookMode) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
