@@ -18,7 +18,7 @@
 //!
 //! The same checks also run as a TC classifier on the interface's ingress
 //! ([`HookMode::Tc`], program `mvc_filter_tc`, same maps and counters); auto
-//! takes it on veth ([`HOOK_AUTO_RULE`]), where native XDP makes the peer
+//! takes it on veth ([`super::HOOK_AUTO_RULE`]), where native XDP makes the peer
 //! segment its GSO batches and copies every frame into a page pool. A batch
 //! (GSO or GRO) is checked by its first datagram's head in either hook; the
 //! rest of it is checked by the AEAD in userspace.
@@ -40,10 +40,7 @@ use dataplane_ebpf_common::{
     FILTER_TC_PROGRAM_NAME,
 };
 
-use super::{
-    attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, HOOK_AUTO_RULE,
-    PROGRAM,
-};
+use super::{attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, PROGRAM};
 use crate::status::XdpFilterStatus;
 
 /// Kernel ids of the `mvc_filter_tc` programs attached to the tc ingress of
@@ -91,7 +88,7 @@ impl std::fmt::Debug for XdpFilter {
 
 impl XdpFilter {
     /// Loads the filter and attaches it to `iface` for an edge on UDP `port` in
-    /// `community`, in the hook `mode` asks for ([`HOOK_AUTO_RULE`] for `Auto`).
+    /// `community`, in the hook `mode` asks for ([`super::HOOK_AUTO_RULE`] for `Auto`).
     pub fn attach(
         iface: &str,
         port: u16,
@@ -120,20 +117,16 @@ impl XdpFilter {
                 .ok_or_else(|| Error::Load(format!("no map {FILTER_STATS_MAP}")))?,
         )
         .map_err(|e| Error::Load(format!("filter stats map: {e}")))?;
-        let (hook, prog_id) = attach_hook(
+        let (hook, _) = attach_hook(
             &mut ebpf,
             iface,
             mode,
             HookPrograms {
                 xdp: FILTER_PROGRAM_NAME,
                 tc: FILTER_TC_PROGRAM_NAME,
+                what: "XDP junk filter",
             },
         )?;
-        if mode == HookMode::Auto {
-            tracing::info!(%iface, mode = hook.as_str(), prog_id, rule = HOOK_AUTO_RULE, "XDP junk filter attached");
-        } else {
-            tracing::info!(%iface, mode = hook.as_str(), prog_id, "XDP junk filter attached");
-        }
         Ok(Self {
             sessions: Mutex::new(Sessions {
                 map,

@@ -338,6 +338,8 @@ pub fn tc_programs(iface: &str, program: &str) -> Result<Vec<u32>, Error> {
 struct HookPrograms {
     xdp: &'static str,
     tc: &'static str,
+    /// What it is, for the log.
+    what: &'static str,
 }
 
 /// Loads `programs`' form for the hook `mode` asks for ([`HOOK_AUTO_RULE`]
@@ -357,13 +359,22 @@ fn attach_hook(
         msg: "no such interface".into(),
     })?;
     let veth = link.kind.as_deref() == Some("veth");
-    let Some(request) = hook_plan(mode, veth) else {
-        return Ok((Hook::Tc, attach_tc(ebpf, iface, programs.tc)?));
+    let (hook, prog_id) = match hook_plan(mode, veth) {
+        None => (Hook::Tc, attach_tc(ebpf, iface, programs.tc)?),
+        Some(request) => {
+            let prog = load_xdp(ebpf, programs.xdp)?;
+            let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
+            let (attached, _) = attach_first(prog, iface, attach_tries(request))?;
+            (Hook::Xdp(attached), prog_id)
+        }
     };
-    let prog = load_xdp(ebpf, programs.xdp)?;
-    let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-    let (mode, _) = attach_first(prog, iface, attach_tries(request))?;
-    Ok((Hook::Xdp(mode), prog_id))
+    let rule = if mode == HookMode::Auto {
+        HOOK_AUTO_RULE
+    } else {
+        "as asked"
+    };
+    tracing::info!(%iface, hook = hook.as_str(), prog_id, rule, "{} attached", programs.what);
+    Ok((hook, prog_id))
 }
 
 /// Loads the classifier `name` and attaches it to the ingress of `iface`

@@ -48,10 +48,7 @@ use dataplane_ebpf_common::{
     RELAY_STATS_MAP, RELAY_TC_PROGRAM_NAME,
 };
 
-use super::{
-    attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, HOOK_AUTO_RULE,
-    PROGRAM,
-};
+use super::{attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, PROGRAM};
 use crate::wire::{CommunityId, EdgeId};
 
 type Key = [u8; RELAY_KEY_LEN];
@@ -99,7 +96,7 @@ fn map_err(what: &str) -> impl Fn(MapError) -> Error + '_ {
 impl XdpRelay {
     /// Loads the relay program and attaches it to `iface` for a supernode
     /// listening on `listen` (IPv4; 0.0.0.0 for any address), in the hook
-    /// `mode` asks for ([`HOOK_AUTO_RULE`] for `Auto`).
+    /// `mode` asks for ([`super::HOOK_AUTO_RULE`] for `Auto`).
     pub fn attach(iface: &str, listen: SocketAddr, mode: HookMode) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
@@ -116,6 +113,7 @@ impl XdpRelay {
             HookPrograms {
                 xdp: RELAY_PROGRAM_NAME,
                 tc: RELAY_TC_PROGRAM_NAME,
+                what: "XDP relay",
             },
         )?;
         let take = |ebpf: &mut Ebpf, name: &str| {
@@ -143,11 +141,6 @@ impl XdpRelay {
             sync_errors: 0,
         };
         r.write_config()?;
-        if mode == HookMode::Auto {
-            tracing::info!(%iface, hook = hook.as_str(), prog_id, rule = HOOK_AUTO_RULE, "XDP relay attached");
-        } else {
-            tracing::info!(%iface, hook = hook.as_str(), prog_id, "XDP relay attached");
-        }
         Ok(r)
     }
 
