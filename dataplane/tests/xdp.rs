@@ -1073,7 +1073,7 @@ fn measure_flood_rate() {
         "edge filter"
     };
     println!(
-        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
+        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped by the program {dropped} ({:.0}/s), \
          sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} ns per dropped frame), \
          machine kernel CPU {kernel:.2} s ({:.0} ns per dropped frame)",
         sent as f64 / el,
