@@ -6,7 +6,7 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::xdp::{relay_tc_programs, RelayMode, XdpRelay};
+use dataplane::xdp::{filter_tc_programs, relay_tc_programs, HookMode, XdpRelay};
 use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Topology};
 use serde_json::Value;
@@ -65,7 +65,7 @@ fn start(
     let peer_prog = (xdp && mode == "native").then(|| {
         let peer = format!("s{}", a.idx);
         lab.in_ns(&t.inet, || {
-            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), RelayMode::Native)
+            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), HookMode::Native)
         })
         .unwrap()
         .unwrap()
@@ -105,12 +105,13 @@ fn skip_reason() -> Option<String> {
 }
 
 /// Starts the supernode on site A's frontend (no XDP) and the edges of sites A and B,
-/// A's with the junk filter (`--xdp-filter eth0`) when `filter`.
+/// A's with the junk filter (`--xdp-filter eth0 --xdp-filter-mode MODE`) when `filter`
+/// names a mode (`native`, `generic`, `tc` or `auto`).
 fn start_filtered(
     lab: &Lab,
     t: &Topology,
     mvc: &Mvc,
-    filter: bool,
+    filter: Option<&str>,
 ) -> (ov::Supernode, Vec<ov::Edge>) {
     let (a, b) = (t.site("a"), t.site("b"));
     let sn_addr = SocketAddrV4::new(a.public_ip, SUPERNODE_PORT);
@@ -121,8 +122,13 @@ fn start_filtered(
     for s in [a, b] {
         t.reset_tap(lab, s).unwrap();
         let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
-        if filter && s.name == "a" {
-            o.extra = vec!["--xdp-filter".into(), "eth0".into()];
+        if let (Some(mode), "a") = (filter, s.name.as_str()) {
+            o.extra = vec![
+                "--xdp-filter".into(),
+                "eth0".into(),
+                "--xdp-filter-mode".into(),
+                mode.into(),
+            ];
         }
         edges.push(mvc.edge(lab, s, &o).unwrap());
     }
@@ -584,26 +590,43 @@ fn measure_relay() {
 }
 
 /// The edge's junk filter (`mvc edge --xdp-filter eth0` at site A, whose edge has a public
-/// address): registration, handshakes, probes and relayed traffic keep working (A and B
-/// ping each other, B behind its NAT; the session's index is in the filter's map), while
-/// junk sent from the internet router to A's edge port (including Data naming an
-/// unknown session, direct and inside a Relay with the community's id) is dropped in the
-/// program, counted by reason, and never reaches the edge's socket (its own drop
-/// counters for those reasons stay where they were).
+/// address), as native XDP: registration, handshakes, probes and relayed traffic keep
+/// working (A and B ping each other, B behind its NAT; the session's index is in the
+/// filter's map), while junk sent from the internet router to A's edge port (including
+/// Data naming an unknown session, direct and inside a Relay with the community's id) is
+/// dropped in the program, counted by reason, and never reaches the edge's socket (its
+/// own drop counters for those reasons stay where they were).
 #[test]
 fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
+    filter_drops_junk(
+        "xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work",
+        "native",
+    );
+}
+
+/// The same with the filter as a TC classifier on the uplink's ingress
+/// (`--xdp-filter-mode auto`, which takes tc on the veth uplink): the same drops and
+/// counters, one `mvc_filter_tc` attached while the edge runs and none after it stops,
+/// and iperf3 moves data through the filtered edge.
+#[test]
+fn tc_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
+    filter_drops_junk(
+        "tc_filter_drops_junk_before_the_edge_and_lets_the_overlay_work",
+        "auto",
+    );
+}
+
+/// The body of the two filter tests, with the filter in `mode`.
+fn filter_drops_junk(test: &str, mode: &str) {
     if let Some(why) = skip_reason() {
-        lab::skip(
-            "xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work",
-            &why,
-        );
+        lab::skip(test, &why);
         return;
     }
     let lab = Lab::new("xf").expect("lab");
     let mvc = test_bin();
     let t = Topology::three_sites(&lab, 1).unwrap();
     let (a, b) = (t.site("a"), t.site("b"));
-    let (_sn, edges) = start_filtered(&lab, &t, &mvc, true);
+    let (sn, edges) = start_filtered(&lab, &t, &mvc, Some(mode));
     let (va, vb) = (&a.vms[0], &b.vms[0]);
     lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
     let status = || mvc.edge_status(&lab, &edges[0]).expect("edge status");
@@ -618,6 +641,20 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
         st0["xdp_filter"]["passed"].as_u64().unwrap_or(0) > 0,
         "{st0}"
     );
+    let hook = if mode == "native" { "native" } else { "tc" };
+    assert_eq!(
+        st0["xdp_filter"]["mode"].as_str(),
+        Some(hook),
+        "{}",
+        st0["xdp_filter"]
+    );
+    let tc_filters = || {
+        lab.in_ns(&a.frontend, || filter_tc_programs("eth0"))
+            .unwrap()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(tc_filters(), usize::from(hook == "tc"));
     assert!(
         st0["xdp_filter"]["drops"]
             .as_object()
@@ -694,8 +731,30 @@ fn xdp_filter_drops_junk_before_the_edge_and_lets_the_overlay_work() {
     let table = mvc
         .status_table(&lab, &a.frontend, "edge", &edges[0].sock)
         .unwrap();
-    assert!(table.contains("xdp filter on eth0"), "{table}");
+    assert!(
+        table.contains(&format!("xdp filter on eth0 ({hook})")),
+        "{table}"
+    );
+    // Data moves through the filtered edge (a GSO batch's head is checked, the rest
+    // passes with it), and none of it is dropped by the filter.
+    let bps = lab::iperf(&lab, &vb.ns, &va.ns, va.ip, 2).expect("iperf3");
+    assert!(bps > 1e6, "iperf3 through the filtered edge: {bps} bit/s");
+    let st2 = status();
+    assert_eq!(
+        st2["xdp_filter"]["drops"], st1["xdp_filter"]["drops"],
+        "iperf3's datagrams dropped by the filter"
+    );
     assert_running(&lab, None, &edges);
+    for e in &edges {
+        lab.stop(&e.proc);
+    }
+    lab.stop(&sn.proc);
+    lab.wait_until(
+        "the tcx link gone with the edge",
+        Duration::from_secs(5),
+        || tc_filters() == 0,
+    )
+    .unwrap();
 }
 
 /// UDP receive-buffer overflows (`Udp: RcvbufErrors` of /proc/net/snmp) in namespace `ns`:
@@ -719,7 +778,7 @@ fn rcvbuf_errors(lab: &Lab, ns: &str) -> u64 {
 
 /// One configuration's run of [`measure_junk_flood`].
 struct FloodRun {
-    filter: bool,
+    filter: &'static str,
     flooding: bool,
     offered: u64,
     xdp_dropped: u64,
@@ -738,9 +797,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// A junk flood against site A's edge, with and without `--xdp-filter`, and both without a
-/// flood as the baselines, in one series per round (the order rotating, each
-/// configuration started fresh). The junk: Data datagrams naming an unknown session index
+/// A junk flood against site A's edge, without `--xdp-filter` and with it in each hook of
+/// `MVC_FILTER_MODES` (default `native,tc`), and each without a flood as the baselines,
+/// in one series per round (the order rotating, each configuration started fresh). The junk: Data datagrams naming an unknown session index
 /// (valid version, type and length: what only the session check catches) sent out of the
 /// internet router's end of A's uplink by the generator of `MVC_FLOOD_GEN` (`clone`, the
 /// default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default 1 000 000
@@ -750,7 +809,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// run the rate offered, where the junk was dropped (the filter, the kernel's full socket
 /// buffer, the edge's `unknown_session`), the iperf3 rate, the edge process's CPU seconds
 /// per GB iperf3 moved and the machine's kernel CPU; then per round the flood's ratios
-/// against the same filter setting without a flood, and their medians. Ignored (for
+/// against the same filter setting without a flood, and each filter's cost without a flood
+/// (against no filter), with their medians. Ignored (for
 /// docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test --release -p control
 /// --test xdp_relay -- --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS`
 /// (default 3).
@@ -791,13 +851,24 @@ fn measure_junk_flood() {
     // (filter, flood): the flood against the edge without and with the filter, and
     // without a flood with and without the filter (what the legitimate traffic costs on
     // its own, and what the filter costs it).
-    let configs = [(false, true), (true, true), (true, false), (false, false)];
+    let modes_env = std::env::var("MVC_FILTER_MODES").unwrap_or_else(|_| "native,tc".into());
+    let mut filters: Vec<&'static str> = vec!["off"];
+    for m in modes_env.split(',') {
+        match ["native", "generic", "tc"].into_iter().find(|k| *k == m) {
+            Some(k) => filters.push(k),
+            None => panic!("MVC_FILTER_MODES: {m:?} is not native, generic or tc"),
+        }
+    }
+    let configs: Vec<(&'static str, bool)> = filters
+        .iter()
+        .flat_map(|&f| [(f, true), (f, false)])
+        .collect();
     let mut runs: Vec<Vec<FloodRun>> = Vec::new();
     for r in 0..rounds as usize {
         let mut round = Vec::new();
         for k in 0..configs.len() {
             let (filter, flooding) = configs[(k + r) % configs.len()];
-            let (sn, edges) = start_filtered(&lab, &t, &mvc, filter);
+            let (sn, edges) = start_filtered(&lab, &t, &mvc, (filter != "off").then_some(filter));
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
             let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
             let overflow0 = rcvbuf_errors(&lab, &a.frontend);
@@ -849,7 +920,7 @@ fn measure_junk_flood() {
                 cpu_per_gb: (user + sys) / gb.max(1e-9),
             };
             println!(
-                "round {r} filter {filter:>5} flood {flooding:>5}: junk offered {} ({:.0}/s), dropped in XDP {}, \
+                "round {r} filter {filter:>6} flood {flooding:>5}: junk offered {} ({:.0}/s), dropped by the filter {}, \
                  socket buffer overflows {}, edge unknown_session {}, iperf3 {:.1} Mbit/s, \
                  edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB), machine kernel CPU {kernel_s:.2} s",
                 run.offered,
@@ -870,7 +941,7 @@ fn measure_junk_flood() {
     }
     // Per round: the flood's rate and CPU per GB against the same filter setting without
     // a flood (paired in the round).
-    for filter in [true, false] {
+    for &filter in &filters {
         let (mut rate, mut cpu) = (Vec::new(), Vec::new());
         for round in &runs {
             let find = |flooding| {
@@ -884,8 +955,27 @@ fn measure_junk_flood() {
             }
         }
         println!(
-            "filter {filter:>5}: iperf3 under the flood / without, per round {:.2?} (median {:.2}); \
+            "filter {filter:>6}: iperf3 under the flood / without, per round {:.2?} (median {:.2}); \
              edge CPU per GB under the flood / without {:.2?} (median {:.2})",
+            rate,
+            median(rate.clone()),
+            cpu,
+            median(cpu.clone()),
+        );
+    }
+    // Per round: each filter without a flood against no filter without a flood.
+    for &filter in &filters[1..] {
+        let (mut rate, mut cpu) = (Vec::new(), Vec::new());
+        for round in &runs {
+            let find = |f: &str| round.iter().find(|x| x.filter == f && !x.flooding);
+            if let (Some(f), Some(q)) = (find(filter), find("off")) {
+                rate.push(f.mbps / q.mbps.max(1e-9));
+                cpu.push(f.cpu_per_gb / q.cpu_per_gb.max(1e-9));
+            }
+        }
+        println!(
+            "filter {filter:>6} without a flood / no filter: iperf3 per round {:.2?} (median {:.2}); \
+             edge CPU per GB {:.2?} (median {:.2})",
             rate,
             median(rate.clone()),
             cpu,

@@ -18,7 +18,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
@@ -140,6 +140,12 @@ pub fn mvc_relay(ctx: XdpContext) -> u32 {
     }
 }
 
+/// What the TC programs return for a packet they let go on: tcx's "next"
+/// (`TC_ACT_UNSPEC`), so that later programs on the same hook (the relay and
+/// the filter on one interface, or another tool's) still see it, then the
+/// stack; `TC_ACT_OK` would end the chain at this program.
+const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
 /// The same relay as a TC classifier on the ingress of the supernode's
 /// underlay interface (`--xdp-relay-mode tc`): it sees the socket buffer, so
 /// a UDP GSO batch stays one buffer (relayed whole when every datagram in it
@@ -151,7 +157,7 @@ pub fn mvc_relay(ctx: XdpContext) -> u32 {
 pub fn mvc_relay_tc(ctx: TcContext) -> i32 {
     match try_mvc_relay_tc(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_OK,
+        Err(()) => TC_NEXT,
     }
 }
 
@@ -575,7 +581,7 @@ fn tc_verdict(counter: RelayCounter) -> i32 {
     if counter.is_drop() {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        TC_NEXT
     }
 }
 
@@ -665,10 +671,10 @@ fn try_mvc_relay_tc(ctx: &TcContext) -> Result<i32, ()> {
     let (start, end) = ctx.bounds();
     let want = ctx.len().min(CHECKED_LEN as u32);
     if start + want as usize > end && ctx.pull_data(want).is_err() {
-        return Ok(TC_ACT_OK);
+        return Ok(TC_NEXT);
     }
     let r = match check(ctx)? {
-        Verdict::Ignore => return Ok(TC_ACT_OK),
+        Verdict::Ignore => return Ok(TC_NEXT),
         Verdict::Count(c) => return Ok(tc_verdict(c)),
         Verdict::Relay(r) => r,
     };
@@ -741,94 +747,118 @@ static MVC_FILTER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FILTER
 /// need not be segmented for it.
 #[xdp(frags)]
 pub fn mvc_filter(ctx: XdpContext) -> u32 {
-    match try_mvc_filter(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_PASS,
+    match filter_check(&ctx) {
+        Ok(Some(c)) if c.is_drop() => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
     }
 }
 
-#[inline(always)]
-fn filter_verdict(counter: FilterCounter) -> Result<u32, ()> {
-    if let Some(slot) = MVC_FILTER_STATS.get_ptr_mut(counter as u32) {
-        // SAFETY: as in `count`: this CPU's element of a per-CPU array.
-        unsafe { *slot += 1 };
+/// The same filter as a TC classifier on the ingress of the edge's underlay
+/// interface (`--xdp-filter-mode tc`): no XDP runs on the device, so a veth
+/// peer keeps its UDP GSO batches whole and a junk datagram is dropped as the
+/// socket buffer it already is. A batch (GSO or GRO) is checked by its first
+/// datagram's head, as the XDP filter does; the rest is the AEAD's in
+/// userspace. What passes goes on as [`TC_NEXT`].
+#[classifier]
+pub fn mvc_filter_tc(ctx: TcContext) -> i32 {
+    let (start, end) = ctx.bounds();
+    let want = ctx.len().min(FILTER_CHECKED_LEN as u32);
+    if start + want as usize > end && ctx.pull_data(want).is_err() {
+        return TC_NEXT;
     }
-    Ok(if counter.is_drop() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    })
+    match filter_check(&ctx) {
+        Ok(Some(c)) if c.is_drop() => TC_ACT_SHOT,
+        _ => TC_NEXT,
+    }
+}
+
+/// Bytes of a frame the filter reads: headers, then the farthest of the
+/// community id and a relayed transport message's head.
+const FILTER_CHECKED_LEN: usize = PAYLOAD_AT + wire::RELAY_HDR_LEN + 8;
+
+/// The filter's counter for a frame, counted; `None` for a frame it does not
+/// examine (passed).
+#[inline(always)]
+fn filter_check<F: Frame>(f: &F) -> Result<Option<FilterCounter>, ()> {
+    let counter = filter_counter(f)?;
+    if let Some(c) = counter {
+        if let Some(slot) = MVC_FILTER_STATS.get_ptr_mut(c as u32) {
+            // SAFETY: as in `count`: this CPU's element of a per-CPU array.
+            unsafe { *slot += 1 };
+        }
+    }
+    Ok(counter)
 }
 
 /// Version byte, a type an edge receives, its minimum length, the community
 /// id where the message carries one, and the receiver session index of a
 /// transport message, direct or inside a Relay. Frames that are not IPv4/UDP
-/// to the edge's port, and IP fragments, pass unexamined. The length checked
-/// is the UDP length field's (a GSO batch's head carries the first datagram's
-/// headers, and only the first datagram's session index is read).
+/// to the edge's port, and IP fragments, pass unexamined (`None`). The length
+/// checked is the UDP length field's (a GSO batch's head carries the first
+/// datagram's headers, and only the first datagram's session index is read).
 #[inline(always)]
-fn try_mvc_filter(ctx: &XdpContext) -> Result<u32, ()> {
-    let Some((_, udph)) = ipv4_udp_headers(ctx)? else {
-        return Ok(xdp_action::XDP_PASS);
+fn filter_counter<F: Frame>(f: &F) -> Result<Option<FilterCounter>, ()> {
+    let Some((_, udph)) = ipv4_udp_headers(f)? else {
+        return Ok(None);
     };
     let Some(cfg) = MVC_FILTER_CONFIG.get(0) else {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(None);
     };
     if udph[2..4] != cfg[0..2] {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(None);
     }
     let udp_len = usize::from(u16::from_be_bytes([udph[4], udph[5]]));
     if udp_len < UDP_HLEN {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(None);
     }
     let len = udp_len - UDP_HLEN;
     if len < 2 {
-        return filter_verdict(FilterCounter::DropTruncated);
+        return Ok(Some(FilterCounter::DropTruncated));
     }
-    let head: *const [u8; 2] = pkt_ptr(ctx, PAYLOAD_AT)?;
+    let head: *const [u8; 2] = pkt_ptr(f, PAYLOAD_AT)?;
     // SAFETY: bounds checked by `pkt_ptr`.
     let head = unsafe { *head };
     if head[0] != wire::VERSION {
-        return filter_verdict(FilterCounter::DropBadVersion);
+        return Ok(Some(FilterCounter::DropBadVersion));
     }
     let Some((min, has_community)) = edge_rx_min(head[1]) else {
-        return filter_verdict(FilterCounter::DropUnknownType);
+        return Ok(Some(FilterCounter::DropUnknownType));
     };
     if len < min {
-        return filter_verdict(FilterCounter::DropTruncated);
+        return Ok(Some(FilterCounter::DropTruncated));
     }
     if has_community {
-        let c: *const [u8; 16] = pkt_ptr(ctx, PAYLOAD_AT + wire::COMMUNITY_AT)?;
+        let c: *const [u8; 16] = pkt_ptr(f, PAYLOAD_AT + wire::COMMUNITY_AT)?;
         // SAFETY: bounds checked by `pkt_ptr`.
         if unsafe { *c } != cfg[4..20] {
-            return filter_verdict(FilterCounter::DropWrongCommunity);
+            return Ok(Some(FilterCounter::DropWrongCommunity));
         }
     }
     // The receiver index of a transport message, direct or relayed (each read
     // at a constant offset, which the verifier follows most simply).
     let index: [u8; 4] = if is_transport(head[1]) {
-        let i: *const [u8; 4] = pkt_ptr(ctx, PAYLOAD_AT + wire::INDEX_AT)?;
+        let i: *const [u8; 4] = pkt_ptr(f, PAYLOAD_AT + wire::INDEX_AT)?;
         // SAFETY: bounds checked by `pkt_ptr`.
         unsafe { *i }
     } else if head[1] == wire::TYPE_RELAY && len >= wire::RELAY_HDR_LEN + wire::TRANSPORT_HDR_LEN {
-        let inner: *const [u8; 8] = pkt_ptr(ctx, PAYLOAD_AT + wire::RELAY_HDR_LEN)?;
+        let inner: *const [u8; 8] = pkt_ptr(f, PAYLOAD_AT + wire::RELAY_HDR_LEN)?;
         // SAFETY: bounds checked by `pkt_ptr`.
         let inner = unsafe { *inner };
         if inner[0] != wire::VERSION || !is_transport(inner[1]) {
-            return filter_verdict(FilterCounter::Passed);
+            return Ok(Some(FilterCounter::Passed));
         }
         [inner[4], inner[5], inner[6], inner[7]]
     } else {
-        return filter_verdict(FilterCounter::Passed);
+        return Ok(Some(FilterCounter::Passed));
     };
     if cfg[2] & FILTER_FLAG_SESSIONS == 0 {
-        return filter_verdict(FilterCounter::PassedUnchecked);
+        return Ok(Some(FilterCounter::PassedUnchecked));
     }
     // SAFETY: the value is a plain byte, never read; the key is on the stack.
     if unsafe { MVC_FILTER_SESSIONS.get(&index) }.is_none() {
-        return filter_verdict(FilterCounter::DropUnknownSession);
+        return Ok(Some(FilterCounter::DropUnknownSession));
     }
-    filter_verdict(FilterCounter::Passed)
+    Ok(Some(FilterCounter::Passed))
 }
 
 #[cfg(not(test))]

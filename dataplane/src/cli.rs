@@ -195,6 +195,11 @@ struct EdgeArgs {
     /// community id; docs/XDP.md). If the kernel or driver refuses, one warning.
     #[arg(long, value_name = "IFACE")]
     xdp_filter: Option<String>,
+    /// Hook for --xdp-filter: tc (a TC classifier on ingress: the peer's GSO batches stay
+    /// whole; Linux 6.6), native or generic XDP, or auto (tc on veth, else native XDP,
+    /// generic where the driver refuses) [default: auto].
+    #[arg(long, value_name = "MODE")]
+    xdp_filter_mode: Option<String>,
     /// With --datapath xdp: the VMs' TCP super-packets reach the edge whole (generic XDP
     /// mode) and are re-segmented there; off: the kernel segments them for the port
     /// (needed where VMs run tunnels of their own with checksum offload, docs/XDP.md
@@ -309,6 +314,7 @@ struct EdgeFile {
     busy_poll_us: Option<u64>,
     threads: Option<usize>,
     xdp_filter: Option<String>,
+    xdp_filter_mode: Option<String>,
     xdp_gso: Option<bool>,
     l2_control: Option<bool>,
     flood_vm_pps: Option<u32>,
@@ -401,6 +407,14 @@ struct SnFile {
     key_file: Option<PathBuf>,
     xdp_relay: Option<String>,
     xdp_relay_mode: Option<String>,
+}
+
+/// The hook `option` asks for (auto when not given).
+fn hook_mode(option: &str, value: Option<&str>) -> Result<xdp::HookMode, CliError> {
+    value
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: xdp::Error| CliError::Usage(format!("{option}: {e}")))
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(p: Option<&Path>) -> Result<T, CliError> {
@@ -683,8 +697,14 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
     let xdp_filter = match a.xdp_filter.clone().or(f.xdp_filter.clone()) {
         None => None,
         Some(iface) => {
+            let mode = hook_mode(
+                "--xdp-filter-mode",
+                a.xdp_filter_mode
+                    .as_deref()
+                    .or(f.xdp_filter_mode.as_deref()),
+            )?;
             let id = crate::crypto::CommunityKeys::derive(&community, &secret).id;
-            match xdp::XdpFilter::attach(&iface, bound.port(), &id, xdp::ModeRequest::Auto) {
+            match xdp::XdpFilter::attach(&iface, bound.port(), &id, mode) {
                 Ok(x) => Some(Arc::new(x)),
                 Err(e) => {
                     tracing::warn!(%iface, "XDP junk filter not attached ({e}); every datagram reaches the socket");
@@ -873,13 +893,10 @@ fn run_supernode(a: SnArgs) -> Result<(), CliError> {
     let relay = match a.xdp_relay.or(f.xdp_relay) {
         None => None,
         Some(iface) => {
-            let mode: xdp::RelayMode = a
-                .xdp_relay_mode
-                .or(f.xdp_relay_mode)
-                .as_deref()
-                .unwrap_or("auto")
-                .parse()
-                .map_err(|e: xdp::Error| CliError::Usage(format!("--xdp-relay-mode: {e}")))?;
+            let mode = hook_mode(
+                "--xdp-relay-mode",
+                a.xdp_relay_mode.as_deref().or(f.xdp_relay_mode.as_deref()),
+            )?;
             let at = sock.local_addr().map_err(|e| IoError::Sys {
                 call: "getsockname".into(),
                 source: e,

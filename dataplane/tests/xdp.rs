@@ -17,7 +17,9 @@ use std::{
 };
 
 use dataplane::offload;
-use dataplane::xdp::{self, link_info, DatapathRequest, ModeRequest, XdpPort, XdpPortConfig};
+use dataplane::xdp::{
+    self, link_info, DatapathRequest, HookMode, ModeRequest, XdpPort, XdpPortConfig,
+};
 
 const VM_IP: &str = "198.18.77.1";
 const PEER_IP: [u8; 4] = [198, 18, 77, 2];
@@ -876,10 +878,17 @@ fn data_to(index: u32, relay: Option<[u8; 16]>) -> Vec<u8> {
 /// replaced) the new and the kept index pass and the removed one is dropped; with more
 /// live indexes than the map holds the check is off (`session_check` false) and
 /// transport messages pass unchecked (`passed_unchecked`), and it is on again once they
-/// fit. About 2 s.
+/// fit. In both hooks: XDP native and the TC classifier. About 4 s.
 #[test]
 fn filter_drops_transport_messages_for_unknown_sessions() {
     require_root!("filter_drops_transport_messages_for_unknown_sessions");
+    filter_session_check(HookMode::Native, xdp::Hook::Xdp(xdp::AttachMode::Native));
+    filter_session_check(HookMode::Tc, xdp::Hook::Tc);
+}
+
+/// The body of `filter_drops_transport_messages_for_unknown_sessions` with the
+/// filter attached in `mode`, which must end up in `hook`.
+fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
     let lab = lab::Lab::new("xfs").expect("lab");
     let edge = lab.add_ns("edge").expect("namespace");
     let peer = lab.add_ns("peer").expect("namespace");
@@ -893,11 +902,13 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
         .in_ns(&edge, || {
             let rx = std::net::UdpSocket::bind("198.18.78.1:0").expect("bind");
             let port = rx.local_addr().expect("addr").port();
-            let f = xdp::XdpFilter::attach("eth0", port, &community, ModeRequest::Auto)
-                .expect("attach the filter");
+            let f =
+                xdp::XdpFilter::attach("eth0", port, &community, mode).expect("attach the filter");
             (rx, f)
         })
         .expect("edge namespace");
+    assert_eq!(filter.hook(), hook);
+    assert_eq!(filter.status().mode, hook.as_str());
     let dst = rx.local_addr().expect("addr");
     let tx = lab
         .in_ns(&peer, || std::net::UdpSocket::bind("198.18.78.2:0"))
@@ -962,7 +973,8 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
 /// or `socket`, `lab::flood::flood` as fast as it goes) flood a veth pair for
 /// `MVC_FLOOD_SECS` (default 3) with junk (a wrong version byte) for a port the filter
 /// guards on the other end (or, with `MVC_FLOOD_TARGET=relay`, the supernode's relay
-/// program, native), which drops it in XDP. Prints the rate offered and the rate
+/// program, native), which drops it in the hook `MVC_FILTER_MODE` asks for (default
+/// auto: tc on veth). Prints the rate offered and the rate
 /// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI
 /// and the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
 /// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp --
@@ -998,10 +1010,15 @@ fn measure_flood_rate() {
     let (filter, relay) = lab
         .in_ns(&edge, || {
             if relay {
-                let r = xdp::XdpRelay::attach("eth0", dst.into(), xdp::RelayMode::Native);
+                let r = xdp::XdpRelay::attach("eth0", dst.into(), HookMode::Native);
                 (None, Some(r.expect("attach")))
             } else {
-                let f = xdp::XdpFilter::attach("eth0", port, &[1; 16], ModeRequest::Auto);
+                let mode: HookMode = std::env::var("MVC_FILTER_MODE")
+                    .as_deref()
+                    .unwrap_or("auto")
+                    .parse()
+                    .expect("MVC_FILTER_MODE");
+                let f = xdp::XdpFilter::attach("eth0", port, &[1; 16], mode);
                 (Some(f.expect("attach")), None)
             }
         })
@@ -1058,7 +1075,7 @@ fn measure_flood_rate() {
         "edge filter"
     };
     println!(
-        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped in XDP {dropped} ({:.0}/s), \
+        "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped by the program {dropped} ({:.0}/s), \
          sender process CPU {user:.2} s user + {sys:.2} s sys ({:.0} ns per dropped frame), \
          machine kernel CPU {kernel:.2} s ({:.0} ns per dropped frame)",
         sent as f64 / el,

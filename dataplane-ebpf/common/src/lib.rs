@@ -229,6 +229,10 @@ pub mod wire {
 /// Name of the edge's junk filter in front of its UDP socket (same object).
 pub const FILTER_PROGRAM_NAME: &str = "mvc_filter";
 
+/// Name of the same filter as a TC classifier (`--xdp-filter-mode tc`), in the
+/// same object and sharing its maps.
+pub const FILTER_TC_PROGRAM_NAME: &str = "mvc_filter_tc";
+
 /// Name of the one-entry array holding the [`filter_config`].
 pub const FILTER_CONFIG_MAP: &str = "MVC_FILTER_CONFIG";
 

@@ -16,8 +16,15 @@
 //! passes transport messages on unchecked (`passed_unchecked`); it never drops
 //! a message for a live session.
 //!
-//! Cleanup is the kernel's (a bpf_link owned by the process). See docs/XDP.md
-//! ("Junk filter in front of the edge").
+//! The same checks also run as a TC classifier on the interface's ingress
+//! ([`HookMode::Tc`], program `mvc_filter_tc`, same maps and counters); auto
+//! takes it on veth ([`super::HOOK_AUTO_RULE`]), where native XDP makes the peer
+//! segment its GSO batches and copies every frame into a page pool. A batch
+//! (GSO or GRO) is checked by its first datagram's head in either hook; the
+//! rest of it is checked by the AEAD in userspace.
+//!
+//! Cleanup is the kernel's (a bpf_link owned by the process: XDP link, or
+//! tcx link for TC). See docs/XDP.md ("Junk filter in front of the edge").
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,12 +37,17 @@ use aya::{
 use dataplane_ebpf_common::{
     filter_config, FilterCounter, FILTER_CONFIG_LEN, FILTER_CONFIG_MAP, FILTER_FLAG_SESSIONS,
     FILTER_MAX_SESSIONS, FILTER_PROGRAM_NAME, FILTER_SESSIONS_MAP, FILTER_STATS_MAP,
+    FILTER_TC_PROGRAM_NAME,
 };
 
-use super::{
-    attach_first, attach_tries, availability, load_xdp, AttachMode, Error, ModeRequest, PROGRAM,
-};
+use super::{attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, PROGRAM};
 use crate::status::XdpFilterStatus;
+
+/// Kernel ids of the `mvc_filter_tc` programs attached to the tc ingress of
+/// `iface` (tcx links), in the current network namespace.
+pub fn filter_tc_programs(iface: &str) -> Result<Vec<u32>, Error> {
+    tc_programs(iface, FILTER_TC_PROGRAM_NAME)
+}
 
 /// The session map and what userspace knows it holds.
 struct Sessions {
@@ -62,26 +74,26 @@ pub struct XdpFilter {
     /// Owns the program and, through it, the bpf_link that keeps it attached.
     _ebpf: Ebpf,
     iface: String,
-    mode: AttachMode,
+    hook: Hook,
 }
 
 impl std::fmt::Debug for XdpFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("XdpFilter")
             .field("iface", &self.iface)
-            .field("mode", &self.mode)
+            .field("hook", &self.hook)
             .finish_non_exhaustive()
     }
 }
 
 impl XdpFilter {
     /// Loads the filter and attaches it to `iface` for an edge on UDP `port` in
-    /// `community` (native first for `Auto`, generic where the driver refuses).
+    /// `community`, in the hook `mode` asks for ([`super::HOOK_AUTO_RULE`] for `Auto`).
     pub fn attach(
         iface: &str,
         port: u16,
         community: &[u8; 16],
-        mode: ModeRequest,
+        mode: HookMode,
     ) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
@@ -105,9 +117,16 @@ impl XdpFilter {
                 .ok_or_else(|| Error::Load(format!("no map {FILTER_STATS_MAP}")))?,
         )
         .map_err(|e| Error::Load(format!("filter stats map: {e}")))?;
-        let prog = load_xdp(&mut ebpf, FILTER_PROGRAM_NAME)?;
-        let (mode, _) = attach_first(prog, iface, attach_tries(mode))?;
-        tracing::info!(%iface, mode = mode.as_str(), "XDP junk filter attached");
+        let (hook, _) = attach_hook(
+            &mut ebpf,
+            iface,
+            mode,
+            HookPrograms {
+                xdp: FILTER_PROGRAM_NAME,
+                tc: FILTER_TC_PROGRAM_NAME,
+                what: "XDP junk filter",
+            },
+        )?;
         Ok(Self {
             sessions: Mutex::new(Sessions {
                 map,
@@ -122,8 +141,13 @@ impl XdpFilter {
             stats,
             _ebpf: ebpf,
             iface: iface.to_owned(),
-            mode,
+            hook,
         })
+    }
+
+    /// The hook it runs in.
+    pub fn hook(&self) -> Hook {
+        self.hook
     }
 
     /// Makes the session map equal to the live local indexes `live` of a core whose
@@ -143,7 +167,7 @@ impl XdpFilter {
     pub fn status(&self) -> XdpFilterStatus {
         let mut s = XdpFilterStatus {
             iface: self.iface.clone(),
-            mode: self.mode.as_str().to_owned(),
+            mode: self.hook.as_str().to_owned(),
             ..Default::default()
         };
         {

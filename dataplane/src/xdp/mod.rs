@@ -29,17 +29,20 @@ use std::sync::{Arc, Mutex};
 
 use aya::{
     maps::{MapData, PerCpuArray, XskMap},
-    programs::{Xdp, XdpMode},
+    programs::{
+        tc::{SchedClassifier, TcAttachOptions, TcAttachType},
+        LinkOrder, Xdp, XdpMode,
+    },
     Ebpf,
 };
 use dataplane_ebpf_common::{Counter, PROGRAM_NAME, STATS_MAP, XSKS_MAP};
 use thiserror::Error;
 
-pub use filter::XdpFilter;
+pub use filter::{filter_tc_programs, XdpFilter};
 pub use port::{
     enslave, link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX,
 };
-pub use relay::{relay_tc_programs, RelayHook, RelayMode, XdpRelay, RELAY_AUTO_RULE};
+pub use relay::{relay_tc_programs, XdpRelay};
 pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.
@@ -243,6 +246,164 @@ impl std::str::FromStr for ModeRequest {
             ))),
         }
     }
+}
+
+/// Where `--xdp-relay-mode` and `--xdp-filter-mode` ask a program in front of a
+/// UDP socket to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HookMode {
+    /// [`HookMode::Tc`] on veth, else XDP native then generic ([`HOOK_AUTO_RULE`]).
+    #[default]
+    Auto,
+    /// XDP in the driver only.
+    Native,
+    /// Generic (SKB) XDP only.
+    Generic,
+    /// TC classifier on the interface's ingress (tcx link, Linux 6.6).
+    Tc,
+}
+
+impl std::str::FromStr for HookMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "tc" => Ok(Self::Tc),
+            other => Err(Error::Load(format!(
+                "unknown mode {other:?} (expected auto, native, generic or tc)"
+            ))),
+        }
+    }
+}
+
+/// What auto takes, and why (docs/XDP.md, "Supernode relay in XDP" and "Junk
+/// filter in front of the edge"): on a veth, native XDP makes the peer segment
+/// its UDP GSO batches (every datagram its own buffer through the rest of the
+/// path) and copies every frame into a page pool, and generic XDP passes a
+/// batch on as one oversized frame, while the TC hook sees the batch whole as
+/// the socket buffer it already is; on other interfaces (physical NICs) native
+/// XDP.
+pub const HOOK_AUTO_RULE: &str =
+    "auto: tc on veth (GSO batches stay whole), else XDP native then generic";
+
+/// The hook a program ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The XDP program, in this mode.
+    Xdp(AttachMode),
+    /// The TC classifier on ingress.
+    Tc,
+}
+
+impl Hook {
+    /// `native`, `generic` or `tc`, as status shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Xdp(m) => m.as_str(),
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// The XDP attach modes to try for `mode`, or `None` for the TC hook.
+fn hook_plan(mode: HookMode, veth: bool) -> Option<ModeRequest> {
+    match (mode, veth) {
+        (HookMode::Tc, _) | (HookMode::Auto, true) => None,
+        (HookMode::Auto, false) => Some(ModeRequest::Auto),
+        (HookMode::Native, _) => Some(ModeRequest::Native),
+        (HookMode::Generic, _) => Some(ModeRequest::Generic),
+    }
+}
+
+/// Kernel ids of the programs named `program` attached to the tc ingress of
+/// `iface` (tcx links), in the current network namespace.
+pub fn tc_programs(iface: &str, program: &str) -> Result<Vec<u32>, Error> {
+    let (_, attached) =
+        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|e| Error::Attach {
+            iface: iface.to_owned(),
+            msg: format!("tc (tcx links need Linux 6.6): {e}"),
+        })?;
+    Ok(attached
+        .iter()
+        .filter(|p| p.name_as_str() == Some(program))
+        .map(|p| p.id())
+        .collect())
+}
+
+/// The two forms of one program in the object: XDP and TC classifier.
+#[derive(Clone, Copy, Debug)]
+struct HookPrograms {
+    xdp: &'static str,
+    tc: &'static str,
+    /// What it is, for the log.
+    what: &'static str,
+}
+
+/// Loads `programs`' form for the hook `mode` asks for ([`HOOK_AUTO_RULE`]
+/// for `Auto`) and attaches it to `iface`: XDP in the first mode the driver
+/// takes, or the TC classifier on ingress with a tcx link (owned by the
+/// process: gone when it exits or is killed). The TC hook is refused when the
+/// ingress already holds the same classifier (another process runs it there).
+/// Returns the hook and the program's kernel id.
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: HookMode,
+    programs: HookPrograms,
+) -> Result<(Hook, u32), Error> {
+    let link = link_info(iface)?.ok_or_else(|| Error::Attach {
+        iface: iface.to_owned(),
+        msg: "no such interface".into(),
+    })?;
+    let veth = link.kind.as_deref() == Some("veth");
+    let (hook, prog_id) = match hook_plan(mode, veth) {
+        None => (Hook::Tc, attach_tc(ebpf, iface, programs.tc)?),
+        Some(request) => {
+            let prog = load_xdp(ebpf, programs.xdp)?;
+            let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
+            let (attached, _) = attach_first(prog, iface, attach_tries(request))?;
+            (Hook::Xdp(attached), prog_id)
+        }
+    };
+    let rule = if mode == HookMode::Auto {
+        HOOK_AUTO_RULE
+    } else {
+        "as asked"
+    };
+    tracing::info!(%iface, hook = hook.as_str(), prog_id, rule, "{} attached", programs.what);
+    Ok((hook, prog_id))
+}
+
+/// Loads the classifier `name` and attaches it to the ingress of `iface`
+/// (see [`attach_hook`]).
+fn attach_tc(ebpf: &mut Ebpf, iface: &str, name: &str) -> Result<u32, Error> {
+    let attach_err = |msg: String| Error::Attach {
+        iface: iface.to_owned(),
+        msg,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+    prog.load().map_err(|e| Error::Load(e.to_string()))?;
+    let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
+    if let Some(other) = tc_programs(iface, name)?.first() {
+        return Err(attach_err(format!(
+            "tc ingress already runs {name} (program id {other}): another process \
+             runs it on this interface"
+        )));
+    }
+    prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+    .map_err(|e| attach_err(format!("tc: {e}")))?;
+    Ok(prog_id)
 }
 
 /// The mode the program ended up attached in.
@@ -660,6 +821,29 @@ mod tests {
             choose(DatapathRequest::Xdp, None),
             Err(Error::NotConfigured)
         ));
+    }
+
+    /// `--xdp-relay-mode` and `--xdp-filter-mode` parse, and auto follows the rule
+    /// of docs/XDP.md: tc on veth, XDP native then generic elsewhere.
+    #[test]
+    fn hook_modes_parse_and_auto_takes_tc_on_veth() {
+        for (s, m) in [
+            ("auto", HookMode::Auto),
+            ("native", HookMode::Native),
+            ("generic", HookMode::Generic),
+            ("tc", HookMode::Tc),
+        ] {
+            assert_eq!(s.parse::<HookMode>().unwrap(), m);
+        }
+        assert!("xdp".parse::<HookMode>().is_err());
+        assert_eq!(hook_plan(HookMode::Auto, true), None);
+        assert_eq!(hook_plan(HookMode::Auto, false), Some(ModeRequest::Auto));
+        assert_eq!(hook_plan(HookMode::Tc, false), None);
+        assert_eq!(hook_plan(HookMode::Native, true), Some(ModeRequest::Native));
+        assert_eq!(
+            hook_plan(HookMode::Generic, true),
+            Some(ModeRequest::Generic)
+        );
     }
 
     /// The program's pass-to-kernel rule for 802.1D link-local frames

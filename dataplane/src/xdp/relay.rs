@@ -21,7 +21,7 @@
 //! one.
 //!
 //! The same checks and relay also run as a TC classifier on the interface's
-//! ingress ([`RelayMode::Tc`], program `mvc_relay_tc`, same maps): it sees
+//! ingress ([`HookMode::Tc`], program `mvc_relay_tc`, same maps): it sees
 //! the socket buffer, so UDP GSO batches are relayed whole with their
 //! checksums updated by the kernel's helpers. Auto takes it on veth, where
 //! native XDP makes the peer segment every batch and generic XDP hands
@@ -40,10 +40,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        tc::{SchedClassifier, TcAttachOptions, TcAttachType},
-        LinkOrder,
-    },
     Ebpf,
 };
 use dataplane_ebpf_common::{
@@ -52,125 +48,16 @@ use dataplane_ebpf_common::{
     RELAY_STATS_MAP, RELAY_TC_PROGRAM_NAME,
 };
 
-use super::{
-    attach_first, attach_tries, availability, link_info, load_xdp, AttachMode, Error, ModeRequest,
-    PROGRAM,
-};
+use super::{attach_hook, availability, tc_programs, Error, Hook, HookMode, HookPrograms, PROGRAM};
 use crate::wire::{CommunityId, EdgeId};
 
 type Key = [u8; RELAY_KEY_LEN];
 type Dest = [u8; RELAY_DEST_LEN];
 
-/// Where `--xdp-relay-mode` asks the relay to run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RelayMode {
-    /// [`RelayMode::Tc`] on veth, else XDP native then generic ([`RELAY_AUTO_RULE`]).
-    #[default]
-    Auto,
-    /// XDP in the driver only.
-    Native,
-    /// Generic (SKB) XDP only.
-    Generic,
-    /// TC classifier on the interface's ingress (tcx link, Linux 6.6).
-    Tc,
-}
-
-impl std::str::FromStr for RelayMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "native" => Ok(Self::Native),
-            "generic" => Ok(Self::Generic),
-            "tc" => Ok(Self::Tc),
-            other => Err(Error::Load(format!(
-                "unknown relay mode {other:?} (expected auto, native, generic or tc)"
-            ))),
-        }
-    }
-}
-
-/// What auto takes, and why (docs/XDP.md, "Supernode relay in XDP"): on a
-/// veth, native XDP makes the peer segment the edges' GSO batches (every
-/// datagram its own buffer through the rest of the path) and generic XDP
-/// passes a batch to userspace as one oversized frame, while the TC hook
-/// relays the batch whole; on other interfaces (physical NICs) native XDP.
-pub const RELAY_AUTO_RULE: &str =
-    "auto: tc on veth (GSO batches relayed whole), else XDP native then generic";
-
-/// The hook the relay ended up in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayHook {
-    /// The XDP program `mvc_relay`, in this mode.
-    Xdp(AttachMode),
-    /// The TC classifier `mvc_relay_tc` on ingress.
-    Tc,
-}
-
-impl RelayHook {
-    /// `native`, `generic` or `tc`, as status shows it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RelayHook::Xdp(m) => m.as_str(),
-            RelayHook::Tc => "tc",
-        }
-    }
-}
-
-/// The XDP attach modes to try for `mode`, or `None` for the TC hook.
-fn relay_plan(mode: RelayMode, veth: bool) -> Option<ModeRequest> {
-    match (mode, veth) {
-        (RelayMode::Tc, _) | (RelayMode::Auto, true) => None,
-        (RelayMode::Auto, false) => Some(ModeRequest::Auto),
-        (RelayMode::Native, _) => Some(ModeRequest::Native),
-        (RelayMode::Generic, _) => Some(ModeRequest::Generic),
-    }
-}
-
 /// Kernel ids of the `mvc_relay_tc` programs attached to the tc ingress of
 /// `iface` (tcx links), in the current network namespace.
 pub fn relay_tc_programs(iface: &str) -> Result<Vec<u32>, Error> {
-    let (_, attached) =
-        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|e| Error::Attach {
-            iface: iface.to_owned(),
-            msg: format!("tc (tcx links need Linux 6.6): {e}"),
-        })?;
-    Ok(attached
-        .iter()
-        .filter(|p| p.name_as_str() == Some(RELAY_TC_PROGRAM_NAME))
-        .map(|p| p.id())
-        .collect())
-}
-
-/// Loads `mvc_relay_tc` and attaches it to the ingress of `iface` with a tcx
-/// link (owned by the process: gone when it exits or is killed). Refused when
-/// the ingress already holds it: another supernode relays there.
-fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<u32, Error> {
-    let attach_err = |msg: String| Error::Attach {
-        iface: iface.to_owned(),
-        msg,
-    };
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(RELAY_TC_PROGRAM_NAME)
-        .ok_or_else(|| Error::Load(format!("no program {RELAY_TC_PROGRAM_NAME}")))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
-    prog.load().map_err(|e| Error::Load(e.to_string()))?;
-    let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-    if let Some(other) = relay_tc_programs(iface)?.first() {
-        return Err(attach_err(format!(
-            "tc ingress already runs {RELAY_TC_PROGRAM_NAME} (program id {other}): another \
-             supernode relays on this interface"
-        )));
-    }
-    prog.attach_with_options(
-        iface,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|e| attach_err(format!("tc: {e}")))?;
-    Ok(prog_id)
+    tc_programs(iface, RELAY_TC_PROGRAM_NAME)
 }
 
 /// The attached relay program and the maps userspace keeps.
@@ -183,7 +70,7 @@ pub struct XdpRelay {
     /// Owns the program and, through it, the bpf_link that keeps it attached.
     _ebpf: Ebpf,
     iface: String,
-    hook: RelayHook,
+    hook: Hook,
     prog_id: u32,
     listen: ([u8; 4], u16),
     installed: StdHashMap<Key, Dest>,
@@ -209,8 +96,8 @@ fn map_err(what: &str) -> impl Fn(MapError) -> Error + '_ {
 impl XdpRelay {
     /// Loads the relay program and attaches it to `iface` for a supernode
     /// listening on `listen` (IPv4; 0.0.0.0 for any address), in the hook
-    /// `mode` asks for ([`RELAY_AUTO_RULE`] for `Auto`).
-    pub fn attach(iface: &str, listen: SocketAddr, mode: RelayMode) -> Result<Self, Error> {
+    /// `mode` asks for ([`super::HOOK_AUTO_RULE`] for `Auto`).
+    pub fn attach(iface: &str, listen: SocketAddr, mode: HookMode) -> Result<Self, Error> {
         availability()?;
         let object = PROGRAM.ok_or_else(|| Error::NotBuilt(String::new()))?;
         let IpAddr::V4(ip) = listen.ip() else {
@@ -218,21 +105,17 @@ impl XdpRelay {
                 "the XDP relay handles IPv4 only; the supernode listens on IPv6".into(),
             ));
         };
-        let link = link_info(iface)?.ok_or_else(|| Error::Attach {
-            iface: iface.to_owned(),
-            msg: "no such interface".into(),
-        })?;
-        let veth = link.kind.as_deref() == Some("veth");
         let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(e.to_string()))?;
-        let (hook, prog_id) = match relay_plan(mode, veth) {
-            None => (RelayHook::Tc, attach_tc(&mut ebpf, iface)?),
-            Some(request) => {
-                let prog = load_xdp(&mut ebpf, RELAY_PROGRAM_NAME)?;
-                let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-                let (mode, _) = attach_first(prog, iface, attach_tries(request))?;
-                (RelayHook::Xdp(mode), prog_id)
-            }
-        };
+        let (hook, prog_id) = attach_hook(
+            &mut ebpf,
+            iface,
+            mode,
+            HookPrograms {
+                xdp: RELAY_PROGRAM_NAME,
+                tc: RELAY_TC_PROGRAM_NAME,
+                what: "XDP relay",
+            },
+        )?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| Error::Load(format!("no map {name}")))
@@ -258,11 +141,6 @@ impl XdpRelay {
             sync_errors: 0,
         };
         r.write_config()?;
-        if mode == RelayMode::Auto {
-            tracing::info!(%iface, hook = hook.as_str(), prog_id, rule = RELAY_AUTO_RULE, "XDP relay attached");
-        } else {
-            tracing::info!(%iface, hook = hook.as_str(), prog_id, "XDP relay attached");
-        }
         Ok(r)
     }
 
@@ -351,7 +229,7 @@ impl XdpRelay {
     }
 
     /// The hook it runs in.
-    pub fn hook(&self) -> RelayHook {
+    pub fn hook(&self) -> Hook {
         self.hook
     }
 
@@ -384,35 +262,8 @@ mod tests {
         wire as w, RelayCounter, RELAY_PROMPTS_PER_SLOT, RELAY_PROMPT_SLOT_NS,
     };
 
-    use super::{relay_plan, ModeRequest, RelayMode};
     use crate::supernode::SupernodeConfig;
     use crate::wire::{self, MsgType, Register};
-
-    /// `--xdp-relay-mode` parses, and auto follows the rule of docs/XDP.md: tc on
-    /// veth, XDP native then generic elsewhere.
-    #[test]
-    fn relay_modes_parse_and_auto_takes_tc_on_veth() {
-        for (s, m) in [
-            ("auto", RelayMode::Auto),
-            ("native", RelayMode::Native),
-            ("generic", RelayMode::Generic),
-            ("tc", RelayMode::Tc),
-        ] {
-            assert_eq!(s.parse::<RelayMode>().unwrap(), m);
-        }
-        assert!("xdp".parse::<RelayMode>().is_err());
-        assert_eq!(relay_plan(RelayMode::Auto, true), None);
-        assert_eq!(relay_plan(RelayMode::Auto, false), Some(ModeRequest::Auto));
-        assert_eq!(relay_plan(RelayMode::Tc, false), None);
-        assert_eq!(
-            relay_plan(RelayMode::Native, true),
-            Some(ModeRequest::Native)
-        );
-        assert_eq!(
-            relay_plan(RelayMode::Generic, true),
-            Some(ModeRequest::Generic)
-        );
-    }
 
     /// Counters are dropped or passed as their names say (the programs' verdicts
     /// follow `is_drop`).
