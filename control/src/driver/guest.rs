@@ -1048,6 +1048,12 @@ mod tests {
             .arg(&running)
             .spawn()
             .unwrap();
+        // Until the child has exec'd, its command line is still this test's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !named_by_a_process(&running) {
+            assert!(std::time::Instant::now() < deadline, "sh never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut gone = prune(d.path(), &current, now);
         let _ = vm.kill();
         let _ = vm.wait();
