@@ -6,7 +6,7 @@ use std::net::{SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::xdp::{filter_tc_programs, relay_tc_programs, HookMode, XdpRelay};
+use dataplane::xdp::{filter_tc_programs, relay_tc_programs, HookMode, ModeRequest, XdpRelay};
 use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Topology};
 use serde_json::Value;
@@ -65,7 +65,11 @@ fn start(
     let peer_prog = (xdp && mode == "native").then(|| {
         let peer = format!("s{}", a.idx);
         lab.in_ns(&t.inet, || {
-            XdpRelay::attach(&peer, "0.0.0.0:0".parse().unwrap(), HookMode::Native)
+            XdpRelay::attach(
+                &peer,
+                "0.0.0.0:0".parse().unwrap(),
+                HookMode::Xdp(ModeRequest::Native),
+            )
         })
         .unwrap()
         .unwrap()

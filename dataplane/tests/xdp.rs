@@ -889,7 +889,10 @@ fn data_to(index: u32, relay: Option<[u8; 16]>) -> Vec<u8> {
 #[test]
 fn filter_drops_transport_messages_for_unknown_sessions() {
     require_root!("filter_drops_transport_messages_for_unknown_sessions");
-    filter_session_check(HookMode::Native, xdp::Hook::Xdp(xdp::AttachMode::Native));
+    filter_session_check(
+        HookMode::Xdp(ModeRequest::Native),
+        xdp::Hook::Xdp(xdp::AttachMode::Native),
+    );
     filter_session_check(HookMode::Tc, xdp::Hook::Tc);
 }
 
@@ -974,6 +977,73 @@ fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
     assert_eq!(unknown(&filter), Some(6));
 }
 
+/// Two processes (here two threads) attaching the same TC hook to one interface at
+/// the same moment: exactly one keeps it, the other is refused with the program id it
+/// lost to, and only one program stays on the ingress; for the relay and the filter,
+/// 12 rounds each (a check done before attaching alone lets both through when their
+/// checks meet). About 15 s.
+#[test]
+fn tc_hooks_started_together_attach_once() {
+    require_root!("tc_hooks_started_together_attach_once");
+    let lab = lab::Lab::new("xtr").expect("lab");
+    let edge = lab.add_ns("edge").expect("namespace");
+    let peer = lab.add_ns("peer").expect("namespace");
+    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
+    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 77, 1), 24)
+        .expect("addr");
+    let listen: std::net::SocketAddr = "198.18.77.1:7800".parse().expect("addr");
+    let attached = |relay: bool| {
+        lab.in_ns(&edge, || {
+            if relay {
+                xdp::relay_tc_programs("eth0")
+            } else {
+                xdp::filter_tc_programs("eth0")
+            }
+            .expect("query tcx")
+        })
+        .expect("edge namespace")
+    };
+    for relay in [true, false] {
+        for round in 0..12 {
+            let start = std::sync::Barrier::new(2);
+            let results: Vec<Result<Box<dyn Send>, String>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            lab.in_ns(&edge, || {
+                                start.wait();
+                                let hook: Result<Box<dyn Send>, xdp::Error> = if relay {
+                                    xdp::XdpRelay::attach("eth0", listen, HookMode::Tc)
+                                        .map(|r| Box::new(r) as Box<dyn Send>)
+                                } else {
+                                    xdp::XdpFilter::attach("eth0", 7800, &[1; 16], HookMode::Tc)
+                                        .map(|f| Box::new(f) as Box<dyn Send>)
+                                };
+                                hook.map_err(|e| e.to_string())
+                            })
+                            .expect("edge namespace")
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().expect("thread")).collect()
+            });
+            let kept = results.iter().filter(|r| r.is_ok()).count();
+            let refusals: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+            assert_eq!(kept, 1, "relay {relay}, round {round}: {refusals:?}");
+            assert!(
+                refusals[0].contains("already runs"),
+                "relay {relay}, round {round}: {refusals:?}"
+            );
+            assert_eq!(attached(relay).len(), 1, "relay {relay}, round {round}");
+            drop(results);
+            lab.wait_until("the hook gone", Duration::from_secs(5), || {
+                attached(relay).is_empty()
+            })
+            .expect("detached");
+        }
+    }
+}
+
 /// How fast a junk flood reaches the filter here, and what each dropped frame costs:
 /// `MVC_FLOOD_THREADS` (default 1) senders with the generator of `MVC_FLOOD_GEN`
 /// (`clone`, the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all;
@@ -1017,7 +1087,8 @@ fn measure_flood_rate() {
     let (filter, relay) = lab
         .in_ns(&edge, || {
             if relay {
-                let r = xdp::XdpRelay::attach("eth0", dst.into(), HookMode::Native);
+                let r =
+                    xdp::XdpRelay::attach("eth0", dst.into(), HookMode::Xdp(ModeRequest::Native));
                 (None, Some(r.expect("attach")))
             } else {
                 let mode: HookMode = std::env::var("MVC_FILTER_MODE")

@@ -255,10 +255,8 @@ pub enum HookMode {
     /// [`HookMode::Tc`] on veth, else XDP native then generic ([`HOOK_AUTO_RULE`]).
     #[default]
     Auto,
-    /// XDP in the driver only.
-    Native,
-    /// Generic (SKB) XDP only.
-    Generic,
+    /// XDP in the mode asked (`native` or `generic`).
+    Xdp(ModeRequest),
     /// TC classifier on the interface's ingress (tcx link, Linux 6.6).
     Tc,
 }
@@ -269,8 +267,7 @@ impl std::str::FromStr for HookMode {
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "auto" => Ok(Self::Auto),
-            "native" => Ok(Self::Native),
-            "generic" => Ok(Self::Generic),
+            "native" | "generic" => s.parse().map(Self::Xdp),
             "tc" => Ok(Self::Tc),
             other => Err(Error::Load(format!(
                 "unknown mode {other:?} (expected auto, native, generic or tc)"
@@ -310,11 +307,11 @@ impl Hook {
 
 /// The XDP attach modes to try for `mode`, or `None` for the TC hook.
 fn hook_plan(mode: HookMode, veth: bool) -> Option<ModeRequest> {
-    match (mode, veth) {
-        (HookMode::Tc, _) | (HookMode::Auto, true) => None,
-        (HookMode::Auto, false) => Some(ModeRequest::Auto),
-        (HookMode::Native, _) => Some(ModeRequest::Native),
-        (HookMode::Generic, _) => Some(ModeRequest::Generic),
+    match mode {
+        HookMode::Tc => None,
+        HookMode::Auto if veth => None,
+        HookMode::Auto => Some(ModeRequest::Auto),
+        HookMode::Xdp(request) => Some(request),
     }
 }
 
@@ -378,12 +375,20 @@ fn attach_hook(
 }
 
 /// Loads the classifier `name` and attaches it to the ingress of `iface`
-/// (see [`attach_hook`]).
+/// (see [`attach_hook`]). Two processes starting at once could both pass the
+/// check before either attaches, so the chain is read again after attaching:
+/// new links go last, and only the one that comes first keeps its place.
 fn attach_tc(ebpf: &mut Ebpf, iface: &str, name: &str) -> Result<u32, Error> {
-    let attach_err = |msg: String| Error::Attach {
+    let taken = |other: u32| Error::Attach {
         iface: iface.to_owned(),
-        msg,
+        msg: format!(
+            "tc ingress already runs {name} (program id {other}): another process \
+             runs it on this interface"
+        ),
     };
+    if let Some(&other) = tc_programs(iface, name)?.first() {
+        return Err(taken(other));
+    }
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or_else(|| Error::Load(format!("no program {name}")))?
@@ -391,19 +396,24 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, name: &str) -> Result<u32, Error> {
         .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
     prog.load().map_err(|e| Error::Load(e.to_string()))?;
     let prog_id = prog.info().map_err(|e| Error::Load(e.to_string()))?.id();
-    if let Some(other) = tc_programs(iface, name)?.first() {
-        return Err(attach_err(format!(
-            "tc ingress already runs {name} (program id {other}): another process \
-             runs it on this interface"
-        )));
+    let link = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::last()),
+        )
+        .map_err(|e| Error::Attach {
+            iface: iface.to_owned(),
+            msg: format!("tc: {e}"),
+        })?;
+    match tc_programs(iface, name)?.first() {
+        Some(&first) if first != prog_id => {
+            // Best effort: the link also goes when the program is dropped.
+            let _ = prog.detach(link);
+            Err(taken(first))
+        }
+        _ => Ok(prog_id),
     }
-    prog.attach_with_options(
-        iface,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|e| attach_err(format!("tc: {e}")))?;
-    Ok(prog_id)
 }
 
 /// The mode the program ended up attached in.
@@ -829,8 +839,8 @@ mod tests {
     fn hook_modes_parse_and_auto_takes_tc_on_veth() {
         for (s, m) in [
             ("auto", HookMode::Auto),
-            ("native", HookMode::Native),
-            ("generic", HookMode::Generic),
+            ("native", HookMode::Xdp(ModeRequest::Native)),
+            ("generic", HookMode::Xdp(ModeRequest::Generic)),
             ("tc", HookMode::Tc),
         ] {
             assert_eq!(s.parse::<HookMode>().unwrap(), m);
@@ -839,9 +849,12 @@ mod tests {
         assert_eq!(hook_plan(HookMode::Auto, true), None);
         assert_eq!(hook_plan(HookMode::Auto, false), Some(ModeRequest::Auto));
         assert_eq!(hook_plan(HookMode::Tc, false), None);
-        assert_eq!(hook_plan(HookMode::Native, true), Some(ModeRequest::Native));
         assert_eq!(
-            hook_plan(HookMode::Generic, true),
+            hook_plan(HookMode::Xdp(ModeRequest::Native), true),
+            Some(ModeRequest::Native)
+        );
+        assert_eq!(
+            hook_plan(HookMode::Xdp(ModeRequest::Generic), true),
             Some(ModeRequest::Generic)
         );
     }
