@@ -896,17 +896,24 @@ fn filter_drops_transport_messages_for_unknown_sessions() {
     filter_session_check(HookMode::Tc, xdp::Hook::Tc);
 }
 
+/// Namespaces `edge` and `peer` joined by a veth pair (`eth0` in both), at
+/// 198.18.`net`.1 and .2.
+fn edge_and_peer(lab: &lab::Lab, net: u8) -> (String, String) {
+    let edge = lab.add_ns("edge").expect("namespace");
+    let peer = lab.add_ns("peer").expect("namespace");
+    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
+    for (ns, host) in [(&edge, 1), (&peer, 2)] {
+        lab.addr(ns, "eth0", Ipv4Addr::new(198, 18, net, host), 24)
+            .expect("addr");
+    }
+    (edge, peer)
+}
+
 /// The body of `filter_drops_transport_messages_for_unknown_sessions` with the
 /// filter attached in `mode`, which must end up in `hook`.
 fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
     let lab = lab::Lab::new("xfs").expect("lab");
-    let edge = lab.add_ns("edge").expect("namespace");
-    let peer = lab.add_ns("peer").expect("namespace");
-    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
-    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 78, 1), 24)
-        .expect("addr");
-    lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 78, 2), 24)
-        .expect("addr");
+    let (edge, peer) = edge_and_peer(&lab, 78);
     let community = [0x5a; 16];
     let (rx, filter) = lab
         .in_ns(&edge, || {
@@ -986,11 +993,7 @@ fn filter_session_check(mode: HookMode, hook: xdp::Hook) {
 fn tc_hooks_started_together_attach_once() {
     require_root!("tc_hooks_started_together_attach_once");
     let lab = lab::Lab::new("xtr").expect("lab");
-    let edge = lab.add_ns("edge").expect("namespace");
-    let peer = lab.add_ns("peer").expect("namespace");
-    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
-    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 77, 1), 24)
-        .expect("addr");
+    let (edge, _peer) = edge_and_peer(&lab, 77);
     let listen: std::net::SocketAddr = "198.18.77.1:7800".parse().expect("addr");
     let attached = |relay: bool| {
         lab.in_ns(&edge, || {
@@ -1072,13 +1075,7 @@ fn measure_flood_rate() {
     );
     let generator = lab::flood::Generator::from_env().unwrap_or_else(|e| panic!("{e}"));
     let lab = lab::Lab::new("xfr").expect("lab");
-    let edge = lab.add_ns("edge").expect("namespace");
-    let peer = lab.add_ns("peer").expect("namespace");
-    lab.veth(&edge, "eth0", &peer, "eth0").expect("veth");
-    lab.addr(&edge, "eth0", Ipv4Addr::new(198, 18, 79, 1), 24)
-        .expect("addr");
-    lab.addr(&peer, "eth0", Ipv4Addr::new(198, 18, 79, 2), 24)
-        .expect("addr");
+    let (edge, peer) = edge_and_peer(&lab, 79);
     let port = 7700;
     let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port);
     // The edge's filter, or with MVC_FLOOD_TARGET=relay the supernode's program
