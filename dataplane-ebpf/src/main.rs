@@ -697,8 +697,9 @@ fn try_mvc_relay_tc(ctx: &TcContext) -> Result<i32, ()> {
     let (e, h, u) = relayed_headers(&r, &fib);
     let word = |b: &[u8]| u64::from(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
     // A GSO batch's checksum is always partial: its field is the pseudo
-    // header's sum, which may be 0 and must be updated all the same. A single
-    // datagram's 0 means it came without a checksum, and stays 0.
+    // header's folded sum, updated as it is. A single datagram's 0 means it
+    // came without a checksum (a partial one's sum folds to 0xffff, never
+    // 0), and stays 0.
     let zero = if segs > 1 { 0 } else { BPF_F_MARK_MANGLED_0 };
     let pseudo = BPF_F_PSEUDO_HDR | zero | 4;
     // The addresses are in the pseudo header, the ports in the UDP header's
