@@ -332,7 +332,7 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
     require_root!("tx_tcp_segments_are_coalesced_towards_the_bridge");
     in_lab(1500, |lab| {
         private_sysfs();
-        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let mut port = XdpPort::open(&af_xdp_tx_config()).expect("open");
         assert!(port.bridge_gro(), "GRO towards the bridge not enabled");
         let out = lab.vm_run(&["ip", "-j", "link", "show", "dev", "eth0"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
@@ -383,7 +383,7 @@ fn tx_partial_checksums_left_to_the_kernel_reach_the_vm_valid() {
     require_root!("tx_partial_checksums_left_to_the_kernel_reach_the_vm_valid");
     in_lab(1500, |lab| {
         private_sysfs();
-        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let mut port = XdpPort::open(&af_xdp_tx_config()).expect("open");
         if !port.tx_csum() {
             // Copy-mode AF_XDP honours checksum requests since Linux 6.8.
             let release = run(&["uname", "-r"]);
@@ -463,6 +463,74 @@ fn tx_partial_checksums_left_to_the_kernel_reach_the_vm_valid() {
             errs - errs1
         );
     });
+}
+
+/// The port's packet socket takes frames for the VM with a virtio-net header in
+/// front, as a TAP write does: one TCP super-frame of 16 segments with its checksum
+/// partial reaches the VM whole (fewer packets than segments on its interface, every
+/// payload byte) and its TCP counts no checksum error.
+#[test]
+fn tso_super_frames_reach_the_vm_through_the_packet_socket() {
+    require_root!("tso_super_frames_reach_the_vm_through_the_packet_socket");
+    in_lab(1500, |lab| {
+        private_sysfs();
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let fd = port
+            .vnet_tx_fd()
+            .expect("no packet socket for frames to the VMs");
+        let vm_ip: Vec<u8> = VM_IP.split('.').map(|b| b.parse().expect("ip")).collect();
+        const SEGS: usize = 16;
+        const MSS: usize = 1400;
+        let frame = tcp_segment_partial(vm_mac(lab), &vm_ip, 5000, SEGS * MSS);
+        let hdr = offload::VnetHdr {
+            flags: offload::F_NEEDS_CSUM,
+            gso_type: offload::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: MSS as u16,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut buf = vec![0u8; offload::VNET_HDR_LEN];
+        hdr.write(&mut buf);
+        buf.extend_from_slice(&frame);
+        let (segs0, errs0) = vm_tcp_counters(lab);
+        let (p0, b0) = vm_rx(lab);
+        // SAFETY: `buf` is a live buffer of the length given.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        assert_eq!(
+            n,
+            buf.len() as isize,
+            "write: {}",
+            std::io::Error::last_os_error()
+        );
+        let payload = (SEGS * MSS) as u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut p, mut b) = (0, 0);
+        while (b as u64).saturating_sub(p * 54) < payload && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let (p1, b1) = vm_rx(lab);
+            (p, b) = (p1 - p0, b1 - b0);
+        }
+        assert!(
+            b.saturating_sub(p * 54) >= payload,
+            "{b} bytes in {p} packets: payload missing"
+        );
+        assert!(
+            p < SEGS as u64,
+            "{p} packets for {SEGS} segments: segmented on the way"
+        );
+        let (segs, errs) = vm_tcp_counters(lab);
+        assert!(segs > segs0, "no segment reached the VM's TCP");
+        assert_eq!(errs, errs0, "checksum errors in the VM");
+    });
+}
+
+/// A port that sends frames for the VMs through AF_XDP TX (as with several queues),
+/// not its packet socket.
+fn af_xdp_tx_config() -> XdpPortConfig {
+    let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+    cfg.tx_vnet = false;
+    cfg
 }
 
 fn vm_mac(lab: &Lab) -> [u8; 6] {

@@ -20,12 +20,12 @@
 //! See docs/XDP.md for the design and measurements.
 
 mod filter;
+mod packet;
 mod port;
-mod probe;
 mod relay;
 mod xsk;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use aya::{
@@ -198,7 +198,9 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             } else {
                 ""
             },
-            if port.tx_csum() {
+            if port.vnet_tx_fd().is_some() {
+                ", frames to the bridge with virtio-net headers"
+            } else if port.tx_csum() {
                 ", tx checksum offload"
             } else {
                 ""
@@ -501,6 +503,11 @@ pub struct XdpPortConfig {
     /// metadata where the kernel is found to honour it (probed per socket; software
     /// otherwise): docs/XDP.md "Checksum offload towards the VMs".
     pub tx_csum: bool,
+    /// Send the frames for the VMs through a packet socket with virtio-net headers
+    /// (TCP super-frames whole, as a TAP write takes them) instead of AF_XDP TX; one
+    /// queue only, AF_XDP TX where the socket cannot be made: docs/XDP.md "Frames to
+    /// the VMs through a packet socket".
+    pub tx_vnet: bool,
 }
 
 /// Most queues of a port (entries of the program's XSKMAP).
@@ -518,6 +525,7 @@ impl XdpPortConfig {
             queues: 1,
             gso: true,
             tx_csum: true,
+            tx_vnet: true,
         }
     }
 }
@@ -546,6 +554,7 @@ pub struct XdpStats {
 /// Field order is drop order: sockets out of the map and closed, then
 /// (with the last share) program detached and freed, veth pair deleted.
 pub struct XdpPort {
+    vnet_tx: Option<OwnedFd>,
     xsk: xsk::Xsk,
     queue: u32,
     more: Vec<xsk::Xsk>,
@@ -616,7 +625,7 @@ impl XdpPort {
         for q in 0..cfg.queues {
             let mut x = xsk::Xsk::new(ifindex, q, cfg.xsk, bind)?;
             if cfg.tx_csum {
-                match probe::tx_csum(&mut x, bridge_side) {
+                match packet::probe_tx_csum(&mut x, bridge_side) {
                     Ok(true) => {}
                     Ok(false) => tracing::info!(%iface, queue = q, tx_metadata = x.tx_metadata(),
                         "AF_XDP TX checksum requests not honoured: checksums completed in software"),
@@ -634,9 +643,24 @@ impl XdpPort {
             veth.stop_gso()?;
         }
         let gso_mtu = veth.gso().then_some(cfg.mtu as usize);
+        let vnet_tx = if cfg.tx_vnet && cfg.queues == 1 {
+            match packet::vnet_tx_socket(ifindex)
+                .map_err(Error::from)
+                .and_then(|fd| Ok(veth.tso_on_edge().map(|()| fd)?))
+            {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(%iface, error = %e, "frames to the bridge through AF_XDP TX");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
             multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(), "XDP port up");
         Ok(Self {
+            vnet_tx,
             xsk,
             queue: 0,
             more: socks.collect(),
@@ -659,6 +683,7 @@ impl XdpPort {
             .into_iter()
             .enumerate()
             .map(|(i, xsk)| XdpPort {
+                vnet_tx: None,
                 xsk,
                 queue: i as u32 + 1,
                 more: Vec::new(),
@@ -708,6 +733,13 @@ impl XdpPort {
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
     pub fn multi_buffer(&self) -> bool {
         self.xsk.multi_buffer()
+    }
+
+    /// The packet socket that takes frames for the VMs with a virtio-net header in
+    /// front (TSO super-frames, partial checksums), as a TAP device with
+    /// `IFF_VNET_HDR` does; `None`: send them through AF_XDP TX.
+    pub fn vnet_tx_fd(&self) -> Option<RawFd> {
+        self.vnet_tx.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Whether frames for the VMs may leave their TCP/UDP checksum partial

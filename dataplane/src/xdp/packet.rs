@@ -1,4 +1,7 @@
-//! Finds out whether the kernel honours an AF_XDP socket's TX checksum requests.
+//! The port's `AF_PACKET` sockets: the probe of AF_XDP TX checksum requests, and the
+//! socket that sends frames for the VMs with virtio-net headers.
+//!
+//! ## TX checksum probe
 //!
 //! A kernel can take `tx_metadata_len` and still ignore a checksum request on the
 //! way the socket transmits (copy mode built the skb without it before Linux 6.8's
@@ -12,6 +15,14 @@
 //! The probe frame goes to 01:80:c2:00:00:01 (IEEE 802.3x pause), which a Linux
 //! bridge drops on its port after the packet taps have seen it, with the local
 //! experimental EtherType 0x88b5: it reaches no VM and no stack.
+//!
+//! ## Transmit with virtio-net headers
+//!
+//! AF_XDP TX carries no GSO metadata, so every frame sent through it is its own
+//! skb of one MTU. A packet socket with `PACKET_VNET_HDR` takes the same
+//! `virtio_net_hdr` a TAP write does: a TCP super-frame of up to 64 KiB becomes one
+//! GSO skb with its checksum partial, which the veth and the bridge pass to the VM
+//! whole (docs/XDP.md "Frames to the VMs through a packet socket").
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -37,7 +48,7 @@ const PROBE_CSUM: TxCsum = TxCsum {
 /// whether it arrived with its checksum left partial. Leaves `xsk`'s checksum
 /// requests on exactly when they were honoured. A socket without TX metadata is
 /// not probed (false).
-pub fn tx_csum(xsk: &mut Xsk, peer_ifindex: u32) -> Result<bool, SysError> {
+pub fn probe_tx_csum(xsk: &mut Xsk, peer_ifindex: u32) -> Result<bool, SysError> {
     if !xsk.set_tx_csum(true) {
         return Ok(false);
     }
@@ -76,6 +87,74 @@ fn probe(xsk: &mut Xsk, peer_ifindex: u32) -> Result<bool, SysError> {
     Ok(false)
 }
 
+/// A packet socket that sends on interface `ifindex` and receives nothing
+/// (protocol 0), taking a `virtio_net_hdr` in front of each frame. Writes go
+/// through the interface's queueing (a veth has none by default).
+pub fn vnet_tx_socket(ifindex: u32) -> Result<OwnedFd, SysError> {
+    let fd = packet_socket(0)?;
+    set_int(&fd, libc::PACKET_VNET_HDR, 1, "setsockopt(PACKET_VNET_HDR)")?;
+    bind(&fd, ifindex, 0)?;
+    Ok(fd)
+}
+
+fn packet_socket(proto_be: u16) -> Result<OwnedFd, SysError> {
+    // SAFETY: socket only reads its integer arguments; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto_be),
+        )
+    };
+    if raw < 0 {
+        return Err(last("socket(AF_PACKET)"));
+    }
+    // SAFETY: `raw` is a socket just opened here and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn set_int(
+    fd: &OwnedFd,
+    opt: libc::c_int,
+    v: libc::c_int,
+    call: &'static str,
+) -> Result<(), SysError> {
+    // SAFETY: the pointer and length describe `v`, which lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            opt,
+            std::ptr::from_ref(&v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(last(call));
+    }
+    Ok(())
+}
+
+fn bind(fd: &OwnedFd, ifindex: u32, proto_be: u16) -> Result<(), SysError> {
+    // SAFETY: an all-zero sockaddr_ll is a valid value (plain integers).
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto_be;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: the pointer and length describe `sll`, which lives across the call.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(last("bind(AF_PACKET)"));
+    }
+    Ok(())
+}
+
 /// An `AF_PACKET` socket that reads every frame of one interface with its
 /// `tpacket_auxdata`.
 struct AuxSocket {
@@ -85,49 +164,9 @@ struct AuxSocket {
 impl AuxSocket {
     fn bind(ifindex: u32) -> Result<Self, SysError> {
         let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: socket only reads its integer arguments; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        if raw < 0 {
-            return Err(last("socket(AF_PACKET)"));
-        }
-        // SAFETY: `raw` is a socket just opened here and owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let one: libc::c_int = 1;
-        // SAFETY: the pointer and length describe `one`, which lives across the call.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_AUXDATA,
-                std::ptr::from_ref(&one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(last("setsockopt(PACKET_AUXDATA)"));
-        }
-        // SAFETY: an all-zero sockaddr_ll is a valid value (plain integers).
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: the pointer and length describe `sll`, which lives across the call.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(last("bind(AF_PACKET)"));
-        }
+        let fd = packet_socket(proto)?;
+        set_int(&fd, libc::PACKET_AUXDATA, 1, "setsockopt(PACKET_AUXDATA)")?;
+        bind(&fd, ifindex, proto)?;
         Ok(Self { fd })
     }
 
