@@ -18,7 +18,7 @@ use std::{
 
 use dataplane::offload;
 use dataplane::xdp::{
-    self, link_info, DatapathRequest, HookMode, ModeRequest, TxCsum, XdpPort, XdpPortConfig,
+    self, link_info, DatapathRequest, HookMode, ModeRequest, XdpPort, XdpPortConfig,
 };
 
 const VM_IP: &str = "198.18.77.1";
@@ -372,99 +372,6 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
     });
 }
 
-/// Frames for the VM whose TCP checksum is partial (a peer's TSO segments hold the
-/// pseudo-header sum) leave through AF_XDP with the checksum left to the kernel (TX
-/// metadata, probed when the port opens): the VM's TCP stack takes every segment and
-/// counts no checksum error (`InCsumErrors` of its /proc/net/snmp). The same frames
-/// sent without the request (what a kernel that ignored it would deliver) are counted
-/// as checksum errors, one by one: the counter does see bad checksums here.
-#[test]
-fn tx_partial_checksums_left_to_the_kernel_reach_the_vm_valid() {
-    require_root!("tx_partial_checksums_left_to_the_kernel_reach_the_vm_valid");
-    in_lab(1500, |lab| {
-        private_sysfs();
-        let mut port = XdpPort::open(&af_xdp_tx_config()).expect("open");
-        if !port.tx_csum() {
-            // Copy-mode AF_XDP honours checksum requests since Linux 6.8.
-            let release = run(&["uname", "-r"]);
-            let mut v = release
-                .trim()
-                .split(['.', '-'])
-                .map(|x| x.parse::<u32>().unwrap_or(0));
-            let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-            assert!(
-                (major, minor) < (6, 8),
-                "Linux {release}: the probe found no TX checksum offload"
-            );
-            eprintln!("Linux {release}: no AF_XDP TX checksum offload; the request is refused");
-        }
-        let vm_mac = vm_mac(lab);
-        let vm_ip: Vec<u8> = VM_IP.split('.').map(|b| b.parse().expect("ip")).collect();
-        const SEGS: u32 = 16;
-        const MSS: usize = 1400;
-        let frames: Vec<Vec<u8>> = (0..SEGS)
-            .map(|i| tcp_segment_partial(vm_mac, &vm_ip, 7000 + i * MSS as u32, MSS))
-            .collect();
-        let csum = TxCsum {
-            start: 34,
-            offset: 16,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let wait_for = |port: &mut XdpPort, done: &dyn Fn((u64, u64)) -> bool| {
-            let mut c = vm_tcp_counters(lab);
-            while !done(c) && Instant::now() < deadline {
-                port.flush_tx();
-                std::thread::sleep(Duration::from_millis(20));
-                c = vm_tcp_counters(lab);
-            }
-            c
-        };
-
-        let (segs0, errs0) = vm_tcp_counters(lab);
-        let (p0, b0) = vm_rx(lab);
-        let c0 = port.socket_counters();
-        let sent = port.send_batch_csum(frames.iter().map(|f| (f.as_slice(), Some(csum))));
-        if port.tx_csum() {
-            assert_eq!(sent, SEGS);
-            // GRO on the bridge side merges the segments (InSegs counts one per
-            // merged packet): all arrived when the VM's interface has every byte.
-            let payload = u64::from(SEGS) * MSS as u64;
-            let arrived = || {
-                let (p, b) = vm_rx(lab);
-                (b - b0).saturating_sub((p - p0) * 54) >= payload
-            };
-            while !arrived() && Instant::now() < deadline {
-                port.flush_tx();
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            assert!(arrived(), "payload missing at the VM");
-            let (segs, errs) = wait_for(&mut port, &|(s, _)| s > segs0);
-            assert!(segs > segs0, "no segment reached the VM's TCP");
-            assert_eq!(errs - errs0, 0, "checksum errors in the VM");
-            let offloaded = port.socket_counters().tx_csum_offload - c0.tx_csum_offload;
-            assert_eq!(offloaded, u64::from(SEGS));
-        } else {
-            assert_eq!(sent, 0);
-            let refused = port.socket_counters().tx_csum_refused - c0.tx_csum_refused;
-            assert_eq!(refused, u64::from(SEGS));
-        }
-
-        std::thread::sleep(Duration::from_millis(300));
-        let (_, errs1) = vm_tcp_counters(lab);
-        assert_eq!(
-            errs1, errs0,
-            "checksum errors in the VM after the offloaded frames"
-        );
-        assert_eq!(port.send_batch(frames.iter().map(Vec::as_slice)), SEGS);
-        let (_, errs) = wait_for(&mut port, &|(_, e)| e - errs1 >= u64::from(SEGS));
-        assert!(
-            errs - errs1 >= u64::from(SEGS),
-            "partial checksums sent as they are: {} checksum errors for {SEGS} segments",
-            errs - errs1
-        );
-    });
-}
-
 /// The port's packet socket takes frames for the VM with a virtio-net header in
 /// front, as a TAP write does: one TCP super-frame of 16 segments with its checksum
 /// partial reaches the VM whole (fewer packets than segments on its interface, every
@@ -505,8 +412,8 @@ fn tso_super_frames_reach_the_vm_through_the_packet_socket() {
         );
         let payload = (SEGS * MSS) as u64;
         let deadline = Instant::now() + Duration::from_secs(5);
-        let (mut p, mut b) = (0, 0);
-        while (b as u64).saturating_sub(p * 54) < payload && Instant::now() < deadline {
+        let (mut p, mut b) = (0u64, 0u64);
+        while b.saturating_sub(p * 54) < payload && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
             let (p1, b1) = vm_rx(lab);
             (p, b) = (p1 - p0, b1 - b0);

@@ -15,7 +15,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use crate::edge::EdgeCore;
 use crate::offload::{self, RxGro, VnetHdr, VNET_HDR_LEN};
 use crate::outbox::{Outbox, TapOut};
-use crate::xdp::{TxCsum, XdpPort};
+use crate::xdp::XdpPort;
 
 use super::sys::set_blocking;
 use super::tap::Tap;
@@ -82,18 +82,17 @@ fn describe_xdp(p: &XdpPort) -> String {
         } else {
             ""
         },
-        match (p.vnet_tx_fd(), p.tx_csum()) {
-            (Some(_), _) => "tx packet socket vnet-hdr/tso",
-            (None, true) => "tx-csum kernel",
-            (None, false) => "tx-csum software",
+        if p.vnet_tx_fd().is_some() {
+            "tx packet socket vnet-hdr/tso"
+        } else {
+            "tx AF_XDP"
         }
     )
 }
 
 /// Sends the queued frames for the VMs into an XDP port in one batch: partial TCP
-/// checksums (left by a peer's TSO) are left to the kernel through TX metadata where
-/// the port's socket has it, completed in software otherwise; frames the ring cannot
-/// take are counted as drops. Buffers go back to `out`.
+/// checksums (left by a peer's TSO) are completed first, since AF_XDP has no checksum
+/// offload; frames the ring cannot take are counted as drops. Buffers go back to `out`.
 pub fn send_xdp(port: &mut XdpPort, core: &mut EdgeCore, out: &mut Outbox) {
     send_xdp_unlocked(port, out).count(core);
 }
@@ -126,11 +125,7 @@ impl XdpDrops {
 pub fn send_xdp_unlocked(port: &mut XdpPort, out: &mut Outbox) -> XdpDrops {
     let mut d = XdpDrops::default();
     out.flush_tap();
-    let offload = port.tx_csum();
     for t in out.tap.iter_mut() {
-        if offload && tx_csum_request(t).is_some() {
-            continue;
-        }
         if t.complete_csum().is_err() {
             // Sent as it is: the VM's stack drops it on the checksum and counts it.
             d.bad_csum += 1;
@@ -138,10 +133,7 @@ pub fn send_xdp_unlocked(port: &mut XdpPort, out: &mut Outbox) -> XdpDrops {
     }
     if !out.tap.is_empty() {
         let before = port.socket_counters();
-        port.send_batch_csum(out.tap.iter().map(|t| {
-            let csum = if offload { tx_csum_request(t) } else { None };
-            (&t.buf[t.start..t.start + t.len], csum)
-        }));
+        port.send_batch(out.tap.iter().map(|t| &t.buf[t.start..t.start + t.len]));
         let after = port.socket_counters();
         d.ring_full = after.tx_ring_full.saturating_sub(before.tx_ring_full);
         d.too_big = after.tx_too_big.saturating_sub(before.tx_too_big);
@@ -152,20 +144,6 @@ pub fn send_xdp_unlocked(port: &mut XdpPort, out: &mut Outbox) -> XdpDrops {
     }
     out.tap = tap;
     d
-}
-
-/// The checksum the kernel can fill in for a frame whose header asks for one
-/// (`F_NEEDS_CSUM`), when the field lies inside the frame; `None` for a frame with a
-/// complete checksum, or one to complete (and refuse) in software.
-fn tx_csum_request(t: &TapOut) -> Option<TxCsum> {
-    if t.hdr.flags & offload::F_NEEDS_CSUM == 0 {
-        return None;
-    }
-    let end = usize::from(t.hdr.csum_start) + usize::from(t.hdr.csum_offset) + 2;
-    (end <= t.len).then_some(TxCsum {
-        start: t.hdr.csum_start,
-        offset: t.hdr.csum_offset,
-    })
 }
 
 /// What a forwarder hands a frame port along with a completed read.

@@ -44,7 +44,7 @@ pub use port::{
     enslave, link_info, remove_stale, sweep_stale, LinkInfo, PortError, VethPort, ALIAS_PREFIX,
 };
 pub use relay::{relay_tc_programs, XdpRelay};
-pub use xsk::{BindMode, SysError, TxCsum, XskConfig, XskCounters, MAX_FRAME};
+pub use xsk::{BindMode, SysError, XskConfig, XskCounters, MAX_FRAME};
 
 /// The XDP object file built by build.rs, if the BPF toolchain was there.
 #[cfg(mvc_xdp_built)]
@@ -200,8 +200,6 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             },
             if port.vnet_tx_fd().is_some() {
                 ", frames to the bridge with virtio-net headers"
-            } else if port.tx_csum() {
-                ", tx checksum offload"
             } else {
                 ""
             }
@@ -499,10 +497,6 @@ pub struct XdpPortConfig {
     /// multi-buffer and one queue needed; the port falls back to one-MTU frames
     /// without them): docs/XDP.md "GSO through the port".
     pub gso: bool,
-    /// Leave the TCP checksums of frames for the VMs to the kernel through AF_XDP TX
-    /// metadata where the kernel is found to honour it (probed per socket; software
-    /// otherwise): docs/XDP.md "Checksum offload towards the VMs".
-    pub tx_csum: bool,
     /// Send the frames for the VMs through a packet socket with virtio-net headers
     /// (TCP super-frames whole, as a TAP write takes them) instead of AF_XDP TX; one
     /// queue only, AF_XDP TX where the socket cannot be made: docs/XDP.md "Frames to
@@ -524,7 +518,6 @@ impl XdpPortConfig {
             xsk: XskConfig::default(),
             queues: 1,
             gso: true,
-            tx_csum: true,
             tx_vnet: true,
         }
     }
@@ -620,19 +613,9 @@ impl XdpPort {
             .ok_or_else(|| Error::Load(format!("no map {XSKS_MAP}")))?
             .try_into()
             .map_err(|e: aya::maps::MapError| Error::Load(e.to_string()))?;
-        let bridge_side = if_index(veth.name())?;
         let mut socks = Vec::with_capacity(cfg.queues as usize);
         for q in 0..cfg.queues {
-            let mut x = xsk::Xsk::new(ifindex, q, cfg.xsk, bind)?;
-            if cfg.tx_csum {
-                match packet::probe_tx_csum(&mut x, bridge_side) {
-                    Ok(true) => {}
-                    Ok(false) => tracing::info!(%iface, queue = q, tx_metadata = x.tx_metadata(),
-                        "AF_XDP TX checksum requests not honoured: checksums completed in software"),
-                    Err(e) => tracing::warn!(%iface, queue = q, error = %e,
-                        "AF_XDP TX checksum probe failed: checksums completed in software"),
-                }
-            }
+            let x = xsk::Xsk::new(ifindex, q, cfg.xsk, bind)?;
             xsks.set(q, x.as_raw_fd(), 0)
                 .map_err(|e| Error::Load(format!("XSKMAP set {q}: {e}")))?;
             socks.push(x);
@@ -742,13 +725,6 @@ impl XdpPort {
         self.vnet_tx.as_ref().map(AsRawFd::as_raw_fd)
     }
 
-    /// Whether frames for the VMs may leave their TCP/UDP checksum partial
-    /// ([`XdpPort::send_batch_csum`]): the kernel was found to honour AF_XDP TX
-    /// checksum requests on this socket.
-    pub fn tx_csum(&self) -> bool {
-        self.xsk.tx_csum()
-    }
-
     /// Largest frame [`XdpPort::send_batch`] accepts.
     pub fn max_frame(&self) -> usize {
         self.xsk.max_frame()
@@ -766,16 +742,6 @@ impl XdpPort {
     /// [`XdpStats::socket`] and dropped. Returns the number queued.
     pub fn send_batch<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> u32 {
         self.xsk.send_batch(frames)
-    }
-
-    /// [`XdpPort::send_batch`] where a frame may leave its checksum to the kernel
-    /// (only while [`XdpPort::tx_csum`]; otherwise such a frame is dropped and
-    /// counted in `tx_csum_refused`).
-    pub fn send_batch_csum<'a>(
-        &mut self,
-        frames: impl IntoIterator<Item = (&'a [u8], Option<TxCsum>)>,
-    ) -> u32 {
-        self.xsk.send_batch_csum(frames)
     }
 
     /// Kicks pending transmits and reaps completions; returns the number of

@@ -16,12 +16,6 @@
 //! * Drop order: rings are unmapped, then the socket fd is closed, then the
 //!   UMEM is unmapped (fields are declared in that order), so the kernel never
 //!   holds a socket whose rings or UMEM have gone away under it.
-//! * TX metadata (Linux >= 6.8, with `XDP_UMEM_TX_METADATA_LEN`): every transmit
-//!   chunk starts with [`TX_META_LEN`] bytes of `struct xsk_tx_metadata`, the frame
-//!   follows it. A frame sent with a [`TxCsum`] request leaves its TCP/UDP checksum
-//!   to the kernel (`CHECKSUM_PARTIAL` skb in copy mode), but only once
-//!   [`Xsk::set_tx_csum`] has been told that the kernel honours it (see
-//!   `probe.rs`): a kernel that ignored the request would send the partial sum.
 
 use std::{
     io,
@@ -66,23 +60,6 @@ impl Default for XskConfig {
             frame_size: 4096,
         }
     }
-}
-
-/// Bytes in front of each transmit frame for `struct xsk_tx_metadata` (flags,
-/// then `csum_start`, `csum_offset` and `launch_time` of the request; 24 bytes
-/// since Linux 6.15, of which 6.8-6.14 read the first 12).
-pub const TX_META_LEN: u32 = 24;
-
-/// A TCP/UDP checksum for the kernel to fill in: the one's complement sum from
-/// `start` (bytes into the frame) to the end goes, complemented, to
-/// `start + offset`; the field holds the pseudo-header sum (as with
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TxCsum {
-    /// Where the sum starts (the transport header).
-    pub start: u16,
-    /// Where the checksum field lies, from `start`.
-    pub offset: u16,
 }
 
 /// Anonymous memory registered with the kernel as the socket's UMEM.
@@ -316,11 +293,6 @@ pub struct XskCounters {
     pub rx_too_big: u64,
     /// Multi-buffer frames sent.
     pub tx_multi_buffer: u64,
-    /// Frames sent with their checksum left to the kernel (TX metadata).
-    pub tx_csum_offload: u64,
-    /// Frames not sent because their checksum request did not fit the frame or
-    /// the socket has no checksum offload (never expected: callers check).
-    pub tx_csum_refused: u64,
 }
 
 /// `XDP_MAX_TX_SKB_BUDGET` (linux/if_xdp.h, Linux >= 6.17; not in libc yet).
@@ -346,11 +318,6 @@ pub struct Xsk {
     tx_in_flight: u32,
     /// Bound with `XDP_USE_SG`: frames may span several chunks.
     multi_buffer: bool,
-    /// Bytes of TX metadata in front of each transmit frame (0: the kernel
-    /// took no `tx_metadata_len`).
-    tx_meta_len: u32,
-    /// Checksum requests are passed to the kernel (it was found to honour them).
-    tx_csum: bool,
     /// Reassembly of a multi-buffer frame (may span `recv_batch` calls).
     partial: Vec<u8>,
     /// The frame being reassembled is too big and is being skipped.
@@ -436,37 +403,20 @@ impl Xsk {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
         let umem = Umem::new(cfg.frames as usize * cfg.frame_size as usize)?;
-        let reg = |tx_metadata_len: u32| libc::xdp_umem_reg {
+        let reg = libc::xdp_umem_reg {
             addr: umem.ptr.as_ptr() as u64,
             len: umem.len as u64,
             chunk_size: cfg.frame_size,
             headroom: 0,
-            flags: if tx_metadata_len > 0 {
-                libc::XDP_UMEM_TX_METADATA_LEN
-            } else {
-                0
-            },
-            tx_metadata_len,
+            flags: 0,
+            tx_metadata_len: 0,
         };
-        // TX metadata room first; kernels before 6.8 (or without the flag) refuse
-        // it, and then transmit frames start at their chunk as before.
-        let tx_meta_len = match setsockopt(
+        setsockopt(
             fd.as_fd(),
             libc::XDP_UMEM_REG,
-            &reg(TX_META_LEN),
+            &reg,
             "setsockopt(XDP_UMEM_REG)",
-        ) {
-            Ok(()) => TX_META_LEN,
-            Err(_) => {
-                setsockopt(
-                    fd.as_fd(),
-                    libc::XDP_UMEM_REG,
-                    &reg(0),
-                    "setsockopt(XDP_UMEM_REG)",
-                )?;
-                0
-            }
-        };
+        )?;
         // Each ring can hold every chunk of its half.
         let ring = cfg.frames / 2;
         for (opt, call) in [
@@ -566,8 +516,6 @@ impl Xsk {
             tx_free,
             tx_in_flight: 0,
             multi_buffer,
-            tx_meta_len,
-            tx_csum: false,
             partial: Vec::new(),
             partial_overflow: false,
             counters: XskCounters::default(),
@@ -589,30 +537,8 @@ impl Xsk {
         if self.multi_buffer {
             MAX_FRAME
         } else {
-            self.tx_piece()
+            self.frame_size as usize
         }
-    }
-
-    /// Frame bytes one transmit chunk holds (after the TX metadata).
-    fn tx_piece(&self) -> usize {
-        (self.frame_size - self.tx_meta_len) as usize
-    }
-
-    /// Whether the UMEM has room for TX metadata (a checksum request can be made).
-    pub fn tx_metadata(&self) -> bool {
-        self.tx_meta_len > 0
-    }
-
-    /// Whether checksum requests are passed to the kernel.
-    pub fn tx_csum(&self) -> bool {
-        self.tx_csum
-    }
-
-    /// Passes checksum requests to the kernel from now on (`on`), or refuses them;
-    /// on only with TX metadata. Returns the setting now in force.
-    pub fn set_tx_csum(&mut self, on: bool) -> bool {
-        self.tx_csum = on && self.tx_metadata();
-        self.tx_csum
     }
 
     /// Kernel-side statistics (`XDP_STATISTICS`).
@@ -729,45 +655,25 @@ impl Xsk {
     /// or no free chunk/slot) are counted and dropped. Returns how many were
     /// queued.
     pub fn send_batch<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> u32 {
-        self.send_batch_csum(frames.into_iter().map(|f| (f, None)))
-    }
-
-    /// [`Xsk::send_batch`] where a frame may leave its checksum to the kernel
-    /// ([`TxCsum`]; only while [`Xsk::tx_csum`] is on, otherwise the frame is
-    /// dropped and counted, as is a request that does not fit the frame).
-    pub fn send_batch_csum<'a>(
-        &mut self,
-        frames: impl IntoIterator<Item = (&'a [u8], Option<TxCsum>)>,
-    ) -> u32 {
         self.reap_completions();
         let mut sent = 0;
         let mut descs = 0;
-        let piece_len = self.tx_piece();
-        let meta = self.tx_meta_len as u64;
-        for (frame, csum) in frames {
+        let chunk = self.frame_size as usize;
+        for frame in frames {
             if frame.is_empty() || frame.len() > self.max_frame() {
                 self.counters.tx_too_big += 1;
                 continue;
             }
-            if let Some(c) = csum {
-                let end = usize::from(c.start) + usize::from(c.offset) + 2;
-                if !self.tx_csum || end > frame.len() {
-                    self.counters.tx_csum_refused += 1;
-                    continue;
-                }
-            }
-            let parts = frame.len().div_ceil(piece_len) as u32;
+            let parts = frame.len().div_ceil(chunk) as u32;
             if self.tx.free(parts) < parts || self.tx_free.len() < parts as usize {
                 self.counters.tx_ring_full += 1;
                 continue;
             }
-            for (j, piece) in frame.chunks(piece_len).enumerate() {
-                let chunk = self.tx_free.pop().expect("checked above");
-                let addr = chunk + meta;
-                // SAFETY: `chunk` is the start of a transmit chunk of the UMEM
+            for (j, piece) in frame.chunks(chunk).enumerate() {
+                let addr = self.tx_free.pop().expect("checked above");
+                // SAFETY: `addr` is the start of a transmit chunk of the UMEM
                 // (frame_size bytes, inside the mapping) that no one else uses
-                // while it is on the free list; `piece` is at most
-                // frame_size - meta bytes, so it ends inside the chunk.
+                // while it is on the free list; `piece` is at most one chunk.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         piece.as_ptr(),
@@ -775,27 +681,15 @@ impl Xsk {
                         piece.len(),
                     );
                 }
-                let mut options = 0;
-                if j == 0 {
-                    if let Some(c) = csum {
-                        self.write_tx_meta(chunk, c);
-                        options |= libc::XDP_TX_METADATA;
-                    }
-                }
-                if j as u32 + 1 != parts {
-                    options |= libc::XDP_PKT_CONTD;
-                }
+                let last = j as u32 + 1 == parts;
                 self.tx.push(libc::xdp_desc {
                     addr,
                     len: piece.len() as u32,
-                    options,
+                    options: if last { 0 } else { libc::XDP_PKT_CONTD },
                 });
             }
             if parts > 1 {
                 self.counters.tx_multi_buffer += 1;
-            }
-            if csum.is_some() {
-                self.counters.tx_csum_offload += 1;
             }
             descs += parts;
             sent += 1;
@@ -813,25 +707,6 @@ impl Xsk {
             self.reap_completions();
         }
         sent
-    }
-
-    /// Writes a checksum request into the TX metadata at the start of transmit
-    /// chunk `chunk` (the frame follows it).
-    fn write_tx_meta(&mut self, chunk: u64, c: TxCsum) {
-        let mut meta = [0u8; TX_META_LEN as usize];
-        meta[..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
-        meta[8..10].copy_from_slice(&c.start.to_ne_bytes());
-        meta[10..12].copy_from_slice(&c.offset.to_ne_bytes());
-        // SAFETY: only called with TX metadata on (tx_meta_len == TX_META_LEN), so
-        // the first TX_META_LEN bytes of the chunk, which lies inside the mapping and
-        // is ours while off the free list, hold the metadata and no frame bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                meta.as_ptr(),
-                self.umem.ptr.as_ptr().add(chunk as usize),
-                meta.len(),
-            );
-        }
     }
 
     fn kick_tx(&mut self) {
