@@ -621,6 +621,8 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         c.queues = threads as u32;
         // Only the io_uring forwarder re-segments super-packets from the port.
         c.gso = uring_ok && a.xdp_gso.or(f.xdp_gso).unwrap_or(true);
+        // Only the io_uring forwarder writes frames with virtio-net headers.
+        c.tx_vnet = uring_ok;
         c
     };
     let choice = xdp::choose(request, Some(&xdp_cfg))

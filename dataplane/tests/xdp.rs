@@ -332,7 +332,7 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
     require_root!("tx_tcp_segments_are_coalesced_towards_the_bridge");
     in_lab(1500, |lab| {
         private_sysfs();
-        let mut port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let mut port = XdpPort::open(&af_xdp_tx_config()).expect("open");
         assert!(port.bridge_gro(), "GRO towards the bridge not enabled");
         let out = lab.vm_run(&["ip", "-j", "link", "show", "dev", "eth0"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
@@ -370,6 +370,124 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
             "{p} packets for {SEGS} segments: no GRO"
         );
     });
+}
+
+/// The port's packet socket takes frames for the VM with a virtio-net header in
+/// front, as a TAP write does: one TCP super-frame of 16 segments with its checksum
+/// partial reaches the VM whole (fewer packets than segments on its interface, every
+/// payload byte) and its TCP counts no checksum error.
+#[test]
+fn tso_super_frames_reach_the_vm_through_the_packet_socket() {
+    require_root!("tso_super_frames_reach_the_vm_through_the_packet_socket");
+    in_lab(1500, |lab| {
+        private_sysfs();
+        let port = XdpPort::open(&XdpPortConfig::new(Some("br0"), "mvp0")).expect("open");
+        let fd = port
+            .vnet_tx_fd()
+            .expect("no packet socket for frames to the VMs");
+        let vm_ip: Vec<u8> = VM_IP.split('.').map(|b| b.parse().expect("ip")).collect();
+        const SEGS: usize = 16;
+        const MSS: usize = 1400;
+        let frame = tcp_segment_partial(vm_mac(lab), &vm_ip, 5000, SEGS * MSS);
+        let hdr = offload::VnetHdr {
+            flags: offload::F_NEEDS_CSUM,
+            gso_type: offload::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: MSS as u16,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut buf = vec![0u8; offload::VNET_HDR_LEN];
+        hdr.write(&mut buf);
+        buf.extend_from_slice(&frame);
+        let (segs0, errs0) = vm_tcp_counters(lab);
+        let (p0, b0) = vm_rx(lab);
+        // SAFETY: `buf` is a live buffer of the length given.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        assert_eq!(
+            n,
+            buf.len() as isize,
+            "write: {}",
+            std::io::Error::last_os_error()
+        );
+        let payload = (SEGS * MSS) as u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut p, mut b) = (0u64, 0u64);
+        while b.saturating_sub(p * 54) < payload && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let (p1, b1) = vm_rx(lab);
+            (p, b) = (p1 - p0, b1 - b0);
+        }
+        assert!(
+            b.saturating_sub(p * 54) >= payload,
+            "{b} bytes in {p} packets: payload missing"
+        );
+        assert!(
+            p < SEGS as u64,
+            "{p} packets for {SEGS} segments: segmented on the way"
+        );
+        let (segs, errs) = vm_tcp_counters(lab);
+        assert!(segs > segs0, "no segment reached the VM's TCP");
+        assert_eq!(errs, errs0, "checksum errors in the VM");
+    });
+}
+
+/// A port that sends frames for the VMs through AF_XDP TX (as with several queues),
+/// not its packet socket.
+fn af_xdp_tx_config() -> XdpPortConfig {
+    let mut cfg = XdpPortConfig::new(Some("br0"), "mvp0");
+    cfg.tx_vnet = false;
+    cfg
+}
+
+fn vm_mac(lab: &Lab) -> [u8; 6] {
+    let out = lab.vm_run(&["ip", "-j", "link", "show", "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    let mut mac = [0u8; 6];
+    for (m, h) in mac
+        .iter_mut()
+        .zip(v[0]["address"].as_str().expect("mac").split(':'))
+    {
+        *m = u8::from_str_radix(h, 16).expect("hex");
+    }
+    mac
+}
+
+/// `InSegs` and `InCsumErrors` of the VM's TCP (/proc/net/snmp of its namespace).
+fn vm_tcp_counters(lab: &Lab) -> (u64, u64) {
+    let out = lab.vm_run(&["cat", "/proc/net/snmp"]);
+    let mut tcp = out.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().expect("Tcp header"),
+        tcp.next().expect("Tcp values"),
+    );
+    let field = |name: &str| {
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no {name} in {names}"));
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} value in {values}"))
+    };
+    (field("InSegs"), field("InCsumErrors"))
+}
+
+/// [`tcp_segment`] with its TCP checksum left partial: the field holds the folded
+/// pseudo-header sum, as a TSO segment's does before a NIC completes it.
+fn tcp_segment_partial(dst_mac: [u8; 6], vm_ip: &[u8], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = tcp_segment(dst_mac, vm_ip, seq, len);
+    let mut sum: u32 = 6 + (20 + len) as u32;
+    for c in PEER_IP.chunks(2).chain(vm_ip.chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[50..52].copy_from_slice(&(sum as u16).to_be_bytes());
+    f
 }
 
 /// Gives this thread its own mount namespace with a sysfs of its network

@@ -75,12 +75,17 @@ fn describe_tap(t: &Tap) -> String {
 
 fn describe_xdp(p: &XdpPort) -> String {
     format!(
-        "AF_XDP {} mode{}, rx-gro",
+        "AF_XDP {} mode{}, rx-gro, {}",
         p.mode().as_str(),
         if p.multi_buffer() {
             ", multi-buffer"
         } else {
             ""
+        },
+        if p.vnet_tx_fd().is_some() {
+            "tx packet socket vnet-hdr/tso"
+        } else {
+            "tx AF_XDP"
         }
     )
 }
@@ -193,6 +198,9 @@ pub struct XdpQueue {
     port: Box<XdpPort>,
     gro: RxGro,
     send_unlocked: bool,
+    /// The port's packet socket for frames to the VMs (virtio-net headers), used with
+    /// one thread; `None`: AF_XDP TX.
+    vnet_tx: Option<RawFd>,
     /// Drops of the last send made without the core, counted at the next lock.
     drops: XdpDrops,
     /// A received frame whose checksum is completed before it is sealed (made on the
@@ -219,12 +227,23 @@ impl RingPort {
                 })
             }
             FramePort::Xdp(port) => Self::Xdp(XdpQueue {
+                vnet_tx: port.vnet_tx_fd().filter(|_| threads == 1),
                 port,
                 gro: RxGro::new(),
                 send_unlocked: threads > 1,
                 drops: XdpDrops::default(),
                 csum_scratch: Vec::new(),
             }),
+        }
+    }
+
+    /// Whether frames for the VMs leave with virtio-net headers, so that the outbox
+    /// may coalesce them into TSO super-frames: a TAP device that takes the headers
+    /// (`vnet`), an XDP port with its packet socket.
+    pub fn takes_vnet_hdr(&self, vnet: bool) -> bool {
+        match self {
+            Self::Tap(_) => vnet,
+            Self::Xdp(x) => x.vnet_tx.is_some(),
         }
     }
 
@@ -319,34 +338,24 @@ impl RingPort {
         out: &mut Outbox,
         me: usize,
         flows: &FlowQueues,
-        mut write: impl FnMut(RawFd, TapOut, usize, usize, &mut EdgeCore) -> Result<(), IoError>,
+        write: impl FnMut(RawFd, TapOut, usize, usize, &mut EdgeCore) -> Result<(), IoError>,
     ) -> Result<u64, IoError> {
         match self {
             Self::Xdp(x) if x.send_unlocked => Ok(0),
+            Self::Xdp(XdpQueue {
+                vnet_tx: Some(fd), ..
+            }) => {
+                let fd = *fd;
+                write_frames(core, out, true, |_| fd, write)
+            }
             Self::Xdp(x) => {
                 let n = out.tap.len() as u64;
                 send_xdp(&mut x.port, core, out);
                 Ok(n)
             }
             Self::Tap(t) => {
-                let mut tap = std::mem::take(&mut out.tap);
-                let mut n = 0;
-                for mut f in tap.drain(..) {
-                    let (start, len) = if t.tap.vnet_hdr {
-                        f.put_vnet_hdr()
-                    } else if f.complete_csum().is_err() {
-                        core.count_drop("bad_csum_offload");
-                        out.give(f.buf, f.big);
-                        continue;
-                    } else {
-                        (f.start, f.len)
-                    };
-                    let fd = t.queue_for(&f.buf[f.start..f.start + f.len], me, flows);
-                    n += 1;
-                    write(fd, f, start, len, core)?;
-                }
-                out.tap = tap;
-                Ok(n)
+                let vnet = t.tap.vnet_hdr;
+                write_frames(core, out, vnet, |f| t.queue_for(f, me, flows), write)
             }
         }
     }
@@ -371,6 +380,36 @@ impl RingPort {
             Self::Xdp(x) => describe_xdp(&x.port),
         }
     }
+}
+
+/// Hands every frame `out` holds for the VMs to `write`, on the descriptor `fd_for`
+/// picks for it: with its virtio-net header in front when the descriptor takes one
+/// (`vnet`), else with its partial checksum completed. Returns the number handed on.
+fn write_frames(
+    core: &mut EdgeCore,
+    out: &mut Outbox,
+    vnet: bool,
+    fd_for: impl Fn(&[u8]) -> RawFd,
+    mut write: impl FnMut(RawFd, TapOut, usize, usize, &mut EdgeCore) -> Result<(), IoError>,
+) -> Result<u64, IoError> {
+    let mut tap = std::mem::take(&mut out.tap);
+    let mut n = 0;
+    for mut f in tap.drain(..) {
+        let (start, len) = if vnet {
+            f.put_vnet_hdr()
+        } else if f.complete_csum().is_err() {
+            core.count_drop("bad_csum_offload");
+            out.give(f.buf, f.big);
+            continue;
+        } else {
+            (f.start, f.len)
+        };
+        let fd = fd_for(&f.buf[f.start..f.start + f.len]);
+        n += 1;
+        write(fd, f, start, len, core)?;
+    }
+    out.tap = tap;
+    Ok(n)
 }
 
 impl TapQueue {

@@ -382,7 +382,7 @@ impl Forwarder {
         let mut out = Outbox::new(mtu::packet_buf_size(cfg.info.mtu));
         out.gso = cfg.off.gso;
         out.gso_max_segment = mtu::udp_payload(cfg.underlay_mtu);
-        if cfg.off.vnet {
+        if port.takes_vnet_hdr(cfg.off.vnet) {
             out.enable_coalescing();
         }
         let now = Instant::now();

@@ -20,11 +20,12 @@
 //! See docs/XDP.md for the design and measurements.
 
 mod filter;
+mod packet;
 mod port;
 mod relay;
 mod xsk;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use aya::{
@@ -174,7 +175,7 @@ pub struct Choice {
 pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<Choice, Error> {
     let opened = |port: XdpPort, why: &str| {
         let reason = format!(
-            "{why}: XDP {} mode on {}/{}{}{}{}{}",
+            "{why}: XDP {} mode on {}/{}{}{}{}{}{}",
             port.mode().as_str(),
             port.names().0,
             port.names().1,
@@ -194,6 +195,11 @@ pub fn choose(request: DatapathRequest, xdp: Option<&XdpPortConfig>) -> Result<C
             },
             if port.gso_mtu().is_some() {
                 ", gso from the bridge"
+            } else {
+                ""
+            },
+            if port.vnet_tx_fd().is_some() {
+                ", frames to the bridge with virtio-net headers"
             } else {
                 ""
             }
@@ -501,6 +507,11 @@ pub struct XdpPortConfig {
     /// multi-buffer and one queue needed; the port falls back to one-MTU frames
     /// without them): docs/XDP.md "GSO through the port".
     pub gso: bool,
+    /// Send the frames for the VMs through a packet socket with virtio-net headers
+    /// (TCP super-frames whole, as a TAP write takes them) instead of AF_XDP TX; one
+    /// queue only, AF_XDP TX where the socket cannot be made: docs/XDP.md "Frames to
+    /// the VMs through a packet socket".
+    pub tx_vnet: bool,
 }
 
 /// Most queues of a port (entries of the program's XSKMAP).
@@ -517,6 +528,7 @@ impl XdpPortConfig {
             xsk: XskConfig::default(),
             queues: 1,
             gso: true,
+            tx_vnet: true,
         }
     }
 }
@@ -545,6 +557,7 @@ pub struct XdpStats {
 /// Field order is drop order: sockets out of the map and closed, then
 /// (with the last share) program detached and freed, veth pair deleted.
 pub struct XdpPort {
+    vnet_tx: Option<OwnedFd>,
     xsk: xsk::Xsk,
     queue: u32,
     more: Vec<xsk::Xsk>,
@@ -623,9 +636,24 @@ impl XdpPort {
             veth.stop_gso()?;
         }
         let gso_mtu = veth.gso().then_some(cfg.mtu as usize);
+        let vnet_tx = if cfg.tx_vnet && cfg.queues == 1 {
+            match packet::vnet_tx_socket(ifindex)
+                .map_err(Error::from)
+                .and_then(|fd| Ok(veth.tso_on_edge().map(|()| fd)?))
+            {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(%iface, error = %e, "frames to the bridge through AF_XDP TX");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
             multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(), "XDP port up");
         Ok(Self {
+            vnet_tx,
             xsk,
             queue: 0,
             more: socks.collect(),
@@ -648,6 +676,7 @@ impl XdpPort {
             .into_iter()
             .enumerate()
             .map(|(i, xsk)| XdpPort {
+                vnet_tx: None,
                 xsk,
                 queue: i as u32 + 1,
                 more: Vec::new(),
@@ -697,6 +726,13 @@ impl XdpPort {
     /// Whether frames larger than a UMEM chunk work (AF_XDP multi-buffer).
     pub fn multi_buffer(&self) -> bool {
         self.xsk.multi_buffer()
+    }
+
+    /// The packet socket that takes frames for the VMs with a virtio-net header in
+    /// front (TSO super-frames, partial checksums), as a TAP device with
+    /// `IFF_VNET_HDR` does; `None`: send them through AF_XDP TX.
+    pub fn vnet_tx_fd(&self) -> Option<RawFd> {
+        self.vnet_tx.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Largest frame [`XdpPort::send_batch`] accepts.

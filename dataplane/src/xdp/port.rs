@@ -468,6 +468,15 @@ impl VethPort {
         Ok(port)
     }
 
+    /// Turns TSO back on at the edge side, for frames sent with virtio-net headers
+    /// (GSO skbs would otherwise be segmented before the veth); the bridge side's GRO
+    /// then has nothing to merge ([`VethPort::gro`] false).
+    pub fn tso_on_edge(&mut self) -> Result<(), PortError> {
+        ethtool_set(&self.edge, ETHTOOL_STSO, 1, "tso on")?;
+        self.gro = false;
+        Ok(())
+    }
+
     /// Bridge-side name.
     pub fn name(&self) -> &str {
         &self.name

@@ -37,7 +37,7 @@ pub struct SysError {
     pub source: io::Error,
 }
 
-fn last(call: &'static str) -> SysError {
+pub(super) fn last(call: &'static str) -> SysError {
     SysError {
         call,
         source: io::Error::last_os_error(),
