@@ -134,13 +134,14 @@ impl std::str::FromStr for DatapathRequest {
 }
 
 /// What `--datapath auto` takes, and why (docs/XDP.md, "Choosing the
-/// datapath"): the TAP device. Every paired measurement of bulk TCP so far
-/// had the XDP port at 0.3-0.6x the TAP path and its ping RTT above TAP's;
-/// XDP's one measured gain, 6-22% less CPU per small frame, is not worth
-/// half the bulk rate for a default. `--datapath xdp` still gives XDP.
-pub const AUTO_RULE: &str = "auto: the TAP device (bulk TCP through the XDP port measured \
-    0.3-0.6x the TAP path, with a higher RTT; docs/XDP.md \"Choosing the datapath\"); \
-    --datapath xdp to use XDP";
+/// datapath"): the TAP device. With its packet socket towards the VMs the
+/// XDP port moves bulk TCP at about the TAP path's rate (0.83-1.18x) for as
+/// much CPU per byte or more, with a ping RTT above TAP's; its one measured
+/// gain, less CPU per small frame, does not make it the faster path, and a
+/// TAP device needs nothing of the kernel's XDP. `--datapath xdp` gives XDP.
+pub const AUTO_RULE: &str = "auto: the TAP device (the XDP port measured 0.83-1.18x its \
+    bulk TCP at 1.0-1.1x its CPU per byte, with a higher ping RTT; docs/XDP.md \
+    \"Choosing the datapath\"); --datapath xdp to use XDP";
 
 /// The frame source/sink the edge ended up with.
 pub enum Datapath {
