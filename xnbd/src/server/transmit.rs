@@ -1,6 +1,7 @@
 //! Transmission: the request loop of a negotiated connection and its replies.
 
 mod lane;
+mod splice;
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,6 +22,7 @@ use crate::op::OpError;
 use crate::proto::{self, cflag, chunk, cmd, err, Chunk, Request, SimpleReply};
 use crate::storage::Storage;
 use lane::{LaneOp, WriteLane};
+use splice::{Outcome, Splicer};
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -99,6 +101,12 @@ impl Server {
         };
         // Small reads waiting for a group to fill (see `READ_GROUP`).
         let mut reads = ReadGroup::default();
+        // Large inline writes spliced from the socket into the file (plain sockets to a
+        // local file, the only ones with `direct`).
+        let mut splicer = direct
+            .as_ref()
+            .filter(|_| self.splice_writes)
+            .map(|d| Splicer::new(d.clone()));
         let result: Result<(), ServerError> = async {
             loop {
                 if rd.buffer().len() < proto::REQUEST_LEN {
@@ -110,11 +118,12 @@ impl Server {
                     send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let mut h = [0u8; proto::REQUEST_LEN];
+                let alone = splicer.as_mut().is_some_and(|s| s.take_streaming());
                 // The writer may fail while the client sends nothing: that ends the
                 // connection too (and gives its budget back).
                 let got = tokio::select! {
                     biased;
-                    r = unless_ready(rd.read_exact(&mut h), || kick(&lane)) => r.map(|_| ()),
+                    r = unless_ready(read_header(&mut rd, &mut h, alone), || kick(&lane)) => r,
                     () = out.failed() => Err(io::ErrorKind::BrokenPipe.into()),
                 };
                 match got {
@@ -156,7 +165,8 @@ impl Server {
                     let inline = Inline {
                         direct: direct.is_some(),
                         lane_idle,
-                        buffers: &self.write_buffers,
+                        srv: &self,
+                        splicer: splicer.as_mut(),
                     };
                     if let Some(reply) = serve_inline(&session, &req, &mut rd, inline).await? {
                         ready.push(self.reply_seg(reply, hold));
@@ -282,6 +292,22 @@ impl Server {
         }
         result
     }
+}
+
+/// Read a request header through the read buffer, or, `alone` and the buffer empty,
+/// straight from the stream: after a spliced write the buffer would otherwise take in most
+/// of the next payload (see `splice`).
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    h: &mut [u8; proto::REQUEST_LEN],
+    alone: bool,
+) -> io::Result<()> {
+    if alone && rd.buffer().is_empty() {
+        rd.get_mut().read_exact(h).await?;
+    } else {
+        rd.read_exact(h).await?;
+    }
+    Ok(())
 }
 
 /// Start the write lane, if any, on what it holds (before the reader may wait).
@@ -664,14 +690,17 @@ struct Inline<'a> {
     /// The write lane has nothing queued or in progress (a write done here cannot pass one
     /// sent before it).
     lane_idle: bool,
-    /// For a payload that is not all in the read buffer yet.
-    buffers: &'a super::pool::BufferPool,
+    /// Its payload buffers and counters.
+    srv: &'a Server,
+    /// For a payload that is not all in the read buffer yet, if splicing is on.
+    splicer: Option<&'a mut Splicer>,
 }
 
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
 /// holds, writes of `SMALL_WRITE`-`INLINE_WRITE` bytes without FUA to a local file while
-/// its lane is idle (a page-cache copy), and reads that fail validation. `None`: the
-/// request goes its usual way (its payload, if any, is still unread).
+/// its lane is idle (a page-cache copy, the payload spliced from the socket when it is not
+/// all in the read buffer), and reads that fail validation. `None`: the request goes its
+/// usual way (its payload, if any, is still unread).
 async fn serve_inline<R: AsyncRead + Unpin>(
     s: &Session,
     req: &Request,
@@ -720,17 +749,27 @@ async fn serve_inline<R: AsyncRead + Unpin>(
                 Ok(()) => st.write_at(data, req.offset),
                 Err(_) => Ok(()),
             };
-            // The payload straight from the read buffer when it is all there.
+            // The payload straight from the read buffer when it is all there, else spliced
+            // from the socket (a valid write), else read into a buffer.
             let r = if rd.buffer().len() >= len {
                 let r = write(&rd.buffer()[..len]);
                 rd.consume(len);
                 r
             } else {
-                let mut buf = how.buffers.take(len);
-                rd.read_exact(&mut buf).await?;
-                let r = write(&buf);
-                how.buffers.put(buf);
-                r
+                let spliced = match (&v, how.splicer) {
+                    (Ok(()), Some(sp)) => sp.write(rd, st, req.offset, len, how.srv).await?,
+                    _ => Outcome::NotTaken,
+                };
+                match spliced {
+                    Outcome::Written(r) => r,
+                    Outcome::NotTaken => {
+                        let mut buf = how.srv.write_buffers.take(len);
+                        rd.read_exact(&mut buf).await?;
+                        let r = write(&buf);
+                        how.srv.write_buffers.put(buf);
+                        r
+                    }
+                }
             };
             Ok(Some(match (v, r) {
                 (Err(e), _) => error_reply(s, req, e),
