@@ -121,13 +121,14 @@ fn writes_land_exactly(splice: bool) {
     let spliced = server_counter(&ctl, "spliced_writes");
     assert_eq!(server_counter(&ctl, "splice_fallbacks"), 0);
     if splice {
-        // Every write of 64-256 KiB whose payload was not all buffered: most of them.
+        // Writes of 64-256 KiB whose payload was not all in the read buffer when their
+        // header was read (how many depends on how fast qemu-io's bytes came in).
         let inline = writes
             .iter()
             .filter(|&&(_, l)| (64 << 10) < l && l <= (256 << 10))
             .count() as u64;
         assert!(
-            spliced >= inline / 2 && spliced <= inline,
+            spliced > 0 && spliced <= inline,
             "{spliced} spliced of {inline} inline writes"
         );
     } else {
