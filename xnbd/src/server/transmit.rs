@@ -22,7 +22,7 @@ use crate::op::OpError;
 use crate::proto::{self, cflag, chunk, cmd, err, Chunk, Request, SimpleReply};
 use crate::storage::Storage;
 use lane::{LaneOp, WriteLane};
-use splice::{Outcome, Splicer};
+use splice::{Outcome, Splicer, Stream};
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -71,8 +71,15 @@ impl Server {
             Backend::Proxy(_) => None,
         };
         let (rd, wr) = tokio::io::split(conn);
+        // Large inline writes spliced from the socket into the file (plain sockets to a
+        // local file, the only ones with `direct`); the stream reads what the splicer
+        // read ahead first.
+        let splicer = direct
+            .as_ref()
+            .filter(|_| self.splice_writes)
+            .map(|d| Splicer::new(d.clone()));
         // Buffered: one read system call brings in many small request headers.
-        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = BufReader::with_capacity(READ_BUFFER, Stream::new(rd, splicer));
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let writer = tokio::spawn(write_replies(
@@ -101,12 +108,6 @@ impl Server {
         };
         // Small reads waiting for a group to fill (see `READ_GROUP`).
         let mut reads = ReadGroup::default();
-        // Large inline writes spliced from the socket into the file (plain sockets to a
-        // local file, the only ones with `direct`).
-        let mut splicer = direct
-            .as_ref()
-            .filter(|_| self.splice_writes)
-            .map(|d| Splicer::new(d.clone()));
         let result: Result<(), ServerError> = async {
             loop {
                 if rd.buffer().len() < proto::REQUEST_LEN {
@@ -118,7 +119,7 @@ impl Server {
                     send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let mut h = [0u8; proto::REQUEST_LEN];
-                let alone = splicer.as_mut().is_some_and(|s| s.take_streaming());
+                let alone = rd.get_mut().take_streaming();
                 // The writer may fail while the client sends nothing: that ends the
                 // connection too (and gives its budget back).
                 let got = tokio::select! {
@@ -166,7 +167,6 @@ impl Server {
                         direct: direct.is_some(),
                         lane_idle,
                         srv: &self,
-                        splicer: splicer.as_mut(),
                     };
                     if let Some(reply) = serve_inline(&session, &req, &mut rd, inline).await? {
                         ready.push(self.reply_seg(reply, hold));
@@ -692,8 +692,6 @@ struct Inline<'a> {
     lane_idle: bool,
     /// Its payload buffers and counters.
     srv: &'a Server,
-    /// For a payload that is not all in the read buffer yet, if splicing is on.
-    splicer: Option<&'a mut Splicer>,
 }
 
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
@@ -704,7 +702,7 @@ struct Inline<'a> {
 async fn serve_inline<R: AsyncRead + Unpin>(
     s: &Session,
     req: &Request,
-    rd: &mut BufReader<R>,
+    rd: &mut BufReader<Stream<R>>,
     how: Inline<'_>,
 ) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
@@ -756,9 +754,9 @@ async fn serve_inline<R: AsyncRead + Unpin>(
                 rd.consume(len);
                 r
             } else {
-                let spliced = match (&v, how.splicer) {
-                    (Ok(()), Some(sp)) => sp.write(rd, st, req.offset, len, how.srv).await?,
-                    _ => Outcome::NotTaken,
+                let spliced = match &v {
+                    Ok(()) => Splicer::write(rd, st, req.offset, len, how.srv).await?,
+                    Err(_) => Outcome::NotTaken,
                 };
                 match spliced {
                     Outcome::Written(r) => r,
