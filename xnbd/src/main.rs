@@ -115,6 +115,10 @@ struct ServeArgs {
     /// Control socket (`xnbd ctl status` shows the server's counters).
     #[arg(long)]
     ctl: Option<PathBuf>,
+    /// Read every write payload into memory before writing it (by default the payloads of
+    /// large writes on plain connections go from the socket into the file with splice).
+    #[arg(long)]
+    no_splice: bool,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -349,7 +353,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .iter()
         .map(|e| parse_export(e, a.read_only).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    let srv = Arc::new(server(exports, &a.listen)?);
+    let mut srv = server(exports, &a.listen)?;
+    srv.splice_writes = !a.no_splice;
+    let srv = Arc::new(srv);
     let mut tasks = server::start(srv.clone(), &listeners(&a.listen)).await?;
     if let Some(c) = &a.ctl {
         tasks.push(control(c, ctl::Controlled::new(None, srv))?);
@@ -546,6 +552,11 @@ fn print_server(st: &serde_json::Value) {
         n(&l["handshake_timeouts"]),
         n(&l["accept_errors"]),
         n(&s["protocol_drops"])
+    );
+    println!(
+        "writes:    {} spliced from the socket, {} connections copying (splice refused)",
+        n(&s["spliced_writes"]),
+        n(&s["splice_fallbacks"])
     );
     println!(
         "memory:    {} of {} bytes held, {} budget waits, {} stalled clients dropped",

@@ -111,6 +111,17 @@ impl Storage {
         sys::sendfile(sock, &self.file, offset, len)
     }
 
+    /// Move up to `len` bytes from `pipe` into the file at `offset` (see
+    /// [`sys::splice_to_file`]); returns the bytes written.
+    pub fn splice_from(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        sys::splice_to_file(pipe, &self.file, offset, len)
+    }
+
     /// Write all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)

@@ -1,10 +1,10 @@
 //! The system calls std does not wrap: hole punching, zero ranges, `SEEK_DATA`/`SEEK_HOLE`,
-//! read-ahead hints, page-cache residency (`cachestat`), `sendfile`, data-only sync, TCP
-//! keepalive and `flock`. Every `unsafe` block of the crate lives here.
+//! read-ahead hints, page-cache residency (`cachestat`), `sendfile`, pipes and `splice`,
+//! data-only sync, TCP keepalive and `flock`. Every `unsafe` block of the crate lives here.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let off =
@@ -195,15 +195,130 @@ pub fn sendfile(sock: BorrowedFd<'_>, f: &File, offset: u64, len: usize) -> io::
 }
 
 /// Register `fd` with the runtime for write readiness (must be called on the runtime).
-pub fn writable_async(
-    fd: std::os::fd::OwnedFd,
-) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+pub fn writable_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    register_async(fd, tokio::io::Interest::WRITABLE)
+}
+
+/// Register `fd` with the runtime for read readiness (must be called on the runtime).
+pub fn readable_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    register_async(fd, tokio::io::Interest::READABLE)
+}
+
+fn register_async(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` is open and keeps returning the same descriptor, referring to the
     // same open file description, until it is dropped, which happens only with the `AsyncFd`.
-    let r = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
-    };
+    let r = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) };
     r.map_err(io::Error::from)
+}
+
+/// A pipe, both ends non-blocking and close-on-exec: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` is a live array of two c_ints, which is what pipe2 writes.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Ask for a pipe of at least `bytes` (`F_SETPIPE_SZ`); returns the capacity given. Fails
+/// (`EPERM`) beyond `/proc/sys/fs/pipe-max-size` or the user's pipe quota.
+pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    let n = libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fcntl with F_SETPIPE_SZ takes an integer and touches no memory of ours; the fd
+    // is borrowed, so it stays open during the call.
+    let r = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, n) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Whether a pipe can take more data now (`poll` for `POLLOUT`, without waiting).
+pub fn pipe_has_room(pipe: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is one live pollfd for the duration of the call, as the count says;
+        // the fd is borrowed, so it stays open.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        if r >= 0 {
+            return Ok(p.revents & libc::POLLOUT != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn splice(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    to_offset: Option<u64>,
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
+    let mut off = to_offset
+        .map(|o| libc::loff_t::try_from(o).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)))
+        .transpose()?;
+    let off_ptr = off
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    loop {
+        // SAFETY: the input offset is null (sockets and pipes have none) and the output one
+        // is null or points to `off`, a live loff_t the kernel reads and updates; both fds
+        // are borrowed, so they stay open during the call.
+        let r = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                to.as_raw_fd(),
+                off_ptr,
+                len,
+                flags,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Move up to `len` bytes from the socket `sock` into `pipe` (`splice`: the socket
+/// buffers' pages go into the pipe without a copy). Returns the bytes moved, 0 when the
+/// peer has closed; `WouldBlock` when the socket has nothing to read or the pipe is full.
+pub fn splice_to_pipe(sock: BorrowedFd<'_>, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    splice(
+        sock,
+        pipe,
+        None,
+        len,
+        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+    )
+}
+
+/// Move up to `len` bytes from `pipe` into `f` at `offset` (the one copy, into the page
+/// cache; the file position is not used). Returns the bytes written.
+pub fn splice_to_file(
+    pipe: BorrowedFd<'_>,
+    f: &File,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    splice(pipe, f.as_fd(), Some(offset), len, libc::SPLICE_F_MOVE)
 }
 
 fn setsockopt_int(

@@ -6,7 +6,8 @@
 //!   connection's reader, writes, write-zeroes, trims and flushes of a local file go in
 //!   order to the connection's write lane (`transmit/lane.rs`, a blocking-pool thread that
 //!   writes while the reader receives), every other request runs on its own task, and
-//!   replies go out in completion order.
+//!   replies go out in completion order; the payloads of large inline writes go from the
+//!   socket into the file with `splice` (`transmit/splice.rs`).
 //! - `pool`: the write payload buffers, reused from request to request.
 
 use std::io;
@@ -102,6 +103,10 @@ pub struct Stats {
     pub request_errors: AtomicU64,
     /// Connections dropped for protocol violations.
     pub protocol_drops: AtomicU64,
+    /// Write payloads moved from the socket into the file with `splice`.
+    pub spliced_writes: AtomicU64,
+    /// Connections whose socket or file refused to splice (their writes are copied).
+    pub splice_fallbacks: AtomicU64,
 }
 
 /// What `xnbd ctl query` shows of the server under `"server"`.
@@ -115,6 +120,10 @@ pub struct ServerStatus {
     pub request_errors: u64,
     /// Connections dropped for protocol violations.
     pub protocol_drops: u64,
+    /// Write payloads moved from the socket into the file with `splice`.
+    pub spliced_writes: u64,
+    /// Connections whose socket or file refused to splice.
+    pub splice_fallbacks: u64,
     /// The NBD listeners together (TCP and Unix).
     pub listeners: ListenCounts,
     /// Bytes of the memory budget.
@@ -148,6 +157,9 @@ pub struct Server {
     pub budget: Budget,
     /// Write payload buffers, reused.
     write_buffers: pool::BufferPool,
+    /// Move large write payloads from plain sockets into local files with `splice`
+    /// (`transmit/splice.rs`); off, they are read into memory and written from there.
+    pub splice_writes: bool,
 }
 
 impl Server {
@@ -168,6 +180,7 @@ impl Server {
             listeners: Arc::default(),
             budget: Budget::new(memory),
             write_buffers: pool::BufferPool::default(),
+            splice_writes: true,
         }
     }
 
@@ -194,6 +207,8 @@ impl Server {
             requests: n(&self.stats.requests),
             request_errors: n(&self.stats.request_errors),
             protocol_drops: n(&self.stats.protocol_drops),
+            spliced_writes: n(&self.stats.spliced_writes),
+            splice_fallbacks: n(&self.stats.splice_fallbacks),
             listeners: self.listeners.counts(),
             memory_budget: self.budget.total_bytes(),
             memory_used: self.budget.used_bytes(),

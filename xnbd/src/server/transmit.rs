@@ -1,6 +1,7 @@
 //! Transmission: the request loop of a negotiated connection and its replies.
 
 mod lane;
+mod splice;
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,6 +22,7 @@ use crate::op::OpError;
 use crate::proto::{self, cflag, chunk, cmd, err, Chunk, Request, SimpleReply};
 use crate::storage::Storage;
 use lane::{LaneOp, WriteLane};
+use splice::{Outcome, Splicer, Stream};
 
 /// Requests of one connection allowed in flight at once (more are read only when one ends).
 const MAX_IN_FLIGHT: usize = 64;
@@ -69,8 +71,15 @@ impl Server {
             Backend::Proxy(_) => None,
         };
         let (rd, wr) = tokio::io::split(conn);
+        // Large inline writes spliced from the socket into the file (plain sockets to a
+        // local file, the only ones with `direct`); the stream reads what the splicer
+        // read ahead first.
+        let splicer = direct
+            .as_ref()
+            .filter(|_| self.splice_writes)
+            .map(|d| Splicer::new(d.clone()));
         // Buffered: one read system call brings in many small request headers.
-        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = BufReader::with_capacity(READ_BUFFER, Stream::new(rd, splicer));
         let out = Arc::new(Outbox::default());
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let writer = tokio::spawn(write_replies(
@@ -110,11 +119,12 @@ impl Server {
                     send_ready(&wr, &out, &mut ready, &self.budget, direct.as_deref()).await?;
                 }
                 let mut h = [0u8; proto::REQUEST_LEN];
+                let alone = rd.get_mut().take_streaming();
                 // The writer may fail while the client sends nothing: that ends the
                 // connection too (and gives its budget back).
                 let got = tokio::select! {
                     biased;
-                    r = unless_ready(rd.read_exact(&mut h), || kick(&lane)) => r.map(|_| ()),
+                    r = unless_ready(read_header(&mut rd, &mut h, alone), || kick(&lane)) => r,
                     () = out.failed() => Err(io::ErrorKind::BrokenPipe.into()),
                 };
                 match got {
@@ -156,7 +166,7 @@ impl Server {
                     let inline = Inline {
                         direct: direct.is_some(),
                         lane_idle,
-                        buffers: &self.write_buffers,
+                        srv: &self,
                     };
                     if let Some(reply) = serve_inline(&session, &req, &mut rd, inline).await? {
                         ready.push(self.reply_seg(reply, hold));
@@ -282,6 +292,22 @@ impl Server {
         }
         result
     }
+}
+
+/// Read a request header through the read buffer, or, `alone` and the buffer empty,
+/// straight from the stream: after a spliced write the buffer would otherwise take in most
+/// of the next payload (see `splice`).
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    h: &mut [u8; proto::REQUEST_LEN],
+    alone: bool,
+) -> io::Result<()> {
+    if alone && rd.buffer().is_empty() {
+        rd.get_mut().read_exact(h).await?;
+    } else {
+        rd.read_exact(h).await?;
+    }
+    Ok(())
 }
 
 /// Start the write lane, if any, on what it holds (before the reader may wait).
@@ -664,18 +690,19 @@ struct Inline<'a> {
     /// The write lane has nothing queued or in progress (a write done here cannot pass one
     /// sent before it).
     lane_idle: bool,
-    /// For a payload that is not all in the read buffer yet.
-    buffers: &'a super::pool::BufferPool,
+    /// Its payload buffers and counters.
+    srv: &'a Server,
 }
 
 /// Serve a request on the spot when that cannot block for long: small reads the page cache
 /// holds, writes of `SMALL_WRITE`-`INLINE_WRITE` bytes without FUA to a local file while
-/// its lane is idle (a page-cache copy), and reads that fail validation. `None`: the
-/// request goes its usual way (its payload, if any, is still unread).
+/// its lane is idle (a page-cache copy, the payload spliced from the socket when it is not
+/// all in the read buffer), and reads that fail validation. `None`: the request goes its
+/// usual way (its payload, if any, is still unread).
 async fn serve_inline<R: AsyncRead + Unpin>(
     s: &Session,
     req: &Request,
-    rd: &mut BufReader<R>,
+    rd: &mut BufReader<Stream<R>>,
     how: Inline<'_>,
 ) -> Result<Option<Reply>, ServerError> {
     let Backend::File(st) = &s.export.backend else {
@@ -720,17 +747,27 @@ async fn serve_inline<R: AsyncRead + Unpin>(
                 Ok(()) => st.write_at(data, req.offset),
                 Err(_) => Ok(()),
             };
-            // The payload straight from the read buffer when it is all there.
+            // The payload straight from the read buffer when it is all there, else spliced
+            // from the socket (a valid write), else read into a buffer.
             let r = if rd.buffer().len() >= len {
                 let r = write(&rd.buffer()[..len]);
                 rd.consume(len);
                 r
             } else {
-                let mut buf = how.buffers.take(len);
-                rd.read_exact(&mut buf).await?;
-                let r = write(&buf);
-                how.buffers.put(buf);
-                r
+                let spliced = match &v {
+                    Ok(()) => Splicer::write(rd, st, req.offset, len, how.srv).await?,
+                    Err(_) => Outcome::NotTaken,
+                };
+                match spliced {
+                    Outcome::Written(r) => r,
+                    Outcome::NotTaken => {
+                        let mut buf = how.srv.write_buffers.take(len);
+                        rd.read_exact(&mut buf).await?;
+                        let r = write(&buf);
+                        how.srv.write_buffers.put(buf);
+                        r
+                    }
+                }
             };
             Ok(Some(match (v, r) {
                 (Err(e), _) => error_reply(s, req, e),
