@@ -334,11 +334,6 @@ fn tx_tcp_segments_are_coalesced_towards_the_bridge() {
         private_sysfs();
         let mut port = XdpPort::open(&af_xdp_tx_config()).expect("open");
         assert!(port.bridge_gro(), "GRO towards the bridge not enabled");
-        assert_eq!(
-            napi_threaded("mvp0"),
-            "1",
-            "no threaded NAPI on the bridge side"
-        );
         let out = lab.vm_run(&["ip", "-j", "link", "show", "dev", "eth0"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
         let mut vm_mac = [0u8; 6];
@@ -390,17 +385,6 @@ fn tso_super_frames_reach_the_vm_through_the_packet_socket() {
         let fd = port
             .vnet_tx_fd()
             .expect("no packet socket for frames to the VMs");
-        // The packet socket's frames bypass the bridge side's NAPI: no GRO set-up and
-        // no NAPI thread to wake there.
-        assert!(
-            !port.bridge_gro(),
-            "GRO towards the bridge set up for nothing"
-        );
-        assert_eq!(
-            napi_threaded("mvp0"),
-            "0",
-            "threaded NAPI on the bridge side"
-        );
         let vm_ip: Vec<u8> = VM_IP.split('.').map(|b| b.parse().expect("ip")).collect();
         const SEGS: usize = 16;
         const MSS: usize = 1400;
@@ -446,16 +430,6 @@ fn tso_super_frames_reach_the_vm_through_the_packet_socket() {
         assert!(segs > segs0, "no segment reached the VM's TCP");
         assert_eq!(errs, errs0, "checksum errors in the VM");
     });
-}
-
-/// `/sys/class/net/DEV/threaded` (needs [`private_sysfs`]): "1" when the device's NAPI
-/// polls in a kernel thread of its own.
-fn napi_threaded(dev: &str) -> String {
-    let path = format!("/sys/class/net/{dev}/threaded");
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
-        .trim()
-        .to_owned()
 }
 
 /// A port that sends frames for the VMs through AF_XDP TX (as with several queues),

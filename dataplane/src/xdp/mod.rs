@@ -651,11 +651,6 @@ impl XdpPort {
         } else {
             None
         };
-        // GRO and threaded NAPI on the bridge side only where AF_XDP TX is used: the
-        // packet socket's frames bypass the NAPI (docs/XDP.md, step 5 of "The port").
-        if vnet_tx.is_none() {
-            veth.gro_towards_bridge();
-        }
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
             multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(), "XDP port up");
         Ok(Self {

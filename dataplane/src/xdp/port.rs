@@ -433,6 +433,16 @@ impl VethPort {
             // segmentation depending on checksum offload, segments in software).
             tx_checksum_off(&port.name)?;
         }
+        // Frames the edge sends through AF_XDP enter the bridge one MTU at a
+        // time. With GRO on the bridge side (which gives it a NAPI context)
+        // and TSO off on the edge side (which makes veth_xmit treat the
+        // frames as GRO candidates), the kernel coalesces them into GSO
+        // packets before the bridge, so the VMs' stacks get super-packets as
+        // from a TAP device. Best effort: without it frames still flow.
+        port.gro = ethtool_set(&port.edge, ETHTOOL_STSO, 0, "tso off")
+            .and_then(|()| ethtool_set(&port.name, ETHTOOL_SGRO, 1, "gro on"))
+            .inspect_err(|e| tracing::warn!(port = %name, error = %e, "no GRO towards the bridge"))
+            .is_ok();
         ip(&["link", "set", "dev", &port.name, "alias", &alias])?;
         // Best effort: a kernel without IPv6 has no such file.
         let _ = std::fs::write(
@@ -444,37 +454,27 @@ impl VethPort {
             None => ip(&["link", "set", "dev", &port.name, "up"])?,
         };
         ip(&["link", "set", "dev", &port.edge, "up"])?;
+        // Threaded NAPI on the bridge side (its NAPI context exists once it
+        // is up): AF_XDP copy mode enables bottom halves after every frame it
+        // transmits, so a NAPI poll in softirq context would see one frame at
+        // a time and GRO would have nothing to merge. A NAPI thread polls the
+        // frames a whole `sendto` queued (up to 64 per poll), and the bridge
+        // and the VMs' stacks run beside the edge, not inside its sendto.
+        if port.gro {
+            port.gro = std::fs::write(format!("/sys/class/net/{}/threaded", port.name), "1")
+                .inspect_err(|e| tracing::warn!(port = %name, error = %e, "no threaded NAPI"))
+                .is_ok();
+        }
         Ok(port)
     }
 
-    /// For frames the edge sends through AF_XDP TX, which enter the bridge one MTU
-    /// at a time: GRO on the bridge side (which gives it a NAPI context) with TSO off
-    /// on the edge side (which makes veth_xmit treat the frames as GRO candidates)
-    /// lets the kernel coalesce them into GSO packets before the bridge, so the VMs'
-    /// stacks get super-packets as from a TAP device. The NAPI is threaded: AF_XDP
-    /// copy mode enables bottom halves after every frame it transmits, so a NAPI
-    /// poll in softirq context would see one frame at a time and GRO would have
-    /// nothing to merge; a NAPI thread polls what a whole `sendto` queued (up to 64
-    /// per poll). Call it once both ends are up (the NAPI context exists from then
-    /// on). Best effort: without it frames still flow ([`VethPort::gro`] says
-    /// whether all three took). Not for a port whose frames for the VMs leave
-    /// through the packet socket: those arrive whole and are no GRO candidates.
-    pub fn gro_towards_bridge(&mut self) {
-        self.gro = ethtool_set(&self.edge, ETHTOOL_STSO, 0, "tso off")
-            .and_then(|()| ethtool_set(&self.name, ETHTOOL_SGRO, 1, "gro on"))
-            .inspect_err(
-                |e| tracing::warn!(port = %self.name, error = %e, "no GRO towards the bridge"),
-            )
-            .is_ok()
-            && std::fs::write(format!("/sys/class/net/{}/threaded", self.name), "1")
-                .inspect_err(|e| tracing::warn!(port = %self.name, error = %e, "no threaded NAPI"))
-                .is_ok();
-    }
-
-    /// TSO on at the edge side (a veth's default), for frames sent with virtio-net
-    /// headers: GSO skbs would otherwise be segmented before the veth.
+    /// Turns TSO back on at the edge side, for frames sent with virtio-net headers
+    /// (GSO skbs would otherwise be segmented before the veth); the bridge side's GRO
+    /// then has nothing to merge ([`VethPort::gro`] false).
     pub fn tso_on_edge(&mut self) -> Result<(), PortError> {
-        ethtool_set(&self.edge, ETHTOOL_STSO, 1, "tso on")
+        ethtool_set(&self.edge, ETHTOOL_STSO, 1, "tso on")?;
+        self.gro = false;
+        Ok(())
     }
 
     /// Bridge-side name.
