@@ -162,7 +162,7 @@ struct EdgeArgs {
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
     /// Datapath: auto, tap, or xdp [default: auto]. auto takes the TAP device (XDP measured
-    /// 0.83-1.18x TAP's bulk TCP, higher ping RTT; docs/XDP.md "Choosing the datapath"). xdp
+    /// 0.83-1.18x TAP's bulk TCP, about its ping RTT; docs/XDP.md "Choosing the datapath"). xdp
     /// makes the --tap name a veth port served by XDP/AF_XDP (enslaved to --bridge, or
     /// by the operator like a TAP). `mvc edge status` says which and why.
     #[arg(long, value_enum)]

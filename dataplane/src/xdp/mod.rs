@@ -136,11 +136,11 @@ impl std::str::FromStr for DatapathRequest {
 /// What `--datapath auto` takes, and why (docs/XDP.md, "Choosing the
 /// datapath"): the TAP device. With its packet socket towards the VMs the
 /// XDP port moves bulk TCP at about the TAP path's rate (0.83-1.18x) for as
-/// much CPU per byte or more, with a ping RTT above TAP's; its one measured
+/// much CPU per byte or more and about its ping RTT (1.01x); its one measured
 /// gain, less CPU per small frame, does not make it the faster path, and a
 /// TAP device needs nothing of the kernel's XDP. `--datapath xdp` gives XDP.
 pub const AUTO_RULE: &str = "auto: the TAP device (the XDP port measured 0.83-1.18x its \
-    bulk TCP at 1.0-1.1x its CPU per byte, with a higher ping RTT; docs/XDP.md \
+    bulk TCP at 1.0-1.1x its CPU per byte, and about its ping RTT; docs/XDP.md \
     \"Choosing the datapath\"); --datapath xdp to use XDP";
 
 /// The frame source/sink the edge ended up with.
