@@ -11,6 +11,7 @@
 //! task waits, and a task waiting for a blocking-pool write (the cache, its `fdatasync`,
 //! the bitmap) would see stall timeouts of its source connection expire that never did.
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -269,15 +270,7 @@ impl Drop for Up {
 }
 
 fn image() -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(0x2545_f491_4f6c_dd1d, SIZE)
 }
 
 /// The proxy's settings that differ between scenarios.

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ok, query, unix_uri, xnbd};
+use common::{ok, pattern, query, unix_uri, xnbd};
 use xnbd::proto::{self, cmd, ClientOption, Request};
 
 const MIB: u64 = 1 << 20;
@@ -205,19 +205,6 @@ impl<S: Read + Write> Raw<S> {
         self.0.read_exact(&mut v).unwrap();
         v
     }
-}
-
-/// Pseudo-random bytes (xorshift), distinct for each seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Clients that stop in the middle of a spliced write's payload: one closes its Unix
