@@ -1592,6 +1592,10 @@ impl Proxy {
         let mut cursor = 0u64;
         let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
         while !self.is_target() {
+            // Every pass gives the runtime a turn: a pass whose awaits are all ready at
+            // once (a timer or a source wait that ends immediately, as while the runtime
+            // shuts down) would otherwise never return to it and hold its worker for good.
+            tokio::task::yield_now().await;
             while tasks.try_join_next().is_some() {}
             if tasks.len() >= depth {
                 tasks.join_next().await;
