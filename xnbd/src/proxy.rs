@@ -1592,9 +1592,9 @@ impl Proxy {
         let mut cursor = 0u64;
         let mut tasks: tokio::task::JoinSet<Result<(), OpError>> = tokio::task::JoinSet::new();
         while !self.is_target() {
-            // Every pass gives the runtime a turn: a pass whose awaits are all ready at
-            // once (a timer or a source wait that ends immediately, as while the runtime
-            // shuts down) would otherwise never return to it and hold its worker for good.
+            // Every pass gives the runtime a turn. While it shuts down, each copy task
+            // spawned is cancelled at once, so a pass could spawn, reap and claim again
+            // without ever waiting: it would hold its worker, and the shutdown, for good.
             tokio::task::yield_now().await;
             while tasks.try_join_next().is_some() {}
             if tasks.len() >= depth {
