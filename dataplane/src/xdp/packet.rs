@@ -6,16 +6,23 @@
 //! GSO skb with its checksum partial, which the veth and the bridge pass to the VM
 //! whole (docs/XDP.md "Frames to the VMs through a packet socket").
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use super::xsk::{last, SysError};
+use super::xsk::{last, setsockopt_at, SysError};
 
 /// A packet socket that sends on interface `ifindex` and receives nothing
 /// (protocol 0), taking a `virtio_net_hdr` in front of each frame. Writes go
 /// through the interface's queueing (a veth has none by default).
 pub fn vnet_tx_socket(ifindex: u32) -> Result<OwnedFd, SysError> {
     let fd = packet_socket(0)?;
-    set_int(&fd, libc::PACKET_VNET_HDR, 1, "setsockopt(PACKET_VNET_HDR)")?;
+    let on: libc::c_int = 1;
+    setsockopt_at(
+        fd.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_VNET_HDR,
+        &on,
+        "setsockopt(PACKET_VNET_HDR)",
+    )?;
     bind(&fd, ifindex, 0)?;
     Ok(fd)
 }
@@ -34,28 +41,6 @@ fn packet_socket(proto_be: u16) -> Result<OwnedFd, SysError> {
     }
     // SAFETY: `raw` is a socket just opened here and owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-fn set_int(
-    fd: &OwnedFd,
-    opt: libc::c_int,
-    v: libc::c_int,
-    call: &'static str,
-) -> Result<(), SysError> {
-    // SAFETY: the pointer and length describe `v`, which lives across the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            opt,
-            std::ptr::from_ref(&v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(last(call));
-    }
-    Ok(())
 }
 
 fn bind(fd: &OwnedFd, ifindex: u32, proto_be: u16) -> Result<(), SysError> {

@@ -335,8 +335,20 @@ pub enum BindMode {
     Auto,
 }
 
+/// `setsockopt(fd, SOL_XDP, opt, v)`.
 fn setsockopt<T>(
     fd: BorrowedFd<'_>,
+    opt: libc::c_int,
+    v: &T,
+    call: &'static str,
+) -> Result<(), SysError> {
+    setsockopt_at(fd, libc::SOL_XDP, opt, v, call)
+}
+
+/// `setsockopt(fd, level, opt, v)`, `call` naming it in the error.
+pub(super) fn setsockopt_at<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
     opt: libc::c_int,
     v: &T,
     call: &'static str,
@@ -346,7 +358,7 @@ fn setsockopt<T>(
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_XDP,
+            level,
             opt,
             (v as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
