@@ -2,11 +2,13 @@
 //! three-site netns lab, with UDP between sites B and C blocked so that their traffic
 //! goes through the supernode at site A. Needs root; otherwise prints that it was skipped.
 
-use std::net::{SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataplane::xdp::{filter_tc_programs, relay_tc_programs, HookMode, ModeRequest, XdpRelay};
+use dataplane::xdp::{
+    filter_tc_programs, relay_tc_programs, HookMode, ModeRequest, XdpFilter, XdpRelay,
+};
 use lab::overlay::{self as ov, EdgeOpts, Mvc, COMMUNITY, SECRET, SUPERNODE_PORT};
 use lab::{Lab, Topology};
 use serde_json::Value;
@@ -780,12 +782,79 @@ fn rcvbuf_errors(lab: &Lab, ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a run of [`measure_junk_flood`] sends its junk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// Nowhere: no flood.
+    Quiet,
+    /// Site A's edge, out of the internet router's end of A's uplink.
+    Edge,
+    /// The [`Sink`], off every path the overlay uses.
+    Sink,
+}
+
+impl Target {
+    fn as_str(self) -> &'static str {
+        match self {
+            Target::Quiet => "none",
+            Target::Edge => "edge",
+            Target::Sink => "sink",
+        }
+    }
+}
+
+/// The flood's baseline destination: namespace `sink`, joined to the internet router by a
+/// veth pair as site A's uplink is (`sk` there, `eth0` here, 198.18.99.0/24), whose
+/// ingress drops the junk with the edge's filter program in the same hook (attached per
+/// run by the test, with the edge's port and community and no session). The same
+/// generator thread makes the same frames out of the same router, and each is received
+/// and dropped by the same code as at the edge (on veth, the receive runs in the
+/// sender's softirq either way), so a flood here costs the machine what one at the edge
+/// costs, except whatever the overlay host pays for it beyond that.
+struct Sink {
+    ns: String,
+    frame: Vec<u8>,
+}
+
+/// The sink's end at the internet router.
+const SINK_INET_IF: &str = "sk";
+
+impl Sink {
+    fn new(lab: &Lab, t: &Topology, payload: &[u8]) -> Sink {
+        let ns = lab.add_ns("sink").unwrap();
+        lab.veth(&t.inet, SINK_INET_IF, &ns, "eth0").unwrap();
+        let (router, own) = (Ipv4Addr::new(198, 18, 99, 1), Ipv4Addr::new(198, 18, 99, 2));
+        lab.addr(&t.inet, SINK_INET_IF, router, 24).unwrap();
+        lab.addr(&ns, "eth0", own, 24).unwrap();
+        let frame = lab::flood::udp_frame(
+            lab::flood::mac_of(&ns, "eth0").unwrap(),
+            lab::flood::mac_of(&t.inet, SINK_INET_IF).unwrap(),
+            SocketAddrV4::new(router, 40_000),
+            SocketAddrV4::new(own, ov::EDGE_PORT),
+            payload,
+        );
+        Sink { ns, frame }
+    }
+
+    /// The edge's filter on the sink's `eth0`, in the hook `mode` names.
+    fn filter(&self, lab: &Lab, mode: &str) -> XdpFilter {
+        let mode: HookMode = mode.parse().unwrap_or_else(|e| panic!("{e}"));
+        let community = dataplane::crypto::CommunityKeys::derive(COMMUNITY, SECRET.as_bytes()).id;
+        lab.in_ns(&self.ns, || {
+            XdpFilter::attach("eth0", ov::EDGE_PORT, &community, mode)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the sink's filter: {e}"))
+    }
+}
+
 /// One configuration's run of [`measure_junk_flood`].
 struct FloodRun {
     filter: &'static str,
-    flooding: bool,
+    target: Target,
     offered: u64,
-    xdp_dropped: u64,
+    /// Junk the filter where the flood went (A's edge or the sink) dropped.
+    dropped: u64,
     overflows: u64,
     to_userspace: u64,
     mbps: f64,
@@ -801,23 +870,87 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Frames the kernel dropped because a CPU's backlog queue was full (the second column
+/// of /proc/net/softnet_stat, summed over the CPUs): the whole machine's, other jobs'
+/// included. On veth (no XDP) every received frame goes through the sending CPU's backlog.
+fn backlog_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
+/// The 1-minute load average.
+fn load() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// `perf record -a -g` of the whole machine for `secs` seconds into `out`, started now.
+fn perf_record(out: &std::path::Path, secs: u32) -> Option<std::process::Child> {
+    std::process::Command::new("perf")
+        .args(["record", "-a", "-g", "-q", "-o"])
+        .arg(out)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
+}
+
+/// Per round, the iperf3 rate and the edge's CPU per GB of the run that `num` picks over
+/// the run that `den` picks, printed as `what` with their medians.
+fn print_paired(
+    runs: &[Vec<FloodRun>],
+    what: &str,
+    num: impl Fn(&FloodRun) -> bool,
+    den: impl Fn(&FloodRun) -> bool,
+) {
+    let (mut rate, mut cpu) = (Vec::new(), Vec::new());
+    for round in runs {
+        if let (Some(n), Some(d)) = (round.iter().find(|x| num(x)), round.iter().find(|x| den(x))) {
+            rate.push(n.mbps / d.mbps.max(1e-9));
+            cpu.push(n.cpu_per_gb / d.cpu_per_gb.max(1e-9));
+        }
+    }
+    println!(
+        "{what}: iperf3 per round {:.2?} (median {:.2}); edge CPU per GB {:.2?} (median {:.2})",
+        rate,
+        median(rate.clone()),
+        cpu,
+        median(cpu.clone()),
+    );
+}
+
 /// A junk flood against site A's edge, without `--xdp-filter` and with it in each hook of
-/// `MVC_FILTER_MODES` (default `native,tc`), and each without a flood as the baselines,
-/// in one series per round (the order rotating, each configuration started fresh). The junk: Data datagrams naming an unknown session index
+/// `MVC_FILTER_MODES` (default `native,tc`); for each of those the same flood against the
+/// [`Sink`] (the same filter in the same hook, off the overlay's path) and no flood at
+/// all, each as the baselines, in one series per round (the order rotating, each
+/// configuration started fresh). The junk: Data datagrams naming an unknown session index
 /// (valid version, type and length: what only the session check catches) sent out of the
-/// internet router's end of A's uplink by the generator of `MVC_FLOOD_GEN` (`clone`, the
-/// default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default 1 000 000
-/// frames/s; `socket`: raw packet sockets as fast as they go), `MVC_FLOOD_THREADS`
-/// senders (default 1 for `clone`, 2 for `socket`), for `MVC_FLOOD_SECS` (default 10; at
-/// most 50 million frames per sender), while iperf3 runs from B's VM to A's. Reports per
-/// run the rate offered, where the junk was dropped (the filter, the kernel's full socket
-/// buffer, the edge's `unknown_session`), the iperf3 rate, the edge process's CPU seconds
-/// per GB iperf3 moved and the machine's kernel CPU; then per round the flood's ratios
-/// against the same filter setting without a flood, and each filter's cost without a flood
-/// (against no filter), with their medians. Ignored (for
-/// docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test --release -p control
-/// --test xdp_relay -- --ignored --nocapture measure_junk_flood`; `MVC_FLOOD_ROUNDS`
-/// (default 3).
+/// internet router's end of A's uplink (or the sink's) by the generator of `MVC_FLOOD_GEN`
+/// (`clone`, the default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default
+/// 1 000 000 frames/s; `socket`: raw packet sockets as fast as they go),
+/// `MVC_FLOOD_THREADS` senders (default 1 for `clone`, 2 for `socket`), for
+/// `MVC_FLOOD_SECS` (default 10; at most 50 million frames per sender), while iperf3 runs
+/// from B's VM to A's. Reports per run the load, the rate offered, where the junk was
+/// dropped (the filter at the edge or the sink, the kernel's full socket buffer, the
+/// edge's `unknown_session`), the machine's backlog drops, the iperf3 rate, the edge
+/// process's CPU seconds per GB iperf3 moved and the machine's kernel CPU; then per
+/// round, with their medians: the flood at the edge against no flood with the same filter
+/// setting (what the whole 2-core machine pays: the flood's making and dropping included),
+/// against the flood at the sink (what the overlay host pays beyond that), the flood at
+/// the sink against no flood, and each filter without a flood against no filter. With
+/// `MVC_FLOOD_PERF=DIR`, every flooded run is profiled (`perf record -a -g`, 4 s, into
+/// `DIR/round-R-FILTER-TARGET.data`; the profiler's own cost then moves the figures).
+/// Ignored (for docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test
+/// --release -p control --test xdp_relay -- --ignored --nocapture measure_junk_flood`;
+/// `MVC_FLOOD_ROUNDS` (default 3).
 #[test]
 #[ignore]
 fn measure_junk_flood() {
@@ -835,6 +968,7 @@ fn measure_junk_flood() {
         env_u32("MVC_FLOOD_SECS", 10),
         env_u32("MVC_FLOOD_THREADS", default_threads).clamp(1, 4),
     );
+    let perf_dir = std::env::var_os("MVC_FLOOD_PERF").map(PathBuf::from);
     println!("junk flood: {generator}, {threads} senders, {secs} s per run, {rounds} rounds");
     let lab = Lab::new("xj").expect("lab");
     let mvc = test_bin();
@@ -851,10 +985,11 @@ fn measure_junk_flood() {
         SocketAddrV4::new(a.public_ip, ov::EDGE_PORT),
         &payload,
     );
+    let sink = Sink::new(&lab, &t, &payload);
     let counter = |st: &Value, part: &str, key: &str| st[part][key].as_u64().unwrap_or(0);
-    // (filter, flood): the flood against the edge without and with the filter, and
-    // without a flood with and without the filter (what the legitimate traffic costs on
-    // its own, and what the filter costs it).
+    // (filter, target): the flood against the edge without and with the filter, against
+    // the sink with the filter, and no flood with and without the filter (what the
+    // legitimate traffic costs on its own, and what the filter costs it).
     let modes_env = std::env::var("MVC_FILTER_MODES").unwrap_or_else(|_| "native,tc".into());
     let mut filters: Vec<&'static str> = vec!["off"];
     for m in modes_env.split(',') {
@@ -863,29 +998,46 @@ fn measure_junk_flood() {
             None => panic!("MVC_FILTER_MODES: {m:?} is not native, generic or tc"),
         }
     }
-    let configs: Vec<(&'static str, bool)> = filters
+    let configs: Vec<(&'static str, Target)> = filters
         .iter()
-        .flat_map(|&f| [(f, true), (f, false)])
+        .flat_map(|&f| {
+            let sink = (f != "off").then_some((f, Target::Sink));
+            [Some((f, Target::Edge)), sink, Some((f, Target::Quiet))]
+        })
+        .flatten()
         .collect();
     let mut runs: Vec<Vec<FloodRun>> = Vec::new();
     for r in 0..rounds as usize {
         let mut round = Vec::new();
         for k in 0..configs.len() {
-            let (filter, flooding) = configs[(k + r) % configs.len()];
+            let (filter, target) = configs[(k + r) % configs.len()];
             let (sn, edges) = start_filtered(&lab, &t, &mvc, (filter != "off").then_some(filter));
+            let sink_filter = (target == Target::Sink).then(|| sink.filter(&lab, filter));
+            let (flood_if, flood_frame) = match target {
+                Target::Sink => (SINK_INET_IF, &sink.frame),
+                _ => (uplink.as_str(), &frame),
+            };
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
             let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
             let overflow0 = rcvbuf_errors(&lab, &a.frontend);
+            let (load0, backlog0) = (load(), backlog_drops());
             let flood_for = Duration::from_secs(u64::from(secs));
             let iperf_secs = secs.saturating_sub(1).max(1);
+            let perf = perf_dir
+                .as_ref()
+                .filter(|_| target != Target::Quiet)
+                .and_then(|d| {
+                    let out = d.join(format!("round-{r}-{filter}-{}.data", target.as_str()));
+                    perf_record(&out, iperf_secs.min(4))
+                });
             let (offered, bps, c0, c1) = std::thread::scope(|sc| {
-                let senders: Vec<_> = (0..if flooding { threads } else { 0 })
+                let senders: Vec<_> = (0..if target == Target::Quiet { 0 } else { threads })
                     .map(|_| {
                         sc.spawn(|| {
                             lab.in_ns(&t.inet, || {
                                 generator.run(
-                                    &uplink,
-                                    &frame,
+                                    flood_if,
+                                    flood_frame,
                                     1.0 / f64::from(threads),
                                     50_000_000,
                                     flood_for,
@@ -902,18 +1054,31 @@ fn measure_junk_flood() {
                 let offered: u64 = senders.into_iter().map(|h| h.join().unwrap().frames).sum();
                 (offered, bps, c0, c1)
             });
+            if let Some(mut p) = perf {
+                let _ = p.wait();
+            }
             std::thread::sleep(Duration::from_millis(300));
             let (user, kernel_s, sys) = lab::cpu::seconds(&c0, &c1);
             let st = mvc.edge_status(&lab, &edges[0]).unwrap();
+            let at_edge = st["xdp_filter"]["drops"]["unknown_session"]
+                .as_u64()
+                .unwrap_or(0);
+            let dropped = match &sink_filter {
+                Some(f) => f
+                    .status()
+                    .drops
+                    .get("unknown_session")
+                    .copied()
+                    .unwrap_or(0),
+                None => at_edge,
+            };
             // Edge CPU seconds per GB that iperf3 moved.
             let gb = bps * f64::from(iperf_secs) / 8e9;
             let run = FloodRun {
                 filter,
-                flooding,
+                target,
                 offered,
-                xdp_dropped: st["xdp_filter"]["drops"]["unknown_session"]
-                    .as_u64()
-                    .unwrap_or(0),
+                dropped,
                 overflows: rcvbuf_errors(&lab, &a.frontend).saturating_sub(overflow0),
                 to_userspace: counter(&st, "drops", "unknown_session").saturating_sub(counter(
                     &st0,
@@ -924,18 +1089,23 @@ fn measure_junk_flood() {
                 cpu_per_gb: (user + sys) / gb.max(1e-9),
             };
             println!(
-                "round {r} filter {filter:>6} flood {flooding:>5}: junk offered {} ({:.0}/s), dropped by the filter {}, \
-                 socket buffer overflows {}, edge unknown_session {}, iperf3 {:.1} Mbit/s, \
+                "round {r} filter {filter:>6} flood at {:>4} (load {load0:.1}): junk offered {} ({:.0}/s), \
+                 dropped by the filter there {} ({:.0}/s; at the edge {at_edge}), socket buffer overflows {}, \
+                 edge unknown_session {}, machine backlog drops {}, iperf3 {:.1} Mbit/s, \
                  edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB), machine kernel CPU {kernel_s:.2} s",
+                target.as_str(),
                 run.offered,
                 run.offered as f64 / f64::from(secs),
-                run.xdp_dropped,
+                run.dropped,
+                run.dropped as f64 / f64::from(secs),
                 run.overflows,
                 run.to_userspace,
+                backlog_drops().saturating_sub(backlog0),
                 run.mbps,
                 run.cpu_per_gb,
             );
             round.push(run);
+            drop(sink_filter);
             for e in &edges {
                 lab.stop(&e.proc);
             }
@@ -943,47 +1113,39 @@ fn measure_junk_flood() {
         }
         runs.push(round);
     }
-    // Per round: the flood's rate and CPU per GB against the same filter setting without
-    // a flood (paired in the round).
+    let is = |filter: &'static str, target: Target| {
+        move |x: &FloodRun| x.filter == filter && x.target == target
+    };
     for &filter in &filters {
-        let (mut rate, mut cpu) = (Vec::new(), Vec::new());
-        for round in &runs {
-            let find = |flooding| {
-                round
-                    .iter()
-                    .find(|x| x.filter == filter && x.flooding == flooding)
-            };
-            if let (Some(f), Some(q)) = (find(true), find(false)) {
-                rate.push(f.mbps / q.mbps.max(1e-9));
-                cpu.push(f.cpu_per_gb / q.cpu_per_gb.max(1e-9));
-            }
-        }
-        println!(
-            "filter {filter:>6}: iperf3 under the flood / without, per round {:.2?} (median {:.2}); \
-             edge CPU per GB under the flood / without {:.2?} (median {:.2})",
-            rate,
-            median(rate.clone()),
-            cpu,
-            median(cpu.clone()),
+        // What the whole machine pays: the flood's making and dropping included.
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6}: flood at the edge / no flood"),
+            is(filter, Target::Edge),
+            is(filter, Target::Quiet),
         );
     }
-    // Per round: each filter without a flood against no filter without a flood.
     for &filter in &filters[1..] {
-        let (mut rate, mut cpu) = (Vec::new(), Vec::new());
-        for round in &runs {
-            let find = |f: &str| round.iter().find(|x| x.filter == f && !x.flooding);
-            if let (Some(f), Some(q)) = (find(filter), find("off")) {
-                rate.push(f.mbps / q.mbps.max(1e-9));
-                cpu.push(f.cpu_per_gb / q.cpu_per_gb.max(1e-9));
-            }
-        }
-        println!(
-            "filter {filter:>6} without a flood / no filter: iperf3 per round {:.2?} (median {:.2}); \
-             edge CPU per GB {:.2?} (median {:.2})",
-            rate,
-            median(rate.clone()),
-            cpu,
-            median(cpu.clone()),
+        // What the overlay host pays beyond the flood's making and dropping.
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6}: flood at the edge / at the sink"),
+            is(filter, Target::Edge),
+            is(filter, Target::Sink),
+        );
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6}: flood at the sink / no flood"),
+            is(filter, Target::Sink),
+            is(filter, Target::Quiet),
+        );
+    }
+    for &filter in &filters[1..] {
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6} without a flood / no filter"),
+            is(filter, Target::Quiet),
+            is("off", Target::Quiet),
         );
     }
 }
