@@ -1278,3 +1278,133 @@ fn measure_flood_rate() {
     );
     assert!(dropped > 0, "nothing reached the filter");
 }
+
+/// What the junk filter's TC program (`mvc_filter_tc`) costs per frame by itself, for
+/// each thing it decides: the kernel's test run (`bpftool prog run ... repeat`, one skb
+/// run through the program `MVC_PROG_REPEAT` times, default 1 000 000) on a Data
+/// datagram naming an unknown session (the junk of `measure_junk_flood`, dropped after
+/// the session lookup), one naming the live session (passed after it), one with a wrong
+/// version (dropped at the first check) and one for another port (passed unexamined);
+/// `MVC_PROG_ROUNDS` rounds (default 5), the cases alternating. Prints the average ns
+/// per run of each (the kernel's figure, which includes its loop's few ns per run) per
+/// round and their medians, and checks each verdict. Needs `bpftool`. Ignored (for
+/// docs/BENCH.md): `cargo test --release -p dataplane --test xdp -- --ignored
+/// --nocapture measure_filter_program`.
+#[test]
+#[ignore]
+fn measure_filter_program() {
+    require_root!("measure_filter_program");
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, repeat) = (
+        env("MVC_PROG_ROUNDS", 5).clamp(1, 50),
+        env("MVC_PROG_REPEAT", 1_000_000).clamp(1, 100_000_000),
+    );
+    let lab = lab::Lab::new("xfp").expect("lab");
+    let (edge, _peer) = edge_and_peer(&lab, 76);
+    let port = 7700;
+    let live = 7u32;
+    let (filter, id) = lab
+        .in_ns(&edge, || {
+            let f = xdp::XdpFilter::attach("eth0", port, &[0x5a; 16], HookMode::Tc)
+                .expect("attach the filter");
+            let ids = xdp::filter_tc_programs("eth0").expect("query tcx");
+            (f, ids[0])
+        })
+        .expect("edge namespace");
+    filter.sync_sessions(1, [live].into_iter());
+    // The floor: the lab's cloning program on a frame without its mark (it reads the
+    // mark and returns), run the same way: the kernel's test loop and a minimal program.
+    let floor = lab::sys::load_seed_cloner(1, lab::flood::SEED_MARK, 1).expect("load");
+    let floor_id = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", floor.as_raw_fd()))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        })
+        .expect("the floor program's id");
+    let data = |index: u32| {
+        let mut p = vec![dataplane::wire::VERSION, 0x12, 0, 0];
+        p.extend(index.to_be_bytes());
+        p.extend([0u8; 8 + 64 + 16]);
+        p
+    };
+    let frame = |payload: &[u8], dport: u16| {
+        lab::flood::udp_frame(
+            [2, 0, 0, 0, 0x76, 1],
+            [2, 0, 0, 0, 0x76, 2],
+            "198.18.76.2:40000".parse().expect("addr"),
+            std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 76, 1), dport),
+            payload,
+        )
+    };
+    let mut old_version = data(live);
+    old_version[0] = 1;
+    // (what, program, frame, dropped)
+    let cases = [
+        ("Data, unknown session", id, frame(&data(0x0bad_5e55), port), true),
+        ("Data, live session", id, frame(&data(live), port), false),
+        ("wrong version", id, frame(&old_version, port), true),
+        ("another port", id, frame(&data(live), port + 1), false),
+        ("floor", floor_id, frame(&data(live), port), false),
+    ];
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for r in 0..rounds as usize {
+        for k in 0..cases.len() {
+            let i = (k + r) % cases.len();
+            let (what, prog, bytes, dropped) = &cases[i];
+            let file = lab.dir().join(format!("frame-{i}"));
+            std::fs::write(&file, bytes).expect("write the frame");
+            let out = run(&[
+                "bpftool",
+                "prog",
+                "run",
+                "id",
+                &prog.to_string(),
+                "data_in",
+                file.to_str().expect("path"),
+                "repeat",
+                &repeat.to_string(),
+            ]);
+            // "Return value: 2, duration (average): 25ns"
+            let field = |key: &str| {
+                out.split(key)
+                    .nth(1)
+                    .and_then(|s| {
+                        s.trim_start()
+                            .split(|c: char| !c.is_ascii_digit())
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or_else(|| panic!("bpftool prog run: {out}"))
+            };
+            // TC_ACT_SHOT is 2; what passes goes on as TC_ACT_UNSPEC (-1), the floor's
+            // frames as TC_ACT_OK (0).
+            assert_eq!(field("Return value:") == 2, *dropped, "{what}: {out}");
+            ns[i].push(field("duration (average):") as f64);
+        }
+    }
+    let show = lab::run(&["bpftool", "prog", "show", "id", &id.to_string()])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    println!(
+        "mvc_filter_tc (id {id}), {repeat} runs per case and round: {}",
+        show.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    for (i, (what, _, _, dropped)) in cases.iter().enumerate() {
+        let mut sorted = ns[i].clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "{what:>22} ({}): ns per run per round {:?}, median {}",
+            if *dropped { "dropped" } else { "passed" },
+            ns[i],
+            sorted[sorted.len() / 2],
+        );
+    }
+}
