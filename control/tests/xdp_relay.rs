@@ -791,6 +791,9 @@ enum Target {
     Edge,
     /// The [`Sink`], off every path the overlay uses.
     Sink,
+    /// The sink's link with the sink's end down: the router's veth frees every frame as it
+    /// is sent, nothing receives it. What the flood's making costs alone.
+    DeadEnd,
 }
 
 impl Target {
@@ -799,6 +802,7 @@ impl Target {
             Target::Quiet => "none",
             Target::Edge => "edge",
             Target::Sink => "sink",
+            Target::DeadEnd => "dead end",
         }
     }
 }
@@ -836,6 +840,12 @@ impl Sink {
         Sink { ns, frame }
     }
 
+    /// Takes the sink's `eth0` down (`up` false) or up again.
+    fn set_up(&self, lab: &Lab, up: bool) {
+        let state = if up { "up" } else { "down" };
+        lab.ip(&self.ns, &["link", "set", "eth0", state]).unwrap();
+    }
+
     /// The edge's filter on the sink's `eth0`, in the hook `mode` names.
     fn filter(&self, lab: &Lab, mode: &str) -> XdpFilter {
         let mode: HookMode = mode.parse().unwrap_or_else(|e| panic!("{e}"));
@@ -853,7 +863,8 @@ struct FloodRun {
     filter: &'static str,
     target: Target,
     offered: u64,
-    /// Junk the filter where the flood went (A's edge or the sink) dropped.
+    /// Junk the filter where the flood went (A's edge or the sink) dropped; at the dead
+    /// end, what the router's veth freed.
     dropped: u64,
     overflows: u64,
     to_userspace: u64,
@@ -929,8 +940,9 @@ fn print_paired(
 
 /// A junk flood against site A's edge, without `--xdp-filter` and with it in each hook of
 /// `MVC_FILTER_MODES` (default `native,tc`); for each of those the same flood against the
-/// [`Sink`] (the same filter in the same hook, off the overlay's path) and no flood at
-/// all, each as the baselines, in one series per round (the order rotating, each
+/// [`Sink`] (the same filter in the same hook, off the overlay's path), into the sink's
+/// link with the sink's end down (the dead end: made, then freed unreceived) and no
+/// flood at all, each as the baselines, in one series per round (the order rotating, each
 /// configuration started fresh). The junk: Data datagrams naming an unknown session index
 /// (valid version, type and length: what only the session check catches) sent out of the
 /// internet router's end of A's uplink (or the sink's) by the generator of `MVC_FLOOD_GEN`
@@ -939,13 +951,15 @@ fn print_paired(
 /// `MVC_FLOOD_THREADS` senders (default 1 for `clone`, 2 for `socket`), for
 /// `MVC_FLOOD_SECS` (default 10; at most 50 million frames per sender), while iperf3 runs
 /// from B's VM to A's. Reports per run the load, the rate offered, where the junk was
-/// dropped (the filter at the edge or the sink, the kernel's full socket buffer, the
-/// edge's `unknown_session`), the machine's backlog drops, the iperf3 rate, the edge
+/// dropped (the filter at the edge or the sink, the router's veth at the dead end, the
+/// kernel's full socket buffer, the edge's `unknown_session`), the machine's backlog drops, the iperf3 rate, the edge
 /// process's CPU seconds per GB iperf3 moved and the machine's kernel CPU; then per
 /// round, with their medians: the flood at the edge against no flood with the same filter
 /// setting (what the whole 2-core machine pays: the flood's making and dropping included),
-/// against the flood at the sink (what the overlay host pays beyond that), the flood at
-/// the sink against no flood, and each filter without a flood against no filter. With
+/// against the flood at the sink (what the overlay host pays beyond receiving and
+/// dropping it as any host would), against the dead end (what the overlay host pays in
+/// all, receiving and dropping included), the sink and the dead end against no flood, and
+/// each filter without a flood against no filter. With
 /// `MVC_FLOOD_PERF=DIR`, every flooded run is profiled (`perf record -a -g`, 4 s, into
 /// `DIR/round-R-FILTER-TARGET.data`; the profiler's own cost then moves the figures).
 /// Ignored (for docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test
@@ -1001,8 +1015,13 @@ fn measure_junk_flood() {
     let configs: Vec<(&'static str, Target)> = filters
         .iter()
         .flat_map(|&f| {
-            let sink = (f != "off").then_some((f, Target::Sink));
-            [Some((f, Target::Edge)), sink, Some((f, Target::Quiet))]
+            let filtered = f != "off";
+            [
+                Some((f, Target::Edge)),
+                filtered.then_some((f, Target::Sink)),
+                filtered.then_some((f, Target::DeadEnd)),
+                Some((f, Target::Quiet)),
+            ]
         })
         .flatten()
         .collect();
@@ -1013,14 +1032,22 @@ fn measure_junk_flood() {
             let (filter, target) = configs[(k + r) % configs.len()];
             let (sn, edges) = start_filtered(&lab, &t, &mvc, (filter != "off").then_some(filter));
             let sink_filter = (target == Target::Sink).then(|| sink.filter(&lab, filter));
+            if target == Target::DeadEnd {
+                sink.set_up(&lab, false);
+            }
             let (flood_if, flood_frame) = match target {
-                Target::Sink => (SINK_INET_IF, &sink.frame),
+                Target::Sink | Target::DeadEnd => (SINK_INET_IF, &sink.frame),
                 _ => (uplink.as_str(), &frame),
             };
             lab::wait_ping(&lab, &vb.ns, va.ip, UP).unwrap();
             let st0 = mvc.edge_status(&lab, &edges[0]).unwrap();
             let overflow0 = rcvbuf_errors(&lab, &a.frontend);
             let (load0, backlog0) = (load(), backlog_drops());
+            let freed = || {
+                lab.if_counter(&t.inet, SINK_INET_IF, "tx_dropped")
+                    .unwrap_or(0)
+            };
+            let freed0 = freed();
             let flood_for = Duration::from_secs(u64::from(secs));
             let iperf_secs = secs.saturating_sub(1).max(1);
             let perf = perf_dir
@@ -1063,14 +1090,15 @@ fn measure_junk_flood() {
             let at_edge = st["xdp_filter"]["drops"]["unknown_session"]
                 .as_u64()
                 .unwrap_or(0);
-            let dropped = match &sink_filter {
-                Some(f) => f
+            let dropped = match (&sink_filter, target) {
+                (Some(f), _) => f
                     .status()
                     .drops
                     .get("unknown_session")
                     .copied()
                     .unwrap_or(0),
-                None => at_edge,
+                (None, Target::DeadEnd) => freed().saturating_sub(freed0),
+                (None, _) => at_edge,
             };
             // Edge CPU seconds per GB that iperf3 moved.
             let gb = bps * f64::from(iperf_secs) / 8e9;
@@ -1089,8 +1117,8 @@ fn measure_junk_flood() {
                 cpu_per_gb: (user + sys) / gb.max(1e-9),
             };
             println!(
-                "round {r} filter {filter:>6} flood at {:>4} (load {load0:.1}): junk offered {} ({:.0}/s), \
-                 dropped by the filter there {} ({:.0}/s; at the edge {at_edge}), socket buffer overflows {}, \
+                "round {r} filter {filter:>6} flood at {:>8} (load {load0:.1}): junk offered {} ({:.0}/s), \
+                 dropped there {} ({:.0}/s; by the edge's filter {at_edge}), socket buffer overflows {}, \
                  edge unknown_session {}, machine backlog drops {}, iperf3 {:.1} Mbit/s, \
                  edge A CPU {user:.2} s user + {sys:.2} s sys ({:.2} s/GB), machine kernel CPU {kernel_s:.2} s",
                 target.as_str(),
@@ -1106,6 +1134,9 @@ fn measure_junk_flood() {
             );
             round.push(run);
             drop(sink_filter);
+            if target == Target::DeadEnd {
+                sink.set_up(&lab, true);
+            }
             for e in &edges {
                 lab.stop(&e.proc);
             }
@@ -1133,10 +1164,23 @@ fn measure_junk_flood() {
             is(filter, Target::Edge),
             is(filter, Target::Sink),
         );
+        // What the overlay host pays in all: receiving and dropping the junk included.
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6}: flood at the edge / at the dead end"),
+            is(filter, Target::Edge),
+            is(filter, Target::DeadEnd),
+        );
         print_paired(
             &runs,
             &format!("filter {filter:>6}: flood at the sink / no flood"),
             is(filter, Target::Sink),
+            is(filter, Target::Quiet),
+        );
+        print_paired(
+            &runs,
+            &format!("filter {filter:>6}: flood at the dead end / no flood"),
+            is(filter, Target::DeadEnd),
             is(filter, Target::Quiet),
         );
     }
