@@ -1172,7 +1172,8 @@ fn tc_hooks_started_together_attach_once() {
 /// `MVC_FLOOD_SECS` (default 3) with junk (a wrong version byte) for a port the filter
 /// guards on the other end (or, with `MVC_FLOOD_TARGET=relay`, the supernode's relay
 /// program, native), which drops it in the hook `MVC_FILTER_MODE` asks for (default
-/// auto: tc on veth). Prints the rate offered and the rate
+/// auto: tc on veth); with `MVC_FLOOD_TARGET=dead-end` the other end is down instead, so
+/// the sender's veth frees every frame unreceived (the flood's making alone). Prints the rate offered and the rate
 /// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI
 /// and the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
 /// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp --
@@ -1198,10 +1199,19 @@ fn measure_flood_rate() {
     let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 79, 1), port);
     // The edge's filter, or with MVC_FLOOD_TARGET=relay the supernode's program
     // (native: it only drops here, so the peer needs no NAPI for XDP_TX).
-    let relay = std::env::var("MVC_FLOOD_TARGET").is_ok_and(|v| v == "relay");
+    let target = std::env::var("MVC_FLOOD_TARGET").unwrap_or_default();
+    let (relay, dead_end) = (target == "relay", target == "dead-end");
+    if dead_end {
+        lab.ip(&edge, &["link", "set", "eth0", "down"])
+            .expect("link down");
+    }
+    let freed = || lab.if_counter(&peer, "eth0", "tx_dropped").unwrap_or(0);
+    let freed0 = freed();
     let (filter, relay) = lab
         .in_ns(&edge, || {
-            if relay {
+            if dead_end {
+                (None, None)
+            } else if relay {
                 let r =
                     xdp::XdpRelay::attach("eth0", dst.into(), HookMode::Xdp(ModeRequest::Native));
                 (None, Some(r.expect("attach")))
@@ -1259,13 +1269,14 @@ fn measure_flood_rate() {
             .0
             .into_iter()
             .find_map(|(name, n)| (name == "bad_version").then_some(n)),
+        _ if dead_end => Some(freed().saturating_sub(freed0)),
         _ => None,
     }
     .unwrap_or(0);
-    let target = if relay.is_some() {
-        "supernode relay program"
-    } else {
-        "edge filter"
+    let target = match (&relay, dead_end) {
+        (Some(_), _) => "supernode relay program",
+        (None, true) => "dead end (freed by the sending veth)",
+        (None, false) => "edge filter",
     };
     println!(
         "{target}, {generator}, {threads} senders, {el:.1} s: offered {sent} ({:.0}/s), dropped by the program {dropped} ({:.0}/s), \
@@ -1347,7 +1358,12 @@ fn measure_filter_program() {
     old_version[0] = 1;
     // (what, program, frame, dropped)
     let cases = [
-        ("Data, unknown session", id, frame(&data(0x0bad_5e55), port), true),
+        (
+            "Data, unknown session",
+            id,
+            frame(&data(0x0bad_5e55), port),
+            true,
+        ),
         ("Data, live session", id, frame(&data(live), port), false),
         ("wrong version", id, frame(&old_version, port), true),
         ("another port", id, frame(&data(live), port + 1), false),
