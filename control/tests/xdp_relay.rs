@@ -941,30 +941,29 @@ fn print_paired(
 /// A junk flood against site A's edge, without `--xdp-filter` and with it in each hook of
 /// `MVC_FILTER_MODES` (default `native,tc`); for each of those the same flood against the
 /// [`Sink`] (the same filter in the same hook, off the overlay's path), into the sink's
-/// link with the sink's end down (the dead end: made, then freed unreceived) and no
-/// flood at all, each as the baselines, in one series per round (the order rotating, each
+/// link with the sink's end down (the dead end: made, then freed unreceived) and no flood
+/// at all, each as the baselines, in one series per round (the order rotating, each
 /// configuration started fresh). The junk: Data datagrams naming an unknown session index
 /// (valid version, type and length: what only the session check catches) sent out of the
 /// internet router's end of A's uplink (or the sink's) by the generator of `MVC_FLOOD_GEN`
-/// (`clone`, the default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default
-/// 1 000 000 frames/s; `socket`: raw packet sockets as fast as they go),
-/// `MVC_FLOOD_THREADS` senders (default 1 for `clone`, 2 for `socket`), for
-/// `MVC_FLOOD_SECS` (default 10; at most 50 million frames per sender), while iperf3 runs
-/// from B's VM to A's. Reports per run the load, the rate offered, where the junk was
-/// dropped (the filter at the edge or the sink, the router's veth at the dead end, the
-/// kernel's full socket buffer, the edge's `unknown_session`), the machine's backlog drops, the iperf3 rate, the edge
-/// process's CPU seconds per GB iperf3 moved and the machine's kernel CPU; then per
-/// round, with their medians: the flood at the edge against no flood with the same filter
-/// setting (what the whole 2-core machine pays: the flood's making and dropping included),
-/// against the flood at the sink (what the overlay host pays beyond receiving and
-/// dropping it as any host would), against the dead end (what the overlay host pays in
-/// all, receiving and dropping included), the sink and the dead end against no flood, and
-/// each filter without a flood against no filter. With
-/// `MVC_FLOOD_PERF=DIR`, every flooded run is profiled (`perf record -a -g`, 4 s, into
-/// `DIR/round-R-FILTER-TARGET.data`; the profiler's own cost then moves the figures).
-/// Ignored (for docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc cargo test
-/// --release -p control --test xdp_relay -- --ignored --nocapture measure_junk_flood`;
-/// `MVC_FLOOD_ROUNDS` (default 3).
+/// (`clone`, the default: seeds cloned by a tc program, paced to `MVC_FLOOD_PPS`, default 1
+/// 000 000 frames/s; `socket`: raw packet sockets as fast as they go), `MVC_FLOOD_THREADS`
+/// senders (default 1 for `clone`, 2 for `socket`), for `MVC_FLOOD_SECS` (default 10; at
+/// most 50 million frames per sender), while iperf3 runs from B's VM to A's. Reports per
+/// run the load, the rate offered, where the junk was dropped (the filter at the edge or
+/// the sink, the router's veth at the dead end, the kernel's full socket buffer, the edge's
+/// `unknown_session`), the machine's backlog drops, the iperf3 rate, the edge process's CPU
+/// seconds per GB iperf3 moved and the machine's kernel CPU; then per round, with their
+/// medians: the flood at the edge against no flood with the same filter setting (what the
+/// whole 2-core machine pays: the flood's making and dropping included), against the flood
+/// at the sink (what the overlay host pays beyond receiving and dropping it as any host
+/// would), against the dead end (what the overlay host pays in all, receiving and dropping
+/// included), the sink and the dead end against no flood, and each filter without a flood
+/// against no filter. With `MVC_FLOOD_PERF=DIR`, every flooded run is profiled (`perf
+/// record -a -g`, 4 s, into `DIR/round-R-FILTER-TARGET.data`; the profiler's own cost then
+/// moves the figures). Ignored (for docs/BENCH.md): `MVC_TEST_BIN=$PWD/target/release/mvc
+/// cargo test --release -p control --test xdp_relay -- --ignored --nocapture
+/// measure_junk_flood`; `MVC_FLOOD_ROUNDS` (default 3).
 #[test]
 #[ignore]
 fn measure_junk_flood() {
@@ -1002,8 +1001,8 @@ fn measure_junk_flood() {
     let sink = Sink::new(&lab, &t, &payload);
     let counter = |st: &Value, part: &str, key: &str| st[part][key].as_u64().unwrap_or(0);
     // (filter, target): the flood against the edge without and with the filter, against
-    // the sink with the filter, and no flood with and without the filter (what the
-    // legitimate traffic costs on its own, and what the filter costs it).
+    // the sink and into the dead end with the filter, and no flood with and without the
+    // filter (what the legitimate traffic costs on its own, and what the filter costs it).
     let modes_env = std::env::var("MVC_FILTER_MODES").unwrap_or_else(|_| "native,tc".into());
     let mut filters: Vec<&'static str> = vec!["off"];
     for m in modes_env.split(',') {

@@ -1166,18 +1166,18 @@ fn tc_hooks_started_together_attach_once() {
 }
 
 /// How fast a junk flood reaches the filter here, and what each dropped frame costs:
-/// `MVC_FLOOD_THREADS` (default 1) senders with the generator of `MVC_FLOOD_GEN`
-/// (`clone`, the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all;
-/// or `socket`, `lab::flood::flood` as fast as it goes) flood a veth pair for
-/// `MVC_FLOOD_SECS` (default 3) with junk (a wrong version byte) for a port the filter
-/// guards on the other end (or, with `MVC_FLOOD_TARGET=relay`, the supernode's relay
-/// program, native), which drops it in the hook `MVC_FILTER_MODE` asks for (default
-/// auto: tc on veth); with `MVC_FLOOD_TARGET=dead-end` the other end is down instead, so
-/// the sender's veth frees every frame unreceived (the flood's making alone). Prints the rate offered and the rate
-/// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI
-/// and the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
-/// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp --
-/// --ignored --nocapture measure_flood_rate`.
+/// `MVC_FLOOD_THREADS` (default 1) senders with the generator of `MVC_FLOOD_GEN` (`clone`,
+/// the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all; or `socket`,
+/// `lab::flood::flood` as fast as it goes) flood a veth pair for `MVC_FLOOD_SECS` (default
+/// 3) with junk (a wrong version byte) for a port the filter guards on the other end (or,
+/// with `MVC_FLOOD_TARGET=relay`, the supernode's relay program, native), which drops it in
+/// the hook `MVC_FILTER_MODE` asks for (default auto: tc on veth); with
+/// `MVC_FLOOD_TARGET=dead-end` the other end is down instead, so the sender's veth frees
+/// every frame unreceived (the flood's making alone). Prints the rate offered and the rate
+/// the filter dropped, the sending process's CPU (which runs the receiving veth's NAPI and
+/// the XDP drop too, in its softirq) and the machine's kernel CPU per dropped frame.
+/// Ignored (for docs/BENCH.md): `cargo test --release -p dataplane --test xdp -- --ignored
+/// --nocapture measure_flood_rate`.
 #[test]
 #[ignore]
 fn measure_flood_rate() {
