@@ -185,9 +185,11 @@ fn spawn_edge(
     e
 }
 
-fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> u64 {
+/// The supernode's relayed packets and the sends that carried them.
+fn relayed_packets(mvc: &Mvc, lab: &Lab, sn: &ov::Supernode) -> (u64, u64) {
     let st = mvc.supernode_status(lab, sn).expect("supernode status");
-    st["relayed_packets"].as_u64().expect("relayed_packets")
+    let n = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("{k}: {st}"));
+    (n("relayed_packets"), n("relay_sends"))
 }
 
 #[test]
@@ -247,13 +249,24 @@ fn relay_then_direct(xdp: bool) {
     let (vb, vc) = (&b.vms[0], &cs.vms[0]);
     ping_ok(&lab, &vb.ns, vc.ip, 5);
     ping_ok(&lab, &vc.ns, vb.ip, 5);
-    let before = relayed_packets(&mvc, &lab, &c.supernode);
+    let (before, sends_before) = relayed_packets(&mvc, &lab, &c.supernode);
     let bps = lab::iperf(&lab, &vb.ns, &vc.ns, vc.ip, 2).unwrap();
     assert!(bps > 1e6, "relayed iperf3: {bps} b/s");
-    let after = relayed_packets(&mvc, &lab, &c.supernode);
+    // Status is published every 200 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    let (after, sends_after) = relayed_packets(&mvc, &lab, &c.supernode);
     assert!(
         after > before + 100,
         "supernode relayed {before} -> {after}"
+    );
+    // The edges' GSO batches arrive whole (UDP GRO) and leave as one GSO send each,
+    // the ACKs the other way one by one: well over one datagram per send.
+    let per_send = (after - before) as f64 / (sends_after - sends_before).max(1) as f64;
+    assert!(
+        per_send >= 2.0,
+        "{} datagrams in {} sends",
+        after - before,
+        sends_after - sends_before
     );
     assert_eq!(
         mvc.path_to(&lab, c.edge("b"), "c").as_deref(),
@@ -1112,7 +1125,7 @@ fn relayed_traffic_moves_to_the_next_supernode_within_a_second() {
         assert_eq!(relaying, sns[1].to_string(), "{st}");
         (&sn2, &sn1)
     };
-    let before = relayed_packets(&mvc, &lab, survivor);
+    let (before, _) = relayed_packets(&mvc, &lab, survivor);
     let p = std::thread::scope(|sc| {
         let pinger = sc.spawn(|| lab::ping(&lab, &vb.ns, vc.ip, 60, 0.1).unwrap());
         std::thread::sleep(Duration::from_secs(2));
@@ -1126,7 +1139,7 @@ fn relayed_traffic_moves_to_the_next_supernode_within_a_second() {
         f64::from(lost) * 0.1
     );
     assert!(lost < 10, "{p:?}");
-    assert!(relayed_packets(&mvc, &lab, survivor) > before + 40);
+    assert!(relayed_packets(&mvc, &lab, survivor).0 > before + 40);
     t.unblock(&lab, &rules).unwrap();
     for pr in [&survivor.proc, &eb.proc, &ec.proc] {
         assert!(lab.running(pr), "{} died: {}", pr.name, lab.log(pr));

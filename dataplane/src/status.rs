@@ -243,6 +243,10 @@ pub struct SupernodeStatus {
     pub relayed_packets: u64,
     /// Bytes relayed.
     pub relayed_bytes: u64,
+    /// Sends that carried relayed packets: a batch of datagrams for one edge goes
+    /// as one GSO send, so `relayed_packets / relay_sends` is the datagrams per send.
+    #[serde(default)]
+    pub relay_sends: u64,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
     /// The XDP relay and filter on the underlay interface (`--xdp-relay`),
@@ -616,7 +620,7 @@ impl SupernodeStatus {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "supernode {}  up {}s  registrations {}  cookies {}  prompts {} ({} limited)  relayed {} packets / {} bytes\nkey {}",
+            "supernode {}  up {}s  registrations {}  cookies {}  prompts {} ({} limited)  relayed {} packets / {} bytes in {} sends\nkey {}",
             self.listen,
             self.uptime_s,
             self.registrations,
@@ -625,6 +629,7 @@ impl SupernodeStatus {
             self.prompts_limited,
             self.relayed_packets,
             self.relayed_bytes,
+            self.relay_sends,
             self.key
         );
         for c in &self.communities {
@@ -706,6 +711,7 @@ impl SupernodeStatus {
             ("prompts_limited_total", self.prompts_limited),
             ("relayed_packets_total", self.relayed_packets),
             ("relayed_bytes_total", self.relayed_bytes),
+            ("relay_sends_total", self.relay_sends),
         ] {
             let _ = writeln!(o, "# TYPE mvc_supernode_{m} counter");
             let _ = writeln!(o, "mvc_supernode_{m} {v}");

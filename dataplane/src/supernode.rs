@@ -522,6 +522,31 @@ impl SupernodeCore {
         }
     }
 
+    /// Where each datagram of a batch from `src` goes: `segment`-byte pieces of `buf`, as
+    /// UDP GRO hands them over (one datagram when `segment` is `buf`'s length). `targets`
+    /// gets one entry per datagram: the relay target of a Relay that passes
+    /// [`SupernodeCore::relay_target`], `None` for anything else, which is handled as by
+    /// [`SupernodeCore::handle`] (answers in `out`). Each datagram is checked on its own:
+    /// a batch may mix headers.
+    pub fn relay_batch(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        (buf, segment): (&[u8], usize),
+        out: &mut Outbox,
+        targets: &mut Vec<Option<SocketAddr>>,
+    ) {
+        targets.clear();
+        for p in buf.chunks(segment.max(1)) {
+            if matches!(wire::peek_type(p), Ok(MsgType::Relay)) {
+                targets.push(self.relay_target(now, src, p, out));
+            } else {
+                self.handle(now, src, p, out);
+                targets.push(None);
+            }
+        }
+    }
+
     fn on_relay(&mut self, now: Instant, src: SocketAddr, pkt: &[u8], out: &mut Outbox) {
         if let Some(d) = self.relay_target(now, src, pkt, out) {
             out.push_udp_copy(d, pkt);
@@ -680,6 +705,8 @@ impl SupernodeCore {
             key: self.key.public_hex(),
             relayed_packets: self.relayed_packets,
             relayed_bytes: self.relayed_bytes,
+            // The event loop knows its sends.
+            relay_sends: 0,
             drops: self
                 .drops
                 .iter()

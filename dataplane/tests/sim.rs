@@ -1396,6 +1396,63 @@ fn relayed_pair(sns: usize) -> (Net, usize, usize) {
     (net, a, b)
 }
 
+/// A GSO batch of relays as the supernode's socket gets it with UDP GRO, handed to
+/// `relay_batch` at once: every datagram goes to the peer and is counted once; each
+/// datagram is checked (one for an unknown edge in the middle is dropped, the ones
+/// after it still go), and a batch from another address than the sender registered
+/// from goes nowhere, each datagram counted as a drop.
+#[test]
+fn a_gro_batch_of_relays_is_checked_datagram_by_datagram() {
+    let (mut net, a, b) = relayed_pair(1);
+    net.edges[a].out.gso = true;
+    net.edges[a].out.gso_max_segment = 1472;
+    // Whatever the set-up left queued goes first.
+    net.run(Duration::from_millis(10));
+    let (hdr, f) = tcp_super_frame(30_000);
+    let now = net.now;
+    let e = &mut net.edges[a];
+    e.core.handle_tap_tso(now, &hdr, &f, 1404, &mut e.out);
+    let (sn_addr, aa, ba) = (net.sns[0].addr, net.edges[a].addr, net.edges[b].addr);
+    let batches: Vec<(Vec<u8>, usize)> = net.edges[a]
+        .out
+        .udp
+        .iter()
+        .filter(|u| u.dst == sn_addr)
+        .filter_map(|u| u.segment.map(|s| (u.bytes().to_vec(), s)))
+        .collect();
+    net.edges[a].out.recycle_sent();
+    let (batch, seg) = batches.into_iter().next().expect("a relayed GSO batch");
+    let n = batch.len().div_ceil(seg);
+    assert!(n > 2, "{n} datagrams");
+    let sn = &mut net.sns[0];
+    let relayed = |sn: &Sn| sn.core.status(now, "").relayed_packets;
+    let drops = |sn: &Sn, r: &str| sn.core.status(now, "").drops.get(r).copied();
+    let mut targets = Vec::new();
+    let r0 = relayed(sn);
+    sn.core
+        .relay_batch(now, aa, (&batch, seg), &mut sn.out, &mut targets);
+    assert_eq!(targets, vec![Some(ba); n]);
+    assert_eq!(relayed(sn), r0 + n as u64);
+    // The middle datagram names an edge nobody registered.
+    let mut tampered = batch.clone();
+    let mid = n / 2 * seg;
+    tampered[mid + 28..mid + 36].copy_from_slice(&[0xee; 8]);
+    sn.core
+        .relay_batch(now, aa, (&tampered, seg), &mut sn.out, &mut targets);
+    let mut want = vec![Some(ba); n];
+    want[n / 2] = None;
+    assert_eq!(targets, want);
+    assert_eq!(relayed(sn), r0 + 2 * n as u64 - 1);
+    assert_eq!(drops(sn, "relay_unknown_dst"), Some(1));
+    // From an address the sender did not register from: nothing goes.
+    let other = sa("198.18.0.250:7700");
+    sn.core
+        .relay_batch(now, other, (&batch, seg), &mut sn.out, &mut targets);
+    assert_eq!(targets, vec![None; n]);
+    assert_eq!(relayed(sn), r0 + 2 * n as u64 - 1);
+    assert_eq!(drops(sn, "relay_src_mismatch"), Some(n as u64));
+}
+
 /// Relayed traffic (direct path blocked) moves to the second supernode within 1 s of the
 /// first one dying, with the production timers; and while both directions flow, the
 /// supernode is not asked more often than the registration interval.

@@ -287,6 +287,8 @@ pub fn run_supernode(
     let mut last_tick = Instant::now() - TICK;
     let mut last_pub = Instant::now() - PUBLISH;
     let mut send_fails = 0u64;
+    // Sends of relayed datagrams (a GSO send counts once).
+    let mut relay_sends = 0u64;
     let mut targets: Vec<Option<std::net::SocketAddr>> = Vec::with_capacity(64);
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [libc::pollfd {
@@ -305,19 +307,7 @@ pub fn run_supernode(
                 };
                 let seg = seg.unwrap_or(n).max(1);
                 // Relay datagrams: find each target, then forward runs to one target.
-                targets.clear();
-                let mut o = 0;
-                while o < n {
-                    let e = (o + seg).min(n);
-                    let p = &rx[o..e];
-                    if matches!(crate::wire::peek_type(p), Ok(crate::wire::MsgType::Relay)) {
-                        targets.push(core.relay_target(now, src, p, &mut out));
-                    } else {
-                        core.handle(now, src, p, &mut out);
-                        targets.push(None);
-                    }
-                    o = e;
-                }
+                core.relay_batch(now, src, (&rx[..n], seg), &mut out, &mut targets);
                 let mut k = 0;
                 while k < targets.len() {
                     let Some(dst) = targets[k] else {
@@ -330,6 +320,7 @@ pub fn run_supernode(
                     }
                     let start = k * seg;
                     let end = (j * seg).min(n);
+                    relay_sends += 1;
                     if j - k > 1 && gso {
                         if super::udp::send_msg(fd, &rx[start..end], dst, Some(seg as u16)).is_err()
                         {
@@ -385,6 +376,7 @@ pub fn run_supernode(
             last_pub = now;
             let mut s = core.status(now, &listen);
             s.xdp_relay = relay.as_ref().map(xdp_relay_status);
+            s.relay_sends = relay_sends;
             if send_fails > 0 {
                 s.drops.insert("udp_send_error".into(), send_fails);
             }
