@@ -1307,13 +1307,22 @@ fn threads2_xdp_spreads_flows_in_order_and_restarts_clean() {
 /// Two forwarder threads per edge on `datapath`: ping and TCP both ways; parallel flows
 /// are read by both of B's threads; a bounded-rate UDP run in two streams arrives with no
 /// datagram out of order; junk from many source ports reaches both of A's sockets and is
-/// counted; on XDP, kill -9 and a restart leave no program on the port and a working edge.
+/// counted; the io line says which TX the threads use; on XDP, kill -9 and a restart leave
+/// no program on the port and a working edge.
 fn threaded(datapath: &str) {
     let Some((lab, mvc)) = setup(&format!("threads2_{datapath}")) else {
         return;
     };
     let t = Topology::three_sites(&lab, 1).unwrap();
     let mut c = start_threaded(&lab, &t, &mvc, datapath, 2);
+    // The io line holds for every thread (their ports are set up alike) and says how many.
+    let st = mvc.edge_status(&lab, c.edge("b")).expect("edge status");
+    let io = st["io"].as_str().unwrap_or_default();
+    assert!(io.ends_with("; 2 threads"), "{io}");
+    if datapath == "xdp" {
+        // Frames to the VMs through each thread's packet socket, not AF_XDP TX.
+        assert!(io.contains("tx packet socket vnet-hdr/tso"), "{io}");
+    }
     let (a, b) = (t.site("a"), t.site("b"));
     let (va, vb) = (&a.vms[0], &b.vms[0]);
     ping_ok(&lab, &vb.ns, va.ip, 5);

@@ -761,15 +761,11 @@ fn run_edge(a: EdgeArgs) -> Result<(), CliError> {
         ),
         (None, None) => return Err(CliError::Usage("no frame port".into())),
     };
+    // The poll(2) driver runs one thread (`--threads` above 1 is refused there).
     let io = if uring_ok {
-        off.describe(&port.describe())
+        off.describe(&port.describe(), threads)
     } else {
         format!("poll(2); no offloads; {}", port.describe())
-    };
-    let io = if threads > 1 {
-        format!("{io}; {threads} threads")
-    } else {
-        io
     };
     tracing::info!(
         %name, %community, id = %crate::status::hex(&core.id()), tap = %tap_name, mtu,

@@ -514,7 +514,17 @@ impl Lab {
 
     /// A persistent TAP device (for an edge to attach to), up.
     pub fn tap(&self, ns: &str, name: &str) -> Result<()> {
-        self.ip(ns, &["tuntap", "add", "dev", name, "mode", "tap"])?;
+        self.tap_queues(ns, name, false)
+    }
+
+    /// [`Lab::tap`], multi-queue when `multi_queue` (an edge with `--threads` above 1
+    /// opens one queue per thread).
+    pub fn tap_queues(&self, ns: &str, name: &str, multi_queue: bool) -> Result<()> {
+        let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+        if multi_queue {
+            add.push("multi_queue");
+        }
+        self.ip(ns, &add)?;
         self.ip(ns, &["link", "set", name, "up"])?;
         Ok(())
     }
@@ -1123,8 +1133,14 @@ impl Topology {
     /// Replaces a site's TAP device by a fresh one on the bridge, so that offload settings
     /// an earlier overlay left on it (TSO, checksum offload) do not reach the next one.
     pub fn reset_tap(&self, lab: &Lab, site: &Site) -> Result<()> {
+        self.reset_tap_queues(lab, site, false)
+    }
+
+    /// [`Topology::reset_tap`], the new device multi-queue when `multi_queue` (one queue
+    /// per thread of an edge with `--threads` above 1).
+    pub fn reset_tap_queues(&self, lab: &Lab, site: &Site, multi_queue: bool) -> Result<()> {
         let _ = lab.ip(&site.frontend, &["link", "del", &site.tap]);
-        lab.tap(&site.frontend, &site.tap)?;
+        lab.tap_queues(&site.frontend, &site.tap, multi_queue)?;
         lab.enslave(&site.frontend, &site.tap, &site.bridge)
     }
 
@@ -1353,7 +1369,22 @@ static IPERF_PORT: AtomicU32 = AtomicU32::new(0);
 /// one-off server on its own port, so a run that ended badly cannot leave a busy server
 /// behind for the next one.
 pub fn iperf(lab: &Lab, client: &str, server: &str, dst: Ipv4Addr, secs: u32) -> Result<f64> {
-    let v = iperf_json(lab, client, server, dst, secs, &[])?;
+    iperf_streams(lab, client, server, dst, secs, 1)
+}
+
+/// [`iperf`] with `streams` parallel TCP streams (`iperf3 -P`; one: none); returns the
+/// bits per second received over all of them.
+pub fn iperf_streams(
+    lab: &Lab,
+    client: &str,
+    server: &str,
+    dst: Ipv4Addr,
+    secs: u32,
+    streams: u32,
+) -> Result<f64> {
+    let p = streams.to_string();
+    let extra: &[&str] = if streams > 1 { &["-P", &p] } else { &[] };
+    let v = iperf_json(lab, client, server, dst, secs, extra)?;
     v.pointer("/end/sum_received/bits_per_second")
         .and_then(serde_json::Value::as_f64)
         .ok_or_else(|| Error::Parse {

@@ -69,6 +69,9 @@ pub struct EdgeOpts {
     pub tap: Option<String>,
     /// `--bridge`: the VM bridge the XDP datapath puts its port on.
     pub bridge: Option<String>,
+    /// `--threads`, when above 1 ([`MvcCluster::start`] then makes the site's TAP
+    /// multi-queue, as a TAP edge with several threads needs).
+    pub threads: u32,
     /// Further flags, appended as given.
     pub extra: Vec<String>,
 }
@@ -87,6 +90,7 @@ impl EdgeOpts {
             port: Some(EDGE_PORT),
             tap: None,
             bridge: None,
+            threads: 1,
             extra: Vec::new(),
         }
     }
@@ -189,6 +193,9 @@ impl Mvc {
         }
         if let Some(p) = o.port {
             args.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
+        }
+        if o.threads > 1 {
+            args.extend(["--threads".into(), o.threads.to_string()]);
         }
         args.extend(o.extra.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -340,9 +347,9 @@ impl MvcCluster {
         let supernode = mvc.supernode(lab, &a.frontend, sn_addr, "supernode")?;
         let mut edges = BTreeMap::new();
         for s in &topo.sites {
-            topo.reset_tap(lab, s)?;
             let mut o = EdgeOpts::new(s, COMMUNITY, SECRET, &[sn_addr]);
             tweak(&mut o);
+            topo.reset_tap_queues(lab, s, o.threads > 1)?;
             edges.insert(s.name.clone(), mvc.edge(lab, s, &o)?);
         }
         Ok(MvcCluster {

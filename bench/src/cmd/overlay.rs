@@ -92,6 +92,14 @@ pub struct Args {
     /// Offered rate of the small-frame run, datagrams per second.
     #[arg(long, default_value_t = 100_000)]
     pub pps: u32,
+    /// Forwarder threads of every edge (`mvc edge --threads N`; 1 is the edge's default
+    /// and passes no flag).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub edge_threads: u32,
+    /// Parallel TCP streams of each iperf3 run (`iperf3 -P N`), the raw underlay's
+    /// paired runs alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: u32,
     /// Where to write the JSON result and figures.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -370,6 +378,8 @@ struct Report<'a> {
     mvc: Option<String>,
     perf_cycles: bool,
     layout: &'a str,
+    edge_threads: u32,
+    streams: u32,
     rows: &'a [Row],
     small: &'a [SmallRow],
     latency: &'a [LatRow],
@@ -667,12 +677,19 @@ impl Ctx<'_> {
         let mut cpu_runs = Vec::new();
         for i in 0..a.runs {
             if paired {
-                let bps = lab::iperf(lab, self.client(), self.server(), raw_dst, a.secs)
-                    .with_context(|| format!("raw reference run {}", i + 1))?;
+                let bps = lab::iperf_streams(
+                    lab,
+                    self.client(),
+                    self.server(),
+                    raw_dst,
+                    a.secs,
+                    a.streams,
+                )
+                .with_context(|| format!("raw reference run {}", i + 1))?;
                 raw_gbps_runs.push(bps / 1e9);
             }
             let before = cpu::sample(pids);
-            let bps = lab::iperf(lab, self.client(), self.server(), dst, a.secs)
+            let bps = lab::iperf_streams(lab, self.client(), self.server(), dst, a.secs, a.streams)
                 .with_context(|| format!("{system} {cipher} {path}: iperf3 run {}", i + 1))?;
             let after = cpu::sample(pids);
             gbps_runs.push(bps / 1e9);
@@ -779,6 +796,7 @@ fn run_all(
                             o.tap = Some("xp0".into());
                             o.bridge = Some(a.bridge.clone());
                         }
+                        o.threads = args.edge_threads;
                     });
                     let c = match c {
                         Ok(c) => c,
@@ -1027,6 +1045,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if !args.delay.is_empty() {
             bail!("--layout hosts has no WAN emulator: no --delay");
         }
+        if args.edge_threads > 1 {
+            bail!("--layout hosts makes single-queue TAP devices: no --edge-threads");
+        }
         if args.datapath.iter().all(|d| d == "xdp") && args.systems.iter().any(|s| s == "mvc") {
             bail!("--layout hosts has no VM bridge for the xdp datapath: use --datapath tap");
         }
@@ -1184,6 +1205,8 @@ fn report(
         pings: args.pings,
         mvc: mvc.map(|m| m.bin.display().to_string()),
         layout: &args.layout,
+        edge_threads: args.edge_threads,
+        streams: args.streams,
         perf_cycles: perf,
         rows: &rows,
         small: &small,

@@ -170,9 +170,10 @@ pub struct RxContext<'a> {
 ///
 /// XDP: one `POLL_ADD` stays armed on the AF_XDP socket; when it fires, frames are
 /// taken off the RX ring in batches and TCP segments of one flow coalesced into
-/// super-frames ([`RxGro`]) that take the TSO path; frames for the VMs leave through the
-/// TX ring in one batch per round, after the core lock is released when several threads
-/// share it (the copy-mode `sendto` is the costly part of the XDP path).
+/// super-frames ([`RxGro`]) that take the TSO path; frames for the VMs are written to
+/// the queue's packet socket with virtio-net headers as on a TAP, or, without one, leave
+/// through the TX ring in one batch per round, after the core lock is released when
+/// several threads share it (the copy-mode `sendto` is the costly part of that path).
 pub enum RingPort {
     /// A queue of a TAP device.
     Tap(TapQueue),
@@ -197,9 +198,10 @@ pub struct TapQueue {
 pub struct XdpQueue {
     port: Box<XdpPort>,
     gro: RxGro,
+    /// AF_XDP TX after the core lock is released (several threads share the core).
     send_unlocked: bool,
-    /// The port's packet socket for frames to the VMs (virtio-net headers), used with
-    /// one thread; `None`: AF_XDP TX.
+    /// This queue's packet socket for frames to the VMs (virtio-net headers; one per
+    /// forwarder thread); `None`: AF_XDP TX.
     vnet_tx: Option<RawFd>,
     /// Drops of the last send made without the core, counted at the next lock.
     drops: XdpDrops,
@@ -227,10 +229,10 @@ impl RingPort {
                 })
             }
             FramePort::Xdp(port) => Self::Xdp(XdpQueue {
-                vnet_tx: port.vnet_tx_fd().filter(|_| threads == 1),
+                vnet_tx: port.vnet_tx_fd(),
+                send_unlocked: threads > 1 && port.vnet_tx_fd().is_none(),
                 port,
                 gro: RxGro::new(),
-                send_unlocked: threads > 1,
                 drops: XdpDrops::default(),
                 csum_scratch: Vec::new(),
             }),

@@ -139,10 +139,16 @@ pub struct Offloads {
 
 impl Offloads {
     /// The status and log line of the I/O: these offloads and levers, then `port`, the
-    /// frame side's own description (`FramePort::describe`).
-    pub fn describe(&self, port: &str) -> String {
+    /// frame side's own description (`FramePort::describe`; every thread's port is set up
+    /// alike), then the number of forwarder threads when above one.
+    pub fn describe(&self, port: &str, threads: usize) -> String {
+        let threads = if threads > 1 {
+            format!("; {threads} threads")
+        } else {
+            String::new()
+        };
         format!(
-            "io_uring; udp-gso {}; udp-gro {}; {}; {port}",
+            "io_uring; udp-gso {}; udp-gro {}; {}; {port}{threads}",
             on(self.gso),
             on(self.gro),
             self.levers.describe(),
@@ -861,7 +867,9 @@ impl Forwarder {
         s.datapath = info.datapath.clone();
         s.datapath_reason = info.datapath_reason.clone();
         s.xdp_filter = info.xdp_filter.as_ref().map(|f| f.status());
-        s.io = self.off.describe(&self.port.describe());
+        s.io = self
+            .off
+            .describe(&self.port.describe(), self.shared.threads());
         s.tap = info.tap.clone();
         s.mtu = info.mtu;
         s.listen = info.listen.clone();

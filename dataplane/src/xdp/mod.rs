@@ -508,10 +508,10 @@ pub struct XdpPortConfig {
     /// multi-buffer and one queue needed; the port falls back to one-MTU frames
     /// without them): docs/XDP.md "GSO through the port".
     pub gso: bool,
-    /// Send the frames for the VMs through a packet socket with virtio-net headers
-    /// (TCP super-frames whole, as a TAP write takes them) instead of AF_XDP TX; one
-    /// queue only, AF_XDP TX where the socket cannot be made: docs/XDP.md "Frames to
-    /// the VMs through a packet socket".
+    /// Send the frames for the VMs through packet sockets with virtio-net headers
+    /// (TCP super-frames whole, as a TAP write takes them) instead of AF_XDP TX, one
+    /// socket per queue; AF_XDP TX on every queue where the sockets cannot be made:
+    /// docs/XDP.md "Frames to the VMs through a packet socket".
     pub tx_vnet: bool,
 }
 
@@ -561,7 +561,7 @@ pub struct XdpPort {
     vnet_tx: Option<OwnedFd>,
     xsk: xsk::Xsk,
     queue: u32,
-    more: Vec<xsk::Xsk>,
+    more: Vec<(Option<OwnedFd>, xsk::Xsk)>,
     shared: Arc<PortShared>,
 }
 
@@ -637,27 +637,23 @@ impl XdpPort {
             veth.stop_gso()?;
         }
         let gso_mtu = veth.gso().then_some(cfg.mtu as usize);
-        let vnet_tx = if cfg.tx_vnet && cfg.queues == 1 {
-            match packet::vnet_tx_socket(ifindex)
-                .map_err(Error::from)
-                .and_then(|fd| Ok(veth.tso_on_edge().map(|()| fd)?))
-            {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    tracing::warn!(%iface, error = %e, "frames to the bridge through AF_XDP TX");
-                    None
-                }
-            }
+        let mut vnet_txs = if cfg.tx_vnet {
+            vnet_tx_sockets(ifindex, cfg.queues, &mut veth)
         } else {
-            None
-        };
+            Vec::new()
+        }
+        .into_iter();
+        let vnet_tx = vnet_txs.next();
         tracing::info!(port = %cfg.port, bridge = ?cfg.bridge, mode = mode.as_str(), prog_id,
-            multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(), "XDP port up");
+            multi_buffer = xsk.multi_buffer(), queues = cfg.queues, gso = veth.gso(),
+            tx_vnet = vnet_tx.is_some(), "XDP port up");
+        // Every queue has its socket or none has (`vnet_tx_sockets`).
+        let more = socks.map(|x| (vnet_txs.next(), x)).collect::<Vec<_>>();
         Ok(Self {
             vnet_tx,
             xsk,
             queue: 0,
-            more: socks.collect(),
+            more,
             shared: Arc::new(PortShared {
                 ebpf: Mutex::new(ebpf),
                 mode,
@@ -670,14 +666,15 @@ impl XdpPort {
     }
 
     /// Takes the sockets of queues 1.. out of this port (which keeps queue
-    /// 0) as ports of their own, for one forwarder thread each.
+    /// 0) as ports of their own, for one forwarder thread each, each with its
+    /// own packet socket for the frames to the VMs when the port has them.
     pub fn split_queues(&mut self) -> Vec<XdpPort> {
         let shared = &self.shared;
         std::mem::take(&mut self.more)
             .into_iter()
             .enumerate()
-            .map(|(i, xsk)| XdpPort {
-                vnet_tx: None,
+            .map(|(i, (vnet_tx, xsk))| XdpPort {
+                vnet_tx,
                 xsk,
                 queue: i as u32 + 1,
                 more: Vec::new(),
@@ -819,6 +816,25 @@ impl AsRawFd for XdpPort {
     fn as_raw_fd(&self) -> RawFd {
         self.xsk.as_raw_fd()
     }
+}
+
+/// One packet socket per queue for the frames to the VMs, and TSO on at the edge
+/// side (GSO skbs would otherwise be segmented before the veth): with several
+/// queues each forwarder thread writes its own flows through its own socket, so a
+/// flow's frames leave in the order one thread wrote them. Native XDP on the edge
+/// side takes GSO off the bridge side only, so TSO at the edge side holds in both
+/// modes. Where a socket or TSO cannot be had, none (AF_XDP TX on every queue),
+/// with one warning.
+fn vnet_tx_sockets(ifindex: u32, queues: u32, veth: &mut VethPort) -> Vec<OwnedFd> {
+    let made = (0..queues)
+        .map(|_| packet::vnet_tx_socket(ifindex))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::from)
+        .and_then(|fds| Ok(veth.tso_on_edge().map(|()| fds)?));
+    made.unwrap_or_else(|e| {
+        tracing::warn!(iface = %veth.edge_name(), error = %e, "frames to the bridge through AF_XDP TX");
+        Vec::new()
+    })
 }
 
 fn if_index(name: &str) -> Result<u32, Error> {
