@@ -591,8 +591,9 @@ impl XdpPort {
             &cfg.port,
             cfg.mtu,
             cfg.queues,
-            // Generic XDP takes every frame from a veth without NAPI as rx queue 0
-            // (`__netif_rx` records none): one queue only.
+            // Generic XDP reads the bridge side's tx queue as rx queue + 1 (veth
+            // records no rx queue, with NAPI or without): with two queues every
+            // frame is queue 0's. One queue only (docs/XDP.md).
             cfg.gso && cfg.queues == 1,
         )?;
         let iface = veth.edge_name().to_owned();
