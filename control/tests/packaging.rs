@@ -139,6 +139,8 @@ fn deb_unpacks_into_a_clean_root() {
     let d = tempfile::tempdir().unwrap();
     let st = Command::new(repo.join("packaging/build-deb"))
         .env("MVC_DEB_PROFILE", "dev")
+        // cargo-deb's quicker compression: 6 s against 20 s here, for a 9 MB instead of 7 MB .deb.
+        .arg("--fast")
         .arg("--output")
         .arg(d.path())
         .status()
