@@ -173,14 +173,6 @@ fn assert_drops_unchanged(before: &Value, after: &Value, reasons: &[&str], what:
     }
 }
 
-/// The whole number in the environment variable `key`, `default` when unset or not one.
-fn env_u32(key: &str, default: u32) -> u32 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn test_bin() -> Mvc {
     Mvc {
         bin: std::env::var_os("MVC_TEST_BIN")
@@ -467,11 +459,14 @@ fn measure_relay() {
         lab::skip("measure_relay", &why);
         return;
     }
-    let (rounds, secs) = (env_u32("MVC_RELAY_ROUNDS", 3), env_u32("MVC_RELAY_SECS", 4));
+    let (rounds, secs) = (
+        lab::env_number::<u32>("MVC_RELAY_ROUNDS", 3),
+        lab::env_number::<u32>("MVC_RELAY_SECS", 4),
+    );
     let mode = std::env::var("MVC_RELAY_MODE").unwrap_or_else(|_| "native".into());
     let (udp_len, udp_mbit) = (
-        env_u32("MVC_RELAY_UDP", 0),
-        env_u32("MVC_RELAY_UDP_MBIT", 300),
+        lab::env_number::<u32>("MVC_RELAY_UDP", 0),
+        lab::env_number::<u32>("MVC_RELAY_UDP_MBIT", 300),
     );
     let lab = Lab::new("xm").expect("lab");
     let mvc = test_bin();
@@ -977,9 +972,9 @@ fn measure_junk_flood() {
         lab::flood::Generator::Cloned { .. } => 1,
     };
     let (rounds, secs, threads) = (
-        env_u32("MVC_FLOOD_ROUNDS", 3),
-        env_u32("MVC_FLOOD_SECS", 10),
-        env_u32("MVC_FLOOD_THREADS", default_threads).clamp(1, 4),
+        lab::env_number::<u32>("MVC_FLOOD_ROUNDS", 3),
+        lab::env_number::<u32>("MVC_FLOOD_SECS", 10),
+        lab::env_number::<u32>("MVC_FLOOD_THREADS", default_threads).clamp(1, 4),
     );
     let perf_dir = std::env::var_os("MVC_FLOOD_PERF").map(PathBuf::from);
     println!("junk flood: {generator}, {threads} senders, {secs} s per run, {rounds} rounds");
@@ -1155,33 +1150,36 @@ fn measure_junk_flood() {
             is(filter, Target::Quiet),
         );
     }
+    // Edge / sink: what the overlay host pays beyond the flood's making and dropping.
+    // Edge / dead end: what the overlay host pays in all, receiving and dropping included.
+    // Sink and dead end / no flood: what the flood costs the machine without the overlay.
+    let pairs = [
+        (
+            Target::Edge,
+            Target::Sink,
+            "flood at the edge / at the sink",
+        ),
+        (
+            Target::Edge,
+            Target::DeadEnd,
+            "flood at the edge / at the dead end",
+        ),
+        (Target::Sink, Target::Quiet, "flood at the sink / no flood"),
+        (
+            Target::DeadEnd,
+            Target::Quiet,
+            "flood at the dead end / no flood",
+        ),
+    ];
     for &filter in &filters[1..] {
-        // What the overlay host pays beyond the flood's making and dropping.
-        print_paired(
-            &runs,
-            &format!("filter {filter:>6}: flood at the edge / at the sink"),
-            is(filter, Target::Edge),
-            is(filter, Target::Sink),
-        );
-        // What the overlay host pays in all: receiving and dropping the junk included.
-        print_paired(
-            &runs,
-            &format!("filter {filter:>6}: flood at the edge / at the dead end"),
-            is(filter, Target::Edge),
-            is(filter, Target::DeadEnd),
-        );
-        print_paired(
-            &runs,
-            &format!("filter {filter:>6}: flood at the sink / no flood"),
-            is(filter, Target::Sink),
-            is(filter, Target::Quiet),
-        );
-        print_paired(
-            &runs,
-            &format!("filter {filter:>6}: flood at the dead end / no flood"),
-            is(filter, Target::DeadEnd),
-            is(filter, Target::Quiet),
-        );
+        for (num, den, what) in pairs {
+            print_paired(
+                &runs,
+                &format!("filter {filter:>6}: {what}"),
+                is(filter, num),
+                is(filter, den),
+            );
+        }
     }
     for &filter in &filters[1..] {
         print_paired(

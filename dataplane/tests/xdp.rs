@@ -1216,15 +1216,6 @@ fn tc_hooks_started_together_attach_once() {
     }
 }
 
-/// A measurement's knob from the environment: `key` parsed as a number, `default` when
-/// unset or not a number.
-fn env_u64(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// How fast a junk flood reaches the filter here, and what each dropped frame costs:
 /// `MVC_FLOOD_THREADS` (default 1) senders with the generator of `MVC_FLOOD_GEN` (`clone`,
 /// the default, paced to `MVC_FLOOD_PPS`, default 1 000 000 frames/s in all; or `socket`,
@@ -1243,8 +1234,8 @@ fn env_u64(key: &str, default: u64) -> u64 {
 fn measure_flood_rate() {
     require_root!("measure_flood_rate");
     let (threads, secs) = (
-        env_u64("MVC_FLOOD_THREADS", 1).clamp(1, 4),
-        env_u64("MVC_FLOOD_SECS", 3).clamp(1, 30),
+        lab::env_number::<u64>("MVC_FLOOD_THREADS", 1).clamp(1, 4),
+        lab::env_number::<u64>("MVC_FLOOD_SECS", 3).clamp(1, 30),
     );
     let generator = lab::flood::Generator::from_env().unwrap_or_else(|e| panic!("{e}"));
     let lab = lab::Lab::new("xfr").expect("lab");
@@ -1360,8 +1351,8 @@ fn measure_flood_rate() {
 fn measure_filter_program() {
     require_root!("measure_filter_program");
     let (rounds, repeat) = (
-        env_u64("MVC_PROG_ROUNDS", 5).clamp(1, 50),
-        env_u64("MVC_PROG_REPEAT", 1_000_000).clamp(1, 100_000_000),
+        lab::env_number::<u64>("MVC_PROG_ROUNDS", 5).clamp(1, 50),
+        lab::env_number::<u64>("MVC_PROG_REPEAT", 1_000_000).clamp(1, 100_000_000),
     );
     let lab = lab::Lab::new("xfp").expect("lab");
     let (edge, _peer) = edge_and_peer(&lab, 76);

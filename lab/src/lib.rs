@@ -1292,6 +1292,15 @@ pub fn ping_samples(
         .collect())
 }
 
+/// A measurement's numeric knob from the environment: variable `key` parsed as a `T`,
+/// `default` when unset or not a number.
+pub fn env_number<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Median of a list (None when empty).
 pub fn median(v: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
