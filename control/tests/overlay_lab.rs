@@ -89,14 +89,10 @@ fn start_threaded(
     let supernode = mvc.supernode(lab, &a.frontend, sn, "supernode").unwrap();
     let mut edges = BTreeMap::new();
     for s in &t.sites {
-        let _ = lab.ip(&s.frontend, &["link", "del", &s.tap]);
         if datapath == "tap" {
-            let mut add = vec!["tuntap", "add", "dev", &s.tap, "mode", "tap"];
-            if threads > 1 {
-                add.push("multi_queue");
-            }
-            lab.ip(&s.frontend, &add).unwrap();
-            lab.enslave(&s.frontend, &s.tap, &s.bridge).unwrap();
+            t.reset_tap_queues(lab, s, threads > 1).unwrap();
+        } else {
+            let _ = lab.ip(&s.frontend, &["link", "del", &s.tap]);
         }
         let e = spawn_edge(
             lab,
